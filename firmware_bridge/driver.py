@@ -1,0 +1,61 @@
+"""The contract between the bus scheduler and protocol drivers.
+
+A driver talks to one meter through a transport shared by every meter on the
+same bus. The scheduler guarantees one transaction at a time per bus; a driver
+never opens its own connection behind the scheduler's back.
+
+Errors are typed so that the scheduler can count them by kind and so that
+"meter online" can mean "the meter answered correctly".
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from firmware_bridge.reading import Reading
+
+
+class MeterError(Exception):
+    """Base class for everything a meter (or the path to it) can do wrong."""
+
+    kind = "error"
+
+    def __init__(self, meter_id: str, detail: str) -> None:
+        super().__init__(f"meter {meter_id}: {detail}")
+        self.meter_id = meter_id
+        self.detail = detail
+
+
+class MeterTimeout(MeterError):
+    """No (complete) answer within the meter's timeout."""
+
+    kind = "timeout"
+
+
+class MeterFrameError(MeterError):
+    """An answer arrived but was malformed (checksum/CRC, length, framing)."""
+
+    kind = "frame"
+
+
+class MeterRefused(MeterError):
+    """The meter answered with an error/exception reply."""
+
+    kind = "refused"
+
+
+class TransportError(MeterError):
+    """The bus itself is unusable (port vanished, TCP connection refused)."""
+
+    kind = "transport"
+
+
+class MeterDriver(Protocol):
+    """One meter on one bus."""
+
+    @property
+    def meter_id(self) -> str: ...
+
+    async def read(self, now_ms: int) -> Reading:
+        """Read the meter's configured quantities; raise a MeterError on failure."""
+        ...
