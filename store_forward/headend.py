@@ -1,0 +1,244 @@
+"""Reference headend: the central side of the uplink contract, in code.
+
+For every batch it receives it:
+
+1. decodes it (a batch that cannot be decoded is answered ``rejected`` with a
+   reason and never stored);
+2. in one transaction, records (gateway, seq) — if that pair is already known
+   the batch is a duplicate and nothing else is written — and stores its
+   records, each keyed by (gateway, record id);
+3. commits (``synchronous=FULL``), and only then
+4. publishes the ack ``{"seq": N, "status": "stored" | "duplicate"}`` at QoS 1.
+
+A crash between 3 and 4 makes the gateway retransmit; step 2 turns that into
+a duplicate ack. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import aiosqlite
+import orjson
+
+from store_forward import wire_json
+from store_forward.records import RecordKind, dumps
+from store_forward.topics import DEFAULT_PREFIX, Topics, gateway_of, up_filter
+from store_forward.uplink import backoff_delay
+
+log = logging.getLogger(__name__)
+
+Decoder = Callable[[bytes], wire_json.DecodedBatch]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    gateway_id  TEXT    NOT NULL,
+    seq         INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    n_records   INTEGER NOT NULL,
+    PRIMARY KEY (gateway_id, seq)
+);
+CREATE TABLE IF NOT EXISTS readings (
+    gateway_id  TEXT    NOT NULL,
+    record_id   INTEGER NOT NULL,
+    meter_id    TEXT    NOT NULL,
+    time_ms     INTEGER NOT NULL,
+    time_source TEXT    NOT NULL,
+    quantities  TEXT    NOT NULL,  -- JSON {quantity: "decimal"}
+    quality     TEXT,              -- JSON {quantity: quality}, only non-good
+    batch_seq   INTEGER NOT NULL,
+    PRIMARY KEY (gateway_id, record_id)
+);
+CREATE INDEX IF NOT EXISTS readings_meter_time ON readings (gateway_id, meter_id, time_ms);
+CREATE TABLE IF NOT EXISTS events (
+    gateway_id  TEXT    NOT NULL,
+    record_id   INTEGER NOT NULL,
+    kind        TEXT    NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    body        TEXT    NOT NULL,
+    batch_seq   INTEGER NOT NULL,
+    PRIMARY KEY (gateway_id, record_id)
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    status: str  # "stored" | "duplicate"
+    records_new: int
+    records_dup: int
+
+
+class HeadendDB:
+    """SQLite storage of the reference headend (one writer connection)."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: str | Path) -> HeadendDB:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(str(path), isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=FULL")
+        await db.execute("PRAGMA busy_timeout=5000")
+        await db.executescript(SCHEMA)
+        return cls(db)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def store(self, batch: wire_json.DecodedBatch, now_ms: int) -> StoreResult:
+        db = self._db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = await db.execute(
+                "INSERT OR IGNORE INTO batches (gateway_id, seq, received_ms, n_records)"
+                " VALUES (?, ?, ?, ?)",
+                (batch.gateway_id, batch.seq, now_ms, len(batch.records)),
+            )
+            if cur.rowcount == 0:
+                await self._count(db, "duplicate_batches", 1)
+                await db.commit()
+                return StoreResult("duplicate", 0, 0)
+            new = dup = 0
+            for r in batch.records:
+                if r.kind == RecordKind.READING:
+                    b = r.body
+                    cur = await db.execute(
+                        "INSERT OR IGNORE INTO readings (gateway_id, record_id, meter_id, time_ms,"
+                        " time_source, quantities, quality, batch_seq) VALUES (?,?,?,?,?,?,?,?)",
+                        (
+                            batch.gateway_id,
+                            r.id,
+                            str(b["m"]),
+                            int(b["t"]),
+                            str(b.get("ts", "system")),
+                            dumps(b["v"]).decode(),
+                            dumps(b["q"]).decode() if b.get("q") else None,
+                            batch.seq,
+                        ),
+                    )
+                else:
+                    cur = await db.execute(
+                        "INSERT OR IGNORE INTO events (gateway_id, record_id, kind, created_ms,"
+                        " body, batch_seq) VALUES (?,?,?,?,?,?)",
+                        (batch.gateway_id, r.id, r.kind, r.created_ms, dumps(r.body).decode(), batch.seq),
+                    )
+                if cur.rowcount:
+                    new += 1
+                else:
+                    dup += 1
+            if dup:
+                await self._count(db, "duplicate_records", dup)
+            await db.commit()
+            return StoreResult("stored", new, dup)
+        except BaseException:
+            await db.rollback()
+            raise
+
+    @staticmethod
+    async def _count(db: aiosqlite.Connection, name: str, n: int) -> None:
+        await db.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (name, n),
+        )
+
+    async def summary(self, gateway_id: str | None = None) -> dict[str, Any]:
+        where, args = ("WHERE gateway_id = ?", (gateway_id,)) if gateway_id else ("", ())
+        async with self._db.execute(
+            f"SELECT count(*), count(DISTINCT meter_id || '/' || time_ms) FROM readings {where}", args
+        ) as cur:
+            row = await cur.fetchone()
+        async with self._db.execute("SELECT name, value FROM counters") as cur:
+            counters = {str(k): int(v) async for k, v in cur}
+        assert row is not None
+        return {
+            "readings": int(row[0]),
+            "distinct_meter_times": int(row[1]),
+            "duplicate_batches": counters.get("duplicate_batches", 0),
+            "duplicate_records": counters.get("duplicate_records", 0),
+        }
+
+
+class Headend:
+    """Subscribe, store, then ack. Runs until cancelled; reconnects on its own."""
+
+    def __init__(
+        self,
+        db: HeadendDB,
+        *,
+        host: str,
+        port: int,
+        prefix: str = DEFAULT_PREFIX,
+        share_group: str | None = None,
+        identifier: str | None = None,
+        decode: Decoder = wire_json.decode,
+    ) -> None:
+        self.db = db
+        self.host = host
+        self.port = port
+        self.prefix = prefix
+        self.share_group = share_group
+        self.identifier = identifier or f"edgegw-headend-{random.randrange(1 << 32):08x}"
+        self.decode = decode
+        self.batches_received = 0
+        self.rejected = 0
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        attempt = 0
+        rng = random.Random()
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self.host, self.port, identifier=self.identifier, clean_session=True, timeout=10
+                ) as client:
+                    attempt = 0
+                    await client.subscribe(up_filter(self.prefix, self.share_group), qos=1)
+                    self.connected.set()
+                    log.info("headend subscribed on %s:%d", self.host, self.port)
+                    async for msg in client.messages:
+                        await self._handle(client, msg)
+            except (aiomqtt.MqttError, OSError) as exc:
+                log.warning("headend connection lost: %s", exc)
+            self.connected.clear()
+            await asyncio.sleep(backoff_delay(attempt, 0.2, 10.0, rng))
+            attempt += 1
+
+    async def _handle(self, client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
+        self.batches_received += 1
+        topic_gw = gateway_of(msg.topic.value, self.prefix)
+        payload = msg.payload if isinstance(msg.payload, bytes) else b""
+        if topic_gw is None:
+            return
+        try:
+            batch = self.decode(payload)
+        except wire_json.BatchDecodeError as exc:
+            # No trustworthy sequence number to answer to: record and drop.
+            self.rejected += 1
+            log.error("undecodable batch on %s (%d bytes): %s", msg.topic.value, len(payload), exc)
+            return
+        reply: dict[str, Any]
+        if batch.gateway_id != topic_gw:
+            self.rejected += 1
+            reason = f"batch names gateway {batch.gateway_id!r} but came on {topic_gw!r}'s topic"
+            log.error("rejecting batch %d: %s", batch.seq, reason)
+            reply = {"seq": batch.seq, "status": "rejected", "reason": reason}
+        else:
+            result = await self.db.store(batch, int(time.time() * 1000))
+            reply = {"seq": batch.seq, "status": result.status, "records": result.records_new}
+        await client.publish(Topics(self.prefix, topic_gw).ack, orjson.dumps(reply), qos=1)

@@ -1,0 +1,80 @@
+"""What the outbox holds: records of a few kinds, each in a priority class.
+
+A record body is a small JSON object. Readings are stored in a stable,
+protocol-neutral form (quantity names from :mod:`firmware_bridge.reading`,
+values as exact decimal strings) so that every encoder and the headend see
+exactly the digits the meter reported.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from firmware_bridge.reading import Measurement, Quality, Quantity, Reading, TimeSource
+
+
+class RecordClass(enum.IntEnum):
+    """Priority classes, drained in this order (FIFO within a class)."""
+
+    EVENT = 0  # relay operations, alarms, command results, audit
+    BILLING = 1  # register readings, interval charges
+    TELEMETRY = 2  # instantaneous values
+
+
+class RecordKind(enum.StrEnum):
+    READING = "reading"
+    EVENT = "event"
+    CHARGE = "charge"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    id: int
+    cls: RecordClass
+    kind: str
+    created_ms: int
+    body: dict[str, Any]
+
+
+def reading_body(reading: Reading) -> dict[str, Any]:
+    """The canonical JSON form of a reading (see docs/protocol.md)."""
+    body: dict[str, Any] = {
+        "m": reading.meter_id,
+        "t": reading.time_ms,
+        "ts": reading.time_source.value,
+        "v": {q.value: str(m.value) for q, m in sorted(reading.values.items())},
+    }
+    bad = {q.value: m.quality.value for q, m in reading.values.items() if m.quality is not Quality.GOOD}
+    if bad:
+        body["q"] = dict(sorted(bad.items()))
+    return body
+
+
+def reading_from_body(body: dict[str, Any]) -> Reading:
+    quality = body.get("q", {})
+    values = {
+        Quantity(k): Measurement(Decimal(v), Quality(quality.get(k, Quality.GOOD.value)))
+        for k, v in body["v"].items()
+    }
+    return Reading(
+        meter_id=body["m"],
+        time_ms=int(body["t"]),
+        values=values,
+        time_source=TimeSource(body.get("ts", TimeSource.SYSTEM.value)),
+    )
+
+
+def dumps(body: dict[str, Any]) -> bytes:
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+def loads(blob: bytes) -> dict[str, Any]:
+    value = orjson.loads(blob)
+    if not isinstance(value, dict):
+        raise ValueError("record body is not a JSON object")
+    return value
