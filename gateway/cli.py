@@ -1,0 +1,267 @@
+"""``edgegw``: the command line of the gateway, the headend and the technician tools."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway import __version__
+from gateway.config import ConfigError, load_config
+
+# Modules that add their own subcommands with ``register(subparsers)``.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _load(path: str) -> Any:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(line, file=sys.stderr)
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return None
+
+
+# -- config check ---------------------------------------------------------
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = _load(args.file)
+    if cfg is None:
+        return 2
+    print(
+        f"{args.file}: ok — gateway {cfg.gateway.id}, {len(cfg.buses)} bus(es),"
+        f" {len(cfg.meters)} meter(s)"
+    )
+    return 0
+
+
+# -- run ------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    from gateway.daemon import Daemon
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Daemon(cfg).run(stop)
+
+    asyncio.run(main())
+    return 0
+
+
+# -- headend --------------------------------------------------------------
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def cmd_headend(args: argparse.Namespace) -> int:
+    from store_forward.headend import Headend, HeadendDB
+
+    host, port = args.broker
+
+    async def main() -> None:
+        db = await HeadendDB.open(args.db)
+        headend = Headend(db, host=host, port=port, prefix=args.prefix, share_group=args.share)
+        task = asyncio.create_task(headend.run())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await db.close()
+
+    asyncio.run(main())
+    return 0
+
+
+# -- status ---------------------------------------------------------------
+
+
+def _age(ms: int | None, now_ms: int) -> str:
+    if ms is None:
+        return "never"
+    s = max(0, (now_ms - ms) // 1000)
+    if s < 120:
+        return f"{s}s ago"
+    if s < 7200:
+        return f"{s // 60}min ago"
+    return f"{s // 3600}h ago"
+
+
+async def gather_status(db_path: Path, now_ms: int) -> dict[str, Any]:
+    """Read-only view of a running (or stopped) gateway's database."""
+    import aiosqlite
+
+    from store_forward.outbox import K_LINK, K_LINK_SINCE, backlog_stats, meter_statuses, read_kv
+
+    uri = f"file:{db_path}?mode=ro"
+    async with aiosqlite.connect(uri, uri=True) as db:
+        stats = await backlog_stats(db)
+        kv = await read_kv(db)
+        meters = await meter_statuses(db)
+    return {
+        "link": {"state": kv.get(K_LINK, "unknown"), "since_ms": kv.get(K_LINK_SINCE)},
+        "backlog": {
+            "records": stats.records,
+            "readings": stats.readings,
+            "batches_pending": stats.batches_pending,
+            "bytes": stats.bytes,
+            "oldest_created_ms": stats.oldest_created_ms,
+            "oldest_age_s": None
+            if stats.oldest_created_ms is None
+            else max(0, (now_ms - stats.oldest_created_ms) // 1000),
+        },
+        "totals": {
+            "readings_committed": stats.readings_committed,
+            "readings_acked": stats.readings_acked,
+        },
+        "meters": [
+            {
+                "meter": m.meter_id,
+                "online": m.online,
+                "last_good_ms": m.last_good_ms,
+                "consecutive_failures": m.consecutive_failures,
+                "total_failures": m.total_failures,
+                "last_error": m.last_error,
+            }
+            for m in meters
+        ],
+    }
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    path = cfg.storage.path
+    if not path.exists():
+        print(f"{path}: no database yet (has the gateway run?)", file=sys.stderr)
+        return 1
+    now = time.time_ns() // 1_000_000
+    st = asyncio.run(gather_status(path, now))
+    if args.json:
+        sys.stdout.write(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    link = st["link"]
+    b = st["backlog"]
+    print(f"gateway {cfg.gateway.id} ({cfg.gateway.site})")
+    print(f"link:    {link['state']} since {_age(link['since_ms'], now)}")
+    oldest = "-" if b["oldest_age_s"] is None else f"{b['oldest_age_s']}s"
+    print(
+        f"backlog: {b['records']} records ({b['readings']} readings), {b['bytes']} bytes,"
+        f" oldest {oldest}, {b['batches_pending']} batch(es) awaiting ack"
+    )
+    print(
+        f"totals:  {st['totals']['readings_committed']} readings stored,"
+        f" {st['totals']['readings_acked']} acknowledged by the headend"
+    )
+    print("meters:")
+    known = {m["meter"]: m for m in st["meters"]}
+    for m in cfg.meters:
+        row = known.get(m.id)
+        if row is None:
+            print(f"  {m.id:<16} not polled yet")
+            continue
+        state = "online " if row["online"] else "OFFLINE"
+        err = f"  last error: {row['last_error']}" if row["last_error"] and not row["online"] else ""
+        print(
+            f"  {m.id:<16} {state} last good read {_age(row['last_good_ms'], now)},"
+            f" {row['consecutive_failures']} consecutive / {row['total_failures']} total failures{err}"
+        )
+    return 0
+
+
+# -- demo -----------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(args)
+
+
+# -- parser ---------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgegw", description="Prepaid metering edge gateway")
+    p.add_argument("--version", action="version", version=f"edgegw {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the gateway daemon")
+    r.add_argument("--config", required=True, help="TOML configuration file")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("config", help="configuration tools")
+    csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    cc = csub.add_parser("check", help="validate a configuration file")
+    cc.add_argument("file")
+    cc.set_defaults(func=cmd_config_check)
+
+    h = sub.add_parser("headend", help="run the reference headend")
+    h.add_argument("--broker", type=_hostport, required=True, metavar="HOST:PORT")
+    h.add_argument("--db", required=True, help="SQLite database file")
+    h.add_argument("--prefix", default="edgegw/v1", help="topic prefix")
+    h.add_argument("--share", metavar="GROUP", help="join shared subscription GROUP (scale-out)")
+    h.set_defaults(func=cmd_headend)
+
+    s = sub.add_parser("status", help="link, backlog and meter health of a gateway")
+    s.add_argument("--config", required=True)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    d = sub.add_parser("demo", help="run a simulated transformer area end to end")
+    d.add_argument("--duration", type=float, default=40.0, metavar="SECONDS")
+    d.add_argument("--report", metavar="FILE.json")
+    d.add_argument("--broker", type=_hostport, metavar="HOST:PORT", help="use this broker")
+    d.add_argument("--meters", type=int, default=6, help="simulated meters")
+    d.add_argument("--workdir", help="keep the demo's files here (default: a temp dir)")
+    d.set_defaults(func=cmd_demo)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from firmware_bridge.reading import Measurement, Quantity, Reading
+from store_forward.outbox import MeterStatus, Outbox, OutboxError
+from store_forward.records import RecordClass, reading_from_body
+
+
+def reading(meter: str, t: int, kwh: str) -> Reading:
+    return Reading(meter, t, {Quantity.ENERGY_IMPORT: Measurement(Decimal(kwh))})
+
+
+async def test_cycle_commits_readings_and_status_together(tmp_path: Path) -> None:
+    ob = await Outbox.open(tmp_path / "gw.db")
+    try:
+        ids = await ob.commit_cycle(
+            1000,
+            [reading("m1", 1000, "1.50"), reading("m2", 1000, "7.25")],
+            [MeterStatus("m1", True, 1000, 1000, 0, 0, None)],
+            [{"type": "x"}],
+        )
+        assert ids == [1, 2]
+        st = await ob.stats()
+        assert (st.records, st.readings, st.readings_committed) == (3, 2, 2)
+        [m1] = await ob.meter_statuses()
+        assert m1.online and m1.last_good_ms == 1000
+    finally:
+        await ob.close()
+
+
+async def test_failed_cycle_leaves_nothing(tmp_path: Path) -> None:
+    ob = await Outbox.open(tmp_path / "gw.db")
+    try:
+        with pytest.raises(RuntimeError):
+            async with ob.transaction() as db:
+                await ob.commit_cycle_in(db, 1, [reading("m1", 1, "1")])
+                raise RuntimeError("power cut in the middle")
+        assert (await ob.stats()).records == 0
+        assert (await ob.stats()).readings_committed == 0
+    finally:
+        await ob.close()
+
+
+async def test_batches_are_stable_prioritised_and_acked_once(tmp_path: Path) -> None:
+    path = tmp_path / "gw.db"
+    ob = await Outbox.open(path)
+    await ob.commit_cycle(1, [reading("m1", t, str(t)) for t in range(1, 6)])
+    await ob.add_event(7, {"type": "alarm"})
+    first = await ob.next_batch(10, max_records=3)
+    assert first is not None and first.seq == 1
+    # events jump the queue
+    assert [r.cls for r in first.records] == [RecordClass.EVENT]
+    second = await ob.next_batch(10, exclude=[1], max_records=3)
+    assert second is not None and second.seq == 2
+    assert [reading_from_body(r.body).time_ms for r in second.records] == [1, 2, 3]
+    await ob.close()
+
+    # after a restart the same numbered batches come back unchanged, oldest first
+    ob = await Outbox.open(path)
+    again = await ob.next_batch(20, max_records=3)
+    assert again is not None and again.seq == 1
+    again2 = await ob.next_batch(20, exclude=[1], max_records=3)
+    assert again2 == second
+    assert await ob.ack(2) == 3
+    assert await ob.ack(2) == 0  # duplicate ack changes nothing
+    st = await ob.stats()
+    assert st.readings_acked == 3 and st.records == 3
+    third = await ob.next_batch(30, exclude=[1], max_records=10)
+    assert third is not None and third.seq == 3 and len(third.records) == 2
+    await ob.close()
+
+
+async def test_batch_respects_byte_budget(tmp_path: Path) -> None:
+    ob = await Outbox.open(tmp_path / "gw.db")
+    await ob.commit_cycle(1, [reading("m1", t, "1") for t in range(50)])
+    b = await ob.next_batch(1, max_records=500, max_bytes=400)
+    assert b is not None and 1 <= len(b.records) < 50
+    await ob.close()
+
+
+async def test_corrupt_database_is_refused_not_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "gw.db"
+    path.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    with pytest.raises(OutboxError, match="gw.db"):
+        await Outbox.open(path)
+    assert path.read_bytes().startswith(b"SQLite format 3")  # untouched
