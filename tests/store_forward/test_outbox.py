@@ -85,6 +85,6 @@ async def test_batch_respects_byte_budget(tmp_path: Path) -> None:
 async def test_corrupt_database_is_refused_not_replaced(tmp_path: Path) -> None:
     path = tmp_path / "gw.db"
     path.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
-    with pytest.raises(OutboxError, match="gw.db"):
+    with pytest.raises(OutboxError, match=r"gw\.db"):
         await Outbox.open(path)
     assert path.read_bytes().startswith(b"SQLite format 3")  # untouched
