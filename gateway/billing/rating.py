@@ -1,0 +1,421 @@
+"""Rating engine: two consecutive register readings -> an exact interval charge.
+
+Pure and deterministic. Money is integer micro-yuan, energy integer centi-kWh
+(see :mod:`gateway.billing.money` and docs/billing.md for the rules):
+
+1. Registers are truncated to 0.01 kWh, then differenced: ``E = floor(R1) - floor(R0)``.
+2. The interval (t0, t1] is cut at every instant where something that prices
+   energy changes: a tariff version's ``effective_from``, a tier settlement
+   (period reset), and a time-of-use period boundary (site local time).
+3. ``E`` is spread over those segments:
+   * with per-rate registers T1..T4 (both readings, consistent with the
+     schedule), each rate gets exactly its own register difference; within a
+     rate, energy is spread over that rate's segments in proportion to time;
+   * otherwise ``E`` is spread over all segments in proportion to time.
+   Spreading uses the largest-remainder method in 0.01 kWh units, ties to the
+   earlier segment, so the parts always add up to ``E`` exactly.
+4. Segments are walked in time order against the account's cumulative tier
+   consumption; a segment crossing a threshold is split exactly at it (usage
+   that lands exactly on a threshold stays in the lower tier).
+5. Each part costs ``ckwh * price_e4`` micro-yuan exactly.
+
+A register going backwards, a non-increasing time, a missing tariff or a
+reading of another meter never produce a charge: the result carries a typed
+:class:`RatingAnomaly` and ``advance=False`` (keep the old baseline). A long gap
+is charged (registers are cumulative, so the energy is right) but reported.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from firmware_bridge.reading import RATE_QUANTITIES, Quantity, Reading
+from gateway.billing.money import amount_micro, register_ckwh
+from gateway.billing.tariff import RATE_NAMES, NoTariffInForce, Tariff, TariffBook
+
+_RATE_OF_QUANTITY: Mapping[Quantity, str] = dict(zip(RATE_QUANTITIES, RATE_NAMES, strict=True))
+
+
+@dataclass(frozen=True)
+class RegisterReading:
+    """One meter's cumulative registers at one time (what rating needs of a Reading)."""
+
+    reading_id: str
+    meter_id: str
+    time_ms: int
+    import_kwh: Decimal
+    rate_kwh: Mapping[str, Decimal] = field(default_factory=dict)  # "T1".."T4"
+
+    @classmethod
+    def from_reading(cls, reading: Reading, reading_id: str) -> RegisterReading | None:
+        """None when the reading has no good import-total register."""
+        total = reading.good(Quantity.ENERGY_IMPORT)
+        if total is None:
+            return None
+        rates: dict[str, Decimal] = {}
+        for q, name in _RATE_OF_QUANTITY.items():
+            v = reading.good(q)
+            if v is not None:
+                rates[name] = v
+        return cls(reading_id, reading.meter_id, reading.time_ms, total, rates)
+
+
+@dataclass(frozen=True)
+class MeterReplacement:
+    """An explicit meter exchange: final registers of the old meter, initial of the new.
+
+    Rate ``(baseline, old_final)`` then continue from ``new_initial``; the pair
+    (old_final, new_initial) is never rated.
+    """
+
+    event_id: str
+    meter_id: str
+    time_ms: int
+    old_final_kwh: Decimal
+    new_initial_kwh: Decimal
+    old_final_rates: Mapping[str, Decimal] = field(default_factory=dict)
+    new_initial_rates: Mapping[str, Decimal] = field(default_factory=dict)
+
+    @property
+    def old_final(self) -> RegisterReading:
+        return RegisterReading(
+            f"{self.event_id}/old", self.meter_id, self.time_ms, self.old_final_kwh, self.old_final_rates
+        )
+
+    @property
+    def new_initial(self) -> RegisterReading:
+        return RegisterReading(
+            f"{self.event_id}/new", self.meter_id, self.time_ms, self.new_initial_kwh, self.new_initial_rates
+        )
+
+
+@dataclass(frozen=True)
+class TierState:
+    """Cumulative consumption of an account in its current tier period.
+
+    ``period_start_ms`` None means "the period current at the next interval"
+    (an account whose opening cumulative came without a period).
+    """
+
+    period_start_ms: int | None = None
+    cumulative_ckwh: int = 0
+
+
+@dataclass(frozen=True)
+class ChargeLine:
+    tariff: str  # "id@version"
+    rate: str  # T1..T4 or "flat"
+    tier: int | None  # 1-based tier number, None without tiers
+    tier_period_start_ms: int | None
+    ckwh: int
+    price_e4: int
+    amount_micro: int
+
+
+class Apportioning(enum.StrEnum):
+    NONE = "none"  # one segment: nothing to apportion
+    REGISTERS = "registers"  # per-rate registers decided the split between rates
+    TIME = "time"  # proportional to time in each segment
+
+
+def debit_id(meter_id: str, start_reading_id: str, end_reading_id: str) -> str:
+    """Stable id of the charge for one reading pair of one meter."""
+    h = hashlib.sha256(f"{meter_id}\x1f{start_reading_id}\x1f{end_reading_id}".encode()).hexdigest()
+    return f"debit:{h[:32]}"
+
+
+@dataclass(frozen=True)
+class IntervalCharge:
+    meter_id: str
+    start_reading_id: str
+    end_reading_id: str
+    start_ms: int
+    end_ms: int
+    ckwh: int
+    lines: tuple[ChargeLine, ...]
+    apportioning: Apportioning
+    tier_before: TierState
+    tier_after: TierState
+
+    @property
+    def amount_micro(self) -> int:
+        return sum(line.amount_micro for line in self.lines)
+
+    @property
+    def charge_id(self) -> str:
+        return debit_id(self.meter_id, self.start_reading_id, self.end_reading_id)
+
+    def ckwh_by_rate(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for line in self.lines:
+            out[line.rate] = out.get(line.rate, 0) + line.ckwh
+        return out
+
+    def ckwh_by_tier(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for line in self.lines:
+            if line.tier is not None:
+                out[line.tier] = out.get(line.tier, 0) + line.ckwh
+        return out
+
+
+class AnomalyKind(enum.StrEnum):
+    REGISTER_BACKWARDS = "register_backwards"
+    TIME_NOT_INCREASING = "time_not_increasing"
+    METER_MISMATCH = "meter_mismatch"
+    NO_TARIFF = "no_tariff"
+    GAP = "gap"  # informational: charged, but the readings are far apart
+    RATE_REGISTERS_INCONSISTENT = "rate_registers_inconsistent"  # informational: time used
+
+
+@dataclass(frozen=True)
+class RatingAnomaly:
+    kind: AnomalyKind
+    meter_id: str
+    start_reading_id: str
+    end_reading_id: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class RatingResult:
+    charge: IntervalCharge | None
+    anomalies: tuple[RatingAnomaly, ...]
+    tier_state: TierState  # carry this into the next interval
+    advance: bool  # True: ``cur`` becomes the next baseline; False: keep ``prev``
+
+
+@dataclass(frozen=True)
+class _Segment:
+    start: int
+    end: int
+    tariff: Tariff
+    rate: str
+
+
+def _largest_remainder(total: int, weights: Sequence[int]) -> list[int]:
+    """Split ``total`` units in proportion to ``weights``; exact sum, ties to earlier."""
+    w_sum = sum(weights)
+    if total == 0 or w_sum == 0:
+        return [0] * len(weights)
+    shares = [total * w // w_sum for w in weights]
+    left = total - sum(shares)
+    order = sorted(range(len(weights)), key=lambda i: (-(total * weights[i] % w_sum), i))
+    for i in order[:left]:
+        shares[i] += 1
+    return shares
+
+
+def _segments(book: TariffBook, t0: int, t1: int) -> list[_Segment]:
+    cuts = {t0, t1, *book.version_boundaries(t0, t1)}
+    for a, b in itertools.pairwise(sorted(cuts)):
+        tariff = book.at(a)
+        cuts.update(tariff.rate_boundaries(a, b))
+        cuts.update(tariff.settlement_boundaries(a, b))
+    points = sorted(cuts)
+    out: list[_Segment] = []
+    for a, b in itertools.pairwise(points):
+        tariff = book.at(a)
+        out.append(_Segment(a, b, tariff, tariff.rate_at(a)))
+    return out
+
+
+def _by_registers(
+    prev: RegisterReading, cur: RegisterReading, segs: list[_Segment], total: int
+) -> tuple[list[int] | None, str]:
+    """Per-segment energy from per-rate registers, or (None, why not)."""
+    used = {s.rate for s in segs}
+    if not used <= set(RATE_NAMES):
+        return None, ""
+    names = sorted(set(prev.rate_kwh) & set(cur.rate_kwh))
+    if not names or set(prev.rate_kwh) != set(cur.rate_kwh) or not used <= set(names):
+        return None, ""
+    delta = {r: register_ckwh(cur.rate_kwh[r]) - register_ckwh(prev.rate_kwh[r]) for r in names}
+    if any(d < 0 for d in delta.values()):
+        return None, f"a rate register went backwards: {delta}"
+    stray = {r: d for r, d in delta.items() if d > 0 and r not in used}
+    if stray:
+        return None, f"energy registered in rates {sorted(stray)} that the tariff does not use here"
+    residual = total - sum(delta.values())
+    if abs(residual) > len(names):
+        return None, f"rate registers sum to {sum(delta.values())} ckwh, total register says {total}"
+    # truncation residue (at most 1 ckwh per register) goes to / comes from the largest rates
+    order = sorted(names, key=lambda r: (-delta[r], r))
+    if residual > 0:
+        delta[order[0]] += residual
+    else:
+        need = -residual
+        for r in order:
+            take = min(need, delta[r])
+            delta[r] -= take
+            need -= take
+    out = [0] * len(segs)
+    for r in names:
+        idx = [i for i, s in enumerate(segs) if s.rate == r]
+        for i, e in zip(idx, _largest_remainder(delta[r], [segs[i].end - segs[i].start for i in idx]), strict=True):
+            out[i] = e
+    return out, ""
+
+
+def rate_interval(
+    prev: RegisterReading,
+    cur: RegisterReading,
+    book: TariffBook,
+    tier: TierState,
+    *,
+    max_gap_ms: int | None = None,
+) -> RatingResult:
+    """Rate the energy between two consecutive readings of one meter."""
+
+    def anomaly(kind: AnomalyKind, detail: str) -> RatingAnomaly:
+        return RatingAnomaly(kind, cur.meter_id, prev.reading_id, cur.reading_id, detail)
+
+    def refuse(kind: AnomalyKind, detail: str) -> RatingResult:
+        return RatingResult(None, (anomaly(kind, detail),), tier, advance=False)
+
+    if prev.meter_id != cur.meter_id:
+        return refuse(AnomalyKind.METER_MISMATCH, f"readings of {prev.meter_id} and {cur.meter_id}")
+    if cur.time_ms <= prev.time_ms:
+        return refuse(
+            AnomalyKind.TIME_NOT_INCREASING, f"time {cur.time_ms} is not after {prev.time_ms}"
+        )
+    total = register_ckwh(cur.import_kwh) - register_ckwh(prev.import_kwh)
+    if total < 0:
+        return refuse(
+            AnomalyKind.REGISTER_BACKWARDS,
+            f"import register went from {prev.import_kwh} to {cur.import_kwh} kWh",
+        )
+    try:
+        segs = _segments(book, prev.time_ms, cur.time_ms)
+    except NoTariffInForce as exc:
+        return refuse(AnomalyKind.NO_TARIFF, str(exc))
+
+    notes: list[RatingAnomaly] = []
+    if max_gap_ms is not None and cur.time_ms - prev.time_ms > max_gap_ms:
+        notes.append(
+            anomaly(
+                AnomalyKind.GAP,
+                f"{cur.time_ms - prev.time_ms} ms between readings (limit {max_gap_ms}); "
+                "charged from the registers",
+            )
+        )
+    energies: list[int] | None
+    if len(segs) == 1:
+        energies, how = [total], Apportioning.NONE
+    elif len({s.rate for s in segs}) == 1:
+        energies, how = None, Apportioning.TIME
+    else:
+        energies, why = _by_registers(prev, cur, segs, total)
+        how = Apportioning.REGISTERS
+        if why:
+            notes.append(anomaly(AnomalyKind.RATE_REGISTERS_INCONSISTENT, why + "; split by time"))
+    if energies is None:
+        energies = _largest_remainder(total, [s.end - s.start for s in segs])
+        how = Apportioning.TIME if len(segs) > 1 else Apportioning.NONE
+
+    state = tier
+    _Key = tuple[str, str, int | None, int | None, int]
+    merged: dict[_Key, int] = {}
+    key: _Key
+    for seg, e in zip(segs, energies, strict=True):
+        t = seg.tariff
+        if t.tier is None:
+            key = (t.key, seg.rate, None, None, t.unit_price_e4(seg.rate, None))
+            merged[key] = merged.get(key, 0) + e
+            continue
+        ps = t.tier_period_start(seg.start)
+        assert ps is not None
+        if state.period_start_ms is None:
+            state = TierState(ps, state.cumulative_ckwh)
+        elif ps > state.period_start_ms:
+            state = TierState(ps, 0)
+        cum = state.cumulative_ckwh
+        while e > 0:
+            k, room = t.tier.tier_of_next_unit(cum)
+            take = e if room is None else min(e, room)
+            key = (t.key, seg.rate, k + 1, state.period_start_ms, t.unit_price_e4(seg.rate, k))
+            merged[key] = merged.get(key, 0) + take
+            cum += take
+            e -= take
+        state = TierState(state.period_start_ms, cum)
+    lines = tuple(
+        ChargeLine(tk, rate, tn, ps_, ckwh, price, amount_micro(ckwh, price))
+        for (tk, rate, tn, ps_, price), ckwh in merged.items()
+        if ckwh > 0
+    )
+    charge = IntervalCharge(
+        cur.meter_id,
+        prev.reading_id,
+        cur.reading_id,
+        prev.time_ms,
+        cur.time_ms,
+        total,
+        lines,
+        how,
+        tier,
+        state,
+    )
+    return RatingResult(charge, tuple(notes), state, advance=True)
+
+
+@dataclass(frozen=True)
+class FixedChargeDue:
+    charge_id: str
+    account: str
+    name: str
+    tariff: str
+    period: str
+    period_start_ms: int
+    amount_micro: int
+
+
+def fixed_charges_due(account: str, book: TariffBook, since_ms: int, until_ms: int) -> list[FixedChargeDue]:
+    """Fixed charges whose period starts in (since, until], charged at the period start
+    by the tariff version in force then. Ids are stable, so overlapping calls are harmless."""
+    out: list[FixedChargeDue] = []
+    vs = book.versions
+    for i, v in enumerate(vs):
+        lo = max(since_ms, v.effective_from_ms - 1)
+        hi = until_ms if i + 1 == len(vs) else min(until_ms, vs[i + 1].effective_from_ms - 1)
+        if hi <= lo:
+            continue
+        for fc in v.fixed:
+            for s in v.fixed_period_starts(fc.period, lo, hi):
+                cid = f"fixed:{account}:{v.tariff_id}:{fc.name}:{s}"
+                out.append(FixedChargeDue(cid, account, fc.name, v.key, fc.period, s, fc.amount_micro))
+    out.sort(key=lambda f: (f.period_start_ms, f.name))
+    return out
+
+
+def rate_chain(
+    items: Sequence[RegisterReading | MeterReplacement],
+    book: TariffBook,
+    tier: TierState,
+    *,
+    max_gap_ms: int | None = None,
+) -> tuple[list[RatingResult], TierState]:
+    """Rate a time-ordered sequence of one meter's readings and replacement events."""
+    results: list[RatingResult] = []
+    base: RegisterReading | None = None
+    for item in items:
+        if isinstance(item, MeterReplacement):
+            if base is not None:
+                r = rate_interval(base, item.old_final, book, tier, max_gap_ms=max_gap_ms)
+                results.append(r)
+                tier = r.tier_state
+            base = item.new_initial
+            continue
+        if base is None:
+            base = item
+            continue
+        r = rate_interval(base, item, book, tier, max_gap_ms=max_gap_ms)
+        results.append(r)
+        tier = r.tier_state
+        if r.advance:
+            base = item
+    return results, tier
