@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import signal
+import sys
 from collections.abc import AsyncIterator
 
 import aiomqtt
@@ -487,3 +489,28 @@ async def test_interop_with_mosquitto_clients(broker: MiniBroker) -> None:
     out, _ = await asyncio.wait_for(proc.communicate(), WAIT + 10)
     assert proc.returncode == 0
     assert out.decode().splitlines() == ["down/0 m0", "down/1 m1", "down/2 m2"]
+
+
+async def test_command_line_broker_serves_and_stops_on_sigterm() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "store_forward.minibroker", "--port", "0", "--log-level", "WARNING",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        assert line.startswith("minibroker listening on 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        async with (
+            aiomqtt.Client(HOST, port, identifier="a") as a,
+            aiomqtt.Client(HOST, port, identifier="b") as b,
+        ):
+            await a.subscribe("x", qos=1)
+            await b.publish("x", b"via cli", qos=1)
+            assert (await next_message(a)).payload == b"via cli"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), WAIT) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
