@@ -1,0 +1,157 @@
+"""Build a bus from configuration: transport, drivers, scheduler.
+
+:func:`open_bus` is the one entry point the daemon needs per bus::
+
+    async with open_bus(bus_cfg, config.meters_on(bus_cfg.name), config.profiles) as sched:
+        while True:
+            result = await sched.run_cycle(now_ms())
+            ...
+
+Every meter on a bus must speak the bus's protocol (one framing per RS-485
+line). The transport is opened lazily on the first request and closed when
+the context exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from firmware_bridge.driver import MeterDriver
+from firmware_bridge.modbus.driver import ModbusDriver
+from firmware_bridge.modbus.profiles import Profile, parse_profiles
+from firmware_bridge.modbus.transport import ModbusTransport
+from firmware_bridge.scheduler import BackoffPolicy, BusScheduler, silent_interval_s
+from gateway.config import BusSection, MeterSection
+
+
+class BusConfigError(ValueError):
+    """A bus cannot be built from its configuration (``path``: ``problem``)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+def bus_protocol(bus: BusSection, meters: Sequence[MeterSection]) -> str:
+    """The single protocol spoken on ``bus`` (modbus when the bus has no meters)."""
+    protocols = {m.protocol for m in meters}
+    if len(protocols) > 1:
+        raise BusConfigError(
+            f"bus {bus.name}", f"meters speak different protocols ({', '.join(sorted(protocols))}); use one bus per protocol"
+        )
+    return protocols.pop() if protocols else "modbus"
+
+
+def resolve_profiles(profiles: Mapping[str, Any] | None) -> dict[str, Profile]:
+    """Built-ins plus user maps; values may already be :class:`Profile` objects."""
+    if profiles and all(isinstance(p, Profile) for p in profiles.values()):
+        out = parse_profiles(None)
+        out.update(profiles)
+        return out
+    return parse_profiles(profiles)
+
+
+def _modbus_transport(bus: BusSection) -> ModbusTransport:
+    if bus.type == "tcp":
+        if not bus.host:
+            raise BusConfigError(f"bus {bus.name}.host", "required for a tcp bus")
+        return ModbusTransport.tcp(bus.host, bus.port, name=bus.name, timeout_s=bus.timeout_s)
+    if not bus.device:
+        raise BusConfigError(f"bus {bus.name}.device", "required for a serial bus")
+    return ModbusTransport.serial(
+        bus.device,
+        name=bus.name,
+        baud=bus.baud,
+        parity=bus.parity,
+        stop_bits=bus.stop_bits,
+        timeout_s=bus.timeout_s,
+    )
+
+
+def modbus_drivers(
+    meters: Sequence[MeterSection], profiles: Mapping[str, Profile], transport: ModbusTransport
+) -> list[ModbusDriver]:
+    drivers: list[ModbusDriver] = []
+    for m in meters:
+        if m.unit_id is None:
+            raise BusConfigError(f"meter {m.id}.unit_id", "required for a modbus meter")
+        if m.profile is None:
+            raise BusConfigError(f"meter {m.id}.profile", "required for a modbus meter")
+        profile = profiles.get(m.profile)
+        if profile is None:
+            raise BusConfigError(f"meter {m.id}.profile", f"unknown profile {m.profile!r} (known: {', '.join(sorted(profiles))})")
+        drivers.append(ModbusDriver(m.id, m.unit_id, profile, transport))
+    return drivers
+
+
+@contextlib.asynccontextmanager
+async def open_bus(
+    bus: BusSection,
+    meters: Sequence[MeterSection],
+    profiles: Mapping[str, Any] | None = None,
+    *,
+    policy: BackoffPolicy | None = None,
+) -> AsyncIterator[BusScheduler]:
+    """Open ``bus`` and yield its :class:`BusScheduler`; close the transport on exit.
+
+    Raises :class:`BusConfigError` / :class:`ProfileError` (both ``ValueError``) for
+    configuration problems before anything is opened.
+    """
+    on_bus = [m for m in meters if m.bus == bus.name]
+    protocol = bus_protocol(bus, on_bus)
+    gap = silent_interval_s(protocol, bus.type, bus.baud)
+    async with contextlib.AsyncExitStack() as stack:
+        drivers: list[MeterDriver]
+        extra: dict[str, Any] = {}
+        if protocol == "modbus":
+            resolved = resolve_profiles(profiles)
+            transport = _modbus_transport(bus)
+            stack.callback(transport.close)
+            drivers = list(modbus_drivers(on_bus, resolved, transport))
+            extra["modbus_transport"] = transport
+        elif protocol == "dlt645":
+            drivers, dtransport = await _dlt645(bus, on_bus, stack)
+            extra["dlt645_transport"] = dtransport
+        else:
+            raise BusConfigError(f"bus {bus.name}", f"unknown protocol {protocol!r}")
+        scheduler = BusScheduler(
+            bus.name,
+            drivers,
+            silent_interval_s=gap,
+            timeout_s=bus.timeout_s,
+            retries=bus.retries,
+            policy=policy,
+        )
+        scheduler.transports = extra
+        yield scheduler
+
+
+async def _dlt645(
+    bus: BusSection, meters: Sequence[MeterSection], stack: contextlib.AsyncExitStack
+) -> tuple[list[MeterDriver], Any]:
+    """DL/T 645 through ``firmware_bridge.dlt645`` (``open_transport`` + ``Dlt645Driver``)."""
+    try:
+        dlt = importlib.import_module("firmware_bridge.dlt645")
+    except ImportError as exc:
+        raise BusConfigError(f"bus {bus.name}", f"DL/T 645 support is not available: {exc}") from exc
+    opened = dlt.open_transport(bus)
+    if hasattr(opened, "__aenter__"):
+        transport = await stack.enter_async_context(opened)
+    elif hasattr(opened, "__await__"):
+        transport = await opened
+        if hasattr(transport, "aclose"):
+            stack.push_async_callback(transport.aclose)
+        elif hasattr(transport, "close"):
+            stack.callback(transport.close)
+    else:
+        transport = opened
+    drivers: list[MeterDriver] = []
+    for m in meters:
+        if m.address is None:
+            raise BusConfigError(f"meter {m.id}.address", "required for a dlt645 meter")
+        drivers.append(dlt.Dlt645Driver(m.id, m.address, transport))
+    return drivers, transport

@@ -1,0 +1,135 @@
+"""Pure register arithmetic: read planning and value decoding.
+
+No I/O here. :func:`plan_reads` coalesces a profile's fields into as few
+requests as possible; :func:`decode_field` turns the registers of one field
+into a :class:`~firmware_bridge.reading.Measurement` without letting binary
+floating point noise reach the reading.
+
+Float32 → Decimal: the IEEE-754 value is converted *exactly* to Decimal
+(every binary float is a finite decimal), multiplied by the field's factor
+in Decimal arithmetic, then quantised half-even to the field's resolution.
+So 1206.42 kWh sent as float32 (exactly 1206.4200439453125) becomes
+``Decimal('1206.42')``. Float32 has 24 significant bits: above 131072 kWh
+its step (ulp) exceeds 0.01 kWh and the last digit is the meter's rounding,
+not ours; the reading still carries what the meter sent, quantised.
+NaN and ±infinity become Quality.INVALID measurements holding Decimal NaN /
+±Infinity (consumers must use ``Reading.good()`` for arithmetic).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Context, Decimal, InvalidOperation
+
+from firmware_bridge.modbus.profiles import DataType, Field, WordOrder
+from firmware_bridge.reading import Measurement, Quality
+
+_CTX = Context(prec=60)
+_STRUCT = {
+    DataType.FLOAT32: ">f",
+    DataType.INT16: ">h",
+    DataType.UINT16: ">H",
+    DataType.INT32: ">i",
+    DataType.UINT32: ">I",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBlock:
+    """One request: ``count`` registers from ``address``, covering ``fields``."""
+
+    address: int
+    count: int
+    fields: tuple[Field, ...]
+
+    @property
+    def end(self) -> int:
+        return self.address + self.count
+
+
+def plan_reads(fields: Sequence[Field], max_gap: int, max_count: int) -> list[ReadBlock]:
+    """Coalesce fields into requests.
+
+    Neighbouring fields share a request when the unused registers between
+    them are at most ``max_gap`` and the request stays within ``max_count``
+    registers. Every field is covered by exactly one block, fields never
+    straddle blocks, and blocks come out in address order.
+    """
+    ordered = sorted(fields, key=lambda f: f.address)
+    blocks: list[ReadBlock] = []
+    cur: list[Field] = []
+    start = end = 0
+    for f in ordered:
+        if f.count > max_count:
+            raise ValueError(f"field {f.quantity.value} needs {f.count} registers > max_count {max_count}")
+        if cur and f.address - end <= max_gap and max(end, f.end) - start <= max_count and f.address >= start:
+            cur.append(f)
+            end = max(end, f.end)
+            continue
+        if cur:
+            blocks.append(ReadBlock(start, end - start, tuple(cur)))
+        cur, start, end = [f], f.address, f.end
+    if cur:
+        blocks.append(ReadBlock(start, end - start, tuple(cur)))
+    return blocks
+
+
+def registers_to_raw(regs: Sequence[int], dtype: DataType, word_order: WordOrder) -> int | float:
+    """Registers (16-bit values as sent) → the raw integer or float."""
+    if len(regs) != dtype.registers:
+        raise ValueError(f"{dtype.value} needs {dtype.registers} registers, got {len(regs)}")
+    words = list(regs)
+    if word_order is WordOrder.LITTLE:
+        words.reverse()
+    data = b"".join(int(w & 0xFFFF).to_bytes(2, "big") for w in words)
+    value: int | float = struct.unpack(_STRUCT[dtype], data)[0]
+    return value
+
+
+def raw_to_registers(value: int | float, dtype: DataType, word_order: WordOrder) -> list[int]:
+    """Inverse of :func:`registers_to_raw` (used by the simulator and tests)."""
+    data = struct.pack(_STRUCT[dtype], value)
+    words = [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
+    if word_order is WordOrder.LITTLE:
+        words.reverse()
+    return words
+
+
+def scale_raw(raw: int | float, field: Field) -> Measurement:
+    """Raw register value → canonical, quantised Decimal measurement."""
+    if isinstance(raw, float):
+        if math.isnan(raw):
+            return Measurement(Decimal("NaN"), Quality.INVALID)
+        if math.isinf(raw):
+            return Measurement(Decimal("Infinity") if raw > 0 else Decimal("-Infinity"), Quality.INVALID)
+    exact = Decimal(raw)  # exact for int and for every binary float
+    try:
+        value = _CTX.multiply(exact, field.factor).quantize(field.resolution, context=_CTX)
+    except InvalidOperation:  # magnitude beyond any meter's range
+        return Measurement(Decimal("NaN"), Quality.INVALID)
+    if value.is_zero():
+        value = abs(value)  # no "-0.00"
+    return Measurement(value)
+
+
+def decode_field(block_regs: Sequence[int], block_address: int, field: Field, word_order: WordOrder) -> Measurement:
+    """Decode ``field`` out of the registers of the block that starts at ``block_address``."""
+    off = field.address - block_address
+    if off < 0 or off + field.count > len(block_regs):
+        raise ValueError(f"field {field.quantity.value} at {field.address:#06x} outside block")
+    return scale_raw(registers_to_raw(block_regs[off : off + field.count], field.dtype, word_order), field)
+
+
+def encode_value(value: Decimal, field: Field, word_order: WordOrder) -> list[int]:
+    """Canonical value → registers as a meter would send them (simulator, tests).
+
+    Integer types round half-even to the nearest raw step; float32 takes the
+    nearest binary float.
+    """
+    raw = value / field.factor
+    if field.dtype is DataType.FLOAT32:
+        return raw_to_registers(float(raw), field.dtype, word_order)
+    return raw_to_registers(int(raw.to_integral_value()), field.dtype, word_order)

@@ -1,0 +1,306 @@
+"""Modbus meter simulator for tests, benchmarks and bench-top demos.
+
+Several meters (unit ids) answer on one Modbus TCP server, each following a
+register map (:class:`~firmware_bridge.modbus.profiles.Profile`, SDM120 by
+default). The import energy register rises with the configured load while
+the meter's relay is closed; any value can be set at run time; per-unit
+faults: ``dead`` (no reply at all), ``delay_s`` (slow reply), ``refuse``
+(exception reply), ``relay_stuck`` (relay writes acknowledged but the relay
+does not move), ``energy_step_kwh`` (add a step, negative = energy going
+backwards).
+
+Usage from asyncio code::
+
+    async with ModbusSimulator(units=[1, 2, 3]) as sim:
+        port = sim.port          # bound on 127.0.0.1, port 0 = any free port
+        sim.meter(2).dead = True
+
+From a shell::
+
+    python -m firmware_bridge.modbus.simulator --tcp 5020 --units 1,2,3 --load-kw 1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from types import TracebackType
+from typing import Any
+
+from pymodbus.constants import ExcCodes
+from pymodbus.datastore import ModbusServerContext
+from pymodbus.exceptions import NoSuchIdException
+from pymodbus.server import ModbusTcpServer
+
+from firmware_bridge.modbus.decode import encode_value
+from firmware_bridge.modbus.profiles import BUILTIN_PROFILES, Profile
+from firmware_bridge.reading import Quantity
+
+_HOUR_S = Decimal(3600)
+
+
+@dataclass
+class SimMeter:
+    """State of one simulated meter; pure apart from reading the clock it is given."""
+
+    unit_id: int
+    profile: Profile
+    load_kw: Decimal = Decimal("1.0")
+    values: dict[Quantity, Decimal] = field(default_factory=dict)
+    relay_coil: int | None = 0  # coil address of the supply relay (True = open)
+    relay_register: int | None = None  # holding register of the supply relay
+    relay_open_value: int = 1
+    coils: dict[int, bool] = field(default_factory=dict)
+    holding: dict[int, int] = field(default_factory=dict)
+    dead: bool = False
+    delay_s: float = 0.0
+    refuse: ExcCodes | None = None
+    relay_stuck: bool = False
+    energy_step_kwh: Decimal = Decimal(0)
+    reads: int = 0
+    writes: int = 0
+    _last_s: float | None = None
+
+    def __post_init__(self) -> None:
+        defaults = {
+            Quantity.VOLTAGE: Decimal("230.4"),
+            Quantity.VOLTAGE_B: Decimal("231.0"),
+            Quantity.VOLTAGE_C: Decimal("229.6"),
+            Quantity.FREQUENCY: Decimal("50.00"),
+            Quantity.POWER_FACTOR: Decimal("0.98"),
+            Quantity.ENERGY_IMPORT: Decimal("1206.42"),
+            Quantity.ENERGY_EXPORT: Decimal("0"),
+        }
+        for q, v in defaults.items():
+            self.values.setdefault(q, v)
+
+    # -- relay ---------------------------------------------------------------
+    @property
+    def relay_open(self) -> bool:
+        if self.relay_register is not None:
+            return self.holding.get(self.relay_register, 0) == self.relay_open_value
+        if self.relay_coil is not None:
+            return self.coils.get(self.relay_coil, False)
+        return False
+
+    # -- physics -------------------------------------------------------------
+    def advance(self, now_s: float) -> None:
+        """Integrate energy up to ``now_s`` (monotonic seconds)."""
+        if self._last_s is None:
+            self._last_s = now_s
+            return
+        dt = Decimal(repr(max(0.0, now_s - self._last_s)))
+        self._last_s = now_s
+        if not self.relay_open:
+            self.values[Quantity.ENERGY_IMPORT] += self.load_kw * dt / _HOUR_S
+        if self.energy_step_kwh:
+            self.values[Quantity.ENERGY_IMPORT] += self.energy_step_kwh
+            self.energy_step_kwh = Decimal(0)
+
+    def live_values(self) -> dict[Quantity, Decimal]:
+        v = dict(self.values)
+        power = Decimal(0) if self.relay_open else self.load_kw
+        v.setdefault(Quantity.POWER, power)
+        if Quantity.POWER not in self.values:
+            v[Quantity.POWER] = power
+        if Quantity.CURRENT not in self.values:
+            volts = v[Quantity.VOLTAGE]
+            v[Quantity.CURRENT] = (power * 1000 / volts) if volts else Decimal(0)
+        return v
+
+    def register_bank(self) -> dict[int, int]:
+        """The profile's registers as the meter would send them now."""
+        out: dict[int, int] = {}
+        live = self.live_values()
+        for f in self.profile.fields:
+            value = live.get(f.quantity, Decimal(0))
+            for i, word in enumerate(encode_value(value, f, self.profile.word_order)):
+                out[f.address + i] = word
+        return out
+
+    # -- Modbus data model -----------------------------------------------------
+    def get(self, func_code: int, address: int, count: int, now_s: float) -> list[int] | list[bool] | ExcCodes:
+        self.advance(now_s)
+        if self.refuse is not None:
+            return ExcCodes(self.refuse)
+        self.reads += 1
+        if func_code in (1, 5, 15):
+            return [self.coils.get(address + i, False) for i in range(count)]
+        if func_code == 2:
+            return [False] * count
+        if func_code == self.profile.function_code:
+            bank = self.register_bank()
+            lo = min(f.address for f in self.profile.fields)
+            hi = max(f.end for f in self.profile.fields)
+            if func_code in (3, 6, 16):
+                bank.update(self.holding)
+                lo = min([lo, *self.holding])
+                hi = max([hi, *(a + 1 for a in self.holding)])
+            if address < lo or address + count > hi:
+                return ExcCodes.ILLEGAL_ADDRESS
+            return [bank.get(address + i, 0) for i in range(count)]
+        if func_code in (3, 6, 16):
+            if all(address + i in self.holding for i in range(count)):
+                return [self.holding[address + i] for i in range(count)]
+        return ExcCodes.ILLEGAL_ADDRESS
+
+    def set(self, func_code: int, address: int, values: Sequence[int] | Sequence[bool], now_s: float) -> ExcCodes | None:
+        self.advance(now_s)
+        if self.refuse is not None:
+            return ExcCodes(self.refuse)
+        self.writes += 1
+        relay_addr = self.relay_coil if func_code in (5, 15) else self.relay_register
+        for i, value in enumerate(values):
+            addr = address + i
+            if self.relay_stuck and addr == relay_addr:
+                continue  # acknowledged, but the contactor does not move
+            if func_code in (5, 15):
+                self.coils[addr] = bool(value)
+            elif func_code in (6, 16):
+                self.holding[addr] = int(value) & 0xFFFF
+            else:
+                return ExcCodes.ILLEGAL_FUNCTION
+        return None
+
+
+class _SimContext(ModbusServerContext):
+    """Server context that answers from :class:`SimMeter` objects.
+
+    pymodbus uses a :class:`ModbusServerContext` flagged ``old_simulator`` as-is
+    (it only calls ``async_getValues``/``async_setValues``/``device_ids``), which lets
+    values be computed at request time. Raising :class:`NoSuchIdException` with
+    ``ignore_missing_devices=True`` makes pymodbus send no reply (a dead unit).
+    """
+
+    def __init__(self, meters: dict[int, SimMeter], clock: Callable[[], float]) -> None:
+        # The base initialiser builds static register blocks; not wanted here.
+        self._meters = meters
+        self._clock = clock
+        self.simdevices = []
+        self.old_simulator = True
+        self.single = False
+
+    def device_ids(self) -> list[int]:
+        return list(self._meters)
+
+    async def _meter(self, device_id: int) -> SimMeter:
+        m = self._meters.get(device_id)
+        if m is None or m.dead:
+            raise NoSuchIdException(f"unit {device_id} does not answer")
+        if m.delay_s > 0:
+            await asyncio.sleep(m.delay_s)
+        return m
+
+    async def async_getValues(
+        self, device_id: int, func_code: int, address: int, count: int = 1
+    ) -> list[int] | list[bool] | ExcCodes:
+        m = await self._meter(device_id)
+        return m.get(func_code, address, count, self._clock())
+
+    async def async_setValues(
+        self, device_id: int, func_code: int, address: int, values: Sequence[int] | Sequence[bool]
+    ) -> ExcCodes | None:
+        m = await self._meter(device_id)
+        return m.set(func_code, address, values, self._clock())
+
+
+def make_meters(
+    units: Iterable[int],
+    profile: Profile | None = None,
+    load_kw: Decimal | str | float = "1.0",
+) -> dict[int, SimMeter]:
+    prof = profile or BUILTIN_PROFILES["sdm120"]
+    load = Decimal(str(load_kw))
+    return {u: SimMeter(unit_id=u, profile=prof, load_kw=load) for u in units}
+
+
+class ModbusSimulator:
+    """Async context manager running a Modbus TCP server for simulated meters."""
+
+    def __init__(
+        self,
+        units: Iterable[int] = (1,),
+        *,
+        profile: Profile | None = None,
+        load_kw: Decimal | str | float = "1.0",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        meters: dict[int, SimMeter] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.meters = meters if meters is not None else make_meters(units, profile, load_kw)
+        self.host = host
+        self._port = port
+        self._clock = clock
+        self._server: ModbusTcpServer | None = None
+
+    def meter(self, unit_id: int) -> SimMeter:
+        return self.meters[unit_id]
+
+    @property
+    def port(self) -> int:
+        if self._server is None or self._server.transport is None:
+            raise RuntimeError("simulator not running")
+        server: Any = self._server.transport
+        return int(server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        ctx = _SimContext(self.meters, self._clock)
+        self._server = ModbusTcpServer(ctx, address=(self.host, self._port), ignore_missing_devices=True)
+        await self._server.serve_forever(background=True)
+        for m in self.meters.values():
+            m.advance(self._clock())
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.shutdown()
+            self._server = None
+
+    async def __aenter__(self) -> ModbusSimulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+def _parse_units(text: str) -> list[int]:
+    units = [int(u) for u in text.split(",") if u.strip()]
+    if not units or any(not 1 <= u <= 247 for u in units):
+        raise argparse.ArgumentTypeError("units must be a comma list of 1..247")
+    return units
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    profile = BUILTIN_PROFILES[args.profile]
+    async with ModbusSimulator(args.units, profile=profile, load_kw=args.load_kw, port=args.tcp) as sim:
+        print(f"modbus simulator: {profile.name} units {args.units} on 127.0.0.1:{sim.port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m firmware_bridge.modbus.simulator", description=__doc__.split("\n")[0])
+    p.add_argument("--tcp", type=int, default=5020, metavar="PORT", help="TCP port on 127.0.0.1 (0 = any free port)")
+    p.add_argument("--units", type=_parse_units, default=[1], help="comma-separated unit ids, e.g. 1,2,3")
+    p.add_argument("--profile", choices=sorted(BUILTIN_PROFILES), default="sdm120")
+    p.add_argument("--load-kw", default="1.0", help="load per meter in kW (energy rises at this rate)")
+    args = p.parse_args(argv)
+    return asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

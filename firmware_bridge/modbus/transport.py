@@ -1,0 +1,198 @@
+"""One pymodbus client per bus, with errors mapped to the driver contract.
+
+The transport is shared by every meter (and relay) on its bus; the bus
+scheduler guarantees one operation at a time, and the transport itself
+serialises requests and keeps the protocol's silent interval between frames
+(t3.5 for RTU). pymodbus' own retries and background reconnect are turned
+off: retries, back-off and reconnect pacing are the scheduler's and this
+module's decisions, so that a dead meter cannot hold the bus for
+``retries × timeout`` behind the scheduler's back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+
+from firmware_bridge.driver import MeterFrameError, MeterRefused, MeterTimeout, TransportError
+from firmware_bridge.scheduler import rtu_t35_s
+
+EXCEPTION_NAMES = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "device failure",
+    5: "acknowledge",
+    6: "device busy",
+    10: "gateway path unavailable",
+    11: "gateway target failed to respond",
+}
+
+
+class ModbusTransport:
+    """A connected pymodbus client plus pacing and error mapping."""
+
+    def __init__(
+        self,
+        client: AsyncModbusTcpClient | AsyncModbusSerialClient,
+        *,
+        name: str,
+        timeout_s: float,
+        silent_interval_s: float = 0.0,
+        reconnect_min_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.name = name
+        self.timeout_s = timeout_s
+        self.silent_interval_s = silent_interval_s
+        self.reconnect_min_s = reconnect_min_s
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._last_end: float | None = None
+        self._last_connect_fail: float | None = None
+        self.requests = 0  # frames sent (for bus metrics)
+        # pymodbus closes a TCP connection after N unanswered requests; a dead unit
+        # behind a TCP gateway must not cut off the healthy ones.
+        client.set_max_no_responses(1_000_000)
+
+    @classmethod
+    def tcp(cls, host: str, port: int, *, name: str, timeout_s: float) -> ModbusTransport:
+        client = AsyncModbusTcpClient(host, port=port, timeout=timeout_s, retries=0, reconnect_delay=0)
+        return cls(client, name=name, timeout_s=timeout_s)
+
+    @classmethod
+    def serial(
+        cls,
+        device: str,
+        *,
+        name: str,
+        baud: int,
+        parity: str,
+        stop_bits: int,
+        timeout_s: float,
+    ) -> ModbusTransport:
+        client = AsyncModbusSerialClient(
+            device,
+            baudrate=baud,
+            parity=parity,
+            stopbits=stop_bits,
+            bytesize=8,
+            timeout=timeout_s,
+            retries=0,
+            reconnect_delay=0,
+        )
+        return cls(client, name=name, timeout_s=timeout_s, silent_interval_s=rtu_t35_s(baud))
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.client.connected)
+
+    async def connect(self, meter_id: str = "-") -> None:
+        if self.client.connected:
+            return
+        now = self._clock()
+        if self._last_connect_fail is not None and now - self._last_connect_fail < self.reconnect_min_s:
+            raise TransportError(meter_id, f"bus {self.name}: not connected (retrying in {self.reconnect_min_s:g}s)")
+        try:
+            ok = await asyncio.wait_for(self.client.connect(), self.timeout_s + 1.0)
+        except (TimeoutError, OSError, ModbusException) as exc:
+            ok = False
+            detail = f"{type(exc).__name__}: {exc}"
+        else:
+            detail = "connect failed"
+        if not ok:
+            self._last_connect_fail = self._clock()
+            self.client.close()
+            raise TransportError(meter_id, f"bus {self.name}: {detail}")
+        self._last_connect_fail = None
+
+    def close(self) -> None:
+        self.client.close()
+
+    async def _call(self, meter_id: str, what: str, op: Callable[[], Awaitable[Any]], timeout_s: float | None) -> Any:
+        """Run one request with pacing, a hard deadline and error mapping."""
+        async with self._lock:
+            await self.connect(meter_id)
+            if self._last_end is not None and self.silent_interval_s > 0:
+                wait = self._last_end + self.silent_interval_s - self._clock()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            limit = timeout_s if timeout_s is not None else self.timeout_s
+            # per-request timeout (a meter may be slower than the bus default)
+            self.client.ctx.comm_params.timeout_connect = limit
+            self.requests += 1
+            try:
+                # pymodbus applies the client timeout; this deadline is the backstop.
+                response = await asyncio.wait_for(op(), limit + 0.5)
+            except TimeoutError:
+                raise MeterTimeout(meter_id, f"{what}: no answer within {limit:g}s") from None
+            except ConnectionException as exc:
+                raise TransportError(meter_id, f"{what}: bus {self.name}: {exc}") from None
+            except ModbusIOException as exc:
+                text = str(exc)
+                if "No response" in text or "no response" in text:
+                    raise MeterTimeout(meter_id, f"{what}: no answer within {limit:g}s") from None
+                raise MeterFrameError(meter_id, f"{what}: {text}") from None
+            except ModbusException as exc:
+                raise MeterFrameError(meter_id, f"{what}: {exc}") from None
+            except OSError as exc:
+                raise TransportError(meter_id, f"{what}: bus {self.name}: {exc}") from None
+            finally:
+                self._last_end = self._clock()
+            if response is None:
+                raise MeterTimeout(meter_id, f"{what}: no answer")
+            if response.isError():
+                code = getattr(response, "exception_code", 0)
+                name = EXCEPTION_NAMES.get(code, "unknown")
+                raise MeterRefused(meter_id, f"{what}: exception {code} ({name})")
+            return response
+
+    async def read_registers(
+        self, meter_id: str, unit: int, function_code: int, address: int, count: int, *, timeout_s: float | None = None
+    ) -> list[int]:
+        what = f"unit {unit} FC{function_code:02d} {address:#06x}+{count}"
+        if function_code == 3:
+
+            def op() -> Awaitable[Any]:
+                return self.client.read_holding_registers(address, count=count, device_id=unit)
+
+        elif function_code == 4:
+
+            def op() -> Awaitable[Any]:
+                return self.client.read_input_registers(address, count=count, device_id=unit)
+
+        else:
+            raise ValueError(f"function code {function_code} is not a register read")
+        response = await self._call(meter_id, what, op, timeout_s)
+        regs = list(response.registers)
+        if len(regs) != count:
+            raise MeterFrameError(meter_id, f"{what}: answered {len(regs)} registers")
+        return regs
+
+    async def read_coil(self, meter_id: str, unit: int, address: int, *, timeout_s: float | None = None) -> bool:
+        what = f"unit {unit} FC01 {address:#06x}"
+        response = await self._call(
+            meter_id, what, lambda: self.client.read_coils(address, count=1, device_id=unit), timeout_s
+        )
+        bits = list(response.bits)
+        if not bits:
+            raise MeterFrameError(meter_id, f"{what}: empty answer")
+        return bool(bits[0])
+
+    async def write_coil(self, meter_id: str, unit: int, address: int, value: bool, *, timeout_s: float | None = None) -> None:
+        what = f"unit {unit} FC05 {address:#06x}={int(value)}"
+        await self._call(meter_id, what, lambda: self.client.write_coil(address, value, device_id=unit), timeout_s)
+
+    async def write_register(
+        self, meter_id: str, unit: int, address: int, value: int, *, timeout_s: float | None = None
+    ) -> None:
+        what = f"unit {unit} FC06 {address:#06x}={value}"
+        await self._call(
+            meter_id, what, lambda: self.client.write_register(address, value, device_id=unit), timeout_s
+        )

@@ -1,0 +1,366 @@
+"""Protocol-neutral bus scheduler: one transaction at a time, per-meter health.
+
+A bus (one RS-485 line or one Modbus TCP gateway) is half-duplex with one
+master. :class:`BusScheduler` owns that bus: it runs every operation (a meter
+read, a relay command, a relay read-back) under one lock, keeps the
+protocol's silent interval between operations, applies per-meter timeouts and
+retries, and tracks each meter's health.
+
+Health policy (pure functions, see :func:`on_success` / :func:`on_failure`):
+
+* **online** means the meter answered correctly on its last attempt, not
+  that the port is open.
+* Each failure increments ``consecutive_failures``; the next attempt is
+  deferred by an exponential back-off (``backoff_ms``). After
+  ``quarantine_after`` consecutive failures the meter is **quarantined** and
+  only re-probed every ``reprobe_ms``.
+* Retries (``retries`` per operation) are only spent on a meter that was
+  online: a meter already failing gets one attempt when due, so a dead meter
+  costs at most one timeout per cycle and never stalls the others.
+* The first correct answer resets the meter to online.
+
+The scheduler never creates tasks of its own; callers own the loop that calls
+:meth:`BusScheduler.run_cycle`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from firmware_bridge.driver import MeterDriver, MeterError, MeterTimeout
+from firmware_bridge.reading import Reading
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------
+# Pure timing arithmetic
+
+
+def rtu_t35_s(baud: int) -> float:
+    """Modbus RTU silent interval t3.5 = 3.5 characters × 11 bits / baud; 1.75 ms above 19200."""
+    if baud <= 0:
+        raise ValueError(f"baud must be > 0, got {baud}")
+    return 0.00175 if baud > 19200 else 3.5 * 11 / baud
+
+
+def char_time_s(baud: int, bits_per_char: int = 11) -> float:
+    return bits_per_char / baud
+
+
+def dlt645_gap_s(baud: int) -> float:
+    """Inter-frame gap used between DL/T 645 transactions.
+
+    DL/T 645-2007 asks the master to wait before the next frame; meters need
+    20 ms ≤ response delay and the bus must be idle. We keep max(20 ms,
+    4 character times) between the end of one answer and the next request.
+    """
+    return max(0.020, 4 * char_time_s(baud))
+
+
+def silent_interval_s(protocol: str, bus_type: str, baud: int) -> float:
+    """Gap kept between two operations on one bus."""
+    if bus_type == "tcp":
+        return 0.0
+    if protocol == "modbus":
+        return rtu_t35_s(baud)
+    if protocol == "dlt645":
+        return dlt645_gap_s(baud)
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
+def modbus_rtu_read_time_s(baud: int, registers: int, response_delay_s: float = 0.0) -> float:
+    """Wire time of one RTU register read: (8 + 5 + 2N) characters + 2·t3.5 + meter delay."""
+    chars = 8 + 5 + 2 * registers
+    return chars * char_time_s(baud) + 2 * rtu_t35_s(baud) + response_delay_s
+
+
+# ---------------------------------------------------------------------------
+# Pure health policy
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffPolicy:
+    base_ms: int = 5_000  # delay after the first failure
+    factor: int = 2
+    max_ms: int = 300_000  # ceiling of the back-off
+    quarantine_after: int = 5  # consecutive failures before quarantine
+    reprobe_ms: int = 600_000  # re-probe period of a quarantined meter
+
+    def __post_init__(self) -> None:
+        if self.base_ms < 0 or self.max_ms < self.base_ms or self.factor < 1:
+            raise ValueError("need 0 <= base_ms <= max_ms and factor >= 1")
+        if self.quarantine_after < 1 or self.reprobe_ms < 0:
+            raise ValueError("need quarantine_after >= 1 and reprobe_ms >= 0")
+
+
+def backoff_ms(policy: BackoffPolicy, consecutive_failures: int) -> int:
+    """Delay before the next attempt after ``consecutive_failures`` (>= 1) failures."""
+    if consecutive_failures <= 0:
+        return 0
+    if consecutive_failures >= policy.quarantine_after:
+        return policy.reprobe_ms
+    # cap the exponent before multiplying: no huge integers for long outages
+    delay = policy.base_ms
+    for _ in range(consecutive_failures - 1):
+        delay *= policy.factor
+        if delay >= policy.max_ms:
+            return policy.max_ms
+    return min(delay, policy.max_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    kind: str  # MeterError.kind: timeout, frame, refused, transport, error
+    text: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class MeterHealth:
+    meter_id: str
+    online: bool = False  # answered correctly on the last attempt
+    consecutive_failures: int = 0
+    total_failures: int = 0
+    total_successes: int = 0
+    last_good_ms: int | None = None
+    last_attempt_ms: int | None = None
+    last_error: ErrorInfo | None = None
+    next_attempt_ms: int = 0  # not attempted before this time
+    quarantined: bool = False
+
+    @property
+    def state(self) -> str:
+        """unknown / online / failing / quarantined."""
+        if self.quarantined:
+            return "quarantined"
+        if self.online:
+            return "online"
+        return "failing" if self.consecutive_failures else "unknown"
+
+
+def is_due(h: MeterHealth, now_ms: int) -> bool:
+    return now_ms >= h.next_attempt_ms
+
+
+def on_success(h: MeterHealth, now_ms: int) -> MeterHealth:
+    return dataclasses.replace(
+        h,
+        online=True,
+        consecutive_failures=0,
+        total_successes=h.total_successes + 1,
+        last_good_ms=now_ms,
+        last_attempt_ms=now_ms,
+        next_attempt_ms=0,
+        quarantined=False,
+    )
+
+
+def on_failure(h: MeterHealth, now_ms: int, kind: str, text: str, policy: BackoffPolicy) -> MeterHealth:
+    n = h.consecutive_failures + 1
+    return dataclasses.replace(
+        h,
+        online=False,
+        consecutive_failures=n,
+        total_failures=h.total_failures + 1,
+        last_attempt_ms=now_ms,
+        last_error=ErrorInfo(kind, text, now_ms),
+        next_attempt_ms=now_ms + backoff_ms(policy, n),
+        quarantined=n >= policy.quarantine_after,
+    )
+
+
+def attempts_for(h: MeterHealth, retries: int) -> int:
+    """Attempts to spend this cycle: retries only for a meter that was online."""
+    return 1 + retries if h.online or h.total_failures + h.total_successes == 0 else 1
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+
+
+@dataclass
+class BusMetrics:
+    """Counters of one bus since start (monotonic seconds)."""
+
+    started_s: float
+    operations: int = 0  # scheduler operations (reads + relay operations)
+    attempts: int = 0  # attempts including retries
+    successes: int = 0
+    busy_s: float = 0.0  # time the bus was held by an operation
+    errors: Counter[str] = field(default_factory=Counter)  # by MeterError.kind
+    cycles: int = 0
+    last_cycle_s: float = 0.0
+
+    def rate_per_s(self, now_s: float) -> float:
+        elapsed = now_s - self.started_s
+        return self.attempts / elapsed if elapsed > 0 else 0.0
+
+    def utilisation(self, now_s: float) -> float:
+        elapsed = now_s - self.started_s
+        return min(1.0, self.busy_s / elapsed) if elapsed > 0 else 0.0
+
+    def snapshot(self, now_s: float) -> dict[str, object]:
+        return {
+            "operations": self.operations,
+            "attempts": self.attempts,
+            "successes": self.successes,
+            "errors": dict(self.errors),
+            "cycles": self.cycles,
+            "last_cycle_s": round(self.last_cycle_s, 4),
+            "transactions_per_s": round(self.rate_per_s(now_s), 3),
+            "utilisation": round(self.utilisation(now_s), 4),
+        }
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    readings: list[Reading]
+    health: dict[str, MeterHealth]
+    skipped: list[str]  # meters not due this cycle (back-off / quarantine)
+    duration_s: float
+
+
+# ---------------------------------------------------------------------------
+# The scheduler (imperative shell)
+
+
+class BusScheduler:
+    """Owns one bus; see the module documentation for the policy."""
+
+    def __init__(
+        self,
+        name: str,
+        drivers: Sequence[MeterDriver],
+        *,
+        silent_interval_s: float = 0.0,
+        timeout_s: float = 1.0,
+        retries: int = 1,
+        policy: BackoffPolicy | None = None,
+        meter_timeouts: Mapping[str, float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        ids = [d.meter_id for d in drivers]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"bus {name}: duplicate meter ids")
+        self.name = name
+        self.drivers: dict[str, MeterDriver] = {d.meter_id: d for d in drivers}
+        self.silent_interval_s = silent_interval_s
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.policy = policy or BackoffPolicy()
+        self.meter_timeouts = dict(meter_timeouts or {})
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = asyncio.Lock()
+        self._last_end: float | None = None
+        self._health: dict[str, MeterHealth] = {mid: MeterHealth(mid) for mid in self.drivers}
+        self.metrics = BusMetrics(started_s=clock())
+        # transports built by firmware_bridge.bus.open_bus, by kind (relay actuators use them)
+        self.transports: dict[str, Any] = {}
+
+    @property
+    def health(self) -> dict[str, MeterHealth]:
+        return dict(self._health)
+
+    def deadline_s(self, meter_id: str) -> float:
+        """Backstop for one operation; the transports apply the real timeout."""
+        return self.meter_timeouts.get(meter_id, self.timeout_s) * 4 + 1.0
+
+    async def exclusive(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op`` alone on the bus (lock + silent interval); the building block of everything."""
+        async with self._lock:
+            if self._last_end is not None and self.silent_interval_s > 0:
+                wait = self._last_end + self.silent_interval_s - self._clock()
+                if wait > 0:
+                    await self._sleep(wait)
+            start = self._clock()
+            try:
+                return await op()
+            finally:
+                end = self._clock()
+                self._last_end = end
+                self.metrics.busy_s += end - start
+
+    async def run_exclusive(self, meter_id: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run a non-polling operation for ``meter_id`` (e.g. a relay command) on the bus.
+
+        Counted in the metrics; MeterErrors propagate to the caller (a relay
+        controller decides about retries itself) and do not change polling health.
+        """
+        self.metrics.operations += 1
+        self.metrics.attempts += 1
+
+        async def guarded() -> T:
+            try:
+                async with asyncio.timeout(self.deadline_s(meter_id)):
+                    return await op()
+            except TimeoutError:
+                raise MeterTimeout(meter_id, "operation exceeded its deadline") from None
+
+        try:
+            result = await self.exclusive(guarded)
+        except MeterError as exc:
+            self.metrics.errors[exc.kind] += 1
+            raise
+        self.metrics.successes += 1
+        return result
+
+    async def _read_once(self, driver: MeterDriver, now_ms: int) -> Reading:
+        async def op() -> Reading:
+            try:
+                async with asyncio.timeout(self.deadline_s(driver.meter_id)):
+                    return await driver.read(now_ms)
+            except TimeoutError:
+                raise MeterTimeout(driver.meter_id, "read exceeded its deadline") from None
+
+        return await self.exclusive(op)
+
+    async def read_meter(self, meter_id: str, now_ms: int, *, force: bool = False) -> Reading | None:
+        """Read one meter now (respecting back-off unless ``force``); update its health."""
+        h = self._health[meter_id]
+        if not force and not is_due(h, now_ms):
+            return None
+        driver = self.drivers[meter_id]
+        self.metrics.operations += 1
+        for _ in range(attempts_for(h, self.retries)):
+            self.metrics.attempts += 1
+            try:
+                reading = await self._read_once(driver, now_ms)
+            except MeterError as exc:
+                self.metrics.errors[exc.kind] += 1
+                last = exc
+                continue
+            except Exception as exc:  # a driver bug must not stop the bus
+                self.metrics.errors["error"] += 1
+                last = MeterError(meter_id, f"driver failed: {type(exc).__name__}: {exc}")
+                continue
+            self.metrics.successes += 1
+            self._health[meter_id] = on_success(h, now_ms)
+            return reading
+        self._health[meter_id] = on_failure(h, now_ms, last.kind, last.detail, self.policy)
+        return None
+
+    async def run_cycle(self, now_ms: int) -> CycleResult:
+        """Poll every due meter once, in configuration order."""
+        start = self._clock()
+        readings: list[Reading] = []
+        skipped: list[str] = []
+        for meter_id in self.drivers:
+            if not is_due(self._health[meter_id], now_ms):
+                skipped.append(meter_id)
+                continue
+            reading = await self.read_meter(meter_id, now_ms)
+            if reading is not None:
+                readings.append(reading)
+        duration = self._clock() - start
+        self.metrics.cycles += 1
+        self.metrics.last_cycle_s = duration
+        return CycleResult(readings, self.health, skipped, duration)

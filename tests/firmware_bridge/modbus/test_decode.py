@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import itertools
+import math
+import struct
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from firmware_bridge.modbus.decode import (
+    decode_field,
+    encode_value,
+    plan_reads,
+    raw_to_registers,
+    registers_to_raw,
+    scale_raw,
+)
+from firmware_bridge.modbus.profiles import BUILTIN_PROFILES, DataType, Field, WordOrder
+from firmware_bridge.reading import Quality, Quantity
+
+
+def energy_field(address: int = 0x48) -> Field:
+    f = BUILTIN_PROFILES["sdm120"].field(Quantity.ENERGY_IMPORT)
+    assert f is not None
+    return Field(f.quantity, address, f.dtype, f.scale, f.unit, f.resolution)
+
+
+def test_float32_energy_has_no_binary_noise() -> None:
+    regs = raw_to_registers(1206.42, DataType.FLOAT32, WordOrder.BIG)
+    assert regs == [0x4496, 0xCD71]  # IEEE-754 of 1206.42f, high word first
+    m = decode_field(regs, 0x48, energy_field(), WordOrder.BIG)
+    assert m.value == Decimal("1206.42") and str(m.value) == "1206.42"
+    assert m.quality is Quality.GOOD
+
+
+def test_power_in_watts_becomes_kw() -> None:
+    f = BUILTIN_PROFILES["sdm120"].field(Quantity.POWER)
+    assert f is not None
+    regs = raw_to_registers(1234.5, DataType.FLOAT32, WordOrder.BIG)
+    assert decode_field(regs, f.address, f, WordOrder.BIG).value == Decimal("1.2345")
+
+
+def test_little_word_order() -> None:
+    big = raw_to_registers(230.1, DataType.FLOAT32, WordOrder.BIG)
+    little = raw_to_registers(230.1, DataType.FLOAT32, WordOrder.LITTLE)
+    assert little == list(reversed(big))
+    assert registers_to_raw(little, DataType.FLOAT32, WordOrder.LITTLE) == pytest.approx(230.1, abs=1e-4)
+
+
+@pytest.mark.parametrize("raw", [math.nan, math.inf, -math.inf])
+def test_non_finite_is_invalid(raw: float) -> None:
+    regs = raw_to_registers(raw, DataType.FLOAT32, WordOrder.BIG)
+    m = decode_field(regs, 0x48, energy_field(), WordOrder.BIG)
+    assert m.quality is Quality.INVALID
+    assert not m.value.is_finite()
+
+
+def test_integer_types_and_scale() -> None:
+    f = Field(Quantity.ENERGY_IMPORT, 10, DataType.UINT32, Decimal("0.01"), "kWh", Decimal("0.01"))
+    regs = raw_to_registers(120642, DataType.UINT32, WordOrder.BIG)
+    assert decode_field(regs, 10, f, WordOrder.BIG).value == Decimal("1206.42")
+    g = Field(Quantity.POWER, 0, DataType.INT16, Decimal(1), "W", Decimal("0.0001"))
+    assert decode_field([0xFFFF], 0, g, WordOrder.BIG).value == Decimal("-0.0010")
+    h = Field(Quantity.POWER, 0, DataType.UINT16, Decimal(1), "W", Decimal("0.0001"))
+    assert decode_field([0xFFFF], 0, h, WordOrder.BIG).value == Decimal("65.5350")
+
+
+def test_negative_zero_is_normalised() -> None:
+    f = Field(Quantity.POWER, 0, DataType.FLOAT32, Decimal(1), "W", Decimal("0.0001"))
+    assert str(scale_raw(-0.00001, f).value) == "0.0000"
+
+
+@given(st.decimals(min_value=0, max_value=99999, places=2))
+def test_energy_roundtrip_exact_below_float32_precision(value: Decimal) -> None:
+    # below 131072 kWh the float32 step is under 0.01 kWh: two-decimal values survive exactly
+    f = energy_field(0)
+    regs = encode_value(value, f, WordOrder.BIG)
+    assert decode_field(regs, 0, f, WordOrder.BIG).value == value
+
+
+@given(st.floats(width=32, allow_nan=False, allow_infinity=False, min_value=-1e9, max_value=1e9))
+def test_decoded_value_is_nearest_quantum_of_the_float32(x: float) -> None:
+    f = energy_field(0)
+    regs = raw_to_registers(x, DataType.FLOAT32, WordOrder.BIG)
+    m = decode_field(regs, 0, f, WordOrder.BIG)
+    exact = Decimal(struct.unpack(">f", struct.pack(">f", x))[0])
+    assert abs(m.value - exact) <= Decimal("0.005")
+    assert m.value.as_tuple().exponent == -2
+
+
+fields_st = st.lists(
+    st.tuples(st.integers(0, 300), st.sampled_from([DataType.FLOAT32, DataType.UINT16])),
+    min_size=1,
+    max_size=20,
+)
+
+
+def _mk(spec: list[tuple[int, DataType]]) -> list[Field]:
+    out: list[Field] = []
+    taken: set[int] = set()
+    for i, (addr, dt) in enumerate(spec):
+        regs = set(range(addr, addr + dt.registers))
+        if regs & taken:
+            continue
+        taken |= regs
+        q = list(Quantity)[i % len(Quantity)]
+        out.append(Field(q, addr, dt))
+    return out
+
+
+@given(fields_st, st.integers(0, 20), st.integers(2, 125))
+def test_plan_reads_covers_every_field_once(spec: list[tuple[int, DataType]], gap: int, max_count: int) -> None:
+    fields = _mk(spec)
+    blocks = plan_reads(fields, gap, max_count)
+    covered = [f for b in blocks for f in b.fields]
+    assert sorted(covered, key=lambda f: f.address) == sorted(fields, key=lambda f: f.address)
+    for b in blocks:
+        assert 1 <= b.count <= max_count
+        for f in b.fields:
+            assert b.address <= f.address and f.end <= b.end
+    for a, b in itertools.pairwise(blocks):
+        assert a.end <= b.address
+        # blocks were split for a reason: gap too large or the merge would be too long
+        assert b.fields[0].address - a.end > gap or max(a.end, b.fields[0].end) - a.address > max_count
+
+
+def test_sdm120_plan_is_two_requests() -> None:
+    p = BUILTIN_PROFILES["sdm120"]
+    blocks = plan_reads(p.fields, p.max_gap, p.max_count)
+    assert [(b.address, b.count) for b in blocks] == [(0x00, 14), (0x46, 6)]
+
+
+def test_plan_gap_zero_splits_non_adjacent() -> None:
+    fields = [Field(Quantity.VOLTAGE, 0), Field(Quantity.CURRENT, 2), Field(Quantity.POWER, 5)]
+    assert [(b.address, b.count) for b in plan_reads(fields, 0, 125)] == [(0, 4), (5, 2)]

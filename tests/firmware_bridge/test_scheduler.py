@@ -1,0 +1,260 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from firmware_bridge.driver import MeterTimeout
+from firmware_bridge.modbus.driver import ModbusDriver
+from firmware_bridge.modbus.profiles import BUILTIN_PROFILES
+from firmware_bridge.modbus.simulator import ModbusSimulator
+from firmware_bridge.modbus.transport import ModbusTransport
+from firmware_bridge.reading import Quantity
+from firmware_bridge.scheduler import (
+    BackoffPolicy,
+    BusScheduler,
+    MeterHealth,
+    attempts_for,
+    backoff_ms,
+    dlt645_gap_s,
+    is_due,
+    modbus_rtu_read_time_s,
+    on_failure,
+    on_success,
+    rtu_t35_s,
+    silent_interval_s,
+)
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_t35() -> None:
+    assert rtu_t35_s(9600) == pytest.approx(0.0040104, rel=1e-4)
+    assert rtu_t35_s(2400) == pytest.approx(0.0160417, rel=1e-4)
+    assert rtu_t35_s(19200) == pytest.approx(3.5 * 11 / 19200)
+    assert rtu_t35_s(38400) == rtu_t35_s(115200) == 0.00175
+    with pytest.raises(ValueError):
+        rtu_t35_s(0)
+    assert silent_interval_s("modbus", "tcp", 9600) == 0.0
+    assert silent_interval_s("dlt645", "serial", 2400) == dlt645_gap_s(2400) >= 0.02
+
+
+def test_guide_transaction_times() -> None:
+    # GUIDE: N=10 registers at 9600 ≈ 46 ms, at 2400 ≈ 183 ms (without response delay)
+    assert modbus_rtu_read_time_s(9600, 10) == pytest.approx(0.046, abs=0.002)
+    assert modbus_rtu_read_time_s(2400, 10) == pytest.approx(0.183, abs=0.003)
+
+
+@given(st.sampled_from([1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200]))
+def test_t35_monotone_and_bounded(baud: int) -> None:
+    assert 0.00175 <= rtu_t35_s(baud) <= 3.5 * 11 / 1200
+
+
+policies = st.builds(
+    BackoffPolicy,
+    base_ms=st.integers(0, 10_000),
+    factor=st.integers(1, 4),
+    max_ms=st.integers(10_000, 1_000_000),
+    quarantine_after=st.integers(1, 10),
+    reprobe_ms=st.integers(0, 3_600_000),
+)
+
+
+@given(policies, st.integers(1, 200))
+def test_backoff_monotone_bounded(policy: BackoffPolicy, n: int) -> None:
+    d = backoff_ms(policy, n)
+    if n >= policy.quarantine_after:
+        assert d == policy.reprobe_ms
+    else:
+        assert policy.base_ms <= d <= policy.max_ms or d == policy.base_ms
+        if n + 1 < policy.quarantine_after:
+            assert backoff_ms(policy, n + 1) >= d
+
+
+@given(policies, st.lists(st.booleans(), max_size=60), st.integers(0, 10**12))
+def test_health_transitions(policy: BackoffPolicy, outcomes: list[bool], t0: int) -> None:
+    h = MeterHealth("m")
+    now = t0
+    failures = successes = streak = 0
+    for ok in outcomes:
+        now += 1000
+        prev = h
+        h = on_success(h, now) if ok else on_failure(h, now, "timeout", "x", policy)
+        if ok:
+            successes += 1
+            streak = 0
+            assert h.online and not h.quarantined and h.last_good_ms == now and is_due(h, now)
+        else:
+            failures += 1
+            streak += 1
+            assert not h.online
+            assert h.next_attempt_ms == now + backoff_ms(policy, streak)
+            assert h.quarantined == (streak >= policy.quarantine_after)
+            assert h.last_good_ms == prev.last_good_ms
+            assert h.last_error is not None and h.last_error.at_ms == now
+        assert h.consecutive_failures == streak
+        assert h.total_failures == failures and h.total_successes == successes
+        # a failing meter gets one attempt per cycle; retries only for an online meter
+        assert attempts_for(h, 3) == (4 if h.online else 1)
+
+
+# --------------------------------------------------------------------------- against the simulator
+
+SDM120 = BUILTIN_PROFILES["sdm120"]
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[ModbusSimulator]:
+    async with ModbusSimulator([1, 2, 3, 4], load_kw="1.0") as s:
+        yield s
+
+
+@pytest.fixture
+async def transport(sim: ModbusSimulator) -> AsyncIterator[ModbusTransport]:
+    t = ModbusTransport.tcp("127.0.0.1", sim.port, name="bus", timeout_s=0.2)
+    yield t
+    t.close()
+
+
+def make_sched(transport: ModbusTransport, retries: int = 2, policy: BackoffPolicy | None = None) -> BusScheduler:
+    drivers = [ModbusDriver(f"m{u}", u, SDM120, transport) for u in (1, 2, 3, 4)]
+    return BusScheduler("bus", drivers, timeout_s=0.2, retries=retries, policy=policy)
+
+
+async def test_cycle_reads_all(sim: ModbusSimulator, transport: ModbusTransport) -> None:
+    s = make_sched(transport)
+    res = await s.run_cycle(1000)
+    assert [r.meter_id for r in res.readings] == ["m1", "m2", "m3", "m4"]
+    assert all(h.online and h.state == "online" for h in res.health.values())
+    assert s.metrics.successes == 4 and s.metrics.errors == {}
+
+
+async def test_dead_meter_costs_one_timeout_per_cycle_then_quarantine(
+    sim: ModbusSimulator, transport: ModbusTransport
+) -> None:
+    policy = BackoffPolicy(base_ms=0, max_ms=0, quarantine_after=3, reprobe_ms=60_000)
+    s = make_sched(transport, retries=2, policy=policy)
+    await s.run_cycle(0)
+    sim.meter(3).dead = True
+    now = 0
+    durations = []
+    for i in range(1, 6):
+        now = i * 1000
+        t0 = time.monotonic()
+        res = await s.run_cycle(now)
+        durations.append(time.monotonic() - t0)
+        assert {r.meter_id for r in res.readings} == {"m1", "m2", "m4"}
+    h = s.health["m3"]
+    assert not h.online and h.quarantined and h.state == "quarantined"
+    assert h.last_error is not None and h.last_error.kind == "timeout"
+    # first failing cycle: 1 + retries timeouts (it was online); then one per cycle; then none
+    assert s.metrics.errors["timeout"] == 3 + 1 + 1
+    assert durations[0] < 3 * 0.2 + 0.5
+    assert durations[1] < 0.2 + 0.4 and durations[2] < 0.2 + 0.4
+    assert durations[3] < 0.15 and durations[4] < 0.15  # quarantined: skipped
+    # re-probe after reprobe_ms, and recovery resets health
+    sim.meter(3).dead = False
+    assert h.next_attempt_ms == 3000 + 60_000  # quarantined by the third failure at t=3000
+    res = await s.run_cycle(h.next_attempt_ms - 1)
+    assert "m3" in res.skipped
+    res = await s.run_cycle(h.next_attempt_ms)
+    assert "m3" in {r.meter_id for r in res.readings}
+    assert s.health["m3"].online and s.health["m3"].consecutive_failures == 0
+
+
+async def test_one_transaction_at_a_time_with_relay_interleaved(
+    sim: ModbusSimulator, transport: ModbusTransport
+) -> None:
+    s = make_sched(transport)
+    active = 0
+    peak = 0
+
+    async def relay_op() -> bool:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            await transport.write_coil("m2", 2, 0, True)
+            return await transport.read_coil("m2", 2, 0)
+        finally:
+            active -= 1
+
+    class Probe:
+        def __init__(self, inner: ModbusDriver) -> None:
+            self.inner = inner
+
+        @property
+        def meter_id(self) -> str:
+            return self.inner.meter_id
+
+        async def read(self, now_ms: int):  # type: ignore[no-untyped-def]
+            nonlocal active, peak
+            active += 1
+            peak = max(peak, active)
+            try:
+                return await self.inner.read(now_ms)
+            finally:
+                active -= 1
+
+    s.drivers = {k: Probe(v) for k, v in s.drivers.items()}  # type: ignore[misc]
+    cycle = asyncio.create_task(s.run_cycle(0))
+    await asyncio.sleep(0)
+    relay = asyncio.create_task(s.run_exclusive("m2", relay_op))
+    res, state = await asyncio.gather(cycle, relay)
+    assert state is True and sim.meter(2).relay_open
+    assert len(res.readings) == 4
+    assert peak == 1
+    # the relay cut the load: the next read of m2 shows zero power
+    r = await s.read_meter("m2", 1)
+    assert r is not None and r.get(Quantity.POWER) == Decimal("0.0000")
+
+
+async def test_run_exclusive_propagates_errors_without_touching_poll_health(
+    sim: ModbusSimulator, transport: ModbusTransport
+) -> None:
+    s = make_sched(transport)
+    sim.meter(4).dead = True
+    with pytest.raises(MeterTimeout):
+        await s.run_exclusive("m4", lambda: transport.write_coil("m4", 4, 0, True))
+    assert s.metrics.errors["timeout"] == 1
+    assert s.health["m4"].total_failures == 0
+
+
+async def test_silent_interval_is_kept(sim: ModbusSimulator, transport: ModbusTransport) -> None:
+    drivers = [ModbusDriver("m1", 1, SDM120, transport)]
+    s = BusScheduler("bus", drivers, silent_interval_s=0.05, timeout_s=0.2)
+    t0 = time.monotonic()
+    for i in range(4):
+        assert await s.read_meter("m1", i, force=True) is not None
+    assert time.monotonic() - t0 >= 3 * 0.05
+    snap = s.metrics.snapshot(time.monotonic())
+    assert snap["successes"] == 4 and 0 < float(str(snap["utilisation"])) <= 1
+
+
+async def test_driver_bug_does_not_stop_the_bus(sim: ModbusSimulator, transport: ModbusTransport) -> None:
+    class Broken:
+        meter_id = "bad"
+
+        async def read(self, now_ms: int):  # type: ignore[no-untyped-def]
+            raise ZeroDivisionError("oops")
+
+    s = BusScheduler("bus", [Broken(), ModbusDriver("m1", 1, SDM120, transport)], timeout_s=0.2)
+    res = await s.run_cycle(0)
+    assert [r.meter_id for r in res.readings] == ["m1"]
+    assert res.health["bad"].last_error is not None and "ZeroDivisionError" in res.health["bad"].last_error.text
+
+
+def test_duplicate_meter_ids_rejected() -> None:
+    class D:
+        meter_id = "x"
+
+        async def read(self, now_ms: int):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+    with pytest.raises(ValueError, match="duplicate"):
+        BusScheduler("b", [D(), D()])
