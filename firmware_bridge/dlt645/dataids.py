@@ -40,8 +40,11 @@ class Format:
     unit: str = ""
 
     @property
-    def digits(self) -> int:
-        return 2 * self.length - (1 if self.signed else 0)
+    def max_magnitude(self) -> int:
+        """Largest raw magnitude: the sign bit leaves 0-7 for the top digit."""
+        if self.signed:
+            return 8 * 10 ** (2 * self.length - 1) - 1
+        return 10 ** (2 * self.length) - 1
 
 
 ENERGY = Format(Kind.NUMBER, 4, 2, unit="kWh")  # XXXXXX.XX
@@ -170,8 +173,8 @@ def _encode_number(fmt: Format, value: Decimal) -> bytes:
     n = int(scaled)
     if n < 0 and not fmt.signed:
         raise EncodeError(f"{value} is negative, format is unsigned")
-    if abs(n) >= 10**fmt.digits:
-        raise EncodeError(f"{value} does not fit {fmt.digits} digits")
+    if abs(n) > fmt.max_magnitude:
+        raise EncodeError(f"{value} is out of range for {fmt.length} BCD bytes")
     raw = bytearray(digits_bcd(f"{abs(n):0{2 * fmt.length}d}"))
     if n < 0:
         raw[-1] |= 0x80
