@@ -239,9 +239,7 @@ def decode_values(item: DataItem, payload: bytes) -> tuple[Value, ...]:
         raise DataError(
             f"{item.di:08X}: payload is {len(payload)} bytes, expected {size * item.count}"
         )
-    return tuple(
-        _decode_one(item.fmt, payload[i : i + size]) for i in range(0, len(payload), size)
-    )
+    return tuple(_decode_one(item.fmt, payload[i : i + size]) for i in range(0, len(payload), size))
 
 
 def encode_values(item: DataItem, values: Sequence[Value]) -> bytes:

@@ -123,9 +123,7 @@ class ReadReply:
 
 
 def read_reply(address: str, di: int, payload: bytes, *, more: bool = False) -> Frame:
-    return Frame(
-        address, Control(Function.READ, reply=True, more=more), di_to_wire(di) + payload
-    )
+    return Frame(address, Control(Function.READ, reply=True, more=more), di_to_wire(di) + payload)
 
 
 def read_follow_up_reply(

@@ -59,9 +59,7 @@ def test_trip_golden() -> None:
     # +33h = 35 44 55 66 | 33 33 33 33 | 4D 33 | 33 33 33 57 44 59
     # CS: header 104+37+10+104+1Ch(28)+10h(16) = 299; data 53+68+85+102 + 4*51
     # + 77+51 + 51+51+51+87+68+89 = 1037; 1336 mod 256 = 56 = 38h.
-    frame = control_request(
-        ADDR, ControlCommand.TRIP, DEADLINE, password=bytes.fromhex("02112233")
-    )
+    frame = control_request(ADDR, ControlCommand.TRIP, DEADLINE, password=bytes.fromhex("02112233"))
     assert frame.encode(0) == bytes.fromhex(
         "68 250403020100 68 1C 10 35445566 33333333 4D33 333333574459 38 16"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 
@@ -113,7 +114,7 @@ def _check_stream(frames: list[Frame], garbage: list[bytes], cuts: list[int]) ->
         stream += f.encode(i % 5)
     stream += garbage[-1] if garbage else b""
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
-    chunks = [bytes(stream[a:b]) for a, b in zip(points, points[1:], strict=False)]
+    chunks = [bytes(stream[a:b]) for a, b in itertools.pairwise(points)]
     p = FrameParser()
     events = feed_all(p, chunks)  # only codec types come back; anything raised fails the test
     assert all(isinstance(e, Frame | BadFrame) for e in events)
