@@ -29,6 +29,7 @@ from typing import Any
 
 from firmware_bridge.bus import open_bus
 from firmware_bridge.reading import Reading
+from firmware_bridge.scheduler import MeterHealth
 from gateway.config import BusSection, Config
 from store_forward.outbox import MeterStatus, Outbox
 from store_forward.uplink import Uplink, backoff_delay
@@ -57,17 +58,17 @@ class DaemonStats:
     bus_failures: dict[str, int] = field(default_factory=dict)
 
 
-def status_from_health(meter_id: str, health: Any, now_ms: int) -> MeterStatus:
-    """Adapt the scheduler's per-meter health to the row kept for `edgegw status`."""
-    err = getattr(health, "last_error", None)
+def status_from_health(meter_id: str, health: MeterHealth) -> MeterStatus:
+    """The scheduler's per-meter health as the row kept for `edgegw status`."""
+    err = health.last_error
     return MeterStatus(
         meter_id=meter_id,
-        online=bool(health.online),
-        last_attempt_ms=now_ms,
+        online=health.online,
+        last_attempt_ms=health.last_attempt_ms,
         last_good_ms=health.last_good_ms,
-        consecutive_failures=int(health.consecutive_failures),
-        total_failures=int(health.total_failures),
-        last_error=None if err is None else str(err),
+        consecutive_failures=health.consecutive_failures,
+        total_failures=health.total_failures,
+        last_error=None if err is None else f"{err.kind}: {err.text}",
     )
 
 
@@ -145,7 +146,7 @@ class Daemon:
                         now = self.clock_ms()
                         result = await scheduler.run_cycle(now)
                         statuses = [
-                            status_from_health(mid, h, now) for mid, h in result.health.items()
+                            status_from_health(mid, h) for mid, h in result.health.items()
                         ]
                         await out.put(Cycle(bus.name, now, list(result.readings), statuses))
                         next_at += interval
