@@ -1,0 +1,1049 @@
+"""Uplink wire encoding v2: compact, columnar, compressed, sealed end to end.
+
+One uplink message (a *batch*) carries many outbox records of one gateway.
+Readings are stored column by column per meter — timestamps as
+delta-of-delta, values as scaled integers with per-column decimal exponent
+and deltas, all as zigzag varints — so that the bytes left are mostly the
+real information in the data; the whole plaintext is then compressed and
+sealed with AES-256-GCM. The cleartext header (version, compression, key id,
+gateway id, batch sequence) is the associated data of the seal, so a broker
+operator can neither read nor alter any part of a batch without detection.
+
+Everything here is pure: bytes and values in, bytes and values out. The
+byte-level layout, limits and measured sizes are in docs/wire-format.md.
+
+Decoding never raises anything but :class:`WireError` subclasses for any
+input (exceptions raised by the caller's ``key_lookup`` propagate as they
+are), and never allocates or loops beyond bounds that are fixed by the input
+length and the limits below.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import lzma
+import os
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from firmware_bridge.reading import CODE_QUANTITIES, QUANTITY_CODES, Quantity
+
+__all__ = [
+    "MAX_PLAINTEXT_BYTES",
+    "MAX_RECORDS",
+    "VERSION",
+    "Compression",
+    "DecodedBatch",
+    "PackedBatch",
+    "WireAuthError",
+    "WireBudgetError",
+    "WireEncodeError",
+    "WireError",
+    "WireFormatError",
+    "WireKeyError",
+    "WireRecord",
+    "WireVersionError",
+    "decode_batch",
+    "encode_batch",
+    "pack_batch",
+]
+
+VERSION = 2
+NONCE_BYTES = 12
+TAG_BYTES = 16
+KEY_BYTES = (16, 24, 32)
+MAX_GATEWAY_ID_BYTES = 64
+MAX_KEY_ID = 0xFFFF_FFFF
+MAX_SEQ = (1 << 64) - 1
+MAX_RECORDS = 100_000
+MAX_PLAINTEXT_BYTES = 8 << 20
+MAX_STRING_BYTES = 4096
+MAX_BODY_BYTES = 1 << 20
+# Decimal limits for the columnar form (anything outside goes the generic way).
+_MAX_ABS_EXPONENT = 64
+_MAX_EXPONENT_SPREAD = 24
+_MAX_SCALED = 1 << 62
+_MAX_TIME = 1 << 62
+_MAX_PACKED_WIDTH = 72
+
+_AAD_LABEL = b"edgegw/uplink\x00"
+_KIND_READING = "reading"
+_READING_KEYS = frozenset({"m", "t", "ts", "v"})
+_READING_KEYS_Q = frozenset({"m", "t", "ts", "v", "q"})
+_LZMA_FILTERS: list[dict[str, Any]] = [
+    {"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 1 << 20}
+]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class WireError(Exception):
+    """Base of every error raised by this module."""
+
+
+class WireEncodeError(WireError, ValueError):
+    """The records (or arguments) cannot be encoded as a v2 batch."""
+
+
+class WireBudgetError(WireEncodeError):
+    """Not even one record fits in the byte budget."""
+
+    def __init__(self, message: str, needed: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+
+
+class WireFormatError(WireError):
+    """The payload is truncated, malformed or exceeds a limit."""
+
+
+class WireVersionError(WireFormatError):
+    """The first byte names an encoding version this decoder does not know."""
+
+
+class WireKeyError(WireError):
+    """No usable key for the (gateway id, key id) named in the header."""
+
+
+class WireAuthError(WireError):
+    """The seal does not verify: the payload was altered or the key is wrong."""
+
+
+# --------------------------------------------------------------------------- values
+
+
+class Compression(enum.IntEnum):
+    NONE = 0
+    ZLIB = 1  # raw DEFLATE (RFC 1951), level 9
+    LZMA = 2  # raw LZMA2, preset 9, 1 MiB dictionary
+
+
+@dataclass(frozen=True, slots=True)
+class WireRecord:
+    """One outbox record as carried on the wire."""
+
+    id: int
+    kind: str
+    created_ms: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    gateway_id: str
+    seq: int
+    key_id: int
+    records: tuple[WireRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PackedBatch:
+    """A sealed batch holding the first ``count`` of the offered records."""
+
+    payload: bytes
+    count: int
+
+
+# --------------------------------------------------------------------------- varints
+
+
+def _put_uvarint(out: bytearray, n: int) -> None:
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def _zigzag(n: int) -> int:
+    return (n << 1) if n >= 0 else ((-n << 1) - 1)
+
+
+def _put_svarint(out: bytearray, n: int) -> None:
+    _put_uvarint(out, _zigzag(n))
+
+
+def _put_bytes(out: bytearray, data: bytes) -> None:
+    _put_uvarint(out, len(data))
+    out += data
+
+
+class _Reader:
+    """Bounds-checked cursor over a byte string; raises WireFormatError only."""
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: bytes, pos: int = 0) -> None:
+        self.buf = buf
+        self.pos = pos
+
+    def remaining(self) -> int:
+        return len(self.buf) - self.pos
+
+    def byte(self) -> int:
+        if self.pos >= len(self.buf):
+            raise WireFormatError(f"truncated at byte {self.pos}")
+        b = self.buf[self.pos]
+        self.pos += 1
+        return b
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or n > len(self.buf) - self.pos:
+            raise WireFormatError(f"truncated: need {n} bytes at {self.pos}")
+        data = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return data
+
+    def uvarint(self) -> int:
+        result = 0
+        shift = 0
+        buf = self.buf
+        pos = self.pos
+        end = len(buf)
+        while True:
+            if pos >= end:
+                raise WireFormatError(f"truncated varint at byte {self.pos}")
+            b = buf[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            if not b & 0x80:
+                break
+            shift += 7
+            if shift >= 70:
+                raise WireFormatError(f"varint longer than 10 bytes at byte {self.pos}")
+        self.pos = pos
+        return result
+
+    def svarint(self) -> int:
+        z = self.uvarint()
+        return (z >> 1) if not z & 1 else -((z + 1) >> 1)
+
+    def count(self, what: str, limit: int, min_item_bytes: int = 1) -> int:
+        n = self.uvarint()
+        if n > limit:
+            raise WireFormatError(f"{what} count {n} exceeds limit {limit}")
+        if n * min_item_bytes > self.remaining():
+            raise WireFormatError(f"{what} count {n} exceeds the remaining payload")
+        return n
+
+    def string(self, what: str) -> str:
+        n = self.uvarint()
+        if n > MAX_STRING_BYTES:
+            raise WireFormatError(f"{what} of {n} bytes exceeds limit {MAX_STRING_BYTES}")
+        raw = self.take(n)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WireFormatError(f"{what} is not valid UTF-8") from exc
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+@dataclass(frozen=True, slots=True)
+class _Value:
+    code: int
+    coef: int
+    exp: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Reading:
+    id: int
+    created_ms: int
+    meter: str
+    t: int
+    ts: str
+    has_q: bool
+    values: tuple[_Value, ...]
+    quality: Mapping[int, str]  # quantity code -> non-default quality string
+
+
+@dataclass(frozen=True, slots=True)
+class _Generic:
+    id: int
+    created_ms: int
+    kind: str
+    body_json: bytes
+
+
+_Row = _Reading | _Generic
+
+
+def _decimal_parts(text: object) -> tuple[int, int] | None:
+    """(scaled integer, exponent) that reproduce ``text`` exactly, or None."""
+    if not isinstance(text, str) or len(text) > 64:
+        return None
+    try:
+        d = Decimal(text)
+    except (InvalidOperation, ValueError):
+        return None
+    if not d.is_finite():
+        return None
+    sign, digits, exp = d.as_tuple()
+    assert isinstance(exp, int)
+    if abs(exp) > _MAX_ABS_EXPONENT:
+        return None
+    coef = int("".join(map(str, digits)))
+    if sign:
+        coef = -coef
+    if abs(coef) >= _MAX_SCALED or _decimal_text(coef, exp) != text:
+        return None
+    return coef, exp
+
+
+def _decimal_text(coef: int, exp: int) -> str:
+    return str(Decimal(f"{coef}E{exp}"))
+
+
+def _as_reading(rec: WireRecord) -> _Reading | None:
+    body = rec.body
+    if rec.kind != _KIND_READING or not isinstance(body, dict):
+        return None
+    keys = body.keys()
+    if keys != _READING_KEYS and keys != _READING_KEYS_Q:
+        return None
+    meter, t, ts, v = body["m"], body["t"], body["ts"], body["v"]
+    q = body.get("q", {})
+    if not (isinstance(meter, str) and isinstance(ts, str)):
+        return None
+    if type(t) is not int or not -_MAX_TIME < t < _MAX_TIME:
+        return None
+    if len(meter.encode()) > MAX_STRING_BYTES or len(ts.encode()) > MAX_STRING_BYTES:
+        return None
+    if not isinstance(v, dict) or not isinstance(q, dict):
+        return None
+    values: list[_Value] = []
+    for name, text in v.items():
+        try:
+            code = QUANTITY_CODES[Quantity(name)]
+        except ValueError:
+            return None
+        parts = _decimal_parts(text)
+        if parts is None:
+            return None
+        values.append(_Value(code, parts[0], parts[1]))
+    quality: dict[int, str] = {}
+    for name, qual in q.items():
+        if name not in v or not isinstance(qual, str) or len(qual.encode()) > MAX_STRING_BYTES:
+            return None
+        quality[QUANTITY_CODES[Quantity(name)]] = qual
+    return _Reading(
+        rec.id, rec.created_ms, meter, t, ts, "q" in body, tuple(values), quality
+    )
+
+
+def _analyse(rec: WireRecord) -> _Row:
+    if type(rec.id) is not int or not -_MAX_TIME < rec.id < _MAX_TIME:
+        raise WireEncodeError(f"record id must be an int below 2**62, got {rec.id!r}")
+    if type(rec.created_ms) is not int or not -_MAX_TIME < rec.created_ms < _MAX_TIME:
+        raise WireEncodeError(f"record {rec.id}: created_ms must be an int below 2**62")
+    if not isinstance(rec.kind, str) or len(rec.kind.encode()) > MAX_STRING_BYTES:
+        raise WireEncodeError(f"record {rec.id}: kind must be a short string")
+    if not isinstance(rec.body, dict):
+        raise WireEncodeError(f"record {rec.id}: body must be a dict")
+    reading = _as_reading(rec)
+    if reading is not None:
+        return reading
+    try:
+        body_json = orjson.dumps(rec.body)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise WireEncodeError(f"record {rec.id}: body is not JSON-able: {exc}") from exc
+    if len(body_json) > MAX_BODY_BYTES:
+        raise WireEncodeError(f"record {rec.id}: body of {len(body_json)} bytes exceeds limit")
+    return _Generic(rec.id, rec.created_ms, rec.kind, body_json)
+
+
+# --------------------------------------------------------------------------- plaintext
+
+
+class _Strings:
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+
+    def ref(self, s: str) -> int:
+        i = self.index.get(s)
+        if i is None:
+            i = self.index[s] = len(self.index)
+        return i
+
+
+def _choose_width(zs: Sequence[int]) -> int:
+    """Bit width that (approximately) minimises packed size plus escapes."""
+    if not zs:
+        return 0
+    hist = [0] * 73
+    for z in zs:
+        hist[z.bit_length()] += 1
+    top = max(b for b in range(73) if hist[b])
+    if top == 0:
+        return 0
+    n = len(zs)
+    best_w, best_cost = top, n * top + 8 * hist[top]  # all-ones values at top escape
+    escaped_bytes = 0
+    for w in range(top - 1, 0, -1):
+        b = w + 1
+        escaped_bytes += hist[b] * (b + 6) // 7
+        cost = n * w + 8 * escaped_bytes
+        if cost < best_cost:
+            best_w, best_cost = w, cost
+    return best_w
+
+
+def _put_packed(out: bytearray, values: Sequence[int], *, signed: bool) -> None:
+    """A column of ints: if signed, a svarint centre (the median) and the
+    values as zigzag offsets from it; a width byte ``w``, the values
+    bit-packed LSB first at ``w`` bits, then for each value that was written
+    as the all-ones escape a varint of the excess, in order."""
+    if signed:
+        center = sorted(values)[len(values) // 2] if values else 0
+        _put_svarint(out, center)
+        zs = [_zigzag(v - center) for v in values]
+    else:
+        zs = list(values)
+    width = _choose_width(zs)
+    out.append(width)
+    if not width:
+        return
+    marker = (1 << width) - 1
+    overflow = bytearray()
+    acc = 0
+    shift = 0
+    for z in zs:
+        if z >= marker:
+            _put_uvarint(overflow, z - marker)
+            z = marker
+        acc |= z << shift
+        shift += width
+    out += acc.to_bytes((shift + 7) // 8, "little")
+    out += overflow
+
+
+def _get_packed(r: _Reader, n: int, *, signed: bool) -> list[int]:
+    center = r.svarint() if signed else 0
+    width = r.byte()
+    if width > _MAX_PACKED_WIDTH:
+        raise WireFormatError(f"packed column width {width} exceeds {_MAX_PACKED_WIDTH}")
+    if width == 0 or n == 0:
+        return [center] * n
+    raw = r.take((n * width + 7) // 8)
+    mask = (1 << width) - 1
+    out: list[int] = []
+    append = out.append
+    acc = 0
+    bits = 0
+    for b in raw:
+        acc |= b << bits
+        bits += 8
+        while bits >= width:
+            append(acc & mask)
+            acc >>= width
+            bits -= width
+    if acc:
+        raise WireFormatError("packed column has stray bits")
+    del out[n:]
+    for j, z in enumerate(out):
+        if z == mask:
+            out[j] = mask + r.uvarint()
+    if signed:
+        return [center + ((z >> 1) if not z & 1 else -((z + 1) >> 1)) for z in out]
+    return out
+
+
+def _created_columns(rows: Sequence[_Row]) -> tuple[int, list[int]]:
+    """Pick the cheaper predictor for created_ms: the previous record's
+    created_ms (mode 0), or for readings their own t (mode 1)."""
+    by_prev: list[int] = []
+    by_t: list[int] = []
+    prev = 0
+    for row in rows:
+        d = row.created_ms - prev
+        by_prev.append(d)
+        by_t.append(row.created_ms - row.t if isinstance(row, _Reading) else d)
+        prev = row.created_ms
+    probe = bytearray()
+    _put_packed(probe, by_t, signed=True)
+    cost_t = len(probe)
+    probe.clear()
+    _put_packed(probe, by_prev, signed=True)
+    return (1, by_t) if cost_t < len(probe) else (0, by_prev)
+
+
+def _deltas(values: Sequence[int]) -> list[int]:
+    return [b - a for a, b in itertools.pairwise(values)]
+
+
+_ColumnSpec = tuple[int, int, int]  # (quantity code, base exponent, flags)
+_PRESENCE = 1  # flag: presence bitmap per meter
+_SPREAD = 2  # flag: per-value exponent offsets
+
+
+def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
+    strings = _Strings()
+    meter_index: dict[str, int] = {}
+    meters: list[list[_Reading]] = []
+    tags: list[int] = []
+    generics: list[_Generic] = []
+    for row in rows:
+        if isinstance(row, _Reading):
+            k = meter_index.get(row.meter)
+            if k is None:
+                k = meter_index[row.meter] = len(meters)
+                meters.append([])
+            meters[k].append(row)
+            tags.append(k + 1)
+        else:
+            generics.append(row)
+            tags.append(0)
+
+    body = bytearray()
+    # 1. Records in order: tags, ids, created times.
+    _put_packed(body, tags, signed=False)
+    ids = [row.id for row in rows]
+    _put_packed(body, [ids[0], *_deltas(ids)] if ids else [], signed=True)
+    created_mode, created = _created_columns(rows)
+    body.append(created_mode)
+    _put_packed(body, created, signed=True)
+    # 2. Generic records.
+    for g in generics:
+        _put_uvarint(body, strings.ref(g.kind))
+        _put_bytes(body, g.body_json)
+    # 3. Column schemas per meter.
+    schemas: dict[tuple[_ColumnSpec, ...], int] = {}
+    meter_schema: list[int] = []
+    meter_columns: list[dict[int, list[tuple[int, _Value]]]] = []
+    for readings in meters:
+        columns: dict[int, list[tuple[int, _Value]]] = {}
+        for i, rd in enumerate(readings):
+            for val in rd.values:
+                columns.setdefault(val.code, []).append((i, val))
+        spec: list[_ColumnSpec] = []
+        for code, entries in columns.items():
+            base = min(v.exp for _, v in entries)
+            flags = (_PRESENCE if len(entries) != len(readings) else 0) | (
+                _SPREAD if any(v.exp != base for _, v in entries) else 0
+            )
+            spec.append((code, base, flags))
+        key = tuple(spec)
+        meter_schema.append(schemas.setdefault(key, len(schemas)))
+        meter_columns.append(columns)
+    _put_uvarint(body, len(schemas))
+    for key in schemas:
+        _put_uvarint(body, len(key))
+        for code, base, flags in key:
+            _put_uvarint(body, code)
+            _put_svarint(body, base)
+            body.append(flags)
+    _put_packed(body, meter_schema, signed=False)
+    spec_of = list(schemas)
+    for k, readings in enumerate(meters):
+        for code, base, flags in spec_of[meter_schema[k]]:
+            entries = meter_columns[k][code]
+            if flags & _PRESENCE:
+                bitmap = bytearray((len(readings) + 7) // 8)
+                for i, _ in entries:
+                    bitmap[i >> 3] |= 1 << (i & 7)
+                body.extend(bitmap)
+            if flags & _SPREAD:
+                _put_packed(body, [v.exp - base for _, v in entries], signed=False)
+    # 4. Reading shapes and times, meter-major.
+    _put_packed(
+        body,
+        [(strings.ref(rd.ts) << 1) | int(rd.has_q) for readings in meters for rd in readings],
+        signed=False,
+    )
+    firsts: list[int] = []
+    intervals: list[int] = []
+    residuals: list[int] = []
+    for readings in meters:
+        times = [rd.t for rd in readings]
+        steps = _deltas(times)
+        interval = sorted(steps)[len(steps) // 2] if steps else 0
+        firsts.append(times[0])
+        intervals.append(interval)
+        residuals.extend(s - interval for s in steps)
+    _put_packed(body, firsts[:1] + _deltas(firsts), signed=True)
+    _put_packed(body, intervals[:1] + _deltas(intervals), signed=True)
+    _put_packed(body, residuals, signed=True)
+    # 5. Values, quantity by quantity across meters.
+    all_codes = sorted({code for key in schemas for code, _, _ in key})
+    for code in all_codes:
+        col_firsts: list[int] = []
+        col_deltas: list[int] = []
+        prev_base: int | None = None
+        prev_first = 0
+        for k in range(len(meters)):
+            col = next((c for c in spec_of[meter_schema[k]] if c[0] == code), None)
+            if col is None:
+                continue
+            base = col[1]
+            scaled = [v.coef * 10 ** (v.exp - base) for _, v in meter_columns[k][code]]
+            col_firsts.append(scaled[0] - (prev_first if base == prev_base else 0))
+            prev_base, prev_first = base, scaled[0]
+            col_deltas.extend(_deltas(scaled))
+        _put_packed(body, col_firsts, signed=True)
+        _put_packed(body, col_deltas, signed=True)
+    # 6. Quality marks (sparse), by global reading index in meter-major order.
+    marks: list[tuple[int, int, int]] = []
+    index = 0
+    for readings in meters:
+        for rd in readings:
+            for code, qual in rd.quality.items():
+                marks.append((index, code, strings.ref(qual)))
+            index += 1
+    _put_uvarint(body, len(marks))
+    prev_index = 0
+    for index, code, si in marks:
+        _put_uvarint(body, index - prev_index)
+        _put_uvarint(body, code)
+        _put_uvarint(body, si)
+        prev_index = index
+
+    head = bytearray()
+    _put_uvarint(head, len(rows))
+    _put_uvarint(head, len(strings.index))
+    for s in strings.index:
+        _put_bytes(head, s.encode())
+    _put_uvarint(head, len(meters))
+    for readings in meters:
+        _put_bytes(head, readings[0].meter.encode())
+    return bytes(head + body)
+
+
+def _string_ref(strings: list[str], i: int) -> str:
+    if i >= len(strings):
+        raise WireFormatError(f"string reference {i} outside table of {len(strings)}")
+    return strings[i]
+
+
+def _undelta(first: int, deltas: Sequence[int]) -> list[int]:
+    out = [first]
+    for d in deltas:
+        first += d
+        out.append(first)
+    return out
+
+
+def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
+    r = _Reader(data)
+    n_records = r.count("record", MAX_RECORDS)
+    strings = [r.string("string") for _ in range(r.count("string", MAX_RECORDS))]
+    meter_ids = [r.string("meter id") for _ in range(r.count("meter", n_records))]
+    n_meters = len(meter_ids)
+    if len(set(meter_ids)) != n_meters:
+        raise WireFormatError("meter table repeats a meter id")
+    # 1. Records in order.
+    tags = _get_packed(r, n_records, signed=False)
+    counts = [0] * n_meters
+    n_generic = 0
+    for tag in tags:
+        if tag == 0:
+            n_generic += 1
+        elif tag <= n_meters:
+            counts[tag - 1] += 1
+        else:
+            raise WireFormatError(f"record tag {tag} names no meter")
+    if any(c == 0 for c in counts):
+        raise WireFormatError("a meter in the table has no readings")
+    id_deltas = _get_packed(r, n_records, signed=True)
+    ids = _undelta(id_deltas[0], id_deltas[1:]) if n_records else []
+    created_mode = r.byte()
+    if created_mode > 1:
+        raise WireFormatError(f"unknown created-time mode {created_mode}")
+    created_raw = _get_packed(r, n_records, signed=True)
+    # 2. Generic records.
+    generics: list[tuple[str, dict[str, Any]]] = []
+    for _ in range(n_generic):
+        kind = _string_ref(strings, r.uvarint())
+        size = r.uvarint()
+        if size > MAX_BODY_BYTES:
+            raise WireFormatError(f"record body of {size} bytes exceeds limit")
+        raw = r.take(size)
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise WireFormatError(f"record body is not valid JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise WireFormatError("record body is not a JSON object")
+        generics.append((kind, obj))
+    # 3. Schemas.
+    schemas: list[list[_ColumnSpec]] = []
+    for _ in range(r.count("schema", max(n_meters, 0))):
+        spec: list[_ColumnSpec] = []
+        seen: set[int] = set()
+        for _ in range(r.count("column", len(QUANTITY_CODES), 3)):
+            code = r.uvarint()
+            if code not in CODE_QUANTITIES or code in seen:
+                raise WireFormatError(f"unknown or repeated quantity code {code}")
+            seen.add(code)
+            base = r.svarint()
+            if abs(base) > _MAX_ABS_EXPONENT:
+                raise WireFormatError(f"column exponent {base} out of range")
+            flags = r.byte()
+            if flags > (_PRESENCE | _SPREAD):
+                raise WireFormatError(f"unknown column flags {flags}")
+            spec.append((code, base, flags))
+        schemas.append(spec)
+    meter_schema = _get_packed(r, n_meters, signed=False)
+    if any(s >= len(schemas) for s in meter_schema):
+        raise WireFormatError("meter names an unknown schema")
+    # rows[k][code] = (reading indexes, exponent offsets)
+    layout: list[dict[int, tuple[list[int], list[int]]]] = []
+    for k in range(n_meters):
+        n = counts[k]
+        cols: dict[int, tuple[list[int], list[int]]] = {}
+        for code, _base, flags in schemas[meter_schema[k]]:
+            if flags & _PRESENCE:
+                bitmap = r.take((n + 7) // 8)
+                present = [i for i in range(n) if bitmap[i >> 3] >> (i & 7) & 1]
+                if not present or ((n & 7) and bitmap[-1] >> (n & 7)):
+                    raise WireFormatError("presence bitmap is empty or has stray bits")
+            else:
+                present = list(range(n))
+            if flags & _SPREAD:
+                offsets = _get_packed(r, len(present), signed=False)
+                if any(o > _MAX_EXPONENT_SPREAD for o in offsets):
+                    raise WireFormatError("per-value exponent offset out of range")
+            else:
+                offsets = [0] * len(present)
+            cols[code] = (present, offsets)
+        layout.append(cols)
+    # 4. Shapes and times.
+    total = sum(counts)
+    shapes = [
+        (_string_ref(strings, s >> 1), bool(s & 1)) for s in _get_packed(r, total, signed=False)
+    ]
+    first_d = _get_packed(r, n_meters, signed=True)
+    interval_d = _get_packed(r, n_meters, signed=True)
+    residuals = _get_packed(r, total - n_meters, signed=True)
+    firsts = _undelta(first_d[0], first_d[1:]) if n_meters else []
+    intervals = _undelta(interval_d[0], interval_d[1:]) if n_meters else []
+    bodies: list[list[dict[str, Any]]] = []
+    g = 0
+    pos = 0
+    for k in range(n_meters):
+        t = firsts[k]
+        rows_k: list[dict[str, Any]] = []
+        for i in range(counts[k]):
+            if i:
+                t += residuals[pos] + intervals[k]
+                pos += 1
+            ts, has_q = shapes[g]
+            g += 1
+            b: dict[str, Any] = {"m": meter_ids[k], "t": t, "ts": ts, "v": {}}
+            if has_q:
+                b["q"] = {}
+            rows_k.append(b)
+        bodies.append(rows_k)
+    # 5. Values.
+    all_codes = sorted({code for k in range(n_meters) for code in layout[k]})
+    for code in all_codes:
+        name = CODE_QUANTITIES[code].value
+        holders = [k for k in range(n_meters) if code in layout[k]]
+        col_firsts = _get_packed(r, len(holders), signed=True)
+        n_deltas = sum(len(layout[k][code][0]) - 1 for k in holders)
+        col_deltas = _get_packed(r, n_deltas, signed=True)
+        prev_base: int | None = None
+        prev_first = 0
+        dpos = 0
+        for h, k in enumerate(holders):
+            base = next(s[1] for s in schemas[meter_schema[k]] if s[0] == code)
+            scaled = col_firsts[h] + (prev_first if base == prev_base else 0)
+            prev_base, prev_first = base, scaled
+            present, offsets = layout[k][code]
+            for j, (i, off) in enumerate(zip(present, offsets, strict=True)):
+                if j:
+                    scaled += col_deltas[dpos]
+                    dpos += 1
+                if abs(scaled) >= 1 << 80:
+                    raise WireFormatError("column value out of range")
+                coef, rem = divmod(scaled, 10**off)
+                if rem:
+                    raise WireFormatError("value not representable at its own exponent")
+                bodies[k][i]["v"][name] = _decimal_text(coef, base + off)
+    # 6. Quality marks.
+    flat = [b for rows_k in bodies for b in rows_k]
+    g = 0
+    for _ in range(r.count("quality mark", max(total, 0) * len(QUANTITY_CODES), 3)):
+        g += r.uvarint()
+        if g >= total:
+            raise WireFormatError("quality mark past the last reading")
+        q_code = r.uvarint()
+        quantity = CODE_QUANTITIES.get(q_code)
+        b = flat[g]
+        if quantity is None or quantity.value not in b["v"] or "q" not in b:
+            raise WireFormatError("quality mark for an absent value or quality map")
+        b["q"][quantity.value] = _string_ref(strings, r.uvarint())
+    if r.remaining():
+        raise WireFormatError(f"{r.remaining()} trailing bytes after the last column")
+
+    records: list[WireRecord] = []
+    cursors = [0] * n_meters
+    gi = 0
+    prev_created = 0
+    for idx, tag in enumerate(tags):
+        body: dict[str, Any]
+        if tag == 0:
+            kind, body = generics[gi]
+            gi += 1
+            created = prev_created + created_raw[idx]
+        else:
+            k = tag - 1
+            body = bodies[k][cursors[k]]
+            cursors[k] += 1
+            kind = _KIND_READING
+            base_ms = body["t"] if created_mode == 1 else prev_created
+            created = base_ms + created_raw[idx]
+        prev_created = created
+        records.append(WireRecord(ids[idx], kind, created, body))
+    return tuple(records)
+
+
+# --------------------------------------------------------------------------- compression
+
+
+def _compress(data: bytes, method: Compression) -> bytes:
+    if method is Compression.ZLIB:
+        c = zlib.compressobj(9, zlib.DEFLATED, -15, 9)
+        return c.compress(data) + c.flush()
+    if method is Compression.LZMA:
+        return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    return data
+
+
+def _decompress(data: bytes, method: int) -> bytes:
+    limit = MAX_PLAINTEXT_BYTES
+    if method == Compression.NONE:
+        if len(data) > limit:
+            raise WireFormatError("plaintext exceeds limit")
+        return data
+    try:
+        if method == Compression.ZLIB:
+            z = zlib.decompressobj(-15)
+            out = z.decompress(data, limit + 1)
+            if len(out) > limit or z.unconsumed_tail:
+                raise WireFormatError(f"decompressed batch exceeds {limit} bytes")
+            if not z.eof or z.unused_data:
+                raise WireFormatError("compressed stream truncated or followed by junk")
+            return out
+        if method == Compression.LZMA:
+            x = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+            out = x.decompress(data, limit + 1)
+            if len(out) > limit:
+                raise WireFormatError(f"decompressed batch exceeds {limit} bytes")
+            if not x.eof or x.unused_data:
+                raise WireFormatError("compressed stream truncated or followed by junk")
+            return out
+    except (zlib.error, lzma.LZMAError) as exc:
+        raise WireFormatError(f"compressed stream is corrupt: {exc}") from exc
+    raise WireFormatError(f"unknown compression {method}")
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+def _header(gateway_id: str, seq: int, key_id: int, compression: Compression) -> bytes:
+    gw = gateway_id.encode("utf-8") if isinstance(gateway_id, str) else b""
+    if not 1 <= len(gw) <= MAX_GATEWAY_ID_BYTES:
+        raise WireEncodeError(f"gateway id must be 1..{MAX_GATEWAY_ID_BYTES} UTF-8 bytes")
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise WireEncodeError(f"batch seq must be an int in 0..2**64-1, got {seq!r}")
+    if type(key_id) is not int or not 0 <= key_id <= MAX_KEY_ID:
+        raise WireEncodeError(f"key id must be an int in 0..2**32-1, got {key_id!r}")
+    out = bytearray((VERSION, int(compression)))
+    _put_uvarint(out, key_id)
+    out.append(len(gw))
+    out += gw
+    _put_uvarint(out, seq)
+    return bytes(out)
+
+
+def _seal(
+    gateway_id: str,
+    seq: int,
+    plaintext: bytes,
+    *,
+    key: bytes,
+    key_id: int,
+    compression: Compression | None,
+    nonce: bytes | None,
+) -> bytes:
+    if len(plaintext) > MAX_PLAINTEXT_BYTES:
+        raise WireEncodeError(f"batch plaintext of {len(plaintext)} bytes exceeds limit")
+    if not isinstance(key, bytes | bytearray) or len(key) not in KEY_BYTES:
+        raise WireEncodeError("key must be 16, 24 or 32 bytes")
+    if nonce is None:
+        nonce = os.urandom(NONCE_BYTES)
+    elif len(nonce) != NONCE_BYTES:
+        raise WireEncodeError(f"nonce must be {NONCE_BYTES} bytes")
+    if compression is None:
+        candidates = [
+            (_compress(plaintext, m), m) for m in (Compression.ZLIB, Compression.LZMA)
+        ]
+        candidates.append((plaintext, Compression.NONE))
+        body, method = min(candidates, key=lambda c: (len(c[0]), c[1]))
+    else:
+        method = Compression(compression)
+        body = _compress(plaintext, method)
+    header = _header(gateway_id, seq, key_id, method)
+    sealed = AESGCM(bytes(key)).encrypt(nonce, body, _AAD_LABEL + header)
+    return header + nonce + sealed
+
+
+def encode_batch(
+    gateway_id: str,
+    seq: int,
+    records: Sequence[WireRecord],
+    *,
+    key: bytes,
+    key_id: int,
+    compression: Compression | None = None,
+    nonce: bytes | None = None,
+) -> bytes:
+    """Encode and seal ``records`` as one v2 uplink batch.
+
+    ``compression=None`` tries zlib and LZMA and keeps the smaller (or none
+    when neither helps). ``nonce=None`` draws a fresh random 96-bit nonce;
+    pass a nonce only from a source that never repeats one for this key
+    (see docs/wire-format.md, "Nonces"). Raises :class:`WireEncodeError`.
+    """
+    if len(records) > MAX_RECORDS:
+        raise WireEncodeError(f"{len(records)} records exceed the batch limit {MAX_RECORDS}")
+    rows = [_analyse(rec) for rec in records]
+    return _seal(
+        gateway_id,
+        seq,
+        _encode_plaintext(rows),
+        key=key,
+        key_id=key_id,
+        compression=compression,
+        nonce=nonce,
+    )
+
+
+def decode_batch(
+    payload: bytes, key_lookup: Callable[[str, int], bytes | None]
+) -> DecodedBatch:
+    """Verify, decrypt and decode one v2 batch.
+
+    ``key_lookup(gateway_id, key_id)`` returns the key or None when unknown.
+    Raises only :class:`WireError` subclasses (plus whatever ``key_lookup``
+    itself raises).
+    """
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise WireFormatError("payload must be bytes")
+    payload = bytes(payload)
+    r = _Reader(payload)
+    version = r.byte()
+    if version != VERSION:
+        raise WireVersionError(f"unsupported wire encoding version {version}")
+    method = r.byte()
+    if method not in tuple(Compression):
+        raise WireFormatError(f"unknown compression {method}")
+    key_id = r.uvarint()
+    if key_id > MAX_KEY_ID:
+        raise WireFormatError(f"key id {key_id} out of range")
+    gw_len = r.byte()
+    if not 1 <= gw_len <= MAX_GATEWAY_ID_BYTES:
+        raise WireFormatError(f"gateway id length {gw_len} out of range")
+    try:
+        gateway_id = r.take(gw_len).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WireFormatError("gateway id is not valid UTF-8") from exc
+    seq = r.uvarint()
+    if seq > MAX_SEQ:
+        raise WireFormatError(f"batch seq {seq} out of range")
+    header = payload[: r.pos]
+    nonce = r.take(NONCE_BYTES)
+    sealed = payload[r.pos :]
+    if len(sealed) < TAG_BYTES:
+        raise WireFormatError("payload shorter than the authentication tag")
+    if len(sealed) > MAX_PLAINTEXT_BYTES + TAG_BYTES:
+        raise WireFormatError("payload exceeds the size limit")
+    key = key_lookup(gateway_id, key_id)
+    if key is None:
+        raise WireKeyError(f"no key {key_id} for gateway {gateway_id!r}")
+    if not isinstance(key, bytes | bytearray) or len(key) not in KEY_BYTES:
+        raise WireKeyError(f"key {key_id} for gateway {gateway_id!r} is not an AES key")
+    try:
+        body = AESGCM(bytes(key)).decrypt(nonce, sealed, _AAD_LABEL + header)
+    except InvalidTag as exc:
+        raise WireAuthError(
+            f"batch {seq} from {gateway_id!r} failed authentication (altered or wrong key)"
+        ) from exc
+    plaintext = _decompress(body, method)
+    try:
+        records = _decode_plaintext(plaintext)
+    except WireError:
+        raise
+    except (RecursionError, MemoryError, ValueError) as exc:  # defensive: report as format
+        raise WireFormatError(f"undecodable batch body: {exc}") from exc
+    return DecodedBatch(gateway_id, seq, key_id, records)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack_batch(
+    gateway_id: str,
+    seq: int,
+    records: Sequence[WireRecord],
+    *,
+    key: bytes,
+    key_id: int,
+    max_bytes: int,
+    compression: Compression | None = None,
+) -> PackedBatch:
+    """Seal the longest prefix of ``records`` whose batch fits in ``max_bytes``.
+
+    The returned payload was measured, so ``len(payload) <= max_bytes`` holds.
+    The count is the largest prefix that fits, found by a search that assumes
+    the size grows with the count (compression can make it wobble by a few
+    bytes, so the count may be a record or two short of the true maximum).
+    Raises :class:`WireBudgetError` when not even one record fits and
+    ``records`` is not empty.
+    """
+    if len(records) > MAX_RECORDS:
+        records = records[:MAX_RECORDS]
+    rows = [_analyse(rec) for rec in records]
+
+    def seal(n: int) -> bytes:
+        return _seal(
+            gateway_id,
+            seq,
+            _encode_plaintext(rows[:n]),
+            key=key,
+            key_id=key_id,
+            compression=compression,
+            nonce=None,
+        )
+
+    full = seal(len(rows))
+    if len(full) <= max_bytes:
+        return PackedBatch(full, len(rows))
+    one = seal(1) if rows else full
+    if len(one) > max_bytes:
+        raise WireBudgetError(
+            f"one record needs {len(one)} bytes, budget is {max_bytes}", needed=len(one)
+        )
+    lo, lo_payload = 1, one  # fits
+    hi = len(rows)  # does not fit
+    # First guess by proportion, then bisect.
+    guess = max(lo + 1, min(hi - 1, int(len(rows) * max_bytes / len(full))))
+    while hi - lo > 1:
+        mid = guess if lo < guess < hi else (lo + hi) // 2
+        guess = 0
+        payload = seal(mid)
+        if len(payload) <= max_bytes:
+            lo, lo_payload = mid, payload
+        else:
+            hi = mid
+    return PackedBatch(lo_payload, lo)
