@@ -1,0 +1,1 @@
+"""Security: signed command envelopes, roles, trusted time, tamper-evident audit log."""
