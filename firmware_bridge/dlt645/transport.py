@@ -1,0 +1,323 @@
+"""DL/T 645 transport: one request, one reply, on a serial line or a TCP stream.
+
+A :class:`Dlt645Transport` owns one bus (an RS-485 serial port, or a TCP
+connection to a serial server or the simulator) and runs one transaction at a
+time:
+
+1. wait until the line has been silent for the inter-frame gap;
+2. discard stale input (late replies, echoes, noise) so it cannot be taken for
+   the answer;
+3. write the request (with the ``FE`` preamble);
+4. feed everything received into a :class:`~firmware_bridge.dlt645.codec.FrameParser`
+   until a reply from the addressed meter to the same function arrives, or the
+   timeout expires.
+
+Frames that are not the answer (our own echo on two-wire adapters, another
+meter's late reply) are ignored. Failures map to the driver contract's errors:
+:class:`~firmware_bridge.driver.MeterTimeout` (nothing, or an incomplete frame),
+:class:`~firmware_bridge.driver.MeterFrameError` (a frame with a bad checksum or
+structure and nothing valid after it) and
+:class:`~firmware_bridge.driver.TransportError` (port or connection unusable).
+Error replies are returned like any reply; the driver decides what they mean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import serial
+import serial_asyncio_fast
+
+from firmware_bridge.dlt645.codec import (
+    BROADCAST,
+    MAX_FRAME,
+    BadFrame,
+    Frame,
+    FrameParser,
+    address_matches,
+)
+from firmware_bridge.driver import MeterFrameError, MeterTimeout, TransportError
+from gateway.config import BusSection
+
+DEFAULT_PREAMBLE = 4
+MIN_GAP_S = 0.020  # meters want some silence between frames; 20 ms is the common floor
+CONNECT_TIMEOUT_S = 5.0
+
+
+def char_time_s(baud: int, parity: str = "E", stop_bits: int = 1) -> float:
+    """Seconds one byte takes on the wire (start + 8 data + parity + stop bits)."""
+    bits = 1 + 8 + (0 if parity == "N" else 1) + stop_bits
+    return bits / baud
+
+
+def frame_time_s(n_bytes: int, baud: int, parity: str = "E", stop_bits: int = 1) -> float:
+    return n_bytes * char_time_s(baud, parity, stop_bits)
+
+
+@dataclass
+class TransportStats:
+    """Counters for operations and benchmarks (never reset by the transport)."""
+
+    transactions: int = 0
+    broadcasts: int = 0
+    timeouts: int = 0
+    bad_frames: int = 0
+    ignored_frames: int = 0  # valid frames that were not the awaited reply
+    stale_bytes: int = 0  # discarded before a request
+    noise_bytes: int = 0
+    reconnects: int = 0
+    last_error: str = ""
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+class _Receiver(asyncio.Protocol):
+    """Collects received bytes; wakes the waiting transaction."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.ready = asyncio.Event()
+        self.lost: BaseException | None = None
+        self.closed = False
+        self.last_rx = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        self.last_rx = asyncio.get_running_loop().time()
+        self.ready.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.lost = exc
+        self.ready.set()
+
+    def take(self) -> bytes:
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        self.ready.clear()
+        return data
+
+
+class Dlt645Transport:
+    """One DL/T 645 bus; see the module docstring. Use as an async context manager
+    or call :meth:`open` / :meth:`close`. A lost connection is reopened on the
+    next transaction."""
+
+    def __init__(
+        self,
+        bus: BusSection,
+        *,
+        gap_s: float | None = None,
+        preamble: int = DEFAULT_PREAMBLE,
+    ) -> None:
+        if bus.type == "serial" and not bus.device:
+            raise ValueError(f"bus {bus.name}: a serial bus needs a device")
+        if bus.type == "tcp" and not bus.host:
+            raise ValueError(f"bus {bus.name}: a tcp bus needs a host")
+        self.bus = bus
+        self.timeout_s = bus.timeout_s
+        self.char_s = char_time_s(bus.baud, bus.parity, bus.stop_bits)
+        self.gap_s = gap_s if gap_s is not None else max(MIN_GAP_S, 4 * self.char_s)
+        self.preamble = preamble
+        self.stats = TransportStats()
+        self._transport: asyncio.BaseTransport | None = None
+        self._rx: _Receiver | None = None
+        self._lock = asyncio.Lock()
+        self._parser = FrameParser()
+        self._idle_since = 0.0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._rx is not None and not self._rx.closed
+
+    @property
+    def is_serial(self) -> bool:
+        return self.bus.type == "serial"
+
+    async def open(self) -> None:
+        if self.is_open:
+            return
+        loop = asyncio.get_running_loop()
+        rx = _Receiver()
+        transport: asyncio.BaseTransport
+        try:
+            if self.is_serial:
+                assert self.bus.device is not None
+                transport, _ = await serial_asyncio_fast.create_serial_connection(
+                    loop,
+                    lambda: rx,
+                    self.bus.device,
+                    baudrate=self.bus.baud,
+                    bytesize=serial.EIGHTBITS,
+                    parity=self.bus.parity,
+                    stopbits=self.bus.stop_bits,
+                )
+            else:
+                assert self.bus.host is not None
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    transport, _ = await loop.create_connection(
+                        lambda: rx, self.bus.host, self.bus.port
+                    )
+        except (OSError, serial.SerialException, TimeoutError, ValueError) as exc:
+            raise TransportError(self.bus.name, f"cannot open {self._where()}: {exc}") from exc
+        self._transport, self._rx = transport, rx
+        self._idle_since = loop.time()
+
+    async def close(self) -> None:
+        transport, self._transport, self._rx = self._transport, None, None
+        if transport is not None:
+            transport.close()
+            await asyncio.sleep(0)  # let the loop run connection_lost
+
+    async def __aenter__(self) -> Dlt645Transport:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _where(self) -> str:
+        if self.is_serial:
+            return f"{self.bus.device} ({self.bus.baud} 8{self.bus.parity}{self.bus.stop_bits})"
+        return f"{self.bus.host}:{self.bus.port}"
+
+    # -- transactions ------------------------------------------------------
+
+    async def transact(
+        self, request: Frame, *, meter_id: str | None = None, timeout_s: float | None = None
+    ) -> Frame:
+        """Send ``request``; return the reply from the addressed meter (any reply
+        from a meter matching a wildcard address)."""
+        who = meter_id or request.address
+        if request.address == BROADCAST:
+            raise ValueError("broadcast frames get no reply: use broadcast()")
+        async with self._lock:
+            self.stats.transactions += 1
+            try:
+                return await self._transact(request, who, timeout_s or self.timeout_s)
+            except (MeterTimeout, MeterFrameError, TransportError) as exc:
+                self.stats.last_error = str(exc)
+                self.stats.by_kind[exc.kind] = self.stats.by_kind.get(exc.kind, 0) + 1
+                raise
+
+    async def broadcast(self, request: Frame) -> None:
+        """Send a frame that gets no reply (99x6 address), then keep the line quiet."""
+        async with self._lock:
+            self.stats.broadcasts += 1
+            rx = await self._send(request, self.bus.name)
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(self._wire_s(request) + self.gap_s)
+            self._idle_since = max(loop.time(), rx.last_rx)
+
+    def _wire_s(self, frame: Frame) -> float:
+        if not self.is_serial:
+            return 0.0
+        return frame_time_s(
+            len(frame.data) + 12 + self.preamble, self.bus.baud, self.bus.parity, self.bus.stop_bits
+        )
+
+    async def _send(self, request: Frame, who: str) -> _Receiver:
+        if not self.is_open:
+            if self._transport is not None:
+                self.stats.reconnects += 1
+            await self.close()
+            try:
+                await self.open()
+            except TransportError as exc:
+                raise TransportError(who, exc.detail) from exc
+        rx, transport = self._rx, self._transport
+        assert rx is not None and transport is not None
+        loop = asyncio.get_running_loop()
+        wait = self._idle_since + self.gap_s - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        # stale input: whatever arrived since the last transaction is not our answer
+        stale = len(rx.take()) + self._parser.pending
+        self._parser.reset()
+        self.stats.stale_bytes += stale
+        try:
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(request.encode(self.preamble))
+        except (OSError, serial.SerialException) as exc:
+            await self.close()
+            raise TransportError(who, f"write to {self._where()} failed: {exc}") from exc
+        return rx
+
+    async def _transact(self, request: Frame, who: str, timeout_s: float) -> Frame:
+        rx = await self._send(request, who)
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        # The reply cannot start before the request is on the wire.
+        deadline = sent_at + self._wire_s(request) + timeout_s
+        hard_deadline = deadline + MAX_FRAME * self.char_s
+        bad: BadFrame | None = None
+        received = 0
+        noise_before = self._parser.noise_bytes
+        # a reply still streaming in may run past the deadline, up to one maximal frame
+        trailing_s = 3 * self.char_s + MIN_GAP_S
+        try:
+            while True:
+                if rx.buffer:
+                    data = rx.take()
+                    received += len(data)
+                    for event in self._parser.feed(data):
+                        if isinstance(event, BadFrame):
+                            bad = event
+                            self.stats.bad_frames += 1
+                            # nothing good follows a garbled reply on a half-duplex
+                            # bus: stop waiting once the line has gone quiet
+                            deadline = min(deadline, loop.time() + self.gap_s + trailing_s)
+                        elif self._answers(request, event):
+                            self._idle_since = loop.time()
+                            return event
+                        else:
+                            self.stats.ignored_frames += 1
+                    continue
+                if rx.closed:
+                    await self.close()
+                    raise TransportError(who, f"connection to {self._where()} lost: {rx.lost}")
+                now = loop.time()
+                limit = deadline
+                if received:
+                    limit = min(hard_deadline, max(deadline, rx.last_rx + trailing_s))
+                if now >= limit:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(limit - now):
+                        await rx.ready.wait()
+        finally:
+            self.stats.noise_bytes += self._parser.noise_bytes - noise_before
+            self._idle_since = max(self._idle_since, rx.last_rx, sent_at)
+        if bad is not None:
+            raise MeterFrameError(who, f"garbled reply: {bad.error} ({bad.raw.hex(' ')})")
+        self.stats.timeouts += 1
+        if received:
+            raise MeterTimeout(
+                who, f"no complete reply within {timeout_s:g} s ({received} bytes received)"
+            )
+        raise MeterTimeout(who, f"no reply within {timeout_s:g} s")
+
+    @staticmethod
+    def _answers(request: Frame, reply: Frame) -> bool:
+        c = reply.control
+        return (
+            c.reply
+            and c.function == request.control.function
+            and address_matches(request.address, reply.address)
+        )
+
+
+def open_transport(
+    bus: BusSection, *, gap_s: float | None = None, preamble: int = DEFAULT_PREAMBLE
+) -> Dlt645Transport:
+    """A transport for ``bus``, not yet open: ``async with open_transport(bus) as t:``."""
+    return Dlt645Transport(bus, gap_s=gap_s, preamble=preamble)
