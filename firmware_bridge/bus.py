@@ -23,6 +23,7 @@ from firmware_bridge.driver import MeterDriver
 from firmware_bridge.modbus.driver import ModbusDriver
 from firmware_bridge.modbus.profiles import Profile, parse_profiles
 from firmware_bridge.modbus.transport import ModbusTransport
+from firmware_bridge.relay import Dlt645RelayActuator, actuator_from_config
 from firmware_bridge.scheduler import BackoffPolicy, BusScheduler, silent_interval_s
 from gateway.config import BusSection, MeterSection
 
@@ -127,7 +128,32 @@ async def open_bus(
             policy=policy,
         )
         scheduler.transports = extra
+        for m in on_bus:
+            if m.relay is None:
+                continue
+            scheduler.relays[m.id] = _relay_actuator(m, scheduler, extra)
+            scheduler.relay_min_interval_s[m.id] = m.relay.min_interval_s
         yield scheduler
+
+
+def _relay_actuator(m: MeterSection, scheduler: BusScheduler, transports: Mapping[str, Any]) -> Any:
+    assert m.relay is not None
+    if m.relay.kind == "dlt645":
+        if m.protocol != "dlt645":
+            raise BusConfigError(f"meter {m.id}.relay.kind", "'dlt645' relay needs a dlt645 meter")
+        driver = scheduler.drivers[m.id]
+        if not hasattr(driver, "control") or not hasattr(driver, "read_relay_open"):
+            raise BusConfigError(f"meter {m.id}.relay", "the DL/T 645 driver has no relay control")
+        return Dlt645RelayActuator(driver)
+    transport = transports.get("modbus_transport")
+    if transport is None:
+        raise BusConfigError(
+            f"meter {m.id}.relay.kind", f"{m.relay.kind!r} relay needs a Modbus bus (this bus speaks {m.protocol})"
+        )
+    try:
+        return actuator_from_config(m.id, m.relay, transport, m.unit_id)
+    except ValueError as exc:
+        raise BusConfigError(f"meter {m.id}.relay", str(exc)) from None
 
 
 async def _dlt645(

@@ -265,6 +265,9 @@ class BusScheduler:
         self.metrics = BusMetrics(started_s=clock())
         # transports built by firmware_bridge.bus.open_bus, by kind (relay actuators use them)
         self.transports: dict[str, Any] = {}
+        # relay actuators and their minimum intervals, by meter id (see firmware_bridge.relay)
+        self.relays: dict[str, Any] = {}
+        self.relay_min_interval_s: dict[str, float] = {}
 
     @property
     def health(self) -> dict[str, MeterHealth]:
