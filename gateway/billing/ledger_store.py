@@ -1,0 +1,368 @@
+"""Ledger persistence in SQLite, inside a transaction owned by the caller.
+
+Every function takes an open :class:`aiosqlite.Connection` and **never
+commits or rolls back**: the daemon's single writer wraps one poll cycle (the
+reading, its debit, the outbox record) in one transaction and commits it once,
+so after a crash either all of them are there or none is. With Python's
+default ``isolation_level`` the first write opens the transaction implicitly;
+an explicit ``BEGIN IMMEDIATE`` by the caller is better (no lock upgrade).
+
+Tables (``SCHEMA``):
+
+* ``billing_entry`` — the append-only ledger, ``entry_id`` unique: appending
+  an entry again is a no-op, with different content a :class:`LedgerConflict`;
+* ``billing_account`` — the folded view per account (balance, last seq,
+  purchase counter, tier state, snapshot in force), kept in step by
+  :func:`append` and checked against a full fold by :func:`verify`; plus the
+  persisted cutoff state and the time up to which fixed charges were raised;
+* ``billing_baseline`` — per meter, the last reading rating used as baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from gateway.billing.ledger import (
+    AppendResult,
+    Entry,
+    EntryKind,
+    LedgerConflict,
+    LedgerView,
+    advance,
+    debit_entry,
+    fixed_entry,
+    fold,
+    rebase,
+    snapshot_info,
+)
+from gateway.billing.rating import (
+    RatingResult,
+    RegisterReading,
+    TierState,
+    fixed_charges_due,
+    rate_interval,
+)
+from gateway.billing.reconcile import (
+    CentralSnapshot,
+    SnapshotDecision,
+    SnapshotStatus,
+    decide_snapshot,
+)
+from gateway.billing.tariff import TariffBook
+from gateway.billing.topup import TopUp, TopUpDecision, TopUpPolicy, TopUpStatus, decide_topup
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS billing_entry (
+    account      TEXT    NOT NULL,
+    seq          INTEGER NOT NULL,
+    entry_id     TEXT    NOT NULL UNIQUE,
+    kind         TEXT    NOT NULL CHECK (kind IN ('debit','fixed','credit','adjustment','snapshot')),
+    amount_micro INTEGER NOT NULL,
+    time_ms      INTEGER NOT NULL,
+    body         TEXT    NOT NULL,
+    PRIMARY KEY (account, seq)
+);
+CREATE TABLE IF NOT EXISTS billing_account (
+    account               TEXT    PRIMARY KEY,
+    balance_micro         INTEGER NOT NULL,
+    last_seq              INTEGER NOT NULL,
+    purchase_counter      INTEGER NOT NULL,
+    tier_period_start_ms  INTEGER,
+    tier_cumulative_ckwh  INTEGER NOT NULL,
+    opening_tier_start_ms INTEGER,
+    opening_tier_ckwh     INTEGER NOT NULL DEFAULT 0,
+    snapshot_seq          INTEGER,
+    fixed_until_ms        INTEGER,
+    cutoff_state          TEXT
+);
+CREATE TABLE IF NOT EXISTS billing_baseline (
+    meter        TEXT    PRIMARY KEY,
+    account      TEXT    NOT NULL,
+    reading_id   TEXT    NOT NULL,
+    time_ms      INTEGER NOT NULL,
+    import_kwh   TEXT    NOT NULL,
+    rates        TEXT    NOT NULL
+);
+"""
+
+
+class LedgerCorrupt(Exception):
+    """The stored view does not match a full fold of the stored entries."""
+
+
+async def init_schema(conn: aiosqlite.Connection) -> None:
+    """Create the tables if missing (statement by statement: no implicit COMMIT)."""
+    for stmt in SCHEMA.split(";"):
+        if stmt.strip():
+            await conn.execute(stmt)
+
+
+def _row_entry(row: Sequence[Any]) -> Entry:
+    account, seq, entry_id, kind, amount, time_ms, body = row
+    return Entry(entry_id, account, EntryKind(kind), amount, time_ms, orjson.loads(body), seq)
+
+
+_ENTRY_COLS = "account, seq, entry_id, kind, amount_micro, time_ms, body"
+
+
+async def get_entry(conn: aiosqlite.Connection, entry_id: str) -> Entry | None:
+    async with conn.execute(f"SELECT {_ENTRY_COLS} FROM billing_entry WHERE entry_id = ?", (entry_id,)) as cur:
+        row = await cur.fetchone()
+    return None if row is None else _row_entry(row)
+
+
+async def entries(
+    conn: aiosqlite.Connection, account: str, after_seq: int = 0, limit: int | None = None
+) -> list[Entry]:
+    sql = f"SELECT {_ENTRY_COLS} FROM billing_entry WHERE account = ? AND seq > ? ORDER BY seq"
+    args: tuple[Any, ...] = (account, after_seq)
+    if limit is not None:
+        sql += " LIMIT ?"
+        args = (*args, limit)
+    async with conn.execute(sql, args) as cur:
+        rows = await cur.fetchall()
+    return [_row_entry(r) for r in rows]
+
+
+async def open_account(conn: aiosqlite.Connection, account: str, opening_tier: TierState | None = None) -> bool:
+    """Create the account's row if missing; True if created."""
+    t = opening_tier or TierState()
+    cur = await conn.execute(
+        "INSERT OR IGNORE INTO billing_account (account, balance_micro, last_seq, purchase_counter,"
+        " tier_period_start_ms, tier_cumulative_ckwh, opening_tier_start_ms, opening_tier_ckwh)"
+        " VALUES (?, 0, 0, 0, ?, ?, ?, ?)",
+        (account, t.period_start_ms, t.cumulative_ckwh, t.period_start_ms, t.cumulative_ckwh),
+    )
+    return cur.rowcount == 1
+
+
+async def load_view(conn: aiosqlite.Connection, account: str) -> LedgerView:
+    """The account's folded view (an empty one for an unknown account)."""
+    async with conn.execute(
+        "SELECT balance_micro, last_seq, purchase_counter, tier_period_start_ms,"
+        " tier_cumulative_ckwh, snapshot_seq FROM billing_account WHERE account = ?",
+        (account,),
+    ) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        return LedgerView(account)
+    balance, last_seq, counter, tier_ps, tier_ckwh, snap_seq = row
+    snap = None
+    if snap_seq is not None:
+        async with conn.execute(
+            f"SELECT {_ENTRY_COLS} FROM billing_entry WHERE account = ? AND seq = ?", (account, snap_seq)
+        ) as cur:
+            srow = await cur.fetchone()
+        if srow is None:
+            raise LedgerCorrupt(f"account {account}: snapshot entry seq {snap_seq} is missing")
+        snap = snapshot_info(_row_entry(srow))
+    return LedgerView(account, balance, last_seq, counter, TierState(tier_ps, tier_ckwh), snap)
+
+
+async def _save_view(conn: aiosqlite.Connection, view: LedgerView) -> None:
+    await conn.execute(
+        "UPDATE billing_account SET balance_micro = ?, last_seq = ?, purchase_counter = ?,"
+        " tier_period_start_ms = ?, tier_cumulative_ckwh = ?, snapshot_seq = ? WHERE account = ?",
+        (
+            view.balance_micro,
+            view.last_seq,
+            view.purchase_counter,
+            view.tier.period_start_ms,
+            view.tier.cumulative_ckwh,
+            None if view.snapshot is None else view.snapshot.seq,
+            view.account,
+        ),
+    )
+
+
+async def append(conn: aiosqlite.Connection, entry: Entry) -> AppendResult:
+    """Append ``entry`` to its account's ledger (idempotent by ``entry_id``)."""
+    old = await get_entry(conn, entry.entry_id)
+    if old is not None:
+        if not old.same_content(entry):
+            raise LedgerConflict(f"{entry.entry_id}: already recorded with different content")
+        return AppendResult(old, False, await load_view(conn, old.account))
+    await open_account(conn, entry.account)
+    view = await load_view(conn, entry.account)
+    e = replace(entry, seq=view.last_seq + 1)
+    await conn.execute(
+        f"INSERT INTO billing_entry ({_ENTRY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (e.account, e.seq, e.entry_id, e.kind.value, e.amount_micro, e.time_ms, e.body_json().decode()),
+    )
+    if e.kind is EntryKind.SNAPSHOT:
+        tail = await entries(conn, e.account, after_seq=int(e.body["as_of_seq"]))
+        view = rebase(view, e, [x for x in tail if x.seq < e.seq])
+    else:
+        view = advance(view, e)
+    await _save_view(conn, view)
+    return AppendResult(e, True, view)
+
+
+async def verify(conn: aiosqlite.Connection, account: str) -> LedgerView:
+    """Re-fold every entry of ``account`` and compare with the stored view."""
+    async with conn.execute(
+        "SELECT opening_tier_start_ms, opening_tier_ckwh FROM billing_account WHERE account = ?", (account,)
+    ) as cur:
+        row = await cur.fetchone()
+    opening = TierState() if row is None else TierState(row[0], row[1])
+    full = fold(account, await entries(conn, account), opening)
+    stored = await load_view(conn, account)
+    if full != stored:
+        raise LedgerCorrupt(f"account {account}: stored view {stored} != fold {full}")
+    return full
+
+
+# ---------------------------------------------------------------------------
+# Baselines and rating
+
+
+async def get_baseline(conn: aiosqlite.Connection, meter: str) -> RegisterReading | None:
+    async with conn.execute(
+        "SELECT reading_id, time_ms, import_kwh, rates FROM billing_baseline WHERE meter = ?", (meter,)
+    ) as cur:
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    rates = {k: Decimal(v) for k, v in orjson.loads(row[3]).items()}
+    return RegisterReading(row[0], meter, row[1], Decimal(row[2]), rates)
+
+
+async def set_baseline(conn: aiosqlite.Connection, account: str, reading: RegisterReading) -> None:
+    rates = orjson.dumps({k: str(v) for k, v in sorted(reading.rate_kwh.items())}).decode()
+    await conn.execute(
+        "INSERT INTO billing_baseline (meter, account, reading_id, time_ms, import_kwh, rates)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (meter) DO UPDATE SET account = excluded.account,"
+        " reading_id = excluded.reading_id, time_ms = excluded.time_ms,"
+        " import_kwh = excluded.import_kwh, rates = excluded.rates",
+        (reading.meter_id, account, reading.reading_id, reading.time_ms, str(reading.import_kwh), rates),
+    )
+
+
+@dataclass(frozen=True)
+class RatedReading:
+    """What :func:`rate_reading` did with one new reading."""
+
+    result: RatingResult | None  # None: first reading of the meter (baseline only)
+    appended: AppendResult | None  # the debit entry (None if no charge)
+    view: LedgerView  # the account after it
+
+
+async def rate_reading(
+    conn: aiosqlite.Connection,
+    account: str,
+    reading: RegisterReading,
+    book: TariffBook,
+    *,
+    max_gap_ms: int | None = None,
+) -> RatedReading:
+    """Rate a new reading of a meter against its stored baseline and append the debit.
+
+    The first reading of a meter only becomes its baseline. On an anomaly that
+    refuses rating (register backwards, time not increasing, no tariff) the
+    baseline is kept, so nothing is lost once the cause is fixed (a meter
+    replacement is recorded with :func:`record_meter_replacement`).
+    """
+    await open_account(conn, account)
+    base = await get_baseline(conn, reading.meter_id)
+    if base is None:
+        await set_baseline(conn, account, reading)
+        return RatedReading(None, None, await load_view(conn, account))
+    if base.reading_id == reading.reading_id:
+        return RatedReading(None, None, await load_view(conn, account))
+    view = await load_view(conn, account)
+    result = rate_interval(base, reading, book, view.tier, max_gap_ms=max_gap_ms)
+    appended = None
+    if result.charge is not None:
+        appended = await append(conn, debit_entry(account, result.charge))
+    if result.advance:
+        await set_baseline(conn, account, reading)
+    return RatedReading(result, appended, await load_view(conn, account))
+
+
+async def record_meter_replacement(
+    conn: aiosqlite.Connection,
+    account: str,
+    old_final: RegisterReading,
+    new_initial: RegisterReading,
+    book: TariffBook,
+) -> RatedReading:
+    """Close the old meter's last interval at its final registers and restart from the new meter."""
+    base = await get_baseline(conn, old_final.meter_id)
+    rated = RatedReading(None, None, await load_view(conn, account))
+    if base is not None:
+        rated = await rate_reading(conn, account, old_final, book)
+    await set_baseline(conn, account, new_initial)
+    return rated
+
+
+# ---------------------------------------------------------------------------
+# Fixed charges, top-ups, snapshots, cutoff state
+
+
+async def charge_fixed(
+    conn: aiosqlite.Connection, account: str, book: TariffBook, now_ms: int
+) -> list[AppendResult]:
+    """Raise every fixed charge whose period started since the last call (up to ``now``).
+
+    The first call only records ``now`` as the starting point.
+    """
+    await open_account(conn, account)
+    async with conn.execute("SELECT fixed_until_ms FROM billing_account WHERE account = ?", (account,)) as cur:
+        row = await cur.fetchone()
+    since = None if row is None else row[0]
+    out: list[AppendResult] = []
+    if since is not None and now_ms > since:
+        for due in fixed_charges_due(account, book, since, now_ms):
+            out.append(await append(conn, fixed_entry(due)))
+    if since is None or now_ms > since:
+        await conn.execute("UPDATE billing_account SET fixed_until_ms = ? WHERE account = ?", (now_ms, account))
+    return out
+
+
+async def apply_topup(
+    conn: aiosqlite.Connection, topup: TopUp, policy: TopUpPolicy, now_ms: int
+) -> TopUpDecision:
+    """Decide and (if accepted) record a top-up, whatever channel it came by."""
+    await open_account(conn, topup.account)
+    view = await load_view(conn, topup.account)
+    existing = await get_entry(conn, topup.entry_id)
+    decision = decide_topup(topup, view, existing, policy, now_ms)
+    if decision.entry is not None and decision.status in (TopUpStatus.APPLIED, TopUpStatus.ALREADY_COUNTED):
+        res = await append(conn, decision.entry)
+        decision = replace(decision, entry=res.entry, balance_after_micro=res.view.balance_micro)
+    return decision
+
+
+async def apply_snapshot(conn: aiosqlite.Connection, snap: CentralSnapshot) -> SnapshotDecision:
+    await open_account(conn, snap.account)
+    view = await load_view(conn, snap.account)
+    existing = await get_entry(conn, snap.entry_id)
+    decision = decide_snapshot(snap, view, existing)
+    if decision.status is SnapshotStatus.APPLIED and decision.entry is not None:
+        res = await append(conn, decision.entry)
+        decision = replace(decision, entry=res.entry)
+    return decision
+
+
+async def load_cutoff_json(conn: aiosqlite.Connection, account: str) -> dict[str, Any] | None:
+    async with conn.execute("SELECT cutoff_state FROM billing_account WHERE account = ?", (account,)) as cur:
+        row = await cur.fetchone()
+    if row is None or row[0] is None:
+        return None
+    data = orjson.loads(row[0])
+    assert isinstance(data, dict)
+    return data
+
+
+async def save_cutoff_json(conn: aiosqlite.Connection, account: str, state: dict[str, Any]) -> None:
+    await open_account(conn, account)
+    await conn.execute(
+        "UPDATE billing_account SET cutoff_state = ? WHERE account = ?",
+        (orjson.dumps(state, option=orjson.OPT_SORT_KEYS).decode(), account),
+    )
