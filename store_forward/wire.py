@@ -78,9 +78,7 @@ _AAD_LABEL = b"edgegw/uplink\x00"
 _KIND_READING = "reading"
 _READING_KEYS = frozenset({"m", "t", "ts", "v"})
 _READING_KEYS_Q = frozenset({"m", "t", "ts", "v", "q"})
-_LZMA_FILTERS: list[dict[str, Any]] = [
-    {"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 1 << 20}
-]
+_LZMA_FILTERS: list[dict[str, Any]] = [{"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 1 << 20}]
 
 
 # --------------------------------------------------------------------------- errors
@@ -336,9 +334,7 @@ def _as_reading(rec: WireRecord) -> _Reading | None:
         if name not in v or not isinstance(qual, str) or len(qual.encode()) > MAX_STRING_BYTES:
             return None
         quality[QUANTITY_CODES[Quantity(name)]] = qual
-    return _Reading(
-        rec.id, rec.created_ms, meter, t, ts, "q" in body, tuple(values), quality
-    )
+    return _Reading(rec.id, rec.created_ms, meter, t, ts, "q" in body, tuple(values), quality)
 
 
 def _analyse(rec: WireRecord) -> _Row:
@@ -885,9 +881,7 @@ def _seal(
     elif len(nonce) != NONCE_BYTES:
         raise WireEncodeError(f"nonce must be {NONCE_BYTES} bytes")
     if compression is None:
-        candidates = [
-            (_compress(plaintext, m), m) for m in (Compression.ZLIB, Compression.LZMA)
-        ]
+        candidates = [(_compress(plaintext, m), m) for m in (Compression.ZLIB, Compression.LZMA)]
         candidates.append((plaintext, Compression.NONE))
         body, method = min(candidates, key=lambda c: (len(c[0]), c[1]))
     else:
@@ -929,9 +923,7 @@ def encode_batch(
     )
 
 
-def decode_batch(
-    payload: bytes, key_lookup: Callable[[str, int], bytes | None]
-) -> DecodedBatch:
+def decode_batch(payload: bytes, key_lookup: Callable[[str, int], bytes | None]) -> DecodedBatch:
     """Verify, decrypt and decode one v2 batch.
 
     ``key_lookup(gateway_id, key_id)`` returns the key or None when unknown.
