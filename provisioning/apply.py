@@ -362,6 +362,10 @@ def install_bundle(
         releases = root / "releases"
         old = current_release(root)
         name = release_name(vb.manifest.version, vb.digest)
+        if old is not None and old.name == name:
+            return old  # this exact bundle is already in force
+        if _link_target(root, "previous") == name:
+            raise ApplyError(f"release {name} is the previous release: use rollback()")
         staging = releases / f".staging-{secrets.token_hex(6)}"
         staging.mkdir(mode=0o700)
         files_dir = staging / "files"
