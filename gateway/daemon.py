@@ -87,6 +87,8 @@ class Daemon:
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
         self.ready = asyncio.Event()
+        self._pollers: list[asyncio.Task[None]] = []
+        self._cycles: asyncio.Queue[Cycle] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
@@ -101,12 +103,13 @@ class Daemon:
         )
         self.uplink = uplink
         cycles: asyncio.Queue[Cycle] = asyncio.Queue(maxsize=256)
+        self._cycles = cycles
         try:
             await outbox.add_event(
                 self.clock_ms(), {"type": "gateway_started", "gateway": cfg.gateway.id}
             )
             async with asyncio.TaskGroup() as tg:
-                pollers = [
+                self._pollers = [
                     tg.create_task(self._bus_loop(bus, cycles), name=f"bus:{bus.name}")
                     for bus in cfg.buses
                 ]
@@ -121,15 +124,23 @@ class Daemon:
                 )
                 await stop.wait()
                 log.info("stopping: finishing polls and committing what was read")
-                for t in pollers:
-                    t.cancel()
-                await asyncio.gather(*pollers, return_exceptions=True)
-                await cycles.join()
+                await self.stop_polling()
                 writer.cancel()
                 up.cancel()
         finally:
             await outbox.close()
             log.info("stopped")
+
+    async def stop_polling(self) -> None:
+        """Stop every bus poller and wait until all cycles already read are committed.
+
+        The uplink keeps running, so the backlog can still drain.
+        """
+        for t in self._pollers:
+            t.cancel()
+        await asyncio.gather(*self._pollers, return_exceptions=True)
+        if self._cycles is not None:
+            await self._cycles.join()
 
     async def _bus_loop(self, bus: BusSection, out: asyncio.Queue[Cycle]) -> None:
         cfg = self.config

@@ -34,7 +34,7 @@ import orjson
 from gateway.config import BrokerSection, UplinkSection
 from store_forward import wire_json
 from store_forward.outbox import K_LINK, K_LINK_SINCE, Outbox
-from store_forward.records import Record
+from store_forward.records import Record, RecordKind
 from store_forward.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class LinkState(enum.StrEnum):
 class UplinkStats:
     connects: int = 0
     published: int = 0
+    readings_sent: int = 0  # readings in batches published for the first time
     retransmits: int = 0
     acked: int = 0
     rejected: int = 0
@@ -214,10 +215,14 @@ class Uplink:
                     break
                 payload = self.encode(self.gateway_id, batch.seq, batch.records)
                 self._inflight[batch.seq] = _InFlight(payload, time.monotonic(), s.ack_timeout_s)
+                await self._publish(client, batch.seq, payload)
+                self.stats.published += 1
                 if batch.attempts:
                     self.stats.retransmits += 1
-                self.stats.published += 1
-                await self._publish(client, batch.seq, payload)
+                else:
+                    self.stats.readings_sent += sum(
+                        r.kind == RecordKind.READING for r in batch.records
+                    )
             timeout = 1.0
             if self._inflight:
                 soonest = min(e.sent_at + e.timeout_s for e in self._inflight.values())
