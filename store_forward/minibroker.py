@@ -585,6 +585,10 @@ class MiniBroker:
                 )
         except (ConnectionError, OSError) as exc:
             log.info("minibroker: connection %s lost: %s", conn.name, exc)
+        except asyncio.CancelledError:
+            # stop(): end normally, since asyncio.start_server reports a handler
+            # task that ends cancelled as an error (Python 3.11)
+            pass
         finally:
             self._conns.discard(conn)
             self._detach(conn)

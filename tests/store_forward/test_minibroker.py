@@ -7,7 +7,7 @@ import logging
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aiomqtt
 import pytest
@@ -29,6 +29,16 @@ from store_forward.minibroker import (
 
 HOST = "127.0.0.1"
 WAIT = 5.0  # upper bound for anything that should happen "now"
+
+
+@pytest.fixture(autouse=True)
+def _no_asyncio_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail a test whose connection handlers leaked errors to asyncio's logger."""
+    yield
+    records = caplog.get_records("setup") + caplog.get_records("call")
+    records += caplog.get_records("teardown")
+    leaked = [r.getMessage() for r in records if r.name == "asyncio" and r.levelno >= 40]
+    assert not leaked, leaked
 
 
 @pytest.fixture
