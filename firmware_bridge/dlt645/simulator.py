@@ -1,0 +1,472 @@
+"""Simulated DL/T 645-2007 meters on one bus, over a pseudo-terminal or TCP.
+
+Each :class:`SimulatedMeter` has an address, energy registers that rise with
+its load (split over the four rates by the hour of its own clock), voltage,
+current, power, power factor, frequency, a clock, a load relay driven by 1CH
+commands with a plaintext password, and status word 3. Faults are plain
+attributes of :class:`Faults`, changeable while the simulator runs.
+
+:class:`Simulator` serves the bus:
+
+* ``await sim.start_pty()`` opens a pseudo-terminal pair and returns the slave
+  path, which the gateway opens like ``/dev/ttyUSB0``;
+* ``await sim.start_tcp()`` listens on 127.0.0.1 and returns the port (like a
+  serial server).
+
+With ``baud`` set, every reply costs its wire time (11 bits per byte at 8E1)
+plus ``response_delay_s`` before it is written, so bus benchmarks measure the
+real half-duplex limit. Run ``python -m firmware_bridge.dlt645.simulator --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import time
+import tty
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from decimal import ROUND_DOWN, Decimal
+
+from firmware_bridge.dlt645.codec import (
+    BROADCAST,
+    Frame,
+    FrameParser,
+    Function,
+    address_matches,
+)
+from firmware_bridge.dlt645.dataids import (
+    BY_DI,
+    Value,
+    di_from_wire,
+    encode_values,
+)
+from firmware_bridge.dlt645.errors import Dlt645Error
+from firmware_bridge.dlt645.messages import (
+    PLAINTEXT_LEVELS,
+    ControlCommand,
+    ErrorFlags,
+    control_ok_reply,
+    error_reply_frame,
+    parse_control_request,
+    parse_time_sync,
+    read_address_reply,
+    read_follow_up_reply,
+    read_reply,
+)
+from firmware_bridge.dlt645.transport import frame_time_s
+
+# Hour of the meter's clock -> rate index 1..4 (sharp, peak, flat, valley).
+RATE_BY_HOUR: tuple[int, ...] = (
+    4, 4, 4, 4, 4, 4, 4, 4,  # 00-07 valley
+    3, 2, 2, 3, 3, 3, 3, 3,  # 08-15
+    3, 2, 2, 1, 1, 2, 3, 4,  # 16-23
+)  # fmt: skip
+UNIT = Decimal("0.0001")  # kWh resolution kept internally
+
+
+@dataclass
+class Faults:
+    """Faults of one simulated meter; change them at any time."""
+
+    no_reply: bool = False
+    bad_checksum: bool = False
+    garbage_prefix: bytes = b""  # sent before the reply
+    partial: bool = False  # send only the first half of the reply
+    slow_reply_s: float = 0.0  # extra delay before replying
+    relay_stuck: bool = False  # 1CH is acknowledged but the relay does not move
+    clock_offset_s: float = 0.0  # added to the meter's clock (drift)
+    energy_backwards_kwh: Decimal = Decimal(0)  # subtracted from the reported total
+    refuse: set[int] = field(default_factory=set)  # DIs answered "no data requested"
+
+
+@dataclass
+class SimulatedMeter:
+    address: str
+    password: bytes = bytes.fromhex("02000000")  # level 02, password 000000
+    load_kw: Decimal = Decimal("1.2000")
+    voltage_v: Decimal = Decimal("230.0")
+    power_factor: Decimal = Decimal("0.950")
+    frequency_hz: Decimal = Decimal("50.00")
+    registers_kwh: list[Decimal] = field(default_factory=lambda: [Decimal(0)] * 4)
+    relay_open: bool = False
+    relay_command_open: bool = False
+    alarm: bool = False
+    protected: bool = False
+    meter_type: int = 1  # bits 8-9 of status word 3 (00 = not prepaid)
+    max_reply_data: int = 200  # longer payloads are split into 12H follow-ups
+    clock_tz: dt.tzinfo = dt.UTC
+    faults: Faults = field(default_factory=Faults)
+    _time_offset_s: float = 0.0  # set by broadcast time sync
+    _last_s: float | None = None
+    _follow_ups: dict[int, list[bytes]] = field(default_factory=dict)
+
+    # -- state -------------------------------------------------------------
+
+    def clock(self, now_s: float) -> dt.datetime:
+        """The meter's local clock (naive) at system time ``now_s``."""
+        t = now_s + self._time_offset_s + self.faults.clock_offset_s
+        return dt.datetime.fromtimestamp(int(t), self.clock_tz).replace(tzinfo=None)
+
+    @property
+    def power_kw(self) -> Decimal:
+        return Decimal(0) if self.relay_open else self.load_kw
+
+    @property
+    def current_a(self) -> Decimal:
+        if self.relay_open:
+            return Decimal("0.000")
+        i = self.load_kw * 1000 / (self.voltage_v * self.power_factor)
+        return i.quantize(Decimal("0.001"))
+
+    def advance(self, now_s: float) -> None:
+        """Integrate energy up to ``now_s`` on the rate of the meter's clock."""
+        if self._last_s is not None and now_s > self._last_s:
+            kwh = (self.power_kw * Decimal(now_s - self._last_s) / 3600).quantize(UNIT, ROUND_DOWN)
+            rate = RATE_BY_HOUR[self.clock(now_s).hour]
+            self.registers_kwh[rate - 1] += kwh
+        self._last_s = now_s
+
+    def status_word3(self) -> int:
+        return (
+            self.relay_open << 4
+            | self.relay_command_open << 6
+            | self.alarm << 7
+            | (self.meter_type & 0x03) << 8
+        )
+
+    def _energy(self) -> list[Decimal]:
+        cents = Decimal("0.01")
+        rates = [r.quantize(cents, ROUND_DOWN) for r in self.registers_kwh]
+        total = sum(self.registers_kwh, Decimal(0)) - self.faults.energy_backwards_kwh
+        return [max(total, Decimal(0)).quantize(cents, ROUND_DOWN), *rates]
+
+    def values(self, di: int, now_s: float) -> tuple[Value, ...] | None:
+        """What the meter answers for ``di``, or ``None`` for "no data"."""
+        energy = self._energy()
+        zero_phases = [Decimal("0.0"), Decimal("0.0")]
+        table: dict[int, tuple[Value, ...]] = {
+            0x00000000: (energy[0],),
+            0x00010000: (energy[0],),
+            0x0001FF00: tuple(energy),
+            0x00020000: (Decimal("0.00"),),
+            0x02010100: (self.voltage_v,),
+            0x0201FF00: (self.voltage_v, *zero_phases),
+            0x02020100: (self.current_a,),
+            0x0202FF00: (self.current_a, Decimal("0.000"), Decimal("0.000")),
+            0x02030000: (self.power_kw,),
+            0x02030100: (self.power_kw,),
+            0x0203FF00: (self.power_kw, self.power_kw, Decimal(0), Decimal(0)),
+            0x02060000: (self.power_factor,),
+            0x0206FF00: (self.power_factor, self.power_factor, Decimal(0), Decimal(0)),
+            0x02800002: (self.frequency_hz,),
+            0x04000101: (self.clock(now_s).date(),),
+            0x04000102: (self.clock(now_s).time(),),
+            0x04000401: (self.address,),
+            0x04000402: (self.address,),
+            0x04000503: (self.status_word3(),),
+        }
+        for i in range(4):
+            table[0x00010100 + 0x100 * i] = (energy[1 + i],)
+        return table.get(di)
+
+    # -- protocol ----------------------------------------------------------
+
+    def handle(self, request: Frame, now_s: float) -> Frame | None:
+        """The reply to ``request`` (addressed to this meter), or ``None``."""
+        self.advance(now_s)
+        fn = request.control.function
+        if fn == Function.BROADCAST_TIME:
+            with contextlib.suppress(Dlt645Error):
+                wanted = parse_time_sync(request).replace(tzinfo=self.clock_tz).timestamp()
+                self._time_offset_s = wanted - now_s - self.faults.clock_offset_s
+            return None
+        if fn == Function.READ_ADDRESS:
+            return read_address_reply(self.address)
+        if fn == Function.READ:
+            return self._read(request, now_s)
+        if fn == Function.READ_FOLLOW_UP:
+            return self._follow_up(request)
+        if fn == Function.CONTROL:
+            return self._control(request, now_s)
+        return error_reply_frame(self.address, fn, ErrorFlags.OTHER)
+
+    def _read(self, request: Frame, now_s: float) -> Frame:
+        try:
+            di = di_from_wire(request.data[:4])
+        except Dlt645Error:
+            return error_reply_frame(self.address, Function.READ, ErrorFlags.OTHER)
+        values = None if di in self.faults.refuse else self.values(di, now_s)
+        if values is None:
+            return error_reply_frame(self.address, Function.READ, ErrorFlags.NO_DATA)
+        payload = encode_values(BY_DI[di], values)
+        room = self.max_reply_data - 4
+        chunks = [payload[i : i + room] for i in range(0, len(payload), room)]
+        self._follow_ups[di] = chunks[1:]
+        return read_reply(self.address, di, chunks[0], more=len(chunks) > 1)
+
+    def _follow_up(self, request: Frame) -> Frame:
+        try:
+            di, seq = di_from_wire(request.data[:4]), request.data[4]
+        except (Dlt645Error, IndexError):
+            return error_reply_frame(self.address, Function.READ_FOLLOW_UP, ErrorFlags.OTHER)
+        chunks = self._follow_ups.get(di, [])
+        if not 1 <= seq <= len(chunks):
+            return error_reply_frame(self.address, Function.READ_FOLLOW_UP, ErrorFlags.NO_DATA)
+        more = seq < len(chunks)
+        return read_follow_up_reply(self.address, di, chunks[seq - 1], seq, more=more)
+
+    def _control(self, request: Frame, now_s: float) -> Frame:
+        def refuse(flags: ErrorFlags) -> Frame:
+            return error_reply_frame(self.address, Function.CONTROL, flags)
+
+        if request.data[:1] and request.data[0] not in PLAINTEXT_LEVELS:
+            return refuse(ErrorFlags.UNAUTHORISED)  # no security chip in the simulator
+        try:
+            req = parse_control_request(request)
+        except Dlt645Error:
+            return refuse(ErrorFlags.OTHER)
+        if req.password != self.password:
+            return refuse(ErrorFlags.UNAUTHORISED)
+        if req.deadline < self.clock(now_s):
+            return refuse(ErrorFlags.OTHER)
+        cmd = req.command
+        if cmd is ControlCommand.TRIP:
+            if self.protected:
+                return refuse(ErrorFlags.OTHER)
+            self.relay_command_open = True
+            if not self.faults.relay_stuck:
+                self.relay_open = True
+        elif cmd in (ControlCommand.CLOSE, ControlCommand.CLOSE_ALLOWED):
+            self.relay_command_open = False
+            if cmd is ControlCommand.CLOSE and not self.faults.relay_stuck:
+                self.relay_open = False
+        elif cmd in (ControlCommand.ALARM, ControlCommand.ALARM_OFF):
+            self.alarm = cmd is ControlCommand.ALARM
+        else:
+            self.protected = cmd is ControlCommand.PROTECT
+        return control_ok_reply(self.address)
+
+    def press_button(self) -> None:
+        """The customer presses the button after "close allowed" (1BH)."""
+        if not self.relay_command_open and not self.faults.relay_stuck:
+            self.relay_open = False
+
+
+def _collide(replies: list[bytes]) -> bytes:
+    """Several meters talking at once: RS-485 lines ANDed bit by bit (0 dominates)."""
+    out = bytearray(b"\xff" * max(len(r) for r in replies))
+    for r in replies:
+        for i, b in enumerate(r):
+            out[i] &= b
+    return bytes(out)
+
+
+class Simulator:
+    """Serves a list of :class:`SimulatedMeter` on one bus (pty and/or TCP)."""
+
+    def __init__(
+        self,
+        meters: Iterable[SimulatedMeter],
+        *,
+        baud: int | None = None,
+        response_delay_s: float = 0.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.meters = {m.address: m for m in meters}
+        self.baud = baud
+        self.response_delay_s = response_delay_s
+        self.clock = clock
+        self.requests = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._servers: list[asyncio.Server] = []
+        self._fds: list[int] = []
+        self._lock = asyncio.Lock()  # one bus: one request answered at a time
+
+    def meter(self, address: str) -> SimulatedMeter:
+        return self.meters[address]
+
+    def reply_bytes(self, request: Frame) -> tuple[bytes, float]:
+        """Wire bytes answering ``request`` and the extra delay faults ask for."""
+        self.requests += 1
+        now = self.clock()
+        targets = [m for a, m in self.meters.items() if address_matches(request.address, a)]
+        if request.address == BROADCAST:
+            for m in self.meters.values():
+                m.handle(request, now)
+            return b"", 0.0
+        out: list[bytes] = []
+        delay = 0.0
+        for m in targets:
+            reply = m.handle(request, now)
+            f = m.faults
+            if reply is None or f.no_reply:
+                continue
+            raw = bytearray(reply.encode(4))
+            if f.bad_checksum:
+                raw[-2] ^= 0x5A
+            if f.partial:
+                raw = raw[: len(raw) // 2]
+            out.append(f.garbage_prefix + bytes(raw))
+            delay = max(delay, f.slow_reply_s)
+        if not out:
+            return b"", 0.0
+        return (out[0] if len(out) == 1 else _collide(out)), delay
+
+    async def _serve(
+        self, read: Callable[[], Awaitable[bytes]], write: Callable[[bytes], Awaitable[None]]
+    ) -> None:
+        parser = FrameParser()
+        while True:
+            data = await read()
+            if not data:
+                return
+            for event in parser.feed(data):
+                if not isinstance(event, Frame) or event.control.reply:
+                    continue
+                async with self._lock:
+                    reply, delay = self.reply_bytes(event)
+                    if not reply:
+                        continue
+                    wait = self.response_delay_s + delay
+                    if self.baud:
+                        wait += frame_time_s(len(reply), self.baud)
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    await write(reply)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- TCP ---------------------------------------------------------------
+
+    async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen on ``host:port`` (0 = a free port); return the port."""
+
+        async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            async def write(data: bytes) -> None:
+                writer.write(data)
+                await writer.drain()
+
+            try:
+                await self._serve(lambda: reader.read(4096), write)
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(client, host, port)
+        self._servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    # -- pseudo-terminal ---------------------------------------------------
+
+    async def start_pty(self) -> str:
+        """Open a pseudo-terminal pair; return the slave path for the gateway to open."""
+        master, slave = os.openpty()
+        tty.setraw(slave)  # no echo, no line discipline before the client configures it
+        os.set_blocking(master, False)
+        self._fds += [master, slave]
+        path = os.ttyname(slave)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+        def readable() -> None:
+            try:
+                data = os.read(master, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data:
+                queue.put_nowait(data)
+
+        async def write(data: bytes) -> None:
+            view = memoryview(data)
+            while view:
+                try:
+                    n = os.write(master, view)
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+                    continue
+                view = view[n:]
+
+        loop.add_reader(master, readable)
+        self._spawn(self._serve(queue.get, write))
+        return path
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+            await server.wait_closed()
+        self._servers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        loop = asyncio.get_running_loop()
+        for fd in self._fds:
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._fds.clear()
+
+    async def __aenter__(self) -> Simulator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def make_meters(n: int, first: int = 1) -> list[SimulatedMeter]:
+    """``n`` meters with addresses 000000000001.. and slightly different loads."""
+    return [
+        SimulatedMeter(
+            address=f"{first + i:012d}",
+            load_kw=Decimal("0.5000") + Decimal("0.2500") * (i % 8),
+            registers_kwh=[Decimal(100 * (i + 1) + r) for r in range(4)],
+        )
+        for i in range(n)
+    ]
+
+
+async def _main(args: argparse.Namespace) -> None:
+    meters = make_meters(args.meters)
+    async with Simulator(meters, baud=args.baud, response_delay_s=args.delay) as sim:
+        if args.pty:
+            print(f"pty {await sim.start_pty()}", flush=True)
+        if args.tcp is not None:
+            print(f"tcp 127.0.0.1:{await sim.start_tcp(port=args.tcp)}", flush=True)
+        print("meters " + " ".join(m.address for m in meters), flush=True)
+        await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m firmware_bridge.dlt645.simulator",
+        description="Simulated DL/T 645-2007 meters on one bus.",
+    )
+    p.add_argument(
+        "--pty", action="store_true", help="serve on a pseudo-terminal (prints its path)"
+    )
+    p.add_argument(
+        "--tcp", type=int, metavar="PORT", help="serve on 127.0.0.1:PORT (0 = free port)"
+    )
+    p.add_argument("--meters", type=int, default=1, help="number of meters (default 1)")
+    p.add_argument("--baud", type=int, default=None, help="simulate wire time at this baud rate")
+    p.add_argument("--delay", type=float, default=0.0, help="response delay in seconds")
+    args = p.parse_args(argv)
+    if not args.pty and args.tcp is None:
+        p.error("give --pty and/or --tcp PORT")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
