@@ -1,5 +1,7 @@
 """Configuration: one TOML file, validated at load.
 
+Relative file paths in the file are relative to the file's own directory.
+
 Every problem is reported with the file, the key path and what is wrong, e.g.::
 
     site.toml: meter[2].bus: unknown bus 'rs485-9' (known: rs485-1, tcp-1)
@@ -378,6 +380,7 @@ def parse_config(raw: Mapping[str, Any], source: Path) -> Config:
     meters: list[MeterSection] = []
     raw_meters = raw.get("meter", [])
     seen_meter: set[str] = set()
+    meter_index: dict[str, int] = {}
     bus_by_name = {b.name: b for b in buses}
     for i, rm in enumerate(raw_meters if isinstance(raw_meters, list) else []):
         key = f"meter[{i}]"
@@ -403,11 +406,33 @@ def parse_config(raw: Mapping[str, Any], source: Path) -> Config:
             if "kind" in r:
                 relay = RelaySection(**r)
         m["relay"] = relay
+        meter_index[m["id"]] = i
         meters.append(MeterSection(**m))
 
     profiles = raw.get("profiles", {})
+    known_profiles: set[str] = set()
+    if isinstance(profiles, dict):
+        from firmware_bridge.modbus.profiles import ProfileError, parse_profiles
+
+        try:
+            known_profiles = set(parse_profiles(profiles))
+        except ProfileError as exc:
+            c.add(exc.path, exc.problem)
+            known_profiles = set(profiles) | set(parse_profiles(None))
+    for meter in meters:
+        i, name = meter_index[meter.id], meter.profile
+        if meter.protocol == "modbus" and name and known_profiles and name not in known_profiles:
+            c.add(
+                f"meter[{i}].profile",
+                f"unknown profile {name!r} (known: {', '.join(sorted(known_profiles))})",
+            )
     if c.problems:
         raise ConfigError(c.problems)
+    base = source.parent
+    for section, keys in ((st, ("path", "key_file")), (br, ("ca_file", "cert_file", "key_file"))):
+        for k in keys:
+            if k in section:
+                section[k] = base / section[k]  # absolute paths stay as they are
     return Config(
         source=source,
         gateway=GatewaySection(**gw),

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = """
+[gateway]
+id = "gw-1"
+site = "test"
+
+[storage]
+path = "gw.db"
+
+[[bus]]
+name = "rs485-1"
+type = "serial"
+device = "/dev/ttyUSB0"
+baud = 2400
+parity = "E"
+
+[[bus]]
+name = "lan"
+type = "tcp"
+host = "127.0.0.1"
+
+[[meter]]
+id = "m-1"
+bus = "rs485-1"
+protocol = "dlt645"
+address = "000001020304"
+account = "a-1"
+
+[[meter]]
+id = "m-2"
+bus = "lan"
+protocol = "modbus"
+unit_id = 7
+profile = "sdm120"
+[meter.relay]
+kind = "coil"
+address = 16
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "site.toml"
+    p.write_text(text)
+    return p
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    return info.value.problems
+
+
+def test_good_config_loads_with_paths_relative_to_the_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.storage.path == tmp_path / "gw.db"
+    assert cfg.bus("rs485-1").baud == 2400 and cfg.bus("rs485-1").parity == "E"
+    assert [m.id for m in cfg.meters_on("lan")] == ["m-2"]
+    relay = cfg.meters[1].relay
+    assert relay is not None and relay.kind == "coil" and relay.address == 16
+
+
+def test_each_problem_reported_once_with_file_and_key_path(tmp_path: Path) -> None:
+    text = (
+        GOOD.replace('baud = 2400', 'baud = "2400"')
+        .replace('bus = "lan"', 'bus = "lan-9"')
+        .replace('site = "test"', 'site = "test"\ncolour = "blue"')
+    )
+    got = problems(tmp_path, text)
+    f = tmp_path / "site.toml"
+    assert got == [
+        f"{f}: gateway.colour: unknown key (allowed: id, poll_interval_s, site, timezone)",
+        f"{f}: bus[0].baud: must be an integer, got str '2400'",
+        f"{f}: meter[1].bus: unknown bus 'lan-9' (known: lan, rs485-1)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (('id = "gw-1"', 'id = "gw 1"'), "gateway.id: 'gw 1' is not a valid identifier"),
+        (('unit_id = 7', 'unit_id = 300'), "meter[1].unit_id: must be one of"),
+        (('address = "000001020304"', 'address = "12AB"'), "meter[0].address: must be 12 decimal digits"),
+        (('profile = "sdm120"', 'profile = "sdm999"'), "meter[1].profile: unknown profile 'sdm999'"),
+        (('parity = "E"', 'parity = true'), "bus[0].parity: must be a string, got bool True"),
+        (('kind = "coil"', 'kind = "magic"'), "meter[1].relay.kind: must be one of"),
+        (('id = "m-2"', 'id = "m-1"'), "meter[1].id: duplicate meter id 'm-1'"),
+        (('device = "/dev/ttyUSB0"', ''), "bus[0].device: required for a serial bus"),
+    ],
+)
+def test_specific_messages(tmp_path: Path, edit: tuple[str, str], expected: str) -> None:
+    got = problems(tmp_path, GOOD.replace(*edit))
+    assert any(expected in p for p in got), got
+
+
+def test_syntax_error_and_missing_file(tmp_path: Path) -> None:
+    assert "TOML syntax error" in problems(tmp_path, "[gateway\nid=1")[0]
+    with pytest.raises(ConfigError, match="cannot read file"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_tls_without_ca_is_refused(tmp_path: Path) -> None:
+    got = problems(tmp_path, GOOD + "\n[broker]\ntls = true\n")
+    assert any("broker.ca_file: required when broker.tls = true" in p for p in got)
+
+
+def test_cli_config_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", str(write(tmp_path, GOOD))]) == 0
+    assert main(["config", "check", str(ROOT / "examples" / "broken.toml")]) != 0
+    err = capsys.readouterr().err
+    assert "gateway.poll_interval_s: must be a number, got str 'fast'" in err
+    assert "storage.compress: unknown key" in err
+    assert "meter[0].bus: unknown bus 'rs485-9' (known: rs485-1)" in err
+
+
+def test_shipped_examples_are_valid() -> None:
+    for example in sorted((ROOT / "examples").glob("site-*.toml")):
+        load_config(example)
