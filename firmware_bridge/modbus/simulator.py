@@ -7,7 +7,13 @@ the meter's relay is closed; any value can be set at run time; per-unit
 faults: ``dead`` (no reply at all), ``delay_s`` (slow reply), ``refuse``
 (exception reply), ``relay_stuck`` (relay writes acknowledged but the relay
 does not move), ``energy_step_kwh`` (add a step, negative = energy going
-backwards).
+backwards), and on the RTU simulator ``wire_fault`` (bad CRC, garbage bytes,
+a partial frame).
+
+:class:`RtuSimulator` serves the same meters with RTU framing on a
+pseudo-terminal pair (the client opens :attr:`RtuSimulator.path` like a
+serial port), optionally spending each frame's wire time at the configured
+baud rate so that bus timing is realistic.
 
 Usage from asyncio code::
 
@@ -18,6 +24,7 @@ Usage from asyncio code::
 From a shell::
 
     python -m firmware_bridge.modbus.simulator --tcp 5020 --units 1,2,3 --load-kw 1.5
+    python -m firmware_bridge.modbus.simulator --rtu --baud 9600 --wire-timing --units 1,2
 """
 
 from __future__ import annotations
@@ -25,8 +32,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import enum
+import os
+import random
 import signal
 import time
+import tty
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -35,14 +46,25 @@ from typing import Any
 
 from pymodbus.constants import ExcCodes
 from pymodbus.datastore import ModbusServerContext
-from pymodbus.exceptions import NoSuchIdException
+from pymodbus.exceptions import ModbusException, NoSuchIdException
+from pymodbus.framer import FramerRTU
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.server import ModbusTcpServer
 
 from firmware_bridge.modbus.decode import encode_value
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES, Profile
 from firmware_bridge.reading import Quantity
+from firmware_bridge.scheduler import char_time_s, rtu_t35_s
 
 _HOUR_S = Decimal(3600)
+
+
+class WireFault(enum.StrEnum):
+    """Byte-level faults of the RTU simulator's replies."""
+
+    BAD_CRC = "bad_crc"  # correct frame, last CRC byte flipped
+    GARBAGE = "garbage"  # random bytes instead of the reply
+    PARTIAL = "partial"  # the first half of the reply, then silence
 
 
 @dataclass
@@ -63,6 +85,7 @@ class SimMeter:
     refuse: ExcCodes | None = None
     relay_stuck: bool = False
     energy_step_kwh: Decimal = Decimal(0)
+    wire_fault: WireFault | None = None  # RTU simulator only
     reads: int = 0
     writes: int = 0
     _last_s: float | None = None
@@ -272,6 +295,154 @@ class ModbusSimulator:
         await self.stop()
 
 
+def corrupt(frame: bytes, fault: WireFault | None, rng: random.Random) -> bytes:
+    """Apply a wire fault to a reply frame (pure apart from the given RNG)."""
+    if fault is None:
+        return frame
+    if fault is WireFault.BAD_CRC:
+        return frame[:-1] + bytes([frame[-1] ^ 0xFF])
+    if fault is WireFault.GARBAGE:
+        return bytes(rng.randrange(256) for _ in range(len(frame)))
+    if fault is WireFault.PARTIAL:
+        return frame[: max(1, len(frame) // 2)]
+    raise ValueError(fault)
+
+
+class RtuSimulator:
+    """Modbus RTU meters on a pseudo-terminal; the client opens :attr:`path`.
+
+    Requests are decoded and answered with pymodbus' RTU framer and PDUs,
+    against the same :class:`SimMeter` model as the TCP simulator. With
+    ``wire_timing`` each request and reply costs its time on the wire at
+    ``baud`` (11 bits per character) plus t3.5, and ``response_delay_s``
+    models the meter's own turnaround.
+    """
+
+    def __init__(
+        self,
+        units: Iterable[int] = (1,),
+        *,
+        profile: Profile | None = None,
+        load_kw: Decimal | str | float = "1.0",
+        baud: int = 9600,
+        wire_timing: bool = False,
+        response_delay_s: float = 0.0,
+        meters: dict[int, SimMeter] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int = 0,
+    ) -> None:
+        self.meters = meters if meters is not None else make_meters(units, profile, load_kw)
+        self.baud = baud
+        self.wire_timing = wire_timing
+        self.response_delay_s = response_delay_s
+        self._clock = clock
+        self._rng = random.Random(seed)
+        self._ctx = _SimContext(self.meters, clock)
+        self._framer = FramerRTU(DecodePDU(True))
+        self._master: int | None = None
+        self._slave: int | None = None
+        self._buf = b""
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.path = ""
+        self.requests = 0
+        self.replies = 0
+
+    def meter(self, unit_id: int) -> SimMeter:
+        return self.meters[unit_id]
+
+    def wire_time_s(self, nbytes: int) -> float:
+        return nbytes * char_time_s(self.baud)
+
+    async def start(self) -> None:
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        self._master, self._slave = master, slave
+        self.path = os.ttyname(slave)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(master, self._on_readable)
+        self._task = asyncio.create_task(self._serve(), name="rtu-simulator")
+        for m in self.meters.values():
+            m.advance(self._clock())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._master is not None:
+            asyncio.get_running_loop().remove_reader(self._master)
+            os.close(self._master)
+            self._master = None
+        if self._slave is not None:
+            os.close(self._slave)
+            self._slave = None
+
+    async def __aenter__(self) -> RtuSimulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def _on_readable(self) -> None:
+        assert self._master is not None
+        try:
+            data = os.read(self._master, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # EIO when no process has the slave open
+            return
+        if data:
+            self._buf += data
+            self._wake.set()
+
+    async def _serve(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._buf:
+                try:
+                    used, pdu = self._framer.handleFrame(self._buf, 0, 0)
+                except ModbusException:
+                    self._buf = b""
+                    break
+                self._buf = self._buf[used:]
+                if pdu is None:
+                    break
+                await self._answer(pdu)
+
+    async def _answer(self, request: ModbusPDU) -> None:
+        self.requests += 1
+        unit = request.dev_id
+        if self.wire_timing:
+            # the request occupied the wire; the meter answers after t3.5 and its own delay
+            req_len = len(self._framer.buildFrame(request))
+            await asyncio.sleep(self.wire_time_s(req_len) + rtu_t35_s(self.baud) + self.response_delay_s)
+        elif self.response_delay_s:
+            await asyncio.sleep(self.response_delay_s)
+        meter = self.meters.get(unit)
+        if unit == 0 or meter is None:
+            return  # broadcast or nobody at that address: silence
+        try:
+            response = await request.datastore_update(self._ctx, unit)
+        except NoSuchIdException:
+            return  # dead unit
+        except Exception:  # a request the model cannot serve: like a real meter, refuse it
+            response = ExceptionResponse(request.function_code, ExcCodes.ILLEGAL_FUNCTION)
+        response.dev_id = unit
+        frame = corrupt(self._framer.buildFrame(response), meter.wire_fault, self._rng)
+        if self.wire_timing:
+            await asyncio.sleep(self.wire_time_s(len(frame)))
+        if self._master is not None:
+            os.write(self._master, frame)
+            self.replies += 1
+
+
 def _parse_units(text: str) -> list[int]:
     units = [int(u) for u in text.split(",") if u.strip()]
     if not units or any(not 1 <= u <= 247 for u in units):
@@ -279,22 +450,36 @@ def _parse_units(text: str) -> list[int]:
     return units
 
 
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def _serve(args: argparse.Namespace) -> int:
     profile = BUILTIN_PROFILES[args.profile]
+    if args.rtu:
+        async with RtuSimulator(
+            args.units, profile=profile, load_kw=args.load_kw, baud=args.baud, wire_timing=args.wire_timing
+        ) as rtu:
+            print(f"modbus RTU simulator: {profile.name} units {args.units} on {rtu.path} ({args.baud} baud)", flush=True)
+            await _wait_for_signal()
+        return 0
     async with ModbusSimulator(args.units, profile=profile, load_kw=args.load_kw, port=args.tcp) as sim:
         print(f"modbus simulator: {profile.name} units {args.units} on 127.0.0.1:{sim.port}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await _wait_for_signal()
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m firmware_bridge.modbus.simulator", description=__doc__.split("\n")[0])
     p.add_argument("--tcp", type=int, default=5020, metavar="PORT", help="TCP port on 127.0.0.1 (0 = any free port)")
+    p.add_argument("--rtu", action="store_true", help="serve RTU on a pseudo-terminal instead of TCP (prints its path)")
+    p.add_argument("--baud", type=int, default=9600, help="RTU baud rate for --wire-timing")
+    p.add_argument("--wire-timing", action="store_true", help="spend each RTU frame's wire time")
     p.add_argument("--units", type=_parse_units, default=[1], help="comma-separated unit ids, e.g. 1,2,3")
     p.add_argument("--profile", choices=sorted(BUILTIN_PROFILES), default="sdm120")
     p.add_argument("--load-kw", default="1.0", help="load per meter in kW (energy rises at this rate)")

@@ -57,6 +57,10 @@ class ModbusTransport:
         self._last_end: float | None = None
         self._last_connect_fail: float | None = None
         self.requests = 0  # frames sent (for bus metrics)
+        self._rx_bytes = 0  # bytes received for the request in flight
+        # see every received byte: an answer that never became a valid frame (bad CRC,
+        # garbage, cut short) is a frame error, not a silent meter
+        client.ctx.trace_packet = self._trace_packet
         # pymodbus closes a TCP connection after N unanswered requests; a dead unit
         # behind a TCP gateway must not cut off the healthy ones.
         client.set_max_no_responses(1_000_000)
@@ -88,6 +92,18 @@ class ModbusTransport:
             reconnect_delay=0,
         )
         return cls(client, name=name, timeout_s=timeout_s, silent_interval_s=rtu_t35_s(baud))
+
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        if not sending:
+            self._rx_bytes = max(self._rx_bytes, len(data))
+        return data
+
+    def _no_answer(self, meter_id: str, what: str, limit: float) -> Exception:
+        if self._rx_bytes:
+            return MeterFrameError(
+                meter_id, f"{what}: {self._rx_bytes} byte(s) received but no valid frame within {limit:g}s"
+            )
+        return MeterTimeout(meter_id, f"{what}: no answer within {limit:g}s")
 
     @property
     def connected(self) -> bool:
@@ -127,17 +143,18 @@ class ModbusTransport:
             # per-request timeout (a meter may be slower than the bus default)
             self.client.ctx.comm_params.timeout_connect = limit
             self.requests += 1
+            self._rx_bytes = 0
             try:
                 # pymodbus applies the client timeout; this deadline is the backstop.
                 response = await asyncio.wait_for(op(), limit + 0.5)
             except TimeoutError:
-                raise MeterTimeout(meter_id, f"{what}: no answer within {limit:g}s") from None
+                raise self._no_answer(meter_id, what, limit) from None
             except ConnectionException as exc:
                 raise TransportError(meter_id, f"{what}: bus {self.name}: {exc}") from None
             except ModbusIOException as exc:
                 text = str(exc)
-                if "No response" in text or "no response" in text:
-                    raise MeterTimeout(meter_id, f"{what}: no answer within {limit:g}s") from None
+                if "no response" in text.lower():
+                    raise self._no_answer(meter_id, what, limit) from None
                 raise MeterFrameError(meter_id, f"{what}: {text}") from None
             except ModbusException as exc:
                 raise MeterFrameError(meter_id, f"{what}: {exc}") from None
