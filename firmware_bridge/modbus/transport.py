@@ -131,7 +131,14 @@ class ModbusTransport:
     def close(self) -> None:
         self.client.close()
 
-    async def _call(self, meter_id: str, what: str, op: Callable[[], Awaitable[Any]], timeout_s: float | None) -> Any:
+    async def _call(
+        self,
+        meter_id: str,
+        what: str,
+        op: Callable[[], Awaitable[Any]],
+        timeout_s: float | None,
+        function_code: int,
+    ) -> Any:
         """Run one request with pacing, a hard deadline and error mapping."""
         async with self._lock:
             await self.connect(meter_id)
@@ -168,6 +175,8 @@ class ModbusTransport:
                 code = getattr(response, "exception_code", 0)
                 name = EXCEPTION_NAMES.get(code, "unknown")
                 raise MeterRefused(meter_id, f"{what}: exception {code} ({name})")
+            if getattr(response, "function_code", function_code) != function_code:
+                raise MeterFrameError(meter_id, f"{what}: answer has function code {response.function_code}")
             return response
 
     async def read_registers(
@@ -186,7 +195,7 @@ class ModbusTransport:
 
         else:
             raise ValueError(f"function code {function_code} is not a register read")
-        response = await self._call(meter_id, what, op, timeout_s)
+        response = await self._call(meter_id, what, op, timeout_s, function_code)
         regs = list(response.registers)
         if len(regs) != count:
             raise MeterFrameError(meter_id, f"{what}: answered {len(regs)} registers")
@@ -195,7 +204,7 @@ class ModbusTransport:
     async def read_coil(self, meter_id: str, unit: int, address: int, *, timeout_s: float | None = None) -> bool:
         what = f"unit {unit} FC01 {address:#06x}"
         response = await self._call(
-            meter_id, what, lambda: self.client.read_coils(address, count=1, device_id=unit), timeout_s
+            meter_id, what, lambda: self.client.read_coils(address, count=1, device_id=unit), timeout_s, 1
         )
         bits = list(response.bits)
         if not bits:
@@ -204,12 +213,14 @@ class ModbusTransport:
 
     async def write_coil(self, meter_id: str, unit: int, address: int, value: bool, *, timeout_s: float | None = None) -> None:
         what = f"unit {unit} FC05 {address:#06x}={int(value)}"
-        await self._call(meter_id, what, lambda: self.client.write_coil(address, value, device_id=unit), timeout_s)
+        await self._call(
+            meter_id, what, lambda: self.client.write_coil(address, value, device_id=unit), timeout_s, 5
+        )
 
     async def write_register(
         self, meter_id: str, unit: int, address: int, value: int, *, timeout_s: float | None = None
     ) -> None:
         what = f"unit {unit} FC06 {address:#06x}={value}"
         await self._call(
-            meter_id, what, lambda: self.client.write_register(address, value, device_id=unit), timeout_s
+            meter_id, what, lambda: self.client.write_register(address, value, device_id=unit), timeout_s, 6
         )
