@@ -123,11 +123,16 @@ class SimulatedMeter:
         return i.quantize(Decimal("0.001"))
 
     def advance(self, now_s: float) -> None:
-        """Integrate energy up to ``now_s`` on the rate of the meter's clock."""
-        if self._last_s is not None and now_s > self._last_s:
-            kwh = (self.power_kw * Decimal(now_s - self._last_s) / 3600).quantize(UNIT, ROUND_DOWN)
-            rate = RATE_BY_HOUR[self.clock(now_s).hour]
-            self.registers_kwh[rate - 1] += kwh
+        """Integrate energy up to ``now_s``, each hour on the rate of the meter's clock."""
+        t = self._last_s if self._last_s is not None else now_s
+        while t < now_s:
+            seconds_into_hour = self.clock(t).minute * 60 + self.clock(t).second + (t % 1)
+            end = min(now_s, t + 3600 - seconds_into_hour)
+            kwh = self.power_kw * Decimal(end - t) / 3600
+            self.registers_kwh[RATE_BY_HOUR[self.clock(t).hour] - 1] += kwh.quantize(
+                UNIT, ROUND_DOWN
+            )
+            t = end
         self._last_s = now_s
 
     def status_word3(self) -> int:

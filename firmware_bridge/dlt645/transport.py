@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import termios
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -37,6 +38,7 @@ from firmware_bridge.dlt645.codec import (
     BadFrame,
     Frame,
     FrameParser,
+    Function,
     address_matches,
 )
 from firmware_bridge.driver import MeterFrameError, MeterTimeout, TransportError
@@ -162,6 +164,12 @@ class Dlt645Transport:
                     transport, _ = await loop.create_connection(
                         lambda: rx, self.bus.host, self.bus.port
                     )
+        except termios.error as exc:
+            # pyserial applies the line settings with tcsetattr; some devices (e.g.
+            # pseudo-terminals on some kernels) refuse parity
+            raise TransportError(
+                self.bus.name, f"{self._where()} refused the line settings: {exc}"
+            ) from exc
         except (OSError, serial.SerialException, TimeoutError, ValueError) as exc:
             raise TransportError(self.bus.name, f"cannot open {self._where()}: {exc}") from exc
         self._transport, self._rx = transport, rx
@@ -308,12 +316,18 @@ class Dlt645Transport:
 
     @staticmethod
     def _answers(request: Frame, reply: Frame) -> bool:
+        """Same function, addressed meter; a normal read reply also repeats the DI
+        (so a late answer to an earlier read is not taken for this one)."""
         c = reply.control
-        return (
+        if not (
             c.reply
             and c.function == request.control.function
             and address_matches(request.address, reply.address)
-        )
+        ):
+            return False
+        if c.function in (Function.READ, Function.READ_FOLLOW_UP) and not c.error:
+            return reply.data[:4] == request.data[:4]
+        return True
 
 
 def open_transport(
