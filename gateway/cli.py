@@ -84,12 +84,18 @@ def _hostport(value: str) -> tuple[str, int]:
 
 
 def cmd_headend(args: argparse.Namespace) -> int:
-    from store_forward.headend import Headend, HeadendDB
+    from store_forward.headend import Headend, HeadendDB, HeadendStore
 
     host, port = args.broker
 
     async def main() -> None:
-        db = await HeadendDB.open(args.db)
+        db: HeadendStore
+        if args.dsn:
+            from store_forward.headend_pg import PostgresHeadendDB
+
+            db = await PostgresHeadendDB.open(args.dsn)
+        else:
+            db = await HeadendDB.open(args.db)
         headend = Headend(db, host=host, port=port, prefix=args.prefix, share_group=args.share)
         task = asyncio.create_task(headend.run())
         stop = asyncio.Event()
@@ -232,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("headend", help="run the reference headend")
     h.add_argument("--broker", type=_hostport, required=True, metavar="HOST:PORT")
-    h.add_argument("--db", required=True, help="SQLite database file")
+    where = h.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", help="SQLite database file")
+    where.add_argument("--dsn", help="PostgreSQL connection string (several headends may share it)")
     h.add_argument("--prefix", default="edgegw/v1", help="topic prefix")
     h.add_argument("--share", metavar="GROUP", help="join shared subscription GROUP (scale-out)")
     h.set_defaults(func=cmd_headend)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 import aiosqlite
@@ -79,6 +79,16 @@ class StoreResult:
     status: str  # "stored" | "duplicate"
     records_new: int
     records_dup: int
+
+
+class HeadendStore(Protocol):
+    """Where the headend commits batches (SQLite here, PostgreSQL in headend_pg)."""
+
+    async def store(self, batch: wire_json.DecodedBatch, now_ms: int) -> StoreResult: ...
+
+    async def summary(self, gateway_id: str | None = None) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
 
 
 class HeadendDB:
@@ -179,7 +189,7 @@ class Headend:
 
     def __init__(
         self,
-        db: HeadendDB,
+        db: HeadendStore,
         *,
         host: str,
         port: int,

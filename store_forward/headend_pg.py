@@ -1,0 +1,149 @@
+"""PostgreSQL storage for the headend (``edgegw headend --dsn ...``).
+
+Same contract as the SQLite store in :mod:`store_forward.headend`: the batch
+row ``(gateway_id, seq)`` and every record ``(gateway_id, record_id)`` are
+unique; a batch is stored in one transaction that is committed before the
+ack goes out. Several headend processes may share one database (and one
+MQTT shared subscription): the unique keys make concurrent deliveries of
+the same batch safe — exactly one transaction inserts it, the others see a
+duplicate.
+
+The tables are the export schema for billing systems (docs/protocol.md,
+"Central database").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from store_forward.headend import StoreResult
+from store_forward.records import RecordKind, dumps
+from store_forward.wire_json import DecodedBatch
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    gateway_id  TEXT    NOT NULL,
+    seq         BIGINT  NOT NULL,
+    received_ms BIGINT  NOT NULL,
+    n_records   INTEGER NOT NULL,
+    PRIMARY KEY (gateway_id, seq)
+);
+CREATE TABLE IF NOT EXISTS readings (
+    gateway_id  TEXT    NOT NULL,
+    record_id   BIGINT  NOT NULL,
+    meter_id    TEXT    NOT NULL,
+    time_ms     BIGINT  NOT NULL,
+    time_source TEXT    NOT NULL,
+    quantities  JSONB   NOT NULL,
+    quality     JSONB,
+    batch_seq   BIGINT  NOT NULL,
+    PRIMARY KEY (gateway_id, record_id)
+);
+CREATE INDEX IF NOT EXISTS readings_meter_time ON readings (gateway_id, meter_id, time_ms);
+CREATE TABLE IF NOT EXISTS events (
+    gateway_id  TEXT    NOT NULL,
+    record_id   BIGINT  NOT NULL,
+    kind        TEXT    NOT NULL,
+    created_ms  BIGINT  NOT NULL,
+    body        JSONB   NOT NULL,
+    batch_seq   BIGINT  NOT NULL,
+    PRIMARY KEY (gateway_id, record_id)
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+"""
+
+
+class PostgresHeadendDB:
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, dsn: str) -> PostgresHeadendDB:
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=False)
+        async with conn.transaction():
+            # Serialise schema creation between headends starting together.
+            await conn.execute("SELECT pg_advisory_xact_lock(727001)")
+            await conn.execute(SCHEMA)
+        return cls(conn)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def store(self, batch: DecodedBatch, now_ms: int) -> StoreResult:
+        conn = self._conn
+        async with conn.transaction():
+            cur = await conn.execute(
+                "INSERT INTO batches (gateway_id, seq, received_ms, n_records)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (batch.gateway_id, batch.seq, now_ms, len(batch.records)),
+            )
+            if cur.rowcount == 0:
+                await self._count("duplicate_batches", 1)
+                return StoreResult("duplicate", 0, 0)
+            new = dup = 0
+            for r in batch.records:
+                if r.kind == RecordKind.READING:
+                    b = r.body
+                    cur = await conn.execute(
+                        "INSERT INTO readings (gateway_id, record_id, meter_id, time_ms,"
+                        " time_source, quantities, quality, batch_seq)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                        (
+                            batch.gateway_id,
+                            r.id,
+                            str(b["m"]),
+                            int(b["t"]),
+                            str(b.get("ts", "system")),
+                            dumps(b["v"]).decode(),
+                            dumps(b["q"]).decode() if b.get("q") else None,
+                            batch.seq,
+                        ),
+                    )
+                else:
+                    cur = await conn.execute(
+                        "INSERT INTO events (gateway_id, record_id, kind, created_ms, body,"
+                        " batch_seq) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                        (batch.gateway_id, r.id, r.kind, r.created_ms, dumps(r.body).decode(), batch.seq),
+                    )
+                if cur.rowcount:
+                    new += 1
+                else:
+                    dup += 1
+            if dup:
+                await self._count("duplicate_records", dup)
+            return StoreResult("stored", new, dup)
+
+    async def _count(self, name: str, n: int) -> None:
+        await self._conn.execute(
+            "INSERT INTO counters (name, value) VALUES (%s, %s)"
+            " ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value",
+            (name, n),
+        )
+
+    async def summary(self, gateway_id: str | None = None) -> dict[str, Any]:
+        async with self._conn.transaction():
+            if gateway_id:
+                cur = await self._conn.execute(
+                    "SELECT count(*), count(DISTINCT (meter_id, time_ms)) FROM readings"
+                    " WHERE gateway_id = %s",
+                    (gateway_id,),
+                )
+            else:
+                cur = await self._conn.execute(
+                    "SELECT count(*), count(DISTINCT (meter_id, time_ms)) FROM readings"
+                )
+            row = await cur.fetchone()
+            cur = await self._conn.execute("SELECT name, value FROM counters")
+            counters = {str(k): int(v) for k, v in await cur.fetchall()}
+        assert row is not None
+        return {
+            "readings": int(row[0]),
+            "distinct_meter_times": int(row[1]),
+            "duplicate_batches": counters.get("duplicate_batches", 0),
+            "duplicate_records": counters.get("duplicate_records", 0),
+        }
