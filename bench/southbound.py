@@ -26,12 +26,12 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from firmware_bridge.modbus.decode import plan_reads  # noqa: E402
-from firmware_bridge.modbus.driver import ModbusDriver  # noqa: E402
-from firmware_bridge.modbus.profiles import BUILTIN_PROFILES  # noqa: E402
-from firmware_bridge.modbus.simulator import ModbusSimulator, RtuSimulator  # noqa: E402
-from firmware_bridge.modbus.transport import ModbusTransport  # noqa: E402
-from firmware_bridge.scheduler import (  # noqa: E402
+from firmware_bridge.modbus.decode import plan_reads
+from firmware_bridge.modbus.driver import ModbusDriver
+from firmware_bridge.modbus.profiles import BUILTIN_PROFILES
+from firmware_bridge.modbus.simulator import ModbusSimulator, RtuSimulator
+from firmware_bridge.modbus.transport import ModbusTransport
+from firmware_bridge.scheduler import (
     BackoffPolicy,
     BusScheduler,
     modbus_rtu_read_time_s,
