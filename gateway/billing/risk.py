@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from firmware_bridge.reading import Quantity, Reading, TimeSource
-from gateway.billing.money import register_ckwh
+from gateway.billing.money import ckwh_to_kwh, register_ckwh
 from gateway.billing.rating import RegisterReading
 
 
@@ -132,7 +132,7 @@ def check_consumption_while_open(prev: Reading, cur: Reading, cfg: RiskConfig = 
     if e0 is not None and e1 is not None:
         delta = register_ckwh(e1) - register_ckwh(e0)
         if delta > cfg.open_tolerance_ckwh:
-            evidence["energy_kwh"] = str(Decimal(delta) / 100)
+            evidence["energy_kwh"] = str(ckwh_to_kwh(delta))
     p = cur.good(Quantity.POWER)
     if p is not None and abs(p) > cfg.open_power_kw:
         evidence["power_kw"] = str(p)
