@@ -438,9 +438,13 @@ class RtuSimulator:
         frame = corrupt(self._framer.buildFrame(response), meter.wire_fault, self._rng)
         if self.wire_timing:
             await asyncio.sleep(self.wire_time_s(len(frame)))
-        if self._master is not None:
-            os.write(self._master, frame)
-            self.replies += 1
+        view = memoryview(frame)
+        while view and self._master is not None:
+            try:
+                view = view[os.write(self._master, view) :]
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        self.replies += 1
 
 
 def _parse_units(text: str) -> list[int]:

@@ -53,3 +53,36 @@ async def test_config_errors() -> None:
         async with open_bus(bus, [], {"bad": {"function_code": 5, "fields": {}}}):
             pass
     assert ei.value.path == "profiles.bad.function_code"
+
+
+async def test_open_bus_dlt645_with_relay() -> None:
+    from firmware_bridge.dlt645.simulator import Simulator, make_meters
+    from firmware_bridge.relay import RelayPolicy, controller_for
+    from gateway.config import RelaySection
+
+    sims = make_meters(3)
+    sims[1].faults.no_reply = True
+    async with Simulator(sims) as sim:
+        port = await sim.start_tcp()
+        bus = BusSection(name="dlt", type="tcp", host="127.0.0.1", port=port, timeout_s=0.3, retries=0)
+        meters = [
+            MeterSection(id=f"d{i}", bus="dlt", protocol="dlt645", address=m.address,
+                         relay=RelaySection(kind="dlt645", min_interval_s=0))
+            for i, m in enumerate(sims)
+        ]
+        async with open_bus(bus, meters) as sched:
+            res = await sched.run_cycle(0)
+            assert [r.meter_id for r in res.readings] == ["d0", "d2"]
+            assert res.health["d1"].last_error is not None and res.health["d1"].last_error.kind == "timeout"
+            assert res.readings[0].get(Quantity.ENERGY_IMPORT) is not None
+            # the control password is not part of the configuration yet: set it on the driver
+            drv = sched.drivers["d0"]
+            drv.password = sims[0].password  # type: ignore[attr-defined]
+            relays = controller_for(sched, policy=RelayPolicy(min_interval_s=0, settle_s=0.01, max_drives=2, redrive_delays_s=(0.01,)))
+            r = await relays.set_open("d0", True)
+            assert r.ok and sims[0].relay_open
+            sims[2].faults.relay_stuck = True
+            drv2 = sched.drivers["d2"]
+            drv2.password = sims[2].password  # type: ignore[attr-defined]
+            stuck = await relays.set_open("d2", True)
+            assert stuck.alarm and not sims[2].relay_open and len(stuck.attempts) == 2
