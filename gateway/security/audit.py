@@ -203,9 +203,7 @@ def verify_entries(
                 f"prev_hash of entry {e.seq} does not match entry {e.seq - 1} "
                 "(entry removed, inserted or reordered)",
             )
-        h = entry_hash(
-            e.seq, e.time_ms, e.time_source, e.actor, e.action, e.details, e.prev_hash
-        )
+        h = entry_hash(e.seq, e.time_ms, e.time_source, e.actor, e.action, e.details, e.prev_hash)
         if h != e.hash:
             return VerifyResult(
                 False, expected - 1, e.seq, f"hash of entry {e.seq} does not match its content"
@@ -329,7 +327,14 @@ def _rows(db: sqlite3.Connection) -> Iterable[AuditEntry]:
     )
     for r in cur:
         yield AuditEntry(
-            int(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), bytes(r[6]), bytes(r[7])
+            int(r[0]),
+            int(r[1]),
+            str(r[2]),
+            str(r[3]),
+            str(r[4]),
+            str(r[5]),
+            bytes(r[6]),
+            bytes(r[7]),
         )
 
 

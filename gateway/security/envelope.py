@@ -336,9 +336,7 @@ BODY_CHECKS = {
 def parse_envelope(raw: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope | CommandResult:
     """Step 1 (pure): size, shape, canonical form, body schema. No key is used yet."""
     if len(raw) > max_bytes:
-        return _reject(
-            RejectReason.OVERSIZED, f"envelope is {len(raw)} bytes, limit {max_bytes}"
-        )
+        return _reject(RejectReason.OVERSIZED, f"envelope is {len(raw)} bytes, limit {max_bytes}")
     try:
         outer = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -355,6 +353,11 @@ def parse_envelope(raw: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelo
         signature = base64.b64decode(s64, validate=True)
     except binascii.Error:
         return _reject(RejectReason.MALFORMED, "payload or signature is not valid base64")
+    if base64.b64encode(payload).decode("ascii") != p64 or (
+        base64.b64encode(signature).decode("ascii") != s64
+    ):
+        # unused low bits in the last base64 character would give one payload many spellings
+        return _reject(RejectReason.MALFORMED, "payload or signature is not canonical base64")
     if len(signature) != 64:
         return _reject(RejectReason.MALFORMED, f"signature must be 64 bytes, got {len(signature)}")
     try:
@@ -366,7 +369,9 @@ def parse_envelope(raw: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelo
     if set(doc) != _PAYLOAD_KEYS:
         missing = sorted(_PAYLOAD_KEYS - set(doc))
         extra = sorted(set(doc) - _PAYLOAD_KEYS)
-        return _reject(RejectReason.MALFORMED, f"payload fields: missing {missing}, unknown {extra}")
+        return _reject(
+            RejectReason.MALFORMED, f"payload fields: missing {missing}, unknown {extra}"
+        )
     floats = _no_floats(doc)
     if floats:
         return _reject(RejectReason.MALFORMED, f"payload: {floats}")

@@ -31,7 +31,9 @@ def raw_public(k: Ed25519PrivateKey) -> bytes:
     return k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def topup_body(amount_micro: int = 50_000_000, pc: int = 1, channel: str = "mobile_app") -> dict[str, Any]:
+def topup_body(
+    amount_micro: int = 50_000_000, pc: int = 1, channel: str = "mobile_app"
+) -> dict[str, Any]:
     return {
         "account": "acct-17",
         "amount_micro": amount_micro,

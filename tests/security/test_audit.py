@@ -104,7 +104,7 @@ async def test_triggers_refuse_update_and_delete(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "sql, bad",
     [
-        (["UPDATE audit_log SET details = '{\"i\":3,\"amount\":\"99.00\"}' WHERE seq = 3"], 3),
+        (['UPDATE audit_log SET details = \'{"i":3,"amount":"99.00"}\' WHERE seq = 3'], 3),
         (["UPDATE audit_log SET actor = 'operations-k1' WHERE seq = 2"], 2),
         (["UPDATE audit_log SET time_ms = time_ms - 86400000 WHERE seq = 4"], 4),
         (["UPDATE audit_log SET action = 'nothing' WHERE seq = 1"], 1),

@@ -88,7 +88,9 @@ async def test_apply_then_duplicate_by_command_id(central: Central, gw: GatewayD
 
 
 async def test_counters_are_per_issuer(central: Central, gw: GatewayDB) -> None:
-    assert (await gw.process(central.cmd(CommandType.TOPUP, counter=100))).outcome is Outcome.APPLIED
+    assert (
+        await gw.process(central.cmd(CommandType.TOPUP, counter=100))
+    ).outcome is Outcome.APPLIED
     relay = central.cmd(CommandType.RELAY_OPERATE, {"meter_id": "m1", "action": "open"}, counter=1)
     assert (await gw.process(relay)).outcome is Outcome.APPLIED
     assert await gw.floor("billing-k1") == 100
@@ -98,7 +100,9 @@ async def test_counters_are_per_issuer(central: Central, gw: GatewayDB) -> None:
 async def test_counter_gaps_are_allowed(central: Central, gw: GatewayDB) -> None:
     # commands central issued for this gateway may be lost or refused elsewhere: gaps are fine
     for c in (1, 5, 6, 40):
-        assert (await gw.process(central.cmd(CommandType.TOPUP, counter=c))).outcome is Outcome.APPLIED
+        assert (
+            await gw.process(central.cmd(CommandType.TOPUP, counter=c))
+        ).outcome is Outcome.APPLIED
     assert await gw.balance() == 4 * 50_000_000
 
 
@@ -222,7 +226,10 @@ async def test_key_id_cannot_be_rebound(central: Central, gw: GatewayDB) -> None
         "public_key": base64.b64encode(raw_public(k)).decode(),
     }
     await _rotate(gw, central, body)
-    other = {**body, "public_key": base64.b64encode(raw_public(Ed25519PrivateKey.generate())).decode()}
+    other = {
+        **body,
+        "public_key": base64.b64encode(raw_public(Ed25519PrivateKey.generate())).decode(),
+    }
     res = await gw.process(central.cmd(CommandType.KEYS_ROTATE, other))
     assert res.envelope is not None and gw.conn is not None
     with pytest.raises(TrustError, match="already bound"):
@@ -266,11 +273,13 @@ def test_trust_store_file_roundtrip_and_errors(tmp_path: Path, central: Central)
 
 # -- properties ----------------------------------------------------------------
 
+_CENTRAL = Central()  # key generation once, not per example
+
 
 @settings(max_examples=150, deadline=None)
 @given(pos=st.integers(min_value=0), bit=st.integers(min_value=0, max_value=7))
 def test_any_single_bit_flip_is_rejected(pos: int, bit: int) -> None:
-    central = Central()
+    central = _CENTRAL
     wire = bytearray(central.cmd(CommandType.TOPUP))
     i = pos % len(wire)
     wire[i] ^= 1 << bit
@@ -279,18 +288,59 @@ def test_any_single_bit_flip_is_rejected(pos: int, bit: int) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(body=st.dictionaries(
-    st.text(min_size=1, max_size=8),
-    st.recursive(
-        st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=20),
-        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
-        max_leaves=10,
-    ),
-    max_size=5,
-))
+@given(
+    body=st.dictionaries(
+        st.text(min_size=1, max_size=8),
+        st.recursive(
+            st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=20),
+            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+            max_leaves=10,
+        ),
+        max_size=5,
+    )
+)
 def test_any_json_body_roundtrips_canonically(body: dict[str, object]) -> None:
-    central = Central()
+    central = _CENTRAL
     wire = central.cmd(CommandType.CONFIG_PATCH, body)
     env = parse_envelope(wire)
     assert isinstance(env, Envelope)
     assert env.body == body
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=12),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=600))
+def test_garbage_never_raises_and_is_rejected(raw: bytes) -> None:
+    res = authenticate(raw, _CENTRAL.trust())
+    assert isinstance(res, CommandResult) and res.reason is not None
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    doc=st.fixed_dictionaries(
+        {},
+        optional={
+            k: _json_values
+            for k in ("v", "target", "id", "issuer", "counter", "issued_at", "expires_at", "type")
+        }
+        | {"body": _json_values},
+    )
+)
+def test_signed_arbitrary_payloads_never_crash(doc: dict[str, object]) -> None:
+    central = _CENTRAL
+    payload = orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+    from gateway.security.envelope import encode_wire, sign_payload
+
+    wire = encode_wire(payload, sign_payload(central.keys[Role.BILLING], payload))
+    res = authenticate(wire, central.trust())
+    assert isinstance(res, (CommandResult, Envelope))

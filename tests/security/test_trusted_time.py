@@ -118,9 +118,7 @@ def test_meter_majority() -> None:
     assert meter_majority([T0, T0, T0 + 10**9, T0 + 10**9]) is None  # tie is no majority
     assert meter_majority([T0, T0]) is None  # too few meters
     s = restore(T0, mono_ms=0)
-    _, t, _ = observe(
-        s, wall_ms=0, mono_ms=0, synced=False, meter_ms=[T0 + MIN, T0 + MIN + 500, 0]
-    )
+    _, t, _ = observe(s, wall_ms=0, mono_ms=0, synced=False, meter_ms=[T0 + MIN, T0 + MIN + 500, 0])
     assert t.quality is TimeQuality.METER_MAJORITY and t.time_ms in (T0 + MIN, T0 + MIN + 500)
     assert t.floor_ms == T0  # meters never raise the floor
     assert t.time_source is TimeSource.METER
