@@ -129,6 +129,7 @@ class Dlt645Transport:
         self._lock = asyncio.Lock()
         self._parser = FrameParser()
         self._idle_since = 0.0
+        self._ever_opened = False
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -173,6 +174,7 @@ class Dlt645Transport:
         except (OSError, serial.SerialException, TimeoutError, ValueError) as exc:
             raise TransportError(self.bus.name, f"cannot open {self._where()}: {exc}") from exc
         self._transport, self._rx = transport, rx
+        self._ever_opened = True
         self._idle_since = loop.time()
 
     async def close(self) -> None:
@@ -235,7 +237,7 @@ class Dlt645Transport:
 
     async def _send(self, request: Frame, who: str) -> _Receiver:
         if not self.is_open:
-            if self._transport is not None:
+            if self._ever_opened:
                 self.stats.reconnects += 1
             await self.close()
             try:
