@@ -443,7 +443,7 @@ def _get_packed(r: _Reader, n: int, *, signed: bool) -> list[int]:
             append(acc & mask)
             acc >>= width
             bits -= width
-    if acc:
+    if acc or any(out[n:]):
         raise WireFormatError("packed column has stray bits")
     del out[n:]
     for j, z in enumerate(out):
@@ -1001,7 +1001,8 @@ def pack_batch(
     the size grows with the count (compression can make it wobble by a few
     bytes, so the count may be a record or two short of the true maximum).
     Raises :class:`WireBudgetError` when not even one record fits and
-    ``records`` is not empty.
+    ``records`` is not empty. At most :data:`MAX_RECORDS` records are taken.
+    Costs about log2(len(records)) trial encodings.
     """
     if len(records) > MAX_RECORDS:
         records = records[:MAX_RECORDS]

@@ -190,6 +190,18 @@ def test_random_nonce_differs_explicit_nonce_is_used() -> None:
     assert decode_batch(c, lookup).records == tuple(mixed())
 
 
+def test_counter_nonces_from_an_epoch_sequence() -> None:
+    """The uplink may draw nonces from its own epoch||counter sequence."""
+    from store_forward.sealing import NonceSequence
+
+    seq = NonceSequence(5)
+    payloads = [encode_batch(GW, i, mixed(), key=KEY, key_id=3, nonce=seq.next()) for i in range(3)]
+    for i, p in enumerate(payloads):
+        assert decode_batch(p, lookup).seq == i
+    with pytest.raises(WireEncodeError):
+        encode_batch(GW, 1, [], key=KEY, key_id=3, nonce=b"short")
+
+
 # --------------------------------------------------------------------------- size target
 
 
