@@ -38,7 +38,7 @@ import random
 import signal
 import time
 import tty
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import TracebackType
@@ -205,6 +205,8 @@ class _SimContext(ModbusServerContext):
         # The base initialiser builds static register blocks; not wanted here.
         self._meters = meters
         self._clock = clock
+        self.in_flight = 0  # requests being served right now (a one-master bus never exceeds 1)
+        self.max_in_flight = 0
         self.simdevices = []
         self.old_simulator = True
         self.single = False
@@ -223,14 +225,25 @@ class _SimContext(ModbusServerContext):
     async def async_getValues(
         self, device_id: int, func_code: int, address: int, count: int = 1
     ) -> list[int] | list[bool] | ExcCodes:
-        m = await self._meter(device_id)
-        return m.get(func_code, address, count, self._clock())
+        with self._serving():
+            m = await self._meter(device_id)
+            return m.get(func_code, address, count, self._clock())
+
+    @contextlib.contextmanager
+    def _serving(self) -> Iterator[None]:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     async def async_setValues(
         self, device_id: int, func_code: int, address: int, values: Sequence[int] | Sequence[bool]
     ) -> ExcCodes | None:
-        m = await self._meter(device_id)
-        return m.set(func_code, address, values, self._clock())
+        with self._serving():
+            m = await self._meter(device_id)
+            return m.set(func_code, address, values, self._clock())
 
 
 def make_meters(
@@ -262,9 +275,15 @@ class ModbusSimulator:
         self._port = port
         self._clock = clock
         self._server: ModbusTcpServer | None = None
+        self._ctx: _SimContext | None = None
 
     def meter(self, unit_id: int) -> SimMeter:
         return self.meters[unit_id]
+
+    @property
+    def max_in_flight(self) -> int:
+        """Most requests ever served at once (a correct single master keeps this at 1)."""
+        return self._ctx.max_in_flight if self._ctx is not None else 0
 
     @property
     def port(self) -> int:
@@ -274,7 +293,7 @@ class ModbusSimulator:
         return int(server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        ctx = _SimContext(self.meters, self._clock)
+        ctx = self._ctx = _SimContext(self.meters, self._clock)
         self._server = ModbusTcpServer(ctx, address=(self.host, self._port), ignore_missing_devices=True)
         await self._server.serve_forever(background=True)
         for m in self.meters.values():

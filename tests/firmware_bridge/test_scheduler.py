@@ -258,3 +258,82 @@ def test_duplicate_meter_ids_rejected() -> None:
 
     with pytest.raises(ValueError, match="duplicate"):
         BusScheduler("b", [D(), D()])
+
+
+# --------------------------------------------------------------------------- chaos
+
+
+async def _chaos(cycles: int, seed: int) -> None:
+    import random
+
+    from firmware_bridge.relay import ModbusCoilActuator, RelayController, RelayPolicy
+
+    rng = random.Random(seed)
+    units = [1, 2, 3, 4, 5, 6]
+    timeout = 0.05
+    async with ModbusSimulator(units, load_kw="360") as sim:
+        t = ModbusTransport.tcp("127.0.0.1", sim.port, name="chaos", timeout_s=timeout)
+        try:
+            policy = BackoffPolicy(base_ms=2000, factor=2, max_ms=8000, quarantine_after=3, reprobe_ms=20_000)
+            s = BusScheduler("chaos", [ModbusDriver(f"m{u}", u, SDM120, t) for u in units], timeout_s=timeout, retries=1, policy=policy)
+            relays = RelayController(
+                {f"m{u}": ModbusCoilActuator(t, f"m{u}", u, 0) for u in units},
+                policy=RelayPolicy(min_interval_s=0, settle_s=0.0, max_drives=2, redrive_delays_s=(0.0,)),
+                run=s.run_exclusive,
+            )
+            last_energy: dict[str, Decimal] = {}
+            now = 0
+            for _ in range(cycles):
+                now += 1000
+                for u in units:
+                    m = sim.meter(u)
+                    if rng.random() < 0.15:
+                        m.dead = not m.dead
+                    m.refuse = 4 if rng.random() < 0.05 else None
+                    m.relay_stuck = rng.random() < 0.2
+                answering = {f"m{u}" for u in units if not sim.meter(u).dead and sim.meter(u).refuse is None}
+                before = s.health
+                target = rng.choice(units)
+                want_open = rng.random() < 0.5
+                t0 = time.monotonic()
+                res, rel = await asyncio.gather(s.run_cycle(now), relays.set_open(f"m{target}", want_open))
+                elapsed = time.monotonic() - t0
+
+                got = {r.meter_id for r in res.readings}
+                assert got <= answering
+                due = {mid for mid, h in before.items() if is_due(h, now)}
+                assert set(res.skipped) == set(before) - due
+                assert got | set(res.skipped) | {mid for mid in due if not res.health[mid].online} == set(before)
+                for mid, h in res.health.items():
+                    assert h.online == (mid in got) or mid in res.skipped
+                    assert h.quarantined == (h.consecutive_failures >= policy.quarantine_after)
+                    if mid in due and mid not in got:
+                        assert h.consecutive_failures == before[mid].consecutive_failures + 1
+                for r in res.readings:
+                    e = r.get(Quantity.ENERGY_IMPORT)
+                    assert e is not None
+                    assert e >= last_energy.get(r.meter_id, Decimal(0))  # never decoded backwards
+                    last_energy[r.meter_id] = e
+                # bounded cost: at most (1 + retries) timeouts per due meter, plus the relay's
+                # pre-read + 2 × (drive + read-back), plus slack for the answering ones
+                assert elapsed <= (2 * len(due) + 5) * (timeout + 0.05) + 0.5
+                m = sim.meter(target)
+                if f"m{target}" in answering and not m.relay_stuck:
+                    assert rel.ok and m.relay_open == want_open
+                if rel.ok and rel.attempts:
+                    assert rel.final_open == want_open
+                if not rel.ok:
+                    assert rel.alarm and 1 <= len(rel.attempts) <= 2
+            assert sim.max_in_flight == 1
+        finally:
+            t.close()
+
+
+async def test_chaos_short() -> None:
+    await _chaos(cycles=8, seed=1)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("seed", range(3))
+async def test_chaos_long(seed: int) -> None:
+    await _chaos(cycles=300, seed=seed)
