@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ import pytest
 from firmware_bridge.dlt645.simulator import Simulator, make_meters
 from firmware_bridge.dlt645.transport import Dlt645Transport, open_transport
 from gateway.config import BusSection
+
+from .peer import REPLY, Peer
 
 T0 = dt.datetime(2026, 11, 23, 10, 0, 0, tzinfo=dt.UTC)  # 10:00 is rate 2 (peak)
 TIMEOUT_S = 0.3
@@ -67,3 +70,13 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
 async def single_bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
     async for b in _serve(request.param, 1):
         yield b
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[Peer]:
+    """A scripted peer answering every request with REPLY (change ``script``)."""
+    p = Peer(script=lambda req: [REPLY.encode()])
+    p.server = await asyncio.start_server(p.handle, "127.0.0.1", 0)
+    p.port = p.server.sockets[0].getsockname()[1]
+    yield p
+    p.server.close()

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import socket
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import pytest
 
-from firmware_bridge.dlt645.codec import Frame, FrameParser, Function
+from firmware_bridge.dlt645.codec import Function
 from firmware_bridge.dlt645.messages import (
     read_address_reply,
     read_address_request,
@@ -22,52 +20,7 @@ from firmware_bridge.dlt645.transport import Dlt645Transport, char_time_s, open_
 from firmware_bridge.driver import MeterTimeout, TransportError
 from gateway.config import BusSection
 
-ADDR = "000102030425"
-DI = 0x00010000
-REPLY = read_reply(ADDR, DI, bytes.fromhex("42061200"))
-
-Script = Callable[[Frame], list[bytes | float]]  # bytes to send, floats to sleep
-
-
-@dataclass
-class Peer:
-    script: Script
-    port: int = 0
-    requests: list[tuple[float, Frame]] = field(default_factory=list)
-    on_connect: bytes = b""
-    close_after: int | None = None  # drop the connection after this many requests
-    server: asyncio.Server | None = None
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        parser = FrameParser()
-        writer.write(self.on_connect)
-        try:
-            while data := await reader.read(4096):
-                for ev in parser.feed(data):
-                    if not isinstance(ev, Frame):
-                        continue
-                    self.requests.append((loop.time(), ev))
-                    if self.close_after is not None and len(self.requests) >= self.close_after:
-                        self.close_after = None
-                        return
-                    for step in self.script(ev):
-                        if isinstance(step, float):
-                            await asyncio.sleep(step)
-                        else:
-                            writer.write(step)
-                            await writer.drain()
-        finally:
-            writer.close()
-
-
-@pytest.fixture
-async def peer() -> AsyncIterator[Peer]:
-    p = Peer(script=lambda req: [REPLY.encode()])
-    p.server = await asyncio.start_server(p.handle, "127.0.0.1", 0)
-    p.port = p.server.sockets[0].getsockname()[1]
-    yield p
-    p.server.close()
+from .peer import ADDR, DI, REPLY, Peer
 
 
 def section(port: int, timeout_s: float = 0.3) -> BusSection:
