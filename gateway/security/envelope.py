@@ -30,7 +30,8 @@ Verification order (each step sees only inputs that passed the previous one):
 4. counter above the issuer's persisted floor (a re-delivery of the very same
    envelope is reported as ``replay``, anything else at or below the floor
    as ``counter_stale``);
-5. not expired against trusted time;
+5. not expired against trusted time (except a signed time-floor reset, see
+   :func:`is_floor_reset`);
 6. idempotency by command id: a known id returns ``duplicate``.
 
 State (the counter floor per issuer and the seen command ids) changes only
@@ -408,6 +409,10 @@ def parse_envelope(raw: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelo
         problem = check(body)
         if problem:
             return _reject(RejectReason.BAD_BODY, problem)
+    if ctype is CommandType.TIME_SYNC and not issued <= body["time_ms"] < expires:
+        return _reject(
+            RejectReason.BAD_BODY, "time.sync.time_ms must lie within issued_at..expires_at"
+        )
     if orjson.dumps(doc, option=orjson.OPT_SORT_KEYS) != payload:
         return _reject(
             RejectReason.NON_CANONICAL,
@@ -479,6 +484,20 @@ def authenticate(
 # Steps 3-6: target, counter, expiry, idempotency (pure)
 
 
+def is_floor_reset(env: Envelope) -> bool:
+    """A signed ``time.sync`` that may lower the time floor.
+
+    It is exempt from the expiry check: when the floor has been pushed into
+    the future (e.g. by a spoofed NTP server) every command looks expired, the
+    reset included, and nothing else could repair the gateway remotely. Its
+    replay is still refused by the operations key's counter floor; the residual
+    risk (an attacker who intercepted and withheld a reset can deliver it later
+    and move time back to its signing time) is written down in
+    docs/security.md.
+    """
+    return env.type is CommandType.TIME_SYNC and env.body.get("reset_floor") is True
+
+
 @dataclass(frozen=True)
 class SeenCommand:
     command_id: str
@@ -523,7 +542,7 @@ def decide(
             "re-sign with a fresh counter",
             env,
         )
-    if now_ms >= env.expires_at_ms:
+    if now_ms >= env.expires_at_ms and not is_floor_reset(env):
         return _reject(
             RejectReason.EXPIRED,
             f"expired at {env.expires_at_ms} (trusted time {now_ms})",

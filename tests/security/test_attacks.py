@@ -482,3 +482,33 @@ async def test_base64_malleability_of_signature(central: Central, gw: GatewayDB)
     evil = orjson.dumps({"payload": outer["payload"], "signature": twin})
     await refused(gw, evil, RejectReason.MALFORMED, "not canonical base64")
     assert (await gw.process(raw)).outcome is Outcome.APPLIED
+
+
+async def test_time_sync_outside_its_own_window(central: Central, gw: GatewayDB) -> None:
+    payload = canonical_payload(
+        **_payload(
+            type=CommandType.TIME_SYNC,
+            issuer="operations-k1",
+            expires_at_ms=T0 + 60_000,
+            body={"time_ms": T0 + 10 * HOUR},
+        )
+    )
+    raw = signed_raw(central, Role.OPERATIONS, payload)
+    await refused(gw, raw, RejectReason.BAD_BODY, "within issued_at..expires_at")
+
+
+async def test_floor_reset_recovers_from_poisoned_future_floor(
+    central: Central, gw: GatewayDB
+) -> None:
+    poisoned_now = T0 + 20 * 365 * 24 * HOUR  # floor pushed to ~2046
+    sync = central.cmd(CommandType.TIME_SYNC, {"time_ms": T0 + 1000}, expires_at=T0 + 5 * 60_000)
+    await refused(gw, sync, RejectReason.EXPIRED, "expired", now_ms=poisoned_now)
+    reset = central.cmd(
+        CommandType.TIME_SYNC,
+        {"time_ms": T0 + 1000, "reset_floor": True},
+        expires_at=T0 + 5 * 60_000,
+    )
+    res = await gw.process(reset, poisoned_now)
+    assert res.outcome is Outcome.APPLIED
+    # and it cannot be replayed to pull time back again later
+    await refused(gw, reset, RejectReason.REPLAY, "already accepted", now_ms=poisoned_now)
