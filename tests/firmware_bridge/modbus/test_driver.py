@@ -113,3 +113,24 @@ async def test_every_builtin_profile_reads_from_simulator(name: str) -> None:
     assert r.get(Quantity.VOLTAGE) == Decimal("230.4")
     assert r.get(Quantity.POWER) == Decimal("2.0000")
     assert r.get(Quantity.ENERGY_IMPORT) is not None
+
+
+async def test_server_restart_is_transport_error_then_recovers() -> None:
+    meters = None
+    async with ModbusSimulator([1]) as s:
+        port = s.port
+        meters = s.meters
+        t = ModbusTransport.tcp("127.0.0.1", port, name="restart", timeout_s=0.25)
+        t.reconnect_min_s = 0.0  # re-dial immediately for the test
+        d = ModbusDriver("m1", 1, SDM120, t)
+        await d.read(0)
+    try:
+        with pytest.raises((TransportError, MeterTimeout)):
+            await d.read(0)
+        with pytest.raises(TransportError):
+            await d.read(0)
+        async with ModbusSimulator(meters=meters, port=port):
+            r = await d.read(0)
+            assert r.get(Quantity.VOLTAGE) == Decimal("230.4")
+    finally:
+        t.close()
