@@ -15,8 +15,10 @@ Health policy (pure functions, see :func:`on_success` / :func:`on_failure`):
   ``quarantine_after`` consecutive failures the meter is **quarantined** and
   only re-probed every ``reprobe_ms``.
 * Retries (``retries`` per operation) are only spent on a meter that was
-  online: a meter already failing gets one attempt when due, so a dead meter
-  costs at most one timeout per cycle and never stalls the others.
+  online, and only for timeouts and garbled answers (an exception reply or a
+  dead link is not retried): a meter already failing gets one attempt when
+  due, so a dead meter costs at most one timeout per cycle (1 + retries in
+  the cycle it stops answering) and never stalls the others.
 * The first correct answer resets the meter to online.
 
 The scheduler never creates tasks of its own; callers own the loop that calls
@@ -174,6 +176,12 @@ def on_failure(h: MeterHealth, now_ms: int, kind: str, text: str, policy: Backof
         next_attempt_ms=now_ms + backoff_ms(policy, n),
         quarantined=n >= policy.quarantine_after,
     )
+
+
+# An exception reply is deterministic (wrong map, unsupported register) and a
+# transport error fails fast until the link is back: retrying in the same cycle
+# only costs bus time.
+NOT_RETRIED: frozenset[str] = frozenset({"refused", "transport"})
 
 
 def attempts_for(h: MeterHealth, retries: int) -> int:
@@ -340,6 +348,8 @@ class BusScheduler:
             except MeterError as exc:
                 self.metrics.errors[exc.kind] += 1
                 last = exc
+                if exc.kind in NOT_RETRIED:
+                    break
                 continue
             except Exception as exc:  # a driver bug must not stop the bus
                 self.metrics.errors["error"] += 1

@@ -337,3 +337,12 @@ async def test_chaos_short() -> None:
 @pytest.mark.parametrize("seed", range(3))
 async def test_chaos_long(seed: int) -> None:
     await _chaos(cycles=300, seed=seed)
+
+
+async def test_exception_reply_is_not_retried(sim: ModbusSimulator, transport: ModbusTransport) -> None:
+    s = make_sched(transport, retries=3)
+    sim.meter(2).refuse = 2
+    res = await s.run_cycle(0)
+    assert "m2" not in {r.meter_id for r in res.readings}
+    assert s.metrics.errors == {"refused": 1}
+    assert res.health["m2"].last_error is not None and res.health["m2"].last_error.kind == "refused"
