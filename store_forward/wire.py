@@ -262,7 +262,8 @@ class _Reading:
     ts: str
     has_q: bool
     values: tuple[_Value, ...]
-    quality: Mapping[int, str]  # quantity code -> non-default quality string
+    quality: Mapping[int, str]  # quantity code -> quality string
+    record: WireRecord  # for the generic fallback
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +335,45 @@ def _as_reading(rec: WireRecord) -> _Reading | None:
         if name not in v or not isinstance(qual, str) or len(qual.encode()) > MAX_STRING_BYTES:
             return None
         quality[QUANTITY_CODES[Quantity(name)]] = qual
-    return _Reading(rec.id, rec.created_ms, meter, t, ts, "q" in body, tuple(values), quality)
+    return _Reading(rec.id, rec.created_ms, meter, t, ts, "q" in body, tuple(values), quality, rec)
+
+
+def _generic(rec: WireRecord) -> _Generic:
+    try:
+        body_json = orjson.dumps(rec.body)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise WireEncodeError(f"record {rec.id}: body is not JSON-able: {exc}") from exc
+    if len(body_json) > MAX_BODY_BYTES:
+        raise WireEncodeError(f"record {rec.id}: body of {len(body_json)} bytes exceeds limit")
+    return _Generic(rec.id, rec.created_ms, rec.kind, body_json)
+
+
+def _column_fits(values: Sequence[_Value]) -> bool:
+    """Whether one meter's column can share a base exponent within limits."""
+    base = min(v.exp for v in values)
+    return all(
+        v.exp - base <= _MAX_EXPONENT_SPREAD and abs(v.coef) * 10 ** (v.exp - base) < _MAX_SCALED
+        for v in values
+    )
+
+
+def _demote_unfit(rows: Sequence[_Row]) -> Sequence[_Row]:
+    """Send readings whose column (per meter) cannot be scaled to one
+    exponent within limits the generic way; the rest stay columnar."""
+    columns: dict[tuple[str, int], list[_Value]] = {}
+    for row in rows:
+        if isinstance(row, _Reading):
+            for v in row.values:
+                columns.setdefault((row.meter, v.code), []).append(v)
+    bad = {key for key, values in columns.items() if not _column_fits(values)}
+    if not bad:
+        return rows
+    return [
+        _generic(row.record)
+        if isinstance(row, _Reading) and any((row.meter, v.code) in bad for v in row.values)
+        else row
+        for row in rows
+    ]
 
 
 def _analyse(rec: WireRecord) -> _Row:
@@ -347,15 +386,7 @@ def _analyse(rec: WireRecord) -> _Row:
     if not isinstance(rec.body, dict):
         raise WireEncodeError(f"record {rec.id}: body must be a dict")
     reading = _as_reading(rec)
-    if reading is not None:
-        return reading
-    try:
-        body_json = orjson.dumps(rec.body)
-    except (TypeError, orjson.JSONEncodeError) as exc:
-        raise WireEncodeError(f"record {rec.id}: body is not JSON-able: {exc}") from exc
-    if len(body_json) > MAX_BODY_BYTES:
-        raise WireEncodeError(f"record {rec.id}: body of {len(body_json)} bytes exceeds limit")
-    return _Generic(rec.id, rec.created_ms, rec.kind, body_json)
+    return reading if reading is not None else _generic(rec)
 
 
 # --------------------------------------------------------------------------- plaintext
@@ -483,6 +514,7 @@ _SPREAD = 2  # flag: per-value exponent offsets
 
 
 def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
+    rows = _demote_unfit(rows)
     strings = _Strings()
     meter_index: dict[str, int] = {}
     meters: list[list[_Reading]] = []
