@@ -21,7 +21,7 @@ from typing import Any
 
 from firmware_bridge.driver import MeterDriver
 from firmware_bridge.modbus.driver import ModbusDriver
-from firmware_bridge.modbus.profiles import Profile, parse_profiles
+from firmware_bridge.modbus.profiles import Profile, ProfileError, parse_profile, parse_profiles
 from firmware_bridge.modbus.transport import ModbusTransport
 from firmware_bridge.relay import Dlt645RelayActuator, actuator_from_config
 from firmware_bridge.scheduler import BackoffPolicy, BusScheduler, silent_interval_s
@@ -35,6 +35,58 @@ class BusConfigError(ValueError):
         super().__init__(f"{path}: {problem}")
         self.path = path
         self.problem = problem
+
+
+def config_problems(
+    buses: Sequence[BusSection], meters: Sequence[MeterSection], profiles: Mapping[str, Any] | None
+) -> list[str]:
+    """Every southbound configuration problem, without opening anything.
+
+    For ``edgegw config check``: user profiles (one problem per broken profile),
+    unknown profile names, mixed protocols on one bus, relay tables that do not
+    fit their meter. Each line is ``key.path: problem``.
+    """
+    problems: list[str] = []
+    known: dict[str, Profile] = dict(parse_profiles(None))
+    if profiles is not None and not isinstance(profiles, Mapping):
+        return ["profiles: must be a table of [profiles.NAME] tables"]
+    for name, raw in (profiles or {}).items():
+        try:
+            known[name] = parse_profile(name, raw)
+        except ProfileError as exc:
+            problems.append(str(exc))
+            known.setdefault(name, parse_profiles(None)["sdm120"])  # do not also report it as unknown
+    for bus in buses:
+        on_bus = [m for m in meters if m.bus == bus.name]
+        try:
+            bus_protocol(bus, on_bus)
+        except BusConfigError as exc:
+            problems.append(str(exc))
+    for i, m in enumerate(meters):
+        key = f"meter[{i}]"
+        if m.protocol == "modbus" and m.profile is not None and m.profile not in known:
+            problems.append(f"{key}.profile: unknown profile {m.profile!r} (known: {', '.join(sorted(known))})")
+        if m.relay is None:
+            continue
+        r = m.relay
+        if r.kind == "dlt645" and m.protocol != "dlt645":
+            problems.append(f"{key}.relay.kind: 'dlt645' relay needs a dlt645 meter")
+        if r.kind in ("coil", "register"):
+            if m.protocol != "modbus":
+                problems.append(f"{key}.relay.kind: {r.kind!r} relay needs a Modbus bus (this meter speaks {m.protocol})")
+            if r.unit_id is None and m.unit_id is None:
+                problems.append(f"{key}.relay.unit_id: required (the meter has no unit_id)")
+            if r.kind == "coil" and r.open_value not in (0, 1):
+                problems.append(f"{key}.relay.open_value: a coil is 0 or 1, got {r.open_value}")
+            if r.kind == "register":
+                if r.open_value == r.closed_value:
+                    problems.append(f"{key}.relay: open_value and closed_value must differ")
+                for k, v in (("open_value", r.open_value), ("closed_value", r.closed_value)):
+                    if not 0 <= v <= 0xFFFF:
+                        problems.append(f"{key}.relay.{k}: must be 0..65535, got {v}")
+            if r.address > 0xFFFF:
+                problems.append(f"{key}.relay.address: must be 0..65535, got {r.address}")
+    return problems
 
 
 def bus_protocol(bus: BusSection, meters: Sequence[MeterSection]) -> str:

@@ -86,3 +86,32 @@ async def test_open_bus_dlt645_with_relay() -> None:
             drv2.password = sims[2].password  # type: ignore[attr-defined]
             stuck = await relays.set_open("d2", True)
             assert stuck.alarm and not sims[2].relay_open and len(stuck.attempts) == 2
+
+
+def test_config_problems_lists_everything() -> None:
+    from firmware_bridge.bus import config_problems
+    from gateway.config import RelaySection
+
+    buses = [BusSection(name="b1", type="tcp", host="h"), BusSection(name="b2", type="serial", device="/dev/x")]
+    meters = [
+        MeterSection(id="a", bus="b1", protocol="modbus", profile="nope", unit_id=1),
+        MeterSection(id="b", bus="b1", protocol="modbus", profile="broken", unit_id=2),
+        MeterSection(id="c", bus="b2", protocol="modbus", profile="sdm120", unit_id=3,
+                     relay=RelaySection(kind="register", open_value=1, closed_value=1)),
+        MeterSection(id="d", bus="b2", protocol="dlt645", address="000000000001",
+                     relay=RelaySection(kind="coil")),
+        MeterSection(id="e", bus="b1", protocol="modbus", profile="sdm120", unit_id=4,
+                     relay=RelaySection(kind="coil", open_value=2)),
+    ]
+    profiles = {"broken": {"function_code": 4, "fields": {"power_kw": {"address": 1, "unit": "kWh"}}}, "ok": {"function_code": 3, "fields": {"voltage_v": {"address": 0}}}}
+    problems = config_problems(buses, meters, profiles)
+    assert problems == [
+        "profiles.broken.fields.power_kw.unit: must be one of 'kW', 'W' for power_kw, got 'kWh'",
+        "bus b2: meters speak different protocols (dlt645, modbus); use one bus per protocol",
+        "meter[0].profile: unknown profile 'nope' (known: broken, ddsu666, dtsu666, ok, sdm120, sdm630)",
+        "meter[2].relay: open_value and closed_value must differ",
+        "meter[3].relay.kind: 'coil' relay needs a Modbus bus (this meter speaks dlt645)",
+        "meter[3].relay.unit_id: required (the meter has no unit_id)",
+        "meter[4].relay.open_value: a coil is 0 or 1, got 2",
+    ]
+    assert config_problems(buses[:1], meters[4:4], None) == []
