@@ -112,7 +112,11 @@ def _modbus_transport(bus: BusSection) -> ModbusTransport:
     if bus.type == "tcp":
         if not bus.host:
             raise BusConfigError(f"bus {bus.name}.host", "required for a tcp bus")
-        return ModbusTransport.tcp(bus.host, bus.port, name=bus.name, timeout_s=bus.timeout_s)
+        # "framing" is optional on BusSection: "rtu" for transparent RS-485/Ethernet converters
+        rtu = getattr(bus, "framing", "socket") == "rtu"
+        return ModbusTransport.tcp(
+            bus.host, bus.port, name=bus.name, timeout_s=bus.timeout_s, rtu_over_tcp=rtu, baud=bus.baud
+        )
     if not bus.device:
         raise BusConfigError(f"bus {bus.name}.device", "required for a serial bus")
     return ModbusTransport.serial(

@@ -47,7 +47,7 @@ from typing import Any
 from pymodbus.constants import ExcCodes
 from pymodbus.datastore import ModbusServerContext
 from pymodbus.exceptions import ModbusException, NoSuchIdException
-from pymodbus.framer import FramerRTU
+from pymodbus.framer import FramerRTU, FramerType
 from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.server import ModbusTcpServer
 
@@ -257,7 +257,10 @@ def make_meters(
 
 
 class ModbusSimulator:
-    """Async context manager running a Modbus TCP server for simulated meters."""
+    """Async context manager running a Modbus TCP server for simulated meters.
+
+    ``rtu_over_tcp`` serves RTU frames over TCP, like a transparent serial server.
+    """
 
     def __init__(
         self,
@@ -269,10 +272,12 @@ class ModbusSimulator:
         port: int = 0,
         meters: dict[int, SimMeter] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rtu_over_tcp: bool = False,
     ) -> None:
         self.meters = meters if meters is not None else make_meters(units, profile, load_kw)
         self.host = host
         self._port = port
+        self.rtu_over_tcp = rtu_over_tcp
         self._clock = clock
         self._server: ModbusTcpServer | None = None
         self._ctx: _SimContext | None = None
@@ -294,7 +299,10 @@ class ModbusSimulator:
 
     async def start(self) -> None:
         ctx = self._ctx = _SimContext(self.meters, self._clock)
-        self._server = ModbusTcpServer(ctx, address=(self.host, self._port), ignore_missing_devices=True)
+        framer = FramerType.RTU if self.rtu_over_tcp else FramerType.SOCKET
+        self._server = ModbusTcpServer(
+            ctx, framer=framer, address=(self.host, self._port), ignore_missing_devices=True
+        )
         await self._server.serve_forever(background=True)
         for m in self.meters.values():
             m.advance(self._clock())

@@ -18,6 +18,7 @@ from typing import Any
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerType
 
 from firmware_bridge.driver import MeterFrameError, MeterRefused, MeterTimeout, TransportError
 from firmware_bridge.scheduler import rtu_t35_s
@@ -66,9 +67,18 @@ class ModbusTransport:
         client.set_max_no_responses(1_000_000)
 
     @classmethod
-    def tcp(cls, host: str, port: int, *, name: str, timeout_s: float) -> ModbusTransport:
-        client = AsyncModbusTcpClient(host, port=port, timeout=timeout_s, retries=0, reconnect_delay=0)
-        return cls(client, name=name, timeout_s=timeout_s)
+    def tcp(
+        cls, host: str, port: int, *, name: str, timeout_s: float, rtu_over_tcp: bool = False, baud: int = 9600
+    ) -> ModbusTransport:
+        """Modbus TCP (MBAP framing), or RTU frames tunnelled through a serial server.
+
+        With ``rtu_over_tcp`` (transparent RS-485/Ethernet converters) the RS-485
+        side still needs t3.5 between frames at ``baud``.
+        """
+        framer = FramerType.RTU if rtu_over_tcp else FramerType.SOCKET
+        client = AsyncModbusTcpClient(host, port=port, framer=framer, timeout=timeout_s, retries=0, reconnect_delay=0)
+        gap = rtu_t35_s(baud) if rtu_over_tcp else 0.0
+        return cls(client, name=name, timeout_s=timeout_s, silent_interval_s=gap)
 
     @classmethod
     def serial(

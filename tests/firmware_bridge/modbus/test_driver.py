@@ -134,3 +134,16 @@ async def test_server_restart_is_transport_error_then_recovers() -> None:
             assert r.get(Quantity.VOLTAGE) == Decimal("230.4")
     finally:
         t.close()
+
+
+async def test_rtu_over_tcp() -> None:
+    async with ModbusSimulator([3], rtu_over_tcp=True) as s:
+        t = ModbusTransport.tcp("127.0.0.1", s.port, name="conv", timeout_s=0.25, rtu_over_tcp=True, baud=2400)
+        try:
+            assert t.silent_interval_s == pytest.approx(3.5 * 11 / 2400)
+            r = await ModbusDriver("m3", 3, SDM120, t).read(0)
+            assert r.get(Quantity.VOLTAGE) == Decimal("230.4")
+            with pytest.raises(MeterTimeout):
+                await ModbusDriver("m4", 4, SDM120, t).read(0)
+        finally:
+            t.close()
