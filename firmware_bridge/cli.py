@@ -2,6 +2,7 @@
 
     edgegw meters read  --config site.toml [--meter ID ...] [--json]
     edgegw meters scan  --config site.toml --bus rs485-1 [--units 1-32] [--profile sdm120] [--json]
+                        (DL/T 645 bus: read-address discovery + probe of the configured addresses)
     edgegw meters relay --config site.toml --meter ID {status,open,close}
 
 All commands use the same bus code as the daemon (``open_bus``): one
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import sys
 import time
 from collections.abc import Sequence
@@ -180,9 +182,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(f"unknown bus {args.bus!r} (known: {', '.join(b.name for b in cfg.buses)})", file=sys.stderr)
         return 2
     protocols = {m.protocol for m in cfg.meters_on(bus.name)}
-    if protocols - {"modbus"}:
-        print(f"bus {bus.name}: scan supports Modbus buses only", file=sys.stderr)
+    if len(protocols) > 1:
+        print(f"bus {bus.name}: meters speak different protocols", file=sys.stderr)
         return 2
+    if protocols == {"dlt645"}:
+        return _scan_dlt645(cfg, bus.name, args)
     try:
         if args.profile not in resolve_profiles(cfg.profiles):
             print(f"unknown profile {args.profile!r}", file=sys.stderr)
@@ -200,6 +204,39 @@ def cmd_scan(args: argparse.Namespace) -> int:
             extra = " ".join(f"{k}={v}" for k, v in row.get("values", {}).items()) or row.get("detail", "")
             print(f"unit {row['unit_id']:>3}: {row['status']}  {extra}")
         print(f"{sum(r['status'] == 'answered' for r in rows)} of {len(rows)} unit(s) answered")
+    return 0
+
+
+async def _dlt645_scan(cfg: Config, bus_name: str, pattern: str) -> dict[str, Any]:
+    dlt = importlib.import_module("firmware_bridge.dlt645")
+    configured = [m.address for m in cfg.meters_on(bus_name) if m.address]
+    out: dict[str, Any] = {"bus": bus_name, "protocol": "dlt645"}
+    async with dlt.open_transport(cfg.bus(bus_name)) as transport:
+        try:
+            out["discovered"] = await dlt.discover(transport, pattern)
+        except MeterError as exc:
+            out["discovered"] = []
+            out["discover_error"] = f"{exc.kind}: {exc.detail} (several meters answer a full wildcard at once)"
+        present = set(await dlt.probe(transport, configured))
+    out["configured"] = [{"address": a, "status": "answered" if a in present else "silent"} for a in configured]
+    return out
+
+
+def _scan_dlt645(cfg: Config, bus_name: str, args: argparse.Namespace) -> int:
+    try:
+        out = asyncio.run(_dlt645_scan(cfg, bus_name, args.pattern))
+    except (MeterError, ValueError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    if args.json:
+        _emit(out)
+    else:
+        for a in out["discovered"]:
+            print(f"discovered {a}")
+        if "discover_error" in out:
+            print(f"discover: {out['discover_error']}")
+        for row in out["configured"]:
+            print(f"configured {row['address']}: {row['status']}")
     return 0
 
 
@@ -258,12 +295,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_read)
 
-    s = sub.add_parser("scan", help="probe Modbus unit ids on a bus")
+    s = sub.add_parser("scan", help="probe Modbus unit ids, or DL/T 645 addresses, on a bus")
     s.add_argument("--config", required=True)
     s.add_argument("--bus", required=True)
     s.add_argument("--units", type=parse_units, default=list(range(1, 33)), help="e.g. 1-32 or 1,2,10-12")
     s.add_argument("--profile", default="sdm120", help="map used for the probe read")
-    s.add_argument("--timeout", type=float, default=0.3, help="per-unit timeout in seconds")
+    s.add_argument("--timeout", type=float, default=0.3, help="per-unit timeout in seconds (Modbus)")
+    s.add_argument("--pattern", default="AAAAAAAAAAAA", help="DL/T 645 read-address pattern (AA = wildcard digit pair)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_scan)
 

@@ -94,3 +94,46 @@ def test_parse_units() -> None:
         cli.parse_units("0-3")
     with pytest.raises(argparse.ArgumentTypeError):
         cli.parse_units("")
+
+
+async def test_scan_dlt645_bus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from firmware_bridge.dlt645.simulator import Simulator, make_meters
+
+    sims = make_meters(2)
+    sims[1].faults.no_reply = True
+    async with Simulator(sims[:1]) as lone:
+        port = await lone.start_tcp()
+        cfg = tmp_path / "dlt.toml"
+        cfg.write_text(
+            f"""
+[gateway]
+id = "gw"
+site = "s"
+[storage]
+path = "{tmp_path / 'db'}"
+[[bus]]
+name = "d"
+type = "tcp"
+host = "127.0.0.1"
+port = {port}
+timeout_s = 0.2
+[[meter]]
+id = "x"
+bus = "d"
+protocol = "dlt645"
+address = "{sims[0].address}"
+[[meter]]
+id = "y"
+bus = "d"
+protocol = "dlt645"
+address = "{sims[1].address}"
+""",
+            encoding="utf-8",
+        )
+        assert await run(["meters", "scan", "--config", str(cfg), "--bus", "d", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["discovered"] == [sims[0].address]
+    assert out["configured"] == [
+        {"address": sims[0].address, "status": "answered"},
+        {"address": sims[1].address, "status": "silent"},
+    ]
