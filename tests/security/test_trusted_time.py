@@ -124,7 +124,7 @@ def test_meter_majority() -> None:
     assert t.time_source is TimeSource.METER
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     steps=st.lists(
         st.tuples(
