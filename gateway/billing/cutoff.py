@@ -209,8 +209,8 @@ def _band_reason(balance: int, lvl: Level, cfg: CutoffConfig) -> str:
         Level.NORMAL: f"balance {b} > alarm1 {_yuan(cfg.alarm1_micro)}",
         Level.ALARM1: f"balance {b} <= alarm1 {_yuan(cfg.alarm1_micro)}",
         Level.ALARM2: f"balance {b} <= alarm2 {_yuan(cfg.alarm2_micro)}",
-        Level.GRACE: f"balance {b} <= 0, within overdraft {_yuan(cfg.overdraft_micro)}",
-        Level.CUTOFF: f"balance {b} <= -overdraft {_yuan(cfg.overdraft_micro)}",
+        Level.GRACE: f"balance {b} <= 0, above the overdraft limit -{_yuan(cfg.overdraft_micro)}",
+        Level.CUTOFF: f"balance {b} <= overdraft limit -{_yuan(cfg.overdraft_micro)}",
     }[lvl]
 
 
@@ -296,10 +296,11 @@ def evaluate(
             new = CutoffState(Level.CUTOFF, True, state.alarm_on, None, None, now_ms)
         else:
             new = replace(state, level=Level.GRACE, pending=blocker, restore_since_ms=None)
+            reason = f"{reason}; trip deferred: {blocker.value}"
             if blocker != state.pending:
                 events.append(
                     CutoffEvent("trip_pending", account, now_ms, state.level, Level.GRACE, balance_micro,
-                                f"trip due ({reason}) but not executed: {blocker.value}")
+                                f"trip due but not executed: {reason}")
                 )
     else:
         new = replace(state, level=want, pending=None, restore_since_ms=None)
