@@ -6,11 +6,11 @@ Safety rules (docs/modbus.md, "Relay safety"):
   time. A mismatch is re-driven on a bounded schedule; when the attempts are
   used up the controller raises an alarm carrying the evidence (every
   attempt: what was sent, what came back, errors).
+* The state is read first: a command for the state the relay is already in
+  is not driven (no needless switching) and succeeds at once.
 * A minimum interval is kept between two operations on one relay
-  (contactor wear, in-rush); a command that comes too early is refused with
-  :class:`RelayRateLimited` rather than silently delayed.
-* A command for the state the relay is already in is not driven (no
-  needless switching); the pre-read is one bus transaction.
+  (contactor wear, in-rush); a switching command that comes too early is
+  refused with :class:`RelayRateLimited` rather than silently delayed.
 * An optional supply check (e.g. voltage above 0.75 Un) can veto a command.
 * Each bus transaction runs through ``run`` (normally
   :meth:`firmware_bridge.scheduler.BusScheduler.run_exclusive`), so relay
@@ -297,6 +297,13 @@ class RelayController:
         pol = self.policy_for(meter_id)
         st = self._state[meter_id]
         async with st.lock:
+            word = "open" if open else "closed"
+            try:
+                current: bool | None = bool(await self._run(meter_id, act.read_open))
+            except MeterError:
+                current = None
+            if current is open:
+                return RelayResult(meter_id, open, True, current, (), False, f"already {word}")
             wait = interval_remaining_s(st.last_op_s, self._clock(), pol.min_interval_s)
             if wait > 0:
                 raise RelayRateLimited(meter_id, wait)
@@ -304,13 +311,6 @@ class RelayController:
                 veto = await self._supply_check(meter_id, open)
                 if veto:
                     raise RelayRefused(meter_id, veto)
-            word = "open" if open else "closed"
-            try:
-                current = bool(await self._run(meter_id, act.read_open))
-            except MeterError:
-                current = None
-            if current is open:
-                return RelayResult(meter_id, open, True, current, (), False, f"already {word}")
             deferred_close = not open and bool(getattr(act, "close_is_deferred", False))
             attempts: list[RelayAttempt] = []
             final: bool | None = current

@@ -157,6 +157,9 @@ async def test_min_interval_enforced(sim: ModbusSimulator, transport: ModbusTran
         await c.set_open("m1", False)
     assert ei.value.retry_after_s == pytest.approx(20.0)
     assert sim.meter(1).relay_open  # nothing was sent
+    writes = sim.meter(1).writes
+    again = await c.set_open("m1", True)  # already open: no switching, so no rate limit
+    assert again.ok and again.attempts == () and sim.meter(1).writes == writes
     now[0] += 20
     assert (await c.set_open("m1", False)).ok
 
