@@ -28,6 +28,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from gateway.billing.cutoff import CutoffState
 from gateway.billing.ledger import (
     AppendResult,
     Entry,
@@ -366,3 +367,13 @@ async def save_cutoff_json(conn: aiosqlite.Connection, account: str, state: dict
         "UPDATE billing_account SET cutoff_state = ? WHERE account = ?",
         (orjson.dumps(state, option=orjson.OPT_SORT_KEYS).decode(), account),
     )
+
+
+async def load_cutoff_state(conn: aiosqlite.Connection, account: str) -> CutoffState:
+    """The persisted cutoff state of ``account`` (the initial state if none)."""
+    data = await load_cutoff_json(conn, account)
+    return CutoffState() if data is None else CutoffState.from_json(data)
+
+
+async def save_cutoff_state(conn: aiosqlite.Connection, account: str, state: CutoffState) -> None:
+    await save_cutoff_json(conn, account, state.to_json())
