@@ -97,3 +97,19 @@ def test_bad_name_and_shape() -> None:
         parse_profile("bad name", good())
     with pytest.raises(ProfileError, match="must be a table"):
         parse_profiles({"x": 3})
+
+
+def test_documented_user_map_is_valid() -> None:
+    import re
+    import tomllib
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "modbus.md").read_text(encoding="utf-8")
+    blocks = [tomllib.loads(b) for b in re.findall(r"```toml\n(.*?)```", doc, re.S)]
+    profiles = [b["profiles"] for b in blocks if "profiles" in b]
+    assert profiles, "docs/modbus.md shows a [profiles.NAME] example"
+    merged = parse_profiles(profiles[0])
+    p = merged["acme_em1"]
+    assert p.word_order is WordOrder.LITTLE and p.function_code == 3
+    e = p.field(Quantity.ENERGY_IMPORT)
+    assert e is not None and e.scale == Decimal("0.01") and e.dtype is DataType.UINT32
