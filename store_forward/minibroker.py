@@ -480,6 +480,9 @@ class MiniBroker:
 
     Use ``async with MiniBroker() as broker:`` (listens on 127.0.0.1, a free
     port, available as ``broker.port``), or ``await start()`` / ``await stop()``.
+    ``stop()`` then ``start()`` on the same object keeps sessions and retained
+    messages, like a restart of a broker with persistence; a new object starts
+    empty, like one without.
     """
 
     def __init__(
@@ -558,6 +561,11 @@ class MiniBroker:
         """Topic filter -> granted QoS of a session (empty if there is none)."""
         s = self._sessions.get(client_id)
         return dict(s.subscriptions) if s else {}
+
+    def dropped_messages(self, client_id: str) -> int:
+        """Messages for this session dropped because its queue or socket was full."""
+        s = self._sessions.get(client_id)
+        return s.dropped if s else 0
 
     def session_queue_length(self, client_id: str) -> int:
         """Unacknowledged + queued QoS 1 messages of a session (0 if none)."""

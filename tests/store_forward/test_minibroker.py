@@ -397,6 +397,70 @@ async def test_offline_queue_is_bounded() -> None:
             assert [int((await next_message(slow)).payload) for _ in range(5)] == list(range(5))
 
 
+async def test_qos1_flow_control_window() -> None:
+    async with MiniBroker(max_inflight=3) as b:
+        reader, writer, _ = await raw_session(b.port, "slow-acker", clean=False)
+        writer.write(_packet(0x82, b"\x00\x01" + _s(b"w") + b"\x01"))
+        assert (await read_packet(reader))[0] == 0x90
+        async with client(b, "pub") as pub:
+            for i in range(5):
+                await pub.publish("w", str(i).encode(), qos=1)
+        packet_ids = []
+        for i in range(3):
+            first, body = await read_packet(reader)
+            assert first == 0x32 and body.endswith(str(i).encode())
+            packet_ids.append(body[3:5])
+        with pytest.raises(TimeoutError):  # window full: nothing more until an ack
+            await asyncio.wait_for(reader.read(1), 0.3)
+        assert b.session_queue_length("slow-acker") == 5
+        writer.write(_packet(0x40, packet_ids[0]) + _packet(0x40, packet_ids[1]))
+        for i in (3, 4):
+            first, body = await read_packet(reader)
+            assert first == 0x32 and body.endswith(str(i).encode())
+        writer.close()
+
+
+async def test_qos0_to_a_client_that_does_not_read_is_dropped_not_buffered() -> None:
+    async with MiniBroker(max_write_buffer=256 * 1024) as b:
+        reader, writer, _ = await raw_session(b.port, "stuck")
+        writer.write(_packet(0x82, b"\x00\x01" + _s(b"flood") + b"\x00"))
+        assert (await read_packet(reader))[0] == 0x90  # then never reads again
+        async with client(b, "ok") as ok, client(b, "pub") as pub:
+            await ok.subscribe("flood", qos=0)
+            blob = b"x" * 100_000
+            for _ in range(300):  # 30 MB, more than the socket buffers hold
+                await pub.publish("flood", blob, qos=0)
+                await asyncio.sleep(0)
+                if b.dropped_messages("stuck"):
+                    break
+            assert b.dropped_messages("stuck") > 0
+            await pub.publish("flood", b"end", qos=1)
+            for _ in range(400):  # the reading client got everything up to the end
+                if (await next_message(ok)).payload == b"end":
+                    break
+        writer.close()
+
+
+async def test_restart_keeps_sessions_and_retained() -> None:
+    b = MiniBroker()
+    await b.start()
+    async with client(b, "he", clean_session=False) as he:
+        await he.subscribe("up", qos=1)
+    async with client(b, "pub") as pub:
+        await pub.publish("up", b"queued", qos=1)
+        await pub.publish("state", b"kept", qos=1, retain=True)
+    port = b.port
+    await b.stop()
+    await b.start(port=port)
+    try:
+        async with client(b, "he", clean_session=False) as he:
+            assert (await next_message(he)).payload == b"queued"
+            await he.subscribe("state", qos=1)
+            assert (await next_message(he)).payload == b"kept"
+    finally:
+        await b.stop()
+
+
 async def test_session_takeover(broker: MiniBroker) -> None:
     reader, writer, _ = await raw_session(broker.port, "dup-id")
     async with client(broker, "dup-id"):
