@@ -55,7 +55,8 @@ async def _serve(kind: str, n_meters: int) -> AsyncIterator[Bus]:
             section = BusSection(
                 "sim", "serial", device=path, baud=9600, parity="N", timeout_s=TIMEOUT_S
             )
-        async with open_transport(section) as transport:
+        # a short gap keeps the suite fast; the gap itself is tested in test_transport
+        async with open_transport(section, gap_s=0.002) as transport:
             yield Bus(sim, transport, clock, kind)
 
 
