@@ -27,6 +27,11 @@ through the same two stages::
   bytes and holds new connections (like a dead radio: TCP notices only through
   its own timeouts). ``set_up(True)`` restores the link.
 
+Command line (for the demo)::
+
+    python -m store_forward.linkemu --target 127.0.0.1:1883 --port 11883 \\
+        --rate-bps 9600 --latency 0.3 --stall-every 30 --stall-duration 5
+
 Counters (:attr:`LinkEmulator.stats`) count TCP payload bytes delivered in
 each direction; ``up`` is client → target.
 
@@ -36,15 +41,18 @@ not reproducible; the stall schedule and the per-chunk loss draws are.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
 import logging
 import random
+import signal
 import socket
 import struct
+import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -431,3 +439,78 @@ class LinkEmulator:
             await dst.drain()
         if dst.can_write_eof() and not dst.transport.is_closing():
             dst.write_eof()
+
+
+# --------------------------------------------------------------------------- #
+# Command line: python -m store_forward.linkemu --target HOST:PORT ...
+# --------------------------------------------------------------------------- #
+
+
+def _parse_target(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError("expected HOST:PORT")
+    return host, int(port)
+
+
+async def _run(args: argparse.Namespace) -> None:
+    host, port = args.target
+    link = LinkEmulator(
+        host,
+        port,
+        rate_bps=args.rate_bps,
+        latency_s=args.latency,
+        stall_every_s=args.stall_every,
+        stall_duration_s=args.stall_duration,
+        stall_random=args.stall_random,
+        loss_stall_prob=args.loss_stall_prob,
+        loss_stall_s=args.loss_stall,
+        seed=args.seed,
+        host=args.host,
+        port=args.port,
+    )
+    await link.start()
+    print(f"link emulator listening on {link.host}:{link.port} -> {host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await link.stop()
+        print(f"link emulator: {link.stats}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m store_forward.linkemu",
+        description="TCP proxy imposing rate, latency and stalls (a poor uplink).",
+    )
+    parser.add_argument("--target", type=_parse_target, required=True, metavar="HOST:PORT")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port (0 = any free port)")
+    parser.add_argument("--rate-bps", type=int, default=None, help="bits/s per direction")
+    parser.add_argument("--latency", type=float, default=0.0, help="one-way latency, s")
+    parser.add_argument("--stall-every", type=float, default=None, help="s between stalls")
+    parser.add_argument("--stall-duration", type=float, default=0.0, help="stall length, s")
+    parser.add_argument("--stall-random", action="store_true", help="exponential gaps")
+    parser.add_argument("--loss-stall-prob", type=float, default=0.0)
+    parser.add_argument("--loss-stall", type=float, default=0.2, help="loss stall length, s")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+    )
+    try:
+        asyncio.run(_run(args))
+    except (OSError, ValueError) as exc:
+        print(f"linkemu: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import signal
+import sys
 from collections.abc import AsyncIterator, Iterator
 
 import aiomqtt
@@ -417,3 +419,27 @@ async def test_qos1_persistent_session_survives_resets_and_outages(long_run: boo
                 await sink_task
         assert received == set(range(total))
         assert link.stats.resets > 0
+
+
+async def test_command_line_link_emulator(echo_port: int) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "store_forward.linkemu", "--target", f"{HOST}:{echo_port}",
+        "--latency", "0.05", "--rate-bps", "1000000",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        assert line.startswith("link emulator listening on 127.0.0.1:"), line
+        port = int(line.split()[4].rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection(HOST, port)
+        assert 0.1 <= await roundtrip(reader, writer, b"via cli") < 1.0
+        writer.close()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), WAIT)
+        assert proc.returncode == 0
+        assert "up_bytes=7, down_bytes=7" in out.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
