@@ -264,7 +264,8 @@ async def rate_reading(
 ) -> RatedReading:
     """Rate a new reading of a meter against its stored baseline and append the debit.
 
-    The first reading of a meter only becomes its baseline. On an anomaly that
+    The first reading of a meter only becomes its baseline. An interval with no
+    energy writes no ledger row (the baseline still advances). On an anomaly that
     refuses rating (register backwards, time not increasing, no tariff) the
     baseline is kept, so nothing is lost once the cause is fixed (a meter
     replacement is recorded with :func:`record_meter_replacement`).
@@ -279,7 +280,7 @@ async def rate_reading(
     view = await load_view(conn, account)
     result = rate_interval(base, reading, book, view.tier, max_gap_ms=max_gap_ms)
     appended = None
-    if result.charge is not None:
+    if result.charge is not None and result.charge.ckwh > 0:  # no rows for zero energy
         appended = await append(conn, debit_entry(account, result.charge))
     if result.advance:
         await set_baseline(conn, account, reading)

@@ -68,10 +68,13 @@ async def test_rate_reading_flow_and_baseline(conn: aiosqlite.Connection) -> Non
     assert step.appended is not None and step.view.balance_micro == -560_000
     redelivered = await ls.rate_reading(conn, "acc", rr("r1", "2026-03-02T11:00", "101.00"), b)
     assert redelivered.result is None and redelivered.view.balance_micro == -560_000
+    idle = await ls.rate_reading(conn, "acc", rr("r1b", "2026-03-02T11:30", "101.00"), b)
+    assert idle.result is not None and idle.appended is None  # zero energy: no row
+    assert len(await ls.entries(conn, "acc")) == 1
     back = await ls.rate_reading(conn, "acc", rr("r2", "2026-03-02T12:00", "99.00"), b)
     assert back.result is not None and back.result.anomalies[0].kind is AnomalyKind.REGISTER_BACKWARDS
     base = await ls.get_baseline(conn, "m1")
-    assert base is not None and base.reading_id == "r1"  # kept
+    assert base is not None and base.reading_id == "r1b"  # kept
     # explicit replacement: old meter ends at 101.50, new starts at 0.20
     await ls.record_meter_replacement(
         conn, "acc",
@@ -157,6 +160,10 @@ async def test_crash_consistency_sigkill_mid_stream(tmp_path: Path, long_run: bo
         if proc.returncode is None:
             os.kill(proc.pid, signal.SIGKILL)
         await proc.wait()
+    async with aiosqlite.connect(db) as c:
+        async with c.execute("SELECT COUNT(*) FROM reading") as cur:
+            row = await cur.fetchone()
+    assert row is not None and 0 < row[0] < n  # the kills really interrupted the stream
     proc = await _start(db, n)
     _, err = await asyncio.wait_for(proc.communicate(), timeout=max(5.0, deadline - time.monotonic()))
     assert proc.returncode == 0, err.decode()
