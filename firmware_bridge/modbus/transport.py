@@ -12,6 +12,7 @@ module's decisions, so that a dead meter cannot hold the bus for
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,6 +34,19 @@ EXCEPTION_NAMES = {
     10: "gateway path unavailable",
     11: "gateway target failed to respond",
 }
+
+
+def quiet_pymodbus_logging() -> None:
+    """Keep pymodbus from logging every unanswered request at ERROR (with a frame dump).
+
+    Every failure already comes back as a typed MeterError and lands in the
+    meter's health; an ERROR line per dead meter per cycle only wears the SD
+    card. Applied only while nobody configured the ``pymodbus`` logger level
+    (set it, e.g. to DEBUG, before opening a bus to see frames again).
+    """
+    logger = logging.getLogger("pymodbus.logging")
+    if logger.level == logging.NOTSET and logging.getLogger("pymodbus").level == logging.NOTSET:
+        logger.setLevel(logging.CRITICAL)
 
 
 class ModbusTransport:
@@ -65,6 +79,7 @@ class ModbusTransport:
         # pymodbus closes a TCP connection after N unanswered requests; a dead unit
         # behind a TCP gateway must not cut off the healthy ones.
         client.set_max_no_responses(1_000_000)
+        quiet_pymodbus_logging()
 
     @classmethod
     def tcp(

@@ -147,3 +147,12 @@ async def test_rtu_over_tcp() -> None:
                 await ModbusDriver("m4", 4, SDM120, t).read(0)
         finally:
             t.close()
+
+
+async def test_dead_meter_does_not_flood_the_log(
+    sim: ModbusSimulator, transport: ModbusTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim.meter(2).dead = True
+    with caplog.at_level("WARNING"), pytest.raises(MeterTimeout):
+        await ModbusDriver("m2", 2, SDM120, transport).read(0)
+    assert not [r for r in caplog.records if r.name.startswith("pymodbus")]
