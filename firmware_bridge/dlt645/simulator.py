@@ -386,10 +386,10 @@ class Simulator:
                 data = os.read(master, 4096)
             except BlockingIOError:
                 return
-            except OSError:
+            except OSError:  # the pty is gone: stop serving it
+                loop.remove_reader(master)
                 data = b""
-            if data:
-                queue.put_nowait(data)
+            queue.put_nowait(data)
 
         async def write(data: bytes) -> None:
             view = memoryview(data)

@@ -69,7 +69,7 @@ class TransportStats:
     bad_frames: int = 0
     ignored_frames: int = 0  # valid frames that were not the awaited reply
     stale_bytes: int = 0  # discarded before a request
-    noise_bytes: int = 0
+    noise_bytes: int = 0  # skipped by the parser, FE preambles included
     reconnects: int = 0
     last_error: str = ""
     by_kind: dict[str, int] = field(default_factory=dict)
