@@ -201,6 +201,8 @@ class LinkEmulator:
             raise ValueError("latency and stall durations must be >= 0")
         if not 0.0 <= loss_stall_prob <= 1.0:
             raise ValueError(f"loss_stall_prob must be within [0, 1], not {loss_stall_prob}")
+        if burst_bytes is not None and burst_bytes <= 0:
+            raise ValueError(f"burst_bytes must be positive or None, not {burst_bytes}")
         if stall_every_s is not None and stall_every_s <= 0:
             raise ValueError("stall_every_s must be positive or None")
         self.target_host = target_host

@@ -142,7 +142,7 @@ async def test_rate_ceiling_per_direction_bulk_transfer() -> None:
         expected = (total - burst) / (rate_bps / 8)  # 1.18 s
         for direction in ("up", "down"):
             elapsed = done_at[direction] - t0
-            assert 0.9 * expected <= elapsed <= 1.2 * expected, (direction, elapsed)
+            assert 0.9 * expected <= elapsed <= 1.3 * expected, (direction, elapsed)
         assert (link.stats.up_bytes, link.stats.down_bytes) == (total, total)
 
 
@@ -158,7 +158,7 @@ async def test_latency_is_added_and_order_kept(echo_port: int) -> None:
         reader, writer = await asyncio.open_connection(HOST, link.port)
         for _ in range(3):
             rtt = await roundtrip(reader, writer, b"ping")
-            assert 0.2 <= rtt <= 0.35, rtt
+            assert 0.2 <= rtt <= 0.45, rtt
         # many small writes arrive complete and in order
         blob = b"".join(i.to_bytes(4, "big") for i in range(2000))
         for i in range(0, len(blob), 40):
