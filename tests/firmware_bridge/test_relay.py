@@ -231,3 +231,67 @@ async def test_relay_config_errors() -> None:
     with pytest.raises(BusConfigError, match="must differ"):
         async with open_bus(bus, [same]):
             pass
+
+
+class ScriptedRelay:
+    """A contactor following a script: which drives move it, which commands/reads fail."""
+
+    def __init__(self, start_open: bool, moves: list[bool], cmd_fails: list[bool], read_fails: list[bool]) -> None:
+        self.open = start_open
+        self.moves, self.cmd_fails, self.read_fails = moves, cmd_fails, read_fails
+        self.drives = 0
+        self.reads = 0
+
+    async def set_open(self, open: bool) -> None:
+        i = self.drives
+        self.drives += 1
+        if self.moves[i % len(self.moves)]:
+            self.open = open
+        if self.cmd_fails[i % len(self.cmd_fails)]:
+            raise MeterFrameError("x", "garbled acknowledgement")
+
+    async def read_open(self) -> bool:
+        i = self.reads
+        self.reads += 1
+        if self.read_fails[i % len(self.read_fails)]:
+            raise MeterFrameError("x", "garbled read")
+        return self.open
+
+
+@given(
+    start_open=st.booleans(),
+    want=st.booleans(),
+    moves=st.lists(st.booleans(), min_size=1, max_size=5),
+    cmd_fails=st.lists(st.booleans(), min_size=1, max_size=5),
+    read_fails=st.lists(st.booleans(), min_size=1, max_size=5),
+    max_drives=st.integers(1, 4),
+)
+def test_controller_properties(
+    start_open: bool, want: bool, moves: list[bool], cmd_fails: list[bool], read_fails: list[bool], max_drives: int
+) -> None:
+    relay = ScriptedRelay(start_open, moves, cmd_fails, read_fails)
+    alarms: list[RelayResult] = []
+    slept: list[float] = []
+
+    async def fake_sleep(s: float) -> None:
+        slept.append(s)
+
+    pol = RelayPolicy(min_interval_s=3.0, settle_s=1.0, max_drives=max_drives, redrive_delays_s=(2.0, 7.0))
+    c = RelayController({"x": relay}, policy=pol, on_alarm=alarms.append, sleep=fake_sleep)
+    r = asyncio.run(c.set_open("x", want))
+
+    assert r.ok != r.alarm
+    assert alarms == ([r] if r.alarm else [])
+    assert relay.drives == len(r.attempts) <= max_drives
+    if r.ok:
+        assert r.final_open is want
+        assert relay.open is want
+    else:
+        assert len(r.attempts) == max_drives
+        assert all(a.read_open is not want for a in r.attempts)
+    if not read_fails[0] and start_open is want:
+        assert r.attempts == () and relay.drives == 0  # already there: never switched
+    # re-drives are spaced by at least the minimum interval
+    redrive_waits = [s for s in slept if s != pol.settle_s]
+    assert len(redrive_waits) == max(0, len(r.attempts) - 1)
+    assert all(w >= pol.min_interval_s for w in redrive_waits)
