@@ -315,3 +315,36 @@ def evaluate(
             0, CutoffEvent("state_change", account, now_ms, state.level, new.level, balance_micro, reason)
         )
     return CutoffDecision(new, tuple(actions), tuple(events))
+
+
+def reassert(
+    state: CutoffState,
+    meter: str,
+    reported_open: bool,
+    now_ms: int,
+    contact: Contact,
+    cfg: CutoffConfig,
+    account: str,
+) -> tuple[CutoffState, tuple[Action, ...]]:
+    """Re-drive a relay whose reported state differs from what the policy decided.
+
+    Covers a command lost between the commit of a decision and the relay (crash,
+    bus error). Only relays the policy operated are re-driven: a trip is repeated
+    while the policy holds the supply off and no protection or window applies; a
+    close is repeated only for meters closed directly (with close-allowed the
+    relay stays open until the customer presses the button). Rate-limited like
+    every relay operation.
+    """
+    if _rate_limited(state, now_ms, cfg):
+        return state, ()
+    if state.relay_open and not reported_open:
+        if protection(now_ms, contact, cfg) is not None or in_no_disconnect_window(now_ms, cfg):
+            return state, ()
+        why = f"relay of {meter} reported closed while the policy holds it open: trip repeated"
+        return replace(state, last_relay_op_ms=now_ms), (Action(ActionKind.TRIP, account, meter, why),)
+    if not state.relay_open and reported_open and state.last_relay_op_ms is not None:
+        if cfg.close_mode_by_meter.get(meter, cfg.close_mode) is not CloseMode.DIRECT:
+            return state, ()
+        why = f"relay of {meter} reported open while the policy closed it: close repeated"
+        return replace(state, last_relay_op_ms=now_ms), (Action(ActionKind.CLOSE, account, meter, why),)
+    return state, ()

@@ -178,3 +178,22 @@ def test_config_validation() -> None:
 def test_state_json_roundtrip() -> None:
     s = CutoffState(Level.GRACE, False, True, Pending.NO_DISCONNECT_WINDOW, 3, 4)
     assert CutoffState.from_json(s.to_json()) == s
+
+
+def test_reassert_repeats_lost_commands() -> None:
+    from gateway.billing.cutoff import reassert
+
+    c = cfg(relay_min_interval_ms=10_000)
+    tripped = CutoffState(Level.CUTOFF, True, True, None, None, T)
+    st2, acts = reassert(tripped, "m1", False, T + 5_000, OK, c, "acc")
+    assert acts == ()  # rate limit
+    st2, acts = reassert(tripped, "m1", False, T + 10_000, OK, c, "acc")
+    assert [a.kind for a in acts] == [ActionKind.TRIP] and st2.last_relay_op_ms == T + 10_000
+    assert reassert(tripped, "m1", True, T + 60_000, OK, c, "acc")[1] == ()  # agrees
+    assert reassert(tripped, "m1", False, T + 60_000, OK, cfg(protected=True), "acc")[1] == ()
+    closed = CutoffState(Level.NORMAL, False, False, None, None, T)
+    assert [a.kind for a in reassert(closed, "m1", True, T + 60_000, OK, c, "acc")[1]] == [ActionKind.CLOSE]
+    allowed = cfg(close_mode=CloseMode.ALLOWED)
+    assert reassert(closed, "m1", True, T + 60_000, OK, allowed, "acc")[1] == ()  # customer's button
+    never_operated = CutoffState()
+    assert reassert(never_operated, "m1", True, T, OK, c, "acc")[1] == ()
