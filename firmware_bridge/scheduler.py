@@ -20,6 +20,13 @@ Health policy (pure functions, see :func:`on_success` / :func:`on_failure`):
   due, so a dead meter costs at most one timeout per cycle (1 + retries in
   the cycle it stops answering) and never stalls the others.
 * The first correct answer resets the meter to online.
+* A transport error (port gone, TCP refused) is the bus's fault: it makes
+  the meter not online but does not advance its back-off or quarantine.
+* When two or more meters were asked in a cycle and none answered (supply
+  outage in the area, cut cable, dead converter) the bus is **silent**: one
+  sentinel meter per cycle is probed, round-robin, and the first answer
+  wakes every meter, so a returning supply is seen within one cycle instead
+  of one quarantine re-probe period.
 
 The scheduler never creates tasks of its own; callers own the loop that calls
 :meth:`BusScheduler.run_cycle`.
@@ -31,7 +38,7 @@ import asyncio
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -165,6 +172,16 @@ def on_success(h: MeterHealth, now_ms: int) -> MeterHealth:
 
 
 def on_failure(h: MeterHealth, now_ms: int, kind: str, text: str, policy: BackoffPolicy) -> MeterHealth:
+    """A failed attempt. A ``transport`` error is the bus's fault, not the meter's:
+    the meter is not online, but its back-off and quarantine do not advance."""
+    if kind in BUS_LEVEL:
+        return dataclasses.replace(
+            h,
+            online=False,
+            total_failures=h.total_failures + 1,
+            last_attempt_ms=now_ms,
+            last_error=ErrorInfo(kind, text, now_ms),
+        )
     n = h.consecutive_failures + 1
     return dataclasses.replace(
         h,
@@ -177,6 +194,26 @@ def on_failure(h: MeterHealth, now_ms: int, kind: str, text: str, policy: Backof
         quarantined=n >= policy.quarantine_after,
     )
 
+
+def wake(h: MeterHealth, now_ms: int) -> MeterHealth:
+    """Make a failing or quarantined meter due now (the bus came back)."""
+    return h if h.next_attempt_ms <= now_ms else dataclasses.replace(h, next_attempt_ms=now_ms)
+
+
+def bus_went_silent(attempted: int, answered: int, kinds: Iterable[str]) -> bool:
+    """A cycle in which several meters were asked and none answered at all.
+
+    Healthy meters are due every cycle, so "nobody answered" with two or more
+    attempts means no healthy meter is left: a supply outage in the area, a
+    cut cable or a dead converter, rather than many meters failing at once.
+    """
+    return attempted >= 2 and answered == 0 and all(k in SILENT_KINDS for k in kinds)
+
+
+# Failures that say nothing about the meter itself.
+BUS_LEVEL: frozenset[str] = frozenset({"transport"})
+# Failures consistent with "nobody on the line answers".
+SILENT_KINDS: frozenset[str] = frozenset({"timeout", "transport"})
 
 # An exception reply is deterministic (wrong map, unsupported register) and a
 # transport error fails fast until the link is back: retrying in the same cycle
@@ -231,8 +268,9 @@ class BusMetrics:
 class CycleResult:
     readings: list[Reading]
     health: dict[str, MeterHealth]
-    skipped: list[str]  # meters not due this cycle (back-off / quarantine)
+    skipped: list[str]  # meters not asked this cycle (back-off, quarantine, silent bus)
     duration_s: float
+    bus_silent: bool = False  # no meter answers: only one sentinel meter is probed per cycle
 
 
 # ---------------------------------------------------------------------------
@@ -276,6 +314,8 @@ class BusScheduler:
         # relay actuators and their minimum intervals, by meter id (see firmware_bridge.relay)
         self.relays: dict[str, Any] = {}
         self.relay_min_interval_s: dict[str, float] = {}
+        self.bus_silent = False  # nobody answered last time: probe one sentinel per cycle
+        self._sentinel = 0
 
     @property
     def health(self) -> dict[str, MeterHealth]:
@@ -362,18 +402,48 @@ class BusScheduler:
         return None
 
     async def run_cycle(self, now_ms: int) -> CycleResult:
-        """Poll every due meter once, in configuration order."""
+        """Poll every due meter once, in configuration order.
+
+        While the bus is silent (see :func:`bus_went_silent`) only one meter per
+        cycle is probed, round-robin and regardless of its back-off; the first
+        answer wakes every meter, quarantined ones included, in the same cycle.
+        """
         start = self._clock()
         readings: list[Reading] = []
         skipped: list[str] = []
-        for meter_id in self.drivers:
+        order = list(self.drivers)
+        if self.bus_silent:
+            sentinel = order[self._sentinel % len(order)]
+            self._sentinel += 1
+            reading = await self.read_meter(sentinel, now_ms, force=True)
+            if reading is None:
+                duration = self._clock() - start
+                self.metrics.cycles += 1
+                self.metrics.last_cycle_s = duration
+                rest = [m for m in order if m != sentinel]
+                return CycleResult([], self.health, rest, duration, bus_silent=True)
+            self.bus_silent = False
+            readings.append(reading)
+            order.remove(sentinel)
+            for mid in order:
+                self._health[mid] = wake(self._health[mid], now_ms)
+        attempted = answered = 0
+        kinds: list[str] = []
+        for meter_id in order:
             if not is_due(self._health[meter_id], now_ms):
                 skipped.append(meter_id)
                 continue
+            attempted += 1
             reading = await self.read_meter(meter_id, now_ms)
             if reading is not None:
+                answered += 1
                 readings.append(reading)
+            else:
+                err = self._health[meter_id].last_error
+                kinds.append(err.kind if err else "error")
+        if not readings and bus_went_silent(attempted, answered, kinds):
+            self.bus_silent = True
         duration = self._clock() - start
         self.metrics.cycles += 1
         self.metrics.last_cycle_s = duration
-        return CycleResult(readings, self.health, skipped, duration)
+        return CycleResult(readings, self.health, skipped, duration, bus_silent=self.bus_silent)

@@ -21,6 +21,7 @@ from firmware_bridge.scheduler import (
     MeterHealth,
     attempts_for,
     backoff_ms,
+    bus_went_silent,
     dlt645_gap_s,
     is_due,
     modbus_rtu_read_time_s,
@@ -260,6 +261,50 @@ def test_duplicate_meter_ids_rejected() -> None:
         BusScheduler("b", [D(), D()])
 
 
+def test_transport_errors_do_not_advance_backoff() -> None:
+    policy = BackoffPolicy(quarantine_after=2)
+    h = MeterHealth("m")
+    for i in range(10):
+        h = on_failure(h, i, "transport", "refused", policy)
+    assert not h.online and h.consecutive_failures == 0 and not h.quarantined and is_due(h, 10)
+    assert h.total_failures == 10 and h.last_error is not None and h.last_error.kind == "transport"
+
+
+@given(st.integers(0, 20), st.integers(0, 20), st.lists(st.sampled_from(["timeout", "transport", "frame", "refused"]), max_size=5))
+def test_bus_went_silent(attempted: int, answered: int, kinds: list[str]) -> None:
+    silent = bus_went_silent(attempted, answered, kinds)
+    assert silent == (attempted >= 2 and answered == 0 and set(kinds) <= {"timeout", "transport"})
+
+
+async def test_area_outage_and_return(sim: ModbusSimulator, transport: ModbusTransport) -> None:
+    policy = BackoffPolicy(base_ms=0, max_ms=0, quarantine_after=2, reprobe_ms=3_600_000)
+    s = make_sched(transport, retries=0, policy=policy)
+    assert len((await s.run_cycle(0)).readings) == 4
+    for u in (1, 2, 3, 4):
+        sim.meter(u).dead = True  # supply outage: every meter goes quiet
+    res = await s.run_cycle(1000)
+    assert res.bus_silent and res.readings == []
+    for i in range(2, 6):
+        attempts = s.metrics.attempts
+        res = await s.run_cycle(i * 1000)
+        assert res.bus_silent and s.metrics.attempts == attempts + 1  # one sentinel per cycle
+        assert len(res.skipped) == 3
+    for u in (1, 2, 3, 4):
+        sim.meter(u).dead = False  # supply back
+    res = await s.run_cycle(6000)
+    assert not res.bus_silent
+    assert sorted(r.meter_id for r in res.readings) == ["m1", "m2", "m3", "m4"]
+    assert all(h.online and not h.quarantined for h in res.health.values())
+
+
+async def test_one_dead_meter_never_makes_the_bus_silent(sim: ModbusSimulator, transport: ModbusTransport) -> None:
+    s = make_sched(transport, retries=0, policy=BackoffPolicy(base_ms=0, max_ms=0, quarantine_after=2))
+    sim.meter(2).dead = True
+    for i in range(4):
+        res = await s.run_cycle(i * 1000)
+        assert not res.bus_silent and len(res.readings) == 3
+
+
 # --------------------------------------------------------------------------- chaos
 
 
@@ -293,6 +338,7 @@ async def _chaos(cycles: int, seed: int) -> None:
                     m.relay_stuck = rng.random() < 0.2
                 answering = {f"m{u}" for u in units if not sim.meter(u).dead and sim.meter(u).refuse is None}
                 before = s.health
+                was_silent = s.bus_silent
                 target = rng.choice(units)
                 want_open = rng.random() < 0.5
                 t0 = time.monotonic()
@@ -302,13 +348,20 @@ async def _chaos(cycles: int, seed: int) -> None:
                 got = {r.meter_id for r in res.readings}
                 assert got <= answering
                 due = {mid for mid, h in before.items() if is_due(h, now)}
-                assert set(res.skipped) == set(before) - due
-                assert got | set(res.skipped) | {mid for mid in due if not res.health[mid].online} == set(before)
                 for mid, h in res.health.items():
-                    assert h.online == (mid in got) or mid in res.skipped
                     assert h.quarantined == (h.consecutive_failures >= policy.quarantine_after)
-                    if mid in due and mid not in got:
-                        assert h.consecutive_failures == before[mid].consecutive_failures + 1
+                    assert h.online == (mid in got) or mid in res.skipped
+                if was_silent:
+                    # one sentinel probed; if it answered, everybody was woken and asked
+                    assert len(set(before) - set(res.skipped)) == (1 if res.bus_silent else len(before))
+                    if not res.bus_silent:
+                        assert got == answering
+                else:
+                    assert set(res.skipped) == set(before) - due
+                    for mid in due - got:
+                        assert res.health[mid].consecutive_failures == before[mid].consecutive_failures + 1
+                    if res.bus_silent:
+                        assert not got and len(due) >= 2
                 for r in res.readings:
                     e = r.get(Quantity.ENERGY_IMPORT)
                     assert e is not None
@@ -316,7 +369,7 @@ async def _chaos(cycles: int, seed: int) -> None:
                     last_energy[r.meter_id] = e
                 # bounded cost: at most (1 + retries) timeouts per due meter, plus the relay's
                 # pre-read + 2 × (drive + read-back), plus slack for the answering ones
-                assert elapsed <= (2 * len(due) + 5) * (timeout + 0.05) + 0.5
+                assert elapsed <= (2 * len(before) + 5) * (timeout + 0.05) + 0.5
                 m = sim.meter(target)
                 if f"m{target}" in answering and not m.relay_stuck:
                     assert rel.ok and m.relay_open == want_open
