@@ -19,10 +19,11 @@ Pure and deterministic. Money is integer micro-yuan, energy integer centi-kWh
    that lands exactly on a threshold stays in the lower tier).
 5. Each part costs ``ckwh * price_e4`` micro-yuan exactly.
 
-A register going backwards, a non-increasing time, a missing tariff or a
-reading of another meter never produce a charge: the result carries a typed
-:class:`RatingAnomaly` and ``advance=False`` (keep the old baseline). A long gap
-is charged (registers are cumulative, so the energy is right) but reported.
+A register going backwards, a non-increasing time or a reading of another
+meter never produce a charge: the result carries a typed :class:`RatingAnomaly`
+and ``advance=False`` (keep the old baseline). Energy before the first tariff
+version is reported, not charged. A long gap is charged (registers are
+cumulative, so the energy is right) but reported.
 """
 
 from __future__ import annotations
@@ -290,12 +291,32 @@ def rate_interval(
             AnomalyKind.REGISTER_BACKWARDS,
             f"import register went from {prev.import_kwh} to {cur.import_kwh} kWh",
         )
+    notes: list[RatingAnomaly] = []
+    first = book.versions[0].effective_from_ms
+    if prev.time_ms < first:
+        # Energy before the first version is not this tariff's to charge. It is
+        # reported (kWh in the detail) and the baseline moves on, so that a
+        # meter read before its tariff starts is not stuck forever.
+        if cur.time_ms <= first:
+            return RatingResult(
+                None,
+                (anomaly(AnomalyKind.NO_TARIFF, f"{total} ckwh before the first tariff version; not charged"),),
+                tier,
+                advance=True,
+            )
+        before, _ = _largest_remainder(total, [first - prev.time_ms, cur.time_ms - first])
+        notes.append(
+            anomaly(AnomalyKind.NO_TARIFF, f"{before} ckwh before the first tariff version; not charged")
+        )
+        start_reg = register_ckwh(prev.import_kwh) + before
+        prev = RegisterReading(prev.reading_id, prev.meter_id, first, Decimal(start_reg) / 100)
+        cur = RegisterReading(cur.reading_id, cur.meter_id, cur.time_ms, cur.import_kwh)
+        total -= before
     try:
         segs = _segments(book, prev.time_ms, cur.time_ms)
-    except NoTariffInForce as exc:
+    except NoTariffInForce as exc:  # pragma: no cover - guarded above
         return refuse(AnomalyKind.NO_TARIFF, str(exc))
 
-    notes: list[RatingAnomaly] = []
     if max_gap_ms is not None and cur.time_ms - prev.time_ms > max_gap_ms:
         notes.append(
             anomaly(

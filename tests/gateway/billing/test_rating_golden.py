@@ -310,7 +310,6 @@ def test_register_backwards_is_an_anomaly_not_a_negative_charge() -> None:
         (rr("a", "2026-03-02T10:00", "1"), rr("b", "2026-03-02T10:00", "2"), AnomalyKind.TIME_NOT_INCREASING),
         (rr("a", "2026-03-02T11:00", "1"), rr("b", "2026-03-02T10:00", "2"), AnomalyKind.TIME_NOT_INCREASING),
         (rr("a", "2026-03-02T10:00", "1"), rr("b", "2026-03-02T11:00", "2", meter="m2"), AnomalyKind.METER_MISMATCH),
-        (rr("a", "2025-12-31T23:00", "1"), rr("b", "2026-01-01T01:00", "2"), AnomalyKind.NO_TARIFF),
     ],
 )
 def test_refused_intervals(prev: RegisterReading, cur: RegisterReading, kind: AnomalyKind) -> None:
@@ -370,3 +369,17 @@ def test_book_lookup_and_ordering() -> None:
     assert b.at(ms("2026-02-28T23:59")).version == 1
     assert b.at(ms("2026-03-01T00:00")).version == 2
     assert isinstance(b, TariffBook)
+
+
+def test_energy_before_the_first_tariff_version_is_reported_not_charged() -> None:
+    b = book(FLAT)  # effective from 2026-01-01 00:00
+    before = rate_interval(rr("a", "2025-12-31T22:00", "1"), rr("b", "2025-12-31T23:00", "2"), b, TierState())
+    assert before.charge is None and before.advance  # the baseline moves on
+    assert [a.kind for a in before.anomalies] == [AnomalyKind.NO_TARIFF]
+    # 23:00-01:00 straddling the start, 2.00 kWh: 1 h / 1 h -> 100 ckwh unbilled, 100 charged
+    res = rate_interval(rr("a", "2025-12-31T23:00", "1"), rr("b", "2026-01-01T01:00", "3"), b, TierState())
+    assert res.charge is not None and res.charge.ckwh == 100
+    assert res.charge.amount_micro == 100 * 5600
+    assert res.charge.start_ms == ms("2026-01-01T00:00")
+    assert (res.charge.start_reading_id, res.charge.end_reading_id) == ("a", "b")
+    assert [a.kind for a in res.anomalies] == [AnomalyKind.NO_TARIFF] and "100 ckwh" in res.anomalies[0].detail
