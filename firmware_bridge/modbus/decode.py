@@ -77,6 +77,16 @@ def plan_reads(fields: Sequence[Field], max_gap: int, max_count: int) -> list[Re
     return blocks
 
 
+def has_gaps(block: ReadBlock) -> bool:
+    """True if the block reads registers that belong to no field."""
+    return sum(f.count for f in block.fields) < block.count
+
+
+def split_block(block: ReadBlock) -> list[ReadBlock]:
+    """The same fields without unused registers: contiguous runs only."""
+    return plan_reads(block.fields, 0, block.count)
+
+
 def registers_to_raw(regs: Sequence[int], dtype: DataType, word_order: WordOrder) -> int | float:
     """Registers (16-bit values as sent) → the raw integer or float."""
     if len(regs) != dtype.registers:

@@ -86,6 +86,7 @@ class SimMeter:
     relay_stuck: bool = False
     energy_step_kwh: Decimal = Decimal(0)
     wire_fault: WireFault | None = None  # RTU simulator only
+    strict_map: bool = False  # refuse reads that touch registers outside the map (like many meters)
     reads: int = 0
     writes: int = 0
     _last_s: float | None = None
@@ -166,6 +167,8 @@ class SimMeter:
                 lo = min([lo, *self.holding])
                 hi = max([hi, *(a + 1 for a in self.holding)])
             if address < lo or address + count > hi:
+                return ExcCodes.ILLEGAL_ADDRESS
+            if self.strict_map and any(address + i not in bank for i in range(count)):
                 return ExcCodes.ILLEGAL_ADDRESS
             return [bank.get(address + i, 0) for i in range(count)]
         if func_code in (3, 6, 16):

@@ -36,6 +36,17 @@ EXCEPTION_NAMES = {
 }
 
 
+class ModbusExceptionReply(MeterRefused):
+    """The meter answered with a Modbus exception; ``code`` is the exception code."""
+
+    def __init__(self, meter_id: str, detail: str, code: int) -> None:
+        super().__init__(meter_id, detail)
+        self.code = code
+
+
+ILLEGAL_DATA_ADDRESS = 2
+
+
 def quiet_pymodbus_logging() -> None:
     """Keep pymodbus from logging every unanswered request at ERROR (with a frame dump).
 
@@ -199,7 +210,7 @@ class ModbusTransport:
             if response.isError():
                 code = getattr(response, "exception_code", 0)
                 name = EXCEPTION_NAMES.get(code, "unknown")
-                raise MeterRefused(meter_id, f"{what}: exception {code} ({name})")
+                raise ModbusExceptionReply(meter_id, f"{what}: exception {code} ({name})", code)
             if getattr(response, "function_code", function_code) != function_code:
                 raise MeterFrameError(meter_id, f"{what}: answer has function code {response.function_code}")
             return response

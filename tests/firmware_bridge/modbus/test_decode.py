@@ -12,10 +12,12 @@ from hypothesis import strategies as st
 from firmware_bridge.modbus.decode import (
     decode_field,
     encode_value,
+    has_gaps,
     plan_reads,
     raw_to_registers,
     registers_to_raw,
     scale_raw,
+    split_block,
 )
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES, DataType, Field, WordOrder
 from firmware_bridge.reading import Quality, Quantity
@@ -135,3 +137,13 @@ def test_sdm120_plan_is_two_requests() -> None:
 def test_plan_gap_zero_splits_non_adjacent() -> None:
     fields = [Field(Quantity.VOLTAGE, 0), Field(Quantity.CURRENT, 2), Field(Quantity.POWER, 5)]
     assert [(b.address, b.count) for b in plan_reads(fields, 0, 125)] == [(0, 4), (5, 2)]
+
+
+@given(fields_st, st.integers(0, 20), st.integers(2, 125))
+def test_split_block_removes_gaps_keeps_fields(spec: list[tuple[int, DataType]], gap: int, max_count: int) -> None:
+    for block in plan_reads(_mk(spec), gap, max_count):
+        parts = split_block(block)
+        assert [f for p in parts for f in p.fields] == list(block.fields)
+        assert not any(has_gaps(p) for p in parts)
+        assert all(block.address <= p.address and p.end <= block.end for p in parts)
+        assert (len(parts) == 1) == (not has_gaps(block))

@@ -156,3 +156,22 @@ async def test_dead_meter_does_not_flood_the_log(
     with caplog.at_level("WARNING"), pytest.raises(MeterTimeout):
         await ModbusDriver("m2", 2, SDM120, transport).read(0)
     assert not [r for r in caplog.records if r.name.startswith("pymodbus")]
+
+
+async def test_meter_refusing_gaps_gets_split_requests() -> None:
+    profile = BUILTIN_PROFILES["ddsu666"]
+    async with ModbusSimulator([9], profile=profile) as s:
+        s.meter(9).strict_map = True
+        t = ModbusTransport.tcp("127.0.0.1", s.port, name="strict", timeout_s=0.25)
+        try:
+            d = ModbusDriver("m9", 9, profile, t)
+            coalesced = len(d.blocks)
+            r = await d.read(0)
+            assert r.get(Quantity.FREQUENCY) == Decimal("50.00")
+            assert r.get(Quantity.ENERGY_EXPORT) == Decimal("0.00")
+            assert d.splits >= 1 and len(d.blocks) > coalesced
+            requests = t.requests
+            await d.read(0)  # the finer plan is kept: no refused request any more
+            assert t.requests - requests == len(d.blocks)
+        finally:
+            t.close()
