@@ -594,6 +594,8 @@ def parse_tariff(raw: Mapping[str, Any], source: str, default_timezone: str | No
     elif not (tier is not None and tier.mode == "price"):
         if not ("tier" in raw and isinstance(raw["tier"], dict) and "prices" in raw["tier"]):
             p.add("price", "missing: give 'price', '[prices]' + '[tou]', or [tier] prices")
+    if "tou" in raw and "price" not in raw and "prices" not in raw:
+        p.add("tou", "a time-of-use schedule needs [prices] T1..T4")
     if tier is not None and tier.mode == "price" and rates:
         p.add("tier.prices", "tier prices replace rate prices; remove 'price'/'[prices]'")
 

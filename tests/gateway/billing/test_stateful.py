@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -156,3 +157,11 @@ class BillingMachine(RuleBasedStateMachine):
 
 BillingMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestBilling = BillingMachine.TestCase
+
+
+class LongBillingMachine(BillingMachine):
+    pass
+
+
+LongBillingMachine.TestCase.settings = settings(max_examples=2000, stateful_step_count=100, deadline=None)
+TestBillingLong = pytest.mark.long(LongBillingMachine.TestCase)

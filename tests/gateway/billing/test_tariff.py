@@ -118,6 +118,11 @@ def problems(text: str) -> list[str]:
         ),
         (FLAT + '[[fixed]]\nname="svc"\nperiod="weekly"\namount="1"\n', "bad.toml: fixed[0].period: must be"),
         (FLAT + '[calendar]\nholidays=["2026-13-01"]\n', "bad.toml: calendar.holidays[0]: not a date"),
+        (
+            'id="x"\nversion=1\neffective_from="2026-01-01"\n[tier]\nperiod="annual"\n'
+            'thresholds_kwh=[10]\nprices=["0.5","0.6"]\n[tou]\nworkday=[["00:00","T2"]]\n',
+            "bad.toml: tou: a time-of-use schedule needs [prices]",
+        ),
     ],
 )
 def test_errors_name_file_key_and_problem(text: str, expected: str) -> None:
