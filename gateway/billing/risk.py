@@ -18,7 +18,9 @@ import enum
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 from firmware_bridge.reading import Quantity, Reading, TimeSource
 from gateway.billing.money import ckwh_to_kwh, register_ckwh
@@ -203,3 +205,25 @@ def check_reading(
         if a is not None and b is not None:
             found.append(check_register_backwards(a, b))
     return [f for f in found if f is not None]
+
+
+
+def daily_ckwh(intervals: Sequence[tuple[int, int]], tz_name: str, until_ms: int) -> list[int]:
+    """Energy per complete local day, oldest first, from (end_ms, ckwh) of rated intervals
+    (e.g. the debits of a meter), for :func:`check_sudden_drop`. An interval is counted on
+    the local day its last millisecond falls in; the day containing ``until_ms`` is
+    incomplete and left out; days without intervals count as 0."""
+    tz = ZoneInfo(tz_name)
+    per_day: dict[date, int] = {}
+    for end_ms, ck in intervals:
+        d = datetime.fromtimestamp((end_ms - 1) / 1000, tz=tz).date()
+        per_day[d] = per_day.get(d, 0) + ck
+    if not per_day:
+        return []
+    today = datetime.fromtimestamp(until_ms / 1000, tz=tz).date()
+    out: list[int] = []
+    d = min(per_day)
+    while d < today:
+        out.append(per_day.get(d, 0))
+        d += timedelta(days=1)
+    return out

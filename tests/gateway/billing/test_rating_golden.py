@@ -383,3 +383,32 @@ def test_energy_before_the_first_tariff_version_is_reported_not_charged() -> Non
     assert res.charge.start_ms == ms("2026-01-01T00:00")
     assert (res.charge.start_reading_id, res.charge.end_reading_id) == ("a", "b")
     assert [a.kind for a in res.anomalies] == [AnomalyKind.NO_TARIFF] and "100 ckwh" in res.anomalies[0].detail
+
+
+BERLIN_TOU = """
+id = "berlin"
+version = 1
+effective_from = "2026-01-01"
+timezone = "Europe/Berlin"
+[prices]
+T2 = "0.4000"
+T4 = "0.2000"
+[tou]
+workday = [["00:00", "T4"], ["02:30", "T2"], ["03:00", "T4"]]
+"""
+
+
+def test_dst_skipped_hour_keeps_energy_and_one_rate_per_instant() -> None:
+    # 2026-03-29 (Sunday) Europe/Berlin skips 02:00-03:00; the 02:30 period start does not exist
+    b = book(BERLIN_TOU)
+    prev = rr("a", "2026-03-29T00:00:00+01:00", "0")
+    cur = rr("b", "2026-03-29T05:00:00+02:00", "4.00")  # 4 real hours
+    res = rate_interval(prev, cur, b, TierState())
+    assert res.charge is not None and res.charge.ckwh == 400
+    assert sum(ln.ckwh for ln in res.charge.lines) == 400
+    # 25 October: the repeated hour 02:00-03:00 happens twice; energy still conserved
+    prev = rr("a", "2026-10-25T00:00:00+02:00", "0")
+    cur = rr("b", "2026-10-25T05:00:00+01:00", "6.00")  # 6 real hours
+    res = rate_interval(prev, cur, b, TierState())
+    assert res.charge is not None and sum(ln.ckwh for ln in res.charge.lines) == 600
+    assert set(res.charge.ckwh_by_rate()) <= {"T2", "T4"}

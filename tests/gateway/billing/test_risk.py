@@ -78,3 +78,13 @@ def test_zero_consumption_with_relay_closed() -> None:
     assert check_zero_consumption(a, b, relay_closed_throughout=False) is None
     assert check_zero_consumption(a, rr("b", "2026-03-03T23:00", "10.00"), True) is None
     assert check_zero_consumption(a, b, True, RiskConfig(zero_days=4)) is None
+
+
+def test_daily_ckwh_buckets_by_local_day() -> None:
+    from gateway.billing.risk import daily_ckwh
+    from tests.gateway.billing._util import ms
+
+    iv = [(ms("2026-03-01T12:00"), 100), (ms("2026-03-02T00:00"), 50),  # ends at midnight: 1 March
+          (ms("2026-03-03T08:00"), 70), (ms("2026-03-04T09:00"), 5)]
+    assert daily_ckwh(iv, "Asia/Shanghai", ms("2026-03-04T10:00")) == [150, 0, 70]
+    assert daily_ckwh([], "Asia/Shanghai", 0) == []
