@@ -57,6 +57,30 @@ class Entry:
     def body_json(self) -> bytes:
         return orjson.dumps(dict(self.body), option=orjson.OPT_SORT_KEYS)
 
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able record (for the uplink); money stays integer micro-yuan."""
+        return {
+            "id": self.entry_id,
+            "account": self.account,
+            "seq": self.seq,
+            "kind": self.kind.value,
+            "amount_micro": self.amount_micro,
+            "time_ms": self.time_ms,
+            "body": dict(self.body),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Entry:
+        return cls(
+            str(d["id"]),
+            str(d["account"]),
+            EntryKind(d["kind"]),
+            int(d["amount_micro"]),
+            int(d["time_ms"]),
+            dict(d.get("body", {})),
+            int(d.get("seq", 0)),
+        )
+
     def same_content(self, other: Entry) -> bool:
         return (
             self.entry_id == other.entry_id

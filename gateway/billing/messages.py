@@ -1,0 +1,101 @@
+"""Strict parsing of billing commands from central (MQTT), USB bundles or the CLI.
+
+The transport layer verifies signatures and hands the decoded JSON object
+here together with the :class:`Authorization` it established. Money on the
+wire is integer micro-yuan (``amount_micro``, ``balance_micro``): no decimal
+text, no floats. Every problem names the key: ``topup.counter: must be an
+integer >= 1, got '7'``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from gateway.billing.reconcile import CentralSnapshot
+from gateway.billing.topup import Authorization, Channel, Source, TopUp
+
+
+class MessageError(ValueError):
+    """A billing command is malformed. ``problems``: one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class _Reader:
+    def __init__(self, what: str, d: Any) -> None:
+        self.what = what
+        self.problems: list[str] = []
+        if not isinstance(d, Mapping):
+            self.problems.append(f"{what}: must be a JSON object")
+            d = {}
+        self.d: Mapping[str, Any] = d
+
+    def add(self, key: str, msg: str) -> None:
+        self.problems.append(f"{self.what}.{key}: {msg}")
+
+    def string(self, key: str) -> str:
+        v = self.d.get(key)
+        if not isinstance(v, str) or not v or len(v) > 128:
+            self.add(key, f"must be a non-empty string (max 128), got {v!r}")
+            return ""
+        return v
+
+    def integer(self, key: str, minimum: int | None = None, required: bool = True) -> int | None:
+        if key not in self.d and not required:
+            return None
+        v = self.d.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or (minimum is not None and v < minimum):
+            bound = "" if minimum is None else f" >= {minimum}"
+            self.add(key, f"must be an integer{bound}, got {v!r}")
+            return None
+        return v
+
+    def done(self, allowed: set[str]) -> None:
+        for k in self.d:
+            if k not in allowed:
+                self.add(k, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        if self.problems:
+            raise MessageError(self.problems)
+
+
+def parse_topup(d: Any, source: Source, authorization: Authorization | None = None) -> TopUp:
+    r = _Reader("topup", d)
+    tid = r.string("id")
+    account = r.string("account")
+    counter = r.integer("counter", 1)
+    amount = r.integer("amount_micro", 1)
+    issued = r.integer("issued_ms", 0)
+    ch = r.d.get("channel")
+    channel = Channel.COUNTER
+    if ch not in {c.value for c in Channel}:
+        r.add("channel", f"must be one of {sorted(c.value for c in Channel)}, got {ch!r}")
+    else:
+        channel = Channel(ch)
+    r.done({"id", "account", "counter", "amount_micro", "issued_ms", "channel"})
+    assert counter is not None and amount is not None and issued is not None
+    return TopUp(tid, account, counter, amount, channel, source, issued, authorization)
+
+
+def parse_snapshot(d: Any, authorization: Authorization | None = None) -> CentralSnapshot:
+    r = _Reader("snapshot", d)
+    sid = r.string("id")
+    account = r.string("account")
+    central_seq = r.integer("central_seq", 1)
+    as_of = r.integer("as_of_seq", 0)
+    balance = r.integer("balance_micro")
+    time_ms = r.integer("time_ms", 0)
+    counter = r.integer("purchase_counter", 0, required=False) or 0
+    inc = r.d.get("included_ids", [])
+    if not isinstance(inc, list) or not all(isinstance(x, str) and x for x in inc):
+        r.add("included_ids", "must be a list of ledger entry ids")
+        inc = []
+    tier_ps = r.integer("tier_period_start_ms", required=False)
+    tier_ck = r.integer("tier_cumulative_ckwh", 0, required=False)
+    r.done({"id", "account", "central_seq", "as_of_seq", "balance_micro", "time_ms", "purchase_counter",
+            "included_ids", "tier_period_start_ms", "tier_cumulative_ckwh"})
+    assert central_seq is not None and as_of is not None and balance is not None and time_ms is not None
+    return CentralSnapshot(sid, account, central_seq, as_of, balance, time_ms, frozenset(inc), counter,
+                           tier_ps, tier_ck, authorization)
