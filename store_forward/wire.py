@@ -1008,8 +1008,17 @@ def decode_batch(payload: bytes, key_lookup: Callable[[str, int], bytes | None])
         records = _decode_plaintext(plaintext)
     except WireError:
         raise
-    except (RecursionError, MemoryError, ValueError) as exc:  # defensive: report as format
-        raise WireFormatError(f"undecodable batch body: {exc}") from exc
+    except (
+        ArithmeticError,
+        IndexError,
+        KeyError,
+        MemoryError,
+        RecursionError,
+        StopIteration,
+        TypeError,
+        ValueError,
+    ) as exc:  # defensive: the checks above should leave nothing to land here
+        raise WireFormatError(f"undecodable batch body: {exc!r}") from exc
     return DecodedBatch(gateway_id, seq, key_id, records)
 
 

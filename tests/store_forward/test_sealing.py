@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import signal
 import sqlite3
 import stat
@@ -345,7 +346,8 @@ def _run_kill_cycles(tmp_path: Path, kills: int, seed: int) -> None:
                 time.sleep(rnd.uniform(0.0, 0.4))
             else:
                 assert child.stdout is not None
-                line = child.stdout.readline()
+                ready, _, _ = select.select([child.stdout], [], [], 30)
+                line = child.stdout.readline() if ready else "<no output within 30 s>"
                 if not line.startswith("ready"):
                     child.kill()
                     _, err = child.communicate(timeout=10)
