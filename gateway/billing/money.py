@@ -94,8 +94,9 @@ def micro_to_decimal(micro: int) -> Decimal:
 
 
 def report_yuan(micro: int) -> Decimal:
-    """Reported balance: truncated toward zero to 0.01 yuan."""
-    return micro_to_decimal(micro).quantize(Decimal("0.01"), rounding=ROUND_DOWN)
+    """Reported balance: truncated toward zero to 0.01 yuan (never "-0.00")."""
+    r = micro_to_decimal(micro).quantize(Decimal("0.01"), rounding=ROUND_DOWN)
+    return r if r != 0 else Decimal("0.00")
 
 
 def ckwh_to_kwh(ckwh: int) -> Decimal:
