@@ -386,3 +386,24 @@ def test_nonces_unique_across_sigkill(tmp_path: Path) -> None:
 @pytest.mark.long
 def test_nonces_unique_across_many_sigkills(tmp_path: Path) -> None:
     _run_kill_cycles(tmp_path, kills=300, seed=2)
+
+
+def test_database_store_in_autocommit_mode(key: bytes, tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    store = SqliteEpochStore(conn)
+    assert acquire_epoch(key, [store], new_key=True) == 1
+    assert acquire_epoch(key, [store]) == 2
+    assert not conn.in_transaction
+    other = sqlite3.connect(tmp_path / "a.db")
+    assert other.execute(f"SELECT epoch FROM {SqliteEpochStore.TABLE}").fetchone() == (2,)
+
+
+def test_database_store_refuses_inside_a_transaction(key: bytes, tmp_path: Path) -> None:
+    conn = connect(tmp_path / "t.db")
+    conn.execute("CREATE TABLE x (a)")
+    conn.execute("INSERT INTO x VALUES (1)")
+    assert conn.in_transaction
+    with pytest.raises(EpochError, match="inside a transaction"):
+        acquire_epoch(key, [SqliteEpochStore(conn)], new_key=True)
