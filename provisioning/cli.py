@@ -1,0 +1,443 @@
+"""Technician and central-side commands: ``edgegw provision keygen|make|inspect|verify|apply|...``.
+
+Exit codes: 0 success (accepted, or already installed), 1 refused / invalid,
+2 usage or environment problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import hashlib
+import json
+import os
+import re
+import stat
+import sys
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from gateway.config import ConfigError, load_config
+from provisioning.apply import (
+    CONFIG_FILE,
+    ApplyError,
+    apply_bundle,
+    current_release,
+    previous_release,
+    read_bundle_file,
+    rollback,
+    write_carry_back,
+)
+from provisioning.bundle import (
+    DEFAULT_MAX_BUNDLE_BYTES,
+    BundleError,
+    CarryBack,
+    DeviceIdentity,
+    Target,
+    check_path,
+    check_policy,
+    encode_bundle,
+    format_time,
+    inspect_unverified,
+    parse_time,
+    verify_bundle,
+)
+
+DEFAULT_VALID_DAYS = 14
+
+
+class UsageError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Keys (plain PEM files; the gateway's keystore plugs in through verify_key)
+
+
+def public_key_fingerprint(key: Ed25519PublicKey) -> str:
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:32]
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"{path}: cannot load private key: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise UsageError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot load public key: {exc}") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise UsageError(f"{path}: not an Ed25519 public key")
+    return key
+
+
+def _write_exclusive(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    pub = out.with_name(out.name + ".pub")
+    for p in (out, pub):
+        if p.exists() or p.is_symlink():
+            raise UsageError(f"{p} already exists; refusing to overwrite a key")
+    key = Ed25519PrivateKey.generate()
+    _write_exclusive(
+        out,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        0o600,
+    )
+    _write_exclusive(
+        pub,
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        0o644,
+    )
+    print(f"private key: {out} (keep offline; mode 0600)")
+    print(f"public key:  {pub}  {public_key_fingerprint(key.public_key())}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# make
+
+
+def collect_files(src: Path) -> dict[str, bytes]:
+    """Read a bundle source tree; refuse links, special files and unacceptable names."""
+    if not src.is_dir():
+        raise UsageError(f"{src}: not a directory")
+    files: dict[str, bytes] = {}
+    problems: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = p.relative_to(src).as_posix()
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                problems.append(f"{rel}: symbolic links are not allowed in a bundle")
+            elif stat.S_ISDIR(st.st_mode):
+                problem = check_path(rel)
+                if problem:
+                    problems.append(f"{rel}/: {problem}")
+            elif not stat.S_ISREG(st.st_mode):
+                problems.append(f"{rel}: not a regular file")
+            else:
+                problem = check_path(rel)
+                if problem:
+                    problems.append(f"{rel}: {problem}")
+                else:
+                    files[rel] = p.read_bytes()
+        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
+    if problems:
+        raise UsageError("cannot bundle " + str(src) + ":\n  " + "\n  ".join(problems))
+    if not files:
+        raise UsageError(f"{src}: no files to bundle")
+    return files
+
+
+def _default_technician() -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", getpass.getuser() or "central")
+    return name.lstrip("._-")[:64] or "central"
+
+
+def cmd_make(args: argparse.Namespace) -> int:
+    src = Path(args.from_dir)
+    files = collect_files(src)
+    cfg_target: str | None = None
+    if CONFIG_FILE in files:
+        try:
+            cfg = load_config(src / CONFIG_FILE)
+        except ConfigError as exc:
+            print("configuration invalid; not signing:", file=sys.stderr)
+            for line in exc.problems:
+                print(f"  {line}", file=sys.stderr)
+            return 1
+        cfg_target = cfg.gateway.id
+    if args.target:
+        try:
+            target = Target.parse(args.target)
+        except ValueError as exc:
+            raise UsageError(f"--target: {exc}") from exc
+    elif cfg_target:
+        target = Target("gateway", cfg_target)
+    else:
+        raise UsageError(f"--target is required when {src} has no {CONFIG_FILE}")
+    now = datetime.now(UTC)
+    expires = parse_time(args.expires) if args.expires else now + timedelta(days=args.valid_days)
+    version = args.version if args.version is not None else int(now.strftime("%Y%m%d%H%M%S"))
+    key = load_private_key(Path(args.key))
+    data = encode_bundle(
+        bundle_id=args.bundle_id or uuid.uuid4().hex,
+        version=version,
+        target=target,
+        created=now,
+        expires=expires,
+        technician=args.technician or _default_technician(),
+        files=files,
+        key=key,
+        carry_back=CarryBack(backlog_export=args.backlog_export),
+    )
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    _write_exclusive(tmp, data, 0o644)
+    os.replace(tmp, out)
+    print(
+        f"{out}: version {version}, target {target}, {len(files)} files, {len(data)} bytes, "
+        f"expires {format_time(expires)}, sha256 {hashlib.sha256(data).hexdigest()}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# inspect / verify
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    data = read_bundle_file(Path(args.file), args.max_bytes)
+    info = inspect_unverified(data, args.max_bytes)
+    print(
+        "UNVERIFIED: the signature has not been checked (use 'provision verify')", file=sys.stderr
+    )
+    print(json.dumps(info, indent=2, sort_keys=True))
+    return 0
+
+
+def _identity_from(args: argparse.Namespace, state_dir: Path | None) -> DeviceIdentity | None:
+    gateway_id, site_id = args.gateway_id, args.site_id
+    if state_dir is not None and (gateway_id is None or site_id is None):
+        rel = current_release(state_dir)
+        if rel is not None and rel.config_path.is_file():
+            try:
+                cfg = load_config(rel.config_path)
+            except ConfigError:
+                cfg = None
+            if cfg is not None:
+                gateway_id = gateway_id or cfg.gateway.id
+                site_id = site_id or cfg.gateway.site
+    if gateway_id is None:
+        return None
+    return DeviceIdentity(gateway_id, site_id)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    keys = [load_public_key(Path(p)) for p in args.pubkey]
+    data = read_bundle_file(Path(args.file), args.max_bytes)
+    vb = verify_bundle(data, keys, max_bytes=args.max_bytes)
+    m = vb.manifest
+    print(
+        f"OK: signature and {len(m.files)} file hashes verified; version {m.version}, "
+        f"target {m.target}, technician {m.technician}, expires {format_time(m.expires)}"
+    )
+    identity = _identity_from(args, None)
+    if identity is not None:
+        now = parse_time(args.now) if args.now else datetime.now(UTC)
+        check_policy(m, vb.digest, identity, None, now)
+        print(f"OK: applicable to gateway {identity.gateway_id} at {format_time(now)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# apply / rollback / status
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir)
+    keys = [load_public_key(Path(p)) for p in args.pubkey]
+    identity = _identity_from(args, state_dir)
+    if identity is None:
+        raise UsageError("gateway identity unknown: pass --gateway-id (no configuration installed)")
+    now = parse_time(args.now) if args.now else datetime.now(UTC)
+    audit_log = Path(args.audit_log) if args.audit_log else None
+
+    async def audit(kind: str, detail: dict[str, Any]) -> None:
+        if audit_log is not None:
+            line = json.dumps({"kind": kind, **detail}, sort_keys=True) + "\n"
+            await asyncio.to_thread(_append_line, audit_log, line)
+
+    async def run() -> int:
+        result = await apply_bundle(
+            Path(args.file),
+            root=state_dir,
+            verify_key=keys,
+            identity=identity,
+            now=now,
+            audit=audit,
+            max_bytes=args.max_bytes,
+        )
+        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        if args.carry_back:
+            from gateway import __version__
+
+            await write_carry_back(
+                Path(args.carry_back),
+                [result],
+                identity=identity,
+                software_version=__version__,
+                now=now,
+                technician_asked_backlog=False,
+            )
+        return 0 if result.ok else 1
+
+    return asyncio.run(run())
+
+
+def _append_line(path: Path, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    rel = rollback(Path(args.state_dir))
+    print(f"rolled back: version {rel.version} ({rel.name}) is current")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    root = Path(args.state_dir)
+    out: dict[str, Any] = {}
+    for label, rel in (("current", current_release(root)), ("previous", previous_release(root))):
+        out[label] = (
+            None
+            if rel is None
+            else {
+                "version": rel.version,
+                "release": rel.name,
+                "bundle_sha256": rel.digest,
+                "technician": rel.manifest.technician,
+                "target": str(rel.manifest.target),
+                "config": str(rel.config_path),
+            }
+        )
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Wiring
+
+
+def _guard(func: Any) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(func(args))
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except BundleError as exc:
+            print(f"REFUSED ({exc.code}): {exc}", file=sys.stderr)
+            return 1
+        except ApplyError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``provision`` and its subcommands to an argparse subparsers object."""
+    p = subparsers.add_parser("provision", help="signed provisioning bundles (USB)")
+    sub = p.add_subparsers(dest="provision_command", required=True)
+
+    k = sub.add_parser("keygen", help="create a provisioning role key pair (central side)")
+    k.add_argument("--out", required=True, help="private key file; the public key is OUT.pub")
+    k.set_defaults(func=_guard(cmd_keygen))
+
+    m = sub.add_parser("make", help="build and sign a bundle from a directory")
+    m.add_argument("--from", dest="from_dir", required=True, metavar="DIR")
+    m.add_argument("--key", required=True, help="provisioning role private key (PEM)")
+    m.add_argument("--out", required=True, metavar="FILE")
+    m.add_argument("--version", type=int, help="bundle version (default: UTC YYYYMMDDhhmmss)")
+    m.add_argument("--target", help="gateway:ID, site:ID or ID (default: gateway.id of DIR)")
+    m.add_argument("--expires", help="ISO-8601 time with offset, e.g. 2026-12-01T00:00:00Z")
+    m.add_argument("--valid-days", type=int, default=DEFAULT_VALID_DAYS)
+    m.add_argument("--technician", help="technician id (default: login name)")
+    m.add_argument("--bundle-id", help="default: random")
+    m.add_argument(
+        "--backlog-export",
+        action="store_true",
+        help="ask the gateway to write its sealed backlog export to the stick",
+    )
+    m.set_defaults(func=_guard(cmd_make))
+
+    def size_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES)
+
+    i = sub.add_parser("inspect", help="show a bundle's manifest (signature NOT checked)")
+    i.add_argument("file")
+    size_opt(i)
+    i.set_defaults(func=_guard(cmd_inspect))
+
+    v = sub.add_parser("verify", help="check a bundle's signature and file hashes")
+    v.add_argument("file")
+    v.add_argument("--pubkey", action="append", required=True, help="trusted key (PEM), repeatable")
+    v.add_argument("--gateway-id", help="also check target and expiry for this gateway")
+    v.add_argument("--site-id")
+    v.add_argument("--now", help="time for the expiry check (default: now)")
+    size_opt(v)
+    v.set_defaults(func=_guard(cmd_verify))
+
+    a = sub.add_parser("apply", help="verify and apply a bundle to a state directory")
+    a.add_argument("file")
+    a.add_argument(
+        "--state-dir", required=True, help="provisioning root, e.g. /var/lib/edgegw/provisioning"
+    )
+    a.add_argument("--pubkey", action="append", required=True, help="trusted key (PEM), repeatable")
+    a.add_argument("--gateway-id", help="default: gateway.id of the installed configuration")
+    a.add_argument("--site-id", help="default: gateway.site of the installed configuration")
+    a.add_argument("--now", help="override the clock (ISO-8601 with offset)")
+    a.add_argument("--audit-log", help="append one JSON line per attempt to this file")
+    a.add_argument(
+        "--carry-back", metavar="DIR", help="write result.json into DIR (must not exist)"
+    )
+    size_opt(a)
+    a.set_defaults(func=_guard(cmd_apply))
+
+    r = sub.add_parser("rollback", help="make the previous release current again")
+    r.add_argument("--state-dir", required=True)
+    r.set_defaults(func=_guard(cmd_rollback))
+
+    s = sub.add_parser("status", help="show the current and previous releases")
+    s.add_argument("--state-dir", required=True)
+    s.set_defaults(func=_guard(cmd_status))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgegw")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
