@@ -32,7 +32,7 @@ from gateway.billing.rating import (
     RegisterReading,
     TierState,
     fixed_charges_due,
-    rate_chain,
+    rate_interval,
 )
 from gateway.billing.tariff import RATE_NAMES, TariffBook, TariffError, load_book
 from gateway.billing.topup import decide_topup
@@ -131,12 +131,22 @@ class _Event:
 def simulate(book: TariffBook, readings: dict[str, list[RegisterReading]], account: AccountSettings | None) -> dict[str, Any]:
     tier = account.opening_tier if account else TierState()
     results: list[RatingResult] = []
-    per_meter: list[tuple[str, list[RatingResult]]] = []
-    # one account: its meters share the tier state, rated in time order per meter
-    for meter in sorted(readings):
-        rs, tier = rate_chain(readings[meter], book, tier)
-        per_meter.append((meter, rs))
-        results.extend(rs)
+    by_meter: dict[str, list[RatingResult]] = {m: [] for m in sorted(readings)}
+    # one account: its meters share the tier state, so all readings are rated in time order
+    base: dict[str, RegisterReading] = {}
+    merged = sorted((x for rs in readings.values() for x in rs), key=lambda x: (x.time_ms, x.meter_id))
+    for rd in merged:
+        prev = base.get(rd.meter_id)
+        if prev is None:
+            base[rd.meter_id] = rd
+            continue
+        res = rate_interval(prev, rd, book, tier)
+        tier = res.tier_state
+        results.append(res)
+        by_meter[rd.meter_id].append(res)
+        if res.advance:
+            base[rd.meter_id] = rd
+    per_meter = list(by_meter.items())
     intervals: list[dict[str, Any]] = []
     anomalies: list[dict[str, str]] = []
     totals: dict[str, dict[str, Any]] = {}

@@ -113,3 +113,24 @@ def test_example_account_loads() -> None:
     acc = load_account(ACCOUNTS / "household.toml")
     assert acc.cutoff.overdraft_micro == 2_000_000 and len(acc.cutoff.windows) == 2
     assert acc.topups[0].counter == 1 and acc.topup_policy.hoarding_limit_micro == 2_000_000_000
+
+
+def test_two_meters_of_one_account_share_the_tier_in_time_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t = tmp_path / "t.toml"
+    t.write_text('id = "x"\nversion = 1\neffective_from = "2026-01-01"\ntimezone = "Asia/Shanghai"\n'
+                 'price = "0.5000"\n[tier]\nperiod = "annual"\nthresholds_kwh = [10]\n'
+                 'surcharges = ["0", "0.1000"]\n', encoding="utf-8")
+    csv = tmp_path / "r.csv"
+    # b uses 8 kWh early, a uses 4 kWh later: b all tier 1, a 2 kWh tier 1 + 2 kWh tier 2
+    csv.write_text("meter,time,import_kwh\n"
+                   "a,2026-03-02T10:00:00+08:00,0\n"
+                   "b,2026-03-02T10:00:00+08:00,0\n"
+                   "b,2026-03-02T11:00:00+08:00,8\n"
+                   "a,2026-03-02T12:00:00+08:00,4\n", encoding="utf-8")
+    code, out, err = run(["tariff", "simulate", "--tariff", str(t), "--readings", str(csv)], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["totals"]["b"]["amount"] == "4.000000"  # 8 x 0.50
+    assert d["totals"]["a"]["amount"] == "2.200000"  # 2 x 0.50 + 2 x 0.60
