@@ -12,6 +12,7 @@ fixes a broken file in one pass. The result is a tree of frozen dataclasses.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -107,6 +108,9 @@ class MeterSection:
     address: str | None = None
     account: str | None = None
     relay: RelaySection | None = None
+    password: str | None = None  # DL/T 645 control password, hex, wire order (level + 3 bytes)
+    operator: str | None = None  # DL/T 645 operator code, hex (4 bytes)
+    quantities: tuple[str, ...] | None = None  # what to read; None = the protocol's default set
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,22 @@ def _dlt645_address(v: Any) -> str | None:
     return f"must be 12 decimal digits (meter address), got {v!r}"
 
 
+def _hex_bytes(v: Any, n: int) -> str | None:
+    if re.fullmatch(f"[0-9A-Fa-f]{{{2 * n}}}", v):
+        return None
+    return f"must be {2 * n} hex digits ({n} bytes), got {v!r}"
+
+
+def _quantities(v: Any) -> str | None:
+    from firmware_bridge.reading import Quantity
+
+    known = {q.value for q in Quantity}
+    bad = [q for q in v if q not in known]
+    if bad:
+        return f"unknown quantities {bad} (known: {', '.join(sorted(known))})"
+    return None
+
+
 _NUM = (int, float)
 _path = Path
 
@@ -248,6 +268,9 @@ METER_SCHEMA = {
     "address": Field((str,), check=_dlt645_address),
     "account": Field((str,), check=_ident),
     "relay": Field((dict,)),
+    "password": Field((str,), check=lambda v: _hex_bytes(v, 4)),
+    "operator": Field((str,), check=lambda v: _hex_bytes(v, 4)),
+    "quantities": Field((list,), check=lambda v: _quantities(v), convert=tuple),
 }
 TOP_LEVEL = {
     "gateway": dict,
@@ -408,6 +431,17 @@ def parse_config(raw: Mapping[str, Any], source: Path) -> Config:
         m["relay"] = relay
         meter_index[m["id"]] = i
         meters.append(MeterSection(**m))
+
+    # Serial defaults follow the protocol: DL/T 645 meters ship at 2400 8E1, Modbus at 9600 8N1.
+    for i, serial in enumerate(buses):
+        raw_bus = raw_buses[i] if isinstance(raw_buses, list) and i < len(raw_buses) else {}
+        if serial.type != "serial" or not isinstance(raw_bus, dict):
+            continue
+        dlt = any(m.protocol == "dlt645" for m in meters if m.bus == serial.name)
+        defaults: dict[str, Any] = {"baud": 2400, "parity": "E"} if dlt else {"baud": 9600, "parity": "N"}
+        unset = {k: v for k, v in defaults.items() if k not in raw_bus}
+        if unset:
+            buses[i] = dataclasses.replace(serial, **unset)
 
     profiles = raw.get("profiles", {})
     known_profiles: set[str] = set()

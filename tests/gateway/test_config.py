@@ -125,3 +125,23 @@ def test_cli_config_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_shipped_examples_are_valid() -> None:
     for example in sorted((ROOT / "examples").glob("site-*.toml")):
         load_config(example)
+
+
+def test_serial_defaults_follow_the_protocol(tmp_path: Path) -> None:
+    text = GOOD.replace("baud = 2400\n", "").replace('parity = "E"\n', "")
+    cfg = load_config(write(tmp_path, text))
+    assert (cfg.bus("rs485-1").baud, cfg.bus("rs485-1").parity) == (2400, "E")  # DL/T 645 bus
+
+
+def test_dlt645_meter_password_operator_and_quantities(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'account = "a-1"',
+        'account = "a-1"\npassword = "02123456"\noperator = "00000001"\n'
+        'quantities = ["energy_import_kwh", "relay_open"]',
+    )
+    m = load_config(write(tmp_path, text)).meters[0]
+    assert (m.password, m.operator) == ("02123456", "00000001")
+    assert m.quantities == ("energy_import_kwh", "relay_open")
+    got = problems(tmp_path, text.replace('"02123456"', '"0212"').replace('"relay_open"', '"relay"'))
+    assert any("meter[0].password: must be 8 hex digits (4 bytes)" in p for p in got), got
+    assert any("meter[0].quantities: unknown quantities ['relay']" in p for p in got), got
