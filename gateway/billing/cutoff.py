@@ -167,6 +167,18 @@ class Action:
     meter: str  # "" when the account has no meter list (account-level relay)
     reason: str
 
+    @property
+    def relay_open(self) -> bool | None:
+        """The argument for ``RelayController.set_open(meter, open)``; None for alarm actions.
+
+        Close-allowed is ``False`` too: the actuator decides whether a close is
+        direct or left to the customer's button (DL/T 645 1C vs 1B)."""
+        if self.kind is ActionKind.TRIP:
+            return True
+        if self.kind in (ActionKind.CLOSE, ActionKind.CLOSE_ALLOWED):
+            return False
+        return None
+
 
 @dataclass(frozen=True)
 class CutoffEvent:

@@ -197,3 +197,12 @@ def test_reassert_repeats_lost_commands() -> None:
     assert reassert(closed, "m1", True, T + 60_000, OK, allowed, "acc")[1] == ()  # customer's button
     never_operated = CutoffState()
     assert reassert(never_operated, "m1", True, T, OK, c, "acc")[1] == ()
+
+
+def test_action_maps_to_relay_controller_argument() -> None:
+    from gateway.billing.cutoff import Action
+
+    assert Action(ActionKind.TRIP, "a", "m", "").relay_open is True
+    assert Action(ActionKind.CLOSE, "a", "m", "").relay_open is False
+    assert Action(ActionKind.CLOSE_ALLOWED, "a", "m", "").relay_open is False
+    assert Action(ActionKind.ALARM_ON, "a", "m", "").relay_open is None
