@@ -151,13 +151,17 @@ class Outbox:
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction; other components (ledger, audit) join it here."""
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
             try:
+                # BEGIN is inside the try: a task cancelled while BEGIN is queued on the
+                # connection's thread must still roll back, or the next BEGIN would fail.
+                await self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
             except BaseException:
-                await self._db.rollback()
+                # Shielded: the connection's thread runs statements in order, so this
+                # rollback lands after anything the cancelled caller had queued.
+                await asyncio.shield(self._db.rollback())
                 raise
-            await self._db.commit()
+            await asyncio.shield(self._db.commit())
 
     # -- writing ------------------------------------------------------------
 

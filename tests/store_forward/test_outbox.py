@@ -88,3 +88,24 @@ async def test_corrupt_database_is_refused_not_replaced(tmp_path: Path) -> None:
     with pytest.raises(OutboxError, match=r"gw\.db"):
         await Outbox.open(path)
     assert path.read_bytes().startswith(b"SQLite format 3")  # untouched
+
+
+async def test_cancelled_transactions_never_leave_one_open(tmp_path: Path) -> None:
+    """Tasks cancelled at any point of a transaction must not wedge the writer."""
+    import asyncio
+
+    ob = await Outbox.open(tmp_path / "gw.db")
+    try:
+        for delay_steps in range(40):
+            task = asyncio.create_task(ob.commit_cycle(1, [reading("m1", delay_steps, "1")]))
+            for _ in range(delay_steps % 8):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            # the next transaction always works
+            await ob.add_event(2, {"type": "probe", "i": delay_steps})
+        st = await ob.stats()
+        assert st.records - st.readings == 40  # every probe event committed
+        assert st.readings == st.readings_committed  # counters match what is stored
+    finally:
+        await ob.close()
