@@ -578,6 +578,7 @@ SCHEMA: tuple[str, ...] = (
         accepted_ms INTEGER NOT NULL,
         expires_ms INTEGER NOT NULL
     ) STRICT""",
+    "CREATE INDEX IF NOT EXISTS sec_seen_command_expires ON sec_seen_command (expires_ms)",
     """CREATE TABLE IF NOT EXISTS sec_central_key (
         key_id TEXT PRIMARY KEY,
         role TEXT NOT NULL,
