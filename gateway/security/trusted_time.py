@@ -29,7 +29,8 @@ Rules:
 * Only a signed ``time.sync`` with ``reset_floor`` may lower the floor (to
   recover from a floor pushed into the future by a spoofed NTP server).
 * Jumps of the system clock relative to the monotonic clock, a system clock
-  behind the floor, and a central time behind the floor are reported as
+  behind the floor, a central time behind the floor, and a synchronised
+  system clock more than a minute off central time (spoofed NTP?) are reported as
   :class:`ClockEvent` for the audit log.
 
 After a reboot (no RTC) :func:`restore` starts from the persisted floor; the
@@ -57,6 +58,7 @@ import aiosqlite
 from firmware_bridge.reading import TimeSource
 
 JUMP_TOLERANCE_MS = 2_000
+DISAGREE_TOLERANCE_MS = 60_000
 METER_TOLERANCE_MS = 5 * 60_000
 MIN_METERS = 3
 PERSIST_GRANULARITY_MS = 60_000
@@ -103,6 +105,7 @@ class ClockEventKind(enum.StrEnum):
     CENTRAL_BEHIND_FLOOR = "central_time_behind_floor"
     FLOOR_RESET = "time_floor_reset"  # signed reset lowered the floor
     CENTRAL_SYNC = "central_time_sync"
+    SOURCES_DISAGREE = "time_sources_disagree"  # synced system clock far from central
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +145,7 @@ class ClockState:
     last_wall_ms: int | None = None
     last_mono_ms: int | None = None
     behind_floor: bool = False
+    disagree: bool = False
     persisted_floor_ms: int = 0
 
     def floor_at(self, mono_ms: int) -> int:
@@ -213,8 +217,19 @@ def observe(
             events.append(ClockEvent(kind, lower, delta, f"system clock leapt {delta} ms ahead"))
 
     majority = meter_majority(meter_ms) if meter_ms else None
+    disagree = False
     if state.central is not None:
         t, q = state.central.at(mono_ms), TimeQuality.CENTRAL
+        disagree = synced and abs(wall_ms - t) > DISAGREE_TOLERANCE_MS
+        if disagree and not state.disagree:
+            events.append(
+                ClockEvent(
+                    ClockEventKind.SOURCES_DISAGREE,
+                    t,
+                    wall_ms - t,
+                    f"synchronised system clock is {wall_ms - t} ms off central time",
+                )
+            )
     elif synced:
         t, q = wall_ms, TimeQuality.SYSTEM_SYNCED
     elif majority is not None:
@@ -244,6 +259,7 @@ def observe(
         last_wall_ms=wall_ms,
         last_mono_ms=mono_ms,
         behind_floor=behind,
+        disagree=disagree,
     )
     return new_state, TrustedTime(t, q, floor.at(mono_ms)), events
 

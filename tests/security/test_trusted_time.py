@@ -188,3 +188,15 @@ async def test_floor_persists_across_reboot_and_never_goes_back(tmp_path: Path) 
         await reset_floor(conn, T0, clocks.mono)  # only after a signed reset
         await conn.commit()
         assert await load_floor(conn) == T0
+
+
+def test_synced_clock_far_from_central_is_reported_once() -> None:
+    s = restore(T0, mono_ms=0)
+    s, _ = apply_central_time(s, T0, mono_ms=0)
+    s, t, events = observe(s, wall_ms=T0 + 1000, mono_ms=1000, synced=True)
+    assert events == [] and t.quality is TimeQuality.CENTRAL
+    s, t, events = observe(s, wall_ms=T0 + 10 * MIN, mono_ms=2000, synced=True)
+    assert ClockEventKind.SOURCES_DISAGREE in {e.kind for e in events}
+    assert t.time_ms == T0 + 2000  # central still wins
+    s, _, events = observe(s, wall_ms=T0 + 10 * MIN + 1000, mono_ms=3000, synced=True)
+    assert events == []
