@@ -445,3 +445,21 @@ async def reset_floor(conn: aiosqlite.Connection, floor_ms: int, mono_ms: int) -
         "updated_mono_ms = excluded.updated_mono_ms",
         (floor_ms, mono_ms),
     )
+
+
+async def apply_time_sync(
+    conn: aiosqlite.Connection, clock: TrustedClock, time_ms: int, *, reset_floor_flag: bool
+) -> list[ClockEvent]:
+    """Apply the body of an APPLIED ``time.sync`` command; caller's transaction.
+
+    Feeds the signed time to ``clock`` and stores the floor: a signed reset
+    is written with :func:`reset_floor` (the only way the stored floor goes
+    down), anything else with :func:`save_floor`.
+    """
+    events = clock.central_time(time_ms, reset_floor=reset_floor_flag)
+    mono = clock.state.floor.mono_ms
+    if any(e.kind is ClockEventKind.FLOOR_RESET for e in events):
+        await reset_floor(conn, clock.state.floor.time_ms, mono)
+    elif any(e.kind is ClockEventKind.CENTRAL_SYNC for e in events):
+        await save_floor(conn, clock.state.floor.time_ms, mono)
+    return events

@@ -200,3 +200,24 @@ def test_synced_clock_far_from_central_is_reported_once() -> None:
     assert t.time_ms == T0 + 2000  # central still wins
     s, _, events = observe(s, wall_ms=T0 + 10 * MIN + 1000, mono_ms=3000, synced=True)
     assert events == []
+
+
+async def test_apply_time_sync_persists_and_resets(tmp_path: Path) -> None:
+    from gateway.security.trusted_time import apply_time_sync
+
+    clocks = FakeClocks(wall=0, mono=100)
+    async with aiosqlite.connect(tmp_path / "gw.db") as conn:
+        await create_schema(conn)
+        await save_floor(conn, T0 + 100 * MIN, 0)  # poisoned floor
+        clock = clocks.clock(await load_floor(conn))
+        events = await apply_time_sync(conn, clock, T0, reset_floor_flag=False)
+        assert [e.kind for e in events] == [ClockEventKind.CENTRAL_BEHIND_FLOOR]
+        assert await load_floor(conn) == T0 + 100 * MIN
+        events = await apply_time_sync(conn, clock, T0, reset_floor_flag=True)
+        assert [e.kind for e in events] == [ClockEventKind.FLOOR_RESET]
+        assert await load_floor(conn) == T0
+        events = await apply_time_sync(conn, clock, T0 + 5 * MIN, reset_floor_flag=False)
+        assert [e.kind for e in events] == [ClockEventKind.CENTRAL_SYNC]
+        assert await load_floor(conn) == T0 + 5 * MIN
+        t = clock.now()
+        assert t.quality is TimeQuality.CENTRAL and t.time_ms == T0 + 5 * MIN
