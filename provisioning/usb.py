@@ -1,0 +1,477 @@
+"""The USB provisioning flow run by ``edgegw-usb@.service``.
+
+Three steps, each a subcommand of ``python -m provisioning.usb``:
+
+``import``  (root, in a private mount namespace made by ``unshare``)
+    mount the stick read-only with ``nosuid,nodev,noexec``; copy at most
+    MAX_BUNDLES regular ``edgegw/*.egwb`` files of at most the size cap into
+    ``<spool>/in/``; note whether the technician asked for the backlog
+    (a file ``edgegw/export-backlog`` on the stick); unmount; hand the spool
+    to the service user.
+``process`` (user edgegw, sandboxed, no network)
+    apply each bundle (verification, policy, atomic install: provisioning.apply),
+    append one audit record per attempt to the audit spool, and write the
+    carry-back (result, enrollment, backlog export when asked) into ``<spool>/out/``.
+``export``  (root, private mount namespace; runs even when ``process`` failed)
+    when ``<spool>/out/`` holds anything: mount the stick read-write with
+    ``nosuid,nodev,noexec``, copy it into a new directory
+    ``edgegw/results/<gateway>-<UTC time>/``, sync, unmount; then restart the
+    gateway service if a bundle was accepted (it picks up the new ``current``).
+
+Only FAT and exFAT sticks are handled: they carry no ownership, symlinks or
+device nodes, and keeping the set of file-system drivers that parse an
+untrusted stick small reduces the kernel's exposure.
+
+The audit spool (``<state>/provisioning/audit-spool.jsonl``) exists because the
+daemon is the only writer of the hash-chained audit log; it imports the spool
+with :func:`drain_audit_spool` at start and periodically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from provisioning.apply import (
+    ApplyResult,
+    ExportFn,
+    apply_bundle,
+    current_release,
+    read_bundle_file,
+    write_atomic,
+    write_carry_back,
+)
+from provisioning.bundle import (
+    DEFAULT_MAX_BUNDLE_BYTES,
+    SUFFIX,
+    BundleError,
+    DeviceIdentity,
+    VerifyKey,
+)
+
+STICK_DIR = "edgegw"
+BACKLOG_MARKER = "export-backlog"
+RESULTS_DIR = "results"
+MAX_BUNDLES = 16
+ALLOWED_FS = ("vfat", "exfat")
+MOUNT_OPTS_RO = "ro,nosuid,nodev,noexec,noatime"
+MOUNT_OPTS_RW = "rw,nosuid,nodev,noexec,noatime,sync"
+AUDIT_SPOOL = "audit-spool.jsonl"
+
+
+class UsbError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Step 1: import (privileged)
+
+
+def select_bundles(stick_root: Path, limit: int = MAX_BUNDLES) -> list[Path]:
+    """Candidate bundle files on a mounted stick, in name order (not yet trusted)."""
+    d = stick_root / STICK_DIR
+    if not d.is_dir() or d.is_symlink():
+        return []
+    found = sorted(
+        (p for p in d.iterdir() if p.name.lower().endswith(SUFFIX)), key=lambda p: p.name
+    )
+    return found[:limit]
+
+
+def copy_bundles_to_spool(
+    stick_root: Path, spool: Path, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
+) -> dict[str, Any]:
+    """Copy candidate bundles off a mounted stick; return the request description."""
+    inbox = spool / "in"
+    inbox.mkdir(mode=0o700, parents=True, exist_ok=True)
+    copied: list[str] = []
+    skipped: list[dict[str, str]] = []
+    for i, src in enumerate(select_bundles(stick_root)):
+        try:
+            data = read_bundle_file(src, max_bytes)
+        except BundleError as exc:
+            skipped.append({"file": src.name, "code": exc.code, "reason": str(exc)})
+            continue
+        name = f"{i:02d}-{src.name}"
+        write_atomic(inbox / name, data)
+        copied.append(name)
+    marker = stick_root / STICK_DIR / BACKLOG_MARKER
+    request = {
+        "bundles": copied,
+        "skipped": skipped,
+        "technician_asked_backlog": marker.is_file() and not marker.is_symlink(),
+    }
+    write_atomic(spool / "request.json", json.dumps(request, indent=2).encode())
+    return request
+
+
+def _run(cmd: Sequence[str]) -> None:
+    r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=60, check=False)
+    if r.returncode != 0:
+        raise UsbError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()}")
+
+
+def detect_fs(device: str) -> str:
+    r = subprocess.run(
+        ["blkid", "-o", "value", "-s", "TYPE", device],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    fs = r.stdout.strip()
+    if fs not in ALLOWED_FS:
+        raise UsbError(f"{device}: file system {fs or 'unknown'!r} not accepted (only FAT/exFAT)")
+    return fs
+
+
+@contextlib.contextmanager
+def mounted(device: str, mountpoint: Path, options: str) -> Any:
+    fs = detect_fs(device)
+    mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _run(["mount", "-t", fs, "-o", options, device, str(mountpoint)])
+    try:
+        yield mountpoint
+    finally:
+        with contextlib.suppress(UsbError):
+            _run(["umount", str(mountpoint)])
+        with contextlib.suppress(OSError):
+            mountpoint.rmdir()
+
+
+def _chown_tree(root: Path, user: str) -> None:
+    pw = pwd.getpwnam(user)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in [*dirnames, *filenames]:
+            os.chown(Path(dirpath) / n, pw.pw_uid, pw.pw_gid, follow_symlinks=False)
+    os.chown(root, pw.pw_uid, pw.pw_gid)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    spool = Path(args.spool)
+    with mounted(args.device, spool / "mnt", MOUNT_OPTS_RO) as mnt:
+        req = copy_bundles_to_spool(mnt, spool, max_bytes=args.max_bytes)
+    if args.owner:
+        _chown_tree(spool, args.owner)
+    print(
+        f"{args.device}: {len(req['bundles'])} bundle(s) copied, {len(req['skipped'])} skipped; "
+        f"backlog asked by technician: {req['technician_asked_backlog']}"
+    )
+    for s in req["skipped"]:
+        print(f"  skipped {s['file']}: {s['reason']}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Step 2: process (service user)
+
+
+def audit_spool_writer(path: Path) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    """An ``audit`` callable appending fsynced JSON lines for the daemon to import."""
+
+    def append(line: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def audit(kind: str, detail: dict[str, Any]) -> None:
+        line = json.dumps({"kind": kind, "detail": detail}, sort_keys=True).encode() + b"\n"
+        await asyncio.to_thread(append, line)
+
+    return audit
+
+
+async def drain_audit_spool(
+    path: Path, audit: Callable[[str, dict[str, Any]], Awaitable[None]]
+) -> int:
+    """Feed spooled records to the real audit log, then remove the spool.
+
+    Each record is passed once per call; the spool is renamed before reading
+    so records appended meanwhile go to a fresh file. If ``audit`` raises, the
+    records not yet passed stay in ``<spool>.draining`` and are retried first
+    on the next call (a record may then be passed twice; audit records carry
+    the bundle digest and time, so a duplicate is recognisable).
+    """
+    draining = path.with_name(path.name + ".draining")
+    if not await asyncio.to_thread(draining.exists):
+        try:
+            await asyncio.to_thread(os.rename, path, draining)
+        except FileNotFoundError:
+            return 0
+    lines = (await asyncio.to_thread(draining.read_bytes)).splitlines()
+    n = 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            kind, detail = str(rec["kind"]), dict(rec["detail"])
+        except (ValueError, KeyError, TypeError):
+            kind, detail = (
+                "provisioning.audit-spool-corrupt",
+                {"line": line.decode(errors="replace")},
+            )
+        try:
+            await audit(kind, detail)
+        except BaseException:
+            rest = b"\n".join(lines[i:]) + b"\n"
+            await asyncio.to_thread(write_atomic, draining, rest)
+            raise
+        n += 1
+    await asyncio.to_thread(draining.unlink)
+    return n
+
+
+def _load_keystore(path: Path) -> Any | None:
+    try:
+        from provisioning.keys import Keystore
+    except ImportError:
+        return None
+    try:
+        return Keystore.open(path)
+    except Exception as exc:
+        print(f"keystore {path}: {exc}", file=sys.stderr)
+        return None
+
+
+def gateway_identity(state_dir: Path, keystore: Any | None) -> DeviceIdentity | None:
+    """This gateway's id (keystore first, else installed config) and site (installed config)."""
+    from gateway.config import ConfigError, load_config
+
+    gateway_id = getattr(keystore, "gateway_id", None) if keystore is not None else None
+    site_id = None
+    with contextlib.suppress(Exception):
+        rel = current_release(state_dir)
+        if rel is not None and rel.config_path.is_file():
+            with contextlib.suppress(ConfigError):
+                cfg = load_config(rel.config_path)
+                gateway_id = gateway_id or cfg.gateway.id
+                site_id = cfg.gateway.site
+    return None if gateway_id is None else DeviceIdentity(gateway_id, site_id)
+
+
+async def process_spool(
+    spool: Path,
+    *,
+    state_dir: Path,
+    verify_key: VerifyKey,
+    identity: DeviceIdentity | None,
+    audit: Callable[[str, dict[str, Any]], Awaitable[None]] | None,
+    software_version: str,
+    serial: str | None = None,
+    enrollment: Callable[[], dict[str, Any]] | None = None,
+    export_backlog: ExportFn | None = None,
+    now: datetime | None = None,
+    max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+) -> list[ApplyResult]:
+    """Apply every bundle in ``<spool>/in`` and write ``<spool>/out``. Returns the results."""
+    req_path = spool / "request.json"
+    request = json.loads(await asyncio.to_thread(req_path.read_text))
+    at = now or datetime.now(UTC)
+    results: list[ApplyResult] = []
+    if identity is None:
+        for name in request["bundles"]:
+            results.append(
+                ApplyResult(
+                    "refused",
+                    "no-identity",
+                    "gateway identity unknown: no keystore and no configuration installed",
+                    name,
+                    at=at,
+                )
+            )
+            if audit is not None:
+                await audit("provisioning.apply", results[-1].to_json())
+        identity = DeviceIdentity("unknown")
+    else:
+        for name in request["bundles"]:
+            results.append(
+                await apply_bundle(
+                    spool / "in" / name,
+                    root=state_dir,
+                    verify_key=verify_key,
+                    identity=identity,
+                    now=at,
+                    audit=audit,
+                    max_bytes=max_bytes,
+                )
+            )
+    for s in request.get("skipped", []):
+        r = ApplyResult("refused", s["code"], s["reason"], s["file"], at=at)
+        results.append(r)
+        if audit is not None:
+            await audit("provisioning.apply", r.to_json())
+    await write_carry_back(
+        spool / "out",
+        results,
+        identity=identity,
+        software_version=software_version,
+        serial=serial,
+        enrollment=enrollment,
+        export_backlog=export_backlog,
+        technician_asked_backlog=bool(request.get("technician_asked_backlog")),
+        now=at,
+    )
+    return results
+
+
+def board_serial() -> str | None:
+    """The board's serial number from the device tree (Raspberry Pi and most ARM boards)."""
+    for p in (
+        Path("/sys/firmware/devicetree/base/serial-number"),
+        Path("/proc/device-tree/serial-number"),
+    ):
+        with contextlib.suppress(OSError):
+            text = p.read_bytes().rstrip(b"\0\n").decode("ascii", errors="replace").strip()
+            if text:
+                return text
+    return None
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    from gateway import __version__
+    from provisioning.cli import load_public_key
+
+    spool = Path(args.spool)
+    state_dir = Path(args.state_dir)
+    keys = [load_public_key(Path(p)) for p in args.pubkey]
+    keystore = _load_keystore(Path(args.keystore))
+    identity = gateway_identity(state_dir, keystore)
+    enrollment = (lambda: dict(keystore.export_public())) if keystore is not None else None
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    results = asyncio.run(
+        process_spool(
+            spool,
+            state_dir=state_dir,
+            verify_key=keys,
+            identity=identity,
+            audit=audit_spool_writer(state_dir / AUDIT_SPOOL),
+            software_version=__version__,
+            serial=args.serial or board_serial(),
+            enrollment=enrollment,
+            export_backlog=None,
+            max_bytes=args.max_bytes,
+        )
+    )
+    for r in results:
+        print(f"{r.source}: {r.outcome} ({r.code}): {r.reason}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Step 3: export (privileged)
+
+
+def copy_out(spool_out: Path, stick_root: Path, gateway_id: str, now: datetime) -> Path:
+    """Copy the carry-back into a new directory on the stick; never overwrite anything."""
+    base = stick_root / STICK_DIR / RESULTS_DIR
+    base.mkdir(parents=True, exist_ok=True)
+    dest = base / f"{gateway_id}-{now.strftime('%Y%m%dT%H%M%SZ')}"
+    n = 0
+    while True:
+        try:
+            dest.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+            dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+    for dirpath, _dirnames, filenames in os.walk(spool_out, followlinks=False):
+        rel = Path(dirpath).relative_to(spool_out)
+        (dest / rel).mkdir(parents=True, exist_ok=True)
+        for fn in filenames:
+            src = Path(dirpath) / fn
+            if src.is_symlink() or not src.is_file():
+                continue
+            with src.open("rb") as fi, (dest / rel / fn).open("xb") as fo:
+                shutil.copyfileobj(fi, fo)
+                fo.flush()
+                os.fsync(fo.fileno())
+    os.sync()
+    return dest
+
+
+def _accepted(spool_out: Path) -> tuple[str, bool]:
+    try:
+        doc = json.loads((spool_out / "result.json").read_text())
+    except (OSError, ValueError):
+        return "unknown", False
+    return str(doc.get("gateway_id", "unknown")), any(
+        r.get("outcome") == "accepted" for r in doc.get("results", [])
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    spool = Path(args.spool)
+    out = spool / "out"
+    if not out.is_dir() or not any(out.iterdir()):
+        print("nothing to carry back")
+        return 0
+    gateway_id, accepted = _accepted(out)
+    rc = 0
+    try:
+        with mounted(args.device, spool / "mnt-rw", MOUNT_OPTS_RW) as mnt:
+            dest = copy_out(out, mnt, gateway_id, datetime.now(UTC))
+            print(f"carry-back written to {STICK_DIR}/{RESULTS_DIR}/{dest.name}")
+    except (UsbError, OSError) as exc:
+        print(f"carry-back not written (stick read-only or removed?): {exc}", file=sys.stderr)
+        rc = 1
+    if accepted and args.restart_unit:
+        # A new release is current: start (first provisioning) or restart the gateway.
+        with contextlib.suppress(UsbError, OSError, subprocess.SubprocessError):
+            _run(["systemctl", "--no-block", "restart", args.restart_unit])
+    return rc
+
+
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m provisioning.usb")
+    sub = p.add_subparsers(dest="step", required=True)
+    i = sub.add_parser("import")
+    i.add_argument("--device", required=True)
+    i.add_argument("--spool", required=True)
+    i.add_argument("--owner", help="hand the spool to this user afterwards")
+    i.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES)
+    i.set_defaults(func=cmd_import)
+    pr = sub.add_parser("process")
+    pr.add_argument("--spool", required=True)
+    pr.add_argument("--state-dir", required=True)
+    pr.add_argument("--pubkey", action="append", required=True)
+    pr.add_argument("--keystore", default="/var/lib/edgegw/keys")
+    pr.add_argument("--serial", help="board serial for the enrollment record")
+    pr.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES)
+    pr.set_defaults(func=cmd_process)
+    e = sub.add_parser("export")
+    e.add_argument("--device", required=True)
+    e.add_argument("--spool", required=True)
+    e.add_argument("--restart-unit")
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsbError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The USB flow's file logic on a directory standing in for the mounted stick.
+
+Mounting needs a block device and privileges, so the mount/unmount wrapper is
+not exercised here; everything between (selection, size cap, copy-off,
+process, carry-back onto the stick, audit spool) is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from provisioning.apply import current_release
+from provisioning.bundle import DeviceIdentity
+from provisioning.usb import (
+    MAX_BUNDLES,
+    audit_spool_writer,
+    copy_bundles_to_spool,
+    copy_out,
+    drain_audit_spool,
+    gateway_identity,
+    process_spool,
+    select_bundles,
+)
+from tests.provisioning.conftest import GATEWAY, NOW, SITE, MakeBundle
+
+
+@pytest.fixture
+def stick(tmp_path: Path) -> Path:
+    d = tmp_path / "stick"
+    (d / "edgegw").mkdir(parents=True)
+    return d
+
+
+def test_selection_is_bounded_and_ordered(stick: Path) -> None:
+    for i in range(MAX_BUNDLES + 5):
+        (stick / "edgegw" / f"b{i:03d}.EGWB").write_bytes(b"x")
+    (stick / "edgegw" / "notes.txt").write_text("x")
+    found = select_bundles(stick)
+    assert len(found) == MAX_BUNDLES
+    assert [p.name for p in found] == sorted(p.name for p in found)
+    assert select_bundles(stick / "nonexistent") == []
+
+
+async def test_stick_to_carry_back(
+    tmp_path: Path, stick: Path, make_bundle: MakeBundle, role_key: Ed25519PrivateKey
+) -> None:
+    (stick / "edgegw" / "01-gw.egwb").write_bytes(make_bundle(version=4, backlog=True))
+    (stick / "edgegw" / "02-other.egwb").write_bytes(make_bundle(version=4, target="gw-0777"))
+    (stick / "edgegw" / "03-big.egwb").write_bytes(b"\0" * 5000)
+    os.symlink("/etc/passwd", stick / "edgegw" / "04-link.egwb")
+    spool = tmp_path / "spool"
+    req = copy_bundles_to_spool(stick, spool, max_bytes=4096)
+    assert req["bundles"] == ["00-01-gw.egwb", "01-02-other.egwb"]
+    assert {s["file"]: s["code"] for s in req["skipped"]} == {
+        "03-big.egwb": "oversized",
+        "04-link.egwb": "link",
+    }
+    assert req["technician_asked_backlog"] is False
+
+    state = tmp_path / "state" / "provisioning"
+    state.mkdir(parents=True)
+    audit = audit_spool_writer(state / "audit-spool.jsonl")
+    exported: list[Path] = []
+
+    async def export(d: Path) -> dict[str, Any]:
+        exported.append(d)
+        (d / "backlog.sealed").write_bytes(b"sealed")
+        return {"records": 3}
+
+    results = await process_spool(
+        spool, state_dir=state, verify_key=role_key.public_key(), identity=DeviceIdentity(GATEWAY, SITE),
+        audit=audit, software_version="0.1.0", serial="SN1", enrollment=lambda: {"identity_ed25519": "AAAA"},
+        export_backlog=export, now=NOW,
+    )  # fmt: skip
+    assert [(r.source, r.outcome, r.code) for r in results] == [
+        ("00-01-gw.egwb", "accepted", "ok"),
+        ("01-02-other.egwb", "refused", "wrong-target"),
+        ("03-big.egwb", "refused", "oversized"),
+        ("04-link.egwb", "refused", "link"),
+    ]
+    rel = current_release(state)
+    assert rel is not None and rel.version == 4
+    assert exported == [spool / "out" / "backlog"]
+
+    dest = copy_out(spool / "out", stick, GATEWAY, NOW)
+    assert dest.parent == stick / "edgegw" / "results"
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == [
+        "backlog", "backlog/backlog.sealed", "enrollment.json", "result.json",
+    ]  # fmt: skip
+    doc = json.loads((dest / "result.json").read_text())
+    assert [r["outcome"] for r in doc["results"]] == ["accepted", "refused", "refused", "refused"]
+    # A second visit never overwrites the first one's results.
+    dest2 = copy_out(spool / "out", stick, GATEWAY, NOW)
+    assert dest2 != dest and dest.exists()
+
+    # Every attempt is in the audit spool; the daemon drains it into the real log.
+    got: list[tuple[str, dict[str, Any]]] = []
+
+    async def real_audit(kind: str, detail: dict[str, Any]) -> None:
+        got.append((kind, detail))
+
+    assert await drain_audit_spool(state / "audit-spool.jsonl", real_audit) == 4
+    assert [d["outcome"] for _, d in got] == ["accepted", "refused", "refused", "refused"]
+    assert not (state / "audit-spool.jsonl").exists()
+    assert await drain_audit_spool(state / "audit-spool.jsonl", real_audit) == 0
+
+
+async def test_drain_keeps_undelivered_records(tmp_path: Path) -> None:
+    spool = tmp_path / "audit-spool.jsonl"
+    w = audit_spool_writer(spool)
+    for i in range(3):
+        await w("provisioning.apply", {"n": i})
+    seen: list[int] = []
+
+    async def flaky(kind: str, detail: dict[str, Any]) -> None:
+        if detail["n"] == 1 and not seen.count(-1):
+            seen.append(-1)
+            raise RuntimeError("database busy")
+        seen.append(detail["n"])
+
+    with pytest.raises(RuntimeError):
+        await drain_audit_spool(spool, flaky)
+    await w("provisioning.apply", {"n": 3})
+    assert await drain_audit_spool(spool, flaky) == 2  # the retained 1, 2
+    assert await drain_audit_spool(spool, flaky) == 1  # then the new 3
+    assert [n for n in seen if n >= 0] == [0, 1, 2, 3]
+
+
+async def test_no_identity_refuses_everything(
+    tmp_path: Path, stick: Path, make_bundle: MakeBundle, role_key: Ed25519PrivateKey
+) -> None:
+    (stick / "edgegw" / "a.egwb").write_bytes(make_bundle())
+    (stick / "edgegw" / "export-backlog").write_text("")
+    spool = tmp_path / "spool"
+    req = copy_bundles_to_spool(stick, spool)
+    assert req["technician_asked_backlog"] is True
+    state = tmp_path / "state"
+    assert gateway_identity(state, None) is None
+    results = await process_spool(
+        spool, state_dir=state, verify_key=role_key.public_key(), identity=None, audit=None,
+        software_version="x", now=NOW + timedelta(seconds=1),
+    )  # fmt: skip
+    assert [r.code for r in results] == ["no-identity"]
+    doc = json.loads((spool / "out" / "result.json").read_text())
+    assert doc["backlog_export"] == {
+        "requested": True, "status": "failed", "error": "no backlog exporter is available on this gateway",
+    }  # fmt: skip
