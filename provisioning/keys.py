@@ -377,6 +377,11 @@ class Keystore:
         }
 
 
+def load_private(path: Path, kind: type[Any]) -> Any:
+    """Load a PEM private key of ``kind``, refusing a file readable by group or others."""
+    return _load_private(path, kind)
+
+
 def _load_private(path: Path, kind: type[Any]) -> Any:
     data = _read_private(path)
     try:
