@@ -42,6 +42,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 
 class Role(enum.StrEnum):
@@ -143,6 +144,14 @@ class TrustStore:
 
     def is_revoked(self, key_id: str) -> bool:
         return key_id in self.revoked
+
+    def public_keys_for(self, role: Role) -> list[Ed25519PublicKey]:
+        """Non-revoked keys of ``role`` (e.g. provisioning keys for USB bundle checks)."""
+        return [
+            Ed25519PublicKey.from_public_bytes(k.public_key)
+            for k in sorted(self.keys.values(), key=lambda k: k.key_id)
+            if k.role is role and k.key_id not in self.revoked
+        ]
 
     def with_keys(self, keys: Iterable[CentralKey]) -> TrustStore:
         """A store with ``keys`` added; an id already bound to another key is refused."""

@@ -344,3 +344,20 @@ def test_signed_arbitrary_payloads_never_crash(doc: dict[str, object]) -> None:
     wire = encode_wire(payload, sign_payload(central.keys[Role.BILLING], payload))
     res = authenticate(wire, central.trust())
     assert isinstance(res, (CommandResult, Envelope))
+
+
+def test_public_keys_for_role_skips_revoked(central: Central) -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    extra = Ed25519PrivateKey.generate()
+    trust = central.trust().with_keys(
+        [CentralKey("provisioning-k2", Role.PROVISIONING, raw_public(extra))]
+    )
+    raw = [
+        k.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        for k in trust.public_keys_for(Role.PROVISIONING)
+    ]
+    assert raw == [raw_public(central.keys[Role.PROVISIONING]), raw_public(extra)]
+    revoked = trust.with_revoked(["provisioning-k1"])
+    assert len(revoked.public_keys_for(Role.PROVISIONING)) == 1
+    assert revoked.public_keys_for(Role.KEY_MANAGEMENT) != []
