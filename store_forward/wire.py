@@ -511,6 +511,58 @@ def _deltas(values: Sequence[int]) -> list[int]:
 _ColumnSpec = tuple[int, int, int]  # (quantity code, base exponent, flags)
 _PRESENCE = 1  # flag: presence bitmap per meter
 _SPREAD = 2  # flag: per-value exponent offsets
+_PREDICTED = 4  # flag: current predicted from power / (voltage * power factor)
+_FLAGS = _PRESENCE | _SPREAD | _PREDICTED
+_CURRENT = QUANTITY_CODES[Quantity.CURRENT]
+_POWER = QUANTITY_CODES[Quantity.POWER]
+_VOLTAGE = QUANTITY_CODES[Quantity.VOLTAGE]
+_PF = QUANTITY_CODES[Quantity.POWER_FACTOR]
+
+
+def _predict_current(
+    power: tuple[int, int], volts: tuple[int, int], pf: tuple[int, int], base: int
+) -> int:
+    """round(P[kW] * 1000 / (V * PF)) in units of 10**base A, exact integer
+    arithmetic on (coefficient, exponent) pairs; half rounds up; 0 if V*PF is 0."""
+    (cp, ep), (cv, ev), (cf, ef) = power, volts, pf
+    k = ep + 3 - ev - ef - base
+    num, den = cp, cv * cf
+    if k >= 0:
+        num *= 10**k
+    else:
+        den *= 10**-k
+    if den == 0:
+        return 0
+    if den < 0:
+        num, den = -num, -den
+    return (2 * num + den) // (2 * den)
+
+
+def _bits(values: Sequence[int]) -> int:
+    return sum(_zigzag(v).bit_length() for v in values)
+
+
+def _current_residuals(
+    readings: Sequence[_Reading], entries: Sequence[tuple[int, _Value]], base: int
+) -> list[int] | None:
+    """Residuals of the current column against P/(V*PF), when every reading
+    that has a current also has the three inputs and the residuals are
+    cheaper than plain deltas; else None."""
+    residuals: list[int] = []
+    scaled: list[int] = []
+    for i, v in entries:
+        inputs = {x.code: (x.coef, x.exp) for x in readings[i].values}
+        if _POWER not in inputs or _VOLTAGE not in inputs or _PF not in inputs:
+            return None
+        s = v.coef * 10 ** (v.exp - base)
+        res = s - _predict_current(inputs[_POWER], inputs[_VOLTAGE], inputs[_PF], base)
+        if abs(res) >= _MAX_SCALED:
+            return None
+        residuals.append(res)
+        scaled.append(s)
+    if _bits(residuals) >= _bits([scaled[0], *_deltas(scaled)]):
+        return None
+    return residuals
 
 
 def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
@@ -548,6 +600,7 @@ def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
     schemas: dict[tuple[_ColumnSpec, ...], int] = {}
     meter_schema: list[int] = []
     meter_columns: list[dict[int, list[tuple[int, _Value]]]] = []
+    predicted: list[list[int] | None] = []
     for readings in meters:
         columns: dict[int, list[tuple[int, _Value]]] = {}
         for i, rd in enumerate(readings):
@@ -559,7 +612,14 @@ def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
             flags = (_PRESENCE if len(entries) != len(readings) else 0) | (
                 _SPREAD if any(v.exp != base for _, v in entries) else 0
             )
+            if code == _CURRENT:
+                guess = _current_residuals(readings, entries, base)
+                predicted.append(guess)
+                if guess is not None:
+                    flags |= _PREDICTED
             spec.append((code, base, flags))
+        if _CURRENT not in columns:
+            predicted.append(None)
         key = tuple(spec)
         meter_schema.append(schemas.setdefault(key, len(schemas)))
         meter_columns.append(columns)
@@ -606,19 +666,25 @@ def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
     for code in all_codes:
         col_firsts: list[int] = []
         col_deltas: list[int] = []
+        col_residuals: list[int] = []
         prev_base: int | None = None
         prev_first = 0
         for k in range(len(meters)):
             col = next((c for c in spec_of[meter_schema[k]] if c[0] == code), None)
             if col is None:
                 continue
-            base = col[1]
+            base, flags = col[1], col[2]
+            if flags & _PREDICTED:
+                col_residuals.extend(predicted[k] or ())
+                continue
             scaled = [v.coef * 10 ** (v.exp - base) for _, v in meter_columns[k][code]]
             col_firsts.append(scaled[0] - (prev_first if base == prev_base else 0))
             prev_base, prev_first = base, scaled[0]
             col_deltas.extend(_deltas(scaled))
         _put_packed(body, col_firsts, signed=True)
         _put_packed(body, col_deltas, signed=True)
+        if code == _CURRENT:
+            _put_packed(body, col_residuals, signed=True)
     # 6. Quality marks (sparse), by global reading index in meter-major order.
     marks: list[tuple[int, int, int]] = []
     index = 0
@@ -716,19 +782,21 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
             if abs(base) > _MAX_ABS_EXPONENT:
                 raise WireFormatError(f"column exponent {base} out of range")
             flags = r.byte()
-            if flags > (_PRESENCE | _SPREAD):
-                raise WireFormatError(f"unknown column flags {flags}")
+            if flags & ~_FLAGS or (flags & _PREDICTED and code != _CURRENT):
+                raise WireFormatError(f"invalid column flags {flags}")
             spec.append((code, base, flags))
+        if any(f & _PREDICTED for _, _, f in spec) and not {_POWER, _VOLTAGE, _PF} <= seen:
+            raise WireFormatError("predicted current without its input columns")
         schemas.append(spec)
     meter_schema = _get_packed(r, n_meters, signed=False)
     if any(s >= len(schemas) for s in meter_schema):
         raise WireFormatError("meter names an unknown schema")
-    # rows[k][code] = (reading indexes, exponent offsets)
-    layout: list[dict[int, tuple[list[int], list[int]]]] = []
+    # layout[k][code] = (base exponent, flags, reading indexes, exponent offsets)
+    layout: list[dict[int, tuple[int, int, list[int], list[int]]]] = []
     for k in range(n_meters):
         n = counts[k]
-        cols: dict[int, tuple[list[int], list[int]]] = {}
-        for code, _base, flags in schemas[meter_schema[k]]:
+        cols: dict[int, tuple[int, int, list[int], list[int]]] = {}
+        for code, base, flags in schemas[meter_schema[k]]:
             if flags & _PRESENCE:
                 bitmap = r.take((n + 7) // 8)
                 present = [i for i in range(n) if bitmap[i >> 3] >> (i & 7) & 1]
@@ -742,7 +810,7 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
                     raise WireFormatError("per-value exponent offset out of range")
             else:
                 offsets = [0] * len(present)
-            cols[code] = (present, offsets)
+            cols[code] = (base, flags, present, offsets)
         layout.append(cols)
     # 4. Shapes and times.
     total = sum(counts)
@@ -772,31 +840,57 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
             rows_k.append(b)
         bodies.append(rows_k)
     # 5. Values.
+    # nums[k][code][i] = (coefficient, exponent), kept for the current predictor
+    nums: list[dict[int, dict[int, tuple[int, int]]]] = [{} for _ in range(n_meters)]
+
+    def put(k: int, code: int, i: int, scaled: int, base: int, off: int) -> None:
+        if abs(scaled) >= 1 << 80:
+            raise WireFormatError("column value out of range")
+        coef, rem = divmod(scaled, 10**off)
+        if rem:
+            raise WireFormatError("value not representable at its own exponent")
+        nums[k].setdefault(code, {})[i] = (coef, base + off)
+        bodies[k][i]["v"][CODE_QUANTITIES[code].value] = _decimal_text(coef, base + off)
+
+    pending: list[tuple[int, int, list[int], list[int], list[int]]] = []
     all_codes = sorted({code for k in range(n_meters) for code in layout[k]})
     for code in all_codes:
-        name = CODE_QUANTITIES[code].value
         holders = [k for k in range(n_meters) if code in layout[k]]
-        col_firsts = _get_packed(r, len(holders), signed=True)
-        n_deltas = sum(len(layout[k][code][0]) - 1 for k in holders)
+        plain = [k for k in holders if not layout[k][code][1] & _PREDICTED]
+        col_firsts = _get_packed(r, len(plain), signed=True)
+        n_deltas = sum(len(layout[k][code][2]) - 1 for k in plain)
         col_deltas = _get_packed(r, n_deltas, signed=True)
         prev_base: int | None = None
         prev_first = 0
         dpos = 0
-        for h, k in enumerate(holders):
-            base = next(s[1] for s in schemas[meter_schema[k]] if s[0] == code)
+        for h, k in enumerate(plain):
+            base, _flags, present, offsets = layout[k][code]
             scaled = col_firsts[h] + (prev_first if base == prev_base else 0)
             prev_base, prev_first = base, scaled
-            present, offsets = layout[k][code]
             for j, (i, off) in enumerate(zip(present, offsets, strict=True)):
                 if j:
                     scaled += col_deltas[dpos]
                     dpos += 1
-                if abs(scaled) >= 1 << 80:
-                    raise WireFormatError("column value out of range")
-                coef, rem = divmod(scaled, 10**off)
-                if rem:
-                    raise WireFormatError("value not representable at its own exponent")
-                bodies[k][i]["v"][name] = _decimal_text(coef, base + off)
+                put(k, code, i, scaled, base, off)
+        if code == _CURRENT:
+            guessed = [k for k in holders if layout[k][code][1] & _PREDICTED]
+            col_residuals = _get_packed(
+                r, sum(len(layout[k][code][2]) for k in guessed), signed=True
+            )
+            rpos = 0
+            for k in guessed:
+                base, _flags, present, offsets = layout[k][code]
+                part = col_residuals[rpos : rpos + len(present)]
+                rpos += len(present)
+                pending.append((k, base, present, offsets, part))
+    for k, base, present, offsets, part in pending:
+        inputs = nums[k]
+        for i, off, res in zip(present, offsets, part, strict=True):
+            try:
+                args = (inputs[_POWER][i], inputs[_VOLTAGE][i], inputs[_PF][i])
+            except KeyError as exc:
+                raise WireFormatError("predicted current lacks an input value") from exc
+            put(k, _CURRENT, i, _predict_current(*args, base) + res, base, off)
     # 6. Quality marks.
     flat = [b for rows_k in bodies for b in rows_k]
     g = 0

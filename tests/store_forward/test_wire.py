@@ -201,6 +201,34 @@ def test_columns_that_cannot_share_an_exponent_round_trip() -> None:
     assert list(decode_batch(payload, lookup).records) == records
 
 
+def test_current_prediction_is_exact_integer_arithmetic() -> None:
+    # 1.6912 kW / (221.4 V * 0.973) = 7.85062... A -> 7851 mA at exponent -3
+    assert wire._predict_current((16912, -4), (2214, -1), (973, -3), -3) == 7851
+    assert wire._predict_current((-16912, -4), (2214, -1), (973, -3), -3) == -7851
+    assert wire._predict_current((16912, -4), (0, -1), (973, -3), -3) == 0
+    assert wire._predict_current((5, 0), (2, 0), (1, 0), 3) == 3  # 2.5 kA, half rounds up
+    assert wire._predict_current((1, 3), (1, -1), (1, 0), -3) == 10**10
+
+
+def test_current_is_predicted_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    single_phase = backlog(3, meters=100)
+    with_prediction = encode_batch(GW, 1, single_phase, key=KEY, key_id=3)
+    with monkeypatch.context() as m:
+        m.setattr(wire, "_current_residuals", lambda *a: None)
+        without = encode_batch(GW, 1, single_phase, key=KEY, key_id=3)
+    assert decode_batch(without, lookup).records == tuple(single_phase)
+    assert len(with_prediction) < len(without) - len(single_phase)  # > 1 byte per reading
+    # Three-phase style: phase-A current against total power does not predict.
+    three_phase = []
+    for rec in single_phase:
+        v = dict(rec.body["v"])
+        v["current_a"] = f"{Decimal(v['current_a']) / 3:.3f}"
+        three_phase.append(WireRecord(rec.id, rec.kind, rec.created_ms, dict(rec.body, v=v)))
+    for records in (single_phase, three_phase):
+        payload = encode_batch(GW, 1, records, key=KEY, key_id=3)
+        assert list(decode_batch(payload, lookup).records) == records
+
+
 def test_empty_batch_round_trips() -> None:
     payload = encode_batch(GW, 0, [], key=KEY, key_id=3)
     assert decode_batch(payload, lookup).records == ()
@@ -246,6 +274,21 @@ def test_realistic_backlog_fits_twelve_bytes_per_reading(intervals: int) -> None
     )
     assert decode_batch(payload, lookup).records == tuple(records)
     assert per_reading <= 12.0
+
+
+def test_unpredictable_current_still_fits_twelve_bytes_per_reading() -> None:
+    """Three-phase style data (phase current vs total power) gets no help
+    from the current predictor and must still meet the target."""
+    records = []
+    for rec in backlog(3):
+        v = dict(rec.body["v"], current_a=f"{Decimal(rec.body['v']['current_a']) / 3:.3f}")
+        records.append(WireRecord(rec.id, rec.kind, rec.created_ms, dict(rec.body, v=v)))
+    payload = encode_batch(GW, 9, records, key=KEY, key_id=3)
+    print(
+        f"\n{len(records)} readings, current not derivable: {len(payload) / len(records):.2f} B/reading"
+    )
+    assert decode_batch(payload, lookup).records == tuple(records)
+    assert len(payload) / len(records) <= 12.0
 
 
 def test_lzma_beats_zlib_on_realistic_backlog() -> None:
@@ -419,6 +462,51 @@ any_record = st.one_of(
         st.dictionaries(text, json_value, max_size=4),
     ),
 )
+
+
+def _electrical(draw: st.DrawFn) -> dict[str, str]:
+    """Power, voltage, PF and current, sometimes consistent, sometimes not,
+    sometimes missing, with varying digits."""
+    out: dict[str, str] = {}
+    v = draw(st.integers(0, 2600))
+    pf = draw(st.integers(-1000, 1000))
+    p = draw(st.integers(-120_000, 120_000))
+    if draw(st.booleans()):
+        out["voltage_v"] = str(Decimal(v).scaleb(-draw(st.sampled_from([1, 2]))))
+    if draw(st.booleans()):
+        out["power_factor"] = str(Decimal(pf).scaleb(-3))
+    if draw(st.booleans()):
+        out["power_kw"] = str(Decimal(p).scaleb(-4))
+    if draw(st.booleans()):
+        exact = abs(v * pf) and Decimal(p) * 1000 / (Decimal(v) * pf)
+        noise = draw(st.integers(-50, 50))
+        out["current_a"] = str(
+            (Decimal(exact) + noise).quantize(Decimal(1)).scaleb(-draw(st.sampled_from([2, 3])))
+        )
+    return out
+
+
+electrical_reading = st.builds(
+    WireRecord,
+    st.integers(0, 2**40),
+    st.just("reading"),
+    st.integers(0, 2**45),
+    st.fixed_dictionaries(
+        {
+            "m": st.sampled_from(["e1", "e2"]),
+            "t": st.integers(0, 2**45),
+            "ts": st.just("system"),
+            "v": st.composite(lambda draw: _electrical(draw))(),
+        }
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(electrical_reading, max_size=25))
+def test_electrical_readings_round_trip(records: list[WireRecord]) -> None:
+    payload = encode_batch(GW, 78, records, key=KEY, key_id=3)
+    assert list(decode_batch(payload, lookup).records) == records
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
