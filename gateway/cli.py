@@ -19,7 +19,13 @@ from gateway import __version__
 from gateway.config import ConfigError, load_config
 
 # Modules that add their own subcommands with ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "firmware_bridge.cli",  # meters scan / read / relay
+    "gateway.billing.cli",  # tariff simulate
+    "gateway.security.cli",  # audit verify, command sign / verify / keygen
+    "provisioning.keys_cli",  # keys init / show / export-public
+    "provisioning.cli",  # provision make / inspect / verify / apply
+)
 
 
 def _setup_logging(verbose: int) -> None:
