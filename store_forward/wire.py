@@ -1,11 +1,12 @@
 """Uplink wire encoding v2: compact, columnar, compressed, sealed end to end.
 
 One uplink message (a *batch*) carries many outbox records of one gateway.
-Readings are stored column by column per meter — timestamps as
-delta-of-delta, values as scaled integers with per-column decimal exponent
-and deltas, all as zigzag varints — so that the bytes left are mostly the
-real information in the data; the whole plaintext is then compressed and
-sealed with AES-256-GCM. The cleartext header (version, compression, key id,
+Readings are stored column by column, per meter and quantity — timestamps as
+deviations from the meter's polling interval, values as scaled integers with
+a per-column decimal exponent and deltas (current predicted from power,
+voltage and power factor where that is cheaper), bit-packed at the width the
+column needs — so that the bytes left are mostly the real information in the
+data; the whole plaintext is then compressed and sealed with AES-GCM. The cleartext header (version, compression, key id,
 gateway id, batch sequence) is the associated data of the seal, so a broker
 operator can neither read nor alter any part of a batch without detection.
 
@@ -299,6 +300,21 @@ def _decimal_parts(text: object) -> tuple[int, int] | None:
     return coef, exp
 
 
+def _utf8_len(text: str) -> int | None:
+    """UTF-8 length, or None for text that cannot be encoded (lone surrogates)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None
+
+
+def _short_text(text: object) -> bool:
+    if not isinstance(text, str):
+        return False
+    n = _utf8_len(text)
+    return n is not None and n <= MAX_STRING_BYTES
+
+
 def _decimal_text(coef: int, exp: int) -> str:
     return str(Decimal(f"{coef}E{exp}"))
 
@@ -312,11 +328,9 @@ def _as_reading(rec: WireRecord) -> _Reading | None:
         return None
     meter, t, ts, v = body["m"], body["t"], body["ts"], body["v"]
     q = body.get("q", {})
-    if not (isinstance(meter, str) and isinstance(ts, str)):
+    if not (_short_text(meter) and _short_text(ts)):
         return None
     if type(t) is not int or not -_MAX_TIME < t < _MAX_TIME:
-        return None
-    if len(meter.encode()) > MAX_STRING_BYTES or len(ts.encode()) > MAX_STRING_BYTES:
         return None
     if not isinstance(v, dict) or not isinstance(q, dict):
         return None
@@ -332,7 +346,7 @@ def _as_reading(rec: WireRecord) -> _Reading | None:
         values.append(_Value(code, parts[0], parts[1]))
     quality: dict[int, str] = {}
     for name, qual in q.items():
-        if name not in v or not isinstance(qual, str) or len(qual.encode()) > MAX_STRING_BYTES:
+        if name not in v or not _short_text(qual):
             return None
         quality[QUANTITY_CODES[Quantity(name)]] = qual
     return _Reading(rec.id, rec.created_ms, meter, t, ts, "q" in body, tuple(values), quality, rec)
@@ -381,8 +395,8 @@ def _analyse(rec: WireRecord) -> _Row:
         raise WireEncodeError(f"record id must be an int below 2**62, got {rec.id!r}")
     if type(rec.created_ms) is not int or not -_MAX_TIME < rec.created_ms < _MAX_TIME:
         raise WireEncodeError(f"record {rec.id}: created_ms must be an int below 2**62")
-    if not isinstance(rec.kind, str) or len(rec.kind.encode()) > MAX_STRING_BYTES:
-        raise WireEncodeError(f"record {rec.id}: kind must be a short string")
+    if not _short_text(rec.kind):
+        raise WireEncodeError(f"record {rec.id}: kind must be a string of 0..4096 UTF-8 bytes")
     if not isinstance(rec.body, dict):
         raise WireEncodeError(f"record {rec.id}: body must be a dict")
     reading = _as_reading(rec)
@@ -973,8 +987,8 @@ def _decompress(data: bytes, method: int) -> bytes:
 
 
 def _header(gateway_id: str, seq: int, key_id: int, compression: Compression) -> bytes:
-    gw = gateway_id.encode("utf-8") if isinstance(gateway_id, str) else b""
-    if not 1 <= len(gw) <= MAX_GATEWAY_ID_BYTES:
+    gw_len = _utf8_len(gateway_id) if isinstance(gateway_id, str) else None
+    if gw_len is None or not 1 <= gw_len <= MAX_GATEWAY_ID_BYTES:
         raise WireEncodeError(f"gateway id must be 1..{MAX_GATEWAY_ID_BYTES} UTF-8 bytes")
     if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
         raise WireEncodeError(f"batch seq must be an int in 0..2**64-1, got {seq!r}")
@@ -982,6 +996,7 @@ def _header(gateway_id: str, seq: int, key_id: int, compression: Compression) ->
         raise WireEncodeError(f"key id must be an int in 0..2**32-1, got {key_id!r}")
     out = bytearray((VERSION, int(compression)))
     _put_uvarint(out, key_id)
+    gw = gateway_id.encode("utf-8")
     out.append(len(gw))
     out += gw
     _put_uvarint(out, seq)

@@ -373,6 +373,9 @@ def test_decompression_bomb_is_refused_quickly() -> None:
     [
         ({"gateway_id": ""}, []),
         ({"gateway_id": "x" * 65}, []),
+        ({"gateway_id": "gw-\ud800"}, []),
+        ({}, [WireRecord(1, "ev\ud800", 0, {})]),
+        ({}, [WireRecord(1, "reading", 0, {"m": "\udfff", "t": 0, "ts": "system", "v": {}})]),
         ({"seq": -1}, []),
         ({"seq": 1 << 64}, []),
         ({"key_id": 1 << 32}, []),
