@@ -452,7 +452,10 @@ class NonceSequence:
 def _aad(record_id: int, record_class: str) -> bytes:
     if type(record_id) is not int or not -(1 << 63) <= record_id < (1 << 63):
         raise SealingError(f"record id must be a 64-bit int, got {record_id!r}")
-    cls = record_class.encode("utf-8")
+    try:
+        cls = record_class.encode("utf-8")
+    except (AttributeError, UnicodeEncodeError) as exc:
+        raise SealingError(f"record class must be a UTF-8 string, got {record_class!r}") from exc
     if not 1 <= len(cls) <= MAX_CLASS_BYTES:
         raise SealingError(f"record class must be 1..{MAX_CLASS_BYTES} UTF-8 bytes")
     return _AAD_LABEL + struct.pack(">Bq", BLOB_VERSION, record_id) + bytes((len(cls),)) + cls

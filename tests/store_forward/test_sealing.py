@@ -25,6 +25,7 @@ from store_forward.sealing import (
     FileEpochStore,
     NonceExhaustedError,
     NonceSequence,
+    SealingError,
     SqliteEpochStore,
     StorageKeyError,
     StorageSealer,
@@ -106,6 +107,22 @@ def test_blobs_cannot_move_between_rows_or_classes(
     other = StorageSealer(os.urandom(32), NonceSequence(1))
     with pytest.raises(UnsealError):
         other.unseal(1, "reading", a)
+
+
+@pytest.mark.parametrize(
+    ("record_id", "record_class"),
+    [(2**63, "reading"), (1.0, "reading"), (1, ""), (1, "x" * 256), (1, "\ud800"), (1, None)],
+)
+def test_bad_record_identity_is_refused(
+    key: bytes,
+    stores: tuple[FileEpochStore, SqliteEpochStore],
+    record_id: object,
+    record_class: object,
+) -> None:
+    sealer = StorageSealer.open(key, stores, new_key=True)
+    with pytest.raises(SealingError):
+        sealer.seal(record_id, record_class, b"x")  # type: ignore[arg-type]
+    assert sealer.seal(-(2**63), "é" * 127, b"x")  # extremes that are valid
 
 
 def test_nonces_unique_under_threads() -> None:
