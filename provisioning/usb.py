@@ -349,6 +349,10 @@ def cmd_process(args: argparse.Namespace) -> int:
     spool = Path(args.spool)
     state_dir = Path(args.state_dir)
     keys = [load_public_key(Path(p)) for p in args.pubkey]
+    if args.trust_store and Path(args.trust_store).exists():
+        from gateway.security.roles import Role, TrustStore
+
+        keys += TrustStore.load(args.trust_store).public_keys_for(Role.PROVISIONING)
     keystore = _load_keystore(Path(args.keystore))
     identity = gateway_identity(state_dir, keystore)
     enrollment = (lambda: dict(keystore.export_public())) if keystore is not None else None
@@ -451,7 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("process")
     pr.add_argument("--spool", required=True)
     pr.add_argument("--state-dir", required=True)
-    pr.add_argument("--pubkey", action="append", required=True)
+    pr.add_argument("--pubkey", action="append", default=[], help="provisioning key (PEM)")
+    pr.add_argument(
+        "--trust-store", help="central trust store; its provisioning-role keys are trusted too"
+    )
     pr.add_argument("--keystore", default="/var/lib/edgegw/keys")
     pr.add_argument("--serial", help="board serial for the enrollment record")
     pr.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES)

@@ -152,3 +152,43 @@ async def test_no_identity_refuses_everything(
     assert doc["backlog_export"] == {
         "requested": True, "status": "failed", "error": "no backlog exporter is available on this gateway",
     }  # fmt: skip
+
+
+def test_process_step_with_keystore_and_trust_store(
+    tmp_path: Path, stick: Path, make_bundle: MakeBundle, role_key: Ed25519PrivateKey,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The unit's unprivileged step as a command: identity and enrollment from the keystore,
+    the provisioning key from the central trust store."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    from provisioning.keys import Keystore
+    from provisioning.usb import main
+
+    Keystore.init(tmp_path / "keys", GATEWAY)
+    raw = role_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    trust = tmp_path / "trust.json"
+    trust.write_text(json.dumps({
+        "format": 1,
+        "keys": [{"key_id": "prov-1", "role": "provisioning", "public_key": base64.b64encode(raw).decode()}],
+        "revoked": [],
+    }))  # fmt: skip
+    (stick / "edgegw" / "a.egwb").write_bytes(make_bundle(version=9))
+    spool = tmp_path / "spool"
+    copy_bundles_to_spool(stick, spool)
+    state = tmp_path / "state" / "provisioning"
+    rc = main(["process", "--spool", str(spool), "--state-dir", str(state),
+               "--trust-store", str(trust), "--keystore", str(tmp_path / "keys"), "--serial", "SN9"])  # fmt: skip
+    assert rc == 0
+    assert "00-a.egwb: accepted (ok)" in capsys.readouterr().out
+    rel = current_release(state)
+    assert rel is not None and rel.version == 9
+    enrol = json.loads((spool / "out" / "enrollment.json").read_text())
+    assert enrol["gateway_id"] == GATEWAY and enrol["serial"] == "SN9"
+    assert enrol["public_keys"]["identity_fingerprint"]
+    spooled = (state / "audit-spool.jsonl").read_text().splitlines()
+    assert json.loads(spooled[0])["detail"]["outcome"] == "accepted"
