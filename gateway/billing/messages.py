@@ -15,6 +15,8 @@ from typing import Any
 from gateway.billing.reconcile import CentralSnapshot
 from gateway.billing.topup import Authorization, Channel, Source, TopUp
 
+MAX_BALANCE_MICRO = 10**15  # a billion yuan; keeps every sum far inside SQLite's 64-bit integers
+
 
 class MessageError(ValueError):
     """A billing command is malformed. ``problems``: one line each."""
@@ -86,6 +88,8 @@ def parse_snapshot(d: Any, authorization: Authorization | None = None) -> Centra
     central_seq = r.integer("central_seq", 1)
     as_of = r.integer("as_of_seq", 0)
     balance = r.integer("balance_micro")
+    if balance is not None and abs(balance) > MAX_BALANCE_MICRO:
+        r.add("balance_micro", f"out of range (|balance| <= {MAX_BALANCE_MICRO})")
     time_ms = r.integer("time_ms", 0)
     counter = r.integer("purchase_counter", 0, required=False) or 0
     inc = r.d.get("included_ids", [])

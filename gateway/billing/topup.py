@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from gateway.billing.ledger import Entry, EntryKind, LedgerView
 
+MAX_TOPUP_MICRO = 10**12  # one million yuan: anything larger is a malformed command
+
 
 class Channel(enum.StrEnum):
     COUNTER = "counter"
@@ -145,8 +147,11 @@ def decide_topup(
             f"top-up id {topup.topup_id} already recorded with counter {existing.body.get('counter')} "
             f"and amount {existing.amount_micro} micro-yuan",
         )
-    if topup.amount_micro <= 0:
-        return reject(RejectReason.BAD_AMOUNT, f"amount must be > 0, got {topup.amount_micro}")
+    if not 0 < topup.amount_micro <= MAX_TOPUP_MICRO:
+        return reject(
+            RejectReason.BAD_AMOUNT,
+            f"amount must be > 0 and <= {MAX_TOPUP_MICRO} micro-yuan, got {topup.amount_micro}",
+        )
     if policy.require_authorization and topup.authorization is None:
         return reject(RejectReason.UNAUTHORIZED, "no verified authorization attached")
     snap = view.snapshot

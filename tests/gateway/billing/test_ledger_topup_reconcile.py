@@ -126,6 +126,8 @@ def test_overdraft_paid_first_and_limits() -> None:
     assert decide_topup(topup("t1", 1, 131), led.view, None, pol, 1).reason is RejectReason.HOARDING_LIMIT
     assert decide_topup(topup("t1", 1, 130), led.view, None, pol, 1).status is TopUpStatus.APPLIED
     assert decide_topup(topup("t1", 1, 0), led.view, None, pol, 1).reason is RejectReason.BAD_AMOUNT
+    huge = decide_topup(topup("t1", 1, 1_000_001), led.view, None, TopUpPolicy(), 1)
+    assert huge.reason is RejectReason.BAD_AMOUNT
     assert (
         decide_topup(topup("t1", 1, 5, account="x"), led.view, None, pol, 1).reason
         is RejectReason.WRONG_ACCOUNT
