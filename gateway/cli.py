@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--duration", type=float, default=40.0, metavar="SECONDS")
     d.add_argument("--report", metavar="FILE.json")
     d.add_argument("--broker", type=_hostport, metavar="HOST:PORT", help="use this broker")
-    d.add_argument("--meters", type=int, default=6, help="simulated meters")
+    d.add_argument("--meters", type=int, default=6, help="simulated Modbus TCP meters")
+    d.add_argument("--dlt645-meters", type=int, default=4, help="simulated DL/T 645 meters (pty)")
     d.add_argument("--workdir", help="keep the demo's files here (default: a temp dir)")
     d.set_defaults(func=cmd_demo)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from decimal import Decimal
@@ -87,3 +88,11 @@ def test_demo_delivers_everything_exactly_once(tmp_path: Path) -> None:
     assert r["readings_polled"] > 0
     assert r["readings_acked"] == r["readings_polled"]
     assert r["duplicates"] == 0 and r["lost"] == 0
+    # both protocols made it to central: Modbus TCP and DL/T 645 over the pty line
+    with sqlite3.connect(tmp_path / "demo" / "central.db") as db:
+        meters = {m for (m,) in db.execute("SELECT DISTINCT meter_id FROM readings")}
+        energy = db.execute(
+            "SELECT quantities FROM readings WHERE meter_id = 'dlt-01' ORDER BY time_ms DESC"
+        ).fetchone()
+    assert {"meter-01", "meter-04", "dlt-01", "dlt-02"} <= meters
+    assert "energy_import_t1_kwh" in json.loads(energy[0])
