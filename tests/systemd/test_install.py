@@ -123,3 +123,24 @@ def test_rejects_unknown_option_and_bad_key(target: Path, tmp_path: Path) -> Non
     r = run("--root", str(target), "--no-venv", "--provisioning-pubkey", str(bad))
     assert r.returncode == 2 and "not a PEM public key" in r.stderr
     assert not (target / "etc/systemd").exists(), "inputs are checked before anything is installed"
+
+
+@pytest.mark.long
+def test_virtualenv_install_is_idempotent(target: Path, pubkey: Path, tmp_path: Path) -> None:
+    """With the virtualenv (installs dependencies from the package index: long run only).
+
+    The source is a snapshot of HEAD so that edits in the work tree cannot change it
+    between the two runs.
+    """
+    src = tmp_path / "src"
+    src.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "HEAD"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
+    args = ("--root", str(target), "--source", str(src), "--provisioning-pubkey", str(pubkey))
+    first = run(*args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (target / "opt/edgegw/venv/bin/edgegw").exists()
+    second = run(*args)
+    assert "nothing to do: already installed" in second.stdout, second.stdout
