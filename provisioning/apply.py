@@ -326,16 +326,42 @@ def validate_release_files(files_dir: Path, manifest: Manifest, identity: Device
             f"site {manifest.target.id!r}",
             code="config",
         )
-    for key in ("ca_file", "cert_file", "key_file"):
-        value = getattr(cfg.broker, key)
-        if value is None or value.is_absolute():
+    # The loader resolves relative paths against the configuration's directory,
+    # i.e. into this release. Such files must be part of the release, and the
+    # database must not live there (a new release would leave it behind).
+    if _inside(cfg.storage.path, files_dir) is not None:
+        raise BundleContentError(
+            f"{CONFIG_FILE}: storage.path must be an absolute path outside the configuration "
+            "(a relative path would put the database inside the release)",
+            code="config",
+        )
+    files = [("storage.key_file", cfg.storage.key_file)]
+    files += [(f"broker.{k}", getattr(cfg.broker, k)) for k in ("ca_file", "cert_file", "key_file")]
+    for key, value in files:
+        if value is None:
             continue
-        if not (files_dir / value).is_file():
+        rel = _inside(value, files_dir)
+        if rel is None:
+            continue  # an absolute path on the gateway, not the bundle's business
+        if rel == ".." or rel.startswith("../"):
             raise BundleContentError(
-                f"{CONFIG_FILE}: broker.{key} = {str(value)!r} is not in the bundle "
+                f"{CONFIG_FILE}: {key} = {rel!r} points outside the release", code="config"
+            )
+        if not (files_dir / rel).is_file():
+            raise BundleContentError(
+                f"{CONFIG_FILE}: {key} = {rel!r} is not in the bundle "
                 "(relative paths are resolved against the configuration's directory)",
                 code="config",
             )
+
+
+def _inside(value: Path, base: Path) -> str | None:
+    """``value`` relative to ``base`` (normalised) if it was written relative, else None."""
+    try:
+        rel = value.relative_to(base)
+    except ValueError:
+        return None
+    return os.path.normpath(rel.as_posix())
 
 
 def _step(step: StepFn | None, label: str) -> None:

@@ -221,13 +221,38 @@ def _tamper_cases(
             "config",
             "broker.ca_file = 'certs/other.pem' is not in the bundle",
         ),
+        "broker CA outside the release": (
+            make_bundle(
+                version=5,
+                files={
+                    "gateway.toml": config_text().replace(
+                        b'"certs/ca.pem"', b'"../../../../etc/ssl/x.pem"'
+                    )
+                },
+            ),
+            "config",
+            "broker.ca_file = '../../../../etc/ssl/x.pem' points outside the release",
+        ),
+        "database inside the release": (
+            make_bundle(
+                version=5,
+                files={
+                    "gateway.toml": config_text().replace(
+                        b'"/var/lib/edgegw/gateway.db"', b'"gateway.db"'
+                    )
+                },
+            ),
+            "config",
+            "storage.path must be an absolute path outside the configuration",
+        ),
     }
 
 
 CASES = [
     "bad signature", "hash mismatch", "truncated", "extra file", "verify=false", "unsigned", "expired",
     "wrong target", "wrong site", "rollback", "same version, other content", "bad config",
-    "config for another gateway", "broker CA missing",
+    "config for another gateway", "broker CA missing", "broker CA outside the release",
+    "database inside the release",
 ]  # fmt: skip
 
 
