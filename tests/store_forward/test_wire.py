@@ -404,7 +404,8 @@ def test_pack_batch_fills_the_budget() -> None:
         assert len(packed.payload) <= budget
         assert 1 <= packed.count < len(records)
         assert decode_batch(packed.payload, lookup).records == tuple(records[: packed.count])
-        bigger = encode_batch(GW, 8, records[: packed.count + 2], key=KEY, key_id=3)
+        # Sizes are deterministic, and the search ends on a measured bracket.
+        bigger = encode_batch(GW, 8, records[: packed.count + 1], key=KEY, key_id=3)
         assert len(bigger) > budget
 
 
@@ -419,6 +420,9 @@ def test_pack_batch_reports_a_record_too_big_for_the_budget() -> None:
     with pytest.raises(WireBudgetError) as info:
         pack_batch(GW, 8, [big], key=KEY, key_id=3, max_bytes=200)
     assert info.value.needed > 200
+    with pytest.raises(WireBudgetError) as info:
+        pack_batch(GW, 8, [big, *mixed()], key=KEY, key_id=3, max_bytes=400)
+    assert info.value.needed > 400
 
 
 # --------------------------------------------------------------------------- properties and fuzz
