@@ -1,0 +1,862 @@
+"""The command path: a signed downlink command is verified and applied exactly once.
+
+:meth:`CommandHandler.handle` runs every command in **one** outbox
+transaction (the daemon's single SQLite writer)::
+
+    BEGIN IMMEDIATE
+      SAVEPOINT cmd
+        process_command()           verify; on APPLIED: command id seen, floor raised
+        apply the body via a port   same transaction
+      RELEASE cmd                   (ROLLBACK TO cmd if a port refused the body)
+      audit entry                   applied / duplicate / (aggregated) rejected
+      EVENT outbox record           the result, for central
+    COMMIT
+    after commit: hand relay intents to the relay port, rotate purpose keys
+
+so "command seen" and "command applied" commit together or not at all: after
+a power cut either both are on disk or neither is, and central's re-send of
+the same command id is then applied (neither) or answered ``duplicate``
+(both).
+
+Effects that are not rows in this database are recorded as *intents* in the
+transaction and carried out after the commit, idempotently:
+
+* relay operations (``cmd_relay_intent``): handed to :class:`RelayPort` after
+  the commit and marked ``handed``; an intent left ``pending`` by a crash is
+  handed again by :meth:`CommandHandler.recover` (so the port must treat a
+  repeated ``command_id`` as the same request), unless its command expired
+  meanwhile, which is reported instead;
+* gateway purpose-key rotation (``cmd_purpose_rotation``): the target version
+  is stored; the keystore is rotated up to it after the commit and again at
+  start-up, so a crash can neither skip nor double a rotation.
+
+Ports (small :class:`typing.Protocol` s) are the collaborators that own each
+effect: billing (top-ups, tariffs, balance snapshots), relays, configuration
+staging, uplink re-send. A port refuses a body it cannot apply by raising
+:class:`CommandRefused`: everything the command did is rolled back to the
+savepoint (the id is *not* marked seen, the counter floor is not raised) and
+the result is ``rejected``/``bad_body``. Any other exception rolls back the
+whole transaction and is reported as a failure in a second transaction.
+
+Rejections are audited aggregated, so a flood of garbage cannot fill the
+disk: the first rejection per (reason, hour) is written in full, later ones
+are counted in memory and one summary row per (reason, hour) with the count
+is written when the hour is over (or on :meth:`CommandHandler.flush_rejections`).
+Result events for central follow the same rule with a larger budget
+(``event_budget_per_hour`` detailed events per reason and hour).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import aiomqtt
+import aiosqlite
+
+from gateway.security import audit
+from gateway.security.envelope import (
+    CommandResult,
+    Envelope,
+    Outcome,
+    RejectReason,
+    apply_key_rotation,
+    load_trust,
+    process_command,
+)
+from gateway.security.envelope import create_schema as envelope_schema
+from gateway.security.roles import CommandType, TrustError, TrustStore
+from gateway.security.trusted_time import TrustedClock, TrustedTime, apply_time_sync
+from gateway.security.trusted_time import create_schema as time_schema
+from store_forward.outbox import Outbox
+from store_forward.records import RecordClass, RecordKind
+from store_forward.topics import Topics
+
+log = logging.getLogger(__name__)
+
+HOUR_MS = 3_600_000
+MAX_RESEND_SPAN = 1_000_000  # record ids per uplink.resend command
+MAX_REASON_CHARS = 200
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+class CommandRefused(Exception):
+    """Raised by a port (or the handler) when a verified command's body cannot be applied.
+
+    Nothing of the command is kept: the id stays unseen, so central may send a
+    corrected command under the same id.
+    """
+
+
+class RelayOp(enum.StrEnum):
+    TRIP = "trip"  # open the supply relay
+    CLOSE = "close"  # close directly
+    CLOSE_ALLOWED = "close_allowed"  # arm: the customer closes at the meter (DL/T 645 1BH)
+    ALARM = "alarm"  # meter alarm on (pre-trip warning)
+    ALARM_OFF = "alarm_off"
+    PROTECT = "protect"  # power-protect (保电): no money-based or remote trip while set
+    UNPROTECT = "unprotect"
+
+
+class ConfigChange(enum.StrEnum):
+    CONFIG_PATCH = "config.patch"
+    METER_ROSTER = "meter.roster"
+
+
+# ---------------------------------------------------------------------------
+# Ports
+
+
+class BillingPort(Protocol):
+    """Money effects, applied in the caller's transaction ``db``.
+
+    Return a small JSON-able dict (ints, strings, lists) describing the effect;
+    it goes into the audit entry and the result event. Raise
+    :class:`CommandRefused` for a body that cannot be applied.
+    """
+
+    async def apply_topup_in(
+        self,
+        db: aiosqlite.Connection,
+        body: Mapping[str, Any],
+        *,
+        command_id: str,
+        channel: str,
+        now_ms: int,
+    ) -> dict[str, Any]: ...
+
+    async def install_tariff_in(
+        self, db: aiosqlite.Connection, doc: Mapping[str, Any], *, now_ms: int
+    ) -> dict[str, Any]: ...
+
+    async def apply_snapshot_in(
+        self, db: aiosqlite.Connection, body: Mapping[str, Any], *, now_ms: int
+    ) -> dict[str, Any]: ...
+
+
+class RelayPort(Protocol):
+    """Takes a relay request after the command committed.
+
+    Must return promptly (queue the work, do not wait for the relay's
+    verification) and treat a repeated ``command_id`` as the same request: a
+    crash between handing over and recording it makes the handler hand it
+    again at start-up.
+    """
+
+    async def request(
+        self, meter_id: str, op: RelayOp, *, reason: str, command_id: str
+    ) -> None: ...
+
+
+class ConfigPort(Protocol):
+    """Validates and stages a configuration change in ``db``; applying it is its owner's job.
+
+    Raise :class:`CommandRefused` for an invalid change.
+    """
+
+    async def stage_in(
+        self,
+        db: aiosqlite.Connection,
+        change: ConfigChange,
+        body: Mapping[str, Any],
+        *,
+        command_id: str,
+        now_ms: int,
+    ) -> dict[str, Any]: ...
+
+
+class ResendPort(Protocol):
+    """Queues outbox records ``from_id..to_id`` (inclusive) for sending again, in ``db``.
+
+    Returns what it could do, e.g. ``{"queued": n, "missing": m}`` (records
+    already deleted after an ack cannot be re-sent).
+    """
+
+    async def resend_in(
+        self,
+        db: aiosqlite.Connection,
+        *,
+        from_id: int,
+        to_id: int,
+        command_id: str,
+        now_ms: int,
+    ) -> dict[str, Any]: ...
+
+
+class PurposeKeys(Protocol):
+    """The part of :class:`provisioning.keys.Keystore` that key rotation needs."""
+
+    def versions(self) -> dict[str, int]: ...
+
+    def rotate(self, purpose: str) -> int: ...
+
+
+# ---------------------------------------------------------------------------
+# Pure parts: body parsing and the rejection tally
+
+
+@dataclass(frozen=True)
+class RelayRequest:
+    meter_id: str
+    op: RelayOp
+    reason: str
+
+
+def parse_relay(body: Mapping[str, Any]) -> RelayRequest:
+    """``{"meter": id, "op": RelayOp, "reason": text?}``; raises :class:`CommandRefused`."""
+    unknown = sorted(set(body) - {"meter", "op", "reason"})
+    if unknown:
+        raise CommandRefused(f"relay.operate: unknown keys {unknown}")
+    meter = body.get("meter")
+    if not isinstance(meter, str) or not _ID_RE.match(meter):
+        raise CommandRefused("relay.operate.meter must be a meter id")
+    try:
+        op = RelayOp(str(body.get("op")))
+    except ValueError:
+        raise CommandRefused(
+            f"relay.operate.op must be one of {', '.join(o.value for o in RelayOp)}"
+        ) from None
+    reason = body.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
+        raise CommandRefused(f"relay.operate.reason must be text of at most {MAX_REASON_CHARS}")
+    return RelayRequest(meter, op, reason or "central command")
+
+
+def parse_resend(body: Mapping[str, Any]) -> tuple[int, int]:
+    """``{"from_id": a, "to_id": b}`` with 1 <= a <= b and a bounded span."""
+    unknown = sorted(set(body) - {"from_id", "to_id"})
+    if unknown:
+        raise CommandRefused(f"uplink.resend: unknown keys {unknown}")
+    a, b = body.get("from_id"), body.get("to_id")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b)):
+        raise CommandRefused("uplink.resend.from_id and to_id must be integers")
+    assert isinstance(a, int) and isinstance(b, int)
+    if not 1 <= a <= b:
+        raise CommandRefused("uplink.resend needs 1 <= from_id <= to_id")
+    if b - a >= MAX_RESEND_SPAN:
+        raise CommandRefused(f"uplink.resend spans at most {MAX_RESEND_SPAN} record ids")
+    return a, b
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Rejections of one reason in one hour."""
+
+    reason: str
+    hour_ms: int
+    count: int
+    first_ms: int
+    last_ms: int
+    channels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RejectionNote:
+    audit: bool  # write this rejection's audit row in full
+    event: bool  # send a detailed result event
+    bucket: Bucket
+
+
+Tally = Mapping[tuple[str, int], Bucket]
+
+
+def tally_rejection(
+    tally: Tally, reason: str, now_ms: int, channel: str, *, event_budget: int
+) -> tuple[dict[tuple[str, int], Bucket], RejectionNote]:
+    """Count one rejection (pure): the first per (reason, hour) is audited in full."""
+    hour = now_ms - now_ms % HOUR_MS
+    new = dict(tally)
+    old = new.get((reason, hour))
+    if old is None:
+        b = Bucket(reason, hour, 1, now_ms, now_ms, (channel,))
+    else:
+        chans = old.channels if channel in old.channels else (*old.channels, channel)
+        b = replace(old, count=old.count + 1, last_ms=max(old.last_ms, now_ms), channels=chans)
+    new[(reason, hour)] = b
+    return new, RejectionNote(audit=b.count == 1, event=b.count <= event_budget, bucket=b)
+
+
+def due_summaries(tally: Tally, now_ms: int) -> tuple[dict[tuple[str, int], Bucket], list[Bucket]]:
+    """Split off buckets of hours before ``now_ms``'s hour; summaries for those seen > once."""
+    hour = now_ms - now_ms % HOUR_MS
+    keep = {k: b for k, b in tally.items() if b.hour_ms >= hour}
+    done = sorted(
+        (b for b in tally.values() if b.hour_ms < hour and b.count > 1),
+        key=lambda b: (b.hour_ms, b.reason),
+    )
+    return keep, done
+
+
+# ---------------------------------------------------------------------------
+# Persistence of intents
+
+SCHEMA: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS cmd_relay_intent (
+        command_id TEXT PRIMARY KEY,
+        meter_id TEXT NOT NULL,
+        op TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        accepted_ms INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'handed', 'expired')),
+        done_ms INTEGER
+    ) STRICT""",
+    "CREATE INDEX IF NOT EXISTS cmd_relay_intent_pending ON cmd_relay_intent (state) "
+    "WHERE state = 'pending'",
+    """CREATE TABLE IF NOT EXISTS cmd_purpose_rotation (
+        purpose TEXT PRIMARY KEY,
+        target_version INTEGER NOT NULL CHECK (target_version >= 1),
+        command_id TEXT NOT NULL,
+        accepted_ms INTEGER NOT NULL
+    ) STRICT""",
+)
+
+
+async def create_schema(conn: aiosqlite.Connection) -> None:
+    """Tables of the command path and the security tables it writes (caller's transaction)."""
+    await envelope_schema(conn)
+    await audit.create_schema(conn)
+    await time_schema(conn)
+    for stmt in SCHEMA:
+        await conn.execute(stmt)
+
+
+@dataclass(frozen=True)
+class RelayIntent:
+    command_id: str
+    meter_id: str
+    op: RelayOp
+    reason: str
+    expires_ms: int
+
+
+async def pending_relay_intents(conn: aiosqlite.Connection) -> list[RelayIntent]:
+    async with conn.execute(
+        "SELECT command_id, meter_id, op, reason, expires_ms FROM cmd_relay_intent "
+        "WHERE state = 'pending' ORDER BY rowid"
+    ) as cur:
+        rows = await cur.fetchall()
+    return [
+        RelayIntent(str(r[0]), str(r[1]), RelayOp(str(r[2])), str(r[3]), int(r[4])) for r in rows
+    ]
+
+
+# ---------------------------------------------------------------------------
+# The handler
+
+
+@dataclass
+class HandlerStats:
+    applied: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+    failed: int = 0
+    relay_handed: int = 0
+    relay_expired: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Outcome:
+    result: CommandResult
+    relay: bool = False
+    purpose: bool = False
+    trust_changed: bool = False
+
+
+class CommandHandler:
+    """Verifies and applies signed commands; see the module docstring."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        *,
+        trust: TrustStore,
+        gateway_id: str,
+        clock: TrustedClock,
+        billing: BillingPort,
+        relay: RelayPort,
+        config: ConfigPort,
+        resend: ResendPort,
+        keys: PurposeKeys | None = None,
+        known_meter: Callable[[str], bool] | None = None,
+        event_budget_per_hour: int = 20,
+    ) -> None:
+        self.outbox = outbox
+        self.base_trust = trust
+        self.gateway_id = gateway_id
+        self.clock = clock
+        self.billing = billing
+        self.relay = relay
+        self.config = config
+        self.resend = resend
+        self.keys = keys
+        self.known_meter = known_meter
+        self.event_budget = event_budget_per_hour
+        self.stats = HandlerStats()
+        self._trust: TrustStore | None = None
+        self._tally: dict[tuple[str, int], Bucket] = {}
+        self._after_commit = asyncio.Lock()
+
+    # -- life cycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the tables, then finish what a crash interrupted (see :meth:`recover`)."""
+        async with self.outbox.transaction() as db:
+            await create_schema(db)
+        await self.recover()
+
+    async def recover(self) -> None:
+        """Hand pending relay intents (or expire them) and rotate keys up to their targets."""
+        await self.reconcile_purpose_keys()
+        await self.hand_pending_relays()
+
+    # -- the command path ----------------------------------------------------
+
+    async def handle(self, raw: bytes, *, channel: str) -> CommandResult:
+        """Verify ``raw`` and apply it exactly once; never raises for bad input."""
+        try:
+            async with self.outbox.transaction() as db:
+                now = self.clock.now()
+                tally = self._tally
+                out, tally = await self._handle_in(db, raw, channel, now, tally)
+            self._tally = tally
+        except Exception as exc:  # everything rolled back; the id stays unseen
+            log.exception("command via %s could not be applied", channel)
+            self.stats.failed += 1
+            await self._record_failure(channel, exc)
+            return CommandResult(
+                Outcome.REJECTED,
+                None,
+                None,
+                f"not applied ({type(exc).__name__}); nothing was kept, central may re-send",
+            )
+        res = out.result
+        if res.outcome is Outcome.APPLIED:
+            self.stats.applied += 1
+        elif res.outcome is Outcome.DUPLICATE:
+            self.stats.duplicate += 1
+        else:
+            self.stats.rejected += 1
+            key = res.reason.value if res.reason else "unknown"
+            self.stats.by_reason[key] = self.stats.by_reason.get(key, 0) + 1
+        if out.trust_changed:
+            self._trust = None
+        if out.purpose:
+            await self.reconcile_purpose_keys()
+        if out.relay:
+            await self.hand_pending_relays()
+        return res
+
+    async def _trust_in(self, db: aiosqlite.Connection) -> TrustStore:
+        if self._trust is None:
+            self._trust = await load_trust(db, self.base_trust)
+        return self._trust
+
+    async def _handle_in(
+        self,
+        db: aiosqlite.Connection,
+        raw: bytes,
+        channel: str,
+        now: TrustedTime,
+        tally: dict[tuple[str, int], Bucket],
+    ) -> tuple[_Outcome, dict[tuple[str, int], Bucket]]:
+        now_ms = now.time_ms
+        tsrc = now.quality.value
+        tally, summaries = due_summaries(tally, now_ms)
+        for b in summaries:
+            await self._write_summary(db, b, now_ms, tsrc)
+        trust = await self._trust_in(db)
+        await db.execute("SAVEPOINT cmd")
+        result = await process_command(
+            db, raw, trust=trust, gateway_id=self.gateway_id, now_ms=now_ms, channel=channel
+        )
+        out = _Outcome(result)
+        effect: dict[str, Any] = {}
+        if result.outcome is Outcome.APPLIED:
+            env = result.envelope
+            assert env is not None
+            try:
+                effect = await self._apply(db, env, channel, now_ms, out)
+            except (CommandRefused, TrustError) as exc:
+                await db.execute("ROLLBACK TO cmd")
+                out = _Outcome(
+                    CommandResult(Outcome.REJECTED, env, RejectReason.BAD_BODY, str(exc))
+                )
+        await db.execute("RELEASE cmd")
+        result = out.result
+        env = result.envelope
+        if result.outcome is Outcome.REJECTED:
+            reason = result.reason.value if result.reason else "unknown"
+            tally, note = tally_rejection(
+                tally, reason, now_ms, channel, event_budget=self.event_budget
+            )
+            if note.audit:
+                await audit.append(
+                    db,
+                    actor=env.issuer if env else f"unauthenticated:{channel}",
+                    action="command.rejected",
+                    details=self._details(result, channel, {"hour_ms": note.bucket.hour_ms}),
+                    time_ms=now_ms,
+                    time_source=tsrc,
+                )
+            if note.event:
+                await self._event(db, result, channel, now_ms, effect)
+        else:
+            assert env is not None
+            await audit.append(
+                db,
+                actor=env.issuer,
+                action=f"command.{result.outcome.value}",
+                details=self._details(result, channel, {"effect": effect} if effect else {}),
+                time_ms=now_ms,
+                time_source=tsrc,
+            )
+            await self._event(db, result, channel, now_ms, effect)
+        return out, tally
+
+    async def _apply(
+        self, db: aiosqlite.Connection, env: Envelope, channel: str, now_ms: int, out: _Outcome
+    ) -> dict[str, Any]:
+        t, body, cid = env.type, env.body, env.command_id
+        if t is CommandType.TOPUP:
+            return await self.billing.apply_topup_in(
+                db, body, command_id=cid, channel=channel, now_ms=now_ms
+            )
+        if t is CommandType.TARIFF_PUBLISH:
+            return await self.billing.install_tariff_in(db, body, now_ms=now_ms)
+        if t is CommandType.BALANCE_SNAPSHOT:
+            return await self.billing.apply_snapshot_in(db, body, now_ms=now_ms)
+        if t is CommandType.RELAY_OPERATE:
+            req = parse_relay(body)
+            if self.known_meter is not None and not self.known_meter(req.meter_id):
+                raise CommandRefused(f"relay.operate: no meter {req.meter_id!r} on this gateway")
+            await db.execute(
+                "INSERT INTO cmd_relay_intent (command_id, meter_id, op, reason, accepted_ms, "
+                "expires_ms, state) VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+                (cid, req.meter_id, req.op.value, req.reason, now_ms, env.expires_at_ms),
+            )
+            out.relay = True
+            return {"meter": req.meter_id, "op": req.op.value, "state": "pending"}
+        if t is CommandType.TIME_SYNC:
+            events = await apply_time_sync(
+                db, self.clock, int(body["time_ms"]), reset_floor_flag=bool(body.get("reset_floor"))
+            )
+            return {
+                "floor_ms": self.clock.state.floor.time_ms,
+                "clock_events": [e.kind.value for e in events],
+            }
+        if t is CommandType.KEYS_ROTATE:
+            text = await apply_key_rotation(db, env, now_ms)
+            effect: dict[str, Any] = {"change": text}
+            if body["op"] == "rotate_purpose":
+                effect["target_version"] = await self._stage_rotation(
+                    db, str(body["purpose"]), env, now_ms
+                )
+                out.purpose = True
+            else:
+                out.trust_changed = True
+                self._trust = None  # re-read inside this transaction if needed again
+            return effect
+        if t is CommandType.UPLINK_RESEND:
+            a, b = parse_resend(body)
+            return await self.resend.resend_in(
+                db, from_id=a, to_id=b, command_id=cid, now_ms=now_ms
+            )
+        if t in (CommandType.CONFIG_PATCH, CommandType.METER_ROSTER):
+            return await self.config.stage_in(
+                db, ConfigChange(t.value), body, command_id=cid, now_ms=now_ms
+            )
+        # provisioning.bundle arrives on USB and is applied by the provisioning package
+        raise CommandRefused(f"{t} is not accepted on the command path")
+
+    async def _stage_rotation(
+        self, db: aiosqlite.Connection, purpose: str, env: Envelope, now_ms: int
+    ) -> int:
+        if self.keys is None:
+            raise CommandRefused("this gateway has no keystore to rotate")
+        async with db.execute(
+            "SELECT target_version FROM cmd_purpose_rotation WHERE purpose = ?", (purpose,)
+        ) as cur:
+            row = await cur.fetchone()
+        current = max(self.keys.versions().get(purpose, 0), int(row[0]) if row else 0)
+        target = current + 1
+        await db.execute(
+            "INSERT INTO cmd_purpose_rotation (purpose, target_version, command_id, accepted_ms) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT(purpose) DO UPDATE SET "
+            "target_version = excluded.target_version, command_id = excluded.command_id, "
+            "accepted_ms = excluded.accepted_ms",
+            (purpose, target, env.command_id, now_ms),
+        )
+        return target
+
+    # -- after the commit ----------------------------------------------------
+
+    async def reconcile_purpose_keys(self) -> None:
+        """Rotate keystore purposes up to the committed target versions (idempotent)."""
+        if self.keys is None:
+            return
+        async with self._after_commit:
+            async with self.outbox.transaction() as db:
+                async with db.execute(
+                    "SELECT purpose, target_version FROM cmd_purpose_rotation"
+                ) as cur:
+                    targets = [(str(r[0]), int(r[1])) for r in await cur.fetchall()]
+            for purpose, target in targets:
+                while self.keys.versions().get(purpose, 0) < target:
+                    self.keys.rotate(purpose)
+
+    async def hand_pending_relays(self) -> None:
+        """Hand every pending relay intent to the port, oldest first; expire stale ones.
+
+        Stops at the first port error (the intent stays pending and is handed
+        on the next command or :meth:`recover`).
+        """
+        async with self._after_commit:
+            async with self.outbox.transaction() as db:
+                intents = await pending_relay_intents(db)
+            for it in intents:
+                now = self.clock.now()
+                if now.time_ms >= it.expires_ms:
+                    async with self.outbox.transaction() as db:
+                        await db.execute(
+                            "UPDATE cmd_relay_intent SET state = 'expired', done_ms = ? "
+                            "WHERE command_id = ? AND state = 'pending'",
+                            (now.time_ms, it.command_id),
+                        )
+                        details = {
+                            "id": it.command_id,
+                            "meter": it.meter_id,
+                            "op": it.op.value,
+                            "expires_ms": it.expires_ms,
+                        }
+                        await audit.append(
+                            db,
+                            actor="gateway",
+                            action="relay.intent_expired",
+                            details=details,
+                            time_ms=now.time_ms,
+                            time_source=now.quality.value,
+                        )
+                        await self.outbox.add_in(
+                            db,
+                            RecordClass.EVENT,
+                            RecordKind.EVENT,
+                            now.time_ms,
+                            {"type": "relay_intent_expired", **details},
+                        )
+                    self.stats.relay_expired += 1
+                    continue
+                try:
+                    await self.relay.request(
+                        it.meter_id, it.op, reason=it.reason, command_id=it.command_id
+                    )
+                except Exception:
+                    log.exception("relay port refused intent %s; it stays pending", it.command_id)
+                    return
+                async with self.outbox.transaction() as db:
+                    await db.execute(
+                        "UPDATE cmd_relay_intent SET state = 'handed', done_ms = ? "
+                        "WHERE command_id = ? AND state = 'pending'",
+                        (now.time_ms, it.command_id),
+                    )
+                self.stats.relay_handed += 1
+
+    async def flush_rejections(self) -> int:
+        """Write the summaries of finished hours now (daemon timer, shutdown). Returns rows."""
+        async with self.outbox.transaction() as db:
+            now = self.clock.now()
+            tally, summaries = due_summaries(self._tally, now.time_ms)
+            for b in summaries:
+                await self._write_summary(db, b, now.time_ms, now.quality.value)
+        self._tally = tally
+        return len(summaries)
+
+    async def flush_all_rejections(self) -> int:
+        """Write summaries of every bucket, the current hour included (before shutdown)."""
+        async with self.outbox.transaction() as db:
+            now = self.clock.now()
+            summaries = sorted(
+                (b for b in self._tally.values() if b.count > 1),
+                key=lambda b: (b.hour_ms, b.reason),
+            )
+            for b in summaries:
+                await self._write_summary(db, b, now.time_ms, now.quality.value)
+        self._tally = {}
+        return len(summaries)
+
+    # -- records ---------------------------------------------------------------
+
+    @staticmethod
+    def _details(result: CommandResult, channel: str, extra: dict[str, Any]) -> dict[str, Any]:
+        d: dict[str, Any] = {"outcome": result.outcome.value, "channel": channel}
+        env = result.envelope
+        if env is not None:
+            d.update(
+                id=env.command_id,
+                type=env.type.value,
+                issuer=env.issuer,
+                counter=env.counter,
+                digest=env.digest.hex(),
+            )
+        if result.reason is not None:
+            d["reason"] = result.reason.value
+        if result.message:
+            d["message"] = result.message[:500]
+        d.update(extra)
+        return d
+
+    async def _event(
+        self,
+        db: aiosqlite.Connection,
+        result: CommandResult,
+        channel: str,
+        now_ms: int,
+        effect: Mapping[str, Any],
+    ) -> None:
+        body: dict[str, Any] = {"type": "command_result", **result.to_reply(), "channel": channel}
+        if result.envelope is not None:
+            body["command_type"] = result.envelope.type.value
+            body["issuer"] = result.envelope.issuer
+        if effect:
+            body["effect"] = dict(effect)
+        body["at_ms"] = now_ms
+        await self.outbox.add_in(db, RecordClass.EVENT, RecordKind.EVENT, now_ms, body)
+
+    async def _write_summary(
+        self, db: aiosqlite.Connection, b: Bucket, now_ms: int, tsrc: str
+    ) -> None:
+        details = {
+            "reason": b.reason,
+            "hour_ms": b.hour_ms,
+            "count": b.count,
+            "first_ms": b.first_ms,
+            "last_ms": b.last_ms,
+            "channels": list(b.channels),
+        }
+        await audit.append(
+            db,
+            actor="gateway",
+            action="command.rejected_summary",
+            details=details,
+            time_ms=now_ms,
+            time_source=tsrc,
+        )
+        await self.outbox.add_in(
+            db,
+            RecordClass.EVENT,
+            RecordKind.EVENT,
+            now_ms,
+            {"type": "command_rejections", **details},
+        )
+
+    async def _record_failure(self, channel: str, exc: BaseException) -> None:
+        try:
+            async with self.outbox.transaction() as db:
+                now = self.clock.now()
+                details = {"outcome": "failed", "channel": channel, "error": type(exc).__name__}
+                await audit.append(
+                    db,
+                    actor=f"unattributed:{channel}",
+                    action="command.failed",
+                    details=details,
+                    time_ms=now.time_ms,
+                    time_source=now.quality.value,
+                )
+                await self.outbox.add_in(
+                    db,
+                    RecordClass.EVENT,
+                    RecordKind.EVENT,
+                    now.time_ms,
+                    {"type": "command_result", **details, "at_ms": now.time_ms},
+                )
+        except Exception:
+            log.exception("could not record the failed command")
+
+
+# ---------------------------------------------------------------------------
+# MQTT glue
+
+
+class CommandInbox:
+    """Commands from the uplink's MQTT connection, handled one at a time in arrival order.
+
+    The uplink subscribes with :meth:`subscribe` after each (re)connect and,
+    in its message loop, passes every message whose topic :meth:`wants` to
+    :meth:`offer` (non-blocking). :meth:`run` (a task in the daemon's
+    TaskGroup) handles them; ``on_result`` is called after each one (e.g. to
+    wake the uplink so the result event goes out at once). The queue is
+    bounded: beyond ``max_queued`` waiting commands new ones are dropped and
+    counted (central re-sends a command whose result it has not seen).
+    """
+
+    def __init__(
+        self,
+        handler: CommandHandler,
+        topics: Topics,
+        *,
+        max_queued: int = 64,
+        on_result: Callable[[CommandResult], None] | None = None,
+    ) -> None:
+        self.handler = handler
+        self.topic = topics.cmd
+        self.on_result = on_result
+        self.dropped = 0
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=max_queued)
+
+    async def subscribe(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self.topic, qos=1)
+
+    def wants(self, topic: aiomqtt.Topic | str) -> bool:
+        return (topic.value if isinstance(topic, aiomqtt.Topic) else topic) == self.topic
+
+    def offer(self, payload: bytes | bytearray | str | int | float | None) -> bool:
+        raw = bytes(payload) if isinstance(payload, (bytes, bytearray)) else b""
+        try:
+            self._queue.put_nowait(raw)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            return False
+        return True
+
+    async def run(self) -> None:
+        while True:
+            raw = await self._queue.get()
+            try:
+                result = await self.handler.handle(raw, channel="mqtt")
+            finally:
+                self._queue.task_done()
+            if self.on_result is not None:
+                self.on_result(result)
+
+    async def drain(self) -> None:
+        """Wait until every offered command has been handled (tests, shutdown)."""
+        await self._queue.join()
+
+
+async def command_subscriber(
+    client: aiomqtt.Client,
+    topics: Topics,
+    handler: CommandHandler,
+    *,
+    on_result: Callable[[CommandResult], None] | None = None,
+) -> None:
+    """Subscribe to ``topics.cmd`` and handle each command, on a connection of its own.
+
+    For a client whose messages nobody else reads; on a shared connection
+    use :class:`CommandInbox` from the reader of ``client.messages``.
+    """
+    await client.subscribe(topics.cmd, qos=1)
+    async for msg in client.messages:
+        if msg.topic.value != topics.cmd:
+            continue
+        payload = msg.payload
+        raw = bytes(payload) if isinstance(payload, (bytes, bytearray)) else b""
+        result = await handler.handle(raw, channel="mqtt")
+        if on_result is not None:
+            on_result(result)
