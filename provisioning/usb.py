@@ -35,10 +35,12 @@ import contextlib
 import json
 import os
 import pwd
-import shutil
+import re
+import stat
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -89,30 +91,61 @@ def select_bundles(stick_root: Path, limit: int = MAX_BUNDLES) -> list[Path]:
     return found[:limit]
 
 
+def _write_in(dir_fd: int, name: str, data: bytes) -> None:
+    """Create ``name`` in an open directory: never follows or replaces anything."""
+    fd = os.open(
+        name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+        dir_fd=dir_fd,
+    )  # fmt: skip
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_dir(path: Path | str, dir_fd: int | None = None) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
 def copy_bundles_to_spool(
     stick_root: Path, spool: Path, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
 ) -> dict[str, Any]:
-    """Copy candidate bundles off a mounted stick; return the request description."""
-    inbox = spool / "in"
-    inbox.mkdir(mode=0o700, parents=True, exist_ok=True)
-    copied: list[str] = []
-    skipped: list[dict[str, str]] = []
-    for i, src in enumerate(select_bundles(stick_root)):
+    """Copy candidate bundles off a mounted stick; return the request description.
+
+    Runs privileged and writes into a spool the service user owns, so every
+    write goes through directory file descriptors with O_NOFOLLOW|O_EXCL, and
+    ``in/`` must not exist yet.
+    """
+    spool_fd = _open_dir(spool)
+    try:
+        os.mkdir("in", 0o700, dir_fd=spool_fd)
+        in_fd = _open_dir("in", spool_fd)
+        copied: list[str] = []
+        skipped: list[dict[str, str]] = []
         try:
-            data = read_bundle_file(src, max_bytes)
-        except BundleError as exc:
-            skipped.append({"file": src.name, "code": exc.code, "reason": str(exc)})
-            continue
-        name = f"{i:02d}-{src.name}"
-        write_atomic(inbox / name, data)
-        copied.append(name)
-    marker = stick_root / STICK_DIR / BACKLOG_MARKER
-    request = {
-        "bundles": copied,
-        "skipped": skipped,
-        "technician_asked_backlog": marker.is_file() and not marker.is_symlink(),
-    }
-    write_atomic(spool / "request.json", json.dumps(request, indent=2).encode())
+            for i, src in enumerate(select_bundles(stick_root)):
+                try:
+                    data = read_bundle_file(src, max_bytes)
+                except BundleError as exc:
+                    skipped.append({"file": src.name, "code": exc.code, "reason": str(exc)})
+                    continue
+                name = f"{i:02d}-{src.name}"
+                _write_in(in_fd, name, data)
+                copied.append(name)
+        finally:
+            os.close(in_fd)
+        marker = stick_root / STICK_DIR / BACKLOG_MARKER
+        request = {
+            "bundles": copied,
+            "skipped": skipped,
+            "technician_asked_backlog": marker.is_file() and not marker.is_symlink(),
+        }
+        _write_in(spool_fd, "request.json", json.dumps(request, indent=2).encode())
+    finally:
+        os.close(spool_fd)
     return request
 
 
@@ -137,15 +170,18 @@ def detect_fs(device: str) -> str:
 
 
 @contextlib.contextmanager
-def mounted(device: str, mountpoint: Path, options: str) -> Any:
+def mounted(device: str, options: str) -> Iterator[Path]:
+    """Mount ``device`` on a fresh root-only directory (call inside a private mount namespace)."""
     fs = detect_fs(device)
-    mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _run(["mount", "-t", fs, "-o", options, device, str(mountpoint)])
+    mountpoint = Path(tempfile.mkdtemp(prefix="edgegw-usb-", dir="/run"))
     try:
-        yield mountpoint
+        _run(["mount", "-t", fs, "-o", options, device, str(mountpoint)])
+        try:
+            yield mountpoint
+        finally:
+            with contextlib.suppress(UsbError):
+                _run(["umount", str(mountpoint)])
     finally:
-        with contextlib.suppress(UsbError):
-            _run(["umount", str(mountpoint)])
         with contextlib.suppress(OSError):
             mountpoint.rmdir()
 
@@ -160,7 +196,7 @@ def _chown_tree(root: Path, user: str) -> None:
 
 def cmd_import(args: argparse.Namespace) -> int:
     spool = Path(args.spool)
-    with mounted(args.device, spool / "mnt", MOUNT_OPTS_RO) as mnt:
+    with mounted(args.device, MOUNT_OPTS_RO) as mnt:
         req = copy_bundles_to_spool(mnt, spool, max_bytes=args.max_bytes)
     if args.owner:
         _chown_tree(spool, args.owner)
@@ -380,11 +416,64 @@ def cmd_process(args: argparse.Namespace) -> int:
 # Step 3: export (privileged)
 
 
+MAX_CARRY_BACK_DEPTH = 4
+
+
+def _read_regular(dir_fd: int, name: str, limit: int | None = None) -> bytes | None:
+    """Read a regular file in an open directory without following links; None otherwise."""
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks = []
+        total = 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            total += len(chunk)
+            if limit is not None and total > limit:
+                return None
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _copy_dir_fd(src_fd: int, dest: Path, depth: int) -> None:
+    with os.scandir(src_fd) as it:
+        names = sorted(e.name for e in it)
+    for name in names:
+        st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode) and depth < MAX_CARRY_BACK_DEPTH:
+            sub = _open_dir(name, src_fd)
+            try:
+                (dest / name).mkdir()
+                _copy_dir_fd(sub, dest / name, depth + 1)
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(st.st_mode):
+            data = _read_regular(src_fd, name)
+            if data is None:
+                continue
+            with (dest / name).open("xb") as fo:
+                fo.write(data)
+                fo.flush()
+                os.fsync(fo.fileno())
+
+
 def copy_out(spool_out: Path, stick_root: Path, gateway_id: str, now: datetime) -> Path:
-    """Copy the carry-back into a new directory on the stick; never overwrite anything."""
+    """Copy the carry-back into a new directory on the stick; never overwrite anything.
+
+    Runs privileged over a directory the service user wrote: the tree is read
+    through directory file descriptors, links and special files are skipped.
+    """
     base = stick_root / STICK_DIR / RESULTS_DIR
     base.mkdir(parents=True, exist_ok=True)
-    dest = base / f"{gateway_id}-{now.strftime('%Y%m%dT%H%M%SZ')}"
+    stem = f"{gateway_id}-{now.strftime('%Y%m%dT%H%M%SZ')}"
+    dest = base / stem
     n = 0
     while True:
         try:
@@ -392,42 +481,45 @@ def copy_out(spool_out: Path, stick_root: Path, gateway_id: str, now: datetime) 
             break
         except FileExistsError:
             n += 1
-            dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
-    for dirpath, _dirnames, filenames in os.walk(spool_out, followlinks=False):
-        rel = Path(dirpath).relative_to(spool_out)
-        (dest / rel).mkdir(parents=True, exist_ok=True)
-        for fn in filenames:
-            src = Path(dirpath) / fn
-            if src.is_symlink() or not src.is_file():
-                continue
-            with src.open("rb") as fi, (dest / rel / fn).open("xb") as fo:
-                shutil.copyfileobj(fi, fo)
-                fo.flush()
-                os.fsync(fo.fileno())
+            dest = base / f"{stem}.{n}"
+    src_fd = _open_dir(spool_out)
+    try:
+        _copy_dir_fd(src_fd, dest, 0)
+    finally:
+        os.close(src_fd)
     os.sync()
     return dest
 
 
 def _accepted(spool_out: Path) -> tuple[str, bool]:
     try:
-        doc = json.loads((spool_out / "result.json").read_text())
-    except (OSError, ValueError):
+        fd = _open_dir(spool_out)
+    except OSError:
         return "unknown", False
-    return str(doc.get("gateway_id", "unknown")), any(
-        r.get("outcome") == "accepted" for r in doc.get("results", [])
-    )
+    try:
+        raw = _read_regular(fd, "result.json", limit=1 << 20)
+    finally:
+        os.close(fd)
+    try:
+        doc = json.loads(raw or b"")
+    except ValueError:
+        return "unknown", False
+    gateway_id = str(doc.get("gateway_id", "unknown"))
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", gateway_id):
+        gateway_id = "unknown"
+    return gateway_id, any(r.get("outcome") == "accepted" for r in doc.get("results", []))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     spool = Path(args.spool)
     out = spool / "out"
-    if not out.is_dir() or not any(out.iterdir()):
+    if out.is_symlink() or not out.is_dir() or not any(out.iterdir()):
         print("nothing to carry back")
         return 0
     gateway_id, accepted = _accepted(out)
     rc = 0
     try:
-        with mounted(args.device, spool / "mnt-rw", MOUNT_OPTS_RW) as mnt:
+        with mounted(args.device, MOUNT_OPTS_RW) as mnt:
             dest = copy_out(out, mnt, gateway_id, datetime.now(UTC))
             print(f"carry-back written to {STICK_DIR}/{RESULTS_DIR}/{dest.name}")
     except (UsbError, OSError) as exc:

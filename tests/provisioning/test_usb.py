@@ -56,6 +56,7 @@ async def test_stick_to_carry_back(
     (stick / "edgegw" / "03-big.egwb").write_bytes(b"\0" * 5000)
     os.symlink("/etc/passwd", stick / "edgegw" / "04-link.egwb")
     spool = tmp_path / "spool"
+    spool.mkdir()  # the unit's RuntimeDirectory
     req = copy_bundles_to_spool(stick, spool, max_bytes=4096)
     assert req["bundles"] == ["00-01-gw.egwb", "01-02-other.egwb"]
     assert {s["file"]: s["code"] for s in req["skipped"]} == {
@@ -139,6 +140,7 @@ async def test_no_identity_refuses_everything(
     (stick / "edgegw" / "a.egwb").write_bytes(make_bundle())
     (stick / "edgegw" / "export-backlog").write_text("")
     spool = tmp_path / "spool"
+    spool.mkdir()  # the unit's RuntimeDirectory
     req = copy_bundles_to_spool(stick, spool)
     assert req["technician_asked_backlog"] is True
     state = tmp_path / "state"
@@ -179,6 +181,7 @@ def test_process_step_with_keystore_and_trust_store(
     }))  # fmt: skip
     (stick / "edgegw" / "a.egwb").write_bytes(make_bundle(version=9))
     spool = tmp_path / "spool"
+    spool.mkdir()  # the unit's RuntimeDirectory
     copy_bundles_to_spool(stick, spool)
     state = tmp_path / "state" / "provisioning"
     rc = main(["process", "--spool", str(spool), "--state-dir", str(state),
@@ -192,3 +195,28 @@ def test_process_step_with_keystore_and_trust_store(
     assert enrol["public_keys"]["identity_fingerprint"]
     spooled = (state / "audit-spool.jsonl").read_text().splitlines()
     assert json.loads(spooled[0])["detail"]["outcome"] == "accepted"
+
+
+def test_privileged_steps_do_not_follow_links_in_the_spool(tmp_path: Path, stick: Path) -> None:
+    """The spool belongs to the service user; the root steps must not be steered by it."""
+    secret = tmp_path / "secret"
+    secret.write_text("root only")
+    out = tmp_path / "spool" / "out"
+    (out / "backlog").mkdir(parents=True)
+    (out / "result.json").write_text('{"gateway_id": "gw-0001", "results": []}')
+    os.symlink(secret, out / "stolen.txt")
+    os.symlink(secret.parent, out / "backlog" / "dir-link")
+    os.mkfifo(out / "fifo")
+    dest = copy_out(out, stick, GATEWAY, NOW)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == [
+        "backlog",
+        "result.json",
+    ]
+
+    # import refuses a spool that already has an 'in' (it could be a link to anywhere)
+    spool2 = tmp_path / "spool2"
+    spool2.mkdir()
+    os.symlink(tmp_path / "elsewhere", spool2 / "in")
+    with pytest.raises(FileExistsError):
+        copy_bundles_to_spool(stick, spool2)
+    assert not (tmp_path / "elsewhere").exists()
