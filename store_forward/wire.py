@@ -30,7 +30,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from cryptography.exceptions import InvalidTag
@@ -45,6 +45,7 @@ __all__ = [
     "Compression",
     "DecodedBatch",
     "PackedBatch",
+    "RecordLike",
     "WireAuthError",
     "WireBudgetError",
     "WireEncodeError",
@@ -131,12 +132,34 @@ class Compression(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class WireRecord:
-    """One outbox record as carried on the wire."""
+    """One outbox record as carried on the wire.
+
+    ``cls`` is the record's priority class (``store_forward.records.RecordClass``
+    value, 0..255); it comes back as a plain int.
+    """
 
     id: int
     kind: str
     created_ms: int
     body: dict[str, Any]
+    cls: int = 0
+
+
+class RecordLike(Protocol):
+    """What the encoder reads from a record (``cls`` is optional, default 0);
+    :class:`WireRecord` and the outbox's ``Record`` both qualify."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def created_ms(self) -> int: ...
+
+    @property
+    def body(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,19 +284,21 @@ class _Value:
 class _Reading:
     id: int
     created_ms: int
+    cls: int
     meter: str
     t: int
     ts: str
     has_q: bool
     values: tuple[_Value, ...]
     quality: Mapping[int, str]  # quantity code -> quality string
-    record: WireRecord  # for the generic fallback
+    record: RecordLike  # for the generic fallback
 
 
 @dataclass(frozen=True, slots=True)
 class _Generic:
     id: int
     created_ms: int
+    cls: int
     kind: str
     body_json: bytes
 
@@ -339,7 +364,7 @@ def _decimal_text(coef: int, exp: int) -> str:
     return str(Decimal(f"{coef}E{exp}"))
 
 
-def _as_reading(rec: WireRecord) -> _Reading | None:
+def _as_reading(rec: RecordLike, cls: int) -> _Reading | None:
     body = rec.body
     if rec.kind != _KIND_READING or not isinstance(body, dict):
         return None
@@ -368,17 +393,19 @@ def _as_reading(rec: WireRecord) -> _Reading | None:
         if name not in v or not _short_text(qual):
             return None
         quality[_CODE_BY_NAME[name]] = qual
-    return _Reading(rec.id, rec.created_ms, meter, t, ts, "q" in body, tuple(values), quality, rec)
+    return _Reading(
+        rec.id, rec.created_ms, cls, meter, t, ts, "q" in body, tuple(values), quality, rec
+    )
 
 
-def _generic(rec: WireRecord) -> _Generic:
+def _generic(rec: RecordLike, cls: int) -> _Generic:
     try:
         body_json = orjson.dumps(rec.body)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise WireEncodeError(f"record {rec.id}: body is not JSON-able: {exc}") from exc
     if len(body_json) > MAX_BODY_BYTES:
         raise WireEncodeError(f"record {rec.id}: body of {len(body_json)} bytes exceeds limit")
-    return _Generic(rec.id, rec.created_ms, rec.kind, body_json)
+    return _Generic(rec.id, rec.created_ms, cls, rec.kind, body_json)
 
 
 def _column_fits(values: Sequence[_Value]) -> bool:
@@ -402,14 +429,14 @@ def _demote_unfit(rows: Sequence[_Row]) -> Sequence[_Row]:
     if not bad:
         return rows
     return [
-        _generic(row.record)
+        _generic(row.record, row.cls)
         if isinstance(row, _Reading) and any((row.meter, v.code) in bad for v in row.values)
         else row
         for row in rows
     ]
 
 
-def _analyse(rec: WireRecord) -> _Row:
+def _analyse(rec: RecordLike) -> _Row:
     if type(rec.id) is not int or not -_MAX_TIME < rec.id < _MAX_TIME:
         raise WireEncodeError(f"record id must be an int below 2**62, got {rec.id!r}")
     if type(rec.created_ms) is not int or not -_MAX_TIME < rec.created_ms < _MAX_TIME:
@@ -418,8 +445,11 @@ def _analyse(rec: WireRecord) -> _Row:
         raise WireEncodeError(f"record {rec.id}: kind must be a string of 0..4096 UTF-8 bytes")
     if not isinstance(rec.body, dict):
         raise WireEncodeError(f"record {rec.id}: body must be a dict")
-    reading = _as_reading(rec)
-    return reading if reading is not None else _generic(rec)
+    cls = getattr(rec, "cls", 0)
+    if not isinstance(cls, int) or isinstance(cls, bool) or not 0 <= cls <= 255:
+        raise WireEncodeError(f"record {rec.id}: class must be an int in 0..255, got {cls!r}")
+    reading = _as_reading(rec, int(cls))
+    return reading if reading is not None else _generic(rec, int(cls))
 
 
 # --------------------------------------------------------------------------- plaintext
@@ -625,6 +655,7 @@ def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
     created_mode, created = _created_columns(rows)
     body.append(created_mode)
     _put_packed(body, created, signed=True)
+    _put_packed(body, [row.cls for row in rows], signed=False)
     # 2. Generic records.
     for g in generics:
         _put_uvarint(body, strings.ref(g.kind))
@@ -786,6 +817,9 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
     if created_mode > 1:
         raise WireFormatError(f"unknown created-time mode {created_mode}")
     created_raw = _get_packed(r, n_records, signed=True)
+    classes = _get_packed(r, n_records, signed=False)
+    if any(c > 255 for c in classes):
+        raise WireFormatError("record class out of range")
     # 2. Generic records.
     generics: list[tuple[str, dict[str, Any]]] = []
     for _ in range(n_generic):
@@ -958,7 +992,7 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
             base_ms = body["t"] if created_mode == 1 else prev_created
             created = base_ms + created_raw[idx]
         prev_created = created
-        records.append(WireRecord(ids[idx], kind, created, body))
+        records.append(WireRecord(ids[idx], kind, created, body, classes[idx]))
     return tuple(records)
 
 
@@ -1055,7 +1089,7 @@ def _seal(
 def encode_batch(
     gateway_id: str,
     seq: int,
-    records: Sequence[WireRecord],
+    records: Sequence[RecordLike],
     *,
     key: bytes,
     key_id: int,
@@ -1156,7 +1190,7 @@ def decode_batch(payload: bytes, key_lookup: Callable[[str, int], bytes | None])
 def pack_batch(
     gateway_id: str,
     seq: int,
-    records: Sequence[WireRecord],
+    records: Sequence[RecordLike],
     *,
     key: bytes,
     key_id: int,

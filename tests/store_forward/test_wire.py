@@ -83,7 +83,7 @@ def backlog(
             }
             if rnd.random() < 0.01:
                 body["q"] = {"voltage_v": "suspect"}
-            records.append(WireRecord(rid, "reading", t + rnd.randint(2, 40), body))
+            records.append(WireRecord(rid, "reading", t + rnd.randint(2, 40), body, cls=1))
             rid += 1
     return records
 
@@ -92,7 +92,7 @@ def mixed() -> list[WireRecord]:
     """Every shape the encoder must carry exactly, including the odd ones."""
     base = 1_732_400_000_000
     return [
-        WireRecord(1, "event", base, {"type": "relay_trip", "meter": "m1", "ok": True}),
+        WireRecord(1, "event", base, {"type": "relay_trip", "meter": "m1", "ok": True}, cls=0),
         WireRecord(2, "reading", base + 5, {"m": "m1", "t": base, "ts": "meter", "v": {}}),
         WireRecord(
             3,
@@ -137,7 +137,7 @@ def mixed() -> list[WireRecord]:
         ),
         WireRecord(10, "reading", base, {"m": "m3", "t": base, "ts": "system", "v": {}, "x": 1}),
         WireRecord(
-            11, "charge", base + 1, {"account": "A-9", "micro_yuan": 123_456_789, "tier": 2}
+            11, "charge", base + 1, {"account": "A-9", "micro_yuan": 123_456_789, "tier": 2}, 1
         ),
         WireRecord(
             9, "event", base - 10_000, {"note": "ids need not rise", "nested": {"a": [1, 2]}}
@@ -227,6 +227,30 @@ def test_current_is_predicted_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> 
     for records in (single_phase, three_phase):
         payload = encode_batch(GW, 1, records, key=KEY, key_id=3)
         assert list(decode_batch(payload, lookup).records) == records
+
+
+def test_outbox_records_encode_directly() -> None:
+    """The outbox's own Record type (with its priority class) goes in as is."""
+    from firmware_bridge.reading import Measurement, Quality, Reading
+    from store_forward.records import Record, RecordClass, reading_body
+
+    reading = Reading(
+        "000000410001",
+        1_732_400_000_000,
+        {
+            Quantity.ENERGY_IMPORT: Measurement(Decimal("1206.42")),
+            Quantity.VOLTAGE: Measurement(Decimal("229.8"), Quality.SUSPECT),
+        },
+    )
+    records = [
+        Record(7, RecordClass.BILLING, "reading", 1_732_400_000_020, reading_body(reading)),
+        Record(8, RecordClass.EVENT, "event", 1_732_400_000_030, {"type": "relay_trip"}),
+    ]
+    decoded = decode_batch(encode_batch(GW, 3, records, key=KEY, key_id=3), lookup).records
+    assert [(r.id, r.cls, r.kind, r.created_ms, r.body) for r in decoded] == [
+        (r.id, int(r.cls), r.kind, r.created_ms, r.body) for r in records
+    ]
+    assert type(wire._analyse(records[0])).__name__ == "_Reading"
 
 
 def test_empty_batch_round_trips() -> None:
@@ -384,6 +408,8 @@ def test_decompression_bomb_is_refused_quickly() -> None:
         ({}, [WireRecord(1, "event", 0, {1: "int key"})]),  # type: ignore[dict-item]
         ({}, [WireRecord(1 << 63, "event", 0, {})]),
         ({}, [WireRecord(1, "event", 0, ["not", "a", "dict"])]),  # type: ignore[arg-type]
+        ({}, [WireRecord(1, "event", 0, {}, cls=256)]),
+        ({}, [WireRecord(1, "event", 0, {}, cls=True)]),
     ],
 )
 def test_unencodable_input_raises_encode_error(
@@ -459,7 +485,12 @@ json_value = st.recursive(
 )
 any_record = st.one_of(
     st.builds(
-        WireRecord, st.integers(0, 2**40), st.just("reading"), st.integers(0, 2**45), reading_body
+        WireRecord,
+        st.integers(0, 2**40),
+        st.just("reading"),
+        st.integers(0, 2**45),
+        reading_body,
+        st.integers(0, 255),
     ),
     st.builds(
         WireRecord,
