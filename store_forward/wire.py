@@ -655,7 +655,7 @@ def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
     created_mode, created = _created_columns(rows)
     body.append(created_mode)
     _put_packed(body, created, signed=True)
-    _put_packed(body, [row.cls for row in rows], signed=False)
+    _put_packed(body, [row.cls for row in rows], signed=True)  # centred: constant is free
     # 2. Generic records.
     for g in generics:
         _put_uvarint(body, strings.ref(g.kind))
@@ -817,8 +817,8 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
     if created_mode > 1:
         raise WireFormatError(f"unknown created-time mode {created_mode}")
     created_raw = _get_packed(r, n_records, signed=True)
-    classes = _get_packed(r, n_records, signed=False)
-    if any(c > 255 for c in classes):
+    classes = _get_packed(r, n_records, signed=True)
+    if any(not 0 <= c <= 255 for c in classes):
         raise WireFormatError("record class out of range")
     # 2. Generic records.
     generics: list[tuple[str, dict[str, Any]]] = []
