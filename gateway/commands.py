@@ -49,6 +49,7 @@ Result events for central follow the same rule with a larger budget
 from __future__ import annotations
 
 import asyncio
+import base64
 import enum
 import logging
 import re
@@ -552,6 +553,18 @@ class CommandHandler:
                 "clock_events": [e.kind.value for e in events],
             }
         if t is CommandType.KEYS_ROTATE:
+            if body["op"] == "add_key":
+                # apply_key_rotation only sees keys added by earlier commands; an id from
+                # the provisioned trust file must not be re-bound either, or every later
+                # load of the trust store would fail
+                have = (await self._trust_in(db)).lookup(str(body["key_id"]))
+                if have is not None and (
+                    have.role.value != body["role"]
+                    or have.public_key != base64.b64decode(body["public_key"])
+                ):
+                    raise CommandRefused(
+                        f"key id {have.key_id!r} is already bound to a different key/role"
+                    )
             text = await apply_key_rotation(db, env, now_ms)
             effect: dict[str, Any] = {"change": text}
             if body["op"] == "rotate_purpose":

@@ -1,0 +1,912 @@
+"""The command path: real SQLite (a real Outbox), real signed envelopes, small real ports.
+
+The ports below are collaborators that do real (but minimal) work in the
+gateway database and remember what they were asked; the handler is what is
+under test. The crash test SIGKILLs a child process (this module run as a
+script) in the middle of a stream of commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import aiosqlite
+import orjson
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.commands import (
+    Bucket,
+    CommandHandler,
+    CommandInbox,
+    CommandRefused,
+    ConfigChange,
+    RelayOp,
+    command_subscriber,
+    due_summaries,
+    parse_relay,
+    parse_resend,
+    tally_rejection,
+)
+from gateway.security import audit
+from gateway.security.envelope import Outcome, RejectReason
+from gateway.security.roles import CommandType, Role, TrustStore
+from gateway.security.trusted_time import TrustedClock, load_floor, restore
+from provisioning.keys import Keystore
+from store_forward.outbox import Outbox
+from store_forward.records import loads
+from store_forward.topics import Topics
+from tests.harness.mosquitto import Mosquitto
+from tests.security.conftest import GATEWAY, HOUR, T0, Central, raw_public, topup_body
+
+ROOT = Path(__file__).resolve().parents[2]
+HOARD_LIMIT = 1_000_000_000  # micro: the in-test billing port refuses top-ups above this
+
+# ---------------------------------------------------------------------------
+# Real, minimal collaborators
+
+PORT_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS t_credit (command_id TEXT NOT NULL, account TEXT NOT NULL,"
+    " amount INTEGER NOT NULL)",  # deliberately no UNIQUE: a double apply would show
+    "CREATE TABLE IF NOT EXISTS t_balance (account TEXT PRIMARY KEY, micro INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS t_tariff (name TEXT NOT NULL, doc TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS t_snapshot (account TEXT NOT NULL, balance INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS t_config (command_id TEXT NOT NULL, change TEXT NOT NULL,"
+    " body TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS t_resend (command_id TEXT NOT NULL, a INTEGER, b INTEGER)",
+)
+
+
+class LedgerBilling:
+    """Credits a balance table in the caller's transaction; refuses hoarding."""
+
+    def __init__(self) -> None:
+        self.explode = False
+
+    async def apply_topup_in(
+        self,
+        db: aiosqlite.Connection,
+        body: Mapping[str, Any],
+        *,
+        command_id: str,
+        channel: str,
+        now_ms: int,
+    ) -> dict[str, Any]:
+        amount = int(body["amount_micro"])
+        if amount > HOARD_LIMIT:
+            raise CommandRefused(f"top-up of {amount} exceeds the hoarding limit")
+        await db.execute(
+            "INSERT INTO t_credit (command_id, account, amount) VALUES (?, ?, ?)",
+            (command_id, body["account"], amount),
+        )
+        if self.explode:
+            raise RuntimeError("disk on fire")
+        await db.execute(
+            "INSERT INTO t_balance (account, micro) VALUES (?, ?) "
+            "ON CONFLICT(account) DO UPDATE SET micro = micro + excluded.micro",
+            (body["account"], amount),
+        )
+        async with db.execute(
+            "SELECT micro FROM t_balance WHERE account = ?", (body["account"],)
+        ) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return {"status": "applied", "balance_micro": int(row[0])}
+
+    async def install_tariff_in(
+        self, db: aiosqlite.Connection, doc: Mapping[str, Any], *, now_ms: int
+    ) -> dict[str, Any]:
+        name = doc.get("name")
+        if not isinstance(name, str):
+            raise CommandRefused("tariff.name missing")
+        await db.execute(
+            "INSERT INTO t_tariff (name, doc) VALUES (?, ?)", (name, orjson.dumps(dict(doc)))
+        )
+        return {"tariff": name}
+
+    async def apply_snapshot_in(
+        self, db: aiosqlite.Connection, body: Mapping[str, Any], *, now_ms: int
+    ) -> dict[str, Any]:
+        await db.execute(
+            "INSERT INTO t_snapshot (account, balance) VALUES (?, ?)",
+            (body["account"], body["balance_micro"]),
+        )
+        return {"status": "applied"}
+
+
+@dataclass
+class RecordingRelay:
+    """Remembers requests; checks through a second connection that the intent is committed."""
+
+    db_path: Path | None = None
+    calls: list[tuple[str, RelayOp, str, str]] = field(default_factory=list)
+    fail: bool = False
+    committed_when_called: list[bool] = field(default_factory=list)
+
+    async def request(self, meter_id: str, op: RelayOp, *, reason: str, command_id: str) -> None:
+        if self.fail:
+            raise ConnectionError("relay controller not ready")
+        if self.db_path is not None:
+            async with (
+                aiosqlite.connect(self.db_path) as other,
+                other.execute(
+                    "SELECT count(*) FROM cmd_relay_intent i JOIN sec_seen_command s"
+                    " USING (command_id) WHERE command_id = ?",
+                    (command_id,),
+                ) as cur,
+            ):
+                row = await cur.fetchone()
+            self.committed_when_called.append(bool(row and row[0] == 1))
+        self.calls.append((meter_id, op, reason, command_id))
+
+
+class StagingConfig:
+    async def stage_in(
+        self,
+        db: aiosqlite.Connection,
+        change: ConfigChange,
+        body: Mapping[str, Any],
+        *,
+        command_id: str,
+        now_ms: int,
+    ) -> dict[str, Any]:
+        if "bad" in body:
+            raise CommandRefused(f"{change}: key 'bad' is not a setting")
+        await db.execute(
+            "INSERT INTO t_config (command_id, change, body) VALUES (?, ?, ?)",
+            (command_id, change.value, orjson.dumps(dict(body))),
+        )
+        return {"staged": change.value}
+
+
+class RecordingResend:
+    async def resend_in(
+        self, db: aiosqlite.Connection, *, from_id: int, to_id: int, command_id: str, now_ms: int
+    ) -> dict[str, Any]:
+        await db.execute(
+            "INSERT INTO t_resend (command_id, a, b) VALUES (?, ?, ?)", (command_id, from_id, to_id)
+        )
+        return {"queued": to_id - from_id + 1, "missing": 0}
+
+
+class FakeTime:
+    """Wall and monotonic clock that tests move by hand (both move together)."""
+
+    def __init__(self, wall_ms: int) -> None:
+        self.wall = wall_ms
+        self.mono = 1_000_000
+
+    def advance(self, ms: int) -> None:
+        self.wall += ms
+        self.mono += ms
+
+
+@dataclass
+class Rig:
+    outbox: Outbox
+    handler: CommandHandler
+    billing: LedgerBilling
+    relay: RecordingRelay
+    keys: Keystore
+    time: FakeTime
+    path: Path
+
+    async def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        async with self.outbox.transaction() as db, db.execute(sql, args) as cur:
+            return [tuple(r) for r in await cur.fetchall()]
+
+    async def events(self) -> list[dict[str, Any]]:
+        return [loads(b) for (b,) in await self.rows("SELECT body FROM outbox ORDER BY id")]
+
+    async def audit_actions(self) -> list[str]:
+        return [a for (a,) in await self.rows("SELECT action FROM audit_log ORDER BY seq")]
+
+    async def effects(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row that a command can change, outside the audit log and the outbox."""
+        out = {}
+        for t in (
+            "t_credit",
+            "t_balance",
+            "t_tariff",
+            "t_snapshot",
+            "t_config",
+            "t_resend",
+            "cmd_relay_intent",
+            "cmd_purpose_rotation",
+            "sec_seen_command",
+            "sec_counter_floor",
+            "sec_central_key",
+            "sec_revoked_key",
+            "sec_time_floor",
+        ):
+            out[t] = await self.rows(f"SELECT * FROM {t} ORDER BY 1")
+        return out
+
+
+async def make_handler(
+    outbox: Outbox,
+    trust: TrustStore,
+    keys: Keystore | None,
+    ft: FakeTime,
+    *,
+    billing: LedgerBilling | None = None,
+    relay: RecordingRelay | None = None,
+    known_meter: Any = None,
+) -> CommandHandler:
+    clock = TrustedClock(
+        restore(0, ft.mono), wall=lambda: ft.wall, mono=lambda: ft.mono, synced=lambda: True
+    )
+    h = CommandHandler(
+        outbox,
+        trust=trust,
+        gateway_id=GATEWAY,
+        clock=clock,
+        billing=billing or LedgerBilling(),
+        relay=relay or RecordingRelay(),
+        config=StagingConfig(),
+        resend=RecordingResend(),
+        keys=keys,
+        known_meter=known_meter,
+        event_budget_per_hour=5,
+    )
+    async with outbox.transaction() as db:
+        for stmt in PORT_SCHEMA:
+            await db.execute(stmt)
+    await h.start()
+    return h
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, central: Central) -> AsyncIterator[Rig]:
+    path = tmp_path / "gateway.db"
+    outbox = await Outbox.open(path)
+    keys = Keystore.init(tmp_path / "keys", GATEWAY)
+    ft = FakeTime(T0 + 1000)
+    billing = LedgerBilling()
+    relay = RecordingRelay(db_path=path)
+    h = await make_handler(
+        outbox,
+        central.trust(),
+        keys,
+        ft,
+        billing=billing,
+        relay=relay,
+        known_meter=lambda m: m.startswith("m-"),
+    )
+    yield Rig(outbox, h, billing, relay, keys, ft, path)
+    await outbox.close()
+
+
+def results(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("type") == "command_result"]
+
+
+# ---------------------------------------------------------------------------
+# Applied, duplicate, replay
+
+
+async def test_topup_applied_once_with_audit_and_result_event(rig: Rig, central: Central) -> None:
+    res = await rig.handler.handle(central.cmd(CommandType.TOPUP, command_id="t-1"), channel="mqtt")
+    assert res.outcome is Outcome.APPLIED
+    assert await rig.rows("SELECT account, micro FROM t_balance") == [("acct-17", 50_000_000)]
+    assert await rig.rows("SELECT command_id FROM sec_seen_command") == [("t-1",)]
+    ev = results(await rig.events())
+    assert ev == [
+        {
+            "type": "command_result",
+            "outcome": "applied",
+            "id": "t-1",
+            "channel": "mqtt",
+            "command_type": "topup",
+            "issuer": "billing-k1",
+            "effect": {"status": "applied", "balance_micro": 50_000_000},
+            "at_ms": T0 + 1000,
+        }
+    ]
+    assert await rig.audit_actions() == ["command.applied"]
+    (details,) = await rig.rows("SELECT details FROM audit_log")
+    d = orjson.loads(details[0])
+    assert d["id"] == "t-1" and d["effect"]["balance_micro"] == 50_000_000
+    assert audit.verify(rig.path).ok
+
+
+async def test_retry_under_same_id_is_duplicate_and_exact_replay_is_refused(
+    rig: Rig, central: Central
+) -> None:
+    first = central.cmd(CommandType.TOPUP, command_id="t-1")
+    assert (await rig.handler.handle(first, channel="mqtt")).outcome is Outcome.APPLIED
+    # central re-signs the same command id with a fresh counter (lost result)
+    retry = central.cmd(CommandType.TOPUP, command_id="t-1")
+    res = await rig.handler.handle(retry, channel="usb")
+    assert res.outcome is Outcome.DUPLICATE
+    assert await rig.rows("SELECT count(*), sum(amount) FROM t_credit") == [(1, 50_000_000)]
+    before = await rig.effects()
+    res = await rig.handler.handle(first, channel="mqtt")
+    assert res.outcome is Outcome.REJECTED and res.reason is RejectReason.REPLAY
+    assert await rig.effects() == before
+    outcomes = [(e["outcome"], e.get("reason")) for e in results(await rig.events())]
+    assert outcomes == [("applied", None), ("duplicate", None), ("rejected", "replay")]
+    assert await rig.audit_actions() == ["command.applied", "command.duplicate", "command.rejected"]
+
+
+# ---------------------------------------------------------------------------
+# Every rejection path leaves nothing applied
+
+
+def _rejections(central: Central) -> dict[str, tuple[bytes, RejectReason]]:
+    rogue = Ed25519PrivateKey.generate()
+    good = central.cmd(CommandType.TOPUP, command_id="x-1")
+    outer = orjson.loads(good)
+    flipped = bytearray(base64.b64decode(outer["signature"]))
+    flipped[0] ^= 1
+    tampered = orjson.dumps(
+        {"payload": outer["payload"], "signature": base64.b64encode(bytes(flipped)).decode()}
+    )
+    return {
+        "garbage": (b"\x00not json", RejectReason.MALFORMED),
+        "oversized": (b"{" + b" " * 70_000 + b"}", RejectReason.OVERSIZED),
+        "bad_signature": (tampered, RejectReason.BAD_SIGNATURE),
+        "unknown_issuer": (
+            central.cmd(CommandType.TOPUP, key=rogue, issuer="billing-rogue"),
+            RejectReason.UNKNOWN_ISSUER,
+        ),
+        "forged_under_real_name": (
+            central.cmd(CommandType.TOPUP, key=rogue, issuer="billing-k1"),
+            RejectReason.BAD_SIGNATURE,
+        ),
+        "wrong_role": (
+            central.cmd(CommandType.TOPUP, role=Role.OPERATIONS),
+            RejectReason.WRONG_ROLE,
+        ),
+        "wrong_target": (
+            central.cmd(CommandType.TOPUP, target="gw-0002"),
+            RejectReason.WRONG_TARGET,
+        ),
+        "expired": (
+            central.cmd(CommandType.TOPUP, issued_at=T0 - 2 * HOUR, expires_at=T0 - HOUR),
+            RejectReason.EXPIRED,
+        ),
+        "stale_counter": (
+            central.cmd(CommandType.TOPUP, counter=1, command_id="x-stale"),
+            RejectReason.COUNTER_STALE,
+        ),
+        "relay_bad_op": (
+            central.cmd(CommandType.RELAY_OPERATE, {"meter": "m-1", "op": "explode"}),
+            RejectReason.BAD_BODY,
+        ),
+        "relay_unknown_meter": (
+            central.cmd(CommandType.RELAY_OPERATE, {"meter": "other-1", "op": "trip"}),
+            RejectReason.BAD_BODY,
+        ),
+        "hoarding": (
+            central.cmd(CommandType.TOPUP, topup_body(amount_micro=HOARD_LIMIT + 1)),
+            RejectReason.BAD_BODY,
+        ),
+        "tariff_refused": (
+            central.cmd(CommandType.TARIFF_PUBLISH, {"no_name": 1}),
+            RejectReason.BAD_BODY,
+        ),
+        "config_refused": (
+            central.cmd(CommandType.CONFIG_PATCH, {"bad": True}),
+            RejectReason.BAD_BODY,
+        ),
+        "resend_range": (
+            central.cmd(CommandType.UPLINK_RESEND, {"from_id": 9, "to_id": 3}),
+            RejectReason.BAD_BODY,
+        ),
+        "bundle_not_on_this_path": (
+            central.cmd(CommandType.PROVISIONING_BUNDLE, {}),
+            RejectReason.BAD_BODY,
+        ),
+        "key_rebind": (
+            central.cmd(
+                CommandType.KEYS_ROTATE,
+                {
+                    "op": "add_key",
+                    "key_id": "billing-k1",
+                    "role": "billing",
+                    "public_key": base64.b64encode(raw_public(rogue)).decode(),
+                },
+            ),
+            RejectReason.BAD_BODY,
+        ),
+    }
+
+
+CASES = list(_rejections(Central()))
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_rejection_leaves_nothing_applied(rig: Rig, central: Central, case: str) -> None:
+    # one applied command first, so the stale-counter case has a floor to be under
+    await rig.handler.handle(central.cmd(CommandType.TOPUP, command_id="t-0"), channel="mqtt")
+    raw, reason = _rejections(central)[case]
+    before = await rig.effects()
+    res = await rig.handler.handle(raw, channel="mqtt")
+    assert res.outcome is Outcome.REJECTED
+    assert res.reason is reason, res.message
+    assert await rig.effects() == before
+    assert rig.relay.calls == []
+    ev = results(await rig.events())[-1]
+    assert ev["outcome"] == "rejected" and ev["reason"] == reason.value
+    assert (await rig.audit_actions())[-1] == "command.rejected"
+    assert audit.verify(rig.path).ok
+
+
+async def test_refused_body_leaves_id_unseen_so_a_corrected_command_applies(
+    rig: Rig, central: Central
+) -> None:
+    bad = central.cmd(CommandType.TOPUP, topup_body(amount_micro=HOARD_LIMIT + 1), command_id="t-9")
+    res = await rig.handler.handle(bad, channel="mqtt")
+    assert res.reason is RejectReason.BAD_BODY and "hoarding" in res.message
+    assert await rig.rows("SELECT * FROM sec_counter_floor") == []
+    fixed = central.cmd(CommandType.TOPUP, topup_body(amount_micro=5), command_id="t-9")
+    assert (await rig.handler.handle(fixed, channel="mqtt")).outcome is Outcome.APPLIED
+    assert await rig.rows("SELECT command_id, amount FROM t_credit") == [("t-9", 5)]
+
+
+async def test_port_crash_rolls_back_everything_and_is_reported(rig: Rig, central: Central) -> None:
+    rig.billing.explode = True  # fails after its first write
+    before = await rig.effects()
+    res = await rig.handler.handle(central.cmd(CommandType.TOPUP, command_id="t-1"), channel="mqtt")
+    assert res.outcome is Outcome.REJECTED and "nothing was kept" in res.message
+    assert await rig.effects() == before
+    assert results(await rig.events())[-1]["outcome"] == "failed"
+    assert await rig.audit_actions() == ["command.failed"]
+    rig.billing.explode = False
+    again = central.cmd(CommandType.TOPUP, command_id="t-1")
+    assert (await rig.handler.handle(again, channel="mqtt")).outcome is Outcome.APPLIED
+    assert await rig.rows("SELECT count(*) FROM t_credit") == [(1,)]
+
+
+# ---------------------------------------------------------------------------
+# Each command type reaches its port
+
+
+async def test_relay_intent_is_committed_before_the_port_hears_of_it(
+    rig: Rig, central: Central
+) -> None:
+    raw = central.cmd(
+        CommandType.RELAY_OPERATE,
+        {"meter": "m-7", "op": "trip", "reason": "arrears"},
+        command_id="r-1",
+    )
+    res = await rig.handler.handle(raw, channel="mqtt")
+    assert res.outcome is Outcome.APPLIED
+    assert rig.relay.calls == [("m-7", RelayOp.TRIP, "arrears", "r-1")]
+    assert rig.relay.committed_when_called == [True]
+    assert await rig.rows("SELECT command_id, state FROM cmd_relay_intent") == [("r-1", "handed")]
+    await rig.handler.recover()  # nothing pending: not handed again
+    assert len(rig.relay.calls) == 1
+
+
+async def test_every_relay_op_is_accepted() -> None:
+    for op in RelayOp:
+        assert parse_relay({"meter": "m-1", "op": op.value}).op is op
+    with pytest.raises(CommandRefused):
+        parse_relay({"meter": "m-1", "op": "trip", "extra": 1})
+    with pytest.raises(CommandRefused):
+        parse_relay({"meter": "m 1", "op": "trip"})
+    with pytest.raises(CommandRefused):
+        parse_relay({"meter": "m-1", "op": "trip", "reason": "x" * 201})
+
+
+async def test_relay_port_down_keeps_intent_pending_until_recovery(
+    rig: Rig, central: Central
+) -> None:
+    rig.relay.fail = True
+    raw = central.cmd(CommandType.RELAY_OPERATE, {"meter": "m-1", "op": "close"}, command_id="r-1")
+    assert (await rig.handler.handle(raw, channel="mqtt")).outcome is Outcome.APPLIED
+    assert await rig.rows("SELECT state FROM cmd_relay_intent") == [("pending",)]
+    rig.relay.fail = False
+    await rig.handler.recover()
+    assert [c[3] for c in rig.relay.calls] == ["r-1"]
+    assert await rig.rows("SELECT state FROM cmd_relay_intent") == [("handed",)]
+
+
+async def test_pending_relay_intent_whose_command_expired_is_not_driven(
+    rig: Rig, central: Central
+) -> None:
+    rig.relay.fail = True
+    raw = central.cmd(CommandType.RELAY_OPERATE, {"meter": "m-1", "op": "trip"}, command_id="r-1")
+    await rig.handler.handle(raw, channel="mqtt")
+    rig.relay.fail = False
+    rig.time.advance(2 * HOUR)  # the command expired at T0 + 1 h
+    await rig.handler.recover()
+    assert rig.relay.calls == []
+    assert await rig.rows("SELECT state FROM cmd_relay_intent") == [("expired",)]
+    assert (await rig.events())[-1]["type"] == "relay_intent_expired"
+    assert (await rig.audit_actions())[-1] == "relay.intent_expired"
+
+
+async def test_billing_config_and_resend_commands_reach_their_ports(
+    rig: Rig, central: Central
+) -> None:
+    h = rig.handler
+    cmds = [
+        central.cmd(CommandType.TARIFF_PUBLISH, {"name": "res-2026", "prices": {"T1": "0.5"}}),
+        central.cmd(CommandType.BALANCE_SNAPSHOT, {"account": "acct-17", "balance_micro": 7}),
+        central.cmd(CommandType.CONFIG_PATCH, {"poll_interval_s": 60}, command_id="c-1"),
+        central.cmd(CommandType.METER_ROSTER, {"add": [{"id": "m-9"}]}, command_id="c-2"),
+        central.cmd(CommandType.UPLINK_RESEND, {"from_id": 3, "to_id": 9}, command_id="s-1"),
+    ]
+    for raw in cmds:
+        res = await h.handle(raw, channel="mqtt")
+        assert res.outcome is Outcome.APPLIED, res.message
+    assert await rig.rows("SELECT name FROM t_tariff") == [("res-2026",)]
+    assert await rig.rows("SELECT * FROM t_snapshot") == [("acct-17", 7)]
+    assert await rig.rows("SELECT command_id, change FROM t_config ORDER BY 1") == [
+        ("c-1", "config.patch"),
+        ("c-2", "meter.roster"),
+    ]
+    assert await rig.rows("SELECT * FROM t_resend") == [("s-1", 3, 9)]
+    effects = [e.get("effect") for e in results(await rig.events())]
+    assert effects[-1] == {"queued": 7, "missing": 0}
+
+
+async def test_resend_range_rules() -> None:
+    assert parse_resend({"from_id": 1, "to_id": 1}) == (1, 1)
+    for bad in (
+        {"from_id": 0, "to_id": 1},
+        {"from_id": 1, "to_id": 1_000_001},
+        {"from_id": True, "to_id": 2},
+        {"from_id": 1},
+        {"from_id": 1, "to_id": 2, "x": 0},
+    ):
+        with pytest.raises(CommandRefused):
+            parse_resend(bad)
+
+
+async def test_time_sync_stores_the_floor(rig: Rig, central: Central) -> None:
+    t = T0 + 30 * 60_000
+    raw = central.cmd(
+        CommandType.TIME_SYNC, {"time_ms": t}, issued_at=t - 1000, expires_at=t + 60_000
+    )
+    res = await rig.handler.handle(raw, channel="mqtt")
+    assert res.outcome is Outcome.APPLIED, res.message
+    async with rig.outbox.transaction() as db:
+        assert await load_floor(db) == t
+    assert rig.handler.clock.now().quality.value == "central"
+    ev = results(await rig.events())[-1]
+    assert ev["effect"]["clock_events"] == ["central_time_sync"]
+
+
+async def test_key_rotation_adds_a_key_that_signs_at_once_and_revokes_the_old(
+    rig: Rig, central: Central
+) -> None:
+    new = Ed25519PrivateKey.generate()
+    add = central.cmd(
+        CommandType.KEYS_ROTATE,
+        {
+            "op": "add_key",
+            "key_id": "billing-k2",
+            "role": "billing",
+            "public_key": base64.b64encode(raw_public(new)).decode(),
+        },
+    )
+    assert (await rig.handler.handle(add, channel="usb")).outcome is Outcome.APPLIED
+    topup = central.cmd(CommandType.TOPUP, key=new, issuer="billing-k2", command_id="t-new")
+    assert (await rig.handler.handle(topup, channel="mqtt")).outcome is Outcome.APPLIED
+    revoke = central.cmd(CommandType.KEYS_ROTATE, {"op": "revoke_key", "key_id": "billing-k1"})
+    assert (await rig.handler.handle(revoke, channel="usb")).outcome is Outcome.APPLIED
+    old = central.cmd(CommandType.TOPUP, command_id="t-old")
+    res = await rig.handler.handle(old, channel="mqtt")
+    assert res.reason is RejectReason.KEY_REVOKED
+    assert await rig.rows("SELECT command_id FROM t_credit") == [("t-new",)]
+
+
+async def test_purpose_rotation_happens_exactly_once_even_if_the_keystore_lagged(
+    rig: Rig, central: Central, tmp_path: Path
+) -> None:
+    v0 = rig.keys.versions()["storage"]
+    raw = central.cmd(CommandType.KEYS_ROTATE, {"op": "rotate_purpose", "purpose": "storage"})
+    assert (await rig.handler.handle(raw, channel="usb")).outcome is Outcome.APPLIED
+    assert rig.keys.versions()["storage"] == v0 + 1
+    await rig.handler.recover()
+    assert Keystore.open(rig.keys.path).versions()["storage"] == v0 + 1
+    # a crash after the commit but before the keystore write: the target is on disk,
+    # the keystore still at the old version; start-up finishes the job, once
+    async with rig.outbox.transaction() as db:
+        await db.execute("UPDATE cmd_purpose_rotation SET target_version = target_version + 1")
+    fresh = await make_handler(rig.outbox, central.trust(), Keystore.open(rig.keys.path), rig.time)
+    assert fresh.keys is not None and fresh.keys.versions()["storage"] == v0 + 2
+    await fresh.recover()
+    assert Keystore.open(rig.keys.path).versions()["storage"] == v0 + 2
+
+
+# ---------------------------------------------------------------------------
+# Rejection floods are aggregated
+
+
+def test_tally_first_per_reason_and_hour_is_audited_and_summaries_follow() -> None:
+    tally: dict[tuple[str, int], Bucket] = {}
+    notes = []
+    for i in range(10):
+        tally, note = tally_rejection(tally, "malformed", T0 + i, "mqtt", event_budget=3)
+        notes.append(note)
+    assert [n.audit for n in notes] == [True] + [False] * 9
+    assert [n.event for n in notes] == [True] * 3 + [False] * 7
+    tally, note = tally_rejection(tally, "expired", T0 + 20, "usb", event_budget=3)
+    assert note.audit
+    keep, done = due_summaries(tally, T0 + HOUR - 1)
+    assert done == [] and keep == tally
+    keep, done = due_summaries(tally, T0 + HOUR)
+    assert keep == {}
+    # "expired" was seen once: its full row says everything; no summary needed
+    assert [(b.reason, b.count, b.first_ms, b.last_ms) for b in done] == [
+        ("malformed", 10, T0, T0 + 9)
+    ]
+
+
+async def test_flood_of_garbage_writes_bounded_rows(rig: Rig, central: Central) -> None:
+    rogue = Ed25519PrivateKey.generate()
+    for i in range(300):
+        raw = (
+            central.cmd(CommandType.TOPUP, key=rogue, issuer="billing-k1")
+            if i % 2
+            else os.urandom(40)
+        )
+        res = await rig.handler.handle(raw, channel="mqtt")
+        assert res.outcome is Outcome.REJECTED
+    actions = await rig.audit_actions()
+    assert actions == ["command.rejected", "command.rejected"]  # malformed, bad_signature
+    assert len(results(await rig.events())) == 2 * 5  # event budget per reason and hour
+    rig.time.advance(HOUR)
+    assert await rig.handler.flush_rejections() == 2
+    summaries = {
+        e["reason"]: e["count"] for e in await rig.events() if e["type"] == "command_rejections"
+    }
+    assert summaries == {"malformed": 150, "bad_signature": 150}
+    assert (await rig.audit_actions())[2:] == ["command.rejected_summary"] * 2
+    assert audit.verify(rig.path).ok
+    assert rig.handler.stats.by_reason == {"malformed": 150, "bad_signature": 150}
+
+
+async def test_summary_is_written_by_the_next_rejection_of_a_later_hour(
+    rig: Rig, central: Central
+) -> None:
+    for _ in range(3):
+        await rig.handler.handle(b"junk", channel="mqtt")
+    rig.time.advance(HOUR)
+    await rig.handler.handle(b"junk", channel="mqtt")
+    assert await rig.audit_actions() == [
+        "command.rejected",
+        "command.rejected_summary",
+        "command.rejected",
+    ]
+    await rig.handler.handle(b"junk", channel="mqtt")
+    assert await rig.handler.flush_all_rejections() == 1
+
+
+# ---------------------------------------------------------------------------
+# Crash consistency: SIGKILL mid-stream
+
+
+def _stream(central: Central, n: int) -> list[bytes]:
+    out = []
+    for i in range(n):
+        if i % 5 == 4:
+            out.append(
+                central.cmd(
+                    CommandType.RELAY_OPERATE,
+                    {"meter": f"m-{i}", "op": "trip"},
+                    command_id=f"r-{i}",
+                    expires_at=T0 + 2 * HOUR,
+                )
+            )
+        else:
+            out.append(
+                central.cmd(
+                    CommandType.TOPUP,
+                    topup_body(amount_micro=1_000 + i, pc=i + 1),
+                    command_id=f"t-{i}",
+                    expires_at=T0 + 2 * HOUR,
+                )
+            )
+    return out
+
+
+async def _child(db_path: Path, stream: list[bytes], trust: TrustStore) -> None:
+    outbox = await Outbox.open(db_path)
+    ft = FakeTime(T0 + 1000)
+    h = await make_handler(outbox, trust, None, ft)
+    print("ready", flush=True)
+    for i, raw in enumerate(stream):
+        res = await h.handle(raw, channel="mqtt")
+        print(i, res.outcome.value, flush=True)
+    print("done", flush=True)
+    await outbox.close()
+
+
+def _run_child(db: Path, stream: Path, trust: Path, kill_after: int | None) -> bool:
+    """Run the child; SIGKILL it after ``kill_after`` result lines. True if it finished."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.security.test_commands", str(db), str(stream), str(trust)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    seen = 0
+    finished = False
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+            if not ready:
+                continue
+            line = proc.stdout.readline().decode()
+            if not line:
+                break
+            if line.startswith("done"):
+                finished = True
+                break
+            if line[0].isdigit():
+                seen += 1
+                if kill_after is not None and seen >= kill_after:
+                    # land the kill at an arbitrary point of the next command
+                    time.sleep(random.uniform(0, 0.004))
+                    proc.send_signal(signal.SIGKILL)
+                    break
+        else:
+            pytest.fail("child did not make progress in 60 s")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            if not finished:
+                proc.kill()
+        proc.wait(timeout=10)
+    return finished
+
+
+async def _check_consistent(db_path: Path) -> set[str]:
+    async with aiosqlite.connect(db_path) as db:
+
+        async def q(sql: str) -> list[tuple[Any, ...]]:
+            async with db.execute(sql) as cur:
+                return [tuple(r) for r in await cur.fetchall()]
+
+        seen = {r[0]: r[1] for r in await q("SELECT command_id, type FROM sec_seen_command")}
+        credits = [r[0] for r in await q("SELECT command_id FROM t_credit")]
+        intents = [r[0] for r in await q("SELECT command_id FROM cmd_relay_intent")]
+        applied_events = [
+            loads(r[0])["id"]
+            for r in await q("SELECT body FROM outbox")
+            if loads(r[0]).get("outcome") == "applied"
+        ]
+        balance = await q("SELECT coalesce(sum(micro), 0) FROM t_balance")
+        amounts = await q("SELECT coalesce(sum(amount), 0) FROM t_credit")
+    assert len(credits) == len(set(credits)), "a top-up was applied twice"
+    assert len(intents) == len(set(intents))
+    assert set(credits) == {c for c, t in seen.items() if t == "topup"}, "seen vs applied differ"
+    assert set(intents) == {c for c, t in seen.items() if t == "relay.operate"}
+    assert sorted(applied_events) == sorted(seen), "result events differ from applied commands"
+    assert balance == amounts
+    assert audit.verify(db_path).ok
+    return set(seen)
+
+
+async def test_sigkill_mid_stream_never_separates_seen_from_applied(
+    tmp_path: Path, central: Central, long_run: bool
+) -> None:
+    n = 120 if long_run else 40
+    stream = _stream(central, n)
+    stream_path = tmp_path / "stream.json"
+    stream_path.write_bytes(orjson.dumps([base64.b64encode(s).decode() for s in stream]))
+    trust_path = tmp_path / "trust.json"
+    trust_path.write_bytes(orjson.dumps(central.trust().to_dict()))
+    db = tmp_path / "gateway.db"
+    rng = random.Random(7)
+    rounds = 12 if long_run else 4
+    applied: set[str] = set()
+    for _ in range(rounds):
+        # central re-sends the whole stream each time (it has seen no results)
+        _run_child(db, stream_path, trust_path, kill_after=rng.randint(1, n // rounds + 3))
+        applied = await _check_consistent(db)
+    assert _run_child(db, stream_path, trust_path, kill_after=None)
+    applied = await _check_consistent(db)
+    assert len(applied) == n  # everything applied, each exactly once
+    # the relay intents a crash left pending are handed on the next start
+    outbox = await Outbox.open(db)
+    relay = RecordingRelay()
+    await make_handler(outbox, central.trust(), None, FakeTime(T0 + 1000), relay=relay)
+    await outbox.close()
+    async with (
+        aiosqlite.connect(db) as conn,
+        conn.execute("SELECT count(*) FROM cmd_relay_intent WHERE state != 'handed'") as cur,
+    ):
+        assert await cur.fetchone() == (0,)
+
+
+# ---------------------------------------------------------------------------
+# MQTT glue against a real broker
+
+
+async def _wait(cond: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_inbox_on_a_shared_connection(
+    rig: Rig, central: Central, mosquitto: Mosquitto
+) -> None:
+    topics = Topics("edgegw/v1", GATEWAY)
+    woken: list[str] = []
+    inbox = CommandInbox(rig.handler, topics, on_result=lambda r: woken.append(r.outcome.value))
+    other: list[str] = []
+
+    async def reader(client: aiomqtt.Client) -> None:  # the uplink's receive loop, in miniature
+        async for msg in client.messages:
+            if inbox.wants(msg.topic):
+                inbox.offer(msg.payload)
+            else:
+                other.append(msg.topic.value)
+
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="gw") as gw_client:
+        await gw_client.subscribe(topics.ack, qos=1)
+        await inbox.subscribe(gw_client)
+        async with asyncio.TaskGroup() as tg:
+            t1 = tg.create_task(reader(gw_client))
+            t2 = tg.create_task(inbox.run())
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="central") as c:
+                for i in range(3):
+                    await c.publish(
+                        topics.cmd, central.cmd(CommandType.TOPUP, command_id=f"t-{i}"), qos=1
+                    )
+                await c.publish(topics.cmd, b"garbage", qos=1)
+                await c.publish(topics.ack, b"{}", qos=1)
+                await _wait(lambda: len(woken) == 4 and other)
+            t1.cancel()
+            t2.cancel()
+    assert woken == ["applied"] * 3 + ["rejected"]
+    assert other == [topics.ack]
+    assert await rig.rows("SELECT count(*) FROM t_credit") == [(3,)]
+
+
+async def test_command_subscriber_on_its_own_connection(
+    rig: Rig, central: Central, mosquitto: Mosquitto
+) -> None:
+    topics = Topics("edgegw/v1", GATEWAY)
+    done: list[Outcome] = []
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="gw") as gw_client:
+        task = asyncio.create_task(
+            command_subscriber(
+                gw_client, topics, rig.handler, on_result=lambda r: done.append(r.outcome)
+            )
+        )
+        try:
+            await asyncio.sleep(0.2)  # subscription in place
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="central") as c:
+                raw = central.cmd(CommandType.RELAY_OPERATE, {"meter": "m-1", "op": "protect"})
+                await c.publish(topics.cmd, raw, qos=1)
+                await c.publish(topics.cmd, raw, qos=1)  # broker-level duplicate
+                await _wait(lambda: len(done) == 2)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert done == [Outcome.APPLIED, Outcome.REJECTED]
+    assert [(c[0], c[1]) for c in rig.relay.calls] == [("m-1", RelayOp.PROTECT)]
+
+
+if __name__ == "__main__":  # the crash-test child
+    _stream_in = [base64.b64decode(s) for s in orjson.loads(Path(sys.argv[2]).read_bytes())]
+    asyncio.run(_child(Path(sys.argv[1]), _stream_in, TrustStore.load(sys.argv[3])))
