@@ -364,18 +364,27 @@ class BusScheduler:
         self.metrics.successes += 1
         return result
 
-    async def _read_once(self, driver: MeterDriver, now_ms: int) -> Reading:
+    async def _read_once(self, driver: MeterDriver, now_ms: int, since: float | None) -> Reading:
         async def op() -> Reading:
+            # stamp the reading with when the bus was actually ours, not the cycle start
+            # (a cycle at 2400 baud can take many seconds)
+            read_ms = now_ms if since is None else now_ms + max(0, round((self._clock() - since) * 1000))
             try:
                 async with asyncio.timeout(self.deadline_s(driver.meter_id)):
-                    return await driver.read(now_ms)
+                    return await driver.read(read_ms)
             except TimeoutError:
                 raise MeterTimeout(driver.meter_id, "read exceeded its deadline") from None
 
         return await self.exclusive(op)
 
-    async def read_meter(self, meter_id: str, now_ms: int, *, force: bool = False) -> Reading | None:
-        """Read one meter now (respecting back-off unless ``force``); update its health."""
+    async def read_meter(
+        self, meter_id: str, now_ms: int, *, force: bool = False, since: float | None = None
+    ) -> Reading | None:
+        """Read one meter now (respecting back-off unless ``force``); update its health.
+
+        ``now_ms`` is the wall time at scheduler clock ``since`` (default: now); the
+        reading is stamped with ``now_ms`` plus the time elapsed since then.
+        """
         h = self._health[meter_id]
         if not force and not is_due(h, now_ms):
             return None
@@ -384,7 +393,7 @@ class BusScheduler:
         for _ in range(attempts_for(h, self.retries)):
             self.metrics.attempts += 1
             try:
-                reading = await self._read_once(driver, now_ms)
+                reading = await self._read_once(driver, now_ms, since)
             except MeterError as exc:
                 self.metrics.errors[exc.kind] += 1
                 last = exc
@@ -415,7 +424,7 @@ class BusScheduler:
         if self.bus_silent:
             sentinel = order[self._sentinel % len(order)]
             self._sentinel += 1
-            reading = await self.read_meter(sentinel, now_ms, force=True)
+            reading = await self.read_meter(sentinel, now_ms, force=True, since=start)
             if reading is None:
                 duration = self._clock() - start
                 self.metrics.cycles += 1
@@ -434,7 +443,7 @@ class BusScheduler:
                 skipped.append(meter_id)
                 continue
             attempted += 1
-            reading = await self.read_meter(meter_id, now_ms)
+            reading = await self.read_meter(meter_id, now_ms, since=start)
             if reading is not None:
                 answered += 1
                 readings.append(reading)

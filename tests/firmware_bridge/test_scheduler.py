@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from firmware_bridge.driver import MeterTimeout
 from firmware_bridge.modbus.driver import ModbusDriver
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES
-from firmware_bridge.modbus.simulator import ModbusSimulator
+from firmware_bridge.modbus.simulator import ModbusSimulator, RtuSimulator
 from firmware_bridge.modbus.transport import ModbusTransport
 from firmware_bridge.reading import Quantity
 from firmware_bridge.scheduler import (
@@ -399,3 +399,17 @@ async def test_exception_reply_is_not_retried(sim: ModbusSimulator, transport: M
     assert "m2" not in {r.meter_id for r in res.readings}
     assert s.metrics.errors == {"refused": 1}
     assert res.health["m2"].last_error is not None and res.health["m2"].last_error.kind == "refused"
+
+
+async def test_readings_are_stamped_when_read() -> None:
+    async with RtuSimulator([1, 2, 3], baud=9600, wire_timing=True) as rtu:
+        t = ModbusTransport.serial(rtu.path, name="rtu", baud=9600, parity="N", stop_bits=1, timeout_s=0.5)
+        try:
+            s = BusScheduler("rtu", [ModbusDriver(f"m{u}", u, SDM120, t) for u in (1, 2, 3)], timeout_s=0.5)
+            res = await s.run_cycle(1_000_000)
+        finally:
+            t.close()
+    times = [r.time_ms for r in res.readings]
+    assert times == sorted(times) and times[0] >= 1_000_000
+    assert times[-1] - times[0] >= 2 * 80  # two SDM120 reads of ~85 ms each lie between them
+    assert times[-1] <= 1_000_000 + res.duration_s * 1000 + 1
