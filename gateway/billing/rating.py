@@ -359,6 +359,8 @@ def rate_interval(
         while e > 0:
             k, room = t.tier.tier_of_next_unit(cum)
             take = e if room is None else min(e, room)
+            if take <= 0:  # tier_of_next_unit always leaves room >= 1; never loop without progress
+                raise RuntimeError(f"tier walk made no progress at cumulative {cum} ckwh")
             key = (t.key, seg.rate, k + 1, state.period_start_ms, t.unit_price_e4(seg.rate, k))
             merged[key] = merged.get(key, 0) + take
             cum += take
