@@ -8,6 +8,8 @@ against the TCP simulator, then prints one JSON document to stdout:
   (Σ per request: (8 + 5 + 2N) chars × 11 bits / baud + 2·t3.5 + response delay);
 * ``rtu_dead``: the same bus with some meters dead: the cost per cycle while
   they fail and after they are quarantined;
+* ``rtu_outage``: every meter silent (supply outage in the area): the cost per
+  cycle in silent-bus mode, and the first cycle after the supply returns;
 * ``tcp``: reads per second over Modbus TCP (no wire limit; CPU and stack cost).
 
     python bench/southbound.py [--meters 8] [--baud 9600] [--cycles 5] [--dead 2]
@@ -67,6 +69,18 @@ async def rtu_scenario(meters: int, baud: int, cycles: int, dead: int, response_
             for i in range(cycles + 2):
                 res = await sched.run_cycle((cycles + i + 2) * 1000)
                 failing.append({"duration_s": round(res.duration_s, 4), "readings": len(res.readings), "skipped": len(res.skipped)})
+            # area supply outage: every meter silent, then the supply returns
+            for u in units:
+                sim.meter(u).dead = True
+            outage = []
+            base = (2 * cycles + 10) * 1000
+            for i in range(4):
+                res = await sched.run_cycle(base + i * 1000)
+                outage.append({"duration_s": round(res.duration_s, 4), "bus_silent": res.bus_silent})
+            for u in units:
+                sim.meter(u).dead = False
+            res = await sched.run_cycle(base + 5000)
+            recovered = {"duration_s": round(res.duration_s, 4), "readings": len(res.readings), "bus_silent": res.bus_silent}
             snap = sched.metrics.snapshot(time.monotonic())
         finally:
             transport.close()
@@ -88,6 +102,10 @@ async def rtu_scenario(meters: int, baud: int, cycles: int, dead: int, response_
             "timeout_s": timeout_s,
             "cycles_after_failure": failing,
             "metrics": snap,
+        },
+        "rtu_outage": {
+            "cycles_during_outage": outage,
+            "first_cycle_after_supply_returns": recovered,
         },
     }
 

@@ -252,6 +252,7 @@ class BusMetrics:
         return min(1.0, self.busy_s / elapsed) if elapsed > 0 else 0.0
 
     def snapshot(self, now_s: float) -> dict[str, object]:
+        """Counters plus rates, JSON-ready (for status pages and benchmarks)."""
         return {
             "operations": self.operations,
             "attempts": self.attempts,
