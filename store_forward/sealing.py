@@ -32,6 +32,19 @@ may seal under one key: each holds its own epoch. Restoring the
 database *and* the epoch file from an older backup while keeping the key
 would roll the floor back: restore only together with a new key.
 
+Start-up, in the process that owns the outbox::
+
+    created = not key_path.exists()
+    key = create_storage_key(key_path) if created else load_storage_key(key_path)
+    conn = sqlite3.connect(db_path)            # short-lived is fine
+    conn.execute("PRAGMA synchronous=FULL")
+    sealer = StorageSealer.open(
+        key,
+        [FileEpochStore(db_path.with_name(db_path.name + ".epoch")), SqliteEpochStore(conn)],
+        new_key=created,
+    )
+    blob = sealer.seal(record_id, "billing", payload)   # id known before the insert
+
 Key files (:func:`create_storage_key`, :func:`load_storage_key`) hold the
 32-byte key with a magic, a version and a CRC so that a damaged key is
 reported as such rather than as every record failing to open. Key derivation
