@@ -42,7 +42,7 @@ class AccountSettings:
 _TOP = {"account", "timezone", "opening_balance", "tier", "limits", "protected", "no_disconnect",
         "calendar", "topup_policy", "topup", "meters"}
 _LIMITS = {"alarm1", "alarm2", "overdraft", "close_permit", "close_mode", "reconnect_delay_s",
-           "relay_min_interval_s", "contact_protect_after_s"}
+           "relay_min_interval_s", "contact_protect_after_s", "startup_protect_s"}
 
 
 def parse_account(raw: Mapping[str, Any], source: str, default_timezone: str | None = None) -> AccountSettings:
@@ -226,6 +226,7 @@ def parse_account(raw: Mapping[str, Any], source: str, default_timezone: str | N
                 tz=tz,
                 protected=protected,
                 contact_protect_after_ms=seconds("contact_protect_after_s", None),
+                startup_protect_ms=seconds("startup_protect_s", 0) or 0,
                 reconnect_delay_ms=seconds("reconnect_delay_s", 0) or 0,
                 relay_min_interval_ms=seconds("relay_min_interval_s", 10) or 0,
             )

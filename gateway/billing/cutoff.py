@@ -12,7 +12,8 @@ with a reason). Levels, by balance ``B`` (docs/billing.md, "Cutoff policy"):
 
 A due trip is not executed while the account is protected (保电), while the
 gateway has been out of contact with central longer than
-``contact_protect_after_ms`` (if configured), inside a no-disconnect window,
+``contact_protect_after_ms`` (if configured) or started less than
+``startup_protect_ms`` ago, inside a no-disconnect window,
 or before ``relay_min_interval_ms`` has passed since the last relay operation;
 the state stays GRACE with ``pending`` naming the reason, and the trip
 happens at the first evaluation after the reason is gone. Protection also
@@ -61,6 +62,7 @@ class Pending(enum.StrEnum):
 
     PROTECTED = "protected"
     CONTACT_LOST = "contact_lost"
+    STARTUP = "startup"
     NO_DISCONNECT_WINDOW = "no_disconnect_window"
     RATE_LIMIT = "rate_limit"
     RECONNECT_DELAY = "reconnect_delay"
@@ -104,6 +106,7 @@ class CutoffConfig:
     tz: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
     protected: bool = False
     contact_protect_after_ms: int | None = None
+    startup_protect_ms: int = 0  # no money trip for this long after the gateway started
     reconnect_delay_ms: int = 0
     relay_min_interval_ms: int = 10_000
 
@@ -116,7 +119,7 @@ class CutoffConfig:
             raise CutoffConfigError(f"overdraft must be >= 0, got {self.overdraft_micro}")
         if self.close_permit_micro < 0:
             raise CutoffConfigError(f"close permit must be >= 0, got {self.close_permit_micro}")
-        if self.reconnect_delay_ms < 0 or self.relay_min_interval_ms < 0:
+        if self.reconnect_delay_ms < 0 or self.relay_min_interval_ms < 0 or self.startup_protect_ms < 0:
             raise CutoffConfigError("delays must be >= 0")
         if self.contact_protect_after_ms is not None and self.contact_protect_after_ms <= 0:
             raise CutoffConfigError("contact_protect_after_ms must be > 0")
@@ -155,9 +158,11 @@ class CutoffState:
 
 @dataclass(frozen=True)
 class Contact:
-    """When the gateway last heard from central (None: never since start)."""
+    """What the gateway knows of its link and uptime: when it last heard from central
+    (None: never since start) and when it started (for power-up protection)."""
 
     last_contact_ms: int | None
+    started_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,8 @@ def protection(now_ms: int, contact: Contact, cfg: CutoffConfig) -> Pending | No
     lim = cfg.contact_protect_after_ms
     if lim is not None and (contact.last_contact_ms is None or now_ms - contact.last_contact_ms > lim):
         return Pending.CONTACT_LOST
+    if cfg.startup_protect_ms and (contact.started_ms is None or now_ms - contact.started_ms < cfg.startup_protect_ms):
+        return Pending.STARTUP
     return None
 
 

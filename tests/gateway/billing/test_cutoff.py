@@ -206,3 +206,14 @@ def test_action_maps_to_relay_controller_argument() -> None:
     assert Action(ActionKind.CLOSE, "a", "m", "").relay_open is False
     assert Action(ActionKind.CLOSE_ALLOWED, "a", "m", "").relay_open is False
     assert Action(ActionKind.ALARM_ON, "a", "m", "").relay_open is None
+
+
+def test_startup_protection() -> None:
+    c = cfg(startup_protect_ms=600_000)
+    d = evaluate(CutoffState(), -10 * Y, T, Contact(T, started_ms=T - 60_000), c, "acc")
+    assert ActionKind.TRIP not in kinds(d) and d.state.pending is Pending.STARTUP
+    d = evaluate(d.state, -10 * Y, T + 600_000, Contact(T, started_ms=T - 60_000), c, "acc")
+    assert ActionKind.TRIP in kinds(d)
+    # without a known start time the protection holds (fail safe for the customer)
+    d = evaluate(CutoffState(), -10 * Y, T, Contact(T), c, "acc")
+    assert ActionKind.TRIP not in kinds(d)
