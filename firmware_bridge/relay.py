@@ -30,6 +30,7 @@ import importlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from firmware_bridge.driver import MeterError, MeterFrameError
@@ -189,6 +190,44 @@ def interval_remaining_s(last_op_s: float | None, now_s: float, min_interval_s: 
         return 0.0
     # clamp: a clock that stepped back must not block the relay for longer than the interval
     return min(min_interval_s, max(0.0, last_op_s + min_interval_s - now_s))
+
+
+def voltage_veto(
+    voltage_v: Decimal | None,
+    *,
+    nominal_v: Decimal = Decimal(230),
+    min_fraction: Decimal = Decimal("0.75"),
+    allow_unknown: bool = False,
+) -> str | None:
+    """Why a relay must not be operated at this supply voltage, or None if it may."""
+    if voltage_v is None:
+        return None if allow_unknown else "supply voltage unknown"
+    threshold = nominal_v * min_fraction
+    if not voltage_v.is_finite() or voltage_v < threshold:
+        return f"supply voltage {voltage_v} V below {min_fraction} Un ({threshold} V)"
+    return None
+
+
+def voltage_guard(
+    last_voltage: Callable[[str], Decimal | None],
+    *,
+    nominal_v: Decimal = Decimal(230),
+    min_fraction: Decimal = Decimal("0.75"),
+    allow_unknown: bool = False,
+) -> Callable[[str, bool], Awaitable[str | None]]:
+    """A ``supply_check`` for :class:`RelayController` from the last voltage seen per meter.
+
+    Only for meters that measure the supply side of their relay: a meter wired
+    after the relay reads 0 V once tripped, and this guard would then refuse
+    to ever close it.
+    """
+
+    async def check(meter_id: str, open: bool) -> str | None:
+        return voltage_veto(
+            last_voltage(meter_id), nominal_v=nominal_v, min_fraction=min_fraction, allow_unknown=allow_unknown
+        )
+
+    return check
 
 
 # ---------------------------------------------------------------------------

@@ -295,3 +295,42 @@ def test_controller_properties(
     redrive_waits = [s for s in slept if s != pol.settle_s]
     assert len(redrive_waits) == max(0, len(r.attempts) - 1)
     assert all(w >= pol.min_interval_s for w in redrive_waits)
+
+
+def test_voltage_veto() -> None:
+    from decimal import Decimal
+
+    from firmware_bridge.relay import voltage_veto
+
+    assert voltage_veto(Decimal("230.4")) is None
+    assert voltage_veto(Decimal("172.5")) is None  # exactly 0.75 × 230
+    assert voltage_veto(Decimal("172.4")) == "supply voltage 172.4 V below 0.75 Un (172.50 V)"
+    assert voltage_veto(Decimal("NaN")) is not None
+    assert voltage_veto(None) == "supply voltage unknown"
+    assert voltage_veto(None, allow_unknown=True) is None
+    assert voltage_veto(Decimal("100"), nominal_v=Decimal(110)) is None
+
+
+async def test_voltage_guard_with_the_simulator(sim: ModbusSimulator, transport: ModbusTransport) -> None:
+    from decimal import Decimal
+
+    from firmware_bridge.modbus.driver import ModbusDriver
+    from firmware_bridge.modbus.profiles import BUILTIN_PROFILES
+    from firmware_bridge.reading import Quantity
+    from firmware_bridge.relay import voltage_guard
+
+    last: dict[str, Decimal | None] = {}
+    meter = ModbusDriver("m1", 1, BUILTIN_PROFILES["sdm120"], transport)
+    c = RelayController(
+        {"m1": ModbusCoilActuator(transport, "m1", 1, 0)}, policy=FAST, supply_check=voltage_guard(last.get)
+    )
+    with pytest.raises(RelayRefused, match="unknown"):
+        await c.set_open("m1", True)
+    sim.meter(1).values[Quantity.VOLTAGE] = Decimal("150.0")  # brown-out
+    last["m1"] = (await meter.read(0)).good(Quantity.VOLTAGE)
+    with pytest.raises(RelayRefused, match=r"below 0\.75 Un"):
+        await c.set_open("m1", True)
+    assert not sim.meter(1).relay_open
+    sim.meter(1).values[Quantity.VOLTAGE] = Decimal("229.0")
+    last["m1"] = (await meter.read(0)).good(Quantity.VOLTAGE)
+    assert (await c.set_open("m1", True)).ok
