@@ -25,7 +25,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiomqtt
@@ -40,6 +40,7 @@ from store_forward.topics import Topics
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[str, int, Sequence[Record]], bytes]
+CommandSink = Callable[[bytes], Awaitable[None]]
 
 
 class LinkState(enum.StrEnum):
@@ -58,6 +59,8 @@ class UplinkStats:
     rejected: int = 0
     bytes_sent: int = 0
     last_error: str | None = None
+    last_ack_ms: int | None = None  # last application-level contact with central
+    commands: int = 0
     state: LinkState = LinkState.DOWN
     ack_latency_s: list[float] = field(default_factory=list)
 
@@ -97,6 +100,7 @@ class Uplink:
         encode: Encoder = wire_json.encode,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         rng: random.Random | None = None,
+        on_command: CommandSink | None = None,
     ) -> None:
         self.outbox = outbox
         self.gateway_id = gateway_id
@@ -105,6 +109,7 @@ class Uplink:
         self.encode = encode
         self.clock_ms = clock_ms
         self.rng = rng or random.Random()
+        self.on_command = on_command
         self.topics = Topics(broker.topic_prefix, gateway_id)
         self.stats = UplinkStats()
         self._wake = asyncio.Event()
@@ -146,6 +151,8 @@ class Uplink:
                     self.stats.connects += 1
                     attempt = 0
                     await client.subscribe(self.topics.ack, qos=1)
+                    if self.on_command is not None:
+                        await client.subscribe(self.topics.cmd, qos=1)
                     await client.publish(self.topics.state, b"online", qos=1, retain=True)
                     await self._set_state(LinkState.UP)
                     self._inflight.clear()
@@ -164,6 +171,15 @@ class Uplink:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for msg in client.messages:
+            if msg.topic.value == self.topics.cmd:
+                # Signed commands: the handler verifies, applies and answers through the
+                # outbox. Central re-sends a command until it sees its result event, so a
+                # command lost between PUBACK and the handler's commit is not lost for good.
+                if self.on_command is not None and isinstance(msg.payload, bytes):
+                    self.stats.commands += 1
+                    self.stats.last_ack_ms = self.clock_ms()
+                    await self.on_command(msg.payload)
+                continue
             try:
                 ack = orjson.loads(msg.payload) if isinstance(msg.payload, bytes) else None
                 seq = int(ack["seq"])
@@ -171,6 +187,7 @@ class Uplink:
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 log.warning("ignoring malformed ack on %s", msg.topic)
                 continue
+            self.stats.last_ack_ms = self.clock_ms()
             if status in ("stored", "duplicate"):
                 await self.outbox.ack(seq)
                 entry = self._inflight.pop(seq, None)

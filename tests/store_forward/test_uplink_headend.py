@@ -109,3 +109,33 @@ async def test_broker_killed_repeatedly_while_producing(tmp_path: Path, mosquitt
     assert up.stats.connects >= 2
     await ob.close()
     await hdb.close()
+
+
+async def test_commands_reach_the_handler_on_the_uplink_connection(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    import aiomqtt
+
+    ob = await Outbox.open(tmp_path / "gw.db")
+    got: list[bytes] = []
+
+    async def handler(raw: bytes) -> None:
+        got.append(raw)
+
+    up = Uplink(
+        ob, gateway_id="gw1", broker=BrokerSection(port=mosquitto.port), settings=settings(),
+        on_command=handler,
+    )
+    async with running(up.run()):
+        async def is_up() -> bool:
+            return up.stats.state is LinkState.UP
+        await wait_for(is_up, 10, "uplink up")
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as central:
+            await central.publish("edgegw/v1/gw1/cmd", b"signed-envelope-1", qos=1)
+            await central.publish("edgegw/v1/gw2/cmd", b"for another gateway", qos=1)
+            async def received() -> bool:
+                return bool(got)
+            await wait_for(received, 10, "command delivered")
+    assert got == [b"signed-envelope-1"]
+    assert up.stats.commands == 1 and up.stats.last_ack_ms is not None
+    await ob.close()
