@@ -15,6 +15,8 @@ the context exits.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime as dt
 import importlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -23,6 +25,7 @@ from firmware_bridge.driver import MeterDriver
 from firmware_bridge.modbus.driver import ModbusDriver
 from firmware_bridge.modbus.profiles import Profile, ProfileError, parse_profile, parse_profiles
 from firmware_bridge.modbus.transport import ModbusTransport
+from firmware_bridge.reading import Quantity
 from firmware_bridge.relay import Dlt645RelayActuator, actuator_from_config
 from firmware_bridge.scheduler import BackoffPolicy, BusScheduler, silent_interval_s
 from gateway.config import BusSection, MeterSection
@@ -48,6 +51,7 @@ def config_problems(
     """
     problems: list[str] = []
     known: dict[str, Profile] = dict(parse_profiles(None))
+    broken: set[str] = set()
     if profiles is not None and not isinstance(profiles, Mapping):
         return ["profiles: must be a table of [profiles.NAME] tables"]
     for name, raw in (profiles or {}).items():
@@ -55,7 +59,7 @@ def config_problems(
             known[name] = parse_profile(name, raw)
         except ProfileError as exc:
             problems.append(str(exc))
-            known.setdefault(name, parse_profiles(None)["sdm120"])  # do not also report it as unknown
+            broken.add(name)  # reported once, not again as unknown
     for bus in buses:
         on_bus = [m for m in meters if m.bus == bus.name]
         try:
@@ -64,8 +68,15 @@ def config_problems(
             problems.append(str(exc))
     for i, m in enumerate(meters):
         key = f"meter[{i}]"
-        if m.protocol == "modbus" and m.profile is not None and m.profile not in known:
+        if m.protocol == "modbus" and m.profile in broken:
+            pass
+        elif m.protocol == "modbus" and m.profile is not None and m.profile not in known:
             problems.append(f"{key}.profile: unknown profile {m.profile!r} (known: {', '.join(sorted(known))})")
+        elif m.protocol == "modbus" and m.profile is not None and m.quantities:
+            have = {f.quantity.value for f in known[m.profile].fields}
+            missing = [q for q in m.quantities if q not in have]
+            if missing:
+                problems.append(f"{key}.quantities: profile {m.profile!r} has no {', '.join(missing)}")
         if m.relay is None:
             continue
         r = m.relay
@@ -129,6 +140,28 @@ def _modbus_transport(bus: BusSection) -> ModbusTransport:
     )
 
 
+def profile_for_meter(m: MeterSection, profiles: Mapping[str, Profile]) -> Profile:
+    """The meter's profile, narrowed to its ``quantities`` when the meter lists some."""
+    if m.profile is None:
+        raise BusConfigError(f"meter {m.id}.profile", "required for a modbus meter")
+    profile = profiles.get(m.profile)
+    if profile is None:
+        raise BusConfigError(
+            f"meter {m.id}.profile", f"unknown profile {m.profile!r} (known: {', '.join(sorted(profiles))})"
+        )
+    if not m.quantities:
+        return profile
+    available = {f.quantity.value for f in profile.fields}
+    missing = [q for q in m.quantities if q not in available]
+    if missing:
+        raise BusConfigError(
+            f"meter {m.id}.quantities",
+            f"profile {profile.name!r} has no {', '.join(missing)} (it has: {', '.join(sorted(available))})",
+        )
+    wanted = set(m.quantities)
+    return dataclasses.replace(profile, fields=tuple(f for f in profile.fields if f.quantity.value in wanted))
+
+
 def modbus_drivers(
     meters: Sequence[MeterSection], profiles: Mapping[str, Profile], transport: ModbusTransport
 ) -> list[ModbusDriver]:
@@ -136,12 +169,7 @@ def modbus_drivers(
     for m in meters:
         if m.unit_id is None:
             raise BusConfigError(f"meter {m.id}.unit_id", "required for a modbus meter")
-        if m.profile is None:
-            raise BusConfigError(f"meter {m.id}.profile", "required for a modbus meter")
-        profile = profiles.get(m.profile)
-        if profile is None:
-            raise BusConfigError(f"meter {m.id}.profile", f"unknown profile {m.profile!r} (known: {', '.join(sorted(profiles))})")
-        drivers.append(ModbusDriver(m.id, m.unit_id, profile, transport))
+        drivers.append(ModbusDriver(m.id, m.unit_id, profile_for_meter(m, profiles), transport))
     return drivers
 
 
@@ -152,8 +180,14 @@ async def open_bus(
     profiles: Mapping[str, Any] | None = None,
     *,
     policy: BackoffPolicy | None = None,
+    meter_tz: dt.tzinfo | None = None,
 ) -> AsyncIterator[BusScheduler]:
     """Open ``bus`` and yield its :class:`BusScheduler`; close the transport on exit.
+
+    ``meter_tz`` is the time zone DL/T 645 meter clocks run in (they keep local
+    time; relay-command deadlines are converted to it), e.g.
+    ``ZoneInfo(config.gateway.timezone)``. Meter ``password``/``operator`` (hex)
+    and ``quantities`` from the configuration are passed to the drivers.
 
     Raises :class:`BusConfigError` / :class:`ProfileError` (both ``ValueError``) for
     configuration problems before anything is opened.
@@ -171,7 +205,7 @@ async def open_bus(
             drivers = list(modbus_drivers(on_bus, resolved, transport))
             extra["modbus_transport"] = transport
         elif protocol == "dlt645":
-            drivers, dtransport = await _dlt645(bus, on_bus, stack)
+            drivers, dtransport = await _dlt645(bus, on_bus, stack, meter_tz)
             extra["dlt645_transport"] = dtransport
         else:
             raise BusConfigError(f"bus {bus.name}", f"unknown protocol {protocol!r}")
@@ -213,7 +247,10 @@ def _relay_actuator(m: MeterSection, scheduler: BusScheduler, transports: Mappin
 
 
 async def _dlt645(
-    bus: BusSection, meters: Sequence[MeterSection], stack: contextlib.AsyncExitStack
+    bus: BusSection,
+    meters: Sequence[MeterSection],
+    stack: contextlib.AsyncExitStack,
+    meter_tz: dt.tzinfo | None,
 ) -> tuple[list[MeterDriver], Any]:
     """DL/T 645 through ``firmware_bridge.dlt645`` (``open_transport`` + ``Dlt645Driver``)."""
     try:
@@ -235,5 +272,17 @@ async def _dlt645(
     for m in meters:
         if m.address is None:
             raise BusConfigError(f"meter {m.id}.address", "required for a dlt645 meter")
-        drivers.append(dlt.Dlt645Driver(m.id, m.address, transport))
+        kwargs: dict[str, Any] = {}
+        if m.password:
+            kwargs["password"] = bytes.fromhex(m.password)
+        if m.operator:
+            kwargs["operator"] = bytes.fromhex(m.operator)
+        if m.quantities:
+            kwargs["quantities"] = [Quantity(q) for q in m.quantities]
+        if meter_tz is not None:
+            kwargs["clock_tz"] = meter_tz
+        try:
+            drivers.append(dlt.Dlt645Driver(m.id, m.address, transport, **kwargs))
+        except ValueError as exc:
+            raise BusConfigError(f"meter {m.id}", str(exc)) from None
     return drivers, transport

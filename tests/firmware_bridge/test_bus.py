@@ -66,7 +66,8 @@ async def test_open_bus_dlt645_with_relay() -> None:
         port = await sim.start_tcp()
         bus = BusSection(name="dlt", type="tcp", host="127.0.0.1", port=port, timeout_s=0.3, retries=0)
         meters = [
-            MeterSection(id=f"d{i}", bus="dlt", protocol="dlt645", address=m.address,
+            MeterSection(id=f"d{i}", bus="dlt", protocol="dlt645", address=m.address, password=m.password.hex(),
+                         quantities=("energy_import_kwh", "voltage_v"),
                          relay=RelaySection(kind="dlt645", min_interval_s=0))
             for i, m in enumerate(sims)
         ]
@@ -75,15 +76,11 @@ async def test_open_bus_dlt645_with_relay() -> None:
             assert [r.meter_id for r in res.readings] == ["d0", "d2"]
             assert res.health["d1"].last_error is not None and res.health["d1"].last_error.kind == "timeout"
             assert res.readings[0].get(Quantity.ENERGY_IMPORT) is not None
-            # the control password is not part of the configuration yet: set it on the driver
-            drv = sched.drivers["d0"]
-            drv.password = sims[0].password  # type: ignore[attr-defined]
+            assert set(res.readings[0].values) == {Quantity.ENERGY_IMPORT, Quantity.VOLTAGE}
             relays = controller_for(sched, policy=RelayPolicy(min_interval_s=0, settle_s=0.01, max_drives=2, redrive_delays_s=(0.01,)))
             r = await relays.set_open("d0", True)
             assert r.ok and sims[0].relay_open
             sims[2].faults.relay_stuck = True
-            drv2 = sched.drivers["d2"]
-            drv2.password = sims[2].password  # type: ignore[attr-defined]
             stuck = await relays.set_open("d2", True)
             assert stuck.alarm and not sims[2].relay_open and len(stuck.attempts) == 2
 
@@ -108,10 +105,25 @@ def test_config_problems_lists_everything() -> None:
     assert problems == [
         "profiles.broken.fields.power_kw.unit: must be one of 'kW', 'W' for power_kw, got 'kWh'",
         "bus b2: meters speak different protocols (dlt645, modbus); use one bus per protocol",
-        "meter[0].profile: unknown profile 'nope' (known: broken, ddsu666, dtsu666, ok, sdm120, sdm630)",
+        "meter[0].profile: unknown profile 'nope' (known: ddsu666, dtsu666, ok, sdm120, sdm630)",
         "meter[2].relay: open_value and closed_value must differ",
         "meter[3].relay.kind: 'coil' relay needs a Modbus bus (this meter speaks dlt645)",
         "meter[3].relay.unit_id: required (the meter has no unit_id)",
         "meter[4].relay.open_value: a coil is 0 or 1, got 2",
     ]
     assert config_problems(buses[:1], meters[4:4], None) == []
+
+
+async def test_meter_quantities_narrow_the_profile() -> None:
+    async with ModbusSimulator([1]) as sim:
+        bus = tcp_bus(sim.port)
+        m = MeterSection(id="a", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1,
+                         quantities=("energy_import_kwh", "energy_export_kwh"))
+        async with open_bus(bus, [m]) as sched:
+            res = await sched.run_cycle(0)
+        assert set(res.readings[0].values) == {Quantity.ENERGY_IMPORT, Quantity.ENERGY_EXPORT}
+        bad = MeterSection(id="a", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1,
+                           quantities=("energy_import_t1_kwh",))
+        with pytest.raises(BusConfigError, match="has no energy_import_t1_kwh"):
+            async with open_bus(bus, [bad]):
+                pass
