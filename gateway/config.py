@@ -86,6 +86,7 @@ class BusSection:
     port: int = 502
     timeout_s: float = 1.0
     retries: int = 1
+    framing: str = "socket"  # tcp buses: "socket" (Modbus TCP) or "rtu" (transparent serial server)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,13 @@ class MeterSection:
 
 
 @dataclass(frozen=True)
+class AccountSection:
+    id: str
+    settings: Path  # account file: opening balance, limits, windows, protection (docs/billing.md)
+    tariffs: tuple[Path, ...]  # the versions of the account's tariff (docs/tariffs.md)
+
+
+@dataclass(frozen=True)
 class Config:
     source: Path
     gateway: GatewaySection
@@ -123,6 +131,7 @@ class Config:
     buses: tuple[BusSection, ...]
     meters: tuple[MeterSection, ...]
     profiles: Mapping[str, Any] = field(default_factory=dict)
+    accounts: tuple[AccountSection, ...] = ()
 
     def bus(self, name: str) -> BusSection:
         for b in self.buses:
@@ -250,6 +259,7 @@ BUS_SCHEMA = {
     "port": Field((int,), check=_port),
     "timeout_s": Field(_NUM, check=_positive, convert=float),
     "retries": Field((int,), check=_non_negative),
+    "framing": Field((str,), check=_one_of("socket", "rtu")),
 }
 RELAY_SCHEMA = {
     "kind": Field((str,), required=True, check=_one_of("dlt645", "coil", "register")),
@@ -272,6 +282,11 @@ METER_SCHEMA = {
     "operator": Field((str,), check=lambda v: _hex_bytes(v, 4)),
     "quantities": Field((list,), check=lambda v: _quantities(v), convert=tuple),
 }
+ACCOUNT_SCHEMA = {
+    "id": Field((str,), required=True, check=_ident),
+    "settings": Field((str,), required=True, convert=_path),
+    "tariffs": Field((list,), required=True, check=lambda v: None if v and all(isinstance(x, str) for x in v) else "must be a non-empty array of file names"),
+}
 TOP_LEVEL = {
     "gateway": dict,
     "storage": dict,
@@ -280,6 +295,7 @@ TOP_LEVEL = {
     "bus": list,
     "meter": list,
     "profiles": dict,
+    "account": list,
 }
 
 
@@ -403,7 +419,6 @@ def parse_config(raw: Mapping[str, Any], source: Path) -> Config:
     meters: list[MeterSection] = []
     raw_meters = raw.get("meter", [])
     seen_meter: set[str] = set()
-    meter_index: dict[str, int] = {}
     bus_by_name = {b.name: b for b in buses}
     for i, rm in enumerate(raw_meters if isinstance(raw_meters, list) else []):
         key = f"meter[{i}]"
@@ -429,7 +444,6 @@ def parse_config(raw: Mapping[str, Any], source: Path) -> Config:
             if "kind" in r:
                 relay = RelaySection(**r)
         m["relay"] = relay
-        meter_index[m["id"]] = i
         meters.append(MeterSection(**m))
 
     # Serial defaults follow the protocol: DL/T 645 meters ship at 2400 8E1, Modbus at 9600 8N1.
@@ -443,26 +457,29 @@ def parse_config(raw: Mapping[str, Any], source: Path) -> Config:
         if unset:
             buses[i] = dataclasses.replace(serial, **unset)
 
-    profiles = raw.get("profiles", {})
-    known_profiles: set[str] = set()
-    if isinstance(profiles, dict):
-        from firmware_bridge.modbus.profiles import ProfileError, parse_profiles
+    base = source.parent
+    accounts: list[AccountSection] = []
+    raw_accounts = raw.get("account", [])
+    for i, ra in enumerate(raw_accounts if isinstance(raw_accounts, list) else []):
+        key = f"account[{i}]"
+        a = c.section(key, ra, ACCOUNT_SCHEMA)
+        if not {"id", "settings", "tariffs"} <= a.keys():
+            continue
+        if any(x.id == a["id"] for x in accounts):
+            c.add(f"{key}.id", f"duplicate account id {a['id']!r}")
+        accounts.append(
+            AccountSection(a["id"], base / a["settings"], tuple(base / t for t in a["tariffs"]))
+        )
+    _check_billing(c, accounts, raw_meters, gw.get("timezone"))
 
-        try:
-            known_profiles = set(parse_profiles(profiles))
-        except ProfileError as exc:
-            c.add(exc.path, exc.problem)
-            known_profiles = set(profiles) | set(parse_profiles(None))
-    for meter in meters:
-        i, name = meter_index[meter.id], meter.profile
-        if meter.protocol == "modbus" and name and known_profiles and name not in known_profiles:
-            c.add(
-                f"meter[{i}].profile",
-                f"unknown profile {name!r} (known: {', '.join(sorted(known_profiles))})",
-            )
+    profiles = raw.get("profiles", {})
+    if not c.problems:  # southbound checks need a structurally valid file
+        from firmware_bridge.bus import config_problems
+
+        for line in config_problems(buses, meters, profiles):
+            c.problems.append(f"{source}: {line}")
     if c.problems:
         raise ConfigError(c.problems)
-    base = source.parent
     for section, keys in ((st, ("path", "key_file")), (br, ("ca_file", "cert_file", "key_file"))):
         for k in keys:
             if k in section:
@@ -476,4 +493,39 @@ def parse_config(raw: Mapping[str, Any], source: Path) -> Config:
         buses=tuple(buses),
         meters=tuple(meters),
         profiles=profiles if isinstance(profiles, dict) else {},
+        accounts=tuple(accounts),
     )
+
+
+def _check_billing(
+    c: _Collector, accounts: list[AccountSection], raw_meters: Any, timezone: str | None
+) -> None:
+    """Load every account and tariff file now, so `config check` reports their problems too."""
+    from gateway.billing.account import AccountError, load_account
+    from gateway.billing.tariff import TariffError, load_book
+
+    problems = c.problems
+    for a in accounts:
+        try:
+            settings = load_account(a.settings, timezone)
+        except AccountError as exc:
+            problems += exc.problems
+        else:
+            if settings.account != a.id:
+                problems.append(
+                    f"{a.settings}: account: names {settings.account!r} but the gateway"
+                    f" configuration lists it as {a.id!r}"
+                )
+        try:
+            load_book(a.tariffs, timezone)
+        except TariffError as exc:
+            problems += exc.problems
+    if accounts:
+        known = {a.id for a in accounts}
+        for i, rm in enumerate(raw_meters if isinstance(raw_meters, list) else []):
+            acct = rm.get("account") if isinstance(rm, dict) else None
+            if isinstance(acct, str) and acct not in known:
+                c.add(
+                    f"meter[{i}].account",
+                    f"unknown account {acct!r} (known: {', '.join(sorted(known))})",
+                )

@@ -145,3 +145,20 @@ def test_dlt645_meter_password_operator_and_quantities(tmp_path: Path) -> None:
     got = problems(tmp_path, text.replace('"02123456"', '"0212"').replace('"relay_open"', '"relay"'))
     assert any("meter[0].password: must be 8 hex digits (4 bytes)" in p for p in got), got
     assert any("meter[0].quantities: unknown quantities ['relay']" in p for p in got), got
+
+
+def test_prepaid_accounts_are_loaded_and_checked(tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy(ROOT / "examples" / "accounts" / "household.toml", tmp_path / "household.toml")
+    shutil.copy(ROOT / "examples" / "tariffs" / "flat.toml", tmp_path / "flat.toml")
+    text = GOOD.replace('account = "a-1"', 'account = "acc-0001"') + (
+        '\n[[account]]\nid = "acc-0001"\nsettings = "household.toml"\ntariffs = ["flat.toml"]\n'
+    )
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.accounts[0].settings == tmp_path / "household.toml"
+    got = problems(tmp_path, text.replace('account = "acc-0001"', 'account = "acc-9"'))
+    assert any("meter[0].account: unknown account 'acc-9' (known: acc-0001)" in p for p in got), got
+    (tmp_path / "flat.toml").write_text((tmp_path / "flat.toml").read_text().replace("price = ", "prize = ", 1))
+    got = problems(tmp_path, text)
+    assert any(str(tmp_path / "flat.toml") in p for p in got), got

@@ -1,0 +1,295 @@
+"""Prepaid enforcement in the daemon: the thin shell around :mod:`gateway.billing`.
+
+Everything here runs inside a transaction owned by the outbox's single writer,
+so a reading, the debit it causes, the outbox record that reports the debit,
+the cutoff state change and its event commit together or not at all:
+
+* :meth:`Prepaid.on_readings_in` — per poll cycle: rate each new register
+  reading of a meter that bills to an account, append the debit, upload it as a
+  ``charge`` record, and re-evaluate the cutoff policy of the accounts touched;
+* :meth:`Prepaid.tick_in` — on a timer: fixed charges, and cutoff decisions
+  that depend on time alone (a no-disconnect window ending, contact lost);
+* the *billing port* used by signed commands (top-ups, tariffs, snapshots).
+
+Relay operations are never executed inside a transaction. Decisions return
+:class:`RelayIntent`s; the daemon hands them to the meter's bus after the
+commit. A relay command lost between the commit and the bus (crash, bus
+error) is re-driven by :func:`gateway.billing.cutoff.reassert` when the next
+reading shows the relay in the wrong state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+from firmware_bridge.reading import Quantity, Reading
+from gateway.billing import ledger_store as ls
+from gateway.billing.account import AccountSettings, load_account
+from gateway.billing.cutoff import Action, Contact, CutoffEvent, evaluate, reassert
+from gateway.billing.ledger import Entry, adjustment_entry
+from gateway.billing.messages import MessageError, parse_snapshot, parse_topup
+from gateway.billing.money import report_yuan
+from gateway.billing.rating import RegisterReading
+from gateway.billing.tariff import TariffBook, TariffError, load_book, parse_tariff
+from gateway.billing.topup import Source, TopUpStatus
+from gateway.config import Config
+from store_forward.outbox import Outbox
+from store_forward.records import RecordClass, RecordKind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RelayIntent:
+    """A relay operation decided by the policy, to run after the commit."""
+
+    account: str
+    meter: str
+    open: bool
+    action: str  # trip / close / close_allowed
+    reason: str
+
+
+@dataclass
+class PrepaidAccount:
+    settings: AccountSettings
+    book: TariffBook
+
+
+def _cutoff_event(e: CutoffEvent) -> dict[str, Any]:
+    return {
+        "type": f"cutoff.{e.type}",
+        "account": e.account,
+        "time_ms": e.time_ms,
+        "from": e.from_level.value,
+        "to": e.to_level.value,
+        "balance_micro": e.balance_micro,
+        "balance": str(report_yuan(e.balance_micro)),
+        "reason": e.reason,
+    }
+
+
+class Prepaid:
+    def __init__(
+        self,
+        accounts: Mapping[str, PrepaidAccount],
+        meter_account: Mapping[str, str],
+        *,
+        max_gap_ms: int | None = None,
+    ) -> None:
+        self.accounts = dict(accounts)
+        self.meter_account = dict(meter_account)
+        self.max_gap_ms = max_gap_ms
+        # Set when something changed a balance outside a poll cycle (a top-up):
+        # the daemon's billing timer evaluates at once instead of at its next tick.
+        self.dirty = asyncio.Event()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Prepaid | None:
+        """None when the configuration defines no prepaid accounts."""
+        if not cfg.accounts:
+            return None
+        tz = cfg.gateway.timezone
+        accounts = {
+            a.id: PrepaidAccount(load_account(a.settings, tz), load_book(a.tariffs, tz))
+            for a in cfg.accounts
+        }
+        meters = {m.id: m.account for m in cfg.meters if m.account in accounts}
+        return cls(accounts, {k: v for k, v in meters.items() if v is not None})
+
+    # -- start-up ---------------------------------------------------------
+
+    async def start_in(self, db: aiosqlite.Connection, now_ms: int) -> None:
+        """Create tables, open accounts (with their opening balance), verify every ledger."""
+        await ls.init_schema(db)
+        for name, acct in self.accounts.items():
+            s = acct.settings
+            created = await ls.open_account(db, name, s.opening_tier)
+            if created and s.opening_balance_micro:
+                await ls.append(
+                    db,
+                    adjustment_entry(
+                        f"opening:{name}", name, s.opening_balance_micro, now_ms,
+                        "opening balance from the account file", "provisioning",
+                    ),
+                )
+            await ls.verify(db, name)  # raises LedgerCorrupt: never run on a bad ledger
+
+    # -- per cycle and per tick ---------------------------------------------
+
+    async def on_readings_in(
+        self,
+        db: aiosqlite.Connection,
+        outbox: Outbox,
+        readings: Sequence[tuple[int, Reading]],
+        now_ms: int,
+        contact: Contact,
+    ) -> list[RelayIntent]:
+        touched: dict[str, None] = {}
+        intents: list[RelayIntent] = []
+        for record_id, reading in readings:
+            account = self.meter_account.get(reading.meter_id)
+            if account is None:
+                continue
+            acct = self.accounts[account]
+            rr = RegisterReading.from_reading(reading, str(record_id))
+            if rr is not None:
+                rated = await ls.rate_reading(db, account, rr, acct.book, max_gap_ms=self.max_gap_ms)
+                if rated.appended is not None and rated.appended.applied:
+                    await self._upload_entry(db, outbox, rated.appended.entry, now_ms)
+                for a in rated.result.anomalies if rated.result else ():
+                    await outbox.add_in(
+                        db, RecordClass.EVENT, RecordKind.EVENT, now_ms,
+                        {"type": f"rating.{a.kind.value}", "account": account, "meter": a.meter_id,
+                         "from_reading": a.start_reading_id, "to_reading": a.end_reading_id,
+                         "detail": a.detail},
+                    )
+            touched[account] = None
+            relay_open = reading.good(Quantity.RELAY_OPEN)
+            if relay_open is not None:
+                intents += await self._reassert_in(db, outbox, account, reading.meter_id, bool(relay_open), now_ms, contact)
+        for account in touched:
+            intents += await self._evaluate_in(db, outbox, account, now_ms, contact)
+        return intents
+
+    async def tick_in(
+        self, db: aiosqlite.Connection, outbox: Outbox, now_ms: int, contact: Contact
+    ) -> list[RelayIntent]:
+        intents: list[RelayIntent] = []
+        for account, acct in self.accounts.items():
+            for res in await ls.charge_fixed(db, account, acct.book, now_ms):
+                if res.applied:
+                    await self._upload_entry(db, outbox, res.entry, now_ms)
+            intents += await self._evaluate_in(db, outbox, account, now_ms, contact)
+        return intents
+
+    async def _upload_entry(self, db: aiosqlite.Connection, outbox: Outbox, entry: Entry, now_ms: int) -> None:
+        """Every local ledger entry goes to central, so central can re-rate and reconcile."""
+        await outbox.add_in(db, RecordClass.BILLING, RecordKind.CHARGE, now_ms, entry.to_json())
+
+    async def _evaluate_in(
+        self, db: aiosqlite.Connection, outbox: Outbox, account: str, now_ms: int, contact: Contact
+    ) -> list[RelayIntent]:
+        acct = self.accounts[account]
+        state = await ls.load_cutoff_state(db, account)
+        view = await ls.load_view(db, account)
+        decision = evaluate(state, view.balance_micro, now_ms, contact, acct.settings.cutoff, account)
+        if decision.state != state:
+            await ls.save_cutoff_state(db, account, decision.state)
+        for e in decision.events:
+            await outbox.add_in(db, RecordClass.EVENT, RecordKind.EVENT, now_ms, _cutoff_event(e))
+        return await self._intents_in(db, outbox, decision.actions, now_ms)
+
+    async def _reassert_in(
+        self,
+        db: aiosqlite.Connection,
+        outbox: Outbox,
+        account: str,
+        meter: str,
+        reported_open: bool,
+        now_ms: int,
+        contact: Contact,
+    ) -> list[RelayIntent]:
+        acct = self.accounts[account]
+        state = await ls.load_cutoff_state(db, account)
+        new, actions = reassert(state, meter, reported_open, now_ms, contact, acct.settings.cutoff, account)
+        if new != state:
+            await ls.save_cutoff_state(db, account, new)
+        return await self._intents_in(db, outbox, actions, now_ms)
+
+    async def _intents_in(
+        self, db: aiosqlite.Connection, outbox: Outbox, actions: Sequence[Action], now_ms: int
+    ) -> list[RelayIntent]:
+        intents = []
+        for a in actions:
+            await outbox.add_in(
+                db, RecordClass.EVENT, RecordKind.EVENT, now_ms,
+                {"type": f"cutoff.action.{a.kind.value}", "account": a.account, "meter": a.meter,
+                 "reason": a.reason},
+            )
+            if a.relay_open is not None and a.meter:
+                intents.append(RelayIntent(a.account, a.meter, a.relay_open, a.kind.value, a.reason))
+        return intents
+
+    # -- billing port (signed commands and the technician CLI) -----------------
+
+    async def apply_topup_in(
+        self, db: aiosqlite.Connection, body: Mapping[str, Any], *, command_id: str, channel: str, now_ms: int,
+        outbox: Outbox | None = None,
+    ) -> dict[str, Any]:
+        """One path for every channel: MQTT from central, USB bundle, technician CLI.
+
+        ``body`` is the signed top-up body: ``account``, ``amount_micro``,
+        ``purchase_counter``, ``payment_channel``; the top-up id is the command id.
+        """
+        try:
+            topup = parse_topup(
+                {
+                    "id": command_id,
+                    "account": body.get("account"),
+                    "counter": body.get("purchase_counter"),
+                    "amount_micro": body.get("amount_micro"),
+                    "issued_ms": body.get("issued_ms", now_ms),
+                    "channel": body.get("payment_channel"),
+                },
+                Source(channel),
+            )
+        except (MessageError, ValueError) as exc:
+            return {"status": "rejected", "reason": "malformed", "message": str(exc)}
+        acct = self.accounts.get(topup.account)
+        if acct is None:
+            return {"status": "rejected", "reason": "unknown_account",
+                    "message": f"no prepaid account {topup.account!r} on this gateway"}
+        decision = await ls.apply_topup(db, topup, acct.settings.topup_policy, now_ms)
+        if decision.status is TopUpStatus.APPLIED and decision.entry is not None and outbox is not None:
+            await self._upload_entry(db, outbox, decision.entry, now_ms)
+        if decision.status is TopUpStatus.APPLIED:
+            self.dirty.set()
+        return {
+            "status": decision.status.value,
+            "reason": None if decision.reason is None else decision.reason.value,
+            "message": decision.message,
+            "account": topup.account,
+            "balance_after_micro": decision.balance_after_micro,
+            "overdraft_repaid_micro": decision.overdraft_repaid_micro,
+        }
+
+    async def apply_snapshot_in(
+        self, db: aiosqlite.Connection, body: Mapping[str, Any], *, now_ms: int
+    ) -> dict[str, Any]:
+        try:
+            snap = parse_snapshot(dict(body))
+        except (MessageError, ValueError) as exc:
+            return {"status": "rejected", "reason": "malformed", "message": str(exc)}
+        if snap.account not in self.accounts:
+            return {"status": "rejected", "reason": "unknown_account",
+                    "message": f"no prepaid account {snap.account!r} on this gateway"}
+        decision = await ls.apply_snapshot(db, snap)
+        self.dirty.set()
+        return {"status": decision.status.value, "message": getattr(decision, "message", "")}
+
+    async def install_tariff_in(
+        self, db: aiosqlite.Connection, doc: Mapping[str, Any], *, now_ms: int
+    ) -> dict[str, Any]:
+        """Add a tariff version published by central (applies exactly from its effective_from)."""
+        try:
+            tariff = parse_tariff(doc, "central tariff")
+        except TariffError as exc:
+            return {"status": "rejected", "reason": "invalid_tariff", "message": str(exc)}
+        hit = [a for a in self.accounts.values() if a.book.tariff_id == tariff.tariff_id]
+        if not hit:
+            return {"status": "rejected", "reason": "unknown_tariff",
+                    "message": f"no account on this gateway uses tariff {tariff.tariff_id!r}"}
+        try:
+            books = [a.book.with_version(tariff) for a in hit]
+        except TariffError as exc:
+            return {"status": "rejected", "reason": "invalid_tariff", "message": str(exc)}
+        for a, book in zip(hit, books, strict=True):
+            a.book = book
+        return {"status": "applied", "tariff": tariff.tariff_id, "version": tariff.version}
