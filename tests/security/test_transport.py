@@ -28,12 +28,17 @@ import aiomqtt
 import orjson
 import pytest
 
+from gateway.commands import command_subscriber
 from gateway.config import BrokerSection, UplinkSection
+from gateway.security.envelope import Outcome
+from gateway.security.roles import CommandType
 from store_forward import wire_json
 from store_forward.outbox import Outbox
 from store_forward.topics import Topics
 from store_forward.uplink import LinkState, Uplink, tls_context
 from tests.harness.mosquitto import Mosquitto, free_port, mosquitto_binary, wait_port
+from tests.security.conftest import GATEWAY, Central
+from tests.security.test_commands import FakeTime, make_handler
 from tests.security.tls import HEADEND_CN, Pair, Pki, make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,7 +147,7 @@ class TlsBroker:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+    return make_pki(tmp_path_factory.mktemp("pki"), clients=("gw-a", "gw-b", GATEWAY, HEADEND_CN))
 
 
 @pytest.fixture
@@ -426,3 +431,60 @@ def test_rendered_example_keeps_tls_mtls_and_acl_settings(tmp_path: Path, pki: P
     acl = (EXAMPLE / "edgegw.acl").read_text()
     assert "pattern write edgegw/v1/%u/up" in acl
     assert "topic readwrite edgegw/v1/#" not in acl
+
+
+async def test_signed_command_over_mtls_is_applied_once_and_its_result_flows_back(
+    tmp_path: Path, broker: TlsBroker, central: Central
+) -> None:
+    """central -> broker (ACL) -> gateway: applied; result event -> uplink -> headend.
+
+    Another gateway re-publishing a genuine signed command onto this gateway's
+    command topic is stopped by the broker before the signature check is even needed.
+    """
+    me = Topics(PREFIX, GATEWAY)
+    outbox = await Outbox.open(tmp_path / "gw.db")
+    handler = await make_handler(outbox, central.trust(), None, FakeTime(1_767_225_601_000))
+    uplink = Uplink(
+        outbox, gateway_id=GATEWAY, broker=broker.section(GATEWAY), settings=uplink_settings()
+    )
+    outcomes: list[Outcome] = []
+
+    def on_result(r: Any) -> None:
+        outcomes.append(r.outcome)
+        uplink.notify()
+
+    results: list[dict[str, Any]] = []
+    async with (
+        client(broker.section(HEADEND_CN), "headend") as head,
+        client(broker.section(GATEWAY), f"{GATEWAY}-cmd") as gw,
+        client(broker.section("gw-b"), "gw-b") as other,
+    ):
+        await head.subscribe(f"{PREFIX}/+/up", qos=1)
+
+        async def headend() -> None:
+            async for msg in head.messages:
+                payload = msg.payload if isinstance(msg.payload, bytes) else b""
+                batch = wire_json.decode(payload)
+                results.extend(
+                    r.body for r in batch.records if r.body.get("type") == "command_result"
+                )
+                ack = {"seq": batch.seq, "status": "stored"}
+                await head.publish(Topics(PREFIX, batch.gateway_id).ack, orjson.dumps(ack), qos=1)
+
+        async with tasks(
+            headend(), uplink.run(), command_subscriber(gw, me, handler, on_result=on_result)
+        ):
+            await asyncio.sleep(0.2)  # subscriptions in place
+            first = central.cmd(CommandType.TOPUP, command_id="t-mqtt-1")
+            await other.publish(me.cmd, first, qos=1)  # gw-b relays a genuine command: dropped
+            await head.publish(me.cmd, first, qos=1)
+            await head.publish(me.cmd, first, qos=1)  # re-delivery: refused as a replay
+            await until(lambda: len(outcomes) == 2 and len(results) == 2)
+            await asyncio.sleep(0.3)  # gw-b's copy, had it passed the broker, would be here
+    await outbox.close()
+    assert outcomes == [Outcome.APPLIED, Outcome.REJECTED]
+    assert [(r["outcome"], r.get("reason")) for r in results] == [
+        ("applied", None),
+        ("rejected", "replay"),
+    ]
+    assert results[0]["id"] == "t-mqtt-1"
