@@ -2,14 +2,22 @@
 
 ::
 
-    bus pollers (one task per bus) ──► cycle queue ──► writer (one SQLite writer)
-                                                          │ notify
-                                                          ▼
-                                                       uplink ──► MQTT broker
+    bus pollers (one task per bus) ──► work queue ──► writer (one SQLite writer)
+        ▲  relay requests                 ▲  ticks       │ rating, ledger, cutoff
+        └──────────────── intents ────────┴──────────────┤ notify
+                                                         ▼
+                                                      uplink ──► MQTT broker
 
-* A bus poller owns its bus. If the bus cannot be opened or fails, the poller
-  logs it, waits a back-off and opens it again; other buses are not affected.
-* The writer commits each poll cycle as one transaction.
+* A bus poller owns its bus: it polls, and between cycles it executes the
+  relay operations decided for meters on that bus (verified by read-back).
+  If the bus cannot be opened or fails, the poller logs it, waits a back-off
+  and opens it again; other buses are not affected.
+* The writer commits each poll cycle as one transaction: the readings, the
+  debits they cause, the charge records that report them, cutoff state and
+  events. Relay operations are handed to the bus only after the commit.
+* A billing timer queues a tick every second (and at once after a top-up), so
+  decisions that depend on time alone (a no-disconnect window ending) happen
+  without waiting for a reading.
 * The uplink reconnects on its own; nothing upstream waits for it.
 * Stopping (SIGTERM): pollers stop first, the writer then commits every cycle
   already polled, then the uplink stops (unacknowledged batches stay in the
@@ -23,18 +31,26 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from firmware_bridge.bus import open_bus
 from firmware_bridge.reading import Reading
+from firmware_bridge.relay import RelayRateLimited, RelayRefused, RelayResult, controller_for
 from firmware_bridge.scheduler import MeterHealth
+from gateway import sdnotify
+from gateway.billing.cutoff import Contact
 from gateway.config import BusSection, Config
+from gateway.prepaid import Prepaid, RelayIntent
 from store_forward.outbox import MeterStatus, Outbox
+from store_forward.records import RecordClass, RecordKind
 from store_forward.uplink import Uplink, backoff_delay
 
 log = logging.getLogger(__name__)
+
+BILLING_TICK_S = 1.0
 
 
 def wall_ms() -> int:
@@ -51,10 +67,19 @@ class Cycle:
 
 
 @dataclass
+class Tick:
+    """Time passed: fixed charges and time-dependent cutoff decisions."""
+
+    time_ms: int
+
+
+@dataclass
 class DaemonStats:
     cycles: int = 0
     readings: int = 0
     commit_failures: int = 0
+    relay_operations: int = 0
+    relay_alarms: int = 0
     bus_failures: dict[str, int] = field(default_factory=dict)
 
 
@@ -72,6 +97,28 @@ def status_from_health(meter_id: str, health: MeterHealth) -> MeterStatus:
     )
 
 
+def relay_event(intent: RelayIntent, result: RelayResult | None, error: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": "relay.alarm" if (result is not None and result.alarm) else "relay.operation",
+        "account": intent.account,
+        "meter": intent.meter,
+        "action": intent.action,
+        "want_open": intent.open,
+        "reason": intent.reason,
+    }
+    if result is not None:
+        body |= {
+            "ok": result.ok,
+            "final_open": result.final_open,
+            "drives": len(result.attempts),
+            "detail": result.reason,
+            "pending_customer": result.pending_customer,
+        }
+    else:
+        body |= {"ok": False, "detail": error}
+    return body
+
+
 class Daemon:
     def __init__(
         self,
@@ -79,51 +126,82 @@ class Daemon:
         *,
         clock_ms: Callable[[], int] = wall_ms,
         on_cycle: Callable[[Cycle], None] | None = None,
+        notifier: sdnotify.Notifier | None = None,
     ) -> None:
         self.config = config
         self.clock_ms = clock_ms
         self.on_cycle = on_cycle
+        self.notifier = notifier or sdnotify.Notifier()
+        self.watchdog = sdnotify.WatchdogGate(
+            self.notifier,
+            poll_deadline_s=max(180.0, 3 * config.gateway.poll_interval_s),
+        )
         self.stats = DaemonStats()
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
+        self.prepaid: Prepaid | None = None
         self.ready = asyncio.Event()
+        self.started_ms = 0
         self._pollers: list[asyncio.Task[None]] = []
-        self._cycles: asyncio.Queue[Cycle] | None = None
+        self._work: asyncio.Queue[Cycle | Tick] | None = None
+        self._relay_queues: dict[str, asyncio.Queue[RelayIntent]] = {
+            b.name: asyncio.Queue() for b in config.buses
+        }
+        self._bus_of = {m.id: m.bus for m in config.meters}
+        self.command_handler: Callable[[bytes], Awaitable[None]] | None = None
+
+    # -- life cycle ------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         outbox = await Outbox.open(cfg.storage.path)
         self.outbox = outbox
+        self.started_ms = self.clock_ms()
+        self.prepaid = Prepaid.from_config(cfg)
         uplink = Uplink(
             outbox,
             gateway_id=cfg.gateway.id,
             broker=cfg.broker,
             settings=cfg.uplink,
             clock_ms=self.clock_ms,
+            on_command=self._on_command,
         )
         self.uplink = uplink
-        cycles: asyncio.Queue[Cycle] = asyncio.Queue(maxsize=256)
-        self._cycles = cycles
+        work: asyncio.Queue[Cycle | Tick] = asyncio.Queue(maxsize=256)
+        self._work = work
         try:
-            await outbox.add_event(
-                self.clock_ms(), {"type": "gateway_started", "gateway": cfg.gateway.id}
-            )
+            async with outbox.transaction() as db:
+                await outbox.add_in(
+                    db, RecordClass.EVENT, RecordKind.EVENT, self.started_ms,
+                    {"type": "gateway_started", "gateway": cfg.gateway.id},
+                )
+                if self.prepaid is not None:
+                    await self.prepaid.start_in(db, self.started_ms)
+            self.watchdog.note_db_write_ok()
             async with asyncio.TaskGroup() as tg:
                 self._pollers = [
-                    tg.create_task(self._bus_loop(bus, cycles), name=f"bus:{bus.name}")
+                    tg.create_task(self._bus_loop(bus, work), name=f"bus:{bus.name}")
                     for bus in cfg.buses
                 ]
-                writer = tg.create_task(self._writer(outbox, cycles, uplink), name="writer")
+                writer = tg.create_task(self._writer(outbox, work, uplink), name="writer")
                 up = tg.create_task(uplink.run(), name="uplink")
+                timers = [tg.create_task(self.watchdog.run(), name="watchdog")]
+                if self.prepaid is not None:
+                    timers.append(tg.create_task(self._billing_timer(work), name="billing"))
                 self.ready.set()
+                self.notifier.ready(f"gateway {cfg.gateway.id}: {len(cfg.meters)} meters")
                 log.info(
-                    "gateway %s running: %d buses, %d meters",
+                    "gateway %s running: %d buses, %d meters, %d prepaid accounts",
                     cfg.gateway.id,
                     len(cfg.buses),
                     len(cfg.meters),
+                    len(cfg.accounts),
                 )
                 await stop.wait()
+                self.notifier.stopping()
                 log.info("stopping: finishing polls and committing what was read")
+                for t in timers:
+                    t.cancel()
                 await self.stop_polling()
                 writer.cancel()
                 up.cancel()
@@ -139,33 +217,61 @@ class Daemon:
         for t in self._pollers:
             t.cancel()
         await asyncio.gather(*self._pollers, return_exceptions=True)
-        if self._cycles is not None:
-            await self._cycles.join()
+        if self._work is not None:
+            await self._work.join()
 
-    async def _bus_loop(self, bus: BusSection, out: asyncio.Queue[Cycle]) -> None:
+    def contact(self) -> Contact:
+        last = self.uplink.stats.last_ack_ms if self.uplink is not None else None
+        return Contact(last_contact_ms=last, started_ms=self.started_ms)
+
+    async def _on_command(self, raw: bytes) -> None:
+        if self.command_handler is not None:
+            await self.command_handler(raw)
+        else:
+            log.warning("command received but no command handler is configured (%d bytes)", len(raw))
+
+    def request_relay(self, intent: RelayIntent) -> None:
+        """Queue a relay operation for the bus of ``intent.meter`` (after a commit)."""
+        bus = self._bus_of.get(intent.meter)
+        if bus is None:
+            log.error("relay intent for unknown meter %s: %s", intent.meter, intent)
+            return
+        self._relay_queues[bus].put_nowait(intent)
+
+    # -- buses -------------------------------------------------------------------
+
+    async def _bus_loop(self, bus: BusSection, out: asyncio.Queue[Cycle | Tick]) -> None:
         cfg = self.config
         meters = cfg.meters_on(bus.name)
         interval = cfg.gateway.poll_interval_s
+        relays = self._relay_queues[bus.name]
         rng = random.Random()
         attempt = 0
         while True:
             try:
-                async with open_bus(bus, meters, cfg.profiles) as scheduler:
+                async with open_bus(
+                    bus, meters, cfg.profiles, meter_tz=ZoneInfo(cfg.gateway.timezone)
+                ) as scheduler:
+                    controller = controller_for(scheduler)
                     attempt = 0
                     next_at = time.monotonic()
                     while True:
                         now = self.clock_ms()
                         result = await scheduler.run_cycle(now)
-                        statuses = [
-                            status_from_health(mid, h) for mid, h in result.health.items()
-                        ]
+                        statuses = [status_from_health(mid, h) for mid, h in result.health.items()]
                         await out.put(Cycle(bus.name, now, list(result.readings), statuses))
+                        self.watchdog.note_poll_progress()
                         next_at += interval
-                        delay = next_at - time.monotonic()
-                        if delay < 0:  # overran: start the next cycle now, do not bunch up
+                        if next_at < time.monotonic():  # overran: start now, do not bunch up
                             next_at = time.monotonic()
-                            delay = 0
-                        await asyncio.sleep(delay)
+                        # Between cycles: relay operations first, as soon as they are decided.
+                        while (delay := next_at - time.monotonic()) > 0 or not relays.empty():
+                            try:
+                                intent = await asyncio.wait_for(relays.get(), max(delay, 0))
+                            except TimeoutError:
+                                break
+                            events = [await self._operate(controller, intent)]
+                            await out.put(Cycle(bus.name, self.clock_ms(), [], [], events))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -174,32 +280,73 @@ class Daemon:
                 await asyncio.sleep(backoff_delay(attempt, 1.0, 60.0, rng))
                 attempt += 1
 
-    async def _writer(self, outbox: Outbox, cycles: asyncio.Queue[Cycle], uplink: Uplink) -> None:
+    async def _operate(self, controller: Any, intent: RelayIntent) -> dict[str, Any]:
+        self.stats.relay_operations += 1
+        try:
+            result = await controller.set_open(intent.meter, intent.open)
+        except (RelayRateLimited, RelayRefused, KeyError) as exc:
+            log.warning("relay %s for %s not operated: %s", intent.action, intent.meter, exc)
+            return relay_event(intent, None, str(exc))
+        except Exception as exc:  # a bus error: reassert re-drives on a later reading
+            log.error("relay %s for %s failed: %s", intent.action, intent.meter, exc)
+            return relay_event(intent, None, f"{type(exc).__name__}: {exc}")
+        if result.alarm:
+            self.stats.relay_alarms += 1
+            log.error("relay alarm on %s: %s", intent.meter, result.reason)
+        return relay_event(intent, result, None)
+
+    # -- writer ------------------------------------------------------------------
+
+    async def _billing_timer(self, out: asyncio.Queue[Cycle | Tick]) -> None:
+        assert self.prepaid is not None
         while True:
-            cycle = await cycles.get()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.prepaid.dirty.wait(), BILLING_TICK_S)
+            self.prepaid.dirty.clear()
+            await out.put(Tick(self.clock_ms()))
+
+    async def _commit(self, outbox: Outbox, item: Cycle | Tick) -> list[RelayIntent]:
+        contact = self.contact()
+        async with outbox.transaction() as db:
+            if isinstance(item, Tick):
+                assert self.prepaid is not None
+                return await self.prepaid.tick_in(db, outbox, item.time_ms, contact)
+            ids = await outbox.commit_cycle_in(db, item.time_ms, item.readings, item.statuses, item.events)
+            if self.prepaid is None or not item.readings:
+                return []
+            return await self.prepaid.on_readings_in(
+                db, outbox, list(zip(ids, item.readings, strict=True)), item.time_ms, contact
+            )
+
+    async def _writer(self, outbox: Outbox, work: asyncio.Queue[Cycle | Tick], uplink: Uplink) -> None:
+        while True:
+            item = await work.get()
             try:
                 for attempt in range(5):
                     try:
-                        await outbox.commit_cycle(
-                            cycle.time_ms, cycle.readings, cycle.statuses, cycle.events
-                        )
+                        intents = await self._commit(outbox, item)
                         break
                     except Exception as exc:
                         self.stats.commit_failures += 1
-                        log.error("commit of %s cycle failed (attempt %d): %s", cycle.bus, attempt + 1, exc)
+                        log.error("commit failed (attempt %d): %s", attempt + 1, exc)
                         await asyncio.sleep(0.2 * (attempt + 1))
                 else:
-                    log.critical(
-                        "dropping %d readings of bus %s after repeated commit failures",
-                        len(cycle.readings),
-                        cycle.bus,
-                    )
+                    if isinstance(item, Cycle):
+                        log.critical(
+                            "dropping %d readings of bus %s after repeated commit failures",
+                            len(item.readings),
+                            item.bus,
+                        )
                     continue
-                self.stats.cycles += 1
-                self.stats.readings += len(cycle.readings)
+                self.watchdog.note_db_write_ok()
+                for intent in intents:
+                    self.request_relay(intent)
+                if isinstance(item, Cycle):
+                    self.stats.cycles += 1
+                    self.stats.readings += len(item.readings)
+                    if self.on_cycle is not None:
+                        with contextlib.suppress(Exception):
+                            self.on_cycle(item)
                 uplink.notify()
-                if self.on_cycle is not None:
-                    with contextlib.suppress(Exception):
-                        self.on_cycle(cycle)
             finally:
-                cycles.task_done()
+                work.task_done()

@@ -72,7 +72,11 @@ async def test_gateway_sigkilled_mid_run(tmp_path: Path, mosquitto: Mosquitto) -
             await until(lambda: gateway_counters(db)["backlog"] == 0, 60, "drain after restart")
         finally:
             proc.send_signal(signal.SIGTERM)
-            rc = await asyncio.to_thread(proc.wait, 20)
+            try:
+                rc = await asyncio.to_thread(proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise AssertionError("no clean stop within 30 s:\n" + log.read_text()[-3000:]) from None
         assert rc == 0, log.read_text()[-3000:]
     finally:
         headend.cancel()
