@@ -733,7 +733,7 @@ async def _child(db_path: Path, stream: list[bytes], trust: TrustStore) -> None:
 
 
 def _run_child(db: Path, stream: Path, trust: Path, kill_after: int | None) -> bool:
-    """Run the child; SIGKILL it after ``kill_after`` result lines. True if it finished."""
+    """Run the child; SIGKILL it after ``kill_after`` applied commands. True if it finished."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.security.test_commands", str(db), str(stream), str(trust)],
@@ -757,7 +757,7 @@ def _run_child(db: Path, stream: Path, trust: Path, kill_after: int | None) -> b
             if line.startswith("done"):
                 finished = True
                 break
-            if line[0].isdigit():
+            if line.rstrip().endswith(" applied"):  # count new applications, not replays
                 seen += 1
                 if kill_after is not None and seen >= kill_after:
                     # land the kill at an arbitrary point of the next command
