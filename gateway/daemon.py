@@ -143,6 +143,7 @@ class Daemon:
         self.ready = asyncio.Event()
         self.started_ms = 0
         self._pollers: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
         self._work: asyncio.Queue[Cycle | Tick] | None = None
         self._relay_queues: dict[str, asyncio.Queue[RelayIntent]] = {
             b.name: asyncio.Queue() for b in config.buses
@@ -209,14 +210,19 @@ class Daemon:
             await outbox.close()
             log.info("stopped")
 
-    async def stop_polling(self) -> None:
+    async def stop_polling(self, grace_s: float = 10.0) -> None:
         """Stop every bus poller and wait until all cycles already read are committed.
 
-        The uplink keeps running, so the backlog can still drain.
+        Pollers stop at their next safe point (after the cycle or relay operation in
+        hand, so a relay that moved always has its event); after ``grace_s`` they are
+        cancelled. The uplink keeps running, so the backlog can still drain.
         """
-        for t in self._pollers:
-            t.cancel()
-        await asyncio.gather(*self._pollers, return_exceptions=True)
+        self._stopping.set()
+        if self._pollers:
+            _, late = await asyncio.wait(self._pollers, timeout=grace_s)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*self._pollers, return_exceptions=True)
         if self._work is not None:
             await self._work.join()
 
@@ -255,7 +261,7 @@ class Daemon:
                     controller = controller_for(scheduler)
                     attempt = 0
                     next_at = time.monotonic()
-                    while True:
+                    while not self._stopping.is_set():
                         now = self.clock_ms()
                         result = await scheduler.run_cycle(now)
                         statuses = [status_from_health(mid, h) for mid, h in result.health.items()]
@@ -265,13 +271,10 @@ class Daemon:
                         if next_at < time.monotonic():  # overran: start now, do not bunch up
                             next_at = time.monotonic()
                         # Between cycles: relay operations first, as soon as they are decided.
-                        while (delay := next_at - time.monotonic()) > 0 or not relays.empty():
-                            try:
-                                intent = await asyncio.wait_for(relays.get(), max(delay, 0))
-                            except TimeoutError:
-                                break
+                        while (intent := await self._next_intent(relays, next_at)) is not None:
                             events = [await self._operate(controller, intent)]
                             await out.put(Cycle(bus.name, self.clock_ms(), [], [], events))
+                    return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -279,6 +282,28 @@ class Daemon:
                 log.error("bus %s failed: %s", bus.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
                 await asyncio.sleep(backoff_delay(attempt, 1.0, 60.0, rng))
                 attempt += 1
+
+    async def _next_intent(
+        self, relays: asyncio.Queue[RelayIntent], until_monotonic: float
+    ) -> RelayIntent | None:
+        """The next relay operation to run before ``until_monotonic``; None when the
+        time is up or the daemon is stopping."""
+        if not relays.empty():
+            return relays.get_nowait()
+        delay = until_monotonic - time.monotonic()
+        if delay <= 0 or self._stopping.is_set():
+            return None
+        getter = asyncio.ensure_future(relays.get())
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({getter, stopper}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        return None
 
     async def _operate(self, controller: Any, intent: RelayIntent) -> dict[str, Any]:
         self.stats.relay_operations += 1

@@ -1,0 +1,161 @@
+"""Prepaid enforcement in the running daemon, with the link down the whole time.
+
+A real Modbus TCP simulator with a supply relay (coil 0) meters a heavy load;
+the daemon rates every reading, runs the account into overdraft, trips the
+relay through the bus (verified by read-back), then a top-up restores supply.
+The ledger balance equals opening balance + top-up − every uploaded charge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from firmware_bridge.modbus.simulator import ModbusSimulator
+from gateway.config import load_config
+from gateway.daemon import Daemon
+from tests.harness.mosquitto import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+ACCOUNT = """
+account = "acct-001"
+timezone = "Asia/Shanghai"
+opening_balance = "0.30"
+meters = ["m001"]
+protected = false
+
+[limits]
+alarm1 = "0.20"
+alarm2 = "0.10"
+overdraft = "0.00"
+close_permit = "0.05"
+close_mode = "direct"
+reconnect_delay_s = 0
+relay_min_interval_s = 0
+"""
+
+
+def config(tmp: Path, modbus_port: int) -> Path:
+    shutil.copy(ROOT / "examples" / "tariffs" / "flat.toml", tmp / "flat.toml")
+    (tmp / "acct-001.toml").write_text(ACCOUNT)
+    path = tmp / "site.toml"
+    path.write_text(
+        f"""
+[gateway]
+id = "gw-prepaid"
+site = "test"
+timezone = "Asia/Shanghai"
+poll_interval_s = 0.2
+
+[storage]
+path = "gw.db"
+
+[broker]
+port = {free_port()}   # nobody listens: the link is down for the whole test
+
+[uplink]
+reconnect_min_s = 0.2
+reconnect_max_s = 0.5
+
+[[bus]]
+name = "lan"
+type = "tcp"
+host = "127.0.0.1"
+port = {modbus_port}
+timeout_s = 0.5
+retries = 0
+
+[[meter]]
+id = "m001"
+bus = "lan"
+protocol = "modbus"
+unit_id = 1
+profile = "sdm120"
+account = "acct-001"
+[meter.relay]
+kind = "coil"
+address = 0
+min_interval_s = 0
+
+[[account]]
+id = "acct-001"
+settings = "acct-001.toml"
+tariffs = ["flat.toml"]
+"""
+    )
+    return path
+
+
+async def until(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s: {what}")
+
+
+def outbox_bodies(db: Path, kind: str) -> list[dict[str, object]]:
+    import orjson
+
+    with sqlite3.connect(db) as conn:
+        return [orjson.loads(b) for (b,) in conn.execute("SELECT body FROM outbox WHERE kind = ? ORDER BY id", (kind,))]
+
+
+async def test_trip_when_credit_runs_out_and_restore_after_top_up(tmp_path: Path) -> None:
+    async with ModbusSimulator(units=[1], load_kw="150") as sim:  # ~0.023 yuan/s at 0.56/kWh
+        cfg = load_config(config(tmp_path, sim.port))
+        daemon = Daemon(cfg)
+        stop = asyncio.Event()
+        run = asyncio.create_task(daemon.run(stop))
+        try:
+            await asyncio.wait_for(daemon.ready.wait(), 10)
+            await until(lambda: sim.meter(1).relay_open, 30, "trip when the credit is gone")
+            assert daemon.outbox is not None and daemon.prepaid is not None
+            async with daemon.outbox.transaction() as db:
+                res = await daemon.prepaid.apply_topup_in(
+                    db,
+                    {"account": "acct-001", "amount_micro": 5_000_000, "purchase_counter": 1,
+                     "payment_channel": "counter"},
+                    command_id="sale-0001", channel="cli", now_ms=daemon.clock_ms(),
+                    outbox=daemon.outbox,
+                )
+            assert res["status"] == "applied", res
+            await until(lambda: not sim.meter(1).relay_open, 10, "restore after the top-up")
+            # the same top-up again is a harmless duplicate
+            async with daemon.outbox.transaction() as db:
+                again = await daemon.prepaid.apply_topup_in(
+                    db,
+                    {"account": "acct-001", "amount_micro": 5_000_000, "purchase_counter": 1,
+                     "payment_channel": "counter"},
+                    command_id="sale-0001", channel="cli", now_ms=daemon.clock_ms(),
+                    outbox=daemon.outbox,
+                )
+            assert again["status"] != "applied", again
+        finally:
+            stop.set()
+            await asyncio.wait_for(run, 30)
+
+    events = outbox_bodies(tmp_path / "gw.db", "event")
+    types = [e["type"] for e in events]
+    assert "cutoff.action.trip" in types and "cutoff.action.close" in types, types
+    relay_ops = [e for e in events if e["type"] == "relay.operation"]
+    assert [e["want_open"] for e in relay_ops][:2] == [True, False]
+    assert all(e["ok"] for e in relay_ops[:2]), relay_ops
+    levels = [e["to"] for e in events if e["type"] == "cutoff.state_change"]
+    assert levels[:2] == ["alarm1", "alarm2"], levels
+
+    # money to the fen: opening + credit - every debit uploaded = the ledger's balance
+    charges = outbox_bodies(tmp_path / "gw.db", "charge")
+    total = sum(int(c["amount_micro"]) for c in charges)  # type: ignore[call-overload]
+    assert any(c["kind"] == "credit" for c in charges)
+    with sqlite3.connect(tmp_path / "gw.db") as conn:
+        (balance,) = conn.execute(
+            "SELECT balance_micro FROM billing_account WHERE account = 'acct-001'"
+        ).fetchone()
+    assert balance == 300_000 + total
