@@ -48,7 +48,6 @@ from gateway.security.roles import CommandType, Role, TrustStore
 from gateway.security.trusted_time import TrustedClock, load_floor, restore
 from provisioning.keys import Keystore
 from store_forward.outbox import Outbox
-from store_forward.records import loads
 from store_forward.topics import Topics
 from tests.harness.mosquitto import Mosquitto
 from tests.security.conftest import GATEWAY, HOUR, T0, Central, raw_public, topup_body
@@ -195,6 +194,23 @@ class FakeTime:
         self.mono += ms
 
 
+class EventLog:
+    """What central receives: drains the outbox the way the uplink does (batch, then ack)."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.bodies: list[dict[str, Any]] = []
+
+    async def drain(self) -> list[dict[str, Any]]:
+        for _ in range(10_000):
+            batch = await self.outbox.next_batch(T0)
+            if batch is None:
+                break
+            self.bodies.extend(r.body for r in batch.records)
+            await self.outbox.ack(batch.seq)
+        return self.bodies
+
+
 @dataclass
 class Rig:
     outbox: Outbox
@@ -204,13 +220,14 @@ class Rig:
     keys: Keystore
     time: FakeTime
     path: Path
+    log: EventLog
 
     async def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         async with self.outbox.transaction() as db, db.execute(sql, args) as cur:
             return [tuple(r) for r in await cur.fetchall()]
 
     async def events(self) -> list[dict[str, Any]]:
-        return [loads(b) for (b,) in await self.rows("SELECT body FROM outbox ORDER BY id")]
+        return await self.log.drain()
 
     async def audit_actions(self) -> list[str]:
         return [a for (a,) in await self.rows("SELECT action FROM audit_log ORDER BY seq")]
@@ -287,7 +304,7 @@ async def rig(tmp_path: Path, central: Central) -> AsyncIterator[Rig]:
         relay=relay,
         known_meter=lambda m: m.startswith("m-"),
     )
-    yield Rig(outbox, h, billing, relay, keys, ft, path)
+    yield Rig(outbox, h, billing, relay, keys, ft, path, EventLog(outbox))
     await outbox.close()
 
 
@@ -774,7 +791,13 @@ def _run_child(db: Path, stream: Path, trust: Path, kill_after: int | None) -> b
     return finished
 
 
-async def _check_consistent(db_path: Path) -> set[str]:
+async def _check_consistent(db_path: Path, received: list[dict[str, Any]]) -> set[str]:
+    """Invariants after a kill; ``received`` accumulates the events central got so far."""
+    outbox = await Outbox.open(db_path)
+    try:
+        received.extend(await EventLog(outbox).drain())
+    finally:
+        await outbox.close()
     async with aiosqlite.connect(db_path) as db:
 
         async def q(sql: str) -> list[tuple[Any, ...]]:
@@ -784,11 +807,7 @@ async def _check_consistent(db_path: Path) -> set[str]:
         seen = {r[0]: r[1] for r in await q("SELECT command_id, type FROM sec_seen_command")}
         credits = [r[0] for r in await q("SELECT command_id FROM t_credit")]
         intents = [r[0] for r in await q("SELECT command_id FROM cmd_relay_intent")]
-        applied_events = [
-            loads(r[0])["id"]
-            for r in await q("SELECT body FROM outbox")
-            if loads(r[0]).get("outcome") == "applied"
-        ]
+        applied_events = [e["id"] for e in received if e.get("outcome") == "applied"]
         balance = await q("SELECT coalesce(sum(micro), 0) FROM t_balance")
         amounts = await q("SELECT coalesce(sum(amount), 0) FROM t_credit")
     assert len(credits) == len(set(credits)), "a top-up was applied twice"
@@ -814,12 +833,13 @@ async def test_sigkill_mid_stream_never_separates_seen_from_applied(
     rng = random.Random(7)
     rounds = 12 if long_run else 4
     applied: set[str] = set()
+    received: list[dict[str, Any]] = []
     for _ in range(rounds):
         # central re-sends the whole stream each time (it has seen no results)
         _run_child(db, stream_path, trust_path, kill_after=rng.randint(1, n // rounds + 3))
-        applied = await _check_consistent(db)
+        applied = await _check_consistent(db, received)
     assert _run_child(db, stream_path, trust_path, kill_after=None)
-    applied = await _check_consistent(db)
+    applied = await _check_consistent(db, received)
     assert len(applied) == n  # everything applied, each exactly once
     # the relay intents a crash left pending are handed on the next start
     outbox = await Outbox.open(db)
