@@ -454,6 +454,14 @@ class CommandHandler:
             await self.hand_pending_relays()
         return res
 
+    def invalidate_trust(self) -> None:
+        """Re-read central keys from the database before the next command.
+
+        Call after anything other than this handler changed ``sec_central_key``
+        (e.g. a provisioning bundle); revocations are always read fresh.
+        """
+        self._trust = None
+
     async def _trust_in(self, db: aiosqlite.Connection) -> TrustStore:
         if self._trust is None:
             self._trust = await load_trust(db, self.base_trust)

@@ -28,6 +28,8 @@ import aiosqlite
 import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.commands import (
     Bucket,
@@ -667,6 +669,38 @@ def test_tally_first_per_reason_and_hour_is_audited_and_summaries_follow() -> No
     assert [(b.reason, b.count, b.first_ms, b.last_ms) for b in done] == [
         ("malformed", 10, T0, T0 + 9)
     ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(st.sampled_from(["malformed", "expired", "replay"]), st.integers(0, 3 * HOUR)),
+        max_size=60,
+    )
+)
+def test_tally_accounts_for_every_rejection_with_bounded_rows(
+    events: list[tuple[str, int]],
+) -> None:
+    """Whatever the order: at most one full row per (reason, hour), and no count lost."""
+    tally: dict[tuple[str, int], Bucket] = {}
+    full_rows: list[tuple[str, int]] = []
+    summarised: list[Bucket] = []
+    now = T0
+    for reason, dt_ms in sorted(events, key=lambda e: e[1]):
+        now = T0 + dt_ms  # trusted time never goes back
+        tally, done = due_summaries(tally, now)
+        summarised += done
+        tally, note = tally_rejection(tally, reason, now, "mqtt", event_budget=3)
+        if note.audit:
+            full_rows.append((reason, note.bucket.hour_ms))
+    tally, done = due_summaries(tally, now + 4 * HOUR)
+    summarised += done
+    assert tally == {}
+    assert len(full_rows) == len(set(full_rows))
+    per_bucket = {(b.reason, b.hour_ms): b.count for b in summarised}
+    assert all(k in set(full_rows) for k in per_bucket)
+    total = sum(per_bucket.get(k, 1) for k in set(full_rows))
+    assert total == len(events)
 
 
 async def test_flood_of_garbage_writes_bounded_rows(rig: Rig, central: Central) -> None:
