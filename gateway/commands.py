@@ -189,6 +189,40 @@ class ResendPort(Protocol):
     ) -> dict[str, Any]: ...
 
 
+class NoResend:
+    """A :class:`ResendPort` for an outbox that keeps nothing after the ack: says so."""
+
+    async def resend_in(
+        self,
+        db: aiosqlite.Connection,
+        *,
+        from_id: int,
+        to_id: int,
+        command_id: str,
+        now_ms: int,
+    ) -> dict[str, Any]:
+        return {
+            "queued": 0,
+            "missing": to_id - from_id + 1,
+            "note": "acknowledged records are not kept",
+        }
+
+
+class NoRemoteConfig:
+    """A :class:`ConfigPort` for a gateway that takes configuration changes only on site."""
+
+    async def stage_in(
+        self,
+        db: aiosqlite.Connection,
+        change: ConfigChange,
+        body: Mapping[str, Any],
+        *,
+        command_id: str,
+        now_ms: int,
+    ) -> dict[str, Any]:
+        raise CommandRefused(f"{change} is not accepted remotely by this gateway")
+
+
 class PurposeKeys(Protocol):
     """The part of :class:`provisioning.keys.Keystore` that key rotation needs."""
 

@@ -37,6 +37,8 @@ from gateway.commands import (
     CommandInbox,
     CommandRefused,
     ConfigChange,
+    NoRemoteConfig,
+    NoResend,
     RelayOp,
     command_subscriber,
     due_summaries,
@@ -575,6 +577,34 @@ async def test_billing_config_and_resend_commands_reach_their_ports(
     assert await rig.rows("SELECT * FROM t_resend") == [("s-1", 3, 9)]
     effects = [e.get("effect") for e in results(await rig.events())]
     assert effects[-1] == {"queued": 7, "missing": 0}
+
+
+async def test_fallback_ports_answer_honestly(tmp_path: Path, central: Central) -> None:
+    outbox = await Outbox.open(tmp_path / "gw.db")
+    ft = FakeTime(T0 + 1000)
+    clock = TrustedClock(
+        restore(0, ft.mono), wall=lambda: ft.wall, mono=lambda: ft.mono, synced=lambda: True
+    )
+    h = CommandHandler(
+        outbox,
+        trust=central.trust(),
+        gateway_id=GATEWAY,
+        clock=clock,
+        billing=LedgerBilling(),
+        relay=RecordingRelay(),
+        config=NoRemoteConfig(),
+        resend=NoResend(),
+    )
+    await h.start()
+    res = await h.handle(
+        central.cmd(CommandType.UPLINK_RESEND, {"from_id": 5, "to_id": 6}), channel="mqtt"
+    )
+    assert res.outcome is Outcome.APPLIED
+    (ev,) = [e for e in await EventLog(outbox).drain() if e["type"] == "command_result"]
+    assert ev["effect"]["missing"] == 2 and ev["effect"]["queued"] == 0
+    res = await h.handle(central.cmd(CommandType.CONFIG_PATCH, {"x": 1}), channel="mqtt")
+    assert res.reason is RejectReason.BAD_BODY and "not accepted remotely" in res.message
+    await outbox.close()
 
 
 async def test_resend_range_rules() -> None:
