@@ -30,7 +30,7 @@ import aiosqlite
 import orjson
 
 from store_forward import wire_json
-from store_forward.records import RecordKind, dumps
+from store_forward.records import RecordClass, RecordKind, dumps
 from store_forward.topics import DEFAULT_PREFIX, Topics, gateway_of, up_filter
 from store_forward.uplink import backoff_delay
 
@@ -58,6 +58,18 @@ CREATE TABLE IF NOT EXISTS readings (
     PRIMARY KEY (gateway_id, record_id)
 );
 CREATE INDEX IF NOT EXISTS readings_meter_time ON readings (gateway_id, meter_id, time_ms);
+CREATE TABLE IF NOT EXISTS telemetry (
+    gateway_id  TEXT    NOT NULL,
+    record_id   INTEGER NOT NULL,
+    meter_id    TEXT    NOT NULL,
+    time_ms     INTEGER NOT NULL,
+    time_source TEXT    NOT NULL,
+    quantities  TEXT    NOT NULL,  -- JSON {quantity: "decimal"}: instantaneous values
+    quality     TEXT,
+    batch_seq   INTEGER NOT NULL,
+    PRIMARY KEY (gateway_id, record_id)
+);
+CREATE INDEX IF NOT EXISTS telemetry_meter_time ON telemetry (gateway_id, meter_id, time_ms);
 CREATE TABLE IF NOT EXISTS events (
     gateway_id  TEXT    NOT NULL,
     record_id   INTEGER NOT NULL,
@@ -127,8 +139,9 @@ class HeadendDB:
             for r in batch.records:
                 if r.kind == RecordKind.READING:
                     b = r.body
+                    table = "telemetry" if int(r.cls) == RecordClass.TELEMETRY else "readings"
                     cur = await db.execute(
-                        "INSERT OR IGNORE INTO readings (gateway_id, record_id, meter_id, time_ms,"
+                        f"INSERT OR IGNORE INTO {table} (gateway_id, record_id, meter_id, time_ms,"
                         " time_source, quantities, quality, batch_seq) VALUES (?,?,?,?,?,?,?,?)",
                         (
                             batch.gateway_id,

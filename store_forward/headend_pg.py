@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 
 from store_forward.headend import StoreResult
-from store_forward.records import RecordKind, dumps
+from store_forward.records import RecordClass, RecordKind, dumps
 from store_forward.wire_json import DecodedBatch
 
 SCHEMA = """
@@ -42,6 +42,18 @@ CREATE TABLE IF NOT EXISTS readings (
     PRIMARY KEY (gateway_id, record_id)
 );
 CREATE INDEX IF NOT EXISTS readings_meter_time ON readings (gateway_id, meter_id, time_ms);
+CREATE TABLE IF NOT EXISTS telemetry (
+    gateway_id  TEXT    NOT NULL,
+    record_id   BIGINT  NOT NULL,
+    meter_id    TEXT    NOT NULL,
+    time_ms     BIGINT  NOT NULL,
+    time_source TEXT    NOT NULL,
+    quantities  JSONB   NOT NULL,
+    quality     JSONB,
+    batch_seq   BIGINT  NOT NULL,
+    PRIMARY KEY (gateway_id, record_id)
+);
+CREATE INDEX IF NOT EXISTS telemetry_meter_time ON telemetry (gateway_id, meter_id, time_ms);
 CREATE TABLE IF NOT EXISTS events (
     gateway_id  TEXT    NOT NULL,
     record_id   BIGINT  NOT NULL,
@@ -56,6 +68,14 @@ CREATE TABLE IF NOT EXISTS counters (
     value BIGINT NOT NULL
 );
 """
+
+
+_COLUMNS = (
+    " (gateway_id, record_id, meter_id, time_ms, time_source, quantities, quality, batch_seq)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+)
+_INSERT_READING = "INSERT INTO readings" + _COLUMNS
+_INSERT_TELEMETRY = "INSERT INTO telemetry" + _COLUMNS
 
 
 class PostgresHeadendDB:
@@ -89,10 +109,9 @@ class PostgresHeadendDB:
             for r in batch.records:
                 if r.kind == RecordKind.READING:
                     b = r.body
+                    table = "telemetry" if int(r.cls) == RecordClass.TELEMETRY else "readings"
                     cur = await conn.execute(
-                        "INSERT INTO readings (gateway_id, record_id, meter_id, time_ms,"
-                        " time_source, quantities, quality, batch_seq)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                        _INSERT_TELEMETRY if table == "telemetry" else _INSERT_READING,
                         (
                             batch.gateway_id,
                             r.id,

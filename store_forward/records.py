@@ -9,6 +9,7 @@ exactly the digits the meter reported.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -32,6 +33,29 @@ class RecordKind(enum.StrEnum):
     CHARGE = "charge"
 
 
+# Instantaneous values: useful for network analysis, never needed to bill. They
+# travel in TELEMETRY-class records of their own, so that a full disk can shed
+# them without touching a single register reading.
+TELEMETRY_QUANTITIES: frozenset[Quantity] = frozenset(
+    {
+        Quantity.VOLTAGE,
+        Quantity.VOLTAGE_B,
+        Quantity.VOLTAGE_C,
+        Quantity.CURRENT,
+        Quantity.CURRENT_B,
+        Quantity.CURRENT_C,
+        Quantity.POWER,
+        Quantity.POWER_FACTOR,
+        Quantity.FREQUENCY,
+    }
+)
+
+
+def class_name(cls: RecordClass) -> str:
+    """The class as text (bound into each record's at-rest seal)."""
+    return cls.name.lower()
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     id: int
@@ -43,16 +67,33 @@ class Record:
 
 def reading_body(reading: Reading) -> dict[str, Any]:
     """The canonical JSON form of a reading (see docs/protocol.md)."""
+    return _body(reading, reading.values)
+
+
+def _body(reading: Reading, values: Mapping[Quantity, Measurement]) -> dict[str, Any]:
     body: dict[str, Any] = {
         "m": reading.meter_id,
         "t": reading.time_ms,
         "ts": reading.time_source.value,
-        "v": {q.value: str(m.value) for q, m in sorted(reading.values.items())},
+        "v": {q.value: str(m.value) for q, m in sorted(values.items())},
     }
-    bad = {q.value: m.quality.value for q, m in reading.values.items() if m.quality is not Quality.GOOD}
+    bad = {q.value: m.quality.value for q, m in values.items() if m.quality is not Quality.GOOD}
     if bad:
         body["q"] = dict(sorted(bad.items()))
     return body
+
+
+def split_reading(reading: Reading) -> list[tuple[RecordClass, dict[str, Any]]]:
+    """A reading as outbox records: register values (BILLING), then instantaneous
+    values (TELEMETRY), each only when present. Both carry the meter and time."""
+    billing = {q: m for q, m in reading.values.items() if q not in TELEMETRY_QUANTITIES}
+    telemetry = {q: m for q, m in reading.values.items() if q in TELEMETRY_QUANTITIES}
+    out: list[tuple[RecordClass, dict[str, Any]]] = []
+    if billing or not telemetry:
+        out.append((RecordClass.BILLING, _body(reading, billing)))
+    if telemetry:
+        out.append((RecordClass.TELEMETRY, _body(reading, telemetry)))
+    return out
 
 
 def reading_from_body(body: dict[str, Any]) -> Reading:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from firmware_bridge.reading import Measurement, Quantity, Reading
-from store_forward.outbox import MeterStatus, Outbox, OutboxError
+from store_forward.outbox import MeterStatus, Outbox
 from store_forward.records import RecordClass, reading_from_body
 
 
@@ -82,12 +82,25 @@ async def test_batch_respects_byte_budget(tmp_path: Path) -> None:
     await ob.close()
 
 
-async def test_corrupt_database_is_refused_not_replaced(tmp_path: Path) -> None:
+async def test_corrupt_database_is_quarantined_not_deleted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "gw.db"
-    path.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
-    with pytest.raises(OutboxError, match=r"gw\.db"):
-        await Outbox.open(path)
-    assert path.read_bytes().startswith(b"SQLite format 3")  # untouched
+    garbage = b"SQLite format 3\x00" + b"\xff" * 4000
+    path.write_bytes(garbage)
+    path.with_name("gw.db-wal").write_bytes(b"wal bytes")
+    ob = await Outbox.open(path)
+    try:
+        aside = sorted(tmp_path.glob("gw.db.corrupt-*"))  # noqa: ASYNC240
+        wal = [p for p in aside if p.name.endswith("-wal")]
+        assert len(wal) == 1 and wal[0].read_bytes() == b"wal bytes"  # the WAL kept too
+        corrupt = next(p for p in aside if not p.name.endswith(("-wal", "-shm")))
+        assert corrupt.read_bytes() == garbage  # kept byte for byte
+        assert str(corrupt) in caplog.text  # the log line names the path
+        batch = await ob.next_batch(1)
+        assert batch is not None
+        [event] = batch.records
+        assert event.body["type"] == "storage_quarantined" and event.body["path"] == str(corrupt)
+    finally:
+        await ob.close()
 
 
 async def test_cancelled_transactions_never_leave_one_open(tmp_path: Path) -> None:
