@@ -2,8 +2,12 @@
 
 For every batch it receives it:
 
-1. decodes it (a batch that cannot be decoded is answered ``rejected`` with a
-   reason and never stored);
+1. verifies and decodes it: a sealed batch (encoding 2) must open under the
+   key the headend shares with that gateway (:class:`GatewayRegistry`:
+   enrolled, not revoked) and name the gateway whose topic it came on; a
+   batch that fails is logged, counted and never stored or acked. Unsealed
+   batches (encoding 1) are accepted only by a headend without a registry
+   (development) or with ``allow_plain=True``;
 2. in one transaction, records (gateway, seq) — if that pair is already known
    the batch is a duplicate and nothing else is written — and stores its
    records, each keyed by (gateway, record id);
@@ -29,14 +33,15 @@ import aiomqtt
 import aiosqlite
 import orjson
 
-from store_forward import wire_json
+from store_forward.codec import AnyBatch, DecodeError, decode
 from store_forward.records import RecordClass, RecordKind, dumps
 from store_forward.topics import DEFAULT_PREFIX, Topics, gateway_of, up_filter
 from store_forward.uplink import backoff_delay
+from store_forward.uplink_keys import GatewayRegistry
 
 log = logging.getLogger(__name__)
 
-Decoder = Callable[[bytes], wire_json.DecodedBatch]
+Decoder = Callable[[bytes], AnyBatch]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -96,7 +101,7 @@ class StoreResult:
 class HeadendStore(Protocol):
     """Where the headend commits batches (SQLite here, PostgreSQL in headend_pg)."""
 
-    async def store(self, batch: wire_json.DecodedBatch, now_ms: int) -> StoreResult: ...
+    async def store(self, batch: AnyBatch, now_ms: int) -> StoreResult: ...
 
     async def summary(self, gateway_id: str | None = None) -> dict[str, Any]: ...
 
@@ -122,7 +127,7 @@ class HeadendDB:
     async def close(self) -> None:
         await self._db.close()
 
-    async def store(self, batch: wire_json.DecodedBatch, now_ms: int) -> StoreResult:
+    async def store(self, batch: AnyBatch, now_ms: int) -> StoreResult:
         db = self._db
         await db.execute("BEGIN IMMEDIATE")
         try:
@@ -209,7 +214,9 @@ class Headend:
         prefix: str = DEFAULT_PREFIX,
         share_group: str | None = None,
         identifier: str | None = None,
-        decode: Decoder = wire_json.decode,
+        registry: GatewayRegistry | None = None,
+        allow_plain: bool | None = None,
+        decode: Decoder | None = None,
     ) -> None:
         self.db = db
         self.host = host
@@ -217,9 +224,13 @@ class Headend:
         self.prefix = prefix
         self.share_group = share_group
         self.identifier = identifier or f"edgegw-headend-{random.randrange(1 << 32):08x}"
-        self.decode = decode
+        self.registry = registry
+        # Unsealed batches only where no registry says which gateways exist.
+        self.allow_plain = registry is None if allow_plain is None else allow_plain
+        self.decode: Decoder = decode or self._decode
         self.batches_received = 0
         self.rejected = 0
+        self.rejections: dict[str, int] = {}
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
@@ -242,6 +253,14 @@ class Headend:
             await asyncio.sleep(backoff_delay(attempt, 0.2, 10.0, rng))
             attempt += 1
 
+    def _decode(self, payload: bytes) -> AnyBatch:
+        lookup = self.registry.key_lookup if self.registry is not None else None
+        return decode(payload, lookup, allow_plain=self.allow_plain)
+
+    def _reject(self, kind: str) -> None:
+        self.rejected += 1
+        self.rejections[kind] = self.rejections.get(kind, 0) + 1
+
     async def _handle(self, client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
         self.batches_received += 1
         topic_gw = gateway_of(msg.topic.value, self.prefix)
@@ -250,14 +269,15 @@ class Headend:
             return
         try:
             batch = self.decode(payload)
-        except wire_json.BatchDecodeError as exc:
-            # No trustworthy sequence number to answer to: record and drop.
-            self.rejected += 1
-            log.error("undecodable batch on %s (%d bytes): %s", msg.topic.value, len(payload), exc)
+        except DecodeError as exc:
+            # Nothing authenticated to answer to: record and drop (no ack, so a
+            # gateway with a real problem keeps its data and retries).
+            self._reject(exc.reason.split(":")[0])
+            log.error("refused batch on %s (%d bytes): %s", msg.topic.value, len(payload), exc.reason)
             return
         reply: dict[str, Any]
         if batch.gateway_id != topic_gw:
-            self.rejected += 1
+            self._reject("topic mismatch")
             reason = f"batch names gateway {batch.gateway_id!r} but came on {topic_gw!r}'s topic"
             log.error("rejecting batch %d: %s", batch.seq, reason)
             reply = {"seq": batch.seq, "status": "rejected", "reason": reason}

@@ -18,9 +18,9 @@ from typing import Any
 
 import psycopg
 
+from store_forward.codec import AnyBatch
 from store_forward.headend import StoreResult
 from store_forward.records import RecordClass, RecordKind, dumps
-from store_forward.wire_json import DecodedBatch
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -94,7 +94,7 @@ class PostgresHeadendDB:
     async def close(self) -> None:
         await self._conn.close()
 
-    async def store(self, batch: DecodedBatch, now_ms: int) -> StoreResult:
+    async def store(self, batch: AnyBatch, now_ms: int) -> StoreResult:
         conn = self._conn
         async with conn.transaction():
             cur = await conn.execute(

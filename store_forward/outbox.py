@@ -786,6 +786,7 @@ class Outbox:
         max_records: int = 500,
         max_bytes: int = 64 * 1024,
         pack: Packer | None = None,
+        max_cls: int | None = None,
     ) -> Batch | None:
         """The next batch to send: an unacknowledged one not in ``exclude``, or a new one.
 
@@ -795,7 +796,10 @@ class Outbox:
         New batches take records of one class, FIFO, up to the limits; with
         ``pack`` the sealed payload is made (off the event loop) and stored
         with the batch, and the batch holds exactly the records that fitted.
+        ``max_cls`` restricts the choice to classes up to it (the uplink asks
+        for events only while its window is full).
         """
+        limit = 255 if max_cls is None else int(max_cls)
         excluded = set(exclude)
         async with self._batching:  # one batch maker at a time (uplink, export)
             for _ in range(10):
@@ -804,9 +808,10 @@ class Outbox:
                         "SELECT seq, attempts, cls FROM batches ORDER BY cls, seq"
                     ) as cur:
                         pending = [(int(s), int(a), int(c)) async for s, a, c in cur]
-                    first = next((p for p in pending if p[0] not in excluded), None)
+                    first = next((p for p in pending if p[0] not in excluded and p[2] <= limit), None)
                     async with db.execute(
-                        "SELECT cls FROM outbox WHERE batch_seq IS NULL ORDER BY cls LIMIT 1"
+                        "SELECT cls FROM outbox WHERE batch_seq IS NULL AND cls <= ? ORDER BY cls LIMIT 1",
+                        (limit,),
                     ) as cur:
                         row = await cur.fetchone()
                     top = None if row is None else int(row[0])

@@ -11,6 +11,17 @@ Delivery is at-least-once on the wire with an idempotent effect:
 * paho may also re-send a QoS 1 publish by itself after a reconnect; the
   headend de-duplicates on (gateway, seq), so that is harmless.
 
+Batches are sealed with the gateway's uplink key (encoding 2, see
+:mod:`store_forward.codec`) when the outbox makes them, and the sealed bytes
+are stored with the batch: a retransmission, after a reconnect or a restart,
+sends the very same bytes, and ``edgegw backlog export`` writes them too.
+
+Pacing follows the link (:mod:`store_forward.pacing`): batch size from the
+measured delivery rate (capped by ``batch_max_bytes``), an AIMD window of
+batches awaiting acks (capped by ``window``), an optional byte-rate ceiling;
+events bypass window and ceiling. Publishes of different batches overlap, so
+the link stays busy while the next batch is being sealed.
+
 The connection loop is written out (aiomqtt 2.x has no auto-reconnect):
 connect, subscribe to acks, run sender and receiver in a TaskGroup; on any
 MQTT error wait a jittered exponential back-off and connect again. Polling
@@ -32,9 +43,10 @@ import aiomqtt
 import orjson
 
 from gateway.config import BrokerSection, UplinkSection
-from store_forward import wire_json
-from store_forward.outbox import K_LINK, K_LINK_SINCE, Outbox
-from store_forward.records import Record, RecordKind
+from store_forward.codec import BatchCodec, JsonCodec
+from store_forward.outbox import K_LINK, K_LINK_SINCE, Batch, Outbox, OutboxError
+from store_forward.pacing import LinkPacer
+from store_forward.records import Record, RecordClass, RecordKind
 from store_forward.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -63,6 +75,9 @@ class UplinkStats:
     commands: int = 0
     state: LinkState = LinkState.DOWN
     ack_latency_s: list[float] = field(default_factory=list)
+    window: int = 0
+    batch_bytes: int = 0
+    rate_bytes_per_s: float | None = None
 
 
 def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
@@ -86,7 +101,13 @@ def tls_context(broker: BrokerSection) -> ssl.SSLContext:
 class _InFlight:
     payload: bytes
     sent_at: float
-    timeout_s: float
+    deadline: float
+    queued: int  # bytes in flight when sent, itself included
+    urgent: bool
+
+
+def _billing_readings(records: Sequence[Record]) -> int:
+    return sum(r.kind == RecordKind.READING and r.cls == RecordClass.BILLING for r in records)
 
 
 class Uplink:
@@ -97,21 +118,38 @@ class Uplink:
         gateway_id: str,
         broker: BrokerSection,
         settings: UplinkSection,
-        encode: Encoder = wire_json.encode,
+        codec: BatchCodec | None = None,
+        encode: Encoder | None = None,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         rng: random.Random | None = None,
         on_command: CommandSink | None = None,
+        max_bytes_per_s: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``codec``: :class:`store_forward.codec.SealedCodec` in deployments; without
+        one, batches go as unsealed encoding 1 (development; logged as a warning).
+        ``encode`` is the older single-function form of an encoding-1 encoder."""
         self.outbox = outbox
         self.gateway_id = gateway_id
         self.broker = broker
         self.settings = settings
-        self.encode = encode
+        if codec is None:
+            codec = JsonCodec()
+            log.warning("uplink %s: no uplink key configured; batches are NOT sealed", gateway_id)
+        self.codec = codec
+        self._legacy_encode = encode
         self.clock_ms = clock_ms
+        self.monotonic = monotonic
         self.rng = rng or random.Random()
         self.on_command = on_command
         self.topics = Topics(broker.topic_prefix, gateway_id)
         self.stats = UplinkStats()
+        self.pacer = LinkPacer(
+            batch_max_bytes=settings.batch_max_bytes,
+            max_window=settings.window,
+            max_bytes_per_s=max_bytes_per_s,
+            ack_timeout_s=settings.ack_timeout_s,
+        )
         self._wake = asyncio.Event()
         self._inflight: dict[int, _InFlight] = {}
 
@@ -124,7 +162,10 @@ class Uplink:
             return
         self.stats.state = state
         log.info("uplink %s", state.value)
-        await self.outbox.set_state({K_LINK: state.value, K_LINK_SINCE: self.clock_ms()})
+        try:
+            await self.outbox.set_state({K_LINK: state.value, K_LINK_SINCE: self.clock_ms()})
+        except OutboxError as exc:  # a full disk must not stop the uplink (it frees space)
+            log.error("uplink: cannot record link state: %s", exc)
 
     def _client(self) -> aiomqtt.Client:
         b = self.broker
@@ -158,7 +199,7 @@ class Uplink:
                     self._inflight.clear()
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._receive(client))
-                        tg.create_task(self._send(client))
+                        tg.create_task(self._send(client, tg))
             except* (aiomqtt.MqttError, OSError, TimeoutError) as eg:
                 self.stats.last_error = "; ".join(str(e) for e in eg.exceptions)
                 log.warning("uplink connection lost: %s", self.stats.last_error)
@@ -189,10 +230,17 @@ class Uplink:
                 continue
             self.stats.last_ack_ms = self.clock_ms()
             if status in ("stored", "duplicate"):
-                await self.outbox.ack(seq)
+                try:
+                    await self.outbox.ack(seq)
+                except OutboxError as exc:
+                    # Not deleted: the batch goes again and comes back as a duplicate ack.
+                    log.error("uplink: cannot delete acknowledged batch %d: %s", seq, exc)
+                    continue
                 entry = self._inflight.pop(seq, None)
                 if entry is not None:
-                    self.stats.ack_latency_s.append(time.monotonic() - entry.sent_at)
+                    now = self.monotonic()
+                    self.pacer.on_ack(len(entry.payload), entry.sent_at, entry.queued, now)
+                    self.stats.ack_latency_s.append(now - entry.sent_at)
                     del self.stats.ack_latency_s[:-100]
                 self.stats.acked += 1
             else:
@@ -201,49 +249,95 @@ class Uplink:
                 log.error("headend rejected batch %d: %s", seq, ack.get("reason"))
                 entry = self._inflight.get(seq)
                 if entry is not None:
-                    entry.timeout_s = min(entry.timeout_s * 4, 3600.0)
+                    entry.deadline = self.monotonic() + min(
+                        4 * (entry.deadline - entry.sent_at), 3600.0
+                    )
             self._wake.set()
 
-    async def _publish(self, client: aiomqtt.Client, seq: int, payload: bytes) -> None:
-        await client.publish(
-            self.topics.up, payload, qos=1, timeout=self.settings.ack_timeout_s
-        )
-        await self.outbox.mark_sent(seq, self.clock_ms())
+    async def _publish(self, client: aiomqtt.Client, seq: int, payload: bytes, within_s: float) -> None:
+        await client.publish(self.topics.up, payload, qos=1, timeout=within_s)
         self.stats.bytes_sent += len(payload)
+        try:
+            await self.outbox.mark_sent(seq, self.clock_ms())
+        except OutboxError as exc:
+            log.error("uplink: cannot record the send of batch %d: %s", seq, exc)
 
-    async def _send(self, client: aiomqtt.Client) -> None:
+    def _pack(self, seq: int, records: Sequence[Record], max_bytes: int) -> tuple[bytes, int]:
+        return self.codec.pack(self.gateway_id, seq, records, max_bytes)
+
+    def _payload_of(self, batch: Batch) -> bytes:
+        if batch.payload is not None:
+            return batch.payload
+        # A batch numbered without a stored payload (older database): encode all of it.
+        if self._legacy_encode is not None:
+            return self._legacy_encode(self.gateway_id, batch.seq, batch.records)
+        payload, n = self.codec.pack(self.gateway_id, batch.seq, batch.records, 1 << 30)
+        assert n == len(batch.records)
+        return payload
+
+    def _inflight_bytes(self) -> int:
+        return sum(len(e.payload) for e in self._inflight.values())
+
+    def _start(self, tg: asyncio.TaskGroup, client: aiomqtt.Client, seq: int, entry: _InFlight) -> None:
+        timeout = self.pacer.ack_deadline_s(entry.queued)
+        tg.create_task(self._publish(client, seq, entry.payload, timeout))
+
+    async def _send(self, client: aiomqtt.Client, tg: asyncio.TaskGroup) -> None:
         s = self.settings
+        pacer = self.pacer
         while True:
             self._wake.clear()
-            now = time.monotonic()
+            now = self.monotonic()
             for seq, entry in sorted(self._inflight.items()):
-                if now - entry.sent_at >= entry.timeout_s:
-                    entry.sent_at = now
+                if now >= entry.deadline:
+                    pacer.on_timeout(now)
                     self.stats.retransmits += 1
-                    await self._publish(client, seq, entry.payload)
-            while len(self._inflight) < s.window:
-                batch = await self.outbox.next_batch(
-                    self.clock_ms(),
-                    exclude=self._inflight.keys(),
-                    max_records=s.batch_max_records,
-                    max_bytes=s.batch_max_bytes,
-                )
+                    entry.sent_at = now
+                    entry.queued = self._inflight_bytes()
+                    entry.deadline = now + pacer.ack_deadline_s(entry.queued)
+                    self._start(tg, client, seq, entry)
+            wait = 0.0
+            while True:
+                now = self.monotonic()
+                wait = pacer.send_wait_s(now, urgent=False)
+                backlog_ok = len(self._inflight) < pacer.window() and wait == 0.0
+                try:
+                    batch = await self.outbox.next_batch(
+                        self.clock_ms(),
+                        exclude=self._inflight.keys(),
+                        max_records=s.batch_max_records,
+                        max_bytes=pacer.batch_bytes(),
+                        pack=self._pack,
+                        max_cls=None if backlog_ok else int(RecordClass.EVENT),
+                    )
+                except OutboxError as exc:
+                    log.error("uplink: cannot form a batch: %s", exc)
+                    wait = max(wait, 1.0)
+                    break
                 if batch is None:
                     break
-                payload = self.encode(self.gateway_id, batch.seq, batch.records)
-                self._inflight[batch.seq] = _InFlight(payload, time.monotonic(), s.ack_timeout_s)
-                await self._publish(client, batch.seq, payload)
+                payload = self._payload_of(batch)
+                urgent = all(r.cls == RecordClass.EVENT for r in batch.records)
+                now = self.monotonic()
+                queued = self._inflight_bytes() + len(payload)
+                entry = _InFlight(payload, now, now + pacer.ack_deadline_s(queued), queued, urgent)
+                self._inflight[batch.seq] = entry
+                pacer.on_send(len(payload), now)
+                self._start(tg, client, batch.seq, entry)
                 self.stats.published += 1
                 if batch.attempts:
                     self.stats.retransmits += 1
                 else:
-                    self.stats.readings_sent += sum(
-                        r.kind == RecordKind.READING for r in batch.records
-                    )
+                    self.stats.readings_sent += _billing_readings(batch.records)
+            self.stats.window = pacer.window()
+            self.stats.batch_bytes = pacer.batch_bytes()
+            self.stats.rate_bytes_per_s = pacer.rate
             timeout = 1.0
+            if wait > 0:
+                timeout = min(timeout, max(wait, 0.01))
             if self._inflight:
-                soonest = min(e.sent_at + e.timeout_s for e in self._inflight.values())
-                timeout = max(0.01, min(timeout, soonest - time.monotonic()))
+                soonest = min(e.deadline for e in self._inflight.values())
+                timeout = max(0.01, min(timeout, soonest - self.monotonic()))
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:

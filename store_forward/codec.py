@@ -1,0 +1,152 @@
+"""Batch codecs: how the uplink turns outbox records into one MQTT payload.
+
+* :class:`SealedCodec` — encoding 2 (:mod:`store_forward.wire`): columnar,
+  compressed, sealed with the gateway's uplink key. What deployments use.
+* :class:`JsonCodec` — encoding 1 (:mod:`store_forward.wire_json`): plain
+  compressed JSON for development; a headend with a gateway registry refuses it.
+
+Both fit as many records as the byte budget allows (the budget follows the
+link, see :mod:`store_forward.pacing`). The headend side is :func:`decode`,
+which dispatches on the first byte (the encoding version).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from store_forward import wire, wire_json
+from store_forward.records import Record
+
+
+class BatchRecord(Protocol):
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def created_ms(self) -> int: ...
+
+    @property
+    def body(self) -> dict[str, Any]: ...
+
+    @property
+    def cls(self) -> Any: ...
+
+
+class AnyBatch(Protocol):
+    """What the headend stores: ``wire.DecodedBatch`` or ``wire_json.DecodedBatch``."""
+
+    @property
+    def gateway_id(self) -> str: ...
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def records(self) -> Sequence[BatchRecord]: ...
+
+
+class BatchCodec(Protocol):
+    encoding: int
+
+    def pack(
+        self, gateway_id: str, seq: int, records: Sequence[Record], max_bytes: int
+    ) -> tuple[bytes, int]:
+        """Payload holding the longest prefix of ``records`` that fits ``max_bytes``
+        (at least one record, even if that one alone is larger), and its count."""
+        ...
+
+
+class SealedCodec:
+    """Encoding 2, sealed under the gateway's uplink key (``key_id`` in the header)."""
+
+    encoding = wire.VERSION
+
+    def __init__(self, key_id: int, key: bytes) -> None:
+        self.key_id = key_id
+        self._key = key
+        self._per_record: float | None = None  # bytes per record in the last batch
+
+    def encode(self, gateway_id: str, seq: int, records: Sequence[Record]) -> bytes:
+        return wire.encode_batch(gateway_id, seq, records, key=self._key, key_id=self.key_id)
+
+    def pack(
+        self, gateway_id: str, seq: int, records: Sequence[Record], max_bytes: int
+    ) -> tuple[bytes, int]:
+        n = len(records)
+        # One encoding usually does: guess the count from the last batch's density
+        # and accept when it fits and fills most of the budget (or takes everything).
+        if self._per_record:
+            guess = min(n, int(max_bytes * 0.93 / self._per_record))
+            if guess >= 1:
+                payload = self.encode(gateway_id, seq, records[:guess])
+                if len(payload) <= max_bytes and (guess == n or len(payload) >= 0.8 * max_bytes):
+                    self._per_record = len(payload) / guess
+                    return payload, guess
+        try:
+            packed = wire.pack_batch(
+                gateway_id, seq, records, key=self._key, key_id=self.key_id, max_bytes=max_bytes
+            )
+        except wire.WireBudgetError:
+            # One record larger than the budget still has to go (alone).
+            payload = self.encode(gateway_id, seq, records[:1])
+            return payload, 1
+        self._per_record = len(packed.payload) / packed.count
+        return packed.payload, packed.count
+
+
+class JsonCodec:
+    """Encoding 1 (development only: readable by anyone on the broker)."""
+
+    encoding = wire_json.VERSION
+
+    def pack(
+        self, gateway_id: str, seq: int, records: Sequence[Record], max_bytes: int
+    ) -> tuple[bytes, int]:
+        n = len(records)
+        while True:
+            payload = wire_json.encode(gateway_id, seq, records[:n])
+            if len(payload) <= max_bytes or n == 1:
+                return payload, n
+            n = max(1, int(n * max_bytes / len(payload) * 0.95))
+
+
+class DecodeError(Exception):
+    """A payload that cannot be accepted; ``reason`` is short and loggable."""
+
+    def __init__(self, reason: str, *, gateway_id: str | None = None, seq: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.gateway_id = gateway_id
+        self.seq = seq
+
+
+def decode(
+    payload: bytes,
+    key_lookup: Callable[[str, int], bytes | None] | None,
+    *,
+    allow_plain: bool,
+) -> AnyBatch:
+    """Decode encoding 1 or 2. Raises :class:`DecodeError`."""
+    if not payload:
+        raise DecodeError("empty payload")
+    if payload[0] == wire.VERSION:
+        if key_lookup is None:
+            raise DecodeError("sealed batch, but this headend has no gateway registry")
+        try:
+            return wire.decode_batch(payload, key_lookup)
+        except wire.WireKeyError as exc:
+            raise DecodeError(f"unknown or revoked gateway/key: {exc}") from exc
+        except wire.WireError as exc:
+            raise DecodeError(f"{type(exc).__name__}: {exc}") from exc
+    if payload[0] == wire_json.VERSION:
+        if not allow_plain:
+            raise DecodeError("unsealed batch (encoding 1) refused: this headend requires sealed batches")
+        try:
+            return wire_json.decode(payload)
+        except wire_json.BatchDecodeError as exc:
+            raise DecodeError(str(exc)) from exc
+    raise DecodeError(f"unsupported batch encoding version {payload[0]}")
