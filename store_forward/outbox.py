@@ -46,7 +46,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiosqlite
 
@@ -181,12 +181,8 @@ class BacklogStats:
     billing_evicted: int = 0
 
 
-class Packer(Protocol):
-    """Seals the longest prefix of ``records`` that fits ``max_bytes``: (payload, count)."""
-
-    def __call__(
-        self, seq: int, records: Sequence[Record], max_bytes: int
-    ) -> tuple[bytes, int]: ...
+# Seals the longest prefix of the records that fits the byte budget: (payload, count).
+Packer = Callable[[int, Sequence[Record], int], tuple[bytes, int]]
 
 
 # --------------------------------------------------------------------------- policy (pure)
@@ -367,6 +363,10 @@ class Outbox:
         self.policy = policy
         self.clock_ms = clock_ms
         self.health = _Health()
+        # Set by the gateway's Uplink: how its batches are sealed (also used by
+        # the sneakernet export, which must write the very same batches).
+        self.packer: Packer | None = None
+        self.gateway_id: str | None = None
         self.ballast = path.with_name(path.name + ".ballast")
         self._ballast_released = False
 
@@ -422,6 +422,7 @@ class Outbox:
                 await db.commit()
             if keys is None:
                 keys = await asyncio.to_thread(StorageKeys.beside, path)
+            await cls._check_keys(db, keys, salt, path)
             sealer = await asyncio.to_thread(_open_sealer, path, keys, salt)
         except sqlite3.DatabaseError as exc:
             await db.close()
@@ -467,6 +468,29 @@ class Outbox:
                 },
             )
         return ob
+
+    @staticmethod
+    async def _check_keys(db: aiosqlite.Connection, keys: StorageKeys, salt: bytes, path: Path) -> None:
+        """Refuse a key that is not the one the database was sealed with (a
+        misconfigured key must not make every record look damaged)."""
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for version, master in sorted(keys.keys.items()):
+                tag = key_tag(database_key(master, salt, version))
+                name = f"storage_key_tag_v{version}"
+                async with db.execute("SELECT value FROM kv WHERE key = ?", (name,)) as cur:
+                    row = await cur.fetchone()
+                if row is None:
+                    await db.execute("INSERT INTO kv (key, value) VALUES (?, ?)", (name, tag))
+                elif bytes(row[0]) != tag:
+                    raise OutboxError(
+                        f"{path}: storage key version {version} ({keys.source}) is not the key"
+                        " this database was sealed with; refusing to open it"
+                    )
+            await db.commit()
+        except BaseException:
+            await db.rollback()
+            raise
 
     async def close(self) -> None:
         async with self._lock:
@@ -985,7 +1009,9 @@ class Outbox:
 
 
 async def read_kv(db: aiosqlite.Connection) -> dict[str, Any]:
-    async with db.execute("SELECT key, value FROM kv WHERE key != ?", (K_SALT,)) as cur:
+    async with db.execute(
+        "SELECT key, value FROM kv WHERE key != ? AND key NOT LIKE 'storage_key_tag_%'", (K_SALT,)
+    ) as cur:
         return {str(k): v async for k, v in cur}
 
 

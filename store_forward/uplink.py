@@ -152,6 +152,8 @@ class Uplink:
         )
         self._wake = asyncio.Event()
         self._inflight: dict[int, _InFlight] = {}
+        outbox.packer = self._pack
+        outbox.gateway_id = gateway_id
 
     def notify(self) -> None:
         """New records were committed: wake the sender."""

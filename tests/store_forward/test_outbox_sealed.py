@@ -333,3 +333,22 @@ async def test_full_database_via_max_page_count(tmp_path: Path) -> None:
         await _check_full_disk_behaviour(ob)
     finally:
         await ob.close()
+
+
+async def test_a_wrong_storage_key_is_refused_not_treated_as_damage(tmp_path: Path) -> None:
+    from store_forward.outbox import OutboxError
+    from store_forward.storage_keys import StorageKeys
+
+    path = tmp_path / "gw.db"
+    ob = await Outbox.open(path)
+    await ob.add_event(1, {"type": "x"})
+    await ob.close()
+    with pytest.raises(OutboxError, match="not the key"):
+        await Outbox.open(path, keys=StorageKeys(1, {1: os.urandom(32)}, "wrong"))
+    ob = await Outbox.open(path)  # the right key still opens everything
+    try:
+        assert (await ob.stats()).records == 1
+        b = await ob.next_batch(2)
+        assert b is not None and b.records[0].body == {"type": "x"}
+    finally:
+        await ob.close()
