@@ -115,6 +115,12 @@ class MeterSection:
 
 
 @dataclass(frozen=True)
+class SecuritySection:
+    trust_file: Path | None = None  # central public keys per role (docs/security.md)
+    keystore: Path | None = None  # this gateway's keys (`edgegw keys init`)
+
+
+@dataclass(frozen=True)
 class AccountSection:
     id: str
     settings: Path  # account file: opening balance, limits, windows, protection (docs/billing.md)
@@ -132,6 +138,7 @@ class Config:
     meters: tuple[MeterSection, ...]
     profiles: Mapping[str, Any] = field(default_factory=dict)
     accounts: tuple[AccountSection, ...] = ()
+    security: SecuritySection = field(default_factory=SecuritySection)
 
     def bus(self, name: str) -> BusSection:
         for b in self.buses:
@@ -282,6 +289,10 @@ METER_SCHEMA = {
     "operator": Field((str,), check=lambda v: _hex_bytes(v, 4)),
     "quantities": Field((list,), check=lambda v: _quantities(v), convert=tuple),
 }
+SECURITY_SCHEMA = {
+    "trust_file": Field((str,), convert=_path),
+    "keystore": Field((str,), convert=_path),
+}
 ACCOUNT_SCHEMA = {
     "id": Field((str,), required=True, check=_ident),
     "settings": Field((str,), required=True, convert=_path),
@@ -296,6 +307,7 @@ TOP_LEVEL = {
     "meter": list,
     "profiles": dict,
     "account": list,
+    "security": dict,
 }
 
 
@@ -393,6 +405,7 @@ def parse_config(raw: Mapping[str, Any], source: Path) -> Config:
     st = c.section("storage", table("storage"), STORAGE_SCHEMA)
     br = c.section("broker", table("broker"), BROKER_SCHEMA)
     ul = c.section("uplink", table("uplink"), UPLINK_SCHEMA)
+    sec = c.section("security", table("security"), SECURITY_SCHEMA)
 
     if br.get("tls") and not br.get("ca_file"):
         c.add("broker.ca_file", "required when broker.tls = true (server verification is never off)")
@@ -480,7 +493,11 @@ def parse_config(raw: Mapping[str, Any], source: Path) -> Config:
             c.problems.append(f"{source}: {line}")
     if c.problems:
         raise ConfigError(c.problems)
-    for section, keys in ((st, ("path", "key_file")), (br, ("ca_file", "cert_file", "key_file"))):
+    for section, keys in (
+        (st, ("path", "key_file")),
+        (br, ("ca_file", "cert_file", "key_file")),
+        (sec, ("trust_file", "keystore")),
+    ):
         for k in keys:
             if k in section:
                 section[k] = base / section[k]  # absolute paths stay as they are
@@ -494,6 +511,7 @@ def parse_config(raw: Mapping[str, Any], source: Path) -> Config:
         meters=tuple(meters),
         profiles=profiles if isinstance(profiles, dict) else {},
         accounts=tuple(accounts),
+        security=SecuritySection(**sec),
     )
 
 

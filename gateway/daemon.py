@@ -31,7 +31,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -42,8 +42,20 @@ from firmware_bridge.relay import RelayRateLimited, RelayRefused, RelayResult, c
 from firmware_bridge.scheduler import MeterHealth
 from gateway import sdnotify
 from gateway.billing.cutoff import Contact
+from gateway.commands import (
+    CommandHandler,
+    CommandInbox,
+    CommandRefused,
+    NoRemoteConfig,
+    NoResend,
+    RelayOp,
+)
 from gateway.config import BusSection, Config
 from gateway.prepaid import Prepaid, RelayIntent
+from gateway.security import trusted_time
+from gateway.security.roles import TrustStore
+from gateway.security.trusted_time import TrustedClock
+from provisioning.keys import Keystore
 from store_forward.outbox import MeterStatus, Outbox
 from store_forward.records import RecordClass, RecordKind
 from store_forward.uplink import Uplink, backoff_delay
@@ -97,7 +109,9 @@ def status_from_health(meter_id: str, health: MeterHealth) -> MeterStatus:
     )
 
 
-def relay_event(intent: RelayIntent, result: RelayResult | None, error: str | None) -> dict[str, Any]:
+def relay_event(
+    intent: RelayIntent, result: RelayResult | None, error: str | None
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "type": "relay.alarm" if (result is not None and result.alarm) else "relay.operation",
         "account": intent.account,
@@ -117,6 +131,41 @@ def relay_event(intent: RelayIntent, result: RelayResult | None, error: str | No
     else:
         body |= {"ok": False, "detail": error}
     return body
+
+
+class CommandRelays:
+    """The command handler's relay port: remote relay operations go to the meter's bus."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def request(self, meter_id: str, op: RelayOp, *, reason: str, command_id: str) -> None:
+        if op not in (RelayOp.TRIP, RelayOp.CLOSE, RelayOp.CLOSE_ALLOWED):
+            # Meter alarms and power-protect need per-meter actuators this gateway
+            # does not drive yet; say so in the log and the audit trail, never pretend.
+            log.warning("command %s: relay op %s is not supported on this gateway", command_id, op)
+            return
+        account = self.daemon.prepaid.meter_account.get(meter_id, "") if self.daemon.prepaid else ""
+        self.daemon.request_relay(
+            RelayIntent(
+                account, meter_id, op is RelayOp.TRIP, op.value, f"command {command_id}: {reason}"
+            )
+        )
+
+
+class NoBilling:
+    """Billing port of a gateway without prepaid accounts: refuses money commands."""
+
+    async def apply_topup_in(
+        self, db: Any, body: Any, *, command_id: str, channel: str, now_ms: int
+    ) -> dict[str, Any]:
+        raise CommandRefused("this gateway has no prepaid accounts")
+
+    async def install_tariff_in(self, db: Any, doc: Any, *, now_ms: int) -> dict[str, Any]:
+        raise CommandRefused("this gateway has no prepaid accounts")
+
+    async def apply_snapshot_in(self, db: Any, body: Any, *, now_ms: int) -> dict[str, Any]:
+        raise CommandRefused("this gateway has no prepaid accounts")
 
 
 class Daemon:
@@ -149,7 +198,9 @@ class Daemon:
             b.name: asyncio.Queue() for b in config.buses
         }
         self._bus_of = {m.id: m.bus for m in config.meters}
-        self.command_handler: Callable[[bytes], Awaitable[None]] | None = None
+        self.commands: CommandHandler | None = None
+        self.inbox: CommandInbox | None = None
+        self.clock: TrustedClock | None = None
 
     # -- life cycle ------------------------------------------------------------
 
@@ -159,6 +210,8 @@ class Daemon:
         self.outbox = outbox
         self.started_ms = self.clock_ms()
         self.prepaid = Prepaid.from_config(cfg)
+        if self.prepaid is not None:
+            self.prepaid.outbox = outbox
         uplink = Uplink(
             outbox,
             gateway_id=cfg.gateway.id,
@@ -173,11 +226,19 @@ class Daemon:
         try:
             async with outbox.transaction() as db:
                 await outbox.add_in(
-                    db, RecordClass.EVENT, RecordKind.EVENT, self.started_ms,
+                    db,
+                    RecordClass.EVENT,
+                    RecordKind.EVENT,
+                    self.started_ms,
                     {"type": "gateway_started", "gateway": cfg.gateway.id},
                 )
                 if self.prepaid is not None:
                     await self.prepaid.start_in(db, self.started_ms)
+                await trusted_time.create_schema(db)
+                floor = await trusted_time.load_floor(db)
+            self.clock = TrustedClock.restored(floor, wall=self.clock_ms, mono=self.clock_ms)
+            if cfg.security.trust_file is not None:
+                await self._start_commands(outbox, uplink)
             self.watchdog.note_db_write_ok()
             async with asyncio.TaskGroup() as tg:
                 self._pollers = [
@@ -189,6 +250,9 @@ class Daemon:
                 timers = [tg.create_task(self.watchdog.run(), name="watchdog")]
                 if self.prepaid is not None:
                     timers.append(tg.create_task(self._billing_timer(work), name="billing"))
+                timers.append(tg.create_task(self._maintenance(outbox), name="maintenance"))
+                if self.inbox is not None:
+                    timers.append(tg.create_task(self.inbox.run(), name="commands"))
                 self.ready.set()
                 self.notifier.ready(f"gateway {cfg.gateway.id}: {len(cfg.meters)} meters")
                 log.info(
@@ -206,6 +270,9 @@ class Daemon:
                 await self.stop_polling()
                 writer.cancel()
                 up.cancel()
+            if self.commands is not None:
+                await self.commands.flush_all_rejections()
+            await self._save_time_floor(outbox)
         finally:
             await outbox.close()
             log.info("stopped")
@@ -230,11 +297,59 @@ class Daemon:
         last = self.uplink.stats.last_ack_ms if self.uplink is not None else None
         return Contact(last_contact_ms=last, started_ms=self.started_ms)
 
+    async def _start_commands(self, outbox: Outbox, uplink: Uplink) -> None:
+        cfg = self.config
+        assert cfg.security.trust_file is not None and self.clock is not None
+        trust = TrustStore.load(cfg.security.trust_file)
+        keys = Keystore.open(cfg.security.keystore) if cfg.security.keystore else None
+        billing: Any = self.prepaid if self.prepaid is not None else NoBilling()
+        self.commands = CommandHandler(
+            outbox,
+            trust=trust,
+            gateway_id=cfg.gateway.id,
+            clock=self.clock,
+            billing=billing,
+            relay=CommandRelays(self),
+            config=NoRemoteConfig(),
+            resend=NoResend(),
+            keys=keys,
+            known_meter=lambda m: m in self._bus_of,
+        )
+        await self.commands.start()
+        self.inbox = CommandInbox(
+            self.commands, uplink.topics, on_result=lambda _r: uplink.notify()
+        )
+
     async def _on_command(self, raw: bytes) -> None:
-        if self.command_handler is not None:
-            await self.command_handler(raw)
+        if self.inbox is not None:
+            self.inbox.offer(raw)  # never blocks the uplink's ack processing
         else:
-            log.warning("command received but no command handler is configured (%d bytes)", len(raw))
+            log.warning("command received but no trust file is configured (%d bytes)", len(raw))
+
+    async def _save_time_floor(self, outbox: Outbox) -> None:
+        if self.clock is None:
+            return
+        floor = self.clock.floor_to_persist()
+        if floor is not None:
+            async with outbox.transaction() as db:
+                await trusted_time.save_floor(db, floor, self.clock_ms())
+
+    async def _maintenance(self, outbox: Outbox) -> None:
+        """Once a minute: persist the time floor, summarise rejected commands, re-hand
+        relay operations of commands that a crash left pending."""
+        while True:
+            await asyncio.sleep(60)
+            try:
+                await self._save_time_floor(outbox)
+                if self.commands is not None:
+                    await self.commands.flush_rejections()
+                    await self.commands.hand_pending_relays()
+            except Exception as exc:
+                log.error("maintenance failed: %s", exc)
+
+    def relays_idle(self) -> bool:
+        """No relay operation is waiting for its bus."""
+        return all(q.empty() for q in self._relay_queues.values())
 
     def request_relay(self, intent: RelayIntent) -> None:
         """Queue a relay operation for the bus of ``intent.meter`` (after a commit)."""
@@ -279,7 +394,9 @@ class Daemon:
                 raise
             except Exception as exc:
                 self.stats.bus_failures[bus.name] = self.stats.bus_failures.get(bus.name, 0) + 1
-                log.error("bus %s failed: %s", bus.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+                log.error(
+                    "bus %s failed: %s", bus.name, exc, exc_info=log.isEnabledFor(logging.DEBUG)
+                )
                 await asyncio.sleep(backoff_delay(attempt, 1.0, 60.0, rng))
                 attempt += 1
 
@@ -296,7 +413,9 @@ class Daemon:
         getter = asyncio.ensure_future(relays.get())
         stopper = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait({getter, stopper}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {getter, stopper}, timeout=delay, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             stopper.cancel()
             if not getter.done():
@@ -336,14 +455,18 @@ class Daemon:
             if isinstance(item, Tick):
                 assert self.prepaid is not None
                 return await self.prepaid.tick_in(db, outbox, item.time_ms, contact)
-            ids = await outbox.commit_cycle_in(db, item.time_ms, item.readings, item.statuses, item.events)
+            ids = await outbox.commit_cycle_in(
+                db, item.time_ms, item.readings, item.statuses, item.events
+            )
             if self.prepaid is None or not item.readings:
                 return []
             return await self.prepaid.on_readings_in(
                 db, outbox, list(zip(ids, item.readings, strict=True)), item.time_ms, contact
             )
 
-    async def _writer(self, outbox: Outbox, work: asyncio.Queue[Cycle | Tick], uplink: Uplink) -> None:
+    async def _writer(
+        self, outbox: Outbox, work: asyncio.Queue[Cycle | Tick], uplink: Uplink
+    ) -> None:
         while True:
             item = await work.get()
             try:

@@ -31,7 +31,10 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import aiomqtt
 import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from firmware_bridge.dlt645.simulator import Simulator as Dlt645Simulator
 from firmware_bridge.dlt645.simulator import make_meters
@@ -41,9 +44,12 @@ from gateway.billing import ledger_store as ls
 from gateway.billing.money import report_yuan
 from gateway.config import load_config
 from gateway.daemon import Daemon
+from gateway.security.envelope import sign_command
+from gateway.security.roles import CentralKey, CommandType, Role, TrustStore
 from store_forward.headend import Headend, HeadendDB
 from store_forward.linkemu import LinkEmulator
 from store_forward.minibroker import MiniBroker
+from store_forward.topics import DEFAULT_PREFIX, Topics
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +76,12 @@ class DemoReport:
 
 
 def _config_text(
-    workdir: Path, broker_port: int, modbus_port: int, units: list[int], tty: str, addresses: list[str]
+    workdir: Path,
+    broker_port: int,
+    modbus_port: int,
+    units: list[int],
+    tty: str,
+    addresses: list[str],
 ) -> str:
     dlt = "".join(
         f"""
@@ -144,6 +155,11 @@ parity = "N"
 timeout_s = 0.5
 retries = 0
 {dlt}
+# Signed commands from central (top-ups, tariffs, relay operations) are checked
+# against these public keys.
+[security]
+trust_file = "trust.json"
+
 # Prepaid: household-01 (meter-01) is rated and enforced on the gateway itself.
 [[account]]
 id = "household-01"
@@ -189,6 +205,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
     clock = story.SiteClock(plan.start_ms)
     (workdir / "tariff-demo-flat.toml").write_text(story.tariff_text())
     (workdir / "household-01.toml").write_text(story.account_text(plan))
+    central = Central(workdir)
 
     dlt_meters = make_meters(args.dlt645_meters)
     dlt_sim = Dlt645Simulator(dlt_meters, clock=clock.seconds)
@@ -229,20 +246,39 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
                 if state == "up" and plan.link_down_s <= elapsed < plan.link_up_s:
                     link.set_up(False)
                     state = "down"
-                    print(f"[{elapsed:5.1f}s] link DOWN (gateway keeps polling, rating and enforcing)", file=out)
+                    print(
+                        f"[{elapsed:5.1f}s] link DOWN (gateway keeps polling, rating and enforcing)",
+                        file=out,
+                    )
                 elif state == "down" and elapsed >= plan.link_up_s:
                     link.set_up(True)
                     state = "up"
                     link_down_s = elapsed - plan.link_down_s
                     print(f"[{elapsed:5.1f}s] link UP (backlog drains)", file=out)
+                if topped_up and central.unanswered:
+                    await central.resend(bhost, bport)
                 if not topped_up and elapsed >= plan.topup_s:
                     topped_up = True
-                    await _top_up(daemon, out, elapsed)
+                    sale = await central.sell_top_up(bhost, bport, clock.ms())
+                    print(
+                        f"[{elapsed:5.1f}s] central sells household-01 a top-up of"
+                        f" {story.TOPUP_MICRO / 1e6:.2f} yuan: signed command {sale} sent",
+                        file=out,
+                    )
                 await _progress(daemon, elapsed, state, clock, out)
                 await asyncio.sleep(1.0)
             if state == "down":
                 link.set_up(True)
                 link_down_s = time.monotonic() - t0 - plan.link_down_s
+            # Central's commands must land (and their relay operations run) while the
+            # site is still live; then polling stops and the backlog drains.
+            t_wait = time.monotonic()
+            while (
+                central.unanswered or not daemon.relays_idle()
+            ) and time.monotonic() - t_wait < 60:
+                if central.unanswered:
+                    await central.resend(bhost, bport)
+                await asyncio.sleep(0.5)
             print("demo: polling stopped; waiting for the backlog to drain", file=out)
             await daemon.stop_polling()
             t_drain = time.monotonic()
@@ -261,7 +297,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
 
     polled = daemon.stats.readings
     stored, distinct, dup_batches = _headend_counts(workdir / "central.db", GATEWAY_ID)
-    central, gateway, story_events = _money(workdir)
+    central_micro, gateway, story_events = _money(workdir)
     return DemoReport(
         gateway_id=GATEWAY_ID,
         duration_s=round(duration, 1),
@@ -273,54 +309,127 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
         lost=max(0, polled - distinct),
         redelivered_batches=dup_batches,
         drain_s=round(drain_s, 2),
-        central_balance=str(report_yuan(central)),
+        central_balance=str(report_yuan(central_micro)),
         gateway_balance=str(report_yuan(gateway)),
-        balances_match=central == gateway,
+        balances_match=central_micro == gateway,
         prepaid_story=story_events,
         workdir=str(workdir),
     )
 
 
-async def _top_up(daemon: Daemon, out: Any, elapsed: float) -> None:
-    """Central sells household-01 a top-up; it reaches the gateway's one top-up path."""
-    assert daemon.outbox is not None and daemon.prepaid is not None
-    async with daemon.outbox.transaction() as db:
-        res = await daemon.prepaid.apply_topup_in(
-            db,
-            {"account": "household-01", "amount_micro": story.TOPUP_MICRO,
-             "purchase_counter": 1, "payment_channel": "mobile_app"},
-            command_id="demo-sale-0001", channel="cli", now_ms=daemon.clock_ms(),
-            outbox=daemon.outbox,
+class Central:
+    """Central billing as the demo plays it: a billing key, and top-ups sold over MQTT.
+
+    The gateway trusts the billing key through its trust file; the top-up goes
+    as a signed command on the gateway's command topic and lands in the same
+    exactly-once ledger path as every other channel.
+    """
+
+    KEY_ID = "billing-demo-1"
+
+    def __init__(self, workdir: Path) -> None:
+        self.key = Ed25519PrivateKey.generate()
+        self.counter = 0
+        self.central_db = workdir / "central.db"
+        self.unanswered: dict[str, bytes] = {}  # command id -> envelope, until its result arrives
+        public = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        trust = TrustStore.of([CentralKey(self.KEY_ID, Role.BILLING, public)])
+        (workdir / "trust.json").write_bytes(
+            orjson.dumps(trust.to_dict(), option=orjson.OPT_INDENT_2)
         )
-    print(f"[{elapsed:5.1f}s] top-up of {story.TOPUP_MICRO / 1e6:.2f} yuan for household-01: {res['status']}", file=out)
+
+    async def sell_top_up(self, host: str, port: int, now_ms: int) -> str:
+        self.counter += 1
+        command_id = f"demo-sale-{self.counter:04d}"
+        envelope = sign_command(
+            self.key,
+            issuer=self.KEY_ID,
+            target=GATEWAY_ID,
+            command_id=command_id,
+            counter=self.counter,
+            issued_at_ms=now_ms,
+            expires_at_ms=now_ms + 24 * 3600 * 1000,
+            type=CommandType.TOPUP,
+            body={
+                "account": "household-01",
+                "amount_micro": story.TOPUP_MICRO,
+                "purchase_counter": 1,
+                "payment_channel": "mobile_app",
+            },
+        )
+        self.unanswered[command_id] = envelope
+        await self.resend(host, port)
+        return command_id
+
+    async def resend(self, host: str, port: int) -> list[str]:
+        """(Re-)publish every command whose result event central has not received.
+
+        The gateway may be offline or reconnecting when a command is published;
+        central repeats it (the same signed envelope) until the result arrives.
+        A repeat of an applied command is answered as a replay and changes nothing.
+        """
+        with contextlib.closing(sqlite3.connect(f"file:{self.central_db}?mode=ro", uri=True)) as db:
+            for (body,) in db.execute("SELECT body FROM events WHERE body LIKE '%command_result%'"):
+                self.unanswered.pop(str(orjson.loads(body).get("id")), None)
+        if self.unanswered:
+            async with aiomqtt.Client(host, port, identifier="demo-central-billing") as client:
+                for envelope in self.unanswered.values():
+                    await client.publish(Topics(DEFAULT_PREFIX, GATEWAY_ID).cmd, envelope, qos=1)
+        return list(self.unanswered)
 
 
 def _money(workdir: Path) -> tuple[int, int, list[str]]:
     """Central's balance of household-01 (opening + every uploaded ledger entry), the
     gateway's own, and the cutoff story as central saw it in the events."""
     opening = int(story.OPENING * 1_000_000)
-    with contextlib.closing(sqlite3.connect(f"file:{workdir / 'central.db'}?mode=ro", uri=True)) as db:
-        entries = [orjson.loads(b) for (b,) in db.execute(
-            "SELECT body FROM events WHERE kind = 'charge' ORDER BY record_id")]
-        events = [orjson.loads(b) for (b,) in db.execute(
-            "SELECT body FROM events WHERE kind = 'event' ORDER BY record_id")]
-    central = opening + sum(int(e["amount_micro"]) for e in entries if e.get("account") == "household-01")
-    with contextlib.closing(sqlite3.connect(f"file:{workdir / 'gateway.db'}?mode=ro", uri=True)) as db:
+    with contextlib.closing(
+        sqlite3.connect(f"file:{workdir / 'central.db'}?mode=ro", uri=True)
+    ) as db:
+        entries = [
+            orjson.loads(b)
+            for (b,) in db.execute(
+                "SELECT body FROM events WHERE kind = 'charge' ORDER BY record_id"
+            )
+        ]
+        events = [
+            orjson.loads(b)
+            for (b,) in db.execute(
+                "SELECT body FROM events WHERE kind = 'event' ORDER BY record_id"
+            )
+        ]
+    central = opening + sum(
+        int(e["amount_micro"]) for e in entries if e.get("account") == "household-01"
+    )
+    with contextlib.closing(
+        sqlite3.connect(f"file:{workdir / 'gateway.db'}?mode=ro", uri=True)
+    ) as db:
         row = db.execute(
-            "SELECT balance_micro FROM billing_account WHERE account = 'household-01'").fetchone()
+            "SELECT balance_micro FROM billing_account WHERE account = 'household-01'"
+        ).fetchone()
     gateway = int(row[0]) if row else 0
     story_events = [
-        _story_line(e) for e in events
-        if str(e.get("type", "")).startswith(("cutoff.", "relay.")) and e.get("account") == "household-01"
+        _story_line(e)
+        for e in events
+        if (
+            str(e.get("type", "")).startswith(("cutoff.", "relay."))
+            and e.get("account") == "household-01"
+        )
+        or e.get("type") == "command_result"
     ]
     return central, gateway, story_events
 
 
 def _story_line(e: dict[str, Any]) -> str:
     t = e.get("time_ms")
-    when = "" if t is None else datetime.fromtimestamp(int(t) / 1000, ZoneInfo(story.TIMEZONE)).strftime("%H:%M ")
+    when = (
+        ""
+        if t is None
+        else datetime.fromtimestamp(int(t) / 1000, ZoneInfo(story.TIMEZONE)).strftime("%H:%M ")
+    )
     if e["type"] == "cutoff.state_change":
         return f"{when}{e['from']} -> {e['to']} (balance {e['balance']}): {e['reason']}"
+    if e["type"] == "command_result":
+        return f"command {e.get('id')} ({e.get('command_type')}): {e.get('outcome')} {e.get('message') or ''}".rstrip()
     if e["type"].startswith("relay."):
         return f"relay {e['action']} on {e['meter']}: {'ok' if e.get('ok') else 'FAILED'} ({e.get('detail')})"
     return f"{when}{e['type']}: {e.get('reason', '')}"
@@ -338,7 +447,9 @@ async def _background(coro: Coroutine[Any, Any, None]) -> AsyncIterator[asyncio.
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def _progress(daemon: Daemon, elapsed: float, link: str, clock: story.SiteClock, out: Any) -> None:
+async def _progress(
+    daemon: Daemon, elapsed: float, link: str, clock: story.SiteClock, out: Any
+) -> None:
     assert daemon.outbox is not None and daemon.uplink is not None
     st = await daemon.outbox.stats()
     up = daemon.uplink.stats

@@ -89,6 +89,7 @@ class Prepaid:
         # Set when something changed a balance outside a poll cycle (a top-up):
         # the daemon's billing timer evaluates at once instead of at its next tick.
         self.dirty = asyncio.Event()
+        self.outbox: Outbox | None = None  # where ledger entries from commands are uploaded
 
     @classmethod
     def from_config(cls, cfg: Config) -> Prepaid | None:
@@ -115,8 +116,12 @@ class Prepaid:
                 await ls.append(
                     db,
                     adjustment_entry(
-                        f"opening:{name}", name, s.opening_balance_micro, now_ms,
-                        "opening balance from the account file", "provisioning",
+                        f"opening:{name}",
+                        name,
+                        s.opening_balance_micro,
+                        now_ms,
+                        "opening balance from the account file",
+                        "provisioning",
                     ),
                 )
             await ls.verify(db, name)  # raises LedgerCorrupt: never run on a bad ledger
@@ -140,20 +145,32 @@ class Prepaid:
             acct = self.accounts[account]
             rr = RegisterReading.from_reading(reading, str(record_id))
             if rr is not None:
-                rated = await ls.rate_reading(db, account, rr, acct.book, max_gap_ms=self.max_gap_ms)
+                rated = await ls.rate_reading(
+                    db, account, rr, acct.book, max_gap_ms=self.max_gap_ms
+                )
                 if rated.appended is not None and rated.appended.applied:
                     await self._upload_entry(db, outbox, rated.appended.entry, now_ms)
                 for a in rated.result.anomalies if rated.result else ():
                     await outbox.add_in(
-                        db, RecordClass.EVENT, RecordKind.EVENT, now_ms,
-                        {"type": f"rating.{a.kind.value}", "account": account, "meter": a.meter_id,
-                         "from_reading": a.start_reading_id, "to_reading": a.end_reading_id,
-                         "detail": a.detail},
+                        db,
+                        RecordClass.EVENT,
+                        RecordKind.EVENT,
+                        now_ms,
+                        {
+                            "type": f"rating.{a.kind.value}",
+                            "account": account,
+                            "meter": a.meter_id,
+                            "from_reading": a.start_reading_id,
+                            "to_reading": a.end_reading_id,
+                            "detail": a.detail,
+                        },
                     )
             touched[account] = None
             relay_open = reading.good(Quantity.RELAY_OPEN)
             if relay_open is not None:
-                intents += await self._reassert_in(db, outbox, account, reading.meter_id, bool(relay_open), now_ms, contact)
+                intents += await self._reassert_in(
+                    db, outbox, account, reading.meter_id, bool(relay_open), now_ms, contact
+                )
         for account in touched:
             intents += await self._evaluate_in(db, outbox, account, now_ms, contact)
         return intents
@@ -169,7 +186,9 @@ class Prepaid:
             intents += await self._evaluate_in(db, outbox, account, now_ms, contact)
         return intents
 
-    async def _upload_entry(self, db: aiosqlite.Connection, outbox: Outbox, entry: Entry, now_ms: int) -> None:
+    async def _upload_entry(
+        self, db: aiosqlite.Connection, outbox: Outbox, entry: Entry, now_ms: int
+    ) -> None:
         """Every local ledger entry goes to central, so central can re-rate and reconcile."""
         await outbox.add_in(db, RecordClass.BILLING, RecordKind.CHARGE, now_ms, entry.to_json())
 
@@ -179,7 +198,9 @@ class Prepaid:
         acct = self.accounts[account]
         state = await ls.load_cutoff_state(db, account)
         view = await ls.load_view(db, account)
-        decision = evaluate(state, view.balance_micro, now_ms, contact, acct.settings.cutoff, account)
+        decision = evaluate(
+            state, view.balance_micro, now_ms, contact, acct.settings.cutoff, account
+        )
         if decision.state != state:
             await ls.save_cutoff_state(db, account, decision.state)
         for e in decision.events:
@@ -198,7 +219,9 @@ class Prepaid:
     ) -> list[RelayIntent]:
         acct = self.accounts[account]
         state = await ls.load_cutoff_state(db, account)
-        new, actions = reassert(state, meter, reported_open, now_ms, contact, acct.settings.cutoff, account)
+        new, actions = reassert(
+            state, meter, reported_open, now_ms, contact, acct.settings.cutoff, account
+        )
         if new != state:
             await ls.save_cutoff_state(db, account, new)
         return await self._intents_in(db, outbox, actions, now_ms)
@@ -209,18 +232,33 @@ class Prepaid:
         intents = []
         for a in actions:
             await outbox.add_in(
-                db, RecordClass.EVENT, RecordKind.EVENT, now_ms,
-                {"type": f"cutoff.action.{a.kind.value}", "account": a.account, "meter": a.meter,
-                 "reason": a.reason},
+                db,
+                RecordClass.EVENT,
+                RecordKind.EVENT,
+                now_ms,
+                {
+                    "type": f"cutoff.action.{a.kind.value}",
+                    "account": a.account,
+                    "meter": a.meter,
+                    "reason": a.reason,
+                },
             )
             if a.relay_open is not None and a.meter:
-                intents.append(RelayIntent(a.account, a.meter, a.relay_open, a.kind.value, a.reason))
+                intents.append(
+                    RelayIntent(a.account, a.meter, a.relay_open, a.kind.value, a.reason)
+                )
         return intents
 
     # -- billing port (signed commands and the technician CLI) -----------------
 
     async def apply_topup_in(
-        self, db: aiosqlite.Connection, body: Mapping[str, Any], *, command_id: str, channel: str, now_ms: int,
+        self,
+        db: aiosqlite.Connection,
+        body: Mapping[str, Any],
+        *,
+        command_id: str,
+        channel: str,
+        now_ms: int,
         outbox: Outbox | None = None,
     ) -> dict[str, Any]:
         """One path for every channel: MQTT from central, USB bundle, technician CLI.
@@ -244,10 +282,18 @@ class Prepaid:
             return {"status": "rejected", "reason": "malformed", "message": str(exc)}
         acct = self.accounts.get(topup.account)
         if acct is None:
-            return {"status": "rejected", "reason": "unknown_account",
-                    "message": f"no prepaid account {topup.account!r} on this gateway"}
+            return {
+                "status": "rejected",
+                "reason": "unknown_account",
+                "message": f"no prepaid account {topup.account!r} on this gateway",
+            }
         decision = await ls.apply_topup(db, topup, acct.settings.topup_policy, now_ms)
-        if decision.status is TopUpStatus.APPLIED and decision.entry is not None and outbox is not None:
+        outbox = outbox or self.outbox
+        if (
+            decision.status is TopUpStatus.APPLIED
+            and decision.entry is not None
+            and outbox is not None
+        ):
             await self._upload_entry(db, outbox, decision.entry, now_ms)
         if decision.status is TopUpStatus.APPLIED:
             self.dirty.set()
@@ -268,8 +314,11 @@ class Prepaid:
         except (MessageError, ValueError) as exc:
             return {"status": "rejected", "reason": "malformed", "message": str(exc)}
         if snap.account not in self.accounts:
-            return {"status": "rejected", "reason": "unknown_account",
-                    "message": f"no prepaid account {snap.account!r} on this gateway"}
+            return {
+                "status": "rejected",
+                "reason": "unknown_account",
+                "message": f"no prepaid account {snap.account!r} on this gateway",
+            }
         decision = await ls.apply_snapshot(db, snap)
         self.dirty.set()
         return {"status": decision.status.value, "message": getattr(decision, "message", "")}
@@ -284,8 +333,11 @@ class Prepaid:
             return {"status": "rejected", "reason": "invalid_tariff", "message": str(exc)}
         hit = [a for a in self.accounts.values() if a.book.tariff_id == tariff.tariff_id]
         if not hit:
-            return {"status": "rejected", "reason": "unknown_tariff",
-                    "message": f"no account on this gateway uses tariff {tariff.tariff_id!r}"}
+            return {
+                "status": "rejected",
+                "reason": "unknown_tariff",
+                "message": f"no account on this gateway uses tariff {tariff.tariff_id!r}",
+            }
         try:
             books = [a.book.with_version(tariff) for a in hit]
         except TariffError as exc:

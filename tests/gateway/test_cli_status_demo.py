@@ -96,3 +96,11 @@ def test_demo_delivers_everything_exactly_once(tmp_path: Path) -> None:
         ).fetchone()
     assert {"meter-01", "meter-04", "dlt-01", "dlt-02"} <= meters
     assert "energy_import_t1_kwh" in json.loads(energy[0])
+    # the prepaid story: warned, cut after the no-disconnect window, topped up by a
+    # signed command from central, restored; central agrees with the gateway to the fen
+    assert r["balances_match"] is True
+    story = "\n".join(r["prepaid_story"])
+    for step in ("normal -> alarm1", "alarm1 -> alarm2", "trip deferred: no_disconnect_window",
+                 "-> cutoff", "relay trip on meter-01: ok", "(topup): applied",
+                 "cutoff -> normal", "relay close on meter-01: ok"):
+        assert step in story, (step, story)
