@@ -100,11 +100,20 @@ async def until(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout_s}s: {what}")
 
 
-def outbox_bodies(db: Path, kind: str) -> list[dict[str, object]]:
-    import orjson
+async def outbox_bodies(db: Path, kind: str) -> list[dict[str, object]]:
+    """Bodies of the (sealed) outbox records of ``kind``, read through the outbox itself."""
+    from store_forward.outbox import Outbox
 
-    with sqlite3.connect(db) as conn:
-        return [orjson.loads(b) for (b,) in conn.execute("SELECT body FROM outbox WHERE kind = ? ORDER BY id", (kind,))]
+    ob = await Outbox.open(db)
+    try:
+        seen: list[int] = []
+        bodies: list[tuple[int, dict[str, object]]] = []
+        while (batch := await ob.next_batch(0, exclude=seen, max_records=10_000)) is not None:
+            seen.append(batch.seq)
+            bodies += [(r.id, r.body) for r in batch.records if r.kind == kind]
+        return [b for _, b in sorted(bodies, key=lambda x: x[0])]
+    finally:
+        await ob.close()
 
 
 async def test_trip_when_credit_runs_out_and_restore_after_top_up(tmp_path: Path) -> None:
@@ -141,7 +150,7 @@ async def test_trip_when_credit_runs_out_and_restore_after_top_up(tmp_path: Path
             stop.set()
             await asyncio.wait_for(run, 30)
 
-    events = outbox_bodies(tmp_path / "gw.db", "event")
+    events = await outbox_bodies(tmp_path / "gw.db", "event")
     types = [e["type"] for e in events]
     assert "cutoff.action.trip" in types and "cutoff.action.close" in types, types
     relay_ops = [e for e in events if e["type"] == "relay.operation"]
@@ -151,7 +160,7 @@ async def test_trip_when_credit_runs_out_and_restore_after_top_up(tmp_path: Path
     assert levels[:2] == ["alarm1", "alarm2"], levels
 
     # money to the fen: opening + credit - every debit uploaded = the ledger's balance
-    charges = outbox_bodies(tmp_path / "gw.db", "charge")
+    charges = await outbox_bodies(tmp_path / "gw.db", "charge")
     total = sum(int(c["amount_micro"]) for c in charges)  # type: ignore[call-overload]
     assert any(c["kind"] == "credit" for c in charges)
     with sqlite3.connect(tmp_path / "gw.db") as conn:
