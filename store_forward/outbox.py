@@ -556,6 +556,37 @@ class Outbox:
         await db.execute("UPDATE outbox SET body = ? WHERE id = ?", (blob, rid))
         return rid
 
+    async def _add_many(
+        self, db: aiosqlite.Connection, items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]]
+    ) -> int:
+        """Insert records with consecutive ids (one statement); returns the first id.
+
+        Inside the write transaction nobody else inserts, so the ids after the
+        AUTOINCREMENT high-water mark are ours; inserting them explicitly moves
+        the mark, so an id is still never reused."""
+        async with db.execute(
+            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
+            " coalesce((SELECT max(id) FROM outbox), 0)"
+        ) as cur:
+            row = await cur.fetchone()
+        first = max(int(row[0]), int(row[1])) + 1 if row else 1
+        if items:
+            await db.executemany(
+                "INSERT INTO outbox (id, cls, kind, created_ms, key_ver, body) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        first + i,
+                        int(cls),
+                        kind,
+                        created,
+                        self._key_version,
+                        self._sealer.seal(first + i, self._aad_class(cls, kind), dumps(body)),
+                    )
+                    for i, (cls, kind, created, body) in enumerate(items)
+                ],
+            )
+        return first
+
     async def add_in(
         self,
         db: aiosqlite.Connection,
@@ -610,19 +641,22 @@ class Outbox:
         await self._enforce_policy(db, now_ms)
         ids = []
         n_billing = n_telemetry = 0
+        items: list[tuple[RecordClass, str, int, dict[str, Any]]] = []
         for r in readings:
             # One id per reading, in order (callers pair them): its BILLING record's,
             # or its TELEMETRY record's when it has no register values.
             for k, (cls, body) in enumerate(split_reading(r)):
-                rid = await self._add(db, cls, RecordKind.READING, r.time_ms, body)
                 if k == 0:
-                    ids.append(rid)
+                    ids.append(len(items))
+                items.append((cls, RecordKind.READING, r.time_ms, body))
                 if cls is RecordClass.BILLING:
                     n_billing += 1
                 else:
                     n_telemetry += 1
         for e in events:
-            await self._add(db, RecordClass.EVENT, RecordKind.EVENT, now_ms, e)
+            items.append((RecordClass.EVENT, RecordKind.EVENT, now_ms, e))
+        first = await self._add_many(db, items)
+        ids = [first + i for i in ids]
         await self._flush_alarms(db, now_ms)
         for s in statuses:
             await db.execute(
