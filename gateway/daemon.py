@@ -52,6 +52,7 @@ from gateway.commands import (
 )
 from gateway.config import BusSection, Config
 from gateway.prepaid import Prepaid, RelayIntent
+from gateway.risk_monitor import RiskMonitor
 from gateway.security import trusted_time
 from gateway.security.roles import TrustStore
 from gateway.security.trusted_time import TrustedClock
@@ -189,6 +190,7 @@ class Daemon:
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
         self.prepaid: Prepaid | None = None
+        self.risk = RiskMonitor(config.gateway.timezone)
         self.ready = asyncio.Event()
         self.started_ms = 0
         self._pollers: list[asyncio.Task[None]] = []
@@ -234,6 +236,7 @@ class Daemon:
                 )
                 if self.prepaid is not None:
                     await self.prepaid.start_in(db, self.started_ms)
+                await self.risk.start_in(db)
                 await trusted_time.create_schema(db)
                 floor = await trusted_time.load_floor(db)
             self.clock = TrustedClock.restored(floor, wall=self.clock_ms, mono=self.clock_ms)
@@ -426,6 +429,7 @@ class Daemon:
 
     async def _operate(self, controller: Any, intent: RelayIntent) -> dict[str, Any]:
         self.stats.relay_operations += 1
+        self.risk.relay_commanded(intent.meter, intent.open, self.clock_ms())
         try:
             result = await controller.set_open(intent.meter, intent.open)
         except (RelayRateLimited, RelayRefused, KeyError) as exc:
