@@ -23,11 +23,48 @@ What it does:
 * Last will (on any close not preceded by DISCONNECT, including keepalive
   expiry, protocol errors and session takeover) and retained messages.
 
+Transport security and access control (all optional, off by default):
+
+* TLS: ``MiniBroker(tls=ctx)`` with a server-side :class:`ssl.SSLContext`,
+  usually from :func:`server_tls_context` (TLS >= 1.2). With a CA given there,
+  the context requires a client certificate signed by that CA (mutual TLS).
+  The broker performs each handshake itself, bounded by ``connect_timeout``; a
+  failed or stalled handshake is logged (peer address and OpenSSL's reason) and
+  closes that connection only. A plaintext client on the TLS port gets no
+  session.
+* ``identity_as_username=True`` (requires a TLS context with
+  ``verify_mode = CERT_REQUIRED``): the client certificate's subject CN is the
+  client's MQTT username, like mosquitto's ``use_identity_as_username``; a
+  username or password in CONNECT is ignored. Cannot be combined with ``users``.
+* ``acl=Acl(...)``: topic access control with mosquitto's ``acl_file``
+  semantics, parsed by :meth:`Acl.parse` (``user``, ``topic [read|write|
+  readwrite|deny] T``, ``pattern [...] T`` with ``%u`` = username and ``%c`` =
+  client id; ``topic`` lines before any ``user`` line apply to clients without
+  a username), so the demo can load ``examples/mosquitto/edgegw.acl``
+  unchanged. :meth:`Acl.own_subtree` builds the simple rule "each client only
+  under ``{prefix}/{username}/``" (``pattern readwrite {prefix}/%u/#``).
+  Named ``superusers`` (the headend) may publish and subscribe everywhere.
+  Enforcement:
+
+  - PUBLISH to a topic without write access is dropped and logged; QoS 1/2 is
+    still acknowledged (MQTT 3.1.1 cannot say "denied"; mosquitto does the same).
+  - SUBSCRIBE is granted only for a filter every topic of which the client may
+    read (``edgegw/v1/gw-a/#`` yes for gw-a; ``edgegw/v1/+/cmd`` or ``#`` no):
+    the SUBACK carries 0x80 for a refused filter. Each delivery (retained
+    messages too) is checked again against read access.
+  - The will topic needs write access, or CONNECT is refused (code 5).
+  - A pattern rule does not apply to a username or client id containing
+    ``/``, ``+`` or ``#`` (it could otherwise widen the pattern).
+  - A client id whose session belongs to another username is refused (code 2),
+    so one client cannot take over, or resume, another user's session.
+  - Deny rules win over any allowing rule.
+
 Limits (it is a demo/test broker, not a production one):
 
 * Everything is in memory; a restart forgets sessions and retained messages.
-* No TLS, no ACLs, no ``$SYS`` topics, no MQTT 5 (CONNACK refuses level 5),
-  no bridge, no persistence of QoS 0 messages for offline clients.
+* No ``$SYS`` topics, no MQTT 5 (CONNACK refuses level 5), no bridge, no
+  persistence of QoS 0 messages for offline clients, no certificate
+  revocation lists (a demo PKI is short-lived instead).
 * Delivery matches every subscription linearly: fine for tens of clients.
 * Bounded everywhere: packet size (``max_packet_size``), QoS 1 messages in
   flight and queued per client (``max_inflight``, ``max_queued``; excess is
@@ -45,12 +82,14 @@ import contextlib
 import itertools
 import logging
 import signal
+import ssl
 import sys
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +454,200 @@ def topic_matches(filt: str, topic: str) -> bool:
     return len(flevels) == len(tlevels)
 
 
+def filter_covers(outer: str, inner: str) -> bool:
+    """True if every topic matched by filter ``inner`` is matched by filter ``outer``."""
+    olevels, ilevels = outer.split("/"), inner.split("/")
+    if inner.startswith("$") and olevels[0] in ("+", "#"):
+        return False
+    for i, level in enumerate(ilevels):
+        if i >= len(olevels):
+            return False
+        o = olevels[i]
+        if o == "#":
+            return True
+        if level == "#":
+            return False
+        if o != "+" and o != level:
+            return False
+    # "a/#" also matches "a" itself
+    return len(olevels) == len(ilevels) or (len(olevels) == len(ilevels) + 1 and olevels[-1] == "#")
+
+
+# --------------------------------------------------------------------------- #
+# Access control (pure)
+# --------------------------------------------------------------------------- #
+
+Access = Literal["read", "write", "readwrite", "deny"]
+_ACCESS: tuple[Access, ...] = ("read", "write", "readwrite", "deny")
+_UNSAFE_IN_PATTERN = ("/", "+", "#")
+
+
+class AclError(ValueError):
+    """An ACL rule or file that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class AclRule:
+    """One ``topic``/``pattern`` line: an access kind and a topic filter."""
+
+    access: Access
+    topic: str
+
+    def __post_init__(self) -> None:
+        if self.access not in _ACCESS:
+            raise AclError(f"access must be one of {_ACCESS}, got {self.access!r}")
+        if not valid_topic_filter(self.topic) or self.topic.startswith("$share/"):
+            raise AclError(f"invalid topic filter in ACL: {self.topic!r}")
+
+
+@dataclass(frozen=True)
+class Acl:
+    """Who may publish and subscribe where; see the module docstring for the rules.
+
+    ``patterns`` apply to every client with ``%u``/``%c`` substituted;
+    ``users`` maps a username to its ``topic`` rules; ``anonymous`` holds the
+    rules for clients without a username; ``superusers`` bypass every rule.
+    """
+
+    patterns: tuple[AclRule, ...] = ()
+    users: Mapping[str, tuple[AclRule, ...]] = field(default_factory=dict)
+    anonymous: tuple[AclRule, ...] = ()
+    superusers: frozenset[str] = frozenset()
+
+    @classmethod
+    def own_subtree(cls, prefix: str, superusers: Iterable[str] = ()) -> Acl:
+        """Each client may publish/subscribe only under ``{prefix}/{username}/``."""
+        prefix = prefix.rstrip("/")
+        return cls(
+            patterns=(AclRule("readwrite", f"{prefix}/%u/#"),), superusers=frozenset(superusers)
+        )
+
+    @classmethod
+    def parse(cls, text: str, superusers: Iterable[str] = ()) -> Acl:
+        """Parse mosquitto ``acl_file`` syntax (``user``, ``topic``, ``pattern``, comments)."""
+        patterns: list[AclRule] = []
+        anonymous: list[AclRule] = []
+        users: dict[str, list[AclRule]] = {}
+        current: list[AclRule] = anonymous
+        for n, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            keyword, _, rest = line.partition(" ")
+            rest = rest.strip()
+            try:
+                if keyword == "user":
+                    if not rest:
+                        raise AclError("user without a name")
+                    current = users.setdefault(rest, [])
+                elif keyword in ("topic", "pattern"):
+                    access: Access = "readwrite"
+                    first, _, after = rest.partition(" ")
+                    if first in _ACCESS and after.strip():
+                        access, rest = first, after.strip()
+                    rule = AclRule(access, rest)
+                    (patterns if keyword == "pattern" else current).append(rule)
+                else:
+                    raise AclError(f"unknown keyword {keyword!r}")
+            except AclError as exc:
+                raise AclError(f"ACL line {n}: {exc}") from None
+        return cls(
+            patterns=tuple(patterns),
+            users={u: tuple(r) for u, r in users.items()},
+            anonymous=tuple(anonymous),
+            superusers=frozenset(superusers),
+        )
+
+    @classmethod
+    def load(cls, path: Path, superusers: Iterable[str] = ()) -> Acl:
+        return cls.parse(path.read_text(encoding="utf-8"), superusers)
+
+    def rules_for(self, username: str | None, client_id: str) -> list[AclRule]:
+        """The concrete rules of one client (patterns substituted)."""
+        rules = list(self.anonymous if username is None else self.users.get(username, ()))
+        for rule in self.patterns:
+            topic = rule.topic
+            if "%u" in topic:
+                if username is None or any(c in username for c in _UNSAFE_IN_PATTERN):
+                    continue
+                topic = topic.replace("%u", username)
+            if "%c" in topic:
+                if not client_id or any(c in client_id for c in _UNSAFE_IN_PATTERN):
+                    continue
+                topic = topic.replace("%c", client_id)
+            rules.append(AclRule(rule.access, topic))
+        return rules
+
+    def is_superuser(self, username: str | None) -> bool:
+        return username is not None and username in self.superusers
+
+    def may_write(self, username: str | None, client_id: str, topic: str) -> bool:
+        return self._may(username, client_id, topic, "write")
+
+    def may_read(self, username: str | None, client_id: str, topic: str) -> bool:
+        return self._may(username, client_id, topic, "read")
+
+    def may_subscribe(self, username: str | None, client_id: str, filt: str) -> bool:
+        """Every topic the filter can match must be readable by some rule."""
+        if self.is_superuser(username):
+            return True
+        rules = self.rules_for(username, client_id)
+        return any(
+            r.access in ("read", "readwrite") and filter_covers(r.topic, filt) for r in rules
+        )
+
+    def _may(self, username: str | None, client_id: str, topic: str, want: str) -> bool:
+        if self.is_superuser(username):
+            return True
+        allowed = False
+        for rule in self.rules_for(username, client_id):
+            if not topic_matches(rule.topic, topic):
+                continue
+            if rule.access == "deny":
+                return False
+            allowed = allowed or rule.access in (want, "readwrite")
+        return allowed
+
+
+# --------------------------------------------------------------------------- #
+# TLS
+# --------------------------------------------------------------------------- #
+
+
+def server_tls_context(
+    cert: Path | str, key: Path | str, ca: Path | str | None = None
+) -> ssl.SSLContext:
+    """A server-side context: TLS 1.2 or newer, the broker's certificate chain.
+
+    With ``ca``, every client must present a certificate that chains to it
+    (mutual TLS; ``verify_mode = CERT_REQUIRED``). Without, clients are not
+    asked for one.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    if ca is not None:
+        ctx.load_verify_locations(cafile=str(ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def certificate_cn(peercert: object) -> str | None:
+    """The subject CN of a certificate as returned by ``SSLSocket.getpeercert()``.
+
+    None if there is no certificate, no CN, or more than one CN (ambiguous).
+    """
+    if not isinstance(peercert, dict):
+        return None
+    cns = [
+        attr[1]
+        for rdn in peercert.get("subject", ())
+        for attr in rdn
+        if len(attr) == 2 and attr[0] == "commonName"
+    ]
+    return cns[0] if len(cns) == 1 and isinstance(cns[0], str) and cns[0] else None
+
+
 # --------------------------------------------------------------------------- #
 # Broker
 # --------------------------------------------------------------------------- #
@@ -429,6 +662,7 @@ class _Session:
     pending: deque[Message] = field(default_factory=deque)
     qos2_awaiting_rel: set[int] = field(default_factory=set)
     conn: _Connection | None = None
+    username: str | None = None  # of the connection that made it (ACL subject)
     last_packet_id: int = 0
     dropped: int = 0
 
@@ -453,6 +687,7 @@ class _Connection:
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.session: _Session | None = None
+        self.tls_cn: str | None = None  # verified client certificate's CN, if any
         self.keepalive = 0
         self.will: Message | None = None
         self.disconnected_cleanly = False
@@ -497,7 +732,26 @@ class MiniBroker:
         max_sessions: int = 10_000,
         connect_timeout: float = 10.0,
         max_write_buffer: int = 1 << 20,
+        tls: ssl.SSLContext | None = None,
+        identity_as_username: bool = False,
+        acl: Acl | None = None,
     ) -> None:
+        """``tls``: a server-side context (see :func:`server_tls_context`); the
+        listener then speaks TLS only. ``identity_as_username`` and ``acl``: see
+        the module docstring."""
+        if tls is not None and tls.check_hostname:
+            raise ValueError("tls must be a server-side context (see server_tls_context)")
+        if identity_as_username:
+            if tls is None or tls.verify_mode is not ssl.CERT_REQUIRED:
+                raise ValueError(
+                    "identity_as_username needs a TLS context that requires client "
+                    "certificates (server_tls_context(..., ca=...))"
+                )
+            if users is not None:
+                raise ValueError("identity_as_username and users cannot be combined")
+        self.tls = tls
+        self.identity_as_username = identity_as_username
+        self.acl = acl
         self.users = dict(users) if users is not None else None
         self.max_packet_size = max_packet_size
         self.max_inflight = max_inflight
@@ -578,7 +832,12 @@ class MiniBroker:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        if self.tls is not None and not await self._handshake(writer):
+            self._handlers.discard(task)
+            return
         conn = _Connection(reader, writer)
+        if self.tls is not None:
+            conn.tls_cn = certificate_cn(writer.get_extra_info("peercert"))
         self._conns.add(conn)
         try:
             await self._serve(conn)
@@ -605,6 +864,28 @@ class MiniBroker:
             else:
                 writer.close()  # flushes what is still buffered (e.g. a refusing CONNACK)
             self._handlers.discard(task)
+
+    async def _handshake(self, writer: asyncio.StreamWriter) -> bool:
+        """TLS server handshake on a fresh connection; False (logged, closed) on failure."""
+        assert self.tls is not None
+        peer = writer.get_extra_info("peername")
+        where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await writer.start_tls(self.tls, ssl_handshake_timeout=self.connect_timeout)
+        except ssl.SSLError as exc:
+            reason = exc.reason or exc.strerror or str(exc)
+            log.warning("minibroker: TLS handshake with %s failed: %s", where, reason)
+        except TimeoutError:
+            log.warning("minibroker: TLS handshake with %s timed out", where)
+        except (ConnectionError, OSError) as exc:
+            log.warning("minibroker: TLS handshake with %s failed: %s", where, exc)
+        except asyncio.CancelledError:
+            pass  # stop() during the handshake
+        else:
+            return True
+        writer.transport.abort()
+        return False
 
     async def _serve(self, conn: _Connection) -> None:
         framer = PacketReader(self.max_packet_size)
@@ -634,14 +915,26 @@ class MiniBroker:
         session = conn.session
         if pkt.type == PUBLISH:
             msg, packet_id, _dup = parse_publish(pkt.flags, pkt.body)
+            allowed = self.acl is None or self.acl.may_write(
+                session.username, session.client_id, msg.topic
+            )
+            if not allowed:
+                log.warning(
+                    "minibroker: %s (user %r) may not publish to %r; dropped",
+                    conn.name,
+                    session.username,
+                    msg.topic,
+                )
             if msg.qos == 2:
                 assert packet_id is not None
                 if packet_id not in session.qos2_awaiting_rel:
                     session.qos2_awaiting_rel.add(packet_id)
-                    self._publish(msg)
+                    if allowed:
+                        self._publish(msg)
                 conn.send(encode_ack(PUBREC, packet_id))
             else:
-                self._publish(msg)
+                if allowed:
+                    self._publish(msg)
                 if packet_id is not None:
                     conn.send(encode_ack(PUBACK, packet_id))
         elif pkt.type == PUBACK:
@@ -682,13 +975,20 @@ class MiniBroker:
             log.warning("minibroker: refusing %s: %s", conn.peer, exc)
             conn.send(encode_connack(False, CONNACK_BAD_PROTOCOL))
             return False
-        refusal = self._check_connect(req)
+        client_id = req.client_id or f"minibroker-auto-{next(self._auto_ids)}"
+        username = conn.tls_cn if self.identity_as_username else req.username
+        refusal = self._check_connect(req, client_id, username)
         if refusal is not None:
-            log.warning("minibroker: refusing %s (%r): code %d", conn.peer, req.client_id, refusal)
+            log.warning(
+                "minibroker: refusing %s (%r, user %r): code %d",
+                conn.peer,
+                req.client_id,
+                username,
+                refusal,
+            )
             conn.send(encode_connack(False, refusal))
             conn.disconnected_cleanly = True  # no session, no will
             return False
-        client_id = req.client_id or f"minibroker-auto-{next(self._auto_ids)}"
         old = self._sessions.get(client_id)
         if old is not None and old.conn is not None:
             log.info("minibroker: %s takes over session %r", conn.peer, client_id)
@@ -702,7 +1002,7 @@ class MiniBroker:
         else:
             if old is not None:
                 self._drop_session(old)
-            session = _Session(client_id, clean=req.clean_session)
+            session = _Session(client_id, clean=req.clean_session, username=username)
             self._sessions[client_id] = session
         session.conn = conn
         conn.session = session
@@ -710,8 +1010,9 @@ class MiniBroker:
         conn.will = req.will
         conn.send(encode_connack(resumed, CONNACK_ACCEPTED))
         log.info(
-            "minibroker: %s connected (clean=%s, keepalive=%d, session present=%s)",
+            "minibroker: %s connected (user %r, clean=%s, keepalive=%d, session present=%s)",
             conn.name,
+            username,
             req.clean_session,
             req.keepalive,
             resumed,
@@ -722,9 +1023,19 @@ class MiniBroker:
             self._pump(session)
         return True
 
-    def _check_connect(self, req: ConnectRequest) -> int | None:
+    def _check_connect(
+        self, req: ConnectRequest, client_id: str, username: str | None
+    ) -> int | None:
         if not req.client_id and not req.clean_session:
             return CONNACK_ID_REJECTED
+        if self.identity_as_username and username is None:
+            return CONNACK_NOT_AUTHORIZED  # no usable CN in the client certificate
+        if self.acl is not None:
+            old = self._sessions.get(client_id)
+            if old is not None and old.username != username:
+                return CONNACK_ID_REJECTED  # another user's session
+            if req.will is not None and not self.acl.may_write(username, client_id, req.will.topic):
+                return CONNACK_NOT_AUTHORIZED
         if self.users is not None:
             if req.username is None:
                 return CONNACK_NOT_AUTHORIZED
@@ -773,6 +1084,17 @@ class MiniBroker:
                 log.warning("minibroker: %s: refusing subscription %r", conn.name, filt)
                 codes.append(SUBACK_FAILURE)
                 continue
+            if self.acl is not None and not self.acl.may_subscribe(
+                session.username, session.client_id, inner
+            ):
+                log.warning(
+                    "minibroker: %s (user %r) may not subscribe to %r",
+                    conn.name,
+                    session.username,
+                    filt,
+                )
+                codes.append(SUBACK_FAILURE)
+                continue
             granted = min(qos, 1)
             session.subscriptions[filt] = granted
             codes.append(granted)
@@ -782,7 +1104,9 @@ class MiniBroker:
                     members.append(session.client_id)
             else:
                 to_send.extend(
-                    (m, granted) for t, m in self._retained.items() if topic_matches(inner, t)
+                    (m, granted)
+                    for t, m in self._retained.items()
+                    if topic_matches(inner, t) and self._may_read(session, t)
                 )
         conn.send(encode_suback(packet_id, codes))
         for msg, granted in to_send:
@@ -814,6 +1138,8 @@ class MiniBroker:
             else:
                 log.warning("minibroker: retained store full, not retaining %r", msg.topic)
         for session in list(self._sessions.values()):
+            if not self._may_read(session, msg.topic):
+                continue
             best = -1
             for filt, granted in session.subscriptions.items():
                 if not filt.startswith("$share/") and topic_matches(filt, msg.topic):
@@ -824,9 +1150,18 @@ class MiniBroker:
             if topic_matches(inner, msg.topic):
                 self._deliver_shared(share, _group, inner, msg)
 
+    def _may_read(self, session: _Session, topic: str) -> bool:
+        return self.acl is None or self.acl.may_read(session.username, session.client_id, topic)
+
     def _deliver_shared(self, share: _ShareGroup, group: str, inner: str, msg: Message) -> None:
         n = len(share.members)
-        order = [(share.next + i) % n for i in range(n)]
+        order = [
+            (share.next + i) % n
+            for i in range(n)
+            if self._may_read(self._sessions[share.members[(share.next + i) % n]], msg.topic)
+        ]
+        if not order:
+            return
         online = [i for i in order if self._sessions[share.members[i]].conn is not None]
         chosen = (online or order)[0]
         share.next = (chosen + 1) % n
