@@ -759,7 +759,10 @@ class Outbox:
         return 0
 
     async def _avg_row(self, db: aiosqlite.Connection, where: str) -> int:
-        async with db.execute(f"SELECT avg(length(body)) FROM outbox WHERE {where}") as cur:
+        # A sample of the oldest rows: a full scan would read every blob.
+        async with db.execute(
+            f"SELECT avg(length(body)) FROM (SELECT body FROM outbox WHERE {where} ORDER BY id LIMIT 256)"
+        ) as cur:
             row = await cur.fetchone()
         return int((row[0] if row and row[0] else 200) + _ROW_OVERHEAD)
 
@@ -769,7 +772,9 @@ class Outbox:
         evicted = 0
         if plan.shed_bytes:
             per = await self._avg_row(db, tele)
-            want = -(-plan.shed_bytes // per)
+            # Shed a little more than needed (1/64 of the ceiling), so that a full
+            # store sheds in steps, not on every commit.
+            want = -(-(plan.shed_bytes + self.policy.max_bytes // 64) // per)
             # 1. telemetry older than the recent window, oldest first
             cutoff = now_ms - self.policy.keep_recent_telemetry_ms
             cur = await db.execute(
