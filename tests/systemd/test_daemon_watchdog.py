@@ -183,7 +183,8 @@ async def assert_pinging(ns: NotifySocket, seconds: float) -> None:
     tick = WATCHDOG_USEC / 2e6
     assert len(pings) >= seconds / tick / 2, f"{len(pings)} pings in {seconds} s"
     gaps = [b - a for a, b in zip([t0, *pings], [*pings, time.monotonic()], strict=True)]
-    assert max(gaps) < 6 * tick, f"ping gap of {max(gaps):.2f} s while healthy"
+    # Generous for a loaded machine, still well below the stalls' withheld windows.
+    assert max(gaps) < 0.5, f"ping gap of {max(gaps):.2f} s while healthy"
 
 
 async def assert_stall_withholds(
@@ -196,8 +197,8 @@ async def assert_stall_withholds(
     assert f"{condition} stalled for " in status and f"(limit {DEADLINE_S:g} s)" in status, status
     # Withheld once the condition is older than its deadline (it was last noted
     # at most one poll interval or commit before the stall began), not before.
-    assert DEADLINE_S - POLL_S - 0.1 <= t_w - begun <= DEADLINE_S + 0.6, t_w - begun
-    assert ended - t_w >= 0.8, "stall too short to show anything"
+    assert DEADLINE_S - POLL_S - 0.1 <= t_w - begun <= DEADLINE_S + 1.0, t_w - begun
+    assert ended - t_w >= 0.4, "stall too short to show anything"
     assert ns.pings(t_w + 0.01, ended) == [], "pinged while stalled"
     return t_w
 
