@@ -188,8 +188,10 @@ class ModbusTransport:
             self.requests += 1
             self._rx_bytes = 0
             try:
-                # pymodbus applies the client timeout; this deadline is the backstop.
-                response = await asyncio.wait_for(op(), limit + 0.5)
+                # pymodbus applies the client timeout; this deadline is the backstop
+                # (a timeout scope, not wait_for: no extra task per request)
+                async with asyncio.timeout(limit + 0.5):
+                    response = await op()
             except TimeoutError:
                 raise self._no_answer(meter_id, what, limit) from None
             except ConnectionException as exc:
