@@ -102,6 +102,12 @@ def r4(x: float) -> float:
     return round(x, 4)
 
 
+def take(xs: list[float]) -> list[float]:
+    out = list(xs)
+    xs.clear()
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Machine
 
@@ -369,6 +375,20 @@ def dlt645_transaction_s(baud: int, request_bytes: int, reply_bytes: int, respon
     return (request_bytes + reply_bytes) * BITS_PER_CHAR / baud + dlt645_gap_s(baud) + response_delay_s
 
 
+class TimedRtuSimulator(RtuSimulator):
+    """The Modbus RTU simulator, recording how long each answered request took it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.answer_s: list[float] = []
+
+    async def _answer(self, request: Any) -> None:
+        t0, replies = time.monotonic(), self.replies
+        await super()._answer(request)
+        if self.replies > replies:
+            self.answer_s.append(time.monotonic() - t0)
+
+
 class WireTimedDlt645Simulator(Dlt645Simulator):
     """The DL/T 645 simulator, also spending the request's wire time before it answers.
 
@@ -381,6 +401,24 @@ class WireTimedDlt645Simulator(Dlt645Simulator):
     def __init__(self, *args: Any, request_preamble: int = 4, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.request_preamble = request_preamble
+        self.answer_s: list[float] = []  # request complete -> reply written, per reply
+
+    async def _serve(
+        self, read: Callable[[], Awaitable[bytes]], write: Callable[[bytes], Awaitable[None]]
+    ) -> None:
+        arrived = 0.0
+
+        async def timed_read() -> bytes:
+            nonlocal arrived
+            data = await read()
+            arrived = time.monotonic()
+            return data
+
+        async def timed_write(data: bytes) -> None:
+            await write(data)
+            self.answer_s.append(time.monotonic() - arrived)
+
+        await super()._serve(timed_read, timed_write)
 
     def reply_bytes(self, request: Frame) -> tuple[bytes, float]:
         reply, extra = super().reply_bytes(request)
@@ -398,7 +436,9 @@ class Bus:
     sched: BusScheduler
     set_dead: Callable[[int, bool], None]  # meter index, dead?
     transactions: Callable[[], list[tuple[int, int]]]  # (request bytes, reply bytes) since last call
-    transaction_s: Callable[[int, int], float]
+    transaction_s: Callable[[int, int], float]  # wire limit of one transaction
+    simulator_s: Callable[[int, int], float]  # the part of it the simulator spends (request in -> reply out)
+    answer_s: Callable[[], list[float]]  # what the simulator actually spent, per reply since last call
     meters: int
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -414,7 +454,7 @@ async def modbus_rtu_bus(
     policy: BackoffPolicy | None = None,
 ) -> AsyncIterator[Bus]:
     units = list(range(1, meters + 1))
-    async with RtuSimulator(units, baud=baud, wire_timing=True, response_delay_s=response_delay_s) as sim:
+    async with TimedRtuSimulator(units, baud=baud, wire_timing=True, response_delay_s=response_delay_s) as sim:
         transport = ModbusTransport.serial(sim.path, name="rtu", baud=baud, parity="N", stop_bits=1, timeout_s=timeout_s)
         try:
             drivers = [ModbusDriver(f"m{u}", u, SDM120, transport) for u in units]
@@ -446,6 +486,8 @@ async def modbus_rtu_bus(
                 set_dead,
                 transactions,
                 lambda q, a: modbus_rtu_transaction_s(baud, q, a, response_delay_s),
+                lambda q, a: modbus_rtu_transaction_s(baud, q, a, response_delay_s) - rtu_t35_s(baud),
+                lambda: take(sim.answer_s),
                 meters,
                 {"profile": SDM120.name, "response_delay_s": response_delay_s, "t3_5_s": r4(rtu_t35_s(baud))},
             )
@@ -465,7 +507,8 @@ async def dlt645_bus(
     quantities: Sequence[Quantity] = DEFAULT_QUANTITIES,
 ) -> AsyncIterator[Bus]:
     sim_meters = make_dlt645_meters(meters)
-    async with WireTimedDlt645Simulator(sim_meters, baud=baud, response_delay_s=response_delay_s) as sim:
+    sim = WireTimedDlt645Simulator(sim_meters, baud=baud, response_delay_s=response_delay_s)
+    async with sim:
         path = await sim.start_pty()
         # parity exists only on a real UART; the simulator spends 11 bits per byte regardless
         bus = BusSection("dlt", "serial", device=path, baud=baud, parity="N", timeout_s=timeout_s, retries=retries)
@@ -499,6 +542,8 @@ async def dlt645_bus(
                 set_dead,
                 transactions,
                 lambda q, a: dlt645_transaction_s(baud, q, a, response_delay_s),
+                lambda q, a: dlt645_transaction_s(baud, q, a, response_delay_s) - dlt645_gap_s(baud),
+                lambda: take(sim.answer_s),
                 meters,
                 {
                     "quantities": [q.value for q in quantities],
@@ -528,18 +573,29 @@ async def wire_efficiency(bus: Bus, cycles: int) -> dict[str, Any]:
     if len(res.readings) != bus.meters:
         raise RuntimeError(f"{bus.protocol} {bus.baud}: warm-up read {len(res.readings)} of {bus.meters}")
     bus.transactions()
+    bus.answer_s()
     durations: list[float] = []
     limits: list[float] = []
+    sim_excess: list[float] = []
     per_cycle: list[tuple[int, int]] = []
     for _ in range(cycles):
         res = await bus.sched.run_cycle(clock.now_ms())
         if len(res.readings) != bus.meters:
             raise RuntimeError(f"{bus.protocol} {bus.baud}: cycle read {len(res.readings)} of {bus.meters}")
         per_cycle = bus.transactions()
+        answers = bus.answer_s()
+        if len(answers) != len(per_cycle):
+            raise RuntimeError(f"{len(answers)} simulator answers for {len(per_cycle)} transactions")
         durations.append(res.duration_s)
         limits.append(sum(bus.transaction_s(q, a) for q, a in per_cycle))
+        sim_excess.append(sum(answers) - sum(bus.simulator_s(q, a) for q, a in per_cycle))
     limit = median(limits)
     measured = median(durations)
+    n = len(per_cycle)
+    # where the cycle lost time against the wire: the simulator's own lateness (timer
+    # granularity, its CPU time) and the rest (gateway, event loop, pseudo-terminal)
+    loss = [d - lim for d, lim in zip(durations, limits, strict=True)]
+    gateway_loss = [x - e for x, e in zip(loss, sim_excess, strict=True)]
     return {
         "baud": bus.baud,
         "meters": bus.meters,
@@ -554,6 +610,12 @@ async def wire_efficiency(bus: Bus, cycles: int) -> dict[str, Any]:
         "polls_per_s": round(bus.meters / measured, 3),
         "fraction_of_limit": round(limit / measured, 3),
         "fraction_of_limit_best_cycle": round(limit / min(durations), 3),
+        "loss_ms_per_transaction": {
+            "total": round(median(loss) / n * 1000, 2),
+            "simulator": round(median(sim_excess) / n * 1000, 2),
+            "gateway_and_os": round(median(gateway_loss) / n * 1000, 2),
+        },
+        "fraction_of_limit_without_simulator_lateness": round(limit / (measured - median(sim_excess)), 3),
         "cycles": cycles,
     }
 
@@ -706,8 +768,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", default="cpu,wire,dead,outage", help="comma list of cpu, wire, dead, outage")
     p.add_argument("--quick", action="store_true", help="tiny scale: checks the benchmark runs, measures little")
     p.add_argument("--cpu-meters", type=int, default=8)
-    p.add_argument("--cpu-cycles", type=int, default=150, help="Modbus TCP cycles per timed round")
-    p.add_argument("--cpu-dlt-cycles", type=int, default=30, help="DL/T 645 TCP cycles per timed round")
+    p.add_argument("--cpu-cycles", type=int, default=60, help="Modbus TCP cycles per timed round")
+    p.add_argument("--cpu-dlt-cycles", type=int, default=15, help="DL/T 645 TCP cycles per timed round")
     p.add_argument("--cpu-rounds", type=int, default=3)
     p.add_argument("--bauds", default="2400,9600", help="comma list of baud rates for the wire part")
     p.add_argument("--rtu-meters", type=int, default=8)
