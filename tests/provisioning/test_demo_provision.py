@@ -7,33 +7,47 @@ configuration satisfies the gateway's apply rules.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
+from firmware_bridge.dlt645.simulator import Simulator as Dlt645Simulator
+from firmware_bridge.dlt645.simulator import make_meters
+from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway import demo
 from gateway import demo_story as story
 from gateway.config import load_config
+from gateway.daemon import Daemon
 from gateway.demo_provision import DemoProvisionError, ProvisionedSite, provision_demo_site
 from provisioning.apply import apply_bundle, current_release, previous_release
 from provisioning.bundle import HEADER, DeviceIdentity, split_bundle, verify_bundle
 from provisioning.cli import load_public_key
 from provisioning.keys import Keystore
+from tests.harness.mosquitto import free_port
 
 GW = demo.GATEWAY_ID
 
 
-def demo_files(workdir: Path, *, storage: str | None = None) -> dict[str, bytes]:
+def demo_files(
+    workdir: Path,
+    *,
+    storage: str | None = None,
+    modbus_port: int = 5020,
+    tty: str = "/dev/ttyDEMO0",
+    dlt_addresses: tuple[str, ...] = ("000000000001",),
+) -> dict[str, bytes]:
     """The four files ``edgegw demo`` writes, keyed by their path in the bundle."""
     plan = story.make_plan(60.0, int(time.time() * 1000))
     gen = workdir / "generated"
     gen.mkdir(parents=True, exist_ok=True)
     demo.Central(gen)  # writes trust.json with central's billing key
-    config = demo._config_text(workdir, 1883, 5020, [1, 2], "/dev/ttyDEMO0", ["000000000001"])
+    config = demo._config_text(workdir, free_port(), modbus_port, [1, 2], tty, list(dlt_addresses))
     if storage is not None:
         old = f'path = "{workdir / "gateway.db"}"'
         assert old in config
@@ -201,3 +215,41 @@ async def test_wrong_gateway_and_missing_config_are_refused(tmp_path: Path) -> N
     with pytest.raises(DemoProvisionError) as err:
         await provision_demo_site(tmp_path / "other", demo_files(tmp_path), gateway_id="gw-other")
     assert f"gateway.id is {GW!r} but this gateway is 'gw-other'" in str(err.value)
+
+
+async def test_daemon_runs_from_the_provisioned_configuration(tmp_path: Path) -> None:
+    """The demo's meters, its config signed and applied, the real daemon started from
+    ``current/files/gateway.toml``: both buses are polled into the database outside
+    the release, and central's trust file in the release is in force."""
+    dlt_meters = make_meters(1)
+    dlt_sim = Dlt645Simulator(dlt_meters)
+    async with ModbusSimulator(units=[1, 2]) as sim:
+        tty = await dlt_sim.start_pty()
+        try:
+            files = demo_files(
+                tmp_path,
+                modbus_port=sim.port,
+                tty=tty,
+                dlt_addresses=tuple(m.address for m in dlt_meters),
+            )
+            site = await provision_demo_site(tmp_path, files, gateway_id=GW)
+            daemon = Daemon(load_config(site.config_path))
+            stop = asyncio.Event()
+            task = asyncio.create_task(daemon.run(stop))
+            try:
+                await asyncio.wait_for(daemon.ready.wait(), 15)
+                assert daemon.commands is not None  # the trust file from the release loaded
+                deadline = time.monotonic() + 10
+                while daemon.stats.readings < 6 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                assert daemon.stats.readings >= 6, daemon.stats
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 20)
+        finally:
+            await dlt_sim.stop()
+    assert (tmp_path / "gateway.db").is_file()
+    assert not list(site.state_dir.rglob("*.db"))  # nothing of the database in a release
+    with sqlite3.connect(f"file:{tmp_path / 'gateway.db'}?mode=ro", uri=True) as db:
+        meters = {m for (m,) in db.execute("SELECT meter_id FROM meter_status")}
+    assert meters == {"meter-01", "meter-02", "dlt-01"}
