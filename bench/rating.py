@@ -27,7 +27,9 @@ Measured, for each account that runs out of credit:
   and hand-over to the bus until the write is on the wire;
 * ``restore_latency_s`` = t_wire(close coil write) − the moment the top-up
   transaction (``Prepaid.apply_topup_in`` inside ``Outbox.transaction()``)
-  was started, a few seconds after the trip was verified.
+  was started, ``--topup-delay`` seconds after the trip's coil write arrived
+  at the meter (the child process pushes every relay-coil write to the
+  benchmark as it happens).
 
 Context: readings committed per second, poll-cycle time per bus, commit time
 per cycle and per billing tick, CPU time of the daemon process, and the same
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -97,12 +100,16 @@ class WireLoggingMeter(SimMeter):
 
     bus: int = 0
     wire_log: WireLog = field(default_factory=list)
+    notify: Callable[[tuple[int, int, bool, float]], None] | None = None
 
     def set(self, func_code: int, address: int, values: Sequence[int] | Sequence[bool], now_s: float) -> Any:
         t = time.monotonic()
         coil = self.relay_coil
         if func_code in (5, 15) and coil is not None and address <= coil < address + len(values):
-            self.wire_log.append((self.bus, self.unit_id, bool(values[coil - address]), t))
+            write = (self.bus, self.unit_id, bool(values[coil - address]), t)
+            self.wire_log.append(write)
+            if self.notify is not None:
+                self.notify(write)
         return super().set(func_code, address, values, now_s)
 
 
@@ -114,9 +121,15 @@ def rusage_self() -> dict[str, float]:
 async def _simulators(conn: Connection, units_per_bus: list[int], load_kw: str) -> None:
     wire_log: WireLog = []
     sims: list[ModbusSimulator] = []
+
+    def notify(write: tuple[int, int, bool, float]) -> None:
+        conn.send(("wire", *write))  # the parent reacts to a trip on the wire (top-up)
+
     for b, n in enumerate(units_per_bus):
         meters: dict[int, SimMeter] = {
-            u: WireLoggingMeter(unit_id=u, profile=SDM120, load_kw=Decimal(load_kw), bus=b, wire_log=wire_log)
+            u: WireLoggingMeter(
+                unit_id=u, profile=SDM120, load_kw=Decimal(load_kw), bus=b, wire_log=wire_log, notify=notify
+            )
             for u in range(1, n + 1)
         }
         sim = ModbusSimulator(meters=meters)
@@ -159,6 +172,8 @@ def simulator_main(conn: Connection, units_per_bus: list[int], load_kw: str) -> 
 
 
 class SimulatorProcess:
+    """The simulators' child process: commands over a pipe, relay-coil writes pushed back."""
+
     def __init__(self, units_per_bus: list[int], load_kw: str) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
@@ -168,15 +183,40 @@ class SimulatorProcess:
         if not self.conn.poll(60):
             raise RuntimeError("simulator process did not start within 60 s")
         self.ports: list[int] = self.conn.recv()["ports"]
+        self.on_wire: Callable[[int, int, bool, float], None] | None = None
+        self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def ask(self, msg: str, timeout_s: float = 30.0) -> Any:
+    def attach(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.conn.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        while self.conn.poll():
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                assert self._loop is not None
+                self._loop.remove_reader(self.conn.fileno())
+                for fut in self._pending:
+                    fut.set_exception(RuntimeError("simulator process went away"))
+                return
+            if isinstance(msg, tuple) and msg and msg[0] == "wire":
+                if self.on_wire is not None:
+                    self.on_wire(*msg[1:])
+            elif self._pending:
+                self._pending.popleft().set_result(msg)
+
+    async def ask(self, msg: str, timeout_s: float = 30.0) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(fut)
         self.conn.send(msg)
-        if not self.conn.poll(timeout_s):
-            raise RuntimeError(f"simulator process did not answer {msg!r}")
-        return self.conn.recv()
+        return await asyncio.wait_for(fut, timeout_s)
 
-    def stop(self) -> dict[str, float]:
-        usage: dict[str, float] = self.ask("stop")
+    async def stop(self) -> dict[str, float]:
+        usage: dict[str, float] = await self.ask("stop")
+        if self._loop is not None:
+            self._loop.remove_reader(self.conn.fileno())
         self.proc.join(10)
         if self.proc.is_alive():
             self.proc.terminate()
@@ -197,6 +237,7 @@ class Plan:
     poll_interval_s: float
     baseline_s: float
     deadline_s: float  # prepaid phase: give up waiting for trips/restores after this
+    stop_timeout_s: float  # cancel the daemon if it has not stopped by then
     topup_delay_s: float  # after the trip was verified
     seed: int
 
@@ -233,6 +274,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         poll_interval_s=args.poll_interval,
         baseline_s=args.baseline_s,
         deadline_s=hi + args.tail_s,
+        stop_timeout_s=args.stop_timeout,
         topup_delay_s=args.topup_delay,
         seed=args.seed,
     )
@@ -368,8 +410,9 @@ class Recorder:
     last_read_ms: dict[str, int] = field(default_factory=dict)
     readings: int = 0
     relay_events: list[dict[str, Any]] = field(default_factory=list)
+    committed: list[tuple[float, int]] = field(default_factory=list)  # commit time, readings
+    queue_depth: list[int] = field(default_factory=list)  # writer queue, sampled every 0.25 s
     first_cycle: asyncio.Event = field(default_factory=asyncio.Event)
-    on_relay_event: Callable[[dict[str, Any]], None] | None = None
 
     @contextlib.contextmanager
     def observing_buses(self) -> Any:
@@ -387,14 +430,14 @@ class Recorder:
                     self.cycles.append((bus.name, start, time.monotonic(), len(result.readings)))
                     return result
 
-                scheduler.run_cycle = timed_cycle
+                scheduler.run_cycle = timed_cycle  # type: ignore[method-assign]
                 yield scheduler
 
-        daemon_mod.open_bus = recording_open_bus  # type: ignore[assignment]
+        daemon_mod.open_bus = recording_open_bus
         try:
             yield
         finally:
-            daemon_mod.open_bus = original  # type: ignore[assignment]
+            daemon_mod.open_bus = original
 
     def observe_commits(self, daemon: Daemon) -> None:
         commit = daemon._commit
@@ -424,13 +467,11 @@ class Recorder:
     def on_cycle(self, item: Cycle) -> None:
         if item.readings:
             self.readings += len(item.readings)
+            self.committed.append((time.monotonic(), len(item.readings)))
             self.first_cycle.set()
         for e in item.events:
             if e.get("type") in ("relay.operation", "relay.alarm"):
-                e = dict(e, seen_at=time.monotonic())
                 self.relay_events.append(e)
-                if self.on_relay_event is not None:
-                    self.on_relay_event(e)
 
 
 # ---------------------------------------------------------------------------
@@ -466,44 +507,53 @@ def cpu_s(a: dict[str, float], b: dict[str, float]) -> float:
 @dataclass
 class PhaseResult:
     recorder: Recorder
-    window_s: float
+    t0: float  # measurement window (monotonic): first cycle committed ..
+    t1: float  # .. stop requested
     cpu_s: float
     topups: dict[str, tuple[float, float, str]]  # meter -> (started, committed, status)
     wire_log: WireLog
     setup_s: float
+    stop_s: float  # stop requested -> daemon stopped (commits what was polled first)
+    stopped_cleanly: bool
+
+    @property
+    def window_s(self) -> float:
+        return self.t1 - self.t0
 
 
 async def run_phase(plan: Plan, sim: SimulatorProcess, *, prepaid: bool) -> PhaseResult:
     tmp = Path(tempfile.mkdtemp(prefix="bench-rating-"))
     try:
-        sim.ask("reset")
+        await sim.ask("reset")
         t_setup = time.monotonic()
         cfg = load_config(write_config(tmp, plan, sim.ports, prepaid=prepaid))
         rec = Recorder()
         daemon = Daemon(cfg, clock_ms=mono_clock_ms, on_cycle=rec.on_cycle)
         rec.observe_commits(daemon)
         topups: dict[str, tuple[float, float, str]] = {}
-        verified_open: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
+        tripped: asyncio.Queue[tuple[str, float]] = asyncio.Queue()
+        seen_trip: set[str] = set()
         restored: set[str] = set()
         all_restored = asyncio.Event()
 
-        def on_relay_event(e: dict[str, Any]) -> None:
-            m = str(e["meter"])
-            if m not in plan.tripping or not e.get("ok"):
+        def on_wire(bus: int, unit: int, value: bool, t: float) -> None:
+            m = meter_id(bus, unit)
+            if m not in plan.tripping:
                 return
-            if e["want_open"] and m not in topups:
-                verified_open.put_nowait((m, float(e["seen_at"])))
-            elif not e["want_open"]:
+            if value and m not in seen_trip:  # the trip is on the wire: the customer pays
+                seen_trip.add(m)
+                tripped.put_nowait((m, t))
+            elif not value and m in seen_trip:
                 restored.add(m)
                 if restored >= set(plan.tripping):
                     all_restored.set()
 
-        rec.on_relay_event = on_relay_event
+        sim.on_wire = on_wire
 
         async def top_up_after_trips() -> None:
             assert daemon.outbox is not None and daemon.prepaid is not None
             while True:
-                m, seen = await verified_open.get()
+                m, seen = await tripped.get()
                 await asyncio.sleep(max(0.0, seen + plan.topup_delay_s - time.monotonic()))
                 started = time.monotonic()
                 async with daemon.outbox.transaction() as db:
@@ -522,9 +572,17 @@ async def run_phase(plan: Plan, sim: SimulatorProcess, *, prepaid: bool) -> Phas
                     )
                 topups[m] = (started, time.monotonic(), str(res["status"]))
 
+        async def sample_queue() -> None:
+            while True:
+                await asyncio.sleep(0.25)
+                if daemon._work is not None:
+                    rec.queue_depth.append(daemon._work.qsize())
+
         stop = asyncio.Event()
+        stop_s, stopped_cleanly = 0.0, True
         with rec.observing_buses():
             run = asyncio.create_task(daemon.run(stop))
+            sampler = asyncio.create_task(sample_queue())
             try:
                 await asyncio.wait_for(daemon.ready.wait(), 120)
                 await asyncio.wait_for(rec.first_cycle.wait(), 120)
@@ -545,10 +603,25 @@ async def run_phase(plan: Plan, sim: SimulatorProcess, *, prepaid: bool) -> Phas
                     await asyncio.sleep(plan.baseline_s)
                 t1, ru1 = time.monotonic(), rusage_self()
             finally:
+                sampler.cancel()
                 stop.set()
-                await asyncio.wait_for(run, 60)
-        wire_log: WireLog = sim.ask("log")
-        return PhaseResult(rec, t1 - t0, cpu_s(ru0, ru1), topups, wire_log, setup_s)
+                t_stop = time.monotonic()
+                # the daemon commits every cycle already polled before it stops; a writer
+                # that fell behind makes this long (reported), so it is bounded here
+                done, _ = await asyncio.wait({run}, timeout=plan.stop_timeout_s)
+                if not done:
+                    stopped_cleanly = False
+                    run.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await run
+                stop_s = time.monotonic() - t_stop
+                if run.done() and not run.cancelled() and run.exception() is not None:
+                    raise RuntimeError("the daemon failed") from run.exception()
+        sim.on_wire = None
+        wire_log: WireLog = await sim.ask("log")
+        return PhaseResult(
+            rec, t0, t1, cpu_s(ru0, ru1), topups, wire_log, setup_s, stop_s, stopped_cleanly
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -571,22 +644,26 @@ def cycle_end_for(rec: Recorder, bus: str, t: float) -> float | None:
     return None
 
 
-def context(ph: PhaseResult, t_lo: float | None = None) -> dict[str, Any]:
+def context(ph: PhaseResult) -> dict[str, Any]:
     rec = ph.recorder
     per_bus: dict[str, list[float]] = {}
     for name, start, end, n in rec.cycles:
-        if n and (t_lo is None or start >= t_lo):
+        if n:
             per_bus.setdefault(name, []).append(end - start)
     commits = [d for k, d, _ in rec.commits if k == "cycle"]
     per_reading = [d / n for k, d, n in rec.commits if k == "cycle" and n]
     ticks = [d for k, d, _ in rec.commits if k == "tick"]
     all_cycles = [d for v in per_bus.values() for d in v]
-    readings_in_window = sum(n for k, _, n in rec.commits if k == "cycle")
+    in_window = sum(n for t, n in rec.committed if ph.t0 < t <= ph.t1)
+    depth = rec.queue_depth
     return {
         "window_s": round(ph.window_s, 2),
         "setup_s": round(ph.setup_s, 2),
-        "readings_committed": readings_in_window,
-        "polls_per_s": round(rec.readings / ph.window_s, 1) if ph.window_s else 0.0,
+        "stop_s": round(ph.stop_s, 2),
+        "stopped_cleanly": ph.stopped_cleanly,
+        "readings_committed_in_window": in_window,
+        "polls_per_s": round(in_window / ph.window_s, 1) if ph.window_s else 0.0,
+        "writer_queue_depth": {"p50": pct(depth, 50), "max": max(depth)} if depth else {},
         "cycle_s_all_buses": summary(all_cycles),
         "cycle_s_p50_by_bus": {b: round(pct(v, 50), 4) for b, v in sorted(per_bus.items())},
         "commit_s_per_cycle": summary(commits),
@@ -594,7 +671,7 @@ def context(ph: PhaseResult, t_lo: float | None = None) -> dict[str, Any]:
         "billing_tick_commit_s": summary(ticks),
         "cpu_s": round(ph.cpu_s, 2),
         "cpu_fraction_of_one_core": round(ph.cpu_s / ph.window_s, 3) if ph.window_s else 0.0,
-        "cpu_ms_per_reading": round(1000 * ph.cpu_s / rec.readings, 3) if rec.readings else None,
+        "cpu_ms_per_reading": round(1000 * ph.cpu_s / in_window, 3) if in_window else None,
     }
 
 
@@ -605,6 +682,7 @@ def analyse(plan: Plan, base: PhaseResult, pre: PhaseResult) -> dict[str, Any]:
     queue_commit: list[float] = []
     to_wire: list[float] = []
     missing_trip: list[str] = []
+    behind = 0
     for mid in plan.tripping:
         d = rec.trips.get(mid)
         t_wire = first_write(pre.wire_log, mid, True, d.t_poll) if d else None
@@ -617,6 +695,13 @@ def analyse(plan: Plan, base: PhaseResult, pre: PhaseResult) -> dict[str, Any]:
             rest_of_cycle.append(end - d.t_poll)
             queue_commit.append(d.t_decided - end)
         to_wire.append(t_wire - d.t_decided)
+        # another relay operation on the same bus just before: this one waited behind it
+        bus = mid[1:].split("-")[0]
+        if any(
+            str(wb) == bus and meter_id(wb, wu) != mid and d.t_decided - 1.5 <= t <= t_wire
+            for wb, wu, _, t in pre.wire_log
+        ):
+            behind += 1
     restore: list[float] = []
     topup_commit: list[float] = []
     missing_restore: list[str] = []
@@ -629,6 +714,8 @@ def analyse(plan: Plan, base: PhaseResult, pre: PhaseResult) -> dict[str, Any]:
         restore.append(t_wire - tu[0])
         topup_commit.append(tu[1] - tu[0])
     b, p = context(base), context(pre)
+    ticks = [d for k, d, _ in rec.commits if k == "tick"]
+    p["billing_tick_ms_per_account_p50"] = round(1000 * pct(ticks, 50) / plan.meters, 3) if ticks else None
 
     def ratio(x: float | None, y: float | None) -> float | None:
         return round(x / y, 2) if x and y else None
@@ -640,6 +727,7 @@ def analyse(plan: Plan, base: PhaseResult, pre: PhaseResult) -> dict[str, Any]:
             "rest_of_poll_cycle": summary(rest_of_cycle),
             "queue_and_commit": summary(queue_commit),
             "handover_to_wire": summary(to_wire),
+            "trips_queued_behind_another_relay_operation": behind,
         },
         "cutoff_target_p99_s": 1.0,
         "cutoff_p99_under_target": bool(cutoff) and pct(cutoff, 99) < 1.0,
@@ -698,6 +786,7 @@ def machine() -> dict[str, Any]:
 
 async def main_async(plan: Plan) -> dict[str, Any]:
     sim = SimulatorProcess(plan.units_per_bus, str(plan.load_kw))
+    sim.attach()
     try:
         print(f"baseline (prepaid off): {plan.meters} meters, {plan.baseline_s:.0f} s", file=sys.stderr)
         base = await run_phase(plan, sim, prepaid=False)
@@ -708,7 +797,7 @@ async def main_async(plan: Plan) -> dict[str, Any]:
         )
         pre = await run_phase(plan, sim, prepaid=True)
     finally:
-        sim_usage = sim.stop()
+        sim_usage = await sim.stop()
     out: dict[str, Any] = {
         "benchmark": "rating",
         "machine": machine(),
@@ -728,7 +817,7 @@ async def main_async(plan: Plan) -> dict[str, Any]:
                 round(min(plan.tripping.values()), 1) if plan.tripping else None,
                 round(max(plan.tripping.values()), 1) if plan.tripping else None,
             ],
-            "topup_after_verified_trip_s": plan.topup_delay_s,
+            "topup_after_trip_on_wire_s": plan.topup_delay_s,
             "seed": plan.seed,
         },
         "simulator_process_cpu_s": round(sim_usage["user_s"] + sim_usage["system_s"], 2),
@@ -745,12 +834,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tripping", type=int, default=50, help="accounts whose credit runs out")
     p.add_argument("--poll-interval", type=float, default=5.0, help="poll_interval_s of the gateway")
     p.add_argument("--load-kw", type=float, default=36.0, help="load of every meter")
-    p.add_argument("--cross-from", type=float, default=15.0, help="first account runs out after (s)")
-    p.add_argument("--cross-to", type=float, default=60.0, help="last account runs out after (s)")
-    p.add_argument("--tail-s", type=float, default=40.0, help="wait this long after --cross-to at most")
-    p.add_argument("--topup-delay", type=float, default=2.0, help="top-up this long after a verified trip")
-    p.add_argument("--baseline-s", type=float, default=30.0, help="length of the prepaid-off run")
+    p.add_argument("--cross-from", type=float, default=10.0, help="first account runs out after (s)")
+    p.add_argument("--cross-to", type=float, default=40.0, help="last account runs out after (s)")
+    p.add_argument("--tail-s", type=float, default=60.0, help="wait this long after --cross-to at most")
+    p.add_argument("--topup-delay", type=float, default=3.0, help="top-up this long after the trip is on the wire")
+    p.add_argument("--baseline-s", type=float, default=20.0, help="length of the prepaid-off run")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--stop-timeout", type=float, default=30.0, help="cancel a daemon that has not stopped by then")
     p.add_argument("--quick", action="store_true", help="tiny run: 20 meters on 2 buses, 4 running out")
     args = p.parse_args(argv)
     if args.quick:
