@@ -13,7 +13,9 @@ flooding the broker or starving live events:
   enough that a retransmission or an event behind it waits seconds, not
   minutes.
 * **In-flight window, AIMD on ack latency.** At most ``window()`` batches
-  await their ack. Each ack whose latency is within what the link explains
+  await their ack, and backlog is not sent while more than two batches plus
+  a round trip's worth of bytes are in flight (beyond that, bytes only queue
+  in the link's buffers and delay events). Each ack whose latency is within what the link explains
   (base round trip + the bytes queued ahead of it at the measured rate, with
   slack) adds 1/window; a slower ack (the broker or headend is queueing)
   multiplies the window by 0.7, and an ack timeout halves it — at most once
@@ -107,6 +109,23 @@ class LinkPacer:
         transfer = queued_bytes / rate if rate else queued_bytes / 2000.0
         return self.ack_timeout_s + 2 * transfer
 
+    def inflight_cap(self) -> int | None:
+        """Bytes of backlog worth having in flight: two batches plus what one
+        round trip holds. More only queues in the link's buffers, where a live
+        event would wait behind it. None until the rate is known."""
+        rate = self.effective_rate()
+        if rate is None:
+            return None
+        return 2 * self.batch_bytes() + int(rate * (self.base_rtt or 0.0))
+
+    def may_send_backlog(self, inflight: int, inflight_bytes: int, now: float) -> bool:
+        cap = self.inflight_cap()
+        return (
+            inflight < self.window()
+            and self.bucket.wait_s(now) == 0.0
+            and (cap is None or inflight_bytes < cap)
+        )
+
     def send_wait_s(self, now: float, *, urgent: bool) -> float:
         return 0.0 if urgent else self.bucket.wait_s(now)
 
@@ -124,9 +143,11 @@ class LinkPacer:
         if now - start > 1e-3 and nbytes >= 512:
             self._samples.append(nbytes / (now - start))
             self.rate = max(self._samples)
-        if nbytes <= self.min_batch_bytes or self.base_rtt is None:
-            self.base_rtt = latency if self.base_rtt is None else min(self.base_rtt, latency)
         rate = self.effective_rate()
+        # The round trip without the transfer: what the latency leaves once the
+        # bytes queued ahead (and the batch itself) have crossed the link.
+        base = max(1e-3, latency - queued_bytes / rate) if rate else latency
+        self.base_rtt = base if self.base_rtt is None else min(self.base_rtt, base)
         explained = (self.base_rtt or 0.0) + (queued_bytes / rate if rate else 0.0)
         if latency <= 1.5 * explained + 0.5:
             self.cwnd = min(float(self.max_window), self.cwnd + 1.0 / self.cwnd)
@@ -135,6 +156,6 @@ class LinkPacer:
             self._last_cut = now
 
     def on_timeout(self, now: float) -> None:
-        if now - self._last_cut > (self.base_rtt or 1.0):
+        if now - self._last_cut > max(self.base_rtt or 0.0, 1.0):
             self.cwnd = max(1.0, self.cwnd / 2)
             self._last_cut = now

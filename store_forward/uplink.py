@@ -302,7 +302,7 @@ class Uplink:
             while True:
                 now = self.monotonic()
                 wait = pacer.send_wait_s(now, urgent=False)
-                backlog_ok = len(self._inflight) < pacer.window() and wait == 0.0
+                backlog_ok = pacer.may_send_backlog(len(self._inflight), self._inflight_bytes(), now)
                 try:
                     batch = await self.outbox.next_batch(
                         self.clock_ms(),

@@ -50,6 +50,21 @@ def test_window_grows_on_timely_acks_and_shrinks_on_timeouts_and_slow_acks() -> 
     assert p.window() == 2
 
 
+def test_backlog_in_flight_is_capped_near_the_link_needs() -> None:
+    p = LinkPacer(batch_max_bytes=64 * 1024, max_window=8)
+    assert p.may_send_backlog(1, 10**6, 0.0)  # rate unknown: only the window counts
+    assert not p.may_send_backlog(2, 0, 0.0)
+    p.cwnd = 8.0
+    t = 0.0
+    for _ in range(5):
+        p.on_ack(20_000, sent_at=t, queued_bytes=40_000, now=t + 4.0)
+        t += 4.0
+    cap = p.inflight_cap()
+    assert cap is not None and 2 * p.batch_bytes() <= cap < 3 * p.batch_bytes()
+    assert p.may_send_backlog(1, cap - 1, t)
+    assert not p.may_send_backlog(1, cap, t)
+
+
 def test_ack_deadline_covers_the_bytes_queued_ahead() -> None:
     p = LinkPacer(batch_max_bytes=64 * 1024, ack_timeout_s=20.0, max_bytes_per_s=5_000)
     assert p.ack_deadline_s(0) == 20.0
