@@ -788,7 +788,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if a.quick:
         a.cpu_meters, a.cpu_cycles, a.cpu_dlt_cycles, a.cpu_rounds = 2, 20, 5, 1
         a.rtu_meters, a.dlt_meters, a.wire_cycles, a.wire_cycles_slow = 2, 1, 1, 1
-        a.dead_meters, a.dead_timeout, a.dead_healthy_cycles, a.dead_after_cycles = 3, 0.2, 1, 2
+        a.dead_meters, a.dead_timeout, a.dead_healthy_cycles, a.dead_after_cycles = 3, 0.3, 1, 2
         a.outage_meters = 2
     a.bauds = [int(b) for b in str(a.bauds).split(",") if b]
     unknown = set(a.parts.split(",")) - {"cpu", "wire", "dead", "outage"}
