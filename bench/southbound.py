@@ -454,7 +454,8 @@ async def modbus_rtu_bus(
     policy: BackoffPolicy | None = None,
 ) -> AsyncIterator[Bus]:
     units = list(range(1, meters + 1))
-    async with TimedRtuSimulator(units, baud=baud, wire_timing=True, response_delay_s=response_delay_s) as sim:
+    sim = TimedRtuSimulator(units, baud=baud, wire_timing=True, response_delay_s=response_delay_s)
+    async with sim:
         transport = ModbusTransport.serial(sim.path, name="rtu", baud=baud, parity="N", stop_bits=1, timeout_s=timeout_s)
         try:
             drivers = [ModbusDriver(f"m{u}", u, SDM120, transport) for u in units]
