@@ -816,6 +816,11 @@ class MiniBroker:
         s = self._sessions.get(client_id)
         return dict(s.subscriptions) if s else {}
 
+    def session_username(self, client_id: str) -> str | None:
+        """The username a session acts as (the certificate CN with identity_as_username)."""
+        s = self._sessions.get(client_id)
+        return s.username if s else None
+
     def dropped_messages(self, client_id: str) -> int:
         """Messages for this session dropped because its queue or socket was full."""
         s = self._sessions.get(client_id)
