@@ -779,7 +779,10 @@ class MiniBroker:
         self._server = await asyncio.start_server(self._handle, host, port)
         sockname = self._server.sockets[0].getsockname()
         self.host, self.port = sockname[0], sockname[1]
-        log.info("minibroker listening on %s:%d", self.host, self.port)
+        mode = "plain MQTT" if self.tls is None else "TLS"
+        if self.tls is not None and self.tls.verify_mode is ssl.CERT_REQUIRED:
+            mode = "mutual TLS"
+        log.info("minibroker listening on %s:%d (%s)", self.host, self.port, mode)
 
     async def stop(self) -> None:
         server, self._server = self._server, None
@@ -1211,6 +1214,8 @@ class MiniBroker:
 
 # --------------------------------------------------------------------------- #
 # Command line: python -m store_forward.minibroker --port N
+#   [--cert broker.pem --key broker.key [--ca ca.pem [--identity-as-username]]]
+#   [--acl-file edgegw.acl [--superuser NAME ...]]
 # --------------------------------------------------------------------------- #
 
 
@@ -1221,9 +1226,27 @@ def _parse_user(text: str) -> tuple[str, str]:
     return name, password
 
 
-async def _run(args: argparse.Namespace) -> None:
+def _broker_from_args(args: argparse.Namespace) -> MiniBroker:
     users = dict(args.user) if args.user else None
-    broker = MiniBroker(users=users, max_packet_size=args.max_packet_size)
+    tls = None
+    if args.cert or args.key or args.ca:
+        if not (args.cert and args.key):
+            raise ValueError("--cert and --key go together (and --ca needs both)")
+        tls = server_tls_context(args.cert, args.key, args.ca)
+    acl = Acl.load(args.acl_file, args.superuser or ()) if args.acl_file else None
+    if args.superuser and acl is None:
+        raise ValueError("--superuser needs --acl-file")
+    return MiniBroker(
+        users=users,
+        max_packet_size=args.max_packet_size,
+        tls=tls,
+        identity_as_username=args.identity_as_username,
+        acl=acl,
+    )
+
+
+async def _run(args: argparse.Namespace) -> None:
+    broker = _broker_from_args(args)
     await broker.start(args.host, args.port)
     print(f"minibroker listening on {broker.host}:{broker.port}", flush=True)
     stop = asyncio.Event()
@@ -1251,6 +1274,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME:PASSWORD",
         help="require this login (repeatable); without it, anyone may connect",
     )
+    parser.add_argument("--cert", type=Path, help="server certificate (PEM): listen with TLS")
+    parser.add_argument("--key", type=Path, help="private key of --cert (PEM)")
+    parser.add_argument(
+        "--ca", type=Path, help="require client certificates signed by this CA (mutual TLS)"
+    )
+    parser.add_argument(
+        "--identity-as-username",
+        action="store_true",
+        help="the client certificate's CN is the MQTT username (needs --ca)",
+    )
+    parser.add_argument(
+        "--acl-file", type=Path, help="topic access rules in mosquitto acl_file syntax"
+    )
+    parser.add_argument(
+        "--superuser",
+        action="append",
+        metavar="NAME",
+        help="username exempt from --acl-file (repeatable)",
+    )
     parser.add_argument("--max-packet-size", type=int, default=1 << 20)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -1259,7 +1301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         asyncio.run(_run(args))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"minibroker: {exc}", file=sys.stderr)
         return 1
     return 0

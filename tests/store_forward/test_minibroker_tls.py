@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -576,3 +578,74 @@ def test_certificate_cn() -> None:
     assert certificate_cn(None) is None
     two = {"subject": ((("commonName", "gw-a"),), (("commonName", "gw-b"),))}
     assert certificate_cn(two) is None  # ambiguous
+
+
+# --------------------------------------------------------------------------- #
+# Large packets and the command line
+
+
+async def test_large_message_crosses_tls_intact(broker: MiniBroker, pki: DemoPki) -> None:
+    payload = bytes(range(256)) * 2048  # 512 KiB, many TLS records, past the reader's limit
+    async with (
+        client(pki, "gw-a", broker.port) as a,
+        client(pki, HEADEND, broker.port, identifier="h") as head,
+    ):
+        await head.subscribe(f"{PREFIX}/+/up", qos=1)
+        await a.publish(A.up, payload, qos=1)
+        msg = await asyncio.wait_for(anext(head.messages), 10)
+    assert msg.payload == payload
+
+
+async def test_command_line_broker_with_mtls_and_acl(pki: DemoPki) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "store_forward.minibroker", "--port", "0",
+        "--cert", str(pki.broker.cert), "--key", str(pki.broker.key), "--ca", str(pki.ca),
+        "--identity-as-username", "--acl-file", str(EXAMPLE_ACL), "--log-level", "WARNING",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        assert line.startswith("minibroker listening on 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        await refused(aiomqtt.Client(HOST, port, identifier="plain", timeout=2))
+        async with (
+            client(pki, "gw-a", port) as a,
+            client(pki, HEADEND, port, identifier="h") as head,
+        ):
+            await a.subscribe(A.cmd, qos=1)
+            await head.publish(B.cmd, b"for gw-b", qos=1)
+            await head.publish(A.cmd, b"for gw-a", qos=1)
+            msg = await asyncio.wait_for(anext(a.messages), 5)
+            assert (msg.topic.value, msg.payload) == (A.cmd, b"for gw-a")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_command_line_refuses_inconsistent_options(pki: DemoPki) -> None:
+    for args, fragment in [
+        (["--cert", str(pki.broker.cert)], b"--cert and --key go together"),
+        (["--ca", str(pki.ca)], b"--cert and --key go together"),
+        (
+            [
+                "--cert",
+                str(pki.broker.cert),
+                "--key",
+                str(pki.broker.key),
+                "--identity-as-username",
+            ],
+            b"identity_as_username needs a TLS context",
+        ),
+        (["--superuser", "root"], b"--superuser needs --acl-file"),
+    ]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "store_forward.minibroker", "--port", "0", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 1, (args, out, err)
+        assert fragment in err, (args, err)
