@@ -40,45 +40,56 @@ def storage_keys_for(cfg: Any, keystore_dir: Path | None) -> Any:
     return StorageKeys.beside(cfg.storage.path)
 
 
+async def export_backlog_for_config(
+    cfg: Any, directory: Path, *, keystore: Path | None = None, headend_public_key: str | None = None
+) -> int:
+    """Open the gateway's outbox from its config and export the sealed backlog (for
+    the USB carry-back, which runs outside the daemon). Returns batch files written.
+    Raises KeystoreError, UplinkKeyError, OutboxError or SneakernetError."""
+    from provisioning.keys import Keystore
+    from store_forward.codec import SealedCodec
+    from store_forward.outbox import Outbox
+    from store_forward.sneakernet import SneakernetError, export_backlog
+    from store_forward.uplink_keys import gateway_uplink_key, parse_public_key
+
+    pub = headend_public_key or getattr(cfg.uplink, "headend_public_key", None)
+    if not pub:
+        raise SneakernetError("no headend public key (uplink.headend_public_key)")
+    ks_dir = keystore or Path(getattr(cfg.gateway, "keystore", None) or DEFAULT_KEYSTORE)
+    key = gateway_uplink_key(Keystore.open(ks_dir), parse_public_key(pub))
+    codec = SealedCodec(key.key_id, key.key)
+    ob = await Outbox.open(cfg.storage.path, keys=storage_keys_for(cfg, ks_dir))
+    try:
+        return await export_backlog(
+            ob,
+            directory,
+            pack=lambda seq, recs, n: codec.pack(cfg.gateway.id, seq, recs, n),
+            gateway_id=cfg.gateway.id,
+            max_bytes=max(cfg.uplink.batch_max_bytes, 256 * 1024),
+        )
+    finally:
+        await ob.close()
+
+
 def _export(args: argparse.Namespace) -> int:
     from gateway.config import ConfigError, load_config
-    from provisioning.keys import Keystore, KeystoreError
-    from store_forward.codec import SealedCodec
-    from store_forward.outbox import Outbox, OutboxError
+    from provisioning.keys import KeystoreError
+    from store_forward.outbox import OutboxError
     from store_forward.sealing import SealingError
-    from store_forward.sneakernet import SneakernetError, export_backlog
-    from store_forward.uplink_keys import UplinkKeyError, gateway_uplink_key, parse_public_key
+    from store_forward.sneakernet import SneakernetError
+    from store_forward.uplink_keys import UplinkKeyError
 
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         return _err("; ".join(exc.problems))
-    headend_b64 = args.headend_public_key or getattr(cfg.uplink, "headend_public_key", None)
-    if not headend_b64:
-        return _err("no headend public key (--headend-public-key or uplink.headend_public_key)")
     try:
-        ks = Keystore.open(args.keystore)
-        key = gateway_uplink_key(ks, parse_public_key(headend_b64))
-    except (KeystoreError, UplinkKeyError) as exc:
-        return _err(str(exc))
-    codec = SealedCodec(key.key_id, key.key)
-
-    async def main() -> int:
-        ob = await Outbox.open(cfg.storage.path, keys=storage_keys_for(cfg, args.keystore))
-        try:
-            return await export_backlog(
-                ob,
-                args.to,
-                pack=lambda seq, recs, n: codec.pack(cfg.gateway.id, seq, recs, n),
-                gateway_id=cfg.gateway.id,
-                max_bytes=max(cfg.uplink.batch_max_bytes, 256 * 1024),
+        n = asyncio.run(
+            export_backlog_for_config(
+                cfg, args.to, keystore=args.keystore, headend_public_key=args.headend_public_key
             )
-        finally:
-            await ob.close()
-
-    try:
-        n = asyncio.run(main())
-    except (OutboxError, SneakernetError, SealingError, OSError) as exc:
+        )
+    except (KeystoreError, UplinkKeyError, OutboxError, SneakernetError, SealingError, OSError) as exc:
         return _err(str(exc))
     print(f"{n} sealed batch(es) of gateway {cfg.gateway.id} written to {args.to}")
     return 0
@@ -140,7 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write the sealed backlog to a directory (USB stick)")
     p.add_argument("--config", required=True, help="gateway TOML configuration")
     p.add_argument("--to", required=True, type=Path, help="target directory (created 0700)")
-    p.add_argument("--keystore", type=Path, default=DEFAULT_KEYSTORE)
+    p.add_argument("--keystore", type=Path, help=f"keystore directory (default: gateway.keystore or {DEFAULT_KEYSTORE})")
     p.add_argument("--headend-public-key", help="base64 X25519 key of the headend")
     p.set_defaults(func=_export)
 
