@@ -74,6 +74,7 @@ sys.path.insert(0, str(ROOT))
 import gateway.daemon as daemon_mod  # noqa: E402
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES  # noqa: E402
 from firmware_bridge.modbus.simulator import ModbusSimulator, SimMeter  # noqa: E402
+from firmware_bridge.relay import RelayPolicy  # noqa: E402
 from gateway.config import load_config  # noqa: E402
 from gateway.daemon import Cycle, Daemon, Tick  # noqa: E402
 
@@ -86,6 +87,7 @@ MAX_PER_BUS = 200
 AMPLE_BALANCE = "100000.00"
 TOPUP_MICRO = 50_000_000  # 50 yuan: far above the close permit, no second trip in the run
 RELAY_MIN_INTERVAL_S = 1
+RELAY_SETTLE_S = RelayPolicy().settle_s  # the daemon drives relays with the default policy
 
 
 # ---------------------------------------------------------------------------
@@ -655,6 +657,15 @@ def context(ph: PhaseResult) -> dict[str, Any]:
     ticks = [d for k, d, _ in rec.commits if k == "tick"]
     all_cycles = [d for v in per_bus.values() for d in v]
     in_window = sum(n for t, n in rec.committed if ph.t0 < t <= ph.t1)
+    # achieved poll rate per bus between the first and the last cycle started in the
+    # window (not quantised by where the window cuts a poll interval)
+    rate = 0.0
+    polled = 0
+    for name in per_bus:
+        starts = [(start, n) for b, start, _, n in rec.cycles if b == name and ph.t0 <= start <= ph.t1]
+        if len(starts) >= 2:
+            rate += sum(n for _, n in starts[:-1]) / (starts[-1][0] - starts[0][0])
+        polled += sum(n for _, n in starts)
     depth = rec.queue_depth
     return {
         "window_s": round(ph.window_s, 2),
@@ -662,7 +673,8 @@ def context(ph: PhaseResult) -> dict[str, Any]:
         "stop_s": round(ph.stop_s, 2),
         "stopped_cleanly": ph.stopped_cleanly,
         "readings_committed_in_window": in_window,
-        "polls_per_s": round(in_window / ph.window_s, 1) if ph.window_s else 0.0,
+        "readings_polled_in_window": polled,
+        "polls_per_s": round(rate, 1),
         "writer_queue_depth": {"p50": pct(depth, 50), "max": max(depth)} if depth else {},
         "cycle_s_all_buses": summary(all_cycles),
         "cycle_s_p50_by_bus": {b: round(pct(v, 50), 4) for b, v in sorted(per_bus.items())},
@@ -671,7 +683,7 @@ def context(ph: PhaseResult) -> dict[str, Any]:
         "billing_tick_commit_s": summary(ticks),
         "cpu_s": round(ph.cpu_s, 2),
         "cpu_fraction_of_one_core": round(ph.cpu_s / ph.window_s, 3) if ph.window_s else 0.0,
-        "cpu_ms_per_reading": round(1000 * ph.cpu_s / in_window, 3) if in_window else None,
+        "cpu_ms_per_reading": round(1000 * ph.cpu_s / polled, 3) if polled else None,
     }
 
 
@@ -698,7 +710,7 @@ def analyse(plan: Plan, base: PhaseResult, pre: PhaseResult) -> dict[str, Any]:
         # another relay operation on the same bus just before: this one waited behind it
         bus = mid[1:].split("-")[0]
         if any(
-            str(wb) == bus and meter_id(wb, wu) != mid and d.t_decided - 1.5 <= t <= t_wire
+            str(wb) == bus and meter_id(wb, wu) != mid and d.t_decided - RELAY_SETTLE_S - 0.05 <= t < t_wire
             for wb, wu, _, t in pre.wire_log
         ):
             behind += 1
@@ -785,6 +797,7 @@ def machine() -> dict[str, Any]:
 
 
 async def main_async(plan: Plan) -> dict[str, Any]:
+    load_before = os.getloadavg()
     sim = SimulatorProcess(plan.units_per_bus, str(plan.load_kw))
     sim.attach()
     try:
@@ -800,7 +813,8 @@ async def main_async(plan: Plan) -> dict[str, Any]:
         sim_usage = await sim.stop()
     out: dict[str, Any] = {
         "benchmark": "rating",
-        "machine": machine(),
+        # other processes on the machine distort the timings: say how busy it was
+        "machine": machine() | {"loadavg_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
         "setup": {
             "meters": plan.meters,
             "buses": len(plan.units_per_bus),
@@ -811,7 +825,7 @@ async def main_async(plan: Plan) -> dict[str, Any]:
             "load_kw_per_meter": str(plan.load_kw),
             "poll_interval_s": plan.poll_interval_s,
             "relay_min_interval_s": RELAY_MIN_INTERVAL_S,
-            "relay_settle_s": 1.0,
+            "relay_settle_s": RELAY_SETTLE_S,
             "tripping_accounts": len(plan.tripping),
             "credit_runs_out_after_s": [
                 round(min(plan.tripping.values()), 1) if plan.tripping else None,

@@ -21,6 +21,7 @@ CONTEXT_KEYS = {
     "stop_s",
     "stopped_cleanly",
     "readings_committed_in_window",
+    "readings_polled_in_window",
     "polls_per_s",
     "writer_queue_depth",
     "cycle_s_all_buses",
