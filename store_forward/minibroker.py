@@ -53,11 +53,13 @@ Transport security and access control (all optional, off by default):
     the SUBACK carries 0x80 for a refused filter. Each delivery (retained
     messages too) is checked again against read access.
   - The will topic needs write access, or CONNECT is refused (code 5).
-  - A pattern rule does not apply to a username or client id containing
-    ``/``, ``+`` or ``#`` (it could otherwise widen the pattern).
-  - A client id whose session belongs to another username is refused (code 2),
-    so one client cannot take over, or resume, another user's session.
+  - A pattern rule does not apply to an empty username or client id, nor to
+    one containing ``/``, ``+`` or ``#`` (it could otherwise widen the pattern).
   - Deny rules win over any allowing rule.
+
+  With an ACL or ``identity_as_username``, a CONNECT whose client id names a
+  session (connected or persistent) of another username is refused (code 2),
+  so one client cannot take over, or resume, another identity's session.
 
 Limits (it is a demo/test broker, not a production one):
 
@@ -568,7 +570,7 @@ class Acl:
         for rule in self.patterns:
             topic = rule.topic
             if "%u" in topic:
-                if username is None or any(c in username for c in _UNSAFE_IN_PATTERN):
+                if not username or any(c in username for c in _UNSAFE_IN_PATTERN):
                     continue
                 topic = topic.replace("%u", username)
             if "%c" in topic:
@@ -1038,10 +1040,11 @@ class MiniBroker:
             return CONNACK_ID_REJECTED
         if self.identity_as_username and username is None:
             return CONNACK_NOT_AUTHORIZED  # no usable CN in the client certificate
-        if self.acl is not None:
+        if self.acl is not None or self.identity_as_username:
             old = self._sessions.get(client_id)
             if old is not None and old.username != username:
-                return CONNACK_ID_REJECTED  # another user's session
+                return CONNACK_ID_REJECTED  # another identity's session
+        if self.acl is not None:
             if req.will is not None and not self.acl.may_write(username, client_id, req.will.topic):
                 return CONNACK_NOT_AUTHORIZED
         if self.users is not None:

@@ -434,6 +434,13 @@ async def test_another_identity_cannot_take_over_a_session(
     assert got == [(A.cmd, b"to gw-a")]
 
 
+async def test_identity_alone_protects_sessions(pki: DemoPki) -> None:
+    """Without an ACL, certificate identities still own their client ids."""
+    async with mtls_broker(pki) as b, client(pki, "gw-a", b.port, identifier="shared-id"):
+        await refused(client(pki, "gw-b", b.port, identifier="shared-id", timeout=2))
+        assert b.session_username("shared-id") == "gw-a"
+
+
 async def test_will_on_a_foreign_topic_is_refused(broker: MiniBroker, pki: DemoPki) -> None:
     will = aiomqtt.Will(B.state, b"offline", qos=1, retain=True)
     await refused(client(pki, "gw-a", broker.port, will=will))
@@ -497,6 +504,7 @@ def test_parse_the_example_acl() -> None:
     assert not acl.may_write("gw-a", "x", "edgegw/v1/gw-b/up")
     assert acl.may_write(HEADEND, "x", "edgegw/v1/gw-b/cmd")
     assert not acl.may_write(None, "x", "edgegw/v1/gw-a/up")  # no username, no pattern
+    assert not acl.may_write("", "x", "edgegw/v1//up")
     # a username that is itself a wildcard or a path never widens a pattern
     for sneaky in ("+", "#", "gw-a/../gw-b", "gw-b/x"):
         assert not acl.may_write(sneaky, "x", f"edgegw/v1/{sneaky}/up")
