@@ -18,6 +18,10 @@
   :class:`store_forward.minibroker.MiniBroker` with ``identity_as_username``)
   then confines each gateway to its own topics by CN.
 
+``DemoPki.broker_tls_context()`` and ``DemoPki.client_tls_context(identity)``
+build the matching ``ssl`` contexts (the client one with the gateway's own
+policy, :func:`store_forward.uplink.tls_context`).
+
 Private keys are PKCS#8 PEM without a passphrase, created with mode 0600 (never
 readable by others, not even briefly). Validity is short (2 days by default)
 and starts 5 minutes before ``now`` to tolerate small clock differences.
@@ -33,6 +37,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +46,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway.config import BrokerSection
+from store_forward.minibroker import server_tls_context
+from store_forward.uplink import tls_context
 
 __all__ = ["DEFAULT_VALIDITY", "CertPair", "DemoPki", "DemoPkiError", "make_demo_pki"]
 
@@ -85,6 +94,18 @@ class DemoPki:
             return self.clients[identity]
         except KeyError:
             raise DemoPkiError(f"no client certificate for {identity!r}") from None
+
+    def client_tls_context(self, identity: str) -> ssl.SSLContext:
+        """The context a client with this identity connects with: the gateway's own
+        policy (:func:`store_forward.uplink.tls_context`: server verified against
+        this CA, hostname checked, TLS >= 1.2) plus this identity's certificate."""
+        pair = self.client(identity)
+        section = BrokerSection(tls=True, ca_file=self.ca, cert_file=pair.cert, key_file=pair.key)
+        return tls_context(section)
+
+    def broker_tls_context(self) -> ssl.SSLContext:
+        """The broker's server context: its certificate, client certificates of this CA required."""
+        return server_tls_context(self.broker.cert, self.broker.key, ca=self.ca)
 
 
 def make_demo_pki(

@@ -261,3 +261,14 @@ def test_expired_certificates_are_refused(tmp_path: Path) -> None:
         client_context(old.ca, pair.cert, pair.key),
     )
     assert client_err is not None and "expired" in client_err
+
+
+def test_convenience_contexts_complete_a_handshake(pki: DemoPki) -> None:
+    server_ctx = pki.broker_tls_context()
+    assert server_ctx.verify_mode is ssl.CERT_REQUIRED
+    client_ctx = pki.client_tls_context("gw-b")
+    assert client_ctx.check_hostname and client_ctx.verify_mode is ssl.CERT_REQUIRED
+    assert client_ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert handshake(server_ctx, client_ctx, "localhost") == (None, None, "gw-b")
+    with pytest.raises(DemoPkiError, match="gw-z"):
+        pki.client_tls_context("gw-z")
