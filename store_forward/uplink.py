@@ -297,6 +297,7 @@ class Uplink:
                     entry.sent_at = now
                     entry.queued = self._inflight_bytes()
                     entry.deadline = now + pacer.ack_deadline_s(entry.queued)
+                    pacer.on_send(len(entry.payload), now)
                     self._start(tg, client, seq, entry)
             wait = 0.0
             while True:
