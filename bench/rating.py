@@ -859,8 +859,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.meters, args.buses, args.tripping = 20, 2, 4
-        args.poll_interval, args.cross_from, args.cross_to = 0.5, 2.0, 5.0
-        args.tail_s, args.baseline_s = 20.0, 3.0
+        args.poll_interval, args.cross_from, args.cross_to = 0.5, 1.5, 3.5
+        args.tail_s, args.baseline_s, args.topup_delay = 20.0, 2.0, 1.5
     if args.meters < 1 or args.tripping < 0 or args.poll_interval <= 0:
         p.error("--meters must be >= 1, --tripping >= 0, --poll-interval > 0")
     if not 0 < args.cross_from <= args.cross_to:
