@@ -104,5 +104,6 @@ async def test_sigkill_chaos_during_ingest_and_drain(tmp_path: Path) -> None:
 
 
 @pytest.mark.long
+@pytest.mark.timeout(1800)
 async def test_sigkill_chaos_long(tmp_path: Path) -> None:
     await chaos(tmp_path, kills=500, seed=int.from_bytes(os.urandom(4)))
