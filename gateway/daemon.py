@@ -31,7 +31,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -176,15 +176,24 @@ class Daemon:
         *,
         clock_ms: Callable[[], int] = wall_ms,
         on_cycle: Callable[[Cycle], None] | None = None,
-        notifier: sdnotify.Notifier | None = None,
+        env: Mapping[str, str] | None = None,
+        watchdog_deadlines_s: tuple[float, float] | None = None,
     ) -> None:
+        """``env`` is where systemd's NOTIFY_SOCKET / WATCHDOG_USEC are read (default:
+        the process environment); ``watchdog_deadlines_s`` = (poll, database) stall
+        limits before pings to systemd's watchdog stop."""
         self.config = config
         self.clock_ms = clock_ms
         self.on_cycle = on_cycle
-        self.notifier = notifier or sdnotify.Notifier()
+        self.notifier = sdnotify.Notifier(env)
+        self.watchdog_interval_s = sdnotify.watchdog_interval_s(env)
+        poll_s, db_s = watchdog_deadlines_s or (max(180.0, 3 * config.gateway.poll_interval_s), 300.0)
+        # One poll condition per bus: a stuck bus must not hide behind a healthy one.
         self.watchdog = sdnotify.WatchdogGate(
             self.notifier,
-            poll_deadline_s=max(180.0, 3 * config.gateway.poll_interval_s),
+            poll_deadline_s=poll_s,
+            db_deadline_s=db_s,
+            extra={f"poll:{b.name}": poll_s for b in config.buses},
         )
         self.stats = DaemonStats()
         self.outbox: Outbox | None = None
@@ -250,7 +259,11 @@ class Daemon:
                 ]
                 writer = tg.create_task(self._writer(outbox, work, uplink), name="writer")
                 up = tg.create_task(uplink.run(), name="uplink")
-                timers = [tg.create_task(self.watchdog.run(), name="watchdog")]
+                timers = []
+                if self.watchdog_interval_s is not None:
+                    timers.append(
+                        tg.create_task(self.watchdog.run(self.watchdog_interval_s / 2), name="watchdog")
+                    )
                 if self.prepaid is not None:
                     timers.append(tg.create_task(self._billing_timer(work), name="billing"))
                 timers.append(tg.create_task(self._maintenance(outbox), name="maintenance"))
@@ -385,6 +398,7 @@ class Daemon:
                         statuses = [status_from_health(mid, h) for mid, h in result.health.items()]
                         await out.put(Cycle(bus.name, now, list(result.readings), statuses))
                         self.watchdog.note_poll_progress()
+                        self.watchdog.note(f"poll:{bus.name}")
                         next_at += interval
                         if next_at < time.monotonic():  # overran: start now, do not bunch up
                             next_at = time.monotonic()
@@ -474,22 +488,20 @@ class Daemon:
         while True:
             item = await work.get()
             try:
-                for attempt in range(5):
+                attempt = 0
+                while True:
                     try:
                         intents = await self._commit(outbox, item)
                         break
                     except Exception as exc:
+                        # Never drop what was read: retry until the database takes it.
+                        # Meanwhile the queue fills, pollers wait, and the watchdog
+                        # (database condition) stops pinging, so systemd restarts a
+                        # gateway whose storage stays broken.
                         self.stats.commit_failures += 1
-                        log.error("commit failed (attempt %d): %s", attempt + 1, exc)
-                        await asyncio.sleep(0.2 * (attempt + 1))
-                else:
-                    if isinstance(item, Cycle):
-                        log.critical(
-                            "dropping %d readings of bus %s after repeated commit failures",
-                            len(item.readings),
-                            item.bus,
-                        )
-                    continue
+                        attempt += 1
+                        log.error("commit failed (attempt %d), retrying: %s", attempt, exc)
+                        await asyncio.sleep(min(5.0, 0.2 * attempt))
                 self.watchdog.note_db_write_ok()
                 for intent in intents:
                     self.request_relay(intent)

@@ -44,6 +44,7 @@ from gateway.billing import ledger_store as ls
 from gateway.billing.money import report_yuan
 from gateway.config import load_config
 from gateway.daemon import Daemon
+from gateway.demo_provision import provision_demo_site
 from gateway.security.envelope import sign_command
 from gateway.security.roles import CentralKey, CommandType, Role, TrustStore
 from store_forward.headend import Headend, HeadendDB
@@ -223,7 +224,20 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
         cfg_path.write_text(
             _config_text(workdir, link.port, sim.port, units, tty, [m.address for m in dlt_meters])
         )
-        cfg = load_config(cfg_path)
+        # A technician provisions the fresh gateway from a USB stick: the demo's files
+        # go into a bundle signed with `edgegw provision make`, applied and verified
+        # exactly as on site, and the gateway runs from the applied release.
+        site = await provision_demo_site(
+            workdir,
+            {"gateway.toml": cfg_path.read_bytes()}
+            | {
+                n: (workdir / n).read_bytes()
+                for n in ("trust.json", "household-01.toml", "tariff-demo-flat.toml")
+            },
+            gateway_id=GATEWAY_ID,
+        )
+        print(site.line(), file=out)
+        cfg = load_config(site.config_path)
         hdb = await HeadendDB.open(workdir / "central.db")
         headend = Headend(hdb, host=bhost, port=bport)
         stop = asyncio.Event()

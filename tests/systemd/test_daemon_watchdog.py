@@ -30,7 +30,6 @@ from pathlib import Path
 import pytest
 
 from firmware_bridge.modbus.simulator import ModbusSimulator
-from gateway import sdnotify
 from gateway.config import load_config
 from gateway.daemon import Daemon
 from tests.harness.mosquitto import free_port
@@ -156,11 +155,8 @@ async def running_daemon(
         "WATCHDOG_USEC": str(WATCHDOG_USEC),
         "WATCHDOG_PID": str(os.getpid()),
     }
-    daemon = Daemon(load_config(site(tmp, sim.port)), notifier=sdnotify.Notifier(env=env))
-    # The daemon's deadlines are minutes (max(180 s, 3 polls) and 300 s) and not
-    # a constructor parameter: put in a gate with short ones, same notifier.
-    daemon.watchdog = sdnotify.WatchdogGate(
-        daemon.notifier, poll_deadline_s=DEADLINE_S, db_deadline_s=DEADLINE_S
+    daemon = Daemon(
+        load_config(site(tmp, sim.port)), env=env, watchdog_deadlines_s=(DEADLINE_S, DEADLINE_S)
     )
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
@@ -203,14 +199,8 @@ async def assert_stall_withholds(
     return t_w
 
 
-async def test_ready_watchdog_stalls_and_stopping(
-    tmp_path: Path, notify_socket: NotifySocket, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_ready_watchdog_stalls_and_stopping(tmp_path: Path, notify_socket: NotifySocket) -> None:
     ns = notify_socket
-    # WatchdogGate.run() takes its interval from the process environment, as
-    # systemd passes it; the Notifier alone does not carry it.
-    monkeypatch.setenv("WATCHDOG_USEC", str(WATCHDOG_USEC))
-    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
 
     async with ModbusSimulator(units=[1]) as sim:
         async with running_daemon(tmp_path, ns, sim) as (daemon, stop, task):
