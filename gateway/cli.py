@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gateway.security.cli",  # audit verify, command sign / verify / keygen
     "provisioning.keys_cli",  # keys init / show / export-public
     "provisioning.cli",  # provision make / inspect / verify / apply
+    "store_forward.cli",  # backlog export
 )
 
 

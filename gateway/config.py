@@ -66,12 +66,14 @@ class BrokerSection:
 
 @dataclass(frozen=True)
 class UplinkSection:
-    batch_max_records: int = 500
+    batch_max_records: int = 5000
     batch_max_bytes: int = 64 * 1024
     ack_timeout_s: float = 20.0
     window: int = 4
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
+    headend_public_key: str | None = None  # base64 X25519: enables sealed encoding 2
+    max_bytes_per_s: int | None = None  # ceiling for backlog bytes on the link
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,8 @@ UPLINK_SCHEMA = {
     "window": Field((int,), check=_positive),
     "reconnect_min_s": Field(_NUM, check=_positive, convert=float),
     "reconnect_max_s": Field(_NUM, check=_positive, convert=float),
+    "headend_public_key": Field((str,)),
+    "max_bytes_per_s": Field((int,), check=_positive),
 }
 BUS_SCHEMA = {
     "name": Field((str,), required=True, check=_ident),

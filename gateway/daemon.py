@@ -57,6 +57,7 @@ from gateway.security import trusted_time
 from gateway.security.roles import TrustStore
 from gateway.security.trusted_time import TrustedClock
 from provisioning.keys import Keystore
+from store_forward import setup
 from store_forward.outbox import MeterStatus, Outbox
 from store_forward.records import RecordClass, RecordKind
 from store_forward.uplink import Uplink, backoff_delay
@@ -217,7 +218,9 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.config
-        outbox = await Outbox.open(cfg.storage.path)
+        outbox = await Outbox.open(
+            cfg.storage.path, keys=setup.storage_keys(cfg), policy=setup.storage_policy(cfg)
+        )
         self.outbox = outbox
         self.started_ms = self.clock_ms()
         self.prepaid = Prepaid.from_config(cfg)
@@ -230,6 +233,8 @@ class Daemon:
             settings=cfg.uplink,
             clock_ms=self.clock_ms,
             on_command=self._on_command,
+            codec=setup.uplink_codec(cfg),
+            max_bytes_per_s=setup.max_bytes_per_s(cfg),
         )
         self.uplink = uplink
         work: asyncio.Queue[Cycle | Tick] = asyncio.Queue(maxsize=256)

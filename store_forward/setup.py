@@ -24,7 +24,8 @@ DEFAULT_KEYSTORE = Path("/var/lib/edgegw/keys")
 
 
 def keystore_dir(cfg: Any) -> Path:
-    return Path(getattr(cfg.gateway, "keystore", None) or DEFAULT_KEYSTORE)
+    security = getattr(cfg, "security", None)
+    return Path(getattr(security, "keystore", None) or DEFAULT_KEYSTORE)
 
 
 def _keystore(cfg: Any) -> Any | None:
