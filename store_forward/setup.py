@@ -25,7 +25,8 @@ DEFAULT_KEYSTORE = Path("/var/lib/edgegw/keys")
 
 def keystore_dir(cfg: Any) -> Path:
     security = getattr(cfg, "security", None)
-    return Path(getattr(security, "keystore", None) or DEFAULT_KEYSTORE)
+    configured = getattr(security, "keystore", None) or getattr(cfg.gateway, "keystore", None)
+    return Path(configured or DEFAULT_KEYSTORE)
 
 
 def _keystore(cfg: Any) -> Any | None:
