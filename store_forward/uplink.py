@@ -205,6 +205,11 @@ class Uplink:
             except* (aiomqtt.MqttError, OSError, TimeoutError) as eg:
                 self.stats.last_error = "; ".join(str(e) for e in eg.exceptions)
                 log.warning("uplink connection lost: %s", self.stats.last_error)
+            except* Exception as eg:
+                # Anything else (a client library surprise) must not end delivery for
+                # good: log it with its traceback and reconnect like after a link loss.
+                self.stats.last_error = "; ".join(repr(e) for e in eg.exceptions)
+                log.error("uplink failed, reconnecting: %s", self.stats.last_error, exc_info=eg)
             await self._set_state(LinkState.DOWN)
             delay = backoff_delay(
                 attempt, self.settings.reconnect_min_s, self.settings.reconnect_max_s, self.rng
