@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -94,3 +97,13 @@ def assert_exactly_once(readings: list[tuple[int, str, int]], committed: int) ->
     keys = [(m, t) for _, m, t in readings]
     assert len(keys) == len(set(keys)), "the same meter reading was stored twice"
     assert len(readings) == committed, f"{committed} committed but {len(readings)} at the headend"
+
+
+async def until(pred: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.1) -> None:
+    """Wait, bounded, until ``pred()`` holds; fail naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await asyncio.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s}s: {what}")

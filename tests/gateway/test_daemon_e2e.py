@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway.config import load_config
 from gateway.daemon import Daemon
 from store_forward.headend import Headend, HeadendDB
-from tests.gateway.e2e import assert_exactly_once, gateway_counters, headend_readings, site_config
+from tests.gateway.e2e import (
+    assert_exactly_once,
+    gateway_counters,
+    headend_readings,
+    site_config,
+    until,
+)
 from tests.harness.mosquitto import Mosquitto
-
-
-async def until(pred, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s: {what}")
 
 
 async def test_broker_killed_and_restarted_mid_run(tmp_path: Path, mosquitto: Mosquitto) -> None:

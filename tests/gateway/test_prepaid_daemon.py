@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway.config import load_config
 from gateway.daemon import Daemon
+from tests.gateway.e2e import until
 from tests.harness.mosquitto import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,14 +89,6 @@ tariffs = ["flat.toml"]
     )
     return path
 
-
-async def until(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s: {what}")
 
 
 async def outbox_bodies(db: Path, kind: str) -> list[dict[str, object]]:

@@ -8,12 +8,17 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from firmware_bridge.modbus.simulator import ModbusSimulator
 from store_forward.headend import Headend, HeadendDB
-from tests.gateway.e2e import assert_exactly_once, gateway_counters, headend_readings, site_config
+from tests.gateway.e2e import (
+    assert_exactly_once,
+    gateway_counters,
+    headend_readings,
+    site_config,
+    until,
+)
 from tests.harness.mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,14 +35,6 @@ def start_gateway(config: Path, log: Path) -> subprocess.Popen[bytes]:
             cwd=ROOT,
         )
 
-
-async def until(pred, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s: {what}")
 
 
 async def test_gateway_sigkilled_mid_run(tmp_path: Path, mosquitto: Mosquitto) -> None:
