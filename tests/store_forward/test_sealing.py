@@ -70,7 +70,9 @@ def test_round_trip_and_blob_layout(
         assert blob[0] == 1
         assert StorageSealer.epoch_of(blob) == sealer.epoch == 1
         assert sealer.unseal(i, "reading", blob) == p
-        if p:
+        if len(p) >= 16:
+            # A short plaintext can appear in random ciphertext by chance
+            # (one byte does so in about one blob in seven); 16 bytes cannot.
             assert p not in blob
     assert [StorageSealer.nonce_of(b)[4:] for b in blobs] == [
         n.to_bytes(8, "big") for n in range(3)
