@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -217,7 +218,11 @@ class Headend:
         registry: GatewayRegistry | None = None,
         allow_plain: bool | None = None,
         decode: Decoder | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls_context``: a client-side context for TLS to the broker (with the
+        headend's certificate loaded for mutual TLS), e.g.
+        :func:`store_forward.uplink.tls_context`; None connects in plain MQTT."""
         self.db = db
         self.host = host
         self.port = port
@@ -228,6 +233,7 @@ class Headend:
         # Unsealed batches only where no registry says which gateways exist.
         self.allow_plain = registry is None if allow_plain is None else allow_plain
         self.decode: Decoder = decode or self._decode
+        self.tls_context = tls_context
         self.batches_received = 0
         self.rejected = 0
         self.rejections: dict[str, int] = {}
@@ -239,12 +245,22 @@ class Headend:
         while True:
             try:
                 async with aiomqtt.Client(
-                    self.host, self.port, identifier=self.identifier, clean_session=True, timeout=10
+                    self.host,
+                    self.port,
+                    identifier=self.identifier,
+                    clean_session=True,
+                    timeout=10,
+                    tls_context=self.tls_context,
                 ) as client:
                     attempt = 0
                     await client.subscribe(up_filter(self.prefix, self.share_group), qos=1)
                     self.connected.set()
-                    log.info("headend subscribed on %s:%d", self.host, self.port)
+                    log.info(
+                        "headend subscribed on %s:%d (%s)",
+                        self.host,
+                        self.port,
+                        "TLS" if self.tls_context is not None else "plain MQTT",
+                    )
                     async for msg in client.messages:
                         await self._handle(client, msg)
             except (aiomqtt.MqttError, OSError) as exc:
