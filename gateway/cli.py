@@ -17,6 +17,8 @@ import orjson
 
 from gateway import __version__
 from gateway.config import ConfigError, load_config
+from store_forward.cli import hostport as _hostport  # also the demo's --broker
+from store_forward.cli import register_headend
 
 # Modules that add their own subcommands with ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -81,41 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # -- headend --------------------------------------------------------------
-
-
-def _hostport(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host or "127.0.0.1", int(port)
-
-
-def cmd_headend(args: argparse.Namespace) -> int:
-    from store_forward.headend import Headend, HeadendDB, HeadendStore
-
-    host, port = args.broker
-
-    async def main() -> None:
-        db: HeadendStore
-        if args.dsn:
-            from store_forward.headend_pg import PostgresHeadendDB
-
-            db = await PostgresHeadendDB.open(args.dsn)
-        else:
-            db = await HeadendDB.open(args.db)
-        headend = Headend(db, host=host, port=port, prefix=args.prefix, share_group=args.share)
-        task = asyncio.create_task(headend.run())
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await db.close()
-
-    asyncio.run(main())
-    return 0
+# ``edgegw headend run | import | keygen`` live in store_forward.cli (register_headend).
 
 
 # -- status ---------------------------------------------------------------
@@ -243,14 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("file")
     cc.set_defaults(func=cmd_config_check)
 
-    h = sub.add_parser("headend", help="run the reference headend")
-    h.add_argument("--broker", type=_hostport, required=True, metavar="HOST:PORT")
-    where = h.add_mutually_exclusive_group(required=True)
-    where.add_argument("--db", help="SQLite database file")
-    where.add_argument("--dsn", help="PostgreSQL connection string (several headends may share it)")
-    h.add_argument("--prefix", default="edgegw/v1", help="topic prefix")
-    h.add_argument("--share", metavar="GROUP", help="join shared subscription GROUP (scale-out)")
-    h.set_defaults(func=cmd_headend)
+    h = sub.add_parser("headend", help="the reference headend: run, import a USB backlog, keygen")
+    register_headend(h.add_subparsers(dest="headend_command", required=True, metavar="ACTION"))
 
     s = sub.add_parser("status", help="link, backlog and meter health of a gateway")
     s.add_argument("--config", required=True)

@@ -1,21 +1,37 @@
-"""``edgegw backlog export`` and the headend's ``import`` / ``keygen`` commands.
+"""``edgegw backlog export`` and the reference headend's commands.
 
     edgegw backlog export --config site.toml --to /media/usb/backlog \\
         [--keystore /var/lib/edgegw/keys] [--headend-public-key B64]
+    edgegw headend run --broker HOST:PORT (--db central.db | --dsn DSN) [--prefix P] \\
+        [--share GROUP] [--key headend.pem --registry DIR] \\
+        [--tls-ca ca.pem [--tls-cert headend.pem --tls-key headend.key]]
     edgegw headend import DIR (--db central.db | --dsn DSN) --key headend.pem --registry DIR
     edgegw headend keygen --out headend.x25519.pem
 
-Exit codes: 0 success, 1 refused or failed (message on stderr), 2 usage.
+``headend run`` with ``--key``/``--registry`` accepts only sealed batches from
+enrolled gateways; without them it accepts unsealed batches from anyone
+(development). Exit codes: 0 success (``run``: stopped by SIGTERM/SIGINT),
+1 refused or failed (message on stderr), 2 usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import logging
+import signal
+import ssl
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from store_forward.headend import HeadendStore
+    from store_forward.uplink_keys import GatewayRegistry
+
+log = logging.getLogger(__name__)
 
 DEFAULT_KEYSTORE = Path("/var/lib/edgegw/keys")
 
@@ -95,24 +111,151 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- headend ----------------------------------------------------------------
+
+
+class HeadendStoreError(Exception):
+    """The headend's database cannot be opened."""
+
+
+def hostport(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` as an argparse type (an empty host means 127.0.0.1)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+async def open_headend_store(db: str | None, dsn: str | None) -> HeadendStore:
+    """The headend's database: PostgreSQL at ``dsn`` (several headends may share
+    it), else the SQLite file ``db``. Raises :class:`HeadendStoreError`."""
+    where = dsn or db
+    if not where:
+        raise HeadendStoreError("no database: give --db FILE or --dsn DSN")
+    try:
+        if dsn:
+            from store_forward.headend_pg import PostgresHeadendDB
+
+            return await PostgresHeadendDB.open(dsn)
+        from store_forward.headend import HeadendDB
+
+        return await HeadendDB.open(where)
+    except Exception as exc:  # sqlite3, psycopg or OS errors: all mean "cannot open"
+        shown = "the PostgreSQL database" if dsn else where  # a DSN may hold a password
+        raise HeadendStoreError(f"{shown}: cannot open the headend database: {exc}") from exc
+
+
+def load_registry(key: Path, registry: Path) -> GatewayRegistry:
+    """The enrolled gateways under the headend key. Raises UplinkKeyError."""
+    from store_forward.uplink_keys import GatewayRegistry, load_headend_key
+
+    return GatewayRegistry.load(load_headend_key(key), registry)
+
+
+def broker_tls_context(
+    host: str, port: int, ca: Path, cert: Path | None, key: Path | None
+) -> ssl.SSLContext:
+    """The headend's TLS client context: the uplink's policy (broker certificate
+    verified against ``ca`` and its host name, TLS 1.2 or newer), with a client
+    certificate for mutual TLS when ``cert``/``key`` are given.
+    Raises OSError or ssl.SSLError for unreadable or mismatched files."""
+    from gateway.config import BrokerSection
+    from store_forward.uplink import tls_context
+
+    return tls_context(
+        BrokerSection(host=host, port=port, tls=True, ca_file=ca, cert_file=cert, key_file=key)
+    )
+
+
+def run_usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a ``headend run`` command line that argparse cannot see."""
+    if (args.key is None) != (args.registry is None):
+        return (
+            "--key and --registry go together: give both (only sealed batches from enrolled"
+            " gateways are accepted) or neither (unsealed batches, development only)"
+        )
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return "--tls-cert and --tls-key go together (the headend's client certificate and its key)"
+    if args.tls_cert is not None and args.tls_ca is None:
+        return "--tls-cert/--tls-key need --tls-ca (the CA that signed the broker's certificate)"
+    return None
+
+
+async def serve_headend(
+    args: argparse.Namespace, registry: GatewayRegistry | None, tls: ssl.SSLContext | None
+) -> int:
+    """Run the headend until SIGTERM/SIGINT (0), or until it fails (1)."""
+    from store_forward.headend import Headend
+
+    host, port = args.broker
+    db = await open_headend_store(args.db, args.dsn)
+    try:
+        headend = Headend(
+            db,
+            host=host,
+            port=port,
+            prefix=args.prefix,
+            share_group=args.share,
+            registry=registry,
+            tls_context=tls,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(headend.run())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():  # run() only returns by an error it does not recover from
+            stopped.cancel()
+            exc = task.exception()
+            log.error("headend stopped: %r", exc, exc_info=exc)
+            return 1
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return 0
+    finally:
+        await db.close()
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from store_forward.uplink_keys import UplinkKeyError
+
+    problem = run_usage_problem(args)
+    if problem is not None:
+        parser.error(problem)  # exits 2 with the usage line
+    registry = None
+    if args.key is not None:
+        try:
+            registry = load_registry(args.key, args.registry)
+        except UplinkKeyError as exc:
+            return _err(str(exc))
+    else:
+        log.warning("headend: no --key/--registry: unsealed batches are accepted (development only)")
+    tls = None
+    if args.tls_ca is not None:
+        host, port = args.broker
+        try:
+            tls = broker_tls_context(host, port, args.tls_ca, args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            return _err(f"TLS files (--tls-ca/--tls-cert/--tls-key): {exc}")
+    try:
+        return asyncio.run(serve_headend(args, registry, tls))
+    except HeadendStoreError as exc:
+        return _err(str(exc))
+
+
 def _import(args: argparse.Namespace) -> int:
-    from store_forward.headend import HeadendDB, HeadendStore
     from store_forward.sneakernet import SneakernetError, import_backlog
-    from store_forward.uplink_keys import GatewayRegistry, UplinkKeyError, load_headend_key
+    from store_forward.uplink_keys import UplinkKeyError
 
     try:
-        registry = GatewayRegistry.load(load_headend_key(args.key), args.registry)
+        registry = load_registry(args.key, args.registry)
     except UplinkKeyError as exc:
         return _err(str(exc))
 
     async def main() -> Any:
-        db: HeadendStore
-        if args.dsn:
-            from store_forward.headend_pg import PostgresHeadendDB
-
-            db = await PostgresHeadendDB.open(args.dsn)
-        else:
-            db = await HeadendDB.open(args.db)
+        db = await open_headend_store(args.db, args.dsn)
         try:
             return await import_backlog(
                 db, args.dir, key_lookup=registry.key_lookup, now_ms=time.time_ns() // 1_000_000
@@ -122,7 +265,7 @@ def _import(args: argparse.Namespace) -> int:
 
     try:
         r = asyncio.run(main())
-    except SneakernetError as exc:
+    except (SneakernetError, HeadendStoreError) as exc:
         return _err(str(exc))
     print(f"{args.dir}: {r.stored} batch(es) stored ({r.records_new} records), {r.duplicate} already known")
     for line in r.refused:
@@ -156,13 +299,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
-def register_headend(headend_subparsers: argparse._SubParsersAction) -> None:
-    """Add ``import`` and ``keygen`` under ``edgegw headend``."""
-    p = headend_subparsers.add_parser("import", help="ingest a sneakernet backlog export")
-    p.add_argument("dir", type=Path)
+def _add_store_options(p: argparse.ArgumentParser) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--db", help="SQLite database file")
-    where.add_argument("--dsn", help="PostgreSQL connection string")
+    where.add_argument("--dsn", help="PostgreSQL connection string (several headends may share it)")
+
+
+def register_headend(headend_subparsers: argparse._SubParsersAction) -> None:
+    """Add ``run``, ``import`` and ``keygen`` under ``edgegw headend``."""
+    r = headend_subparsers.add_parser(
+        "run",
+        help="subscribe to the gateways' batches, store them, then ack",
+        description="Run the reference headend until SIGTERM/SIGINT.",
+    )
+    r.add_argument("--broker", type=hostport, required=True, metavar="HOST:PORT")
+    _add_store_options(r)
+    r.add_argument("--prefix", default="edgegw/v1", help="topic prefix (default: %(default)s)")
+    r.add_argument("--share", metavar="GROUP", help="join shared subscription GROUP (scale-out)")
+    sealed = r.add_argument_group(
+        "enrolled gateways", "both or neither; with them only sealed batches from enrolled gateways are stored"
+    )
+    sealed.add_argument("--key", type=Path, metavar="PEM", help="headend X25519 private key (PEM)")
+    sealed.add_argument("--registry", type=Path, metavar="DIR", help="directory of enrolled gateways")
+    tls = r.add_argument_group("TLS to the broker", "--tls-cert and --tls-key together, and only with --tls-ca")
+    tls.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA that signed the broker's certificate")
+    tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="the headend's client certificate")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
+    r.set_defaults(func=functools.partial(_run, parser=r))
+
+    p = headend_subparsers.add_parser("import", help="ingest a sneakernet backlog export")
+    p.add_argument("dir", type=Path)
+    _add_store_options(p)
     p.add_argument("--key", required=True, type=Path, help="headend X25519 private key (PEM)")
     p.add_argument("--registry", required=True, type=Path, help="directory of enrolled gateways")
     p.set_defaults(func=_import)
