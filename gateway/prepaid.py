@@ -33,6 +33,7 @@ from gateway.billing import ledger_store as ls
 from gateway.billing.account import AccountSettings, load_account
 from gateway.billing.cutoff import Action, Contact, CutoffEvent, evaluate, reassert
 from gateway.billing.ledger import Entry, adjustment_entry
+from gateway.billing.ledger_cache import LedgerCache
 from gateway.billing.messages import MessageError, parse_snapshot, parse_topup
 from gateway.billing.money import report_yuan
 from gateway.billing.rating import RegisterReading
@@ -75,6 +76,21 @@ def _cutoff_event(e: CutoffEvent) -> dict[str, Any]:
     }
 
 
+class _Records:
+    """Outbox records decided in one transaction, added together at its end."""
+
+    def __init__(self, now_ms: int) -> None:
+        self.now_ms = now_ms
+        self.items: list[tuple[RecordClass, str, int, dict[str, Any]]] = []
+
+    def charge(self, entry: Entry) -> None:
+        # Every local ledger entry goes to central, so central can re-rate and reconcile.
+        self.items.append((RecordClass.BILLING, RecordKind.CHARGE, self.now_ms, entry.to_json()))
+
+    def event(self, body: dict[str, Any]) -> None:
+        self.items.append((RecordClass.EVENT, RecordKind.EVENT, self.now_ms, body))
+
+
 class Prepaid:
     def __init__(
         self,
@@ -90,6 +106,14 @@ class Prepaid:
         # the daemon's billing timer evaluates at once instead of at its next tick.
         self.dirty = asyncio.Event()
         self.outbox: Outbox | None = None  # where ledger entries from commands are uploaded
+        # The single writer's working copy of balances, baselines and cutoff states;
+        # dropped whenever a transaction rolls back (see attach()).
+        self.ledger = LedgerCache()
+
+    def attach(self, outbox: Outbox) -> None:
+        """Use ``outbox`` for uploads and drop the cached state on every rollback."""
+        self.outbox = outbox
+        outbox.on_rollback(self.ledger.forget)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Prepaid | None:
@@ -125,6 +149,17 @@ class Prepaid:
                     ),
                 )
             await ls.verify(db, name)  # raises LedgerCorrupt: never run on a bad ledger
+        # Tariff versions installed by central since the configuration was written.
+        for doc in await ls.load_tariff_docs(db):
+            try:
+                tariff = parse_tariff(doc, "stored central tariff")
+            except TariffError as exc:  # stored after validation: only a newer parser refuses
+                log.error("stored central tariff refused: %s", exc)
+                continue
+            for acct in self.accounts.values():
+                if acct.book.tariff_id == tariff.tariff_id:
+                    acct.book = acct.book.with_version(tariff)
+        self.ledger.forget()
 
     # -- per cycle and per tick ---------------------------------------------
 
@@ -136,6 +171,7 @@ class Prepaid:
         now_ms: int,
         contact: Contact,
     ) -> list[RelayIntent]:
+        out = _Records(now_ms)
         touched: dict[str, None] = {}
         intents: list[RelayIntent] = []
         for record_id, reading in readings:
@@ -145,17 +181,11 @@ class Prepaid:
             acct = self.accounts[account]
             rr = RegisterReading.from_reading(reading, str(record_id))
             if rr is not None:
-                rated = await ls.rate_reading(
-                    db, account, rr, acct.book, max_gap_ms=self.max_gap_ms
-                )
+                rated = await self.ledger.rate(db, account, rr, acct.book, max_gap_ms=self.max_gap_ms)
                 if rated.appended is not None and rated.appended.applied:
-                    await self._upload_entry(db, outbox, rated.appended.entry, now_ms)
+                    out.charge(rated.appended.entry)
                 for a in rated.result.anomalies if rated.result else ():
-                    await outbox.add_in(
-                        db,
-                        RecordClass.EVENT,
-                        RecordKind.EVENT,
-                        now_ms,
+                    out.event(
                         {
                             "type": f"rating.{a.kind.value}",
                             "account": account,
@@ -163,28 +193,40 @@ class Prepaid:
                             "from_reading": a.start_reading_id,
                             "to_reading": a.end_reading_id,
                             "detail": a.detail,
-                        },
+                        }
                     )
             touched[account] = None
             relay_open = reading.good(Quantity.RELAY_OPEN)
             if relay_open is not None:
                 intents += await self._reassert_in(
-                    db, outbox, account, reading.meter_id, bool(relay_open), now_ms, contact
+                    db, out, account, reading.meter_id, bool(relay_open), now_ms, contact
                 )
         for account in touched:
-            intents += await self._evaluate_in(db, outbox, account, now_ms, contact)
+            intents += await self._evaluate_in(db, out, account, now_ms, contact)
+        await self._finish(db, outbox, out)
         return intents
 
     async def tick_in(
         self, db: aiosqlite.Connection, outbox: Outbox, now_ms: int, contact: Contact
     ) -> list[RelayIntent]:
+        """Fixed charges and time-driven policy steps for every account.
+
+        From the cache this costs microseconds per account and writes nothing
+        unless something changed (a charge, a state change, an event).
+        """
+        out = _Records(now_ms)
         intents: list[RelayIntent] = []
         for account, acct in self.accounts.items():
-            for res in await ls.charge_fixed(db, account, acct.book, now_ms):
+            for res in await self.ledger.charge_fixed(db, account, acct.book, now_ms):
                 if res.applied:
-                    await self._upload_entry(db, outbox, res.entry, now_ms)
-            intents += await self._evaluate_in(db, outbox, account, now_ms, contact)
+                    out.charge(res.entry)
+            intents += await self._evaluate_in(db, out, account, now_ms, contact)
+        await self._finish(db, outbox, out)
         return intents
+
+    async def _finish(self, db: aiosqlite.Connection, outbox: Outbox, out: _Records) -> None:
+        await self.ledger.flush(db)
+        await outbox.add_many_in(db, out.items)
 
     async def _upload_entry(
         self, db: aiosqlite.Connection, outbox: Outbox, entry: Entry, now_ms: int
@@ -193,24 +235,24 @@ class Prepaid:
         await outbox.add_in(db, RecordClass.BILLING, RecordKind.CHARGE, now_ms, entry.to_json())
 
     async def _evaluate_in(
-        self, db: aiosqlite.Connection, outbox: Outbox, account: str, now_ms: int, contact: Contact
+        self, db: aiosqlite.Connection, out: _Records, account: str, now_ms: int, contact: Contact
     ) -> list[RelayIntent]:
         acct = self.accounts[account]
-        state = await ls.load_cutoff_state(db, account)
-        view = await ls.load_view(db, account)
+        state = await self.ledger.cutoff_state(db, account)
+        view = await self.ledger.view(db, account)
         decision = evaluate(
             state, view.balance_micro, now_ms, contact, acct.settings.cutoff, account
         )
         if decision.state != state:
-            await ls.save_cutoff_state(db, account, decision.state)
+            await self.ledger.save_cutoff_state(db, account, decision.state)
         for e in decision.events:
-            await outbox.add_in(db, RecordClass.EVENT, RecordKind.EVENT, now_ms, _cutoff_event(e))
-        return await self._intents_in(db, outbox, decision.actions, now_ms)
+            out.event(_cutoff_event(e))
+        return self._intents(out, decision.actions)
 
     async def _reassert_in(
         self,
         db: aiosqlite.Connection,
-        outbox: Outbox,
+        out: _Records,
         account: str,
         meter: str,
         reported_open: bool,
@@ -218,30 +260,24 @@ class Prepaid:
         contact: Contact,
     ) -> list[RelayIntent]:
         acct = self.accounts[account]
-        state = await ls.load_cutoff_state(db, account)
+        state = await self.ledger.cutoff_state(db, account)
         new, actions = reassert(
             state, meter, reported_open, now_ms, contact, acct.settings.cutoff, account
         )
         if new != state:
-            await ls.save_cutoff_state(db, account, new)
-        return await self._intents_in(db, outbox, actions, now_ms)
+            await self.ledger.save_cutoff_state(db, account, new)
+        return self._intents(out, actions)
 
-    async def _intents_in(
-        self, db: aiosqlite.Connection, outbox: Outbox, actions: Sequence[Action], now_ms: int
-    ) -> list[RelayIntent]:
+    def _intents(self, out: _Records, actions: Sequence[Action]) -> list[RelayIntent]:
         intents = []
         for a in actions:
-            await outbox.add_in(
-                db,
-                RecordClass.EVENT,
-                RecordKind.EVENT,
-                now_ms,
+            out.event(
                 {
                     "type": f"cutoff.action.{a.kind.value}",
                     "account": a.account,
                     "meter": a.meter,
                     "reason": a.reason,
-                },
+                }
             )
             if a.relay_open is not None and a.meter:
                 intents.append(
@@ -287,7 +323,9 @@ class Prepaid:
                 "reason": "unknown_account",
                 "message": f"no prepaid account {topup.account!r} on this gateway",
             }
+        await self.ledger.flush(db)
         decision = await ls.apply_topup(db, topup, acct.settings.topup_policy, now_ms)
+        self.ledger.forget_account(topup.account)
         outbox = outbox or self.outbox
         if (
             decision.status is TopUpStatus.APPLIED
@@ -319,7 +357,9 @@ class Prepaid:
                 "reason": "unknown_account",
                 "message": f"no prepaid account {snap.account!r} on this gateway",
             }
+        await self.ledger.flush(db)
         decision = await ls.apply_snapshot(db, snap)
+        self.ledger.forget_account(snap.account)
         self.dirty.set()
         return {"status": decision.status.value, "message": getattr(decision, "message", "")}
 
@@ -342,6 +382,12 @@ class Prepaid:
             books = [a.book.with_version(tariff) for a in hit]
         except TariffError as exc:
             return {"status": "rejected", "reason": "invalid_tariff", "message": str(exc)}
+        # Fixed charges raised so far stay under the old version; then the new
+        # version is stored, so it survives a restart of the gateway.
+        for name, a in self.accounts.items():
+            if a.book.tariff_id == tariff.tariff_id:
+                await self.ledger.persist_fixed_until(db, name)
+        await ls.save_tariff_doc(db, tariff.tariff_id, tariff.version, dict(doc), now_ms)
         for a, book in zip(hit, books, strict=True):
             a.book = book
         return {"status": "applied", "tariff": tariff.tariff_id, "version": tariff.version}

@@ -356,6 +356,7 @@ class Outbox:
         self._db = db
         self.path = path
         self._lock = asyncio.Lock()
+        self._rollback_hooks: list[Callable[[], None]] = []
         self._batching = asyncio.Lock()
         self._sealer = sealer
         self._key_version = key_version
@@ -515,6 +516,8 @@ class Outbox:
                 # rollback lands after anything the cancelled caller had queued.
                 with contextlib.suppress(sqlite3.Error):
                     await asyncio.shield(self._db.rollback())
+                for hook in self._rollback_hooks:
+                    hook()
                 if isinstance(exc, sqlite3.Error) and self._note_storage_error(exc):
                     # The WAL may be what filled the disk: fold it back into the
                     # database (whose freed pages are reused) and truncate it.
@@ -586,6 +589,21 @@ class Outbox:
                 ],
             )
         return first
+
+    def on_rollback(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` whenever a transaction rolls back (components that cache
+        what they wrote in a transaction drop that cache)."""
+        self._rollback_hooks.append(hook)
+
+    async def add_many_in(
+        self, db: aiosqlite.Connection, items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]]
+    ) -> list[int]:
+        """Add records ``(class, kind, created_ms, body)`` in one statement, in order,
+        inside a transaction opened with :meth:`transaction`; returns their ids."""
+        if not items:
+            return []
+        first = await self._add_many(db, items)
+        return list(range(first, first + len(items)))
 
     async def add_in(
         self,

@@ -222,13 +222,15 @@ def _yuan(micro: int) -> str:
 
 def _band_reason(balance: int, lvl: Level, cfg: CutoffConfig) -> str:
     b = _yuan(balance)
-    return {
-        Level.NORMAL: f"balance {b} > alarm1 {_yuan(cfg.alarm1_micro)}",
-        Level.ALARM1: f"balance {b} <= alarm1 {_yuan(cfg.alarm1_micro)}",
-        Level.ALARM2: f"balance {b} <= alarm2 {_yuan(cfg.alarm2_micro)}",
-        Level.GRACE: f"balance {b} <= 0, above the overdraft limit -{_yuan(cfg.overdraft_micro)}",
-        Level.CUTOFF: f"balance {b} <= overdraft limit -{_yuan(cfg.overdraft_micro)}",
-    }[lvl]
+    if lvl is Level.NORMAL:
+        return f"balance {b} > alarm1 {_yuan(cfg.alarm1_micro)}"
+    if lvl is Level.ALARM1:
+        return f"balance {b} <= alarm1 {_yuan(cfg.alarm1_micro)}"
+    if lvl is Level.ALARM2:
+        return f"balance {b} <= alarm2 {_yuan(cfg.alarm2_micro)}"
+    if lvl is Level.GRACE:
+        return f"balance {b} <= 0, above the overdraft limit -{_yuan(cfg.overdraft_micro)}"
+    return f"balance {b} <= overdraft limit -{_yuan(cfg.overdraft_micro)}"
 
 
 def protection(now_ms: int, contact: Contact, cfg: CutoffConfig) -> Pending | None:

@@ -15,7 +15,9 @@ Tables (``SCHEMA``):
   purchase counter, tier state, snapshot in force), kept in step by
   :func:`append` and checked against a full fold by :func:`verify`; plus the
   persisted cutoff state and the time up to which fixed charges were raised;
-* ``billing_baseline`` — per meter, the last reading rating used as baseline.
+* ``billing_baseline`` — per meter, the last reading rating used as baseline;
+* ``billing_tariff`` — tariff versions installed by central (the source
+  document), re-applied over the configured tariffs at every start.
 """
 
 from __future__ import annotations
@@ -81,6 +83,13 @@ CREATE TABLE IF NOT EXISTS billing_account (
     snapshot_seq          INTEGER,
     fixed_until_ms        INTEGER,
     cutoff_state          TEXT
+);
+CREATE TABLE IF NOT EXISTS billing_tariff (
+    tariff_id    TEXT    NOT NULL,
+    version      INTEGER NOT NULL,
+    installed_ms INTEGER NOT NULL,
+    doc          TEXT    NOT NULL,
+    PRIMARY KEY (tariff_id, version)
 );
 CREATE TABLE IF NOT EXISTS billing_baseline (
     meter        TEXT    PRIMARY KEY,
@@ -166,20 +175,33 @@ async def load_view(conn: aiosqlite.Connection, account: str) -> LedgerView:
     return LedgerView(account, balance, last_seq, counter, TierState(tier_ps, tier_ckwh), snap)
 
 
-async def _save_view(conn: aiosqlite.Connection, view: LedgerView) -> None:
-    await conn.execute(
-        "UPDATE billing_account SET balance_micro = ?, last_seq = ?, purchase_counter = ?,"
-        " tier_period_start_ms = ?, tier_cumulative_ckwh = ?, snapshot_seq = ? WHERE account = ?",
-        (
-            view.balance_micro,
-            view.last_seq,
-            view.purchase_counter,
-            view.tier.period_start_ms,
-            view.tier.cumulative_ckwh,
-            None if view.snapshot is None else view.snapshot.seq,
-            view.account,
-        ),
+SAVE_VIEW_SQL = (
+    "UPDATE billing_account SET balance_micro = ?, last_seq = ?, purchase_counter = ?,"
+    " tier_period_start_ms = ?, tier_cumulative_ckwh = ?, snapshot_seq = ? WHERE account = ?"
+)
+
+
+def view_params(view: LedgerView) -> tuple[Any, ...]:
+    return (
+        view.balance_micro,
+        view.last_seq,
+        view.purchase_counter,
+        view.tier.period_start_ms,
+        view.tier.cumulative_ckwh,
+        None if view.snapshot is None else view.snapshot.seq,
+        view.account,
     )
+
+
+async def _save_view(conn: aiosqlite.Connection, view: LedgerView) -> None:
+    await conn.execute(SAVE_VIEW_SQL, view_params(view))
+
+
+INSERT_ENTRY_SQL = f"INSERT INTO billing_entry ({_ENTRY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+
+
+def entry_params(e: Entry) -> tuple[Any, ...]:
+    return (e.account, e.seq, e.entry_id, e.kind.value, e.amount_micro, e.time_ms, e.body_json().decode())
 
 
 async def append(conn: aiosqlite.Connection, entry: Entry) -> AppendResult:
@@ -192,10 +214,7 @@ async def append(conn: aiosqlite.Connection, entry: Entry) -> AppendResult:
     await open_account(conn, entry.account)
     view = await load_view(conn, entry.account)
     e = replace(entry, seq=view.last_seq + 1)
-    await conn.execute(
-        f"INSERT INTO billing_entry ({_ENTRY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (e.account, e.seq, e.entry_id, e.kind.value, e.amount_micro, e.time_ms, e.body_json().decode()),
-    )
+    await conn.execute(INSERT_ENTRY_SQL, entry_params(e))
     if e.kind is EntryKind.SNAPSHOT:
         tail = await entries(conn, e.account, after_seq=int(e.body["as_of_seq"]))
         view = rebase(view, e, [x for x in tail if x.seq < e.seq])
@@ -234,15 +253,21 @@ async def get_baseline(conn: aiosqlite.Connection, meter: str) -> RegisterReadin
     return RegisterReading(row[0], meter, row[1], Decimal(row[2]), rates)
 
 
-async def set_baseline(conn: aiosqlite.Connection, account: str, reading: RegisterReading) -> None:
+SET_BASELINE_SQL = (
+    "INSERT INTO billing_baseline (meter, account, reading_id, time_ms, import_kwh, rates)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (meter) DO UPDATE SET account = excluded.account,"
+    " reading_id = excluded.reading_id, time_ms = excluded.time_ms,"
+    " import_kwh = excluded.import_kwh, rates = excluded.rates"
+)
+
+
+def baseline_params(account: str, reading: RegisterReading) -> tuple[Any, ...]:
     rates = orjson.dumps({k: str(v) for k, v in sorted(reading.rate_kwh.items())}).decode()
-    await conn.execute(
-        "INSERT INTO billing_baseline (meter, account, reading_id, time_ms, import_kwh, rates)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (meter) DO UPDATE SET account = excluded.account,"
-        " reading_id = excluded.reading_id, time_ms = excluded.time_ms,"
-        " import_kwh = excluded.import_kwh, rates = excluded.rates",
-        (reading.meter_id, account, reading.reading_id, reading.time_ms, str(reading.import_kwh), rates),
-    )
+    return (reading.meter_id, account, reading.reading_id, reading.time_ms, str(reading.import_kwh), rates)
+
+
+async def set_baseline(conn: aiosqlite.Connection, account: str, reading: RegisterReading) -> None:
+    await conn.execute(SET_BASELINE_SQL, baseline_params(account, reading))
 
 
 @dataclass(frozen=True)
@@ -315,16 +340,25 @@ async def charge_fixed(
     The first call only records ``now`` as the starting point.
     """
     await open_account(conn, account)
-    async with conn.execute("SELECT fixed_until_ms FROM billing_account WHERE account = ?", (account,)) as cur:
-        row = await cur.fetchone()
-    since = None if row is None else row[0]
+    since = await load_fixed_until(conn, account)
     out: list[AppendResult] = []
     if since is not None and now_ms > since:
         for due in fixed_charges_due(account, book, since, now_ms):
             out.append(await append(conn, fixed_entry(due)))
     if since is None or now_ms > since:
-        await conn.execute("UPDATE billing_account SET fixed_until_ms = ? WHERE account = ?", (now_ms, account))
+        await save_fixed_until(conn, account, now_ms)
     return out
+
+
+async def load_fixed_until(conn: aiosqlite.Connection, account: str) -> int | None:
+    """Up to when fixed charges of ``account`` were raised (None: never scanned)."""
+    async with conn.execute("SELECT fixed_until_ms FROM billing_account WHERE account = ?", (account,)) as cur:
+        row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+async def save_fixed_until(conn: aiosqlite.Connection, account: str, until_ms: int) -> None:
+    await conn.execute("UPDATE billing_account SET fixed_until_ms = ? WHERE account = ?", (until_ms, account))
 
 
 async def apply_topup(
@@ -378,3 +412,26 @@ async def load_cutoff_state(conn: aiosqlite.Connection, account: str) -> CutoffS
 
 async def save_cutoff_state(conn: aiosqlite.Connection, account: str, state: CutoffState) -> None:
     await save_cutoff_json(conn, account, state.to_json())
+
+
+# ---------------------------------------------------------------------------
+# Tariff versions from central
+
+
+async def save_tariff_doc(
+    conn: aiosqlite.Connection, tariff_id: str, version: int, doc: dict[str, Any], installed_ms: int
+) -> None:
+    """Keep a tariff version installed by central (the same version again replaces it)."""
+    await conn.execute(
+        "INSERT INTO billing_tariff (tariff_id, version, installed_ms, doc) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (tariff_id, version) DO UPDATE SET installed_ms = excluded.installed_ms,"
+        " doc = excluded.doc",
+        (tariff_id, version, installed_ms, orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode()),
+    )
+
+
+async def load_tariff_docs(conn: aiosqlite.Connection) -> list[dict[str, Any]]:
+    """Installed tariff documents, oldest installation first."""
+    async with conn.execute("SELECT doc FROM billing_tariff ORDER BY installed_ms, tariff_id, version") as cur:
+        rows = await cur.fetchall()
+    return [orjson.loads(r[0]) for r in rows]

@@ -1,0 +1,202 @@
+"""The daemon's working copy of the billing state: the single writer's cache.
+
+:mod:`gateway.billing.ledger_store` reads an account's view, a meter's
+baseline and the cutoff state from SQLite every time it needs them — about a
+dozen statements per rated reading, each a round trip to the database thread.
+The daemon has exactly one writer, so it can keep that state in memory and
+only *write* to the database:
+
+* reads come from the cache (loaded from the database on first use);
+* ledger entries are inserted at once (``INSERT … ON CONFLICT(entry_id) DO
+  NOTHING``: an id already there is compared with the new content, exactly as
+  :func:`ledger_store.append` does); the account views and baselines they
+  change are written back by :meth:`LedgerCache.flush`, in the same
+  transaction, before it commits;
+* the time up to which fixed charges were raised is persisted only when a
+  charge is raised (or :meth:`LedgerCache.persist_fixed_until` is called,
+  before a tariff change): between charges the stored value may lag, and
+  re-scanning that span after a restart finds no charge under the same
+  tariff. This keeps a once-a-second policy tick from rewriting every account
+  row every second (flash wear on the gateway's SD card).
+
+The cache is only as good as the transaction it was filled in: when a
+transaction rolls back, :meth:`forget` must be called (the daemon registers it
+as the outbox's rollback hook), and anything that writes billing tables
+without going through the cache must call :meth:`forget_account` afterwards.
+The result is the same database content as the uncached functions produce,
+which the tests check statement for statement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import aiosqlite
+
+from gateway.billing import ledger_store as ls
+from gateway.billing.cutoff import CutoffState
+from gateway.billing.ledger import (
+    AppendResult,
+    Entry,
+    EntryKind,
+    LedgerConflict,
+    LedgerView,
+    advance,
+    debit_entry,
+    fixed_entry,
+)
+from gateway.billing.rating import RegisterReading, fixed_charges_due, rate_interval
+from gateway.billing.tariff import TariffBook
+
+_MISSING = object()
+
+
+class LedgerCache:
+    def __init__(self) -> None:
+        self._views: dict[str, LedgerView] = {}
+        self._cutoff: dict[str, CutoffState] = {}
+        self._baselines: dict[str, RegisterReading | None] = {}
+        self._fixed_until: dict[str, int | None] = {}
+        self._dirty_views: dict[str, None] = {}
+        self._dirty_baselines: dict[str, str] = {}  # meter -> account
+
+    # -- validity -------------------------------------------------------------
+
+    def forget(self) -> None:
+        """Drop everything (after a rollback): the next use reloads from the database."""
+        self._views.clear()
+        self._cutoff.clear()
+        self._baselines.clear()
+        self._fixed_until.clear()
+        self._dirty_views.clear()
+        self._dirty_baselines.clear()
+
+    def forget_account(self, account: str) -> None:
+        """Drop one account's view and cutoff state (written behind the cache's back)."""
+        if account in self._dirty_views:
+            raise RuntimeError(f"account {account}: unflushed changes would be lost")
+        self._views.pop(account, None)
+        self._cutoff.pop(account, None)
+        self._fixed_until.pop(account, None)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._dirty_views or self._dirty_baselines)
+
+    async def flush(self, conn: aiosqlite.Connection) -> None:
+        """Write changed views and baselines (call before the transaction commits)."""
+        if self._dirty_views:
+            await conn.executemany(ls.SAVE_VIEW_SQL, [ls.view_params(self._views[a]) for a in self._dirty_views])
+            self._dirty_views.clear()
+        if self._dirty_baselines:
+            rows = []
+            for meter, account in self._dirty_baselines.items():
+                b = self._baselines[meter]
+                assert b is not None
+                rows.append(ls.baseline_params(account, b))
+            await conn.executemany(ls.SET_BASELINE_SQL, rows)
+            self._dirty_baselines.clear()
+
+    # -- reads ----------------------------------------------------------------
+
+    async def view(self, conn: aiosqlite.Connection, account: str) -> LedgerView:
+        v = self._views.get(account)
+        if v is None:
+            await ls.open_account(conn, account)
+            v = self._views[account] = await ls.load_view(conn, account)
+        return v
+
+    async def baseline(self, conn: aiosqlite.Connection, meter: str) -> RegisterReading | None:
+        b = self._baselines.get(meter, _MISSING)
+        if b is _MISSING:
+            b = self._baselines[meter] = await ls.get_baseline(conn, meter)
+        assert b is None or isinstance(b, RegisterReading)
+        return b
+
+    async def cutoff_state(self, conn: aiosqlite.Connection, account: str) -> CutoffState:
+        s = self._cutoff.get(account)
+        if s is None:
+            s = self._cutoff[account] = await ls.load_cutoff_state(conn, account)
+        return s
+
+    # -- writes ---------------------------------------------------------------
+
+    async def save_cutoff_state(self, conn: aiosqlite.Connection, account: str, state: CutoffState) -> None:
+        await ls.save_cutoff_state(conn, account, state)
+        self._cutoff[account] = state
+
+    def _set_baseline(self, account: str, reading: RegisterReading) -> None:
+        self._baselines[reading.meter_id] = reading
+        self._dirty_baselines[reading.meter_id] = account
+
+    async def append(self, conn: aiosqlite.Connection, entry: Entry) -> AppendResult:
+        """:func:`ledger_store.append` for every kind but snapshots (which rebase the view)."""
+        if entry.kind is EntryKind.SNAPSHOT:
+            raise ValueError("snapshots go through ledger_store.apply_snapshot")
+        view = await self.view(conn, entry.account)
+        e = replace(entry, seq=view.last_seq + 1)
+        cur = await conn.execute(ls.INSERT_ENTRY_SQL + " ON CONFLICT (entry_id) DO NOTHING", ls.entry_params(e))
+        if cur.rowcount == 0:
+            old = await ls.get_entry(conn, entry.entry_id)
+            assert old is not None
+            if not old.same_content(entry):
+                raise LedgerConflict(f"{entry.entry_id}: already recorded with different content")
+            if old.account != entry.account:
+                return AppendResult(old, False, await self.view(conn, old.account))
+            return AppendResult(old, False, view)
+        view = self._views[entry.account] = advance(view, e)
+        self._dirty_views[entry.account] = None
+        return AppendResult(e, True, view)
+
+    async def rate(
+        self,
+        conn: aiosqlite.Connection,
+        account: str,
+        reading: RegisterReading,
+        book: TariffBook,
+        *,
+        max_gap_ms: int | None = None,
+    ) -> ls.RatedReading:
+        """:func:`ledger_store.rate_reading`, from the cache."""
+        base = await self.baseline(conn, reading.meter_id)
+        if base is None:
+            self._set_baseline(account, reading)
+            return ls.RatedReading(None, None, await self.view(conn, account))
+        if base.reading_id == reading.reading_id:
+            return ls.RatedReading(None, None, await self.view(conn, account))
+        view = await self.view(conn, account)
+        result = rate_interval(base, reading, book, view.tier, max_gap_ms=max_gap_ms)
+        appended = None
+        if result.charge is not None and result.charge.ckwh > 0:
+            appended = await self.append(conn, debit_entry(account, result.charge))
+        if result.advance:
+            self._set_baseline(account, reading)
+        return ls.RatedReading(result, appended, await self.view(conn, account))
+
+    async def charge_fixed(
+        self, conn: aiosqlite.Connection, account: str, book: TariffBook, now_ms: int
+    ) -> list[AppendResult]:
+        """:func:`ledger_store.charge_fixed`, persisting the scan position only with a charge."""
+        if account in self._fixed_until:
+            since = self._fixed_until[account]
+        else:
+            await self.view(conn, account)  # opens the account row
+            since = self._fixed_until[account] = await ls.load_fixed_until(conn, account)
+        out: list[AppendResult] = []
+        if since is None:
+            await ls.save_fixed_until(conn, account, now_ms)
+        elif now_ms > since:
+            due = fixed_charges_due(account, book, since, now_ms)
+            for d in due:
+                out.append(await self.append(conn, fixed_entry(d)))
+            if due:
+                await ls.save_fixed_until(conn, account, now_ms)
+        if since is None or now_ms > since:
+            self._fixed_until[account] = now_ms
+        return out
+
+    async def persist_fixed_until(self, conn: aiosqlite.Connection, account: str) -> None:
+        """Store the scan position now (before the account's tariff changes)."""
+        until = self._fixed_until.get(account)
+        if until is not None:
+            await ls.save_fixed_until(conn, account, until)

@@ -1,0 +1,96 @@
+"""The prepaid shell on a real outbox: rollbacks, restarts, central tariffs."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from firmware_bridge.reading import Measurement, Quantity, Reading
+from gateway.billing import ledger_store as ls
+from gateway.billing.cutoff import Contact
+from gateway.config import load_config
+from gateway.prepaid import Prepaid
+from store_forward.outbox import Outbox
+from tests.gateway.test_prepaid_daemon import config
+
+T0 = 1_790_000_000_000  # 2026-09-21, after the flat tariff's effective_from
+
+
+def reading(kwh: str, t: int) -> Reading:
+    return Reading("m001", t, {Quantity.ENERGY_IMPORT: Measurement(Decimal(kwh))})
+
+
+async def open_shell(tmp: Path) -> tuple[Prepaid, Outbox]:
+    cfg = load_config(config(tmp, 1))
+    prepaid = Prepaid.from_config(cfg)
+    assert prepaid is not None
+    outbox = await Outbox.open(tmp / "gw.db")
+    prepaid.attach(outbox)
+    async with outbox.transaction() as db:
+        await prepaid.start_in(db, T0)
+    return prepaid, outbox
+
+
+async def rate(prepaid: Prepaid, outbox: Outbox, kwh: str, t: int) -> None:
+    async with outbox.transaction() as db:
+        ids = await outbox.commit_cycle_in(db, t, [reading(kwh, t)])
+        await prepaid.on_readings_in(db, outbox, [(ids[0], reading(kwh, t))], t, Contact(t, T0))
+
+
+async def balance(outbox: Outbox) -> int:
+    async with outbox.transaction() as db:
+        return (await ls.verify(db, "acct-001")).balance_micro
+
+
+async def test_a_rolled_back_cycle_leaves_no_trace_in_the_cached_balance(tmp_path: Path) -> None:
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        await rate(prepaid, outbox, "100.0", T0 + 1000)  # baseline
+        await rate(prepaid, outbox, "100.1", T0 + 2000)  # 0.1 kWh x 0.56 = 0.056 yuan
+        assert await balance(outbox) == 300_000 - 56_000
+        with pytest.raises(RuntimeError, match="disk gone"):
+            async with outbox.transaction() as db:
+                t = T0 + 3000
+                ids = await outbox.commit_cycle_in(db, t, [reading("100.2", t)])
+                await prepaid.on_readings_in(db, outbox, [(ids[0], reading("100.2", t))], t, Contact(t, T0))
+                raise RuntimeError("disk gone")  # the commit fails after rating
+        # The debit of the rolled-back cycle is gone from the database and from the cache:
+        # the next reading is rated from the last committed baseline, once.
+        await rate(prepaid, outbox, "100.3", T0 + 4000)
+        assert await balance(outbox) == 300_000 - 56_000 - 2 * 56_000
+        async with outbox.transaction() as db:
+            assert (await prepaid.ledger.view(db, "acct-001")).balance_micro == await balance_in(db)
+    finally:
+        await outbox.close()
+
+
+async def balance_in(db: object) -> int:
+    return (await ls.load_view(db, "acct-001")).balance_micro  # type: ignore[arg-type]
+
+
+async def test_a_tariff_from_central_survives_a_restart(tmp_path: Path) -> None:
+    prepaid, outbox = await open_shell(tmp_path)
+    doc = {
+        "id": "flat-basic",
+        "version": 2,
+        "effective_from": "2026-09-21T00:00:00+08:00",
+        "timezone": "Asia/Shanghai",
+        "price": "1.0000",
+    }
+    try:
+        async with outbox.transaction() as db:
+            r = await prepaid.install_tariff_in(db, doc, now_ms=T0)
+        assert r["status"] == "applied"
+    finally:
+        await outbox.close()
+    restarted, outbox = await open_shell(tmp_path)
+    try:
+        versions = restarted.accounts["acct-001"].book.versions
+        assert [v.version for v in versions] == [1, 2]
+        await rate(restarted, outbox, "100.0", T0 + 1000)
+        await rate(restarted, outbox, "100.1", T0 + 2000)  # 0.1 kWh at 1.0000
+        assert await balance(outbox) == 300_000 - 100_000
+    finally:
+        await outbox.close()
