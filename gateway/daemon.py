@@ -8,16 +8,19 @@
                                                          ▼
                                                       uplink ──► MQTT broker
 
-* A bus poller owns its bus: it polls, and between cycles it executes the
-  relay operations decided for meters on that bus (verified by read-back).
-  If the bus cannot be opened or fails, the poller logs it, waits a back-off
-  and opens it again; other buses are not affected.
+* A bus poller owns its bus: it polls, and beside the polling a relay worker
+  executes the relay operations decided for meters on that bus as soon as
+  they arrive (verified by read-back). Their bus transactions take turns with
+  the polls, meter by meter, through the bus scheduler; settle times hold
+  neither the bus nor other relays. If the bus cannot be opened or fails, the
+  poller logs it, waits a back-off and opens it again; other buses are not
+  affected.
 * The writer commits each poll cycle as one transaction: the readings, the
   debits they cause, the charge records that report them, cutoff state and
   events. Relay operations are handed to the bus only after the commit.
 * A billing timer queues a tick every second (and at once after a top-up), so
   decisions that depend on time alone (a no-disconnect window ending) happen
-  without waiting for a reading.
+  without waiting for a reading. At most one tick waits for the writer.
 * The uplink reconnects on its own; nothing upstream waits for it.
 * Stopping (SIGTERM): pollers stop first, the writer then commits every cycle
   already polled, then the uplink stops (unacknowledged batches stay in the
@@ -65,6 +68,9 @@ from store_forward.uplink import Uplink, backoff_delay
 log = logging.getLogger(__name__)
 
 BILLING_TICK_S = 1.0
+# Relay operations in progress at once per bus: their settle times overlap while
+# their bus transactions take turns with the polls.
+RELAY_CONCURRENCY = 8
 
 
 def wall_ms() -> int:
@@ -207,6 +213,7 @@ class Daemon:
         self._stopping = asyncio.Event()
         self._work: asyncio.Queue[Cycle | Tick] | None = None
         self._tick_queued = False
+        self._relays_in_flight = 0
         self._relay_queues: dict[str, asyncio.Queue[RelayIntent]] = {
             b.name: asyncio.Queue() for b in config.buses
         }
@@ -371,7 +378,7 @@ class Daemon:
 
     def relays_idle(self) -> bool:
         """No relay operation is waiting for its bus."""
-        return all(q.empty() for q in self._relay_queues.values())
+        return self._relays_in_flight == 0 and all(q.empty() for q in self._relay_queues.values())
 
     def request_relay(self, intent: RelayIntent) -> None:
         """Queue a relay operation for the bus of ``intent.meter`` (after a commit)."""
@@ -397,21 +404,26 @@ class Daemon:
                 ) as scheduler:
                     controller = controller_for(scheduler)
                     attempt = 0
-                    next_at = time.monotonic()
-                    while not self._stopping.is_set():
-                        now = self.clock_ms()
-                        result = await scheduler.run_cycle(now)
-                        statuses = [status_from_health(mid, h) for mid, h in result.health.items()]
-                        await out.put(Cycle(bus.name, now, list(result.readings), statuses))
-                        self.watchdog.note_poll_progress()
-                        self.watchdog.note(f"poll:{bus.name}")
-                        next_at += interval
-                        if next_at < time.monotonic():  # overran: start now, do not bunch up
-                            next_at = time.monotonic()
-                        # Between cycles: relay operations first, as soon as they are decided.
-                        while (intent := await self._next_intent(relays, next_at)) is not None:
-                            events = [await self._operate(controller, intent)]
-                            await out.put(Cycle(bus.name, self.clock_ms(), [], [], events))
+                    async with asyncio.TaskGroup() as tg:
+                        relay_worker = tg.create_task(
+                            self._relay_worker(bus.name, controller, relays, out),
+                            name=f"relays:{bus.name}",
+                        )
+                        next_at = time.monotonic()
+                        while not self._stopping.is_set():
+                            now = self.clock_ms()
+                            result = await scheduler.run_cycle(now)
+                            statuses = [status_from_health(mid, h) for mid, h in result.health.items()]
+                            await out.put(Cycle(bus.name, now, list(result.readings), statuses))
+                            self.watchdog.note_poll_progress()
+                            self.watchdog.note(f"poll:{bus.name}")
+                            next_at += interval
+                            if next_at < time.monotonic():  # overran: start now, do not bunch up
+                                next_at = time.monotonic()
+                            await self._sleep_unless_stopping(next_at)
+                        # The relay worker takes no new operation now and finishes the
+                        # ones in hand, so a relay that moved always has its event.
+                        await relay_worker
                     return
             except asyncio.CancelledError:
                 raise
@@ -423,22 +435,56 @@ class Daemon:
                 await asyncio.sleep(backoff_delay(attempt, 1.0, 60.0, rng))
                 attempt += 1
 
-    async def _next_intent(
-        self, relays: asyncio.Queue[RelayIntent], until_monotonic: float
-    ) -> RelayIntent | None:
-        """The next relay operation to run before ``until_monotonic``; None when the
-        time is up or the daemon is stopping."""
-        if not relays.empty():
-            return relays.get_nowait()
+    async def _sleep_unless_stopping(self, until_monotonic: float) -> None:
         delay = until_monotonic - time.monotonic()
-        if delay <= 0 or self._stopping.is_set():
+        if delay > 0 and not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _relay_worker(
+        self,
+        bus: str,
+        controller: Any,
+        relays: asyncio.Queue[RelayIntent],
+        out: asyncio.Queue[Cycle | Tick],
+    ) -> None:
+        """Run relay operations as soon as they are decided, beside the polling.
+
+        Each operation is its own task: its bus transactions (read, write, read
+        back) take turns with the polls through the scheduler, and its settle
+        time holds neither the bus nor the other relays. Operations on one
+        relay are serialised by the controller.
+        """
+        limit = asyncio.Semaphore(RELAY_CONCURRENCY)
+
+        async def one(intent: RelayIntent) -> None:
+            try:
+                event = await self._operate(controller, intent)
+                await out.put(Cycle(bus, self.clock_ms(), [], [], [event]))
+            finally:
+                self._relays_in_flight -= 1
+                limit.release()
+
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                await limit.acquire()
+                intent = await self._next_intent(relays)
+                if intent is None:
+                    limit.release()
+                    return
+                self._relays_in_flight += 1
+                tg.create_task(one(intent), name=f"relay:{intent.meter}")
+
+    async def _next_intent(self, relays: asyncio.Queue[RelayIntent]) -> RelayIntent | None:
+        """The next relay operation; None once the daemon is stopping."""
+        if not relays.empty():
+            return None if self._stopping.is_set() else relays.get_nowait()
+        if self._stopping.is_set():
             return None
         getter = asyncio.ensure_future(relays.get())
         stopper = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait(
-                {getter, stopper}, timeout=delay, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopper.cancel()
             if not getter.done():
