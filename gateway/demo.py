@@ -10,6 +10,27 @@ Parts (all real code paths, nothing mocked):
 * an MQTT broker — the embedded one unless ``--broker HOST:PORT`` is given;
 * the reference headend, storing into its own SQLite database and acking.
 
+Security as deployed: the embedded broker speaks mutual TLS only, with
+certificates from a throw-away CA (:mod:`gateway.demo_pki`), takes each
+certificate's CN as the MQTT username and confines every gateway to its own
+topics (``Acl.own_subtree``; the headend is the only superuser). The gateway's
+certificate, the CA and its configuration reach it in a signed provisioning
+bundle; its keystore is made at that first provisioning and central enrols its
+public keys from the carry-back, so the uplink is sealed (encoding 2) and the
+headend, holding a gateway registry, accepts sealed batches of enrolled
+gateways only. Central's commands are signed with its billing key. With
+``--broker HOST:PORT`` the link to that broker is plain MQTT (its CA is not the
+demo's), while sealing and signed commands stay on.
+
+After the drain the demo checks what must be refused — a client without a
+certificate, plain MQTT on the TLS port, a neighbouring gateway subscribing to
+this gateway's commands, an unsealed batch sent with this gateway's own
+certificate — and during the story central's sale is preceded by a top-up
+signed with a key the gateway does not trust. The report's ``transport``
+states what was observed: the TLS version negotiated, the certificate identity
+the broker saw for each session, the encodings the headend decoded, the
+outcome of each command, and each refusal.
+
 At the end polling stops, the backlog drains, and the summary compares what
 the gateway polled with what the headend stored.
 """
@@ -21,10 +42,11 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import ssl
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -42,19 +64,52 @@ from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway import demo_story as story
 from gateway.billing import ledger_store as ls
 from gateway.billing.money import report_yuan
-from gateway.config import load_config
+from gateway.config import BrokerSection, load_config
 from gateway.daemon import Daemon
-from gateway.demo_provision import provision_demo_site
+from gateway.demo_pki import BUNDLE_CA, BUNDLE_CERT, BUNDLE_KEY, DemoPki, make_demo_pki
+from gateway.demo_provision import enroll_from_carry_back, keystore_dir, provision_demo_site
 from gateway.security.envelope import sign_command
 from gateway.security.roles import CentralKey, CommandType, Role, TrustStore
+from store_forward import wire_json
+from store_forward.codec import AnyBatch
 from store_forward.headend import Headend, HeadendDB
 from store_forward.linkemu import LinkEmulator
-from store_forward.minibroker import MiniBroker
+from store_forward.minibroker import CONNACK, CONNECT, DISCONNECT, Acl, MiniBroker, encode_packet
+from store_forward.records import Record, RecordClass, RecordKind
 from store_forward.topics import DEFAULT_PREFIX, Topics
+from store_forward.uplink import tls_context
+from store_forward.uplink_keys import (
+    GatewayRegistry,
+    generate_headend_key,
+    headend_public_b64,
+    load_headend_key,
+)
 
 log = logging.getLogger(__name__)
 
 GATEWAY_ID = "demo-gw-01"
+NEIGHBOUR_ID = "demo-gw-02"  # another gateway's certificate: only used to show the ACL
+PKI_DIR = "pki"  # the demo CA, broker and client certificates (made anew each run)
+HEADEND_DIR = "central-headend"  # headend.x25519.pem (made once) and registry/
+PROBE = "demo-probe-"  # MQTT client ids of the demo's refusal checks
+
+
+@dataclass
+class TransportReport:
+    """What the demo observed about the link's security (not what it configured)."""
+
+    broker: str  # "embedded" (mutual TLS, ACL) or "external HOST:PORT"
+    tls: bool  # the gateway's sessions ran over TLS (its config, and a TLS-only broker)
+    tls_version: str | None  # negotiated by a client with the gateway's own TLS policy
+    client_auth: bool  # the broker required a client certificate and named every session by its CN
+    identities: dict[str, str | None]  # MQTT client id -> certificate CN the broker saw
+    acl: str | None
+    uplink_encodings: dict[str, int]  # batches the headend decoded, by wire encoding
+    headend_registry: list[str]  # gateways the headend accepts sealed batches from
+    headend_rejected: dict[str, int]  # batches the headend refused, by reason
+    commands: dict[str, str]  # signed command id -> outcome at the gateway (as central received it)
+    unauthenticated_commands: list[str]  # outcomes of results naming no command (bad signature)
+    refused: dict[str, bool]  # what must be refused, and whether it was
 
 
 @dataclass
@@ -73,6 +128,7 @@ class DemoReport:
     gateway_balance: str
     balances_match: bool
     prepaid_story: list[str]
+    transport: TransportReport
     workdir: str
 
 
@@ -83,7 +139,35 @@ def _config_text(
     units: list[int],
     tty: str,
     addresses: list[str],
+    *,
+    tls: bool = False,
+    keystore: Path | None = None,
+    headend_public_key: str | None = None,
 ) -> str:
+    """The site's gateway.toml. ``tls``: the broker credentials come from the bundle
+    (:meth:`DemoPki.bundle_files`); ``keystore`` and ``headend_public_key``: the
+    uplink is sealed (encoding 2) under the key the gateway shares with that headend."""
+    broker_tls = (
+        f"""tls = true                 # mutual TLS: server verified, client certificate CN = gateway id
+ca_file = "{BUNDLE_CA}"
+cert_file = "{BUNDLE_CERT}"
+key_file = "{BUNDLE_KEY}"
+"""
+        if tls
+        else ""
+    )
+    sealed = (
+        f"""headend_public_key = "{headend_public_key}"   # sealed batches (encoding 2)
+"""
+        if headend_public_key
+        else ""
+    )
+    own_keys = (
+        f"""keystore = "{keystore}"
+"""
+        if keystore is not None
+        else ""
+    )
     dlt = "".join(
         f"""
 [[meter]]
@@ -129,14 +213,14 @@ path = "{workdir / "gateway.db"}"
 host = "127.0.0.1"
 port = {broker_port}
 keepalive_s = 5
-
+{broker_tls}
 [uplink]
 batch_max_records = 100
 ack_timeout_s = 3.0
 window = 4
 reconnect_min_s = 0.2
 reconnect_max_s = 2.0
-
+{sealed}
 [[bus]]
 name = "feeder-tcp"
 type = "tcp"
@@ -157,10 +241,10 @@ timeout_s = 0.5
 retries = 0
 {dlt}
 # Signed commands from central (top-ups, tariffs, relay operations) are checked
-# against these public keys.
+# against these public keys; the keystore holds this gateway's own keys.
 [security]
 trust_file = "trust.json"
-
+{own_keys}
 # Prepaid: household-01 (meter-01) is rated and enforced on the gateway itself.
 [[account]]
 id = "household-01"
@@ -182,20 +266,69 @@ def _headend_counts(path: Path, gateway_id: str) -> tuple[int, int, int]:
 
 
 @contextlib.asynccontextmanager
-async def _broker(args: argparse.Namespace) -> AsyncIterator[tuple[str, int]]:
+async def _broker(
+    args: argparse.Namespace, pki: DemoPki | None
+) -> AsyncIterator[tuple[str, int, MiniBroker | None]]:
+    """``--broker``'s broker (plain MQTT), or the embedded one: mutual TLS with the demo
+    PKI, the certificate CN as MQTT username, every client confined to its own subtree
+    except the headend."""
     if args.broker:
-        yield args.broker
+        host, port = args.broker
+        yield host, port, None
         return
-    async with MiniBroker() as b:
-        yield b.host, b.port
+    assert pki is not None
+    acl = Acl.own_subtree(DEFAULT_PREFIX, superusers=[pki.headend_id])
+    async with MiniBroker(tls=pki.broker_tls_context(), identity_as_username=True, acl=acl) as b:
+        yield b.host, b.port, b
 
 
 def _prepare_workdir(path: str | None) -> Path:
-    workdir = Path(path or tempfile.mkdtemp(prefix="edgegw-demo-"))
+    # absolute: the configuration names the database and the keystore outside the release
+    workdir = Path(path or tempfile.mkdtemp(prefix="edgegw-demo-")).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     for old in workdir.glob("*.db*"):  # a fresh site each run
         old.unlink()
     return workdir
+
+
+def _headend_key(workdir: Path) -> Path:
+    """Central's X25519 uplink key: made on the first run and kept, like the gateway's
+    keystore (``edgegw headend keygen`` on a real central)."""
+    path = workdir / HEADEND_DIR / "headend.x25519.pem"
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        generate_headend_key(path)
+    return path
+
+
+class Observed:
+    """Facts gathered while the demo runs, for the report: the certificate identity the
+    broker gives each session, and the encodings of the batches the headend decoded."""
+
+    def __init__(self, broker: MiniBroker | None) -> None:
+        self.broker = broker
+        self.identities: dict[str, str | None] = {}
+        self.encodings: dict[str, int] = {}
+
+    def sessions(self, *client_ids: str) -> None:
+        """Note the username (certificate CN) of these sessions, or of every connected one."""
+        if self.broker is None:
+            return
+        connected = self.broker.connected_clients()
+        for cid in client_ids or connected:
+            if cid in connected and not cid.startswith(PROBE):
+                self.identities[cid] = self.broker.session_username(cid)
+
+    def decoder(self, decode: Callable[[bytes], AnyBatch]) -> Callable[[bytes], AnyBatch]:
+        """``decode``, counting every batch it accepts by its encoding (the first byte)."""
+
+        def counted(payload: bytes) -> AnyBatch:
+            batch = decode(payload)
+            key = str(payload[0])
+            self.encodings[key] = self.encodings.get(key, 0) + 1
+            return batch
+
+        return counted
 
 
 async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
@@ -206,14 +339,26 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
     clock = story.SiteClock(plan.start_ms)
     (workdir / "tariff-demo-flat.toml").write_text(story.tariff_text())
     (workdir / "household-01.toml").write_text(story.account_text(plan))
-    central = Central(workdir)
+    # Central's keys: the billing key signs commands (trust.json for the gateway), the
+    # headend's X25519 key opens sealed batches. The embedded broker gets a fresh PKI.
+    pki = (
+        None
+        if args.broker
+        else make_demo_pki(workdir / PKI_DIR, gateway_ids=[GATEWAY_ID, NEIGHBOUR_ID])
+    )
+    headend_key = _headend_key(workdir)
+    central = Central(
+        workdir, tls=pki.client_tls_context(pki.headend_id) if pki is not None else None
+    )
 
     dlt_meters = make_meters(args.dlt645_meters)
     dlt_sim = Dlt645Simulator(dlt_meters, clock=clock.seconds)
     async with (
-        _broker(args) as (bhost, bport),
+        _broker(args, pki) as (bhost, bport, broker),
         ModbusSimulator(units=units, clock=clock.seconds) as sim,
     ):
+        observed = Observed(broker)
+        central.on_session = observed.sessions
         for u in units:
             sim.meter(u).load_kw = sim.meter(u).load_kw * u  # households differ
         sim.meter(1).load_kw = plan.load_kw
@@ -222,24 +367,47 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
         await link.start()
         cfg_path = workdir / "site.toml"
         cfg_path.write_text(
-            _config_text(workdir, link.port, sim.port, units, tty, [m.address for m in dlt_meters])
+            _config_text(
+                workdir,
+                link.port,
+                sim.port,
+                units,
+                tty,
+                [m.address for m in dlt_meters],
+                tls=pki is not None,
+                keystore=keystore_dir(workdir),
+                headend_public_key=headend_public_b64(headend_key),
+            )
         )
         # A technician provisions the fresh gateway from a USB stick: the demo's files
-        # go into a bundle signed with `edgegw provision make`, applied and verified
-        # exactly as on site, and the gateway runs from the applied release.
+        # (and the gateway's broker certificate) go into a bundle signed with `edgegw
+        # provision make`, applied and verified exactly as on site, and the gateway runs
+        # from the applied release. Its keystore is made then; central enrols its public
+        # keys from the carry-back, and the headend accepts sealed batches from it alone.
         site = await provision_demo_site(
             workdir,
             {"gateway.toml": cfg_path.read_bytes()}
             | {
                 n: (workdir / n).read_bytes()
                 for n in ("trust.json", "household-01.toml", "tariff-demo-flat.toml")
-            },
+            }
+            | (pki.bundle_files(GATEWAY_ID) if pki is not None else {}),
             gateway_id=GATEWAY_ID,
         )
         print(site.line(), file=out)
+        registry_dir = workdir / HEADEND_DIR / "registry"
+        enroll_from_carry_back(site, registry_dir)
+        registry = GatewayRegistry.load(load_headend_key(headend_key), registry_dir)
         cfg = load_config(site.config_path)
         hdb = await HeadendDB.open(workdir / "central.db")
-        headend = Headend(hdb, host=bhost, port=bport)
+        headend = Headend(
+            hdb,
+            host=bhost,
+            port=bport,
+            registry=registry,
+            tls_context=pki.client_tls_context(pki.headend_id) if pki is not None else None,
+        )
+        headend.decode = observed.decoder(headend.decode)
         stop = asyncio.Event()
         daemon = Daemon(cfg, clock_ms=clock.ms)
         print(
@@ -247,7 +415,8 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
             f" broker {bhost}:{bport}, link emulator :{link.port}, files in {workdir}\n"
             f"      site clock runs {story.SPEED}x (1 s = 1 site minute);"
             f" household-01 on meter-01 is prepaid ({plan.load_kw} kW load),"
-            f" no-disconnect window {plan.window_start}-{plan.window_end}",
+            f" no-disconnect window {plan.window_start}-{plan.window_end}\n"
+            f"      {_security_line(cfg.broker, broker, _enrolled(registry, registry_dir))}",
             file=out,
         )
         async with _background(headend.run()), _background(daemon.run(stop)) as run:
@@ -279,6 +448,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
                         f" {story.TOPUP_MICRO / 1e6:.2f} yuan: signed command {sale} sent",
                         file=out,
                     )
+                observed.sessions()
                 await _progress(daemon, elapsed, state, clock, out)
                 await asyncio.sleep(1.0)
             if state == "down":
@@ -293,6 +463,15 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
                 if central.unanswered:
                     await central.resend(bhost, bport)
                 await asyncio.sleep(0.5)
+            # Now that the gateway answers commands: one that claims central's billing key
+            # without its signature.
+            answer = await central.forge_top_up(bhost, bport, clock.ms)
+            print(
+                f"[{time.monotonic() - t0:5.1f}s] a top-up signed with a key the gateway does"
+                f" not trust ({central.forged_ids[-1]}) is published on its command topic;"
+                f" the gateway's answer: {answer}",
+                file=out,
+            )
             print("demo: polling stopped; waiting for the backlog to drain", file=out)
             await daemon.stop_polling()
             t_drain = time.monotonic()
@@ -302,7 +481,17 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
                     break
                 await asyncio.sleep(0.2)
             drain_s = time.monotonic() - t_drain
+            observed.sessions()
             await _progress(daemon, time.monotonic() - t0, "up", clock, out)
+            refused: dict[str, bool] = {}
+            tls_version = None
+            if broker is not None and pki is not None:
+                tls_version = await _tls_version(
+                    broker.host, broker.port, pki.client_tls_context(GATEWAY_ID)
+                )
+                refused = await _probe_refusals(broker, pki, headend)
+                for what, ok in refused.items():
+                    print(f"demo: {what}: {'refused' if ok else 'NOT REFUSED'}", file=out)
             stop.set()
             await run
         await link.stop()
@@ -312,6 +501,37 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
     polled = daemon.stats.readings
     stored, distinct, dup_batches = _headend_counts(workdir / "central.db", GATEWAY_ID)
     central_micro, gateway, story_events = _money(workdir)
+    commands, unauthenticated = central.outcomes()
+    # central sent nothing else that the gateway could not authenticate
+    refused["top-up signed with a key the gateway does not trust"] = bool(
+        unauthenticated
+    ) and all(o == "rejected (bad_signature)" for o in unauthenticated)
+    transport = TransportReport(
+        broker="embedded" if broker is not None else f"external {bhost}:{bport}",
+        tls=cfg.broker.tls and broker is not None and broker.tls is not None,
+        tls_version=tls_version,
+        client_auth=(
+            broker is not None
+            and broker.tls is not None
+            and broker.tls.verify_mode is ssl.CERT_REQUIRED
+            and broker.identity_as_username
+            and bool(observed.identities)
+            and all(observed.identities.values())
+        ),
+        identities=observed.identities,
+        acl=(
+            f"each client only under {DEFAULT_PREFIX}/<its CN>/; superuser"
+            f" {', '.join(sorted(broker.acl.superusers))}"
+            if broker is not None and broker.acl is not None
+            else None
+        ),
+        uplink_encodings=observed.encodings,
+        headend_registry=_enrolled(registry, registry_dir),
+        headend_rejected=dict(headend.rejections),
+        commands=commands,
+        unauthenticated_commands=unauthenticated,
+        refused=refused,
+    )
     return DemoReport(
         gateway_id=GATEWAY_ID,
         duration_s=round(duration, 1),
@@ -327,8 +547,167 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
         gateway_balance=str(report_yuan(gateway)),
         balances_match=central_micro == gateway,
         prepaid_story=story_events,
+        transport=transport,
         workdir=str(workdir),
     )
+
+
+def _enrolled(registry: GatewayRegistry, directory: Path) -> list[str]:
+    """The gateways whose sealed batches ``registry`` accepts (current key id)."""
+    ids = []
+    for f in sorted(directory.glob("*.json")):
+        doc = orjson.loads(f.read_bytes())
+        gid = str(doc.get("gateway_id"))
+        key_id = int((doc.get("key_versions") or {}).get("uplink-seal", 1))
+        if registry.status(gid, key_id) == "ok":
+            ids.append(gid)
+    return ids
+
+
+def _security_line(cfg: BrokerSection, broker: MiniBroker | None, enrolled: list[str]) -> str:
+    if broker is not None and cfg.tls:
+        link = "mutual TLS (certificate CN = MQTT username, each gateway confined to its topics)"
+    else:
+        link = f"{'TLS' if cfg.tls else 'plain MQTT'} to the given broker"
+    return (
+        f"link security: {link}; uplink sealed (encoding 2) for a headend that accepts"
+        f" {', '.join(enrolled)} only; central's commands signed"
+        f" ({Central.KEY_ID})"
+    )
+
+
+async def _tls_version(host: str, port: int, ctx: ssl.SSLContext) -> str | None:
+    """The TLS version a client with ``ctx`` negotiates with the broker (no MQTT session)."""
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ctx, server_hostname=host), 10
+        )
+    except (OSError, TimeoutError) as exc:
+        log.error("TLS probe failed: %s", exc)
+        return None
+    try:
+        obj = writer.get_extra_info("ssl_object")
+        return obj.version() if isinstance(obj, ssl.SSLObject) else None
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _refused(
+    host: str, port: int, ctx: ssl.SSLContext | None, client_id: str, timeout_s: float = 10.0
+) -> bool:
+    """True if an MQTT CONNECT (over TLS with ``ctx``, else plain) gets no accepting CONNACK.
+
+    A minimal client on purpose: it sees the broker's answer (CONNACK, or the
+    connection closed by a failed handshake) at once, where a full client waits
+    out its own timeout; a TLS 1.3 broker refuses a client certificate only after
+    the client considers the handshake done, so the answer to CONNECT is what counts.
+    """
+    cid = client_id.encode()
+    body = b"\x00\x04MQTT\x04\x02" + (10).to_bytes(2, "big") + len(cid).to_bytes(2, "big") + cid
+    writer = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=ctx, server_hostname=host if ctx is not None else None
+            )
+            writer.write(encode_packet(CONNECT, 0, body))
+            await writer.drain()
+            connack = await reader.readexactly(4)
+            accepted = connack[0] >> 4 == CONNACK and connack[3] == 0
+            if accepted:
+                writer.write(encode_packet(DISCONNECT, 0))
+                await writer.drain()
+            return not accepted
+    except (OSError, EOFError, TimeoutError):  # ssl.SSLError and resets are OSErrors
+        return True
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def _expected_errors(logger: str) -> AsyncIterator[None]:
+    """Keep a logger's errors off the console while the demo provokes them on purpose
+    (the demo prints its own line for each; ``--verbose`` shows them)."""
+    log_ = logging.getLogger(logger)
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        yield
+        return
+    level = log_.level
+    log_.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log_.setLevel(level)
+
+
+async def _probe_refusals(broker: MiniBroker, pki: DemoPki, headend: Headend) -> dict[str, bool]:
+    """Try what the broker and the headend must refuse; each entry: was it refused?"""
+    host, port = broker.host, broker.port
+    out: dict[str, bool] = {}
+    no_cert = tls_context(BrokerSection(tls=True, ca_file=pki.ca))
+    out["client without a certificate"] = await _refused(host, port, no_cert, f"{PROBE}no-cert")
+    out["plain MQTT on the broker's port"] = await _refused(host, port, None, f"{PROBE}plain")
+    # A neighbouring gateway's valid certificate: connects, but may not read our commands.
+    cmd = Topics(DEFAULT_PREFIX, GATEWAY_ID).cmd
+    neighbour = f"{PROBE}{NEIGHBOUR_ID}"
+    async with aiomqtt.Client(
+        host,
+        port,
+        identifier=neighbour,
+        tls_context=pki.client_tls_context(NEIGHBOUR_ID),
+        timeout=5,
+    ) as c:
+        await c.subscribe(cmd, qos=1, timeout=5)
+        out[f"{NEIGHBOUR_ID} subscribing to {GATEWAY_ID}'s commands"] = (
+            cmd not in broker.session_subscriptions(neighbour)
+        )
+    # This gateway's own certificate without its keystore: a batch it can send, but not seal.
+    now = int(time.time() * 1000)
+    fake = Record(
+        id=1,
+        cls=RecordClass.BILLING,
+        kind=RecordKind.READING,
+        created_ms=now,
+        body={"m": "meter-01", "t": now, "ts": "system", "v": {"energy_import_kwh": "0.00"}},
+    )
+    # Refused: the headend counts a rejection and no ack for this batch comes back.
+    seq = 1 << 40
+    topics = Topics(DEFAULT_PREFIX, GATEWAY_ID)
+    before = headend.rejected
+    acked = asyncio.Event()
+    async with _expected_errors("store_forward.headend"), aiomqtt.Client(
+        host,
+        port,
+        identifier=f"{PROBE}stolen-cert",
+        tls_context=pki.client_tls_context(GATEWAY_ID),
+        timeout=5,
+    ) as c:
+        await c.subscribe(topics.ack, qos=1, timeout=5)
+
+        async def watch_acks() -> None:
+            async for msg in c.messages:
+                with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+                    if orjson.loads(msg.payload).get("seq") == seq:
+                        acked.set()
+
+        async with _background(watch_acks()):
+            await c.publish(topics.up, wire_json.encode(GATEWAY_ID, seq, [fake]), qos=1)
+            deadline = time.monotonic() + 10
+            while (
+                headend.rejected == before
+                and not acked.is_set()
+                and time.monotonic() < deadline
+            ):
+                await asyncio.sleep(0.05)
+    out[f"unsealed batch (encoding 1) sent with {GATEWAY_ID}'s certificate"] = (
+        headend.rejected > before and not acked.is_set()
+    )
+    return out
 
 
 class Central:
@@ -336,16 +715,29 @@ class Central:
 
     The gateway trusts the billing key through its trust file; the top-up goes
     as a signed command on the gateway's command topic and lands in the same
-    exactly-once ledger path as every other channel.
+    exactly-once ledger path as every other channel. ``tls``: the client context
+    central publishes with (the headend's certificate on the demo's broker);
+    ``on_session(client_id)`` is called while its MQTT session is up.
     """
 
     KEY_ID = "billing-demo-1"
+    CLIENT_ID = "demo-central-billing"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        tls: ssl.SSLContext | None = None,
+        on_session: Callable[[str], None] | None = None,
+    ) -> None:
         self.key = Ed25519PrivateKey.generate()
         self.counter = 0
         self.central_db = workdir / "central.db"
+        self.tls = tls
+        self.on_session = on_session
         self.unanswered: dict[str, bytes] = {}  # command id -> envelope, until its result arrives
+        self.sent_ids: list[str] = []
+        self.forged_ids: list[str] = []
         public = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         trust = TrustStore.of([CentralKey(self.KEY_ID, Role.BILLING, public)])
         (workdir / "trust.json").write_bytes(
@@ -372,8 +764,76 @@ class Central:
             },
         )
         self.unanswered[command_id] = envelope
+        self.sent_ids.append(command_id)
         await self.resend(host, port)
         return command_id
+
+    async def forge_top_up(self, host: str, port: int, now_ms: Callable[[], int]) -> str:
+        """Publish a top-up that names central's billing key as issuer but is signed with
+        another key — what anyone able to publish on the command topic (the broker's
+        operator, a stolen headend certificate) could make — and wait for the gateway's
+        answer. Returns that answer ("rejected (bad_signature)" is the right one).
+
+        The result names no command (the gateway repeats nothing of a command it could
+        not authenticate), so it is recognised as a new result without an id; without
+        one within 5 s the command is published again (the gateway may have been
+        reconnecting), for at most 30 s.
+        """
+        command_id = f"demo-forged-{len(self.forged_ids) + 1:04d}"
+        envelope = sign_command(
+            Ed25519PrivateKey.generate(),
+            issuer=self.KEY_ID,
+            target=GATEWAY_ID,
+            command_id=command_id,
+            counter=self.counter + 1,
+            issued_at_ms=now_ms(),
+            expires_at_ms=now_ms() + 24 * 3600 * 1000,
+            type=CommandType.TOPUP,
+            body={
+                "account": "household-01",
+                "amount_micro": 10 * story.TOPUP_MICRO,
+                "purchase_counter": self.counter + 1,
+                "payment_channel": "mobile_app",
+            },
+        )
+        self.forged_ids.append(command_id)
+        before = len(self.outcomes()[1])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            async with self._client(host, port) as client:
+                await client.publish(Topics(DEFAULT_PREFIX, GATEWAY_ID).cmd, envelope, qos=1)
+            wait_until = min(deadline, time.monotonic() + 5)
+            while time.monotonic() < wait_until:
+                answers = self.outcomes()[1]
+                if len(answers) > before:
+                    return answers[before]
+                await asyncio.sleep(0.2)
+        return "no result"
+
+    def outcomes(self) -> tuple[dict[str, str], list[str]]:
+        """From the result events central received: each signed command sent -> its
+        outcome at the gateway ("applied", "rejected (reason)"; "no result" if none
+        arrived), and the outcomes of results that name no command (the gateway names
+        none for a command it could not authenticate)."""
+        results: dict[str, str] = {}
+        anonymous: list[str] = []
+        with contextlib.closing(sqlite3.connect(f"file:{self.central_db}?mode=ro", uri=True)) as db:
+            for (body,) in db.execute(
+                "SELECT body FROM events WHERE body LIKE '%command_result%' ORDER BY record_id"
+            ):
+                e = orjson.loads(body)
+                if e.get("type") != "command_result":
+                    continue
+                reason = f" ({e['reason']})" if e.get("reason") else ""
+                outcome = f"{e.get('outcome')}{reason}"
+                if e.get("id") is None:
+                    anonymous.append(outcome)
+                else:
+                    results.setdefault(str(e["id"]), outcome)
+        return {c: results.get(c, "no result") for c in self.sent_ids}, anonymous
+
+    def _client(self, host: str, port: int) -> aiomqtt.Client:
+        return aiomqtt.Client(host, port, identifier=self.CLIENT_ID, tls_context=self.tls)
 
     async def resend(self, host: str, port: int) -> list[str]:
         """(Re-)publish every command whose result event central has not received.
@@ -386,7 +846,9 @@ class Central:
             for (body,) in db.execute("SELECT body FROM events WHERE body LIKE '%command_result%'"):
                 self.unanswered.pop(str(orjson.loads(body).get("id")), None)
         if self.unanswered:
-            async with aiomqtt.Client(host, port, identifier="demo-central-billing") as client:
+            async with self._client(host, port) as client:
+                if self.on_session is not None:
+                    self.on_session(self.CLIENT_ID)
                 for envelope in self.unanswered.values():
                     await client.publish(Topics(DEFAULT_PREFIX, GATEWAY_ID).cmd, envelope, qos=1)
         return list(self.unanswered)
@@ -443,6 +905,8 @@ def _story_line(e: dict[str, Any]) -> str:
     if e["type"] == "cutoff.state_change":
         return f"{when}{e['from']} -> {e['to']} (balance {e['balance']}): {e['reason']}"
     if e["type"] == "command_result":
+        if e.get("id") is None:  # not authenticated: the gateway repeats nothing of it
+            return f"command (unauthenticated): {e.get('outcome')} {e.get('reason')}: {e.get('message') or ''}".rstrip(": ")
         return f"command {e.get('id')} ({e.get('command_type')}): {e.get('outcome')} {e.get('message') or ''}".rstrip()
     if e["type"].startswith("relay."):
         return f"relay {e['action']} on {e['meter']}: {'ok' if e.get('ok') else 'FAILED'} ({e.get('detail')})"
@@ -488,6 +952,16 @@ async def _household_balance(daemon: Daemon) -> str:
     return f"{report_yuan(view.balance_micro):>6} yuan, {state.level.value}, supply {supply}"
 
 
+def _secure(t: TransportReport) -> bool:
+    """Every batch the headend took was sealed, every genuine command was applied and
+    every forged one refused, every probe was refused; with the embedded broker, every
+    session ran over mutual TLS."""
+    sealed = bool(t.uplink_encodings) and set(t.uplink_encodings) == {"2"}
+    commands = bool(t.commands) and all(o == "applied" for o in t.commands.values())
+    transport = t.broker != "embedded" or (t.tls and t.client_auth)
+    return sealed and commands and transport and all(t.refused.values())
+
+
 def run_demo(args: argparse.Namespace) -> int:
     if not args.verbose:
         # The progress lines tell the story; connection-loss chatter is expected here.
@@ -502,14 +976,29 @@ def run_demo(args: argparse.Namespace) -> int:
             for line in v:
                 print(f"    {line}", file=sys.stdout)
             continue
+        if k == "transport":
+            print("  transport (as observed):", file=sys.stdout)
+            for tk, tv in v.items():
+                print(f"    {tk:<18} {tv}", file=sys.stdout)
+            continue
         print(f"  {k:<20} {v}", file=sys.stdout)
-    ok = (
+    delivered = (
         report.readings_acked == report.readings_polled
         and report.duplicates == 0
         and report.lost == 0
         and report.balances_match
     )
-    print(f"\nresult: {'OK — every reading delivered exactly once' if ok else 'FAILED'}")
+    secure = _secure(report.transport)
+    ok = delivered and secure
+    how = "sealed, over mutual TLS" if report.transport.client_auth else "sealed"
+    if ok:
+        print(f"\nresult: OK — every reading delivered exactly once, {how}")
+    else:
+        print(
+            "\nresult: FAILED"
+            + ("" if delivered else " — delivery or balances do not match")
+            + ("" if secure else " — the transport was not as secured as it should be")
+        )
     if args.report:
         Path(args.report).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     return 0 if ok else 1

@@ -20,7 +20,10 @@
 
 ``DemoPki.broker_tls_context()`` and ``DemoPki.client_tls_context(identity)``
 build the matching ``ssl`` contexts (the client one with the gateway's own
-policy, :func:`store_forward.uplink.tls_context`).
+policy, :func:`store_forward.uplink.tls_context`);
+``DemoPki.bundle_files(identity)`` gives a gateway's credentials laid out as a
+provisioning bundle carries them (``certs/ca.pem``, ``certs/client.pem``,
+``certs/client.key``).
 
 Private keys are PKCS#8 PEM without a passphrase, created with mode 0600 (never
 readable by others, not even briefly). Validity is short (2 days by default)
@@ -51,9 +54,22 @@ from gateway.config import BrokerSection
 from store_forward.minibroker import server_tls_context
 from store_forward.uplink import tls_context
 
-__all__ = ["DEFAULT_VALIDITY", "CertPair", "DemoPki", "DemoPkiError", "make_demo_pki"]
+__all__ = [
+    "BUNDLE_CA",
+    "BUNDLE_CERT",
+    "BUNDLE_KEY",
+    "DEFAULT_VALIDITY",
+    "CertPair",
+    "DemoPki",
+    "DemoPkiError",
+    "make_demo_pki",
+]
 
 DEFAULT_VALIDITY = dt.timedelta(days=2)
+# Where a provisioning bundle puts a gateway's broker credentials (relative to gateway.toml).
+BUNDLE_CA = "certs/ca.pem"
+BUNDLE_CERT = "certs/client.pem"
+BUNDLE_KEY = "certs/client.key"
 CLOCK_SKEW = dt.timedelta(minutes=5)
 ORGANIZATION = "edge-gateway demo"
 
@@ -102,6 +118,19 @@ class DemoPki:
         pair = self.client(identity)
         section = BrokerSection(tls=True, ca_file=self.ca, cert_file=pair.cert, key_file=pair.key)
         return tls_context(section)
+
+    def bundle_files(self, identity: str) -> dict[str, bytes]:
+        """The broker credentials of one client as a provisioning bundle carries them
+        (docs/provisioning.md): ``certs/ca.pem``, ``certs/client.pem``, ``certs/client.key``.
+
+        The private key travels in the bundle, so the stick is as sensitive as the
+        key until the bundle is applied (the release keeps it 0600)."""
+        pair = self.client(identity)
+        return {
+            BUNDLE_CA: self.ca.read_bytes(),
+            BUNDLE_CERT: pair.cert.read_bytes(),
+            BUNDLE_KEY: pair.key.read_bytes(),
+        }
 
     def broker_tls_context(self) -> ssl.SSLContext:
         """The broker's server context: its certificate, client certificates of this CA required."""

@@ -17,6 +17,11 @@ Every step is the production code path; only the hardware is stood in for:
 The daemon then runs from ``<state>/provisioning/current/files/gateway.toml``,
 exactly as ``edgegw.service`` does on a gateway.
 
+4. central side again: :func:`enroll_from_carry_back` takes the gateway's public
+   keys from the carry-back's ``enrollment.json`` into the headend's gateway
+   registry (one ``<gateway>.json`` per gateway, the document ``edgegw keys
+   export-public`` prints), so the headend accepts that gateway's sealed batches.
+
 Rules the files must follow (the gateway enforces them, this module does not
 relax them): the configuration is named ``gateway.toml`` at the top of the
 bundle; relative paths in it (trust file, account and tariff files) are
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -40,7 +46,7 @@ from pathlib import Path
 from provisioning import cli as provision_cli
 from provisioning.apply import CONFIG_FILE, ApplyResult, current_release
 from provisioning.bundle import SUFFIX, DeviceIdentity, Manifest
-from provisioning.keys import Keystore
+from provisioning.keys import Keystore, write_atomic
 from provisioning.usb import (
     AUDIT_SPOOL,
     STICK_DIR,
@@ -50,7 +56,13 @@ from provisioning.usb import (
     process_spool,
 )
 
-__all__ = ["DemoProvisionError", "ProvisionedSite", "provision_demo_site"]
+__all__ = [
+    "DemoProvisionError",
+    "ProvisionedSite",
+    "enroll_from_carry_back",
+    "keystore_dir",
+    "provision_demo_site",
+]
 
 CENTRAL_DIR = "central-provisioning"
 STICK = "usb-stick"
@@ -117,6 +129,42 @@ def _next_version(root: Path, now: datetime) -> int:
     if installed is not None and installed.version >= version:
         version = installed.version + 1
     return version
+
+
+def keystore_dir(workdir: Path) -> Path:
+    """Where :func:`provision_demo_site` keeps the gateway's keystore (absolute, outside
+    every release: the configuration's ``[security] keystore`` may name it before the
+    first provisioning creates it)."""
+    return Path(workdir).absolute() / STATE_DIR / "keys"
+
+
+def enroll_from_carry_back(site: ProvisionedSite, registry: Path) -> Path:
+    """Central's side of the carry-back: enrol the gateway in the headend's registry.
+
+    Reads ``enrollment.json`` from the stick's carry-back directory and writes its
+    ``public_keys`` (what ``edgegw keys export-public`` prints; no secret) as
+    ``<registry>/<gateway>.json``, replacing an older entry of that gateway.
+    Returns the path written. Raises :class:`DemoProvisionError` if the
+    carry-back has no usable enrollment.
+    """
+    from store_forward.uplink_keys import UplinkKeyError, parse_enrollment
+
+    source = site.carry_back / "enrollment.json"
+    try:
+        doc = json.loads(source.read_bytes())
+        keys = doc["public_keys"]
+        enrollment = parse_enrollment(keys, str(source))
+    except (OSError, ValueError, KeyError, TypeError, UplinkKeyError) as exc:
+        raise DemoProvisionError(f"{source}: no usable enrollment: {exc}") from exc
+    if enrollment.gateway_id != doc.get("gateway_id"):
+        raise DemoProvisionError(
+            f"{source}: public keys of {enrollment.gateway_id!r} in the enrollment of "
+            f"{doc.get('gateway_id')!r}"
+        )
+    registry.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = registry / f"{enrollment.gateway_id}.json"
+    write_atomic(path, json.dumps(keys, indent=2, sort_keys=True).encode() + b"\n", mode=0o644)
+    return path
 
 
 def _gateway_keystore(path: Path, gateway_id: str) -> Keystore:
@@ -195,7 +243,7 @@ async def provision_demo_site(
     from gateway import __version__
 
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
-    keystore = await asyncio.to_thread(_gateway_keystore, state / "keys", gateway_id)
+    keystore = await asyncio.to_thread(_gateway_keystore, keystore_dir(workdir), gateway_id)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     spool = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="usb-spool-", dir=state))
     try:
