@@ -120,6 +120,20 @@ class MeterSection:
 class SecuritySection:
     trust_file: Path | None = None  # central public keys per role (docs/security.md)
     keystore: Path | None = None  # this gateway's keys (`edgegw keys init`)
+    # Where `edgegw-usb@` keeps releases and its audit spool; None: derived from a
+    # configuration path <dir>/current/files/<file>, else no spool is drained.
+    provisioning_dir: Path | None = None
+
+    def provisioning_root(self, config_source: Path) -> Path | None:
+        if self.provisioning_dir is not None:
+            return self.provisioning_dir
+        parents = config_source.parents
+        if len(parents) > 2 and config_source.parent.name == "files":
+            if parents[1].name == "current":
+                return parents[2]
+            if len(parents) > 3 and parents[2].name == "releases":
+                return parents[3]
+        return None
 
 
 @dataclass(frozen=True)
@@ -296,6 +310,7 @@ METER_SCHEMA = {
 SECURITY_SCHEMA = {
     "trust_file": Field((str,), convert=_path),
     "keystore": Field((str,), convert=_path),
+    "provisioning_dir": Field((str,), convert=_path),
 }
 ACCOUNT_SCHEMA = {
     "id": Field((str,), required=True, check=_ident),
@@ -500,7 +515,7 @@ def parse_config(raw: Mapping[str, Any], source: Path) -> Config:
     for section, keys in (
         (st, ("path", "key_file")),
         (br, ("ca_file", "cert_file", "key_file")),
-        (sec, ("trust_file", "keystore")),
+        (sec, ("trust_file", "keystore", "provisioning_dir")),
     ):
         for k in keys:
             if k in section:

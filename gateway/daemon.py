@@ -56,10 +56,11 @@ from gateway.commands import (
 from gateway.config import BusSection, Config
 from gateway.prepaid import Prepaid, RelayIntent
 from gateway.risk_monitor import RiskMonitor
-from gateway.security import trusted_time
+from gateway.security import audit, trusted_time
 from gateway.security.roles import TrustStore
 from gateway.security.trusted_time import TrustedClock
 from provisioning.keys import Keystore
+from provisioning.usb import AUDIT_SPOOL, drain_audit_spool
 from store_forward import setup
 from store_forward.outbox import MeterStatus, Outbox
 from store_forward.records import RecordClass, RecordKind
@@ -68,6 +69,10 @@ from store_forward.uplink import Uplink, backoff_delay
 log = logging.getLogger(__name__)
 
 BILLING_TICK_S = 1.0
+# While starting or stopping takes long: EXTEND_TIMEOUT by this much, renewed every
+# third of it, for at most EXTEND_LIMIT_S in total.
+EXTEND_STEP_S = 30.0
+EXTEND_LIMIT_S = 1800.0
 # Relay operations in progress at once per bus: their settle times overlap while
 # their bus transactions take turns with the polls.
 RELAY_CONCURRENCY = 8
@@ -214,6 +219,7 @@ class Daemon:
         self._work: asyncio.Queue[Cycle | Tick] | None = None
         self._tick_queued = False
         self._relays_in_flight = 0
+        self._extending: asyncio.Task[None] | None = None
         self._relay_queues: dict[str, asyncio.Queue[RelayIntent]] = {
             b.name: asyncio.Queue() for b in config.buses
         }
@@ -224,7 +230,38 @@ class Daemon:
 
     # -- life cycle ------------------------------------------------------------
 
+    def _extend_timeout_while(self, phase: str) -> asyncio.Task[None]:
+        """Keep systemd's start or stop timeout from running out while ``phase`` lasts.
+
+        Opening the database after a power cut (WAL recovery, the check of every
+        account's ledger) or committing a long queue on stop can outlast
+        ``TimeoutStartSec``/``TimeoutStopSec``. Until the returned task is
+        cancelled, EXTEND_TIMEOUT is sent every few seconds; a genuine hang is
+        still bounded, by ``EXTEND_LIMIT_S`` in total.
+        """
+
+        async def keep_extending() -> None:
+            deadline = time.monotonic() + EXTEND_LIMIT_S
+            while time.monotonic() < deadline:
+                self.notifier.extend_timeout(EXTEND_STEP_S)
+                await asyncio.sleep(EXTEND_STEP_S / 3)
+            log.error("%s for more than %.0f s: no further timeout extension", phase, EXTEND_LIMIT_S)
+
+        return asyncio.create_task(keep_extending(), name=f"extend-timeout:{phase}")
+
     async def run(self, stop: asyncio.Event) -> None:
+        self._extending = self._extend_timeout_while("starting")
+        try:
+            await self._run(stop)
+        finally:
+            self._stop_extending()
+
+    def _stop_extending(self) -> None:
+        if self._extending is not None:
+            self._extending.cancel()
+            self._extending = None
+
+    async def _run(self, stop: asyncio.Event) -> None:
         cfg = self.config
         outbox = await Outbox.open(
             cfg.storage.path, keys=setup.storage_keys(cfg), policy=setup.storage_policy(cfg)
@@ -260,10 +297,12 @@ class Daemon:
                     await self.prepaid.start_in(db, self.started_ms)
                 await self.risk.start_in(db)
                 await trusted_time.create_schema(db)
+                await audit.create_schema(db)
                 floor = await trusted_time.load_floor(db)
             self.clock = TrustedClock.restored(floor, wall=self.clock_ms, mono=self.clock_ms)
             if cfg.security.trust_file is not None:
                 await self._start_commands(outbox, uplink)
+            await self.drain_provisioning_audit(outbox)
             self.watchdog.note_db_write_ok()
             async with asyncio.TaskGroup() as tg:
                 self._pollers = [
@@ -283,6 +322,7 @@ class Daemon:
                 if self.inbox is not None:
                     timers.append(tg.create_task(self.inbox.run(), name="commands"))
                 self.ready.set()
+                self._stop_extending()
                 self.notifier.ready(f"gateway {cfg.gateway.id}: {len(cfg.meters)} meters")
                 log.info(
                     "gateway %s running: %d buses, %d meters, %d prepaid accounts",
@@ -293,6 +333,7 @@ class Daemon:
                 )
                 await stop.wait()
                 self.notifier.stopping()
+                self._extending = self._extend_timeout_while("stopping")
                 log.info("stopping: finishing polls and committing what was read")
                 for t in timers:
                     t.cancel()
@@ -363,12 +404,51 @@ class Daemon:
             async with outbox.transaction() as db:
                 await trusted_time.save_floor(db, floor, self.clock_ms())
 
+    async def drain_provisioning_audit(self, outbox: Outbox) -> int:
+        """Move what the USB provisioning unit recorded into the audit log.
+
+        ``edgegw-usb@`` runs as another user and never opens this database: it
+        appends every attempt, accepted or refused, to ``audit-spool.jsonl`` in
+        the provisioning directory. Each record becomes an audit entry and an
+        event for central, in one transaction. Returns how many were moved.
+        """
+        root = self.config.security.provisioning_root(self.config.source)
+        if root is None:
+            return 0
+
+        async def record(action: str, detail: dict[str, Any]) -> None:
+            now = self.clock_ms()
+            async with outbox.transaction() as db:
+                await audit.append(
+                    db, actor="provisioning:usb", action=action, details=detail, time_ms=now
+                )
+                await outbox.add_in(
+                    db,
+                    RecordClass.EVENT,
+                    RecordKind.EVENT,
+                    now,
+                    {"type": "provisioning.audit", "action": action, "detail": detail},
+                )
+
+        try:
+            n = await drain_audit_spool(root / AUDIT_SPOOL, record)
+        except Exception as exc:  # the rest stays in the spool for the next pass
+            log.error("provisioning audit spool %s: %s", root / AUDIT_SPOOL, exc)
+            return 0
+        if n:
+            log.info("provisioning: %d audit record(s) imported from %s", n, root / AUDIT_SPOOL)
+            if self.uplink is not None:
+                self.uplink.notify()
+        return n
+
     async def _maintenance(self, outbox: Outbox) -> None:
-        """Once a minute: persist the time floor, summarise rejected commands, re-hand
-        relay operations of commands that a crash left pending."""
+        """Once a minute: import the provisioning audit spool, persist the time floor,
+        summarise rejected commands, re-hand relay operations of commands that a
+        crash left pending."""
         while True:
             await asyncio.sleep(60)
             try:
+                await self.drain_provisioning_audit(outbox)
                 await self._save_time_floor(outbox)
                 if self.commands is not None:
                     await self.commands.flush_rejections()
