@@ -160,6 +160,7 @@ class Prepaid:
                 if acct.book.tariff_id == tariff.tariff_id:
                     acct.book = acct.book.with_version(tariff)
         self.ledger.forget()
+        await self.ledger.warm(db, list(self.accounts))
 
     # -- per cycle and per tick ---------------------------------------------
 

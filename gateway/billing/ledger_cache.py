@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import aiosqlite
+import orjson
 
 from gateway.billing import ledger_store as ls
 from gateway.billing.cutoff import CutoffState
@@ -45,7 +46,7 @@ from gateway.billing.ledger import (
     debit_entry,
     fixed_entry,
 )
-from gateway.billing.rating import RegisterReading, fixed_charges_due, rate_interval
+from gateway.billing.rating import RegisterReading, TierState, fixed_charges_due, rate_interval
 from gateway.billing.tariff import TariffBook
 
 _MISSING = object()
@@ -96,6 +97,29 @@ class LedgerCache:
                 rows.append(ls.baseline_params(account, b))
             await conn.executemany(ls.SET_BASELINE_SQL, rows)
             self._dirty_baselines.clear()
+
+    async def warm(self, conn: aiosqlite.Connection, accounts: list[str]) -> None:
+        """Load every account's view, cutoff state and scan position, and every
+        baseline, in a few statements (at start, so the first tick is not slow)."""
+        wanted = set(accounts)
+        async with conn.execute(
+            "SELECT account, balance_micro, last_seq, purchase_counter, tier_period_start_ms,"
+            " tier_cumulative_ckwh, snapshot_seq, fixed_until_ms, cutoff_state FROM billing_account"
+        ) as cur:
+            rows = await cur.fetchall()
+        for account, balance, last_seq, counter, tier_ps, tier_ckwh, snap_seq, until, cutoff in rows:
+            if account not in wanted:
+                continue
+            if snap_seq is None:
+                view = LedgerView(account, balance, last_seq, counter, TierState(tier_ps, tier_ckwh))
+            else:  # the snapshot in force comes from its entry
+                view = await ls.load_view(conn, account)
+            self._views[account] = view
+            self._fixed_until[account] = until
+            self._cutoff[account] = (
+                CutoffState() if cutoff is None else CutoffState.from_json(orjson.loads(cutoff))
+            )
+        self._baselines.update(await ls.all_baselines(conn))
 
     # -- reads ----------------------------------------------------------------
 

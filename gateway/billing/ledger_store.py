@@ -242,15 +242,24 @@ async def verify(conn: aiosqlite.Connection, account: str) -> LedgerView:
 # Baselines and rating
 
 
+def _baseline(meter: str, reading_id: str, time_ms: int, kwh: str, rates: str) -> RegisterReading:
+    return RegisterReading(
+        reading_id, meter, time_ms, Decimal(kwh), {k: Decimal(v) for k, v in orjson.loads(rates).items()}
+    )
+
+
 async def get_baseline(conn: aiosqlite.Connection, meter: str) -> RegisterReading | None:
     async with conn.execute(
         "SELECT reading_id, time_ms, import_kwh, rates FROM billing_baseline WHERE meter = ?", (meter,)
     ) as cur:
         row = await cur.fetchone()
-    if row is None:
-        return None
-    rates = {k: Decimal(v) for k, v in orjson.loads(row[3]).items()}
-    return RegisterReading(row[0], meter, row[1], Decimal(row[2]), rates)
+    return None if row is None else _baseline(meter, *row)
+
+
+async def all_baselines(conn: aiosqlite.Connection) -> dict[str, RegisterReading]:
+    async with conn.execute("SELECT meter, reading_id, time_ms, import_kwh, rates FROM billing_baseline") as cur:
+        rows = await cur.fetchall()
+    return {r[0]: _baseline(*r) for r in rows}
 
 
 SET_BASELINE_SQL = (

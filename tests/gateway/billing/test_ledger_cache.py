@@ -171,7 +171,14 @@ async def _run(tmp: Path, txs: list[tuple[list[tuple[Any, ...]], bool]]) -> None
             await story.cache.persist_fixed_until(cached, acct)
             c, p = await ls.load_fixed_until(cached, acct), await ls.load_fixed_until(plain, acct)
             assert (c is None) == (p is None) and (c is None or p is None or c <= p)
-        story.cache.forget()
+        # A restart: the cache warmed in bulk holds what was stored.
+        story.cache = LedgerCache()
+        await story.cache.warm(cached, list(BOOKS))
+        for acct in BOOKS:
+            assert await story.cache.view(cached, acct) == await ls.load_view(cached, acct)
+            assert await story.cache.cutoff_state(cached, acct) == await ls.load_cutoff_state(cached, acct)
+        for meter in METERS:
+            assert await story.cache.baseline(cached, meter) == await ls.get_baseline(cached, meter)
         await story.transaction([("fixed", acct) for acct in BOOKS], False)
 
 
