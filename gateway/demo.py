@@ -22,11 +22,12 @@ gateways only. Central's commands are signed with its billing key. With
 ``--broker HOST:PORT`` the link to that broker is plain MQTT (its CA is not the
 demo's), while sealing and signed commands stay on.
 
-After the drain the demo checks what must be refused — a client without a
-certificate, plain MQTT on the TLS port, a neighbouring gateway subscribing to
-this gateway's commands, an unsealed batch sent with this gateway's own
-certificate — and during the story central's sale is preceded by a top-up
-signed with a key the gateway does not trust. The report's ``transport``
+Once central's sale has been answered, a top-up signed with a key the gateway
+does not trust is published on its command topic; after the drain the demo
+checks what else must be refused — a client without a certificate, plain MQTT
+on the TLS port, a neighbouring gateway subscribing to this gateway's
+commands, an unsealed batch sent with this gateway's own certificate
+(:func:`_probe_refusals`). The report's ``transport``
 states what was observed: the TLS version negotiated, the certificate identity
 the broker saw for each session, the encodings the headend decoded, the
 outcome of each command, and each refusal.
@@ -508,14 +509,20 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
     ) and all(o == "rejected (bad_signature)" for o in unauthenticated)
     transport = TransportReport(
         broker="embedded" if broker is not None else f"external {bhost}:{bport}",
-        tls=cfg.broker.tls and broker is not None and broker.tls is not None,
+        # the gateway's session was seen on a broker that speaks TLS only
+        tls=(
+            cfg.broker.tls
+            and broker is not None
+            and broker.tls is not None
+            and GATEWAY_ID in observed.identities.values()
+        ),
         tls_version=tls_version,
         client_auth=(
             broker is not None
             and broker.tls is not None
             and broker.tls.verify_mode is ssl.CERT_REQUIRED
             and broker.identity_as_username
-            and bool(observed.identities)
+            and GATEWAY_ID in observed.identities.values()
             and all(observed.identities.values())
         ),
         identities=observed.identities,
@@ -979,7 +986,12 @@ def run_demo(args: argparse.Namespace) -> int:
         if k == "transport":
             print("  transport (as observed):", file=sys.stdout)
             for tk, tv in v.items():
-                print(f"    {tk:<18} {tv}", file=sys.stdout)
+                if isinstance(tv, dict) and len(tv) > 2:
+                    print(f"    {tk}:", file=sys.stdout)
+                    for name, value in tv.items():
+                        print(f"      {name}: {value}", file=sys.stdout)
+                else:
+                    print(f"    {tk:<24} {tv}", file=sys.stdout)
             continue
         print(f"  {k:<20} {v}", file=sys.stdout)
     delivered = (
