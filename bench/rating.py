@@ -1,7 +1,7 @@
 """Prepaid enforcement benchmark: reading → trip on the wire, top-up → restore on the wire.
 
 Runs the real daemon (:class:`gateway.daemon.Daemon`: bus pollers, one SQLite
-writer committing each poll cycle with rating, ledger and cutoff policy, relay
+writer committing each slice of a poll cycle with rating, ledger and cutoff policy, relay
 operations on the meter's bus after the commit, verified by read-back) against
 Modbus TCP simulators serving ``--meters`` SDM120 meters with a supply relay on
 coil 0, spread over several simulated buses (at most 200 unit ids per server).
@@ -22,9 +22,11 @@ scheduler when the bus became the read's) converts to monotonic time within
 Measured, for each account that runs out of credit:
 
 * ``cutoff_latency_s`` = t_wire(trip coil write) − t_poll(start of the read
-  whose rating took the balance to the trip level), with its parts: the rest
-  of that poll cycle, queue + commit of the cycle (rating, ledger, policy),
-  and hand-over to the bus until the write is on the wire;
+  whose rating took the balance to the trip level), with its parts: until the
+  reading's slice of the poll cycle was queued for the writer (0.2 s after the
+  slice's first reading, plus at most one meter's read; ``gateway.daemon._Slicer``),
+  queue + commit of the slice (rating, ledger, policy), and hand-over to the
+  bus until the write is on the wire;
 * ``restore_latency_s`` = t_wire(close coil write) − the moment the top-up
   transaction (``Prepaid.apply_topup_in`` inside ``Outbox.transaction()``)
   was started, ``--topup-delay`` seconds after the trip's coil write arrived
@@ -32,7 +34,7 @@ Measured, for each account that runs out of credit:
   benchmark as it happens).
 
 Context: readings committed per second, poll-cycle time per bus, commit time
-per cycle and per billing tick, CPU time of the daemon process, and the same
+per batch (slice or end of a poll cycle) and per billing tick, CPU time of the daemon process, and the same
 numbers from a baseline run with prepaid disabled (same meters and buses, no
 accounts) in the same invocation, as ratios.
 
@@ -399,7 +401,8 @@ def ms_to_mono(t_ms: int) -> float:
 class TripDecision:
     meter: str
     t_poll: float  # start of the read whose rating reached the trip level
-    t_decided: float  # the cycle's commit returned the trip
+    t_handed: float  # its slice of the poll cycle was queued for the writer
+    t_decided: float  # the commit of that slice returned the trip
 
 
 @dataclass
@@ -410,6 +413,7 @@ class Recorder:
     commits: list[tuple[str, float, int]] = field(default_factory=list)  # kind, seconds, readings
     trips: dict[str, TripDecision] = field(default_factory=dict)
     last_read_ms: dict[str, int] = field(default_factory=dict)
+    last_handed: dict[str, float] = field(default_factory=dict)
     readings: int = 0
     relay_events: list[dict[str, Any]] = field(default_factory=list)
     committed: list[tuple[float, int]] = field(default_factory=list)  # commit time, readings
@@ -426,13 +430,13 @@ class Recorder:
             async with original(bus, *args, **kwargs) as scheduler:
                 run_cycle = scheduler.run_cycle
 
-                async def timed_cycle(now_ms: int) -> Any:
+                async def timed_cycle(now_ms: int, **kwargs: Any) -> Any:
                     start = time.monotonic()
-                    result = await run_cycle(now_ms)
+                    result = await run_cycle(now_ms, **kwargs)
                     self.cycles.append((bus.name, start, time.monotonic(), len(result.readings)))
                     return result
 
-                scheduler.run_cycle = timed_cycle  # type: ignore[method-assign]
+                scheduler.run_cycle = timed_cycle  # type: ignore[method-assign, assignment]
                 yield scheduler
 
         daemon_mod.open_bus = recording_open_bus
@@ -454,6 +458,7 @@ class Recorder:
                 self.commits.append(("cycle", t1 - t0, len(item.readings)))
                 for r in item.readings:
                     self.last_read_ms[r.meter_id] = r.time_ms
+                    self.last_handed[r.meter_id] = item.handed_mono
             else:
                 self.commits.append(("relay_event", t1 - t0, 0))
             for intent in intents:
@@ -461,7 +466,8 @@ class Recorder:
                     # the latest committed reading of the meter is the one that crossed:
                     # before it the balance was above the trip level
                     t_poll = ms_to_mono(self.last_read_ms[intent.meter])
-                    self.trips[intent.meter] = TripDecision(intent.meter, t_poll, t1)
+                    t_handed = self.last_handed[intent.meter]
+                    self.trips[intent.meter] = TripDecision(intent.meter, t_poll, t_handed, t1)
             return intents
 
         daemon._commit = timed_commit  # type: ignore[method-assign]
@@ -639,13 +645,6 @@ def first_write(wire_log: WireLog, mid: str, value: bool, after: float) -> float
     return min(times) if times else None
 
 
-def cycle_end_for(rec: Recorder, bus: str, t: float) -> float | None:
-    for name, start, end, _ in rec.cycles:
-        if name == bus and start - 0.002 <= t <= end:
-            return end
-    return None
-
-
 def context(ph: PhaseResult) -> dict[str, Any]:
     rec = ph.recorder
     per_bus: dict[str, list[float]] = {}
@@ -678,7 +677,7 @@ def context(ph: PhaseResult) -> dict[str, Any]:
         "writer_queue_depth": {"p50": pct(depth, 50), "max": max(depth)} if depth else {},
         "cycle_s_all_buses": summary(all_cycles),
         "cycle_s_p50_by_bus": {b: round(pct(v, 50), 4) for b, v in sorted(per_bus.items())},
-        "commit_s_per_cycle": summary(commits),
+        "commit_s_per_batch": summary(commits),
         "commit_ms_per_reading": summary([x * 1000 for x in per_reading], 3),
         "billing_tick_commit_s": summary(ticks),
         "cpu_s": round(ph.cpu_s, 2),
@@ -702,10 +701,8 @@ def analyse(plan: Plan, base: PhaseResult, pre: PhaseResult) -> dict[str, Any]:
             missing_trip.append(mid)
             continue
         cutoff.append(t_wire - d.t_poll)
-        end = cycle_end_for(rec, f"lan{mid[1:].split('-')[0]}", d.t_poll)
-        if end is not None:
-            rest_of_cycle.append(end - d.t_poll)
-            queue_commit.append(d.t_decided - end)
+        rest_of_cycle.append(d.t_handed - d.t_poll)
+        queue_commit.append(d.t_decided - d.t_handed)
         to_wire.append(t_wire - d.t_decided)
         # another relay operation on the same bus just before: this one waited behind it
         bus = mid[1:].split("-")[0]
@@ -736,7 +733,7 @@ def analyse(plan: Plan, base: PhaseResult, pre: PhaseResult) -> dict[str, Any]:
     return {
         "cutoff_latency_s": summary(cutoff),
         "cutoff_parts_s": {
-            "rest_of_poll_cycle": summary(rest_of_cycle),
+            "until_handed_to_writer": summary(rest_of_cycle),
             "queue_and_commit": summary(queue_commit),
             "handover_to_wire": summary(to_wire),
             "trips_queued_behind_another_relay_operation": behind,
@@ -761,7 +758,7 @@ def analyse(plan: Plan, base: PhaseResult, pre: PhaseResult) -> dict[str, Any]:
         "baseline_no_prepaid": b,
         "ratios_prepaid_over_baseline": {
             "cycle_s_p50": ratio(p["cycle_s_all_buses"].get("p50"), b["cycle_s_all_buses"].get("p50")),
-            "commit_s_per_cycle_p50": ratio(p["commit_s_per_cycle"].get("p50"), b["commit_s_per_cycle"].get("p50")),
+            "commit_s_per_batch_p50": ratio(p["commit_s_per_batch"].get("p50"), b["commit_s_per_batch"].get("p50")),
             "cpu_ms_per_reading": ratio(p["cpu_ms_per_reading"], b["cpu_ms_per_reading"]),
             "polls_per_s": ratio(p["polls_per_s"], b["polls_per_s"]),
         },

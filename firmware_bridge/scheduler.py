@@ -411,12 +411,16 @@ class BusScheduler:
         self._health[meter_id] = on_failure(h, now_ms, last.kind, last.detail, self.policy)
         return None
 
-    async def run_cycle(self, now_ms: int) -> CycleResult:
+    async def run_cycle(
+        self, now_ms: int, on_reading: Callable[[Reading], Awaitable[None]] | None = None
+    ) -> CycleResult:
         """Poll every due meter once, in configuration order.
 
         While the bus is silent (see :func:`bus_went_silent`) only one meter per
         cycle is probed, round-robin and regardless of its back-off; the first
         answer wakes every meter, quarantined ones included, in the same cycle.
+        ``on_reading`` is awaited with each reading as soon as it is taken (the
+        result still lists them all).
         """
         start = self._clock()
         readings: list[Reading] = []
@@ -426,6 +430,8 @@ class BusScheduler:
             sentinel = order[self._sentinel % len(order)]
             self._sentinel += 1
             reading = await self.read_meter(sentinel, now_ms, force=True, since=start)
+            if reading is not None and on_reading is not None:
+                await on_reading(reading)
             if reading is None:
                 duration = self._clock() - start
                 self.metrics.cycles += 1
@@ -448,6 +454,8 @@ class BusScheduler:
             if reading is not None:
                 answered += 1
                 readings.append(reading)
+                if on_reading is not None:
+                    await on_reading(reading)
             else:
                 err = self._health[meter_id].last_error
                 kinds.append(err.kind if err else "error")
