@@ -346,7 +346,14 @@ class Uplink:
             if self._inflight:
                 soonest = min(e.deadline for e in self._inflight.values())
                 timeout = max(0.01, min(timeout, soonest - self.monotonic()))
+            # Not asyncio.wait_for: before Python 3.12 it returns the inner result
+            # instead of raising when it is cancelled in the same loop iteration as
+            # the wake-up completes (new records arriving as the link drops). This
+            # loop would then go on with a dead session: publishing into a TaskGroup
+            # that is shutting down, or, with nothing to send, never ending, so the
+            # uplink would not reconnect. asyncio.timeout lets the cancellation through.
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
