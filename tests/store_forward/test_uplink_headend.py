@@ -60,9 +60,29 @@ def settings(**kw: float) -> UplinkSection:
     return UplinkSection(**base)  # type: ignore[arg-type]
 
 
-async def test_backlog_delivered_once_and_deleted_after_ack(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    ob = await Outbox.open(tmp_path / "gw.db")
-    hdb = await HeadendDB.open(tmp_path / "central.db")
+@pytest.fixture
+async def ob(tmp_path: Path) -> AsyncIterator[Outbox]:
+    """The gateway's outbox, closed even when the test fails (an open aiosqlite
+    connection's thread would keep the test process from exiting)."""
+    outbox = await Outbox.open(tmp_path / "gw.db")
+    try:
+        yield outbox
+    finally:
+        await outbox.close()
+
+
+@pytest.fixture
+async def hdb(tmp_path: Path) -> AsyncIterator[HeadendDB]:
+    db = await HeadendDB.open(tmp_path / "central.db")
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+async def test_backlog_delivered_once_and_deleted_after_ack(
+    tmp_path: Path, mosquitto: Mosquitto, ob: Outbox, hdb: HeadendDB
+) -> None:
     for k in range(10):
         await ob.commit_cycle(k, [reading(10 * k + j) for j in range(10)])
     up = Uplink(ob, gateway_id="gw1", broker=BrokerSection(port=mosquitto.port), settings=settings())
@@ -77,20 +97,16 @@ async def test_backlog_delivered_once_and_deleted_after_ack(tmp_path: Path, mosq
     assert ids == list(range(1, 101))
     st = await ob.stats()
     assert st.readings_acked == 100 and st.batches_pending == 0
-    await ob.close()
-    await hdb.close()
 
 
 async def test_broker_killed_repeatedly_while_producing(
-    tmp_path: Path, mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, mosquitto: Mosquitto, ob: Outbox, hdb: HeadendDB, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Four SIGKILLs of the broker while readings are produced: every record is
     stored once. The drain after the last restart takes well under a second to
     about 12 s on a loaded 2-core machine (the longer runs are a headend waiting
     out its ack publish on the killed connection); 60 s is the bound."""
     caplog.set_level(logging.WARNING, logger="store_forward.uplink")
-    ob = await Outbox.open(tmp_path / "gw.db")
-    hdb = await HeadendDB.open(tmp_path / "central.db")
     up = Uplink(ob, gateway_id="gw1", broker=BrokerSection(port=mosquitto.port), settings=settings())
     he = Headend(hdb, host="127.0.0.1", port=mosquitto.port)
     produced = 0
@@ -122,8 +138,6 @@ async def test_broker_killed_repeatedly_while_producing(
     # by its catch-all reconnect (e.g. a send loop that outlived its session).
     errors = [r.getMessage() for r in caplog.records if r.name == "store_forward.uplink" and r.levelno >= logging.ERROR]
     assert errors == []
-    await ob.close()
-    await hdb.close()
 
 
 async def _drop_link_as_the_sender_wakes(
@@ -170,7 +184,7 @@ async def _drop_link_as_the_sender_wakes(
 
 @pytest.mark.parametrize("in_flight", [False, True], ids=["idle", "batch-in-flight"])
 async def test_link_loss_as_records_arrive_ends_the_session_at_once(
-    tmp_path: Path, mosquitto: Mosquitto, in_flight: bool
+    mosquitto: Mosquitto, ob: Outbox, in_flight: bool
 ) -> None:
     """Regression: the sender waited for wake-ups with ``asyncio.wait_for``, which on
     Python 3.11 swallows a cancellation that arrives in the same loop iteration as
@@ -179,15 +193,11 @@ async def test_link_loss_as_records_arrive_ends_the_session_at_once(
     with a batch in flight, its retransmission was started on the TaskGroup that
     was shutting down (RuntimeError; before the catch-all in ``run`` that ended
     delivery for good, and the backlog stopped draining under load)."""
-    ob = await Outbox.open(tmp_path / "gw.db")
     if in_flight:
         await ob.commit_cycle(1, [reading(j) for j in range(5)])
     up = Uplink(ob, gateway_id="gw1", broker=BrokerSection(port=mosquitto.port), settings=settings())
-    try:
-        async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="edgegw-gw1") as client:
-            error, took = await _drop_link_as_the_sender_wakes(up, client)
-    finally:
-        await ob.close()
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="edgegw-gw1") as client:
+        error, took = await _drop_link_as_the_sender_wakes(up, client)
     assert error is not None, "the session did not end after the link loss"
     assert isinstance(error, BaseExceptionGroup)
     assert [type(e) for e in error.exceptions] == [aiomqtt.MqttError], error.exceptions
@@ -196,11 +206,8 @@ async def test_link_loss_as_records_arrive_ends_the_session_at_once(
 
 
 async def test_commands_reach_the_handler_on_the_uplink_connection(
-    tmp_path: Path, mosquitto: Mosquitto
+    mosquitto: Mosquitto, ob: Outbox
 ) -> None:
-    import aiomqtt
-
-    ob = await Outbox.open(tmp_path / "gw.db")
     got: list[bytes] = []
 
     async def handler(raw: bytes) -> None:
@@ -222,4 +229,3 @@ async def test_commands_reach_the_handler_on_the_uplink_connection(
             await wait_for(received, 10, "command delivered")
     assert got == [b"signed-envelope-1"]
     assert up.stats.commands == 1 and up.stats.last_ack_ms is not None
-    await ob.close()
