@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import enum
 import importlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -132,6 +133,12 @@ class Dlt645RelayActuator:
         cmds = importlib.import_module("firmware_bridge.dlt645.messages").ControlCommand
         self._trip = cmds.TRIP
         self._close = cmds.CLOSE if close_directly else cmds.CLOSE_ALLOWED
+        self._signals = {
+            MeterSignal.ALARM_ON: cmds.ALARM,
+            MeterSignal.ALARM_OFF: cmds.ALARM_OFF,
+            MeterSignal.PROTECT_ON: cmds.PROTECT,
+            MeterSignal.PROTECT_OFF: cmds.PROTECT_OFF,
+        }
 
     @property
     def close_is_deferred(self) -> bool:
@@ -143,6 +150,11 @@ class Dlt645RelayActuator:
 
     async def read_open(self) -> bool:
         return bool(await self.driver.read_relay_open())
+
+    async def signal(self, sig: MeterSignal) -> None:
+        """Meter alarm (2AH/2BH) or power-protect (3AH/3BH); returns on the meter's ack."""
+        deadline = self._wall() + dt.timedelta(seconds=self.validity_s)
+        await self.driver.control(self._signals[sig], deadline)
 
 
 def actuator_from_config(
@@ -232,6 +244,32 @@ def voltage_guard(
 
 # ---------------------------------------------------------------------------
 # Results and errors
+
+
+class MeterSignal(enum.StrEnum):
+    """Commands to a meter that do not move its relay (DL/T 645 1CH 2A/2B, 3A/3B)."""
+
+    ALARM_ON = "alarm_on"  # the meter warns the customer (buzzer, display)
+    ALARM_OFF = "alarm_off"
+    PROTECT_ON = "protect_on"  # power-protect (保电): the meter refuses trips while set
+    PROTECT_OFF = "protect_off"
+
+
+@dataclass(frozen=True, slots=True)
+class SignalResult:
+    meter_id: str
+    signal: MeterSignal
+    ok: bool  # the meter acknowledged the command
+    detail: str
+
+
+class SignalNotSupported(Exception):
+    """The meter's actuator cannot take this signal (e.g. a Modbus coil relay)."""
+
+    def __init__(self, meter_id: str, sig: MeterSignal) -> None:
+        super().__init__(f"meter {meter_id}: {sig.value} is not supported by its relay interface")
+        self.meter_id = meter_id
+        self.signal = sig
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,6 +439,28 @@ class RelayController:
             if self._on_alarm is not None:
                 self._on_alarm(result)
             return result
+
+
+    def supports_signals(self, meter_id: str) -> bool:
+        return callable(getattr(self.actuators.get(meter_id), "signal", None))
+
+    async def signal(self, meter_id: str, sig: MeterSignal) -> SignalResult:
+        """Send a meter signal; ``ok`` when the meter acknowledged it.
+
+        There is no state to read back: the acknowledgement is the evidence.
+        Raises :class:`SignalNotSupported` before anything is sent when the
+        meter's actuator has no such command.
+        """
+        act = self._actuator(meter_id)
+        send = getattr(act, "signal", None)
+        if not callable(send):
+            raise SignalNotSupported(meter_id, sig)
+        async with self._state[meter_id].lock:
+            try:
+                await self._run(meter_id, lambda: send(sig))
+            except MeterError as exc:
+                return SignalResult(meter_id, sig, False, f"{exc.kind}: {exc.detail}")
+        return SignalResult(meter_id, sig, True, "acknowledged by the meter")
 
 
 def controller_for(scheduler: Any, **kwargs: Any) -> RelayController:

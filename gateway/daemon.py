@@ -41,7 +41,13 @@ from zoneinfo import ZoneInfo
 
 from firmware_bridge.bus import open_bus
 from firmware_bridge.reading import Reading
-from firmware_bridge.relay import RelayRateLimited, RelayRefused, RelayResult, controller_for
+from firmware_bridge.relay import (
+    MeterSignal,
+    RelayRateLimited,
+    RelayRefused,
+    RelayResult,
+    controller_for,
+)
 from firmware_bridge.scheduler import MeterHealth
 from gateway import sdnotify
 from gateway.billing.cutoff import Contact
@@ -189,17 +195,27 @@ class CommandRelays:
         self.daemon = daemon
 
     async def request(self, meter_id: str, op: RelayOp, *, reason: str, command_id: str) -> None:
-        if op not in (RelayOp.TRIP, RelayOp.CLOSE, RelayOp.CLOSE_ALLOWED):
-            # Meter alarms and power-protect need per-meter actuators this gateway
-            # does not drive yet; say so in the log and the audit trail, never pretend.
-            log.warning("command %s: relay op %s is not supported on this gateway", command_id, op)
-            return
         account = self.daemon.prepaid.meter_account.get(meter_id, "") if self.daemon.prepaid else ""
-        self.daemon.request_relay(
-            RelayIntent(
-                account, meter_id, op is RelayOp.TRIP, op.value, f"command {command_id}: {reason}"
+        why = f"command {command_id}: {reason}"
+        signal = _SIGNAL_OF_OP.get(op)
+        if signal is not None:
+            # Meter alarm and power-protect: sent where the meter has them; the
+            # meter.signal event says whether it acknowledged or cannot.
+            self.daemon.request_relay(
+                RelayIntent(account, meter_id, False, op.value, why, signal=signal.value, commanded=True)
             )
+            return
+        self.daemon.request_relay(
+            RelayIntent(account, meter_id, op is RelayOp.TRIP, op.value, why, commanded=True)
         )
+
+
+_SIGNAL_OF_OP = {
+    RelayOp.ALARM: MeterSignal.ALARM_ON,
+    RelayOp.ALARM_OFF: MeterSignal.ALARM_OFF,
+    RelayOp.PROTECT: MeterSignal.PROTECT_ON,
+    RelayOp.UNPROTECT: MeterSignal.PROTECT_OFF,
+}
 
 
 class NoBilling:
@@ -555,8 +571,11 @@ class Daemon:
     async def _sleep_unless_stopping(self, until_monotonic: float) -> None:
         delay = until_monotonic - time.monotonic()
         if delay > 0 and not self._stopping.is_set():
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that arrives in the same step as the event.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
 
     async def _relay_worker(
         self,
@@ -577,7 +596,8 @@ class Daemon:
         async def one(intent: RelayIntent) -> None:
             try:
                 event = await self._operate(controller, intent)
-                await out.put(Cycle(bus, self.clock_ms(), [], [], [event]))
+                if event is not None:
+                    await out.put(Cycle(bus, self.clock_ms(), [], [], [event]))
             finally:
                 self._relays_in_flight -= 1
                 limit.release()
@@ -610,7 +630,9 @@ class Daemon:
             return getter.result()
         return None
 
-    async def _operate(self, controller: Any, intent: RelayIntent) -> dict[str, Any]:
+    async def _operate(self, controller: Any, intent: RelayIntent) -> dict[str, Any] | None:
+        if intent.signal is not None:
+            return await self._signal(controller, intent)
         self.stats.relay_operations += 1
         self.risk.relay_commanded(intent.meter, intent.open, self.clock_ms())
         try:
@@ -626,13 +648,40 @@ class Daemon:
             log.error("relay alarm on %s: %s", intent.meter, result.reason)
         return relay_event(intent, result, None)
 
+    async def _signal(self, controller: Any, intent: RelayIntent) -> dict[str, Any] | None:
+        """A meter alarm or power-protect command; None (nothing to report) when the
+        meter has no such command and the intent came from the cutoff policy."""
+        assert intent.signal is not None
+        sig = MeterSignal(intent.signal)
+        body: dict[str, Any] = {
+            "type": "meter.signal",
+            "account": intent.account,
+            "meter": intent.meter,
+            "signal": sig.value,
+            "reason": intent.reason,
+        }
+        if not controller.supports_signals(intent.meter):
+            if intent.commanded:
+                return body | {"ok": False, "detail": f"{sig.value} is not supported by this meter"}
+            log.debug("meter %s has no %s command", intent.meter, sig.value)
+            return None
+        try:
+            result = await controller.signal(intent.meter, sig)
+        except Exception as exc:
+            log.error("%s for %s failed: %s", sig.value, intent.meter, exc)
+            return body | {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
+        if not result.ok:
+            log.warning("%s for %s not acknowledged: %s", sig.value, intent.meter, result.detail)
+        return body | {"ok": result.ok, "detail": result.detail}
+
     # -- writer ------------------------------------------------------------------
 
     async def _billing_timer(self, out: asyncio.Queue[Cycle | Tick]) -> None:
         assert self.prepaid is not None
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.prepaid.dirty.wait(), BILLING_TICK_S)
+                async with asyncio.timeout(BILLING_TICK_S):
+                    await self.prepaid.dirty.wait()
             self.prepaid.dirty.clear()
             # At most one tick waits for the writer: a busy writer must not find a
             # second of ticks queued in front of the next poll cycle. The waiting

@@ -31,7 +31,7 @@ import aiosqlite
 from firmware_bridge.reading import Quantity, Reading
 from gateway.billing import ledger_store as ls
 from gateway.billing.account import AccountSettings, load_account
-from gateway.billing.cutoff import Action, Contact, CutoffEvent, evaluate, reassert
+from gateway.billing.cutoff import Action, ActionKind, Contact, CutoffEvent, evaluate, reassert
 from gateway.billing.ledger import Entry, adjustment_entry
 from gateway.billing.ledger_cache import LedgerCache
 from gateway.billing.messages import MessageError, parse_snapshot, parse_topup
@@ -53,8 +53,12 @@ class RelayIntent:
     account: str
     meter: str
     open: bool
-    action: str  # trip / close / close_allowed
+    action: str  # trip / close / close_allowed, or a meter signal's name
     reason: str
+    # A meter signal instead of a relay operation (firmware_bridge.relay.MeterSignal
+    # value: alarm_on / alarm_off / protect_on / protect_off); ``open`` is unused then.
+    signal: str | None = None
+    commanded: bool = False  # asked for by a signed command (not by the cutoff policy)
 
 
 @dataclass
@@ -283,6 +287,11 @@ class Prepaid:
             if a.relay_open is not None and a.meter:
                 intents.append(
                     RelayIntent(a.account, a.meter, a.relay_open, a.kind.value, a.reason)
+                )
+            elif a.kind in (ActionKind.ALARM_ON, ActionKind.ALARM_OFF) and a.meter:
+                # The meter's own alarm, where it has one (DL/T 645 2AH/2BH).
+                intents.append(
+                    RelayIntent(a.account, a.meter, False, a.kind.value, a.reason, signal=a.kind.value)
                 )
         return intents
 

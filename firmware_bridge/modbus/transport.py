@@ -152,7 +152,8 @@ class ModbusTransport:
         if self._last_connect_fail is not None and now - self._last_connect_fail < self.reconnect_min_s:
             raise TransportError(meter_id, f"bus {self.name}: not connected (retrying in {self.reconnect_min_s:g}s)")
         try:
-            ok = await asyncio.wait_for(self.client.connect(), self.timeout_s + 1.0)
+            async with asyncio.timeout(self.timeout_s + 1.0):
+                ok = await self.client.connect()
         except (TimeoutError, OSError, ModbusException) as exc:
             ok = False
             detail = f"{type(exc).__name__}: {exc}"

@@ -85,6 +85,44 @@ async def test_open_bus_dlt645_with_relay() -> None:
             assert stuck.alarm and not sims[2].relay_open and len(stuck.attempts) == 2
 
 
+async def test_meter_signals_alarm_and_protect_on_dlt645_meters() -> None:
+    from firmware_bridge.dlt645.simulator import Simulator, make_meters
+    from firmware_bridge.relay import MeterSignal, RelayPolicy, SignalNotSupported, controller_for
+    from gateway.config import RelaySection
+
+    sims = make_meters(2)
+    async with Simulator(sims) as sim:
+        port = await sim.start_tcp()
+        bus = BusSection(name="dlt", type="tcp", host="127.0.0.1", port=port, timeout_s=0.3, retries=0)
+        meters = [
+            MeterSection(id=f"d{i}", bus="dlt", protocol="dlt645", address=m.address, password=m.password.hex(),
+                         quantities=("energy_import_kwh",), relay=RelaySection(kind="dlt645", min_interval_s=0))
+            for i, m in enumerate(sims)
+        ]
+        async with open_bus(bus, meters) as sched:
+            relays = controller_for(sched, policy=RelayPolicy(min_interval_s=0, settle_s=0.01))
+            assert relays.supports_signals("d0")
+            r = await relays.signal("d0", MeterSignal.ALARM_ON)
+            assert r.ok and sims[0].alarm and not sims[1].alarm
+            assert (await relays.signal("d0", MeterSignal.ALARM_OFF)).ok and not sims[0].alarm
+            assert (await relays.signal("d1", MeterSignal.PROTECT_ON)).ok and sims[1].protected
+            # Power-protect set in the meter: it refuses a trip, and the controller says so.
+            refused = await relays.set_open("d1", True)
+            assert not refused.ok and refused.alarm and not sims[1].relay_open
+            assert (await relays.signal("d1", MeterSignal.PROTECT_OFF)).ok and not sims[1].protected
+            sims[0].faults.no_reply = True
+            lost = await relays.signal("d0", MeterSignal.ALARM_ON)
+            assert not lost.ok and "timeout" in lost.detail  # the meter may have acted: no ack, not ok
+    async with ModbusSimulator([1]) as msim:
+        modbus = [MeterSection(id="m", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1,
+                               relay=RelaySection(kind="coil"))]
+        async with open_bus(tcp_bus(msim.port), modbus) as sched:
+            relays = controller_for(sched)
+            assert not relays.supports_signals("m")
+            with pytest.raises(SignalNotSupported, match="alarm_on is not supported"):
+                await relays.signal("m", MeterSignal.ALARM_ON)
+
+
 def test_config_problems_lists_everything() -> None:
     from firmware_bridge.bus import config_problems
     from gateway.config import RelaySection

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+from decimal import Decimal
 from pathlib import Path
 
 from firmware_bridge.modbus.simulator import ModbusSimulator
@@ -159,3 +160,50 @@ async def test_trip_when_credit_runs_out_and_restore_after_top_up(tmp_path: Path
             "SELECT balance_micro FROM billing_account WHERE account = 'acct-001'"
         ).fetchone()
     assert balance == 300_000 + total
+
+
+async def test_meter_alarm_follows_the_cutoff_policy_on_a_dlt645_meter(tmp_path: Path) -> None:
+    """Alarm levels reach the meter itself (DL/T 645 2AH), then the trip (1AH)."""
+    from firmware_bridge.dlt645.simulator import Simulator, make_meters
+
+    meters = make_meters(1)
+    meters[0].load_kw = Decimal("150")  # ~0.023 yuan/s at 0.56/kWh
+    async with Simulator(meters) as sim:
+        port = await sim.start_tcp()
+        path = config(tmp_path, port)
+        text = path.read_text()
+        modbus_meter = text[text.index("[[meter]]") : text.index("[[account]]")]
+        path.write_text(
+            text.replace(
+                modbus_meter,
+                f"""[[meter]]
+id = "m001"
+bus = "lan"
+protocol = "dlt645"
+address = "{meters[0].address}"
+password = "{meters[0].password.hex()}"
+quantities = ["energy_import_kwh", "relay_open"]
+account = "acct-001"
+[meter.relay]
+kind = "dlt645"
+min_interval_s = 0
+
+""",
+            )
+        )
+        cfg = load_config(path)
+        daemon = Daemon(cfg)
+        stop = asyncio.Event()
+        run = asyncio.create_task(daemon.run(stop))
+        try:
+            await asyncio.wait_for(daemon.ready.wait(), 10)
+            await until(lambda: meters[0].alarm, 30, "meter alarm at the first alarm level")
+            assert not meters[0].relay_open
+            await until(lambda: meters[0].relay_open, 30, "trip when the credit is gone")
+        finally:
+            stop.set()
+            await asyncio.wait_for(run, 30)
+    events = await outbox_bodies(tmp_path / "gw.db", "event")
+    signals = [e for e in events if e["type"] == "meter.signal"]
+    assert signals and signals[0]["signal"] == "alarm_on" and signals[0]["ok"] is True, signals
+    assert signals[0]["account"] == "acct-001" and signals[0]["meter"] == "m001"
