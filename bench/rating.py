@@ -34,7 +34,9 @@ Measured, for each account that runs out of credit:
   benchmark as it happens).
 
 Context: readings committed per second, poll-cycle time per bus, commit time
-per batch (slice or end of a poll cycle) and per billing tick, CPU time of the daemon process, and the same
+per writer transaction (work queued together — slices and ends of poll
+cycles, billing ticks — commits together) and per transaction holding only a
+billing tick, work items per transaction, CPU time of the daemon process, and the same
 numbers from a baseline run with prepaid disabled (same meters and buses, no
 accounts) in the same invocation, as ratios.
 
@@ -414,6 +416,7 @@ class Recorder:
     trips: dict[str, TripDecision] = field(default_factory=dict)
     last_read_ms: dict[str, int] = field(default_factory=dict)
     last_handed: dict[str, float] = field(default_factory=dict)
+    group_sizes: list[int] = field(default_factory=list)  # work items per writer transaction
     readings: int = 0
     relay_events: list[dict[str, Any]] = field(default_factory=list)
     committed: list[tuple[float, int]] = field(default_factory=list)  # commit time, readings
@@ -448,19 +451,23 @@ class Recorder:
     def observe_commits(self, daemon: Daemon) -> None:
         commit = daemon._commit
 
-        async def timed_commit(outbox: Any, item: Cycle | Tick) -> Any:
+        async def timed_commit(outbox: Any, items: list[Cycle | Tick]) -> Any:
             t0 = time.monotonic()
-            intents = await commit(outbox, item)
+            intents = await commit(outbox, items)
             t1 = time.monotonic()
-            if isinstance(item, Tick):
+            readings = sum(len(i.readings) for i in items if isinstance(i, Cycle))
+            if readings:
+                self.commits.append(("cycle", t1 - t0, readings))
+            elif any(isinstance(i, Tick) for i in items):
                 self.commits.append(("tick", t1 - t0, 0))
-            elif item.readings:
-                self.commits.append(("cycle", t1 - t0, len(item.readings)))
-                for r in item.readings:
-                    self.last_read_ms[r.meter_id] = r.time_ms
-                    self.last_handed[r.meter_id] = item.handed_mono
             else:
                 self.commits.append(("relay_event", t1 - t0, 0))
+            self.group_sizes.append(len(items))
+            for item in items:
+                if isinstance(item, Cycle):
+                    for r in item.readings:
+                        self.last_read_ms[r.meter_id] = r.time_ms
+                        self.last_handed[r.meter_id] = item.handed_mono
             for intent in intents:
                 if intent.open and intent.meter not in self.trips and intent.meter in self.last_read_ms:
                     # the latest committed reading of the meter is the one that crossed:
@@ -678,6 +685,7 @@ def context(ph: PhaseResult) -> dict[str, Any]:
         "cycle_s_all_buses": summary(all_cycles),
         "cycle_s_p50_by_bus": {b: round(pct(v, 50), 4) for b, v in sorted(per_bus.items())},
         "commit_s_per_batch": summary(commits),
+        "work_items_per_transaction": summary([float(n) for n in rec.group_sizes], 1),
         "commit_ms_per_reading": summary([x * 1000 for x in per_reading], 3),
         "billing_tick_commit_s": summary(ticks),
         "cpu_s": round(ph.cpu_s, 2),

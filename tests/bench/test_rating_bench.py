@@ -27,6 +27,7 @@ CONTEXT_KEYS = {
     "cycle_s_all_buses",
     "cycle_s_p50_by_bus",
     "commit_s_per_batch",
+    "work_items_per_transaction",
     "commit_ms_per_reading",
     "billing_tick_commit_s",
     "cpu_s",
