@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 Decoder = Callable[[bytes], AnyBatch]
 
+# Seconds to wait for the broker to take an ack (see Headend._handle).
+ACK_PUBLISH_TIMEOUT_S = 3.0
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
     gateway_id  TEXT    NOT NULL,
@@ -265,6 +268,10 @@ class Headend:
                         await self._handle(client, msg)
             except (aiomqtt.MqttError, OSError) as exc:
                 log.warning("headend connection lost: %s", exc)
+            except Exception:
+                # A store error (database down, a bug): nothing was acked, so the
+                # gateways send again; reconnect rather than stop ingesting for good.
+                log.exception("headend failed; reconnecting")
             self.connected.clear()
             await asyncio.sleep(backoff_delay(attempt, 0.2, 10.0, rng))
             attempt += 1
@@ -300,4 +307,9 @@ class Headend:
         else:
             result = await self.db.store(batch, int(time.time() * 1000))
             reply = {"seq": batch.seq, "status": result.status, "records": result.records_new}
-        await client.publish(Topics(self.prefix, topic_gw).ack, orjson.dumps(reply), qos=1)
+        # A short timeout: on a dead connection aiomqtt does not fail a pending QoS 1
+        # publish, and the headend would sit out the client's whole timeout. A lost
+        # ack costs nothing: the gateway re-sends and the batch is a duplicate.
+        await client.publish(
+            Topics(self.prefix, topic_gw).ack, orjson.dumps(reply), qos=1, timeout=ACK_PUBLISH_TIMEOUT_S
+        )

@@ -1,4 +1,4 @@
-"""PostgreSQL storage for the headend (``edgegw headend --dsn ...``).
+"""PostgreSQL storage for the headend (``edgegw headend run --dsn ...``).
 
 Same contract as the SQLite store in :mod:`store_forward.headend`: the batch
 row ``(gateway_id, seq)`` and every record ``(gateway_id, record_id)`` are

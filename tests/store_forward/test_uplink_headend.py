@@ -229,3 +229,42 @@ async def test_commands_reach_the_handler_on_the_uplink_connection(
             await wait_for(received, 10, "command delivered")
     assert got == [b"signed-envelope-1"]
     assert up.stats.commands == 1 and up.stats.last_ack_ms is not None
+
+
+class FlakyStore:
+    """The real SQLite store behind a fault: the first ``failures`` commits raise
+    (a database that went away), the later ones go through."""
+
+    def __init__(self, db: HeadendDB, failures: int) -> None:
+        self.db, self.failures, self.raised = db, failures, 0
+
+    async def store(self, batch, now_ms):  # type: ignore[no-untyped-def]
+        if self.raised < self.failures:
+            self.raised += 1
+            raise RuntimeError("database connection lost")
+        return await self.db.store(batch, now_ms)
+
+    async def summary(self, gateway_id=None):  # type: ignore[no-untyped-def]
+        return await self.db.summary(gateway_id)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+
+async def test_headend_survives_store_errors_and_nothing_is_lost(
+    tmp_path: Path, mosquitto: Mosquitto, ob: Outbox, hdb: HeadendDB, caplog: pytest.LogCaptureFixture
+) -> None:
+    for k in range(3):
+        await ob.commit_cycle(k, [reading(10 * k + j) for j in range(10)])
+    store = FlakyStore(hdb, failures=2)
+    up = Uplink(ob, gateway_id="gw1", broker=BrokerSection(port=mosquitto.port), settings=settings())
+    he = Headend(store, host="127.0.0.1", port=mosquitto.port)
+    with caplog.at_level(logging.ERROR, logger="store_forward.headend"):
+        async with running(he.run()) as tasks, running(up.run()):
+            async def drained() -> bool:
+                return (await ob.stats()).records == 0
+            await wait_for(drained, 30, "backlog drained after the store came back")
+            assert not tasks[0].done(), "the headend stopped on a store error"
+    assert store.raised == 2
+    assert await headend_record_ids(tmp_path / "central.db") == list(range(1, 31))
+    assert "headend failed; reconnecting" in caplog.text
