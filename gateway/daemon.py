@@ -12,7 +12,8 @@
   executes the relay operations decided for meters on that bus as soon as
   they arrive (verified by read-back). Their bus transactions take turns with
   the polls, meter by meter, through the bus scheduler; settle times hold
-  neither the bus nor other relays. If the bus cannot be opened or fails, the
+  neither the bus nor other relays. Buses start spread over the poll
+  interval, so their readings reach the writer evenly. If the bus cannot be opened or fails, the
   poller logs it, waits a back-off and opens it again; other buses are not
   affected.
 * The writer commits each poll cycle as one transaction: the readings, the
@@ -360,8 +361,11 @@ class Daemon:
             self.watchdog.note_db_write_ok()
             async with asyncio.TaskGroup() as tg:
                 self._pollers = [
-                    tg.create_task(self._bus_loop(bus, work), name=f"bus:{bus.name}")
-                    for bus in cfg.buses
+                    tg.create_task(
+                        self._bus_loop(bus, work, phase_s=i * cfg.gateway.poll_interval_s / len(cfg.buses)),
+                        name=f"bus:{bus.name}",
+                    )
+                    for i, bus in enumerate(cfg.buses)
                 ]
                 writer = tg.create_task(self._writer(outbox, work, uplink), name="writer")
                 up = tg.create_task(uplink.run(), name="uplink")
@@ -524,7 +528,12 @@ class Daemon:
 
     # -- buses -------------------------------------------------------------------
 
-    async def _bus_loop(self, bus: BusSection, out: asyncio.Queue[Cycle | Tick]) -> None:
+    async def _bus_loop(
+        self, bus: BusSection, out: asyncio.Queue[Cycle | Tick], *, phase_s: float = 0.0
+    ) -> None:
+        """Poll one bus for ever. The first cycle starts ``phase_s`` late: buses are
+        spread over the poll interval, so their readings (and the rating work they
+        bring) reach the single writer evenly instead of all at once."""
         cfg = self.config
         meters = cfg.meters_on(bus.name)
         interval = cfg.gateway.poll_interval_s
@@ -543,7 +552,9 @@ class Daemon:
                             self._relay_worker(bus.name, controller, relays, out),
                             name=f"relays:{bus.name}",
                         )
-                        next_at = time.monotonic()
+                        next_at = time.monotonic() + phase_s
+                        phase_s = 0.0  # a reopened bus polls at once
+                        await self._sleep_unless_stopping(next_at)
                         while not self._stopping.is_set():
                             now = self.clock_ms()
                             slicer = _Slicer(bus.name, out, self.clock_ms, CYCLE_SLICE_S)
