@@ -85,8 +85,11 @@ GROUP_COMMIT_MAX = 32
 EXTEND_STEP_S = 30.0
 EXTEND_LIMIT_S = 1800.0
 # Relay operations in progress at once per bus: their settle times overlap while
-# their bus transactions take turns with the polls.
-RELAY_CONCURRENCY = 8
+# their bus transactions take turns with the polls. Closing is held to fewer at
+# once than tripping: many supplies coming back together load the transformer
+# with their in-rush (cold load pickup); a trip has no such cost and is urgent.
+TRIP_CONCURRENCY = 32
+CLOSE_CONCURRENCY = 8
 
 
 def wall_ms() -> int:
@@ -604,26 +607,23 @@ class Daemon:
         time holds neither the bus nor the other relays. Operations on one
         relay are serialised by the controller.
         """
-        limit = asyncio.Semaphore(RELAY_CONCURRENCY)
+        trips = asyncio.Semaphore(TRIP_CONCURRENCY)
+        others = asyncio.Semaphore(CLOSE_CONCURRENCY)
 
-        async def one(intent: RelayIntent) -> None:
+        async def one(intent: RelayIntent, limit: asyncio.Semaphore) -> None:
             try:
-                event = await self._operate(controller, intent)
+                async with limit:
+                    event = await self._operate(controller, intent)
                 if event is not None:
                     await out.put(Cycle(bus, self.clock_ms(), [], [], [event]))
             finally:
                 self._relays_in_flight -= 1
-                limit.release()
 
         async with asyncio.TaskGroup() as tg:
-            while True:
-                await limit.acquire()
-                intent = await self._next_intent(relays)
-                if intent is None:
-                    limit.release()
-                    return
+            while (intent := await self._next_intent(relays)) is not None:
                 self._relays_in_flight += 1
-                tg.create_task(one(intent), name=f"relay:{intent.meter}")
+                limit = trips if intent.open and intent.signal is None else others
+                tg.create_task(one(intent, limit), name=f"relay:{intent.meter}")
 
     async def _next_intent(self, relays: asyncio.Queue[RelayIntent]) -> RelayIntent | None:
         """The next relay operation; None once the daemon is stopping."""
