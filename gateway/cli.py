@@ -70,16 +70,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     from gateway.daemon import Daemon
+    from gateway.remote_config import RESTART_EXIT_CODE
 
-    async def main() -> None:
+    async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Daemon(cfg).run(stop)
+        daemon = Daemon(cfg)
+        await daemon.run(stop)
+        # A configuration change from central is in the file: systemd starts us again.
+        return RESTART_EXIT_CODE if daemon.restart_reason else 0
 
-    asyncio.run(main())
-    return 0
+    return asyncio.run(main())
 
 
 # -- headend --------------------------------------------------------------

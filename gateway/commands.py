@@ -402,6 +402,7 @@ class _Outcome:
     relay: bool = False
     purpose: bool = False
     trust_changed: bool = False
+    config: bool = False
 
 
 class CommandHandler:
@@ -447,9 +448,11 @@ class CommandHandler:
         await self.recover()
 
     async def recover(self) -> None:
-        """Hand pending relay intents (or expire them) and rotate keys up to their targets."""
+        """Hand pending relay intents (or expire them), rotate keys up to their targets,
+        and put a committed configuration change in force."""
         await self.reconcile_purpose_keys()
         await self.hand_pending_relays()
+        await self._config_after_commit()
 
     # -- the command path ----------------------------------------------------
 
@@ -486,7 +489,16 @@ class CommandHandler:
             await self.reconcile_purpose_keys()
         if out.relay:
             await self.hand_pending_relays()
+        if out.config:
+            await self._config_after_commit()
         return res
+
+    async def _config_after_commit(self) -> None:
+        """Let the configuration port put a committed change in force (if it can)."""
+        after = getattr(self.config, "after_commit", None)
+        if after is not None:
+            async with self._after_commit:
+                await after()
 
     def invalidate_trust(self) -> None:
         """Re-read central keys from the database before the next command.
@@ -624,6 +636,7 @@ class CommandHandler:
                 db, from_id=a, to_id=b, command_id=cid, now_ms=now_ms
             )
         if t in (CommandType.CONFIG_PATCH, CommandType.METER_ROSTER):
+            out.config = True
             return await self.config.stage_in(
                 db, ConfigChange(t.value), body, command_id=cid, now_ms=now_ms
             )

@@ -56,12 +56,12 @@ from gateway.commands import (
     CommandHandler,
     CommandInbox,
     CommandRefused,
-    NoRemoteConfig,
     NoResend,
     RelayOp,
 )
 from gateway.config import BusSection, Config
 from gateway.prepaid import Prepaid, RelayIntent
+from gateway.remote_config import RemoteConfig
 from gateway.risk_monitor import RiskMonitor
 from gateway.security import audit, trusted_time
 from gateway.security.roles import TrustStore
@@ -278,6 +278,8 @@ class Daemon:
         self._tick_queued = False
         self._relays_in_flight = 0
         self._extending: asyncio.Task[None] | None = None
+        self._stop: asyncio.Event | None = None
+        self.restart_reason: str | None = None  # set when a change needs a fresh start
         self._relay_queues: dict[str, asyncio.Queue[RelayIntent]] = {
             b.name: asyncio.Queue() for b in config.buses
         }
@@ -319,7 +321,16 @@ class Daemon:
             self._extending.cancel()
             self._extending = None
 
+    def request_restart(self, reason: str) -> None:
+        """Stop cleanly so the service manager starts the daemon again (the CLI exits
+        with :data:`gateway.remote_config.RESTART_EXIT_CODE`)."""
+        log.warning("restarting: %s", reason)
+        self.restart_reason = reason
+        if self._stop is not None:
+            self._stop.set()
+
     async def _run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         cfg = self.config
         outbox = await Outbox.open(
             cfg.storage.path, keys=setup.storage_keys(cfg), policy=setup.storage_policy(cfg)
@@ -441,7 +452,7 @@ class Daemon:
             clock=self.clock,
             billing=billing,
             relay=CommandRelays(self),
-            config=NoRemoteConfig(),
+            config=RemoteConfig(cfg.source, outbox, self.clock_ms, self.request_restart),
             resend=NoResend(),
             keys=keys,
             known_meter=lambda m: m in self._bus_of,
