@@ -102,6 +102,29 @@ class StoreResult:
     records_dup: int
 
 
+READING_COLS = "gateway_id, record_id, meter_id, time_ms, time_source, quantities, quality, batch_seq"
+EVENT_COLS = "gateway_id, record_id, kind, created_ms, body, batch_seq"
+
+
+def record_row(batch: AnyBatch, r: Any) -> tuple[str, tuple[Any, ...]]:
+    """The table a record goes to (``readings``, ``telemetry`` or ``events``) and its
+    row, in :data:`READING_COLS` / :data:`EVENT_COLS` order (both stores use it)."""
+    if r.kind == RecordKind.READING:
+        b = r.body
+        table = "telemetry" if int(r.cls) == RecordClass.TELEMETRY else "readings"
+        return table, (
+            batch.gateway_id,
+            r.id,
+            str(b["m"]),
+            int(b["t"]),
+            str(b.get("ts", "system")),
+            dumps(b["v"]).decode(),
+            dumps(b["q"]).decode() if b.get("q") else None,
+            batch.seq,
+        )
+    return "events", (batch.gateway_id, r.id, r.kind, r.created_ms, dumps(r.body).decode(), batch.seq)
+
+
 class HeadendStore(Protocol):
     """Where the headend commits batches (SQLite here, PostgreSQL in headend_pg)."""
 
@@ -146,29 +169,11 @@ class HeadendDB:
                 return StoreResult("duplicate", 0, 0)
             new = dup = 0
             for r in batch.records:
-                if r.kind == RecordKind.READING:
-                    b = r.body
-                    table = "telemetry" if int(r.cls) == RecordClass.TELEMETRY else "readings"
-                    cur = await db.execute(
-                        f"INSERT OR IGNORE INTO {table} (gateway_id, record_id, meter_id, time_ms,"
-                        " time_source, quantities, quality, batch_seq) VALUES (?,?,?,?,?,?,?,?)",
-                        (
-                            batch.gateway_id,
-                            r.id,
-                            str(b["m"]),
-                            int(b["t"]),
-                            str(b.get("ts", "system")),
-                            dumps(b["v"]).decode(),
-                            dumps(b["q"]).decode() if b.get("q") else None,
-                            batch.seq,
-                        ),
-                    )
-                else:
-                    cur = await db.execute(
-                        "INSERT OR IGNORE INTO events (gateway_id, record_id, kind, created_ms,"
-                        " body, batch_seq) VALUES (?,?,?,?,?,?)",
-                        (batch.gateway_id, r.id, r.kind, r.created_ms, dumps(r.body).decode(), batch.seq),
-                    )
+                table, row = record_row(batch, r)
+                cols = EVENT_COLS if table == "events" else READING_COLS
+                cur = await db.execute(
+                    f"INSERT OR IGNORE INTO {table} ({cols}) VALUES ({','.join('?' * len(row))})", row
+                )
                 if cur.rowcount:
                     new += 1
                 else:

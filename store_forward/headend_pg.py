@@ -19,8 +19,7 @@ from typing import Any
 import psycopg
 
 from store_forward.codec import AnyBatch
-from store_forward.headend import StoreResult
-from store_forward.records import RecordClass, RecordKind, dumps
+from store_forward.headend import EVENT_COLS, READING_COLS, StoreResult, record_row
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -70,13 +69,6 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
-_COLUMNS = (
-    " (gateway_id, record_id, meter_id, time_ms, time_source, quantities, quality, batch_seq)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
-)
-_INSERT_READING = "INSERT INTO readings" + _COLUMNS
-_INSERT_TELEMETRY = "INSERT INTO telemetry" + _COLUMNS
-
 
 class PostgresHeadendDB:
     def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -107,28 +99,13 @@ class PostgresHeadendDB:
                 return StoreResult("duplicate", 0, 0)
             new = dup = 0
             for r in batch.records:
-                if r.kind == RecordKind.READING:
-                    b = r.body
-                    table = "telemetry" if int(r.cls) == RecordClass.TELEMETRY else "readings"
-                    cur = await conn.execute(
-                        _INSERT_TELEMETRY if table == "telemetry" else _INSERT_READING,
-                        (
-                            batch.gateway_id,
-                            r.id,
-                            str(b["m"]),
-                            int(b["t"]),
-                            str(b.get("ts", "system")),
-                            dumps(b["v"]).decode(),
-                            dumps(b["q"]).decode() if b.get("q") else None,
-                            batch.seq,
-                        ),
-                    )
-                else:
-                    cur = await conn.execute(
-                        "INSERT INTO events (gateway_id, record_id, kind, created_ms, body,"
-                        " batch_seq) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                        (batch.gateway_id, r.id, r.kind, r.created_ms, dumps(r.body).decode(), batch.seq),
-                    )
+                table, row = record_row(batch, r)
+                cols = EVENT_COLS if table == "events" else READING_COLS
+                cur = await conn.execute(
+                    f"INSERT INTO {table} ({cols}) VALUES ({', '.join(['%s'] * len(row))})"
+                    " ON CONFLICT DO NOTHING",
+                    row,
+                )
                 if cur.rowcount:
                     new += 1
                 else:
