@@ -369,7 +369,7 @@ class BusScheduler:
         async def op() -> Reading:
             # stamp the reading with when the bus was actually ours, not the cycle start
             # (a cycle at 2400 baud can take many seconds)
-            read_ms = now_ms if since is None else now_ms + max(0, round((self._clock() - since) * 1000))
+            read_ms = self._wall_ms(now_ms, since)
             try:
                 async with asyncio.timeout(self.deadline_s(driver.meter_id)):
                     return await driver.read(read_ms)
@@ -406,10 +406,19 @@ class BusScheduler:
                 last = MeterError(meter_id, f"driver failed: {type(exc).__name__}: {exc}")
                 continue
             self.metrics.successes += 1
-            self._health[meter_id] = on_success(h, now_ms)
+            self._health[meter_id] = on_success(h, self._wall_ms(now_ms, since))
             return reading
-        self._health[meter_id] = on_failure(h, now_ms, last.kind, last.detail, self.policy)
+        # Back-off counts from the failed attempt, not from the cycle's start: in a
+        # cycle longer than the first back-off step the meter must not be due again
+        # at once.
+        self._health[meter_id] = on_failure(
+            h, self._wall_ms(now_ms, since), last.kind, last.detail, self.policy
+        )
         return None
+
+    def _wall_ms(self, now_ms: int, since: float | None) -> int:
+        """``now_ms`` (the wall time at scheduler clock ``since``) advanced to now."""
+        return now_ms if since is None else now_ms + max(0, round((self._clock() - since) * 1000))
 
     async def run_cycle(
         self, now_ms: int, on_reading: Callable[[Reading], Awaitable[None]] | None = None

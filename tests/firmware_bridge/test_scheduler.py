@@ -160,12 +160,36 @@ async def test_dead_meter_costs_one_timeout_per_cycle_then_quarantine(
     assert durations[3] < 0.15 and durations[4] < 0.15  # quarantined: skipped
     # re-probe after reprobe_ms, and recovery resets health
     sim.meter(3).dead = False
-    assert h.next_attempt_ms == 3000 + 60_000  # quarantined by the third failure at t=3000
+    # quarantined by the third failure, counted from that attempt (after the cycle's
+    # start at t=3000 and at least one 0.2 s timeout into it), not from the cycle's start
+    assert h.last_error is not None and h.next_attempt_ms == h.last_error.at_ms + 60_000
+    assert 3000 + 200 <= h.last_error.at_ms <= 3000 + 2000
     res = await s.run_cycle(h.next_attempt_ms - 1)
     assert "m3" in res.skipped
     res = await s.run_cycle(h.next_attempt_ms)
     assert "m3" in {r.meter_id for r in res.readings}
     assert s.health["m3"].online and s.health["m3"].consecutive_failures == 0
+
+
+async def test_back_off_counts_from_the_failed_attempt_not_the_cycle_start(
+    sim: ModbusSimulator, transport: ModbusTransport
+) -> None:
+    """A cycle longer than the first back-off step does not re-probe the dead meter
+    in the very next cycle (it would cost a timeout in every cycle)."""
+    s = make_sched(transport, retries=0, policy=BackoffPolicy(base_ms=500, quarantine_after=10))
+    await s.run_cycle(0)
+    for u in (1, 2):
+        sim.meter(u).delay_s = 0.3  # slow meters before the dead one: a cycle of ~0.8 s
+    sim.meter(3).dead = True
+    t0 = time.monotonic()
+    await s.run_cycle(1000)  # m3 fails about 0.6 s into the cycle
+    spent_ms = (time.monotonic() - t0) * 1000
+    h = s.health["m3"]
+    assert h.consecutive_failures == 1 and h.last_error is not None
+    assert h.next_attempt_ms == h.last_error.at_ms + 500 > 1000 + 500
+    next_start = 1000 + round(spent_ms)  # back to back, as a saturated bus runs
+    res = await s.run_cycle(next_start)
+    assert "m3" in res.skipped, (h, next_start)
 
 
 async def test_one_transaction_at_a_time_with_relay_interleaved(
