@@ -149,7 +149,10 @@ class RemoteConfig:
             raise CommandRefused(f"{self.file}: current configuration unreadable: {exc}") from exc
         new = apply_change(doc, change, body)
         staged = self._staged_path(command_id)
-        _write_synced(staged, tomli_w.dumps(new).encode())
+        try:
+            _write_synced(staged, tomli_w.dumps(new).encode())
+        except OSError as exc:  # e.g. a read-only configuration directory
+            raise CommandRefused(f"{self.file.parent}: cannot stage a new configuration: {exc}") from exc
         try:
             cfg = load_config(staged)
         except ConfigError as exc:
