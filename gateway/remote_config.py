@@ -37,6 +37,7 @@ import tomli_w
 
 from gateway.commands import CommandRefused, ConfigChange
 from gateway.config import ConfigError, load_config
+from provisioning.keys import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +94,6 @@ def apply_change(doc: Mapping[str, Any], change: ConfigChange, body: Mapping[str
     raise CommandRefused(f"{change} is not a configuration change")
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class RemoteConfig:
     """The daemon's :class:`gateway.commands.ConfigPort`: validate, stage, apply, restart."""
 
@@ -150,7 +134,7 @@ class RemoteConfig:
         new = apply_change(doc, change, body)
         staged = self._staged_path(command_id)
         try:
-            _write_synced(staged, tomli_w.dumps(new).encode())
+            write_atomic(staged, tomli_w.dumps(new).encode(), mode=0o640)
         except OSError as exc:  # e.g. a read-only configuration directory
             raise CommandRefused(f"{self.file.parent}: cannot stage a new configuration: {exc}") from exc
         try:
@@ -197,9 +181,9 @@ class RemoteConfig:
         for command_id, staged in rows:
             if staged.exists():
                 previous = self.file.with_name(self.file.name + ".previous")
-                _write_synced(previous, self.file.read_bytes())
+                write_atomic(previous, self.file.read_bytes(), mode=0o640)
                 os.replace(staged, self.file)
-                _fsync_dir(self.file.parent)
+                fsync_dir(self.file.parent)
                 renamed = command_id
                 log.warning("configuration change %s is in force in %s", command_id, self.file)
             # else: renamed before a crash, so this start already loaded it

@@ -59,6 +59,7 @@ from provisioning.bundle import (
     parse_manifest,
     verify_bundle,
 )
+from provisioning.keys import fsync_dir
 
 CONFIG_FILE = "gateway.toml"
 NOT_CARRIED_OVER = ("topups/",)
@@ -78,14 +79,6 @@ class ApplyError(Exception):
 # Small durable-file helpers
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Create ``path`` (never following or replacing anything), write, fsync."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
@@ -99,26 +92,13 @@ def _write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` atomically with ``data`` (temp file, fsync, rename, fsync dir)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    _write_new(tmp, data, mode)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
 def _swap_symlink(link: Path, target: str) -> None:
     tmp = link.with_name(f"{link.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     os.symlink(target, tmp)
     os.rename(tmp, link)
-    _fsync_dir(link.parent)
+    fsync_dir(link.parent)
 
 
 def read_bundle_file(source: Path, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> bytes:
@@ -267,8 +247,8 @@ def _recover_locked(root: Path) -> list[str]:
             shutil.rmtree(entry)
         removed.append(f"releases/{entry.name}")
     if removed:
-        _fsync_dir(releases)
-        _fsync_dir(root)
+        fsync_dir(releases)
+        fsync_dir(root)
     return removed
 
 
@@ -422,8 +402,8 @@ def install_bundle(
         _write_new(staging / "manifest.sig", vb.signature)
         _write_new(staging / "bundle.sha256", (vb.digest + "\n").encode())
         for d in sorted(made_dirs, key=lambda p: len(p.parts), reverse=True):
-            _fsync_dir(d)
-        _fsync_dir(staging)
+            fsync_dir(d)
+        fsync_dir(staging)
         _step(step, "staged")
 
         try:
@@ -435,7 +415,7 @@ def install_bundle(
 
         final = releases / name
         os.rename(staging, final)
-        _fsync_dir(releases)
+        fsync_dir(releases)
         _step(step, "release-published")
         if old is not None:
             _swap_symlink(root / "previous", f"releases/{old.name}")
@@ -455,7 +435,7 @@ def rollback(root: Path) -> Release:
             raise ApplyError("no previous release to roll back to")
         _swap_symlink(root / "current", f"releases/{prev}")
         (root / "previous").unlink()
-        _fsync_dir(root)
+        fsync_dir(root)
         _recover_locked(root)
         return _load_release(root / "releases" / prev)
 
@@ -472,7 +452,7 @@ def _restore_links(root: Path, current: str | None, previous: str | None) -> Non
                 (root / "previous").unlink()
         else:
             _swap_symlink(root / "previous", f"releases/{previous}")
-        _fsync_dir(root)
+        fsync_dir(root)
         _recover_locked(root)
 
 
@@ -686,7 +666,7 @@ async def write_carry_back(
     def write_docs() -> None:
         for path, doc in docs:
             _write_new(path, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
 
     await asyncio.to_thread(write_docs)
     written.extend(p for p, _ in docs)

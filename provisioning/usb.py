@@ -51,7 +51,6 @@ from provisioning.apply import (
     apply_bundle,
     current_release,
     read_bundle_file,
-    write_atomic,
     write_carry_back,
 )
 from provisioning.bundle import (
@@ -61,6 +60,7 @@ from provisioning.bundle import (
     DeviceIdentity,
     VerifyKey,
 )
+from provisioning.keys import write_atomic
 
 STICK_DIR = "edgegw"
 BACKLOG_MARKER = "export-backlog"

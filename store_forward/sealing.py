@@ -72,6 +72,8 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from provisioning.keys import fsync_dir
+
 __all__ = [
     "BLOB_OVERHEAD",
     "KEY_BYTES",
@@ -137,14 +139,6 @@ class UnsealError(SealingError):
 # --------------------------------------------------------------------------- key files
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_durably(path: Path, data: bytes, *, exclusive: bool) -> None:
     """Write ``data`` to ``path`` atomically (0600): temp file, fsync, rename
     (or hard link when ``exclusive``, which never replaces an existing file),
@@ -171,7 +165,7 @@ def _write_durably(path: Path, data: bytes, *, exclusive: bool) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def create_storage_key(path: str | os.PathLike[str]) -> bytes:

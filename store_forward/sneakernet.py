@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from provisioning.keys import fsync_dir
 from store_forward.codec import DecodeError, decode
 from store_forward.headend import HeadendStore
 from store_forward.outbox import Outbox, Packer
@@ -52,14 +53,6 @@ def _write_file(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def export_backlog(
@@ -113,7 +106,7 @@ async def export_backlog(
     manifest = {"format": FORMAT, "gateway_id": gateway_id, "created_ms": now, "batches": entries}
     data = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
     await asyncio.to_thread(_write_file, d / MANIFEST, data)
-    await asyncio.to_thread(_fsync_dir, d)
+    await asyncio.to_thread(fsync_dir, d)
     return len(entries)
 
 
