@@ -189,6 +189,24 @@ class ResendPort(Protocol):
     ) -> dict[str, Any]: ...
 
 
+async def audit_and_report(
+    db: aiosqlite.Connection,
+    outbox: Outbox,
+    *,
+    actor: str,
+    action: str,
+    details: Mapping[str, Any],
+    event: dict[str, Any],
+    time_ms: int,
+    time_source: str = "system",
+) -> None:
+    """An audit entry and the event that tells central about it, in ``db``'s transaction."""
+    await audit.append(
+        db, actor=actor, action=action, details=details, time_ms=time_ms, time_source=time_source
+    )
+    await outbox.add_in(db, RecordClass.EVENT, RecordKind.EVENT, time_ms, event)
+
+
 class NoResend:
     """A :class:`ResendPort` for an outbox that keeps nothing after the ack: says so."""
 
@@ -703,20 +721,15 @@ class CommandHandler:
                             "op": it.op.value,
                             "expires_ms": it.expires_ms,
                         }
-                        await audit.append(
+                        await audit_and_report(
                             db,
+                            self.outbox,
                             actor="gateway",
                             action="relay.intent_expired",
                             details=details,
+                            event={"type": "relay_intent_expired", **details},
                             time_ms=now.time_ms,
                             time_source=now.quality.value,
-                        )
-                        await self.outbox.add_in(
-                            db,
-                            RecordClass.EVENT,
-                            RecordKind.EVENT,
-                            now.time_ms,
-                            {"type": "relay_intent_expired", **details},
                         )
                     self.stats.relay_expired += 1
                     continue
@@ -807,20 +820,15 @@ class CommandHandler:
             "last_ms": b.last_ms,
             "channels": list(b.channels),
         }
-        await audit.append(
+        await audit_and_report(
             db,
+            self.outbox,
             actor="gateway",
             action="command.rejected_summary",
             details=details,
+            event={"type": "command_rejections", **details},
             time_ms=now_ms,
             time_source=tsrc,
-        )
-        await self.outbox.add_in(
-            db,
-            RecordClass.EVENT,
-            RecordKind.EVENT,
-            now_ms,
-            {"type": "command_rejections", **details},
         )
 
     async def _record_failure(self, channel: str, exc: BaseException) -> None:
@@ -828,20 +836,15 @@ class CommandHandler:
             async with self.outbox.transaction() as db:
                 now = self.clock.now()
                 details = {"outcome": "failed", "channel": channel, "error": type(exc).__name__}
-                await audit.append(
+                await audit_and_report(
                     db,
+                    self.outbox,
                     actor=f"unattributed:{channel}",
                     action="command.failed",
                     details=details,
+                    event={"type": "command_result", **details, "at_ms": now.time_ms},
                     time_ms=now.time_ms,
                     time_source=now.quality.value,
-                )
-                await self.outbox.add_in(
-                    db,
-                    RecordClass.EVENT,
-                    RecordKind.EVENT,
-                    now.time_ms,
-                    {"type": "command_result", **details, "at_ms": now.time_ms},
                 )
         except Exception:
             log.exception("could not record the failed command")

@@ -58,6 +58,7 @@ from gateway.commands import (
     CommandRefused,
     NoResend,
     RelayOp,
+    audit_and_report,
 )
 from gateway.config import BusSection, Config
 from gateway.prepaid import Prepaid, RelayIntent
@@ -491,15 +492,14 @@ class Daemon:
         async def record(action: str, detail: dict[str, Any]) -> None:
             now = self.clock_ms()
             async with outbox.transaction() as db:
-                await audit.append(
-                    db, actor="provisioning:usb", action=action, details=detail, time_ms=now
-                )
-                await outbox.add_in(
+                await audit_and_report(
                     db,
-                    RecordClass.EVENT,
-                    RecordKind.EVENT,
-                    now,
-                    {"type": "provisioning.audit", "action": action, "detail": detail},
+                    outbox,
+                    actor="provisioning:usb",
+                    action=action,
+                    details=detail,
+                    event={"type": "provisioning.audit", "action": action, "detail": detail},
+                    time_ms=now,
                 )
 
         try:
