@@ -80,6 +80,12 @@ def _cutoff_event(e: CutoffEvent) -> dict[str, Any]:
     }
 
 
+def _charge_record(entry: Entry, now_ms: int) -> tuple[RecordClass, str, int, dict[str, Any]]:
+    """The outbox record of a ledger entry: every local entry goes to central, so
+    central can re-rate and reconcile."""
+    return RecordClass.BILLING, RecordKind.CHARGE, now_ms, entry.to_json()
+
+
 class _Records:
     """Outbox records decided in one transaction, added together at its end."""
 
@@ -88,8 +94,7 @@ class _Records:
         self.items: list[tuple[RecordClass, str, int, dict[str, Any]]] = []
 
     def charge(self, entry: Entry) -> None:
-        # Every local ledger entry goes to central, so central can re-rate and reconcile.
-        self.items.append((RecordClass.BILLING, RecordKind.CHARGE, self.now_ms, entry.to_json()))
+        self.items.append(_charge_record(entry, self.now_ms))
 
     def event(self, body: dict[str, Any]) -> None:
         self.items.append((RecordClass.EVENT, RecordKind.EVENT, self.now_ms, body))
@@ -233,12 +238,6 @@ class Prepaid:
         await self.ledger.flush(db)
         await outbox.add_many_in(db, out.items)
 
-    async def _upload_entry(
-        self, db: aiosqlite.Connection, outbox: Outbox, entry: Entry, now_ms: int
-    ) -> None:
-        """Every local ledger entry goes to central, so central can re-rate and reconcile."""
-        await outbox.add_in(db, RecordClass.BILLING, RecordKind.CHARGE, now_ms, entry.to_json())
-
     async def _evaluate_in(
         self, db: aiosqlite.Connection, out: _Records, account: str, now_ms: int, contact: Contact
     ) -> list[RelayIntent]:
@@ -342,7 +341,7 @@ class Prepaid:
             and decision.entry is not None
             and outbox is not None
         ):
-            await self._upload_entry(db, outbox, decision.entry, now_ms)
+            await outbox.add_in(db, *_charge_record(decision.entry, now_ms))
         if decision.status is TopUpStatus.APPLIED:
             self.dirty.set()
         return {

@@ -46,7 +46,7 @@ from gateway.billing.ledger import (
     debit_entry,
     fixed_entry,
 )
-from gateway.billing.rating import RegisterReading, TierState, fixed_charges_due, rate_interval
+from gateway.billing.rating import RegisterReading, fixed_charges_due, rate_interval
 from gateway.billing.tariff import TariffBook
 
 _MISSING = object()
@@ -103,18 +103,13 @@ class LedgerCache:
         baseline, in a few statements (at start, so the first tick is not slow)."""
         wanted = set(accounts)
         async with conn.execute(
-            "SELECT account, balance_micro, last_seq, purchase_counter, tier_period_start_ms,"
-            " tier_cumulative_ckwh, snapshot_seq, fixed_until_ms, cutoff_state FROM billing_account"
+            f"SELECT account, fixed_until_ms, cutoff_state, {ls.VIEW_COLS} FROM billing_account"
         ) as cur:
             rows = await cur.fetchall()
-        for account, balance, last_seq, counter, tier_ps, tier_ckwh, snap_seq, until, cutoff in rows:
+        for account, until, cutoff, *view_row in rows:
             if account not in wanted:
                 continue
-            if snap_seq is None:
-                view = LedgerView(account, balance, last_seq, counter, TierState(tier_ps, tier_ckwh))
-            else:  # the snapshot in force comes from its entry
-                view = await ls.load_view(conn, account)
-            self._views[account] = view
+            self._views[account] = await ls.view_from_row(conn, account, view_row)
             self._fixed_until[account] = until
             self._cutoff[account] = (
                 CutoffState() if cutoff is None else CutoffState.from_json(orjson.loads(cutoff))

@@ -152,16 +152,19 @@ async def open_account(conn: aiosqlite.Connection, account: str, opening_tier: T
     return cur.rowcount == 1
 
 
+VIEW_COLS = "balance_micro, last_seq, purchase_counter, tier_period_start_ms, tier_cumulative_ckwh, snapshot_seq"
+
+
 async def load_view(conn: aiosqlite.Connection, account: str) -> LedgerView:
     """The account's folded view (an empty one for an unknown account)."""
-    async with conn.execute(
-        "SELECT balance_micro, last_seq, purchase_counter, tier_period_start_ms,"
-        " tier_cumulative_ckwh, snapshot_seq FROM billing_account WHERE account = ?",
-        (account,),
-    ) as cur:
+    async with conn.execute(f"SELECT {VIEW_COLS} FROM billing_account WHERE account = ?", (account,)) as cur:
         row = await cur.fetchone()
-    if row is None:
-        return LedgerView(account)
+    return LedgerView(account) if row is None else await view_from_row(conn, account, row)
+
+
+async def view_from_row(conn: aiosqlite.Connection, account: str, row: Sequence[Any]) -> LedgerView:
+    """The view from a ``billing_account`` row's :data:`VIEW_COLS` (the snapshot in
+    force, if any, is read from its entry)."""
     balance, last_seq, counter, tier_ps, tier_ckwh, snap_seq = row
     snap = None
     if snap_seq is not None:
