@@ -19,8 +19,7 @@ import shutil
 import signal
 import ssl
 import subprocess
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from store_forward.outbox import Outbox
 from store_forward.topics import Topics
 from store_forward.uplink import LinkState, Uplink, tls_context
 from tests.harness.mosquitto import Mosquitto, free_port, mosquitto_binary, wait_port
+from tests.harness.mqtt_clients import collect, refused, tasks, until
 from tests.security.conftest import GATEWAY, Central
 from tests.security.test_commands import FakeTime, make_handler
 from tests.security.tls import HEADEND_CN, Pair, Pki, make_pki
@@ -169,41 +169,6 @@ def client(section: BrokerSection, identifier: str, timeout: float = 5.0) -> aio
         timeout=timeout,
         keepalive=section.keepalive_s,
     )
-
-
-async def refused(c: aiomqtt.Client) -> str:
-    """Connect must fail; returns the error text."""
-    with pytest.raises(aiomqtt.MqttError) as info:
-        async with c:
-            # a TLS 1.3 server can reject the client certificate after the client
-            # considers the handshake done: make the session prove itself
-            await c.subscribe("edgegw/v1/probe/cmd", qos=1, timeout=3)
-    return str(info.value)
-
-
-async def collect(c: aiomqtt.Client, into: list[tuple[str, bytes]]) -> None:
-    async for msg in c.messages:
-        payload = msg.payload if isinstance(msg.payload, bytes) else b""
-        into.append((msg.topic.value, payload))
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the condition")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def tasks(*coros: Coroutine[Any, Any, Any]) -> AsyncIterator[list[asyncio.Task[Any]]]:
-    ts = [asyncio.create_task(c) for c in coros]
-    try:
-        yield ts
-    finally:
-        for t in ts:
-            t.cancel()
-        await asyncio.gather(*ts, return_exceptions=True)
 
 
 def uplink_settings() -> UplinkSection:

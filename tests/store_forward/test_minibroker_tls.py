@@ -8,14 +8,12 @@ certificates from :mod:`gateway.demo_pki`, all on 127.0.0.1 free ports.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
 import ssl
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from store_forward.minibroker import (
 from store_forward.outbox import Outbox
 from store_forward.topics import Topics
 from store_forward.uplink import LinkState, Uplink, tls_context
+from tests.harness.mqtt_clients import collect, refused, tasks, until
 
 HOST = "127.0.0.1"
 PREFIX = "edgegw/v1"
@@ -122,41 +121,6 @@ def mtls_broker(pki: DemoPki, acl: Acl | None = None, **kw: Any) -> MiniBroker:
 async def broker(pki: DemoPki) -> AsyncIterator[MiniBroker]:
     async with mtls_broker(pki, Acl.own_subtree(PREFIX, superusers=[HEADEND])) as b:
         yield b
-
-
-async def refused(c: aiomqtt.Client) -> str:
-    """Connecting must fail; returns the error text."""
-    with pytest.raises(aiomqtt.MqttError) as info:
-        async with c:
-            # a TLS 1.3 server rejects a client certificate after the client
-            # considers the handshake done: make the session prove itself
-            await c.subscribe("edgegw/v1/probe/cmd", qos=1, timeout=3)
-    return str(info.value)
-
-
-async def collect(c: aiomqtt.Client, into: list[tuple[str, bytes]]) -> None:
-    async for msg in c.messages:
-        payload = msg.payload if isinstance(msg.payload, bytes) else b""
-        into.append((msg.topic.value, payload))
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the condition")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def tasks(*coros: Coroutine[Any, Any, Any]) -> AsyncIterator[list[asyncio.Task[Any]]]:
-    ts = [asyncio.create_task(c) for c in coros]
-    try:
-        yield ts
-    finally:
-        for t in ts:
-            t.cancel()
-        await asyncio.gather(*ts, return_exceptions=True)
 
 
 def broker_log(caplog: pytest.LogCaptureFixture) -> str:
