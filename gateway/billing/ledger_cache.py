@@ -73,12 +73,11 @@ class LedgerCache:
         self._dirty_baselines.clear()
 
     def forget_account(self, account: str) -> None:
-        """Drop one account's view and cutoff state (written behind the cache's back)."""
+        """Drop one account's view after the uncached top-up or snapshot path changed
+        it (those write the view only: cutoff state and scan position stay valid)."""
         if account in self._dirty_views:
             raise RuntimeError(f"account {account}: unflushed changes would be lost")
         self._views.pop(account, None)
-        self._cutoff.pop(account, None)
-        self._fixed_until.pop(account, None)
 
     @property
     def pending(self) -> bool:
