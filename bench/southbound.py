@@ -201,6 +201,30 @@ async def timed(sim_pid: int, polls: int, body: Callable[[], Awaitable[None]]) -
     return CpuRun(polls, c1 - c0, w1 - w0, s1 - s0)
 
 
+async def warmed_and_timed(
+    sim_pid: int, polls_per_cycle: int, cycles: int, one_cycle: Callable[[], Awaitable[None]]
+) -> CpuRun:
+    """Run ``one_cycle`` a tenth as often (at least twice) to warm up, then ``cycles`` times, timed."""
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            await one_cycle()
+
+    await loop(max(2, cycles // 10))
+    return await timed(sim_pid, cycles * polls_per_cycle, lambda: loop(cycles))
+
+
+def scheduler_cycle(sched: BusScheduler, meters: int) -> Callable[[], Awaitable[None]]:
+    """One gateway poll cycle of every meter, checked."""
+
+    async def one_cycle() -> None:
+        res = await sched.run_cycle(int(time.time() * 1000))
+        if len(res.readings) != meters:
+            raise RuntimeError(f"gateway cycle read {len(res.readings)} of {meters}")
+
+    return one_cycle
+
+
 def cpu_summary(what: str, runs: dict[str, list[CpuRun]], extra: dict[str, Any]) -> dict[str, Any]:
     def side(rs: list[CpuRun]) -> dict[str, Any]:
         per = [r.cpu_s / r.polls for r in rs]
@@ -236,16 +260,14 @@ async def cpu_modbus_tcp(meters: int, cycles: int, rounds: int) -> dict[str, Any
             await client.connect()
             try:
 
-                async def loop(n: int) -> None:
-                    for _ in range(n):
-                        for u in units:
-                            for b in blocks:
-                                rr = await client.read_input_registers(b.address, count=b.count, device_id=u)
-                                if rr.isError() or len(rr.registers) != b.count:
-                                    raise RuntimeError(f"bare read failed: {rr}")
+                async def one_cycle() -> None:
+                    for u in units:
+                        for b in blocks:
+                            rr = await client.read_input_registers(b.address, count=b.count, device_id=u)
+                            if rr.isError() or len(rr.registers) != b.count:
+                                raise RuntimeError(f"bare read failed: {rr}")
 
-                await loop(max(2, cycles // 10))  # warm-up
-                return await timed(pid, cycles * meters, lambda: loop(cycles))
+                return await warmed_and_timed(pid, meters, cycles, one_cycle)
             finally:
                 client.close()
 
@@ -254,15 +276,7 @@ async def cpu_modbus_tcp(meters: int, cycles: int, rounds: int) -> dict[str, Any
             try:
                 drivers = [ModbusDriver(f"m{u}", u, SDM120, transport) for u in units]
                 sched = BusScheduler("tcp", drivers, timeout_s=1.0)
-
-                async def loop(n: int) -> None:
-                    for _ in range(n):
-                        res = await sched.run_cycle(int(time.time() * 1000))
-                        if len(res.readings) != meters:
-                            raise RuntimeError(f"gateway cycle read {len(res.readings)} of {meters}")
-
-                await loop(max(2, cycles // 10))
-                return await timed(pid, cycles * meters, lambda: loop(cycles))
+                return await warmed_and_timed(pid, meters, cycles, scheduler_cycle(sched, meters))
             finally:
                 transport.close()
 
@@ -316,16 +330,14 @@ async def cpu_dlt645_tcp(meters: int, cycles: int, rounds: int) -> dict[str, Any
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
 
-                async def loop(n: int) -> None:
-                    for _ in range(n):
-                        for a in addresses:
-                            for di in dis:
-                                writer.write(read_request(a, di).encode(4))
-                                head = await reader.readexactly(DLT645_REPLY_PREAMBLE + 10)  # FE.. 68 A 68 C L
-                                await reader.readexactly(head[-1] + 2)  # DATA CS 16
+                async def one_cycle() -> None:
+                    for a in addresses:
+                        for di in dis:
+                            writer.write(read_request(a, di).encode(4))
+                            head = await reader.readexactly(DLT645_REPLY_PREAMBLE + 10)  # FE.. 68 A 68 C L
+                            await reader.readexactly(head[-1] + 2)  # DATA CS 16
 
-                await loop(max(2, cycles // 10))
-                return await timed(pid, cycles * meters, lambda: loop(cycles))
+                return await warmed_and_timed(pid, meters, cycles, one_cycle)
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
@@ -335,15 +347,7 @@ async def cpu_dlt645_tcp(meters: int, cycles: int, rounds: int) -> dict[str, Any
             # gap 0: the simulator has no RS-485 line behind it (the bare loop keeps none either)
             async with Dlt645Transport(bus, gap_s=0.0) as transport:
                 sched = BusScheduler("dlt", dlt645_drivers(addresses, transport), timeout_s=1.0)
-
-                async def loop(n: int) -> None:
-                    for _ in range(n):
-                        res = await sched.run_cycle(int(time.time() * 1000))
-                        if len(res.readings) != meters:
-                            raise RuntimeError(f"gateway cycle read {len(res.readings)} of {meters}")
-
-                await loop(max(2, cycles // 10))
-                return await timed(pid, cycles * meters, lambda: loop(cycles))
+                return await warmed_and_timed(pid, meters, cycles, scheduler_cycle(sched, meters))
 
         for _ in range(rounds):
             runs["bare"].append(await bare())
