@@ -87,6 +87,7 @@ MAX_TIME_MS = 2**53  # far beyond any real date; keeps values exact everywhere
 PAYMENT_CHANNELS = frozenset({"counter", "bank", "mobile_app", "agent"})
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_COMMAND_TYPES = frozenset(t.value for t in CommandType)
 _PAYLOAD_KEYS = frozenset(
     {"v", "target", "id", "issuer", "counter", "issued_at", "expires_at", "type", "body"}
 )
@@ -146,6 +147,9 @@ class CommandResult:
     envelope: Envelope | None = None
     reason: RejectReason | None = None
     message: str = ""
+    # With ``bad_body`` from a verified command: the refusing owner's own reason
+    # code (e.g. the ledger's ``counter_gap``), so central can tell them apart.
+    code: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -158,6 +162,8 @@ class CommandResult:
             out["id"] = self.envelope.command_id
         if self.reason is not None:
             out["reason"] = self.reason.value
+        if self.code is not None:
+            out["code"] = self.code
         if self.message:
             out["message"] = self.message
         return out
@@ -247,6 +253,21 @@ def sign_command(
 # Step 1: size and shape (pure)
 
 
+def _show(v: Any, limit: int = 64) -> str:
+    """``repr`` of an untrusted value for a message, cut to ``limit`` characters."""
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _b64(text: str) -> bytes | None:
+    """Strict base64 (alphabet and padding checked); None for anything else,
+    non-ASCII text included (``b64decode`` raises ValueError, not binascii.Error, there)."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
 def _int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -280,7 +301,7 @@ def _check_topup(body: Mapping[str, Any]) -> str | None:
     if not _int(pc) or pc < 1:
         return "topup.purchase_counter must be an integer >= 1"
     ch = body.get("payment_channel")
-    if ch not in PAYMENT_CHANNELS:
+    if not isinstance(ch, str) or ch not in PAYMENT_CHANNELS:
         return f"topup.payment_channel must be one of {', '.join(sorted(PAYMENT_CHANNELS))}"
     return None
 
@@ -301,13 +322,11 @@ def _check_keys_rotate(body: Mapping[str, Any]) -> str | None:
         kid = body.get("key_id")
         if not isinstance(kid, str) or not KEY_ID_RE.match(kid):
             return "keys.rotate.key_id must be a key id"
-        if body.get("role") not in {r.value for r in Role}:
+        role = body.get("role")
+        if not isinstance(role, str) or role not in {r.value for r in Role}:
             return "keys.rotate.role must be a role name"
         pk = body.get("public_key")
-        try:
-            raw = base64.b64decode(pk, validate=True) if isinstance(pk, str) else b""
-        except binascii.Error:
-            raw = b""
+        raw = (_b64(pk) if isinstance(pk, str) else None) or b""
         if len(raw) != 32:
             return "keys.rotate.public_key must be a base64 Ed25519 public key (32 bytes)"
         return None
@@ -335,7 +354,24 @@ BODY_CHECKS = {
 
 
 def parse_envelope(raw: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope | CommandResult:
-    """Step 1 (pure): size, shape, canonical form, body schema. No key is used yet."""
+    """Step 1 (pure): size, shape, canonical form, body schema. No key is used yet.
+
+    Never raises: whatever ``raw`` holds, the answer is an :class:`Envelope` or
+    a rejection, so every failure before the signature check takes the one
+    rejection path (and its flood limits). The rules below are meant to catch
+    everything; an input that still trips the parser is ``malformed`` too.
+    """
+    try:
+        return _parse_envelope(raw, max_bytes)
+    except Exception as exc:  # a gap in the rules must not become a crash path
+        return _reject(
+            RejectReason.MALFORMED, f"envelope could not be parsed ({type(exc).__name__})"
+        )
+
+
+def _parse_envelope(raw: bytes, max_bytes: int) -> Envelope | CommandResult:
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        return _reject(RejectReason.MALFORMED, "envelope must be bytes")
     if len(raw) > max_bytes:
         return _reject(RejectReason.OVERSIZED, f"envelope is {len(raw)} bytes, limit {max_bytes}")
     try:
@@ -349,10 +385,8 @@ def parse_envelope(raw: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelo
     p64, s64 = outer["payload"], outer["signature"]
     if not isinstance(p64, str) or not isinstance(s64, str):
         return _reject(RejectReason.MALFORMED, "payload and signature must be base64 strings")
-    try:
-        payload = base64.b64decode(p64, validate=True)
-        signature = base64.b64decode(s64, validate=True)
-    except binascii.Error:
+    payload, signature = _b64(p64), _b64(s64)
+    if payload is None or signature is None:
         return _reject(RejectReason.MALFORMED, "payload or signature is not valid base64")
     if base64.b64encode(payload).decode("ascii") != p64 or (
         base64.b64encode(signature).decode("ascii") != s64
@@ -377,11 +411,11 @@ def parse_envelope(raw: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelo
     if floats:
         return _reject(RejectReason.MALFORMED, f"payload: {floats}")
     if doc["v"] != ENVELOPE_VERSION or not _int(doc["v"]):
-        return _reject(RejectReason.MALFORMED, f"unsupported envelope version {doc['v']!r}")
+        return _reject(RejectReason.MALFORMED, f"unsupported envelope version {_show(doc['v'])}")
     for name in ("target", "id", "issuer"):
         v = doc[name]
         if not isinstance(v, str) or not _ID_RE.match(v):
-            return _reject(RejectReason.MALFORMED, f"{name} must be an identifier, got {v!r}")
+            return _reject(RejectReason.MALFORMED, f"{name} must be an identifier, got {_show(v)}")
     counter = doc["counter"]
     if not _int(counter) or not 1 <= counter <= MAX_COUNTER:
         return _reject(RejectReason.MALFORMED, "counter must be an integer 1..2^63-1")
@@ -389,10 +423,10 @@ def parse_envelope(raw: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelo
     for name, v in (("issued_at", issued), ("expires_at", expires)):
         if not _int(v) or not 0 <= v < MAX_TIME_MS:
             return _reject(RejectReason.MALFORMED, f"{name} must be Unix milliseconds")
-    try:
-        ctype = CommandType(doc["type"])
-    except ValueError:
-        return _reject(RejectReason.MALFORMED, f"unknown command type {doc['type']!r}")
+    ctype_raw = doc["type"]
+    if not isinstance(ctype_raw, str) or ctype_raw not in _COMMAND_TYPES:
+        return _reject(RejectReason.MALFORMED, f"unknown command type {_show(ctype_raw)}")
+    ctype = CommandType(ctype_raw)
     if expires <= issued:
         return _reject(RejectReason.MALFORMED, "expires_at must be after issued_at")
     limit = MAX_VALIDITY_MS[ctype]
