@@ -32,18 +32,22 @@ transaction and carried out after the commit, idempotently:
 
 Ports (small :class:`typing.Protocol` s) are the collaborators that own each
 effect: billing (top-ups, tariffs, balance snapshots), relays, configuration
-staging, uplink re-send. A port refuses a body it cannot apply by raising
-:class:`CommandRefused`: everything the command did is rolled back to the
-savepoint (the id is *not* marked seen, the counter floor is not raised) and
-the result is ``rejected``/``bad_body``. Any other exception rolls back the
+staging, uplink re-send. A port refuses a body it cannot apply in exactly one
+way: it raises :class:`CommandRefused` with a reason code and a message (a
+port never *returns* a refusal). Everything the command did is rolled back to
+the savepoint (the id is *not* marked seen, the counter floor is not raised)
+and the result is ``rejected``/``bad_body`` with the port's code (e.g. the
+ledger's ``counter_gap``) and message. Any other exception rolls back the
 whole transaction and is reported as a failure in a second transaction.
 
-Rejections are audited aggregated, so a flood of garbage cannot fill the
-disk: the first rejection per (reason, hour) is written in full, later ones
+Rejections and failures are audited aggregated, so a flood of garbage cannot
+fill the disk: the first one per (reason, hour) is written in full, later ones
 are counted in memory and one summary row per (reason, hour) with the count
 is written when the hour is over (or on :meth:`CommandHandler.flush_rejections`).
 Result events for central follow the same rule with a larger budget
-(``event_budget_per_hour`` detailed events per reason and hour).
+(``event_budget_per_hour`` detailed events per reason and hour). The reason of
+a port's refusal includes its code (:func:`tally_key`), a failure's bucket is
+``failed:<exception>``.
 """
 
 from __future__ import annotations
@@ -69,10 +73,16 @@ from gateway.security.envelope import (
     apply_key_rotation,
     load_trust,
     process_command,
+    prune_seen,
 )
 from gateway.security.envelope import create_schema as envelope_schema
 from gateway.security.roles import CommandType, TrustError, TrustStore
-from gateway.security.trusted_time import TrustedClock, TrustedTime, apply_time_sync
+from gateway.security.trusted_time import (
+    TrustedClock,
+    TrustedTime,
+    apply_time_sync,
+    load_floor,
+)
 from gateway.security.trusted_time import create_schema as time_schema
 from store_forward.outbox import Outbox
 from store_forward.records import RecordClass, RecordKind
@@ -83,15 +93,32 @@ log = logging.getLogger(__name__)
 HOUR_MS = 3_600_000
 MAX_RESEND_SPAN = 1_000_000  # record ids per uplink.resend command
 MAX_REASON_CHARS = 200
+# Seen command ids are kept this long after their envelope expired (measured on
+# the trusted-time floor): central re-signing an old command id within that span
+# is answered ``duplicate``, never applied twice.
+SEEN_GRACE_MS = 7 * 24 * HOUR_MS
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+_CODE_RE = re.compile(r"^[a-z][a-z0-9_.]{0,47}$")
 
 
 class CommandRefused(Exception):
     """Raised by a port (or the handler) when a verified command's body cannot be applied.
 
-    Nothing of the command is kept: the id stays unseen, so central may send a
-    corrected command under the same id.
+    ``reason`` is a short code of the refusing owner (``counter_gap``,
+    ``hoarding_limit``, ``not_patchable``, ...), ``message`` says what to fix.
+    This is the one way a port says no: nothing of the command is kept, the id
+    stays unseen (central may send a corrected command under the same id) and
+    central gets ``rejected``/``bad_body`` with the code and the message.
     """
+
+    def __init__(self, reason: str, message: str) -> None:
+        if not _CODE_RE.match(reason):
+            raise ValueError(f"refusal reason must be a short code, got {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
 
 
 class RelayOp(enum.StrEnum):
@@ -116,9 +143,11 @@ class ConfigChange(enum.StrEnum):
 class BillingPort(Protocol):
     """Money effects, applied in the caller's transaction ``db``.
 
-    Return a small JSON-able dict (ints, strings, lists) describing the effect;
-    it goes into the audit entry and the result event. Raise
-    :class:`CommandRefused` for a body that cannot be applied.
+    Return a small JSON-able dict (ints, strings, lists) describing the effect
+    that *was* applied (``status`` ``applied``, or ``duplicate`` when the
+    ledger already holds this very effect); it goes into the audit entry and
+    the result event. Anything the ledger does not apply is refused by raising
+    :class:`CommandRefused` with the ledger's reason code — never returned.
     """
 
     async def apply_topup_in(
@@ -238,7 +267,9 @@ class NoRemoteConfig:
         command_id: str,
         now_ms: int,
     ) -> dict[str, Any]:
-        raise CommandRefused(f"{change} is not accepted remotely by this gateway")
+        raise CommandRefused(
+            "not_accepted", f"{change} is not accepted remotely by this gateway"
+        )
 
 
 class PurposeKeys(Protocol):
@@ -264,19 +295,21 @@ def parse_relay(body: Mapping[str, Any]) -> RelayRequest:
     """``{"meter": id, "op": RelayOp, "reason": text?}``; raises :class:`CommandRefused`."""
     unknown = sorted(set(body) - {"meter", "op", "reason"})
     if unknown:
-        raise CommandRefused(f"relay.operate: unknown keys {unknown}")
+        raise CommandRefused("unknown_keys", f"relay.operate: unknown keys {unknown}")
     meter = body.get("meter")
     if not isinstance(meter, str) or not _ID_RE.match(meter):
-        raise CommandRefused("relay.operate.meter must be a meter id")
+        raise CommandRefused("bad_meter", "relay.operate.meter must be a meter id")
     try:
         op = RelayOp(str(body.get("op")))
     except ValueError:
         raise CommandRefused(
-            f"relay.operate.op must be one of {', '.join(o.value for o in RelayOp)}"
+            "bad_op", f"relay.operate.op must be one of {', '.join(o.value for o in RelayOp)}"
         ) from None
     reason = body.get("reason", "")
     if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
-        raise CommandRefused(f"relay.operate.reason must be text of at most {MAX_REASON_CHARS}")
+        raise CommandRefused(
+            "bad_reason", f"relay.operate.reason must be text of at most {MAX_REASON_CHARS}"
+        )
     return RelayRequest(meter, op, reason or "central command")
 
 
@@ -284,15 +317,17 @@ def parse_resend(body: Mapping[str, Any]) -> tuple[int, int]:
     """``{"from_id": a, "to_id": b}`` with 1 <= a <= b and a bounded span."""
     unknown = sorted(set(body) - {"from_id", "to_id"})
     if unknown:
-        raise CommandRefused(f"uplink.resend: unknown keys {unknown}")
+        raise CommandRefused("unknown_keys", f"uplink.resend: unknown keys {unknown}")
     a, b = body.get("from_id"), body.get("to_id")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b)):
-        raise CommandRefused("uplink.resend.from_id and to_id must be integers")
+        raise CommandRefused("bad_range", "uplink.resend.from_id and to_id must be integers")
     assert isinstance(a, int) and isinstance(b, int)
     if not 1 <= a <= b:
-        raise CommandRefused("uplink.resend needs 1 <= from_id <= to_id")
+        raise CommandRefused("bad_range", "uplink.resend needs 1 <= from_id <= to_id")
     if b - a >= MAX_RESEND_SPAN:
-        raise CommandRefused(f"uplink.resend spans at most {MAX_RESEND_SPAN} record ids")
+        raise CommandRefused(
+            "bad_range", f"uplink.resend spans at most {MAX_RESEND_SPAN} record ids"
+        )
     return a, b
 
 
@@ -316,6 +351,17 @@ class RejectionNote:
 
 
 Tally = Mapping[tuple[str, int], Bucket]
+
+
+def tally_key(result: CommandResult) -> str:
+    """The flood bucket of a rejection: its reason, and the refusing owner's code if any.
+
+    A port's refusals (``bad_body:counter_gap``) are counted apart from
+    unauthenticated garbage (``bad_body``), so a flood of junk cannot use up
+    the event budget that tells central about a refused top-up.
+    """
+    reason = result.reason.value if result.reason else "unknown"
+    return f"{reason}:{result.code}" if result.code else reason
 
 
 def tally_rejection(
@@ -483,7 +529,6 @@ class CommandHandler:
                 out, tally = await self._handle_in(db, raw, channel, now, tally)
             self._tally = tally
         except Exception as exc:  # everything rolled back; the id stays unseen
-            log.exception("command via %s could not be applied", channel)
             self.stats.failed += 1
             await self._record_failure(channel, exc)
             return CommandResult(
@@ -556,18 +601,26 @@ class CommandHandler:
             assert env is not None
             try:
                 effect = await self._apply(db, env, channel, now_ms, out)
-            except (CommandRefused, TrustError) as exc:
+            except CommandRefused as exc:
                 await db.execute("ROLLBACK TO cmd")
                 out = _Outcome(
-                    CommandResult(Outcome.REJECTED, env, RejectReason.BAD_BODY, str(exc))
+                    CommandResult(
+                        Outcome.REJECTED, env, RejectReason.BAD_BODY, exc.message, exc.reason
+                    )
+                )
+            except TrustError as exc:
+                await db.execute("ROLLBACK TO cmd")
+                out = _Outcome(
+                    CommandResult(
+                        Outcome.REJECTED, env, RejectReason.BAD_BODY, str(exc), "key_conflict"
+                    )
                 )
         await db.execute("RELEASE cmd")
         result = out.result
         env = result.envelope
         if result.outcome is Outcome.REJECTED:
-            reason = result.reason.value if result.reason else "unknown"
             tally, note = tally_rejection(
-                tally, reason, now_ms, channel, event_budget=self.event_budget
+                tally, tally_key(result), now_ms, channel, event_budget=self.event_budget
             )
             if note.audit:
                 await audit.append(
@@ -608,7 +661,9 @@ class CommandHandler:
         if t is CommandType.RELAY_OPERATE:
             req = parse_relay(body)
             if self.known_meter is not None and not self.known_meter(req.meter_id):
-                raise CommandRefused(f"relay.operate: no meter {req.meter_id!r} on this gateway")
+                raise CommandRefused(
+                    "unknown_meter", f"relay.operate: no meter {req.meter_id!r} on this gateway"
+                )
             await db.execute(
                 "INSERT INTO cmd_relay_intent (command_id, meter_id, op, reason, accepted_ms, "
                 "expires_ms, state) VALUES (?, ?, ?, ?, ?, ?, 'pending')",
@@ -635,7 +690,8 @@ class CommandHandler:
                     or have.public_key != base64.b64decode(body["public_key"])
                 ):
                     raise CommandRefused(
-                        f"key id {have.key_id!r} is already bound to a different key/role"
+                        "key_conflict",
+                        f"key id {have.key_id!r} is already bound to a different key/role",
                     )
             text = await apply_key_rotation(db, env, now_ms)
             effect: dict[str, Any] = {"change": text}
@@ -659,13 +715,13 @@ class CommandHandler:
                 db, ConfigChange(t.value), body, command_id=cid, now_ms=now_ms
             )
         # provisioning.bundle arrives on USB and is applied by the provisioning package
-        raise CommandRefused(f"{t} is not accepted on the command path")
+        raise CommandRefused("not_accepted", f"{t} is not accepted on the command path")
 
     async def _stage_rotation(
         self, db: aiosqlite.Connection, purpose: str, env: Envelope, now_ms: int
     ) -> int:
         if self.keys is None:
-            raise CommandRefused("this gateway has no keystore to rotate")
+            raise CommandRefused("no_keystore", "this gateway has no keystore to rotate")
         async with db.execute(
             "SELECT target_version FROM cmd_purpose_rotation WHERE purpose = ?", (purpose,)
         ) as cur:
@@ -747,6 +803,30 @@ class CommandHandler:
                         (now.time_ms, it.command_id),
                     )
                 self.stats.relay_handed += 1
+
+    async def prune_replay_table(self, *, grace_ms: int | None = None) -> int:
+        """Forget command ids that no command can be accepted under any more (daemon timer).
+
+        An id is dropped only when its envelope expired more than ``grace_ms``
+        (default :data:`SEEN_GRACE_MS`) before the persisted trusted-time floor:
+        trusted time never runs below the floor, so that envelope would be
+        refused as ``expired`` anyway, and its exact replay is still refused by
+        the issuer's counter floor. Finished relay intents of those commands go
+        with them. Returns the number of ids forgotten.
+        """
+        grace = SEEN_GRACE_MS if grace_ms is None else grace_ms
+        async with self.outbox.transaction() as db:
+            before = await load_floor(db) - grace
+            if before <= 0:
+                return 0
+            n = await prune_seen(db, before)
+            await db.execute(
+                "DELETE FROM cmd_relay_intent WHERE state != 'pending' AND expires_ms < ?",
+                (before,),
+            )
+        if n:
+            log.info("forgot %d command id(s) that expired before %d", n, before)
+        return n
 
     async def flush_rejections(self) -> int:
         """Write the summaries of finished hours now (daemon timer, shutdown). Returns rows."""
@@ -832,20 +912,50 @@ class CommandHandler:
         )
 
     async def _record_failure(self, channel: str, exc: BaseException) -> None:
+        """Audit and report a command that failed (everything it did was rolled back).
+
+        Failures are counted under the same flood limits as rejections (bucket
+        ``failed:<exception>``): whatever makes a command fail, repeating it
+        cannot write a row and an event per message.
+        """
         try:
             async with self.outbox.transaction() as db:
                 now = self.clock.now()
-                details = {"outcome": "failed", "channel": channel, "error": type(exc).__name__}
-                await audit_and_report(
-                    db,
-                    self.outbox,
-                    actor=f"unattributed:{channel}",
-                    action="command.failed",
-                    details=details,
-                    event={"type": "command_result", **details, "at_ms": now.time_ms},
-                    time_ms=now.time_ms,
-                    time_source=now.quality.value,
+                tally, summaries = due_summaries(self._tally, now.time_ms)
+                for b in summaries:
+                    await self._write_summary(db, b, now.time_ms, now.quality.value)
+                tally, note = tally_rejection(
+                    tally,
+                    f"failed:{type(exc).__name__}",
+                    now.time_ms,
+                    channel,
+                    event_budget=self.event_budget,
                 )
+                details = {"outcome": "failed", "channel": channel, "error": type(exc).__name__}
+                if note.audit:
+                    log.error(
+                        "command via %s could not be applied (further failures of this "
+                        "kind this hour are counted)",
+                        channel,
+                        exc_info=exc,
+                    )
+                    await audit.append(
+                        db,
+                        actor=f"unattributed:{channel}",
+                        action="command.failed",
+                        details={**details, "hour_ms": note.bucket.hour_ms},
+                        time_ms=now.time_ms,
+                        time_source=now.quality.value,
+                    )
+                if note.event:
+                    await self.outbox.add_in(
+                        db,
+                        RecordClass.EVENT,
+                        RecordKind.EVENT,
+                        now.time_ms,
+                        {"type": "command_result", **details, "at_ms": now.time_ms},
+                    )
+            self._tally = tally
         except Exception:
             log.exception("could not record the failed command")
 

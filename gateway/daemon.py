@@ -231,13 +231,13 @@ class NoBilling:
     async def apply_topup_in(
         self, db: Any, body: Any, *, command_id: str, channel: str, now_ms: int
     ) -> dict[str, Any]:
-        raise CommandRefused("this gateway has no prepaid accounts")
+        raise CommandRefused("no_prepaid", "this gateway has no prepaid accounts")
 
     async def install_tariff_in(self, db: Any, doc: Any, *, now_ms: int) -> dict[str, Any]:
-        raise CommandRefused("this gateway has no prepaid accounts")
+        raise CommandRefused("no_prepaid", "this gateway has no prepaid accounts")
 
     async def apply_snapshot_in(self, db: Any, body: Any, *, now_ms: int) -> dict[str, Any]:
-        raise CommandRefused("this gateway has no prepaid accounts")
+        raise CommandRefused("no_prepaid", "this gateway has no prepaid accounts")
 
 
 class Daemon:

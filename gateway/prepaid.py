@@ -37,8 +37,10 @@ from gateway.billing.ledger_cache import LedgerCache
 from gateway.billing.messages import MessageError, parse_snapshot, parse_topup
 from gateway.billing.money import report_yuan
 from gateway.billing.rating import RegisterReading
+from gateway.billing.reconcile import SnapshotStatus
 from gateway.billing.tariff import TariffBook, TariffError, load_book, parse_tariff
 from gateway.billing.topup import Source, TopUpStatus
+from gateway.commands import CommandRefused
 from gateway.config import Config
 from store_forward.outbox import Outbox
 from store_forward.records import RecordClass, RecordKind
@@ -310,6 +312,9 @@ class Prepaid:
 
         ``body`` is the signed top-up body: ``account``, ``amount_micro``,
         ``purchase_counter``, ``payment_channel``; the top-up id is the command id.
+        A top-up the ledger does not take raises :class:`CommandRefused` with the
+        ledger's reason (``counter_replay``, ``counter_gap``, ``hoarding_limit``, ...);
+        the caller rolls back, so nothing is credited.
         """
         try:
             topup = parse_topup(
@@ -324,17 +329,18 @@ class Prepaid:
                 Source(channel),
             )
         except (MessageError, ValueError) as exc:
-            return {"status": "rejected", "reason": "malformed", "message": str(exc)}
+            raise CommandRefused("malformed", str(exc)) from None
         acct = self.accounts.get(topup.account)
         if acct is None:
-            return {
-                "status": "rejected",
-                "reason": "unknown_account",
-                "message": f"no prepaid account {topup.account!r} on this gateway",
-            }
+            raise CommandRefused(
+                "unknown_account", f"no prepaid account {topup.account!r} on this gateway"
+            )
         await self.ledger.flush(db)
         decision = await ls.apply_topup(db, topup, acct.settings.topup_policy, now_ms)
         self.ledger.forget_account(topup.account)
+        if decision.status is TopUpStatus.REJECTED:
+            code = decision.reason.value if decision.reason is not None else "rejected"
+            raise CommandRefused(code, decision.message)
         outbox = outbox or self.outbox
         if (
             decision.status is TopUpStatus.APPLIED
@@ -346,7 +352,6 @@ class Prepaid:
             self.dirty.set()
         return {
             "status": decision.status.value,
-            "reason": None if decision.reason is None else decision.reason.value,
             "message": decision.message,
             "account": topup.account,
             "balance_after_micro": decision.balance_after_micro,
@@ -356,41 +361,48 @@ class Prepaid:
     async def apply_snapshot_in(
         self, db: aiosqlite.Connection, body: Mapping[str, Any], *, now_ms: int
     ) -> dict[str, Any]:
+        """A balance snapshot from central; one the ledger does not take raises
+        :class:`CommandRefused` (``stale_snapshot`` for one older than the snapshot
+        in force)."""
         try:
             snap = parse_snapshot(dict(body))
         except (MessageError, ValueError) as exc:
-            return {"status": "rejected", "reason": "malformed", "message": str(exc)}
+            raise CommandRefused("malformed", str(exc)) from None
         if snap.account not in self.accounts:
-            return {
-                "status": "rejected",
-                "reason": "unknown_account",
-                "message": f"no prepaid account {snap.account!r} on this gateway",
-            }
+            raise CommandRefused(
+                "unknown_account", f"no prepaid account {snap.account!r} on this gateway"
+            )
         await self.ledger.flush(db)
         decision = await ls.apply_snapshot(db, snap)
         self.ledger.forget_account(snap.account)
+        if decision.status is SnapshotStatus.REJECTED:
+            raise CommandRefused("snapshot_rejected", decision.message)
+        if decision.status is SnapshotStatus.STALE:
+            raise CommandRefused("stale_snapshot", decision.message)
         self.dirty.set()
-        return {"status": decision.status.value, "message": getattr(decision, "message", "")}
+        return {"status": decision.status.value, "message": decision.message}
 
     async def install_tariff_in(
         self, db: aiosqlite.Connection, doc: Mapping[str, Any], *, now_ms: int
     ) -> dict[str, Any]:
-        """Add a tariff version published by central (applies exactly from its effective_from)."""
+        """Add a tariff version published by central (applies exactly from its effective_from).
+
+        A tariff that does not parse, that no account here uses, or that does
+        not fit the book raises :class:`CommandRefused`."""
         try:
             tariff = parse_tariff(doc, "central tariff")
         except TariffError as exc:
-            return {"status": "rejected", "reason": "invalid_tariff", "message": str(exc)}
+            raise CommandRefused("invalid_tariff", str(exc)) from None
         hit = [a for a in self.accounts.values() if a.book.tariff_id == tariff.tariff_id]
         if not hit:
-            return {
-                "status": "rejected",
-                "reason": "unknown_tariff",
-                "message": f"no account on this gateway uses tariff {tariff.tariff_id!r}",
-            }
+            raise CommandRefused(
+                "unknown_tariff",
+                f"no account on this gateway uses tariff {tariff.tariff_id!r}",
+            )
         try:
             books = [a.book.with_version(tariff) for a in hit]
         except TariffError as exc:
-            return {"status": "rejected", "reason": "invalid_tariff", "message": str(exc)}
+            raise CommandRefused("invalid_tariff", str(exc)) from None
         # Fixed charges raised so far stay under the old version; then the new
         # version is stored, so it survives a restart of the gateway.
         for name, a in self.accounts.items():

@@ -70,28 +70,28 @@ def apply_change(doc: Mapping[str, Any], change: ConfigChange, body: Mapping[str
     if change is ConfigChange.CONFIG_PATCH:
         values = body.get("set")
         if not isinstance(values, dict) or not values:
-            raise CommandRefused('config.patch needs "set": {"table.key": value, ...}')
+            raise CommandRefused("malformed", 'config.patch needs "set": {"table.key": value, ...}')
         for path, value in values.items():
             table, dot, key = str(path).partition(".")
             if not dot or not key or "." in key:
-                raise CommandRefused(f"{path!r}: expected TABLE.KEY")
+                raise CommandRefused("malformed", f"{path!r}: expected TABLE.KEY")
             allowed = PATCHABLE.get(table, frozenset())
             if table not in PATCHABLE or (allowed is not None and key not in allowed):
-                raise CommandRefused(f"{path}: not changeable remotely")
+                raise CommandRefused("not_patchable", f"{path}: not changeable remotely")
             if not isinstance(value, _SCALARS):
-                raise CommandRefused(f"{path}: value must be a string, number or boolean")
+                raise CommandRefused("malformed", f"{path}: value must be a string, number or boolean")
             section = new.setdefault(table, {})
             if not isinstance(section, dict):
-                raise CommandRefused(f"{table}: is not a table in the configuration")
+                raise CommandRefused("malformed", f"{table}: is not a table in the configuration")
             section[key] = value
         return new
     if change is ConfigChange.METER_ROSTER:
         meters = body.get("meters")
         if not isinstance(meters, list) or not all(isinstance(m, dict) for m in meters):
-            raise CommandRefused('meter.roster needs "meters": [ {meter table}, ... ]')
+            raise CommandRefused("malformed", 'meter.roster needs "meters": [ {meter table}, ... ]')
         new["meter"] = [dict(m) for m in meters]
         return new
-    raise CommandRefused(f"{change} is not a configuration change")
+    raise CommandRefused("not_accepted", f"{change} is not a configuration change")
 
 
 class RemoteConfig:
@@ -126,26 +126,26 @@ class RemoteConfig:
         async with db.execute("SELECT command_id FROM cmd_config_stage WHERE state = 'staged'") as cur:
             if await cur.fetchone() is not None:
                 # apply() runs right after each commit, so this is a crash not yet recovered
-                raise CommandRefused("another configuration change is waiting to be applied")
+                raise CommandRefused("busy", "another configuration change is waiting to be applied")
         try:
             doc = tomllib.loads(self.file.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise CommandRefused(f"{self.file}: current configuration unreadable: {exc}") from exc
+            raise CommandRefused("config_unreadable", f"{self.file}: current configuration unreadable: {exc}") from exc
         new = apply_change(doc, change, body)
         staged = self._staged_path(command_id)
         try:
             write_atomic(staged, tomli_w.dumps(new).encode(), mode=0o640)
         except OSError as exc:  # e.g. a read-only configuration directory
-            raise CommandRefused(f"{self.file.parent}: cannot stage a new configuration: {exc}") from exc
+            raise CommandRefused("config_unwritable", f"{self.file.parent}: cannot stage a new configuration: {exc}") from exc
         try:
             cfg = load_config(staged)
         except ConfigError as exc:
             staged.unlink(missing_ok=True)
             problems = [p.replace(str(staged), self.file.name) for p in exc.problems]
-            raise CommandRefused("; ".join(problems)) from exc
+            raise CommandRefused("invalid_config", "; ".join(problems)) from exc
         if cfg.gateway.id != doc.get("gateway", {}).get("id"):  # PATCHABLE keeps it; belt and braces
             staged.unlink(missing_ok=True)
-            raise CommandRefused("gateway.id cannot change")
+            raise CommandRefused("not_patchable", "gateway.id cannot change")
         await db.execute(
             "INSERT INTO cmd_config_stage (command_id, change, staged_path, state, accepted_ms)"
             " VALUES (?, ?, ?, 'staged', ?)",

@@ -14,6 +14,7 @@ import contextlib
 import os
 import random
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.billing import ledger_store as ls
+from gateway.billing.account import load_account
+from gateway.billing.tariff import load_book
 from gateway.commands import (
     Bucket,
     CommandHandler,
@@ -46,6 +50,7 @@ from gateway.commands import (
     parse_resend,
     tally_rejection,
 )
+from gateway.prepaid import Prepaid, PrepaidAccount
 from gateway.security import audit
 from gateway.security.envelope import Outcome, RejectReason
 from gateway.security.roles import CommandType, Role, TrustStore
@@ -57,28 +62,41 @@ from tests.harness.mosquitto import Mosquitto
 from tests.security.conftest import GATEWAY, HOUR, T0, Central, raw_public, topup_body
 
 ROOT = Path(__file__).resolve().parents[2]
-HOARD_LIMIT = 1_000_000_000  # micro: the in-test billing port refuses top-ups above this
+HOARD_LIMIT = 1_000_000_000  # micro: the account's hoarding limit (1000.00 yuan)
 
 # ---------------------------------------------------------------------------
-# Real, minimal collaborators
+# Collaborators: the real billing port (the daemon's Prepaid on the same SQLite
+# database) and small real ports for the rest
+
+ACCOUNT = """
+account = "acct-17"
+timezone = "Asia/Shanghai"
+opening_balance = "0.00"
+meters = []
+protected = false
+
+[limits]
+alarm1 = "2.00"
+alarm2 = "1.00"
+overdraft = "0.00"
+close_permit = "0.50"
+close_mode = "direct"
+
+[topup_policy]
+hoarding_limit = "1000.00"
+"""
 
 PORT_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS t_credit (command_id TEXT NOT NULL, account TEXT NOT NULL,"
-    " amount INTEGER NOT NULL)",  # deliberately no UNIQUE: a double apply would show
-    "CREATE TABLE IF NOT EXISTS t_balance (account TEXT PRIMARY KEY, micro INTEGER NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS t_tariff (name TEXT NOT NULL, doc TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS t_snapshot (account TEXT NOT NULL, balance INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS t_config (command_id TEXT NOT NULL, change TEXT NOT NULL,"
     " body TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS t_resend (command_id TEXT NOT NULL, a INTEGER, b INTEGER)",
 )
 
 
-class LedgerBilling:
-    """Credits a balance table in the caller's transaction; refuses hoarding."""
+class Billing(Prepaid):
+    """The daemon's billing port, with a fault that can be switched on after it wrote."""
 
-    def __init__(self) -> None:
-        self.explode = False
+    explode = False
 
     async def apply_topup_in(
         self,
@@ -88,47 +106,57 @@ class LedgerBilling:
         command_id: str,
         channel: str,
         now_ms: int,
+        outbox: Outbox | None = None,
     ) -> dict[str, Any]:
-        amount = int(body["amount_micro"])
-        if amount > HOARD_LIMIT:
-            raise CommandRefused(f"top-up of {amount} exceeds the hoarding limit")
-        await db.execute(
-            "INSERT INTO t_credit (command_id, account, amount) VALUES (?, ?, ?)",
-            (command_id, body["account"], amount),
+        res = await super().apply_topup_in(
+            db, body, command_id=command_id, channel=channel, now_ms=now_ms, outbox=outbox
         )
         if self.explode:
-            raise RuntimeError("disk on fire")
-        await db.execute(
-            "INSERT INTO t_balance (account, micro) VALUES (?, ?) "
-            "ON CONFLICT(account) DO UPDATE SET micro = micro + excluded.micro",
-            (body["account"], amount),
-        )
-        async with db.execute(
-            "SELECT micro FROM t_balance WHERE account = ?", (body["account"],)
-        ) as cur:
-            row = await cur.fetchone()
-        assert row is not None
-        return {"status": "applied", "balance_micro": int(row[0])}
+            raise RuntimeError("disk on fire")  # after the ledger took the credit
+        return res
 
-    async def install_tariff_in(
-        self, db: aiosqlite.Connection, doc: Mapping[str, Any], *, now_ms: int
-    ) -> dict[str, Any]:
-        name = doc.get("name")
-        if not isinstance(name, str):
-            raise CommandRefused("tariff.name missing")
-        await db.execute(
-            "INSERT INTO t_tariff (name, doc) VALUES (?, ?)", (name, orjson.dumps(dict(doc)))
-        )
-        return {"tariff": name}
 
-    async def apply_snapshot_in(
-        self, db: aiosqlite.Connection, body: Mapping[str, Any], *, now_ms: int
-    ) -> dict[str, Any]:
-        await db.execute(
-            "INSERT INTO t_snapshot (account, balance) VALUES (?, ?)",
-            (body["account"], body["balance_micro"]),
-        )
-        return {"status": "applied"}
+def make_billing(site: Path) -> Billing:
+    """One prepaid account ``acct-17`` (balance 0, hoarding limit 1000.00) on the flat tariff."""
+    shutil.copy(ROOT / "examples" / "tariffs" / "flat.toml", site / "flat.toml")
+    (site / "acct-17.toml").write_text(ACCOUNT)
+    acct = PrepaidAccount(
+        load_account(site / "acct-17.toml", "Asia/Shanghai"),
+        load_book([site / "flat.toml"], "Asia/Shanghai"),
+    )
+    return Billing({"acct-17": acct}, {})
+
+
+async def start_billing(billing: Prepaid, outbox: Outbox, now_ms: int) -> None:
+    billing.attach(outbox)
+    async with outbox.transaction() as db:
+        await billing.start_in(db, now_ms)
+
+
+TARIFF_V2 = {
+    "id": "flat-basic",
+    "version": 2,
+    "effective_from": "2026-09-21T00:00:00+08:00",
+    "timezone": "Asia/Shanghai",
+    "price": "1.0000",
+}
+
+
+def snapshot_body(*, central_seq: int, as_of_seq: int, balance_micro: int = 7) -> dict[str, Any]:
+    return {
+        "id": f"snap-{central_seq}",
+        "account": "acct-17",
+        "central_seq": central_seq,
+        "as_of_seq": as_of_seq,
+        "balance_micro": balance_micro,
+        "time_ms": T0,
+    }
+
+
+CREDITS = (
+    "SELECT json_extract(body, '$.topup_id'), amount_micro FROM billing_entry"
+    " WHERE kind = 'credit' ORDER BY seq"
+)
 
 
 @dataclass
@@ -168,7 +196,7 @@ class StagingConfig:
         now_ms: int,
     ) -> dict[str, Any]:
         if "bad" in body:
-            raise CommandRefused(f"{change}: key 'bad' is not a setting")
+            raise CommandRefused("not_a_setting", f"{change}: key 'bad' is not a setting")
         await db.execute(
             "INSERT INTO t_config (command_id, change, body) VALUES (?, ?, ?)",
             (command_id, change.value, orjson.dumps(dict(body))),
@@ -219,7 +247,7 @@ class EventLog:
 class Rig:
     outbox: Outbox
     handler: CommandHandler
-    billing: LedgerBilling
+    billing: Billing
     relay: RecordingRelay
     keys: Keystore
     time: FakeTime
@@ -240,10 +268,9 @@ class Rig:
         """Every row that a command can change, outside the audit log and the outbox."""
         out = {}
         for t in (
-            "t_credit",
-            "t_balance",
-            "t_tariff",
-            "t_snapshot",
+            "billing_entry",
+            "billing_account",
+            "billing_tariff",
             "t_config",
             "t_resend",
             "cmd_relay_intent",
@@ -257,6 +284,13 @@ class Rig:
             out[t] = await self.rows(f"SELECT * FROM {t} ORDER BY 1")
         return out
 
+    async def credits(self) -> list[tuple[Any, ...]]:
+        return await self.rows(CREDITS)
+
+    async def balance(self) -> int:
+        async with self.outbox.transaction() as db:
+            return (await ls.verify(db, "acct-17")).balance_micro
+
 
 async def make_handler(
     outbox: Outbox,
@@ -264,19 +298,22 @@ async def make_handler(
     keys: Keystore | None,
     ft: FakeTime,
     *,
-    billing: LedgerBilling | None = None,
+    billing: Prepaid | None = None,
     relay: RecordingRelay | None = None,
     known_meter: Any = None,
 ) -> CommandHandler:
     clock = TrustedClock(
         restore(0, ft.mono), wall=lambda: ft.wall, mono=lambda: ft.mono, synced=lambda: True
     )
+    if billing is None:
+        billing = make_billing(outbox.path.parent)
+        await start_billing(billing, outbox, ft.wall)
     h = CommandHandler(
         outbox,
         trust=trust,
         gateway_id=GATEWAY,
         clock=clock,
-        billing=billing or LedgerBilling(),
+        billing=billing,
         relay=relay or RecordingRelay(),
         config=StagingConfig(),
         resend=RecordingResend(),
@@ -297,7 +334,8 @@ async def rig(tmp_path: Path, central: Central) -> AsyncIterator[Rig]:
     outbox = await Outbox.open(path)
     keys = Keystore.init(tmp_path / "keys", GATEWAY)
     ft = FakeTime(T0 + 1000)
-    billing = LedgerBilling()
+    billing = make_billing(tmp_path)
+    await start_billing(billing, outbox, ft.wall)
     relay = RecordingRelay(db_path=path)
     h = await make_handler(
         outbox,
@@ -323,7 +361,8 @@ def results(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def test_topup_applied_once_with_audit_and_result_event(rig: Rig, central: Central) -> None:
     res = await rig.handler.handle(central.cmd(CommandType.TOPUP, command_id="t-1"), channel="mqtt")
     assert res.outcome is Outcome.APPLIED
-    assert await rig.rows("SELECT account, micro FROM t_balance") == [("acct-17", 50_000_000)]
+    assert await rig.balance() == 50_000_000
+    assert await rig.credits() == [("t-1", 50_000_000)]
     assert await rig.rows("SELECT command_id FROM sec_seen_command") == [("t-1",)]
     ev = results(await rig.events())
     assert ev == [
@@ -334,14 +373,20 @@ async def test_topup_applied_once_with_audit_and_result_event(rig: Rig, central:
             "channel": "mqtt",
             "command_type": "topup",
             "issuer": "billing-k1",
-            "effect": {"status": "applied", "balance_micro": 50_000_000},
+            "effect": {
+                "status": "applied",
+                "message": "top-up t-1 applied",
+                "account": "acct-17",
+                "balance_after_micro": 50_000_000,
+                "overdraft_repaid_micro": 0,
+            },
             "at_ms": T0 + 1000,
         }
     ]
     assert await rig.audit_actions() == ["command.applied"]
     (details,) = await rig.rows("SELECT details FROM audit_log")
     d = orjson.loads(details[0])
-    assert d["id"] == "t-1" and d["effect"]["balance_micro"] == 50_000_000
+    assert d["id"] == "t-1" and d["effect"]["balance_after_micro"] == 50_000_000
     assert audit.verify(rig.path).ok
 
 
@@ -354,7 +399,7 @@ async def test_retry_under_same_id_is_duplicate_and_exact_replay_is_refused(
     retry = central.cmd(CommandType.TOPUP, command_id="t-1")
     res = await rig.handler.handle(retry, channel="usb")
     assert res.outcome is Outcome.DUPLICATE
-    assert await rig.rows("SELECT count(*), sum(amount) FROM t_credit") == [(1, 50_000_000)]
+    assert await rig.credits() == [("t-1", 50_000_000)]
     before = await rig.effects()
     res = await rig.handler.handle(first, channel="mqtt")
     assert res.outcome is Outcome.REJECTED and res.reason is RejectReason.REPLAY
@@ -414,7 +459,25 @@ def _rejections(central: Central) -> dict[str, tuple[bytes, RejectReason]]:
             RejectReason.BAD_BODY,
         ),
         "hoarding": (
-            central.cmd(CommandType.TOPUP, topup_body(amount_micro=HOARD_LIMIT + 1)),
+            central.cmd(CommandType.TOPUP, topup_body(amount_micro=HOARD_LIMIT, pc=2)),
+            RejectReason.BAD_BODY,
+        ),
+        "purchase_counter_reused": (
+            central.cmd(CommandType.TOPUP, topup_body(pc=1)),
+            RejectReason.BAD_BODY,
+        ),
+        "purchase_counter_skipped": (
+            central.cmd(CommandType.TOPUP, topup_body(pc=3)),
+            RejectReason.BAD_BODY,
+        ),
+        "unknown_account": (
+            central.cmd(CommandType.TOPUP, {**topup_body(pc=2), "account": "acct-99"}),
+            RejectReason.BAD_BODY,
+        ),
+        "snapshot_refused": (
+            central.cmd(
+                CommandType.BALANCE_SNAPSHOT, snapshot_body(central_seq=1, as_of_seq=99)
+            ),
             RejectReason.BAD_BODY,
         ),
         "tariff_refused": (
@@ -477,7 +540,7 @@ async def test_refused_body_leaves_id_unseen_so_a_corrected_command_applies(
     assert await rig.rows("SELECT * FROM sec_counter_floor") == []
     fixed = central.cmd(CommandType.TOPUP, topup_body(amount_micro=5), command_id="t-9")
     assert (await rig.handler.handle(fixed, channel="mqtt")).outcome is Outcome.APPLIED
-    assert await rig.rows("SELECT command_id, amount FROM t_credit") == [("t-9", 5)]
+    assert await rig.credits() == [("t-9", 5)]
 
 
 async def test_port_crash_rolls_back_everything_and_is_reported(rig: Rig, central: Central) -> None:
@@ -491,7 +554,8 @@ async def test_port_crash_rolls_back_everything_and_is_reported(rig: Rig, centra
     rig.billing.explode = False
     again = central.cmd(CommandType.TOPUP, command_id="t-1")
     assert (await rig.handler.handle(again, channel="mqtt")).outcome is Outcome.APPLIED
-    assert await rig.rows("SELECT count(*) FROM t_credit") == [(1,)]
+    assert await rig.credits() == [("t-1", 50_000_000)]
+    assert await rig.balance() == 50_000_000
 
 
 # ---------------------------------------------------------------------------
@@ -559,8 +623,8 @@ async def test_billing_config_and_resend_commands_reach_their_ports(
 ) -> None:
     h = rig.handler
     cmds = [
-        central.cmd(CommandType.TARIFF_PUBLISH, {"name": "res-2026", "prices": {"T1": "0.5"}}),
-        central.cmd(CommandType.BALANCE_SNAPSHOT, {"account": "acct-17", "balance_micro": 7}),
+        central.cmd(CommandType.TARIFF_PUBLISH, TARIFF_V2),
+        central.cmd(CommandType.BALANCE_SNAPSHOT, snapshot_body(central_seq=1, as_of_seq=0)),
         central.cmd(CommandType.CONFIG_PATCH, {"poll_interval_s": 60}, command_id="c-1"),
         central.cmd(CommandType.METER_ROSTER, {"add": [{"id": "m-9"}]}, command_id="c-2"),
         central.cmd(CommandType.UPLINK_RESEND, {"from_id": 3, "to_id": 9}, command_id="s-1"),
@@ -568,8 +632,12 @@ async def test_billing_config_and_resend_commands_reach_their_ports(
     for raw in cmds:
         res = await h.handle(raw, channel="mqtt")
         assert res.outcome is Outcome.APPLIED, res.message
-    assert await rig.rows("SELECT name FROM t_tariff") == [("res-2026",)]
-    assert await rig.rows("SELECT * FROM t_snapshot") == [("acct-17", 7)]
+    assert await rig.rows("SELECT tariff_id, version FROM billing_tariff") == [("flat-basic", 2)]
+    assert [v.version for v in rig.billing.accounts["acct-17"].book.versions] == [1, 2]
+    assert await rig.rows(
+        "SELECT entry_id, kind FROM billing_entry WHERE kind = 'snapshot'"
+    ) == [("snapshot:acct-17:1", "snapshot")]
+    assert await rig.balance() == 7
     assert await rig.rows("SELECT command_id, change FROM t_config ORDER BY 1") == [
         ("c-1", "config.patch"),
         ("c-2", "meter.roster"),
@@ -590,7 +658,7 @@ async def test_fallback_ports_answer_honestly(tmp_path: Path, central: Central) 
         trust=central.trust(),
         gateway_id=GATEWAY,
         clock=clock,
-        billing=LedgerBilling(),
+        billing=make_billing(tmp_path),
         relay=RecordingRelay(),
         config=NoRemoteConfig(),
         resend=NoResend(),
@@ -655,7 +723,7 @@ async def test_key_rotation_adds_a_key_that_signs_at_once_and_revokes_the_old(
     old = central.cmd(CommandType.TOPUP, command_id="t-old")
     res = await rig.handler.handle(old, channel="mqtt")
     assert res.reason is RejectReason.KEY_REVOKED
-    assert await rig.rows("SELECT command_id FROM t_credit") == [("t-new",)]
+    assert [c[0] for c in await rig.credits()] == ["t-new"]
 
 
 async def test_purpose_rotation_happens_exactly_once_even_if_the_keystore_lagged(
@@ -779,6 +847,7 @@ async def test_summary_is_written_by_the_next_rejection_of_a_later_hour(
 
 def _stream(central: Central, n: int) -> list[bytes]:
     out = []
+    purchases = 0  # the account's purchase counter runs 1, 2, 3, ... over the top-ups
     for i in range(n):
         if i % 5 == 4:
             out.append(
@@ -790,10 +859,11 @@ def _stream(central: Central, n: int) -> list[bytes]:
                 )
             )
         else:
+            purchases += 1
             out.append(
                 central.cmd(
                     CommandType.TOPUP,
-                    topup_body(amount_micro=1_000 + i, pc=i + 1),
+                    topup_body(amount_micro=1_000 + i, pc=purchases),
                     command_id=f"t-{i}",
                     expires_at=T0 + 2 * HOUR,
                 )
@@ -869,17 +939,22 @@ async def _check_consistent(db_path: Path, received: list[dict[str, Any]]) -> se
                 return [tuple(r) for r in await cur.fetchall()]
 
         seen = {r[0]: r[1] for r in await q("SELECT command_id, type FROM sec_seen_command")}
-        credits = [r[0] for r in await q("SELECT command_id FROM t_credit")]
+        credits = [r[0] for r in await q(CREDITS)]
         intents = [r[0] for r in await q("SELECT command_id FROM cmd_relay_intent")]
         applied_events = [e["id"] for e in received if e.get("outcome") == "applied"]
-        balance = await q("SELECT coalesce(sum(micro), 0) FROM t_balance")
-        amounts = await q("SELECT coalesce(sum(amount), 0) FROM t_credit")
+        balance = await q("SELECT coalesce(sum(balance_micro), 0) FROM billing_account")
+        amounts = await q(
+            "SELECT coalesce(sum(amount_micro), 0) FROM billing_entry WHERE kind = 'credit'"
+        )
+        # re-sent commands already applied are refused as replays; the ledger refuses none
+        refused = [e for e in received if e.get("reason") == "bad_body"]
     assert len(credits) == len(set(credits)), "a top-up was applied twice"
     assert len(intents) == len(set(intents))
     assert set(credits) == {c for c, t in seen.items() if t == "topup"}, "seen vs applied differ"
     assert set(intents) == {c for c, t in seen.items() if t == "relay.operate"}
     assert sorted(applied_events) == sorted(seen), "result events differ from applied commands"
     assert balance == amounts
+    assert refused == [], "the ledger refused a top-up of the stream"
     assert audit.verify(db_path).ok
     return set(seen)
 
@@ -953,7 +1028,9 @@ async def test_inbox_on_a_shared_connection(
             async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="central") as c:
                 for i in range(3):
                     await c.publish(
-                        topics.cmd, central.cmd(CommandType.TOPUP, command_id=f"t-{i}"), qos=1
+                        topics.cmd,
+                        central.cmd(CommandType.TOPUP, topup_body(pc=i + 1), command_id=f"t-{i}"),
+                        qos=1,
                     )
                 await c.publish(topics.cmd, b"garbage", qos=1)
                 await c.publish(topics.ack, b"{}", qos=1)
@@ -962,7 +1039,7 @@ async def test_inbox_on_a_shared_connection(
             t2.cancel()
     assert woken == ["applied"] * 3 + ["rejected"]
     assert other == [topics.ack]
-    assert await rig.rows("SELECT count(*) FROM t_credit") == [(3,)]
+    assert [c[0] for c in await rig.credits()] == ["t-0", "t-1", "t-2"]
 
 
 async def test_command_subscriber_on_its_own_connection(
