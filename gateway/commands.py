@@ -867,6 +867,8 @@ class CommandHandler:
             )
         if result.reason is not None:
             d["reason"] = result.reason.value
+        if result.code is not None:
+            d["code"] = result.code
         if result.message:
             d["message"] = result.message[:500]
         d.update(extra)

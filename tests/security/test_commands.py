@@ -52,7 +52,13 @@ from gateway.commands import (
 )
 from gateway.prepaid import Prepaid, PrepaidAccount
 from gateway.security import audit
-from gateway.security.envelope import Outcome, RejectReason
+from gateway.security.envelope import (
+    Outcome,
+    RejectReason,
+    canonical_payload,
+    encode_wire,
+    sign_payload,
+)
 from gateway.security.roles import CommandType, Role, TrustStore
 from gateway.security.trusted_time import TrustedClock, load_floor, restore
 from provisioning.keys import Keystore
@@ -541,6 +547,106 @@ async def test_refused_body_leaves_id_unseen_so_a_corrected_command_applies(
     fixed = central.cmd(CommandType.TOPUP, topup_body(amount_micro=5), command_id="t-9")
     assert (await rig.handler.handle(fixed, channel="mqtt")).outcome is Outcome.APPLIED
     assert await rig.credits() == [("t-9", 5)]
+
+
+@pytest.mark.parametrize(
+    ("pc", "amount", "code", "words"),
+    [
+        (1, 20_000_000, "counter_replay", "purchase counter 1 already used"),
+        (3, 20_000_000, "counter_gap", "purchase counter 3 skips ahead (expected 2)"),
+        (2, HOARD_LIMIT, "hoarding_limit", "would exceed hoarding limit"),
+    ],
+)
+async def test_a_top_up_the_ledger_refuses_is_rejected_with_its_reason_and_its_id_kept_free(
+    rig: Rig, central: Central, pc: int, amount: int, code: str, words: str
+) -> None:
+    """20.00 paid with a reused or skipped purchase counter: refused with the ledger's
+    reason, nothing credited, the id not burned — the corrected top-up applies."""
+    assert (
+        await rig.handler.handle(central.cmd(CommandType.TOPUP, command_id="t-1"), channel="mqtt")
+    ).outcome is Outcome.APPLIED
+    before = await rig.effects()
+    bad = central.cmd(CommandType.TOPUP, topup_body(amount_micro=amount, pc=pc), command_id="t-2")
+    res = await rig.handler.handle(bad, channel="mqtt")
+    assert (res.outcome, res.reason, res.code) == (Outcome.REJECTED, RejectReason.BAD_BODY, code)
+    assert words in res.message
+    assert await rig.effects() == before  # no credit, no seen id, no counter floor moved
+    assert await rig.balance() == 50_000_000
+    ev = results(await rig.events())[-1]
+    assert (ev["outcome"], ev["reason"], ev["code"], ev["id"]) == ("rejected", "bad_body", code, "t-2")
+    (details,) = await rig.rows("SELECT details FROM audit_log ORDER BY seq DESC LIMIT 1")
+    assert orjson.loads(details[0])["code"] == code
+    # central corrects the purchase counter and re-signs under the same id
+    fixed = central.cmd(CommandType.TOPUP, topup_body(amount_micro=20_000_000, pc=2), command_id="t-2")
+    assert (await rig.handler.handle(fixed, channel="mqtt")).outcome is Outcome.APPLIED
+    assert await rig.credits() == [("t-1", 50_000_000), ("t-2", 20_000_000)]
+    assert await rig.balance() == 70_000_000
+    again = central.cmd(CommandType.TOPUP, topup_body(amount_micro=20_000_000, pc=2), command_id="t-2")
+    assert (await rig.handler.handle(again, channel="mqtt")).outcome is Outcome.DUPLICATE
+    assert await rig.balance() == 70_000_000
+
+
+async def test_the_billing_port_raises_and_never_returns_a_refusal(rig: Rig) -> None:
+    """Called directly (technician CLI, USB), the port says no the same way."""
+    billing = rig.billing
+    cases: list[tuple[str, Any]] = [
+        ("counter_gap", billing.apply_topup_in),
+        ("unknown_account", billing.apply_topup_in),
+        ("malformed", billing.apply_topup_in),
+        ("stale_snapshot", billing.apply_snapshot_in),
+        ("snapshot_rejected", billing.apply_snapshot_in),
+        ("invalid_tariff", billing.install_tariff_in),
+        ("unknown_tariff", billing.install_tariff_in),
+    ]
+    bodies: dict[str, dict[str, Any]] = {
+        "counter_gap": topup_body(pc=5),
+        "unknown_account": {**topup_body(), "account": "acct-99"},
+        "malformed": {**topup_body(), "amount_micro": "50"},
+        "stale_snapshot": snapshot_body(central_seq=1, as_of_seq=0),
+        "snapshot_rejected": snapshot_body(central_seq=3, as_of_seq=42),
+        "invalid_tariff": {**TARIFF_V2, "price": "cheap"},
+        "unknown_tariff": {**TARIFF_V2, "id": "other-tariff"},
+    }
+    async with rig.outbox.transaction() as db:  # a newer snapshot in force first
+        await billing.apply_snapshot_in(db, snapshot_body(central_seq=2, as_of_seq=0), now_ms=T0)
+    before = await rig.effects()
+    for code, method in cases:
+        with pytest.raises(CommandRefused) as info:
+            async with rig.outbox.transaction() as db:
+                if method == billing.apply_topup_in:
+                    await method(db, bodies[code], command_id="cli-1", channel="cli", now_ms=T0)
+                else:
+                    await method(db, bodies[code], now_ms=T0)
+        assert info.value.reason == code, (code, info.value.message)
+        assert info.value.message
+    assert await rig.effects() == before
+
+
+async def test_refusals_keep_their_events_through_a_flood_of_garbage(
+    rig: Rig, central: Central
+) -> None:
+    """Unauthenticated junk with bad bodies cannot use up the events that tell central
+    about a refused top-up: refusals are counted per code."""
+    rogue = Ed25519PrivateKey.generate()
+    payload = canonical_payload(
+        target=GATEWAY,
+        command_id="junk",
+        issuer="billing-k1",
+        counter=1,
+        issued_at_ms=T0,
+        expires_at_ms=T0 + HOUR,
+        type=CommandType.TOPUP,
+        body=topup_body(amount_micro=-1),
+    )
+    junk = encode_wire(payload, sign_payload(rogue, payload))
+    for _ in range(20):
+        res = await rig.handler.handle(junk, channel="mqtt")
+        assert (res.reason, res.code) == (RejectReason.BAD_BODY, None)
+    refused = central.cmd(CommandType.TOPUP, topup_body(pc=7), command_id="t-7")
+    res = await rig.handler.handle(refused, channel="mqtt")
+    assert res.code == "counter_gap"
+    ev = results(await rig.events())
+    assert ev[-1]["id"] == "t-7" and ev[-1]["code"] == "counter_gap"
 
 
 async def test_port_crash_rolls_back_everything_and_is_reported(rig: Rig, central: Central) -> None:
