@@ -35,7 +35,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -62,7 +62,7 @@ from gateway.commands import (
 )
 from gateway.config import BusSection, Config
 from gateway.prepaid import Prepaid, RelayIntent
-from gateway.remote_config import RemoteConfig
+from gateway.remote_config import DEFAULT_CONFIRM_MS, RemoteConfig
 from gateway.risk_monitor import RiskMonitor
 from gateway.security import audit, trusted_time
 from gateway.security.roles import TrustStore
@@ -91,6 +91,11 @@ EXTEND_LIMIT_S = 1800.0
 # with their in-rush (cold load pickup); a trip has no such cost and is urgent.
 TRIP_CONCURRENCY = 32
 CLOSE_CONCURRENCY = 8
+# Maintenance: a pass every MAINTENANCE_S; a signed audit checkpoint at most every
+# CHECKPOINT_S (and at stop); the replay table pruned every PRUNE_S.
+MAINTENANCE_S = 60.0
+CHECKPOINT_S = 900.0
+PRUNE_S = 3600.0
 
 
 def wall_ms() -> int:
@@ -288,6 +293,12 @@ class Daemon:
         self.commands: CommandHandler | None = None
         self.inbox: CommandInbox | None = None
         self.clock: TrustedClock | None = None
+        self.keys: Keystore | None = None
+        self.remote_config: RemoteConfig | None = None
+        self.maintenance_interval_s = MAINTENANCE_S
+        self.checkpoint_interval_s = CHECKPOINT_S
+        self.prune_interval_s = PRUNE_S
+        self.config_confirm_ms = DEFAULT_CONFIRM_MS  # default window of a remote change
 
     # -- life cycle ------------------------------------------------------------
 
@@ -338,6 +349,18 @@ class Daemon:
         )
         self.outbox = outbox
         self.started_ms = self.clock_ms()
+        if cfg.security.trust_file is not None:
+            # First, before anything a bad configuration could make fail: a remote
+            # change the daemon keeps restarting on is rolled back here.
+            self.remote_config = RemoteConfig(
+                cfg.source,
+                outbox,
+                self.clock_ms,
+                self.request_restart,
+                contact=self.contact,
+                confirm_window_ms=self.config_confirm_ms,
+            )
+            await self.remote_config.start()
         self.prepaid = Prepaid.from_config(cfg)
         if self.prepaid is not None:
             self.prepaid.attach(outbox)
@@ -370,6 +393,7 @@ class Daemon:
                 await audit.create_schema(db)
                 floor = await trusted_time.load_floor(db)
             self.clock = TrustedClock.restored(floor, wall=self.clock_ms, mono=self.clock_ms)
+            self.keys = self._open_keystore()
             if cfg.security.trust_file is not None:
                 await self._start_commands(outbox, uplink)
             await self.drain_provisioning_audit(outbox)
@@ -416,6 +440,7 @@ class Daemon:
             if self.commands is not None:
                 await self.commands.flush_all_rejections()
             await self._save_time_floor(outbox)
+            await self.audit_checkpoint(outbox)
         finally:
             await outbox.close()
             log.info("stopped")
@@ -443,8 +468,9 @@ class Daemon:
     async def _start_commands(self, outbox: Outbox, uplink: Uplink) -> None:
         cfg = self.config
         assert cfg.security.trust_file is not None and self.clock is not None
+        assert self.remote_config is not None
         trust = TrustStore.load(cfg.security.trust_file)
-        keys = Keystore.open(cfg.security.keystore) if cfg.security.keystore else None
+        keys = self.keys if cfg.security.keystore else None
         billing: Any = self.prepaid if self.prepaid is not None else NoBilling()
         self.commands = CommandHandler(
             outbox,
@@ -453,7 +479,7 @@ class Daemon:
             clock=self.clock,
             billing=billing,
             relay=CommandRelays(self),
-            config=RemoteConfig(cfg.source, outbox, self.clock_ms, self.request_restart),
+            config=self.remote_config,
             resend=NoResend(),
             keys=keys,
             known_meter=lambda m: m in self._bus_of,
@@ -513,20 +539,84 @@ class Daemon:
                 self.uplink.notify()
         return n
 
+    def _open_keystore(self) -> Keystore | None:
+        """The gateway's keystore (the configured one, else the default directory if
+        it holds one): its identity key signs the audit checkpoints."""
+        d = setup.keystore_dir(self.config)
+        if self.config.security.keystore is None and not (d / "manifest.json").exists():
+            log.warning("no keystore at %s: the audit log gets no signed checkpoints", d)
+            return None
+        return Keystore.open(d)
+
+    async def audit_checkpoint(self, outbox: Outbox) -> audit.Checkpoint | None:
+        """Sign the audit log's head with the gateway identity key and send it to central.
+
+        Nothing is written when the head already has a checkpoint. Once a
+        checkpoint is stored (and central holds its copy), deleting or rewriting
+        any entry up to it is caught by ``edgegw audit verify``.
+        """
+        if self.keys is None:
+            return None
+        keys = self.keys
+        now = self.clock_ms()
+        async with outbox.transaction() as db:
+            await audit.create_schema(db)
+            cp = await audit.checkpoint(
+                db, sign=keys.sign, public_key=keys.identity_public_bytes(), time_ms=now
+            )
+            if cp is not None:
+                await outbox.add_in(
+                    db,
+                    RecordClass.EVENT,
+                    RecordKind.EVENT,
+                    now,
+                    audit.checkpoint_event(cp, self.config.gateway.id),
+                )
+        if cp is not None:
+            log.info("audit checkpoint at entry %d", cp.seq)
+        return cp
+
     async def _maintenance(self, outbox: Outbox) -> None:
-        """Once a minute: import the provisioning audit spool, persist the time floor,
-        summarise rejected commands, re-hand relay operations of commands that a
-        crash left pending."""
+        """The daemon's housekeeping timer; see :meth:`maintain`."""
+        last_checkpoint = last_prune = time.monotonic()
         while True:
-            await asyncio.sleep(60)
+            await asyncio.sleep(self.maintenance_interval_s)
+            now = time.monotonic()
+            checkpoint = now - last_checkpoint >= self.checkpoint_interval_s
+            prune = now - last_prune >= self.prune_interval_s
+            await self.maintain(outbox, checkpoint=checkpoint, prune=prune)
+            if checkpoint:
+                last_checkpoint = now
+            if prune:
+                last_prune = now
+
+    async def maintain(self, outbox: Outbox, *, checkpoint: bool = False, prune: bool = False) -> None:
+        """One maintenance pass: import the provisioning audit spool, persist the time
+        floor, summarise rejected commands, re-hand relay operations of commands
+        that a crash left pending, confirm or roll back a remote configuration
+        change; with ``checkpoint`` a signed audit checkpoint, with ``prune`` the
+        seen command ids no command can use any more are forgotten. One job
+        failing does not stop the others."""
+        jobs: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("provisioning audit", lambda: self.drain_provisioning_audit(outbox)),
+            ("time floor", lambda: self._save_time_floor(outbox)),
+        ]
+        if self.commands is not None:
+            jobs += [
+                ("rejection summaries", self.commands.flush_rejections),
+                ("relay intents", self.commands.hand_pending_relays),
+            ]
+            if prune:
+                jobs.append(("replay table", self.commands.prune_replay_table))
+        if self.remote_config is not None:
+            jobs.append(("configuration confirmation", self.remote_config.check))
+        if checkpoint:
+            jobs.append(("audit checkpoint", lambda: self.audit_checkpoint(outbox)))
+        for name, job in jobs:
             try:
-                await self.drain_provisioning_audit(outbox)
-                await self._save_time_floor(outbox)
-                if self.commands is not None:
-                    await self.commands.flush_rejections()
-                    await self.commands.hand_pending_relays()
+                await job()
             except Exception as exc:
-                log.error("maintenance failed: %s", exc)
+                log.error("maintenance: %s failed: %s", name, exc)
 
     def relays_idle(self) -> bool:
         """No relay operation is waiting for its bus."""

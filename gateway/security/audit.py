@@ -178,12 +178,16 @@ def verify_entries(
     checkpoints: Sequence[Checkpoint] = (),
     *,
     public_key: bytes | None = None,
+    expect_heads: Sequence[tuple[int, bytes]] = (),
 ) -> VerifyResult:
     """Check the chain and the checkpoints (pure). Entries must come ordered by seq.
 
     With ``public_key`` (the gateway's registered identity key) every
     checkpoint must be signed by it; without, checkpoints are checked against
     the key stored beside them, which only proves internal consistency.
+    ``expect_heads`` are ``(seq, hash)`` pairs held outside the database (the
+    checkpoints central received): the log must contain each of them, which
+    catches a tail dropped together with its checkpoints.
     """
     prev = GENESIS_HASH
     expected = 1
@@ -241,6 +245,23 @@ def verify_entries(
                 count,
                 cp.seq,
                 f"log differs from the signed checkpoint at {cp.seq} (history rewritten)",
+            )
+    for seq, want in expect_heads:
+        actual = hashes.get(seq)
+        if actual is None:
+            return VerifyResult(
+                False,
+                count,
+                min(seq, count + 1),
+                f"central holds a checkpoint at entry {seq} but the log ends at {count} "
+                "(entries deleted)",
+            )
+        if actual != want:
+            return VerifyResult(
+                False,
+                count,
+                seq,
+                f"log differs from central's checkpoint at {seq} (history rewritten)",
             )
     return VerifyResult(True, count, None, "", count, prev, len(checkpoints))
 
@@ -316,6 +337,24 @@ async def checkpoint(
     return Checkpoint(seq, h, time_ms, public_key, sig)
 
 
+def checkpoint_event(cp: Checkpoint, gateway_id: str) -> dict[str, Any]:
+    """The outbox event that gives central its copy of a checkpoint.
+
+    Central keeps the newest one per gateway: a database whose log ends before
+    it, or differs from it, was truncated or rewritten (``edgegw audit verify
+    --expect-head SEQ:HASH``).
+    """
+    return {
+        "type": "audit_checkpoint",
+        "gateway": gateway_id,
+        "seq": cp.seq,
+        "hash": cp.hash.hex(),
+        "time_ms": cp.time_ms,
+        "public_key": cp.public_key.hex(),
+        "signature": cp.signature.hex(),
+    }
+
+
 # ---------------------------------------------------------------------------
 # Verifier (synchronous, read-only)
 
@@ -338,7 +377,12 @@ def _rows(db: sqlite3.Connection) -> Iterable[AuditEntry]:
         )
 
 
-def verify(db_path: str | Path, *, public_key: bytes | None = None) -> VerifyResult:
+def verify(
+    db_path: str | Path,
+    *,
+    public_key: bytes | None = None,
+    expect_heads: Sequence[tuple[int, bytes]] = (),
+) -> VerifyResult:
     """Verify the audit log in ``db_path`` (opened read-only). See :func:`verify_entries`."""
     p = Path(db_path)
     if not p.exists():
@@ -356,7 +400,9 @@ def verify(db_path: str | Path, *, public_key: bytes | None = None) -> VerifyRes
                     "FROM audit_checkpoint ORDER BY seq"
                 )
             ]
-            return verify_entries(_rows(db), cps, public_key=public_key)
+            return verify_entries(
+                _rows(db), cps, public_key=public_key, expect_heads=expect_heads
+            )
         except sqlite3.Error as exc:
             raise AuditError(f"{p}: cannot read the audit log: {exc}") from exc
     finally:

@@ -1,6 +1,7 @@
 """``edgegw audit ...`` and ``edgegw command ...``: offline security tools.
 
     edgegw audit verify --db /var/lib/edgegw/gateway.db [--keystore DIR | --public-key B64]
+        [--expect-head SEQ:HASH ...]
     edgegw command verify --file top-up.json --trust central_keys.json --gateway-id gw-0001
     edgegw command keygen --role billing --key-id billing-2026a --private-out billing.pem \
         --trust central_keys.json
@@ -58,8 +59,19 @@ def _audit_verify(args: argparse.Namespace) -> int:
         except KeystoreError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    heads: list[tuple[int, bytes]] = []
+    for text in args.expect_head or ():
+        seq, sep, hexhash = text.partition(":")
+        try:
+            head = (int(seq), bytes.fromhex(hexhash))
+        except ValueError:
+            head = (0, b"")
+        if not sep or head[0] < 1 or len(head[1]) != 32:
+            print(f"error: --expect-head {text!r}: expected SEQ:HASH (64 hex digits)", file=sys.stderr)
+            return 2
+        heads.append(head)
     try:
-        result = verify(args.db, public_key=public_key)
+        result = verify(args.db, public_key=public_key, expect_heads=heads)
     except AuditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -173,6 +185,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     key = p.add_mutually_exclusive_group()
     key.add_argument("--keystore", type=Path, help="pin checkpoints to this gateway's identity")
     key.add_argument("--public-key", help="pin checkpoints to this Ed25519 key (base64)")
+    p.add_argument(
+        "--expect-head",
+        action="append",
+        metavar="SEQ:HASH",
+        help="a checkpoint central received (audit_checkpoint event): the log must contain it",
+    )
     p.set_defaults(func=_audit_verify)
 
     command = subparsers.add_parser("command", help="signed command envelopes")
