@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from gateway.billing import ledger_store as ls
 from gateway.billing.account import load_account
 from gateway.billing.tariff import load_book
 from gateway.commands import (
+    SEEN_GRACE_MS,
     Bucket,
     CommandHandler,
     CommandInbox,
@@ -50,6 +52,7 @@ from gateway.commands import (
     parse_resend,
     tally_rejection,
 )
+from gateway.daemon import NoBilling
 from gateway.prepaid import Prepaid, PrepaidAccount
 from gateway.security import audit
 from gateway.security.envelope import (
@@ -59,8 +62,10 @@ from gateway.security.envelope import (
     encode_wire,
     sign_payload,
 )
+from gateway.security.envelope import create_schema as envelope_schema
 from gateway.security.roles import CommandType, Role, TrustStore
-from gateway.security.trusted_time import TrustedClock, load_floor, restore
+from gateway.security.trusted_time import TrustedClock, load_floor, restore, save_floor
+from gateway.security.trusted_time import create_schema as time_schema
 from provisioning.keys import Keystore
 from store_forward.outbox import Outbox
 from store_forward.topics import Topics
@@ -849,6 +854,104 @@ async def test_purpose_rotation_happens_exactly_once_even_if_the_keystore_lagged
     assert fresh.keys is not None and fresh.keys.versions()["storage"] == v0 + 2
     await fresh.recover()
     assert Keystore.open(rig.keys.path).versions()["storage"] == v0 + 2
+
+
+# ---------------------------------------------------------------------------
+# The replay table is pruned by expiry, on the trusted-time floor
+
+
+async def test_prune_forgets_only_ids_no_command_can_be_accepted_under(
+    rig: Rig, central: Central
+) -> None:
+    h = rig.handler
+    relay = central.cmd(CommandType.RELAY_OPERATE, {"meter": "m-1", "op": "trip"}, command_id="r-1")
+    topup = central.cmd(CommandType.TOPUP, command_id="t-1", expires_at=T0 + 10 * 24 * HOUR)
+    for raw in (relay, topup):
+        assert (await h.handle(raw, channel="mqtt")).outcome is Outcome.APPLIED
+
+    async def floor(ms: int) -> None:
+        async with rig.outbox.transaction() as db:
+            await save_floor(db, ms, rig.time.mono)
+
+    async def seen() -> list[str]:
+        return [r[0] for r in await rig.rows("SELECT command_id FROM sec_seen_command ORDER BY 1")]
+
+    # the system clock a year ahead moves nothing: pruning goes by the trusted-time floor
+    rig.time.wall += 365 * 24 * HOUR
+    assert await h.prune_replay_table() == 0
+    rig.time.wall -= 365 * 24 * HOUR
+    # r-1 expired at T0 + 1 h; it is kept for SEEN_GRACE_MS after that
+    await floor(T0 + HOUR + SEEN_GRACE_MS)
+    assert await h.prune_replay_table() == 0
+    await floor(T0 + HOUR + SEEN_GRACE_MS + 1)
+    assert await h.prune_replay_table() == 1
+    assert await seen() == ["t-1"]
+    assert await rig.rows("SELECT command_id FROM cmd_relay_intent") == []  # handed, expired
+    before = await rig.effects()
+    # the pruned envelope replayed: still refused (counter floor), nothing happens
+    res = await h.handle(relay, channel="mqtt")
+    assert res.reason is RejectReason.COUNTER_STALE
+    assert await rig.effects() == before and len(rig.relay.calls) == 1
+    # an id still kept answers duplicate to a re-signed copy
+    again = central.cmd(CommandType.TOPUP, command_id="t-1", expires_at=T0 + 10 * 24 * HOUR)
+    assert (await h.handle(again, channel="mqtt")).outcome is Outcome.DUPLICATE
+    assert await rig.credits() == [("t-1", 50_000_000)]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    expiries=st.lists(st.integers(1, 100 * 24 * HOUR), min_size=1, max_size=12),
+    floor=st.integers(0, 120 * 24 * HOUR),
+)
+def test_a_pruned_id_would_be_refused_as_expired_at_any_trusted_time(
+    expiries: list[int], floor: int
+) -> None:
+    """Whatever the expiries and the floor: an id goes only if its envelope's expiry
+    lies before the floor (trusted time never runs below it), and every such id
+    older than the grace goes."""
+
+    async def run() -> tuple[set[str], set[str]]:
+        with tempfile.TemporaryDirectory() as d:
+            outbox = await Outbox.open(Path(d) / "gw.db")
+            try:
+                async with outbox.transaction() as db:
+                    await envelope_schema(db)
+                    await time_schema(db)
+                    for i, e in enumerate(expiries):
+                        await db.execute(
+                            "INSERT INTO sec_seen_command VALUES (?, 'k', ?, 'topup', x'00',"
+                            " 'mqtt', 0, ?)",
+                            (f"c-{i}", i + 1, e),
+                        )
+                    await save_floor(db, floor, 0)
+                h = CommandHandler(
+                    outbox,
+                    trust=TrustStore(),
+                    gateway_id=GATEWAY,
+                    clock=TrustedClock(restore(0, 0), wall=lambda: 0, mono=lambda: 0),
+                    billing=NoBilling(),
+                    relay=RecordingRelay(),
+                    config=NoRemoteConfig(),
+                    resend=NoResend(),
+                )
+                await h.start()
+                await h.prune_replay_table(grace_ms=HOUR)
+                async with outbox.transaction() as db, db.execute(
+                    "SELECT command_id FROM sec_seen_command"
+                ) as cur:
+                    kept = {str(r[0]) for r in await cur.fetchall()}
+            finally:
+                await outbox.close()
+        return kept, {f"c-{i}" for i in range(len(expiries))}
+
+    kept, every = asyncio.run(run())
+    for i, e in enumerate(expiries):
+        cid = f"c-{i}"
+        if cid not in kept:
+            assert e < floor  # a command carrying it is expired at any time >= the floor
+        else:
+            assert e >= floor - HOUR
+    assert kept <= every
 
 
 # ---------------------------------------------------------------------------
