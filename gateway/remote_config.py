@@ -310,16 +310,21 @@ class RemoteConfig:
         # The file this run of the daemon loaded (read when the daemon starts).
         self.loaded_sha = _sha(config_file)
         self._last_mono = mono_ms()
+        self._schema_done = False
 
     def _staged_path(self, command_id: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in command_id)[:80]
         return self.file.with_name(f".{self.file.name}.{safe}.staged")
 
-    @staticmethod
-    async def _schema(db: aiosqlite.Connection) -> None:
+    async def _schema(self, db: aiosqlite.Connection, *, commits: bool = True) -> None:
+        """Create the tables (once per run when ``db``'s transaction ``commits``:
+        a command's transaction may still roll back)."""
+        if self._schema_done:
+            return
         await db.execute(SCHEMA)
         await db.execute(CONFIRM_SCHEMA)
         await audit.create_schema(db)  # confirmations and rollbacks are audited
+        self._schema_done = commits
 
     # -- the command ---------------------------------------------------------
 
@@ -332,7 +337,7 @@ class RemoteConfig:
         command_id: str,
         now_ms: int,
     ) -> dict[str, Any]:
-        await self._schema(db)
+        await self._schema(db, commits=False)
         async with db.execute("SELECT command_id FROM cmd_config_stage WHERE state = 'staged'") as cur:
             if await cur.fetchone() is not None:
                 # apply() runs right after each commit, so this is a crash not yet recovered
