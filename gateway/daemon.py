@@ -580,8 +580,9 @@ class Daemon:
         return cp
 
     async def _maintenance(self, outbox: Outbox) -> None:
-        """The daemon's housekeeping timer; see :meth:`maintain`."""
-        last_checkpoint = last_prune = time.monotonic()
+        """The daemon's housekeeping timer; see :meth:`maintain`. The first pass also
+        checkpoints and prunes (a gateway restarted often still does both)."""
+        last_checkpoint = last_prune = -float("inf")
         while True:
             await asyncio.sleep(self.maintenance_interval_s)
             now = time.monotonic()
