@@ -1,15 +1,19 @@
 """Build a bus from configuration: transport, drivers, scheduler.
 
-:func:`open_bus` is the one entry point the daemon needs per bus::
+:func:`open_site_bus` is the one way the daemon and the commissioning
+commands open a bus: with the site's time zone (``gateway.timezone``, the
+zone meter clocks keep), the line lock of a serial bus, and every meter's
+timing from the standards (firmware_bridge/timing.py)::
 
-    async with open_bus(bus_cfg, config.meters_on(bus_cfg.name), config.profiles) as sched:
+    async with open_site_bus(config, bus_cfg, owner="edgegw daemon") as sched:
         while True:
             result = await sched.run_cycle(now_ms())
             ...
 
 Every meter on a bus must speak the bus's protocol (one framing per RS-485
-line). The transport is opened lazily on the first request and closed when
-the context exits.
+line). A serial bus's device is checked and locked before anything else
+(:class:`~firmware_bridge.driver.BusUnavailable` names the device and what to
+do); transports are closed and the lock released when the context exits.
 """
 
 from __future__ import annotations
@@ -19,15 +23,18 @@ import dataclasses
 import datetime as dt
 import importlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
 
-from firmware_bridge.driver import MeterDriver
-from firmware_bridge.modbus.driver import ModbusDriver
+from firmware_bridge.driver import BusUnavailable, MeterDriver
+from firmware_bridge.modbus.driver import RTU_REQUEST_BYTES, RTU_WRITE_BYTES, ModbusDriver
 from firmware_bridge.modbus.profiles import Profile, ProfileError, parse_profile, parse_profiles
 from firmware_bridge.modbus.transport import ModbusTransport
 from firmware_bridge.reading import Quantity
 from firmware_bridge.relay import Dlt645RelayActuator, actuator_from_config
 from firmware_bridge.scheduler import BackoffPolicy, BusScheduler, silent_interval_s
+from firmware_bridge.serial_line import LineBusy, LineLock, check_device
+from firmware_bridge.timing import LineTiming, default_response_s, line_timing, timeout_problem
 from gateway.config import BusSection, MeterSection
 
 
@@ -60,14 +67,27 @@ def config_problems(
         except ProfileError as exc:
             problems.append(str(exc))
             broken.add(name)  # reported once, not again as unknown
-    for bus in buses:
+    protocol_of: dict[str, str] = {}
+    for bi, bus in enumerate(buses):
         on_bus = [m for m in meters if m.bus == bus.name]
         try:
-            bus_protocol(bus, on_bus)
+            protocol_of[bus.name] = bus_protocol(bus, on_bus)
         except BusConfigError as exc:
             problems.append(str(exc))
+            continue
+        response = bus.response_time_s or default_response_s(protocol_of[bus.name])
+        slow = max([response, *(m.response_time_s or 0.0 for m in on_bus if m.timeout_s is None)])
+        problem = timeout_problem(bus.timeout_s, slow, protocol_of[bus.name])
+        if problem:
+            problems.append(f"bus[{bi}].timeout_s: {problem}")
     for i, m in enumerate(meters):
         key = f"meter[{i}]"
+        if m.bus in protocol_of and m.timeout_s is not None:
+            bus = next(b for b in buses if b.name == m.bus)
+            response = m.response_time_s or bus.response_time_s or default_response_s(m.protocol)
+            problem = timeout_problem(m.timeout_s, response, m.protocol)
+            if problem:
+                problems.append(f"{key}.timeout_s: {problem}")
         if m.protocol == "modbus" and m.profile in broken:
             pass
         elif m.protocol == "modbus" and m.profile is not None and m.profile not in known:
@@ -119,14 +139,21 @@ def resolve_profiles(profiles: Mapping[str, Any] | None) -> dict[str, Profile]:
     return parse_profiles(profiles)
 
 
+def meter_timing(protocol: str, bus: BusSection, meter: MeterSection | None = None) -> LineTiming:
+    """The timing of ``meter`` on ``bus`` (bus defaults without a meter)."""
+    return line_timing(protocol, bus, meter)
+
+
 def _modbus_transport(bus: BusSection) -> ModbusTransport:
+    line = meter_timing("modbus", bus)
+    # default limit of one request (relay writes and read-backs): a short frame each way
+    limit = line.wire_s(RTU_REQUEST_BYTES) + line.timeout_s + line.wire_s(RTU_WRITE_BYTES)
     if bus.type == "tcp":
         if not bus.host:
             raise BusConfigError(f"bus {bus.name}.host", "required for a tcp bus")
-        # "framing" is optional on BusSection: "rtu" for transparent RS-485/Ethernet converters
-        rtu = getattr(bus, "framing", "socket") == "rtu"
+        rtu = bus.framing == "rtu"  # transparent RS-485/Ethernet converters
         return ModbusTransport.tcp(
-            bus.host, bus.port, name=bus.name, timeout_s=bus.timeout_s, rtu_over_tcp=rtu, baud=bus.baud
+            bus.host, bus.port, name=bus.name, timeout_s=limit, rtu_over_tcp=rtu, baud=bus.baud
         )
     if not bus.device:
         raise BusConfigError(f"bus {bus.name}.device", "required for a serial bus")
@@ -136,7 +163,7 @@ def _modbus_transport(bus: BusSection) -> ModbusTransport:
         baud=bus.baud,
         parity=bus.parity,
         stop_bits=bus.stop_bits,
-        timeout_s=bus.timeout_s,
+        timeout_s=limit,
     )
 
 
@@ -163,14 +190,58 @@ def profile_for_meter(m: MeterSection, profiles: Mapping[str, Profile]) -> Profi
 
 
 def modbus_drivers(
-    meters: Sequence[MeterSection], profiles: Mapping[str, Profile], transport: ModbusTransport
+    meters: Sequence[MeterSection],
+    profiles: Mapping[str, Profile],
+    transport: ModbusTransport,
+    bus: BusSection | None = None,
 ) -> list[ModbusDriver]:
     drivers: list[ModbusDriver] = []
     for m in meters:
         if m.unit_id is None:
             raise BusConfigError(f"meter {m.id}.unit_id", "required for a modbus meter")
-        drivers.append(ModbusDriver(m.id, m.unit_id, profile_for_meter(m, profiles), transport))
+        timing = None if bus is None else meter_timing("modbus", bus, m)
+        drivers.append(
+            ModbusDriver(m.id, m.unit_id, profile_for_meter(m, profiles), transport, timing=timing)
+        )
     return drivers
+
+
+class SiteConfig(Protocol):
+    """What :func:`open_site_bus` needs of the configuration (``gateway.config.Config``)."""
+
+    @property
+    def gateway(self) -> Any: ...  # .timezone: the site's IANA zone
+    @property
+    def profiles(self) -> Mapping[str, Any]: ...
+    def meters_on(self, bus: str) -> Sequence[MeterSection]: ...
+
+
+def open_site_bus(
+    config: SiteConfig,
+    bus: BusSection,
+    meters: Sequence[MeterSection] | None = None,
+    *,
+    owner: str,
+    force: bool = False,
+    policy: BackoffPolicy | None = None,
+) -> contextlib.AbstractAsyncContextManager[BusScheduler]:
+    """Open ``bus`` the way the daemon and the commissioning commands both do.
+
+    Meter clocks run in the site's zone (``gateway.timezone``); ``meters``
+    defaults to every meter of the bus. ``owner`` is what a refused process is
+    told holds the line (e.g. ``edgegw daemon (gateway gw-01)``); ``force`` uses
+    a serial line even while another process holds its lock (the two will talk
+    over each other).
+    """
+    return open_bus(
+        bus,
+        config.meters_on(bus.name) if meters is None else meters,
+        config.profiles,
+        policy=policy,
+        meter_tz=ZoneInfo(config.gateway.timezone),
+        lock_owner=owner,
+        force=force,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -181,39 +252,60 @@ async def open_bus(
     *,
     policy: BackoffPolicy | None = None,
     meter_tz: dt.tzinfo | None = None,
+    lock_owner: str | None = None,
+    force: bool = False,
 ) -> AsyncIterator[BusScheduler]:
     """Open ``bus`` and yield its :class:`BusScheduler`; close the transport on exit.
 
     ``meter_tz`` is the time zone DL/T 645 meter clocks run in (they keep local
     time; relay-command deadlines are converted to it), e.g.
-    ``ZoneInfo(config.gateway.timezone)``. Meter ``password``/``operator`` (hex)
-    and ``quantities`` from the configuration are passed to the drivers.
+    ``ZoneInfo(config.gateway.timezone)``: use :func:`open_site_bus`, which
+    passes it. Meter ``password``/``operator`` (hex), ``quantities`` and timing
+    overrides from the configuration are passed to the drivers. With
+    ``lock_owner`` a serial bus's line lock is taken (unless ``force``).
 
     Raises :class:`BusConfigError` / :class:`ProfileError` (both ``ValueError``) for
-    configuration problems before anything is opened.
+    configuration problems before anything is opened, and
+    :class:`~firmware_bridge.driver.BusUnavailable` when a serial device is
+    missing, not accessible or in use.
     """
     on_bus = [m for m in meters if m.bus == bus.name]
     protocol = bus_protocol(bus, on_bus)
-    gap = silent_interval_s(protocol, bus.type, bus.baud)
+    gap = silent_interval_s(protocol, bus.type, bus.baud, bus.parity, bus.stop_bits)
+    if protocol == "modbus":
+        resolved = resolve_profiles(profiles)
+        for m in on_bus:
+            profile_for_meter(m, resolved)  # configuration problems before the line is touched
     async with contextlib.AsyncExitStack() as stack:
+        if bus.type == "serial" and bus.device:
+            if lock_owner is not None and not force:
+                lock = LineLock(bus.device, lock_owner)
+                try:
+                    lock.acquire()
+                except LineBusy as exc:
+                    raise BusUnavailable(bus.name, busy_text(exc)) from None
+                stack.callback(lock.release)
+            problem = check_device(bus.device)
+            if problem:
+                raise BusUnavailable(bus.name, problem)
         drivers: list[MeterDriver]
         extra: dict[str, Any] = {}
         if protocol == "modbus":
-            resolved = resolve_profiles(profiles)
             transport = _modbus_transport(bus)
             stack.callback(transport.close)
-            drivers = list(modbus_drivers(on_bus, resolved, transport))
+            drivers = list(modbus_drivers(on_bus, resolved, transport, bus))
             extra["modbus_transport"] = transport
         elif protocol == "dlt645":
             drivers, dtransport = await _dlt645(bus, on_bus, stack, meter_tz)
             extra["dlt645_transport"] = dtransport
         else:
             raise BusConfigError(f"bus {bus.name}", f"unknown protocol {protocol!r}")
+        bus_line = meter_timing(protocol, bus)
         scheduler = BusScheduler(
             bus.name,
             drivers,
             silent_interval_s=gap,
-            timeout_s=bus.timeout_s,
+            timeout_s=bus_line.timeout_s,
             retries=bus.retries,
             policy=policy,
         )
@@ -224,6 +316,15 @@ async def open_bus(
             scheduler.relays[m.id] = _relay_actuator(m, scheduler, extra)
             scheduler.relay_min_interval_s[m.id] = m.relay.min_interval_s
         yield scheduler
+
+
+def busy_text(exc: LineBusy) -> str:
+    """One line for a line held by another process, saying what to do."""
+    return (
+        f"{exc.device} is in use by {exc.holder or 'another edgegw process'}:"
+        " stop it first (the daemon: sudo systemctl stop edgegw), or pass --force"
+        " to share the line (the two masters will talk over each other)"
+    )
 
 
 def _relay_actuator(m: MeterSection, scheduler: BusScheduler, transports: Mapping[str, Any]) -> Any:
@@ -257,22 +358,12 @@ async def _dlt645(
         dlt = importlib.import_module("firmware_bridge.dlt645")
     except ImportError as exc:
         raise BusConfigError(f"bus {bus.name}", f"DL/T 645 support is not available: {exc}") from exc
-    opened = dlt.open_transport(bus)
-    if hasattr(opened, "__aenter__"):
-        transport = await stack.enter_async_context(opened)
-    elif hasattr(opened, "__await__"):
-        transport = await opened
-        if hasattr(transport, "aclose"):
-            stack.push_async_callback(transport.aclose)
-        elif hasattr(transport, "close"):
-            stack.callback(transport.close)
-    else:
-        transport = opened
     drivers: list[MeterDriver] = []
+    transport = dlt.open_transport(bus, timing=meter_timing("dlt645", bus))
     for m in meters:
         if m.address is None:
             raise BusConfigError(f"meter {m.id}.address", "required for a dlt645 meter")
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"timing": meter_timing("dlt645", bus, m)}
         if m.password:
             kwargs["password"] = bytes.fromhex(m.password)
         if m.operator:
@@ -285,4 +376,5 @@ async def _dlt645(
             drivers.append(dlt.Dlt645Driver(m.id, m.address, transport, **kwargs))
         except ValueError as exc:
             raise BusConfigError(f"meter {m.id}", str(exc)) from None
+    await stack.enter_async_context(transport)
     return drivers, transport

@@ -38,6 +38,18 @@ class MeterFrameError(MeterError):
     kind = "frame"
 
 
+class MeterWrongAddress(MeterFrameError):
+    """A valid reply came from another address than the one asked (a meter with a
+    misconfigured address, or two meters sharing one)."""
+
+    kind = "address"
+
+    def __init__(self, meter_id: str, expected: str, got: str, what: str = "address") -> None:
+        super().__init__(meter_id, f"reply from {what} {got}, expected {expected}")
+        self.expected = expected
+        self.got = got
+
+
 class MeterRefused(MeterError):
     """The meter answered with an error/exception reply."""
 
@@ -50,6 +62,17 @@ class TransportError(MeterError):
     kind = "transport"
 
 
+class BusUnavailable(TransportError):
+    """A bus cannot be opened at all (adapter missing, permission denied, line in
+    use); the message names the bus, not a meter: ``bus rs485-1: ...``."""
+
+    def __init__(self, bus: str, detail: str) -> None:
+        Exception.__init__(self, f"bus {bus}: {detail}")
+        self.meter_id = bus
+        self.bus = bus
+        self.detail = detail
+
+
 class MeterDriver(Protocol):
     """One meter on one bus."""
 
@@ -57,5 +80,21 @@ class MeterDriver(Protocol):
     def meter_id(self) -> str: ...
 
     async def read(self, now_ms: int) -> Reading:
-        """Read the meter's configured quantities; raise a MeterError on failure."""
+        """Read the meter's configured quantities; raise a MeterError on failure.
+
+        A failure after some values were read ends the read with those values
+        (``meta["incomplete"]`` says why, ``meta["missing"]`` what is missing).
+        """
+        ...
+
+
+class TimedDriver(MeterDriver, Protocol):
+    """A driver that knows its own time budget (see firmware_bridge/timing.py)."""
+
+    def read_budget_s(self) -> float:
+        """Longest one read may take when every transaction uses its full timeout."""
+        ...
+
+    def operation_budget_s(self) -> float:
+        """Longest one other operation (relay command, read-back) may take."""
         ...

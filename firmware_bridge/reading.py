@@ -79,6 +79,22 @@ class Measurement:
 
 
 @dataclass(frozen=True, slots=True)
+class MeterFault:
+    """Something a meter sent that could not be used, kept as evidence.
+
+    The rest of the reading is kept: a bad date must not lose the energy
+    register. ``kind`` names the part (``clock``), ``cause`` is a stable code
+    (``clock.weekday``, ``clock.invalid_date``...), ``raw`` the bytes as the
+    meter sent them (hex, wire order, 33H already removed).
+    """
+
+    kind: str
+    cause: str
+    detail: str
+    raw: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Reading:
     """What one meter said at one time.
 
@@ -91,6 +107,7 @@ class Reading:
     values: Mapping[Quantity, Measurement]
     time_source: TimeSource = TimeSource.SYSTEM
     meta: Mapping[str, str] = field(default_factory=dict)
+    faults: tuple[MeterFault, ...] = ()  # what the meter sent that could not be used
 
     def get(self, quantity: Quantity) -> Decimal | None:
         m = self.values.get(quantity)

@@ -5,7 +5,9 @@ Safety rules (docs/modbus.md, "Relay safety"):
 * Every command is verified by reading the relay state back after a settle
   time. A mismatch is re-driven on a bounded schedule; when the attempts are
   used up the controller raises an alarm carrying the evidence (every
-  attempt: what was sent, what came back, errors).
+  attempt: what was sent, what came back, errors). A command the meter
+  refuses (an error reply, as opposed to no answer) is not resent: the alarm
+  says what the meter answered and why it may have refused.
 * The state is read first: a command for the state the relay is already in
   is not driven (no needless switching) and succeeds at once.
 * A minimum interval is kept between two operations on one relay
@@ -116,6 +118,10 @@ class Dlt645RelayActuator:
     Trip = 1AH, close = 1CH (close directly) or 1BH (close allowed: the
     customer closes at the meter, so read-back stays "open" until they do and
     a close is then verified only by the meter's acknowledgement).
+
+    Each command is valid for ``validity_s``, counted in the meter's own time:
+    the driver's ``command_deadline`` uses the meter's clock where it was read,
+    else the site's local time with a margin (docs/dlt645.md, "Control").
     """
 
     def __init__(
@@ -124,12 +130,10 @@ class Dlt645RelayActuator:
         *,
         close_directly: bool = True,
         validity_s: float = 300.0,
-        wall_clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         self.driver = driver
         self.close_directly = close_directly
         self.validity_s = validity_s
-        self._wall = wall_clock
         cmds = importlib.import_module("firmware_bridge.dlt645.messages").ControlCommand
         self._trip = cmds.TRIP
         self._close = cmds.CLOSE if close_directly else cmds.CLOSE_ALLOWED
@@ -144,8 +148,12 @@ class Dlt645RelayActuator:
     def close_is_deferred(self) -> bool:
         return not self.close_directly
 
+    async def _deadline(self) -> dt.datetime:
+        deadline, _basis = await self.driver.command_deadline(self.validity_s)
+        return deadline
+
     async def set_open(self, open: bool) -> None:
-        deadline = self._wall() + dt.timedelta(seconds=self.validity_s)
+        deadline = await self._deadline()
         await self.driver.control(self._trip if open else self._close, deadline)
 
     async def read_open(self) -> bool:
@@ -153,8 +161,7 @@ class Dlt645RelayActuator:
 
     async def signal(self, sig: MeterSignal) -> None:
         """Meter alarm (2AH/2BH) or power-protect (3AH/3BH); returns on the meter's ack."""
-        deadline = self._wall() + dt.timedelta(seconds=self.validity_s)
-        await self.driver.control(self._signals[sig], deadline)
+        await self.driver.control(self._signals[sig], await self._deadline())
 
 
 def actuator_from_config(
@@ -291,6 +298,7 @@ class RelayResult:
     alarm: bool
     reason: str  # human-readable summary: "already open", "verified open after 2 drives", ...
     pending_customer: bool = False  # close-allowed acknowledged, waiting for the customer
+    refused: bool = False  # the meter answered the command with a refusal (not resent)
 
 
 class RelayRateLimited(Exception):
@@ -401,6 +409,23 @@ class RelayController:
                     await self._run(meter_id, lambda: act.set_open(open))
                 except MeterError as exc:
                     cmd_err = f"{exc.kind}: {exc.detail}"
+                    if exc.kind == "refused":
+                        # The meter answered "no": resending the same command gets the
+                        # same answer. Say what it answered; nothing moved.
+                        attempts.append(RelayAttempt(drive, at, cmd_err, None, None))
+                        result = RelayResult(
+                            meter_id,
+                            open,
+                            False,
+                            final,
+                            tuple(attempts),
+                            True,
+                            f"meter refused the {'trip' if open else 'close'} command, not resent: {exc.detail}",
+                            refused=True,
+                        )
+                        if self._on_alarm is not None:
+                            self._on_alarm(result)
+                        return result
                 await self._sleep(pol.settle_s)
                 read_err: str | None = None
                 observed: bool | None = None

@@ -42,21 +42,16 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from firmware_bridge import timing
 from firmware_bridge.driver import MeterDriver, MeterError, MeterTimeout
 from firmware_bridge.reading import Reading
+from firmware_bridge.timing import backstop_s, rtu_t35_s
 
 T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------
-# Pure timing arithmetic
-
-
-def rtu_t35_s(baud: int) -> float:
-    """Modbus RTU silent interval t3.5 = 3.5 characters × 11 bits / baud; 1.75 ms above 19200."""
-    if baud <= 0:
-        raise ValueError(f"baud must be > 0, got {baud}")
-    return 0.00175 if baud > 19200 else 3.5 * 11 / baud
+# Pure timing arithmetic (the formulas live in firmware_bridge.timing)
 
 
 def char_time_s(baud: int, bits_per_char: int = 11) -> float:
@@ -64,23 +59,20 @@ def char_time_s(baud: int, bits_per_char: int = 11) -> float:
 
 
 def dlt645_gap_s(baud: int) -> float:
-    """Inter-frame gap used between DL/T 645 transactions.
-
-    DL/T 645-2007 asks the master to wait before the next frame; meters need
-    20 ms ≤ response delay and the bus must be idle. We keep max(20 ms,
-    4 character times) between the end of one answer and the next request.
-    """
-    return max(0.020, 4 * char_time_s(baud))
+    """Inter-frame gap used between DL/T 645 transactions (8E1): max(20 ms, 4 characters)."""
+    return timing.dlt645_gap_s(baud)
 
 
-def silent_interval_s(protocol: str, bus_type: str, baud: int) -> float:
+def silent_interval_s(
+    protocol: str, bus_type: str, baud: int, parity: str = "E", stop_bits: int = 1
+) -> float:
     """Gap kept between two operations on one bus."""
     if bus_type == "tcp":
         return 0.0
     if protocol == "modbus":
-        return rtu_t35_s(baud)
+        return rtu_t35_s(baud, parity, stop_bits)
     if protocol == "dlt645":
-        return dlt645_gap_s(baud)
+        return timing.dlt645_gap_s(baud, parity, stop_bits)
     raise ValueError(f"unknown protocol {protocol!r}")
 
 
@@ -218,7 +210,8 @@ SILENT_KINDS: frozenset[str] = frozenset({"timeout", "transport"})
 # An exception reply is deterministic (wrong map, unsupported register) and a
 # transport error fails fast until the link is back: retrying in the same cycle
 # only costs bus time.
-NOT_RETRIED: frozenset[str] = frozenset({"refused", "transport"})
+# A reply from another address is deterministic too (a misconfigured meter).
+NOT_RETRIED: frozenset[str] = frozenset({"refused", "transport", "address"})
 
 
 def attempts_for(h: MeterHealth, retries: int) -> int:
@@ -323,7 +316,23 @@ class BusScheduler:
         return dict(self._health)
 
     def deadline_s(self, meter_id: str) -> float:
-        """Backstop for one operation; the transports apply the real timeout."""
+        """Backstop for one read of ``meter_id``; the transports apply the real timeouts.
+
+        From the driver's own budget (its read plan × per-transaction times, see
+        firmware_bridge/timing.py) where it has one, so a slow but conformant meter
+        at a low baud rate is never cut off; else 4 × timeout + 1 s.
+        """
+        budget = getattr(self.drivers.get(meter_id), "read_budget_s", None)
+        if callable(budget):
+            return backstop_s(float(budget()))
+        return self.meter_timeouts.get(meter_id, self.timeout_s) * 4 + 1.0
+
+    def operation_deadline_s(self, meter_id: str) -> float:
+        """Backstop for one other operation (relay command, read-back) of ``meter_id``."""
+        driver = self.drivers.get(meter_id)
+        budget = getattr(driver, "operation_budget_s", None)
+        if callable(budget):
+            return backstop_s(float(budget()))
         return self.meter_timeouts.get(meter_id, self.timeout_s) * 4 + 1.0
 
     async def exclusive(self, op: Callable[[], Awaitable[T]]) -> T:
@@ -352,7 +361,7 @@ class BusScheduler:
 
         async def guarded() -> T:
             try:
-                async with asyncio.timeout(self.deadline_s(meter_id)):
+                async with asyncio.timeout(self.operation_deadline_s(meter_id)):
                     return await op()
             except TimeoutError:
                 raise MeterTimeout(meter_id, "operation exceeded its deadline") from None

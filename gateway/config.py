@@ -86,9 +86,14 @@ class BusSection:
     stop_bits: int = 1
     host: str | None = None
     port: int = 502
-    timeout_s: float = 1.0
+    # Per-transaction timeout (wait for a reply's first byte after the request);
+    # None: the meters' response time plus a margin (firmware_bridge/timing.py).
+    timeout_s: float | None = None
     retries: int = 1
     framing: str = "socket"  # tcp buses: "socket" (Modbus TCP) or "rtu" (transparent serial server)
+    # Longest wait of the bus's meters before they answer; None: the protocol's
+    # (DL/T 645: 0.5 s, Modbus: 1 s).
+    response_time_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,8 @@ class MeterSection:
     password: str | None = None  # DL/T 645 control password, hex, wire order (level + 3 bytes)
     operator: str | None = None  # DL/T 645 operator code, hex (4 bytes)
     quantities: tuple[str, ...] | None = None  # what to read; None = the protocol's default set
+    response_time_s: float | None = None  # this meter's documented response time; None: the bus's
+    timeout_s: float | None = None  # this meter's per-transaction timeout; None: the bus's
 
 
 @dataclass(frozen=True)
@@ -285,6 +292,7 @@ BUS_SCHEMA = {
     "timeout_s": Field(_NUM, check=_positive, convert=float),
     "retries": Field((int,), check=_non_negative),
     "framing": Field((str,), check=_one_of("socket", "rtu")),
+    "response_time_s": Field(_NUM, check=_positive, convert=float),
 }
 RELAY_SCHEMA = {
     "kind": Field((str,), required=True, check=_one_of("dlt645", "coil", "register")),
@@ -306,6 +314,8 @@ METER_SCHEMA = {
     "password": Field((str,), check=lambda v: _hex_bytes(v, 4)),
     "operator": Field((str,), check=lambda v: _hex_bytes(v, 4)),
     "quantities": Field((list,), check=lambda v: _quantities(v), convert=tuple),
+    "response_time_s": Field(_NUM, check=_positive, convert=float),
+    "timeout_s": Field(_NUM, check=_positive, convert=float),
 }
 SECURITY_SCHEMA = {
     "trust_file": Field((str,), convert=_path),

@@ -13,14 +13,20 @@ The codec lives in :mod:`.codec` (frames, stream parser), :mod:`.dataids`
 error replies, control, the security-module interface).
 """
 
+from firmware_bridge.dlt645.clock import ClockRead, decode_clock
 from firmware_bridge.dlt645.codec import BROADCAST, WILDCARD, Control, Frame, FrameParser, Function
 from firmware_bridge.dlt645.dataids import StatusWord3
 from firmware_bridge.dlt645.driver import (
     DEFAULT_QUANTITIES,
     Dlt645Driver,
+    SearchResult,
+    SearchStep,
     broadcast_time,
     discover,
+    narrow,
     probe,
+    probe_each,
+    search,
 )
 from firmware_bridge.dlt645.errors import (
     ChecksumError,
@@ -31,13 +37,14 @@ from firmware_bridge.dlt645.errors import (
     ProtocolError,
 )
 from firmware_bridge.dlt645.messages import ControlCommand, ErrorFlags, Refused, SecurityModule
-from firmware_bridge.dlt645.transport import Dlt645Transport, open_transport
+from firmware_bridge.dlt645.transport import Dlt645Transport, Heard, open_transport
 
 __all__ = [
     "BROADCAST",
     "DEFAULT_QUANTITIES",
     "WILDCARD",
     "ChecksumError",
+    "ClockRead",
     "Control",
     "ControlCommand",
     "DataError",
@@ -50,12 +57,19 @@ __all__ = [
     "FrameError",
     "FrameParser",
     "Function",
+    "Heard",
     "ProtocolError",
     "Refused",
+    "SearchResult",
+    "SearchStep",
     "SecurityModule",
     "StatusWord3",
     "broadcast_time",
+    "decode_clock",
     "discover",
+    "narrow",
     "open_transport",
     "probe",
+    "probe_each",
+    "search",
 ]

@@ -117,6 +117,20 @@ def item(di: int) -> DataItem:
         raise DataError(f"unknown data identifier {di:08X}") from None
 
 
+# A block reply is budgeted at this many values (total + phases, total + 4 rates...);
+# a longer one is still read, the budget's slack covers it.
+BLOCK_VALUES = 8
+MAX_READ_DATA = 200  # DL/T 645-2007 limit of a read reply's data field
+
+
+def payload_bytes(di: int) -> int:
+    """Expected payload of a read reply for ``di`` (after the DI), for time budgets."""
+    it = BY_DI.get(di)
+    if it is None:
+        return MAX_READ_DATA - 4
+    return it.fmt.length * (BLOCK_VALUES if it.is_block else it.count)
+
+
 def di_to_wire(di: int) -> bytes:
     if not 0 <= di <= 0xFFFFFFFF:
         raise EncodeError(f"data identifier must be 32 bits, got {di:#x}")

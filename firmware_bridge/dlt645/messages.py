@@ -69,6 +69,27 @@ class ErrorReply:
         return ", ".join(parts) or "error reply without error bits"
 
 
+_CONTROL_HINTS = {
+    ErrorFlags.UNAUTHORISED: (
+        "the meter did not accept the password or operator code (meter.password is the level"
+        " byte and 3 password bytes in wire order), or it takes only encrypted (level 98) control"
+    ),
+    ErrorFlags.OTHER: (
+        "the meter refuses it in its present state: power-protect (保电) on, the command's"
+        " validity deadline already past by the meter's own clock, a close while the meter's"
+        " own credit is used up, or a command this meter does not support"
+    ),
+}
+
+
+def control_refusal_hint(reply: ErrorReply) -> str:
+    """Why a meter may have refused a 1CH command with this error byte."""
+    hints = [h for flag, h in _CONTROL_HINTS.items() if reply.flags & flag]
+    if not hints:
+        return "the meter gives no reason this gateway knows (see its manual for the error bits)"
+    return "; or ".join(hints)
+
+
 class Refused(Dlt645Error):
     """The meter sent an error reply."""
 

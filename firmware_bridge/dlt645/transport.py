@@ -12,12 +12,20 @@ time:
    until a reply from the addressed meter to the same function arrives, or the
    timeout expires.
 
+Timing follows :mod:`firmware_bridge.timing`: the reply must begin within the
+timeout (the meters' response window plus a margin) after the request's wire
+time; over TCP (a serial server packs the reply before sending it) the
+expected reply's wire time is added. A reply still arriving at the deadline
+may finish.
+
 Frames that are not the answer (our own echo on two-wire adapters, another
 meter's late reply) are ignored. Failures map to the driver contract's errors:
 :class:`~firmware_bridge.driver.MeterTimeout` (nothing, or an incomplete frame),
-:class:`~firmware_bridge.driver.MeterFrameError` (a frame with a bad checksum or
-structure and nothing valid after it) and
-:class:`~firmware_bridge.driver.TransportError` (port or connection unusable).
+:class:`~firmware_bridge.driver.MeterWrongAddress` (only a reply from another
+address), :class:`~firmware_bridge.driver.MeterFrameError` (a frame with a bad
+checksum or structure and nothing valid after it) and
+:class:`~firmware_bridge.driver.TransportError` (port or connection unusable;
+:class:`~firmware_bridge.driver.BusUnavailable` when it cannot be opened).
 Error replies are returned like any reply; the driver decides what they mean.
 """
 
@@ -35,28 +43,60 @@ import serial_asyncio_fast
 from firmware_bridge.dlt645.codec import (
     BROADCAST,
     MAX_FRAME,
+    OVERHEAD,
     BadFrame,
     Frame,
     FrameParser,
     Function,
     address_matches,
 )
-from firmware_bridge.driver import MeterFrameError, MeterTimeout, TransportError
+from firmware_bridge.dlt645.dataids import MAX_READ_DATA, di_from_wire, payload_bytes
+from firmware_bridge.driver import (
+    BusUnavailable,
+    MeterFrameError,
+    MeterTimeout,
+    MeterWrongAddress,
+    TransportError,
+)
+from firmware_bridge.serial_line import open_problem
+from firmware_bridge.timing import LineTiming, line_timing
+from firmware_bridge.timing import char_time_s as _char_time_s
 from gateway.config import BusSection
 
 DEFAULT_PREAMBLE = 4
 MIN_GAP_S = 0.020  # meters want some silence between frames; 20 ms is the common floor
 CONNECT_TIMEOUT_S = 5.0
+# A reply that has begun may pause this long between bytes (USB adapters deliver
+# in latency-timer chunks) before it counts as cut short.
+MIN_TRAILING_S = 0.1
 
 
 def char_time_s(baud: int, parity: str = "E", stop_bits: int = 1) -> float:
     """Seconds one byte takes on the wire (start + 8 data + parity + stop bits)."""
-    bits = 1 + 8 + (0 if parity == "N" else 1) + stop_bits
-    return bits / baud
+    return _char_time_s(baud, parity, stop_bits)
 
 
 def frame_time_s(n_bytes: int, baud: int, parity: str = "E", stop_bits: int = 1) -> float:
     return n_bytes * char_time_s(baud, parity, stop_bits)
+
+
+def request_bytes(request: Frame, preamble: int = DEFAULT_PREAMBLE) -> int:
+    """Bytes ``request`` takes on the wire."""
+    return preamble + OVERHEAD + len(request.data)
+
+
+def reply_bytes(request: Frame) -> int:
+    """Expected bytes of the reply to ``request`` (a meter may send 4 FE first)."""
+    fn = request.control.function
+    if fn == Function.READ and len(request.data) >= 4:
+        data = 4 + payload_bytes(di_from_wire(request.data[:4]))
+    elif fn == Function.READ_ADDRESS:
+        data = 6
+    elif fn == Function.CONTROL:
+        data = 1
+    else:
+        data = MAX_READ_DATA
+    return DEFAULT_PREAMBLE + OVERHEAD + data
 
 
 @dataclass
@@ -73,6 +113,26 @@ class TransportStats:
     reconnects: int = 0
     last_error: str = ""
     by_kind: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Heard:
+    """Everything that answered one request within its whole window (discovery)."""
+
+    replies: tuple[Frame, ...]  # valid frames answering the request (function, address pattern)
+    bad: tuple[BadFrame, ...]  # garbled frames
+    stray_bytes: int  # received bytes that belong to no valid frame (FE preambles excluded)
+
+    @property
+    def silent(self) -> bool:
+        return not self.replies and not self.bad and self.stray_bytes == 0
+
+    @property
+    def single(self) -> Frame | None:
+        """The one clean reply, if exactly one meter answered cleanly."""
+        if len(self.replies) == 1 and not self.bad and self.stray_bytes == 0:
+            return self.replies[0]
+        return None
 
 
 class _Receiver(asyncio.Protocol):
@@ -113,14 +173,16 @@ class Dlt645Transport:
         *,
         gap_s: float | None = None,
         preamble: int = DEFAULT_PREAMBLE,
+        timing: LineTiming | None = None,
     ) -> None:
         if bus.type == "serial" and not bus.device:
             raise ValueError(f"bus {bus.name}: a serial bus needs a device")
         if bus.type == "tcp" and not bus.host:
             raise ValueError(f"bus {bus.name}: a tcp bus needs a host")
         self.bus = bus
-        self.timeout_s = bus.timeout_s
-        self.char_s = char_time_s(bus.baud, bus.parity, bus.stop_bits)
+        self.timing = timing or line_timing("dlt645", bus)
+        self.timeout_s = self.timing.timeout_s  # default per-transaction timeout
+        self.char_s = self.timing.char_s
         self.gap_s = gap_s if gap_s is not None else max(MIN_GAP_S, 4 * self.char_s)
         self.preamble = preamble
         self.stats = TransportStats()
@@ -142,6 +204,8 @@ class Dlt645Transport:
         return self.bus.type == "serial"
 
     async def open(self) -> None:
+        """Open the port or connection; :class:`BusUnavailable` (one line naming the
+        device and what to do) when it cannot be opened."""
         if self.is_open:
             return
         loop = asyncio.get_running_loop()
@@ -168,11 +232,19 @@ class Dlt645Transport:
         except termios.error as exc:
             # pyserial applies the line settings with tcsetattr; some devices (e.g.
             # pseudo-terminals on some kernels) refuse parity
-            raise TransportError(
+            raise BusUnavailable(
                 self.bus.name, f"{self._where()} refused the line settings: {exc}"
             ) from exc
-        except (OSError, serial.SerialException, TimeoutError, ValueError) as exc:
-            raise TransportError(self.bus.name, f"cannot open {self._where()}: {exc}") from exc
+        except (OSError, serial.SerialException, ValueError) as exc:
+            if self.is_serial:
+                assert self.bus.device is not None
+                raise BusUnavailable(self.bus.name, open_problem(self.bus.device, exc)) from exc
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise BusUnavailable(self.bus.name, f"cannot open {self._where()}: {reason}") from exc
+        except TimeoutError as exc:
+            raise BusUnavailable(
+                self.bus.name, f"cannot open {self._where()}: no answer within {CONNECT_TIMEOUT_S:g} s"
+            ) from exc
         self._transport, self._rx = transport, rx
         self._ever_opened = True
         self._idle_since = loop.time()
@@ -206,7 +278,9 @@ class Dlt645Transport:
         self, request: Frame, *, meter_id: str | None = None, timeout_s: float | None = None
     ) -> Frame:
         """Send ``request``; return the reply from the addressed meter (any reply
-        from a meter matching a wildcard address)."""
+        from a meter matching a wildcard address). ``timeout_s`` is the wait for
+        the reply's first byte after the request is on the wire (default: the
+        bus's)."""
         who = meter_id or request.address
         if request.address == BROADCAST:
             raise ValueError("broadcast frames get no reply: use broadcast()")
@@ -218,6 +292,18 @@ class Dlt645Transport:
                 self.stats.last_error = str(exc)
                 self.stats.by_kind[exc.kind] = self.stats.by_kind.get(exc.kind, 0) + 1
                 raise
+
+    async def listen(self, request: Frame, *, timeout_s: float | None = None) -> Heard:
+        """Send ``request`` and collect every answer within its whole window.
+
+        For discovery, where several meters may answer one wildcard: nothing is
+        returned early, so a second, later reply is seen too.
+        """
+        if request.address == BROADCAST:
+            raise ValueError("broadcast frames get no reply: use broadcast()")
+        async with self._lock:
+            self.stats.transactions += 1
+            return await self._listen(request, request.address, timeout_s or self.timeout_s)
 
     async def broadcast(self, request: Frame) -> None:
         """Send a frame that gets no reply (99x6 address), then keep the line quiet."""
@@ -231,8 +317,18 @@ class Dlt645Transport:
     def _wire_s(self, frame: Frame) -> float:
         if not self.is_serial:
             return 0.0
-        return frame_time_s(
-            len(frame.data) + 12 + self.preamble, self.bus.baud, self.bus.parity, self.bus.stop_bits
+        return self.timing.wire_s(request_bytes(frame, self.preamble))
+
+    def _first_byte_s(self, request: Frame, timeout_s: float) -> float:
+        """From the write until the reply must have begun."""
+        if self.is_serial:
+            return self._wire_s(request) + timeout_s
+        # A serial server sends the request on at the line's baud rate and the reply
+        # back once it has it whole.
+        return (
+            self.timing.wire_s(request_bytes(request, self.preamble))
+            + timeout_s
+            + self.timing.wire_s(reply_bytes(request))
         )
 
     async def _send(self, request: Frame, who: str) -> _Receiver:
@@ -262,18 +358,28 @@ class Dlt645Transport:
             raise TransportError(who, f"write to {self._where()} failed: {exc}") from exc
         return rx
 
+    @property
+    def _trailing_s(self) -> float:
+        return max(3 * self.char_s + MIN_GAP_S, MIN_TRAILING_S)
+
+    async def _drained(self, rx: _Receiver) -> bool:
+        """Let bytes that are already waiting in the kernel reach ``rx`` (two loop
+        passes: one polls the descriptor, one runs its callback); True if some did."""
+        for _ in range(2):
+            await asyncio.sleep(0)
+        return bool(rx.buffer)
+
     async def _transact(self, request: Frame, who: str, timeout_s: float) -> Frame:
         rx = await self._send(request, who)
         loop = asyncio.get_running_loop()
         sent_at = loop.time()
-        # The reply cannot start before the request is on the wire.
-        deadline = sent_at + self._wire_s(request) + timeout_s
+        deadline = sent_at + self._first_byte_s(request, timeout_s)
         hard_deadline = deadline + MAX_FRAME * self.char_s
         bad: BadFrame | None = None
+        other: Frame | None = None  # a valid reply, but from another address
         received = 0
         noise_before = self._parser.noise_bytes
-        # a reply still streaming in may run past the deadline, up to one maximal frame
-        trailing_s = 3 * self.char_s + MIN_GAP_S
+        trailing_s = self._trailing_s
         try:
             while True:
                 if rx.buffer:
@@ -291,6 +397,8 @@ class Dlt645Transport:
                             return event
                         else:
                             self.stats.ignored_frames += 1
+                            if self._answers_but_for_address(request, event):
+                                other = event
                     continue
                 if rx.closed:
                     await self.close()
@@ -300,6 +408,8 @@ class Dlt645Transport:
                 if received:
                     limit = min(hard_deadline, max(deadline, rx.last_rx + trailing_s))
                 if now >= limit:
+                    if await self._drained(rx):
+                        continue
                     break
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(limit - now):
@@ -307,6 +417,8 @@ class Dlt645Transport:
         finally:
             self.stats.noise_bytes += self._parser.noise_bytes - noise_before
             self._idle_since = max(self._idle_since, rx.last_rx, sent_at)
+        if other is not None:
+            raise MeterWrongAddress(who, request.address, other.address)
         if bad is not None:
             raise MeterFrameError(who, f"garbled reply: {bad.error} ({bad.raw.hex(' ')})")
         self.stats.timeouts += 1
@@ -315,6 +427,52 @@ class Dlt645Transport:
                 who, f"no complete reply within {timeout_s:g} s ({received} bytes received)"
             )
         raise MeterTimeout(who, f"no reply within {timeout_s:g} s")
+
+    async def _listen(self, request: Frame, who: str, timeout_s: float) -> Heard:
+        rx = await self._send(request, who)
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        deadline = sent_at + self._first_byte_s(request, timeout_s)
+        hard_deadline = deadline + MAX_FRAME * self.char_s
+        replies: list[Frame] = []
+        bad: list[BadFrame] = []
+        raw = bytearray()
+        trailing_s = self._trailing_s
+        try:
+            while True:
+                if rx.buffer:
+                    data = rx.take()
+                    raw += data
+                    for event in self._parser.feed(data):
+                        if isinstance(event, BadFrame):
+                            bad.append(event)
+                            self.stats.bad_frames += 1
+                        elif self._answers(request, event):
+                            replies.append(event)
+                        else:
+                            self.stats.ignored_frames += 1
+                    continue
+                if rx.closed:
+                    await self.close()
+                    raise TransportError(who, f"connection to {self._where()} lost: {rx.lost}")
+                now = loop.time()
+                limit = deadline
+                if raw:
+                    limit = min(hard_deadline, max(deadline, rx.last_rx + trailing_s))
+                if now >= limit:
+                    if await self._drained(rx):
+                        continue
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(limit - now):
+                        await rx.ready.wait()
+        finally:
+            self._idle_since = max(self._idle_since, rx.last_rx, sent_at, loop.time())
+        # what is left over once valid frames (ours echoed included) and FE preambles are taken out
+        framed = sum(len(f.encode(0)) for f in _frames_in(raw))
+        stray = len(raw.replace(b"\xfe", b"")) - framed
+        self._parser.reset()
+        return Heard(tuple(replies), tuple(bad), max(0, stray))
 
     @staticmethod
     def _answers(request: Frame, reply: Frame) -> bool:
@@ -331,9 +489,27 @@ class Dlt645Transport:
             return reply.data[:4] == request.data[:4]
         return True
 
+    @staticmethod
+    def _answers_but_for_address(request: Frame, reply: Frame) -> bool:
+        """A reply to this very request that came from an address it did not select."""
+        c = reply.control
+        if not (c.reply and c.function == request.control.function):
+            return False
+        if c.function in (Function.READ, Function.READ_FOLLOW_UP) and not c.error:
+            return reply.data[:4] == request.data[:4]
+        return True
+
+
+def _frames_in(raw: bytes | bytearray) -> list[Frame]:
+    return [e for e in FrameParser().feed(bytes(raw)) if isinstance(e, Frame)]
+
 
 def open_transport(
-    bus: BusSection, *, gap_s: float | None = None, preamble: int = DEFAULT_PREAMBLE
+    bus: BusSection,
+    *,
+    gap_s: float | None = None,
+    preamble: int = DEFAULT_PREAMBLE,
+    timing: LineTiming | None = None,
 ) -> Dlt645Transport:
     """A transport for ``bus``, not yet open: ``async with open_transport(bus) as t:``."""
-    return Dlt645Transport(bus, gap_s=gap_s, preamble=preamble)
+    return Dlt645Transport(bus, gap_s=gap_s, preamble=preamble, timing=timing)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,8 +22,18 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.framer import FramerType
 
-from firmware_bridge.driver import MeterFrameError, MeterRefused, MeterTimeout, TransportError
-from firmware_bridge.scheduler import rtu_t35_s
+from firmware_bridge.driver import (
+    MeterFrameError,
+    MeterRefused,
+    MeterTimeout,
+    MeterWrongAddress,
+    TransportError,
+)
+from firmware_bridge.serial_line import check_device
+from firmware_bridge.timing import rtu_t35_s
+
+# pymodbus: "request uses device id=1 but received 9"
+_WRONG_UNIT = re.compile(r"device id=(\d+) but received (\d+)")
 
 EXCEPTION_NAMES = {
     1: "illegal function",
@@ -72,9 +83,11 @@ class ModbusTransport:
         silent_interval_s: float = 0.0,
         reconnect_min_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        device: str | None = None,
     ) -> None:
         self.client = client
         self.name = name
+        self.device = device  # serial device path (None over TCP)
         self.timeout_s = timeout_s
         self.silent_interval_s = silent_interval_s
         self.reconnect_min_s = reconnect_min_s
@@ -127,7 +140,13 @@ class ModbusTransport:
             retries=0,
             reconnect_delay=0,
         )
-        return cls(client, name=name, timeout_s=timeout_s, silent_interval_s=rtu_t35_s(baud))
+        return cls(
+            client,
+            name=name,
+            timeout_s=timeout_s,
+            silent_interval_s=rtu_t35_s(baud, parity, stop_bits),
+            device=device,
+        )
 
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
         if not sending:
@@ -162,6 +181,8 @@ class ModbusTransport:
         if not ok:
             self._last_connect_fail = self._clock()
             self.client.close()
+            if self.device is not None:
+                detail = check_device(self.device) or detail
             raise TransportError(meter_id, f"bus {self.name}: {detail}")
         self._last_connect_fail = None
 
@@ -201,6 +222,11 @@ class ModbusTransport:
                 text = str(exc)
                 if "no response" in text.lower():
                     raise self._no_answer(meter_id, what, limit) from None
+                wrong = _WRONG_UNIT.search(text)
+                if wrong:
+                    raise MeterWrongAddress(
+                        meter_id, f"unit {wrong.group(1)}", f"unit {wrong.group(2)}", what="unit"
+                    ) from None
                 raise MeterFrameError(meter_id, f"{what}: {text}") from None
             except ModbusException as exc:
                 raise MeterFrameError(meter_id, f"{what}: {exc}") from None

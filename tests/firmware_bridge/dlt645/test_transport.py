@@ -17,7 +17,7 @@ from firmware_bridge.dlt645.messages import (
     time_sync_request,
 )
 from firmware_bridge.dlt645.transport import Dlt645Transport, char_time_s, open_transport
-from firmware_bridge.driver import MeterTimeout, TransportError
+from firmware_bridge.driver import BusUnavailable, MeterTimeout, TransportError
 from gateway.config import BusSection
 
 from .peer import ADDR, DI, REPLY, Peer
@@ -121,10 +121,13 @@ async def test_lost_connection_then_reconnect(peer: Peer) -> None:
         assert t.stats.reconnects == 1
 
 
-async def test_missing_serial_device_is_a_transport_error() -> None:
+async def test_missing_serial_device_names_the_bus_and_what_to_do() -> None:
     bus = BusSection("s", "serial", device="/dev/does-not-exist-645", baud=2400, parity="E")
-    with pytest.raises(TransportError, match="cannot open /dev/does-not-exist-645"):
+    with pytest.raises(BusUnavailable) as info:
         await open_transport(bus).open()
+    text = str(info.value)
+    assert text.startswith("bus s: serial device /dev/does-not-exist-645 does not exist")
+    assert "adapter plugged in" in text and "meter" not in text and "\n" not in text
 
 
 def test_wire_time() -> None:

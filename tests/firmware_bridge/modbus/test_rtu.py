@@ -41,7 +41,7 @@ async def test_serial_settings_reach_the_client() -> None:
     t = ModbusTransport.serial("/dev/ttyUSB9", name="x", baud=2400, parity="E", stop_bits=2, timeout_s=1.5)
     p = t.client.comm_params
     assert (p.baudrate, p.parity, p.stopbits, p.bytesize) == (2400, "E", 2, 8)
-    assert t.silent_interval_s == pytest.approx(3.5 * 11 / 2400)
+    assert t.silent_interval_s == pytest.approx(3.5 * 12 / 2400)  # 8E2: 12 bits a character
     assert t.timeout_s == 1.5
 
 
@@ -135,7 +135,7 @@ async def test_rtu_bus_scheduler_and_relay(sim: RtuSimulator) -> None:
     sim.meter(3).relay_stuck = True
     policy = BackoffPolicy(base_ms=1000, max_ms=4000, quarantine_after=3, reprobe_ms=60_000)
     async with open_bus(bus, meters, policy=policy) as sched:
-        assert sched.silent_interval_s == pytest.approx(3.5 * 11 / 9600)
+        assert sched.silent_interval_s == pytest.approx(3.5 * 10 / 9600)  # 8N1: 10 bits a character
         res = await sched.run_cycle(0)
         assert [r.meter_id for r in res.readings] == ["m1", "m3"]
         assert res.health["m2"].last_error is not None and res.health["m2"].last_error.kind == "timeout"
