@@ -34,7 +34,7 @@ from firmware_bridge.reading import Quantity
 from firmware_bridge.relay import Dlt645RelayActuator, actuator_from_config
 from firmware_bridge.scheduler import BackoffPolicy, BusScheduler, silent_interval_s
 from firmware_bridge.serial_line import LineBusy, LineLock, check_device
-from firmware_bridge.timing import LineTiming, default_response_s, line_timing, timeout_problem
+from firmware_bridge.timing import LineTiming, line_timing, standard_response_s, timeout_problem
 from gateway.config import BusSection, MeterSection
 
 
@@ -75,19 +75,23 @@ def config_problems(
         except BusConfigError as exc:
             problems.append(str(exc))
             continue
-        response = bus.response_time_s or default_response_s(protocol_of[bus.name])
-        slow = max([response, *(m.response_time_s or 0.0 for m in on_bus if m.timeout_s is None)])
-        problem = timeout_problem(bus.timeout_s, slow, protocol_of[bus.name])
-        if problem:
-            problems.append(f"bus[{bi}].timeout_s: {problem}")
+        # Modbus fixes no response time: only a documented one (response_time_s) binds
+        declared = [bus.response_time_s or standard_response_s(protocol_of[bus.name])]
+        declared += [m.response_time_s for m in on_bus if m.timeout_s is None]
+        documented = [r for r in declared if r is not None]
+        if documented:
+            problem = timeout_problem(bus.timeout_s, max(documented), protocol_of[bus.name])
+            if problem:
+                problems.append(f"bus[{bi}].timeout_s: {problem}")
     for i, m in enumerate(meters):
         key = f"meter[{i}]"
         if m.bus in protocol_of and m.timeout_s is not None:
             bus = next(b for b in buses if b.name == m.bus)
-            response = m.response_time_s or bus.response_time_s or default_response_s(m.protocol)
-            problem = timeout_problem(m.timeout_s, response, m.protocol)
-            if problem:
-                problems.append(f"{key}.timeout_s: {problem}")
+            response = m.response_time_s or bus.response_time_s or standard_response_s(m.protocol)
+            if response is not None:
+                problem = timeout_problem(m.timeout_s, response, m.protocol)
+                if problem:
+                    problems.append(f"{key}.timeout_s: {problem}")
         if m.protocol == "modbus" and m.profile in broken:
             pass
         elif m.protocol == "modbus" and m.profile is not None and m.profile not in known:

@@ -186,6 +186,11 @@ def default_response_s(protocol: str) -> float:
     raise ValueError(f"unknown protocol {protocol!r}")
 
 
+def standard_response_s(protocol: str) -> float | None:
+    """The response window the protocol's standard fixes (DL/T 645), else None."""
+    return DLT645_RESPONSE_S if protocol == "dlt645" else None
+
+
 def line_timing(protocol: str, bus: BusSettings, meter: MeterSettings | None = None) -> LineTiming:
     """The timing of ``meter`` (or of the bus's meters in general) on ``bus``.
 

@@ -1,21 +1,37 @@
 """Simulated DL/T 645-2007 meters on one bus, over a pseudo-terminal or TCP.
 
+Built from the standard and from what meters in the field do, not from what
+the gateway expects (test-bench code: it shares the protocol codec with the
+gateway, nothing of its timing):
+
+* each meter waits its **response delay** before answering (DL/T 645 allows
+  20-500 ms; set it inside the window, or beyond it for fault tests);
+* with ``baud`` set, the request's and the reply's **wire time** are spent
+  (11 bits per byte at 8E1): the first reply byte leaves after the request
+  has arrived plus the delay, then one byte per character time;
+* **clocks keep local time** (``clock_tz``, e.g. Asia/Shanghai);
+* a meter may lack **block reads** (``block_reads=False``: blocks are refused);
+* meters answer **only their own address**, the full wildcard ``AA``x6 and
+  partial wildcards padded with ``AA`` in the high bytes (as the standard
+  defines them); anything else, and broadcasts, get silence;
+* faults (:class:`Faults`, changeable while running): silence, garbled or cut
+  replies, **invalid or unset dates**, a **reply from a wrong address**, a
+  **slow start after power returns** (:meth:`SimulatedMeter.power_on`), a
+  stuck relay, clock drift, energy going backwards.
+
 Each :class:`SimulatedMeter` has an address, energy registers that rise with
 its load (split over the four rates by the hour of its own clock), voltage,
 current, power, power factor, frequency, a clock, a load relay driven by 1CH
-commands with a plaintext password, and status word 3. Faults are plain
-attributes of :class:`Faults`, changeable while the simulator runs.
+commands with a plaintext password, and status word 3.
 
 :class:`Simulator` serves the bus:
 
 * ``await sim.start_pty()`` opens a pseudo-terminal pair and returns the slave
   path, which the gateway opens like ``/dev/ttyUSB0``;
 * ``await sim.start_tcp()`` listens on 127.0.0.1 and returns the port (like a
-  serial server).
+  serial server: the reply is sent whole once it has been "received").
 
-With ``baud`` set, every reply costs its wire time (11 bits per byte at 8E1)
-plus ``response_delay_s`` before it is written, so bus benchmarks measure the
-real half-duplex limit. Run ``python -m firmware_bridge.dlt645.simulator --help``.
+Run ``python -m firmware_bridge.dlt645.simulator --help``.
 """
 
 from __future__ import annotations
@@ -30,13 +46,13 @@ import tty
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
+from zoneinfo import ZoneInfo
 
 from firmware_bridge.dlt645.codec import (
     BROADCAST,
     Frame,
     FrameParser,
     Function,
-    address_matches,
 )
 from firmware_bridge.dlt645.dataids import (
     BY_DI,
@@ -57,7 +73,6 @@ from firmware_bridge.dlt645.messages import (
     read_follow_up_reply,
     read_reply,
 )
-from firmware_bridge.dlt645.transport import frame_time_s
 
 # Hour of the meter's clock -> rate index 1..4 (sharp, peak, flat, valley).
 RATE_BY_HOUR: tuple[int, ...] = (
@@ -66,6 +81,35 @@ RATE_BY_HOUR: tuple[int, ...] = (
     3, 2, 2, 1, 1, 2, 3, 4,  # 16-23
 )  # fmt: skip
 UNIT = Decimal("0.0001")  # kWh resolution kept internally
+BLOCK_DIS = frozenset({0x0001FF00, 0x0201FF00, 0x0202FF00, 0x0203FF00, 0x0206FF00})
+DI_DATE = 0x04000101
+DI_TIME = 0x04000102
+
+
+def wire_s(n_bytes: int, baud: int, bits_per_byte: int = 11) -> float:
+    """Time ``n_bytes`` take on an RS-485 line (8E1: 11 bits per byte)."""
+    return n_bytes * bits_per_byte / baud
+
+
+def selects(pattern: str, address: str) -> bool:
+    """Whether a meter at ``address`` answers a request to ``pattern``: its own
+    address, or ``AA`` bytes padding the high end (``AA``x6 included). ``AA`` in
+    a low byte with digits above it is no address at all: silence."""
+    if len(pattern) != 12 or len(address) != 12:
+        return False
+    k = 0
+    while k < 6 and pattern[2 * k : 2 * k + 2].upper() == "AA":
+        k += 1
+    return pattern[2 * k :] == address[2 * k :]
+
+
+class DateFault:
+    """What :attr:`Faults.date` makes the meter report for 04000101 (YYMMDDWW)."""
+
+    WEEKDAY = "weekday"  # the right date with the wrong weekday
+    UNSET = "unset"  # 00 00 00 00: the clock lost its battery
+    INVALID = "invalid"  # 30 February
+    NOT_BCD = "not_bcd"  # FF FF FF FF
 
 
 @dataclass
@@ -76,11 +120,13 @@ class Faults:
     bad_checksum: bool = False
     garbage_prefix: bytes = b""  # sent before the reply
     partial: bool = False  # send only the first half of the reply
-    slow_reply_s: float = 0.0  # extra delay before replying
+    slow_reply_s: float = 0.0  # extra delay before replying (beyond the window: a late reply)
     relay_stuck: bool = False  # 1CH is acknowledged but the relay does not move
     clock_offset_s: float = 0.0  # added to the meter's clock (drift)
     energy_backwards_kwh: Decimal = Decimal(0)  # subtracted from the reported total
     refuse: set[int] = field(default_factory=set)  # DIs answered "no data requested"
+    date: str | None = None  # a DateFault: what the date register reports
+    reply_address: str | None = None  # replies carry this address instead of the meter's
 
 
 @dataclass
@@ -98,11 +144,43 @@ class SimulatedMeter:
     protected: bool = False
     meter_type: int = 1  # bits 8-9 of status word 3 (00 = not prepaid)
     max_reply_data: int = 200  # longer payloads are split into 12H follow-ups
-    clock_tz: dt.tzinfo = dt.UTC
+    clock_tz: dt.tzinfo = dt.UTC  # the zone its clock keeps (field meters: local time)
+    response_delay_s: float = 0.0  # wait after a request before answering (DL/T 645: 0.02-0.5 s)
+    block_reads: bool = True  # False: block DIs (0001FF00...) are refused as "no data"
     faults: Faults = field(default_factory=Faults)
+    powered: bool = True
+    boot_until_s: float = 0.0  # after power returns: silent until then...
+    slow_until_s: float = 0.0  # ...then answering boot_slow_s late until then
+    boot_slow_s: float = 0.0
     _time_offset_s: float = 0.0  # set by broadcast time sync
     _last_s: float | None = None
     _follow_ups: dict[int, list[bytes]] = field(default_factory=dict)
+
+    # -- power ---------------------------------------------------------------
+
+    def power_off(self, now_s: float) -> None:
+        """Supply gone: the meter stops metering and answering."""
+        self.advance(now_s)
+        self.powered = False
+
+    def power_on(
+        self, now_s: float, *, boot_s: float = 3.0, slow_s: float = 0.0, slow_for_s: float = 0.0
+    ) -> None:
+        """Supply back: silent for ``boot_s`` while it starts, then answering ``slow_s``
+        later than usual for ``slow_for_s`` (some meters rebuild their data first)."""
+        self._last_s = now_s  # nothing was metered while off
+        self.powered = True
+        self.boot_until_s = now_s + boot_s
+        self.boot_slow_s = slow_s
+        self.slow_until_s = now_s + boot_s + slow_for_s
+
+    def answers(self, now_s: float) -> bool:
+        return self.powered and now_s >= self.boot_until_s and not self.faults.no_reply
+
+    def delay_s(self, now_s: float) -> float:
+        """This meter's wait before its reply begins, faults included."""
+        slow = self.boot_slow_s if now_s < self.slow_until_s else 0.0
+        return self.response_delay_s + self.faults.slow_reply_s + slow
 
     # -- state -------------------------------------------------------------
 
@@ -124,6 +202,9 @@ class SimulatedMeter:
 
     def advance(self, now_s: float) -> None:
         """Integrate energy up to ``now_s``, each hour on the rate of the meter's clock."""
+        if not self.powered:
+            self._last_s = now_s
+            return
         t = self._last_s if self._last_s is not None else now_s
         while t < now_s:
             seconds_into_hour = self.clock(t).minute * 60 + self.clock(t).second + (t % 1)
@@ -199,12 +280,31 @@ class SimulatedMeter:
             return self._control(request, now_s)
         return error_reply_frame(self.address, fn, ErrorFlags.OTHER)
 
+    def _date_payload(self, now_s: float) -> bytes:
+        """04000101 as sent (WW DD MM YY), with the date fault if one is set."""
+        fault = self.faults.date
+        if fault == DateFault.UNSET:
+            return bytes(4)
+        if fault == DateFault.NOT_BCD:
+            return b"\xff" * 4
+        today = self.clock(now_s).date()
+        weekday = today.isoweekday() % 7
+        if fault == DateFault.INVALID:
+            return bytes([0x01, 0x30, 0x02, 0x26])  # 2026-02-30, a Monday by its own count
+        if fault == DateFault.WEEKDAY:
+            weekday = (weekday + 3) % 7
+        digits = f"{today:%y%m%d}{weekday:02d}"
+        return bytes(int(digits[i : i + 2], 16) for i in range(6, -1, -2))
+
     def _read(self, request: Frame, now_s: float) -> Frame:
         try:
             di = di_from_wire(request.data[:4])
         except Dlt645Error:
             return error_reply_frame(self.address, Function.READ, ErrorFlags.OTHER)
-        values = None if di in self.faults.refuse else self.values(di, now_s)
+        refused = di in self.faults.refuse or (di in BLOCK_DIS and not self.block_reads)
+        if di == DI_DATE and not refused:
+            return read_reply(self.address, di, self._date_payload(now_s))
+        values = None if refused else self.values(di, now_s)
         if values is None:
             return error_reply_frame(self.address, Function.READ, ErrorFlags.NO_DATA)
         payload = encode_values(BY_DI[di], values)
@@ -261,6 +361,12 @@ class SimulatedMeter:
             self.relay_open = False
 
 
+async def _sleep_until(loop: asyncio.AbstractEventLoop, when: float) -> None:
+    wait = when - loop.time()
+    if wait > 0:
+        await asyncio.sleep(wait)
+
+
 def _collide(replies: list[bytes]) -> bytes:
     """Several meters talking at once: RS-485 lines ANDed bit by bit (0 dominates)."""
     out = bytearray(b"\xff" * max(len(r) for r in replies))
@@ -295,35 +401,50 @@ class Simulator:
         return self.meters[address]
 
     def reply_bytes(self, request: Frame) -> tuple[bytes, float]:
-        """Wire bytes answering ``request`` and the extra delay faults ask for."""
+        """Wire bytes answering ``request`` and the wait before they begin (the
+        answering meters' response delays; several answering meters collide)."""
         self.requests += 1
         now = self.clock()
-        targets = [m for a, m in self.meters.items() if address_matches(request.address, a)]
         if request.address == BROADCAST:
             for m in self.meters.values():
-                m.handle(request, now)
+                if m.answers(now):
+                    m.handle(request, now)
             return b"", 0.0
+        targets = [m for a, m in self.meters.items() if selects(request.address, a)]
         out: list[bytes] = []
         delay = 0.0
         for m in targets:
-            reply = m.handle(request, now)
-            f = m.faults
-            if reply is None or f.no_reply:
+            if not m.answers(now):
+                m.advance(now)
                 continue
+            reply = m.handle(request, now)
+            if reply is None:
+                continue
+            f = m.faults
+            if f.reply_address is not None:
+                reply = Frame(f.reply_address, reply.control, reply.data)
             raw = bytearray(reply.encode(4))
             if f.bad_checksum:
                 raw[-2] ^= 0x5A
             if f.partial:
                 raw = raw[: len(raw) // 2]
             out.append(f.garbage_prefix + bytes(raw))
-            delay = max(delay, f.slow_reply_s)
+            delay = max(delay, m.delay_s(now))
         if not out:
             return b"", 0.0
-        return (out[0] if len(out) == 1 else _collide(out)), delay
+        return (out[0] if len(out) == 1 else _collide(out)), self.response_delay_s + delay
 
     async def _serve(
-        self, read: Callable[[], Awaitable[bytes]], write: Callable[[bytes], Awaitable[None]]
+        self,
+        read: Callable[[], Awaitable[bytes]],
+        write: Callable[[bytes], Awaitable[None]],
+        *,
+        paced: bool,
     ) -> None:
+        """Answer requests as they arrive. ``paced``: a line of our own (pty), where
+        the reply goes out byte by byte at the baud rate; otherwise (TCP, like a
+        serial server) it is sent whole when its last byte would have arrived."""
+        loop = asyncio.get_running_loop()
         parser = FrameParser()
         while True:
             data = await read()
@@ -332,16 +453,25 @@ class Simulator:
             for event in parser.feed(data):
                 if not isinstance(event, Frame) or event.control.reply:
                     continue
+                arrived = loop.time()
                 async with self._lock:
                     reply, delay = self.reply_bytes(event)
                     if not reply:
                         continue
-                    wait = self.response_delay_s + delay
+                    start = arrived + delay
                     if self.baud:
-                        wait += frame_time_s(len(reply), self.baud)
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                    await write(reply)
+                        start += wire_s(len(event.encode(4)), self.baud)
+                    if not self.baud:
+                        await _sleep_until(loop, start)
+                        await write(reply)
+                    elif paced:
+                        char = wire_s(1, self.baud)
+                        for i in range(len(reply)):
+                            await _sleep_until(loop, start + i * char)
+                            await write(reply[i : i + 1])
+                    else:
+                        await _sleep_until(loop, start + wire_s(len(reply), self.baud))
+                        await write(reply)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -359,7 +489,7 @@ class Simulator:
                 await writer.drain()
 
             try:
-                await self._serve(lambda: reader.read(4096), write)
+                await self._serve(lambda: reader.read(4096), write, paced=False)
             except (ConnectionError, OSError):
                 pass
             finally:
@@ -402,7 +532,7 @@ class Simulator:
                 view = view[n:]
 
         loop.add_reader(master, readable)
-        self._spawn(self._serve(queue.get, write))
+        self._spawn(self._serve(queue.get, write, paced=True))
         return path
 
     async def stop(self) -> None:
@@ -428,21 +558,36 @@ class Simulator:
         await self.stop()
 
 
-def make_meters(n: int, first: int = 1) -> list[SimulatedMeter]:
+def make_meters(
+    n: int,
+    first: int = 1,
+    *,
+    clock_tz: dt.tzinfo = dt.UTC,
+    response_delay_s: float = 0.0,
+    block_reads: bool = True,
+) -> list[SimulatedMeter]:
     """``n`` meters with addresses 000000000001.. and slightly different loads."""
     return [
         SimulatedMeter(
             address=f"{first + i:012d}",
             load_kw=Decimal("0.5000") + Decimal("0.2500") * (i % 8),
             registers_kwh=[Decimal(100 * (i + 1) + r) for r in range(4)],
+            clock_tz=clock_tz,
+            response_delay_s=response_delay_s,
+            block_reads=block_reads,
         )
         for i in range(n)
     ]
 
 
 async def _main(args: argparse.Namespace) -> None:
-    meters = make_meters(args.meters)
-    async with Simulator(meters, baud=args.baud, response_delay_s=args.delay) as sim:
+    meters = make_meters(
+        args.meters,
+        clock_tz=ZoneInfo(args.tz),
+        response_delay_s=args.delay,
+        block_reads=not args.no_block_reads,
+    )
+    async with Simulator(meters, baud=args.baud) as sim:
         if args.pty:
             print(f"pty {await sim.start_pty()}", flush=True)
         if args.tcp is not None:
@@ -464,7 +609,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--meters", type=int, default=1, help="number of meters (default 1)")
     p.add_argument("--baud", type=int, default=None, help="simulate wire time at this baud rate")
-    p.add_argument("--delay", type=float, default=0.0, help="response delay in seconds")
+    p.add_argument(
+        "--delay",
+        type=float,
+        default=0.0,
+        help="each meter's response delay in seconds (DL/T 645 allows 0.02-0.5)",
+    )
+    p.add_argument(
+        "--tz", default="UTC", help="time zone the meter clocks keep (e.g. Asia/Shanghai)"
+    )
+    p.add_argument(
+        "--no-block-reads", action="store_true", help="meters refuse block DIs (0001FF00...)"
+    )
     args = p.parse_args(argv)
     if not args.pty and args.tcp is None:
         p.error("give --pty and/or --tcp PORT")

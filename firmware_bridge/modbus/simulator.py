@@ -1,14 +1,20 @@
 """Modbus meter simulator for tests, benchmarks and bench-top demos.
 
-Several meters (unit ids) answer on one Modbus TCP server, each following a
-register map (:class:`~firmware_bridge.modbus.profiles.Profile`, SDM120 by
-default). The import energy register rises with the configured load while
-the meter's relay is closed; any value can be set at run time; per-unit
-faults: ``dead`` (no reply at all), ``delay_s`` (slow reply), ``refuse``
+Test-bench code: it uses the register maps and pymodbus, nothing of the
+gateway's timing. Several meters (unit ids) answer on one Modbus TCP server,
+each following a register map
+(:class:`~firmware_bridge.modbus.profiles.Profile`, SDM120 by default). The
+import energy register rises with the configured load while the meter's relay
+is closed; any value can be set at run time; per-unit behaviour and faults:
+``delay_s`` (the meter's response time: inside what its manual documents, or
+beyond it for fault tests), ``dead`` (no reply at all), ``refuse``
 (exception reply), ``relay_stuck`` (relay writes acknowledged but the relay
 does not move), ``energy_step_kwh`` (add a step, negative = energy going
-backwards), and on the RTU simulator ``wire_fault`` (bad CRC, garbage bytes,
-a partial frame).
+backwards), ``strict_map`` (refuse reads touching registers outside the map),
+a slow start after power returns (:meth:`SimMeter.power_on`), and on the RTU
+simulator ``wire_fault`` (bad CRC, garbage bytes, a partial frame) and
+``reply_unit`` (replies carry another unit id). Units not configured are
+silent.
 
 :class:`RtuSimulator` serves the same meters with RTU framing on a
 pseudo-terminal pair (the client opens :attr:`RtuSimulator.path` like a
@@ -54,9 +60,18 @@ from pymodbus.server import ModbusTcpServer
 from firmware_bridge.modbus.decode import encode_value
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES, Profile
 from firmware_bridge.reading import Quantity
-from firmware_bridge.scheduler import char_time_s, rtu_t35_s
 
 _HOUR_S = Decimal(3600)
+
+
+def char_time_s(baud: int, bits_per_char: int = 11) -> float:
+    """One character on the line (8E1 and 8N2: 11 bits)."""
+    return bits_per_char / baud
+
+
+def rtu_t35_s(baud: int) -> float:
+    """Modbus RTU silent interval: 3.5 characters, fixed 1.75 ms above 19200 baud."""
+    return 0.00175 if baud > 19200 else 3.5 * char_time_s(baud)
 
 
 class WireFault(enum.StrEnum):
@@ -87,6 +102,9 @@ class SimMeter:
     energy_step_kwh: Decimal = Decimal(0)
     wire_fault: WireFault | None = None  # RTU simulator only
     strict_map: bool = False  # refuse reads that touch registers outside the map (like many meters)
+    reply_unit: int | None = None  # RTU: replies carry this unit id (a misconfigured meter)
+    powered: bool = True
+    boot_until_s: float = 0.0  # after power returns: silent until then
     reads: int = 0
     writes: int = 0
     _last_s: float | None = None
@@ -104,6 +122,21 @@ class SimMeter:
         for q, v in defaults.items():
             self.values.setdefault(q, v)
 
+    # -- power ---------------------------------------------------------------
+    def power_off(self, now_s: float) -> None:
+        """Supply gone: no metering, no answers."""
+        self.advance(now_s)
+        self.powered = False
+
+    def power_on(self, now_s: float, boot_s: float = 3.0) -> None:
+        """Supply back: silent for ``boot_s`` while the meter starts."""
+        self._last_s = now_s  # nothing was metered while off
+        self.powered = True
+        self.boot_until_s = now_s + boot_s
+
+    def answers(self, now_s: float) -> bool:
+        return self.powered and not self.dead and now_s >= self.boot_until_s
+
     # -- relay ---------------------------------------------------------------
     @property
     def relay_open(self) -> bool:
@@ -116,7 +149,7 @@ class SimMeter:
     # -- physics -------------------------------------------------------------
     def advance(self, now_s: float) -> None:
         """Integrate energy up to ``now_s`` (monotonic seconds)."""
-        if self._last_s is None:
+        if self._last_s is None or not self.powered:
             self._last_s = now_s
             return
         dt = Decimal(repr(max(0.0, now_s - self._last_s)))
@@ -219,7 +252,7 @@ class _SimContext(ModbusServerContext):
 
     async def _meter(self, device_id: int) -> SimMeter:
         m = self._meters.get(device_id)
-        if m is None or m.dead:
+        if m is None or not m.answers(self._clock()):
             raise NoSuchIdException(f"unit {device_id} does not answer")
         if m.delay_s > 0:
             await asyncio.sleep(m.delay_s)
@@ -464,7 +497,7 @@ class RtuSimulator:
             return  # dead unit
         except Exception:  # a request the model cannot serve: like a real meter, refuse it
             response = ExceptionResponse(request.function_code, ExcCodes.ILLEGAL_FUNCTION)
-        response.dev_id = unit
+        response.dev_id = meter.reply_unit if meter.reply_unit is not None else unit
         frame = corrupt(self._framer.buildFrame(response), meter.wire_fault, self._rng)
         if self.wire_timing:
             await asyncio.sleep(self.wire_time_s(len(frame)))
