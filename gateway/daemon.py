@@ -33,14 +33,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from zoneinfo import ZoneInfo
 
-from firmware_bridge.bus import open_bus
+from firmware_bridge.bus import open_site_bus
+from firmware_bridge.faults import FaultEvents
 from firmware_bridge.reading import Reading
 from firmware_bridge.relay import (
     MeterSignal,
@@ -127,22 +128,34 @@ class _Slicer:
     The rest goes with the cycle's end and the meters' statuses.
     """
 
-    def __init__(self, bus: str, out: asyncio.Queue[Cycle | Tick], clock_ms: Callable[[], int], slice_s: float) -> None:
+    def __init__(
+        self,
+        bus: str,
+        out: asyncio.Queue[Cycle | Tick],
+        clock_ms: Callable[[], int],
+        slice_s: float,
+        faults: FaultEvents | None = None,
+    ) -> None:
         self.bus, self.out, self.clock_ms, self.slice_s = bus, out, clock_ms, slice_s
         self.pending: list[Reading] = []
+        self.events: list[dict[str, Any]] = []  # meter faults (a bad date...) with their evidence
+        self.faults = faults or FaultEvents()
         self.since = 0.0
 
     async def add(self, reading: Reading) -> None:
         if not self.pending:
             self.since = time.monotonic()
         self.pending.append(reading)
+        self.events += self.faults.events(reading)
         if time.monotonic() - self.since >= self.slice_s:
             batch, self.pending = self.pending, []
-            await self.out.put(Cycle(self.bus, self.clock_ms(), batch, [], final=False))
+            events, self.events = self.events, []
+            await self.out.put(Cycle(self.bus, self.clock_ms(), batch, [], events, final=False))
 
     async def finish(self, now_ms: int, statuses: list[MeterStatus]) -> None:
         batch, self.pending = self.pending, []
-        await self.out.put(Cycle(self.bus, now_ms, batch, statuses))
+        events, self.events = self.events, []
+        await self.out.put(Cycle(self.bus, now_ms, batch, statuses, events))
 
 
 @dataclass
@@ -290,6 +303,7 @@ class Daemon:
             b.name: asyncio.Queue() for b in config.buses
         }
         self._bus_of = {m.id: m.bus for m in config.meters}
+        self.meter_faults = FaultEvents()  # meter.clock_fault etc., once per change of cause
         self.commands: CommandHandler | None = None
         self.inbox: CommandInbox | None = None
         self.clock: TrustedClock | None = None
@@ -650,8 +664,8 @@ class Daemon:
         attempt = 0
         while True:
             try:
-                async with open_bus(
-                    bus, meters, cfg.profiles, meter_tz=ZoneInfo(cfg.gateway.timezone)
+                async with open_site_bus(
+                    cfg, bus, meters, owner=f"edgegw daemon (gateway {cfg.gateway.id}, pid {os.getpid()})"
                 ) as scheduler:
                     controller = controller_for(scheduler)
                     attempt = 0
@@ -665,7 +679,9 @@ class Daemon:
                         await self._sleep_unless_stopping(next_at)
                         while not self._stopping.is_set():
                             now = self.clock_ms()
-                            slicer = _Slicer(bus.name, out, self.clock_ms, CYCLE_SLICE_S)
+                            slicer = _Slicer(
+                                bus.name, out, self.clock_ms, CYCLE_SLICE_S, self.meter_faults
+                            )
                             result = await scheduler.run_cycle(now, on_reading=slicer.add)
                             statuses = [status_from_health(mid, h) for mid, h in result.health.items()]
                             await slicer.finish(now, statuses)
@@ -856,7 +872,8 @@ class Daemon:
                     self.request_relay(intent)
                 for item in items:
                     if isinstance(item, Cycle):
-                        self.stats.cycles += item.final and not item.events
+                        # a poll cycle's end (statuses), not a relay operation's events
+                        self.stats.cycles += item.final and (bool(item.statuses) or not item.events)
                         self.stats.readings += len(item.readings)
                         if self.on_cycle is not None:
                             with contextlib.suppress(Exception):

@@ -532,7 +532,7 @@ def wildcard_bytes(pattern: str) -> int:
     while k < 6 and pattern[2 * k : 2 * k + 2].upper() == "AA":
         k += 1
     rest = pattern[2 * k :]
-    if not (rest.isascii() and rest.isdigit()):
+    if rest and not (rest.isascii() and rest.isdigit()):
         raise ValueError(
             f"address pattern {pattern!r}: AA only as padding of the high bytes, then digits"
         )

@@ -116,6 +116,7 @@ name = "d"
 type = "tcp"
 host = "127.0.0.1"
 port = {port}
+response_time_s = 0.1  # the simulator answers at once
 timeout_s = 0.2
 [[meter]]
 id = "x"
