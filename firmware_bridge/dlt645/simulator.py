@@ -125,6 +125,7 @@ class Faults:
     clock_offset_s: float = 0.0  # added to the meter's clock (drift)
     energy_backwards_kwh: Decimal = Decimal(0)  # subtracted from the reported total
     refuse: set[int] = field(default_factory=set)  # DIs answered "no data requested"
+    ignore: set[int] = field(default_factory=set)  # DIs never answered at all (some firmware)
     date: str | None = None  # a DateFault: what the date register reports
     reply_address: str | None = None  # replies carry this address instead of the meter's
 
@@ -417,10 +418,15 @@ class Simulator:
             if not m.answers(now):
                 m.advance(now)
                 continue
+            f = m.faults
+            if request.control.function == Function.READ and request.data[:4] in {
+                di.to_bytes(4, "little") for di in f.ignore
+            }:
+                m.advance(now)
+                continue
             reply = m.handle(request, now)
             if reply is None:
                 continue
-            f = m.faults
             if f.reply_address is not None:
                 reply = Frame(f.reply_address, reply.control, reply.data)
             raw = bytearray(reply.encode(4))

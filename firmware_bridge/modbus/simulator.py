@@ -103,6 +103,7 @@ class SimMeter:
     wire_fault: WireFault | None = None  # RTU simulator only
     strict_map: bool = False  # refuse reads that touch registers outside the map (like many meters)
     reply_unit: int | None = None  # RTU: replies carry this unit id (a misconfigured meter)
+    unanswered: set[int] = field(default_factory=set)  # start addresses never answered (some firmware)
     powered: bool = True
     boot_until_s: float = 0.0  # after power returns: silent until then
     reads: int = 0
@@ -263,6 +264,8 @@ class _SimContext(ModbusServerContext):
     ) -> list[int] | list[bool] | ExcCodes:
         with self._serving():
             m = await self._meter(device_id)
+            if address in m.unanswered:
+                raise NoSuchIdException(f"unit {device_id} does not answer reads at {address:#06x}")
             return m.get(func_code, address, count, self._clock())
 
     @contextlib.contextmanager

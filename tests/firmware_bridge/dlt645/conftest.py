@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
+import os
+import termios
+import tty
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+import serial
 
 import pytest
 
@@ -18,6 +24,26 @@ from .peer import REPLY, Peer
 T0 = dt.datetime(2026, 11, 23, 10, 0, 0, tzinfo=dt.UTC)  # 10:00 is rate 2 (peak)
 TIMEOUT_S = 0.3
 PASSWORD = bytes.fromhex("02000000")
+
+
+@functools.cache
+def pty_parity() -> str:
+    """``E`` where this kernel's pseudo-terminals take even parity (8E1, as DL/T 645
+    lines run), else ``N`` (some kernels refuse PARENB on a pty with EINVAL)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    try:
+        port = serial.Serial(os.ttyname(slave), 2400, parity="E")
+        try:
+            port.timeout = 0  # reconfigures, as the asyncio transport does
+        finally:
+            port.close()
+        return "E"
+    except (serial.SerialException, termios.error, OSError):
+        return "N"
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 class FakeClock:
