@@ -11,9 +11,8 @@ import tty
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import serial
-
 import pytest
+import serial
 
 from firmware_bridge.dlt645.simulator import Simulator, make_meters
 from firmware_bridge.dlt645.transport import Dlt645Transport, open_transport

@@ -24,7 +24,7 @@ from firmware_bridge.dlt645.driver import narrow, probe_each
 from firmware_bridge.dlt645.messages import read_address_request
 from firmware_bridge.dlt645.simulator import DateFault, SimulatedMeter, Simulator, make_meters
 from firmware_bridge.dlt645.transport import Dlt645Transport, Heard, open_transport
-from firmware_bridge.driver import MeterRefused, MeterTimeout, MeterWrongAddress
+from firmware_bridge.driver import MeterFrameError, MeterRefused, MeterTimeout, MeterWrongAddress
 from firmware_bridge.reading import Quality
 from firmware_bridge.reading import Quantity as Q
 from firmware_bridge.relay import controller_for
@@ -55,7 +55,7 @@ async def line(
 ) -> AsyncIterator[Line]:
     """Meters on a pseudo-terminal, wire time spent at ``baud``; the bus declares
     the meters' response time (the simulators answer within 0.1 s unless told)."""
-    sim = Simulator(meters, baud=baud, **({"clock": clock} if clock else {}))
+    sim = Simulator(meters, baud=baud, clock=clock or time.time)
     async with sim:
         path = await sim.start_pty()
         section = BusSection(
@@ -181,12 +181,23 @@ async def test_slow_start_after_power_returns() -> None:
         assert (await d.read(0)).get(Q.ENERGY_IMPORT) == Decimal("406.00")
 
 
+async def test_collisions_on_the_line_are_heard_as_such() -> None:
+    async with line(make_meters(3)) as ln:
+        both = await ln.transport.listen(read_address_request())
+        assert not both.silent and both.single is None
+        with pytest.raises(MeterFrameError, match=r"collision: several meters answered AAAAAAAAAAAA"):
+            await discover(ln.transport)
+        one = await ln.transport.listen(read_address_request("AAAAAAAAAA02"))
+        assert one.single is not None and one.single.address == A2
+
+
+@pytest.mark.long
 async def test_search_finds_several_meters_on_one_line() -> None:
-    # a fast line and short waits keep this quick: 103 requests, most of them unanswered
+    # 103 requests, most of them unanswered
     async with line(make_meters(2), baud=115200, gap_s=0.002) as ln:
         steps: list[str] = []
         result = await search(
-            ln.transport, timeout_s=0.02, on_step=lambda s: steps.append(s.outcome)
+            ln.transport, timeout_s=0.1, on_step=lambda s: steps.append(s.outcome)
         )
     assert sorted(result.found) == [A1, A2] and result.unresolved == []
     assert steps[0] == "collision" and steps.count("found") == 2
