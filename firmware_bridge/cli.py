@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import importlib
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,11 +43,9 @@ from firmware_bridge.serial_line import LineBusy, LineLock, check_device
 from firmware_bridge.timing import line_timing
 from gateway.config import BusSection, Config, ConfigError, load_config
 
-OWNER = "edgegw meters {action} (pid {pid})"
-
 
 def _owner(action: str) -> str:
-    return OWNER.format(action=action, pid=os.getpid())
+    return f"edgegw meters {action}"
 
 
 def _load(path: str) -> Config | None:

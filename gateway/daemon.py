@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -665,7 +664,7 @@ class Daemon:
         while True:
             try:
                 async with open_site_bus(
-                    cfg, bus, meters, owner=f"edgegw daemon (gateway {cfg.gateway.id}, pid {os.getpid()})"
+                    cfg, bus, meters, owner=f"edgegw daemon (gateway {cfg.gateway.id})"
                 ) as scheduler:
                     controller = controller_for(scheduler)
                     attempt = 0

@@ -135,6 +135,25 @@ address = "{sims[1].address}"
     out = json.loads(capsys.readouterr().out)
     assert out["discovered"] == [sims[0].address]
     assert out["configured"] == [
-        {"address": sims[0].address, "status": "answered"},
-        {"address": sims[1].address, "status": "silent"},
+        {"meter": "x", "address": sims[0].address, "status": "answered"},
+        {"meter": "y", "address": sims[1].address, "status": "no reply"},
     ]
+
+
+async def test_modbus_scan_prints_each_find_as_it_happens(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with ModbusSimulator([1, 2, 7]) as sim:
+        sim.meter(7).refuse = 2
+        cfg = str(write_config(tmp_path, sim.port))
+        argv = ["meters", "scan", "--config", cfg, "--bus", "tcp-1", "--units", "1-4,7", "--timeout", "0.1"]
+        assert await run(argv) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("unit   1: answered  voltage_v=230.4")
+    assert lines[1].startswith("unit   2: answered")
+    assert lines[2] == "unit   7: present, map does not match  unit 7 FC04 0x0000+14: exception 2 (illegal data address)"
+    assert lines[3] == "2 of 5 unit(s) answered with the sdm120 map"
+    progress = captured.err.splitlines()
+    assert progress[-1].startswith("bus tcp-1: units: 5/5 done, 3 found,") and "ETA 0s" in progress[-1]
+    assert any(p.startswith("bus tcp-1: units: 1/5 done, 1 found") for p in progress)
