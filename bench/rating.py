@@ -426,11 +426,11 @@ class Recorder:
     @contextlib.contextmanager
     def observing_buses(self) -> Any:
         """Time every poll cycle of every bus the daemon opens."""
-        original = daemon_mod.open_bus
+        original = daemon_mod.open_site_bus
 
         @contextlib.asynccontextmanager
-        async def recording_open_bus(bus: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            async with original(bus, *args, **kwargs) as scheduler:
+        async def recording_open_bus(cfg: Any, bus: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            async with original(cfg, bus, *args, **kwargs) as scheduler:
                 run_cycle = scheduler.run_cycle
 
                 async def timed_cycle(now_ms: int, **kwargs: Any) -> Any:
@@ -442,11 +442,11 @@ class Recorder:
                 scheduler.run_cycle = timed_cycle  # type: ignore[method-assign, assignment]
                 yield scheduler
 
-        daemon_mod.open_bus = recording_open_bus
+        daemon_mod.open_site_bus = recording_open_bus  # type: ignore[assignment]
         try:
             yield
         finally:
-            daemon_mod.open_bus = original
+            daemon_mod.open_site_bus = original
 
     def observe_commits(self, daemon: Daemon) -> None:
         commit = daemon._commit

@@ -68,7 +68,7 @@ from firmware_bridge.dlt645.driver import DEFAULT_QUANTITIES, Dlt645Driver
 from firmware_bridge.dlt645.messages import read_request
 from firmware_bridge.dlt645.simulator import Simulator as Dlt645Simulator
 from firmware_bridge.dlt645.simulator import make_meters as make_dlt645_meters
-from firmware_bridge.dlt645.transport import Dlt645Transport, frame_time_s
+from firmware_bridge.dlt645.transport import Dlt645Transport
 from firmware_bridge.driver import MeterDriver
 from firmware_bridge.modbus.decode import ReadBlock, plan_reads
 from firmware_bridge.modbus.driver import ModbusDriver
@@ -393,44 +393,6 @@ class TimedRtuSimulator(RtuSimulator):
             self.answer_s.append(time.monotonic() - t0)
 
 
-class WireTimedDlt645Simulator(Dlt645Simulator):
-    """The DL/T 645 simulator, also spending the request's wire time before it answers.
-
-    The stock simulator starts its reply's wire time when the whole request has
-    arrived, which a pseudo-terminal delivers at once; on a real line the
-    request itself occupies the bus first. Without this the simulated bus
-    would be faster than the wire the limit is computed for.
-    """
-
-    def __init__(self, *args: Any, request_preamble: int = 4, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.request_preamble = request_preamble
-        self.answer_s: list[float] = []  # request complete -> reply written, per reply
-
-    async def _serve(
-        self, read: Callable[[], Awaitable[bytes]], write: Callable[[bytes], Awaitable[None]]
-    ) -> None:
-        arrived = 0.0
-
-        async def timed_read() -> bytes:
-            nonlocal arrived
-            data = await read()
-            arrived = time.monotonic()
-            return data
-
-        async def timed_write(data: bytes) -> None:
-            await write(data)
-            self.answer_s.append(time.monotonic() - arrived)
-
-        await super()._serve(timed_read, timed_write)
-
-    def reply_bytes(self, request: Frame) -> tuple[bytes, float]:
-        reply, extra = super().reply_bytes(request)
-        if reply and self.baud:
-            extra += frame_time_s(len(request.encode(self.request_preamble)), self.baud)
-        return reply, extra
-
-
 @dataclass
 class Bus:
     """A scheduler on a wire-timed simulated bus, with hooks the scenarios need."""
@@ -512,7 +474,8 @@ async def dlt645_bus(
     quantities: Sequence[Quantity] = DEFAULT_QUANTITIES,
 ) -> AsyncIterator[Bus]:
     sim_meters = make_dlt645_meters(meters)
-    sim = WireTimedDlt645Simulator(sim_meters, baud=baud, response_delay_s=response_delay_s)
+    # the simulator spends the request's wire time, its delay and the reply's wire time
+    sim = Dlt645Simulator(sim_meters, baud=baud, response_delay_s=response_delay_s)
     async with sim:
         path = await sim.start_pty()
         # parity exists only on a real UART; the simulator spends 11 bits per byte regardless

@@ -393,6 +393,7 @@ class Simulator:
         self.response_delay_s = response_delay_s
         self.clock = clock
         self.requests = 0
+        self.answer_s: list[float] = []  # request received -> reply written, per reply
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
         self._fds: list[int] = []
@@ -478,6 +479,7 @@ class Simulator:
                     else:
                         await _sleep_until(loop, start + wire_s(len(reply), self.baud))
                         await write(reply)
+                    self.answer_s.append(loop.time() - arrived)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
