@@ -71,6 +71,23 @@ def quiet_pymodbus_logging() -> None:
         logger.setLevel(logging.CRITICAL)
 
 
+def crc16(data: bytes) -> int:
+    """Modbus RTU CRC (polynomial 0xA001, initial 0xFFFF)."""
+    crc = 0xFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc
+
+
+def rtu_unit(frame: bytes) -> int | None:
+    """The unit id of ``frame`` if it is one whole RTU frame with a good CRC, else None."""
+    if len(frame) < 5 or crc16(frame[:-2]) != int.from_bytes(frame[-2:], "little"):
+        return None
+    return frame[0]
+
+
 class ModbusTransport:
     """A connected pymodbus client plus pacing and error mapping."""
 
@@ -97,6 +114,7 @@ class ModbusTransport:
         self._last_connect_fail: float | None = None
         self.requests = 0  # frames sent (for bus metrics)
         self._rx_bytes = 0  # bytes received for the request in flight
+        self._rx_data = b""  # and the bytes themselves (to name a reply from another unit)
         # see every received byte: an answer that never became a valid frame (bad CRC,
         # garbage, cut short) is a frame error, not a silent meter
         client.ctx.trace_packet = self._trace_packet
@@ -151,9 +169,15 @@ class ModbusTransport:
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
         if not sending:
             self._rx_bytes = max(self._rx_bytes, len(data))
+            if len(data) >= len(self._rx_data):
+                self._rx_data = bytes(data)
         return data
 
-    def _no_answer(self, meter_id: str, what: str, limit: float) -> Exception:
+    def _no_answer(self, meter_id: str, what: str, limit: float, unit: int | None = None) -> Exception:
+        other = rtu_unit(self._rx_data)
+        if unit is not None and other is not None and other != unit:
+            # a whole, valid RTU frame that pymodbus dropped: it came from another unit
+            return MeterWrongAddress(meter_id, f"unit {unit}", f"{other}", what="unit")
         if self._rx_bytes:
             return MeterFrameError(
                 meter_id, f"{what}: {self._rx_bytes} byte(s) received but no valid frame within {limit:g}s"
@@ -196,6 +220,7 @@ class ModbusTransport:
         op: Callable[[], Awaitable[Any]],
         timeout_s: float | None,
         function_code: int,
+        unit: int | None = None,
     ) -> Any:
         """Run one request with pacing, a hard deadline and error mapping."""
         async with self._lock:
@@ -209,23 +234,24 @@ class ModbusTransport:
             self.client.ctx.comm_params.timeout_connect = limit
             self.requests += 1
             self._rx_bytes = 0
+            self._rx_data = b""
             try:
                 # pymodbus applies the client timeout; this deadline is the backstop
                 # (a timeout scope, not wait_for: no extra task per request)
                 async with asyncio.timeout(limit + 0.5):
                     response = await op()
             except TimeoutError:
-                raise self._no_answer(meter_id, what, limit) from None
+                raise self._no_answer(meter_id, what, limit, unit) from None
             except ConnectionException as exc:
                 raise TransportError(meter_id, f"{what}: bus {self.name}: {exc}") from None
             except ModbusIOException as exc:
                 text = str(exc)
                 if "no response" in text.lower():
-                    raise self._no_answer(meter_id, what, limit) from None
+                    raise self._no_answer(meter_id, what, limit, unit) from None
                 wrong = _WRONG_UNIT.search(text)
                 if wrong:
                     raise MeterWrongAddress(
-                        meter_id, f"unit {wrong.group(1)}", f"unit {wrong.group(2)}", what="unit"
+                        meter_id, f"unit {wrong.group(1)}", wrong.group(2), what="unit"
                     ) from None
                 raise MeterFrameError(meter_id, f"{what}: {text}") from None
             except ModbusException as exc:
@@ -260,7 +286,7 @@ class ModbusTransport:
 
         else:
             raise ValueError(f"function code {function_code} is not a register read")
-        response = await self._call(meter_id, what, op, timeout_s, function_code)
+        response = await self._call(meter_id, what, op, timeout_s, function_code, unit)
         regs = list(response.registers)
         if len(regs) != count:
             raise MeterFrameError(meter_id, f"{what}: answered {len(regs)} registers")
@@ -269,7 +295,7 @@ class ModbusTransport:
     async def read_coil(self, meter_id: str, unit: int, address: int, *, timeout_s: float | None = None) -> bool:
         what = f"unit {unit} FC01 {address:#06x}"
         response = await self._call(
-            meter_id, what, lambda: self.client.read_coils(address, count=1, device_id=unit), timeout_s, 1
+            meter_id, what, lambda: self.client.read_coils(address, count=1, device_id=unit), timeout_s, 1, unit
         )
         bits = list(response.bits)
         if not bits:
@@ -279,7 +305,7 @@ class ModbusTransport:
     async def write_coil(self, meter_id: str, unit: int, address: int, value: bool, *, timeout_s: float | None = None) -> None:
         what = f"unit {unit} FC05 {address:#06x}={int(value)}"
         await self._call(
-            meter_id, what, lambda: self.client.write_coil(address, value, device_id=unit), timeout_s, 5
+            meter_id, what, lambda: self.client.write_coil(address, value, device_id=unit), timeout_s, 5, unit
         )
 
     async def write_register(
@@ -287,5 +313,5 @@ class ModbusTransport:
     ) -> None:
         what = f"unit {unit} FC06 {address:#06x}={value}"
         await self._call(
-            meter_id, what, lambda: self.client.write_register(address, value, device_id=unit), timeout_s, 6
+            meter_id, what, lambda: self.client.write_register(address, value, device_id=unit), timeout_s, 6, unit
         )

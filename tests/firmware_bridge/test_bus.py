@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +166,66 @@ async def test_meter_quantities_narrow_the_profile() -> None:
         with pytest.raises(BusConfigError, match="has no energy_import_t1_kwh"):
             async with open_bus(bus, [bad]):
                 pass
+
+
+def test_timing_keys_parse_and_a_timeout_below_the_window_is_refused(tmp_path: Path) -> None:
+    from gateway.config import ConfigError, parse_config
+
+    def site(bus: dict[str, object], meter: dict[str, object]) -> dict[str, object]:
+        return {
+            "gateway": {"id": "gw", "site": "s"},
+            "storage": {"path": "db"},
+            "bus": [{"name": "b", "type": "serial", "device": "/dev/ttyUSB0", **bus}],
+            "meter": [{"id": "m", "bus": "b", "protocol": "dlt645", "address": "000000000001", **meter}],
+        }
+
+    cfg = parse_config(site({"response_time_s": 0.2}, {"response_time_s": 0.45, "timeout_s": 0.6}), tmp_path / "s.toml")
+    assert cfg.buses[0].response_time_s == 0.2 and cfg.buses[0].timeout_s is None
+    assert (cfg.meters[0].response_time_s, cfg.meters[0].timeout_s) == (0.45, 0.6)
+    with pytest.raises(ConfigError) as info:
+        parse_config(site({"timeout_s": 0.3}, {"timeout_s": 0}), tmp_path / "s.toml")
+    problems = "\n".join(info.value.problems)
+    assert "meter[0].timeout_s: must be > 0, got 0" in problems
+    with pytest.raises(ConfigError) as info:
+        parse_config(site({"timeout_s": 0.3}, {}), tmp_path / "s.toml")
+    assert info.value.problems == [
+        f"{tmp_path / 's.toml'}: bus[0].timeout_s: 0.3 s is shorter than the meters' response time"
+        " (0.5 s, the DL/T 645 response window): a meter answering within its allowed time would"
+        " never be read; remove timeout_s, or set response_time_s to the meters' documented response time"
+    ]
+    # the meters' manual says 0.2 s: a 0.3 s timeout is fine then
+    parse_config(site({"timeout_s": 0.3, "response_time_s": 0.2}, {}), tmp_path / "s.toml")
+
+
+def test_config_problems_check_timeouts_against_documented_response_times() -> None:
+    from firmware_bridge.bus import config_problems
+
+    modbus = BusSection(name="b1", type="tcp", host="h", timeout_s=0.3)
+    meters = [
+        MeterSection(id="a", bus="b1", protocol="modbus", profile="sdm120", unit_id=1),
+        MeterSection(id="b", bus="b1", protocol="modbus", profile="sdm120", unit_id=2,
+                     response_time_s=0.8, timeout_s=0.5),
+    ]
+    # Modbus fixes no response time: only a documented one binds
+    assert config_problems([modbus], meters[:1], None) == []
+    assert config_problems([modbus], meters, None) == [
+        "meter[1].timeout_s: 0.5 s is shorter than the meters' response time (0.8 s): a meter"
+        " answering within its allowed time would never be read; remove timeout_s, or set"
+        " response_time_s to the meters' documented response time"
+    ]
+    slow = MeterSection(id="c", bus="b1", protocol="modbus", profile="sdm120", unit_id=3, response_time_s=0.5)
+    assert [p.split(":")[0] for p in config_problems([modbus], [slow], None)] == ["bus[0].timeout_s"]
+
+
+async def test_a_missing_serial_adapter_is_one_line_for_the_bus(tmp_path: Path) -> None:
+    from firmware_bridge.driver import BusUnavailable
+
+    bus = BusSection(name="rs485-1", type="serial", device=str(tmp_path / "ttyUSB0"))
+    m = MeterSection(id="a", bus="rs485-1", protocol="modbus", profile="sdm120", unit_id=1)
+    with pytest.raises(BusUnavailable) as info:
+        async with open_bus(bus, [m]):
+            pass
+    assert str(info.value) == (
+        f"bus rs485-1: serial device {tmp_path / 'ttyUSB0'} does not exist: is the USB-RS485"
+        " adapter plugged in? (ls -l /dev/serial/by-id/ lists the adapters; put its path in bus.device)"
+    )

@@ -14,7 +14,7 @@ from firmware_bridge.modbus.driver import ModbusDriver
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES
 from firmware_bridge.modbus.simulator import ModbusSimulator, RtuSimulator
 from firmware_bridge.modbus.transport import ModbusTransport
-from firmware_bridge.reading import Quantity
+from firmware_bridge.reading import Quantity, Reading
 from firmware_bridge.scheduler import (
     BackoffPolicy,
     BusScheduler,
@@ -437,3 +437,26 @@ async def test_readings_are_stamped_when_read() -> None:
     assert times == sorted(times) and times[0] >= 1_000_000
     assert times[-1] - times[0] >= 2 * 80  # two SDM120 reads of ~85 ms each lie between them
     assert times[-1] <= 1_000_000 + res.duration_s * 1000 + 1
+
+
+async def test_read_deadline_comes_from_the_drivers_own_budget() -> None:
+    """A driver whose read legitimately takes longer than 4 x timeout + 1 s (a slow meter
+    at a low baud rate) is not cut off: its budget sets the backstop."""
+
+    class Slow:
+        meter_id = "slow"
+
+        def read_budget_s(self) -> float:
+            return 1.5
+
+        def operation_budget_s(self) -> float:
+            return 0.2
+
+        async def read(self, now_ms: int) -> Reading:
+            await asyncio.sleep(1.2)
+            return Reading("slow", now_ms, {})
+
+    sched = BusScheduler("b", [Slow()], timeout_s=0.01)  # type: ignore[list-item]
+    assert sched.deadline_s("slow") == pytest.approx(2.5)
+    assert sched.operation_deadline_s("slow") == pytest.approx(1.2)
+    assert await sched.read_meter("slow", 0) is not None
