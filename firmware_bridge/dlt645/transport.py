@@ -408,7 +408,7 @@ class Dlt645Transport:
                 if received:
                     limit = min(hard_deadline, max(deadline, rx.last_rx + trailing_s))
                 if now >= limit:
-                    if await self._drained(rx):
+                    if now < hard_deadline and await self._drained(rx):
                         continue
                     break
                 with contextlib.suppress(TimeoutError):
@@ -460,7 +460,7 @@ class Dlt645Transport:
                 if raw:
                     limit = min(hard_deadline, max(deadline, rx.last_rx + trailing_s))
                 if now >= limit:
-                    if await self._drained(rx):
+                    if now < hard_deadline and await self._drained(rx):
                         continue
                     break
                 with contextlib.suppress(TimeoutError):
