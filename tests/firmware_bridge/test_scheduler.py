@@ -176,17 +176,19 @@ async def test_back_off_counts_from_the_failed_attempt_not_the_cycle_start(
 ) -> None:
     """A cycle longer than the first back-off step does not re-probe the dead meter
     in the very next cycle (it would cost a timeout in every cycle)."""
-    s = make_sched(transport, retries=0, policy=BackoffPolicy(base_ms=500, quarantine_after=10))
+    s = make_sched(transport, retries=0, policy=BackoffPolicy(base_ms=250, quarantine_after=10))
     await s.run_cycle(0)
+    # Slow meters before the dead one, answering well inside the 0.2 s timeout (a
+    # reply later than the timeout would arrive while m3's request is outstanding).
     for u in (1, 2):
-        sim.meter(u).delay_s = 0.3  # slow meters before the dead one: a cycle of ~0.8 s
+        sim.meter(u).delay_s = 0.1
     sim.meter(3).dead = True
     t0 = time.monotonic()
-    await s.run_cycle(1000)  # m3 fails about 0.6 s into the cycle
+    await s.run_cycle(1000)  # m3 fails about 0.4 s into the cycle
     spent_ms = (time.monotonic() - t0) * 1000
     h = s.health["m3"]
     assert h.consecutive_failures == 1 and h.last_error is not None
-    assert h.next_attempt_ms == h.last_error.at_ms + 500 > 1000 + 500
+    assert h.next_attempt_ms == h.last_error.at_ms + 250 > 1000 + 250
     next_start = 1000 + round(spent_ms)  # back to back, as a saturated bus runs
     res = await s.run_cycle(next_start)
     assert "m3" in res.skipped, (h, next_start)
