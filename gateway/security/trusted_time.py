@@ -1,42 +1,63 @@
 """Trusted time for a gateway without a real-time clock.
 
-The gateway decides expiry of signed commands and time-of-use prices by the
-clock, and the clock is the easiest thing on the board to attack: set it back
-and an expired top-up or relay command is valid again; set it forward and
-valid commands expire. This module keeps a *time floor* — a lower bound on
-true time that never moves backwards — and ranks the sources of the current
-time:
+The gateway decides expiry of signed commands, time-of-use prices, fixed
+charges and cutoff by the clock, and the clock is the easiest thing on the
+board to attack or to get wrong: set it back and an expired top-up is valid
+again; set it forward and valid commands expire, and a year of daily charges
+falls due at once. This module keeps two times, both carried on the
+monotonic clock (``CLOCK_BOOTTIME``: it never steps, and counts suspended
+time) between *anchors*:
+
+* the **floor** — a lower bound on true time that never moves backwards
+  (persisted; only a signed reset lowers it);
+* the **estimate** — trusted time, what commands, readings, billing and cutoff
+  use. It is never earlier than the floor.
+
+Sources, best first:
 
 ==================  =============================================================
 quality             source
 ==================  =============================================================
-``central``         signed ``time.sync`` from central, carried forward on the
-                    monotonic clock
-``system_synced``   system clock while the kernel reports it synchronised (NTP)
-``meter_majority``  a strict majority of meter clocks that agree within tolerance
+``central``         signed ``time.sync`` from central, carried on the monotonic
+                    clock
+``system_synced``   system clock while NTP reports it synchronised (see
+                    :class:`SyncProbe`)
+``meter_majority``  a strict majority of meter clocks agreeing within tolerance
+                    (only to start an RTC-less gateway that has nothing better)
 ``system_unsynced`` system clock, not known to be synchronised
-``floor``           none of the above is at or above the floor: the floor itself
+``floor``           the estimate is the floor itself
 ==================  =============================================================
 
-Rules:
+Rules (:func:`observe`, all pure):
 
-* :func:`observe` never returns a time earlier than the floor.
-* The floor advances with the monotonic clock (elapsed monotonic time is a
-  lower bound on elapsed real time), and jumps up only on ``central`` or
-  ``system_synced`` time. Meter clocks and an unsynchronised system clock are
-  used for the current estimate but never raise the floor, so they cannot
-  poison it permanently.
-* Only a signed ``time.sync`` with ``reset_floor`` may lower the floor (to
-  recover from a floor pushed into the future by a spoofed NTP server).
-* Jumps of the system clock relative to the monotonic clock, a system clock
-  behind the floor, a central time behind the floor, and a synchronised
-  system clock more than a minute off central time (spoofed NTP?) are reported as
-  :class:`ClockEvent` for the audit log.
+* The system clock is tracked against the monotonic clock. A change of their
+  difference by more than ``jump_tolerance_ms`` is a *jump*: it is reported
+  (:class:`ClockEvent`) and **not followed**: trusted time keeps running on
+  the monotonic clock from where it was.
+* A forward jump is followed once the new time has *held* (no further jump)
+  for ``confirm_ms``, or at once when central confirms it (a ``time.sync``,
+  or a verified command issued after the carried estimate whose issue time
+  agrees with the system clock, :func:`corroborate`). A backward jump is
+  followed only when the clock is synchronised and held; an unsynchronised
+  clock set back is never followed. Trusted time otherwise never decreases.
+* After a start the estimate begins at the last time used before it (or the
+  floor, if later); the first clock reading at or after that is taken as it
+  is: the difference is the time the gateway was off.
+* The floor advances with the monotonic clock, and is raised only to central
+  time and to a synchronised system clock that has held for ``confirm_ms``:
+  a synchronised clock that leaps a year ahead for a few seconds never
+  reaches the floor, so it cannot expire every later command.
+* Whenever trusted time moves forward by more than the monotonic clock
+  explains (a followed jump, central time ahead, the time the gateway was
+  off), the stretch is recorded as :class:`Unseen`: billing holds the fixed
+  charges that fall in such a stretch (``gateway.billing.held``).
+* A system clock behind the floor, a central time behind the floor and a
+  synchronised system clock more than ``disagree_tolerance_ms`` off central
+  time (spoofed NTP?) are reported too, once per episode.
 
-After a reboot (no RTC) :func:`restore` starts from the persisted floor; the
-daemon persists the floor when :func:`floor_to_persist` says it has moved by
-at least ``granularity_ms`` (so a minute-level floor costs one small write per
-minute at most, and a power cut loses at most that much).
+After a (re)boot :func:`restore` starts from the persisted floor and the last
+estimate (:func:`floor_to_persist`, :func:`seen_to_persist`: at most one
+small write a minute, and always at a clean stop).
 
 Known limit: a ``time.sync`` that sat in a queue is late; its time is a lower
 bound, which is what the floor needs, but the ``central`` estimate lags by the
@@ -49,19 +70,52 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import enum
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
 
 import aiosqlite
 
 from firmware_bridge.reading import TimeSource
 
 JUMP_TOLERANCE_MS = 2_000
+CONFIRM_MS = 5 * 60_000
 DISAGREE_TOLERANCE_MS = 60_000
+CORROBORATION_WINDOW_MS = 10 * 60_000
 METER_TOLERANCE_MS = 5 * 60_000
 MIN_METERS = 3
 PERSIST_GRANULARITY_MS = 60_000
+KEEP_UNSEEN = 32
+EVENT_BUDGET_PER_HOUR = 60
+
+
+@dataclass(frozen=True, slots=True)
+class ClockPolicy:
+    """The clock's tolerances (milliseconds)."""
+
+    jump_tolerance_ms: int = JUMP_TOLERANCE_MS  # larger changes of wall - monotonic are jumps
+    confirm_ms: int = CONFIRM_MS  # a jumped clock is followed after holding this long
+    disagree_tolerance_ms: int = DISAGREE_TOLERANCE_MS  # synced clock vs central
+    corroboration_window_ms: int = CORROBORATION_WINDOW_MS  # command issue time vs clock
+    keep_unseen: int = KEEP_UNSEEN  # recent unseen stretches kept for billing
+
+
+POLICY = ClockPolicy()
+
+
+def system_wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def boot_ms() -> int:
+    """The monotonic clock in ms: ``CLOCK_BOOTTIME`` (counts suspend), else ``monotonic``."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if boottime is not None:
+        return time.clock_gettime_ns(boottime) // 1_000_000
+    return time.monotonic_ns() // 1_000_000
 
 
 class TimeQuality(enum.StrEnum):
@@ -95,17 +149,19 @@ _SOURCE = {
     TimeQuality.SYSTEM_UNSYNCED: TimeSource.SYSTEM,
     TimeQuality.FLOOR: TimeSource.SYSTEM,
 }
-_FLOOR_RAISING = frozenset({TimeQuality.CENTRAL, TimeQuality.SYSTEM_SYNCED})
 
 
 class ClockEventKind(enum.StrEnum):
     JUMP_BACKWARD = "clock_jump_backward"  # system clock moved back vs monotonic
     JUMP_FORWARD = "clock_jump_forward"  # system clock leapt ahead vs monotonic
+    STEP_FOLLOWED = "clock_step_followed"  # trusted time followed a jump that held/was confirmed
+    START_GAP = "time_gap_at_start"  # trusted time after a start is ahead of the last time used
     BEHIND_FLOOR = "clock_behind_floor"  # system clock earlier than the floor
     CENTRAL_BEHIND_FLOOR = "central_time_behind_floor"
     FLOOR_RESET = "time_floor_reset"  # signed reset lowered the floor
     CENTRAL_SYNC = "central_time_sync"
     SOURCES_DISAGREE = "time_sources_disagree"  # synced system clock far from central
+    EVENTS_SUPPRESSED = "clock_events_suppressed"  # more events in an hour than the budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,26 +192,73 @@ class Anchor:
         return self.time_ms + max(0, mono_ms - self.mono_ms)
 
 
+class UnseenKind(enum.StrEnum):
+    OFF = "off"  # the gateway was off (seen at the first time source after a start)
+    JUMP = "jump"  # trusted time stepped forward while running (a followed jump, central)
+
+
+@dataclass(frozen=True, slots=True)
+class Unseen:
+    """A stretch (from, to] of trusted time the monotonic clock did not live through."""
+
+    from_ms: int
+    to_ms: int
+    kind: UnseenKind
+
+    @property
+    def length_ms(self) -> int:
+        return self.to_ms - self.from_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Track:
+    """The system clock's offset from the monotonic clock, and since when it has held."""
+
+    offset_ms: int
+    since_mono_ms: int
+
+
 @dataclass(frozen=True, slots=True)
 class ClockState:
     """Everything the clock remembers in memory during one boot (pure value)."""
 
     floor: Anchor  # lower bound on true time, carried on the monotonic clock
+    est: Anchor  # the trusted estimate, carried on the monotonic clock
+    quality: TimeQuality = TimeQuality.FLOOR  # of the estimate
+    initial: bool = True  # no time source followed yet since the start
+    restored_ms: int = 0  # where the estimate started (0: nothing was ever persisted)
     central: Anchor | None = None  # last signed central time, this boot
-    last_wall_ms: int | None = None
-    last_mono_ms: int | None = None
+    track: Track | None = None
+    last_synced: bool = False
+    last_time_ms: int = 0  # the last trusted time returned
     behind_floor: bool = False
     disagree: bool = False
     persisted_floor_ms: int = 0
+    persisted_seen_ms: int = 0
+    unseen: tuple[Unseen, ...] = ()
 
     def floor_at(self, mono_ms: int) -> int:
         return self.floor.at(mono_ms)
 
+    def estimate_at(self, mono_ms: int) -> int:
+        """Trusted time carried on the monotonic clock, without looking at any clock."""
+        return max(self.est.at(mono_ms), self.floor.at(mono_ms))
 
-def restore(persisted_floor_ms: int, mono_ms: int) -> ClockState:
-    """State after a (re)boot: the persisted floor, nothing else known yet."""
+
+def restore(persisted_floor_ms: int, mono_ms: int, *, seen_ms: int = 0) -> ClockState:
+    """State after a (re)boot: the persisted floor and the last time used, nothing else.
+
+    The estimate starts at the later of the two: trusted time does not go back
+    across a restart any more than while running.
+    """
+    start = max(persisted_floor_ms, seen_ms)
     return ClockState(
-        floor=Anchor(persisted_floor_ms, mono_ms), persisted_floor_ms=persisted_floor_ms
+        floor=Anchor(persisted_floor_ms, mono_ms),
+        est=Anchor(start, mono_ms),
+        restored_ms=start,
+        last_time_ms=start,
+        persisted_floor_ms=persisted_floor_ms,
+        persisted_seen_ms=seen_ms,
     )
 
 
@@ -187,6 +290,23 @@ def meter_majority(
     return group[len(group) // 2]
 
 
+def _jump_event(delta: int, at_ms: int, policy: ClockPolicy) -> ClockEvent:
+    hold = f"trusted time stays on the monotonic clock until it holds for {policy.confirm_ms // 1000} s"
+    if delta < 0:
+        return ClockEvent(
+            ClockEventKind.JUMP_BACKWARD, at_ms, delta, f"system clock moved back {-delta} ms; {hold}"
+        )
+    return ClockEvent(
+        ClockEventKind.JUMP_FORWARD, at_ms, delta, f"system clock leapt {delta} ms ahead; {hold}"
+    )
+
+
+def _add_unseen(state: ClockState, u: Unseen, policy: ClockPolicy) -> tuple[Unseen, ...]:
+    if state.restored_ms == 0 and state.initial:
+        return state.unseen  # first start ever: nothing was lived through before
+    return (*state.unseen, u)[-policy.keep_unseen :]
+
+
 def observe(
     state: ClockState,
     *,
@@ -194,33 +314,41 @@ def observe(
     mono_ms: int,
     synced: bool,
     meter_ms: Sequence[int] = (),
-    jump_tolerance_ms: int = JUMP_TOLERANCE_MS,
+    policy: ClockPolicy = POLICY,
 ) -> tuple[ClockState, TrustedTime, list[ClockEvent]]:
     """Current trusted time from one look at the clocks (pure).
 
     ``wall_ms`` is the system clock, ``mono_ms`` the monotonic clock (same
-    boot as ``state``), ``synced`` whether the kernel reports the system clock
-    synchronised, ``meter_ms`` current meter clock readings (already corrected
-    for the time since they were read).
+    boot as ``state``), ``synced`` whether the system clock is known to be
+    NTP-synchronised, ``meter_ms`` current meter clock readings (already
+    corrected for the time since they were read).
     """
+    tol = policy.jump_tolerance_ms
     events: list[ClockEvent] = []
     lower = state.floor_at(mono_ms)
+    carried = state.estimate_at(mono_ms)
 
-    if state.last_wall_ms is not None and state.last_mono_ms is not None:
-        expected = state.last_wall_ms + (mono_ms - state.last_mono_ms)
-        delta = wall_ms - expected
-        if delta < -jump_tolerance_ms:
-            kind = ClockEventKind.JUMP_BACKWARD
-            events.append(ClockEvent(kind, lower, delta, f"system clock moved back {-delta} ms"))
-        elif delta > jump_tolerance_ms:
-            kind = ClockEventKind.JUMP_FORWARD
-            events.append(ClockEvent(kind, lower, delta, f"system clock leapt {delta} ms ahead"))
+    # The system clock against the monotonic clock: a jump starts a new track.
+    offset = wall_ms - mono_ms
+    track = state.track
+    if track is None:
+        track = Track(offset, mono_ms)
+    elif abs(offset - track.offset_ms) > tol:
+        events.append(_jump_event(offset - track.offset_ms, carried, policy))
+        track = Track(offset, mono_ms)
+    else:
+        track = Track(offset, track.since_mono_ms)
+    held = mono_ms - track.since_mono_ms >= policy.confirm_ms
+    wall_q = TimeQuality.SYSTEM_SYNCED if synced else TimeQuality.SYSTEM_UNSYNCED
 
-    majority = meter_majority(meter_ms) if meter_ms else None
+    t, q = carried, state.quality
+    followed = False  # the estimate takes a source's value now
+    floor_ok = False  # ... and that value may raise the floor
+    step: UnseenKind | None = None
     disagree = False
     if state.central is not None:
-        t, q = state.central.at(mono_ms), TimeQuality.CENTRAL
-        disagree = synced and abs(wall_ms - t) > DISAGREE_TOLERANCE_MS
+        t, q, followed = max(state.central.at(mono_ms), lower), TimeQuality.CENTRAL, True
+        disagree = synced and abs(wall_ms - t) > policy.disagree_tolerance_ms
         if disagree and not state.disagree:
             events.append(
                 ClockEvent(
@@ -230,12 +358,44 @@ def observe(
                     f"synchronised system clock is {wall_ms - t} ms off central time",
                 )
             )
-    elif synced:
-        t, q = wall_ms, TimeQuality.SYSTEM_SYNCED
-    elif majority is not None:
-        t, q = majority, TimeQuality.METER_MAJORITY
     else:
-        t, q = wall_ms, TimeQuality.SYSTEM_UNSYNCED
+        majority = meter_majority(meter_ms) if state.initial and not synced and meter_ms else None
+        if majority is not None and majority > max(wall_ms, carried) + tol:
+            # an RTC-less start with nothing better: the meters' clocks
+            t, q, followed, step = majority, TimeQuality.METER_MAJORITY, True, UnseenKind.OFF
+        elif abs(wall_ms - carried) <= tol:
+            t, q, followed = max(wall_ms, state.last_time_ms), wall_q, True
+            floor_ok = synced and held
+        elif wall_ms > carried:
+            if state.initial or held:
+                t, q, followed = wall_ms, wall_q, True
+                floor_ok = synced and held
+                step = UnseenKind.OFF if state.initial else UnseenKind.JUMP
+                if not state.initial:
+                    events.append(
+                        ClockEvent(
+                            ClockEventKind.STEP_FOLLOWED,
+                            t,
+                            t - carried,
+                            f"system clock {t - carried} ms ahead held for "
+                            f"{policy.confirm_ms // 1000} s: trusted time follows it",
+                        )
+                    )
+        elif synced and held:
+            t, followed, floor_ok = max(wall_ms, lower), True, True
+            q = wall_q if wall_ms >= lower else TimeQuality.FLOOR
+            events.append(
+                ClockEvent(
+                    ClockEventKind.STEP_FOLLOWED,
+                    t,
+                    t - carried,
+                    f"synchronised system clock {carried - wall_ms} ms behind held for "
+                    f"{policy.confirm_ms // 1000} s: trusted time follows it",
+                )
+            )
+
+    if t < lower or (not followed and t == lower):
+        t, q = lower, TimeQuality.FLOOR
 
     behind = wall_ms < lower
     if behind and not state.behind_floor:
@@ -247,32 +407,57 @@ def observe(
                 f"system clock is {lower - wall_ms} ms earlier than the time floor",
             )
         )
-    if t < lower:
-        t, q = lower, TimeQuality.FLOOR
+
+    unseen = state.unseen
+    if step is not None and t - carried > tol:
+        unseen = _add_unseen(state, Unseen(carried, t, step), policy)
+        if step is UnseenKind.OFF and unseen is not state.unseen:
+            events.append(
+                ClockEvent(
+                    ClockEventKind.START_GAP,
+                    t,
+                    t - carried,
+                    f"trusted time is {t - carried} ms after the last time used before the start "
+                    "(the gateway was off)",
+                )
+            )
 
     floor = state.floor
-    if q in _FLOOR_RAISING and t > lower:
+    if floor_ok and t > lower:
         floor = Anchor(t, mono_ms)
     new_state = replace(
         state,
         floor=floor,
-        last_wall_ms=wall_ms,
-        last_mono_ms=mono_ms,
+        est=Anchor(t, mono_ms),
+        quality=q,
+        initial=state.initial and not followed,
+        track=track,
+        last_synced=synced,
+        last_time_ms=t,
         behind_floor=behind,
         disagree=disagree,
+        unseen=unseen,
     )
     return new_state, TrustedTime(t, q, floor.at(mono_ms)), events
 
 
 def apply_central_time(
-    state: ClockState, central_ms: int, mono_ms: int, *, reset_floor: bool = False
+    state: ClockState,
+    central_ms: int,
+    mono_ms: int,
+    *,
+    reset_floor: bool = False,
+    policy: ClockPolicy = POLICY,
 ) -> tuple[ClockState, list[ClockEvent]]:
     """Take a signed central time (from an APPLIED ``time.sync`` command) (pure).
 
-    A central time behind the floor does not move the floor back unless the
-    command says ``reset_floor``; it is reported instead.
+    Central time becomes the estimate and the floor. A central time behind the
+    floor does not move the floor back unless the command says
+    ``reset_floor``; it is reported instead. Central time ahead of the carried
+    estimate records the stretch between them as unseen.
     """
     lower = state.floor_at(mono_ms)
+    carried = state.estimate_at(mono_ms)
     if central_ms < lower and not reset_floor:
         return state, [
             ClockEvent(
@@ -283,6 +468,20 @@ def apply_central_time(
             )
         ]
     anchor = Anchor(central_ms, mono_ms)
+    unseen = state.unseen
+    if central_ms - carried > policy.jump_tolerance_ms:
+        kind = UnseenKind.OFF if state.initial else UnseenKind.JUMP
+        unseen = _add_unseen(state, Unseen(carried, central_ms, kind), policy)
+    moved = replace(
+        state,
+        floor=anchor,
+        est=anchor,
+        quality=TimeQuality.CENTRAL,
+        central=anchor,
+        initial=False,
+        last_time_ms=central_ms,
+        unseen=unseen,
+    )
     if central_ms < lower:
         event = ClockEvent(
             ClockEventKind.FLOOR_RESET,
@@ -291,11 +490,61 @@ def apply_central_time(
             f"signed reset moved the time floor back {lower - central_ms} ms",
         )
         # the caller stores it with reset_floor() (save_floor never lowers it)
-        return replace(state, floor=anchor, central=anchor, persisted_floor_ms=central_ms), [event]
+        return replace(moved, persisted_floor_ms=central_ms), [event]
     event = ClockEvent(
-        ClockEventKind.CENTRAL_SYNC, central_ms, central_ms - lower, "signed central time"
+        ClockEventKind.CENTRAL_SYNC,
+        central_ms,
+        central_ms - carried,
+        f"signed central time ({central_ms - carried:+d} ms from the gateway's time)",
     )
-    return replace(state, floor=anchor, central=anchor), [event]
+    return moved, [event]
+
+
+def corroborate(
+    state: ClockState, issued_ms: int, mono_ms: int, *, policy: ClockPolicy = POLICY
+) -> tuple[ClockState, list[ClockEvent]]:
+    """A verified signed command was issued at ``issued_ms`` (pure).
+
+    Its issue time is a lower bound on true time. When it is later than the
+    carried estimate, the estimate is provably behind; if the system clock
+    (waiting to be followed after a jump) agrees with the issue time — not
+    earlier, and at most ``corroboration_window_ms`` later — the system
+    clock is followed now, as if it had held. The command's time itself is
+    never taken (any signing role could choose it); it only confirms the
+    system clock.
+    """
+    tol = policy.jump_tolerance_ms
+    track = state.track
+    if state.central is not None or track is None:
+        return state, []
+    carried = state.estimate_at(mono_ms)
+    wall = track.offset_ms + mono_ms
+    if issued_ms <= carried + tol:
+        return state, []
+    if not issued_ms - tol <= wall <= issued_ms + policy.corroboration_window_ms:
+        return state, []
+    kind = UnseenKind.OFF if state.initial else UnseenKind.JUMP
+    lower = state.floor_at(mono_ms)
+    synced = state.last_synced
+    moved = replace(
+        state,
+        est=Anchor(wall, mono_ms),
+        quality=TimeQuality.SYSTEM_SYNCED if synced else TimeQuality.SYSTEM_UNSYNCED,
+        initial=False,
+        track=Track(track.offset_ms, mono_ms - policy.confirm_ms),  # counts as held
+        last_time_ms=wall,
+        floor=Anchor(wall, mono_ms) if synced and wall > lower else state.floor,
+        unseen=_add_unseen(state, Unseen(carried, wall, kind), policy),
+    )
+    return moved, [
+        ClockEvent(
+            ClockEventKind.STEP_FOLLOWED,
+            wall,
+            wall - carried,
+            f"system clock {wall - carried} ms ahead confirmed by a signed command issued "
+            f"at {issued_ms}: trusted time follows it",
+        )
+    ]
 
 
 def floor_to_persist(
@@ -310,8 +559,67 @@ def floor_to_persist(
     return replace(state, persisted_floor_ms=f), f
 
 
+def seen_to_persist(
+    state: ClockState, mono_ms: int, *, granularity_ms: int = PERSIST_GRANULARITY_MS
+) -> tuple[ClockState, int | None]:
+    """The trusted time to write now as "last time used", or None if the stored one will do.
+
+    Unlike the floor it may go down (after central or a held synchronised
+    clock moved trusted time back).
+    """
+    s = state.estimate_at(mono_ms)
+    if s == state.persisted_seen_ms:
+        return state, None
+    if abs(s - state.persisted_seen_ms) < granularity_ms and state.persisted_seen_ms != 0:
+        return state, None
+    return replace(state, persisted_seen_ms=s), s
+
+
 # ---------------------------------------------------------------------------
-# Kernel clock status
+# Is the system clock synchronised? (readable inside the service's sandbox)
+
+# systemd-timesyncd touches this file on every successful synchronisation (systemd >= 239).
+TIMESYNCD_SYNCHRONIZED = Path("/run/systemd/timesync/synchronized")
+# chronyd writes a line here at every clock update when chrony.conf has ``log tracking``.
+CHRONY_TRACKING_LOG = Path("/var/log/chrony/tracking.log")
+# timesyncd polls at most every 2048 s and chronyd (default maxpoll 10) every 1024 s:
+# a source that said "synchronised" within two of the longest intervals is current.
+SYNC_MAX_AGE_MS = 75 * 60_000
+# A status file stamped this far in the future of the system clock (clock set back): stale.
+SYNC_FUTURE_SLACK_MS = 60_000
+
+
+def timesyncd_synced(mtime_ms: int | None, wall_ms: int, max_age_ms: int = SYNC_MAX_AGE_MS) -> bool:
+    """timesyncd's ``synchronized`` file was touched recently (by the system clock's measure)."""
+    if mtime_ms is None:
+        return False
+    return -SYNC_FUTURE_SLACK_MS <= wall_ms - mtime_ms <= max_age_ms
+
+
+def chrony_tracking_synced(
+    tail: str, wall_ms: int, max_age_ms: int = SYNC_MAX_AGE_MS
+) -> bool | None:
+    """The last line of chrony's ``tracking.log``: synchronised (True), not (False), or
+    nothing usable (None).
+
+    Columns: UTC date, time, reference address, stratum, frequency, skew,
+    offset, leap status (``N``, ``+``, ``-``; ``?`` = not synchronised), ...
+    """
+    for line in reversed(tail.splitlines()):
+        fields = line.split()
+        if len(fields) < 8 or line.startswith("=") or not fields[0][:1].isdigit():
+            continue  # the banner chronyd repeats, a torn last line
+        try:
+            at = datetime.strptime(f"{fields[0]} {fields[1]}", "%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            continue
+        at_ms = int(at.replace(tzinfo=UTC).timestamp() * 1000)
+        if fields[7] == "?":
+            return False
+        if fields[7] not in ("N", "+", "-"):
+            continue
+        return -SYNC_FUTURE_SLACK_MS <= wall_ms - at_ms <= max_age_ms
+    return None
 
 
 class _Timex(ctypes.Structure):
@@ -319,63 +627,164 @@ class _Timex(ctypes.Structure):
     _fields_ = [("modes", ctypes.c_uint), ("_rest", ctypes.c_byte * 512)]
 
 
-def kernel_clock_synced() -> bool:
-    """True if the kernel says the system clock is synchronised (adjtimex != TIME_ERROR).
+def kernel_sync_state() -> bool | None:
+    """The kernel's view (``adjtimex`` != TIME_ERROR), or None where it cannot be asked.
 
-    ``adjtimex`` with ``modes = 0`` only reads. Returns False where it is not
-    available: an unknown clock is treated as unsynchronised.
+    ``adjtimex`` with ``modes = 0`` only reads, but seccomp filters the system
+    call as a whole: under ``ProtectClock=yes`` or ``SystemCallFilter=~@clock``
+    it fails with EPERM, which is "unknown", not "unsynchronised".
     """
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
         libc = ctypes.CDLL(name, use_errno=True)
         tx = _Timex()
         tx.modes = 0
         state = int(libc.adjtimex(ctypes.byref(tx)))
     except (OSError, AttributeError):
-        return False
+        return None
+    if state == -1:
+        return None
     time_error = 5
-    return state not in (-1, time_error)
+    return state != time_error
+
+
+def kernel_clock_synced() -> bool:
+    """True if the kernel says the system clock is synchronised (False where unknown)."""
+    return kernel_sync_state() is True
+
+
+class SyncProbe:
+    """Is the system clock NTP-synchronised? Asked of every source that can answer.
+
+    Inside the service's sandbox ``adjtimex`` is refused, so the probe reads
+    what the NTP daemons leave in plain files: systemd-timesyncd's
+    ``/run/systemd/timesync/synchronized`` (its modification time is the last
+    synchronisation) and chronyd's ``tracking.log`` (last line: leap status and
+    time). Each counts while it is younger than ``max_age_ms``. Where
+    ``adjtimex`` is allowed (outside the sandbox) the kernel is asked too. Any
+    source that says "synchronised" is enough; none means unsynchronised.
+    Answers are kept ``cache_s`` (a stat and a small read per look).
+    """
+
+    def __init__(
+        self,
+        *,
+        timesyncd_file: Path | None = TIMESYNCD_SYNCHRONIZED,
+        chrony_tracking_log: Path | None = CHRONY_TRACKING_LOG,
+        kernel: bool = True,
+        max_age_ms: int = SYNC_MAX_AGE_MS,
+        wall_ms: Callable[[], int] = system_wall_ms,
+        cache_s: float = 5.0,
+    ) -> None:
+        self.timesyncd_file = timesyncd_file
+        self.chrony_tracking_log = chrony_tracking_log
+        self.kernel = kernel
+        self.max_age_ms = max_age_ms
+        self.wall_ms = wall_ms
+        self.cache_s = cache_s
+        self._cached: tuple[float, bool] | None = None
+
+    def sources(self) -> dict[str, bool | None]:
+        """Each source's answer (None: not there / cannot be asked)."""
+        wall = self.wall_ms()
+        out: dict[str, bool | None] = {}
+        if self.timesyncd_file is not None:
+            try:
+                mtime: int | None = os.stat(self.timesyncd_file).st_mtime_ns // 1_000_000
+            except OSError:
+                mtime = None
+            out["timesyncd"] = None if mtime is None else timesyncd_synced(mtime, wall, self.max_age_ms)
+        if self.chrony_tracking_log is not None:
+            out["chrony"] = self._chrony(wall)
+        if self.kernel:
+            out["kernel"] = kernel_sync_state()
+        return out
+
+    def _chrony(self, wall: int) -> bool | None:
+        assert self.chrony_tracking_log is not None
+        try:
+            with open(self.chrony_tracking_log, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - 4096))
+                tail = f.read().decode("ascii", "replace")
+        except OSError:
+            return None
+        return chrony_tracking_synced(tail, wall, self.max_age_ms)
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < self.cache_s:
+            return self._cached[1]
+        synced = any(v is True for v in self.sources().values())
+        self._cached = (now, synced)
+        return synced
 
 
 class TrustedClock:
     """Imperative wrapper around the pure functions for the daemon.
 
-    Clocks are injectable (``wall``/``mono`` return milliseconds); events pile
-    up until :meth:`drain_events` hands them to the audit log.
+    Clocks are injectable (``wall``/``mono`` return milliseconds; ``synced``
+    says whether the system clock is NTP-synchronised, default a
+    :class:`SyncProbe`); events pile up until :meth:`drain_events` hands them
+    to the audit log, at most ``event_budget_per_hour`` an hour (the rest are
+    counted and reported as one ``clock_events_suppressed``).
     """
 
     def __init__(
         self,
         state: ClockState,
         *,
-        wall: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-        mono: Callable[[], int] = lambda: time.monotonic_ns() // 1_000_000,
-        synced: Callable[[], bool] = kernel_clock_synced,
+        wall: Callable[[], int] = system_wall_ms,
+        mono: Callable[[], int] = boot_ms,
+        synced: Callable[[], bool] | None = None,
         meters: Callable[[], Sequence[int]] = tuple,
+        policy: ClockPolicy = POLICY,
+        event_budget_per_hour: int = EVENT_BUDGET_PER_HOUR,
     ) -> None:
         self._state = state
-        self._wall, self._mono, self._synced, self._meters = wall, mono, synced, meters
+        self._wall, self._mono, self._meters = wall, mono, meters
+        self._synced = synced if synced is not None else SyncProbe(wall_ms=wall)
+        self.policy = policy
+        self.event_budget = event_budget_per_hour
         self._events: list[ClockEvent] = []
+        self._hour = -1
+        self._in_hour = 0
+        self._suppressed = 0
 
     @classmethod
     def restored(
         cls,
         persisted_floor_ms: int,
         *,
-        wall: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
-        mono: Callable[[], int] = lambda: time.monotonic_ns() // 1_000_000,
-        synced: Callable[[], bool] = kernel_clock_synced,
+        seen_ms: int = 0,
+        wall: Callable[[], int] = system_wall_ms,
+        mono: Callable[[], int] = boot_ms,
+        synced: Callable[[], bool] | None = None,
         meters: Callable[[], Sequence[int]] = tuple,
+        policy: ClockPolicy = POLICY,
     ) -> TrustedClock:
         return cls(
-            restore(persisted_floor_ms, mono()), wall=wall, mono=mono, synced=synced, meters=meters
+            restore(persisted_floor_ms, mono(), seen_ms=seen_ms),
+            wall=wall,
+            mono=mono,
+            synced=synced,
+            meters=meters,
+            policy=policy,
         )
 
     @property
     def state(self) -> ClockState:
         return self._state
+
+    @property
+    def unseen(self) -> tuple[Unseen, ...]:
+        """Recent stretches trusted time stepped over (for holding fixed charges)."""
+        return self._state.unseen
+
+    def mono_ms(self) -> int:
+        return self._mono()
 
     def now(self) -> TrustedTime:
         self._state, t, events = observe(
@@ -384,24 +793,62 @@ class TrustedClock:
             mono_ms=self._mono(),
             synced=self._synced(),
             meter_ms=self._meters(),
+            policy=self.policy,
         )
-        self._events.extend(events)
+        self._add(events)
         return t
 
     def central_time(self, central_ms: int, *, reset_floor: bool = False) -> list[ClockEvent]:
         self._state, events = apply_central_time(
-            self._state, central_ms, self._mono(), reset_floor=reset_floor
+            self._state, central_ms, self._mono(), reset_floor=reset_floor, policy=self.policy
         )
-        self._events.extend(events)
+        self._add(events)
         return events
 
-    def floor_to_persist(self) -> int | None:
-        self._state, value = floor_to_persist(self._state, self._mono())
+    def corroborate(self, issued_ms: int) -> list[ClockEvent]:
+        """A verified signed command was issued at ``issued_ms`` (see :func:`corroborate`)."""
+        self._state, events = corroborate(self._state, issued_ms, self._mono(), policy=self.policy)
+        self._add(events)
+        return events
+
+    def floor_to_persist(self, granularity_ms: int = PERSIST_GRANULARITY_MS) -> int | None:
+        self._state, value = floor_to_persist(self._state, self._mono(), granularity_ms=granularity_ms)
         return value
+
+    def seen_to_persist(self, granularity_ms: int = PERSIST_GRANULARITY_MS) -> int | None:
+        self._state, value = seen_to_persist(self._state, self._mono(), granularity_ms=granularity_ms)
+        return value
+
+    def _add(self, events: list[ClockEvent]) -> None:
+        if not events:
+            return
+        hour = self._mono() // 3_600_000
+        if hour != self._hour:
+            if self._suppressed:
+                at = self._state.last_time_ms
+                self._events.append(
+                    ClockEvent(
+                        ClockEventKind.EVENTS_SUPPRESSED,
+                        at,
+                        self._suppressed,
+                        f"{self._suppressed} more clock events in an hour were not recorded one by one",
+                    )
+                )
+            self._hour, self._in_hour, self._suppressed = hour, 0, 0
+        for e in events:
+            if self._in_hour < self.event_budget:
+                self._events.append(e)
+                self._in_hour += 1
+            else:
+                self._suppressed += 1
 
     def drain_events(self) -> list[ClockEvent]:
         out, self._events = self._events, []
         return out
+
+    def requeue(self, events: list[ClockEvent]) -> None:
+        """Give back drained events whose transaction rolled back (they go first)."""
+        self._events[:0] = events
 
 
 # ---------------------------------------------------------------------------
@@ -412,6 +859,11 @@ SCHEMA: tuple[str, ...] = (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         floor_ms INTEGER NOT NULL,
         updated_mono_ms INTEGER NOT NULL
+    ) STRICT""",
+    # the last trusted time used (where the estimate resumes after a restart)
+    """CREATE TABLE IF NOT EXISTS sec_time_seen (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seen_ms INTEGER NOT NULL
     ) STRICT""",
 )
 
@@ -445,6 +897,32 @@ async def reset_floor(conn: aiosqlite.Connection, floor_ms: int, mono_ms: int) -
         "updated_mono_ms = excluded.updated_mono_ms",
         (floor_ms, mono_ms),
     )
+    await save_seen(conn, floor_ms)  # the estimate resumes from the reset, not above it
+
+
+async def load_seen(conn: aiosqlite.Connection) -> int:
+    async with conn.execute("SELECT seen_ms FROM sec_time_seen WHERE id = 1") as cur:
+        row = await cur.fetchone()
+    return 0 if row is None else int(row[0])
+
+
+async def save_seen(conn: aiosqlite.Connection, seen_ms: int) -> None:
+    await conn.execute(
+        "INSERT INTO sec_time_seen (id, seen_ms) VALUES (1, ?) "
+        "ON CONFLICT(id) DO UPDATE SET seen_ms = excluded.seen_ms",
+        (seen_ms,),
+    )
+
+
+async def save_clock(conn: aiosqlite.Connection, clock: TrustedClock, *, force: bool = False) -> None:
+    """Persist the floor and the last time used if they moved (every minute; ``force``: now)."""
+    g = 0 if force else PERSIST_GRANULARITY_MS
+    floor = clock.floor_to_persist(g)
+    if floor is not None:
+        await save_floor(conn, floor, clock.mono_ms())
+    seen = clock.seen_to_persist(g)
+    if seen is not None:
+        await save_seen(conn, seen)
 
 
 async def apply_time_sync(
@@ -462,4 +940,5 @@ async def apply_time_sync(
         await reset_floor(conn, clock.state.floor.time_ms, mono)
     elif any(e.kind is ClockEventKind.CENTRAL_SYNC for e in events):
         await save_floor(conn, clock.state.floor.time_ms, mono)
+        await save_seen(conn, clock.state.est.time_ms)
     return events

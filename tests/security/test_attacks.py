@@ -27,7 +27,7 @@ from gateway.security.envelope import (
     sign_payload,
 )
 from gateway.security.roles import CommandType, Role
-from gateway.security.trusted_time import TimeQuality, TrustedClock
+from gateway.security.trusted_time import CONFIRM_MS, TimeQuality, TrustedClock
 from tests.security.conftest import GATEWAY, HOUR, T0, Central, GatewayDB, topup_body
 
 NOW = T0 + 1000
@@ -267,18 +267,32 @@ async def test_clock_set_back_cannot_revive_expired_command(
         0, wall=lambda: wall[0], mono=lambda: mono[0], synced=lambda: True
     )
     assert clock.now().time_ms == T0 + 2 * HOUR
-    floor = clock.floor_to_persist()
-    assert floor == T0 + 2 * HOUR
     raw = central.cmd(CommandType.TOPUP)  # expired an hour ago
+    # the synchronised clock holds: the floor follows it
+    wall[0] += CONFIRM_MS
+    mono[0] += CONFIRM_MS
+    assert clock.now().time_ms == T0 + 2 * HOUR + CONFIRM_MS
+    floor = clock.floor_to_persist()
+    seen = clock.seen_to_persist()
+    assert floor == seen == T0 + 2 * HOUR + CONFIRM_MS
     wall[0] = T0 + 10 * 60_000  # attacker sets the system clock back
     mono[0] += 1_000
     now = clock.now()
     assert now.quality is TimeQuality.FLOOR and now.time_ms > T0 + 2 * HOUR
     await refused(gw, raw, RejectReason.EXPIRED, "expired at", now_ms=now.time_ms)
-    # and after a reboot without RTC, from the persisted floor
+    # still refused once the set-back clock has "held": an unsynchronised clock set
+    # back is never followed, and a synchronised one never below the floor
+    for synced in (False, True):
+        mono[0] += 2 * CONFIRM_MS
+        wall[0] += 2 * CONFIRM_MS
+        clock = TrustedClock(
+            clock.state, wall=lambda: wall[0], mono=lambda: mono[0], synced=lambda s=synced: s
+        )
+        await refused(gw, raw, RejectReason.EXPIRED, "expired at", now_ms=clock.now().time_ms)
+    # and after a reboot without RTC, from the persisted floor and last time used
     wall[0], mono[0] = T0 + 10 * 60_000, 5
     rebooted = TrustedClock.restored(
-        floor, wall=lambda: wall[0], mono=lambda: mono[0], synced=lambda: False
+        floor, seen_ms=seen, wall=lambda: wall[0], mono=lambda: mono[0], synced=lambda: False
     )
     await gw.reboot()
     await refused(gw, raw, RejectReason.EXPIRED, "expired at", now_ms=rebooted.now().time_ms)
