@@ -7,9 +7,15 @@ the cutoff state change and its event commit together or not at all:
 * :meth:`Prepaid.on_readings_in` — per poll cycle: rate each new register
   reading of a meter that bills to an account, append the debit, upload it as a
   ``charge`` record, and re-evaluate the cutoff policy of the accounts touched;
-* :meth:`Prepaid.tick_in` — on a timer: fixed charges, and cutoff decisions
-  that depend on time alone (a no-disconnect window ending, contact lost);
+* :meth:`Prepaid.tick_in` — on a timer: fixed charges (held, and reported
+  instead of debited, where their period starts in a stretch of time the
+  gateway did not live through: :mod:`gateway.billing.held`), and cutoff
+  decisions that depend on time alone (a no-disconnect window ending, contact
+  lost);
 * the *billing port* used by signed commands (top-ups, tariffs, snapshots).
+
+Every time here is trusted time (:mod:`gateway.security.trusted_time`), never
+the raw system clock.
 
 Relay operations are never executed inside a transaction. Decisions return
 :class:`RelayIntent`s; the daemon hands them to the meter's bus after the
@@ -32,6 +38,7 @@ from firmware_bridge.reading import Quantity, Reading
 from gateway.billing import ledger_store as ls
 from gateway.billing.account import AccountSettings, load_account
 from gateway.billing.cutoff import Action, ActionKind, Contact, CutoffEvent, evaluate, reassert
+from gateway.billing.held import OFF_BILLED_MS, HeldGroup, Stretch
 from gateway.billing.ledger import Entry, adjustment_entry
 from gateway.billing.ledger_cache import LedgerCache
 from gateway.billing.messages import MessageError, parse_snapshot, parse_topup
@@ -82,6 +89,22 @@ def _cutoff_event(e: CutoffEvent) -> dict[str, Any]:
     }
 
 
+def _held_event(account: str, g: HeldGroup) -> dict[str, Any]:
+    """Central's notice of fixed charges held (never debited here): what to settle."""
+    return {
+        "type": "billing.fixed_held",
+        "account": account,
+        "cause": "off_time" if g.stretch.off_time else "clock_jump",
+        "from_ms": g.stretch.from_ms,
+        "to_ms": g.stretch.to_ms,
+        "count": len(g.charges),
+        "amount_micro": g.amount_micro,
+        "amount": str(report_yuan(g.amount_micro)),
+        "charges": [c.charge_id for c in g.charges],
+        "truncated": g.truncated,
+    }
+
+
 def _charge_record(entry: Entry, now_ms: int) -> tuple[RecordClass, str, int, dict[str, Any]]:
     """The outbox record of a ledger entry: every local entry goes to central, so
     central can re-rate and reconcile."""
@@ -109,10 +132,12 @@ class Prepaid:
         meter_account: Mapping[str, str],
         *,
         max_gap_ms: int | None = None,
+        off_billed_ms: int = OFF_BILLED_MS,
     ) -> None:
         self.accounts = dict(accounts)
         self.meter_account = dict(meter_account)
         self.max_gap_ms = max_gap_ms
+        self.off_billed_ms = off_billed_ms  # off-time billed as usual (gateway.billing.held)
         # Set when something changed a balance outside a poll cycle (a top-up):
         # the daemon's billing timer evaluates at once instead of at its next tick.
         self.dirty = asyncio.Event()
@@ -219,19 +244,36 @@ class Prepaid:
         return intents
 
     async def tick_in(
-        self, db: aiosqlite.Connection, outbox: Outbox, now_ms: int, contact: Contact
+        self,
+        db: aiosqlite.Connection,
+        outbox: Outbox,
+        now_ms: int,
+        contact: Contact,
+        unseen: Sequence[Stretch] = (),
     ) -> list[RelayIntent]:
         """Fixed charges and time-driven policy steps for every account.
 
+        ``unseen`` are the recent stretches of trusted time the gateway did not
+        live through: fixed charges in them are held and reported, not debited.
         From the cache this costs microseconds per account and writes nothing
         unless something changed (a charge, a state change, an event).
         """
         out = _Records(now_ms)
         intents: list[RelayIntent] = []
         for account, acct in self.accounts.items():
-            for res in await self.ledger.charge_fixed(db, account, acct.book, now_ms):
+            fixed = await self.ledger.fixed_in(
+                db, account, acct.book, now_ms, unseen, off_billed_ms=self.off_billed_ms
+            )
+            for res in fixed.applied:
                 if res.applied:
                     out.charge(res.entry)
+            for group in fixed.held:
+                log.warning(
+                    "account %s: %d fixed charge(s) (%s) held: trusted time stepped from %d to %d",
+                    account, len(group.charges), report_yuan(group.amount_micro),
+                    group.stretch.from_ms, group.stretch.to_ms,
+                )  # fmt: skip
+                out.event(_held_event(account, group))
             intents += await self._evaluate_in(db, out, account, now_ms, contact)
         await self._finish(db, outbox, out)
         return intents
@@ -380,7 +422,11 @@ class Prepaid:
         if decision.status is SnapshotStatus.STALE:
             raise CommandRefused("stale_snapshot", decision.message)
         self.dirty.set()
-        return {"status": decision.status.value, "message": decision.message}
+        out: dict[str, Any] = {"status": decision.status.value, "message": decision.message}
+        if decision.status is SnapshotStatus.APPLIED:
+            # Held fixed charges central counted in this balance are settled: never debited.
+            out["held_settled"] = await ls.settle_held(db, snap.account, snap.included_ids, now_ms)
+        return out
 
     async def install_tariff_in(
         self, db: aiosqlite.Connection, doc: Mapping[str, Any], *, now_ms: int

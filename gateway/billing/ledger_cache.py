@@ -13,7 +13,8 @@ only *write* to the database:
   change are written back by :meth:`LedgerCache.flush`, in the same
   transaction, before it commits;
 * the time up to which fixed charges were raised is persisted only when a
-  charge is raised (or :meth:`LedgerCache.persist_fixed_until` is called,
+  charge is raised or held, or the scan moves back (or
+  :meth:`LedgerCache.persist_fixed_until` is called,
   before a tariff change): between charges the stored value may lag, and
   re-scanning that span after a restart finds no charge under the same
   tariff. This keeps a once-a-second policy tick from rewriting every account
@@ -29,6 +30,7 @@ which the tests check statement for statement.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import aiosqlite
@@ -36,6 +38,7 @@ import orjson
 
 from gateway.billing import ledger_store as ls
 from gateway.billing.cutoff import CutoffState
+from gateway.billing.held import OFF_BILLED_MS, REWIND_SLACK_MS, Stretch
 from gateway.billing.ledger import (
     AppendResult,
     Entry,
@@ -44,9 +47,8 @@ from gateway.billing.ledger import (
     LedgerView,
     advance,
     debit_entry,
-    fixed_entry,
 )
-from gateway.billing.rating import RegisterReading, fixed_charges_due, rate_interval
+from gateway.billing.rating import RegisterReading, rate_interval
 from gateway.billing.tariff import TariffBook
 
 _MISSING = object()
@@ -191,27 +193,42 @@ class LedgerCache:
             self._set_baseline(account, reading)
         return ls.RatedReading(result, appended, await self.view(conn, account))
 
-    async def charge_fixed(
-        self, conn: aiosqlite.Connection, account: str, book: TariffBook, now_ms: int
-    ) -> list[AppendResult]:
-        """:func:`ledger_store.charge_fixed`, persisting the scan position only with a charge."""
+    async def fixed_in(
+        self,
+        conn: aiosqlite.Connection,
+        account: str,
+        book: TariffBook,
+        now_ms: int,
+        stretches: Sequence[Stretch] = (),
+        *,
+        off_billed_ms: int = OFF_BILLED_MS,
+    ) -> ls.FixedOutcome:
+        """:func:`ledger_store.fixed_in`, persisting the scan position only when it found
+        charges (debited or held) or moved back."""
         if account in self._fixed_until:
             since = self._fixed_until[account]
         else:
             await self.view(conn, account)  # opens the account row
             since = self._fixed_until[account] = await ls.load_fixed_until(conn, account)
-        out: list[AppendResult] = []
-        if since is None:
+        if since is None or now_ms < since - REWIND_SLACK_MS:
             await ls.save_fixed_until(conn, account, now_ms)
-        elif now_ms > since:
-            due = fixed_charges_due(account, book, since, now_ms)
-            for d in due:
-                out.append(await self.append(conn, fixed_entry(d)))
-            if due:
-                await ls.save_fixed_until(conn, account, now_ms)
-        if since is None or now_ms > since:
             self._fixed_until[account] = now_ms
+            return ls.FixedOutcome(rewound=since is not None)
+        if now_ms <= since:
+            return ls.FixedOutcome()
+        out = await ls.raise_fixed(
+            conn, account, book, since, now_ms, stretches, self.append, off_billed_ms=off_billed_ms
+        )
+        if out.due:
+            await ls.save_fixed_until(conn, account, now_ms)
+        self._fixed_until[account] = now_ms
         return out
+
+    async def charge_fixed(
+        self, conn: aiosqlite.Connection, account: str, book: TariffBook, now_ms: int
+    ) -> list[AppendResult]:
+        """:func:`ledger_store.charge_fixed`, persisting the scan position only with a charge."""
+        return (await self.fixed_in(conn, account, book, now_ms)).applied
 
     async def persist_fixed_until(self, conn: aiosqlite.Connection, account: str) -> None:
         """Store the scan position now (before the account's tariff changes)."""

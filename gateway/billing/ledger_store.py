@@ -17,13 +17,18 @@ Tables (``SCHEMA``):
   persisted cutoff state and the time up to which fixed charges were raised;
 * ``billing_baseline`` — per meter, the last reading rating used as baseline;
 * ``billing_tariff`` — tariff versions installed by central (the source
-  document), re-applied over the configured tariffs at every start.
+  document), re-applied over the configured tariffs at every start;
+* ``billing_fixed_held`` — fixed charges held because their period started in
+  a stretch of time the gateway did not live through (:mod:`gateway.billing.held`):
+  ``held`` until central settles them (``settled``), or until the period comes
+  round again in normal time after trusted time was moved back (``released``:
+  then debited).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -31,6 +36,7 @@ import aiosqlite
 import orjson
 
 from gateway.billing.cutoff import CutoffState
+from gateway.billing.held import OFF_BILLED_MS, REWIND_SLACK_MS, HeldGroup, Stretch, plan_fixed
 from gateway.billing.ledger import (
     AppendResult,
     Entry,
@@ -48,7 +54,6 @@ from gateway.billing.rating import (
     RatingResult,
     RegisterReading,
     TierState,
-    fixed_charges_due,
     rate_interval,
 )
 from gateway.billing.reconcile import (
@@ -91,6 +96,22 @@ CREATE TABLE IF NOT EXISTS billing_tariff (
     doc          TEXT    NOT NULL,
     PRIMARY KEY (tariff_id, version)
 );
+CREATE TABLE IF NOT EXISTS billing_fixed_held (
+    charge_id        TEXT    PRIMARY KEY,
+    account          TEXT    NOT NULL,
+    name             TEXT    NOT NULL,
+    tariff           TEXT    NOT NULL,
+    period           TEXT    NOT NULL,
+    period_start_ms  INTEGER NOT NULL,
+    amount_micro     INTEGER NOT NULL,
+    held_ms          INTEGER NOT NULL,
+    stretch_from_ms  INTEGER NOT NULL,
+    stretch_to_ms    INTEGER NOT NULL,
+    cause            TEXT    NOT NULL CHECK (cause IN ('off_time','clock_jump')),
+    state            TEXT    NOT NULL CHECK (state IN ('held','released','settled')),
+    resolved_ms      INTEGER
+);
+CREATE INDEX IF NOT EXISTS billing_fixed_held_account ON billing_fixed_held (account, state);
 CREATE TABLE IF NOT EXISTS billing_baseline (
     meter        TEXT    PRIMARY KEY,
     account      TEXT    NOT NULL,
@@ -344,6 +365,85 @@ async def record_meter_replacement(
 # Fixed charges, top-ups, snapshots, cutoff state
 
 
+@dataclass
+class FixedOutcome:
+    """What one fixed-charge scan of an account did."""
+
+    applied: list[AppendResult] = field(default_factory=list)  # debited (or already there)
+    held: list[HeldGroup] = field(default_factory=list)  # recorded as held, to report
+    due: int = 0  # charges found in the scanned span (debited, skipped or held)
+    rewound: bool = False  # trusted time went back: the scan restarts from now
+
+
+Append = Callable[[aiosqlite.Connection, Entry], Awaitable[AppendResult]]
+
+
+async def raise_fixed(
+    conn: aiosqlite.Connection,
+    account: str,
+    book: TariffBook,
+    since_ms: int,
+    now_ms: int,
+    stretches: Sequence[Stretch],
+    append_entry: Append,
+    *,
+    off_billed_ms: int = OFF_BILLED_MS,
+) -> FixedOutcome:
+    """Debit the fixed charges due in (since, now], holding those in unseen stretches.
+
+    A charge central settled (listed in a snapshot) is never debited; a held one
+    that comes round again in normal time (trusted time was moved back) is
+    debited and marked released.
+    """
+    plan = plan_fixed(account, book, since_ms, now_ms, stretches, off_billed_ms=off_billed_ms)
+    applied: list[AppendResult] = []
+    if plan.apply:
+        states = await held_states(conn, [d.charge_id for d in plan.apply])
+        for d in plan.apply:
+            state = states.get(d.charge_id)
+            if state == "settled":
+                continue
+            applied.append(await append_entry(conn, fixed_entry(d)))
+            if state == "held":
+                await conn.execute(
+                    "UPDATE billing_fixed_held SET state = 'released', resolved_ms = ? "
+                    "WHERE charge_id = ?",
+                    (now_ms, d.charge_id),
+                )
+    for g in plan.held:
+        await record_held(conn, account, g, now_ms)
+    return FixedOutcome(applied, list(plan.held), plan.due)
+
+
+async def fixed_in(
+    conn: aiosqlite.Connection,
+    account: str,
+    book: TariffBook,
+    now_ms: int,
+    stretches: Sequence[Stretch] = (),
+    *,
+    off_billed_ms: int = OFF_BILLED_MS,
+) -> FixedOutcome:
+    """Raise every fixed charge whose period started since the last call (up to ``now``),
+    holding those that fall in ``stretches`` (:mod:`gateway.billing.held`).
+
+    The first call only records ``now`` as the starting point; so does a call
+    with ``now`` more than ``REWIND_SLACK_MS`` before it (trusted time moved back).
+    """
+    await open_account(conn, account)
+    since = await load_fixed_until(conn, account)
+    if since is None or now_ms < since - REWIND_SLACK_MS:
+        await save_fixed_until(conn, account, now_ms)
+        return FixedOutcome(rewound=since is not None)
+    if now_ms <= since:
+        return FixedOutcome()
+    out = await raise_fixed(
+        conn, account, book, since, now_ms, stretches, append, off_billed_ms=off_billed_ms
+    )
+    await save_fixed_until(conn, account, now_ms)
+    return out
+
+
 async def charge_fixed(
     conn: aiosqlite.Connection, account: str, book: TariffBook, now_ms: int
 ) -> list[AppendResult]:
@@ -351,15 +451,84 @@ async def charge_fixed(
 
     The first call only records ``now`` as the starting point.
     """
-    await open_account(conn, account)
-    since = await load_fixed_until(conn, account)
-    out: list[AppendResult] = []
-    if since is not None and now_ms > since:
-        for due in fixed_charges_due(account, book, since, now_ms):
-            out.append(await append(conn, fixed_entry(due)))
-    if since is None or now_ms > since:
-        await save_fixed_until(conn, account, now_ms)
+    return (await fixed_in(conn, account, book, now_ms)).applied
+
+
+async def record_held(conn: aiosqlite.Connection, account: str, group: HeldGroup, now_ms: int) -> None:
+    s = group.stretch
+    await conn.executemany(
+        "INSERT INTO billing_fixed_held (charge_id, account, name, tariff, period, period_start_ms,"
+        " amount_micro, held_ms, stretch_from_ms, stretch_to_ms, cause, state)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'held') ON CONFLICT (charge_id) DO NOTHING",
+        [
+            (
+                c.charge_id, account, c.name, c.tariff, c.period, c.period_start_ms, c.amount_micro,
+                now_ms, s.from_ms, s.to_ms, "off_time" if s.off_time else "clock_jump",
+            )
+            for c in group.charges
+        ],
+    )  # fmt: skip
+
+
+async def held_states(conn: aiosqlite.Connection, charge_ids: Sequence[str]) -> dict[str, str]:
+    """State (held / released / settled) of those of ``charge_ids`` ever held."""
+    out: dict[str, str] = {}
+    for i in range(0, len(charge_ids), 500):
+        chunk = list(charge_ids[i : i + 500])
+        marks = ", ".join("?" * len(chunk))
+        async with conn.execute(
+            f"SELECT charge_id, state FROM billing_fixed_held WHERE charge_id IN ({marks})", chunk
+        ) as cur:
+            out.update({str(a): str(b) for a, b in await cur.fetchall()})
     return out
+
+
+async def settle_held(
+    conn: aiosqlite.Connection, account: str, charge_ids: Iterable[str], now_ms: int
+) -> int:
+    """Mark held charges of ``account`` central counted in a snapshot as settled."""
+    ids = sorted(set(charge_ids))
+    n = 0
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        marks = ", ".join("?" * len(chunk))
+        cur = await conn.execute(
+            f"UPDATE billing_fixed_held SET state = 'settled', resolved_ms = ? "
+            f"WHERE account = ? AND state = 'held' AND charge_id IN ({marks})",
+            (now_ms, account, *chunk),
+        )
+        n += cur.rowcount
+    return n
+
+
+@dataclass(frozen=True)
+class HeldCharge:
+    charge_id: str
+    account: str
+    period_start_ms: int
+    amount_micro: int
+    cause: str
+    state: str
+
+
+async def held_charges(
+    conn: aiosqlite.Connection, account: str | None = None, state: str | None = "held"
+) -> list[HeldCharge]:
+    """Held fixed charges (of ``account``; in ``state``, None: any), oldest period first."""
+    sql = (
+        "SELECT charge_id, account, period_start_ms, amount_micro, cause, state"
+        " FROM billing_fixed_held WHERE 1 = 1"
+    )
+    args: list[Any] = []
+    if account is not None:
+        sql += " AND account = ?"
+        args.append(account)
+    if state is not None:
+        sql += " AND state = ?"
+        args.append(state)
+    async with conn.execute(sql + " ORDER BY period_start_ms, charge_id", args) as cur:
+        rows = await cur.fetchall()
+    return [HeldCharge(str(a), str(b), int(c), int(d), str(e), str(f)) for a, b, c, d, e, f in rows]
 
 
 async def load_fixed_until(conn: aiosqlite.Connection, account: str) -> int | None:

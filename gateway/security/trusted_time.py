@@ -301,6 +301,13 @@ def _jump_event(delta: int, at_ms: int, policy: ClockPolicy) -> ClockEvent:
     )
 
 
+def _clip_unseen(unseen: tuple[Unseen, ...], t: int) -> tuple[Unseen, ...]:
+    """Trusted time moved back to ``t``: what lies after it was not stepped over after all."""
+    if all(u.to_ms <= t for u in unseen):
+        return unseen
+    return tuple(replace(u, to_ms=min(u.to_ms, t)) for u in unseen if u.from_ms < t)
+
+
 def _add_unseen(state: ClockState, u: Unseen, policy: ClockPolicy) -> tuple[Unseen, ...]:
     if state.restored_ms == 0 and state.initial:
         return state.unseen  # first start ever: nothing was lived through before
@@ -408,7 +415,7 @@ def observe(
             )
         )
 
-    unseen = state.unseen
+    unseen = state.unseen if t >= carried else _clip_unseen(state.unseen, t)
     if step is not None and t - carried > tol:
         unseen = _add_unseen(state, Unseen(carried, t, step), policy)
         if step is UnseenKind.OFF and unseen is not state.unseen:
@@ -468,10 +475,10 @@ def apply_central_time(
             )
         ]
     anchor = Anchor(central_ms, mono_ms)
-    unseen = state.unseen
+    unseen = _clip_unseen(state.unseen, central_ms)
     if central_ms - carried > policy.jump_tolerance_ms:
         kind = UnseenKind.OFF if state.initial else UnseenKind.JUMP
-        unseen = _add_unseen(state, Unseen(carried, central_ms, kind), policy)
+        unseen = _add_unseen(replace(state, unseen=unseen), Unseen(carried, central_ms, kind), policy)
     moved = replace(
         state,
         floor=anchor,

@@ -243,7 +243,8 @@ def test_central_time_ahead_of_the_gateway_is_an_unseen_jump() -> None:
     s, _ = apply_central_time(s, T0 + 2000, mono_ms=2000)
     _, t, _ = observe(s, wall_ms=T0 + HOUR, mono_ms=3000, synced=False)
     assert t.time_ms == T0 + 3000
-    assert [u.kind for u in s.unseen] == [UnseenKind.OFF]  # only the start's: nothing new
+    # the start's stretch is cut at the corrected time: the rest was never stepped over
+    assert [(u.from_ms, u.to_ms, u.kind) for u in s.unseen] == [(T0, T0 + 2000, UnseenKind.OFF)]
 
 
 def test_central_behind_floor_keeps_floor_unless_signed_reset() -> None:
@@ -323,13 +324,15 @@ def test_time_never_below_floor_floor_never_back_and_every_step_is_accounted(
             s, _ = corroborate(s, issued, mono, policy=policy)
         s, t, events = observe(s, wall_ms=wall, mono_ms=mono, synced=synced, policy=policy)
         assert t.time_ms >= t.floor_ms >= last_floor
+        assert all(u.to_ms <= t.time_ms for u in s.unseen)  # clipped when time moved back
         if t.time_ms < last_t:
             assert trusted_back or any(
                 e.kind is ClockEventKind.STEP_FOLLOWED and e.delta_ms < 0 for e in events
             )
         first_start = before.initial and before.restored_ms == 0  # nothing lived through before
         if t.time_ms > last_t + dm + JUMP_TOLERANCE_MS and not first_start:
-            assert len(s.unseen) > len(before.unseen), "a step forward was not recorded as unseen"
+            new = [u for u in s.unseen if u not in before.unseen]
+            assert any(u.to_ms >= t.time_ms - JUMP_TOLERANCE_MS for u in new), "step not recorded"
         last_floor, last_t = t.floor_ms, t.time_ms
 
 
