@@ -23,6 +23,11 @@
   decisions that depend on time alone (a no-disconnect window ending) happen
   without waiting for a reading. At most one tick waits for the writer.
 * The uplink reconnects on its own; nothing upstream waits for it.
+* Time: readings, billing, cutoff, commands and the uplink all take trusted
+  time (:class:`gateway.security.trusted_time.TrustedClock`: the monotonic
+  clock carried between trusted anchors), never the raw system clock. Clock
+  events (jumps, a clock behind the floor, ...) are written to the audit log
+  and sent to central in the writer's next transaction.
 * Stopping (SIGTERM): pollers stop first, the writer then commits every cycle
   already polled, then the uplink stops (unacknowledged batches stay in the
   outbox and are sent again after the restart), and the database is closed.
@@ -35,13 +40,13 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from firmware_bridge.bus import open_site_bus
 from firmware_bridge.faults import FaultEvents
-from firmware_bridge.reading import Reading
+from firmware_bridge.reading import Reading, TimeSource
 from firmware_bridge.relay import (
     MeterSignal,
     RelayRateLimited,
@@ -52,6 +57,7 @@ from firmware_bridge.relay import (
 from firmware_bridge.scheduler import MeterHealth
 from gateway import sdnotify
 from gateway.billing.cutoff import Contact
+from gateway.billing.held import Stretch
 from gateway.commands import (
     CommandHandler,
     CommandInbox,
@@ -65,8 +71,15 @@ from gateway.prepaid import Prepaid, RelayIntent
 from gateway.remote_config import DEFAULT_CONFIRM_MS, RemoteConfig
 from gateway.risk_monitor import RiskMonitor
 from gateway.security import audit, trusted_time
+from gateway.security.envelope import CommandResult, Outcome
 from gateway.security.roles import TrustStore
-from gateway.security.trusted_time import TrustedClock
+from gateway.security.trusted_time import (
+    ClockEvent,
+    ClockPolicy,
+    SyncProbe,
+    TrustedClock,
+    UnseenKind,
+)
 from provisioning.keys import Keystore
 from provisioning.usb import AUDIT_SPOOL, drain_audit_spool
 from store_forward import setup
@@ -134,14 +147,18 @@ class _Slicer:
         clock_ms: Callable[[], int],
         slice_s: float,
         faults: FaultEvents | None = None,
+        time_source: TimeSource = TimeSource.SYSTEM,
     ) -> None:
         self.bus, self.out, self.clock_ms, self.slice_s = bus, out, clock_ms, slice_s
+        self.time_source = time_source  # how far the cycle's (trusted) time can be trusted
         self.pending: list[Reading] = []
         self.events: list[dict[str, Any]] = []  # meter faults (a bad date...) with their evidence
         self.faults = faults or FaultEvents()
         self.since = 0.0
 
     async def add(self, reading: Reading) -> None:
+        if reading.time_source is not self.time_source:
+            reading = replace(reading, time_source=self.time_source)
         if not self.pending:
             self.since = time.monotonic()
         self.pending.append(reading)
@@ -263,15 +280,28 @@ class Daemon:
         config: Config,
         *,
         clock_ms: Callable[[], int] = wall_ms,
+        mono_ms: Callable[[], int] | None = None,
+        clock_synced: Callable[[], bool] | None = None,
+        clock_policy: ClockPolicy | None = None,
         on_cycle: Callable[[Cycle], None] | None = None,
         env: Mapping[str, str] | None = None,
         watchdog_deadlines_s: tuple[float, float] | None = None,
     ) -> None:
-        """``env`` is where systemd's NOTIFY_SOCKET / WATCHDOG_USEC are read (default:
-        the process environment); ``watchdog_deadlines_s`` = (poll, database) stall
-        limits before pings to systemd's watchdog stop."""
+        """``clock_ms`` is the system clock, ``mono_ms`` the monotonic clock (default:
+        ``CLOCK_BOOTTIME``; when only ``clock_ms`` is given, e.g. a simulated site clock
+        running faster than real time, that clock serves as both), ``clock_synced`` says
+        whether the system clock is NTP-synchronised (default: :class:`SyncProbe`);
+        together they drive the trusted clock. ``env`` is where systemd's NOTIFY_SOCKET /
+        WATCHDOG_USEC are read (default: the process environment);
+        ``watchdog_deadlines_s`` = (poll, database) stall limits before pings to
+        systemd's watchdog stop."""
         self.config = config
         self.clock_ms = clock_ms
+        if mono_ms is None:
+            mono_ms = trusted_time.boot_ms if clock_ms is wall_ms else clock_ms
+        self.mono_ms = mono_ms
+        self.clock_synced = clock_synced if clock_synced is not None else SyncProbe(wall_ms=clock_ms)
+        self.clock_policy = clock_policy or trusted_time.POLICY
         self.on_cycle = on_cycle
         self.notifier = sdnotify.Notifier(env)
         self.watchdog_interval_s = sdnotify.watchdog_interval_s(env)
@@ -368,7 +398,7 @@ class Daemon:
             self.remote_config = RemoteConfig(
                 cfg.source,
                 outbox,
-                self.clock_ms,
+                self.time_ms,
                 self.request_restart,
                 contact=self.contact,
                 confirm_window_ms=self.config_confirm_ms,
@@ -382,7 +412,7 @@ class Daemon:
             gateway_id=cfg.gateway.id,
             broker=cfg.broker,
             settings=cfg.uplink,
-            clock_ms=self.clock_ms,
+            clock_ms=self.time_ms,
             on_command=self._on_command,
             codec=setup.uplink_codec(cfg),
             max_bytes_per_s=setup.max_bytes_per_s(cfg),
@@ -392,6 +422,16 @@ class Daemon:
         self._work = work
         try:
             async with outbox.transaction() as db:
+                await trusted_time.create_schema(db)
+                self.clock = TrustedClock.restored(
+                    await trusted_time.load_floor(db),
+                    seen_ms=await trusted_time.load_seen(db),
+                    wall=self.clock_ms,
+                    mono=self.mono_ms,
+                    synced=self.clock_synced,
+                    policy=self.clock_policy,
+                )
+                self.started_ms = self.time_ms()
                 await outbox.add_in(
                     db,
                     RecordClass.EVENT,
@@ -402,10 +442,8 @@ class Daemon:
                 if self.prepaid is not None:
                     await self.prepaid.start_in(db, self.started_ms)
                 await self.risk.start_in(db)
-                await trusted_time.create_schema(db)
                 await audit.create_schema(db)
-                floor = await trusted_time.load_floor(db)
-            self.clock = TrustedClock.restored(floor, wall=self.clock_ms, mono=self.clock_ms)
+                await self._clock_events_in(db, outbox, self.clock.drain_events())
             self.keys = self._open_keystore()
             if cfg.security.trust_file is not None:
                 await self._start_commands(outbox, uplink)
@@ -452,7 +490,7 @@ class Daemon:
                 up.cancel()
             if self.commands is not None:
                 await self.commands.flush_all_rejections()
-            await self._save_time_floor(outbox)
+            await self._save_time_floor(outbox, force=True)
             try:  # the last entries of this run get their signature too
                 await self.audit_checkpoint(outbox)
             except Exception as exc:
@@ -476,6 +514,33 @@ class Daemon:
             await asyncio.gather(*self._pollers, return_exceptions=True)
         if self._work is not None:
             await self._work.join()
+
+    def time_ms(self) -> int:
+        """Trusted time (the system clock only until the trusted clock is restored)."""
+        return self.clock.now().time_ms if self.clock is not None else self.clock_ms()
+
+    def unseen(self) -> list[Stretch]:
+        """Recent stretches trusted time stepped over, for holding fixed charges."""
+        if self.clock is None:
+            return []
+        return [Stretch(u.from_ms, u.to_ms, u.kind is UnseenKind.OFF) for u in self.clock.unseen]
+
+    async def _clock_events_in(self, db: Any, outbox: Outbox, events: list[ClockEvent]) -> None:
+        """Audit each clock event and report it to central, in ``db``'s transaction."""
+        source = self.clock.state.quality.value if self.clock is not None else "system"
+        for e in events:
+            log.warning("clock: %s (%+d ms): %s", e.kind.value, e.delta_ms, e.detail)
+            details = {"delta_ms": e.delta_ms, "detail": e.detail, "at_ms": e.at_ms}
+            await audit_and_report(
+                db,
+                outbox,
+                actor="gateway:clock",
+                action=f"time.{e.kind.value}",
+                details=details,
+                event={"type": f"time.{e.kind.value}", **details},
+                time_ms=e.at_ms,
+                time_source=source,
+            )
 
     def contact(self) -> Contact:
         last = self.uplink.stats.last_ack_ms if self.uplink is not None else None
@@ -501,9 +566,16 @@ class Daemon:
             known_meter=lambda m: m in self._bus_of,
         )
         await self.commands.start()
-        self.inbox = CommandInbox(
-            self.commands, uplink.topics, on_result=lambda _r: uplink.notify()
-        )
+        self.inbox = CommandInbox(self.commands, uplink.topics, on_result=self._on_command_result)
+
+    def _on_command_result(self, result: CommandResult) -> None:
+        """After each command: send its result; a verified command's issue time is a lower
+        bound on true time that can confirm a jumped system clock at once."""
+        if self.uplink is not None:
+            self.uplink.notify()
+        env = result.envelope
+        if self.clock is not None and env is not None and result.outcome is not Outcome.REJECTED:
+            self.clock.corroborate(env.issued_at_ms)
 
     async def _on_command(self, raw: bytes) -> None:
         if self.inbox is not None:
@@ -511,13 +583,29 @@ class Daemon:
         else:
             log.warning("command received but no trust file is configured (%d bytes)", len(raw))
 
-    async def _save_time_floor(self, outbox: Outbox) -> None:
+    @contextlib.asynccontextmanager
+    async def _transaction(self, outbox: Outbox) -> AsyncIterator[Any]:
+        """An outbox transaction that also writes the clock events waiting (audit log and
+        an event for central); a rollback gives them back to the clock for the next one."""
+        events: list[ClockEvent] = []
+        try:
+            async with outbox.transaction() as db:
+                if self.clock is not None:
+                    events = self.clock.drain_events()
+                    await self._clock_events_in(db, outbox, events)
+                yield db
+        except BaseException:
+            if self.clock is not None:
+                self.clock.requeue(events)
+            raise
+
+    async def _save_time_floor(self, outbox: Outbox, *, force: bool = False) -> None:
+        """Persist the time floor and the last time used (when moved a minute; ``force``:
+        now), with any clock events still waiting."""
         if self.clock is None:
             return
-        floor = self.clock.floor_to_persist()
-        if floor is not None:
-            async with outbox.transaction() as db:
-                await trusted_time.save_floor(db, floor, self.clock_ms())
+        async with self._transaction(outbox) as db:
+            await trusted_time.save_clock(db, self.clock, force=force)
 
     async def drain_provisioning_audit(self, outbox: Outbox) -> int:
         """Move what the USB provisioning unit recorded into the audit log.
@@ -532,7 +620,7 @@ class Daemon:
             return 0
 
         async def record(action: str, detail: dict[str, Any]) -> None:
-            now = self.clock_ms()
+            now = self.time_ms()
             async with outbox.transaction() as db:
                 await audit_and_report(
                     db,
@@ -574,7 +662,7 @@ class Daemon:
         if self.keys is None:
             return None
         keys = self.keys
-        now = self.clock_ms()
+        now = self.time_ms()
         async with outbox.transaction() as db:
             await audit.create_schema(db)
             cp = await audit.checkpoint(
@@ -677,10 +765,12 @@ class Daemon:
                         phase_s = 0.0  # a reopened bus polls at once
                         await self._sleep_unless_stopping(next_at)
                         while not self._stopping.is_set():
-                            now = self.clock_ms()
+                            trusted = self.clock.now() if self.clock is not None else None
+                            now = trusted.time_ms if trusted is not None else self.clock_ms()
                             slicer = _Slicer(
-                                bus.name, out, self.clock_ms, CYCLE_SLICE_S, self.meter_faults
-                            )
+                                bus.name, out, self.time_ms, CYCLE_SLICE_S, self.meter_faults,
+                                trusted.time_source if trusted is not None else TimeSource.SYSTEM,
+                            )  # fmt: skip
                             result = await scheduler.run_cycle(now, on_reading=slicer.add)
                             statuses = [status_from_health(mid, h) for mid, h in result.health.items()]
                             await slicer.finish(now, statuses)
@@ -735,7 +825,7 @@ class Daemon:
                 async with limit:
                     event = await self._operate(controller, intent)
                 if event is not None:
-                    await out.put(Cycle(bus, self.clock_ms(), [], [], [event]))
+                    await out.put(Cycle(bus, self.time_ms(), [], [], [event]))
             finally:
                 self._relays_in_flight -= 1
 
@@ -767,7 +857,7 @@ class Daemon:
         if intent.signal is not None:
             return await self._signal(controller, intent)
         self.stats.relay_operations += 1
-        self.risk.relay_commanded(intent.meter, intent.open, self.clock_ms())
+        self.risk.relay_commanded(intent.meter, intent.open, self.time_ms())
         try:
             result = await controller.set_open(intent.meter, intent.open)
         except (RelayRateLimited, RelayRefused, KeyError) as exc:
@@ -821,19 +911,21 @@ class Daemon:
             # tick takes the time when the writer gets to it.
             if not self._tick_queued:
                 self._tick_queued = True
-                await out.put(Tick(self.clock_ms()))
+                await out.put(Tick(self.time_ms()))
 
     async def _commit(self, outbox: Outbox, items: list[Cycle | Tick]) -> list[RelayIntent]:
         """Commit queued work in one transaction (a group commit: under load, several
         slices share one fsync instead of queueing behind each other's)."""
         contact = self.contact()
         intents: list[RelayIntent] = []
-        async with outbox.transaction() as db:
+        async with self._transaction(outbox) as db:
             for item in items:
                 if isinstance(item, Tick):
                     assert self.prepaid is not None
                     self._tick_queued = False
-                    intents += await self.prepaid.tick_in(db, outbox, self.clock_ms(), contact)
+                    intents += await self.prepaid.tick_in(
+                        db, outbox, self.time_ms(), contact, self.unseen()
+                    )
                     continue
                 ids = await outbox.commit_cycle_in(
                     db, item.time_ms, item.readings, item.statuses, item.events
