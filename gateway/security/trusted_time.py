@@ -404,7 +404,7 @@ def observe(
     if t < lower or (not followed and t == lower):
         t, q = lower, TimeQuality.FLOOR
 
-    behind = wall_ms < lower
+    behind = wall_ms < lower - tol  # (within the tolerance: rounding and rate jitter)
     if behind and not state.behind_floor:
         events.append(
             ClockEvent(
@@ -430,8 +430,8 @@ def observe(
             )
 
     floor = state.floor
-    if floor_ok and t > lower:
-        floor = Anchor(t, mono_ms)
+    if floor_ok and wall_ms > lower:
+        floor = Anchor(wall_ms, mono_ms)  # the clock's own reading: never above it
     new_state = replace(
         state,
         floor=floor,

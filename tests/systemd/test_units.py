@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.security.trusted_time import SyncProbe
 from tests.systemd._tools import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,6 +139,20 @@ def test_daemon_unit_checklist() -> None:
     assert "Service.PrivateUsers" not in u, (
         "PrivateUsers= maps group dialout away: serial ports break"
     )
+
+
+def test_unit_keeps_the_ntp_status_files_readable() -> None:
+    """ProtectClock= and ~@clock refuse adjtimex; the files the probe reads instead must
+    stay visible inside the unit's sandbox."""
+    u = parse_unit(UNITS / "edgegw.service")
+    hidden = [*u.get("Service.InaccessiblePaths", []), *u.get("Service.TemporaryFileSystem", [])]
+    for path in (SyncProbe().timesyncd_file, SyncProbe().chrony_tracking_log):
+        assert path is not None and path.is_absolute()
+        for h in " ".join(hidden).split():
+            h = h.lstrip("-").split(":")[0]
+            assert not str(path).startswith(h.rstrip("/") + "/"), f"{h} hides {path}"
+    assert u["Service.ProtectClock"] == ["yes"]  # the clock itself stays out of reach
+    assert u["Service.ProtectSystem"] == ["strict"]  # read-only, still readable
 
 
 def test_usb_unit_and_udev_rule() -> None:
