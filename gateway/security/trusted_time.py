@@ -42,7 +42,9 @@ Rules (:func:`observe`, all pure):
   clock set back is never followed. Trusted time otherwise never decreases.
 * After a start the estimate begins at the last time used before it (or the
   floor, if later); the first clock reading at or after that is taken as it
-  is: the difference is the time the gateway was off.
+  is, and so is the first synchronised one within ``first_sync_window_ms``
+  (a clock set from a file at boot shows about the time of the shutdown until
+  NTP steps it): the difference is the time the gateway was off.
 * The floor advances with the monotonic clock, and is raised only to central
   time and to a synchronised system clock that has held for ``confirm_ms``:
   a synchronised clock that leaps a year ahead for a few seconds never
@@ -85,6 +87,7 @@ JUMP_TOLERANCE_MS = 2_000
 CONFIRM_MS = 5 * 60_000
 DISAGREE_TOLERANCE_MS = 60_000
 CORROBORATION_WINDOW_MS = 10 * 60_000
+FIRST_SYNC_WINDOW_MS = 15 * 60_000
 METER_TOLERANCE_MS = 5 * 60_000
 MIN_METERS = 3
 PERSIST_GRANULARITY_MS = 60_000
@@ -100,6 +103,7 @@ class ClockPolicy:
     confirm_ms: int = CONFIRM_MS  # a jumped clock is followed after holding this long
     disagree_tolerance_ms: int = DISAGREE_TOLERANCE_MS  # synced clock vs central
     corroboration_window_ms: int = CORROBORATION_WINDOW_MS  # command issue time vs clock
+    first_sync_window_ms: int = FIRST_SYNC_WINDOW_MS  # after a start: first NTP step is off-time
     keep_unseen: int = KEEP_UNSEEN  # recent unseen stretches kept for billing
 
 
@@ -226,7 +230,9 @@ class ClockState:
     est: Anchor  # the trusted estimate, carried on the monotonic clock
     quality: TimeQuality = TimeQuality.FLOOR  # of the estimate
     initial: bool = True  # no time source followed yet since the start
+    synced_seen: bool = False  # a synchronised clock (or central) followed since the start
     restored_ms: int = 0  # where the estimate started (0: nothing was ever persisted)
+    start_mono_ms: int = 0
     central: Anchor | None = None  # last signed central time, this boot
     track: Track | None = None
     last_synced: bool = False
@@ -256,6 +262,7 @@ def restore(persisted_floor_ms: int, mono_ms: int, *, seen_ms: int = 0) -> Clock
         floor=Anchor(persisted_floor_ms, mono_ms),
         est=Anchor(start, mono_ms),
         restored_ms=start,
+        start_mono_ms=mono_ms,
         last_time_ms=start,
         persisted_floor_ms=persisted_floor_ms,
         persisted_seen_ms=seen_ms,
@@ -374,11 +381,20 @@ def observe(
             t, q, followed = max(wall_ms, state.last_time_ms), wall_q, True
             floor_ok = synced and held
         elif wall_ms > carried:
-            if state.initial or held:
+            # Shortly after a start, before the first synchronisation, the system clock
+            # may have been set from a file at boot (timesyncd's clock file,
+            # fake-hwclock: about the time of the shutdown); the step NTP then makes is
+            # the time the gateway was off, like a first reading.
+            first = state.initial or (
+                synced
+                and not state.synced_seen
+                and mono_ms - state.start_mono_ms <= policy.first_sync_window_ms
+            )
+            if first or held:
                 t, q, followed = wall_ms, wall_q, True
                 floor_ok = synced and held
-                step = UnseenKind.OFF if state.initial else UnseenKind.JUMP
-                if not state.initial:
+                step = UnseenKind.OFF if first else UnseenKind.JUMP
+                if not first:
                     events.append(
                         ClockEvent(
                             ClockEventKind.STEP_FOLLOWED,
@@ -438,6 +454,7 @@ def observe(
         est=Anchor(t, mono_ms),
         quality=q,
         initial=state.initial and not followed,
+        synced_seen=state.synced_seen or (followed and (synced or q is TimeQuality.CENTRAL)),
         track=track,
         last_synced=synced,
         last_time_ms=t,
@@ -486,6 +503,7 @@ def apply_central_time(
         quality=TimeQuality.CENTRAL,
         central=anchor,
         initial=False,
+        synced_seen=True,
         last_time_ms=central_ms,
         unseen=unseen,
     )
@@ -538,6 +556,7 @@ def corroborate(
         est=Anchor(wall, mono_ms),
         quality=TimeQuality.SYSTEM_SYNCED if synced else TimeQuality.SYSTEM_UNSYNCED,
         initial=False,
+        synced_seen=state.synced_seen or synced,
         track=Track(track.offset_ms, mono_ms - policy.confirm_ms),  # counts as held
         last_time_ms=wall,
         floor=Anchor(wall, mono_ms) if synced and wall > lower else state.floor,

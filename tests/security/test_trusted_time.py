@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from firmware_bridge.reading import TimeSource
 from gateway.security.trusted_time import (
     CONFIRM_MS,
+    FIRST_SYNC_WINDOW_MS,
     JUMP_TOLERANCE_MS,
     ClockEvent,
     ClockEventKind,
@@ -153,9 +154,9 @@ def test_synced_blip_a_year_ahead_never_reaches_the_floor_or_trusted_time() -> N
 
 def test_ntp_step_that_holds_is_followed_and_raises_the_floor() -> None:
     s = restore(T0, mono_ms=0)
-    s, _, _ = observe(s, wall_ms=T0, mono_ms=0, synced=False)
+    s, _, _ = observe(s, wall_ms=T0, mono_ms=0, synced=True)
     s, t, _ = observe(s, wall_ms=T0 + 1000 + HOUR, mono_ms=1000, synced=True)
-    assert t.time_ms == T0 + 1000 and t.floor_ms == T0 + 1000
+    assert t.time_ms == T0 + 1000 == t.floor_ms
     m = 1000 + CONFIRM_MS
     s, t, _ = observe(s, wall_ms=T0 + m + HOUR, mono_ms=m, synced=True)
     assert t.time_ms == T0 + m + HOUR == t.floor_ms and t.quality is TimeQuality.SYSTEM_SYNCED
@@ -207,6 +208,34 @@ def test_rtc_less_start_waits_on_the_floor_then_takes_ntp_time_as_off_time() -> 
     assert ClockEventKind.START_GAP in kinds(events)
     assert [u.kind for u in s.unseen] == [UnseenKind.OFF] and s.unseen[0].from_ms == T0 + 30_000
     assert t.floor_ms == T0 + 30_000  # the floor waits until the new time has held
+
+
+def test_clock_restored_from_a_file_at_boot_then_stepped_by_ntp_is_off_time() -> None:
+    """timesyncd (or fake-hwclock) sets the clock to about the shutdown time at boot;
+    NTP's first step is the time the gateway was off: followed at once."""
+    s = restore(T0, mono_ms=0, seen_ms=T0 + HOUR)
+    s, t, _ = observe(s, wall_ms=T0 + HOUR, mono_ms=0, synced=False)  # from the clock file
+    assert t.time_ms == T0 + HOUR and s.unseen == ()
+    s, t, events = observe(s, wall_ms=T0 + 3 * HOUR, mono_ms=20_000, synced=True)
+    assert t.time_ms == T0 + 3 * HOUR and ClockEventKind.START_GAP in kinds(events)
+    assert [(u.from_ms, u.kind) for u in s.unseen] == [(T0 + HOUR + 20_000, UnseenKind.OFF)]
+    assert t.floor_ms == T0 + 20_000  # still waits for it to hold
+    # from now on a synchronised jump has to hold, like any other
+    s, t, _ = observe(s, wall_ms=T0 + 3 * HOUR + 21_000 + DAY, mono_ms=21_000, synced=True)
+    assert t.time_ms == T0 + 3 * HOUR + 1000
+    # and only shortly after the start: later, a first synchronisation has to hold too
+    s = restore(T0, mono_ms=0, seen_ms=T0)
+    s, _, _ = observe(s, wall_ms=T0, mono_ms=0, synced=False)
+    m = FIRST_SYNC_WINDOW_MS + 1
+    s, t, _ = observe(s, wall_ms=T0 + m + HOUR, mono_ms=m, synced=True)
+    assert t.time_ms == T0 + m
+
+
+def test_unsynchronised_jump_after_the_start_waits_even_before_any_synchronisation() -> None:
+    s = restore(T0, mono_ms=0, seen_ms=T0)
+    s, _, _ = observe(s, wall_ms=T0, mono_ms=0, synced=False)
+    s, t, _ = observe(s, wall_ms=T0 + 1000 + YEAR, mono_ms=1000, synced=False)
+    assert t.time_ms == T0 + 1000 and s.unseen == ()
 
 
 def test_restart_never_goes_back_behind_the_last_time_used() -> None:
@@ -354,10 +383,13 @@ def test_billing_time_never_follows_an_unconfirmed_jump(
 ) -> None:
     """The system clock jumps away and back, each time for less than the confirmation
     period: trusted time advances exactly with the monotonic clock, nothing is unseen, and
-    the floor stays at true time."""
+    the floor stays at true time. (Starting unsynchronised, the first synchronised step
+    shortly after the start is the time the gateway was off: the run starts after that.)"""
     mono = 0
     s = restore(T0, mono)
     s, t, _ = observe(s, wall_ms=T0, mono_ms=mono, synced=synced0)
+    mono = 0 if synced0 else FIRST_SYNC_WINDOW_MS + 1
+    s, t, _ = observe(s, wall_ms=T0 + mono, mono_ms=mono, synced=synced0)
     for n, gap, offset, synced in segments:
         n = min(n, max(1, (CONFIRM_MS - 1) // gap)) if offset else n
         for _ in range(n):
