@@ -13,6 +13,7 @@ fixes a broken file in one pass. The result is a tree of frozen dataclasses.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from gateway.toml_lines import Lines, ScanError, nesting_depth, scan
 
 
 class ConfigError(Exception):
@@ -174,37 +177,90 @@ class Config:
 
 
 # ---------------------------------------------------------------------------
+# Limits on what a file may hold. The loader also checks configurations that
+# arrive from central (remote configuration), so nothing in a file may crash
+# it, hang it or put the gateway off the air: every number is finite and in a
+# range that works, every string is bounded.
+
+MAX_FILE_BYTES = 4 * 1024 * 1024  # a 2,000-meter site is ~300 KB
+MAX_NESTING = 8  # tables and arrays; the deepest real use is profiles.NAME.fields.Q.key (5)
+MAX_STRING = 4096  # PATH_MAX; every string value
+# MQTT keepalive (seconds). MQTT allows 0..65535 (0 = off), but the link must be
+# probed often enough that a half-open connection is noticed and the mobile
+# network's NAT keeps the mapping: operators drop idle TCP mappings after as
+# little as ~4.5 minutes, so at most 4 minutes; at least 5 s, or a slow
+# PINGRESP on a congested GPRS/satellite link would drop a working connection.
+KEEPALIVE_RANGE_S = (5, 240)
+POLL_INTERVAL_RANGE_S = (0.1, 86_400.0)
+# A meter's reply wait and a transaction's timeout: DL/T 645 allows 0.5 s before
+# the first byte and slow Modbus meters document about 1 s; a value beyond these
+# bounds is a typo that would stall the bus (every dead meter costs a timeout).
+RESPONSE_TIME_RANGE_S = (0.001, 10.0)
+TIMEOUT_RANGE_S = (0.01, 60.0)
+
+
+# ---------------------------------------------------------------------------
 # A tiny schema language: each section is a dict of key -> Field
 
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+Check = Callable[[Any], str | None]
 
 
 @dataclass(frozen=True)
 class Field:
+    """One key of a table: accepted types, whether it is required, a check that
+    returns a problem (or None) and a conversion of the accepted value.
+
+    Numbers are checked finite before ``check`` runs; strings are checked for
+    control characters and length."""
+
     types: tuple[type, ...]
     required: bool = False
-    check: Callable[[Any], str | None] | None = None  # returns a problem or None
+    check: Check | None = None
     convert: Callable[[Any], Any] | None = None
 
 
 def _ident(v: Any) -> str | None:
-    return None if _ID_RE.match(v) else f"{v!r} is not a valid identifier (letters, digits, _ . -)"
+    return None if _ID_RE.match(v) else f"{v!r} is not a valid identifier (letters, digits, _ . -; at most 64)"
 
 
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else f"must be > 0, got {v}"
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
-def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else f"must be >= 0, got {v}"
+def _between(lo: float, hi: float, unit: str = "", why: str = "") -> Check:
+    """``lo <= v <= hi``; the message gives the range, its unit and why."""
+
+    def check(v: Any) -> str | None:
+        if lo <= v <= hi:
+            return None
+        rng = f"{_num(lo)}..{_num(hi)}{' ' + unit if unit else ''}"
+        return f"must be {rng}{f' ({why})' if why else ''}, got {v!r}"
+
+    return check
+
+
+def _text(max_len: int) -> Check:
+    def check(v: Any) -> str | None:
+        if not v.strip():
+            return "must not be empty"
+        return None if len(v) <= max_len else f"must be at most {max_len} characters, got {len(v)}"
+
+    return check
 
 
 def _port(v: Any) -> str | None:
     return None if 0 < v < 65536 else f"must be a TCP port 1..65535, got {v}"
 
 
-def _one_of(*choices: Any) -> Callable[[Any], str | None]:
+def _unit_id(v: Any) -> str | None:
+    return None if 1 <= v <= 247 else f"must be a Modbus unit id 1..247, got {v}"
+
+
+def _one_of(*choices: Any) -> Check:
     def check(v: Any) -> str | None:
         if v in choices:
             return None
@@ -216,7 +272,7 @@ def _one_of(*choices: Any) -> Callable[[Any], str | None]:
 def _timezone(v: Any) -> str | None:
     try:
         ZoneInfo(v)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         return f"unknown time zone {v!r}"
     return None
 
@@ -236,6 +292,8 @@ def _hex_bytes(v: Any, n: int) -> str | None:
 def _quantities(v: Any) -> str | None:
     from firmware_bridge.reading import Quantity
 
+    if not all(isinstance(q, str) for q in v):
+        return "must be an array of quantity names (strings)"
     known = {q.value for q in Quantity}
     bad = [q for q in v if q not in known]
     if bad:
@@ -243,79 +301,127 @@ def _quantities(v: Any) -> str | None:
     return None
 
 
+def _host(v: Any) -> str | None:
+    if not v or len(v) > 253 or any(c.isspace() for c in v):
+        return f"must be a host name or address (no spaces, at most 253 characters), got {v!r}"
+    return None
+
+
+def _mqtt_string(v: Any) -> str | None:
+    return None if len(v.encode()) <= 65535 else "longer than MQTT allows (65535 bytes)"
+
+
+def _topic_prefix(v: Any) -> str | None:
+    """An MQTT topic prefix the gateway publishes under: no wildcards, not a
+    broker-reserved ``$`` topic, no empty level, short enough for every topic."""
+    if not v:
+        return "must not be empty"
+    if len(v.encode()) > 128:
+        return f"must be at most 128 bytes, got {len(v.encode())}"
+    if "#" in v or "+" in v:
+        return f"must not contain MQTT wildcards '#' or '+', got {v!r}"
+    if v.startswith("$"):
+        return f"must not start with '$' (topics reserved for the broker), got {v!r}"
+    if any(level == "" for level in v.split("/")):
+        return f"must not start or end with '/' or contain '//', got {v!r}"
+    return None
+
+
+def _public_key(v: Any) -> str | None:
+    from store_forward.uplink_keys import UplinkKeyError, parse_public_key
+
+    try:
+        parse_public_key(v)
+    except UplinkKeyError as exc:
+        return str(exc)
+    return None
+
+
+def _file_list(v: Any) -> str | None:
+    if v and all(isinstance(x, str) and x and len(x) <= MAX_STRING and not _CONTROL_RE.search(x) for x in v):
+        return None
+    return "must be a non-empty array of file names"
+
+
 _NUM = (int, float)
 _path = Path
+_seconds = float
 
 GATEWAY_SCHEMA = {
     "id": Field((str,), required=True, check=_ident),
-    "site": Field((str,), required=True),
+    "site": Field((str,), required=True, check=_text(200)),
     "timezone": Field((str,), check=_timezone),
-    "poll_interval_s": Field(_NUM, check=_positive, convert=float),
+    "poll_interval_s": Field(_NUM, check=_between(*POLL_INTERVAL_RANGE_S, "s"), convert=_seconds),
 }
 STORAGE_SCHEMA = {
     "path": Field((str,), required=True, convert=_path),
-    "max_bytes": Field((int,), check=_positive),
-    "reserve_bytes": Field((int,), check=_non_negative),
+    "max_bytes": Field((int,), check=_between(1 << 20, 1 << 40, "bytes", "1 MiB..1 TiB")),
+    "reserve_bytes": Field((int,), check=_between(0, 1 << 40, "bytes")),
     "key_file": Field((str,), convert=_path),
 }
 BROKER_SCHEMA = {
-    "host": Field((str,)),
+    "host": Field((str,), check=_host),
     "port": Field((int,), check=_port),
     "tls": Field((bool,)),
     "ca_file": Field((str,), convert=_path),
     "cert_file": Field((str,), convert=_path),
     "key_file": Field((str,), convert=_path),
-    "username": Field((str,)),
-    "password": Field((str,)),
-    "keepalive_s": Field((int,), check=_positive),
-    "topic_prefix": Field((str,)),
+    "username": Field((str,), check=_mqtt_string),
+    "password": Field((str,), check=_mqtt_string),
+    "keepalive_s": Field(
+        (int,),
+        check=_between(*KEEPALIVE_RANGE_S, "s", "MQTT keepalive: a dead link must be noticed"
+                       " before a mobile network drops the idle connection"),
+    ),
+    "topic_prefix": Field((str,), check=_topic_prefix),
 }
 UPLINK_SCHEMA = {
-    "batch_max_records": Field((int,), check=_positive),
-    "batch_max_bytes": Field((int,), check=_positive),
-    "ack_timeout_s": Field(_NUM, check=_positive, convert=float),
-    "window": Field((int,), check=_positive),
-    "reconnect_min_s": Field(_NUM, check=_positive, convert=float),
-    "reconnect_max_s": Field(_NUM, check=_positive, convert=float),
-    "headend_public_key": Field((str,)),
-    "max_bytes_per_s": Field((int,), check=_positive),
+    "batch_max_records": Field((int,), check=_between(1, 100_000)),
+    "batch_max_bytes": Field((int,), check=_between(1024, 16 << 20, "bytes", "1 KiB..16 MiB")),
+    "ack_timeout_s": Field(_NUM, check=_between(1, 600, "s"), convert=_seconds),
+    "window": Field((int,), check=_between(1, 64)),
+    "reconnect_min_s": Field(_NUM, check=_between(0.05, 600, "s"), convert=_seconds),
+    "reconnect_max_s": Field(_NUM, check=_between(0.05, 3600, "s", "a gateway off the air retries"
+                                                   " at least hourly"), convert=_seconds),
+    "headend_public_key": Field((str,), check=_public_key),
+    "max_bytes_per_s": Field((int,), check=_between(100, 1_000_000_000, "bytes/s")),
 }
 BUS_SCHEMA = {
     "name": Field((str,), required=True, check=_ident),
     "type": Field((str,), required=True, check=_one_of("serial", "tcp")),
-    "device": Field((str,)),
+    "device": Field((str,), check=_text(MAX_STRING)),
     "baud": Field((int,), check=_one_of(1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)),
     "parity": Field((str,), check=_one_of("N", "E", "O")),
     "stop_bits": Field((int,), check=_one_of(1, 2)),
-    "host": Field((str,)),
+    "host": Field((str,), check=_host),
     "port": Field((int,), check=_port),
-    "timeout_s": Field(_NUM, check=_positive, convert=float),
-    "retries": Field((int,), check=_non_negative),
+    "timeout_s": Field(_NUM, check=_between(*TIMEOUT_RANGE_S, "s"), convert=_seconds),
+    "retries": Field((int,), check=_between(0, 10)),
     "framing": Field((str,), check=_one_of("socket", "rtu")),
-    "response_time_s": Field(_NUM, check=_positive, convert=float),
+    "response_time_s": Field(_NUM, check=_between(*RESPONSE_TIME_RANGE_S, "s"), convert=_seconds),
 }
 RELAY_SCHEMA = {
     "kind": Field((str,), required=True, check=_one_of("dlt645", "coil", "register")),
-    "address": Field((int,), check=_non_negative),
-    "unit_id": Field((int,), check=_one_of(*range(1, 248))),
-    "open_value": Field((int,)),
-    "closed_value": Field((int,)),
-    "min_interval_s": Field(_NUM, check=_non_negative, convert=float),
+    "address": Field((int,), check=_between(0, 0xFFFF)),
+    "unit_id": Field((int,), check=_unit_id),
+    "open_value": Field((int,), check=_between(0, 0xFFFF)),
+    "closed_value": Field((int,), check=_between(0, 0xFFFF)),
+    "min_interval_s": Field(_NUM, check=_between(0, 86_400, "s"), convert=_seconds),
 }
 METER_SCHEMA = {
     "id": Field((str,), required=True, check=_ident),
-    "bus": Field((str,), required=True),
+    "bus": Field((str,), required=True, check=_ident),
     "protocol": Field((str,), required=True, check=_one_of("modbus", "dlt645")),
-    "profile": Field((str,)),
-    "unit_id": Field((int,), check=_one_of(*range(1, 248))),
+    "profile": Field((str,), check=_text(64)),
+    "unit_id": Field((int,), check=_unit_id),
     "address": Field((str,), check=_dlt645_address),
     "account": Field((str,), check=_ident),
     "relay": Field((dict,)),
     "password": Field((str,), check=lambda v: _hex_bytes(v, 4)),
     "operator": Field((str,), check=lambda v: _hex_bytes(v, 4)),
-    "quantities": Field((list,), check=lambda v: _quantities(v), convert=tuple),
-    "response_time_s": Field(_NUM, check=_positive, convert=float),
-    "timeout_s": Field(_NUM, check=_positive, convert=float),
+    "quantities": Field((list,), check=_quantities, convert=tuple),
+    "response_time_s": Field(_NUM, check=_between(*RESPONSE_TIME_RANGE_S, "s"), convert=_seconds),
+    "timeout_s": Field(_NUM, check=_between(*TIMEOUT_RANGE_S, "s"), convert=_seconds),
 }
 SECURITY_SCHEMA = {
     "trust_file": Field((str,), convert=_path),
@@ -325,7 +431,7 @@ SECURITY_SCHEMA = {
 ACCOUNT_SCHEMA = {
     "id": Field((str,), required=True, check=_ident),
     "settings": Field((str,), required=True, convert=_path),
-    "tariffs": Field((list,), required=True, check=lambda v: None if v and all(isinstance(x, str) for x in v) else "must be a non-empty array of file names"),
+    "tariffs": Field((list,), required=True, check=_file_list),
 }
 TOP_LEVEL = {
     "gateway": dict,
@@ -338,6 +444,14 @@ TOP_LEVEL = {
     "account": list,
     "security": dict,
 }
+# Keys naming a file, resolved against the configuration's directory.
+FILE_KEYS: Mapping[str, tuple[str, ...]] = {
+    "storage": ("path", "key_file"),
+    "broker": ("ca_file", "cert_file", "key_file"),
+    "security": ("trust_file", "keystore", "provisioning_dir"),
+}
+# Arrays of tables and the key that names an entry in messages.
+ENTRY_NAME_KEY: Mapping[str, str] = {"meter": "id", "bus": "name", "account": "id"}
 
 
 def _type_name(types: tuple[type, ...]) -> str:
@@ -354,198 +468,417 @@ def _type_name(types: tuple[type, ...]) -> str:
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
-class _Collector:
-    def __init__(self, source: Path) -> None:
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------------------
+# Problems and where they are
+
+KeyPath = tuple[str | int, ...]
+
+
+class Where:
+    """Renders a location in the file: ``FILE:LINE: meter[m-0002].unit_id``.
+
+    Entries of ``[[meter]]``, ``[[bus]]`` and ``[[account]]`` are named by their
+    id (``meter[m-0002]``), or by position when the id is missing or invalid
+    (``meter[#3]`` is the third ``[[meter]]``); the line is the key's, else the
+    line of the entry's header.
+    """
+
+    def __init__(self, source: Path, raw: Mapping[str, Any], lines: Lines) -> None:
         self.source = source
+        self.raw = raw
+        self.lines = lines
+
+    def line(self, path: KeyPath) -> int | None:
+        return self.lines.line(path)
+
+    def label(self, path: KeyPath) -> str:
+        out = ""
+        for k, part in enumerate(path):
+            if isinstance(part, int):
+                out += f"[{self._entry(path[:k], part)}]"
+            else:
+                out += ("." if out else "") + part
+        return out
+
+    def _entry(self, array: KeyPath, index: int) -> str:
+        if len(array) == 1 and isinstance(array[0], str) and array[0] in ENTRY_NAME_KEY:
+            entries = self.raw.get(array[0])
+            if isinstance(entries, list) and index < len(entries) and isinstance(entries[index], dict):
+                name = entries[index].get(ENTRY_NAME_KEY[array[0]])
+                if isinstance(name, str) and _ID_RE.match(name):
+                    return name
+        return f"#{index + 1}"
+
+    def render(self, path: KeyPath, problem: str) -> str:
+        line = self.line(path) if path else None
+        at = f"{self.source}:{line}" if line else str(self.source)
+        return f"{at}: {self.label(path)}: {problem}" if path else f"{at}: {problem}"
+
+
+class _Collector:
+    def __init__(self, where: Where) -> None:
+        self.where = where
         self.problems: list[str] = []
 
-    def add(self, key: str, problem: str) -> None:
-        self.problems.append(f"{self.source}: {key}: {problem}")
+    def add(self, path: KeyPath, problem: str) -> None:
+        self.problems.append(self.where.render(path, problem))
 
-    def section(self, key: str, raw: Any, schema: Mapping[str, Field]) -> dict[str, Any]:
-        """Validate one table against its schema; return the converted values."""
+    def section(self, path: KeyPath, raw: Any, schema: Mapping[str, Field]) -> dict[str, Any]:
+        """Validate one table against its schema; return the values that are valid, converted."""
         out: dict[str, Any] = {}
         if not isinstance(raw, dict):
-            self.add(key, f"must be a table, got {type(raw).__name__}")
+            self.add(path, f"must be a table, got {type(raw).__name__}")
             return out
         for k in raw:
             if k not in schema:
-                self.add(f"{key}.{k}", f"unknown key (allowed: {', '.join(sorted(schema))})")
+                self.add((*path, k), f"unknown key (allowed: {', '.join(sorted(schema))})")
         for name, spec in schema.items():
-            path = f"{key}.{name}"
+            key = (*path, name)
             if name not in raw:
                 if spec.required:
-                    self.add(path, "missing required key")
+                    self.add(key, "missing required key")
                 continue
             value = raw[name]
-            # bool is an int in Python: do not accept true where a number is meant
-            ok = isinstance(value, spec.types) and not (
-                isinstance(value, bool) and bool not in spec.types
-            )
-            if not ok:
-                self.add(
-                    path,
-                    f"must be {_type_name(spec.types)}, got {type(value).__name__} {value!r}",
-                )
+            problem = _value_problem(value, spec)
+            if problem:
+                self.add(key, problem)
                 continue
-            if spec.check is not None:
-                problem = spec.check(value)
-                if problem:
-                    self.add(path, problem)
-                    continue
             out[name] = spec.convert(value) if spec.convert else value
         return out
 
 
+def _value_problem(value: Any, spec: Field) -> str | None:
+    # bool is an int in Python: do not accept true where a number is meant
+    if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
+        return f"must be {_type_name(spec.types)}, got {type(value).__name__} {_shown(value)}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    if isinstance(value, str):
+        if len(value) > MAX_STRING:
+            return f"must be at most {MAX_STRING} characters, got {len(value)}"
+        if _CONTROL_RE.search(value):
+            return f"must not contain control characters, got {_shown(value)}"
+    return spec.check(value) if spec.check is not None else None
+
+
+def _depth(doc: Any, limit: int) -> int:
+    """How deeply tables and arrays nest in a parsed document (iterative); stops
+    looking past ``limit + 1``."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    while stack:
+        value, d = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        stack.extend((c, d + 1) for c in children if isinstance(c, dict | list))
+    return deepest
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class ConfigReport:
+    """Everything the loader found in one file, valid or not.
+
+    ``values`` holds the valid settings of each single table (file paths
+    resolved against the file's directory) and ``buses``/``meters`` the valid
+    entries with their position in the file, so further checks
+    (:mod:`gateway.preflight`) can run on a file that also has other problems
+    and report everything in one pass.
+    """
+
+    source: Path
+    config: Config | None
+    problems: list[str]
+    where: Where
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    buses: list[tuple[int, BusSection]] = field(default_factory=list)
+    meters: list[tuple[int, MeterSection]] = field(default_factory=list)
+
+    def problem(self, path: KeyPath, text: str) -> str:
+        return self.where.render(path, text)
+
+
 def load_config(path: str | Path) -> Config:
     """Load and validate ``path``; raise :class:`ConfigError` listing every problem."""
+    report = check_config(path)
+    if report.config is None:
+        raise ConfigError(report.problems)
+    return report.config
+
+
+def check_config(path: str | Path) -> ConfigReport:
+    """Load and validate ``path``; never raises: every problem is in the report."""
     source = Path(path)
+    no_lines = Where(source, {}, Lines.unknown())
+
+    def failed(problem: str) -> ConfigReport:
+        return ConfigReport(source, None, [f"{source}: {problem}"], no_lines)
+
     try:
-        text = source.read_text(encoding="utf-8")
+        with source.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
-        raise ConfigError([f"{source}: cannot read file: {exc.strerror or exc}"]) from exc
+        return failed(f"cannot read file: {exc.strerror or exc}")
+    except ValueError as exc:  # e.g. an embedded NUL in the path
+        return failed(f"cannot read file: {exc}")
+    if len(data) > MAX_FILE_BYTES:
+        return failed(f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; not a configuration file")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([f"{source}: not UTF-8 text: {exc.reason}"]) from exc
+        return failed(f"not UTF-8 text: {exc.reason} at byte {exc.start}")
+    if nesting_depth(text, MAX_NESTING) > MAX_NESTING:
+        return failed(f"arrays or inline tables nest deeper than {MAX_NESTING} levels")
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from exc
-    return parse_config(raw, source)
+        return failed(f"TOML syntax error: {exc}")
+    except RecursionError:
+        return failed(f"nested deeper than {MAX_NESTING} levels")
+    if _depth(raw, MAX_NESTING) > MAX_NESTING:
+        return failed(f"tables or arrays nest deeper than {MAX_NESTING} levels")
+    try:
+        lines = scan(text)
+    except ScanError:
+        lines = Lines.unknown()
+    if not lines.agrees_with(raw):
+        lines = Lines.unknown()
+    where = Where(source, raw, lines)
+    try:
+        return _analyse(raw, where)
+    except Exception as exc:  # a loader bug must still be a reported problem, never a crash
+        return ConfigReport(
+            source, None, [f"{source}: internal error while checking: {type(exc).__name__}: {exc}"], where
+        )
 
 
 def parse_config(raw: Mapping[str, Any], source: Path) -> Config:
-    c = _Collector(source)
+    """Validate an already parsed document (no line numbers); raise :class:`ConfigError`."""
+    report = _analyse(raw, Where(source, raw, Lines.unknown()))
+    if report.config is None:
+        raise ConfigError(report.problems)
+    return report.config
+
+
+def _entries(raw: Mapping[str, Any], key: str) -> list[tuple[int, Any]]:
+    value = raw.get(key, [])
+    return list(enumerate(value)) if isinstance(value, list) else []
+
+
+def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
+    source = where.source
+    base = source.parent
+    c = _Collector(where)
     for k in raw:
         if k not in TOP_LEVEL:
-            c.add(k, f"unknown top-level key (allowed: {', '.join(sorted(TOP_LEVEL))})")
+            c.add((k,), f"unknown top-level key (allowed: {', '.join(sorted(TOP_LEVEL))})")
     for k, t in TOP_LEVEL.items():
         if k in raw and not isinstance(raw[k], t):
-            c.add(k, f"must be {'a table' if t is dict else 'an array of tables'}")
+            c.add((k,), f"must be {'a table' if t is dict else 'an array of tables'}")
 
     def table(name: str) -> Any:
         v = raw.get(name, {})
         return v if isinstance(v, dict) else {}
 
-    if "gateway" not in raw:
-        c.add("gateway", "missing required table")
-    if "storage" not in raw:
-        c.add("storage", "missing required table")
-    gw = c.section("gateway", table("gateway"), GATEWAY_SCHEMA)
-    st = c.section("storage", table("storage"), STORAGE_SCHEMA)
-    br = c.section("broker", table("broker"), BROKER_SCHEMA)
-    ul = c.section("uplink", table("uplink"), UPLINK_SCHEMA)
-    sec = c.section("security", table("security"), SECURITY_SCHEMA)
+    for required in ("gateway", "storage"):
+        if required not in raw:
+            c.add((), f"{required}: missing required table [{required}]")
+    values: dict[str, dict[str, Any]] = {
+        name: c.section((name,), table(name), schema)
+        for name, schema in (
+            ("gateway", GATEWAY_SCHEMA),
+            ("storage", STORAGE_SCHEMA),
+            ("broker", BROKER_SCHEMA),
+            ("uplink", UPLINK_SCHEMA),
+            ("security", SECURITY_SCHEMA),
+        )
+    }
+    br, ul = values["broker"], values["uplink"]
+    raw_broker = table("broker")
+    if raw_broker.get("tls") is True and "ca_file" not in raw_broker:
+        c.add(("broker", "ca_file"), "required when broker.tls = true (server verification is never off)")
+    if ("cert_file" in raw_broker) != ("key_file" in raw_broker):
+        missing = "key_file" if "cert_file" in raw_broker else "cert_file"
+        c.add(("broker", missing), "cert_file and key_file must be given together")
+    if ul.get("reconnect_min_s", 0.5) > ul.get("reconnect_max_s", 60.0):
+        c.add(("uplink", "reconnect_min_s"), "must not be larger than uplink.reconnect_max_s")
+    for name, keys in FILE_KEYS.items():
+        for k in keys:
+            if k in values[name]:
+                values[name][k] = base / values[name][k]  # absolute paths stay as they are
 
-    if br.get("tls") and not br.get("ca_file"):
-        c.add("broker.ca_file", "required when broker.tls = true (server verification is never off)")
-    if ("cert_file" in br) != ("key_file" in br):
-        c.add("broker.cert_file", "cert_file and key_file must be given together")
+    buses = _buses(c, raw)
+    meters, flawed = _meters(c, raw)
+    _serial_defaults(raw, buses, meters)
 
-    buses: list[BusSection] = []
-    raw_buses = raw.get("bus", [])
-    seen_bus: set[str] = set()
-    for i, rb in enumerate(raw_buses if isinstance(raw_buses, list) else []):
-        key = f"bus[{i}]"
+    accounts = _accounts(c, raw, base)
+    _check_billing(c, accounts, raw, values["gateway"].get("timezone"))
+    profiles = raw.get("profiles", {})
+    _southbound(c, buses, [(i, m) for i, m in meters if i not in flawed], profiles if isinstance(profiles, dict) else None)
+
+    report = ConfigReport(source, None, c.problems, where, values, buses, meters)
+    if c.problems:
+        return report
+    report.config = Config(
+        source=source,
+        gateway=GatewaySection(**values["gateway"]),
+        storage=StorageSection(**values["storage"]),
+        broker=BrokerSection(**br),
+        uplink=UplinkSection(**ul),
+        buses=tuple(b for _, b in buses),
+        meters=tuple(m for _, m in meters),
+        profiles=profiles if isinstance(profiles, dict) else {},
+        accounts=tuple(accounts),
+        security=SecuritySection(**values["security"]),
+    )
+    return report
+
+
+def _buses(c: _Collector, raw: Mapping[str, Any]) -> list[tuple[int, BusSection]]:
+    buses: list[tuple[int, BusSection]] = []
+    first: dict[str, int] = {}
+    for i, rb in _entries(raw, "bus"):
+        key = ("bus", i)
         b = c.section(key, rb, BUS_SCHEMA)
-        if "name" not in b or "type" not in b:
+        if not isinstance(rb, dict) or "name" not in b or "type" not in b:
             continue
-        if b["name"] in seen_bus:
-            c.add(f"{key}.name", f"duplicate bus name {b['name']!r}")
-        seen_bus.add(b["name"])
-        if b["type"] == "serial" and "device" not in b:
-            c.add(f"{key}.device", "required for a serial bus (e.g. '/dev/ttyUSB0')")
-        if b["type"] == "tcp" and "host" not in b:
-            c.add(f"{key}.host", "required for a tcp bus")
-        buses.append(BusSection(**b))
+        if b["name"] in first:
+            c.add((*key, "name"), f"duplicate bus name {b['name']!r}{_also_at(c, ('bus', first[b['name']]))}")
+            continue
+        first[b["name"]] = i
+        if b["type"] == "serial" and "device" not in rb:
+            c.add((*key, "device"), "required for a serial bus (e.g. '/dev/ttyUSB0')")
+        if b["type"] == "tcp" and "host" not in rb:
+            c.add((*key, "host"), "required for a tcp bus")
+        buses.append((i, BusSection(**b)))
+    return buses
 
-    meters: list[MeterSection] = []
-    raw_meters = raw.get("meter", [])
-    seen_meter: set[str] = set()
-    bus_by_name = {b.name: b for b in buses}
-    for i, rm in enumerate(raw_meters if isinstance(raw_meters, list) else []):
-        key = f"meter[{i}]"
+
+def _also_at(c: _Collector, path: KeyPath) -> str:
+    line = c.where.line(path)
+    return f" (first at line {line})" if line else ""
+
+
+def _meters(
+    c: _Collector, raw: Mapping[str, Any]
+) -> tuple[list[tuple[int, MeterSection]], set[int]]:
+    """The valid meters with their position, and the positions of those with a
+    problem of their own (checks that combine keys skip them: a bad unit_id must
+    not also read as a missing one)."""
+    meters: list[tuple[int, MeterSection]] = []
+    flawed: set[int] = set()
+    first: dict[str, int] = {}
+    named = sorted({rb["name"] for _, rb in _entries(raw, "bus") if isinstance(rb, dict) and isinstance(rb.get("name"), str)})
+    for i, rm in _entries(raw, "meter"):
+        key = ("meter", i)
+        before = len(c.problems)
         m = c.section(key, rm, METER_SCHEMA)
-        if not {"id", "bus", "protocol"} <= m.keys():
+        if not isinstance(rm, dict):
             continue
-        if m["id"] in seen_meter:
-            c.add(f"{key}.id", f"duplicate meter id {m['id']!r}")
-        seen_meter.add(m["id"])
-        if m["bus"] not in bus_by_name and m["bus"] not in seen_bus:
-            known = ", ".join(sorted(seen_bus)) or "none defined"
-            c.add(f"{key}.bus", f"unknown bus {m['bus']!r} (known: {known})")
-        if m["protocol"] == "modbus":
-            if "unit_id" not in m:
-                c.add(f"{key}.unit_id", "required for a modbus meter (1..247)")
-            if "profile" not in m:
-                c.add(f"{key}.profile", "required for a modbus meter (e.g. 'sdm120')")
-        if m["protocol"] == "dlt645" and "address" not in m:
-            c.add(f"{key}.address", "required for a dlt645 meter (12 digits)")
         relay = None
         if "relay" in m:
-            r = c.section(f"{key}.relay", m["relay"], RELAY_SCHEMA)
+            r = c.section((*key, "relay"), m["relay"], RELAY_SCHEMA)
             if "kind" in r:
                 relay = RelaySection(**r)
         m["relay"] = relay
-        meters.append(MeterSection(**m))
+        if len(c.problems) > before:
+            flawed.add(i)
+        if "id" in m:
+            if m["id"] in first:
+                c.add((*key, "id"), f"duplicate meter id {m['id']!r}{_also_at(c, ('meter', first[m['id']]))}")
+            else:
+                first[m["id"]] = i
+        if "bus" in m and m["bus"] not in named:
+            c.add((*key, "bus"), f"unknown bus {m['bus']!r} (known: {', '.join(named) or 'none defined'})")
+        protocol = m.get("protocol")
+        if protocol == "modbus":
+            if "unit_id" not in rm:
+                c.add((*key, "unit_id"), "required for a modbus meter (1..247)")
+            if "profile" not in rm:
+                c.add((*key, "profile"), "required for a modbus meter (e.g. 'sdm120')")
+        if protocol == "dlt645" and "address" not in rm:
+            c.add((*key, "address"), "required for a dlt645 meter (12 digits)")
+        if {"id", "bus", "protocol"} <= m.keys() and first.get(m["id"]) == i:
+            meters.append((i, MeterSection(**m)))
+    return meters, flawed
 
-    # Serial defaults follow the protocol: DL/T 645 meters ship at 2400 8E1, Modbus at 9600 8N1.
-    for i, serial in enumerate(buses):
-        raw_bus = raw_buses[i] if isinstance(raw_buses, list) and i < len(raw_buses) else {}
+
+def _serial_defaults(
+    raw: Mapping[str, Any], buses: list[tuple[int, BusSection]], meters: list[tuple[int, MeterSection]]
+) -> None:
+    """Serial defaults follow the protocol: DL/T 645 meters ship at 2400 8E1, Modbus at 9600 8N1."""
+    raw_buses = raw.get("bus")
+    for k, (i, serial) in enumerate(buses):
+        raw_bus = raw_buses[i] if isinstance(raw_buses, list) else {}
         if serial.type != "serial" or not isinstance(raw_bus, dict):
             continue
-        dlt = any(m.protocol == "dlt645" for m in meters if m.bus == serial.name)
+        dlt = any(m.protocol == "dlt645" for _, m in meters if m.bus == serial.name)
         defaults: dict[str, Any] = {"baud": 2400, "parity": "E"} if dlt else {"baud": 9600, "parity": "N"}
-        unset = {k: v for k, v in defaults.items() if k not in raw_bus}
+        unset = {key: v for key, v in defaults.items() if key not in raw_bus}
         if unset:
-            buses[i] = dataclasses.replace(serial, **unset)
+            buses[k] = (i, dataclasses.replace(serial, **unset))
 
-    base = source.parent
+
+def _accounts(c: _Collector, raw: Mapping[str, Any], base: Path) -> list[AccountSection]:
     accounts: list[AccountSection] = []
-    raw_accounts = raw.get("account", [])
-    for i, ra in enumerate(raw_accounts if isinstance(raw_accounts, list) else []):
-        key = f"account[{i}]"
+    for i, ra in _entries(raw, "account"):
+        key = ("account", i)
         a = c.section(key, ra, ACCOUNT_SCHEMA)
         if not {"id", "settings", "tariffs"} <= a.keys():
             continue
         if any(x.id == a["id"] for x in accounts):
-            c.add(f"{key}.id", f"duplicate account id {a['id']!r}")
-        accounts.append(
-            AccountSection(a["id"], base / a["settings"], tuple(base / t for t in a["tariffs"]))
-        )
-    _check_billing(c, accounts, raw_meters, gw.get("timezone"))
+            c.add((*key, "id"), f"duplicate account id {a['id']!r}")
+            continue
+        accounts.append(AccountSection(a["id"], base / a["settings"], tuple(base / t for t in a["tariffs"])))
+    return accounts
 
-    profiles = raw.get("profiles", {})
-    if not c.problems:  # southbound checks need a structurally valid file
-        from firmware_bridge.bus import config_problems
 
-        for line in config_problems(buses, meters, profiles):
-            c.problems.append(f"{source}: {line}")
-    if c.problems:
-        raise ConfigError(c.problems)
-    for section, keys in (
-        (st, ("path", "key_file")),
-        (br, ("ca_file", "cert_file", "key_file")),
-        (sec, ("trust_file", "keystore", "provisioning_dir")),
-    ):
-        for k in keys:
-            if k in section:
-                section[k] = base / section[k]  # absolute paths stay as they are
-    return Config(
-        source=source,
-        gateway=GatewaySection(**gw),
-        storage=StorageSection(**st),
-        broker=BrokerSection(**br),
-        uplink=UplinkSection(**ul),
-        buses=tuple(buses),
-        meters=tuple(meters),
-        profiles=profiles if isinstance(profiles, dict) else {},
-        accounts=tuple(accounts),
-        security=SecuritySection(**sec),
-    )
+_SOUTHBOUND_METER = re.compile(r"meter\[(\d+)\]((?:\.[A-Za-z_]+)*): (.*)", re.S)
+_SOUTHBOUND_BUS = re.compile(r"bus (\S+): (.*)", re.S)
+
+
+def _southbound(
+    c: _Collector,
+    buses: list[tuple[int, BusSection]],
+    meters: list[tuple[int, MeterSection]],
+    profiles: Any,
+) -> None:
+    """Profiles, protocols per bus and relay tables (firmware_bridge.bus), on the
+    valid entries, with each problem put back at its place in the file."""
+    from firmware_bridge.bus import config_problems
+
+    bus_index = {b.name: i for i, b in buses}
+    for line in config_problems([b for _, b in buses], [m for _, m in meters], profiles):
+        if mm := _SOUTHBOUND_METER.fullmatch(line):
+            keys = [k for k in mm.group(2).split(".") if k]
+            c.add(("meter", meters[int(mm.group(1))][0], *keys), mm.group(3))
+        elif (mb := _SOUTHBOUND_BUS.fullmatch(line)) and mb.group(1) in bus_index:
+            c.add(("bus", bus_index[mb.group(1)]), mb.group(2))
+        elif line.startswith("profiles"):
+            path, _, problem = line.partition(": ")
+            at = c.where.line(tuple(path.split(".")[:2]))
+            c.problems.append(f"{c.where.source}{f':{at}' if at else ''}: {path}: {problem}")
+        else:
+            c.problems.append(f"{c.where.source}: {line}")
 
 
 def _check_billing(
-    c: _Collector, accounts: list[AccountSection], raw_meters: Any, timezone: str | None
+    c: _Collector, accounts: list[AccountSection], raw: Mapping[str, Any], timezone: str | None
 ) -> None:
     """Load every account and tariff file now, so `config check` reports their problems too."""
     from gateway.billing.account import AccountError, load_account
@@ -569,10 +902,7 @@ def _check_billing(
             problems += exc.problems
     if accounts:
         known = {a.id for a in accounts}
-        for i, rm in enumerate(raw_meters if isinstance(raw_meters, list) else []):
+        for i, rm in _entries(raw, "meter"):
             acct = rm.get("account") if isinstance(rm, dict) else None
-            if isinstance(acct, str) and acct not in known:
-                c.add(
-                    f"meter[{i}].account",
-                    f"unknown account {acct!r} (known: {', '.join(sorted(known))})",
-                )
+            if isinstance(acct, str) and _ID_RE.match(acct) and acct not in known:
+                c.add(("meter", i, "account"), f"unknown account {acct!r} (known: {', '.join(sorted(known))})")

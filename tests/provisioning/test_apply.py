@@ -202,7 +202,7 @@ def _tamper_cases(
                 },
             ),
             "config",
-            "gateway.toml: meter[1].bus: unknown bus 'rs485-9' (known: rs485-1)",
+            "gateway.toml:36: meter[m2].bus: unknown bus 'rs485-9' (known: rs485-1)",
         ),
         "config for another gateway": (
             make_bundle(
