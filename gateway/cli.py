@@ -52,12 +52,33 @@ def _load(path: str) -> Any:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    cfg = _load(args.file)
-    if cfg is None:
+    """The loader's checks and the machine's (gateway.preflight), all in one pass."""
+    from gateway.config import check_config
+    from gateway.preflight import account_for, preflight
+
+    try:
+        account = account_for(args.as_user)
+    except KeyError:
+        print(f"error: --as-user: no user {args.as_user!r} on this machine", file=sys.stderr)
         return 2
+    except PermissionError as exc:
+        print(f"error: --as-user: {exc}", file=sys.stderr)
+        return 2
+    report = check_config(args.file)
+    found = preflight(report, account)
+    problems = report.problems + found.problems
+    for line in found.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        print(f"{args.file}: {len(problems)} problem(s); files {account.how()}", file=sys.stderr)
+        return 2
+    cfg = report.config
+    assert cfg is not None
     print(
         f"{args.file}: ok — gateway {cfg.gateway.id}, {len(cfg.buses)} bus(es),"
-        f" {len(cfg.meters)} meter(s)"
+        f" {len(cfg.meters)} meter(s); files {account.how()}"
     )
     return 0
 
@@ -210,8 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="configuration tools")
     csub = c.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    cc = csub.add_parser("check", help="validate a configuration file")
+    cc = csub.add_parser(
+        "check",
+        help="validate a configuration file and what it names on this machine",
+        description="Report every problem of the file and of the files, devices and storage it"
+        " names, in one pass. As root, files are checked as the service user "
+        "'edgegw' when it exists (its sandbox included).",
+    )
     cc.add_argument("file")
+    cc.add_argument("--as-user", metavar="USER", help="check file access as USER (needs root)")
     cc.set_defaults(func=cmd_config_check)
 
     h = sub.add_parser("headend", help="the reference headend: run, import a USB backlog, keygen")

@@ -608,6 +608,7 @@ class ConfigReport:
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
     buses: list[tuple[int, BusSection]] = field(default_factory=list)
     meters: list[tuple[int, MeterSection]] = field(default_factory=list)
+    accounts: list[tuple[int, AccountSection]] = field(default_factory=list)
 
     def problem(self, path: KeyPath, text: str) -> str:
         return self.where.render(path, text)
@@ -731,7 +732,7 @@ def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
     profiles = raw.get("profiles", {})
     _southbound(c, buses, [(i, m) for i, m in meters if i not in flawed], profiles if isinstance(profiles, dict) else None)
 
-    report = ConfigReport(source, None, c.problems, where, values, buses, meters)
+    report = ConfigReport(source, None, c.problems, where, values, buses, meters, accounts)
     if c.problems:
         return report
     report.config = Config(
@@ -743,7 +744,7 @@ def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
         buses=tuple(b for _, b in buses),
         meters=tuple(m for _, m in meters),
         profiles=profiles if isinstance(profiles, dict) else {},
-        accounts=tuple(accounts),
+        accounts=tuple(a for _, a in accounts),
         security=SecuritySection(**values["security"]),
     )
     return report
@@ -834,17 +835,17 @@ def _serial_defaults(
             buses[k] = (i, dataclasses.replace(serial, **unset))
 
 
-def _accounts(c: _Collector, raw: Mapping[str, Any], base: Path) -> list[AccountSection]:
-    accounts: list[AccountSection] = []
+def _accounts(c: _Collector, raw: Mapping[str, Any], base: Path) -> list[tuple[int, AccountSection]]:
+    accounts: list[tuple[int, AccountSection]] = []
     for i, ra in _entries(raw, "account"):
         key = ("account", i)
         a = c.section(key, ra, ACCOUNT_SCHEMA)
         if not {"id", "settings", "tariffs"} <= a.keys():
             continue
-        if any(x.id == a["id"] for x in accounts):
+        if any(x.id == a["id"] for _, x in accounts):
             c.add((*key, "id"), f"duplicate account id {a['id']!r}")
             continue
-        accounts.append(AccountSection(a["id"], base / a["settings"], tuple(base / t for t in a["tariffs"])))
+        accounts.append((i, AccountSection(a["id"], base / a["settings"], tuple(base / t for t in a["tariffs"]))))
     return accounts
 
 
@@ -878,14 +879,14 @@ def _southbound(
 
 
 def _check_billing(
-    c: _Collector, accounts: list[AccountSection], raw: Mapping[str, Any], timezone: str | None
+    c: _Collector, accounts: list[tuple[int, AccountSection]], raw: Mapping[str, Any], timezone: str | None
 ) -> None:
     """Load every account and tariff file now, so `config check` reports their problems too."""
     from gateway.billing.account import AccountError, load_account
     from gateway.billing.tariff import TariffError, load_book
 
     problems = c.problems
-    for a in accounts:
+    for _, a in accounts:
         try:
             settings = load_account(a.settings, timezone)
         except AccountError as exc:
@@ -901,7 +902,7 @@ def _check_billing(
         except TariffError as exc:
             problems += exc.problems
     if accounts:
-        known = {a.id for a in accounts}
+        known = {a.id for _, a in accounts}
         for i, rm in _entries(raw, "meter"):
             acct = rm.get("account") if isinstance(rm, dict) else None
             if isinstance(acct, str) and _ID_RE.match(acct) and acct not in known:
