@@ -268,16 +268,42 @@ def preflight(
     for i, bus in report.buses:
         if bus.type == "serial" and bus.device and Path(bus.device) in usable:
             _serial(("bus", i, "device"), Path(bus.device), problem)
+    _contents(report, usable, at, f)
+    return f
+
+
+def content_problems(report: ConfigReport, inside: Callable[[Path], bool], now: dt.datetime) -> Findings:
+    """The checks of what files hold (broker CA, certificate and key, trust file,
+    keystore, storage key), for the files ``inside`` accepts and that exist:
+    a provisioning bundle's own files, whatever machine it is made on."""
+    v = report.values
+    candidates = [
+        *(v.get("broker", {}).get(k) for k in ("ca_file", "cert_file", "key_file")),
+        v.get("security", {}).get("trust_file"),
+        v.get("security", {}).get("keystore"),
+        v.get("storage", {}).get("key_file"),
+    ]
+    usable = {p for p in candidates if p is not None and inside(p) and p.exists()}
+    f = Findings()
+    _contents(report, usable, now, f)
+    return f
+
+
+def _contents(report: ConfigReport, usable: set[Path], now: dt.datetime, f: Findings) -> None:
+    v = report.values
+    storage, broker, security = v.get("storage", {}), v.get("broker", {}), v.get("security", {})
+
+    def problem(key: KeyPath, text: str) -> None:
+        f.problems.append(report.problem(key, text))
+
     if broker.get("tls"):
-        _tls(broker, usable, at, problem, lambda k, t: f.warnings.append(report.problem(k, t)))
+        _tls(broker, usable, now, problem, lambda k, t: f.warnings.append(report.problem(k, t)))
     if "trust_file" in security and security["trust_file"] in usable:
         _trust_file(security["trust_file"], problem)
     if "keystore" in security and security["keystore"] in usable:
-        gateway_id = v.get("gateway", {}).get("id")
-        _keystore(security["keystore"], gateway_id, problem)
+        _keystore(security["keystore"], v.get("gateway", {}).get("id"), problem)
     if "key_file" in storage and storage["key_file"] in usable:
         _storage_key(storage["key_file"], problem)
-    return f
 
 
 def _nearest_existing(path: Path) -> Path | None:

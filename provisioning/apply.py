@@ -43,7 +43,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.config import ConfigError, load_config
 from provisioning.bundle import (
     DEFAULT_MAX_BUNDLE_BYTES,
     BundleContentError,
@@ -52,6 +51,7 @@ from provisioning.bundle import (
     DeviceIdentity,
     Installed,
     Manifest,
+    Target,
     VerifiedBundle,
     VerifyKey,
     check_policy,
@@ -262,7 +262,7 @@ def recover(root: Path) -> list[str]:
         return _recover_locked(root)
 
 
-def _carry_over(src: Path) -> dict[str, Path]:
+def carry_over(src: Path) -> dict[str, Path]:
     """Regular files of an installed release that a new release inherits."""
     out: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
@@ -277,62 +277,117 @@ def _carry_over(src: Path) -> dict[str, Path]:
     return out
 
 
-def validate_release_files(files_dir: Path, manifest: Manifest, identity: DeviceIdentity) -> None:
-    """Check the staged configuration with the real config loader and identity rules."""
+@dataclass
+class ReleaseCheck:
+    """What :func:`release_problems` found: ``problems`` refuse the release;
+    ``notes`` are for the technician (files a bundle relies on the installed
+    release for)."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def release_problems(
+    files_dir: Path,
+    manifest_target: Target,
+    identity: DeviceIdentity | None,
+    *,
+    now: datetime | None = None,
+    carried_over_unknown: bool = False,
+) -> ReleaseCheck:
+    """Every reason the configuration tree ``files_dir`` cannot be put in force
+    on ``identity`` (None: not known, not checked): the checks ``apply`` runs, shared with ``provision make``
+    and ``provision verify`` so a bundle apply would refuse is refused there.
+
+    The configuration is checked by the real loader (every problem, with its
+    line); then ``gateway.id`` must be this gateway, ``gateway.site`` a site
+    target's, ``storage.path`` absolute and outside the release, every file the
+    configuration names relative to itself inside the release, and those files
+    sound (broker CA, certificate and key parse and match, trust file loads).
+    With ``carried_over_unknown`` (making or verifying a bundle away from the
+    gateway) a named file missing from the tree is only a note: apply finds it
+    if the installed release has it.
+    """
+    from gateway.config import check_config
+    from gateway.preflight import content_problems
+
+    out = ReleaseCheck()
     cfg_path = files_dir / CONFIG_FILE
     if not cfg_path.exists():
-        raise BundleContentError(
+        out.problems.append(
             f"no {CONFIG_FILE} in the bundle and none installed: a first bundle must "
-            "carry the gateway configuration",
-            code="config",
+            "carry the gateway configuration"
         )
-    try:
-        cfg = load_config(cfg_path)
-    except ConfigError as exc:
-        # Report paths relative to the bundle, not the private staging directory.
-        lines = [p.replace(str(cfg_path), CONFIG_FILE) for p in exc.problems]
-        raise BundleContentError(
-            "configuration invalid:\n" + "\n".join(lines), code="config"
-        ) from exc
-    if cfg.gateway.id != identity.gateway_id:
-        raise BundleContentError(
-            f"{CONFIG_FILE}: gateway.id is {cfg.gateway.id!r} but this gateway is "
-            f"{identity.gateway_id!r}",
-            code="config",
+        return out
+
+    def shown(line: str) -> str:  # paths relative to the bundle, not a private staging directory
+        return line.replace(str(cfg_path), CONFIG_FILE).replace(str(files_dir) + "/", "")
+
+    report = check_config(cfg_path)
+    out.problems += [shown(p) for p in report.problems]
+    values = report.values
+    gateway = values.get("gateway", {})
+    if identity is not None and "id" in gateway and gateway["id"] != identity.gateway_id:
+        out.problems.append(
+            f"{CONFIG_FILE}: gateway.id is {gateway['id']!r} but this gateway is {identity.gateway_id!r}"
         )
-    if manifest.target.kind == "site" and cfg.gateway.site != manifest.target.id:
-        raise BundleContentError(
-            f"{CONFIG_FILE}: gateway.site is {cfg.gateway.site!r} but the bundle targets "
-            f"site {manifest.target.id!r}",
-            code="config",
+    if manifest_target.kind == "site" and "site" in gateway and gateway["site"] != manifest_target.id:
+        out.problems.append(
+            f"{CONFIG_FILE}: gateway.site is {gateway['site']!r} but the bundle targets "
+            f"site {manifest_target.id!r}"
         )
     # The loader resolves relative paths against the configuration's directory,
     # i.e. into this release. Such files must be part of the release, and the
     # database must not live there (a new release would leave it behind).
-    if _inside(cfg.storage.path, files_dir) is not None:
-        raise BundleContentError(
+    storage_path = values.get("storage", {}).get("path")
+    if storage_path is not None and _inside(storage_path, files_dir) is not None:
+        out.problems.append(
             f"{CONFIG_FILE}: storage.path must be an absolute path outside the configuration "
-            "(a relative path would put the database inside the release)",
-            code="config",
+            "(a relative path would put the database inside the release)"
         )
-    files = [("storage.key_file", cfg.storage.key_file)]
-    files += [(f"broker.{k}", getattr(cfg.broker, k)) for k in ("ca_file", "cert_file", "key_file")]
-    for key, value in files:
+    named = [("storage.key_file", values.get("storage", {}).get("key_file"))]
+    named += [(f"broker.{k}", values.get("broker", {}).get(k)) for k in ("ca_file", "cert_file", "key_file")]
+    named += [("security.trust_file", values.get("security", {}).get("trust_file"))]
+    for key, value in named:
         if value is None:
             continue
         rel = _inside(value, files_dir)
         if rel is None:
             continue  # an absolute path on the gateway, not the bundle's business
         if rel == ".." or rel.startswith("../"):
-            raise BundleContentError(
-                f"{CONFIG_FILE}: {key} = {rel!r} points outside the release", code="config"
-            )
-        if not (files_dir / rel).is_file():
-            raise BundleContentError(
+            out.problems.append(f"{CONFIG_FILE}: {key} = {rel!r} points outside the release")
+        elif not (files_dir / rel).is_file():
+            text = (
                 f"{CONFIG_FILE}: {key} = {rel!r} is not in the bundle "
-                "(relative paths are resolved against the configuration's directory)",
-                code="config",
+                "(relative paths are resolved against the configuration's directory)"
             )
+            if carried_over_unknown:
+                out.notes.append(text + "; apply accepts it only where the installed release has it")
+            else:
+                out.problems.append(text)
+
+    def inside(p: Path) -> bool:
+        rel = _inside(p, files_dir)
+        return rel is not None and not (rel == ".." or rel.startswith("../"))
+
+    found = content_problems(report, inside, now or datetime.now(UTC))
+    out.problems += [shown(p) for p in found.problems]
+    out.notes += [shown(p) for p in found.warnings]
+    return out
+
+
+def validate_release_files(
+    files_dir: Path, manifest: Manifest, identity: DeviceIdentity, now: datetime | None = None
+) -> None:
+    """Refuse (:class:`BundleContentError`, code ``config``) a staged release with
+    any of the problems of :func:`release_problems`, all of them in the message."""
+    problems = release_problems(files_dir, manifest.target, identity, now=now).problems
+    if len(problems) == 1:
+        raise BundleContentError(problems[0], code="config")
+    if problems:
+        raise BundleContentError(
+            f"configuration invalid ({len(problems)} problems):\n" + "\n".join(problems), code="config"
+        )
 
 
 def _inside(value: Path, base: Path) -> str | None:
@@ -355,6 +410,7 @@ def install_bundle(
     identity: DeviceIdentity,
     *,
     step: StepFn | None = None,
+    now: datetime | None = None,
 ) -> Release:
     """Stage, validate and publish a verified bundle as the current release.
 
@@ -380,7 +436,7 @@ def install_bundle(
 
         plan: dict[str, bytes | Path] = {}
         if old is not None:
-            plan.update(_carry_over(old.files_dir))
+            plan.update(carry_over(old.files_dir))
         # A bundle file replaces a carried-over file or directory it collides with.
         for rel in vb.files:
             for kept in [k for k in plan if k.startswith(rel + "/") or rel.startswith(k + "/")]:
@@ -407,7 +463,7 @@ def install_bundle(
         _step(step, "staged")
 
         try:
-            validate_release_files(files_dir, vb.manifest, identity)
+            validate_release_files(files_dir, vb.manifest, identity, now)
         except BundleError:
             shutil.rmtree(staging)
             raise
@@ -544,7 +600,7 @@ async def apply_bundle(
             )
         else:
             old_prev = await asyncio.to_thread(_link_target, root, "previous")
-            release = await asyncio.to_thread(install_bundle, root, vb, identity)
+            release = await asyncio.to_thread(install_bundle, root, vb, identity, now=at)
             try:
                 if reload is not None:
                     await reload(release)

@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import sys
+import tempfile
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,14 +24,17 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, check_config, load_config
 from provisioning.apply import (
     CONFIG_FILE,
     ApplyError,
+    ReleaseCheck,
     apply_bundle,
+    carry_over,
     current_release,
     previous_release,
     read_bundle_file,
+    release_problems,
     rollback,
     write_carry_back,
 )
@@ -39,6 +43,7 @@ from provisioning.bundle import (
     BundleError,
     CarryBack,
     DeviceIdentity,
+    Installed,
     Target,
     check_path,
     check_policy,
@@ -163,29 +168,53 @@ def _default_technician() -> str:
     return name.lstrip("._-")[:64] or "central"
 
 
+def _print_check(check: ReleaseCheck, refused: str) -> bool:
+    """Print a release check; True when it refuses."""
+    for note in check.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not check.problems:
+        return False
+    print(refused, file=sys.stderr)
+    for line in check.problems:
+        print(f"  {line}", file=sys.stderr)
+    return True
+
+
 def cmd_make(args: argparse.Namespace) -> int:
     src = Path(args.from_dir)
     files = collect_files(src)
-    cfg_target: str | None = None
+    now = datetime.now(UTC)
+    cfg_id = cfg_site = None
     if CONFIG_FILE in files:
-        try:
-            cfg = load_config(src / CONFIG_FILE)
-        except ConfigError as exc:
-            print("configuration invalid; not signing:", file=sys.stderr)
-            for line in exc.problems:
-                print(f"  {line}", file=sys.stderr)
-            return 1
-        cfg_target = cfg.gateway.id
+        gateway = check_config(src / CONFIG_FILE).values.get("gateway", {})
+        cfg_id, cfg_site = gateway.get("id"), gateway.get("site")
     if args.target:
         try:
             target = Target.parse(args.target)
         except ValueError as exc:
             raise UsageError(f"--target: {exc}") from exc
-    elif cfg_target:
-        target = Target("gateway", cfg_target)
-    else:
+    elif cfg_id:
+        target = Target("gateway", cfg_id)
+    elif CONFIG_FILE not in files:
         raise UsageError(f"--target is required when {src} has no {CONFIG_FILE}")
-    now = datetime.now(UTC)
+    else:
+        target = None
+    # What apply will check on the gateway, checked now: a bundle apply would
+    # refuse is never signed.
+    if CONFIG_FILE in files:
+        identity = _identity_of(target, cfg_id, cfg_site)
+        check = release_problems(
+            src, target or Target("gateway", "unknown"), identity, now=now, carried_over_unknown=True
+        )
+        if _print_check(check, "bundle would be refused by the gateway; not signing:"):
+            return 1
+    else:
+        print(
+            f"note: no {CONFIG_FILE} in {src}: the gateway keeps its configuration; apply checks it"
+            " with this bundle's files",
+            file=sys.stderr,
+        )
+    assert target is not None
     expires = parse_time(args.expires) if args.expires else now + timedelta(days=args.valid_days)
     version = args.version if args.version is not None else int(now.strftime("%Y%m%d%H%M%S"))
     key = load_private_key(Path(args.key))
@@ -243,6 +272,15 @@ def _identity_from(args: argparse.Namespace, state_dir: Path | None) -> DeviceId
     return DeviceIdentity(gateway_id, site_id)
 
 
+def _identity_of(target: Target | None, cfg_id: str | None, cfg_site: str | None) -> DeviceIdentity | None:
+    """The gateway a bundle is for, as far as its target and configuration say."""
+    if target is not None and target.kind == "gateway":
+        return DeviceIdentity(target.id, cfg_site)
+    if cfg_id:
+        return DeviceIdentity(cfg_id, target.id if target is not None else cfg_site)
+    return None
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     keys = [load_public_key(Path(p)) for p in args.pubkey]
     data = read_bundle_file(Path(args.file), args.max_bytes)
@@ -252,11 +290,40 @@ def cmd_verify(args: argparse.Namespace) -> int:
         f"OK: signature and {len(m.files)} file hashes verified; version {m.version}, "
         f"target {m.target}, technician {m.technician}, expires {format_time(m.expires)}"
     )
-    identity = _identity_from(args, None)
+    state_dir = Path(args.state_dir) if args.state_dir else None
+    identity = _identity_from(args, state_dir)
+    now = parse_time(args.now) if args.now else datetime.now(UTC)
     if identity is not None:
-        now = parse_time(args.now) if args.now else datetime.now(UTC)
-        check_policy(m, vb.digest, identity, None, now)
+        installed = None
+        if state_dir is not None and (rel := current_release(state_dir)) is not None:
+            installed = Installed(rel.version, rel.digest)
+        if not check_policy(m, vb.digest, identity, installed, now):
+            print(f"OK: version {m.version} is already installed (apply changes nothing)")
+            return 0
         print(f"OK: applicable to gateway {identity.gateway_id} at {format_time(now)}")
+    # The release apply would build (the installed release's files under the
+    # bundle's, with --state-dir), checked as apply checks it.
+    with tempfile.TemporaryDirectory(prefix="edgegw-verify-") as tmp:
+        files_dir = Path(tmp) / "files"
+        files_dir.mkdir()
+        current = current_release(state_dir) if state_dir is not None else None
+        plan: dict[str, bytes | Path] = dict(carry_over(current.files_dir)) if current is not None else {}
+        plan.update(vb.files)
+        for rel_path, content in plan.items():
+            dest = files_dir / rel_path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(content if isinstance(content, bytes) else content.read_bytes())
+        if not (files_dir / CONFIG_FILE).exists():
+            print(f"note: no {CONFIG_FILE} in the bundle: apply checks the installed one", file=sys.stderr)
+            return 0
+        gateway = check_config(files_dir / CONFIG_FILE).values.get("gateway", {})
+        who = identity or _identity_of(m.target, gateway.get("id"), gateway.get("site"))
+        check = release_problems(
+            files_dir, m.target, who, now=now, carried_over_unknown=state_dir is None
+        )
+    if _print_check(check, "REFUSED (config): the gateway would refuse this bundle:"):
+        return 1
+    print(f"OK: {CONFIG_FILE} passes the checks apply runs")
     return 0
 
 
@@ -404,6 +471,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--gateway-id", help="also check target and expiry for this gateway")
     v.add_argument("--site-id")
     v.add_argument("--now", help="time for the expiry check (default: now)")
+    v.add_argument(
+        "--state-dir",
+        help="check against this gateway's installed release, as apply would (identity, version,"
+        " files carried over)",
+    )
     size_opt(v)
     v.set_defaults(func=_guard(cmd_verify))
 

@@ -189,20 +189,17 @@ async def test_second_provisioning_upgrades_and_keeps_previous(tmp_path: Path) -
     assert e1 == e2
 
 
-async def test_relative_storage_path_is_refused(tmp_path: Path) -> None:
+async def test_relative_storage_path_is_refused_before_signing(tmp_path: Path) -> None:
+    """`provision make` runs the checks the gateway's apply runs: a bundle the
+    gateway would refuse is never signed, so it never reaches the stick."""
     files = demo_files(tmp_path, storage="gateway.db")
     with pytest.raises(DemoProvisionError) as err:
         await provision_demo_site(tmp_path, files, gateway_id=GW)
     msg = str(err.value)
-    assert f"gateway {GW} refused {GW}-v" in msg
-    assert (
-        "(config): gateway.toml: storage.path must be an absolute path outside the configuration"
-        in msg
-    )
+    assert "edgegw provision make failed (exit 1): bundle would be refused by the gateway" in msg
+    assert "gateway.toml: storage.path must be an absolute path outside the configuration" in msg
     assert current_release(tmp_path / "gateway-state" / "provisioning") is None
-    # The refusal went back to the technician on the stick.
-    [result] = (tmp_path / "usb-stick" / "edgegw" / "results").glob("*/result.json")
-    assert json.loads(result.read_text())["results"][0]["code"] == "config"
+    assert not list((tmp_path / "usb-stick").rglob("*.egwb"))
 
 
 async def test_wrong_gateway_and_missing_config_are_refused(tmp_path: Path) -> None:
