@@ -90,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return 2
+    start_errors = _start_errors()
     from gateway.daemon import Daemon
     from gateway.remote_config import RESTART_EXIT_CODE
 
@@ -103,7 +104,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         # A configuration change from central is in the file: systemd starts us again.
         return RESTART_EXIT_CODE if daemon.restart_reason else 0
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except start_errors as exc:
+        # One line naming the file and the cause, not a traceback (-vv for that).
+        logging.getLogger("gateway").error(
+            "cannot start: %s", exc, exc_info=logging.getLogger().isEnabledFor(logging.DEBUG)
+        )
+        return 1
+
+
+def _start_errors() -> tuple[type[BaseException], ...]:
+    from gateway.daemon import StartupError
+    from gateway.security.roles import TrustError
+    from provisioning.keys import KeystoreError
+    from store_forward.outbox import OutboxError
+    from store_forward.sealing import StorageKeyError
+    from store_forward.uplink_keys import UplinkKeyError
+
+    return (StartupError, OutboxError, StorageKeyError, KeystoreError, TrustError, UplinkKeyError, OSError)
 
 
 # -- headend --------------------------------------------------------------
@@ -128,6 +147,7 @@ async def gather_status(db_path: Path, now_ms: int) -> dict[str, Any]:
     """Read-only view of a running (or stopped) gateway's database."""
     import aiosqlite
 
+    from gateway import meter_health
     from store_forward.outbox import K_LINK, K_LINK_SINCE, backlog_stats, meter_statuses, read_kv
 
     uri = f"file:{db_path}?mode=ro"
@@ -135,6 +155,7 @@ async def gather_status(db_path: Path, now_ms: int) -> dict[str, Any]:
         stats = await backlog_stats(db)
         kv = await read_kv(db)
         meters = await meter_statuses(db)
+        health = await meter_health.read(db)
     return {
         "link": {"state": kv.get(K_LINK, "unknown"), "since_ms": kv.get(K_LINK_SINCE)},
         "backlog": {
@@ -155,6 +176,9 @@ async def gather_status(db_path: Path, now_ms: int) -> dict[str, Any]:
             {
                 "meter": m.meter_id,
                 "online": m.online,
+                # online / offline / quarantined, as central was told (meter.* events)
+                "state": health[m.meter_id][0] if m.meter_id in health else ("online" if m.online else "offline"),
+                "state_since_ms": health[m.meter_id][1] if m.meter_id in health else None,
                 "last_good_ms": m.last_good_ms,
                 "consecutive_failures": m.consecutive_failures,
                 "total_failures": m.total_failures,
@@ -198,10 +222,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         if row is None:
             print(f"  {m.id:<16} not polled yet")
             continue
-        state = "online " if row["online"] else "OFFLINE"
-        err = f"  last error: {row['last_error']}" if row["last_error"] and not row["online"] else ""
+        state = row["state"] if row["state"] == "online" else row["state"].upper()
+        since = f" since {_age(row['state_since_ms'], now)}," if row["state_since_ms"] is not None else ""
+        err = f"  last error: {row['last_error']}" if row["last_error"] and row["state"] != "online" else ""
         print(
-            f"  {m.id:<16} {state} last good read {_age(row['last_good_ms'], now)},"
+            f"  {m.id:<16} {state:<11}{since} last good read {_age(row['last_good_ms'], now)},"
             f" {row['consecutive_failures']} consecutive / {row['total_failures']} total failures{err}"
         )
     return 0

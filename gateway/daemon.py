@@ -42,6 +42,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from firmware_bridge.bus import open_site_bus
@@ -54,8 +55,8 @@ from firmware_bridge.relay import (
     RelayResult,
     controller_for,
 )
-from firmware_bridge.scheduler import MeterHealth
-from gateway import sdnotify
+from firmware_bridge.scheduler import BackoffPolicy, MeterHealth
+from gateway import meter_health, sdnotify
 from gateway.billing.cutoff import Contact
 from gateway.billing.held import Stretch
 from gateway.commands import (
@@ -126,6 +127,7 @@ class Cycle:
     statuses: list[MeterStatus]
     events: list[dict[str, Any]] = field(default_factory=list)
     final: bool = True  # False: a slice handed over while the poll cycle goes on
+    health: list[meter_health.Change] = field(default_factory=list)  # meters that changed state
     handed_mono: float = field(default_factory=time.monotonic)  # when it was queued
 
 
@@ -168,10 +170,12 @@ class _Slicer:
             events, self.events = self.events, []
             await self.out.put(Cycle(self.bus, self.clock_ms(), batch, [], events, final=False))
 
-    async def finish(self, now_ms: int, statuses: list[MeterStatus]) -> None:
+    async def finish(
+        self, now_ms: int, statuses: list[MeterStatus], health: list[meter_health.Change] | None = None
+    ) -> None:
         batch, self.pending = self.pending, []
         events, self.events = self.events, []
-        await self.out.put(Cycle(self.bus, now_ms, batch, statuses, events))
+        await self.out.put(Cycle(self.bus, now_ms, batch, statuses, events, health=health or []))
 
 
 @dataclass
@@ -189,6 +193,24 @@ class DaemonStats:
     relay_operations: int = 0
     relay_alarms: int = 0
     bus_failures: dict[str, int] = field(default_factory=dict)
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message names the file or directory and the cause."""
+
+
+def prepare_storage_dir(db_path: Path) -> None:
+    """Create the database's directory (0700, parents too) if it is missing.
+    Raises :class:`StartupError` naming the directory and the cause."""
+    directory = db_path.parent
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(
+            f"storage.path {db_path}: cannot create the directory {directory}: {exc.strerror or exc}"
+        ) from exc
+    if not directory.is_dir():
+        raise StartupError(f"storage.path {db_path}: {directory} is not a directory")
 
 
 def status_from_health(meter_id: str, health: MeterHealth) -> MeterStatus:
@@ -286,6 +308,7 @@ class Daemon:
         on_cycle: Callable[[Cycle], None] | None = None,
         env: Mapping[str, str] | None = None,
         watchdog_deadlines_s: tuple[float, float] | None = None,
+        backoff: BackoffPolicy | None = None,
     ) -> None:
         """``clock_ms`` is the system clock, ``mono_ms`` the monotonic clock (default:
         ``CLOCK_BOOTTIME``; when only ``clock_ms`` is given, e.g. a simulated site clock
@@ -294,7 +317,9 @@ class Daemon:
         together they drive the trusted clock. ``env`` is where systemd's NOTIFY_SOCKET /
         WATCHDOG_USEC are read (default: the process environment);
         ``watchdog_deadlines_s`` = (poll, database) stall limits before pings to
-        systemd's watchdog stop."""
+        systemd's watchdog stop; ``backoff`` the buses' back-off and quarantine policy
+        (default: the scheduler's)."""
+        self.backoff = backoff
         self.config = config
         self.clock_ms = clock_ms
         if mono_ms is None:
@@ -333,6 +358,9 @@ class Daemon:
         }
         self._bus_of = {m.id: m.bus for m in config.meters}
         self.meter_faults = FaultEvents()  # meter.clock_fault etc., once per change of cause
+        self._account_of = {m.id: m.account for m in config.meters}
+        # each meter's state as central last heard it (meter_health); pollers update it
+        self.meter_states: dict[str, meter_health.Known] = {}
         self.commands: CommandHandler | None = None
         self.inbox: CommandInbox | None = None
         self.clock: TrustedClock | None = None
@@ -387,6 +415,7 @@ class Daemon:
     async def _run(self, stop: asyncio.Event) -> None:
         self._stop = stop
         cfg = self.config
+        prepare_storage_dir(cfg.storage.path)
         outbox = await Outbox.open(
             cfg.storage.path, keys=setup.storage_keys(cfg), policy=setup.storage_policy(cfg)
         )
@@ -442,6 +471,7 @@ class Daemon:
                 if self.prepaid is not None:
                     await self.prepaid.start_in(db, self.started_ms)
                 await self.risk.start_in(db)
+                self.meter_states = await meter_health.start_in(db)
                 await audit.create_schema(db)
                 await self._clock_events_in(db, outbox, self.clock.drain_events())
             self.keys = self._open_keystore()
@@ -752,7 +782,7 @@ class Daemon:
         while True:
             try:
                 async with open_site_bus(
-                    cfg, bus, meters, owner=f"edgegw daemon (gateway {cfg.gateway.id})"
+                    cfg, bus, meters, owner=f"edgegw daemon (gateway {cfg.gateway.id})", policy=self.backoff
                 ) as scheduler:
                     controller = controller_for(scheduler)
                     attempt = 0
@@ -773,7 +803,7 @@ class Daemon:
                             )  # fmt: skip
                             result = await scheduler.run_cycle(now, on_reading=slicer.add)
                             statuses = [status_from_health(mid, h) for mid, h in result.health.items()]
-                            await slicer.finish(now, statuses)
+                            await slicer.finish(now, statuses, self._health_changes(bus.name, result.health, now))
                             self.watchdog.note_poll_progress()
                             self.watchdog.note(f"poll:{bus.name}")
                             next_at += interval
@@ -793,6 +823,17 @@ class Daemon:
                 )
                 await asyncio.sleep(backoff_delay(attempt, 1.0, 60.0, rng))
                 attempt += 1
+
+    def _health_changes(
+        self, bus: str, health: Mapping[str, MeterHealth], now_ms: int
+    ) -> list[meter_health.Change]:
+        """Meters of ``bus`` whose state changed this cycle: logged once here, sent
+        to central as events with the cycle's commit."""
+        found = meter_health.changes(self.meter_states, health, bus, now_ms)
+        for c in found:
+            self.meter_states[c.meter] = meter_health.Known(c.after, c.at_ms)
+        meter_health.log_changes(log, found)
+        return found
 
     async def _sleep_unless_stopping(self, until_monotonic: float) -> None:
         delay = until_monotonic - time.monotonic()
@@ -927,9 +968,10 @@ class Daemon:
                         db, outbox, self.time_ms(), contact, self.unseen()
                     )
                     continue
-                ids = await outbox.commit_cycle_in(
-                    db, item.time_ms, item.readings, item.statuses, item.events
-                )
+                events = item.events + [c.event(self._account_of.get(c.meter)) for c in item.health]
+                ids = await outbox.commit_cycle_in(db, item.time_ms, item.readings, item.statuses, events)
+                if item.health:
+                    await meter_health.save_in(db, item.health)
                 if self.prepaid is not None and item.readings:
                     intents += await self.prepaid.on_readings_in(
                         db, outbox, list(zip(ids, item.readings, strict=True)), item.time_ms, contact

@@ -34,6 +34,7 @@ import asyncio
 import enum
 import logging
 import random
+import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 import aiomqtt
 import orjson
 
+from firmware_bridge.cause_log import CauseLog
 from gateway.config import BrokerSection, UplinkSection
 from store_forward.codec import BatchCodec, JsonCodec
 from store_forward.outbox import K_LINK, K_LINK_SINCE, Batch, Outbox, OutboxError
@@ -86,14 +88,35 @@ def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> flo
     return cap / 2 + rng.uniform(0, cap / 2)
 
 
+class TLSFileError(OSError):
+    """A TLS file cannot be used; the message names the key, the file and the cause."""
+
+
+def _tls_cause(exc: OSError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        text = str(exc.args[1] if len(exc.args) > 1 else exc)
+        return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)
+    return exc.strerror or str(exc)
+
+
 def tls_context(broker: BrokerSection) -> ssl.SSLContext:
-    """Server verification always on; TLS 1.2 or newer; client certificate if given."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(broker.ca_file))
+    """Server verification always on; TLS 1.2 or newer; client certificate if given.
+    Raises :class:`TLSFileError` naming the file and the cause."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(broker.ca_file))
+    except OSError as exc:
+        raise TLSFileError(f"broker.ca_file {broker.ca_file}: {_tls_cause(exc)}") from exc
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     if broker.cert_file and broker.key_file:
-        ctx.load_cert_chain(str(broker.cert_file), str(broker.key_file))
+        try:
+            ctx.load_cert_chain(str(broker.cert_file), str(broker.key_file))
+        except OSError as exc:
+            raise TLSFileError(
+                f"broker.cert_file {broker.cert_file} / broker.key_file {broker.key_file}:"
+                f" {_tls_cause(exc)}"
+            ) from exc
     return ctx
 
 
@@ -143,6 +166,8 @@ class Uplink:
         self.rng = rng or random.Random()
         self.on_command = on_command
         self.topics = Topics(broker.topic_prefix, gateway_id)
+        # a link that keeps failing is logged once per change of cause, not per retry
+        self._link_log = CauseLog(log, "uplink")
         self.stats = UplinkStats()
         self.pacer = LinkPacer(
             batch_max_bytes=settings.batch_max_bytes,
@@ -198,18 +223,19 @@ class Uplink:
                         await client.subscribe(self.topics.cmd, qos=1)
                     await client.publish(self.topics.state, b"online", qos=1, retain=True)
                     await self._set_state(LinkState.UP)
+                    self._link_log.ok("connected")
                     self._inflight.clear()
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._receive(client))
                         tg.create_task(self._send(client, tg))
             except* (aiomqtt.MqttError, OSError, TimeoutError) as eg:
                 self.stats.last_error = "; ".join(str(e) for e in eg.exceptions)
-                log.warning("uplink connection lost: %s", self.stats.last_error)
+                self._link_log.failed(f"connection lost: {self.stats.last_error}")
             except* Exception as eg:
                 # Anything else (a client library surprise) must not end delivery for
                 # good: log it with its traceback and reconnect like after a link loss.
                 self.stats.last_error = "; ".join(repr(e) for e in eg.exceptions)
-                log.error("uplink failed, reconnecting: %s", self.stats.last_error, exc_info=eg)
+                self._link_log.failed(f"failed, reconnecting: {self.stats.last_error}", exc_info=eg)
             await self._set_state(LinkState.DOWN)
             delay = backoff_delay(
                 attempt, self.settings.reconnect_min_s, self.settings.reconnect_max_s, self.rng
