@@ -118,7 +118,18 @@ def test_tls_without_ca_is_refused(tmp_path: Path) -> None:
 
 
 def test_cli_config_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["config", "check", str(write(tmp_path, GOOD))]) == 0
+    import os
+    import pty
+
+    master, slave = pty.openpty()  # the serial device must exist: a pseudo-terminal stands in
+    try:
+        text = GOOD.replace("/dev/ttyUSB0", os.ttyname(slave))
+        assert main(["config", "check", str(write(tmp_path, text))]) == 0
+        assert main(["config", "check", str(write(tmp_path, GOOD.replace("/dev/ttyUSB0", "/dev/ttyNOPE7")))]) == 2
+        assert "bus[rs485-1].device: /dev/ttyNOPE7: does not exist" in capsys.readouterr().err
+    finally:
+        os.close(master)
+        os.close(slave)
     assert main(["config", "check", str(ROOT / "examples" / "broken.toml")]) != 0
     err = capsys.readouterr().err
     assert "gateway.poll_interval_s: must be a number, got str 'fast'" in err
