@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -630,6 +631,8 @@ def check_config(path: str | Path) -> ConfigReport:
     def failed(problem: str) -> ConfigReport:
         return ConfigReport(source, None, [f"{source}: {problem}"], no_lines)
 
+    if (why := _not_a_config_file(source)) is not None:
+        return failed(why)
     try:
         with source.open("rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
@@ -878,6 +881,21 @@ def _southbound(
             c.problems.append(f"{c.where.source}: {line}")
 
 
+def _not_a_config_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a configuration file (a device, a FIFO or a
+    huge file would hang or exhaust the loader), or None. A missing file is left
+    to the file's own loader, which names it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_size > MAX_FILE_BYTES:
+        return f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; not a configuration file"
+    return None
+
+
 def _check_billing(
     c: _Collector, accounts: list[tuple[int, AccountSection]], raw: Mapping[str, Any], timezone: str | None
 ) -> None:
@@ -886,7 +904,13 @@ def _check_billing(
     from gateway.billing.tariff import TariffError, load_book
 
     problems = c.problems
-    for _, a in accounts:
+    for i, a in accounts:
+        unusable = [(k, p, why) for k, p in (("settings", a.settings), *(("tariffs", t) for t in a.tariffs))
+                    if (why := _not_a_config_file(p)) is not None]
+        for key, p, why in unusable:
+            c.add(("account", i, key), f"{p}: {why}")
+        if unusable:
+            continue
         try:
             settings = load_account(a.settings, timezone)
         except AccountError as exc:

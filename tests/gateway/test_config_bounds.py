@@ -11,6 +11,7 @@ may reach the loader's last-resort "internal error" line.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import string
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,23 @@ def test_deep_huge_or_broken_files_are_refused_not_crashed(tmp_path: Path, text:
     report = check_config(p)
     assert report.config is None
     assert len(report.problems) == 1 and expected in report.problems[0], report.problems[0][:300]
+
+
+def test_devices_and_fifos_are_not_read_as_configuration(tmp_path: Path) -> None:
+    """/dev/zero as a configuration or an account file would never end: refused."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/zero"), fifo):
+        report = check_config(path)
+        assert report.problems == [f"{path}: not a regular file"]
+    text = BASE.replace("unit_id = 1", 'unit_id = 1\naccount = "a-1"') + (
+        '\n[[account]]\nid = "a-1"\nsettings = "/dev/zero"\ntariffs = ["fifo.toml"]\n'
+    )
+    got = problems_of(tmp_path, text)
+    assert got == [
+        f"{tmp_path}/site.toml:32: account[a-1].settings: /dev/zero: not a regular file",
+        f"{tmp_path}/site.toml:33: account[a-1].tariffs: {fifo}: not a regular file",
+    ]
 
 
 # -- fuzz ----------------------------------------------------------------------
