@@ -887,7 +887,7 @@ def _not_a_config_file(path: Path) -> str | None:
     to the file's own loader, which names it."""
     try:
         st = path.stat()
-    except OSError:
+    except (OSError, ValueError):  # missing, unreachable, or a NUL in the name: the reader says
         return None
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
