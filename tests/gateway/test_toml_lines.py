@@ -134,7 +134,7 @@ def documents(draw: st.DrawFn) -> tuple[str, Doc]:
     return eol.join(doc.lines) + eol, doc
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(documents())
 def test_every_key_and_header_is_found_on_its_line(case: tuple[str, Doc]) -> None:
     text, doc = case
@@ -145,7 +145,7 @@ def test_every_key_and_header_is_found_on_its_line(case: tuple[str, Doc]) -> Non
         assert lines.line(path) == line, (path, text)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.text(max_size=200))
 def test_any_text_is_scanned_or_refused_never_crashes(text: str) -> None:
     try:
