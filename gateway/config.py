@@ -17,7 +17,7 @@ import math
 import re
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -852,7 +852,7 @@ def _accounts(c: _Collector, raw: Mapping[str, Any], base: Path) -> list[tuple[i
     return accounts
 
 
-_SOUTHBOUND_METER = re.compile(r"meter\[(\d+)\]((?:\.[A-Za-z_]+)*): (.*)", re.S)
+_SOUTHBOUND_ENTRY = re.compile(r"(meter|bus)\[(\d+)\]((?:\.[A-Za-z_]+)*): (.*)", re.S)
 _SOUTHBOUND_BUS = re.compile(r"bus (\S+): (.*)", re.S)
 
 
@@ -868,9 +868,10 @@ def _southbound(
 
     bus_index = {b.name: i for i, b in buses}
     for line in config_problems([b for _, b in buses], [m for _, m in meters], profiles):
-        if mm := _SOUTHBOUND_METER.fullmatch(line):
-            keys = [k for k in mm.group(2).split(".") if k]
-            c.add(("meter", meters[int(mm.group(1))][0], *keys), mm.group(3))
+        if mm := _SOUTHBOUND_ENTRY.fullmatch(line):  # index into the lists passed: back to the file's
+            entries: Sequence[tuple[int, Any]] = meters if mm.group(1) == "meter" else buses
+            keys = [k for k in mm.group(3).split(".") if k]
+            c.add((mm.group(1), entries[int(mm.group(2))][0], *keys), mm.group(4))
         elif (mb := _SOUTHBOUND_BUS.fullmatch(line)) and mb.group(1) in bus_index:
             c.add(("bus", bus_index[mb.group(1)]), mb.group(2))
         elif line.startswith("profiles"):

@@ -185,11 +185,11 @@ def test_timing_keys_parse_and_a_timeout_below_the_window_is_refused(tmp_path: P
     with pytest.raises(ConfigError) as info:
         parse_config(site({"timeout_s": 0.3}, {"timeout_s": 0}), tmp_path / "s.toml")
     problems = "\n".join(info.value.problems)
-    assert "meter[0].timeout_s: must be > 0, got 0" in problems
+    assert "meter[m].timeout_s: must be 0.01..60 s, got 0" in problems
     with pytest.raises(ConfigError) as info:
         parse_config(site({"timeout_s": 0.3}, {}), tmp_path / "s.toml")
     assert info.value.problems == [
-        f"{tmp_path / 's.toml'}: bus[0].timeout_s: 0.3 s is shorter than the meters' response time"
+        f"{tmp_path / 's.toml'}: bus[b].timeout_s: 0.3 s is shorter than the meters' response time"
         " (0.5 s, the DL/T 645 response window): a meter answering within its allowed time would"
         " never be read; remove timeout_s, or set response_time_s to the meters' documented response time"
     ]
