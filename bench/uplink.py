@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -50,6 +51,7 @@ from store_forward.uplink_keys import (  # noqa: E402
 )
 
 GATEWAY = "gw-bench"
+EPOCH = "0be0c4e5a11ba7c4"  # batch epoch of the size measurements
 METERS = 200
 INTERVAL_MS = 900_000
 START_MS = 1_732_400_000_000
@@ -163,7 +165,7 @@ def live_bytes(codec: SealedCodec) -> dict[str, float]:
         for cls, body in split_reading(r):
             by_cls.setdefault(int(cls), []).append(Record(rid, cls, "reading", r.time_ms, body))
             rid += 1
-    sizes = {c: len(codec.encode(GATEWAY, 10 + c, recs)) for c, recs in by_cls.items()}
+    sizes = {c: len(codec.encode(GATEWAY, 10 + c, recs, epoch=EPOCH)) for c, recs in by_cls.items()}
     total = sum(sizes.values())
     return {
         "payload_bytes_per_reading": round(total / len(readings), 2),
@@ -282,7 +284,7 @@ async def rss_child(work: Path, readings: int) -> dict[str, Any]:
     for _ in range(10):
         b = await ob.next_batch(
             1, exclude=seen, max_records=5000, max_bytes=64 * 1024,
-            pack=lambda s, r, m: codec.pack(GATEWAY, s, r, m),
+            pack=functools.partial(codec.pack, GATEWAY),
         )
         assert b is not None
         seen.append(b.seq)

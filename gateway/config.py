@@ -78,6 +78,9 @@ class UplinkSection:
     reconnect_max_s: float = 60.0
     headend_public_key: str | None = None  # base64 X25519: enables sealed encoding 2
     max_bytes_per_s: int | None = None  # ceiling for backlog bytes on the link
+    # Unsealed batches (no headend_public_key) get acks nothing can authenticate: they
+    # delete batches and count as contact with central only when this is true (development).
+    allow_unauthenticated_acks: bool = False
 
 
 @dataclass(frozen=True)
@@ -386,6 +389,7 @@ UPLINK_SCHEMA = {
                                                    " at least hourly"), convert=_seconds),
     "headend_public_key": Field((str,), check=_public_key),
     "max_bytes_per_s": Field((int,), check=_between(100, 1_000_000_000, "bytes/s")),
+    "allow_unauthenticated_acks": Field((bool,)),
 }
 BUS_SCHEMA = {
     "name": Field((str,), required=True, check=_ident),

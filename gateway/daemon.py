@@ -445,6 +445,7 @@ class Daemon:
             on_command=self._on_command,
             codec=setup.uplink_codec(cfg),
             max_bytes_per_s=setup.max_bytes_per_s(cfg),
+            unauthenticated_acks=cfg.uplink.allow_unauthenticated_acks,
         )
         self.uplink = uplink
         work: asyncio.Queue[Cycle | Tick] = asyncio.Queue(maxsize=256)
@@ -573,7 +574,11 @@ class Daemon:
             )
 
     def contact(self) -> Contact:
-        last = self.uplink.stats.last_ack_ms if self.uplink is not None else None
+        """The gateway's contact with central as the cutoff policy (and anything else
+        that asks "have we heard from central lately?") sees it: only authenticated
+        messages count — a verified ack or a command whose signature verified
+        (:attr:`store_forward.uplink.Uplink.last_contact_ms`)."""
+        last = self.uplink.last_contact_ms if self.uplink is not None else None
         return Contact(last_contact_ms=last, started_ms=self.started_ms)
 
     async def _start_commands(self, outbox: Outbox, uplink: Uplink) -> None:
@@ -599,11 +604,14 @@ class Daemon:
         self.inbox = CommandInbox(self.commands, uplink.topics, on_result=self._on_command_result)
 
     def _on_command_result(self, result: CommandResult) -> None:
-        """After each command: send its result; a verified command's issue time is a lower
-        bound on true time that can confirm a jumped system clock at once."""
-        if self.uplink is not None:
-            self.uplink.notify()
+        """After each command: send its result; a verified command (applied or duplicate:
+        its signature verified, so central sent it) is contact with central, and its
+        issue time is a lower bound on true time that can confirm a jumped system clock."""
         env = result.envelope
+        if self.uplink is not None:
+            if result.ok:
+                self.uplink.note_contact("command")
+            self.uplink.notify()
         if self.clock is not None and env is not None and result.outcome is not Outcome.REJECTED:
             self.clock.corroborate(env.issued_at_ms)
 

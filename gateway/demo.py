@@ -72,7 +72,8 @@ from gateway.demo_provision import enroll_from_carry_back, keystore_dir, provisi
 from gateway.security.envelope import sign_command
 from gateway.security.roles import CentralKey, CommandType, Role, TrustStore
 from store_forward import wire_json
-from store_forward.codec import AnyBatch
+from store_forward.batch_epoch import new_epoch
+from store_forward.codec import AnyBatch, encoding_of
 from store_forward.headend import Headend, HeadendDB
 from store_forward.linkemu import LinkEmulator
 from store_forward.minibroker import CONNACK, CONNECT, DISCONNECT, Acl, MiniBroker, encode_packet
@@ -321,11 +322,11 @@ class Observed:
                 self.identities[cid] = self.broker.session_username(cid)
 
     def decoder(self, decode: Callable[[bytes], AnyBatch]) -> Callable[[bytes], AnyBatch]:
-        """``decode``, counting every batch it accepts by its encoding (the first byte)."""
+        """``decode``, counting every batch it accepts by its encoding (1 or 2)."""
 
         def counted(payload: bytes) -> AnyBatch:
             batch = decode(payload)
-            key = str(payload[0])
+            key = str(encoding_of(payload))
             self.encodings[key] = self.encodings.get(key, 0) + 1
             return batch
 
@@ -703,7 +704,7 @@ async def _probe_refusals(broker: MiniBroker, pki: DemoPki, headend: Headend) ->
                         acked.set()
 
         async with _background(watch_acks()):
-            await c.publish(topics.up, wire_json.encode(GATEWAY_ID, seq, [fake]), qos=1)
+            await c.publish(topics.up, wire_json.encode(GATEWAY_ID, seq, [fake], epoch=new_epoch()), qos=1)
             deadline = time.monotonic() + 10
             while (
                 headend.rejected == before

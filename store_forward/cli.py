@@ -79,7 +79,7 @@ async def export_backlog_for_config(
         return await export_backlog(
             ob,
             directory,
-            pack=lambda seq, recs, n: codec.pack(cfg.gateway.id, seq, recs, n),
+            pack=functools.partial(codec.pack, cfg.gateway.id),
             gateway_id=cfg.gateway.id,
             max_bytes=max(cfg.uplink.batch_max_bytes, 256 * 1024),
         )

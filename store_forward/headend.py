@@ -8,14 +8,22 @@ For every batch it receives it:
    batch that fails is logged, counted and never stored or acked. Unsealed
    batches (encoding 1) are accepted only by a headend without a registry
    (development) or with ``allow_plain=True``;
-2. in one transaction, records (gateway, seq) — if that pair is already known
-   the batch is a duplicate and nothing else is written — and stores its
-   records, each keyed by (gateway, record id);
+2. in one transaction, records the batch (gateway, epoch, seq) with the
+   SHA-256 of its payload — if that identity is already known the batch is a
+   duplicate (or, with other bytes, a conflict) and nothing else is written —
+   and stores its records, each keyed by (gateway, epoch, record id);
 3. commits (``synchronous=FULL``), and only then
-4. publishes the ack ``{"seq": N, "status": "stored" | "duplicate"}`` at QoS 1.
+4. publishes the ack ``{"seq", "epoch", "status": "stored" | "duplicate" |
+   "conflict", "records", "mac"}`` at QoS 1; for a sealed batch the ``mac``
+   binds it to that batch under a key only this headend and the gateway can
+   derive (:mod:`store_forward.acks`).
 
 A crash between 3 and 4 makes the gateway retransmit; step 2 turns that into
 a duplicate ack. See docs/protocol.md.
+
+Databases made before batch epochs existed are migrated when opened: their
+rows keep the legacy epoch ``''`` (batches in the encodings without an epoch
+still get it), and the keys gain the epoch.
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ from typing import Any, Protocol
 
 import aiomqtt
 import aiosqlite
-import orjson
 
+from store_forward import wire
+from store_forward.acks import ack_key, ack_mac, encode_ack
 from store_forward.codec import AnyBatch, DecodeError, decode
 from store_forward.records import RecordClass, RecordKind, dumps
 from store_forward.topics import DEFAULT_PREFIX, Topics, gateway_of, up_filter
@@ -47,15 +56,17 @@ Decoder = Callable[[bytes], AnyBatch]
 # Seconds to wait for the broker to take an ack (see Headend._handle).
 ACK_PUBLISH_TIMEOUT_S = 3.0
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS batches (
+# The tables (columns in this order; ``epoch`` last, where migrations add it).
+_TABLES = {
+    "batches": """
     gateway_id  TEXT    NOT NULL,
     seq         INTEGER NOT NULL,
     received_ms INTEGER NOT NULL,
     n_records   INTEGER NOT NULL,
-    PRIMARY KEY (gateway_id, seq)
-);
-CREATE TABLE IF NOT EXISTS readings (
+    epoch       TEXT    NOT NULL DEFAULT '',  -- batch epoch; '' for batches without one
+    digest      BLOB,                         -- SHA-256 of the payload (NULL: stored before epochs)
+    PRIMARY KEY (gateway_id, epoch, seq)""",
+    "readings": """
     gateway_id  TEXT    NOT NULL,
     record_id   INTEGER NOT NULL,
     meter_id    TEXT    NOT NULL,
@@ -64,10 +75,9 @@ CREATE TABLE IF NOT EXISTS readings (
     quantities  TEXT    NOT NULL,  -- JSON {quantity: "decimal"}
     quality     TEXT,              -- JSON {quantity: quality}, only non-good
     batch_seq   INTEGER NOT NULL,
-    PRIMARY KEY (gateway_id, record_id)
-);
-CREATE INDEX IF NOT EXISTS readings_meter_time ON readings (gateway_id, meter_id, time_ms);
-CREATE TABLE IF NOT EXISTS telemetry (
+    epoch       TEXT    NOT NULL DEFAULT '',
+    PRIMARY KEY (gateway_id, epoch, record_id)""",
+    "telemetry": """
     gateway_id  TEXT    NOT NULL,
     record_id   INTEGER NOT NULL,
     meter_id    TEXT    NOT NULL,
@@ -76,34 +86,56 @@ CREATE TABLE IF NOT EXISTS telemetry (
     quantities  TEXT    NOT NULL,  -- JSON {quantity: "decimal"}: instantaneous values
     quality     TEXT,
     batch_seq   INTEGER NOT NULL,
-    PRIMARY KEY (gateway_id, record_id)
-);
-CREATE INDEX IF NOT EXISTS telemetry_meter_time ON telemetry (gateway_id, meter_id, time_ms);
-CREATE TABLE IF NOT EXISTS events (
+    epoch       TEXT    NOT NULL DEFAULT '',
+    PRIMARY KEY (gateway_id, epoch, record_id)""",
+    "events": """
     gateway_id  TEXT    NOT NULL,
     record_id   INTEGER NOT NULL,
     kind        TEXT    NOT NULL,
     created_ms  INTEGER NOT NULL,
     body        TEXT    NOT NULL,
     batch_seq   INTEGER NOT NULL,
-    PRIMARY KEY (gateway_id, record_id)
-);
+    epoch       TEXT    NOT NULL DEFAULT '',
+    PRIMARY KEY (gateway_id, epoch, record_id)""",
+}
+
+SCHEMA = (
+    "".join(f"CREATE TABLE IF NOT EXISTS {name} ({cols}\n);\n" for name, cols in _TABLES.items())
+    + """
+CREATE INDEX IF NOT EXISTS readings_meter_time ON readings (gateway_id, meter_id, time_ms);
+CREATE INDEX IF NOT EXISTS telemetry_meter_time ON telemetry (gateway_id, meter_id, time_ms);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
 """
+)
 
 
 @dataclass(frozen=True)
 class StoreResult:
-    status: str  # "stored" | "duplicate"
+    status: str  # "stored" | "duplicate" | "conflict" (other bytes under this identity)
     records_new: int
     records_dup: int
 
 
-READING_COLS = "gateway_id, record_id, meter_id, time_ms, time_source, quantities, quality, batch_seq"
-EVENT_COLS = "gateway_id, record_id, kind, created_ms, body, batch_seq"
+READING_COLS = "gateway_id, record_id, meter_id, time_ms, time_source, quantities, quality, batch_seq, epoch"
+EVENT_COLS = "gateway_id, record_id, kind, created_ms, body, batch_seq, epoch"
+BATCH_COLS = "gateway_id, seq, received_ms, n_records, epoch, digest"
+
+
+def batch_row(batch: AnyBatch, now_ms: int) -> tuple[Any, ...]:
+    """The ``batches`` row of ``batch``, in :data:`BATCH_COLS` order."""
+    return (batch.gateway_id, batch.seq, now_ms, len(batch.records), batch.epoch, batch.digest or None)
+
+
+def same_bytes(stored_digest: bytes | None, batch: AnyBatch) -> bool:
+    """Whether a known batch identity holds the bytes just received (a row stored
+    before digests were kept cannot tell, and counts as the same)."""
+    return stored_digest is None or not batch.digest or bytes(stored_digest) == batch.digest
+
+
+CONFLICT_REASON = "central holds different bytes under this batch's (gateway, epoch, seq)"
 
 
 def record_row(batch: AnyBatch, r: Any) -> tuple[str, tuple[Any, ...]]:
@@ -121,8 +153,10 @@ def record_row(batch: AnyBatch, r: Any) -> tuple[str, tuple[Any, ...]]:
             dumps(b["v"]).decode(),
             dumps(b["q"]).decode() if b.get("q") else None,
             batch.seq,
+            batch.epoch,
         )
-    return "events", (batch.gateway_id, r.id, r.kind, r.created_ms, dumps(r.body).decode(), batch.seq)
+    body = dumps(r.body).decode()
+    return "events", (batch.gateway_id, r.id, r.kind, r.created_ms, body, batch.seq, batch.epoch)
 
 
 class HeadendStore(Protocol):
@@ -148,6 +182,7 @@ class HeadendDB:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("PRAGMA busy_timeout=5000")
+        await _migrate(db)
         await db.executescript(SCHEMA)
         return cls(db)
 
@@ -159,14 +194,19 @@ class HeadendDB:
         await db.execute("BEGIN IMMEDIATE")
         try:
             cur = await db.execute(
-                "INSERT OR IGNORE INTO batches (gateway_id, seq, received_ms, n_records)"
-                " VALUES (?, ?, ?, ?)",
-                (batch.gateway_id, batch.seq, now_ms, len(batch.records)),
+                f"INSERT OR IGNORE INTO batches ({BATCH_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+                batch_row(batch, now_ms),
             )
             if cur.rowcount == 0:
-                await self._count(db, "duplicate_batches", 1)
+                async with db.execute(
+                    "SELECT digest FROM batches WHERE gateway_id = ? AND epoch = ? AND seq = ?",
+                    (batch.gateway_id, batch.epoch, batch.seq),
+                ) as c:
+                    found = await c.fetchone()
+                known = same_bytes(found[0] if found else None, batch)
+                await self._count(db, "duplicate_batches" if known else "conflicting_batches", 1)
                 await db.commit()
-                return StoreResult("duplicate", 0, 0)
+                return StoreResult("duplicate" if known else "conflict", 0, 0)
             new = dup = 0
             for r in batch.records:
                 table, row = record_row(batch, r)
@@ -208,7 +248,35 @@ class HeadendDB:
             "distinct_meter_times": int(row[1]),
             "duplicate_batches": counters.get("duplicate_batches", 0),
             "duplicate_records": counters.get("duplicate_records", 0),
+            "conflicting_batches": counters.get("conflicting_batches", 0),
         }
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    """Give a database made before batch epochs the epoch columns and keys.
+
+    Each table is rebuilt with its rows (epoch ``''``), in one transaction."""
+    async with db.execute("PRAGMA table_info(batches)") as cur:
+        columns = {str(row[1]) async for row in cur}
+    if not columns or "epoch" in columns:
+        return
+    log.warning("headend database: adding batch epochs to the keys (existing rows keep epoch '')")
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        for name, cols in _TABLES.items():
+            async with db.execute(f"PRAGMA table_info({name})") as cur:
+                old = [str(row[1]) async for row in cur]
+            if not old:
+                continue
+            await db.execute(f"CREATE TABLE {name}_epochs ({cols}\n)")
+            keep = ", ".join(old)
+            await db.execute(f"INSERT INTO {name}_epochs ({keep}) SELECT {keep} FROM {name}")
+            await db.execute(f"DROP TABLE {name}")
+            await db.execute(f"ALTER TABLE {name}_epochs RENAME TO {name}")
+        await db.commit()
+    except BaseException:
+        await db.rollback()
+        raise
 
 
 class Headend:
@@ -289,6 +357,23 @@ class Headend:
         self.rejected += 1
         self.rejections[kind] = self.rejections.get(kind, 0) + 1
 
+    def _mac(self, batch: AnyBatch, status: str) -> bytes | None:
+        """The ack's MAC for a sealed batch (under a key derived from its batch key)."""
+        if not isinstance(batch, wire.DecodedBatch) or self.registry is None:
+            return None
+        key = self.registry.key_lookup(batch.gateway_id, batch.key_id)
+        if key is None:  # revoked since the batch was opened: no ack the gateway would take
+            return None
+        return ack_mac(
+            ack_key(key),
+            gateway_id=batch.gateway_id,
+            epoch=batch.epoch,
+            seq=batch.seq,
+            key_id=batch.key_id,
+            status=status,
+            digest=batch.digest,
+        )
+
     async def _handle(self, client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
         self.batches_received += 1
         topic_gw = gateway_of(msg.topic.value, self.prefix)
@@ -303,18 +388,34 @@ class Headend:
             self._reject(exc.reason.split(":")[0])
             log.error("refused batch on %s (%d bytes): %s", msg.topic.value, len(payload), exc.reason)
             return
-        reply: dict[str, Any]
         if batch.gateway_id != topic_gw:
+            # Not MAC'd: the gateway of this topic holds no key for another's batch.
             self._reject("topic mismatch")
             reason = f"batch names gateway {batch.gateway_id!r} but came on {topic_gw!r}'s topic"
             log.error("rejecting batch %d: %s", batch.seq, reason)
-            reply = {"seq": batch.seq, "status": "rejected", "reason": reason}
+            reply = encode_ack(seq=batch.seq, epoch=batch.epoch, status="rejected", reason=reason)
         else:
             result = await self.db.store(batch, int(time.time() * 1000))
-            reply = {"seq": batch.seq, "status": result.status, "records": result.records_new}
+            if result.status == "conflict":
+                self._reject("conflict")
+                log.critical(
+                    "batch %d of %s (epoch %s): %s; not acked as stored",
+                    batch.seq,
+                    batch.gateway_id,
+                    batch.epoch or "legacy",
+                    CONFLICT_REASON,
+                )
+            reply = encode_ack(
+                seq=batch.seq,
+                epoch=batch.epoch,
+                status=result.status,
+                records=result.records_new,
+                reason=CONFLICT_REASON if result.status == "conflict" else None,
+                mac=self._mac(batch, result.status),
+            )
         # A short timeout: on a dead connection aiomqtt does not fail a pending QoS 1
         # publish, and the headend would sit out the client's whole timeout. A lost
         # ack costs nothing: the gateway re-sends and the batch is a duplicate.
         await client.publish(
-            Topics(self.prefix, topic_gw).ack, orjson.dumps(reply), qos=1, timeout=ACK_PUBLISH_TIMEOUT_S
+            Topics(self.prefix, topic_gw).ack, reply, qos=1, timeout=ACK_PUBLISH_TIMEOUT_S
         )

@@ -1,9 +1,12 @@
 """PostgreSQL storage for the headend (``edgegw headend run --dsn ...``).
 
 Same contract as the SQLite store in :mod:`store_forward.headend`: the batch
-row ``(gateway_id, seq)`` and every record ``(gateway_id, record_id)`` are
-unique; a batch is stored in one transaction that is committed before the
-ack goes out. Several headend processes may share one database (and one
+row ``(gateway_id, epoch, seq)`` and every record ``(gateway_id, epoch,
+record_id)`` are unique; a batch is stored in one transaction that is
+committed before the ack goes out; a known batch identity with other bytes
+is a conflict, not a duplicate. A database made before batch epochs is
+migrated when opened (columns added, existing rows keep the epoch ``''``,
+primary keys widened), under the same advisory lock as schema creation. Several headend processes may share one database (and one
 MQTT shared subscription): the unique keys make concurrent deliveries of
 the same batch safe — exactly one transaction inserts it, the others see a
 duplicate.
@@ -17,9 +20,18 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from store_forward.codec import AnyBatch
-from store_forward.headend import EVENT_COLS, READING_COLS, StoreResult, record_row
+from store_forward.headend import (
+    BATCH_COLS,
+    EVENT_COLS,
+    READING_COLS,
+    StoreResult,
+    batch_row,
+    record_row,
+    same_bytes,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -27,7 +39,9 @@ CREATE TABLE IF NOT EXISTS batches (
     seq         BIGINT  NOT NULL,
     received_ms BIGINT  NOT NULL,
     n_records   INTEGER NOT NULL,
-    PRIMARY KEY (gateway_id, seq)
+    epoch       TEXT    NOT NULL DEFAULT '',
+    digest      BYTEA,
+    PRIMARY KEY (gateway_id, epoch, seq)
 );
 CREATE TABLE IF NOT EXISTS readings (
     gateway_id  TEXT    NOT NULL,
@@ -38,7 +52,8 @@ CREATE TABLE IF NOT EXISTS readings (
     quantities  JSONB   NOT NULL,
     quality     JSONB,
     batch_seq   BIGINT  NOT NULL,
-    PRIMARY KEY (gateway_id, record_id)
+    epoch       TEXT    NOT NULL DEFAULT '',
+    PRIMARY KEY (gateway_id, epoch, record_id)
 );
 CREATE INDEX IF NOT EXISTS readings_meter_time ON readings (gateway_id, meter_id, time_ms);
 CREATE TABLE IF NOT EXISTS telemetry (
@@ -50,7 +65,8 @@ CREATE TABLE IF NOT EXISTS telemetry (
     quantities  JSONB   NOT NULL,
     quality     JSONB,
     batch_seq   BIGINT  NOT NULL,
-    PRIMARY KEY (gateway_id, record_id)
+    epoch       TEXT    NOT NULL DEFAULT '',
+    PRIMARY KEY (gateway_id, epoch, record_id)
 );
 CREATE INDEX IF NOT EXISTS telemetry_meter_time ON telemetry (gateway_id, meter_id, time_ms);
 CREATE TABLE IF NOT EXISTS events (
@@ -60,7 +76,8 @@ CREATE TABLE IF NOT EXISTS events (
     created_ms  BIGINT  NOT NULL,
     body        JSONB   NOT NULL,
     batch_seq   BIGINT  NOT NULL,
-    PRIMARY KEY (gateway_id, record_id)
+    epoch       TEXT    NOT NULL DEFAULT '',
+    PRIMARY KEY (gateway_id, epoch, record_id)
 );
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
@@ -68,6 +85,38 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 """
 
+# Tables made before batch epochs: the columns they gain, and their new keys.
+_MIGRATION = {
+    "batches": ("epoch TEXT NOT NULL DEFAULT '', ADD COLUMN digest BYTEA", "gateway_id, epoch, seq"),
+    "readings": ("epoch TEXT NOT NULL DEFAULT ''", "gateway_id, epoch, record_id"),
+    "telemetry": ("epoch TEXT NOT NULL DEFAULT ''", "gateway_id, epoch, record_id"),
+    "events": ("epoch TEXT NOT NULL DEFAULT ''", "gateway_id, epoch, record_id"),
+}
+
+
+async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
+    for table, (add, key) in _MIGRATION.items():
+        cur = await conn.execute(
+            "SELECT count(*) FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = %s AND column_name = 'epoch'",
+            (table,),
+        )
+        row = await cur.fetchone()
+        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+        exists = await cur.fetchone()
+        if not exists or not exists[0] or (row and row[0]):
+            continue
+        cur = await conn.execute(
+            "SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'p'",
+            (table,),
+        )
+        pkey = await cur.fetchone()
+        drop = sql.SQL("DROP CONSTRAINT {}, ").format(sql.Identifier(pkey[0])) if pkey else sql.SQL("")
+        await conn.execute(
+            sql.SQL("ALTER TABLE {} ADD COLUMN {}, {}ADD PRIMARY KEY ({})").format(
+                sql.Identifier(table), sql.SQL(add), drop, sql.SQL(key)
+            )
+        )
 
 
 class PostgresHeadendDB:
@@ -80,6 +129,7 @@ class PostgresHeadendDB:
         async with conn.transaction():
             # Serialise schema creation between headends starting together.
             await conn.execute("SELECT pg_advisory_xact_lock(727001)")
+            await _migrate(conn)
             await conn.execute(SCHEMA)
         return cls(conn)
 
@@ -90,13 +140,19 @@ class PostgresHeadendDB:
         conn = self._conn
         async with conn.transaction():
             cur = await conn.execute(
-                "INSERT INTO batches (gateway_id, seq, received_ms, n_records)"
-                " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (batch.gateway_id, batch.seq, now_ms, len(batch.records)),
+                f"INSERT INTO batches ({BATCH_COLS}) VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT DO NOTHING",
+                batch_row(batch, now_ms),
             )
             if cur.rowcount == 0:
-                await self._count("duplicate_batches", 1)
-                return StoreResult("duplicate", 0, 0)
+                cur = await conn.execute(
+                    "SELECT digest FROM batches WHERE gateway_id = %s AND epoch = %s AND seq = %s",
+                    (batch.gateway_id, batch.epoch, batch.seq),
+                )
+                row = await cur.fetchone()
+                known = same_bytes(row[0] if row else None, batch)
+                await self._count("duplicate_batches" if known else "conflicting_batches", 1)
+                return StoreResult("duplicate" if known else "conflict", 0, 0)
             new = dup = 0
             for r in batch.records:
                 table, row = record_row(batch, r)
@@ -142,4 +198,5 @@ class PostgresHeadendDB:
             "distinct_meter_times": int(row[1]),
             "duplicate_batches": counters.get("duplicate_batches", 0),
             "duplicate_records": counters.get("duplicate_records", 0),
+            "conflicting_batches": counters.get("conflicting_batches", 0),
         }

@@ -24,6 +24,11 @@ and (with the billing package) the ledger entries they cause. The rules:
   the batch row (and its sealed payload), so a batch sequence number always
   names the same records and bytes, across retransmissions and restarts.
   Records are deleted only when the headend's ack for their batch arrives.
+* A batch is named (gateway, epoch, seq): the database takes a random batch
+  epoch with its first batch (:meth:`Outbox.batch_epoch`), and a recreated or
+  recovered database takes a new one (:meth:`Outbox.start_batch_epoch`), so a
+  sequence that starts again at 1 never repeats a batch the headend knows.
+  Sequence numbers only count up within a database, across its epochs.
 * Record ids come from ``AUTOINCREMENT`` and are never reused, so the headend
   can see a gap as a loss and a repeated id as a duplicate.
 * Storage is bounded by policy (see :class:`StoragePolicy`): telemetry is
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -46,11 +52,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 
 from firmware_bridge.reading import Reading
+from store_forward.batch_epoch import LEGACY_EPOCH, new_epoch
 from store_forward.records import (
     Record,
     RecordClass,
@@ -93,7 +100,8 @@ CREATE TABLE IF NOT EXISTS batches (
     n_records    INTEGER NOT NULL,
     attempts     INTEGER NOT NULL DEFAULT 0,
     last_sent_ms INTEGER,
-    payload      BLOB              -- the sealed uplink message, sent as these bytes
+    payload      BLOB,             -- the sealed uplink message, sent as these bytes
+    epoch        TEXT NOT NULL DEFAULT ''  -- batch epoch ('' for batches made before epochs)
 );
 CREATE TABLE IF NOT EXISTS damaged (
     id          INTEGER PRIMARY KEY,
@@ -121,6 +129,7 @@ CREATE TABLE IF NOT EXISTS meter_status (
 
 # Counters kept in kv; each is advanced in the same transaction as the change it counts.
 K_NEXT_SEQ = "next_batch_seq"
+K_BATCH_EPOCH = "batch_epoch"  # the epoch new batches are numbered in (store_forward.batch_epoch)
 K_READINGS = "readings_committed"  # BILLING reading records
 K_TELEMETRY = "telemetry_committed"  # TELEMETRY reading records
 K_ACKED_RECORDS = "records_acked"
@@ -165,6 +174,7 @@ class Batch:
     records: tuple[Record, ...]
     attempts: int
     payload: bytes | None = None  # sealed uplink message, when packed at creation
+    epoch: str = LEGACY_EPOCH  # the batch is (gateway, epoch, seq)
 
 
 @dataclass(frozen=True)
@@ -181,8 +191,13 @@ class BacklogStats:
     billing_evicted: int = 0
 
 
-# Seals the longest prefix of the records that fits the byte budget: (payload, count).
-Packer = Callable[[int, Sequence[Record], int], tuple[bytes, int]]
+class Packer(Protocol):
+    """Seals the longest prefix of the records that fits the byte budget as batch
+    (epoch, seq): ``pack(seq, records, max_bytes, epoch=...) -> (payload, count)``."""
+
+    def __call__(
+        self, seq: int, records: Sequence[Record], max_bytes: int, *, epoch: str
+    ) -> tuple[bytes, int]: ...
 
 
 # --------------------------------------------------------------------------- policy (pure)
@@ -329,6 +344,14 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+async def _add_batch_epoch_column(db: aiosqlite.Connection) -> None:
+    """Batches of a database made before epochs existed keep the legacy epoch ''."""
+    async with db.execute("PRAGMA table_info(batches)") as cur:
+        columns = {str(row[1]) async for row in cur}
+    if "epoch" not in columns:
+        await db.execute("ALTER TABLE batches ADD COLUMN epoch TEXT NOT NULL DEFAULT ''")
+
+
 # --------------------------------------------------------------------------- the outbox
 
 
@@ -410,6 +433,7 @@ class Outbox:
                     " (drain it with the version that wrote it)"
                 )
             await db.executescript(SCHEMA)
+            await _add_batch_epoch_column(db)
             await db.execute("BEGIN IMMEDIATE")
             await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             async with db.execute("SELECT value FROM kv WHERE key = ?", (K_SALT,)) as cur:
@@ -886,9 +910,9 @@ class Outbox:
             for _ in range(10):
                 async with self.transaction() as db:
                     async with db.execute(
-                        "SELECT seq, attempts, cls FROM batches ORDER BY cls, seq"
+                        "SELECT seq, attempts, cls, epoch FROM batches ORDER BY cls, seq"
                     ) as cur:
-                        pending = [(int(s), int(a), int(c)) async for s, a, c in cur]
+                        pending = [(int(s), int(a), int(c), str(e)) async for s, a, c, e in cur]
                     first = next((p for p in pending if p[0] not in excluded and p[2] <= limit), None)
                     async with db.execute(
                         "SELECT cls FROM outbox WHERE batch_seq IS NULL AND cls <= ? ORDER BY cls LIMIT 1",
@@ -897,9 +921,9 @@ class Outbox:
                         row = await cur.fetchone()
                     top = None if row is None else int(row[0])
                     if first is not None and (top is None or first[2] <= top):
-                        seq, attempts, _ = first
+                        seq, attempts, _, batch_epoch = first
                         records, stored = await self._batch_contents(db, seq)
-                        return Batch(seq, records, attempts, stored)
+                        return Batch(seq, records, attempts, stored, batch_epoch)
                     if top is None:
                         return None
                     async with db.execute(
@@ -910,6 +934,7 @@ class Outbox:
                         rows = [tuple(r) async for r in cur]
                     candidates = await self._open_rows(db, rows, now_ms)
                     seq = await self._next_seq(db)
+                    epoch = await self._batch_epoch_in(db)
                 if not candidates:
                     continue  # every candidate was damaged and set aside; look again
                 payload: bytes | None
@@ -922,10 +947,12 @@ class Outbox:
                         count += 1
                     count = min(count, len(candidates))
                 else:
-                    payload, count = await asyncio.to_thread(pack, seq, candidates, max_bytes)
+                    payload, count = await asyncio.to_thread(
+                        functools.partial(pack, seq, candidates, max_bytes, epoch=epoch)
+                    )
                 chosen = candidates[:count]
                 async with self.transaction() as db:
-                    if await self._next_seq(db) != seq:
+                    if await self._next_seq(db) != seq or await self._batch_epoch_in(db) != epoch:
                         continue
                     ids = [r.id for r in chosen]
                     marks = ",".join("?" * len(ids))
@@ -941,12 +968,12 @@ class Outbox:
                         (K_NEXT_SEQ, seq + 1),
                     )
                     await db.execute(
-                        "INSERT INTO batches (seq, cls, created_ms, n_records, payload)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        (seq, top, now_ms, len(ids), payload),
+                        "INSERT INTO batches (seq, cls, created_ms, n_records, payload, epoch)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (seq, top, now_ms, len(ids), payload, epoch),
                     )
                     await db.execute(f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *ids))
-                    return Batch(seq, tuple(chosen), 0, payload)
+                    return Batch(seq, tuple(chosen), 0, payload, epoch)
             raise OutboxError("could not form a batch (records kept changing underneath)")
 
     @staticmethod
@@ -954,6 +981,45 @@ class Outbox:
         async with db.execute("SELECT value FROM kv WHERE key = ?", (K_NEXT_SEQ,)) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 1
+
+    @staticmethod
+    async def _batch_epoch_in(db: aiosqlite.Connection) -> str:
+        """The epoch new batches take; a database without one gets a random one now."""
+        async with db.execute("SELECT value FROM kv WHERE key = ?", (K_BATCH_EPOCH,)) as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            return str(row[0])
+        epoch = new_epoch()
+        await db.execute("INSERT INTO kv (key, value) VALUES (?, ?)", (K_BATCH_EPOCH, epoch))
+        log.info("outbox: batches are numbered in the new epoch %s", epoch)
+        return epoch
+
+    async def batch_epoch(self) -> str:
+        """The epoch of the batches this database numbers now (created with its first
+        batch, or here): batches are (gateway, epoch, seq)."""
+        async with self.transaction() as db:
+            return await self._batch_epoch_in(db)
+
+    async def start_batch_epoch(self, db: aiosqlite.Connection | None = None) -> str:
+        """Number new batches in a fresh random epoch; returns it.
+
+        For a database that was recreated or recovered after a fault, whose
+        sequence numbers may repeat ones already used: the batches it makes from
+        now on can never be mistaken for earlier ones. Batches already numbered
+        keep their epoch, and sequence numbers go on counting up. ``db``: join
+        the caller's transaction (:meth:`transaction`); without it, one of its own.
+        """
+        if db is None:
+            async with self.transaction() as own:
+                return await self.start_batch_epoch(own)
+        epoch = new_epoch()
+        await db.execute(
+            "INSERT INTO kv (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (K_BATCH_EPOCH, epoch),
+        )
+        log.warning("outbox: new batches are numbered in a new epoch %s", epoch)
+        return epoch
 
     async def _open_rows(
         self, db: aiosqlite.Connection, rows: Sequence[tuple[Any, ...]], now_ms: int
@@ -1015,6 +1081,27 @@ class Outbox:
             row = await cur.fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
+    async def pending_batch(self, seq: int) -> tuple[str, bytes | None] | None:
+        """(epoch, stored payload) of unacknowledged batch ``seq``; None if there is none."""
+        async with self._lock, self._db.execute(
+            "SELECT epoch, payload FROM batches WHERE seq = ?", (seq,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return str(row[0]), None if row[1] is None else bytes(row[1])
+
+    async def keep_payload(self, seq: int, payload: bytes) -> bytes:
+        """Store ``payload`` for a batch numbered without one, so that every later
+        send is these bytes; returns the payload the batch now has."""
+        async with self.transaction() as db:
+            await db.execute(
+                "UPDATE batches SET payload = ? WHERE seq = ? AND payload IS NULL", (payload, seq)
+            )
+            async with db.execute("SELECT payload FROM batches WHERE seq = ?", (seq,)) as cur:
+                row = await cur.fetchone()
+        return payload if row is None or row[0] is None else bytes(row[0])
+
     async def mark_sent(self, seq: int, now_ms: int) -> None:
         async with self.transaction() as db:
             await db.execute(
@@ -1022,9 +1109,16 @@ class Outbox:
                 (now_ms, seq),
             )
 
-    async def ack(self, seq: int) -> int:
-        """The headend committed batch ``seq``: delete it. Idempotent; returns records freed."""
+    async def ack(self, seq: int, *, epoch: str | None = None) -> int:
+        """The headend committed batch ``seq``: delete it. Idempotent; returns records freed.
+
+        With ``epoch``, only a batch of that epoch is deleted."""
         async with self.transaction() as db:
+            if epoch is not None:
+                async with db.execute("SELECT epoch FROM batches WHERE seq = ?", (seq,)) as cur:
+                    row = await cur.fetchone()
+                if row is None or str(row[0]) != epoch:
+                    return 0
             async with db.execute(
                 "SELECT count(*), coalesce(sum(kind = ? AND cls = ?), 0) FROM outbox WHERE batch_seq = ?",
                 (RecordKind.READING.value, int(RecordClass.BILLING), seq),

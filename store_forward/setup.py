@@ -60,14 +60,18 @@ def storage_policy(cfg: Any) -> StoragePolicy:
 def uplink_codec(cfg: Any) -> SealedCodec | None:
     """The sealed codec when both the keystore and the headend's public key are
     configured; None otherwise (the uplink then warns and sends encoding 1)."""
-    from store_forward.uplink_keys import gateway_uplink_key, parse_public_key
+    from store_forward.uplink_keys import derive_uplink_key, gateway_uplink_key, parse_public_key
 
     pub = getattr(cfg.uplink, "headend_public_key", None)
     ks = _keystore(cfg)
     if not pub or ks is None:
         return None
-    key = gateway_uplink_key(ks, parse_public_key(pub))
-    return SealedCodec(key.key_id, key.key)
+    headend = parse_public_key(pub)
+    key = gateway_uplink_key(ks, headend)
+    # Keys of earlier ids: acks for batches sealed before a rotation still verify.
+    shared = ks.exchange(headend) if key.key_id > 1 else b""
+    older = {i: derive_uplink_key(shared, ks.gateway_id, headend, i) for i in range(1, key.key_id)}
+    return SealedCodec(key.key_id, key.key, older=older)
 
 
 def max_bytes_per_s(cfg: Any) -> float | None:

@@ -4,15 +4,20 @@
 (exactly as the uplink would: same codec, same sealed bytes, stored with the
 batch) and writes each batch to ``DIR`` as its own file, plus a manifest::
 
-    DIR/manifest.json                    {"format": 1, "gateway_id", "batches": [{"seq", "file", "bytes", "sha256"}]}
-    DIR/<gateway>-<seq:012d>.batch       the sealed payload, byte for byte as the uplink sends it
+    DIR/manifest.json       {"format": 2, "gateway_id",
+                             "batches": [{"epoch", "seq", "file", "bytes", "sha256", "records"}]}
+    DIR/<gateway>-<epoch>-<seq:012d>.batch
+                            the sealed payload, byte for byte as the uplink sends it
+                            (``<gateway>-<seq:012d>.batch`` for a batch of the legacy epoch)
 
 Nothing is deleted on the gateway: the batches stay until their ack. When the
 link returns, the uplink sends them (the same bytes) and the headend — having
 imported them from the stick meanwhile — answers ``duplicate``; the gateway
 then deletes them. Import runs the headend's own verification and
-de-duplication on (gateway, seq), so importing twice, or importing after the
-batches arrived online, stores nothing twice.
+de-duplication on (gateway, epoch, seq), so importing twice, or importing
+after the batches arrived online, stores nothing twice. Exports of format 1
+(made before batch epochs) are still imported: their batches carry no epoch
+and keep the legacy one.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from typing import Any
 import orjson
 
 from provisioning.keys import fsync_dir
+from store_forward.batch_epoch import LEGACY_EPOCH
 from store_forward.codec import DecodeError, decode
 from store_forward.headend import HeadendStore
 from store_forward.outbox import Outbox, Packer
 
-FORMAT = 1
+FORMAT = 2  # 1: before batch epochs (entries without "epoch"), still imported
+FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 
 PackFn = Packer
@@ -88,14 +95,17 @@ async def export_backlog(
             break
         seen.append(batch.seq)
         payload = batch.payload
-        if payload is None:  # numbered by an older version without a stored payload
-            payload, n = pack(batch.seq, batch.records, 1 << 30)
+        if payload is None:  # numbered without a stored payload: seal it once and keep it
+            payload, n = pack(batch.seq, batch.records, 1 << 30, epoch=batch.epoch)
             if n != len(batch.records):
                 raise SneakernetError(f"batch {batch.seq} does not fit one payload")
-        name = f"{gateway_id}-{batch.seq:012d}.batch"
+            payload = await outbox.keep_payload(batch.seq, payload)
+        epoch_part = f"-{batch.epoch}" if batch.epoch != LEGACY_EPOCH else ""
+        name = f"{gateway_id}{epoch_part}-{batch.seq:012d}.batch"
         await asyncio.to_thread(_write_file, d / name, payload)
         entries.append(
             {
+                "epoch": batch.epoch,
                 "seq": batch.seq,
                 "file": name,
                 "bytes": len(payload),
@@ -115,7 +125,7 @@ class ImportResult:
     stored: int = 0
     duplicate: int = 0
     records_new: int = 0
-    refused: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # conflicts included
 
 
 async def import_backlog(
@@ -130,19 +140,24 @@ async def import_backlog(
 
     Batch files are checked against the manifest's SHA-256 (a damaged stick is
     reported per file); each batch must open under its gateway's key and name
-    the gateway of the manifest.
+    the gateway, epoch and seq of the manifest. A batch whose identity central
+    already holds with other bytes is refused as a conflict.
     """
     d = Path(directory)
     try:
         manifest = orjson.loads(await asyncio.to_thread((d / MANIFEST).read_bytes))
         gateway_id = str(manifest["gateway_id"])
         entries = list(manifest["batches"])
-        if manifest.get("format") != FORMAT:
-            raise SneakernetError(f"{d / MANIFEST}: unknown format {manifest.get('format')!r}")
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        fmt = manifest.get("format")
+        if fmt not in FORMATS:
+            raise SneakernetError(f"{d / MANIFEST}: unknown format {fmt!r}")
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise SneakernetError(f"{d / MANIFEST}: unreadable manifest: {exc}") from exc
     result = ImportResult()
     for e in entries:
+        if not isinstance(e, dict):
+            result.refused.append(f"manifest entry {e!r}: not an object")
+            continue
         name = str(e.get("file", ""))
         if "/" in name or name.startswith("."):
             result.refused.append(f"{name}: bad file name")
@@ -163,9 +178,20 @@ async def import_backlog(
         if batch.gateway_id != gateway_id:
             result.refused.append(f"{name}: batch of {batch.gateway_id!r} in {gateway_id!r}'s export")
             continue
+        listed = (e.get("epoch", LEGACY_EPOCH) if fmt == 2 else LEGACY_EPOCH, e.get("seq"))
+        if listed != (batch.epoch, batch.seq):
+            result.refused.append(
+                f"{name}: holds batch (epoch {batch.epoch!r}, seq {batch.seq}),"
+                f" the manifest lists (epoch {listed[0]!r}, seq {listed[1]!r})"
+            )
+            continue
         r = await store.store(batch, now_ms)
         if r.status == "duplicate":
             result.duplicate += 1
+        elif r.status == "conflict":
+            result.refused.append(
+                f"{name}: central holds other bytes under batch (epoch {batch.epoch!r}, seq {batch.seq})"
+            )
         else:
             result.stored += 1
             result.records_new += r.records_new

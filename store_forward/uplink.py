@@ -5,11 +5,23 @@ Delivery is at-least-once on the wire with an idempotent effect:
 * a batch keeps its sequence number and records for ever (see outbox), so a
   retransmission is the same batch;
 * a broker PUBACK only means the broker has it; the batch is deleted when
-  the headend's ack (published after the headend's own commit) arrives;
+  the headend's ack (published after the headend's own commit) arrives and
+  proves itself: for a sealed batch a MAC under a key derived from the
+  batch's key, over (gateway, epoch, seq, key id, status, payload digest)
+  (:mod:`store_forward.acks`). A forged, malformed or unverifiable ack deletes
+  nothing; it is counted by cause in ``stats.acks_refused`` and logged once
+  per cause. Acks for unsealed batches (development) carry no MAC and are
+  used only with ``unauthenticated_acks=True``;
 * a batch without an ack after ``ack_timeout_s`` is published again; after a
   reconnect every unacknowledged batch is published again, oldest first;
 * paho may also re-send a QoS 1 publish by itself after a reconnect; the
-  headend de-duplicates on (gateway, seq), so that is harmless.
+  headend de-duplicates on (gateway, epoch, seq), so that is harmless.
+
+Contact with central (:attr:`Uplink.last_contact_ms`, what the cutoff
+policy's out-of-contact protection reads) is counted only from authenticated
+messages: an ack that verified, and — reported by the command handler
+through :meth:`Uplink.note_contact` — a command whose signature verified.
+Anything else on the ack or command topics changes nothing.
 
 Batches are sealed with the gateway's uplink key (encoding 2, see
 :mod:`store_forward.codec`) when the outbox makes them, and the sealed bytes
@@ -32,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
 import random
 import re
@@ -41,11 +54,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiomqtt
-import orjson
 
 from firmware_bridge.cause_log import CauseLog
 from gateway.config import BrokerSection, UplinkSection
-from store_forward.codec import BatchCodec, JsonCodec
+from store_forward.acks import Ack, AckError, parse_ack, verify_ack
+from store_forward.codec import BatchCodec, JsonCodec, encoding_of, sealed_key_id
 from store_forward.outbox import K_LINK, K_LINK_SINCE, Batch, Outbox, OutboxError
 from store_forward.pacing import LinkPacer
 from store_forward.records import Record, RecordClass, RecordKind
@@ -53,7 +66,6 @@ from store_forward.topics import Topics
 
 log = logging.getLogger(__name__)
 
-Encoder = Callable[[str, int, Sequence[Record]], bytes]
 CommandSink = Callable[[bytes], Awaitable[None]]
 
 
@@ -73,8 +85,11 @@ class UplinkStats:
     rejected: int = 0
     bytes_sent: int = 0
     last_error: str | None = None
-    last_ack_ms: int | None = None  # last application-level contact with central
-    commands: int = 0
+    # Last authenticated contact with central (a verified ack or signed command).
+    last_contact_ms: int | None = None
+    last_contact_source: str | None = None
+    acks_refused: dict[str, int] = field(default_factory=dict)  # by cause; nothing deleted
+    commands: int = 0  # messages on the command topic (verified or not)
     state: LinkState = LinkState.DOWN
     ack_latency_s: list[float] = field(default_factory=list)
     window: int = 0
@@ -123,6 +138,7 @@ def tls_context(broker: BrokerSection) -> ssl.SSLContext:
 @dataclass
 class _InFlight:
     payload: bytes
+    epoch: str
     sent_at: float
     deadline: float
     queued: int  # bytes in flight when sent, itself included
@@ -142,16 +158,17 @@ class Uplink:
         broker: BrokerSection,
         settings: UplinkSection,
         codec: BatchCodec | None = None,
-        encode: Encoder | None = None,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         rng: random.Random | None = None,
         on_command: CommandSink | None = None,
         max_bytes_per_s: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        unauthenticated_acks: bool = False,
     ) -> None:
         """``codec``: :class:`store_forward.codec.SealedCodec` in deployments; without
-        one, batches go as unsealed encoding 1 (development; logged as a warning).
-        ``encode`` is the older single-function form of an encoding-1 encoder."""
+        one, batches go as unsealed encoding 1 (development; logged as a warning),
+        and their acks, which nothing can authenticate, delete batches only with
+        ``unauthenticated_acks`` (``uplink.allow_unauthenticated_acks``)."""
         self.outbox = outbox
         self.gateway_id = gateway_id
         self.broker = broker
@@ -160,7 +177,15 @@ class Uplink:
             codec = JsonCodec()
             log.warning("uplink %s: no uplink key configured; batches are NOT sealed", gateway_id)
         self.codec = codec
-        self._legacy_encode = encode
+        self.unauthenticated_acks = unauthenticated_acks
+        if not codec.sealed and not unauthenticated_acks:
+            log.error(
+                "uplink %s: batches are not sealed, so their acks cannot be authenticated:"
+                " nothing is deleted on an ack and acks do not count as contact with central"
+                " (configure the uplink key, or for development uplink.allow_unauthenticated_acks)",
+                gateway_id,
+            )
+        self._ack_causes_logged: set[str] = set()
         self.clock_ms = clock_ms
         self.monotonic = monotonic
         self.rng = rng or random.Random()
@@ -183,6 +208,17 @@ class Uplink:
     def notify(self) -> None:
         """New records were committed: wake the sender."""
         self._wake.set()
+
+    @property
+    def last_contact_ms(self) -> int | None:
+        """When central was last heard from in a way it alone can produce (a verified
+        ack or signed command); None: not since start."""
+        return self.stats.last_contact_ms
+
+    def note_contact(self, source: str) -> None:
+        """An authenticated message from central arrived (``source``: "ack", "command")."""
+        self.stats.last_contact_ms = self.clock_ms()
+        self.stats.last_contact_source = source
 
     async def _set_state(self, state: LinkState) -> None:
         if self.stats.state is state:
@@ -249,43 +285,103 @@ class Uplink:
                 # Signed commands: the handler verifies, applies and answers through the
                 # outbox. Central re-sends a command until it sees its result event, so a
                 # command lost between PUBACK and the handler's commit is not lost for good.
+                # Contact is noted by the handler's owner once a signature verified.
                 if self.on_command is not None and isinstance(msg.payload, bytes):
                     self.stats.commands += 1
-                    self.stats.last_ack_ms = self.clock_ms()
                     await self.on_command(msg.payload)
                 continue
+            if msg.topic.value == self.topics.ack:
+                await self.on_ack(msg.payload)
+
+    def _refuse_ack(self, cause: str, detail: str) -> None:
+        self.stats.acks_refused[cause] = self.stats.acks_refused.get(cause, 0) + 1
+        if cause not in self._ack_causes_logged:
+            self._ack_causes_logged.add(cause)
+            log.warning(
+                "uplink %s: ack refused, nothing deleted (%s): %s; further acks refused"
+                " for this cause are only counted",
+                self.gateway_id,
+                cause,
+                detail,
+            )
+
+    async def _authenticate(self, ack: Ack) -> tuple[str, str] | None:
+        """None if ``ack`` proves itself for one of our unacknowledged batches,
+        else (cause, detail)."""
+        seq = ack.seq
+        entry = self._inflight.get(seq)
+        if entry is not None:
+            epoch, payload = entry.epoch, entry.payload
+        else:
             try:
-                ack = orjson.loads(msg.payload) if isinstance(msg.payload, bytes) else None
-                seq = int(ack["seq"])
-                status = str(ack["status"])
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                log.warning("ignoring malformed ack on %s", msg.topic)
-                continue
-            self.stats.last_ack_ms = self.clock_ms()
-            if status in ("stored", "duplicate"):
-                try:
-                    await self.outbox.ack(seq)
-                except OutboxError as exc:
-                    # Not deleted: the batch goes again and comes back as a duplicate ack.
-                    log.error("uplink: cannot delete acknowledged batch %d: %s", seq, exc)
-                    continue
-                entry = self._inflight.pop(seq, None)
-                if entry is not None:
-                    now = self.monotonic()
-                    self.pacer.on_ack(len(entry.payload), entry.sent_at, entry.queued, now)
-                    self.stats.ack_latency_s.append(now - entry.sent_at)
-                    del self.stats.ack_latency_s[:-100]
-                self.stats.acked += 1
-            else:
-                # The headend could not take the batch. It stays stored; retry slowly.
-                self.stats.rejected += 1
-                log.error("headend rejected batch %d: %s", seq, ack.get("reason"))
-                entry = self._inflight.get(seq)
-                if entry is not None:
-                    entry.deadline = self.monotonic() + min(
-                        4 * (entry.deadline - entry.sent_at), 3600.0
-                    )
-            self._wake.set()
+                found = await self.outbox.pending_batch(seq)
+            except OutboxError as exc:
+                return "unverifiable", f"cannot read batch {seq}: {exc}"
+            if found is None or found[1] is None:
+                return "unknown batch", f"no batch {seq} awaits an ack"
+            epoch, payload = found[0], found[1]
+        if ack.epoch != epoch:
+            return "wrong epoch", f"ack for batch {seq} of epoch {ack.epoch!r}, ours is {epoch!r}"
+        key_id = sealed_key_id(payload)
+        if key_id is None:
+            if encoding_of(payload) == 1 and self.unauthenticated_acks:
+                return None
+            return "unauthenticated", f"ack for unsealed batch {seq}, and unauthenticated acks are off"
+        key = self.codec.ack_key(key_id)
+        if key is None:
+            return "no ack key", f"batch {seq} was sealed under key id {key_id}, which is not loaded"
+        if ack.mac is None:
+            return "unauthenticated", f"ack for sealed batch {seq} without a mac"
+        digest = hashlib.sha256(payload).digest()
+        if not verify_ack(
+            ack, key, gateway_id=self.gateway_id, epoch=epoch, seq=seq, key_id=key_id, digest=digest
+        ):
+            return "bad mac", f"the mac of the {ack.status!r} ack for batch {seq} does not verify"
+        return None
+
+    async def on_ack(self, payload: object) -> None:
+        """One message from the ack topic: delete the batch only on a valid ack."""
+        try:
+            ack = parse_ack(payload)
+        except AckError as exc:
+            self._refuse_ack(exc.cause, str(exc))
+            return
+        refused = await self._authenticate(ack)
+        if refused is not None:
+            self._refuse_ack(*refused)
+            return
+        self.note_contact("ack")
+        seq = ack.seq
+        if ack.holds_batch:
+            try:
+                await self.outbox.ack(seq, epoch=ack.epoch)
+            except OutboxError as exc:
+                # Not deleted: the batch goes again and comes back as a duplicate ack.
+                log.error("uplink: cannot delete acknowledged batch %d: %s", seq, exc)
+                return
+            entry = self._inflight.pop(seq, None)
+            if entry is not None:
+                now = self.monotonic()
+                self.pacer.on_ack(len(entry.payload), entry.sent_at, entry.queued, now)
+                self.stats.ack_latency_s.append(now - entry.sent_at)
+                del self.stats.ack_latency_s[:-100]
+            self.stats.acked += 1
+        else:
+            # The headend could not take the batch ("rejected"), or holds other bytes
+            # under its identity ("conflict"). It stays stored; retry slowly.
+            self.stats.rejected += 1
+            log.log(
+                logging.CRITICAL if ack.status == "conflict" else logging.ERROR,
+                "headend answered %s for batch %d (epoch %s): %s",
+                ack.status,
+                seq,
+                ack.epoch or "legacy",
+                ack.reason,
+            )
+            entry = self._inflight.get(seq)
+            if entry is not None:
+                entry.deadline = self.monotonic() + min(4 * (entry.deadline - entry.sent_at), 3600.0)
+        self._wake.set()
 
     async def _publish(self, client: aiomqtt.Client, seq: int, payload: bytes, within_s: float) -> None:
         await client.publish(self.topics.up, payload, qos=1, timeout=within_s)
@@ -295,18 +391,21 @@ class Uplink:
         except OutboxError as exc:
             log.error("uplink: cannot record the send of batch %d: %s", seq, exc)
 
-    def _pack(self, seq: int, records: Sequence[Record], max_bytes: int) -> tuple[bytes, int]:
-        return self.codec.pack(self.gateway_id, seq, records, max_bytes)
+    def _pack(
+        self, seq: int, records: Sequence[Record], max_bytes: int, *, epoch: str
+    ) -> tuple[bytes, int]:
+        return self.codec.pack(self.gateway_id, seq, records, max_bytes, epoch=epoch)
 
-    def _payload_of(self, batch: Batch) -> bytes:
+    async def _payload_of(self, batch: Batch) -> bytes:
         if batch.payload is not None:
             return batch.payload
-        # A batch numbered without a stored payload (older database): encode all of it.
-        if self._legacy_encode is not None:
-            return self._legacy_encode(self.gateway_id, batch.seq, batch.records)
-        payload, n = self.codec.pack(self.gateway_id, batch.seq, batch.records, 1 << 30)
+        # A batch numbered without a stored payload: encode all of it once and keep the
+        # bytes, so that every send (and the ack, bound to them) is the same.
+        payload, n = self.codec.pack(
+            self.gateway_id, batch.seq, batch.records, 1 << 30, epoch=batch.epoch
+        )
         assert n == len(batch.records)
-        return payload
+        return await self.outbox.keep_payload(batch.seq, payload)
 
     def _inflight_bytes(self) -> int:
         return sum(len(e.payload) for e in self._inflight.values())
@@ -350,11 +449,18 @@ class Uplink:
                     break
                 if batch is None:
                     break
-                payload = self._payload_of(batch)
+                try:
+                    payload = await self._payload_of(batch)
+                except OutboxError as exc:
+                    log.error("uplink: cannot keep the payload of batch %d: %s", batch.seq, exc)
+                    wait = max(wait, 1.0)
+                    break
                 urgent = all(r.cls == RecordClass.EVENT for r in batch.records)
                 now = self.monotonic()
                 queued = self._inflight_bytes() + len(payload)
-                entry = _InFlight(payload, now, now + pacer.ack_deadline_s(queued), queued, urgent)
+                entry = _InFlight(
+                    payload, batch.epoch, now, now + pacer.ack_deadline_s(queued), queued, urgent
+                )
                 self._inflight[batch.seq] = entry
                 pacer.on_send(len(payload), now)
                 self._start(tg, client, batch.seq, entry)

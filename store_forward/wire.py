@@ -7,8 +7,14 @@ a per-column decimal exponent and deltas (current predicted from power,
 voltage and power factor where that is cheaper), bit-packed at the width the
 column needs — so that the bytes left are mostly the real information in the
 data; the whole plaintext is then compressed and sealed with AES-GCM. The cleartext header (version, compression, key id,
-gateway id, batch sequence) is the associated data of the seal, so a broker
-operator can neither read nor alter any part of a batch without detection.
+gateway id, batch epoch, batch sequence) is the associated data of the seal,
+so a broker operator can neither read nor alter any part of a batch without
+detection.
+
+A batch is named by (gateway id, epoch, seq) (:mod:`store_forward.batch_epoch`).
+Version byte ``0x12`` carries the epoch; version byte ``0x02`` is the same
+encoding without one (batches made before epochs existed): it is still
+decoded, with the legacy epoch, and is what ``epoch=LEGACY_EPOCH`` produces.
 
 Everything here is pure: bytes and values in, bytes and values out. The
 byte-level layout, limits and measured sizes are in docs/wire-format.md.
@@ -22,6 +28,7 @@ length and the limits below.
 from __future__ import annotations
 
 import enum
+import hashlib
 import itertools
 import lzma
 import os
@@ -37,11 +44,20 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from firmware_bridge.reading import CODE_QUANTITIES, QUANTITY_CODES, Quantity
+from store_forward.batch_epoch import (
+    EPOCH_BYTES,
+    LEGACY_EPOCH,
+    EpochFormatError,
+    epoch_bytes,
+    epoch_text,
+)
 
 __all__ = [
+    "LEGACY_VERSION",
     "MAX_PLAINTEXT_BYTES",
     "MAX_RECORDS",
     "VERSION",
+    "BatchHeader",
     "Compression",
     "DecodedBatch",
     "PackedBatch",
@@ -54,12 +70,15 @@ __all__ = [
     "WireKeyError",
     "WireRecord",
     "WireVersionError",
+    "batch_header",
     "decode_batch",
     "encode_batch",
     "pack_batch",
 ]
 
-VERSION = 2
+# The version byte: low nibble = encoding (2, sealed columnar), high nibble = header revision.
+VERSION = 0x12  # header with the batch epoch
+LEGACY_VERSION = 0x02  # header without an epoch (decoded with the legacy epoch)
 NONCE_BYTES = 12
 TAG_BYTES = 16
 KEY_BYTES = (16, 24, 32)
@@ -164,10 +183,26 @@ class RecordLike(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class DecodedBatch:
+    """``epoch`` is :data:`LEGACY_EPOCH` for a version-2 batch; ``digest`` is the
+    SHA-256 of the whole payload as received (what acks are bound to)."""
+
     gateway_id: str
     seq: int
     key_id: int
     records: tuple[WireRecord, ...]
+    epoch: str = LEGACY_EPOCH
+    digest: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchHeader:
+    """The cleartext header of a sealed batch (authenticated only once the batch is opened)."""
+
+    version: int
+    key_id: int
+    gateway_id: str
+    epoch: str
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -1039,7 +1074,14 @@ def _decompress(data: bytes, method: int) -> bytes:
 # --------------------------------------------------------------------------- envelope
 
 
-def _header(gateway_id: str, seq: int, key_id: int, compression: Compression) -> bytes:
+def _epoch_raw(epoch: object) -> bytes:
+    try:
+        return epoch_bytes(epoch)  # type: ignore[arg-type]
+    except (EpochFormatError, TypeError) as exc:
+        raise WireEncodeError(str(exc)) from exc
+
+
+def _header(gateway_id: str, epoch: str, seq: int, key_id: int, compression: Compression) -> bytes:
     gw_len = _utf8_len(gateway_id) if isinstance(gateway_id, str) else None
     if gw_len is None or not 1 <= gw_len <= MAX_GATEWAY_ID_BYTES:
         raise WireEncodeError(f"gateway id must be 1..{MAX_GATEWAY_ID_BYTES} UTF-8 bytes")
@@ -1047,11 +1089,13 @@ def _header(gateway_id: str, seq: int, key_id: int, compression: Compression) ->
         raise WireEncodeError(f"batch seq must be an int in 0..2**64-1, got {seq!r}")
     if type(key_id) is not int or not 0 <= key_id <= MAX_KEY_ID:
         raise WireEncodeError(f"key id must be an int in 0..2**32-1, got {key_id!r}")
-    out = bytearray((VERSION, int(compression)))
+    raw_epoch = _epoch_raw(epoch)
+    out = bytearray((VERSION if raw_epoch else LEGACY_VERSION, int(compression)))
     _put_uvarint(out, key_id)
     gw = gateway_id.encode("utf-8")
     out.append(len(gw))
     out += gw
+    out += raw_epoch
     _put_uvarint(out, seq)
     return bytes(out)
 
@@ -1061,11 +1105,13 @@ def _seal(
     seq: int,
     plaintext: bytes,
     *,
+    epoch: str,
     key: bytes,
     key_id: int,
     compression: Compression | None,
     nonce: bytes | None,
 ) -> bytes:
+    _epoch_raw(epoch)  # a bad epoch fails before any compression work
     if len(plaintext) > MAX_PLAINTEXT_BYTES:
         raise WireEncodeError(f"batch plaintext of {len(plaintext)} bytes exceeds limit")
     if not isinstance(key, bytes | bytearray) or len(key) not in KEY_BYTES:
@@ -1081,7 +1127,7 @@ def _seal(
     else:
         method = Compression(compression)
         body = _compress(plaintext, method)
-    header = _header(gateway_id, seq, key_id, method)
+    header = _header(gateway_id, epoch, seq, key_id, method)
     sealed = AESGCM(bytes(key)).encrypt(nonce, body, _AAD_LABEL + header)
     return header + nonce + sealed
 
@@ -1091,14 +1137,17 @@ def encode_batch(
     seq: int,
     records: Sequence[RecordLike],
     *,
+    epoch: str,
     key: bytes,
     key_id: int,
     compression: Compression | None = None,
     nonce: bytes | None = None,
 ) -> bytes:
-    """Encode and seal ``records`` as one v2 uplink batch.
+    """Encode and seal ``records`` as one uplink batch ``(gateway_id, epoch, seq)``.
 
-    ``compression=None`` tries zlib and LZMA and keeps the smaller (or none
+    ``epoch``: the outbox's batch epoch (16 hex digits; version byte 0x12), or
+    :data:`LEGACY_EPOCH` for the header without one (version byte 0x02, for
+    batches numbered before epochs existed). ``compression=None`` tries zlib and LZMA and keeps the smaller (or none
     when neither helps). ``nonce=None`` draws a fresh random 96-bit nonce;
     pass a nonce only from a source that never repeats one for this key
     (see docs/wire-format.md, "Nonces"). Raises :class:`WireEncodeError`.
@@ -1110,6 +1159,7 @@ def encode_batch(
         gateway_id,
         seq,
         _encode_plaintext(rows),
+        epoch=epoch,
         key=key,
         key_id=key_id,
         compression=compression,
@@ -1117,19 +1167,10 @@ def encode_batch(
     )
 
 
-def decode_batch(payload: bytes, key_lookup: Callable[[str, int], bytes | None]) -> DecodedBatch:
-    """Verify, decrypt and decode one v2 batch.
-
-    ``key_lookup(gateway_id, key_id)`` returns the key or None when unknown.
-    Raises only :class:`WireError` subclasses (plus whatever ``key_lookup``
-    itself raises).
-    """
-    if not isinstance(payload, bytes | bytearray | memoryview):
-        raise WireFormatError("payload must be bytes")
-    payload = bytes(payload)
-    r = _Reader(payload)
+def _read_header(r: _Reader) -> tuple[BatchHeader, int]:
+    """The header fields and the compression byte; the reader ends at the nonce."""
     version = r.byte()
-    if version != VERSION:
+    if version not in (VERSION, LEGACY_VERSION):
         raise WireVersionError(f"unsupported wire encoding version {version}")
     method = r.byte()
     if method not in tuple(Compression):
@@ -1144,9 +1185,33 @@ def decode_batch(payload: bytes, key_lookup: Callable[[str, int], bytes | None])
         gateway_id = r.take(gw_len).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise WireFormatError("gateway id is not valid UTF-8") from exc
+    epoch = epoch_text(r.take(EPOCH_BYTES)) if version == VERSION else LEGACY_EPOCH
     seq = r.uvarint()
     if seq > MAX_SEQ:
         raise WireFormatError(f"batch seq {seq} out of range")
+    return BatchHeader(version, key_id, gateway_id, epoch, seq), method
+
+
+def batch_header(payload: bytes) -> BatchHeader:
+    """The cleartext header of a sealed batch, without opening it (the gateway reads
+    the key id of a batch it made; nothing here is authenticated). Raises
+    :class:`WireFormatError`."""
+    return _read_header(_Reader(bytes(payload)))[0]
+
+
+def decode_batch(payload: bytes, key_lookup: Callable[[str, int], bytes | None]) -> DecodedBatch:
+    """Verify, decrypt and decode one batch (version byte 0x12, or legacy 0x02).
+
+    ``key_lookup(gateway_id, key_id)`` returns the key or None when unknown.
+    Raises only :class:`WireError` subclasses (plus whatever ``key_lookup``
+    itself raises).
+    """
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise WireFormatError("payload must be bytes")
+    payload = bytes(payload)
+    r = _Reader(payload)
+    head, method = _read_header(r)
+    key_id, gateway_id, epoch, seq = head.key_id, head.gateway_id, head.epoch, head.seq
     header = payload[: r.pos]
     nonce = r.take(NONCE_BYTES)
     sealed = payload[r.pos :]
@@ -1181,7 +1246,7 @@ def decode_batch(payload: bytes, key_lookup: Callable[[str, int], bytes | None])
         ValueError,
     ) as exc:  # defensive: the checks above should leave nothing to land here
         raise WireFormatError(f"undecodable batch body: {exc!r}") from exc
-    return DecodedBatch(gateway_id, seq, key_id, records)
+    return DecodedBatch(gateway_id, seq, key_id, records, epoch, hashlib.sha256(payload).digest())
 
 
 # --------------------------------------------------------------------------- packing
@@ -1192,6 +1257,7 @@ def pack_batch(
     seq: int,
     records: Sequence[RecordLike],
     *,
+    epoch: str,
     key: bytes,
     key_id: int,
     max_bytes: int,
@@ -1217,6 +1283,7 @@ def pack_batch(
             gateway_id,
             seq,
             _encode_plaintext(rows[:n]),
+            epoch=epoch,
             key=key,
             key_id=key_id,
             compression=compression,

@@ -204,7 +204,11 @@ async def test_gateway_session_over_mtls_delivers_and_is_acked(
     await outbox.add_event(1_000, {"type": "hello", "n": 1})
     await outbox.add_event(1_001, {"type": "hello", "n": 2})
     uplink = Uplink(
-        outbox, gateway_id="gw-a", broker=broker.section("gw-a"), settings=uplink_settings()
+        outbox,
+        gateway_id="gw-a",
+        broker=broker.section("gw-a"),
+        settings=uplink_settings(),
+        unauthenticated_acks=True,  # unsealed batches, acked by the test's headend
     )
     got: list[tuple[str, bytes]] = []
     cmds: list[tuple[str, bytes]] = []
@@ -218,7 +222,7 @@ async def test_gateway_session_over_mtls_delivers_and_is_acked(
                 got.append((msg.topic.value, payload))
                 if msg.topic.value.endswith("/up"):
                     batch = wire_json.decode(payload)
-                    ack = {"seq": batch.seq, "status": "stored"}
+                    ack = {"seq": batch.seq, "epoch": batch.epoch, "status": "stored"}
                     await head.publish(
                         Topics(PREFIX, batch.gateway_id).ack, orjson.dumps(ack), qos=1
                     )
@@ -410,7 +414,11 @@ async def test_signed_command_over_mtls_is_applied_once_and_its_result_flows_bac
     outbox = await Outbox.open(tmp_path / "gw.db")
     handler = await make_handler(outbox, central.trust(), None, FakeTime(1_767_225_601_000))
     uplink = Uplink(
-        outbox, gateway_id=GATEWAY, broker=broker.section(GATEWAY), settings=uplink_settings()
+        outbox,
+        gateway_id=GATEWAY,
+        broker=broker.section(GATEWAY),
+        settings=uplink_settings(),
+        unauthenticated_acks=True,  # unsealed batches, acked by the test's headend
     )
     outcomes: list[Outcome] = []
 
@@ -433,7 +441,7 @@ async def test_signed_command_over_mtls_is_applied_once_and_its_result_flows_bac
                 results.extend(
                     r.body for r in batch.records if r.body.get("type") == "command_result"
                 )
-                ack = {"seq": batch.seq, "status": "stored"}
+                ack = {"seq": batch.seq, "epoch": batch.epoch, "status": "stored"}
                 await head.publish(Topics(PREFIX, batch.gateway_id).ack, orjson.dumps(ack), qos=1)
 
         async with tasks(

@@ -45,6 +45,7 @@ from tests.store_forward.test_headend_scaleout import pg_dsn  # noqa: F401 (fixt
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "edgegw/v1"
+EPOCH = "5e1f00d2c0ffee01"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
 
@@ -187,11 +188,11 @@ async def test_run_with_registry_stores_only_sealed_batches_of_enrolled_gateways
         "--key", site.headend_key_path, "--registry", site.registry_dir,
     ) as he:
         async with central(mosquitto.port) as cen:
-            await first_ack(cen, "gw-a", enrolled.encode("gw-a", 1, records(1, 5)), he)
-            unsealed, _ = JsonCodec().pack("gw-a", 2, records(6, 5), 1 << 20)
+            await first_ack(cen, "gw-a", enrolled.encode("gw-a", 1, records(1, 5), epoch=EPOCH), he)
+            unsealed, _ = JsonCodec().pack("gw-a", 2, records(6, 5), 1 << 20, epoch=EPOCH)
             await cen.publish("gw-a", unsealed)
-            await cen.publish("gw-x", stranger.encode("gw-x", 1, records(1, 5)))
-            await cen.publish("gw-a", enrolled.encode("gw-a", 3, records(11, 5)))
+            await cen.publish("gw-x", stranger.encode("gw-x", 1, records(1, 5), epoch=EPOCH))
+            await cen.publish("gw-a", enrolled.encode("gw-a", 3, records(11, 5), epoch=EPOCH))
             # seq 3 is answered after seq 2 was handled (one topic, one subscriber, in order)
             await until(lambda: cen.acked("gw-a", 3), 30, "ack of the last sealed batch", he)
             await until(
@@ -219,11 +220,11 @@ async def test_run_without_registry_accepts_unsealed_batches(
     db = tmp_path / "central.db"
     with headend_process(tmp_path, "--broker", f"127.0.0.1:{mosquitto.port}", "--db", db) as he:
         async with central(mosquitto.port) as cen:
-            payload, _ = JsonCodec().pack("gw-dev", 1, records(1, 4), 1 << 20)
+            payload, _ = JsonCodec().pack("gw-dev", 1, records(1, 4), 1 << 20, epoch=EPOCH)
             await first_ack(cen, "gw-dev", payload, he)
         assert he.stop() == 0
     assert "unsealed batches are accepted (development only)" in he.stderr()
-    assert cen.acks[0] == ("gw-dev", {"seq": 1, "status": "stored", "records": 4})
+    assert cen.acks[0] == ("gw-dev", {"seq": 1, "epoch": EPOCH, "status": "stored", "records": 4})
     assert stored(db) == ({"gw-dev": [1, 2, 3, 4]}, {("gw-dev", 1)})
 
 
@@ -237,9 +238,11 @@ async def test_run_on_postgresql_in_a_shared_subscription(
         "--key", site.headend_key_path, "--registry", site.registry_dir,
     ) as he:
         async with central(mosquitto.port) as cen:
-            await first_ack(cen, "gw-a", codec.encode("gw-a", 1, records(1, 5)), he)
+            await first_ack(cen, "gw-a", codec.encode("gw-a", 1, records(1, 5), epoch=EPOCH), he)
         assert he.stop() == 0
-    assert cen.acks[0] == ("gw-a", {"seq": 1, "status": "stored", "records": 5})
+    ack = dict(cen.acks[0][1])
+    assert len(ack.pop("mac")) == 64  # a sealed batch's ack is authenticated
+    assert (cen.acks[0][0], ack) == ("gw-a", {"seq": 1, "epoch": EPOCH, "status": "stored", "records": 5})
     with psycopg.connect(pg_dsn) as conn:
         rows = conn.execute("SELECT gateway_id, record_id FROM readings ORDER BY 2").fetchall()
     assert rows == [("gw-a", i) for i in range(1, 6)]

@@ -90,6 +90,7 @@ async def test_two_headends_share_the_load_exactly_once(
         gateway_id="gw-pg",
         broker=BrokerSection(port=mosquitto.port),
         settings=UplinkSection(batch_max_records=10, window=4, ack_timeout_s=3.0),
+        unauthenticated_acks=True,  # unsealed batches (a headend without a registry)
     )
     async with tasks(*(h.run() for h in heads)):
         await asyncio.wait_for(asyncio.gather(*(h.connected.wait() for h in heads)), 10)

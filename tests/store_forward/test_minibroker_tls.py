@@ -181,6 +181,7 @@ async def test_real_uplink_over_mtls_is_acked_and_leaves_nothing_behind(
             gateway_id="gw-a",
             broker=section(pki, "gw-a", b.port),
             settings=UplinkSection(ack_timeout_s=2.0, reconnect_min_s=0.1, reconnect_max_s=0.5),
+            unauthenticated_acks=True,  # unsealed batches, acked by the test's headend
         )
         async with client(pki, HEADEND, b.port, identifier="headend") as head:
             await head.subscribe(f"{PREFIX}/+/up", qos=1)
@@ -192,7 +193,7 @@ async def test_real_uplink_over_mtls_is_acked_and_leaves_nothing_behind(
                     got.append((msg.topic.value, payload))
                     if msg.topic.value.endswith("/up"):
                         batch = wire_json.decode(payload)
-                        ack = {"seq": batch.seq, "status": "stored"}
+                        ack = {"seq": batch.seq, "epoch": batch.epoch, "status": "stored"}
                         await head.publish(
                             Topics(PREFIX, batch.gateway_id).ack, orjson.dumps(ack), qos=1
                         )

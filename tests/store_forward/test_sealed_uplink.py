@@ -19,6 +19,8 @@ from store_forward.uplink import LinkState, Uplink
 from store_forward.uplink_keys import UplinkKeyError, parse_enrollment
 from tests.store_forward.helpers import Site, running, settings, six_quantity_reading, wait_for
 
+EPOCH = "00112233deadbeef"
+
 
 def rows(path: Path, table: str) -> list[tuple[int, str]]:
     with sqlite3.connect(path) as db:
@@ -87,10 +89,10 @@ def test_sealed_batch_proves_the_gateway(tmp_path: Path) -> None:
     from store_forward.records import Record, RecordClass
 
     rec = [Record(1, RecordClass.EVENT, "event", 1, {"type": "x"})]
-    payload, _ = site.codec(a).pack("gw-a", 1, rec, 10_000)
+    payload, _ = site.codec(a).pack("gw-a", 1, rec, 10_000, epoch=EPOCH)
     assert decode(payload, registry.key_lookup, allow_plain=False).gateway_id == "gw-a"
     # gw-b cannot speak for gw-a: its key does not open as gw-a's
-    forged, _ = site.codec(b).pack("gw-a", 1, rec, 10_000)
+    forged, _ = site.codec(b).pack("gw-a", 1, rec, 10_000, epoch=EPOCH)
     with pytest.raises(DecodeError, match="WireAuthError"):
         decode(forged, registry.key_lookup, allow_plain=False)
     # a key id beyond the enrolled version is refused
@@ -113,7 +115,7 @@ def test_payloads_respect_the_byte_budget(tmp_path: Path) -> None:
                 "v": {"energy_import_kwh": str(rng.randrange(10**6) / 100)}}
         recs.append(Record(len(recs) + 1, RecordClass.BILLING, "reading", body["t"], body))
     for budget in (600, 2_000, 5_000, 20_000, 5_000):
-        payload, n = codec.pack("gw-a", 7, recs, budget)
+        payload, n = codec.pack("gw-a", 7, recs, budget, epoch=EPOCH)
         assert len(payload) <= budget and 1 <= n <= len(recs)
         assert (n == len(recs)) == (budget == 20_000)
         assert payload[0] == wire.VERSION

@@ -3,6 +3,8 @@ delivery of the same batches is a no-op; and the CLI round trip."""
 
 from __future__ import annotations
 
+import functools
+
 import argparse
 import sqlite3
 import time
@@ -70,7 +72,7 @@ async def test_damaged_or_foreign_files_are_refused(tmp_path: Path) -> None:
     codec = site.codec(ks)
     from store_forward.sneakernet import export_backlog
 
-    n = await export_backlog(ob, tmp_path / "stick", pack=lambda s, r, m: codec.pack("gw-s", s, r, m), gateway_id="gw-s")
+    n = await export_backlog(ob, tmp_path / "stick", pack=functools.partial(codec.pack, "gw-s"), gateway_id="gw-s")
     await ob.close()
     files = sorted((tmp_path / "stick").glob("*.batch"))
     assert len(files) == n == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import time
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from firmware_bridge.reading import Quantity
 from store_forward import wire
+from store_forward.batch_epoch import LEGACY_EPOCH
 from store_forward.wire import (
     Compression,
     WireAuthError,
@@ -32,6 +34,7 @@ from store_forward.wire import (
 
 KEY = bytes(range(32))
 GW = "gw-0017"
+EPOCH = "0123456789abcdef"
 
 
 def lookup(gateway_id: str, key_id: int) -> bytes | None:
@@ -162,7 +165,7 @@ def mixed() -> list[WireRecord]:
 @pytest.mark.parametrize("compression", [None, *Compression])
 def test_round_trip_is_exact(compression: Compression | None) -> None:
     records = backlog(3, meters=40) + mixed()
-    payload = encode_batch(GW, 41, records, key=KEY, key_id=3, compression=compression)
+    payload = encode_batch(GW, 41, records, epoch=EPOCH, key=KEY, key_id=3, compression=compression)
     decoded = decode_batch(payload, lookup)
     assert decoded.gateway_id == GW
     assert decoded.seq == 41
@@ -197,7 +200,7 @@ def test_columns_that_cannot_share_an_exponent_round_trip() -> None:
     ]
     rows = wire._demote_unfit([wire._analyse(r) for r in records])
     assert [type(r).__name__ for r in rows] == ["_Generic"] * 4 + ["_Reading"]
-    payload = encode_batch(GW, 2, records, key=KEY, key_id=3)
+    payload = encode_batch(GW, 2, records, epoch=EPOCH, key=KEY, key_id=3)
     assert list(decode_batch(payload, lookup).records) == records
 
 
@@ -212,10 +215,10 @@ def test_current_prediction_is_exact_integer_arithmetic() -> None:
 
 def test_current_is_predicted_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
     single_phase = backlog(3, meters=100)
-    with_prediction = encode_batch(GW, 1, single_phase, key=KEY, key_id=3)
+    with_prediction = encode_batch(GW, 1, single_phase, epoch=EPOCH, key=KEY, key_id=3)
     with monkeypatch.context() as m:
         m.setattr(wire, "_current_residuals", lambda *a: None)
-        without = encode_batch(GW, 1, single_phase, key=KEY, key_id=3)
+        without = encode_batch(GW, 1, single_phase, epoch=EPOCH, key=KEY, key_id=3)
     assert decode_batch(without, lookup).records == tuple(single_phase)
     assert len(with_prediction) < len(without) - len(single_phase)  # > 1 byte per reading
     # Three-phase style: phase-A current against total power does not predict.
@@ -225,7 +228,7 @@ def test_current_is_predicted_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> 
         v["current_a"] = f"{Decimal(v['current_a']) / 3:.3f}"
         three_phase.append(WireRecord(rec.id, rec.kind, rec.created_ms, dict(rec.body, v=v)))
     for records in (single_phase, three_phase):
-        payload = encode_batch(GW, 1, records, key=KEY, key_id=3)
+        payload = encode_batch(GW, 1, records, epoch=EPOCH, key=KEY, key_id=3)
         assert list(decode_batch(payload, lookup).records) == records
 
 
@@ -246,7 +249,7 @@ def test_outbox_records_encode_directly() -> None:
         Record(7, RecordClass.BILLING, "reading", 1_732_400_000_020, reading_body(reading)),
         Record(8, RecordClass.EVENT, "event", 1_732_400_000_030, {"type": "relay_trip"}),
     ]
-    decoded = decode_batch(encode_batch(GW, 3, records, key=KEY, key_id=3), lookup).records
+    decoded = decode_batch(encode_batch(GW, 3, records, epoch=EPOCH, key=KEY, key_id=3), lookup).records
     assert [(r.id, r.cls, r.kind, r.created_ms, r.body) for r in decoded] == [
         (r.id, int(r.cls), r.kind, r.created_ms, r.body) for r in records
     ]
@@ -254,21 +257,21 @@ def test_outbox_records_encode_directly() -> None:
 
 
 def test_empty_batch_round_trips() -> None:
-    payload = encode_batch(GW, 0, [], key=KEY, key_id=3)
+    payload = encode_batch(GW, 0, [], epoch=EPOCH, key=KEY, key_id=3)
     assert decode_batch(payload, lookup).records == ()
 
 
 def test_payload_starts_with_version_byte() -> None:
-    payload = encode_batch(GW, 1, mixed(), key=KEY, key_id=3)
-    assert payload[0] == wire.VERSION == 2
+    payload = encode_batch(GW, 1, mixed(), epoch=EPOCH, key=KEY, key_id=3)
+    assert payload[0] == wire.VERSION == 0x12
 
 
 def test_random_nonce_differs_explicit_nonce_is_used() -> None:
-    a = encode_batch(GW, 1, mixed(), key=KEY, key_id=3)
-    b = encode_batch(GW, 1, mixed(), key=KEY, key_id=3)
+    a = encode_batch(GW, 1, mixed(), epoch=EPOCH, key=KEY, key_id=3)
+    b = encode_batch(GW, 1, mixed(), epoch=EPOCH, key=KEY, key_id=3)
     assert a != b
     nonce = bytes(12)
-    c = encode_batch(GW, 1, mixed(), key=KEY, key_id=3, nonce=nonce, compression=Compression.ZLIB)
+    c = encode_batch(GW, 1, mixed(), epoch=EPOCH, key=KEY, key_id=3, nonce=nonce, compression=Compression.ZLIB)
     assert nonce in c
     assert decode_batch(c, lookup).records == tuple(mixed())
 
@@ -278,11 +281,11 @@ def test_counter_nonces_from_an_epoch_sequence() -> None:
     from store_forward.sealing import NonceSequence
 
     seq = NonceSequence(5)
-    payloads = [encode_batch(GW, i, mixed(), key=KEY, key_id=3, nonce=seq.next()) for i in range(3)]
+    payloads = [encode_batch(GW, i, mixed(), epoch=EPOCH, key=KEY, key_id=3, nonce=seq.next()) for i in range(3)]
     for i, p in enumerate(payloads):
         assert decode_batch(p, lookup).seq == i
     with pytest.raises(WireEncodeError):
-        encode_batch(GW, 1, [], key=KEY, key_id=3, nonce=b"short")
+        encode_batch(GW, 1, [], epoch=EPOCH, key=KEY, key_id=3, nonce=b"short")
 
 
 # --------------------------------------------------------------------------- size target
@@ -291,7 +294,7 @@ def test_counter_nonces_from_an_epoch_sequence() -> None:
 @pytest.mark.parametrize("intervals", [3, 5, 10])
 def test_realistic_backlog_fits_twelve_bytes_per_reading(intervals: int) -> None:
     records = backlog(intervals)
-    payload = encode_batch(GW, 9, records, key=KEY, key_id=3)
+    payload = encode_batch(GW, 9, records, epoch=EPOCH, key=KEY, key_id=3)
     per_reading = len(payload) / len(records)
     print(
         f"\n{len(records)} readings: {len(payload)} bytes sealed, {per_reading:.2f} bytes/reading"
@@ -307,7 +310,7 @@ def test_unpredictable_current_still_fits_twelve_bytes_per_reading() -> None:
     for rec in backlog(3):
         v = dict(rec.body["v"], current_a=f"{Decimal(rec.body['v']['current_a']) / 3:.3f}")
         records.append(WireRecord(rec.id, rec.kind, rec.created_ms, dict(rec.body, v=v)))
-    payload = encode_batch(GW, 9, records, key=KEY, key_id=3)
+    payload = encode_batch(GW, 9, records, epoch=EPOCH, key=KEY, key_id=3)
     print(
         f"\n{len(records)} readings, current not derivable: {len(payload) / len(records):.2f} B/reading"
     )
@@ -319,11 +322,11 @@ def test_lzma_beats_zlib_on_realistic_backlog() -> None:
     """The measurement behind the default (auto picks the smaller)."""
     records = backlog(5)
     sizes = {
-        c: len(encode_batch(GW, 9, records, key=KEY, key_id=3, compression=c)) for c in Compression
+        c: len(encode_batch(GW, 9, records, epoch=EPOCH, key=KEY, key_id=3, compression=c)) for c in Compression
     }
     print(f"\nsizes for {len(records)} readings: { {c.name: s for c, s in sizes.items()} }")
     assert sizes[Compression.LZMA] < sizes[Compression.ZLIB] < sizes[Compression.NONE]
-    auto = encode_batch(GW, 9, records, key=KEY, key_id=3)
+    auto = encode_batch(GW, 9, records, epoch=EPOCH, key=KEY, key_id=3)
     assert len(auto) == min(sizes.values())
 
 
@@ -331,7 +334,7 @@ def test_lzma_beats_zlib_on_realistic_backlog() -> None:
 
 
 def test_every_single_byte_change_is_detected() -> None:
-    payload = encode_batch(GW, 5, mixed()[:4], key=KEY, key_id=3)
+    payload = encode_batch(GW, 5, mixed()[:4], epoch=EPOCH, key=KEY, key_id=3)
     for i in range(len(payload)):
         for flip in (0x01, 0x80):
             bad = bytearray(payload)
@@ -341,7 +344,7 @@ def test_every_single_byte_change_is_detected() -> None:
 
 
 def test_every_truncation_and_extension_is_detected() -> None:
-    payload = encode_batch(GW, 5, mixed(), key=KEY, key_id=3)
+    payload = encode_batch(GW, 5, mixed(), epoch=EPOCH, key=KEY, key_id=3)
     for n in range(len(payload)):
         with pytest.raises(WireError):
             decode_batch(payload[:n], lookup)
@@ -351,24 +354,94 @@ def test_every_truncation_and_extension_is_detected() -> None:
 
 def test_header_fields_are_bound_to_the_seal() -> None:
     """Rewriting seq, gateway id or key id (all keys known) fails authentication."""
-    payload = encode_batch(GW, 5, mixed(), key=KEY, key_id=3)
+    payload = encode_batch(GW, 5, mixed(), epoch=EPOCH, key=KEY, key_id=3)
     method = Compression(payload[1])
-    header_len = len(wire._header(GW, 5, 3, method))
-    assert payload[:header_len] == wire._header(GW, 5, 3, method)
-    forged = wire._header(GW, 6, 3, method) + payload[header_len:]
+    header_len = len(wire._header(GW, EPOCH, 5, 3, method))
+    assert payload[:header_len] == wire._header(GW, EPOCH, 5, 3, method)
+    forged = wire._header(GW, EPOCH, 6, 3, method) + payload[header_len:]
     with pytest.raises(WireAuthError):
         decode_batch(forged, lookup)
     any_key = lambda g, k: KEY  # noqa: E731
-    other_gw = wire._header("gw-0018", 5, 3, Compression(payload[1]))
+    other_gw = wire._header("gw-0018", EPOCH, 5, 3, Compression(payload[1]))
     with pytest.raises(WireAuthError):
         decode_batch(other_gw + payload[header_len:], any_key)
-    other_key_id = wire._header(GW, 5, 4, Compression(payload[1]))
+    other_key_id = wire._header(GW, EPOCH, 5, 4, Compression(payload[1]))
     with pytest.raises(WireAuthError):
         decode_batch(other_key_id + payload[header_len:], any_key)
 
 
+# A batch sealed by the encoder before batch epochs existed (version byte 0x02),
+# byte for byte: key KEY, key id 3, zlib, nonce 00..0b.
+LEGACY_SEALED = bytes.fromhex(
+    "0201030767772d3030313729000102030405060708090a0b2460b456e8ae0f30ec6a39a79fa0b508e71f5201c0"
+    "1f3b18d80481677f95c478c9e8256526509b19350125442c35086d2713c9a56ff112e8813302aa58aab2c7c789"
+    "e2cfdbf92eb3b900a1ba2843ce28f04211d21696ecf7b4f1be1c0a67b6c9caf8c2aaa9da82a54b54c0733e68e7"
+    "d07baf"
+)
+LEGACY_RECORDS = [
+    WireRecord(
+        7,
+        "reading",
+        1_700_000_000_123,
+        {"m": "m-01", "t": 1_700_000_000_000, "ts": "system", "v": {"energy_import_kwh": "1206.42"}},
+        1,
+    ),
+    WireRecord(8, "event", 1_700_000_000_500, {"type": "relay_trip", "meter": "m-01"}, 0),
+]
+
+
+def test_a_batch_from_before_epochs_still_decodes_with_the_legacy_epoch() -> None:
+    batch = decode_batch(LEGACY_SEALED, lookup)
+    assert (batch.gateway_id, batch.epoch, batch.seq, batch.key_id) == (GW, LEGACY_EPOCH, 41, 3)
+    assert list(batch.records) == LEGACY_RECORDS
+    assert batch.digest == hashlib.sha256(LEGACY_SEALED).digest()
+    # ... and the encoder still makes exactly that form for the legacy epoch.
+    again = encode_batch(
+        GW,
+        41,
+        LEGACY_RECORDS,
+        epoch=LEGACY_EPOCH,
+        key=KEY,
+        key_id=3,
+        compression=Compression.ZLIB,
+        nonce=bytes(range(12)),
+    )
+    assert again == LEGACY_SEALED
+    assert wire.batch_header(LEGACY_SEALED) == wire.BatchHeader(wire.LEGACY_VERSION, 3, GW, "", 41)
+
+
+def test_the_epoch_is_in_the_header_and_bound_to_the_seal() -> None:
+    payload = encode_batch(GW, 5, mixed(), epoch=EPOCH, key=KEY, key_id=3)
+    assert payload[0] == wire.VERSION
+    assert wire.batch_header(payload) == wire.BatchHeader(wire.VERSION, 3, GW, EPOCH, 5)
+    batch = decode_batch(payload, lookup)
+    assert (batch.epoch, batch.seq, batch.digest) == (EPOCH, 5, hashlib.sha256(payload).digest())
+    method = Compression(payload[1])
+    header_len = len(wire._header(GW, EPOCH, 5, 3, method))
+    other_epoch = wire._header(GW, "fedcba9876543210", 5, 3, method)
+    with pytest.raises(WireAuthError):
+        decode_batch(other_epoch + payload[header_len:], lookup)
+    # Dropping the epoch (passing the batch off as one of the legacy epoch) fails too.
+    legacy = wire._header(GW, LEGACY_EPOCH, 5, 3, method)
+    with pytest.raises(WireAuthError):
+        decode_batch(legacy + payload[header_len:], lookup)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    epoch=st.one_of(st.just(LEGACY_EPOCH), st.binary(min_size=8, max_size=8).map(bytes.hex)),
+    seq=st.integers(0, (1 << 64) - 1),
+    key_id=st.integers(0, 0xFFFF_FFFF),
+)
+def test_batch_identity_round_trips(epoch: str, seq: int, key_id: int) -> None:
+    payload = encode_batch(GW, seq, mixed()[:2], epoch=epoch, key=KEY, key_id=key_id)
+    batch = decode_batch(payload, lambda g, k: KEY if k == key_id else None)
+    assert (batch.gateway_id, batch.epoch, batch.seq, batch.key_id) == (GW, epoch, seq, key_id)
+    assert payload[0] == (wire.VERSION if epoch else wire.LEGACY_VERSION)
+
+
 def test_typed_errors_for_version_key_and_wrong_key() -> None:
-    payload = encode_batch(GW, 5, mixed(), key=KEY, key_id=3)
+    payload = encode_batch(GW, 5, mixed(), epoch=EPOCH, key=KEY, key_id=3)
     with pytest.raises(WireVersionError):
         decode_batch(b"\x01" + payload[1:], lookup)
     with pytest.raises(WireKeyError):
@@ -404,6 +477,9 @@ def test_decompression_bomb_is_refused_quickly() -> None:
         ({"seq": 1 << 64}, []),
         ({"key_id": 1 << 32}, []),
         ({"key": b"short"}, []),
+        ({"epoch": "0123"}, []),
+        ({"epoch": "0123456789ABCDEF"}, []),
+        ({"epoch": None}, []),
         ({}, [WireRecord(1, "event", 0, {"when": object()})]),
         ({}, [WireRecord(1, "event", 0, {1: "int key"})]),  # type: ignore[dict-item]
         ({}, [WireRecord(1 << 63, "event", 0, {})]),
@@ -415,7 +491,7 @@ def test_decompression_bomb_is_refused_quickly() -> None:
 def test_unencodable_input_raises_encode_error(
     kwargs: dict[str, Any], records: list[WireRecord]
 ) -> None:
-    args: dict[str, Any] = {"gateway_id": GW, "seq": 1, "key": KEY, "key_id": 3} | kwargs
+    args: dict[str, Any] = {"gateway_id": GW, "seq": 1, "epoch": EPOCH, "key": KEY, "key_id": 3} | kwargs
     with pytest.raises(WireEncodeError):
         encode_batch(args.pop("gateway_id"), args.pop("seq"), records, **args)
 
@@ -426,28 +502,28 @@ def test_unencodable_input_raises_encode_error(
 def test_pack_batch_fills_the_budget() -> None:
     records = backlog(2, meters=150)
     for budget in (600, 1_500, 3_000):
-        packed = pack_batch(GW, 8, records, key=KEY, key_id=3, max_bytes=budget)
+        packed = pack_batch(GW, 8, records, epoch=EPOCH, key=KEY, key_id=3, max_bytes=budget)
         assert len(packed.payload) <= budget
         assert 1 <= packed.count < len(records)
         assert decode_batch(packed.payload, lookup).records == tuple(records[: packed.count])
         # Sizes are deterministic, and the search ends on a measured bracket.
-        bigger = encode_batch(GW, 8, records[: packed.count + 1], key=KEY, key_id=3)
+        bigger = encode_batch(GW, 8, records[: packed.count + 1], epoch=EPOCH, key=KEY, key_id=3)
         assert len(bigger) > budget
 
 
 def test_pack_batch_takes_everything_when_it_fits() -> None:
     records = mixed()
-    packed = pack_batch(GW, 8, records, key=KEY, key_id=3, max_bytes=1 << 20)
+    packed = pack_batch(GW, 8, records, epoch=EPOCH, key=KEY, key_id=3, max_bytes=1 << 20)
     assert packed.count == len(records)
 
 
 def test_pack_batch_reports_a_record_too_big_for_the_budget() -> None:
     big = WireRecord(1, "event", 0, {"blob": os.urandom(600).hex()})
     with pytest.raises(WireBudgetError) as info:
-        pack_batch(GW, 8, [big], key=KEY, key_id=3, max_bytes=200)
+        pack_batch(GW, 8, [big], epoch=EPOCH, key=KEY, key_id=3, max_bytes=200)
     assert info.value.needed > 200
     with pytest.raises(WireBudgetError) as info:
-        pack_batch(GW, 8, [big, *mixed()], key=KEY, key_id=3, max_bytes=400)
+        pack_batch(GW, 8, [big, *mixed()], epoch=EPOCH, key=KEY, key_id=3, max_bytes=400)
     assert info.value.needed > 400
 
 
@@ -543,14 +619,14 @@ electrical_reading = st.builds(
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(electrical_reading, max_size=25))
 def test_electrical_readings_round_trip(records: list[WireRecord]) -> None:
-    payload = encode_batch(GW, 78, records, key=KEY, key_id=3)
+    payload = encode_batch(GW, 78, records, epoch=EPOCH, key=KEY, key_id=3)
     assert list(decode_batch(payload, lookup).records) == records
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(any_record, max_size=30), st.sampled_from([None, *Compression]))
 def test_any_records_round_trip(records: list[WireRecord], compression: Compression | None) -> None:
-    payload = encode_batch(GW, 77, records, key=KEY, key_id=3, compression=compression)
+    payload = encode_batch(GW, 77, records, epoch=EPOCH, key=KEY, key_id=3, compression=compression)
     assert list(decode_batch(payload, lookup).records) == records
 
 
@@ -558,7 +634,7 @@ def _seal_raw(body: bytes, compression: Compression) -> bytes:
     """A correctly sealed envelope around an arbitrary (compressed) body."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    header = wire._header(GW, 1, 3, compression)
+    header = wire._header(GW, EPOCH, 1, 3, compression)
     nonce = os.urandom(12)
     return header + nonce + AESGCM(KEY).encrypt(nonce, body, wire._AAD_LABEL + header)
 
