@@ -3,9 +3,8 @@ delivery of the same batches is a no-op; and the CLI round trip."""
 
 from __future__ import annotations
 
-import functools
-
 import argparse
+import functools
 import sqlite3
 import time
 from pathlib import Path
