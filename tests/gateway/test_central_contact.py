@@ -27,7 +27,7 @@ from store_forward.uplink_keys import headend_public_b64
 from tests.gateway.e2e import until
 from tests.harness.mosquitto import Mosquitto
 from tests.security.conftest import GATEWAY, Central
-from tests.store_forward.helpers import Site
+from tests.store_forward.helpers import Site, wait_for
 
 # Trips wait while central has not been heard from for a minute.
 POLICY = CutoffConfig(alarm1_micro=2_000_000, alarm2_micro=1_000_000, contact_protect_after_ms=60_000)
@@ -144,8 +144,8 @@ async def test_only_authenticated_messages_lift_out_of_contact_protection(
             assert up.stats.last_contact_source == "command" and not contact_lost()
 
             # The headend's acks verify: contact from acks, and the batches are deleted.
-            up.stats.last_contact_ms = None  # (forget the command, to see the acks count)
-            assert contact_lost()
+            by_command = daemon.contact().last_contact_ms
+            assert by_command is not None
             hdb = await HeadendDB.open(tmp_path / "central.db")
             headend = asyncio.create_task(
                 Headend(hdb, host="127.0.0.1", port=mosquitto.port, registry=site.registry()).run()
@@ -153,6 +153,13 @@ async def test_only_authenticated_messages_lift_out_of_contact_protection(
             try:
                 await until(lambda: up.stats.acked >= 1, 15, "a verified ack")
                 assert up.stats.last_contact_source == "ack" and not contact_lost()
+                assert (daemon.contact().last_contact_ms or 0) >= by_command
+
+
+                async def deleted() -> bool:
+                    return seq not in await outbox.pending_batches()  # type: ignore[union-attr]
+
+                await wait_for(deleted, 15, "the batch deleted on its verified ack")
             finally:
                 headend.cancel()
                 await asyncio.gather(headend, return_exceptions=True)
