@@ -112,6 +112,7 @@ port = {broker_port or free_port()}
 keepalive_s = 5
 
 [uplink]
+allow_unauthenticated_acks = true   # unsealed batches to a development headend
 batch_max_records = 50
 ack_timeout_s = 2.0
 reconnect_min_s = 0.1

@@ -62,6 +62,7 @@ port = {broker_port}
 keepalive_s = 5
 
 [uplink]
+allow_unauthenticated_acks = true   # unsealed batches to a development headend
 ack_timeout_s = 2.0
 reconnect_min_s = 0.1
 reconnect_max_s = 0.3

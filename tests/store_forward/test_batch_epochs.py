@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from store_forward.batch_epoch import LEGACY_EPOCH, check_epoch
-from store_forward.codec import JsonCodec, SealedCodec, decode
+from store_forward.codec import AnyBatch, JsonCodec, SealedCodec, decode
 from store_forward.headend import HeadendDB
 from store_forward.headend_pg import PostgresHeadendDB
 from store_forward.outbox import Outbox
@@ -158,7 +158,7 @@ async def _store_all(store: HeadendDB | PostgresHeadendDB) -> None:
     under a known identity are a conflict; legacy batches keep (gateway, seq)."""
     plain = JsonCodec()
 
-    def open_(payload: bytes):  # type: ignore[no-untyped-def]
+    def open_(payload: bytes) -> AnyBatch:
         return decode(payload, None, allow_plain=True)
 
     old_db = "0000000000000001"
@@ -214,7 +214,7 @@ async def test_sqlite_headend_migrates_and_keys_on_the_epoch(tmp_path: Path) -> 
 async def test_postgres_headend_migrates_and_keys_on_the_epoch(pg_dsn: str) -> None:  # noqa: F811
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         for stmt in filter(str.strip, OLD_PG.split(";")):
-            conn.execute(stmt)  # type: ignore[call-overload]
+            conn.execute(stmt)
     store = await PostgresHeadendDB.open(pg_dsn)
     try:
         await _store_all(store)
