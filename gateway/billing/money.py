@@ -10,14 +10,21 @@
 Because 0.01 kWh x 0.0001 yuan/kWh = 0.000001 yuan, an amount is the exact
 integer product ``ckwh * price_e4`` micro-yuan: no rounding step exists.
 
-The only rounding is when a balance is *reported*: it is truncated toward zero
-to 0.01 yuan (``report_yuan``), so a customer is never shown money they do not
-have and never shown more debt than they owe.
+The ledger never rounds. Two roundings exist, both for display only:
+
+* a *reported balance* is truncated toward zero to 0.01 yuan (``report_yuan``),
+  so a customer is never shown money they do not have and never shown more
+  debt than they owe;
+* a *bill line* (a statement of what was debited) is rounded to the fen,
+  half to even (``bill_fen``); a bill's total is the sum of its rounded lines,
+  shown beside the exact total (docs/billing.md, "Bills").
+
+Texts show money in yuan (``yuan_text``), never in micro-yuan.
 """
 
 from __future__ import annotations
 
-from decimal import ROUND_DOWN, ROUND_FLOOR, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 MICRO_PER_YUAN = 1_000_000
 MICRO_PER_FEN = 10_000
@@ -105,3 +112,30 @@ def ckwh_to_kwh(ckwh: int) -> Decimal:
 
 def e4_to_price(e4: int) -> Decimal:
     return Decimal(e4).scaleb(-4)
+
+
+def yuan_text(micro: int) -> str:
+    """Exact yuan for texts: two decimals when the amount is whole fen, else every
+    digit that is not zero (``5_000_000`` -> ``"5.00"``, ``5_283`` -> ``"0.005283"``,
+    ``-2_000_000`` -> ``"-2.00"``, ``0`` -> ``"0.00"``)."""
+    d = micro_to_decimal(micro)
+    if micro % MICRO_PER_FEN == 0:
+        return str(d.quantize(Decimal("0.01")))
+    return str(d.normalize())  # not whole fen: more than two decimals, none trailing
+
+
+def bill_fen(micro: int) -> int:
+    """A bill line's amount rounded to the fen, half to even, in micro-yuan
+    (``5_283`` -> ``10_000``; ``5_000`` -> ``0``; ``15_000`` -> ``20_000``)."""
+    q, r = divmod(micro, MICRO_PER_FEN)  # floor division: r in [0, MICRO_PER_FEN)
+    half = MICRO_PER_FEN // 2
+    if r > half or (r == half and q % 2 == 1):
+        q += 1
+    return q * MICRO_PER_FEN
+
+
+def fen_text(micro: int) -> str:
+    """A whole-fen amount as yuan with two decimals (for rounded bill amounts)."""
+    if micro % MICRO_PER_FEN:
+        raise ValueError(f"{micro} micro-yuan is not a whole number of fen")
+    return str(micro_to_decimal(micro).quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN))
