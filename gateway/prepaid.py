@@ -17,6 +17,15 @@ the cutoff state change and its event commit together or not at all:
 Every time here is trusted time (:mod:`gateway.security.trusted_time`), never
 the raw system clock.
 
+The policy follows time exactly as ``edgegw tariff simulate`` does
+(:func:`gateway.billing.cutoff.follow`): every balance change is noted with
+its instant (a debit at its reading's time, a fixed charge at its period
+start, a top-up when it is applied), and the next evaluation of the account
+takes them in order, evaluating at each one and at every instant in between
+at which the decision may change (a window's end, a reconnect delay). So a
+cut deferred by a no-disconnect window ending at 08:00 is decided at 08:00,
+whenever the tick runs, and its events carry that instant.
+
 Relay operations are never executed inside a transaction. Decisions return
 :class:`RelayIntent`s; the daemon hands them to the meter's bus after the
 commit. A relay command lost between the commit and the bus (crash, bus
@@ -37,7 +46,17 @@ import aiosqlite
 from firmware_bridge.reading import Quantity, Reading
 from gateway.billing import ledger_store as ls
 from gateway.billing.account import AccountSettings, load_account
-from gateway.billing.cutoff import Action, ActionKind, Contact, CutoffEvent, evaluate, reassert
+from gateway.billing.cutoff import (
+    Action,
+    ActionKind,
+    Contact,
+    CutoffDecision,
+    CutoffEvent,
+    PolicyPoint,
+    describe,
+    follow,
+    reassert,
+)
 from gateway.billing.held import OFF_BILLED_MS, HeldGroup, Stretch
 from gateway.billing.ledger import Entry, adjustment_entry
 from gateway.billing.ledger_cache import LedgerCache
@@ -76,13 +95,14 @@ class PrepaidAccount:
     book: TariffBook
 
 
-def _cutoff_event(e: CutoffEvent) -> dict[str, Any]:
+def _cutoff_event(e: CutoffEvent, state: str) -> dict[str, Any]:
     return {
         "type": f"cutoff.{e.type}",
         "account": e.account,
         "time_ms": e.time_ms,
         "from": e.from_level.value,
         "to": e.to_level.value,
+        "state": state,
         "balance_micro": e.balance_micro,
         "balance": str(report_yuan(e.balance_micro)),
         "reason": e.reason,
@@ -121,8 +141,9 @@ class _Records:
     def charge(self, entry: Entry) -> None:
         self.items.append(_charge_record(entry, self.now_ms))
 
-    def event(self, body: dict[str, Any]) -> None:
-        self.items.append((RecordClass.EVENT, RecordKind.EVENT, self.now_ms, body))
+    def event(self, body: dict[str, Any], time_ms: int | None = None) -> None:
+        t = self.now_ms if time_ms is None else time_ms
+        self.items.append((RecordClass.EVENT, RecordKind.EVENT, t, body))
 
 
 class Prepaid:
@@ -145,11 +166,27 @@ class Prepaid:
         # The single writer's working copy of balances, baselines and cutoff states;
         # dropped whenever a transaction rolls back (see attach()).
         self.ledger = LedgerCache()
+        # Per account: where the policy was last evaluated, and the balance changes
+        # since (instant, balance after), in the order they were made.
+        self._points: dict[str, PolicyPoint] = {}
+        self._changes: dict[str, list[tuple[int, int]]] = {}
 
     def attach(self, outbox: Outbox) -> None:
         """Use ``outbox`` for uploads and drop the cached state on every rollback."""
         self.outbox = outbox
         outbox.on_rollback(self.ledger.forget)
+        outbox.on_rollback(self.forget_policy_points)
+
+    def forget_policy_points(self) -> None:
+        """After a rollback: the next evaluation of each account starts afresh, at its
+        time, from the stored cutoff state and balance (nothing in between is replayed)."""
+        self._points.clear()
+        self._changes.clear()
+
+    def note_balance(self, account: str, time_ms: int, balance_micro: int) -> None:
+        """A ledger entry changed ``account``'s balance at ``time_ms`` (the next policy
+        evaluation takes it in order)."""
+        self._changes.setdefault(account, []).append((time_ms, balance_micro))
 
     @classmethod
     def from_config(cls, cfg: Config) -> Prepaid | None:
@@ -221,6 +258,7 @@ class Prepaid:
                 rated = await self.ledger.rate(db, account, rr, acct.book, max_gap_ms=self.max_gap_ms)
                 if rated.appended is not None and rated.appended.applied:
                     out.charge(rated.appended.entry)
+                    self.note_balance(account, rated.appended.entry.time_ms, rated.appended.view.balance_micro)
                 for a in rated.result.anomalies if rated.result else ():
                     out.event(
                         {
@@ -267,6 +305,7 @@ class Prepaid:
             for res in fixed.applied:
                 if res.applied:
                     out.charge(res.entry)
+                    self.note_balance(account, res.entry.time_ms, res.view.balance_micro)
             for group in fixed.held:
                 log.warning(
                     "account %s: %d fixed charge(s) (%s) held: trusted time stepped from %d to %d",
@@ -285,17 +324,28 @@ class Prepaid:
     async def _evaluate_in(
         self, db: aiosqlite.Connection, out: _Records, account: str, now_ms: int, contact: Contact
     ) -> list[RelayIntent]:
+        """Follow the account's policy up to ``now_ms`` (see the module documentation)."""
         acct = self.accounts[account]
+        cfg = acct.settings.cutoff
         state = await self.ledger.cutoff_state(db, account)
         view = await self.ledger.view(db, account)
-        decision = evaluate(
-            state, view.balance_micro, now_ms, contact, acct.settings.cutoff, account
+        changes = self._changes.pop(account, [])
+        new, point, decisions = follow(
+            state, self._points.get(account), changes, now_ms, contact, cfg, account,
+            balance_micro=view.balance_micro,
         )
-        if decision.state != state:
-            await self.ledger.save_cutoff_state(db, account, decision.state)
-        for e in decision.events:
-            out.event(_cutoff_event(e))
-        return self._intents(out, decision.actions)
+        self._points[account] = point
+        if new != state:
+            await self.ledger.save_cutoff_state(db, account, new)
+        intents: list[RelayIntent] = []
+        for d in decisions:
+            intents += self._decided(out, d, describe(d.state, d.balance_micro, d.time_ms, contact, cfg))
+        return intents
+
+    def _decided(self, out: _Records, d: CutoffDecision, state: str) -> list[RelayIntent]:
+        for e in d.events:
+            out.event(_cutoff_event(e, state), e.time_ms)
+        return self._intents(out, d.actions, d.time_ms)
 
     async def _reassert_in(
         self,
@@ -316,16 +366,21 @@ class Prepaid:
             await self.ledger.save_cutoff_state(db, account, new)
         return self._intents(out, actions)
 
-    def _intents(self, out: _Records, actions: Sequence[Action]) -> list[RelayIntent]:
+    def _intents(
+        self, out: _Records, actions: Sequence[Action], time_ms: int | None = None
+    ) -> list[RelayIntent]:
         intents = []
+        t = out.now_ms if time_ms is None else time_ms
         for a in actions:
             out.event(
                 {
                     "type": f"cutoff.action.{a.kind.value}",
                     "account": a.account,
                     "meter": a.meter,
+                    "time_ms": t,
                     "reason": a.reason,
-                }
+                },
+                t,
             )
             if a.relay_open is not None and a.meter:
                 intents.append(
@@ -391,6 +446,7 @@ class Prepaid:
         ):
             await outbox.add_in(db, *_charge_record(decision.entry, now_ms))
         if decision.status is TopUpStatus.APPLIED:
+            self.note_balance(topup.account, now_ms, decision.balance_after_micro)
             self.dirty.set()
         return {
             "status": decision.status.value,
@@ -421,6 +477,9 @@ class Prepaid:
             raise CommandRefused("snapshot_rejected", decision.message)
         if decision.status is SnapshotStatus.STALE:
             raise CommandRefused("stale_snapshot", decision.message)
+        if decision.status is SnapshotStatus.APPLIED:
+            view = await self.ledger.view(db, snap.account)
+            self.note_balance(snap.account, now_ms, view.balance_micro)
         self.dirty.set()
         out: dict[str, Any] = {"status": decision.status.value, "message": decision.message}
         if decision.status is SnapshotStatus.APPLIED:

@@ -213,6 +213,7 @@ class CutoffDecision:
     actions: tuple[Action, ...]
     events: tuple[CutoffEvent, ...]
     time_ms: int = 0  # the instant it was taken
+    balance_micro: int = 0  # the balance it was taken on
 
 
 def band(balance: int, cfg: CutoffConfig) -> Level:
@@ -361,7 +362,7 @@ def evaluate(
         events.insert(
             0, CutoffEvent("state_change", account, now_ms, state.level, new.level, balance_micro, reason)
         )
-    return CutoffDecision(new, tuple(actions), tuple(events), now_ms)
+    return CutoffDecision(new, tuple(actions), tuple(events), now_ms, balance_micro)
 
 
 def reassert(
