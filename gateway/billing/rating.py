@@ -32,11 +32,13 @@ import enum
 import hashlib
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 from firmware_bridge.reading import RATE_QUANTITIES, Quantity, Reading
-from gateway.billing.money import amount_micro, register_ckwh
+from gateway.billing.money import amount_micro, ckwh_to_kwh, register_ckwh
 from gateway.billing.tariff import RATE_NAMES, NoTariffInForce, Tariff, TariffBook
 
 _RATE_OF_QUANTITY: Mapping[Quantity, str] = dict(zip(RATE_QUANTITIES, RATE_NAMES, strict=True))
@@ -238,13 +240,14 @@ def _by_registers(
         return None, ""
     delta = {r: register_ckwh(cur.rate_kwh[r]) - register_ckwh(prev.rate_kwh[r]) for r in names}
     if any(d < 0 for d in delta.values()):
-        return None, f"a rate register went backwards: {delta}"
+        return None, f"a rate register went backwards: {_kwh_map(delta)}"
     stray = {r: d for r, d in delta.items() if d > 0 and r not in used}
     if stray:
         return None, f"energy registered in rates {sorted(stray)} that the tariff does not use here"
     residual = total - sum(delta.values())
     if abs(residual) > len(names):
-        return None, f"rate registers sum to {sum(delta.values())} ckwh, total register says {total}"
+        return None, (f"rate registers sum to {ckwh_to_kwh(sum(delta.values()))} kWh, "
+                      f"the total register says {ckwh_to_kwh(total)} kWh")
     # truncation residue (at most 1 ckwh per register) goes to / comes from the largest rates
     order = sorted(names, key=lambda r: (-delta[r], r))
     if residual > 0:
@@ -283,7 +286,8 @@ def rate_interval(
         return refuse(AnomalyKind.METER_MISMATCH, f"readings of {prev.meter_id} and {cur.meter_id}")
     if cur.time_ms <= prev.time_ms:
         return refuse(
-            AnomalyKind.TIME_NOT_INCREASING, f"time {cur.time_ms} is not after {prev.time_ms}"
+            AnomalyKind.TIME_NOT_INCREASING,
+            f"reading at {_when(book, cur.time_ms)} is not after {_when(book, prev.time_ms)}",
         )
     total = register_ckwh(cur.import_kwh) - register_ckwh(prev.import_kwh)
     if total < 0:
@@ -300,13 +304,15 @@ def rate_interval(
         if cur.time_ms <= first:
             return RatingResult(
                 None,
-                (anomaly(AnomalyKind.NO_TARIFF, f"{total} ckwh before the first tariff version; not charged"),),
+                (anomaly(AnomalyKind.NO_TARIFF, f"{ckwh_to_kwh(total)} kWh before the first tariff version "
+                                                f"({_when(book, first)}); not charged"),),
                 tier,
                 advance=True,
             )
         before, _ = _largest_remainder(total, [first - prev.time_ms, cur.time_ms - first])
         notes.append(
-            anomaly(AnomalyKind.NO_TARIFF, f"{before} ckwh before the first tariff version; not charged")
+            anomaly(AnomalyKind.NO_TARIFF, f"{ckwh_to_kwh(before)} kWh before the first tariff version "
+                                           f"({_when(book, first)}); not charged")
         )
         start_reg = register_ckwh(prev.import_kwh) + before
         prev = RegisterReading(prev.reading_id, prev.meter_id, first, Decimal(start_reg) / 100)
@@ -317,14 +323,6 @@ def rate_interval(
     except NoTariffInForce as exc:  # pragma: no cover - guarded above
         return refuse(AnomalyKind.NO_TARIFF, str(exc))
 
-    if max_gap_ms is not None and cur.time_ms - prev.time_ms > max_gap_ms:
-        notes.append(
-            anomaly(
-                AnomalyKind.GAP,
-                f"{cur.time_ms - prev.time_ms} ms between readings (limit {max_gap_ms}); "
-                "charged from the registers",
-            )
-        )
     energies: list[int] | None
     if len(segs) == 1:
         energies, how = [total], Apportioning.NONE
@@ -339,6 +337,19 @@ def rate_interval(
         energies = _largest_remainder(total, [s.end - s.start for s in segs])
         how = Apportioning.TIME if len(segs) > 1 else Apportioning.NONE
 
+    if max_gap_ms is not None and cur.time_ms - prev.time_ms > max_gap_ms:
+        split = (
+            "; its split between time-of-use periods is an estimate (constant load assumed)"
+            if how is Apportioning.TIME and len({s.rate for s in segs}) > 1
+            else ""
+        )
+        notes.append(
+            anomaly(
+                AnomalyKind.GAP,
+                f"readings {duration_text(cur.time_ms - prev.time_ms)} apart (limit "
+                f"{duration_text(max_gap_ms)}); charged from the registers{split}",
+            )
+        )
     state = tier
     _Key = tuple[str, str, int | None, int | None, int]
     merged: dict[_Key, int] = {}
@@ -422,23 +433,217 @@ def rate_chain(
     *,
     max_gap_ms: int | None = None,
 ) -> tuple[list[RatingResult], TierState]:
-    """Rate a time-ordered sequence of one meter's readings and replacement events."""
+    """Rate a time-ordered sequence of one meter's readings and replacement events
+    (:func:`track_reading`, :func:`track_replacement`)."""
     results: list[RatingResult] = []
-    base: RegisterReading | None = None
+    track = MeterTrack()
     for item in items:
         if isinstance(item, MeterReplacement):
-            if base is not None:
-                r = rate_interval(base, item.old_final, book, tier, max_gap_ms=max_gap_ms)
-                results.append(r)
-                tier = r.tier_state
-            base = item.new_initial
-            continue
-        if base is None:
-            base = item
-            continue
-        r = rate_interval(base, item, book, tier, max_gap_ms=max_gap_ms)
+            step = track_replacement(track, item, book, tier, max_gap_ms=max_gap_ms)
+        else:
+            step = track_reading(track, item, book, tier, max_gap_ms=max_gap_ms)
+        results += step.results
+        track, tier = step.track, step.tier_state
+    return results, tier
+
+
+# ---------------------------------------------------------------------------
+# One meter over time: baseline, declared replacements, undeclared register resets
+
+
+class ReplacementError(ValueError):
+    """A declared meter replacement that does not fit what was billed (``code`` says how)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class HeldSpan:
+    """Energy that could not be measured after an undeclared register reset: from the
+    old register's last good reading to the new register's first reading. It is billed
+    when the replacement is declared (the registers read at the exchange)."""
+
+    last_good: RegisterReading  # the old register, last reading billed up to
+    first_after: RegisterReading  # the new register, first reading (billing continued from it)
+
+
+@dataclass(frozen=True)
+class MeterTrack:
+    """What rating of one meter continues from.
+
+    ``baseline``: the reading the next interval starts at. ``suspect``: a reading
+    whose import register is below the baseline, not yet explained (a bad reading,
+    or a register reset); nothing was charged for it. ``held``: spans left by
+    confirmed undeclared resets, waiting for the replacement to be declared.
+    """
+
+    baseline: RegisterReading | None = None
+    suspect: RegisterReading | None = None
+    held: tuple[HeldSpan, ...] = ()
+
+
+@dataclass(frozen=True)
+class ResetNotice:
+    """An undeclared register reset, confirmed: the evidence for central."""
+
+    meter_id: str
+    last_good: RegisterReading
+    first_after: RegisterReading
+    confirmed_by: RegisterReading
+
+
+@dataclass(frozen=True)
+class TrackStep:
+    track: MeterTrack
+    results: tuple[RatingResult, ...]  # rated intervals and refusals, in time order
+    tier_state: TierState
+    reset: ResetNotice | None = None
+
+
+def _reg(r: RegisterReading) -> int:
+    return register_ckwh(r.import_kwh)
+
+
+def track_reading(
+    track: MeterTrack,
+    cur: RegisterReading,
+    book: TariffBook,
+    tier: TierState,
+    *,
+    max_gap_ms: int | None = None,
+) -> TrackStep:
+    """Rate a new reading of a meter against its track (docs/billing.md, "Meter
+    replacement and register resets").
+
+    A reading whose import register is below the baseline is never charged (no
+    negative charge) and becomes the *suspect*. The next reading decides: at or
+    above the baseline, the suspect was a bad reading and rating continues from the
+    baseline; below the baseline but not below the suspect (and later), the
+    register was reset — billing continues from the suspect, the span from the
+    baseline to the suspect is *held* (:class:`HeldSpan`) until the replacement is
+    declared, and a :class:`ResetNotice` says so.
+    """
+    base = track.baseline
+    if base is None:
+        return TrackStep(replace(track, baseline=cur), (), tier)
+    if cur.reading_id == base.reading_id:
+        return TrackStep(track, (), tier)
+    sus = track.suspect
+    if (
+        sus is not None
+        and cur.meter_id == sus.meter_id
+        and cur.time_ms > sus.time_ms
+        and _reg(sus) <= _reg(cur) < _reg(base)
+    ):
+        r = rate_interval(sus, cur, book, tier, max_gap_ms=max_gap_ms)
+        held = (*track.held, HeldSpan(base, sus))
+        new = MeterTrack(cur if r.advance else sus, None, held)
+        return TrackStep(new, (r,), r.tier_state, ResetNotice(cur.meter_id, base, sus, cur))
+    r = rate_interval(base, cur, book, tier, max_gap_ms=max_gap_ms)
+    if any(a.kind is AnomalyKind.REGISTER_BACKWARDS for a in r.anomalies):
+        return TrackStep(replace(track, suspect=cur), (r,), r.tier_state)
+    if r.advance:
+        return TrackStep(MeterTrack(cur, None, track.held), (r,), r.tier_state)
+    return TrackStep(track, (r,), r.tier_state)
+
+
+def track_replacement(
+    track: MeterTrack,
+    rep: MeterReplacement,
+    book: TariffBook,
+    tier: TierState,
+    *,
+    max_gap_ms: int | None = None,
+) -> TrackStep:
+    """Apply a declared meter replacement: the old register is billed up to its final
+    reading, the new one from its initial reading. Declared late, after an
+    undeclared reset held a span (or left a suspect), the held energy is billed now,
+    exactly. Raises :class:`ReplacementError` when the registers contradict what was
+    billed (an old final below the last billed reading, a new initial above the new
+    register's first reading, a replacement before intervals already billed across it).
+    """
+    results: list[RatingResult] = []
+    old, new = rep.old_final, rep.new_initial
+
+    def rate(a: RegisterReading, b: RegisterReading) -> None:
+        nonlocal tier
+        if b.time_ms == a.time_ms and _reg(b) == _reg(a):
+            return  # nothing between them
+        r = rate_interval(a, b, book, tier, max_gap_ms=max_gap_ms)
+        if r.charge is None and any(
+            x.kind in (AnomalyKind.REGISTER_BACKWARDS, AnomalyKind.TIME_NOT_INCREASING) for x in r.anomalies
+        ):
+            raise ReplacementError("replacement_inconsistent", "; ".join(x.detail for x in r.anomalies))
         results.append(r)
         tier = r.tier_state
-        if r.advance:
-            base = item
-    return results, tier
+
+    def check_old(last: RegisterReading) -> None:
+        if rep.time_ms < last.time_ms:
+            raise ReplacementError(
+                "replacement_before_billed",
+                f"meter {rep.meter_id}: replacement at {_when(book, rep.time_ms)} is before the reading "
+                f"{last.reading_id} ({_when(book, last.time_ms)}) already billed on the old register",
+            )
+        if _reg(old) < _reg(last):
+            raise ReplacementError(
+                "old_final_below_billed",
+                f"meter {rep.meter_id}: the old meter's final register {old.import_kwh} kWh is below "
+                f"{last.import_kwh} kWh, already billed",
+            )
+
+    def check_new(first: RegisterReading) -> None:
+        if first.time_ms < rep.time_ms or _reg(new) > _reg(first):
+            raise ReplacementError(
+                "new_initial_above_read",
+                f"meter {rep.meter_id}: the new meter's initial register {new.import_kwh} kWh at "
+                f"{_when(book, rep.time_ms)} does not precede its reading {first.import_kwh} kWh at "
+                f"{_when(book, first.time_ms)}",
+            )
+
+    for i, span in enumerate(track.held):
+        if span.last_good.time_ms <= rep.time_ms <= span.first_after.time_ms:
+            check_old(span.last_good)
+            check_new(span.first_after)
+            rate(span.last_good, old)
+            rate(new, span.first_after)
+            held = track.held[:i] + track.held[i + 1 :]
+            return TrackStep(replace(track, held=held), tuple(results), tier)
+    base = track.baseline
+    if base is None:
+        return TrackStep(MeterTrack(new, None, track.held), (), tier)
+    check_old(base)
+    sus = track.suspect
+    if sus is not None and sus.time_ms >= rep.time_ms:
+        check_new(sus)
+        rate(base, old)
+        rate(new, sus)
+        return TrackStep(MeterTrack(sus, None, track.held), tuple(results), tier)
+    rate(base, old)
+    return TrackStep(MeterTrack(new, None, track.held), tuple(results), tier)
+
+
+def _when(book: TariffBook, t_ms: int) -> str:
+    return iso_local(book.versions[0].tz, t_ms)
+
+
+def iso_local(tz: ZoneInfo, t_ms: int) -> str:
+    """ISO 8601 local time with its offset, to the second (milliseconds when not zero)."""
+    lt = datetime.fromtimestamp(t_ms / 1000, tz=tz)
+    return lt.isoformat(timespec="milliseconds" if t_ms % 1000 else "seconds")
+
+
+def duration_text(ms_: int) -> str:
+    """``90 s``, ``14 h``, ``3 h 30 min``, ``2 d 1 h`` (rounded down to the second)."""
+    sec = ms_ // 1000
+    d, rest = divmod(sec, 86_400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    parts = [f"{v} {u}" for v, u in ((d, "d"), (h, "h"), (m, "min"), (s, "s")) if v]
+    return " ".join(parts[:2]) if parts else f"{ms_} ms"
+
+
+def _kwh_map(ckwh: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {ckwh_to_kwh(v)} kWh" for k, v in sorted(ckwh.items()))

@@ -382,7 +382,7 @@ def test_energy_before_the_first_tariff_version_is_reported_not_charged() -> Non
     assert res.charge.amount_micro == 100 * 5600
     assert res.charge.start_ms == ms("2026-01-01T00:00")
     assert (res.charge.start_reading_id, res.charge.end_reading_id) == ("a", "b")
-    assert [a.kind for a in res.anomalies] == [AnomalyKind.NO_TARIFF] and "100 ckwh" in res.anomalies[0].detail
+    assert [a.kind for a in res.anomalies] == [AnomalyKind.NO_TARIFF] and "1.00 kWh before" in res.anomalies[0].detail
 
 
 BERLIN_TOU = """
