@@ -223,7 +223,7 @@ def test_a_restore_waits_its_reconnect_delay_to_the_second() -> None:
 def test_reason_texts_say_yuan_and_never_minus_zero() -> None:
     cfg = cfg_household(overdraft_micro=0, windows=())
     d = evaluate(CutoffState(), 0, T0, Contact(T0), cfg, "acc")
-    trip = [e for e in d.events if e.type == "state_change"][0]
+    trip = next(e for e in d.events if e.type == "state_change")
     assert trip.reason == "balance 0.00 <= cut level 0.00 (no overdraft)"
     assert "-0.00" not in trip.reason
     d = evaluate(CutoffState(), 9_500_000, T0, Contact(T0), cfg, "acc")
