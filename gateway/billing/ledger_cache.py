@@ -48,7 +48,13 @@ from gateway.billing.ledger import (
     advance,
     debit_entry,
 )
-from gateway.billing.rating import RegisterReading, rate_interval
+from gateway.billing.rating import (
+    MeterReplacement,
+    MeterTrack,
+    RegisterReading,
+    track_reading,
+    track_replacement,
+)
 from gateway.billing.tariff import TariffBook
 
 _MISSING = object()
@@ -59,6 +65,7 @@ class LedgerCache:
         self._views: dict[str, LedgerView] = {}
         self._cutoff: dict[str, CutoffState] = {}
         self._baselines: dict[str, RegisterReading | None] = {}
+        self._resets: dict[str, str | None] = {}  # meter -> stored reset state (rare; written through)
         self._fixed_until: dict[str, int | None] = {}
         self._dirty_views: dict[str, None] = {}
         self._dirty_baselines: dict[str, str] = {}  # meter -> account
@@ -70,6 +77,7 @@ class LedgerCache:
         self._views.clear()
         self._cutoff.clear()
         self._baselines.clear()
+        self._resets.clear()
         self._fixed_until.clear()
         self._dirty_views.clear()
         self._dirty_baselines.clear()
@@ -116,6 +124,8 @@ class LedgerCache:
                 CutoffState() if cutoff is None else CutoffState.from_json(orjson.loads(cutoff))
             )
         self._baselines.update(await ls.all_baselines(conn))
+        resets = await ls.all_resets(conn)
+        self._resets.update({m: resets.get(m) for m in self._baselines})
 
     # -- reads ----------------------------------------------------------------
 
@@ -132,6 +142,22 @@ class LedgerCache:
             b = self._baselines[meter] = await ls.get_baseline(conn, meter)
         assert b is None or isinstance(b, RegisterReading)
         return b
+
+    async def track(self, conn: aiosqlite.Connection, meter: str) -> MeterTrack:
+        base = await self.baseline(conn, meter)
+        if meter not in self._resets:
+            self._resets[meter] = await ls.get_reset(conn, meter)
+        sus, held = ls.reset_from_json(self._resets[meter])
+        return MeterTrack(base, sus, held)
+
+    async def _store_track(self, conn: aiosqlite.Connection, account: str, meter: str,
+                           before: MeterTrack, after: MeterTrack) -> None:
+        if after.baseline is not None and after.baseline != before.baseline:
+            self._set_baseline(account, after.baseline)
+        old, new = ls.reset_json(before), ls.reset_json(after)
+        if old != new:
+            await ls.save_reset(conn, account, meter, new)
+            self._resets[meter] = new
 
     async def cutoff_state(self, conn: aiosqlite.Connection, account: str) -> CutoffState:
         s = self._cutoff.get(account)
@@ -178,20 +204,43 @@ class LedgerCache:
         max_gap_ms: int | None = None,
     ) -> ls.RatedReading:
         """:func:`ledger_store.rate_reading`, from the cache."""
-        base = await self.baseline(conn, reading.meter_id)
+        track = await self.track(conn, reading.meter_id)
+        base = track.baseline
         if base is None:
             self._set_baseline(account, reading)
             return ls.RatedReading(None, None, await self.view(conn, account))
         if base.reading_id == reading.reading_id:
             return ls.RatedReading(None, None, await self.view(conn, account))
         view = await self.view(conn, account)
-        result = rate_interval(base, reading, book, view.tier, max_gap_ms=max_gap_ms)
+        step = track_reading(track, reading, book, view.tier, max_gap_ms=max_gap_ms)
         appended = None
-        if result.charge is not None and result.charge.ckwh > 0:
-            appended = await self.append(conn, debit_entry(account, result.charge))
-        if result.advance:
-            self._set_baseline(account, reading)
-        return ls.RatedReading(result, appended, await self.view(conn, account))
+        for r in step.results:
+            if r.charge is not None and r.charge.ckwh > 0:
+                appended = await self.append(conn, debit_entry(account, r.charge))
+        await self._store_track(conn, account, reading.meter_id, track, step.track)
+        result = step.results[-1] if step.results else None
+        return ls.RatedReading(result, appended, await self.view(conn, account), step.reset)
+
+    async def replace_meter(
+        self,
+        conn: aiosqlite.Connection,
+        account: str,
+        rep: MeterReplacement,
+        book: TariffBook,
+        *,
+        max_gap_ms: int | None = None,
+    ) -> ls.ReplacedMeter:
+        """:func:`ledger_store.record_meter_replacement`, from the cache (raises
+        :class:`gateway.billing.rating.ReplacementError` before writing anything)."""
+        track = await self.track(conn, rep.meter_id)
+        view = await self.view(conn, account)
+        step = track_replacement(track, rep, book, view.tier, max_gap_ms=max_gap_ms)
+        appended = []
+        for r in step.results:
+            if r.charge is not None and r.charge.ckwh > 0:
+                appended.append(await self.append(conn, debit_entry(account, r.charge)))
+        await self._store_track(conn, account, rep.meter_id, track, step.track)
+        return ls.ReplacedMeter(step.results, tuple(appended), await self.view(conn, account))
 
     async def fixed_in(
         self,

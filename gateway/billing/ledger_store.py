@@ -16,6 +16,9 @@ Tables (``SCHEMA``):
   :func:`append` and checked against a full fold by :func:`verify`; plus the
   persisted cutoff state and the time up to which fixed charges were raised;
 * ``billing_baseline`` — per meter, the last reading rating used as baseline;
+* ``billing_meter_reset`` — per meter with a suspected or confirmed undeclared
+  register reset: the suspect reading and the held spans (rows exist only while
+  there is one);
 * ``billing_tariff`` — tariff versions installed by central (the source
   document), re-applied over the configured tariffs at every start;
 * ``billing_fixed_held`` — fixed charges held because their period started in
@@ -51,10 +54,15 @@ from gateway.billing.ledger import (
     snapshot_info,
 )
 from gateway.billing.rating import (
+    HeldSpan,
+    MeterReplacement,
+    MeterTrack,
     RatingResult,
     RegisterReading,
+    ResetNotice,
     TierState,
-    rate_interval,
+    track_reading,
+    track_replacement,
 )
 from gateway.billing.reconcile import (
     CentralSnapshot,
@@ -119,6 +127,11 @@ CREATE TABLE IF NOT EXISTS billing_baseline (
     time_ms      INTEGER NOT NULL,
     import_kwh   TEXT    NOT NULL,
     rates        TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS billing_meter_reset (
+    meter        TEXT    PRIMARY KEY,
+    account      TEXT    NOT NULL,
+    state        TEXT    NOT NULL
 );
 """
 
@@ -303,6 +316,62 @@ async def set_baseline(conn: aiosqlite.Connection, account: str, reading: Regist
     await conn.execute(SET_BASELINE_SQL, baseline_params(account, reading))
 
 
+def reading_json(r: RegisterReading) -> dict[str, Any]:
+    return {"id": r.reading_id, "meter": r.meter_id, "time_ms": r.time_ms, "import_kwh": str(r.import_kwh),
+            "rates": {k: str(v) for k, v in sorted(r.rate_kwh.items())}}
+
+
+def reading_from_json(d: Any) -> RegisterReading:
+    return RegisterReading(str(d["id"]), str(d["meter"]), int(d["time_ms"]), Decimal(d["import_kwh"]),
+                           {str(k): Decimal(v) for k, v in d.get("rates", {}).items()})
+
+
+def reset_json(track: MeterTrack) -> str | None:
+    """The reset part of a track as stored (None: nothing suspected or held)."""
+    if track.suspect is None and not track.held:
+        return None
+    d = {
+        "suspect": None if track.suspect is None else reading_json(track.suspect),
+        "held": [[reading_json(h.last_good), reading_json(h.first_after)] for h in track.held],
+    }
+    return orjson.dumps(d, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def reset_from_json(text: str | None) -> tuple[RegisterReading | None, tuple[HeldSpan, ...]]:
+    if text is None:
+        return None, ()
+    d = orjson.loads(text)
+    sus = None if d.get("suspect") is None else reading_from_json(d["suspect"])
+    return sus, tuple(HeldSpan(reading_from_json(a), reading_from_json(b)) for a, b in d.get("held", ()))
+
+
+async def get_reset(conn: aiosqlite.Connection, meter: str) -> str | None:
+    async with conn.execute("SELECT state FROM billing_meter_reset WHERE meter = ?", (meter,)) as cur:
+        row = await cur.fetchone()
+    return None if row is None else str(row[0])
+
+
+async def all_resets(conn: aiosqlite.Connection) -> dict[str, str]:
+    async with conn.execute("SELECT meter, state FROM billing_meter_reset") as cur:
+        return {str(m): str(st) for m, st in await cur.fetchall()}
+
+
+async def save_reset(conn: aiosqlite.Connection, account: str, meter: str, state: str | None) -> None:
+    if state is None:
+        await conn.execute("DELETE FROM billing_meter_reset WHERE meter = ?", (meter,))
+    else:
+        await conn.execute(
+            "INSERT INTO billing_meter_reset (meter, account, state) VALUES (?, ?, ?)"
+            " ON CONFLICT (meter) DO UPDATE SET account = excluded.account, state = excluded.state",
+            (meter, account, state),
+        )
+
+
+async def get_track(conn: aiosqlite.Connection, meter: str) -> MeterTrack:
+    sus, held = reset_from_json(await get_reset(conn, meter))
+    return MeterTrack(await get_baseline(conn, meter), sus, held)
+
+
 @dataclass(frozen=True)
 class RatedReading:
     """What :func:`rate_reading` did with one new reading."""
@@ -310,6 +379,17 @@ class RatedReading:
     result: RatingResult | None  # None: first reading of the meter (baseline only)
     appended: AppendResult | None  # the debit entry (None if no charge)
     view: LedgerView  # the account after it
+    reset: ResetNotice | None = None  # an undeclared register reset was confirmed
+
+
+async def _store_track(
+    conn: aiosqlite.Connection, account: str, meter: str, before: MeterTrack, after: MeterTrack
+) -> None:
+    if after.baseline is not None and after.baseline != before.baseline:
+        await set_baseline(conn, account, after.baseline)
+    old, new = reset_json(before), reset_json(after)
+    if old != new:
+        await save_reset(conn, account, meter, new)
 
 
 async def rate_reading(
@@ -320,45 +400,62 @@ async def rate_reading(
     *,
     max_gap_ms: int | None = None,
 ) -> RatedReading:
-    """Rate a new reading of a meter against its stored baseline and append the debit.
+    """Rate a new reading of a meter against its stored track and append the debit.
 
     The first reading of a meter only becomes its baseline. An interval with no
-    energy writes no ledger row (the baseline still advances). On an anomaly that
-    refuses rating (register backwards, time not increasing, no tariff) the
-    baseline is kept, so nothing is lost once the cause is fixed (a meter
-    replacement is recorded with :func:`record_meter_replacement`).
+    energy writes no ledger row (the baseline still advances). A reading that
+    refuses rating (time not increasing, no tariff) leaves the baseline; one whose
+    register went backwards is kept as the suspect of a register reset
+    (:func:`gateway.billing.rating.track_reading`).
     """
     await open_account(conn, account)
-    base = await get_baseline(conn, reading.meter_id)
-    if base is None:
-        await set_baseline(conn, account, reading)
-        return RatedReading(None, None, await load_view(conn, account))
-    if base.reading_id == reading.reading_id:
+    track = await get_track(conn, reading.meter_id)
+    if track.baseline is None or track.baseline.reading_id == reading.reading_id:
+        await _store_track(conn, account, reading.meter_id, track, MeterTrack(track.baseline or reading,
+                                                                                track.suspect, track.held))
         return RatedReading(None, None, await load_view(conn, account))
     view = await load_view(conn, account)
-    result = rate_interval(base, reading, book, view.tier, max_gap_ms=max_gap_ms)
+    step = track_reading(track, reading, book, view.tier, max_gap_ms=max_gap_ms)
     appended = None
-    if result.charge is not None and result.charge.ckwh > 0:  # no rows for zero energy
-        appended = await append(conn, debit_entry(account, result.charge))
-    if result.advance:
-        await set_baseline(conn, account, reading)
-    return RatedReading(result, appended, await load_view(conn, account))
+    for r in step.results:
+        if r.charge is not None and r.charge.ckwh > 0:  # no rows for zero energy
+            appended = await append(conn, debit_entry(account, r.charge))
+    await _store_track(conn, account, reading.meter_id, track, step.track)
+    result = step.results[-1] if step.results else None
+    return RatedReading(result, appended, await load_view(conn, account), step.reset)
+
+
+@dataclass(frozen=True)
+class ReplacedMeter:
+    """What :func:`record_meter_replacement` did: the intervals rated (old register up to
+    its final reading, and a held span of the new one if declared late) and their debits."""
+
+    results: tuple[RatingResult, ...]
+    appended: tuple[AppendResult, ...]
+    view: LedgerView
 
 
 async def record_meter_replacement(
     conn: aiosqlite.Connection,
     account: str,
-    old_final: RegisterReading,
-    new_initial: RegisterReading,
+    rep: MeterReplacement,
     book: TariffBook,
-) -> RatedReading:
-    """Close the old meter's last interval at its final registers and restart from the new meter."""
-    base = await get_baseline(conn, old_final.meter_id)
-    rated = RatedReading(None, None, await load_view(conn, account))
-    if base is not None:
-        rated = await rate_reading(conn, account, old_final, book)
-    await set_baseline(conn, account, new_initial)
-    return rated
+    *,
+    max_gap_ms: int | None = None,
+) -> ReplacedMeter:
+    """Bill the old meter up to its final registers and continue from the new meter's
+    initial ones (raises :class:`gateway.billing.rating.ReplacementError`, writing
+    nothing, when the registers contradict what was billed)."""
+    await open_account(conn, account)
+    track = await get_track(conn, rep.meter_id)
+    view = await load_view(conn, account)
+    step = track_replacement(track, rep, book, view.tier, max_gap_ms=max_gap_ms)
+    appended = []
+    for r in step.results:
+        if r.charge is not None and r.charge.ckwh > 0:
+            appended.append(await append(conn, debit_entry(account, r.charge)))
+    await _store_track(conn, account, rep.meter_id, track, step.track)
+    return ReplacedMeter(step.results, tuple(appended), await load_view(conn, account))
 
 
 # ---------------------------------------------------------------------------

@@ -20,14 +20,14 @@ from typing import Any
 
 import aiosqlite
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from gateway.billing import ledger_store as ls
 from gateway.billing.cutoff import CutoffState, Level
 from gateway.billing.ledger import EntryKind, LedgerConflict, adjustment_entry
 from gateway.billing.ledger_cache import LedgerCache
-from gateway.billing.rating import RegisterReading
+from gateway.billing.rating import MeterReplacement, RegisterReading, ReplacementError
 from gateway.billing.tariff import TariffBook
 from gateway.billing.topup import Channel, Source, TopUp, TopUpPolicy
 from tests.gateway.billing._util import FLAT, book, ms
@@ -51,10 +51,13 @@ op = st.one_of(
     st.tuples(
         st.just("read"),
         st.sampled_from(sorted(METERS)),
-        st.integers(-200, 5_000),  # register step in 0.001 kWh (negative: backwards)
+        # register step in 0.001 kWh (negative: backwards; -60 kWh: a register reset)
+        st.one_of(st.integers(-200, 5_000), st.just(-60_000)),
         st.booleans(),  # repeat the previous reading id
     ),
     st.tuples(st.just("fixed"), st.sampled_from(sorted(BOOKS))),
+    # a declared replacement: old final = register + x, new initial y (0.01 kWh)
+    st.tuples(st.just("replace"), st.sampled_from(sorted(METERS)), st.integers(-100, 300), st.integers(0, 500)),
     st.tuples(st.just("topup"), st.sampled_from(sorted(BOOKS)), st.integers(1, 50_000_000)),
     st.tuples(st.just("cutoff"), st.sampled_from(sorted(BOOKS)), st.sampled_from(list(Level))),
 )
@@ -68,6 +71,7 @@ async def _rows(db: aiosqlite.Connection) -> dict[str, list[Any]]:
         ("billing_account", "account, balance_micro, last_seq, purchase_counter, tier_period_start_ms,"
          " tier_cumulative_ckwh, snapshot_seq, cutoff_state"),
         ("billing_baseline", "*"),
+        ("billing_meter_reset", "*"),
     ):
         async with db.execute(f"SELECT {cols} FROM {table} ORDER BY 1, 2") as cur:
             out[table] = [tuple(r) for r in await cur.fetchall()]
@@ -101,9 +105,30 @@ class Story:
             a = await ls.rate_reading(self.plain, acct, r, BOOKS[acct])
             b = await self.cache.rate(self.cached, acct, r, BOOKS[acct])
             assert a.view == b.view
+            assert a.reset == b.reset
+            if a.reset is not None:
+                event("undeclared register reset")
             assert (a.appended is None) == (b.appended is None)
             if a.appended and b.appended:
                 assert a.appended.entry == b.appended.entry
+        elif o[0] == "replace":
+            _, meter, extra, new_initial = o
+            acct = METERS[meter]
+            rep = MeterReplacement(f"rep-{self.n}", meter, self.now, self.kwh[meter] + Decimal(extra) / 100,
+                                   Decimal(new_initial) / 100)
+            outcome = []
+            for f in (lambda: ls.record_meter_replacement(self.plain, acct, rep, BOOKS[acct]),
+                      lambda: self.cache.replace_meter(self.cached, acct, rep, BOOKS[acct])):
+                try:
+                    res = await f()
+                    outcome.append(([x.entry for x in res.appended], res.view))
+                except ReplacementError as exc:
+                    outcome.append((exc.code, None))
+            assert outcome[0] == outcome[1]
+            if outcome[0][1] is not None:
+                self.kwh[meter] = Decimal(new_initial) / 100
+                self.last_id[meter] = rep.new_initial.reading_id
+            self.n += 1
         elif o[0] == "fixed":
             acct = o[1]
             a2 = await ls.charge_fixed(self.plain, acct, BOOKS[acct], self.now)
@@ -179,6 +204,7 @@ async def _run(tmp: Path, txs: list[tuple[list[tuple[Any, ...]], bool]]) -> None
             assert await story.cache.cutoff_state(cached, acct) == await ls.load_cutoff_state(cached, acct)
         for meter in METERS:
             assert await story.cache.baseline(cached, meter) == await ls.get_baseline(cached, meter)
+            assert await story.cache.track(cached, meter) == await ls.get_track(cached, meter)
         await story.transaction([("fixed", acct) for acct in BOOKS], False)
 
 

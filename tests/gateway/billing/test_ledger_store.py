@@ -17,7 +17,13 @@ import pytest
 from gateway.billing import ledger_store as ls
 from gateway.billing.cutoff import CutoffState, Level
 from gateway.billing.ledger import Entry, LedgerConflict, adjustment_entry, debit_entry
-from gateway.billing.rating import AnomalyKind, RegisterReading, TierState, rate_interval
+from gateway.billing.rating import (
+    AnomalyKind,
+    MeterReplacement,
+    RegisterReading,
+    TierState,
+    rate_interval,
+)
 from gateway.billing.reconcile import CentralSnapshot, SnapshotStatus
 from gateway.billing.tariff import load_book
 from gateway.billing.topup import Channel, Source, TopUp, TopUpPolicy, TopUpStatus
@@ -77,10 +83,7 @@ async def test_rate_reading_flow_and_baseline(conn: aiosqlite.Connection) -> Non
     assert base is not None and base.reading_id == "r1b"  # kept
     # explicit replacement: old meter ends at 101.50, new starts at 0.20
     await ls.record_meter_replacement(
-        conn, "acc",
-        RegisterReading("ex/old", "m1", ms("2026-03-02T12:30"), Decimal("101.50")),
-        RegisterReading("ex/new", "m1", ms("2026-03-02T12:30"), Decimal("0.20")),
-        b,
+        conn, "acc", MeterReplacement("ex", "m1", ms("2026-03-02T12:30"), Decimal("101.50"), Decimal("0.20")), b
     )
     step = await ls.rate_reading(conn, "acc", rr("r3", "2026-03-02T13:00", "1.20"), b)
     assert step.view.balance_micro == -(100 + 50 + 100) * 5600
