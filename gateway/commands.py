@@ -31,7 +31,7 @@ transaction and carried out after the commit, idempotently:
   start-up, so a crash can neither skip nor double a rotation.
 
 Ports (small :class:`typing.Protocol` s) are the collaborators that own each
-effect: billing (top-ups, tariffs, balance snapshots), relays, configuration
+effect: billing (top-ups, tariffs, balance snapshots, meter replacements), relays, configuration
 staging, uplink re-send. A port refuses a body it cannot apply in exactly one
 way: it raises :class:`CommandRefused` with a reason code and a message (a
 port never *returns* a refusal). Everything the command did is rolled back to
@@ -166,6 +166,10 @@ class BillingPort(Protocol):
 
     async def apply_snapshot_in(
         self, db: aiosqlite.Connection, body: Mapping[str, Any], *, now_ms: int
+    ) -> dict[str, Any]: ...
+
+    async def replace_meter_in(
+        self, db: aiosqlite.Connection, body: Mapping[str, Any], *, command_id: str, now_ms: int
     ) -> dict[str, Any]: ...
 
 
@@ -658,6 +662,8 @@ class CommandHandler:
             return await self.billing.install_tariff_in(db, body, now_ms=now_ms)
         if t is CommandType.BALANCE_SNAPSHOT:
             return await self.billing.apply_snapshot_in(db, body, now_ms=now_ms)
+        if t is CommandType.METER_REPLACE:
+            return await self.billing.replace_meter_in(db, body, command_id=cid, now_ms=now_ms)
         if t is CommandType.RELAY_OPERATE:
             req = parse_relay(body)
             if self.known_meter is not None and not self.known_meter(req.meter_id):

@@ -295,6 +295,9 @@ class NoBilling:
     async def apply_snapshot_in(self, db: Any, body: Any, *, now_ms: int) -> dict[str, Any]:
         raise CommandRefused("no_prepaid", "this gateway has no prepaid accounts")
 
+    async def replace_meter_in(self, db: Any, body: Any, *, command_id: str, now_ms: int) -> dict[str, Any]:
+        raise CommandRefused("no_prepaid", "this gateway has no prepaid accounts")
+
 
 class Daemon:
     def __init__(

@@ -60,9 +60,14 @@ from gateway.billing.cutoff import (
 from gateway.billing.held import OFF_BILLED_MS, HeldGroup, Stretch
 from gateway.billing.ledger import Entry, adjustment_entry
 from gateway.billing.ledger_cache import LedgerCache
-from gateway.billing.messages import MessageError, parse_snapshot, parse_topup
-from gateway.billing.money import report_yuan
-from gateway.billing.rating import RegisterReading
+from gateway.billing.messages import (
+    MessageError,
+    parse_meter_replacement,
+    parse_snapshot,
+    parse_topup,
+)
+from gateway.billing.money import ckwh_to_kwh, report_yuan, yuan_text
+from gateway.billing.rating import RegisterReading, ReplacementError, ResetNotice
 from gateway.billing.reconcile import SnapshotStatus
 from gateway.billing.tariff import TariffBook, TariffError, load_book, parse_tariff
 from gateway.billing.topup import Source, TopUpStatus
@@ -122,6 +127,32 @@ def _held_event(account: str, g: HeldGroup) -> dict[str, Any]:
         "amount": str(report_yuan(g.amount_micro)),
         "charges": [c.charge_id for c in g.charges],
         "truncated": g.truncated,
+    }
+
+
+def _register_json(r: RegisterReading) -> dict[str, Any]:
+    return {
+        "reading": r.reading_id,
+        "time_ms": r.time_ms,
+        "import_kwh": str(r.import_kwh),
+        **{f"{k.lower()}_kwh": str(v) for k, v in sorted(r.rate_kwh.items())},
+    }
+
+
+def _reset_event(account: str, n: ResetNotice) -> dict[str, Any]:
+    """An undeclared register reset, confirmed: the evidence, and what is billed meanwhile."""
+    return {
+        "type": "meter.register_reset",
+        "account": account,
+        "meter": n.meter_id,
+        "last_good": _register_json(n.last_good),
+        "first_after": _register_json(n.first_after),
+        "confirmed_by": _register_json(n.confirmed_by),
+        "billing": (
+            "billed up to last_good on the old register and from first_after on the new one; "
+            "the energy in between is held until the exchange is declared with meter.replace "
+            "(the old meter's final and the new meter's initial registers), then billed"
+        ),
     }
 
 
@@ -259,6 +290,8 @@ class Prepaid:
                 if rated.appended is not None and rated.appended.applied:
                     out.charge(rated.appended.entry)
                     self.note_balance(account, rated.appended.entry.time_ms, rated.appended.view.balance_micro)
+                if rated.reset is not None:
+                    out.event(_reset_event(account, rated.reset))
                 for a in rated.result.anomalies if rated.result else ():
                     out.event(
                         {
@@ -486,6 +519,57 @@ class Prepaid:
             # Held fixed charges central counted in this balance are settled: never debited.
             out["held_settled"] = await ls.settle_held(db, snap.account, snap.included_ids, now_ms)
         return out
+
+    async def replace_meter_in(
+        self, db: aiosqlite.Connection, body: Mapping[str, Any], *, command_id: str, now_ms: int
+    ) -> dict[str, Any]:
+        """A meter exchange declared by central (signed ``meter.replace``, by MQTT or on a
+        technician's USB bundle): the old meter is billed up to its final registers, the
+        new one from its initial registers; declared after an undeclared reset, the
+        held energy is billed now (docs/billing.md, "Meter replacement").
+
+        Registers that contradict what was billed raise :class:`CommandRefused` with the
+        rating library's code (``old_final_below_billed``, ``replacement_before_billed``,
+        ``new_initial_above_read``, ...), before anything is written.
+        """
+        try:
+            rep = parse_meter_replacement(dict(body), command_id)
+        except (MessageError, ValueError) as exc:
+            raise CommandRefused("malformed", str(exc)) from None
+        account = self.meter_account.get(rep.meter_id)
+        if account is None:
+            raise CommandRefused(
+                "unknown_meter", f"no prepaid meter {rep.meter_id!r} on this gateway"
+            )
+        if rep.time_ms > now_ms:
+            raise CommandRefused(
+                "replacement_in_future",
+                f"the exchange time of {rep.meter_id} is after the gateway's time: declare it once done",
+            )
+        acct = self.accounts[account]
+        try:
+            done = await self.ledger.replace_meter(db, account, rep, acct.book, max_gap_ms=self.max_gap_ms)
+        except ReplacementError as exc:
+            raise CommandRefused(exc.code, exc.message) from None
+        await self.ledger.flush(db)  # no writer cycle ends this transaction
+        outbox = self.outbox
+        ckwh = amount = 0
+        for res in done.appended:
+            if outbox is not None:
+                await outbox.add_in(db, *_charge_record(res.entry, now_ms))
+            self.note_balance(account, res.entry.time_ms, res.view.balance_micro)
+            ckwh += int(res.entry.body["ckwh"])
+            amount += -res.entry.amount_micro
+        if done.appended:
+            self.dirty.set()
+        return {
+            "status": "applied",
+            "account": account,
+            "meter": rep.meter_id,
+            "debits": [res.entry.entry_id for res in done.appended],
+            "kwh": str(ckwh_to_kwh(ckwh)),
+            "amount": yuan_text(amount),
+        }
 
     async def install_tariff_in(
         self, db: aiosqlite.Connection, doc: Mapping[str, Any], *, now_ms: int

@@ -1,4 +1,5 @@
-"""Strict parsing of billing commands from central (MQTT), USB bundles or the CLI.
+"""Strict parsing of billing commands from central (MQTT), USB bundles or the CLI:
+top-ups, balance snapshots, meter replacements.
 
 The transport layer verifies signatures and hands the decoded JSON object
 here together with the :class:`Authorization` it established. Money on the
@@ -10,8 +11,10 @@ integer >= 1, got '7'``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from gateway.billing.rating import MeterReplacement
 from gateway.billing.reconcile import CentralSnapshot
 from gateway.billing.topup import Authorization, Channel, Source, TopUp
 
@@ -103,3 +106,55 @@ def parse_snapshot(d: Any, authorization: Authorization | None = None) -> Centra
     assert central_seq is not None and as_of is not None and balance is not None and time_ms is not None
     return CentralSnapshot(sid, account, central_seq, as_of, balance, time_ms, frozenset(inc), counter,
                            tier_ps, tier_ck, authorization)
+
+
+_REGISTER_KEYS = {"import_kwh", "t1_kwh", "t2_kwh", "t3_kwh", "t4_kwh"}
+MAX_REGISTER_KWH = Decimal(10) ** 12
+
+
+def _registers(r: _Reader, key: str) -> tuple[Decimal, dict[str, Decimal]]:
+    """``{"import_kwh": "1234.56", "t1_kwh": "..."}``: decimal strings (exact), >= 0."""
+    v = r.d.get(key)
+    if not isinstance(v, Mapping):
+        r.add(key, 'must be an object of registers, e.g. {"import_kwh": "1234.56"}')
+        return Decimal(0), {}
+    out: dict[str, Decimal] = {}
+    for k, x in v.items():
+        if k not in _REGISTER_KEYS:
+            r.add(f"{key}.{k}", f"unknown register (allowed: {', '.join(sorted(_REGISTER_KEYS))})")
+            continue
+        try:
+            d = Decimal(x) if isinstance(x, str) else None
+        except InvalidOperation:
+            d = None
+        if d is None or not d.is_finite() or not 0 <= d < MAX_REGISTER_KWH:
+            r.add(f"{key}.{k}", f'must be a decimal string of kWh >= 0 (e.g. "1234.56"), got {x!r}')
+            continue
+        out[k] = d
+    if "import_kwh" not in v:
+        r.add(f"{key}.import_kwh", "missing (the import total register)")
+    total = out.pop("import_kwh", Decimal(0))
+    return total, {k[:2].upper(): d for k, d in out.items()}
+
+
+def parse_meter_replacement(d: Any, event_id: str) -> MeterReplacement:
+    """The body of a signed ``meter.replace`` command::
+
+        {"meter": "m1", "time_ms": 1772443800000,
+         "old_final": {"import_kwh": "2905.31", "t1_kwh": "0", ...},
+         "new_initial": {"import_kwh": "0.00"},
+         "note": "exchanged after a fault, new serial 4409"}
+
+    ``time_ms`` is when the old meter was read for the last time and the new one
+    for the first (the exchange); registers are decimal strings of kWh."""
+    r = _Reader("meter.replace", d)
+    meter = r.string("meter")
+    t = r.integer("time_ms", 0)
+    old_total, old_rates = _registers(r, "old_final")
+    new_total, new_rates = _registers(r, "new_initial")
+    note = r.d.get("note", "")
+    if not isinstance(note, str) or len(note) > 200:
+        r.add("note", "must be text of at most 200 characters")
+    r.done({"meter", "time_ms", "old_final", "new_initial", "note"})
+    assert t is not None
+    return MeterReplacement(event_id, meter, t, old_total, new_total, old_rates, new_rates)

@@ -68,6 +68,9 @@ class RegisterReading:
         return cls(reading_id, reading.meter_id, reading.time_ms, total, rates)
 
 
+EXCHANGE_NEW = "/new"  # reading id suffix of a new meter's initial registers
+
+
 @dataclass(frozen=True)
 class MeterReplacement:
     """An explicit meter exchange: final registers of the old meter, initial of the new.
@@ -93,7 +96,8 @@ class MeterReplacement:
     @property
     def new_initial(self) -> RegisterReading:
         return RegisterReading(
-            f"{self.event_id}/new", self.meter_id, self.time_ms, self.new_initial_kwh, self.new_initial_rates
+            f"{self.event_id}{EXCHANGE_NEW}", self.meter_id, self.time_ms, self.new_initial_kwh,
+            self.new_initial_rates,
         )
 
 
@@ -581,6 +585,12 @@ def track_replacement(
         tier = r.tier_state
 
     def check_old(last: RegisterReading) -> None:
+        if last.reading_id.endswith(EXCHANGE_NEW) and rep.time_ms <= last.time_ms:
+            raise ReplacementError(
+                "already_replaced",
+                f"meter {rep.meter_id}: an exchange at {_when(book, last.time_ms)} is already recorded "
+                f"({last.reading_id.removesuffix(EXCHANGE_NEW)}); a later one needs a later time",
+            )
         if rep.time_ms < last.time_ms:
             raise ReplacementError(
                 "replacement_before_billed",

@@ -37,9 +37,12 @@ class Channel(enum.StrEnum):
 
 
 class Source(enum.StrEnum):
-    MQTT = "mqtt"
-    USB = "usb"
-    CLI = "cli"
+    """How the top-up reached the gateway (the command channel)."""
+
+    MQTT = "mqtt"  # from central over the uplink
+    USB = "usb"  # in a provisioning bundle on a technician's stick
+    TECHNICIAN = "technician"  # handed over on site: ``edgegw topup apply FILE``
+    CLI = "cli"  # a local tool or test calling the billing port directly
 
 
 @dataclass(frozen=True)

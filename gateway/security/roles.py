@@ -7,7 +7,8 @@ operations key cannot mint money and a leaked billing key cannot cut supply:
 =================  ==============================================================
 role               command types
 =================  ==============================================================
-billing            ``topup``, ``tariff.publish``, ``balance.snapshot``
+billing            ``topup``, ``tariff.publish``, ``balance.snapshot``,
+                   ``meter.replace`` (a meter exchange: the registers it is billed by)
 operations         ``relay.operate``, ``config.patch``, ``meter.roster``,
                    ``time.sync``, ``uplink.resend``
 provisioning       ``provisioning.bundle`` (technician USB bundles)
@@ -56,6 +57,7 @@ class CommandType(enum.StrEnum):
     TOPUP = "topup"
     TARIFF_PUBLISH = "tariff.publish"
     BALANCE_SNAPSHOT = "balance.snapshot"
+    METER_REPLACE = "meter.replace"
     RELAY_OPERATE = "relay.operate"
     CONFIG_PATCH = "config.patch"
     METER_ROSTER = "meter.roster"
@@ -70,6 +72,7 @@ COMMAND_ROLE: Mapping[CommandType, Role] = MappingProxyType(
         CommandType.TOPUP: Role.BILLING,
         CommandType.TARIFF_PUBLISH: Role.BILLING,
         CommandType.BALANCE_SNAPSHOT: Role.BILLING,
+        CommandType.METER_REPLACE: Role.BILLING,
         CommandType.RELAY_OPERATE: Role.OPERATIONS,
         CommandType.CONFIG_PATCH: Role.OPERATIONS,
         CommandType.METER_ROSTER: Role.OPERATIONS,
@@ -91,6 +94,7 @@ MAX_VALIDITY_MS: Mapping[CommandType, int] = MappingProxyType(
         CommandType.TOPUP: 45 * _DAY_MS,
         CommandType.TARIFF_PUBLISH: 90 * _DAY_MS,
         CommandType.BALANCE_SNAPSHOT: 7 * _DAY_MS,
+        CommandType.METER_REPLACE: 45 * _DAY_MS,  # travels on USB like a top-up
         CommandType.RELAY_OPERATE: 2 * _DAY_MS,
         CommandType.CONFIG_PATCH: 30 * _DAY_MS,
         CommandType.METER_ROSTER: 30 * _DAY_MS,
