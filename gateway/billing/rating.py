@@ -247,7 +247,7 @@ def _by_registers(
         return None, f"a rate register went backwards: {_kwh_map(delta)}"
     stray = {r: d for r, d in delta.items() if d > 0 and r not in used}
     if stray:
-        return None, f"energy registered in rates {sorted(stray)} that the tariff does not use here"
+        return None, f"energy registered in {', '.join(sorted(stray))}, a rate the tariff does not use here"
     residual = total - sum(delta.values())
     if abs(residual) > len(names):
         return None, (f"rate registers sum to {ckwh_to_kwh(sum(delta.values()))} kWh, "
