@@ -985,7 +985,8 @@ class Daemon:
                     await meter_health.save_in(db, item.health)
                 if self.prepaid is not None and item.readings:
                     intents += await self.prepaid.on_readings_in(
-                        db, outbox, list(zip(ids, item.readings, strict=True)), item.time_ms, contact
+                        db, outbox, list(zip(ids, item.readings, strict=True)), item.time_ms, contact,
+                        self.unseen(),
                     )
         return intents
 

@@ -275,7 +275,10 @@ class Prepaid:
         readings: Sequence[tuple[int, Reading]],
         now_ms: int,
         contact: Contact,
+        unseen: Sequence[Stretch] = (),
     ) -> list[RelayIntent]:
+        """``unseen``: as for :meth:`tick_in` (fixed charges due by a reading's time are
+        raised before its debit)."""
         out = _Records(now_ms)
         touched: dict[str, None] = {}
         intents: list[RelayIntent] = []
@@ -286,6 +289,9 @@ class Prepaid:
             acct = self.accounts[account]
             rr = RegisterReading.from_reading(reading, str(record_id))
             if rr is not None:
+                # periods that started before this reading are charged before its debit,
+                # so the ledger (and the policy following it) is in time order
+                await self._charge_fixed_in(db, out, account, acct, rr.time_ms, unseen)
                 rated = await self.ledger.rate(db, account, rr, acct.book, max_gap_ms=self.max_gap_ms)
                 if rated.appended is not None and rated.appended.applied:
                     out.charge(rated.appended.entry)
@@ -332,23 +338,36 @@ class Prepaid:
         out = _Records(now_ms)
         intents: list[RelayIntent] = []
         for account, acct in self.accounts.items():
-            fixed = await self.ledger.fixed_in(
-                db, account, acct.book, now_ms, unseen, off_billed_ms=self.off_billed_ms
-            )
-            for res in fixed.applied:
-                if res.applied:
-                    out.charge(res.entry)
-                    self.note_balance(account, res.entry.time_ms, res.view.balance_micro)
-            for group in fixed.held:
-                log.warning(
-                    "account %s: %d fixed charge(s) (%s) held: trusted time stepped from %d to %d",
-                    account, len(group.charges), report_yuan(group.amount_micro),
-                    group.stretch.from_ms, group.stretch.to_ms,
-                )  # fmt: skip
-                out.event(_held_event(account, group))
+            await self._charge_fixed_in(db, out, account, acct, now_ms, unseen)
             intents += await self._evaluate_in(db, out, account, now_ms, contact)
         await self._finish(db, outbox, out)
         return intents
+
+    async def _charge_fixed_in(
+        self,
+        db: aiosqlite.Connection,
+        out: _Records,
+        account: str,
+        acct: PrepaidAccount,
+        until_ms: int,
+        unseen: Sequence[Stretch] = (),
+    ) -> None:
+        """Raise the fixed charges whose period started by ``until_ms`` (holding those
+        in ``unseen`` stretches: :mod:`gateway.billing.held`)."""
+        fixed = await self.ledger.fixed_in(
+            db, account, acct.book, until_ms, unseen, off_billed_ms=self.off_billed_ms
+        )
+        for res in fixed.applied:
+            if res.applied:
+                out.charge(res.entry)
+                self.note_balance(account, res.entry.time_ms, res.view.balance_micro)
+        for group in fixed.held:
+            log.warning(
+                "account %s: %d fixed charge(s) (%s) held: trusted time stepped from %d to %d",
+                account, len(group.charges), report_yuan(group.amount_micro),
+                group.stretch.from_ms, group.stretch.to_ms,
+            )  # fmt: skip
+            out.event(_held_event(account, group))
 
     async def _finish(self, db: aiosqlite.Connection, outbox: Outbox, out: _Records) -> None:
         await self.ledger.flush(db)
