@@ -100,7 +100,7 @@ def test_demo_delivers_everything_exactly_once(tmp_path: Path) -> None:
     # signed command from central, restored; central agrees with the gateway to the fen
     assert r["balances_match"] is True
     story = "\n".join(r["prepaid_story"])
-    for step in ("normal -> alarm1", "alarm1 -> alarm2", "trip deferred: no_disconnect_window",
+    for step in ("normal -> alarm1", "alarm1 -> alarm2", "cut deferred: no-disconnect window until",
                  "-> cutoff", "relay trip on meter-01: ok", "(topup): applied",
                  "cutoff -> normal", "relay close on meter-01: ok"):
         assert step in story, (step, story)
