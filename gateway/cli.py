@@ -24,6 +24,7 @@ from store_forward.cli import register_headend
 COMMAND_MODULES: tuple[str, ...] = (
     "firmware_bridge.cli",  # meters scan / read / relay
     "gateway.billing.cli",  # tariff simulate
+    "gateway.technician",  # topup apply
     "gateway.security.cli",  # audit verify, command sign / verify / keygen
     "provisioning.keys_cli",  # keys init / show / export-public
     "provisioning.cli",  # provision make / inspect / verify / apply

@@ -56,9 +56,10 @@ from firmware_bridge.relay import (
     controller_for,
 )
 from firmware_bridge.scheduler import BackoffPolicy, MeterHealth
-from gateway import meter_health, sdnotify
+from gateway import meter_health, sdnotify, technician
 from gateway.billing.cutoff import Contact
 from gateway.billing.held import Stretch
+from gateway.billing.money import report_yuan
 from gateway.commands import (
     CommandHandler,
     CommandInbox,
@@ -73,7 +74,7 @@ from gateway.remote_config import DEFAULT_CONFIRM_MS, RemoteConfig
 from gateway.risk_monitor import RiskMonitor
 from gateway.security import audit, trusted_time
 from gateway.security.envelope import CommandResult, Outcome
-from gateway.security.roles import TrustStore
+from gateway.security.roles import CommandType, TrustStore
 from gateway.security.trusted_time import (
     ClockEvent,
     ClockPolicy,
@@ -91,6 +92,8 @@ from store_forward.uplink import Uplink, backoff_delay
 log = logging.getLogger(__name__)
 
 BILLING_TICK_S = 1.0
+# How often the command spool (top-ups handed over by a technician) is looked at.
+COMMAND_SPOOL_S = 1.0
 # Readings of a poll cycle reach the writer at most this late (see _Slicer).
 CYCLE_SLICE_S = 0.2
 # Queued work items the writer commits together in one transaction, at most.
@@ -481,6 +484,7 @@ class Daemon:
             self.keys = self._open_keystore()
             if cfg.security.trust_file is not None:
                 await self._start_commands(outbox, uplink)
+                await self.import_bundle_commands()
             await self.drain_provisioning_audit(outbox)
             self.watchdog.note_db_write_ok()
             async with asyncio.TaskGroup() as tg:
@@ -501,6 +505,7 @@ class Daemon:
                 if self.prepaid is not None:
                     timers.append(tg.create_task(self._billing_timer(work), name="billing"))
                 timers.append(tg.create_task(self._maintenance(outbox), name="maintenance"))
+                timers.append(tg.create_task(self._command_spool(), name="command-spool"))
                 if self.inbox is not None:
                     timers.append(tg.create_task(self.inbox.run(), name="commands"))
                 self.ready.set()
@@ -617,6 +622,58 @@ class Daemon:
             self.uplink.notify()
         if self.clock is not None and env is not None and result.outcome is not Outcome.REJECTED:
             self.clock.corroborate(env.issued_at_ms)
+
+    # -- signed commands a technician brings (gateway.technician) ---------------
+
+    @property
+    def command_spool(self) -> Path:
+        return technician.spool_dir(Path(self.config.storage.path))
+
+    async def _handle_local(self, raw: bytes, channel: str) -> CommandResult:
+        assert self.commands is not None
+        result = await self.commands.handle(raw, channel=channel)
+        self._on_command_result(result)  # as for a command from MQTT
+        return result
+
+    async def _answer_details(self, result: CommandResult) -> dict[str, Any]:
+        """For a technician's top-up: the account's balance after it (as reported)."""
+        env = result.envelope
+        if self.prepaid is None or env is None or not result.ok or env.type is not CommandType.TOPUP:
+            return {}
+        account = str(env.body.get("account"))
+        if account not in self.prepaid.accounts or self.outbox is None:
+            return {}
+        async with self.outbox.transaction() as db:
+            view = await self.prepaid.ledger.view(db, account)
+            await self.prepaid.ledger.flush(db)
+        return {"account": account, "balance": str(report_yuan(view.balance_micro))}
+
+    async def drain_command_spool(self) -> int:
+        """Apply the envelopes ``edgegw topup apply`` left in the command spool."""
+        handle = self._handle_local if self.commands is not None else None
+        return await technician.drain_spool(self.command_spool, handle, describe=self._answer_details)
+
+    async def _command_spool(self) -> None:
+        await asyncio.to_thread(self.command_spool.mkdir, parents=True, exist_ok=True)
+        while True:
+            try:
+                await self.drain_command_spool()
+            except Exception as exc:  # the files stay; the next pass tries again
+                log.error("command spool %s: %s", self.command_spool, exc)
+            await asyncio.sleep(COMMAND_SPOOL_S)
+
+    async def import_bundle_commands(self) -> list[tuple[str, str]]:
+        """Apply the signed envelopes the provisioning bundle in force carried."""
+        if self.commands is None or self.outbox is None:
+            return []
+        outbox = self.outbox
+        try:
+            return await technician.import_bundle_commands(
+                Path(self.config.source).parent, self._handle_local, outbox.transaction, self.time_ms()
+            )
+        except Exception as exc:  # a bad file must not keep the gateway from starting
+            log.error("bundle commands: %s", exc)
+            return []
 
     async def _on_command(self, raw: bytes) -> None:
         if self.inbox is not None:
@@ -746,6 +803,7 @@ class Daemon:
         jobs: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("provisioning audit", lambda: self.drain_provisioning_audit(outbox)),
             ("time floor", lambda: self._save_time_floor(outbox)),
+            ("command spool answers", lambda: technician.prune_results(self.command_spool)),
         ]
         if self.commands is not None:
             jobs += [

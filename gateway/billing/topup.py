@@ -25,6 +25,7 @@ import enum
 from dataclasses import dataclass
 
 from gateway.billing.ledger import Entry, EntryKind, LedgerView
+from gateway.billing.money import yuan_text
 
 MAX_TOPUP_MICRO = 10**12  # one million yuan: anything larger is a malformed command
 
@@ -148,12 +149,12 @@ def decide_topup(
         return reject(
             RejectReason.ID_REUSED,
             f"top-up id {topup.topup_id} already recorded with counter {existing.body.get('counter')} "
-            f"and amount {existing.amount_micro} micro-yuan",
+            f"and amount {yuan_text(existing.amount_micro)}",
         )
     if not 0 < topup.amount_micro <= MAX_TOPUP_MICRO:
         return reject(
             RejectReason.BAD_AMOUNT,
-            f"amount must be > 0 and <= {MAX_TOPUP_MICRO} micro-yuan, got {topup.amount_micro}",
+            f"amount must be > 0 and at most {yuan_text(MAX_TOPUP_MICRO)}, got {yuan_text(topup.amount_micro)}",
         )
     if policy.require_authorization and topup.authorization is None:
         return reject(RejectReason.UNAUTHORIZED, "no verified authorization attached")
@@ -182,13 +183,15 @@ def decide_topup(
     if topup.amount_micro < policy.minimum_purchase_micro:
         return reject(
             RejectReason.BELOW_MINIMUM,
-            f"amount {topup.amount_micro} below minimum purchase {policy.minimum_purchase_micro} micro-yuan",
+            f"amount {yuan_text(topup.amount_micro)} below the minimum purchase "
+            f"{yuan_text(policy.minimum_purchase_micro)}",
         )
     after = bal + topup.amount_micro
     if policy.hoarding_limit_micro is not None and after > policy.hoarding_limit_micro:
         return reject(
             RejectReason.HOARDING_LIMIT,
-            f"balance after top-up {after} would exceed hoarding limit {policy.hoarding_limit_micro} micro-yuan",
+            f"balance after top-up {yuan_text(after)} would exceed the hoarding limit "
+            f"{yuan_text(policy.hoarding_limit_micro)}",
         )
     repaid = min(topup.amount_micro, max(0, -bal))
     entry = credit_entry(topup, now_ms, repaid, counted_centrally=False)
