@@ -21,8 +21,8 @@ old or new, and a SIGKILL or power cut at any point leaves exactly one of them
 the parent directory is fsynced after it).
 
 A release is the previous release's files overlaid with the bundle's files
-(the bundle wins on equal paths), except ``topups/``, which is never carried
-over: top-ups are one-shot commands, not configuration.
+(the bundle wins on equal paths), except ``topups/`` and ``commands/``, which
+are never carried over: signed commands are one-shot, not configuration.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from provisioning.bundle import (
 from provisioning.keys import fsync_dir
 
 CONFIG_FILE = "gateway.toml"
-NOT_CARRIED_OVER = ("topups/",)
+NOT_CARRIED_OVER = ("topups/", "commands/")
 AUDIT_KIND = "provisioning.apply"
 
 AuditFn = Callable[[str, dict[str, Any]], Awaitable[None]]

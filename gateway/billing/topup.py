@@ -138,6 +138,11 @@ def decide_topup(
 
     if topup.account != view.account:
         return reject(RejectReason.WRONG_ACCOUNT, f"top-up for {topup.account!r} on account {view.account!r}")
+    if existing is not None and existing.account != topup.account:
+        return reject(
+            RejectReason.ID_REUSED,
+            f"top-up id {topup.topup_id} is already recorded for account {existing.account!r}",
+        )
     if existing is not None:
         same = (
             existing.kind is EntryKind.CREDIT
