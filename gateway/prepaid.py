@@ -78,6 +78,11 @@ from store_forward.records import RecordClass, RecordKind
 
 log = logging.getLogger(__name__)
 
+# A change noted, or a tick, this far before the last evaluated instant means the
+# clock went back (not just a reading stamped a little late): the account's policy
+# then starts afresh at the new time instead of waiting for the old one.
+CLOCK_BACK_TOLERANCE_MS = 60_000
+
 
 @dataclass(frozen=True)
 class RelayIntent:
@@ -382,9 +387,15 @@ class Prepaid:
         state = await self.ledger.cutoff_state(db, account)
         view = await self.ledger.view(db, account)
         changes = self._changes.pop(account, [])
+        last = self._points.get(account)
+        if last is not None and now_ms < last.time_ms - CLOCK_BACK_TOLERANCE_MS:
+            # the clock went back: never hold the policy at an instant that is now in
+            # the future; start afresh from the stored state at this instant
+            log.warning("account %s: clock went back %d ms; policy evaluated afresh",
+                        account, last.time_ms - now_ms)
+            last = None
         new, point, decisions = follow(
-            state, self._points.get(account), changes, now_ms, contact, cfg, account,
-            balance_micro=view.balance_micro,
+            state, last, changes, now_ms, contact, cfg, account, balance_micro=view.balance_micro
         )
         self._points[account] = point
         if new != state:

@@ -94,3 +94,27 @@ async def test_a_tariff_from_central_survives_a_restart(tmp_path: Path) -> None:
         assert await balance(outbox) == 300_000 - 100_000
     finally:
         await outbox.close()
+
+
+async def cutoff_events(outbox: Outbox) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    seen: list[int] = []
+    while (b := await outbox.next_batch(0, exclude=seen, max_records=10_000)) is not None:
+        seen.append(b.seq)
+        out += [r.body for r in b.records if str(r.body.get("type", "")).startswith("cutoff.")]
+    return out
+
+
+async def test_the_policy_is_never_held_at_an_instant_the_clock_went_back_from(tmp_path: Path) -> None:
+    prepaid, outbox = await open_shell(tmp_path)
+    day = 86_400_000
+    try:
+        async with outbox.transaction() as db:  # evaluated a day ahead (a clock that was wrong)
+            await prepaid.tick_in(db, outbox, T0 + day, Contact(T0 + day, T0))
+        await rate(prepaid, outbox, "100.0", T0 + 1000)  # the clock is right again
+        await rate(prepaid, outbox, "100.2", T0 + 2000)  # 0.112 yuan: balance 0.188 <= alarm 1 (0.20)
+        (change,) = [e for e in await cutoff_events(outbox) if e["type"] == "cutoff.state_change"]
+        assert change["to"] == "alarm1" and change["time_ms"] == T0 + 2000
+        assert change["state"] == "supply on: low balance (alarm 1 at 0.20)"
+    finally:
+        await outbox.close()
