@@ -195,7 +195,7 @@ def decide_topup(
     if policy.hoarding_limit_micro is not None and after > policy.hoarding_limit_micro:
         return reject(
             RejectReason.HOARDING_LIMIT,
-            f"balance after top-up {yuan_text(after)} would exceed the hoarding limit "
+            f"balance after top-up {yuan_text(after)} would exceed hoarding limit "
             f"{yuan_text(policy.hoarding_limit_micro)}",
         )
     repaid = min(topup.amount_micro, max(0, -bal))
