@@ -73,6 +73,13 @@ def credits(db: Path) -> list[tuple[Any, ...]]:
                               " amount_micro FROM billing_entry WHERE kind = 'credit' ORDER BY seq"))
 
 
+def debits(db: Path) -> list[tuple[int, int]]:
+    with sqlite3.connect(db) as c:
+        return [(int(a), int(b)) for a, b in c.execute(
+            "SELECT json_extract(body, '$.ckwh'), amount_micro FROM billing_entry WHERE kind = 'debit'"
+            " ORDER BY seq")]
+
+
 class Running:
     def __init__(self, path: Path) -> None:
         self.daemon = Daemon(load_config(path))
@@ -140,7 +147,7 @@ async def test_a_technician_top_up_goes_through_the_running_daemon(tmp_path: Pat
         assert len(answers) == 1 and answers[0].endswith(".result.json")  # left for the technician
 
 
-async def test_top_ups_in_a_bundle_are_applied_once(tmp_path: Path) -> None:
+async def test_commands_in_a_bundle_are_applied_once(tmp_path: Path) -> None:
     central = Central()
     db = tmp_path / "gw.db"
     async with ModbusSimulator(units=[1], load_kw="0") as sim:
@@ -148,15 +155,29 @@ async def test_top_ups_in_a_bundle_are_applied_once(tmp_path: Path) -> None:
         (tmp_path / "topups").mkdir()
         topup(central, tmp_path / "topups", "sale-1", counter=1)
         topup(central, tmp_path / "topups", "sale-2", counter=2, amount_micro=1_000_000)
+        # and a meter exchange: the new meter started at 1206.00 kWh a minute ago; the
+        # simulated meter shows 1206.42, so its first reading bills 0.42 kWh x 0.56
+        (tmp_path / "commands").mkdir()
+        now = wall_ms()
+        (tmp_path / "commands" / "exchange.json").write_bytes(central.cmd(
+            CommandType.METER_REPLACE,
+            {"meter": "m001", "time_ms": now - 60_000, "old_final": {"import_kwh": "0"},
+             "new_initial": {"import_kwh": "1206.00"}, "note": "meter exchanged on site"},
+            target="gw-prepaid", issued_at=now - 1000, expires_at=now + HOUR, command_id="exchange-1",
+        ))
         async with Running(path):
-            pass
+            for _ in range(100):
+                if debits(db):
+                    break
+                await asyncio.sleep(0.1)
         assert credits(db) == [("sale-1", "usb", 5_000_000), ("sale-2", "usb", 1_000_000)]
+        assert debits(db)[0] == (42, -235_200)
         async with Running(path):  # restarted: the files are not presented again
             pass
         with sqlite3.connect(db) as c:
             outcomes = [r[0] for r in c.execute(
                 "SELECT json_extract(details, '$.outcome') FROM audit_log WHERE action LIKE 'command.%'")]
             imported = [r[0] for r in c.execute("SELECT path FROM cmd_file_import ORDER BY path")]
-        assert outcomes == ["applied", "applied"]
-        assert imported == ["topups/sale-1.json", "topups/sale-2.json"]
-        assert balance(db) == 300_000 + 6_000_000
+        assert imported == ["commands/exchange.json", "topups/sale-1.json", "topups/sale-2.json"]
+        assert outcomes == ["applied", "applied", "applied"]
+        assert balance(db) == 300_000 + 6_000_000 + sum(a for _, a in debits(db))
