@@ -3,11 +3,12 @@
 Real parts: the daemon (its single SQLite writer) with a prepaid account on a
 Modbus TCP simulator, the real ``edgegw topup apply`` command run as another
 process, envelopes signed with real keys, a provisioning release directory
-with a ``topups/`` folder. Checked: applied once (a second hand-over is a
-duplicate), refused top-ups change nothing and say why in yuan, a wrong target
-is refused before the daemon sees it, an envelope handed over while the daemon
-is down waits in the spool and is applied at its start, and a bundle's
-envelopes are applied once across restarts.
+with ``topups/`` and ``commands/`` folders. Checked: applied once (a second
+hand-over is answered "already applied"), refused top-ups change nothing and
+say why in yuan, a wrong target is refused before the daemon sees it, an
+envelope handed over while the daemon is down waits in the spool and is
+applied at its start, and a bundle's envelopes (top-ups, a meter exchange)
+are applied once across restarts.
 """
 
 from __future__ import annotations
