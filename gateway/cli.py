@@ -144,6 +144,35 @@ def _age(ms: int | None, now_ms: int) -> str:
     return f"{s // 3600}h ago"
 
 
+def storage_status(db_path: Path, kv: dict[str, Any]) -> dict[str, Any]:
+    """The storage state (fault, recovery, evidence), the reserve and the free space."""
+    import os
+
+    import orjson
+
+    from store_forward.outbox import K_BATCH_EPOCH, K_GENERATION, K_STORAGE
+    from store_forward.storage_state import StorageState, describe
+
+    try:
+        state = StorageState.from_json(orjson.loads(kv.get(K_STORAGE) or "{}"))
+    except (orjson.JSONDecodeError, ValueError, TypeError):
+        state = StorageState()
+    try:
+        st = os.statvfs(db_path.parent)
+        free: int | None = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    reserve = db_path.with_name(db_path.name + ".ballast")
+    return {
+        **state.to_json(),
+        "summary": describe(state),
+        "generation": kv.get(K_GENERATION, 1),
+        "batch_epoch": kv.get(K_BATCH_EPOCH),
+        "reserve_in_place": reserve.exists(),
+        "free_bytes": free,
+    }
+
+
 async def gather_status(db_path: Path, now_ms: int) -> dict[str, Any]:
     """Read-only view of a running (or stopped) gateway's database."""
     import aiosqlite
@@ -158,6 +187,7 @@ async def gather_status(db_path: Path, now_ms: int) -> dict[str, Any]:
         meters = await meter_statuses(db)
         health = await meter_health.read(db)
     return {
+        "storage": storage_status(db_path, kv),
         "link": {"state": kv.get(K_LINK, "unknown"), "since_ms": kv.get(K_LINK_SINCE)},
         "backlog": {
             "records": stats.records,
@@ -199,13 +229,32 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{path}: no database yet (has the gateway run?)", file=sys.stderr)
         return 1
     now = time.time_ns() // 1_000_000
-    st = asyncio.run(gather_status(path, now))
+    try:
+        st = asyncio.run(gather_status(path, now))
+    except Exception as exc:  # a damaged database: say so, do not crash
+        print(f"gateway {cfg.gateway.id} ({cfg.gateway.site})")
+        print(f"storage: {path} cannot be read ({exc}); the daemon keeps it as evidence at its next start")
+        return 1
     if args.json:
         sys.stdout.write(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     link = st["link"]
     b = st["backlog"]
     print(f"gateway {cfg.gateway.id} ({cfg.gateway.site})")
+    sto = st["storage"]
+    print(f"storage: {sto['summary']}")
+    if sto["mode"] != "normal":
+        print(f"         since {_age(sto['since_ms'], now)}: {sto['reason']}")
+        if sto["fence_ms"]:
+            print(
+                f"         commands issued before {sto['fence_ms']} are refused unless already known"
+            )
+    free = "unknown" if sto["free_bytes"] is None else f"{sto['free_bytes'] // 1024} KiB free"
+    reserve = "in place" if sto["reserve_in_place"] else "RELEASED (the disk was full)"
+    print(
+        f"disk:    {free}, reserve {reserve}; database generation {sto['generation']},"
+        f" batch epoch {sto['batch_epoch'] or '-'}"
+    )
     print(f"link:    {link['state']} since {_age(link['since_ms'], now)}")
     oldest = "-" if b["oldest_age_s"] is None else f"{b['oldest_age_s']}s"
     print(

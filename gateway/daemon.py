@@ -59,6 +59,7 @@ from firmware_bridge.scheduler import BackoffPolicy, MeterHealth
 from gateway import meter_health, sdnotify, technician
 from gateway.billing.cutoff import Contact
 from gateway.billing.held import Stretch
+from gateway.billing.ledger_store import LedgerCorrupt
 from gateway.billing.money import report_yuan
 from gateway.commands import (
     CommandHandler,
@@ -82,11 +83,21 @@ from gateway.security.trusted_time import (
     TrustedClock,
     UnseenKind,
 )
+from gateway.storage_guard import Backlog, BillingHold, GuardedBilling
+from gateway.storage_recovery import ensure_schemas, recover_money
 from provisioning.keys import Keystore
 from provisioning.usb import AUDIT_SPOOL, drain_audit_spool
 from store_forward import setup
-from store_forward.outbox import MeterStatus, Outbox
+from store_forward.integrity import FaultKind
+from store_forward.outbox import (
+    MeterStatus,
+    Outbox,
+    OutboxError,
+    OutboxFullError,
+    StorageCorruptError,
+)
 from store_forward.records import RecordClass, RecordKind
+from store_forward.storage_state import Action, StorageMode, describe, permits
 from store_forward.uplink import Uplink, backoff_delay
 
 log = logging.getLogger(__name__)
@@ -113,6 +124,20 @@ CLOSE_CONCURRENCY = 8
 MAINTENANCE_S = 60.0
 CHECKPOINT_S = 900.0
 PRUNE_S = 3600.0
+# While the disk is full: how often the writer looks for space again, and how many
+# readings it holds in memory meanwhile (see storage_guard.Backlog).
+SPACE_RETRY_S = 2.0
+BACKLOG_MAX_READINGS = 20_000
+# While the disk is full, the held work is rated in a transaction that is rolled
+# back, and the trips it decides are carried out: every DRY_RUN_S, or less often
+# when that takes long (it may spend at most a fifth of the time doing it).
+DRY_RUN_S = 2.0
+# How often the database is checked while running (PRAGMA quick_check on its own
+# read-only connection); damage found becomes a storage fault.
+INTEGRITY_CHECK_S = 6 * 3600.0
+# Recoveries from a damaged database tried in a row before the daemon gives up
+# (and systemd starts it again).
+MAX_RECOVERIES = 3
 
 
 def wall_ms() -> int:
@@ -195,6 +220,9 @@ class DaemonStats:
     commit_failures: int = 0
     relay_operations: int = 0
     relay_alarms: int = 0
+    relays_refused: int = 0  # relay operations the storage state did not permit
+    commands_dropped: int = 0  # commands not taken while the storage was faulted
+    storage_faults: int = 0
     bus_failures: dict[str, int] = field(default_factory=dict)
 
 
@@ -315,6 +343,7 @@ class Daemon:
         env: Mapping[str, str] | None = None,
         watchdog_deadlines_s: tuple[float, float] | None = None,
         backoff: BackoffPolicy | None = None,
+        integrity_check_s: float = INTEGRITY_CHECK_S,
     ) -> None:
         """``clock_ms`` is the system clock, ``mono_ms`` the monotonic clock (default:
         ``CLOCK_BOOTTIME``; when only ``clock_ms`` is given, e.g. a simulated site clock
@@ -324,7 +353,8 @@ class Daemon:
         WATCHDOG_USEC are read (default: the process environment);
         ``watchdog_deadlines_s`` = (poll, database) stall limits before pings to
         systemd's watchdog stop; ``backoff`` the buses' back-off and quarantine policy
-        (default: the scheduler's)."""
+        (default: the scheduler's); ``integrity_check_s`` how often the database is
+        checked while running."""
         self.backoff = backoff
         self.config = config
         self.clock_ms = clock_ms
@@ -376,6 +406,26 @@ class Daemon:
         self.checkpoint_interval_s = CHECKPOINT_S
         self.prune_interval_s = PRUNE_S
         self.config_confirm_ms = DEFAULT_CONFIRM_MS  # default window of a remote change
+        # Storage faults and a full disk (see gateway.storage_guard).
+        self.integrity_check_s = integrity_check_s
+        self.hold = BillingHold(None)
+        self.backlog = Backlog(BACKLOG_MAX_READINGS)
+        self.storage_started = False  # billing, commands and the clock are up on the database
+        self.waiting_for_space = False
+        self._fault_request: tuple[FaultKind, str] | None = None
+        self._recoveries_in_a_row = 0
+        self._tg: asyncio.TaskGroup | None = None
+        self._storage_text = "normal"
+        self._storage_key = "False:normal"
+        self._status_sent = 0.0
+        self._timers: list[asyncio.Task[None]] = []
+        self._inbox_task: asyncio.Task[None] | None = None
+        self._started_event = False
+        # False: the remote configuration's start-up step is still to run (a full disk
+        # kept it from running, or a new database took over)
+        self._remote_config_started = True
+        self._dry_tripped: set[str] = set()  # meters tripped by a rating in memory
+        self._bundle_commands_done = False
 
     # -- life cycle ------------------------------------------------------------
 
@@ -423,7 +473,10 @@ class Daemon:
         cfg = self.config
         prepare_storage_dir(cfg.storage.path)
         outbox = await Outbox.open(
-            cfg.storage.path, keys=setup.storage_keys(cfg), policy=setup.storage_policy(cfg)
+            cfg.storage.path,
+            keys=setup.storage_keys(cfg),
+            policy=setup.storage_policy(cfg),
+            check_wait_s=Outbox.CHECK_WAIT_S,
         )
         self.outbox = outbox
         self.started_ms = self.clock_ms()
@@ -438,8 +491,13 @@ class Daemon:
                 contact=self.contact,
                 confirm_window_ms=self.config_confirm_ms,
             )
-            await self.remote_config.start()
+            try:
+                await self.remote_config.start()
+            except OutboxFullError as exc:  # done once the database can be written
+                log.error("remote configuration check at start waits for space: %s", exc)
+                self._remote_config_started = False
         self.prepaid = Prepaid.from_config(cfg)
+        self.hold = BillingHold(self.prepaid)
         if self.prepaid is not None:
             self.prepaid.attach(outbox)
         uplink = Uplink(
@@ -457,37 +515,14 @@ class Daemon:
         work: asyncio.Queue[Cycle | Tick] = asyncio.Queue(maxsize=256)
         self._work = work
         try:
-            async with outbox.transaction() as db:
-                await trusted_time.create_schema(db)
-                self.clock = TrustedClock.restored(
-                    await trusted_time.load_floor(db),
-                    seen_ms=await trusted_time.load_seen(db),
-                    wall=self.clock_ms,
-                    mono=self.mono_ms,
-                    synced=self.clock_synced,
-                    policy=self.clock_policy,
-                )
-                self.started_ms = self.time_ms()
-                await outbox.add_in(
-                    db,
-                    RecordClass.EVENT,
-                    RecordKind.EVENT,
-                    self.started_ms,
-                    {"type": "gateway_started", "gateway": cfg.gateway.id},
-                )
-                if self.prepaid is not None:
-                    await self.prepaid.start_in(db, self.started_ms)
-                await self.risk.start_in(db)
-                self.meter_states = await meter_health.start_in(db)
-                await audit.create_schema(db)
-                await self._clock_events_in(db, outbox, self.clock.drain_events())
             self.keys = self._open_keystore()
-            if cfg.security.trust_file is not None:
-                await self._start_commands(outbox, uplink)
-                await self.import_bundle_commands()
-            await self.drain_provisioning_audit(outbox)
+            # A damaged database was replaced (its money state is recovered here), a
+            # full disk leaves billing waiting for space: either way the daemon starts
+            # and polls; only a fault that keeps coming back ends it.
+            await self._start_storage_or_wait(outbox, uplink)
             self.watchdog.note_db_write_ok()
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 self._pollers = [
                     tg.create_task(
                         self._bus_loop(bus, work, phase_s=i * cfg.gateway.poll_interval_s / len(cfg.buses)),
@@ -506,11 +541,16 @@ class Daemon:
                     timers.append(tg.create_task(self._billing_timer(work), name="billing"))
                 timers.append(tg.create_task(self._maintenance(outbox), name="maintenance"))
                 timers.append(tg.create_task(self._command_spool(), name="command-spool"))
+                if self.integrity_check_s > 0:
+                    timers.append(tg.create_task(self._integrity_loop(outbox), name="integrity"))
                 if self.inbox is not None:
-                    timers.append(tg.create_task(self.inbox.run(), name="commands"))
+                    self._inbox_task = tg.create_task(self.inbox.run(), name="commands")
+                    timers.append(self._inbox_task)
+                self._timers = timers
                 self.ready.set()
                 self._stop_extending()
                 self.notifier.ready(f"gateway {cfg.gateway.id}: {len(cfg.meters)} meters")
+                self._announce_storage(outbox)
                 log.info(
                     "gateway %s running: %d buses, %d meters, %d prepaid accounts",
                     cfg.gateway.id,
@@ -522,14 +562,17 @@ class Daemon:
                 self.notifier.stopping()
                 self._extending = self._extend_timeout_while("stopping")
                 log.info("stopping: finishing polls and committing what was read")
-                for t in timers:
+                for t in self._timers:
                     t.cancel()
                 await self.stop_polling()
                 writer.cancel()
                 up.cancel()
-            if self.commands is not None:
-                await self.commands.flush_all_rejections()
-            await self._save_time_floor(outbox, force=True)
+            try:
+                if self.commands is not None:
+                    await self.commands.flush_all_rejections()
+                await self._save_time_floor(outbox, force=True)
+            except OutboxError as exc:  # a full or damaged disk: nothing more to save
+                log.error("stopping: last writes not made: %s", exc)
             try:  # the last entries of this run get their signature too
                 await self.audit_checkpoint(outbox)
             except Exception as exc:
@@ -553,6 +596,16 @@ class Daemon:
             await asyncio.gather(*self._pollers, return_exceptions=True)
         if self._work is not None:
             await self._work.join()
+        # Everything taken is committed; while the disk is full that gets a grace period.
+        deadline = time.monotonic() + grace_s
+        while self.backlog.items and (not self.waiting_for_space or time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
+        if self.backlog.items:
+            log.critical(
+                "stopping with %d reading(s) not stored (the disk is still full);"
+                " the meters' registers carry their energy into the next reading",
+                self.backlog.readings(),
+            )
 
     def time_ms(self) -> int:
         """Trusted time (the system clock only until the trusted clock is restored)."""
@@ -589,19 +642,248 @@ class Daemon:
         last = self.uplink.last_contact_ms if self.uplink is not None else None
         return Contact(last_contact_ms=last, started_ms=self.started_ms)
 
+    # -- storage: start, faults, a full disk -------------------------------------
+
+    async def _start_storage_or_wait(self, outbox: Outbox, uplink: Uplink) -> None:
+        """Start what lives in the database; a full disk leaves it to the writer
+        (polling goes on, readings wait in memory), damage is recovered from."""
+        while True:
+            try:
+                await self._start_storage(outbox, uplink)
+                return
+            except OutboxFullError as exc:
+                self._enter_space_wait(outbox, str(exc))
+                return
+            except (StorageCorruptError, LedgerCorrupt) as exc:
+                kind = FaultKind.LEDGER if isinstance(exc, LedgerCorrupt) else FaultKind.RUNTIME
+                await self._storage_fault(outbox, kind, str(exc))
+
+    async def _start_storage(self, outbox: Outbox, uplink: Uplink) -> None:
+        """Put billing, the trusted clock and the command path on the database: at
+        start, once a full disk has space again, and after a storage fault.
+
+        A database in FAULT first gets its money state back from the evidence
+        (:func:`gateway.storage_recovery.recover_money`); if that fails it stays in
+        FAULT (billing, relays and commands stopped) and is tried again every minute.
+        Raises :class:`OutboxFullError` while the disk is full.
+        """
+        cfg = self.config
+        if outbox.starved is not None:
+            await outbox.resume_if_space()
+        if outbox.storage.mode is StorageMode.FAULT:
+            await self._recover_money(outbox)
+        if not self._remote_config_started and self.remote_config is not None:
+            await self.remote_config.start()
+            self._remote_config_started = True
+        events: list[ClockEvent] = []
+        try:
+            async with outbox.transaction() as db:
+                if self.stats.storage_faults:  # a new database: every component's tables
+                    await ensure_schemas(db)
+                self.hold.sync(await outbox.storage_state_in(db))
+                await trusted_time.create_schema(db)
+                if self.clock is None:
+                    self.clock = TrustedClock.restored(
+                        await trusted_time.load_floor(db),
+                        seen_ms=await trusted_time.load_seen(db),
+                        wall=self.clock_ms,
+                        mono=self.mono_ms,
+                        synced=self.clock_synced,
+                        policy=self.clock_policy,
+                    )
+                    self.started_ms = self.time_ms()
+                if not self._started_event:
+                    started = {"type": "gateway_started", "gateway": cfg.gateway.id}
+                    if outbox.starved is None:
+                        await outbox.add_in(db, RecordClass.EVENT, RecordKind.EVENT, self.started_ms, started)
+                    else:  # written with the first records once there is space
+                        outbox.note_event(started)
+                if self.prepaid is not None:
+                    await self.prepaid.start_in(db, self.started_ms)
+                await self.risk.start_in(db)
+                self.meter_states = await meter_health.start_in(db)
+                await audit.create_schema(db)
+                if outbox.starved is None:  # else they wait in the clock for a later transaction
+                    events = self.clock.drain_events()
+                    await self._clock_events_in(db, outbox, events)
+        except BaseException:
+            if self.clock is not None:
+                self.clock.requeue(events)  # written by a later transaction
+            raise
+        self._started_event = True
+        if cfg.security.trust_file is not None:
+            if self.commands is None:
+                await self._start_commands(outbox, uplink)
+                if self._tg is not None and self.inbox is not None and self._inbox_task is None:
+                    self._inbox_task = self._tg.create_task(self.inbox.run(), name="commands")
+                    self._timers.append(self._inbox_task)
+            else:
+                self.commands.invalidate_trust()
+                await self.commands.start()
+            if not self._bundle_commands_done and outbox.storage.mode is not StorageMode.FAULT:
+                self._bundle_commands_done = True  # once, with the replay state in place
+                await self.import_bundle_commands()
+        await self.drain_provisioning_audit(outbox)
+        self.storage_started = True
+        self._announce_storage(outbox)
+
+    async def _recover_money(self, outbox: Outbox) -> None:
+        accounts = self.hold.all_accounts()
+        tiers = {}
+        for name in accounts:
+            acct = self.hold.account(name)
+            if acct is not None:
+                tiers[name] = acct.settings.opening_tier
+        try:
+            await recover_money(outbox, accounts, self.time_ms(), opening_tiers=tiers)
+        except (OutboxFullError, StorageCorruptError):
+            raise
+        except Exception as exc:
+            log.exception("storage recovery from %s failed; billing stays stopped: %s", outbox.storage.evidence, exc)
+
+    async def _storage_fault(self, outbox: Outbox, kind: FaultKind, reason: str) -> None:
+        """The database is damaged: stop billing and relays at once, keep the files as
+        evidence, continue on a new database (the writer then recovers the money state)."""
+        self.stats.storage_faults += 1
+        self._recoveries_in_a_row += 1
+        self.storage_started = False
+        self._remote_config_started = False  # its tables, in the new database
+        self.hold.sync(replace(outbox.storage, mode=StorageMode.FAULT, since_ms=self.time_ms()))
+        log.critical("storage fault (%s): %s; billing and relay changes stop", kind.value, reason)
+        if self._recoveries_in_a_row > MAX_RECOVERIES:
+            raise OutboxError(
+                f"storage fault {self._recoveries_in_a_row} times in a row ({reason}); giving up"
+            )
+        await outbox.recover_in_place(kind, reason)
+        self._announce_storage(outbox)
+
+    def _announce_storage(self, outbox: Outbox) -> None:
+        """Tell systemd (STATUS=) and the log when the storage state changes (the
+        count of readings held while the disk is full: in STATUS= every few seconds)."""
+        state = describe(outbox.storage)
+        text = state
+        if self.waiting_for_space:
+            text = (
+                f"disk full: waiting for space, {self.backlog.readings()} reading(s) held in"
+                f" memory; storage {state}"
+            )
+        key = f"{self.waiting_for_space}:{state}"
+        now = time.monotonic()
+        if key == self._storage_key and (text == self._storage_text or now - self._status_sent < 5.0):
+            return
+        changed = key != self._storage_key
+        self._storage_key, self._storage_text, self._status_sent = key, text, now
+        if text == "normal":
+            self.notifier.status("running")
+        else:
+            self.notifier.status(text)
+        if changed and text != "normal":
+            normal = outbox.storage.mode is StorageMode.NORMAL and not self.waiting_for_space
+            log.log(logging.WARNING if normal else logging.CRITICAL, "storage: %s", text)
+
+    def _enter_space_wait(self, outbox: Outbox, reason: str) -> None:
+        if not self.waiting_for_space:
+            self.waiting_for_space = True
+            log.critical(
+                "disk full (%s): polling goes on; readings, events and billing wait in memory"
+                " (at most %d readings) until space returns",
+                reason,
+                self.backlog.max_readings,
+            )
+        self._announce_storage(outbox)
+
+    def _leave_space_wait(self, outbox: Outbox) -> None:
+        self.waiting_for_space = False
+        log.warning(
+            "space is back: what was held in memory is stored%s",
+            f" ({self.backlog.dropped} intermediate reading(s) were given up)" if self.backlog.dropped else "",
+        )
+        if self.backlog.dropped:
+            outbox.note_event(
+                {
+                    "type": "storage_full_readings_dropped",
+                    "severity": "critical",
+                    "readings": self.backlog.dropped,
+                    "detail": "intermediate register readings given up while the disk was full;"
+                    " each meter's later reading carries their energy",
+                }
+            )
+            self.backlog.dropped = 0
+        self._announce_storage(outbox)
+
+    async def _dry_run_trips(self, outbox: Outbox) -> None:
+        """Rate the work held in memory in a transaction that is rolled back, and
+        carry out the trips it decides (money protection goes on while the disk is
+        full). Nothing else acts on it: closes need the top-up or state that could
+        not be written, and a relay already tripped this way is not driven again.
+        When space returns, the same work is committed and decides the same."""
+        items = self.backlog.take(len(self.backlog))
+        if not items or self.prepaid is None:
+            return
+        try:
+            async with outbox.dry_run() as db:
+                intents = await self._commit_in(db, outbox, items, dry=True)
+        except Exception as exc:  # e.g. the page cache spilling to a full disk
+            log.warning("rating in memory while the disk is full failed: %s", exc)
+            return
+        for intent in intents:
+            if intent.open and intent.signal is None and not intent.commanded:
+                if intent.meter in self._dry_tripped:
+                    continue
+                self._dry_tripped.add(intent.meter)
+                log.warning("disk full: trip of %s (account %s) decided in memory", intent.meter, intent.account)
+                self.request_relay(intent)
+
+    async def _space_is_back(self, outbox: Outbox) -> bool:
+        if outbox.starved is not None:
+            return await outbox.resume_if_space()
+        try:
+            free = await outbox.free_bytes()
+        except OSError:
+            return False
+        return free >= outbox.policy.ballast_bytes + 256 * 1024
+
+    async def _note_alive_waiting(self, outbox: Outbox) -> None:
+        """Waiting for space is the daemon doing its job: the watchdog's database
+        condition is fed as long as the database still answers."""
+        if await outbox.ping():
+            self.watchdog.note_db_write_ok()
+
+    async def check_storage_now(self) -> str | None:
+        """Run the database integrity check now; damage found becomes a storage fault
+        (handled by the writer). Returns what was found."""
+        if self.outbox is None:
+            return None
+        reason = await self.outbox.integrity_check()
+        if reason is not None:
+            log.critical("integrity check: %s", reason)
+            self._fault_request = (FaultKind.CHECK, reason)
+            if self._work is not None and not self._tick_queued and self.prepaid is not None:
+                self._tick_queued = True
+                await self._work.put(Tick(self.time_ms()))  # wake the writer
+        return reason
+
+    async def _integrity_loop(self, outbox: Outbox) -> None:
+        while True:
+            await asyncio.sleep(self.integrity_check_s)
+            try:
+                await self.check_storage_now()
+            except Exception as exc:
+                log.error("integrity check failed to run: %s", exc)
+
     async def _start_commands(self, outbox: Outbox, uplink: Uplink) -> None:
         cfg = self.config
         assert cfg.security.trust_file is not None and self.clock is not None
         assert self.remote_config is not None
         trust = TrustStore.load(cfg.security.trust_file)
         keys = self.keys if cfg.security.keystore else None
-        billing: Any = self.prepaid if self.prepaid is not None else NoBilling()
+        inner: Any = self.prepaid if self.prepaid is not None else NoBilling()
         self.commands = CommandHandler(
             outbox,
             trust=trust,
             gateway_id=cfg.gateway.id,
             clock=self.clock,
-            billing=billing,
+            billing=GuardedBilling(inner, outbox, self.hold),
             relay=CommandRelays(self),
             config=self.remote_config,
             resend=NoResend(),
@@ -657,7 +939,8 @@ class Daemon:
         await asyncio.to_thread(self.command_spool.mkdir, parents=True, exist_ok=True)
         while True:
             try:
-                await self.drain_command_spool()
+                if self.outbox is None or self.outbox.storage.mode is not StorageMode.FAULT:
+                    await self.drain_command_spool()  # (while faulted they wait in the spool)
             except Exception as exc:  # the files stay; the next pass tries again
                 log.error("command spool %s: %s", self.command_spool, exc)
             await asyncio.sleep(COMMAND_SPOOL_S)
@@ -676,6 +959,12 @@ class Daemon:
             return []
 
     async def _on_command(self, raw: bytes) -> None:
+        if self.outbox is not None and self.outbox.storage.mode is StorageMode.FAULT:
+            # Nothing is accepted (nor its id recorded) until the replay state is back
+            # from the evidence; central sends it again.
+            self.stats.commands_dropped += 1
+            log.warning("command not taken (%d bytes): storage fault, replay state not yet recovered", len(raw))
+            return
         if self.inbox is not None:
             self.inbox.offer(raw)  # never blocks the uplink's ack processing
         else:
@@ -800,6 +1089,8 @@ class Daemon:
         change; with ``checkpoint`` a signed audit checkpoint, with ``prune`` the
         seen command ids no command can use any more are forgotten. One job
         failing does not stop the others."""
+        if outbox.storage.mode is StorageMode.FAULT and self.storage_started:
+            self.storage_started = False  # the writer tries the money recovery again
         jobs: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("provisioning audit", lambda: self.drain_provisioning_audit(outbox)),
             ("time floor", lambda: self._save_time_floor(outbox)),
@@ -832,6 +1123,22 @@ class Daemon:
         if bus is None:
             log.error("relay intent for unknown meter %s: %s", intent.meter, intent)
             return
+        if self.outbox is not None:
+            action = Action.COMMANDED_RELAY if intent.commanded else Action.CUTOFF
+            v = permits(self.outbox.storage, action, intent.account or None)
+            if not v.allowed:
+                self.stats.relays_refused += 1
+                log.warning("relay %s for %s not operated: %s", intent.action, intent.meter, v.why)
+                self.outbox.note_event(
+                    {
+                        "type": "relay.refused",
+                        "account": intent.account,
+                        "meter": intent.meter,
+                        "action": intent.action,
+                        "reason": v.why,
+                    }
+                )
+                return
         self._relay_queues[bus].put_nowait(intent)
 
     # -- buses -------------------------------------------------------------------
@@ -1026,62 +1333,140 @@ class Daemon:
     async def _commit(self, outbox: Outbox, items: list[Cycle | Tick]) -> list[RelayIntent]:
         """Commit queued work in one transaction (a group commit: under load, several
         slices share one fsync instead of queueing behind each other's)."""
+        async with self._transaction(outbox) as db:
+            return await self._commit_in(db, outbox, items)
+
+    async def _commit_in(
+        self, db: Any, outbox: Outbox, items: list[Cycle | Tick], *, dry: bool = False
+    ) -> list[RelayIntent]:
         contact = self.contact()
         intents: list[RelayIntent] = []
-        async with self._transaction(outbox) as db:
-            for item in items:
-                if isinstance(item, Tick):
-                    assert self.prepaid is not None
+        # The accounts billed follow the committed storage state (a snapshot that
+        # settled an account, or its rollback).
+        self.hold.sync(await outbox.storage_state_in(db))
+        for item in items:
+            if isinstance(item, Tick):
+                assert self.prepaid is not None
+                if not dry:
                     self._tick_queued = False
-                    intents += await self.prepaid.tick_in(
-                        db, outbox, self.time_ms(), contact, self.unseen()
-                    )
-                    continue
-                events = item.events + [c.event(self._account_of.get(c.meter)) for c in item.health]
-                ids = await outbox.commit_cycle_in(db, item.time_ms, item.readings, item.statuses, events)
-                if item.health:
-                    await meter_health.save_in(db, item.health)
-                if self.prepaid is not None and item.readings:
-                    intents += await self.prepaid.on_readings_in(
-                        db, outbox, list(zip(ids, item.readings, strict=True)), item.time_ms, contact,
-                        self.unseen(),
-                    )
+                intents += await self.prepaid.tick_in(db, outbox, self.time_ms(), contact, self.unseen())
+                continue
+            events = item.events + [c.event(self._account_of.get(c.meter)) for c in item.health]
+            ids = await outbox.commit_cycle_in(db, item.time_ms, item.readings, item.statuses, events)
+            if item.health:
+                await meter_health.save_in(db, item.health)
+            if self.prepaid is not None and item.readings:
+                intents += await self.prepaid.on_readings_in(
+                    db, outbox, list(zip(ids, item.readings, strict=True)), item.time_ms, contact,
+                    self.unseen(),
+                )
         return intents
 
     async def _writer(
         self, outbox: Outbox, work: asyncio.Queue[Cycle | Tick], uplink: Uplink
     ) -> None:
+        """Commit queued work, in order, a group per transaction.
+
+        Work is taken off the queue into :attr:`backlog` at once, so pollers never
+        wait for the database. Then:
+
+        * a commit that fails for lack of space releases the reserve and sheds
+          telemetry, and is tried again; if the disk is still full the writer
+          *waits for space*: it keeps taking work (bounded in memory), feeds the
+          watchdog while the database still answers, and commits everything in
+          order as soon as space returns (the reserve is then re-created);
+        * damage reported by SQLite (or by the integrity check) is a storage
+          fault: the database is kept as evidence, a new one takes over, the
+          money state is recovered, and the work waiting is committed there;
+        * any other failure is retried without feeding the watchdog, so systemd
+          restarts a gateway whose database stays broken.
+        """
+        backlog = self.backlog
+        next_space_try = 0.0
+        next_dry_run = 0.0
+        next_reserve_check = 0.0
+        relieved = False
+        attempt = 0
         while True:
-            items = [await work.get()]
-            while len(items) < GROUP_COMMIT_MAX and not work.empty():
-                items.append(work.get_nowait())
+            if not backlog.items:
+                backlog.add(await work.get())
+                work.task_done()
+            elif self.waiting_for_space:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(SPACE_RETRY_S / 2):
+                        backlog.add(await work.get())
+                        work.task_done()
+            while not work.empty():
+                backlog.add(work.get_nowait())
+                work.task_done()
+            if self._fault_request is not None:
+                kind, reason = self._fault_request
+                self._fault_request = None
+                await self._storage_fault(outbox, kind, reason)
+                continue
+            if self.waiting_for_space:
+                await self._note_alive_waiting(outbox)
+                self._announce_storage(outbox)
+                if self.storage_started and time.monotonic() >= next_dry_run:
+                    t0 = time.monotonic()
+                    await self._dry_run_trips(outbox)
+                    next_dry_run = time.monotonic() + max(DRY_RUN_S, 4 * (time.monotonic() - t0))
+                if time.monotonic() < next_space_try:
+                    continue
+                next_space_try = time.monotonic() + SPACE_RETRY_S
+                if not await self._space_is_back(outbox):
+                    continue
             try:
-                attempt = 0
-                while True:
-                    try:
-                        intents = await self._commit(outbox, items)
-                        break
-                    except Exception as exc:
-                        # Never drop what was read: retry until the database takes it.
-                        # Meanwhile the queue fills, pollers wait, and the watchdog
-                        # (database condition) stops pinging, so systemd restarts a
-                        # gateway whose storage stays broken.
-                        self.stats.commit_failures += 1
-                        attempt += 1
-                        log.error("commit failed (attempt %d), retrying: %s", attempt, exc)
-                        await asyncio.sleep(min(5.0, 0.2 * attempt))
-                self.watchdog.note_db_write_ok()
-                for intent in intents:
-                    self.request_relay(intent)
-                for item in items:
-                    if isinstance(item, Cycle):
-                        # a poll cycle's end (statuses), not a relay operation's events
-                        self.stats.cycles += item.final and (bool(item.statuses) or not item.events)
-                        self.stats.readings += len(item.readings)
-                        if self.on_cycle is not None:
-                            with contextlib.suppress(Exception):
-                                self.on_cycle(item)
-                uplink.notify()
-            finally:
-                for _ in items:
-                    work.task_done()
+                if not self.storage_started:
+                    await self._start_storage(outbox, uplink)
+                items = backlog.take(GROUP_COMMIT_MAX)
+                intents = await self._commit(outbox, items)
+            except (StorageCorruptError, LedgerCorrupt) as exc:
+                kind = FaultKind.LEDGER if isinstance(exc, LedgerCorrupt) else FaultKind.RUNTIME
+                await self._storage_fault(outbox, kind, str(exc))
+                continue
+            except OutboxFullError as exc:
+                if not relieved and not self.waiting_for_space:
+                    # Release the reserve and shed telemetry, so that money records and
+                    # events still commit; then try once more.
+                    relieved = True
+                    await outbox.relieve_full()
+                    continue
+                self._enter_space_wait(outbox, str(exc))
+                next_space_try = time.monotonic() + SPACE_RETRY_S
+                continue
+            except Exception as exc:
+                # Never drop what was read: retry until the database takes it. Meanwhile
+                # the watchdog's database condition is not fed, so systemd restarts a
+                # gateway whose storage stays broken.
+                self.stats.commit_failures += 1
+                attempt += 1
+                log.error("commit failed (attempt %d), retrying: %s", attempt, exc)
+                await asyncio.sleep(min(5.0, 0.2 * attempt))
+                continue
+            backlog.done(len(items))
+            self._dry_tripped.clear()
+            relieved = False
+            attempt = 0
+            self._recoveries_in_a_row = 0
+            if self.waiting_for_space:
+                self._leave_space_wait(outbox)
+                next_reserve_check = 0.0  # space is back: the reserve first
+            if outbox.unchecked is not None:  # the start-up check a full disk prevented
+                outbox.unchecked = None
+                await self.check_storage_now()
+            self.watchdog.note_db_write_ok()
+            for intent in intents:
+                self.request_relay(intent)
+            for item in items:
+                if isinstance(item, Cycle):
+                    # a poll cycle's end (statuses), not a relay operation's events
+                    self.stats.cycles += item.final and (bool(item.statuses) or not item.events)
+                    self.stats.readings += len(item.readings)
+                    if self.on_cycle is not None:
+                        with contextlib.suppress(Exception):
+                            self.on_cycle(item)
+            uplink.notify()
+            if outbox.reserve_released and time.monotonic() >= next_reserve_check:
+                next_reserve_check = time.monotonic() + 10.0
+                await outbox.ensure_reserve()

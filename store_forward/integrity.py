@@ -16,8 +16,8 @@ SHA-256 of each file): the files are never deleted, rewritten or opened for
 writing again. Recovery reads them through copies (:mod:`store_forward.salvage`).
 
 The lineage marker ``<db>.lineage`` (JSON, written atomically) records the
-batch epoch of the database in use, so a database that is lost altogether
-still does not let a new one reuse its numbering: see :func:`next_epoch`.
+generation of the database in use, so a database that is lost altogether
+still does not let a new one reuse its numbering: see :func:`next_generation`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 SQLITE_CORRUPT = 11
 SQLITE_NOTADB = 26
 MANIFEST = "manifest.json"
+SUCCESSOR = "successor.json"  # the generation of the database that replaced this one
 
 
 class FaultKind(enum.StrEnum):
@@ -220,18 +221,24 @@ def read_lineage(path: Path) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def write_lineage(path: Path, batch_epoch: int, created_ms: int) -> None:
+def write_lineage(path: Path, generation: int, created_ms: int) -> None:
     write_json_durably(
         lineage_path(path),
-        {"database": path.name, "batch_epoch": batch_epoch, "created_ms": created_ms},
+        {"database": path.name, "generation": generation, "created_ms": created_ms},
     )
 
 
-def known_epochs(path: Path) -> list[int]:
-    """Every batch epoch this database path is known to have used: the marker's and
-    those recorded in the manifests of earlier evidence."""
+def record_successor(evidence: Path, generation: int, now_ms: int) -> None:
+    """Note in the evidence directory which generation the new database is (so it is
+    known even if that database and the lineage marker are both lost)."""
+    write_json_durably(evidence / SUCCESSOR, {"generation": generation, "created_ms": now_ms})
+
+
+def known_generations(path: Path) -> list[int]:
+    """Every generation this database path is known to have had: the marker's, and
+    those recorded with earlier evidence (the damaged database's, its successor's)."""
     out = []
-    e = read_lineage(path).get("batch_epoch")
+    e = read_lineage(path).get("generation")
     if isinstance(e, int):
         out.append(e)
     root = evidence_root(path)
@@ -239,20 +246,23 @@ def known_epochs(path: Path) -> list[int]:
         for d in root.iterdir():
             m = read_manifest(d)
             le = (
-                m.get("lineage", {}).get("batch_epoch")
+                m.get("lineage", {}).get("generation")
                 if isinstance(m.get("lineage"), dict)
                 else None
             )
             if isinstance(le, int):
                 out.append(le)
-            se = m.get("salvaged_batch_epoch")
-            if isinstance(se, int):
-                out.append(se)
+            try:
+                succ = orjson.loads((d / SUCCESSOR).read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                succ = None
+            if isinstance(succ, dict) and isinstance(succ.get("generation"), int):
+                out.append(succ["generation"])
     return out
 
 
-def next_epoch(path: Path, salvaged: int | None) -> int:
-    """The batch epoch of a database that replaces one that failed: above every epoch
+def next_generation(path: Path, salvaged: int | None) -> int:
+    """The generation of a database that replaces one that failed: above every one
     known from the evidence, the marker and the salvaged database (a database made
-    before epochs were recorded counts as epoch 1)."""
-    return max([1, *known_epochs(path), *([salvaged] if salvaged is not None else [])]) + 1
+    before generations were recorded counts as generation 1)."""
+    return max([1, *known_generations(path), *([salvaged] if salvaged is not None else [])]) + 1

@@ -14,8 +14,8 @@ Master key sources, in the order a deployment should prefer them:
 
 The outbox never seals under the master key itself. Each database holds a
 random 16-byte salt (made when the database is created) and seals under
-``HKDF-SHA256(master_v, salt, "edgegw/outbox/v1 version=v")``. A new (or
-quarantined and recreated) database therefore always starts a fresh nonce
+``HKDF-SHA256(master_v, salt, "edgegw/outbox/v1 version=v")``. A new database
+(also one that replaces a damaged one) therefore always starts a fresh nonce
 space, so "no epoch record for this key in this database" provably means
 "nothing was ever sealed under it" — see :mod:`store_forward.outbox`.
 """

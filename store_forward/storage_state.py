@@ -109,6 +109,7 @@ class StorageState:
 class Verdict:
     allowed: bool
     why: str = ""
+    code: str = ""  # a short reason code: storage_fault, account_held
 
 
 def permits(state: StorageState, action: Action, account: str | None = None) -> Verdict:
@@ -120,6 +121,7 @@ def permits(state: StorageState, action: Action, account: str | None = None) -> 
             False,
             f"storage fault since {state.since_ms} ({state.kind}): billing, relay changes and"
             " commands are stopped until the money state is recovered from the evidence",
+            "storage_fault",
         )
     # RECOVERING
     if action in PER_ACCOUNT and account is not None and account in state.held:
@@ -128,6 +130,7 @@ def permits(state: StorageState, action: Action, account: str | None = None) -> 
             f"account {account} is held since the storage recovery at {state.since_ms}: its"
             " balance could not be proved from the damaged database and awaits a signed"
             " central balance snapshot",
+            "account_held",
         )
     return Verdict(True)
 

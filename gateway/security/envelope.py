@@ -32,7 +32,10 @@ Verification order (each step sees only inputs that passed the previous one):
    as ``counter_stale``);
 5. not expired against trusted time (except a signed time-floor reset, see
    :func:`is_floor_reset`);
-6. idempotency by command id: a known id returns ``duplicate``.
+6. idempotency by command id: a known id returns ``duplicate``; an unknown one
+   issued before the replay fence is refused (``issued_before_recovery``): after
+   a storage fault the record of which commands were applied may be incomplete
+   (:func:`set_replay_fence`), so central re-signs such a command.
 
 State (the counter floor per issuer and the seen command ids) changes only
 after steps 1-5 pass, so a forged or misdirected envelope with a huge counter
@@ -113,6 +116,7 @@ class RejectReason(enum.StrEnum):
     REPLAY = "replay"
     COUNTER_STALE = "counter_stale"
     EXPIRED = "expired"
+    ISSUED_BEFORE_RECOVERY = "issued_before_recovery"
 
 
 class EnvelopeError(ValueError):
@@ -550,12 +554,14 @@ def decide(
     floor: int | None,
     seen: SeenCommand | None,
     now_ms: int,
+    fence_ms: int | None = None,
 ) -> CommandResult:
     """Steps 3-6 for an authenticated envelope (pure).
 
     ``floor`` is the highest counter accepted from ``env.issuer`` (None: none yet),
     ``seen`` the record of ``env.command_id`` if it was applied before, ``now_ms``
-    trusted time (never earlier than the persisted time floor).
+    trusted time (never earlier than the persisted time floor), ``fence_ms`` the
+    replay fence (None: none).
     """
     if env.target != gateway_id:
         return _reject(
@@ -580,6 +586,14 @@ def decide(
         return _reject(
             RejectReason.EXPIRED,
             f"expired at {env.expires_at_ms} (trusted time {now_ms})",
+            env,
+        )
+    if seen is None and fence_ms is not None and env.issued_at_ms < fence_ms:
+        return _reject(
+            RejectReason.ISSUED_BEFORE_RECOVERY,
+            f"issued at {env.issued_at_ms}, before the storage recovery at {fence_ms}: whether"
+            f" command {env.command_id} was applied before cannot be proved; re-sign it with a"
+            " later issued_at",
             env,
         )
     if seen is not None:
@@ -613,6 +627,12 @@ SCHEMA: tuple[str, ...] = (
         expires_ms INTEGER NOT NULL
     ) STRICT""",
     "CREATE INDEX IF NOT EXISTS sec_seen_command_expires ON sec_seen_command (expires_ms)",
+    """CREATE TABLE IF NOT EXISTS sec_replay_fence (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        issued_before_ms INTEGER NOT NULL,
+        set_ms INTEGER NOT NULL,
+        reason TEXT NOT NULL
+    ) STRICT""",
     """CREATE TABLE IF NOT EXISTS sec_central_key (
         key_id TEXT PRIMARY KEY,
         role TEXT NOT NULL,
@@ -654,6 +674,27 @@ async def get_seen(conn: aiosqlite.Connection, command_id: str) -> SeenCommand |
         return None
     return SeenCommand(
         str(row[0]), str(row[1]), int(row[2]), str(row[3]), bytes(row[4]), str(row[5]), int(row[6])
+    )
+
+
+async def get_replay_fence(conn: aiosqlite.Connection) -> int | None:
+    async with conn.execute("SELECT issued_before_ms FROM sec_replay_fence WHERE id = 1") as cur:
+        row = await cur.fetchone()
+    return None if row is None else int(row[0])
+
+
+async def set_replay_fence(
+    conn: aiosqlite.Connection, issued_before_ms: int, now_ms: int, reason: str
+) -> None:
+    """Refuse, from now on, every command issued before ``issued_before_ms`` whose id
+    is not recorded as seen (the fence only ever moves forward). Set when the
+    replay state (seen ids, counter floors) came back from a damaged database."""
+    await conn.execute(
+        "INSERT INTO sec_replay_fence (id, issued_before_ms, set_ms, reason) VALUES (1, ?, ?, ?) "
+        "ON CONFLICT(id) DO UPDATE SET issued_before_ms = excluded.issued_before_ms, "
+        "set_ms = excluded.set_ms, reason = excluded.reason "
+        "WHERE excluded.issued_before_ms > issued_before_ms",
+        (issued_before_ms, now_ms, reason),
     )
 
 
@@ -712,7 +753,14 @@ async def process_command(
     env = auth
     floor = await get_floor(conn, env.issuer)
     seen = await get_seen(conn, env.command_id)
-    result = decide(env, gateway_id=gateway_id, floor=floor, seen=seen, now_ms=now_ms)
+    result = decide(
+        env,
+        gateway_id=gateway_id,
+        floor=floor,
+        seen=seen,
+        now_ms=now_ms,
+        fence_ms=await get_replay_fence(conn),
+    )
     if result.outcome is Outcome.APPLIED:
         await conn.execute(
             "INSERT INTO sec_seen_command (command_id, issuer, counter, type, digest, channel, "

@@ -82,23 +82,27 @@ async def test_batch_respects_byte_budget(tmp_path: Path) -> None:
     await ob.close()
 
 
-async def test_corrupt_database_is_quarantined_not_deleted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_corrupt_database_is_kept_as_evidence_not_replaced_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "gw.db"
     garbage = b"SQLite format 3\x00" + b"\xff" * 4000
     path.write_bytes(garbage)
     path.with_name("gw.db-wal").write_bytes(b"wal bytes")
     ob = await Outbox.open(path)
     try:
-        aside = sorted(tmp_path.glob("gw.db.corrupt-*"))  # noqa: ASYNC240
-        wal = [p for p in aside if p.name.endswith("-wal")]
-        assert len(wal) == 1 and wal[0].read_bytes() == b"wal bytes"  # the WAL kept too
-        corrupt = next(p for p in aside if not p.name.endswith(("-wal", "-shm")))
-        assert corrupt.read_bytes() == garbage  # kept byte for byte
-        assert str(corrupt) in caplog.text  # the log line names the path
+        [evidence] = list((tmp_path / "gw.db.evidence").iterdir())
+        assert (evidence / "gw.db").read_bytes() == garbage  # kept byte for byte
+        assert (evidence / "gw.db-wal").read_bytes() == b"wal bytes"  # the WAL kept too
+        assert "file is not a database" in (evidence / "manifest.json").read_text()
+        assert str(evidence) in caplog.text  # the log line names the path
+        assert ob.storage.mode.value == "fault" and ob.storage.evidence == str(evidence)
+        assert ob.generation == 2  # never the numbering of the database it replaces
         batch = await ob.next_batch(1)
-        assert batch is not None
+        assert batch is not None and batch.seq > 2**40
         [event] = batch.records
-        assert event.body["type"] == "storage_quarantined" and event.body["path"] == str(corrupt)
+        assert event.body["type"] == "storage_fault" and event.body["evidence"] == str(evidence)
+        assert event.body["severity"] == "critical" and event.id > 2**40
     finally:
         await ob.close()
 

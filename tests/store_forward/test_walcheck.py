@@ -86,9 +86,7 @@ def test_a_torn_end_is_not_corruption(
     assert check_wal(torn).verdict is not WalVerdict.CORRUPT
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(logs(), st.data())
-def test_one_flipped_bit_before_a_commit_is_always_seen(
+def _flip_and_check(
     log: tuple[bytes, list[tuple[int, bytes, int]], int], data_: st.DataObject
 ) -> None:
     data, frames, page_size = log
@@ -109,6 +107,23 @@ def test_one_flipped_bit_before_a_commit_is_always_seen(
     else:
         # the frame belongs to a transaction that never committed
         assert r.verdict is before.verdict and r.sqlite_frames == before.sqlite_frames
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(logs(), st.data())
+def test_one_flipped_bit_before_a_commit_is_always_seen(
+    log: tuple[bytes, list[tuple[int, bytes, int]], int], data_: st.DataObject
+) -> None:
+    _flip_and_check(log, data_)
+
+
+@pytest.mark.long
+@settings(max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(logs(), st.data())
+def test_one_flipped_bit_fuzz(
+    log: tuple[bytes, list[tuple[int, bytes, int]], int], data_: st.DataObject
+) -> None:
+    _flip_and_check(log, data_)
 
 
 @settings(max_examples=200, deadline=None)
