@@ -500,7 +500,7 @@ class ChaosSite:
         self.daemon.start()
         await until(self.central.all_answered, 90, "central's top-ups answered", self)
         self.loads_off()
-        await until(self._relays_settled, 60, "relays as the cutoff policy holds them", self)
+        await until(self._relays_settled, 60, "relays as the cutoff policy holds them", self, self._relay_report)
         self.meters_silent()
         await until(self._no_new_readings, 30, "the last poll cycles committed", self)
         await until(lambda: self._backlog() == 0, 90, "backlog delivered", self)
@@ -532,6 +532,15 @@ class ChaosSite:
         rows = self._gateway_rows("SELECT account, cutoff_state FROM billing_account")
         return {a: bool(orjson.loads(s)["relay_open"]) if s else False for a, s in rows}
 
+    def _relay_report(self) -> str:
+        rows = self._gateway_rows("SELECT account, balance_micro, cutoff_state FROM billing_account")
+        by = {a: (b, c) for a, b, c in rows}
+        return "\n".join(
+            f"{p.meter} relay_open={self.relay_open(p.meter)} ops={self.all_meters()[p.meter].ops[-3:]}"  # type: ignore[union-attr]
+            f" {p.account} balance={by.get(p.account, ('?', '?'))[0]} cutoff={by.get(p.account, ('?', '?'))[1]}"
+            for p in PLAN
+        )
+
     def _relays_settled(self) -> bool:
         try:
             want = self._cutoff_open()
@@ -540,12 +549,15 @@ class ChaosSite:
         return all(self.relay_open(p.meter) == want.get(p.account, False) for p in PLAN)
 
 
-async def until(cond: Any, timeout_s: float, what: str, site: ChaosSite | None = None) -> None:
+async def until(
+    cond: Any, timeout_s: float, what: str, site: ChaosSite | None = None, detail: Any = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
         if time.monotonic() > deadline:
             tail = f"\n--- gateway log tail:\n{site.daemon.tail()}" if site is not None else ""
-            raise AssertionError(f"timed out after {timeout_s}s: {what}{tail}")
+            more = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout_s}s: {what}{more}{tail}")
         await asyncio.sleep(0.2)
 
 
@@ -575,20 +587,24 @@ def _reading_of(meter: str, time_ms: int, quantities: str, quality: str | None) 
     return Reading(meter, time_ms, values)
 
 
-def check(site: ChaosSite) -> Findings:
-    """Every invariant of a run, from the databases and the meters (after a clean stop)."""
+def check(site: ChaosSite, *, gateway_db: Path | None = None, headend_db: Path | None = None) -> Findings:
+    """Every invariant of a run, from the databases and the meters (after a clean stop).
+
+    ``gateway_db``/``headend_db``: check copies instead (to show that a tampered
+    copy fails)."""
     f = Findings()
-    gw = sqlite3.connect(f"file:{site.db}?mode=ro", uri=True)
-    he = sqlite3.connect(f"file:{site.headend_db}?mode=ro", uri=True)
+    gw = sqlite3.connect(f"file:{gateway_db or site.db}?mode=ro", uri=True)
+    he = sqlite3.connect(f"file:{headend_db or site.headend_db}?mode=ro", uri=True)
     try:
         _check_records(gw, he, f)
         _check_money(site, gw, he, f)
-        _check_relays(site, he, f)
+        _check_relays(site, gw, he, f)
     finally:
         gw.close()
         he.close()
     r = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "audit", "verify", "--db", str(site.db), "--keystore", str(site.keystore)],
+        [sys.executable, "-m", "gateway.cli", "audit", "verify", "--db", str(gateway_db or site.db),
+         "--keystore", str(site.keystore)],
         capture_output=True, text=True, cwd=ROOT, check=False,
     )
     if r.returncode != 0:
@@ -714,7 +730,7 @@ def _check_money(site: ChaosSite, gw: sqlite3.Connection, he: sqlite3.Connection
             f.fail(f"{p.account}: ledger entries sum to {folded.get(p.account)}, stored balance {balances.get(p.account)}")
 
 
-def _check_relays(site: ChaosSite, he: sqlite3.Connection, f: Findings) -> None:
+def _check_relays(site: ChaosSite, gw: sqlite3.Connection, he: sqlite3.Connection, f: Findings) -> None:
     decisions: dict[tuple[str, bool], list[int]] = defaultdict(list)
     for body, created in he.execute(
         "SELECT body, created_ms FROM events WHERE gateway_id = ? AND kind = 'event'", (GATEWAY,)
@@ -737,8 +753,10 @@ def _check_relays(site: ChaosSite, he: sqlite3.Connection, f: Findings) -> None:
             n_dec = len(decisions.get((meter, want), []))
             if n_ops > per_decision * n_dec:
                 f.fail(f"{meter}: {n_ops} relay {'trips' if want else 'closes'} for {n_dec} decisions")
-    want_open = {a: bool(orjson.loads(s)["relay_open"]) if s else False for a, s in site._gateway_rows(
-        "SELECT account, cutoff_state FROM billing_account")}
+    want_open = {
+        a: bool(orjson.loads(s)["relay_open"]) if s else False
+        for a, s in gw.execute("SELECT account, cutoff_state FROM billing_account")
+    }
     for p in PLAN:
         if site.relay_open(p.meter) != want_open.get(p.account, False):
             f.fail(f"{p.meter}: relay open={site.relay_open(p.meter)} but the policy holds open={want_open.get(p.account)}")

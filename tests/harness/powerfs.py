@@ -22,10 +22,11 @@ before the WAL is reused).
 Layout of the backing directory (the "disk"): ``data/<inode>`` holds each
 file's synced bytes, ``state.json`` the synced directory tree. Run it as
 
-    python -m tests.harness.powerfs BACKING MOUNTPOINT --seed N --mode drop|reorder
+    python -m tests.harness.powerfs BACKING MOUNTPOINT --seed N
 
-It prints ``mounted`` when the mount is up. SIGUSR1 is the power cut: the
-unsynced state is discarded (per the mode), the durable state is written, a
+It prints ``mounted`` when the mount is up. SIGUSR1 is the power cut in
+``drop`` mode, SIGUSR2 in ``reorder`` mode: the unsynced state is discarded
+(per the mode), the durable state is written, a
 one-line JSON report is printed (``{"cut": ...}``) and from then on every
 operation fails with EIO, as on a dead disk, until the mount is taken away
 (``fusermount3 -u``) and the process exits. Mounting the same backing
@@ -400,6 +401,7 @@ class Model:
             "kept_blocks": 0,
             "unsynced_names": len(self.pending),
             "kept_names": 0,
+            "names": sorted({op.name.decode(errors="replace") for op in self.pending})[:10],
         }
         for node in self.nodes.values():
             if node.kind != "file" or not node.unsynced():
@@ -427,7 +429,7 @@ class Model:
 # -- the FUSE shell --------------------------------------------------------------
 
 
-def serve(backing: Path, mountpoint: Path, seed: int, mode: str) -> int:  # pragma: no cover - runs in its own process
+def serve(backing: Path, mountpoint: Path, seed: int) -> int:  # pragma: no cover - runs in its own process
     import pyfuse3
     import trio
 
@@ -633,10 +635,10 @@ def serve(backing: Path, mountpoint: Path, seed: int, mode: str) -> int:  # prag
         async with trio.open_nursery() as nursery:
 
             async def power_switch() -> None:
-                with trio.open_signal_receiver(signal.SIGUSR1) as signals:
-                    async for _ in signals:
+                with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGUSR2) as signals:
+                    async for signum in signals:
                         if not model.dead:
-                            report = model.cut(mode, rng)
+                            report = model.cut("reorder" if signum == signal.SIGUSR2 else "drop", rng)
                             print(json.dumps({"cut": report}), flush=True)
 
             nursery.start_soon(power_switch)
@@ -695,7 +697,7 @@ class PowerFS:
         with self.log.open("a") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tests.harness.powerfs", str(self.backing), str(self.mountpoint),
-                 "--seed", str(self.seed + self.boots), "--mode", self.mode],
+                 "--seed", str(self.seed + self.boots)],
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
@@ -718,13 +720,16 @@ class PowerFS:
     def __exit__(self, *exc: object) -> None:
         self.unmount()
 
-    def cut(self) -> dict[str, Any]:
-        """The power goes: unsynced writes are lost; the disk answers EIO until reboot.
+    def cut(self, mode: str | None = None) -> dict[str, Any]:
+        """The power goes: unsynced writes are lost (``mode``: drop | reorder, default
+        the one given at construction); the disk answers EIO until :meth:`reboot`.
 
         Stop (SIGSTOP) the programs using the mount first, so that nothing
         they do after this instant counts; kill them after."""
         assert self.proc is not None and self.proc.stdout is not None
-        self.proc.send_signal(signal.SIGUSR1)
+        mode = mode or self.mode
+        assert mode in ("drop", "reorder"), mode
+        self.proc.send_signal(signal.SIGUSR2 if mode == "reorder" else signal.SIGUSR1)
         line = self.proc.stdout.readline()
         report: dict[str, Any] = json.loads(line)["cut"]
         self.reports.append(report)
@@ -783,9 +788,8 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - runs in it
     p.add_argument("backing", type=Path)
     p.add_argument("mountpoint", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", choices=("drop", "reorder"), default="drop")
     a = p.parse_args(argv)
-    return serve(a.backing, a.mountpoint, a.seed, a.mode)
+    return serve(a.backing, a.mountpoint, a.seed)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Relays whose state the meter's readings do not carry (a Modbus coil beside an
+SDM120) are read back by the daemon, so a relay that differs from the committed
+cutoff decision is re-driven: after a crash lost the operation, or after someone
+moved the relay by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+from firmware_bridge.modbus.simulator import ModbusSimulator
+from gateway.config import load_config
+from gateway.daemon import Daemon
+from store_forward.outbox import Outbox
+from tests.gateway.e2e import until
+from tests.harness.mosquitto import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+ACCOUNT = """
+account = "acct-001"
+timezone = "Asia/Shanghai"
+opening_balance = "0.05"
+meters = ["m001"]
+
+[limits]
+alarm1 = "0.04"
+alarm2 = "0.02"
+overdraft = "0.00"
+close_permit = "0.05"
+close_mode = "direct"
+reconnect_delay_s = 0
+relay_min_interval_s = 0
+"""
+
+
+def config(tmp: Path, modbus_port: int) -> Path:
+    shutil.copy(ROOT / "examples" / "tariffs" / "flat.toml", tmp / "flat.toml")
+    (tmp / "acct-001.toml").write_text(ACCOUNT)
+    path = tmp / "site.toml"
+    path.write_text(
+        f"""
+[gateway]
+id = "gw-readback"
+site = "test"
+timezone = "Asia/Shanghai"
+poll_interval_s = 0.2
+
+[storage]
+path = "gw.db"
+
+[broker]
+port = {free_port()}   # nobody listens
+
+[[bus]]
+name = "lan"
+type = "tcp"
+host = "127.0.0.1"
+port = {modbus_port}
+timeout_s = 0.5
+retries = 0
+
+[[meter]]
+id = "m001"
+bus = "lan"
+protocol = "modbus"
+unit_id = 1
+profile = "sdm120"
+account = "acct-001"
+[meter.relay]
+kind = "coil"
+address = 0
+min_interval_s = 0
+
+[[account]]
+id = "acct-001"
+settings = "acct-001.toml"
+tariffs = ["flat.toml"]
+"""
+    )
+    return path
+
+
+async def run_until(cfg_path: Path, cond: object, what: str) -> None:
+    daemon = Daemon(load_config(cfg_path))
+    stop = asyncio.Event()
+    run = asyncio.create_task(daemon.run(stop))
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 10)
+        await until(cond, 20, what)  # type: ignore[arg-type]
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 30)
+
+
+async def trip_events(db: Path) -> list[dict[str, object]]:
+    ob = await Outbox.open(db)
+    try:
+        seen: list[int] = []
+        out = []
+        while (batch := await ob.next_batch(0, exclude=seen, max_records=10_000)) is not None:
+            seen.append(batch.seq)
+            out += [r.body for r in batch.records if r.kind == "event" and r.body.get("type") == "cutoff.action.trip"]
+        return out
+    finally:
+        await ob.close()
+
+
+async def test_a_relay_closed_behind_the_policy_is_tripped_again_at_start(tmp_path: Path) -> None:
+    async with ModbusSimulator(units=[1], load_kw="600") as sim:
+        path = config(tmp_path, sim.port)
+        meter = sim.meter(1)
+        assert meter.profile.fields and "relay_open" not in {f.quantity for f in meter.profile.fields}
+        await run_until(path, lambda: meter.relay_open, "trip when the credit is gone")
+        meter.coils[0] = False  # closed by hand (or a close left over from a crash)
+        meter.load_kw = meter.load_kw * 0  # nothing more to bill: the balance stays below zero
+        await run_until(path, lambda: meter.relay_open, "the committed trip re-driven")
+    trips = await trip_events(tmp_path / "gw.db")
+    assert len(trips) == 2, trips
+    assert "reported closed while the policy holds it open" in str(trips[1]["reason"]), trips
