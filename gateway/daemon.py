@@ -138,6 +138,11 @@ INTEGRITY_CHECK_S = 6 * 3600.0
 # Recoveries from a damaged database tried in a row before the daemon gives up
 # (and systemd starts it again).
 MAX_RECOVERIES = 3
+# The relays of prepaid meters are read back when a bus opens and then every this
+# many poll cycles (while no relay operation is in hand): a decision committed but
+# lost before it reached the relay (a crash, a bus error) is re-driven even where
+# the meter's readings do not carry the relay state (Modbus coil relays).
+RELAY_CHECK_CYCLES = 10
 
 
 def wall_ms() -> int:
@@ -157,6 +162,7 @@ class Cycle:
     final: bool = True  # False: a slice handed over while the poll cycle goes on
     health: list[meter_health.Change] = field(default_factory=list)  # meters that changed state
     handed_mono: float = field(default_factory=time.monotonic)  # when it was queued
+    relay_states: list[tuple[str, bool]] = field(default_factory=list)  # (meter, open) read back
 
 
 class _Slicer:
@@ -1170,7 +1176,11 @@ class Daemon:
                         next_at = time.monotonic() + phase_s
                         phase_s = 0.0  # a reopened bus polls at once
                         await self._sleep_unless_stopping(next_at)
+                        cycles = 0
                         while not self._stopping.is_set():
+                            if cycles % RELAY_CHECK_CYCLES == 0 and (cycles == 0 or self.relays_idle()):
+                                await self._read_back_relays(bus.name, controller, out)
+                            cycles += 1
                             trusted = self.clock.now() if self.clock is not None else None
                             now = trusted.time_ms if trusted is not None else self.clock_ms()
                             slicer = _Slicer(
@@ -1210,6 +1220,24 @@ class Daemon:
             self.meter_states[c.meter] = meter_health.Known(c.after, c.at_ms)
         meter_health.log_changes(log, found)
         return found
+
+    async def _read_back_relays(
+        self, bus: str, controller: Any, out: asyncio.Queue[Cycle | Tick]
+    ) -> None:
+        """Read the relays of this bus's prepaid meters; the writer re-drives any that
+        differ from the committed cutoff decision (:meth:`Prepaid.on_relay_states_in`)."""
+        if self.prepaid is None:
+            return
+        states: list[tuple[str, bool]] = []
+        for meter in controller.actuators:
+            if meter not in self.prepaid.meter_account:
+                continue
+            try:
+                states.append((meter, await controller.read_open(meter)))
+            except Exception as exc:  # a dead meter: its next read-back or reading tells
+                log.debug("relay of %s not read back: %s", meter, exc)
+        if states:
+            await out.put(Cycle(bus, self.time_ms(), [], [], final=False, relay_states=states))
 
     async def _sleep_unless_stopping(self, until_monotonic: float) -> None:
         delay = until_monotonic - time.monotonic()
@@ -1359,6 +1387,10 @@ class Daemon:
                 intents += await self.prepaid.on_readings_in(
                     db, outbox, list(zip(ids, item.readings, strict=True)), item.time_ms, contact,
                     self.unseen(),
+                )
+            if self.prepaid is not None and item.relay_states:
+                intents += await self.prepaid.on_relay_states_in(
+                    db, outbox, item.relay_states, item.time_ms, contact
                 )
         return intents
 

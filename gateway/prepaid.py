@@ -325,6 +325,26 @@ class Prepaid:
         await self._finish(db, outbox, out)
         return intents
 
+    async def on_relay_states_in(
+        self,
+        db: aiosqlite.Connection,
+        outbox: Outbox,
+        states: Sequence[tuple[str, bool]],
+        now_ms: int,
+        contact: Contact,
+    ) -> list[RelayIntent]:
+        """Relay positions read back from the meters (``(meter, open)``): a relay that
+        differs from the committed decision is re-driven, as when a reading reports it
+        (:func:`gateway.billing.cutoff.reassert`)."""
+        out = _Records(now_ms)
+        intents: list[RelayIntent] = []
+        for meter, is_open in states:
+            account = self.meter_account.get(meter)
+            if account is not None:
+                intents += await self._reassert_in(db, out, account, meter, is_open, now_ms, contact)
+        await self._finish(db, outbox, out)
+        return intents
+
     async def tick_in(
         self,
         db: aiosqlite.Connection,
