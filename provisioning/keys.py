@@ -258,8 +258,11 @@ class Keystore:
             _check_purpose(purpose)
         if (p / MANIFEST).exists() or (p / ROOT_FILE).exists():
             raise KeystoreError(f"{p}: a keystore already exists here; refusing to overwrite it")
+        created = [d for d in (p, *p.parents) if not d.exists()]
         p.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(p, 0o700)
+        for d in reversed(created):  # the new directories' names survive a power cut too
+            fsync_dir(d.parent)
         identity = Ed25519PrivateKey.generate()
         exchange = X25519PrivateKey.generate()
         root = secrets.token_bytes(ROOT_SECRET_BYTES)
