@@ -315,6 +315,7 @@ class ChaosSite:
         self._central_task: asyncio.Task[None] | None = None
         self._last_count: Any = None
         self._last_change = 0.0
+        self._settled_since: float | None = None
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -500,7 +501,10 @@ class ChaosSite:
         self.daemon.start()
         await until(self.central.all_answered, 90, "central's top-ups answered", self)
         self.loads_off()
-        await until(self._relays_settled, 60, "relays as the cutoff policy holds them", self, self._relay_report)
+        # every meter read twice more: the energy used before the loads went off is billed
+        base = self._committed()
+        await until(lambda: self._committed() >= base + 2 * len(PLAN), 30, "readings after the loads went off", self)
+        await until(self._relays_settled_for_2s, 60, "relays as the cutoff policy holds them", self, self._relay_report)
         self.meters_silent()
         await until(self._no_new_readings, 30, "the last poll cycles committed", self)
         await until(lambda: self._backlog() == 0, 90, "backlog delivered", self)
@@ -516,6 +520,22 @@ class ChaosSite:
             return int(self._gateway_rows("SELECT count(*) FROM outbox")[0][0])
         except sqlite3.Error:
             return -1
+
+    def _committed(self) -> int:
+        try:
+            rows = self._gateway_rows("SELECT value FROM kv WHERE key = 'readings_committed'")
+        except sqlite3.Error:
+            return 0
+        return int(rows[0][0]) if rows else 0
+
+    def _relays_settled_for_2s(self) -> bool:
+        now = time.monotonic()
+        if not self._relays_settled():
+            self._settled_since = None
+            return False
+        if self._settled_since is None:
+            self._settled_since = now
+        return now - self._settled_since >= 2.0
 
     def _no_new_readings(self) -> bool:
         """True once the committed-readings counter has not moved for 2 s."""
