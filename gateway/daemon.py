@@ -47,7 +47,7 @@ from typing import Any
 
 from firmware_bridge.bus import open_site_bus
 from firmware_bridge.faults import FaultEvents
-from firmware_bridge.reading import Reading, TimeSource
+from firmware_bridge.reading import Quantity, Reading, TimeSource
 from firmware_bridge.relay import (
     MeterSignal,
     RelayRateLimited,
@@ -138,10 +138,10 @@ INTEGRITY_CHECK_S = 6 * 3600.0
 # Recoveries from a damaged database tried in a row before the daemon gives up
 # (and systemd starts it again).
 MAX_RECOVERIES = 3
-# The relays of prepaid meters are read back when a bus opens and then every this
-# many poll cycles (while no relay operation is in hand): a decision committed but
-# lost before it reached the relay (a crash, a bus error) is re-driven even where
-# the meter's readings do not carry the relay state (Modbus coil relays).
+# The relays of prepaid meters are read back when a bus opens and then, for meters
+# whose readings do not carry the relay state (Modbus coil relays), every this many
+# poll cycles while no relay operation is in hand: a decision committed but lost
+# before it reached the relay (a crash, a bus error) is re-driven.
 RELAY_CHECK_CYCLES = 10
 
 
@@ -399,6 +399,8 @@ class Daemon:
             b.name: asyncio.Queue() for b in config.buses
         }
         self._bus_of = {m.id: m.bus for m in config.meters}
+        # Meters whose readings carry their relay state: the readings re-assert those.
+        self._relay_in_readings: set[str] = set()
         self.meter_faults = FaultEvents()  # meter.clock_fault etc., once per change of cause
         self._account_of = {m.id: m.account for m in config.meters}
         # each meter's state as central last heard it (meter_health); pollers update it
@@ -1230,7 +1232,7 @@ class Daemon:
             return
         states: list[tuple[str, bool]] = []
         for meter in controller.actuators:
-            if meter not in self.prepaid.meter_account:
+            if meter not in self.prepaid.meter_account or meter in self._relay_in_readings:
                 continue
             try:
                 states.append((meter, await controller.read_open(meter)))
@@ -1383,6 +1385,9 @@ class Daemon:
             ids = await outbox.commit_cycle_in(db, item.time_ms, item.readings, item.statuses, events)
             if item.health:
                 await meter_health.save_in(db, item.health)
+            self._relay_in_readings.update(
+                r.meter_id for r in item.readings if r.get(Quantity.RELAY_OPEN) is not None
+            )
             if self.prepaid is not None and item.readings:
                 intents += await self.prepaid.on_readings_in(
                     db, outbox, list(zip(ids, item.readings, strict=True)), item.time_ms, contact,
