@@ -944,7 +944,7 @@ class Daemon:
         return await technician.drain_spool(self.command_spool, handle, describe=self._answer_details)
 
     async def _command_spool(self) -> None:
-        await asyncio.to_thread(self.command_spool.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(technician.ensure_spool, self.command_spool)
         while True:
             try:
                 if self.outbox is None or self.outbox.storage.mode is not StorageMode.FAULT:

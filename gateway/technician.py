@@ -41,6 +41,7 @@ import orjson
 
 from gateway.security.envelope import MAX_ENVELOPE_BYTES, CommandResult, Envelope, parse_envelope
 from gateway.security.roles import CommandType
+from provisioning.keys import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,14 @@ def spool_dir(storage_path: Path) -> Path:
     return storage_path.parent / SPOOL_DIR
 
 
+def ensure_spool(spool: Path) -> None:
+    """Create the spool directory durably (its name survives a power cut)."""
+    if spool.is_dir():
+        return
+    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fsync_dir(spool.parent)
+
+
 def _read_bounded(path: Path) -> bytes:
     """At most MAX_ENVELOPE_BYTES + 1 bytes of a regular file (a link or a FIFO is refused)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -83,11 +92,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)
 
 
 def result_json(result: CommandResult, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -253,7 +258,7 @@ def cmd_topup_apply(args: argparse.Namespace) -> int:
         print(f"{src}: {exc}", file=sys.stderr)
         return 2
     spool = spool_dir(Path(cfg.storage.path))
-    spool.mkdir(parents=True, exist_ok=True)
+    ensure_spool(spool)
     name = hashlib.sha256(raw).hexdigest()[:32]
     answer = spool / (name + RESULT_SUFFIX)
     if not answer.exists():

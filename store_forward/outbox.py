@@ -362,6 +362,11 @@ def _ensure_ballast(path: Path, size: int) -> bool:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # the name too: a reserve lost at a power cut would be written again
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
