@@ -77,10 +77,10 @@ sys.path.insert(0, str(ROOT))
 
 import gateway.daemon as daemon_mod  # noqa: E402
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES  # noqa: E402
-from firmware_bridge.modbus.simulator import ModbusSimulator, SimMeter  # noqa: E402
 from firmware_bridge.relay import RelayPolicy  # noqa: E402
 from gateway.config import load_config  # noqa: E402
 from gateway.daemon import Cycle, Daemon, Tick  # noqa: E402
+from testbed.simulators.modbus import ModbusSimulator, SimMeter  # noqa: E402
 
 log = logging.getLogger("bench.rating")
 

@@ -20,7 +20,7 @@ Prints one JSON document to stdout (progress goes to stderr). Parts:
 ``wire`` (b)
     Wire-timed simulated buses on a pseudo-terminal at each ``--bauds``:
     Modbus RTU (``RtuSimulator`` with ``wire_timing``) and DL/T 645
-    (``firmware_bridge.dlt645.simulator`` with ``baud``). Achieved polls/s as
+    (``testbed.simulators.dlt645`` with ``baud``). Achieved polls/s as
     a fraction of the theoretical limit ``1 / Σ transaction wire time`` over
     the frames the cycle actually exchanged, where one transaction costs
     ``(request bytes + reply bytes) × 11 / baud + silent interval(s) +
@@ -66,14 +66,11 @@ from firmware_bridge.dlt645.codec import Frame, Function
 from firmware_bridge.dlt645.dataids import di_from_wire
 from firmware_bridge.dlt645.driver import DEFAULT_QUANTITIES, Dlt645Driver
 from firmware_bridge.dlt645.messages import read_request
-from firmware_bridge.dlt645.simulator import Simulator as Dlt645Simulator
-from firmware_bridge.dlt645.simulator import make_meters as make_dlt645_meters
 from firmware_bridge.dlt645.transport import Dlt645Transport
 from firmware_bridge.driver import MeterDriver
 from firmware_bridge.modbus.decode import ReadBlock, plan_reads
 from firmware_bridge.modbus.driver import ModbusDriver
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES
-from firmware_bridge.modbus.simulator import RtuSimulator
 from firmware_bridge.modbus.transport import ModbusTransport
 from firmware_bridge.reading import Quantity
 from firmware_bridge.scheduler import (
@@ -82,7 +79,10 @@ from firmware_bridge.scheduler import (
     dlt645_gap_s,
     rtu_t35_s,
 )
-from gateway.config import BusSection
+from firmware_bridge.settings import BusSettings
+from testbed.simulators.dlt645 import Simulator as Dlt645Simulator
+from testbed.simulators.dlt645 import make_meters as make_dlt645_meters
+from testbed.simulators.modbus import RtuSimulator
 
 SDM120 = BUILTIN_PROFILES["sdm120"]
 BITS_PER_CHAR = 11  # 8 data + parity + start + stop (8E1; 8N2 is the same on the wire)
@@ -251,7 +251,7 @@ def cpu_summary(what: str, runs: dict[str, list[CpuRun]], extra: dict[str, Any])
 async def cpu_modbus_tcp(meters: int, cycles: int, rounds: int) -> dict[str, Any]:
     units = list(range(1, meters + 1))
     blocks = plan_reads(SDM120.fields, SDM120.max_gap, SDM120.max_count)
-    sim_args = ["firmware_bridge.modbus.simulator", "--tcp", "0", "--units", ",".join(map(str, units))]
+    sim_args = ["testbed.simulators.modbus", "--tcp", "0", "--units", ",".join(map(str, units))]
     runs: dict[str, list[CpuRun]] = {"bare": [], "gateway": []}
     async with simulator_process(sim_args, r"127\.0\.0\.1:(\d+)") as (pid, port, _):
 
@@ -293,7 +293,7 @@ async def cpu_modbus_tcp(meters: int, cycles: int, rounds: int) -> dict[str, Any
 class RecordingTransport(Dlt645Transport):
     """A DL/T 645 transport that keeps every (request, reply) pair it exchanged."""
 
-    def __init__(self, bus: BusSection, **kwargs: Any) -> None:
+    def __init__(self, bus: BusSettings, **kwargs: Any) -> None:
         super().__init__(bus, **kwargs)
         self.log: list[tuple[Frame, Frame]] = []
 
@@ -310,13 +310,13 @@ def dlt645_drivers(
 
 
 async def cpu_dlt645_tcp(meters: int, cycles: int, rounds: int) -> dict[str, Any]:
-    sim_args = ["firmware_bridge.dlt645.simulator", "--tcp", "0", "--meters", str(meters)]
+    sim_args = ["testbed.simulators.dlt645", "--tcp", "0", "--meters", str(meters)]
     runs: dict[str, list[CpuRun]] = {"bare": [], "gateway": []}
     async with simulator_process(sim_args, r"tcp 127\.0\.0\.1:(\d+)") as (pid, port, lines):
         addresses = lines[-1].split()[1:]
         if len(addresses) != meters:
             raise RuntimeError(f"simulator printed {lines}")
-        bus = BusSection("dlt", "tcp", host="127.0.0.1", port=port, timeout_s=1.0)
+        bus = BusSettings("dlt", "tcp", host="127.0.0.1", port=port, timeout_s=1.0)
 
         # the frames one poll exchanges, as the driver asks for them
         rec = RecordingTransport(bus, gap_s=0.0)
@@ -479,7 +479,7 @@ async def dlt645_bus(
     async with sim:
         path = await sim.start_pty()
         # parity exists only on a real UART; the simulator spends 11 bits per byte regardless
-        bus = BusSection("dlt", "serial", device=path, baud=baud, parity="N", timeout_s=timeout_s, retries=retries)
+        bus = BusSettings("dlt", "serial", device=path, baud=baud, parity="N", timeout_s=timeout_s, retries=retries)
         transport = RecordingTransport(bus, gap_s=dlt645_gap_s(baud))
         async with transport:
             addresses = [m.address for m in sim_meters]

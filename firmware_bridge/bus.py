@@ -1,11 +1,11 @@
-"""Build a bus from configuration: transport, drivers, scheduler.
+"""Build a bus from its settings: transport, drivers, scheduler.
 
 :func:`open_site_bus` is the one way the daemon and the commissioning
-commands open a bus: with the site's time zone (``gateway.timezone``, the
-zone meter clocks keep), the line lock of a serial bus, and every meter's
-timing from the standards (firmware_bridge/timing.py)::
+commands open a bus: with the site's time zone (:class:`SiteSettings`
+``timezone``, the zone meter clocks keep), the line lock of a serial bus, and
+every meter's timing from the standards (firmware_bridge/timing.py)::
 
-    async with open_site_bus(config, bus_cfg, owner="edgegw daemon") as sched:
+    async with open_site_bus(site, site.bus("rs485-1"), owner="edgegw daemon") as sched:
         while True:
             result = await sched.run_cycle(now_ms())
             ...
@@ -21,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import importlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 from zoneinfo import ZoneInfo
 
+from firmware_bridge.dlt645.driver import Dlt645Driver
+from firmware_bridge.dlt645.transport import Dlt645Transport, open_transport
 from firmware_bridge.driver import BusUnavailable, MeterDriver
 from firmware_bridge.modbus.driver import RTU_REQUEST_BYTES, RTU_WRITE_BYTES, ModbusDriver
 from firmware_bridge.modbus.profiles import Profile, ProfileError, parse_profile, parse_profiles
@@ -34,8 +35,8 @@ from firmware_bridge.reading import Quantity
 from firmware_bridge.relay import Dlt645RelayActuator, actuator_from_config
 from firmware_bridge.scheduler import BackoffPolicy, BusScheduler, silent_interval_s
 from firmware_bridge.serial_line import LineBusy, LineLock, check_device
+from firmware_bridge.settings import BusSettings, MeterSettings, SiteSettings
 from firmware_bridge.timing import LineTiming, line_timing, standard_response_s, timeout_problem
-from gateway.config import BusSection, MeterSection
 
 
 class BusConfigError(ValueError):
@@ -48,7 +49,7 @@ class BusConfigError(ValueError):
 
 
 def config_problems(
-    buses: Sequence[BusSection], meters: Sequence[MeterSection], profiles: Mapping[str, Any] | None
+    buses: Sequence[BusSettings], meters: Sequence[MeterSettings], profiles: Mapping[str, Any] | None
 ) -> list[str]:
     """Every southbound configuration problem, without opening anything.
 
@@ -124,7 +125,7 @@ def config_problems(
     return problems
 
 
-def bus_protocol(bus: BusSection, meters: Sequence[MeterSection]) -> str:
+def bus_protocol(bus: BusSettings, meters: Sequence[MeterSettings]) -> str:
     """The single protocol spoken on ``bus`` (modbus when the bus has no meters)."""
     protocols = {m.protocol for m in meters}
     if len(protocols) > 1:
@@ -143,12 +144,12 @@ def resolve_profiles(profiles: Mapping[str, Any] | None) -> dict[str, Profile]:
     return parse_profiles(profiles)
 
 
-def meter_timing(protocol: str, bus: BusSection, meter: MeterSection | None = None) -> LineTiming:
+def meter_timing(protocol: str, bus: BusSettings, meter: MeterSettings | None = None) -> LineTiming:
     """The timing of ``meter`` on ``bus`` (bus defaults without a meter)."""
     return line_timing(protocol, bus, meter)
 
 
-def _modbus_transport(bus: BusSection) -> ModbusTransport:
+def _modbus_transport(bus: BusSettings) -> ModbusTransport:
     line = meter_timing("modbus", bus)
     # default limit of one request (relay writes and read-backs): a short frame each way
     limit = line.wire_s(RTU_REQUEST_BYTES) + line.timeout_s + line.wire_s(RTU_WRITE_BYTES)
@@ -171,7 +172,7 @@ def _modbus_transport(bus: BusSection) -> ModbusTransport:
     )
 
 
-def profile_for_meter(m: MeterSection, profiles: Mapping[str, Profile]) -> Profile:
+def profile_for_meter(m: MeterSettings, profiles: Mapping[str, Profile]) -> Profile:
     """The meter's profile, narrowed to its ``quantities`` when the meter lists some."""
     if m.profile is None:
         raise BusConfigError(f"meter {m.id}.profile", "required for a modbus meter")
@@ -194,10 +195,10 @@ def profile_for_meter(m: MeterSection, profiles: Mapping[str, Profile]) -> Profi
 
 
 def modbus_drivers(
-    meters: Sequence[MeterSection],
+    meters: Sequence[MeterSettings],
     profiles: Mapping[str, Profile],
     transport: ModbusTransport,
-    bus: BusSection | None = None,
+    bus: BusSettings | None = None,
 ) -> list[ModbusDriver]:
     drivers: list[ModbusDriver] = []
     for m in meters:
@@ -210,20 +211,10 @@ def modbus_drivers(
     return drivers
 
 
-class SiteConfig(Protocol):
-    """What :func:`open_site_bus` needs of the configuration (``gateway.config.Config``)."""
-
-    @property
-    def gateway(self) -> Any: ...  # .timezone: the site's IANA zone
-    @property
-    def profiles(self) -> Mapping[str, Any]: ...
-    def meters_on(self, bus: str) -> Sequence[MeterSection]: ...
-
-
 def open_site_bus(
-    config: SiteConfig,
-    bus: BusSection,
-    meters: Sequence[MeterSection] | None = None,
+    site: SiteSettings,
+    bus: BusSettings,
+    meters: Sequence[MeterSettings] | None = None,
     *,
     owner: str,
     force: bool = False,
@@ -231,7 +222,7 @@ def open_site_bus(
 ) -> contextlib.AbstractAsyncContextManager[BusScheduler]:
     """Open ``bus`` the way the daemon and the commissioning commands both do.
 
-    Meter clocks run in the site's zone (``gateway.timezone``); ``meters``
+    Meter clocks run in the site's zone (``site.timezone``); ``meters``
     defaults to every meter of the bus. ``owner`` is what a refused process is
     told holds the line (e.g. ``edgegw daemon (gateway gw-01)``); ``force`` uses
     a serial line even while another process holds its lock (the two will talk
@@ -239,10 +230,10 @@ def open_site_bus(
     """
     return open_bus(
         bus,
-        config.meters_on(bus.name) if meters is None else meters,
-        config.profiles,
+        site.meters_on(bus.name) if meters is None else meters,
+        site.profiles,
         policy=policy,
-        meter_tz=ZoneInfo(config.gateway.timezone),
+        meter_tz=ZoneInfo(site.timezone),
         lock_owner=owner,
         force=force,
     )
@@ -250,8 +241,8 @@ def open_site_bus(
 
 @contextlib.asynccontextmanager
 async def open_bus(
-    bus: BusSection,
-    meters: Sequence[MeterSection],
+    bus: BusSettings,
+    meters: Sequence[MeterSettings],
     profiles: Mapping[str, Any] | None = None,
     *,
     policy: BackoffPolicy | None = None,
@@ -263,13 +254,13 @@ async def open_bus(
 
     ``meter_tz`` is the time zone DL/T 645 meter clocks run in (they keep local
     time; relay-command deadlines are converted to it), e.g.
-    ``ZoneInfo(config.gateway.timezone)``: use :func:`open_site_bus`, which
-    passes it. Meter ``password``/``operator`` (hex), ``quantities`` and timing
-    overrides from the configuration are passed to the drivers. With
+    ``ZoneInfo(site.timezone)``: use :func:`open_site_bus`, which passes it.
+    Meter ``password``/``operator`` (hex), ``quantities`` and timing overrides
+    from the settings are passed to the drivers. With
     ``lock_owner`` a serial bus's line lock is taken (unless ``force``).
 
     Raises :class:`BusConfigError` / :class:`ProfileError` (both ``ValueError``) for
-    configuration problems before anything is opened, and
+    settings problems before anything is opened, and
     :class:`~firmware_bridge.driver.BusUnavailable` when a serial device is
     missing, not accessible or in use.
     """
@@ -331,7 +322,7 @@ def busy_text(exc: LineBusy) -> str:
     )
 
 
-def _relay_actuator(m: MeterSection, scheduler: BusScheduler, transports: Mapping[str, Any]) -> Any:
+def _relay_actuator(m: MeterSettings, scheduler: BusScheduler, transports: Mapping[str, Any]) -> Any:
     assert m.relay is not None
     if m.relay.kind == "dlt645":
         if m.protocol != "dlt645":
@@ -352,18 +343,14 @@ def _relay_actuator(m: MeterSection, scheduler: BusScheduler, transports: Mappin
 
 
 async def _dlt645(
-    bus: BusSection,
-    meters: Sequence[MeterSection],
+    bus: BusSettings,
+    meters: Sequence[MeterSettings],
     stack: contextlib.AsyncExitStack,
     meter_tz: dt.tzinfo | None,
-) -> tuple[list[MeterDriver], Any]:
-    """DL/T 645 through ``firmware_bridge.dlt645`` (``open_transport`` + ``Dlt645Driver``)."""
-    try:
-        dlt = importlib.import_module("firmware_bridge.dlt645")
-    except ImportError as exc:
-        raise BusConfigError(f"bus {bus.name}", f"DL/T 645 support is not available: {exc}") from exc
+) -> tuple[list[MeterDriver], Dlt645Transport]:
+    """DL/T 645 drivers on one shared transport, entered on ``stack``."""
     drivers: list[MeterDriver] = []
-    transport = dlt.open_transport(bus, timing=meter_timing("dlt645", bus))
+    transport = open_transport(bus, timing=meter_timing("dlt645", bus))
     for m in meters:
         if m.address is None:
             raise BusConfigError(f"meter {m.id}.address", "required for a dlt645 meter")
@@ -377,7 +364,7 @@ async def _dlt645(
         if meter_tz is not None:
             kwargs["clock_tz"] = meter_tz
         try:
-            drivers.append(dlt.Dlt645Driver(m.id, m.address, transport, **kwargs))
+            drivers.append(Dlt645Driver(m.id, m.address, transport, **kwargs))
         except ValueError as exc:
             raise BusConfigError(f"meter {m.id}", str(exc)) from None
     await stack.enter_async_context(transport)

@@ -29,16 +29,16 @@ import asyncio
 import dataclasses
 import datetime as dt
 import enum
-import importlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from firmware_bridge.dlt645.messages import ControlCommand
 from firmware_bridge.driver import MeterError, MeterFrameError
 from firmware_bridge.modbus.transport import ModbusTransport
-from gateway.config import RelaySection
+from firmware_bridge.settings import RelaySettings
 
 T = TypeVar("T")
 
@@ -134,14 +134,13 @@ class Dlt645RelayActuator:
         self.driver = driver
         self.close_directly = close_directly
         self.validity_s = validity_s
-        cmds = importlib.import_module("firmware_bridge.dlt645.messages").ControlCommand
-        self._trip = cmds.TRIP
-        self._close = cmds.CLOSE if close_directly else cmds.CLOSE_ALLOWED
+        self._trip = ControlCommand.TRIP
+        self._close = ControlCommand.CLOSE if close_directly else ControlCommand.CLOSE_ALLOWED
         self._signals = {
-            MeterSignal.ALARM_ON: cmds.ALARM,
-            MeterSignal.ALARM_OFF: cmds.ALARM_OFF,
-            MeterSignal.PROTECT_ON: cmds.PROTECT,
-            MeterSignal.PROTECT_OFF: cmds.PROTECT_OFF,
+            MeterSignal.ALARM_ON: ControlCommand.ALARM,
+            MeterSignal.ALARM_OFF: ControlCommand.ALARM_OFF,
+            MeterSignal.PROTECT_ON: ControlCommand.PROTECT,
+            MeterSignal.PROTECT_OFF: ControlCommand.PROTECT_OFF,
         }
 
     @property
@@ -165,7 +164,7 @@ class Dlt645RelayActuator:
 
 
 def actuator_from_config(
-    meter_id: str, relay: RelaySection, transport: ModbusTransport, meter_unit_id: int | None
+    meter_id: str, relay: RelaySettings, transport: ModbusTransport, meter_unit_id: int | None
 ) -> RelayActuator:
     """Modbus coil/register actuator for a meter's ``[meter.relay]`` table."""
     unit = relay.unit_id if relay.unit_id is not None else meter_unit_id

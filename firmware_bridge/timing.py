@@ -34,7 +34,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+
+from firmware_bridge.settings import BusSettings, MeterSettings
 
 # DL/T 645-2007: a meter answers 20 ms ≤ Td ≤ 500 ms after the end of the request.
 DLT645_RESPONSE_MIN_S = 0.020
@@ -148,34 +149,6 @@ def timeout_problem(timeout_s: float | None, response_s: float, protocol: str) -
         + "): a meter answering within its allowed time would never be read;"
         " remove timeout_s, or set response_time_s to the meters' documented response time"
     )
-
-
-class BusSettings(Protocol):
-    """What timing needs of a bus table (``gateway.config.BusSection`` has it)."""
-
-    @property
-    def type(self) -> str: ...
-    @property
-    def baud(self) -> int: ...
-    @property
-    def parity(self) -> str: ...
-    @property
-    def stop_bits(self) -> int: ...
-    @property
-    def framing(self) -> str: ...
-    @property
-    def response_time_s(self) -> float | None: ...
-    @property
-    def timeout_s(self) -> float | None: ...
-
-
-class MeterSettings(Protocol):
-    """Per-meter overrides (``gateway.config.MeterSection`` has them)."""
-
-    @property
-    def response_time_s(self) -> float | None: ...
-    @property
-    def timeout_s(self) -> float | None: ...
 
 
 def default_response_s(protocol: str) -> float:

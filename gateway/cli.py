@@ -22,7 +22,7 @@ from store_forward.cli import register_headend
 
 # Modules that add their own subcommands with ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
-    "firmware_bridge.cli",  # meters scan / read / relay
+    "gateway.meters_cli",  # meters scan / read / relay
     "gateway.billing.cli",  # tariff simulate
     "gateway.technician",  # topup apply
     "gateway.security.cli",  # audit verify, command sign / verify / keygen

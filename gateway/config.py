@@ -7,7 +7,10 @@ Every problem is reported with the file, the key path and what is wrong, e.g.::
     site.toml: meter[2].bus: unknown bus 'rs485-9' (known: rs485-1, tcp-1)
 
 All problems in a file are collected and reported together, so a technician
-fixes a broken file in one pass. The result is a tree of frozen dataclasses.
+fixes a broken file in one pass. The result is a tree of frozen dataclasses;
+buses, meters and relays are the firmware bridge's own settings types
+(:mod:`firmware_bridge.settings`), so the bus code reads no file and knows
+nothing of this one (:attr:`Config.site` is what it needs of the whole site).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from firmware_bridge.bus import config_problems
+from firmware_bridge.reading import Quantity
+from firmware_bridge.settings import BusSettings, MeterSettings, RelaySettings, SiteSettings
 from gateway.toml_lines import Lines, ScanError, nesting_depth, scan
 
 
@@ -84,50 +90,10 @@ class UplinkSection:
 
 
 @dataclass(frozen=True)
-class BusSection:
-    name: str
-    type: str  # "serial" | "tcp"
-    device: str | None = None  # serial device path
-    baud: int = 9600
-    parity: str = "N"  # N, E, O
-    stop_bits: int = 1
-    host: str | None = None
-    port: int = 502
-    # Per-transaction timeout (wait for a reply's first byte after the request);
-    # None: the meters' response time plus a margin (firmware_bridge/timing.py).
-    timeout_s: float | None = None
-    retries: int = 1
-    framing: str = "socket"  # tcp buses: "socket" (Modbus TCP) or "rtu" (transparent serial server)
-    # Longest wait of the bus's meters before they answer; None: the protocol's
-    # (DL/T 645: 0.5 s, Modbus: 1 s).
-    response_time_s: float | None = None
+class MeterSection(MeterSettings):
+    """A ``[[meter]]`` table: what the bus code needs, and the prepaid account it bills."""
 
-
-@dataclass(frozen=True)
-class RelaySection:
-    kind: str  # "dlt645" | "coil" | "register"
-    address: int = 0
-    unit_id: int | None = None
-    open_value: int = 1
-    closed_value: int = 0
-    min_interval_s: float = 10.0
-
-
-@dataclass(frozen=True)
-class MeterSection:
-    id: str
-    bus: str
-    protocol: str  # "modbus" | "dlt645"
-    profile: str | None = None
-    unit_id: int | None = None
-    address: str | None = None
     account: str | None = None
-    relay: RelaySection | None = None
-    password: str | None = None  # DL/T 645 control password, hex, wire order (level + 3 bytes)
-    operator: str | None = None  # DL/T 645 operator code, hex (4 bytes)
-    quantities: tuple[str, ...] | None = None  # what to read; None = the protocol's default set
-    response_time_s: float | None = None  # this meter's documented response time; None: the bus's
-    timeout_s: float | None = None  # this meter's per-transaction timeout; None: the bus's
 
 
 @dataclass(frozen=True)
@@ -164,13 +130,18 @@ class Config:
     storage: StorageSection
     broker: BrokerSection
     uplink: UplinkSection
-    buses: tuple[BusSection, ...]
+    buses: tuple[BusSettings, ...]
     meters: tuple[MeterSection, ...]
     profiles: Mapping[str, Any] = field(default_factory=dict)
     accounts: tuple[AccountSection, ...] = ()
     security: SecuritySection = field(default_factory=SecuritySection)
 
-    def bus(self, name: str) -> BusSection:
+    @property
+    def site(self) -> SiteSettings:
+        """What the bus code needs of the site (firmware_bridge.bus.open_site_bus)."""
+        return SiteSettings(self.gateway.timezone, self.buses, self.meters, self.profiles)
+
+    def bus(self, name: str) -> BusSettings:
         for b in self.buses:
             if b.name == name:
                 return b
@@ -294,8 +265,6 @@ def _hex_bytes(v: Any, n: int) -> str | None:
 
 
 def _quantities(v: Any) -> str | None:
-    from firmware_bridge.reading import Quantity
-
     if not all(isinstance(q, str) for q in v):
         return "must be an array of quantity names (strings)"
     known = {q.value for q in Quantity}
@@ -611,7 +580,7 @@ class ConfigReport:
     problems: list[str]
     where: Where
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
-    buses: list[tuple[int, BusSection]] = field(default_factory=list)
+    buses: list[tuple[int, BusSettings]] = field(default_factory=list)
     meters: list[tuple[int, MeterSection]] = field(default_factory=list)
     accounts: list[tuple[int, AccountSection]] = field(default_factory=list)
 
@@ -757,8 +726,8 @@ def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
     return report
 
 
-def _buses(c: _Collector, raw: Mapping[str, Any]) -> list[tuple[int, BusSection]]:
-    buses: list[tuple[int, BusSection]] = []
+def _buses(c: _Collector, raw: Mapping[str, Any]) -> list[tuple[int, BusSettings]]:
+    buses: list[tuple[int, BusSettings]] = []
     first: dict[str, int] = {}
     for i, rb in _entries(raw, "bus"):
         key = ("bus", i)
@@ -773,7 +742,7 @@ def _buses(c: _Collector, raw: Mapping[str, Any]) -> list[tuple[int, BusSection]
             c.add((*key, "device"), "required for a serial bus (e.g. '/dev/ttyUSB0')")
         if b["type"] == "tcp" and "host" not in rb:
             c.add((*key, "host"), "required for a tcp bus")
-        buses.append((i, BusSection(**b)))
+        buses.append((i, BusSettings(**b)))
     return buses
 
 
@@ -802,7 +771,7 @@ def _meters(
         if "relay" in m:
             r = c.section((*key, "relay"), m["relay"], RELAY_SCHEMA)
             if "kind" in r:
-                relay = RelaySection(**r)
+                relay = RelaySettings(**r)
         m["relay"] = relay
         if len(c.problems) > before:
             flawed.add(i)
@@ -827,7 +796,7 @@ def _meters(
 
 
 def _serial_defaults(
-    raw: Mapping[str, Any], buses: list[tuple[int, BusSection]], meters: list[tuple[int, MeterSection]]
+    raw: Mapping[str, Any], buses: list[tuple[int, BusSettings]], meters: list[tuple[int, MeterSection]]
 ) -> None:
     """Serial defaults follow the protocol: DL/T 645 meters ship at 2400 8E1, Modbus at 9600 8N1."""
     raw_buses = raw.get("bus")
@@ -862,14 +831,12 @@ _SOUTHBOUND_BUS = re.compile(r"bus (\S+): (.*)", re.S)
 
 def _southbound(
     c: _Collector,
-    buses: list[tuple[int, BusSection]],
+    buses: list[tuple[int, BusSettings]],
     meters: list[tuple[int, MeterSection]],
     profiles: Any,
 ) -> None:
     """Profiles, protocols per bus and relay tables (firmware_bridge.bus), on the
     valid entries, with each problem put back at its place in the file."""
-    from firmware_bridge.bus import config_problems
-
     bus_index = {b.name: i for i, b in buses}
     for line in config_problems([b for _, b in buses], [m for _, m in meters], profiles):
         if mm := _SOUTHBOUND_ENTRY.fullmatch(line):  # index into the lists passed: back to the file's

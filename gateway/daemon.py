@@ -56,6 +56,7 @@ from firmware_bridge.relay import (
     controller_for,
 )
 from firmware_bridge.scheduler import BackoffPolicy, MeterHealth
+from firmware_bridge.settings import BusSettings
 from gateway import meter_health, sdnotify, technician
 from gateway.billing.cutoff import Contact
 from gateway.billing.held import Stretch
@@ -69,7 +70,7 @@ from gateway.commands import (
     RelayOp,
     audit_and_report,
 )
-from gateway.config import BusSection, Config
+from gateway.config import Config
 from gateway.prepaid import Prepaid, RelayIntent
 from gateway.remote_config import DEFAULT_CONFIRM_MS, RemoteConfig
 from gateway.risk_monitor import RiskMonitor
@@ -1152,7 +1153,7 @@ class Daemon:
     # -- buses -------------------------------------------------------------------
 
     async def _bus_loop(
-        self, bus: BusSection, out: asyncio.Queue[Cycle | Tick], *, phase_s: float = 0.0
+        self, bus: BusSettings, out: asyncio.Queue[Cycle | Tick], *, phase_s: float = 0.0
     ) -> None:
         """Poll one bus for ever. The first cycle starts ``phase_s`` late: buses are
         spread over the poll interval, so their readings (and the rating work they
@@ -1166,7 +1167,7 @@ class Daemon:
         while True:
             try:
                 async with open_site_bus(
-                    cfg, bus, meters, owner=f"edgegw daemon (gateway {cfg.gateway.id})", policy=self.backoff
+                    cfg.site, bus, meters, owner=f"edgegw daemon (gateway {cfg.gateway.id})", policy=self.backoff
                 ) as scheduler:
                     controller = controller_for(scheduler)
                     attempt = 0

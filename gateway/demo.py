@@ -59,9 +59,6 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from firmware_bridge.dlt645.simulator import Simulator as Dlt645Simulator
-from firmware_bridge.dlt645.simulator import make_meters
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway import demo_story as story
 from gateway.billing import ledger_store as ls
 from gateway.billing.money import report_yuan
@@ -86,6 +83,9 @@ from store_forward.uplink_keys import (
     headend_public_b64,
     load_headend_key,
 )
+from testbed.simulators.dlt645 import Simulator as Dlt645Simulator
+from testbed.simulators.dlt645 import make_meters
+from testbed.simulators.modbus import ModbusSimulator
 
 log = logging.getLogger(__name__)
 

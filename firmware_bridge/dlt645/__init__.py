@@ -1,4 +1,4 @@
-"""DL/T 645-2007 for firmware_bridge: sans-I/O codec, transport, driver, simulator.
+"""DL/T 645-2007 for firmware_bridge: sans-I/O codec, transport, driver, discovery.
 
 Integration surface for the bus scheduler::
 

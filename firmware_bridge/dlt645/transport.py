@@ -59,9 +59,9 @@ from firmware_bridge.driver import (
     TransportError,
 )
 from firmware_bridge.serial_line import open_problem
+from firmware_bridge.settings import BusSettings
 from firmware_bridge.timing import LineTiming, line_timing
 from firmware_bridge.timing import char_time_s as _char_time_s
-from gateway.config import BusSection
 
 DEFAULT_PREAMBLE = 4
 MIN_GAP_S = 0.020  # meters want some silence between frames; 20 ms is the common floor
@@ -169,7 +169,7 @@ class Dlt645Transport:
 
     def __init__(
         self,
-        bus: BusSection,
+        bus: BusSettings,
         *,
         gap_s: float | None = None,
         preamble: int = DEFAULT_PREAMBLE,
@@ -505,7 +505,7 @@ def _frames_in(raw: bytes | bytearray) -> list[Frame]:
 
 
 def open_transport(
-    bus: BusSection,
+    bus: BusSettings,
     *,
     gap_s: float | None = None,
     preamble: int = DEFAULT_PREAMBLE,

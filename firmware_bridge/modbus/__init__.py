@@ -1,4 +1,4 @@
-"""Modbus RTU/TCP meters: register maps as data, a driver, a transport, a simulator."""
+"""Modbus RTU/TCP meters: register maps as data, a driver, a transport."""
 
 from firmware_bridge.modbus.driver import ModbusDriver
 from firmware_bridge.modbus.profiles import (

@@ -42,9 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from firmware_bridge.dlt645.messages import ControlCommand, parse_control_request
-from firmware_bridge.dlt645.simulator import SimulatedMeter, Simulator
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES
-from firmware_bridge.modbus.simulator import ModbusSimulator, SimMeter
 from firmware_bridge.reading import Measurement, Quality, Quantity, Reading
 from firmware_bridge.relay import RelayPolicy
 from gateway.billing.account import load_account
@@ -57,6 +55,8 @@ from gateway.security.roles import CentralKey, CommandType, Role, TrustStore
 from provisioning.keys import Keystore
 from store_forward.topics import Topics
 from store_forward.uplink_keys import generate_headend_key
+from testbed.simulators.dlt645 import SimulatedMeter, Simulator
+from testbed.simulators.modbus import ModbusSimulator, SimMeter
 from tests.harness.mosquitto import Mosquitto, free_port
 from tests.harness.procs import ROOT, Proc, edgegw
 

@@ -7,13 +7,13 @@ import pytest
 
 from firmware_bridge.bus import BusConfigError, open_bus
 from firmware_bridge.modbus.profiles import ProfileError
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from firmware_bridge.reading import Quantity
-from gateway.config import BusSection, MeterSection
+from firmware_bridge.settings import BusSettings, MeterSettings
+from testbed.simulators.modbus import ModbusSimulator
 
 
-def tcp_bus(port: int) -> BusSection:
-    return BusSection(name="tcp-1", type="tcp", host="127.0.0.1", port=port, timeout_s=0.2, retries=1)
+def tcp_bus(port: int) -> BusSettings:
+    return BusSettings(name="tcp-1", type="tcp", host="127.0.0.1", port=port, timeout_s=0.2, retries=1)
 
 
 async def test_open_bus_with_builtin_and_user_profiles() -> None:
@@ -24,9 +24,9 @@ async def test_open_bus_with_builtin_and_user_profiles() -> None:
         }
     }
     meters = [
-        MeterSection(id="a", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1),
-        MeterSection(id="b", bus="tcp-1", protocol="modbus", profile="my_sdm", unit_id=2),
-        MeterSection(id="other", bus="tcp-2", protocol="modbus", profile="sdm120", unit_id=3),
+        MeterSettings(id="a", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1),
+        MeterSettings(id="b", bus="tcp-1", protocol="modbus", profile="my_sdm", unit_id=2),
+        MeterSettings(id="other", bus="tcp-2", protocol="modbus", profile="sdm120", unit_id=3),
     ]
     async with ModbusSimulator([1, 2]) as sim, open_bus(tcp_bus(sim.port), meters, user) as sched:
         assert list(sched.drivers) == ["a", "b"]  # meters of other buses ignored
@@ -39,14 +39,14 @@ async def test_open_bus_with_builtin_and_user_profiles() -> None:
 async def test_config_errors() -> None:
     bus = tcp_bus(1)
     with pytest.raises(BusConfigError, match="unknown profile 'nope'"):
-        async with open_bus(bus, [MeterSection(id="a", bus="tcp-1", protocol="modbus", profile="nope", unit_id=1)]):
+        async with open_bus(bus, [MeterSettings(id="a", bus="tcp-1", protocol="modbus", profile="nope", unit_id=1)]):
             pass
     with pytest.raises(BusConfigError, match="different protocols"):
         async with open_bus(
             bus,
             [
-                MeterSection(id="a", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1),
-                MeterSection(id="b", bus="tcp-1", protocol="dlt645", address="000001020304"),
+                MeterSettings(id="a", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1),
+                MeterSettings(id="b", bus="tcp-1", protocol="dlt645", address="000001020304"),
             ],
         ):
             pass
@@ -57,19 +57,19 @@ async def test_config_errors() -> None:
 
 
 async def test_open_bus_dlt645_with_relay() -> None:
-    from firmware_bridge.dlt645.simulator import Simulator, make_meters
     from firmware_bridge.relay import RelayPolicy, controller_for
-    from gateway.config import RelaySection
+    from firmware_bridge.settings import RelaySettings
+    from testbed.simulators.dlt645 import Simulator, make_meters
 
     sims = make_meters(3)
     sims[1].faults.no_reply = True
     async with Simulator(sims) as sim:
         port = await sim.start_tcp()
-        bus = BusSection(name="dlt", type="tcp", host="127.0.0.1", port=port, timeout_s=0.3, retries=0)
+        bus = BusSettings(name="dlt", type="tcp", host="127.0.0.1", port=port, timeout_s=0.3, retries=0)
         meters = [
-            MeterSection(id=f"d{i}", bus="dlt", protocol="dlt645", address=m.address, password=m.password.hex(),
+            MeterSettings(id=f"d{i}", bus="dlt", protocol="dlt645", address=m.address, password=m.password.hex(),
                          quantities=("energy_import_kwh", "voltage_v"),
-                         relay=RelaySection(kind="dlt645", min_interval_s=0))
+                         relay=RelaySettings(kind="dlt645", min_interval_s=0))
             for i, m in enumerate(sims)
         ]
         async with open_bus(bus, meters) as sched:
@@ -87,17 +87,17 @@ async def test_open_bus_dlt645_with_relay() -> None:
 
 
 async def test_meter_signals_alarm_and_protect_on_dlt645_meters() -> None:
-    from firmware_bridge.dlt645.simulator import Simulator, make_meters
     from firmware_bridge.relay import MeterSignal, RelayPolicy, SignalNotSupported, controller_for
-    from gateway.config import RelaySection
+    from firmware_bridge.settings import RelaySettings
+    from testbed.simulators.dlt645 import Simulator, make_meters
 
     sims = make_meters(2)
     async with Simulator(sims) as sim:
         port = await sim.start_tcp()
-        bus = BusSection(name="dlt", type="tcp", host="127.0.0.1", port=port, timeout_s=0.3, retries=0)
+        bus = BusSettings(name="dlt", type="tcp", host="127.0.0.1", port=port, timeout_s=0.3, retries=0)
         meters = [
-            MeterSection(id=f"d{i}", bus="dlt", protocol="dlt645", address=m.address, password=m.password.hex(),
-                         quantities=("energy_import_kwh",), relay=RelaySection(kind="dlt645", min_interval_s=0))
+            MeterSettings(id=f"d{i}", bus="dlt", protocol="dlt645", address=m.address, password=m.password.hex(),
+                         quantities=("energy_import_kwh",), relay=RelaySettings(kind="dlt645", min_interval_s=0))
             for i, m in enumerate(sims)
         ]
         async with open_bus(bus, meters) as sched:
@@ -115,8 +115,8 @@ async def test_meter_signals_alarm_and_protect_on_dlt645_meters() -> None:
             lost = await relays.signal("d0", MeterSignal.ALARM_ON)
             assert not lost.ok and "timeout" in lost.detail  # the meter may have acted: no ack, not ok
     async with ModbusSimulator([1]) as msim:
-        modbus = [MeterSection(id="m", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1,
-                               relay=RelaySection(kind="coil"))]
+        modbus = [MeterSettings(id="m", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1,
+                               relay=RelaySettings(kind="coil"))]
         async with open_bus(tcp_bus(msim.port), modbus) as sched:
             relays = controller_for(sched)
             assert not relays.supports_signals("m")
@@ -126,18 +126,18 @@ async def test_meter_signals_alarm_and_protect_on_dlt645_meters() -> None:
 
 def test_config_problems_lists_everything() -> None:
     from firmware_bridge.bus import config_problems
-    from gateway.config import RelaySection
+    from firmware_bridge.settings import RelaySettings
 
-    buses = [BusSection(name="b1", type="tcp", host="h"), BusSection(name="b2", type="serial", device="/dev/x")]
+    buses = [BusSettings(name="b1", type="tcp", host="h"), BusSettings(name="b2", type="serial", device="/dev/x")]
     meters = [
-        MeterSection(id="a", bus="b1", protocol="modbus", profile="nope", unit_id=1),
-        MeterSection(id="b", bus="b1", protocol="modbus", profile="broken", unit_id=2),
-        MeterSection(id="c", bus="b2", protocol="modbus", profile="sdm120", unit_id=3,
-                     relay=RelaySection(kind="register", open_value=1, closed_value=1)),
-        MeterSection(id="d", bus="b2", protocol="dlt645", address="000000000001",
-                     relay=RelaySection(kind="coil")),
-        MeterSection(id="e", bus="b1", protocol="modbus", profile="sdm120", unit_id=4,
-                     relay=RelaySection(kind="coil", open_value=2)),
+        MeterSettings(id="a", bus="b1", protocol="modbus", profile="nope", unit_id=1),
+        MeterSettings(id="b", bus="b1", protocol="modbus", profile="broken", unit_id=2),
+        MeterSettings(id="c", bus="b2", protocol="modbus", profile="sdm120", unit_id=3,
+                     relay=RelaySettings(kind="register", open_value=1, closed_value=1)),
+        MeterSettings(id="d", bus="b2", protocol="dlt645", address="000000000001",
+                     relay=RelaySettings(kind="coil")),
+        MeterSettings(id="e", bus="b1", protocol="modbus", profile="sdm120", unit_id=4,
+                     relay=RelaySettings(kind="coil", open_value=2)),
     ]
     profiles = {"broken": {"function_code": 4, "fields": {"power_kw": {"address": 1, "unit": "kWh"}}}, "ok": {"function_code": 3, "fields": {"voltage_v": {"address": 0}}}}
     problems = config_problems(buses, meters, profiles)
@@ -156,12 +156,12 @@ def test_config_problems_lists_everything() -> None:
 async def test_meter_quantities_narrow_the_profile() -> None:
     async with ModbusSimulator([1]) as sim:
         bus = tcp_bus(sim.port)
-        m = MeterSection(id="a", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1,
+        m = MeterSettings(id="a", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1,
                          quantities=("energy_import_kwh", "energy_export_kwh"))
         async with open_bus(bus, [m]) as sched:
             res = await sched.run_cycle(0)
         assert set(res.readings[0].values) == {Quantity.ENERGY_IMPORT, Quantity.ENERGY_EXPORT}
-        bad = MeterSection(id="a", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1,
+        bad = MeterSettings(id="a", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1,
                            quantities=("energy_import_t1_kwh",))
         with pytest.raises(BusConfigError, match="has no energy_import_t1_kwh"):
             async with open_bus(bus, [bad]):
@@ -200,10 +200,10 @@ def test_timing_keys_parse_and_a_timeout_below_the_window_is_refused(tmp_path: P
 def test_config_problems_check_timeouts_against_documented_response_times() -> None:
     from firmware_bridge.bus import config_problems
 
-    modbus = BusSection(name="b1", type="tcp", host="h", timeout_s=0.3)
+    modbus = BusSettings(name="b1", type="tcp", host="h", timeout_s=0.3)
     meters = [
-        MeterSection(id="a", bus="b1", protocol="modbus", profile="sdm120", unit_id=1),
-        MeterSection(id="b", bus="b1", protocol="modbus", profile="sdm120", unit_id=2,
+        MeterSettings(id="a", bus="b1", protocol="modbus", profile="sdm120", unit_id=1),
+        MeterSettings(id="b", bus="b1", protocol="modbus", profile="sdm120", unit_id=2,
                      response_time_s=0.8, timeout_s=0.5),
     ]
     # Modbus fixes no response time: only a documented one binds
@@ -213,15 +213,15 @@ def test_config_problems_check_timeouts_against_documented_response_times() -> N
         " answering within its allowed time would never be read; remove timeout_s, or set"
         " response_time_s to the meters' documented response time"
     ]
-    slow = MeterSection(id="c", bus="b1", protocol="modbus", profile="sdm120", unit_id=3, response_time_s=0.5)
+    slow = MeterSettings(id="c", bus="b1", protocol="modbus", profile="sdm120", unit_id=3, response_time_s=0.5)
     assert [p.split(":")[0] for p in config_problems([modbus], [slow], None)] == ["bus[0].timeout_s"]
 
 
 async def test_a_missing_serial_adapter_is_one_line_for_the_bus(tmp_path: Path) -> None:
     from firmware_bridge.driver import BusUnavailable
 
-    bus = BusSection(name="rs485-1", type="serial", device=str(tmp_path / "ttyUSB0"))
-    m = MeterSection(id="a", bus="rs485-1", protocol="modbus", profile="sdm120", unit_id=1)
+    bus = BusSettings(name="rs485-1", type="serial", device=str(tmp_path / "ttyUSB0"))
+    m = MeterSettings(id="a", bus="rs485-1", protocol="modbus", profile="sdm120", unit_id=1)
     with pytest.raises(BusUnavailable) as info:
         async with open_bus(bus, [m]):
             pass

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from firmware_bridge.bus import BusConfigError, open_bus
 from firmware_bridge.driver import MeterFrameError
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from firmware_bridge.modbus.transport import ModbusTransport
 from firmware_bridge.relay import (
     ModbusCoilActuator,
@@ -26,7 +25,8 @@ from firmware_bridge.relay import (
     interval_remaining_s,
     redrive_delay_s,
 )
-from gateway.config import BusSection, MeterSection, RelaySection
+from firmware_bridge.settings import BusSettings, MeterSettings, RelaySettings
+from testbed.simulators.modbus import ModbusSimulator
 
 FAST = RelayPolicy(min_interval_s=0.0, settle_s=0.01, max_drives=3, redrive_delays_s=(0.01, 0.02))
 
@@ -203,10 +203,10 @@ async def test_any_actuator_and_deferred_close() -> None:
 async def test_open_bus_builds_relays_and_serialises_with_polling() -> None:
     async with ModbusSimulator([1, 2]) as sim:
         sim.meter(2).relay_coil = 5
-        bus = BusSection(name="b", type="tcp", host="127.0.0.1", port=sim.port, timeout_s=0.2)
+        bus = BusSettings(name="b", type="tcp", host="127.0.0.1", port=sim.port, timeout_s=0.2)
         meters = [
-            MeterSection(id="m1", bus="b", protocol="modbus", profile="sdm120", unit_id=1, relay=RelaySection(kind="coil", address=0, min_interval_s=0)),
-            MeterSection(id="m2", bus="b", protocol="modbus", profile="sdm120", unit_id=2, relay=RelaySection(kind="coil", address=5, min_interval_s=0)),
+            MeterSettings(id="m1", bus="b", protocol="modbus", profile="sdm120", unit_id=1, relay=RelaySettings(kind="coil", address=0, min_interval_s=0)),
+            MeterSettings(id="m2", bus="b", protocol="modbus", profile="sdm120", unit_id=2, relay=RelaySettings(kind="coil", address=5, min_interval_s=0)),
         ]
         async with open_bus(bus, meters) as sched:
             assert set(sched.relays) == {"m1", "m2"}
@@ -219,14 +219,14 @@ async def test_open_bus_builds_relays_and_serialises_with_polling() -> None:
 
 
 async def test_relay_config_errors() -> None:
-    bus = BusSection(name="b", type="tcp", host="127.0.0.1", port=1, timeout_s=0.2)
-    bad = MeterSection(id="m", bus="b", protocol="modbus", profile="sdm120", unit_id=1, relay=RelaySection(kind="dlt645"))
+    bus = BusSettings(name="b", type="tcp", host="127.0.0.1", port=1, timeout_s=0.2)
+    bad = MeterSettings(id="m", bus="b", protocol="modbus", profile="sdm120", unit_id=1, relay=RelaySettings(kind="dlt645"))
     with pytest.raises(BusConfigError, match="needs a dlt645 meter"):
         async with open_bus(bus, [bad]):
             pass
-    same = MeterSection(
+    same = MeterSettings(
         id="m", bus="b", protocol="modbus", profile="sdm120", unit_id=1,
-        relay=RelaySection(kind="register", open_value=1, closed_value=1),
+        relay=RelaySettings(kind="register", open_value=1, closed_value=1),
     )
     with pytest.raises(BusConfigError, match="must differ"):
         async with open_bus(bus, [same]):

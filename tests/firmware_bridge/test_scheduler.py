@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from firmware_bridge.driver import MeterTimeout
 from firmware_bridge.modbus.driver import ModbusDriver
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES
-from firmware_bridge.modbus.simulator import ModbusSimulator, RtuSimulator
 from firmware_bridge.modbus.transport import ModbusTransport
 from firmware_bridge.reading import Quantity, Reading
 from firmware_bridge.scheduler import (
@@ -30,6 +29,7 @@ from firmware_bridge.scheduler import (
     rtu_t35_s,
     silent_interval_s,
 )
+from testbed.simulators.modbus import ModbusSimulator, RtuSimulator
 
 # --------------------------------------------------------------------------- pure parts
 

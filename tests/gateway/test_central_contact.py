@@ -14,7 +14,6 @@ from pathlib import Path
 
 import aiomqtt
 
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway.billing.cutoff import CutoffConfig, Pending, protection
 from gateway.config import load_config
 from gateway.daemon import Daemon
@@ -24,6 +23,7 @@ from store_forward.headend import Headend, HeadendDB
 from store_forward.topics import Topics
 from store_forward.uplink import LinkState
 from store_forward.uplink_keys import headend_public_b64
+from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.harness.mosquitto import Mosquitto
 from tests.security.conftest import GATEWAY, Central

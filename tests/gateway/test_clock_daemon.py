@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway.config import load_config
 from gateway.daemon import Daemon, wall_ms
 from gateway.security import audit
@@ -28,6 +27,7 @@ from gateway.security.envelope import CommandResult, Outcome, RejectReason
 from gateway.security.roles import CommandType
 from gateway.security.trusted_time import ClockPolicy, SyncProbe, boot_ms
 from store_forward.headend import Headend, HeadendDB
+from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.gateway.test_prepaid_daemon import outbox_bodies
 from tests.harness.mosquitto import Mosquitto, free_port

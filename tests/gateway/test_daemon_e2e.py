@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway.config import load_config
 from gateway.daemon import Daemon
 from store_forward.headend import Headend, HeadendDB
+from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import (
     assert_exactly_once,
     gateway_counters,

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from firmware_bridge.scheduler import BackoffPolicy
 from gateway import meter_health
 from gateway.cli import gather_status
@@ -33,6 +32,7 @@ from gateway.daemon import Daemon
 from gateway.demo_pki import make_demo_pki
 from gateway.meter_health import Known, State, changes
 from store_forward.headend import Headend, HeadendDB
+from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import site_config, until
 from tests.harness.mosquitto import Mosquitto, free_port
 

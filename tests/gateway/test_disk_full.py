@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway.config import load_config
 from gateway.daemon import Daemon
+from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.gateway.test_prepaid_daemon import outbox_bodies
 from tests.harness.mosquitto import free_port

@@ -14,9 +14,9 @@ import sqlite3
 from decimal import Decimal
 from pathlib import Path
 
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway.config import load_config
 from gateway.daemon import Daemon
+from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.harness.mosquitto import free_port
 
@@ -164,7 +164,7 @@ async def test_trip_when_credit_runs_out_and_restore_after_top_up(tmp_path: Path
 
 async def test_meter_alarm_follows_the_cutoff_policy_on_a_dlt645_meter(tmp_path: Path) -> None:
     """Alarm levels reach the meter itself (DL/T 645 2AH), then the trip (1AH)."""
-    from firmware_bridge.dlt645.simulator import Simulator, make_meters
+    from testbed.simulators.dlt645 import Simulator, make_meters
 
     meters = make_meters(1)
     meters[0].load_kw = Decimal("150")  # ~0.023 yuan/s at 0.56/kWh

@@ -9,10 +9,10 @@ import asyncio
 import shutil
 from pathlib import Path
 
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway.config import load_config
 from gateway.daemon import Daemon
 from store_forward.outbox import Outbox
+from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.harness.mosquitto import free_port
 

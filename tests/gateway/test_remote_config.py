@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway.billing.cutoff import Contact
 from gateway.commands import CommandRefused, ConfigChange
 from gateway.config import load_config
@@ -33,6 +32,7 @@ from gateway.remote_config import (
 from gateway.security.envelope import Outcome
 from gateway.security.roles import CommandType
 from store_forward.outbox import Outbox
+from testbed.simulators.modbus import ModbusSimulator
 from tests.harness.mosquitto import free_port
 from tests.security.conftest import GATEWAY, Central
 

@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from store_forward.headend import Headend, HeadendDB
+from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import (
     assert_exactly_once,
     gateway_counters,

@@ -34,7 +34,6 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from firmware_bridge.modbus.profiles import parse_profile
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from firmware_bridge.reading import Quantity
 from gateway.billing.account import AccountSettings, load_account
 from gateway.billing.cli import Readings, read_readings_csv, simulate_run
@@ -44,6 +43,7 @@ from gateway.billing.tariff import TariffBook, load_book
 from gateway.config import load_config
 from gateway.daemon import Cycle, Daemon
 from store_forward.headend import Headend, HeadendDB
+from testbed.simulators.modbus import ModbusSimulator
 from tests.harness.mosquitto import Mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]

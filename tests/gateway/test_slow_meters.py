@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from firmware_bridge import cli
 from firmware_bridge.dlt645.driver import DEFAULT_QUANTITIES
-from firmware_bridge.dlt645.simulator import DateFault, Simulator, make_meters
 from firmware_bridge.serial_line import LOCK_DIR_ENV, LineBusy, LineLock
+from gateway import meters_cli as cli
 from gateway.config import load_config
 from gateway.daemon import Cycle, Daemon
+from testbed.simulators.dlt645 import DateFault, Simulator, make_meters
 from tests.firmware_bridge.dlt645.conftest import pty_parity
 from tests.gateway.e2e import until
 from tests.gateway.test_prepaid_daemon import outbox_bodies

@@ -37,7 +37,6 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway.cli import main as cli_main
 from gateway.config import load_config
 from gateway.daemon import Daemon
@@ -47,6 +46,7 @@ from store_forward.headend import Headend, HeadendDB
 from store_forward.storage_state import StorageMode
 from store_forward.topics import Topics
 from store_forward.walcheck import FRAME_HEADER_BYTES, check_wal
+from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.harness.mosquitto import Mosquitto, free_port
 from tests.security.conftest import GATEWAY, Central

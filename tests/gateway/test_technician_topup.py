@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway.config import load_config
 from gateway.daemon import Daemon, wall_ms
 from gateway.security.roles import CommandType
 from gateway.technician import spool_dir
+from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.test_prepaid_daemon import config
 from tests.security.conftest import Central
 

@@ -17,9 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from firmware_bridge.dlt645.simulator import Simulator as Dlt645Simulator
-from firmware_bridge.dlt645.simulator import make_meters
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway import demo
 from gateway import demo_story as story
 from gateway.config import load_config
@@ -29,6 +26,9 @@ from provisioning.apply import apply_bundle, current_release, previous_release
 from provisioning.bundle import HEADER, DeviceIdentity, split_bundle, verify_bundle
 from provisioning.cli import load_public_key
 from provisioning.keys import Keystore
+from testbed.simulators.dlt645 import Simulator as Dlt645Simulator
+from testbed.simulators.dlt645 import make_meters
+from testbed.simulators.modbus import ModbusSimulator
 from tests.harness.mosquitto import free_port
 
 GW = demo.GATEWAY_ID

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 import gateway.daemon as daemon_mod
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway.config import load_config
 from gateway.daemon import Daemon
 from gateway.security import audit
 from provisioning.usb import AUDIT_SPOOL, audit_spool_writer
+from testbed.simulators.modbus import ModbusSimulator
 from tests.systemd.test_daemon_watchdog import NotifySocket, notify_socket, site, wait_message
 
 __all__ = ["notify_socket"]  # the fixture, used by name

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import pytest
 
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from gateway.config import load_config
 from gateway.daemon import Daemon
+from testbed.simulators.modbus import ModbusSimulator
 from tests.harness.mosquitto import free_port
 
 POLL_S = 0.2

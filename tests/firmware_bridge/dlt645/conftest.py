@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import pytest
 import serial
 
-from firmware_bridge.dlt645.simulator import Simulator, make_meters
 from firmware_bridge.dlt645.transport import Dlt645Transport, open_transport
-from gateway.config import BusSection
+from firmware_bridge.settings import BusSettings
+from testbed.simulators.dlt645 import Simulator, make_meters
 
 from .peer import REPLY, Peer
 
@@ -72,12 +72,12 @@ async def _serve(kind: str, n_meters: int) -> AsyncIterator[Bus]:
     async with sim:
         if kind == "tcp":
             port = await sim.start_tcp()
-            section = BusSection("sim", "tcp", host="127.0.0.1", port=port, timeout_s=TIMEOUT_S)
+            section = BusSettings("sim", "tcp", host="127.0.0.1", port=port, timeout_s=TIMEOUT_S)
         else:
             path = await sim.start_pty()
             # Parity N: this platform's pseudo-terminals refuse PARENB (EINVAL);
             # the bytes are the same, parity only exists on a real UART.
-            section = BusSection(
+            section = BusSettings(
                 "sim", "serial", device=path, baud=9600, parity="N", timeout_s=TIMEOUT_S
             )
         # a short gap keeps the suite fast; the gap itself is tested in test_transport

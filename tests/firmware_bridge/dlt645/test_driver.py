@@ -14,10 +14,10 @@ from firmware_bridge.dlt645.messages import (
     control_plaintext,
     error_reply_frame,
 )
-from firmware_bridge.dlt645.simulator import SimulatedMeter, Simulator
 from firmware_bridge.driver import MeterRefused
 from firmware_bridge.reading import Quantity as Q
-from gateway.config import BusSection
+from firmware_bridge.settings import BusSettings
+from testbed.simulators.dlt645 import SimulatedMeter, Simulator
 
 from .conftest import PASSWORD, T0, Bus, FakeClock
 from .peer import ADDR, Peer
@@ -40,8 +40,8 @@ class RecordingSecurityModule:
         return b"\xc1" * 16
 
 
-def section(port: int) -> BusSection:
-    return BusSection("t", "tcp", host="127.0.0.1", port=port, timeout_s=0.3)
+def section(port: int) -> BusSettings:
+    return BusSettings("t", "tcp", host="127.0.0.1", port=port, timeout_s=0.3)
 
 
 async def test_security_module_seals_n1_to_n8(peer: Peer) -> None:

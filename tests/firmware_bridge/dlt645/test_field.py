@@ -22,14 +22,14 @@ from firmware_bridge.dlt645 import ControlCommand, Dlt645Driver, discover, searc
 from firmware_bridge.dlt645.codec import BadFrame, Frame, FrameParser
 from firmware_bridge.dlt645.driver import narrow, probe_each
 from firmware_bridge.dlt645.messages import read_address_request
-from firmware_bridge.dlt645.simulator import DateFault, SimulatedMeter, Simulator, make_meters
 from firmware_bridge.dlt645.transport import Dlt645Transport, Heard, open_transport
 from firmware_bridge.driver import MeterFrameError, MeterRefused, MeterTimeout, MeterWrongAddress
 from firmware_bridge.reading import Quality
 from firmware_bridge.reading import Quantity as Q
 from firmware_bridge.relay import controller_for
 from firmware_bridge.scheduler import BusScheduler
-from gateway.config import BusSection
+from firmware_bridge.settings import BusSettings
+from testbed.simulators.dlt645 import DateFault, SimulatedMeter, Simulator, make_meters
 
 from .conftest import PASSWORD, FakeClock, pty_parity
 
@@ -41,7 +41,7 @@ A1, A2 = "000000000001", "000000000002"
 class Line:
     sim: Simulator
     transport: Dlt645Transport
-    section: BusSection
+    section: BusSettings
 
 
 @contextlib.asynccontextmanager
@@ -58,7 +58,7 @@ async def line(
     sim = Simulator(meters, baud=baud, clock=clock or time.time)
     async with sim:
         path = await sim.start_pty()
-        section = BusSection(
+        section = BusSettings(
             "field", "serial", device=path, baud=baud, parity=pty_parity(),
             response_time_s=response_time_s,
         )

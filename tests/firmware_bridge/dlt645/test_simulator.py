@@ -21,10 +21,10 @@ from firmware_bridge.dlt645.messages import (
     read_address_request,
     read_request,
 )
-from firmware_bridge.dlt645.simulator import SimulatedMeter, Simulator, make_meters
 from firmware_bridge.dlt645.transport import frame_time_s
 from firmware_bridge.reading import Quantity as Q
-from gateway.config import BusSection
+from firmware_bridge.settings import BusSettings
+from testbed.simulators.dlt645 import SimulatedMeter, Simulator, make_meters
 
 from .conftest import T0, FakeClock
 
@@ -66,7 +66,7 @@ async def test_wire_time_is_spent() -> None:
     sim = Simulator(make_meters(1), baud=2400, clock=FakeClock())
     async with sim:
         port = await sim.start_tcp()
-        bus = BusSection("t", "tcp", host="127.0.0.1", port=port, baud=2400, parity="E")
+        bus = BusSettings("t", "tcp", host="127.0.0.1", port=port, baud=2400, parity="E")
         async with open_transport(bus) as t:
             d = Dlt645Driver(
                 "m", "000000000001", t, quantities=[Q.ENERGY_IMPORT, Q.ENERGY_IMPORT_T1]
@@ -84,7 +84,7 @@ async def test_command_line_serves_tcp() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "firmware_bridge.dlt645.simulator",
+        "testbed.simulators.dlt645",
         "--tcp",
         "0",
         "--meters",
@@ -100,7 +100,7 @@ async def test_command_line_serves_tcp() -> None:
         port = int(line.rsplit(":", 1)[1])
         meters = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
         assert meters.split() == ["meters", "000000000001", "000000000002"]
-        bus = BusSection("t", "tcp", host="127.0.0.1", port=port)
+        bus = BusSettings("t", "tcp", host="127.0.0.1", port=port)
         async with open_transport(bus) as t:
             r = await Dlt645Driver("m2", "000000000002", t).read(0)
         energy = r.get(Q.ENERGY_IMPORT)
@@ -117,7 +117,7 @@ async def test_command_line_serves_tcp() -> None:
 
 def test_command_line_needs_a_transport() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "firmware_bridge.dlt645.simulator", "--meters", "2"],
+        [sys.executable, "-m", "testbed.simulators.dlt645", "--meters", "2"],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},

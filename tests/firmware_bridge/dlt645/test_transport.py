@@ -18,13 +18,13 @@ from firmware_bridge.dlt645.messages import (
 )
 from firmware_bridge.dlt645.transport import Dlt645Transport, char_time_s, open_transport
 from firmware_bridge.driver import BusUnavailable, MeterTimeout, TransportError
-from gateway.config import BusSection
+from firmware_bridge.settings import BusSettings
 
 from .peer import ADDR, DI, REPLY, Peer
 
 
-def section(port: int, timeout_s: float = 0.3) -> BusSection:
-    return BusSection("t", "tcp", host="127.0.0.1", port=port, timeout_s=timeout_s)
+def section(port: int, timeout_s: float = 0.3) -> BusSettings:
+    return BusSettings("t", "tcp", host="127.0.0.1", port=port, timeout_s=timeout_s)
 
 
 async def test_plain_transaction(peer: Peer) -> None:
@@ -122,7 +122,7 @@ async def test_lost_connection_then_reconnect(peer: Peer) -> None:
 
 
 async def test_missing_serial_device_names_the_bus_and_what_to_do() -> None:
-    bus = BusSection("s", "serial", device="/dev/does-not-exist-645", baud=2400, parity="E")
+    bus = BusSettings("s", "serial", device="/dev/does-not-exist-645", baud=2400, parity="E")
     with pytest.raises(BusUnavailable) as info:
         await open_transport(bus).open()
     text = str(info.value)

@@ -11,9 +11,9 @@ import pytest
 from firmware_bridge.driver import MeterRefused, MeterTimeout, TransportError
 from firmware_bridge.modbus.driver import ModbusDriver
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES
-from firmware_bridge.modbus.simulator import ModbusSimulator
 from firmware_bridge.modbus.transport import ModbusTransport
 from firmware_bridge.reading import Quality, Quantity
+from testbed.simulators.modbus import ModbusSimulator
 
 SDM120 = BUILTIN_PROFILES["sdm120"]
 

@@ -13,12 +13,12 @@ from firmware_bridge.bus import open_bus
 from firmware_bridge.driver import MeterFrameError, MeterTimeout
 from firmware_bridge.modbus.driver import ModbusDriver
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES
-from firmware_bridge.modbus.simulator import RtuSimulator, WireFault, corrupt
 from firmware_bridge.modbus.transport import ModbusTransport
 from firmware_bridge.reading import Quantity
 from firmware_bridge.relay import RelayPolicy, controller_for
 from firmware_bridge.scheduler import BackoffPolicy, modbus_rtu_read_time_s
-from gateway.config import BusSection, MeterSection, RelaySection
+from firmware_bridge.settings import BusSettings, MeterSettings, RelaySettings
+from testbed.simulators.modbus import RtuSimulator, WireFault, corrupt
 
 SDM120 = BUILTIN_PROFILES["sdm120"]
 
@@ -125,10 +125,10 @@ async def test_wire_timing_matches_the_arithmetic() -> None:
 
 
 async def test_rtu_bus_scheduler_and_relay(sim: RtuSimulator) -> None:
-    bus = BusSection(name="rs485-1", type="serial", device=sim.path, baud=9600, parity="N", timeout_s=0.2, retries=1)
+    bus = BusSettings(name="rs485-1", type="serial", device=sim.path, baud=9600, parity="N", timeout_s=0.2, retries=1)
     meters = [
-        MeterSection(id=f"m{u}", bus="rs485-1", protocol="modbus", profile="sdm120", unit_id=u,
-                     relay=RelaySection(kind="coil", address=0, min_interval_s=0))
+        MeterSettings(id=f"m{u}", bus="rs485-1", protocol="modbus", profile="sdm120", unit_id=u,
+                     relay=RelaySettings(kind="coil", address=0, min_interval_s=0))
         for u in (1, 2, 3)
     ]
     sim.meter(2).dead = True

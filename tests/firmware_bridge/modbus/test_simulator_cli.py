@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[3]
 async def test_simulator_command_line_serves_and_stops() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "firmware_bridge.modbus.simulator", "--tcp", "0", "--units", "4,5", "--load-kw", "2",
+        sys.executable, "-m", "testbed.simulators.modbus", "--tcp", "0", "--units", "4,5", "--load-kw", "2",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )
     try:

@@ -19,12 +19,11 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from firmware_bridge import cli
 from firmware_bridge.dlt645.driver import DEFAULT_QUANTITIES
-from firmware_bridge.dlt645.simulator import SimulatedMeter, Simulator, make_meters
 from firmware_bridge.serial_line import LOCK_DIR_ENV, LineLock
-
-from .dlt645.conftest import pty_parity
+from gateway import meters_cli as cli
+from testbed.simulators.dlt645 import SimulatedMeter, Simulator, make_meters
+from tests.firmware_bridge.dlt645.conftest import pty_parity
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 

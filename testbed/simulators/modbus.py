@@ -29,8 +29,8 @@ Usage from asyncio code::
 
 From a shell::
 
-    python -m firmware_bridge.modbus.simulator --tcp 5020 --units 1,2,3 --load-kw 1.5
-    python -m firmware_bridge.modbus.simulator --rtu --baud 9600 --wire-timing --units 1,2
+    python -m testbed.simulators.modbus --tcp 5020 --units 1,2,3 --load-kw 1.5
+    python -m testbed.simulators.modbus --rtu --baud 9600 --wire-timing --units 1,2
 """
 
 from __future__ import annotations
@@ -545,7 +545,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m firmware_bridge.modbus.simulator", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m testbed.simulators.modbus", description=__doc__.split("\n")[0])
     p.add_argument("--tcp", type=int, default=5020, metavar="PORT", help="TCP port on 127.0.0.1 (0 = any free port)")
     p.add_argument("--rtu", action="store_true", help="serve RTU on a pseudo-terminal instead of TCP (prints its path)")
     p.add_argument("--baud", type=int, default=9600, help="RTU baud rate for --wire-timing")

@@ -31,7 +31,7 @@ commands with a plaintext password, and status word 3.
 * ``await sim.start_tcp()`` listens on 127.0.0.1 and returns the port (like a
   serial server: the reply is sent whole once it has been "received").
 
-Run ``python -m firmware_bridge.dlt645.simulator --help``.
+Run ``python -m testbed.simulators.dlt645 --help``.
 """
 
 from __future__ import annotations
@@ -606,7 +606,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m firmware_bridge.dlt645.simulator",
+        prog="python -m testbed.simulators.dlt645",
         description="Simulated DL/T 645-2007 meters on one bus.",
     )
     p.add_argument(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from firmware_bridge import cli
-from firmware_bridge.modbus.simulator import ModbusSimulator
+from gateway import meters_cli as cli
+from testbed.simulators.modbus import ModbusSimulator
 
 
 def parser() -> argparse.ArgumentParser:
@@ -97,7 +97,7 @@ def test_parse_units() -> None:
 
 
 async def test_scan_dlt645_bus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from firmware_bridge.dlt645.simulator import Simulator, make_meters
+    from testbed.simulators.dlt645 import Simulator, make_meters
 
     sims = make_meters(2)
     sims[1].faults.no_reply = True
