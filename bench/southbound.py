@@ -165,7 +165,7 @@ async def simulator_process(args: Sequence[str], pattern: str) -> AsyncIterator[
                 if m:
                     port = int(m.group(1))
             # the DL/T 645 simulator prints its meters after the port
-            if args[0].endswith("dlt645.simulator"):
+            if args[0] == "testbed.simulators.dlt645":
                 lines.append((await proc.stdout.readline()).decode().strip())
         yield proc.pid, port, lines
     finally:
