@@ -27,7 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gateway.technician",  # topup apply
     "gateway.security.cli",  # audit verify, command sign / verify / keygen
     "provisioning.keys_cli",  # keys init / show / export-public
-    "provisioning.cli",  # provision make / inspect / verify / apply
+    "gateway.provision_cli",  # provision make / inspect / verify / apply
     "store_forward.cli",  # backlog export
 )
 
@@ -285,10 +285,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 # -- demo -----------------------------------------------------------------
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+DEMO_MODULE = "testbed.demo"
+DEMO_MISSING = (
+    "edgegw demo: the demo is part of the test bench, which installed edge-gateway does not"
+    " carry; run ./dev demo from a source checkout of edge-gateway"
+)
 
-    return run_demo(args)
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    # The demo is test bench code (testbed/, not in the wheel, never imported by the
+    # product): loaded by name where a source checkout has it.
+    try:
+        demo = importlib.import_module(DEMO_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("testbed", DEMO_MODULE):
+            raise
+        print(DEMO_MISSING, file=sys.stderr)
+        return 2
+    rc: int = demo.run_demo(args)
+    return rc
 
 
 # -- parser ---------------------------------------------------------------

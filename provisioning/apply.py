@@ -60,8 +60,8 @@ from provisioning.bundle import (
     verify_bundle,
 )
 from provisioning.keys import fsync_dir
+from provisioning.rules import CONFIG_FILE, ReleaseCheck, ReleaseChecker
 
-CONFIG_FILE = "gateway.toml"
 NOT_CARRIED_OVER = ("topups/", "commands/")
 AUDIT_KIND = "provisioning.apply"
 
@@ -277,126 +277,63 @@ def carry_over(src: Path) -> dict[str, Path]:
     return out
 
 
-@dataclass
-class ReleaseCheck:
-    """What :func:`release_problems` found: ``problems`` refuse the release;
-    ``notes`` are for the technician (files a bundle relies on the installed
-    release for)."""
-
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
 def release_problems(
     files_dir: Path,
     manifest_target: Target,
     identity: DeviceIdentity | None,
+    check: ReleaseChecker,
     *,
     now: datetime | None = None,
     carried_over_unknown: bool = False,
 ) -> ReleaseCheck:
     """Every reason the configuration tree ``files_dir`` cannot be put in force
-    on ``identity`` (None: not known, not checked): the checks ``apply`` runs, shared with ``provision make``
-    and ``provision verify`` so a bundle apply would refuse is refused there.
+    on ``identity`` (None: not known, not checked): the checks ``apply`` runs,
+    shared with ``provision make`` and ``provision verify`` so a bundle apply
+    would refuse is refused there.
 
-    The configuration is checked by the real loader (every problem, with its
-    line); then ``gateway.id`` must be this gateway, ``gateway.site`` a site
-    target's, ``storage.path`` absolute and outside the release, every file the
-    configuration names relative to itself inside the release, and those files
-    sound (broker CA, certificate and key parse and match, trust file loads).
-    With ``carried_over_unknown`` (making or verifying a bundle away from the
-    gateway) a named file missing from the tree is only a note: apply finds it
-    if the installed release has it.
+    A tree without :data:`CONFIG_FILE` is refused here; ``check`` (the
+    application's rules, see :mod:`provisioning.rules`) judges the rest. Paths
+    in what it reports are shown relative to the bundle, not to a private
+    staging directory.
     """
-    from gateway.config import check_config
-    from gateway.preflight import content_problems
-
-    out = ReleaseCheck()
     cfg_path = files_dir / CONFIG_FILE
     if not cfg_path.exists():
-        out.problems.append(
-            f"no {CONFIG_FILE} in the bundle and none installed: a first bundle must "
-            "carry the gateway configuration"
+        return ReleaseCheck(
+            problems=[
+                f"no {CONFIG_FILE} in the bundle and none installed: a first bundle must "
+                "carry the gateway configuration"
+            ]
         )
-        return out
 
-    def shown(line: str) -> str:  # paths relative to the bundle, not a private staging directory
+    def shown(line: str) -> str:
         return line.replace(str(cfg_path), CONFIG_FILE).replace(str(files_dir) + "/", "")
 
-    report = check_config(cfg_path)
-    out.problems += [shown(p) for p in report.problems]
-    values = report.values
-    gateway = values.get("gateway", {})
-    if identity is not None and "id" in gateway and gateway["id"] != identity.gateway_id:
-        out.problems.append(
-            f"{CONFIG_FILE}: gateway.id is {gateway['id']!r} but this gateway is {identity.gateway_id!r}"
-        )
-    if manifest_target.kind == "site" and "site" in gateway and gateway["site"] != manifest_target.id:
-        out.problems.append(
-            f"{CONFIG_FILE}: gateway.site is {gateway['site']!r} but the bundle targets "
-            f"site {manifest_target.id!r}"
-        )
-    # The loader resolves relative paths against the configuration's directory,
-    # i.e. into this release. Such files must be part of the release, and the
-    # database must not live there (a new release would leave it behind).
-    storage_path = values.get("storage", {}).get("path")
-    if storage_path is not None and _inside(storage_path, files_dir) is not None:
-        out.problems.append(
-            f"{CONFIG_FILE}: storage.path must be an absolute path outside the configuration "
-            "(a relative path would put the database inside the release)"
-        )
-    named = [("storage.key_file", values.get("storage", {}).get("key_file"))]
-    named += [(f"broker.{k}", values.get("broker", {}).get(k)) for k in ("ca_file", "cert_file", "key_file")]
-    named += [("security.trust_file", values.get("security", {}).get("trust_file"))]
-    for key, value in named:
-        if value is None:
-            continue
-        rel = _inside(value, files_dir)
-        if rel is None:
-            continue  # an absolute path on the gateway, not the bundle's business
-        if rel == ".." or rel.startswith("../"):
-            out.problems.append(f"{CONFIG_FILE}: {key} = {rel!r} points outside the release")
-        elif not (files_dir / rel).is_file():
-            text = (
-                f"{CONFIG_FILE}: {key} = {rel!r} is not in the bundle "
-                "(relative paths are resolved against the configuration's directory)"
-            )
-            if carried_over_unknown:
-                out.notes.append(text + "; apply accepts it only where the installed release has it")
-            else:
-                out.problems.append(text)
-
-    def inside(p: Path) -> bool:
-        rel = _inside(p, files_dir)
-        return rel is not None and not (rel == ".." or rel.startswith("../"))
-
-    found = content_problems(report, inside, now or datetime.now(UTC))
-    out.problems += [shown(p) for p in found.problems]
-    out.notes += [shown(p) for p in found.warnings]
-    return out
+    found = check(
+        files_dir,
+        manifest_target,
+        identity,
+        now=now or datetime.now(UTC),
+        carried_over_unknown=carried_over_unknown,
+    )
+    return ReleaseCheck([shown(p) for p in found.problems], [shown(n) for n in found.notes])
 
 
 def validate_release_files(
-    files_dir: Path, manifest: Manifest, identity: DeviceIdentity, now: datetime | None = None
+    files_dir: Path,
+    manifest: Manifest,
+    identity: DeviceIdentity,
+    check: ReleaseChecker,
+    now: datetime | None = None,
 ) -> None:
     """Refuse (:class:`BundleContentError`, code ``config``) a staged release with
     any of the problems of :func:`release_problems`, all of them in the message."""
-    problems = release_problems(files_dir, manifest.target, identity, now=now).problems
+    problems = release_problems(files_dir, manifest.target, identity, check, now=now).problems
     if len(problems) == 1:
         raise BundleContentError(problems[0], code="config")
     if problems:
         raise BundleContentError(
             f"configuration invalid ({len(problems)} problems):\n" + "\n".join(problems), code="config"
         )
-
-
-def _inside(value: Path, base: Path) -> str | None:
-    """``value`` relative to ``base`` (normalised) if it was written relative, else None."""
-    try:
-        rel = value.relative_to(base)
-    except ValueError:
-        return None
-    return os.path.normpath(rel.as_posix())
 
 
 def _step(step: StepFn | None, label: str) -> None:
@@ -409,10 +346,12 @@ def install_bundle(
     vb: VerifiedBundle,
     identity: DeviceIdentity,
     *,
+    check: ReleaseChecker,
     step: StepFn | None = None,
     now: datetime | None = None,
 ) -> Release:
-    """Stage, validate and publish a verified bundle as the current release.
+    """Stage, validate (``check``: the application's release check) and publish a
+    verified bundle as the current release.
 
     Synchronous and blocking (fsync); holds the provisioning lock. ``step`` is
     called with a label at every point where an interruption is possible, so
@@ -463,7 +402,7 @@ def install_bundle(
         _step(step, "staged")
 
         try:
-            validate_release_files(files_dir, vb.manifest, identity, now)
+            validate_release_files(files_dir, vb.manifest, identity, check, now)
         except BundleError:
             shutil.rmtree(staging)
             raise
@@ -564,12 +503,16 @@ async def apply_bundle(
     root: Path,
     verify_key: VerifyKey,
     identity: DeviceIdentity,
+    check: ReleaseChecker,
     now: datetime | None = None,
     audit: AuditFn | None = None,
     reload: ReloadFn | None = None,
     max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
 ) -> ApplyResult:
     """Read, verify and apply one bundle file; never raises for a bad bundle.
+
+    ``check`` is the application's release check (:mod:`provisioning.rules`):
+    a release it finds a problem in is refused with code ``config``.
 
     Every attempt, accepted or refused, is passed to ``audit(AUDIT_KIND, detail)``.
     ``reload`` is awaited after the new release is in force; if it raises, the
@@ -600,7 +543,7 @@ async def apply_bundle(
             )
         else:
             old_prev = await asyncio.to_thread(_link_target, root, "previous")
-            release = await asyncio.to_thread(install_bundle, root, vb, identity, now=at)
+            release = await asyncio.to_thread(install_bundle, root, vb, identity, check=check, now=at)
             try:
                 if reload is not None:
                     await reload(release)

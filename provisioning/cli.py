@@ -1,5 +1,9 @@
 """Technician and central-side commands: ``edgegw provision keygen|make|inspect|verify|apply|...``.
 
+The commands that judge a configuration (``make``, ``verify``, ``apply``) use
+the rules the application registers them with (:func:`register`; the gateway's
+are wired in by ``gateway.provision_cli``).
+
 Exit codes: 0 success (accepted, or already installed), 1 refused / invalid,
 2 usage or environment problem.
 """
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import getpass
 import hashlib
 import json
@@ -22,13 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.config import ConfigError, check_config, load_config
 from provisioning.apply import (
-    CONFIG_FILE,
     ApplyError,
-    ReleaseCheck,
     apply_bundle,
     carry_over,
     current_release,
@@ -53,6 +55,8 @@ from provisioning.bundle import (
     parse_time,
     verify_bundle,
 )
+from provisioning.keyfiles import load_private_key, load_public_key, public_key_fingerprint
+from provisioning.rules import CONFIG_FILE, ConfigRules, ReleaseCheck
 
 DEFAULT_VALID_DAYS = 14
 
@@ -62,32 +66,8 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Keys (plain PEM files; the gateway's keystore plugs in through verify_key)
-
-
-def public_key_fingerprint(key: Ed25519PublicKey) -> str:
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return "ed25519:" + hashlib.sha256(raw).hexdigest()[:32]
-
-
-def load_private_key(path: Path) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise UsageError(f"{path}: cannot load private key: {exc}") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise UsageError(f"{path}: not an Ed25519 private key")
-    return key
-
-
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: cannot load public key: {exc}") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise UsageError(f"{path}: not an Ed25519 public key")
-    return key
+# Keys (plain PEM files, provisioning.keyfiles; the gateway's keystore plugs in
+# through verify_key)
 
 
 def _write_exclusive(path: Path, data: bytes, mode: int) -> None:
@@ -180,14 +160,13 @@ def _print_check(check: ReleaseCheck, refused: str) -> bool:
     return True
 
 
-def cmd_make(args: argparse.Namespace) -> int:
+def cmd_make(args: argparse.Namespace, rules: ConfigRules) -> int:
     src = Path(args.from_dir)
     files = collect_files(src)
     now = datetime.now(UTC)
     cfg_id = cfg_site = None
     if CONFIG_FILE in files:
-        gateway = check_config(src / CONFIG_FILE).values.get("gateway", {})
-        cfg_id, cfg_site = gateway.get("id"), gateway.get("site")
+        cfg_id, cfg_site = rules.declared_identity(src / CONFIG_FILE)
     if args.target:
         try:
             target = Target.parse(args.target)
@@ -204,7 +183,12 @@ def cmd_make(args: argparse.Namespace) -> int:
     if CONFIG_FILE in files:
         identity = _identity_of(target, cfg_id, cfg_site)
         check = release_problems(
-            src, target or Target("gateway", "unknown"), identity, now=now, carried_over_unknown=True
+            src,
+            target or Target("gateway", "unknown"),
+            identity,
+            rules.check_release,
+            now=now,
+            carried_over_unknown=True,
         )
         if _print_check(check, "bundle would be refused by the gateway; not signing:"):
             return 1
@@ -255,18 +239,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _identity_from(args: argparse.Namespace, state_dir: Path | None) -> DeviceIdentity | None:
+def _identity_from(
+    args: argparse.Namespace, state_dir: Path | None, rules: ConfigRules
+) -> DeviceIdentity | None:
     gateway_id, site_id = args.gateway_id, args.site_id
     if state_dir is not None and (gateway_id is None or site_id is None):
         rel = current_release(state_dir)
         if rel is not None and rel.config_path.is_file():
-            try:
-                cfg = load_config(rel.config_path)
-            except ConfigError:
-                cfg = None
+            cfg = rules.installed_identity(rel.config_path)
             if cfg is not None:
-                gateway_id = gateway_id or cfg.gateway.id
-                site_id = site_id or cfg.gateway.site
+                gateway_id = gateway_id or cfg.gateway_id
+                site_id = site_id or cfg.site_id
     if gateway_id is None:
         return None
     return DeviceIdentity(gateway_id, site_id)
@@ -281,7 +264,7 @@ def _identity_of(target: Target | None, cfg_id: str | None, cfg_site: str | None
     return None
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def cmd_verify(args: argparse.Namespace, rules: ConfigRules) -> int:
     keys = [load_public_key(Path(p)) for p in args.pubkey]
     data = read_bundle_file(Path(args.file), args.max_bytes)
     vb = verify_bundle(data, keys, max_bytes=args.max_bytes)
@@ -291,7 +274,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         f"target {m.target}, technician {m.technician}, expires {format_time(m.expires)}"
     )
     state_dir = Path(args.state_dir) if args.state_dir else None
-    identity = _identity_from(args, state_dir)
+    identity = _identity_from(args, state_dir, rules)
     now = parse_time(args.now) if args.now else datetime.now(UTC)
     if identity is not None:
         installed = None
@@ -316,10 +299,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if not (files_dir / CONFIG_FILE).exists():
             print(f"note: no {CONFIG_FILE} in the bundle: apply checks the installed one", file=sys.stderr)
             return 0
-        gateway = check_config(files_dir / CONFIG_FILE).values.get("gateway", {})
-        who = identity or _identity_of(m.target, gateway.get("id"), gateway.get("site"))
+        cfg_id, cfg_site = rules.declared_identity(files_dir / CONFIG_FILE)
+        who = identity or _identity_of(m.target, cfg_id, cfg_site)
         check = release_problems(
-            files_dir, m.target, who, now=now, carried_over_unknown=state_dir is None
+            files_dir,
+            m.target,
+            who,
+            rules.check_release,
+            now=now,
+            carried_over_unknown=state_dir is None,
         )
     if _print_check(check, "REFUSED (config): the gateway would refuse this bundle:"):
         return 1
@@ -331,10 +319,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # apply / rollback / status
 
 
-def cmd_apply(args: argparse.Namespace) -> int:
+def cmd_apply(args: argparse.Namespace, rules: ConfigRules, software_version: str) -> int:
     state_dir = Path(args.state_dir)
     keys = [load_public_key(Path(p)) for p in args.pubkey]
-    identity = _identity_from(args, state_dir)
+    identity = _identity_from(args, state_dir, rules)
     if identity is None:
         raise UsageError("gateway identity unknown: pass --gateway-id (no configuration installed)")
     now = parse_time(args.now) if args.now else datetime.now(UTC)
@@ -351,19 +339,18 @@ def cmd_apply(args: argparse.Namespace) -> int:
             root=state_dir,
             verify_key=keys,
             identity=identity,
+            check=rules.check_release,
             now=now,
             audit=audit,
             max_bytes=args.max_bytes,
         )
         print(json.dumps(result.to_json(), indent=2, sort_keys=True))
         if args.carry_back:
-            from gateway import __version__
-
             await write_carry_back(
                 Path(args.carry_back),
                 [result],
                 identity=identity,
-                software_version=__version__,
+                software_version=software_version,
                 now=now,
                 technician_asked_backlog=False,
             )
@@ -431,8 +418,14 @@ def _guard(func: Any) -> Any:
     return run
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``provision`` and its subcommands to an argparse subparsers object."""
+def register(
+    subparsers: argparse._SubParsersAction, *, rules: ConfigRules, software_version: str
+) -> None:
+    """Add ``provision`` and its subcommands to an argparse subparsers object.
+
+    ``rules`` judge the configuration a bundle carries (make, verify, apply);
+    ``software_version`` is reported in apply's carry-back.
+    """
     p = subparsers.add_parser("provision", help="signed provisioning bundles (USB)")
     sub = p.add_subparsers(dest="provision_command", required=True)
 
@@ -455,7 +448,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="ask the gateway to write its sealed backlog export to the stick",
     )
-    m.set_defaults(func=_guard(cmd_make))
+    m.set_defaults(func=_guard(functools.partial(cmd_make, rules=rules)))
 
     def size_opt(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES)
@@ -477,7 +470,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " files carried over)",
     )
     size_opt(v)
-    v.set_defaults(func=_guard(cmd_verify))
+    v.set_defaults(func=_guard(functools.partial(cmd_verify, rules=rules)))
 
     a = sub.add_parser("apply", help="verify and apply a bundle to a state directory")
     a.add_argument("file")
@@ -493,7 +486,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--carry-back", metavar="DIR", help="write result.json into DIR (must not exist)"
     )
     size_opt(a)
-    a.set_defaults(func=_guard(cmd_apply))
+    a.set_defaults(
+        func=_guard(
+            functools.partial(cmd_apply, rules=rules, software_version=software_version)
+        )
+    )
 
     r = sub.add_parser("rollback", help="make the previous release current again")
     r.add_argument("--state-dir", required=True)
@@ -503,13 +500,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--state-dir", required=True)
     s.set_defaults(func=_guard(cmd_status))
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgegw")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,9 @@
 """The USB provisioning flow run by ``edgegw-usb@.service``.
 
-Three steps, each a subcommand of ``python -m provisioning.usb``:
+Three steps: ``import`` and ``export`` are subcommands of ``python -m
+provisioning.usb`` (the privileged steps load no code above this package);
+``process`` is ``python -m gateway.provision_usb process``, which hands
+:func:`process_spool` the gateway's configuration rules, trust file and keys.
 
 ``import``  (root, in a private mount namespace made by ``unshare``)
     mount the stick read-only with ``nosuid,nodev,noexec``; copy at most
@@ -61,6 +64,7 @@ from provisioning.bundle import (
     VerifyKey,
 )
 from provisioning.keys import write_atomic
+from provisioning.rules import ConfigIdentity, ReleaseChecker
 
 STICK_DIR = "edgegw"
 BACKLOG_MARKER = "export-backlog"
@@ -210,7 +214,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Step 2: process (service user)
+# Step 2: process (service user; the command is gateway.provision_usb)
 
 
 def audit_spool_writer(path: Path) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
@@ -272,31 +276,22 @@ async def drain_audit_spool(
     return n
 
 
-def _load_keystore(path: Path) -> Any | None:
-    try:
-        from provisioning.keys import Keystore
-    except ImportError:
-        return None
-    try:
-        return Keystore.open(path)
-    except Exception as exc:
-        print(f"keystore {path}: {exc}", file=sys.stderr)
-        return None
-
-
-def gateway_identity(state_dir: Path, keystore: Any | None) -> DeviceIdentity | None:
-    """This gateway's id (keystore first, else installed config) and site (installed config)."""
-    from gateway.config import ConfigError, load_config
-
+def gateway_identity(
+    state_dir: Path,
+    keystore: Any | None,
+    installed_identity: Callable[[Path], ConfigIdentity | None],
+) -> DeviceIdentity | None:
+    """This gateway's id (keystore first, else installed config) and site (installed
+    config, as ``installed_identity`` reads a configuration that loads)."""
     gateway_id = getattr(keystore, "gateway_id", None) if keystore is not None else None
     site_id = None
     with contextlib.suppress(Exception):
         rel = current_release(state_dir)
         if rel is not None and rel.config_path.is_file():
-            with contextlib.suppress(ConfigError):
-                cfg = load_config(rel.config_path)
-                gateway_id = gateway_id or cfg.gateway.id
-                site_id = cfg.gateway.site
+            cfg = installed_identity(rel.config_path)
+            if cfg is not None:
+                gateway_id = gateway_id or cfg.gateway_id
+                site_id = cfg.site_id
     return None if gateway_id is None else DeviceIdentity(gateway_id, site_id)
 
 
@@ -306,6 +301,7 @@ async def process_spool(
     state_dir: Path,
     verify_key: VerifyKey,
     identity: DeviceIdentity | None,
+    check: ReleaseChecker,
     audit: Callable[[str, dict[str, Any]], Awaitable[None]] | None,
     software_version: str,
     serial: str | None = None,
@@ -314,7 +310,8 @@ async def process_spool(
     now: datetime | None = None,
     max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
 ) -> list[ApplyResult]:
-    """Apply every bundle in ``<spool>/in`` and write ``<spool>/out``. Returns the results."""
+    """Apply every bundle in ``<spool>/in`` (``check``: the application's release
+    check) and write ``<spool>/out``. Returns the results."""
     req_path = spool / "request.json"
     request = json.loads(await asyncio.to_thread(req_path.read_text))
     at = now or datetime.now(UTC)
@@ -341,6 +338,7 @@ async def process_spool(
                     root=state_dir,
                     verify_key=verify_key,
                     identity=identity,
+                    check=check,
                     now=at,
                     audit=audit,
                     max_bytes=max_bytes,
@@ -376,40 +374,6 @@ def board_serial() -> str | None:
             if text:
                 return text
     return None
-
-
-def cmd_process(args: argparse.Namespace) -> int:
-    from gateway import __version__
-    from provisioning.cli import load_public_key
-
-    spool = Path(args.spool)
-    state_dir = Path(args.state_dir)
-    keys = [load_public_key(Path(p)) for p in args.pubkey]
-    if args.trust_store and Path(args.trust_store).exists():
-        from gateway.security.roles import Role, TrustStore
-
-        keys += TrustStore.load(args.trust_store).public_keys_for(Role.PROVISIONING)
-    keystore = _load_keystore(Path(args.keystore))
-    identity = gateway_identity(state_dir, keystore)
-    enrollment = (lambda: dict(keystore.export_public())) if keystore is not None else None
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    results = asyncio.run(
-        process_spool(
-            spool,
-            state_dir=state_dir,
-            verify_key=keys,
-            identity=identity,
-            audit=audit_spool_writer(state_dir / AUDIT_SPOOL),
-            software_version=__version__,
-            serial=args.serial or board_serial(),
-            enrollment=enrollment,
-            export_backlog=None,
-            max_bytes=args.max_bytes,
-        )
-    )
-    for r in results:
-        print(f"{r.source}: {r.outcome} ({r.code}): {r.reason}")
-    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -536,6 +500,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The privileged steps; ``process`` is ``python -m gateway.provision_usb``."""
     p = argparse.ArgumentParser(prog="python -m provisioning.usb")
     sub = p.add_subparsers(dest="step", required=True)
     i = sub.add_parser("import")
@@ -544,17 +509,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--owner", help="hand the spool to this user afterwards")
     i.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES)
     i.set_defaults(func=cmd_import)
-    pr = sub.add_parser("process")
-    pr.add_argument("--spool", required=True)
-    pr.add_argument("--state-dir", required=True)
-    pr.add_argument("--pubkey", action="append", default=[], help="provisioning key (PEM)")
-    pr.add_argument(
-        "--trust-store", help="central trust store; its provisioning-role keys are trusted too"
-    )
-    pr.add_argument("--keystore", default="/var/lib/edgegw/keys")
-    pr.add_argument("--serial", help="board serial for the enrollment record")
-    pr.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES)
-    pr.set_defaults(func=cmd_process)
     e = sub.add_parser("export")
     e.add_argument("--device", required=True)
     e.add_argument("--spool", required=True)

@@ -29,9 +29,9 @@ from gateway import meter_health
 from gateway.cli import gather_status
 from gateway.config import load_config
 from gateway.daemon import Daemon
-from gateway.demo_pki import make_demo_pki
 from gateway.meter_health import Known, State, changes
 from store_forward.headend import Headend, HeadendDB
+from testbed.demo_pki import make_demo_pki
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import site_config, until
 from tests.harness.mosquitto import Mosquitto, free_port

@@ -21,12 +21,12 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from gateway import demo
 from gateway.config import BrokerSection, load_config
-from gateway.demo_pki import make_demo_pki
 from store_forward.headend import Headend, HeadendDB
 from store_forward.minibroker import MiniBroker, server_tls_context
 from store_forward.uplink import tls_context
+from testbed import demo
+from testbed.demo_pki import make_demo_pki
 from tests.store_forward.helpers import running
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.config import BrokerSection
-from gateway.demo_pki import DemoPki, DemoPkiError, make_demo_pki
 from store_forward.uplink import tls_context
+from testbed.demo_pki import DemoPki, DemoPkiError, make_demo_pki
 
 GATEWAYS = ("gw-a", "gw-b")
 TIMEOUT = 5.0

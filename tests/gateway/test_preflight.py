@@ -1,7 +1,7 @@
 """`edgegw config check` as a pre-flight: the machine's problems with a file,
 reported in the same pass as the file's own, each with its key and line.
 
-Real files throughout: certificates from a throw-away CA (gateway.demo_pki),
+Real files throughout: certificates from a throw-away CA (testbed.demo_pki),
 a real keystore and storage key, a pseudo-terminal as a serial device; access
 as another user is checked by really dropping to that user (needs root).
 """
@@ -21,7 +21,6 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import check_config
-from gateway.demo_pki import make_demo_pki
 from gateway.preflight import (
     HIDDEN_BY_PROTECT_HOME,
     PRIVATE_TMP,
@@ -34,6 +33,7 @@ from gateway.preflight import (
 )
 from provisioning.keys import Keystore
 from store_forward.sealing import create_storage_key
+from testbed.demo_pki import make_demo_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 

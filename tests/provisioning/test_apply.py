@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.release_check import check_release
 from provisioning.apply import (
     AUDIT_KIND,
     ApplyResult,
@@ -92,6 +93,7 @@ async def run(
         root=root,
         verify_key=key.public_key(),
         identity=identity or DeviceIdentity(GATEWAY, "site-hilltop"),
+        check=check_release,
         now=kw.pop("now", NOW),
         audit=rec.record,
         reload=rec.reload,
@@ -320,7 +322,7 @@ async def test_device_file_refused(stick: Path, root: Path, role_key: Ed25519Pri
     rec = Recorder()
     r = await apply_bundle(
         Path("/dev/zero"), root=root, verify_key=role_key.public_key(),
-        identity=DeviceIdentity(GATEWAY), now=NOW, audit=rec.record,
+        identity=DeviceIdentity(GATEWAY), check=check_release, now=NOW, audit=rec.record,
     )  # fmt: skip
     assert (r.outcome, r.code) == ("refused", "not-regular")
     assert "is a character device" in r.reason
@@ -374,7 +376,8 @@ async def test_reload_failure_restores_previous(
     (stick / "b.egwb").write_bytes(make_bundle(version=2))
     r = await apply_bundle(
         stick / "b.egwb", root=root, verify_key=role_key.public_key(),
-        identity=DeviceIdentity(GATEWAY), now=NOW, audit=rec.record, reload=broken,
+        identity=DeviceIdentity(GATEWAY), check=check_release, now=NOW, audit=rec.record,
+        reload=broken,
     )  # fmt: skip
     assert (r.outcome, r.code) == ("refused", "reload-failed")
     assert "broker unreachable" in r.reason

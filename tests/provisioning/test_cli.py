@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.provision_cli import main
 from provisioning.apply import current_release
-from provisioning.cli import main
 from tests.provisioning.conftest import EXAMPLE, REPO, example_files
 
 
@@ -123,7 +123,7 @@ def test_apply_without_identity_is_a_usage_error(tmp_path: Path, keys: tuple[Pat
 def test_runs_as_a_module(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     r = subprocess.run(
-        [sys.executable, "-m", "provisioning.cli", "provision", "keygen", "--out", str(tmp_path / "k")],
+        [sys.executable, "-m", "gateway.provision_cli", "provision", "keygen", "--out", str(tmp_path / "k")],
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr

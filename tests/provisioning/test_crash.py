@@ -21,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.release_check import check_release
 from provisioning.apply import current_release, install_bundle, recover
 from provisioning.bundle import DeviceIdentity, verify_bundle
 from tests.provisioning.conftest import GATEWAY, REPO, SITE, MakeBundle, example_files
@@ -30,6 +31,7 @@ CHILD = """
 import os, signal, sys
 from pathlib import Path
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from gateway.release_check import check_release
 from provisioning.apply import install_bundle
 from provisioning.bundle import DeviceIdentity, verify_bundle
 
@@ -45,7 +47,7 @@ def step(label):
 
 vb = verify_bundle(Path(bundle).read_bytes(), load_pem_public_key(Path(pub).read_bytes()))
 print("start", flush=True)
-install_bundle(Path(root), vb, DeviceIdentity(sys.argv[5], sys.argv[6]), step=step)
+install_bundle(Path(root), vb, DeviceIdentity(sys.argv[5], sys.argv[6]), check=check_release, step=step)
 print("done", flush=True)
 """
 
@@ -75,7 +77,10 @@ def setup(tmp_path: Path, make_bundle: MakeBundle, role_key: Ed25519PrivateKey):
     base = tmp_path / "base"
     old_bundle = make_bundle(version=1)
     install_bundle(
-        base, verify_bundle(old_bundle, role_key.public_key()), DeviceIdentity(GATEWAY, SITE)
+        base,
+        verify_bundle(old_bundle, role_key.public_key()),
+        DeviceIdentity(GATEWAY, SITE),
+        check=check_release,
     )
     new_files = {
         **example_files(),
@@ -133,7 +138,7 @@ def test_kill_at_every_step(tmp_path: Path, setup, role_key: Ed25519PrivateKey) 
         seen.add(state)
         # The next attempt completes normally.
         vb = verify_bundle(bundle.read_bytes(), role_key.public_key())
-        install_bundle(root, vb, DeviceIdentity(GATEWAY, SITE))
+        install_bundle(root, vb, DeviceIdentity(GATEWAY, SITE), check=check_release)
         assert snapshot(root)["files"] == new
         shutil.rmtree(root)
     assert seen == {"old", "new"}

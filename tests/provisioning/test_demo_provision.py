@@ -17,15 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from gateway import demo
-from gateway import demo_story as story
 from gateway.config import load_config
 from gateway.daemon import Daemon
-from gateway.demo_provision import DemoProvisionError, ProvisionedSite, provision_demo_site
+from gateway.release_check import check_release
 from provisioning.apply import apply_bundle, current_release, previous_release
 from provisioning.bundle import HEADER, DeviceIdentity, split_bundle, verify_bundle
-from provisioning.cli import load_public_key
+from provisioning.keyfiles import load_public_key
 from provisioning.keys import Keystore
+from testbed import demo
+from testbed import demo_story as story
+from testbed.demo_provision import DemoProvisionError, ProvisionedSite, provision_demo_site
 from testbed.simulators.dlt645 import Simulator as Dlt645Simulator
 from testbed.simulators.dlt645 import make_meters
 from testbed.simulators.modbus import ModbusSimulator
@@ -82,6 +83,7 @@ async def reapply(site: ProvisionedSite, source: Path) -> tuple[str, str, str]:
         root=site.state_dir,
         verify_key=load_public_key(site.public_key),
         identity=DeviceIdentity(GW),
+        check=check_release,
     )
     return r.outcome, r.code, r.reason
 

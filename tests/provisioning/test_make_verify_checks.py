@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.demo_pki import make_demo_pki
+from gateway.provision_cli import main
+from gateway.release_check import check_release
 from provisioning.apply import apply_bundle, current_release
 from provisioning.bundle import CarryBack, DeviceIdentity, Target, encode_bundle
-from provisioning.cli import load_private_key, main
+from provisioning.keyfiles import load_private_key
+from testbed.demo_pki import make_demo_pki
 from tests.provisioning.conftest import EXAMPLE
 
 GW = "gw-0001"
@@ -86,10 +88,10 @@ def sign(src: Path, key: Path, target: str = GW) -> bytes:
 
 
 def apply_code(bundle: Path, pub_key: Ed25519PrivateKey | None, root: Path, key: Path) -> tuple[str, str]:
-    from provisioning.cli import load_public_key
+    from provisioning.keyfiles import load_public_key
 
     result = asyncio.run(
-        apply_bundle(bundle, root=root, verify_key=[load_public_key(key)], identity=DeviceIdentity(GW, "site-hilltop"))
+        apply_bundle(bundle, root=root, verify_key=[load_public_key(key)], identity=DeviceIdentity(GW, "site-hilltop"), check=check_release)
     )
     return result.code, result.reason
 

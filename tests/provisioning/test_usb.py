@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.release_check import RULES
 from provisioning.apply import current_release
 from provisioning.bundle import DeviceIdentity
 from provisioning.usb import (
@@ -77,7 +78,7 @@ async def test_stick_to_carry_back(
 
     results = await process_spool(
         spool, state_dir=state, verify_key=role_key.public_key(), identity=DeviceIdentity(GATEWAY, SITE),
-        audit=audit, software_version="0.1.0", serial="SN1", enrollment=lambda: {"identity_ed25519": "AAAA"},
+        check=RULES.check_release, audit=audit, software_version="0.1.0", serial="SN1", enrollment=lambda: {"identity_ed25519": "AAAA"},
         export_backlog=export, now=NOW,
     )  # fmt: skip
     assert [(r.source, r.outcome, r.code) for r in results] == [
@@ -144,10 +145,10 @@ async def test_no_identity_refuses_everything(
     req = copy_bundles_to_spool(stick, spool)
     assert req["technician_asked_backlog"] is True
     state = tmp_path / "state"
-    assert gateway_identity(state, None) is None
+    assert gateway_identity(state, None, RULES.installed_identity) is None
     results = await process_spool(
-        spool, state_dir=state, verify_key=role_key.public_key(), identity=None, audit=None,
-        software_version="x", now=NOW + timedelta(seconds=1),
+        spool, state_dir=state, verify_key=role_key.public_key(), identity=None, check=RULES.check_release,
+        audit=None, software_version="x", now=NOW + timedelta(seconds=1),
     )  # fmt: skip
     assert [r.code for r in results] == ["no-identity"]
     doc = json.loads((spool / "out" / "result.json").read_text())
@@ -166,8 +167,8 @@ def test_process_step_with_keystore_and_trust_store(
 
     from cryptography.hazmat.primitives import serialization
 
+    from gateway.provision_usb import main
     from provisioning.keys import Keystore
-    from provisioning.usb import main
 
     Keystore.init(tmp_path / "keys", GATEWAY)
     raw = role_key.public_key().public_bytes(

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from gateway.config import BrokerSection
-from gateway.demo_pki import make_demo_pki
 from store_forward.headend import Headend, HeadendDB
 from store_forward.minibroker import Acl, MiniBroker
 from store_forward.outbox import Outbox
 from store_forward.topics import DEFAULT_PREFIX
 from store_forward.uplink import LinkState, Uplink, tls_context
+from testbed.demo_pki import make_demo_pki
 from tests.security.test_transport import TlsBroker
 from tests.security.tls import HEADEND_CN, make_pki
 from tests.store_forward.helpers import Site, running, settings, six_quantity_reading, wait_for

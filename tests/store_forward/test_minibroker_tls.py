@@ -2,7 +2,7 @@
 
 Real aiomqtt clients with the gateway's own TLS context
 (:func:`store_forward.uplink.tls_context`), the real :class:`Uplink`, and
-certificates from :mod:`gateway.demo_pki`, all on 127.0.0.1 free ports.
+certificates from :mod:`testbed.demo_pki`, all on 127.0.0.1 free ports.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import BrokerSection, UplinkSection
-from gateway.demo_pki import DemoPki, make_demo_pki
 from store_forward import wire_json
 from store_forward.minibroker import (
     Acl,
@@ -39,6 +38,7 @@ from store_forward.minibroker import (
 from store_forward.outbox import Outbox
 from store_forward.topics import Topics
 from store_forward.uplink import LinkState, Uplink, tls_context
+from testbed.demo_pki import DemoPki, make_demo_pki
 from tests.harness.mqtt_clients import collect, refused, tasks, until
 
 HOST = "127.0.0.1"

@@ -183,6 +183,29 @@ def test_usb_mount_options() -> None:
     assert MOUNT_OPTS_RO.split(",")[0] == "ro"
 
 
+def test_usb_unit_steps_are_commands_that_accept_their_options() -> None:
+    """Each step's ``python -m MODULE STEP ...`` runs, and its parser takes the unit's options."""
+    import importlib
+    import shlex
+
+    u = parse_unit(UNITS / "edgegw-usb@.service")
+    lines = [u["Service.ExecStartPre"][0], u["Service.ExecStart"][0], u["Service.ExecStopPost"][0]]
+    steps = []
+    for line in lines:
+        argv = shlex.split(line.replace("%I", "sdb1").replace("%i", "sdb1"))
+        module, step, *options = argv[argv.index("-m") + 1 :]
+        steps.append(step)
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        r = subprocess.run(
+            [sys.executable, "-m", module, step, "--help"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, f"{module} {step}: {r.stderr}"
+        args = importlib.import_module(module).build_parser().parse_args([step, *options])
+        assert args.step == step and callable(args.func)
+    assert steps == ["import", "process", "export"]
+
+
 MDWE_CHILD = textwrap.dedent(
     """
     import ctypes, mmap, sys
@@ -215,7 +238,7 @@ MDWE_CHILD = textwrap.dedent(
             await c.execute("create table t(x)"); await c.execute("insert into t values (1)")
             await c.commit()
     asyncio.run(db())
-    import gateway.config, gateway.sdnotify, provisioning.apply, provisioning.usb
+    import gateway.config, gateway.sdnotify, gateway.provision_usb, provisioning.apply, provisioning.usb
     try:
         import gateway.daemon
     except ImportError as exc:

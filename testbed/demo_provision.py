@@ -43,9 +43,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from provisioning import cli as provision_cli
+from gateway import __version__, provision_cli
+from gateway.release_check import check_release
 from provisioning.apply import CONFIG_FILE, ApplyResult, current_release
 from provisioning.bundle import SUFFIX, DeviceIdentity, Manifest
+from provisioning.keyfiles import load_public_key, public_key_fingerprint
 from provisioning.keys import Keystore, write_atomic
 from provisioning.usb import (
     AUDIT_SPOOL,
@@ -55,6 +57,7 @@ from provisioning.usb import (
     copy_out,
     process_spool,
 )
+from store_forward.uplink_keys import UplinkKeyError, parse_enrollment
 
 __all__ = [
     "DemoProvisionError",
@@ -147,8 +150,6 @@ def enroll_from_carry_back(site: ProvisionedSite, registry: Path) -> Path:
     Returns the path written. Raises :class:`DemoProvisionError` if the
     carry-back has no usable enrollment.
     """
-    from store_forward.uplink_keys import UplinkKeyError, parse_enrollment
-
     source = site.carry_back / "enrollment.json"
     try:
         doc = json.loads(source.read_bytes())
@@ -213,7 +214,7 @@ async def provision_demo_site(
     central.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not key.exists():
         _edgegw(["keygen", "--out", str(key)])
-    public_key = provision_cli.load_public_key(pub)
+    public_key = load_public_key(pub)
     now = datetime.now(UTC)
     version = _next_version(root, now)
     bundle_id = f"{gateway_id}-v{version}"
@@ -240,8 +241,6 @@ async def provision_demo_site(
     await asyncio.to_thread(shutil.copyfile, made, bundle)  # onto the stick
 
     # -- gateway: edgegw-usb@.service's import, process and export steps -----------
-    from gateway import __version__
-
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
     keystore = await asyncio.to_thread(_gateway_keystore, keystore_dir(workdir), gateway_id)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -253,6 +252,7 @@ async def provision_demo_site(
             state_dir=root,
             verify_key=[public_key],
             identity=DeviceIdentity(gateway_id),
+            check=check_release,
             audit=audit_spool_writer(root / AUDIT_SPOOL),
             software_version=__version__,
             enrollment=keystore.export_public,
@@ -284,5 +284,5 @@ async def provision_demo_site(
         stick=stick,
         carry_back=carry_back,
         public_key=pub,
-        fingerprint=provision_cli.public_key_fingerprint(public_key),
+        fingerprint=public_key_fingerprint(public_key),
     )

@@ -11,7 +11,7 @@ Parts (all real code paths, nothing mocked):
 * the reference headend, storing into its own SQLite database and acking.
 
 Security as deployed: the embedded broker speaks mutual TLS only, with
-certificates from a throw-away CA (:mod:`gateway.demo_pki`), takes each
+certificates from a throw-away CA (:mod:`testbed.demo_pki`), takes each
 certificate's CN as the MQTT username and confines every gateway to its own
 topics (``Acl.own_subtree``; the headend is the only superuser). The gateway's
 certificate, the CA and its configuration reach it in a signed provisioning
@@ -59,13 +59,10 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from gateway import demo_story as story
 from gateway.billing import ledger_store as ls
 from gateway.billing.money import report_yuan
 from gateway.config import BrokerSection, load_config
 from gateway.daemon import Daemon
-from gateway.demo_pki import BUNDLE_CA, BUNDLE_CERT, BUNDLE_KEY, DemoPki, make_demo_pki
-from gateway.demo_provision import enroll_from_carry_back, keystore_dir, provision_demo_site
 from gateway.security.envelope import sign_command
 from gateway.security.roles import CentralKey, CommandType, Role, TrustStore
 from store_forward import wire_json
@@ -83,6 +80,9 @@ from store_forward.uplink_keys import (
     headend_public_b64,
     load_headend_key,
 )
+from testbed import demo_story as story
+from testbed.demo_pki import BUNDLE_CA, BUNDLE_CERT, BUNDLE_KEY, DemoPki, make_demo_pki
+from testbed.demo_provision import enroll_from_carry_back, keystore_dir, provision_demo_site
 from testbed.simulators.dlt645 import Simulator as Dlt645Simulator
 from testbed.simulators.dlt645 import make_meters
 from testbed.simulators.modbus import ModbusSimulator

@@ -1,0 +1,99 @@
+"""Step 2 of ``edgegw-usb@.service``: apply the bundles a stick brought, as the gateway.
+
+``python -m gateway.provision_usb process`` runs as the service user in the
+unit's sandbox between the privileged ``import`` and ``export`` steps of
+:mod:`provisioning.usb`. It trusts the provisioning keys given with
+``--pubkey`` and the provisioning-role keys of the central trust file, judges
+every release by the gateway's configuration rules
+(:data:`gateway.release_check.RULES`), and writes the carry-back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from gateway import __version__
+from gateway.release_check import RULES
+from gateway.security.roles import Role, TrustStore
+from provisioning.bundle import DEFAULT_MAX_BUNDLE_BYTES
+from provisioning.keyfiles import load_public_key
+from provisioning.keys import Keystore
+from provisioning.usb import (
+    AUDIT_SPOOL,
+    UsbError,
+    audit_spool_writer,
+    board_serial,
+    gateway_identity,
+    process_spool,
+)
+
+
+def _load_keystore(path: Path) -> Keystore | None:
+    try:
+        return Keystore.open(path)
+    except Exception as exc:
+        print(f"keystore {path}: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    spool = Path(args.spool)
+    state_dir = Path(args.state_dir)
+    keys = [load_public_key(Path(p)) for p in args.pubkey]
+    if args.trust_store and Path(args.trust_store).exists():
+        keys += TrustStore.load(args.trust_store).public_keys_for(Role.PROVISIONING)
+    keystore = _load_keystore(Path(args.keystore))
+    identity = gateway_identity(state_dir, keystore, RULES.installed_identity)
+    enrollment = (lambda: dict(keystore.export_public())) if keystore is not None else None
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    results = asyncio.run(
+        process_spool(
+            spool,
+            state_dir=state_dir,
+            verify_key=keys,
+            identity=identity,
+            check=RULES.check_release,
+            audit=audit_spool_writer(state_dir / AUDIT_SPOOL),
+            software_version=__version__,
+            serial=args.serial or board_serial(),
+            enrollment=enrollment,
+            export_backlog=None,
+            max_bytes=args.max_bytes,
+        )
+    )
+    for r in results:
+        print(f"{r.source}: {r.outcome} ({r.code}): {r.reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gateway.provision_usb")
+    sub = p.add_subparsers(dest="step", required=True)
+    pr = sub.add_parser("process")
+    pr.add_argument("--spool", required=True)
+    pr.add_argument("--state-dir", required=True)
+    pr.add_argument("--pubkey", action="append", default=[], help="provisioning key (PEM)")
+    pr.add_argument(
+        "--trust-store", help="central trust store; its provisioning-role keys are trusted too"
+    )
+    pr.add_argument("--keystore", default="/var/lib/edgegw/keys")
+    pr.add_argument("--serial", help="board serial for the enrollment record")
+    pr.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES)
+    pr.set_defaults(func=cmd_process)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsbError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
