@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -13,12 +14,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import aiosqlite
 import orjson
 
-from gateway import __version__
-from gateway.config import ConfigError, load_config
+from gateway import __version__, meter_health
+from gateway.config import ConfigError, check_config, load_config
+from gateway.preflight import account_for, preflight
+from gateway.security.roles import TrustError
+from provisioning.keys import KeystoreError
 from store_forward.cli import hostport as _hostport  # also the demo's --broker
 from store_forward.cli import register_headend
+from store_forward.outbox import (
+    K_BATCH_EPOCH,
+    K_GENERATION,
+    K_LINK,
+    K_LINK_SINCE,
+    K_STORAGE,
+    OutboxError,
+    backlog_stats,
+    meter_statuses,
+    read_kv,
+)
+from store_forward.sealing import StorageKeyError
+from store_forward.storage_state import StorageState, describe
+from store_forward.uplink_keys import UplinkKeyError
 
 # Modules that add their own subcommands with ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -54,9 +73,6 @@ def _load(path: str) -> Any:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     """The loader's checks and the machine's (gateway.preflight), all in one pass."""
-    from gateway.config import check_config
-    from gateway.preflight import account_for, preflight
-
     try:
         account = account_for(args.as_user)
     except KeyError:
@@ -91,9 +107,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return 2
-    start_errors = _start_errors()
-    from gateway.daemon import Daemon
+    # The daemon (MQTT client, billing, commands) is loaded by `run` only: every
+    # other command starts without it.
+    from gateway.daemon import Daemon, StartupError
     from gateway.remote_config import RESTART_EXIT_CODE
+
+    start_errors = (
+        StartupError, OutboxError, StorageKeyError, KeystoreError, TrustError, UplinkKeyError, OSError,
+    )  # fmt: skip
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -113,17 +134,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             "cannot start: %s", exc, exc_info=logging.getLogger().isEnabledFor(logging.DEBUG)
         )
         return 1
-
-
-def _start_errors() -> tuple[type[BaseException], ...]:
-    from gateway.daemon import StartupError
-    from gateway.security.roles import TrustError
-    from provisioning.keys import KeystoreError
-    from store_forward.outbox import OutboxError
-    from store_forward.sealing import StorageKeyError
-    from store_forward.uplink_keys import UplinkKeyError
-
-    return (StartupError, OutboxError, StorageKeyError, KeystoreError, TrustError, UplinkKeyError, OSError)
 
 
 # -- headend --------------------------------------------------------------
@@ -146,13 +156,6 @@ def _age(ms: int | None, now_ms: int) -> str:
 
 def storage_status(db_path: Path, kv: dict[str, Any]) -> dict[str, Any]:
     """The storage state (fault, recovery, evidence), the reserve and the free space."""
-    import os
-
-    import orjson
-
-    from store_forward.outbox import K_BATCH_EPOCH, K_GENERATION, K_STORAGE
-    from store_forward.storage_state import StorageState, describe
-
     try:
         state = StorageState.from_json(orjson.loads(kv.get(K_STORAGE) or "{}"))
     except (orjson.JSONDecodeError, ValueError, TypeError):
@@ -175,11 +178,6 @@ def storage_status(db_path: Path, kv: dict[str, Any]) -> dict[str, Any]:
 
 async def gather_status(db_path: Path, now_ms: int) -> dict[str, Any]:
     """Read-only view of a running (or stopped) gateway's database."""
-    import aiosqlite
-
-    from gateway import meter_health
-    from store_forward.outbox import K_LINK, K_LINK_SINCE, backlog_stats, meter_statuses, read_kv
-
     uri = f"file:{db_path}?mode=ro"
     async with aiosqlite.connect(uri, uri=True) as db:
         stats = await backlog_stats(db)

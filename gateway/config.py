@@ -29,6 +29,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from firmware_bridge.bus import config_problems
 from firmware_bridge.reading import Quantity
 from firmware_bridge.settings import BusSettings, MeterSettings, RelaySettings, SiteSettings
+from gateway.billing.account import AccountError, load_account
+from gateway.billing.tariff import TariffError, load_book
 from gateway.toml_lines import Lines, ScanError, nesting_depth, scan
 
 
@@ -872,9 +874,6 @@ def _check_billing(
     c: _Collector, accounts: list[tuple[int, AccountSection]], raw: Mapping[str, Any], timezone: str | None
 ) -> None:
     """Load every account and tariff file now, so `config check` reports their problems too."""
-    from gateway.billing.account import AccountError, load_account
-    from gateway.billing.tariff import TariffError, load_book
-
     problems = c.problems
     for i, a in accounts:
         unusable = [(k, p, why) for k, p in (("settings", a.settings), *(("tariffs", t) for t in a.tariffs))

@@ -25,6 +25,7 @@ Every problem names the key and the line of the file, like the loader's.
 from __future__ import annotations
 
 import datetime as dt
+import grp
 import json
 import os
 import pwd
@@ -36,7 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.config import ConfigReport, KeyPath
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.config import BrokerSection, ConfigReport, KeyPath
+from gateway.security.roles import TrustError, TrustStore
+from provisioning.keys import Keystore, KeystoreError
+from store_forward.sealing import StorageKeyError, load_storage_key
+from store_forward.uplink import tls_context
 
 SERVICE_USER = "edgegw"
 # What systemd/edgegw.service does to the daemon's view of the file system
@@ -101,8 +109,6 @@ def account_for(requested: str | None) -> Account:
 
 
 def _with_dialout(groups: tuple[int, ...]) -> tuple[int, ...]:
-    import grp
-
     try:
         dialout = grp.getgrnam("dialout").gr_gid
     except KeyError:
@@ -418,9 +424,6 @@ def _tls(
     problem: Callable[[KeyPath, str], None],
     warn: Callable[[KeyPath, str], None],
 ) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
     ok = True
     ca = broker.get("ca_file")
     if ca is not None and ca in usable:
@@ -459,9 +462,6 @@ def _tls(
     if not ok or (cert_path is not None and cert is None) or (key_path is not None and key is None):
         return
     # Last, the context exactly as the uplink builds it.
-    from gateway.config import BrokerSection
-    from store_forward.uplink import tls_context
-
     try:
         tls_context(BrokerSection(tls=True, ca_file=ca, cert_file=cert_path, key_file=key_path))
     except (ssl.SSLError, OSError, ValueError) as exc:
@@ -491,8 +491,6 @@ def _validity(
 
 
 def _trust_file(path: Path, problem: Callable[[KeyPath, str], None]) -> None:
-    from gateway.security.roles import TrustError, TrustStore
-
     try:
         TrustStore.load(path)
     except TrustError as exc:
@@ -500,8 +498,6 @@ def _trust_file(path: Path, problem: Callable[[KeyPath, str], None]) -> None:
 
 
 def _keystore(path: Path, gateway_id: str | None, problem: Callable[[KeyPath, str], None]) -> None:
-    from provisioning.keys import Keystore, KeystoreError
-
     try:
         ks = Keystore.open(path)
     except (KeystoreError, OSError, ValueError) as exc:
@@ -515,8 +511,6 @@ def _keystore(path: Path, gateway_id: str | None, problem: Callable[[KeyPath, st
 
 
 def _storage_key(path: Path, problem: Callable[[KeyPath, str], None]) -> None:
-    from store_forward.sealing import StorageKeyError, load_storage_key
-
     try:
         load_storage_key(path)
     except (StorageKeyError, OSError) as exc:

@@ -39,6 +39,7 @@ from typing import Any
 
 import orjson
 
+from gateway.config import ConfigError, load_config
 from gateway.security.envelope import MAX_ENVELOPE_BYTES, CommandResult, Envelope, parse_envelope
 from gateway.security.roles import CommandType
 from provisioning.keys import fsync_dir
@@ -238,8 +239,6 @@ def _describe_answer(ans: dict[str, Any]) -> str:
 
 
 def cmd_topup_apply(args: argparse.Namespace) -> int:
-    from gateway.config import ConfigError, load_config
-
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:

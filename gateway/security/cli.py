@@ -41,6 +41,7 @@ from gateway.security.envelope import (
     sign_command,
 )
 from gateway.security.roles import CentralKey, CommandType, Role, TrustError, TrustStore
+from provisioning.keys import Keystore, KeystoreError, load_private, write_atomic
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
@@ -52,8 +53,6 @@ def _audit_verify(args: argparse.Namespace) -> int:
             print("error: --public-key is not valid base64", file=sys.stderr)
             return 2
     elif args.keystore:
-        from provisioning.keys import Keystore, KeystoreError
-
         try:
             public_key = Keystore.open(args.keystore).identity_public_bytes()
         except KeystoreError as exc:
@@ -108,8 +107,6 @@ def _command_verify(args: argparse.Namespace) -> int:
 
 
 def _command_keygen(args: argparse.Namespace) -> int:
-    from provisioning.keys import write_atomic
-
     out = Path(args.private_out)
     if out.exists():
         print(f"error: {out} exists; refusing to overwrite a private key", file=sys.stderr)
@@ -138,8 +135,6 @@ def _command_keygen(args: argparse.Namespace) -> int:
 
 
 def _command_sign(args: argparse.Namespace) -> int:
-    from provisioning.keys import KeystoreError, load_private
-
     try:
         key = load_private(Path(args.key), Ed25519PrivateKey)
     except KeystoreError as exc:
