@@ -249,7 +249,8 @@ def test_everything_lost_refuses_unless_key_is_new(
 def test_file_store_alone_corrupt_refuses(key: bytes, tmp_path: Path) -> None:
     only = [FileEpochStore(tmp_path / "e")]
     acquire_epoch(key, only, new_key=True)
-    only[0].path.write_bytes(only[0].path.read_bytes()[:-1] + b"\x00")
+    raw = only[0].path.read_bytes()
+    only[0].path.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0xFF]))  # always a different byte
     with pytest.raises(EpochError, match="corrupt"):
         acquire_epoch(key, only)
 
