@@ -6,7 +6,7 @@ disk bytes written per reading, peak RSS with a large buffer. Prints JSON.
 
 Set-up (all real parts): the gateway side — sealed outbox (SQLite, WAL,
 synchronous=FULL) and uplink (sealed encoding 2) — runs in this process; the
-MQTT broker (store_forward.minibroker) and the reference headend (SQLite,
+MQTT broker (testbed.minibroker) and the reference headend (SQLite,
 gateway registry) run in a child process; between them the link emulator
 (40 kbit/s each way, 150 ms one way = 300 ms round trip).
 
@@ -41,14 +41,12 @@ import orjson  # noqa: E402
 
 from firmware_bridge.reading import Measurement, Quality, Quantity, Reading  # noqa: E402
 from gateway.config import BrokerSection, UplinkSection  # noqa: E402
+from headend.registry import generate_headend_key  # noqa: E402
 from provisioning.keys import Keystore  # noqa: E402
 from store_forward.codec import SealedCodec  # noqa: E402
 from store_forward.outbox import Outbox, StoragePolicy  # noqa: E402
 from store_forward.records import Record, split_reading  # noqa: E402
-from store_forward.uplink_keys import (  # noqa: E402
-    gateway_uplink_key,
-    generate_headend_key,
-)
+from store_forward.uplink_keys import gateway_uplink_key  # noqa: E402
 
 GATEWAY = "gw-bench"
 EPOCH = "0be0c4e5a11ba7c4"  # batch epoch of the size measurements
@@ -121,9 +119,10 @@ def make_keys(work: Path) -> tuple[SealedCodec, Path, Path]:
 
 
 async def headend_child(db: str, key: str, registry: str) -> None:
-    from store_forward.headend import Headend, HeadendDB
-    from store_forward.minibroker import MiniBroker
-    from store_forward.uplink_keys import GatewayRegistry, load_headend_key
+    from headend.ingest import Headend
+    from headend.registry import GatewayRegistry, load_headend_key
+    from headend.store import HeadendDB
+    from testbed.minibroker import MiniBroker
 
     reg = GatewayRegistry.load(load_headend_key(key), registry)
     hdb = await HeadendDB.open(db)
@@ -179,8 +178,8 @@ def live_bytes(codec: SealedCodec) -> dict[str, float]:
 async def drain(
     work: Path, codec: SealedCodec, key_path: Path, reg: Path, rate_bps: int, latency_s: float
 ) -> dict[str, Any]:
-    from store_forward.linkemu import LinkEmulator
     from store_forward.uplink import Uplink
+    from testbed.linkemu import LinkEmulator
 
     central = work / "central.db"
     child = subprocess.Popen(  # noqa: ASYNC220 - a long-lived helper, started once

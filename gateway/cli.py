@@ -21,9 +21,9 @@ from gateway import __version__, meter_health
 from gateway.config import ConfigError, check_config, load_config
 from gateway.preflight import account_for, preflight
 from gateway.security.roles import TrustError
+from headend.cli import hostport as _hostport  # also the demo's --broker
+from headend.cli import register_headend
 from provisioning.keys import KeystoreError
-from store_forward.cli import hostport as _hostport  # also the demo's --broker
-from store_forward.cli import register_headend
 from store_forward.outbox import (
     K_BATCH_EPOCH,
     K_GENERATION,
@@ -47,7 +47,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gateway.security.cli",  # audit verify, command sign / verify / keygen
     "provisioning.keys_cli",  # keys init / show / export-public
     "gateway.provision_cli",  # provision make / inspect / verify / apply
-    "store_forward.cli",  # backlog export
+    "gateway.backlog_cli",  # backlog export
 )
 
 
@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # -- headend --------------------------------------------------------------
-# ``edgegw headend run | import | keygen`` live in store_forward.cli (register_headend).
+# ``edgegw headend run | import | keygen`` live in headend.cli (register_headend).
 
 
 # -- status ---------------------------------------------------------------

@@ -32,6 +32,8 @@ from firmware_bridge.settings import BusSettings, MeterSettings, RelaySettings, 
 from gateway.billing.account import AccountError, load_account
 from gateway.billing.tariff import TariffError, load_book
 from gateway.toml_lines import Lines, ScanError, nesting_depth, scan
+from store_forward.settings import BrokerSettings, UplinkSettings
+from store_forward.uplink_keys import UplinkKeyError, parse_public_key
 
 
 class ConfigError(Exception):
@@ -62,33 +64,9 @@ class StorageSection:
     key_file: Path | None = None
 
 
-@dataclass(frozen=True)
-class BrokerSection:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    tls: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    username: str | None = None
-    password: str | None = None
-    keepalive_s: int = 30
-    topic_prefix: str = "edgegw/v1"
-
-
-@dataclass(frozen=True)
-class UplinkSection:
-    batch_max_records: int = 5000
-    batch_max_bytes: int = 64 * 1024
-    ack_timeout_s: float = 20.0
-    window: int = 4
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 60.0
-    headend_public_key: str | None = None  # base64 X25519: enables sealed encoding 2
-    max_bytes_per_s: int | None = None  # ceiling for backlog bytes on the link
-    # Unsealed batches (no headend_public_key) get acks nothing can authenticate: they
-    # delete batches and count as contact with central only when this is true (development).
-    allow_unauthenticated_acks: bool = False
+# The [broker] and [uplink] tables map onto the uplink's own settings types.
+BrokerSection = BrokerSettings
+UplinkSection = UplinkSettings
 
 
 @dataclass(frozen=True)
@@ -303,8 +281,6 @@ def _topic_prefix(v: Any) -> str | None:
 
 
 def _public_key(v: Any) -> str | None:
-    from store_forward.uplink_keys import UplinkKeyError, parse_public_key
-
     try:
         parse_public_key(v)
     except UplinkKeyError as exc:
@@ -694,7 +670,9 @@ def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
     if ("cert_file" in raw_broker) != ("key_file" in raw_broker):
         missing = "key_file" if "cert_file" in raw_broker else "cert_file"
         c.add(("broker", missing), "cert_file and key_file must be given together")
-    if ul.get("reconnect_min_s", 0.5) > ul.get("reconnect_max_s", 60.0):
+    if ul.get("reconnect_min_s", UplinkSection.reconnect_min_s) > ul.get(
+        "reconnect_max_s", UplinkSection.reconnect_max_s
+    ):
         c.add(("uplink", "reconnect_min_s"), "must not be larger than uplink.reconnect_max_s")
     for name, keys in FILE_KEYS.items():
         for k in keys:

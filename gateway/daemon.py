@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from firmware_bridge.backoff import backoff_delay
 from firmware_bridge.bus import open_site_bus
 from firmware_bridge.faults import FaultEvents
 from firmware_bridge.reading import Quantity, Reading, TimeSource
@@ -57,7 +58,7 @@ from firmware_bridge.relay import (
 )
 from firmware_bridge.scheduler import BackoffPolicy, MeterHealth
 from firmware_bridge.settings import BusSettings
-from gateway import meter_health, sdnotify, technician
+from gateway import meter_health, sdnotify, storage_setup, technician
 from gateway.billing.cutoff import Contact
 from gateway.billing.held import Stretch
 from gateway.billing.ledger_store import LedgerCorrupt
@@ -88,7 +89,6 @@ from gateway.storage_guard import Backlog, BillingHold, GuardedBilling
 from gateway.storage_recovery import ensure_schemas, recover_money
 from provisioning.keys import Keystore
 from provisioning.usb import AUDIT_SPOOL, drain_audit_spool
-from store_forward import setup
 from store_forward.integrity import FaultKind
 from store_forward.outbox import (
     MeterStatus,
@@ -99,7 +99,7 @@ from store_forward.outbox import (
 )
 from store_forward.records import RecordClass, RecordKind
 from store_forward.storage_state import Action, StorageMode, describe, permits
-from store_forward.uplink import Uplink, backoff_delay
+from store_forward.uplink import Uplink
 
 log = logging.getLogger(__name__)
 
@@ -483,8 +483,8 @@ class Daemon:
         prepare_storage_dir(cfg.storage.path)
         outbox = await Outbox.open(
             cfg.storage.path,
-            keys=setup.storage_keys(cfg),
-            policy=setup.storage_policy(cfg),
+            keys=storage_setup.storage_keys(cfg),
+            policy=storage_setup.storage_policy(cfg),
             check_wait_s=Outbox.CHECK_WAIT_S,
         )
         self.outbox = outbox
@@ -516,8 +516,8 @@ class Daemon:
             settings=cfg.uplink,
             clock_ms=self.time_ms,
             on_command=self._on_command,
-            codec=setup.uplink_codec(cfg),
-            max_bytes_per_s=setup.max_bytes_per_s(cfg),
+            codec=storage_setup.uplink_codec(cfg),
+            max_bytes_per_s=storage_setup.max_bytes_per_s(cfg),
             unauthenticated_acks=cfg.uplink.allow_unauthenticated_acks,
         )
         self.uplink = uplink
@@ -1042,7 +1042,7 @@ class Daemon:
     def _open_keystore(self) -> Keystore | None:
         """The gateway's keystore (the configured one, else the default directory if
         it holds one): its identity key signs the audit checkpoints."""
-        d = setup.keystore_dir(self.config)
+        d = storage_setup.keystore_dir(self.config)
         if self.config.security.keystore is None and not (d / "manifest.json").exists():
             log.warning("no keystore at %s: the audit log gets no signed checkpoints", d)
             return None

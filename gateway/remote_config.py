@@ -62,11 +62,11 @@ from typing import Any
 import aiosqlite
 import tomli_w
 
+from firmware_bridge.durable import fsync_dir, write_atomic
 from gateway.billing.cutoff import Contact
 from gateway.commands import CommandRefused, ConfigChange, audit_and_report
 from gateway.config import Config, ConfigError, load_config
 from gateway.security import audit
-from provisioning.keys import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 

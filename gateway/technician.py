@@ -39,10 +39,10 @@ from typing import Any
 
 import orjson
 
+from firmware_bridge.durable import fsync_dir, write_atomic
 from gateway.config import ConfigError, load_config
 from gateway.security.envelope import MAX_ENVELOPE_BYTES, CommandResult, Envelope, parse_envelope
 from gateway.security.roles import CommandType
-from provisioning.keys import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,9 @@ def _read_bounded(path: Path) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # The mode of any new file (umask): the daemon and a technician's shell may be
+    # different users. A directory that cannot be fsynced does not fail the hand-over.
+    write_atomic(path, data, 0o666, chmod=False, sync_dir=False)
     with contextlib.suppress(OSError):
         fsync_dir(path.parent)
 

@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from firmware_bridge.durable import fsync_dir, write_new
 from provisioning.bundle import (
     DEFAULT_MAX_BUNDLE_BYTES,
     BundleContentError,
@@ -59,7 +60,6 @@ from provisioning.bundle import (
     parse_manifest,
     verify_bundle,
 )
-from provisioning.keys import fsync_dir
 from provisioning.rules import CONFIG_FILE, ReleaseCheck, ReleaseChecker
 
 NOT_CARRIED_OVER = ("topups/", "commands/")
@@ -77,19 +77,6 @@ class ApplyError(Exception):
 
 # ---------------------------------------------------------------------------
 # Small durable-file helpers
-
-
-def _write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Create ``path`` (never following or replacing anything), write, fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _swap_symlink(link: Path, target: str) -> None:
@@ -391,11 +378,11 @@ def install_bundle(
                     made_dirs.add(d)
             src = plan[rel]
             data = src if isinstance(src, bytes) else src.read_bytes()
-            _write_new(dest, data)
+            write_new(dest, data)
             _step(step, f"file:{rel}")
-        _write_new(staging / "manifest.json", vb.manifest_bytes)
-        _write_new(staging / "manifest.sig", vb.signature)
-        _write_new(staging / "bundle.sha256", (vb.digest + "\n").encode())
+        write_new(staging / "manifest.json", vb.manifest_bytes)
+        write_new(staging / "manifest.sig", vb.signature)
+        write_new(staging / "bundle.sha256", (vb.digest + "\n").encode())
         for d in sorted(made_dirs, key=lambda p: len(p.parts), reverse=True):
             fsync_dir(d)
         fsync_dir(staging)
@@ -664,7 +651,7 @@ async def write_carry_back(
 
     def write_docs() -> None:
         for path, doc in docs:
-            _write_new(path, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
+            write_new(path, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
         fsync_dir(out_dir)
 
     await asyncio.to_thread(write_docs)

@@ -29,6 +29,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from firmware_bridge.durable import append_durably, write_atomic, write_new
 from provisioning.apply import (
     ApplyError,
     apply_bundle,
@@ -70,14 +71,6 @@ class UsageError(Exception):
 # through verify_key)
 
 
-def _write_exclusive(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def cmd_keygen(args: argparse.Namespace) -> int:
     out = Path(args.out)
     pub = out.with_name(out.name + ".pub")
@@ -85,7 +78,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         if p.exists() or p.is_symlink():
             raise UsageError(f"{p} already exists; refusing to overwrite a key")
     key = Ed25519PrivateKey.generate()
-    _write_exclusive(
+    write_new(
         out,
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -94,7 +87,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         ),
         0o600,
     )
-    _write_exclusive(
+    write_new(
         pub,
         key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -214,10 +207,7 @@ def cmd_make(args: argparse.Namespace, rules: ConfigRules) -> int:
         carry_back=CarryBack(backlog_export=args.backlog_export),
     )
     out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    _write_exclusive(tmp, data, 0o644)
-    os.replace(tmp, out)
+    write_atomic(out, data, 0o644, chmod=False)
     print(
         f"{out}: version {version}, target {target}, {len(files)} files, {len(data)} bytes, "
         f"expires {format_time(expires)}, sha256 {hashlib.sha256(data).hexdigest()}"
@@ -331,7 +321,7 @@ def cmd_apply(args: argparse.Namespace, rules: ConfigRules, software_version: st
     async def audit(kind: str, detail: dict[str, Any]) -> None:
         if audit_log is not None:
             line = json.dumps({"kind": kind, **detail}, sort_keys=True) + "\n"
-            await asyncio.to_thread(_append_line, audit_log, line)
+            await asyncio.to_thread(append_durably, audit_log, line.encode())
 
     async def run() -> int:
         result = await apply_bundle(
@@ -357,15 +347,6 @@ def cmd_apply(args: argparse.Namespace, rules: ConfigRules, software_version: st
         return 0 if result.ok else 1
 
     return asyncio.run(run())
-
-
-def _append_line(path: Path, line: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, line.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:

@@ -29,7 +29,6 @@ this module: replacing it would orphan every buffered record.
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import re
 import secrets
@@ -51,6 +50,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 )
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from firmware_bridge.durable import fsync_dir, write_atomic
+from store_forward.uplink_keys import fingerprint
+
 MANIFEST = "manifest.json"
 IDENTITY_FILE = "identity.ed25519.pem"
 EXCHANGE_FILE = "exchange.x25519.pem"
@@ -71,11 +73,6 @@ class KeystoreError(Exception):
 
 class KeyPermissionError(KeystoreError):
     """A private key file (or the keystore directory) is accessible to others."""
-
-
-def fingerprint(public_key: bytes) -> str:
-    """Short, stable identifier of a raw public key: ``sha256:`` + 32 hex digits."""
-    return "sha256:" + hashlib.sha256(public_key).hexdigest()[:32]
 
 
 def b64(data: bytes) -> str:
@@ -102,40 +99,6 @@ def _check_purpose(purpose: str) -> None:
 
 # ---------------------------------------------------------------------------
 # Files
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` so that a power cut leaves the old or the new file.
-
-    The temporary file is created with ``mode`` from the start (never briefly
-    world-readable), fsynced, renamed over ``path``, and the directory fsynced.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # umask may have narrowed it; make it exact
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 def _check_private_mode(path: Path) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import orjson
 
-from provisioning.keys import Keystore, KeystoreError, write_atomic
+from firmware_bridge.durable import write_atomic
+from provisioning.keys import Keystore, KeystoreError
 
 
 def _init(args: argparse.Namespace) -> int:

@@ -48,6 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from firmware_bridge.durable import append_durably, write_atomic, write_new
 from provisioning.apply import (
     ApplyResult,
     ExportFn,
@@ -63,7 +64,6 @@ from provisioning.bundle import (
     DeviceIdentity,
     VerifyKey,
 )
-from provisioning.keys import write_atomic
 from provisioning.rules import ConfigIdentity, ReleaseChecker
 
 STICK_DIR = "edgegw"
@@ -95,21 +95,6 @@ def select_bundles(stick_root: Path, limit: int = MAX_BUNDLES) -> list[Path]:
     return found[:limit]
 
 
-def _write_in(dir_fd: int, name: str, data: bytes) -> None:
-    """Create ``name`` in an open directory: never follows or replaces anything."""
-    fd = os.open(
-        name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-        dir_fd=dir_fd,
-    )  # fmt: skip
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _open_dir(path: Path | str, dir_fd: int | None = None) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
@@ -137,7 +122,7 @@ def copy_bundles_to_spool(
                     skipped.append({"file": src.name, "code": exc.code, "reason": str(exc)})
                     continue
                 name = f"{i:02d}-{src.name}"
-                _write_in(in_fd, name, data)
+                write_new(name, data, dir_fd=in_fd)
                 copied.append(name)
         finally:
             os.close(in_fd)
@@ -147,7 +132,7 @@ def copy_bundles_to_spool(
             "skipped": skipped,
             "technician_asked_backlog": marker.is_file() and not marker.is_symlink(),
         }
-        _write_in(spool_fd, "request.json", json.dumps(request, indent=2).encode())
+        write_new("request.json", json.dumps(request, indent=2).encode(), dir_fd=spool_fd)
     finally:
         os.close(spool_fd)
     return request
@@ -220,17 +205,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 def audit_spool_writer(path: Path) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
     """An ``audit`` callable appending fsynced JSON lines for the daemon to import."""
 
-    def append(line: bytes) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     async def audit(kind: str, detail: dict[str, Any]) -> None:
         line = json.dumps({"kind": kind, "detail": detail}, sort_keys=True).encode() + b"\n"
-        await asyncio.to_thread(append, line)
+        await asyncio.to_thread(append_durably, path, line)
 
     return audit
 
@@ -422,10 +399,7 @@ def _copy_dir_fd(src_fd: int, dest: Path, depth: int) -> None:
             data = _read_regular(src_fd, name)
             if data is None:
                 continue
-            with (dest / name).open("xb") as fo:
-                fo.write(data)
-                fo.flush()
-                os.fsync(fo.fileno())
+            write_new(dest / name, data, 0o666)  # the stick's own modes (umask)
 
 
 def copy_out(spool_out: Path, stick_root: Path, gateway_id: str, now: datetime) -> Path:

@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from provisioning.keys import fsync_dir, write_atomic
+from firmware_bridge.durable import fsync_dir, write_atomic
 from store_forward.walcheck import WalReport, check_wal
 
 log = logging.getLogger(__name__)

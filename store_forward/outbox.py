@@ -69,6 +69,7 @@ from typing import Any, Protocol
 import aiosqlite
 import orjson
 
+from firmware_bridge.durable import write_atomic
 from firmware_bridge.reading import Reading
 from store_forward.batch_epoch import LEGACY_EPOCH, new_epoch
 from store_forward.integrity import (
@@ -353,23 +354,9 @@ def _ensure_ballast(path: Path, size: int) -> bool:
     st = os.statvfs(path.parent)
     if st.f_bavail * st.f_frsize < 4 * size:
         return False
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"\xa5" * size)  # real blocks, on every filesystem
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:  # the name too: a reserve lost at a power cut would be written again
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    try:  # the name durable too: a reserve lost at a power cut would be written again
+        write_atomic(path, b"\xa5" * size)  # real blocks, on every filesystem
     except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         return False
     return True
 

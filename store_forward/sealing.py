@@ -72,7 +72,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from provisioning.keys import fsync_dir
+from firmware_bridge.durable import write_atomic
 
 __all__ = [
     "BLOB_OVERHEAD",
@@ -139,35 +139,6 @@ class UnsealError(SealingError):
 # --------------------------------------------------------------------------- key files
 
 
-def _write_durably(path: Path, data: bytes, *, exclusive: bool) -> None:
-    """Write ``data`` to ``path`` atomically (0600): temp file, fsync, rename
-    (or hard link when ``exclusive``, which never replaces an existing file),
-    fsync of the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            finally:
-                os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
 def create_storage_key(path: str | os.PathLike[str]) -> bytes:
     """Create a new random 32-byte storage key at ``path`` (mode 0600, atomic).
 
@@ -180,7 +151,7 @@ def create_storage_key(path: str | os.PathLike[str]) -> bytes:
     body = _KEY_MAGIC + bytes((_KEY_VERSION,)) + key
     data = _KEY_FILE.pack(_KEY_MAGIC, _KEY_VERSION, key, zlib.crc32(body))
     try:
-        _write_durably(target, data, exclusive=True)
+        write_atomic(target, data, 0o600, exclusive=True)
     except FileExistsError as exc:
         raise StorageKeyError(f"storage key file {target} exists; refusing to replace it") from exc
     return key
@@ -279,7 +250,7 @@ class FileEpochStore:
 
     def write(self, tag: bytes, epoch: int) -> None:
         head = struct.pack(">8sB8sI", _EPOCH_MAGIC, _EPOCH_VERSION, tag, epoch)
-        _write_durably(self.path, head + struct.pack(">I", zlib.crc32(head)), exclusive=False)
+        write_atomic(self.path, head + struct.pack(">I", zlib.crc32(head)), 0o600)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

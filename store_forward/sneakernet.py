@@ -1,65 +1,40 @@
-"""Sneakernet: the sealed backlog on a technician's USB stick, and back in at central.
+"""Sneakernet: the sealed backlog on a technician's USB stick.
 
 ``export_backlog`` numbers every record still in the outbox into batches
 (exactly as the uplink would: same codec, same sealed bytes, stored with the
-batch) and writes each batch to ``DIR`` as its own file, plus a manifest::
-
-    DIR/manifest.json       {"format": 2, "gateway_id",
-                             "batches": [{"epoch", "seq", "file", "bytes", "sha256", "records"}]}
-    DIR/<gateway>-<epoch>-<seq:012d>.batch
-                            the sealed payload, byte for byte as the uplink sends it
-                            (``<gateway>-<seq:012d>.batch`` for a batch of the legacy epoch)
+batch) and writes each batch to ``DIR`` as its own file, plus a manifest
+(:mod:`store_forward.backlog_format`).
 
 Nothing is deleted on the gateway: the batches stay until their ack. When the
 link returns, the uplink sends them (the same bytes) and the headend — having
-imported them from the stick meanwhile — answers ``duplicate``; the gateway
-then deletes them. Import runs the headend's own verification and
-de-duplication on (gateway, epoch, seq), so importing twice, or importing
-after the batches arrived online, stores nothing twice. Exports of format 1
-(made before batch epochs) are still imported: their batches carry no epoch
-and keep the legacy one.
+imported them from the stick meanwhile (:mod:`headend.usb_import`) — answers
+``duplicate``; the gateway then deletes them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
-import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from provisioning.keys import fsync_dir
-from store_forward.batch_epoch import LEGACY_EPOCH
-from store_forward.codec import DecodeError, decode
-from store_forward.headend import HeadendStore
+from firmware_bridge.durable import fsync_dir, write_atomic
+from store_forward.backlog_format import (
+    MANIFEST,
+    SneakernetError,
+    batch_file_name,
+    manifest_bytes,
+)
 from store_forward.outbox import Outbox, Packer
 
-FORMAT = 2  # 1: before batch epochs (entries without "epoch"), still imported
-FORMATS = (1, 2)
-MANIFEST = "manifest.json"
+__all__ = ["SneakernetError", "export_backlog"]
 
 PackFn = Packer
 
-
-class SneakernetError(Exception):
-    """The export or import cannot proceed (no packer, bad manifest, ...)."""
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+# Each file durable in itself; the directory is fsynced once, after the manifest.
+# No chmod: the directory may be on a FAT-formatted stick.
+_write_file = functools.partial(write_atomic, mode=0o600, sync_dir=False, chmod=False)
 
 
 async def export_backlog(
@@ -100,8 +75,7 @@ async def export_backlog(
             if n != len(batch.records):
                 raise SneakernetError(f"batch {batch.seq} does not fit one payload")
             payload = await outbox.keep_payload(batch.seq, payload)
-        epoch_part = f"-{batch.epoch}" if batch.epoch != LEGACY_EPOCH else ""
-        name = f"{gateway_id}{epoch_part}-{batch.seq:012d}.batch"
+        name = batch_file_name(gateway_id, batch.epoch, batch.seq)
         await asyncio.to_thread(_write_file, d / name, payload)
         entries.append(
             {
@@ -113,86 +87,7 @@ async def export_backlog(
                 "records": len(batch.records),
             }
         )
-    manifest = {"format": FORMAT, "gateway_id": gateway_id, "created_ms": now, "batches": entries}
-    data = orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    data = manifest_bytes(gateway_id, now, entries)
     await asyncio.to_thread(_write_file, d / MANIFEST, data)
     await asyncio.to_thread(fsync_dir, d)
     return len(entries)
-
-
-@dataclass
-class ImportResult:
-    stored: int = 0
-    duplicate: int = 0
-    records_new: int = 0
-    refused: list[str] = field(default_factory=list)  # conflicts included
-
-
-async def import_backlog(
-    store: HeadendStore,
-    directory: str | Path,
-    *,
-    key_lookup: Callable[[str, int], bytes | None] | None,
-    allow_plain: bool = False,
-    now_ms: int,
-) -> ImportResult:
-    """Verify and store every batch file of an export; de-duplicated like online delivery.
-
-    Batch files are checked against the manifest's SHA-256 (a damaged stick is
-    reported per file); each batch must open under its gateway's key and name
-    the gateway, epoch and seq of the manifest. A batch whose identity central
-    already holds with other bytes is refused as a conflict.
-    """
-    d = Path(directory)
-    try:
-        manifest = orjson.loads(await asyncio.to_thread((d / MANIFEST).read_bytes))
-        gateway_id = str(manifest["gateway_id"])
-        entries = list(manifest["batches"])
-        fmt = manifest.get("format")
-        if fmt not in FORMATS:
-            raise SneakernetError(f"{d / MANIFEST}: unknown format {fmt!r}")
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise SneakernetError(f"{d / MANIFEST}: unreadable manifest: {exc}") from exc
-    result = ImportResult()
-    for e in entries:
-        if not isinstance(e, dict):
-            result.refused.append(f"manifest entry {e!r}: not an object")
-            continue
-        name = str(e.get("file", ""))
-        if "/" in name or name.startswith("."):
-            result.refused.append(f"{name}: bad file name")
-            continue
-        try:
-            payload = await asyncio.to_thread((d / name).read_bytes)
-        except OSError as exc:
-            result.refused.append(f"{name}: {exc}")
-            continue
-        if hashlib.sha256(payload).hexdigest() != e.get("sha256"):
-            result.refused.append(f"{name}: checksum mismatch (damaged file)")
-            continue
-        try:
-            batch = decode(payload, key_lookup, allow_plain=allow_plain)
-        except DecodeError as exc:
-            result.refused.append(f"{name}: {exc.reason}")
-            continue
-        if batch.gateway_id != gateway_id:
-            result.refused.append(f"{name}: batch of {batch.gateway_id!r} in {gateway_id!r}'s export")
-            continue
-        listed = (e.get("epoch", LEGACY_EPOCH) if fmt == 2 else LEGACY_EPOCH, e.get("seq"))
-        if listed != (batch.epoch, batch.seq):
-            result.refused.append(
-                f"{name}: holds batch (epoch {batch.epoch!r}, seq {batch.seq}),"
-                f" the manifest lists (epoch {listed[0]!r}, seq {listed[1]!r})"
-            )
-            continue
-        r = await store.store(batch, now_ms)
-        if r.status == "duplicate":
-            result.duplicate += 1
-        elif r.status == "conflict":
-            result.refused.append(
-                f"{name}: central holds other bytes under batch (epoch {batch.epoch!r}, seq {batch.seq})"
-            )
-        else:
-            result.stored += 1
-            result.records_new += r.records_new
-    return result

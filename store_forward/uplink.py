@@ -47,7 +47,6 @@ import enum
 import hashlib
 import logging
 import random
-import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -55,13 +54,15 @@ from dataclasses import dataclass, field
 
 import aiomqtt
 
+from firmware_bridge.backoff import backoff_delay
 from firmware_bridge.cause_log import CauseLog
-from gateway.config import BrokerSection, UplinkSection
 from store_forward.acks import Ack, AckError, parse_ack, verify_ack
 from store_forward.codec import BatchCodec, JsonCodec, encoding_of, sealed_key_id
 from store_forward.outbox import K_LINK, K_LINK_SINCE, Batch, Outbox, OutboxError
 from store_forward.pacing import LinkPacer
 from store_forward.records import Record, RecordClass, RecordKind
+from store_forward.settings import BrokerSettings, UplinkSettings
+from store_forward.tls import client_tls_context
 from store_forward.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -97,42 +98,12 @@ class UplinkStats:
     rate_bytes_per_s: float | None = None
 
 
-def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
-    """Jittered exponential back-off ("equal jitter"): half fixed, half random."""
-    cap = min(hi, lo * (2 ** min(attempt, 30)))
-    return cap / 2 + rng.uniform(0, cap / 2)
-
-
-class TLSFileError(OSError):
-    """A TLS file cannot be used; the message names the key, the file and the cause."""
-
-
-def _tls_cause(exc: OSError) -> str:
-    if isinstance(exc, ssl.SSLError):
-        text = str(exc.args[1] if len(exc.args) > 1 else exc)
-        return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", text)
-    return exc.strerror or str(exc)
-
-
-def tls_context(broker: BrokerSection) -> ssl.SSLContext:
-    """Server verification always on; TLS 1.2 or newer; client certificate if given.
-    Raises :class:`TLSFileError` naming the file and the cause."""
-    try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(broker.ca_file))
-    except OSError as exc:
-        raise TLSFileError(f"broker.ca_file {broker.ca_file}: {_tls_cause(exc)}") from exc
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = True
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    if broker.cert_file and broker.key_file:
-        try:
-            ctx.load_cert_chain(str(broker.cert_file), str(broker.key_file))
-        except OSError as exc:
-            raise TLSFileError(
-                f"broker.cert_file {broker.cert_file} / broker.key_file {broker.key_file}:"
-                f" {_tls_cause(exc)}"
-            ) from exc
-    return ctx
+def tls_context(broker: BrokerSettings) -> ssl.SSLContext:
+    """The broker connection's TLS context (:func:`store_forward.tls.client_tls_context`:
+    server verification always on; TLS 1.2 or newer; client certificate if given).
+    Raises :class:`store_forward.tls.TLSFileError` naming the ``broker.*`` key, the file
+    and the cause."""
+    return client_tls_context(broker.ca_file, broker.cert_file, broker.key_file)
 
 
 @dataclass
@@ -155,8 +126,8 @@ class Uplink:
         outbox: Outbox,
         *,
         gateway_id: str,
-        broker: BrokerSection,
-        settings: UplinkSection,
+        broker: BrokerSettings,
+        settings: UplinkSettings,
         codec: BatchCodec | None = None,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         rng: random.Random | None = None,

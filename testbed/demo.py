@@ -65,24 +65,25 @@ from gateway.config import BrokerSection, load_config
 from gateway.daemon import Daemon
 from gateway.security.envelope import sign_command
 from gateway.security.roles import CentralKey, CommandType, Role, TrustStore
-from store_forward import wire_json
-from store_forward.batch_epoch import new_epoch
-from store_forward.codec import AnyBatch, encoding_of
-from store_forward.headend import Headend, HeadendDB
-from store_forward.linkemu import LinkEmulator
-from store_forward.minibroker import CONNACK, CONNECT, DISCONNECT, Acl, MiniBroker, encode_packet
-from store_forward.records import Record, RecordClass, RecordKind
-from store_forward.topics import DEFAULT_PREFIX, Topics
-from store_forward.uplink import tls_context
-from store_forward.uplink_keys import (
+from headend.ingest import Headend
+from headend.registry import (
     GatewayRegistry,
     generate_headend_key,
     headend_public_b64,
     load_headend_key,
 )
+from headend.store import HeadendDB
+from store_forward import wire_json
+from store_forward.batch_epoch import new_epoch
+from store_forward.codec import AnyBatch, encoding_of
+from store_forward.records import Record, RecordClass, RecordKind
+from store_forward.topics import DEFAULT_PREFIX, Topics
+from store_forward.uplink import tls_context
 from testbed import demo_story as story
 from testbed.demo_pki import BUNDLE_CA, BUNDLE_CERT, BUNDLE_KEY, DemoPki, make_demo_pki
 from testbed.demo_provision import enroll_from_carry_back, keystore_dir, provision_demo_site
+from testbed.linkemu import LinkEmulator
+from testbed.minibroker import CONNACK, CONNECT, DISCONNECT, Acl, MiniBroker, encode_packet
 from testbed.simulators.dlt645 import Simulator as Dlt645Simulator
 from testbed.simulators.dlt645 import make_meters
 from testbed.simulators.modbus import ModbusSimulator
@@ -688,7 +689,7 @@ async def _probe_refusals(broker: MiniBroker, pki: DemoPki, headend: Headend) ->
     topics = Topics(DEFAULT_PREFIX, GATEWAY_ID)
     before = headend.rejected
     acked = asyncio.Event()
-    async with _expected_errors("store_forward.headend"), aiomqtt.Client(
+    async with _expected_errors("headend.ingest"), aiomqtt.Client(
         host,
         port,
         identifier=f"{PROBE}stolen-cert",

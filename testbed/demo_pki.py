@@ -15,7 +15,7 @@
   (clientAuth) per gateway with CN = gateway id, and one for the headend with
   CN = ``headend_id``. A broker that takes the certificate CN as the MQTT
   username (mosquitto ``use_identity_as_username``, or
-  :class:`store_forward.minibroker.MiniBroker` with ``identity_as_username``)
+  :class:`testbed.minibroker.MiniBroker` with ``identity_as_username``)
   then confines each gateway to its own topics by CN.
 
 ``DemoPki.broker_tls_context()`` and ``DemoPki.client_tls_context(identity)``
@@ -51,8 +51,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.config import BrokerSection
-from store_forward.minibroker import server_tls_context
 from store_forward.uplink import tls_context
+from testbed.minibroker import server_tls_context
 
 __all__ = [
     "BUNDLE_CA",

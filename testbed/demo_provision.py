@@ -43,12 +43,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from firmware_bridge.durable import write_atomic
 from gateway import __version__, provision_cli
 from gateway.release_check import check_release
+from headend.registry import parse_enrollment
 from provisioning.apply import CONFIG_FILE, ApplyResult, current_release
 from provisioning.bundle import SUFFIX, DeviceIdentity, Manifest
 from provisioning.keyfiles import load_public_key, public_key_fingerprint
-from provisioning.keys import Keystore, write_atomic
+from provisioning.keys import Keystore
 from provisioning.usb import (
     AUDIT_SPOOL,
     STICK_DIR,
@@ -57,7 +59,7 @@ from provisioning.usb import (
     copy_out,
     process_spool,
 )
-from store_forward.uplink_keys import UplinkKeyError, parse_enrollment
+from store_forward.uplink_keys import UplinkKeyError
 
 __all__ = [
     "DemoProvisionError",

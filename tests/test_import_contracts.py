@@ -13,7 +13,19 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # What the headend shares with the gateway: the protocol and its encodings.
-PROTOCOL = {"acks", "batch_epoch", "codec", "records", "sealing", "topics", "wire", "wire_json"}
+PROTOCOL = {
+    "acks",
+    "backlog_format",
+    "batch_epoch",
+    "codec",
+    "records",
+    "sealing",
+    "tls",
+    "topics",
+    "uplink_keys",
+    "wire",
+    "wire_json",
+}
 
 
 def contract(contract_id: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from firmware_bridge.durable import write_atomic
 from gateway.security.audit import AuditError, verify
 from gateway.security.envelope import (
     MAX_ENVELOPE_BYTES,
@@ -41,7 +42,7 @@ from gateway.security.envelope import (
     sign_command,
 )
 from gateway.security.roles import CentralKey, CommandType, Role, TrustError, TrustStore
-from provisioning.keys import Keystore, KeystoreError, load_private, write_atomic
+from provisioning.keys import Keystore, KeystoreError, load_private
 
 
 def _audit_verify(args: argparse.Namespace) -> int:

@@ -52,9 +52,9 @@ from gateway.billing.tariff import load_book
 from gateway.billing.topup import credit_id
 from gateway.security.envelope import sign_command
 from gateway.security.roles import CentralKey, CommandType, Role, TrustStore
+from headend.registry import generate_headend_key
 from provisioning.keys import Keystore
 from store_forward.topics import Topics
-from store_forward.uplink_keys import generate_headend_key
 from testbed.simulators.dlt645 import SimulatedMeter, Simulator
 from testbed.simulators.modbus import ModbusSimulator, SimMeter
 from tests.harness.mosquitto import Mosquitto, free_port

@@ -18,11 +18,12 @@ from gateway.billing.cutoff import CutoffConfig, Pending, protection
 from gateway.config import load_config
 from gateway.daemon import Daemon
 from gateway.security.roles import CommandType
+from headend.ingest import Headend
+from headend.registry import headend_public_b64
+from headend.store import HeadendDB
 from store_forward.acks import encode_ack
-from store_forward.headend import Headend, HeadendDB
 from store_forward.topics import Topics
 from store_forward.uplink import LinkState
-from store_forward.uplink_keys import headend_public_b64
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.harness.mosquitto import Mosquitto

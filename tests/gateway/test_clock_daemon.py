@@ -26,7 +26,8 @@ from gateway.security import audit
 from gateway.security.envelope import CommandResult, Outcome, RejectReason
 from gateway.security.roles import CommandType
 from gateway.security.trusted_time import ClockPolicy, SyncProbe, boot_ms
-from store_forward.headend import Headend, HeadendDB
+from headend.ingest import Headend
+from headend.store import HeadendDB
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.gateway.test_prepaid_daemon import outbox_bodies

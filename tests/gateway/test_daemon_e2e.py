@@ -7,7 +7,8 @@ from pathlib import Path
 
 from gateway.config import load_config
 from gateway.daemon import Daemon
-from store_forward.headend import Headend, HeadendDB
+from headend.ingest import Headend
+from headend.store import HeadendDB
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import (
     assert_exactly_once,

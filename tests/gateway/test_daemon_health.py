@@ -30,7 +30,8 @@ from gateway.cli import gather_status
 from gateway.config import load_config
 from gateway.daemon import Daemon
 from gateway.meter_health import Known, State, changes
-from store_forward.headend import Headend, HeadendDB
+from headend.ingest import Headend
+from headend.store import HeadendDB
 from testbed.demo_pki import make_demo_pki
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import site_config, until

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from gateway import storage_setup as setup
 from gateway.cli import main as edgegw
 from gateway.config import load_config
 from gateway.daemon import Daemon, wall_ms
@@ -29,9 +30,9 @@ from gateway.security import audit
 from gateway.security.envelope import Outcome, RejectReason
 from gateway.security.roles import CommandType
 from gateway.security.trusted_time import save_floor
+from headend.ingest import Headend
+from headend.store import HeadendDB
 from provisioning.keys import Keystore
-from store_forward import setup
-from store_forward.headend import Headend, HeadendDB
 from store_forward.outbox import Outbox
 from tests.gateway.e2e import until
 from tests.harness.mosquitto import Mosquitto, free_port

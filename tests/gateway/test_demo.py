@@ -22,11 +22,12 @@ import aiomqtt
 import pytest
 
 from gateway.config import BrokerSection, load_config
-from store_forward.headend import Headend, HeadendDB
-from store_forward.minibroker import MiniBroker, server_tls_context
+from headend.ingest import Headend
+from headend.store import HeadendDB
 from store_forward.uplink import tls_context
 from testbed import demo
 from testbed.demo_pki import make_demo_pki
+from testbed.minibroker import MiniBroker, server_tls_context
 from tests.store_forward.helpers import running
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from store_forward.headend import Headend, HeadendDB
+from headend.ingest import Headend
+from headend.store import HeadendDB
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import (
     assert_exactly_once,

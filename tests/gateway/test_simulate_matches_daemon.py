@@ -42,7 +42,8 @@ from gateway.billing.rating import RegisterReading, iso_local
 from gateway.billing.tariff import TariffBook, load_book
 from gateway.config import load_config
 from gateway.daemon import Cycle, Daemon
-from store_forward.headend import Headend, HeadendDB
+from headend.ingest import Headend
+from headend.store import HeadendDB
 from testbed.simulators.modbus import ModbusSimulator
 from tests.harness.mosquitto import Mosquitto
 

@@ -42,7 +42,8 @@ from gateway.config import load_config
 from gateway.daemon import Daemon
 from gateway.security.envelope import Outcome, RejectReason
 from gateway.security.roles import CommandType
-from store_forward.headend import Headend, HeadendDB
+from headend.ingest import Headend
+from headend.store import HeadendDB
 from store_forward.storage_state import StorageMode
 from store_forward.topics import Topics
 from store_forward.walcheck import FRAME_HEADER_BYTES, check_wal

@@ -25,8 +25,8 @@ from provisioning.keys import (
     Keystore,
     KeystoreError,
     derive_purpose_key,
-    fingerprint,
 )
+from store_forward.uplink_keys import fingerprint
 
 
 def _mode(p: Path) -> int:

@@ -13,14 +13,10 @@ import orjson
 
 from firmware_bridge.reading import Measurement, Quantity, Reading
 from gateway.config import UplinkSection
+from headend.registry import GatewayRegistry, generate_headend_key, load_headend_key
 from provisioning.keys import Keystore
 from store_forward.codec import SealedCodec
-from store_forward.uplink_keys import (
-    GatewayRegistry,
-    gateway_uplink_key,
-    generate_headend_key,
-    load_headend_key,
-)
+from store_forward.uplink_keys import gateway_uplink_key
 
 
 def six_quantity_reading(meter: str, t: int, k: int) -> Reading:

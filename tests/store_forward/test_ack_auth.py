@@ -20,10 +20,11 @@ import orjson
 import pytest
 
 from gateway.config import BrokerSection
+from headend.ingest import Headend
+from headend.store import HeadendDB
 from store_forward.acks import ack_mac, encode_ack
 from store_forward.batch_epoch import LEGACY_EPOCH
 from store_forward.codec import JsonCodec, SealedCodec
-from store_forward.headend import Headend, HeadendDB
 from store_forward.outbox import Outbox
 from store_forward.topics import Topics
 from store_forward.uplink import LinkState, Uplink

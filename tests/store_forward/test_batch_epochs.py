@@ -14,13 +14,14 @@ import orjson
 import psycopg
 import pytest
 
+from headend.store import HeadendDB
+from headend.store_pg import PostgresHeadendDB
+from headend.usb_import import import_backlog
 from store_forward.batch_epoch import LEGACY_EPOCH, check_epoch
 from store_forward.codec import AnyBatch, JsonCodec, SealedCodec, decode
-from store_forward.headend import HeadendDB
-from store_forward.headend_pg import PostgresHeadendDB
 from store_forward.outbox import Outbox
 from store_forward.records import Record, RecordClass, RecordKind
-from store_forward.sneakernet import export_backlog, import_backlog
+from store_forward.sneakernet import export_backlog
 from store_forward.wire import batch_header
 from tests.store_forward.helpers import Site, six_quantity_reading
 from tests.store_forward.test_headend_scaleout import pg_dsn  # noqa: F401 (fixture)

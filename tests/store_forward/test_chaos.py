@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from store_forward.headend import Headend, HeadendDB
-from store_forward.minibroker import MiniBroker
+from headend.ingest import Headend
+from headend.store import HeadendDB
+from testbed.minibroker import MiniBroker
 from tests.store_forward.helpers import Site, running
 
 ROOT = Path(__file__).resolve().parents[2]

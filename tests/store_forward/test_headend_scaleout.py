@@ -16,8 +16,8 @@ import pytest
 
 from firmware_bridge.reading import Measurement, Quantity, Reading
 from gateway.config import BrokerSection, UplinkSection
-from store_forward.headend import Headend
-from store_forward.headend_pg import PostgresHeadendDB
+from headend.ingest import Headend
+from headend.store_pg import PostgresHeadendDB
 from store_forward.outbox import Outbox
 from store_forward.uplink import Uplink
 from tests.harness.mosquitto import Mosquitto

@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 
 from gateway.config import BrokerSection
-from store_forward.headend import Headend, HeadendDB
-from store_forward.minibroker import Acl, MiniBroker
+from headend.ingest import Headend
+from headend.store import HeadendDB
 from store_forward.outbox import Outbox
 from store_forward.topics import DEFAULT_PREFIX
 from store_forward.uplink import LinkState, Uplink, tls_context
 from testbed.demo_pki import make_demo_pki
+from testbed.minibroker import Acl, MiniBroker
 from tests.security.test_transport import TlsBroker
 from tests.security.tls import HEADEND_CN, make_pki
 from tests.store_forward.helpers import Site, running, settings, six_quantity_reading, wait_for
@@ -112,7 +113,7 @@ async def test_headend_without_a_client_certificate_gets_no_session(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Server-verified TLS alone is not enough where the broker requires certificates."""
-    caplog.set_level(logging.WARNING, logger="store_forward.minibroker")
+    caplog.set_level(logging.WARNING, logger="testbed.minibroker")
     pki = make_demo_pki(tmp_path / "pki", gateway_ids=[GW])
     no_cert = tls_context(BrokerSection(tls=True, ca_file=pki.ca))
     hdb = await HeadendDB.open(tmp_path / "central.db")

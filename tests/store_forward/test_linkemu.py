@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Iterator
 import aiomqtt
 import pytest
 
-from store_forward.linkemu import LinkEmulator, TokenBucket, stall_windows
-from store_forward.minibroker import MiniBroker
+from testbed.linkemu import LinkEmulator, TokenBucket, stall_windows
+from testbed.minibroker import MiniBroker
 
 HOST = "127.0.0.1"
 WAIT = 5.0
@@ -423,7 +423,7 @@ async def test_qos1_persistent_session_survives_resets_and_outages(long_run: boo
 
 async def test_command_line_link_emulator(echo_port: int) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "store_forward.linkemu", "--target", f"{HOST}:{echo_port}",
+        sys.executable, "-m", "testbed.linkemu", "--target", f"{HOST}:{echo_port}",
         "--latency", "0.05", "--rate-bps", "1000000",
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip

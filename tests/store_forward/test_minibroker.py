@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from store_forward.minibroker import (
+from testbed.minibroker import (
     PUBLISH,
     Message,
     MiniBroker,
@@ -503,7 +503,7 @@ GARBAGE = [
 async def test_malformed_input_closes_only_that_connection(
     broker: MiniBroker, garbage: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="store_forward.minibroker")
+    caplog.set_level(logging.WARNING, logger="testbed.minibroker")
     async with client(broker, "sub") as sub, client(broker, "pub") as pub:
         await sub.subscribe("t", qos=1)
         reader, writer = await asyncio.open_connection(HOST, broker.port)
@@ -517,7 +517,7 @@ async def test_malformed_input_closes_only_that_connection(
 
 
 async def test_connection_without_connect_is_closed(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="store_forward.minibroker")
+    caplog.set_level(logging.WARNING, logger="testbed.minibroker")
     async with MiniBroker(connect_timeout=0.3) as b:
         reader, writer = await asyncio.open_connection(HOST, b.port)
         assert await closed_by_peer(reader)
@@ -534,7 +534,7 @@ async def test_unsupported_protocol_level_gets_connack_1(broker: MiniBroker) -> 
 
 
 async def test_oversized_publish_drops_only_its_sender(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="store_forward.minibroker")
+    caplog.set_level(logging.WARNING, logger="testbed.minibroker")
     async with MiniBroker(max_packet_size=1024) as b:
         async with client(b, "sub") as sub, client(b, "pub") as pub:
             await sub.subscribe("t", qos=1)
@@ -583,7 +583,7 @@ async def test_interop_with_mosquitto_clients(broker: MiniBroker) -> None:
 
 async def test_command_line_broker_serves_and_stops_on_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "store_forward.minibroker", "--port", "0", "--log-level", "WARNING",
+        sys.executable, "-m", "testbed.minibroker", "--port", "0", "--log-level", "WARNING",
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:

@@ -25,7 +25,11 @@ from hypothesis import strategies as st
 
 from gateway.config import BrokerSection, UplinkSection
 from store_forward import wire_json
-from store_forward.minibroker import (
+from store_forward.outbox import Outbox
+from store_forward.topics import Topics
+from store_forward.uplink import LinkState, Uplink, tls_context
+from testbed.demo_pki import DemoPki, make_demo_pki
+from testbed.minibroker import (
     Acl,
     AclError,
     AclRule,
@@ -35,10 +39,6 @@ from store_forward.minibroker import (
     server_tls_context,
     topic_matches,
 )
-from store_forward.outbox import Outbox
-from store_forward.topics import Topics
-from store_forward.uplink import LinkState, Uplink, tls_context
-from testbed.demo_pki import DemoPki, make_demo_pki
 from tests.harness.mqtt_clients import collect, refused, tasks, until
 
 HOST = "127.0.0.1"
@@ -124,7 +124,7 @@ async def broker(pki: DemoPki) -> AsyncIterator[MiniBroker]:
 
 
 def broker_log(caplog: pytest.LogCaptureFixture) -> str:
-    return "\n".join(r.getMessage() for r in caplog.records if r.name == "store_forward.minibroker")
+    return "\n".join(r.getMessage() for r in caplog.records if r.name == "testbed.minibroker")
 
 
 # --------------------------------------------------------------------------- #
@@ -216,7 +216,7 @@ async def test_real_uplink_over_mtls_is_acked_and_leaves_nothing_behind(
 async def test_plaintext_client_on_the_tls_port_gets_no_session(
     broker: MiniBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "store_forward.minibroker")
+    caplog.set_level(logging.INFO, "testbed.minibroker")
     plain = aiomqtt.Client(HOST, broker.port, identifier="plain", timeout=2)
     await refused(plain)
     assert broker.connected_clients() == []
@@ -227,7 +227,7 @@ async def test_plaintext_client_on_the_tls_port_gets_no_session(
 async def test_client_without_certificate_is_refused_when_mtls_is_on(
     broker: MiniBroker, pki: DemoPki, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "store_forward.minibroker")
+    caplog.set_level(logging.INFO, "testbed.minibroker")
     await refused(client(pki, None, broker.port, identifier="anon", timeout=2))
     assert broker.connected_clients() == []
     assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in broker_log(caplog)
@@ -236,7 +236,7 @@ async def test_client_without_certificate_is_refused_when_mtls_is_on(
 async def test_client_certificate_from_another_ca_is_refused(
     broker: MiniBroker, pki: DemoPki, rogue: DemoPki, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "store_forward.minibroker")
+    caplog.set_level(logging.INFO, "testbed.minibroker")
     # trusts the real broker, presents a certificate of the rogue CA with a valid-looking CN
     pair = rogue.client("gw-a")
     ctx = tls_context(
@@ -279,7 +279,7 @@ async def test_server_certificate_for_another_host_is_refused_by_the_client(
 async def test_failed_and_stalled_handshakes_close_only_their_own_connection(
     pki: DemoPki, rogue: DemoPki, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "store_forward.minibroker")
+    caplog.set_level(logging.INFO, "testbed.minibroker")
     got: list[tuple[str, bytes]] = []
     async with mtls_broker(pki, connect_timeout=0.5) as b:
         async with client(pki, "gw-a", b.port) as good:
@@ -571,7 +571,7 @@ async def test_large_message_crosses_tls_intact(broker: MiniBroker, pki: DemoPki
 
 async def test_command_line_broker_with_mtls_and_acl(pki: DemoPki) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "store_forward.minibroker", "--port", "0",
+        sys.executable, "-m", "testbed.minibroker", "--port", "0",
         "--cert", str(pki.broker.cert), "--key", str(pki.broker.key), "--ca", str(pki.ca),
         "--identity-as-username", "--acl-file", str(EXAMPLE_ACL), "--log-level", "WARNING",
         stdout=asyncio.subprocess.PIPE,
@@ -616,7 +616,7 @@ async def test_command_line_refuses_inconsistent_options(pki: DemoPki) -> None:
         (["--superuser", "root"], b"--superuser needs --acl-file"),
     ]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "store_forward.minibroker", "--port", "0", *args,
+            sys.executable, "-m", "testbed.minibroker", "--port", "0", *args,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await asyncio.wait_for(proc.communicate(), 20)

@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 
 from gateway.config import BrokerSection
-from store_forward.headend import Headend, HeadendDB
-from store_forward.linkemu import LinkEmulator
-from store_forward.minibroker import MiniBroker
+from headend.ingest import Headend
+from headend.store import HeadendDB
 from store_forward.outbox import Outbox
 from store_forward.pacing import LinkPacer, TokenBucket
 from store_forward.uplink import Uplink
+from testbed.linkemu import LinkEmulator
+from testbed.minibroker import MiniBroker
 from tests.store_forward.helpers import Site, running, settings, wait_for
 
 

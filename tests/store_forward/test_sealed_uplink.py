@@ -10,13 +10,15 @@ import orjson
 import pytest
 
 from gateway.config import BrokerSection
+from headend.ingest import Headend
+from headend.registry import parse_enrollment
+from headend.store import HeadendDB
 from store_forward import wire
 from store_forward.codec import DecodeError, JsonCodec, decode
-from store_forward.headend import Headend, HeadendDB
-from store_forward.minibroker import MiniBroker
 from store_forward.outbox import Outbox
 from store_forward.uplink import LinkState, Uplink
-from store_forward.uplink_keys import UplinkKeyError, parse_enrollment
+from store_forward.uplink_keys import UplinkKeyError
+from testbed.minibroker import MiniBroker
 from tests.store_forward.helpers import Site, running, settings, six_quantity_reading, wait_for
 
 EPOCH = "00112233deadbeef"

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+from gateway.storage_setup import max_bytes_per_s, storage_keys, storage_policy, uplink_codec
+from headend.registry import generate_headend_key
 from provisioning.keys import Keystore
 from store_forward.codec import SealedCodec
-from store_forward.setup import max_bytes_per_s, storage_keys, storage_policy, uplink_codec
-from store_forward.uplink_keys import generate_headend_key
 
 
 def cfg(tmp_path: Path, **uplink: object) -> SimpleNamespace:

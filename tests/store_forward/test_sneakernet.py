@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from gateway import backlog_cli
 from gateway.config import BrokerSection
-from store_forward import cli
-from store_forward.headend import Headend, HeadendDB
-from store_forward.minibroker import MiniBroker
+from headend import cli as headend_cli
+from headend.ingest import Headend
+from headend.store import HeadendDB
+from headend.usb_import import import_backlog
 from store_forward.outbox import Outbox
-from store_forward.sneakernet import import_backlog
 from store_forward.uplink import Uplink
+from testbed.minibroker import MiniBroker
 from tests.store_forward.helpers import Site, running, settings, six_quantity_reading, wait_for
 
 
@@ -108,9 +110,9 @@ def test_cli_export_and_import(tmp_path: Path) -> None:
     asyncio.run(fill())
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd", required=True)
-    cli.register(sub)
+    backlog_cli.register(sub)
     hp = sub.add_parser("headend")
-    cli.register_headend(hp.add_subparsers(dest="h", required=True))
+    headend_cli.register_headend(hp.add_subparsers(dest="h", required=True))
     pub = base64.b64encode(site.headend_public).decode()
     args = parser.parse_args(
         ["backlog", "export", "--config", str(config), "--to", str(tmp_path / "usb"),

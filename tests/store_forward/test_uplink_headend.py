@@ -17,7 +17,8 @@ import pytest
 
 from firmware_bridge.reading import Measurement, Quantity, Reading
 from gateway.config import BrokerSection, UplinkSection
-from store_forward.headend import Headend, HeadendDB
+from headend.ingest import Headend
+from headend.store import HeadendDB
 from store_forward.outbox import Outbox
 from store_forward.uplink import LinkState, Uplink
 from tests.harness.mosquitto import Mosquitto
@@ -262,7 +263,7 @@ async def test_headend_survives_store_errors_and_nothing_is_lost(
     store = FlakyStore(hdb, failures=2)
     up = Uplink(ob, gateway_id="gw1", broker=BrokerSection(port=mosquitto.port), settings=settings(), unauthenticated_acks=True)
     he = Headend(store, host="127.0.0.1", port=mosquitto.port)
-    with caplog.at_level(logging.ERROR, logger="store_forward.headend"):
+    with caplog.at_level(logging.ERROR, logger="headend.ingest"):
         async with running(he.run()) as tasks, running(up.run()):
             async def drained() -> bool:
                 return (await ob.stats()).records == 0

@@ -1,6 +1,6 @@
 """PostgreSQL storage for the headend (``edgegw headend run --dsn ...``).
 
-Same contract as the SQLite store in :mod:`store_forward.headend`: the batch
+Same contract as the SQLite store in :mod:`headend.store`: the batch
 row ``(gateway_id, epoch, seq)`` and every record ``(gateway_id, epoch,
 record_id)`` are unique; a batch is stored in one transaction that is
 committed before the ack goes out; a known batch identity with other bytes
@@ -22,8 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from store_forward.codec import AnyBatch
-from store_forward.headend import (
+from headend.store import (
     BATCH_COLS,
     EVENT_COLS,
     READING_COLS,
@@ -32,6 +31,7 @@ from store_forward.headend import (
     record_row,
     same_bytes,
 )
+from store_forward.codec import AnyBatch
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (

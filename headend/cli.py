@@ -1,7 +1,5 @@
-"""``edgegw backlog export`` and the reference headend's commands.
+"""``edgegw headend run | import | keygen``: the reference headend's commands.
 
-    edgegw backlog export --config site.toml --to /media/usb/backlog \\
-        [--keystore /var/lib/edgegw/keys] [--headend-public-key B64]
     edgegw headend run --broker HOST:PORT (--db central.db | --dsn DSN) [--prefix P] \\
         [--share GROUP] [--key headend.pem --registry DIR] \\
         [--tls-ca ca.pem [--tls-cert headend.pem --tls-key headend.key]]
@@ -18,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import functools
 import logging
 import signal
@@ -25,93 +24,20 @@ import ssl
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from store_forward.headend import HeadendStore
-    from store_forward.uplink_keys import GatewayRegistry
+from headend.ingest import Headend
+from headend.registry import GatewayRegistry, generate_headend_key, load_headend_key
+from headend.store import HeadendDB, HeadendStore
+from headend.tls import BrokerTLS
+from headend.usb_import import ImportResult, SneakernetError, import_backlog
+from store_forward.uplink_keys import UplinkKeyError
 
 log = logging.getLogger(__name__)
-
-DEFAULT_KEYSTORE = Path("/var/lib/edgegw/keys")
 
 
 def _err(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 1
-
-
-def storage_keys_for(cfg: Any, keystore_dir: Path | None) -> Any:
-    """The outbox's master keys for a config: ``storage.key_file`` if set, else the
-    keystore's ``storage`` purpose, else the key file beside the database."""
-    from store_forward.storage_keys import StorageKeys
-
-    key_file = getattr(cfg.storage, "key_file", None)
-    if key_file:
-        return StorageKeys.from_key_file(key_file)
-    if keystore_dir is not None and (keystore_dir / "manifest.json").exists():
-        from provisioning.keys import Keystore
-
-        return StorageKeys.from_keystore(Keystore.open(keystore_dir))
-    return StorageKeys.beside(cfg.storage.path)
-
-
-async def export_backlog_for_config(
-    cfg: Any, directory: Path, *, keystore: Path | None = None, headend_public_key: str | None = None
-) -> int:
-    """Open the gateway's outbox from its config and export the sealed backlog (for
-    the USB carry-back, which runs outside the daemon). Returns batch files written.
-    Raises KeystoreError, UplinkKeyError, OutboxError or SneakernetError."""
-    from provisioning.keys import Keystore
-    from store_forward.codec import SealedCodec
-    from store_forward.outbox import Outbox
-    from store_forward.sneakernet import SneakernetError, export_backlog
-    from store_forward.uplink_keys import gateway_uplink_key, parse_public_key
-
-    pub = headend_public_key or getattr(cfg.uplink, "headend_public_key", None)
-    if not pub:
-        raise SneakernetError("no headend public key (uplink.headend_public_key)")
-    ks_dir = keystore or Path(getattr(cfg.gateway, "keystore", None) or DEFAULT_KEYSTORE)
-    key = gateway_uplink_key(Keystore.open(ks_dir), parse_public_key(pub))
-    codec = SealedCodec(key.key_id, key.key)
-    ob = await Outbox.open(cfg.storage.path, keys=storage_keys_for(cfg, ks_dir))
-    try:
-        return await export_backlog(
-            ob,
-            directory,
-            pack=functools.partial(codec.pack, cfg.gateway.id),
-            gateway_id=cfg.gateway.id,
-            max_bytes=max(cfg.uplink.batch_max_bytes, 256 * 1024),
-        )
-    finally:
-        await ob.close()
-
-
-def _export(args: argparse.Namespace) -> int:
-    from gateway.config import ConfigError, load_config
-    from provisioning.keys import KeystoreError
-    from store_forward.outbox import OutboxError
-    from store_forward.sealing import SealingError
-    from store_forward.sneakernet import SneakernetError
-    from store_forward.uplink_keys import UplinkKeyError
-
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        return _err("; ".join(exc.problems))
-    try:
-        n = asyncio.run(
-            export_backlog_for_config(
-                cfg, args.to, keystore=args.keystore, headend_public_key=args.headend_public_key
-            )
-        )
-    except (KeystoreError, UplinkKeyError, OutboxError, SneakernetError, SealingError, OSError) as exc:
-        return _err(str(exc))
-    print(f"{n} sealed batch(es) of gateway {cfg.gateway.id} written to {args.to}")
-    return 0
-
-
-# -- headend ----------------------------------------------------------------
 
 
 class HeadendStoreError(Exception):
@@ -134,11 +60,10 @@ async def open_headend_store(db: str | None, dsn: str | None) -> HeadendStore:
         raise HeadendStoreError("no database: give --db FILE or --dsn DSN")
     try:
         if dsn:
-            from store_forward.headend_pg import PostgresHeadendDB
+            # psycopg is an optional dependency (the ``postgres`` extra): imported only here.
+            from headend.store_pg import PostgresHeadendDB
 
             return await PostgresHeadendDB.open(dsn)
-        from store_forward.headend import HeadendDB
-
         return await HeadendDB.open(where)
     except Exception as exc:  # sqlite3, psycopg or OS errors: all mean "cannot open"
         shown = "the PostgreSQL database" if dsn else where  # a DSN may hold a password
@@ -147,24 +72,7 @@ async def open_headend_store(db: str | None, dsn: str | None) -> HeadendStore:
 
 def load_registry(key: Path, registry: Path) -> GatewayRegistry:
     """The enrolled gateways under the headend key. Raises UplinkKeyError."""
-    from store_forward.uplink_keys import GatewayRegistry, load_headend_key
-
     return GatewayRegistry.load(load_headend_key(key), registry)
-
-
-def broker_tls_context(
-    host: str, port: int, ca: Path, cert: Path | None, key: Path | None
-) -> ssl.SSLContext:
-    """The headend's TLS client context: the uplink's policy (broker certificate
-    verified against ``ca`` and its host name, TLS 1.2 or newer), with a client
-    certificate for mutual TLS when ``cert``/``key`` are given.
-    Raises OSError or ssl.SSLError for unreadable or mismatched files."""
-    from gateway.config import BrokerSection
-    from store_forward.uplink import tls_context
-
-    return tls_context(
-        BrokerSection(host=host, port=port, tls=True, ca_file=ca, cert_file=cert, key_file=key)
-    )
 
 
 def run_usage_problem(args: argparse.Namespace) -> str | None:
@@ -185,8 +93,6 @@ async def serve_headend(
     args: argparse.Namespace, registry: GatewayRegistry | None, tls: ssl.SSLContext | None
 ) -> int:
     """Run the headend until SIGTERM/SIGINT (0), or until it fails (1)."""
-    from store_forward.headend import Headend
-
     host, port = args.broker
     db = await open_headend_store(args.db, args.dsn)
     try:
@@ -219,8 +125,6 @@ async def serve_headend(
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from store_forward.uplink_keys import UplinkKeyError
-
     problem = run_usage_problem(args)
     if problem is not None:
         parser.error(problem)  # exits 2 with the usage line
@@ -234,9 +138,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         log.warning("headend: no --key/--registry: unsealed batches are accepted (development only)")
     tls = None
     if args.tls_ca is not None:
-        host, port = args.broker
         try:
-            tls = broker_tls_context(host, port, args.tls_ca, args.tls_cert, args.tls_key)
+            tls = BrokerTLS(args.tls_ca, args.tls_cert, args.tls_key).context()
         except (OSError, ssl.SSLError) as exc:
             return _err(f"TLS files (--tls-ca/--tls-cert/--tls-key): {exc}")
     try:
@@ -246,15 +149,12 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from store_forward.sneakernet import SneakernetError, import_backlog
-    from store_forward.uplink_keys import UplinkKeyError
-
     try:
         registry = load_registry(args.key, args.registry)
     except UplinkKeyError as exc:
         return _err(str(exc))
 
-    async def main() -> Any:
+    async def main() -> ImportResult:
         db = await open_headend_store(args.db, args.dsn)
         try:
             return await import_backlog(
@@ -274,10 +174,6 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    import base64
-
-    from store_forward.uplink_keys import UplinkKeyError, generate_headend_key
-
     try:
         pub = generate_headend_key(args.out)
     except (UplinkKeyError, OSError) as exc:
@@ -285,18 +181,6 @@ def _keygen(args: argparse.Namespace) -> int:
     print(f"headend key written to {args.out}")
     print(f"public key (uplink.headend_public_key): {base64.b64encode(pub).decode()}")
     return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``backlog export`` to an ``edgegw`` argument parser."""
-    backlog = subparsers.add_parser("backlog", help="the gateway's buffered data")
-    sub = backlog.add_subparsers(dest="backlog_command", required=True)
-    p = sub.add_parser("export", help="write the sealed backlog to a directory (USB stick)")
-    p.add_argument("--config", required=True, help="gateway TOML configuration")
-    p.add_argument("--to", required=True, type=Path, help="target directory (created 0700)")
-    p.add_argument("--keystore", type=Path, help=f"keystore directory (default: gateway.keystore or {DEFAULT_KEYSTORE})")
-    p.add_argument("--headend-public-key", help="base64 X25519 key of the headend")
-    p.set_defaults(func=_export)
 
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:

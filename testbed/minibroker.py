@@ -1216,7 +1216,7 @@ class MiniBroker:
 
 
 # --------------------------------------------------------------------------- #
-# Command line: python -m store_forward.minibroker --port N
+# Command line: python -m testbed.minibroker --port N
 #   [--cert broker.pem --key broker.key [--ca ca.pem [--identity-as-username]]]
 #   [--acl-file edgegw.acl [--superuser NAME ...]]
 # --------------------------------------------------------------------------- #
@@ -1265,7 +1265,7 @@ async def _run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m store_forward.minibroker",
+        prog="python -m testbed.minibroker",
         description="Small in-memory MQTT 3.1.1 broker for the demo and tests.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")

@@ -29,7 +29,7 @@ through the same two stages::
 
 Command line (for the demo)::
 
-    python -m store_forward.linkemu --target 127.0.0.1:1883 --port 11883 \\
+    python -m testbed.linkemu --target 127.0.0.1:1883 --port 11883 \\
         --rate-bps 9600 --latency 0.3 --stall-every 30 --stall-duration 5
 
 Counters (:attr:`LinkEmulator.stats`) count TCP payload bytes delivered in
@@ -444,7 +444,7 @@ class LinkEmulator:
 
 
 # --------------------------------------------------------------------------- #
-# Command line: python -m store_forward.linkemu --target HOST:PORT ...
+# Command line: python -m testbed.linkemu --target HOST:PORT ...
 # --------------------------------------------------------------------------- #
 
 
@@ -487,7 +487,7 @@ async def _run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m store_forward.linkemu",
+        prog="python -m testbed.linkemu",
         description="TCP proxy imposing rate, latency and stalls (a poor uplink).",
     )
     parser.add_argument("--target", type=_parse_target, required=True, metavar="HOST:PORT")
