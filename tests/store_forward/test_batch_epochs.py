@@ -23,8 +23,8 @@ from store_forward.outbox import Outbox
 from store_forward.records import Record, RecordClass, RecordKind
 from store_forward.sneakernet import export_backlog
 from store_forward.wire import batch_header
+from tests.headend.test_headend_scaleout import pg_dsn  # noqa: F401 (fixture)
 from tests.store_forward.helpers import Site, six_quantity_reading
-from tests.store_forward.test_headend_scaleout import pg_dsn  # noqa: F401 (fixture)
 
 GW = "gw-e"
 

@@ -38,10 +38,10 @@ from store_forward.storage_keys import StorageKeys
 from store_forward.topics import Topics
 from store_forward.uplink import LinkState, Uplink
 from tests.harness.mosquitto import Mosquitto
+from tests.headend.test_headend_scaleout import pg_dsn  # noqa: F401 (fixture)
 from tests.security.test_transport import TlsBroker
 from tests.security.tls import HEADEND_CN, make_pki
 from tests.store_forward.helpers import Site, running, settings, six_quantity_reading, wait_for
-from tests.store_forward.test_headend_scaleout import pg_dsn  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "edgegw/v1"
