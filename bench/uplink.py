@@ -280,16 +280,20 @@ async def rss_child(work: Path, readings: int) -> dict[str, Any]:
     codec_key = os.urandom(32)
     codec = SealedCodec(1, codec_key)
     seen: list[int] = []
-    for _ in range(10):
-        b = await ob.next_batch(
-            1, exclude=seen, max_records=5000, max_bytes=64 * 1024,
-            pack=functools.partial(codec.pack, GATEWAY),
-        )
-        assert b is not None
-        seen.append(b.seq)
-    st = await ob.stats()
-    await ob.close()
+    try:
+        for _ in range(10):  # as many batches as the buffer holds, ten at most
+            b = await ob.next_batch(
+                1, exclude=seen, max_records=5000, max_bytes=64 * 1024,
+                pack=functools.partial(codec.pack, GATEWAY),
+            )
+            if b is None:
+                break
+            seen.append(b.seq)
+        st = await ob.stats()
+    finally:
+        await ob.close()
     return {
+        "batches_made": len(seen),
         "buffered_readings": st.readings,
         "db_bytes": (work / "gw.db").stat().st_size,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
