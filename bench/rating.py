@@ -24,7 +24,7 @@ Measured, for each account that runs out of credit:
 * ``cutoff_latency_s`` = t_wire(trip coil write) − t_poll(start of the read
   whose rating took the balance to the trip level), with its parts: until the
   reading's slice of the poll cycle was queued for the writer (0.2 s after the
-  slice's first reading, plus at most one meter's read; ``gateway.daemon._Slicer``),
+  slice's first reading, plus at most one meter's read; ``gateway.daemon.poller.Slicer``),
   queue + commit of the slice (rating, ledger, policy), and hand-over to the
   bus until the write is on the wire;
 * ``restore_latency_s`` = t_wire(close coil write) − the moment the top-up
@@ -75,7 +75,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import gateway.daemon as daemon_mod  # noqa: E402
+import gateway.daemon.poller as poller_mod  # noqa: E402
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES  # noqa: E402
 from firmware_bridge.relay import RelayPolicy  # noqa: E402
 from gateway.config import load_config  # noqa: E402
@@ -426,7 +426,7 @@ class Recorder:
     @contextlib.contextmanager
     def observing_buses(self) -> Any:
         """Time every poll cycle of every bus the daemon opens."""
-        original = daemon_mod.open_site_bus
+        original = poller_mod.open_site_bus
 
         @contextlib.asynccontextmanager
         async def recording_open_bus(cfg: Any, bus: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
@@ -442,14 +442,14 @@ class Recorder:
                 scheduler.run_cycle = timed_cycle  # type: ignore[method-assign, assignment]
                 yield scheduler
 
-        daemon_mod.open_site_bus = recording_open_bus  # type: ignore[assignment]
+        poller_mod.open_site_bus = recording_open_bus  # type: ignore[assignment]
         try:
             yield
         finally:
-            daemon_mod.open_site_bus = original
+            poller_mod.open_site_bus = original
 
     def observe_commits(self, daemon: Daemon) -> None:
-        commit = daemon._commit
+        commit = daemon.writer.commit
 
         async def timed_commit(outbox: Any, items: list[Cycle | Tick]) -> Any:
             t0 = time.monotonic()
@@ -477,7 +477,7 @@ class Recorder:
                     self.trips[intent.meter] = TripDecision(intent.meter, t_poll, t_handed, t1)
             return intents
 
-        daemon._commit = timed_commit  # type: ignore[method-assign]
+        daemon.writer.commit = timed_commit  # type: ignore[method-assign]
 
     def on_cycle(self, item: Cycle) -> None:
         if item.readings:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-import gateway.daemon as daemon_mod
+import gateway.daemon.supervisor as daemon_mod
 from gateway.config import load_config
 from gateway.daemon import Daemon
 from gateway.security import audit

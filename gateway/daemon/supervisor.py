@@ -1,4 +1,4 @@
-"""The gateway daemon: supervisors under one TaskGroup.
+"""The daemon's supervisor: what runs under its TaskGroup, starting and stopping.
 
 ::
 
@@ -8,21 +8,27 @@
                                                          ▼
                                                       uplink ──► MQTT broker
 
-* A bus poller owns its bus: it polls, and beside the polling a relay worker
-  executes the relay operations decided for meters on that bus as soon as
-  they arrive (verified by read-back). Their bus transactions take turns with
-  the polls, meter by meter, through the bus scheduler; settle times hold
-  neither the bus nor other relays. Buses start spread over the poll
-  interval, so their readings reach the writer evenly. If the bus cannot be opened or fails, the
+* A bus poller (:mod:`gateway.daemon.poller`) owns its bus: it polls, and beside
+  the polling a relay worker (:mod:`gateway.daemon.relay_worker`) executes the
+  relay operations decided for meters on that bus as soon as they arrive
+  (verified by read-back). Their bus transactions take turns with the polls,
+  meter by meter, through the bus scheduler; settle times hold neither the bus
+  nor other relays. Buses start spread over the poll interval, so their
+  readings reach the writer evenly. If the bus cannot be opened or fails, the
   poller logs it, waits a back-off and opens it again; other buses are not
   affected.
-* The writer commits each poll cycle as one transaction: the readings, the
-  debits they cause, the charge records that report them, cutoff state and
-  events. Relay operations are handed to the bus only after the commit.
+* The writer (:mod:`gateway.daemon.writer`) commits each poll cycle as one
+  transaction: the readings, the debits they cause, the charge records that
+  report them, cutoff state and events. Relay operations are handed to the bus
+  only after the commit.
 * A billing timer queues a tick every second (and at once after a top-up), so
   decisions that depend on time alone (a no-disconnect window ending) happen
   without waiting for a reading. At most one tick waits for the writer.
 * The uplink reconnects on its own; nothing upstream waits for it.
+* The supervisor (this module) opens the database, puts billing, the trusted
+  clock and the command path on it (again after a storage fault or once a full
+  disk has space), runs the timers (maintenance, command spool, integrity
+  check, watchdog) and stops everything in order.
 * Time: readings, billing, cutoff, commands and the uplink all take trusted
   time (:class:`gateway.security.trusted_time.TrustedClock`: the monotonic
   clock carried between trusted anchors), never the raw system clock. Clock
@@ -38,26 +44,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from firmware_bridge.backoff import backoff_delay
-from firmware_bridge.bus import open_site_bus
 from firmware_bridge.faults import FaultEvents
-from firmware_bridge.reading import Quantity, Reading, TimeSource
-from firmware_bridge.relay import (
-    MeterSignal,
-    RelayRateLimited,
-    RelayRefused,
-    RelayResult,
-    controller_for,
-)
-from firmware_bridge.scheduler import BackoffPolicy, MeterHealth
-from firmware_bridge.settings import BusSettings
+from firmware_bridge.scheduler import BackoffPolicy
 from gateway import meter_health, sdnotify, storage_setup, technician
 from gateway.billing.cutoff import Contact
 from gateway.billing.held import Stretch
@@ -68,10 +62,12 @@ from gateway.commands import (
     CommandInbox,
     CommandRefused,
     NoResend,
-    RelayOp,
     audit_and_report,
 )
 from gateway.config import Config
+from gateway.daemon.poller import BusPoller
+from gateway.daemon.relay_worker import CommandRelays, Relays
+from gateway.daemon.writer import Cycle, Tick, Work, Writer
 from gateway.prepaid import Prepaid, RelayIntent
 from gateway.remote_config import DEFAULT_CONFIRM_MS, RemoteConfig
 from gateway.risk_monitor import RiskMonitor
@@ -91,133 +87,38 @@ from provisioning.keys import Keystore
 from provisioning.usb import AUDIT_SPOOL, drain_audit_spool
 from store_forward.integrity import FaultKind
 from store_forward.outbox import (
-    MeterStatus,
     Outbox,
     OutboxError,
     OutboxFullError,
     StorageCorruptError,
 )
 from store_forward.records import RecordClass, RecordKind
-from store_forward.storage_state import Action, StorageMode, describe, permits
+from store_forward.storage_state import StorageMode, describe
 from store_forward.uplink import Uplink
 
 log = logging.getLogger(__name__)
 
-BILLING_TICK_S = 1.0
 # How often the command spool (top-ups handed over by a technician) is looked at.
 COMMAND_SPOOL_S = 1.0
-# Readings of a poll cycle reach the writer at most this late (see _Slicer).
-CYCLE_SLICE_S = 0.2
-# Queued work items the writer commits together in one transaction, at most.
-GROUP_COMMIT_MAX = 32
 # While starting or stopping takes long: EXTEND_TIMEOUT by this much, renewed every
 # third of it, for at most EXTEND_LIMIT_S in total.
 EXTEND_STEP_S = 30.0
 EXTEND_LIMIT_S = 1800.0
-# Relay operations in progress at once per bus: their settle times overlap while
-# their bus transactions take turns with the polls. Closing is held to fewer at
-# once than tripping: many supplies coming back together load the transformer
-# with their in-rush (cold load pickup); a trip has no such cost and is urgent.
-TRIP_CONCURRENCY = 32
-CLOSE_CONCURRENCY = 8
 # Maintenance: a pass every MAINTENANCE_S; a signed audit checkpoint at most every
 # CHECKPOINT_S (and at stop); the replay table pruned every PRUNE_S.
 MAINTENANCE_S = 60.0
 CHECKPOINT_S = 900.0
 PRUNE_S = 3600.0
-# While the disk is full: how often the writer looks for space again, and how many
-# readings it holds in memory meanwhile (see storage_guard.Backlog).
-SPACE_RETRY_S = 2.0
-BACKLOG_MAX_READINGS = 20_000
-# While the disk is full, the held work is rated in a transaction that is rolled
-# back, and the trips it decides are carried out: every DRY_RUN_S, or less often
-# when that takes long (it may spend at most a fifth of the time doing it).
-DRY_RUN_S = 2.0
 # How often the database is checked while running (PRAGMA quick_check on its own
 # read-only connection); damage found becomes a storage fault.
 INTEGRITY_CHECK_S = 6 * 3600.0
 # Recoveries from a damaged database tried in a row before the daemon gives up
 # (and systemd starts it again).
 MAX_RECOVERIES = 3
-# The relays of prepaid meters are read back when a bus opens and then, for meters
-# whose readings do not carry the relay state (Modbus coil relays), every this many
-# poll cycles while no relay operation is in hand: a decision committed but lost
-# before it reached the relay (a crash, a bus error) is re-driven.
-RELAY_CHECK_CYCLES = 10
 
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-@dataclass
-class Cycle:
-    """Work for the writer from one bus: readings (a slice of a poll cycle, or its
-    end with the meters' statuses) or relay events."""
-
-    bus: str
-    time_ms: int
-    readings: list[Reading]
-    statuses: list[MeterStatus]
-    events: list[dict[str, Any]] = field(default_factory=list)
-    final: bool = True  # False: a slice handed over while the poll cycle goes on
-    health: list[meter_health.Change] = field(default_factory=list)  # meters that changed state
-    handed_mono: float = field(default_factory=time.monotonic)  # when it was queued
-    relay_states: list[tuple[str, bool]] = field(default_factory=list)  # (meter, open) read back
-
-
-class _Slicer:
-    """Hands a poll cycle's readings to the writer in slices while the cycle runs.
-
-    A reading is money: the debit it causes and a cutoff it triggers should not
-    wait for the rest of a long bus cycle (200 meters on RS-485 take tens of
-    seconds). Readings go to the writer when a reading arrives and the oldest
-    unsent one is ``slice_s`` old (so a slice waits at most ``slice_s`` plus one
-    meter's read), still batched: one transaction per slice, never per row.
-    The rest goes with the cycle's end and the meters' statuses.
-    """
-
-    def __init__(
-        self,
-        bus: str,
-        out: asyncio.Queue[Cycle | Tick],
-        clock_ms: Callable[[], int],
-        slice_s: float,
-        faults: FaultEvents | None = None,
-        time_source: TimeSource = TimeSource.SYSTEM,
-    ) -> None:
-        self.bus, self.out, self.clock_ms, self.slice_s = bus, out, clock_ms, slice_s
-        self.time_source = time_source  # how far the cycle's (trusted) time can be trusted
-        self.pending: list[Reading] = []
-        self.events: list[dict[str, Any]] = []  # meter faults (a bad date...) with their evidence
-        self.faults = faults or FaultEvents()
-        self.since = 0.0
-
-    async def add(self, reading: Reading) -> None:
-        if reading.time_source is not self.time_source:
-            reading = replace(reading, time_source=self.time_source)
-        if not self.pending:
-            self.since = time.monotonic()
-        self.pending.append(reading)
-        self.events += self.faults.events(reading)
-        if time.monotonic() - self.since >= self.slice_s:
-            batch, self.pending = self.pending, []
-            events, self.events = self.events, []
-            await self.out.put(Cycle(self.bus, self.clock_ms(), batch, [], events, final=False))
-
-    async def finish(
-        self, now_ms: int, statuses: list[MeterStatus], health: list[meter_health.Change] | None = None
-    ) -> None:
-        batch, self.pending = self.pending, []
-        events, self.events = self.events, []
-        await self.out.put(Cycle(self.bus, now_ms, batch, statuses, events, health=health or []))
-
-
-@dataclass
-class Tick:
-    """Time passed: fixed charges and time-dependent cutoff decisions."""
-
-    time_ms: int
 
 
 @dataclass
@@ -249,74 +150,6 @@ def prepare_storage_dir(db_path: Path) -> None:
         ) from exc
     if not directory.is_dir():
         raise StartupError(f"storage.path {db_path}: {directory} is not a directory")
-
-
-def status_from_health(meter_id: str, health: MeterHealth) -> MeterStatus:
-    """The scheduler's per-meter health as the row kept for `edgegw status`."""
-    err = health.last_error
-    return MeterStatus(
-        meter_id=meter_id,
-        online=health.online,
-        last_attempt_ms=health.last_attempt_ms,
-        last_good_ms=health.last_good_ms,
-        consecutive_failures=health.consecutive_failures,
-        total_failures=health.total_failures,
-        last_error=None if err is None else f"{err.kind}: {err.text}",
-    )
-
-
-def relay_event(
-    intent: RelayIntent, result: RelayResult | None, error: str | None
-) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "type": "relay.alarm" if (result is not None and result.alarm) else "relay.operation",
-        "account": intent.account,
-        "meter": intent.meter,
-        "action": intent.action,
-        "want_open": intent.open,
-        "reason": intent.reason,
-    }
-    if result is not None:
-        body |= {
-            "ok": result.ok,
-            "final_open": result.final_open,
-            "drives": len(result.attempts),
-            "detail": result.reason,
-            "pending_customer": result.pending_customer,
-        }
-    else:
-        body |= {"ok": False, "detail": error}
-    return body
-
-
-class CommandRelays:
-    """The command handler's relay port: remote relay operations go to the meter's bus."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-
-    async def request(self, meter_id: str, op: RelayOp, *, reason: str, command_id: str) -> None:
-        account = self.daemon.prepaid.meter_account.get(meter_id, "") if self.daemon.prepaid else ""
-        why = f"command {command_id}: {reason}"
-        signal = _SIGNAL_OF_OP.get(op)
-        if signal is not None:
-            # Meter alarm and power-protect: sent where the meter has them; the
-            # meter.signal event says whether it acknowledged or cannot.
-            self.daemon.request_relay(
-                RelayIntent(account, meter_id, False, op.value, why, signal=signal.value, commanded=True)
-            )
-            return
-        self.daemon.request_relay(
-            RelayIntent(account, meter_id, op is RelayOp.TRIP, op.value, why, commanded=True)
-        )
-
-
-_SIGNAL_OF_OP = {
-    RelayOp.ALARM: MeterSignal.ALARM_ON,
-    RelayOp.ALARM_OFF: MeterSignal.ALARM_OFF,
-    RelayOp.PROTECT: MeterSignal.PROTECT_ON,
-    RelayOp.UNPROTECT: MeterSignal.PROTECT_OFF,
-}
 
 
 class NoBilling:
@@ -389,21 +222,16 @@ class Daemon:
         self.ready = asyncio.Event()
         self.started_ms = 0
         self._pollers: list[asyncio.Task[None]] = []
-        self._stopping = asyncio.Event()
-        self._work: asyncio.Queue[Cycle | Tick] | None = None
-        self._tick_queued = False
-        self._relays_in_flight = 0
+        self.stopping = asyncio.Event()  # set: pollers and relay workers finish what they hold
+        self._work: Work | None = None
         self._extending: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
         self.restart_reason: str | None = None  # set when a change needs a fresh start
-        self._relay_queues: dict[str, asyncio.Queue[RelayIntent]] = {
-            b.name: asyncio.Queue() for b in config.buses
-        }
-        self._bus_of = {m.id: m.bus for m in config.meters}
-        # Meters whose readings carry their relay state: the readings re-assert those.
-        self._relay_in_readings: set[str] = set()
+        self.bus_of = {m.id: m.bus for m in config.meters}
+        self.relays = Relays(self, [b.name for b in config.buses])
+        self.writer = Writer(self)
         self.meter_faults = FaultEvents()  # meter.clock_fault etc., once per change of cause
-        self._account_of = {m.id: m.account for m in config.meters}
+        self.account_of = {m.id: m.account for m in config.meters}
         # each meter's state as central last heard it (meter_health); pollers update it
         self.meter_states: dict[str, meter_health.Known] = {}
         self.commands: CommandHandler | None = None
@@ -418,9 +246,7 @@ class Daemon:
         # Storage faults and a full disk (see gateway.storage_guard).
         self.integrity_check_s = integrity_check_s
         self.hold = BillingHold(None)
-        self.backlog = Backlog(BACKLOG_MAX_READINGS)
         self.storage_started = False  # billing, commands and the clock are up on the database
-        self.waiting_for_space = False
         self._fault_request: tuple[FaultKind, str] | None = None
         self._recoveries_in_a_row = 0
         self._tg: asyncio.TaskGroup | None = None
@@ -433,8 +259,17 @@ class Daemon:
         # False: the remote configuration's start-up step is still to run (a full disk
         # kept it from running, or a new database took over)
         self._remote_config_started = True
-        self._dry_tripped: set[str] = set()  # meters tripped by a rating in memory
         self._bundle_commands_done = False
+
+    @property
+    def backlog(self) -> Backlog:
+        """The work taken from the queue and not yet committed (see :class:`Writer`)."""
+        return self.writer.backlog
+
+    @property
+    def waiting_for_space(self) -> bool:
+        """The disk is full: the writer holds work in memory until space returns."""
+        return self.writer.waiting_for_space
 
     # -- life cycle ------------------------------------------------------------
 
@@ -521,7 +356,7 @@ class Daemon:
             unauthenticated_acks=cfg.uplink.allow_unauthenticated_acks,
         )
         self.uplink = uplink
-        work: asyncio.Queue[Cycle | Tick] = asyncio.Queue(maxsize=256)
+        work: Work = asyncio.Queue(maxsize=256)
         self._work = work
         try:
             self.keys = self._open_keystore()
@@ -534,12 +369,12 @@ class Daemon:
                 self._tg = tg
                 self._pollers = [
                     tg.create_task(
-                        self._bus_loop(bus, work, phase_s=i * cfg.gateway.poll_interval_s / len(cfg.buses)),
+                        BusPoller(self, bus, work).run(phase_s=i * cfg.gateway.poll_interval_s / len(cfg.buses)),
                         name=f"bus:{bus.name}",
                     )
                     for i, bus in enumerate(cfg.buses)
                 ]
-                writer = tg.create_task(self._writer(outbox, work, uplink), name="writer")
+                writer = tg.create_task(self.writer.run(outbox, work, uplink), name="writer")
                 up = tg.create_task(uplink.run(), name="uplink")
                 timers = []
                 if self.watchdog_interval_s is not None:
@@ -547,7 +382,7 @@ class Daemon:
                         tg.create_task(self.watchdog.run(self.watchdog_interval_s / 2), name="watchdog")
                     )
                 if self.prepaid is not None:
-                    timers.append(tg.create_task(self._billing_timer(work), name="billing"))
+                    timers.append(tg.create_task(self.writer.billing_timer(work), name="billing"))
                 timers.append(tg.create_task(self._maintenance(outbox), name="maintenance"))
                 timers.append(tg.create_task(self._command_spool(), name="command-spool"))
                 if self.integrity_check_s > 0:
@@ -559,7 +394,7 @@ class Daemon:
                 self.ready.set()
                 self._stop_extending()
                 self.notifier.ready(f"gateway {cfg.gateway.id}: {len(cfg.meters)} meters")
-                self._announce_storage(outbox)
+                self.announce_storage(outbox)
                 log.info(
                     "gateway %s running: %d buses, %d meters, %d prepaid accounts",
                     cfg.gateway.id,
@@ -597,7 +432,7 @@ class Daemon:
         hand, so a relay that moved always has its event); after ``grace_s`` they are
         cancelled. The uplink keeps running, so the backlog can still drain.
         """
-        self._stopping.set()
+        self.stopping.set()
         if self._pollers:
             _, late = await asyncio.wait(self._pollers, timeout=grace_s)
             for t in late:
@@ -658,16 +493,16 @@ class Daemon:
         (polling goes on, readings wait in memory), damage is recovered from."""
         while True:
             try:
-                await self._start_storage(outbox, uplink)
+                await self.start_storage(outbox, uplink)
                 return
             except OutboxFullError as exc:
-                self._enter_space_wait(outbox, str(exc))
+                self.writer.enter_space_wait(outbox, str(exc))
                 return
             except (StorageCorruptError, LedgerCorrupt) as exc:
                 kind = FaultKind.LEDGER if isinstance(exc, LedgerCorrupt) else FaultKind.RUNTIME
-                await self._storage_fault(outbox, kind, str(exc))
+                await self.storage_fault(outbox, kind, str(exc))
 
-    async def _start_storage(self, outbox: Outbox, uplink: Uplink) -> None:
+    async def start_storage(self, outbox: Outbox, uplink: Uplink) -> None:
         """Put billing, the trusted clock and the command path on the database: at
         start, once a full disk has space again, and after a storage fault.
 
@@ -734,7 +569,7 @@ class Daemon:
                 await self.import_bundle_commands()
         await self.drain_provisioning_audit(outbox)
         self.storage_started = True
-        self._announce_storage(outbox)
+        self.announce_storage(outbox)
 
     async def _recover_money(self, outbox: Outbox) -> None:
         accounts = self.hold.all_accounts()
@@ -750,7 +585,7 @@ class Daemon:
         except Exception as exc:
             log.exception("storage recovery from %s failed; billing stays stopped: %s", outbox.storage.evidence, exc)
 
-    async def _storage_fault(self, outbox: Outbox, kind: FaultKind, reason: str) -> None:
+    async def storage_fault(self, outbox: Outbox, kind: FaultKind, reason: str) -> None:
         """The database is damaged: stop billing and relays at once, keep the files as
         evidence, continue on a new database (the writer then recovers the money state)."""
         self.stats.storage_faults += 1
@@ -764,9 +599,9 @@ class Daemon:
                 f"storage fault {self._recoveries_in_a_row} times in a row ({reason}); giving up"
             )
         await outbox.recover_in_place(kind, reason)
-        self._announce_storage(outbox)
+        self.announce_storage(outbox)
 
-    def _announce_storage(self, outbox: Outbox) -> None:
+    def announce_storage(self, outbox: Outbox) -> None:
         """Tell systemd (STATUS=) and the log when the storage state changes (the
         count of readings held while the disk is full: in STATUS= every few seconds)."""
         state = describe(outbox.storage)
@@ -790,74 +625,6 @@ class Daemon:
             normal = outbox.storage.mode is StorageMode.NORMAL and not self.waiting_for_space
             log.log(logging.WARNING if normal else logging.CRITICAL, "storage: %s", text)
 
-    def _enter_space_wait(self, outbox: Outbox, reason: str) -> None:
-        if not self.waiting_for_space:
-            self.waiting_for_space = True
-            log.critical(
-                "disk full (%s): polling goes on; readings, events and billing wait in memory"
-                " (at most %d readings) until space returns",
-                reason,
-                self.backlog.max_readings,
-            )
-        self._announce_storage(outbox)
-
-    def _leave_space_wait(self, outbox: Outbox) -> None:
-        self.waiting_for_space = False
-        log.warning(
-            "space is back: what was held in memory is stored%s",
-            f" ({self.backlog.dropped} intermediate reading(s) were given up)" if self.backlog.dropped else "",
-        )
-        if self.backlog.dropped:
-            outbox.note_event(
-                {
-                    "type": "storage_full_readings_dropped",
-                    "severity": "critical",
-                    "readings": self.backlog.dropped,
-                    "detail": "intermediate register readings given up while the disk was full;"
-                    " each meter's later reading carries their energy",
-                }
-            )
-            self.backlog.dropped = 0
-        self._announce_storage(outbox)
-
-    async def _dry_run_trips(self, outbox: Outbox) -> None:
-        """Rate the work held in memory in a transaction that is rolled back, and
-        carry out the trips it decides (money protection goes on while the disk is
-        full). Nothing else acts on it: closes need the top-up or state that could
-        not be written, and a relay already tripped this way is not driven again.
-        When space returns, the same work is committed and decides the same."""
-        items = self.backlog.take(len(self.backlog))
-        if not items or self.prepaid is None:
-            return
-        try:
-            async with outbox.dry_run() as db:
-                intents = await self._commit_in(db, outbox, items, dry=True)
-        except Exception as exc:  # e.g. the page cache spilling to a full disk
-            log.warning("rating in memory while the disk is full failed: %s", exc)
-            return
-        for intent in intents:
-            if intent.open and intent.signal is None and not intent.commanded:
-                if intent.meter in self._dry_tripped:
-                    continue
-                self._dry_tripped.add(intent.meter)
-                log.warning("disk full: trip of %s (account %s) decided in memory", intent.meter, intent.account)
-                self.request_relay(intent)
-
-    async def _space_is_back(self, outbox: Outbox) -> bool:
-        if outbox.starved is not None:
-            return await outbox.resume_if_space()
-        try:
-            free = await outbox.free_bytes()
-        except OSError:
-            return False
-        return free >= outbox.policy.ballast_bytes + 256 * 1024
-
-    async def _note_alive_waiting(self, outbox: Outbox) -> None:
-        """Waiting for space is the daemon doing its job: the watchdog's database
-        condition is fed as long as the database still answers."""
-        if await outbox.ping():
-            self.watchdog.note_db_write_ok()
-
     async def check_storage_now(self) -> str | None:
         """Run the database integrity check now; damage found becomes a storage fault
         (handled by the writer). Returns what was found."""
@@ -867,8 +634,8 @@ class Daemon:
         if reason is not None:
             log.critical("integrity check: %s", reason)
             self._fault_request = (FaultKind.CHECK, reason)
-            if self._work is not None and not self._tick_queued and self.prepaid is not None:
-                self._tick_queued = True
+            if self._work is not None and not self.writer.tick_queued and self.prepaid is not None:
+                self.writer.tick_queued = True
                 await self._work.put(Tick(self.time_ms()))  # wake the writer
         return reason
 
@@ -897,7 +664,7 @@ class Daemon:
             config=self.remote_config,
             resend=NoResend(),
             keys=keys,
-            known_meter=lambda m: m in self._bus_of,
+            known_meter=lambda m: m in self.bus_of,
         )
         await self.commands.start()
         self.inbox = CommandInbox(self.commands, uplink.topics, on_result=self._on_command_result)
@@ -980,7 +747,7 @@ class Daemon:
             log.warning("command received but no trust file is configured (%d bytes)", len(raw))
 
     @contextlib.asynccontextmanager
-    async def _transaction(self, outbox: Outbox) -> AsyncIterator[Any]:
+    async def transaction(self, outbox: Outbox) -> AsyncIterator[Any]:
         """An outbox transaction that also writes the clock events waiting (audit log and
         an event for central); a rollback gives them back to the clock for the next one."""
         events: list[ClockEvent] = []
@@ -1000,7 +767,7 @@ class Daemon:
         now), with any clock events still waiting."""
         if self.clock is None:
             return
-        async with self._transaction(outbox) as db:
+        async with self.transaction(outbox) as db:
             await trusted_time.save_clock(db, self.clock, force=force)
 
     async def drain_provisioning_audit(self, outbox: Outbox) -> int:
@@ -1122,389 +889,21 @@ class Daemon:
             except Exception as exc:
                 log.error("maintenance: %s failed: %s", name, exc)
 
+    # -- what the writer and the buses ask of the supervisor ----------------------
+
+    def take_fault_request(self) -> tuple[FaultKind, str] | None:
+        """Damage the integrity check found, for the writer to handle (once)."""
+        request, self._fault_request = self._fault_request, None
+        return request
+
+    def note_commit_ok(self) -> None:
+        """A commit went through: the storage recoveries in a row start again from 0."""
+        self._recoveries_in_a_row = 0
+
     def relays_idle(self) -> bool:
         """No relay operation is waiting for its bus."""
-        return self._relays_in_flight == 0 and all(q.empty() for q in self._relay_queues.values())
+        return self.relays.idle()
 
     def request_relay(self, intent: RelayIntent) -> None:
         """Queue a relay operation for the bus of ``intent.meter`` (after a commit)."""
-        bus = self._bus_of.get(intent.meter)
-        if bus is None:
-            log.error("relay intent for unknown meter %s: %s", intent.meter, intent)
-            return
-        if self.outbox is not None:
-            action = Action.COMMANDED_RELAY if intent.commanded else Action.CUTOFF
-            v = permits(self.outbox.storage, action, intent.account or None)
-            if not v.allowed:
-                self.stats.relays_refused += 1
-                log.warning("relay %s for %s not operated: %s", intent.action, intent.meter, v.why)
-                self.outbox.note_event(
-                    {
-                        "type": "relay.refused",
-                        "account": intent.account,
-                        "meter": intent.meter,
-                        "action": intent.action,
-                        "reason": v.why,
-                    }
-                )
-                return
-        self._relay_queues[bus].put_nowait(intent)
-
-    # -- buses -------------------------------------------------------------------
-
-    async def _bus_loop(
-        self, bus: BusSettings, out: asyncio.Queue[Cycle | Tick], *, phase_s: float = 0.0
-    ) -> None:
-        """Poll one bus for ever. The first cycle starts ``phase_s`` late: buses are
-        spread over the poll interval, so their readings (and the rating work they
-        bring) reach the single writer evenly instead of all at once."""
-        cfg = self.config
-        meters = cfg.meters_on(bus.name)
-        interval = cfg.gateway.poll_interval_s
-        relays = self._relay_queues[bus.name]
-        rng = random.Random()
-        attempt = 0
-        while True:
-            try:
-                async with open_site_bus(
-                    cfg.site, bus, meters, owner=f"edgegw daemon (gateway {cfg.gateway.id})", policy=self.backoff
-                ) as scheduler:
-                    controller = controller_for(scheduler)
-                    attempt = 0
-                    async with asyncio.TaskGroup() as tg:
-                        relay_worker = tg.create_task(
-                            self._relay_worker(bus.name, controller, relays, out),
-                            name=f"relays:{bus.name}",
-                        )
-                        next_at = time.monotonic() + phase_s
-                        phase_s = 0.0  # a reopened bus polls at once
-                        await self._sleep_unless_stopping(next_at)
-                        cycles = 0
-                        while not self._stopping.is_set():
-                            if cycles % RELAY_CHECK_CYCLES == 0 and (cycles == 0 or self.relays_idle()):
-                                await self._read_back_relays(bus.name, controller, out)
-                            cycles += 1
-                            trusted = self.clock.now() if self.clock is not None else None
-                            now = trusted.time_ms if trusted is not None else self.clock_ms()
-                            slicer = _Slicer(
-                                bus.name, out, self.time_ms, CYCLE_SLICE_S, self.meter_faults,
-                                trusted.time_source if trusted is not None else TimeSource.SYSTEM,
-                            )  # fmt: skip
-                            result = await scheduler.run_cycle(now, on_reading=slicer.add)
-                            statuses = [status_from_health(mid, h) for mid, h in result.health.items()]
-                            await slicer.finish(now, statuses, self._health_changes(bus.name, result.health, now))
-                            self.watchdog.note_poll_progress()
-                            self.watchdog.note(f"poll:{bus.name}")
-                            next_at += interval
-                            if next_at < time.monotonic():  # overran: start now, do not bunch up
-                                next_at = time.monotonic()
-                            await self._sleep_unless_stopping(next_at)
-                        # The relay worker takes no new operation now and finishes the
-                        # ones in hand, so a relay that moved always has its event.
-                        await relay_worker
-                    return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.stats.bus_failures[bus.name] = self.stats.bus_failures.get(bus.name, 0) + 1
-                log.error(
-                    "bus %s failed: %s", bus.name, exc, exc_info=log.isEnabledFor(logging.DEBUG)
-                )
-                await asyncio.sleep(backoff_delay(attempt, 1.0, 60.0, rng))
-                attempt += 1
-
-    def _health_changes(
-        self, bus: str, health: Mapping[str, MeterHealth], now_ms: int
-    ) -> list[meter_health.Change]:
-        """Meters of ``bus`` whose state changed this cycle: logged once here, sent
-        to central as events with the cycle's commit."""
-        found = meter_health.changes(self.meter_states, health, bus, now_ms)
-        for c in found:
-            self.meter_states[c.meter] = meter_health.Known(c.after, c.at_ms)
-        meter_health.log_changes(log, found)
-        return found
-
-    async def _read_back_relays(
-        self, bus: str, controller: Any, out: asyncio.Queue[Cycle | Tick]
-    ) -> None:
-        """Read the relays of this bus's prepaid meters; the writer re-drives any that
-        differ from the committed cutoff decision (:meth:`Prepaid.on_relay_states_in`)."""
-        if self.prepaid is None:
-            return
-        states: list[tuple[str, bool]] = []
-        for meter in controller.actuators:
-            if meter not in self.prepaid.meter_account or meter in self._relay_in_readings:
-                continue
-            try:
-                states.append((meter, await controller.read_open(meter)))
-            except Exception as exc:  # a dead meter: its next read-back or reading tells
-                log.debug("relay of %s not read back: %s", meter, exc)
-        if states:
-            await out.put(Cycle(bus, self.time_ms(), [], [], final=False, relay_states=states))
-
-    async def _sleep_unless_stopping(self, until_monotonic: float) -> None:
-        delay = until_monotonic - time.monotonic()
-        if delay > 0 and not self._stopping.is_set():
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
-            # that arrives in the same step as the event.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._stopping.wait()
-
-    async def _relay_worker(
-        self,
-        bus: str,
-        controller: Any,
-        relays: asyncio.Queue[RelayIntent],
-        out: asyncio.Queue[Cycle | Tick],
-    ) -> None:
-        """Run relay operations as soon as they are decided, beside the polling.
-
-        Each operation is its own task: its bus transactions (read, write, read
-        back) take turns with the polls through the scheduler, and its settle
-        time holds neither the bus nor the other relays. Operations on one
-        relay are serialised by the controller.
-        """
-        trips = asyncio.Semaphore(TRIP_CONCURRENCY)
-        others = asyncio.Semaphore(CLOSE_CONCURRENCY)
-
-        async def one(intent: RelayIntent, limit: asyncio.Semaphore) -> None:
-            try:
-                async with limit:
-                    event = await self._operate(controller, intent)
-                if event is not None:
-                    await out.put(Cycle(bus, self.time_ms(), [], [], [event]))
-            finally:
-                self._relays_in_flight -= 1
-
-        async with asyncio.TaskGroup() as tg:
-            while (intent := await self._next_intent(relays)) is not None:
-                self._relays_in_flight += 1
-                limit = trips if intent.open and intent.signal is None else others
-                tg.create_task(one(intent, limit), name=f"relay:{intent.meter}")
-
-    async def _next_intent(self, relays: asyncio.Queue[RelayIntent]) -> RelayIntent | None:
-        """The next relay operation; None once the daemon is stopping."""
-        if not relays.empty():
-            return None if self._stopping.is_set() else relays.get_nowait()
-        if self._stopping.is_set():
-            return None
-        getter = asyncio.ensure_future(relays.get())
-        stopper = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-            if not getter.done():
-                getter.cancel()
-        if getter.done() and not getter.cancelled():
-            return getter.result()
-        return None
-
-    async def _operate(self, controller: Any, intent: RelayIntent) -> dict[str, Any] | None:
-        if intent.signal is not None:
-            return await self._signal(controller, intent)
-        self.stats.relay_operations += 1
-        self.risk.relay_commanded(intent.meter, intent.open, self.time_ms())
-        try:
-            result = await controller.set_open(intent.meter, intent.open)
-        except (RelayRateLimited, RelayRefused, KeyError) as exc:
-            log.warning("relay %s for %s not operated: %s", intent.action, intent.meter, exc)
-            return relay_event(intent, None, str(exc))
-        except Exception as exc:  # a bus error: reassert re-drives on a later reading
-            log.error("relay %s for %s failed: %s", intent.action, intent.meter, exc)
-            return relay_event(intent, None, f"{type(exc).__name__}: {exc}")
-        if result.alarm:
-            self.stats.relay_alarms += 1
-            log.error("relay alarm on %s: %s", intent.meter, result.reason)
-        return relay_event(intent, result, None)
-
-    async def _signal(self, controller: Any, intent: RelayIntent) -> dict[str, Any] | None:
-        """A meter alarm or power-protect command; None (nothing to report) when the
-        meter has no such command and the intent came from the cutoff policy."""
-        assert intent.signal is not None
-        sig = MeterSignal(intent.signal)
-        body: dict[str, Any] = {
-            "type": "meter.signal",
-            "account": intent.account,
-            "meter": intent.meter,
-            "signal": sig.value,
-            "reason": intent.reason,
-        }
-        if not controller.supports_signals(intent.meter):
-            if intent.commanded:
-                return body | {"ok": False, "detail": f"{sig.value} is not supported by this meter"}
-            log.debug("meter %s has no %s command", intent.meter, sig.value)
-            return None
-        try:
-            result = await controller.signal(intent.meter, sig)
-        except Exception as exc:
-            log.error("%s for %s failed: %s", sig.value, intent.meter, exc)
-            return body | {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
-        if not result.ok:
-            log.warning("%s for %s not acknowledged: %s", sig.value, intent.meter, result.detail)
-        return body | {"ok": result.ok, "detail": result.detail}
-
-    # -- writer ------------------------------------------------------------------
-
-    async def _billing_timer(self, out: asyncio.Queue[Cycle | Tick]) -> None:
-        assert self.prepaid is not None
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(BILLING_TICK_S):
-                    await self.prepaid.dirty.wait()
-            self.prepaid.dirty.clear()
-            # At most one tick waits for the writer: a busy writer must not find a
-            # second of ticks queued in front of the next poll cycle. The waiting
-            # tick takes the time when the writer gets to it.
-            if not self._tick_queued:
-                self._tick_queued = True
-                await out.put(Tick(self.time_ms()))
-
-    async def _commit(self, outbox: Outbox, items: list[Cycle | Tick]) -> list[RelayIntent]:
-        """Commit queued work in one transaction (a group commit: under load, several
-        slices share one fsync instead of queueing behind each other's)."""
-        async with self._transaction(outbox) as db:
-            return await self._commit_in(db, outbox, items)
-
-    async def _commit_in(
-        self, db: Any, outbox: Outbox, items: list[Cycle | Tick], *, dry: bool = False
-    ) -> list[RelayIntent]:
-        contact = self.contact()
-        intents: list[RelayIntent] = []
-        # The accounts billed follow the committed storage state (a snapshot that
-        # settled an account, or its rollback).
-        self.hold.sync(await outbox.storage_state_in(db))
-        for item in items:
-            if isinstance(item, Tick):
-                assert self.prepaid is not None
-                if not dry:
-                    self._tick_queued = False
-                intents += await self.prepaid.tick_in(db, outbox, self.time_ms(), contact, self.unseen())
-                continue
-            events = item.events + [c.event(self._account_of.get(c.meter)) for c in item.health]
-            ids = await outbox.commit_cycle_in(db, item.time_ms, item.readings, item.statuses, events)
-            if item.health:
-                await meter_health.save_in(db, item.health)
-            self._relay_in_readings.update(
-                r.meter_id for r in item.readings if r.get(Quantity.RELAY_OPEN) is not None
-            )
-            if self.prepaid is not None and item.readings:
-                intents += await self.prepaid.on_readings_in(
-                    db, outbox, list(zip(ids, item.readings, strict=True)), item.time_ms, contact,
-                    self.unseen(),
-                )
-            if self.prepaid is not None and item.relay_states:
-                intents += await self.prepaid.on_relay_states_in(
-                    db, outbox, item.relay_states, item.time_ms, contact
-                )
-        return intents
-
-    async def _writer(
-        self, outbox: Outbox, work: asyncio.Queue[Cycle | Tick], uplink: Uplink
-    ) -> None:
-        """Commit queued work, in order, a group per transaction.
-
-        Work is taken off the queue into :attr:`backlog` at once, so pollers never
-        wait for the database. Then:
-
-        * a commit that fails for lack of space releases the reserve and sheds
-          telemetry, and is tried again; if the disk is still full the writer
-          *waits for space*: it keeps taking work (bounded in memory), feeds the
-          watchdog while the database still answers, and commits everything in
-          order as soon as space returns (the reserve is then re-created);
-        * damage reported by SQLite (or by the integrity check) is a storage
-          fault: the database is kept as evidence, a new one takes over, the
-          money state is recovered, and the work waiting is committed there;
-        * any other failure is retried without feeding the watchdog, so systemd
-          restarts a gateway whose database stays broken.
-        """
-        backlog = self.backlog
-        next_space_try = 0.0
-        next_dry_run = 0.0
-        next_reserve_check = 0.0
-        relieved = False
-        attempt = 0
-        while True:
-            if not backlog.items:
-                backlog.add(await work.get())
-                work.task_done()
-            elif self.waiting_for_space:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(SPACE_RETRY_S / 2):
-                        backlog.add(await work.get())
-                        work.task_done()
-            while not work.empty():
-                backlog.add(work.get_nowait())
-                work.task_done()
-            if self._fault_request is not None:
-                kind, reason = self._fault_request
-                self._fault_request = None
-                await self._storage_fault(outbox, kind, reason)
-                continue
-            if self.waiting_for_space:
-                await self._note_alive_waiting(outbox)
-                self._announce_storage(outbox)
-                if self.storage_started and time.monotonic() >= next_dry_run:
-                    t0 = time.monotonic()
-                    await self._dry_run_trips(outbox)
-                    next_dry_run = time.monotonic() + max(DRY_RUN_S, 4 * (time.monotonic() - t0))
-                if time.monotonic() < next_space_try:
-                    continue
-                next_space_try = time.monotonic() + SPACE_RETRY_S
-                if not await self._space_is_back(outbox):
-                    continue
-            try:
-                if not self.storage_started:
-                    await self._start_storage(outbox, uplink)
-                items = backlog.take(GROUP_COMMIT_MAX)
-                intents = await self._commit(outbox, items)
-            except (StorageCorruptError, LedgerCorrupt) as exc:
-                kind = FaultKind.LEDGER if isinstance(exc, LedgerCorrupt) else FaultKind.RUNTIME
-                await self._storage_fault(outbox, kind, str(exc))
-                continue
-            except OutboxFullError as exc:
-                if not relieved and not self.waiting_for_space:
-                    # Release the reserve and shed telemetry, so that money records and
-                    # events still commit; then try once more.
-                    relieved = True
-                    await outbox.relieve_full()
-                    continue
-                self._enter_space_wait(outbox, str(exc))
-                next_space_try = time.monotonic() + SPACE_RETRY_S
-                continue
-            except Exception as exc:
-                # Never drop what was read: retry until the database takes it. Meanwhile
-                # the watchdog's database condition is not fed, so systemd restarts a
-                # gateway whose storage stays broken.
-                self.stats.commit_failures += 1
-                attempt += 1
-                log.error("commit failed (attempt %d), retrying: %s", attempt, exc)
-                await asyncio.sleep(min(5.0, 0.2 * attempt))
-                continue
-            backlog.done(len(items))
-            self._dry_tripped.clear()
-            relieved = False
-            attempt = 0
-            self._recoveries_in_a_row = 0
-            if self.waiting_for_space:
-                self._leave_space_wait(outbox)
-                next_reserve_check = 0.0  # space is back: the reserve first
-            if outbox.unchecked is not None:  # the start-up check a full disk prevented
-                outbox.unchecked = None
-                await self.check_storage_now()
-            self.watchdog.note_db_write_ok()
-            for intent in intents:
-                self.request_relay(intent)
-            for item in items:
-                if isinstance(item, Cycle):
-                    # a poll cycle's end (statuses), not a relay operation's events
-                    self.stats.cycles += item.final and (bool(item.statuses) or not item.events)
-                    self.stats.readings += len(item.readings)
-                    if self.on_cycle is not None:
-                        with contextlib.suppress(Exception):
-                            self.on_cycle(item)
-            uplink.notify()
-            if outbox.reserve_released and time.monotonic() >= next_reserve_check:
-                next_reserve_check = time.monotonic() + 10.0
-                await outbox.ensure_reserve()
+        self.relays.request(intent)
