@@ -51,6 +51,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiomqtt
 
@@ -172,6 +173,7 @@ class Uplink:
             ack_timeout_s=settings.ack_timeout_s,
         )
         self._wake = asyncio.Event()
+        self._since_checked = False  # link "since" carried over from the last run, checked once
         self._inflight: dict[int, _InFlight] = {}
         outbox.packer = self._pack
         outbox.gateway_id = gateway_id
@@ -194,10 +196,25 @@ class Uplink:
     async def _set_state(self, state: LinkState) -> None:
         if self.stats.state is state:
             return
+        was_up = self.stats.state is LinkState.UP
         self.stats.state = state
         log.info("uplink %s", state.value)
+        values: dict[str, Any] = {K_LINK: state.value}
+        # "since" is when the link last came up, or last went down: retries between
+        # down and connecting do not move it, nor does a restart while it stays down.
+        if was_up != (state is LinkState.UP):
+            values[K_LINK_SINCE] = self.clock_ms()
+        if not self._since_checked:
+            self._since_checked = True
+            try:
+                kv = await self.outbox.kv()
+            except OutboxError:
+                kv = {}
+            stayed_down = kv.get(K_LINK) not in (None, LinkState.UP.value) and kv.get(K_LINK_SINCE)
+            if state is LinkState.UP or not stayed_down:
+                values[K_LINK_SINCE] = self.clock_ms()
         try:
-            await self.outbox.set_state({K_LINK: state.value, K_LINK_SINCE: self.clock_ms()})
+            await self.outbox.set_state(values)
         except OutboxError as exc:  # a full disk must not stop the uplink (it frees space)
             log.error("uplink: cannot record link state: %s", exc)
 
