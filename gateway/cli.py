@@ -6,18 +6,12 @@ import argparse
 import asyncio
 import importlib
 import logging
-import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import aiosqlite
-import orjson
-
-from gateway import __version__, meter_health
+from gateway import __version__
 from gateway.config import ConfigError, check_config, load_config
 from gateway.preflight import account_for, preflight
 from gateway.security.roles import TrustError
@@ -25,22 +19,14 @@ from headend.cli import hostport as _hostport  # also the demo's --broker
 from headend.cli import register_headend
 from provisioning.keys import KeystoreError
 from store_forward.outbox import (
-    K_BATCH_EPOCH,
-    K_GENERATION,
-    K_LINK,
-    K_LINK_SINCE,
-    K_STORAGE,
     OutboxError,
-    backlog_stats,
-    meter_statuses,
-    read_kv,
 )
 from store_forward.sealing import StorageKeyError
-from store_forward.storage_state import StorageState, describe
 from store_forward.uplink_keys import UplinkKeyError
 
 # Modules that add their own subcommands with ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
+    "gateway.status_cli",  # status
     "gateway.meters_cli",  # meters scan / read / relay
     "gateway.billing.cli",  # tariff simulate
     "gateway.technician",  # topup apply
@@ -140,146 +126,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ``edgegw headend run | import | keygen`` live in headend.cli (register_headend).
 
 
-# -- status ---------------------------------------------------------------
-
-
-def _age(ms: int | None, now_ms: int) -> str:
-    if ms is None:
-        return "never"
-    s = max(0, (now_ms - ms) // 1000)
-    if s < 120:
-        return f"{s}s ago"
-    if s < 7200:
-        return f"{s // 60}min ago"
-    return f"{s // 3600}h ago"
-
-
-def storage_status(db_path: Path, kv: dict[str, Any]) -> dict[str, Any]:
-    """The storage state (fault, recovery, evidence), the reserve and the free space."""
-    try:
-        state = StorageState.from_json(orjson.loads(kv.get(K_STORAGE) or "{}"))
-    except (orjson.JSONDecodeError, ValueError, TypeError):
-        state = StorageState()
-    try:
-        st = os.statvfs(db_path.parent)
-        free: int | None = st.f_bavail * st.f_frsize
-    except OSError:
-        free = None
-    reserve = db_path.with_name(db_path.name + ".ballast")
-    return {
-        **state.to_json(),
-        "summary": describe(state),
-        "generation": kv.get(K_GENERATION, 1),
-        "batch_epoch": kv.get(K_BATCH_EPOCH),
-        "reserve_in_place": reserve.exists(),
-        "free_bytes": free,
-    }
-
-
-async def gather_status(db_path: Path, now_ms: int) -> dict[str, Any]:
-    """Read-only view of a running (or stopped) gateway's database."""
-    uri = f"file:{db_path}?mode=ro"
-    async with aiosqlite.connect(uri, uri=True) as db:
-        stats = await backlog_stats(db)
-        kv = await read_kv(db)
-        meters = await meter_statuses(db)
-        health = await meter_health.read(db)
-    return {
-        "storage": storage_status(db_path, kv),
-        "link": {"state": kv.get(K_LINK, "unknown"), "since_ms": kv.get(K_LINK_SINCE)},
-        "backlog": {
-            "records": stats.records,
-            "readings": stats.readings,
-            "batches_pending": stats.batches_pending,
-            "bytes": stats.bytes,
-            "oldest_created_ms": stats.oldest_created_ms,
-            "oldest_age_s": None
-            if stats.oldest_created_ms is None
-            else max(0, (now_ms - stats.oldest_created_ms) // 1000),
-        },
-        "totals": {
-            "readings_committed": stats.readings_committed,
-            "readings_acked": stats.readings_acked,
-        },
-        "meters": [
-            {
-                "meter": m.meter_id,
-                "online": m.online,
-                # online / offline / quarantined, as central was told (meter.* events)
-                "state": health[m.meter_id][0] if m.meter_id in health else ("online" if m.online else "offline"),
-                "state_since_ms": health[m.meter_id][1] if m.meter_id in health else None,
-                "last_good_ms": m.last_good_ms,
-                "consecutive_failures": m.consecutive_failures,
-                "total_failures": m.total_failures,
-                "last_error": m.last_error,
-            }
-            for m in meters
-        ],
-    }
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
-    if cfg is None:
-        return 2
-    path = cfg.storage.path
-    if not path.exists():
-        print(f"{path}: no database yet (has the gateway run?)", file=sys.stderr)
-        return 1
-    now = time.time_ns() // 1_000_000
-    try:
-        st = asyncio.run(gather_status(path, now))
-    except Exception as exc:  # a damaged database: say so, do not crash
-        print(f"gateway {cfg.gateway.id} ({cfg.gateway.site})")
-        print(f"storage: {path} cannot be read ({exc}); the daemon keeps it as evidence at its next start")
-        return 1
-    if args.json:
-        sys.stdout.write(orjson.dumps(st, option=orjson.OPT_INDENT_2).decode() + "\n")
-        return 0
-    link = st["link"]
-    b = st["backlog"]
-    print(f"gateway {cfg.gateway.id} ({cfg.gateway.site})")
-    sto = st["storage"]
-    print(f"storage: {sto['summary']}")
-    if sto["mode"] != "normal":
-        print(f"         since {_age(sto['since_ms'], now)}: {sto['reason']}")
-        if sto["fence_ms"]:
-            print(
-                f"         commands issued before {sto['fence_ms']} are refused unless already known"
-            )
-    free = "unknown" if sto["free_bytes"] is None else f"{sto['free_bytes'] // 1024} KiB free"
-    reserve = "in place" if sto["reserve_in_place"] else "RELEASED (the disk was full)"
-    print(
-        f"disk:    {free}, reserve {reserve}; database generation {sto['generation']},"
-        f" batch epoch {sto['batch_epoch'] or '-'}"
-    )
-    print(f"link:    {link['state']} since {_age(link['since_ms'], now)}")
-    oldest = "-" if b["oldest_age_s"] is None else f"{b['oldest_age_s']}s"
-    print(
-        f"backlog: {b['records']} records ({b['readings']} readings), {b['bytes']} bytes,"
-        f" oldest {oldest}, {b['batches_pending']} batch(es) awaiting ack"
-    )
-    print(
-        f"totals:  {st['totals']['readings_committed']} readings stored,"
-        f" {st['totals']['readings_acked']} acknowledged by the headend"
-    )
-    print("meters:")
-    known = {m["meter"]: m for m in st["meters"]}
-    for m in cfg.meters:
-        row = known.get(m.id)
-        if row is None:
-            print(f"  {m.id:<16} not polled yet")
-            continue
-        state = row["state"] if row["state"] == "online" else row["state"].upper()
-        since = f" since {_age(row['state_since_ms'], now)}," if row["state_since_ms"] is not None else ""
-        err = f"  last error: {row['last_error']}" if row["last_error"] and row["state"] != "online" else ""
-        print(
-            f"  {m.id:<16} {state:<11}{since} last good read {_age(row['last_good_ms'], now)},"
-            f" {row['consecutive_failures']} consecutive / {row['total_failures']} total failures{err}"
-        )
-    return 0
-
-
 # -- demo -----------------------------------------------------------------
 
 
@@ -332,11 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("headend", help="the reference headend: run, import a USB backlog, keygen")
     register_headend(h.add_subparsers(dest="headend_command", required=True, metavar="ACTION"))
-
-    s = sub.add_parser("status", help="link, backlog and meter health of a gateway")
-    s.add_argument("--config", required=True)
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_status)
 
     d = sub.add_parser("demo", help="run a simulated transformer area end to end")
     d.add_argument("--duration", type=float, default=40.0, metavar="SECONDS")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import stat
 import tomllib
@@ -48,12 +49,27 @@ class ConfigError(Exception):
 # Result types
 
 
+# Where a provisioned gateway's configuration lives (written by the USB
+# provisioning path; the unit runs the daemon with it). Commands that read a
+# gateway's state take it when --config is not given; EDGEGW_CONFIG overrides it.
+DEFAULT_CONFIG = Path("/var/lib/edgegw/provisioning/current/files/gateway.toml")
+
+
+def default_config_path() -> Path:
+    """The configuration a command uses without --config: $EDGEGW_CONFIG, else
+    :data:`DEFAULT_CONFIG`."""
+    env = os.environ.get("EDGEGW_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG
+
+
 @dataclass(frozen=True)
 class GatewaySection:
     id: str
     site: str
     timezone: str = "UTC"
     poll_interval_s: float = 60.0
+    # rewritten every few seconds for `edgegw status` (gateway.heartbeat.path_for)
+    heartbeat_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -303,6 +319,7 @@ GATEWAY_SCHEMA = {
     "site": Field((str,), required=True, check=_text(200)),
     "timezone": Field((str,), check=_timezone),
     "poll_interval_s": Field(_NUM, check=_between(*POLL_INTERVAL_RANGE_S, "s"), convert=_seconds),
+    "heartbeat_file": Field((str,), convert=_path),
 }
 STORAGE_SCHEMA = {
     "path": Field((str,), required=True, convert=_path),
@@ -398,6 +415,7 @@ TOP_LEVEL = {
 }
 # Keys naming a file, resolved against the configuration's directory.
 FILE_KEYS: Mapping[str, tuple[str, ...]] = {
+    "gateway": ("heartbeat_file",),
     "storage": ("path", "key_file"),
     "broker": ("ca_file", "cert_file", "key_file"),
     "security": ("trust_file", "keystore", "provisioning_dir"),

@@ -52,7 +52,7 @@ from typing import Any
 
 from firmware_bridge.faults import FaultEvents
 from firmware_bridge.scheduler import BackoffPolicy
-from gateway import meter_health, sdnotify, storage_setup, technician
+from gateway import __version__, heartbeat, meter_health, sdnotify, storage_setup, technician
 from gateway.billing.cutoff import Contact
 from gateway.billing.held import Stretch
 from gateway.billing.ledger_store import LedgerCorrupt
@@ -204,6 +204,7 @@ class Daemon:
         self.clock_synced = clock_synced if clock_synced is not None else SyncProbe(wall_ms=clock_ms)
         self.clock_policy = clock_policy or trusted_time.POLICY
         self.on_cycle = on_cycle
+        self.env = env
         self.notifier = sdnotify.Notifier(env)
         self.watchdog_interval_s = sdnotify.watchdog_interval_s(env)
         poll_s, db_s = watchdog_deadlines_s or (max(180.0, 3 * config.gateway.poll_interval_s), 300.0)
@@ -260,6 +261,7 @@ class Daemon:
         # kept it from running, or a new database took over)
         self._remote_config_started = True
         self._bundle_commands_done = False
+        self.heartbeat: heartbeat.Writer | None = None
 
     @property
     def backlog(self) -> Backlog:
@@ -324,6 +326,12 @@ class Daemon:
         )
         self.outbox = outbox
         self.started_ms = self.clock_ms()
+        self.heartbeat = heartbeat.Writer(
+            heartbeat.path_for(cfg.gateway.heartbeat_file, cfg.storage.path, self.env),
+            version=__version__,
+            started_ms=self.started_ms,
+        )
+        self.beat(heartbeat.Phase.STARTING, "opening the database and keys")
         if cfg.security.trust_file is not None:
             # First, before anything a bad configuration could make fail: a remote
             # change the daemon keeps restarting on is rolled back here.
@@ -387,6 +395,7 @@ class Daemon:
                 timers.append(tg.create_task(self._command_spool(), name="command-spool"))
                 if self.integrity_check_s > 0:
                     timers.append(tg.create_task(self._integrity_loop(outbox), name="integrity"))
+                timers.append(tg.create_task(self._heartbeat_loop(), name="heartbeat"))
                 if self.inbox is not None:
                     self._inbox_task = tg.create_task(self.inbox.run(), name="commands")
                     timers.append(self._inbox_task)
@@ -394,6 +403,7 @@ class Daemon:
                 self.ready.set()
                 self._stop_extending()
                 self.notifier.ready(f"gateway {cfg.gateway.id}: {len(cfg.meters)} meters")
+                self.beat(heartbeat.Phase.RUNNING, "")
                 self.announce_storage(outbox)
                 log.info(
                     "gateway %s running: %d buses, %d meters, %d prepaid accounts",
@@ -404,6 +414,7 @@ class Daemon:
                 )
                 await stop.wait()
                 self.notifier.stopping()
+                self.beat(heartbeat.Phase.STOPPING, "finishing polls and committing what was read")
                 self._extending = self._extend_timeout_while("stopping")
                 log.info("stopping: finishing polls and committing what was read")
                 for t in self._timers:
@@ -421,9 +432,39 @@ class Daemon:
                 await self.audit_checkpoint(outbox)
             except Exception as exc:
                 log.error("audit checkpoint at stop failed: %s", exc)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                self.beat(heartbeat.Phase.STOPPED, f"failed: {exc}")
+            raise
         finally:
             await outbox.close()
+            if self.heartbeat is not None and self.heartbeat.phase is not heartbeat.Phase.STOPPED:
+                why = "clean stop" if self.restart_reason is None else f"restarting: {self.restart_reason}"
+                self.beat(heartbeat.Phase.STOPPED, why)
             log.info("stopped")
+
+    def beat(self, phase: heartbeat.Phase | None = None, detail: str | None = None) -> None:
+        """Write the heartbeat ``edgegw status`` reads (with the link's state and the
+        last authenticated contact with central)."""
+        hb = self.heartbeat
+        if hb is None:
+            return
+        up = self.uplink
+        err = hb.beat(
+            self.clock_ms(),
+            phase=phase,
+            detail=detail,
+            link=None if up is None else up.stats.state.value,
+            last_contact_ms=None if up is None else up.last_contact_ms,
+        )
+        if err is not None:
+            log.warning("%s (edgegw status cannot tell whether the daemon runs)", err)
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.heartbeat is not None
+        while True:
+            await asyncio.sleep(self.heartbeat.interval_s)
+            self.beat()
 
     async def stop_polling(self, grace_s: float = 10.0) -> None:
         """Stop every bus poller and wait until all cycles already read are committed.

@@ -26,10 +26,10 @@ import pytest
 
 from firmware_bridge.scheduler import BackoffPolicy
 from gateway import meter_health
-from gateway.cli import gather_status
 from gateway.config import load_config
 from gateway.daemon import Daemon
 from gateway.meter_health import Known, State, changes
+from gateway.status_cli import gather_status
 from headend.ingest import Headend
 from headend.store import HeadendDB
 from testbed.demo_pki import make_demo_pki
