@@ -7,13 +7,17 @@ Parts (all real code paths, nothing mocked):
 * the gateway daemon, polling them and storing into its SQLite outbox;
 * a link emulator between the gateway and the broker, which the demo takes
   down for the middle third of the run and brings back;
-* an MQTT broker — the embedded one unless ``--broker HOST:PORT`` is given;
+* an MQTT broker — mosquitto with the configuration shipped for deployments
+  (``examples/mosquitto``, :mod:`testbed.broker`) on a free loopback port,
+  unless ``--broker HOST:PORT`` is given;
 * the reference headend, storing into its own SQLite database and acking.
 
-Security as deployed: the embedded broker speaks mutual TLS only, with
-certificates from a throw-away CA (:mod:`testbed.demo_pki`), takes each
-certificate's CN as the MQTT username and confines every gateway to its own
-topics (``Acl.own_subtree``; the headend is the only superuser). The gateway's
+Security as deployed: the broker runs the shipped ``mosquitto.conf`` and
+``edgegw.acl`` (only paths and the port substituted) with certificates from a
+throw-away CA (:mod:`testbed.demo_pki`): mutual TLS only, each certificate's
+CN as the MQTT username, every gateway confined by the ACL to its own topics
+in the directions it needs, the headend reading batches and presence and
+writing acks and commands. The gateway's
 certificate, the CA and its configuration reach it in a signed provisioning
 bundle; its keystore is made at that first provisioning and central enrols its
 public keys from the carry-back, so the uplink is sealed (encoding 2) and the
@@ -22,12 +26,14 @@ gateways only. Central's commands are signed with its billing key. With
 ``--broker HOST:PORT`` the link to that broker is plain MQTT (its CA is not the
 demo's), while sealing and signed commands stay on.
 
-Once central's sale has been answered, a top-up signed with a key the gateway
-does not trust is published on its command topic; after the drain the demo
-checks what else must be refused — a client without a certificate, plain MQTT
-on the TLS port, a neighbouring gateway subscribing to this gateway's
-commands, an unsealed batch sent with this gateway's own certificate
-(:func:`_probe_refusals`). The report's ``transport``
+Once central's sale has been answered, the demo checks what must be refused
+(:func:`_probe_refusals`) — a client without a certificate, plain MQTT on the
+TLS port, a neighbouring gateway subscribing to this gateway's commands (it
+listens while a top-up signed with a key the gateway does not trust is
+published on that topic: the gateway gets it and refuses it, the neighbour
+gets nothing), an unsealed batch sent with this gateway's own certificate.
+These refusals are the shipped broker configuration's and the headend's,
+not the demo's. The report's ``transport``
 states what was observed: the TLS version negotiated, the certificate identity
 the broker saw for each session, the encodings the headend decoded, the
 outcome of each command, and each refusal.
@@ -47,7 +53,7 @@ import ssl
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -80,10 +86,10 @@ from store_forward.records import Record, RecordClass, RecordKind
 from store_forward.topics import DEFAULT_PREFIX, Topics
 from store_forward.uplink import tls_context
 from testbed import demo_story as story
+from testbed.broker import SHIPPED_ACL, BrokerError, Mosquitto
 from testbed.demo_pki import BUNDLE_CA, BUNDLE_CERT, BUNDLE_KEY, DemoPki, make_demo_pki
 from testbed.demo_provision import enroll_from_carry_back, keystore_dir, provision_demo_site
 from testbed.linkemu import LinkEmulator
-from testbed.minibroker import CONNACK, CONNECT, DISCONNECT, Acl, MiniBroker, encode_packet
 from testbed.simulators.dlt645 import Simulator as Dlt645Simulator
 from testbed.simulators.dlt645 import make_meters
 from testbed.simulators.modbus import ModbusSimulator
@@ -93,6 +99,8 @@ log = logging.getLogger(__name__)
 GATEWAY_ID = "demo-gw-01"
 NEIGHBOUR_ID = "demo-gw-02"  # another gateway's certificate: only used to show the ACL
 PKI_DIR = "pki"  # the demo CA, broker and client certificates (made anew each run)
+BROKER_DIR = "mosquitto"  # the broker's rendered configuration, ACL, log and persistence
+LOCAL_BROKER = "mosquitto, shipped configuration (examples/mosquitto)"
 HEADEND_DIR = "central-headend"  # headend.x25519.pem (made once) and registry/
 PROBE = "demo-probe-"  # MQTT client ids of the demo's refusal checks
 
@@ -101,7 +109,7 @@ PROBE = "demo-probe-"  # MQTT client ids of the demo's refusal checks
 class TransportReport:
     """What the demo observed about the link's security (not what it configured)."""
 
-    broker: str  # "embedded" (mutual TLS, ACL) or "external HOST:PORT"
+    broker: str  # LOCAL_BROKER (mutual TLS, the shipped ACL) or "external HOST:PORT"
     tls: bool  # the gateway's sessions ran over TLS (its config, and a TLS-only broker)
     tls_version: str | None  # negotiated by a client with the gateway's own TLS policy
     client_auth: bool  # the broker required a client certificate and named every session by its CN
@@ -270,19 +278,23 @@ def _headend_counts(path: Path, gateway_id: str) -> tuple[int, int, int]:
 
 @contextlib.asynccontextmanager
 async def _broker(
-    args: argparse.Namespace, pki: DemoPki | None
-) -> AsyncIterator[tuple[str, int, MiniBroker | None]]:
-    """``--broker``'s broker (plain MQTT), or the embedded one: mutual TLS with the demo
-    PKI, the certificate CN as MQTT username, every client confined to its own subtree
-    except the headend."""
+    args: argparse.Namespace, pki: DemoPki | None, workdir: Path
+) -> AsyncIterator[tuple[str, int, Mosquitto | None]]:
+    """``--broker``'s broker (plain MQTT), or mosquitto with the shipped configuration
+    (``examples/mosquitto``) and the demo PKI, on a free loopback port, its files under
+    ``workdir/mosquitto``: mutual TLS, the certificate CN as MQTT username, the shipped
+    ACL."""
     if args.broker:
         host, port = args.broker
         yield host, port, None
         return
     assert pki is not None
-    acl = Acl.own_subtree(DEFAULT_PREFIX, superusers=[pki.headend_id])
-    async with MiniBroker(tls=pki.broker_tls_context(), identity_as_username=True, acl=acl) as b:
-        yield b.host, b.port, b
+    broker = Mosquitto.shipped(workdir / BROKER_DIR, pki.broker_files())
+    await asyncio.to_thread(broker.start)
+    try:
+        yield broker.host, broker.port, broker
+    finally:
+        await asyncio.to_thread(broker.stop)
 
 
 def _prepare_workdir(path: str | None) -> Path:
@@ -306,9 +318,10 @@ def _headend_key(workdir: Path) -> Path:
 
 class Observed:
     """Facts gathered while the demo runs, for the report: the certificate identity the
-    broker gives each session, and the encodings of the batches the headend decoded."""
+    broker gives each session (from the broker's log), and the encodings of the batches
+    the headend decoded."""
 
-    def __init__(self, broker: MiniBroker | None) -> None:
+    def __init__(self, broker: Mosquitto | None) -> None:
         self.broker = broker
         self.identities: dict[str, str | None] = {}
         self.encodings: dict[str, int] = {}
@@ -317,10 +330,10 @@ class Observed:
         """Note the username (certificate CN) of these sessions, or of every connected one."""
         if self.broker is None:
             return
-        connected = self.broker.connected_clients()
+        connected = self.broker.sessions()
         for cid in client_ids or connected:
             if cid in connected and not cid.startswith(PROBE):
-                self.identities[cid] = self.broker.session_username(cid)
+                self.identities[cid] = connected[cid]
 
     def decoder(self, decode: Callable[[bytes], AnyBatch]) -> Callable[[bytes], AnyBatch]:
         """``decode``, counting every batch it accepts by its encoding (1 or 2)."""
@@ -357,7 +370,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
     dlt_meters = make_meters(args.dlt645_meters)
     dlt_sim = Dlt645Simulator(dlt_meters, clock=clock.seconds)
     async with (
-        _broker(args, pki) as (bhost, bport, broker),
+        _broker(args, pki, workdir) as (bhost, bport, broker),
         ModbusSimulator(units=units, clock=clock.seconds) as sim,
     ):
         observed = Observed(broker)
@@ -467,14 +480,27 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
                     await central.resend(bhost, bport)
                 await asyncio.sleep(0.5)
             # Now that the gateway answers commands: one that claims central's billing key
-            # without its signature.
-            answer = await central.forge_top_up(bhost, bport, clock.ms)
-            print(
-                f"[{time.monotonic() - t0:5.1f}s] a top-up signed with a key the gateway does"
-                f" not trust ({central.forged_ids[-1]}) is published on its command topic;"
-                f" the gateway's answer: {answer}",
-                file=out,
-            )
+            # without its signature (while a neighbouring gateway listens on that topic).
+            async def forged_top_up() -> None:
+                answer = await central.forge_top_up(bhost, bport, clock.ms)
+                print(
+                    f"[{time.monotonic() - t0:5.1f}s] a top-up signed with a key the gateway"
+                    f" does not trust ({central.forged_ids[-1]}) is published on its command"
+                    f" topic; the gateway's answer: {answer}",
+                    file=out,
+                )
+
+            refused: dict[str, bool] = {}
+            tls_version = None
+            if broker is not None and pki is not None:
+                tls_version = await _tls_version(
+                    broker.host, broker.port, pki.client_tls_context(GATEWAY_ID)
+                )
+                refused = await _probe_refusals(broker, pki, headend, forged_top_up)
+                for what, ok in refused.items():
+                    print(f"demo: {what}: {'refused' if ok else 'NOT REFUSED'}", file=out)
+            else:
+                await forged_top_up()
             print("demo: polling stopped; waiting for the backlog to drain", file=out)
             await daemon.stop_polling()
             t_drain = time.monotonic()
@@ -486,15 +512,6 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
             drain_s = time.monotonic() - t_drain
             observed.sessions()
             await _progress(daemon, time.monotonic() - t0, "up", clock, out)
-            refused: dict[str, bool] = {}
-            tls_version = None
-            if broker is not None and pki is not None:
-                tls_version = await _tls_version(
-                    broker.host, broker.port, pki.client_tls_context(GATEWAY_ID)
-                )
-                refused = await _probe_refusals(broker, pki, headend)
-                for what, ok in refused.items():
-                    print(f"demo: {what}: {'refused' if ok else 'NOT REFUSED'}", file=out)
             stop.set()
             await run
         await link.stop()
@@ -509,31 +526,29 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
     refused["top-up signed with a key the gateway does not trust"] = bool(
         unauthenticated
     ) and all(o == "rejected (bad_signature)" for o in unauthenticated)
+    settings = broker.settings() if broker is not None else {}
     transport = TransportReport(
-        broker="embedded" if broker is not None else f"external {bhost}:{bport}",
-        # the gateway's session was seen on a broker that speaks TLS only
+        broker=LOCAL_BROKER if broker is not None else f"external {bhost}:{bport}",
+        # the gateway's session was seen on a broker whose one listener speaks TLS only
         tls=(
             cfg.broker.tls
             and broker is not None
             and broker.tls is not None
+            and "certfile" in settings
             and GATEWAY_ID in observed.identities.values()
         ),
         tls_version=tls_version,
+        # the broker ran requiring certificates and naming sessions by them, and it did
+        # name every session it served by a certificate's CN
         client_auth=(
             broker is not None
-            and broker.tls is not None
-            and broker.tls.verify_mode is ssl.CERT_REQUIRED
-            and broker.identity_as_username
+            and settings.get("require_certificate") == ["true"]
+            and settings.get("use_identity_as_username") == ["true"]
             and GATEWAY_ID in observed.identities.values()
             and all(observed.identities.values())
         ),
         identities=observed.identities,
-        acl=(
-            f"each client only under {DEFAULT_PREFIX}/<its CN>/; superuser"
-            f" {', '.join(sorted(broker.acl.superusers))}"
-            if broker is not None and broker.acl is not None
-            else None
-        ),
+        acl=_acl_line(broker),
         uplink_encodings=observed.encodings,
         headend_registry=_enrolled(registry, registry_dir),
         headend_rejected=dict(headend.rejections),
@@ -573,9 +588,24 @@ def _enrolled(registry: GatewayRegistry, directory: Path) -> list[str]:
     return ids
 
 
-def _security_line(cfg: BrokerSection, broker: MiniBroker | None, enrolled: list[str]) -> str:
+def _acl_line(broker: Mosquitto | None) -> str | None:
+    """What the broker's ACL allows, from the file it ran with (the shipped one)."""
+    if broker is None or "acl_file" not in broker.settings():
+        return None
+    acl = (broker.workdir / SHIPPED_ACL).read_text()
+    users = sorted(ln.split()[1] for ln in acl.splitlines() if ln.startswith("user "))
+    return (
+        f"each client only under {DEFAULT_PREFIX}/<its CN>/, in the directions it needs;"
+        f" wider rights for {', '.join(users)} (examples/mosquitto/{SHIPPED_ACL} as shipped)"
+    )
+
+
+def _security_line(cfg: BrokerSection, broker: Mosquitto | None, enrolled: list[str]) -> str:
     if broker is not None and cfg.tls:
-        link = "mutual TLS (certificate CN = MQTT username, each gateway confined to its topics)"
+        link = (
+            "mutual TLS on mosquitto with the shipped configuration (certificate CN ="
+            " MQTT username, each gateway confined to its topics by the shipped ACL)"
+        )
     else:
         link = f"{'TLS' if cfg.tls else 'plain MQTT'} to the given broker"
     return (
@@ -614,19 +644,21 @@ async def _refused(
     the client considers the handshake done, so the answer to CONNECT is what counts.
     """
     cid = client_id.encode()
+    # MQTT 3.1.1 CONNECT: protocol name and level 4, clean session, keepalive 10 s
     body = b"\x00\x04MQTT\x04\x02" + (10).to_bytes(2, "big") + len(cid).to_bytes(2, "big") + cid
+    assert len(body) < 128  # a one-byte remaining length
     writer = None
     try:
         async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_connection(
                 host, port, ssl=ctx, server_hostname=host if ctx is not None else None
             )
-            writer.write(encode_packet(CONNECT, 0, body))
+            writer.write(bytes([0x10, len(body)]) + body)
             await writer.drain()
-            connack = await reader.readexactly(4)
-            accepted = connack[0] >> 4 == CONNACK and connack[3] == 0
+            connack = await reader.readexactly(4)  # CONNACK: 0x20 0x02 flags code
+            accepted = connack[0] == 0x20 and connack[3] == 0
             if accepted:
-                writer.write(encode_packet(DISCONNECT, 0))
+                writer.write(b"\xe0\x00")  # DISCONNECT
                 await writer.drain()
             return not accepted
     except (OSError, EOFError, TimeoutError):  # ssl.SSLError and resets are OSErrors
@@ -654,27 +686,24 @@ async def _expected_errors(logger: str) -> AsyncIterator[None]:
         log_.setLevel(level)
 
 
-async def _probe_refusals(broker: MiniBroker, pki: DemoPki, headend: Headend) -> dict[str, bool]:
-    """Try what the broker and the headend must refuse; each entry: was it refused?"""
+async def _probe_refusals(
+    broker: Mosquitto,
+    pki: DemoPki,
+    headend: Headend,
+    command_traffic: Callable[[], Awaitable[None]],
+) -> dict[str, bool]:
+    """Try what the broker and the headend must refuse; each entry: was it refused?
+
+    ``command_traffic`` publishes something on this gateway's command topic (the
+    demo: a forged top-up) while a neighbouring gateway listens there."""
     host, port = broker.host, broker.port
     out: dict[str, bool] = {}
     no_cert = tls_context(BrokerSection(tls=True, ca_file=pki.ca))
     out["client without a certificate"] = await _refused(host, port, no_cert, f"{PROBE}no-cert")
     out["plain MQTT on the broker's port"] = await _refused(host, port, None, f"{PROBE}plain")
-    # A neighbouring gateway's valid certificate: connects, but may not read our commands.
-    cmd = Topics(DEFAULT_PREFIX, GATEWAY_ID).cmd
-    neighbour = f"{PROBE}{NEIGHBOUR_ID}"
-    async with aiomqtt.Client(
-        host,
-        port,
-        identifier=neighbour,
-        tls_context=pki.client_tls_context(NEIGHBOUR_ID),
-        timeout=5,
-    ) as c:
-        await c.subscribe(cmd, qos=1, timeout=5)
-        out[f"{NEIGHBOUR_ID} subscribing to {GATEWAY_ID}'s commands"] = (
-            cmd not in broker.session_subscriptions(neighbour)
-        )
+    out[f"{NEIGHBOUR_ID} subscribing to {GATEWAY_ID}'s commands"] = await _neighbour_hears_nothing(
+        host, port, pki, command_traffic
+    )
     # This gateway's own certificate without its keystore: a batch it can send, but not seal.
     now = int(time.time() * 1000)
     fake = Record(
@@ -717,6 +746,49 @@ async def _probe_refusals(broker: MiniBroker, pki: DemoPki, headend: Headend) ->
         headend.rejected > before and not acked.is_set()
     )
     return out
+
+
+async def _neighbour_hears_nothing(
+    host: str, port: int, pki: DemoPki, command_traffic: Callable[[], Awaitable[None]]
+) -> bool:
+    """A neighbouring gateway's valid certificate connects and subscribes to this
+    gateway's command topic (mosquitto grants the subscription and checks the ACL on
+    delivery); while ``command_traffic`` runs, a witness with this gateway's own
+    certificate must receive it and the neighbour nothing. True: refused as it should."""
+    cmd = Topics(DEFAULT_PREFIX, GATEWAY_ID).cmd
+    heard: dict[str, int] = {GATEWAY_ID: 0, NEIGHBOUR_ID: 0}
+
+    async def listen(client: aiomqtt.Client, who: str) -> None:
+        async for _ in client.messages:
+            heard[who] += 1
+
+    async with (
+        aiomqtt.Client(
+            host,
+            port,
+            identifier=f"{PROBE}{NEIGHBOUR_ID}",
+            tls_context=pki.client_tls_context(NEIGHBOUR_ID),
+            timeout=5,
+        ) as neighbour,
+        aiomqtt.Client(
+            host,
+            port,
+            identifier=f"{PROBE}{GATEWAY_ID}-witness",
+            tls_context=pki.client_tls_context(GATEWAY_ID),
+            timeout=5,
+        ) as witness,
+    ):
+        await neighbour.subscribe(cmd, qos=1, timeout=5)
+        await witness.subscribe(cmd, qos=1, timeout=5)
+        async with _background(listen(neighbour, NEIGHBOUR_ID)), _background(
+            listen(witness, GATEWAY_ID)
+        ):
+            await command_traffic()
+            deadline = time.monotonic() + 10
+            while not heard[GATEWAY_ID] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # what reached the witness would reach a subscriber by now
+    return heard[GATEWAY_ID] > 0 and heard[NEIGHBOUR_ID] == 0
 
 
 class Central:
@@ -967,7 +1039,7 @@ def _secure(t: TransportReport) -> bool:
     session ran over mutual TLS."""
     sealed = bool(t.uplink_encodings) and set(t.uplink_encodings) == {"2"}
     commands = bool(t.commands) and all(o == "applied" for o in t.commands.values())
-    transport = t.broker != "embedded" or (t.tls and t.client_auth)
+    transport = t.broker != LOCAL_BROKER or (t.tls and t.client_auth)
     return sealed and commands and transport and all(t.refused.values())
 
 
@@ -976,7 +1048,11 @@ def run_demo(args: argparse.Namespace) -> int:
         # The progress lines tell the story; connection-loss chatter is expected here.
         logging.getLogger().setLevel(logging.ERROR)
         logging.getLogger("mqtt").setLevel(logging.CRITICAL)
-    report = asyncio.run(_demo(args, _prepare_workdir(args.workdir)))
+    try:
+        report = asyncio.run(_demo(args, _prepare_workdir(args.workdir)))
+    except BrokerError as exc:
+        print(f"edgegw demo: {exc}", file=sys.stderr)
+        return 2
     summary = asdict(report)
     print("\nsummary:", file=sys.stdout)
     for k, v in summary.items():

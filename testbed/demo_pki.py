@@ -7,6 +7,8 @@
   private key is never written to disk: once the certificates below are signed
   it is dropped, so nobody can issue more certificates from this directory.
   Run ``make_demo_pki`` again for a new set.
+* ``ca.crl`` — the CA's certificate revocation list, empty, signed while the
+  key still exists (the shipped broker configuration requires a CRL).
 * ``broker.pem`` / ``broker.key`` — server certificate (extended key usage
   serverAuth) whose subject alternative names are the given hosts (IP
   addresses as IP SANs, names as DNS SANs; ``127.0.0.1`` and ``localhost`` by
@@ -14,13 +16,14 @@
 * ``client-<id>.pem`` / ``client-<id>.key`` — one client certificate
   (clientAuth) per gateway with CN = gateway id, and one for the headend with
   CN = ``headend_id``. A broker that takes the certificate CN as the MQTT
-  username (mosquitto ``use_identity_as_username``, or
-  :class:`testbed.minibroker.MiniBroker` with ``identity_as_username``)
-  then confines each gateway to its own topics by CN.
+  username (mosquitto's ``use_identity_as_username``, as in the shipped
+  ``examples/mosquitto`` configuration) then confines each gateway to its own
+  topics by CN.
 
-``DemoPki.broker_tls_context()`` and ``DemoPki.client_tls_context(identity)``
-build the matching ``ssl`` contexts (the client one with the gateway's own
-policy, :func:`store_forward.uplink.tls_context`);
+``DemoPki.broker_files()`` names the files the shipped broker configuration
+needs (:class:`testbed.broker.TlsFiles`); ``DemoPki.client_tls_context(identity)``
+builds a client's ``ssl`` context (the gateway's own policy,
+:func:`store_forward.uplink.tls_context`);
 ``DemoPki.bundle_files(identity)`` gives a gateway's credentials laid out as a
 provisioning bundle carries them (``certs/ca.pem``, ``certs/client.pem``,
 ``certs/client.key``).
@@ -52,7 +55,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.config import BrokerSection
 from store_forward.uplink import tls_context
-from testbed.minibroker import server_tls_context
+from testbed.broker import TlsFiles
 
 __all__ = [
     "BUNDLE_CA",
@@ -96,6 +99,7 @@ class DemoPki:
 
     directory: Path
     ca: Path  # the CA certificate: trust anchor for the broker and every client
+    crl: Path  # the CA's (empty) revocation list
     broker: CertPair  # server certificate for ``hosts``
     clients: dict[str, CertPair]  # CN -> client certificate; gateways and the headend
     headend_id: str
@@ -132,9 +136,9 @@ class DemoPki:
             BUNDLE_KEY: pair.key.read_bytes(),
         }
 
-    def broker_tls_context(self) -> ssl.SSLContext:
-        """The broker's server context: its certificate, client certificates of this CA required."""
-        return server_tls_context(self.broker.cert, self.broker.key, ca=self.ca)
+    def broker_files(self) -> TlsFiles:
+        """What the shipped broker configuration names: CA, CRL, server certificate and key."""
+        return TlsFiles(ca=self.ca, crl=self.crl, cert=self.broker.cert, key=self.broker.key)
 
 
 def make_demo_pki(
@@ -176,6 +180,8 @@ def make_demo_pki(
     ca_cert = _ca_certificate(ca_key, start, end)
     ca_path = directory / "ca.pem"
     _write_public(ca_path, ca_cert)
+    crl_path = directory / "ca.crl"
+    _write_crl(crl_path, ca_key, ca_cert, start, end)
 
     broker_key = ec.generate_private_key(ec.SECP256R1())
     broker_cert = _leaf(ca_key, ca_cert, broker_key, "edgegw demo broker", start, end, sans=sans)
@@ -186,7 +192,7 @@ def make_demo_pki(
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _leaf(ca_key, ca_cert, key, ident, start, end, sans=None)
         clients[ident] = _write_pair(directory, f"client-{ident}", key, cert)
-    return DemoPki(directory, ca_path, broker, clients, headend_id, end)
+    return DemoPki(directory, ca_path, crl_path, broker, clients, headend_id, end)
 
 
 # --------------------------------------------------------------------------- #
@@ -288,6 +294,31 @@ def _leaf(
 def _write_public(path: Path, cert: x509.Certificate) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp, path)
+
+
+def _write_crl(
+    path: Path,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    start: dt.datetime,
+    end: dt.datetime,
+) -> None:
+    """An empty CRL: nothing is revoked, but a broker that checks revocation can."""
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(start)
+        .next_update(end)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .add_extension(x509.CRLNumber(1), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
     os.replace(tmp, path)
 
 
