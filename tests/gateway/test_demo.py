@@ -2,7 +2,8 @@
 
 The whole demo runs once (a subprocess, as a user runs it); its report must
 state what was observed on the wire, and the files it leaves must show the same
-set-up. The refusal checks the demo runs are also tried against a broker and a
+set-up. The refusal checks the demo runs are also tried against a broker (the
+shipped mosquitto configuration with its protections switched off) and a
 headend configured without those protections, where each check must report
 "not refused" — so a check that always answered "refused" would fail here.
 """
@@ -27,7 +28,7 @@ from headend.store import HeadendDB
 from store_forward.uplink import tls_context
 from testbed import demo
 from testbed.demo_pki import make_demo_pki
-from testbed.minibroker import MiniBroker, server_tls_context
+from tests.harness.mosquitto import Mosquitto
 from tests.store_forward.helpers import running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +74,7 @@ def test_demo_delivers_sealed_over_mutual_tls(demo_run: tuple[dict, Path, str]) 
     assert r["duplicates"] == 0 and r["lost"] == 0 and r["balances_match"] is True
 
     t = r["transport"]
-    assert t["broker"] == "embedded"
+    assert t["broker"] == demo.LOCAL_BROKER == "mosquitto, shipped configuration (examples/mosquitto)"
     assert t["tls"] is True and t["client_auth"] is True
     assert t["tls_version"] in ("TLSv1.2", "TLSv1.3")
     # the broker named the gateway's session by its certificate, and every other
@@ -130,10 +131,30 @@ def test_demo_files_show_the_same_set_up(demo_run: tuple[dict, Path, str]) -> No
 async def test_refusal_checks_report_what_an_open_set_up_lets_through(tmp_path: Path) -> None:
     """Server-only TLS, no ACL, a headend without a registry: every probe says "not refused"."""
     pki = make_demo_pki(tmp_path / "pki", gateway_ids=[GW, demo.NEIGHBOUR_ID])
-    open_tls = MiniBroker(tls=server_tls_context(pki.broker.cert, pki.broker.key))
+    open_tls = Mosquitto.shipped(
+        tmp_path / "broker",
+        pki.broker_files(),
+        overrides={
+            "allow_anonymous": "true",
+            "require_certificate": "false",
+            "use_identity_as_username": "false",
+            "acl_file": None,
+        },
+    )
     hdb = await HeadendDB.open(tmp_path / "central.db")
+
+    async def command_traffic() -> None:  # what the demo's forged top-up is: a publish on cmd
+        async with aiomqtt.Client(
+            open_tls.host,
+            open_tls.port,
+            identifier="central",
+            tls_context=pki.client_tls_context(pki.headend_id),
+            timeout=10,
+        ) as central:
+            await central.publish(f"edgegw/v1/{GW}/cmd", b"a command", qos=1)
+
     try:
-        async with open_tls as broker:
+        with open_tls as broker:
             headend = Headend(
                 hdb,
                 host=broker.host,
@@ -142,7 +163,7 @@ async def test_refusal_checks_report_what_an_open_set_up_lets_through(tmp_path: 
             )
             async with running(headend.run()):
                 await asyncio.wait_for(headend.connected.wait(), 20)
-                got = await demo._probe_refusals(broker, pki, headend)
+                got = await demo._probe_refusals(broker, pki, headend, command_traffic)
     finally:
         await hdb.close()
     assert got == {
@@ -156,7 +177,7 @@ async def test_refusal_checks_report_what_an_open_set_up_lets_through(tmp_path: 
 async def test_demo_broker_serves_certified_clients_and_refuses_others(tmp_path: Path) -> None:
     pki = make_demo_pki(tmp_path / "pki", gateway_ids=[GW])
     args = argparse.Namespace(broker=None)
-    async with demo._broker(args, pki) as (host, port, broker):
+    async with demo._broker(args, pki, tmp_path) as (host, port, broker):
         assert broker is not None
         assert await demo._refused(host, port, pki.client_tls_context(GW), "c1") is False
         no_cert = tls_context(BrokerSection(tls=True, ca_file=pki.ca))
@@ -167,4 +188,8 @@ async def test_demo_broker_serves_certified_clients_and_refuses_others(tmp_path:
             host, port, identifier="c4", tls_context=pki.client_tls_context(GW), timeout=10
         ) as c:
             await c.subscribe(f"edgegw/v1/{GW}/cmd", qos=1, timeout=10)
-            assert broker.session_username("c4") == GW
+            assert broker.sessions()["c4"] == GW
+    # the broker ran the shipped configuration (paths and port substituted)
+    assert broker.conf == tmp_path / "mosquitto" / "mosquitto.conf"
+    assert broker.settings()["require_certificate"] == ["true"]
+    assert broker.settings()["acl_file"] == [str(tmp_path / "mosquitto" / "edgegw.acl")]

@@ -142,6 +142,11 @@ def test_certificate_contents(pki: DemoPki) -> None:
         lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
         assert dt.timedelta(days=2) <= lifetime <= dt.timedelta(days=2, minutes=10)
         assert cert.not_valid_after_utc == pki.not_valid_after.replace(microsecond=0)
+    # the CA's revocation list (the shipped broker configuration requires one): signed
+    # by the CA, nothing revoked
+    crl = x509.load_pem_x509_crl(pki.crl.read_bytes())
+    assert crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())
+    assert len(crl) == 0
 
 
 def test_a_second_run_replaces_every_file(tmp_path: Path) -> None:
@@ -175,7 +180,7 @@ def test_bad_requests_are_refused_before_writing(
     tmp_path: Path, kwargs: dict[str, object], fragment: str
 ) -> None:
     with pytest.raises(DemoPkiError, match=fragment):
-        make_demo_pki(tmp_path / "pki", **kwargs)  # type: ignore[arg-type]
+        make_demo_pki(tmp_path / "pki", **kwargs)
     assert not (tmp_path / "pki").exists()
 
 
@@ -264,8 +269,14 @@ def test_expired_certificates_are_refused(tmp_path: Path) -> None:
 
 
 def test_convenience_contexts_complete_a_handshake(pki: DemoPki) -> None:
-    server_ctx = pki.broker_tls_context()
-    assert server_ctx.verify_mode is ssl.CERT_REQUIRED
+    files = pki.broker_files()  # what the shipped broker configuration is given
+    assert (files.ca, files.crl, files.cert, files.key) == (
+        pki.ca,
+        pki.crl,
+        pki.broker.cert,
+        pki.broker.key,
+    )
+    server_ctx = server_context(files.cert, files.key, files.ca)
     client_ctx = pki.client_tls_context("gw-b")
     assert client_ctx.check_hostname and client_ctx.verify_mode is ssl.CERT_REQUIRED
     assert client_ctx.minimum_version >= ssl.TLSVersion.TLSv1_2

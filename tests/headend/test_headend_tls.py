@@ -3,29 +3,26 @@
 A real gateway :class:`Uplink` seals a backlog and publishes it through a broker
 that requires client certificates; the :class:`Headend`, given a client TLS
 context with the headend's certificate (``tls_context=``), stores every record
-once and acks, so the gateway's outbox drains. Brokers: real mosquitto started
-from the example configuration (``examples/mosquitto``: mTLS, CN as username,
-the example ACL) and the embedded :class:`MiniBroker` with the demo PKI.
+once and acks, so the gateway's outbox drains. The broker is real mosquitto
+started from the shipped configuration (``examples/mosquitto``: mTLS, CN as
+username, the shipped ACL), once with the transport tests' PKI and once with
+the demo's (:mod:`testbed.demo_pki`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import sqlite3
 import time
 from pathlib import Path
-
-import pytest
 
 from gateway.config import BrokerSection
 from headend.ingest import Headend
 from headend.store import HeadendDB
 from store_forward.outbox import Outbox
-from store_forward.topics import DEFAULT_PREFIX
 from store_forward.uplink import LinkState, Uplink, tls_context
 from testbed.demo_pki import make_demo_pki
-from testbed.minibroker import Acl, MiniBroker
+from tests.harness.mosquitto import Mosquitto
 from tests.security.test_transport import TlsBroker
 from tests.security.tls import HEADEND_CN, make_pki
 from tests.store_forward.helpers import Site, running, settings, six_quantity_reading, wait_for
@@ -87,12 +84,11 @@ async def test_headend_with_client_certificate_ingests_through_mosquitto_mtls(
     assert he.batches_received >= 1
 
 
-async def test_headend_with_client_certificate_ingests_through_minibroker_mtls(
+async def test_headend_with_client_certificate_ingests_with_the_demo_pki(
     tmp_path: Path,
 ) -> None:
     pki = make_demo_pki(tmp_path / "pki", gateway_ids=[GW])
-    acl = Acl.own_subtree(DEFAULT_PREFIX, superusers=[pki.headend_id])
-    async with MiniBroker(tls=pki.broker_tls_context(), identity_as_username=True, acl=acl) as b:
+    with Mosquitto.shipped(tmp_path / "broker", pki.broker_files()) as b:
 
         def section(ident: str) -> BrokerSection:
             pair = pki.client(ident)
@@ -109,23 +105,20 @@ async def test_headend_with_client_certificate_ingests_through_minibroker_mtls(
         await _deliver(tmp_path, section(GW), section(pki.headend_id))
 
 
-async def test_headend_without_a_client_certificate_gets_no_session(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_headend_without_a_client_certificate_gets_no_session(tmp_path: Path) -> None:
     """Server-verified TLS alone is not enough where the broker requires certificates."""
-    caplog.set_level(logging.WARNING, logger="testbed.minibroker")
     pki = make_demo_pki(tmp_path / "pki", gateway_ids=[GW])
     no_cert = tls_context(BrokerSection(tls=True, ca_file=pki.ca))
     hdb = await HeadendDB.open(tmp_path / "central.db")
     try:
-        async with MiniBroker(tls=pki.broker_tls_context(), identity_as_username=True) as b:
+        with Mosquitto.shipped(tmp_path / "broker", pki.broker_files()) as b:
             he = Headend(hdb, host="127.0.0.1", port=b.port, tls_context=no_cert)
             async with running(he.run()):
                 deadline = time.monotonic() + 20
-                while "TLS handshake" not in caplog.text:
+                while "peer did not return a certificate" not in b.log_text():
                     assert time.monotonic() < deadline, "the broker saw no handshake"
                     await asyncio.sleep(0.05)
                 assert not he.connected.is_set()
-            assert b.connected_clients() == []
+            assert b.sessions() == {}
     finally:
         await hdb.close()
