@@ -6,8 +6,9 @@ disk bytes written per reading, peak RSS with a large buffer. Prints JSON.
 
 Set-up (all real parts): the gateway side — sealed outbox (SQLite, WAL,
 synchronous=FULL) and uplink (sealed encoding 2) — runs in this process; the
-MQTT broker (testbed.minibroker) and the reference headend (SQLite,
-gateway registry) run in a child process; between them the link emulator
+reference headend (SQLite, gateway registry) runs in a child process, which
+starts the MQTT broker (mosquitto via testbed.broker: a plain listener on a
+free loopback port); between them the link emulator
 (40 kbit/s each way, 150 ms one way = 300 ms round trip).
 
 Backlog: 200 meters polled every 15 minutes for 7 days = 134,400 readings of
@@ -122,11 +123,12 @@ async def headend_child(db: str, key: str, registry: str) -> None:
     from headend.ingest import Headend
     from headend.registry import GatewayRegistry, load_headend_key
     from headend.store import HeadendDB
-    from testbed.minibroker import MiniBroker
+    from testbed.broker import Mosquitto
 
     reg = GatewayRegistry.load(load_headend_key(key), registry)
     hdb = await HeadendDB.open(db)
-    async with MiniBroker(max_packet_size=4 << 20) as broker:
+    broker_dir = Path(db).parent / "broker"
+    async with Mosquitto(broker_dir, extra_conf=f"max_packet_size {4 << 20}\n") as broker:
         he = Headend(hdb, host="127.0.0.1", port=broker.port, registry=reg)
         task = asyncio.create_task(he.run())
         await he.connected.wait()

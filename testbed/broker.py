@@ -25,6 +25,7 @@ CN under the shipped configuration).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -170,7 +171,8 @@ _GONE = re.compile(
 
 
 class Mosquitto:
-    """One mosquitto process; ``with Mosquitto(...) as b:`` starts and stops it.
+    """One mosquitto process; ``with Mosquitto(...) as b:`` (or ``async with``) starts
+    and stops it.
 
     The constructor makes the plain broker (anonymous, plaintext);
     :meth:`shipped` the one with the deployment's configuration.
@@ -314,6 +316,19 @@ class Mosquitto:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    async def __aenter__(self) -> Mosquitto:
+        """``async with``: started and stopped in a worker thread, off the event loop."""
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.stop)
 
     # -- what the broker saw ---------------------------------------------------------
 

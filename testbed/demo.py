@@ -289,12 +289,8 @@ async def _broker(
         yield host, port, None
         return
     assert pki is not None
-    broker = Mosquitto.shipped(workdir / BROKER_DIR, pki.broker_files())
-    await asyncio.to_thread(broker.start)
-    try:
+    async with Mosquitto.shipped(workdir / BROKER_DIR, pki.broker_files()) as broker:
         yield broker.host, broker.port, broker
-    finally:
-        await asyncio.to_thread(broker.stop)
 
 
 def _prepare_workdir(path: str | None) -> Path:

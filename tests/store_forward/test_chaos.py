@@ -19,7 +19,7 @@ import pytest
 
 from headend.ingest import Headend
 from headend.store import HeadendDB
-from testbed.minibroker import MiniBroker
+from tests.harness.mosquitto import Mosquitto
 from tests.store_forward.helpers import Site, running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,8 +51,9 @@ async def chaos(tmp_path: Path, kills: int, seed: int) -> None:
     ks = site.gateway("gw-chaos")
     db = tmp_path / "gw.db"
     hdb = await HeadendDB.open(tmp_path / "central.db")
-    broker = MiniBroker()
-    await broker.start()
+    # sessions survive a broker restart (persistence, saved on SIGTERM)
+    broker = Mosquitto(tmp_path / "broker", persistence=True)
+    await asyncio.to_thread(broker.start)
     port = broker.port
     epochs: list[int] = []
     try:
@@ -71,9 +72,9 @@ async def chaos(tmp_path: Path, kills: int, seed: int) -> None:
                 proc.send_signal(signal.SIGKILL)
                 await asyncio.to_thread(proc.wait, 10)
                 if k % 10 == 9:  # the broker goes down and comes back (keeps sessions)
-                    await broker.stop()
+                    await asyncio.to_thread(broker.stop)
                     await asyncio.sleep(0.1)
-                    await broker.start(port=port)
+                    await asyncio.to_thread(broker.start)  # the same port
             assert gateway_state(db)["readings_committed"] > 0
             # a clean run drains what is left
             proc = start(db, site, ks.path, port, "drain")
@@ -85,7 +86,7 @@ async def chaos(tmp_path: Path, kills: int, seed: int) -> None:
                 proc.send_signal(signal.SIGKILL)
                 await asyncio.to_thread(proc.wait, 10)
     finally:
-        await broker.stop()
+        await asyncio.to_thread(broker.stop)
         await hdb.close()
     state = gateway_state(db)
     assert state["records"] == 0, "backlog not drained"

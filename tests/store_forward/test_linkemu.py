@@ -8,12 +8,13 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiomqtt
 import pytest
 
 from testbed.linkemu import LinkEmulator, TokenBucket, stall_windows
-from testbed.minibroker import MiniBroker
+from tests.harness.mosquitto import Mosquitto
 
 HOST = "127.0.0.1"
 WAIT = 5.0
@@ -298,9 +299,9 @@ async def test_target_down_resets_client() -> None:
 # --- MQTT over the emulated link -------------------------------------------- #
 
 
-async def test_mqtt_through_link_survives_reset_and_outage() -> None:
+async def test_mqtt_through_link_survives_reset_and_outage(tmp_path: Path) -> None:
     async with (
-        MiniBroker() as broker,
+        Mosquitto(tmp_path) as broker,
         LinkEmulator(HOST, broker.port, rate_bps=200_000, latency_s=0.02) as link,
         aiomqtt.Client(HOST, broker.port, identifier="central") as central,
     ):
@@ -313,10 +314,9 @@ async def test_mqtt_through_link_survives_reset_and_outage() -> None:
             await central.publish("cmd/gw", b"c1", qos=1)
             msg = await asyncio.wait_for(anext(gw.messages), WAIT)
             assert msg.payload == b"c1"
-            for _ in range(100):  # until the PUBACK for c1 has crossed the link
-                if broker.session_queue_length("gw") == 0:
-                    break
-                await asyncio.sleep(0.02)
+            # until the PUBACK for c1 has crossed the link: the client sent it before this
+            # publish on the same connection, so the broker has it once it acks this one
+            await asyncio.wait_for(gw.publish("up/gw", b"sync", qos=1), WAIT)
 
             link.reset_all()
             with pytest.raises(aiomqtt.MqttError):
@@ -356,7 +356,9 @@ async def _read_mqtt(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return first, await reader.readexactly(length)
 
 
-async def test_qos1_persistent_session_survives_resets_and_outages(long_run: bool) -> None:
+async def test_qos1_persistent_session_survives_resets_and_outages(
+    tmp_path: Path, long_run: bool
+) -> None:
     """At-least-once end to end while the link keeps failing under the subscriber.
 
     The subscriber is a minimal raw client that PUBACKs a message only after it
@@ -364,12 +366,13 @@ async def test_qos1_persistent_session_survives_resets_and_outages(long_run: boo
     """
     total = 5000 if long_run else 400
     received: set[int] = set()
+    subscribed = asyncio.Event()  # the sink's SUBACK arrived: its session has the subscription
     connect = _mqtt_packet(
         0x10, _mqtt_str(b"MQTT") + b"\x04\x00\x00\x00" + _mqtt_str(b"sink")
     )  # clean session 0, keepalive 0
     subscribe = _mqtt_packet(0x82, b"\x00\x01" + _mqtt_str(b"chaos/#") + b"\x01")
     async with (
-        MiniBroker(max_queued=total) as broker,
+        Mosquitto(tmp_path, extra_conf=f"max_queued_messages {total}\n") as broker,
         LinkEmulator(
             HOST, broker.port, latency_s=0.005, loss_stall_prob=0.05, loss_stall_s=0.02, seed=3
         ) as link,
@@ -387,6 +390,8 @@ async def test_qos1_persistent_session_survives_resets_and_outages(long_run: boo
                             n = int.from_bytes(body[:2], "big")
                             received.add(int(body[2 + n + 2 :]))
                             writer.write(_mqtt_packet(0x40, body[2 + n : 2 + n + 2]))
+                        elif first >> 4 == 9:  # SUBACK
+                            subscribed.set()
                     writer.close()
                     return
                 except (OSError, asyncio.IncompleteReadError):
@@ -408,10 +413,7 @@ async def test_qos1_persistent_session_survives_resets_and_outages(long_run: boo
             async with asyncio.timeout(120 if long_run else 20), asyncio.TaskGroup() as tg:
                 sink_task = tg.create_task(sink())
                 tg.create_task(chaos())
-                for _ in range(100):  # until the sink's session exists
-                    if broker.session_subscriptions("sink"):
-                        break
-                    await asyncio.sleep(0.02)
+                await asyncio.wait_for(subscribed.wait(), 10)  # the sink's session exists
                 for i in range(total):
                     await src.publish(f"chaos/{i % 7}", str(i).encode(), qos=1)
                     if i % 20 == 0:

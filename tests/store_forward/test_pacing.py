@@ -15,7 +15,7 @@ from store_forward.outbox import Outbox
 from store_forward.pacing import LinkPacer, TokenBucket
 from store_forward.uplink import Uplink
 from testbed.linkemu import LinkEmulator
-from testbed.minibroker import MiniBroker
+from tests.harness.mosquitto import Mosquitto
 from tests.store_forward.helpers import Site, running, settings, wait_for
 
 
@@ -105,7 +105,7 @@ async def test_rate_ceiling_and_events_overtake_the_backlog(tmp_path: Path) -> N
         ])
     hdb = await HeadendDB.open(tmp_path / "central.db")
     ceiling = 2_000.0
-    async with MiniBroker() as broker, LinkEmulator("127.0.0.1", broker.port, rate_bps=64_000, latency_s=0.05) as link:
+    async with Mosquitto(tmp_path / "broker") as broker, LinkEmulator("127.0.0.1", broker.port, rate_bps=64_000, latency_s=0.05) as link:
         up = Uplink(
             ob, gateway_id="gw-p", broker=BrokerSection(port=link.port), settings=settings(batch_max_records=100, batch_max_bytes=4096),
             codec=site.codec(ks), max_bytes_per_s=ceiling,

@@ -18,7 +18,7 @@ from store_forward.codec import DecodeError, JsonCodec, decode
 from store_forward.outbox import Outbox
 from store_forward.uplink import LinkState, Uplink
 from store_forward.uplink_keys import UplinkKeyError
-from testbed.minibroker import MiniBroker
+from tests.harness.mosquitto import Mosquitto
 from tests.store_forward.helpers import Site, running, settings, six_quantity_reading, wait_for
 
 EPOCH = "00112233deadbeef"
@@ -29,7 +29,9 @@ def rows(path: Path, table: str) -> list[tuple[int, str]]:
         return [(int(r), str(m)) for r, m in db.execute(f"SELECT record_id, meter_id FROM {table} ORDER BY record_id")]
 
 
-async def test_sealed_batches_from_an_enrolled_gateway_are_stored_once(tmp_path: Path) -> None:
+async def test_sealed_batches_from_an_enrolled_gateway_are_stored_once(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
     site = Site(tmp_path)
     ks = site.gateway("gw-a")
     ob = await Outbox.open(tmp_path / "gw.db")
@@ -37,13 +39,12 @@ async def test_sealed_batches_from_an_enrolled_gateway_are_stored_once(tmp_path:
     for k in range(10):
         await ob.commit_cycle(k, [six_quantity_reading(f"m{j}", 1_000 * k + j, k) for j in range(10)])
     await ob.add_event(11, {"type": "relay_trip", "meter": "m3"})
-    async with MiniBroker() as broker:
-        up = Uplink(ob, gateway_id="gw-a", broker=BrokerSection(port=broker.port), settings=settings(), codec=site.codec(ks))
-        he = Headend(hdb, host="127.0.0.1", port=broker.port, registry=site.registry())
-        async with running(he.run(), up.run()):
-            async def drained() -> bool:
-                return (await ob.stats()).records == 0 and up.stats.state is LinkState.UP
-            await wait_for(drained, 20, "sealed backlog drained")
+    up = Uplink(ob, gateway_id="gw-a", broker=BrokerSection(port=mosquitto.port), settings=settings(), codec=site.codec(ks))
+    he = Headend(hdb, host="127.0.0.1", port=mosquitto.port, registry=site.registry())
+    async with running(he.run(), up.run()):
+        async def drained() -> bool:
+            return (await ob.stats()).records == 0 and up.stats.state is LinkState.UP
+        await wait_for(drained, 20, "sealed backlog drained")
     await ob.close()
     await hdb.close()
     billing = rows(tmp_path / "central.db", "readings")
@@ -61,7 +62,9 @@ async def test_sealed_batches_from_an_enrolled_gateway_are_stored_once(tmp_path:
 
 
 @pytest.mark.parametrize("case", ["unknown", "revoked", "plain"])
-async def test_headend_refuses_unknown_revoked_and_unsealed(tmp_path: Path, case: str) -> None:
+async def test_headend_refuses_unknown_revoked_and_unsealed(
+    tmp_path: Path, case: str, mosquitto: Mosquitto
+) -> None:
     site = Site(tmp_path)
     ks = site.gateway("gw-x", enroll=case != "unknown")
     registry = site.registry()
@@ -71,13 +74,12 @@ async def test_headend_refuses_unknown_revoked_and_unsealed(tmp_path: Path, case
     ob = await Outbox.open(tmp_path / "gw.db")
     hdb = await HeadendDB.open(tmp_path / "central.db")
     await ob.commit_cycle(1, [six_quantity_reading("m1", 1, 1)])
-    async with MiniBroker() as broker:
-        up = Uplink(ob, gateway_id="gw-x", broker=BrokerSection(port=broker.port), settings=settings(), codec=codec)
-        he = Headend(hdb, host="127.0.0.1", port=broker.port, registry=registry)
-        async with running(he.run(), up.run()):
-            async def refused() -> bool:
-                return he.rejected >= 2
-            await wait_for(refused, 10, "batches refused")
+    up = Uplink(ob, gateway_id="gw-x", broker=BrokerSection(port=mosquitto.port), settings=settings(), codec=codec)
+    he = Headend(hdb, host="127.0.0.1", port=mosquitto.port, registry=registry)
+    async with running(he.run(), up.run()):
+        async def refused() -> bool:
+            return he.rejected >= 2
+        await wait_for(refused, 10, "batches refused")
     assert (await ob.stats()).records == 2  # nothing acked: the gateway keeps its data
     await ob.close()
     await hdb.close()

@@ -19,7 +19,7 @@ from headend.store import HeadendDB
 from headend.usb_import import import_backlog
 from store_forward.outbox import Outbox
 from store_forward.uplink import Uplink
-from testbed.minibroker import MiniBroker
+from tests.harness.mosquitto import Mosquitto
 from tests.store_forward.helpers import Site, running, settings, six_quantity_reading, wait_for
 
 
@@ -37,7 +37,7 @@ async def test_export_import_then_online_replay_is_a_no_op(tmp_path: Path) -> No
     ob = await Outbox.open(tmp_path / "gw.db")
     for k in range(20):
         await ob.commit_cycle(k, [six_quantity_reading(f"m{j}", 900_000 * k + j, k) for j in range(15)])
-    async with MiniBroker() as broker:
+    async with Mosquitto(tmp_path / "broker") as broker:
         up = Uplink(ob, gateway_id="gw-s", broker=BrokerSection(port=broker.port), settings=settings(), codec=site.codec(ks))
         # The link is down (the uplink never runs yet); a technician takes the backlog.
         from store_forward.sneakernet import export_backlog
