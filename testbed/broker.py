@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
+START_TIMEOUT_S = 10.0  # until the port accepts; mosquitto itself needs milliseconds
 # examples/ beside testbed/ in the source checkout (the test bench runs from there)
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "examples" / "mosquitto"
 SHIPPED_CONF = "mosquitto.conf"
@@ -266,17 +267,21 @@ class Mosquitto:
             stderr=subprocess.PIPE,
         )
         self.starts += 1
-        try:
-            wait_port(self.port, up=True)
-        except TimeoutError:
-            err = b""
-            if self.proc.poll() is not None and self.proc.stderr is not None:
-                err = self.proc.stderr.read()
-            self.kill()
-            raise BrokerError(
-                f"mosquitto did not start with {self.conf}:\n"
-                f"{err.decode(errors='replace')}{self.log_text()[-2000:]}"
-            ) from None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                wait_port(self.port, up=True, timeout_s=0.1)
+                return
+            except TimeoutError:
+                pass
+        err = b""
+        if self.proc.poll() is not None and self.proc.stderr is not None:
+            err = self.proc.stderr.read()
+        self.kill()
+        raise BrokerError(
+            f"mosquitto did not start with {self.conf}:\n"
+            f"{err.decode(errors='replace')}{self.log_text()[-2000:]}"
+        )
 
     def kill(self) -> None:
         """SIGKILL: the broker vanishes without a goodbye, as on a power cut."""

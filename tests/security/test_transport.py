@@ -299,6 +299,74 @@ async def test_gateway_a_cannot_publish_to_or_read_gateway_b_topics(broker: TlsB
     assert at_a == []  # neither B's traffic nor A's own forged command
 
 
+async def _connect_with_will_and_vanish(section: BrokerSection, client_id: str, will: str) -> bytes:
+    """A raw MQTT 3.1.1 CONNECT over TLS with a retained QoS 1 last will "offline" on
+    ``will``; the connection is then cut without DISCONNECT. Returns the CONNACK."""
+    reader, writer = await asyncio.open_connection(
+        section.host, section.port, ssl=tls_context(section), server_hostname=section.host
+    )
+    cid, topic, payload = client_id.encode(), will.encode(), b"offline"
+    flags = 0x02 | 0x04 | 0x08 | 0x20  # clean session, will, will QoS 1, will retain
+    body = b"\x00\x04MQTT\x04" + bytes([flags]) + (60).to_bytes(2, "big")
+    for field_ in (cid, topic, payload):
+        body += len(field_).to_bytes(2, "big") + field_
+    writer.write(bytes([0x10, len(body)]) + body)
+    connack = await asyncio.wait_for(reader.readexactly(4), 5)
+    writer.transport.abort()
+    return connack
+
+
+async def test_a_last_will_on_another_gateways_topic_is_never_published(
+    broker: TlsBroker,
+) -> None:
+    """mosquitto accepts the CONNECT but checks the ACL when the will is due: gw-a cannot
+    mark gw-b offline (retained) by dying; its own will on its own topic is published."""
+    a_t, b_t = Topics(PREFIX, "gw-a"), Topics(PREFIX, "gw-b")
+    seen: list[tuple[str, bytes]] = []
+    async with client(broker.section(HEADEND_CN), "headend") as head:
+        await head.subscribe(f"{PREFIX}/+/state", qos=1)
+        async with tasks(collect(head, seen)):
+            for will in (b_t.state, a_t.state):
+                connack = await _connect_with_will_and_vanish(broker.section("gw-a"), "gw-a", will)
+                assert connack == b"\x20\x02\x00\x00"
+            await until(lambda: bool(seen))
+            await asyncio.sleep(0.3)  # a will on gw-b's topic would have arrived by now
+    assert seen == [(a_t.state, b"offline")]
+    # nor was anything retained there for later subscribers
+    retained: list[tuple[str, bytes]] = []
+    async with client(broker.section(HEADEND_CN), "headend-2") as head:
+        await head.subscribe(f"{PREFIX}/+/state", qos=1)
+        async with tasks(collect(head, retained)):
+            await until(lambda: bool(retained))
+            await asyncio.sleep(0.3)
+    assert retained == [(a_t.state, b"offline")]
+
+
+async def test_another_gateways_client_id_takes_over_the_session_but_reads_nothing(
+    broker: TlsBroker,
+) -> None:
+    """The shipped configuration does not bind client ids to certificates: gw-b connecting
+    with gw-a's client id closes gw-a's connection (a known limit, examples/mosquitto/
+    README.md). What the session may read still follows the certificate: nothing of gw-a's."""
+    a_t = Topics(PREFIX, "gw-a")
+    at_b: list[tuple[str, bytes]] = []
+    at_a: list[tuple[str, bytes]] = []
+    async with client(broker.section("gw-a"), "edgegw-gw-a") as a:
+        await a.subscribe(a_t.cmd, qos=1)
+        async with (
+            client(broker.section("gw-b"), "edgegw-gw-a") as b,
+            client(broker.section(HEADEND_CN), "headend") as head,
+        ):
+            await b.subscribe(a_t.cmd, qos=1)  # granted; the ACL applies at delivery
+            assert "Client edgegw-gw-a already connected, closing old connection" in broker.log()
+            async with tasks(collect(b, at_b), collect(a, at_a)):
+                await head.publish(a_t.cmd, b"command for gw-a", qos=1)
+                await asyncio.sleep(0.5)
+            assert broker.mosquitto.sessions()["edgegw-gw-a"] == "gw-b"
+    assert at_b == []
+    assert at_a == []  # gw-a's old connection was closed before the command
+
+
 async def test_uplink_claiming_another_gateway_id_delivers_nothing(
     tmp_path: Path, broker: TlsBroker
 ) -> None:
