@@ -352,7 +352,7 @@ async def _demo(args: argparse.Namespace, workdir: Path) -> DemoReport:
     (workdir / "tariff-demo-flat.toml").write_text(story.tariff_text())
     (workdir / "household-01.toml").write_text(story.account_text(plan))
     # Central's keys: the billing key signs commands (trust.json for the gateway), the
-    # headend's X25519 key opens sealed batches. The embedded broker gets a fresh PKI.
+    # headend's X25519 key opens sealed batches. The local broker gets a fresh PKI.
     pki = (
         None
         if args.broker
@@ -1031,7 +1031,7 @@ async def _household_balance(daemon: Daemon) -> str:
 
 def _secure(t: TransportReport) -> bool:
     """Every batch the headend took was sealed, every genuine command was applied and
-    every forged one refused, every probe was refused; with the embedded broker, every
+    every forged one refused, every probe was refused; with the local (shipped) broker, every
     session ran over mutual TLS."""
     sealed = bool(t.uplink_encodings) and set(t.uplink_encodings) == {"2"}
     commands = bool(t.commands) and all(o == "applied" for o in t.commands.values())
