@@ -135,7 +135,8 @@ async def test_status_follows_the_daemon(
         cfg = config(tmp_path, mosquitto.port, sim.port)
         proc = start(cfg, log)
         try:
-            await until(lambda: (tmp_path / "gw.db").exists(), 20, "database")
+            # the database exists with its tables (the daemon is past its first steps)
+            await until(lambda: cli(["status", "--config", str(cfg)]) == 0, 30, "database")
             await until(lambda: status(capsys, cfg)["daemon"]["state"] == "running", 30, "running")
             st = status(capsys, cfg)
             assert st["daemon"]["heartbeat"]["pid"] == proc.pid
