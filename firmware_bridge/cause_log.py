@@ -15,6 +15,12 @@ it clears::
             link.failed(str(exc))     # logged on the 1st time and on a new cause
         else:
             link.ok("connected")      # logged once, with the count, if it had failed
+    # when the loop ends for good (a clean stop) while it still fails:
+    link.stopped()                    # logged once, with the count
+
+``fields`` go on every line it writes as ``key=value`` fields
+(:mod:`firmware_bridge.logfmt`), with ``repeats`` and ``failures`` where a
+line reports counts.
 
 Pure bookkeeping with an injectable clock; no I/O besides the logger, no
 dependency on any layer above, so every layer may use it.
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -38,8 +44,10 @@ class CauseLog:
         *,
         level: int = logging.WARNING,
         clock: Callable[[], float] = time.monotonic,
+        fields: Mapping[str, Any] | None = None,
     ) -> None:
         self.logger = logger
+        self.fields = dict(fields or {})
         self.subject = subject
         self.level = level
         self.clock = clock
@@ -57,7 +65,9 @@ class CauseLog:
         previous, times = self.cause, self.repeats
         if previous is None:
             self._since = self.clock()
-            self.logger.log(self.level, "%s: %s", self.subject, cause, exc_info=exc_info)
+            self.logger.log(
+                self.level, "%s: %s", self.subject, cause, exc_info=exc_info, extra=self.fields
+            )
         else:
             self.logger.log(
                 self.level,
@@ -68,6 +78,7 @@ class CauseLog:
                 "" if times == 1 else "s",
                 previous,
                 exc_info=exc_info,
+                extra={**self.fields, "repeats": times},
             )
         self.cause, self.repeats = cause, 1
         return True
@@ -86,6 +97,27 @@ class CauseLog:
             self.repeats,
             "" if self.repeats == 1 else "s",
             self.cause,
+            extra={**self.fields, "repeats": self.repeats, "failures": self.failures},
+        )
+        self.cause, self.repeats, self.failures = None, 0, 0
+        return True
+
+    def stopped(self) -> bool:
+        """The loop ends (a clean stop) while the condition holds: log (and return
+        True) how often the current cause repeated since its line, if it did."""
+        if self.cause is None or self.repeats < 2:
+            return False
+        self.logger.log(
+            self.level,
+            "%s: still failing at stop after %d failure%s in %.0f s (last cause, %d time%s: %s)",
+            self.subject,
+            self.failures,
+            "" if self.failures == 1 else "s",
+            self.clock() - self._since,
+            self.repeats,
+            "" if self.repeats == 1 else "s",
+            self.cause,
+            extra={**self.fields, "repeats": self.repeats, "failures": self.failures},
         )
         self.cause, self.repeats, self.failures = None, 0, 0
         return True

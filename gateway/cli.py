@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from firmware_bridge import logfmt
 from gateway import __version__
 from gateway.config import ConfigError, check_config, load_config
 from gateway.preflight import account_for, preflight
@@ -37,11 +38,18 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+# Commands that run as services: their INFO lines (started, connected, a meter back
+# online, a recovery with its count) belong in the journal by default.
+DAEMON_COMMANDS = frozenset({("run", None), ("headend", "run")})
+
+
+def _setup_logging(verbose: int, *, daemon: bool = False) -> None:
+    """Log to stderr through :mod:`firmware_bridge.logfmt` (priority prefixes when
+    stderr is the journal, ``key=value`` fields, repeated lines folded). Services
+    log from INFO, the other commands from WARNING (``-v``: INFO); ``-vv``: DEBUG."""
+    steps = [logging.WARNING, logging.INFO, logging.DEBUG]
+    level = steps[min(len(steps) - 1, max(verbose, 1 if daemon else 0))]
+    logfmt.configure(level)
 
 
 def _load(path: str) -> Any:
@@ -93,6 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return 2
+    logfmt.set_fields(gateway=cfg.gateway.id)
     # The daemon (MQTT client, billing, commands) is loaded by `run` only: every
     # other command starts without it.
     from gateway.daemon import Daemon, StartupError
@@ -196,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    sub = getattr(args, "headend_command", None)
+    _setup_logging(args.verbose, daemon=(args.command, sub) in DAEMON_COMMANDS)
     rc: int = args.func(args)
     return rc
 

@@ -131,19 +131,23 @@ def log_changes(log: logging.Logger, found: Iterable[Change]) -> None:
             first = ", ".join(c.meter for c in group[:SUMMARY_AFTER])
             errors = {c.last_error for c in group}
             why = f": {errors.pop()}" if len(errors) == 1 and state is not State.ONLINE else ""
-            log.log(level, "bus %s: %d meters %s (%s, ...)%s", bus, len(group), state.value, first, why)
+            log.log(
+                level, "bus %s: %d meters %s (%s, ...)%s", bus, len(group), state.value, first, why,
+                extra={"bus": bus, "state": state.value, "meters": len(group)},
+            )  # fmt: skip
             continue
         for c in group:
+            fields = {"bus": bus, "meter": c.meter, "state": state.value}
             if state is State.ONLINE:
                 away = f" after {_duration(c.at_ms - c.before.since_ms)} {c.before.state.value}" if c.before else ""
-                log.info("meter %s on bus %s: online%s", c.meter, bus, away)
+                log.info("meter %s on bus %s: online%s", c.meter, bus, away, extra=fields)
             elif state is State.QUARANTINED:
                 log.warning(
                     "meter %s on bus %s: quarantined after %d failures, now only re-probed: %s",
-                    c.meter, bus, c.consecutive_failures, c.last_error,
+                    c.meter, bus, c.consecutive_failures, c.last_error, extra=fields,
                 )  # fmt: skip
             else:
-                log.warning("meter %s on bus %s: offline: %s", c.meter, bus, c.last_error)
+                log.warning("meter %s on bus %s: offline: %s", c.meter, bus, c.last_error, extra=fields)
 
 
 def _duration(ms: int) -> str:

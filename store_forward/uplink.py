@@ -80,6 +80,7 @@ class LinkState(enum.StrEnum):
 @dataclass
 class UplinkStats:
     connects: int = 0
+    connect_failures: int = 0  # connection attempts that failed, and connections lost
     published: int = 0
     readings_sent: int = 0  # readings in batches published for the first time
     retransmits: int = 0
@@ -198,7 +199,9 @@ class Uplink:
             return
         was_up = self.stats.state is LinkState.UP
         self.stats.state = state
-        log.info("uplink %s", state.value)
+        # Each attempt passes through connecting and down: the journal gets the
+        # causes from the CauseLog (one line per change), not these.
+        log.debug("uplink %s", state.value)
         values: dict[str, Any] = {K_LINK: state.value}
         # "since" is when the link last came up, or last went down: retries between
         # down and connecting do not move it, nor does a restart while it stays down.
@@ -235,6 +238,12 @@ class Uplink:
 
     async def run(self) -> None:
         """Forever: connect, drain, and reconnect with back-off after any failure."""
+        try:
+            await self._run()
+        finally:
+            self._link_log.stopped()  # a stop while failing: the count of the last cause
+
+    async def _run(self) -> None:
         attempt = 0
         while True:
             await self._set_state(LinkState.CONNECTING)
@@ -247,17 +256,20 @@ class Uplink:
                         await client.subscribe(self.topics.cmd, qos=1)
                     await client.publish(self.topics.state, b"online", qos=1, retain=True)
                     await self._set_state(LinkState.UP)
-                    self._link_log.ok("connected")
+                    if not self._link_log.ok("connected"):
+                        log.info("uplink up (connected to %s:%d)", self.broker.host, self.broker.port)
                     self._inflight.clear()
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._receive(client))
                         tg.create_task(self._send(client, tg))
             except* (aiomqtt.MqttError, OSError, TimeoutError) as eg:
+                self.stats.connect_failures += 1
                 self.stats.last_error = "; ".join(str(e) for e in eg.exceptions)
                 self._link_log.failed(f"connection lost: {self.stats.last_error}")
             except* Exception as eg:
                 # Anything else (a client library surprise) must not end delivery for
                 # good: log it with its traceback and reconnect like after a link loss.
+                self.stats.connect_failures += 1
                 self.stats.last_error = "; ".join(repr(e) for e in eg.exceptions)
                 self._link_log.failed(f"failed, reconnecting: {self.stats.last_error}", exc_info=eg)
             await self._set_state(LinkState.DOWN)
