@@ -113,6 +113,14 @@ class SecuritySection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    """``[metrics]``: the file node_exporter's textfile collector reads (gateway/metrics.py)."""
+
+    textfile: Path | None = None  # None: no metrics file is written
+    interval_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class AccountSection:
     id: str
     settings: Path  # account file: opening balance, limits, windows, protection (docs/billing.md)
@@ -131,6 +139,7 @@ class Config:
     profiles: Mapping[str, Any] = field(default_factory=dict)
     accounts: tuple[AccountSection, ...] = ()
     security: SecuritySection = field(default_factory=SecuritySection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
     @property
     def site(self) -> SiteSettings:
@@ -304,6 +313,14 @@ def _public_key(v: Any) -> str | None:
     return None
 
 
+def _prom_file(v: Any) -> str | None:
+    if (why := _text(MAX_STRING)(v)) is not None:
+        return why
+    if not str(v).endswith(".prom"):
+        return f"must end in .prom (node_exporter's textfile collector reads only those), got {_shown(v)}"
+    return None
+
+
 def _file_list(v: Any) -> str | None:
     if v and all(isinstance(x, str) and x and len(x) <= MAX_STRING and not _CONTROL_RE.search(x) for x in v):
         return None
@@ -397,6 +414,10 @@ SECURITY_SCHEMA = {
     "keystore": Field((str,), convert=_path),
     "provisioning_dir": Field((str,), convert=_path),
 }
+METRICS_SCHEMA = {
+    "textfile": Field((str,), check=_prom_file, convert=_path),
+    "interval_s": Field(_NUM, check=_between(1, 3600, "s"), convert=_seconds),
+}
 ACCOUNT_SCHEMA = {
     "id": Field((str,), required=True, check=_ident),
     "settings": Field((str,), required=True, convert=_path),
@@ -412,6 +433,7 @@ TOP_LEVEL = {
     "profiles": dict,
     "account": list,
     "security": dict,
+    "metrics": dict,
 }
 # Keys naming a file, resolved against the configuration's directory.
 FILE_KEYS: Mapping[str, tuple[str, ...]] = {
@@ -419,6 +441,7 @@ FILE_KEYS: Mapping[str, tuple[str, ...]] = {
     "storage": ("path", "key_file"),
     "broker": ("ca_file", "cert_file", "key_file"),
     "security": ("trust_file", "keystore", "provisioning_dir"),
+    "metrics": ("textfile",),
 }
 # Arrays of tables and the key that names an entry in messages.
 ENTRY_NAME_KEY: Mapping[str, str] = {"meter": "id", "bus": "name", "account": "id"}
@@ -679,6 +702,7 @@ def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
             ("broker", BROKER_SCHEMA),
             ("uplink", UPLINK_SCHEMA),
             ("security", SECURITY_SCHEMA),
+            ("metrics", METRICS_SCHEMA),
         )
     }
     br, ul = values["broker"], values["uplink"]
@@ -720,6 +744,7 @@ def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
         profiles=profiles if isinstance(profiles, dict) else {},
         accounts=tuple(a for _, a in accounts),
         security=SecuritySection(**values["security"]),
+        metrics=MetricsSection(**values["metrics"]),
     )
     return report
 

@@ -87,6 +87,7 @@ PATCHABLE: Mapping[str, frozenset[str]] = {
         }
     ),
     "broker": frozenset({"host", "port", "keepalive_s", "topic_prefix"}),
+    "metrics": frozenset({"interval_s"}),
 }
 # Why some keys that look operational are not patchable (said in the refusal).
 _NOT_PATCHABLE_WHY: Mapping[str, str] = {

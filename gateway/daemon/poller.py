@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from firmware_bridge.backoff import backoff_delay
 from firmware_bridge.bus import open_site_bus
+from firmware_bridge.cause_log import CauseLog
 from firmware_bridge.faults import FaultEvents
 from firmware_bridge.reading import Reading, TimeSource
 from firmware_bridge.relay import controller_for
@@ -124,6 +125,7 @@ class BusPoller:
         interval = cfg.gateway.poll_interval_s
         rng = random.Random()
         attempt = 0
+        failing = CauseLog(log, f"bus {bus.name}", level=logging.ERROR, fields={"bus": bus.name})
         while True:
             try:
                 async with open_site_bus(
@@ -131,6 +133,7 @@ class BusPoller:
                 ) as scheduler:
                     controller = controller_for(scheduler)
                     attempt = 0
+                    failing.ok("open again")
                     async with asyncio.TaskGroup() as tg:
                         relay_worker = tg.create_task(
                             d.relays.worker(bus.name, controller, out).run(),
@@ -167,9 +170,8 @@ class BusPoller:
                 raise
             except Exception as exc:
                 d.stats.bus_failures[bus.name] = d.stats.bus_failures.get(bus.name, 0) + 1
-                log.error(
-                    "bus %s failed: %s", bus.name, exc, exc_info=log.isEnabledFor(logging.DEBUG)
-                )
+                # once per change of cause, not once per attempt to open it again
+                failing.failed(f"failed: {exc}", exc_info=log.isEnabledFor(logging.DEBUG))
                 await asyncio.sleep(backoff_delay(attempt, 1.0, 60.0, rng))
                 attempt += 1
 

@@ -83,6 +83,7 @@ class Relays:
             v = permits(d.outbox.storage, action, intent.account or None)
             if not v.allowed:
                 d.stats.relays_refused += 1
+                d.metrics.relay_requested(intent, refused=True)
                 log.warning("relay %s for %s not operated: %s", intent.action, intent.meter, v.why)
                 d.outbox.note_event(
                     {
@@ -94,6 +95,7 @@ class Relays:
                     }
                 )
                 return
+        d.metrics.relay_requested(intent)
         self.queues[bus].put_nowait(intent)
 
     def worker(self, bus: str, controller: Any, out: Work) -> RelayWorker:

@@ -68,6 +68,7 @@ from gateway.config import Config
 from gateway.daemon.poller import BusPoller
 from gateway.daemon.relay_worker import CommandRelays, Relays
 from gateway.daemon.writer import Cycle, Tick, Work, Writer
+from gateway.metrics import GatewayMetrics, TextfileExporter
 from gateway.prepaid import Prepaid, RelayIntent
 from gateway.remote_config import DEFAULT_CONFIRM_MS, RemoteConfig
 from gateway.risk_monitor import RiskMonitor
@@ -216,6 +217,7 @@ class Daemon:
             extra={f"poll:{b.name}": poll_s for b in config.buses},
         )
         self.stats = DaemonStats()
+        self.metrics = GatewayMetrics()  # counted as things happen; written by TextfileExporter
         self.outbox: Outbox | None = None
         self.uplink: Uplink | None = None
         self.prepaid: Prepaid | None = None
@@ -366,6 +368,7 @@ class Daemon:
         self.uplink = uplink
         work: Work = asyncio.Queue(maxsize=256)
         self._work = work
+        exporter: TextfileExporter | None = None
         try:
             self.keys = self._open_keystore()
             # A damaged database was replaced (its money state is recovered here), a
@@ -396,6 +399,9 @@ class Daemon:
                 if self.integrity_check_s > 0:
                     timers.append(tg.create_task(self._integrity_loop(outbox), name="integrity"))
                 timers.append(tg.create_task(self._heartbeat_loop(), name="heartbeat"))
+                if cfg.metrics.textfile is not None:
+                    exporter = TextfileExporter(self, self.metrics, cfg.metrics.textfile, cfg.metrics.interval_s)
+                    timers.append(tg.create_task(exporter.run(), name="metrics"))
                 if self.inbox is not None:
                     self._inbox_task = tg.create_task(self.inbox.run(), name="commands")
                     timers.append(self._inbox_task)
@@ -432,6 +438,8 @@ class Daemon:
                 await self.audit_checkpoint(outbox)
             except Exception as exc:
                 log.error("audit checkpoint at stop failed: %s", exc)
+            if exporter is not None:  # the last file says the daemon stopped
+                await exporter.write(up=False)
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 self.beat(heartbeat.Phase.STOPPED, f"failed: {exc}")
@@ -715,6 +723,13 @@ class Daemon:
         its signature verified, so central sent it) is contact with central, and its
         issue time is a lower bound on true time that can confirm a jumped system clock."""
         env = result.envelope
+        self.metrics.command_result(result)
+        fields = {"command": env.command_id if env is not None else None, "outcome": result.outcome.value}
+        if result.ok:
+            log.info("command %s: %s", env.type.value if env is not None else "?", result.outcome.value, extra=fields)
+        else:  # without the id in the text: a flood of bad commands folds into one line
+            why = result.code or (result.reason.value if result.reason is not None else "")
+            log.warning("command rejected: %s: %s", why, result.message, extra=fields)
         if self.uplink is not None:
             if result.ok:
                 self.uplink.note_contact("command")

@@ -319,6 +319,7 @@ class Writer:
                     # a poll cycle's end (statuses), not a relay operation's events
                     d.stats.cycles += item.final and (bool(item.statuses) or not item.events)
                     d.stats.readings += len(item.readings)
+                    d.metrics.cycle_committed(item)
                     if d.on_cycle is not None:
                         with contextlib.suppress(Exception):
                             d.on_cycle(item)
