@@ -66,7 +66,7 @@ class CauseLog:
         if previous is None:
             self._since = self.clock()
             self.logger.log(
-                self.level, "%s: %s", self.subject, cause, exc_info=exc_info, extra=self.fields
+                self.level, "%s: %s", self.subject, cause, exc_info=exc_info, extra=self.fields, stacklevel=2
             )
         else:
             self.logger.log(
@@ -79,6 +79,7 @@ class CauseLog:
                 previous,
                 exc_info=exc_info,
                 extra={**self.fields, "repeats": times},
+                stacklevel=2,
             )
         self.cause, self.repeats = cause, 1
         return True
@@ -98,6 +99,7 @@ class CauseLog:
             "" if self.repeats == 1 else "s",
             self.cause,
             extra={**self.fields, "repeats": self.repeats, "failures": self.failures},
+            stacklevel=2,
         )
         self.cause, self.repeats, self.failures = None, 0, 0
         return True
@@ -118,6 +120,7 @@ class CauseLog:
             "" if self.repeats == 1 else "s",
             self.cause,
             extra={**self.fields, "repeats": self.repeats, "failures": self.failures},
+            stacklevel=2,
         )
         self.cause, self.repeats, self.failures = None, 0, 0
         return True

@@ -2,13 +2,16 @@
 
     edgegw headend run --broker HOST:PORT (--db central.db | --dsn DSN) [--prefix P] \\
         [--share GROUP] [--key headend.pem --registry DIR] \\
-        [--tls-ca ca.pem [--tls-cert headend.pem --tls-key headend.key]]
+        [--tls-ca ca.pem [--tls-cert headend.pem --tls-key headend.key]] \\
+        [--metrics HOST:PORT]
     edgegw headend import DIR (--db central.db | --dsn DSN) --key headend.pem --registry DIR
     edgegw headend keygen --out headend.x25519.pem
 
 ``headend run`` with ``--key``/``--registry`` accepts only sealed batches from
 enrolled gateways; without them it accepts unsealed batches from anyone
-(development). Exit codes: 0 success (``run``: stopped by SIGTERM/SIGINT),
+(development); with ``--metrics`` it serves Prometheus metrics at
+``http://HOST:PORT/metrics`` (:mod:`headend.metrics`, the ``headend`` extra:
+prometheus-client). Exit codes: 0 success (``run``: stopped by SIGTERM/SIGINT),
 1 refused or failed (message on stderr), 2 usage.
 """
 
@@ -94,8 +97,26 @@ async def serve_headend(
 ) -> int:
     """Run the headend until SIGTERM/SIGINT (0), or until it fails (1)."""
     host, port = args.broker
+    metrics = None
+    if args.metrics is not None:
+        try:
+            from headend.metrics import HeadendMetrics
+        except ImportError as missing:
+            log.error("--metrics needs prometheus-client (pip install 'edge-gateway[headend]'): %s", missing)
+            return 1
+        metrics = HeadendMetrics()
     db = await open_headend_store(args.db, args.dsn)
+    server = None
+    refresh: asyncio.Task[None] | None = None
     try:
+        if metrics is not None:
+            try:
+                server = metrics.serve(*args.metrics)
+            except OSError as busy:
+                log.error("--metrics %s:%d: cannot listen: %s", *args.metrics, busy)
+                return 1
+            refresh = asyncio.create_task(metrics.refresh_loop(db, args.metrics_refresh_s))
+            log.info("metrics at http://%s:%d/metrics", args.metrics[0], server.port)
         headend = Headend(
             db,
             host=host,
@@ -104,6 +125,7 @@ async def serve_headend(
             share_group=args.share,
             registry=registry,
             tls_context=tls,
+            observer=metrics,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -114,13 +136,18 @@ async def serve_headend(
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():  # run() only returns by an error it does not recover from
             stopped.cancel()
-            exc = task.exception()
-            log.error("headend stopped: %r", exc, exc_info=exc)
+            failure = task.exception()
+            log.error("headend stopped: %r", failure, exc_info=failure)
             return 1
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         return 0
     finally:
+        if refresh is not None:
+            refresh.cancel()
+            await asyncio.gather(refresh, return_exceptions=True)
+        if server is not None:
+            server.close()
         await db.close()
 
 
@@ -209,6 +236,19 @@ def register_headend(headend_subparsers: argparse._SubParsersAction) -> None:
     tls.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA that signed the broker's certificate")
     tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="the headend's client certificate")
     tls.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key")
+    r.add_argument(
+        "--metrics",
+        type=hostport,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (needs the headend extra)",
+    )
+    r.add_argument(
+        "--metrics-refresh-s",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="how often the fleet tables are read for the metrics (default: %(default)s)",
+    )
     r.set_defaults(func=functools.partial(_run, parser=r))
 
     p = headend_subparsers.add_parser("import", help="ingest a sneakernet backlog export")

@@ -31,10 +31,12 @@ import random
 import ssl
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import aiomqtt
 
 from firmware_bridge.backoff import backoff_delay
+from firmware_bridge.cause_log import CauseLog
 from headend.registry import GatewayRegistry
 from headend.store import CONFLICT_REASON, HeadendStore
 from store_forward import wire
@@ -48,6 +50,35 @@ Decoder = Callable[[bytes], AnyBatch]
 
 # Seconds to wait for the broker to take an ack (see Headend._handle).
 ACK_PUBLISH_TIMEOUT_S = 3.0
+
+
+class IngestObserver(Protocol):
+    """What the ingest tells about itself (:class:`headend.metrics.HeadendMetrics`)."""
+
+    def on_connected(self, up: bool) -> None: ...
+
+    def on_connect_failed(self) -> None: ...
+
+    def on_batch(self, status: str, records_new: int) -> None: ...
+
+    def on_refused(self, reason: str) -> None: ...
+
+    def on_presence(self, gateway: str, payload: bytes) -> None: ...
+
+
+def presence_filter(prefix: str = DEFAULT_PREFIX) -> str:
+    """Every gateway's retained presence (never a shared subscription: every
+    headend needs every gateway's)."""
+    return f"{prefix}/+/state"
+
+
+def presence_gateway(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
+    """Gateway id from ``{prefix}/{gw}/state``; None for another topic."""
+    head = prefix + "/"
+    if not topic.startswith(head) or not topic.endswith("/state"):
+        return None
+    gw = topic[len(head) : -len("/state")]
+    return gw if gw and "/" not in gw else None
 
 
 class Headend:
@@ -66,10 +97,14 @@ class Headend:
         allow_plain: bool | None = None,
         decode: Decoder | None = None,
         tls_context: ssl.SSLContext | None = None,
+        observer: IngestObserver | None = None,
     ) -> None:
         """``tls_context``: a client-side context for TLS to the broker (with the
         headend's certificate loaded for mutual TLS), e.g.
-        :meth:`headend.tls.BrokerTLS.context`; None connects in plain MQTT."""
+        :meth:`headend.tls.BrokerTLS.context`; None connects in plain MQTT.
+        ``observer`` (e.g. the metrics) is told of connections, batches and
+        presence messages; with one, the headend also subscribes to every
+        gateway's presence."""
         self.db = db
         self.host = host
         self.port = port
@@ -85,8 +120,19 @@ class Headend:
         self.rejected = 0
         self.rejections: dict[str, int] = {}
         self.connected = asyncio.Event()
+        self.observer = observer
+        # a broker that stays away is logged once per change of cause, not per retry
+        self._link_log = CauseLog(log, "headend: broker", fields={"broker": f"{host}:{port}"})
+        self._store_log = CauseLog(log, "headend", level=logging.ERROR)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self._link_log.stopped()
+            self._store_log.stopped()
+
+    async def _run(self) -> None:
         attempt = 0
         rng = random.Random()
         while True:
@@ -101,21 +147,28 @@ class Headend:
                 ) as client:
                     attempt = 0
                     await client.subscribe(up_filter(self.prefix, self.share_group), qos=1)
+                    if self.observer is not None:
+                        await client.subscribe(presence_filter(self.prefix), qos=1)
+                        self.observer.on_connected(True)
                     self.connected.set()
-                    log.info(
-                        "headend subscribed on %s:%d (%s)",
-                        self.host,
-                        self.port,
-                        "TLS" if self.tls_context is not None else "plain MQTT",
-                    )
+                    if not self._link_log.ok("subscribed again"):
+                        log.info(
+                            "headend subscribed on %s:%d (%s)",
+                            self.host,
+                            self.port,
+                            "TLS" if self.tls_context is not None else "plain MQTT",
+                        )
                     async for msg in client.messages:
                         await self._handle(client, msg)
             except (aiomqtt.MqttError, OSError) as exc:
-                log.warning("headend connection lost: %s", exc)
-            except Exception:
+                self._link_log.failed(f"connection lost: {exc}")
+            except Exception as exc:
                 # A store error (database down, a bug): nothing was acked, so the
                 # gateways send again; reconnect rather than stop ingesting for good.
-                log.exception("headend failed; reconnecting")
+                self._store_log.failed(f"failed; reconnecting: {exc!r}", exc_info=True)
+            if self.observer is not None:
+                self.observer.on_connect_failed()
+                self.observer.on_connected(False)
             self.connected.clear()
             await asyncio.sleep(backoff_delay(attempt, 0.2, 10.0, rng))
             attempt += 1
@@ -127,6 +180,10 @@ class Headend:
     def _reject(self, kind: str) -> None:
         self.rejected += 1
         self.rejections[kind] = self.rejections.get(kind, 0) + 1
+
+    def _observe_batch(self, status: str, records_new: int) -> None:
+        if self.observer is not None:
+            self.observer.on_batch(status, records_new)
 
     def _mac(self, batch: AnyBatch, status: str) -> bytes | None:
         """The ack's MAC for a sealed batch (under a key derived from its batch key)."""
@@ -146,9 +203,14 @@ class Headend:
         )
 
     async def _handle(self, client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
+        payload = msg.payload if isinstance(msg.payload, bytes) else b""
+        presence_gw = presence_gateway(msg.topic.value, self.prefix)
+        if presence_gw is not None:
+            if self.observer is not None:
+                self.observer.on_presence(presence_gw, payload)
+            return
         self.batches_received += 1
         topic_gw = gateway_of(msg.topic.value, self.prefix)
-        payload = msg.payload if isinstance(msg.payload, bytes) else b""
         if topic_gw is None:
             return
         try:
@@ -157,16 +219,24 @@ class Headend:
             # Nothing authenticated to answer to: record and drop (no ack, so a
             # gateway with a real problem keeps its data and retries).
             self._reject(exc.reason.split(":")[0])
-            log.error("refused batch on %s (%d bytes): %s", msg.topic.value, len(payload), exc.reason)
+            if self.observer is not None:
+                self.observer.on_refused(exc.reason.split(":")[0])
+            log.error(
+                "refused batch on %s (%d bytes): %s", msg.topic.value, len(payload), exc.reason,
+                extra={"gateway": topic_gw},
+            )  # fmt: skip
             return
         if batch.gateway_id != topic_gw:
             # Not MAC'd: the gateway of this topic holds no key for another's batch.
             self._reject("topic mismatch")
             reason = f"batch names gateway {batch.gateway_id!r} but came on {topic_gw!r}'s topic"
-            log.error("rejecting batch %d: %s", batch.seq, reason)
+            log.error("rejecting batch %d: %s", batch.seq, reason, extra={"gateway": topic_gw})
+            self._observe_batch("rejected", 0)
             reply = encode_ack(seq=batch.seq, epoch=batch.epoch, status="rejected", reason=reason)
         else:
             result = await self.db.store(batch, int(time.time() * 1000))
+            self._store_log.ok("storing again")
+            self._observe_batch(result.status, result.records_new)
             if result.status == "conflict":
                 self._reject("conflict")
                 log.critical(
@@ -175,6 +245,7 @@ class Headend:
                     batch.gateway_id,
                     batch.epoch or "legacy",
                     CONFLICT_REASON,
+                    extra={"gateway": batch.gateway_id},
                 )
             reply = encode_ack(
                 seq=batch.seq,

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import aiosqlite
 
+from headend import fleet
 from store_forward.codec import AnyBatch
 from store_forward.records import RecordClass, RecordKind, dumps
 
@@ -80,6 +81,7 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 );
 """
+    + fleet.SQLITE_SCHEMA
 )
 
 
@@ -137,6 +139,10 @@ class HeadendStore(Protocol):
 
     async def summary(self, gateway_id: str | None = None) -> dict[str, Any]: ...
 
+    async def fleet(self) -> fleet.FleetSnapshot:
+        """The fleet tables (:mod:`headend.fleet`), for the metrics."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -179,6 +185,7 @@ class HeadendDB:
                 await db.commit()
                 return StoreResult("duplicate" if known else "conflict", 0, 0)
             new = dup = 0
+            fresh = []
             for r in batch.records:
                 table, row = record_row(batch, r)
                 cols = EVENT_COLS if table == "events" else READING_COLS
@@ -187,10 +194,13 @@ class HeadendDB:
                 )
                 if cur.rowcount:
                     new += 1
+                    fresh.append(r)
                 else:
                     dup += 1
             if dup:
                 await self._count(db, "duplicate_records", dup)
+            for stmt, args in fleet.statements(fleet.fleet_update(batch.gateway_id, fresh, now_ms)):
+                await db.execute(stmt, args)
             await db.commit()
             return StoreResult("stored", new, dup)
         except BaseException:
@@ -204,6 +214,13 @@ class HeadendDB:
             " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
             (name, n),
         )
+
+    async def fleet(self) -> fleet.FleetSnapshot:
+        rows = []
+        for q in (fleet.SELECT_GATEWAYS, fleet.SELECT_METERS, fleet.SELECT_COUNTERS):
+            async with self._db.execute(q) as cur:
+                rows.append([tuple(r) async for r in cur])
+        return fleet.snapshot(*rows)
 
     async def summary(self, gateway_id: str | None = None) -> dict[str, Any]:
         where, args = ("WHERE gateway_id = ?", (gateway_id,)) if gateway_id else ("", ())

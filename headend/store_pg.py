@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from headend import fleet
 from headend.store import (
     BATCH_COLS,
     EVENT_COLS,
@@ -82,6 +83,27 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fleet_gateways (
+    gateway_id        TEXT PRIMARY KEY,
+    last_batch_ms     BIGINT NOT NULL,
+    newest_record_ms  BIGINT,
+    last_batch_lag_ms BIGINT,
+    batches           BIGINT NOT NULL,
+    records           BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fleet_meters (
+    gateway_id TEXT   NOT NULL,
+    meter_id   TEXT   NOT NULL,
+    state      TEXT   NOT NULL,
+    since_ms   BIGINT NOT NULL,
+    PRIMARY KEY (gateway_id, meter_id)
+);
+CREATE TABLE IF NOT EXISTS fleet_counters (
+    gateway_id TEXT   NOT NULL,
+    name       TEXT   NOT NULL,
+    value      BIGINT NOT NULL,
+    PRIMARY KEY (gateway_id, name)
 );
 """
 
@@ -154,6 +176,7 @@ class PostgresHeadendDB:
                 await self._count("duplicate_batches" if known else "conflicting_batches", 1)
                 return StoreResult("duplicate" if known else "conflict", 0, 0)
             new = dup = 0
+            fresh = []
             for r in batch.records:
                 table, row = record_row(batch, r)
                 cols = EVENT_COLS if table == "events" else READING_COLS
@@ -164,10 +187,13 @@ class PostgresHeadendDB:
                 )
                 if cur.rowcount:
                     new += 1
+                    fresh.append(r)
                 else:
                     dup += 1
             if dup:
                 await self._count("duplicate_records", dup)
+            for stmt, args in fleet.statements(fleet.fleet_update(batch.gateway_id, fresh, now_ms)):
+                await conn.execute(stmt.replace("?", "%s"), args)
             return StoreResult("stored", new, dup)
 
     async def _count(self, name: str, n: int) -> None:
@@ -176,6 +202,14 @@ class PostgresHeadendDB:
             " ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value",
             (name, n),
         )
+
+    async def fleet(self) -> fleet.FleetSnapshot:
+        rows = []
+        async with self._conn.transaction():
+            for q in (fleet.SELECT_GATEWAYS, fleet.SELECT_METERS, fleet.SELECT_COUNTERS):
+                cur = await self._conn.execute(q)
+                rows.append([tuple(r) for r in await cur.fetchall()])
+        return fleet.snapshot(*rows)
 
     async def summary(self, gateway_id: str | None = None) -> dict[str, Any]:
         async with self._conn.transaction():
