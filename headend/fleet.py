@@ -38,6 +38,7 @@ CUTOFFS = "cutoffs"
 RESTORES = "restores"
 RELAY_ALARMS = "relay_alarms"
 COMMAND_PREFIX = "command."  # command.applied, command.duplicate, command.rejected
+COMMAND_OUTCOMES = ("applied", "duplicate", "rejected")
 
 _RESTORE_ACTIONS = ("cutoff.action.close", "cutoff.action.close_allowed")
 
@@ -122,7 +123,7 @@ def fleet_update(gateway: str, new_records: Iterable[RecordLike], received_ms: i
             u.counts[RELAY_ALARMS] += 1
         elif kind == "command_result":
             outcome = body.get("outcome")
-            if outcome in ("applied", "duplicate", "rejected"):
+            if outcome in COMMAND_OUTCOMES:
                 u.counts[COMMAND_PREFIX + outcome] += 1
         elif kind == "command_rejections":
             u.counts[COMMAND_PREFIX + "rejected"] += max(0, _int(body.get("count"), 0))

@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector
 
 from firmware_bridge.cause_log import CauseLog
 from headend.fleet import (
+    COMMAND_OUTCOMES,
     COMMAND_PREFIX,
     CUTOFFS,
     METER_STATES,
@@ -276,15 +277,14 @@ class HeadendMetrics:
             "command results the gateways reported, by outcome: applied, duplicate, rejected",
             labels=["gateway", "outcome"],
         )
-        for gw, name, value in snap.counters:
-            if name == CUTOFFS:
-                cutoffs.add_metric([gw], value)
-            elif name == RESTORES:
-                restores.add_metric([gw], value)
-            elif name == RELAY_ALARMS:
-                alarms.add_metric([gw], value)
-            elif name.startswith(COMMAND_PREFIX):
-                commands.add_metric([gw, name[len(COMMAND_PREFIX) :]], value)
+        # Every known gateway has every counter, from 0: increase() then counts the first one.
+        got = {(gw, name): value for gw, name, value in snap.counters}
+        for gw in sorted({g.gateway for g in snap.gateways} | {g for g, _ in got}):
+            cutoffs.add_metric([gw], got.get((gw, CUTOFFS), 0))
+            restores.add_metric([gw], got.get((gw, RESTORES), 0))
+            alarms.add_metric([gw], got.get((gw, RELAY_ALARMS), 0))
+            for outcome in COMMAND_OUTCOMES:
+                commands.add_metric([gw, outcome], got.get((gw, COMMAND_PREFIX + outcome), 0))
         yield from (cutoffs, restores, alarms, commands)
 
 

@@ -43,6 +43,7 @@ and storage never wait on any of this.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import logging
@@ -259,9 +260,17 @@ class Uplink:
                     if not self._link_log.ok("connected"):
                         log.info("uplink up (connected to %s:%d)", self.broker.host, self.broker.port)
                     self._inflight.clear()
-                    async with asyncio.TaskGroup() as tg:
-                        tg.create_task(self._receive(client))
-                        tg.create_task(self._send(client, tg))
+                    try:
+                        async with asyncio.TaskGroup() as tg:
+                            tg.create_task(self._receive(client))
+                            tg.create_task(self._send(client, tg))
+                    except asyncio.CancelledError:
+                        # A clean stop: the broker publishes the last will only for a
+                        # connection that dies, so say "offline" before disconnecting.
+                        with contextlib.suppress(Exception):
+                            async with asyncio.timeout(2.0):
+                                await client.publish(self.topics.state, b"offline", qos=1, retain=True)
+                        raise
             except* (aiomqtt.MqttError, OSError, TimeoutError) as eg:
                 self.stats.connect_failures += 1
                 self.stats.last_error = "; ".join(str(e) for e in eg.exceptions)
