@@ -18,10 +18,12 @@ command of ``edgegw``), set up once by :func:`configure`:
   or ``=`` are quoted (``cause="no reply"``). Fields set once for the process
   (``gateway=gw-0001``) come from :func:`set_fields`.
 * **Runs folded.** :class:`FoldingHandler` writes a line that repeats (the
-  same call site, level and text, fields included, each within ``window_s``
-  of the last) once, and the count when the run ends: at the next different
-  line from that call site, when it has been quiet for ``window_s``, or at
-  exit — ``... (repeated 41 more times in 1260 s)``. A retry loop that logs
+  same call site, level, fields and text, each within ``window_s`` of the
+  last) once, and the count when the run ends: at the next different line
+  from that call site with those fields (a change of cause), when it has been
+  quiet for ``window_s``, or at exit — ``... (repeated 41 more times in 1260
+  s)``. A loop per entity (a bus, a meter) names it in a field, so loops
+  logging from one call site for different entities fold separately. A retry loop that logs
   each attempt thus costs one line per change of cause; loops that know when
   they recover use :class:`firmware_bridge.cause_log.CauseLog`, which also
   says when the condition cleared.
@@ -101,7 +103,7 @@ def fields_of(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def _needs_quotes(text: str) -> bool:
-    return not text or any(c.isspace() or c in '"=\\' or not c.isprintable() for c in text)
+    return not text or any(c.isspace() or c in "\"'=\\" or not c.isprintable() for c in text)
 
 
 def render_value(value: Any) -> str:
@@ -176,8 +178,9 @@ class FoldingHandler(logging.StreamHandler[TextIO]):
     """A stream handler that writes a run of the same line once, then its count.
 
     Lines are the same when they come from the same call site (logger, level,
-    message template) with the same text and fields (:data:`VOLATILE_FIELDS`
-    aside), each within ``window_s`` of the one before. The first is written;
+    message template) with the same fields (:data:`VOLATILE_FIELDS` aside) and
+    the same text, each within ``window_s`` of the one before; another text
+    from that call site with those fields ends the run. The first is written;
     the others are counted, and the count is written, as the repeated line
     with ``(repeated N more times in S s)`` and a ``repeats=N`` field, when the
     call site logs something else, after ``window_s`` without a repetition
@@ -197,18 +200,19 @@ class FoldingHandler(logging.StreamHandler[TextIO]):
         super().__init__(stream)
         self.window_s = window_s
         self.clock = clock
-        self._runs: dict[tuple[str, int, str], _Run] = {}
+        self._runs: dict[tuple[str, int, str, str], _Run] = {}
 
-    def _identity(self, record: logging.LogRecord) -> str:
+    @staticmethod
+    def _key(record: logging.LogRecord) -> tuple[str, int, str, str]:
         fields = {k: v for k, v in fields_of(record).items() if k not in VOLATILE_FIELDS}
-        return f"{record.getMessage()}\x00{render_fields(fields)}"
+        return (record.name, record.levelno, str(record.msg), render_fields(fields))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             now = self.clock()
             self._end_quiet_runs(now)
-            key = (record.name, record.levelno, str(record.msg))
-            identity = self._identity(record)
+            key = self._key(record)
+            identity = record.getMessage()
             run = self._runs.get(key)
             if (
                 run is not None
@@ -235,7 +239,7 @@ class FoldingHandler(logging.StreamHandler[TextIO]):
             if now - run.last > self.window_s:
                 self._end(key, run)
 
-    def _end(self, key: tuple[str, int, str], run: _Run) -> None:
+    def _end(self, key: tuple[str, int, str, str], run: _Run) -> None:
         """Forget the run; write its count if anything was folded into it."""
         self._runs.pop(key, None)
         if run.repeats:
