@@ -52,6 +52,9 @@ SERVICE_USER = "edgegw"
 STATE_DIRECTORY = Path("/var/lib/edgegw")  # StateDirectory=edgegw: the only writable place for data
 HIDDEN_BY_PROTECT_HOME = (Path("/home"), Path("/root"), Path("/run/user"))  # ProtectHome=yes
 PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))  # PrivateTmp=yes
+# ReadWritePaths=: node_exporter's textfile collector directories (the usual one and
+# Debian's prometheus-node-exporter's), where [metrics] textfile may be written.
+TEXTFILE_DIRECTORIES = (Path("/var/lib/node_exporter/textfile_collector"), Path("/var/lib/prometheus/node-exporter"))
 SERIAL_DRIVERS = ("ttyUSB", "ttyACM", "ttyAMA", "ttyS")  # DeviceAllow=char-<driver> rw
 CERT_EXPIRY_WARNING = dt.timedelta(days=30)
 
@@ -233,6 +236,13 @@ def preflight(
     for i, bus in report.buses:
         if bus.type == "serial" and bus.device:
             needs.append(_Need(("bus", i, "device"), Path(bus.device), "rw"))
+    textfile = v.get("metrics", {}).get("textfile")
+    if textfile is not None:
+        directory = Path(textfile).parent
+        if not directory.is_dir():  # the daemon writes into it, it does not make it
+            problem(("metrics", "textfile"), f"{directory}: no such directory (node_exporter's textfile directory)")
+        else:
+            needs.append(_Need(("metrics", "textfile"), directory, "w", directory))
 
     store_dir: Path | None = None
     if "path" in storage:
@@ -338,7 +348,15 @@ def _sandbox(needs: list[_Need], problem: Callable[[KeyPath, str], None], proc_d
         if (root := _under(p, PRIVATE_TMP)) is not None:
             problem(n.key, f"{n.path}: the service has a private {root} (PrivateTmp=yes) and does not see this")
             continue
-        if n.mode == "w" and _under(Path(os.path.abspath(n.target or n.path)), (STATE_DIRECTORY,)) is None:
+        if n.key == ("metrics", "textfile"):
+            if _under(Path(os.path.abspath(n.path)), (STATE_DIRECTORY, *TEXTFILE_DIRECTORIES)) is None:
+                problem(
+                    n.key,
+                    f"{n.path}: the service can write only under {STATE_DIRECTORY} and"
+                    f" {', '.join(map(str, TEXTFILE_DIRECTORIES))} (ProtectSystem=strict, ReadWritePaths=)",
+                )
+                continue
+        elif n.mode == "w" and _under(Path(os.path.abspath(n.target or n.path)), (STATE_DIRECTORY,)) is None:
             problem(
                 n.key,
                 f"{n.target or n.path}: the service can write only under {STATE_DIRECTORY}"

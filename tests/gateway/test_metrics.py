@@ -137,3 +137,20 @@ def test_the_metrics_table_of_the_configuration(tmp_path: Path) -> None:
     path.write_text(base + '\n[metrics]\ntextfile = "edgegw.txt"\ninterval_s = 0\n')
     problems = "\n".join(check_config(path).problems)
     assert "metrics.textfile: must end in .prom" in problems and "metrics.interval_s: must be 1..3600 s" in problems
+
+
+def test_config_check_looks_at_the_textfile_directory(tmp_path: Path) -> None:
+    from gateway.config import check_config
+    from gateway.preflight import account_for, preflight
+    from tests.gateway.e2e import site_config
+
+    path = site_config(tmp_path / "site.toml", gateway_id="gw", db=tmp_path / "gw.db", broker_port=1, modbus_port=2, units=[1])
+    base = path.read_text()
+    path.write_text(base + '\n[metrics]\ntextfile = "missing/edgegw.prom"\n')
+    found = preflight(check_config(path), account_for(None))
+    assert [p for p in found.problems if "metrics.textfile" in p] == [
+        f"{path}:{len(base.splitlines()) + 3}: metrics.textfile: {tmp_path}/missing: no such directory"
+        " (node_exporter's textfile directory)"
+    ]
+    (tmp_path / "missing").mkdir()
+    assert not [p for p in preflight(check_config(path), account_for(None)).problems if "metrics" in p]

@@ -27,6 +27,7 @@ from gateway.preflight import (
     SERIAL_DRIVERS,
     SERVICE_USER,
     STATE_DIRECTORY,
+    TEXTFILE_DIRECTORIES,
     Account,
     account_for,
     preflight,
@@ -243,7 +244,8 @@ def test_sandbox_constants_agree_with_the_unit_file() -> None:
             unit.setdefault(k.strip(), []).append(v.strip())
     assert unit["User"] == [SERVICE_USER]
     assert unit["StateDirectory"] == [STATE_DIRECTORY.name] and STATE_DIRECTORY.parent == Path("/var/lib")
-    assert unit["ProtectSystem"] == ["strict"] and "ReadWritePaths" not in unit
+    assert unit["ProtectSystem"] == ["strict"]
+    assert unit["ReadWritePaths"] == [" ".join(f"-{d}" for d in TEXTFILE_DIRECTORIES)]
     assert unit["ProtectHome"] == ["yes"] and HIDDEN_BY_PROTECT_HOME == (Path("/home"), Path("/root"), Path("/run/user"))
     assert unit["PrivateTmp"] == ["yes"] and PRIVATE_TMP == (Path("/tmp"), Path("/var/tmp"))
     assert unit["DevicePolicy"] == ["closed"]
