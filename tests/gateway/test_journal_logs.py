@@ -97,4 +97,4 @@ async def test_one_line_per_cause_with_counts_and_priority_prefixes(tmp_path: Pa
     failures, last_times = int(m.group(1)), int(m.group(2))
     assert last_times >= 3 and failures == refused_times + last_times
     assert "uplink connecting" not in text and "uplink down" not in text
-    assert "<6>gateway.daemon: gateway gw-j running" in text
+    assert "<6>gateway.daemon.supervisor: gateway gw-j running" in text
