@@ -286,14 +286,21 @@ def configure(
     env: Mapping[str, str] | None = None,
     fields: Mapping[str, Any] | None = None,
     window_s: float = 600.0,
-) -> FoldingHandler:
+    force: bool = False,
+) -> FoldingHandler | None:
     """Send the root logger's output to ``stream`` (default stderr) through a
     :class:`FoldingHandler` and a :class:`JournalFormatter` (priority prefixes
-    when the stream is the journal). Replaces handlers an earlier call installed."""
+    when the stream is the journal), and set the root logger's level. Replaces
+    handlers an earlier call installed. Like :func:`logging.basicConfig`, it does
+    nothing (and returns None) when the root logger already has handlers of
+    another kind — a program that embeds the command (a test runner) keeps its
+    own — unless ``force``."""
+    root = logging.getLogger()
+    if not force and any(not isinstance(h, FoldingHandler) for h in root.handlers):
+        return None
     stream = sys.stderr if stream is None else stream
     handler = FoldingHandler(stream, window_s=window_s)
     handler.setFormatter(JournalFormatter(journal=stderr_is_journal(env, stream), fields=fields))
-    root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, FoldingHandler)]:
         root.removeHandler(old)
         old.close()

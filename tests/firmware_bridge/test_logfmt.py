@@ -181,8 +181,11 @@ def test_configure_installs_one_handler_and_set_fields_reaches_it(
     root = logging.getLogger()
     before = list(root.handlers), root.level
     try:
-        logfmt.configure(logging.INFO, stream=out, env={"EDGEGW_LOG_FORMAT": "journal"})
-        h = logfmt.configure(logging.INFO, stream=out, env={"EDGEGW_LOG_FORMAT": "journal"})
+        # pytest's own handlers are on the root logger: left alone unless forced
+        assert logfmt.configure(logging.INFO, stream=out) is None
+        logfmt.configure(logging.INFO, stream=out, env={"EDGEGW_LOG_FORMAT": "journal"}, force=True)
+        h = logfmt.configure(logging.INFO, stream=out, env={"EDGEGW_LOG_FORMAT": "journal"}, force=True)
+        assert h is not None
         assert sum(isinstance(x, FoldingHandler) for x in root.handlers) == 1
         logfmt.set_fields(gateway="gw-9")
         logging.getLogger("t").info("hello", extra={"meter": "m-1"})

@@ -233,6 +233,10 @@ async def test_postgres_headend_migrates_and_keys_on_the_epoch(pg_dsn: str) -> N
         "events": "PRIMARY KEY (gateway_id, epoch, record_id)",
         "readings": "PRIMARY KEY (gateway_id, epoch, record_id)",
         "telemetry": "PRIMARY KEY (gateway_id, epoch, record_id)",
+        # the fleet view (headend/fleet.py), new tables
+        "fleet_counters": "PRIMARY KEY (gateway_id, name)",
+        "fleet_gateways": "PRIMARY KEY (gateway_id)",
+        "fleet_meters": "PRIMARY KEY (gateway_id, meter_id)",
     }
     store = await PostgresHeadendDB.open(pg_dsn)  # a second open finds nothing to do
     assert (await store.summary(GW))["readings"] == 7
