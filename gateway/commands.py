@@ -276,6 +276,24 @@ class NoRemoteConfig:
         )
 
 
+class SoftwarePort(Protocol):
+    """Takes a verified ``software.offer`` (gateway.update_transfer) in ``db``'s
+    transaction; ``after_commit`` (optional) starts the transfer."""
+
+    async def offer_in(
+        self, db: aiosqlite.Connection, env: Envelope, *, command_id: str, now_ms: int
+    ) -> dict[str, Any]: ...
+
+
+class NoSoftwareUpdates:
+    """A :class:`SoftwarePort` for a gateway that takes software on site only."""
+
+    async def offer_in(
+        self, db: aiosqlite.Connection, env: Envelope, *, command_id: str, now_ms: int
+    ) -> dict[str, Any]:
+        raise CommandRefused("not_accepted", "software.offer is not accepted by this gateway")
+
+
 class PurposeKeys(Protocol):
     """The part of :class:`provisioning.keys.Keystore` that key rotation needs."""
 
@@ -471,6 +489,7 @@ class _Outcome:
     purpose: bool = False
     trust_changed: bool = False
     config: bool = False
+    software: bool = False
 
 
 class CommandHandler:
@@ -490,6 +509,7 @@ class CommandHandler:
         keys: PurposeKeys | None = None,
         known_meter: Callable[[str], bool] | None = None,
         event_budget_per_hour: int = 20,
+        software: SoftwarePort | None = None,
     ) -> None:
         self.outbox = outbox
         self.base_trust = trust
@@ -500,6 +520,7 @@ class CommandHandler:
         self.config = config
         self.resend = resend
         self.keys = keys
+        self.software: SoftwarePort = software or NoSoftwareUpdates()
         self.known_meter = known_meter
         self.event_budget = event_budget_per_hour
         self.stats = HandlerStats()
@@ -558,6 +579,8 @@ class CommandHandler:
             await self.hand_pending_relays()
         if out.config:
             await self._config_after_commit()
+        if out.software and (after := getattr(self.software, "after_commit", None)):
+            await after()
         return res
 
     async def _config_after_commit(self) -> None:
@@ -720,6 +743,9 @@ class CommandHandler:
             return await self.config.stage_in(
                 db, ConfigChange(t.value), body, command_id=cid, now_ms=now_ms
             )
+        if t is CommandType.SOFTWARE_OFFER:
+            out.software = True
+            return await self.software.offer_in(db, env, command_id=cid, now_ms=now_ms)
         # provisioning.bundle arrives on USB and is applied by the provisioning package
         raise CommandRefused("not_accepted", f"{t} is not accepted on the command path")
 

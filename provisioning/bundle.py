@@ -318,29 +318,43 @@ class RawBundle:
     body: bytes
 
 
+def read_header(
+    data: bytes,
+    *,
+    magic: bytes = MAGIC,
+    what: str = "provisioning bundle",
+    max_manifest: int = MAX_MANIFEST_BYTES,
+) -> int:
+    """Check the fixed header at the start of ``data`` (magic, container version,
+    manifest length) and return the manifest length. Shared by every signed
+    container of the project (provisioning bundles, software bundles)."""
+    if len(data) < HEADER.size:
+        raise BundleFormatError(
+            f"truncated: {len(data)} bytes is shorter than the {HEADER.size}-byte header",
+            code="truncated",
+        )
+    found, mlen = HEADER.unpack_from(data, 0)
+    if found[:7] != magic[:7]:
+        raise BundleFormatError(f"not a {what} (bad magic)", code="magic")
+    if found != magic:
+        raise BundleFormatError(
+            f"unsupported {what} container version {found[7]} (supported: {magic[7]})",
+            code="container-version",
+        )
+    if mlen == 0 or mlen > max_manifest:
+        raise BundleFormatError(
+            f"manifest length {mlen} out of range 1..{max_manifest}", code="manifest-length"
+        )
+    return int(mlen)
+
+
 def split_bundle(data: bytes, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> RawBundle:
     """Split a bundle into its parts, checking only the container structure."""
     if len(data) > max_bytes:
         raise BundleFormatError(
             f"bundle is {len(data)} bytes, larger than the limit of {max_bytes}", code="oversized"
         )
-    if len(data) < HEADER.size:
-        raise BundleFormatError(
-            f"truncated: {len(data)} bytes is shorter than the {HEADER.size}-byte header",
-            code="truncated",
-        )
-    magic, mlen = HEADER.unpack_from(data, 0)
-    if magic[:7] != MAGIC[:7]:
-        raise BundleFormatError("not a provisioning bundle (bad magic)", code="magic")
-    if magic != MAGIC:
-        raise BundleFormatError(
-            f"unsupported bundle container version {magic[7]} (supported: {MAGIC[7]})",
-            code="container-version",
-        )
-    if mlen == 0 or mlen > MAX_MANIFEST_BYTES:
-        raise BundleFormatError(
-            f"manifest length {mlen} out of range 1..{MAX_MANIFEST_BYTES}", code="manifest-length"
-        )
+    mlen = read_header(data)
     end_manifest = HEADER.size + mlen
     end_sig = end_manifest + SIGNATURE_LEN
     if len(data) < end_sig:
@@ -357,13 +371,24 @@ def split_bundle(data: bytes, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> RawB
     )
 
 
-def check_signature(raw: RawBundle, verify_key: VerifyKey) -> None:
+def check_signature(
+    raw: RawBundle,
+    verify_key: VerifyKey,
+    *,
+    context: bytes = SIGNING_CONTEXT,
+    what: str = "bundle",
+) -> None:
+    """Ed25519 over ``context`` + header + manifest bytes with any trusted key.
+
+    ``context`` separates the kinds of signed container (a provisioning bundle
+    can never pass as a software bundle, nor the reverse) under the one
+    provisioning role key."""
     keys = _load_keys(verify_key)
     if not keys:
         raise BundleSignatureError("no trusted provisioning key is configured", code="no-key")
     if raw.signature == b"\x00" * SIGNATURE_LEN:
-        raise BundleSignatureError("bundle is unsigned (all-zero signature)", code="unsigned")
-    message = SIGNING_CONTEXT + raw.header + raw.manifest_bytes
+        raise BundleSignatureError(f"{what} is unsigned (all-zero signature)", code="unsigned")
+    message = context + raw.header + raw.manifest_bytes
     for key in keys:
         try:
             key.verify(raw.signature, message)
@@ -505,7 +530,7 @@ def parse_manifest(raw: Any) -> Manifest:
     )
 
 
-def _decode_manifest_json(manifest_bytes: bytes) -> Any:
+def decode_manifest_json(manifest_bytes: bytes) -> Any:
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in pairs:
@@ -530,7 +555,7 @@ def verify_bundle(
     """
     raw = split_bundle(data, max_bytes)
     check_signature(raw, verify_key)
-    manifest = parse_manifest(_decode_manifest_json(raw.manifest_bytes))
+    manifest = parse_manifest(decode_manifest_json(raw.manifest_bytes))
     expected = sum(f.size for f in manifest.files)
     body = raw.body
     if len(body) > expected:
@@ -570,7 +595,7 @@ def verify_bundle(
 def inspect_unverified(data: bytes, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> dict[str, Any]:
     """Decode the manifest WITHOUT checking the signature (for display only)."""
     raw = split_bundle(data, max_bytes)
-    manifest = _decode_manifest_json(raw.manifest_bytes)
+    manifest = decode_manifest_json(raw.manifest_bytes)
     return {
         "container_version": MAGIC[7],
         "size": len(data),

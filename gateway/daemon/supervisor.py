@@ -69,6 +69,7 @@ from gateway.daemon.poller import BusPoller
 from gateway.daemon.relay_worker import CommandRelays, Relays
 from gateway.daemon.writer import Cycle, Tick, Work, Writer
 from gateway.metrics import GatewayMetrics, TextfileExporter
+from gateway.health_file import HealthReporter
 from gateway.prepaid import Prepaid, RelayIntent
 from gateway.remote_config import DEFAULT_CONFIRM_MS, RemoteConfig
 from gateway.risk_monitor import RiskMonitor
@@ -185,6 +186,7 @@ class Daemon:
         watchdog_deadlines_s: tuple[float, float] | None = None,
         backoff: BackoffPolicy | None = None,
         integrity_check_s: float = INTEGRITY_CHECK_S,
+        health_file: Path | None = None,
     ) -> None:
         """``clock_ms`` is the system clock, ``mono_ms`` the monotonic clock (default:
         ``CLOCK_BOOTTIME``; when only ``clock_ms`` is given, e.g. a simulated site clock
@@ -195,8 +197,12 @@ class Daemon:
         ``watchdog_deadlines_s`` = (poll, database) stall limits before pings to
         systemd's watchdog stop; ``backoff`` the buses' back-off and quarantine policy
         (default: the scheduler's); ``integrity_check_s`` how often the database is
-        checked while running."""
+        checked while running; ``health_file`` where the updater's health gate reads
+        the daemon's milestones (gateway.health_file)."""
         self.backoff = backoff
+        self.health: HealthReporter | None = None
+        if health_file is not None:
+            self.health = HealthReporter(health_file, version=__version__, snapshot=self.health_snapshot)
         self.config = config
         self.clock_ms = clock_ms
         if mono_ms is None:
@@ -308,6 +314,17 @@ class Daemon:
             self._extending.cancel()
             self._extending = None
 
+    def health_snapshot(self) -> dict[str, Any]:
+        """The milestones the health file carries (see gateway.health_file)."""
+        return {
+            "ready": self.ready.is_set(),
+            "buses": len(self.config.buses),
+            "poll_cycles": self.stats.cycles,
+            "readings": self.stats.readings,
+            "acks": self.uplink.stats.acked if self.uplink is not None else 0,
+            "storage": self._storage_text,
+        }
+
     def request_restart(self, reason: str) -> None:
         """Stop cleanly so the service manager starts the daemon again (the CLI exits
         with :data:`gateway.remote_config.RESTART_EXIT_CODE`)."""
@@ -405,8 +422,10 @@ class Daemon:
                 if self.inbox is not None:
                     self._inbox_task = tg.create_task(self.inbox.run(), name="commands")
                     timers.append(self._inbox_task)
-                self._timers = timers
                 self.ready.set()
+                if self.health is not None:
+                    timers.append(tg.create_task(self.health.run(), name="health-file"))
+                self._timers = timers
                 self._stop_extending()
                 self.notifier.ready(f"gateway {cfg.gateway.id}: {len(cfg.meters)} meters")
                 self.beat(heartbeat.Phase.RUNNING, "")

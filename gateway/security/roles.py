@@ -10,7 +10,7 @@ role               command types
 billing            ``topup``, ``tariff.publish``, ``balance.snapshot``,
                    ``meter.replace`` (a meter exchange: the registers it is billed by)
 operations         ``relay.operate``, ``config.patch``, ``meter.roster``,
-                   ``time.sync``, ``uplink.resend``
+                   ``time.sync``, ``uplink.resend``, ``software.offer``
 provisioning       ``provisioning.bundle`` (technician USB bundles)
 key_management     ``keys.rotate`` (add / revoke central keys, rotate gateway
                    purpose keys)
@@ -63,6 +63,7 @@ class CommandType(enum.StrEnum):
     METER_ROSTER = "meter.roster"
     TIME_SYNC = "time.sync"
     UPLINK_RESEND = "uplink.resend"
+    SOFTWARE_OFFER = "software.offer"
     PROVISIONING_BUNDLE = "provisioning.bundle"
     KEYS_ROTATE = "keys.rotate"
 
@@ -78,6 +79,7 @@ COMMAND_ROLE: Mapping[CommandType, Role] = MappingProxyType(
         CommandType.METER_ROSTER: Role.OPERATIONS,
         CommandType.TIME_SYNC: Role.OPERATIONS,
         CommandType.UPLINK_RESEND: Role.OPERATIONS,
+        CommandType.SOFTWARE_OFFER: Role.OPERATIONS,
         CommandType.PROVISIONING_BUNDLE: Role.PROVISIONING,
         CommandType.KEYS_ROTATE: Role.KEY_MANAGEMENT,
     }
@@ -100,6 +102,7 @@ MAX_VALIDITY_MS: Mapping[CommandType, int] = MappingProxyType(
         CommandType.METER_ROSTER: 30 * _DAY_MS,
         CommandType.TIME_SYNC: 15 * 60_000,
         CommandType.UPLINK_RESEND: 7 * _DAY_MS,
+        CommandType.SOFTWARE_OFFER: 30 * _DAY_MS,
         CommandType.PROVISIONING_BUNDLE: 90 * _DAY_MS,
         CommandType.KEYS_ROTATE: 30 * _DAY_MS,
     }

@@ -1,0 +1,385 @@
+"""Software bundles over MQTT: the signed offer, the chunked transfer, the spool.
+
+Central publishes a software bundle once for the whole fleet, as **retained**
+messages, one per chunk::
+
+    {prefix}/_software/{bundle sha256}/{chunk index}     payload: the chunk's bytes
+
+(``_software`` can never be a gateway id, which starts with a letter or a
+digit) and offers it to each gateway with a signed operations-role command
+``software.offer`` (:func:`parse_offer`)::
+
+    {"version": "0.2.0", "sha256": "<bundle>", "size": 7712345,
+     "chunk_size": 65536, "chunks": ["<sha256 of chunk 0>", ...],
+     "allow_downgrade": false}
+
+The command path stores the offer (``<spool>/offers/<sha256>.json``; with
+``allow_downgrade`` also the signed envelope as the updater's downgrade permit,
+``<spool>/permits/<sha256>.json``) in the command's transaction. The
+downloader (:class:`SoftwareDownloads`, a task of the daemon) then fetches the
+chunks it lacks over a connection of its own: it subscribes to a few missing
+chunks' topics at a time, so the broker sends their retained copies; a chunk
+is written (``pwrite`` + ``fdatasync``) into ``<spool>/incoming/<sha256>.part``
+only if its SHA-256 is the one the signed offer lists. What is on disk is its
+own progress record: after a link drop, a restart or a power cut the part file
+is read back and every chunk whose hash matches counts as received, so the
+transfer resumes where it stopped. When every chunk is there, the whole
+file's SHA-256 must be the offer's; the bundle is renamed into
+``<spool>/ready/``, where the privileged updater (``edgegw update apply``,
+started by ``edgegw-update.path``) verifies its signature and installs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import aiosqlite
+
+from firmware_bridge.backoff import backoff_delay
+from firmware_bridge.durable import fsync_dir, write_atomic
+from gateway.commands import CommandRefused
+from gateway.security.envelope import Envelope, encode_wire
+from provisioning.software_bundle import SUFFIX, Version
+from store_forward.settings import BrokerSettings
+from store_forward.uplink import tls_context
+
+log = logging.getLogger(__name__)
+
+TOPIC_LEVEL = "_software"
+MAX_CHUNKS = 512
+MIN_CHUNK = 1024
+MAX_CHUNK = 4 * 1024 * 1024
+DEFAULT_CHUNK = 64 * 1024
+WINDOW = 8  # chunks asked for at once
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+ReportFn = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+def chunk_topic(prefix: str, digest: str, index: int) -> str:
+    return f"{prefix}/{TOPIC_LEVEL}/{digest}/{index}"
+
+
+@dataclass(frozen=True)
+class Offer:
+    version: str
+    sha256: str
+    size: int
+    chunk_size: int
+    chunks: tuple[str, ...]
+    allow_downgrade: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "sha256": self.sha256,
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "chunks": list(self.chunks),
+            "allow_downgrade": self.allow_downgrade,
+        }
+
+    def chunk_len(self, index: int) -> int:
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+
+def parse_offer(body: Mapping[str, Any]) -> Offer:
+    """A ``software.offer`` body; :class:`CommandRefused` says what is wrong."""
+    keys = {"version", "sha256", "size", "chunk_size", "chunks", "allow_downgrade"}
+    unknown = sorted(set(body) - keys)
+    if unknown:
+        raise CommandRefused("unknown_keys", f"software.offer: unknown keys {unknown}")
+    try:
+        version = Version.parse(body.get("version")).text
+    except ValueError as exc:
+        raise CommandRefused("bad_version", f"software.offer.version: {exc}") from None
+    digest = body.get("sha256")
+    if not isinstance(digest, str) or not _SHA_RE.match(digest):
+        raise CommandRefused("bad_sha256", "software.offer.sha256 must be 64 lowercase hex")
+    size, chunk = body.get("size"), body.get("chunk_size")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, chunk)):
+        raise CommandRefused("bad_size", "software.offer.size and chunk_size must be integers")
+    assert isinstance(size, int) and isinstance(chunk, int)
+    if not MIN_CHUNK <= chunk <= MAX_CHUNK:
+        raise CommandRefused(
+            "bad_size", f"software.offer.chunk_size must be {MIN_CHUNK}..{MAX_CHUNK}"
+        )
+    if not 1 <= size <= chunk * MAX_CHUNKS:
+        raise CommandRefused(
+            "bad_size", f"software.offer.size must be 1..{MAX_CHUNKS} chunks of chunk_size"
+        )
+    chunks = body.get("chunks")
+    if (
+        not isinstance(chunks, list)
+        or len(chunks) != math.ceil(size / chunk)
+        or not all(isinstance(c, str) and _SHA_RE.match(c) for c in chunks)
+    ):
+        raise CommandRefused(
+            "bad_chunks",
+            "software.offer.chunks must list the SHA-256 (hex) of each of the "
+            f"{math.ceil(size / chunk)} chunks",
+        )
+    allow = body.get("allow_downgrade", False)
+    if not isinstance(allow, bool):
+        raise CommandRefused("bad_body", "software.offer.allow_downgrade must be true or false")
+    return Offer(version, digest, size, chunk, tuple(chunks), allow)
+
+
+def offer_for(bundle: Path, *, version: str, chunk_size: int | None = None) -> Offer:
+    """Central: the offer body of a bundle file (its chunks' hashes)."""
+    size = bundle.stat().st_size
+    chunk = chunk_size or max(DEFAULT_CHUNK, 1 << max(0, math.ceil(math.log2(size / MAX_CHUNKS))))
+    whole = hashlib.sha256()
+    chunks = []
+    with bundle.open("rb") as fh:
+        while data := fh.read(chunk):
+            whole.update(data)
+            chunks.append(hashlib.sha256(data).hexdigest())
+    return Offer(version, whole.hexdigest(), size, chunk, tuple(chunks))
+
+
+async def publish_chunks(client: aiomqtt.Client, bundle: Path, offer: Offer, prefix: str) -> int:
+    """Central: publish every chunk retained (QoS 1). Returns the number published."""
+    n = 0
+    with bundle.open("rb") as fh:
+        for i in range(len(offer.chunks)):
+            data = fh.read(offer.chunk_size)
+            await client.publish(chunk_topic(prefix, offer.sha256, i), data, qos=1, retain=True)
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------
+# The gateway side
+
+
+class SoftwareDownloads:
+    """The command path's software port and the downloader (see the module docstring)."""
+
+    def __init__(
+        self,
+        spool: Path,
+        *,
+        gateway_id: str,
+        broker: BrokerSettings,
+        window: int = WINDOW,
+        chunk_wait_s: float = 60.0,
+        backoff: tuple[float, float] = (1.0, 60.0),
+    ) -> None:
+        self.spool = spool
+        self.gateway_id = gateway_id
+        self.broker = broker
+        self.prefix = broker.topic_prefix
+        self.window = window
+        self.chunk_wait_s = chunk_wait_s
+        self.backoff = backoff
+        self.chunks_received = 0
+        self.chunks_refused = 0
+        self._wake = asyncio.Event()
+
+    # -- the port ------------------------------------------------------------------
+
+    async def offer_in(
+        self, db: aiosqlite.Connection, env: Envelope, *, command_id: str, now_ms: int
+    ) -> dict[str, Any]:
+        """Store a verified offer (in the command's transaction: a refusal keeps nothing)."""
+        offer = parse_offer(env.body)
+        doc = {**offer.to_json(), "command_id": command_id, "received_ms": now_ms}
+
+        def store() -> None:
+            for sub in ("offers", "permits", "incoming", "ready"):
+                (self.spool / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            if offer.allow_downgrade:
+                write_atomic(
+                    self.spool / "permits" / f"{offer.sha256}.json",
+                    encode_wire(env.payload, env.signature),
+                    0o644,
+                )
+            write_atomic(
+                self.spool / "offers" / f"{offer.sha256}.json", json.dumps(doc).encode(), 0o600
+            )
+
+        await asyncio.to_thread(store)
+        return {
+            "version": offer.version,
+            "sha256": offer.sha256,
+            "chunks": len(offer.chunks),
+            "state": "downloading",
+        }
+
+    async def after_commit(self) -> None:
+        self._wake.set()
+
+    # -- the downloader ---------------------------------------------------------
+
+    def pending(self) -> list[Offer]:
+        out: list[Offer] = []
+        d = self.spool / "offers"
+        if not d.is_dir():
+            return out
+        for p in sorted(d.glob("*.json")):
+            try:
+                out.append(parse_offer({k: v for k, v in json.loads(p.read_bytes()).items()
+                                        if k not in ("command_id", "received_ms")}))  # fmt: skip
+            except (OSError, ValueError, CommandRefused) as exc:
+                log.error("software offer %s unreadable, dropped: %s", p.name, exc)
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        return out
+
+    def missing(self, offer: Offer) -> list[int]:
+        """Chunks not yet on disk with the hash the offer lists (the part file is the
+        progress record)."""
+        part = self.spool / "incoming" / f"{offer.sha256}.part"
+        try:
+            fh = part.open("rb")
+        except FileNotFoundError:
+            return list(range(len(offer.chunks)))
+        with fh:
+            out: list[int] = []
+            for i, want in enumerate(offer.chunks):
+                data = fh.read(offer.chunk_len(i))
+                if hashlib.sha256(data).hexdigest() != want:
+                    out.append(i)
+            return out
+
+    async def run(self, report: ReportFn) -> None:
+        """Forever: download what is offered; retry after failures with back-off."""
+        attempt = 0
+        rng = random.Random()
+        while True:
+            offers = await asyncio.to_thread(self.pending)
+            if not offers:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(30.0):
+                        await self._wake.wait()
+                continue
+            try:
+                for offer in offers:
+                    await self.download(offer, report)
+                attempt = 0
+            except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+                delay = backoff_delay(attempt, *self.backoff, rng)
+                attempt += 1
+                log.warning("software download interrupted (%s); again in %.0f s", exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                self._wake.clear()
+
+    async def download(self, offer: Offer, report: ReportFn) -> bool:
+        """Fetch the missing chunks of ``offer``, then hand the bundle to the updater."""
+        incoming = self.spool / "incoming"
+        ready = self.spool / "ready"
+        await asyncio.to_thread(incoming.mkdir, mode=0o700, parents=True, exist_ok=True)
+        await asyncio.to_thread(ready.mkdir, mode=0o700, parents=True, exist_ok=True)
+        part = incoming / f"{offer.sha256}.part"
+        missing = await asyncio.to_thread(self.missing, offer)
+        if missing:
+            if len(missing) == len(offer.chunks):
+                await report("software.download_started", {"version": offer.version,
+                             "sha256": offer.sha256, "chunks": len(offer.chunks)})  # fmt: skip
+            fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                await self._fetch(offer, missing, fd)
+            finally:
+                os.close(fd)
+        whole = await asyncio.to_thread(_sha256_file, part, offer.size)
+        if whole != offer.sha256:
+            await asyncio.to_thread(part.unlink)
+            await asyncio.to_thread(self._drop_offer, offer)
+            await report("software.download_failed", {"version": offer.version,
+                         "sha256": offer.sha256, "reason": f"whole file hashes to {whole}"})  # fmt: skip
+            return False
+
+        def hand_over() -> None:
+            os.truncate(part, offer.size)
+            os.replace(part, ready / f"{offer.sha256}{SUFFIX}")
+            fsync_dir(ready)
+            fsync_dir(incoming)
+            self._drop_offer(offer)
+
+        await asyncio.to_thread(hand_over)
+        log.info("software %s (%s) downloaded: ready to install", offer.version, offer.sha256[:16])
+        await report("software.downloaded", {"version": offer.version, "sha256": offer.sha256,
+                     "size": offer.size})  # fmt: skip
+        return True
+
+    def _drop_offer(self, offer: Offer) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.spool / "offers" / f"{offer.sha256}.json").unlink()
+        fsync_dir(self.spool / "offers")
+
+    def _client(self) -> aiomqtt.Client:
+        b = self.broker
+        return aiomqtt.Client(
+            b.host,
+            b.port,
+            username=b.username,
+            password=b.password,
+            identifier=f"edgegw-{self.gateway_id}-software",
+            clean_session=True,
+            keepalive=b.keepalive_s,
+            tls_context=tls_context(b) if b.tls else None,
+        )
+
+    async def _fetch(self, offer: Offer, missing: list[int], fd: int) -> None:
+        todo = list(missing)
+        async with self._client() as client:
+            while todo:
+                window = todo[: self.window]
+                topics = {chunk_topic(self.prefix, offer.sha256, i): i for i in window}
+                for t in topics:
+                    await client.subscribe(t, qos=1)
+                wanted = set(window)
+                async with asyncio.timeout(self.chunk_wait_s):
+                    async for msg in client.messages:
+                        i = topics.get(msg.topic.value)
+                        if i is None or i not in wanted:
+                            continue
+                        data = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
+                        if hashlib.sha256(data).hexdigest() != offer.chunks[i]:
+                            self.chunks_refused += 1
+                            log.warning("software chunk %d of %s refused: hash mismatch", i,
+                                        offer.sha256[:16])  # fmt: skip
+                            continue
+                        await asyncio.to_thread(_write_chunk, fd, data, i * offer.chunk_size)
+                        self.chunks_received += 1
+                        wanted.discard(i)
+                        if not wanted:
+                            break
+                for t in topics:
+                    await client.unsubscribe(t)
+                todo = todo[len(window) :]
+
+
+def _write_chunk(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+    os.fdatasync(fd)
+
+
+def _sha256_file(path: Path, size: int) -> str:
+    h = hashlib.sha256()
+    left = size
+    with path.open("rb") as fh:
+        while left > 0 and (data := fh.read(min(left, 1 << 20))):
+            h.update(data)
+            left -= len(data)
+    return h.hexdigest()
