@@ -69,6 +69,12 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 ReportFn = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
+def update_spool(db_path: Path) -> Path:
+    """The update spool of a gateway: ``updates/`` beside its database
+    (``/var/lib/edgegw/updates``), written by the daemon, read by the updater."""
+    return db_path.parent / "updates"
+
+
 def chunk_topic(prefix: str, digest: str, index: int) -> str:
     return f"{prefix}/{TOPIC_LEVEL}/{digest}/{index}"
 

@@ -269,6 +269,89 @@ def parse_manifest(doc: Any) -> SoftwareManifest:
 
 
 # ---------------------------------------------------------------------------
+# The lock file (requirements.lock, pip-compile --generate-hashes)
+
+
+def normalize_name(name: str) -> str:
+    """A distribution name as PEP 503 compares it."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclass(frozen=True)
+class Pin:
+    name: str  # normalized
+    version: str
+    hashes: frozenset[str]
+
+
+_PIN_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;]+)$")
+
+
+def parse_lock(text: str) -> dict[str, Pin]:
+    """The pins of a hash-locked requirements file: every requirement must be
+    ``name==version`` with at least one ``--hash=sha256:``; ValueError otherwise."""
+    pins: dict[str, Pin] = {}
+    logical: list[str] = []
+    buf = ""
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0].rstrip() if not line.lstrip().startswith("#") else ""
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        if buf.strip():
+            logical.append(buf.strip())
+        buf = ""
+    if buf.strip():
+        logical.append(buf.strip())
+    for entry in logical:
+        words = entry.split()
+        m = _PIN_RE.match(words[0])
+        if m is None:
+            raise ValueError(f"not a pinned requirement (name==version): {words[0]!r}")
+        hashes = set()
+        for w in words[1:]:
+            if not w.startswith("--hash=sha256:") or not _SHA256_RE.match(w[14:]):
+                raise ValueError(f"{words[0]}: unexpected {w!r} (only --hash=sha256:HEX)")
+            hashes.add(w[14:])
+        if not hashes:
+            raise ValueError(f"{words[0]}: no --hash (the lock file must be hash-locked)")
+        name = normalize_name(m.group(1))
+        if name in pins:
+            raise ValueError(f"{name} is pinned twice")
+        pins[name] = Pin(name, m.group(2), frozenset(hashes))
+    return pins
+
+
+def wheel_name_version(filename: str) -> tuple[str, str]:
+    """(normalized distribution name, version) of a wheel file name."""
+    parts = filename[: -len(".whl")].split("-") if filename.endswith(".whl") else []
+    if len(parts) < 5:
+        raise ValueError(f"{filename!r} is not a wheel file name")
+    return normalize_name(parts[0]), parts[1]
+
+
+def match_wheelhouse(pins: Mapping[str, Pin], wheels: Mapping[str, str]) -> list[str]:
+    """Which wheels (file name -> SHA-256) install the pins: exactly one per pin,
+    of the pinned version and with a hash the lock lists. ValueError names every
+    pin without one; wheels of other distributions are left out."""
+    chosen: list[str] = []
+    problems: list[str] = []
+    for pin in sorted(pins.values(), key=lambda p: p.name):
+        found = [
+            name for name, sha in wheels.items()
+            if wheel_name_version(name) == (pin.name, pin.version) and sha in pin.hashes
+        ]  # fmt: skip
+        if not found:
+            problems.append(f"{pin.name}=={pin.version}: no wheel with a locked hash")
+        else:
+            chosen.append(sorted(found)[0])
+    if problems:
+        raise ValueError("wheelhouse does not match the lock: " + "; ".join(problems))
+    return chosen
+
+
+# ---------------------------------------------------------------------------
 # Building (central)
 
 

@@ -85,6 +85,7 @@ from gateway.security.trusted_time import (
 )
 from gateway.storage_guard import Backlog, BillingHold, GuardedBilling
 from gateway.storage_recovery import ensure_schemas, recover_money
+from gateway.update_transfer import SoftwareDownloads, update_spool
 from provisioning.keys import Keystore
 from provisioning.usb import AUDIT_SPOOL, drain_audit_spool
 from store_forward.integrity import FaultKind
@@ -203,6 +204,10 @@ class Daemon:
         self.health: HealthReporter | None = None
         if health_file is not None:
             self.health = HealthReporter(health_file, version=__version__, snapshot=self.health_snapshot)
+        # software.offer from central: the bundle's chunks over MQTT into the update spool
+        self.software = SoftwareDownloads(
+            update_spool(config.storage.path), gateway_id=config.gateway.id, broker=config.broker
+        )
         self.config = config
         self.clock_ms = clock_ms
         if mono_ms is None:
@@ -313,6 +318,25 @@ class Daemon:
         if self._extending is not None:
             self._extending.cancel()
             self._extending = None
+
+    async def _software_event(self, action: str, detail: dict[str, Any]) -> None:
+        """A software transfer's progress: an audit entry and an event for central."""
+        outbox = self.outbox
+        if outbox is None:
+            return
+        log.info("%s: %s", action, " ".join(f"{k}={v}" for k, v in detail.items()))
+        async with outbox.transaction() as db:
+            await audit_and_report(
+                db,
+                outbox,
+                actor="gateway:software",
+                action=action,
+                details=detail,
+                event={"type": action, **detail},
+                time_ms=self.time_ms(),
+            )
+        if self.uplink is not None:
+            self.uplink.notify()
 
     def health_snapshot(self) -> dict[str, Any]:
         """The milestones the health file carries (see gateway.health_file)."""
@@ -425,6 +449,10 @@ class Daemon:
                 self.ready.set()
                 if self.health is not None:
                     timers.append(tg.create_task(self.health.run(), name="health-file"))
+                if self.commands is not None:
+                    timers.append(
+                        tg.create_task(self.software.run(self._software_event), name="software")
+                    )
                 self._timers = timers
                 self._stop_extending()
                 self.notifier.ready(f"gateway {cfg.gateway.id}: {len(cfg.meters)} meters")
@@ -733,6 +761,7 @@ class Daemon:
             resend=NoResend(),
             keys=keys,
             known_meter=lambda m: m in self.bus_of,
+            software=self.software,
         )
         await self.commands.start()
         self.inbox = CommandInbox(self.commands, uplink.topics, on_result=self._on_command_result)
