@@ -45,6 +45,7 @@ import fcntl
 import json
 import os
 import platform
+import secrets
 import shutil
 import subprocess
 import sys
@@ -338,7 +339,7 @@ class Updater:
     def install_release(self, bundle: Path) -> tuple[dict[str, Any], bool]:
         """Verify ``bundle`` and make its release (a venv) under releases/; returns
         the release's marker and whether it was there already. Caller holds the lock."""
-        unpack = self.releases / f".unpack-{os.getpid()}"
+        unpack = self.releases / f".unpack-{os.getpid()}-{secrets.token_hex(4)}"
         shutil.rmtree(unpack, ignore_errors=True)
         vs = open_bundle(bundle, self.s.verify_key, extract_to=unpack, max_bytes=self.s.max_bytes)
         try:
