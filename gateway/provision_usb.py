@@ -12,15 +12,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import shutil
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from firmware_bridge.durable import fsync_dir
 from gateway import __version__
 from gateway.release_check import RULES
 from gateway.security.roles import Role, TrustStore
-from provisioning.bundle import DEFAULT_MAX_BUNDLE_BYTES
+from provisioning.apply import ApplyResult
+from provisioning.bundle import DEFAULT_MAX_BUNDLE_BYTES, BundleError, VerifyKey
 from provisioning.keyfiles import load_public_key
 from provisioning.keys import Keystore
+from provisioning.software_bundle import DEFAULT_MAX_BYTES as SOFTWARE_MAX_BYTES
+from provisioning.software_bundle import SUFFIX as SOFTWARE_SUFFIX
+from provisioning.software_bundle import open_bundle
 from provisioning.usb import (
     AUDIT_SPOOL,
     UsbError,
@@ -37,6 +45,43 @@ def _load_keystore(path: Path) -> Keystore | None:
     except Exception as exc:
         print(f"keystore {path}: {exc}", file=sys.stderr)
         return None
+
+
+def software_queue(
+    update_spool: Path, verify_key: VerifyKey, max_bytes: int
+) -> Callable[[Path], Awaitable[ApplyResult]]:
+    """Verify a software bundle from the stick and queue it for the updater
+    (``<update spool>/ready/<sha256>.egws``, where edgegw-update.path starts it)."""
+
+    async def queue(path: Path) -> ApplyResult:
+        try:
+            vs = await asyncio.to_thread(open_bundle, path, verify_key, max_bytes=max_bytes)
+        except (BundleError, OSError) as exc:
+            code = exc.code if isinstance(exc, BundleError) else "io-error"
+            return ApplyResult("refused", code, str(exc), path.name)
+
+        def move() -> None:
+            ready = update_spool / "ready"
+            ready.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = ready / f".{vs.digest}.tmp"
+            shutil.copyfile(path, tmp)
+            with tmp.open("rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, ready / f"{vs.digest}{SOFTWARE_SUFFIX}")
+            fsync_dir(ready)
+
+        await asyncio.to_thread(move)
+        m = vs.manifest
+        return ApplyResult(
+            "queued",
+            "software-queued",
+            f"software {m.version} (floor {m.min_version}) verified and queued for the updater",
+            path.name,
+            vs.digest,
+            vs.size,
+        )
+
+    return queue
 
 
 def cmd_process(args: argparse.Namespace) -> int:
@@ -62,6 +107,7 @@ def cmd_process(args: argparse.Namespace) -> int:
             enrollment=enrollment,
             export_backlog=None,
             max_bytes=args.max_bytes,
+            software=software_queue(Path(args.update_spool), keys, SOFTWARE_MAX_BYTES),
         )
     )
     for r in results:
@@ -82,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--keystore", default="/var/lib/edgegw/keys")
     pr.add_argument("--serial", help="board serial for the enrollment record")
     pr.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES)
+    pr.add_argument(
+        "--update-spool",
+        default="/var/lib/edgegw/updates",
+        help="software bundles (*.egws) go, verified, into its ready/ for the updater",
+    )
     pr.set_defaults(func=cmd_process)
     return p
 

@@ -618,6 +618,10 @@ class Updater:
             )  # fmt: skip
         elif phase == TRIAL:
             if trial.get("boot_id") == self.s.boot_id:
+                # the updater stopped during the trial: the daemon may not have been
+                # restarted onto the new release yet; then judge it as before
+                if restart:
+                    self._restart()
                 result = self._judge(trial)
             else:
                 result = self._roll_back(

@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from firmware_bridge.durable import append_durably, write_atomic, write_new
+from firmware_bridge.durable import append_durably, write_all, write_atomic, write_new
 from provisioning.apply import (
     ApplyResult,
     ExportFn,
@@ -65,6 +65,8 @@ from provisioning.bundle import (
     VerifyKey,
 )
 from provisioning.rules import ConfigIdentity, ReleaseChecker
+from provisioning.software_bundle import DEFAULT_MAX_BYTES as SOFTWARE_MAX_BYTES
+from provisioning.software_bundle import SUFFIX as SOFTWARE_SUFFIX
 
 STICK_DIR = "edgegw"
 BACKLOG_MARKER = "export-backlog"
@@ -90,7 +92,8 @@ def select_bundles(stick_root: Path, limit: int = MAX_BUNDLES) -> list[Path]:
     if not d.is_dir() or d.is_symlink():
         return []
     found = sorted(
-        (p for p in d.iterdir() if p.name.lower().endswith(SUFFIX)), key=lambda p: p.name
+        (p for p in d.iterdir() if p.name.lower().endswith((SUFFIX, SOFTWARE_SUFFIX))),
+        key=lambda p: p.name,
     )
     return found[:limit]
 
@@ -99,8 +102,41 @@ def _open_dir(path: Path | str, dir_fd: int | None = None) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
 
+def copy_regular(src: Path, name: str, dir_fd: int, max_bytes: int) -> None:
+    """Copy a regular file (never through a link, never blocking on a FIFO) of at
+    most ``max_bytes`` into a new file ``name`` in ``dir_fd``, fsynced."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BundleError(f"{src.name}: cannot open: {exc.strerror}", code="unreadable") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BundleError(f"{src.name}: not a regular file", code="not-regular")
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                      dir_fd=dir_fd)  # fmt: skip
+        try:
+            total = 0
+            while chunk := os.read(fd, 1 << 20):
+                total += len(chunk)
+                if total > max_bytes:
+                    os.unlink(name, dir_fd=dir_fd)
+                    raise BundleError(
+                        f"{src.name}: larger than the limit of {max_bytes} bytes", code="oversized"
+                    )
+                write_all(out, chunk)
+            os.fsync(out)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+
+
 def copy_bundles_to_spool(
-    stick_root: Path, spool: Path, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
+    stick_root: Path,
+    spool: Path,
+    *,
+    max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+    software_max_bytes: int = SOFTWARE_MAX_BYTES,
 ) -> dict[str, Any]:
     """Copy candidate bundles off a mounted stick; return the request description.
 
@@ -116,13 +152,16 @@ def copy_bundles_to_spool(
         skipped: list[dict[str, str]] = []
         try:
             for i, src in enumerate(select_bundles(stick_root)):
+                name = f"{i:02d}-{src.name}"
                 try:
-                    data = read_bundle_file(src, max_bytes)
+                    if src.name.lower().endswith(SOFTWARE_SUFFIX):
+                        # a software bundle: streamed, never held in memory
+                        copy_regular(src, name, in_fd, software_max_bytes)
+                    else:
+                        write_new(name, read_bundle_file(src, max_bytes), dir_fd=in_fd)
                 except BundleError as exc:
                     skipped.append({"file": src.name, "code": exc.code, "reason": str(exc)})
                     continue
-                name = f"{i:02d}-{src.name}"
-                write_new(name, data, dir_fd=in_fd)
                 copied.append(name)
         finally:
             os.close(in_fd)
@@ -286,9 +325,12 @@ async def process_spool(
     export_backlog: ExportFn | None = None,
     now: datetime | None = None,
     max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+    software: Callable[[Path], Awaitable[ApplyResult]] | None = None,
 ) -> list[ApplyResult]:
     """Apply every bundle in ``<spool>/in`` (``check``: the application's release
-    check) and write ``<spool>/out``. Returns the results."""
+    check) and write ``<spool>/out``. Returns the results. A software bundle
+    (``*.egws``) goes to ``software`` (the application queues it for its
+    updater); without one it is refused."""
     req_path = spool / "request.json"
     request = json.loads(await asyncio.to_thread(req_path.read_text))
     at = now or datetime.now(UTC)
@@ -309,6 +351,15 @@ async def process_spool(
         identity = DeviceIdentity("unknown")
     else:
         for name in request["bundles"]:
+            if name.lower().endswith(SOFTWARE_SUFFIX):
+                if software is not None:
+                    results.append(await software(spool / "in" / name))
+                else:
+                    refused = "software bundles are not taken here"
+                    results.append(ApplyResult("refused", "no-updater", refused, name, at=at))
+                if audit is not None:
+                    await audit("provisioning.software", results[-1].to_json())
+                continue
             results.append(
                 await apply_bundle(
                     spool / "in" / name,
