@@ -322,7 +322,8 @@ class SoftwareDownloads:
         await asyncio.to_thread(hand_over)
         log.info("software %s (%s) downloaded: ready to install", offer.version, offer.sha256[:16])
         await report("software.downloaded", {"version": offer.version, "sha256": offer.sha256,
-                     "size": offer.size})  # fmt: skip
+                     "size": offer.size, "chunks": len(offer.chunks),
+                     "chunks_fetched": self.chunks_received})  # fmt: skip
         return True
 
     def _drop_offer(self, offer: Offer) -> None:
