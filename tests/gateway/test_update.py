@@ -135,10 +135,11 @@ async def test_a_bundle_from_a_usb_stick_updates_the_running_gateway(
     copy_bundles_to_spool(stick, usb)
     committed = site.root / "committed" / "bin"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([str(committed / "edgegw"), "keys", "init", "--dir", str(site.tmp / "keys"),
+    r = await asyncio.to_thread(subprocess.run, [str(committed / "edgegw"), "keys", "init", "--dir", str(site.tmp / "keys"),
                         "--gateway-id", GW], capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(
+    r = await asyncio.to_thread(
+        subprocess.run,
         [str(committed / "python"), "-m", "gateway.provision_usb", "process", "--spool", str(usb),
          "--state-dir", str(site.tmp / "prov"), "--pubkey", str(releases.pubkey),
          "--keystore", str(site.tmp / "keys"), "--update-spool", str(site.spool)],

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,6 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from provisioning.software_bundle import normalize_name, parse_lock
+from tests.harness.mosquitto import free_port
+from tests.harness.releases import kit as releases_kit
 from tests.systemd._tools import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,22 +130,66 @@ def test_rejects_unknown_option_and_bad_key(target: Path, tmp_path: Path) -> Non
     assert not (target / "etc/systemd").exists(), "inputs are checked before anything is installed"
 
 
-@pytest.mark.long
-def test_virtualenv_install_is_idempotent(target: Path, pubkey: Path, tmp_path: Path) -> None:
-    """With the virtualenv (installs dependencies from the package index: long run only).
+def test_software_needs_a_wheelhouse(target: Path, pubkey: Path) -> None:
+    r = run("--root", str(target), "--provisioning-pubkey", str(pubkey))
+    assert r.returncode == 2 and "--wheelhouse DIR is required" in r.stderr
+    assert not (target / "etc/systemd").exists()
 
-    The source is a snapshot of HEAD so that edits in the work tree cannot change it
-    between the two runs.
-    """
-    src = tmp_path / "src"
-    src.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", "HEAD"], capture_output=True, check=True
+
+def test_release_installs_from_the_wheelhouse_with_no_network(
+    target: Path, pubkey: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """install.sh makes the release from a local wheelhouse alone: pip gets no index
+    (its index and find-links point at a closed loopback port, and install.sh must
+    ignore them), every wheel is checked against requirements.lock's hashes."""
+    kit = releases_kit(tmp_path_factory)
+    wheelhouse = kit.wheelhouse(kit.old)
+    closed = f"http://127.0.0.1:{free_port()}/simple"
+    env = dict(os.environ, PIP_INDEX_URL=closed, PIP_EXTRA_INDEX_URL=closed, PIP_FIND_LINKS=closed,
+               PIP_NO_INDEX="0", https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")  # fmt: skip
+    args = ["bash", str(INSTALL), "--root", str(target), "--wheelhouse", str(wheelhouse),
+            "--provisioning-pubkey", str(pubkey)]  # fmt: skip
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"install release {kit.old}" in r.stdout
+    opt = target / "opt/edgegw"
+    for link in ("current", "committed"):
+        assert os.readlink(opt / link) == f"releases/{kit.old}"
+    out = subprocess.run([str(opt / "current/bin/edgegw"), "--version"], capture_output=True,
+                         text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert out.stdout.strip() == f"edgegw {kit.old}", out.stderr
+    status = subprocess.run([str(opt / "current/bin/edgegw"), "update", "status", "--root",
+                             str(opt), "--json"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert json.loads(status.stdout)["current"] == kit.old, status.stderr
+    # Exactly the locked versions are installed.
+    site = next((opt / "releases" / kit.old / "lib").glob("python3*/site-packages"))
+    pins = parse_lock((REPO / "requirements.lock").read_text())
+    dists = dict(
+        (normalize_name(n), v)
+        for n, v in (p.name.removesuffix(".dist-info").split("-") for p in site.glob("*.dist-info"))
     )
-    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True)
-    args = ("--root", str(target), "--source", str(src), "--provisioning-pubkey", str(pubkey))
-    first = run(*args)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert (target / "opt/edgegw/venv/bin/edgegw").exists()
-    second = run(*args)
-    assert "nothing to do: already installed" in second.stdout, second.stdout
+    for pin in pins.values():
+        assert dists.get(pin.name) == pin.version, (pin, dists)
+    for unit in ("edgegw-update.path", "edgegw-update-recover.service"):
+        assert (target / "etc/systemd/system/multi-user.target.wants" / unit).is_symlink()
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert "nothing to do: already installed" in again.stdout, again.stdout + again.stderr
+
+    # A wheel that is not the locked one is refused by its hash.
+    bad = tmp_path_factory.mktemp("bad-wheelhouse")
+    for w in wheelhouse.iterdir():
+        (bad / w.name).write_bytes(w.read_bytes())
+    tomli = next(bad.glob("tomli_w-*.whl"))
+    tomli.write_bytes(tomli.read_bytes() + b"\0")
+    other = tmp_path_factory.mktemp("root2")
+    (other / "etc").mkdir()
+    shutil.copy2(target / "etc/passwd", other / "etc/passwd")
+    shutil.copy2(target / "etc/group", other / "etc/group")
+    r = subprocess.run(["bash", str(INSTALL), "--root", str(other), "--wheelhouse", str(bad),
+                        "--no-venv"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0  # --no-venv: the software is not touched
+    r = subprocess.run(["bash", str(INSTALL), "--root", str(other), "--wheelhouse", str(bad)],
+                       capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert r.returncode != 0 and "hash" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+    assert not (other / "opt/edgegw/current").exists()

@@ -67,10 +67,12 @@ def _verify(tmp_path: Path, names: list[str]) -> subprocess.CompletedProcess[str
     Everything else in the units is verified unchanged.
     """
     tool = require_tool("systemd-analyze")
-    for unit in ("edgegw.service", "edgegw-usb@.service"):
+    for unit in ("edgegw.service", "edgegw-usb@.service", "edgegw-update.service",
+                 "edgegw-update.path", "edgegw-update-recover.service"):  # fmt: skip
         text = (UNITS / unit).read_text()
-        text = text.replace("/opt/edgegw/venv/bin/edgegw", sys.executable)
-        text = text.replace("/opt/edgegw/venv/bin/python", sys.executable)
+        for release in ("current", "committed"):
+            for program in ("edgegw", "python"):
+                text = text.replace(f"/opt/edgegw/{release}/bin/{program}", sys.executable)
         (tmp_path / unit).write_text(text)
     return subprocess.run(
         [tool, "verify", "--man=no", *[str(tmp_path / n) for n in names]],
@@ -79,7 +81,8 @@ def _verify(tmp_path: Path, names: list[str]) -> subprocess.CompletedProcess[str
 
 
 def test_units_verify_cleanly(tmp_path: Path) -> None:
-    r = _verify(tmp_path, ["edgegw.service", "edgegw-usb@sdb1.service"])
+    r = _verify(tmp_path, ["edgegw.service", "edgegw-usb@sdb1.service", "edgegw-update.service",
+                           "edgegw-update.path", "edgegw-update-recover.service"])  # fmt: skip
     # verify exits 0 on unknown keys and bad values, printing warnings: any output fails.
     assert r.returncode == 0 and r.stderr.strip() == "" and r.stdout.strip() == "", (
         r.stderr + r.stdout
