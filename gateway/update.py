@@ -644,7 +644,8 @@ class Updater:
         """Apply every bundle in ``<spool>/ready`` (oldest first), then remove it.
 
         A bundle stays while its attempt was interrupted (so it is tried again);
-        ``<spool>/permits/<sha256>.json`` is a downgrade permit for that bundle."""
+        one below the version floor goes to ``<spool>/held/`` until a signed offer
+        allows it; ``<spool>/permits/<sha256>.json`` is that permit."""
         ready = spool / "ready"
         results: list[UpdateResult] = []
         if not ready.is_dir():
@@ -660,7 +661,14 @@ class Updater:
                 permit = (spool / "permits" / f"{stem}.json").read_bytes()
             result = self.apply(bundle, source=bundle.name, permit=permit)
             results.append(result)
-            if result.outcome != "interrupted":
+            if result.code == "below-floor" and result.digest is not None:
+                # kept until a signed offer allows it (the daemon moves it back to ready/)
+                held = spool / "held"
+                held.mkdir(mode=0o700, exist_ok=True)
+                os.replace(bundle, held / f"{result.digest}{SUFFIX}")
+                fsync_dir(held)
+                fsync_dir(ready)
+            elif result.outcome != "interrupted":
                 with contextlib.suppress(FileNotFoundError):
                     bundle.unlink()
                 fsync_dir(ready)

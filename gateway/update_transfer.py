@@ -214,6 +214,11 @@ class SoftwareDownloads:
                     encode_wire(env.payload, env.signature),
                     0o644,
                 )
+                # a bundle the updater held back (below the floor) may go now
+                held = self.spool / "held" / f"{offer.sha256}{SUFFIX}"
+                if held.exists():
+                    os.replace(held, self.spool / "ready" / held.name)
+                    fsync_dir(self.spool / "ready")
             write_atomic(
                 self.spool / "offers" / f"{offer.sha256}.json", json.dumps(doc).encode(), 0o600
             )
