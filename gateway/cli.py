@@ -14,7 +14,6 @@ from typing import Any
 from firmware_bridge import logfmt
 from gateway import __version__
 from gateway.config import ConfigError, check_config, load_config
-from gateway.health_file import ENV as HEALTH_ENV
 from gateway.preflight import account_for, preflight
 from gateway.security.roles import TrustError
 from headend.cli import hostport as _hostport  # also the demo's --broker
@@ -118,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        daemon = Daemon(cfg, health_file=Path(args.health_file) if args.health_file else None)
+        daemon = Daemon(cfg)
         await daemon.run(stop)
         # A configuration change from central is in the file: systemd starts us again.
         return RESTART_EXIT_CODE if daemon.restart_reason else 0
@@ -172,12 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the gateway daemon")
     r.add_argument("--config", required=True, help="TOML configuration file")
-    r.add_argument(
-        "--health-file",
-        default=os.environ.get(HEALTH_ENV) or None,
-        metavar="PATH",
-        help=f"write the daemon's health for the updater here (default: ${HEALTH_ENV})",
-    )
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("config", help="configuration tools")

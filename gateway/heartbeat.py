@@ -25,7 +25,7 @@ import enum
 import os
 import subprocess
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +69,14 @@ class Heartbeat:
     link: str | None = None
     last_contact_ms: int | None = None
     detail: str = ""  # a stop's reason, a start's phase
+    # the milestones the updater's health gate reads (gateway.update): buses,
+    # poll_cycles and readings committed, acks from central
+    health: Mapping[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["phase"] = self.phase.value
+        d["health"] = dict(self.health)
         return d
 
     @classmethod
@@ -92,6 +96,7 @@ class Heartbeat:
             link=None if d.get("link") is None else str(d["link"]),
             last_contact_ms=None if d.get("last_contact_ms") is None else int(d["last_contact_ms"]),
             detail=str(d.get("detail", "")),
+            health={str(k): int(v) for k, v in dict(d.get("health") or {}).items()},
         )
 
 
@@ -238,6 +243,7 @@ class Writer:
         detail: str | None = None,
         link: str | None = None,
         last_contact_ms: int | None = None,
+        health: Mapping[str, int] | None = None,
     ) -> str | None:
         """Write one beat; returns the error text when a new cause of failure starts."""
         if phase is not None:
@@ -246,7 +252,7 @@ class Writer:
             self.detail = detail
         hb = Heartbeat(
             self.pid, self.proc_start, self.boot_id, self.version, self.started_ms, self.phase,
-            now_ms, self.interval_s, link, last_contact_ms, self.detail,
+            now_ms, self.interval_s, link, last_contact_ms, self.detail, dict(health or {}),
         )
         tmp = self.path.with_name(f".{self.path.name}.{self.pid}")
         try:

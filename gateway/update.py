@@ -20,10 +20,11 @@ The switch (:meth:`Updater.apply`), each step durable before the next::
     current.tmp -> NEW, rename over current, fsync
     state: trial (boot id, deadline on CLOCK_BOOTTIME)
     restart the daemon           it runs NEW
-    health gate                  the daemon's health file (gateway.health_file):
-                                 NEW's version, this boot, started after the switch,
-                                 ready, a poll cycle committed, progress; then it
-                                 must stay up for the settle time
+    health gate                  the daemon's heartbeat (gateway.heartbeat): NEW's
+                                 version, this boot, not the process of before the
+                                 switch, running (database open), a poll cycle
+                                 committed, progress; then it must stay up with the
+                                 same process for the settle time
     healthy:   state: committing; committed -> NEW; floor raised to NEW's
                min_version; state: idle
     otherwise: state: rolling-back; current -> OLD; restart; state: idle
@@ -57,8 +58,8 @@ from pathlib import Path
 from typing import Any
 
 from firmware_bridge.durable import append_durably, fsync_dir, write_atomic
-from gateway.health_file import boot_id as read_boot_id
-from gateway.health_file import boottime_ns, read_file
+from gateway import heartbeat
+from gateway.heartbeat import Heartbeat, Phase, Process
 from gateway.security.envelope import CommandResult, check_signature, parse_envelope
 from gateway.security.roles import CommandType, TrustStore
 from provisioning.bundle import BundleError, VerifyKey, format_time
@@ -98,54 +99,56 @@ class UpdateError(Exception):
 
 
 def health_verdict(
-    doc: dict[str, Any] | None,
+    hb: Heartbeat | None,
     *,
     version: str,
-    boot: str,
-    since_ns: int,
+    boot: str | None,
+    before: tuple[int, int | None] | None = None,
     require: frozenset[str] = DEFAULT_REQUIRE,
-    pid_alive: Callable[[int], bool] = lambda pid: True,
+    process: Callable[[int], Process] = heartbeat.process,
 ) -> str | None:
-    """None when ``doc`` shows a healthy daemon of ``version`` started in this boot
-    after ``since_ns``; otherwise what is still missing (for the log and the record)."""
-    if doc is None:
-        return "no health file yet"
-    if doc.get("version") != version:
-        return f"the daemon runs version {doc.get('version')!r}, not {version}"
-    if doc.get("boot_id") != boot or not isinstance(doc.get("started_ns"), int):
-        return "the health file is from another boot"
-    if doc["started_ns"] < since_ns:
-        return "the health file is from before the switch"
-    pid = doc.get("pid")
-    if not isinstance(pid, int) or not pid_alive(pid):
-        return f"the daemon (pid {pid}) is not running"
-    if "ready" in require and doc.get("ready") is not True:
-        return "not ready (database not open)"
-    cycles, buses = doc.get("poll_cycles", 0), doc.get("buses", 0)
-    if "poll" in require and buses and not (isinstance(cycles, int) and cycles >= 1):
+    """None when heartbeat ``hb`` shows a healthy daemon of ``version`` in this boot,
+    not the process ``before`` (pid, start) that ran at the switch; otherwise what
+    is still missing (for the log and the record)."""
+    if hb is None:
+        return "no heartbeat yet"
+    if hb.version != version:
+        return f"the daemon runs version {hb.version!r}, not {version}"
+    if hb.boot_id != boot:
+        return "the heartbeat is from another boot"
+    if before is not None and (hb.pid, hb.proc_start) == tuple(before):
+        return "still the daemon process of before the switch"
+    proc = process(hb.pid)
+    if not proc.exists or (None not in (proc.start, hb.proc_start) and proc.start != hb.proc_start):
+        return f"the daemon (pid {hb.pid}) is not running"
+    if hb.phase is not Phase.RUNNING:
+        if "ready" in require or hb.phase is Phase.STOPPED:
+            return f"the daemon is {hb.phase.value} ({hb.detail or 'database not open yet'})"
+    h = hb.health
+    buses, cycles = h.get("buses", 0), h.get("poll_cycles", 0)
+    if "poll" in require and buses and cycles < 1:
         return "no poll cycle committed yet"
-    acks, readings = doc.get("acks", 0), doc.get("readings", 0)
-    if "uplink" in require and not (isinstance(acks, int) and acks >= 1):
+    if "uplink" in require and h.get("acks", 0) < 1:
         return "no batch acknowledged by central yet"
-    progressed = any(isinstance(v, int) and v >= 1 for v in (acks, readings, cycles))
+    progressed = max(h.get("acks", 0), h.get("readings", 0), cycles) >= 1
     if "progress" in require and buses and not progressed:
         return "no outbox or uplink progress yet"
     return None
 
 
-def pid_alive(pid: int) -> bool:
+def read_heartbeat(path: Path) -> Heartbeat | None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie has exited: only its parent has not reaped it yet.
-    with contextlib.suppress(OSError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        if fields and fields[0] == "Z":
-            return False
-    return True
+        return heartbeat.read(path)
+    except ValueError:
+        return None
+
+
+def read_boot_id() -> str:
+    return heartbeat.boot_id() or "unknown"
+
+
+def boottime_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
 # ---------------------------------------------------------------------------
@@ -155,7 +158,7 @@ def pid_alive(pid: int) -> bool:
 @dataclass
 class UpdateSettings:
     root: Path
-    health_file: Path
+    heartbeat_file: Path  # /run/edgegw/heartbeat.json
     restart: Callable[[], None]
     verify_key: VerifyKey
     python: str = field(default_factory=lambda: getattr(sys, "_base_executable", sys.executable))
@@ -464,6 +467,9 @@ class Updater:
                 "source": source,
                 "downgrade": allowed,
             }
+            old = read_heartbeat(self.s.heartbeat_file)
+            if old is not None:
+                trial["before"] = [old.pid, old.proc_start]
             state = self.state()
             self._save({**state, "phase": SWITCHING, "trial": trial})
             self.step("switching")
@@ -500,20 +506,20 @@ class Updater:
         healthy_since: float | None = None
         pid: int | None = None
         while True:
-            doc = read_file(self.s.health_file)
+            hb = read_heartbeat(self.s.heartbeat_file)
+            before = trial.get("before")
             why = health_verdict(
-                doc,
+                hb,
                 version=trial["to"],
                 boot=self.s.boot_id,
-                since_ns=int(trial["switched_ns"]),
+                before=(before[0], before[1]) if isinstance(before, list) else None,
                 require=self.s.require,
-                pid_alive=pid_alive,
             )
             now = time.monotonic()
             if why is None:
-                assert doc is not None
-                if pid != doc["pid"]:
-                    pid, healthy_since = doc["pid"], now  # a new process starts settling anew
+                assert hb is not None
+                if pid != hb.pid:
+                    pid, healthy_since = hb.pid, now  # a new process starts settling anew
                 elif healthy_since is not None and now - healthy_since >= self.s.settle_s:
                     return None
             else:

@@ -43,7 +43,7 @@ from store_forward.uplink import tls_context
 
 DEFAULT_ROOT = "/opt/edgegw"
 DEFAULT_SPOOL = "/var/lib/edgegw/updates"
-DEFAULT_HEALTH = "/run/edgegw/health.json"
+DEFAULT_HEARTBEAT = "/run/edgegw/heartbeat.json"
 DEFAULT_AUDIT_SPOOL = "/var/lib/edgegw/provisioning/audit-spool.jsonl"
 DEFAULT_RESTART = "systemctl --no-block restart edgegw.service"
 
@@ -206,7 +206,7 @@ def _updater(args: argparse.Namespace) -> Updater:
         keys += trust.public_keys_for(Role.PROVISIONING)
     settings = UpdateSettings(
         root=Path(args.root),
-        health_file=Path(args.health_file),
+        heartbeat_file=Path(args.heartbeat_file),
         restart=restart_command(shlex.split(args.restart_command)),
         verify_key=keys,
         health_timeout_s=args.health_timeout,
@@ -251,7 +251,7 @@ def cmd_update_recover(args: argparse.Namespace) -> int:
 def cmd_update_status(args: argparse.Namespace) -> int:
     root = Path(args.root)
     settings = UpdateSettings(
-        root=root, health_file=Path(args.health_file), restart=lambda: None, verify_key=[]
+        root=root, heartbeat_file=Path(args.heartbeat_file), restart=lambda: None, verify_key=[]
     )
     st = Updater(settings).status()
     if args.json:
@@ -309,7 +309,7 @@ def register(sub: Any) -> None:
 
     def common(x: argparse.ArgumentParser) -> None:
         x.add_argument("--root", default=DEFAULT_ROOT, help="releases root")
-        x.add_argument("--health-file", default=DEFAULT_HEALTH)
+        x.add_argument("--heartbeat-file", default=DEFAULT_HEARTBEAT, help="the daemon's heartbeat")
         x.add_argument("--pubkey", action="append", default=[], help="provisioning key (PEM)")
         x.add_argument("--trust-store", help="central trust store (downgrade permits)")
         x.add_argument("--gateway-id", help="this gateway (downgrade permits name it)")
@@ -337,6 +337,6 @@ def register(sub: Any) -> None:
     r.set_defaults(func=cmd_update_recover)
     s = usub.add_parser("status", help="releases, the one running, the floor, the last update")
     s.add_argument("--root", default=DEFAULT_ROOT)
-    s.add_argument("--health-file", default=DEFAULT_HEALTH)
+    s.add_argument("--heartbeat-file", default=DEFAULT_HEARTBEAT)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_update_status)

@@ -69,7 +69,6 @@ from gateway.daemon.poller import BusPoller
 from gateway.daemon.relay_worker import CommandRelays, Relays
 from gateway.daemon.writer import Cycle, Tick, Work, Writer
 from gateway.metrics import GatewayMetrics, TextfileExporter
-from gateway.health_file import HealthReporter
 from gateway.prepaid import Prepaid, RelayIntent
 from gateway.remote_config import DEFAULT_CONFIRM_MS, RemoteConfig
 from gateway.risk_monitor import RiskMonitor
@@ -122,6 +121,9 @@ MAX_RECOVERIES = 3
 
 def wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+HEALTH_CHECK_S = 0.5  # how often the heartbeat loop looks for a new health milestone
 
 
 @dataclass
@@ -187,7 +189,6 @@ class Daemon:
         watchdog_deadlines_s: tuple[float, float] | None = None,
         backoff: BackoffPolicy | None = None,
         integrity_check_s: float = INTEGRITY_CHECK_S,
-        health_file: Path | None = None,
     ) -> None:
         """``clock_ms`` is the system clock, ``mono_ms`` the monotonic clock (default:
         ``CLOCK_BOOTTIME``; when only ``clock_ms`` is given, e.g. a simulated site clock
@@ -198,12 +199,8 @@ class Daemon:
         ``watchdog_deadlines_s`` = (poll, database) stall limits before pings to
         systemd's watchdog stop; ``backoff`` the buses' back-off and quarantine policy
         (default: the scheduler's); ``integrity_check_s`` how often the database is
-        checked while running; ``health_file`` where the updater's health gate reads
-        the daemon's milestones (gateway.health_file)."""
+        checked while running."""
         self.backoff = backoff
-        self.health: HealthReporter | None = None
-        if health_file is not None:
-            self.health = HealthReporter(health_file, version=__version__, snapshot=self.health_snapshot)
         # software.offer from central: the bundle's chunks over MQTT into the update spool
         self.software = SoftwareDownloads(
             update_spool(config.storage.path), gateway_id=config.gateway.id, broker=config.broker
@@ -338,15 +335,14 @@ class Daemon:
         if self.uplink is not None:
             self.uplink.notify()
 
-    def health_snapshot(self) -> dict[str, Any]:
-        """The milestones the health file carries (see gateway.health_file)."""
+    def health_snapshot(self) -> dict[str, int]:
+        """The milestones the heartbeat carries for the updater's health gate
+        (gateway.update): poll cycles and readings committed, batches acknowledged."""
         return {
-            "ready": self.ready.is_set(),
             "buses": len(self.config.buses),
             "poll_cycles": self.stats.cycles,
             "readings": self.stats.readings,
             "acks": self.uplink.stats.acked if self.uplink is not None else 0,
-            "storage": self._storage_text,
         }
 
     def request_restart(self, reason: str) -> None:
@@ -447,8 +443,6 @@ class Daemon:
                     self._inbox_task = tg.create_task(self.inbox.run(), name="commands")
                     timers.append(self._inbox_task)
                 self.ready.set()
-                if self.health is not None:
-                    timers.append(tg.create_task(self.health.run(), name="health-file"))
                 if self.commands is not None:
                     timers.append(
                         tg.create_task(self.software.run(self._software_event), name="software")
@@ -511,15 +505,24 @@ class Daemon:
             detail=detail,
             link=None if up is None else up.stats.state.value,
             last_contact_ms=None if up is None else up.last_contact_ms,
+            health=self.health_snapshot(),
         )
         if err is not None:
             log.warning("%s (edgegw status cannot tell whether the daemon runs)", err)
 
     async def _heartbeat_loop(self) -> None:
+        """A beat every interval, and one as soon as a health milestone moves from
+        nothing (the first poll cycle, the first ack), so an update's health gate
+        sees it at once."""
         assert self.heartbeat is not None
+        last = time.monotonic()
+        seen = {k: v > 0 for k, v in self.health_snapshot().items()}
         while True:
-            await asyncio.sleep(self.heartbeat.interval_s)
-            self.beat()
+            await asyncio.sleep(HEALTH_CHECK_S)
+            now = {k: v > 0 for k, v in self.health_snapshot().items()}
+            if now != seen or time.monotonic() - last >= self.heartbeat.interval_s:
+                self.beat()
+                seen, last = now, time.monotonic()
 
     async def stop_polling(self, grace_s: float = 10.0) -> None:
         """Stop every bus poller and wait until all cycles already read are committed.

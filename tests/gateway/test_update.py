@@ -30,9 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.health_file import boot_id, read_file
 from gateway.security.roles import CommandType, Role
-from gateway.update import Updater, UpdateSettings, health_verdict, pid_alive
+from gateway.update import Updater, UpdateSettings, health_verdict, read_boot_id, read_heartbeat
 from gateway.update_transfer import offer_for
 from provisioning.keyfiles import load_public_key
 from provisioning.usb import copy_bundles_to_spool
@@ -65,7 +64,7 @@ class Site:
     def settings(self, **kw: object) -> UpdateSettings:
         s = UpdateSettings(
             root=self.root,
-            health_file=self.health,
+            heartbeat_file=self.health,
             restart=self.supervisor.restart,
             verify_key=load_public_key(self.kit.pubkey),
             health_timeout_s=40.0,
@@ -78,8 +77,7 @@ class Site:
         return s
 
     def healthy(self, version: str) -> bool:
-        why = health_verdict(read_file(self.health), version=version, boot=boot_id(), since_ns=0,
-                             pid_alive=pid_alive)  # fmt: skip
+        why = health_verdict(read_heartbeat(self.health), version=version, boot=read_boot_id())  # fmt: skip
         return why is None
 
     async def wait_healthy(self, version: str, timeout_s: float = 40.0) -> None:
@@ -106,7 +104,7 @@ async def site(
         db = tmp_path / "gw.db"
         config = site_config(tmp_path / "gateway.toml", gateway_id=GW, db=db,
                              broker_port=mosquitto.port, modbus_port=sim.port, units=[1, 2])  # fmt: skip
-        health = tmp_path / "run" / "health.json"
+        health = tmp_path / "run" / "heartbeat.json"
         sup = Supervisor(root, config, health, tmp_path / "daemon.log")
         sup.start()
         s = Site(tmp_path, root, config, db, health, tmp_path / "prov" / "audit-spool.jsonl",
@@ -230,7 +228,7 @@ def step(label):
     print("step", label, flush=True)
     if label == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
-s = UpdateSettings(root=Path(root), health_file=Path(health), verify_key=load_public_key(Path(pub)),
+s = UpdateSettings(root=Path(root), heartbeat_file=Path(health), verify_key=load_public_key(Path(pub)),
                    restart=restart_command(["sh", "-c", restart]), settle_s=1.0, poll_s=0.1,
                    health_timeout_s=40.0)
 r = Updater(s, step=step).apply(Path(bundle))
@@ -279,7 +277,7 @@ async def _power_cut(site: Site, releases: Kit, step: str, reboot: bool) -> None
     assert f"step {step}" in out.decode()
     # Whatever it was cut at, `current` names a complete release.
     current = os.readlink(site.root / "current").split("/")[1]
-    up = Updater(site.settings(boot_id="another-boot" if reboot else boot_id()))
+    up = Updater(site.settings(boot_id="another-boot" if reboot else read_boot_id()))
     assert up.info(current) is not None
     if reboot:
         # The daemon died with the machine; the boot-time recovery runs before it starts.

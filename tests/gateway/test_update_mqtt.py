@@ -25,9 +25,8 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from gateway.health_file import boot_id, read_file
 from gateway.security.roles import CommandType, Role
-from gateway.update import Updater, UpdateSettings, health_verdict, pid_alive
+from gateway.update import Updater, UpdateSettings, health_verdict, read_boot_id, read_heartbeat
 from gateway.update_transfer import Offer, chunk_topic, offer_for
 from provisioning.keyfiles import load_public_key
 from store_forward.topics import Topics
@@ -90,7 +89,7 @@ async def gateway(tmp_path: Path, releases: Kit, mosquitto: Mosquitto) -> AsyncI
                              broker_port=mosquitto.port, modbus_port=sim.port, units=[1])  # fmt: skip
         (tmp_path / "trust.json").write_text(json.dumps(central.trust().to_dict()))
         config.write_text(config.read_text() + '\n[security]\ntrust_file = "trust.json"\n')
-        sup = Supervisor(root, config, tmp_path / "run" / "health.json", tmp_path / "daemon.log")
+        sup = Supervisor(root, config, tmp_path / "run" / "heartbeat.json", tmp_path / "daemon.log")
         sup.start()
         try:
             yield tmp_path, sup, central
@@ -102,11 +101,10 @@ async def test_a_bundle_offered_over_mqtt_resumes_after_a_link_drop_and_is_insta
     gateway: tuple[Path, Supervisor, Central], releases: Kit, mosquitto: Mosquitto
 ) -> None:
     tmp, sup, central = gateway
-    health = tmp / "run" / "health.json"
+    health = tmp / "run" / "heartbeat.json"
 
     def healthy(version: str) -> bool:
-        return health_verdict(read_file(health), version=version, boot=boot_id(), since_ns=0,
-                              pid_alive=pid_alive) is None  # fmt: skip
+        return health_verdict(read_heartbeat(health), version=version, boot=read_boot_id()) is None  # fmt: skip
 
     await until(lambda: healthy(releases.old), 40, f"old release healthy:\n{sup.tail()}")
     bundle = releases.bundle(releases.new)
@@ -146,7 +144,7 @@ async def test_a_bundle_offered_over_mqtt_resumes_after_a_link_drop_and_is_insta
     assert done and done[-1]["chunks_fetched"] == total, done  # none fetched twice
 
     # edgegw-update.path starts the updater on the spool.
-    up = Updater(UpdateSettings(root=tmp / "opt", health_file=health, restart=sup.restart,
+    up = Updater(UpdateSettings(root=tmp / "opt", heartbeat_file=health, restart=sup.restart,
                                 verify_key=load_public_key(releases.pubkey), settle_s=1.0,
                                 poll_s=0.1, health_timeout_s=40.0,
                                 audit_spool=tmp / "prov" / "audit-spool.jsonl"))  # fmt: skip

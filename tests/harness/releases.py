@@ -216,7 +216,7 @@ def _build(d: Path) -> None:
     up = Updater(
         UpdateSettings(
             root=template,
-            health_file=d / "unused-health.json",
+            heartbeat_file=d / "unused-heartbeat.json",
             restart=lambda: None,
             verify_key=key.public_key(),
         )
@@ -289,7 +289,9 @@ class Supervisor:
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NOTIFY_SOCKET")}
-        env["EDGEGW_HEALTH_FILE"] = str(self.health)
+        # systemd's RuntimeDirectory=edgegw: the daemon's heartbeat goes there
+        env["RUNTIME_DIRECTORY"] = str(self.health.parent)
+        self.health.parent.mkdir(parents=True, exist_ok=True)
         return env
 
     def _loop(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.commands import CommandRefused
+from gateway.heartbeat import Heartbeat, Phase, Process
 from gateway.update import health_verdict
 from gateway.update_transfer import offer_for, parse_offer
 from provisioning.bundle import HEADER, BundleError, verify_bundle
@@ -206,14 +208,22 @@ def test_an_offer_lists_every_chunk_hash(tmp_path: Path) -> None:
 
 
 def test_the_health_verdict_needs_every_milestone_of_the_new_release() -> None:
-    good = {"format": 1, "pid": 1, "version": "2", "boot_id": "b", "started_ns": 10,
-            "ready": True, "buses": 1, "poll_cycles": 1, "readings": 3, "acks": 0}  # fmt: skip
-    ok = {"version": "2", "boot": "b", "since_ns": 5}
+    alive = lambda pid: Process(True, 77)  # noqa: E731
+    good = Heartbeat(pid=9, proc_start=77, boot_id="b", version="2", started_ms=1,
+                     phase=Phase.RUNNING, updated_ms=2, interval_s=5.0,
+                     health={"buses": 1, "poll_cycles": 1, "readings": 3, "acks": 0})  # fmt: skip
+    ok = {"version": "2", "boot": "b", "process": alive}
     assert health_verdict(good, **ok) is None  # type: ignore[arg-type]
     for change, why in [({"version": "1"}, "runs version"), ({"boot_id": "a"}, "another boot"),
-                        ({"started_ns": 1}, "before the switch"), ({"ready": False}, "not ready"),
-                        ({"poll_cycles": 0, "readings": 0}, "no poll cycle")]:  # fmt: skip
-        assert why in (health_verdict({**good, **change}, **ok) or ""), change  # type: ignore[arg-type]
+                        ({"phase": Phase.STARTING}, "starting"),
+                        ({"health": {"buses": 1}}, "no poll cycle")]:  # fmt: skip
+        assert why in (health_verdict(replace(good, **change), **ok) or ""), change  # type: ignore[arg-type]
     assert "acknowledged" in (health_verdict(good, require=frozenset({"uplink"}), **ok) or "")  # type: ignore[arg-type]
-    assert health_verdict(None, **ok) == "no health file yet"  # type: ignore[arg-type]
-    assert "not running" in (health_verdict(good, pid_alive=lambda p: False, **ok) or "")  # type: ignore[arg-type]
+    assert health_verdict(None, **ok) == "no heartbeat yet"  # type: ignore[arg-type]
+    assert "before the switch" in (health_verdict(good, before=(9, 77), **ok) or "")  # type: ignore[arg-type]
+    gone = {**ok, "process": lambda pid: Process(False)}
+    assert "not running" in (health_verdict(good, **gone) or "")  # type: ignore[arg-type]
+    recycled = {**ok, "process": lambda pid: Process(True, 78)}
+    assert "not running" in (health_verdict(good, **recycled) or "")  # type: ignore[arg-type]
+    # A site without buses has no poll cycle to wait for.
+    assert health_verdict(replace(good, health={"buses": 0}), **ok) is None  # type: ignore[arg-type]
