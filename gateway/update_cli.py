@@ -15,6 +15,7 @@ from typing import Any
 
 import aiomqtt
 
+from gateway.config import ConfigError, load_config
 from gateway.security.roles import Role, TrustError, TrustStore
 from gateway.update import (
     DEFAULT_REQUIRE,
@@ -201,8 +202,20 @@ def _require(text: str) -> frozenset[str]:
 def _updater(args: argparse.Namespace) -> Updater:
     keys = [load_public_key(Path(p)) for p in args.pubkey]
     trust = None
-    if args.trust_store and Path(args.trust_store).exists():
-        trust = TrustStore.load(args.trust_store)
+    gateway_id = args.gateway_id
+    trust_file = Path(args.trust_store) if args.trust_store else None
+    if args.config and Path(args.config).exists():
+        # the gateway's configuration names its id and central's trust file
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            print(f"update: {args.config}: {len(exc.problems)} problem(s); no downgrade "
+                  "permit can be checked", file=sys.stderr)  # fmt: skip
+        else:
+            gateway_id = gateway_id or cfg.gateway.id
+            trust_file = trust_file or cfg.security.trust_file
+    if trust_file is not None and trust_file.exists():
+        trust = TrustStore.load(trust_file)
         keys += trust.public_keys_for(Role.PROVISIONING)
     settings = UpdateSettings(
         root=Path(args.root),
@@ -214,7 +227,7 @@ def _updater(args: argparse.Namespace) -> Updater:
         require=args.require,
         audit_spool=Path(args.audit_spool) if args.audit_spool else None,
         trust=trust,
-        gateway_id=args.gateway_id,
+        gateway_id=gateway_id,
         max_bytes=args.max_bytes,
     )
     if args.python:
@@ -311,8 +324,12 @@ def register(sub: Any) -> None:
         x.add_argument("--root", default=DEFAULT_ROOT, help="releases root")
         x.add_argument("--heartbeat-file", default=DEFAULT_HEARTBEAT, help="the daemon's heartbeat")
         x.add_argument("--pubkey", action="append", default=[], help="provisioning key (PEM)")
-        x.add_argument("--trust-store", help="central trust store (downgrade permits)")
-        x.add_argument("--gateway-id", help="this gateway (downgrade permits name it)")
+        x.add_argument(
+            "--config",
+            help="the gateway's configuration: its id and trust file (downgrade permits)",
+        )
+        x.add_argument("--trust-store", help="central trust store (default: the config's)")
+        x.add_argument("--gateway-id", help="this gateway (default: the config's)")
         x.add_argument("--restart-command", default=DEFAULT_RESTART)
         x.add_argument("--health-timeout", type=float, default=300.0, metavar="SECONDS")
         x.add_argument("--settle", type=float, default=30.0, metavar="SECONDS")

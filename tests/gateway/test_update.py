@@ -216,6 +216,39 @@ async def test_a_broken_release_is_rolled_back_without_a_person(site: Site, rele
     assert os.readlink(site.root / "current") == f"releases/{releases.old}"
 
 
+def test_the_release_commands_build_verify_and_offer_a_bundle(
+    releases: Kit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+    from gateway.update_transfer import parse_offer
+
+    out = tmp_path / "b.egws"
+    wh = releases.wheelhouse(releases.new)
+    assert main(["release", "build", "--wheelhouse", str(wh), "--lock", str(REPO / "requirements.lock"),
+                 "--key", str(releases.key), "--out", str(out)]) == 0  # fmt: skip
+    assert f"edge-gateway {releases.new} (floor {releases.new})" in capsys.readouterr().out
+    assert main(["release", "verify", str(out), "--pubkey", str(releases.pubkey)]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["release", "offer", str(out), "--allow-downgrade"]) == 0
+    offer = parse_offer(json.loads(capsys.readouterr().out))
+    assert offer.allow_downgrade and offer.version == releases.new
+    # A wheelhouse missing a locked wheel is refused; so is another key's bundle.
+    broken = tmp_path / "wh"
+    shutil.copytree(wh, broken)
+    next(broken.glob("orjson-*.whl")).unlink()
+    assert main(["release", "build", "--wheelhouse", str(broken), "--lock", str(REPO / "requirements.lock"),
+                 "--key", str(releases.key), "--out", str(tmp_path / "c.egws")]) == 2  # fmt: skip
+    assert "orjson==" in capsys.readouterr().err and not (tmp_path / "c.egws").exists()
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other = tmp_path / "other.pub"
+    other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    assert main(["release", "verify", str(out), "--pubkey", str(other)]) == 1
+    assert "bad-signature" in capsys.readouterr().err
+
+
 # -- power cuts --------------------------------------------------------------
 
 CHILD = """

@@ -261,3 +261,25 @@ def test_python_runs_under_memory_deny_write_execute() -> None:
         pytest.skip(f"kernel has no PR_SET_MDWE: {r.stdout.strip()}")
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().endswith("OK"), r.stdout + r.stderr
+
+
+def test_update_units_run_commands_the_cli_accepts() -> None:
+    """The updater's ExecStart lines parse with `edgegw`'s own parser; the recovery
+    runs before the daemon, from the committed release."""
+    import shlex
+
+    from gateway.cli import build_parser
+
+    for unit, action in [("edgegw-update.service", "apply"),
+                         ("edgegw-update-recover.service", "recover")]:  # fmt: skip
+        u = parse_unit(UNITS / unit)
+        argv = shlex.split(u["Service.ExecStart"][0])
+        assert argv[0] == "/opt/edgegw/committed/bin/edgegw"
+        args = build_parser().parse_args(argv[1:])
+        assert args.update_command == action and callable(args.func)
+    rec = parse_unit(UNITS / "edgegw-update-recover.service")
+    assert "edgegw.service" in rec["Unit.Before"][0].split()
+    path = parse_unit(UNITS / "edgegw-update.path")
+    assert path["Path.DirectoryNotEmpty"] == ["/var/lib/edgegw/updates/ready"]
+    daemon = parse_unit(UNITS / "edgegw.service")
+    assert daemon["Service.ExecStart"][0].startswith("/opt/edgegw/current/bin/edgegw run ")
