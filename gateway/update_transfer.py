@@ -61,7 +61,9 @@ log = logging.getLogger(__name__)
 TOPIC_LEVEL = "_software"
 MAX_CHUNKS = 512
 MIN_CHUNK = 1024
-MAX_CHUNK = 4 * 1024 * 1024
+# 512 chunks of at most 512 KiB: a 256 MiB bundle, and every chunk under the shipped
+# broker's max_packet_size (1 MiB, examples/mosquitto/mosquitto.conf)
+MAX_CHUNK = 512 * 1024
 DEFAULT_CHUNK = 64 * 1024
 WINDOW = 8  # chunks asked for at once
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
