@@ -15,6 +15,7 @@ from typing import Any
 
 import aiomqtt
 
+from gateway.commands import CommandRefused
 from gateway.config import ConfigError, load_config
 from gateway.security.roles import Role, TrustError, TrustStore
 from gateway.update import (
@@ -25,7 +26,7 @@ from gateway.update import (
     UpdateSettings,
     restart_command,
 )
-from gateway.update_transfer import offer_for, publish_chunks
+from gateway.update_transfer import offer_for, parse_offer, publish_chunks
 from provisioning.bundle import BundleError
 from provisioning.keyfiles import KeyFileError, load_private_key, load_public_key
 from provisioning.software_bundle import (
@@ -149,6 +150,11 @@ def cmd_release_offer(args: argparse.Namespace) -> int:
         return 1
     body: dict[str, Any] = offer.to_json()
     body["allow_downgrade"] = bool(args.allow_downgrade)
+    try:
+        parse_offer(body)  # never print an offer a gateway refuses
+    except CommandRefused as exc:
+        print(f"{args.bundle}: {exc.message}", file=sys.stderr)
+        return 1
     print(json.dumps(body, separators=(",", ":")))
     return 0
 
