@@ -31,6 +31,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
+from store_forward.presence import Presence
+
 METER_STATES = ("online", "offline", "quarantined")
 
 # Counter names in fleet_counters.
@@ -74,6 +78,7 @@ class FleetUpdate:
     newest_ms: int | None = None
     meters: dict[str, MeterState] = field(default_factory=dict)  # the latest per meter
     counts: Counter[str] = field(default_factory=Counter)
+    health: tuple[int, int, dict[str, Any]] | None = None  # newest (record id, time, body)
 
     @property
     def lag_ms(self) -> int | None:
@@ -115,6 +120,10 @@ def fleet_update(gateway: str, new_records: Iterable[RecordLike], received_ms: i
                 before = u.meters.get(meter)
                 if before is None or since >= before.since_ms:
                     u.meters[meter] = MeterState(kind[6:], since)
+        elif kind == HEALTH_EVENT:
+            t = _int(body.get("time_ms"), int(r.created_ms))
+            if u.health is None or t >= u.health[1]:
+                u.health = (r.id, t, dict(body))
         elif kind == "cutoff.action.trip":
             u.counts[CUTOFFS] += 1
         elif kind in _RESTORE_ACTIONS:
@@ -172,6 +181,23 @@ CREATE TABLE IF NOT EXISTS fleet_counters (
     value      INTEGER NOT NULL,
     PRIMARY KEY (gateway_id, name)
 );
+CREATE TABLE IF NOT EXISTS fleet_presence (
+    gateway_id TEXT PRIMARY KEY,
+    state      TEXT NOT NULL,
+    since_ms   INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    version    TEXT,
+    boot_id    TEXT,
+    started_ms INTEGER,
+    session_ms INTEGER,
+    reason     TEXT
+);
+CREATE TABLE IF NOT EXISTS fleet_health (
+    gateway_id TEXT PRIMARY KEY,
+    time_ms    INTEGER NOT NULL,
+    record_id  INTEGER NOT NULL,
+    body       TEXT NOT NULL
+);
 """
 
 # Statements shared by both stores (``?`` placeholders; store_pg swaps them for %s).
@@ -207,6 +233,63 @@ SELECT_METERS = (
     " ORDER BY gateway_id, state"
 )
 SELECT_COUNTERS = "SELECT gateway_id, name, value FROM fleet_counters ORDER BY gateway_id, name"
+# Presence as the broker's retained message last said (every headend receives it;
+# the same message again changes nothing, a change of state moves since_ms).
+UPSERT_PRESENCE = (
+    "INSERT INTO fleet_presence (gateway_id, state, since_ms, updated_ms, version, boot_id,"
+    " started_ms, session_ms, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (gateway_id) DO UPDATE SET"
+    " since_ms = CASE WHEN fleet_presence.state = excluded.state"
+    "   AND fleet_presence.session_ms IS NOT DISTINCT FROM excluded.session_ms"
+    "   THEN fleet_presence.since_ms ELSE excluded.since_ms END,"
+    " state = excluded.state, updated_ms = excluded.updated_ms,"
+    " version = COALESCE(excluded.version, fleet_presence.version),"
+    " boot_id = COALESCE(excluded.boot_id, fleet_presence.boot_id),"
+    " started_ms = COALESCE(excluded.started_ms, fleet_presence.started_ms),"
+    " session_ms = COALESCE(excluded.session_ms, fleet_presence.session_ms),"
+    " reason = excluded.reason"
+)
+SELECT_PRESENCE = (
+    "SELECT gateway_id, state, since_ms, updated_ms, version, boot_id, started_ms, session_ms, reason"
+    " FROM fleet_presence ORDER BY gateway_id"
+)
+# The newest health record per gateway (every one is also in ``events``).
+UPSERT_HEALTH = (
+    "INSERT INTO fleet_health (gateway_id, time_ms, record_id, body) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (gateway_id) DO UPDATE SET"
+    " time_ms = excluded.time_ms, record_id = excluded.record_id, body = excluded.body"
+    " WHERE excluded.time_ms >= fleet_health.time_ms"
+)
+SELECT_HEALTH = "SELECT gateway_id, time_ms, record_id, body FROM fleet_health ORDER BY gateway_id"
+HEALTH_EVENT = "gateway.health"
+
+
+def presence_params(gateway: str, p: Presence, now_ms: int) -> tuple[Any, ...]:
+    return (
+        gateway, p.state.value, now_ms, now_ms, p.version, p.boot_id, p.started_ms, p.session_ms,
+        None if p.reason is None else p.reason.value,
+    )
+
+
+@dataclass(frozen=True)
+class PresenceRow:
+    gateway: str
+    state: str
+    since_ms: int
+    updated_ms: int
+    version: str | None
+    boot_id: str | None
+    started_ms: int | None
+    session_ms: int | None
+    reason: str | None
+
+    @classmethod
+    def of(cls, row: tuple[Any, ...]) -> PresenceRow:
+        g, st, since, upd, ver, boot, started, session, reason = row
+        return cls(
+            str(g), str(st), int(since), int(upd), ver, boot,
+            None if started is None else int(started), None if session is None else int(session), reason,
+        )
 
 
 def statements(u: FleetUpdate) -> list[tuple[str, tuple[Any, ...]]]:
@@ -218,6 +301,9 @@ def statements(u: FleetUpdate) -> list[tuple[str, tuple[Any, ...]]]:
     ]
     out += [(UPSERT_METER, (u.gateway, m, s.state, s.since_ms)) for m, s in sorted(u.meters.items())]
     out += [(ADD_COUNTER, (u.gateway, k, n)) for k, n in sorted(u.counts.items()) if n]
+    if u.health is not None:
+        rid, t, body = u.health
+        out.append((UPSERT_HEALTH, (u.gateway, t, rid, orjson.dumps(body).decode())))
     return out
 
 

@@ -39,9 +39,10 @@ from firmware_bridge.backoff import backoff_delay
 from firmware_bridge.cause_log import CauseLog
 from headend.registry import GatewayRegistry
 from headend.store import CONFLICT_REASON, HeadendStore
-from store_forward import wire
+from store_forward import presence, wire
 from store_forward.acks import ack_key, ack_mac, encode_ack
 from store_forward.codec import AnyBatch, DecodeError, decode
+from store_forward.presence import Presence
 from store_forward.topics import DEFAULT_PREFIX, Topics, gateway_of, up_filter
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class IngestObserver(Protocol):
 
     def on_refused(self, reason: str) -> None: ...
 
-    def on_presence(self, gateway: str, payload: bytes) -> None: ...
+    def on_presence(self, gateway: str, p: Presence) -> None: ...
 
 
 def presence_filter(prefix: str = DEFAULT_PREFIX) -> str:
@@ -147,8 +148,9 @@ class Headend:
                 ) as client:
                     attempt = 0
                     await client.subscribe(up_filter(self.prefix, self.share_group), qos=1)
+                    # every gateway's retained presence: stored, and told to the observer
+                    await client.subscribe(presence_filter(self.prefix), qos=1)
                     if self.observer is not None:
-                        await client.subscribe(presence_filter(self.prefix), qos=1)
                         self.observer.on_connected(True)
                     self.connected.set()
                     if not self._link_log.ok("subscribed again"):
@@ -172,6 +174,23 @@ class Headend:
             self.connected.clear()
             await asyncio.sleep(backoff_delay(attempt, 0.2, 10.0, rng))
             attempt += 1
+
+    async def _presence(self, gateway: str, payload: bytes) -> None:
+        p = presence.parse(payload)
+        if p is None:
+            if payload:  # an empty retained message clears the topic: not a state
+                log.warning(
+                    "presence of %s not understood: %r", gateway, payload[:64], extra={"gateway": gateway}
+                )
+            return
+        if p.gateway is not None and p.gateway != gateway:
+            log.warning(
+                "presence on %s names gateway %s: ignored", gateway, p.gateway, extra={"gateway": gateway}
+            )
+            return
+        await self.db.save_presence(gateway, p, time.time_ns() // 1_000_000)
+        if self.observer is not None:
+            self.observer.on_presence(gateway, p)
 
     def _decode(self, payload: bytes) -> AnyBatch:
         lookup = self.registry.key_lookup if self.registry is not None else None
@@ -206,8 +225,7 @@ class Headend:
         payload = msg.payload if isinstance(msg.payload, bytes) else b""
         presence_gw = presence_gateway(msg.topic.value, self.prefix)
         if presence_gw is not None:
-            if self.observer is not None:
-                self.observer.on_presence(presence_gw, payload)
+            await self._presence(presence_gw, payload)
             return
         self.batches_received += 1
         topic_gw = gateway_of(msg.topic.value, self.prefix)

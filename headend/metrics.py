@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -53,6 +52,7 @@ from headend.fleet import (
     FleetSnapshot,
 )
 from headend.store import HeadendStore
+from store_forward.presence import Presence as StoredPresence
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +73,6 @@ def _version() -> str:
 class Presence:
     online: bool
     since_ms: int
-
-
-def parse_presence(payload: bytes) -> bool | None:
-    """``online``/``offline`` from a presence message: the bare word, or a JSON object
-    whose ``state`` (or ``status``) says it; None for anything else."""
-    text = payload.strip()
-    if text in (b"online", b"offline"):
-        return text == b"online"
-    if text.startswith(b"{"):
-        try:
-            doc = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return None
-        if isinstance(doc, dict):
-            state = doc.get("state", doc.get("status"))
-            if state in ("online", "offline"):
-                return bool(state == "online")
-    return None
 
 
 class HeadendMetrics:
@@ -134,6 +116,7 @@ class HeadendMetrics:
         for status in ("stored", "duplicate", "conflict", "rejected"):
             self.batches.labels(status)
         self.presence: dict[str, Presence] = {}
+        self.versions: dict[str, str] = {}  # software version each gateway's presence names
         self.snapshot: FleetSnapshot | None = None
         self.snapshot_ms: int | None = None
         self._lock = threading.Lock()  # the scrape runs in the HTTP server's thread
@@ -158,17 +141,14 @@ class HeadendMetrics:
     def on_refused(self, reason: str) -> None:
         self.refused.labels(reason).inc()
 
-    def on_presence(self, gateway: str, payload: bytes) -> None:
-        online = parse_presence(payload)
-        if online is None:
-            if payload:  # an empty retained message clears the topic: not a state
-                log.warning("presence of %s not understood: %r", gateway, payload[:64], extra={"gateway": gateway})
-            return
+    def on_presence(self, gateway: str, p: StoredPresence) -> None:
         now = self.clock_ms()
         with self._lock:
             before = self.presence.get(gateway)
-            if before is None or before.online != online:
-                self.presence[gateway] = Presence(online, now)
+            if before is None or before.online != p.online:
+                self.presence[gateway] = Presence(p.online, now)
+            if p.version is not None:
+                self.versions[gateway] = p.version
 
     # -- the fleet tables ---------------------------------------------------------
 
@@ -211,11 +191,21 @@ class HeadendMetrics:
             "when this headend saw the gateway's presence change (or first saw it)",
             labels=["gateway"],
         )
+        info = GaugeMetricFamily(
+            P + "gateway_info",
+            "the software version the gateway's presence names (value 1)",
+            labels=["gateway", "version"],
+        )
+        with self._lock:
+            versions = dict(self.versions)
         for gw, p in sorted(presence.items()):
             up.add_metric([gw], 1 if p.online else 0)
             since.add_metric([gw], p.since_ms / 1000)
+        for gw, v in sorted(versions.items()):
+            info.add_metric([gw, v], 1)
         yield up
         yield since
+        yield info
         if snap is None or snap_ms is None:
             return
         yield GaugeMetricFamily(

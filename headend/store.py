@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiosqlite
+import orjson
 
 from headend import fleet
+from headend.fleet import PresenceRow
 from store_forward.codec import AnyBatch
+from store_forward.presence import Presence
 from store_forward.records import RecordClass, RecordKind, dumps
 
 log = logging.getLogger(__name__)
@@ -143,6 +146,16 @@ class HeadendStore(Protocol):
         """The fleet tables (:mod:`headend.fleet`), for the metrics."""
         ...
 
+    async def save_presence(self, gateway: str, p: Presence, now_ms: int) -> None:
+        """A gateway's retained presence (:mod:`store_forward.presence`), as received."""
+        ...
+
+    async def presence(self) -> list[PresenceRow]: ...
+
+    async def health(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        """The newest health record per gateway: (time, body)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -221,6 +234,18 @@ class HeadendDB:
             async with self._db.execute(q) as cur:
                 rows.append([tuple(r) async for r in cur])
         return fleet.snapshot(*rows)
+
+    async def save_presence(self, gateway: str, p: Presence, now_ms: int) -> None:
+        # autocommit (isolation_level=None): one statement, its own transaction
+        await self._db.execute(fleet.UPSERT_PRESENCE, fleet.presence_params(gateway, p, now_ms))
+
+    async def presence(self) -> list[PresenceRow]:
+        async with self._db.execute(fleet.SELECT_PRESENCE) as cur:
+            return [PresenceRow.of(tuple(r)) async for r in cur]
+
+    async def health(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        async with self._db.execute(fleet.SELECT_HEALTH) as cur:
+            return {str(g): (int(t), orjson.loads(b)) async for g, t, _, b in cur}
 
     async def summary(self, gateway_id: str | None = None) -> dict[str, Any]:
         where, args = ("WHERE gateway_id = ?", (gateway_id,)) if gateway_id else ("", ())

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg import sql
 
 from headend import fleet
+from headend.fleet import PresenceRow
 from headend.store import (
     BATCH_COLS,
     EVENT_COLS,
@@ -33,6 +35,7 @@ from headend.store import (
     same_bytes,
 )
 from store_forward.codec import AnyBatch
+from store_forward.presence import Presence
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -104,6 +107,23 @@ CREATE TABLE IF NOT EXISTS fleet_counters (
     name       TEXT   NOT NULL,
     value      BIGINT NOT NULL,
     PRIMARY KEY (gateway_id, name)
+);
+CREATE TABLE IF NOT EXISTS fleet_presence (
+    gateway_id TEXT   PRIMARY KEY,
+    state      TEXT   NOT NULL,
+    since_ms   BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    version    TEXT,
+    boot_id    TEXT,
+    started_ms BIGINT,
+    session_ms BIGINT,
+    reason     TEXT
+);
+CREATE TABLE IF NOT EXISTS fleet_health (
+    gateway_id TEXT   PRIMARY KEY,
+    time_ms    BIGINT NOT NULL,
+    record_id  BIGINT NOT NULL,
+    body       TEXT   NOT NULL
 );
 """
 
@@ -210,6 +230,23 @@ class PostgresHeadendDB:
                 cur = await self._conn.execute(q)
                 rows.append([tuple(r) for r in await cur.fetchall()])
         return fleet.snapshot(*rows)
+
+    async def save_presence(self, gateway: str, p: Presence, now_ms: int) -> None:
+        async with self._conn.transaction():  # committed at once: no transaction left open
+            await self._conn.execute(
+                fleet.UPSERT_PRESENCE.replace("?", "%s"), fleet.presence_params(gateway, p, now_ms)
+            )
+
+    async def presence(self) -> list[PresenceRow]:
+        async with self._conn.transaction():
+            cur = await self._conn.execute(fleet.SELECT_PRESENCE)
+            return [PresenceRow.of(tuple(r)) for r in await cur.fetchall()]
+
+    async def health(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        """The newest health record per gateway: (time, body)."""
+        async with self._conn.transaction():
+            cur = await self._conn.execute(fleet.SELECT_HEALTH)
+            return {str(g): (int(t), orjson.loads(b)) for g, t, _, b in await cur.fetchall()}
 
     async def summary(self, gateway_id: str | None = None) -> dict[str, Any]:
         async with self._conn.transaction():

@@ -58,6 +58,7 @@ import aiomqtt
 
 from firmware_bridge.backoff import backoff_delay
 from firmware_bridge.cause_log import CauseLog
+from store_forward import presence
 from store_forward.acks import Ack, AckError, parse_ack, verify_ack
 from store_forward.codec import BatchCodec, JsonCodec, encoding_of, sealed_key_id
 from store_forward.outbox import K_LINK, K_LINK_SINCE, Batch, Outbox, OutboxError
@@ -138,6 +139,7 @@ class Uplink:
         max_bytes_per_s: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         unauthenticated_acks: bool = False,
+        identity: presence.Identity | None = None,
     ) -> None:
         """``codec``: :class:`store_forward.codec.SealedCodec` in deployments; without
         one, batches go as unsealed encoding 1 (development; logged as a warning),
@@ -145,6 +147,9 @@ class Uplink:
         ``unauthenticated_acks`` (``uplink.allow_unauthenticated_acks``)."""
         self.outbox = outbox
         self.gateway_id = gateway_id
+        # what the retained presence says of this gateway (store_forward.presence)
+        self.identity = identity or presence.Identity(gateway_id, "unknown", None, clock_ms())
+        self._session_ms: int | None = None
         self.broker = broker
         self.settings = settings
         if codec is None:
@@ -224,6 +229,7 @@ class Uplink:
 
     def _client(self) -> aiomqtt.Client:
         b = self.broker
+        self._session_ms = self.clock_ms()  # this MQTT session's start, in its birth and will
         return aiomqtt.Client(
             b.host,
             b.port,
@@ -234,7 +240,12 @@ class Uplink:
             keepalive=b.keepalive_s,
             timeout=max(5.0, self.settings.ack_timeout_s),
             tls_context=tls_context(b) if b.tls else None,
-            will=aiomqtt.Will(self.topics.state, b"offline", qos=1, retain=True),
+            will=aiomqtt.Will(
+                self.topics.state,
+                presence.death(self.identity, presence.OfflineReason.LOST, self._session_ms),
+                qos=1,
+                retain=True,
+            ),
         )
 
     async def run(self) -> None:
@@ -255,7 +266,13 @@ class Uplink:
                     await client.subscribe(self.topics.ack, qos=1)
                     if self.on_command is not None:
                         await client.subscribe(self.topics.cmd, qos=1)
-                    await client.publish(self.topics.state, b"online", qos=1, retain=True)
+                    assert self._session_ms is not None
+                    await client.publish(
+                        self.topics.state,
+                        presence.birth(self.identity, self._session_ms),
+                        qos=1,
+                        retain=True,
+                    )
                     await self._set_state(LinkState.UP)
                     if not self._link_log.ok("connected"):
                         log.info("uplink up (connected to %s:%d)", self.broker.host, self.broker.port)
@@ -269,7 +286,14 @@ class Uplink:
                         # connection that dies, so say "offline" before disconnecting.
                         with contextlib.suppress(Exception):
                             async with asyncio.timeout(2.0):
-                                await client.publish(self.topics.state, b"offline", qos=1, retain=True)
+                                await client.publish(
+                                    self.topics.state,
+                                    presence.death(
+                                        self.identity, presence.OfflineReason.STOPPED, self._session_ms
+                                    ),
+                                    qos=1,
+                                    retain=True,
+                                )
                         raise
             except* (aiomqtt.MqttError, OSError, TimeoutError) as eg:
                 self.stats.connect_failures += 1

@@ -18,6 +18,7 @@ PROTOCOL = {
     "backlog_format",
     "batch_epoch",
     "codec",
+    "presence",
     "records",
     "sealing",
     "tls",

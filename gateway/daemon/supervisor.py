@@ -87,6 +87,7 @@ from gateway.storage_recovery import ensure_schemas, recover_money
 from gateway.update_transfer import SoftwareDownloads, update_spool
 from provisioning.keys import Keystore
 from provisioning.usb import AUDIT_SPOOL, drain_audit_spool
+from store_forward import presence
 from store_forward.integrity import FaultKind
 from store_forward.outbox import (
     Outbox,
@@ -401,6 +402,7 @@ class Daemon:
             codec=storage_setup.uplink_codec(cfg),
             max_bytes_per_s=storage_setup.max_bytes_per_s(cfg),
             unauthenticated_acks=cfg.uplink.allow_unauthenticated_acks,
+            identity=presence.Identity(cfg.gateway.id, __version__, heartbeat.boot_id(), self.started_ms),
         )
         self.uplink = uplink
         work: Work = asyncio.Queue(maxsize=256)

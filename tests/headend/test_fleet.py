@@ -12,8 +12,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from headend.fleet import fleet_update
-from headend.metrics import HeadendMetrics, parse_presence
+from headend.metrics import HeadendMetrics
 from headend.store import HeadendDB, HeadendStore
+from store_forward.presence import parse
 from store_forward.records import Record, RecordClass
 from store_forward.wire_json import DecodedBatch
 from tests.headend.test_headend_scaleout import pg_dsn
@@ -89,9 +90,11 @@ async def exercise(store: HeadendStore) -> None:
     assert set(snap.counters) == {("gw-1", "cutoffs", 2)}
 
     m = HeadendMetrics(clock_ms=lambda: 120_000)
-    m.on_presence("gw-1", b"online")
-    m.on_presence("gw-2", b'{"state": "offline", "version": "0.2.0"}')
-    m.on_presence("gw-3", b"garbage")  # not understood: logged, not counted
+    for gw, payload in (("gw-1", b"online"), ("gw-2", b'{"state": "offline", "version": "0.2.0"}')):
+        p = parse(payload)
+        assert p is not None
+        m.on_presence(gw, p)
+    assert parse(b"garbage") is None  # not understood: the ingest logs it, nothing counted
     await m.refresh(store)
     m.on_batch("stored", 3)
     values = {
@@ -132,6 +135,5 @@ async def test_fleet_tables_in_postgresql(pg_dsn: str) -> None:
 
 
 def test_presence_payloads() -> None:
-    assert [parse_presence(p) for p in (b"online", b"offline\n", b'{"status":"online"}', b"{", b"[1]", b"")] == [
-        True, False, True, None, None, None,
-    ]  # fmt: skip
+    parsed = [parse(p) for p in (b"online", b"offline\n", b'{"status":"online"}', b"{", b"[1]", b"")]
+    assert [None if p is None else p.online for p in parsed] == [True, False, True, None, None, None]
