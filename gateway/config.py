@@ -70,6 +70,8 @@ class GatewaySection:
     poll_interval_s: float = 60.0
     # rewritten every few seconds for `edgegw status` (gateway.heartbeat.path_for)
     heartbeat_file: Path | None = None
+    # a gateway.health record through the outbox this often (0: none)
+    health_interval_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,13 @@ def _file_list(v: Any) -> str | None:
 
 
 _NUM = (int, float)
+
+
+def _health_interval(v: Any) -> str | None:
+    if isinstance(v, bool) or not math.isfinite(v) or not (v == 0 or 10 <= v <= 86_400):
+        return "must be 0 (no health records) or 10..86400 s"
+    return None
+
 _path = Path
 _seconds = float
 
@@ -337,6 +346,7 @@ GATEWAY_SCHEMA = {
     "timezone": Field((str,), check=_timezone),
     "poll_interval_s": Field(_NUM, check=_between(*POLL_INTERVAL_RANGE_S, "s"), convert=_seconds),
     "heartbeat_file": Field((str,), convert=_path),
+    "health_interval_s": Field(_NUM, check=_health_interval, convert=_seconds),
 }
 STORAGE_SCHEMA = {
     "path": Field((str,), required=True, convert=_path),

@@ -125,6 +125,7 @@ class Headend:
         # a broker that stays away is logged once per change of cause, not per retry
         self._link_log = CauseLog(log, "headend: broker", fields={"broker": f"{host}:{port}"})
         self._store_log = CauseLog(log, "headend", level=logging.ERROR)
+        self._presence_log = CauseLog(log, "headend", level=logging.WARNING)
 
     async def run(self) -> None:
         try:
@@ -188,9 +189,14 @@ class Headend:
                 "presence on %s names gateway %s: ignored", gateway, p.gateway, extra={"gateway": gateway}
             )
             return
-        await self.db.save_presence(gateway, p, time.time_ns() // 1_000_000)
         if self.observer is not None:
             self.observer.on_presence(gateway, p)
+        try:
+            await self.db.save_presence(gateway, p, time.time_ns() // 1_000_000)
+        except Exception as exc:  # presence is information: batches must go on regardless
+            self._presence_log.failed(f"presence not stored: {exc!r}")
+        else:
+            self._presence_log.ok("presence stored again")
 
     def _decode(self, payload: bytes) -> AnyBatch:
         lookup = self.registry.key_lookup if self.registry is not None else None

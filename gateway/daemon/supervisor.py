@@ -52,7 +52,15 @@ from typing import Any
 
 from firmware_bridge.faults import FaultEvents
 from firmware_bridge.scheduler import BackoffPolicy
-from gateway import __version__, heartbeat, meter_health, sdnotify, storage_setup, technician
+from gateway import (
+    __version__,
+    health_report,
+    heartbeat,
+    meter_health,
+    sdnotify,
+    storage_setup,
+    technician,
+)
 from gateway.billing.cutoff import Contact
 from gateway.billing.held import Stretch
 from gateway.billing.ledger_store import LedgerCorrupt
@@ -434,6 +442,8 @@ class Daemon:
                 if self.prepaid is not None:
                     timers.append(tg.create_task(self.writer.billing_timer(work), name="billing"))
                 timers.append(tg.create_task(self._maintenance(outbox), name="maintenance"))
+                if cfg.gateway.health_interval_s > 0:
+                    timers.append(tg.create_task(self._health_records(work), name="health"))
                 timers.append(tg.create_task(self._command_spool(), name="command-spool"))
                 if self.integrity_check_s > 0:
                     timers.append(tg.create_task(self._integrity_loop(outbox), name="integrity"))
@@ -951,6 +961,16 @@ class Daemon:
         if cp is not None:
             log.info("audit checkpoint at entry %d", cp.seq)
         return cp
+
+    async def _health_records(self, work: Work) -> None:
+        """A ``gateway.health`` record every ``gateway.health_interval_s``, committed by
+        the writer like any event (gateway.health_report)."""
+        interval = self.config.gateway.health_interval_s
+        await asyncio.sleep(min(interval, 5.0))  # the first soon after start: a boot is seen at once
+        while True:
+            body = await health_report.sample(self)
+            await work.put(Cycle("", body["time_ms"], [], [], [body], final=False))
+            await asyncio.sleep(interval)
 
     async def _maintenance(self, outbox: Outbox) -> None:
         """The daemon's housekeeping timer; see :meth:`maintain`. The first pass also

@@ -78,7 +78,7 @@ def test_each_problem_reported_once_with_file_and_key_path(tmp_path: Path) -> No
     got = problems(tmp_path, text)
     f = tmp_path / "site.toml"
     assert got == [
-        f"{f}:5: gateway.colour: unknown key (allowed: heartbeat_file, id, poll_interval_s, site, timezone)",
+        f"{f}:5: gateway.colour: unknown key (allowed: health_interval_s, heartbeat_file, id, poll_interval_s, site, timezone)",
         f"{f}:14: bus[rs485-1].baud: must be an integer, got str '2400'",
         f"{f}:31: meter[m-2].bus: unknown bus 'lan-9' (known: lan, rs485-1)",
     ]

@@ -28,7 +28,7 @@ from gateway.commands import command_subscriber
 from gateway.config import BrokerSection, UplinkSection
 from gateway.security.envelope import Outcome
 from gateway.security.roles import CommandType
-from store_forward import wire_json
+from store_forward import presence, wire_json
 from store_forward.outbox import Outbox
 from store_forward.topics import Topics
 from store_forward.uplink import LinkState, Uplink, tls_context
@@ -183,7 +183,8 @@ async def test_gateway_session_over_mtls_delivers_and_is_acked(
     await outbox.close()
     topics = [t for t, _ in got]
     assert f"{PREFIX}/gw-a/up" in topics
-    assert (f"{PREFIX}/gw-a/state", b"online") in got
+    births = [presence.parse(p) for t, p in got if t == f"{PREFIX}/gw-a/state"]
+    assert any(b is not None and b.online and b.gateway == "gw-a" for b in births)
     assert cmds == [(f"{PREFIX}/gw-a/cmd", b"signed-command")]
 
 

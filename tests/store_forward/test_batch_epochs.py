@@ -237,6 +237,8 @@ async def test_postgres_headend_migrates_and_keys_on_the_epoch(pg_dsn: str) -> N
         "fleet_counters": "PRIMARY KEY (gateway_id, name)",
         "fleet_gateways": "PRIMARY KEY (gateway_id)",
         "fleet_meters": "PRIMARY KEY (gateway_id, meter_id)",
+        "fleet_presence": "PRIMARY KEY (gateway_id)",
+        "fleet_health": "PRIMARY KEY (gateway_id)",
     }
     store = await PostgresHeadendDB.open(pg_dsn)  # a second open finds nothing to do
     assert (await store.summary(GW))["readings"] == 7
