@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from headend.console.cli import register_console
 from headend.ingest import Headend
 from headend.registry import GatewayRegistry, generate_headend_key, load_headend_key
 from headend.store import HeadendDB, HeadendStore
@@ -260,3 +261,4 @@ def register_headend(headend_subparsers: argparse._SubParsersAction) -> None:
     k = headend_subparsers.add_parser("keygen", help="create the headend's X25519 key")
     k.add_argument("--out", required=True, type=Path)
     k.set_defaults(func=_keygen)
+    register_console(headend_subparsers, hostport)

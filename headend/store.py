@@ -79,6 +79,12 @@ SCHEMA = (
     + """
 CREATE INDEX IF NOT EXISTS readings_meter_time ON readings (gateway_id, meter_id, time_ms);
 CREATE INDEX IF NOT EXISTS telemetry_meter_time ON telemetry (gateway_id, meter_id, time_ms);
+-- What the operator console (headend/console) looks events up by: the event type
+-- and the account in the body, spelt exactly as its queries spell them.
+CREATE INDEX IF NOT EXISTS events_type_time ON events (json_extract(body, '$.type'), created_ms);
+CREATE INDEX IF NOT EXISTS events_gateway_time ON events (gateway_id, created_ms);
+CREATE INDEX IF NOT EXISTS events_gateway_type ON events (gateway_id, json_extract(body, '$.type'), created_ms);
+CREATE INDEX IF NOT EXISTS events_gateway_account ON events (gateway_id, json_extract(body, '$.account'), created_ms);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL

@@ -83,6 +83,11 @@ CREATE TABLE IF NOT EXISTS events (
     epoch       TEXT    NOT NULL DEFAULT '',
     PRIMARY KEY (gateway_id, epoch, record_id)
 );
+-- What the operator console (headend/console) looks events up by.
+CREATE INDEX IF NOT EXISTS events_type_time ON events ((body->>'type'), created_ms);
+CREATE INDEX IF NOT EXISTS events_gateway_time ON events (gateway_id, created_ms);
+CREATE INDEX IF NOT EXISTS events_gateway_type ON events (gateway_id, (body->>'type'), created_ms);
+CREATE INDEX IF NOT EXISTS events_gateway_account ON events (gateway_id, (body->>'account'), created_ms);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value BIGINT NOT NULL
