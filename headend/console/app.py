@@ -544,7 +544,7 @@ async def alarms(request: web.Request) -> web.StreamResponse:
 async def users(request: web.Request) -> web.StreamResponse:
     s = settings_of(request)
     u = Users(s.db)
-    return render(request, "users.html", users=await u.list(), sessions=await u.sessions(s.clock_ms()))
+    return render(request, "users.html", users=await u.all(), sessions=await u.sessions(s.clock_ms()))
 
 
 def console_app(settings: ConsoleSettings) -> web.Application:

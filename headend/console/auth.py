@@ -200,7 +200,7 @@ class Users:
         row = await self.db.fetchone(f"SELECT {_USER_COLS} FROM console_users WHERE username = ?", (username,))
         return None if row is None else _user(row)
 
-    async def list(self) -> list[User]:
+    async def all(self) -> list[User]:
         rows = await self.db.fetchall(f"SELECT {_USER_COLS} FROM console_users ORDER BY username")
         return [_user(r) for r in rows]
 

@@ -65,7 +65,7 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
     first = math.ceil(lo / step) * step
-    ticks = []
+    ticks: list[float] = []
     v = first
     while v <= hi + step * 1e-9 and len(ticks) < 50:
         ticks.append(round(v, 10))
@@ -86,7 +86,7 @@ def _time_ticks(t0: int, t1: int, tz: tzinfo) -> list[tuple[int, str]]:
     offset = int(datetime.fromtimestamp(t0 / 1000, tz).utcoffset().total_seconds() * 1000)  # type: ignore[union-attr]
     first = ((t0 + offset) // step + 1) * step - offset
     fmt = "%H:%M" if span <= 36 * 3_600_000 else "%m-%d %H:%M" if span <= 4 * 86_400_000 else "%m-%d"
-    ticks = []
+    ticks: list[tuple[int, str]] = []
     t = first
     while t <= t1 and len(ticks) < 12:
         ticks.append((t, datetime.fromtimestamp(t / 1000, tz).strftime(fmt)))
@@ -123,7 +123,8 @@ def line_chart(
     lo, hi = min(values), max(values)
     if zero_line:
         lo, hi = min(lo, 0.0), max(hi, 0.0)
-    pad = (hi - lo) * 0.06 or max(abs(hi) * 0.1, 1.0)
+    # a flat (or all but flat) series gets a band around it; else 6 % above and below
+    pad = (hi - lo) * 0.06 if hi - lo > 1e-6 else max(abs(hi) * 0.1, 1.0)
     lo, hi = lo - pad, hi + pad
 
     def x(t: int) -> float:

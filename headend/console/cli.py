@@ -132,7 +132,7 @@ def _user_disable(args: argparse.Namespace, disabled: bool) -> int:
 
 def _user_list(args: argparse.Namespace) -> int:
     async def work(db: ConsoleDb) -> int:
-        users = await Users(db).list()
+        users = await Users(db).all()
         if args.json:
             doc = [
                 {"user": u.username, "role": u.role.value, "created_ms": u.created_ms,

@@ -331,15 +331,15 @@ class ConsoleQueries:
                 latest[a] = e
         out = []
         for name in names:
-            e = latest.get(name)
-            b = e.body if e else {}
+            last = latest.get(name)
+            b = last.body if last else {}
             out.append(
                 AccountRow(
                     name,
                     str(b["to"]) if "to" in b else None,
                     str(b["state"]) if "state" in b else None,
                     str(b["reason"]) if "reason" in b else None,
-                    e.time_ms if e else None,
+                    last.time_ms if last else None,
                 )
             )
         return out
@@ -370,7 +370,7 @@ class ConsoleQueries:
 
     async def alarms(self, gw: str | None = None, limit: int = 100) -> list[Event]:
         marks = ", ".join("?" * len(ALARM_TYPES))
-        where, args = f"{self._type()} IN ({marks})", ALARM_TYPES
+        where, args = f"{self._type()} IN ({marks})", tuple[str, ...](ALARM_TYPES)
         if gw:
             where, args = f"gateway_id = ? AND {where}", (gw, *ALARM_TYPES)
         events = await self._events(where, tuple(args), limit=limit * 2)
@@ -379,7 +379,7 @@ class ConsoleQueries:
 
     async def risks(self, gw: str | None = None, limit: int = 100) -> list[Event]:
         t = self._type()
-        where, args = f"{t} >= ? AND {t} < ?", ("risk.", "risk/")
+        where, args = f"{t} >= ? AND {t} < ?", tuple[str, ...](("risk.", "risk/"))
         if gw:
             where, args = f"gateway_id = ? AND {where}", (gw, *args)
         return await self._events(where, tuple(args), limit=limit)
