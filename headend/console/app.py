@@ -74,6 +74,8 @@ class ConsoleSettings:
 
 K_SETTINGS = web.AppKey("console_settings", ConsoleSettings)
 K_ENV = web.AppKey("console_env", jinja2.Environment)
+K_SESSION = web.RequestKey("console_session", Session)
+K_LOGIN_NAME = web.RequestKey("console_login_name", str)
 
 
 def _redirect(location: Any) -> web.Response:
@@ -202,7 +204,7 @@ def render(request: web.Request, template: str, status: int = 200, **ctx: Any) -
     s = settings_of(request)
     lang = _lang(request)
     t = Translator(lang)
-    session: Session | None = request.get("console_session")
+    session: Session | None = request.get(K_SESSION)
 
     def url(name: str, **parts: str) -> str:
         return str(request.app.router[name].url_for(**parts))
@@ -262,7 +264,9 @@ async def _session(request: web.Request, handler: Handler) -> web.StreamResponse
     token = request.cookies.get(SESSION_COOKIE)
     if token:
         s = settings_of(request)
-        request["console_session"] = await Users(s.db).session(token, s.clock_ms())
+        session = await Users(s.db).session(token, s.clock_ms())
+        if session is not None:
+            request[K_SESSION] = session
     return await handler(request)
 
 
@@ -276,7 +280,7 @@ async def _authorize(request: web.Request, handler: Handler) -> web.StreamRespon
         log.error("console route %s declares no permission: refused", request.path)
         raise web.HTTPForbidden()
     if permission is not None:
-        session: Session | None = request.get("console_session")
+        session: Session | None = request.get(K_SESSION)
         if session is None:
             if request.method == "GET":
                 login = request.app.router["login"].url_for().with_query(next=request.path_qs)
@@ -295,7 +299,7 @@ async def _check_csrf(request: web.Request) -> None:
         raise web.HTTPForbidden(text="csrf")
     form = await request.post()
     sent = form.get("csrf")
-    session: Session | None = request.get("console_session")
+    session: Session | None = request.get(K_SESSION)
     if request.match_info.route.name == "login_post":
         expected = request.cookies.get(LOGIN_COOKIE, "")
     else:
@@ -339,7 +343,7 @@ def _login_form(request: web.Request, error: str | None, status: int) -> web.Res
     token = secrets.token_urlsafe(32)
     resp = render(
         request, "login.html", status=status, login_csrf=token, error=error,
-        next=_safe_next(request, request.query.get("next")), username=request.get("console_login_name", ""),
+        next=_safe_next(request, request.query.get("next")), username=request.get(K_LOGIN_NAME, ""),
     )  # fmt: skip
     _cookie(resp, request, LOGIN_COOKIE, token)
     return resp
@@ -352,7 +356,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     username = str(form.get("username", "")).strip().lower()[:64]
     password = str(form.get("password", ""))[:1024]
-    request["console_login_name"] = username
+    request[K_LOGIN_NAME] = username
     remote = request.remote or "unknown"
     users = Users(s.db)
     now = s.clock_ms()
@@ -463,7 +467,7 @@ async def account(request: web.Request) -> web.StreamResponse:
 async def topup(request: web.Request) -> web.StreamResponse:
     gw, acc = request.match_info["gateway"], request.match_info["account"]
     s = settings_of(request)
-    session: Session = request["console_session"]
+    session: Session = request[K_SESSION]
     form = await request.post()
     request_id = str(form.get("request_id", ""))
     if not REQUEST_ID.fullmatch(request_id):
@@ -511,7 +515,7 @@ async def _account_error(request: web.Request, error: str, amount: str) -> web.R
 async def relay(request: web.Request) -> web.StreamResponse:
     gw, meter = request.match_info["gateway"], request.match_info["meter"]
     s = settings_of(request)
-    session: Session = request["console_session"]
+    session: Session = request[K_SESSION]
     form = await request.post()
     action = str(form.get("action", ""))
     request_id = str(form.get("request_id", ""))

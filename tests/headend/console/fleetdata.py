@@ -16,6 +16,7 @@ them (encoding 1), decoded and stored by the headend store itself.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import sqlite3
@@ -28,9 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from firmware_bridge.reading import Measurement, Quantity, Reading, TimeSource
+from gateway.billing.cutoff import CutoffEvent, Level
+from gateway.billing.ledger import Entry, EntryKind, adjustment_entry
 from gateway.billing.rating import RegisterReading
+from gateway.billing.topup import Channel, Source, TopUp, credit_entry
 from gateway.billing.risk import check_clock_drift, check_register_backwards
 from gateway.meter_health import Change, Known, State
+from gateway.prepaid import _cutoff_event
 from headend.store import HeadendStore
 from store_forward import codec, wire_json
 from store_forward.records import Record, RecordClass, RecordKind, split_reading
@@ -82,6 +87,10 @@ class _Gateway:
         self.record_id += 1
         self.pending.append(Record(self.record_id, RecordClass.EVENT, RecordKind.EVENT, created_ms, body))
 
+    def event_record(self, cls: RecordClass, kind: str, body: dict[str, Any], created_ms: int) -> None:
+        self.record_id += 1
+        self.pending.append(Record(self.record_id, cls, kind, created_ms, body))
+
     async def send(self, received_ms: int) -> None:
         self.seq += 1
         payload = wire_json.encode(self.gateway, self.seq, self.pending, epoch="0f3c9a00d2e1b457")
@@ -105,6 +114,7 @@ async def add_villages(store: HeadendStore, now_ms: int) -> None:
             v2.reading(_reading(meter, t, registers[meter], voltage_v=Decimal("228.4") + step % 3))
         if step % 4 == 3:
             await v2.send(t + 20_000)
+    _account(v2, "hh-0201", start, now_ms)
     # m-03 stops answering: the gateway's meter-health change
     change = Change("m-03", "rs485-1", Known(State.ONLINE, start), State.OFFLINE, offline_at + 5 * MIN,
                     "timeout: no answer within 500 ms", 5, offline_at - 15 * MIN)  # fmt: skip
@@ -124,6 +134,34 @@ async def add_villages(store: HeadendStore, now_ms: int) -> None:
     for step in range(8):
         v3.reading(_reading("hh-7", old - (8 - step) * 15 * MIN, Decimal("40.00") + Decimal(step) / 10))
     await v3.send(old)
+
+
+def _account(gw: _Gateway, account: str, start: int, now_ms: int) -> None:
+    """A prepaid account on meter m-01: its ledger entries as the gateway uploads them
+    (charge records), a top-up, and its cutoff state changes."""
+    opening = adjustment_entry(f"opening:{account}", account, 3_000_000, start, "opening balance from the account file", "provisioning")
+    entries: list[Entry] = [dataclasses.replace(opening, seq=1)]
+    balance = opening.amount_micro
+    t = start
+    for i in range(24):
+        t = start + (i + 1) * 15 * MIN
+        amount = 117_600 + 5_600 * (i % 3)  # 0.21-0.23 kWh at 0.56 yuan
+        entries.append(Entry(f"debit:{account}:{i}", account, EntryKind.DEBIT, -amount, t,
+                             {"meter": "m-01", "ckwh": amount // 5_600, "apportioning": "none"}, len(entries) + 1))  # fmt: skip
+        balance -= amount
+        if i == 7:
+            gw.event(_cutoff_event(CutoffEvent("state_change", account, t, Level.NORMAL, Level.ALARM1, balance,
+                                               f"balance {balance / 1e6:.2f} <= alarm 1 level 2.10"),
+                                   "supply on: low balance (alarm 1 at 2.10)"), t)  # fmt: skip
+        if i == 15:
+            sale = TopUp("counter-20261204-0042", account, 1, 20_000_000, Channel.COUNTER, Source.MQTT, t - 60_000)
+            credit = credit_entry(sale, t + 1, 0, False)
+            entries.append(dataclasses.replace(credit, seq=len(entries) + 1))
+            balance += credit.amount_micro
+            gw.event(_cutoff_event(CutoffEvent("state_change", account, t + 1, Level.ALARM1, Level.NORMAL, balance,
+                                               f"balance {balance / 1e6:.2f} > alarm 1 level 2.10"), "supply on"), t + 1)  # fmt: skip
+    for e in entries:
+        gw.event_record(RecordClass.BILLING, RecordKind.CHARGE, e.to_json(), e.time_ms)
 
 
 def admin_connection() -> tuple[Any, str]:
