@@ -261,4 +261,4 @@ def register_headend(headend_subparsers: argparse._SubParsersAction) -> None:
     k = headend_subparsers.add_parser("keygen", help="create the headend's X25519 key")
     k.add_argument("--out", required=True, type=Path)
     k.set_defaults(func=_keygen)
-    register_console(headend_subparsers, hostport)
+    register_console(headend_subparsers)

@@ -214,7 +214,15 @@ def _store_options(p: argparse.ArgumentParser) -> None:
     where.add_argument("--dsn", help="PostgreSQL connection string of the headend")
 
 
-def register_console(headend_subparsers: Any, hostport: Callable[[str], tuple[str, int]]) -> None:
+def listen_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` to listen on (port 0: any free port, printed at start)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def register_console(headend_subparsers: Any) -> None:
     """Add ``console`` and ``user`` under ``edgegw headend``."""
     import functools
 
@@ -223,7 +231,8 @@ def register_console(headend_subparsers: Any, hostport: Callable[[str], tuple[st
         help="serve the operator console in the browser",
         description="Serve the operator console (http[s]://HOST:PORT/console/) until SIGTERM/SIGINT.",
     )
-    c.add_argument("--listen", type=hostport, required=True, metavar="HOST:PORT")
+    c.add_argument("--listen", type=listen_address, required=True, metavar="HOST:PORT",
+                   help="where to serve (port 0: a free port, printed at start)")  # fmt: skip
     _store_options(c)
     c.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
     c.add_argument("--tls-key", metavar="PEM", help="and this private key")

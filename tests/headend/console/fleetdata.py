@@ -32,8 +32,8 @@ from firmware_bridge.reading import Measurement, Quantity, Reading, TimeSource
 from gateway.billing.cutoff import CutoffEvent, Level
 from gateway.billing.ledger import Entry, EntryKind, adjustment_entry
 from gateway.billing.rating import RegisterReading
-from gateway.billing.topup import Channel, Source, TopUp, credit_entry
 from gateway.billing.risk import check_clock_drift, check_register_backwards
+from gateway.billing.topup import Channel, Source, TopUp, credit_entry
 from gateway.meter_health import Change, Known, State
 from gateway.prepaid import _cutoff_event
 from headend.store import HeadendStore

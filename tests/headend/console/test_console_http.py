@@ -118,7 +118,7 @@ async def test_a_wrong_password_is_refused_and_logins_are_rate_limited(console: 
     async with client() as s:
         r = await login(s, console.base, "bill", "not-the-password")
         assert r.status == 401
-        status, html = await page(s, f"{console.base}/")
+        status, _html = await page(s, f"{console.base}/")
         assert status == 303  # still not logged in: to the login page
         for _ in range(auth.MAX_FAILURES_PER_USER - 1):
             assert (await login(s, console.base, "bill", "guess-again-123")).status == 401
@@ -314,7 +314,7 @@ async def test_the_language_follows_the_browser_and_the_switch(console: Console)
     async with client(headers={"Accept-Language": "zh-CN,zh;q=0.9,en;q=0.5"}) as s:
         _, html = await page(s, f"{b}/login")
         assert "<h1>登录</h1>" in html and 'lang="zh-CN"' in html
-        async with s.get(f"{b}/lang/en", params={"next": f"/console/login"}, allow_redirects=False) as r:
+        async with s.get(f"{b}/lang/en", params={"next": "/console/login"}, allow_redirects=False) as r:
             assert r.status == 303 and r.headers["Location"] == "/console/login"
         _, html = await page(s, f"{b}/login")
         assert "<h1>Log in</h1>" in html
