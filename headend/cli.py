@@ -3,7 +3,7 @@
     edgegw headend run --broker HOST:PORT (--db central.db | --dsn DSN) [--prefix P] \\
         [--share GROUP] [--key headend.pem --registry DIR] \\
         [--tls-ca ca.pem [--tls-cert headend.pem --tls-key headend.key]] \\
-        [--metrics HOST:PORT]
+        [--metrics HOST:PORT] [--console HOST:PORT]
     edgegw headend import DIR (--db central.db | --dsn DSN) --key headend.pem --registry DIR
     edgegw headend keygen --out headend.x25519.pem
 
@@ -27,8 +27,10 @@ import ssl
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from headend.console.cli import register_console
+from headend.console.cli import listen_address, register_console, timezone
+from headend.console.db import open_console_db
 from headend.ingest import Headend
 from headend.registry import GatewayRegistry, generate_headend_key, load_headend_key
 from headend.store import HeadendDB, HeadendStore
@@ -109,6 +111,8 @@ async def serve_headend(
     db = await open_headend_store(args.db, args.dsn)
     server = None
     refresh: asyncio.Task[None] | None = None
+    console_runner: Any = None
+    console_db: Any = None
     try:
         if metrics is not None:
             try:
@@ -118,6 +122,11 @@ async def serve_headend(
                 return 1
             refresh = asyncio.create_task(metrics.refresh_loop(db, args.metrics_refresh_s))
             log.info("metrics at http://%s:%d/metrics", args.metrics[0], server.port)
+        if args.console is not None:
+            web = await _start_console(args, metrics)
+            if web is None:
+                return 1
+            console_runner, console_db = web
         headend = Headend(
             db,
             host=host,
@@ -144,12 +153,45 @@ async def serve_headend(
         await asyncio.gather(task, return_exceptions=True)
         return 0
     finally:
+        if console_runner is not None:
+            await console_runner.cleanup()
+        if console_db is not None:
+            await console_db.close()
         if refresh is not None:
             refresh.cancel()
             await asyncio.gather(refresh, return_exceptions=True)
         if server is not None:
             server.close()
         await db.close()
+
+
+async def _start_console(args: argparse.Namespace, metrics: Any) -> tuple[Any, Any] | None:
+    """The operator console in this process (``--console``): its runner and its
+    database connection, or None (logged) when it cannot start. With ``--metrics``
+    the console shows the presence the metrics keep; without, it has none."""
+    try:
+        from headend.console.app import ConsoleSettings
+        from headend.console.queries import Presence
+        from headend.web import build_app, serve
+    except ImportError as missing:
+        log.error("--console needs aiohttp and jinja2 (pip install 'edge-gateway[headend]'): %s", missing)
+        return None
+    cdb = await open_console_db(args.db, args.dsn)
+    presence = None
+    if metrics is not None:
+
+        def presence() -> dict[str, Presence]:
+            return {gw: Presence(p.online, p.since_ms) for gw, p in dict(metrics.presence).items()}
+
+    settings = ConsoleSettings(db=cdb, tz=timezone(None), presence=presence)
+    try:
+        runner, bound = await serve(build_app(console=settings), *args.console)
+    except OSError as busy:
+        await cdb.close()
+        log.error("--console %s:%d: cannot listen: %s", *args.console, busy)
+        return None
+    log.info("console at http://%s:%d/console/", args.console[0], bound)
+    return runner, cdb
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -249,6 +291,13 @@ def register_headend(headend_subparsers: argparse._SubParsersAction) -> None:
         default=15.0,
         metavar="SECONDS",
         help="how often the fleet tables are read for the metrics (default: %(default)s)",
+    )
+    r.add_argument(
+        "--console",
+        type=listen_address,
+        metavar="HOST:PORT",
+        help="serve the operator console at http://HOST:PORT/console/ (needs the headend extra;"
+        " with --metrics it shows the gateways' presence)",
     )
     r.set_defaults(func=functools.partial(_run, parser=r))
 

@@ -26,7 +26,13 @@ import pytest
 from headend.console.auth import MAX_FAILURES_PER_USER, Role, Users
 from headend.console.db import open_console_db
 from headend.store import HeadendDB
-from tests.headend.console.fleetdata import REPO, add_villages, copy_to_postgres, pg_database, run_demo
+from tests.headend.console.fleetdata import (
+    REPO,
+    add_villages,
+    copy_to_postgres,
+    pg_database,
+    run_demo,
+)
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 USERS = {

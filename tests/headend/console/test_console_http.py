@@ -9,6 +9,7 @@ import re
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,3 +361,51 @@ def test_user_commands(tmp_path: Path) -> None:
     (stored,) = sqlite3.connect(db).execute("SELECT password_hash FROM console_users").fetchone()
     assert stored.startswith("scrypt$15$8$1$") and "an0ther-secret" not in stored
     assert auth.verify_password("an0ther-secret", stored) and not auth.verify_password("s3cret-enough!", stored)
+
+
+async def test_headend_run_serves_the_console_with_the_presence_it_hears(tmp_path: Path, mosquitto) -> None:  # type: ignore[no-untyped-def]
+    """``edgegw headend run --metrics ... --console ...``: the console in the ingest's
+    process shows each gateway's retained presence as the headend heard it."""
+    import argparse
+    import asyncio
+
+    import aiomqtt
+
+    from headend.cli import _start_console
+    from headend.ingest import Headend
+    from headend.metrics import HeadendMetrics
+
+    path = tmp_path / "central.db"
+    store = await HeadendDB.open(path)
+    await add_villages(store, NOW)
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port) as c:
+        await c.publish("edgegw/v1/village-02/state", b"online", qos=1, retain=True)
+        await c.publish("edgegw/v1/village-03/state", b"offline", qos=1, retain=True)
+    metrics = HeadendMetrics()
+    headend = Headend(store, host=mosquitto.host, port=mosquitto.port, observer=metrics)
+    task = asyncio.create_task(headend.run())
+    args = argparse.Namespace(db=str(path), dsn=None, console=("127.0.0.1", 0))
+    started = await _start_console(args, metrics)
+    assert started is not None
+    runner, cdb = started
+    try:
+        for _ in range(100):
+            if len(metrics.presence) == 2:
+                break
+            await asyncio.sleep(0.05)
+        await Users(cdb).add("vera", Role.VIEWER, PASSWORDS["vera"][1], time.time_ns() // 1_000_000)
+        port = runner.addresses[0][1]
+        async with client() as s:
+            r = await login(s, f"http://127.0.0.1:{port}/console", "vera")
+            assert r.status == 303
+            status, html = await page(s, f"http://127.0.0.1:{port}/console/")
+            assert status == 200, (status, html[:500])
+        rows = {m.group(1): m.group(2) for m in re.finditer(r'>(village-0\d)</a></td>\s*<td>(.*?)</td>', html, re.S)}
+        assert "online" in rows["village-02"] and "offline" in rows["village-03"]
+        assert 'id="no-presence"' not in html
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
+        await cdb.close()
+        await store.close()
