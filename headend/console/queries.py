@@ -4,10 +4,10 @@ Everything here reads tables the ingest writes (``batches``, ``readings``,
 ``events``: :mod:`headend.store`) through indexes the stores create for it.
 Where the headend keeps a fleet view (the ``fleet_gateways`` and
 ``fleet_meters`` tables, when present) the fleet list reads it; without them
-the same figures come from the base tables, only slower. Presence is not in
-the database: the headend process that subscribes to the retained presence
-messages hands it in (:data:`PresenceSource`); without one the pages say
-"no presence data".
+the same figures come from the base tables, only slower. Presence is what
+every headend stores from the gateways' retained presence messages
+(``fleet_presence``); a headend process may hand in its own view instead
+(:data:`PresenceSource`); with neither the pages say "no presence data".
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ ALARM_TYPES = (
 )
 CUTOFF_STATE_TYPES = ("cutoff.state_change", "cutoff.trip_pending", "cutoff.restore_pending")
 METER_STATE_TYPES = ("meter.online", "meter.offline", "meter.quarantined")
-HEALTH_TYPE = "health"  # the gateway's periodic health record
+HEALTH_TYPE = "gateway.health"  # the gateway's periodic health record (docs/protocol.md)
 ENERGY = "energy_import_kwh"
 MAX_CHART_METERS = 8
 CHART_WINDOW_MS = 24 * 3_600_000
@@ -127,6 +127,7 @@ class ConsoleQueries:
     def __init__(self, db: ConsoleDb, presence: PresenceSource | None = None) -> None:
         self.db = db
         self.presence_source = presence
+        self._stored_presence: dict[str, Presence] | None = None
 
     def _type(self) -> str:
         return self.db.jtext("body", "type")
@@ -135,7 +136,20 @@ class ConsoleQueries:
         return self.db.jtext("body", "account")
 
     def presence(self) -> Mapping[str, Presence] | None:
-        return None if self.presence_source is None else self.presence_source()
+        """Presence per gateway (call :meth:`load_presence` first for the stored one)."""
+        if self.presence_source is not None:
+            return self.presence_source()
+        return self._stored_presence
+
+    async def load_presence(self) -> None:
+        """Read ``fleet_presence`` once per request (when no source was handed in)."""
+        if self.presence_source is not None or self._stored_presence is not None:
+            return
+        if not await self.db.has_table("fleet_presence"):
+            return
+        rows = await self.db.fetchall("SELECT gateway_id, state, since_ms FROM fleet_presence")
+        # no row yet: no gateway has published presence ("no presence data")
+        self._stored_presence = {str(g): Presence(st == "online", _i(since)) for g, st, since in rows} or None
 
     async def _events(self, where: str, args: tuple[Any, ...], order: str = "DESC", limit: int = 100) -> list[Event]:
         rows = await self.db.fetchall(
@@ -148,6 +162,7 @@ class ConsoleQueries:
     # -- the fleet -------------------------------------------------------------------
 
     async def gateway_ids(self) -> list[str]:
+        await self.load_presence()
         ids: set[str] = set()
         if await self.db.has_table("fleet_gateways"):
             ids.update(str(r[0]) for r in await self.db.fetchall("SELECT gateway_id FROM fleet_gateways"))
@@ -162,6 +177,7 @@ class ConsoleQueries:
 
     async def fleet_rows(self, page: list[str]) -> list[FleetRow]:
         fleet_tables = await self.db.has_table("fleet_gateways")
+        await self.load_presence()
         presence = self.presence()
         rows = []
         for gw in page:
@@ -243,6 +259,7 @@ class ConsoleQueries:
     # -- one gateway -------------------------------------------------------------------
 
     async def known(self, gw: str) -> bool:
+        await self.load_presence()
         row = await self.db.fetchone("SELECT 1 FROM batches WHERE gateway_id = ? LIMIT 1", (gw,))
         return row is not None or gw in (self.presence() or {})
 

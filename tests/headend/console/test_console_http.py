@@ -409,3 +409,40 @@ async def test_headend_run_serves_the_console_with_the_presence_it_hears(tmp_pat
         await runner.cleanup()
         await cdb.close()
         await store.close()
+
+
+async def test_the_fleet_shows_stored_presence_and_health(tmp_path: Path) -> None:
+    """Presence as every headend stores it (fleet_presence) and the newest
+    gateway.health record, without a presence source handed in."""
+    from store_forward.presence import Identity, OfflineReason, birth, death, parse
+    from tests.headend.console.fleetdata import _Gateway
+
+    path = tmp_path / "central.db"
+    store = await HeadendDB.open(path)
+    await add_villages(store, NOW)
+    gw = _Gateway(store, "village-09")
+    gw.event({"type": "gateway.health", "time_ms": NOW - 60_000, "version": "9.8.7", "uptime_s": 3600}, NOW - 60_000)
+    await gw.send(NOW - 50_000)
+    on = parse(birth(Identity("village-09", "9.8.7", "boot-1", NOW - 3_600_000), NOW - 3_000_000))
+    off = parse(death(Identity("village-03", "9.8.6", "boot-2", NOW - 7_200_000), OfflineReason.LOST))
+    assert on is not None and off is not None
+    await store.save_presence("village-09", on, NOW - 3_000_000)
+    await store.save_presence("village-03", off, NOW - 600_000)
+    await store.close()
+    db = await open_console_db(path)
+    await Users(db).add("vera", Role.VIEWER, PASSWORDS["vera"][1], NOW - 86_400_000)
+    settings = ConsoleSettings(db=db, tz=ZoneInfo("Asia/Shanghai"), clock_ms=lambda: NOW)
+    runner, port = await serve(build_app(console=settings), "127.0.0.1", 0)
+    try:
+        async with client() as s:
+            base = f"http://127.0.0.1:{port}/console"
+            await login(s, base, "vera")
+            _, fleet = await page(s, f"{base}/")
+            assert 'id="no-presence"' not in fleet
+            assert "9.8.7" in fleet, "the newest health record's version"
+            row09 = fleet[fleet.index("village-09") :][:1500]
+            row03 = fleet[fleet.index("village-03") :][:1500]
+            assert "online" in row09 and "offline" in row03
+    finally:
+        await runner.cleanup()
+        await db.close()
