@@ -259,6 +259,32 @@ class Mosquitto:
 
     # -- process ---------------------------------------------------------------------
 
+    def _listens(self) -> bool:
+        """Whether our mosquitto process holds the listening socket on our port (the
+        port accepting is not enough: another process may have taken the free port)."""
+        assert self.proc is not None
+        inodes = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                f = line.split()
+                if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == self.port:
+                    inodes.add(f"socket:[{f[9]}]")
+        try:
+            fds = list(Path(f"/proc/{self.proc.pid}/fd").iterdir())
+        except OSError:
+            return True  # no /proc to ask: the accepting port has to do
+        for fd in fds:
+            try:
+                if os.readlink(fd) in inodes:
+                    return True
+            except OSError:
+                continue
+        return False
+
     def start(self) -> None:
         self._write_config()
         self.proc = subprocess.Popen(
@@ -271,9 +297,11 @@ class Mosquitto:
         while self.proc.poll() is None and time.monotonic() < deadline:
             try:
                 wait_port(self.port, up=True, timeout_s=0.1)
-                return
             except TimeoutError:
-                pass
+                continue
+            if self.proc.poll() is None and self._listens():
+                return
+            time.sleep(0.02)
         err = b""
         if self.proc.poll() is not None and self.proc.stderr is not None:
             err = self.proc.stderr.read()
