@@ -239,14 +239,18 @@ class Prepaid:
 
     # -- start-up ---------------------------------------------------------
 
-    async def start_in(self, db: aiosqlite.Connection, now_ms: int) -> None:
-        """Create tables, open accounts (with their opening balance), verify every ledger."""
+    async def start_in(self, db: aiosqlite.Connection, now_ms: int, outbox: Outbox | None = None) -> None:
+        """Create tables, open accounts (with their opening balance), verify every ledger.
+
+        An opening balance is a ledger entry like any other: with ``outbox`` (the
+        daemon's) its charge record goes to central in the same transaction, so
+        central's copy of the ledger starts where the gateway's does."""
         await ls.init_schema(db)
         for name, acct in self.accounts.items():
             s = acct.settings
             created = await ls.open_account(db, name, s.opening_tier)
             if created and s.opening_balance_micro:
-                await ls.append(
+                res = await ls.append(
                     db,
                     adjustment_entry(
                         f"opening:{name}",
@@ -257,6 +261,8 @@ class Prepaid:
                         "provisioning",
                     ),
                 )
+                if outbox is not None and res.applied:
+                    await outbox.add_in(db, *_charge_record(res.entry, now_ms))
             await ls.verify(db, name)  # raises LedgerCorrupt: never run on a bad ledger
         # Tariff versions installed by central since the configuration was written.
         for doc in await ls.load_tariff_docs(db):

@@ -932,9 +932,8 @@ class Central:
 
 
 def _money(workdir: Path) -> tuple[int, int, list[str]]:
-    """Central's balance of household-01 (opening + every uploaded ledger entry), the
-    gateway's own, and the cutoff story as central saw it in the events."""
-    opening = int(story.OPENING * 1_000_000)
+    """Central's balance of household-01 (every uploaded ledger entry, the opening
+    balance included), the gateway's own, and the cutoff story as central saw it."""
     with contextlib.closing(
         sqlite3.connect(f"file:{workdir / 'central.db'}?mode=ro", uri=True)
     ) as db:
@@ -950,9 +949,7 @@ def _money(workdir: Path) -> tuple[int, int, list[str]]:
                 "SELECT body FROM events WHERE kind = 'event' ORDER BY record_id"
             )
         ]
-    central = opening + sum(
-        int(e["amount_micro"]) for e in entries if e.get("account") == "household-01"
-    )
+    central = sum(int(e["amount_micro"]) for e in entries if e.get("account") == "household-01")
     with contextlib.closing(
         sqlite3.connect(f"file:{workdir / 'gateway.db'}?mode=ro", uri=True)
     ) as db:

@@ -654,7 +654,9 @@ class Daemon:
                     else:  # written with the first records once there is space
                         outbox.note_event(started)
                 if self.prepaid is not None:
-                    await self.prepaid.start_in(db, self.started_ms)
+                    await self.prepaid.start_in(
+                        db, self.started_ms, outbox if outbox.starved is None else None
+                    )
                 await self.risk.start_in(db)
                 self.meter_states = await meter_health.start_in(db)
                 await audit.create_schema(db)

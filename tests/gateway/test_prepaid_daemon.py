@@ -151,15 +151,18 @@ async def test_trip_when_credit_runs_out_and_restore_after_top_up(tmp_path: Path
     levels = [e["to"] for e in events if e["type"] == "cutoff.state_change"]
     assert levels[:2] == ["alarm1", "alarm2"], levels
 
-    # money to the fen: opening + credit - every debit uploaded = the ledger's balance
+    # money to the fen: every entry uploaded (the opening balance, the credit, every
+    # debit) adds up to the ledger's balance, so central's copy starts where it does
     charges = await outbox_bodies(tmp_path / "gw.db", "charge")
     total = sum(int(c["amount_micro"]) for c in charges)  # type: ignore[call-overload]
     assert any(c["kind"] == "credit" for c in charges)
+    opening = [c for c in charges if c["id"] == "adjust:opening:acct-001"]
+    assert len(opening) == 1 and opening[0]["amount_micro"] == 300_000, opening
     with sqlite3.connect(tmp_path / "gw.db") as conn:
         (balance,) = conn.execute(
             "SELECT balance_micro FROM billing_account WHERE account = 'acct-001'"
         ).fetchone()
-    assert balance == 300_000 + total
+    assert balance == total
 
 
 async def test_meter_alarm_follows_the_cutoff_policy_on_a_dlt645_meter(tmp_path: Path) -> None:
