@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 from firmware_bridge.dlt645.driver import Dlt645Driver
 from firmware_bridge.dlt645.transport import Dlt645Transport, open_transport
 from firmware_bridge.driver import BusUnavailable, MeterDriver
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.modbus.driver import RTU_REQUEST_BYTES, RTU_WRITE_BYTES, ModbusDriver
 from firmware_bridge.modbus.profiles import Profile, ProfileError, parse_profile, parse_profiles
 from firmware_bridge.modbus.transport import ModbusTransport
@@ -39,8 +40,10 @@ from firmware_bridge.settings import BusSettings, MeterSettings, SiteSettings
 from firmware_bridge.timing import LineTiming, line_timing, standard_response_s, timeout_problem
 
 
-class BusConfigError(ValueError):
+class BusConfigError(EdgeGwError, ValueError):
     """A bus cannot be built from its configuration (``path``: ``problem``)."""
+
+    kind = ErrorKind.INVALID
 
     def __init__(self, path: str, problem: str) -> None:
         super().__init__(f"{path}: {problem}")

@@ -25,6 +25,7 @@ from firmware_bridge.bus import BusConfigError, busy_text, open_site_bus
 from firmware_bridge.dlt645.driver import SearchStep, probe_each, search
 from firmware_bridge.dlt645.transport import open_transport
 from firmware_bridge.driver import BusUnavailable, MeterError
+from firmware_bridge.errors import ProblemsError
 from firmware_bridge.modbus.decode import decode_field, plan_reads
 from firmware_bridge.modbus.driver import RTU_REQUEST_BYTES, rtu_reply_bytes
 from firmware_bridge.modbus.profiles import Profile, ProfileError
@@ -167,12 +168,10 @@ class Progress:
 # -- read -----------------------------------------------------------------
 
 
-class ConfigProblems(Exception):
+class ConfigProblems(ProblemsError):
     """Settings that do not make a bus (unknown profiles, mixed protocols...): one line each."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
+    separator = "; "
 
 
 async def read_meters(

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.reading import Reading
 
 
-class MeterError(Exception):
+class MeterError(EdgeGwError):
     """Base class for everything a meter (or the path to it) can do wrong."""
 
-    kind = "error"
+    kind = ErrorKind.ERROR
 
     def __init__(self, meter_id: str, detail: str) -> None:
         super().__init__(f"meter {meter_id}: {detail}")
@@ -29,20 +30,20 @@ class MeterError(Exception):
 class MeterTimeout(MeterError):
     """No (complete) answer within the meter's timeout."""
 
-    kind = "timeout"
+    kind = ErrorKind.TIMEOUT
 
 
 class MeterFrameError(MeterError):
     """An answer arrived but was malformed (checksum/CRC, length, framing)."""
 
-    kind = "frame"
+    kind = ErrorKind.FRAME
 
 
 class MeterWrongAddress(MeterFrameError):
     """A valid reply came from another address than the one asked (a meter with a
     misconfigured address, or two meters sharing one)."""
 
-    kind = "address"
+    kind = ErrorKind.ADDRESS
 
     def __init__(self, meter_id: str, expected: str, got: str, what: str = "address") -> None:
         super().__init__(meter_id, f"reply from {what} {got}, expected {expected}")
@@ -53,13 +54,13 @@ class MeterWrongAddress(MeterFrameError):
 class MeterRefused(MeterError):
     """The meter answered with an error/exception reply."""
 
-    kind = "refused"
+    kind = ErrorKind.REFUSED
 
 
 class TransportError(MeterError):
     """The bus itself is unusable (port vanished, TCP connection refused)."""
 
-    kind = "transport"
+    kind = ErrorKind.TRANSPORT
 
 
 class BusUnavailable(TransportError):

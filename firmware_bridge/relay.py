@@ -37,6 +37,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from firmware_bridge.dlt645.messages import ControlCommand
 from firmware_bridge.driver import MeterError, MeterFrameError
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.modbus.transport import ModbusTransport
 from firmware_bridge.settings import RelaySettings
 
@@ -269,8 +270,10 @@ class SignalResult:
     detail: str
 
 
-class SignalNotSupported(Exception):
+class SignalNotSupported(EdgeGwError):
     """The meter's actuator cannot take this signal (e.g. a Modbus coil relay)."""
+
+    kind = ErrorKind.UNSUPPORTED
 
     def __init__(self, meter_id: str, sig: MeterSignal) -> None:
         super().__init__(f"meter {meter_id}: {sig.value} is not supported by its relay interface")
@@ -300,8 +303,10 @@ class RelayResult:
     refused: bool = False  # the meter answered the command with a refusal (not resent)
 
 
-class RelayRateLimited(Exception):
+class RelayRateLimited(EdgeGwError):
     """A command came sooner than the relay's minimum interval."""
+
+    kind = ErrorKind.BUSY
 
     def __init__(self, meter_id: str, retry_after_s: float) -> None:
         super().__init__(f"meter {meter_id}: relay operated too recently, retry in {retry_after_s:.1f}s")
@@ -309,8 +314,10 @@ class RelayRateLimited(Exception):
         self.retry_after_s = retry_after_s
 
 
-class RelayRefused(Exception):
+class RelayRefused(EdgeGwError):
     """A pre-condition (e.g. supply voltage) vetoed the command; nothing was sent."""
+
+    kind = ErrorKind.REFUSED
 
     def __init__(self, meter_id: str, reason: str) -> None:
         super().__init__(f"meter {meter_id}: relay command refused: {reason}")

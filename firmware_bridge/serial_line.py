@@ -24,6 +24,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
+
 LOCK_DIR_ENV = "EDGEGW_LOCK_DIR"
 DEFAULT_LOCK_DIR = Path("/run/lock")
 
@@ -102,8 +104,10 @@ def lock_path(device: str, directory: Path | None = None) -> Path:
     return (directory or lock_dir()) / f"edgegw-{name}.lock"
 
 
-class LineBusy(Exception):
+class LineBusy(EdgeGwError):
     """Another process uses the line (``holder`` says who, when it said)."""
+
+    kind = ErrorKind.BUSY
 
     def __init__(self, device: str, holder: str) -> None:
         who = holder or "another process"

@@ -64,6 +64,7 @@ from typing import Any, Protocol
 import aiomqtt
 import aiosqlite
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from gateway.security import audit
 from gateway.security.envelope import (
     CommandResult,
@@ -103,7 +104,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _CODE_RE = re.compile(r"^[a-z][a-z0-9_.]{0,47}$")
 
 
-class CommandRefused(Exception):
+class CommandRefused(EdgeGwError):
     """Raised by a port (or the handler) when a verified command's body cannot be applied.
 
     ``reason`` is a short code of the refusing owner (``counter_gap``,
@@ -112,6 +113,8 @@ class CommandRefused(Exception):
     stays unseen (central may send a corrected command under the same id) and
     central gets ``rejected``/``bad_body`` with the code and the message.
     """
+
+    kind = ErrorKind.REFUSED
 
     def __init__(self, reason: str, message: str) -> None:
         if not _CODE_RE.match(reason):

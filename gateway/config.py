@@ -28,6 +28,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from firmware_bridge.bus import config_problems
+from firmware_bridge.errors import ProblemsError
 from firmware_bridge.reading import Quantity
 from firmware_bridge.settings import BusSettings, MeterSettings, RelaySettings, SiteSettings
 from gateway.billing.account import AccountError, load_account
@@ -37,12 +38,8 @@ from store_forward.settings import BrokerSettings, UplinkSettings
 from store_forward.uplink_keys import UplinkKeyError, parse_public_key
 
 
-class ConfigError(Exception):
+class ConfigError(ProblemsError):
     """A configuration file is invalid. ``problems`` holds one line per problem."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 # ---------------------------------------------------------------------------

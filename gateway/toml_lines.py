@@ -19,11 +19,15 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
+
 _BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
-class ScanError(ValueError):
+class ScanError(EdgeGwError, ValueError):
     """The text is not TOML as far as the scan can tell (tomllib says why)."""
+
+    kind = ErrorKind.INVALID
 
 
 class _Table:

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from headend.console.cli import listen_address, register_console, timezone
 from headend.console.db import open_console_db
 from headend.ingest import Headend
@@ -46,8 +47,10 @@ def _err(msg: str) -> int:
     return 1
 
 
-class HeadendStoreError(Exception):
+class HeadendStoreError(EdgeGwError):
     """The headend's database cannot be opened."""
+
+    kind = ErrorKind.STORAGE
 
 
 def hostport(value: str) -> tuple[str, int]:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware_bridge.durable import fsync_dir, write_new
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from provisioning.bundle import (
     DEFAULT_MAX_BUNDLE_BYTES,
     BundleContentError,
@@ -71,8 +72,10 @@ StepFn = Callable[[str], None]
 ExportFn = Callable[[Path], Awaitable[object]]
 
 
-class ApplyError(Exception):
+class ApplyError(EdgeGwError):
     """The provisioning state itself is unusable (not a bundle problem)."""
+
+    kind = ErrorKind.STORAGE
 
 
 # ---------------------------------------------------------------------------

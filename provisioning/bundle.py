@@ -43,6 +43,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
+
 MAGIC = b"EGWBNDL\x01"
 SIGNING_CONTEXT = b"edgegw/provisioning-bundle/v1\x00"
 HEADER = struct.Struct(">8sI")
@@ -71,8 +73,10 @@ VerifyKey = Ed25519PublicKey | Iterable[Ed25519PublicKey] | Callable[[], Iterabl
 # Errors
 
 
-class BundleError(Exception):
+class BundleError(EdgeGwError):
     """A bundle was refused. ``code`` is a stable short reason, the message says exactly why."""
+
+    kind = ErrorKind.REFUSED
 
     code = "refused"
 
@@ -94,6 +98,8 @@ class BundleFormatError(BundleError):
 
 class BundleSignatureError(BundleError):
     """The signature does not verify with any trusted provisioning key."""
+
+    kind = ErrorKind.AUTH
 
     code = "signature"
 

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware_bridge.durable import append_durably, write_atomic, write_new
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from provisioning.apply import (
     ApplyError,
     apply_bundle,
@@ -62,8 +63,10 @@ from provisioning.rules import CONFIG_FILE, ConfigRules, ReleaseCheck
 DEFAULT_VALID_DAYS = 14
 
 
-class UsageError(Exception):
-    pass
+class UsageError(EdgeGwError):
+    """The command line asks for something that cannot be done."""
+
+    kind = ErrorKind.INVALID
 
 
 # ---------------------------------------------------------------------------

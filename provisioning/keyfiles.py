@@ -8,9 +8,13 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 
-class KeyFileError(ValueError):
+
+class KeyFileError(EdgeGwError, ValueError):
     """A key file cannot be read or holds the wrong kind of key; the message names it."""
+
+    kind = ErrorKind.INVALID
 
 
 def public_key_fingerprint(key: Ed25519PublicKey) -> str:

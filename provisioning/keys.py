@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from firmware_bridge.durable import fsync_dir, write_atomic
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from store_forward.uplink_keys import fingerprint
 
 MANIFEST = "manifest.json"
@@ -67,12 +68,16 @@ _PURPOSE_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _GATEWAY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class KeystoreError(Exception):
+class KeystoreError(EdgeGwError):
     """The keystore is missing, malformed, or a request on it is invalid."""
+
+    kind = ErrorKind.INVALID
 
 
 class KeyPermissionError(KeystoreError):
     """A private key file (or the keystore directory) is accessible to others."""
+
+    kind = ErrorKind.AUTH
 
 
 def b64(data: bytes) -> str:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware_bridge.durable import append_durably, write_all, write_atomic, write_new
+from firmware_bridge.errors import EdgeGwError
 from provisioning.apply import (
     ApplyResult,
     ExportFn,
@@ -78,8 +79,8 @@ MOUNT_OPTS_RW = "rw,nosuid,nodev,noexec,noatime,sync"
 AUDIT_SPOOL = "audit-spool.jsonl"
 
 
-class UsbError(Exception):
-    pass
+class UsbError(EdgeGwError):
+    """A step of the USB unit cannot be carried out."""
 
 
 # ---------------------------------------------------------------------------

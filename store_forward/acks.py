@@ -42,6 +42,7 @@ import orjson
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from store_forward.batch_epoch import EpochFormatError, check_epoch, epoch_bytes
 
 __all__ = [
@@ -68,8 +69,10 @@ _MAC_LABEL = b"edgegw/ack/v1\x00"
 _MAC_RE = re.compile(r"[0-9a-f]{64}")
 
 
-class AckError(ValueError):
+class AckError(EdgeGwError, ValueError):
     """An ack that cannot be used; ``cause`` is a short stable name for counting."""
+
+    kind = ErrorKind.FRAME
 
     def __init__(self, cause: str, detail: str) -> None:
         super().__init__(f"{cause}: {detail}")

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from store_forward.batch_epoch import LEGACY_EPOCH
 
 FORMAT = 2  # 1: before batch epochs (entries without "epoch"), still imported
@@ -27,8 +28,10 @@ FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 
 
-class SneakernetError(Exception):
+class SneakernetError(EdgeGwError):
     """The export or import cannot proceed (no packer, bad manifest, ...)."""
+
+    kind = ErrorKind.INVALID
 
 
 def batch_file_name(gateway_id: str, epoch: str, seq: int) -> str:

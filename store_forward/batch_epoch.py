@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import re
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
+
 __all__ = ["EPOCH_BYTES", "LEGACY_EPOCH", "EpochFormatError", "check_epoch", "epoch_bytes", "epoch_text", "new_epoch"]
 
 EPOCH_BYTES = 8
@@ -29,8 +31,10 @@ LEGACY_EPOCH = ""
 _EPOCH_RE = re.compile(r"[0-9a-f]{16}")
 
 
-class EpochFormatError(ValueError):
+class EpochFormatError(EdgeGwError, ValueError):
     """Not an epoch: 16 lowercase hex digits (or the legacy empty string where allowed)."""
+
+    kind = ErrorKind.INVALID
 
 
 def new_epoch() -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from store_forward import acks, wire, wire_json
 from store_forward.records import Record
 
@@ -178,8 +179,10 @@ class JsonCodec:
             n = max(1, int(n * max_bytes / len(payload) * 0.95))
 
 
-class DecodeError(Exception):
+class DecodeError(EdgeGwError):
     """A payload that cannot be accepted; ``reason`` is short and loggable."""
+
+    kind = ErrorKind.FRAME
 
     def __init__(self, reason: str, *, gateway_id: str | None = None, seq: int | None = None) -> None:
         super().__init__(reason)

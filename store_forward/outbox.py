@@ -70,6 +70,7 @@ import aiosqlite
 import orjson
 
 from firmware_bridge.durable import write_atomic
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.reading import Reading
 from store_forward.batch_epoch import LEGACY_EPOCH, new_epoch
 from store_forward.integrity import (
@@ -192,8 +193,10 @@ SQLITE_NOTADB = 26
 _ROW_OVERHEAD = 48  # bytes of index and row header per record, roughly
 
 
-class OutboxError(Exception):
+class OutboxError(EdgeGwError):
     """The outbox cannot do what was asked (corrupt file, full disk, ...)."""
+
+    kind = ErrorKind.STORAGE
 
 
 class OutboxFullError(OutboxError):

@@ -73,6 +73,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from firmware_bridge.durable import write_atomic
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 
 __all__ = [
     "BLOB_OVERHEAD",
@@ -116,8 +117,10 @@ _TAG_LABEL = b"edgegw/storage-key-tag/v1"
 # --------------------------------------------------------------------------- errors
 
 
-class SealingError(Exception):
+class SealingError(EdgeGwError):
     """Base of every error raised by this module."""
+
+    kind = ErrorKind.STORAGE
 
 
 class StorageKeyError(SealingError):
@@ -134,6 +137,8 @@ class NonceExhaustedError(SealingError):
 
 class UnsealError(SealingError):
     """The blob was altered, moved to another row/class, or sealed under another key."""
+
+    kind = ErrorKind.AUTH
 
 
 # --------------------------------------------------------------------------- key files

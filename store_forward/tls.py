@@ -12,11 +12,15 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
+
 __all__ = ["TLSFileError", "TLSLabels", "client_tls_context"]
 
 
-class TLSFileError(OSError):
+class TLSFileError(EdgeGwError, OSError):
     """A TLS file cannot be used; the message names the setting, the file and the cause."""
+
+    kind = ErrorKind.INVALID
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,16 @@ from typing import Protocol
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
+
 PURPOSE = "uplink-seal"
 _SALT = b"edgegw/uplink-key/v1"
 
 
-class UplinkKeyError(Exception):
+class UplinkKeyError(EdgeGwError):
     """An uplink key, headend key or registry entry is missing or malformed."""
+
+    kind = ErrorKind.INVALID
 
 
 def fingerprint(public_key: bytes) -> str:

@@ -43,6 +43,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.reading import CODE_QUANTITIES, QUANTITY_CODES, Quantity
 from store_forward.batch_epoch import (
     EPOCH_BYTES,
@@ -108,12 +109,16 @@ _LZMA_FILTERS: list[dict[str, Any]] = [{"id": lzma.FILTER_LZMA2, "preset": 9, "d
 # --------------------------------------------------------------------------- errors
 
 
-class WireError(Exception):
+class WireError(EdgeGwError):
     """Base of every error raised by this module."""
+
+    kind = ErrorKind.FRAME
 
 
 class WireEncodeError(WireError, ValueError):
     """The records (or arguments) cannot be encoded as a v2 batch."""
+
+    kind = ErrorKind.INVALID
 
 
 class WireBudgetError(WireEncodeError):
@@ -131,13 +136,19 @@ class WireFormatError(WireError):
 class WireVersionError(WireFormatError):
     """The first byte names an encoding version this decoder does not know."""
 
+    kind = ErrorKind.UNSUPPORTED
+
 
 class WireKeyError(WireError):
     """No usable key for the (gateway id, key id) named in the header."""
 
+    kind = ErrorKind.AUTH
+
 
 class WireAuthError(WireError):
     """The seal does not verify: the payload was altered or the key is wrong."""
+
+    kind = ErrorKind.AUTH
 
 
 # --------------------------------------------------------------------------- values

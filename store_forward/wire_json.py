@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from store_forward.batch_epoch import LEGACY_EPOCH, EpochFormatError, check_epoch
 from store_forward.records import Record, RecordClass
 
@@ -30,8 +31,10 @@ LEGACY_VERSION = 0x01  # document without one (decoded with the legacy epoch)
 MAX_DECOMPRESSED = 16 * 1024 * 1024
 
 
-class BatchDecodeError(ValueError):
+class BatchDecodeError(EdgeGwError, ValueError):
     """A batch payload could not be decoded; the message says why."""
+
+    kind = ErrorKind.FRAME
 
 
 @dataclass(frozen=True)

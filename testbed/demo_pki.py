@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from gateway.config import BrokerSection
 from store_forward.uplink import tls_context
 from testbed.broker import TlsFiles
@@ -81,8 +82,10 @@ ORGANIZATION = "edge-gateway demo"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class DemoPkiError(ValueError):
+class DemoPkiError(EdgeGwError, ValueError):
     """The requested PKI cannot be made (bad identity or host name)."""
+
+    kind = ErrorKind.INVALID
 
 
 @dataclass(frozen=True, slots=True)

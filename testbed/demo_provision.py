@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from firmware_bridge.durable import write_atomic
+from firmware_bridge.errors import EdgeGwError
 from gateway import __version__, provision_cli
 from gateway.release_check import check_release
 from headend.registry import parse_enrollment
@@ -75,7 +76,7 @@ STATE_DIR = "gateway-state"
 TECHNICIAN = "demo-technician"
 
 
-class DemoProvisionError(Exception):
+class DemoProvisionError(EdgeGwError):
     """A step of the provisioning failed; the message says which and why."""
 
 

@@ -8,9 +8,13 @@ errors.
 
 from __future__ import annotations
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 
-class Dlt645Error(Exception):
+
+class Dlt645Error(EdgeGwError):
     """Base class of every DL/T 645 codec error."""
+
+    kind = ErrorKind.FRAME
 
 
 class FrameError(Dlt645Error):
@@ -28,6 +32,8 @@ class ChecksumError(FrameError):
 
 class EncodeError(Dlt645Error, ValueError):
     """A request or value cannot be encoded (bad address, out-of-range value...)."""
+
+    kind = ErrorKind.INVALID
 
 
 class DataError(Dlt645Error):

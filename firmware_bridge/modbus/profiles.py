@@ -29,15 +29,18 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.reading import Quantity
 
 
-class ProfileError(ValueError):
+class ProfileError(EdgeGwError, ValueError):
     """A register map is invalid.
 
     ``path`` is the key path inside the configuration (``profiles.NAME.fields.power_kw.unit``),
     ``problem`` what is wrong with it.
     """
+
+    kind = ErrorKind.INVALID
 
     def __init__(self, path: str, problem: str) -> None:
         super().__init__(f"{path}: {problem}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from firmware_bridge.errors import ProblemsError
 from gateway.billing.cutoff import CloseMode, CutoffConfig, CutoffConfigError, Window
 from gateway.billing.daytypes import DayType, parse_calendar
 from gateway.billing.money import AmountError, kwh_to_ckwh_exact, yuan_to_micro
@@ -22,10 +23,8 @@ from gateway.billing.rating import TierState
 from gateway.billing.topup import Channel, Source, TopUp, TopUpPolicy
 
 
-class AccountError(Exception):
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+class AccountError(ProblemsError):
+    """An account file is invalid. ``problems`` holds one line per problem."""
 
 
 @dataclass(frozen=True)

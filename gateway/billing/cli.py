@@ -31,6 +31,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from gateway.billing.account import AccountError, AccountSettings, load_account
 from gateway.billing.cutoff import (
     Contact,
@@ -87,8 +88,10 @@ COLUMNS = ("meter", "time", "import_kwh", *_RATE_COLS, "event", "new_import_kwh"
 EVENTS = ("reading", "replace")
 
 
-class InputError(Exception):
-    pass
+class InputError(EdgeGwError):
+    """A file or argument of `edgegw tariff` cannot be used; the message says why."""
+
+    kind = ErrorKind.INVALID
 
 
 # ---------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from datetime import date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from gateway.billing.daytypes import DayCalendar, DayType
 from gateway.billing.money import report_yuan, yuan_text
 from gateway.billing.tariff import to_local
@@ -79,8 +80,10 @@ class Pending(enum.StrEnum):
     RECONNECT_DELAY = "reconnect_delay"
 
 
-class CutoffConfigError(ValueError):
+class CutoffConfigError(EdgeGwError, ValueError):
     """Cutoff limits that contradict each other."""
+
+    kind = ErrorKind.INVALID
 
 
 @dataclass(frozen=True)

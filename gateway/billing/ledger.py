@@ -29,11 +29,14 @@ from typing import Any
 
 import orjson
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from gateway.billing.rating import FixedChargeDue, IntervalCharge, TierState
 
 
-class LedgerConflict(Exception):
+class LedgerConflict(EdgeGwError):
     """An entry id is already in the ledger with different content."""
+
+    kind = ErrorKind.CONFLICT
 
 
 class EntryKind(enum.StrEnum):

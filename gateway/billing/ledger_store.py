@@ -38,6 +38,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from gateway.billing.cutoff import CutoffState
 from gateway.billing.held import OFF_BILLED_MS, REWIND_SLACK_MS, HeldGroup, Stretch, plan_fixed
 from gateway.billing.ledger import (
@@ -136,8 +137,10 @@ CREATE TABLE IF NOT EXISTS billing_meter_reset (
 """
 
 
-class LedgerCorrupt(Exception):
+class LedgerCorrupt(EdgeGwError):
     """The stored view does not match a full fold of the stored entries."""
+
+    kind = ErrorKind.STORAGE
 
 
 async def init_schema(conn: aiosqlite.Connection) -> None:

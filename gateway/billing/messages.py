@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from firmware_bridge.errors import ProblemsError
 from gateway.billing.rating import MeterReplacement
 from gateway.billing.reconcile import CentralSnapshot
 from gateway.billing.topup import Authorization, Channel, Source, TopUp
@@ -21,12 +22,10 @@ from gateway.billing.topup import Authorization, Channel, Source, TopUp
 MAX_BALANCE_MICRO = 10**15  # a billion yuan; keeps every sum far inside SQLite's 64-bit integers
 
 
-class MessageError(ValueError):
+class MessageError(ProblemsError, ValueError):
     """A billing command is malformed. ``problems``: one line each."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
+    separator = "; "
 
 
 class _Reader:

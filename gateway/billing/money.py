@@ -26,14 +26,18 @@ from __future__ import annotations
 
 from decimal import ROUND_DOWN, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
+
 MICRO_PER_YUAN = 1_000_000
 MICRO_PER_FEN = 10_000
 CKWH_PER_KWH = 100
 PRICE_E4_PER_YUAN = 10_000
 
 
-class AmountError(ValueError):
+class AmountError(EdgeGwError, ValueError):
     """A textual or numeric amount cannot be represented exactly."""
+
+    kind = ErrorKind.INVALID
 
 
 def _decimal(value: object) -> Decimal:

@@ -37,6 +37,7 @@ from datetime import datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.reading import RATE_QUANTITIES, Quantity, Reading
 from gateway.billing.money import amount_micro, ckwh_to_kwh, register_ckwh
 from gateway.billing.tariff import RATE_NAMES, NoTariffInForce, Tariff, TariffBook
@@ -455,8 +456,10 @@ def rate_chain(
 # One meter over time: baseline, declared replacements, undeclared register resets
 
 
-class ReplacementError(ValueError):
+class ReplacementError(EdgeGwError, ValueError):
     """A declared meter replacement that does not fit what was billed (``code`` says how)."""
+
+    kind = ErrorKind.INVALID
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)

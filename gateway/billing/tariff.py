@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind, ProblemsError
 from gateway.billing.daytypes import DayCalendar, DayType, parse_calendar
 from gateway.billing.money import (
     AmountError,
@@ -56,16 +57,14 @@ CN_RESIDENTIAL_ANNUAL = {
 TIER_PRESETS: Mapping[str, Mapping[str, Any]] = {"cn-residential-annual": CN_RESIDENTIAL_ANNUAL}
 
 
-class TariffError(Exception):
+class TariffError(ProblemsError):
     """A tariff file (or set of versions) is invalid. ``problems``: one line each."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
-
-class NoTariffInForce(LookupError):
+class NoTariffInForce(EdgeGwError, LookupError):
     """No tariff version is in force at the requested time."""
+
+    kind = ErrorKind.NOT_FOUND
 
 
 # ---------------------------------------------------------------------------

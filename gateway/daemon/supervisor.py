@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.faults import FaultEvents
 from firmware_bridge.scheduler import BackoffPolicy
 from gateway import (
@@ -148,8 +149,10 @@ class DaemonStats:
     bus_failures: dict[str, int] = field(default_factory=dict)
 
 
-class StartupError(Exception):
+class StartupError(EdgeGwError):
     """The daemon cannot start; the message names the file or directory and the cause."""
+
+    kind = ErrorKind.STORAGE
 
 
 def prepare_storage_dir(db_path: Path) -> None:

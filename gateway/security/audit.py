@@ -49,6 +49,8 @@ import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
+
 HASH_CONTEXT = b"edgegw-audit-v1\x00"
 CHECKPOINT_CONTEXT = b"edgegw-audit-checkpoint-v1\x00"
 GENESIS_HASH = bytes(32)
@@ -82,8 +84,10 @@ SCHEMA: tuple[str, ...] = (
 )
 
 
-class AuditError(Exception):
+class AuditError(EdgeGwError):
     """The audit log cannot be read or written."""
+
+    kind = ErrorKind.STORAGE
 
 
 @dataclass(frozen=True, slots=True)

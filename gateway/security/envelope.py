@@ -69,6 +69,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from gateway.security.roles import (
     COMMAND_ROLE,
     KEY_ID_RE,
@@ -119,8 +120,10 @@ class RejectReason(enum.StrEnum):
     ISSUED_BEFORE_RECOVERY = "issued_before_recovery"
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(EdgeGwError, ValueError):
     """Raised by :func:`sign_command` for arguments that would make an invalid envelope."""
+
+    kind = ErrorKind.INVALID
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ from types import MappingProxyType
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
+
 
 class Role(enum.StrEnum):
     BILLING = "billing"
@@ -111,8 +113,10 @@ MAX_VALIDITY_MS: Mapping[CommandType, int] = MappingProxyType(
 KEY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 
-class TrustError(Exception):
+class TrustError(EdgeGwError):
     """The trust store file or a key in it is invalid."""
+
+    kind = ErrorKind.INVALID
 
 
 @dataclass(frozen=True, slots=True)
