@@ -56,7 +56,6 @@ import asyncio
 import base64
 import enum
 import logging
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -65,6 +64,7 @@ import aiomqtt
 import aiosqlite
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
+from firmware_bridge.identifiers import is_code, is_name
 from gateway.security import audit
 from gateway.security.envelope import (
     CommandResult,
@@ -98,10 +98,6 @@ MAX_REASON_CHARS = 200
 # the trusted-time floor): central re-signing an old command id within that span
 # is answered ``duplicate``, never applied twice.
 SEEN_GRACE_MS = 7 * 24 * HOUR_MS
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-
-
-_CODE_RE = re.compile(r"^[a-z][a-z0-9_.]{0,47}$")
 
 
 class CommandRefused(EdgeGwError):
@@ -117,7 +113,7 @@ class CommandRefused(EdgeGwError):
     kind = ErrorKind.REFUSED
 
     def __init__(self, reason: str, message: str) -> None:
-        if not _CODE_RE.match(reason):
+        if not is_code(reason):
             raise ValueError(f"refusal reason must be a short code, got {reason!r}")
         super().__init__(message)
         self.reason = reason
@@ -322,7 +318,7 @@ def parse_relay(body: Mapping[str, Any]) -> RelayRequest:
     if unknown:
         raise CommandRefused("unknown_keys", f"relay.operate: unknown keys {unknown}")
     meter = body.get("meter")
-    if not isinstance(meter, str) or not _ID_RE.match(meter):
+    if not is_name(meter):
         raise CommandRefused("bad_meter", "relay.operate.meter must be a meter id")
     try:
         op = RelayOp(str(body.get("op")))

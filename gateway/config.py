@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from firmware_bridge.bus import config_problems
 from firmware_bridge.errors import ProblemsError
+from firmware_bridge.identifiers import is_name, name_problem
 from firmware_bridge.reading import Quantity
 from firmware_bridge.settings import BusSettings, MeterSettings, RelaySettings, SiteSettings
 from gateway.billing.account import AccountError, load_account
@@ -182,7 +183,6 @@ TIMEOUT_RANGE_S = (0.01, 60.0)
 # A tiny schema language: each section is a dict of key -> Field
 
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 Check = Callable[[Any], str | None]
@@ -200,10 +200,6 @@ class Field:
     required: bool = False
     check: Check | None = None
     convert: Callable[[Any], Any] | None = None
-
-
-def _ident(v: Any) -> str | None:
-    return None if _ID_RE.match(v) else f"{v!r} is not a valid identifier (letters, digits, _ . -; at most 64)"
 
 
 def _num(x: float) -> str:
@@ -338,7 +334,7 @@ _path = Path
 _seconds = float
 
 GATEWAY_SCHEMA = {
-    "id": Field((str,), required=True, check=_ident),
+    "id": Field((str,), required=True, check=name_problem),
     "site": Field((str,), required=True, check=_text(200)),
     "timezone": Field((str,), check=_timezone),
     "poll_interval_s": Field(_NUM, check=_between(*POLL_INTERVAL_RANGE_S, "s"), convert=_seconds),
@@ -380,7 +376,7 @@ UPLINK_SCHEMA = {
     "allow_unauthenticated_acks": Field((bool,)),
 }
 BUS_SCHEMA = {
-    "name": Field((str,), required=True, check=_ident),
+    "name": Field((str,), required=True, check=name_problem),
     "type": Field((str,), required=True, check=_one_of("serial", "tcp")),
     "device": Field((str,), check=_text(MAX_STRING)),
     "baud": Field((int,), check=_one_of(1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)),
@@ -402,13 +398,13 @@ RELAY_SCHEMA = {
     "min_interval_s": Field(_NUM, check=_between(0, 86_400, "s"), convert=_seconds),
 }
 METER_SCHEMA = {
-    "id": Field((str,), required=True, check=_ident),
-    "bus": Field((str,), required=True, check=_ident),
+    "id": Field((str,), required=True, check=name_problem),
+    "bus": Field((str,), required=True, check=name_problem),
     "protocol": Field((str,), required=True, check=_one_of("modbus", "dlt645")),
     "profile": Field((str,), check=_text(64)),
     "unit_id": Field((int,), check=_unit_id),
     "address": Field((str,), check=_dlt645_address),
-    "account": Field((str,), check=_ident),
+    "account": Field((str,), check=name_problem),
     "relay": Field((dict,)),
     "password": Field((str,), check=lambda v: _hex_bytes(v, 4)),
     "operator": Field((str,), check=lambda v: _hex_bytes(v, 4)),
@@ -426,7 +422,7 @@ METRICS_SCHEMA = {
     "interval_s": Field(_NUM, check=_between(1, 3600, "s"), convert=_seconds),
 }
 ACCOUNT_SCHEMA = {
-    "id": Field((str,), required=True, check=_ident),
+    "id": Field((str,), required=True, check=name_problem),
     "settings": Field((str,), required=True, convert=_path),
     "tariffs": Field((list,), required=True, check=_file_list),
 }
@@ -510,7 +506,7 @@ class Where:
             entries = self.raw.get(array[0])
             if isinstance(entries, list) and index < len(entries) and isinstance(entries[index], dict):
                 name = entries[index].get(ENTRY_NAME_KEY[array[0]])
-                if isinstance(name, str) and _ID_RE.match(name):
+                if is_name(name):
                     return name
         return f"#{index + 1}"
 
@@ -928,5 +924,5 @@ def _check_billing(
         known = {a.id for _, a in accounts}
         for i, rm in _entries(raw, "meter"):
             acct = rm.get("account") if isinstance(rm, dict) else None
-            if isinstance(acct, str) and _ID_RE.match(acct) and acct not in known:
+            if is_name(acct) and acct not in known:
                 c.add(("meter", i, "account"), f"unknown account {acct!r} (known: {', '.join(sorted(known))})")

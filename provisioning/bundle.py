@@ -44,6 +44,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
+from firmware_bridge.identifiers import is_name
 
 MAGIC = b"EGWBNDL\x01"
 SIGNING_CONTEXT = b"edgegw/provisioning-bundle/v1\x00"
@@ -60,8 +61,6 @@ DEFAULT_MAX_BUNDLE_BYTES = 32 * 1024 * 1024
 
 SUFFIX = ".egwb"
 
-_COMPONENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 # Which role key a verifier is given: one key, several (rotation), or a lookup
@@ -143,7 +142,7 @@ class Target:
             kind, ident = "gateway", text
         if kind not in ("gateway", "site"):
             raise ValueError(f"target kind must be 'gateway' or 'site', got {kind!r}")
-        if not _IDENT_RE.match(ident):
+        if not is_name(ident):
             raise ValueError(f"target id {ident!r} is not a valid identifier")
         return cls(kind, ident)
 
@@ -229,7 +228,7 @@ def check_path(path: object) -> str | None:
     if len(parts) > MAX_PATH_DEPTH:
         return f"path {path!r} deeper than {MAX_PATH_DEPTH} components"
     for p in parts:
-        if not _COMPONENT_RE.match(p):
+        if not is_name(p):
             return f"path {path!r}: component {p!r} not allowed (letters, digits, . _ -; no leading dot)"
     return None
 
@@ -454,7 +453,7 @@ def parse_manifest(raw: Any) -> Manifest:
             f"manifest: format {fmt} not supported (supported: {FORMAT})", code="manifest"
         )
     bundle_id = _need(raw, "bundle_id", str, "")
-    if not _IDENT_RE.match(bundle_id):
+    if not is_name(bundle_id):
         raise BundleContentError(f"manifest: bundle_id {bundle_id!r} invalid", code="manifest")
     version = _need(raw, "version", int, "")
     if not 1 <= version <= MAX_VERSION:
@@ -465,7 +464,7 @@ def parse_manifest(raw: Any) -> Manifest:
     _exact_keys(t, {"kind", "id"}, "target.")
     kind = _need(t, "kind", str, "target.")
     tid = _need(t, "id", str, "target.")
-    if kind not in ("gateway", "site") or not _IDENT_RE.match(tid):
+    if kind not in ("gateway", "site") or not is_name(tid):
         raise BundleContentError(f"manifest: target {kind}:{tid} invalid", code="manifest")
     times = {}
     for k in ("created", "expires"):
@@ -477,7 +476,7 @@ def parse_manifest(raw: Any) -> Manifest:
     if times["expires"] <= times["created"]:
         raise BundleContentError("manifest: expires is not after created", code="manifest")
     technician = _need(raw, "technician", str, "")
-    if not _IDENT_RE.match(technician):
+    if not is_name(technician):
         raise BundleContentError(f"manifest: technician {technician!r} invalid", code="manifest")
     cb = _need(raw, "carry_back", dict, "")
     _exact_keys(cb, {"backlog_export"}, "carry_back.")

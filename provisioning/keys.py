@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import secrets
 import stat
 from collections.abc import Iterable
@@ -52,6 +51,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from firmware_bridge.durable import fsync_dir, write_atomic
 from firmware_bridge.errors import EdgeGwError, ErrorKind
+from firmware_bridge.identifiers import is_name, is_purpose
 from store_forward.uplink_keys import fingerprint
 
 MANIFEST = "manifest.json"
@@ -64,8 +64,6 @@ HKDF_SALT = b"edgegw/keystore/v1"
 ROOT_SECRET_BYTES = 32
 PURPOSE_KEY_BYTES = 32
 
-_PURPOSE_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
-_GATEWAY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class KeystoreError(EdgeGwError):
@@ -96,7 +94,7 @@ def derive_purpose_key(root: bytes, gateway_id: str, purpose: str, version: int)
 
 
 def _check_purpose(purpose: str) -> None:
-    if not _PURPOSE_RE.match(purpose):
+    if not is_purpose(purpose):
         raise KeystoreError(
             f"invalid purpose name {purpose!r} (lower-case letters, digits and '-', max 32)"
         )
@@ -168,14 +166,14 @@ class Manifest:
         if doc.get("format") != FORMAT:
             raise KeystoreError(f"{source}: unsupported format {doc.get('format')!r}")
         gid = doc.get("gateway_id")
-        if not isinstance(gid, str) or not _GATEWAY_ID_RE.match(gid):
+        if not is_name(gid):
             raise KeystoreError(f"{source}: gateway_id missing or invalid: {gid!r}")
         versions = doc.get("versions")
         if not isinstance(versions, dict):
             raise KeystoreError(f"{source}: versions must be an object")
         out: dict[str, int] = {}
         for purpose, v in versions.items():
-            if not isinstance(purpose, str) or not _PURPOSE_RE.match(purpose):
+            if not is_purpose(purpose):
                 raise KeystoreError(f"{source}: versions: invalid purpose {purpose!r}")
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise KeystoreError(f"{source}: versions.{purpose}: must be an integer >= 1")
@@ -217,7 +215,7 @@ class Keystore:
         buffered data.
         """
         p = Path(path)
-        if not _GATEWAY_ID_RE.match(gateway_id):
+        if not is_name(gateway_id):
             raise KeystoreError(
                 f"invalid gateway id {gateway_id!r} (letters, digits, _ . -, max 64)"
             )

@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import pwd
-import re
 import stat
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from typing import Any
 
 from firmware_bridge.durable import append_durably, write_all, write_atomic, write_new
 from firmware_bridge.errors import EdgeGwError
+from firmware_bridge.identifiers import is_name
 from provisioning.apply import (
     ApplyResult,
     ExportFn,
@@ -495,7 +495,7 @@ def _accepted(spool_out: Path) -> tuple[str, bool]:
     except ValueError:
         return "unknown", False
     gateway_id = str(doc.get("gateway_id", "unknown"))
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", gateway_id):
+    if not is_name(gateway_id):
         gateway_id = "unknown"
     return gateway_id, any(r.get("outcome") == "accepted" for r in doc.get("results", []))
 

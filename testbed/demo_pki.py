@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
+from firmware_bridge.identifiers import is_name
 from gateway.config import BrokerSection
 from store_forward.uplink import tls_context
 from testbed.broker import TlsFiles
@@ -79,7 +80,6 @@ ORGANIZATION = "edge-gateway demo"
 
 # The same identifier rule as the configuration's gateway id: the CN becomes an
 # MQTT username and a topic level, so "/", "+", "#" and spaces must never occur.
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class DemoPkiError(EdgeGwError, ValueError):
@@ -160,7 +160,7 @@ def make_demo_pki(
     """
     identities = [*gateway_ids, headend_id]
     for ident in identities:
-        if not isinstance(ident, str) or not _ID_RE.match(ident):
+        if not is_name(ident):
             raise DemoPkiError(
                 f"{ident!r} is not a valid identity (1-64 letters, digits, _ . -, "
                 "starting with a letter or digit)"

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import enum
 import itertools
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
+from firmware_bridge.identifiers import is_name
 from firmware_bridge.reading import Quantity
 
 
@@ -228,7 +228,6 @@ BUILTIN_PROFILES_RAW: dict[str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------
 # Schema validation
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PROFILE_KEYS = {
     "description",
     "function_code",
@@ -265,7 +264,7 @@ def _decimal(value: Any, path: str) -> Decimal:
 def parse_profile(name: str, raw: Any, *, path: str | None = None) -> Profile:
     """Validate one ``[profiles.NAME]`` table; raise :class:`ProfileError` on the first problem."""
     base = path or f"profiles.{name}"
-    if not _NAME_RE.match(name):
+    if not is_name(name):
         raise ProfileError(base, f"{name!r} is not a valid profile name (letters, digits, _ . -)")
     if not isinstance(raw, Mapping):
         raise ProfileError(base, f"must be a table, got {type(raw).__name__}")

@@ -56,7 +56,6 @@ import base64
 import binascii
 import enum
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -70,9 +69,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
+from firmware_bridge.identifiers import is_issued_id, is_name, is_purpose
 from gateway.security.roles import (
     COMMAND_ROLE,
-    KEY_ID_RE,
     MAX_VALIDITY_MS,
     CentralKey,
     CommandType,
@@ -90,7 +89,6 @@ MAX_TIME_MS = 2**53  # far beyond any real date; keeps values exact everywhere
 
 PAYMENT_CHANNELS = frozenset({"counter", "bank", "mobile_app", "agent"})
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _COMMAND_TYPES = frozenset(t.value for t in CommandType)
 _PAYLOAD_KEYS = frozenset(
     {"v", "target", "id", "issuer", "counter", "issued_at", "expires_at", "type", "body"}
@@ -299,7 +297,7 @@ def _no_floats(v: Any, depth: int = 0) -> str | None:
 
 def _check_topup(body: Mapping[str, Any]) -> str | None:
     account = body.get("account")
-    if not isinstance(account, str) or not _ID_RE.match(account):
+    if not is_name(account):
         return "topup.account must be an account id"
     amount = body.get("amount_micro")
     if not _int(amount) or amount <= 0:
@@ -327,7 +325,7 @@ def _check_keys_rotate(body: Mapping[str, Any]) -> str | None:
     op = body.get("op")
     if op == "add_key":
         kid = body.get("key_id")
-        if not isinstance(kid, str) or not KEY_ID_RE.match(kid):
+        if not is_issued_id(kid):
             return "keys.rotate.key_id must be a key id"
         role = body.get("role")
         if not isinstance(role, str) or role not in {r.value for r in Role}:
@@ -339,12 +337,12 @@ def _check_keys_rotate(body: Mapping[str, Any]) -> str | None:
         return None
     if op == "revoke_key":
         kid = body.get("key_id")
-        if not isinstance(kid, str) or not KEY_ID_RE.match(kid):
+        if not is_issued_id(kid):
             return "keys.rotate.key_id must be a key id"
         return None
     if op == "rotate_purpose":
         p = body.get("purpose")
-        if not isinstance(p, str) or not re.match(r"^[a-z][a-z0-9-]{0,31}$", p):
+        if not is_purpose(p):
             return "keys.rotate.purpose must be a purpose name"
         return None
     return "keys.rotate.op must be add_key, revoke_key or rotate_purpose"
@@ -419,9 +417,9 @@ def _parse_envelope(raw: bytes, max_bytes: int) -> Envelope | CommandResult:
         return _reject(RejectReason.MALFORMED, f"payload: {floats}")
     if doc["v"] != ENVELOPE_VERSION or not _int(doc["v"]):
         return _reject(RejectReason.MALFORMED, f"unsupported envelope version {_show(doc['v'])}")
-    for name in ("target", "id", "issuer"):
+    for name, valid in (("target", is_name), ("id", is_issued_id), ("issuer", is_issued_id)):
         v = doc[name]
-        if not isinstance(v, str) or not _ID_RE.match(v):
+        if not valid(v):
             return _reject(RejectReason.MALFORMED, f"{name} must be an identifier, got {_show(v)}")
     counter = doc["counter"]
     if not _int(counter) or not 1 <= counter <= MAX_COUNTER:

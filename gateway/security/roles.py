@@ -36,7 +36,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
+from firmware_bridge.identifiers import is_issued_id
 
 
 class Role(enum.StrEnum):
@@ -110,9 +110,6 @@ MAX_VALIDITY_MS: Mapping[CommandType, int] = MappingProxyType(
     }
 )
 
-KEY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-
-
 class TrustError(EdgeGwError):
     """The trust store file or a key in it is invalid."""
 
@@ -126,7 +123,7 @@ class CentralKey:
     public_key: bytes  # raw Ed25519, 32 bytes
 
     def __post_init__(self) -> None:
-        if not KEY_ID_RE.match(self.key_id):
+        if not is_issued_id(self.key_id):
             raise TrustError(f"invalid key id {self.key_id!r}")
         if len(self.public_key) != 32:
             raise TrustError(
