@@ -19,8 +19,6 @@ import dataclasses
 import math
 import os
 import re
-import stat
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,8 @@ from firmware_bridge.reading import Quantity
 from firmware_bridge.settings import BusSettings, MeterSettings, RelaySettings, SiteSettings
 from gateway.billing.account import AccountError, load_account
 from gateway.billing.tariff import TariffError, load_book
-from gateway.toml_lines import Lines, ScanError, nesting_depth, scan
+from gateway.problems import KeyPath, Problems, not_a_regular_file, read_toml
+from gateway.toml_lines import Lines
 from store_forward.settings import BrokerSettings, UplinkSettings
 from store_forward.uplink_keys import UplinkKeyError, parse_public_key
 
@@ -162,8 +161,6 @@ class Config:
 # it, hang it or put the gateway off the air: every number is finite and in a
 # range that works, every string is bounded.
 
-MAX_FILE_BYTES = 4 * 1024 * 1024  # a 2,000-meter site is ~300 KB
-MAX_NESTING = 8  # tables and arrays; the deepest real use is profiles.NAME.fields.Q.key (5)
 MAX_STRING = 4096  # PATH_MAX; every string value
 # MQTT keepalive (seconds). MQTT allows 0..65535 (0 = off), but the link must be
 # probed often enough that a half-open connection is noticed and the mobile
@@ -472,16 +469,14 @@ def _shown(value: Any) -> str:
 # ---------------------------------------------------------------------------
 # Problems and where they are
 
-KeyPath = tuple[str | int, ...]
-
 
 class Where:
-    """Renders a location in the file: ``FILE:LINE: meter[m-0002].unit_id``.
-
-    Entries of ``[[meter]]``, ``[[bus]]`` and ``[[account]]`` are named by their
-    id (``meter[m-0002]``), or by position when the id is missing or invalid
-    (``meter[#3]`` is the third ``[[meter]]``); the line is the key's, else the
-    line of the entry's header.
+    """Where a key is in the file: its line, and its path with ``[[meter]]``,
+    ``[[bus]]`` and ``[[account]]`` entries named by their id (``meter[m-0002]``),
+    or by position when the id is missing or invalid (``meter[#3]`` is the third
+    ``[[meter]]``); the line is the key's, else the line of the entry's header.
+    Problems in the file are collected by :meth:`collector`:
+    ``FILE:LINE: meter[m-0002].unit_id: problem``.
     """
 
     def __init__(self, source: Path, raw: Mapping[str, Any], lines: Lines) -> None:
@@ -510,42 +505,30 @@ class Where:
                     return name
         return f"#{index + 1}"
 
-    def render(self, path: KeyPath, problem: str) -> str:
-        line = self.line(path) if path else None
-        at = f"{self.source}:{line}" if line else str(self.source)
-        return f"{at}: {self.label(path)}: {problem}" if path else f"{at}: {problem}"
+    def collector(self) -> Problems:
+        return Problems(self.source, line=self.line, label=self.label)
 
 
-class _Collector:
-    def __init__(self, where: Where) -> None:
-        self.where = where
-        self.problems: list[str] = []
-
-    def add(self, path: KeyPath, problem: str) -> None:
-        self.problems.append(self.where.render(path, problem))
-
-    def section(self, path: KeyPath, raw: Any, schema: Mapping[str, Field]) -> dict[str, Any]:
-        """Validate one table against its schema; return the values that are valid, converted."""
-        out: dict[str, Any] = {}
-        if not isinstance(raw, dict):
-            self.add(path, f"must be a table, got {type(raw).__name__}")
-            return out
-        for k in raw:
-            if k not in schema:
-                self.add((*path, k), f"unknown key (allowed: {', '.join(sorted(schema))})")
-        for name, spec in schema.items():
-            key = (*path, name)
-            if name not in raw:
-                if spec.required:
-                    self.add(key, "missing required key")
-                continue
-            value = raw[name]
-            problem = _value_problem(value, spec)
-            if problem:
-                self.add(key, problem)
-                continue
-            out[name] = spec.convert(value) if spec.convert else value
+def _section(c: Problems, path: KeyPath, raw: Any, schema: Mapping[str, Field]) -> dict[str, Any]:
+    """Validate one table against its schema; return the values that are valid, converted."""
+    out: dict[str, Any] = {}
+    if not isinstance(raw, dict):
+        c.add(path, f"must be a table, got {type(raw).__name__}")
         return out
+    c.unknown(path, raw, schema)
+    for name, spec in schema.items():
+        key = (*path, name)
+        if name not in raw:
+            if spec.required:
+                c.add(key, "missing required key")
+            continue
+        value = raw[name]
+        problem = _value_problem(value, spec)
+        if problem:
+            c.add(key, problem)
+            continue
+        out[name] = spec.convert(value) if spec.convert else value
+    return out
 
 
 def _value_problem(value: Any, spec: Field) -> str | None:
@@ -560,26 +543,6 @@ def _value_problem(value: Any, spec: Field) -> str | None:
         if _CONTROL_RE.search(value):
             return f"must not contain control characters, got {_shown(value)}"
     return spec.check(value) if spec.check is not None else None
-
-
-def _depth(doc: Any, limit: int) -> int:
-    """How deeply tables and arrays nest in a parsed document (iterative); stops
-    looking past ``limit + 1``."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(doc, 0)]
-    while stack:
-        value, d = stack.pop()
-        if isinstance(value, dict):
-            children: Any = value.values()
-        elif isinstance(value, list):
-            children = value
-        else:
-            continue
-        deepest = max(deepest, d)
-        if deepest > limit:
-            return deepest
-        stack.extend((c, d + 1) for c in children if isinstance(c, dict | list))
-    return deepest
 
 
 # ---------------------------------------------------------------------------
@@ -607,7 +570,7 @@ class ConfigReport:
     accounts: list[tuple[int, AccountSection]] = field(default_factory=list)
 
     def problem(self, path: KeyPath, text: str) -> str:
-        return self.where.render(path, text)
+        return self.where.collector().render(path, text)
 
 
 def load_config(path: str | Path) -> Config:
@@ -621,45 +584,13 @@ def load_config(path: str | Path) -> Config:
 def check_config(path: str | Path) -> ConfigReport:
     """Load and validate ``path``; never raises: every problem is in the report."""
     source = Path(path)
-    no_lines = Where(source, {}, Lines.unknown())
-
-    def failed(problem: str) -> ConfigReport:
-        return ConfigReport(source, None, [f"{source}: {problem}"], no_lines)
-
-    if (why := _not_a_config_file(source)) is not None:
-        return failed(why)
+    found = Problems(source)
+    doc = read_toml(source, found)
+    if doc is None:
+        return ConfigReport(source, None, found.problems, Where(source, {}, Lines.unknown()))
+    where = Where(source, doc.raw, doc.lines())
     try:
-        with source.open("rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        return failed(f"cannot read file: {exc.strerror or exc}")
-    except ValueError as exc:  # e.g. an embedded NUL in the path
-        return failed(f"cannot read file: {exc}")
-    if len(data) > MAX_FILE_BYTES:
-        return failed(f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; not a configuration file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return failed(f"not UTF-8 text: {exc.reason} at byte {exc.start}")
-    if nesting_depth(text, MAX_NESTING) > MAX_NESTING:
-        return failed(f"arrays or inline tables nest deeper than {MAX_NESTING} levels")
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        return failed(f"TOML syntax error: {exc}")
-    except RecursionError:
-        return failed(f"nested deeper than {MAX_NESTING} levels")
-    if _depth(raw, MAX_NESTING) > MAX_NESTING:
-        return failed(f"tables or arrays nest deeper than {MAX_NESTING} levels")
-    try:
-        lines = scan(text)
-    except ScanError:
-        lines = Lines.unknown()
-    if not lines.agrees_with(raw):
-        lines = Lines.unknown()
-    where = Where(source, raw, lines)
-    try:
-        return _analyse(raw, where)
+        return _analyse(doc.raw, where)
     except Exception as exc:  # a loader bug must still be a reported problem, never a crash
         return ConfigReport(
             source, None, [f"{source}: internal error while checking: {type(exc).__name__}: {exc}"], where
@@ -682,7 +613,7 @@ def _entries(raw: Mapping[str, Any], key: str) -> list[tuple[int, Any]]:
 def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
     source = where.source
     base = source.parent
-    c = _Collector(where)
+    c = where.collector()
     for k in raw:
         if k not in TOP_LEVEL:
             c.add((k,), f"unknown top-level key (allowed: {', '.join(sorted(TOP_LEVEL))})")
@@ -698,7 +629,7 @@ def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
         if required not in raw:
             c.add((), f"{required}: missing required table [{required}]")
     values: dict[str, dict[str, Any]] = {
-        name: c.section((name,), table(name), schema)
+        name: _section(c, (name,), table(name), schema)
         for name, schema in (
             ("gateway", GATEWAY_SCHEMA),
             ("storage", STORAGE_SCHEMA),
@@ -752,12 +683,12 @@ def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
     return report
 
 
-def _buses(c: _Collector, raw: Mapping[str, Any]) -> list[tuple[int, BusSettings]]:
+def _buses(c: Problems, raw: Mapping[str, Any]) -> list[tuple[int, BusSettings]]:
     buses: list[tuple[int, BusSettings]] = []
     first: dict[str, int] = {}
     for i, rb in _entries(raw, "bus"):
         key = ("bus", i)
-        b = c.section(key, rb, BUS_SCHEMA)
+        b = _section(c, key, rb, BUS_SCHEMA)
         if not isinstance(rb, dict) or "name" not in b or "type" not in b:
             continue
         if b["name"] in first:
@@ -772,13 +703,13 @@ def _buses(c: _Collector, raw: Mapping[str, Any]) -> list[tuple[int, BusSettings
     return buses
 
 
-def _also_at(c: _Collector, path: KeyPath) -> str:
-    line = c.where.line(path)
+def _also_at(c: Problems, path: KeyPath) -> str:
+    line = c.line_of(path)
     return f" (first at line {line})" if line else ""
 
 
 def _meters(
-    c: _Collector, raw: Mapping[str, Any]
+    c: Problems, raw: Mapping[str, Any]
 ) -> tuple[list[tuple[int, MeterSection]], set[int]]:
     """The valid meters with their position, and the positions of those with a
     problem of their own (checks that combine keys skip them: a bad unit_id must
@@ -790,12 +721,12 @@ def _meters(
     for i, rm in _entries(raw, "meter"):
         key = ("meter", i)
         before = len(c.problems)
-        m = c.section(key, rm, METER_SCHEMA)
+        m = _section(c, key, rm, METER_SCHEMA)
         if not isinstance(rm, dict):
             continue
         relay = None
         if "relay" in m:
-            r = c.section((*key, "relay"), m["relay"], RELAY_SCHEMA)
+            r = _section(c, (*key, "relay"), m["relay"], RELAY_SCHEMA)
             if "kind" in r:
                 relay = RelaySettings(**r)
         m["relay"] = relay
@@ -837,11 +768,11 @@ def _serial_defaults(
             buses[k] = (i, dataclasses.replace(serial, **unset))
 
 
-def _accounts(c: _Collector, raw: Mapping[str, Any], base: Path) -> list[tuple[int, AccountSection]]:
+def _accounts(c: Problems, raw: Mapping[str, Any], base: Path) -> list[tuple[int, AccountSection]]:
     accounts: list[tuple[int, AccountSection]] = []
     for i, ra in _entries(raw, "account"):
         key = ("account", i)
-        a = c.section(key, ra, ACCOUNT_SCHEMA)
+        a = _section(c, key, ra, ACCOUNT_SCHEMA)
         if not {"id", "settings", "tariffs"} <= a.keys():
             continue
         if any(x.id == a["id"] for _, x in accounts):
@@ -856,7 +787,7 @@ _SOUTHBOUND_BUS = re.compile(r"bus (\S+): (.*)", re.S)
 
 
 def _southbound(
-    c: _Collector,
+    c: Problems,
     buses: list[tuple[int, BusSettings]],
     meters: list[tuple[int, MeterSection]],
     profiles: Any,
@@ -873,35 +804,18 @@ def _southbound(
             c.add(("bus", bus_index[mb.group(1)]), mb.group(2))
         elif line.startswith("profiles"):
             path, _, problem = line.partition(": ")
-            at = c.where.line(tuple(path.split(".")[:2]))
-            c.problems.append(f"{c.where.source}{f':{at}' if at else ''}: {path}: {problem}")
+            c.add(path, problem, at=tuple(path.split(".")[:2]))
         else:
-            c.problems.append(f"{c.where.source}: {line}")
-
-
-def _not_a_config_file(path: Path) -> str | None:
-    """Why ``path`` cannot be read as a configuration file (a device, a FIFO or a
-    huge file would hang or exhaust the loader), or None. A missing file is left
-    to the file's own loader, which names it."""
-    try:
-        st = path.stat()
-    except (OSError, ValueError):  # missing, unreachable, or a NUL in the name: the reader says
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file"
-    if st.st_size > MAX_FILE_BYTES:
-        return f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; not a configuration file"
-    return None
+            c.add("", line)
 
 
 def _check_billing(
-    c: _Collector, accounts: list[tuple[int, AccountSection]], raw: Mapping[str, Any], timezone: str | None
+    c: Problems, accounts: list[tuple[int, AccountSection]], raw: Mapping[str, Any], timezone: str | None
 ) -> None:
     """Load every account and tariff file now, so `config check` reports their problems too."""
-    problems = c.problems
     for i, a in accounts:
         unusable = [(k, p, why) for k, p in (("settings", a.settings), *(("tariffs", t) for t in a.tariffs))
-                    if (why := _not_a_config_file(p)) is not None]
+                    if (why := not_a_regular_file(p)) is not None]
         for key, p, why in unusable:
             c.add(("account", i, key), f"{p}: {why}")
         if unusable:
@@ -909,17 +823,18 @@ def _check_billing(
         try:
             settings = load_account(a.settings, timezone)
         except AccountError as exc:
-            problems += exc.problems
+            c.extend(exc.problems)
         else:
             if settings.account != a.id:
-                problems.append(
-                    f"{a.settings}: account: names {settings.account!r} but the gateway"
-                    f" configuration lists it as {a.id!r}"
+                in_file = Problems(a.settings)
+                in_file.add(
+                    "account", f"names {settings.account!r} but the gateway configuration lists it as {a.id!r}"
                 )
+                c.extend(in_file)
         try:
             load_book(a.tariffs, timezone)
         except TariffError as exc:
-            problems += exc.problems
+            c.extend(exc.problems)
     if accounts:
         known = {a.id for _, a in accounts}
         for i, rm in _entries(raw, "meter"):

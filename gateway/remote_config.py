@@ -54,7 +54,6 @@ import hashlib
 import logging
 import os
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,7 @@ import tomli_w
 from firmware_bridge.durable import fsync_dir, write_atomic
 from gateway.billing.cutoff import Contact
 from gateway.commands import CommandRefused, ConfigChange, audit_and_report
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, check_config, load_config
 from gateway.security import audit
 
 log = logging.getLogger(__name__)
@@ -344,13 +343,13 @@ class RemoteConfig:
                 # apply() runs right after each commit, so this is a crash not yet recovered
                 raise CommandRefused("busy", "another configuration change is waiting to be applied")
         window_ms = confirm_window_ms(body, self.confirm_window_ms)
-        try:
-            doc = tomllib.loads(self.file.read_text(encoding="utf-8"))
-            current = load_config(self.file)
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, ConfigError) as exc:
+        report = check_config(self.file)
+        if report.config is None:
             raise CommandRefused(
-                "config_unreadable", f"{self.file}: current configuration unreadable: {exc}"
-            ) from exc
+                "config_unreadable",
+                f"{self.file}: current configuration unreadable: {'; '.join(report.problems)}",
+            )
+        doc, current = report.where.raw, report.config
         new = apply_change(doc, change, body)
         try:
             text = tomli_w.dumps(new)

@@ -7,7 +7,6 @@ Problems are reported as ``file: key.path: problem`` in an :class:`AccountError`
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +20,7 @@ from gateway.billing.daytypes import DayType, parse_calendar
 from gateway.billing.money import AmountError, kwh_to_ckwh_exact, yuan_to_micro
 from gateway.billing.rating import TierState
 from gateway.billing.topup import Channel, Source, TopUp, TopUpPolicy
+from gateway.problems import Problems, read_toml
 
 
 class AccountError(ProblemsError):
@@ -45,14 +45,9 @@ _LIMITS = {"alarm1", "alarm2", "overdraft", "close_permit", "close_mode", "recon
 
 
 def parse_account(raw: Mapping[str, Any], source: str, default_timezone: str | None = None) -> AccountSettings:
-    problems: list[str] = []
-
-    def add(key: str, msg: str) -> None:
-        problems.append(f"{source}: {key}: {msg}")
-
-    for k in raw:
-        if k not in _TOP:
-            add(k, f"unknown key (allowed: {', '.join(sorted(_TOP))})")
+    found = Problems(source)
+    add = found.add
+    found.unknown("", raw, _TOP)
     acc = raw.get("account")
     if not isinstance(acc, str) or not acc:
         add("account", "missing or not a non-empty string")
@@ -90,9 +85,7 @@ def parse_account(raw: Mapping[str, Any], source: str, default_timezone: str | N
     if not isinstance(rt, dict):
         add("tier", "must be a table")
     else:
-        for k in rt:
-            if k not in ("cumulative_kwh", "period_start"):
-                add(f"tier.{k}", "unknown key (allowed: cumulative_kwh, period_start)")
+        found.unknown("tier", rt, ("cumulative_kwh", "period_start"))
         cum = 0
         if "cumulative_kwh" in rt:
             try:
@@ -106,9 +99,7 @@ def parse_account(raw: Mapping[str, Any], source: str, default_timezone: str | N
     if not isinstance(lim, dict):
         add("limits", "must be a table")
         lim = {}
-    for k in lim:
-        if k not in _LIMITS:
-            add(f"limits.{k}", f"unknown key (allowed: {', '.join(sorted(_LIMITS))})")
+    found.unknown("limits", lim, _LIMITS)
 
     def seconds(key: str, default: float | None) -> int | None:
         v = lim.get(key, default)
@@ -157,10 +148,7 @@ def parse_account(raw: Mapping[str, Any], source: str, default_timezone: str | N
             days = list(valid)
         if all(0 <= m <= 1440 for m in mins):
             windows.append(Window(mins[0], mins[1], frozenset(DayType(d) for d in days)))
-    cal_problems: list[str] = []
-    calendar = parse_calendar(raw.get("calendar"), "calendar", cal_problems)
-    for c in cal_problems:
-        problems.append(f"{source}: {c}")
+    calendar = parse_calendar(raw.get("calendar"), "calendar", found)
 
     meters = raw.get("meters", [])
     if not isinstance(meters, list) or not all(isinstance(m, str) for m in meters):
@@ -172,9 +160,7 @@ def parse_account(raw: Mapping[str, Any], source: str, default_timezone: str | N
     if not isinstance(tp, dict):
         add("topup_policy", "must be a table")
     else:
-        for k in tp:
-            if k not in ("minimum_purchase", "hoarding_limit"):
-                add(f"topup_policy.{k}", "unknown key (allowed: hoarding_limit, minimum_purchase)")
+        found.unknown("topup_policy", tp, ("minimum_purchase", "hoarding_limit"))
         policy = TopUpPolicy(
             money("topup_policy.minimum_purchase", tp.get("minimum_purchase"), 0) or 0,
             money("topup_policy.hoarding_limit", tp.get("hoarding_limit"), None),
@@ -190,9 +176,7 @@ def parse_account(raw: Mapping[str, Any], source: str, default_timezone: str | N
         if not isinstance(t, dict):
             add(key, "must be a table")
             continue
-        for k in t:
-            if k not in ("id", "counter", "amount", "time", "channel"):
-                add(f"{key}.{k}", "unknown key (allowed: amount, channel, counter, id, time)")
+        found.unknown(key, t, ("id", "counter", "amount", "time", "channel"))
         ts = when(f"{key}.time", t.get("time"))
         amount = money(f"{key}.amount", t.get("amount"), None)
         counter = t.get("counter", i + 1)
@@ -231,8 +215,7 @@ def parse_account(raw: Mapping[str, Any], source: str, default_timezone: str | N
             )
         except CutoffConfigError as exc:
             add("limits", str(exc))
-    if problems:
-        raise AccountError(problems)
+    found.check(AccountError)
     assert cutoff is not None and isinstance(acc, str)
     return AccountSettings(acc, opening, tier, cutoff, policy, tuple(sorted(topups, key=lambda t: t.issued_ms)),
                            source)
@@ -240,10 +223,8 @@ def parse_account(raw: Mapping[str, Any], source: str, default_timezone: str | N
 
 def load_account(path: str | Path, default_timezone: str | None = None) -> AccountSettings:
     src = Path(path)
-    try:
-        raw = tomllib.loads(src.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise AccountError([f"{src}: cannot read file: {exc.strerror or exc}"]) from exc
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise AccountError([f"{src}: not valid TOML: {exc}"]) from exc
-    return parse_account(raw, str(src), default_timezone)
+    found = Problems(src)
+    doc = read_toml(src, found)
+    if doc is None:
+        raise AccountError(found.problems)
+    return parse_account(doc.raw, str(src), default_timezone)

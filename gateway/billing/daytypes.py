@@ -13,6 +13,8 @@ import enum
 from dataclasses import dataclass, field
 from datetime import date
 
+from gateway.problems import Problems
+
 
 class DayType(enum.StrEnum):
     WORKDAY = "workday"
@@ -36,24 +38,22 @@ class DayCalendar:
         return DayType.WORKDAY
 
 
-def parse_calendar(raw: object, path: str, problems: list[str]) -> DayCalendar:
-    """Parse a ``[calendar]`` table; append problems as ``key: message``."""
+def parse_calendar(raw: object, path: str, problems: Problems) -> DayCalendar:
+    """Parse a ``[calendar]`` table (at key ``path``); problems go to ``problems``."""
     if raw is None:
         return DayCalendar()
     if not isinstance(raw, dict):
-        problems.append(f"{path}: must be a table")
+        problems.add(path, "must be a table")
         return DayCalendar()
     allowed = {"weekend", "holidays", "workdays"}
-    for k in raw:
-        if k not in allowed:
-            problems.append(f"{path}.{k}: unknown key (allowed: {', '.join(sorted(allowed))})")
+    problems.unknown(path, raw, allowed)
     weekend: frozenset[int] = frozenset({6, 7})
     if "weekend" in raw:
         w = raw["weekend"]
         if not isinstance(w, list) or not all(
             isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 7 for x in w
         ):
-            problems.append(f"{path}.weekend: must be a list of ISO weekdays 1..7 (Monday = 1)")
+            problems.add(f"{path}.weekend", "must be a list of ISO weekdays 1..7 (Monday = 1)")
         else:
             weekend = frozenset(w)
 
@@ -61,7 +61,7 @@ def parse_calendar(raw: object, path: str, problems: list[str]) -> DayCalendar:
         v = raw.get(key, [])
         out: set[date] = set()
         if not isinstance(v, list):
-            problems.append(f"{path}.{key}: must be a list of dates")
+            problems.add(f"{path}.{key}", "must be a list of dates")
             return frozenset()
         for i, x in enumerate(v):
             if isinstance(x, date) and not hasattr(x, "hour"):
@@ -70,9 +70,9 @@ def parse_calendar(raw: object, path: str, problems: list[str]) -> DayCalendar:
                 try:
                     out.add(date.fromisoformat(x))
                 except ValueError:
-                    problems.append(f"{path}.{key}[{i}]: not a date (YYYY-MM-DD): {x!r}")
+                    problems.add(f"{path}.{key}[{i}]", f"not a date (YYYY-MM-DD): {x!r}")
             else:
-                problems.append(f"{path}.{key}[{i}]: not a date (YYYY-MM-DD): {x!r}")
+                problems.add(f"{path}.{key}[{i}]", f"not a date (YYYY-MM-DD): {x!r}")
         return frozenset(out)
 
     holidays = dates("holidays")
@@ -80,5 +80,5 @@ def parse_calendar(raw: object, path: str, problems: list[str]) -> DayCalendar:
     both = holidays & workdays
     if both:
         listed = ", ".join(sorted(d.isoformat() for d in both))
-        problems.append(f"{path}: dates listed both as holiday and workday: {listed}")
+        problems.add(path, f"dates listed both as holiday and workday: {listed}")
     return DayCalendar(weekend=weekend, holidays=holidays, workdays=workdays)

@@ -18,6 +18,7 @@ from firmware_bridge.errors import ProblemsError
 from gateway.billing.rating import MeterReplacement
 from gateway.billing.reconcile import CentralSnapshot
 from gateway.billing.topup import Authorization, Channel, Source, TopUp
+from gateway.problems import Problems
 
 MAX_BALANCE_MICRO = 10**15  # a billion yuan; keeps every sum far inside SQLite's 64-bit integers
 
@@ -30,15 +31,14 @@ class MessageError(ProblemsError, ValueError):
 
 class _Reader:
     def __init__(self, what: str, d: Any) -> None:
-        self.what = what
-        self.problems: list[str] = []
+        self.problems = Problems(prefix=(what,))
         if not isinstance(d, Mapping):
-            self.problems.append(f"{what}: must be a JSON object")
+            self.problems.add((), "must be a JSON object")
             d = {}
         self.d: Mapping[str, Any] = d
 
     def add(self, key: str, msg: str) -> None:
-        self.problems.append(f"{self.what}.{key}: {msg}")
+        self.problems.add(key, msg)
 
     def string(self, key: str) -> str:
         v = self.d.get(key)
@@ -58,11 +58,8 @@ class _Reader:
         return v
 
     def done(self, allowed: set[str]) -> None:
-        for k in self.d:
-            if k not in allowed:
-                self.add(k, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-        if self.problems:
-            raise MessageError(self.problems)
+        self.problems.unknown("", self.d, allowed)
+        self.problems.check(MessageError)
 
 
 def parse_topup(d: Any, source: Source, authorization: Authorization | None = None) -> TopUp:

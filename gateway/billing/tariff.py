@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
@@ -42,6 +41,7 @@ from gateway.billing.money import (
     price_to_e4,
     yuan_to_micro,
 )
+from gateway.problems import Problems, read_toml
 
 RATE_NAMES: tuple[str, ...] = ("T1", "T2", "T3", "T4")  # sharp, peak, flat, valley
 FLAT_RATE = "flat"  # the rate name of a single-price tariff
@@ -331,28 +331,11 @@ _TIER_KEYS = {
 _SEASON_KEYS = {"name", "start", "workday", "weekend", "holiday"}
 
 
-class _P:
-    """Problem collector with the file name."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.items: list[str] = []
-
-    def add(self, key: str, msg: str) -> None:
-        self.items.append(f"{self.source}: {key}: {msg}")
-
-    def unknown(self, key: str, raw: Mapping[str, Any], allowed: Iterable[str]) -> None:
-        allowed = set(allowed)
-        for k in raw:
-            if k not in allowed:
-                self.add(f"{key}.{k}" if key else k, f"unknown key (allowed: {', '.join(sorted(allowed))})")
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _price(p: _P, key: str, v: Any) -> int | None:
+def _price(p: Problems, key: str, v: Any) -> int | None:
     try:
         e4 = price_to_e4(v)
     except AmountError as exc:
@@ -364,7 +347,7 @@ def _price(p: _P, key: str, v: Any) -> int | None:
     return e4
 
 
-def _hhmm(p: _P, key: str, v: Any) -> int | None:
+def _hhmm(p: Problems, key: str, v: Any) -> int | None:
     if isinstance(v, time):
         if v.second or v.microsecond:
             p.add(key, "must be a whole minute")
@@ -380,7 +363,7 @@ def _hhmm(p: _P, key: str, v: Any) -> int | None:
     return None
 
 
-def _day_plan(p: _P, key: str, v: Any, rate_names: set[str]) -> DayPlan | None:
+def _day_plan(p: Problems, key: str, v: Any, rate_names: set[str]) -> DayPlan | None:
     if not isinstance(v, list) or not v:
         p.add(key, "must be a non-empty list of [\"HH:MM\", \"Tn\"] pairs")
         return None
@@ -412,7 +395,7 @@ def _day_plan(p: _P, key: str, v: Any, rate_names: set[str]) -> DayPlan | None:
     return DayPlan(tuple(starts), tuple(rates)) if ok else None
 
 
-def _season(p: _P, key: str, raw: Any, rate_names: set[str], need_name: bool) -> Season | None:
+def _season(p: Problems, key: str, raw: Any, rate_names: set[str], need_name: bool) -> Season | None:
     if not isinstance(raw, dict):
         p.add(key, "must be a table")
         return None
@@ -447,7 +430,7 @@ def _season(p: _P, key: str, raw: Any, rate_names: set[str], need_name: bool) ->
     )
 
 
-def _tier(p: _P, raw: Any) -> TierSpec | None:
+def _tier(p: Problems, raw: Any) -> TierSpec | None:
     if not isinstance(raw, dict):
         p.add("tier", "must be a table")
         return None
@@ -462,7 +445,7 @@ def _tier(p: _P, raw: Any) -> TierSpec | None:
         if "prices" in raw:
             merged.pop("surcharges", None)
     merged.update({k: v for k, v in raw.items() if k != "preset"})
-    n_bad = len(p.items)
+    n_bad = len(p)
     period = merged.get("period")
     if period not in ("annual", "monthly"):
         p.add("tier.period", f"must be 'annual' or 'monthly', got {period!r}")
@@ -511,12 +494,12 @@ def _tier(p: _P, raw: Any) -> TierSpec | None:
             e4 = _price(p, f"tier.{key}[{i}]", v)
             if e4 is not None:
                 values.append(e4)
-    if len(p.items) > n_bad:
+    if len(p) > n_bad:
         return None
     return TierSpec(str(period), month, day, hour, mode, tuple(thresholds), tuple(values))
 
 
-def _effective_from(p: _P, v: Any, tz: ZoneInfo | None) -> int | None:
+def _effective_from(p: Problems, v: Any, tz: ZoneInfo | None) -> int | None:
     if isinstance(v, str):
         try:
             v = datetime.fromisoformat(v) if "T" in v or " " in v else date.fromisoformat(v)
@@ -541,7 +524,7 @@ def _effective_from(p: _P, v: Any, tz: ZoneInfo | None) -> int | None:
 
 def parse_tariff(raw: Mapping[str, Any], source: str, default_timezone: str | None = None) -> Tariff:
     """Validate a parsed TOML document; raise :class:`TariffError` with every problem."""
-    p = _P(source)
+    p = Problems(source)
     p.unknown("", raw, _TOP_KEYS)
     tid = raw.get("id")
     if not isinstance(tid, str) or not tid:
@@ -598,11 +581,7 @@ def parse_tariff(raw: Mapping[str, Any], source: str, default_timezone: str | No
     if tier is not None and tier.mode == "price" and rates:
         p.add("tier.prices", "tier prices replace rate prices; remove 'price'/'[prices]'")
 
-    cal_problems: list[str] = []
-    calendar = parse_calendar(raw.get("calendar"), "calendar", cal_problems)
-    for c in cal_problems:
-        head, _, msg = c.partition(": ")
-        p.add(head, msg)
+    calendar = parse_calendar(raw.get("calendar"), "calendar", p)
     tou: TouSchedule | None = None
     if "tou" in raw and "prices" in raw:
         rt = raw["tou"]
@@ -670,8 +649,7 @@ def parse_tariff(raw: Mapping[str, Any], source: str, default_timezone: str | No
     if not isinstance(desc, str):
         p.add("description", "must be a string")
         desc = ""
-    if p.items:
-        raise TariffError(p.items)
+    p.check(TariffError)
     assert tz is not None and eff is not None and isinstance(tid, str) and isinstance(version, int)
     return Tariff(
         tariff_id=tid,
@@ -690,28 +668,21 @@ def parse_tariff(raw: Mapping[str, Any], source: str, default_timezone: str | No
 def load_tariff(path: str | Path, default_timezone: str | None = None) -> Tariff:
     """Load one tariff version from a TOML file."""
     src = Path(path)
-    try:
-        text = src.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TariffError([f"{src}: cannot read file: {exc.strerror or exc}"]) from exc
-    except UnicodeDecodeError as exc:
-        raise TariffError([f"{src}: not UTF-8 text: {exc.reason}"]) from exc
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise TariffError([f"{src}: TOML syntax error: {exc}"]) from exc
-    return parse_tariff(raw, str(src), default_timezone)
+    found = Problems(src)
+    doc = read_toml(src, found)
+    if doc is None:
+        raise TariffError(found.problems)
+    return parse_tariff(doc.raw, str(src), default_timezone)
 
 
 def load_book(paths: Sequence[str | Path], default_timezone: str | None = None) -> TariffBook:
     """Load several versions of one tariff (all problems of all files together)."""
-    problems: list[str] = []
+    found = Problems()
     versions: list[Tariff] = []
     for path in paths:
         try:
             versions.append(load_tariff(path, default_timezone))
         except TariffError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise TariffError(problems)
+            found.extend(exc.problems)
+    found.check(TariffError)
     return TariffBook(tuple(versions))

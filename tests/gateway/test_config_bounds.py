@@ -26,7 +26,6 @@ from gateway.config import (
     BROKER_SCHEMA,
     BUS_SCHEMA,
     GATEWAY_SCHEMA,
-    MAX_FILE_BYTES,
     METER_SCHEMA,
     RELAY_SCHEMA,
     SECURITY_SCHEMA,
@@ -36,6 +35,7 @@ from gateway.config import (
     check_config,
     load_config,
 )
+from gateway.problems import MAX_FILE_BYTES
 
 BASE = """\
 [gateway]
