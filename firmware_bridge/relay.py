@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
-import enum
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,9 +38,21 @@ from firmware_bridge.dlt645.messages import ControlCommand
 from firmware_bridge.driver import MeterError, MeterFrameError
 from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.modbus.transport import ModbusTransport
+from firmware_bridge.relay_ops import RelayOp
 from firmware_bridge.settings import RelaySettings
 
 T = TypeVar("T")
+
+# The DL/T 645 control command (1CH, N1) of each operation.
+DLT645_N1: Mapping[RelayOp, ControlCommand] = {
+    RelayOp.TRIP: ControlCommand.TRIP,
+    RelayOp.CLOSE: ControlCommand.CLOSE,
+    RelayOp.CLOSE_ALLOWED: ControlCommand.CLOSE_ALLOWED,
+    RelayOp.ALARM_ON: ControlCommand.ALARM,
+    RelayOp.ALARM_OFF: ControlCommand.ALARM_OFF,
+    RelayOp.PROTECT_ON: ControlCommand.PROTECT,
+    RelayOp.PROTECT_OFF: ControlCommand.PROTECT_OFF,
+}
 
 
 @runtime_checkable
@@ -135,14 +146,7 @@ class Dlt645RelayActuator:
         self.driver = driver
         self.close_directly = close_directly
         self.validity_s = validity_s
-        self._trip = ControlCommand.TRIP
-        self._close = ControlCommand.CLOSE if close_directly else ControlCommand.CLOSE_ALLOWED
-        self._signals = {
-            MeterSignal.ALARM_ON: ControlCommand.ALARM,
-            MeterSignal.ALARM_OFF: ControlCommand.ALARM_OFF,
-            MeterSignal.PROTECT_ON: ControlCommand.PROTECT,
-            MeterSignal.PROTECT_OFF: ControlCommand.PROTECT_OFF,
-        }
+        self._close = RelayOp.CLOSE if close_directly else RelayOp.CLOSE_ALLOWED
 
     @property
     def close_is_deferred(self) -> bool:
@@ -154,14 +158,14 @@ class Dlt645RelayActuator:
 
     async def set_open(self, open: bool) -> None:
         deadline = await self._deadline()
-        await self.driver.control(self._trip if open else self._close, deadline)
+        await self.driver.control(DLT645_N1[RelayOp.TRIP if open else self._close], deadline)
 
     async def read_open(self) -> bool:
         return bool(await self.driver.read_relay_open())
 
-    async def signal(self, sig: MeterSignal) -> None:
+    async def signal(self, sig: RelayOp) -> None:
         """Meter alarm (2AH/2BH) or power-protect (3AH/3BH); returns on the meter's ack."""
-        await self.driver.control(self._signals[sig], await self._deadline())
+        await self.driver.control(DLT645_N1[sig], await self._deadline())
 
 
 def actuator_from_config(
@@ -253,19 +257,10 @@ def voltage_guard(
 # Results and errors
 
 
-class MeterSignal(enum.StrEnum):
-    """Commands to a meter that do not move its relay (DL/T 645 1CH 2A/2B, 3A/3B)."""
-
-    ALARM_ON = "alarm_on"  # the meter warns the customer (buzzer, display)
-    ALARM_OFF = "alarm_off"
-    PROTECT_ON = "protect_on"  # power-protect (保电): the meter refuses trips while set
-    PROTECT_OFF = "protect_off"
-
-
 @dataclass(frozen=True, slots=True)
 class SignalResult:
     meter_id: str
-    signal: MeterSignal
+    signal: RelayOp
     ok: bool  # the meter acknowledged the command
     detail: str
 
@@ -275,7 +270,7 @@ class SignalNotSupported(EdgeGwError):
 
     kind = ErrorKind.UNSUPPORTED
 
-    def __init__(self, meter_id: str, sig: MeterSignal) -> None:
+    def __init__(self, meter_id: str, sig: RelayOp) -> None:
         super().__init__(f"meter {meter_id}: {sig.value} is not supported by its relay interface")
         self.meter_id = meter_id
         self.signal = sig
@@ -475,7 +470,7 @@ class RelayController:
     def supports_signals(self, meter_id: str) -> bool:
         return callable(getattr(self.actuators.get(meter_id), "signal", None))
 
-    async def signal(self, meter_id: str, sig: MeterSignal) -> SignalResult:
+    async def signal(self, meter_id: str, sig: RelayOp) -> SignalResult:
         """Send a meter signal; ``ok`` when the meter acknowledged it.
 
         There is no state to read back: the acknowledgement is the evidence.
@@ -484,7 +479,7 @@ class RelayController:
         """
         act = self._actuator(meter_id)
         send = getattr(act, "signal", None)
-        if not callable(send):
+        if not callable(send) or not sig.is_signal:
             raise SignalNotSupported(meter_id, sig)
         async with self._state[meter_id].lock:
             try:

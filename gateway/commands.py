@@ -65,6 +65,7 @@ import aiosqlite
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.identifiers import is_code, is_name
+from firmware_bridge.relay_ops import RelayIntent, RelayOp
 from gateway.security import audit
 from gateway.security.envelope import (
     CommandResult,
@@ -118,16 +119,6 @@ class CommandRefused(EdgeGwError):
         super().__init__(message)
         self.reason = reason
         self.message = message
-
-
-class RelayOp(enum.StrEnum):
-    TRIP = "trip"  # open the supply relay
-    CLOSE = "close"  # close directly
-    CLOSE_ALLOWED = "close_allowed"  # arm: the customer closes at the meter (DL/T 645 1BH)
-    ALARM = "alarm"  # meter alarm on (pre-trip warning)
-    ALARM_OFF = "alarm_off"
-    PROTECT = "protect"  # power-protect (保电): no money-based or remote trip while set
-    UNPROTECT = "unprotect"
 
 
 class ConfigChange(enum.StrEnum):
@@ -313,7 +304,10 @@ class RelayRequest:
 
 
 def parse_relay(body: Mapping[str, Any]) -> RelayRequest:
-    """``{"meter": id, "op": RelayOp, "reason": text?}``; raises :class:`CommandRefused`."""
+    """``{"meter": id, "op": word, "reason": text?}``; raises :class:`CommandRefused`.
+
+    ``op`` is a :class:`RelayOp` in central's words (``alarm``, ``protect``, ...;
+    :attr:`RelayOp.command_word`) or in the gateway's (``alarm_on``, ...)."""
     unknown = sorted(set(body) - {"meter", "op", "reason"})
     if unknown:
         raise CommandRefused("unknown_keys", f"relay.operate: unknown keys {unknown}")
@@ -324,7 +318,7 @@ def parse_relay(body: Mapping[str, Any]) -> RelayRequest:
         op = RelayOp(str(body.get("op")))
     except ValueError:
         raise CommandRefused(
-            "bad_op", f"relay.operate.op must be one of {', '.join(o.value for o in RelayOp)}"
+            "bad_op", f"relay.operate.op must be one of {', '.join(o.command_word for o in RelayOp)}"
         ) from None
     reason = body.get("reason", "")
     if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
@@ -446,15 +440,6 @@ async def create_schema(conn: aiosqlite.Connection) -> None:
         await conn.execute(stmt)
 
 
-@dataclass(frozen=True)
-class RelayIntent:
-    command_id: str
-    meter_id: str
-    op: RelayOp
-    reason: str
-    expires_ms: int
-
-
 async def pending_relay_intents(conn: aiosqlite.Connection) -> list[RelayIntent]:
     async with conn.execute(
         "SELECT command_id, meter_id, op, reason, expires_ms FROM cmd_relay_intent "
@@ -462,7 +447,8 @@ async def pending_relay_intents(conn: aiosqlite.Connection) -> list[RelayIntent]
     ) as cur:
         rows = await cur.fetchall()
     return [
-        RelayIntent(str(r[0]), str(r[1]), RelayOp(str(r[2])), str(r[3]), int(r[4])) for r in rows
+        RelayIntent(str(r[1]), RelayOp(str(r[2])), str(r[3]), command_id=str(r[0]), expires_ms=int(r[4]))
+        for r in rows
     ]
 
 
@@ -695,10 +681,10 @@ class CommandHandler:
             await db.execute(
                 "INSERT INTO cmd_relay_intent (command_id, meter_id, op, reason, accepted_ms, "
                 "expires_ms, state) VALUES (?, ?, ?, ?, ?, ?, 'pending')",
-                (cid, req.meter_id, req.op.value, req.reason, now_ms, env.expires_at_ms),
+                (cid, req.meter_id, req.op.command_word, req.reason, now_ms, env.expires_at_ms),
             )
             out.relay = True
-            return {"meter": req.meter_id, "op": req.op.value, "state": "pending"}
+            return {"meter": req.meter_id, "op": req.op.command_word, "state": "pending"}
         if t is CommandType.TIME_SYNC:
             events = await apply_time_sync(
                 db, self.clock, int(body["time_ms"]), reset_floor_flag=bool(body.get("reset_floor"))
@@ -794,6 +780,7 @@ class CommandHandler:
             async with self.outbox.transaction() as db:
                 intents = await pending_relay_intents(db)
             for it in intents:
+                assert it.command_id is not None and it.expires_ms is not None  # a command's intent
                 now = self.clock.now()
                 if now.time_ms >= it.expires_ms:
                     async with self.outbox.transaction() as db:
@@ -804,8 +791,8 @@ class CommandHandler:
                         )
                         details = {
                             "id": it.command_id,
-                            "meter": it.meter_id,
-                            "op": it.op.value,
+                            "meter": it.meter,
+                            "op": it.op.command_word,
                             "expires_ms": it.expires_ms,
                         }
                         await audit_and_report(
@@ -822,7 +809,7 @@ class CommandHandler:
                     continue
                 try:
                     await self.relay.request(
-                        it.meter_id, it.op, reason=it.reason, command_id=it.command_id
+                        it.meter, it.op, reason=it.reason, command_id=it.command_id
                     )
                 except Exception:
                     log.exception("relay port refused intent %s; it stays pending", it.command_id)

@@ -57,7 +57,7 @@ from store_forward.uplink import LinkState
 
 if TYPE_CHECKING:
     from gateway.daemon import Cycle, Daemon
-    from gateway.prepaid import RelayIntent
+    from firmware_bridge.relay_ops import RelayIntent
     from gateway.security.envelope import CommandResult
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,8 @@ class GatewayMetrics:
     def relay_requested(self, intent: RelayIntent, *, refused: bool = False) -> None:
         """A relay operation was asked for (after its decision was committed)."""
         if refused:
-            self.relay_operations[(intent.action, "refused")] += 1
-        if intent.signal is not None or intent.commanded:
+            self.relay_operations[(intent.op.value, "refused")] += 1
+        if intent.op.is_signal or intent.commanded:
             return
         if intent.open:
             self.cutoffs += 1

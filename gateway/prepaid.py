@@ -44,11 +44,11 @@ from typing import Any
 import aiosqlite
 
 from firmware_bridge.reading import Quantity, Reading
+from firmware_bridge.relay_ops import RelayIntent
 from gateway.billing import ledger_store as ls
 from gateway.billing.account import AccountSettings, load_account
 from gateway.billing.cutoff import (
     Action,
-    ActionKind,
     Contact,
     CutoffDecision,
     CutoffEvent,
@@ -82,21 +82,6 @@ log = logging.getLogger(__name__)
 # clock went back (not just a reading stamped a little late): the account's policy
 # then starts afresh at the new time instead of waiting for the old one.
 CLOCK_BACK_TOLERANCE_MS = 60_000
-
-
-@dataclass(frozen=True)
-class RelayIntent:
-    """A relay operation decided by the policy, to run after the commit."""
-
-    account: str
-    meter: str
-    open: bool
-    action: str  # trip / close / close_allowed, or a meter signal's name
-    reason: str
-    # A meter signal instead of a relay operation (firmware_bridge.relay.MeterSignal
-    # value: alarm_on / alarm_off / protect_on / protect_off); ``open`` is unused then.
-    signal: str | None = None
-    commanded: bool = False  # asked for by a signed command (not by the cutoff policy)
 
 
 @dataclass
@@ -471,15 +456,8 @@ class Prepaid:
                 },
                 t,
             )
-            if a.relay_open is not None and a.meter:
-                intents.append(
-                    RelayIntent(a.account, a.meter, a.relay_open, a.kind.value, a.reason)
-                )
-            elif a.kind in (ActionKind.ALARM_ON, ActionKind.ALARM_OFF) and a.meter:
-                # The meter's own alarm, where it has one (DL/T 645 2AH/2BH).
-                intents.append(
-                    RelayIntent(a.account, a.meter, False, a.kind.value, a.reason, signal=a.kind.value)
-                )
+            if a.meter:  # alarms go to the meter's own alarm, where it has one (DL/T 645 2AH/2BH)
+                intents.append(RelayIntent(a.meter, a.kind, a.reason, a.account))
         return intents
 
     # -- billing port (signed commands and the technician CLI) -----------------

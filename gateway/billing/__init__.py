@@ -7,7 +7,6 @@ integration sequence for the daemon is in docs/billing.md ("Integration").
 
 from gateway.billing.cutoff import (
     Action,
-    ActionKind,
     Contact,
     CutoffConfig,
     CutoffDecision,
@@ -32,7 +31,6 @@ from gateway.billing.topup import Authorization, Channel, Source, TopUp, TopUpPo
 
 __all__ = [
     "Action",
-    "ActionKind",
     "Authorization",
     "CentralSnapshot",
     "Channel",

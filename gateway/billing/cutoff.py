@@ -43,6 +43,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
+from firmware_bridge.relay_ops import RelayOp
 from gateway.billing.daytypes import DayCalendar, DayType
 from gateway.billing.money import report_yuan, yuan_text
 from gateway.billing.tariff import to_local
@@ -59,14 +60,6 @@ class Level(enum.StrEnum):
 class CloseMode(enum.StrEnum):
     DIRECT = "direct"  # close the relay
     ALLOWED = "allowed"  # allow closing; the customer presses the button
-
-
-class ActionKind(enum.StrEnum):
-    TRIP = "trip"
-    CLOSE = "close"
-    CLOSE_ALLOWED = "close_allowed"
-    ALARM_ON = "alarm_on"
-    ALARM_OFF = "alarm_off"
 
 
 class Pending(enum.StrEnum):
@@ -181,7 +174,7 @@ class Contact:
 
 @dataclass(frozen=True)
 class Action:
-    kind: ActionKind
+    kind: RelayOp
     account: str
     meter: str  # "" when the account has no meter list (account-level relay)
     reason: str
@@ -192,11 +185,7 @@ class Action:
 
         Close-allowed is ``False`` too: the actuator decides whether a close is
         direct or left to the customer's button (DL/T 645 1C vs 1B)."""
-        if self.kind is ActionKind.TRIP:
-            return True
-        if self.kind in (ActionKind.CLOSE, ActionKind.CLOSE_ALLOWED):
-            return False
-        return None
+        return None if self.kind.is_signal else self.kind.opens
 
 
 @dataclass(frozen=True)
@@ -293,12 +282,12 @@ def evaluate(
     new = state
     reason = _band_reason(balance_micro, want, cfg)
 
-    def relay(kind: ActionKind, why: str) -> None:
+    def relay(kind: RelayOp, why: str) -> None:
         for m in meters:
             k = kind
-            if kind is ActionKind.CLOSE:
+            if kind is RelayOp.CLOSE:
                 mode = cfg.close_mode_by_meter.get(m, cfg.close_mode)
-                k = ActionKind.CLOSE if mode is CloseMode.DIRECT else ActionKind.CLOSE_ALLOWED
+                k = RelayOp.CLOSE if mode is CloseMode.DIRECT else RelayOp.CLOSE_ALLOWED
             actions.append(Action(k, account, m, why))
 
     if state.relay_open:
@@ -324,7 +313,7 @@ def evaluate(
         elif _rate_limited(state, now_ms, cfg):
             new = replace(state, level=Level.CUTOFF, pending=Pending.RATE_LIMIT, restore_since_ms=since)
         else:
-            relay(ActionKind.CLOSE, restore_why)
+            relay(RelayOp.CLOSE, restore_why)
             lvl = Level.GRACE if want is Level.CUTOFF else want
             new = CutoffState(lvl, False, state.alarm_on, prot if want is Level.CUTOFF else None, None, now_ms)
             reason = restore_why
@@ -341,7 +330,7 @@ def evaluate(
         if blocker is None and _rate_limited(state, now_ms, cfg):
             blocker = Pending.RATE_LIMIT
         if blocker is None:
-            relay(ActionKind.TRIP, reason)
+            relay(RelayOp.TRIP, reason)
             new = CutoffState(Level.CUTOFF, True, state.alarm_on, None, None, now_ms)
         else:
             new = replace(state, level=Level.GRACE, pending=blocker, restore_since_ms=None)
@@ -359,7 +348,7 @@ def evaluate(
     alarm = new.level is not Level.NORMAL
     if alarm != new.alarm_on:
         for m in meters:
-            actions.append(Action(ActionKind.ALARM_ON if alarm else ActionKind.ALARM_OFF, account, m, reason))
+            actions.append(Action(RelayOp.ALARM_ON if alarm else RelayOp.ALARM_OFF, account, m, reason))
         new = replace(new, alarm_on=alarm)
     if new.level != state.level:
         events.insert(
@@ -392,12 +381,12 @@ def reassert(
         if protection(now_ms, contact, cfg) is not None or in_no_disconnect_window(now_ms, cfg):
             return state, ()
         why = f"relay of {meter} reported closed while the policy holds it open: trip repeated"
-        return replace(state, last_relay_op_ms=now_ms), (Action(ActionKind.TRIP, account, meter, why),)
+        return replace(state, last_relay_op_ms=now_ms), (Action(RelayOp.TRIP, account, meter, why),)
     if not state.relay_open and reported_open and state.last_relay_op_ms is not None:
         if cfg.close_mode_by_meter.get(meter, cfg.close_mode) is not CloseMode.DIRECT:
             return state, ()
         why = f"relay of {meter} reported open while the policy closed it: close repeated"
-        return replace(state, last_relay_op_ms=now_ms), (Action(ActionKind.CLOSE, account, meter, why),)
+        return replace(state, last_relay_op_ms=now_ms), (Action(RelayOp.CLOSE, account, meter, why),)
     return state, ()
 
 

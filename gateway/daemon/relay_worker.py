@@ -16,10 +16,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from firmware_bridge.relay import MeterSignal, RelayRateLimited, RelayRefused, RelayResult
-from gateway.commands import RelayOp
+from firmware_bridge.relay import RelayRateLimited, RelayRefused, RelayResult
+from firmware_bridge.relay_ops import RelayIntent, RelayOp
 from gateway.daemon.writer import Cycle, Work
-from gateway.prepaid import RelayIntent
 from store_forward.storage_state import Action, permits
 
 if TYPE_CHECKING:
@@ -42,7 +41,7 @@ def relay_event(
         "type": "relay.alarm" if (result is not None and result.alarm) else "relay.operation",
         "account": intent.account,
         "meter": intent.meter,
-        "action": intent.action,
+        "action": intent.op.value,
         "want_open": intent.open,
         "reason": intent.reason,
     }
@@ -84,13 +83,13 @@ class Relays:
             if not v.allowed:
                 d.stats.relays_refused += 1
                 d.metrics.relay_requested(intent, refused=True)
-                log.warning("relay %s for %s not operated: %s", intent.action, intent.meter, v.why)
+                log.warning("relay %s for %s not operated: %s", intent.op, intent.meter, v.why)
                 d.outbox.note_event(
                     {
                         "type": "relay.refused",
                         "account": intent.account,
                         "meter": intent.meter,
-                        "action": intent.action,
+                        "action": intent.op.value,
                         "reason": v.why,
                     }
                 )
@@ -131,7 +130,7 @@ class RelayWorker:
         async with asyncio.TaskGroup() as tg:
             while (intent := await self.next_intent()) is not None:
                 self.relays.in_flight += 1
-                limit = trips if intent.open and intent.signal is None else others
+                limit = trips if intent.op is RelayOp.TRIP else others
                 tg.create_task(one(intent, limit), name=f"relay:{intent.meter}")
 
     async def next_intent(self) -> RelayIntent | None:
@@ -155,7 +154,7 @@ class RelayWorker:
         return None
 
     async def operate(self, intent: RelayIntent) -> dict[str, Any] | None:
-        if intent.signal is not None:
+        if intent.op.is_signal:
             return await self.signal(intent)
         d = self.daemon
         d.stats.relay_operations += 1
@@ -163,10 +162,10 @@ class RelayWorker:
         try:
             result = await self.controller.set_open(intent.meter, intent.open)
         except (RelayRateLimited, RelayRefused, KeyError) as exc:
-            log.warning("relay %s for %s not operated: %s", intent.action, intent.meter, exc)
+            log.warning("relay %s for %s not operated: %s", intent.op, intent.meter, exc)
             return relay_event(intent, None, str(exc))
         except Exception as exc:  # a bus error: reassert re-drives on a later reading
-            log.error("relay %s for %s failed: %s", intent.action, intent.meter, exc)
+            log.error("relay %s for %s failed: %s", intent.op, intent.meter, exc)
             return relay_event(intent, None, f"{type(exc).__name__}: {exc}")
         if result.alarm:
             d.stats.relay_alarms += 1
@@ -176,8 +175,7 @@ class RelayWorker:
     async def signal(self, intent: RelayIntent) -> dict[str, Any] | None:
         """A meter alarm or power-protect command; None (nothing to report) when the
         meter has no such command and the intent came from the cutoff policy."""
-        assert intent.signal is not None
-        sig = MeterSignal(intent.signal)
+        sig = intent.op
         body: dict[str, Any] = {
             "type": "meter.signal",
             "account": intent.account,
@@ -207,24 +205,9 @@ class CommandRelays:
         self.daemon = daemon
 
     async def request(self, meter_id: str, op: RelayOp, *, reason: str, command_id: str) -> None:
+        """Queue the operation for the meter's bus. Meter alarm and power-protect are
+        sent where the meter has them; the meter.signal event says whether it
+        acknowledged or cannot."""
         account = self.daemon.prepaid.meter_account.get(meter_id, "") if self.daemon.prepaid else ""
         why = f"command {command_id}: {reason}"
-        signal = _SIGNAL_OF_OP.get(op)
-        if signal is not None:
-            # Meter alarm and power-protect: sent where the meter has them; the
-            # meter.signal event says whether it acknowledged or cannot.
-            self.daemon.request_relay(
-                RelayIntent(account, meter_id, False, op.value, why, signal=signal.value, commanded=True)
-            )
-            return
-        self.daemon.request_relay(
-            RelayIntent(account, meter_id, op is RelayOp.TRIP, op.value, why, commanded=True)
-        )
-
-
-_SIGNAL_OF_OP = {
-    RelayOp.ALARM: MeterSignal.ALARM_ON,
-    RelayOp.ALARM_OFF: MeterSignal.ALARM_OFF,
-    RelayOp.PROTECT: MeterSignal.PROTECT_ON,
-    RelayOp.UNPROTECT: MeterSignal.PROTECT_OFF,
-}
+        self.daemon.request_relay(RelayIntent(meter_id, op, why, account, command_id=command_id))

@@ -52,6 +52,7 @@ from typing import Any
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.faults import FaultEvents
+from firmware_bridge.relay_ops import RelayIntent
 from firmware_bridge.scheduler import BackoffPolicy
 from gateway import (
     __version__,
@@ -78,7 +79,7 @@ from gateway.daemon.poller import BusPoller
 from gateway.daemon.relay_worker import CommandRelays, Relays
 from gateway.daemon.writer import Cycle, Tick, Work, Writer
 from gateway.metrics import GatewayMetrics, TextfileExporter
-from gateway.prepaid import Prepaid, RelayIntent
+from gateway.prepaid import Prepaid
 from gateway.remote_config import DEFAULT_CONFIRM_MS, RemoteConfig
 from gateway.risk_monitor import RiskMonitor
 from gateway.security import audit, trusted_time

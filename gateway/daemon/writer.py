@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from firmware_bridge.reading import Quantity, Reading
+from firmware_bridge.relay_ops import RelayIntent, RelayOp
 from gateway import meter_health
 from gateway.billing.ledger_store import LedgerCorrupt
-from gateway.prepaid import RelayIntent
 from gateway.storage_guard import Backlog
 from store_forward.integrity import FaultKind
 from store_forward.outbox import MeterStatus, Outbox, OutboxFullError, StorageCorruptError
@@ -195,7 +195,7 @@ class Writer:
             log.warning("rating in memory while the disk is full failed: %s", exc)
             return
         for intent in intents:
-            if intent.open and intent.signal is None and not intent.commanded:
+            if intent.op is RelayOp.TRIP and not intent.commanded:
                 if intent.meter in self.dry_tripped:
                     continue
                 self.dry_tripped.add(intent.meter)

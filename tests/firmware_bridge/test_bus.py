@@ -87,7 +87,8 @@ async def test_open_bus_dlt645_with_relay() -> None:
 
 
 async def test_meter_signals_alarm_and_protect_on_dlt645_meters() -> None:
-    from firmware_bridge.relay import MeterSignal, RelayPolicy, SignalNotSupported, controller_for
+    from firmware_bridge.relay import RelayPolicy, SignalNotSupported, controller_for
+    from firmware_bridge.relay_ops import RelayOp
     from firmware_bridge.settings import RelaySettings
     from testbed.simulators.dlt645 import Simulator, make_meters
 
@@ -103,16 +104,16 @@ async def test_meter_signals_alarm_and_protect_on_dlt645_meters() -> None:
         async with open_bus(bus, meters) as sched:
             relays = controller_for(sched, policy=RelayPolicy(min_interval_s=0, settle_s=0.01))
             assert relays.supports_signals("d0")
-            r = await relays.signal("d0", MeterSignal.ALARM_ON)
+            r = await relays.signal("d0", RelayOp.ALARM_ON)
             assert r.ok and sims[0].alarm and not sims[1].alarm
-            assert (await relays.signal("d0", MeterSignal.ALARM_OFF)).ok and not sims[0].alarm
-            assert (await relays.signal("d1", MeterSignal.PROTECT_ON)).ok and sims[1].protected
+            assert (await relays.signal("d0", RelayOp.ALARM_OFF)).ok and not sims[0].alarm
+            assert (await relays.signal("d1", RelayOp.PROTECT_ON)).ok and sims[1].protected
             # Power-protect set in the meter: it refuses a trip, and the controller says so.
             refused = await relays.set_open("d1", True)
             assert not refused.ok and refused.alarm and not sims[1].relay_open
-            assert (await relays.signal("d1", MeterSignal.PROTECT_OFF)).ok and not sims[1].protected
+            assert (await relays.signal("d1", RelayOp.PROTECT_OFF)).ok and not sims[1].protected
             sims[0].faults.no_reply = True
-            lost = await relays.signal("d0", MeterSignal.ALARM_ON)
+            lost = await relays.signal("d0", RelayOp.ALARM_ON)
             assert not lost.ok and "timeout" in lost.detail  # the meter may have acted: no ack, not ok
     async with ModbusSimulator([1]) as msim:
         modbus = [MeterSettings(id="m", bus="tcp-1", protocol="modbus", profile="sdm120", unit_id=1,
@@ -121,7 +122,7 @@ async def test_meter_signals_alarm_and_protect_on_dlt645_meters() -> None:
             relays = controller_for(sched)
             assert not relays.supports_signals("m")
             with pytest.raises(SignalNotSupported, match="alarm_on is not supported"):
-                await relays.signal("m", MeterSignal.ALARM_ON)
+                await relays.signal("m", RelayOp.ALARM_ON)
 
 
 def test_config_problems_lists_everything() -> None:

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from firmware_bridge.reading import Measurement, Quantity, Reading
+from firmware_bridge.relay_ops import RelayOp
 from gateway.billing import ledger_store as ls
 from gateway.billing.cutoff import Contact
-from gateway.commands import CommandHandler, NoRemoteConfig, NoResend, RelayOp
+from gateway.commands import CommandHandler, NoRemoteConfig, NoResend
 from gateway.config import load_config
 from gateway.prepaid import Prepaid
 from gateway.security.envelope import Outcome, RejectReason

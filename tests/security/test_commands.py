@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from firmware_bridge.relay_ops import RelayOp
 from gateway.billing import ledger_store as ls
 from gateway.billing.account import load_account
 from gateway.billing.tariff import load_book
@@ -45,7 +46,6 @@ from gateway.commands import (
     ConfigChange,
     NoRemoteConfig,
     NoResend,
-    RelayOp,
     command_subscriber,
     due_summaries,
     parse_relay,

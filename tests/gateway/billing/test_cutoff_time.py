@@ -16,8 +16,8 @@ from zoneinfo import ZoneInfo
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from firmware_bridge.relay_ops import RelayOp
 from gateway.billing.cutoff import (
-    ActionKind,
     CloseMode,
     Contact,
     CutoffConfig,
@@ -191,7 +191,7 @@ def test_a_cut_deferred_by_a_window_happens_when_the_window_ends() -> None:
                               contact, cfg, "acc")
     assert [(d.time_ms, [a.kind for a in d.actions]) for d in ds] == [
         (ms("2026-03-03T07:00"), []),
-        (ms("2026-03-03T08:00"), [ActionKind.TRIP]),
+        (ms("2026-03-03T08:00"), [RelayOp.TRIP]),
     ]
     pending = ds[0].events[-1]
     assert pending.type == "trip_pending"
@@ -216,7 +216,7 @@ def test_a_restore_waits_its_reconnect_delay_to_the_second() -> None:
     assert ds[0].events[0].type == "restore_pending"
     assert "reconnect delay until 10:31" in ds[0].events[0].reason
     assert describe(ds[0].state, 47_600_000, topup, contact, cfg) == "restore pending: reconnect delay until 10:31"
-    assert [a.kind for a in ds[1].actions] == [ActionKind.CLOSE_ALLOWED, ActionKind.ALARM_OFF]
+    assert [a.kind for a in ds[1].actions] == [RelayOp.CLOSE_ALLOWED, RelayOp.ALARM_OFF]
     assert state.level is Level.NORMAL and not state.relay_open
 
 

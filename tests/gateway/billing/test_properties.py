@@ -8,8 +8,8 @@ from zoneinfo import ZoneInfo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from firmware_bridge.relay_ops import RelayOp
 from gateway.billing.cutoff import (
-    ActionKind,
     Contact,
     CutoffConfig,
     CutoffState,
@@ -220,7 +220,7 @@ def test_protected_account_never_trips(steps: list[tuple[int, int, bool]], start
     for dt, bal, contact in steps:
         t += dt
         d = evaluate(s, bal, t, Contact(t if contact else None), cfg, "acc")
-        assert ActionKind.TRIP not in [a.kind for a in d.actions]
+        assert RelayOp.TRIP not in [a.kind for a in d.actions]
         s = d.state
 
 
@@ -236,7 +236,7 @@ def test_no_trip_inside_a_no_disconnect_window(
         t += dt
         d = evaluate(s, bal, t, Contact(t), cfg, "acc")
         inside = in_no_disconnect_window(t, cfg)
-        trips = ActionKind.TRIP in [a.kind for a in d.actions]
+        trips = RelayOp.TRIP in [a.kind for a in d.actions]
         assert not (trips and inside)
         if not inside and not s.relay_open and bal <= -5 * Y:
             tripped_when_due_outside = tripped_when_due_outside and trips

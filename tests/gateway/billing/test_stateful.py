@@ -16,7 +16,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from gateway.billing.cutoff import ActionKind, Contact, CutoffConfig, CutoffState, evaluate
+from firmware_bridge.relay_ops import RelayOp
+from gateway.billing.cutoff import Contact, CutoffConfig, CutoffState, evaluate
 from gateway.billing.ledger import EntryKind, Ledger, debit_entry
 from gateway.billing.rating import RegisterReading, TierState, rate_interval
 from gateway.billing.reconcile import CentralSnapshot, SnapshotStatus, decide_snapshot
@@ -133,11 +134,11 @@ class BillingMachine(RuleBasedStateMachine):
         d = evaluate(self.cut, self.ledger.view.balance_micro, self.t, Contact(self.t), cfg, ACC)
         kinds = [a.kind for a in d.actions]
         if protected:
-            assert ActionKind.TRIP not in kinds
+            assert RelayOp.TRIP not in kinds
             assert not d.state.relay_open
-        if ActionKind.TRIP in kinds:
+        if RelayOp.TRIP in kinds:
             assert self.ledger.view.balance_micro <= -self.cfg.overdraft_micro
-        if ActionKind.CLOSE in kinds and not protected:
+        if RelayOp.CLOSE in kinds and not protected:
             assert self.ledger.view.balance_micro > self.cfg.close_permit_micro
         self.cut = d.state
 
