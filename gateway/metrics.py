@@ -56,8 +56,8 @@ from store_forward.storage_state import StorageMode
 from store_forward.uplink import LinkState
 
 if TYPE_CHECKING:
-    from gateway.daemon import Cycle, Daemon
     from firmware_bridge.relay_ops import RelayIntent
+    from gateway.daemon import Cycle, Daemon
     from gateway.security.envelope import CommandResult
 
 log = logging.getLogger(__name__)

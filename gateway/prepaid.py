@@ -60,18 +60,18 @@ from gateway.billing.cutoff import (
 from gateway.billing.held import OFF_BILLED_MS, HeldGroup, Stretch
 from gateway.billing.ledger import Entry, adjustment_entry
 from gateway.billing.ledger_cache import LedgerCache
-from gateway.billing.messages import (
-    MessageError,
-    parse_meter_replacement,
-    parse_snapshot,
-    parse_topup,
-)
 from gateway.billing.money import ckwh_to_kwh, report_yuan, yuan_text
 from gateway.billing.rating import RegisterReading, ReplacementError, ResetNotice
 from gateway.billing.reconcile import SnapshotStatus
 from gateway.billing.tariff import TariffBook, TariffError, load_book, parse_tariff
-from gateway.billing.topup import Source, TopUpStatus
-from gateway.commands import CommandRefused
+from gateway.billing.topup import Source, TopUp, TopUpStatus
+from gateway.commands.bodies import (
+    CommandRefused,
+    parse_balance_snapshot,
+    parse_meter_replace,
+    parse_tariff_publish,
+    parse_topup,
+)
 from gateway.config import Config
 from store_forward.outbox import Outbox
 from store_forward.records import RecordClass, RecordKind
@@ -474,26 +474,24 @@ class Prepaid:
     ) -> dict[str, Any]:
         """One path for every channel: MQTT from central, USB bundle, technician CLI.
 
-        ``body`` is the signed top-up body: ``account``, ``amount_micro``,
-        ``purchase_counter``, ``payment_channel``; the top-up id is the command id.
-        A top-up the ledger does not take raises :class:`CommandRefused` with the
-        ledger's reason (``counter_replay``, ``counter_gap``, ``hoarding_limit``, ...);
-        the caller rolls back, so nothing is credited.
+        ``body`` is the signed top-up body (:func:`gateway.commands.bodies.parse_topup`);
+        the top-up id is the command id. A top-up the ledger does not take raises
+        :class:`CommandRefused` with the ledger's reason (``counter_replay``,
+        ``counter_gap``, ``hoarding_limit``, ...); the caller rolls back, so nothing
+        is credited.
         """
-        try:
-            topup = parse_topup(
-                {
-                    "id": command_id,
-                    "account": body.get("account"),
-                    "counter": body.get("purchase_counter"),
-                    "amount_micro": body.get("amount_micro"),
-                    "issued_ms": body.get("issued_ms", now_ms),
-                    "channel": body.get("payment_channel"),
-                },
-                Source(channel),
-            )
-        except (MessageError, ValueError) as exc:
-            raise CommandRefused("malformed", str(exc)) from None
+        sale = parse_topup(body, command_id)
+        if channel not in {c.value for c in Source}:
+            raise CommandRefused("malformed", f"unknown command channel {channel!r}")
+        topup = TopUp(
+            command_id,
+            sale.account,
+            sale.purchase_counter,
+            sale.amount_micro,
+            sale.payment_channel,
+            Source(channel),
+            now_ms if sale.issued_ms is None else sale.issued_ms,
+        )
         acct = self.accounts.get(topup.account)
         if acct is None:
             raise CommandRefused(
@@ -529,10 +527,7 @@ class Prepaid:
         """A balance snapshot from central; one the ledger does not take raises
         :class:`CommandRefused` (``stale_snapshot`` for one older than the snapshot
         in force)."""
-        try:
-            snap = parse_snapshot(dict(body))
-        except (MessageError, ValueError) as exc:
-            raise CommandRefused("malformed", str(exc)) from None
+        snap = parse_balance_snapshot(body, "")
         if snap.account not in self.accounts:
             raise CommandRefused(
                 "unknown_account", f"no prepaid account {snap.account!r} on this gateway"
@@ -566,10 +561,7 @@ class Prepaid:
         rating library's code (``old_final_below_billed``, ``replacement_before_billed``,
         ``new_initial_above_read``, ...), before anything is written.
         """
-        try:
-            rep = parse_meter_replacement(dict(body), command_id)
-        except (MessageError, ValueError) as exc:
-            raise CommandRefused("malformed", str(exc)) from None
+        rep = parse_meter_replace(body, command_id)
         account = self.meter_account.get(rep.meter_id)
         if account is None:
             raise CommandRefused(
@@ -612,10 +604,7 @@ class Prepaid:
 
         A tariff that does not parse, that no account here uses, or that does
         not fit the book raises :class:`CommandRefused`."""
-        try:
-            tariff = parse_tariff(doc, "central tariff")
-        except TariffError as exc:
-            raise CommandRefused("invalid_tariff", str(exc)) from None
+        tariff = parse_tariff_publish(doc, "")
         hit = [a for a in self.accounts.values() if a.book.tariff_id == tariff.tariff_id]
         if not hit:
             raise CommandRefused(

@@ -1,6 +1,6 @@
 """Configuration changes from central: ``config.patch`` and ``meter.roster``.
 
-A signed command (operations role, verified by :mod:`gateway.commands`)
+A signed command (operations role, verified by :mod:`gateway.commands.handler`)
 changes the gateway's TOML configuration file. The change is checked the way
 a technician's file is: the candidate is written beside the configuration (so
 relative paths resolve alike) and loaded with :func:`gateway.config.load_config`;
@@ -34,7 +34,7 @@ the first was confirmed rolls back to the configuration that worked.
 
 **What the operations role may change.** Operations keys keep the gateway on
 the air; they must not change what is billed, nor who the gateway trusts or
-talks to securely. A patch may set only :data:`PATCHABLE`. A roster replaces
+talks to securely. A patch may set only :data:`gateway.commands.bodies.PATCHABLE`. A roster replaces
 the ``[[meter]]`` list, but a meter that bills to an account stays, with its
 account and everything that says which meter and which energy is billed; only
 its relay settings (:data:`ROSTER_OPERATIONAL_KEYS`) may change, and no meter
@@ -63,7 +63,14 @@ import tomli_w
 
 from firmware_bridge.durable import fsync_dir, write_atomic
 from gateway.billing.cutoff import Contact
-from gateway.commands import CommandRefused, ConfigChange, audit_and_report
+from gateway.commands.bodies import (
+    CommandRefused,
+    ConfigChange,
+    ConfigPatch,
+    MeterRoster,
+    parse_config_change,
+)
+from gateway.commands.handler import audit_and_report
 from gateway.config import Config, ConfigError, check_config, load_config
 from gateway.security import audit
 
@@ -71,40 +78,10 @@ log = logging.getLogger(__name__)
 
 RESTART_EXIT_CODE = 75  # EX_TEMPFAIL: "run me again"; systemd restarts the unit
 
-# table -> keys a config.patch may set
-PATCHABLE: Mapping[str, frozenset[str]] = {
-    "gateway": frozenset({"site", "poll_interval_s"}),
-    "uplink": frozenset(
-        {
-            "batch_max_records",
-            "batch_max_bytes",
-            "ack_timeout_s",
-            "window",
-            "reconnect_min_s",
-            "reconnect_max_s",
-            "max_bytes_per_s",
-        }
-    ),
-    "broker": frozenset({"host", "port", "keepalive_s", "topic_prefix"}),
-    "metrics": frozenset({"interval_s"}),
-}
-# Why some keys that look operational are not patchable (said in the refusal).
-_NOT_PATCHABLE_WHY: Mapping[str, str] = {
-    "gateway.timezone": "it places tariff periods and billing days",
-    "uplink.headend_public_key": "it is the key uplink batches are sealed to",
-    "broker.tls": "transport security is set by provisioning",
-    "broker.ca_file": "transport security is set by provisioning",
-    "broker.cert_file": "transport security is set by provisioning",
-    "broker.key_file": "transport security is set by provisioning",
-    "broker.username": "broker credentials are set by provisioning",
-    "broker.password": "broker credentials are set by provisioning",
-}
 # What a roster may change on a meter that bills to an account.
 ROSTER_OPERATIONAL_KEYS = frozenset({"relay", "password", "operator"})
 
 DEFAULT_CONFIRM_MS = 15 * 60_000
-MIN_CONFIRM_S = 60
-MAX_CONFIRM_S = 24 * 3600
 MAX_UNCONFIRMED_STARTS = 5
 
 SCHEMA = """
@@ -135,9 +112,6 @@ CREATE TABLE IF NOT EXISTS cmd_config_confirm (
 ) STRICT
 """
 
-_SCALARS = (str, int, float, bool)
-
-
 def _mono_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
@@ -147,19 +121,6 @@ def _sha(path: Path) -> bytes | None:
         return hashlib.sha256(path.read_bytes()).digest()
     except FileNotFoundError:
         return None
-
-
-def confirm_window_ms(body: Mapping[str, Any], default_ms: int) -> int:
-    """The body's ``confirm_within_s`` (bounded) in ms, or ``default_ms``."""
-    if "confirm_within_s" not in body:
-        return default_ms
-    v = body["confirm_within_s"]
-    if not isinstance(v, int) or isinstance(v, bool) or not MIN_CONFIRM_S <= v <= MAX_CONFIRM_S:
-        raise CommandRefused(
-            "bad_confirm_window",
-            f"confirm_within_s must be an integer {MIN_CONFIRM_S}..{MAX_CONFIRM_S}",
-        )
-    return v * 1000
 
 
 def _billed_meters(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -206,42 +167,23 @@ def _check_roster(doc: Mapping[str, Any], meters: list[dict[str, Any]]) -> None:
 
 def apply_change(doc: Mapping[str, Any], change: ConfigChange, body: Mapping[str, Any]) -> dict[str, Any]:
     """The configuration document after ``change`` (pure); raises :class:`CommandRefused`."""
+    return apply_parsed(doc, parse_config_change(change, body))
+
+
+def apply_parsed(doc: Mapping[str, Any], change: ConfigPatch | MeterRoster) -> dict[str, Any]:
+    """The configuration document after a parsed change (pure); raises :class:`CommandRefused`."""
     new: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in doc.items()}
-    if change is ConfigChange.CONFIG_PATCH:
-        unknown = sorted(set(body) - {"set", "confirm_within_s"})
-        if unknown:
-            raise CommandRefused("unknown_keys", f"config.patch: unknown keys {unknown}")
-        values = body.get("set")
-        if not isinstance(values, dict) or not values:
-            raise CommandRefused("malformed", 'config.patch needs "set": {"table.key": value, ...}')
-        for path, value in values.items():
-            table, dot, key = str(path).partition(".")
-            if not dot or not key or "." in key:
-                raise CommandRefused("malformed", f"{path!r}: expected TABLE.KEY")
-            if key not in PATCHABLE.get(table, frozenset()):
-                why = _NOT_PATCHABLE_WHY.get(f"{table}.{key}")
-                raise CommandRefused(
-                    "not_patchable",
-                    f"{path}: not changeable remotely" + (f" ({why})" if why else ""),
-                )
-            if not isinstance(value, _SCALARS):
-                raise CommandRefused("malformed", f"{path}: value must be a string, number or boolean")
+    if isinstance(change, ConfigPatch):
+        for table, key, value in change.values:
             section = new.setdefault(table, {})
             if not isinstance(section, dict):
                 raise CommandRefused("malformed", f"{table}: is not a table in the configuration")
             section[key] = value
         return new
-    if change is ConfigChange.METER_ROSTER:
-        unknown = sorted(set(body) - {"meters", "confirm_within_s"})
-        if unknown:
-            raise CommandRefused("unknown_keys", f"meter.roster: unknown keys {unknown}")
-        meters = body.get("meters")
-        if not isinstance(meters, list) or not all(isinstance(m, dict) for m in meters):
-            raise CommandRefused("malformed", 'meter.roster needs "meters": [ {meter table}, ... ]')
-        _check_roster(doc, meters)
-        new["meter"] = [dict(m) for m in meters]
-        return new
-    raise CommandRefused("not_accepted", f"{change} is not a configuration change")
+    meters = [dict(m) for m in change.meters]
+    _check_roster(doc, meters)
+    new["meter"] = meters
+    return new
 
 
 def protected_view(cfg: Config) -> dict[str, Any]:
@@ -277,7 +219,7 @@ def protected_changes(old: Config, new: Config) -> list[str]:
 
 
 class RemoteConfig:
-    """The daemon's :class:`gateway.commands.ConfigPort`: validate, stage, apply,
+    """The daemon's :class:`gateway.commands.handler.ConfigPort`: validate, stage, apply,
     restart, then confirm the change by contact with central or roll it back.
 
     ``contact`` is the daemon's view of authenticated contact with central
@@ -342,7 +284,8 @@ class RemoteConfig:
             if await cur.fetchone() is not None:
                 # apply() runs right after each commit, so this is a crash not yet recovered
                 raise CommandRefused("busy", "another configuration change is waiting to be applied")
-        window_ms = confirm_window_ms(body, self.confirm_window_ms)
+        parsed = parse_config_change(change, body)
+        window_ms = self.confirm_window_ms if parsed.confirm_ms is None else parsed.confirm_ms
         report = check_config(self.file)
         if report.config is None:
             raise CommandRefused(
@@ -350,7 +293,7 @@ class RemoteConfig:
                 f"{self.file}: current configuration unreadable: {'; '.join(report.problems)}",
             )
         doc, current = report.where.raw, report.config
-        new = apply_change(doc, change, body)
+        new = apply_parsed(doc, parsed)
         try:
             text = tomli_w.dumps(new)
         except (TypeError, ValueError) as exc:  # e.g. a null, which TOML cannot hold

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import aiosqlite
 
-from gateway.commands import CommandRefused
+from gateway.commands.bodies import CommandRefused
 from store_forward.outbox import Outbox
 from store_forward.storage_state import (
     Action,

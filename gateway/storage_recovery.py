@@ -46,7 +46,7 @@ import orjson
 from gateway.billing import ledger_store as ls
 from gateway.billing.ledger import Entry, EntryKind, LedgerView, fold
 from gateway.billing.rating import TierState
-from gateway.commands import create_schema as commands_schema
+from gateway.commands.handler import create_schema as commands_schema
 from gateway.remote_config import CONFIRM_SCHEMA as CONFIG_CONFIRM_SCHEMA
 from gateway.remote_config import SCHEMA as CONFIG_STAGE_SCHEMA
 from gateway.security import audit, envelope

@@ -2,7 +2,7 @@
 
 Central signs a top-up (or a meter exchange, ``meter.replace``) like any other
 command; the envelope travels as a file. It reaches the gateway's one command
-path, :meth:`gateway.commands.CommandHandler.handle`, which verifies and
+path, :meth:`gateway.commands.handler.CommandHandler.handle`, which verifies and
 applies it exactly once under the same rules as a command from MQTT — so a
 sale carried on a stick cannot be credited twice, nor next to its MQTT twin.
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiomqtt
 
-from gateway.commands import CommandRefused
+from gateway.commands.bodies import CommandRefused
 from gateway.config import ConfigError, load_config
 from gateway.security.roles import Role, TrustError, TrustStore
 from gateway.update import (

@@ -7,7 +7,7 @@ messages, one per chunk::
 
 (``_software`` can never be a gateway id, which starts with a letter or a
 digit) and offers it to each gateway with a signed operations-role command
-``software.offer`` (:func:`parse_offer`)::
+``software.offer`` (:func:`gateway.commands.bodies.parse_offer`)::
 
     {"version": "0.2.0", "sha256": "<bundle>", "size": 7712345,
      "chunk_size": 65536, "chunks": ["<sha256 of chunk 0>", ...],
@@ -39,9 +39,7 @@ import logging
 import math
 import os
 import random
-import re
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,23 +48,17 @@ import aiosqlite
 
 from firmware_bridge.backoff import backoff_delay
 from firmware_bridge.durable import fsync_dir, write_atomic
-from gateway.commands import CommandRefused
+from gateway.commands.bodies import MAX_CHUNKS, CommandRefused, Offer, parse_offer
 from gateway.security.envelope import Envelope, encode_wire
-from provisioning.software_bundle import SUFFIX, Version
+from provisioning.software_bundle import SUFFIX
 from store_forward.settings import BrokerSettings
 from store_forward.uplink import tls_context
 
 log = logging.getLogger(__name__)
 
 TOPIC_LEVEL = "_software"
-MAX_CHUNKS = 512
-MIN_CHUNK = 1024
-# 512 chunks of at most 512 KiB: a 256 MiB bundle, and every chunk under the shipped
-# broker's max_packet_size (1 MiB, examples/mosquitto/mosquitto.conf)
-MAX_CHUNK = 512 * 1024
 DEFAULT_CHUNK = 64 * 1024
 WINDOW = 8  # chunks asked for at once
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 ReportFn = Callable[[str, dict[str, Any]], Awaitable[None]]
 
@@ -79,71 +71,6 @@ def update_spool(db_path: Path) -> Path:
 
 def chunk_topic(prefix: str, digest: str, index: int) -> str:
     return f"{prefix}/{TOPIC_LEVEL}/{digest}/{index}"
-
-
-@dataclass(frozen=True)
-class Offer:
-    version: str
-    sha256: str
-    size: int
-    chunk_size: int
-    chunks: tuple[str, ...]
-    allow_downgrade: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "sha256": self.sha256,
-            "size": self.size,
-            "chunk_size": self.chunk_size,
-            "chunks": list(self.chunks),
-            "allow_downgrade": self.allow_downgrade,
-        }
-
-    def chunk_len(self, index: int) -> int:
-        return min(self.chunk_size, self.size - index * self.chunk_size)
-
-
-def parse_offer(body: Mapping[str, Any]) -> Offer:
-    """A ``software.offer`` body; :class:`CommandRefused` says what is wrong."""
-    keys = {"version", "sha256", "size", "chunk_size", "chunks", "allow_downgrade"}
-    unknown = sorted(set(body) - keys)
-    if unknown:
-        raise CommandRefused("unknown_keys", f"software.offer: unknown keys {unknown}")
-    try:
-        version = Version.parse(body.get("version")).text
-    except ValueError as exc:
-        raise CommandRefused("bad_version", f"software.offer.version: {exc}") from None
-    digest = body.get("sha256")
-    if not isinstance(digest, str) or not _SHA_RE.match(digest):
-        raise CommandRefused("bad_sha256", "software.offer.sha256 must be 64 lowercase hex")
-    size, chunk = body.get("size"), body.get("chunk_size")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, chunk)):
-        raise CommandRefused("bad_size", "software.offer.size and chunk_size must be integers")
-    assert isinstance(size, int) and isinstance(chunk, int)
-    if not MIN_CHUNK <= chunk <= MAX_CHUNK:
-        raise CommandRefused(
-            "bad_size", f"software.offer.chunk_size must be {MIN_CHUNK}..{MAX_CHUNK}"
-        )
-    if not 1 <= size <= chunk * MAX_CHUNKS:
-        raise CommandRefused(
-            "bad_size", f"software.offer.size must be 1..{MAX_CHUNKS} chunks of chunk_size"
-        )
-    chunks = body.get("chunks")
-    if (
-        not isinstance(chunks, list)
-        or len(chunks) != math.ceil(size / chunk)
-        or not all(isinstance(c, str) and _SHA_RE.match(c) for c in chunks)
-    ):
-        raise CommandRefused(
-            "bad_chunks",
-            "software.offer.chunks must list the SHA-256 (hex) of each of the "
-            f"{math.ceil(size / chunk)} chunks",
-        )
-    allow = body.get("allow_downgrade", False)
-    if not isinstance(allow, bool):
-        raise CommandRefused("bad_body", "software.offer.allow_downgrade must be true or false")
-    return Offer(version, digest, size, chunk, tuple(chunks), allow)
 
 
 def offer_for(bundle: Path, *, version: str, chunk_size: int | None = None) -> Offer:

@@ -1,10 +1,9 @@
-"""Strict parsing of billing commands from central (MQTT), USB bundles or the CLI:
-top-ups, balance snapshots, meter replacements.
+"""Strict parsing of the billing commands with bodies of their own: balance
+snapshots and meter replacements (the registry of every command body,
+:mod:`gateway.commands.bodies`, reads them with these).
 
-The transport layer verifies signatures and hands the decoded JSON object
-here together with the :class:`Authorization` it established. Money on the
-wire is integer micro-yuan (``amount_micro``, ``balance_micro``): no decimal
-text, no floats. Every problem names the key: ``topup.counter: must be an
+Money on the wire is integer micro-yuan (``balance_micro``): no decimal text,
+no floats. Every problem names the key: ``snapshot.central_seq: must be an
 integer >= 1, got '7'``.
 """
 
@@ -17,7 +16,7 @@ from typing import Any
 from firmware_bridge.errors import ProblemsError
 from gateway.billing.rating import MeterReplacement
 from gateway.billing.reconcile import CentralSnapshot
-from gateway.billing.topup import Authorization, Channel, Source, TopUp
+from gateway.billing.topup import Authorization
 from gateway.problems import Problems
 
 MAX_BALANCE_MICRO = 10**15  # a billion yuan; keeps every sum far inside SQLite's 64-bit integers
@@ -60,24 +59,6 @@ class _Reader:
     def done(self, allowed: set[str]) -> None:
         self.problems.unknown("", self.d, allowed)
         self.problems.check(MessageError)
-
-
-def parse_topup(d: Any, source: Source, authorization: Authorization | None = None) -> TopUp:
-    r = _Reader("topup", d)
-    tid = r.string("id")
-    account = r.string("account")
-    counter = r.integer("counter", 1)
-    amount = r.integer("amount_micro", 1)
-    issued = r.integer("issued_ms", 0)
-    ch = r.d.get("channel")
-    channel = Channel.COUNTER
-    if ch not in {c.value for c in Channel}:
-        r.add("channel", f"must be one of {sorted(c.value for c in Channel)}, got {ch!r}")
-    else:
-        channel = Channel(ch)
-    r.done({"id", "account", "counter", "amount_micro", "issued_ms", "channel"})
-    assert counter is not None and amount is not None and issued is not None
-    return TopUp(tid, account, counter, amount, channel, source, issued, authorization)
 
 
 def parse_snapshot(d: Any, authorization: Authorization | None = None) -> CentralSnapshot:

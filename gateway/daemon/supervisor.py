@@ -67,13 +67,9 @@ from gateway.billing.cutoff import Contact
 from gateway.billing.held import Stretch
 from gateway.billing.ledger_store import LedgerCorrupt
 from gateway.billing.money import report_yuan
-from gateway.commands import (
-    CommandHandler,
-    CommandInbox,
-    CommandRefused,
-    NoResend,
-    audit_and_report,
-)
+from gateway.commands.bodies import CommandRefused
+from gateway.commands.handler import CommandHandler, NoResend, audit_and_report
+from gateway.commands.inbox import CommandInbox
 from gateway.config import Config
 from gateway.daemon.poller import BusPoller
 from gateway.daemon.relay_worker import CommandRelays, Relays

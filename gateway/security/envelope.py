@@ -53,7 +53,6 @@ can never disagree after a power cut.
 from __future__ import annotations
 
 import base64
-import binascii
 import enum
 import hashlib
 from collections.abc import Mapping
@@ -69,7 +68,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
-from firmware_bridge.identifiers import is_issued_id, is_name, is_purpose
+from firmware_bridge.identifiers import is_issued_id, is_name
+from gateway.commands.bodies import (
+    MAX_TIME_MS,
+    b64_strict,
+    parse_key_rotation,
+    problem_before_signature,
+)
 from gateway.security.roles import (
     COMMAND_ROLE,
     MAX_VALIDITY_MS,
@@ -85,9 +90,6 @@ SIGN_CONTEXT = b"edgegw-command-v1\x00"
 MAX_ENVELOPE_BYTES = 64 * 1024
 MAX_DEPTH = 12
 MAX_COUNTER = 2**63 - 1
-MAX_TIME_MS = 2**53  # far beyond any real date; keeps values exact everywhere
-
-PAYMENT_CHANNELS = frozenset({"counter", "bank", "mobile_app", "agent"})
 
 _COMMAND_TYPES = frozenset(t.value for t in CommandType)
 _PAYLOAD_KEYS = frozenset(
@@ -264,15 +266,6 @@ def _show(v: Any, limit: int = 64) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _b64(text: str) -> bytes | None:
-    """Strict base64 (alphabet and padding checked); None for anything else,
-    non-ASCII text included (``b64decode`` raises ValueError, not binascii.Error, there)."""
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-
-
 def _int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -293,69 +286,6 @@ def _no_floats(v: Any, depth: int = 0) -> str | None:
             if p:
                 return p
     return None
-
-
-def _check_topup(body: Mapping[str, Any]) -> str | None:
-    account = body.get("account")
-    if not is_name(account):
-        return "topup.account must be an account id"
-    amount = body.get("amount_micro")
-    if not _int(amount) or amount <= 0:
-        return "topup.amount_micro must be a positive integer (1e-6 currency units)"
-    pc = body.get("purchase_counter")
-    if not _int(pc) or pc < 1:
-        return "topup.purchase_counter must be an integer >= 1"
-    ch = body.get("payment_channel")
-    if not isinstance(ch, str) or ch not in PAYMENT_CHANNELS:
-        return f"topup.payment_channel must be one of {', '.join(sorted(PAYMENT_CHANNELS))}"
-    return None
-
-
-def _check_time_sync(body: Mapping[str, Any]) -> str | None:
-    t = body.get("time_ms")
-    if not _int(t) or not 0 <= t < MAX_TIME_MS:
-        return "time.sync.time_ms must be a non-negative integer (Unix ms)"
-    reset = body.get("reset_floor", False)
-    if not isinstance(reset, bool):
-        return "time.sync.reset_floor must be true or false"
-    return None
-
-
-def _check_keys_rotate(body: Mapping[str, Any]) -> str | None:
-    op = body.get("op")
-    if op == "add_key":
-        kid = body.get("key_id")
-        if not is_issued_id(kid):
-            return "keys.rotate.key_id must be a key id"
-        role = body.get("role")
-        if not isinstance(role, str) or role not in {r.value for r in Role}:
-            return "keys.rotate.role must be a role name"
-        pk = body.get("public_key")
-        raw = (_b64(pk) if isinstance(pk, str) else None) or b""
-        if len(raw) != 32:
-            return "keys.rotate.public_key must be a base64 Ed25519 public key (32 bytes)"
-        return None
-    if op == "revoke_key":
-        kid = body.get("key_id")
-        if not is_issued_id(kid):
-            return "keys.rotate.key_id must be a key id"
-        return None
-    if op == "rotate_purpose":
-        p = body.get("purpose")
-        if not is_purpose(p):
-            return "keys.rotate.purpose must be a purpose name"
-        return None
-    return "keys.rotate.op must be add_key, revoke_key or rotate_purpose"
-
-
-# Body rules for the types whose body this package (or the ledger behind it)
-# interprets; other types only need an object here and are validated by their
-# own handler.
-BODY_CHECKS = {
-    CommandType.TOPUP: _check_topup,
-    CommandType.TIME_SYNC: _check_time_sync,
-    CommandType.KEYS_ROTATE: _check_keys_rotate,
-}
 
 
 def parse_envelope(raw: bytes, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Envelope | CommandResult:
@@ -390,7 +320,7 @@ def _parse_envelope(raw: bytes, max_bytes: int) -> Envelope | CommandResult:
     p64, s64 = outer["payload"], outer["signature"]
     if not isinstance(p64, str) or not isinstance(s64, str):
         return _reject(RejectReason.MALFORMED, "payload and signature must be base64 strings")
-    payload, signature = _b64(p64), _b64(s64)
+    payload, signature = b64_strict(p64), b64_strict(s64)
     if payload is None or signature is None:
         return _reject(RejectReason.MALFORMED, "payload or signature is not valid base64")
     if base64.b64encode(payload).decode("ascii") != p64 or (
@@ -443,11 +373,9 @@ def _parse_envelope(raw: bytes, max_bytes: int) -> Envelope | CommandResult:
     body = doc["body"]
     if not isinstance(body, dict):
         return _reject(RejectReason.BAD_BODY, "body must be a JSON object")
-    check = BODY_CHECKS.get(ctype)
-    if check is not None:
-        problem = check(body)
-        if problem:
-            return _reject(RejectReason.BAD_BODY, problem)
+    problem = problem_before_signature(ctype, body, doc["id"])
+    if problem:
+        return _reject(RejectReason.BAD_BODY, problem)
     if ctype is CommandType.TIME_SYNC and not issued <= body["time_ms"] < expires:
         return _reject(
             RejectReason.BAD_BODY, "time.sync.time_ms must lie within issued_at..expires_at"
@@ -793,11 +721,10 @@ async def apply_key_rotation(conn: aiosqlite.Connection, env: Envelope, now_ms: 
     """
     if env.type is not CommandType.KEYS_ROTATE:
         raise TrustError(f"not a key rotation command: {env.type}")
-    body = env.body
-    op = body["op"]
-    if op == "add_key":
-        kid, role = body["key_id"], Role(body["role"])
-        raw = base64.b64decode(body["public_key"])
+    rotation = parse_key_rotation(env.body, env.command_id)
+    if rotation.op == "add_key":
+        kid, role, raw = rotation.key_id, rotation.role, rotation.public_key
+        assert role is not None
         async with conn.execute(
             "SELECT role, public_key FROM sec_central_key WHERE key_id = ?", (kid,)
         ) as cur:
@@ -811,15 +738,15 @@ async def apply_key_rotation(conn: aiosqlite.Connection, env: Envelope, now_ms: 
                 (kid, role.value, raw, now_ms, env.command_id),
             )
         return f"added central key {kid} ({role})"
-    if op == "revoke_key":
-        kid = body["key_id"]
+    if rotation.op == "revoke_key":
+        kid = rotation.key_id
         await conn.execute(
             "INSERT OR IGNORE INTO sec_revoked_key (key_id, revoked_ms, revoked_by, reason) "
             "VALUES (?, ?, ?, ?)",
-            (kid, now_ms, env.command_id, str(body.get("reason", ""))),
+            (kid, now_ms, env.command_id, rotation.reason),
         )
         return f"revoked central key {kid}"
-    return f"rotate gateway purpose key {body['purpose']}"
+    return f"rotate gateway purpose key {rotation.purpose}"
 
 
 async def prune_seen(conn: aiosqlite.Connection, expired_before_ms: int) -> int:

@@ -243,7 +243,7 @@ async def test_maintenance_prunes_command_ids_no_command_can_use_any_more(tmp_pa
     )
     outbox = await Outbox.open(tmp_path / "gw.db", keys=setup.storage_keys(load_config(path)))
     try:
-        from gateway.commands import create_schema
+        from gateway.commands.handler import create_schema
 
         async with outbox.transaction() as db:
             await create_schema(db)

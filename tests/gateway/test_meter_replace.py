@@ -21,7 +21,7 @@ from firmware_bridge.reading import Measurement, Quantity, Reading
 from firmware_bridge.relay_ops import RelayOp
 from gateway.billing import ledger_store as ls
 from gateway.billing.cutoff import Contact
-from gateway.commands import CommandHandler, NoRemoteConfig, NoResend
+from gateway.commands.handler import CommandHandler, NoRemoteConfig, NoResend
 from gateway.config import load_config
 from gateway.prepaid import Prepaid
 from gateway.security.envelope import Outcome, RejectReason

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gateway.billing.cutoff import Contact
-from gateway.commands import CommandRefused, ConfigChange
+from gateway.commands.bodies import CommandRefused, ConfigChange
 from gateway.config import load_config
 from gateway.daemon import Daemon
 from gateway.remote_config import (

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.commands import CommandRefused
+from gateway.commands.bodies import CommandRefused
 from gateway.heartbeat import Heartbeat, Phase, Process
 from gateway.update import health_verdict
 from gateway.update_transfer import offer_for, parse_offer

@@ -37,21 +37,10 @@ from firmware_bridge.relay_ops import RelayOp
 from gateway.billing import ledger_store as ls
 from gateway.billing.account import load_account
 from gateway.billing.tariff import load_book
-from gateway.commands import (
-    SEEN_GRACE_MS,
-    Bucket,
-    CommandHandler,
-    CommandInbox,
-    CommandRefused,
-    ConfigChange,
-    NoRemoteConfig,
-    NoResend,
-    command_subscriber,
-    due_summaries,
-    parse_relay,
-    parse_resend,
-    tally_rejection,
-)
+from gateway.commands.bodies import CommandRefused, ConfigChange, parse_relay, parse_resend
+from gateway.commands.handler import SEEN_GRACE_MS, CommandHandler, NoRemoteConfig, NoResend
+from gateway.commands.inbox import CommandInbox, command_subscriber
+from gateway.commands.tally import Bucket, due_summaries, tally_rejection
 from gateway.daemon import NoBilling
 from gateway.prepaid import Prepaid, PrepaidAccount
 from gateway.security import audit

@@ -24,7 +24,7 @@ import aiomqtt
 import orjson
 import pytest
 
-from gateway.commands import command_subscriber
+from gateway.commands.inbox import command_subscriber
 from gateway.config import BrokerSection, UplinkSection
 from gateway.security.envelope import Outcome
 from gateway.security.roles import CommandType

@@ -53,19 +53,24 @@ a port's refusal includes its code (:func:`tally_key`), a failure's bucket is
 from __future__ import annotations
 
 import asyncio
-import base64
-import enum
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import aiomqtt
 import aiosqlite
 
-from firmware_bridge.errors import EdgeGwError, ErrorKind
-from firmware_bridge.identifiers import is_code, is_name
 from firmware_bridge.relay_ops import RelayIntent, RelayOp
+from gateway.commands.bodies import (
+    BODIES,
+    CommandRefused,
+    ConfigChange,
+    parse_key_rotation,
+    parse_relay,
+    parse_resend,
+    parse_time_sync,
+)
+from gateway.commands.tally import Bucket, due_summaries, tally_key, tally_rejection
 from gateway.security import audit
 from gateway.security.envelope import (
     CommandResult,
@@ -88,42 +93,13 @@ from gateway.security.trusted_time import (
 from gateway.security.trusted_time import create_schema as time_schema
 from store_forward.outbox import Outbox
 from store_forward.records import RecordClass, RecordKind
-from store_forward.topics import Topics
 
 log = logging.getLogger(__name__)
 
-HOUR_MS = 3_600_000
-MAX_RESEND_SPAN = 1_000_000  # record ids per uplink.resend command
-MAX_REASON_CHARS = 200
 # Seen command ids are kept this long after their envelope expired (measured on
 # the trusted-time floor): central re-signing an old command id within that span
 # is answered ``duplicate``, never applied twice.
-SEEN_GRACE_MS = 7 * 24 * HOUR_MS
-
-
-class CommandRefused(EdgeGwError):
-    """Raised by a port (or the handler) when a verified command's body cannot be applied.
-
-    ``reason`` is a short code of the refusing owner (``counter_gap``,
-    ``hoarding_limit``, ``not_patchable``, ...), ``message`` says what to fix.
-    This is the one way a port says no: nothing of the command is kept, the id
-    stays unseen (central may send a corrected command under the same id) and
-    central gets ``rejected``/``bad_body`` with the code and the message.
-    """
-
-    kind = ErrorKind.REFUSED
-
-    def __init__(self, reason: str, message: str) -> None:
-        if not is_code(reason):
-            raise ValueError(f"refusal reason must be a short code, got {reason!r}")
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-class ConfigChange(enum.StrEnum):
-    CONFIG_PATCH = "config.patch"
-    METER_ROSTER = "meter.roster"
+SEEN_GRACE_MS = 7 * 24 * 3_600_000
 
 
 # ---------------------------------------------------------------------------
@@ -290,120 +266,6 @@ class PurposeKeys(Protocol):
     def versions(self) -> dict[str, int]: ...
 
     def rotate(self, purpose: str) -> int: ...
-
-
-# ---------------------------------------------------------------------------
-# Pure parts: body parsing and the rejection tally
-
-
-@dataclass(frozen=True)
-class RelayRequest:
-    meter_id: str
-    op: RelayOp
-    reason: str
-
-
-def parse_relay(body: Mapping[str, Any]) -> RelayRequest:
-    """``{"meter": id, "op": word, "reason": text?}``; raises :class:`CommandRefused`.
-
-    ``op`` is a :class:`RelayOp` in central's words (``alarm``, ``protect``, ...;
-    :attr:`RelayOp.command_word`) or in the gateway's (``alarm_on``, ...)."""
-    unknown = sorted(set(body) - {"meter", "op", "reason"})
-    if unknown:
-        raise CommandRefused("unknown_keys", f"relay.operate: unknown keys {unknown}")
-    meter = body.get("meter")
-    if not is_name(meter):
-        raise CommandRefused("bad_meter", "relay.operate.meter must be a meter id")
-    try:
-        op = RelayOp(str(body.get("op")))
-    except ValueError:
-        raise CommandRefused(
-            "bad_op", f"relay.operate.op must be one of {', '.join(o.command_word for o in RelayOp)}"
-        ) from None
-    reason = body.get("reason", "")
-    if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
-        raise CommandRefused(
-            "bad_reason", f"relay.operate.reason must be text of at most {MAX_REASON_CHARS}"
-        )
-    return RelayRequest(meter, op, reason or "central command")
-
-
-def parse_resend(body: Mapping[str, Any]) -> tuple[int, int]:
-    """``{"from_id": a, "to_id": b}`` with 1 <= a <= b and a bounded span."""
-    unknown = sorted(set(body) - {"from_id", "to_id"})
-    if unknown:
-        raise CommandRefused("unknown_keys", f"uplink.resend: unknown keys {unknown}")
-    a, b = body.get("from_id"), body.get("to_id")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b)):
-        raise CommandRefused("bad_range", "uplink.resend.from_id and to_id must be integers")
-    assert isinstance(a, int) and isinstance(b, int)
-    if not 1 <= a <= b:
-        raise CommandRefused("bad_range", "uplink.resend needs 1 <= from_id <= to_id")
-    if b - a >= MAX_RESEND_SPAN:
-        raise CommandRefused(
-            "bad_range", f"uplink.resend spans at most {MAX_RESEND_SPAN} record ids"
-        )
-    return a, b
-
-
-@dataclass(frozen=True)
-class Bucket:
-    """Rejections of one reason in one hour."""
-
-    reason: str
-    hour_ms: int
-    count: int
-    first_ms: int
-    last_ms: int
-    channels: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class RejectionNote:
-    audit: bool  # write this rejection's audit row in full
-    event: bool  # send a detailed result event
-    bucket: Bucket
-
-
-Tally = Mapping[tuple[str, int], Bucket]
-
-
-def tally_key(result: CommandResult) -> str:
-    """The flood bucket of a rejection: its reason, and the refusing owner's code if any.
-
-    A port's refusals (``bad_body:counter_gap``) are counted apart from
-    unauthenticated garbage (``bad_body``), so a flood of junk cannot use up
-    the event budget that tells central about a refused top-up.
-    """
-    reason = result.reason.value if result.reason else "unknown"
-    return f"{reason}:{result.code}" if result.code else reason
-
-
-def tally_rejection(
-    tally: Tally, reason: str, now_ms: int, channel: str, *, event_budget: int
-) -> tuple[dict[tuple[str, int], Bucket], RejectionNote]:
-    """Count one rejection (pure): the first per (reason, hour) is audited in full."""
-    hour = now_ms - now_ms % HOUR_MS
-    new = dict(tally)
-    old = new.get((reason, hour))
-    if old is None:
-        b = Bucket(reason, hour, 1, now_ms, now_ms, (channel,))
-    else:
-        chans = old.channels if channel in old.channels else (*old.channels, channel)
-        b = replace(old, count=old.count + 1, last_ms=max(old.last_ms, now_ms), channels=chans)
-    new[(reason, hour)] = b
-    return new, RejectionNote(audit=b.count == 1, event=b.count <= event_budget, bucket=b)
-
-
-def due_summaries(tally: Tally, now_ms: int) -> tuple[dict[tuple[str, int], Bucket], list[Bucket]]:
-    """Split off buckets of hours before ``now_ms``'s hour; summaries for those seen > once."""
-    hour = now_ms - now_ms % HOUR_MS
-    keep = {k: b for k, b in tally.items() if b.hour_ms >= hour}
-    done = sorted(
-        (b for b in tally.values() if b.hour_ms < hour and b.count > 1),
-        key=lambda b: (b.hour_ms, b.reason),
-    )
-    return keep, done
 
 
 # ---------------------------------------------------------------------------
@@ -673,7 +535,7 @@ class CommandHandler:
         if t is CommandType.METER_REPLACE:
             return await self.billing.replace_meter_in(db, body, command_id=cid, now_ms=now_ms)
         if t is CommandType.RELAY_OPERATE:
-            req = parse_relay(body)
+            req = parse_relay(body, cid)
             if self.known_meter is not None and not self.known_meter(req.meter_id):
                 raise CommandRefused(
                     "unknown_meter", f"relay.operate: no meter {req.meter_id!r} on this gateway"
@@ -686,22 +548,21 @@ class CommandHandler:
             out.relay = True
             return {"meter": req.meter_id, "op": req.op.command_word, "state": "pending"}
         if t is CommandType.TIME_SYNC:
-            events = await apply_time_sync(
-                db, self.clock, int(body["time_ms"]), reset_floor_flag=bool(body.get("reset_floor"))
-            )
+            sync = parse_time_sync(body, cid)
+            events = await apply_time_sync(db, self.clock, sync.time_ms, reset_floor_flag=sync.reset_floor)
             return {
                 "floor_ms": self.clock.state.floor.time_ms,
                 "clock_events": [e.kind.value for e in events],
             }
         if t is CommandType.KEYS_ROTATE:
-            if body["op"] == "add_key":
+            rotation = parse_key_rotation(body, cid)
+            if rotation.op == "add_key":
                 # apply_key_rotation only sees keys added by earlier commands; an id from
                 # the provisioned trust file must not be re-bound either, or every later
                 # load of the trust store would fail
-                have = (await self._trust_in(db)).lookup(str(body["key_id"]))
+                have = (await self._trust_in(db)).lookup(rotation.key_id)
                 if have is not None and (
-                    have.role.value != body["role"]
-                    or have.public_key != base64.b64decode(body["public_key"])
+                    have.role is not rotation.role or have.public_key != rotation.public_key
                 ):
                     raise CommandRefused(
                         "key_conflict",
@@ -709,9 +570,9 @@ class CommandHandler:
                     )
             text = await apply_key_rotation(db, env, now_ms)
             effect: dict[str, Any] = {"change": text}
-            if body["op"] == "rotate_purpose":
+            if rotation.op == "rotate_purpose":
                 effect["target_version"] = await self._stage_rotation(
-                    db, str(body["purpose"]), env, now_ms
+                    db, rotation.purpose, env, now_ms
                 )
                 out.purpose = True
             else:
@@ -719,9 +580,9 @@ class CommandHandler:
                 self._trust = None  # re-read inside this transaction if needed again
             return effect
         if t is CommandType.UPLINK_RESEND:
-            a, b = parse_resend(body)
+            span = parse_resend(body, cid)
             return await self.resend.resend_in(
-                db, from_id=a, to_id=b, command_id=cid, now_ms=now_ms
+                db, from_id=span.from_id, to_id=span.to_id, command_id=cid, now_ms=now_ms
             )
         if t in (CommandType.CONFIG_PATCH, CommandType.METER_ROSTER):
             out.config = True
@@ -731,7 +592,7 @@ class CommandHandler:
         if t is CommandType.SOFTWARE_OFFER:
             out.software = True
             return await self.software.offer_in(db, env, command_id=cid, now_ms=now_ms)
-        # provisioning.bundle arrives on USB and is applied by the provisioning package
+        BODIES[t].parse(body, cid)  # provisioning.bundle: refused on this path
         raise CommandRefused("not_accepted", f"{t} is not accepted on the command path")
 
     async def _stage_rotation(
@@ -980,84 +841,3 @@ class CommandHandler:
             log.exception("could not record the failed command")
 
 
-# ---------------------------------------------------------------------------
-# MQTT glue
-
-
-class CommandInbox:
-    """Commands from the uplink's MQTT connection, handled one at a time in arrival order.
-
-    The uplink subscribes with :meth:`subscribe` after each (re)connect and,
-    in its message loop, passes every message whose topic :meth:`wants` to
-    :meth:`offer` (non-blocking). :meth:`run` (a task in the daemon's
-    TaskGroup) handles them; ``on_result`` is called after each one (e.g. to
-    wake the uplink so the result event goes out at once). The queue is
-    bounded: beyond ``max_queued`` waiting commands new ones are dropped and
-    counted (central re-sends a command whose result it has not seen).
-    """
-
-    def __init__(
-        self,
-        handler: CommandHandler,
-        topics: Topics,
-        *,
-        max_queued: int = 64,
-        on_result: Callable[[CommandResult], None] | None = None,
-    ) -> None:
-        self.handler = handler
-        self.topic = topics.cmd
-        self.on_result = on_result
-        self.dropped = 0
-        self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=max_queued)
-
-    async def subscribe(self, client: aiomqtt.Client) -> None:
-        await client.subscribe(self.topic, qos=1)
-
-    def wants(self, topic: aiomqtt.Topic | str) -> bool:
-        return (topic.value if isinstance(topic, aiomqtt.Topic) else topic) == self.topic
-
-    def offer(self, payload: bytes | bytearray | str | int | float | None) -> bool:
-        raw = bytes(payload) if isinstance(payload, (bytes, bytearray)) else b""
-        try:
-            self._queue.put_nowait(raw)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            return False
-        return True
-
-    async def run(self) -> None:
-        while True:
-            raw = await self._queue.get()
-            try:
-                result = await self.handler.handle(raw, channel="mqtt")
-            finally:
-                self._queue.task_done()
-            if self.on_result is not None:
-                self.on_result(result)
-
-    async def drain(self) -> None:
-        """Wait until every offered command has been handled (tests, shutdown)."""
-        await self._queue.join()
-
-
-async def command_subscriber(
-    client: aiomqtt.Client,
-    topics: Topics,
-    handler: CommandHandler,
-    *,
-    on_result: Callable[[CommandResult], None] | None = None,
-) -> None:
-    """Subscribe to ``topics.cmd`` and handle each command, on a connection of its own.
-
-    For a client whose messages nobody else reads; on a shared connection
-    use :class:`CommandInbox` from the reader of ``client.messages``.
-    """
-    await client.subscribe(topics.cmd, qos=1)
-    async for msg in client.messages:
-        if msg.topic.value != topics.cmd:
-            continue
-        payload = msg.payload
-        raw = bytes(payload) if isinstance(payload, (bytes, bytearray)) else b""
-        result = await handler.handle(raw, channel="mqtt")
-        if on_result is not None:
-            on_result(result)
