@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from firmware_bridge.events import event
 from firmware_bridge.reading import Quality, Quantity, Reading
 
 # The quantity whose clean reading clears a fault of this kind.
@@ -21,14 +22,14 @@ CLEARED_BY: dict[str, Quantity] = {"clock": Quantity.METER_CLOCK}
 
 def fault_event(reading: Reading, index: int) -> dict[str, Any]:
     f = reading.faults[index]
-    return {
-        "type": f"meter.{f.kind}_fault",
-        "meter": reading.meter_id,
-        "time_ms": reading.time_ms,
-        "cause": f.cause,
-        "detail": f.detail,
-        "raw": f.raw,
-    }
+    return event(
+        f"meter.{f.kind}_fault",
+        meter=reading.meter_id,
+        time_ms=reading.time_ms,
+        cause=f.cause,
+        detail=f.detail,
+        raw=f.raw,
+    )
 
 
 class FaultEvents:

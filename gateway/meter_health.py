@@ -26,6 +26,7 @@ from typing import Any
 
 import aiosqlite
 
+from firmware_bridge.events import event
 from firmware_bridge.scheduler import MeterHealth
 
 SCHEMA = """
@@ -67,8 +68,7 @@ class Change:
 
     def event(self, account: str | None = None) -> dict[str, Any]:
         """The event for central (``meter.online`` / ``meter.offline`` / ``meter.quarantined``)."""
-        body: dict[str, Any] = {
-            "type": f"meter.{self.after.value}",
+        fields: dict[str, Any] = {
             "meter": self.meter,
             "bus": self.bus,
             "from": self.before.state.value if self.before else None,
@@ -76,14 +76,14 @@ class Change:
             "last_good_ms": self.last_good_ms,
         }
         if account:
-            body["account"] = account
+            fields["account"] = account
         if self.after is State.ONLINE:
             if self.before is not None:
-                body["away_ms"] = max(0, self.at_ms - self.before.since_ms)
+                fields["away_ms"] = max(0, self.at_ms - self.before.since_ms)
         else:
-            body["last_error"] = self.last_error
-            body["consecutive_failures"] = self.consecutive_failures
-        return body
+            fields["last_error"] = self.last_error
+            fields["consecutive_failures"] = self.consecutive_failures
+        return event(f"meter.{self.after.value}", fields)
 
 
 def error_text(h: MeterHealth) -> str | None:

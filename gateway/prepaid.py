@@ -43,6 +43,7 @@ from typing import Any
 
 import aiosqlite
 
+from firmware_bridge.events import event
 from firmware_bridge.reading import Quantity, Reading
 from firmware_bridge.relay_ops import RelayIntent
 from gateway.billing import ledger_store as ls
@@ -91,33 +92,35 @@ class PrepaidAccount:
 
 
 def _cutoff_event(e: CutoffEvent, state: str) -> dict[str, Any]:
-    return {
-        "type": f"cutoff.{e.type}",
-        "account": e.account,
-        "time_ms": e.time_ms,
-        "from": e.from_level.value,
-        "to": e.to_level.value,
-        "state": state,
-        "balance_micro": e.balance_micro,
-        "balance": str(report_yuan(e.balance_micro)),
-        "reason": e.reason,
-    }
+    return event(
+        f"cutoff.{e.type}",
+        {
+            "account": e.account,
+            "time_ms": e.time_ms,
+            "from": e.from_level.value,
+            "to": e.to_level.value,
+            "state": state,
+            "balance_micro": e.balance_micro,
+            "balance": str(report_yuan(e.balance_micro)),
+            "reason": e.reason,
+        },
+    )
 
 
 def _held_event(account: str, g: HeldGroup) -> dict[str, Any]:
     """Central's notice of fixed charges held (never debited here): what to settle."""
-    return {
-        "type": "billing.fixed_held",
-        "account": account,
-        "cause": "off_time" if g.stretch.off_time else "clock_jump",
-        "from_ms": g.stretch.from_ms,
-        "to_ms": g.stretch.to_ms,
-        "count": len(g.charges),
-        "amount_micro": g.amount_micro,
-        "amount": str(report_yuan(g.amount_micro)),
-        "charges": [c.charge_id for c in g.charges],
-        "truncated": g.truncated,
-    }
+    return event(
+        "billing.fixed_held",
+        account=account,
+        cause="off_time" if g.stretch.off_time else "clock_jump",
+        from_ms=g.stretch.from_ms,
+        to_ms=g.stretch.to_ms,
+        count=len(g.charges),
+        amount_micro=g.amount_micro,
+        amount=str(report_yuan(g.amount_micro)),
+        charges=[c.charge_id for c in g.charges],
+        truncated=g.truncated,
+    )
 
 
 def _register_json(r: RegisterReading) -> dict[str, Any]:
@@ -131,19 +134,19 @@ def _register_json(r: RegisterReading) -> dict[str, Any]:
 
 def _reset_event(account: str, n: ResetNotice) -> dict[str, Any]:
     """An undeclared register reset, confirmed: the evidence, and what is billed meanwhile."""
-    return {
-        "type": "meter.register_reset",
-        "account": account,
-        "meter": n.meter_id,
-        "last_good": _register_json(n.last_good),
-        "first_after": _register_json(n.first_after),
-        "confirmed_by": _register_json(n.confirmed_by),
-        "billing": (
+    return event(
+        "meter.register_reset",
+        account=account,
+        meter=n.meter_id,
+        last_good=_register_json(n.last_good),
+        first_after=_register_json(n.first_after),
+        confirmed_by=_register_json(n.confirmed_by),
+        billing=(
             "billed up to last_good on the old register and from first_after on the new one; "
             "the energy in between is held until the exchange is declared with meter.replace "
             "(the old meter's final and the new meter's initial registers), then billed"
         ),
-    }
+    )
 
 
 def _charge_record(entry: Entry, now_ms: int) -> tuple[RecordClass, str, int, dict[str, Any]]:
@@ -296,14 +299,14 @@ class Prepaid:
                     out.event(_reset_event(account, rated.reset))
                 for a in rated.result.anomalies if rated.result else ():
                     out.event(
-                        {
-                            "type": f"rating.{a.kind.value}",
-                            "account": account,
-                            "meter": a.meter_id,
-                            "from_reading": a.start_reading_id,
-                            "to_reading": a.end_reading_id,
-                            "detail": a.detail,
-                        }
+                        event(
+                            f"rating.{a.kind.value}",
+                            account=account,
+                            meter=a.meter_id,
+                            from_reading=a.start_reading_id,
+                            to_reading=a.end_reading_id,
+                            detail=a.detail,
+                        )
                     )
             touched[account] = None
             relay_open = reading.good(Quantity.RELAY_OPEN)
@@ -447,13 +450,7 @@ class Prepaid:
         t = out.now_ms if time_ms is None else time_ms
         for a in actions:
             out.event(
-                {
-                    "type": f"cutoff.action.{a.kind.value}",
-                    "account": a.account,
-                    "meter": a.meter,
-                    "time_ms": t,
-                    "reason": a.reason,
-                },
+                event(f"cutoff.action.{a.kind.value}", account=a.account, meter=a.meter, time_ms=t, reason=a.reason),
                 t,
             )
             if a.meter:  # alarms go to the meter's own alarm, where it has one (DL/T 645 2AH/2BH)

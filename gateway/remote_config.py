@@ -62,6 +62,7 @@ import aiosqlite
 import tomli_w
 
 from firmware_bridge.durable import fsync_dir, write_atomic
+from firmware_bridge.events import event
 from gateway.billing.cutoff import Contact
 from gateway.commands.bodies import (
     CommandRefused,
@@ -506,7 +507,7 @@ class RemoteConfig:
                 actor="gateway",
                 action=action,
                 details=details,
-                event={"type": action.replace(".", "_"), **details},
+                event=event(action.replace(".", "_"), details),
                 time_ms=now,
             )
         log.warning("configuration change %s: %s (%s)", row["command_id"], state, note)
@@ -543,7 +544,7 @@ class RemoteConfig:
                 actor="gateway",
                 action="config.rolled_back",
                 details=details,
-                event={"type": "config_rolled_back", **details},
+                event=event("config_rolled_back", details),
                 time_ms=now,
             )
         log.error("configuration change %s rolled back: %s", row["command_id"], why)

@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo
 
 import aiosqlite
 
+from firmware_bridge.events import event
 from firmware_bridge.reading import Quantity, Reading
 from gateway.billing.money import register_ckwh
 from gateway.billing.rating import RegisterReading
@@ -96,8 +97,7 @@ class RiskMonitor:
                 RecordClass.EVENT,
                 RecordKind.EVENT,
                 now_ms,
-                {"type": f"risk.{e.kind.value}", "meter": e.meter_id, "time_ms": e.time_ms,
-                 "evidence": dict(e.evidence)},
+                event(f"risk.{e.kind.value}", meter=e.meter_id, time_ms=e.time_ms, evidence=dict(e.evidence)),
             )
         return reported
 
@@ -115,8 +115,8 @@ class RiskMonitor:
         if not closed or start is None or register_ckwh(rr.import_kwh) != register_ckwh(start.import_kwh):
             st.streak_start = rr if closed else None
             return []
-        event = check_zero_consumption(start, rr, relay_closed_throughout=True, cfg=self.cfg)
-        return [] if event is None else [event]
+        found_event = check_zero_consumption(start, rr, relay_closed_throughout=True, cfg=self.cfg)
+        return [] if found_event is None else [found_event]
 
     async def _daily_in(self, db: aiosqlite.Connection, st: _MeterState, rr: RegisterReading) -> list[RiskEvent]:
         day = datetime.fromtimestamp(rr.time_ms / 1000, self.tz).date().isoformat()
@@ -139,5 +139,5 @@ class RiskMonitor:
         ) as cur:
             firsts = [int(f) for (f,) in reversed(list(await cur.fetchall()))]
         daily = [max(0, b - a) for a, b in itertools.pairwise(firsts)]
-        event = check_sudden_drop(rr.meter_id, daily, rr.time_ms, self.cfg)
-        return [] if event is None else [event]
+        found_event = check_sudden_drop(rr.meter_id, daily, rr.time_ms, self.cfg)
+        return [] if found_event is None else [found_event]

@@ -43,6 +43,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from firmware_bridge.events import event
 from gateway.billing import ledger_store as ls
 from gateway.billing.ledger import Entry, EntryKind, LedgerView, fold
 from gateway.billing.rating import TierState
@@ -398,13 +399,13 @@ class RecoveryReport:
     audit: str
 
     def event(self) -> dict[str, Any]:
-        return {
-            "type": "storage_recovered",
-            "severity": "critical" if self.held else "warning",
-            "evidence": self.evidence,
-            "mode": self.mode.value,
-            "held_accounts": list(self.held),
-            "accounts": [
+        return event(
+            "storage_recovered",
+            severity="critical" if self.held else "warning",
+            evidence=self.evidence,
+            mode=self.mode.value,
+            held_accounts=list(self.held),
+            accounts=[
                 {
                     "account": a.account,
                     "restored": a.restored,
@@ -415,11 +416,11 @@ class RecoveryReport:
                 }
                 for a in self.accounts
             ],
-            "replay_fence_ms": self.fence_ms,
-            "imported": self.imported,
-            "tables_damaged": list(self.incomplete),
-            "audit": self.audit,
-        }
+            replay_fence_ms=self.fence_ms,
+            imported=self.imported,
+            tables_damaged=list(self.incomplete),
+            audit=self.audit,
+        )
 
 
 async def ensure_schemas(db: aiosqlite.Connection) -> None:

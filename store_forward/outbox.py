@@ -71,6 +71,7 @@ import orjson
 
 from firmware_bridge.durable import write_atomic
 from firmware_bridge.errors import EdgeGwError, ErrorKind
+from firmware_bridge.events import event
 from firmware_bridge.reading import Reading
 from store_forward.batch_epoch import LEGACY_EPOCH, new_epoch
 from store_forward.integrity import (
@@ -872,17 +873,16 @@ class Outbox:
                 RecordClass.EVENT,
                 RecordKind.EVENT,
                 self.clock_ms(),
-                {
-                    "type": "storage_fault",
-                    "severity": "critical",
-                    "kind": fault.kind.value,
-                    "reason": fault.reason,
-                    "evidence": str(fault.evidence),
-                    "generation": self.generation,
-                    "salvaged": self.salvaged,
-                    "detail": "the damaged database is kept as evidence; billing and relay"
+                event(
+                    "storage_fault",
+                    kind=fault.kind.value,
+                    reason=fault.reason,
+                    evidence=str(fault.evidence),
+                    generation=self.generation,
+                    salvaged=self.salvaged,
+                    detail="the damaged database is kept as evidence; billing and relay"
                     " changes stop until the money state is recovered",
-                },
+                ),
             )
         log.critical(
             "outbox %s: new database (generation %d) in place of the damaged one kept in %s;"
@@ -1082,9 +1082,7 @@ class Outbox:
         first = self.health.last_full_ms is None
         self.health.last_full_ms = now
         if first or not any(a.get("type") == "storage_full" for a in self.health.pending_alarms):
-            self.health.pending_alarms.append(
-                {"type": "storage_full", "severity": "critical", "error": error, "at_ms": now}
-            )
+            self.health.pending_alarms.append(event("storage_full", error=error, at_ms=now))
 
     def note_event(self, body: dict[str, Any]) -> None:
         """Keep an event in memory until the next transaction that adds records
@@ -1445,13 +1443,12 @@ class Outbox:
                 RecordClass.EVENT,
                 RecordKind.EVENT,
                 now_ms,
-                {
-                    "type": "storage_hard_floor",
-                    "severity": "critical",
-                    "billing_records_evicted": lost,
-                    "telemetry_records_evicted": evicted,
-                    "telemetry_bytes_freed": freed,
-                },
+                event(
+                    "storage_hard_floor",
+                    billing_records_evicted=lost,
+                    telemetry_records_evicted=evicted,
+                    telemetry_bytes_freed=freed,
+                ),
             )
             evicted += lost
         return evicted
@@ -1628,7 +1625,7 @@ class Outbox:
                 RecordClass.EVENT,
                 RecordKind.EVENT,
                 now_ms,
-                {"type": "records_damaged", "severity": "critical", "ids": [r for r, _ in bad][:100]},
+                event("records_damaged", ids=[r for r, _ in bad][:100]),
             )
         return out
 

@@ -60,6 +60,7 @@ from typing import Any, Protocol
 
 import aiosqlite
 
+from firmware_bridge.events import event
 from firmware_bridge.relay_ops import RelayIntent, RelayOp
 from gateway.commands.bodies import (
     BODIES,
@@ -662,7 +663,7 @@ class CommandHandler:
                             actor="gateway",
                             action="relay.intent_expired",
                             details=details,
-                            event={"type": "relay_intent_expired", **details},
+                            event=event("relay_intent_expired", details),
                             time_ms=now.time_ms,
                             time_source=now.quality.value,
                         )
@@ -761,14 +762,16 @@ class CommandHandler:
         now_ms: int,
         effect: Mapping[str, Any],
     ) -> None:
-        body: dict[str, Any] = {"type": "command_result", **result.to_reply(), "channel": channel}
+        fields: dict[str, Any] = {**result.to_reply(), "channel": channel}
         if result.envelope is not None:
-            body["command_type"] = result.envelope.type.value
-            body["issuer"] = result.envelope.issuer
+            fields["command_type"] = result.envelope.type.value
+            fields["issuer"] = result.envelope.issuer
         if effect:
-            body["effect"] = dict(effect)
-        body["at_ms"] = now_ms
-        await self.outbox.add_in(db, RecordClass.EVENT, RecordKind.EVENT, now_ms, body)
+            fields["effect"] = dict(effect)
+        fields["at_ms"] = now_ms
+        await self.outbox.add_in(
+            db, RecordClass.EVENT, RecordKind.EVENT, now_ms, event("command_result", fields)
+        )
 
     async def _write_summary(
         self, db: aiosqlite.Connection, b: Bucket, now_ms: int, tsrc: str
@@ -787,7 +790,7 @@ class CommandHandler:
             actor="gateway",
             action="command.rejected_summary",
             details=details,
-            event={"type": "command_rejections", **details},
+            event=event("command_rejections", details),
             time_ms=now_ms,
             time_source=tsrc,
         )
@@ -834,7 +837,7 @@ class CommandHandler:
                         RecordClass.EVENT,
                         RecordKind.EVENT,
                         now.time_ms,
-                        {"type": "command_result", **details, "at_ms": now.time_ms},
+                        event("command_result", details, at_ms=now.time_ms),
                     )
             self._tally = tally
         except Exception:

@@ -16,6 +16,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from firmware_bridge.events import event
 from firmware_bridge.relay import RelayRateLimited, RelayRefused, RelayResult
 from firmware_bridge.relay_ops import RelayIntent, RelayOp
 from gateway.daemon.writer import Cycle, Work
@@ -37,8 +38,7 @@ CLOSE_CONCURRENCY = 8
 def relay_event(
     intent: RelayIntent, result: RelayResult | None, error: str | None
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "type": "relay.alarm" if (result is not None and result.alarm) else "relay.operation",
+    fields: dict[str, Any] = {
         "account": intent.account,
         "meter": intent.meter,
         "action": intent.op.value,
@@ -46,7 +46,7 @@ def relay_event(
         "reason": intent.reason,
     }
     if result is not None:
-        body |= {
+        fields |= {
             "ok": result.ok,
             "final_open": result.final_open,
             "drives": len(result.attempts),
@@ -54,8 +54,8 @@ def relay_event(
             "pending_customer": result.pending_customer,
         }
     else:
-        body |= {"ok": False, "detail": error}
-    return body
+        fields |= {"ok": False, "detail": error}
+    return event("relay.alarm" if (result is not None and result.alarm) else "relay.operation", fields)
 
 
 class Relays:
@@ -85,13 +85,13 @@ class Relays:
                 d.metrics.relay_requested(intent, refused=True)
                 log.warning("relay %s for %s not operated: %s", intent.op, intent.meter, v.why)
                 d.outbox.note_event(
-                    {
-                        "type": "relay.refused",
-                        "account": intent.account,
-                        "meter": intent.meter,
-                        "action": intent.op.value,
-                        "reason": v.why,
-                    }
+                    event(
+                        "relay.refused",
+                        account=intent.account,
+                        meter=intent.meter,
+                        action=intent.op.value,
+                        reason=v.why,
+                    )
                 )
                 return
         d.metrics.relay_requested(intent)
@@ -121,9 +121,9 @@ class RelayWorker:
         async def one(intent: RelayIntent, limit: asyncio.Semaphore) -> None:
             try:
                 async with limit:
-                    event = await self.operate(intent)
-                if event is not None:
-                    await self.out.put(Cycle(self.bus, self.daemon.time_ms(), [], [], [event]))
+                    body = await self.operate(intent)
+                if body is not None:
+                    await self.out.put(Cycle(self.bus, self.daemon.time_ms(), [], [], [body]))
             finally:
                 self.relays.in_flight -= 1
 
@@ -176,26 +176,31 @@ class RelayWorker:
         """A meter alarm or power-protect command; None (nothing to report) when the
         meter has no such command and the intent came from the cutoff policy."""
         sig = intent.op
-        body: dict[str, Any] = {
-            "type": "meter.signal",
-            "account": intent.account,
-            "meter": intent.meter,
-            "signal": sig.value,
-            "reason": intent.reason,
-        }
+
+        def signalled(ok: bool, detail: str) -> dict[str, Any]:
+            return event(
+                "meter.signal",
+                account=intent.account,
+                meter=intent.meter,
+                signal=sig.value,
+                reason=intent.reason,
+                ok=ok,
+                detail=detail,
+            )
+
         if not self.controller.supports_signals(intent.meter):
             if intent.commanded:
-                return body | {"ok": False, "detail": f"{sig.value} is not supported by this meter"}
+                return signalled(False, f"{sig.value} is not supported by this meter")
             log.debug("meter %s has no %s command", intent.meter, sig.value)
             return None
         try:
             result = await self.controller.signal(intent.meter, sig)
         except Exception as exc:
             log.error("%s for %s failed: %s", sig.value, intent.meter, exc)
-            return body | {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
+            return signalled(False, f"{type(exc).__name__}: {exc}")
         if not result.ok:
             log.warning("%s for %s not acknowledged: %s", sig.value, intent.meter, result.detail)
-        return body | {"ok": result.ok, "detail": result.detail}
+        return signalled(result.ok, result.detail)
 
 
 class CommandRelays:

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
+from firmware_bridge.events import event
 from firmware_bridge.faults import FaultEvents
 from firmware_bridge.relay_ops import RelayIntent
 from firmware_bridge.scheduler import BackoffPolicy
@@ -584,7 +585,7 @@ class Daemon:
                 actor="gateway:clock",
                 action=f"time.{e.kind.value}",
                 details=details,
-                event={"type": f"time.{e.kind.value}", **details},
+                event=event(f"time.{e.kind.value}", details),
                 time_ms=e.at_ms,
                 time_source=source,
             )
@@ -648,7 +649,7 @@ class Daemon:
                     )
                     self.started_ms = self.time_ms()
                 if not self._started_event:
-                    started = {"type": "gateway_started", "gateway": cfg.gateway.id}
+                    started = event("gateway_started", gateway=cfg.gateway.id)
                     if outbox.starved is None:
                         await outbox.add_in(db, RecordClass.EVENT, RecordKind.EVENT, self.started_ms, started)
                     else:  # written with the first records once there is space
@@ -912,7 +913,7 @@ class Daemon:
                     actor="provisioning:usb",
                     action=action,
                     details=detail,
-                    event={"type": "provisioning.audit", "action": action, "detail": detail},
+                    event=event("provisioning.audit", action=action, detail=detail),
                     time_ms=now,
                 )
 

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from firmware_bridge.events import event
 from firmware_bridge.reading import Quantity, Reading
 from firmware_bridge.relay_ops import RelayIntent, RelayOp
 from gateway import meter_health
@@ -168,13 +169,12 @@ class Writer:
         )
         if self.backlog.dropped:
             outbox.note_event(
-                {
-                    "type": "storage_full_readings_dropped",
-                    "severity": "critical",
-                    "readings": self.backlog.dropped,
-                    "detail": "intermediate register readings given up while the disk was full;"
+                event(
+                    "storage_full_readings_dropped",
+                    readings=self.backlog.dropped,
+                    detail="intermediate register readings given up while the disk was full;"
                     " each meter's later reading carries their energy",
-                }
+                )
             )
             self.backlog.dropped = 0
         self.daemon.announce_storage(outbox)

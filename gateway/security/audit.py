@@ -50,6 +50,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
+from firmware_bridge.events import event
 
 HASH_CONTEXT = b"edgegw-audit-v1\x00"
 CHECKPOINT_CONTEXT = b"edgegw-audit-checkpoint-v1\x00"
@@ -348,15 +349,15 @@ def checkpoint_event(cp: Checkpoint, gateway_id: str) -> dict[str, Any]:
     it, or differs from it, was truncated or rewritten (``edgegw audit verify
     --expect-head SEQ:HASH``).
     """
-    return {
-        "type": "audit_checkpoint",
-        "gateway": gateway_id,
-        "seq": cp.seq,
-        "hash": cp.hash.hex(),
-        "time_ms": cp.time_ms,
-        "public_key": cp.public_key.hex(),
-        "signature": cp.signature.hex(),
-    }
+    return event(
+        "audit_checkpoint",
+        gateway=gateway_id,
+        seq=cp.seq,
+        hash=cp.hash.hex(),
+        time_ms=cp.time_ms,
+        public_key=cp.public_key.hex(),
+        signature=cp.signature.hex(),
+    )
 
 
 # ---------------------------------------------------------------------------
