@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
+
 __all__ = [
     "SHIPPED_DIR",
     "BrokerError",
@@ -57,8 +59,10 @@ SHIPPED_CONF = "mosquitto.conf"
 SHIPPED_ACL = "edgegw.acl"
 
 
-class BrokerError(RuntimeError):
+class BrokerError(EdgeGwError, RuntimeError):
     """mosquitto is missing, or did not start with the given configuration."""
+
+    kind = ErrorKind.TRANSPORT
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,13 +15,14 @@ from tests.harness.product import PACKAGES, product_modules
 
 
 def product_exceptions() -> list[type[BaseException]]:
+    """The exception classes of the product and of its test bench."""
     found: dict[str, type[BaseException]] = {}
-    for module in product_modules():
+    for module in product_modules((*PACKAGES, "testbed")):
         for obj in vars(module).values():
             if (
                 inspect.isclass(obj)
                 and issubclass(obj, BaseException)
-                and obj.__module__.split(".")[0] in PACKAGES
+                and obj.__module__.split(".")[0] in (*PACKAGES, "testbed")
             ):
                 found[f"{obj.__module__}.{obj.__qualname__}"] = obj
     return [found[k] for k in sorted(found)]

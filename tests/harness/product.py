@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("firmware_bridge", "store_forward", "provisioning", "gateway", "headend")
 
 
-def product_modules() -> Iterator[ModuleType]:
-    """Every module of the product packages, imported."""
-    for name in PACKAGES:
+def product_modules(packages: tuple[str, ...] = PACKAGES) -> Iterator[ModuleType]:
+    """Every module of the product packages (or of ``packages``), imported."""
+    for name in packages:
         package = importlib.import_module(name)
         yield package
         for info in pkgutil.walk_packages(package.__path__, f"{name}."):
