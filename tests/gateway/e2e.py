@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.harness.site import DEV_UPLINK, bus, gateway_config, meter
+
 
 def site_config(
     path: Path,
@@ -19,52 +21,17 @@ def site_config(
     units: list[int],
     poll_s: float = 0.2,
 ) -> Path:
-    meters = "\n".join(
-        f"""
-[[meter]]
-id = "m{u:03d}"
-bus = "tcp-1"
-protocol = "modbus"
-unit_id = {u}
-profile = "sdm120"
-account = "acct-{u:03d}"
-"""
-        for u in units
+    return gateway_config(
+        path.parent,
+        gateway_id,
+        gateway={"site": "test site", "poll_interval_s": poll_s},
+        storage={"path": str(db)},
+        broker={"host": "127.0.0.1", "port": broker_port, "keepalive_s": 5},
+        uplink={**DEV_UPLINK, "batch_max_records": 50, "window": 4},
+        buses=[bus(modbus_port, name="tcp-1")],
+        meters=[meter(f"m{u:03d}", unit=u, bus="tcp-1", account=f"acct-{u:03d}", relay=False) for u in units],
+        name=path.name,
     )
-    path.write_text(
-        f"""
-[gateway]
-id = "{gateway_id}"
-site = "test site"
-poll_interval_s = {poll_s}
-
-[storage]
-path = "{db}"
-
-[broker]
-host = "127.0.0.1"
-port = {broker_port}
-keepalive_s = 5
-
-[uplink]
-allow_unauthenticated_acks = true   # unsealed batches to a development headend
-batch_max_records = 50
-ack_timeout_s = 2.0
-window = 4
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-
-[[bus]]
-name = "tcp-1"
-type = "tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout_s = 0.5
-retries = 0
-{meters}
-"""
-    )
-    return path
 
 
 def headend_readings(path: Path, gateway_id: str) -> list[tuple[int, str, int]]:

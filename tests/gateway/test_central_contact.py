@@ -27,6 +27,7 @@ from store_forward.uplink import LinkState
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.harness.mosquitto import Mosquitto
+from tests.harness.site import gateway_config, meter
 from tests.security.conftest import GATEWAY, Central
 from tests.store_forward.helpers import Site, wait_for
 
@@ -38,48 +39,21 @@ def site_config(tmp: Path, site: Site, central: Central, broker_port: int, modbu
     keys = tmp / f"keys-{GATEWAY}"
     site.gateway(GATEWAY)  # keystore made and enrolled at the headend
     (tmp / "trust.json").write_text(json.dumps(central.trust().to_dict()))
-    path = tmp / "gateway.toml"
-    path.write_text(
-        f"""
-[gateway]
-id = "{GATEWAY}"
-site = "test"
-poll_interval_s = 0.2
-
-[storage]
-path = "gw.db"
-
-[broker]
-port = {broker_port}
-keepalive_s = 5
-
-[uplink]
-headend_public_key = "{headend_public_b64(site.headend_key_path)}"
-ack_timeout_s = 2.0
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-
-[security]
-trust_file = "trust.json"
-keystore = "{keys}"
-
-[[bus]]
-name = "lan"
-type = "tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout_s = 0.5
-retries = 0
-
-[[meter]]
-id = "m001"
-bus = "lan"
-protocol = "modbus"
-unit_id = 1
-profile = "sdm120"
-"""
+    return gateway_config(
+        tmp,
+        GATEWAY,
+        modbus_port=modbus_port,
+        broker={"port": broker_port, "keepalive_s": 5},
+        uplink={
+            "headend_public_key": headend_public_b64(site.headend_key_path),
+            "ack_timeout_s": 2.0,
+            "reconnect_min_s": 0.1,
+            "reconnect_max_s": 0.5,
+        },
+        security={"trust_file": "trust.json", "keystore": str(keys)},
+        meters=[meter()],
+        name="gateway.toml",
     )
-    return path
 
 
 async def test_only_authenticated_messages_lift_out_of_contact_protection(

@@ -32,6 +32,7 @@ from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.gateway.test_prepaid_daemon import outbox_bodies
 from tests.harness.mosquitto import Mosquitto, free_port
+from tests.harness.site import DEV_UPLINK, gateway_config, meter, prepaid_account
 from tests.security.conftest import GATEWAY, Central
 
 DAY = 86_400_000
@@ -51,24 +52,6 @@ name = "standing"
 period = "daily"
 amount = "5.0000"
 """
-
-ACCOUNT = """
-account = "acct-001"
-timezone = "Asia/Shanghai"
-opening_balance = "10.00"
-meters = ["m001"]
-protected = false
-
-[limits]
-alarm1 = "2.00"
-alarm2 = "1.00"
-overdraft = "0.00"
-close_permit = "0.50"
-close_mode = "direct"
-reconnect_delay_s = 0
-relay_min_interval_s = 0
-"""
-
 
 class Clocks:
     """The system clock the daemon sees: real time + ``offset_ms``, plus a jump that
@@ -92,63 +75,22 @@ class Clocks:
 
 
 def site(tmp: Path, modbus_port: int, central: Central, broker_port: int | None = None) -> Path:
-    (tmp / "daily.toml").write_text(TARIFF)
-    (tmp / "acct-001.toml").write_text(ACCOUNT)
-    (tmp / "trust.json").write_text(json.dumps(central.trust().to_dict()))
-    path = tmp / "site.toml"
-    path.write_text(
-        f"""
-[gateway]
-id = "{GATEWAY}"
-site = "test"
-timezone = "Asia/Shanghai"
-poll_interval_s = 0.2
-
-[storage]
-path = "gw.db"
-
-[broker]
-host = "127.0.0.1"
-port = {broker_port or free_port()}
-keepalive_s = 5
-
-[uplink]
-allow_unauthenticated_acks = true   # unsealed batches to a development headend
-batch_max_records = 50
-ack_timeout_s = 2.0
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-
-[security]
-trust_file = "trust.json"
-
-[[bus]]
-name = "lan"
-type = "tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout_s = 0.5
-retries = 0
-
-[[meter]]
-id = "m001"
-bus = "lan"
-protocol = "modbus"
-unit_id = 1
-profile = "sdm120"
-account = "acct-001"
-[meter.relay]
-kind = "coil"
-address = 0
-min_interval_s = 0
-
-[[account]]
-id = "acct-001"
-settings = "acct-001.toml"
-tariffs = ["daily.toml"]
-"""
+    acct = prepaid_account(
+        tmp, opening="10.00", alarm1="2.00", alarm2="1.00", close_permit="0.50",
+        tariff_text=TARIFF, tariff_name="daily.toml",
     )
-    return path
+    (tmp / "trust.json").write_text(json.dumps(central.trust().to_dict()))
+    return gateway_config(
+        tmp,
+        GATEWAY,
+        modbus_port=modbus_port,
+        gateway={"timezone": "Asia/Shanghai"},
+        broker={"host": "127.0.0.1", "port": broker_port or free_port(), "keepalive_s": 5},
+        uplink={**DEV_UPLINK, "batch_max_records": 50},
+        security={"trust_file": "trust.json"},
+        meters=[meter(account="acct-001")],
+        accounts=[acct],
+    )
 
 
 @asynccontextmanager

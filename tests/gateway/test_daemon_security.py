@@ -36,6 +36,7 @@ from provisioning.keys import Keystore
 from store_forward.outbox import Outbox
 from tests.gateway.e2e import until
 from tests.harness.mosquitto import Mosquitto, free_port
+from tests.harness.site import DEV_UPLINK, gateway_config
 from tests.security.conftest import GATEWAY, Central
 from tests.security.test_audit import _rewrite_tail_consistently, _tamper
 
@@ -46,34 +47,15 @@ def site(tmp: Path, central: Central, broker_port: int) -> Path:
     (tmp / "trust.json").write_text(json.dumps(central.trust().to_dict()))
     if not (tmp / "keys").exists():
         Keystore.init(tmp / "keys", GATEWAY)
-    path = tmp / "gateway.toml"
-    path.write_text(
-        f"""
-[gateway]
-id = "{GATEWAY}"
-site = "test"
-poll_interval_s = 0.5
-
-[storage]
-path = "gw.db"
-
-[broker]
-host = "127.0.0.1"
-port = {broker_port}
-keepalive_s = 5
-
-[uplink]
-allow_unauthenticated_acks = true   # unsealed batches to a development headend
-ack_timeout_s = 2.0
-reconnect_min_s = 0.1
-reconnect_max_s = 0.3
-
-[security]
-trust_file = "trust.json"
-keystore = "keys"
-"""
+    return gateway_config(
+        tmp,
+        GATEWAY,
+        gateway={"poll_interval_s": 0.5},
+        broker={"host": "127.0.0.1", "port": broker_port, "keepalive_s": 5},
+        uplink={**DEV_UPLINK, "reconnect_max_s": 0.3},
+        security={"trust_file": "trust.json", "keystore": "keys"},
+        name="gateway.toml",
     )
-    return path
 
 
 class Running:

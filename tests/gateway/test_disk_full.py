@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import sqlite3
 import subprocess
 import time
@@ -36,7 +35,7 @@ from gateway.daemon import Daemon
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.gateway.test_prepaid_daemon import outbox_bodies
-from tests.harness.mosquitto import free_port
+from tests.harness.site import gateway_config, meter, prepaid_account
 from tests.systemd.test_daemon_watchdog import NotifySocket, wait_message
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,74 +67,18 @@ def notify_socket() -> Iterator[NotifySocket]:
     ns.close()
 
 
-ACCOUNT = """
-account = "acct-001"
-timezone = "Asia/Shanghai"
-opening_balance = "{balance}"
-meters = ["m001"]
-protected = false
-
-[limits]
-alarm1 = "0.02"
-alarm2 = "0.01"
-overdraft = "0.00"
-close_permit = "0.05"
-close_mode = "direct"
-reconnect_delay_s = 0
-relay_min_interval_s = 0
-"""
-
-
 def site(tmp: Path, fs: Path, modbus_port: int, balance: str) -> Path:
-    shutil.copy(ROOT / "examples" / "tariffs" / "flat.toml", tmp / "flat.toml")
-    (tmp / "acct-001.toml").write_text(ACCOUNT.format(balance=balance))
-    path = tmp / "site.toml"
-    path.write_text(
-        f"""
-[gateway]
-id = "gw-full"
-site = "test"
-timezone = "Asia/Shanghai"
-poll_interval_s = 0.2
-
-[storage]
-path = "{fs / "gw.db"}"
-reserve_bytes = 0
-
-[broker]
-port = {free_port()}   # nobody listens: the link is down the whole time
-
-[uplink]
-reconnect_min_s = 0.2
-reconnect_max_s = 0.5
-
-[[bus]]
-name = "lan"
-type = "tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout_s = 0.5
-retries = 0
-
-[[meter]]
-id = "m001"
-bus = "lan"
-protocol = "modbus"
-unit_id = 1
-profile = "sdm120"
-account = "acct-001"
-[meter.relay]
-kind = "coil"
-address = 0
-min_interval_s = 0
-
-[[account]]
-id = "acct-001"
-settings = "acct-001.toml"
-tariffs = ["flat.toml"]
-"""
+    acct = prepaid_account(tmp, opening=balance, alarm1="0.02", alarm2="0.01", close_permit="0.05")
+    return gateway_config(
+        tmp,
+        "gw-full",
+        modbus_port=modbus_port,
+        gateway={"timezone": "Asia/Shanghai"},
+        storage={"path": str(fs / "gw.db"), "reserve_bytes": 0},
+        uplink={"reconnect_min_s": 0.2, "reconnect_max_s": 0.5},  # nobody listens: the link is down
+        meters=[meter(account="acct-001")],
+        accounts=[acct],
     )
-    return path
 
 
 def fill(fs: Path) -> Path:

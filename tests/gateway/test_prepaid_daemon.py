@@ -9,7 +9,6 @@ The ledger balance equals opening balance + top-up − every uploaded charge.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
@@ -18,77 +17,21 @@ from gateway.config import load_config
 from gateway.daemon import Daemon
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
-from tests.harness.mosquitto import free_port
+from tests.harness.site import gateway_config, meter, prepaid_account
 
 ROOT = Path(__file__).resolve().parents[2]
 
-ACCOUNT = """
-account = "acct-001"
-timezone = "Asia/Shanghai"
-opening_balance = "0.30"
-meters = ["m001"]
-protected = false
-
-[limits]
-alarm1 = "0.20"
-alarm2 = "0.10"
-overdraft = "0.00"
-close_permit = "0.05"
-close_mode = "direct"
-reconnect_delay_s = 0
-relay_min_interval_s = 0
-"""
-
-
 def config(tmp: Path, modbus_port: int) -> Path:
-    shutil.copy(ROOT / "examples" / "tariffs" / "flat.toml", tmp / "flat.toml")
-    (tmp / "acct-001.toml").write_text(ACCOUNT)
-    path = tmp / "site.toml"
-    path.write_text(
-        f"""
-[gateway]
-id = "gw-prepaid"
-site = "test"
-timezone = "Asia/Shanghai"
-poll_interval_s = 0.2
-
-[storage]
-path = "gw.db"
-
-[broker]
-port = {free_port()}   # nobody listens: the link is down for the whole test
-
-[uplink]
-reconnect_min_s = 0.2
-reconnect_max_s = 0.5
-
-[[bus]]
-name = "lan"
-type = "tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout_s = 0.5
-retries = 0
-
-[[meter]]
-id = "m001"
-bus = "lan"
-protocol = "modbus"
-unit_id = 1
-profile = "sdm120"
-account = "acct-001"
-[meter.relay]
-kind = "coil"
-address = 0
-min_interval_s = 0
-
-[[account]]
-id = "acct-001"
-settings = "acct-001.toml"
-tariffs = ["flat.toml"]
-"""
+    acct = prepaid_account(tmp, opening="0.30", alarm1="0.20", alarm2="0.10", close_permit="0.05")
+    return gateway_config(
+        tmp,
+        "gw-prepaid",
+        modbus_port=modbus_port,
+        gateway={"timezone": "Asia/Shanghai"},
+        uplink={"reconnect_min_s": 0.2, "reconnect_max_s": 0.5},  # nobody listens: the link is down
+        meters=[meter(account="acct-001")],
+        accounts=[acct],
     )
-    return path
 
 
 

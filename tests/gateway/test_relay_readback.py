@@ -6,7 +6,6 @@ moved the relay by hand."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
 from gateway.config import load_config
@@ -14,72 +13,20 @@ from gateway.daemon import Daemon
 from store_forward.outbox import Outbox
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
-from tests.harness.mosquitto import free_port
+from tests.harness.site import gateway_config, meter, prepaid_account
 
 ROOT = Path(__file__).resolve().parents[2]
 
-ACCOUNT = """
-account = "acct-001"
-timezone = "Asia/Shanghai"
-opening_balance = "0.05"
-meters = ["m001"]
-
-[limits]
-alarm1 = "0.04"
-alarm2 = "0.02"
-overdraft = "0.00"
-close_permit = "0.05"
-close_mode = "direct"
-reconnect_delay_s = 0
-relay_min_interval_s = 0
-"""
-
-
 def config(tmp: Path, modbus_port: int) -> Path:
-    shutil.copy(ROOT / "examples" / "tariffs" / "flat.toml", tmp / "flat.toml")
-    (tmp / "acct-001.toml").write_text(ACCOUNT)
-    path = tmp / "site.toml"
-    path.write_text(
-        f"""
-[gateway]
-id = "gw-readback"
-site = "test"
-timezone = "Asia/Shanghai"
-poll_interval_s = 0.2
-
-[storage]
-path = "gw.db"
-
-[broker]
-port = {free_port()}   # nobody listens
-
-[[bus]]
-name = "lan"
-type = "tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout_s = 0.5
-retries = 0
-
-[[meter]]
-id = "m001"
-bus = "lan"
-protocol = "modbus"
-unit_id = 1
-profile = "sdm120"
-account = "acct-001"
-[meter.relay]
-kind = "coil"
-address = 0
-min_interval_s = 0
-
-[[account]]
-id = "acct-001"
-settings = "acct-001.toml"
-tariffs = ["flat.toml"]
-"""
+    acct = prepaid_account(tmp, opening="0.05", alarm1="0.04", alarm2="0.02", close_permit="0.05")
+    return gateway_config(
+        tmp,
+        "gw-readback",
+        modbus_port=modbus_port,
+        gateway={"timezone": "Asia/Shanghai"},
+        meters=[meter(account="acct-001")],
+        accounts=[acct],
     )
-    return path
 
 
 async def run_until(cfg_path: Path, cond: object, what: str) -> None:

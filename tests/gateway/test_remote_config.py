@@ -33,7 +33,7 @@ from gateway.security.envelope import Outcome
 from gateway.security.roles import CommandType
 from store_forward.outbox import Outbox
 from testbed.simulators.modbus import ModbusSimulator
-from tests.harness.mosquitto import free_port
+from tests.harness.site import gateway_config, meter
 from tests.security.conftest import GATEWAY, Central
 
 DOC = {
@@ -67,40 +67,14 @@ def test_roster_replaces_the_meter_list() -> None:
 
 def site(tmp: Path, modbus_port: int, central: Central) -> Path:
     (tmp / "trust.json").write_text(json.dumps(central.trust().to_dict()))
-    path = tmp / "gateway.toml"
-    path.write_text(
-        f"""
-[gateway]
-id = "{GATEWAY}"
-site = "test"
-poll_interval_s = 0.2
-
-[storage]
-path = "gw.db"
-
-[broker]
-port = {free_port()}   # nobody listens: commands go straight to the handler here
-
-[security]
-trust_file = "trust.json"
-
-[[bus]]
-name = "lan"
-type = "tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout_s = 0.5
-retries = 0
-
-[[meter]]
-id = "m001"
-bus = "lan"
-protocol = "modbus"
-unit_id = 1
-profile = "sdm120"
-"""
+    return gateway_config(  # nobody listens at the broker: commands go straight to the handler here
+        tmp,
+        GATEWAY,
+        modbus_port=modbus_port,
+        security={"trust_file": "trust.json"},
+        meters=[meter()],
+        name="gateway.toml",
     )
-    return path
 
 
 async def test_config_changes_from_central_in_the_running_daemon(tmp_path: Path) -> None:

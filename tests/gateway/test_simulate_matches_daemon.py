@@ -46,6 +46,7 @@ from headend.ingest import Headend
 from headend.store import HeadendDB
 from testbed.simulators.modbus import ModbusSimulator
 from tests.harness.mosquitto import Mosquitto
+from tests.harness.site import DEV_UPLINK, bus, gateway_config, meter
 
 ROOT = Path(__file__).resolve().parents[2]
 EX = ROOT / "examples"
@@ -114,76 +115,20 @@ def cases(tmp: Path) -> list[Case]:
 
 
 def site(tmp: Path, cs: list[Case], modbus_port: int, broker_port: int) -> Path:
-    meters = "".join(
-        f"""
-[[meter]]
-id = "{c.meter}"
-bus = "lan"
-protocol = "modbus"
-unit_id = {c.unit}
-profile = "tou"
-account = "{c.account}"
-[meter.relay]
-kind = "coil"
-address = 0
-min_interval_s = 0
-"""
-        for c in cs
+    fields = {q: {"address": f["address"], "type": "uint32", "unit": "Wh"} for q, f in PROFILE["fields"].items()}  # type: ignore[attr-defined]
+    return gateway_config(
+        tmp,
+        "gw-sim",
+        gateway={"timezone": TZ},
+        broker={"host": "127.0.0.1", "port": broker_port, "keepalive_s": 5},
+        uplink={**DEV_UPLINK, "batch_max_records": 200},
+        buses=[bus(modbus_port, retries=1)],
+        profiles={"tou": {"function_code": 4, "fields": fields}},
+        meters=[{**meter(c.meter, unit=c.unit, account=c.account), "profile": "tou"} for c in cs],
+        accounts=[
+            {"id": c.account, "settings": c.account_file.name, "tariffs": [t.name for t in c.tariffs]} for c in cs
+        ],
     )
-    accounts = "".join(
-        f"""
-[[account]]
-id = "{c.account}"
-settings = "{c.account_file.name}"
-tariffs = [{", ".join(f'"{t.name}"' for t in c.tariffs)}]
-"""
-        for c in cs
-    )
-    prof = "\n".join(
-        f"[profiles.tou.fields.{q}]\naddress = {f['address']}\ntype = \"uint32\"\nunit = \"Wh\"\n"
-        for q, f in PROFILE["fields"].items()  # type: ignore[attr-defined]
-    )
-    path = tmp / "site.toml"
-    path.write_text(
-        f"""
-[gateway]
-id = "gw-sim"
-site = "test"
-timezone = "{TZ}"
-poll_interval_s = 0.2
-
-[storage]
-path = "gw.db"
-
-[broker]
-host = "127.0.0.1"
-port = {broker_port}
-keepalive_s = 5
-
-[uplink]
-allow_unauthenticated_acks = true   # unsealed batches to a development headend
-batch_max_records = 200
-ack_timeout_s = 2.0
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-
-[[bus]]
-name = "lan"
-type = "tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout_s = 0.5
-retries = 1
-
-[profiles.tou]
-function_code = 4
-{prof}
-{meters}
-{accounts}
-""",
-        encoding="utf-8",
-    )
-    return path
 
 
 class Clock:

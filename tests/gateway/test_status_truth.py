@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,77 +22,21 @@ from gateway.cli import main
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.harness.mosquitto import Mosquitto
+from tests.harness.site import gateway_config, meter, prepaid_account
 
 ROOT = Path(__file__).resolve().parents[2]
 
-ACCOUNT = """
-account = "acct-001"
-timezone = "Asia/Shanghai"
-opening_balance = "0.30"
-meters = ["m001"]
-protected = false
-
-[limits]
-alarm1 = "0.20"
-alarm2 = "0.10"
-overdraft = "0.00"
-close_permit = "0.05"
-close_mode = "direct"
-reconnect_delay_s = 0
-relay_min_interval_s = 0
-"""
-
-
 def config(tmp: Path, broker_port: int, modbus_port: int) -> Path:
-    shutil.copy(ROOT / "examples" / "tariffs" / "flat.toml", tmp / "flat.toml")
-    (tmp / "acct-001.toml").write_text(ACCOUNT)
-    path = tmp / "site.toml"
-    path.write_text(
-        f"""
-[gateway]
-id = "gw-status"
-site = "test"
-timezone = "Asia/Shanghai"
-poll_interval_s = 0.2
-heartbeat_file = "run/heartbeat.json"
-
-[storage]
-path = "gw.db"
-
-[broker]
-port = {broker_port}
-keepalive_s = 5
-
-[uplink]
-allow_unauthenticated_acks = true
-reconnect_min_s = 0.1
-reconnect_max_s = 0.3
-
-[[bus]]
-name = "lan"
-type = "tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout_s = 0.5
-retries = 0
-
-[[meter]]
-id = "m001"
-bus = "lan"
-protocol = "modbus"
-unit_id = 1
-profile = "sdm120"
-account = "acct-001"
-[meter.relay]
-kind = "coil"
-address = 0
-min_interval_s = 0
-
-[[account]]
-id = "acct-001"
-settings = "acct-001.toml"
-tariffs = ["flat.toml"]
-"""
+    acct = prepaid_account(tmp, opening="0.30", alarm1="0.20", alarm2="0.10", close_permit="0.05")
+    path = gateway_config(
+        tmp,
+        "gw-status",
+        modbus_port=modbus_port,
+        gateway={"timezone": "Asia/Shanghai", "heartbeat_file": "run/heartbeat.json"},
+        broker={"port": broker_port, "keepalive_s": 5},
+        uplink={"allow_unauthenticated_acks": True, "reconnect_min_s": 0.1, "reconnect_max_s": 0.3},
+        meters=[meter(account="acct-001")],
+        accounts=[acct],
     )
     # connection attempts are counted in the metrics file (one log line per cause, not per attempt)
     path.write_text(path.read_text() + '\n[metrics]\ntextfile = "run/edgegw.prom"\ninterval_s = 1\n')

@@ -50,86 +50,27 @@ from store_forward.walcheck import FRAME_HEADER_BYTES, check_wal
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.harness.mosquitto import Mosquitto, free_port
+from tests.harness.site import gateway_config, meter, prepaid_account
 from tests.security.conftest import GATEWAY, Central
 
 ROOT = Path(__file__).resolve().parents[2]
 HOUR = 3_600_000
 
-ACCOUNT = """
-account = "acct-001"
-timezone = "Asia/Shanghai"
-opening_balance = "0.30"
-meters = ["m001"]
-protected = false
-
-[limits]
-alarm1 = "0.20"
-alarm2 = "0.10"
-overdraft = "0.00"
-close_permit = "0.05"
-close_mode = "direct"
-reconnect_delay_s = 0
-relay_min_interval_s = 0
-"""
-
-
 def site(tmp: Path, modbus_port: int, broker_port: int, central: Central) -> Path:
-    shutil.copy(ROOT / "examples" / "tariffs" / "flat.toml", tmp / "flat.toml")
-    (tmp / "acct-001.toml").write_text(ACCOUNT)
+    acct = prepaid_account(tmp, opening="0.30", alarm1="0.20", alarm2="0.10", close_permit="0.05")
     (tmp / "trust.json").write_text(json.dumps(central.trust().to_dict()))
-    path = tmp / "site.toml"
-    path.write_text(
-        f"""
-[gateway]
-id = "{GATEWAY}"
-site = "test"
-timezone = "Asia/Shanghai"
-poll_interval_s = 0.2
-
-[storage]
-path = "gw.db"
-reserve_bytes = 0
-
-[broker]
-host = "127.0.0.1"
-port = {broker_port}
-keepalive_s = 5
-
-[uplink]
-ack_timeout_s = 2.0
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-
-[security]
-trust_file = "trust.json"
-
-[[bus]]
-name = "lan"
-type = "tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout_s = 0.5
-retries = 0
-
-[[meter]]
-id = "m001"
-bus = "lan"
-protocol = "modbus"
-unit_id = 1
-profile = "sdm120"
-account = "acct-001"
-[meter.relay]
-kind = "coil"
-address = 0
-min_interval_s = 0
-
-[[account]]
-id = "acct-001"
-settings = "acct-001.toml"
-tariffs = ["flat.toml"]
-"""
+    return gateway_config(
+        tmp,
+        GATEWAY,
+        modbus_port=modbus_port,
+        gateway={"timezone": "Asia/Shanghai"},
+        storage={"path": "gw.db", "reserve_bytes": 0},
+        broker={"host": "127.0.0.1", "port": broker_port, "keepalive_s": 5},
+        uplink={"ack_timeout_s": 2.0, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+        security={"trust_file": "trust.json"},
+        meters=[meter(account="acct-001")],
+        accounts=[acct],
     )
-    return path
 
 
 @contextlib.asynccontextmanager

@@ -32,7 +32,7 @@ import pytest
 from gateway.config import load_config
 from gateway.daemon import Daemon
 from testbed.simulators.modbus import ModbusSimulator
-from tests.harness.mosquitto import free_port
+from tests.harness.site import bus, gateway_config, meter
 
 POLL_S = 0.2
 DEADLINE_S = 0.8  # both watchdog conditions (the daemon's own default is minutes)
@@ -109,41 +109,15 @@ async def wait_message(
 
 
 def site(tmp: Path, modbus_port: int) -> Path:
-    path = tmp / "site.toml"
-    path.write_text(
-        f"""
-[gateway]
-id = "gw-watchdog"
-site = "test"
-poll_interval_s = {POLL_S}
-
-[storage]
-path = "{tmp / "gateway.db"}"
-
-[broker]
-port = {free_port()}   # nobody listens: the uplink keeps reconnecting, never in the way
-
-[uplink]
-reconnect_min_s = 0.2
-reconnect_max_s = 0.5
-
-[[bus]]
-name = "lan"
-type = "tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout_s = 5.0        # longer than the watchdog's poll deadline in this test
-retries = 0
-
-[[meter]]
-id = "m001"
-bus = "lan"
-protocol = "modbus"
-unit_id = 1
-profile = "sdm120"
-"""
+    return gateway_config(  # nobody listens at the broker: the uplink keeps reconnecting, never in the way
+        tmp,
+        "gw-watchdog",
+        gateway={"poll_interval_s": POLL_S},
+        storage={"path": str(tmp / "gateway.db")},
+        uplink={"reconnect_min_s": 0.2, "reconnect_max_s": 0.5},
+        buses=[bus(modbus_port, timeout_s=5.0)],  # longer than the watchdog's poll deadline in this test
+        meters=[meter()],
     )
-    return path
 
 
 @contextlib.asynccontextmanager
