@@ -369,6 +369,27 @@ class Dlt645Transport:
             await asyncio.sleep(0)
         return bool(rx.buffer)
 
+    async def _wait_for_more(
+        self, rx: _Receiver, who: str, deadline: float, hard_deadline: float, received: bool
+    ) -> bool:
+        """Wait for more of a reply; False once the wait is over: past ``deadline``
+        (once bytes came, the line quiet for the trailing time, up to
+        ``hard_deadline``) with nothing left to drain. A lost connection is a
+        :class:`TransportError`."""
+        if rx.closed:
+            await self.close()
+            raise TransportError(who, f"connection to {self._where()} lost: {rx.lost}")
+        now = asyncio.get_running_loop().time()
+        limit = deadline
+        if received:
+            limit = min(hard_deadline, max(deadline, rx.last_rx + self._trailing_s))
+        if now >= limit:
+            return now < hard_deadline and await self._drained(rx)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit - now):
+                await rx.ready.wait()
+        return True
+
     async def _transact(self, request: Frame, who: str, timeout_s: float) -> Frame:
         rx = await self._send(request, who)
         loop = asyncio.get_running_loop()
@@ -400,20 +421,8 @@ class Dlt645Transport:
                             if self._answers_but_for_address(request, event):
                                 other = event
                     continue
-                if rx.closed:
-                    await self.close()
-                    raise TransportError(who, f"connection to {self._where()} lost: {rx.lost}")
-                now = loop.time()
-                limit = deadline
-                if received:
-                    limit = min(hard_deadline, max(deadline, rx.last_rx + trailing_s))
-                if now >= limit:
-                    if now < hard_deadline and await self._drained(rx):
-                        continue
+                if not await self._wait_for_more(rx, who, deadline, hard_deadline, bool(received)):
                     break
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(limit - now):
-                        await rx.ready.wait()
         finally:
             self.stats.noise_bytes += self._parser.noise_bytes - noise_before
             self._idle_since = max(self._idle_since, rx.last_rx, sent_at)
@@ -437,7 +446,6 @@ class Dlt645Transport:
         replies: list[Frame] = []
         bad: list[BadFrame] = []
         raw = bytearray()
-        trailing_s = self._trailing_s
         try:
             while True:
                 if rx.buffer:
@@ -452,20 +460,8 @@ class Dlt645Transport:
                         else:
                             self.stats.ignored_frames += 1
                     continue
-                if rx.closed:
-                    await self.close()
-                    raise TransportError(who, f"connection to {self._where()} lost: {rx.lost}")
-                now = loop.time()
-                limit = deadline
-                if raw:
-                    limit = min(hard_deadline, max(deadline, rx.last_rx + trailing_s))
-                if now >= limit:
-                    if now < hard_deadline and await self._drained(rx):
-                        continue
+                if not await self._wait_for_more(rx, who, deadline, hard_deadline, bool(raw)):
                     break
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(limit - now):
-                        await rx.ready.wait()
         finally:
             self._idle_since = max(self._idle_since, rx.last_rx, sent_at, loop.time())
         # what is left over once valid frames (ours echoed included) and FE preambles are taken out
