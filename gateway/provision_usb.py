@@ -31,11 +31,11 @@ from provisioning.software_bundle import SUFFIX as SOFTWARE_SUFFIX
 from provisioning.software_bundle import open_bundle
 from provisioning.usb import (
     AUDIT_SPOOL,
-    UsbError,
     audit_spool_writer,
     board_serial,
     gateway_identity,
     process_spool,
+    run_step,
 )
 
 
@@ -138,12 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except UsbError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_step(build_parser(), argv)
 
 
 if __name__ == "__main__":

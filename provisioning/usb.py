@@ -543,13 +543,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_step(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Run the step ``argv`` names; a :class:`UsbError` is one line on stderr and exit 1."""
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except UsbError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_step(build_parser(), argv)
 
 
 if __name__ == "__main__":
