@@ -424,9 +424,7 @@ class RelayController:
                             f"meter refused the {'trip' if open else 'close'} command, not resent: {exc.detail}",
                             refused=True,
                         )
-                        if self._on_alarm is not None:
-                            self._on_alarm(result)
-                        return result
+                        return self._alarm(result)
                 await self._sleep(pol.settle_s)
                 read_err: str | None = None
                 observed: bool | None = None
@@ -462,9 +460,13 @@ class RelayController:
                 f"relay not verified {word} after {pol.max_drives} drive(s); last read: "
                 + ("unknown" if final is None else ("open" if final else "closed")),
             )
-            if self._on_alarm is not None:
-                self._on_alarm(result)
-            return result
+            return self._alarm(result)
+
+    def _alarm(self, result: RelayResult) -> RelayResult:
+        """``result``, an alarm, after telling ``on_alarm``."""
+        if self._on_alarm is not None:
+            self._on_alarm(result)
+        return result
 
 
     def supports_signals(self, meter_id: str) -> bool:

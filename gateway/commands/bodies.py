@@ -140,6 +140,13 @@ def _object(body: object, what: str) -> Mapping[str, Any]:
     return body
 
 
+def _only(body: Mapping[str, Any], what: str, allowed: set[str]) -> None:
+    """Refuse keys the body of ``what`` does not have (``unknown_keys``)."""
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise CommandRefused("unknown_keys", f"{what}: unknown keys {unknown}")
+
+
 # ---------------------------------------------------------------------------
 # Checked before the signature
 
@@ -256,9 +263,7 @@ def parse_relay(body: Mapping[str, Any], command_id: str = "") -> RelayRequest:
     ``op`` is a :class:`RelayOp` in central's words (``alarm``, ``protect``, ...;
     :attr:`RelayOp.command_word`) or in the gateway's (``alarm_on``, ...)."""
     body = _object(body, "relay.operate")
-    unknown = sorted(set(body) - {"meter", "op", "reason"})
-    if unknown:
-        raise CommandRefused("unknown_keys", f"relay.operate: unknown keys {unknown}")
+    _only(body, "relay.operate", {"meter", "op", "reason"})
     meter = body.get("meter")
     if not is_name(meter):
         raise CommandRefused("bad_meter", "relay.operate.meter must be a meter id")
@@ -286,9 +291,7 @@ class ResendRange(NamedTuple):
 def parse_resend(body: Mapping[str, Any], command_id: str = "") -> ResendRange:
     """``{"from_id": a, "to_id": b}`` with 1 <= a <= b and a bounded span."""
     body = _object(body, "uplink.resend")
-    unknown = sorted(set(body) - {"from_id", "to_id"})
-    if unknown:
-        raise CommandRefused("unknown_keys", f"uplink.resend: unknown keys {unknown}")
+    _only(body, "uplink.resend", {"from_id", "to_id"})
     a, b = body.get("from_id"), body.get("to_id")
     if not _int(a) or not _int(b):
         raise CommandRefused("bad_range", "uplink.resend.from_id and to_id must be integers")
@@ -360,9 +363,7 @@ class ConfigPatch:
 def parse_config_patch(body: Mapping[str, Any], command_id: str = "") -> ConfigPatch:
     body = _object(body, "config.patch")
     confirm_ms = _confirm_ms(body)
-    unknown = sorted(set(body) - {"set", "confirm_within_s"})
-    if unknown:
-        raise CommandRefused("unknown_keys", f"config.patch: unknown keys {unknown}")
+    _only(body, "config.patch", {"set", "confirm_within_s"})
     values = body.get("set")
     if not isinstance(values, dict) or not values:
         raise _malformed('config.patch needs "set": {"table.key": value, ...}')
@@ -394,9 +395,7 @@ class MeterRoster:
 def parse_meter_roster(body: Mapping[str, Any], command_id: str = "") -> MeterRoster:
     body = _object(body, "meter.roster")
     confirm_ms = _confirm_ms(body)
-    unknown = sorted(set(body) - {"meters", "confirm_within_s"})
-    if unknown:
-        raise CommandRefused("unknown_keys", f"meter.roster: unknown keys {unknown}")
+    _only(body, "meter.roster", {"meters", "confirm_within_s"})
     meters = body.get("meters")
     if not isinstance(meters, list) or not all(isinstance(m, dict) for m in meters):
         raise _malformed('meter.roster needs "meters": [ {meter table}, ... ]')
