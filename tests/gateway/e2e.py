@@ -1,4 +1,4 @@
-"""Helpers for end-to-end tests: a site config, and checks on the headend database."""
+"""Helpers for end-to-end tests: a site config, a daemon run in a task, and checks on the headend database."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from gateway.config import load_config
+from gateway.daemon import Daemon
 from tests.harness.site import DEV_UPLINK, bus, gateway_config, meter
 
 
@@ -75,3 +78,28 @@ async def until(pred: Callable[[], bool], timeout_s: float, what: str, poll_s: f
             return
         await asyncio.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s}s: {what}")
+
+
+class Running:
+    """A daemon run in a task; ``async with`` stops it (if it did not stop by itself)."""
+
+    def __init__(self, path: Path, **settings: Any) -> None:
+        self.daemon = Daemon(load_config(path))
+        for k, v in settings.items():
+            setattr(self.daemon, k, v)
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Daemon:
+        self.task = asyncio.create_task(self.daemon.run(self.stop))
+        await asyncio.wait_for(self.daemon.ready.wait(), 15)
+        return self.daemon
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 30)
+
+    async def stopped_by_itself(self, timeout_s: float) -> None:
+        assert self.task is not None
+        await asyncio.wait_for(asyncio.shield(self.task), timeout_s)

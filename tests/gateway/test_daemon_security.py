@@ -34,7 +34,7 @@ from headend.ingest import Headend
 from headend.store import HeadendDB
 from provisioning.keys import Keystore
 from store_forward.outbox import Outbox
-from tests.gateway.e2e import until
+from tests.gateway.e2e import Running, until
 from tests.harness.mosquitto import Mosquitto, free_port
 from tests.harness.site import DEV_UPLINK, gateway_config
 from tests.security.conftest import GATEWAY, Central
@@ -56,31 +56,6 @@ def site(tmp: Path, central: Central, broker_port: int) -> Path:
         security={"trust_file": "trust.json", "keystore": "keys"},
         name="gateway.toml",
     )
-
-
-class Running:
-    """A daemon run in a task; ``async with`` stops it (if it did not stop by itself)."""
-
-    def __init__(self, path: Path, **settings: Any) -> None:
-        self.daemon = Daemon(load_config(path))
-        for k, v in settings.items():
-            setattr(self.daemon, k, v)
-        self.stop = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Daemon:
-        self.task = asyncio.create_task(self.daemon.run(self.stop))
-        await asyncio.wait_for(self.daemon.ready.wait(), 15)
-        return self.daemon
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop.set()
-        assert self.task is not None
-        await asyncio.wait_for(self.task, 30)
-
-    async def stopped_by_itself(self, timeout_s: float) -> None:
-        assert self.task is not None
-        await asyncio.wait_for(asyncio.shield(self.task), timeout_s)
 
 
 def signed(central: Central, d: Daemon, type: CommandType, body: dict[str, Any], **kw: Any) -> bytes:

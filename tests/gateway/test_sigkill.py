@@ -8,7 +8,6 @@ import random
 import signal
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 from headend.ingest import Headend
@@ -22,6 +21,7 @@ from tests.gateway.e2e import (
     until,
 )
 from tests.harness.mosquitto import Mosquitto
+from tests.harness.procs import start_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,19 +31,6 @@ def committed(db: Path) -> int:
         return gateway_counters(db)["committed"]
     except sqlite3.Error:  # not created yet, or its tables not yet
         return 0
-
-
-def start_gateway(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "-v", "run", "--config", str(config)],
-            stdout=out,
-            stderr=out,
-            env=env,
-            cwd=ROOT,
-        )
-
 
 
 async def test_gateway_sigkilled_mid_run(tmp_path: Path, mosquitto: Mosquitto) -> None:

@@ -8,10 +8,7 @@ configuration path."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ from gateway.cli import main
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.harness.mosquitto import Mosquitto
+from tests.harness.procs import start_gateway
 from tests.harness.site import gateway_config, meter, prepaid_account
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,14 +53,6 @@ def connect_failures(tmp: Path) -> float:
     return 0.0
 
 
-def start(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "-v", "run", "--config", str(cfg)],
-            stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=cfg.parent,
-        )
-
-
 def cli(args: list[str]) -> int:
     """``edgegw ARGS`` run to its end in a thread of its own (it runs its own event
     loop; the test's loop, with the meter simulator, waits meanwhile)."""
@@ -89,7 +79,7 @@ async def test_status_follows_the_daemon(
     log = tmp_path / "gateway.log"
     async with ModbusSimulator(units=[1], load_kw="150") as sim:
         cfg = config(tmp_path, mosquitto.port, sim.port)
-        proc = start(cfg, log)
+        proc = start_gateway(cfg, log, cwd=cfg.parent)
         try:
             # the database exists with its tables (the daemon is past its first steps)
             await until(lambda: cli(["status", "--config", str(cfg)]) == 0, 30, "database")
@@ -129,7 +119,7 @@ async def test_status_follows_the_daemon(
         assert "daemon:  NOT RUNNING" in text(capsys, cfg)
 
         # a kill is not a clean stop
-        proc = start(cfg, log)
+        proc = start_gateway(cfg, log, cwd=cfg.parent)
         try:
             await until(lambda: status(capsys, cfg)["daemon"]["state"] == "running", 30, "running again")
         finally:

@@ -23,12 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -50,6 +47,7 @@ from store_forward.walcheck import FRAME_HEADER_BYTES, check_wal
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.harness.mosquitto import Mosquitto, free_port
+from tests.harness.procs import start_gateway
 from tests.harness.site import gateway_config, meter, prepaid_account
 from tests.security.conftest import GATEWAY, Central
 
@@ -333,18 +331,6 @@ async def test_damage_found_while_running(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- WAL bit flip after a kill
 
 
-def start_gateway(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "-v", "run", "--config", str(config)],
-            stdout=out,
-            stderr=out,
-            env=env,
-            cwd=config.parent,
-        )
-
-
 def main_file_has(db: Path, entry_id: str) -> bool:
     """Is the entry in the main database file alone (not only in its WAL)?"""
     d = db.parent / "main-only"
@@ -411,7 +397,7 @@ async def test_flipped_wal_bit_after_a_kill_does_not_drop_a_committed_topup(
         sale = ""
         envelope = b""
         for attempt in range(1, 4):  # until the top-up is in the log when the process dies
-            proc = start_gateway(config, log)
+            proc = start_gateway(config, log, cwd=config.parent)
             try:
                 ups = log.read_text().count("uplink up") if log.exists() else 0
 

@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.config import load_config
-from gateway.daemon import Daemon, wall_ms
+from gateway.daemon import wall_ms
 from gateway.security.roles import CommandType
 from gateway.technician import spool_dir
 from testbed.simulators.modbus import ModbusSimulator
+from tests.gateway.e2e import Running
 from tests.gateway.test_prepaid_daemon import config
 from tests.security.conftest import Central
 
@@ -79,23 +79,6 @@ def debits(db: Path) -> list[tuple[int, int]]:
         return [(int(a), int(b)) for a, b in c.execute(
             "SELECT json_extract(body, '$.ckwh'), amount_micro FROM billing_entry WHERE kind = 'debit'"
             " ORDER BY seq")]
-
-
-class Running:
-    def __init__(self, path: Path) -> None:
-        self.daemon = Daemon(load_config(path))
-        self.stop = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Daemon:
-        self.task = asyncio.create_task(self.daemon.run(self.stop))
-        await asyncio.wait_for(self.daemon.ready.wait(), 15)
-        return self.daemon
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop.set()
-        assert self.task is not None
-        await asyncio.wait_for(self.task, 30)
 
 
 async def test_a_technician_top_up_goes_through_the_running_daemon(tmp_path: Path) -> None:

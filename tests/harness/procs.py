@@ -88,3 +88,15 @@ class Proc:
 def edgegw(name: str, args: Sequence[str], log: Path) -> Proc:
     """The ``edgegw`` command (as ``python -m gateway.cli``, i.e. this source tree)."""
     return Proc(name, ["-m", "gateway.cli", "-v", *args], log)
+
+
+def start_gateway(config: Path, log: Path, *, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+    """``edgegw -v run --config CONFIG`` in the background, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "-v", "run", "--config", str(config)],
+            stdout=out,
+            stderr=out,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=cwd,
+        )
