@@ -16,14 +16,18 @@ from gateway.security.trusted_time import ClockEventKind
 from tests.harness.product import REPO, product_sources
 
 # Product modules whose dicts have a "type" key that is no event: register
-# types of a Modbus map, the configuration schema, a command's type, and the
-# cutoff transitions `edgegw tariff simulate --json` prints.
+# types of a Modbus map, the configuration schema, a command's type, the
+# cutoff transitions `edgegw tariff simulate --json` prints, metric labels.
 NOT_EVENTS = {
     "firmware_bridge/modbus/profiles.py",
     "gateway/config.py",
     "gateway/security/envelope.py",
     "gateway/billing/cli.py",
+    "gateway/metrics.py",
 }
+# Modules that read events by name (the headend's fleet view, the gateway's metrics).
+READERS = ("headend/fleet.py", "gateway/metrics.py")
+EVENT_LIKE = re.compile(r"[a-z]+(\.[a-z_]+)+|[a-z]+_[a-z_]+")
 
 
 def docs_table() -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str]]:
@@ -125,3 +129,27 @@ def test_a_body_is_checked_against_its_entry() -> None:
     with pytest.raises(EventError, match="not in the catalogue"):
         event("gateway_exploded", gateway="gw-1")
 
+
+def test_the_names_readers_look_for_are_in_the_catalogue() -> None:
+    """A reader comparing an event's type with a name the catalogue lacks would never match."""
+    looked_for: set[str] = set()
+    for rel in READERS:
+        tree = ast.parse((REPO / rel).read_text(encoding="utf-8"))
+        tuples = {
+            t.id: n.value
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Assign) and isinstance(n.value, ast.Tuple)
+            for t in n.targets
+            if isinstance(t, ast.Name)
+        }
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Compare):
+                continue
+            for side in (node.left, *node.comparators):
+                if isinstance(side, ast.Name) and side.id in tuples:
+                    side = tuples[side.id]
+                for c in ast.walk(side):
+                    if isinstance(c, ast.Constant) and isinstance(c.value, str) and EVENT_LIKE.fullmatch(c.value):
+                        looked_for.add(c.value)
+    assert {"relay.alarm", "cutoff.action.trip", "command_result"} <= looked_for
+    assert looked_for <= set(CATALOGUE), sorted(looked_for - set(CATALOGUE))
