@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from firmware_bridge.reading import Measurement, Quantity, Reading, TimeSource
+from firmware_bridge.relay_ops import RelayIntent, RelayOp
 from gateway.daemon import Cycle
 from gateway.metrics import Family, GatewayMetrics, format_value, render, write_textfile
-from gateway.prepaid import RelayIntent
 from gateway.security.envelope import CommandResult, Outcome, RejectReason
 from store_forward.outbox import MeterStatus
 
@@ -106,7 +106,7 @@ def test_hooks_count_reads_relays_cutoffs_and_commands() -> None:
     m.cycle_committed(Cycle("b", 2, [reading("m1")], [status("m1", 0), status("m2", 3)]))
     m.cycle_committed(Cycle("b", 3, [], [status("m1", 0), status("m2", 5)]))
     m.cycle_committed(Cycle("b", 4, [], [status("m1", 0), status("m2", 1)]))  # the bus was reopened
-    trip = RelayIntent("a1", "m1", True, "trip", "balance")
+    trip = RelayIntent("m1", RelayOp.TRIP, "balance", "a1")
     m.cycle_committed(
         Cycle("b", 5, [], [], [{"type": "relay.operation", "meter": "m1", "action": "trip", "ok": True, "final_open": True}])
     )
@@ -114,9 +114,9 @@ def test_hooks_count_reads_relays_cutoffs_and_commands() -> None:
     assert m.reads[("b", "m2", "failed")] == 3 + 2 + 1
     assert m.relay_open == {"m1": True} and m.relay_operations[("trip", "ok")] == 1
     m.relay_requested(trip)
-    m.relay_requested(RelayIntent("a1", "m1", False, "close", "top-up"))
-    m.relay_requested(RelayIntent("a1", "m1", True, "trip", "remote", commanded=True))  # not the policy's
-    m.relay_requested(RelayIntent("a1", "m1", False, "alarm_on", "low", signal="alarm_on"))
+    m.relay_requested(RelayIntent("m1", RelayOp.CLOSE, "top-up", "a1"))
+    m.relay_requested(RelayIntent("m1", RelayOp.TRIP, "remote", "a1", command_id="r-1"))  # not the policy's
+    m.relay_requested(RelayIntent("m1", RelayOp.ALARM_ON, "low", "a1"))
     m.relay_requested(trip, refused=True)
     assert (m.cutoffs, m.restores) == (2, 1) and m.relay_operations[("trip", "refused")] == 1
     m.command_result(CommandResult(Outcome.REJECTED, None, RejectReason.BAD_SIGNATURE, "no"))
