@@ -153,6 +153,12 @@ _ALL: list[EventSpec] = [
               summary="a configuration change was rolled back: central not reached on it"),
     EventSpec("provisioning.audit", _I, ("action", "detail"),
               summary="the USB provisioning unit's audit record of a bundle attempt"),
+    EventSpec("software.download_started", _I, ("version", "sha256", "chunks"),
+              summary="an offered software bundle is being fetched (chunks still missing)"),
+    EventSpec("software.downloaded", _I, ("version", "sha256", "size", "chunks", "chunks_fetched"),
+              summary="an offered software bundle is complete and handed to the updater"),
+    EventSpec("software.download_failed", _W, ("version", "sha256", "reason"),
+              summary="a fetched software bundle does not hash to the offer's digest; it is fetched again"),
     EventSpec("audit_checkpoint", _I, ("gateway", "seq", "hash", "time_ms", "public_key", "signature"),
               summary="the audit log's head, signed by the gateway identity key"),
     # storage

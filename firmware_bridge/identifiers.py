@@ -8,6 +8,9 @@ name           gateways, sites, meters, buses, accounts, register-map      a let
                                                                            at most 64
 issued id      what central issues: command ids, the key ids of its        a name, and ``:`` after
                signing keys (a command's ``issuer``)                       the first character
+release id     a software bundle (``edgegw-0.2.0+site1``)                  a name, and ``+`` after the
+                                                                           first character (a
+                                                                           version's local part)
 purpose        a keystore purpose (``uplink-seal``)                        a lower-case letter, then
                                                                            lower-case letters, digits
                                                                            and ``-``; at most 32
@@ -31,6 +34,7 @@ NAME_RULE = "letters, digits, _ . -; at most 64"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _ISSUED = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 _PURPOSE = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _CODE = re.compile(r"[a-z][a-z0-9_.]{0,47}")
 
@@ -43,6 +47,11 @@ def is_name(value: object) -> TypeGuard[str]:
 def is_issued_id(value: object) -> TypeGuard[str]:
     """A command id or central key id: a name that may also contain ``:``."""
     return isinstance(value, str) and _ISSUED.fullmatch(value) is not None
+
+
+def is_release_id(value: object) -> TypeGuard[str]:
+    """A software bundle id: a name that may also contain ``+``."""
+    return isinstance(value, str) and _RELEASE.fullmatch(value) is not None
 
 
 def is_purpose(value: object) -> TypeGuard[str]:

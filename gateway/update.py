@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware_bridge.durable import append_durably, fsync_dir, write_atomic
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from gateway import heartbeat
 from gateway.heartbeat import Heartbeat, Phase, Process
 from gateway.security.envelope import CommandResult, check_signature, parse_envelope
@@ -90,8 +91,10 @@ IDLE, SWITCHING, TRIAL, COMMITTING, ROLLING_BACK = (
 StepFn = Callable[[str], None]
 
 
-class UpdateError(Exception):
+class UpdateError(EdgeGwError):
     """The releases root itself is unusable (not a bundle problem)."""
+
+    kind = ErrorKind.STORAGE
 
 
 # ---------------------------------------------------------------------------

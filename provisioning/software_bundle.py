@@ -57,6 +57,7 @@ from typing import IO, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware_bridge.durable import fsync_dir
+from firmware_bridge.identifiers import is_release_id
 from provisioning.bundle import (
     HEADER,
     MAX_MANIFEST_BYTES,
@@ -87,7 +88,6 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_FILES = 256
 
 _VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,8})(\.(0|[1-9][0-9]{0,8})){0,3}$")
-_IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 _WHEEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}\.whl$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _PYTHON_RE = re.compile(r"^3\.[0-9]{1,2}$")
@@ -219,7 +219,7 @@ def parse_manifest(doc: Any) -> SoftwareManifest:
     if _field(doc, "format", int) != FORMAT:
         raise _fail(f"format {doc['format']} not supported (supported: {FORMAT})")
     bundle_id = _field(doc, "bundle_id", str)
-    if not _IDENT_RE.match(bundle_id):
+    if not is_release_id(bundle_id):
         raise _fail(f"bundle_id {bundle_id!r} invalid")
     try:
         version = Version.parse(_field(doc, "version", str))

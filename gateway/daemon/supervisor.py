@@ -339,7 +339,7 @@ class Daemon:
                 actor="gateway:software",
                 action=action,
                 details=detail,
-                event={"type": action, **detail},
+                event=event(action, detail),
                 time_ms=self.time_ms(),
             )
         if self.uplink is not None:
