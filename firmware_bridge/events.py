@@ -90,6 +90,11 @@ _CONFIG_CLOSED = ("id", "state", "note")
 _ALL: list[EventSpec] = [
     # the gateway
     EventSpec("gateway_started", _I, ("gateway",), summary="the daemon started (once per run)"),
+    EventSpec("gateway.health", _I,
+              ("time_ms", "version", "boot_id", "uptime_s", "board_uptime_s", "load", "temperature_c", "disk",
+               "meters"),
+              ("outbox", "time", "link"),
+              "the periodic health record: software, uptime, disk, load, temperature, outbox, time, link, meters"),
     # meters
     EventSpec("meter.online", _I, _METER_STATE, ("account", "away_ms"),
               "a meter answers (again: `away_ms` since it went offline)"),

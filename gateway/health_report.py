@@ -1,7 +1,7 @@
 """The gateway's periodic health record, sent to central through the outbox.
 
 Every ``gateway.health_interval_s`` the supervisor commits one ``gateway.health``
-event (telemetry-class, like every event: it waits in the outbox while the link
+event (record class 0, like every event: it waits in the outbox while the link
 is down and arrives later, so an offline period is seen afterwards, not lost).
 It carries what an operator of a fleet needs to judge a box nobody visits:
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from firmware_bridge.events import event
 from gateway import __version__, heartbeat
 from gateway.meter_health import State
 
@@ -99,7 +100,6 @@ def build(
 ) -> dict[str, Any]:
     """The ``gateway.health`` event body."""
     body: dict[str, Any] = {
-        "type": EVENT,
         "time_ms": now_ms,
         "version": version,
         "boot_id": machine.boot_id,
@@ -127,7 +127,7 @@ def build(
         body["time"] = time_state
     if link is not None:
         body["link"] = link
-    return body
+    return event(EVENT, body)
 
 
 async def sample(daemon: Daemon) -> dict[str, Any]:
