@@ -11,6 +11,7 @@ issued id      what central issues: command ids, the key ids of its        a nam
 release id     a software bundle (``edgegw-0.2.0+site1``)                  a name, and ``+`` after the
                                                                            first character (a
                                                                            version's local part)
+user name      an operator of the headend's console                       a name in lower case
 purpose        a keystore purpose (``uplink-seal``)                        a lower-case letter, then
                                                                            lower-case letters, digits
                                                                            and ``-``; at most 32
@@ -35,6 +36,7 @@ NAME_RULE = "letters, digits, _ . -; at most 64"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _ISSUED = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+_USER = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _PURPOSE = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _CODE = re.compile(r"[a-z][a-z0-9_.]{0,47}")
 
@@ -52,6 +54,11 @@ def is_issued_id(value: object) -> TypeGuard[str]:
 def is_release_id(value: object) -> TypeGuard[str]:
     """A software bundle id: a name that may also contain ``+``."""
     return isinstance(value, str) and _RELEASE.fullmatch(value) is not None
+
+
+def is_user_name(value: object) -> TypeGuard[str]:
+    """A console user's name: a name in lower case."""
+    return isinstance(value, str) and _USER.fullmatch(value) is not None
 
 
 def is_purpose(value: object) -> TypeGuard[str]:

@@ -36,10 +36,11 @@ import base64
 import enum
 import hashlib
 import hmac
-import re
 import secrets
 from dataclasses import dataclass
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
+from firmware_bridge.identifiers import is_user_name
 from headend.console.db import ConsoleDb
 
 
@@ -72,14 +73,15 @@ MAX_FAILURES_PER_USER = 5
 MAX_FAILURES_PER_ADDRESS = 20
 MIN_PASSWORD_LENGTH = 10
 
-USERNAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 _SCRYPT_N_LOG2, _SCRYPT_R, _SCRYPT_P = 15, 8, 1
 _MAXMEM = 64 * 1024 * 1024
 
 
-class UserError(Exception):
+class UserError(EdgeGwError):
     """A user cannot be added or changed as asked (the message says why)."""
+
+    kind = ErrorKind.INVALID
 
 
 def _b64(b: bytes) -> str:
@@ -130,7 +132,7 @@ def check_new_password(password: str) -> None:
 
 
 def check_username(name: str) -> None:
-    if not USERNAME.fullmatch(name):
+    if not is_user_name(name):
         raise UserError(
             f"user name {name!r}: 1-64 characters a-z, 0-9, '.', '_', '-', starting with a letter or digit"
         )

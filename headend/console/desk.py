@@ -15,9 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 
-class DeskError(Exception):
+
+class DeskError(EdgeGwError):
     """The command queue refused the command (the message says why, for the operator)."""
+
+    kind = ErrorKind.REFUSED
 
 
 @dataclass(frozen=True)

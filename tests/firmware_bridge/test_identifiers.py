@@ -7,7 +7,15 @@ import string
 from hypothesis import given
 from hypothesis import strategies as st
 
-from firmware_bridge.identifiers import is_code, is_issued_id, is_name, is_purpose, name_problem
+from firmware_bridge.identifiers import (
+    is_code,
+    is_issued_id,
+    is_name,
+    is_purpose,
+    is_release_id,
+    is_user_name,
+    name_problem,
+)
 
 NAME_CHARS = string.ascii_letters + string.digits + "_.-"
 
@@ -17,12 +25,15 @@ def spelled_out(value: str, first: str, rest: str, longest: int) -> bool:
     return 0 < len(value) <= longest and value[0] in first and all(c in rest for c in value[1:])
 
 
-@given(st.text(alphabet=NAME_CHARS + ": \n/é", max_size=70))
+@given(st.text(alphabet=NAME_CHARS + ":+ \n/é", max_size=70))
 def test_names_and_issued_ids_follow_the_written_rule(value: str) -> None:
     alnum = string.ascii_letters + string.digits
     assert is_name(value) == spelled_out(value, alnum, NAME_CHARS, 64)
     assert is_issued_id(value) == spelled_out(value, alnum, NAME_CHARS + ":", 64)
-    assert not is_name(value) or is_issued_id(value)  # every name is a valid issued id
+    assert is_release_id(value) == spelled_out(value, alnum, NAME_CHARS + "+", 64)
+    lower = string.ascii_lowercase + string.digits
+    assert is_user_name(value) == spelled_out(value, lower, lower + "_.-", 64)
+    assert not is_name(value) or (is_issued_id(value) and is_release_id(value))  # every name is both
 
 
 @given(st.text(alphabet=string.ascii_letters + string.digits + "-_.", max_size=50))
