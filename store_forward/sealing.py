@@ -291,6 +291,13 @@ class SqliteEpochStore:
     """
 
     TABLE = "storage_nonce_epoch"
+    # The store creates its table on first use (it works on any SQLite file); in the
+    # gateway's database the schema registry declares the same statement.
+    CREATE = (
+        f"CREATE TABLE IF NOT EXISTS {TABLE} "
+        "(key_tag BLOB PRIMARY KEY, epoch INTEGER NOT NULL "
+        f"CHECK (epoch BETWEEN 1 AND {MAX_EPOCH}))"
+    )
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -309,11 +316,7 @@ class SqliteEpochStore:
             if int(sync) < 2:
                 raise EpochError(f"{self.name}: needs PRAGMA synchronous=FULL, found {sync}")
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {self.TABLE} "
-                "(key_tag BLOB PRIMARY KEY, epoch INTEGER NOT NULL "
-                f"CHECK (epoch BETWEEN 1 AND {MAX_EPOCH}))"
-            )
+            conn.execute(self.CREATE)
         except sqlite3.Error as exc:
             raise EpochError(f"{self.name} is unusable: {exc}") from exc
         try:

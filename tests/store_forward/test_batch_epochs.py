@@ -138,6 +138,7 @@ async def test_batches_of_a_database_from_before_epochs_keep_the_legacy_epoch(tm
             """
         )
         db.execute("DELETE FROM kv WHERE key = 'batch_epoch'")
+        db.execute("PRAGMA user_version = 2")  # the schema version such a database had
     ob = await Outbox.open(tmp_path / "gw.db")
     assert await ob.pending_batch(old.seq) == (LEGACY_EPOCH, old.payload)
     await ob.add_event(2, {"type": "new"})
