@@ -28,8 +28,9 @@ import aiosqlite
 
 from firmware_bridge.events import event
 from firmware_bridge.scheduler import MeterHealth
+from store_forward.schema import Schema, Step
 
-SCHEMA = """
+TABLE = """
 CREATE TABLE IF NOT EXISTS meter_health (
     meter_id    TEXT PRIMARY KEY,
     state       TEXT NOT NULL CHECK (state IN ('online', 'offline', 'quarantined')),
@@ -37,6 +38,8 @@ CREATE TABLE IF NOT EXISTS meter_health (
     last_error  TEXT
 )
 """
+# Declared to the gateway database's schema registry (gateway.database).
+SCHEMA = Schema("meter_health", Step(4, "each meter's state as central last heard it", (TABLE,)))
 
 # More changes of one kind than this in one cycle on one bus are logged as one
 # line (a supply outage takes a whole bus offline at once); events stay per meter.
@@ -160,8 +163,7 @@ def _duration(ms: int) -> str:
 
 
 async def start_in(db: aiosqlite.Connection) -> dict[str, Known]:
-    """Create the table if needed; the states as last recorded."""
-    await db.executescript(SCHEMA)
+    """The states as last recorded."""
     async with db.execute("SELECT meter_id, state, since_ms FROM meter_health") as cur:
         return {str(m): Known(State(s), int(t)) async for m, s, t in cur}
 

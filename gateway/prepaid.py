@@ -228,12 +228,11 @@ class Prepaid:
     # -- start-up ---------------------------------------------------------
 
     async def start_in(self, db: aiosqlite.Connection, now_ms: int, outbox: Outbox | None = None) -> None:
-        """Create tables, open accounts (with their opening balance), verify every ledger.
+        """Open accounts (with their opening balance), verify every ledger.
 
         An opening balance is a ledger entry like any other: with ``outbox`` (the
         daemon's) its charge record goes to central in the same transaction, so
         central's copy of the ledger starts where the gateway's does."""
-        await ls.init_schema(db)
         for name, acct in self.accounts.items():
             s = acct.settings
             created = await ls.open_account(db, name, s.opening_tier)

@@ -73,7 +73,7 @@ from gateway.commands.bodies import (
 )
 from gateway.commands.handler import audit_and_report
 from gateway.config import Config, ConfigError, check_config, load_config
-from gateway.security import audit
+from store_forward.schema import Schema, Step
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ ROSTER_OPERATIONAL_KEYS = frozenset({"relay", "password", "operator"})
 DEFAULT_CONFIRM_MS = 15 * 60_000
 MAX_UNCONFIRMED_STARTS = 5
 
-SCHEMA = """
+STAGE_TABLE = """
 CREATE TABLE IF NOT EXISTS cmd_config_stage (
     command_id  TEXT PRIMARY KEY,
     change      TEXT NOT NULL,
@@ -97,7 +97,7 @@ CREATE TABLE IF NOT EXISTS cmd_config_stage (
 """
 # One row per remote change: its confirmation window, then whether the gateway
 # reached central on it (confirmed) or it was rolled back.
-CONFIRM_SCHEMA = """
+CONFIRM_TABLE = """
 CREATE TABLE IF NOT EXISTS cmd_config_confirm (
     command_id    TEXT PRIMARY KEY,
     window_ms     INTEGER NOT NULL CHECK (window_ms > 0),
@@ -112,6 +112,11 @@ CREATE TABLE IF NOT EXISTS cmd_config_confirm (
     note          TEXT
 ) STRICT
 """
+# Declared to the gateway database's schema registry (gateway.database).
+SCHEMA = Schema(
+    "remote_config",
+    Step(4, "staged configuration changes and their confirmation", (STAGE_TABLE, CONFIRM_TABLE)),
+)
 
 def _mono_ms() -> int:
     return time.monotonic_ns() // 1_000_000
@@ -253,21 +258,10 @@ class RemoteConfig:
         # The file this run of the daemon loaded (read when the daemon starts).
         self.loaded_sha = _sha(config_file)
         self._last_mono = mono_ms()
-        self._schema_done = False
 
     def _staged_path(self, command_id: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in command_id)[:80]
         return self.file.with_name(f".{self.file.name}.{safe}.staged")
-
-    async def _schema(self, db: aiosqlite.Connection, *, commits: bool = True) -> None:
-        """Create the tables (once per run when ``db``'s transaction ``commits``:
-        a command's transaction may still roll back)."""
-        if self._schema_done:
-            return
-        await db.execute(SCHEMA)
-        await db.execute(CONFIRM_SCHEMA)
-        await audit.create_schema(db)  # confirmations and rollbacks are audited
-        self._schema_done = commits
 
     # -- the command ---------------------------------------------------------
 
@@ -280,7 +274,6 @@ class RemoteConfig:
         command_id: str,
         now_ms: int,
     ) -> dict[str, Any]:
-        await self._schema(db, commits=False)
         async with db.execute("SELECT command_id FROM cmd_config_stage WHERE state = 'staged'") as cur:
             if await cur.fetchone() is not None:
                 # apply() runs right after each commit, so this is a crash not yet recovered
@@ -349,7 +342,6 @@ class RemoteConfig:
         """
         outbox = self.outbox
         async with outbox.transaction() as db:
-            await self._schema(db)
             async with db.execute(
                 "SELECT command_id, staged_path FROM cmd_config_stage WHERE state = 'staged'"
                 " ORDER BY accepted_ms"
@@ -406,7 +398,6 @@ class RemoteConfig:
 
     async def _pending(self) -> dict[str, Any] | None:
         async with self.outbox.transaction() as db:
-            await self._schema(db)
             async with db.execute(
                 "SELECT command_id, window_ms, state, applied_sha, previous_sha, waited_ms, starts"
                 " FROM cmd_config_confirm WHERE state IN ('pending', 'rolling_back')"

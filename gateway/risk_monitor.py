@@ -38,16 +38,19 @@ from gateway.billing.risk import (
 )
 from store_forward.outbox import Outbox
 from store_forward.records import RecordClass, RecordKind
+from store_forward.schema import Schema, Step
 
-SCHEMA = """
+TABLE = """
 CREATE TABLE IF NOT EXISTS risk_daily (
     meter_id   TEXT    NOT NULL,
     day        TEXT    NOT NULL,  -- local date, ISO
     first_ckwh INTEGER NOT NULL,  -- import register at the first reading of the day
     last_ckwh  INTEGER NOT NULL,
     PRIMARY KEY (meter_id, day)
-);
+)
 """
+# Declared to the gateway database's schema registry (gateway.database).
+SCHEMA = Schema("risk_monitor", Step(4, "each meter's register at the first and last reading of a day", (TABLE,)))
 
 REPEAT_AFTER_MS = 86_400_000
 
@@ -68,9 +71,6 @@ class RiskMonitor:
         self.cfg = cfg or RiskConfig()
         self._meters: dict[str, _MeterState] = {}
         self._reported: dict[tuple[str, str], int] = {}  # (meter, kind) -> last report ms
-
-    async def start_in(self, db: aiosqlite.Connection) -> None:
-        await db.executescript(SCHEMA)
 
     def relay_commanded(self, meter_id: str, open: bool, at_ms: int) -> None:
         st = self._meters.setdefault(meter_id, _MeterState())

@@ -44,12 +44,8 @@ import aiosqlite
 import orjson
 
 from firmware_bridge.events import event
-from gateway.billing import ledger_store as ls
 from gateway.billing.ledger import Entry, EntryKind, LedgerView, fold
 from gateway.billing.rating import TierState
-from gateway.commands.handler import create_schema as commands_schema
-from gateway.remote_config import CONFIRM_SCHEMA as CONFIG_CONFIRM_SCHEMA
-from gateway.remote_config import SCHEMA as CONFIG_STAGE_SCHEMA
 from gateway.security import audit, envelope
 from store_forward.outbox import Outbox
 from store_forward.records import RecordClass, RecordKind
@@ -423,16 +419,6 @@ class RecoveryReport:
         )
 
 
-async def ensure_schemas(db: aiosqlite.Connection) -> None:
-    """The tables of every component that writes to the daemon's database (a new
-    database after a fault has none; components that created theirs once per run
-    do not know it was replaced)."""
-    await ls.init_schema(db)
-    await commands_schema(db)  # security, audit, time floor, command tables
-    await db.execute(CONFIG_STAGE_SCHEMA)
-    await db.execute(CONFIG_CONFIRM_SCHEMA)
-
-
 async def _columns(db: aiosqlite.Connection, table: str) -> list[str]:
     async with db.execute(f'PRAGMA table_info("{table}")') as cur:
         return [str(r[1]) async for r in cur]
@@ -474,7 +460,6 @@ async def recover_money(
     tiers = dict(opening_tiers or {})
     imported: dict[str, int] = {}
     async with outbox.transaction() as db:
-        await ensure_schemas(db)
         current = await outbox.storage_state_in(db)
         if current.mode is not StorageMode.FAULT:
             raise ValueError(f"storage is already {current.mode}")

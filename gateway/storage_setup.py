@@ -1,13 +1,13 @@
 """The outbox and the uplink as a gateway's configuration asks for them.
 
-    outbox = await Outbox.open(cfg.storage.path, keys=storage_keys(cfg), policy=storage_policy(cfg))
+    outbox = await open_database(cfg.storage.path, keys=storage_keys(cfg), policy=storage_policy(cfg))
     uplink = Uplink(outbox, ..., codec=uplink_codec(cfg), max_bytes_per_s=max_bytes_per_s(cfg))
 
 The keys come from the gateway's keystore (``security.keystore``, default
 /var/lib/edgegw/keys): the storage key seals the outbox, the uplink key seals
 batches towards the headend whose public key is ``uplink.headend_public_key``.
 The daemon and ``edgegw backlog export`` (which runs beside it) open the
-outbox the same way.
+database the same way, with every table's schema (:mod:`gateway.database`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from provisioning.keys import Keystore
 from store_forward.codec import SealedCodec
-from store_forward.outbox import Outbox, StoragePolicy
+from store_forward.outbox import StoragePolicy
 from store_forward.sneakernet import SneakernetError, export_backlog
 from store_forward.storage_keys import StorageKeys
 from store_forward.uplink_keys import derive_uplink_key, gateway_uplink_key, parse_public_key
@@ -94,7 +94,11 @@ async def export_backlog_for_config(
     ks_dir = keystore or keystore_dir(cfg)
     key = gateway_uplink_key(Keystore.open(ks_dir), parse_public_key(pub))
     codec = SealedCodec(key.key_id, key.key)
-    ob = await Outbox.open(cfg.storage.path, keys=storage_keys(cfg, ks_dir))
+    # Loaded here, not with the module: every `edgegw` command imports this one, and
+    # the database's schema brings the daemon's components (commands, billing) along.
+    from gateway.database import open_database
+
+    ob = await open_database(cfg.storage.path, keys=storage_keys(cfg, ks_dir))
     try:
         return await export_backlog(
             ob,

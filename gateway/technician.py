@@ -43,6 +43,7 @@ from firmware_bridge.durable import fsync_dir, write_atomic
 from gateway.config import ConfigError, load_config
 from gateway.security.envelope import MAX_ENVELOPE_BYTES, CommandResult, Envelope, parse_envelope
 from gateway.security.roles import CommandType
+from store_forward.schema import Schema, Step
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,14 @@ BUNDLE_DIRS = ("topups", "commands")  # in the configuration's directory (a bund
 MAX_PER_PASS = 32  # spooled envelopes taken per pass (a flood waits, it does not stall the daemon)
 RESULT_KEEP_S = 7 * 86_400  # answers nobody picked up are removed after this long
 
-SCHEMA = """CREATE TABLE IF NOT EXISTS cmd_file_import (
+FILE_IMPORT_TABLE = """CREATE TABLE IF NOT EXISTS cmd_file_import (
     digest      TEXT PRIMARY KEY,
     path        TEXT NOT NULL,
     imported_ms INTEGER NOT NULL,
     outcome     TEXT NOT NULL
 )"""
+# Declared to the gateway database's schema registry (gateway.database).
+SCHEMA = Schema("technician", Step(4, "envelope files a bundle carried, taken once", (FILE_IMPORT_TABLE,)))
 
 Handle = Callable[[bytes, str], Awaitable[CommandResult]]
 
@@ -171,7 +174,6 @@ async def import_bundle_commands(
     if not files:
         return []
     async with db_transaction() as db:
-        await db.execute(SCHEMA)
         done = {str(d) for (d,) in await (await db.execute("SELECT digest FROM cmd_file_import")).fetchall()}
     out: list[tuple[str, str]] = []
     for p in files:

@@ -7,7 +7,8 @@ so after a crash either all of them are there or none is. With Python's
 default ``isolation_level`` the first write opens the transaction implicitly;
 an explicit ``BEGIN IMMEDIATE`` by the caller is better (no lock upgrade).
 
-Tables (``SCHEMA``):
+Tables (``TABLES``; declared to the gateway database's schema registry as
+``SCHEMA``, :mod:`gateway.database`):
 
 * ``billing_entry`` — the append-only ledger, ``entry_id`` unique: appending
   an entry again is a no-op, with different content a :class:`LedgerConflict`;
@@ -73,8 +74,9 @@ from gateway.billing.reconcile import (
 )
 from gateway.billing.tariff import TariffBook
 from gateway.billing.topup import TopUp, TopUpDecision, TopUpPolicy, TopUpStatus, decide_topup
+from store_forward.schema import Schema, Step, statements
 
-SCHEMA = """
+TABLES = """
 CREATE TABLE IF NOT EXISTS billing_entry (
     account      TEXT    NOT NULL,
     seq          INTEGER NOT NULL,
@@ -143,11 +145,16 @@ class LedgerCorrupt(EdgeGwError):
     kind = ErrorKind.STORAGE
 
 
+SCHEMA = Schema(
+    "billing",
+    Step(4, "ledger, accounts, tariffs, held fixed charges, baselines, meter resets", statements(TABLES)),
+)
+
+
 async def init_schema(conn: aiosqlite.Connection) -> None:
-    """Create the tables if missing (statement by statement: no implicit COMMIT)."""
-    for stmt in SCHEMA.split(";"):
-        if stmt.strip():
-            await conn.execute(stmt)
+    """The tables on a connection of their own (the ledger's tests and tools); the
+    gateway's database gets them from its schema registry (:mod:`gateway.database`)."""
+    await SCHEMA.create(conn)
 
 
 def _row_entry(row: Sequence[Any]) -> Entry:

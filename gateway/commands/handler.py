@@ -94,6 +94,7 @@ from gateway.security.trusted_time import (
 from gateway.security.trusted_time import create_schema as time_schema
 from store_forward.outbox import Outbox
 from store_forward.records import RecordClass, RecordKind
+from store_forward.schema import Schema, Step
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +273,7 @@ class PurposeKeys(Protocol):
 # ---------------------------------------------------------------------------
 # Persistence of intents
 
-SCHEMA: tuple[str, ...] = (
+TABLES: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS cmd_relay_intent (
         command_id TEXT PRIMARY KEY,
         meter_id TEXT NOT NULL,
@@ -294,13 +295,18 @@ SCHEMA: tuple[str, ...] = (
 )
 
 
+# Declared to the gateway database's schema registry (gateway.database).
+SCHEMA = Schema("commands", Step(4, "relay operations central commanded, key rotations in progress", TABLES))
+
+
 async def create_schema(conn: aiosqlite.Connection) -> None:
-    """Tables of the command path and the security tables it writes (caller's transaction)."""
+    """Tables of the command path and the security tables it writes, on a connection
+    of their own (tests, tools); the gateway's database gets them from its schema
+    registry (:mod:`gateway.database`)."""
     await envelope_schema(conn)
     await audit.create_schema(conn)
     await time_schema(conn)
-    for stmt in SCHEMA:
-        await conn.execute(stmt)
+    await SCHEMA.create(conn)
 
 
 async def pending_relay_intents(conn: aiosqlite.Connection) -> list[RelayIntent]:
@@ -379,9 +385,7 @@ class CommandHandler:
     # -- life cycle ----------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the tables, then finish what a crash interrupted (see :meth:`recover`)."""
-        async with self.outbox.transaction() as db:
-            await create_schema(db)
+        """Finish what a crash interrupted (see :meth:`recover`)."""
         await self.recover()
 
     async def recover(self) -> None:

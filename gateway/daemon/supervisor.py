@@ -75,6 +75,7 @@ from gateway.config import Config
 from gateway.daemon.poller import BusPoller
 from gateway.daemon.relay_worker import CommandRelays, Relays
 from gateway.daemon.writer import Cycle, Tick, Work, Writer
+from gateway.database import open_database
 from gateway.metrics import GatewayMetrics, TextfileExporter
 from gateway.prepaid import Prepaid
 from gateway.remote_config import DEFAULT_CONFIRM_MS, RemoteConfig
@@ -90,7 +91,7 @@ from gateway.security.trusted_time import (
     UnseenKind,
 )
 from gateway.storage_guard import Backlog, BillingHold, GuardedBilling
-from gateway.storage_recovery import ensure_schemas, recover_money
+from gateway.storage_recovery import recover_money
 from gateway.update_transfer import SoftwareDownloads, update_spool
 from provisioning.keys import Keystore
 from provisioning.usb import AUDIT_SPOOL, drain_audit_spool
@@ -367,7 +368,7 @@ class Daemon:
         self._stop = stop
         cfg = self.config
         prepare_storage_dir(cfg.storage.path)
-        outbox = await Outbox.open(
+        outbox = await open_database(
             cfg.storage.path,
             keys=storage_setup.storage_keys(cfg),
             policy=storage_setup.storage_policy(cfg),
@@ -634,10 +635,7 @@ class Daemon:
         events: list[ClockEvent] = []
         try:
             async with outbox.transaction() as db:
-                if self.stats.storage_faults:  # a new database: every component's tables
-                    await ensure_schemas(db)
                 self.hold.sync(await outbox.storage_state_in(db))
-                await trusted_time.create_schema(db)
                 if self.clock is None:
                     self.clock = TrustedClock.restored(
                         await trusted_time.load_floor(db),
@@ -658,9 +656,7 @@ class Daemon:
                     await self.prepaid.start_in(
                         db, self.started_ms, outbox if outbox.starved is None else None
                     )
-                await self.risk.start_in(db)
                 self.meter_states = await meter_health.start_in(db)
-                await audit.create_schema(db)
                 if outbox.starved is None:  # else they wait in the clock for a later transaction
                     events = self.clock.drain_events()
                     await self._clock_events_in(db, outbox, events)
@@ -949,7 +945,6 @@ class Daemon:
         keys = self.keys
         now = self.time_ms()
         async with outbox.transaction() as db:
-            await audit.create_schema(db)
             cp = await audit.checkpoint(
                 db, sign=keys.sign, public_key=keys.identity_public_bytes(), time_ms=now
             )

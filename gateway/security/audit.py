@@ -51,12 +51,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.events import event
+from store_forward.schema import Schema, Step
 
 HASH_CONTEXT = b"edgegw-audit-v1\x00"
 CHECKPOINT_CONTEXT = b"edgegw-audit-checkpoint-v1\x00"
 GENESIS_HASH = bytes(32)
 
-SCHEMA: tuple[str, ...] = (
+TABLES: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS audit_log (
         seq INTEGER PRIMARY KEY CHECK (seq >= 1),
         time_ms INTEGER NOT NULL,
@@ -83,6 +84,8 @@ SCHEMA: tuple[str, ...] = (
     """CREATE TRIGGER IF NOT EXISTS audit_checkpoint_no_delete BEFORE DELETE ON audit_checkpoint
        BEGIN SELECT RAISE(ABORT, 'audit_checkpoint is append-only'); END""",
 )
+# Declared to the gateway database's schema registry (gateway.database).
+SCHEMA = Schema("audit", Step(4, "the audit log and its signed checkpoints (append-only)", TABLES))
 
 
 class AuditError(EdgeGwError):
@@ -276,8 +279,9 @@ def verify_entries(
 
 
 async def create_schema(conn: aiosqlite.Connection) -> None:
-    for stmt in SCHEMA:
-        await conn.execute(stmt)
+    """The tables on a connection of their own (tests, tools); the gateway's database
+    gets them from its schema registry (:mod:`gateway.database`)."""
+    await SCHEMA.create(conn)
 
 
 async def head(conn: aiosqlite.Connection) -> tuple[int, bytes]:

@@ -84,6 +84,7 @@ from gateway.security.roles import (
     TrustError,
     TrustStore,
 )
+from store_forward.schema import Schema, Step
 
 ENVELOPE_VERSION = 1
 SIGN_CONTEXT = b"edgegw-command-v1\x00"
@@ -539,7 +540,7 @@ def decide(
 # ---------------------------------------------------------------------------
 # Persistence (imperative shell)
 
-SCHEMA: tuple[str, ...] = (
+TABLES: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS sec_counter_floor (
         issuer TEXT PRIMARY KEY,
         floor INTEGER NOT NULL CHECK (floor >= 1),
@@ -578,10 +579,14 @@ SCHEMA: tuple[str, ...] = (
 )
 
 
+# Declared to the gateway database's schema registry (gateway.database).
+SCHEMA = Schema("security", Step(4, "counter floors, seen commands, replay fence, central keys", TABLES))
+
+
 async def create_schema(conn: aiosqlite.Connection) -> None:
-    """Create the tables if missing (statement by statement: no implicit COMMIT)."""
-    for stmt in SCHEMA:
-        await conn.execute(stmt)
+    """The tables on a connection of their own (tests, tools); the gateway's database
+    gets them from its schema registry (:mod:`gateway.database`)."""
+    await SCHEMA.create(conn)
 
 
 async def get_floor(conn: aiosqlite.Connection, issuer: str) -> int | None:

@@ -82,6 +82,7 @@ from pathlib import Path
 import aiosqlite
 
 from firmware_bridge.reading import TimeSource
+from store_forward.schema import Schema, Step
 
 JUMP_TOLERANCE_MS = 2_000
 CONFIRM_MS = 5 * 60_000
@@ -880,7 +881,7 @@ class TrustedClock:
 # ---------------------------------------------------------------------------
 # Persistence (caller-owned transaction on the daemon's writer connection)
 
-SCHEMA: tuple[str, ...] = (
+TABLES: tuple[str, ...] = (
     """CREATE TABLE IF NOT EXISTS sec_time_floor (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         floor_ms INTEGER NOT NULL,
@@ -894,9 +895,14 @@ SCHEMA: tuple[str, ...] = (
 )
 
 
+# Declared to the gateway database's schema registry (gateway.database).
+SCHEMA = Schema("trusted_time", Step(4, "the time floor and the last trusted time used", TABLES))
+
+
 async def create_schema(conn: aiosqlite.Connection) -> None:
-    for stmt in SCHEMA:
-        await conn.execute(stmt)
+    """The tables on a connection of their own (tests, tools); the gateway's database
+    gets them from its schema registry (:mod:`gateway.database`)."""
+    await SCHEMA.create(conn)
 
 
 async def load_floor(conn: aiosqlite.Connection) -> int:

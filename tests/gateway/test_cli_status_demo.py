@@ -15,14 +15,15 @@ import pytest
 
 from firmware_bridge.reading import Measurement, Quantity, Reading
 from gateway.cli import main
-from store_forward.outbox import MeterStatus, Outbox
+from gateway.database import open_database
+from store_forward.outbox import MeterStatus
 from tests.gateway.e2e import site_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 async def _fill(db: Path) -> None:
-    ob = await Outbox.open(db)
+    ob = await open_database(db)
     await ob.commit_cycle(
         1_000,
         [Reading("m001", 1_000, {Quantity.ENERGY_IMPORT: Measurement(Decimal("3.20"))})],

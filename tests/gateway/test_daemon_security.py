@@ -26,6 +26,7 @@ from gateway import storage_setup as setup
 from gateway.cli import main as edgegw
 from gateway.config import load_config
 from gateway.daemon import Daemon, wall_ms
+from gateway.database import open_database
 from gateway.security import audit
 from gateway.security.envelope import Outcome, RejectReason
 from gateway.security.roles import CommandType
@@ -33,7 +34,6 @@ from gateway.security.trusted_time import save_floor
 from headend.ingest import Headend
 from headend.store import HeadendDB
 from provisioning.keys import Keystore
-from store_forward.outbox import Outbox
 from tests.gateway.e2e import Running, until
 from tests.harness.mosquitto import Mosquitto, free_port
 from tests.harness.site import DEV_UPLINK, gateway_config
@@ -149,7 +149,7 @@ async def test_the_daemon_signs_checkpoints_and_a_cut_or_rewritten_log_fails_ver
     assert _verify(db, keys) == 0
     assert f"OK: {n} entries" in capsys.readouterr().out
     # central got each checkpoint as an event
-    outbox = await Outbox.open(db, keys=setup.storage_keys(load_config(path)))
+    outbox = await open_database(db, keys=setup.storage_keys(load_config(path)))
     try:
         sent = []
         while (batch := await outbox.next_batch(0, exclude=[b for b, _ in sent])) is not None:
@@ -198,7 +198,7 @@ async def test_maintenance_prunes_command_ids_no_command_can_use_any_more(tmp_pa
         issued_at=now - 30 * DAY_MS,
         expires_at=now - 29 * DAY_MS,
     )
-    outbox = await Outbox.open(tmp_path / "gw.db", keys=setup.storage_keys(load_config(path)))
+    outbox = await open_database(tmp_path / "gw.db", keys=setup.storage_keys(load_config(path)))
     try:
         from gateway.commands.handler import create_schema
 

@@ -23,6 +23,7 @@ from gateway.billing import ledger_store as ls
 from gateway.billing.cutoff import Contact
 from gateway.commands.handler import CommandHandler, NoRemoteConfig, NoResend
 from gateway.config import load_config
+from gateway.database import open_database
 from gateway.prepaid import Prepaid
 from gateway.security.envelope import Outcome, RejectReason
 from gateway.security.roles import CommandType, Role
@@ -78,7 +79,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     cfg = load_config(config(tmp_path, 1))
     prepaid = Prepaid.from_config(cfg)
     assert prepaid is not None
-    outbox = await Outbox.open(tmp_path / "gw.db")
+    outbox = await open_database(tmp_path / "gw.db")
     prepaid.attach(outbox)
     async with outbox.transaction() as db:
         await prepaid.start_in(db, T0)

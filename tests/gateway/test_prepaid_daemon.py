@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gateway.config import load_config
 from gateway.daemon import Daemon
+from gateway.database import open_database
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.harness.site import gateway_config, meter, prepaid_account
@@ -37,9 +38,8 @@ def config(tmp: Path, modbus_port: int) -> Path:
 
 async def outbox_bodies(db: Path, kind: str) -> list[dict[str, object]]:
     """Bodies of the (sealed) outbox records of ``kind``, read through the outbox itself."""
-    from store_forward.outbox import Outbox
 
-    ob = await Outbox.open(db)
+    ob = await open_database(db)
     try:
         seen: list[int] = []
         bodies: list[tuple[int, dict[str, object]]] = []

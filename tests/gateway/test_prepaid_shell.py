@@ -11,6 +11,7 @@ from firmware_bridge.reading import Measurement, Quantity, Reading
 from gateway.billing import ledger_store as ls
 from gateway.billing.cutoff import Contact
 from gateway.config import load_config
+from gateway.database import open_database
 from gateway.prepaid import Prepaid
 from store_forward.outbox import Outbox
 from tests.gateway.test_prepaid_daemon import config
@@ -26,7 +27,7 @@ async def open_shell(tmp: Path) -> tuple[Prepaid, Outbox]:
     cfg = load_config(config(tmp, 1))
     prepaid = Prepaid.from_config(cfg)
     assert prepaid is not None
-    outbox = await Outbox.open(tmp / "gw.db")
+    outbox = await open_database(tmp / "gw.db")
     prepaid.attach(outbox)
     async with outbox.transaction() as db:
         await prepaid.start_in(db, T0)

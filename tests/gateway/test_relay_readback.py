@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gateway.config import load_config
 from gateway.daemon import Daemon
-from store_forward.outbox import Outbox
+from gateway.database import open_database
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
 from tests.harness.site import gateway_config, meter, prepaid_account
@@ -42,7 +42,7 @@ async def run_until(cfg_path: Path, cond: object, what: str) -> None:
 
 
 async def trip_events(db: Path) -> list[dict[str, object]]:
-    ob = await Outbox.open(db)
+    ob = await open_database(db)
     try:
         seen: list[int] = []
         out = []

@@ -23,6 +23,7 @@ from gateway.billing.cutoff import Contact
 from gateway.commands.bodies import CommandRefused, ConfigChange
 from gateway.config import load_config
 from gateway.daemon import Daemon
+from gateway.database import open_database
 from gateway.remote_config import (
     DEFAULT_CONFIRM_MS,
     MAX_UNCONFIRMED_STARTS,
@@ -136,7 +137,7 @@ async def test_a_change_committed_before_a_crash_is_put_in_force_at_the_next_sta
         f'[gateway]\nid = "{GATEWAY}"\nsite = "s"\n\n[storage]\npath = "gw.db"\n'
     )
     restarts: list[str] = []
-    outbox = await Outbox.open(tmp_path / "gw.db")
+    outbox = await open_database(tmp_path / "gw.db")
     try:
         port = RemoteConfig(path, outbox, lambda: 1, restarts.append)
         async with outbox.transaction() as db:
@@ -273,7 +274,7 @@ async def test_the_remote_path_refuses_billing_changes_and_what_the_loader_refus
     original = path.read_bytes()
     doc = tomllib.loads(path.read_text())
     m001 = doc["meter"][0]
-    outbox = await Outbox.open(tmp_path / "gw.db")
+    outbox = await open_database(tmp_path / "gw.db")
     try:
         port = RemoteConfig(path, outbox, lambda: 1, lambda _r: None)
         cases: list[tuple[ConfigChange, dict[str, object], str]] = [
@@ -364,7 +365,7 @@ async def trail(outbox: Outbox) -> tuple[list[str], list[str]]:
 
 @pytest.fixture
 async def site_outbox(tmp_path: Path) -> AsyncIterator[tuple[Path, Outbox]]:
-    outbox = await Outbox.open(tmp_path / "gw.db")
+    outbox = await open_database(tmp_path / "gw.db")
     try:
         yield small_site(tmp_path), outbox
     finally:

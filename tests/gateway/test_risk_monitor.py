@@ -6,6 +6,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from firmware_bridge.reading import Measurement, Quantity, Reading, TimeSource
+from gateway.database import open_database
 from gateway.risk_monitor import RiskMonitor
 from store_forward.outbox import Outbox
 
@@ -34,10 +35,8 @@ async def feed(ob: Outbox, mon: RiskMonitor, readings: list[Reading]) -> list[st
 
 
 async def test_each_check_reports_once_with_evidence(tmp_path: Path) -> None:
-    ob = await Outbox.open(tmp_path / "gw.db")
+    ob = await open_database(tmp_path / "gw.db")
     mon = RiskMonitor("Asia/Shanghai")
-    async with ob.transaction() as db:
-        await mon.start_in(db)
     try:
         # energy keeps rising while the relay says open: bypass; reported once per day
         assert await feed(ob, mon, [

@@ -42,6 +42,7 @@ from gateway.commands.handler import SEEN_GRACE_MS, CommandHandler, NoRemoteConf
 from gateway.commands.inbox import CommandInbox, command_subscriber
 from gateway.commands.tally import Bucket, due_summaries, tally_rejection
 from gateway.daemon import NoBilling
+from gateway.database import open_database
 from gateway.prepaid import Prepaid, PrepaidAccount
 from gateway.security import audit
 from gateway.security.envelope import (
@@ -331,7 +332,7 @@ async def make_handler(
 @pytest.fixture
 async def rig(tmp_path: Path, central: Central) -> AsyncIterator[Rig]:
     path = tmp_path / "gateway.db"
-    outbox = await Outbox.open(path)
+    outbox = await open_database(path)
     keys = Keystore.init(tmp_path / "keys", GATEWAY)
     ft = FakeTime(T0 + 1000)
     billing = make_billing(tmp_path)
@@ -748,7 +749,7 @@ async def test_billing_config_and_resend_commands_reach_their_ports(
 
 
 async def test_fallback_ports_answer_honestly(tmp_path: Path, central: Central) -> None:
-    outbox = await Outbox.open(tmp_path / "gw.db")
+    outbox = await open_database(tmp_path / "gw.db")
     ft = FakeTime(T0 + 1000)
     clock = TrustedClock(
         restore(0, ft.mono), wall=lambda: ft.wall, mono=lambda: ft.mono, synced=lambda: True
@@ -901,7 +902,7 @@ def test_a_pruned_id_would_be_refused_as_expired_at_any_trusted_time(
 
     async def run() -> tuple[set[str], set[str]]:
         with tempfile.TemporaryDirectory() as d:
-            outbox = await Outbox.open(Path(d) / "gw.db")
+            outbox = await open_database(Path(d) / "gw.db")
             try:
                 async with outbox.transaction() as db:
                     await envelope_schema(db)
@@ -1070,7 +1071,7 @@ def _stream(central: Central, n: int) -> list[bytes]:
 
 
 async def _child(db_path: Path, stream: list[bytes], trust: TrustStore) -> None:
-    outbox = await Outbox.open(db_path)
+    outbox = await open_database(db_path)
     ft = FakeTime(T0 + 1000)
     h = await make_handler(outbox, trust, None, ft)
     print("ready", flush=True)
@@ -1125,7 +1126,7 @@ def _run_child(db: Path, stream: Path, trust: Path, kill_after: int | None) -> b
 
 async def _check_consistent(db_path: Path, received: list[dict[str, Any]]) -> set[str]:
     """Invariants after a kill; ``received`` accumulates the events central got so far."""
-    outbox = await Outbox.open(db_path)
+    outbox = await open_database(db_path)
     try:
         received.extend(await EventLog(outbox).drain())
     finally:
@@ -1179,7 +1180,7 @@ async def test_sigkill_mid_stream_never_separates_seen_from_applied(
     applied = await _check_consistent(db, received)
     assert len(applied) == n  # everything applied, each exactly once
     # the relay intents a crash left pending are handed on the next start
-    outbox = await Outbox.open(db)
+    outbox = await open_database(db)
     relay = RecordingRelay()
     await make_handler(outbox, central.trust(), None, FakeTime(T0 + 1000), relay=relay)
     await outbox.close()

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from gateway.database import open_database
 from gateway.security.envelope import (
     MAX_ENVELOPE_BYTES,
     CommandResult,
@@ -36,7 +37,6 @@ from gateway.security.envelope import (
     sign_payload,
 )
 from gateway.security.roles import CommandType, Role
-from store_forward.outbox import Outbox
 from tests.security.conftest import GATEWAY, HOUR, T0, Central, topup_body
 from tests.security.test_commands import (
     Billing,
@@ -234,7 +234,7 @@ def test_the_cases_that_used_to_raise_are_specific_rejections() -> None:
 
 async def _flood(inputs: list[bytes], repeat: int) -> None:
     with tempfile.TemporaryDirectory() as d:
-        outbox = await Outbox.open(Path(d) / "gw.db")
+        outbox = await open_database(Path(d) / "gw.db")
         try:
             h = await make_handler(outbox, _CENTRAL.trust(), None, FakeTime(T0 + 1000))
             for _ in range(repeat):
@@ -277,7 +277,7 @@ async def test_the_regression_flood_writes_two_rows(tmp_path: Path) -> None:
     """100 non-ASCII envelopes and 100 unhashable channels: 2 audit rows, not 200."""
     bad_b64 = orjson.dumps({"payload": "é" * 8, "signature": "A" * 88})
     unhashable = _forge({**topup_body(), "payment_channel": ["bank"]})
-    outbox = await Outbox.open(tmp_path / "gw.db")
+    outbox = await open_database(tmp_path / "gw.db")
     try:
         h = await make_handler(outbox, _CENTRAL.trust(), None, FakeTime(T0 + 1000))
         for _ in range(100):
@@ -297,7 +297,7 @@ async def test_the_regression_flood_writes_two_rows(tmp_path: Path) -> None:
 
 async def test_failures_are_counted_under_the_same_limits(tmp_path: Path) -> None:
     """A fault that makes every command fail writes one row per hour, not one per command."""
-    outbox = await Outbox.open(tmp_path / "gw.db")
+    outbox = await open_database(tmp_path / "gw.db")
     try:
         billing: Billing = make_billing(tmp_path)
         billing.explode = True

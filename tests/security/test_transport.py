@@ -26,10 +26,10 @@ import pytest
 
 from gateway.commands.inbox import command_subscriber
 from gateway.config import BrokerSection, UplinkSection
+from gateway.database import open_database
 from gateway.security.envelope import Outcome
 from gateway.security.roles import CommandType
 from store_forward import presence, wire_json
-from store_forward.outbox import Outbox
 from store_forward.topics import Topics
 from store_forward.uplink import LinkState, Uplink, tls_context
 from tests.harness.mosquitto import Mosquitto, TlsFiles, render_shipped_config
@@ -143,7 +143,7 @@ def test_uplink_tls_context_verifies_the_server_and_requires_tls12(pki: Pki) -> 
 async def test_gateway_session_over_mtls_delivers_and_is_acked(
     tmp_path: Path, broker: TlsBroker
 ) -> None:
-    outbox = await Outbox.open(tmp_path / "gw.db")
+    outbox = await open_database(tmp_path / "gw.db")
     await outbox.add_event(1_000, {"type": "hello", "n": 1})
     await outbox.add_event(1_001, {"type": "hello", "n": 2})
     uplink = Uplink(
@@ -205,7 +205,7 @@ async def test_gateway_with_tls_never_falls_back_to_plaintext(
     seen: list[tuple[str, bytes]] = []
     async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="spy") as spy:
         await spy.subscribe("#", qos=1)
-        outbox = await Outbox.open(tmp_path / "gw.db")
+        outbox = await open_database(tmp_path / "gw.db")
         await outbox.add_event(1_000, {"type": "secret"})
         section = BrokerSection(
             host="127.0.0.1",
@@ -372,7 +372,7 @@ async def test_uplink_claiming_another_gateway_id_delivers_nothing(
     tmp_path: Path, broker: TlsBroker
 ) -> None:
     """A gateway (cert CN gw-a) configured or tampered to speak as gw-b reaches nobody."""
-    outbox = await Outbox.open(tmp_path / "gw.db")
+    outbox = await open_database(tmp_path / "gw.db")
     await outbox.add_event(1_000, {"type": "impersonation"})
     uplink = Uplink(
         outbox, gateway_id="gw-b", broker=broker.section("gw-a"), settings=uplink_settings()
@@ -422,7 +422,7 @@ async def test_signed_command_over_mtls_is_applied_once_and_its_result_flows_bac
     command topic is stopped by the broker before the signature check is even needed.
     """
     me = Topics(PREFIX, GATEWAY)
-    outbox = await Outbox.open(tmp_path / "gw.db")
+    outbox = await open_database(tmp_path / "gw.db")
     handler = await make_handler(outbox, central.trust(), None, FakeTime(1_767_225_601_000))
     uplink = Uplink(
         outbox,
