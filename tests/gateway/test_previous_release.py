@@ -52,8 +52,14 @@ def central_key(role: str, generation: int = 1) -> Ed25519PrivateKey:
 
 
 def copy_site(tmp: Path) -> Path:
+    """A copy of the fixture's site, its keystore private as on a gateway (git keeps
+    no directory modes)."""
     site = tmp / "site"
     shutil.copytree(FIXTURE / "site", site)
+    keys = site / "keys"
+    keys.chmod(0o700)
+    for f in keys.iterdir():
+        f.chmod(0o600)
     return site
 
 
