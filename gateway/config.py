@@ -31,7 +31,8 @@ from firmware_bridge.identifiers import is_name, name_problem
 from firmware_bridge.reading import Quantity
 from firmware_bridge.settings import BusSettings, MeterSettings, RelaySettings, SiteSettings
 from gateway.billing.account import AccountError, load_account
-from gateway.billing.tariff import TariffError, load_book
+from gateway.billing.tariff import TariffError
+from gateway.billing.tariff_file import load_book
 from gateway.problems import KeyPath, Problems, not_a_regular_file, read_toml
 from gateway.toml_lines import Lines
 from store_forward.settings import BrokerSettings, UplinkSettings

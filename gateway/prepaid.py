@@ -64,7 +64,8 @@ from gateway.billing.ledger_cache import LedgerCache
 from gateway.billing.money import ckwh_to_kwh, report_yuan, yuan_text
 from gateway.billing.rating import RegisterReading, ReplacementError, ResetNotice
 from gateway.billing.reconcile import SnapshotStatus
-from gateway.billing.tariff import TariffBook, TariffError, load_book, parse_tariff
+from gateway.billing.tariff import TariffBook, TariffError
+from gateway.billing.tariff_file import load_book, parse_tariff
 from gateway.billing.topup import Source, TopUp, TopUpStatus
 from gateway.commands.bodies import (
     CommandRefused,

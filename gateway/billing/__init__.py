@@ -26,7 +26,8 @@ from gateway.billing.rating import (
     rate_interval,
 )
 from gateway.billing.reconcile import CentralSnapshot, SnapshotStatus
-from gateway.billing.tariff import Tariff, TariffBook, TariffError, load_book, load_tariff
+from gateway.billing.tariff import Tariff, TariffBook, TariffError
+from gateway.billing.tariff_file import load_book, load_tariff
 from gateway.billing.topup import Authorization, Channel, Source, TopUp, TopUpPolicy, TopUpStatus
 
 __all__ = [

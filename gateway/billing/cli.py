@@ -71,7 +71,8 @@ from gateway.billing.rating import (
     track_reading,
     track_replacement,
 )
-from gateway.billing.tariff import RATE_NAMES, TariffBook, TariffError, load_book
+from gateway.billing.tariff import RATE_NAMES, TariffBook, TariffError
+from gateway.billing.tariff_file import load_book
 from gateway.billing.topup import decide_topup
 
 ROUNDING_RULE = (

@@ -48,7 +48,8 @@ from firmware_bridge.relay_ops import RelayOp
 from gateway.billing.messages import MessageError, parse_meter_replacement, parse_snapshot
 from gateway.billing.rating import MeterReplacement
 from gateway.billing.reconcile import CentralSnapshot
-from gateway.billing.tariff import Tariff, TariffError, parse_tariff
+from gateway.billing.tariff import Tariff, TariffError
+from gateway.billing.tariff_file import parse_tariff
 from gateway.billing.topup import Channel
 from gateway.security.roles import CommandType, Role
 from provisioning.software_bundle import Version

@@ -48,7 +48,7 @@ from firmware_bridge.relay import RelayPolicy
 from gateway.billing.account import load_account
 from gateway.billing.money import register_ckwh
 from gateway.billing.rating import RegisterReading, rate_chain
-from gateway.billing.tariff import load_book
+from gateway.billing.tariff_file import load_book
 from gateway.billing.topup import credit_id
 from gateway.security.envelope import sign_command
 from gateway.security.roles import CentralKey, CommandType, Role, TrustStore

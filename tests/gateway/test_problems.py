@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from gateway.billing.account import AccountError, load_account
-from gateway.billing.tariff import TariffError, load_tariff
+from gateway.billing.tariff import TariffError
+from gateway.billing.tariff_file import load_tariff
 from gateway.config import ConfigError, load_config
 from gateway.problems import Problems, read_toml
 

@@ -39,7 +39,8 @@ from gateway.billing.account import AccountSettings, load_account
 from gateway.billing.cli import Readings, read_readings_csv, simulate_run
 from gateway.billing.cutoff import describe
 from gateway.billing.rating import RegisterReading, iso_local
-from gateway.billing.tariff import TariffBook, load_book
+from gateway.billing.tariff import TariffBook
+from gateway.billing.tariff_file import load_book
 from gateway.config import load_config
 from gateway.daemon import Cycle, Daemon
 from headend.ingest import Headend

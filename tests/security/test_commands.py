@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from firmware_bridge.relay_ops import RelayOp
 from gateway.billing import ledger_store as ls
 from gateway.billing.account import load_account
-from gateway.billing.tariff import load_book
+from gateway.billing.tariff_file import load_book
 from gateway.commands.bodies import CommandRefused, ConfigChange, parse_relay, parse_resend
 from gateway.commands.handler import SEEN_GRACE_MS, CommandHandler, NoRemoteConfig, NoResend
 from gateway.commands.inbox import CommandInbox, command_subscriber

@@ -7,7 +7,8 @@ from datetime import datetime
 from decimal import Decimal
 
 from gateway.billing.rating import RegisterReading
-from gateway.billing.tariff import Tariff, TariffBook, parse_tariff
+from gateway.billing.tariff import Tariff, TariffBook
+from gateway.billing.tariff_file import parse_tariff
 
 TZ = "Asia/Shanghai"
 

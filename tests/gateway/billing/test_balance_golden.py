@@ -13,7 +13,7 @@ import pytest
 from gateway.billing.ledger import Ledger, adjustment_entry, debit_entry, fixed_entry
 from gateway.billing.money import report_yuan
 from gateway.billing.rating import TierState, fixed_charges_due, rate_interval
-from gateway.billing.tariff import load_book
+from gateway.billing.tariff_file import load_book
 from tests.gateway.billing._util import FLAT, book, ms, rr
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "tariffs"

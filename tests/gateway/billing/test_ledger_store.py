@@ -25,7 +25,7 @@ from gateway.billing.rating import (
     rate_interval,
 )
 from gateway.billing.reconcile import CentralSnapshot, SnapshotStatus
-from gateway.billing.tariff import load_book
+from gateway.billing.tariff_file import load_book
 from gateway.billing.topup import Channel, Source, TopUp, TopUpPolicy, TopUpStatus
 from tests.gateway.billing._util import FLAT, book, ms, rr
 

@@ -14,15 +14,8 @@ from gateway.billing.money import (
     yuan_to_micro,
 )
 from gateway.billing.rating import fixed_charges_due
-from gateway.billing.tariff import (
-    FLAT_RATE,
-    NoTariffInForce,
-    TariffBook,
-    TariffError,
-    load_book,
-    load_tariff,
-    parse_tariff,
-)
+from gateway.billing.tariff import FLAT_RATE, NoTariffInForce, TariffBook, TariffError
+from gateway.billing.tariff_file import load_book, load_tariff, parse_tariff
 from tests.gateway.billing._util import FLAT, ms, tariff
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "tariffs"
