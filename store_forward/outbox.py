@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -717,78 +718,105 @@ class Outbox(Database):
         with the batch, and the batch holds exactly the records that fitted.
         ``max_cls`` restricts the choice to classes up to it (the uplink asks
         for events only while its window is full).
+
+        With ``pack`` the batch returned always has its payload: one numbered
+        without it (by a caller that passed no ``pack``) is sealed whole once
+        here and the bytes kept, so every later send is the same.
         """
+        async with self._batching:  # one batch maker at a time (uplink, export)
+            batch = await self._next_batch(
+                now_ms, exclude=exclude, max_records=max_records, max_bytes=max_bytes,
+                pack=pack, max_cls=max_cls,
+            )  # fmt: skip
+            if batch is None or batch.payload is not None or pack is None:
+                return batch
+            payload, n = await asyncio.to_thread(
+                functools.partial(pack, batch.seq, batch.records, 1 << 30, epoch=batch.epoch)
+            )
+            if n != len(batch.records):
+                raise OutboxError(f"{self.path}: batch {batch.seq} does not fit one payload")
+            return dataclasses.replace(batch, payload=await self.keep_payload(batch.seq, payload))
+
+    async def _next_batch(
+        self,
+        now_ms: int,
+        *,
+        exclude: Iterable[int],
+        max_records: int,
+        max_bytes: int,
+        pack: Packer | None,
+        max_cls: int | None,
+    ) -> Batch | None:
         limit = 255 if max_cls is None else int(max_cls)
         excluded = set(exclude)
-        async with self._batching:  # one batch maker at a time (uplink, export)
-            for _ in range(10):
-                async with self.transaction() as db:
-                    async with db.execute(
-                        "SELECT seq, attempts, cls, epoch FROM batches ORDER BY cls, seq"
-                    ) as cur:
-                        pending = [(int(s), int(a), int(c), str(e)) async for s, a, c, e in cur]
-                    first = next((p for p in pending if p[0] not in excluded and p[2] <= limit), None)
-                    async with db.execute(
-                        "SELECT cls FROM outbox WHERE batch_seq IS NULL AND cls <= ? ORDER BY cls LIMIT 1",
-                        (limit,),
-                    ) as cur:
-                        row = await cur.fetchone()
-                    top = None if row is None else int(row[0])
-                    if first is not None and (top is None or first[2] <= top):
-                        seq, attempts, _, batch_epoch = first
-                        records, stored = await self._batch_contents(db, seq)
-                        return Batch(seq, records, attempts, stored, batch_epoch)
-                    if top is None:
-                        return None
-                    async with db.execute(
-                        "SELECT id, cls, kind, created_ms, key_ver, body FROM outbox"
-                        " WHERE batch_seq IS NULL AND cls = ? ORDER BY id LIMIT ?",
-                        (top, max_records),
-                    ) as cur:
-                        rows = [tuple(r) async for r in cur]
-                    candidates = await self._open_rows(db, rows, now_ms)
-                    seq = await self._next_seq(db)
-                    epoch = await self._batch_epoch_in(db)
-                if not candidates:
-                    continue  # every candidate was damaged and set aside; look again
-                payload: bytes | None
-                if pack is None:
-                    payload, count, size = None, 0, 0
-                    for raw in rows:
-                        if count and size + len(raw[5]) > max_bytes:
-                            break
-                        size += len(raw[5])
-                        count += 1
-                    count = min(count, len(candidates))
-                else:
-                    payload, count = await asyncio.to_thread(
-                        functools.partial(pack, seq, candidates, max_bytes, epoch=epoch)
-                    )
-                chosen = candidates[:count]
-                async with self.transaction() as db:
-                    if await self._next_seq(db) != seq or await self._batch_epoch_in(db) != epoch:
-                        continue
-                    ids = [r.id for r in chosen]
-                    marks = ",".join("?" * len(ids))
-                    async with db.execute(
-                        f"SELECT count(*) FROM outbox WHERE batch_seq IS NULL AND id IN ({marks})", ids
-                    ) as cur:
-                        row = await cur.fetchone()
-                    if not row or int(row[0]) != len(ids):
-                        continue  # evicted meanwhile: make the batch again
-                    await db.execute(
-                        "INSERT INTO kv (key, value) VALUES (?, ?)"
-                        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        (K_NEXT_SEQ, seq + 1),
-                    )
-                    await db.execute(
-                        "INSERT INTO batches (seq, cls, created_ms, n_records, payload, epoch)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
-                        (seq, top, now_ms, len(ids), payload, epoch),
-                    )
-                    await db.execute(f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *ids))
-                    return Batch(seq, tuple(chosen), 0, payload, epoch)
-            raise OutboxError("could not form a batch (records kept changing underneath)")
+        for _ in range(10):
+            async with self.transaction() as db:
+                async with db.execute(
+                    "SELECT seq, attempts, cls, epoch FROM batches ORDER BY cls, seq"
+                ) as cur:
+                    pending = [(int(s), int(a), int(c), str(e)) async for s, a, c, e in cur]
+                first = next((p for p in pending if p[0] not in excluded and p[2] <= limit), None)
+                async with db.execute(
+                    "SELECT cls FROM outbox WHERE batch_seq IS NULL AND cls <= ? ORDER BY cls LIMIT 1",
+                    (limit,),
+                ) as cur:
+                    row = await cur.fetchone()
+                top = None if row is None else int(row[0])
+                if first is not None and (top is None or first[2] <= top):
+                    seq, attempts, _, batch_epoch = first
+                    records, stored = await self._batch_contents(db, seq)
+                    return Batch(seq, records, attempts, stored, batch_epoch)
+                if top is None:
+                    return None
+                async with db.execute(
+                    "SELECT id, cls, kind, created_ms, key_ver, body FROM outbox"
+                    " WHERE batch_seq IS NULL AND cls = ? ORDER BY id LIMIT ?",
+                    (top, max_records),
+                ) as cur:
+                    rows = [tuple(r) async for r in cur]
+                candidates = await self._open_rows(db, rows, now_ms)
+                seq = await self._next_seq(db)
+                epoch = await self._batch_epoch_in(db)
+            if not candidates:
+                continue  # every candidate was damaged and set aside; look again
+            payload: bytes | None
+            if pack is None:
+                payload, count, size = None, 0, 0
+                for raw in rows:
+                    if count and size + len(raw[5]) > max_bytes:
+                        break
+                    size += len(raw[5])
+                    count += 1
+                count = min(count, len(candidates))
+            else:
+                payload, count = await asyncio.to_thread(
+                    functools.partial(pack, seq, candidates, max_bytes, epoch=epoch)
+                )
+            chosen = candidates[:count]
+            async with self.transaction() as db:
+                if await self._next_seq(db) != seq or await self._batch_epoch_in(db) != epoch:
+                    continue
+                ids = [r.id for r in chosen]
+                marks = ",".join("?" * len(ids))
+                async with db.execute(
+                    f"SELECT count(*) FROM outbox WHERE batch_seq IS NULL AND id IN ({marks})", ids
+                ) as cur:
+                    row = await cur.fetchone()
+                if not row or int(row[0]) != len(ids):
+                    continue  # evicted meanwhile: make the batch again
+                await db.execute(
+                    "INSERT INTO kv (key, value) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (K_NEXT_SEQ, seq + 1),
+                )
+                await db.execute(
+                    "INSERT INTO batches (seq, cls, created_ms, n_records, payload, epoch)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (seq, top, now_ms, len(ids), payload, epoch),
+                )
+                await db.execute(f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *ids))
+                return Batch(seq, tuple(chosen), 0, payload, epoch)
+        raise OutboxError("could not form a batch (records kept changing underneath)")
 
     @staticmethod
     async def _next_seq(db: aiosqlite.Connection) -> int:

@@ -69,12 +69,8 @@ async def export_backlog(
         if batch is None:
             break
         seen.append(batch.seq)
-        payload = batch.payload
-        if payload is None:  # numbered without a stored payload: seal it once and keep it
-            payload, n = pack(batch.seq, batch.records, 1 << 30, epoch=batch.epoch)
-            if n != len(batch.records):
-                raise SneakernetError(f"batch {batch.seq} does not fit one payload")
-            payload = await outbox.keep_payload(batch.seq, payload)
+        payload = batch.payload  # with a packer, next_batch always has the stored bytes
+        assert payload is not None
         name = batch_file_name(gateway_id, batch.epoch, batch.seq)
         await asyncio.to_thread(_write_file, d / name, payload)
         entries.append(

@@ -61,7 +61,7 @@ from firmware_bridge.cause_log import CauseLog
 from store_forward import presence
 from store_forward.acks import Ack, AckError, parse_ack, verify_ack
 from store_forward.codec import BatchCodec, JsonCodec, encoding_of, sealed_key_id
-from store_forward.outbox import K_LINK, K_LINK_SINCE, Batch, Outbox, OutboxError
+from store_forward.outbox import K_LINK, K_LINK_SINCE, Outbox, OutboxError
 from store_forward.pacing import LinkPacer
 from store_forward.records import Record, RecordClass, RecordKind
 from store_forward.settings import BrokerSettings, UplinkSettings
@@ -429,17 +429,6 @@ class Uplink:
     ) -> tuple[bytes, int]:
         return self.codec.pack(self.gateway_id, seq, records, max_bytes, epoch=epoch)
 
-    async def _payload_of(self, batch: Batch) -> bytes:
-        if batch.payload is not None:
-            return batch.payload
-        # A batch numbered without a stored payload: encode all of it once and keep the
-        # bytes, so that every send (and the ack, bound to them) is the same.
-        payload, n = self.codec.pack(
-            self.gateway_id, batch.seq, batch.records, 1 << 30, epoch=batch.epoch
-        )
-        assert n == len(batch.records)
-        return await self.outbox.keep_payload(batch.seq, payload)
-
     def _inflight_bytes(self) -> int:
         return sum(len(e.payload) for e in self._inflight.values())
 
@@ -482,12 +471,8 @@ class Uplink:
                     break
                 if batch is None:
                     break
-                try:
-                    payload = await self._payload_of(batch)
-                except OutboxError as exc:
-                    log.error("uplink: cannot keep the payload of batch %d: %s", batch.seq, exc)
-                    wait = max(wait, 1.0)
-                    break
+                payload = batch.payload  # the stored bytes: every send is the same
+                assert payload is not None  # next_batch with a packer always has them
                 urgent = all(r.cls == RecordClass.EVENT for r in batch.records)
                 now = self.monotonic()
                 queued = self._inflight_bytes() + len(payload)

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from firmware_bridge.reading import Measurement, Quantity, Reading
+from store_forward.codec import JsonCodec
 from store_forward.outbox import MeterStatus, Outbox
 from store_forward.records import RecordClass, reading_from_body
 
@@ -124,5 +126,31 @@ async def test_cancelled_transactions_never_leave_one_open(tmp_path: Path) -> No
         st = await ob.stats()
         assert st.records - st.readings == 40  # every probe event committed
         assert st.readings == st.readings_committed  # counters match what is stored
+    finally:
+        await ob.close()
+
+
+async def test_a_batch_numbered_without_its_payload_is_sealed_once_when_a_packer_asks(tmp_path: Path) -> None:
+    """A tool may number a batch without its payload (``next_batch`` with no packer);
+    the uplink and the export ask with a packer and get the batch sealed whole, once:
+    every later send is the same bytes."""
+    calls: list[int] = []
+
+    def pack(seq: int, records: Any, max_bytes: int, *, epoch: str) -> tuple[bytes, int]:
+        calls.append(seq)
+        return JsonCodec().pack("gw-1", seq, records, max_bytes, epoch=epoch)
+
+    ob = await Outbox.open(tmp_path / "o.db")
+    try:
+        await ob.commit_cycle(1, [reading(f"m{i}", 1_000 + i, "1.00") for i in range(3)])
+        bare = await ob.next_batch(2)
+        assert bare is not None and bare.payload is None
+        first = await ob.next_batch(3, pack=pack)
+        assert first is not None and first.seq == bare.seq and first.payload is not None
+        assert [r.id for r in first.records] == [r.id for r in bare.records]
+        again = await ob.next_batch(4, pack=pack)
+        assert again is not None and again.payload == first.payload
+        assert calls == [bare.seq]  # sealed once; then the stored bytes
+        assert await ob.batch_payload(bare.seq) == first.payload
     finally:
         await ob.close()
