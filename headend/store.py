@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import aiosqlite
 import orjson
 
-from headend import fleet
+from headend import fleet, notices
 from headend.fleet import PresenceRow
 from store_forward.codec import AnyBatch
 from store_forward.presence import Presence
@@ -91,6 +91,7 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 """
     + fleet.SQLITE_SCHEMA
+    + notices.SQLITE_SCHEMA
 )
 
 
@@ -139,6 +140,15 @@ def record_row(batch: AnyBatch, r: Any) -> tuple[str, tuple[Any, ...]]:
         )
     body = dumps(r.body).decode()
     return "events", (batch.gateway_id, r.id, r.kind, r.created_ms, body, batch.seq, batch.epoch)
+
+
+def batch_statements(batch: AnyBatch, fresh: list[Any], now_ms: int) -> list[tuple[str, tuple[Any, ...]]]:
+    """What a stored batch's new records change beside their own rows, in the batch's
+    transaction (``?`` placeholders): the fleet tables (:mod:`headend.fleet`) and the
+    notice queue (:mod:`headend.notices`)."""
+    return fleet.statements(fleet.fleet_update(batch.gateway_id, fresh, now_ms)) + notices.statements(
+        notices.notices_of(batch.gateway_id, batch.epoch, fresh), now_ms
+    )
 
 
 class HeadendStore(Protocol):
@@ -218,7 +228,7 @@ class HeadendDB:
                     dup += 1
             if dup:
                 await self._count(db, "duplicate_records", dup)
-            for stmt, args in fleet.statements(fleet.fleet_update(batch.gateway_id, fresh, now_ms)):
+            for stmt, args in batch_statements(batch, fresh, now_ms):
                 await db.execute(stmt, args)
             await db.commit()
             return StoreResult("stored", new, dup)

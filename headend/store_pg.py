@@ -23,7 +23,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from headend import fleet
+from headend import fleet, notices
 from headend.fleet import PresenceRow
 from headend.store import (
     BATCH_COLS,
@@ -31,6 +31,7 @@ from headend.store import (
     READING_COLS,
     StoreResult,
     batch_row,
+    batch_statements,
     record_row,
     same_bytes,
 )
@@ -178,6 +179,7 @@ class PostgresHeadendDB:
             await conn.execute("SELECT pg_advisory_xact_lock(727001)")
             await _migrate(conn)
             await conn.execute(SCHEMA)
+            await conn.execute(notices.PG_SCHEMA)
         return cls(conn)
 
     async def close(self) -> None:
@@ -217,7 +219,7 @@ class PostgresHeadendDB:
                     dup += 1
             if dup:
                 await self._count("duplicate_records", dup)
-            for stmt, args in fleet.statements(fleet.fleet_update(batch.gateway_id, fresh, now_ms)):
+            for stmt, args in batch_statements(batch, fresh, now_ms):
                 await conn.execute(stmt.replace("?", "%s"), args)
             return StoreResult("stored", new, dup)
 
