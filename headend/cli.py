@@ -3,7 +3,9 @@
     edgegw headend run --broker HOST:PORT (--db central.db | --dsn DSN) [--prefix P] \\
         [--share GROUP] [--key headend.pem --registry DIR] \\
         [--tls-ca ca.pem [--tls-cert headend.pem --tls-key headend.key]] \\
-        [--metrics HOST:PORT] [--console HOST:PORT]
+        [--metrics HOST:PORT] [--console HOST:PORT] \\
+        [--api HOST:PORT --api-tokens FILE] [--notify notify.toml]
+    edgegw headend api-token NAME --tokens FILE
     edgegw headend import DIR (--db central.db | --dsn DSN) --key headend.pem --registry DIR
     edgegw headend keygen --out headend.x25519.pem
 
@@ -11,7 +13,11 @@
 enrolled gateways; without them it accepts unsealed batches from anyone
 (development); with ``--metrics`` it serves Prometheus metrics at
 ``http://HOST:PORT/metrics`` (:mod:`headend.metrics`, the ``headend`` extra:
-prometheus-client). Exit codes: 0 success (``run``: stopped by SIGTERM/SIGINT),
+prometheus-client); with ``--api`` it serves the read-only JSON API for
+integrators at ``http://HOST:PORT/api/v1/`` (:mod:`headend.read_api`, tokens
+from ``edgegw headend api-token``; the same address as ``--console`` serves
+both); with ``--notify`` it sends the caring reminders the notice file
+describes (:mod:`headend.notifier`). Exit codes: 0 success (``run``: stopped by SIGTERM/SIGINT),
 1 refused or failed (message on stderr), 2 usage.
 """
 
@@ -95,6 +101,8 @@ def run_usage_problem(args: argparse.Namespace) -> str | None:
         return "--tls-cert and --tls-key go together (the headend's client certificate and its key)"
     if args.tls_cert is not None and args.tls_ca is None:
         return "--tls-cert/--tls-key need --tls-ca (the CA that signed the broker's certificate)"
+    if getattr(args, "api", None) is not None and getattr(args, "api_tokens", None) is None:
+        return "--api needs --api-tokens FILE (the read tokens: edgegw headend api-token NAME --tokens FILE)"
     return None
 
 
@@ -116,6 +124,9 @@ async def serve_headend(
     refresh: asyncio.Task[None] | None = None
     console_runner: Any = None
     console_db: Any = None
+    api_runner: Any = None
+    api_db: Any = None
+    notifier_task: asyncio.Task[None] | None = None
     try:
         if metrics is not None:
             try:
@@ -130,6 +141,16 @@ async def serve_headend(
             if web is None:
                 return 1
             console_runner, console_db = web
+        if args.api is not None:
+            started = await _start_api(args)
+            if started is None:
+                return 1
+            api_runner, api_db = started
+        if args.notify is not None:
+            notifier = await _start_notifier(args)
+            if notifier is None:
+                return 1
+            notifier_task = asyncio.create_task(notifier.run())
         headend = Headend(
             db,
             host=host,
@@ -156,6 +177,14 @@ async def serve_headend(
         await asyncio.gather(task, return_exceptions=True)
         return 0
     finally:
+        if notifier_task is not None:
+            notifier_task.cancel()
+            await asyncio.gather(notifier_task, return_exceptions=True)
+            await notifier.queue.close()
+        if api_runner is not None:
+            await api_runner.cleanup()
+        if api_db is not None:
+            await api_db.close()
         if console_runner is not None:
             await console_runner.cleanup()
         if console_db is not None:
@@ -187,14 +216,76 @@ async def _start_console(args: argparse.Namespace, metrics: Any) -> tuple[Any, A
             return {gw: Presence(p.online, p.since_ms) for gw, p in dict(metrics.presence).items()}
 
     settings = ConsoleSettings(db=cdb, tz=timezone(None), presence=presence)
+    read_api = None
+    if args.api is not None and tuple(args.api) == tuple(args.console):
+        read_api = _read_api_settings(args, cdb)
+        args.api_served = True
     try:
-        runner, bound = await serve(build_app(console=settings), *args.console)
+        runner, bound = await serve(build_app(console=settings, read_api=read_api), *args.console)
     except OSError as busy:
         await cdb.close()
         log.error("--console %s:%d: cannot listen: %s", *args.console, busy)
         return None
     log.info("console at http://%s:%d/console/", args.console[0], bound)
     return runner, cdb
+
+
+def _read_api_settings(args: argparse.Namespace, db: Any) -> Any:
+    from headend.read_api import ReadApiSettings, TokenFile
+
+    return ReadApiSettings(db=db, auth=TokenFile(args.api_tokens))
+
+
+async def _start_api(args: argparse.Namespace) -> tuple[Any, Any] | None:
+    """The read API on its own address (``--api``): its runner and database connection;
+    (None, None) when the console's application already serves it; None on failure."""
+    if getattr(args, "api_served", False):
+        return None, None
+    try:
+        from headend.web import build_app, serve
+    except ImportError as missing:
+        log.error("--api needs aiohttp (pip install 'edge-gateway[headend]'): %s", missing)
+        return None
+    db = await open_console_db(args.db, args.dsn)
+    try:
+        runner, bound = await serve(build_app(read_api=_read_api_settings(args, db)), *args.api)
+    except OSError as busy:
+        await db.close()
+        log.error("--api %s:%d: cannot listen: %s", *args.api, busy)
+        return None
+    log.info("read API at http://%s:%d/api/v1/", args.api[0], bound)
+    return runner, db
+
+
+async def _start_notifier(args: argparse.Namespace) -> Any:
+    """The caring reminders (``--notify``), or None (logged) when the notice file is bad."""
+    try:
+        from headend.notifier import Notifier, WebhookSink
+        from headend.notify_config import NotifyConfigError, load_notify_config
+        from headend.notify_queue import NotifyQueue
+    except ImportError as missing:
+        log.error("--notify needs aiohttp (pip install 'edge-gateway[headend]'): %s", missing)
+        return None
+    try:
+        config = load_notify_config(args.notify)
+    except NotifyConfigError as exc:
+        log.error("--notify %s:\n%s", args.notify, exc)
+        return None
+    queue = await (NotifyQueue.open_postgres(args.dsn) if args.dsn else NotifyQueue.open_sqlite(args.db))
+    log.info("caring reminders to %s for %d customers", config.webhook.url.split("?")[0], len(config.customers))
+    return Notifier(queue, config, WebhookSink(config.webhook), config_path=args.notify)
+
+
+def _api_token(args: argparse.Namespace) -> int:
+    from headend.read_api import new_token
+
+    try:
+        token = new_token(args.tokens, args.name)
+    except (ValueError, OSError) as exc:
+        return _err(str(exc))
+    print(f"read token for {args.name} added to {args.tokens} (shown once):")
+    print(token)
+    return 0
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -302,7 +393,29 @@ def register_headend(headend_subparsers: argparse._SubParsersAction) -> None:
         help="serve the operator console at http://HOST:PORT/console/ (needs the headend extra;"
         " with --metrics it shows the gateways' presence)",
     )
+    r.add_argument(
+        "--api",
+        type=listen_address,
+        metavar="HOST:PORT",
+        help="serve the read-only JSON API at http://HOST:PORT/api/v1/ (docs/openapi.yaml;"
+        " needs --api-tokens)",
+    )
+    r.add_argument("--api-tokens", type=Path, metavar="FILE", help="the read API's tokens (edgegw headend api-token)")
+    r.add_argument(
+        "--notify",
+        type=Path,
+        metavar="FILE",
+        help="send caring reminders as the notice file says (docs/integration.md)",
+    )
     r.set_defaults(func=functools.partial(_run, parser=r))
+
+    t = headend_subparsers.add_parser(
+        "api-token", help="make a token for the read API", description="Print a new read token once; "
+        "its SHA-256 is appended to the tokens file."
+    )
+    t.add_argument("name", help="who the token is for (letters, digits, - _ .)")
+    t.add_argument("--tokens", type=Path, required=True, metavar="FILE")
+    t.set_defaults(func=_api_token)
 
     p = headend_subparsers.add_parser("import", help="ingest a sneakernet backlog export")
     p.add_argument("dir", type=Path)

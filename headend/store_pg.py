@@ -12,7 +12,8 @@ the same batch safe — exactly one transaction inserts it, the others see a
 duplicate.
 
 The tables are the export schema for billing systems (docs/protocol.md,
-"Central database").
+"Central database"); the ``edgegw_*`` views (:data:`VIEWS`) present them for
+integrators without our decoder (docs/integration.md).
 """
 
 from __future__ import annotations
@@ -133,6 +134,112 @@ CREATE TABLE IF NOT EXISTS fleet_health (
 );
 """
 
+# PostgreSQL views for integrators (docs/integration.md, "PostgreSQL views"). Their
+# columns are only ever added at the end; a change that would alter a column gets a
+# view of a new name, so what an integrator built on these keeps working.
+VIEWS = """
+CREATE OR REPLACE VIEW edgegw_readings AS
+SELECT r.gateway_id, r.meter_id, to_timestamp(r.time_ms / 1000.0) AS read_at, r.time_ms, r.time_source,
+       'billing'::text AS record_class, q.key AS quantity, q.value AS value_text,
+       CASE WHEN q.value ~ '^-?[0-9]+(\\.[0-9]+)?$' THEN q.value::numeric END AS value,
+       COALESCE(r.quality->>q.key, 'good') AS quality, r.epoch, r.record_id, r.batch_seq
+  FROM readings r CROSS JOIN LATERAL jsonb_each_text(r.quantities) q
+UNION ALL
+SELECT t.gateway_id, t.meter_id, to_timestamp(t.time_ms / 1000.0), t.time_ms, t.time_source,
+       'telemetry'::text, q.key, q.value,
+       CASE WHEN q.value ~ '^-?[0-9]+(\\.[0-9]+)?$' THEN q.value::numeric END,
+       COALESCE(t.quality->>q.key, 'good'), t.epoch, t.record_id, t.batch_seq
+  FROM telemetry t CROSS JOIN LATERAL jsonb_each_text(t.quantities) q;
+COMMENT ON VIEW edgegw_readings IS
+  'One row per reading and quantity (billing registers and telemetry); value as numeric and as the exact text the meter gave';
+
+CREATE OR REPLACE VIEW edgegw_events AS
+SELECT e.gateway_id, e.epoch, e.record_id, e.kind, e.body->>'type' AS type,
+       COALESCE(e.body->>'account', e.body->'effect'->>'account') AS account, e.body->>'meter' AS meter,
+       COALESCE(CASE WHEN jsonb_typeof(e.body->'time_ms') = 'number' THEN (e.body->>'time_ms')::bigint END,
+                e.created_ms) AS time_ms,
+       to_timestamp(COALESCE(CASE WHEN jsonb_typeof(e.body->'time_ms') = 'number'
+                                  THEN (e.body->>'time_ms')::bigint END, e.created_ms) / 1000.0) AS occurred_at,
+       e.created_ms, e.body, e.batch_seq
+  FROM events e WHERE e.kind = 'event';
+COMMENT ON VIEW edgegw_events IS
+  'Gateway events (docs/protocol.md, docs/billing.md): type, account and meter lifted out of the JSON body';
+
+CREATE OR REPLACE VIEW edgegw_charges AS
+SELECT e.gateway_id, e.epoch, e.record_id, e.body->>'id' AS entry_id, e.body->>'account' AS account,
+       (e.body->>'seq')::bigint AS ledger_seq, e.body->>'kind' AS entry_kind,
+       (e.body->>'amount_micro')::bigint AS amount_micro, (e.body->>'time_ms')::bigint AS time_ms,
+       to_timestamp((e.body->>'time_ms')::bigint / 1000.0) AS charged_at, e.body->'body' AS detail
+  FROM events e WHERE e.kind = 'charge';
+COMMENT ON VIEW edgegw_charges IS
+  'Ledger entries the gateways reported (debits negative, credits positive), micro-yuan';
+
+CREATE OR REPLACE VIEW edgegw_balance_reports AS
+SELECT gateway_id, epoch, record_id, account, time_ms, (body->>'balance_micro')::bigint AS balance_micro,
+       type AS source
+  FROM edgegw_events
+ WHERE type IN ('cutoff.state_change', 'cutoff.trip_pending', 'cutoff.restore_pending')
+   AND jsonb_typeof(body->'balance_micro') = 'number' AND account IS NOT NULL
+UNION ALL
+SELECT gateway_id, epoch, record_id, body->'effect'->>'account',
+       COALESCE(CASE WHEN jsonb_typeof(body->'at_ms') = 'number' THEN (body->>'at_ms')::bigint END, time_ms),
+       (body->'effect'->>'balance_after_micro')::bigint, type
+  FROM edgegw_events
+ WHERE type = 'command_result' AND jsonb_typeof(body->'effect'->'balance_after_micro') = 'number'
+   AND body->'effect'->>'account' IS NOT NULL;
+COMMENT ON VIEW edgegw_balance_reports IS
+  'Every balance a gateway reported: at each cutoff level change and after each top-up';
+
+CREATE OR REPLACE VIEW edgegw_balances AS
+SELECT b.gateway_id, b.account, b.balance_micro, b.time_ms AS as_of_ms, to_timestamp(b.time_ms / 1000.0) AS as_of,
+       b.source, c.since AS charges_since_micro, b.balance_micro + c.since AS estimated_balance_micro
+  FROM (SELECT DISTINCT ON (gateway_id, account) *
+          FROM edgegw_balance_reports
+         ORDER BY gateway_id, account, time_ms DESC, epoch DESC, record_id DESC) b
+  CROSS JOIN LATERAL (
+        SELECT COALESCE(sum(amount_micro), 0)::bigint AS since FROM edgegw_charges ch
+         WHERE ch.gateway_id = b.gateway_id AND ch.account = b.account AND ch.time_ms > b.time_ms) c;
+COMMENT ON VIEW edgegw_balances IS
+  'Per account: the newest balance reported, and that balance plus the charges reported for later instants';
+
+CREATE OR REPLACE VIEW edgegw_cutoff_state AS
+SELECT DISTINCT ON (gateway_id, account)
+       gateway_id, account, body->>'to' AS level, body->>'from' AS previous_level, body->>'state' AS supply,
+       body->>'reason' AS reason, time_ms AS since_ms, occurred_at AS since,
+       (body->>'balance_micro')::bigint AS balance_micro
+  FROM edgegw_events
+ WHERE type = 'cutoff.state_change' AND account IS NOT NULL
+ ORDER BY gateway_id, account, time_ms DESC, epoch DESC, record_id DESC;
+COMMENT ON VIEW edgegw_cutoff_state IS
+  'Per account: the supply level (normal, alarm1, alarm2, grace, cutoff) since its newest change, with the reason';
+
+CREATE OR REPLACE VIEW edgegw_gateways AS
+SELECT g.gateway_id, p.state AS presence, p.since_ms AS presence_since_ms, p.updated_ms AS presence_updated_ms,
+       p.version, p.boot_id, p.started_ms, p.session_ms, p.reason AS presence_reason,
+       f.last_batch_ms, f.newest_record_ms, f.last_batch_lag_ms,
+       GREATEST(f.last_batch_lag_ms,
+                (extract(epoch FROM clock_timestamp()) * 1000)::bigint - f.newest_record_ms) AS backlog_age_ms,
+       f.batches, f.records, h.time_ms AS health_ms, h.body::jsonb AS health,
+       (SELECT count(*) FROM fleet_meters m WHERE m.gateway_id = g.gateway_id AND m.state = 'online') AS meters_online,
+       (SELECT count(*) FROM fleet_meters m WHERE m.gateway_id = g.gateway_id AND m.state = 'offline') AS meters_offline,
+       (SELECT count(*) FROM fleet_meters m WHERE m.gateway_id = g.gateway_id AND m.state = 'quarantined')
+         AS meters_quarantined
+  FROM (SELECT gateway_id FROM fleet_gateways UNION SELECT gateway_id FROM fleet_presence) g
+  LEFT JOIN fleet_presence p ON p.gateway_id = g.gateway_id
+  LEFT JOIN fleet_gateways f ON f.gateway_id = g.gateway_id
+  LEFT JOIN fleet_health h ON h.gateway_id = g.gateway_id;
+COMMENT ON VIEW edgegw_gateways IS
+  'Per gateway: presence (retained birth/death), last batch and backlog age, newest health record, meters by state';
+
+CREATE OR REPLACE VIEW edgegw_notifications AS
+SELECT notice_id, gateway_id, account, kind, kind IN ('cutoff', 'restored') AS urgent, event_type, event_ms,
+       state, attempts, sent_ms, recipient, language, text, http_status, detail
+  FROM notify_queue;
+COMMENT ON VIEW edgegw_notifications IS
+  'Caring reminders: each notice, its state (pending, sent, superseded, cleared, expired, unaddressed, failed) and text';
+"""
+
+
 # Tables made before batch epochs: the columns they gain, and their new keys.
 _MIGRATION = {
     "batches": ("epoch TEXT NOT NULL DEFAULT '', ADD COLUMN digest BYTEA", "gateway_id, epoch, seq"),
@@ -180,6 +287,7 @@ class PostgresHeadendDB:
             await _migrate(conn)
             await conn.execute(SCHEMA)
             await conn.execute(notices.PG_SCHEMA)
+            await conn.execute(VIEWS)
         return cls(conn)
 
     async def close(self) -> None:

@@ -1,8 +1,9 @@
 """The headend's web side: one aiohttp application, served over HTTP or HTTPS.
 
-:func:`build_app` puts together what this headend serves; today that is the
-operator console under ``/console/`` (:mod:`headend.console`), and ``/``
-leads to it. :func:`serve` starts the application on an address and returns
+:func:`build_app` puts together what this headend serves: the operator
+console under ``/console/`` (:mod:`headend.console`), to which ``/`` leads,
+and the read-only JSON API for integrators under ``/api/v1``
+(:mod:`headend.read_api`), each when asked for. :func:`serve` starts the application on an address and returns
 its runner (``await runner.cleanup()`` stops it).
 """
 
@@ -15,12 +16,19 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from headend.console.app import ConsoleSettings
+    from headend.read_api import ReadApiSettings
 
 CONSOLE_PREFIX = "/console"
 
 
-def build_app(*, console: ConsoleSettings | None = None) -> web.Application:
+def build_app(
+    *, console: ConsoleSettings | None = None, read_api: ReadApiSettings | None = None
+) -> web.Application:
     app = web.Application()
+    if read_api is not None:
+        from headend.read_api import mount_read_api
+
+        mount_read_api(app, read_api)
     if console is not None:
         from headend.console.app import mount_console
 
