@@ -279,9 +279,11 @@ class Notifier:
                     if leading:
                         await self.tick()
                     self._db_log.ok("queue readable again")
-                except Exception as exc:  # the database away: try again, never stop
+                except Exception as exc:  # the database away: connect again, never stop
                     self._db_log.failed(f"cannot work the queue: {exc!r}")
                     leading = False
+                    with contextlib.suppress(Exception):
+                        await self.queue.reconnect()
                 await asyncio.sleep(self.poll_s if leading else max(self.poll_s, 5.0))
         finally:
             self._hook_log.stopped()

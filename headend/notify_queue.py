@@ -129,9 +129,10 @@ class _Pg:
 class NotifyQueue:
     """The queue's rows on one connection of the notifier's own."""
 
-    def __init__(self, sql: _Sql, *, postgres: bool) -> None:
+    def __init__(self, sql: _Sql, *, postgres: bool, where: str = "") -> None:
         self._sql = sql
         self.postgres = postgres
+        self._where = where  # the file or DSN, to connect again
 
     @classmethod
     async def open_sqlite(cls, path: str | Path) -> NotifyQueue:
@@ -139,17 +140,25 @@ class NotifyQueue:
         db = await aiosqlite.connect(str(path), isolation_level=None)
         await db.execute("PRAGMA busy_timeout=10000")
         await db.execute("PRAGMA synchronous=FULL")
-        return cls(_Sqlite(db), postgres=False)
+        return cls(_Sqlite(db), postgres=False, where=str(path))
 
     @classmethod
     async def open_postgres(cls, dsn: str) -> NotifyQueue:
         import psycopg  # the postgres extra: only where a DSN is given
 
         conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-        return cls(_Pg(conn), postgres=True)
+        return cls(_Pg(conn), postgres=True, where=dsn)
 
     async def close(self) -> None:
         await self._sql.close()
+
+    async def reconnect(self) -> None:
+        """A new connection after the database went away (a PostgreSQL restart): the
+        leader lock, if held, went with the old one."""
+        with contextlib.suppress(Exception):
+            await self._sql.close()
+        fresh = await (NotifyQueue.open_postgres(self._where) if self.postgres else NotifyQueue.open_sqlite(self._where))
+        self._sql = fresh._sql
 
     async def lead(self) -> bool:
         """Whether this notifier may send (always with SQLite; with PostgreSQL, while
