@@ -141,12 +141,12 @@ async def serve_headend(
             if web is None:
                 return 1
             console_runner, console_db = web
-        if args.api is not None:
+        if getattr(args, "api", None) is not None:
             started = await _start_api(args)
             if started is None:
                 return 1
             api_runner, api_db = started
-        if args.notify is not None:
+        if getattr(args, "notify", None) is not None:
             notifier = await _start_notifier(args)
             if notifier is None:
                 return 1
@@ -217,7 +217,7 @@ async def _start_console(args: argparse.Namespace, metrics: Any) -> tuple[Any, A
 
     settings = ConsoleSettings(db=cdb, tz=timezone(None), presence=presence)
     read_api = None
-    if args.api is not None and tuple(args.api) == tuple(args.console):
+    if getattr(args, "api", None) is not None and tuple(args.api) == tuple(args.console):
         read_api = _read_api_settings(args, cdb)
         args.api_served = True
     try:
@@ -409,14 +409,6 @@ def register_headend(headend_subparsers: argparse._SubParsersAction) -> None:
     )
     r.set_defaults(func=functools.partial(_run, parser=r))
 
-    t = headend_subparsers.add_parser(
-        "api-token", help="make a token for the read API", description="Print a new read token once; "
-        "its SHA-256 is appended to the tokens file."
-    )
-    t.add_argument("name", help="who the token is for (letters, digits, - _ .)")
-    t.add_argument("--tokens", type=Path, required=True, metavar="FILE")
-    t.set_defaults(func=_api_token)
-
     p = headend_subparsers.add_parser("import", help="ingest a sneakernet backlog export")
     p.add_argument("dir", type=Path)
     _add_store_options(p)
@@ -426,4 +418,12 @@ def register_headend(headend_subparsers: argparse._SubParsersAction) -> None:
     k = headend_subparsers.add_parser("keygen", help="create the headend's X25519 key")
     k.add_argument("--out", required=True, type=Path)
     k.set_defaults(func=_keygen)
+
+    t = headend_subparsers.add_parser(
+        "api-token", help="make a token for the read API", description="Print a new read token once; "
+        "its SHA-256 is appended to the tokens file."
+    )
+    t.add_argument("name", help="who the token is for (letters, digits, - _ .)")
+    t.add_argument("--tokens", type=Path, required=True, metavar="FILE")
+    t.set_defaults(func=_api_token)
     register_console(headend_subparsers)

@@ -234,6 +234,8 @@ async def test_postgres_headend_migrates_and_keys_on_the_epoch(pg_dsn: str) -> N
         "events": "PRIMARY KEY (gateway_id, epoch, record_id)",
         "readings": "PRIMARY KEY (gateway_id, epoch, record_id)",
         "telemetry": "PRIMARY KEY (gateway_id, epoch, record_id)",
+        # the caring reminders' queue (headend/notices.py), a new table
+        "notify_queue": "PRIMARY KEY (id)",
         # the fleet view (headend/fleet.py), new tables
         "fleet_counters": "PRIMARY KEY (gateway_id, name)",
         "fleet_gateways": "PRIMARY KEY (gateway_id)",
