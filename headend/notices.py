@@ -60,6 +60,8 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
+
 LEVELS = ("normal", "alarm1", "alarm2", "grace", "cutoff")  # by severity
 _SEVERITY = {name: i for i, name in enumerate(LEVELS)}
 
@@ -214,8 +216,10 @@ def statements(notices: Iterable[Notice], now_ms: int) -> list[tuple[str, tuple[
 # -- when to send ---------------------------------------------------------------------
 
 
-class QuietHoursError(ValueError):
+class QuietHoursError(EdgeGwError, ValueError):
     """A quiet-hours text that is not ``HH:MM-HH:MM``."""
+
+    kind = ErrorKind.INVALID
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from firmware_bridge.errors import ProblemsError
 from headend.notices import SENDABLE, NoticeKind, Policy, QuietHours, QuietHoursError, Recipient
 from headend.notify_text import DEFAULT_TEMPLATES, LANGUAGES, TemplateError, check_template
 
@@ -56,10 +57,8 @@ MAX_FILE_BYTES = 16 << 20
 MAX_TEXT = 500
 
 
-class NotifyConfigError(ValueError):
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+class NotifyConfigError(ProblemsError):
+    """The notice file breaks the rules; ``problems`` has one line per problem."""
 
 
 @dataclass(frozen=True)

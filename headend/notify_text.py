@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from headend.notices import SENDABLE, NoticeKind
 
 LANGUAGES = ("zh-CN", "en")
@@ -61,8 +62,10 @@ DEFAULT_TEMPLATES: Mapping[str, Mapping[NoticeKind, str]] = {
 }
 
 
-class TemplateError(ValueError):
-    pass
+class TemplateError(EdgeGwError, ValueError):
+    """A template with an unknown field or a broken format string."""
+
+    kind = ErrorKind.INVALID
 
 
 def check_template(text: str) -> str:

@@ -52,6 +52,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from headend.console.db import ConsoleDb, json_obj
 
 PREFIX = "/api/v1"
@@ -126,7 +127,11 @@ class ReadApiSettings:
 READ_API = web.AppKey("read_api", ReadApiSettings)
 
 
-class BadParam(Exception):
+class BadParam(EdgeGwError):
+    """A query parameter the API cannot use (answered 400)."""
+
+    kind = ErrorKind.INVALID
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
