@@ -18,6 +18,8 @@ PROTOCOL = {
     "backlog_format",
     "batch_epoch",
     "codec",
+    "command_envelope",
+    "command_roles",
     "presence",
     "records",
     "sealing",

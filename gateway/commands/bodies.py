@@ -32,8 +32,6 @@ used yet, so no owner's code goes with it); the others after verification, as
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import math
 import re
@@ -53,8 +51,8 @@ from gateway.billing.tariff_file import parse_tariff
 from gateway.billing.topup import Channel
 from gateway.security.roles import CommandType, Role
 from provisioning.software_bundle import Version
+from store_forward.command_envelope import MAX_TIME_MS, b64_strict
 
-MAX_TIME_MS = 2**53  # far beyond any real date; keeps values exact everywhere
 MAX_RESEND_SPAN = 1_000_000  # record ids per uplink.resend command
 MAX_REASON_CHARS = 200
 PAYMENT_CHANNELS = frozenset(c.value for c in Channel)
@@ -115,15 +113,6 @@ class CommandRefused(EdgeGwError):
 class ConfigChange(enum.StrEnum):
     CONFIG_PATCH = "config.patch"
     METER_ROSTER = "meter.roster"
-
-
-def b64_strict(text: str) -> bytes | None:
-    """Strict base64 (alphabet and padding checked); None for anything else,
-    non-ASCII text included (``b64decode`` raises ValueError, not binascii.Error, there)."""
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return None
 
 
 def _int(v: Any) -> TypeGuard[int]:
