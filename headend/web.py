@@ -1,30 +1,58 @@
 """The headend's web side: one aiohttp application, served over HTTP or HTTPS.
 
-:func:`build_app` puts together what this headend serves: the operator
-console under ``/console/`` (:mod:`headend.console`), to which ``/`` leads,
-and the read-only JSON API for integrators under ``/api/v1``
-(:mod:`headend.read_api`), each when asked for. :func:`serve` starts the application on an address and returns
-its runner (``await runner.cleanup()`` stops it).
+:func:`build_app` puts together what this headend serves, each part when
+asked for:
+
+* central's command and payment API under ``/api/v1`` (:mod:`headend.api`)
+  when given the central service (:class:`headend.central.Central`, kept
+  under :data:`CENTRAL`): commands, payments, reports, each request
+  authenticated by a per-role token of central's (docs/central.md);
+* the read-only JSON API for integrators under ``/api/v1``
+  (:mod:`headend.read_api`, its own read tokens; docs/integration.md) — its
+  paths and central's do not overlap;
+* the operator console under ``/console/`` (:mod:`headend.console`), to
+  which ``/`` leads;
+* whatever each of ``mounts`` adds: callables that receive the application
+  before it starts and add routes, sub-applications or start-up hooks.
+
+Each part authenticates its own routes. :func:`serve` starts the application
+on an address and returns its runner (``await runner.cleanup()`` stops it)
+and the port.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+
+from headend import api
+from headend.central import Central
 
 if TYPE_CHECKING:
     from headend.console.app import ConsoleSettings
     from headend.read_api import ReadApiSettings
 
 CONSOLE_PREFIX = "/console"
+CENTRAL = api.CENTRAL
+MAX_REQUEST_BYTES = 1 << 20
+
+Mount = Callable[[web.Application], None]
 
 
 def build_app(
-    *, console: ConsoleSettings | None = None, read_api: ReadApiSettings | None = None
+    central: Central | None = None,
+    *,
+    console: ConsoleSettings | None = None,
+    read_api: ReadApiSettings | None = None,
+    mounts: Iterable[Mount] = (),
 ) -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+    if central is not None:
+        app[CENTRAL] = central
+        api.add_routes(app)
     if read_api is not None:
         from headend.read_api import mount_read_api
 
@@ -38,6 +66,8 @@ def build_app(
             return web.Response(status=303, headers={"Location": CONSOLE_PREFIX + "/"})
 
         app.router.add_get("/", root)
+    for mount in mounts:
+        mount(app)
     return app
 
 
