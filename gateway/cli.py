@@ -36,6 +36,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "gateway.provision_cli",  # provision make / inspect / verify / apply
     "gateway.backlog_cli",  # backlog export
     "gateway.update_cli",  # update apply / recover / status, release build / verify / offer
+    "headend.central_cli",  # central keys / serve / token / account / topup / relay / ... / report
 )
 
 

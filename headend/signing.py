@@ -130,7 +130,8 @@ class Signer:
         role = COMMAND_ROLE[type]
         k = self.keys.get(role)
         if k is None:
-            raise SigningError(f"{type} is signed with a {role} key, and none is available here")
+            article = "an" if role.value[0] in "aeiou" else "a"
+            raise SigningError(f"{type} is signed with {article} {role} key, and none is available here")
         return k
 
     def sign(

@@ -6,7 +6,10 @@ id)); if that identity is already known the batch is a duplicate (or, with
 other bytes, a conflict) and nothing else is written. Commits are
 ``synchronous=FULL``. :class:`HeadendStore` is the contract the ingest
 (:mod:`headend.ingest`) and the USB import rely on; PostgreSQL implements it
-too (:mod:`headend.store_pg`).
+too (:mod:`headend.store_pg`). The same transaction applies the command
+results and top-up credits among the new records to central's command queue
+(:func:`headend.central_db.apply_results_in`), whose tables the store creates
+too.
 
 Databases made before batch epochs existed are migrated when opened: their
 rows keep the legacy epoch ``''`` (batches in the encodings without an epoch
@@ -23,8 +26,9 @@ from typing import Any, Protocol
 import aiosqlite
 import orjson
 
-from headend import fleet, notices
+from headend import central_db, fleet, notices
 from headend.fleet import PresenceRow
+from headend.sql import SqliteTx
 from store_forward.codec import AnyBatch
 from store_forward.presence import Presence
 from store_forward.records import RecordClass, RecordKind, dumps
@@ -92,6 +96,7 @@ CREATE TABLE IF NOT EXISTS counters (
 """
     + fleet.SQLITE_SCHEMA
     + notices.SQLITE_SCHEMA
+    + central_db.SQLITE_SCHEMA
 )
 
 
@@ -230,6 +235,8 @@ class HeadendDB:
                 await self._count(db, "duplicate_records", dup)
             for stmt, args in batch_statements(batch, fresh, now_ms):
                 await db.execute(stmt, args)
+            # the gateway's answers to central's commands, taken with the batch
+            await central_db.apply_results_in(SqliteTx(db), batch.gateway_id, fresh, now_ms)
             await db.commit()
             return StoreResult("stored", new, dup)
         except BaseException:

@@ -24,8 +24,9 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from headend import fleet, notices
+from headend import central_db, fleet, notices
 from headend.fleet import PresenceRow
+from headend.sql import PgTx
 from headend.store import (
     BATCH_COLS,
     EVENT_COLS,
@@ -288,6 +289,7 @@ class PostgresHeadendDB:
             await conn.execute(SCHEMA)
             await conn.execute(notices.PG_SCHEMA)
             await conn.execute(VIEWS)
+            await conn.execute(central_db.PG_SCHEMA)
         return cls(conn)
 
     async def close(self) -> None:
@@ -329,6 +331,7 @@ class PostgresHeadendDB:
                 await self._count("duplicate_records", dup)
             for stmt, args in batch_statements(batch, fresh, now_ms):
                 await conn.execute(stmt.replace("?", "%s"), args)
+            await central_db.apply_results_in(PgTx(conn), batch.gateway_id, fresh, now_ms)
             return StoreResult("stored", new, dup)
 
     async def _count(self, name: str, n: int) -> None:

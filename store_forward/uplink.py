@@ -235,8 +235,13 @@ class Uplink:
             b.port,
             username=b.username,
             password=b.password,
+            # A persistent session under a stable client id: the broker keeps the QoS 1
+            # command subscription while the link is down and queues central's
+            # commands for it (and acks that came late); they arrive on reconnect.
+            # The command handler refuses a copy it already applied, so a command
+            # the broker and central's resend both deliver is applied once.
             identifier=f"edgegw-{self.gateway_id}",
-            clean_session=True,
+            clean_session=False,
             keepalive=b.keepalive_s,
             timeout=max(5.0, self.settings.ack_timeout_s),
             tls_context=tls_context(b) if b.tls else None,
