@@ -272,14 +272,16 @@ def pick(
     expire: list[int] = []
     send: list[int] = []
     flight = dict(in_flight)
-    for p in sorted(pending, key=lambda p: p.seq):
-        if p.next_attempt_ms > now_ms:
-            continue
+    due = [p for p in sorted(pending, key=lambda p: p.seq) if p.next_attempt_ms <= now_ms]
+    live: list[Pending] = []
+    for p in due:  # expiries first: an expired command frees its place in the window
         if expired_at_central(p.state, p.expires_ms, now_ms):
             if p.state is State.SENT:
                 flight[p.gateway_id] = flight.get(p.gateway_id, 0) - 1
             expire.append(p.seq)
-            continue
+        else:
+            live.append(p)
+    for p in live:
         if p.state is State.SENT:
             if may_resend(presence.get(p.gateway_id), now_ms):
                 send.append(p.seq)

@@ -228,7 +228,8 @@ async def test_postgres_headend_migrates_and_keys_on_the_epoch(pg_dsn: str) -> N
             " JOIN pg_class c ON c.oid = k.conrelid"
             " WHERE k.contype = 'p' AND c.relnamespace = current_schema()::regnamespace ORDER BY 1"
         ).fetchall()
-    assert dict(keys) == {
+    # (central's tables, headend.central_db, are made new, not migrated)
+    assert {k: v for k, v in keys if not k.startswith("central_")} == {
         "batches": "PRIMARY KEY (gateway_id, epoch, seq)",
         "counters": "PRIMARY KEY (name)",
         "events": "PRIMARY KEY (gateway_id, epoch, record_id)",

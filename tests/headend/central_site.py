@@ -1,0 +1,277 @@
+"""Central with its real parts for tests: the headend's ingest, the dispatcher, the HTTP API.
+
+:class:`CentralStack` runs, in this process, on one database (a SQLite file
+or a PostgreSQL DSN): the headend ingest (stores batches, applies the
+gateways' command results), the dispatcher (publishes queued commands to
+the broker) and the aiohttp application on a free loopback port, all on a
+:class:`SimClock` a test moves forward by hours without waiting.
+:func:`prepaid_site` writes a gateway configuration with one prepaid account
+on a Modbus meter with a supply relay, trusting central's keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from headend.central import ApiRole, Central
+from headend.central_db import CentralDB
+from headend.dispatch import Dispatcher
+from headend.ingest import Headend
+from headend.signing import Signer, init_keys
+from headend.store import HeadendDB, HeadendStore
+from headend.web import bound_port, build_app, serve
+
+ROOT = Path(__file__).resolve().parents[2]
+GATEWAY = "gw-central"
+ACCOUNT_ID = "acct-001"
+
+ACCOUNT = """
+account = "acct-001"
+timezone = "Asia/Shanghai"
+opening_balance = "100.00"
+meters = ["m001"]
+protected = false
+
+[limits]
+alarm1 = "5.00"
+alarm2 = "2.00"
+overdraft = "0.00"
+close_permit = "1.00"
+close_mode = "direct"
+reconnect_delay_s = 0
+relay_min_interval_s = 0
+"""
+
+
+class SimClock:
+    """Real time plus an offset the test moves (the site's and central's clock)."""
+
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def now(self) -> int:
+        return time.time_ns() // 1_000_000 + self.offset_ms
+
+    def advance(self, ms: int) -> None:
+        self.offset_ms += ms
+
+
+def prepaid_site(tmp: Path, *, broker_port: int, modbus_port: int, trust: Path, keepalive_s: int = 5) -> Path:
+    shutil.copy(ROOT / "examples" / "tariffs" / "flat.toml", tmp / "flat.toml")
+    shutil.copy(trust, tmp / "trust.json")
+    (tmp / "acct-001.toml").write_text(ACCOUNT)
+    path = tmp / "site.toml"
+    path.write_text(
+        f"""
+[gateway]
+id = "{GATEWAY}"
+site = "test"
+timezone = "Asia/Shanghai"
+poll_interval_s = 0.5
+
+[storage]
+path = "gw.db"
+
+[broker]
+host = "127.0.0.1"
+port = {broker_port}
+keepalive_s = {keepalive_s}
+
+[uplink]
+allow_unauthenticated_acks = true   # unsealed batches to a development headend
+ack_timeout_s = 2.0
+reconnect_min_s = 0.1
+reconnect_max_s = 0.5
+
+[security]
+trust_file = "trust.json"
+
+[[bus]]
+name = "lan"
+type = "tcp"
+host = "127.0.0.1"
+port = {modbus_port}
+timeout_s = 0.5
+retries = 0
+
+[[meter]]
+id = "m001"
+bus = "lan"
+protocol = "modbus"
+unit_id = 1
+profile = "sdm120"
+account = "acct-001"
+[meter.relay]
+kind = "coil"
+address = 0
+min_interval_s = 0
+
+[[account]]
+id = "acct-001"
+settings = "acct-001.toml"
+tariffs = ["flat.toml"]
+"""
+    )
+    return path
+
+
+class Api:
+    """Real HTTP requests to the application, one token per role."""
+
+    def __init__(self, base: str, tokens: dict[str, str]) -> None:
+        self.base = base
+        self.tokens = tokens
+        self.session = aiohttp.ClientSession()
+
+    async def call(
+        self, method: str, path: str, who: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
+        h = {"Authorization": f"Bearer {self.tokens[who]}"} if who in self.tokens else {}
+        h.update(headers or {})
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        if data is not None:
+            h.setdefault("Content-Type", "application/json")
+        async with self.session.request(method, self.base + path, data=data, headers=h) as r:
+            text = await r.text()
+            return r.status, (json.loads(text) if text else None), dict(r.headers)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class CentralStack:
+    """The headend's ingest, the dispatcher and the API on one database."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        broker_port: int,
+        clock: SimClock,
+        dsn: str | None = None,
+        keys: Path | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.broker_port = broker_port
+        self.clock = clock
+        self.dsn = dsn
+        self.db_path = workdir / "central.db"
+        self.keys = keys or workdir / "central-keys"
+        if keys is None:
+            init_keys(self.keys)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.ingest_task: asyncio.Task[None] | None = None
+
+    @property
+    def trust(self) -> Path:
+        return self.keys / "trust.json"
+
+    async def __aenter__(self) -> CentralStack:
+        self.store: HeadendStore
+        if self.dsn:
+            from headend.store_pg import PostgresHeadendDB
+
+            self.store = await PostgresHeadendDB.open(self.dsn)
+        else:
+            self.store = await HeadendDB.open(self.db_path)
+        self.db = await CentralDB.open(db=self.db_path, dsn=self.dsn)
+        self.signer = Signer.load(self.keys)
+        self.headend = Headend(self.store, host="127.0.0.1", port=self.broker_port)
+        self.dispatcher = Dispatcher(
+            self.db, self.signer, "127.0.0.1", self.broker_port, clock_ms=self.clock.now, interval_s=0.2
+        )
+        self.central = Central(self.db, self.signer, clock_ms=self.clock.now, on_queued=[self.dispatcher.wake])
+        self.runner = await serve(build_app(self.central), "127.0.0.1", 0)
+        tokens = {}
+        for who, role, channel in (
+            ("billing", ApiRole.BILLING, None),
+            ("operations", ApiRole.OPERATIONS, None),
+            ("viewer", ApiRole.VIEWER, None),
+            ("bank", ApiRole.CHANNEL, "bank"),
+            ("mobile_app", ApiRole.CHANNEL, "mobile_app"),
+        ):
+            _, tokens[who] = await self.central.create_token(f"test-{who}", role, channel)
+        self.api = Api(f"http://127.0.0.1:{bound_port(self.runner)}", tokens)
+        self.start_ingest()
+        self.tasks.append(asyncio.create_task(self.dispatcher.run()))
+        await asyncio.wait_for(self.dispatcher.connected.wait(), 10)
+        await asyncio.wait_for(self.headend.connected.wait(), 10)
+        return self
+
+    def start_ingest(self) -> None:
+        assert self.ingest_task is None
+        self.ingest_task = asyncio.create_task(self.headend.run())
+
+    async def stop_ingest(self) -> None:
+        assert self.ingest_task is not None
+        self.ingest_task.cancel()
+        await asyncio.gather(self.ingest_task, return_exceptions=True)
+        self.ingest_task = None
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.ingest_task is not None:
+            await self.stop_ingest()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.api.close()
+        await self.runner.cleanup()
+        await self.db.close()
+        await self.store.close()
+
+    async def state(self, command_id: str) -> dict[str, Any]:
+        status, body, _ = await self.api.call("GET", f"/api/v1/commands/{command_id}", "viewer")
+        assert status == 200, body
+        return dict(body)
+
+    async def until_state(
+        self, command_id: str, states: set[str], timeout_s: float, *, credited: bool = False
+    ) -> dict[str, Any]:
+        """Wait (bounded) for the command to reach one of ``states`` (and, with
+        ``credited``, for the gateway's ledger credit of a top-up to be reported:
+        it travels as billing data, behind the result event)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            v = await self.state(command_id)
+            if v["state"] in states and (not credited or v["credited"] is not None):
+                return v
+            if time.monotonic() > deadline:
+                raise AssertionError(f"command {command_id} still {v['state']} after {timeout_s}s: {v}")
+            await asyncio.sleep(0.2)
+
+
+def gateway_credits(db: Path) -> list[tuple[str, int]]:
+    """(top-up id, amount) of every credit in the gateway's ledger, in ledger order."""
+    with sqlite3.connect(db) as conn:
+        return [
+            (str(e).removeprefix("topup:"), int(a))
+            for e, a in conn.execute(
+                "SELECT entry_id, amount_micro FROM billing_entry WHERE kind = 'credit' ORDER BY seq"
+            )
+        ]
+
+
+def gateway_applied(db: Path) -> list[str]:
+    """Every command id the gateway's command handler accepted (its replay table)."""
+    with sqlite3.connect(db) as conn:
+        return [str(c) for (c,) in conn.execute("SELECT command_id FROM sec_seen_command ORDER BY accepted_ms")]
+
+
+def gateway_audit(db: Path, action_prefix: str) -> list[dict[str, Any]]:
+    with sqlite3.connect(db) as conn:
+        return [
+            {"action": str(a), **json.loads(d)}
+            for a, d in conn.execute("SELECT action, details FROM audit_log ORDER BY seq")
+            if str(a).startswith(action_prefix)
+        ]
