@@ -45,6 +45,7 @@ from firmware_bridge.cause_log import CauseLog
 from headend.central import wall_ms
 from headend.central_db import CentralDB
 from headend.commands import GAP_RETRY_MS, Pending, Presence, pick, resend_delay_ms
+from headend.ingest import presence_filter, presence_gateway
 from headend.signing import Signer, SigningError
 from store_forward.command_roles import CommandType
 from store_forward.topics import DEFAULT_PREFIX, Topics
@@ -52,20 +53,6 @@ from store_forward.topics import DEFAULT_PREFIX, Topics
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT_S = 5.0
-
-
-def presence_filter(prefix: str = DEFAULT_PREFIX) -> str:
-    """Every gateway's retained presence (``online`` / ``offline``)."""
-    return f"{prefix}/+/state"
-
-
-def presence_gateway(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
-    """Gateway id from ``{prefix}/{gw}/state``; None for another topic."""
-    head = prefix + "/"
-    if not topic.startswith(head) or not topic.endswith("/state"):
-        return None
-    gw = topic[len(head) : -len("/state")]
-    return gw if gw and "/" not in gw else None
 
 
 @dataclass

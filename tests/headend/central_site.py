@@ -15,7 +15,9 @@ import asyncio
 import json
 import shutil
 import sqlite3
+import ssl
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -65,10 +67,30 @@ class SimClock:
         self.offset_ms += ms
 
 
-def prepaid_site(tmp: Path, *, broker_port: int, modbus_port: int, trust: Path, keepalive_s: int = 5) -> Path:
+@dataclass(frozen=True)
+class ClientTls:
+    """The gateway's files for mutual TLS with the shipped broker configuration."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def prepaid_site(
+    tmp: Path,
+    *,
+    broker_port: int,
+    modbus_port: int,
+    trust: Path,
+    keepalive_s: int = 5,
+    tls: ClientTls | None = None,
+) -> Path:
     shutil.copy(ROOT / "examples" / "tariffs" / "flat.toml", tmp / "flat.toml")
     shutil.copy(trust, tmp / "trust.json")
     (tmp / "acct-001.toml").write_text(ACCOUNT)
+    tls_lines = ""
+    if tls is not None:
+        tls_lines = f'tls = true\nca_file = "{tls.ca}"\ncert_file = "{tls.cert}"\nkey_file = "{tls.key}"\n'
     path = tmp / "site.toml"
     path.write_text(
         f"""
@@ -85,7 +107,7 @@ path = "gw.db"
 host = "127.0.0.1"
 port = {broker_port}
 keepalive_s = {keepalive_s}
-
+{tls_lines}
 [uplink]
 allow_unauthenticated_acks = true   # unsealed batches to a development headend
 ack_timeout_s = 2.0
@@ -159,11 +181,13 @@ class CentralStack:
         clock: SimClock,
         dsn: str | None = None,
         keys: Path | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.workdir = workdir
         self.broker_port = broker_port
         self.clock = clock
         self.dsn = dsn
+        self.tls = tls
         self.db_path = workdir / "central.db"
         self.keys = keys or workdir / "central-keys"
         if keys is None:
@@ -185,10 +209,13 @@ class CentralStack:
             self.store = await HeadendDB.open(self.db_path)
         self.db = await CentralDB.open(db=self.db_path, dsn=self.dsn)
         self.signer = Signer.load(self.keys)
-        self.headend = Headend(self.store, host="127.0.0.1", port=self.broker_port)
-        self.dispatcher = Dispatcher(
-            self.db, self.signer, "127.0.0.1", self.broker_port, clock_ms=self.clock.now, interval_s=0.2
+        self.headend = Headend(
+            self.store, host="127.0.0.1", port=self.broker_port, tls_context=self.tls
         )
+        self.dispatcher = Dispatcher(
+            self.db, self.signer, "127.0.0.1", self.broker_port, tls_context=self.tls,
+            clock_ms=self.clock.now, interval_s=0.2,
+        )  # fmt: skip
         self.central = Central(self.db, self.signer, clock_ms=self.clock.now, on_queued=[self.dispatcher.wake])
         self.runner = await serve(build_app(self.central), "127.0.0.1", 0)
         tokens = {}

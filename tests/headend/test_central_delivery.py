@@ -1,7 +1,8 @@
 """Commands that arrive: central's queue, a real mosquitto, a real gateway daemon.
 
 The gateway (the daemon, a Modbus meter with a supply relay, one prepaid
-account) reaches a real mosquitto through a link emulator; central runs the
+account) reaches a real mosquitto, on the shipped configuration (mutual TLS,
+the ACL, persistence), through a link emulator; central runs the
 headend's ingest, the dispatcher and the HTTP API in this process. Top-ups
 are sold through the API (billing, and payment channels) and the command
 line while the gateway is online, while its results cannot reach central,
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,13 +28,15 @@ from gateway.cli import main as edgegw
 from gateway.config import load_config
 from gateway.daemon import Daemon
 from headend.commands import ONLINE_GRACE_MS
+from headend.tls import BrokerTLS
 from testbed.linkemu import LinkEmulator
 from testbed.simulators.modbus import ModbusSimulator
 from tests.gateway.e2e import until
-from tests.harness.mosquitto import Mosquitto
+from tests.harness.mosquitto import Mosquitto, TlsFiles
 from tests.headend.central_site import (
     ACCOUNT_ID,
     CentralStack,
+    ClientTls,
     SimClock,
     gateway_applied,
     gateway_audit,
@@ -41,33 +44,47 @@ from tests.headend.central_site import (
     prepaid_site,
 )
 from tests.headend.test_headend_scaleout import pg_dsn  # noqa: F401 (fixture)
+from tests.security.tls import HEADEND_CN, Pki, make_pki
 
 HOUR_MS = 3_600_000
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"), clients=("gw-central", HEADEND_CN))
+
+
 @pytest.fixture
-def persistent_broker(tmp_path: Path) -> Mosquitto:
-    """A mosquitto that keeps sessions and queued messages across a clean restart."""
-    (tmp_path / "broker").mkdir()
-    conf = f"persistence true\npersistence_location {tmp_path / 'broker'}/\n"
-    if os.geteuid() == 0:  # else mosquitto drops to its own user, who cannot write here
-        conf += "user root\n"
-    broker = Mosquitto(tmp_path / "broker", extra_conf=conf)
+def shipped_broker(tmp_path: Path, pki: Pki) -> Iterator[Mosquitto]:
+    """mosquitto on the shipped configuration (examples/mosquitto: mutual TLS, the
+    ACL, persistence that keeps sessions and their queues across a clean restart)."""
+    broker = Mosquitto.shipped(
+        tmp_path / "broker", TlsFiles(ca=pki.ca, crl=pki.crl, cert=pki.server.cert, key=pki.server.key)
+    )
     broker.start()
-    yield broker  # type: ignore[misc]
-    broker.stop()
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
-async def _exactly_once_while_offline(tmp_path: Path, broker: Mosquitto, dsn: str | None) -> None:
+async def _exactly_once_while_offline(
+    tmp_path: Path, broker: Mosquitto, pki: Pki, dsn: str | None
+) -> None:
     clock = SimClock()
+    headend = pki.clients[HEADEND_CN]
+    central_tls = BrokerTLS(pki.ca, headend.cert, headend.key).context()
+    gw = pki.clients["gw-central"]
     async with (
         ModbusSimulator(units=[1], load_kw="0.5") as sim,
         LinkEmulator("127.0.0.1", broker.port) as link,
-        CentralStack(tmp_path, broker_port=broker.port, clock=clock, dsn=dsn) as c,
+        CentralStack(tmp_path, broker_port=broker.port, clock=clock, dsn=dsn, tls=central_tls) as c,
     ):
-        cfg = load_config(
-            prepaid_site(tmp_path, broker_port=link.port, modbus_port=sim.port, trust=c.trust)
-        )
+        site = prepaid_site(
+            tmp_path, broker_port=link.port, modbus_port=sim.port, trust=c.trust,
+            tls=ClientTls(pki.ca, gw.cert, gw.key),
+        )  # fmt: skip
+        cfg = load_config(site)
         daemon = Daemon(cfg, clock_ms=clock.now)
         stop = asyncio.Event()
         run = asyncio.create_task(daemon.run(stop))
@@ -245,12 +262,12 @@ async def _exactly_once_while_offline(tmp_path: Path, broker: Mosquitto, dsn: st
 
 
 async def test_every_command_is_applied_once_across_an_offline_gateway_and_broker_restarts(
-    tmp_path: Path, persistent_broker: Mosquitto
+    tmp_path: Path, shipped_broker: Mosquitto, pki: Pki
 ) -> None:
-    await _exactly_once_while_offline(tmp_path, persistent_broker, None)
+    await _exactly_once_while_offline(tmp_path, shipped_broker, pki, None)
 
 
 async def test_the_same_on_postgresql(
-    tmp_path: Path, persistent_broker: Mosquitto, pg_dsn: str  # noqa: F811
+    tmp_path: Path, shipped_broker: Mosquitto, pki: Pki, pg_dsn: str  # noqa: F811
 ) -> None:
-    await _exactly_once_while_offline(tmp_path, persistent_broker, pg_dsn)
+    await _exactly_once_while_offline(tmp_path, shipped_broker, pki, pg_dsn)
