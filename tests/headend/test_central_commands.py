@@ -184,3 +184,34 @@ def test_a_gateway_offline_gets_first_sends_but_no_resends_until_it_is_back() ->
     assert pick(pending, {"gw": 1}, back, 100_000 + ONLINE_GRACE_MS - 1).to_send == (2,)
     assert pick(pending, {"gw": 1}, back, 100_000 + ONLINE_GRACE_MS).to_send == (1, 2)
     assert pick(pending, {"gw": 1}, {}, 5).to_send == (1, 2)  # presence unknown: resend
+
+
+report_rows = st.lists(
+    st.tuples(
+        st.sampled_from(["counter", "bank", "mobile_app", "agent"]),
+        st.sampled_from([s.value for s in State]),
+        st.integers(1, 10**12),
+        st.one_of(st.none(), st.integers(1, 10**12)),
+        st.booleans(),
+    ),
+    max_size=60,
+)
+
+
+@given(report_rows)
+def test_the_reconciliation_partitions_every_topup_and_adds_up(rows: list[tuple[Any, ...]]) -> None:
+    import datetime as dt
+
+    from headend.central import REPORT_COLUMNS, reconcile
+
+    r = reconcile(rows, day=dt.date(2026, 3, 1), tz="UTC", start_ms=0, end_ms=1, as_of_ms=2)
+    for row in [*r["channels"], r["totals"]]:
+        c = {k: (row[k]["count"], row[k]["amount_micro"]) for k in REPORT_COLUMNS}
+        assert c["applied"][0] + c["unconfirmed"][0] == c["topups"][0]
+        assert c["applied"][1] + c["unconfirmed"][1] == c["topups"][1]
+        assert c["pending"][0] + c["refused"][0] + c["expired"][0] == c["unconfirmed"][0]
+        assert c["via_payments"][0] <= c["topups"][0]
+    for col in REPORT_COLUMNS:
+        assert r["totals"][col]["amount_micro"] == sum(ch[col]["amount_micro"] for ch in r["channels"])
+    assert r["totals"]["topups"]["count"] == len(rows)
+    assert r["totals"]["credited"]["amount_micro"] == sum(c for _, _, _, c, _ in rows if c is not None)
