@@ -329,7 +329,7 @@ class Central:
         if parsed is None:
             return None
         token_id, secret = parsed
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(readonly=True) as tx:
             row = await self.db.token(tx, token_id)
         if row is None or row.revoked_ms is not None:
             return None
@@ -621,7 +621,7 @@ class Central:
 
     async def command(self, actor: Actor, command_id: str) -> dict[str, Any]:
         self.require(actor, Permission.READ)
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(readonly=True) as tx:
             row = await self.db.command(tx, command_id)
             if row is None:
                 raise NotFound(f"no command {command_id!r}")
@@ -641,7 +641,7 @@ class Central:
         self.require(actor, Permission.READ)
         if state is not None and state not in {s.value for s in State}:
             raise Invalid(f"state must be one of {', '.join(s.value for s in State)}")
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(readonly=True) as tx:
             rows = await self.db.commands(
                 tx, gateway_id=gateway, account=account, state=state, type=type, limit=limit
             )
@@ -668,7 +668,7 @@ class Central:
 
     async def accounts(self, actor: Actor, gateway: str | None = None) -> list[dict[str, Any]]:
         self.require(actor, Permission.READ)
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(readonly=True) as tx:
             return [_account_view(a) for a in await self.db.accounts(tx, gateway)]
 
     # -- payments -----------------------------------------------------------
@@ -784,7 +784,7 @@ class Central:
         """A channel reads back one of its own payments (with its top-up's state now)."""
         self.require(actor, Permission.PAY)
         assert actor.channel is not None
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(readonly=True) as tx:
             p = await self.db.payment(tx, actor.channel, key)
             if p is None or not p.command_id:
                 raise NotFound(f"no payment {key!r} of channel {actor.channel}")
@@ -808,7 +808,7 @@ class Central:
         end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(0), zone)
         start_ms = int(start.timestamp() * 1000)
         end_ms = int(end.timestamp() * 1000)
-        async with self.db.transaction() as tx:
+        async with self.db.transaction(readonly=True) as tx:
             rows = await self.db.topups_between(tx, start_ms, end_ms)
         return reconcile(rows, day=day, tz=tz, start_ms=start_ms, end_ms=end_ms, as_of_ms=self.clock_ms())
 

@@ -44,7 +44,7 @@ from typing import Any
 import aiosqlite
 
 from headend.commands import Action, State, Transition, on_result, parse_result
-from headend.sql import PgTx, SqliteTx, Tx
+from headend.sql import PgTx, SqliteTx, Tx, begin_sqlite
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS central_commands (
@@ -452,8 +452,9 @@ class CentralDB:
         await conn.executescript(SQLITE_SCHEMA)
 
         @contextlib.asynccontextmanager
-        async def begin() -> AsyncIterator[None]:
-            await conn.execute("BEGIN IMMEDIATE")
+        async def begin(readonly: bool = False) -> AsyncIterator[None]:
+            # a reader does not take the write lock (WAL: it sees the last commit)
+            await begin_sqlite(conn, "BEGIN" if readonly else "BEGIN IMMEDIATE")
             try:
                 yield
             except BaseException:
@@ -472,7 +473,10 @@ class CentralDB:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PG_SCHEMA_LOCK,))
             await conn.execute(PG_SCHEMA)
-        return cls(PgTx(conn), conn.close, conn.transaction)
+        def begin(readonly: bool = False) -> Any:
+            return conn.transaction()
+
+        return cls(PgTx(conn), conn.close, begin)
 
     @classmethod
     async def open(cls, *, db: str | Path | None = None, dsn: str | None = None) -> CentralDB:
@@ -486,11 +490,12 @@ class CentralDB:
         await self._close()
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
+    async def transaction(self, *, readonly: bool = False) -> AsyncIterator[Tx]:
         """One transaction at a time on this connection; committed at the end,
-        rolled back on any exception."""
+        rolled back on any exception. ``readonly``: only reads (SQLite then takes
+        no write lock, so readers never wait for the ingest's writes)."""
         async with self._lock:
-            async with self._begin():
+            async with self._begin(readonly):
                 yield self._tx
 
     # -- counters -----------------------------------------------------------

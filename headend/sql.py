@@ -10,11 +10,15 @@ CONFLICT``, ``RETURNING``); where they differ the caller asks
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import aiosqlite
+
+log = logging.getLogger(__name__)
 
 Row = tuple[Any, ...]
 
@@ -27,6 +31,26 @@ def to_pg(sql: str) -> str:
     if "%" in sql:
         raise ValueError("statement holds a '%', which psycopg would read as a placeholder")
     return _PLACEHOLDER.sub("%s", sql)
+
+
+async def begin_sqlite(conn: aiosqlite.Connection, statement: str = "BEGIN IMMEDIATE") -> None:
+    """Begin a transaction on ``conn``, safely for a task that is cancelled meanwhile.
+
+    aiosqlite runs each statement on the connection's own thread: a task
+    cancelled while it awaits ``BEGIN`` leaves that statement to run anyway,
+    and the connection inside a transaction nobody ends (every later
+    ``BEGIN`` then fails). So a cancelled ``BEGIN`` is followed by a rollback
+    on the same thread before the cancellation goes on, and a transaction
+    found open at the start (left by anything else) is rolled back first.
+    """
+    if conn.in_transaction:
+        log.warning("a transaction was left open on the connection; rolled back")
+        await conn.rollback()
+    try:
+        await conn.execute(statement)
+    except asyncio.CancelledError:
+        await conn.rollback()  # queued behind the BEGIN: runs after it
+        raise
 
 
 class Tx(Protocol):

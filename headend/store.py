@@ -28,7 +28,7 @@ import orjson
 
 from headend import central_db, fleet, notices
 from headend.fleet import PresenceRow
-from headend.sql import SqliteTx
+from headend.sql import SqliteTx, begin_sqlite
 from store_forward.codec import AnyBatch
 from store_forward.presence import Presence
 from store_forward.records import RecordClass, RecordKind, dumps
@@ -202,7 +202,7 @@ class HeadendDB:
 
     async def store(self, batch: AnyBatch, now_ms: int) -> StoreResult:
         db = self._db
-        await db.execute("BEGIN IMMEDIATE")
+        await begin_sqlite(db)  # (a cancelled ingest task leaves no transaction open)
         try:
             cur = await db.execute(
                 f"INSERT OR IGNORE INTO batches ({BATCH_COLS}) VALUES (?, ?, ?, ?, ?, ?)",

@@ -253,3 +253,40 @@ async def test_a_payment_posted_concurrently_twice_makes_one_topup(site: Site, t
     listing = await s.central.commands(BILLING, type="topup")
     assert len(listing) == 1 and listing[0]["amount"] == "8.00" and listing[0]["payment_channel"] == "bank"
 
+
+
+async def test_a_task_cancelled_at_any_point_of_a_transaction_leaves_the_connection_usable(
+    tmp_path: Path,
+) -> None:
+    """The dispatcher and the ingest are cancelled when their broker connection drops
+    (and at stop), possibly while they begin a transaction: the statement still runs
+    on aiosqlite's thread, and must not leave a transaction nobody ends."""
+    db = await CentralDB.open(db=tmp_path / "c.db")
+    store = await HeadendDB.open(tmp_path / "c.db")
+    payload, _ = JsonCodec().pack(GW, 1, [Record(1, RecordClass.EVENT, "event", T0, {"type": "x"})],
+                                  1 << 20, epoch="00000000000000cc")  # fmt: skip
+    batch = decode(payload, None, allow_plain=True)
+    try:
+        for spins in range(8):  # cancel after 0, 1, ... event loop turns
+
+            async def work() -> None:
+                async with db.transaction() as tx:
+                    await db.next_counter(tx, "k", T0)
+                    await asyncio.sleep(0)
+
+            task = asyncio.create_task(work())
+            for _ in range(spins):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            stored = asyncio.create_task(store.store(batch, T0))
+            for _ in range(spins):
+                await asyncio.sleep(0)
+            stored.cancel()
+            await asyncio.gather(stored, return_exceptions=True)
+            async with db.transaction() as tx:  # usable: no "transaction within a transaction"
+                assert await db.next_counter(tx, "k", T0) >= T0 * 1000
+        assert (await store.store(batch, T0)).status in ("stored", "duplicate")
+    finally:
+        await store.close()
+        await db.close()
