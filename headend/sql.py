@@ -82,14 +82,16 @@ class SqliteTx:
         await cur.close()
         return int(n)
 
+    # Statements that return rows run to their end in one call on aiosqlite's thread
+    # (execute_fetchall): a task cancelled meanwhile cannot leave a half-read cursor,
+    # whose unfinished statement (an UPDATE ... RETURNING) would block the next COMMIT.
+
     async def one(self, sql: str, args: Sequence[Any] = ()) -> Row | None:
-        async with self.conn.execute(sql, tuple(args)) as cur:
-            row = await cur.fetchone()
-        return None if row is None else tuple(row)
+        rows = list(await self.conn.execute_fetchall(sql, tuple(args)))
+        return tuple(rows[0]) if rows else None
 
     async def all(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        async with self.conn.execute(sql, tuple(args)) as cur:
-            return [tuple(r) for r in await cur.fetchall()]
+        return [tuple(r) for r in await self.conn.execute_fetchall(sql, tuple(args))]
 
 
 class PgTx:

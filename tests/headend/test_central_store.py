@@ -267,7 +267,7 @@ async def test_a_task_cancelled_at_any_point_of_a_transaction_leaves_the_connect
                                   1 << 20, epoch="00000000000000cc")  # fmt: skip
     batch = decode(payload, None, allow_plain=True)
     try:
-        for spins in range(8):  # cancel after 0, 1, ... event loop turns
+        for spins in range(16):  # cancel after 0, 1, ... event loop turns
 
             async def work() -> None:
                 async with db.transaction() as tx:
