@@ -395,7 +395,7 @@ def _serve(args: argparse.Namespace) -> int:
         host, port = args.broker
         dispatcher = Dispatcher(db, signer, host, port, prefix=args.prefix, tls_context=tls)
         central = Central(db, signer, on_queued=[dispatcher.wake])
-        runner = await serve(build_app(central), *args.listen)
+        runner, _ = await serve(build_app(central), *args.listen)
         log.info("central API on http://%s:%d/api/v1, dispatching to %s:%d", *args.listen, host, port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

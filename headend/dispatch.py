@@ -48,6 +48,7 @@ from headend.commands import GAP_RETRY_MS, Pending, Presence, pick, resend_delay
 from headend.ingest import presence_filter, presence_gateway
 from headend.signing import Signer, SigningError
 from store_forward.command_roles import CommandType
+from store_forward.presence import parse as parse_presence
 from store_forward.topics import DEFAULT_PREFIX, Topics
 
 log = logging.getLogger(__name__)
@@ -104,9 +105,13 @@ class Dispatcher:
     # -- presence -----------------------------------------------------------
 
     def note_presence(self, gateway: str, payload: bytes, now_ms: int) -> None:
-        online = payload.strip() == b"online"
-        if payload.strip() not in (b"online", b"offline"):
+        """A message on the gateway's retained presence topic (store_forward.presence;
+        anything else is ignored). ``now_ms`` is central's clock: the time the gateway
+        came back counts from when central heard of it."""
+        said = parse_presence(payload)
+        if said is None:
             return
+        online = said.online
         before = self.presence.get(gateway)
         if before is None or before.online != online:
             self.presence[gateway] = Presence(online, now_ms)

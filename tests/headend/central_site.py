@@ -30,7 +30,7 @@ from headend.dispatch import Dispatcher
 from headend.ingest import Headend
 from headend.signing import Signer, init_keys
 from headend.store import HeadendDB, HeadendStore
-from headend.web import bound_port, build_app, serve
+from headend.web import build_app, serve
 
 ROOT = Path(__file__).resolve().parents[2]
 GATEWAY = "gw-central"
@@ -217,7 +217,7 @@ class CentralStack:
             clock_ms=self.clock.now, interval_s=0.2,
         )  # fmt: skip
         self.central = Central(self.db, self.signer, clock_ms=self.clock.now, on_queued=[self.dispatcher.wake])
-        self.runner = await serve(build_app(self.central), "127.0.0.1", 0)
+        self.runner, port = await serve(build_app(self.central), "127.0.0.1", 0)
         tokens = {}
         for who, role, channel in (
             ("billing", ApiRole.BILLING, None),
@@ -227,7 +227,7 @@ class CentralStack:
             ("mobile_app", ApiRole.CHANNEL, "mobile_app"),
         ):
             _, tokens[who] = await self.central.create_token(f"test-{who}", role, channel)
-        self.api = Api(f"http://127.0.0.1:{bound_port(self.runner)}", tokens)
+        self.api = Api(f"http://127.0.0.1:{port}", tokens)
         self.start_ingest()
         self.tasks.append(asyncio.create_task(self.dispatcher.run()))
         await asyncio.wait_for(self.dispatcher.connected.wait(), 10)

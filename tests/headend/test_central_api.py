@@ -21,7 +21,7 @@ from headend.central import ApiRole, Central
 from headend.central_db import CentralDB
 from headend.signing import Signer, init_keys
 from headend.store import HeadendDB, HeadendStore
-from headend.web import bound_port, build_app, serve
+from headend.web import build_app, serve
 from store_forward.codec import JsonCodec, decode
 from store_forward.records import Record, RecordClass
 from tests.headend.central_site import Api
@@ -64,7 +64,7 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     db = await CentralDB.open(db=tmp_path / "central.db", dsn=dsn)
     clock = [T0]
     central = Central(db, Signer.load(tmp_path / "keys"), clock_ms=lambda: clock[0])
-    runner = await serve(build_app(central), "127.0.0.1", 0)
+    runner, port = await serve(build_app(central), "127.0.0.1", 0)
     tokens = {}
     for who, role, channel in (
         ("billing", ApiRole.BILLING, None),
@@ -74,7 +74,7 @@ async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         ("counter", ApiRole.CHANNEL, "counter"),
     ):
         _, tokens[who] = await central.create_token(f"t-{who}", role, channel)
-    api = Api(f"http://127.0.0.1:{bound_port(runner)}", tokens)
+    api = Api(f"http://127.0.0.1:{port}", tokens)
     try:
         yield World(central, store, api, tmp_path, dsn)
     finally:
