@@ -429,8 +429,15 @@ class Central:
         amount_micro: int,
         payment_channel: str,
         valid_for_s: int | None = None,
+        gateway: str | None = None,
+        request_key: str | None = None,
     ) -> dict[str, Any]:
-        """Queue a top-up of ``account`` with its next purchase counter."""
+        """Queue a top-up of ``account`` with its next purchase counter.
+
+        ``gateway``: the gateway the caller believes serves the account (refused
+        if central knows another). ``request_key``: the caller's id of this
+        request (a console form): asked again, it answers the same command.
+        """
         signer = self._signer_for(actor, CommandType.TOPUP)
         parse_id(account, "account")
         check_topup_amount(amount_micro)
@@ -438,7 +445,19 @@ class Central:
             raise Invalid(f"payment_channel must be one of {', '.join(sorted(PAYMENT_CHANNELS))}")
         valid = validity(CommandType.TOPUP, valid_for_s)
         async with self.db.transaction() as tx:
-            row = await self._topup_in(tx, actor, signer, account, amount_micro, payment_channel, valid)
+            if request_key is not None:
+                known = await self.db.by_request(tx, request_key)
+                if known is not None:
+                    if (known.type, known.account, known.amount_micro) != ("topup", account, amount_micro):
+                        raise Conflict(f"request {request_key!r} already asked for {known.type} {known.command_id}")
+                    return command_view(known)
+            if gateway is not None:
+                acct = await self._account(tx, account)
+                if acct.gateway_id != gateway:
+                    raise Conflict(f"account {account!r} is served by gateway {acct.gateway_id!r}, not {gateway!r}")
+            row = await self._topup_in(
+                tx, actor, signer, account, amount_micro, payment_channel, valid, request_key
+            )
         self._queued()
         return command_view(row)
 
@@ -451,6 +470,7 @@ class Central:
         amount_micro: int,
         payment_channel: str,
         valid_ms: int,
+        request_key: str | None = None,
     ) -> CommandRow:
         acct = await self._account(tx, account)
         pc = await self.db.next_purchase_counter(tx, account)
@@ -464,7 +484,7 @@ class Central:
         return await self._queue_in(
             tx, actor, signer, CommandType.TOPUP, acct.gateway_id, body, valid_ms,
             prefix="topup", account=account, amount_micro=amount_micro,
-            payment_channel=payment_channel, purchase_counter=pc,
+            payment_channel=payment_channel, purchase_counter=pc, request_key=request_key,
         )  # fmt: skip
 
     async def publish_tariff(
@@ -565,7 +585,9 @@ class Central:
         op: str,
         reason: str | None = None,
         valid_for_s: int | None = None,
+        request_key: str | None = None,
     ) -> dict[str, Any]:
+        """Queue a relay operation (``request_key`` as for :meth:`sell_topup`)."""
         signer = self._signer_for(actor, CommandType.RELAY_OPERATE)
         parse_id(gateway, "gateway")
         parse_id(meter, "meter")
@@ -578,9 +600,17 @@ class Central:
             body["reason"] = reason
         valid = validity(CommandType.RELAY_OPERATE, valid_for_s)
         async with self.db.transaction() as tx:
+            if request_key is not None:
+                known = await self.db.by_request(tx, request_key)
+                if known is not None:
+                    if (known.type, known.gateway_id, known.meter, known.body.get("op")) != (
+                        "relay.operate", gateway, meter, op
+                    ):
+                        raise Conflict(f"request {request_key!r} already asked for {known.type} {known.command_id}")
+                    return command_view(known)
             row = await self._queue_in(
                 tx, actor, signer, CommandType.RELAY_OPERATE, gateway, body, valid,
-                prefix="relay", meter=meter,
+                prefix="relay", meter=meter, request_key=request_key,
             )  # fmt: skip
         self._queued()
         return command_view(row)

@@ -40,6 +40,7 @@ import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from headend.central import (
     Actor,
@@ -378,9 +379,18 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # aiohttp is the ``headend`` extra: loaded only by this command.
+    # aiohttp (and for the console jinja2) is the ``headend`` extra: loaded only here.
     from headend.dispatch import Dispatcher
-    from headend.web import build_app, serve
+    from headend.web import build_app, serve, server_tls
+
+    if (args.https_cert is None) != (args.https_key is None):
+        return _err("--https-cert and --https-key go together")
+    https: ssl.SSLContext | None = None
+    if args.https_cert is not None:
+        try:
+            https = server_tls(str(args.https_cert), str(args.https_key))
+        except (OSError, ssl.SSLError) as exc:
+            return _err(f"--https-cert/--https-key: {exc}")
 
     tls: ssl.SSLContext | None = None
     if args.tls_ca is not None:
@@ -395,8 +405,24 @@ def _serve(args: argparse.Namespace) -> int:
         host, port = args.broker
         dispatcher = Dispatcher(db, signer, host, port, prefix=args.prefix, tls_context=tls)
         central = Central(db, signer, on_queued=[dispatcher.wake])
-        runner, _ = await serve(build_app(central), *args.listen)
-        log.info("central API on http://%s:%d/api/v1, dispatching to %s:%d", *args.listen, host, port)
+        console = None
+        console_db: Any = None
+        if args.console:
+            from headend.central_desk import CentralDesk
+            from headend.console.app import ConsoleSettings
+            from headend.console.db import open_console_db
+
+            console_db = await open_console_db(args.db and str(args.db), args.dsn)
+            console = ConsoleSettings(
+                db=console_db, tz=args.timezone or console_timezone(None), desk=CentralDesk(central),
+                secure_cookies=True if args.secure_cookies else None,
+            )  # fmt: skip
+        runner, bound = await serve(build_app(central, console=console), args.listen[0], args.listen[1], https)
+        scheme = "https" if https is not None else "http"
+        log.info(
+            "central API on %s://%s:%d/api/v1%s, dispatching to %s:%d", scheme, args.listen[0], bound,
+            " (and the console at /console/)" if console is not None else "", host, port,
+        )  # fmt: skip
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -408,6 +434,8 @@ def _serve(args: argparse.Namespace) -> int:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await runner.cleanup()
+            if console_db is not None:
+                await console_db.close()
             await db.close()
         return 0
 
@@ -420,6 +448,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+
+
+def console_timezone(name: str | None) -> Any:
+    """An IANA time zone for the console (this host's local zone by default)."""
+    if not name:
+        return dt.datetime.now().astimezone().tzinfo
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown time zone {name!r} (an IANA name, e.g. Asia/Shanghai)") from None
 
 
 def _store(p: argparse.ArgumentParser) -> None:
@@ -454,9 +492,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--broker", type=hostport, required=True, metavar="HOST:PORT")
     p.add_argument("--listen", type=hostport, required=True, metavar="HOST:PORT")
     p.add_argument("--prefix", default="edgegw/v1", help="topic prefix (default: %(default)s)")
-    p.add_argument("--tls-ca", type=Path, metavar="PEM")
-    p.add_argument("--tls-cert", type=Path, metavar="PEM")
-    p.add_argument("--tls-key", type=Path, metavar="PEM")
+    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="TLS to the broker: its CA")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="central's client certificate")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="its key")
+    p.add_argument("--https-cert", type=Path, metavar="PEM", help="serve HTTPS with this chain")
+    p.add_argument("--https-key", type=Path, metavar="PEM", help="and this key")
+    p.add_argument("--console", action="store_true",
+                   help="also serve the operator console at /console/, its forms on this queue")  # fmt: skip
+    p.add_argument("--timezone", type=console_timezone, default=None, metavar="ZONE",
+                   help="the console's time zone (default: this host's)")  # fmt: skip
+    p.add_argument("--secure-cookies", action="store_true", help="the console's cookies only over HTTPS")
     p.set_defaults(func=_serve)
 
     t = cs.add_parser("token", help="API tokens (one role each)")

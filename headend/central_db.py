@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS central_commands (
     message          TEXT,
     effect           TEXT,
     credited_ms      {INT},
-    credited_micro   {INT}
+    credited_micro   {INT},
+    request_key      TEXT    UNIQUE
 );
 CREATE INDEX IF NOT EXISTS central_commands_due ON central_commands (state, next_attempt_ms);
 CREATE INDEX IF NOT EXISTS central_commands_gateway ON central_commands (gateway_id, seq);
@@ -145,7 +146,7 @@ COMMAND_COLS = (
     " amount_micro, payment_channel, purchase_counter, requested_by, created_ms, issued_ms,"
     " expires_ms, envelope, state, resign, attempts, first_sent_ms, last_sent_ms,"
     " next_attempt_ms, results, last_result_ms, final_ms, reason, code, message, effect,"
-    " credited_ms, credited_micro"
+    " credited_ms, credited_micro, request_key"
 )
 
 
@@ -192,6 +193,7 @@ class CommandRow:
     effect: dict[str, Any] | None
     credited_ms: int | None
     credited_micro: int | None
+    request_key: str | None
 
     @classmethod
     def of(cls, r: Sequence[Any]) -> CommandRow:
@@ -229,6 +231,7 @@ class CommandRow:
             effect=None if r[30] is None else json.loads(r[30]),
             credited_ms=_opt_int(r[31]),
             credited_micro=_opt_int(r[32]),
+            request_key=_opt_str(r[33]),
         )
 
 
@@ -251,6 +254,7 @@ class NewCommand:
     amount_micro: int | None = None
     payment_channel: str | None = None
     purchase_counter: int | None = None
+    request_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -578,8 +582,8 @@ class CentralDB:
             "INSERT INTO central_commands (command_id, gateway_id, type, role, issuer, counter,"
             " body, account, meter, amount_micro, payment_channel, purchase_counter,"
             " requested_by, created_ms, issued_ms, expires_ms, envelope, state,"
-            " next_attempt_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " 'queued', ?)",
+            " next_attempt_ms, request_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?, 'queued', ?, ?)",
             (
                 c.command_id,
                 c.gateway_id,
@@ -599,6 +603,7 @@ class CentralDB:
                 c.expires_ms,
                 c.envelope,
                 c.created_ms,
+                c.request_key,
             ),
         )
         await log_step(
@@ -612,6 +617,18 @@ class CentralDB:
     @staticmethod
     async def command(tx: Tx, command_id: str) -> CommandRow | None:
         return await command_row(tx, command_id)
+
+    @staticmethod
+    async def by_request(tx: Tx, request_key: str) -> CommandRow | None:
+        """The command a request (e.g. a console form) made, if it made one. On
+        PostgreSQL the key is locked for the transaction first, so a request
+        resubmitted at once to another process waits here, then finds it."""
+        if tx.postgres:
+            await tx.one("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (request_key,))
+        r = await tx.one(
+            f"SELECT {COMMAND_COLS} FROM central_commands WHERE request_key = ?", (request_key,)
+        )
+        return None if r is None else CommandRow.of(r)
 
     @staticmethod
     async def commands(
