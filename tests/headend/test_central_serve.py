@@ -3,8 +3,8 @@
 Set up with the command line alone (keys, an account, a token), the process
 takes a top-up over HTTP and publishes its signed envelope to the gateway's
 command topic on a real mosquitto, where a subscriber with the gateway's
-persistent session gets it; the gateway's verifier accepts it. SIGTERM stops
-it with exit status 0.
+persistent session gets it; the gateway's verifier accepts it; the operator
+console answers on the same listener. SIGTERM stops it with exit status 0.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ async def test_serve_takes_a_topup_over_http_and_publishes_it(
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.cli", "central", "serve", "--db", db, "--keys", keys,
         "--broker", f"127.0.0.1:{mosquitto.port}", "--listen", f"127.0.0.1:{port}",
+        "--console", "--timezone", "Asia/Shanghai",
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -79,6 +80,8 @@ async def test_serve_takes_a_topup_over_http_and_publishes_it(
                 headers={"Authorization": f"Bearer {token}"},
             ) as r:
                 assert (await r.json())["state"] == "sent"
+            async with http.get(f"http://127.0.0.1:{port}/console/login") as r:  # beside the API
+                assert r.status == 200 and 'id="login-form"' in await r.text()
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
