@@ -39,6 +39,7 @@ _RELEASE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 _USER = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _PURPOSE = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _CODE = re.compile(r"[a-z][a-z0-9_.]{0,47}")
+_PAYMENT_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
 def is_name(value: object) -> TypeGuard[str]:
@@ -69,6 +70,12 @@ def is_purpose(value: object) -> TypeGuard[str]:
 def is_code(value: object) -> TypeGuard[str]:
     """A short reason code."""
     return isinstance(value, str) and _CODE.fullmatch(value) is not None
+
+
+def is_payment_key(value: object) -> TypeGuard[str]:
+    """A payment channel's idempotency key (its own id of a payment): an issued id of
+    up to 128 characters."""
+    return isinstance(value, str) and _PAYMENT_KEY.fullmatch(value) is not None
 
 
 def name_problem(value: object) -> str | None:

@@ -43,6 +43,9 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
+from firmware_bridge.identifiers import NAME_RULE, is_name, is_payment_key
+from firmware_bridge.relay_ops import RelayOp
 from headend.central_db import CentralDB, CommandRow, NewCommand, PaymentRow, TokenRow
 from headend.commands import State
 from headend.signing import Signer, SigningError
@@ -54,11 +57,10 @@ _DAY_MS = 86_400_000
 MICRO = 1_000_000
 MAX_AMOUNT_MICRO = 10**12  # the gateway's own ceiling for one top-up
 
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
-_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _AMOUNT_RE = re.compile(r"[0-9]{1,7}(\.[0-9]{1,6})?")
 
-RELAY_OPS = ("trip", "close", "close_allowed", "alarm", "alarm_off", "protect", "unprotect")
+# central's words for the relay operations (relay.operate, docs/security.md)
+RELAY_OPS = tuple(op.command_word for op in RelayOp)
 
 # How long a command stays valid unless the caller says otherwise (each at most
 # the type's limit, MAX_VALIDITY_MS).
@@ -121,9 +123,10 @@ class Actor:
         return f"{self.role.value}:{self.name}"
 
 
-class CentralError(Exception):
+class CentralError(EdgeGwError):
     """A request central does not carry out: ``status`` (HTTP), ``code``, message."""
 
+    kind = ErrorKind.INVALID
     status = 400
     code = "invalid"
 
@@ -140,21 +143,25 @@ class Invalid(CentralError):
 
 
 class Forbidden(CentralError):
+    kind = ErrorKind.AUTH
     status = 403
     code = "forbidden"
 
 
 class NotFound(CentralError):
+    kind = ErrorKind.NOT_FOUND
     status = 404
     code = "not_found"
 
 
 class Conflict(CentralError):
+    kind = ErrorKind.CONFLICT
     status = 409
     code = "conflict"
 
 
 class Unavailable(CentralError):
+    kind = ErrorKind.ERROR
     status = 503
     code = "no_signing_key"
 
@@ -163,10 +170,9 @@ class Unavailable(CentralError):
 
 
 def parse_id(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
-        raise Invalid(
-            f"{what} must be an identifier (letters, digits, _ . : -; at most 64), got {_show(value)}"
-        )
+    """A gateway, account, meter or tariff name (firmware_bridge.identifiers)."""
+    if not is_name(value):
+        raise Invalid(f"{what} must be an identifier ({NAME_RULE}), got {_show(value)}")
     return value
 
 
@@ -591,8 +597,13 @@ class Central:
         signer = self._signer_for(actor, CommandType.RELAY_OPERATE)
         parse_id(gateway, "gateway")
         parse_id(meter, "meter")
-        if op not in RELAY_OPS:
+        try:
+            word = RelayOp(op).command_word if isinstance(op, str) else ""
+        except ValueError:
+            word = ""
+        if not word:
             raise Invalid(f"op must be one of {', '.join(RELAY_OPS)}")
+        op = word
         body: dict[str, Any] = {"meter": meter, "op": op}
         if reason is not None:
             if not isinstance(reason, str) or not reason.isprintable() or len(reason) > 200:
@@ -718,7 +729,7 @@ class Central:
         if extra:
             raise Invalid(f"unknown field(s) {', '.join(extra)} (allowed: {', '.join(sorted(allowed))})")
         key = request.get("idempotency_key")
-        if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+        if not is_payment_key(key):
             raise Invalid(
                 "idempotency_key must be 1 to 128 letters, digits, _ . : - (the channel's own id"
                 " of this payment)"

@@ -43,6 +43,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from headend.central import (
+    RELAY_OPS,
     Actor,
     ApiRole,
     Central,
@@ -566,7 +567,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _keys(p)
     p.add_argument("--gateway", required=True)
     p.add_argument("--meter", required=True)
-    p.add_argument("--op", required=True, choices=["trip", "close", "close_allowed", "alarm", "alarm_off", "protect", "unprotect"])
+    p.add_argument("--op", required=True, choices=RELAY_OPS)
     p.add_argument("--reason")
     _validity(p)
     p.set_defaults(func=_relay)

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware_bridge.durable import fsync_dir, write_atomic
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from store_forward.command_envelope import EnvelopeError, sign_command
 from store_forward.command_roles import (
     COMMAND_ROLE,
@@ -52,8 +53,10 @@ TRUST_FILE = "trust.json"
 ONLINE_ROLES = frozenset({Role.BILLING, Role.OPERATIONS})
 
 
-class SigningError(Exception):
+class SigningError(EdgeGwError):
     """No key to sign with, or a key directory that is not right."""
+
+    kind = ErrorKind.AUTH
 
 
 @dataclass(frozen=True)

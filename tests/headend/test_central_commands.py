@@ -215,3 +215,16 @@ def test_the_reconciliation_partitions_every_topup_and_adds_up(rows: list[tuple[
         assert r["totals"][col]["amount_micro"] == sum(ch[col]["amount_micro"] for ch in r["channels"])
     assert r["totals"]["topups"]["count"] == len(rows)
     assert r["totals"]["credited"]["amount_micro"] == sum(c for _, _, _, c, _ in rows if c is not None)
+
+
+def test_central_speaks_the_gateways_words_for_channels_and_relay_operations() -> None:
+    """Central (which imports no gateway code) offers exactly what the gateway accepts."""
+    from firmware_bridge.relay_ops import RelayOp
+    from gateway.billing.topup import Channel
+    from gateway.commands.bodies import PAYMENT_CHANNELS as GATEWAY_CHANNELS
+    from headend.central import RELAY_OPS
+    from store_forward.command_envelope import PAYMENT_CHANNELS
+
+    assert PAYMENT_CHANNELS == GATEWAY_CHANNELS == {c.value for c in Channel}
+    assert sorted(RELAY_OPS) == sorted({op.command_word for op in RelayOp})
+    assert all(RelayOp(word).command_word == word for word in RELAY_OPS)
