@@ -47,7 +47,7 @@ results = st.builds(
     expires=st.integers(0, 10**13),
     later=st.booleans(),
 )
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)
 def test_applied_is_absorbing_and_final_states_change_only_to_applied(
     start: State, seq: list[Result], type: str, now: int, expires: int, later: bool
 ) -> None:
@@ -108,6 +108,7 @@ def test_results_are_read_only_from_command_results_that_name_a_command() -> Non
 
 
 @given(st.integers(0, 200))
+@settings(deadline=None)
 def test_resend_delays_grow_and_are_bounded(n: int) -> None:
     assert 0 <= resend_delay_ms(n) <= MAX_RESEND_MS
     assert resend_delay_ms(n) <= resend_delay_ms(n + 1)
@@ -140,7 +141,7 @@ presences = st.dictionaries(
     now=st.integers(0, 2_000),
     window=st.integers(1, 8),
 )
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 def test_the_dispatcher_never_sends_expired_or_early_keeps_the_window_and_the_order(
     pending: list[Pending], flight: dict[str, int], presence: dict[str, Presence], now: int, window: int
 ) -> None:
@@ -199,6 +200,7 @@ report_rows = st.lists(
 
 
 @given(report_rows)
+@settings(deadline=None)
 def test_the_reconciliation_partitions_every_topup_and_adds_up(rows: list[tuple[Any, ...]]) -> None:
     import datetime as dt
 
