@@ -3,6 +3,7 @@
     edgegw central keys init --keys DIR [--role billing] [--role operations]
     edgegw central serve (--db F | --dsn DSN) --keys DIR --broker HOST:PORT --listen HOST:PORT
         [--prefix P] [--tls-ca ca.pem [--tls-cert c.pem --tls-key c.key]]
+        [--https-cert chain.pem --https-key key.pem] [--console [--timezone ZONE] [--secure-cookies]]
     edgegw central token add (--db F | --dsn DSN) --name N --role ROLE [--channel CH]
     edgegw central token list | revoke TOKEN_ID (--db F | --dsn DSN)
     edgegw central account add (--db|--dsn) --account A --gateway GW [--purchase-counter N]
