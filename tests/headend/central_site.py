@@ -31,28 +31,10 @@ from headend.ingest import Headend
 from headend.signing import Signer, init_keys
 from headend.store import HeadendDB, HeadendStore
 from headend.web import build_app, serve
+from tests.harness.site import DEV_UPLINK, gateway_config, meter, prepaid_account
 
-ROOT = Path(__file__).resolve().parents[2]
 GATEWAY = "gw-central"
 ACCOUNT_ID = "acct-001"
-
-ACCOUNT = """
-account = "acct-001"
-timezone = "Asia/Shanghai"
-opening_balance = "100.00"
-meters = ["m001"]
-protected = false
-
-[limits]
-alarm1 = "5.00"
-alarm2 = "2.00"
-overdraft = "0.00"
-close_permit = "1.00"
-close_mode = "direct"
-reconnect_delay_s = 0
-relay_min_interval_s = 0
-"""
-
 
 class SimClock:
     """Real time plus an offset the test moves (the site's and central's clock)."""
@@ -85,65 +67,18 @@ def prepaid_site(
     keepalive_s: int = 5,
     tls: ClientTls | None = None,
 ) -> Path:
-    shutil.copy(ROOT / "examples" / "tariffs" / "flat.toml", tmp / "flat.toml")
+    """A gateway with one prepaid account (100.00) on a meter with a supply relay,
+    trusting central's keys (tests/harness/site.py builds it)."""
     shutil.copy(trust, tmp / "trust.json")
-    (tmp / "acct-001.toml").write_text(ACCOUNT)
-    tls_lines = ""
+    broker: dict[str, object] = {"host": "127.0.0.1", "port": broker_port, "keepalive_s": keepalive_s}
     if tls is not None:
-        tls_lines = f'tls = true\nca_file = "{tls.ca}"\ncert_file = "{tls.cert}"\nkey_file = "{tls.key}"\n'
-    path = tmp / "site.toml"
-    path.write_text(
-        f"""
-[gateway]
-id = "{GATEWAY}"
-site = "test"
-timezone = "Asia/Shanghai"
-poll_interval_s = 0.5
-
-[storage]
-path = "gw.db"
-
-[broker]
-host = "127.0.0.1"
-port = {broker_port}
-keepalive_s = {keepalive_s}
-{tls_lines}
-[uplink]
-allow_unauthenticated_acks = true   # unsealed batches to a development headend
-ack_timeout_s = 2.0
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-
-[security]
-trust_file = "trust.json"
-
-[[bus]]
-name = "lan"
-type = "tcp"
-host = "127.0.0.1"
-port = {modbus_port}
-timeout_s = 0.5
-retries = 0
-
-[[meter]]
-id = "m001"
-bus = "lan"
-protocol = "modbus"
-unit_id = 1
-profile = "sdm120"
-account = "acct-001"
-[meter.relay]
-kind = "coil"
-address = 0
-min_interval_s = 0
-
-[[account]]
-id = "acct-001"
-settings = "acct-001.toml"
-tariffs = ["flat.toml"]
-"""
-    )
-    return path
+        broker |= {"tls": True, "ca_file": str(tls.ca), "cert_file": str(tls.cert), "key_file": str(tls.key)}
+    account = prepaid_account(tmp, opening="100.00", alarm1="5.00", alarm2="2.00", close_permit="1.00")
+    return gateway_config(
+        tmp, GATEWAY, modbus_port=modbus_port, gateway={"timezone": "Asia/Shanghai", "poll_interval_s": 0.5},
+        broker=broker, uplink=DEV_UPLINK, security={"trust_file": "trust.json"},
+        meters=[meter(account=ACCOUNT_ID)], accounts=[account],
+    )  # fmt: skip
 
 
 class Api:
