@@ -7,6 +7,12 @@ the default run skips them so that it stays within a few minutes.
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
+
+# Property tests check behaviour, not speed: no per-example deadline (a loaded CI
+# machine and coverage tracing make single examples slow without anything wrong).
+settings.register_profile("edgegw", deadline=None)
+settings.load_profile("edgegw")
 
 pytest_plugins = ["tests.harness.fixtures"]
 
