@@ -361,9 +361,16 @@ BROKER_SCHEMA = {
     ),
     "topic_prefix": Field((str,), check=_topic_prefix),
 }
+# The shipped broker configuration refuses packets over 1 MiB (max_packet_size);
+# a larger batch would be dropped with the connection, and resent forever.
+BATCH_MAX_BYTES_LIMIT = 960 * 1024
 UPLINK_SCHEMA = {
     "batch_max_records": Field((int,), check=_between(1, 100_000)),
-    "batch_max_bytes": Field((int,), check=_between(1024, 16 << 20, "bytes", "1 KiB..16 MiB")),
+    "batch_max_bytes": Field(
+        (int,),
+        check=_between(1024, BATCH_MAX_BYTES_LIMIT, "bytes", "a batch, its topic and MQTT header must fit"
+                       " the broker's max_packet_size of 1 MiB (examples/mosquitto)"),
+    ),
     "ack_timeout_s": Field(_NUM, check=_between(1, 600, "s"), convert=_seconds),
     "window": Field((int,), check=_between(1, 64)),
     "reconnect_min_s": Field(_NUM, check=_between(0.05, 600, "s"), convert=_seconds),
