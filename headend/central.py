@@ -264,6 +264,7 @@ def command_view(row: CommandRow) -> dict[str, Any]:
         "next_attempt_ms": row.next_attempt_ms if row.state in (State.QUEUED, State.SENT) else None,
         "final_ms": row.final_ms,
         "results": row.results,
+        "last_result_ms": row.last_result_ms,
         "body": row.body,
         "effect": row.effect,
         "account": row.account,
@@ -273,6 +274,8 @@ def command_view(row: CommandRow) -> dict[str, Any]:
         "payment_channel": row.payment_channel,
         "purchase_counter": row.purchase_counter,
         "credited": yuan(row.credited_micro),
+        "credited_micro": row.credited_micro,
+        "credited_ms": row.credited_ms,
     }
 
 

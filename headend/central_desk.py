@@ -13,6 +13,7 @@ reason, for the operator.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from headend.central import Actor, ApiRole, Central, CentralError
 from headend.console.desk import DeskError, QueuedCommand
@@ -21,14 +22,15 @@ from headend.console.desk import DeskError, QueuedCommand
 CONSOLE_CHANNEL = "counter"
 
 
-def _detail(v: dict[str, object]) -> str:
-    """One line of what a command is and why it is where it is."""
+# States a gateway's answer settles (expired is central's own decision, or a late refusal).
+ANSWER_SETTLES = frozenset({"applied", "refused", "superseded"})
+
+
+def _detail(v: dict[str, Any]) -> str:
+    """What a command is and why it is where it is, beyond the fields the console
+    shows in their own columns (a top-up's amount, counter and credit)."""
     parts: list[str] = []
-    if v["type"] == "topup":
-        parts.append(f"{v['account']} {v['amount']} #{v['purchase_counter']}")
-        if v.get("credited"):
-            parts.append(f"credited {v['credited']}")
-    elif v["type"] == "relay.operate":
+    if v["type"] == "relay.operate":
         body = v["body"]
         assert isinstance(body, dict)
         parts.append(f"{v['meter']} {body.get('op')}")
@@ -37,6 +39,34 @@ def _detail(v: dict[str, object]) -> str:
     if v.get("message"):
         parts.append(str(v["message"]))
     return " · ".join(parts)
+
+
+def _opt(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def queued_command(v: dict[str, Any]) -> QueuedCommand:
+    """The console's view of one of central's commands (:func:`headend.central.command_view`)."""
+    state = str(v["state"])
+    return QueuedCommand(
+        command_id=str(v["id"]),
+        type=str(v["type"]),
+        created_ms=int(v["created_ms"]),
+        state=state,
+        detail=_detail(v),
+        operator=str(v["requested_by"]),
+        account=v.get("account"),
+        meter=v.get("meter"),
+        amount_micro=_opt(v.get("amount_micro")),
+        purchase_counter=_opt(v.get("purchase_counter")),
+        payment_channel=v.get("payment_channel"),
+        attempts=int(v["attempts"]),
+        first_sent_ms=_opt(v.get("first_sent_ms")),
+        last_sent_ms=_opt(v.get("last_sent_ms")),
+        answered_ms=_opt(v["final_ms"] if state in ANSWER_SETTLES else v.get("last_result_ms")),
+        credited_micro=_opt(v.get("credited_micro")),
+        credited_ms=_opt(v.get("credited_ms")),
+    )
 
 
 class CentralDesk:
@@ -77,17 +107,11 @@ class CentralDesk:
         return str(v["id"])
 
     async def commands(self, gateway: str, limit: int = 50) -> Sequence[QueuedCommand]:
+        views = await self.central.commands(Actor("console", ApiRole.VIEWER), gateway=gateway, limit=limit)
+        return [queued_command(v) for v in views]
+
+    async def topups(self, gateway: str, account: str, limit: int = 50) -> Sequence[QueuedCommand]:
         views = await self.central.commands(
-            Actor("console", ApiRole.VIEWER), gateway=gateway, limit=limit
+            Actor("console", ApiRole.VIEWER), gateway=gateway, account=account, type="topup", limit=limit
         )
-        return [
-            QueuedCommand(
-                command_id=str(v["id"]),
-                type=str(v["type"]),
-                created_ms=int(v["created_ms"]),
-                state=str(v["state"]),
-                detail=_detail(v),
-                operator=str(v["requested_by"]),
-            )
-            for v in views
-        ]
+        return [queued_command(v) for v in views]

@@ -40,7 +40,7 @@ from headend.console.auth import Permission, Session, Users
 from headend.console.db import ConsoleDb
 from headend.console.desk import CommandDesk, DeskError
 from headend.console.i18n import LANGUAGES, Translator, choose
-from headend.console.queries import ConsoleQueries, Event, PresenceSource
+from headend.console.queries import AccountView, ConsoleQueries, Event, PresenceSource
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +459,16 @@ async def account(request: web.Request) -> web.StreamResponse:
     return render(
         request, "account.html", gw=gw, view=view, chart=chart, has_desk=s.desk is not None,
         form_id=secrets.token_urlsafe(16), sold=request.query.get("sold", "")[:80], error=None, amount="",
+        **await _sales(s, view),
     )  # fmt: skip
+
+
+async def _sales(s: ConsoleSettings, view: AccountView) -> dict[str, Any]:
+    """The account's top-ups in the command queue (None without one), and the
+    gateway's ledger credit of each that central holds, by command id."""
+    sales = await s.desk.topups(view.gateway, view.account) if s.desk is not None else None
+    ledger = {e.entry_id.removeprefix("topup:"): e for e in view.credits if e.entry_id.startswith("topup:")}
+    return {"sales": sales, "ledger": ledger}
 
 
 @routes.post("/gw/{gateway}/account/{account}/topup", name="topup")
@@ -506,7 +515,7 @@ async def _account_error(request: web.Request, error: str, amount: str) -> web.R
     )  # fmt: skip
     return render(
         request, "account.html", status=422, gw=gw, view=view, chart=chart, has_desk=s.desk is not None,
-        form_id=secrets.token_urlsafe(16), sold="", error=error, amount=amount,
+        form_id=secrets.token_urlsafe(16), sold="", error=error, amount=amount, **await _sales(s, view),
     )  # fmt: skip
 
 

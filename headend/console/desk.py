@@ -26,12 +26,33 @@ class DeskError(EdgeGwError):
 
 @dataclass(frozen=True)
 class QueuedCommand:
+    """A command in the queue and where its delivery stands.
+
+    ``state`` is the queue's (queued: not sent yet; sent: published, no answer
+    from the gateway yet — an offline gateway's broker holds it; applied: the
+    gateway applied it; refused, expired, superseded). Times are central's
+    (milliseconds): ``first_sent_ms``/``last_sent_ms`` when it was published,
+    ``answered_ms`` when the gateway's answer that settled it arrived,
+    ``credited_ms`` when the gateway's ledger credit of a top-up arrived
+    (``credited_micro``: the amount the ledger credited)."""
+
     command_id: str
     type: str  # topup, relay.operate, ...
     created_ms: int
-    state: str  # e.g. queued, sent, applied, rejected, expired
+    state: str  # e.g. queued, sent, applied, refused, expired
     detail: str = ""
     operator: str = ""
+    account: str | None = None
+    meter: str | None = None
+    amount_micro: int | None = None
+    purchase_counter: int | None = None
+    payment_channel: str | None = None
+    attempts: int = 0
+    first_sent_ms: int | None = None
+    last_sent_ms: int | None = None
+    answered_ms: int | None = None
+    credited_micro: int | None = None
+    credited_ms: int | None = None
 
 
 class CommandDesk(Protocol):
@@ -49,4 +70,8 @@ class CommandDesk(Protocol):
 
     async def commands(self, gateway: str, limit: int = 50) -> Sequence[QueuedCommand]:
         """The gateway's commands, newest first, with their delivery state."""
+        ...
+
+    async def topups(self, gateway: str, account: str, limit: int = 50) -> Sequence[QueuedCommand]:
+        """The top-ups sold for the account on the gateway, newest first, with their delivery state."""
         ...
