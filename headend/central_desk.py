@@ -107,11 +107,17 @@ class CentralDesk:
         return str(v["id"])
 
     async def commands(self, gateway: str, limit: int = 50) -> Sequence[QueuedCommand]:
-        views = await self.central.commands(Actor("console", ApiRole.VIEWER), gateway=gateway, limit=limit)
+        views = await self.central.commands(
+            Actor("console", ApiRole.VIEWER), gateway=gateway, limit=limit
+        )
         return [queued_command(v) for v in views]
 
     async def topups(self, gateway: str, account: str, limit: int = 50) -> Sequence[QueuedCommand]:
         views = await self.central.commands(
-            Actor("console", ApiRole.VIEWER), gateway=gateway, account=account, type="topup", limit=limit
+            Actor("console", ApiRole.VIEWER),
+            gateway=gateway,
+            account=account,
+            type="topup",
+            limit=limit,
         )
         return [queued_command(v) for v in views]
