@@ -3,7 +3,8 @@
 :class:`CentralStack` runs, in this process, on one database (a SQLite file
 or a PostgreSQL DSN): the headend ingest (stores batches, applies the
 gateways' command results), the dispatcher (publishes queued commands to
-the broker) and the aiohttp application on a free loopback port, all on a
+the broker) and the aiohttp application on a free loopback port (central's
+API, and when asked the operator console with its forms on the queue), all on a
 :class:`SimClock` a test moves forward by hours without waiting.
 :func:`prepaid_site` writes a gateway configuration with one prepaid account
 on a Modbus meter with a supply relay, trusting central's keys.
@@ -21,11 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiohttp
 
 from headend.central import ApiRole, Central
 from headend.central_db import CentralDB
+from headend.central_desk import CentralDesk
+from headend.console.app import ConsoleSettings
+from headend.console.auth import Role, Users
+from headend.console.db import ConsoleDb, open_console_db
 from headend.dispatch import Dispatcher
 from headend.ingest import Headend
 from headend.signing import Signer, init_keys
@@ -117,8 +123,15 @@ class CentralStack:
         dsn: str | None = None,
         keys: Path | None = None,
         tls: ssl.SSLContext | None = None,
+        console: bool = False,
     ) -> None:
+        """``console``: also serve the operator console (its forms on central's
+        queue, its users those of tests/headend/console/test_console_http.py) at
+        :attr:`console_url`."""
         self.workdir = workdir
+        self.with_console = console
+        self.console_url = ""
+        self.console_db: ConsoleDb | None = None
         self.broker_port = broker_port
         self.clock = clock
         self.dsn = dsn
@@ -152,7 +165,9 @@ class CentralStack:
             clock_ms=self.clock.now, interval_s=0.2,
         )  # fmt: skip
         self.central = Central(self.db, self.signer, clock_ms=self.clock.now, on_queued=[self.dispatcher.wake])
-        self.runner, port = await serve(build_app(self.central), "127.0.0.1", 0)
+        self.runner, port = await serve(build_app(self.central, console=await self._console()), "127.0.0.1", 0)
+        if self.with_console:
+            self.console_url = f"http://127.0.0.1:{port}/console"
         tokens = {}
         for who, role, channel in (
             ("billing", ApiRole.BILLING, None),
@@ -168,6 +183,19 @@ class CentralStack:
         await asyncio.wait_for(self.dispatcher.connected.wait(), 10)
         await asyncio.wait_for(self.headend.connected.wait(), 10)
         return self
+
+    async def _console(self) -> ConsoleSettings | None:
+        if not self.with_console:
+            return None
+        from tests.headend.console.test_console_http import PASSWORDS
+
+        self.console_db = await open_console_db(None if self.dsn else str(self.db_path), self.dsn)
+        users = Users(self.console_db)
+        for name, (role, password) in PASSWORDS.items():
+            await users.add(name, Role(role), password, self.clock.now())
+        return ConsoleSettings(
+            db=self.console_db, tz=ZoneInfo("Asia/Shanghai"), desk=CentralDesk(self.central), clock_ms=self.clock.now
+        )
 
     def start_ingest(self) -> None:
         assert self.ingest_task is None
@@ -189,6 +217,8 @@ class CentralStack:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.api.close()
         await self.runner.cleanup()
+        if self.console_db is not None:
+            await self.console_db.close()
         await self.db.close()
         await self.store.close()
 

@@ -6,21 +6,33 @@ the ACL, persistence), through a link emulator; central runs the
 headend's ingest, the dispatcher and the HTTP API in this process. Top-ups
 are sold through the API (billing, and payment channels) and the command
 line while the gateway is online, while its results cannot reach central,
-and while it is offline for hours of simulated time — across a clean
+and — through the operator console's own form, by a billing clerk in a real
+browser — while it is offline for hours of simulated time, across a clean
 broker restart (its persistence keeps the gateway's session and the queued
 commands) and a SIGKILL (which loses what the broker held since). Every
 top-up must be credited exactly once by the gateway's ledger, and show
 ``applied`` with its credit at central; a relay operation that expired while
 the gateway was away must never reach the relay; the payment a channel
-posted twice must be one top-up.
+posted twice must be one top-up. The console (served beside the API on the
+same application, its pages read over HTTP as a viewer and parsed, and in
+chromium) shows the top-up sold while the gateway was offline as sent and
+awaiting the gateway, never delivered, until the gateway is back; then as
+delivered and applied, with when it was sent and answered, its amount and
+the gateway ledger's one credit of it, in English and in Chinese.
+Screenshots: ``offline-topup-*.png`` beside the console's others
+(``$EDGEGW_ARTIFACTS/console``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
-from collections.abc import Iterator
+import re
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -35,6 +47,7 @@ from tests.gateway.e2e import until
 from tests.harness.mosquitto import Mosquitto, TlsFiles
 from tests.headend.central_site import (
     ACCOUNT_ID,
+    GATEWAY,
     CentralStack,
     ClientTls,
     SimClock,
@@ -43,10 +56,23 @@ from tests.headend.central_site import (
     gateway_credits,
     prepaid_site,
 )
+from tests.headend.console.pagetree import Node, body_rows, parse, rows
+from tests.headend.console.test_console_browser import (
+    by_id,
+    chromium,
+    click_and_wait,
+    log_in,
+    screenshots_dir,
+    shoot_to,
+)
+from tests.headend.console.test_console_http import client, login, page
 from tests.headend.test_headend_scaleout import pg_dsn  # noqa: F401 (fixture)
 from tests.security.tls import HEADEND_CN, Pki, make_pki
 
 HOUR_MS = 3_600_000
+CONSOLE_SALE = "7.00"  # sold at the console while the gateway is offline
+TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+CONSOLE_TZ = ZoneInfo("Asia/Shanghai")
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +94,135 @@ def shipped_broker(tmp_path: Path, pki: Pki) -> Iterator[Mosquitto]:
         broker.stop()
 
 
+@contextlib.asynccontextmanager
+async def _browser() -> AsyncIterator[Any]:
+    """chromium, started and stopped off the event loop (the gateway and central run on it)."""
+    cm = chromium()
+    driver = await asyncio.to_thread(cm.__enter__)
+    try:
+        yield driver
+    finally:
+        await asyncio.to_thread(cm.__exit__, None, None, None)
+
+
+def _sell_in_browser(d: Any, base: str, amount: str) -> str:
+    """A billing clerk sells a top-up on the account page's form; the command id."""
+    log_in(d, base, "bill")
+    d.get(f"{base}/gw/{GATEWAY}/account/{ACCOUNT_ID}")
+    by_id(d, "amount").send_keys(amount)
+    click_and_wait(d, by_id(d, "sell"))
+    m = re.search(r"[?&]sold=([A-Za-z0-9_.:-]+)", d.current_url)
+    assert m, d.current_url
+    assert by_id(d, "sold").text == f"Top-up queued as command {m.group(1)}."
+    return m.group(1)
+
+
+def _browser_row(d: Any, base: str, path: str, row_id: str, *, login: bool = False) -> dict[str, str]:
+    """The cells of one row of a console page as chromium shows them, by class."""
+    from selenium.webdriver.common.by import By
+
+    if login:
+        log_in(d, base, "bill")
+    d.get(f"{base}{path}")
+    row = by_id(d, row_id)
+    cells = {td.get_attribute("class").split()[0]: td.text for td in row.find_elements(By.TAG_NAME, "td")}
+    return {"state": row.get_attribute("data-state"), **cells}
+
+
+def _shoot(d: Any, base: str, path: str, shots: Path, name: str, *, lang: str | None = None) -> Path:
+    if lang is not None:
+        d.get(f"{base}/lang/{lang}")  # the language cookie, then the page
+    d.get(f"{base}{path}")
+    return shoot_to(d, shots, name)
+
+
+async def _console_pages(c: CentralStack, lang: str = "en") -> tuple[Node, Node]:
+    """The gateway's page and the account's page as a viewer reads them, parsed."""
+    async with client() as s:
+        assert (await login(s, c.console_url, "vera")).status == 303
+        if lang != "en":
+            async with s.get(f"{c.console_url}/lang/{lang}", allow_redirects=False) as r:
+                assert r.status == 303
+        pages = []
+        for path in (f"/gw/{GATEWAY}", f"/gw/{GATEWAY}/account/{ACCOUNT_ID}"):
+            status, html = await page(s, c.console_url + path)
+            assert status == 200, (path, html[:500])
+            pages.append(parse(html))
+        return pages[0], pages[1]
+
+
+def _console_ms(text: str) -> int:
+    """A time the console shows (its time zone, to the second) in ms."""
+    m = TIME.search(text)
+    assert m, text
+    return int(dt.datetime.strptime(m.group(0), "%Y-%m-%d %H:%M:%S").replace(tzinfo=CONSOLE_TZ).timestamp() * 1000)
+
+
+async def _console_shows_pending(c: CentralStack, sale: str, counter: int) -> None:
+    """Offline: the gateway's page shows it offline and the sale sent, unanswered and
+    uncredited; the account's page the same, and no ledger credit of it."""
+    for lang, delivery, no_answer, not_credited in (
+        ("en", "sent, awaiting the gateway", "no answer yet", "not credited yet"),
+        ("zh-CN", "已发送，等待网关", "尚无应答", "尚未入账"),
+    ):
+        gw, acct = await _console_pages(c, lang)
+        presence = gw.by_id("gateway-facts").all("dd")[0].text()
+        assert presence.split()[0] == ("offline" if lang == "en" else "离线"), presence
+        row = rows(gw, "queued")[f"cmd-{sale}"]
+        assert row.attrs["data-state"] == "sent"
+        assert row.cell("delivery").text() == delivery
+        assert TIME.fullmatch(row.cell("sent").text()), row.cell("sent").text()  # sent once: no count
+        assert row.cell("answered").text() == no_answer
+        assert row.cell("topup").text() == f"{ACCOUNT_ID} · {CONSOLE_SALE} · #{counter}"
+        assert row.cell("credited").text() == "—"
+        assert row.cell("operator").text() == "console:bill"
+        srow = rows(acct, "sales")[f"sale-{sale}"]
+        assert srow.attrs["data-state"] == "sent"
+        assert (srow.cell("amount").text(), srow.cell("counter").text()) == (CONSOLE_SALE, str(counter))
+        assert srow.cell("delivery").text() == delivery
+        assert srow.cell("answered").text() == no_answer
+        assert srow.cell("ledger").text() == not_credited
+        assert sale not in [tr.all("td")[1].text() for tr in body_rows(acct, "credits")]
+
+
+async def _console_shows_delivered(c: CentralStack, sale: str, view: dict[str, Any], back_ms: int) -> None:
+    """Back online: the sale delivered and applied on both pages, with when it was sent
+    (once, while the gateway was offline) and answered (after it came back), its
+    amount, central's record of the credit, and exactly one credit in the ledger."""
+    assert view["state"] == "applied" and view["attempts"] == 1 and view["credited"] == CONSOLE_SALE, view
+    for lang, delivery in (("en", "delivered and applied"), ("zh-CN", "已送达并执行")):
+        gw, acct = await _console_pages(c, lang)
+        presence = gw.by_id("gateway-facts").all("dd")[0].text()
+        assert presence.split()[0] == ("online" if lang == "en" else "在线"), presence
+        row = rows(gw, "queued")[f"cmd-{sale}"]
+        assert row.attrs["data-state"] == "applied"
+        assert row.cell("delivery").text() == delivery
+        sent_ms = _console_ms(row.cell("sent").text())
+        answered_ms = _console_ms(row.cell("answered").text())
+        assert TIME.fullmatch(row.cell("sent").text()), row.cell("sent").text()  # sent once
+        assert sent_ms < back_ms <= answered_ms + 999, (sent_ms, back_ms, answered_ms)
+        assert sent_ms // 1000 == view["first_sent_ms"] // 1000 and answered_ms // 1000 == view["final_ms"] // 1000
+        assert row.cell("topup").text().split(" · ")[1] == CONSOLE_SALE
+        credited = row.cell("credited").text()
+        assert credited.split()[0] == CONSOLE_SALE and _console_ms(credited) // 1000 == view["credited_ms"] // 1000
+        srow = rows(acct, "sales")[f"sale-{sale}"]
+        assert srow.attrs["data-state"] == "applied"
+        assert srow.cell("amount").text() == CONSOLE_SALE and srow.cell("delivery").text() == delivery
+        assert _console_ms(srow.cell("answered").text()) == answered_ms
+        ledger = srow.cell("ledger").text()
+        assert ledger.split()[0] == CONSOLE_SALE and _console_ms(ledger) + 999 >= back_ms, ledger
+        # the gateway's ledger credited it once: one row of the account's credits
+        credits = [tr for tr in body_rows(acct, "credits") if tr.all("td")[1].text() == sale]
+        assert len(credits) == 1, [tr.text() for tr in credits]
+        assert credits[0].all("td")[2].text() == CONSOLE_SALE
+        assert _console_ms(credits[0].all("td")[0].text()) == _console_ms(ledger)
+
+
 async def _exactly_once_while_offline(
     tmp_path: Path, broker: Mosquitto, pki: Pki, dsn: str | None
 ) -> None:
+    shots = screenshots_dir(tmp_path / "screenshots")
+    suffix = "-postgresql" if dsn else ""
     clock = SimClock()
     headend = pki.clients[HEADEND_CN]
     central_tls = BrokerTLS(pki.ca, headend.cert, headend.key).context()
@@ -78,7 +230,8 @@ async def _exactly_once_while_offline(
     async with (
         ModbusSimulator(units=[1], load_kw="0.5") as sim,
         LinkEmulator("127.0.0.1", broker.port) as link,
-        CentralStack(tmp_path, broker_port=broker.port, clock=clock, dsn=dsn, tls=central_tls) as c,
+        CentralStack(tmp_path, broker_port=broker.port, clock=clock, dsn=dsn, tls=central_tls, console=True) as c,
+        _browser() as browser,
     ):
         site = prepaid_site(
             tmp_path, broker_port=link.port, modbus_port=sim.port, trust=c.trust,
@@ -164,15 +317,32 @@ async def _exactly_once_while_offline(
                    "--keys", str(c.keys), "--account", ACCOUNT_ID, "--amount", "3.00", "--channel", "counter"]  # fmt: skip
             assert await asyncio.to_thread(edgegw, cli) == 0
             c.dispatcher.wake()
+            # the office's billing clerk sells one at the console, in the browser
+            sale = await asyncio.to_thread(_sell_in_browser, browser, c.console_url, CONSOLE_SALE)
+            sale_view = await c.until_state(sale, {"sent"}, 15)
+            assert (sale_view["amount"], sale_view["payment_channel"], sale_view["requested_by"]) == (
+                CONSOLE_SALE, "counter", "console:bill"
+            )
+            await _console_shows_pending(c, sale, sale_view["purchase_counter"])
+            pending = await asyncio.to_thread(
+                _browser_row, browser, c.console_url, f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", f"sale-{sale}"
+            )
+            assert (pending["state"], pending["delivery"], pending["ledger"]) == (
+                "sent", "sent, awaiting the gateway", "not credited yet"
+            ), pending
+            await asyncio.to_thread(
+                _shoot, browser, c.console_url, f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", shots,
+                f"offline-topup-pending{suffix}",
+            )
             s5, relay, _ = await api.call(
                 "POST", "/api/v1/relays", "operations",
                 {"gateway": "gw-central", "meter": "m001", "op": "trip", "valid_for_s": 3600},
             )  # fmt: skip
             assert s5 == 201, relay
-            offline = [p1["topup"]["command_id"], p4["topup"]["command_id"], relay["id"]]
+            offline = [p1["topup"]["command_id"], p4["topup"]["command_id"], relay["id"], sale]
             status, listing, _ = await api.call("GET", "/api/v1/commands?type=topup", "viewer")
             offline += [v["id"] for v in listing["commands"] if v["requested_by"].startswith("billing:cli:")]
-            assert len(offline) == 4
+            assert len(offline) == 5
             for cid in offline:  # published once: the broker holds them for the gateway
                 await c.until_state(cid, {"sent"}, 15)
 
@@ -197,8 +367,12 @@ async def _exactly_once_while_offline(
             broker.kill()
             broker.start()
 
+            # hours later, still offline: the console still says so
+            await _console_shows_pending(c, sale, sale_view["purchase_counter"])
+
             # 7. the gateway comes back: the broker delivers what it kept; central resends
             #    the lost one once the gateway has been back for a while
+            back_ms = clock.now()
             link.set_up(True)
             await until(
                 lambda: (p := c.dispatcher.presence.get("gw-central")) is not None and p.online,
@@ -220,7 +394,7 @@ async def _exactly_once_while_offline(
             # every top-up credited exactly once; the expired relay operation never ran
             credits = gateway_credits(daemon.config.storage.path)
             assert sorted(cid for cid, _ in credits) == sorted(topups)
-            assert sum(a for _, a in credits) == 10_000_000 + 2_500_000 + 20_000_000 + 5_000_000 + 3_000_000 + 1_000_000
+            assert sum(a for _, a in credits) == 10_000_000 + 2_500_000 + 20_000_000 + 5_000_000 + 3_000_000 + 1_000_000 + 7_000_000
             applied = gateway_applied(daemon.config.storage.path)
             assert sorted(applied) == sorted(topups)
             assert relay["id"] not in applied and not sim.meter(1).relay_open
@@ -236,6 +410,27 @@ async def _exactly_once_while_offline(
             ], v["log"]
             # the sale the killed broker lost was sent again once the gateway was back
             assert (await c.state(late))["attempts"] >= 2
+
+            # the console shows the top-up sold while the gateway was offline delivered
+            await _console_shows_delivered(c, sale, await c.state(sale), back_ms)
+            delivered = await asyncio.to_thread(
+                _browser_row, browser, c.console_url, f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", f"sale-{sale}",
+                login=True,  # the clerk's session ended while the hours passed
+            )  # fmt: skip
+            assert (delivered["state"], delivered["delivery"], delivered["amount"]) == (
+                "applied", "delivered and applied", CONSOLE_SALE
+            ), delivered
+            assert delivered["ledger"].split()[0] == CONSOLE_SALE and TIME.search(delivered["ledger"]), delivered
+            on_gateway_page = await asyncio.to_thread(
+                _browser_row, browser, c.console_url, f"/gw/{GATEWAY}", f"cmd-{sale}"
+            )
+            assert (on_gateway_page["state"], on_gateway_page["delivery"]) == ("applied", "delivered and applied")
+            for path, name, lang in (
+                (f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", "offline-topup-delivered", None),
+                (f"/gw/{GATEWAY}", "offline-topup-delivered-gateway", None),
+                (f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", "offline-topup-delivered-zh-CN", "zh-CN"),
+            ):
+                await asyncio.to_thread(_shoot, browser, c.console_url, path, shots, name + suffix, lang=lang)
 
             # 8. the day's reconciliation, per channel, against what the gateways confirmed
             day = dt.datetime.fromtimestamp(t1["created_ms"] / 1000, dt.UTC).date()
@@ -253,7 +448,7 @@ async def _exactly_once_while_offline(
             assert totals == {
                 "agent": [1, 2_500_000, 2_500_000, 2_500_000],
                 "bank": [2, 21_000_000, 21_000_000, 21_000_000],
-                "counter": [2, 13_000_000, 13_000_000, 13_000_000],
+                "counter": [3, 20_000_000, 20_000_000, 20_000_000],
                 "mobile_app": [1, 5_000_000, 5_000_000, 5_000_000],
             }
         finally:

@@ -18,8 +18,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,9 +97,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     db = run_demo(work / "demo")
     asyncio.run(_villages(db))
     asyncio.run(_prepare(str(db), None))
-    artifacts = os.environ.get("EDGEGW_ARTIFACTS")
-    shots = Path(artifacts) / "console" if artifacts else work / "screenshots"
-    shots.mkdir(parents=True, exist_ok=True)
+    shots = screenshots_dir(work / "screenshots")
     with pg_database() as dsn:
         from headend.store_pg import PostgresHeadendDB
 
@@ -122,11 +122,22 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     print(f"console screenshots: {shots}")
 
 
-@pytest.fixture(scope="module")
-def browser(site: Site) -> Iterator[object]:
+def screenshots_dir(fallback: Path) -> Path:
+    """Where the console's screenshots go: ``$EDGEGW_ARTIFACTS/console``, else ``fallback``."""
+    artifacts = os.environ.get("EDGEGW_ARTIFACTS")
+    shots = Path(artifacts) / "console" if artifacts else fallback
+    shots.mkdir(parents=True, exist_ok=True)
+    return shots
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's chromium, headless, 1280 px wide, asking for English pages."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail("the browser tests need Debian's chromium and chromium-driver (./dev test installs them)")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,900"):
@@ -138,6 +149,12 @@ def browser(site: Site) -> Iterator[object]:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser(site: Site) -> Iterator[object]:
+    with chromium() as driver:
+        yield driver
 
 
 def by_id(driver, ident: str):  # type: ignore[no-untyped-def]
@@ -179,6 +196,11 @@ def log_in(driver, base: str, user: str, password: str | None = None) -> None:  
 
 def shoot(driver, site: Site, name: str) -> Path:  # type: ignore[no-untyped-def]
     """A screenshot of the whole page, however long (Chrome's own full-page capture)."""
+    return shoot_to(driver, site.shots, name)
+
+
+def shoot_to(driver, shots: Path, name: str) -> Path:  # type: ignore[no-untyped-def]
+    """The same into ``shots`` (``NAME.png``)."""
     import base64
 
     size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
@@ -190,7 +212,7 @@ def shoot(driver, site: Site, name: str) -> Path:  # type: ignore[no-untyped-def
         shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
     finally:
         driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-    path = site.shots / f"{name}.png"
+    path = shots / f"{name}.png"
     path.write_bytes(base64.b64decode(shot["data"]))
     if os.environ.get("EDGEGW_UPDATE_SCREENSHOTS") == "1" and name in DOCS_SHOTS:
         docs = REPO / "docs" / "screenshots"
