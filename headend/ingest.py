@@ -82,6 +82,10 @@ def presence_gateway(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
     return gw if gw and "/" not in gw else None
 
 
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 class Headend:
     """Subscribe, store, then ack. Runs until cancelled; reconnects on its own."""
 
@@ -99,13 +103,16 @@ class Headend:
         decode: Decoder | None = None,
         tls_context: ssl.SSLContext | None = None,
         observer: IngestObserver | None = None,
+        clock_ms: Callable[[], int] | None = None,
     ) -> None:
         """``tls_context``: a client-side context for TLS to the broker (with the
         headend's certificate loaded for mutual TLS), e.g.
         :meth:`headend.tls.BrokerTLS.context`; None connects in plain MQTT.
         ``observer`` (e.g. the metrics) is told of connections, batches and
         presence messages; with one, the headend also subscribes to every
-        gateway's presence."""
+        gateway's presence. ``clock_ms`` (default: the system's wall clock) is
+        the time a batch or a presence message is recorded as received, and
+        the time of the command results a batch carries."""
         self.db = db
         self.host = host
         self.port = port
@@ -117,6 +124,7 @@ class Headend:
         self.allow_plain = registry is None if allow_plain is None else allow_plain
         self.decode: Decoder = decode or self._decode
         self.tls_context = tls_context
+        self.clock_ms = clock_ms or _wall_ms
         self.batches_received = 0
         self.rejected = 0
         self.rejections: dict[str, int] = {}
@@ -192,7 +200,7 @@ class Headend:
         if self.observer is not None:
             self.observer.on_presence(gateway, p)
         try:
-            await self.db.save_presence(gateway, p, time.time_ns() // 1_000_000)
+            await self.db.save_presence(gateway, p, self.clock_ms())
         except Exception as exc:  # presence is information: batches must go on regardless
             self._presence_log.failed(f"presence not stored: {exc!r}")
         else:
@@ -258,7 +266,7 @@ class Headend:
             self._observe_batch("rejected", 0)
             reply = encode_ack(seq=batch.seq, epoch=batch.epoch, status="rejected", reason=reason)
         else:
-            result = await self.db.store(batch, int(time.time() * 1000))
+            result = await self.db.store(batch, self.clock_ms())
             self._store_log.ok("storing again")
             self._observe_batch(result.status, result.records_new)
             if result.status == "conflict":

@@ -158,7 +158,7 @@ class CentralStack:
         self.db = await CentralDB.open(db=self.db_path, dsn=self.dsn)
         self.signer = Signer.load(self.keys)
         self.headend = Headend(
-            self.store, host="127.0.0.1", port=self.broker_port, tls_context=self.tls
+            self.store, host="127.0.0.1", port=self.broker_port, tls_context=self.tls, clock_ms=self.clock.now
         )
         self.dispatcher = Dispatcher(
             self.db, self.signer, "127.0.0.1", self.broker_port, tls_context=self.tls,

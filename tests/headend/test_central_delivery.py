@@ -175,7 +175,7 @@ async def _console_shows_pending(c: CentralStack, sale: str, counter: int) -> No
         assert row.cell("answered").text() == no_answer
         assert row.cell("topup").text() == f"{ACCOUNT_ID} · {CONSOLE_SALE} · #{counter}"
         assert row.cell("credited").text() == "—"
-        assert row.cell("operator").text() == "console:bill"
+        assert row.cell("operator").text() == "billing:console:bill"
         srow = rows(acct, "sales")[f"sale-{sale}"]
         assert srow.attrs["data-state"] == "sent"
         assert (srow.cell("amount").text(), srow.cell("counter").text()) == (CONSOLE_SALE, str(counter))
@@ -321,7 +321,7 @@ async def _exactly_once_while_offline(
             sale = await asyncio.to_thread(_sell_in_browser, browser, c.console_url, CONSOLE_SALE)
             sale_view = await c.until_state(sale, {"sent"}, 15)
             assert (sale_view["amount"], sale_view["payment_channel"], sale_view["requested_by"]) == (
-                CONSOLE_SALE, "counter", "console:bill"
+                CONSOLE_SALE, "counter", "billing:console:bill"
             )
             await _console_shows_pending(c, sale, sale_view["purchase_counter"])
             pending = await asyncio.to_thread(
