@@ -459,16 +459,23 @@ async def account(request: web.Request) -> web.StreamResponse:
     return render(
         request, "account.html", gw=gw, view=view, chart=chart, has_desk=s.desk is not None,
         form_id=secrets.token_urlsafe(16), sold=request.query.get("sold", "")[:80], error=None, amount="",
-        **await _sales(s, view),
+        **await _sales(request, view),
     )  # fmt: skip
 
 
-async def _sales(s: ConsoleSettings, view: AccountView) -> dict[str, Any]:
-    """The account's top-ups in the command queue (None without one), and the
-    gateway's ledger credit of each that central holds, by command id."""
+async def _sales(request: web.Request, view: AccountView) -> dict[str, Any]:
+    """The account's top-ups in the command queue (None without one), the gateway's
+    ledger credit of each that central holds, by command id, and the gateway's presence."""
+    s = settings_of(request)
     sales = await s.desk.topups(view.gateway, view.account) if s.desk is not None else None
     ledger = {e.entry_id.removeprefix("topup:"): e for e in view.credits if e.entry_id.startswith("topup:")}
-    return {"sales": sales, "ledger": ledger}
+    qs = _queries(request)
+    await qs.load_presence()
+    presence = qs.presence()
+    return {
+        "sales": sales, "ledger": ledger, "presence": (presence or {}).get(view.gateway),
+        "has_presence": presence is not None,
+    }  # fmt: skip
 
 
 @routes.post("/gw/{gateway}/account/{account}/topup", name="topup")
@@ -515,7 +522,7 @@ async def _account_error(request: web.Request, error: str, amount: str) -> web.R
     )  # fmt: skip
     return render(
         request, "account.html", status=422, gw=gw, view=view, chart=chart, has_desk=s.desk is not None,
-        form_id=secrets.token_urlsafe(16), sold="", error=error, amount=amount, **await _sales(s, view),
+        form_id=secrets.token_urlsafe(16), sold="", error=error, amount=amount, **await _sales(request, view),
     )  # fmt: skip
 
 

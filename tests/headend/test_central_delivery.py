@@ -71,7 +71,7 @@ from tests.security.tls import HEADEND_CN, Pki, make_pki
 
 HOUR_MS = 3_600_000
 CONSOLE_SALE = "7.00"  # sold at the console while the gateway is offline
-TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+TIME = re.compile(r"(\d{4}-\d\d-\d\d)\s+(\d\d:\d\d:\d\d)")  # a line may break between
 CONSOLE_TZ = ZoneInfo("Asia/Shanghai")
 
 
@@ -155,7 +155,8 @@ def _console_ms(text: str) -> int:
     """A time the console shows (its time zone, to the second) in ms."""
     m = TIME.search(text)
     assert m, text
-    return int(dt.datetime.strptime(m.group(0), "%Y-%m-%d %H:%M:%S").replace(tzinfo=CONSOLE_TZ).timestamp() * 1000)
+    at = dt.datetime.strptime(f"{m.group(1)} {m.group(2)}", "%Y-%m-%d %H:%M:%S").replace(tzinfo=CONSOLE_TZ)
+    return int(at.timestamp() * 1000)
 
 
 async def _console_shows_pending(c: CentralStack, sale: str, counter: int) -> None:
@@ -176,6 +177,8 @@ async def _console_shows_pending(c: CentralStack, sale: str, counter: int) -> No
         assert row.cell("topup").text() == f"{ACCOUNT_ID} · {CONSOLE_SALE} · #{counter}"
         assert row.cell("credited").text() == "—"
         assert row.cell("operator").text() == "billing:console:bill"
+        (badge,) = acct.by_id("gateway-presence").all("span", "badge")
+        assert badge.text() == ("offline" if lang == "en" else "离线"), badge.text()
         srow = rows(acct, "sales")[f"sale-{sale}"]
         assert srow.attrs["data-state"] == "sent"
         assert (srow.cell("amount").text(), srow.cell("counter").text()) == (CONSOLE_SALE, str(counter))
@@ -205,6 +208,8 @@ async def _console_shows_delivered(c: CentralStack, sale: str, view: dict[str, A
         assert row.cell("topup").text().split(" · ")[1] == CONSOLE_SALE
         credited = row.cell("credited").text()
         assert credited.split()[0] == CONSOLE_SALE and _console_ms(credited) // 1000 == view["credited_ms"] // 1000
+        (badge,) = acct.by_id("gateway-presence").all("span", "badge")
+        assert badge.text() == ("online" if lang == "en" else "在线"), badge.text()
         srow = rows(acct, "sales")[f"sale-{sale}"]
         assert srow.attrs["data-state"] == "applied"
         assert srow.cell("amount").text() == CONSOLE_SALE and srow.cell("delivery").text() == delivery
