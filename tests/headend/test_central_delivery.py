@@ -14,8 +14,8 @@ top-up must be credited exactly once by the gateway's ledger, and show
 ``applied`` with its credit at central; a relay operation that expired while
 the gateway was away must never reach the relay; the payment a channel
 posted twice must be one top-up. The console (served beside the API on the
-same application, its pages read over HTTP as a viewer and parsed, and in
-chromium) shows the top-up sold while the gateway was offline as sent and
+same application, its pages read over HTTP as a viewer and parsed, and — on
+SQLite — in chromium; on PostgreSQL the clerk's form is posted over HTTP) shows the top-up sold while the gateway was offline as sent and
 awaiting the gateway, never delivered, until the gateway is back; then as
 delivered and applied, with when it was sent and answered, its amount and
 the gateway ledger's one credit of it, in English and in Chinese.
@@ -95,14 +95,23 @@ def shipped_broker(tmp_path: Path, pki: Pki) -> Iterator[Mosquitto]:
 
 
 @contextlib.asynccontextmanager
-async def _browser() -> AsyncIterator[Any]:
-    """chromium, started and stopped off the event loop (the gateway and central run on it)."""
+async def _browser(wanted: bool) -> AsyncIterator[asyncio.Future[Any] | None]:
+    """chromium, started while the rest starts (await what this yields) and stopped,
+    off the event loop, on which the gateway and central run; None if not ``wanted``."""
+    if not wanted:
+        yield None
+        return
     cm = chromium()
-    driver = await asyncio.to_thread(cm.__enter__)
+    starting = asyncio.ensure_future(asyncio.to_thread(cm.__enter__))
     try:
-        yield driver
+        yield starting
     finally:
-        await asyncio.to_thread(cm.__exit__, None, None, None)
+        try:
+            await starting
+        except Exception:
+            pass  # it did not start: the test awaiting it failed with the reason
+        else:
+            await asyncio.to_thread(cm.__exit__, None, None, None)
 
 
 def _sell_in_browser(d: Any, base: str, amount: str) -> str:
@@ -136,19 +145,42 @@ def _shoot(d: Any, base: str, path: str, shots: Path, name: str, *, lang: str | 
     return shoot_to(d, shots, name)
 
 
-async def _console_pages(c: CentralStack, lang: str = "en") -> tuple[Node, Node]:
-    """The gateway's page and the account's page as a viewer reads them, parsed."""
+async def _sell_over_http(c: CentralStack, amount: str) -> str:
+    """A billing clerk sells a top-up with the account page's form, over HTTP; the command id."""
+    url = f"{c.console_url}/gw/{GATEWAY}/account/{ACCOUNT_ID}"
+    async with client() as s:
+        assert (await login(s, c.console_url, "bill")).status == 303
+        status, html = await page(s, url)
+        assert status == 200
+        form = parse(html).by_id("topup-form")
+        fields = {i.attrs["name"]: i.attrs.get("value", "") for i in form.all("input")}
+        assert set(fields) == {"csrf", "request_id", "amount"}, fields
+        async with s.post(f"{url}/topup", data={**fields, "amount": amount}, allow_redirects=False) as r:
+            assert r.status == 303, await r.text()
+            location = r.headers["Location"]
+        m = re.search(r"[?&]sold=([A-Za-z0-9_.:-]+)", location)
+        assert m, location
+        status, html = await page(s, c.console_url.removesuffix("/console") + location)
+        assert status == 200 and parse(html).by_id("sold").text() == f"Top-up queued as command {m.group(1)}."
+        return m.group(1)
+
+
+async def _console_pages(c: CentralStack) -> dict[str, tuple[Node, Node]]:
+    """The gateway's page and the account's page as a viewer reads them, parsed, in
+    English and in Chinese."""
+    out: dict[str, tuple[Node, Node]] = {}
     async with client() as s:
         assert (await login(s, c.console_url, "vera")).status == 303
-        if lang != "en":
+        for lang in ("en", "zh-CN"):
             async with s.get(f"{c.console_url}/lang/{lang}", allow_redirects=False) as r:
                 assert r.status == 303
-        pages = []
-        for path in (f"/gw/{GATEWAY}", f"/gw/{GATEWAY}/account/{ACCOUNT_ID}"):
-            status, html = await page(s, c.console_url + path)
-            assert status == 200, (path, html[:500])
-            pages.append(parse(html))
-        return pages[0], pages[1]
+            pages = []
+            for path in (f"/gw/{GATEWAY}", f"/gw/{GATEWAY}/account/{ACCOUNT_ID}"):
+                status, html = await page(s, c.console_url + path)
+                assert status == 200, (path, html[:500])
+                pages.append(parse(html))
+            out[lang] = (pages[0], pages[1])
+    return out
 
 
 def _console_ms(text: str) -> int:
@@ -162,11 +194,12 @@ def _console_ms(text: str) -> int:
 async def _console_shows_pending(c: CentralStack, sale: str, counter: int) -> None:
     """Offline: the gateway's page shows it offline and the sale sent, unanswered and
     uncredited; the account's page the same, and no ledger credit of it."""
+    pages = await _console_pages(c)
     for lang, delivery, no_answer, not_credited in (
         ("en", "sent, awaiting the gateway", "no answer yet", "not credited yet"),
         ("zh-CN", "已发送，等待网关", "尚无应答", "尚未入账"),
     ):
-        gw, acct = await _console_pages(c, lang)
+        gw, acct = pages[lang]
         presence = gw.by_id("gateway-facts").all("dd")[0].text()
         assert presence.split()[0] == ("offline" if lang == "en" else "离线"), presence
         row = rows(gw, "queued")[f"cmd-{sale}"]
@@ -193,8 +226,9 @@ async def _console_shows_delivered(c: CentralStack, sale: str, view: dict[str, A
     (once, while the gateway was offline) and answered (after it came back), its
     amount, central's record of the credit, and exactly one credit in the ledger."""
     assert view["state"] == "applied" and view["attempts"] == 1 and view["credited"] == CONSOLE_SALE, view
+    pages = await _console_pages(c)
     for lang, delivery in (("en", "delivered and applied"), ("zh-CN", "已送达并执行")):
-        gw, acct = await _console_pages(c, lang)
+        gw, acct = pages[lang]
         presence = gw.by_id("gateway-facts").all("dd")[0].text()
         assert presence.split()[0] == ("online" if lang == "en" else "在线"), presence
         row = rows(gw, "queued")[f"cmd-{sale}"]
@@ -227,7 +261,6 @@ async def _exactly_once_while_offline(
     tmp_path: Path, broker: Mosquitto, pki: Pki, dsn: str | None
 ) -> None:
     shots = screenshots_dir(tmp_path / "screenshots")
-    suffix = "-postgresql" if dsn else ""
     clock = SimClock()
     headend = pki.clients[HEADEND_CN]
     central_tls = BrokerTLS(pki.ca, headend.cert, headend.key).context()
@@ -236,7 +269,7 @@ async def _exactly_once_while_offline(
         ModbusSimulator(units=[1], load_kw="0.5") as sim,
         LinkEmulator("127.0.0.1", broker.port) as link,
         CentralStack(tmp_path, broker_port=broker.port, clock=clock, dsn=dsn, tls=central_tls, console=True) as c,
-        _browser() as browser,
+        _browser(dsn is None) as browser_starting,  # on PostgreSQL: the console's pages over HTTP only
     ):
         site = prepaid_site(
             tmp_path, broker_port=link.port, modbus_port=sim.port, trust=c.trust,
@@ -322,23 +355,29 @@ async def _exactly_once_while_offline(
                    "--keys", str(c.keys), "--account", ACCOUNT_ID, "--amount", "3.00", "--channel", "counter"]  # fmt: skip
             assert await asyncio.to_thread(edgegw, cli) == 0
             c.dispatcher.wake()
-            # the office's billing clerk sells one at the console, in the browser
-            sale = await asyncio.to_thread(_sell_in_browser, browser, c.console_url, CONSOLE_SALE)
+            # the office's billing clerk sells one with the console's form (in the browser)
+            browser = None
+            if browser_starting is not None:
+                browser = await asyncio.wait_for(asyncio.shield(browser_starting), 60)
+                sale = await asyncio.to_thread(_sell_in_browser, browser, c.console_url, CONSOLE_SALE)
+            else:
+                sale = await _sell_over_http(c, CONSOLE_SALE)
             sale_view = await c.until_state(sale, {"sent"}, 15)
             assert (sale_view["amount"], sale_view["payment_channel"], sale_view["requested_by"]) == (
                 CONSOLE_SALE, "counter", "billing:console:bill"
             )
             await _console_shows_pending(c, sale, sale_view["purchase_counter"])
-            pending = await asyncio.to_thread(
-                _browser_row, browser, c.console_url, f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", f"sale-{sale}"
-            )
-            assert (pending["state"], pending["delivery"], pending["ledger"]) == (
-                "sent", "sent, awaiting the gateway", "not credited yet"
-            ), pending
-            await asyncio.to_thread(
-                _shoot, browser, c.console_url, f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", shots,
-                f"offline-topup-pending{suffix}",
-            )
+            if browser is not None:
+                pending = await asyncio.to_thread(
+                    _browser_row, browser, c.console_url, f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", f"sale-{sale}"
+                )
+                assert (pending["state"], pending["delivery"], pending["ledger"]) == (
+                    "sent", "sent, awaiting the gateway", "not credited yet"
+                ), pending
+                await asyncio.to_thread(
+                    _shoot, browser, c.console_url, f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", shots,
+                    "offline-topup-pending",
+                )  # fmt: skip
             s5, relay, _ = await api.call(
                 "POST", "/api/v1/relays", "operations",
                 {"gateway": "gw-central", "meter": "m001", "op": "trip", "valid_for_s": 3600},
@@ -418,24 +457,25 @@ async def _exactly_once_while_offline(
 
             # the console shows the top-up sold while the gateway was offline delivered
             await _console_shows_delivered(c, sale, await c.state(sale), back_ms)
-            delivered = await asyncio.to_thread(
-                _browser_row, browser, c.console_url, f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", f"sale-{sale}",
-                login=True,  # the clerk's session ended while the hours passed
-            )  # fmt: skip
-            assert (delivered["state"], delivered["delivery"], delivered["amount"]) == (
-                "applied", "delivered and applied", CONSOLE_SALE
-            ), delivered
-            assert delivered["ledger"].split()[0] == CONSOLE_SALE and TIME.search(delivered["ledger"]), delivered
-            on_gateway_page = await asyncio.to_thread(
-                _browser_row, browser, c.console_url, f"/gw/{GATEWAY}", f"cmd-{sale}"
-            )
-            assert (on_gateway_page["state"], on_gateway_page["delivery"]) == ("applied", "delivered and applied")
-            for path, name, lang in (
-                (f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", "offline-topup-delivered", None),
-                (f"/gw/{GATEWAY}", "offline-topup-delivered-gateway", None),
-                (f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", "offline-topup-delivered-zh-CN", "zh-CN"),
-            ):
-                await asyncio.to_thread(_shoot, browser, c.console_url, path, shots, name + suffix, lang=lang)
+            if browser is not None:
+                delivered = await asyncio.to_thread(
+                    _browser_row, browser, c.console_url, f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", f"sale-{sale}",
+                    login=True,  # the clerk's session ended while the hours passed
+                )  # fmt: skip
+                assert (delivered["state"], delivered["delivery"], delivered["amount"]) == (
+                    "applied", "delivered and applied", CONSOLE_SALE
+                ), delivered
+                assert delivered["ledger"].split()[0] == CONSOLE_SALE and TIME.search(delivered["ledger"]), delivered
+                on_gateway_page = await asyncio.to_thread(
+                    _browser_row, browser, c.console_url, f"/gw/{GATEWAY}", f"cmd-{sale}"
+                )
+                assert (on_gateway_page["state"], on_gateway_page["delivery"]) == ("applied", "delivered and applied")
+                for path, name, lang in (
+                    (f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", "offline-topup-delivered", None),
+                    (f"/gw/{GATEWAY}", "offline-topup-delivered-gateway", None),
+                    (f"/gw/{GATEWAY}/account/{ACCOUNT_ID}", "offline-topup-delivered-zh-CN", "zh-CN"),
+                ):
+                    await asyncio.to_thread(_shoot, browser, c.console_url, path, shots, name, lang=lang)
 
             # 8. the day's reconciliation, per channel, against what the gateways confirmed
             day = dt.datetime.fromtimestamp(t1["created_ms"] / 1000, dt.UTC).date()
