@@ -32,6 +32,8 @@ from store_forward.command_envelope import Envelope, authenticate
 from store_forward.command_roles import TrustStore
 from tests.headend.central_site import Api
 from tests.headend.console.fleetdata import add_villages
+from tests.headend.console.pagetree import parse
+from tests.headend.console.pagetree import rows as table_rows
 from tests.headend.console.test_console_http import PASSWORDS, client, csrf_of, login, page
 
 NOW = 1_796_420_000_000
@@ -88,6 +90,15 @@ async def test_the_console_sells_and_trips_through_central_once_per_form(site: S
                 assert r.status == 303, await r.text()
                 ids.append(r.headers["Location"].split("sold=")[1])
         assert ids[0] == ids[1]
+        # the account's page lists the sale once, queued (no dispatcher runs here), not credited
+        status, html = await page(s, account_url)
+        sales = table_rows(parse(html), "sales")
+        assert list(sales) == [f"sale-{ids[0]}"]
+        sale = sales[f"sale-{ids[0]}"]
+        assert sale.attrs["data-state"] == "queued" and sale.cell("delivery").text() == "queued, not sent yet"
+        assert (sale.cell("amount").text(), sale.cell("counter").text(), sale.cell("channel").text()) == ("30.00", "2", "counter")
+        assert (sale.cell("sent").text(), sale.cell("ledger").text()) == ("not sent", "not credited yet")
+        assert sale.cell("operator").text() == "billing:console:bill"
         # the clerk has no relay form, and a forged post is refused by the console
         status, gw_html = await page(s, f"{site.base}/gw/{GW}")
         assert "relay-form" not in gw_html
