@@ -15,10 +15,11 @@ top-up must be credited exactly once by the gateway's ledger, and show
 the gateway was away must never reach the relay; the payment a channel
 posted twice must be one top-up. The console (served beside the API on the
 same application, its pages read over HTTP as a viewer and parsed, and — on
-SQLite — in chromium; on PostgreSQL the clerk's form is posted over HTTP) shows the top-up sold while the gateway was offline as sent and
-awaiting the gateway, never delivered, until the gateway is back; then as
-delivered and applied, with when it was sent and answered, its amount and
-the gateway ledger's one credit of it, in English and in Chinese.
+SQLite — in chromium; on PostgreSQL the clerk's form is posted over HTTP)
+shows the top-up sold while the gateway was offline as sent and awaiting
+the gateway, never delivered, until the gateway is back; then as delivered
+and applied, with when it was sent and answered, its amount and the gateway
+ledger's one credit of it, in English and in Chinese.
 Screenshots: ``offline-topup-*.png`` beside the console's others
 (``$EDGEGW_ARTIFACTS/console``).
 """
