@@ -122,10 +122,9 @@ async def fill(path: Path, readings: int) -> dict[str, Any]:
 
 
 def copy_db(src: Path, dst: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        s = Path(str(src) + suffix)
-        if s.exists():
-            shutil.copyfile(s, Path(str(dst) + suffix))
+    """The outbox database and its companions (WAL, key file)."""
+    for s in src.parent.glob(src.name + "*"):
+        shutil.copy(s, dst.parent / (dst.name + s.name[len(src.name) :]))  # with its mode
 
 
 async def pg_database(admin_dsn: str, name: str, *, drop: bool) -> str:
