@@ -87,14 +87,19 @@ async def headend_child(port: int, target: str, key: str, registry: str, profile
     await asyncio.wait_for(he.connected.wait(), 30)
     import headend.ingest
 
-    print(json.dumps({"backend_pid": backend, "code": str(Path(headend.ingest.__file__).parents[1])}), flush=True)
+    print(
+        json.dumps({"backend_pid": backend, "code": str(Path(headend.ingest.__file__).parents[1])}),
+        flush=True,
+    )
     prof = None
     if profile:
         import cProfile
 
         prof = cProfile.Profile()
         prof.enable()
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes it
+    await asyncio.get_running_loop().run_in_executor(
+        None, sys.stdin.read
+    )  # until the parent closes it
     if prof is not None:
         prof.disable()
         prof.dump_stats(profile)
@@ -143,13 +148,17 @@ async def count_rows(target: str) -> tuple[int, int]:
         import psycopg
 
         async with await psycopg.AsyncConnection.connect(target) as conn:
-            cur = await conn.execute("SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM telemetry)")
+            cur = await conn.execute(
+                "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM telemetry)"
+            )
             row = await cur.fetchone()
     else:
         import sqlite3
 
         with contextlib.closing(sqlite3.connect(target)) as db:
-            row = db.execute("SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM telemetry)").fetchone()
+            row = db.execute(
+                "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM telemetry)"
+            ).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
 
@@ -183,8 +192,10 @@ async def drain_once(
             env=os.environ | {"EDGEGW_BENCH_CODE": str(code)},
         )  # fmt: skip
         assert child.stdout is not None and child.stdin is not None
-        hello = json.loads(await asyncio.get_running_loop().run_in_executor(None, child.stdout.readline))
-        if Path(hello["code"]).resolve() != code.resolve():
+        hello = json.loads(
+            await asyncio.get_running_loop().run_in_executor(None, child.stdout.readline)
+        )
+        if hello["code"] != str(code):
             raise RuntimeError(f"headend ran the code in {hello['code']}, not {code}")
         policy = StoragePolicy(max_bytes=8 << 30, reserve_bytes=64 << 20)
         ob = await Outbox.open(run / "gw.db", policy=policy)
@@ -208,7 +219,9 @@ async def drain_once(
                 if waiting == 0:
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{tag}: {waiting} records still waiting after {args.timeout_s} s")
+                    raise RuntimeError(
+                        f"{tag}: {waiting} records still waiting after {args.timeout_s} s"
+                    )
             elapsed = time.monotonic() - t0
             gw_cpu = time.process_time() - g0
             c1 = {k: cpu_s(p) for k, p in pids.items()}
@@ -224,7 +237,9 @@ async def drain_once(
     shutil.rmtree(run, ignore_errors=True)
     expected = waiting0 // 2
     if readings != expected or telemetry != expected:
-        raise RuntimeError(f"{tag}: headend holds {readings} readings, {telemetry} telemetry; expected {expected}")
+        raise RuntimeError(
+            f"{tag}: headend holds {readings} readings, {telemetry} telemetry; expected {expected}"
+        )
     cpu = {k: round(c1[k] - c0[k], 2) for k in pids}
     return {
         "readings": readings,
@@ -237,7 +252,9 @@ async def drain_once(
         "gateway_cpu_s": round(gw_cpu, 2),
         "gateway_cpu_share_of_core": round(gw_cpu / elapsed, 2),
         "broker_cpu_s": cpu["broker"],
-        **({"postgres_backend_cpu_s": cpu["postgres_backend"]} if "postgres_backend" in cpu else {}),
+        **(
+            {"postgres_backend_cpu_s": cpu["postgres_backend"]} if "postgres_backend" in cpu else {}
+        ),
         "batches": up.stats.published,
         "retransmits": up.stats.retransmits,
     }
@@ -258,11 +275,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     out: dict[str, Any] = {"machine": machine(), "load_avg_start": os.getloadavg()}
     if args.profile:
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        os.makedirs(args.profile, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgegw-bench-ingest-") as tmp:
         work = Path(tmp)
         codec, _, _ = make_keys(work)
-        (work / "codec.json").write_text(json.dumps({"key_id": codec.key_id, "key": codec._key.hex()}))
+        (work / "codec.json").write_text(
+            json.dumps({"key_id": codec.key_id, "key": codec._key.hex()})
+        )
         base = work / "baseline-code"
         base.mkdir()
         archive = subprocess.run(  # noqa: ASYNC221 - before anything runs
@@ -270,7 +289,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         )
         subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)  # noqa: ASYNC221
         commit = subprocess.run(  # noqa: ASYNC221
-            ["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline], capture_output=True, text=True
+            ["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline],
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         head = subprocess.run(  # noqa: ASYNC221
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -288,12 +309,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     r = await drain_once(work, template, code, store, args, tag)
                     print(json.dumps(r), file=sys.stderr)
                     res[variant].append(r)
-            best = {v: max(rs, key=lambda r: r["readings_per_headend_cpu_s"] or 0) for v, rs in res.items()}
+            best = {
+                v: max(rs, key=lambda r: r["readings_per_headend_cpu_s"] or 0)
+                for v, rs in res.items()
+            }
             out[store] = {
                 "baseline": res["baseline"] if args.repeat > 1 else res["baseline"][0],
                 "current": res["current"] if args.repeat > 1 else res["current"][0],
                 "ratio_readings_per_headend_cpu_s": round(
-                    best["current"]["readings_per_headend_cpu_s"] / best["baseline"]["readings_per_headend_cpu_s"],
+                    best["current"]["readings_per_headend_cpu_s"]
+                    / best["baseline"]["readings_per_headend_cpu_s"],
                     2,
                 ),
                 "ratio_readings_per_s": round(
@@ -310,7 +335,9 @@ if __name__ == "__main__":
         asyncio.run(headend_child(int(p), target, key, registry, profile))
         sys.exit(0)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--readings", type=int, default=1_000_000, help="backlog size (multiple of 200)")
+    ap.add_argument(
+        "--readings", type=int, default=1_000_000, help="backlog size (multiple of 200)"
+    )
     ap.add_argument("--stores", default="sqlite,postgres", help="sqlite, postgres or both")
     ap.add_argument("--dsn", default=DSN, help="PostgreSQL server (a database is created per run)")
     ap.add_argument("--baseline", default=BASELINE, help="commit whose headend is the baseline")

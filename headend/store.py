@@ -19,7 +19,9 @@ still get it), and the keys gain the epoch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -107,14 +109,23 @@ class StoreResult:
     records_dup: int
 
 
-READING_COLS = "gateway_id, record_id, meter_id, time_ms, time_source, quantities, quality, batch_seq, epoch"
+READING_COLS = (
+    "gateway_id, record_id, meter_id, time_ms, time_source, quantities, quality, batch_seq, epoch"
+)
 EVENT_COLS = "gateway_id, record_id, kind, created_ms, body, batch_seq, epoch"
 BATCH_COLS = "gateway_id, seq, received_ms, n_records, epoch, digest"
 
 
 def batch_row(batch: AnyBatch, now_ms: int) -> tuple[Any, ...]:
     """The ``batches`` row of ``batch``, in :data:`BATCH_COLS` order."""
-    return (batch.gateway_id, batch.seq, now_ms, len(batch.records), batch.epoch, batch.digest or None)
+    return (
+        batch.gateway_id,
+        batch.seq,
+        now_ms,
+        len(batch.records),
+        batch.epoch,
+        batch.digest or None,
+    )
 
 
 def same_bytes(stored_digest: bytes | None, batch: AnyBatch) -> bool:
@@ -126,20 +137,24 @@ def same_bytes(stored_digest: bytes | None, batch: AnyBatch) -> bool:
 CONFLICT_REASON = "central holds different bytes under this batch's (gateway, epoch, seq)"
 
 
+_TELEMETRY = int(RecordClass.TELEMETRY)
+TABLE_COLS = {"readings": READING_COLS, "telemetry": READING_COLS, "events": EVENT_COLS}
+
+
 def record_row(batch: AnyBatch, r: Any) -> tuple[str, tuple[Any, ...]]:
     """The table a record goes to (``readings``, ``telemetry`` or ``events``) and its
     row, in :data:`READING_COLS` / :data:`EVENT_COLS` order (both stores use it)."""
     if r.kind == RecordKind.READING:
         b = r.body
-        table = "telemetry" if int(r.cls) == RecordClass.TELEMETRY else "readings"
-        return table, (
+        q = b.get("q")
+        return "telemetry" if r.cls == _TELEMETRY else "readings", (
             batch.gateway_id,
             r.id,
             str(b["m"]),
             int(b["t"]),
             str(b.get("ts", "system")),
             dumps(b["v"]).decode(),
-            dumps(b["q"]).decode() if b.get("q") else None,
+            dumps(q).decode() if q else None,
             batch.seq,
             batch.epoch,
         )
@@ -147,13 +162,73 @@ def record_row(batch: AnyBatch, r: Any) -> tuple[str, tuple[Any, ...]]:
     return "events", (batch.gateway_id, r.id, r.kind, r.created_ms, body, batch.seq, batch.epoch)
 
 
-def batch_statements(batch: AnyBatch, fresh: list[Any], now_ms: int) -> list[tuple[str, tuple[Any, ...]]]:
+# (position in the batch, record, row)
+Entry = tuple[int, Any, tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """A batch's records as rows per table, each (table, record id) once: a record
+    that repeats one earlier in the same batch is left out (and counted), as the
+    row-by-row ``INSERT ... ON CONFLICT DO NOTHING`` it replaces would have ignored
+    it."""
+
+    tables: dict[str, list[Entry]]
+    repeated: int
+
+    def ids(self, table: str) -> list[int]:
+        return [e[1].id for e in self.tables[table]]
+
+
+def batch_rows(batch: AnyBatch) -> BatchRows:
+    """The rows of ``batch`` by table, in batch order (see :class:`BatchRows`)."""
+    tables: dict[str, list[Entry]] = {}
+    seen: dict[str, set[int]] = {}
+    repeated = 0
+    for pos, r in enumerate(batch.records):
+        table, row = record_row(batch, r)
+        ids = seen.get(table)
+        if ids is None:
+            ids = seen[table] = set()
+            tables[table] = []
+        if r.id in ids:
+            repeated += 1
+            continue
+        ids.add(r.id)
+        tables[table].append((pos, r, row))
+    return BatchRows(tables, repeated)
+
+
+def new_entries(entries: list[Entry], stored: Collection[int]) -> list[Entry]:
+    """The entries whose record ids are not among ``stored`` (the ids the table already
+    holds for this gateway and epoch)."""
+    return [e for e in entries if e[1].id not in stored] if stored else entries
+
+
+def fresh_records(inserted: Iterable[list[Entry]]) -> list[Any]:
+    """The records of the entries inserted into each table, back in batch order."""
+    parts = [p for p in inserted if p]
+    if len(parts) == 1:
+        return [e[1] for e in parts[0]]
+    return [e[1] for e in sorted((e for p in parts for e in p), key=itemgetter(0))]
+
+
+def probe_by_range(ids: Sequence[int]) -> bool:
+    """Whether the ids of a table's rows in a batch are dense enough that reading every
+    stored id between the smallest and the largest is cheaper than probing each id
+    (the usual backlog batch: consecutive ids, a share of them per table)."""
+    return bool(ids) and max(ids) - min(ids) < 4 * len(ids) + 64
+
+
+def batch_statements(
+    batch: AnyBatch, fresh: list[Any], now_ms: int
+) -> list[tuple[str, tuple[Any, ...]]]:
     """What a stored batch's new records change beside their own rows, in the batch's
     transaction (``?`` placeholders): the fleet tables (:mod:`headend.fleet`) and the
     notice queue (:mod:`headend.notices`)."""
-    return fleet.statements(fleet.fleet_update(batch.gateway_id, fresh, now_ms)) + notices.statements(
-        notices.notices_of(batch.gateway_id, batch.epoch, fresh), now_ms
-    )
+    return fleet.statements(
+        fleet.fleet_update(batch.gateway_id, fresh, now_ms)
+    ) + notices.statements(notices.notices_of(batch.gateway_id, batch.epoch, fresh), now_ms)
 
 
 class HeadendStore(Protocol):
@@ -218,19 +293,19 @@ class HeadendDB:
                 await self._count(db, "duplicate_batches" if known else "conflicting_batches", 1)
                 await db.commit()
                 return StoreResult("duplicate" if known else "conflict", 0, 0)
-            new = dup = 0
-            fresh = []
-            for r in batch.records:
-                table, row = record_row(batch, r)
-                cols = EVENT_COLS if table == "events" else READING_COLS
-                cur = await db.execute(
-                    f"INSERT OR IGNORE INTO {table} ({cols}) VALUES ({','.join('?' * len(row))})", row
-                )
-                if cur.rowcount:
-                    new += 1
-                    fresh.append(r)
-                else:
-                    dup += 1
+            rows = batch_rows(batch)
+            inserted = []
+            for table, entries in rows.tables.items():
+                new = new_entries(entries, await self._stored_ids(table, batch, rows.ids(table)))
+                if new:
+                    # BEGIN IMMEDIATE: no other writer between the look-up and the insert
+                    await db.executemany(
+                        f"INSERT INTO {table} ({TABLE_COLS[table]}) VALUES ({','.join('?' * len(new[0][2]))})",
+                        [e[2] for e in new],
+                    )
+                inserted.append(new)
+            fresh = fresh_records(inserted)
+            new_n, dup = len(fresh), len(batch.records) - len(fresh)
             if dup:
                 await self._count(db, "duplicate_records", dup)
             for stmt, args in batch_statements(batch, fresh, now_ms):
@@ -238,10 +313,22 @@ class HeadendDB:
             # the gateway's answers to central's commands, taken with the batch
             await central_db.apply_results_in(SqliteTx(db), batch.gateway_id, fresh, now_ms)
             await db.commit()
-            return StoreResult("stored", new, dup)
+            return StoreResult("stored", new_n, dup)
         except BaseException:
             await db.rollback()
             raise
+
+    async def _stored_ids(self, table: str, batch: AnyBatch, ids: list[int]) -> set[int]:
+        """Which of ``ids`` ``table`` already holds for the batch's gateway and epoch."""
+        key = "SELECT record_id FROM {} WHERE gateway_id = ? AND epoch = ? AND record_id {}"
+        if probe_by_range(ids):
+            sql = key.format(table, "BETWEEN ? AND ?")
+            args: tuple[Any, ...] = (batch.gateway_id, batch.epoch, min(ids), max(ids))
+        else:
+            sql = key.format(table, "IN (SELECT value FROM json_each(?))")
+            args = (batch.gateway_id, batch.epoch, orjson.dumps(ids).decode())
+        found = {int(i) for (i,) in await self._db.execute_fetchall(sql, args)}
+        return found.intersection(ids) if found else found
 
     @staticmethod
     async def _count(db: aiosqlite.Connection, name: str, n: int) -> None:
@@ -273,7 +360,8 @@ class HeadendDB:
     async def summary(self, gateway_id: str | None = None) -> dict[str, Any]:
         where, args = ("WHERE gateway_id = ?", (gateway_id,)) if gateway_id else ("", ())
         async with self._db.execute(
-            f"SELECT count(*), count(DISTINCT meter_id || '/' || time_ms) FROM readings {where}", args
+            f"SELECT count(*), count(DISTINCT meter_id || '/' || time_ms) FROM readings {where}",
+            args,
         ) as cur:
             row = await cur.fetchone()
         async with self._db.execute("SELECT name, value FROM counters") as cur:

@@ -31,10 +31,12 @@ from headend.store import (
     BATCH_COLS,
     EVENT_COLS,
     READING_COLS,
+    Entry,
     StoreResult,
     batch_row,
+    batch_rows,
     batch_statements,
-    record_row,
+    fresh_records,
     same_bytes,
 )
 from store_forward.codec import AnyBatch
@@ -243,7 +245,10 @@ COMMENT ON VIEW edgegw_notifications IS
 
 # Tables made before batch epochs: the columns they gain, and their new keys.
 _MIGRATION = {
-    "batches": ("epoch TEXT NOT NULL DEFAULT '', ADD COLUMN digest BYTEA", "gateway_id, epoch, seq"),
+    "batches": (
+        "epoch TEXT NOT NULL DEFAULT '', ADD COLUMN digest BYTEA",
+        "gateway_id, epoch, seq",
+    ),
     "readings": ("epoch TEXT NOT NULL DEFAULT ''", "gateway_id, epoch, record_id"),
     "telemetry": ("epoch TEXT NOT NULL DEFAULT ''", "gateway_id, epoch, record_id"),
     "events": ("epoch TEXT NOT NULL DEFAULT ''", "gateway_id, epoch, record_id"),
@@ -267,12 +272,53 @@ async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
             (table,),
         )
         pkey = await cur.fetchone()
-        drop = sql.SQL("DROP CONSTRAINT {}, ").format(sql.Identifier(pkey[0])) if pkey else sql.SQL("")
+        drop = (
+            sql.SQL("DROP CONSTRAINT {}, ").format(sql.Identifier(pkey[0])) if pkey else sql.SQL("")
+        )
         await conn.execute(
             sql.SQL("ALTER TABLE {} ADD COLUMN {}, {}ADD PRIMARY KEY ({})").format(
                 sql.Identifier(table), sql.SQL(add), drop, sql.SQL(key)
             )
         )
+
+
+def _insert(table: str, cols: str, arrays: str, alias: str, values: str) -> str:
+    """One statement that inserts a batch's rows of ``table`` from arrays (one per
+    column that varies; gateway, batch seq and epoch are the same for every row)
+    and returns the ids it inserted: a row whose key is taken is skipped, and its
+    id is not returned."""
+    return (
+        f"INSERT INTO {table} ({cols})"
+        f" SELECT %(gw)s, {values}, %(seq)s, %(epoch)s FROM unnest({arrays}) AS u({alias})"
+        " ON CONFLICT DO NOTHING RETURNING record_id"
+    )
+
+
+_READING_INSERT = (
+    "%(c1)s::bigint[], %(c2)s::text[], %(c3)s::bigint[], %(c4)s::text[], %(c5)s::text[], %(c6)s::text[]",
+    "id, meter, t, ts, v, q",
+    "u.id, u.meter, u.t, u.ts, u.v::jsonb, u.q::jsonb",
+)
+_EVENT_INSERT = (
+    "%(c1)s::bigint[], %(c2)s::text[], %(c3)s::bigint[], %(c4)s::text[]",
+    "id, kind, t, body",
+    "u.id, u.kind, u.t, u.body::jsonb",
+)
+_INSERT = {
+    "readings": _insert("readings", READING_COLS, *_READING_INSERT),
+    "telemetry": _insert("telemetry", READING_COLS, *_READING_INSERT),
+    "events": _insert("events", EVENT_COLS, *_EVENT_INSERT),
+}
+
+
+def _unnest_args(batch: AnyBatch, table: str, entries: list[Entry]) -> dict[str, Any]:
+    """The parameters of :data:`_INSERT` ``[table]``: the varying columns as lists."""
+    width = 7 if table != "events" else 5  # row columns before batch_seq, epoch
+    columns = list(zip(*(e[2] for e in entries), strict=True))
+    args: dict[str, Any] = {"gw": batch.gateway_id, "seq": batch.seq, "epoch": batch.epoch}
+    for i in range(1, width):
+        args[f"c{i}"] = list(columns[i])
+    return args
 
 
 class PostgresHeadendDB:
@@ -312,21 +358,16 @@ class PostgresHeadendDB:
                 known = same_bytes(row[0] if row else None, batch)
                 await self._count("duplicate_batches" if known else "conflicting_batches", 1)
                 return StoreResult("duplicate" if known else "conflict", 0, 0)
-            new = dup = 0
-            fresh = []
-            for r in batch.records:
-                table, row = record_row(batch, r)
-                cols = EVENT_COLS if table == "events" else READING_COLS
-                cur = await conn.execute(
-                    f"INSERT INTO {table} ({cols}) VALUES ({', '.join(['%s'] * len(row))})"
-                    " ON CONFLICT DO NOTHING",
-                    row,
-                )
-                if cur.rowcount:
-                    new += 1
-                    fresh.append(r)
-                else:
-                    dup += 1
+            rows = batch_rows(batch)
+            inserted = []
+            for table, entries in rows.tables.items():
+                cur = await conn.execute(_INSERT[table], _unnest_args(batch, table, entries))
+                stored = {int(i) for (i,) in await cur.fetchall()}
+                # the ids this statement inserted: any other was there already, or was
+                # inserted meanwhile by another headend's transaction (which this one waited for)
+                inserted.append([e for e in entries if e[1].id in stored])
+            fresh = fresh_records(inserted)
+            new, dup = len(fresh), len(batch.records) - len(fresh)
             if dup:
                 await self._count("duplicate_records", dup)
             for stmt, args in batch_statements(batch, fresh, now_ms):
