@@ -286,7 +286,8 @@ def _insert(table: str, cols: str, arrays: str, alias: str, values: str) -> str:
     """One statement that inserts a batch's rows of ``table`` from arrays (one per
     column that varies; gateway, batch seq and epoch are the same for every row)
     and returns the ids it inserted: a row whose key is taken is skipped, and its
-    id is not returned."""
+    id is not returned. The arrays go in binary (``%b``): as text, psycopg would quote
+    and escape every JSON document in Python."""
     return (
         f"INSERT INTO {table} ({cols})"
         f" SELECT %(gw)s, {values}, %(seq)s, %(epoch)s FROM unnest({arrays}) AS u({alias})"
@@ -295,12 +296,12 @@ def _insert(table: str, cols: str, arrays: str, alias: str, values: str) -> str:
 
 
 _READING_INSERT = (
-    "%(c1)s::bigint[], %(c2)s::text[], %(c3)s::bigint[], %(c4)s::text[], %(c5)s::text[], %(c6)s::text[]",
+    "%(c1)b::bigint[], %(c2)b::text[], %(c3)b::bigint[], %(c4)b::text[], %(c5)b::text[], %(c6)b::text[]",
     "id, meter, t, ts, v, q",
     "u.id, u.meter, u.t, u.ts, u.v::jsonb, u.q::jsonb",
 )
 _EVENT_INSERT = (
-    "%(c1)s::bigint[], %(c2)s::text[], %(c3)s::bigint[], %(c4)s::text[]",
+    "%(c1)b::bigint[], %(c2)b::text[], %(c3)b::bigint[], %(c4)b::text[]",
     "id, kind, t, body",
     "u.id, u.kind, u.t, u.body::jsonb",
 )
