@@ -102,13 +102,14 @@ def _int(v: Any, default: int) -> int:
 def fleet_update(gateway: str, new_records: Iterable[RecordLike], received_ms: int) -> FleetUpdate:
     """The fleet view's change from the records of a batch that were new."""
     u = FleetUpdate(gateway, received_ms)
-    for r in sorted(new_records, key=lambda r: r.id):
-        u.records += 1
-        t = record_time_ms(r)
-        u.oldest_ms = t if u.oldest_ms is None else min(u.oldest_ms, t)
-        u.newest_ms = t if u.newest_ms is None else max(u.newest_ms, t)
-        if r.kind != "event":
-            continue
+    records = list(new_records)
+    if not records:
+        return u
+    u.records = len(records)
+    times = [record_time_ms(r) for r in records]
+    u.oldest_ms, u.newest_ms = min(times), max(times)
+    # events in record order (the latest state of a meter wins); readings only count
+    for r in sorted((r for r in records if r.kind == "event"), key=lambda r: r.id):
         body = r.body
         kind = body.get("type")
         if not isinstance(kind, str):

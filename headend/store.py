@@ -109,23 +109,14 @@ class StoreResult:
     records_dup: int
 
 
-READING_COLS = (
-    "gateway_id, record_id, meter_id, time_ms, time_source, quantities, quality, batch_seq, epoch"
-)
+READING_COLS = "gateway_id, record_id, meter_id, time_ms, time_source, quantities, quality, batch_seq, epoch"
 EVENT_COLS = "gateway_id, record_id, kind, created_ms, body, batch_seq, epoch"
 BATCH_COLS = "gateway_id, seq, received_ms, n_records, epoch, digest"
 
 
 def batch_row(batch: AnyBatch, now_ms: int) -> tuple[Any, ...]:
     """The ``batches`` row of ``batch``, in :data:`BATCH_COLS` order."""
-    return (
-        batch.gateway_id,
-        batch.seq,
-        now_ms,
-        len(batch.records),
-        batch.epoch,
-        batch.digest or None,
-    )
+    return (batch.gateway_id, batch.seq, now_ms, len(batch.records), batch.epoch, batch.digest or None)
 
 
 def same_bytes(stored_digest: bytes | None, batch: AnyBatch) -> bool:
@@ -220,15 +211,13 @@ def probe_by_range(ids: Sequence[int]) -> bool:
     return bool(ids) and max(ids) - min(ids) < 4 * len(ids) + 64
 
 
-def batch_statements(
-    batch: AnyBatch, fresh: list[Any], now_ms: int
-) -> list[tuple[str, tuple[Any, ...]]]:
+def batch_statements(batch: AnyBatch, fresh: list[Any], now_ms: int) -> list[tuple[str, tuple[Any, ...]]]:
     """What a stored batch's new records change beside their own rows, in the batch's
     transaction (``?`` placeholders): the fleet tables (:mod:`headend.fleet`) and the
     notice queue (:mod:`headend.notices`)."""
-    return fleet.statements(
-        fleet.fleet_update(batch.gateway_id, fresh, now_ms)
-    ) + notices.statements(notices.notices_of(batch.gateway_id, batch.epoch, fresh), now_ms)
+    return fleet.statements(fleet.fleet_update(batch.gateway_id, fresh, now_ms)) + notices.statements(
+        notices.notices_of(batch.gateway_id, batch.epoch, fresh), now_ms
+    )
 
 
 class HeadendStore(Protocol):
@@ -299,8 +288,9 @@ class HeadendDB:
                 new = new_entries(entries, await self._stored_ids(table, batch, rows.ids(table)))
                 if new:
                     # BEGIN IMMEDIATE: no other writer between the look-up and the insert
+                    marks = ",".join("?" * len(new[0][2]))
                     await db.executemany(
-                        f"INSERT INTO {table} ({TABLE_COLS[table]}) VALUES ({','.join('?' * len(new[0][2]))})",
+                        f"INSERT INTO {table} ({TABLE_COLS[table]}) VALUES ({marks})",
                         [e[2] for e in new],
                     )
                 inserted.append(new)
@@ -360,8 +350,7 @@ class HeadendDB:
     async def summary(self, gateway_id: str | None = None) -> dict[str, Any]:
         where, args = ("WHERE gateway_id = ?", (gateway_id,)) if gateway_id else ("", ())
         async with self._db.execute(
-            f"SELECT count(*), count(DISTINCT meter_id || '/' || time_ms) FROM readings {where}",
-            args,
+            f"SELECT count(*), count(DISTINCT meter_id || '/' || time_ms) FROM readings {where}", args
         ) as cur:
             row = await cur.fetchone()
         async with self._db.execute("SELECT name, value FROM counters") as cur:

@@ -245,10 +245,7 @@ COMMENT ON VIEW edgegw_notifications IS
 
 # Tables made before batch epochs: the columns they gain, and their new keys.
 _MIGRATION = {
-    "batches": (
-        "epoch TEXT NOT NULL DEFAULT '', ADD COLUMN digest BYTEA",
-        "gateway_id, epoch, seq",
-    ),
+    "batches": ("epoch TEXT NOT NULL DEFAULT '', ADD COLUMN digest BYTEA", "gateway_id, epoch, seq"),
     "readings": ("epoch TEXT NOT NULL DEFAULT ''", "gateway_id, epoch, record_id"),
     "telemetry": ("epoch TEXT NOT NULL DEFAULT ''", "gateway_id, epoch, record_id"),
     "events": ("epoch TEXT NOT NULL DEFAULT ''", "gateway_id, epoch, record_id"),
@@ -272,9 +269,7 @@ async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
             (table,),
         )
         pkey = await cur.fetchone()
-        drop = (
-            sql.SQL("DROP CONSTRAINT {}, ").format(sql.Identifier(pkey[0])) if pkey else sql.SQL("")
-        )
+        drop = sql.SQL("DROP CONSTRAINT {}, ").format(sql.Identifier(pkey[0])) if pkey else sql.SQL("")
         await conn.execute(
             sql.SQL("ALTER TABLE {} ADD COLUMN {}, {}ADD PRIMARY KEY ({})").format(
                 sql.Identifier(table), sql.SQL(add), drop, sql.SQL(key)
@@ -296,7 +291,8 @@ def _insert(table: str, cols: str, arrays: str, alias: str, values: str) -> str:
 
 
 _READING_INSERT = (
-    "%(c1)b::bigint[], %(c2)b::text[], %(c3)b::bigint[], %(c4)b::text[], %(c5)b::text[], %(c6)b::text[]",
+    "%(c1)b::bigint[], %(c2)b::text[], %(c3)b::bigint[], %(c4)b::text[],"
+    " %(c5)b::text[], %(c6)b::text[]",
     "id, meter, t, ts, v, q",
     "u.id, u.meter, u.t, u.ts, u.v::jsonb, u.q::jsonb",
 )

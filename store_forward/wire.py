@@ -407,6 +407,20 @@ def _short_text(text: object) -> bool:
 
 
 def _decimal_text(coef: int, exp: int) -> str:
+    """``str(Decimal(coef * 10**exp))`` keeping the exponent, i.e. what
+    ``str(Decimal(f"{coef}E{exp}"))`` gives; without building the Decimal where
+    the text is plain notation (exponent <= 0, adjusted exponent >= -6: every
+    meter value seen in practice)."""
+    if exp == 0:
+        return str(coef)
+    if exp < 0:
+        digits = str(-coef if coef < 0 else coef)
+        n = len(digits)
+        if n + exp > -6:  # adjusted exponent n - 1 + exp >= -6
+            sign = "-" if coef < 0 else ""
+            if n > -exp:
+                return f"{sign}{digits[:exp]}.{digits[exp:]}"
+            return f"{sign}0.{digits.zfill(-exp)}"
     return str(Decimal(f"{coef}E{exp}"))
 
 
@@ -626,6 +640,8 @@ _CURRENT = QUANTITY_CODES[Quantity.CURRENT]
 _POWER = QUANTITY_CODES[Quantity.POWER]
 _VOLTAGE = QUANTITY_CODES[Quantity.VOLTAGE]
 _PF = QUANTITY_CODES[Quantity.POWER_FACTOR]
+_PREDICTOR_INPUTS = frozenset({_POWER, _VOLTAGE, _PF})
+_QUANTITY_NAMES = {code: q.value for code, q in CODE_QUANTITIES.items()}
 
 
 def _predict_current(
@@ -953,21 +969,24 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
             rows_k.append(b)
         bodies.append(rows_k)
     # 5. Values.
-    # nums[k][code][i] = (coefficient, exponent), kept for the current predictor
+    # nums[k][code][i] = (coefficient, exponent) of the current predictor's inputs
     nums: list[dict[int, dict[int, tuple[int, int]]]] = [{} for _ in range(n_meters)]
+    limit = 1 << 80
 
     def put(k: int, code: int, i: int, scaled: int, base: int, off: int) -> None:
-        if abs(scaled) >= 1 << 80:
+        if abs(scaled) >= limit:
             raise WireFormatError("column value out of range")
         coef, rem = divmod(scaled, 10**off)
         if rem:
             raise WireFormatError("value not representable at its own exponent")
         nums[k].setdefault(code, {})[i] = (coef, base + off)
-        bodies[k][i]["v"][CODE_QUANTITIES[code].value] = _decimal_text(coef, base + off)
+        bodies[k][i]["v"][_QUANTITY_NAMES[code]] = _decimal_text(coef, base + off)
 
     pending: list[tuple[int, int, list[int], list[int], list[int]]] = []
     all_codes = sorted({code for k in range(n_meters) for code in layout[k]})
     for code in all_codes:
+        name = _QUANTITY_NAMES[code]
+        keep = code in _PREDICTOR_INPUTS  # (kept whether or not a column predicts)
         holders = [k for k in range(n_meters) if code in layout[k]]
         plain = [k for k in holders if not layout[k][code][1] & _PREDICTED]
         col_firsts = _get_packed(r, len(plain), signed=True)
@@ -980,11 +999,25 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
             base, _flags, present, offsets = layout[k][code]
             scaled = col_firsts[h] + (prev_first if base == prev_base else 0)
             prev_base, prev_first = base, scaled
+            rows_k = bodies[k]
+            kept = nums[k].setdefault(code, {}) if keep else None
+            # the values of one meter's column, inline (put() per value costs a call)
             for j, (i, off) in enumerate(zip(present, offsets, strict=True)):
                 if j:
                     scaled += col_deltas[dpos]
                     dpos += 1
-                put(k, code, i, scaled, base, off)
+                if not -limit < scaled < limit:
+                    raise WireFormatError("column value out of range")
+                if off:
+                    coef, rem = divmod(scaled, 10**off)
+                    if rem:
+                        raise WireFormatError("value not representable at its own exponent")
+                    exp = base + off
+                else:
+                    coef, exp = scaled, base
+                if kept is not None:
+                    kept[i] = (coef, exp)
+                rows_k[i]["v"][name] = _decimal_text(coef, exp)
         if code == _CURRENT:
             guessed = [k for k in holders if layout[k][code][1] & _PREDICTED]
             col_residuals = _get_packed(

@@ -689,3 +689,24 @@ def test_exact_decimal_readings_take_the_columnar_form() -> None:
     routes = {r.id: type(wire._analyse(r)).__name__ for r in mixed()}
     assert [i for i, kind in routes.items() if kind == "_Reading"] == [2, 3, 4, 12]
     assert all(routes[i] == "_Generic" for i in (1, 5, 6, 7, 8, 10, 11))
+
+
+@given(st.integers(min_value=-(10**25), max_value=10**25), st.integers(min_value=-40, max_value=40))
+def test_decimal_text_is_the_decimal_string(coef: int, exp: int) -> None:
+    # the decoder's text of a value: the same string Decimal gives, built without it where plain
+    assert wire._decimal_text(coef, exp) == str(Decimal(f"{coef}E{exp}"))
+
+
+@pytest.mark.parametrize(
+    ("coef", "exp", "text"),
+    [
+        (0, -2, "0.00"),
+        (-5, -3, "-0.005"),
+        (123456, -2, "1234.56"),
+        (7, 0, "7"),
+        (0, -8, "0E-8"),
+        (5, 1, "5E+1"),
+    ],
+)
+def test_decimal_text_examples(coef: int, exp: int, text: str) -> None:
+    assert wire._decimal_text(coef, exp) == text
