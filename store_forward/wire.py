@@ -424,6 +424,20 @@ def _decimal_text(coef: int, exp: int) -> str:
     return str(Decimal(f"{coef}E{exp}"))
 
 
+def _decimal_texts(coefs: list[int], exp: int) -> list[str]:
+    """``[_decimal_text(c, exp) for c in coefs]``, a column at a time: for values that
+    are not negative, with an exponent from -6 to 0, the text is the digits with a
+    point put in (or ``0.`` and the digits padded)."""
+    if exp == 0:
+        return [str(c) for c in coefs]
+    if -6 <= exp < 0 and coefs and min(coefs) >= 0:
+        w = -exp
+        return [
+            f"{d[:exp]}.{d[exp:]}" if len(d) > w else f"0.{d.zfill(w)}" for d in map(str, coefs)
+        ]
+    return [_decimal_text(c, exp) for c in coefs]
+
+
 def _as_reading(rec: RecordLike, cls: int) -> _Reading | None:
     body = rec.body
     if rec.kind != _KIND_READING or not isinstance(body, dict):
@@ -586,25 +600,24 @@ def _get_packed(r: _Reader, n: int, *, signed: bool) -> list[int]:
         return [center] * n
     raw = r.take((n * width + 7) // 8)
     mask = (1 << width) - 1
+    # Eight values fill ``width`` bytes: read each such group as one little-endian int.
     out: list[int] = []
-    append = out.append
-    acc = 0
-    bits = 0
-    for b in raw:
-        acc |= b << bits
-        bits += 8
-        while bits >= width:
-            append(acc & mask)
-            acc >>= width
-            bits -= width
-    if acc or any(out[n:]):
+    extend = out.extend
+    from_bytes = int.from_bytes
+    shifts = range(0, 8 * width, width)
+    for j in range(0, len(raw), width):
+        g = from_bytes(raw[j : j + width], "little")
+        extend([(g >> s) & mask for s in shifts])
+    tail = (n * width) % 8  # the bits after the n-th value, in the last byte, are zero
+    if tail and raw[-1] >> tail:
         raise WireFormatError("packed column has stray bits")
     del out[n:]
-    for j, z in enumerate(out):
-        if z == mask:
-            out[j] = mask + r.uvarint()
+    if mask in out:  # escaped: the value goes on in a varint after the column
+        for j, z in enumerate(out):
+            if z == mask:
+                out[j] = mask + r.uvarint()
     if signed:
-        return [center + ((z >> 1) if not z & 1 else -((z + 1) >> 1)) for z in out]
+        return [center + ((z >> 1) ^ -(z & 1)) for z in out]
     return out
 
 
@@ -649,7 +662,11 @@ def _predict_current(
 ) -> int:
     """round(P[kW] * 1000 / (V * PF)) in units of 10**base A, exact integer
     arithmetic on (coefficient, exponent) pairs; half rounds up; 0 if V*PF is 0."""
-    (cp, ep), (cv, ev), (cf, ef) = power, volts, pf
+    return _predict_parts(*power, *volts, *pf, base)
+
+
+def _predict_parts(cp: int, ep: int, cv: int, ev: int, cf: int, ef: int, base: int) -> int:
+    """:func:`_predict_current` on the coefficients and exponents themselves."""
     k = ep + 3 - ev - ef - base
     num, den = cp, cv * cf
     if k >= 0:
@@ -968,25 +985,40 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
                 b["q"] = {}
             rows_k.append(b)
         bodies.append(rows_k)
-    # 5. Values.
-    # nums[k][code][i] = (coefficient, exponent) of the current predictor's inputs
-    nums: list[dict[int, dict[int, tuple[int, int]]]] = [{} for _ in range(n_meters)]
+    # 5. Values: each meter's column as one list (coefficients, exponents, texts), then
+    # each reading's value map in one go where the meter has every value of its columns.
+    # nums[k][code] = (reading indexes, coefficients, exponents): the inputs of the
+    # current predictor, for the meters whose current is predicted
+    nums: list[dict[int, tuple[list[int], list[int], list[int]]]] = [{} for _ in range(n_meters)]
+    predicts = {k for k in range(n_meters) if layout[k].get(_CURRENT, (0, 0))[1] & _PREDICTED}
+    # texts[k] = [(quantity name, reading indexes, value texts)], in insertion order
+    texts: list[list[tuple[str, list[int], list[str]]]] = [[] for _ in range(n_meters)]
     limit = 1 << 80
 
-    def put(k: int, code: int, i: int, scaled: int, base: int, off: int) -> None:
-        if abs(scaled) >= limit:
+    def column(
+        k: int, code: int, present: list[int], scaled: list[int], base: int, offsets: list[int]
+    ) -> None:
+        if scaled and (max(scaled) >= limit or min(scaled) <= -limit):
             raise WireFormatError("column value out of range")
-        coef, rem = divmod(scaled, 10**off)
-        if rem:
-            raise WireFormatError("value not representable at its own exponent")
-        nums[k].setdefault(code, {})[i] = (coef, base + off)
-        bodies[k][i]["v"][_QUANTITY_NAMES[code]] = _decimal_text(coef, base + off)
+        if any(offsets):
+            coefs, exps = [], []
+            for v, off in zip(scaled, offsets, strict=True):
+                coef, rem = divmod(v, 10**off)
+                if rem:
+                    raise WireFormatError("value not representable at its own exponent")
+                coefs.append(coef)
+                exps.append(base + off)
+            out = [_decimal_text(c, e) for c, e in zip(coefs, exps, strict=True)]
+        else:
+            coefs, exps = scaled, [base] * len(scaled)
+            out = _decimal_texts(scaled, base)
+        if code in _PREDICTOR_INPUTS and k in predicts:
+            nums[k][code] = (present, coefs, exps)
+        texts[k].append((_QUANTITY_NAMES[code], present, out))
 
     pending: list[tuple[int, int, list[int], list[int], list[int]]] = []
     all_codes = sorted({code for k in range(n_meters) for code in layout[k]})
     for code in all_codes:
-        name = _QUANTITY_NAMES[code]
-        keep = code in _PREDICTOR_INPUTS  # (kept whether or not a column predicts)
         holders = [k for k in range(n_meters) if code in layout[k]]
         plain = [k for k in holders if not layout[k][code][1] & _PREDICTED]
         col_firsts = _get_packed(r, len(plain), signed=True)
@@ -997,27 +1029,12 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
         dpos = 0
         for h, k in enumerate(plain):
             base, _flags, present, offsets = layout[k][code]
-            scaled = col_firsts[h] + (prev_first if base == prev_base else 0)
-            prev_base, prev_first = base, scaled
-            rows_k = bodies[k]
-            kept = nums[k].setdefault(code, {}) if keep else None
-            # the values of one meter's column, inline (put() per value costs a call)
-            for j, (i, off) in enumerate(zip(present, offsets, strict=True)):
-                if j:
-                    scaled += col_deltas[dpos]
-                    dpos += 1
-                if not -limit < scaled < limit:
-                    raise WireFormatError("column value out of range")
-                if off:
-                    coef, rem = divmod(scaled, 10**off)
-                    if rem:
-                        raise WireFormatError("value not representable at its own exponent")
-                    exp = base + off
-                else:
-                    coef, exp = scaled, base
-                if kept is not None:
-                    kept[i] = (coef, exp)
-                rows_k[i]["v"][name] = _decimal_text(coef, exp)
+            first = col_firsts[h] + (prev_first if base == prev_base else 0)
+            prev_base, prev_first = base, first
+            n = len(present)
+            scaled = list(itertools.accumulate(col_deltas[dpos : dpos + n - 1], initial=first))
+            dpos += n - 1
+            column(k, code, present, scaled, base, offsets)
         if code == _CURRENT:
             guessed = [k for k in holders if layout[k][code][1] & _PREDICTED]
             col_residuals = _get_packed(
@@ -1031,12 +1048,39 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
                 pending.append((k, base, present, offsets, part))
     for k, base, present, offsets, part in pending:
         inputs = nums[k]
-        for i, off, res in zip(present, offsets, part, strict=True):
+        if not {_POWER, _VOLTAGE, _PF} <= inputs.keys():
+            raise WireFormatError("predicted current lacks an input value")
+        p, v, f = inputs[_POWER], inputs[_VOLTAGE], inputs[_PF]
+        if p[0] == v[0] == f[0] == present:  # the usual case: every value in each column
+            scaled = [
+                _predict_parts(cp, ep, cv, ev, cf, ef, base) + res
+                for cp, ep, cv, ev, cf, ef, res in zip(
+                    p[1], p[2], v[1], v[2], f[1], f[2], part, strict=True
+                )
+            ]
+        else:
+            by_i = [dict(zip(c[0], zip(c[1], c[2], strict=True), strict=True)) for c in (p, v, f)]
             try:
-                args = (inputs[_POWER][i], inputs[_VOLTAGE][i], inputs[_PF][i])
+                scaled = [
+                    _predict_current(by_i[0][i], by_i[1][i], by_i[2][i], base) + res
+                    for i, res in zip(present, part, strict=True)
+                ]
             except KeyError as exc:
                 raise WireFormatError("predicted current lacks an input value") from exc
-            put(k, _CURRENT, i, _predict_current(*args, base) + res, base, off)
+        column(k, _CURRENT, present, scaled, base, offsets)
+    for k in range(n_meters):
+        rows_k = bodies[k]
+        cols = texts[k]
+        if not cols:
+            continue
+        if all(len(present) == len(rows_k) for _, present, _ in cols):
+            names = [name for name, _, _ in cols]
+            for b, values in zip(rows_k, zip(*(t for _, _, t in cols), strict=True), strict=True):
+                b["v"] = dict(zip(names, values, strict=True))
+        else:
+            for name, present, out in cols:
+                for i, text in zip(present, out, strict=True):
+                    rows_k[i]["v"][name] = text
     # 6. Quality marks.
     flat = [b for rows_k in bodies for b in rows_k]
     g = 0

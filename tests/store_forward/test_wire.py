@@ -710,3 +710,12 @@ def test_decimal_text_is_the_decimal_string(coef: int, exp: int) -> None:
 )
 def test_decimal_text_examples(coef: int, exp: int, text: str) -> None:
     assert wire._decimal_text(coef, exp) == text
+
+
+@given(
+    st.lists(st.integers(min_value=-(10**12), max_value=10**12), max_size=20)
+    | st.lists(st.integers(min_value=0, max_value=10**4), max_size=20),
+    st.integers(min_value=-9, max_value=3),
+)
+def test_decimal_texts_of_a_column(coefs: list[int], exp: int) -> None:
+    assert wire._decimal_texts(coefs, exp) == [str(Decimal(f"{c}E{exp}")) for c in coefs]
