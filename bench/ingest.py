@@ -53,11 +53,36 @@ DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (threads included, children not)."""
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_s(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process (threads included, children not), or of
+    one of its threads."""
+    with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
+    """Per thread of a process: (name, user + system CPU seconds)."""
+    out = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/comm") as f:
+                name = f.read().strip()
+            out[int(task)] = (name, cpu_s(pid, int(task)))
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+    return out
+
+
+def thread_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], main: int) -> dict[str, float]:
+    """CPU seconds per thread between two readings: the main thread (event loop:
+    MQTT, decoding, rows) and the others by name (aiosqlite's connection thread runs
+    SQLite)."""
+    out: dict[str, float] = {}
+    for tid, (name, c1) in after.items():
+        key = "main" if tid == main else name
+        out[key] = round(out.get(key, 0.0) + c1 - before.get(tid, (name, 0.0))[1], 2)
+    return out
 
 
 # --------------------------------------------------------------------------- child: the headend
@@ -209,6 +234,7 @@ async def drain_once(
         if hello["backend_pid"]:
             pids["postgres_backend"] = hello["backend_pid"]
         c0 = {k: cpu_s(p) for k, p in pids.items()}
+        th0 = thread_cpu_s(child.pid)
         g0, t0 = time.process_time(), time.monotonic()
         task = asyncio.create_task(up.run())
         deadline = t0 + args.timeout_s
@@ -225,6 +251,7 @@ async def drain_once(
             elapsed = time.monotonic() - t0
             gw_cpu = time.process_time() - g0
             c1 = {k: cpu_s(p) for k, p in pids.items()}
+            th1 = thread_cpu_s(child.pid)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -248,6 +275,7 @@ async def drain_once(
         "readings_per_s": round(readings / elapsed),
         "headend_cpu_s": cpu["headend"],
         "headend_cpu_share_of_core": round(cpu["headend"] / elapsed, 2),
+        "headend_cpu_s_by_thread": thread_split(th0, th1, child.pid),
         "readings_per_headend_cpu_s": round(readings / cpu["headend"]) if cpu["headend"] else None,
         "gateway_cpu_s": round(gw_cpu, 2),
         "gateway_cpu_share_of_core": round(gw_cpu / elapsed, 2),

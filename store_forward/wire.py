@@ -1069,18 +1069,19 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
                 raise WireFormatError("predicted current lacks an input value") from exc
         column(k, _CURRENT, present, scaled, base, offsets)
     for k in range(n_meters):
-        rows_k = bodies[k]
-        cols = texts[k]
-        if not cols:
+        readings_k = bodies[k]
+        cols_k = texts[k]
+        if not cols_k:
             continue
-        if all(len(present) == len(rows_k) for _, present, _ in cols):
-            names = [name for name, _, _ in cols]
-            for b, values in zip(rows_k, zip(*(t for _, _, t in cols), strict=True), strict=True):
+        if all(len(c[1]) == len(readings_k) for c in cols_k):
+            names = [c[0] for c in cols_k]
+            by_reading = zip(*(c[2] for c in cols_k), strict=True)
+            for b, values in zip(readings_k, by_reading, strict=True):
                 b["v"] = dict(zip(names, values, strict=True))
         else:
-            for name, present, out in cols:
+            for name, present, out in cols_k:
                 for i, text in zip(present, out, strict=True):
-                    rows_k[i]["v"][name] = text
+                    readings_k[i]["v"][name] = text
     # 6. Quality marks.
     flat = [b for rows_k in bodies for b in rows_k]
     g = 0
