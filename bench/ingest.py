@@ -310,21 +310,23 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         (work / "codec.json").write_text(
             json.dumps({"key_id": codec.key_id, "key": codec._key.hex()})
         )
-        base = work / "baseline-code"
-        base.mkdir()
-        archive = subprocess.run(  # noqa: ASYNC221 - before anything runs
-            ["git", "-C", str(ROOT), "archive", args.baseline], capture_output=True, check=True
-        )
-        subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)  # noqa: ASYNC221
-        commit = subprocess.run(  # noqa: ASYNC221
-            ["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        head = subprocess.run(  # noqa: ASYNC221
+        if args.baseline_code:
+            base = Path(args.baseline_code)
+            out["baseline_commit"] = args.baseline_code
+        else:
+            base = work / "baseline-code"
+            base.mkdir()
+            archive = subprocess.run(  # noqa: ASYNC221 - before anything runs
+                ["git", "-C", str(ROOT), "archive", args.baseline], capture_output=True, check=True
+            )
+            subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)  # noqa: ASYNC221
+            out["baseline_commit"] = subprocess.run(  # noqa: ASYNC221
+                ["git", "-C", str(ROOT), "rev-parse", "--short", args.baseline],
+                capture_output=True, text=True,
+            ).stdout.strip()  # fmt: skip
+        out["current_commit"] = subprocess.run(  # noqa: ASYNC221
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
-        out["baseline_commit"], out["current_commit"] = commit, head
         template = work / "backlog.db"
         print(f"filling a backlog of {args.readings} readings", file=sys.stderr)
         out["backlog"] = await fill(template, args.readings)
@@ -369,6 +371,7 @@ if __name__ == "__main__":
     ap.add_argument("--stores", default="sqlite,postgres", help="sqlite, postgres or both")
     ap.add_argument("--dsn", default=DSN, help="PostgreSQL server (a database is created per run)")
     ap.add_argument("--baseline", default=BASELINE, help="commit whose headend is the baseline")
+    ap.add_argument("--baseline-code", default="", help="a tree to run as the baseline instead")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each variant per store")
     ap.add_argument("--timeout-s", type=float, default=3600.0, help="longest drain allowed")
     ap.add_argument("--profile", default="", help="directory for cProfile output of each headend")
