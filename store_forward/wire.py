@@ -972,18 +972,19 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
     g = 0
     pos = 0
     for k in range(n_meters):
-        t = firsts[k]
-        rows_k: list[dict[str, Any]] = []
-        for i in range(counts[k]):
-            if i:
-                t += residuals[pos] + intervals[k]
-                pos += 1
-            ts, has_q = shapes[g]
-            g += 1
-            b: dict[str, Any] = {"m": meter_ids[k], "t": t, "ts": ts, "v": {}}
+        n = counts[k]
+        step = intervals[k]
+        times = itertools.accumulate((d + step for d in residuals[pos : pos + n - 1]), initial=firsts[k])
+        pos += n - 1
+        meter = meter_ids[k]
+        shapes_k = shapes[g : g + n]
+        g += n
+        rows_k: list[dict[str, Any]] = [
+            {"m": meter, "t": t, "ts": ts, "v": {}} for t, (ts, _) in zip(times, shapes_k, strict=True)
+        ]
+        for b, (_, has_q) in zip(rows_k, shapes_k, strict=True):
             if has_q:
                 b["q"] = {}
-            rows_k.append(b)
         bodies.append(rows_k)
     # 5. Values: each meter's column as one list (coefficients, exponents, texts), then
     # each reading's value map in one go where the meter has every value of its columns.
