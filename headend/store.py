@@ -3,7 +3,10 @@
 A batch is recorded by (gateway, epoch, seq) with the SHA-256 of its payload,
 in one transaction with its records (each keyed by (gateway, epoch, record
 id)); if that identity is already known the batch is a duplicate (or, with
-other bytes, a conflict) and nothing else is written. Commits are
+other bytes, a conflict) and nothing else is written. The records go in with
+one statement per table (:func:`batch_rows`: each (table, record id) once;
+here the ids the table already holds are looked up once and the rest inserted
+with ``executemany``), never one statement per row. Commits are
 ``synchronous=FULL``. :class:`HeadendStore` is the contract the ingest
 (:mod:`headend.ingest`) and the USB import rely on; PostgreSQL implements it
 too (:mod:`headend.store_pg`). The same transaction applies the command

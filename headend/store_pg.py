@@ -9,7 +9,11 @@ migrated when opened (columns added, existing rows keep the epoch ``''``,
 primary keys widened), under the same advisory lock as schema creation. Several headend processes may share one database (and one
 MQTT shared subscription): the unique keys make concurrent deliveries of
 the same batch safe — exactly one transaction inserts it, the others see a
-duplicate.
+duplicate. A batch's records go in with one statement per table, from arrays,
+``ON CONFLICT DO NOTHING RETURNING`` the ids inserted: a record that another
+headend's transaction stored meanwhile is waited for and then left out, so
+the records new to central (and what they change: fleet, notices, command
+results) are exactly those this statement inserted.
 
 The tables are the export schema for billing systems (docs/protocol.md,
 "Central database"); the ``edgegw_*`` views (:data:`VIEWS`) present them for
