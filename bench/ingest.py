@@ -120,7 +120,7 @@ async def headend_child(port: int, target: str, key: str, registry: str, profile
     if profile:
         import cProfile
 
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.thread_time)  # the event loop thread's CPU, not waits
         prof.enable()
     await asyncio.get_running_loop().run_in_executor(
         None, sys.stdin.read
