@@ -56,9 +56,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 def cpu_s(pid: int, tid: int | None = None) -> float:
     """User + system CPU seconds of a process (threads included, children not), or of
     one of its threads."""
+    return sum(user_sys_s(pid, tid))
+
+
+def user_sys_s(pid: int, tid: int | None = None) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def thread_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
@@ -235,6 +239,7 @@ async def drain_once(
             pids["postgres_backend"] = hello["backend_pid"]
         c0 = {k: cpu_s(p) for k, p in pids.items()}
         th0 = thread_cpu_s(child.pid)
+        us0 = user_sys_s(child.pid)
         g0, t0 = time.process_time(), time.monotonic()
         task = asyncio.create_task(up.run())
         deadline = t0 + args.timeout_s
@@ -252,6 +257,7 @@ async def drain_once(
             gw_cpu = time.process_time() - g0
             c1 = {k: cpu_s(p) for k, p in pids.items()}
             th1 = thread_cpu_s(child.pid)
+            us1 = user_sys_s(child.pid)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -276,6 +282,7 @@ async def drain_once(
         "headend_cpu_s": cpu["headend"],
         "headend_cpu_share_of_core": round(cpu["headend"] / elapsed, 2),
         "headend_cpu_s_by_thread": thread_split(th0, th1, child.pid),
+        "headend_cpu_s_user_system": [round(us1[0] - us0[0], 2), round(us1[1] - us0[1], 2)],
         "readings_per_headend_cpu_s": round(readings / cpu["headend"]) if cpu["headend"] else None,
         "gateway_cpu_s": round(gw_cpu, 2),
         "gateway_cpu_share_of_core": round(gw_cpu / elapsed, 2),
