@@ -106,7 +106,14 @@ def fleet_update(gateway: str, new_records: Iterable[RecordLike], received_ms: i
     if not records:
         return u
     u.records = len(records)
-    times = [record_time_ms(r) for r in records]
+    times = []
+    for r in records:  # record_time_ms(r), inline
+        if r.kind == "reading":
+            t = r.body.get("t")
+            if isinstance(t, int) and not isinstance(t, bool):
+                times.append(t)
+                continue
+        times.append(int(r.created_ms))
     u.oldest_ms, u.newest_ms = min(times), max(times)
     # events in record order (the latest state of a meter wins); readings only count
     for r in sorted((r for r in records if r.kind == "event"), key=lambda r: r.id):

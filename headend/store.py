@@ -138,22 +138,29 @@ TABLE_COLS = {"readings": READING_COLS, "telemetry": READING_COLS, "events": EVE
 def record_row(batch: AnyBatch, r: Any) -> tuple[str, tuple[Any, ...]]:
     """The table a record goes to (``readings``, ``telemetry`` or ``events``) and its
     row, in :data:`READING_COLS` / :data:`EVENT_COLS` order (both stores use it)."""
+    return _record_row(batch.gateway_id, batch.seq, batch.epoch, r)
+
+
+_SORTED = orjson.OPT_SORT_KEYS  # as store_forward.records.dumps
+
+
+def _record_row(gw: str, seq: int, epoch: str, r: Any) -> tuple[str, tuple[Any, ...]]:
     if r.kind == RecordKind.READING:
         b = r.body
         q = b.get("q")
         return "telemetry" if r.cls == _TELEMETRY else "readings", (
-            batch.gateway_id,
+            gw,
             r.id,
             str(b["m"]),
             int(b["t"]),
             str(b.get("ts", "system")),
-            dumps(b["v"]).decode(),
-            dumps(q).decode() if q else None,
-            batch.seq,
-            batch.epoch,
+            orjson.dumps(b["v"], option=_SORTED).decode(),
+            orjson.dumps(q, option=_SORTED).decode() if q else None,
+            seq,
+            epoch,
         )
     body = dumps(r.body).decode()
-    return "events", (batch.gateway_id, r.id, r.kind, r.created_ms, body, batch.seq, batch.epoch)
+    return "events", (gw, r.id, r.kind, r.created_ms, body, seq, epoch)
 
 
 # (position in the batch, record, row)
@@ -176,20 +183,27 @@ class BatchRows:
 
 def batch_rows(batch: AnyBatch) -> BatchRows:
     """The rows of ``batch`` by table, in batch order (see :class:`BatchRows`)."""
+    gw, seq, epoch = batch.gateway_id, batch.seq, batch.epoch
     tables: dict[str, list[Entry]] = {}
-    seen: dict[str, set[int]] = {}
-    repeated = 0
     for pos, r in enumerate(batch.records):
-        table, row = record_row(batch, r)
-        ids = seen.get(table)
-        if ids is None:
-            ids = seen[table] = set()
-            tables[table] = []
-        if r.id in ids:
-            repeated += 1
-            continue
-        ids.add(r.id)
-        tables[table].append((pos, r, row))
+        table, row = _record_row(gw, seq, epoch, r)
+        entries = tables.get(table)
+        if entries is None:
+            entries = tables[table] = []
+        entries.append((pos, r, row))
+    repeated = 0
+    for table, entries in tables.items():
+        if len({e[1].id for e in entries}) == len(entries):
+            continue  # (the usual batch: no id twice)
+        seen: set[int] = set()
+        firsts = []
+        for e in entries:
+            if e[1].id in seen:
+                repeated += 1
+            else:
+                seen.add(e[1].id)
+                firsts.append(e)
+        tables[table] = firsts
     return BatchRows(tables, repeated)
 
 

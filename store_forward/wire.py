@@ -432,8 +432,10 @@ def _decimal_texts(coefs: list[int], exp: int) -> list[str]:
         return [str(c) for c in coefs]
     if -6 <= exp < 0 and coefs and min(coefs) >= 0:
         w = -exp
+        unit = 10**w
         return [
-            f"{d[:exp]}.{d[exp:]}" if len(d) > w else f"0.{d.zfill(w)}" for d in map(str, coefs)
+            f"{d[:exp]}.{d[exp:]}" if c >= unit else f"0.{d.zfill(w)}"
+            for c, d in zip(coefs, map(str, coefs), strict=True)
         ]
     return [_decimal_text(c, exp) for c in coefs]
 
@@ -960,9 +962,10 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
         layout.append(cols)
     # 4. Shapes and times.
     total = sum(counts)
-    shapes = [
-        (_string_ref(strings, s >> 1), bool(s & 1)) for s in _get_packed(r, total, signed=False)
-    ]
+    shape_codes = _get_packed(r, total, signed=False)
+    if shape_codes and max(shape_codes) >> 1 >= len(strings):
+        _string_ref(strings, max(shape_codes) >> 1)  # raises
+    shapes = [(strings[s >> 1], bool(s & 1)) for s in shape_codes]
     first_d = _get_packed(r, n_meters, signed=True)
     interval_d = _get_packed(r, n_meters, signed=True)
     residuals = _get_packed(r, total - n_meters, signed=True)
