@@ -295,6 +295,13 @@ async def drain_once(
     }
 
 
+def ratio(best: dict[str, dict[str, Any]], key: str) -> float | None:
+    """Current ÷ baseline; None where either is missing (a tiny run may not reach one
+    CPU tick)."""
+    before, after = best["baseline"][key], best["current"][key]
+    return round(after / before, 2) if before and after else None
+
+
 def machine() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -350,17 +357,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 v: max(rs, key=lambda r: r["readings_per_headend_cpu_s"] or 0)
                 for v, rs in res.items()
             }
+
             out[store] = {
                 "baseline": res["baseline"] if args.repeat > 1 else res["baseline"][0],
                 "current": res["current"] if args.repeat > 1 else res["current"][0],
-                "ratio_readings_per_headend_cpu_s": round(
-                    best["current"]["readings_per_headend_cpu_s"]
-                    / best["baseline"]["readings_per_headend_cpu_s"],
-                    2,
-                ),
-                "ratio_readings_per_s": round(
-                    best["current"]["readings_per_s"] / best["baseline"]["readings_per_s"], 2
-                ),
+                "ratio_readings_per_headend_cpu_s": ratio(best, "readings_per_headend_cpu_s"),
+                "ratio_readings_per_s": ratio(best, "readings_per_s"),
             }
     out["load_avg_end"] = os.getloadavg()
     return out
