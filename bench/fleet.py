@@ -2,7 +2,7 @@
 K headend processes sharing one subscription into PostgreSQL. Prints JSON.
 
     python bench/fleet.py                                   # N = 1000, 10000; K = 1, 2, 4
-    python bench/fleet.py --gateways 1000 --headends 1 2 --rounds 1   # shorter
+    python bench/fleet.py --gateways 1000 --headends 1 2 --window-s 30   # shorter
     python bench/fleet.py --gateways 1000 --repeat 3        # each K three times, median
 
 Set-up (all real parts): mosquitto (testbed.broker, a plain listener on a free
@@ -14,18 +14,21 @@ this process: N gateways, each enrolled in the headend's registry with its
 own key, multiplexed over --connections MQTT connections, at most --window
 batches unacknowledged across the fleet.
 
-Per (N, K): the gateways publish their retained births; one round of
-batches is sent and acknowledged untimed (warm-up: connections, caches, the
-fleet rows); then --rounds rounds are timed from the first publish to the
-last ack (an ack is published only after the batch's transaction committed).
-A round is one poll cycle: per gateway an EVENT batch (its health record,
-and a command result from 1 in 100 gateways), a BILLING batch (100 meter
-readings: energy total and four rates) and a TELEMETRY batch (100 records of
-instantaneous values), sealed before the timed phase (encoding 2, the real
-encoder; in --seal-workers processes). Every reading is then counted in
-PostgreSQL: exactly once, or the run fails.
+Per (N, K): the gateways publish their retained births (every headend stores
+every one); then the rounds are sent, and the measuring window opens after
+--warmup-s (connections, caches, every headend busy) and closes after
+--window-s or at the last ack, whichever is first: readings/s = readings
+acknowledged in the window / its length (an ack is published only after the
+batch's transaction committed). A round is one poll cycle: per gateway an
+EVENT batch (its health record, and a command result from 1 in 100
+gateways), a BILLING batch (100 meter readings: energy total and four rates)
+and a TELEMETRY batch (100 records of instantaneous values), all sealed
+before the headends start (encoding 2, the real encoder; in --seal-workers
+processes). --rounds defaults to enough rounds for 300,000 readings. At the
+end every reading in PostgreSQL is counted: none twice, every acknowledged one
+present (all of them when the window ran to the last ack), or the run fails.
 
-CPU: user + system seconds from /proc/PID/stat over the timed phase, for each
+CPU: user + system seconds from /proc/PID/stat over the window, for each
 headend process, mosquitto, this process (the simulator), the PostgreSQL
 backends of the headends' connections and every PostgreSQL process of the
 server (its WAL writer and checkpointer work for us too; on a shared machine
@@ -145,6 +148,12 @@ async def one(
     return tuple(row)
 
 
+async def send_all(fleet: fleet_sim.Fleet, rounds: list[list[fleet_sim.SealedBatch]]) -> None:
+    for r in rounds:
+        await fleet.send(r)
+    await fleet.drain(3600)
+
+
 async def run_k(
     work: Path,
     a: argparse.Namespace,
@@ -184,10 +193,10 @@ async def run_k(
                 if time.monotonic() > deadline:
                     raise RuntimeError("presence not stored within 600 s")
                 await asyncio.sleep(0.5)
-            await fleet.send(rounds[0])  # warm-up, untimed
-            await fleet.drain(a.drain_timeout_s)
-            warm = fleet.stats.readings_acked
-
+            sender = asyncio.create_task(send_all(fleet, rounds))
+            # the measuring window opens after --warmup-s (connections, caches, the first
+            # batches of every gateway) and closes after --window-s or at the last ack
+            await asyncio.wait({sender}, timeout=a.warmup_s)
             backends = [
                 r[0]
                 for r in await (
@@ -200,32 +209,40 @@ async def run_k(
             pids = [h.proc.pid for h in heads]
             assert broker.proc is not None
             load0 = os.getloadavg()
-            c0: dict[str, Any] = {
-                "headends": [cpu_s(p) for p in pids],
-                "mosquitto": cpu_s(broker.proc.pid),
-                "simulator": self_cpu_s(),
-                "pg_backends": sum(cpu_s(p) for p in backends),
-                "pg_all": postgres_cpu(),
-                "machine": machine_busy_s(),
-            }
-            rec0 = [h.metric("edgegw_headend_records_stored_total") for h in heads]
-            t0 = time.monotonic()
-            for r in rounds[1:]:
-                await fleet.send(r)
-            await fleet.drain(a.drain_timeout_s)
-            elapsed = time.monotonic() - t0
-            c1: dict[str, Any] = {
-                "headends": [cpu_s(p) for p in pids],
-                "mosquitto": cpu_s(broker.proc.pid),
-                "simulator": self_cpu_s(),
-                "pg_backends": sum(cpu_s(p) for p in backends),
-                "pg_all": postgres_cpu(),
-                "machine": machine_busy_s(),
-            }
-            rec1 = [h.metric("edgegw_headend_records_stored_total") for h in heads]
+
+            def snapshot() -> dict[str, Any]:
+                assert broker.proc is not None
+                return {
+                    "headends": [cpu_s(p) for p in pids],
+                    "mosquitto": cpu_s(broker.proc.pid),
+                    "simulator": self_cpu_s(),
+                    "pg_backends": sum(cpu_s(p) for p in backends),
+                    "pg_all": postgres_cpu(),
+                    "machine": machine_busy_s(),
+                    "readings": fleet.stats.readings_acked,
+                    "records": fleet.stats.records_acked,
+                    "batches": fleet.stats.acked,
+                    "stored": [h.metric("edgegw_headend_records_stored_total") for h in heads],
+                    "t": time.monotonic(),
+                }
+
+            c0 = snapshot()
+            if sender.done():
+                raise RuntimeError(
+                    f"all sent within the warm-up of {a.warmup_s} s: send more rounds"
+                )
+            await asyncio.wait({sender}, timeout=a.window_s or None)
+            c1 = snapshot()
+            complete = sender.done()
+            if complete:
+                sender.result()
+            else:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
             stats = fleet.stats.as_dict()
-            readings = fleet.stats.readings_acked - warm
-            await fleet.death()
+        elapsed = c1["t"] - c0["t"]
+        readings = c1["readings"] - c0["readings"]
+        records = c1["records"] - c0["records"]
         total = n * a.meters * len(rounds)
         stored = await one(
             conn,
@@ -233,13 +250,18 @@ async def run_k(
             " count(DISTINCT (gateway_id, meter_id, time_ms)) FROM readings",
         )
         await conn.close()
-        if stored != (total, total, total) or stats["statuses"].get("stored") != sum(
-            map(len, rounds)
+        # exactly once: no reading twice; every acked reading stored (all of them
+        # when the window ran to the end; else at most a window of batches more)
+        if (
+            len(set(stored)) != 1
+            or stored[0] < stats["readings_acked"]
+            or (complete and stored[0] != total)
         ):
             raise RuntimeError(
                 f"not exactly once: readings {stored}, expected {total}; acks {stats}"
             )
-        records = sum(b.records for r in rounds[1:] for b in r)
+        if set(stats["statuses"]) - {"stored"} or stats["bad_acks"]:
+            raise RuntimeError(f"acks other than stored: {stats}")
         he_cpu = [round(b - a_, 2) for a_, b in zip(c0["headends"], c1["headends"], strict=True)]
         he_total = sum(he_cpu)
         pg_b = c1["pg_backends"] - c0["pg_backends"]
@@ -247,13 +269,16 @@ async def run_k(
             "headends": k,
             "readings": readings,
             "records": records,
-            "batches": sum(len(r) for r in rounds[1:]),
+            "batches": c1["batches"] - c0["batches"],
+            "window_ran_to_last_ack": complete,
             "seconds": round(elapsed, 2),
             "readings_per_s": round(readings / elapsed, 1),
             "records_per_s": round(records / elapsed, 1),
             "headend_cpu_s": he_cpu,
             "headend_cpu_share_of_a_core": [round(c / elapsed, 2) for c in he_cpu],
-            "headend_records_stored": [int(b - a_) for a_, b in zip(rec0, rec1, strict=True)],
+            "headend_records_stored": [
+                int(b - a_) for a_, b in zip(c0["stored"], c1["stored"], strict=True)
+            ],
             "readings_per_headend_cpu_s": round(readings / he_total, 1),
             "readings_per_headend_and_pg_backend_cpu_s": round(readings / (he_total + pg_b), 1),
             "postgres_backends_cpu_s": round(pg_b, 2),
@@ -283,9 +308,10 @@ async def run_n(work: Path, a: argparse.Namespace, n: int) -> dict[str, Any]:
     provision_s = time.monotonic() - t
     spec = fleet_sim.FleetSpec(meters=a.meters, telemetry=not a.no_telemetry, seed=n)
     commands = {g.gateway_id: [f"cmd-{g.index}"] for g in gateways[::COMMAND_EVERY]}
+    n_rounds = a.rounds or -(-300_000 // (n * a.meters))
     t = time.monotonic()
     rounds = fleet_sim.seal_rounds(
-        gateways, spec, a.rounds + 1, commands=commands, workers=a.seal_workers
+        gateways, spec, n_rounds, commands=commands, workers=a.seal_workers
     )
     seal_s = time.monotonic() - t
     payload = sum(len(b.payload) for r in rounds for b in r)
@@ -309,7 +335,9 @@ async def run_n(work: Path, a: argparse.Namespace, n: int) -> dict[str, Any]:
     return {
         "gateways": n,
         "meters_per_gateway": a.meters,
-        "timed_rounds": a.rounds,
+        "rounds": n_rounds,
+        "warmup_s": a.warmup_s,
+        "window_s": a.window_s,
         "repeats": a.repeat,
         "readings_per_round": n * a.meters,
         "provision_s": round(provision_s, 1),
@@ -349,7 +377,20 @@ if __name__ == "__main__":
     p.add_argument("--headends", type=int, nargs="+", default=[1, 2, 4], metavar="K")
     p.add_argument("--meters", type=int, default=100, help="meters per gateway")
     p.add_argument(
-        "--rounds", type=int, default=1, help="timed poll rounds (after one warm-up round)"
+        "--rounds",
+        type=int,
+        default=0,
+        help="poll rounds sent (default: enough for 300,000 readings)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each K (interleaved); the median run is shown",
+    )
+    p.add_argument("--warmup-s", type=float, default=15.0, help="before the window opens")
+    p.add_argument(
+        "--window-s", type=float, default=120.0, help="the measuring window at most (0: to the end)"
     )
     p.add_argument(
         "--no-telemetry", action="store_true", help="registers only, no instantaneous values"
@@ -359,7 +400,6 @@ if __name__ == "__main__":
         "--window", type=int, default=256, help="unacknowledged batches across the fleet"
     )
     p.add_argument("--ack-timeout-s", type=float, default=120.0)
-    p.add_argument("--drain-timeout-s", type=float, default=3600.0)
     p.add_argument("--seal-workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--dsn", default=ADMIN_DSN, help="PostgreSQL to create the bench databases in")
     print(json.dumps(asyncio.run(main(p.parse_args())), indent=2))
