@@ -351,7 +351,8 @@ class FleetStats:
     retransmits: int = 0
     acked: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
-    bad_acks: int = 0  # an ack whose MAC did not verify, or for no batch in flight
+    bad_acks: int = 0  # an ack that does not parse, or whose MAC does not verify
+    unmatched_acks: int = 0  # for no batch in flight (a second ack after a resend)
     readings_acked: int = 0
     records_acked: int = 0
     presence_published: int = 0
@@ -544,7 +545,7 @@ class Fleet:
             return
         p = self._pending.get((gw.index, ack.seq))
         if p is None or ack.epoch != gw.epoch:
-            self.stats.bad_acks += 1  # an ack for a batch already acked (a resend) lands here too
+            self.stats.unmatched_acks += 1
             return
         key = self._ack_keys.get(gw.index)
         if key is None:
