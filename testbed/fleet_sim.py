@@ -379,7 +379,7 @@ class Fleet:
             await fleet.birth()
             for batches in seal_rounds(gateways, spec, rounds):
                 await fleet.send(batches)
-            await fleet.drain()
+            await fleet.drain(timeout_s=600)
             await fleet.death()
     """
 
