@@ -67,6 +67,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.events import event
 from firmware_bridge.reading import Measurement, Quality, Quantity, Reading, TimeSource
 from gateway import health_report
@@ -341,8 +342,10 @@ def seal_rounds(
 # --------------------------------------------------------------------------- broker side
 
 
-class FleetError(Exception):
+class FleetError(EdgeGwError):
     """The fleet could not deliver its batches (no ack within the deadline)."""
+
+    kind = ErrorKind.TRANSPORT
 
 
 @dataclass
