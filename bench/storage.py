@@ -1,0 +1,384 @@
+"""Flash wear and CPU of the gateway daemon: disk bytes written and CPU time per reading.
+
+Runs the real daemon (``edgegw run``, a process of its own) against Modbus TCP
+simulators (SDM120 maps, child processes, at most 200 unit ids each), with a
+prepaid account per meter on a flat tariff (rating, ledger and cutoff policy on
+every reading), the sealed uplink (encoding 2) to the reference headend
+(``edgegw headend run`` with a gateway registry) through mosquitto: batches are
+published and acknowledged as in a deployment. The heartbeat goes to a tmpfs
+directory (``RUNTIME_DIRECTORY``, as under the systemd unit).
+
+Measured from the daemon's own process, between the end of a warm-up and the
+end of the run:
+
+* ``write_bytes`` of ``/proc/PID/io`` (bytes the daemon caused to be sent to
+  the block device: the database, its write-ahead log and shared memory,
+  checkpoints), divided by the readings committed meanwhile (the database's
+  ``readings_committed`` counter, read through a read-only connection);
+* CPU time (utime + stime of ``/proc/PID/stat``) per 1,000 readings and as a
+  fraction of one core;
+* fsyncs are not visible in ``/proc``; the WAL frames written per reading are
+  reported instead (``wal_frames``, from the log's size after each checkpoint is
+  not observable either): write_bytes is the figure that counts.
+
+Baseline in the same run: a bare pymodbus loop in this process reading the same
+blocks (the two the SDM120 driver plans) from the same simulators at the same
+rate for the same time; its CPU time per 1,000 readings and per second is the
+floor any Modbus TCP gateway pays here. The daemon's figures are reported beside
+it, and as the difference (what the gateway adds above the bare loop).
+
+    python bench/storage.py                        # 50 @ 1 s, 1 @ 60 s, 1,000 @ 60 s (~8 min)
+    python bench/storage.py --only 50x1 --seconds 60
+    python bench/storage.py --tree /path/to/other/checkout   # run that tree's daemon
+
+``--tree`` runs the daemon of another checkout (for before/after comparisons);
+the benchmark itself, the simulators and the headend come from this tree.
+Prints one JSON document on stdout; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import orjson  # noqa: E402
+import tomli_w  # noqa: E402
+from pymodbus.client import AsyncModbusTcpClient  # noqa: E402
+
+from firmware_bridge.modbus.decode import plan_reads  # noqa: E402
+from firmware_bridge.modbus.profiles import BUILTIN_PROFILES  # noqa: E402
+from headend.registry import generate_headend_key  # noqa: E402
+from provisioning.keys import Keystore  # noqa: E402
+from testbed.broker import Mosquitto  # noqa: E402
+
+GATEWAY = "gw-bench-storage"
+UNITS_PER_SIM = 200
+TICK = os.sysconf("SC_CLK_TCK")
+SDM120 = BUILTIN_PROFILES["sdm120"]
+
+
+def log(msg: str) -> None:
+    print(f"[storage] {msg}", file=sys.stderr, flush=True)
+
+
+def proc_io(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k.strip()] = int(v)
+    return out
+
+
+def proc_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def committed(db: Path) -> int:
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            row = conn.execute("SELECT value FROM kv WHERE key = 'readings_committed'").fetchone()
+            return int(row[0]) if row else 0
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
+def acked(db: Path) -> int:
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            row = conn.execute("SELECT value FROM kv WHERE key = 'readings_acked'").fetchone()
+            return int(row[0]) if row else 0
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    meters: int
+    poll_s: float
+    seconds: float  # measured time, after the warm-up
+    warmup_s: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.meters}x{self.poll_s:g}"
+
+
+@contextlib.asynccontextmanager
+async def simulators(meters: int, log_dir: Path) -> AsyncIterator[list[tuple[int, list[int]]]]:
+    """Simulator processes; yields (port, units) per process."""
+    procs: list[subprocess.Popen[bytes]] = []
+    out: list[tuple[int, list[int]]] = []
+    try:
+        left = meters
+        while left > 0:
+            n = min(UNITS_PER_SIM, left)
+            left -= n
+            units = list(range(1, n + 1))
+            p = subprocess.Popen(
+                [sys.executable, "-m", "testbed.simulators.modbus", "--tcp", "0", "--units",
+                 ",".join(map(str, units)), "--load-kw", "0.5"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )  # fmt: skip
+            procs.append(p)
+            assert p.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(p.stdout.readline), 30)
+            m = re.search(rb"127\.0\.0\.1:(\d+)", line)
+            if m is None:
+                raise RuntimeError(f"simulator did not start: {line!r}")
+            out.append((int(m.group(1)), units))
+        yield out
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+
+
+def write_site(work: Path, sc: Scenario, sims: list[tuple[int, list[int]]], broker_port: int) -> Path:
+    pub = generate_headend_key(work / "headend.pem")
+    (work / "registry").mkdir()
+    ks = Keystore.init(work / "keys", GATEWAY)
+    (work / "registry" / f"{GATEWAY}.json").write_bytes(orjson.dumps(ks.export_public()))
+    shutil.copy(ROOT / "examples" / "tariffs" / "flat.toml", work / "flat.toml")
+    buses, meters, accounts = [], [], []
+    for b, (port, units) in enumerate(sims):
+        name = f"lan{b}"
+        buses.append({"name": name, "type": "tcp", "host": "127.0.0.1", "port": port, "timeout_s": 1.0, "retries": 0})
+        for u in units:
+            mid = f"m{b}-{u:03d}"
+            acc = f"a{b}-{u:03d}"
+            (work / f"{acc}.toml").write_text(
+                tomli_w.dumps(
+                    {
+                        "account": acc,
+                        "timezone": "Asia/Shanghai",
+                        "opening_balance": "100000.00",
+                        "meters": [mid],
+                        "protected": False,
+                        "limits": {
+                            "alarm1": "10.00", "alarm2": "5.00", "overdraft": "0.00", "close_permit": "0.01",
+                            "close_mode": "direct", "reconnect_delay_s": 0, "relay_min_interval_s": 0,
+                        },
+                    }
+                )
+            )  # fmt: skip
+            accounts.append({"id": acc, "settings": f"{acc}.toml", "tariffs": ["flat.toml"]})
+            meters.append(
+                {"id": mid, "bus": name, "protocol": "modbus", "unit_id": u, "profile": "sdm120", "account": acc,
+                 "relay": {"kind": "coil", "address": 0, "min_interval_s": 0}}
+            )  # fmt: skip
+    doc = {
+        "gateway": {"id": GATEWAY, "site": "bench", "poll_interval_s": sc.poll_s},
+        "storage": {"path": str(work / "gw.db")},
+        "broker": {"host": "127.0.0.1", "port": broker_port, "keepalive_s": 30},
+        "uplink": {"headend_public_key": base64.b64encode(pub).decode()},
+        "security": {"keystore": str(work / "keys")},
+        "bus": buses,
+        "meter": meters,
+        "account": accounts,
+    }
+    cfg = work / "gateway.toml"
+    cfg.write_text(tomli_w.dumps(doc))
+    return cfg
+
+
+@contextlib.contextmanager
+def process(args: list[str], logfile: Path, cwd: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    with logfile.open("ab") as out:
+        p = subprocess.Popen(
+            [sys.executable, *args], stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(cwd), **(env or {})},
+        )  # fmt: skip
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+
+
+async def bare_loop(sims: list[tuple[int, list[int]]], poll_s: float, seconds: float) -> dict[str, Any]:
+    """The floor: pymodbus reads of the same blocks at the same rate, nothing else."""
+    blocks = plan_reads(SDM120.fields, SDM120.max_gap, SDM120.max_count)
+    clients = []
+    for port, _ in sims:
+        c = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1.0, retries=0, reconnect_delay=0)
+        await c.connect()
+        clients.append(c)
+    polls = 0
+
+    async def bus(client: AsyncModbusTcpClient, units: list[int], stop: float) -> None:
+        nonlocal polls
+        nxt = time.monotonic()
+        while time.monotonic() < stop:
+            for u in units:
+                for b in blocks:
+                    rr = await client.read_input_registers(b.address, count=b.count, device_id=u)
+                    if rr.isError():
+                        raise RuntimeError(f"bare read failed: {rr}")
+                polls += 1
+            nxt += poll_s
+            await asyncio.sleep(max(0.0, nxt - time.monotonic()))
+
+    try:
+        cpu0, t0 = time.process_time(), time.monotonic()
+        stop = t0 + seconds
+        await asyncio.gather(*(bus(c, u, stop) for c, (_, u) in zip(clients, sims, strict=True)))
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
+    finally:
+        for c in clients:
+            c.close()
+    return {
+        "polls": polls,
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 3),
+        "cpu_s_per_1000_readings": round(cpu / max(polls, 1) * 1000, 3),
+        "cpu_fraction_of_core": round(cpu / wall, 4),
+    }
+
+
+async def run_scenario(sc: Scenario, tree: Path, bare: bool) -> dict[str, Any]:
+    log(f"{sc.name}: {sc.meters} meter(s), poll every {sc.poll_s:g} s, {sc.warmup_s:g} s warm-up + {sc.seconds:g} s")
+    with tempfile.TemporaryDirectory(prefix="edgegw-storage-", dir=ROOT / ".bench-work") as tmp:
+        work = Path(tmp)
+        runtime = Path(tempfile.mkdtemp(prefix="edgegw-run-", dir="/dev/shm"))
+        try:
+            async with simulators(sc.meters, work) as sims:
+                async with Mosquitto(work, extra_conf=f"max_packet_size {4 << 20}\n") as broker:
+                    cfg = write_site(work, sc, sims, broker.port)
+                    headend = [
+                        "-m", "gateway.cli", "headend", "run", "--broker", f"127.0.0.1:{broker.port}",
+                        "--db", str(work / "central.db"), "--key", str(work / "headend.pem"),
+                        "--registry", str(work / "registry"),
+                    ]  # fmt: skip
+                    with (
+                        process(headend, work / "headend.log", ROOT),
+                        process(["-m", "gateway.cli", "run", "--config", str(cfg)], work / "gateway.log", tree,
+                                {"RUNTIME_DIRECTORY": str(runtime)}) as gw,
+                    ):  # fmt: skip
+                        db = work / "gw.db"
+                        deadline = time.monotonic() + sc.warmup_s + 60
+                        while committed(db) < sc.meters and time.monotonic() < deadline:
+                            if gw.poll() is not None:
+                                raise RuntimeError(f"daemon exited: {(work / 'gateway.log').read_text()[-3000:]}")
+                            await asyncio.sleep(0.5)
+                        await asyncio.sleep(max(0.0, sc.warmup_s - 0))
+                        io0, cpu0, n0, a0, t0 = proc_io(gw.pid), proc_cpu_s(gw.pid), committed(db), acked(db), time.monotonic()
+                        await asyncio.sleep(sc.seconds)
+                        io1, cpu1, n1, a1, t1 = proc_io(gw.pid), proc_cpu_s(gw.pid), committed(db), acked(db), time.monotonic()
+                        if gw.poll() is not None:
+                            raise RuntimeError(f"daemon exited: {(work / 'gateway.log').read_text()[-3000:]}")
+                    base = await bare_loop(sims, sc.poll_s, min(sc.seconds, 60.0)) if bare else None
+        finally:
+            shutil.rmtree(runtime, ignore_errors=True)
+    readings = n1 - n0
+    wall = t1 - t0
+    cpu = cpu1 - cpu0
+    written = io1["write_bytes"] - io0["write_bytes"]
+    out: dict[str, Any] = {
+        "meters": sc.meters,
+        "poll_interval_s": sc.poll_s,
+        "measured_s": round(wall, 1),
+        "readings": readings,
+        "readings_acked": a1 - a0,
+        "daemon": {
+            "write_bytes": written,
+            "write_bytes_per_reading": round(written / max(readings, 1), 1),
+            "write_bytes_per_s": round(written / wall, 1),
+            "write_syscalls": io1["syscw"] - io0["syscw"],
+            "cpu_s": round(cpu, 3),
+            "cpu_s_per_1000_readings": round(cpu / max(readings, 1) * 1000, 3),
+            "cpu_fraction_of_core": round(cpu / wall, 4),
+        },
+    }
+    if base is not None:
+        out["bare_loop"] = base
+        out["daemon_minus_bare"] = {
+            "cpu_s_per_1000_readings": round(out["daemon"]["cpu_s_per_1000_readings"] - base["cpu_s_per_1000_readings"], 3),
+            "cpu_fraction_of_core": round(out["daemon"]["cpu_fraction_of_core"] - base["cpu_fraction_of_core"], 4),
+        }
+        out["daemon_over_bare_cpu_per_reading"] = round(
+            out["daemon"]["cpu_s_per_1000_readings"] / max(base["cpu_s_per_1000_readings"], 1e-9), 2
+        )
+    log(f"{sc.name}: {json.dumps(out)}")
+    return out
+
+
+SCENARIOS = {
+    "50x1": Scenario(50, 1.0, 120.0, 20.0),
+    "1x60": Scenario(1, 60.0, 300.0, 5.0),
+    "1000x60": Scenario(1000, 60.0, 240.0, 20.0),
+}
+QUICK = {
+    "50x1": Scenario(5, 1.0, 5.0, 2.0),
+}
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    (ROOT / ".bench-work").mkdir(exist_ok=True)
+    table = QUICK if args.quick else SCENARIOS
+    names = args.only or list(table)
+    chosen = [table[n] for n in names]
+    if args.seconds:
+        chosen = [Scenario(s.meters, s.poll_s, args.seconds, s.warmup_s) for s in chosen]
+    tree = Path(args.tree).resolve() if args.tree else ROOT
+    commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    t0 = time.monotonic()
+    load0 = os.getloadavg()
+    if args.parallel:
+        results = await asyncio.gather(*(run_scenario(s, tree, bare=False) for s in chosen))
+    else:
+        results = [await run_scenario(s, tree, bare=s.poll_s <= 5) for s in chosen]
+    return {
+        "benchmark": "storage",
+        "daemon_tree": str(tree),
+        "daemon_commit": commit,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version},
+        "load_average": {"start": [round(x, 2) for x in load0], "end": [round(x, 2) for x in os.getloadavg()]},
+        "wall_s": round(time.monotonic() - t0, 1),
+        "scenarios": {s.name: r for s, r in zip(chosen, results, strict=True)},
+    }
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", action="append", choices=sorted(SCENARIOS), help="scenario(s) to run")
+    p.add_argument("--seconds", type=float, help="measured time per scenario (overrides the defaults)")
+    p.add_argument("--tree", help="run the daemon from this checkout")
+    p.add_argument("--parallel", action="store_true", help="run the chosen scenarios at once (no bare loop)")
+    p.add_argument("--quick", action="store_true", help="a tiny run (smoke test)")
+    print(json.dumps(asyncio.run(main(p.parse_args())), indent=2))
