@@ -296,6 +296,7 @@ class Database:
         self._db: aiosqlite.Connection | Any = None
         self._lock = asyncio.Lock()
         self._rollback_hooks: list[Callable[[], None]] = []
+        self._commit_hooks: list[Callable[[], None]] = []
         self._batching = asyncio.Lock()
         self._sealer: StorageSealer | None = None
         self._key_version = keys.current
@@ -744,6 +745,8 @@ class Database:
                 raise
             if self._storage_pending is not None:
                 self.storage, self._storage_pending = self._storage_pending, None
+            for hook in self._commit_hooks:
+                hook()
 
     @contextlib.asynccontextmanager
     async def dry_run(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -848,6 +851,11 @@ class Database:
         """Call ``hook`` whenever a transaction rolls back (components that cache
         what they wrote in a transaction drop that cache)."""
         self._rollback_hooks.append(hook)
+
+    def on_commit(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` after every transaction that committed (components that keep
+        in memory what a transaction wrote take it over only once it is durable)."""
+        self._commit_hooks.append(hook)
 
     async def set_state(self, values: Mapping[str, Any]) -> None:
         async with self.transaction() as db:

@@ -41,10 +41,11 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import aiosqlite
 
@@ -91,6 +92,7 @@ __all__ = [
     "SCHEMA",
     "BacklogStats",
     "Batch",
+    "BatchPlan",
     "EvictionPlan",
     "MeterStatus",
     "Outbox",
@@ -237,6 +239,34 @@ class Packer(Protocol):
     ) -> tuple[bytes, int]: ...
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """What the uplink would take next (see :attr:`Outbox.batch_plan`): a new batch
+    of at most ``max_records`` records and ``max_bytes`` bytes, of classes up to
+    ``max_cls``."""
+
+    max_records: int
+    max_bytes: int
+    max_cls: int
+
+
+# A meter's status row is rewritten when its state changes, else at most this often
+# (its last attempt and last good read are otherwise only as fresh as this).
+STATUS_REFRESH_MS = 15 * 60 * 1000
+
+
+def _status_changed(old: MeterStatus | None, new: MeterStatus) -> bool:
+    if old is None:
+        return True
+    if (old.online, old.consecutive_failures, old.total_failures, old.last_error) != (
+        new.online, new.consecutive_failures, new.total_failures, new.last_error
+    ):  # fmt: skip
+        return True
+    if new.last_good_ms is not None and old.last_good_ms is None:
+        return True
+    return (new.last_attempt_ms or 0) - (old.last_attempt_ms or 0) >= STATUS_REFRESH_MS
+
+
 class Outbox(Database):
     """The gateway's database with the outbox's queue on it."""
 
@@ -259,6 +289,53 @@ class Outbox(Database):
         self.packer: Packer | None = None
         self.gateway_id: str | None = None
         self.salvaged: dict[str, int] = {}  # what the last new-line import brought over
+        # Set by the uplink while it would send what is committed at once: the
+        # writer's transaction then also numbers the next batches (fold_in).
+        self.batch_plan: Callable[[], BatchPlan | None] | None = None
+        # Kept in memory, where a loss only causes a resend (which central
+        # de-duplicates) or an older meter status row:
+        self._sent: dict[int, int] = {}  # batch seq -> sends since this process opened it
+        self._acks: dict[int, tuple[str | None, float]] = {}  # acks not yet applied: seq -> (epoch, since)
+        self._ready: dict[int, tuple[int, Batch]] = {}  # pending batches known whole: seq -> (cls, batch)
+        self._ready_complete = False  # every pending batch in the database is in _ready
+        self._unbatched = True  # records may wait for a batch
+        self._status: dict[str, MeterStatus] = {}  # meter_status rows as committed
+        # What the open transaction did, taken over at its commit (dropped on rollback).
+        self._tx_acked: list[int] = []
+        self._tx_ready: dict[int, tuple[int, Batch]] = {}
+        self._tx_status: dict[str, MeterStatus] = {}
+        self._tx_added = False  # the open transaction added records fold_in did not batch
+        self._tx_records: dict[int, Record] = {}  # records added in the open transaction
+        self.on_commit(self._taken_over)
+        self.on_rollback(self._dropped)
+
+    # -- what a transaction leaves in memory ---------------------------------
+
+    def _taken_over(self) -> None:
+        for seq in self._tx_acked:
+            self._acks.pop(seq, None)
+            self._ready.pop(seq, None)
+            self._sent.pop(seq, None)
+        self._ready.update(self._tx_ready)
+        self._status.update(self._tx_status)
+        if self._tx_added:
+            self._unbatched = True
+        self._dropped()
+
+    def _dropped(self) -> None:
+        self._tx_acked = []
+        self._tx_ready = {}
+        self._tx_status = {}
+        self._tx_added = False
+        self._tx_records = {}
+
+    def _forget_batches(self) -> None:
+        """The batches table may hold what this process did not make (a new or
+        salvaged database): look at the database again."""
+        self._ready.clear()
+        self._ready_complete = False
+        self._unbatched = True
+        self._status.clear()
 
     # -- a new database -----------------------------------------------------
 
@@ -408,6 +485,14 @@ class Outbox(Database):
 
     # -- a full disk --------------------------------------------------------
 
+    async def recover_in_place(self, kind: Any, reason: str) -> Path:
+        self._forget_batches()
+        self._acks.clear()
+        try:
+            return await super().recover_in_place(kind, reason)
+        finally:
+            self._forget_batches()
+
     async def relieve_full(self) -> int:
         """After a full disk: release the reserve, then shed telemetry (past the hard
         floor, billing records too, with an alarm). Returns records evicted."""
@@ -434,6 +519,8 @@ class Outbox(Database):
         assert rid is not None
         blob = self._seal(rid, cls, kind, body)
         await db.execute("UPDATE outbox SET body = ? WHERE id = ?", (blob, rid))
+        self._tx_added = True
+        self._tx_records[rid] = Record(rid, cls, str(kind), created_ms, body)
         return rid
 
     async def _add_many(
@@ -451,6 +538,9 @@ class Outbox(Database):
             row = await cur.fetchone()
         first = max(int(row[0]), int(row[1])) + 1 if row else 1
         if items:
+            self._tx_added = True
+            for i, (cls, kind, created, body) in enumerate(items):
+                self._tx_records[first + i] = Record(first + i, cls, str(kind), created, body)
             await db.executemany(
                 "INSERT INTO outbox (id, cls, kind, created_ms, key_ver, body) VALUES (?, ?, ?, ?, ?, ?)",
                 [
@@ -546,8 +636,11 @@ class Outbox(Database):
         first = await self._add_many(db, items)
         ids = [first + i for i in ids]
         await self._flush_alarms(db, now_ms)
-        for s in statuses:
-            await db.execute(
+        changed = [
+            st for st in statuses if _status_changed(self._tx_status.get(st.meter_id, self._status.get(st.meter_id)), st)
+        ]
+        if changed:
+            await db.executemany(
                 "INSERT INTO meter_status (meter_id, online, last_attempt_ms, last_good_ms,"
                 " consecutive_failures, total_failures, last_error) VALUES (?,?,?,?,?,?,?)"
                 " ON CONFLICT (meter_id) DO UPDATE SET online=excluded.online,"
@@ -555,16 +648,14 @@ class Outbox(Database):
                 " last_good_ms=COALESCE(excluded.last_good_ms, meter_status.last_good_ms),"
                 " consecutive_failures=excluded.consecutive_failures,"
                 " total_failures=excluded.total_failures, last_error=excluded.last_error",
-                (
-                    s.meter_id,
-                    int(s.online),
-                    s.last_attempt_ms,
-                    s.last_good_ms,
-                    s.consecutive_failures,
-                    s.total_failures,
-                    s.last_error,
-                ),
-            )
+                [
+                    (st.meter_id, int(st.online), st.last_attempt_ms, st.last_good_ms,
+                     st.consecutive_failures, st.total_failures, st.last_error)
+                    for st in changed
+                ],
+            )  # fmt: skip
+            for st in changed:
+                self._tx_status[st.meter_id] = st
         if n_billing:
             await self._bump(db, K_READINGS, n_billing)
         if n_telemetry:
@@ -724,6 +815,9 @@ class Outbox(Database):
         here and the bytes kept, so every later send is the same.
         """
         async with self._batching:  # one batch maker at a time (uplink, export)
+            ready = self._ready_batch(exclude, max_cls)
+            if ready is None or isinstance(ready, Batch):
+                return ready
             batch = await self._next_batch(
                 now_ms, exclude=exclude, max_records=max_records, max_bytes=max_bytes,
                 pack=pack, max_cls=max_cls,
@@ -736,6 +830,28 @@ class Outbox(Database):
             if n != len(batch.records):
                 raise OutboxError(f"{self.path}: batch {batch.seq} does not fit one payload")
             return dataclasses.replace(batch, payload=await self.keep_payload(batch.seq, payload))
+
+    def _ready_batch(self, exclude: Iterable[int], max_cls: int | None) -> Batch | Literal[False] | None:
+        """The next batch from memory, without the database: False when memory does
+        not know (batches it did not make may be pending, or records wait)."""
+        if not self._ready_complete or self._db is None:
+            return False
+        limit = 255 if max_cls is None else int(max_cls)
+        excluded = set(exclude)
+        best: tuple[int, int] | None = None
+        for seq, (cls, _) in self._ready.items():
+            if seq in excluded or seq in self._acks or cls > limit:
+                continue
+            if best is None or (cls, seq) < best:
+                best = (cls, seq)
+        if self._unbatched:
+            # New records may belong before the pending batch (a lower class).
+            if best is None or best[0] > int(RecordClass.EVENT):
+                return False
+        if best is None:
+            return None
+        batch = self._ready[best[1]][1]
+        return dataclasses.replace(batch, attempts=self._sent.get(batch.seq, batch.attempts))
 
     async def _next_batch(
         self,
@@ -755,6 +871,9 @@ class Outbox(Database):
                     "SELECT seq, attempts, cls, epoch FROM batches ORDER BY cls, seq"
                 ) as cur:
                     pending = [(int(s), int(a), int(c), str(e)) async for s, a, c, e in cur]
+                pending = [p for p in pending if p[0] not in self._acks]
+                if all(p[0] in self._ready for p in pending):
+                    self._ready_complete = True
                 first = next((p for p in pending if p[0] not in excluded and p[2] <= limit), None)
                 async with db.execute(
                     "SELECT cls FROM outbox WHERE batch_seq IS NULL AND cls <= ? ORDER BY cls LIMIT 1",
@@ -762,9 +881,12 @@ class Outbox(Database):
                 ) as cur:
                     row = await cur.fetchone()
                 top = None if row is None else int(row[0])
+                if top is None and limit == 255:
+                    self._unbatched = False
                 if first is not None and (top is None or first[2] <= top):
                     seq, attempts, _, batch_epoch = first
                     records, stored = await self._batch_contents(db, seq)
+                    attempts = max(attempts, self._sent.get(seq, 0))
                     return Batch(seq, records, attempts, stored, batch_epoch)
                 if top is None:
                     return None
@@ -815,7 +937,13 @@ class Outbox(Database):
                     (seq, top, now_ms, len(ids), payload, epoch),
                 )
                 await db.execute(f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *ids))
-                return Batch(seq, tuple(chosen), 0, payload, epoch)
+                await self.apply_acks_in(db)
+                made = Batch(seq, tuple(chosen), 0, payload, epoch)
+                if payload is not None:
+                    self._tx_ready[seq] = (top, made)
+                else:
+                    self._ready_complete = False
+                return made
         raise OutboxError("could not form a batch (records kept changing underneath)")
 
     @staticmethod
@@ -945,34 +1073,136 @@ class Outbox(Database):
         return payload if row is None or row[0] is None else bytes(row[0])
 
     async def mark_sent(self, seq: int, now_ms: int) -> None:
-        async with self.transaction() as db:
-            await db.execute(
-                "UPDATE batches SET attempts = attempts + 1, last_sent_ms = ? WHERE seq = ?",
-                (now_ms, seq),
-            )
+        """Batch ``seq`` was published: counted in memory only (a count lost in a
+        crash only makes the next send look like a first one)."""
+        self._sent[seq] = self._sent.get(seq, 0) + 1
 
     async def ack(self, seq: int, *, epoch: str | None = None) -> int:
         """The headend committed batch ``seq``: delete it. Idempotent; returns records freed.
 
         With ``epoch``, only a batch of that epoch is deleted."""
         async with self.transaction() as db:
-            if epoch is not None:
-                async with db.execute("SELECT epoch FROM batches WHERE seq = ?", (seq,)) as cur:
-                    row = await cur.fetchone()
-                if row is None or str(row[0]) != epoch:
-                    return 0
-            async with db.execute(
-                "SELECT count(*), coalesce(sum(kind = ? AND cls = ?), 0) FROM outbox WHERE batch_seq = ?",
-                (RecordKind.READING.value, int(RecordClass.BILLING), seq),
-            ) as cur:
-                row = await cur.fetchone()
-            n, n_readings = (int(row[0]), int(row[1])) if row else (0, 0)
-            await db.execute("DELETE FROM outbox WHERE batch_seq = ?", (seq,))
-            cur2 = await db.execute("DELETE FROM batches WHERE seq = ?", (seq,))
-            if cur2.rowcount:
-                await self._bump(db, K_ACKED_RECORDS, n)
-                await self._bump(db, K_ACKED_READINGS, n_readings)
-            return n
+            n = await self._apply_acks_in(db, {seq: epoch})
+        return n
+
+    def ack_later(self, seq: int, *, epoch: str | None = None) -> None:
+        """The headend committed batch ``seq``: delete it with the next transaction
+        (:meth:`apply_acks_in`; the writer's poll-cycle commit). Until then the batch
+        is not sent again; an ack lost in a crash makes it go once more, and the
+        headend answers that copy as a duplicate."""
+        self._acks.setdefault(seq, (epoch, time.monotonic()))
+
+    def ack_waiting(self, seq: int) -> bool:
+        """An ack for batch ``seq`` arrived and waits to be applied."""
+        return seq in self._acks
+
+    def acks_due(self, max_age_s: float) -> bool:
+        """Acks wait longer than ``max_age_s``, or space is short (acks free it)."""
+        if not self._acks:
+            return False
+        if self._ballast_released or self.starved is not None:
+            return True
+        oldest = min(since for _, since in self._acks.values())
+        return time.monotonic() - oldest >= max_age_s
+
+    async def apply_acks(self) -> int:
+        """Apply the acks waiting in a transaction of their own; returns records freed."""
+        if not self._acks:
+            return 0
+        async with self.transaction() as db:
+            return await self.apply_acks_in(db)
+
+    async def apply_acks_in(self, db: aiosqlite.Connection) -> int:
+        """Delete the batches whose acks wait, inside the caller's transaction."""
+        waiting = {seq: epoch for seq, (epoch, _) in self._acks.items() if seq not in self._tx_acked}
+        if not waiting:
+            return 0
+        return await self._apply_acks_in(db, waiting)
+
+    async def _apply_acks_in(self, db: aiosqlite.Connection, acks: Mapping[int, str | None]) -> int:
+        seqs = list(acks)
+        marks = ",".join("?" * len(seqs))
+        async with db.execute(f"SELECT seq, epoch FROM batches WHERE seq IN ({marks})", seqs) as cur:
+            found = [int(r[0]) async for r in cur if acks[int(r[0])] in (None, str(r[1]))]
+        self._tx_acked.extend(seqs)
+        if not found:
+            return 0
+        marks = ",".join("?" * len(found))
+        async with db.execute(
+            "SELECT count(*), coalesce(sum(kind = ? AND cls = ?), 0) FROM outbox"
+            f" WHERE batch_seq IN ({marks})",
+            (RecordKind.READING.value, int(RecordClass.BILLING), *found),
+        ) as cur:
+            row = await cur.fetchone()
+        n, n_readings = (int(row[0]), int(row[1])) if row else (0, 0)
+        await db.execute(f"DELETE FROM outbox WHERE batch_seq IN ({marks})", found)
+        await db.execute(f"DELETE FROM batches WHERE seq IN ({marks})", found)
+        await db.executemany(
+            "INSERT INTO kv (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+            [(K_ACKED_RECORDS, n), (K_ACKED_READINGS, n_readings)],
+        )
+        return n
+
+    async def fold_in(self, db: aiosqlite.Connection, now_ms: int) -> None:
+        """The rest of a poll cycle's transaction: apply the acks that arrived since
+        the last one and, while the uplink sends what is committed at once
+        (:attr:`batch_plan`), number the next batches: what waits of each class, when
+        it fits one batch, is assigned to a new batch whose sealed payload is stored
+        with it. The batch is published only after this transaction committed, so its
+        records are durable first; every later send is the same bytes."""
+        await self.apply_acks_in(db)
+        plan = self.batch_plan() if self.batch_plan is not None and self.packer is not None else None
+        if plan is None or not self._tx_added:
+            return
+        classes = [c for c in RecordClass if int(c) <= plan.max_cls]
+        per_class = " UNION ALL ".join(
+            f"SELECT * FROM (SELECT cls, id FROM outbox WHERE batch_seq IS NULL AND cls = {int(c)}"
+            f" ORDER BY id LIMIT {plan.max_records + 1})"
+            for c in classes
+        )
+        async with db.execute(per_class) as cur:
+            rows = [(int(c), int(i)) async for c, i in cur]
+        waiting: dict[int, list[int]] = {}
+        for c, i in rows:
+            waiting.setdefault(c, []).append(i)
+        all_batched = len(classes) == len(RecordClass)
+        seq = epoch = None
+        for cls in sorted(waiting):
+            ids = waiting[cls]
+            missing = [i for i in ids if i not in self._tx_records]
+            if len(ids) > plan.max_records or missing:
+                all_batched = False  # a backlog, or records of earlier transactions: the uplink's
+                continue
+            if seq is None:
+                seq = await self._next_seq(db)
+                epoch = await self._batch_epoch_in(db)
+            assert epoch is not None and self.packer is not None
+            records = [self._tx_records[i] for i in ids]
+            payload, count = await asyncio.to_thread(
+                functools.partial(self.packer, seq, records, plan.max_bytes, epoch=epoch)
+            )
+            if count < len(records):
+                all_batched = False
+                if count == 0:
+                    continue
+            chosen = records[:count]
+            cids = [r.id for r in chosen]
+            marks = ",".join("?" * len(cids))
+            await db.execute(
+                "INSERT INTO batches (seq, cls, created_ms, n_records, payload, epoch) VALUES (?, ?, ?, ?, ?, ?)",
+                (seq, cls, now_ms, len(cids), payload, epoch),
+            )
+            await db.execute(f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *cids))
+            self._tx_ready[seq] = (cls, Batch(seq, tuple(chosen), 0, payload, epoch))
+            seq += 1
+        if seq is not None:
+            await db.execute(
+                "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (K_NEXT_SEQ, seq),
+            )
+        if all_batched:
+            self._tx_added = False  # nothing of this transaction waits for a batch
 
     # -- reading state ------------------------------------------------------
 

@@ -61,7 +61,7 @@ from firmware_bridge.cause_log import CauseLog
 from store_forward import presence
 from store_forward.acks import Ack, AckError, parse_ack, verify_ack
 from store_forward.codec import BatchCodec, JsonCodec, encoding_of, sealed_key_id
-from store_forward.outbox import K_LINK, K_LINK_SINCE, Outbox, OutboxError
+from store_forward.outbox import K_LINK, K_LINK_SINCE, BatchPlan, Outbox, OutboxError
 from store_forward.pacing import LinkPacer
 from store_forward.records import Record, RecordClass, RecordKind
 from store_forward.settings import BrokerSettings, UplinkSettings
@@ -140,11 +140,16 @@ class Uplink:
         monotonic: Callable[[], float] = time.monotonic,
         unauthenticated_acks: bool = False,
         identity: presence.Identity | None = None,
+        ack_fold_s: float = 2.0,
     ) -> None:
         """``codec``: :class:`store_forward.codec.SealedCodec` in deployments; without
         one, batches go as unsealed encoding 1 (development; logged as a warning),
         and their acks, which nothing can authenticate, delete batches only with
-        ``unauthenticated_acks`` (``uplink.allow_unauthenticated_acks``)."""
+        ``unauthenticated_acks`` (``uplink.allow_unauthenticated_acks``).
+
+        ``ack_fold_s``: an ack is applied with the next transaction (the daemon's
+        poll-cycle commit), or on its own once it waited this long (the daemon
+        passes more than its poll interval)."""
         self.outbox = outbox
         self.gateway_id = gateway_id
         # what the retained presence says of this gateway (store_forward.presence)
@@ -182,8 +187,23 @@ class Uplink:
         self._wake = asyncio.Event()
         self._since_checked = False  # link "since" carried over from the last run, checked once
         self._inflight: dict[int, _InFlight] = {}
+        self.ack_fold_s = ack_fold_s
         outbox.packer = self._pack
         outbox.gateway_id = gateway_id
+        outbox.batch_plan = self._batch_plan
+
+    def _batch_plan(self) -> BatchPlan | None:
+        """While the link is up, the writer's transaction numbers the next batches:
+        what a send would take now (store_forward.outbox.Outbox.fold_in)."""
+        if self.stats.state is not LinkState.UP:
+            return None
+        now = self.monotonic()
+        backlog_ok = self.pacer.may_send_backlog(len(self._inflight), self._inflight_bytes(), now)
+        return BatchPlan(
+            self.settings.batch_max_records,
+            self.pacer.batch_bytes(),
+            255 if backlog_ok else int(RecordClass.EVENT),
+        )
 
     def notify(self) -> None:
         """New records were committed: wake the sender."""
@@ -355,7 +375,7 @@ class Uplink:
                 found = await self.outbox.pending_batch(seq)
             except OutboxError as exc:
                 return "unverifiable", f"cannot read batch {seq}: {exc}"
-            if found is None or found[1] is None:
+            if found is None or found[1] is None or self.outbox.ack_waiting(seq):
                 return "unknown batch", f"no batch {seq} awaits an ack"
             epoch, payload = found[0], found[1]
         if ack.epoch != epoch:
@@ -391,12 +411,9 @@ class Uplink:
         self.note_contact("ack")
         seq = ack.seq
         if ack.holds_batch:
-            try:
-                await self.outbox.ack(seq, epoch=ack.epoch)
-            except OutboxError as exc:
-                # Not deleted: the batch goes again and comes back as a duplicate ack.
-                log.error("uplink: cannot delete acknowledged batch %d: %s", seq, exc)
-                return
+            # Deleted with the next transaction (an ack lost in a crash: the batch
+            # goes again and comes back as a duplicate ack).
+            self.outbox.ack_later(seq, epoch=ack.epoch)
             entry = self._inflight.pop(seq, None)
             if entry is not None:
                 now = self.monotonic()
@@ -446,6 +463,11 @@ class Uplink:
         pacer = self.pacer
         while True:
             self._wake.clear()
+            if self.outbox.acks_due(self.ack_fold_s):
+                try:
+                    await self.outbox.apply_acks()
+                except OutboxError as exc:
+                    log.error("uplink: cannot delete acknowledged batches: %s", exc)
             now = self.monotonic()
             for seq, entry in sorted(self._inflight.items()):
                 if now >= entry.deadline:

@@ -413,6 +413,8 @@ class Daemon:
             max_bytes_per_s=storage_setup.max_bytes_per_s(cfg),
             unauthenticated_acks=cfg.uplink.allow_unauthenticated_acks,
             identity=presence.Identity(cfg.gateway.id, __version__, heartbeat.boot_id(), self.started_ms),
+            # acks ride on the next poll cycle's transaction; alone only when none came
+            ack_fold_s=max(2.0, 2 * cfg.gateway.poll_interval_s),
         )
         self.uplink = uplink
         work: Work = asyncio.Queue(maxsize=256)

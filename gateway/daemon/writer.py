@@ -112,7 +112,10 @@ class Writer:
         """Commit queued work in one transaction (a group commit: under load, several
         slices share one fsync instead of queueing behind each other's)."""
         async with self.daemon.transaction(outbox) as db:
-            return await self.commit_in(db, outbox, items)
+            intents = await self.commit_in(db, outbox, items)
+            # the same transaction: acks that arrived, and the batches that go out next
+            await outbox.fold_in(db, self.daemon.time_ms())
+            return intents
 
     async def commit_in(
         self, db: Any, outbox: Outbox, items: list[Cycle | Tick], *, dry: bool = False
