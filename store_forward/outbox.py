@@ -938,12 +938,8 @@ class Outbox(Database):
                 )
                 await db.execute(f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *ids))
                 await self.apply_acks_in(db)
-                made = Batch(seq, tuple(chosen), 0, payload, epoch)
-                if payload is not None:
-                    self._tx_ready[seq] = (top, made)
-                else:
-                    self._ready_complete = False
-                return made
+                self._ready_complete = False  # a batch memory does not hold
+                return Batch(seq, tuple(chosen), 0, payload, epoch)
         raise OutboxError("could not form a batch (records kept changing underneath)")
 
     @staticmethod
