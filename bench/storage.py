@@ -164,7 +164,9 @@ async def simulators(meters: int, log_dir: Path) -> AsyncIterator[list[tuple[int
                 p.wait(10)
 
 
-def write_site(work: Path, sc: Scenario, sims: list[tuple[int, list[int]]], broker_port: int) -> Path:
+def write_site(
+    work: Path, sc: Scenario, sims: list[tuple[int, list[int]]], broker_port: int
+) -> Path:
     pub = generate_headend_key(work / "headend.pem")
     (work / "registry").mkdir()
     ks = Keystore.init(work / "keys", GATEWAY)
@@ -173,7 +175,16 @@ def write_site(work: Path, sc: Scenario, sims: list[tuple[int, list[int]]], brok
     buses, meters, accounts = [], [], []
     for b, (port, units) in enumerate(sims):
         name = f"lan{b}"
-        buses.append({"name": name, "type": "tcp", "host": "127.0.0.1", "port": port, "timeout_s": 1.0, "retries": 0})
+        buses.append(
+            {
+                "name": name,
+                "type": "tcp",
+                "host": "127.0.0.1",
+                "port": port,
+                "timeout_s": 1.0,
+                "retries": 0,
+            }
+        )
         for u in units:
             mid = f"m{b}-{u:03d}"
             acc = f"a{b}-{u:03d}"
@@ -213,7 +224,9 @@ def write_site(work: Path, sc: Scenario, sims: list[tuple[int, list[int]]], brok
 
 
 @contextlib.contextmanager
-def process(args: list[str], logfile: Path, cwd: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    args: list[str], logfile: Path, cwd: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     with logfile.open("ab") as out:
         p = subprocess.Popen(
             [sys.executable, *args], stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=cwd,
@@ -231,7 +244,9 @@ def process(args: list[str], logfile: Path, cwd: Path, env: dict[str, str] | Non
                 p.wait(10)
 
 
-async def bare_loop(sims: list[tuple[int, list[int]]], poll_s: float, seconds: float) -> dict[str, Any]:
+async def bare_loop(
+    sims: list[tuple[int, list[int]]], poll_s: float, seconds: float
+) -> dict[str, Any]:
     """The floor: pymodbus reads of the same blocks at the same rate, nothing else."""
     blocks = plan_reads(SDM120.fields, SDM120.max_gap, SDM120.max_count)
     clients = []
@@ -272,7 +287,9 @@ async def bare_loop(sims: list[tuple[int, list[int]]], poll_s: float, seconds: f
 
 
 async def run_scenario(sc: Scenario, tree: Path, bare: bool) -> dict[str, Any]:
-    log(f"{sc.name}: {sc.meters} meter(s), poll every {sc.poll_s:g} s, {sc.warmup_s:g} s warm-up + {sc.seconds:g} s")
+    log(
+        f"{sc.name}: {sc.meters} meter(s), poll every {sc.poll_s:g} s, {sc.warmup_s:g} s warm-up + {sc.seconds:g} s"
+    )
     with tempfile.TemporaryDirectory(prefix="edgegw-storage-", dir=ROOT / ".bench-work") as tmp:
         work = Path(tmp)
         runtime = Path(tempfile.mkdtemp(prefix="edgegw-run-", dir="/dev/shm"))
@@ -285,23 +302,45 @@ async def run_scenario(sc: Scenario, tree: Path, bare: bool) -> dict[str, Any]:
                         "--db", str(work / "central.db"), "--key", str(work / "headend.pem"),
                         "--registry", str(work / "registry"),
                     ]  # fmt: skip
-                    with (
-                        process(headend, work / "headend.log", ROOT),
-                        process(["-m", "gateway.cli", "run", "--config", str(cfg)], work / "gateway.log", tree,
-                                {"RUNTIME_DIRECTORY": str(runtime)}) as gw,
-                    ):  # fmt: skip
+                    with contextlib.ExitStack() as stack:
+                        stack.enter_context(process(headend, work / "headend.log", ROOT))
+                        # the headend subscribes before the gateway's first batch goes out
+                        for _ in range(300):
+                            if "subscribed" in (work / "headend.log").read_text(errors="replace"):
+                                break
+                            await asyncio.sleep(0.1)
+                        gw = stack.enter_context(
+                            process(["-m", "gateway.cli", "run", "--config", str(cfg)], work / "gateway.log", tree,
+                                    {"RUNTIME_DIRECTORY": str(runtime)})
+                        )  # fmt: skip
                         db = work / "gw.db"
                         deadline = time.monotonic() + sc.warmup_s + 60
                         while committed(db) < sc.meters and time.monotonic() < deadline:
                             if gw.poll() is not None:
-                                raise RuntimeError(f"daemon exited: {(work / 'gateway.log').read_text()[-3000:]}")
+                                raise RuntimeError(
+                                    f"daemon exited: {(work / 'gateway.log').read_text()[-3000:]}"
+                                )
                             await asyncio.sleep(0.5)
                         await asyncio.sleep(max(0.0, sc.warmup_s - 0))
-                        io0, cpu0, n0, a0, t0 = proc_io(gw.pid), proc_cpu_s(gw.pid), committed(db), acked(db), time.monotonic()
+                        io0, cpu0, n0, a0, t0 = (
+                            proc_io(gw.pid),
+                            proc_cpu_s(gw.pid),
+                            committed(db),
+                            acked(db),
+                            time.monotonic(),
+                        )
                         await asyncio.sleep(sc.seconds)
-                        io1, cpu1, n1, a1, t1 = proc_io(gw.pid), proc_cpu_s(gw.pid), committed(db), acked(db), time.monotonic()
+                        io1, cpu1, n1, a1, t1 = (
+                            proc_io(gw.pid),
+                            proc_cpu_s(gw.pid),
+                            committed(db),
+                            acked(db),
+                            time.monotonic(),
+                        )
                         if gw.poll() is not None:
-                            raise RuntimeError(f"daemon exited: {(work / 'gateway.log').read_text()[-3000:]}")
+                            raise RuntimeError(
+                                f"daemon exited: {(work / 'gateway.log').read_text()[-3000:]}"
+                            )
                     base = await bare_loop(sims, sc.poll_s, min(sc.seconds, 60.0)) if bare else None
         finally:
             shutil.rmtree(runtime, ignore_errors=True)
@@ -328,8 +367,12 @@ async def run_scenario(sc: Scenario, tree: Path, bare: bool) -> dict[str, Any]:
     if base is not None:
         out["bare_loop"] = base
         out["daemon_minus_bare"] = {
-            "cpu_s_per_1000_readings": round(out["daemon"]["cpu_s_per_1000_readings"] - base["cpu_s_per_1000_readings"], 3),
-            "cpu_fraction_of_core": round(out["daemon"]["cpu_fraction_of_core"] - base["cpu_fraction_of_core"], 4),
+            "cpu_s_per_1000_readings": round(
+                out["daemon"]["cpu_s_per_1000_readings"] - base["cpu_s_per_1000_readings"], 3
+            ),
+            "cpu_fraction_of_core": round(
+                out["daemon"]["cpu_fraction_of_core"] - base["cpu_fraction_of_core"], 4
+            ),
         }
         out["daemon_over_bare_cpu_per_reading"] = round(
             out["daemon"]["cpu_s_per_1000_readings"] / max(base["cpu_s_per_1000_readings"], 1e-9), 2
@@ -356,7 +399,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.seconds:
         chosen = [Scenario(s.meters, s.poll_s, args.seconds, s.warmup_s) for s in chosen]
     tree = Path(args.tree).resolve() if args.tree else ROOT
-    commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     t0 = time.monotonic()
     load0 = os.getloadavg()
     if args.parallel:
@@ -367,8 +412,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "storage",
         "daemon_tree": str(tree),
         "daemon_commit": commit,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version},
-        "load_average": {"start": [round(x, 2) for x in load0], "end": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version,
+        },
+        "load_average": {
+            "start": [round(x, 2) for x in load0],
+            "end": [round(x, 2) for x in os.getloadavg()],
+        },
         "wall_s": round(time.monotonic() - t0, 1),
         "scenarios": {s.name: r for s, r in zip(chosen, results, strict=True)},
     }
@@ -377,8 +430,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", action="append", choices=sorted(SCENARIOS), help="scenario(s) to run")
-    p.add_argument("--seconds", type=float, help="measured time per scenario (overrides the defaults)")
+    p.add_argument(
+        "--seconds", type=float, help="measured time per scenario (overrides the defaults)"
+    )
     p.add_argument("--tree", help="run the daemon from this checkout")
-    p.add_argument("--parallel", action="store_true", help="run the chosen scenarios at once (no bare loop)")
+    p.add_argument(
+        "--parallel", action="store_true", help="run the chosen scenarios at once (no bare loop)"
+    )
     p.add_argument("--quick", action="store_true", help="a tiny run (smoke test)")
     print(json.dumps(asyncio.run(main(p.parse_args())), indent=2))

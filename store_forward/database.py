@@ -297,6 +297,7 @@ class Database:
         self._lock = asyncio.Lock()
         self._rollback_hooks: list[Callable[[], None]] = []
         self._commit_hooks: list[Callable[[], None]] = []
+        self._tx_changes = 0  # total_changes of the connection when the open transaction began
         self._batching = asyncio.Lock()
         self._sealer: StorageSealer | None = None
         self._key_version = keys.current
@@ -722,6 +723,7 @@ class Database:
                 # BEGIN is inside the try: a task cancelled while BEGIN is queued on the
                 # connection's thread must still roll back, or the next BEGIN would fail.
                 await self._db.execute("BEGIN IMMEDIATE")
+                self._tx_changes = self._db.total_changes
                 yield self._db
                 await asyncio.shield(self._db.commit())
             except BaseException as exc:
@@ -851,6 +853,10 @@ class Database:
         """Call ``hook`` whenever a transaction rolls back (components that cache
         what they wrote in a transaction drop that cache)."""
         self._rollback_hooks.append(hook)
+
+    def tx_writes(self) -> bool:
+        """Has the open transaction changed any row (will its commit write at all)?"""
+        return self._db is not None and self._db.total_changes != self._tx_changes
 
     def on_commit(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` after every transaction that committed (components that keep

@@ -1147,7 +1147,10 @@ class Outbox(Database):
         it fits one batch, is assigned to a new batch whose sealed payload is stored
         with it. The batch is published only after this transaction committed, so its
         records are durable first; every later send is the same bytes."""
-        await self.apply_acks_in(db)
+        # Acks ride only on a transaction that writes anyway (not on a billing tick
+        # that changed nothing); alone they wait for the next one, or acks_due.
+        if self.tx_writes():
+            await self.apply_acks_in(db)
         plan = self.batch_plan() if self.batch_plan is not None and self.packer is not None else None
         if plan is None or not self._tx_added:
             return
