@@ -103,6 +103,9 @@ _AAD_LABEL = b"edgegw/uplink\x00"
 _KIND_READING = "reading"
 _READING_KEYS = frozenset({"m", "t", "ts", "v"})
 _READING_KEYS_Q = frozenset({"m", "t", "ts", "v", "q"})
+# Plaintexts above this are compressed with LZMA, smaller ones with DEFLATE (the
+# encoder's default; measured in docs/benchmarks.md, "Flash wear and CPU").
+LZMA_FROM_BYTES = 4096
 _LZMA_FILTERS: list[dict[str, Any]] = [{"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 1 << 20}]
 
 
@@ -1214,8 +1217,10 @@ def _seal(
     elif len(nonce) != NONCE_BYTES:
         raise WireEncodeError(f"nonce must be {NONCE_BYTES} bytes")
     if compression is None:
-        candidates = [(_compress(plaintext, m), m) for m in (Compression.ZLIB, Compression.LZMA)]
-        candidates.append((plaintext, Compression.NONE))
+        # One compression, chosen by size (docs/wire-format.md, §4): LZMA pays for
+        # its ≈ 10× CPU only on backlog-sized batches; a live cycle gets DEFLATE.
+        m = Compression.LZMA if len(plaintext) > LZMA_FROM_BYTES else Compression.ZLIB
+        candidates = [(_compress(plaintext, m), m), (plaintext, Compression.NONE)]
         body, method = min(candidates, key=lambda c: (len(c[0]), c[1]))
     else:
         method = Compression(compression)
@@ -1240,8 +1245,9 @@ def encode_batch(
 
     ``epoch``: the outbox's batch epoch (16 hex digits; version byte 0x12), or
     :data:`LEGACY_EPOCH` for the header without one (version byte 0x02, for
-    batches numbered before epochs existed). ``compression=None`` tries zlib and LZMA and keeps the smaller (or none
-    when neither helps). ``nonce=None`` draws a fresh random 96-bit nonce;
+    batches numbered before epochs existed). ``compression=None`` compresses a plaintext
+    above :data:`LZMA_FROM_BYTES` with LZMA, a smaller one with DEFLATE (none when that
+    does not help). ``nonce=None`` draws a fresh random 96-bit nonce;
     pass a nonce only from a source that never repeats one for this key
     (see docs/wire-format.md, "Nonces"). Raises :class:`WireEncodeError`.
     """
