@@ -110,6 +110,7 @@ MAX_VALIDITY_MS: Mapping[CommandType, int] = MappingProxyType(
     }
 )
 
+
 class TrustError(EdgeGwError):
     """The trust store file or a key in it is invalid."""
 

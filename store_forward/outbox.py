@@ -166,7 +166,11 @@ async def _add_batch_epoch_column(db: aiosqlite.Connection) -> None:
 SCHEMA = Schema(
     "outbox",
     Step(2, "records, batches, damaged records, meter status", statements(_TABLES)),
-    Step(3, "batches numbered in epochs (batches.epoch, for databases from before epochs)", apply=_add_batch_epoch_column),
+    Step(
+        3,
+        "batches numbered in epochs (batches.epoch, for databases from before epochs)",
+        apply=_add_batch_epoch_column,
+    ),
 )
 
 # Counters kept in kv; each is advanced in the same transaction as the change it counts.
@@ -270,8 +274,12 @@ def _status_changed(old: MeterStatus | None, new: MeterStatus) -> bool:
 class Outbox(Database):
     """The gateway's database with the outbox's queue on it."""
 
-    DEFAULT_SCHEMA: ClassVar[SchemaRegistry] = SchemaRegistry([DATABASE_SCHEMA, SCHEMA], oldest=2, marker="outbox")
-    SALVAGE_TABLES: ClassVar[frozenset[str]] = frozenset({"kv", "outbox", "batches", "meter_status"})
+    DEFAULT_SCHEMA: ClassVar[SchemaRegistry] = SchemaRegistry(
+        [DATABASE_SCHEMA, SCHEMA], oldest=2, marker="outbox"
+    )
+    SALVAGE_TABLES: ClassVar[frozenset[str]] = frozenset(
+        {"kv", "outbox", "batches", "meter_status"}
+    )
     MAX_COUNTERS: ClassVar[tuple[str, ...]] = _MAX_COUNTERS
 
     def __init__(
@@ -295,8 +303,12 @@ class Outbox(Database):
         # Kept in memory, where a loss only causes a resend (which central
         # de-duplicates) or an older meter status row:
         self._sent: dict[int, int] = {}  # batch seq -> sends since this process opened it
-        self._acks: dict[int, tuple[str | None, float]] = {}  # acks not yet applied: seq -> (epoch, since)
-        self._ready: dict[int, tuple[int, Batch]] = {}  # pending batches known whole: seq -> (cls, batch)
+        self._acks: dict[
+            int, tuple[str | None, float]
+        ] = {}  # acks not yet applied: seq -> (epoch, since)
+        self._ready: dict[
+            int, tuple[int, Batch]
+        ] = {}  # pending batches known whole: seq -> (cls, batch)
         self._ready_complete = False  # every pending batch in the database is in _ready
         self._unbatched = True  # records may wait for a batch
         self._status: dict[str, MeterStatus] = {}  # meter_status rows as committed
@@ -348,7 +360,9 @@ class Outbox(Database):
         await self._set_kv(db, K_NEXT_SEQ, max(base + 1, int(salvaged_kv.get(K_NEXT_SEQ) or 1)))
         if base:
             await db.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
-            await db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (base,))
+            await db.execute(
+                "INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (base,)
+            )
         for k in _MAX_COUNTERS:
             if isinstance(salvaged_kv.get(k), int):
                 await self._set_kv(db, k, salvaged_kv[k])
@@ -371,7 +385,9 @@ class Outbox(Database):
                 salvage_images, fault.evidence, set(self.SALVAGE_TABLES)
             )
         async with self._lock:
-            async with self._db.execute("SELECT value FROM kv WHERE key = ?", (K_SALVAGE_SALT,)) as cur:
+            async with self._db.execute(
+                "SELECT value FROM kv WHERE key = ?", (K_SALVAGE_SALT,)
+            ) as cur:
                 row = await cur.fetchone()
         old_salt = None if row is None else bytes(row[0])
         old_openers = (
@@ -509,7 +525,12 @@ class Outbox(Database):
         return self._sealer.seal(rid, self._aad_class(cls, kind), dumps(body))
 
     async def _add(
-        self, db: aiosqlite.Connection, cls: RecordClass, kind: str, created_ms: int, body: dict[str, Any]
+        self,
+        db: aiosqlite.Connection,
+        cls: RecordClass,
+        kind: str,
+        created_ms: int,
+        body: dict[str, Any],
     ) -> int:
         cur = await db.execute(
             "INSERT INTO outbox (cls, kind, created_ms, key_ver, body) VALUES (?, ?, ?, ?, x'')",
@@ -524,19 +545,22 @@ class Outbox(Database):
         return rid
 
     async def _add_many(
-        self, db: aiosqlite.Connection, items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]]
+        self,
+        db: aiosqlite.Connection,
+        items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]],
     ) -> int:
         """Insert records with consecutive ids (one statement); returns the first id.
 
         Inside the write transaction nobody else inserts, so the ids after the
         AUTOINCREMENT high-water mark are ours; inserting them explicitly moves
         the mark, so an id is still never reused."""
-        async with db.execute(
-            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
-            " coalesce((SELECT max(id) FROM outbox), 0)"
-        ) as cur:
-            row = await cur.fetchone()
-        first = max(int(row[0]), int(row[1])) + 1 if row else 1
+        rows = list(
+            await db.execute_fetchall(
+                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
+                " coalesce((SELECT max(id) FROM outbox), 0)"
+            )
+        )
+        first = max(int(rows[0][0]), int(rows[0][1])) + 1 if rows else 1
         if items:
             self._tx_added = True
             for i, (cls, kind, created, body) in enumerate(items):
@@ -558,7 +582,9 @@ class Outbox(Database):
         return first
 
     async def add_many_in(
-        self, db: aiosqlite.Connection, items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]]
+        self,
+        db: aiosqlite.Connection,
+        items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]],
     ) -> list[int]:
         """Add records ``(class, kind, created_ms, body)`` in one statement, in order,
         inside a transaction opened with :meth:`transaction`; returns their ids."""
@@ -596,7 +622,9 @@ class Outbox(Database):
                 reusable = await self._freelist_bytes(self._db)
             if free + reusable < 2 * self.policy.ballast_bytes:
                 # What is left is kept for batching and acks, which free space.
-                raise OutboxFullError(f"{self.path}: disk full; new records refused until space returns")
+                raise OutboxFullError(
+                    f"{self.path}: disk full; new records refused until space returns"
+                )
             await self.ensure_reserve()
         try:
             async with self.transaction() as db:
@@ -637,7 +665,9 @@ class Outbox(Database):
         ids = [first + i for i in ids]
         await self._flush_alarms(db, now_ms)
         changed = [
-            st for st in statuses if _status_changed(self._tx_status.get(st.meter_id, self._status.get(st.meter_id)), st)
+            st
+            for st in statuses
+            if _status_changed(self._tx_status.get(st.meter_id, self._status.get(st.meter_id)), st)
         ]
         if changed:
             await db.executemany(
@@ -656,10 +686,13 @@ class Outbox(Database):
             )  # fmt: skip
             for st in changed:
                 self._tx_status[st.meter_id] = st
-        if n_billing:
-            await self._bump(db, K_READINGS, n_billing)
-        if n_telemetry:
-            await self._bump(db, K_TELEMETRY, n_telemetry)
+        bumps = [(k, n) for k, n in ((K_READINGS, n_billing), (K_TELEMETRY, n_telemetry)) if n]
+        if bumps:
+            await db.executemany(
+                "INSERT INTO kv (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+                bumps,
+            )
         return ids
 
     async def add_event(self, now_ms: int, body: dict[str, Any]) -> int:
@@ -770,7 +803,8 @@ class Outbox(Database):
             if lost:
                 await self._bump(db, K_EVICTED_BILLING, lost)
             log.critical(
-                "outbox: below the storage hard floor; evicted %d unacknowledged billing records", lost
+                "outbox: below the storage hard floor; evicted %d unacknowledged billing records",
+                lost,
             )
             await self._add(
                 db,
@@ -831,7 +865,9 @@ class Outbox(Database):
                 raise OutboxError(f"{self.path}: batch {batch.seq} does not fit one payload")
             return dataclasses.replace(batch, payload=await self.keep_payload(batch.seq, payload))
 
-    def _ready_batch(self, exclude: Iterable[int], max_cls: int | None) -> Batch | Literal[False] | None:
+    def _ready_batch(
+        self, exclude: Iterable[int], max_cls: int | None
+    ) -> Batch | Literal[False] | None:
         """The next batch from memory, without the database: False when memory does
         not know (batches it did not make may be pending, or records wait)."""
         if not self._ready_complete or self._db is None:
@@ -936,7 +972,9 @@ class Outbox(Database):
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     (seq, top, now_ms, len(ids), payload, epoch),
                 )
-                await db.execute(f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *ids))
+                await db.execute(
+                    f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *ids)
+                )
                 await self.apply_acks_in(db)
                 self._ready_complete = False  # a batch memory does not hold
                 return Batch(seq, tuple(chosen), 0, payload, epoch)
@@ -944,17 +982,17 @@ class Outbox(Database):
 
     @staticmethod
     async def _next_seq(db: aiosqlite.Connection) -> int:
-        async with db.execute("SELECT value FROM kv WHERE key = ?", (K_NEXT_SEQ,)) as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 1
+        rows = list(await db.execute_fetchall("SELECT value FROM kv WHERE key = ?", (K_NEXT_SEQ,)))
+        return int(rows[0][0]) if rows else 1
 
     @staticmethod
     async def _batch_epoch_in(db: aiosqlite.Connection) -> str:
         """The epoch new batches take; a database without one gets a random one now."""
-        async with db.execute("SELECT value FROM kv WHERE key = ?", (K_BATCH_EPOCH,)) as cur:
-            row = await cur.fetchone()
-        if row is not None:
-            return str(row[0])
+        rows = list(
+            await db.execute_fetchall("SELECT value FROM kv WHERE key = ?", (K_BATCH_EPOCH,))
+        )
+        if rows:
+            return str(rows[0][0])
         epoch = new_epoch()
         await db.execute("INSERT INTO kv (key, value) VALUES (?, ?)", (K_BATCH_EPOCH, epoch))
         log.info("outbox: batches are numbered in the new epoch %s", epoch)
@@ -1041,17 +1079,19 @@ class Outbox(Database):
             return [int(r[0]) async for r in cur]
 
     async def batch_payload(self, seq: int) -> bytes | None:
-        async with self._lock, self._db.execute(
-            "SELECT payload FROM batches WHERE seq = ?", (seq,)
-        ) as cur:
+        async with (
+            self._lock,
+            self._db.execute("SELECT payload FROM batches WHERE seq = ?", (seq,)) as cur,
+        ):
             row = await cur.fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
     async def pending_batch(self, seq: int) -> tuple[str, bytes | None] | None:
         """(epoch, stored payload) of unacknowledged batch ``seq``; None if there is none."""
-        async with self._lock, self._db.execute(
-            "SELECT epoch, payload FROM batches WHERE seq = ?", (seq,)
-        ) as cur:
+        async with (
+            self._lock,
+            self._db.execute("SELECT epoch, payload FROM batches WHERE seq = ?", (seq,)) as cur,
+        ):
             row = await cur.fetchone()
         if row is None:
             return None
@@ -1110,7 +1150,9 @@ class Outbox(Database):
 
     async def apply_acks_in(self, db: aiosqlite.Connection) -> int:
         """Delete the batches whose acks wait, inside the caller's transaction."""
-        waiting = {seq: epoch for seq, (epoch, _) in self._acks.items() if seq not in self._tx_acked}
+        waiting = {
+            seq: epoch for seq, (epoch, _) in self._acks.items() if seq not in self._tx_acked
+        }
         if not waiting:
             return 0
         return await self._apply_acks_in(db, waiting)
@@ -1118,19 +1160,25 @@ class Outbox(Database):
     async def _apply_acks_in(self, db: aiosqlite.Connection, acks: Mapping[int, str | None]) -> int:
         seqs = list(acks)
         marks = ",".join("?" * len(seqs))
-        async with db.execute(f"SELECT seq, epoch FROM batches WHERE seq IN ({marks})", seqs) as cur:
-            found = [int(r[0]) async for r in cur if acks[int(r[0])] in (None, str(r[1]))]
+        found = [
+            int(r[0])
+            for r in await db.execute_fetchall(
+                f"SELECT seq, epoch FROM batches WHERE seq IN ({marks})", seqs
+            )
+            if acks[int(r[0])] in (None, str(r[1]))
+        ]
         self._tx_acked.extend(seqs)
         if not found:
             return 0
         marks = ",".join("?" * len(found))
-        async with db.execute(
-            "SELECT count(*), coalesce(sum(kind = ? AND cls = ?), 0) FROM outbox"
-            f" WHERE batch_seq IN ({marks})",
-            (RecordKind.READING.value, int(RecordClass.BILLING), *found),
-        ) as cur:
-            row = await cur.fetchone()
-        n, n_readings = (int(row[0]), int(row[1])) if row else (0, 0)
+        rows = list(
+            await db.execute_fetchall(
+                "SELECT count(*), coalesce(sum(kind = ? AND cls = ?), 0) FROM outbox"
+                f" WHERE batch_seq IN ({marks})",
+                (RecordKind.READING.value, int(RecordClass.BILLING), *found),
+            )
+        )
+        n, n_readings = (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
         await db.execute(f"DELETE FROM outbox WHERE batch_seq IN ({marks})", found)
         await db.execute(f"DELETE FROM batches WHERE seq IN ({marks})", found)
         await db.executemany(
@@ -1151,7 +1199,9 @@ class Outbox(Database):
         # that changed nothing); alone they wait for the next one, or acks_due.
         if self.tx_writes():
             await self.apply_acks_in(db)
-        plan = self.batch_plan() if self.batch_plan is not None and self.packer is not None else None
+        plan = (
+            self.batch_plan() if self.batch_plan is not None and self.packer is not None else None
+        )
         if plan is None or not self._tx_added:
             return
         classes = [c for c in RecordClass if int(c) <= plan.max_cls]
@@ -1160,8 +1210,7 @@ class Outbox(Database):
             f" ORDER BY id LIMIT {plan.max_records + 1})"
             for c in classes
         )
-        async with db.execute(per_class) as cur:
-            rows = [(int(c), int(i)) async for c, i in cur]
+        rows = [(int(c), int(i)) for c, i in await db.execute_fetchall(per_class)]
         waiting: dict[int, list[int]] = {}
         for c, i in rows:
             waiting.setdefault(c, []).append(i)
@@ -1215,12 +1264,15 @@ class Outbox(Database):
         Cheap enough to ask every few seconds: the counts read the two partial
         indexes, the oldest record is the first by id (unlike :meth:`stats`,
         which reads every record)."""
-        async with self._lock, self._db.execute(
-            "SELECT (SELECT count(*) FROM outbox WHERE batch_seq IS NULL),"
-            " (SELECT count(*) FROM outbox WHERE batch_seq IS NOT NULL),"
-            " (SELECT created_ms FROM outbox ORDER BY id LIMIT 1),"
-            " (SELECT count(*) FROM batches)"
-        ) as cur:
+        async with (
+            self._lock,
+            self._db.execute(
+                "SELECT (SELECT count(*) FROM outbox WHERE batch_seq IS NULL),"
+                " (SELECT count(*) FROM outbox WHERE batch_seq IS NOT NULL),"
+                " (SELECT created_ms FROM outbox ORDER BY id LIMIT 1),"
+                " (SELECT count(*) FROM batches)"
+            ) as cur,
+        ):
             row = await cur.fetchone()
         assert row is not None
         return int(row[0]) + int(row[1]), None if row[2] is None else int(row[2]), int(row[3])

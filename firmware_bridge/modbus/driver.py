@@ -69,6 +69,7 @@ class ModbusDriver:
             energy_first(plan_reads(profile.fields, profile.max_gap, profile.max_count))
         )
         self.splits = 0  # coalesced requests the meter refused and that were split
+        self._budget: tuple[tuple[LineTiming, tuple[ReadBlock, ...]], float] | None = None
 
     @property
     def meter_id(self) -> str:
@@ -98,6 +99,15 @@ class ModbusDriver:
     def read_budget_s(self) -> float:
         """Longest one read may take, worst case (a block with gaps refused, then its runs)."""
         line = self._line()
+        key = (line, self.blocks)
+        cached = self._budget
+        if cached is not None and cached[0] == key:
+            return cached[1]  # the same line and plan: the same budget (asked every poll)
+        total = self._read_budget_s(line)
+        self._budget = (key, total)
+        return total
+
+    def _read_budget_s(self, line: LineTiming) -> float:
         total = 0.0
         for block in self.blocks:
             total += line.transaction_s(RTU_REQUEST_BYTES, rtu_reply_bytes(block.count))
