@@ -26,6 +26,7 @@ from firmware_bridge.reading import Quantity, Reading
 from firmware_bridge.relay_ops import RelayIntent, RelayOp
 from gateway import meter_health
 from gateway.billing.ledger_store import LedgerCorrupt
+from gateway.security import trusted_time
 from gateway.storage_guard import Backlog
 from store_forward.integrity import FaultKind
 from store_forward.outbox import MeterStatus, Outbox, OutboxFullError, StorageCorruptError
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BILLING_TICK_S = 1.0
+# The time floor rides on a poll cycle's transaction once it moved this much.
+FLOOR_WITH_CYCLE_MS = trusted_time.PERSIST_GRANULARITY_MS // 2
 # Queued work items the writer commits together in one transaction, at most.
 GROUP_COMMIT_MAX = 32
 # While the disk is full: how often the writer looks for space again, and how many
@@ -113,8 +116,14 @@ class Writer:
         slices share one fsync instead of queueing behind each other's)."""
         async with self.daemon.transaction(outbox) as db:
             intents = await self.commit_in(db, outbox, items)
-            # the same transaction: acks that arrived, and the batches that go out next
+            # The same transaction: acks that arrived, the batches that go out next, and
+            # the time floor when it moved half a minute (the maintenance pass writes it
+            # on its own only when no poll cycle did for a minute and a half).
             await outbox.fold_in(db, self.daemon.time_ms())
+            if self.daemon.clock is not None and outbox.tx_writes():
+                await trusted_time.save_clock(
+                    db, self.daemon.clock, granularity_ms=FLOOR_WITH_CYCLE_MS
+                )
             return intents
 
     async def commit_in(
@@ -134,7 +143,9 @@ class Writer:
                 intents += await d.prepaid.tick_in(db, outbox, d.time_ms(), contact, d.unseen())
                 continue
             events = item.events + [c.event(d.account_of.get(c.meter)) for c in item.health]
-            ids = await outbox.commit_cycle_in(db, item.time_ms, item.readings, item.statuses, events)
+            ids = await outbox.commit_cycle_in(
+                db, item.time_ms, item.readings, item.statuses, events
+            )
             if item.health:
                 await meter_health.save_in(db, item.health)
             self.relay_in_readings.update(
@@ -142,7 +153,11 @@ class Writer:
             )
             if d.prepaid is not None and item.readings:
                 intents += await d.prepaid.on_readings_in(
-                    db, outbox, list(zip(ids, item.readings, strict=True)), item.time_ms, contact,
+                    db,
+                    outbox,
+                    list(zip(ids, item.readings, strict=True)),
+                    item.time_ms,
+                    contact,
                     d.unseen(),
                 )
             if d.prepaid is not None and item.relay_states:
@@ -168,7 +183,9 @@ class Writer:
         self.waiting_for_space = False
         log.warning(
             "space is back: what was held in memory is stored%s",
-            f" ({self.backlog.dropped} intermediate reading(s) were given up)" if self.backlog.dropped else "",
+            f" ({self.backlog.dropped} intermediate reading(s) were given up)"
+            if self.backlog.dropped
+            else "",
         )
         if self.backlog.dropped:
             outbox.note_event(
@@ -202,7 +219,11 @@ class Writer:
                 if intent.meter in self.dry_tripped:
                     continue
                 self.dry_tripped.add(intent.meter)
-                log.warning("disk full: trip of %s (account %s) decided in memory", intent.meter, intent.account)
+                log.warning(
+                    "disk full: trip of %s (account %s) decided in memory",
+                    intent.meter,
+                    intent.account,
+                )
                 self.daemon.request_relay(intent)
 
     async def space_is_back(self, outbox: Outbox) -> bool:
