@@ -112,14 +112,6 @@ SQLITE_CORRUPT = 11
 SQLITE_NOTADB = 26
 
 
-# The page size of a new database. Every commit writes each page it changed whole
-# to the write-ahead log, and a poll cycle's commit changes a page or two of many
-# small tables (counters, sequence, indexes, batches, baselines) besides the new
-# records: with 1 KiB pages that costs a quarter of what it does with SQLite's
-# default 4 KiB (docs/benchmarks.md, "Flash wear and CPU").
-PAGE_SIZE = 1024
-
-
 class OutboxError(EdgeGwError):
     """The outbox cannot do what was asked (corrupt file, full disk, ...)."""
 
@@ -478,9 +470,6 @@ class Database:
     async def _prepare(self) -> list[Salvage]:
         db, path, keys = self._db, self.path, self._keys
         try:
-            # A new database takes small pages (no effect on an existing one): see
-            # PAGE_SIZE.
-            await db.execute(f"PRAGMA page_size={PAGE_SIZE}")
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA synchronous=FULL")
             await db.execute("PRAGMA foreign_keys=ON")
