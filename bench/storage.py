@@ -27,7 +27,7 @@ rate for the same time; its CPU time per 1,000 readings and per second is the
 floor any Modbus TCP gateway pays here. The daemon's figures are reported beside
 it, and as the difference (what the gateway adds above the bare loop).
 
-    python bench/storage.py                        # 50 @ 1 s, 1 @ 60 s, 1,000 @ 60 s (~8 min)
+    python bench/storage.py                        # 50 @ 1 s, 1 @ 1 s, 1 @ 60 s, 1,000 @ 60 s (~17 min)
     python bench/storage.py --only 50x1 --seconds 60
     python bench/storage.py --tree /path/to/other/checkout   # run that tree's daemon
 
@@ -383,6 +383,7 @@ async def run_scenario(sc: Scenario, tree: Path, bare: bool) -> dict[str, Any]:
 
 SCENARIOS = {
     "50x1": Scenario(50, 1.0, 120.0, 20.0),
+    "1x1": Scenario(1, 1.0, 120.0, 20.0),
     "1x60": Scenario(1, 60.0, 300.0, 5.0),
     "1000x60": Scenario(1000, 60.0, 240.0, 20.0),
 }
