@@ -105,7 +105,7 @@ _READING_KEYS = frozenset({"m", "t", "ts", "v"})
 _READING_KEYS_Q = frozenset({"m", "t", "ts", "v", "q"})
 # Plaintexts above this are compressed with LZMA, smaller ones with DEFLATE (the
 # encoder's default; measured in docs/benchmarks.md, "Flash wear and CPU").
-LZMA_FROM_BYTES = 4096
+LZMA_FROM_BYTES = 512
 _LZMA_FILTERS: list[dict[str, Any]] = [{"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 1 << 20}]
 
 
@@ -1217,8 +1217,8 @@ def _seal(
     elif len(nonce) != NONCE_BYTES:
         raise WireEncodeError(f"nonce must be {NONCE_BYTES} bytes")
     if compression is None:
-        # One compression, chosen by size (docs/wire-format.md, §4): LZMA pays for
-        # its ≈ 10× CPU only on backlog-sized batches; a live cycle gets DEFLATE.
+        # One compression, chosen by size (docs/wire-format.md, §4): DEFLATE for a
+        # batch of a few records, where LZMA's set-up costs more than it saves.
         m = Compression.LZMA if len(plaintext) > LZMA_FROM_BYTES else Compression.ZLIB
         candidates = [(_compress(plaintext, m), m), (plaintext, Compression.NONE)]
         body, method = min(candidates, key=lambda c: (len(c[0]), c[1]))
@@ -1246,8 +1246,8 @@ def encode_batch(
     ``epoch``: the outbox's batch epoch (16 hex digits; version byte 0x12), or
     :data:`LEGACY_EPOCH` for the header without one (version byte 0x02, for
     batches numbered before epochs existed). ``compression=None`` compresses a plaintext
-    above :data:`LZMA_FROM_BYTES` with LZMA, a smaller one with DEFLATE (none when that
-    does not help). ``nonce=None`` draws a fresh random 96-bit nonce;
+    above :data:`LZMA_FROM_BYTES` with LZMA, a smaller one with DEFLATE, once (none
+    when that does not help). ``nonce=None`` draws a fresh random 96-bit nonce;
     pass a nonce only from a source that never repeats one for this key
     (see docs/wire-format.md, "Nonces"). Raises :class:`WireEncodeError`.
     """
