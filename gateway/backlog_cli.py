@@ -39,14 +39,7 @@ def _export(args: argparse.Namespace) -> int:
                 cfg, args.to, keystore=args.keystore, headend_public_key=args.headend_public_key
             )
         )
-    except (
-        KeystoreError,
-        UplinkKeyError,
-        OutboxError,
-        SneakernetError,
-        SealingError,
-        OSError,
-    ) as exc:
+    except (KeystoreError, UplinkKeyError, OutboxError, SneakernetError, SealingError, OSError) as exc:
         return _err(str(exc))
     print(f"{n} sealed batch(es) of gateway {cfg.gateway.id} written to {args.to}")
     return 0

@@ -315,9 +315,7 @@ def _prom_file(v: Any) -> str | None:
 
 
 def _file_list(v: Any) -> str | None:
-    if v and all(
-        isinstance(x, str) and x and len(x) <= MAX_STRING and not _CONTROL_RE.search(x) for x in v
-    ):
+    if v and all(isinstance(x, str) and x and len(x) <= MAX_STRING and not _CONTROL_RE.search(x) for x in v):
         return None
     return "must be a non-empty array of file names"
 
@@ -329,7 +327,6 @@ def _health_interval(v: Any) -> str | None:
     if isinstance(v, bool) or not math.isfinite(v) or not (v == 0 or 10 <= v <= 86_400):
         return "must be 0 (no health records) or 10..86400 s"
     return None
-
 
 _path = Path
 _seconds = float
@@ -359,12 +356,8 @@ BROKER_SCHEMA = {
     "password": Field((str,), check=_mqtt_string),
     "keepalive_s": Field(
         (int,),
-        check=_between(
-            *KEEPALIVE_RANGE_S,
-            "s",
-            "MQTT keepalive: a dead link must be noticed"
-            " before a mobile network drops the idle connection",
-        ),
+        check=_between(*KEEPALIVE_RANGE_S, "s", "MQTT keepalive: a dead link must be noticed"
+                       " before a mobile network drops the idle connection"),
     ),
     "topic_prefix": Field((str,), check=_topic_prefix),
 }
@@ -381,11 +374,8 @@ UPLINK_SCHEMA = {
     "ack_timeout_s": Field(_NUM, check=_between(1, 600, "s"), convert=_seconds),
     "window": Field((int,), check=_between(1, 64)),
     "reconnect_min_s": Field(_NUM, check=_between(0.05, 600, "s"), convert=_seconds),
-    "reconnect_max_s": Field(
-        _NUM,
-        check=_between(0.05, 3600, "s", "a gateway off the air retries at least hourly"),
-        convert=_seconds,
-    ),
+    "reconnect_max_s": Field(_NUM, check=_between(0.05, 3600, "s", "a gateway off the air retries"
+                                                   " at least hourly"), convert=_seconds),
     "headend_public_key": Field((str,), check=_public_key),
     "max_bytes_per_s": Field((int,), check=_between(100, 1_000_000_000, "bytes/s")),
     "allow_unauthenticated_acks": Field((bool,)),
@@ -517,11 +507,7 @@ class Where:
     def _entry(self, array: KeyPath, index: int) -> str:
         if len(array) == 1 and isinstance(array[0], str) and array[0] in ENTRY_NAME_KEY:
             entries = self.raw.get(array[0])
-            if (
-                isinstance(entries, list)
-                and index < len(entries)
-                and isinstance(entries[index], dict)
-            ):
+            if isinstance(entries, list) and index < len(entries) and isinstance(entries[index], dict):
                 name = entries[index].get(ENTRY_NAME_KEY[array[0]])
                 if is_name(name):
                     return name
@@ -615,10 +601,7 @@ def check_config(path: str | Path) -> ConfigReport:
         return _analyse(doc.raw, where)
     except Exception as exc:  # a loader bug must still be a reported problem, never a crash
         return ConfigReport(
-            source,
-            None,
-            [f"{source}: internal error while checking: {type(exc).__name__}: {exc}"],
-            where,
+            source, None, [f"{source}: internal error while checking: {type(exc).__name__}: {exc}"], where
         )
 
 
@@ -667,10 +650,7 @@ def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
     br, ul = values["broker"], values["uplink"]
     raw_broker = table("broker")
     if raw_broker.get("tls") is True and "ca_file" not in raw_broker:
-        c.add(
-            ("broker", "ca_file"),
-            "required when broker.tls = true (server verification is never off)",
-        )
+        c.add(("broker", "ca_file"), "required when broker.tls = true (server verification is never off)")
     if ("cert_file" in raw_broker) != ("key_file" in raw_broker):
         missing = "key_file" if "cert_file" in raw_broker else "cert_file"
         c.add(("broker", missing), "cert_file and key_file must be given together")
@@ -690,12 +670,7 @@ def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
     accounts = _accounts(c, raw, base)
     _check_billing(c, accounts, raw, values["gateway"].get("timezone"))
     profiles = raw.get("profiles", {})
-    _southbound(
-        c,
-        buses,
-        [(i, m) for i, m in meters if i not in flawed],
-        profiles if isinstance(profiles, dict) else None,
-    )
+    _southbound(c, buses, [(i, m) for i, m in meters if i not in flawed], profiles if isinstance(profiles, dict) else None)
 
     report = ConfigReport(source, None, c.problems, where, values, buses, meters, accounts)
     if c.problems:
@@ -725,10 +700,7 @@ def _buses(c: Problems, raw: Mapping[str, Any]) -> list[tuple[int, BusSettings]]
         if not isinstance(rb, dict) or "name" not in b or "type" not in b:
             continue
         if b["name"] in first:
-            c.add(
-                (*key, "name"),
-                f"duplicate bus name {b['name']!r}{_also_at(c, ('bus', first[b['name']]))}",
-            )
+            c.add((*key, "name"), f"duplicate bus name {b['name']!r}{_also_at(c, ('bus', first[b['name']]))}")
             continue
         first[b["name"]] = i
         if b["type"] == "serial" and "device" not in rb:
@@ -744,20 +716,16 @@ def _also_at(c: Problems, path: KeyPath) -> str:
     return f" (first at line {line})" if line else ""
 
 
-def _meters(c: Problems, raw: Mapping[str, Any]) -> tuple[list[tuple[int, MeterSection]], set[int]]:
+def _meters(
+    c: Problems, raw: Mapping[str, Any]
+) -> tuple[list[tuple[int, MeterSection]], set[int]]:
     """The valid meters with their position, and the positions of those with a
     problem of their own (checks that combine keys skip them: a bad unit_id must
     not also read as a missing one)."""
     meters: list[tuple[int, MeterSection]] = []
     flawed: set[int] = set()
     first: dict[str, int] = {}
-    named = sorted(
-        {
-            rb["name"]
-            for _, rb in _entries(raw, "bus")
-            if isinstance(rb, dict) and isinstance(rb.get("name"), str)
-        }
-    )
+    named = sorted({rb["name"] for _, rb in _entries(raw, "bus") if isinstance(rb, dict) and isinstance(rb.get("name"), str)})
     for i, rm in _entries(raw, "meter"):
         key = ("meter", i)
         before = len(c.problems)
@@ -774,17 +742,11 @@ def _meters(c: Problems, raw: Mapping[str, Any]) -> tuple[list[tuple[int, MeterS
             flawed.add(i)
         if "id" in m:
             if m["id"] in first:
-                c.add(
-                    (*key, "id"),
-                    f"duplicate meter id {m['id']!r}{_also_at(c, ('meter', first[m['id']]))}",
-                )
+                c.add((*key, "id"), f"duplicate meter id {m['id']!r}{_also_at(c, ('meter', first[m['id']]))}")
             else:
                 first[m["id"]] = i
         if "bus" in m and m["bus"] not in named:
-            c.add(
-                (*key, "bus"),
-                f"unknown bus {m['bus']!r} (known: {', '.join(named) or 'none defined'})",
-            )
+            c.add((*key, "bus"), f"unknown bus {m['bus']!r} (known: {', '.join(named) or 'none defined'})")
         protocol = m.get("protocol")
         if protocol == "modbus":
             if "unit_id" not in rm:
@@ -799,9 +761,7 @@ def _meters(c: Problems, raw: Mapping[str, Any]) -> tuple[list[tuple[int, MeterS
 
 
 def _serial_defaults(
-    raw: Mapping[str, Any],
-    buses: list[tuple[int, BusSettings]],
-    meters: list[tuple[int, MeterSection]],
+    raw: Mapping[str, Any], buses: list[tuple[int, BusSettings]], meters: list[tuple[int, MeterSection]]
 ) -> None:
     """Serial defaults follow the protocol: DL/T 645 meters ship at 2400 8E1, Modbus at 9600 8N1."""
     raw_buses = raw.get("bus")
@@ -810,9 +770,7 @@ def _serial_defaults(
         if serial.type != "serial" or not isinstance(raw_bus, dict):
             continue
         dlt = any(m.protocol == "dlt645" for _, m in meters if m.bus == serial.name)
-        defaults: dict[str, Any] = (
-            {"baud": 2400, "parity": "E"} if dlt else {"baud": 9600, "parity": "N"}
-        )
+        defaults: dict[str, Any] = {"baud": 2400, "parity": "E"} if dlt else {"baud": 9600, "parity": "N"}
         unset = {key: v for key, v in defaults.items() if key not in raw_bus}
         if unset:
             buses[k] = (i, dataclasses.replace(serial, **unset))
@@ -828,14 +786,7 @@ def _accounts(c: Problems, raw: Mapping[str, Any], base: Path) -> list[tuple[int
         if any(x.id == a["id"] for _, x in accounts):
             c.add((*key, "id"), f"duplicate account id {a['id']!r}")
             continue
-        accounts.append(
-            (
-                i,
-                AccountSection(
-                    a["id"], base / a["settings"], tuple(base / t for t in a["tariffs"])
-                ),
-            )
-        )
+        accounts.append((i, AccountSection(a["id"], base / a["settings"], tuple(base / t for t in a["tariffs"]))))
     return accounts
 
 
@@ -853,9 +804,7 @@ def _southbound(
     valid entries, with each problem put back at its place in the file."""
     bus_index = {b.name: i for i, b in buses}
     for line in config_problems([b for _, b in buses], [m for _, m in meters], profiles):
-        if mm := _SOUTHBOUND_ENTRY.fullmatch(
-            line
-        ):  # index into the lists passed: back to the file's
+        if mm := _SOUTHBOUND_ENTRY.fullmatch(line):  # index into the lists passed: back to the file's
             entries: Sequence[tuple[int, Any]] = meters if mm.group(1) == "meter" else buses
             keys = [k for k in mm.group(3).split(".") if k]
             c.add((mm.group(1), entries[int(mm.group(2))][0], *keys), mm.group(4))
@@ -869,18 +818,12 @@ def _southbound(
 
 
 def _check_billing(
-    c: Problems,
-    accounts: list[tuple[int, AccountSection]],
-    raw: Mapping[str, Any],
-    timezone: str | None,
+    c: Problems, accounts: list[tuple[int, AccountSection]], raw: Mapping[str, Any], timezone: str | None
 ) -> None:
     """Load every account and tariff file now, so `config check` reports their problems too."""
     for i, a in accounts:
-        unusable = [
-            (k, p, why)
-            for k, p in (("settings", a.settings), *(("tariffs", t) for t in a.tariffs))
-            if (why := not_a_regular_file(p)) is not None
-        ]
+        unusable = [(k, p, why) for k, p in (("settings", a.settings), *(("tariffs", t) for t in a.tariffs))
+                    if (why := not_a_regular_file(p)) is not None]
         for key, p, why in unusable:
             c.add(("account", i, key), f"{p}: {why}")
         if unusable:
@@ -893,8 +836,7 @@ def _check_billing(
             if settings.account != a.id:
                 in_file = Problems(a.settings)
                 in_file.add(
-                    "account",
-                    f"names {settings.account!r} but the gateway configuration lists it as {a.id!r}",
+                    "account", f"names {settings.account!r} but the gateway configuration lists it as {a.id!r}"
                 )
                 c.extend(in_file)
         try:
@@ -906,7 +848,4 @@ def _check_billing(
         for i, rm in _entries(raw, "meter"):
             acct = rm.get("account") if isinstance(rm, dict) else None
             if is_name(acct) and acct not in known:
-                c.add(
-                    ("meter", i, "account"),
-                    f"unknown account {acct!r} (known: {', '.join(sorted(known))})",
-                )
+                c.add(("meter", i, "account"), f"unknown account {acct!r} (known: {', '.join(sorted(known))})")

@@ -164,11 +164,6 @@ async def sample(daemon: Daemon) -> dict[str, Any]:
         meters[known.state.value if known is not None else "unknown"] += 1
     machine = await asyncio.to_thread(read_machine, cfg.storage.path.parent)
     return build(
-        now_ms=now_ms,
-        started_ms=daemon.started_ms,
-        machine=machine,
-        outbox=outbox,
-        time_state=time_state,
-        link=link,
-        meters=meters,
+        now_ms=now_ms, started_ms=daemon.started_ms, machine=machine, outbox=outbox,
+        time_state=time_state, link=link, meters=meters,
     )

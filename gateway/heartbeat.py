@@ -124,9 +124,7 @@ def assess(hb: Heartbeat | None, proc: Process, now_ms: int, boot_id: str | None
     if hb.phase is Phase.STOPPED:
         why = f": {hb.detail}" if hb.detail else ""
         return Assessment(Run.NOT_RUNNING, f"stopped{why}", hb.updated_ms)
-    same = proc.exists and (
-        proc.start is None or hb.proc_start is None or proc.start == hb.proc_start
-    )
+    same = proc.exists and (proc.start is None or hb.proc_start is None or proc.start == hb.proc_start)
     if not same:
         return Assessment(
             Run.NOT_RUNNING,
@@ -225,9 +223,7 @@ class Writer:
     A directory that does not exist means no heartbeat (a development run without
     the unit's ``RuntimeDirectory``): said once, never an error."""
 
-    def __init__(
-        self, path: Path, *, version: str, started_ms: int, interval_s: float = INTERVAL_S
-    ) -> None:
+    def __init__(self, path: Path, *, version: str, started_ms: int, interval_s: float = INTERVAL_S) -> None:
         self.path = path
         self.interval_s = interval_s
         self.pid = os.getpid()
@@ -255,18 +251,8 @@ class Writer:
         if detail is not None:
             self.detail = detail
         hb = Heartbeat(
-            self.pid,
-            self.proc_start,
-            self.boot_id,
-            self.version,
-            self.started_ms,
-            self.phase,
-            now_ms,
-            self.interval_s,
-            link,
-            last_contact_ms,
-            self.detail,
-            dict(health or {}),
+            self.pid, self.proc_start, self.boot_id, self.version, self.started_ms, self.phase,
+            now_ms, self.interval_s, link, last_contact_ms, self.detail, dict(health or {}),
         )
         tmp = self.path.with_name(f".{self.path.name}.{self.pid}")
         try:
@@ -293,16 +279,8 @@ def systemd_state(unit: str = UNIT) -> dict[str, str] | None:
         return None
     try:
         out = subprocess.run(
-            [
-                "systemctl",
-                "show",
-                unit,
-                "--property=ActiveState,SubState,MainPID,ActiveEnterTimestamp",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
+            ["systemctl", "show", unit, "--property=ActiveState,SubState,MainPID,ActiveEnterTimestamp"],
+            capture_output=True, text=True, timeout=5, check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None

@@ -117,9 +117,7 @@ def changes(
             continue
         at = h.last_attempt_ms if h.last_attempt_ms is not None else now_ms
         out.append(
-            Change(
-                meter, bus, before, state, at, error_text(h), h.consecutive_failures, h.last_good_ms
-            )
+            Change(meter, bus, before, state, at, error_text(h), h.consecutive_failures, h.last_good_ms)
         )
     return out
 
@@ -144,11 +142,7 @@ def log_changes(log: logging.Logger, found: Iterable[Change]) -> None:
         for c in group:
             fields = {"bus": bus, "meter": c.meter, "state": state.value}
             if state is State.ONLINE:
-                away = (
-                    f" after {_duration(c.at_ms - c.before.since_ms)} {c.before.state.value}"
-                    if c.before
-                    else ""
-                )
+                away = f" after {_duration(c.at_ms - c.before.since_ms)} {c.before.state.value}" if c.before else ""
                 log.info("meter %s on bus %s: online%s", c.meter, bus, away, extra=fields)
             elif state is State.QUARANTINED:
                 log.warning(
@@ -156,9 +150,7 @@ def log_changes(log: logging.Logger, found: Iterable[Change]) -> None:
                     c.meter, bus, c.consecutive_failures, c.last_error, extra=fields,
                 )  # fmt: skip
             else:
-                log.warning(
-                    "meter %s on bus %s: offline: %s", c.meter, bus, c.last_error, extra=fields
-                )
+                log.warning("meter %s on bus %s: offline: %s", c.meter, bus, c.last_error, extra=fields)
 
 
 def _duration(ms: int) -> str:

@@ -67,9 +67,7 @@ def _json_default(obj: Any) -> Any:
 
 
 def _emit(obj: Any) -> None:
-    sys.stdout.write(
-        orjson.dumps(obj, default=_json_default, option=orjson.OPT_INDENT_2).decode() + "\n"
-    )
+    sys.stdout.write(orjson.dumps(obj, default=_json_default, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def _err(text: str) -> None:
@@ -86,9 +84,7 @@ def cmd_read(args: argparse.Namespace) -> int:
     wanted = set(args.meter or [])
     unknown = wanted - {m.id for m in cfg.meters}
     if unknown:
-        _err(
-            f"unknown meter(s): {', '.join(sorted(unknown))} (known: {', '.join(m.id for m in cfg.meters)})"
-        )
+        _err(f"unknown meter(s): {', '.join(sorted(unknown))} (known: {', '.join(m.id for m in cfg.meters)})")
         return 2
     show = None if args.json else (lambda text: print(text, flush=True))
     try:
@@ -118,9 +114,7 @@ def parse_units(text: str) -> list[int]:
         try:
             a, b = int(lo), int(hi or lo)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"unit range {part!r} is not a number or a-b"
-            ) from None
+            raise argparse.ArgumentTypeError(f"unit range {part!r} is not a number or a-b") from None
         if not 1 <= a <= b <= 247:
             raise argparse.ArgumentTypeError(f"unit range {part!r} outside 1..247")
         out.extend(range(a, b + 1))
@@ -215,9 +209,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         _err(f"meter {args.meter}: has no relay (add a [meter.relay] table to its [[meter]] entry)")
         return 2
     try:
-        out = asyncio.run(
-            relay(cfg.site, args.meter, args.action, owner=_owner("relay"), force=args.force)
-        )
+        out = asyncio.run(relay(cfg.site, args.meter, args.action, owner=_owner("relay"), force=args.force))
     except BusUnavailable as exc:
         _err(str(exc))
         return 1
@@ -235,9 +227,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "meters", help="read, scan and switch meters directly (commissioning)"
-    )
+    p = subparsers.add_parser("meters", help="read, scan and switch meters directly (commissioning)")
     sub = p.add_subparsers(dest="meters_command", required=True, metavar="ACTION")
     force_help = "use the line even while another process (the daemon) holds it"
 
@@ -251,9 +241,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s = sub.add_parser("scan", help="find Modbus unit ids, or DL/T 645 addresses, on a bus")
     s.add_argument("--config", required=True)
     s.add_argument("--bus", required=True)
-    s.add_argument(
-        "--units", type=parse_units, default=list(range(1, 33)), help="e.g. 1-32 or 1,2,10-12"
-    )
+    s.add_argument("--units", type=parse_units, default=list(range(1, 33)), help="e.g. 1-32 or 1,2,10-12")
     s.add_argument("--profile", default="sdm120", help="map used for the probe read (Modbus)")
     s.add_argument(
         "--timeout",

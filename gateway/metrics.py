@@ -163,9 +163,7 @@ class GatewayMetrics:
     relay_operations: Counter[tuple[str, str]] = field(default_factory=Counter)  # action, result
     cutoffs: int = 0  # trips the cutoff policy decided
     restores: int = 0  # closes (and close permissions) the cutoff policy decided
-    commands: Counter[tuple[str, str, str]] = field(
-        default_factory=Counter
-    )  # type, outcome, reason
+    commands: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # type, outcome, reason
     _failures_seen: dict[str, int] = field(default_factory=dict)  # the scheduler's total per meter
 
     def cycle_committed(self, cycle: Cycle) -> None:
@@ -236,11 +234,7 @@ async def collect(daemon: Daemon, m: GatewayMetrics, *, up: bool = True) -> list
     cfg = daemon.config
     now_ms = daemon.time_ms()
     fams: list[Family] = [
-        _gauge(
-            "up",
-            "1 while the daemon runs; 0 in the file written at a clean stop",
-            _one(1 if up else 0),
-        ),
+        _gauge("up", "1 while the daemon runs; 0 in the file written at a clean stop", _one(1 if up else 0)),
         _gauge(
             "start_time_seconds",
             "when the daemon started (Unix time, trusted clock)",
@@ -249,16 +243,7 @@ async def collect(daemon: Daemon, m: GatewayMetrics, *, up: bool = True) -> list
         _gauge(
             "build_info",
             "the gateway's software version (value 1)",
-            [
-                (
-                    {
-                        "gateway": cfg.gateway.id,
-                        "version": __version__,
-                        "python": platform.python_version(),
-                    },
-                    1,
-                )
-            ],
+            [({"gateway": cfg.gateway.id, "version": __version__, "python": platform.python_version()}, 1)],
         ),
         _counter(
             "poll_cycles_total",
@@ -287,9 +272,7 @@ async def collect(daemon: Daemon, m: GatewayMetrics, *, up: bool = True) -> list
         known = daemon.meter_states.get(mt.id)
         states[known.state.value if known is not None else "unknown"] += 1
         if known is not None:
-            online.append(
-                ({"bus": mt.bus, "meter": mt.id}, 1 if known.state is State.ONLINE else 0)
-            )
+            online.append(({"bus": mt.bus, "meter": mt.id}, 1 if known.state is State.ONLINE else 0))
     fams += [
         _gauge(
             "meters",
@@ -314,11 +297,7 @@ async def collect(daemon: Daemon, m: GatewayMetrics, *, up: bool = True) -> list
             "commands not taken while the storage was faulted (central sends them again)",
             _one(daemon.stats.commands_dropped),
         ),
-        _counter(
-            "cutoffs_total",
-            "supply cutoffs (relay trips) the cutoff policy decided",
-            _one(m.cutoffs),
-        ),
+        _counter("cutoffs_total", "supply cutoffs (relay trips) the cutoff policy decided", _one(m.cutoffs)),
         _counter(
             "restores_total",
             "supply restores (relay closes or close permissions) the cutoff policy decided",
@@ -345,11 +324,7 @@ def _uplink_families(daemon: Daemon, now_ms: int) -> list[Family]:
         return []
     s = up.stats
     fams = [
-        _gauge(
-            "uplink_up",
-            "1 while connected to the broker",
-            _one(1 if s.state is LinkState.UP else 0),
-        ),
+        _gauge("uplink_up", "1 while connected to the broker", _one(1 if s.state is LinkState.UP else 0)),
         _counter("uplink_connects_total", "connections to the broker made", _one(s.connects)),
         _counter(
             "uplink_connect_failures_total",
@@ -362,11 +337,7 @@ def _uplink_families(daemon: Daemon, now_ms: int) -> list[Family]:
             "batches published again (no ack in time, or after a reconnect)",
             _one(s.retransmits),
         ),
-        _counter(
-            "uplink_batches_acked_total",
-            "batches the headend acknowledged as stored",
-            _one(s.acked),
-        ),
+        _counter("uplink_batches_acked_total", "batches the headend acknowledged as stored", _one(s.acked)),
         _counter(
             "uplink_batches_rejected_total",
             "batches the headend answered rejected or conflict (kept, retried slowly)",
@@ -402,26 +373,20 @@ async def _outbox_families(daemon: Daemon, now_ms: int) -> list[Family]:
         log.debug("metrics: outbox depth not read: %s", exc)
     else:
         fams += [
-            _gauge(
-                "outbox_records", "records waiting in the outbox for central's ack", _one(records)
-            ),
+            _gauge("outbox_records", "records waiting in the outbox for central's ack", _one(records)),
             _gauge(
                 "outbox_oldest_record_age_seconds",
                 "age of the oldest record not yet acknowledged (0 when the outbox is empty)",
                 _one(max(0.0, (now_ms - oldest_ms) / 1000) if oldest_ms is not None else 0),
             ),
-            _gauge(
-                "outbox_batches_pending", "batches numbered and not yet acknowledged", _one(batches)
-            ),
+            _gauge("outbox_batches_pending", "batches numbered and not yet acknowledged", _one(batches)),
         ]
     try:
         free = await outbox.free_bytes()
     except OSError as exc:
         log.debug("metrics: free space not read: %s", exc)
     else:
-        fams.append(
-            _gauge("storage_free_bytes", "free bytes on the database's filesystem", _one(free))
-        )
+        fams.append(_gauge("storage_free_bytes", "free bytes on the database's filesystem", _one(free)))
     mode = outbox.storage.mode
     fams += [
         _gauge(

@@ -54,10 +54,7 @@ HIDDEN_BY_PROTECT_HOME = (Path("/home"), Path("/root"), Path("/run/user"))  # Pr
 PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))  # PrivateTmp=yes
 # ReadWritePaths=: node_exporter's textfile collector directories (the usual one and
 # Debian's prometheus-node-exporter's), where [metrics] textfile may be written.
-TEXTFILE_DIRECTORIES = (
-    Path("/var/lib/node_exporter/textfile_collector"),
-    Path("/var/lib/prometheus/node-exporter"),
-)
+TEXTFILE_DIRECTORIES = (Path("/var/lib/node_exporter/textfile_collector"), Path("/var/lib/prometheus/node-exporter"))
 SERIAL_DRIVERS = ("ttyUSB", "ttyACM", "ttyAMA", "ttyS")  # DeviceAllow=char-<driver> rw
 CERT_EXPIRY_WARNING = dt.timedelta(days=30)
 
@@ -105,9 +102,7 @@ def account_for(requested: str | None) -> Account:
         return Account(me.pw_name, me.pw_uid, me.pw_gid, tuple(os.getgroups()), False, False)
     pw = pwd.getpwnam(name)
     if pw.pw_uid == os.geteuid():
-        return Account(
-            pw.pw_name, pw.pw_uid, pw.pw_gid, tuple(os.getgroups()), False, name == SERVICE_USER
-        )
+        return Account(pw.pw_name, pw.pw_uid, pw.pw_gid, tuple(os.getgroups()), False, name == SERVICE_USER)
     if not root:
         raise PermissionError(f"only root can check as another user ({name!r})")
     groups = tuple(os.getgrouplist(pw.pw_name, pw.pw_gid))
@@ -137,9 +132,7 @@ class _Need:
     key: KeyPath
     path: Path
     mode: str  # "r" file read, "d" directory read, "rw" device, "w" directory to create files in
-    target: Path | None = (
-        None  # "w": the directory the daemon will write (path: its nearest existing part)
-    )
+    target: Path | None = None  # "w": the directory the daemon will write (path: its nearest existing part)
 
 
 # ---------------------------------------------------------------------------
@@ -247,10 +240,7 @@ def preflight(
     if textfile is not None:
         directory = Path(textfile).parent
         if not directory.is_dir():  # the daemon writes into it, it does not make it
-            problem(
-                ("metrics", "textfile"),
-                f"{directory}: no such directory (node_exporter's textfile directory)",
-            )
+            problem(("metrics", "textfile"), f"{directory}: no such directory (node_exporter's textfile directory)")
         else:
             needs.append(_Need(("metrics", "textfile"), directory, "w", directory))
 
@@ -260,10 +250,7 @@ def preflight(
         store_dir = db.parent
         existing = _nearest_existing(store_dir)
         if existing is None or not existing.is_dir():
-            problem(
-                ("storage", "path"),
-                f"{store_dir}: cannot be created ({existing} is not a directory)",
-            )
+            problem(("storage", "path"), f"{store_dir}: cannot be created ({existing} is not a directory)")
             store_dir = None
         elif not (
             account.sandboxed
@@ -286,17 +273,10 @@ def preflight(
         if why == "No such file or directory":
             problem(need.key, f"{need.path}: does not exist")
         elif need.mode == "w" and need.target is not None and need.target != need.path:
-            problem(
-                need.key,
-                f"{need.target}: cannot be created by user {account.name!r}: {need.path}: {why}",
-            )
+            problem(need.key, f"{need.target}: cannot be created by user {account.name!r}: {need.path}: {why}")
         else:
-            what = {
-                "r": "cannot be read",
-                "d": "cannot be read",
-                "rw": "cannot be opened read-write",
-                "w": "is not writable",
-            }[need.mode]
+            what = {"r": "cannot be read", "d": "cannot be read", "rw": "cannot be opened read-write",
+                    "w": "is not writable"}[need.mode]
             problem(need.key, f"{need.path}: {what} by user {account.name!r}: {why}")
 
     if store_dir is not None and "path" in storage:
@@ -308,9 +288,7 @@ def preflight(
     return f
 
 
-def content_problems(
-    report: ConfigReport, inside: Callable[[Path], bool], now: dt.datetime
-) -> Findings:
+def content_problems(report: ConfigReport, inside: Callable[[Path], bool], now: dt.datetime) -> Findings:
     """The checks of what files hold (broker CA, certificate and key, trust file,
     keystore, storage key), for the files ``inside`` accepts and that exist:
     a provisioning bundle's own files, whatever machine it is made on."""
@@ -358,41 +336,27 @@ def _under(path: Path, roots: Iterable[Path]) -> Path | None:
     return None
 
 
-def _sandbox(
-    needs: list[_Need], problem: Callable[[KeyPath, str], None], proc_devices: Path
-) -> list[_Need]:
+def _sandbox(needs: list[_Need], problem: Callable[[KeyPath, str], None], proc_devices: Path) -> list[_Need]:
     """What the unit's sandbox hides from the service; returns the needs still to check."""
     kept: list[_Need] = []
     drivers = _char_drivers(proc_devices)
     for n in needs:
         p = Path(os.path.abspath(n.path))
         if (root := _under(p, HIDDEN_BY_PROTECT_HOME)) is not None:
-            problem(
-                n.key,
-                f"{n.path}: the service cannot see {root} (ProtectHome=yes in edgegw.service)",
-            )
+            problem(n.key, f"{n.path}: the service cannot see {root} (ProtectHome=yes in edgegw.service)")
             continue
         if (root := _under(p, PRIVATE_TMP)) is not None:
-            problem(
-                n.key,
-                f"{n.path}: the service has a private {root} (PrivateTmp=yes) and does not see this",
-            )
+            problem(n.key, f"{n.path}: the service has a private {root} (PrivateTmp=yes) and does not see this")
             continue
         if n.key == ("metrics", "textfile"):
-            if (
-                _under(Path(os.path.abspath(n.path)), (STATE_DIRECTORY, *TEXTFILE_DIRECTORIES))
-                is None
-            ):
+            if _under(Path(os.path.abspath(n.path)), (STATE_DIRECTORY, *TEXTFILE_DIRECTORIES)) is None:
                 problem(
                     n.key,
                     f"{n.path}: the service can write only under {STATE_DIRECTORY} and"
                     f" {', '.join(map(str, TEXTFILE_DIRECTORIES))} (ProtectSystem=strict, ReadWritePaths=)",
                 )
                 continue
-        elif (
-            n.mode == "w"
-            and _under(Path(os.path.abspath(n.target or n.path)), (STATE_DIRECTORY,)) is None
-        ):
+        elif n.mode == "w" and _under(Path(os.path.abspath(n.target or n.path)), (STATE_DIRECTORY,)) is None:
             problem(
                 n.key,
                 f"{n.target or n.path}: the service can write only under {STATE_DIRECTORY}"
@@ -504,20 +468,14 @@ def _tls(
         try:
             key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
         except TypeError:
-            problem(
-                ("broker", "key_file"),
-                f"{key_path}: the key is encrypted; the daemon cannot enter a pass phrase",
-            )
+            problem(("broker", "key_file"), f"{key_path}: the key is encrypted; the daemon cannot enter a pass phrase")
         except (ValueError, OSError) as exc:
             problem(("broker", "key_file"), f"{key_path}: not a PEM private key: {_short(exc)}")
     if cert is not None and key is not None:
         spki = serialization.PublicFormat.SubjectPublicKeyInfo
         der = serialization.Encoding.DER
         if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
-            problem(
-                ("broker", "key_file"),
-                f"{key_path}: does not match the certificate {cert_path} (another key pair)",
-            )
+            problem(("broker", "key_file"), f"{key_path}: does not match the certificate {cert_path} (another key pair)")
             return
     if not ok or (cert_path is not None and cert is None) or (key_path is not None and key is None):
         return
@@ -525,10 +483,7 @@ def _tls(
     try:
         tls_context(BrokerSection(tls=True, ca_file=ca, cert_file=cert_path, key_file=key_path))
     except (ssl.SSLError, OSError, ValueError) as exc:
-        problem(
-            ("broker", "ca_file"),
-            f"the TLS context cannot be built from these files: {_short(exc)}",
-        )
+        problem(("broker", "ca_file"), f"the TLS context cannot be built from these files: {_short(exc)}")
 
 
 def _validity(

@@ -228,9 +228,7 @@ class Prepaid:
 
     # -- start-up ---------------------------------------------------------
 
-    async def start_in(
-        self, db: aiosqlite.Connection, now_ms: int, outbox: Outbox | None = None
-    ) -> None:
+    async def start_in(self, db: aiosqlite.Connection, now_ms: int, outbox: Outbox | None = None) -> None:
         """Open accounts (with their opening balance), verify every ledger.
 
         An opening balance is a ledger entry like any other: with ``outbox`` (the
@@ -293,14 +291,10 @@ class Prepaid:
                 # periods that started before this reading are charged before its debit,
                 # so the ledger (and the policy following it) is in time order
                 await self._charge_fixed_in(db, out, account, acct, rr.time_ms, unseen)
-                rated = await self.ledger.rate(
-                    db, account, rr, acct.book, max_gap_ms=self.max_gap_ms
-                )
+                rated = await self.ledger.rate(db, account, rr, acct.book, max_gap_ms=self.max_gap_ms)
                 if rated.appended is not None and rated.appended.applied:
                     out.charge(rated.appended.entry)
-                    self.note_balance(
-                        account, rated.appended.entry.time_ms, rated.appended.view.balance_micro
-                    )
+                    self.note_balance(account, rated.appended.entry.time_ms, rated.appended.view.balance_micro)
                 if rated.reset is not None:
                     out.event(_reset_event(account, rated.reset))
                 for a in rated.result.anomalies if rated.result else ():
@@ -341,9 +335,7 @@ class Prepaid:
         for meter, is_open in states:
             account = self.meter_account.get(meter)
             if account is not None:
-                intents += await self._reassert_in(
-                    db, out, account, meter, is_open, now_ms, contact
-                )
+                intents += await self._reassert_in(db, out, account, meter, is_open, now_ms, contact)
         await self._finish(db, outbox, out)
         return intents
 
@@ -413,11 +405,8 @@ class Prepaid:
         if last is not None and now_ms < last.time_ms - CLOCK_BACK_TOLERANCE_MS:
             # the clock went back: never hold the policy at an instant that is now in
             # the future; start afresh from the stored state at this instant
-            log.warning(
-                "account %s: clock went back %d ms; policy evaluated afresh",
-                account,
-                last.time_ms - now_ms,
-            )
+            log.warning("account %s: clock went back %d ms; policy evaluated afresh",
+                        account, last.time_ms - now_ms)
             last = None
         new, point, decisions = follow(
             state, last, changes, now_ms, contact, cfg, account, balance_micro=view.balance_micro
@@ -427,9 +416,7 @@ class Prepaid:
             await self.ledger.save_cutoff_state(db, account, new)
         intents: list[RelayIntent] = []
         for d in decisions:
-            intents += self._decided(
-                out, d, describe(d.state, d.balance_micro, d.time_ms, contact, cfg)
-            )
+            intents += self._decided(out, d, describe(d.state, d.balance_micro, d.time_ms, contact, cfg))
         return intents
 
     def _decided(self, out: _Records, d: CutoffDecision, state: str) -> list[RelayIntent]:
@@ -463,13 +450,7 @@ class Prepaid:
         t = out.now_ms if time_ms is None else time_ms
         for a in actions:
             out.event(
-                event(
-                    f"cutoff.action.{a.kind.value}",
-                    account=a.account,
-                    meter=a.meter,
-                    time_ms=t,
-                    reason=a.reason,
-                ),
+                event(f"cutoff.action.{a.kind.value}", account=a.account, meter=a.meter, time_ms=t, reason=a.reason),
                 t,
             )
             if a.meter:  # alarms go to the meter's own alarm, where it has one (DL/T 645 2AH/2BH)
@@ -590,9 +571,7 @@ class Prepaid:
             )
         acct = self.accounts[account]
         try:
-            done = await self.ledger.replace_meter(
-                db, account, rep, acct.book, max_gap_ms=self.max_gap_ms
-            )
+            done = await self.ledger.replace_meter(db, account, rep, acct.book, max_gap_ms=self.max_gap_ms)
         except ReplacementError as exc:
             raise CommandRefused(exc.code, exc.message) from None
         await self.ledger.flush(db)  # no writer cycle ends this transaction

@@ -98,9 +98,7 @@ class Problems:
         allowed = set(allowed)
         for k in raw:
             if k not in allowed:
-                at: KeyPath | str = (
-                    (*path, k) if isinstance(path, tuple) else (f"{path}.{k}" if path else k)
-                )
+                at: KeyPath | str = (*path, k) if isinstance(path, tuple) else (f"{path}.{k}" if path else k)
                 self.add(at, f"unknown key (allowed: {', '.join(sorted(allowed))})")
 
     def extend(self, lines: Iterable[str]) -> None:
@@ -168,9 +166,7 @@ def read_toml(path: Path, problems: Problems) -> TomlDocument | None:
         problems.add((), f"cannot read file: {exc}")
         return None
     if len(data) > MAX_FILE_BYTES:
-        problems.add(
-            (), f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; not a configuration file"
-        )
+        problems.add((), f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MiB; not a configuration file")
         return None
     try:
         text = data.decode("utf-8")

@@ -62,10 +62,7 @@ def check_release(
             "(a relative path would put the database inside the release)"
         )
     named = [("storage.key_file", values.get("storage", {}).get("key_file"))]
-    named += [
-        (f"broker.{k}", values.get("broker", {}).get(k))
-        for k in ("ca_file", "cert_file", "key_file")
-    ]
+    named += [(f"broker.{k}", values.get("broker", {}).get(k)) for k in ("ca_file", "cert_file", "key_file")]
     named += [("security.trust_file", values.get("security", {}).get("trust_file"))]
     for key, value in named:
         if value is None:
@@ -81,9 +78,7 @@ def check_release(
                 "(relative paths are resolved against the configuration's directory)"
             )
             if carried_over_unknown:
-                out.notes.append(
-                    text + "; apply accepts it only where the installed release has it"
-                )
+                out.notes.append(text + "; apply accepts it only where the installed release has it")
             else:
                 out.problems.append(text)
 

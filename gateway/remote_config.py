@@ -118,7 +118,6 @@ SCHEMA = Schema(
     Step(4, "staged configuration changes and their confirmation", (STAGE_TABLE, CONFIRM_TABLE)),
 )
 
-
 def _mono_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
@@ -172,9 +171,7 @@ def _check_roster(doc: Mapping[str, Any], meters: list[dict[str, Any]]) -> None:
             )
 
 
-def apply_change(
-    doc: Mapping[str, Any], change: ConfigChange, body: Mapping[str, Any]
-) -> dict[str, Any]:
+def apply_change(doc: Mapping[str, Any], change: ConfigChange, body: Mapping[str, Any]) -> dict[str, Any]:
     """The configuration document after ``change`` (pure); raises :class:`CommandRefused`."""
     return apply_parsed(doc, parse_config_change(change, body))
 
@@ -216,12 +213,7 @@ def protected_view(cfg: Config) -> dict[str, Any]:
         "storage": cfg.storage,
         "security": cfg.security,
         "broker TLS and credentials": (
-            br.tls,
-            br.ca_file,
-            br.cert_file,
-            br.key_file,
-            br.username,
-            br.password,
+            br.tls, br.ca_file, br.cert_file, br.key_file, br.username, br.password
         ),
         "uplink.headend_public_key": cfg.uplink.headend_public_key,
     }
@@ -282,14 +274,10 @@ class RemoteConfig:
         command_id: str,
         now_ms: int,
     ) -> dict[str, Any]:
-        async with db.execute(
-            "SELECT command_id FROM cmd_config_stage WHERE state = 'staged'"
-        ) as cur:
+        async with db.execute("SELECT command_id FROM cmd_config_stage WHERE state = 'staged'") as cur:
             if await cur.fetchone() is not None:
                 # apply() runs right after each commit, so this is a crash not yet recovered
-                raise CommandRefused(
-                    "busy", "another configuration change is waiting to be applied"
-                )
+                raise CommandRefused("busy", "another configuration change is waiting to be applied")
         parsed = parse_config_change(change, body)
         window_ms = self.confirm_window_ms if parsed.confirm_ms is None else parsed.confirm_ms
         report = check_config(self.file)
@@ -401,13 +389,9 @@ class RemoteConfig:
 
     async def _unconfirmed(self, sha: bytes) -> bool:
         """Is the file with digest ``sha`` a remote change still waiting for confirmation?"""
-        async with (
-            self.outbox.transaction() as db,
-            db.execute(
-                "SELECT 1 FROM cmd_config_confirm WHERE state = 'pending' AND applied_sha = ?",
-                (sha,),
-            ) as cur,
-        ):
+        async with self.outbox.transaction() as db, db.execute(
+            "SELECT 1 FROM cmd_config_confirm WHERE state = 'pending' AND applied_sha = ?", (sha,)
+        ) as cur:
             return await cur.fetchone() is not None
 
     # -- confirmation and rollback --------------------------------------------
@@ -422,15 +406,7 @@ class RemoteConfig:
                 r = await cur.fetchone()
         if r is None:
             return None
-        keys = (
-            "command_id",
-            "window_ms",
-            "state",
-            "applied_sha",
-            "previous_sha",
-            "waited_ms",
-            "starts",
-        )
+        keys = ("command_id", "window_ms", "state", "applied_sha", "previous_sha", "waited_ms", "starts")
         return dict(zip(keys, r, strict=True))
 
     async def start(self) -> None:
@@ -452,7 +428,9 @@ class RemoteConfig:
                 (starts, row["command_id"]),
             )
         if starts > self.max_unconfirmed_starts:
-            await self._roll_back(row, f"started {starts} times on it without reaching central")
+            await self._roll_back(
+                row, f"started {starts} times on it without reaching central"
+            )
 
     async def check(self) -> str | None:
         """Confirm the change in force once central was reached on it; roll it back

@@ -50,10 +50,7 @@ CREATE TABLE IF NOT EXISTS risk_daily (
 )
 """
 # Declared to the gateway database's schema registry (gateway.database).
-SCHEMA = Schema(
-    "risk_monitor",
-    Step(4, "each meter's register at the first and last reading of a day", (TABLE,)),
-)
+SCHEMA = Schema("risk_monitor", Step(4, "each meter's register at the first and last reading of a day", (TABLE,)))
 
 REPEAT_AFTER_MS = 86_400_000
 
@@ -86,11 +83,7 @@ class RiskMonitor:
         for r in readings:
             st = self._meters.setdefault(r.meter_id, _MeterState())
             found += check_reading(
-                st.prev,
-                r,
-                commanded_open=st.commanded_open,
-                commanded_at_ms=st.commanded_at_ms,
-                cfg=self.cfg,
+                st.prev, r, commanded_open=st.commanded_open, commanded_at_ms=st.commanded_at_ms, cfg=self.cfg
             )
             rr = RegisterReading.from_reading(r, str(r.time_ms))
             if rr is not None:
@@ -104,12 +97,7 @@ class RiskMonitor:
                 RecordClass.EVENT,
                 RecordKind.EVENT,
                 now_ms,
-                event(
-                    f"risk.{e.kind.value}",
-                    meter=e.meter_id,
-                    time_ms=e.time_ms,
-                    evidence=dict(e.evidence),
-                ),
+                event(f"risk.{e.kind.value}", meter=e.meter_id, time_ms=e.time_ms, evidence=dict(e.evidence)),
             )
         return reported
 
@@ -124,19 +112,13 @@ class RiskMonitor:
     def _zero_streak(self, st: _MeterState, r: Reading, rr: RegisterReading) -> list[RiskEvent]:
         closed = r.good(Quantity.RELAY_OPEN) in (None, 0)
         start = st.streak_start
-        if (
-            not closed
-            or start is None
-            or register_ckwh(rr.import_kwh) != register_ckwh(start.import_kwh)
-        ):
+        if not closed or start is None or register_ckwh(rr.import_kwh) != register_ckwh(start.import_kwh):
             st.streak_start = rr if closed else None
             return []
         found_event = check_zero_consumption(start, rr, relay_closed_throughout=True, cfg=self.cfg)
         return [] if found_event is None else [found_event]
 
-    async def _daily_in(
-        self, db: aiosqlite.Connection, st: _MeterState, rr: RegisterReading
-    ) -> list[RiskEvent]:
+    async def _daily_in(self, db: aiosqlite.Connection, st: _MeterState, rr: RegisterReading) -> list[RiskEvent]:
         day = datetime.fromtimestamp(rr.time_ms / 1000, self.tz).date().isoformat()
         ck = register_ckwh(rr.import_kwh)
         await db.execute(

@@ -107,9 +107,7 @@ class AccountRow:
 
 
 async def _has_table(db: aiosqlite.Connection, name: str) -> bool:
-    async with db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-    ) as cur:
+    async with db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)) as cur:
         return await cur.fetchone() is not None
 
 
@@ -127,12 +125,8 @@ async def account_rows(
         data = await ledger_store.load_cutoff_json(db, a.id)
         state = CutoffState() if data is None else CutoffState.from_json(data)
         held = [
-            {
-                "charge_id": h.charge_id,
-                "period_start_ms": h.period_start_ms,
-                "amount": yuan_text(h.amount_micro),
-                "cause": h.cause,
-            }
+            {"charge_id": h.charge_id, "period_start_ms": h.period_start_ms,
+             "amount": yuan_text(h.amount_micro), "cause": h.cause}
             for h in await ledger_store.held_charges(db, a.id)
         ]
         balance = None if found is None else int(found[0])
@@ -145,15 +139,12 @@ async def account_rows(
             except AccountError as exc:
                 supply = f"{state.level.value}{', supply cut' if state.relay_open else ''}"
                 supply += f" (account settings unreadable: {exc.problems[0]})"
-        rows.append(
-            AccountRow(a.id, balance, None if data is None else state.to_json(), supply, held)
-        )
+        rows.append(AccountRow(a.id, balance, None if data is None else state.to_json(), supply, held))
     return rows
 
 
-async def gather_status(
-    db_path: Path, now_ms: int, cfg: Config | None = None, daemon: dict[str, Any] | None = None
-) -> dict[str, Any]:
+async def gather_status(db_path: Path, now_ms: int, cfg: Config | None = None,
+                        daemon: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read-only view of a running (or stopped) gateway's database."""
     uri = f"file:{db_path}?mode=ro"
     hb = (daemon or {}).get("heartbeat") or {}
@@ -197,9 +188,7 @@ async def gather_status(
                 "meter": m.meter_id,
                 "online": m.online,
                 # online / offline / quarantined, as central was told (meter.* events)
-                "state": health[m.meter_id][0]
-                if m.meter_id in health
-                else ("online" if m.online else "offline"),
+                "state": health[m.meter_id][0] if m.meter_id in health else ("online" if m.online else "offline"),
                 "state_since_ms": health[m.meter_id][1] if m.meter_id in health else None,
                 "last_good_ms": m.last_good_ms,
                 "consecutive_failures": m.consecutive_failures,
@@ -222,12 +211,8 @@ def link_view(link: dict[str, Any], daemon: dict[str, Any]) -> dict[str, Any]:
     since = link["since_ms"]
     if link["state"] == "up":
         since = daemon.get("since_ms")  # the last heartbeat: when the daemon stopped
-    return {
-        "state": "down",
-        "since_ms": since,
-        "recorded_state": link["state"],
-        "detail": "the daemon is not running",
-    }
+    return {"state": "down", "since_ms": since, "recorded_state": link["state"],
+            "detail": "the daemon is not running"}
 
 
 def _print_daemon(d: dict[str, Any], now: int) -> None:
@@ -249,9 +234,7 @@ def _print(cfg: Config, st: dict[str, Any], daemon: dict[str, Any], now: int) ->
     if sto["mode"] != "normal":
         print(f"         since {_age(sto['since_ms'], now)}: {sto['reason']}")
         if sto["fence_ms"]:
-            print(
-                f"         commands issued before {sto['fence_ms']} are refused unless already known"
-            )
+            print(f"         commands issued before {sto['fence_ms']} are refused unless already known")
     free = "unknown" if sto["free_bytes"] is None else f"{sto['free_bytes'] // 1024} KiB free"
     reserve = "in place" if sto["reserve_in_place"] else "RELEASED (the disk was full)"
     print(
@@ -279,10 +262,8 @@ def _print(cfg: Config, st: dict[str, Any], daemon: dict[str, Any], now: int) ->
             bal = "-" if a["balance"] is None else a["balance"]
             print(f"  {a['account']:<16} balance {bal:>10}  {a['supply']}")
             for h in a["held_charges"]:
-                print(
-                    f"  {'':<16} held charge {h['amount']} ({h['cause']}), period from"
-                    f" {_age(h['period_start_ms'], now)}: waits for central"
-                )
+                print(f"  {'':<16} held charge {h['amount']} ({h['cause']}), period from"
+                      f" {_age(h['period_start_ms'], now)}: waits for central")
     print("meters:")
     known = {m["meter"]: m for m in st["meters"]}
     for m in cfg.meters:
@@ -291,16 +272,8 @@ def _print(cfg: Config, st: dict[str, Any], daemon: dict[str, Any], now: int) ->
             print(f"  {m.id:<16} not polled yet")
             continue
         state = row["state"] if row["state"] == "online" else row["state"].upper()
-        since = (
-            f" since {_age(row['state_since_ms'], now)},"
-            if row["state_since_ms"] is not None
-            else ""
-        )
-        err = (
-            f"  last error: {row['last_error']}"
-            if row["last_error"] and row["state"] != "online"
-            else ""
-        )
+        since = f" since {_age(row['state_since_ms'], now)}," if row["state_since_ms"] is not None else ""
+        err = f"  last error: {row['last_error']}" if row["last_error"] and row["state"] != "online" else ""
         print(
             f"  {m.id:<16} {state:<11}{since} last good read {_age(row['last_good_ms'], now)},"
             f" {row['consecutive_failures']} consecutive / {row['total_failures']} total failures{err}"
@@ -315,24 +288,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         if not args.config and not path.exists():
-            print(
-                f"{path}: no configuration (not provisioned yet?); give --config FILE",
-                file=sys.stderr,
-            )
+            print(f"{path}: no configuration (not provisioned yet?); give --config FILE", file=sys.stderr)
         else:
             print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
         return 2
     now = time.time_ns() // 1_000_000
-    daemon = daemon_status(
-        heartbeat.path_to_read(cfg.gateway.heartbeat_file, cfg.storage.path), now
-    )
+    daemon = daemon_status(heartbeat.path_to_read(cfg.gateway.heartbeat_file, cfg.storage.path), now)
     db_path = cfg.storage.path
     if not db_path.exists():
-        print(
-            f"{db_path}: no database yet (has the gateway run?); daemon: {daemon['state']}:"
-            f" {daemon['detail']}",
-            file=sys.stderr,
-        )
+        print(f"{db_path}: no database yet (has the gateway run?); daemon: {daemon['state']}:"
+              f" {daemon['detail']}", file=sys.stderr)
         return 1
     try:
         st = asyncio.run(gather_status(db_path, now, cfg, daemon))
@@ -340,18 +305,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     except Exception as exc:  # a damaged database: say so, do not crash
         print(f"gateway {cfg.gateway.id} ({cfg.gateway.site})")
         _print_daemon(daemon, now)
-        print(
-            f"storage: {db_path} cannot be read ({exc}); the daemon keeps it as evidence at its next start"
-        )
+        print(f"storage: {db_path} cannot be read ({exc}); the daemon keeps it as evidence at its next start")
         return 1
     if args.json:
-        out = {
-            "gateway": cfg.gateway.id,
-            "site": cfg.gateway.site,
-            "now_ms": now,
-            "daemon": daemon,
-            **st,
-        }
+        out = {"gateway": cfg.gateway.id, "site": cfg.gateway.site, "now_ms": now, "daemon": daemon, **st}
         sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     _print(cfg, st, daemon, now)

@@ -53,8 +53,7 @@ def storage_keys(cfg: Any, keystore: Path | None = None) -> StorageKeys:
         return StorageKeys.from_keystore(ks)
     log.warning(
         "no keystore at %s and no storage.key_file: sealing the outbox under a key file"
-        " beside the database",
-        d,
+        " beside the database", d
     )
     return StorageKeys.beside(cfg.storage.path)
 
@@ -84,11 +83,7 @@ def max_bytes_per_s(cfg: Any) -> float | None:
 
 
 async def export_backlog_for_config(
-    cfg: Any,
-    directory: Path,
-    *,
-    keystore: Path | None = None,
-    headend_public_key: str | None = None,
+    cfg: Any, directory: Path, *, keystore: Path | None = None, headend_public_key: str | None = None
 ) -> int:
     """Open the gateway's outbox from its config and export the sealed backlog (for
     the USB carry-back, which runs outside the daemon). Returns batch files written.

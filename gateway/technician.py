@@ -61,9 +61,7 @@ FILE_IMPORT_TABLE = """CREATE TABLE IF NOT EXISTS cmd_file_import (
     outcome     TEXT NOT NULL
 )"""
 # Declared to the gateway database's schema registry (gateway.database).
-SCHEMA = Schema(
-    "technician", Step(4, "envelope files a bundle carried, taken once", (FILE_IMPORT_TABLE,))
-)
+SCHEMA = Schema("technician", Step(4, "envelope files a bundle carried, taken once", (FILE_IMPORT_TABLE,)))
 
 Handle = Callable[[bytes, str], Awaitable[CommandResult]]
 
@@ -110,10 +108,7 @@ def result_json(result: CommandResult, extra: dict[str, Any] | None = None) -> d
 
 
 async def drain_spool(
-    spool: Path,
-    handle: Handle | None,
-    *,
-    describe: Callable[[CommandResult], Awaitable[dict[str, Any]]] | None = None,
+    spool: Path, handle: Handle | None, *, describe: Callable[[CommandResult], Awaitable[dict[str, Any]]] | None = None
 ) -> int:
     """Apply the envelopes waiting in ``spool`` (oldest first, at most MAX_PER_PASS)
     through ``handle(raw, "technician")`` and leave each answer beside it; returns how
@@ -131,25 +126,16 @@ async def drain_spool(
         try:
             raw = await asyncio.to_thread(_read_bounded, path)
         except OSError as exc:
-            body: dict[str, Any] = {
-                "outcome": "rejected",
-                "reason": "unreadable",
-                "message": str(exc),
-            }
+            body: dict[str, Any] = {"outcome": "rejected", "reason": "unreadable", "message": str(exc)}
         else:
             if handle is None:
-                body = {
-                    "outcome": "rejected",
-                    "reason": "no_command_path",
-                    "message": "this gateway has no trust store configured (security.trust_file): "
-                    "it cannot verify signed commands",
-                }
+                body = {"outcome": "rejected", "reason": "no_command_path",
+                        "message": "this gateway has no trust store configured (security.trust_file): "
+                                   "it cannot verify signed commands"}
             else:
                 result = await handle(raw, "technician")
                 body = result_json(result, await describe(result) if describe is not None else None)
-        await asyncio.to_thread(
-            _write_atomic, answer, orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
-        )
+        await asyncio.to_thread(_write_atomic, answer, orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
         with contextlib.suppress(FileNotFoundError):
             await asyncio.to_thread(path.unlink)
         log.info("technician command %s: %s", name, body.get("outcome"))
@@ -188,10 +174,7 @@ async def import_bundle_commands(
     if not files:
         return []
     async with db_transaction() as db:
-        done = {
-            str(d)
-            for (d,) in await (await db.execute("SELECT digest FROM cmd_file_import")).fetchall()
-        }
+        done = {str(d) for (d,) in await (await db.execute("SELECT digest FROM cmd_file_import")).fetchall()}
     out: list[tuple[str, str]] = []
     for p in files:
         try:
@@ -210,11 +193,7 @@ async def import_bundle_commands(
                 (digest, rel, now_ms, result.outcome.value),
             )
         done.add(digest)
-        msg = (
-            ""
-            if result.ok
-            else f" ({result.reason.value if result.reason else ''}: {result.message})"
-        )
+        msg = "" if result.ok else f" ({result.reason.value if result.reason else ''}: {result.message})"
         log.info("bundle command %s: %s%s", rel, result.outcome.value, msg)
         out.append((rel, result.outcome.value))
     return out
@@ -231,14 +210,10 @@ def check_envelope(raw: bytes, gateway_id: str, allowed: frozenset[CommandType])
     if isinstance(parsed, CommandResult):
         raise ValueError(f"not a signed command envelope ({parsed.reason}: {parsed.message})")
     if parsed.type not in allowed:
-        raise ValueError(
-            f"this is a {parsed.type.value} command, not a "
-            f"{' or '.join(sorted(t.value for t in allowed))}"
-        )
+        raise ValueError(f"this is a {parsed.type.value} command, not a "
+                         f"{' or '.join(sorted(t.value for t in allowed))}")
     if parsed.target != gateway_id:
-        raise ValueError(
-            f"the command is for gateway {parsed.target!r}; this is gateway {gateway_id!r}"
-        )
+        raise ValueError(f"the command is for gateway {parsed.target!r}; this is gateway {gateway_id!r}")
     return parsed
 
 
@@ -287,9 +262,7 @@ def cmd_topup_apply(args: argparse.Namespace) -> int:
     if not answer.exists():
         _write_atomic(spool / (name + ENVELOPE_SUFFIX), raw)
     body = env.body
-    print(
-        f"top-up {env.command_id} for {body.get('account')}: handed to the gateway daemon ({spool})"
-    )
+    print(f"top-up {env.command_id} for {body.get('account')}: handed to the gateway daemon ({spool})")
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         if answer.exists():
@@ -299,11 +272,8 @@ def cmd_topup_apply(args: argparse.Namespace) -> int:
                 answer.unlink()
             return 0 if ans.get("outcome") == "applied" or _already(ans) else 1
         time.sleep(0.1)
-    print(
-        f"no answer from the gateway daemon within {args.wait:g} s: is edgegw running? The top-up "
-        f"waits in {spool} and is applied when the daemon takes it.",
-        file=sys.stderr,
-    )
+    print(f"no answer from the gateway daemon within {args.wait:g} s: is edgegw running? The top-up "
+          f"waits in {spool} and is applied when the daemon takes it.", file=sys.stderr)
     return 3
 
 
@@ -315,17 +285,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "apply",
         help="hand a signed top-up envelope (from central, on a stick or laptop) to the gateway",
         description="The envelope goes to the running daemon's command spool and is applied through the "
-        "same command path as one from central (channel 'technician'): verified, applied once.",
+                    "same command path as one from central (channel 'technician'): verified, applied once.",
     )
     a.add_argument("file", help="the signed envelope (JSON) as central issued it")
-    a.add_argument(
-        "--config", required=True, help="the gateway's configuration (for its id and database)"
-    )
-    a.add_argument(
-        "--wait",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="how long to wait for the daemon's answer (default 30)",
-    )
+    a.add_argument("--config", required=True, help="the gateway's configuration (for its id and database)")
+    a.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for the daemon's answer (default 30)")
     a.set_defaults(func=cmd_topup_apply)

@@ -75,7 +75,8 @@ def requirements_for(lock_text: str, wheelhouse: Path) -> tuple[bytes, list[Path
     chosen = match_wheelhouse(pins, {n: h for n, h in files.items() if n not in project})
     _, version = wheel_name_version(project[0])
     text = lock_text.rstrip("\n") + (
-        f"\n# the release itself\n{PROJECT}=={version} \\\n    --hash=sha256:{files[project[0]]}\n"
+        f"\n# the release itself\n{PROJECT}=={version} \\\n"
+        f"    --hash=sha256:{files[project[0]]}\n"
     )
     return text.encode(), [wheelhouse / n for n in [*chosen, project[0]]], wheelhouse / project[0]
 
@@ -170,7 +171,6 @@ def cmd_release_publish(args: argparse.Namespace) -> int:
         key_file=Path(args.key_file) if args.key_file else None,
         topic_prefix=args.prefix,
     )
-
     async def run() -> int:
         version = read_manifest_unverified(bundle)["version"]
         offer = offer_for(bundle, version=str(version), chunk_size=args.chunk_size)
@@ -285,9 +285,7 @@ def cmd_update_status(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    rel = sub.add_parser(
-        "release", help="central: build, verify, offer and publish software bundles"
-    )
+    rel = sub.add_parser("release", help="central: build, verify, offer and publish software bundles")
     rsub = rel.add_subparsers(dest="release_command", required=True, metavar="ACTION")
     b = rsub.add_parser("build", help="sign a software bundle from a wheelhouse and the lock file")
     b.add_argument("--wheelhouse", required=True, help="the project's wheel and the locked wheels")

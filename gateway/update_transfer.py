@@ -292,11 +292,7 @@ class SoftwareDownloads:
                         i = topics.get(msg.topic.value)
                         if i is None or i not in wanted:
                             continue
-                        data = (
-                            bytes(msg.payload)
-                            if isinstance(msg.payload, (bytes, bytearray))
-                            else b""
-                        )
+                        data = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
                         if hashlib.sha256(data).hexdigest() != offer.chunks[i]:
                             self.chunks_refused += 1
                             log.warning("software chunk %d of %s refused: hash mismatch", i,

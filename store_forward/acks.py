@@ -99,9 +99,7 @@ def ack_key(batch_key: bytes) -> bytes:
     return HKDFExpand(algorithm=hashes.SHA256(), length=32, info=_KEY_INFO).derive(bytes(batch_key))
 
 
-def _mac_input(
-    gateway_id: str, epoch: str, seq: int, key_id: int, status: str, digest: bytes
-) -> bytes:
+def _mac_input(gateway_id: str, epoch: str, seq: int, key_id: int, status: str, digest: bytes) -> bytes:
     gw = gateway_id.encode("utf-8")
     raw_epoch = epoch_bytes(epoch)
     st = status.encode("ascii")

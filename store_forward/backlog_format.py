@@ -42,12 +42,7 @@ def batch_file_name(gateway_id: str, epoch: str, seq: int) -> str:
 
 def manifest_bytes(gateway_id: str, created_ms: int, entries: list[dict[str, Any]]) -> bytes:
     """The manifest of an export of the current format."""
-    manifest = {
-        "format": FORMAT,
-        "gateway_id": gateway_id,
-        "created_ms": created_ms,
-        "batches": entries,
-    }
+    manifest = {"format": FORMAT, "gateway_id": gateway_id, "created_ms": created_ms, "batches": entries}
     return orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
 
 

@@ -23,15 +23,7 @@ import re
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
 
-__all__ = [
-    "EPOCH_BYTES",
-    "LEGACY_EPOCH",
-    "EpochFormatError",
-    "check_epoch",
-    "epoch_bytes",
-    "epoch_text",
-    "new_epoch",
-]
+__all__ = ["EPOCH_BYTES", "LEGACY_EPOCH", "EpochFormatError", "check_epoch", "epoch_bytes", "epoch_text", "new_epoch"]
 
 EPOCH_BYTES = 8
 LEGACY_EPOCH = ""
@@ -52,9 +44,7 @@ def new_epoch() -> str:
 
 def check_epoch(epoch: object, *, legacy: bool = True) -> str:
     """``epoch`` if it is a valid epoch id (or, with ``legacy``, :data:`LEGACY_EPOCH`)."""
-    if isinstance(epoch, str) and (
-        _EPOCH_RE.fullmatch(epoch) or (legacy and epoch == LEGACY_EPOCH)
-    ):
+    if isinstance(epoch, str) and (_EPOCH_RE.fullmatch(epoch) or (legacy and epoch == LEGACY_EPOCH)):
         return epoch
     raise EpochFormatError(f"batch epoch must be 16 lowercase hex digits, got {epoch!r}")
 

@@ -109,9 +109,7 @@ class SealedCodec:
     encoding = 2
     sealed = True
 
-    def __init__(
-        self, key_id: int, key: bytes, *, older: Mapping[int, bytes] | None = None
-    ) -> None:
+    def __init__(self, key_id: int, key: bytes, *, older: Mapping[int, bytes] | None = None) -> None:
         self.key_id = key_id
         self._key = key
         self._keys = dict(older or {}) | {key_id: key}
@@ -186,9 +184,7 @@ class DecodeError(EdgeGwError):
 
     kind = ErrorKind.FRAME
 
-    def __init__(
-        self, reason: str, *, gateway_id: str | None = None, seq: int | None = None
-    ) -> None:
+    def __init__(self, reason: str, *, gateway_id: str | None = None, seq: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.gateway_id = gateway_id
@@ -215,9 +211,7 @@ def decode(
             raise DecodeError(f"{type(exc).__name__}: {exc}") from exc
     if encoding_of(payload) == 1:
         if not allow_plain:
-            raise DecodeError(
-                "unsealed batch (encoding 1) refused: this headend requires sealed batches"
-            )
+            raise DecodeError("unsealed batch (encoding 1) refused: this headend requires sealed batches")
         try:
             return wire_json.decode(payload)
         except wire_json.BatchDecodeError as exc:

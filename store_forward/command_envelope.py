@@ -301,9 +301,7 @@ def parse_envelope(
         )
 
 
-def _parse_envelope(
-    raw: bytes, max_bytes: int, body_problem: BodyProblem | None
-) -> Envelope | CommandResult:
+def _parse_envelope(raw: bytes, max_bytes: int, body_problem: BodyProblem | None) -> Envelope | CommandResult:
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         return reject(RejectReason.MALFORMED, "envelope must be bytes")
     if len(raw) > max_bytes:
@@ -338,7 +336,9 @@ def _parse_envelope(
     if set(doc) != _PAYLOAD_KEYS:
         missing = sorted(_PAYLOAD_KEYS - set(doc))
         extra = sorted(set(doc) - _PAYLOAD_KEYS)
-        return reject(RejectReason.MALFORMED, f"payload fields: missing {missing}, unknown {extra}")
+        return reject(
+            RejectReason.MALFORMED, f"payload fields: missing {missing}, unknown {extra}"
+        )
     floats = _no_floats(doc)
     if floats:
         return reject(RejectReason.MALFORMED, f"payload: {floats}")

@@ -110,7 +110,6 @@ MAX_VALIDITY_MS: Mapping[CommandType, int] = MappingProxyType(
     }
 )
 
-
 class TrustError(EdgeGwError):
     """The trust store file or a key in it is invalid."""
 

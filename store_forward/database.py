@@ -360,9 +360,7 @@ class Database:
         path.parent.mkdir(parents=True, exist_ok=True)
         if keys is None:
             keys = await asyncio.to_thread(StorageKeys.beside, path)
-        ob = cls(
-            path, keys=keys, policy=policy or StoragePolicy(), clock_ms=clock_ms, schema=schema
-        )
+        ob = cls(path, keys=keys, policy=policy or StoragePolicy(), clock_ms=clock_ms, schema=schema)
         wait = 0.0 if check_wait_s is None else check_wait_s
         try:
             fault = await ob._check(wait)
@@ -382,15 +380,11 @@ class Database:
                 integrity = await asyncio.to_thread(check_database, self.path)
             except (OSError, sqlite3.Error) as exc:
                 if not (_is_full(exc) or await self._disk_nearly_full()):
-                    raise OutboxError(
-                        f"{self.path}: cannot check the outbox database: {exc}"
-                    ) from exc
+                    raise OutboxError(f"{self.path}: cannot check the outbox database: {exc}") from exc
                 # A full disk: not even a read-only check can start (its shared-memory
                 # file needs space). The log was checked; the rest waits for space.
                 self.unchecked = f"{exc} (disk full)"
-                log.critical(
-                    "outbox %s: integrity check not possible on a full disk: %s", self.path, exc
-                )
+                log.critical("outbox %s: integrity check not possible on a full disk: %s", self.path, exc)
                 integrity = Integrity(True)
             if not integrity.ok:
                 assert integrity.kind is not None
@@ -499,9 +493,7 @@ class Database:
                 async with db.execute("SELECT value FROM kv WHERE key = ?", (K_SALT,)) as cur:
                     new_db = await cur.fetchone() is None
                 if new_db and fault is not None:
-                    salvage = await asyncio.to_thread(
-                        salvage_images, fault.evidence, set(self.SALVAGE_TABLES)
-                    )
+                    salvage = await asyncio.to_thread(salvage_images, fault.evidence, set(self.SALVAGE_TABLES))
                 await self._init_lineage(db, new_db, fault, salvage)
                 await db.commit()
             except BaseException:
@@ -643,9 +635,7 @@ class Database:
         log.warning("outbox %s: space is back; the database is writable again", self.path)
         return True
 
-    async def _check_keys(
-        self, db: aiosqlite.Connection, keys: StorageKeys, salt: bytes, path: Path
-    ) -> None:
+    async def _check_keys(self, db: aiosqlite.Connection, keys: StorageKeys, salt: bytes, path: Path) -> None:
         """Refuse a key that is not the one the database was sealed with (a
         misconfigured key must not make every record look damaged)."""
         await db.execute("BEGIN IMMEDIATE")
@@ -676,9 +666,7 @@ class Database:
                 with contextlib.suppress(Exception):
                     await self._db.close()
                 if not await asyncio.to_thread(self._owner.exclusive, 30.0):
-                    log.error(
-                        "outbox %s: another process still has it open; moving it anyway", self.path
-                    )
+                    log.error("outbox %s: another process still has it open; moving it anyway", self.path)
                 evidence = await asyncio.to_thread(
                     secure_evidence, self.path, kind, reason, self.clock_ms(), None
                 )
@@ -702,9 +690,7 @@ class Database:
                     conn.close()
             except sqlite3.Error as exc:
                 return f"SQLite refuses the file: {exc}" if is_corruption(exc) else None
-            return (
-                None if row and row[0] == "ok" else f"quick_check: {row[0] if row else 'no result'}"
-            )
+            return None if row and row[0] == "ok" else f"quick_check: {row[0] if row else 'no result'}"
 
         return await asyncio.to_thread(check)
 
@@ -736,9 +722,7 @@ class Database:
         """
         async with self._lock:
             if self.corrupt is not None:
-                raise StorageCorruptError(
-                    f"{self.path} is damaged ({self.corrupt}); not written to"
-                )
+                raise StorageCorruptError(f"{self.path} is damaged ({self.corrupt}); not written to")
             if not self._schema_ready:
                 raise OutboxFullError(f"{self.path}: not open yet ({self.starved})")
             self._storage_pending = None
@@ -759,11 +743,7 @@ class Database:
                     hook()
                 if isinstance(exc, sqlite3.Error) and is_corruption(exc):
                     self.corrupt = str(exc)
-                    log.critical(
-                        "outbox %s: SQLite reports damage: %s; nothing more is written to it",
-                        self.path,
-                        exc,
-                    )
+                    log.critical("outbox %s: SQLite reports damage: %s; nothing more is written to it", self.path, exc)
                     raise StorageCorruptError(f"{self.path}: damaged: {exc}") from exc
                 if isinstance(exc, sqlite3.Error) and self._note_storage_error(exc):
                     # The WAL may be what filled the disk: fold it back into the

@@ -166,11 +166,7 @@ async def _add_batch_epoch_column(db: aiosqlite.Connection) -> None:
 SCHEMA = Schema(
     "outbox",
     Step(2, "records, batches, damaged records, meter status", statements(_TABLES)),
-    Step(
-        3,
-        "batches numbered in epochs (batches.epoch, for databases from before epochs)",
-        apply=_add_batch_epoch_column,
-    ),
+    Step(3, "batches numbered in epochs (batches.epoch, for databases from before epochs)", apply=_add_batch_epoch_column),
 )
 
 # Counters kept in kv; each is advanced in the same transaction as the change it counts.
@@ -274,12 +270,8 @@ def _status_changed(old: MeterStatus | None, new: MeterStatus) -> bool:
 class Outbox(Database):
     """The gateway's database with the outbox's queue on it."""
 
-    DEFAULT_SCHEMA: ClassVar[SchemaRegistry] = SchemaRegistry(
-        [DATABASE_SCHEMA, SCHEMA], oldest=2, marker="outbox"
-    )
-    SALVAGE_TABLES: ClassVar[frozenset[str]] = frozenset(
-        {"kv", "outbox", "batches", "meter_status"}
-    )
+    DEFAULT_SCHEMA: ClassVar[SchemaRegistry] = SchemaRegistry([DATABASE_SCHEMA, SCHEMA], oldest=2, marker="outbox")
+    SALVAGE_TABLES: ClassVar[frozenset[str]] = frozenset({"kv", "outbox", "batches", "meter_status"})
     MAX_COUNTERS: ClassVar[tuple[str, ...]] = _MAX_COUNTERS
 
     def __init__(
@@ -360,9 +352,7 @@ class Outbox(Database):
         await self._set_kv(db, K_NEXT_SEQ, max(base + 1, int(salvaged_kv.get(K_NEXT_SEQ) or 1)))
         if base:
             await db.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'")
-            await db.execute(
-                "INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (base,)
-            )
+            await db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (base,))
         for k in _MAX_COUNTERS:
             if isinstance(salvaged_kv.get(k), int):
                 await self._set_kv(db, k, salvaged_kv[k])
@@ -385,9 +375,7 @@ class Outbox(Database):
                 salvage_images, fault.evidence, set(self.SALVAGE_TABLES)
             )
         async with self._lock:
-            async with self._db.execute(
-                "SELECT value FROM kv WHERE key = ?", (K_SALVAGE_SALT,)
-            ) as cur:
+            async with self._db.execute("SELECT value FROM kv WHERE key = ?", (K_SALVAGE_SALT,)) as cur:
                 row = await cur.fetchone()
         old_salt = None if row is None else bytes(row[0])
         old_openers = (
@@ -525,12 +513,7 @@ class Outbox(Database):
         return self._sealer.seal(rid, self._aad_class(cls, kind), dumps(body))
 
     async def _add(
-        self,
-        db: aiosqlite.Connection,
-        cls: RecordClass,
-        kind: str,
-        created_ms: int,
-        body: dict[str, Any],
+        self, db: aiosqlite.Connection, cls: RecordClass, kind: str, created_ms: int, body: dict[str, Any]
     ) -> int:
         cur = await db.execute(
             "INSERT INTO outbox (cls, kind, created_ms, key_ver, body) VALUES (?, ?, ?, ?, x'')",
@@ -545,9 +528,7 @@ class Outbox(Database):
         return rid
 
     async def _add_many(
-        self,
-        db: aiosqlite.Connection,
-        items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]],
+        self, db: aiosqlite.Connection, items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]]
     ) -> int:
         """Insert records with consecutive ids (one statement); returns the first id.
 
@@ -582,9 +563,7 @@ class Outbox(Database):
         return first
 
     async def add_many_in(
-        self,
-        db: aiosqlite.Connection,
-        items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]],
+        self, db: aiosqlite.Connection, items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]]
     ) -> list[int]:
         """Add records ``(class, kind, created_ms, body)`` in one statement, in order,
         inside a transaction opened with :meth:`transaction`; returns their ids."""
@@ -622,9 +601,7 @@ class Outbox(Database):
                 reusable = await self._freelist_bytes(self._db)
             if free + reusable < 2 * self.policy.ballast_bytes:
                 # What is left is kept for batching and acks, which free space.
-                raise OutboxFullError(
-                    f"{self.path}: disk full; new records refused until space returns"
-                )
+                raise OutboxFullError(f"{self.path}: disk full; new records refused until space returns")
             await self.ensure_reserve()
         try:
             async with self.transaction() as db:
@@ -803,8 +780,7 @@ class Outbox(Database):
             if lost:
                 await self._bump(db, K_EVICTED_BILLING, lost)
             log.critical(
-                "outbox: below the storage hard floor; evicted %d unacknowledged billing records",
-                lost,
+                "outbox: below the storage hard floor; evicted %d unacknowledged billing records", lost
             )
             await self._add(
                 db,
@@ -972,9 +948,7 @@ class Outbox(Database):
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     (seq, top, now_ms, len(ids), payload, epoch),
                 )
-                await db.execute(
-                    f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *ids)
-                )
+                await db.execute(f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *ids))
                 await self.apply_acks_in(db)
                 self._ready_complete = False  # a batch memory does not hold
                 return Batch(seq, tuple(chosen), 0, payload, epoch)
@@ -988,9 +962,7 @@ class Outbox(Database):
     @staticmethod
     async def _batch_epoch_in(db: aiosqlite.Connection) -> str:
         """The epoch new batches take; a database without one gets a random one now."""
-        rows = list(
-            await db.execute_fetchall("SELECT value FROM kv WHERE key = ?", (K_BATCH_EPOCH,))
-        )
+        rows = list(await db.execute_fetchall("SELECT value FROM kv WHERE key = ?", (K_BATCH_EPOCH,)))
         if rows:
             return str(rows[0][0])
         epoch = new_epoch()
@@ -1079,19 +1051,17 @@ class Outbox(Database):
             return [int(r[0]) async for r in cur]
 
     async def batch_payload(self, seq: int) -> bytes | None:
-        async with (
-            self._lock,
-            self._db.execute("SELECT payload FROM batches WHERE seq = ?", (seq,)) as cur,
-        ):
+        async with self._lock, self._db.execute(
+            "SELECT payload FROM batches WHERE seq = ?", (seq,)
+        ) as cur:
             row = await cur.fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
     async def pending_batch(self, seq: int) -> tuple[str, bytes | None] | None:
         """(epoch, stored payload) of unacknowledged batch ``seq``; None if there is none."""
-        async with (
-            self._lock,
-            self._db.execute("SELECT epoch, payload FROM batches WHERE seq = ?", (seq,)) as cur,
-        ):
+        async with self._lock, self._db.execute(
+            "SELECT epoch, payload FROM batches WHERE seq = ?", (seq,)
+        ) as cur:
             row = await cur.fetchone()
         if row is None:
             return None
@@ -1264,15 +1234,12 @@ class Outbox(Database):
         Cheap enough to ask every few seconds: the counts read the two partial
         indexes, the oldest record is the first by id (unlike :meth:`stats`,
         which reads every record)."""
-        async with (
-            self._lock,
-            self._db.execute(
-                "SELECT (SELECT count(*) FROM outbox WHERE batch_seq IS NULL),"
-                " (SELECT count(*) FROM outbox WHERE batch_seq IS NOT NULL),"
-                " (SELECT created_ms FROM outbox ORDER BY id LIMIT 1),"
-                " (SELECT count(*) FROM batches)"
-            ) as cur,
-        ):
+        async with self._lock, self._db.execute(
+            "SELECT (SELECT count(*) FROM outbox WHERE batch_seq IS NULL),"
+            " (SELECT count(*) FROM outbox WHERE batch_seq IS NOT NULL),"
+            " (SELECT created_ms FROM outbox ORDER BY id LIMIT 1),"
+            " (SELECT count(*) FROM batches)"
+        ) as cur:
             row = await cur.fetchone()
         assert row is not None
         return int(row[0]) + int(row[1]), None if row[2] is None else int(row[2]), int(row[3])

@@ -78,22 +78,14 @@ class Presence:
 
 def birth(who: Identity, session_ms: int) -> bytes:
     return encode(
-        Presence(
-            PresenceState.ONLINE, who.gateway, who.version, who.boot_id, who.started_ms, session_ms
-        )
+        Presence(PresenceState.ONLINE, who.gateway, who.version, who.boot_id, who.started_ms, session_ms)
     )
 
 
 def death(who: Identity, reason: OfflineReason, session_ms: int | None = None) -> bytes:
     return encode(
         Presence(
-            PresenceState.OFFLINE,
-            who.gateway,
-            who.version,
-            who.boot_id,
-            who.started_ms,
-            session_ms,
-            reason,
+            PresenceState.OFFLINE, who.gateway, who.version, who.boot_id, who.started_ms, session_ms, reason
         )
     )
 

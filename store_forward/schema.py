@@ -191,11 +191,7 @@ class SchemaRegistry:
                 f" gateway (this one knows versions up to {self.version}); refusing to use it."
                 " Run the release that wrote it, or restore a backup made by this one"
             )
-        if (
-            version < self.oldest
-            and self.marker is not None
-            and await _has_table(conn, self.marker)
-        ):
+        if version < self.oldest and self.marker is not None and await _has_table(conn, self.marker):
             raise SchemaTooOld(
                 f"{name}: schema version {version}, this gateway needs {self.oldest} or later"
                 " (drain it with the version that wrote it)"

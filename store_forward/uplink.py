@@ -300,9 +300,7 @@ class Uplink:
                     )
                     await self._set_state(LinkState.UP)
                     if not self._link_log.ok("connected"):
-                        log.info(
-                            "uplink up (connected to %s:%d)", self.broker.host, self.broker.port
-                        )
+                        log.info("uplink up (connected to %s:%d)", self.broker.host, self.broker.port)
                     self._inflight.clear()
                     try:
                         async with asyncio.TaskGroup() as tg:
@@ -316,9 +314,7 @@ class Uplink:
                                 await client.publish(
                                     self.topics.state,
                                     presence.death(
-                                        self.identity,
-                                        presence.OfflineReason.STOPPED,
-                                        self._session_ms,
+                                        self.identity, presence.OfflineReason.STOPPED, self._session_ms
                                     ),
                                     qos=1,
                                     retain=True,
@@ -388,16 +384,10 @@ class Uplink:
         if key_id is None:
             if encoding_of(payload) == 1 and self.unauthenticated_acks:
                 return None
-            return (
-                "unauthenticated",
-                f"ack for unsealed batch {seq}, and unauthenticated acks are off",
-            )
+            return "unauthenticated", f"ack for unsealed batch {seq}, and unauthenticated acks are off"
         key = self.codec.ack_key(key_id)
         if key is None:
-            return (
-                "no ack key",
-                f"batch {seq} was sealed under key id {key_id}, which is not loaded",
-            )
+            return "no ack key", f"batch {seq} was sealed under key id {key_id}, which is not loaded"
         if ack.mac is None:
             return "unauthenticated", f"ack for sealed batch {seq} without a mac"
         digest = hashlib.sha256(payload).digest()
@@ -445,14 +435,10 @@ class Uplink:
             )
             entry = self._inflight.get(seq)
             if entry is not None:
-                entry.deadline = self.monotonic() + min(
-                    4 * (entry.deadline - entry.sent_at), 3600.0
-                )
+                entry.deadline = self.monotonic() + min(4 * (entry.deadline - entry.sent_at), 3600.0)
         self._wake.set()
 
-    async def _publish(
-        self, client: aiomqtt.Client, seq: int, payload: bytes, within_s: float
-    ) -> None:
+    async def _publish(self, client: aiomqtt.Client, seq: int, payload: bytes, within_s: float) -> None:
         await client.publish(self.topics.up, payload, qos=1, timeout=within_s)
         self.stats.bytes_sent += len(payload)
         try:
@@ -468,9 +454,7 @@ class Uplink:
     def _inflight_bytes(self) -> int:
         return sum(len(e.payload) for e in self._inflight.values())
 
-    def _start(
-        self, tg: asyncio.TaskGroup, client: aiomqtt.Client, seq: int, entry: _InFlight
-    ) -> None:
+    def _start(self, tg: asyncio.TaskGroup, client: aiomqtt.Client, seq: int, entry: _InFlight) -> None:
         timeout = self.pacer.ack_deadline_s(entry.queued)
         tg.create_task(self._publish(client, seq, entry.payload, timeout))
 
@@ -498,9 +482,7 @@ class Uplink:
             while True:
                 now = self.monotonic()
                 wait = pacer.send_wait_s(now, urgent=False)
-                backlog_ok = pacer.may_send_backlog(
-                    len(self._inflight), self._inflight_bytes(), now
-                )
+                backlog_ok = pacer.may_send_backlog(len(self._inflight), self._inflight_bytes(), now)
                 try:
                     batch = await self.outbox.next_batch(
                         self.clock_ms(),

@@ -93,13 +93,7 @@ def decode(payload: bytes) -> DecodedBatch:
         else:
             epoch = LEGACY_EPOCH
         records = tuple(
-            Record(
-                int(r["id"]),
-                RecordClass(int(r["cls"])),
-                str(r["kind"]),
-                int(r["t"]),
-                dict(r["body"]),
-            )
+            Record(int(r["id"]), RecordClass(int(r["cls"])), str(r["kind"]), int(r["t"]), dict(r["body"]))
             for r in doc["records"]
         )
     except (KeyError, TypeError, ValueError) as exc:

@@ -38,35 +38,13 @@ class AccountSettings:
     source: str = ""
 
 
-_TOP = {
-    "account",
-    "timezone",
-    "opening_balance",
-    "tier",
-    "limits",
-    "protected",
-    "no_disconnect",
-    "calendar",
-    "topup_policy",
-    "topup",
-    "meters",
-}
-_LIMITS = {
-    "alarm1",
-    "alarm2",
-    "overdraft",
-    "close_permit",
-    "close_mode",
-    "reconnect_delay_s",
-    "relay_min_interval_s",
-    "contact_protect_after_s",
-    "startup_protect_s",
-}
+_TOP = {"account", "timezone", "opening_balance", "tier", "limits", "protected", "no_disconnect",
+        "calendar", "topup_policy", "topup", "meters"}
+_LIMITS = {"alarm1", "alarm2", "overdraft", "close_permit", "close_mode", "reconnect_delay_s",
+           "relay_min_interval_s", "contact_protect_after_s", "startup_protect_s"}
 
 
-def parse_account(
-    raw: Mapping[str, Any], source: str, default_timezone: str | None = None
-) -> AccountSettings:
+def parse_account(raw: Mapping[str, Any], source: str, default_timezone: str | None = None) -> AccountSettings:
     found = Problems(source)
     add = found.add
     found.unknown("", raw, _TOP)
@@ -158,13 +136,7 @@ def parse_account(
         mins = []
         for part in ("start", "end"):
             v = w.get(part)
-            ok = (
-                isinstance(v, str)
-                and len(v) == 5
-                and v[2] == ":"
-                and v[:2].isdigit()
-                and v[3:].isdigit()
-            )
+            ok = isinstance(v, str) and len(v) == 5 and v[2] == ":" and v[:2].isdigit() and v[3:].isdigit()
             m = int(v[:2]) * 60 + int(v[3:]) if ok else -1  # type: ignore[index]
             if not ok or not 0 <= m <= 1440 or (part == "start" and m == 1440):
                 add(f"{key}.{part}", f"must be 'HH:MM' (end may be '24:00'), got {v!r}")
@@ -219,17 +191,8 @@ def parse_account(
             if amount is None:
                 add(f"{key}.amount", "missing")
             continue
-        topups.append(
-            TopUp(
-                str(t.get("id", f"sim-{i + 1}")),
-                acc,
-                counter,
-                amount,
-                Channel(channel),
-                Source.CLI,
-                ts,
-            )
-        )
+        topups.append(TopUp(str(t.get("id", f"sim-{i + 1}")), acc, counter, amount, Channel(channel),
+                            Source.CLI, ts))
 
     cutoff: CutoffConfig | None = None
     if alarm1 is not None and alarm2 is not None and overdraft is not None and permit is not None:
@@ -254,9 +217,8 @@ def parse_account(
             add("limits", str(exc))
     found.check(AccountError)
     assert cutoff is not None and isinstance(acc, str)
-    return AccountSettings(
-        acc, opening, tier, cutoff, policy, tuple(sorted(topups, key=lambda t: t.issued_ms)), source
-    )
+    return AccountSettings(acc, opening, tier, cutoff, policy, tuple(sorted(topups, key=lambda t: t.issued_ms)),
+                           source)
 
 
 def load_account(path: str | Path, default_timezone: str | None = None) -> AccountSettings:

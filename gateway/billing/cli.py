@@ -84,15 +84,8 @@ DEFAULT_MAX_GAP_MS = 2 * 3_600_000
 UNNAMED = "account"  # the account of the readings when no --account is given
 
 _RATE_COLS = [f"{n.lower()}_kwh" for n in RATE_NAMES]
-COLUMNS = (
-    "meter",
-    "time",
-    "import_kwh",
-    *_RATE_COLS,
-    "event",
-    "new_import_kwh",
-    *(f"new_{c}" for c in _RATE_COLS),
-)
+COLUMNS = ("meter", "time", "import_kwh", *_RATE_COLS, "event", "new_import_kwh",
+           *(f"new_{c}" for c in _RATE_COLS))
 EVENTS = ("reading", "replace")
 
 
@@ -134,11 +127,8 @@ def _registers(where: str, row: dict[str, str], prefix: str) -> tuple[Decimal, d
     if not row.get(col):
         raise InputError(f"{where}: {col}: missing")
     total = _kwh(where, col, row[col])
-    rates = {
-        name: _kwh(where, f"{prefix}{c}", row[f"{prefix}{c}"])
-        for name, c in zip(RATE_NAMES, _RATE_COLS, strict=True)
-        if row.get(f"{prefix}{c}")
-    }
+    rates = {name: _kwh(where, f"{prefix}{c}", row[f"{prefix}{c}"])
+             for name, c in zip(RATE_NAMES, _RATE_COLS, strict=True) if row.get(f"{prefix}{c}")}
     return total, rates
 
 
@@ -157,9 +147,7 @@ def read_readings_csv(path: Path, tz: ZoneInfo | None = None) -> Readings:
         try:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
-            raise InputError(
-                f"{path}: empty file (expected a header: {','.join(COLUMNS[:3])},...)"
-            ) from None
+            raise InputError(f"{path}: empty file (expected a header: {','.join(COLUMNS[:3])},...)") from None
         except (csv.Error, UnicodeDecodeError) as exc:
             raise InputError(f"{path}:1: not readable as CSV: {exc}") from None
         unknown = [h for h in header if h not in COLUMNS]
@@ -187,9 +175,7 @@ def read_readings_csv(path: Path, tz: ZoneInfo | None = None) -> Readings:
         except ValueError:
             raise InputError(f"{where}: time: not ISO 8601: {row['time']!r}") from None
         if t.tzinfo is None:
-            raise InputError(
-                f"{where}: time: needs a UTC offset (e.g. +08:00), got {row['time']!r}"
-            )
+            raise InputError(f"{where}: time: needs a UTC offset (e.g. +08:00), got {row['time']!r}")
         t_ms = int(t.timestamp() * 1000)
         meter = row["meter"]
         if not meter:
@@ -204,8 +190,7 @@ def read_readings_csv(path: Path, tz: ZoneInfo | None = None) -> Readings:
             new_total, new_rates = _registers(where, row, "new_")
             rid = f"{meter}@{iso}/exchange"
             item: RegisterReading | MeterReplacement = MeterReplacement(
-                rid, meter, t_ms, total, new_total, rates, new_rates
-            )
+                rid, meter, t_ms, total, new_total, rates, new_rates)
         else:
             stray = [c for c in header if c.startswith("new_") and row.get(c)]
             if stray:
@@ -232,15 +217,7 @@ def parse_duration_ms(text: str) -> int:
     m = _DURATION.match(text)
     if m is None:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 45min, 2h, 1d)")
-    unit = {
-        "ms": 1,
-        "s": 1000,
-        None: 1000,
-        "min": 60_000,
-        "m": 60_000,
-        "h": 3_600_000,
-        "d": 86_400_000,
-    }
+    unit = {"ms": 1, "s": 1000, None: 1000, "min": 60_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
     v = int(Decimal(m.group(1)) * unit[m.group(2)])
     if v <= 0:
         raise argparse.ArgumentTypeError("a duration must be > 0")
@@ -283,14 +260,10 @@ class Run:
     held: dict[str, tuple[HeldSpan, ...]] = field(default_factory=dict)
     suspects: dict[str, RegisterReading] = field(default_factory=dict)
     fixed: dict[str, list[FixedChargeDue]] = field(default_factory=dict)  # owner -> charges
-    spans: dict[str, tuple[int, int]] = field(
-        default_factory=dict
-    )  # owner -> [first, last) reading
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # owner -> [first, last) reading
     owners: dict[str, str] = field(default_factory=dict)  # meter -> its account
     ledger: Ledger | None = None
-    path: list[tuple[int, str, str, int]] = field(
-        default_factory=list
-    )  # (time, entry id, what, balance)
+    path: list[tuple[int, str, str, int]] = field(default_factory=list)  # (time, entry id, what, balance)
     decisions: list[CutoffDecision] = field(default_factory=list)
     contact: Contact = field(default_factory=lambda: Contact(None))
     start_ms: int = 0
@@ -319,21 +292,16 @@ def simulate_run(
     meters = sorted(readings.items)
     # the readings are one account's: its meters share the tier state and the fixed charges
     run.owners = dict.fromkeys(meters, account.account if account is not None else UNNAMED)
-    tiers: dict[str, TierState] = {
-        o: (account.opening_tier if account else TierState()) for o in set(run.owners.values())
-    }
+    tiers: dict[str, TierState] = {o: (account.opening_tier if account else TierState())
+                                   for o in set(run.owners.values())}
     tracks: dict[str, MeterTrack] = {m: MeterTrack() for m in meters}
-    merged = sorted(
-        ((x, m) for m in meters for x in readings.items[m]),
-        key=lambda p: (p[0].time_ms, isinstance(p[0], MeterReplacement), p[1]),
-    )
+    merged = sorted(((x, m) for m in meters for x in readings.items[m]),
+                    key=lambda p: (p[0].time_ms, isinstance(p[0], MeterReplacement), p[1]))
     for item, meter in merged:
         owner = run.owners[meter]
         if isinstance(item, MeterReplacement):
             try:
-                step = track_replacement(
-                    tracks[meter], item, book, tiers[owner], max_gap_ms=max_gap_ms
-                )
+                step = track_replacement(tracks[meter], item, book, tiers[owner], max_gap_ms=max_gap_ms)
             except ReplacementError as exc:
                 run.refusals.append(Refusal(meter, item.time_ms, exc.code, exc.message))
                 continue
@@ -346,11 +314,8 @@ def simulate_run(
             run.resets.append(step.reset)
         for r in step.results:
             c = r.charge
-            notes = tuple(
-                a
-                for a in r.anomalies
-                if a.kind is not AnomalyKind.GAP or (c is not None and tou_split(c) == "estimated")
-            )
+            notes = tuple(a for a in r.anomalies if a.kind is not AnomalyKind.GAP
+                          or (c is not None and tou_split(c) == "estimated"))
             if c is None:
                 run.intervals.append(Interval(meter, None, notes, item.time_ms, item.time_ms, tag))
             else:
@@ -368,9 +333,7 @@ def simulate_run(
             continue
         first, last = min(times), max(times)
         run.spans[owner] = (first, last)
-        run.fixed[owner] = (
-            fixed_charges_due(owner, book, first - 1, last - 1) if last > first else []
-        )
+        run.fixed[owner] = fixed_charges_due(owner, book, first - 1, last - 1) if last > first else []
 
     if account is None:
         return run
@@ -378,15 +341,11 @@ def simulate_run(
     return run
 
 
-def _follow_account(
-    run: Run, readings: Readings, account: AccountSettings, start_ms: int | None
-) -> None:
+def _follow_account(run: Run, readings: Readings, account: AccountSettings, start_ms: int | None) -> None:
     acc = account.account
     led = Ledger(acc, account.opening_tier)
     run.ledger = led
-    events: list[
-        tuple[int, int, Entry | None, int | None]
-    ] = []  # (time, order, entry, top-up index)
+    events: list[tuple[int, int, Entry | None, int | None]] = []  # (time, order, entry, top-up index)
     order = 0
     for iv in run.intervals:
         if iv.charge is not None and iv.charge.ckwh > 0:
@@ -406,16 +365,8 @@ def _follow_account(
     # central is in contact all along: its last contact is never before the instant evaluated
     contact = Contact(last_contact_ms=end, started_ms=start)
     run.contact = contact
-    led.append(
-        adjustment_entry(
-            f"opening:{acc}",
-            acc,
-            account.opening_balance_micro,
-            start,
-            "opening balance",
-            account.source or "account file",
-        )
-    )
+    led.append(adjustment_entry(f"opening:{acc}", acc, account.opening_balance_micro, start,
+                                "opening balance", account.source or "account file"))
     run.path.append((start, f"adjust:opening:{acc}", "opening balance", led.view.balance_micro))
     first = evaluate(CutoffState(), led.view.balance_micro, start, contact, account.cutoff, acc)
     decisions = [first] if first.actions or first.events else []
@@ -433,35 +384,23 @@ def _follow_account(
                 led.append(d.entry)
             eid = tu.entry_id
             what = f"top-up {tu.topup_id} {yuan_text(tu.amount_micro)}: {d.status.value}" + (
-                f" ({d.message})" if d.reason else ""
-            )
+                f" ({d.message})" if d.reason else "")
         run.path.append((t, eid, what, led.view.balance_micro))
         if led.view.balance_micro != before or entry is not None:
             changes.append((t, led.view.balance_micro))
-    _, _, more = follow(
-        first.state,
-        PolicyPoint(start, account.opening_balance_micro),
-        changes,
-        end,
-        contact,
-        account.cutoff,
-        acc,
-    )
+    _, _, more = follow(first.state, PolicyPoint(start, account.opening_balance_micro), changes, end,
+                        contact, account.cutoff, acc)
     run.decisions = decisions + more
 
 
 def _entry_text(run: Run, e: Entry) -> str:
     b = e.body
     if e.kind.value == "debit":
-        return (
-            f"{b['meter']} {_short(run.iso(int(b['start_ms'])))} to {_short(run.iso(int(b['end_ms'])))}: "
-            f"{ckwh_to_kwh(int(b['ckwh']))} kWh, {yuan_text(-e.amount_micro)}"
-        )
+        return (f"{b['meter']} {_short(run.iso(int(b['start_ms'])))} to {_short(run.iso(int(b['end_ms'])))}: "
+                f"{ckwh_to_kwh(int(b['ckwh']))} kWh, {yuan_text(-e.amount_micro)}")
     if e.kind.value == "fixed":
-        return (
-            f"fixed {b['name']} ({b['period']} from {_short(run.iso(int(b['period_start_ms'])))}): "
-            f"{yuan_text(-e.amount_micro)}"
-        )
+        return f"fixed {b['name']} ({b['period']} from {_short(run.iso(int(b['period_start_ms'])))}): " \
+               f"{yuan_text(-e.amount_micro)}"
     return e.entry_id
 
 
@@ -510,53 +449,23 @@ def bill_lines(run: Run) -> list[BillLine]:
         if iv.charge is None:
             continue
         for ln in iv.charge.lines:
-            key = (
-                run.owners[iv.meter],
-                iv.meter,
-                ln.tariff,
-                ln.rate,
-                ln.tier,
-                ln.tier_period_start_ms,
-                ln.price_e4,
-            )
+            key = (run.owners[iv.meter], iv.meter, ln.tariff, ln.rate, ln.tier, ln.tier_period_start_ms, ln.price_e4)
             energy[key] = energy.get(key, 0) + ln.ckwh
     out = []
     for (owner, meter, tariff, rate, tier, ps, price), ck in sorted(
-        energy.items(),
-        key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][5] or 0, kv[0][3], kv[0][4] or 0),
+        energy.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][5] or 0, kv[0][3], kv[0][4] or 0)
     ):
         what = f"{tariff} {rate}" + ("" if tier is None else f" tier {tier}")
-        out.append(
-            BillLine(
-                owner, meter, "energy", what, tariff, rate, tier, ps, ck, price, 0, None, ck * price
-            )
-        )
+        out.append(BillLine(owner, meter, "energy", what, tariff, rate, tier, ps, ck, price, 0, None, ck * price))
     for owner, dues in sorted(run.fixed.items()):
         agg: dict[tuple[str, str, str, int], list[FixedChargeDue]] = {}
         for d in dues:
             agg.setdefault((d.name, d.tariff, d.period, d.amount_micro), []).append(d)
         meter = ""
-        for (name, tariff, period, amount), ds in sorted(
-            agg.items(), key=lambda kv: kv[1][0].period_start_ms
-        ):
+        for (name, tariff, period, amount), ds in sorted(agg.items(), key=lambda kv: kv[1][0].period_start_ms):
             what = f"{name} ({period}, {len(ds)} x {yuan_text(amount)})"
-            out.append(
-                BillLine(
-                    owner,
-                    meter,
-                    "fixed",
-                    what,
-                    tariff,
-                    "",
-                    None,
-                    None,
-                    0,
-                    None,
-                    len(ds),
-                    ds[0].period_start_ms,
-                    amount * len(ds),
-                )
-            )
+            out.append(BillLine(owner, meter, "fixed", what, tariff, "", None, None, 0, None, len(ds),
+                                ds[0].period_start_ms, amount * len(ds)))
     return out
 
 
@@ -581,13 +490,8 @@ def total_of(lines: Sequence[BillLine]) -> Total:
     """Totals of bill lines: each the sum of its rounded lines, and of the exact ones."""
     e = [ln for ln in lines if ln.kind == "energy"]
     f = [ln for ln in lines if ln.kind == "fixed"]
-    return Total(
-        sum(ln.ckwh for ln in e),
-        sum(ln.exact_micro for ln in e),
-        sum(ln.billed_micro for ln in e),
-        sum(ln.exact_micro for ln in f),
-        sum(ln.billed_micro for ln in f),
-    )
+    return Total(sum(ln.ckwh for ln in e), sum(ln.exact_micro for ln in e), sum(ln.billed_micro for ln in e),
+                 sum(ln.exact_micro for ln in f), sum(ln.billed_micro for ln in f))
 
 
 def _total_json(t: Total) -> dict[str, str]:
@@ -630,11 +534,7 @@ def tou_split(ch: IntervalCharge) -> str:
 
 def _interval_json(run: Run, iv: Interval) -> dict[str, Any]:
     notes = [f"{a.kind.value}: {a.detail}" for a in iv.anomalies]
-    base: dict[str, Any] = {
-        "meter": iv.meter,
-        "start": run.iso(iv.start_ms),
-        "end": run.iso(iv.end_ms),
-    }
+    base: dict[str, Any] = {"meter": iv.meter, "start": run.iso(iv.start_ms), "end": run.iso(iv.end_ms)}
     if iv.replacement is not None:
         base["replacement"] = iv.replacement
     ch = iv.charge
@@ -655,9 +555,7 @@ def _interval_json(run: Run, iv: Interval) -> dict[str, Any]:
                 "tariff": ln.tariff,
                 "rate": ln.rate,
                 "tier": ln.tier,
-                "tier_period_start": None
-                if ln.tier_period_start_ms is None
-                else run.iso(ln.tier_period_start_ms),
+                "tier_period_start": None if ln.tier_period_start_ms is None else run.iso(ln.tier_period_start_ms),
                 "kwh": str(ckwh_to_kwh(ln.ckwh)),
                 "price": str(e4_to_price(ln.price_e4)),
                 "amount": _exact(ln.amount_micro),
@@ -669,12 +567,8 @@ def _interval_json(run: Run, iv: Interval) -> dict[str, Any]:
 
 
 def _reading_json(run: Run, r: RegisterReading) -> dict[str, Any]:
-    return {
-        "reading": r.reading_id,
-        "time": run.iso(r.time_ms),
-        "import_kwh": str(r.import_kwh),
-        **{f"{k.lower()}_kwh": str(v) for k, v in sorted(r.rate_kwh.items())},
-    }
+    return {"reading": r.reading_id, "time": run.iso(r.time_ms), "import_kwh": str(r.import_kwh),
+            **{f"{k.lower()}_kwh": str(v) for k, v in sorted(r.rate_kwh.items())}}
 
 
 def _decision_json(run: Run, d: CutoffDecision) -> dict[str, Any]:
@@ -686,13 +580,9 @@ def _decision_json(run: Run, d: CutoffDecision) -> dict[str, Any]:
         "level": d.state.level.value,
         "state": describe(d.state, d.balance_micro, d.time_ms, run.contact, cfg),
         "pending": None if d.state.pending is None else d.state.pending.value,
-        "actions": [
-            {"kind": a.kind.value, "meter": a.meter, "reason": a.reason} for a in d.actions
-        ],
-        "events": [
-            {"type": e.type, "from": e.from_level.value, "to": e.to_level.value, "reason": e.reason}
-            for e in d.events
-        ],
+        "actions": [{"kind": a.kind.value, "meter": a.meter, "reason": a.reason} for a in d.actions],
+        "events": [{"type": e.type, "from": e.from_level.value, "to": e.to_level.value, "reason": e.reason}
+                   for e in d.events],
     }
 
 
@@ -719,69 +609,37 @@ def to_json(run: Run) -> dict[str, Any]:
         },
         "intervals": [_interval_json(run, iv) for iv in run.intervals],
         "fixed": [
-            {
-                "owner": o,
-                "name": d.name,
-                "tariff": d.tariff,
-                "period": d.period,
-                "period_start": run.iso(d.period_start_ms),
-                "amount": _exact(d.amount_micro),
-                "billed": fen_text(bill_fen(d.amount_micro)),
-            }
-            for o in owners
-            for d in run.fixed.get(o, ())
+            {"owner": o, "name": d.name, "tariff": d.tariff, "period": d.period,
+             "period_start": run.iso(d.period_start_ms), "amount": _exact(d.amount_micro),
+             "billed": fen_text(bill_fen(d.amount_micro))}
+            for o in owners for d in run.fixed.get(o, ())
         ],
         "fixed_span": spans,
         "anomalies": [
-            {
-                "meter": iv.meter,
-                "kind": a.kind.value,
-                "from": a.start_reading_id,
-                "to": a.end_reading_id,
-                "detail": a.detail,
-            }
-            for iv in run.intervals
-            for a in iv.anomalies
-        ]
-        + [
-            {
-                "meter": f.meter,
-                "kind": f"replacement_refused:{f.code}",
-                "from": None,
-                "to": None,
-                "detail": f.message,
-                "time": run.iso(f.time_ms),
-            }
+            {"meter": iv.meter, "kind": a.kind.value, "from": a.start_reading_id, "to": a.end_reading_id,
+             "detail": a.detail}
+            for iv in run.intervals for a in iv.anomalies
+        ] + [
+            {"meter": f.meter, "kind": f"replacement_refused:{f.code}", "from": None, "to": None,
+             "detail": f.message, "time": run.iso(f.time_ms)}
             for f in run.refusals
         ],
         "register_resets": [
-            {
-                "meter": n.meter_id,
-                "last_good": _reading_json(run, n.last_good),
-                "first_after": _reading_json(run, n.first_after),
-                "confirmed_by": _reading_json(run, n.confirmed_by),
-            }
+            {"meter": n.meter_id, "last_good": _reading_json(run, n.last_good),
+             "first_after": _reading_json(run, n.first_after), "confirmed_by": _reading_json(run, n.confirmed_by)}
             for n in run.resets
         ],
         "held": {
-            m: [
-                {"from": _reading_json(run, h.last_good), "to": _reading_json(run, h.first_after)}
-                for h in hs
-            ]
+            m: [{"from": _reading_json(run, h.last_good), "to": _reading_json(run, h.first_after)} for h in hs]
             for m, hs in run.held.items()
         },
         "bill": {
             o: {
                 "lines": [
                     {
-                        "meter": ln.meter,
-                        "kind": ln.kind,
-                        "item": ln.what,
-                        "tariff": ln.tariff,
-                        "rate": ln.rate,
+                        "meter": ln.meter, "kind": ln.kind, "item": ln.what, "tariff": ln.tariff, "rate": ln.rate,
                         "tier": ln.tier,
-                        "tier_period_start": None
-                        if ln.tier_period_start_ms is None
+                        "tier_period_start": None if ln.tier_period_start_ms is None
                         else run.iso(ln.tier_period_start_ms),
                         "kwh": None if ln.kind != "energy" else str(ckwh_to_kwh(ln.ckwh)),
                         "price": None if ln.price_e4 is None else str(e4_to_price(ln.price_e4)),
@@ -789,18 +647,14 @@ def to_json(run: Run) -> dict[str, Any]:
                         "amount_exact": _exact(ln.exact_micro),
                         "amount": fen_text(ln.billed_micro),
                     }
-                    for ln in lines
-                    if ln.owner == o
+                    for ln in lines if ln.owner == o
                 ],
                 "total": _total_json(total_of([ln for ln in lines if ln.owner == o])),
             }
             for o in owners
         },
         "totals": {
-            "meters": {
-                m: _total_json(total_of([ln for ln in lines if ln.meter == m]))
-                for m in sorted(run.owners)
-            },
+            "meters": {m: _total_json(total_of([ln for ln in lines if ln.meter == m])) for m in sorted(run.owners)},
             "account": _total_json(total_of(lines)),
         },
     }
@@ -814,21 +668,11 @@ def to_json(run: Run) -> dict[str, Any]:
         "opening_balance": _exact(run.account.opening_balance_micro),
         "closing_balance": _exact(view.balance_micro),
         "closing_reported": str(report_yuan(view.balance_micro)),
-        "tier": {
-            "period_start": None
-            if view.tier.period_start_ms is None
-            else run.iso(view.tier.period_start_ms),
-            "cumulative_kwh": str(ckwh_to_kwh(view.tier.cumulative_ckwh)),
-        },
+        "tier": {"period_start": None if view.tier.period_start_ms is None else run.iso(view.tier.period_start_ms),
+                 "cumulative_kwh": str(ckwh_to_kwh(view.tier.cumulative_ckwh))},
     }
     out["balance_path"] = [
-        {
-            "time": run.iso(t),
-            "entry": eid,
-            "what": what,
-            "balance": _exact(b),
-            "reported": str(report_yuan(b)),
-        }
+        {"time": run.iso(t), "entry": eid, "what": what, "balance": _exact(b), "reported": str(report_yuan(b))}
         for t, eid, what, b in run.path
     ]
     out["cutoff"] = [_decision_json(run, d) for d in run.decisions]
@@ -863,60 +707,23 @@ def to_table(run: Run) -> str:
     w: list[str] = []
     w.append(f"Tariff {d['tariff']} ({', '.join(d['versions'])}), times in {d['timezone']}")
     w.append(f"Rounding: {ROUNDING_RULE}.")
-    w.append(
-        f"Fixed charges: {FIXED_RULE}. Flag 'gap': readings more than {duration_text(run.max_gap_ms)} apart"
-        " and their time-of-use split estimated."
-    )
+    w.append(f"Fixed charges: {FIXED_RULE}. Flag 'gap': readings more than {duration_text(run.max_gap_ms)} apart"
+             " and their time-of-use split estimated.")
     w.append("")
-    rows = [
-        [
-            "meter",
-            "from",
-            "to",
-            "kWh",
-            "by rate",
-            "by tier (period start: tier kWh)",
-            "split",
-            "amount",
-            "flags",
-        ]
-    ]
+    rows = [["meter", "from", "to", "kWh", "by rate", "by tier (period start: tier kWh)", "split", "amount",
+             "flags"]]
     for iv in d["intervals"]:
         if iv["kwh"] is None:
-            rows.append(
-                [
-                    iv["meter"],
-                    _short(iv["start"]),
-                    _short(iv["end"]),
-                    "-",
-                    "",
-                    "",
-                    "",
-                    "-",
-                    "; ".join(iv["anomalies"]),
-                ]
-            )
+            rows.append([iv["meter"], _short(iv["start"]), _short(iv["end"]), "-", "", "", "", "-",
+                         "; ".join(iv["anomalies"])])
             continue
         by_rate = " ".join(f"{r} {k}" for r, k in iv["kwh_by_rate"].items())
-        by_tier = "; ".join(
-            f"{_short(p)[:10]}: " + " ".join(f"t{t} {k}" for t, k in ts.items())
-            for p, ts in iv["kwh_by_tier"].items()
-        )
+        by_tier = "; ".join(f"{_short(p)[:10]}: " + " ".join(f"t{t} {k}" for t, k in ts.items())
+                            for p, ts in iv["kwh_by_tier"].items())
         flags = [f for f, on in (("gap", iv["gap"]), ("exchange", "replacement" in iv)) if on]
         flags += [a.split(":")[0] for a in iv["anomalies"] if not a.startswith("gap")]
-        rows.append(
-            [
-                iv["meter"],
-                _short(iv["start"]),
-                _short(iv["end"]),
-                iv["kwh"],
-                by_rate,
-                by_tier,
-                iv["tou_split"],
-                yuan_text(_micro(iv["amount"])),
-                ", ".join(flags),
-            ]
-        )
+        rows.append([iv["meter"], _short(iv["start"]), _short(iv["end"]), iv["kwh"], by_rate, by_tier,
+                     iv["tou_split"], yuan_text(_micro(iv["amount"])), ", ".join(flags)])
     w.append("Intervals (amounts exact, as debited)")
     w += _table(rows, right=(3, 7))
     for owner, b in d["bill"].items():
@@ -924,50 +731,34 @@ def to_table(run: Run) -> str:
         w.append(f"Bill {owner}")
         rows = [["meter", "item", "tier period", "kWh", "price", "exact", "billed"]]
         for ln in b["lines"]:
-            rows.append(
-                [
-                    ln["meter"] or "(account)",
-                    ln["item"],
-                    "" if ln["tier_period_start"] is None else _short(ln["tier_period_start"])[:10],
-                    ln["kwh"] or "",
-                    ln["price"] or "",
-                    yuan_text(_micro(ln["amount_exact"])),
-                    ln["amount"],
-                ]
-            )
+            rows.append([ln["meter"] or "(account)", ln["item"],
+                         "" if ln["tier_period_start"] is None else _short(ln["tier_period_start"])[:10],
+                         ln["kwh"] or "", ln["price"] or "", yuan_text(_micro(ln["amount_exact"])), ln["amount"]])
         w += _table(rows, right=(3, 4, 5, 6))
         t = b["total"]
-        w.append(
-            f"energy {t['energy']} + fixed {t['fixed']} = total {t['total']}"
-            f"   (exact {yuan_text(_micro(t['total_exact']))})"
-        )
+        w.append(f"energy {t['energy']} + fixed {t['fixed']} = total {t['total']}"
+                 f"   (exact {yuan_text(_micro(t['total_exact']))})")
     if d["anomalies"] or d["register_resets"] or d["held"]:
         w.append("")
         w.append("Anomalies")
         for a in d["anomalies"]:
             w.append(f"  {a['meter']} {a['kind']}: {a['detail']}")
         for r in d["register_resets"]:
-            w.append(
-                f"  {r['meter']} register reset: last good {r['last_good']['import_kwh']} kWh at "
-                f"{_short(r['last_good']['time'])}, then {r['first_after']['import_kwh']} kWh at "
-                f"{_short(r['first_after']['time'])} (confirmed {r['confirmed_by']['import_kwh']} kWh)"
-            )
+            w.append(f"  {r['meter']} register reset: last good {r['last_good']['import_kwh']} kWh at "
+                     f"{_short(r['last_good']['time'])}, then {r['first_after']['import_kwh']} kWh at "
+                     f"{_short(r['first_after']['time'])} (confirmed {r['confirmed_by']['import_kwh']} kWh)")
         for m, hs in d["held"].items():
             for h in hs:
-                w.append(
-                    f"  {m} held (not billed until the exchange is declared): from "
-                    f"{h['from']['import_kwh']} kWh at {_short(h['from']['time'])} to the new register's "
-                    f"{h['to']['import_kwh']} kWh at {_short(h['to']['time'])}"
-                )
+                w.append(f"  {m} held (not billed until the exchange is declared): from "
+                         f"{h['from']['import_kwh']} kWh at {_short(h['from']['time'])} to the new register's "
+                         f"{h['to']['import_kwh']} kWh at {_short(h['to']['time'])}")
     if "account" in d:
         a = d["account"]
         w.append("")
-        w.append(
-            f"Account {a['account']}: opening {yuan_text(_micro(a['opening_balance']))}, closing "
-            f"{yuan_text(_micro(a['closing_balance']))} (shown to the customer: {a['closing_reported']}),"
-            f" tier {a['tier']['cumulative_kwh']} kWh since "
-            f"{'-' if a['tier']['period_start'] is None else _short(a['tier']['period_start'])}"
-        )
+        w.append(f"Account {a['account']}: opening {yuan_text(_micro(a['opening_balance']))}, closing "
+                 f"{yuan_text(_micro(a['closing_balance']))} (shown to the customer: {a['closing_reported']}),"
+                 f" tier {a['tier']['cumulative_kwh']} kWh since "
+                 f"{'-' if a['tier']['period_start'] is None else _short(a['tier']['period_start'])}")
         rows = [["time", "entry", "balance"]]
         rows += [[_short(p["time"]), p["what"], p["reported"]] for p in d["balance_path"]]
         w += _table(rows, right=(2,))
@@ -986,22 +777,8 @@ def _micro(text: str) -> int:
     return int(Decimal(text).scaleb(6))
 
 
-CSV_COLUMNS = (
-    "owner",
-    "meter",
-    "kind",
-    "item",
-    "tariff",
-    "rate",
-    "tier",
-    "tier_period_start",
-    "periods",
-    "first_period_start",
-    "kwh",
-    "price",
-    "amount_exact",
-    "amount",
-)
+CSV_COLUMNS = ("owner", "meter", "kind", "item", "tariff", "rate", "tier", "tier_period_start", "periods",
+               "first_period_start", "kwh", "price", "amount_exact", "amount")
 
 
 def to_csv(run: Run) -> str:
@@ -1012,53 +789,23 @@ def to_csv(run: Run) -> str:
     wr.writerow(CSV_COLUMNS)
     lines = bill_lines(run)
     for ln in lines:
-        wr.writerow(
-            [
-                ln.owner,
-                ln.meter,
-                ln.kind,
-                ln.what,
-                ln.tariff,
-                ln.rate,
-                "" if ln.tier is None else ln.tier,
-                "" if ln.tier_period_start_ms is None else run.iso(ln.tier_period_start_ms),
-                ln.count or "",
-                "" if ln.first_ms is None else run.iso(ln.first_ms),
-                "" if ln.kind != "energy" else ckwh_to_kwh(ln.ckwh),
-                "" if ln.price_e4 is None else e4_to_price(ln.price_e4),
-                _exact(ln.exact_micro),
-                fen_text(ln.billed_micro),
-            ]
-        )
+        wr.writerow([ln.owner, ln.meter, ln.kind, ln.what, ln.tariff, ln.rate, "" if ln.tier is None else ln.tier,
+                     "" if ln.tier_period_start_ms is None else run.iso(ln.tier_period_start_ms),
+                     ln.count or "", "" if ln.first_ms is None else run.iso(ln.first_ms),
+                     "" if ln.kind != "energy" else ckwh_to_kwh(ln.ckwh),
+                     "" if ln.price_e4 is None else e4_to_price(ln.price_e4),
+                     _exact(ln.exact_micro), fen_text(ln.billed_micro)])
     groups: list[tuple[str, str, list[BillLine]]] = [
         (run.owners[m], m, [ln for ln in lines if ln.meter == m]) for m in sorted(run.owners)
     ]
     groups.append((run.account.account if run.account is not None else UNNAMED, "", lines))
     for owner, meter, ls_ in groups:
         t = total_of(ls_)
-        for what, exact, billed in (
-            ("energy", t.energy_exact, t.energy_billed),
-            ("fixed", t.fixed_exact, t.fixed_billed),
-            ("total", t.total_exact, t.total_billed),
-        ):
-            wr.writerow(
-                [
-                    owner,
-                    meter,
-                    "total",
-                    what,
-                    "",
-                    "",
-                    "",
-                    "",
-                    "",
-                    "",
-                    ckwh_to_kwh(t.ckwh) if what != "fixed" else "",
-                    "",
-                    _exact(exact),
-                    fen_text(billed),
-                ]
-            )
+        for what, exact, billed in (("energy", t.energy_exact, t.energy_billed),
+                                    ("fixed", t.fixed_exact, t.fixed_billed),
+                                    ("total", t.total_exact, t.total_billed)):
+            wr.writerow([owner, meter, "total", what, "", "", "", "", "", "",
+                         ckwh_to_kwh(t.ckwh) if what != "fixed" else "", "", _exact(exact), fen_text(billed)])
     return buf.getvalue()
 
 
@@ -1069,11 +816,8 @@ def to_csv(run: Run) -> str:
 def cmd_simulate(args: argparse.Namespace) -> int:
     try:
         book = load_book([Path(p) for p in args.tariff], default_timezone=args.timezone)
-        account = (
-            load_account(args.account, default_timezone=args.timezone or book.versions[0].tz.key)
-            if args.account
-            else None
-        )
+        account = load_account(args.account, default_timezone=args.timezone or book.versions[0].tz.key) \
+            if args.account else None
         tz = account.cutoff.tz if account is not None else book.versions[0].tz
         readings = read_readings_csv(Path(args.readings), tz)
     except (TariffError, AccountError) as exc:
@@ -1102,38 +846,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "simulate",
         help="bill a CSV of register readings and show the gateway's decisions",
         description="Rate register readings as the gateway does, bill them (fixed charges of the periods "
-        "that start in [first reading, last reading), lines rounded to the fen half to even), and "
-        "with --account follow the cutoff policy at every instant its decision can change.",
+                    "that start in [first reading, last reading), lines rounded to the fen half to even), and "
+                    "with --account follow the cutoff policy at every instant its decision can change.",
     )
-    sim.add_argument(
-        "--tariff",
-        action="append",
-        required=True,
-        metavar="FILE",
-        help="tariff version file (repeat for several versions of one tariff)",
-    )
-    sim.add_argument(
-        "--readings",
-        required=True,
-        metavar="FILE.csv",
-        help=f"CSV with columns {', '.join(COLUMNS[:3])} and optionally {', '.join(COLUMNS[3:])}",
-    )
-    sim.add_argument(
-        "--account", metavar="FILE", help="account TOML: opening balance, limits, windows, top-ups"
-    )
+    sim.add_argument("--tariff", action="append", required=True, metavar="FILE",
+                     help="tariff version file (repeat for several versions of one tariff)")
+    sim.add_argument("--readings", required=True, metavar="FILE.csv",
+                     help=f"CSV with columns {', '.join(COLUMNS[:3])} and optionally {', '.join(COLUMNS[3:])}")
+    sim.add_argument("--account", metavar="FILE", help="account TOML: opening balance, limits, windows, top-ups")
     sim.add_argument("--timezone", help="site timezone for files that do not name one")
-    sim.add_argument(
-        "--max-gap",
-        type=parse_duration_ms,
-        default=DEFAULT_MAX_GAP_MS,
-        metavar="DURATION",
-        help="flag intervals longer than this as 'gap' (default 2h; e.g. 90min, 6h, 1d)",
-    )
-    sim.add_argument(
-        "--format",
-        choices=("table", "json", "csv"),
-        help="output: a table (default on a terminal), JSON (default otherwise) or the bill as CSV",
-    )
+    sim.add_argument("--max-gap", type=parse_duration_ms, default=DEFAULT_MAX_GAP_MS, metavar="DURATION",
+                     help="flag intervals longer than this as 'gap' (default 2h; e.g. 90min, 6h, 1d)")
+    sim.add_argument("--format", choices=("table", "json", "csv"),
+                     help="output: a table (default on a terminal), JSON (default otherwise) or the bill as CSV")
     sim.set_defaults(func=cmd_simulate)
 
 

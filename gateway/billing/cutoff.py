@@ -126,11 +126,7 @@ class CutoffConfig:
             raise CutoffConfigError(f"overdraft must be >= 0, got {self.overdraft_micro}")
         if self.close_permit_micro < 0:
             raise CutoffConfigError(f"close permit must be >= 0, got {self.close_permit_micro}")
-        if (
-            self.reconnect_delay_ms < 0
-            or self.relay_min_interval_ms < 0
-            or self.startup_protect_ms < 0
-        ):
+        if self.reconnect_delay_ms < 0 or self.relay_min_interval_ms < 0 or self.startup_protect_ms < 0:
             raise CutoffConfigError("delays must be >= 0")
         if self.contact_protect_after_ms is not None and self.contact_protect_after_ms <= 0:
             raise CutoffConfigError("contact_protect_after_ms must be > 0")
@@ -254,13 +250,9 @@ def protection(now_ms: int, contact: Contact, cfg: CutoffConfig) -> Pending | No
     if cfg.protected:
         return Pending.PROTECTED
     lim = cfg.contact_protect_after_ms
-    if lim is not None and (
-        contact.last_contact_ms is None or now_ms - contact.last_contact_ms > lim
-    ):
+    if lim is not None and (contact.last_contact_ms is None or now_ms - contact.last_contact_ms > lim):
         return Pending.CONTACT_LOST
-    if cfg.startup_protect_ms and (
-        contact.started_ms is None or now_ms - contact.started_ms < cfg.startup_protect_ms
-    ):
+    if cfg.startup_protect_ms and (contact.started_ms is None or now_ms - contact.started_ms < cfg.startup_protect_ms):
         return Pending.STARTUP
     return None
 
@@ -270,10 +262,7 @@ def in_no_disconnect_window(now_ms: int, cfg: CutoffConfig) -> bool:
 
 
 def _rate_limited(state: CutoffState, now_ms: int, cfg: CutoffConfig) -> bool:
-    return (
-        state.last_relay_op_ms is not None
-        and now_ms - state.last_relay_op_ms < cfg.relay_min_interval_ms
-    )
+    return state.last_relay_op_ms is not None and now_ms - state.last_relay_op_ms < cfg.relay_min_interval_ms
 
 
 def evaluate(
@@ -308,7 +297,9 @@ def evaluate(
             since = state.restore_since_ms if state.restore_since_ms is not None else now_ms
             delay = 0
         elif balance_micro > cfg.close_permit_micro:
-            restore_why = f"balance {_yuan(balance_micro)} > restore level {yuan_text(cfg.close_permit_micro)}"
+            restore_why = (
+                f"balance {_yuan(balance_micro)} > restore level {yuan_text(cfg.close_permit_micro)}"
+            )
             since = state.restore_since_ms if state.restore_since_ms is not None else now_ms
             delay = cfg.reconnect_delay_ms
         else:
@@ -318,32 +309,19 @@ def evaluate(
         if restore_why is None:
             new = replace(state, level=Level.CUTOFF, pending=None, restore_since_ms=None)
         elif now_ms - since < delay:
-            new = replace(
-                state, level=Level.CUTOFF, pending=Pending.RECONNECT_DELAY, restore_since_ms=since
-            )
+            new = replace(state, level=Level.CUTOFF, pending=Pending.RECONNECT_DELAY, restore_since_ms=since)
         elif _rate_limited(state, now_ms, cfg):
-            new = replace(
-                state, level=Level.CUTOFF, pending=Pending.RATE_LIMIT, restore_since_ms=since
-            )
+            new = replace(state, level=Level.CUTOFF, pending=Pending.RATE_LIMIT, restore_since_ms=since)
         else:
             relay(RelayOp.CLOSE, restore_why)
             lvl = Level.GRACE if want is Level.CUTOFF else want
-            new = CutoffState(
-                lvl, False, state.alarm_on, prot if want is Level.CUTOFF else None, None, now_ms
-            )
+            new = CutoffState(lvl, False, state.alarm_on, prot if want is Level.CUTOFF else None, None, now_ms)
             reason = restore_why
         if new.pending is not None and new.pending != state.pending:
             events.append(
-                CutoffEvent(
-                    "restore_pending",
-                    account,
-                    now_ms,
-                    state.level,
-                    new.level,
-                    balance_micro,
-                    f"restore due ({restore_why}) but waiting: "
-                    f"{_waiting(new, now_ms, contact, cfg)}",
-                )
+                CutoffEvent("restore_pending", account, now_ms, state.level, new.level, balance_micro,
+                            f"restore due ({restore_why}) but waiting: "
+                            f"{_waiting(new, now_ms, contact, cfg)}")
             )
     elif want is Level.CUTOFF:
         blocker = prot
@@ -361,15 +339,8 @@ def evaluate(
                 reason = f"{reason}; cut deferred: {_waiting(new, now_ms, contact, cfg)}"
             if blocker != state.pending:
                 events.append(
-                    CutoffEvent(
-                        "trip_pending",
-                        account,
-                        now_ms,
-                        state.level,
-                        Level.GRACE,
-                        balance_micro,
-                        f"trip due but not executed: {reason}",
-                    )
+                    CutoffEvent("trip_pending", account, now_ms, state.level, Level.GRACE, balance_micro,
+                                f"trip due but not executed: {reason}")
                 )
     else:
         new = replace(state, level=want, pending=None, restore_since_ms=None)
@@ -377,16 +348,11 @@ def evaluate(
     alarm = new.level is not Level.NORMAL
     if alarm != new.alarm_on:
         for m in meters:
-            actions.append(
-                Action(RelayOp.ALARM_ON if alarm else RelayOp.ALARM_OFF, account, m, reason)
-            )
+            actions.append(Action(RelayOp.ALARM_ON if alarm else RelayOp.ALARM_OFF, account, m, reason))
         new = replace(new, alarm_on=alarm)
     if new.level != state.level:
         events.insert(
-            0,
-            CutoffEvent(
-                "state_change", account, now_ms, state.level, new.level, balance_micro, reason
-            ),
+            0, CutoffEvent("state_change", account, now_ms, state.level, new.level, balance_micro, reason)
         )
     return CutoffDecision(new, tuple(actions), tuple(events), now_ms, balance_micro)
 
@@ -420,9 +386,7 @@ def reassert(
         if cfg.close_mode_by_meter.get(meter, cfg.close_mode) is not CloseMode.DIRECT:
             return state, ()
         why = f"relay of {meter} reported open while the policy closed it: close repeated"
-        return replace(state, last_relay_op_ms=now_ms), (
-            Action(RelayOp.CLOSE, account, meter, why),
-        )
+        return replace(state, last_relay_op_ms=now_ms), (Action(RelayOp.CLOSE, account, meter, why),)
     return state, ()
 
 
@@ -473,7 +437,6 @@ def _day_instants(tz: ZoneInfo, d: date, minute: int) -> set[int]:
 def _offset_changes(tz: ZoneInfo, lo_ms: int, hi_ms: int) -> list[int]:
     """Instants in (lo, hi] where the zone's UTC offset changes (at most one expected
     between two local midnights), found by bisection to the millisecond."""
-
     def off(t: int) -> timedelta | None:
         return to_local(tz, t).utcoffset()
 
@@ -660,9 +623,7 @@ def _waiting(state: CutoffState, now_ms: int, contact: Contact, cfg: CutoffConfi
     tz = cfg.tz
     if p is Pending.NO_DISCONNECT_WINDOW:
         end = next_window_change_ms(now_ms, cfg)
-        return "no-disconnect window" + (
-            "" if end is None else f" until {local_text(tz, end, now_ms)}"
-        )
+        return "no-disconnect window" + ("" if end is None else f" until {local_text(tz, end, now_ms)}")
     if p is Pending.RATE_LIMIT and state.last_relay_op_ms is not None:
         end = state.last_relay_op_ms + cfg.relay_min_interval_ms
         return f"relay rate limit until {local_text(tz, end, now_ms)}"
@@ -676,10 +637,8 @@ def _waiting(state: CutoffState, now_ms: int, contact: Contact, cfg: CutoffConfi
         lim = cfg.contact_protect_after_ms or 0
         if contact.last_contact_ms is None:
             return "no contact with central since the gateway started"
-        return (
-            f"no contact with central since {local_text(tz, contact.last_contact_ms, now_ms)}"
-            f" (more than {lim // 1000} s)"
-        )
+        return (f"no contact with central since {local_text(tz, contact.last_contact_ms, now_ms)}"
+                f" (more than {lim // 1000} s)")
     if p is not None and p in _PROTECTION_TEXT:
         return _PROTECTION_TEXT[p]
     return "" if p is None else p.value.replace("_", " ")
@@ -696,10 +655,8 @@ def describe(
     if state.relay_open:
         if state.pending is not None:
             return f"restore pending: {_waiting(state, now_ms, contact, cfg)}"
-        return (
-            f"supply cut (balance {_yuan(balance_micro)}, cut level {cut_level_text(cfg)});"
-            f" restore above {yuan_text(cfg.close_permit_micro)}"
-        )
+        return (f"supply cut (balance {_yuan(balance_micro)}, cut level {cut_level_text(cfg)});"
+                f" restore above {yuan_text(cfg.close_permit_micro)}")
     if state.pending is not None:
         return f"cut pending: {_waiting(state, now_ms, contact, cfg)}"
     if lvl is Level.NORMAL:
@@ -707,10 +664,8 @@ def describe(
     if lvl is Level.ALARM1:
         return f"supply on: low balance (alarm 1 at {yuan_text(cfg.alarm1_micro)})"
     if lvl is Level.ALARM2:
-        return (
-            f"supply on: balance nearly used up (alarm 2 at {yuan_text(cfg.alarm2_micro)},"
-            f" cut at {cut_level_text(cfg)})"
-        )
+        return (f"supply on: balance nearly used up (alarm 2 at {yuan_text(cfg.alarm2_micro)},"
+                f" cut at {cut_level_text(cfg)})")
     if lvl is Level.GRACE:
         return f"supply on: in overdraft, cut at {cut_level_text(cfg)}"
     return f"cut due (balance {_yuan(balance_micro)})"

@@ -145,30 +145,19 @@ def debit_entry(account: str, charge: IntervalCharge) -> Entry:
         "apportioning": charge.apportioning.value,
         "lines": lines,
     }
-    return Entry(
-        charge.charge_id, account, EntryKind.DEBIT, -charge.amount_micro, charge.end_ms, body
-    )
+    return Entry(charge.charge_id, account, EntryKind.DEBIT, -charge.amount_micro, charge.end_ms, body)
 
 
 def fixed_entry(due: FixedChargeDue) -> Entry:
-    body = {
-        "name": due.name,
-        "tariff": due.tariff,
-        "period": due.period,
-        "period_start_ms": due.period_start_ms,
-    }
-    return Entry(
-        due.charge_id, due.account, EntryKind.FIXED, -due.amount_micro, due.period_start_ms, body
-    )
+    body = {"name": due.name, "tariff": due.tariff, "period": due.period, "period_start_ms": due.period_start_ms}
+    return Entry(due.charge_id, due.account, EntryKind.FIXED, -due.amount_micro, due.period_start_ms, body)
 
 
 def adjustment_entry(
     adjustment_id: str, account: str, amount_micro: int, time_ms: int, reason: str, issuer: str
 ) -> Entry:
     body = {"reason": reason, "issuer": issuer}
-    return Entry(
-        f"adjust:{adjustment_id}", account, EntryKind.ADJUSTMENT, amount_micro, time_ms, body
-    )
+    return Entry(f"adjust:{adjustment_id}", account, EntryKind.ADJUSTMENT, amount_micro, time_ms, body)
 
 
 # ---------------------------------------------------------------------------
@@ -261,9 +250,7 @@ def rebase(view: LedgerView, snapshot: Entry, tail: Iterable[Entry]) -> LedgerVi
     )
 
 
-def fold(
-    account: str, entries: Iterable[Entry], opening_tier: TierState | None = None
-) -> LedgerView:
+def fold(account: str, entries: Iterable[Entry], opening_tier: TierState | None = None) -> LedgerView:
     """Reference fold over all entries of one account, in seq order."""
     ordered = sorted(entries, key=lambda e: e.seq)
     view = LedgerView(account, tier=opening_tier or TierState())

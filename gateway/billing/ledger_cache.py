@@ -65,9 +65,7 @@ class LedgerCache:
         self._views: dict[str, LedgerView] = {}
         self._cutoff: dict[str, CutoffState] = {}
         self._baselines: dict[str, RegisterReading | None] = {}
-        self._resets: dict[
-            str, str | None
-        ] = {}  # meter -> stored reset state (rare; written through)
+        self._resets: dict[str, str | None] = {}  # meter -> stored reset state (rare; written through)
         self._fixed_until: dict[str, int | None] = {}
         self._dirty_views: dict[str, None] = {}
         self._dirty_baselines: dict[str, str] = {}  # meter -> account
@@ -98,9 +96,7 @@ class LedgerCache:
     async def flush(self, conn: aiosqlite.Connection) -> None:
         """Write changed views and baselines (call before the transaction commits)."""
         if self._dirty_views:
-            await conn.executemany(
-                ls.SAVE_VIEW_SQL, [ls.view_params(self._views[a]) for a in self._dirty_views]
-            )
+            await conn.executemany(ls.SAVE_VIEW_SQL, [ls.view_params(self._views[a]) for a in self._dirty_views])
             self._dirty_views.clear()
         if self._dirty_baselines:
             rows = []
@@ -154,14 +150,8 @@ class LedgerCache:
         sus, held = ls.reset_from_json(self._resets[meter])
         return MeterTrack(base, sus, held)
 
-    async def _store_track(
-        self,
-        conn: aiosqlite.Connection,
-        account: str,
-        meter: str,
-        before: MeterTrack,
-        after: MeterTrack,
-    ) -> None:
+    async def _store_track(self, conn: aiosqlite.Connection, account: str, meter: str,
+                           before: MeterTrack, after: MeterTrack) -> None:
         if after.baseline is not None and after.baseline != before.baseline:
             self._set_baseline(account, after.baseline)
         old, new = ls.reset_json(before), ls.reset_json(after)
@@ -177,9 +167,7 @@ class LedgerCache:
 
     # -- writes ---------------------------------------------------------------
 
-    async def save_cutoff_state(
-        self, conn: aiosqlite.Connection, account: str, state: CutoffState
-    ) -> None:
+    async def save_cutoff_state(self, conn: aiosqlite.Connection, account: str, state: CutoffState) -> None:
         await ls.save_cutoff_state(conn, account, state)
         self._cutoff[account] = state
 
@@ -193,9 +181,7 @@ class LedgerCache:
             raise ValueError("snapshots go through ledger_store.apply_snapshot")
         view = await self.view(conn, entry.account)
         e = replace(entry, seq=view.last_seq + 1)
-        cur = await conn.execute(
-            ls.INSERT_ENTRY_SQL + " ON CONFLICT (entry_id) DO NOTHING", ls.entry_params(e)
-        )
+        cur = await conn.execute(ls.INSERT_ENTRY_SQL + " ON CONFLICT (entry_id) DO NOTHING", ls.entry_params(e))
         if cur.rowcount == 0:
             old = await ls.get_entry(conn, entry.entry_id)
             assert old is not None

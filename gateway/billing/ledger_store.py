@@ -147,11 +147,7 @@ class LedgerCorrupt(EdgeGwError):
 
 SCHEMA = Schema(
     "billing",
-    Step(
-        4,
-        "ledger, accounts, tariffs, held fixed charges, baselines, meter resets",
-        statements(TABLES),
-    ),
+    Step(4, "ledger, accounts, tariffs, held fixed charges, baselines, meter resets", statements(TABLES)),
 )
 
 
@@ -170,9 +166,7 @@ _ENTRY_COLS = "account, seq, entry_id, kind, amount_micro, time_ms, body"
 
 
 async def get_entry(conn: aiosqlite.Connection, entry_id: str) -> Entry | None:
-    async with conn.execute(
-        f"SELECT {_ENTRY_COLS} FROM billing_entry WHERE entry_id = ?", (entry_id,)
-    ) as cur:
+    async with conn.execute(f"SELECT {_ENTRY_COLS} FROM billing_entry WHERE entry_id = ?", (entry_id,)) as cur:
         row = await cur.fetchone()
     return None if row is None else _row_entry(row)
 
@@ -190,9 +184,7 @@ async def entries(
     return [_row_entry(r) for r in rows]
 
 
-async def open_account(
-    conn: aiosqlite.Connection, account: str, opening_tier: TierState | None = None
-) -> bool:
+async def open_account(conn: aiosqlite.Connection, account: str, opening_tier: TierState | None = None) -> bool:
     """Create the account's row if missing; True if created."""
     t = opening_tier or TierState()
     cur = await conn.execute(
@@ -209,9 +201,7 @@ VIEW_COLS = "balance_micro, last_seq, purchase_counter, tier_period_start_ms, ti
 
 async def load_view(conn: aiosqlite.Connection, account: str) -> LedgerView:
     """The account's folded view (an empty one for an unknown account)."""
-    async with conn.execute(
-        f"SELECT {VIEW_COLS} FROM billing_account WHERE account = ?", (account,)
-    ) as cur:
+    async with conn.execute(f"SELECT {VIEW_COLS} FROM billing_account WHERE account = ?", (account,)) as cur:
         row = await cur.fetchone()
     return LedgerView(account) if row is None else await view_from_row(conn, account, row)
 
@@ -223,8 +213,7 @@ async def view_from_row(conn: aiosqlite.Connection, account: str, row: Sequence[
     snap = None
     if snap_seq is not None:
         async with conn.execute(
-            f"SELECT {_ENTRY_COLS} FROM billing_entry WHERE account = ? AND seq = ?",
-            (account, snap_seq),
+            f"SELECT {_ENTRY_COLS} FROM billing_entry WHERE account = ? AND seq = ?", (account, snap_seq)
         ) as cur:
             srow = await cur.fetchone()
         if srow is None:
@@ -259,15 +248,7 @@ INSERT_ENTRY_SQL = f"INSERT INTO billing_entry ({_ENTRY_COLS}) VALUES (?, ?, ?, 
 
 
 def entry_params(e: Entry) -> tuple[Any, ...]:
-    return (
-        e.account,
-        e.seq,
-        e.entry_id,
-        e.kind.value,
-        e.amount_micro,
-        e.time_ms,
-        e.body_json().decode(),
-    )
+    return (e.account, e.seq, e.entry_id, e.kind.value, e.amount_micro, e.time_ms, e.body_json().decode())
 
 
 async def append(conn: aiosqlite.Connection, entry: Entry) -> AppendResult:
@@ -293,8 +274,7 @@ async def append(conn: aiosqlite.Connection, entry: Entry) -> AppendResult:
 async def verify(conn: aiosqlite.Connection, account: str) -> LedgerView:
     """Re-fold every entry of ``account`` and compare with the stored view."""
     async with conn.execute(
-        "SELECT opening_tier_start_ms, opening_tier_ckwh FROM billing_account WHERE account = ?",
-        (account,),
+        "SELECT opening_tier_start_ms, opening_tier_ckwh FROM billing_account WHERE account = ?", (account,)
     ) as cur:
         row = await cur.fetchone()
     opening = TierState() if row is None else TierState(row[0], row[1])
@@ -311,27 +291,20 @@ async def verify(conn: aiosqlite.Connection, account: str) -> LedgerView:
 
 def _baseline(meter: str, reading_id: str, time_ms: int, kwh: str, rates: str) -> RegisterReading:
     return RegisterReading(
-        reading_id,
-        meter,
-        time_ms,
-        Decimal(kwh),
-        {k: Decimal(v) for k, v in orjson.loads(rates).items()},
+        reading_id, meter, time_ms, Decimal(kwh), {k: Decimal(v) for k, v in orjson.loads(rates).items()}
     )
 
 
 async def get_baseline(conn: aiosqlite.Connection, meter: str) -> RegisterReading | None:
     async with conn.execute(
-        "SELECT reading_id, time_ms, import_kwh, rates FROM billing_baseline WHERE meter = ?",
-        (meter,),
+        "SELECT reading_id, time_ms, import_kwh, rates FROM billing_baseline WHERE meter = ?", (meter,)
     ) as cur:
         row = await cur.fetchone()
     return None if row is None else _baseline(meter, *row)
 
 
 async def all_baselines(conn: aiosqlite.Connection) -> dict[str, RegisterReading]:
-    async with conn.execute(
-        "SELECT meter, reading_id, time_ms, import_kwh, rates FROM billing_baseline"
-    ) as cur:
+    async with conn.execute("SELECT meter, reading_id, time_ms, import_kwh, rates FROM billing_baseline") as cur:
         rows = await cur.fetchall()
     return {r[0]: _baseline(*r) for r in rows}
 
@@ -346,14 +319,7 @@ SET_BASELINE_SQL = (
 
 def baseline_params(account: str, reading: RegisterReading) -> tuple[Any, ...]:
     rates = orjson.dumps({k: str(v) for k, v in sorted(reading.rate_kwh.items())}).decode()
-    return (
-        reading.meter_id,
-        account,
-        reading.reading_id,
-        reading.time_ms,
-        str(reading.import_kwh),
-        rates,
-    )
+    return (reading.meter_id, account, reading.reading_id, reading.time_ms, str(reading.import_kwh), rates)
 
 
 async def set_baseline(conn: aiosqlite.Connection, account: str, reading: RegisterReading) -> None:
@@ -361,23 +327,13 @@ async def set_baseline(conn: aiosqlite.Connection, account: str, reading: Regist
 
 
 def reading_json(r: RegisterReading) -> dict[str, Any]:
-    return {
-        "id": r.reading_id,
-        "meter": r.meter_id,
-        "time_ms": r.time_ms,
-        "import_kwh": str(r.import_kwh),
-        "rates": {k: str(v) for k, v in sorted(r.rate_kwh.items())},
-    }
+    return {"id": r.reading_id, "meter": r.meter_id, "time_ms": r.time_ms, "import_kwh": str(r.import_kwh),
+            "rates": {k: str(v) for k, v in sorted(r.rate_kwh.items())}}
 
 
 def reading_from_json(d: Any) -> RegisterReading:
-    return RegisterReading(
-        str(d["id"]),
-        str(d["meter"]),
-        int(d["time_ms"]),
-        Decimal(d["import_kwh"]),
-        {str(k): Decimal(v) for k, v in d.get("rates", {}).items()},
-    )
+    return RegisterReading(str(d["id"]), str(d["meter"]), int(d["time_ms"]), Decimal(d["import_kwh"]),
+                           {str(k): Decimal(v) for k, v in d.get("rates", {}).items()})
 
 
 def reset_json(track: MeterTrack) -> str | None:
@@ -396,15 +352,11 @@ def reset_from_json(text: str | None) -> tuple[RegisterReading | None, tuple[Hel
         return None, ()
     d = orjson.loads(text)
     sus = None if d.get("suspect") is None else reading_from_json(d["suspect"])
-    return sus, tuple(
-        HeldSpan(reading_from_json(a), reading_from_json(b)) for a, b in d.get("held", ())
-    )
+    return sus, tuple(HeldSpan(reading_from_json(a), reading_from_json(b)) for a, b in d.get("held", ()))
 
 
 async def get_reset(conn: aiosqlite.Connection, meter: str) -> str | None:
-    async with conn.execute(
-        "SELECT state FROM billing_meter_reset WHERE meter = ?", (meter,)
-    ) as cur:
+    async with conn.execute("SELECT state FROM billing_meter_reset WHERE meter = ?", (meter,)) as cur:
         row = await cur.fetchone()
     return None if row is None else str(row[0])
 
@@ -414,9 +366,7 @@ async def all_resets(conn: aiosqlite.Connection) -> dict[str, str]:
         return {str(m): str(st) for m, st in await cur.fetchall()}
 
 
-async def save_reset(
-    conn: aiosqlite.Connection, account: str, meter: str, state: str | None
-) -> None:
+async def save_reset(conn: aiosqlite.Connection, account: str, meter: str, state: str | None) -> None:
     if state is None:
         await conn.execute("DELETE FROM billing_meter_reset WHERE meter = ?", (meter,))
     else:
@@ -471,13 +421,8 @@ async def rate_reading(
     await open_account(conn, account)
     track = await get_track(conn, reading.meter_id)
     if track.baseline is None or track.baseline.reading_id == reading.reading_id:
-        await _store_track(
-            conn,
-            account,
-            reading.meter_id,
-            track,
-            MeterTrack(track.baseline or reading, track.suspect, track.held),
-        )
+        await _store_track(conn, account, reading.meter_id, track, MeterTrack(track.baseline or reading,
+                                                                                track.suspect, track.held))
         return RatedReading(None, None, await load_view(conn, account))
     view = await load_view(conn, account)
     step = track_reading(track, reading, book, view.tier, max_gap_ms=max_gap_ms)
@@ -616,9 +561,7 @@ async def charge_fixed(
     return (await fixed_in(conn, account, book, now_ms)).applied
 
 
-async def record_held(
-    conn: aiosqlite.Connection, account: str, group: HeldGroup, now_ms: int
-) -> None:
+async def record_held(conn: aiosqlite.Connection, account: str, group: HeldGroup, now_ms: int) -> None:
     s = group.stretch
     await conn.executemany(
         "INSERT INTO billing_fixed_held (charge_id, account, name, tariff, period, period_start_ms,"
@@ -697,17 +640,13 @@ async def held_charges(
 
 async def load_fixed_until(conn: aiosqlite.Connection, account: str) -> int | None:
     """Up to when fixed charges of ``account`` were raised (None: never scanned)."""
-    async with conn.execute(
-        "SELECT fixed_until_ms FROM billing_account WHERE account = ?", (account,)
-    ) as cur:
+    async with conn.execute("SELECT fixed_until_ms FROM billing_account WHERE account = ?", (account,)) as cur:
         row = await cur.fetchone()
     return None if row is None else row[0]
 
 
 async def save_fixed_until(conn: aiosqlite.Connection, account: str, until_ms: int) -> None:
-    await conn.execute(
-        "UPDATE billing_account SET fixed_until_ms = ? WHERE account = ?", (until_ms, account)
-    )
+    await conn.execute("UPDATE billing_account SET fixed_until_ms = ? WHERE account = ?", (until_ms, account))
 
 
 async def apply_topup(
@@ -718,10 +657,7 @@ async def apply_topup(
     view = await load_view(conn, topup.account)
     existing = await get_entry(conn, topup.entry_id)
     decision = decide_topup(topup, view, existing, policy, now_ms)
-    if decision.entry is not None and decision.status in (
-        TopUpStatus.APPLIED,
-        TopUpStatus.ALREADY_COUNTED,
-    ):
+    if decision.entry is not None and decision.status in (TopUpStatus.APPLIED, TopUpStatus.ALREADY_COUNTED):
         res = await append(conn, decision.entry)
         decision = replace(decision, entry=res.entry, balance_after_micro=res.view.balance_micro)
     return decision
@@ -739,9 +675,7 @@ async def apply_snapshot(conn: aiosqlite.Connection, snap: CentralSnapshot) -> S
 
 
 async def load_cutoff_json(conn: aiosqlite.Connection, account: str) -> dict[str, Any] | None:
-    async with conn.execute(
-        "SELECT cutoff_state FROM billing_account WHERE account = ?", (account,)
-    ) as cur:
+    async with conn.execute("SELECT cutoff_state FROM billing_account WHERE account = ?", (account,)) as cur:
         row = await cur.fetchone()
     if row is None or row[0] is None:
         return None
@@ -786,8 +720,6 @@ async def save_tariff_doc(
 
 async def load_tariff_docs(conn: aiosqlite.Connection) -> list[dict[str, Any]]:
     """Installed tariff documents, oldest installation first."""
-    async with conn.execute(
-        "SELECT doc FROM billing_tariff ORDER BY installed_ms, tariff_id, version"
-    ) as cur:
+    async with conn.execute("SELECT doc FROM billing_tariff ORDER BY installed_ms, tariff_id, version") as cur:
         rows = await cur.fetchall()
     return [orjson.loads(r[0]) for r in rows]

@@ -78,39 +78,11 @@ def parse_snapshot(d: Any, authorization: Authorization | None = None) -> Centra
         inc = []
     tier_ps = r.integer("tier_period_start_ms", required=False)
     tier_ck = r.integer("tier_cumulative_ckwh", 0, required=False)
-    r.done(
-        {
-            "id",
-            "account",
-            "central_seq",
-            "as_of_seq",
-            "balance_micro",
-            "time_ms",
-            "purchase_counter",
-            "included_ids",
-            "tier_period_start_ms",
-            "tier_cumulative_ckwh",
-        }
-    )
-    assert (
-        central_seq is not None
-        and as_of is not None
-        and balance is not None
-        and time_ms is not None
-    )
-    return CentralSnapshot(
-        sid,
-        account,
-        central_seq,
-        as_of,
-        balance,
-        time_ms,
-        frozenset(inc),
-        counter,
-        tier_ps,
-        tier_ck,
-        authorization,
-    )
+    r.done({"id", "account", "central_seq", "as_of_seq", "balance_micro", "time_ms", "purchase_counter",
+            "included_ids", "tier_period_start_ms", "tier_cumulative_ckwh"})
+    assert central_seq is not None and as_of is not None and balance is not None and time_ms is not None
+    return CentralSnapshot(sid, account, central_seq, as_of, balance, time_ms, frozenset(inc), counter,
+                           tier_ps, tier_ck, authorization)
 
 
 _REGISTER_KEYS = {"import_kwh", "t1_kwh", "t2_kwh", "t3_kwh", "t4_kwh"}

@@ -91,20 +91,13 @@ class MeterReplacement:
     @property
     def old_final(self) -> RegisterReading:
         return RegisterReading(
-            f"{self.event_id}/old",
-            self.meter_id,
-            self.time_ms,
-            self.old_final_kwh,
-            self.old_final_rates,
+            f"{self.event_id}/old", self.meter_id, self.time_ms, self.old_final_kwh, self.old_final_rates
         )
 
     @property
     def new_initial(self) -> RegisterReading:
         return RegisterReading(
-            f"{self.event_id}{EXCHANGE_NEW}",
-            self.meter_id,
-            self.time_ms,
-            self.new_initial_kwh,
+            f"{self.event_id}{EXCHANGE_NEW}", self.meter_id, self.time_ms, self.new_initial_kwh,
             self.new_initial_rates,
         )
 
@@ -255,16 +248,11 @@ def _by_registers(
         return None, f"a rate register went backwards: {_kwh_map(delta)}"
     stray = {r: d for r, d in delta.items() if d > 0 and r not in used}
     if stray:
-        return (
-            None,
-            f"energy registered in {', '.join(sorted(stray))}, a rate the tariff does not use here",
-        )
+        return None, f"energy registered in {', '.join(sorted(stray))}, a rate the tariff does not use here"
     residual = total - sum(delta.values())
     if abs(residual) > len(names):
-        return None, (
-            f"rate registers sum to {ckwh_to_kwh(sum(delta.values()))} kWh, "
-            f"the total register says {ckwh_to_kwh(total)} kWh"
-        )
+        return None, (f"rate registers sum to {ckwh_to_kwh(sum(delta.values()))} kWh, "
+                      f"the total register says {ckwh_to_kwh(total)} kWh")
     # truncation residue (at most 1 ckwh per register) goes to / comes from the largest rates
     order = sorted(names, key=lambda r: (-delta[r], r))
     if residual > 0:
@@ -278,11 +266,7 @@ def _by_registers(
     out = [0] * len(segs)
     for r in names:
         idx = [i for i, s in enumerate(segs) if s.rate == r]
-        for i, e in zip(
-            idx,
-            _largest_remainder(delta[r], [segs[i].end - segs[i].start for i in idx]),
-            strict=True,
-        ):
+        for i, e in zip(idx, _largest_remainder(delta[r], [segs[i].end - segs[i].start for i in idx]), strict=True):
             out[i] = e
     return out, ""
 
@@ -325,23 +309,15 @@ def rate_interval(
         if cur.time_ms <= first:
             return RatingResult(
                 None,
-                (
-                    anomaly(
-                        AnomalyKind.NO_TARIFF,
-                        f"{ckwh_to_kwh(total)} kWh before the first tariff version "
-                        f"({_when(book, first)}); not charged",
-                    ),
-                ),
+                (anomaly(AnomalyKind.NO_TARIFF, f"{ckwh_to_kwh(total)} kWh before the first tariff version "
+                                                f"({_when(book, first)}); not charged"),),
                 tier,
                 advance=True,
             )
         before, _ = _largest_remainder(total, [first - prev.time_ms, cur.time_ms - first])
         notes.append(
-            anomaly(
-                AnomalyKind.NO_TARIFF,
-                f"{ckwh_to_kwh(before)} kWh before the first tariff version "
-                f"({_when(book, first)}); not charged",
-            )
+            anomaly(AnomalyKind.NO_TARIFF, f"{ckwh_to_kwh(before)} kWh before the first tariff version "
+                                           f"({_when(book, first)}); not charged")
         )
         start_reg = register_ckwh(prev.import_kwh) + before
         prev = RegisterReading(prev.reading_id, prev.meter_id, first, Decimal(start_reg) / 100)
@@ -437,9 +413,7 @@ class FixedChargeDue:
     amount_micro: int
 
 
-def fixed_charges_due(
-    account: str, book: TariffBook, since_ms: int, until_ms: int
-) -> list[FixedChargeDue]:
+def fixed_charges_due(account: str, book: TariffBook, since_ms: int, until_ms: int) -> list[FixedChargeDue]:
     """Fixed charges whose period starts in (since, until], charged at the period start
     by the tariff version in force then. Ids are stable, so overlapping calls are harmless."""
     out: list[FixedChargeDue] = []
@@ -452,9 +426,7 @@ def fixed_charges_due(
         for fc in v.fixed:
             for s in v.fixed_period_starts(fc.period, lo, hi):
                 cid = f"fixed:{account}:{v.tariff_id}:{fc.name}:{s}"
-                out.append(
-                    FixedChargeDue(cid, account, fc.name, v.key, fc.period, s, fc.amount_micro)
-                )
+                out.append(FixedChargeDue(cid, account, fc.name, v.key, fc.period, s, fc.amount_micro))
     out.sort(key=lambda f: (f.period_start_ms, f.name))
     return out
 
@@ -609,12 +581,9 @@ def track_replacement(
             return  # nothing between them
         r = rate_interval(a, b, book, tier, max_gap_ms=max_gap_ms)
         if r.charge is None and any(
-            x.kind in (AnomalyKind.REGISTER_BACKWARDS, AnomalyKind.TIME_NOT_INCREASING)
-            for x in r.anomalies
+            x.kind in (AnomalyKind.REGISTER_BACKWARDS, AnomalyKind.TIME_NOT_INCREASING) for x in r.anomalies
         ):
-            raise ReplacementError(
-                "replacement_inconsistent", "; ".join(x.detail for x in r.anomalies)
-            )
+            raise ReplacementError("replacement_inconsistent", "; ".join(x.detail for x in r.anomalies))
         results.append(r)
         tier = r.tier_state
 

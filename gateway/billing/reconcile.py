@@ -29,9 +29,7 @@ class CentralSnapshot:
     as_of_seq: int  # local ledger seq the balance reflects (0: none)
     balance_micro: int
     time_ms: int
-    included_ids: frozenset[str] = field(
-        default_factory=frozenset
-    )  # ledger entry ids, e.g. "topup:X"
+    included_ids: frozenset[str] = field(default_factory=frozenset)  # ledger entry ids, e.g. "topup:X"
     purchase_counter: int = 0  # last purchase counter central has sold
     tier_period_start_ms: int | None = None
     tier_cumulative_ckwh: int | None = None  # tier consumption as of as_of_seq (optional)
@@ -56,9 +54,7 @@ def snapshot_entry(snap: CentralSnapshot) -> Entry:
         if auth is None
         else {"issuer": auth.issuer, "key_id": auth.key_id, "verified_at_ms": auth.verified_at_ms},
     }
-    return Entry(
-        snap.entry_id, snap.account, EntryKind.SNAPSHOT, snap.balance_micro, snap.time_ms, body
-    )
+    return Entry(snap.entry_id, snap.account, EntryKind.SNAPSHOT, snap.balance_micro, snap.time_ms, body)
 
 
 class SnapshotStatus(enum.StrEnum):
@@ -75,9 +71,7 @@ class SnapshotDecision:
     entry: Entry | None = None  # append this when APPLIED
 
 
-def decide_snapshot(
-    snap: CentralSnapshot, view: LedgerView, existing: Entry | None
-) -> SnapshotDecision:
+def decide_snapshot(snap: CentralSnapshot, view: LedgerView, existing: Entry | None) -> SnapshotDecision:
     if snap.account != view.account:
         return SnapshotDecision(
             SnapshotStatus.REJECTED, f"snapshot for {snap.account!r} on account {view.account!r}"
@@ -85,9 +79,7 @@ def decide_snapshot(
     entry = snapshot_entry(snap)
     if existing is not None:
         if existing.same_content(entry):
-            return SnapshotDecision(
-                SnapshotStatus.DUPLICATE, f"snapshot {snap.snapshot_id} already applied"
-            )
+            return SnapshotDecision(SnapshotStatus.DUPLICATE, f"snapshot {snap.snapshot_id} already applied")
         return SnapshotDecision(
             SnapshotStatus.REJECTED,
             f"central_seq {snap.central_seq} already used by a different snapshot",

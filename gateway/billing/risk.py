@@ -104,10 +104,7 @@ def check_sudden_drop(
 
 
 def check_zero_consumption(
-    first: RegisterReading,
-    last: RegisterReading,
-    relay_closed_throughout: bool,
-    cfg: RiskConfig = RiskConfig(),
+    first: RegisterReading, last: RegisterReading, relay_closed_throughout: bool, cfg: RiskConfig = RiskConfig()
 ) -> RiskEvent | None:
     """No energy between two readings at least ``zero_days`` apart while supply was on."""
     span = last.time_ms - first.time_ms
@@ -128,9 +125,7 @@ def check_zero_consumption(
     )
 
 
-def check_consumption_while_open(
-    prev: Reading, cur: Reading, cfg: RiskConfig = RiskConfig()
-) -> RiskEvent | None:
+def check_consumption_while_open(prev: Reading, cur: Reading, cfg: RiskConfig = RiskConfig()) -> RiskEvent | None:
     """Energy registered, or power measured, while the relay reported open at both readings."""
     if prev.good(Quantity.RELAY_OPEN) != 1 or cur.good(Quantity.RELAY_OPEN) != 1:
         return None
@@ -169,10 +164,7 @@ def check_clock_drift(reading: Reading, cfg: RiskConfig = RiskConfig()) -> RiskE
 
 
 def check_relay_mismatch(
-    reading: Reading,
-    commanded_open: bool | None,
-    commanded_at_ms: int | None,
-    cfg: RiskConfig = RiskConfig(),
+    reading: Reading, commanded_open: bool | None, commanded_at_ms: int | None, cfg: RiskConfig = RiskConfig()
 ) -> RiskEvent | None:
     if commanded_open is None or commanded_at_ms is None:
         return None
@@ -213,6 +205,7 @@ def check_reading(
         if a is not None and b is not None:
             found.append(check_register_backwards(a, b))
     return [f for f in found if f is not None]
+
 
 
 def daily_ckwh(intervals: Sequence[tuple[int, int]], tz_name: str, until_ms: int) -> list[int]:

@@ -38,6 +38,7 @@ RATE_NAMES: tuple[str, ...] = ("T1", "T2", "T3", "T4")  # sharp, peak, flat, val
 FLAT_RATE = "flat"  # the rate name of a single-price tariff
 
 
+
 class TariffError(ProblemsError):
     """A tariff file (or set of versions) is invalid. ``problems``: one line each."""
 

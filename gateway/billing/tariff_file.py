@@ -108,7 +108,7 @@ def _hhmm(p: Problems, key: str, v: Any) -> int | None:
 
 def _day_plan(p: Problems, key: str, v: Any, rate_names: set[str]) -> DayPlan | None:
     if not isinstance(v, list) or not v:
-        p.add(key, 'must be a non-empty list of ["HH:MM", "Tn"] pairs')
+        p.add(key, "must be a non-empty list of [\"HH:MM\", \"Tn\"] pairs")
         return None
     starts: list[int] = []
     rates: list[str] = []
@@ -116,7 +116,7 @@ def _day_plan(p: Problems, key: str, v: Any, rate_names: set[str]) -> DayPlan | 
     for i, item in enumerate(v):
         k = f"{key}[{i}]"
         if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], str)):
-            p.add(k, f'must be a pair ["HH:MM", "Tn"], got {item!r}')
+            p.add(k, f"must be a pair [\"HH:MM\", \"Tn\"], got {item!r}")
             ok = False
             continue
         m = _hhmm(p, k, item[0])
@@ -138,9 +138,7 @@ def _day_plan(p: Problems, key: str, v: Any, rate_names: set[str]) -> DayPlan | 
     return DayPlan(tuple(starts), tuple(rates)) if ok else None
 
 
-def _season(
-    p: Problems, key: str, raw: Any, rate_names: set[str], need_name: bool
-) -> Season | None:
+def _season(p: Problems, key: str, raw: Any, rate_names: set[str], need_name: bool) -> Season | None:
     if not isinstance(raw, dict):
         p.add(key, "must be a table")
         return None
@@ -164,12 +162,8 @@ def _season(
         p.add(f"{key}.workday", "missing required day plan")
         return None
     workday = _day_plan(p, f"{key}.workday", raw["workday"], rate_names)
-    weekend = (
-        _day_plan(p, f"{key}.weekend", raw["weekend"], rate_names) if "weekend" in raw else workday
-    )
-    holiday = (
-        _day_plan(p, f"{key}.holiday", raw["holiday"], rate_names) if "holiday" in raw else weekend
-    )
+    weekend = _day_plan(p, f"{key}.weekend", raw["weekend"], rate_names) if "weekend" in raw else workday
+    holiday = _day_plan(p, f"{key}.holiday", raw["holiday"], rate_names) if "holiday" in raw else weekend
     if workday is None or weekend is None or holiday is None:
         return None
     return Season(
@@ -188,10 +182,7 @@ def _tier(p: Problems, raw: Any) -> TierSpec | None:
     if "preset" in raw:
         preset = TIER_PRESETS.get(raw["preset"]) if isinstance(raw["preset"], str) else None
         if preset is None:
-            p.add(
-                "tier.preset",
-                f"unknown preset {raw['preset']!r} (known: {', '.join(TIER_PRESETS)})",
-            )
+            p.add("tier.preset", f"unknown preset {raw['preset']!r} (known: {', '.join(TIER_PRESETS)})")
             return None
         merged.update(preset)
         if "prices" in raw:
@@ -231,10 +222,7 @@ def _tier(p: Problems, raw: Any) -> TierSpec | None:
             thresholds.append(c)
     has_s, has_p = "surcharges" in merged, "prices" in merged
     if has_s == has_p:
-        p.add(
-            "tier",
-            "give exactly one of 'surcharges' (added to the rate price) or 'prices' (tier prices)",
-        )
+        p.add("tier", "give exactly one of 'surcharges' (added to the rate price) or 'prices' (tier prices)")
         return None
     mode = "surcharge" if has_s else "price"
     key = "surcharges" if has_s else "prices"
@@ -244,10 +232,7 @@ def _tier(p: Problems, raw: Any) -> TierSpec | None:
         p.add(f"tier.{key}", "must be a list")
     else:
         if raw_t is not None and isinstance(raw_t, list) and len(raw_v) != len(raw_t) + 1:
-            p.add(
-                f"tier.{key}",
-                f"needs {len(raw_t) + 1} values (one more than thresholds), got {len(raw_v)}",
-            )
+            p.add(f"tier.{key}", f"needs {len(raw_t) + 1} values (one more than thresholds), got {len(raw_v)}")
         for i, v in enumerate(raw_v):
             e4 = _price(p, f"tier.{key}[{i}]", v)
             if e4 is not None:
@@ -280,9 +265,7 @@ def _effective_from(p: Problems, v: Any, tz: ZoneInfo | None) -> int | None:
     return None
 
 
-def parse_tariff(
-    raw: Mapping[str, Any], source: str, default_timezone: str | None = None
-) -> Tariff:
+def parse_tariff(raw: Mapping[str, Any], source: str, default_timezone: str | None = None) -> Tariff:
     """Validate a parsed TOML document; raise :class:`TariffError` with every problem."""
     p = Problems(source)
     p.unknown("", raw, _TOP_KEYS)

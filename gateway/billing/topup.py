@@ -85,9 +85,7 @@ class TopUpPolicy:
 class TopUpStatus(enum.StrEnum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"  # identical top-up already recorded: no effect
-    ALREADY_COUNTED = (
-        "already_counted"  # central counted it in a snapshot: recorded, no money moved
-    )
+    ALREADY_COUNTED = "already_counted"  # central counted it in a snapshot: recorded, no money moved
     REJECTED = "rejected"
 
 
@@ -113,9 +111,7 @@ class TopUpDecision:
     overdraft_repaid_micro: int = 0
 
 
-def credit_entry(
-    topup: TopUp, now_ms: int, overdraft_repaid_micro: int, counted_centrally: bool
-) -> Entry:
+def credit_entry(topup: TopUp, now_ms: int, overdraft_repaid_micro: int, counted_centrally: bool) -> Entry:
     auth = topup.authorization
     body = {
         "topup_id": topup.topup_id,
@@ -141,9 +137,7 @@ def decide_topup(
         return TopUpDecision(TopUpStatus.REJECTED, msg, None, reason, bal, bal)
 
     if topup.account != view.account:
-        return reject(
-            RejectReason.WRONG_ACCOUNT, f"top-up for {topup.account!r} on account {view.account!r}"
-        )
+        return reject(RejectReason.WRONG_ACCOUNT, f"top-up for {topup.account!r} on account {view.account!r}")
     if existing is not None and existing.account != topup.account:
         return reject(
             RejectReason.ID_REUSED,
@@ -156,14 +150,7 @@ def decide_topup(
             and existing.body.get("counter") == topup.counter
         )
         if same:
-            return TopUpDecision(
-                TopUpStatus.DUPLICATE,
-                f"top-up {topup.topup_id} already recorded",
-                None,
-                None,
-                bal,
-                bal,
-            )
+            return TopUpDecision(TopUpStatus.DUPLICATE, f"top-up {topup.topup_id} already recorded", None, None, bal, bal)
         return reject(
             RejectReason.ID_REUSED,
             f"top-up id {topup.topup_id} already recorded with counter {existing.body.get('counter')} "

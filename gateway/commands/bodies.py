@@ -168,9 +168,7 @@ def parse_topup(body: Mapping[str, Any], command_id: str) -> TopUpBody:
         raise _malformed("topup.purchase_counter must be an integer >= 1")
     ch = body.get("payment_channel")
     if not isinstance(ch, str) or ch not in PAYMENT_CHANNELS:
-        raise _malformed(
-            f"topup.payment_channel must be one of {', '.join(sorted(PAYMENT_CHANNELS))}"
-        )
+        raise _malformed(f"topup.payment_channel must be one of {', '.join(sorted(PAYMENT_CHANNELS))}")
     issued = body.get("issued_ms")
     if issued is not None and (not _int(issued) or not 0 <= issued < MAX_TIME_MS):
         raise _malformed("topup.issued_ms must be Unix milliseconds")
@@ -223,9 +221,7 @@ def parse_key_rotation(body: Mapping[str, Any], command_id: str) -> KeyRotation:
         pk = body.get("public_key")
         raw = (b64_strict(pk) if isinstance(pk, str) else None) or b""
         if len(raw) != 32:
-            raise _malformed(
-                "keys.rotate.public_key must be a base64 Ed25519 public key (32 bytes)"
-            )
+            raise _malformed("keys.rotate.public_key must be a base64 Ed25519 public key (32 bytes)")
         return KeyRotation(op, key_id=kid, role=Role(role), public_key=raw)
     if op == "revoke_key":
         kid = body.get("key_id")
@@ -265,8 +261,7 @@ def parse_relay(body: Mapping[str, Any], command_id: str = "") -> RelayRequest:
         op = RelayOp(str(body.get("op")))
     except ValueError:
         raise CommandRefused(
-            "bad_op",
-            f"relay.operate.op must be one of {', '.join(o.command_word for o in RelayOp)}",
+            "bad_op", f"relay.operate.op must be one of {', '.join(o.command_word for o in RelayOp)}"
         ) from None
     reason = body.get("reason", "")
     if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
@@ -397,7 +392,9 @@ def parse_meter_roster(body: Mapping[str, Any], command_id: str = "") -> MeterRo
     return MeterRoster(tuple(meters), confirm_ms)
 
 
-def parse_config_change(change: ConfigChange, body: Mapping[str, Any]) -> ConfigPatch | MeterRoster:
+def parse_config_change(
+    change: ConfigChange, body: Mapping[str, Any]
+) -> ConfigPatch | MeterRoster:
     """The body of either configuration change."""
     if change is ConfigChange.CONFIG_PATCH:
         return parse_config_patch(body)
@@ -481,6 +478,7 @@ def parse_offer(body: Mapping[str, Any], command_id: str = "") -> Offer:
     return Offer(version, digest, size, chunk, tuple(chunks), allow)
 
 
+
 def refuse_bundle(body: Mapping[str, Any], command_id: str) -> None:
     """A provisioning bundle arrives on USB and is applied by the provisioning package."""
     raise CommandRefused(
@@ -519,9 +517,7 @@ BODIES: Mapping[CommandType, BodyRule] = MappingProxyType(
 )
 
 
-def problem_before_signature(
-    ctype: CommandType, body: Mapping[str, Any], command_id: str
-) -> str | None:
+def problem_before_signature(ctype: CommandType, body: Mapping[str, Any], command_id: str) -> str | None:
     """Step 1 of verification: why the body of a type checked before the signature
     cannot be right, or None (also for the types checked later)."""
     rule = BODIES[ctype]

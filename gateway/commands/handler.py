@@ -239,7 +239,9 @@ class NoRemoteConfig:
         command_id: str,
         now_ms: int,
     ) -> dict[str, Any]:
-        raise CommandRefused("not_accepted", f"{change} is not accepted remotely by this gateway")
+        raise CommandRefused(
+            "not_accepted", f"{change} is not accepted remotely by this gateway"
+        )
 
 
 class SoftwarePort(Protocol):
@@ -294,9 +296,7 @@ TABLES: tuple[str, ...] = (
 
 
 # Declared to the gateway database's schema registry (gateway.database).
-SCHEMA = Schema(
-    "commands", Step(4, "relay operations central commanded, key rotations in progress", TABLES)
-)
+SCHEMA = Schema("commands", Step(4, "relay operations central commanded, key rotations in progress", TABLES))
 
 
 async def create_schema(conn: aiosqlite.Connection) -> None:
@@ -316,9 +316,7 @@ async def pending_relay_intents(conn: aiosqlite.Connection) -> list[RelayIntent]
     ) as cur:
         rows = await cur.fetchall()
     return [
-        RelayIntent(
-            str(r[1]), RelayOp(str(r[2])), str(r[3]), command_id=str(r[0]), expires_ms=int(r[4])
-        )
+        RelayIntent(str(r[1]), RelayOp(str(r[2])), str(r[3]), command_id=str(r[0]), expires_ms=int(r[4]))
         for r in rows
     ]
 
@@ -556,9 +554,7 @@ class CommandHandler:
             return {"meter": req.meter_id, "op": req.op.command_word, "state": "pending"}
         if t is CommandType.TIME_SYNC:
             sync = parse_time_sync(body, cid)
-            events = await apply_time_sync(
-                db, self.clock, sync.time_ms, reset_floor_flag=sync.reset_floor
-            )
+            events = await apply_time_sync(db, self.clock, sync.time_ms, reset_floor_flag=sync.reset_floor)
             return {
                 "floor_ms": self.clock.state.floor.time_ms,
                 "clock_events": [e.kind.value for e in events],
@@ -850,3 +846,5 @@ class CommandHandler:
             self._tally = tally
         except Exception:
             log.exception("could not record the failed command")
+
+

@@ -87,10 +87,7 @@ class Slicer:
             await self.out.put(Cycle(self.bus, self.clock_ms(), batch, [], events, final=False))
 
     async def finish(
-        self,
-        now_ms: int,
-        statuses: list[MeterStatus],
-        health: list[meter_health.Change] | None = None,
+        self, now_ms: int, statuses: list[MeterStatus], health: list[meter_health.Change] | None = None
     ) -> None:
         batch, self.pending = self.pending, []
         events, self.events = self.events, []
@@ -132,11 +129,7 @@ class BusPoller:
         while True:
             try:
                 async with open_site_bus(
-                    cfg.site,
-                    bus,
-                    meters,
-                    owner=f"edgegw daemon (gateway {cfg.gateway.id})",
-                    policy=d.backoff,
+                    cfg.site, bus, meters, owner=f"edgegw daemon (gateway {cfg.gateway.id})", policy=d.backoff
                 ) as scheduler:
                     controller = controller_for(scheduler)
                     attempt = 0
@@ -151,9 +144,7 @@ class BusPoller:
                         await self.sleep_unless_stopping(next_at)
                         cycles = 0
                         while not d.stopping.is_set():
-                            if cycles % RELAY_CHECK_CYCLES == 0 and (
-                                cycles == 0 or d.relays_idle()
-                            ):
+                            if cycles % RELAY_CHECK_CYCLES == 0 and (cycles == 0 or d.relays_idle()):
                                 await self.read_back_relays(controller)
                             cycles += 1
                             trusted = d.clock.now() if d.clock is not None else None
@@ -163,12 +154,8 @@ class BusPoller:
                                 trusted.time_source if trusted is not None else TimeSource.SYSTEM,
                             )  # fmt: skip
                             result = await scheduler.run_cycle(now, on_reading=slicer.add)
-                            statuses = [
-                                status_from_health(mid, h) for mid, h in result.health.items()
-                            ]
-                            await slicer.finish(
-                                now, statuses, self.health_changes(result.health, now)
-                            )
+                            statuses = [status_from_health(mid, h) for mid, h in result.health.items()]
+                            await slicer.finish(now, statuses, self.health_changes(result.health, now))
                             d.watchdog.note_poll_progress()
                             d.watchdog.note(f"poll:{bus.name}")
                             next_at += interval
@@ -188,9 +175,7 @@ class BusPoller:
                 await asyncio.sleep(backoff_delay(attempt, 1.0, 60.0, rng))
                 attempt += 1
 
-    def health_changes(
-        self, health: Mapping[str, MeterHealth], now_ms: int
-    ) -> list[meter_health.Change]:
+    def health_changes(self, health: Mapping[str, MeterHealth], now_ms: int) -> list[meter_health.Change]:
         """Meters of this bus whose state changed this cycle: logged once here, sent
         to central as events with the cycle's commit."""
         d = self.daemon
@@ -215,9 +200,7 @@ class BusPoller:
             except Exception as exc:  # a dead meter: its next read-back or reading tells
                 log.debug("relay of %s not read back: %s", meter, exc)
         if states:
-            await self.out.put(
-                Cycle(self.bus.name, d.time_ms(), [], [], final=False, relay_states=states)
-            )
+            await self.out.put(Cycle(self.bus.name, d.time_ms(), [], [], final=False, relay_states=states))
 
     async def sleep_unless_stopping(self, until_monotonic: float) -> None:
         stopping = self.daemon.stopping

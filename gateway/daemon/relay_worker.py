@@ -55,9 +55,7 @@ def relay_event(
         }
     else:
         fields |= {"ok": False, "detail": error}
-    return event(
-        "relay.alarm" if (result is not None and result.alarm) else "relay.operation", fields
-    )
+    return event("relay.alarm" if (result is not None and result.alarm) else "relay.operation", fields)
 
 
 class Relays:

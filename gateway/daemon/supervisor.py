@@ -185,9 +185,7 @@ class NoBilling:
     async def apply_snapshot_in(self, db: Any, body: Any, *, now_ms: int) -> dict[str, Any]:
         raise CommandRefused("no_prepaid", "this gateway has no prepaid accounts")
 
-    async def replace_meter_in(
-        self, db: Any, body: Any, *, command_id: str, now_ms: int
-    ) -> dict[str, Any]:
+    async def replace_meter_in(self, db: Any, body: Any, *, command_id: str, now_ms: int) -> dict[str, Any]:
         raise CommandRefused("no_prepaid", "this gateway has no prepaid accounts")
 
 
@@ -226,18 +224,13 @@ class Daemon:
         if mono_ms is None:
             mono_ms = trusted_time.boot_ms if clock_ms is wall_ms else clock_ms
         self.mono_ms = mono_ms
-        self.clock_synced = (
-            clock_synced if clock_synced is not None else SyncProbe(wall_ms=clock_ms)
-        )
+        self.clock_synced = clock_synced if clock_synced is not None else SyncProbe(wall_ms=clock_ms)
         self.clock_policy = clock_policy or trusted_time.POLICY
         self.on_cycle = on_cycle
         self.env = env
         self.notifier = sdnotify.Notifier(env)
         self.watchdog_interval_s = sdnotify.watchdog_interval_s(env)
-        poll_s, db_s = watchdog_deadlines_s or (
-            max(180.0, 3 * config.gateway.poll_interval_s),
-            300.0,
-        )
+        poll_s, db_s = watchdog_deadlines_s or (max(180.0, 3 * config.gateway.poll_interval_s), 300.0)
         # One poll condition per bus: a stuck bus must not hide behind a healthy one.
         self.watchdog = sdnotify.WatchdogGate(
             self.notifier,
@@ -321,9 +314,7 @@ class Daemon:
             while time.monotonic() < deadline:
                 self.notifier.extend_timeout(EXTEND_STEP_S)
                 await asyncio.sleep(EXTEND_STEP_S / 3)
-            log.error(
-                "%s for more than %.0f s: no further timeout extension", phase, EXTEND_LIMIT_S
-            )
+            log.error("%s for more than %.0f s: no further timeout extension", phase, EXTEND_LIMIT_S)
 
         return asyncio.create_task(keep_extending(), name=f"extend-timeout:{phase}")
 
@@ -424,9 +415,7 @@ class Daemon:
             codec=storage_setup.uplink_codec(cfg),
             max_bytes_per_s=storage_setup.max_bytes_per_s(cfg),
             unauthenticated_acks=cfg.uplink.allow_unauthenticated_acks,
-            identity=presence.Identity(
-                cfg.gateway.id, __version__, heartbeat.boot_id(), self.started_ms
-            ),
+            identity=presence.Identity(cfg.gateway.id, __version__, heartbeat.boot_id(), self.started_ms),
             # acks ride on the next poll cycle's transaction; alone only when none came
             ack_fold_s=max(2.0, 2 * cfg.gateway.poll_interval_s),
         )
@@ -445,9 +434,7 @@ class Daemon:
                 self._tg = tg
                 self._pollers = [
                     tg.create_task(
-                        BusPoller(self, bus, work).run(
-                            phase_s=i * cfg.gateway.poll_interval_s / len(cfg.buses)
-                        ),
+                        BusPoller(self, bus, work).run(phase_s=i * cfg.gateway.poll_interval_s / len(cfg.buses)),
                         name=f"bus:{bus.name}",
                     )
                     for i, bus in enumerate(cfg.buses)
@@ -457,9 +444,7 @@ class Daemon:
                 timers = []
                 if self.watchdog_interval_s is not None:
                     timers.append(
-                        tg.create_task(
-                            self.watchdog.run(self.watchdog_interval_s / 2), name="watchdog"
-                        )
+                        tg.create_task(self.watchdog.run(self.watchdog_interval_s / 2), name="watchdog")
                     )
                 if self.prepaid is not None:
                     timers.append(tg.create_task(self.writer.billing_timer(work), name="billing"))
@@ -471,9 +456,7 @@ class Daemon:
                     timers.append(tg.create_task(self._integrity_loop(outbox), name="integrity"))
                 timers.append(tg.create_task(self._heartbeat_loop(), name="heartbeat"))
                 if cfg.metrics.textfile is not None:
-                    exporter = TextfileExporter(
-                        self, self.metrics, cfg.metrics.textfile, cfg.metrics.interval_s
-                    )
+                    exporter = TextfileExporter(self, self.metrics, cfg.metrics.textfile, cfg.metrics.interval_s)
                     timers.append(tg.create_task(exporter.run(), name="metrics"))
                 if self.inbox is not None:
                     self._inbox_task = tg.create_task(self.inbox.run(), name="commands")
@@ -524,11 +507,7 @@ class Daemon:
         finally:
             await outbox.close()
             if self.heartbeat is not None and self.heartbeat.phase is not heartbeat.Phase.STOPPED:
-                why = (
-                    "clean stop"
-                    if self.restart_reason is None
-                    else f"restarting: {self.restart_reason}"
-                )
+                why = "clean stop" if self.restart_reason is None else f"restarting: {self.restart_reason}"
                 self.beat(heartbeat.Phase.STOPPED, why)
             log.info("stopped")
 
@@ -675,9 +654,7 @@ class Daemon:
                 if not self._started_event:
                     started = event("gateway_started", gateway=cfg.gateway.id)
                     if outbox.starved is None:
-                        await outbox.add_in(
-                            db, RecordClass.EVENT, RecordKind.EVENT, self.started_ms, started
-                        )
+                        await outbox.add_in(db, RecordClass.EVENT, RecordKind.EVENT, self.started_ms, started)
                     else:  # written with the first records once there is space
                         outbox.note_event(started)
                 if self.prepaid is not None:
@@ -721,11 +698,7 @@ class Daemon:
         except (OutboxFullError, StorageCorruptError):
             raise
         except Exception as exc:
-            log.exception(
-                "storage recovery from %s failed; billing stays stopped: %s",
-                outbox.storage.evidence,
-                exc,
-            )
+            log.exception("storage recovery from %s failed; billing stays stopped: %s", outbox.storage.evidence, exc)
 
     async def storage_fault(self, outbox: Outbox, kind: FaultKind, reason: str) -> None:
         """The database is damaged: stop billing and relays at once, keep the files as
@@ -755,9 +728,7 @@ class Daemon:
             )
         key = f"{self.waiting_for_space}:{state}"
         now = time.monotonic()
-        if key == self._storage_key and (
-            text == self._storage_text or now - self._status_sent < 5.0
-        ):
+        if key == self._storage_key and (text == self._storage_text or now - self._status_sent < 5.0):
             return
         changed = key != self._storage_key
         self._storage_key, self._storage_text, self._status_sent = key, text, now
@@ -820,17 +791,9 @@ class Daemon:
         issue time is a lower bound on true time that can confirm a jumped system clock."""
         env = result.envelope
         self.metrics.command_result(result)
-        fields = {
-            "command": env.command_id if env is not None else None,
-            "outcome": result.outcome.value,
-        }
+        fields = {"command": env.command_id if env is not None else None, "outcome": result.outcome.value}
         if result.ok:
-            log.info(
-                "command %s: %s",
-                env.type.value if env is not None else "?",
-                result.outcome.value,
-                extra=fields,
-            )
+            log.info("command %s: %s", env.type.value if env is not None else "?", result.outcome.value, extra=fields)
         else:  # without the id in the text: a flood of bad commands folds into one line
             why = result.code or (result.reason.value if result.reason is not None else "")
             log.warning("command rejected: %s: %s", why, result.message, extra=fields)
@@ -856,12 +819,7 @@ class Daemon:
     async def _answer_details(self, result: CommandResult) -> dict[str, Any]:
         """For a technician's top-up: the account's balance after it (as reported)."""
         env = result.envelope
-        if (
-            self.prepaid is None
-            or env is None
-            or not result.ok
-            or env.type is not CommandType.TOPUP
-        ):
+        if self.prepaid is None or env is None or not result.ok or env.type is not CommandType.TOPUP:
             return {}
         account = str(env.body.get("account"))
         if account not in self.prepaid.accounts or self.outbox is None:
@@ -874,9 +832,7 @@ class Daemon:
     async def drain_command_spool(self) -> int:
         """Apply the envelopes ``edgegw topup apply`` left in the command spool."""
         handle = self._handle_local if self.commands is not None else None
-        return await technician.drain_spool(
-            self.command_spool, handle, describe=self._answer_details
-        )
+        return await technician.drain_spool(self.command_spool, handle, describe=self._answer_details)
 
     async def _command_spool(self) -> None:
         await asyncio.to_thread(technician.ensure_spool, self.command_spool)
@@ -895,10 +851,7 @@ class Daemon:
         outbox = self.outbox
         try:
             return await technician.import_bundle_commands(
-                Path(self.config.source).parent,
-                self._handle_local,
-                outbox.transaction,
-                self.time_ms(),
+                Path(self.config.source).parent, self._handle_local, outbox.transaction, self.time_ms()
             )
         except Exception as exc:  # a bad file must not keep the gateway from starting
             log.error("bundle commands: %s", exc)
@@ -909,10 +862,7 @@ class Daemon:
             # Nothing is accepted (nor its id recorded) until the replay state is back
             # from the evidence; central sends it again.
             self.stats.commands_dropped += 1
-            log.warning(
-                "command not taken (%d bytes): storage fault, replay state not yet recovered",
-                len(raw),
-            )
+            log.warning("command not taken (%d bytes): storage fault, replay state not yet recovered", len(raw))
             return
         if self.inbox is not None:
             self.inbox.offer(raw)  # never blocks the uplink's ack processing
@@ -1027,9 +977,7 @@ class Daemon:
         """A ``gateway.health`` record every ``gateway.health_interval_s``, committed by
         the writer like any event (gateway.health_report)."""
         interval = self.config.gateway.health_interval_s
-        await asyncio.sleep(
-            min(interval, 5.0)
-        )  # the first soon after start: a boot is seen at once
+        await asyncio.sleep(min(interval, 5.0))  # the first soon after start: a boot is seen at once
         while True:
             body = await health_report.sample(self)
             await work.put(Cycle("", body["time_ms"], [], [], [body], final=False))
@@ -1050,9 +998,7 @@ class Daemon:
             if prune:
                 last_prune = now
 
-    async def maintain(
-        self, outbox: Outbox, *, checkpoint: bool = False, prune: bool = False
-    ) -> None:
+    async def maintain(self, outbox: Outbox, *, checkpoint: bool = False, prune: bool = False) -> None:
         """One maintenance pass: import the provisioning audit spool, persist the time
         floor, summarise rejected commands, re-hand relay operations of commands
         that a crash left pending, confirm or roll back a remote configuration

@@ -143,9 +143,7 @@ class Writer:
                 intents += await d.prepaid.tick_in(db, outbox, d.time_ms(), contact, d.unseen())
                 continue
             events = item.events + [c.event(d.account_of.get(c.meter)) for c in item.health]
-            ids = await outbox.commit_cycle_in(
-                db, item.time_ms, item.readings, item.statuses, events
-            )
+            ids = await outbox.commit_cycle_in(db, item.time_ms, item.readings, item.statuses, events)
             if item.health:
                 await meter_health.save_in(db, item.health)
             self.relay_in_readings.update(
@@ -153,11 +151,7 @@ class Writer:
             )
             if d.prepaid is not None and item.readings:
                 intents += await d.prepaid.on_readings_in(
-                    db,
-                    outbox,
-                    list(zip(ids, item.readings, strict=True)),
-                    item.time_ms,
-                    contact,
+                    db, outbox, list(zip(ids, item.readings, strict=True)), item.time_ms, contact,
                     d.unseen(),
                 )
             if d.prepaid is not None and item.relay_states:
@@ -183,9 +177,7 @@ class Writer:
         self.waiting_for_space = False
         log.warning(
             "space is back: what was held in memory is stored%s",
-            f" ({self.backlog.dropped} intermediate reading(s) were given up)"
-            if self.backlog.dropped
-            else "",
+            f" ({self.backlog.dropped} intermediate reading(s) were given up)" if self.backlog.dropped else "",
         )
         if self.backlog.dropped:
             outbox.note_event(
@@ -219,11 +211,7 @@ class Writer:
                 if intent.meter in self.dry_tripped:
                     continue
                 self.dry_tripped.add(intent.meter)
-                log.warning(
-                    "disk full: trip of %s (account %s) decided in memory",
-                    intent.meter,
-                    intent.account,
-                )
+                log.warning("disk full: trip of %s (account %s) decided in memory", intent.meter, intent.account)
                 self.daemon.request_relay(intent)
 
     async def space_is_back(self, outbox: Outbox) -> bool:

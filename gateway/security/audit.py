@@ -409,7 +409,9 @@ def verify(
                     "FROM audit_checkpoint ORDER BY seq"
                 )
             ]
-            return verify_entries(_rows(db), cps, public_key=public_key, expect_heads=expect_heads)
+            return verify_entries(
+                _rows(db), cps, public_key=public_key, expect_heads=expect_heads
+            )
         except sqlite3.Error as exc:
             raise AuditError(f"{p}: cannot read the audit log: {exc}") from exc
     finally:

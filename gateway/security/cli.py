@@ -67,9 +67,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
         except ValueError:
             head = (0, b"")
         if not sep or head[0] < 1 or len(head[1]) != 32:
-            print(
-                f"error: --expect-head {text!r}: expected SEQ:HASH (64 hex digits)", file=sys.stderr
-            )
+            print(f"error: --expect-head {text!r}: expected SEQ:HASH (64 hex digits)", file=sys.stderr)
             return 2
         heads.append(head)
     try:

@@ -284,9 +284,7 @@ TABLES: tuple[str, ...] = (
 
 
 # Declared to the gateway database's schema registry (gateway.database).
-SCHEMA = Schema(
-    "security", Step(4, "counter floors, seen commands, replay fence, central keys", TABLES)
-)
+SCHEMA = Schema("security", Step(4, "counter floors, seen commands, replay fence, central keys", TABLES))
 
 
 async def create_schema(conn: aiosqlite.Connection) -> None:

@@ -302,10 +302,7 @@ def _jump_event(delta: int, at_ms: int, policy: ClockPolicy) -> ClockEvent:
     hold = f"trusted time stays on the monotonic clock until it holds for {policy.confirm_ms // 1000} s"
     if delta < 0:
         return ClockEvent(
-            ClockEventKind.JUMP_BACKWARD,
-            at_ms,
-            delta,
-            f"system clock moved back {-delta} ms; {hold}",
+            ClockEventKind.JUMP_BACKWARD, at_ms, delta, f"system clock moved back {-delta} ms; {hold}"
         )
     return ClockEvent(
         ClockEventKind.JUMP_FORWARD, at_ms, delta, f"system clock leapt {delta} ms ahead; {hold}"
@@ -499,9 +496,7 @@ def apply_central_time(
     unseen = _clip_unseen(state.unseen, central_ms)
     if central_ms - carried > policy.jump_tolerance_ms:
         kind = UnseenKind.OFF if state.initial else UnseenKind.JUMP
-        unseen = _add_unseen(
-            replace(state, unseen=unseen), Unseen(carried, central_ms, kind), policy
-        )
+        unseen = _add_unseen(replace(state, unseen=unseen), Unseen(carried, central_ms, kind), policy)
     moved = replace(
         state,
         floor=anchor,
@@ -727,9 +722,7 @@ class SyncProbe:
                 mtime: int | None = os.stat(self.timesyncd_file).st_mtime_ns // 1_000_000
             except OSError:
                 mtime = None
-            out["timesyncd"] = (
-                None if mtime is None else timesyncd_synced(mtime, wall, self.max_age_ms)
-            )
+            out["timesyncd"] = None if mtime is None else timesyncd_synced(mtime, wall, self.max_age_ms)
         if self.chrony_tracking_log is not None:
             out["chrony"] = self._chrony(wall)
         if self.kernel:
@@ -846,15 +839,11 @@ class TrustedClock:
         return events
 
     def floor_to_persist(self, granularity_ms: int = PERSIST_GRANULARITY_MS) -> int | None:
-        self._state, value = floor_to_persist(
-            self._state, self._mono(), granularity_ms=granularity_ms
-        )
+        self._state, value = floor_to_persist(self._state, self._mono(), granularity_ms=granularity_ms)
         return value
 
     def seen_to_persist(self, granularity_ms: int = PERSIST_GRANULARITY_MS) -> int | None:
-        self._state, value = seen_to_persist(
-            self._state, self._mono(), granularity_ms=granularity_ms
-        )
+        self._state, value = seen_to_persist(self._state, self._mono(), granularity_ms=granularity_ms)
         return value
 
     def _add(self, events: list[ClockEvent]) -> None:
