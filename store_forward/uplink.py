@@ -140,16 +140,17 @@ class Uplink:
         monotonic: Callable[[], float] = time.monotonic,
         unauthenticated_acks: bool = False,
         identity: presence.Identity | None = None,
-        ack_fold_s: float = 2.0,
+        ack_fold_s: float = 0.0,
     ) -> None:
         """``codec``: :class:`store_forward.codec.SealedCodec` in deployments; without
         one, batches go as unsealed encoding 1 (development; logged as a warning),
         and their acks, which nothing can authenticate, delete batches only with
         ``unauthenticated_acks`` (``uplink.allow_unauthenticated_acks``).
 
-        ``ack_fold_s``: an ack is applied with the next transaction (the daemon's
-        poll-cycle commit), or on its own once it waited this long (the daemon
-        passes more than its poll interval)."""
+        ``ack_fold_s``: 0 deletes an acknowledged batch at once, in a transaction of
+        its own; above 0 the ack is applied with the next transaction that writes
+        anyway (the daemon's poll-cycle commit), or on its own once it waited this
+        long (the daemon passes twice its poll interval, at least 2 s)."""
         self.outbox = outbox
         self.gateway_id = gateway_id
         # what the retained presence says of this gateway (store_forward.presence)
@@ -411,9 +412,17 @@ class Uplink:
         self.note_contact("ack")
         seq = ack.seq
         if ack.holds_batch:
-            # Deleted with the next transaction (an ack lost in a crash: the batch
-            # goes again and comes back as a duplicate ack).
-            self.outbox.ack_later(seq, epoch=ack.epoch)
+            if self.ack_fold_s <= 0:
+                try:
+                    await self.outbox.ack(seq, epoch=ack.epoch)
+                except OutboxError as exc:
+                    # Not deleted: the batch goes again and comes back as a duplicate ack.
+                    log.error("uplink: cannot delete acknowledged batch %d: %s", seq, exc)
+                    return
+            else:
+                # Deleted with the next transaction (an ack lost in a crash: the batch
+                # goes again and comes back as a duplicate ack).
+                self.outbox.ack_later(seq, epoch=ack.epoch)
             entry = self._inflight.pop(seq, None)
             if entry is not None:
                 now = self.monotonic()
