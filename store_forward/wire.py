@@ -27,6 +27,7 @@ length and the limits below.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import hashlib
 import itertools
@@ -37,7 +38,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from cryptography.exceptions import InvalidTag
@@ -61,6 +62,7 @@ __all__ = [
     "BatchHeader",
     "Compression",
     "DecodedBatch",
+    "DecodedRows",
     "PackedBatch",
     "RecordLike",
     "WireAuthError",
@@ -73,6 +75,7 @@ __all__ = [
     "WireVersionError",
     "batch_header",
     "decode_batch",
+    "decode_batch_rows",
     "encode_batch",
     "pack_batch",
 ]
@@ -204,6 +207,28 @@ class DecodedBatch:
     seq: int
     key_id: int
     records: tuple[WireRecord, ...]
+    epoch: str = LEGACY_EPOCH
+    digest: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRows:
+    """A batch decoded with its readings as flat rows (:func:`decode_batch_rows`).
+
+    ``reading_rows``: one tuple per reading, in batch order: ``(gateway id, record
+    id, meter id, time, time source, values JSON, quality JSON or None, batch seq,
+    epoch)`` (the JSON texts with sorted keys, as ``store_forward.records.dumps``
+    writes them; an empty quality map is None); ``reading_classes``: each
+    reading's record class; ``others``: the records that are not readings, each
+    with its position in the batch; ``n_records``: readings and others."""
+
+    gateway_id: str
+    seq: int
+    key_id: int
+    n_records: int
+    reading_rows: list[tuple[Any, ...]]
+    reading_classes: list[int]
+    others: tuple[tuple[int, WireRecord], ...]
     epoch: str = LEGACY_EPOCH
     digest: bytes = b""
 
@@ -874,7 +899,30 @@ def _undelta(first: int, deltas: Sequence[int]) -> list[int]:
     return out
 
 
+@dataclass(slots=True)
+class _Columns:
+    """A batch's plaintext decoded into its columns, every check done: what
+    :func:`_records` makes the records of and :func:`_reading_rows` the rows of."""
+
+    tags: list[int]  # per record: 0 generic, else 1 + its meter
+    ids: list[int]
+    created_mode: int
+    created_raw: list[int]
+    classes: list[int]
+    generics: list[tuple[str, dict[str, Any]]]
+    meter_ids: list[str]
+    times: list[list[int]]  # per meter, its readings' times
+    shapes: list[list[tuple[str, bool]]]  # per meter, (time source, has a quality map)
+    # per meter, (quantity name, reading indexes, value texts), in insertion order
+    texts: list[list[tuple[str, list[int], list[str]]]]
+    marks: list[tuple[int, int, str, str]]  # (meter, reading index, quantity name, quality)
+
+
 def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
+    return _records(_columns(data))
+
+
+def _columns(data: bytes) -> _Columns:
     r = _Reader(data)
     n_records = r.count("record", MAX_RECORDS)
     strings = [r.string("string") for _ in range(r.count("string", MAX_RECORDS))]
@@ -974,24 +1022,19 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
     residuals = _get_packed(r, total - n_meters, signed=True)
     firsts = _undelta(first_d[0], first_d[1:]) if n_meters else []
     intervals = _undelta(interval_d[0], interval_d[1:]) if n_meters else []
-    bodies: list[list[dict[str, Any]]] = []
+    meter_times: list[list[int]] = []
+    meter_shapes: list[list[tuple[str, bool]]] = []
     g = 0
     pos = 0
     for k in range(n_meters):
         n = counts[k]
         step = intervals[k]
-        times = itertools.accumulate((d + step for d in residuals[pos : pos + n - 1]), initial=firsts[k])
+        meter_times.append(
+            list(itertools.accumulate((d + step for d in residuals[pos : pos + n - 1]), initial=firsts[k]))
+        )
         pos += n - 1
-        meter = meter_ids[k]
-        shapes_k = shapes[g : g + n]
+        meter_shapes.append(shapes[g : g + n])
         g += n
-        rows_k: list[dict[str, Any]] = [
-            {"m": meter, "t": t, "ts": ts, "v": {}} for t, (ts, _) in zip(times, shapes_k, strict=True)
-        ]
-        for b, (_, has_q) in zip(rows_k, shapes_k, strict=True):
-            if has_q:
-                b["q"] = {}
-        bodies.append(rows_k)
     # 5. Values: each meter's column as one list (coefficients, exponents, texts), then
     # each reading's value map in one go where the meter has every value of its columns.
     # nums[k][code] = (reading indexes, coefficients, exponents): the inputs of the
@@ -1075,22 +1118,9 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
             except KeyError as exc:
                 raise WireFormatError("predicted current lacks an input value") from exc
         column(k, _CURRENT, present, scaled, base, offsets)
-    for k in range(n_meters):
-        readings_k = bodies[k]
-        cols_k = texts[k]
-        if not cols_k:
-            continue
-        if all(len(c[1]) == len(readings_k) for c in cols_k):
-            names = [c[0] for c in cols_k]
-            by_reading = zip(*(c[2] for c in cols_k), strict=True)
-            for b, values in zip(readings_k, by_reading, strict=True):
-                b["v"] = dict(zip(names, values, strict=True))
-        else:
-            for name, present, out in cols_k:
-                for i, text in zip(present, out, strict=True):
-                    readings_k[i]["v"][name] = text
     # 6. Quality marks.
-    flat = [b for rows_k in bodies for b in rows_k]
+    marks: list[tuple[int, int, str, str]] = []
+    starts = list(itertools.accumulate(counts, initial=0))
     g = 0
     for _ in range(r.count("quality mark", max(total, 0) * len(QUANTITY_CODES), 3)):
         g += r.uvarint()
@@ -1098,18 +1128,56 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
             raise WireFormatError("quality mark past the last reading")
         q_code = r.uvarint()
         quantity = CODE_QUANTITIES.get(q_code)
-        b = flat[g]
-        if quantity is None or quantity.value not in b["v"] or "q" not in b:
+        k = bisect.bisect_right(starts, g) - 1
+        i = g - starts[k]
+        if quantity is None or not meter_shapes[k][i][1] or not _has_value(texts[k], quantity.value, i):
             raise WireFormatError("quality mark for an absent value or quality map")
-        b["q"][quantity.value] = _string_ref(strings, r.uvarint())
+        marks.append((k, i, quantity.value, _string_ref(strings, r.uvarint())))
     if r.remaining():
         raise WireFormatError(f"{r.remaining()} trailing bytes after the last column")
+    return _Columns(
+        tags, ids, created_mode, created_raw, classes, generics, meter_ids, meter_times, meter_shapes, texts, marks
+    )
+
+
+def _has_value(cols: list[tuple[str, list[int], list[str]]], name: str, i: int) -> bool:
+    """Whether reading ``i`` of a meter has a value of quantity ``name``."""
+    return any(c[0] == name and i in c[1] for c in cols)
+
+
+def _records(c: _Columns) -> tuple[WireRecord, ...]:
+    """The records of a decoded plaintext, in batch order."""
+    bodies: list[list[dict[str, Any]]] = []
+    for meter, times, shapes_k in zip(c.meter_ids, c.times, c.shapes, strict=True):
+        rows_k: list[dict[str, Any]] = [
+            {"m": meter, "t": t, "ts": ts, "v": {}} for t, (ts, _) in zip(times, shapes_k, strict=True)
+        ]
+        for b, (_, has_q) in zip(rows_k, shapes_k, strict=True):
+            if has_q:
+                b["q"] = {}
+        bodies.append(rows_k)
+    for readings_k, cols_k in zip(bodies, c.texts, strict=True):
+        if not cols_k:
+            continue
+        if all(len(col[1]) == len(readings_k) for col in cols_k):
+            names = [col[0] for col in cols_k]
+            by_reading = zip(*(col[2] for col in cols_k), strict=True)
+            for b, values in zip(readings_k, by_reading, strict=True):
+                b["v"] = dict(zip(names, values, strict=True))
+        else:
+            for name, present, out in cols_k:
+                for i, text in zip(present, out, strict=True):
+                    readings_k[i]["v"][name] = text
+    for k, i, name, quality in c.marks:
+        bodies[k][i]["q"][name] = quality
 
     records: list[WireRecord] = []
-    cursors = [0] * n_meters
+    cursors = [0] * len(bodies)
     gi = 0
     prev_created = 0
-    for idx, tag in enumerate(tags):
+    ids, created_raw, classes, generics = c.ids, c.created_raw, c.classes, c.generics
+    by_poll_time = c.created_mode == 1
+    for idx, tag in enumerate(c.tags):
         body: dict[str, Any]
         if tag == 0:
             kind, body = generics[gi]
@@ -1120,11 +1188,82 @@ def _decode_plaintext(data: bytes) -> tuple[WireRecord, ...]:
             body = bodies[k][cursors[k]]
             cursors[k] += 1
             kind = _KIND_READING
-            base_ms = body["t"] if created_mode == 1 else prev_created
+            base_ms = body["t"] if by_poll_time else prev_created
             created = base_ms + created_raw[idx]
         prev_created = created
         records.append(WireRecord(ids[idx], kind, created, body, classes[idx]))
     return tuple(records)
+
+
+_SORTED = orjson.OPT_SORT_KEYS
+
+
+def _reading_rows(
+    c: _Columns, gateway_id: str, seq: int, epoch: str
+) -> tuple[list[tuple[Any, ...]], list[int], list[tuple[int, WireRecord]]]:
+    """The readings of a decoded plaintext as flat rows, without a record object or a
+    body per reading, and its other records: (rows in batch order, their classes,
+    [(position in the batch, record)] of the records that are not readings).
+
+    A row is ``(gateway id, record id, meter id, time, time source, values JSON,
+    quality JSON or None, batch seq, epoch)``; the JSON texts are exactly what
+    ``orjson.dumps(body["v"] / body["q"], option=OPT_SORT_KEYS)`` gives for the
+    body :func:`_records` makes (an empty quality map: None)."""
+    tags, ids, classes = c.tags, c.ids, c.classes
+    n_meters = len(c.meter_ids)
+    where: list[list[int]] = [[] for _ in range(n_meters)]  # positions of each meter's readings
+    others: list[int] = []
+    for idx, tag in enumerate(tags):
+        (where[tag - 1] if tag else others).append(idx)
+    rows: list[Any] = [None] * len(tags)
+    qmaps: dict[int, dict[int, dict[str, str]]] = {}  # meter -> reading index -> quality map
+    for k, i, name, q in c.marks:
+        qmaps.setdefault(k, {}).setdefault(i, {})[name] = q
+    for k in range(n_meters):
+        times, shapes_k, cols = c.times[k], c.shapes[k], c.texts[k]
+        n = len(times)
+        if all(len(col[1]) == n for col in cols):
+            ordered = sorted(cols, key=lambda col: col[0])
+            template = "{" + ",".join(f'"{col[0]}":"%s"' for col in ordered) + "}"
+            values: list[str] = (
+                [template % v for v in zip(*(col[2] for col in ordered), strict=True)]
+                if ordered
+                else ["{}"] * n
+            )
+        else:  # gaps: the value maps built as the records' are
+            maps: list[dict[str, str]] = [{} for _ in range(n)]
+            for name, present, out in cols:
+                for i, text in zip(present, out, strict=True):
+                    maps[i][name] = text
+            values = [orjson.dumps(m, option=_SORTED).decode() for m in maps]
+        quality: list[str | None] = [None] * n
+        for i, qm in qmaps.get(k, {}).items():
+            quality[i] = orjson.dumps(qm, option=_SORTED).decode()
+        meter = c.meter_ids[k]
+        positions = where[k]
+        for p, t, (ts, _), v, q in zip(positions, times, shapes_k, values, quality, strict=True):
+            rows[p] = (gateway_id, ids[p], meter, t, ts, v, q, seq, epoch)
+    if not others:
+        return rows, classes, []
+    generic: list[tuple[int, WireRecord]] = []
+    raw = c.created_raw
+    # created times as _records chains them: each the one before plus its delta, a
+    # reading's from its own time in created-time mode 1
+    chained = list(itertools.accumulate(raw)) if c.created_mode == 0 else None
+    for j, p in enumerate(others):
+        if chained is not None:
+            created = chained[p]
+        elif p == 0:
+            created = raw[p]
+        elif tags[p - 1]:
+            created = rows[p - 1][3] + raw[p - 1] + raw[p]
+        else:
+            created = generic[-1][1].created_ms + raw[p]
+        kind, body = c.generics[j]
+        generic.append((p, WireRecord(ids[p], kind, created, body, classes[p])))
+    reading_rows = [row for row in rows if row is not None]
+    reading_classes = [cl for cl, tag in zip(classes, tags, strict=True) if tag]
+    return reading_rows, reading_classes, generic
 
 
 # --------------------------------------------------------------------------- compression
@@ -1305,12 +1444,52 @@ def decode_batch(payload: bytes, key_lookup: Callable[[str, int], bytes | None])
     Raises only :class:`WireError` subclasses (plus whatever ``key_lookup``
     itself raises).
     """
+    head, plaintext, digest = _open(payload, key_lookup)
+    records = _guarded(lambda: _records(_columns(plaintext)))
+    return DecodedBatch(head.gateway_id, head.seq, head.key_id, records, head.epoch, digest)
+
+
+def decode_batch_rows(payload: bytes, key_lookup: Callable[[str, int], bytes | None]) -> DecodedRows:
+    """:func:`decode_batch`, with the readings as flat rows instead of records
+    (:class:`DecodedRows`): what a store that keeps readings as rows needs, without
+    a record object, body and value map per reading. Checks and raises exactly as
+    :func:`decode_batch` does."""
+    head, plaintext, digest = _open(payload, key_lookup)
+    gw, seq, epoch = head.gateway_id, head.seq, head.epoch
+    c = _guarded(lambda: _columns(plaintext))
+    rows, classes, others = _guarded(lambda: _reading_rows(c, gw, seq, epoch))
+    return DecodedRows(gw, seq, head.key_id, len(c.tags), rows, classes, tuple(others), epoch, digest)
+
+
+_T = TypeVar("_T")
+
+
+def _guarded(step: Callable[[], _T]) -> _T:
+    try:
+        return step()
+    except WireError:
+        raise
+    except (
+        ArithmeticError,
+        IndexError,
+        KeyError,
+        MemoryError,
+        RecursionError,
+        StopIteration,
+        TypeError,
+        ValueError,
+    ) as exc:  # defensive: the checks should leave nothing to land here
+        raise WireFormatError(f"undecodable batch body: {exc!r}") from exc
+
+
+def _open(payload: bytes, key_lookup: Callable[[str, int], bytes | None]) -> tuple[BatchHeader, bytes, bytes]:
+    """The header, the decrypted and decompressed plaintext and the digest of a batch."""
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise WireFormatError("payload must be bytes")
     payload = bytes(payload)
     r = _Reader(payload)
     head, method = _read_header(r)
-    key_id, gateway_id, epoch, seq = head.key_id, head.gateway_id, head.epoch, head.seq
+    key_id, gateway_id, seq = head.key_id, head.gateway_id, head.seq
     header = payload[: r.pos]
     nonce = r.take(NONCE_BYTES)
     sealed = payload[r.pos :]
@@ -1329,23 +1508,7 @@ def decode_batch(payload: bytes, key_lookup: Callable[[str, int], bytes | None])
         raise WireAuthError(
             f"batch {seq} from {gateway_id!r} failed authentication (altered or wrong key)"
         ) from exc
-    plaintext = _decompress(body, method)
-    try:
-        records = _decode_plaintext(plaintext)
-    except WireError:
-        raise
-    except (
-        ArithmeticError,
-        IndexError,
-        KeyError,
-        MemoryError,
-        RecursionError,
-        StopIteration,
-        TypeError,
-        ValueError,
-    ) as exc:  # defensive: the checks above should leave nothing to land here
-        raise WireFormatError(f"undecodable batch body: {exc!r}") from exc
-    return DecodedBatch(gateway_id, seq, key_id, records, epoch, hashlib.sha256(payload).digest())
+    return head, _decompress(body, method), hashlib.sha256(payload).digest()
 
 
 # --------------------------------------------------------------------------- packing
