@@ -27,7 +27,7 @@ before are not counted.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -99,14 +99,18 @@ def _int(v: Any, default: int) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) else default
 
 
-def fleet_update(gateway: str, new_records: Iterable[RecordLike], received_ms: int) -> FleetUpdate:
-    """The fleet view's change from the records of a batch that were new."""
+def fleet_update(
+    gateway: str, new_records: Iterable[RecordLike], received_ms: int, reading_times: Sequence[int] = ()
+) -> FleetUpdate:
+    """The fleet view's change from the records of a batch that were new;
+    ``reading_times``: the poll times of new readings given without a record
+    (a batch whose readings were decoded as rows), counted as those records."""
     u = FleetUpdate(gateway, received_ms)
     records = list(new_records)
-    if not records:
+    if not records and not reading_times:
         return u
-    u.records = len(records)
-    times = []
+    u.records = len(records) + len(reading_times)
+    times = list(reading_times)
     for r in records:  # record_time_ms(r), inline
         if r.kind == "reading":
             t = r.body.get("t")

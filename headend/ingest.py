@@ -38,16 +38,16 @@ import aiomqtt
 from firmware_bridge.backoff import backoff_delay
 from firmware_bridge.cause_log import CauseLog
 from headend.registry import GatewayRegistry
-from headend.store import CONFLICT_REASON, HeadendStore
+from headend.store import CONFLICT_REASON, HeadendStore, StoreBatch
 from store_forward import presence, wire
 from store_forward.acks import ack_key, ack_mac, encode_ack
-from store_forward.codec import AnyBatch, DecodeError, decode
+from store_forward.codec import DecodeError, decode_rows
 from store_forward.presence import Presence
 from store_forward.topics import DEFAULT_PREFIX, Topics, gateway_of, up_filter
 
 log = logging.getLogger(__name__)
 
-Decoder = Callable[[bytes], AnyBatch]
+Decoder = Callable[[bytes], StoreBatch]
 
 # Seconds to wait for the broker to take an ack (see Headend._handle).
 ACK_PUBLISH_TIMEOUT_S = 3.0
@@ -206,9 +206,11 @@ class Headend:
         else:
             self._presence_log.ok("presence stored again")
 
-    def _decode(self, payload: bytes) -> AnyBatch:
+    def _decode(self, payload: bytes) -> StoreBatch:
+        # a sealed batch's readings as rows: what the store writes, without a record
+        # object per reading (store_forward.wire.decode_batch_rows)
         lookup = self.registry.key_lookup if self.registry is not None else None
-        return decode(payload, lookup, allow_plain=self.allow_plain)
+        return decode_rows(payload, lookup, allow_plain=self.allow_plain)
 
     def _reject(self, kind: str) -> None:
         self.rejected += 1
@@ -218,9 +220,9 @@ class Headend:
         if self.observer is not None:
             self.observer.on_batch(status, records_new)
 
-    def _mac(self, batch: AnyBatch, status: str) -> bytes | None:
+    def _mac(self, batch: StoreBatch, status: str) -> bytes | None:
         """The ack's MAC for a sealed batch (under a key derived from its batch key)."""
-        if not isinstance(batch, wire.DecodedBatch) or self.registry is None:
+        if not isinstance(batch, wire.DecodedBatch | wire.DecodedRows) or self.registry is None:
             return None
         key = self.registry.key_lookup(batch.gateway_id, batch.key_id)
         if key is None:  # revoked since the batch was opened: no ack the gateway would take

@@ -21,6 +21,7 @@ still get it), and the keys gain the epoch.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from headend.sql import SqliteTx, begin_sqlite
 from store_forward.codec import AnyBatch
 from store_forward.presence import Presence
 from store_forward.records import RecordClass, RecordKind, dumps
+from store_forward.wire import DecodedRows
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +119,22 @@ EVENT_COLS = "gateway_id, record_id, kind, created_ms, body, batch_seq, epoch"
 BATCH_COLS = "gateway_id, seq, received_ms, n_records, epoch, digest"
 
 
-def batch_row(batch: AnyBatch, now_ms: int) -> tuple[Any, ...]:
+# What a store takes: a batch of records, or a sealed batch decoded with its readings
+# as rows (store_forward.wire.decode_batch_rows: the headend's ingest path).
+StoreBatch = AnyBatch | DecodedRows
+
+
+def record_count(batch: StoreBatch) -> int:
+    """How many records ``batch`` carries."""
+    return batch.n_records if isinstance(batch, DecodedRows) else len(batch.records)
+
+
+def batch_row(batch: StoreBatch, now_ms: int) -> tuple[Any, ...]:
     """The ``batches`` row of ``batch``, in :data:`BATCH_COLS` order."""
-    return (batch.gateway_id, batch.seq, now_ms, len(batch.records), batch.epoch, batch.digest or None)
+    return (batch.gateway_id, batch.seq, now_ms, record_count(batch), batch.epoch, batch.digest or None)
 
 
-def same_bytes(stored_digest: bytes | None, batch: AnyBatch) -> bool:
+def same_bytes(stored_digest: bytes | None, batch: StoreBatch) -> bool:
     """Whether a known batch identity holds the bytes just received (a row stored
     before digests were kept cannot tell, and counts as the same)."""
     return stored_digest is None or not batch.digest or bytes(stored_digest) == batch.digest
@@ -163,7 +175,9 @@ def _record_row(gw: str, seq: int, epoch: str, r: Any) -> tuple[str, tuple[Any, 
     return "events", (gw, r.id, r.kind, r.created_ms, body, seq, epoch)
 
 
-# (position in the batch, record, row)
+# (position in the batch, record, row); the row's second column is the record id. A
+# reading of a DecodedRows batch has no record object: (its index among the batch's
+# readings, None, row).
 Entry = tuple[int, Any, tuple[Any, ...]]
 
 
@@ -178,14 +192,29 @@ class BatchRows:
     repeated: int
 
     def ids(self, table: str) -> list[int]:
-        return [e[1].id for e in self.tables[table]]
+        return [e[2][1] for e in self.tables[table]]
 
 
-def batch_rows(batch: AnyBatch) -> BatchRows:
+def batch_rows(batch: StoreBatch) -> BatchRows:
     """The rows of ``batch`` by table, in batch order (see :class:`BatchRows`)."""
     gw, seq, epoch = batch.gateway_id, batch.seq, batch.epoch
     tables: dict[str, list[Entry]] = {}
-    for pos, r in enumerate(batch.records):
+    if isinstance(batch, DecodedRows):
+        # the readings' rows as decoded; a table per class, as _record_row chooses
+        rows, classes = batch.reading_rows, batch.reading_classes
+        if any(c == _TELEMETRY for c in classes):
+            for i, (row, c) in enumerate(zip(rows, classes, strict=True)):
+                table = "telemetry" if c == _TELEMETRY else "readings"
+                entries = tables.get(table)
+                if entries is None:
+                    entries = tables[table] = []
+                entries.append((i, None, row))
+        elif rows:
+            tables["readings"] = list(zip(range(len(rows)), itertools.repeat(None), rows))
+        numbered: Iterable[tuple[int, Any]] = batch.others
+    else:
+        numbered = enumerate(batch.records)
+    for pos, r in numbered:
         table, row = _record_row(gw, seq, epoch, r)
         entries = tables.get(table)
         if entries is None:
@@ -193,15 +222,15 @@ def batch_rows(batch: AnyBatch) -> BatchRows:
         entries.append((pos, r, row))
     repeated = 0
     for table, entries in tables.items():
-        if len({e[1].id for e in entries}) == len(entries):
+        if len({e[2][1] for e in entries}) == len(entries):
             continue  # (the usual batch: no id twice)
         seen: set[int] = set()
         firsts = []
         for e in entries:
-            if e[1].id in seen:
+            if e[2][1] in seen:
                 repeated += 1
             else:
-                seen.add(e[1].id)
+                seen.add(e[2][1])
                 firsts.append(e)
         tables[table] = firsts
     return BatchRows(tables, repeated)
@@ -210,7 +239,7 @@ def batch_rows(batch: AnyBatch) -> BatchRows:
 def new_entries(entries: list[Entry], stored: Collection[int]) -> list[Entry]:
     """The entries whose record ids are not among ``stored`` (the ids the table already
     holds for this gateway and epoch)."""
-    return [e for e in entries if e[1].id not in stored] if stored else entries
+    return [e for e in entries if e[2][1] not in stored] if stored else entries
 
 
 def fresh_records(inserted: Iterable[list[Entry]]) -> list[Any]:
@@ -221,6 +250,26 @@ def fresh_records(inserted: Iterable[list[Entry]]) -> list[Any]:
     return [e[1] for e in sorted((e for p in parts for e in p), key=itemgetter(0))]
 
 
+@dataclass(frozen=True)
+class Fresh:
+    """What a batch stored that was new: its records, in batch order, and the times
+    of its new readings that came as rows without a record (a DecodedRows batch)."""
+
+    records: list[Any]
+    reading_times: list[int]
+
+    def __len__(self) -> int:
+        return len(self.records) + len(self.reading_times)
+
+
+def fresh_of(inserted: Iterable[list[Entry]]) -> Fresh:
+    """The new records and reading times of the entries inserted into each table (a
+    table's entries are all records, or all readings' rows)."""
+    parts = [p for p in inserted if p]
+    times = [e[2][3] for p in parts if p[0][1] is None for e in p]
+    return Fresh(fresh_records([p for p in parts if p[0][1] is not None]), times)
+
+
 def probe_by_range(ids: Sequence[int]) -> bool:
     """Whether the ids of a table's rows in a batch are dense enough that reading every
     stored id between the smallest and the largest is cheaper than probing each id
@@ -228,19 +277,20 @@ def probe_by_range(ids: Sequence[int]) -> bool:
     return bool(ids) and max(ids) - min(ids) < 4 * len(ids) + 64
 
 
-def batch_statements(batch: AnyBatch, fresh: list[Any], now_ms: int) -> list[tuple[str, tuple[Any, ...]]]:
+def batch_statements(batch: StoreBatch, fresh: Fresh, now_ms: int) -> list[tuple[str, tuple[Any, ...]]]:
     """What a stored batch's new records change beside their own rows, in the batch's
     transaction (``?`` placeholders): the fleet tables (:mod:`headend.fleet`) and the
     notice queue (:mod:`headend.notices`)."""
-    return fleet.statements(fleet.fleet_update(batch.gateway_id, fresh, now_ms)) + notices.statements(
-        notices.notices_of(batch.gateway_id, batch.epoch, fresh), now_ms
+    update = fleet.fleet_update(batch.gateway_id, fresh.records, now_ms, fresh.reading_times)
+    return fleet.statements(update) + notices.statements(
+        notices.notices_of(batch.gateway_id, batch.epoch, fresh.records), now_ms
     )
 
 
 class HeadendStore(Protocol):
     """Where the headend commits batches (SQLite here, PostgreSQL in store_pg)."""
 
-    async def store(self, batch: AnyBatch, now_ms: int) -> StoreResult: ...
+    async def store(self, batch: StoreBatch, now_ms: int) -> StoreResult: ...
 
     async def summary(self, gateway_id: str | None = None) -> dict[str, Any]: ...
 
@@ -287,7 +337,7 @@ class HeadendDB:
     async def close(self) -> None:
         await self._db.close()
 
-    async def store(self, batch: AnyBatch, now_ms: int) -> StoreResult:
+    async def store(self, batch: StoreBatch, now_ms: int) -> StoreResult:
         db = self._db
         await begin_sqlite(db)  # (a cancelled ingest task leaves no transaction open)
         try:
@@ -317,21 +367,21 @@ class HeadendDB:
                         [e[2] for e in new],
                     )
                 inserted.append(new)
-            fresh = fresh_records(inserted)
-            new_n, dup = len(fresh), len(batch.records) - len(fresh)
+            fresh = fresh_of(inserted)
+            new_n, dup = len(fresh), record_count(batch) - len(fresh)
             if dup:
                 await self._count(db, "duplicate_records", dup)
             for stmt, args in batch_statements(batch, fresh, now_ms):
                 await db.execute(stmt, args)
             # the gateway's answers to central's commands, taken with the batch
-            await central_db.apply_results_in(SqliteTx(db), batch.gateway_id, fresh, now_ms)
+            await central_db.apply_results_in(SqliteTx(db), batch.gateway_id, fresh.records, now_ms)
             await db.commit()
             return StoreResult("stored", new_n, dup)
         except BaseException:
             await db.rollback()
             raise
 
-    async def _stored_ids(self, table: str, batch: AnyBatch, ids: list[int]) -> set[int]:
+    async def _stored_ids(self, table: str, batch: StoreBatch, ids: list[int]) -> set[int]:
         """Which of ``ids`` ``table`` already holds for the batch's gateway and epoch."""
         key = "SELECT record_id FROM {} WHERE gateway_id = ? AND epoch = ? AND record_id {}"
         if probe_by_range(ids):

@@ -36,14 +36,15 @@ from headend.store import (
     EVENT_COLS,
     READING_COLS,
     Entry,
+    StoreBatch,
     StoreResult,
     batch_row,
     batch_rows,
     batch_statements,
-    fresh_records,
+    fresh_of,
+    record_count,
     same_bytes,
 )
-from store_forward.codec import AnyBatch
 from store_forward.presence import Presence
 
 SCHEMA = """
@@ -312,7 +313,7 @@ _INSERT = {
 }
 
 
-def _unnest_args(batch: AnyBatch, table: str, entries: list[Entry]) -> dict[str, Any]:
+def _unnest_args(batch: StoreBatch, table: str, entries: list[Entry]) -> dict[str, Any]:
     """The parameters of :data:`_INSERT` ``[table]``: the varying columns as lists."""
     width = 7 if table != "events" else 5  # row columns before batch_seq, epoch
     columns = list(zip(*(e[2] for e in entries), strict=True))
@@ -342,7 +343,7 @@ class PostgresHeadendDB:
     async def close(self) -> None:
         await self._conn.close()
 
-    async def store(self, batch: AnyBatch, now_ms: int) -> StoreResult:
+    async def store(self, batch: StoreBatch, now_ms: int) -> StoreResult:
         conn = self._conn
         async with conn.transaction():
             cur = await conn.execute(
@@ -366,14 +367,14 @@ class PostgresHeadendDB:
                 stored = {int(i) for (i,) in await cur.fetchall()}
                 # the ids this statement inserted: any other was there already, or was
                 # inserted meanwhile by another headend's transaction (which this one waited for)
-                inserted.append([e for e in entries if e[1].id in stored])
-            fresh = fresh_records(inserted)
-            new, dup = len(fresh), len(batch.records) - len(fresh)
+                inserted.append([e for e in entries if e[2][1] in stored])
+            fresh = fresh_of(inserted)
+            new, dup = len(fresh), record_count(batch) - len(fresh)
             if dup:
                 await self._count("duplicate_records", dup)
             for stmt, args in batch_statements(batch, fresh, now_ms):
                 await conn.execute(stmt.replace("?", "%s"), args)
-            await central_db.apply_results_in(PgTx(conn), batch.gateway_id, fresh, now_ms)
+            await central_db.apply_results_in(PgTx(conn), batch.gateway_id, fresh.records, now_ms)
             return StoreResult("stored", new, dup)
 
     async def _count(self, name: str, n: int) -> None:

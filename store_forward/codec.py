@@ -20,7 +20,7 @@ under a key id (:mod:`store_forward.acks`); unsealed batches have none.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
 from store_forward import acks, wire, wire_json
@@ -198,13 +198,37 @@ def decode(
     allow_plain: bool,
 ) -> AnyBatch:
     """Decode encoding 1 or 2 (either header revision). Raises :class:`DecodeError`."""
+    return _decode(payload, key_lookup, allow_plain, wire.decode_batch)
+
+
+def decode_rows(
+    payload: bytes,
+    key_lookup: Callable[[str, int], bytes | None] | None,
+    *,
+    allow_plain: bool,
+) -> AnyBatch | wire.DecodedRows:
+    """:func:`decode`, with the readings of a sealed batch (encoding 2) as flat rows
+    (:func:`store_forward.wire.decode_batch_rows`); an unsealed batch as records.
+    Accepts and refuses exactly what :func:`decode` does."""
+    return _decode(payload, key_lookup, allow_plain, wire.decode_batch_rows)
+
+
+_B = TypeVar("_B")
+
+
+def _decode(
+    payload: bytes,
+    key_lookup: Callable[[str, int], bytes | None] | None,
+    allow_plain: bool,
+    sealed: Callable[[bytes, Callable[[str, int], bytes | None]], _B],
+) -> _B | AnyBatch:
     if not payload:
         raise DecodeError("empty payload")
     if encoding_of(payload) == 2:
         if key_lookup is None:
             raise DecodeError("sealed batch, but this headend has no gateway registry")
         try:
-            return wire.decode_batch(payload, key_lookup)
+            return sealed(payload, key_lookup)
         except wire.WireKeyError as exc:
             raise DecodeError(f"unknown or revoked gateway/key: {exc}") from exc
         except wire.WireError as exc:

@@ -1217,8 +1217,8 @@ def _reading_rows(
         (where[tag - 1] if tag else others).append(idx)
     rows: list[Any] = [None] * len(tags)
     qmaps: dict[int, dict[int, dict[str, str]]] = {}  # meter -> reading index -> quality map
-    for k, i, name, q in c.marks:
-        qmaps.setdefault(k, {}).setdefault(i, {})[name] = q
+    for k, i, name, mark in c.marks:
+        qmaps.setdefault(k, {}).setdefault(i, {})[name] = mark
     for k in range(n_meters):
         times, shapes_k, cols = c.times[k], c.shapes[k], c.texts[k]
         n = len(times)

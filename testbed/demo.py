@@ -57,7 +57,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import aiomqtt
@@ -81,7 +81,7 @@ from headend.registry import (
 from headend.store import HeadendDB
 from store_forward import wire_json
 from store_forward.batch_epoch import new_epoch
-from store_forward.codec import AnyBatch, encoding_of
+from store_forward.codec import encoding_of
 from store_forward.records import Record, RecordClass, RecordKind
 from store_forward.topics import DEFAULT_PREFIX, Topics
 from store_forward.uplink import tls_context
@@ -312,6 +312,9 @@ def _headend_key(workdir: Path) -> Path:
     return path
 
 
+_Batch = TypeVar("_Batch")
+
+
 class Observed:
     """Facts gathered while the demo runs, for the report: the certificate identity the
     broker gives each session (from the broker's log), and the encodings of the batches
@@ -331,10 +334,10 @@ class Observed:
             if cid in connected and not cid.startswith(PROBE):
                 self.identities[cid] = connected[cid]
 
-    def decoder(self, decode: Callable[[bytes], AnyBatch]) -> Callable[[bytes], AnyBatch]:
+    def decoder(self, decode: Callable[[bytes], _Batch]) -> Callable[[bytes], _Batch]:
         """``decode``, counting every batch it accepts by its encoding (1 or 2)."""
 
-        def counted(payload: bytes) -> AnyBatch:
+        def counted(payload: bytes) -> _Batch:
             batch = decode(payload)
             key = str(encoding_of(payload))
             self.encodings[key] = self.encodings.get(key, 0) + 1
