@@ -200,26 +200,39 @@ def batch_rows(batch: StoreBatch) -> BatchRows:
     gw, seq, epoch = batch.gateway_id, batch.seq, batch.epoch
     tables: dict[str, list[Entry]] = {}
     if isinstance(batch, DecodedRows):
-        # the readings' rows as decoded; a table per class, as _record_row chooses
-        rows, classes = batch.reading_rows, batch.reading_classes
+        # the readings' rows as decoded, each table's in batch order (a reading that
+        # travelled as a generic record comes among the others, and is put in its place)
+        rows, classes, others = batch.reading_rows, batch.reading_classes, batch.others
+        if others:
+            taken = {p for p, _ in others}
+            where: Sequence[int] = [p for p in range(batch.n_records) if p not in taken]
+        else:
+            where = range(len(rows))
         if any(c == _TELEMETRY for c in classes):
-            for i, (row, c) in enumerate(zip(rows, classes, strict=True)):
+            for p, row, c in zip(where, rows, classes, strict=True):
                 table = "telemetry" if c == _TELEMETRY else "readings"
                 entries = tables.get(table)
                 if entries is None:
                     entries = tables[table] = []
-                entries.append((i, None, row))
+                entries.append((p, None, row))
         elif rows:
-            tables["readings"] = list(zip(range(len(rows)), itertools.repeat(None), rows))
-        numbered: Iterable[tuple[int, Any]] = batch.others
+            tables["readings"] = list(zip(where, itertools.repeat(None), rows, strict=False))
+        numbered: Iterable[tuple[int, Any]] = others
+        mixed = {"readings", "telemetry"}.intersection(tables)  # tables that may get records too
     else:
         numbered = enumerate(batch.records)
+        mixed = set()
+    unsorted: set[str] = set()
     for pos, r in numbered:
         table, row = _record_row(gw, seq, epoch, r)
         entries = tables.get(table)
         if entries is None:
             entries = tables[table] = []
         entries.append((pos, r, row))
+        if table in mixed:
+            unsorted.add(table)
+    for table in unsorted:
+        tables[table].sort(key=itemgetter(0))
     repeated = 0
     for table, entries in tables.items():
         if len({e[2][1] for e in entries}) == len(entries):
@@ -263,11 +276,12 @@ class Fresh:
 
 
 def fresh_of(inserted: Iterable[list[Entry]]) -> Fresh:
-    """The new records and reading times of the entries inserted into each table (a
-    table's entries are all records, or all readings' rows)."""
+    """The new records and reading times of the entries inserted into each table."""
     parts = [p for p in inserted if p]
-    times = [e[2][3] for p in parts if p[0][1] is None for e in p]
-    return Fresh(fresh_records([p for p in parts if p[0][1] is not None]), times)
+    times = [e[2][3] for p in parts for e in p if e[1] is None]
+    if not times:
+        return Fresh(fresh_records(parts), times)
+    return Fresh(fresh_records([[e for e in p if e[1] is not None] for p in parts]), times)
 
 
 def probe_by_range(ids: Sequence[int]) -> bool:
