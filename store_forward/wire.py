@@ -321,6 +321,14 @@ class _Reader:
         self.pos = pos
         return result
 
+    def uvarints(self, n: int) -> list[int]:
+        """``n`` varints in a row (at once where each is one byte)."""
+        chunk = self.buf[self.pos : self.pos + n]
+        if len(chunk) == n and (not chunk or max(chunk) < 0x80):
+            self.pos += n
+            return list(chunk)
+        return [self.uvarint() for _ in range(n)]
+
     def svarint(self) -> int:
         z = self.uvarint()
         return (z >> 1) if not z & 1 else -((z + 1) >> 1)
@@ -621,6 +629,10 @@ def _put_packed(out: bytearray, values: Sequence[int], *, signed: bool) -> None:
     out += overflow
 
 
+# _BIT_TABLES[j]: byte -> its bit j (a column of width 1 read a bit position at a time)
+_BIT_TABLES = [bytes((b >> j) & 1 for b in range(256)) for j in range(8)]
+
+
 def _get_packed(r: _Reader, n: int, *, signed: bool) -> list[int]:
     center = r.svarint() if signed else 0
     width = r.byte()
@@ -630,22 +642,30 @@ def _get_packed(r: _Reader, n: int, *, signed: bool) -> list[int]:
         return [center] * n
     raw = r.take((n * width + 7) // 8)
     mask = (1 << width) - 1
-    # Eight values fill ``width`` bytes: read each such group as one little-endian int.
-    out: list[int] = []
-    extend = out.extend
-    from_bytes = int.from_bytes
-    shifts = range(0, 8 * width, width)
-    for j in range(0, len(raw), width):
-        g = from_bytes(raw[j : j + width], "little")
-        extend([(g >> s) & mask for s in shifts])
+    out: list[int]
+    if width == 8:
+        out = list(raw)
+    elif width == 1:  # bit j of every byte at once
+        out = [0] * (8 * len(raw))
+        for j, table in enumerate(_BIT_TABLES):
+            out[j::8] = raw.translate(table)
+    else:
+        # Eight values fill ``width`` bytes: read each such group as one little-endian int.
+        out = []
+        extend = out.extend
+        from_bytes = int.from_bytes
+        shifts = range(0, 8 * width, width)
+        for j in range(0, len(raw), width):
+            g = from_bytes(raw[j : j + width], "little")
+            extend([(g >> s) & mask for s in shifts])
     tail = (n * width) % 8  # the bits after the n-th value, in the last byte, are zero
     if tail and raw[-1] >> tail:
         raise WireFormatError("packed column has stray bits")
     del out[n:]
     if mask in out:  # escaped: the value goes on in a varint after the column
-        for j, z in enumerate(out):
-            if z == mask:
-                out[j] = mask + r.uvarint()
+        escaped = [j for j, z in enumerate(out) if z == mask]
+        for j, extra in zip(escaped, r.uvarints(len(escaped)), strict=True):
+            out[j] = mask + extra
     if signed:
         return [center + ((z >> 1) ^ -(z & 1)) for z in out]
     return out
@@ -994,13 +1014,17 @@ def _columns(data: bytes) -> _Columns:
     layout: list[dict[int, tuple[int, int, list[int], list[int]]]] = []
     for k in range(n_meters):
         n = counts[k]
+        bitmaps: dict[bytes, list[int]] = {}
         cols: dict[int, tuple[int, int, list[int], list[int]]] = {}
         for code, base, flags in schemas[meter_schema[k]]:
             if flags & _PRESENCE:
                 bitmap = r.take((n + 7) // 8)
-                present = [i for i in range(n) if bitmap[i >> 3] >> (i & 7) & 1]
-                if not present or ((n & 7) and bitmap[-1] >> (n & 7)):
-                    raise WireFormatError("presence bitmap is empty or has stray bits")
+                present = bitmaps.get(bitmap)  # (a meter's columns often share one)
+                if present is None:
+                    present = [i for i in range(n) if bitmap[i >> 3] >> (i & 7) & 1]
+                    if not present or ((n & 7) and bitmap[-1] >> (n & 7)):
+                        raise WireFormatError("presence bitmap is empty or has stray bits")
+                    bitmaps[bitmap] = present
             else:
                 present = list(range(n))
             if flags & _SPREAD:
@@ -1198,6 +1222,33 @@ def _records(c: _Columns) -> tuple[WireRecord, ...]:
 _SORTED = orjson.OPT_SORT_KEYS
 
 
+def _value_texts(cols: list[tuple[str, list[int], list[str]]]) -> list[str]:
+    """The values JSON of the readings that hold every one of ``cols`` (and no other
+    column), keys sorted: one template filled per reading."""
+    ordered = sorted(cols, key=lambda col: col[0])
+    template = "{" + ",".join(f'"{col[0]}":"%s"' for col in ordered) + "}"
+    return [template % v for v in zip(*(col[2] for col in ordered), strict=True)]
+
+
+def _by_presence(
+    cols: list[tuple[str, list[int], list[str]]],
+) -> list[tuple[list[int], list[tuple[str, list[int], list[str]]]]] | None:
+    """A meter's columns grouped by the readings they are present in, where those
+    sets do not overlap (each reading then holds exactly its group's columns);
+    None where they do."""
+    groups: dict[tuple[int, ...], list[tuple[str, list[int], list[str]]]] = {}
+    for col in cols:
+        groups.setdefault(tuple(col[1]), []).append(col)
+    if len(groups) > 8:
+        return None
+    seen: set[int] = set()
+    for key in groups:
+        seen.update(key)
+    if len(seen) != sum(len(key) for key in groups):
+        return None
+    return [(group[0][1], group) for group in groups.values()]
+
+
 def _reading_rows(
     c: _Columns, gateway_id: str, seq: int, epoch: str
 ) -> tuple[list[tuple[Any, ...]], list[int], list[tuple[int, WireRecord]]]:
@@ -1223,14 +1274,15 @@ def _reading_rows(
         times, shapes_k, cols = c.times[k], c.shapes[k], c.texts[k]
         n = len(times)
         if all(len(col[1]) == n for col in cols):
-            ordered = sorted(cols, key=lambda col: col[0])
-            template = "{" + ",".join(f'"{col[0]}":"%s"' for col in ordered) + "}"
-            values: list[str] = (
-                [template % v for v in zip(*(col[2] for col in ordered), strict=True)]
-                if ordered
-                else ["{}"] * n
-            )
-        else:  # gaps: the value maps built as the records' are
+            values = _value_texts(cols) if cols else ["{}"] * n
+        elif (grouped := _by_presence(cols)) is not None:
+            # readings of a few shapes (a meter's billing and telemetry readings):
+            # each shape's columns cover exactly its readings
+            values = ["{}"] * n
+            for present, group in grouped:
+                for i, text in zip(present, _value_texts(group), strict=True):
+                    values[i] = text
+        else:  # irregular gaps: the value maps built as the records' are
             maps: list[dict[str, str]] = [{} for _ in range(n)]
             for name, present, out in cols:
                 for i, text in zip(present, out, strict=True):
