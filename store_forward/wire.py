@@ -466,9 +466,11 @@ def _decimal_texts(coefs: list[int], exp: int) -> list[str]:
     point put in (or ``0.`` and the digits padded)."""
     if exp == 0:
         return [str(c) for c in coefs]
-    if -6 <= exp < 0 and coefs and min(coefs) >= 0:
+    if -6 <= exp < 0 and coefs and (least := min(coefs)) >= 0:
         w = -exp
         unit = 10**w
+        if least >= unit:  # (the usual column: every value at least 1)
+            return [f"{d[:exp]}.{d[exp:]}" for d in map(str, coefs)]
         return [
             f"{d[:exp]}.{d[exp:]}" if c >= unit else f"0.{d.zfill(w)}"
             for c, d in zip(coefs, map(str, coefs), strict=True)
@@ -1069,6 +1071,9 @@ def _columns(data: bytes) -> _Columns:
     texts: list[list[tuple[str, list[int], list[str]]]] = [[] for _ in range(n_meters)]
     limit = 1 << 80
 
+    # exponent -> [(texts to fill, scaled values)] of the columns without offsets
+    plain_texts: dict[int, list[tuple[list[str], list[int]]]] = {}
+
     def column(
         k: int, code: int, present: list[int], scaled: list[int], base: int, offsets: list[int]
     ) -> None:
@@ -1084,8 +1089,9 @@ def _columns(data: bytes) -> _Columns:
                 exps.append(base + off)
             out = [_decimal_text(c, e) for c, e in zip(coefs, exps, strict=True)]
         else:
-            coefs, exps = scaled, [base] * len(scaled)
-            out = _decimal_texts(scaled, base)
+            coefs, exps = scaled, [base] * len(scaled) if k in predicts else []
+            out = []  # filled below, with every column of this exponent at once
+            plain_texts.setdefault(base, []).append((out, scaled))
         if code in _PREDICTOR_INPUTS and k in predicts:
             nums[k][code] = (present, coefs, exps)
         texts[k].append((_QUANTITY_NAMES[code], present, out))
@@ -1142,6 +1148,12 @@ def _columns(data: bytes) -> _Columns:
             except KeyError as exc:
                 raise WireFormatError("predicted current lacks an input value") from exc
         column(k, _CURRENT, present, scaled, base, offsets)
+    for base, parts in plain_texts.items():
+        flat = _decimal_texts(list(itertools.chain.from_iterable(sc for _, sc in parts)), base)
+        start = 0
+        for out, sc in parts:
+            out += flat[start : start + len(sc)]
+            start += len(sc)
     # 6. Quality marks.
     marks: list[tuple[int, int, str, str]] = []
     starts = list(itertools.accumulate(counts, initial=0))
