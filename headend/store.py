@@ -25,6 +25,7 @@ import itertools
 import logging
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import compress
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
@@ -208,15 +209,13 @@ def batch_rows(batch: StoreBatch) -> BatchRows:
             where: Sequence[int] = [p for p in range(batch.n_records) if p not in taken]
         else:
             where = range(len(rows))
-        if any(c == _TELEMETRY for c in classes):
-            for p, row, c in zip(where, rows, classes, strict=True):
-                table = "telemetry" if c == _TELEMETRY else "readings"
-                entries = tables.get(table)
-                if entries is None:
-                    entries = tables[table] = []
-                entries.append((p, None, row))
-        elif rows:
-            tables["readings"] = list(zip(where, itertools.repeat(None), rows, strict=False))
+        telemetry = [c == _TELEMETRY for c in classes]
+        billing = [not t for t in telemetry]
+        for table, keep in (("readings", billing), ("telemetry", telemetry)):
+            if any(keep):
+                tables[table] = list(
+                    zip(compress(where, keep), itertools.repeat(None), compress(rows, keep), strict=False)
+                )
         numbered: Iterable[tuple[int, Any]] = others
         mixed = {"readings", "telemetry"}.intersection(tables)  # tables that may get records too
     else:

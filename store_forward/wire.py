@@ -35,9 +35,12 @@ import lzma
 import os
 import re
 import zlib
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from itertools import repeat
+from operator import itemgetter
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -1303,10 +1306,19 @@ def _reading_rows(
         quality: list[str | None] = [None] * n
         for i, qm in qmaps.get(k, {}).items():
             quality[i] = orjson.dumps(qm, option=_SORTED).decode()
-        meter = c.meter_ids[k]
         positions = where[k]
-        for p, t, (ts, _), v, q in zip(positions, times, shapes_k, values, quality, strict=True):
-            rows[p] = (gateway_id, ids[p], meter, t, ts, v, q, seq, epoch)
+        made = zip(
+            repeat(gateway_id),
+            map(ids.__getitem__, positions),
+            repeat(c.meter_ids[k]),
+            times,
+            map(itemgetter(0), shapes_k),
+            values,
+            quality,
+            repeat(seq),
+            repeat(epoch),
+        )
+        deque(map(rows.__setitem__, positions, made), maxlen=0)  # rows[p] = row, in C
     if not others:
         return rows, classes, []
     generic: list[tuple[int, WireRecord]] = []
