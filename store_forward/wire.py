@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from itertools import repeat
-from operator import itemgetter
+from operator import add, itemgetter
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -278,6 +278,9 @@ def _put_bytes(out: bytearray, data: bytes) -> None:
     out += data
 
 
+_VARINT = re.compile(rb"[\x80-\xff]*[\x00-\x7f]")  # one varint's bytes
+
+
 class _Reader:
     """Bounds-checked cursor over a byte string; raises WireFormatError only."""
 
@@ -330,7 +333,23 @@ class _Reader:
         if len(chunk) == n and (not chunk or max(chunk) < 0x80):
             self.pos += n
             return list(chunk)
-        return [self.uvarint() for _ in range(n)]
+        # each varint's bytes: continuation bytes, then one below 0x80
+        out: list[int] = []
+        for m in _VARINT.finditer(self.buf, self.pos):
+            if len(out) == n:
+                break
+            raw = m.group()
+            if len(raw) == 1:
+                out.append(raw[0])
+            elif len(raw) == 2:
+                out.append((raw[0] & 0x7F) | raw[1] << 7)
+            else:
+                out.append(self.uvarint())  # (reads from here: the position is at m)
+                continue
+            self.pos = m.end()
+        if len(out) < n:
+            out += [self.uvarint() for _ in range(n - len(out))]  # raises: truncated
+        return out
 
     def svarint(self) -> int:
         z = self.uvarint()
@@ -1059,7 +1078,7 @@ def _columns(data: bytes) -> _Columns:
         n = counts[k]
         step = intervals[k]
         meter_times.append(
-            list(itertools.accumulate((d + step for d in residuals[pos : pos + n - 1]), initial=firsts[k]))
+            list(itertools.accumulate(map(add, residuals[pos : pos + n - 1], repeat(step)), initial=firsts[k]))
         )
         pos += n - 1
         meter_shapes.append(shapes[g : g + n])

@@ -719,3 +719,24 @@ def test_decimal_text_examples(coef: int, exp: int, text: str) -> None:
 )
 def test_decimal_texts_of_a_column(coefs: list[int], exp: int) -> None:
     assert wire._decimal_texts(coefs, exp) == [str(Decimal(f"{c}E{exp}")) for c in coefs]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 2**70 - 1), max_size=40), st.integers(0, 3))
+def test_varints_read_together_are_read_one_by_one(values: list[int], cut: int) -> None:
+    """The column decoder reads a run of varints at once (one-byte ones, and
+    longer ones): the same values and position as one at a time, and a
+    truncated run is refused."""
+    buf = bytearray()
+    for v in values:
+        wire._put_uvarint(buf, v)
+    data = bytes(buf) + b"\x05tail"
+    together = wire._Reader(data)
+    assert together.uvarints(len(values)) == values
+    one = wire._Reader(data)
+    assert [one.uvarint() for _ in values] == values
+    assert together.pos == one.pos == len(buf)
+    if values and cut:
+        short = bytes(buf[: max(0, len(buf) - cut)])
+        with pytest.raises(WireFormatError):
+            wire._Reader(short).uvarints(len(values))
