@@ -339,13 +339,12 @@ class _Reader:
             if len(out) == n:
                 break
             raw = m.group()
-            if len(raw) == 1:
-                out.append(raw[0])
-            elif len(raw) == 2:
-                out.append((raw[0] & 0x7F) | raw[1] << 7)
-            else:
-                out.append(self.uvarint())  # (reads from here: the position is at m)
-                continue
+            if len(raw) > 10:
+                self.uvarint()  # raises: longer than 10 bytes
+            v = raw[-1]
+            for byte in raw[-2::-1]:
+                v = v << 7 | (byte & 0x7F)
+            out.append(v)
             self.pos = m.end()
         if len(out) < n:
             out += [self.uvarint() for _ in range(n - len(out))]  # raises: truncated
@@ -1118,6 +1117,8 @@ def _columns(data: bytes) -> _Columns:
             nums[k][code] = (present, coefs, exps)
         texts[k].append((_QUANTITY_NAMES[code], present, out))
 
+    texts_at = plain_texts.setdefault
+    names = _QUANTITY_NAMES
     pending: list[tuple[int, int, list[int], list[int], list[int]]] = []
     all_codes = sorted({code for k in range(n_meters) for code in layout[k]})
     for code in all_codes:
@@ -1130,13 +1131,21 @@ def _columns(data: bytes) -> _Columns:
         prev_first = 0
         dpos = 0
         for h, k in enumerate(plain):
-            base, _flags, present, offsets = layout[k][code]
+            base, col_flags, present, offsets = layout[k][code]
             first = col_firsts[h] + (prev_first if base == prev_base else 0)
             prev_base, prev_first = base, first
             n = len(present)
             scaled = list(itertools.accumulate(col_deltas[dpos : dpos + n - 1], initial=first))
             dpos += n - 1
-            column(k, code, present, scaled, base, offsets)
+            if col_flags & _SPREAD or k in predicts:
+                column(k, code, present, scaled, base, offsets)
+                continue
+            # column() without offsets or predictor inputs, inline (the usual column)
+            if max(scaled) >= limit or min(scaled) <= -limit:
+                raise WireFormatError("column value out of range")
+            out: list[str] = []
+            texts_at(base, []).append((out, scaled))
+            texts[k].append((names[code], present, out))
         if code == _CURRENT:
             guessed = [k for k in holders if layout[k][code][1] & _PREDICTED]
             col_residuals = _get_packed(
@@ -1144,7 +1153,7 @@ def _columns(data: bytes) -> _Columns:
             )
             rpos = 0
             for k in guessed:
-                base, _flags, present, offsets = layout[k][code]
+                base, col_flags, present, offsets = layout[k][code]
                 part = col_residuals[rpos : rpos + len(present)]
                 rpos += len(present)
                 pending.append((k, base, present, offsets, part))
