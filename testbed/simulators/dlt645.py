@@ -73,6 +73,7 @@ from firmware_bridge.dlt645.messages import (
     read_follow_up_reply,
     read_reply,
 )
+from testbed.simulators import wait_for_stop_signal
 
 # Hour of the meter's clock -> rate index 1..4 (sharp, peak, flat, valley).
 RATE_BY_HOUR: tuple[int, ...] = (
@@ -601,7 +602,7 @@ async def _main(args: argparse.Namespace) -> None:
         if args.tcp is not None:
             print(f"tcp 127.0.0.1:{await sim.start_tcp(port=args.tcp)}", flush=True)
         print("meters " + " ".join(m.address for m in meters), flush=True)
-        await asyncio.Event().wait()
+        await wait_for_stop_signal()
 
 
 def main(argv: list[str] | None = None) -> int:

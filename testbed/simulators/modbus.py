@@ -60,6 +60,7 @@ from pymodbus.server import ModbusTcpServer
 from firmware_bridge.modbus.decode import encode_value
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES, Profile
 from firmware_bridge.reading import Quantity
+from testbed.simulators import wait_for_stop_signal
 
 _HOUR_S = Decimal(3600)
 
@@ -536,11 +537,11 @@ async def _serve(args: argparse.Namespace) -> int:
             args.units, profile=profile, load_kw=args.load_kw, baud=args.baud, wire_timing=args.wire_timing
         ) as rtu:
             print(f"modbus RTU simulator: {profile.name} units {args.units} on {rtu.path} ({args.baud} baud)", flush=True)
-            await _wait_for_signal()
+            await wait_for_stop_signal()
         return 0
     async with ModbusSimulator(args.units, profile=profile, load_kw=args.load_kw, port=args.tcp) as sim:
         print(f"modbus simulator: {profile.name} units {args.units} on 127.0.0.1:{sim.port}", flush=True)
-        await _wait_for_signal()
+        await wait_for_stop_signal()
     return 0
 
 
