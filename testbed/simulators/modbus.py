@@ -41,7 +41,6 @@ import contextlib
 import enum
 import os
 import random
-import signal
 import time
 import tty
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -519,15 +518,6 @@ def _parse_units(text: str) -> list[int]:
     if not units or any(not 1 <= u <= 247 for u in units):
         raise argparse.ArgumentTypeError("units must be a comma list of 1..247")
     return units
-
-
-async def _wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
 
 
 async def _serve(args: argparse.Namespace) -> int:
