@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +17,7 @@ from headend.store import HeadendDB, StoreResult, batch_rows, fresh_records, new
 from headend.store_pg import PostgresHeadendDB
 from store_forward.records import RecordClass
 from store_forward.wire import DecodedBatch, WireRecord
-from tests.headend.test_headend_scaleout import admin_connection
+from tests.headend.test_headend_scaleout import pg_dsn  # noqa: F401 (fixture)
 
 EPOCH = "0123456789abcdef"
 T0 = 1_732_400_000_000
@@ -154,18 +152,6 @@ async def fetch(store: Any, q: str, args: tuple[Any, ...]) -> list[tuple[Any, ..
     return [tuple(r) for r in await store._db.execute_fetchall(q, args)]
 
 
-@pytest.fixture
-def pg_dsn() -> Iterator[str]:
-    name = f"edgegw_test_{secrets.token_hex(4)}"
-    admin, dsn = admin_connection()
-    with admin:
-        admin.execute(f"CREATE DATABASE {name}")
-        try:
-            yield dsn.replace("dbname=postgres", f"dbname={name}")
-        finally:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
 EXAMPLES = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -187,7 +173,7 @@ def test_sqlite_stores_each_record_once(tmp_path: Path, scenario: list[Any]) -> 
 
 @EXAMPLES
 @given(scenario_st)
-def test_postgres_stores_each_record_once(pg_dsn: str, scenario: list[Any]) -> None:
+def test_postgres_stores_each_record_once(pg_dsn: str, scenario: list[Any]) -> None:  # noqa: F811
     async def go() -> None:
         db = await PostgresHeadendDB.open(pg_dsn)
         try:
@@ -210,7 +196,7 @@ async def test_sqlite_sparse_ids_and_repeats(tmp_path: Path) -> None:
         await db.close()
 
 
-async def test_postgres_sparse_ids_and_repeats(pg_dsn: str) -> None:
+async def test_postgres_sparse_ids_and_repeats(pg_dsn: str) -> None:  # noqa: F811
     db = await PostgresHeadendDB.open(pg_dsn)
     try:
         await run_scenario(db, "gw-sparse", [SPARSE, [("billing", 10**9), ("billing", 5)], None])
@@ -218,7 +204,7 @@ async def test_postgres_sparse_ids_and_repeats(pg_dsn: str) -> None:
         await db.close()
 
 
-async def test_postgres_record_stored_meanwhile_by_another_headend(pg_dsn: str) -> None:
+async def test_postgres_record_stored_meanwhile_by_another_headend(pg_dsn: str) -> None:  # noqa: F811
     # Another headend's transaction holds reading 5 uncommitted: this batch's insert waits
     # for it, then leaves reading 5 out (and counts it a duplicate), without an error.
     db = await PostgresHeadendDB.open(pg_dsn)
