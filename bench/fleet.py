@@ -47,11 +47,9 @@ import os
 import re
 import resource
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +60,8 @@ import psycopg  # noqa: E402
 
 from headend.registry import generate_headend_key  # noqa: E402
 from testbed import fleet_sim  # noqa: E402
-from testbed.broker import Mosquitto, free_port  # noqa: E402
+from testbed.broker import Mosquitto  # noqa: E402
+from testbed.headend_proc import HeadendProcess  # noqa: E402
 
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -107,39 +106,6 @@ def self_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-class HeadendProc:
-    def __init__(self, log: Path, args: list[str]) -> None:
-        self.log = log
-        self.metrics_port = free_port()
-        self._out = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "headend", "run", *args,
-             "--metrics", f"127.0.0.1:{self.metrics_port}", "--metrics-refresh-s", "86400"],
-            stdout=subprocess.DEVNULL, stderr=self._out, stdin=subprocess.DEVNULL, cwd=ROOT,
-        )  # fmt: skip
-
-    def subscribed(self) -> bool:
-        return "headend subscribed on" in self.log.read_text(errors="replace")
-
-    def metric(self, name: str) -> float:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as r:
-            text = r.read().decode()
-        return sum(
-            float(m[1]) for m in re.finditer(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.M)
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._out.close()
-
-
 async def one(
     conn: psycopg.AsyncConnection[Any], q: str, args: tuple[Any, ...] = ()
 ) -> tuple[Any, ...]:
@@ -170,11 +136,11 @@ async def run_k(
     dsn = re.sub(r"dbname=\S+", f"dbname={name}", a.dsn)
     broker = Mosquitto.plain(work / f"broker-{n}-{k}")
     broker.start()
-    heads: list[HeadendProc] = []
+    heads: list[HeadendProcess] = []
     try:
         args = ["--broker", f"127.0.0.1:{broker.port}", "--dsn", dsn, "--share", "fleet",
                 "--key", str(key), "--registry", str(registry)]  # fmt: skip
-        heads = [HeadendProc(work / f"headend-{n}-{k}-{i}.log", args) for i in range(k)]
+        heads = [HeadendProcess(work / f"headend-{n}-{k}-{i}.log", args) for i in range(k)]
         deadline = time.monotonic() + 60
         while not all(h.subscribed() for h in heads):
             if time.monotonic() > deadline or any(h.proc.poll() is not None for h in heads):

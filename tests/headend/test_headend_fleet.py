@@ -5,11 +5,7 @@ presence, health and command results where central looks for them."""
 from __future__ import annotations
 
 import asyncio
-import re
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +15,8 @@ import pytest
 from headend.central_db import CentralDB, NewCommand
 from headend.registry import generate_headend_key
 from testbed import fleet_sim
-from testbed.broker import free_port
+from testbed.headend_proc import HeadendProcess
 from tests.harness.mosquitto import Mosquitto
-from tests.harness.procs import ROOT
 from tests.headend.test_headend_scaleout import pg_dsn
 
 __all__ = ["pg_dsn"]  # the fixture, imported
@@ -29,45 +24,6 @@ __all__ = ["pg_dsn"]  # the fixture, imported
 GATEWAYS = 20
 METERS = 50
 ROUNDS = 3
-
-
-class HeadendProc:
-    """``edgegw headend run --dsn ... --share GROUP`` as its own process."""
-
-    def __init__(self, log: Path, *args: str) -> None:
-        self.log = log
-        self.metrics_port = free_port()
-        self._out = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "headend", "run", *args,
-             "--metrics", f"127.0.0.1:{self.metrics_port}", "--metrics-refresh-s", "3600"],
-            stdout=subprocess.DEVNULL, stderr=self._out, stdin=subprocess.DEVNULL, cwd=ROOT,
-        )  # fmt: skip
-
-    def subscribed(self) -> bool:
-        return "headend subscribed on" in self.log.read_text(errors="replace")
-
-    def batches(self) -> dict[str, float]:
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
-        ) as r:
-            text = r.read().decode()
-        return {
-            m[1]: float(m[2])
-            for m in re.finditer(
-                r'^edgegw_headend_batches_total\{status="(\w+)"\} (\S+)$', text, re.M
-            )
-        }
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._out.close()
 
 
 @pytest.fixture
@@ -90,7 +46,7 @@ async def test_fleet_through_two_shared_headends_exactly_once(
     batches = [b for r in rounds for b in r]
     args = ["--broker", f"127.0.0.1:{mosquitto.port}", "--dsn", pg_dsn, "--share", "central",
             "--key", str(key), "--registry", str(registry)]  # fmt: skip
-    heads = [HeadendProc(tmp_path / f"headend-{i}.log", *args) for i in range(2)]
+    heads = [HeadendProcess(tmp_path / f"headend-{i}.log", list(args), metrics_refresh_s=3600) for i in range(2)]
     try:
         deadline = time.monotonic() + 20
         while not all(h.subscribed() for h in heads) and time.monotonic() < deadline:
@@ -190,4 +146,4 @@ async def test_fleet_through_two_shared_headends_exactly_once(
             assert "refused batch" not in h.log.read_text()
     finally:
         for h in heads:
-            h.stop()
+            h.stop(10)
