@@ -172,14 +172,25 @@ def all_css(driver, css: str) -> list:  # type: ignore[no-untyped-def,type-arg]
 
 
 def click_and_wait(driver, element) -> None:  # type: ignore[no-untyped-def]
-    """Click, then wait until the browser has left the page (the next one is loading or loaded)."""
-    from selenium.webdriver.support import expected_conditions as ec
+    """Click, then wait until the next page has loaded.
+
+    The old page is marked with a property of its ``window``; a new document has
+    a fresh window without it. (Waiting for the old ``<html>`` element to go stale
+    is not dependable: while the old document is being torn down, chromedriver
+    can answer "Node with given id does not belong to the document" instead of a
+    stale-element error.) While the browser is between documents a script can
+    fail; such failures are retried until the 15 s bound.
+    """
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    page = by_id_or_tag(driver, "html")
+    driver.execute_script("window.__edgegwOldPage = true;")
     element.click()
-    WebDriverWait(driver, 15).until(ec.staleness_of(page))
-    WebDriverWait(driver, 15).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+    def next_page_loaded(d) -> bool:  # type: ignore[no-untyped-def]
+        return bool(d.execute_script("return !window.__edgegwOldPage && document.readyState === 'complete';"))
+
+    WebDriverWait(driver, 15, ignored_exceptions=(WebDriverException,)).until(next_page_loaded)
 
 
 def fresh(driver, base: str) -> None:  # type: ignore[no-untyped-def]
