@@ -72,6 +72,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import enum
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -654,6 +655,24 @@ class _Timex(ctypes.Structure):
     _fields_ = [("modes", ctypes.c_uint), ("_rest", ctypes.c_byte * 512)]
 
 
+@functools.cache
+def _adjtimex() -> Callable[..., int] | None:
+    """libc's ``adjtimex``, looked up once. The C library is already in the
+    process: its symbols are found without ``ctypes.util.find_library``, which
+    runs ``ldconfig -p`` in a child process on every call."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).adjtimex
+    except (OSError, AttributeError):
+        pass
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name, use_errno=True).adjtimex
+    except (OSError, AttributeError):
+        return None
+
+
 def kernel_sync_state() -> bool | None:
     """The kernel's view (``adjtimex`` != TIME_ERROR), or None where it cannot be asked.
 
@@ -661,15 +680,14 @@ def kernel_sync_state() -> bool | None:
     call as a whole: under ``ProtectClock=yes`` or ``SystemCallFilter=~@clock``
     it fails with EPERM, which is "unknown", not "unsynchronised".
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
+    adjtimex = _adjtimex()
+    if adjtimex is None:
         return None
+    tx = _Timex()
+    tx.modes = 0
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
-        tx = _Timex()
-        tx.modes = 0
-        state = int(libc.adjtimex(ctypes.byref(tx)))
-    except (OSError, AttributeError):
+        state = int(adjtimex(ctypes.byref(tx)))
+    except OSError:
         return None
     if state == -1:
         return None
