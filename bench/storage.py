@@ -15,7 +15,8 @@ end of the run:
   the block device: the database, its write-ahead log and shared memory,
   checkpoints), divided by the readings committed meanwhile (the database's
   ``readings_committed`` counter, read through a read-only connection);
-* CPU time (utime + stime of ``/proc/PID/stat``) per 1,000 readings and as a
+* CPU time (utime + stime of ``/proc/PID/stat``, with cutime + cstime: the
+  child processes the daemon ran and waited for) per 1,000 readings and as a
   fraction of one core;
 * fsyncs are not visible in ``/proc``; the WAL frames written per reading are
   reported instead (``wal_frames``, from the log's size after each checkpoint is
@@ -30,6 +31,7 @@ it, and as the difference (what the gateway adds above the bare loop).
     python bench/storage.py                        # 50 @ 1 s, 1 @ 1 s, 1 @ 60 s, 1,000 @ 60 s (~17 min)
     python bench/storage.py --only 50x1 --seconds 60
     python bench/storage.py --tree /path/to/other/checkout   # run that tree's daemon
+    python bench/storage.py --only 50x1 --seconds 600 --windows 5   # writes as the ledger grows
 
 ``--tree`` runs the daemon of another checkout (for before/after comparisons);
 the benchmark itself, the simulators and the headend come from this tree.
@@ -42,6 +44,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -92,31 +95,35 @@ def proc_io(pid: int) -> dict[str, int]:
 def proc_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    # utime, stime, and cutime, cstime: child processes the daemon ran count as its own
+    return sum(int(f) for f in fields[11:15]) / TICK
+
+
+def query_int(db: Path, sql: str) -> int:
+    """One integer from the daemon's database, read through a read-only connection
+    (0 while it cannot be read)."""
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            row = conn.execute(sql).fetchone()
+            return int(row[0]) if row and row[0] is not None else 0
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
 
 
 def committed(db: Path) -> int:
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            row = conn.execute("SELECT value FROM kv WHERE key = 'readings_committed'").fetchone()
-            return int(row[0]) if row else 0
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
+    return query_int(db, "SELECT value FROM kv WHERE key = 'readings_committed'")
 
 
 def acked(db: Path) -> int:
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            row = conn.execute("SELECT value FROM kv WHERE key = 'readings_acked'").fetchone()
-            return int(row[0]) if row else 0
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
+    return query_int(db, "SELECT value FROM kv WHERE key = 'readings_acked'")
+
+
+def ledger_entries(db: Path) -> int:
+    """Entries in the ledger (they are kept: the indexes over them grow with them)."""
+    return query_int(db, "SELECT max(rowid) FROM billing_entry")
 
 
 @dataclass(frozen=True)
@@ -286,7 +293,7 @@ async def bare_loop(
     }
 
 
-async def run_scenario(sc: Scenario, tree: Path, bare: bool) -> dict[str, Any]:
+async def run_scenario(sc: Scenario, tree: Path, bare: bool, windows: int = 1) -> dict[str, Any]:
     log(
         f"{sc.name}: {sc.meters} meter(s), poll every {sc.poll_s:g} s, {sc.warmup_s:g} s warm-up + {sc.seconds:g} s"
     )
@@ -329,14 +336,14 @@ async def run_scenario(sc: Scenario, tree: Path, bare: bool) -> dict[str, Any]:
                             acked(db),
                             time.monotonic(),
                         )
-                        await asyncio.sleep(sc.seconds)
-                        io1, cpu1, n1, a1, t1 = (
-                            proc_io(gw.pid),
-                            proc_cpu_s(gw.pid),
-                            committed(db),
-                            acked(db),
-                            time.monotonic(),
-                        )
+                        # (time, write_bytes, readings committed, ledger entries) at each
+                        # window's end; the last is the end of the measured time
+                        marks = [(t0, io0["write_bytes"], n0, ledger_entries(db))]
+                        for w in range(1, windows + 1):
+                            await asyncio.sleep(max(0.0, t0 + sc.seconds * w / windows - time.monotonic()))
+                            io1, cpu1, n1, t1 = proc_io(gw.pid), proc_cpu_s(gw.pid), committed(db), time.monotonic()
+                            marks.append((t1, io1["write_bytes"], n1, ledger_entries(db)))
+                        a1 = acked(db)
                         if gw.poll() is not None:
                             raise RuntimeError(
                                 f"daemon exited: {(work / 'gateway.log').read_text()[-3000:]}"
@@ -364,6 +371,20 @@ async def run_scenario(sc: Scenario, tree: Path, bare: bool) -> dict[str, Any]:
             "cpu_fraction_of_core": round(cpu / wall, 4),
         },
     }
+    if windows > 1:
+        # Bytes per reading in successive windows, beside the ledger's size: the
+        # ledger's indexes grow with every entry, and an insert into a larger index
+        # lands on a page of its own more often.
+        out["windows"] = [
+            {
+                "from_s": round(a[0] - t0, 1),
+                "to_s": round(b[0] - t0, 1),
+                "readings": b[2] - a[2],
+                "write_bytes_per_reading": round((b[1] - a[1]) / max(b[2] - a[2], 1), 1),
+                "ledger_entries_at_end": b[3],
+            }
+            for a, b in itertools.pairwise(marks)
+        ]
     if base is not None:
         out["bare_loop"] = base
         out["daemon_minus_bare"] = {
@@ -403,9 +424,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     load0 = os.getloadavg()
     if args.parallel:
-        results = await asyncio.gather(*(run_scenario(s, tree, bare=False) for s in chosen))
+        results = await asyncio.gather(*(run_scenario(s, tree, bare=False, windows=args.windows) for s in chosen))
     else:
-        results = [await run_scenario(s, tree, bare=s.poll_s <= 5) for s in chosen]
+        results = [await run_scenario(s, tree, bare=s.poll_s <= 5, windows=args.windows) for s in chosen]
     return {
         "benchmark": "storage",
         "daemon_tree": str(tree),
@@ -436,6 +457,9 @@ if __name__ == "__main__":
         "--parallel", action="store_true", help="run the chosen scenarios at once (no bare loop)"
     )
     p.add_argument("--quick", action="store_true", help="a tiny run (smoke test)")
+    p.add_argument(
+        "--windows", type=int, default=1, help="also report writes per reading in this many successive windows"
+    )
     ns = p.parse_args()
     ns.tree = Path(ns.tree).resolve() if ns.tree else ROOT
     ns.commit = subprocess.run(

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_quick_run_reports_writes_and_cpu_of_the_daemon_process() -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "storage.py"), "--quick"],
+        [sys.executable, str(ROOT / "bench" / "storage.py"), "--quick", "--windows", "2"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -30,3 +30,8 @@ def test_quick_run_reports_writes_and_cpu_of_the_daemon_process() -> None:
     assert daemon["cpu_s"] >= 0 and 0 <= daemon["cpu_fraction_of_core"] < 2
     assert run["bare_loop"]["polls"] > 0
     assert set(run["daemon_minus_bare"]) == {"cpu_s_per_1000_readings", "cpu_fraction_of_core"}
+    # the measured time in two windows: their readings add up, the ledger only grows
+    first, second = run["windows"]
+    assert first["readings"] + second["readings"] == run["readings"]
+    assert first["to_s"] <= second["from_s"] + 0.1
+    assert 0 < first["ledger_entries_at_end"] <= second["ledger_entries_at_end"]
