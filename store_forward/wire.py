@@ -459,6 +459,8 @@ def _utf8_len(text: str) -> int | None:
 def _short_text(text: object) -> bool:
     if not isinstance(text, str):
         return False
+    if text.isascii():  # (meter ids, time sources, kinds: one byte a character)
+        return len(text) <= MAX_STRING_BYTES
     n = _utf8_len(text)
     return n is not None and n <= MAX_STRING_BYTES
 
@@ -555,12 +557,23 @@ def _column_fits(values: Sequence[_Value]) -> bool:
 def _demote_unfit(rows: Sequence[_Row]) -> Sequence[_Row]:
     """Send readings whose column (per meter) cannot be scaled to one
     exponent within limits the generic way; the rest stay columnar."""
+    # A column of values that share one exponent always fits (every coefficient is
+    # below the limit already): only columns of mixed exponents are checked.
     columns: dict[tuple[str, int], list[_Value]] = {}
+    mixed: set[tuple[str, int]] = set()
     for row in rows:
         if isinstance(row, _Reading):
+            meter = row.meter
             for v in row.values:
-                columns.setdefault((row.meter, v.code), []).append(v)
-    bad = {key for key, values in columns.items() if not _column_fits(values)}
+                key = (meter, v.code)
+                column = columns.get(key)
+                if column is None:
+                    columns[key] = [v]
+                else:
+                    column.append(v)
+                    if v.exp != column[0].exp:
+                        mixed.add(key)
+    bad = {key for key in mixed if not _column_fits(columns[key])}
     if not bad:
         return rows
     return [
@@ -816,6 +829,7 @@ def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
     schemas: dict[tuple[_ColumnSpec, ...], int] = {}
     meter_schema: list[int] = []
     meter_columns: list[dict[int, list[tuple[int, _Value]]]] = []
+    meter_specs: list[dict[int, _ColumnSpec]] = []  # per meter: its columns by quantity code
     predicted: list[list[int] | None] = []
     for readings in meters:
         columns: dict[int, list[tuple[int, _Value]]] = {}
@@ -824,10 +838,14 @@ def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
                 columns.setdefault(val.code, []).append((i, val))
         spec: list[_ColumnSpec] = []
         for code, entries in columns.items():
-            base = min(v.exp for _, v in entries)
-            flags = (_PRESENCE if len(entries) != len(readings) else 0) | (
-                _SPREAD if any(v.exp != base for _, v in entries) else 0
-            )
+            if len(entries) == 1:  # (a meter read once in the batch: no spread)
+                base = entries[0][1].exp
+                flags = _PRESENCE if len(readings) != 1 else 0
+            else:
+                base = min(v.exp for _, v in entries)
+                flags = (_PRESENCE if len(entries) != len(readings) else 0) | (
+                    _SPREAD if any(v.exp != base for _, v in entries) else 0
+                )
             if code == _CURRENT:
                 guess = _current_residuals(readings, entries, base)
                 predicted.append(guess)
@@ -839,6 +857,7 @@ def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
         key = tuple(spec)
         meter_schema.append(schemas.setdefault(key, len(schemas)))
         meter_columns.append(columns)
+        meter_specs.append({c[0]: c for c in spec})
     _put_uvarint(body, len(schemas))
     for key in schemas:
         _put_uvarint(body, len(key))
@@ -868,6 +887,10 @@ def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
     intervals: list[int] = []
     residuals: list[int] = []
     for readings in meters:
+        if len(readings) == 1:  # no steps: interval 0, no residuals
+            firsts.append(readings[0].t)
+            intervals.append(0)
+            continue
         times = [rd.t for rd in readings]
         steps = _deltas(times)
         interval = sorted(steps)[len(steps) // 2] if steps else 0
@@ -886,14 +909,21 @@ def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
         prev_base: int | None = None
         prev_first = 0
         for k in range(len(meters)):
-            col = next((c for c in spec_of[meter_schema[k]] if c[0] == code), None)
+            col = meter_specs[k].get(code)
             if col is None:
                 continue
             base, flags = col[1], col[2]
             if flags & _PREDICTED:
                 col_residuals.extend(predicted[k] or ())
                 continue
-            scaled = [v.coef * 10 ** (v.exp - base) for _, v in meter_columns[k][code]]
+            entries = meter_columns[k][code]
+            if len(entries) == 1:  # one value: its first, no deltas
+                v = entries[0][1]
+                first = v.coef * 10 ** (v.exp - base)
+                col_firsts.append(first - (prev_first if base == prev_base else 0))
+                prev_base, prev_first = base, first
+                continue
+            scaled = [v.coef * 10 ** (v.exp - base) for _, v in entries]
             col_firsts.append(scaled[0] - (prev_first if base == prev_base else 0))
             prev_base, prev_first = base, scaled[0]
             col_deltas.extend(_deltas(scaled))
