@@ -35,6 +35,8 @@ _STRUCT = {
     DataType.INT32: ">i",
     DataType.UINT32: ">I",
 }
+_RAW = {dtype: struct.Struct(fmt) for dtype, fmt in _STRUCT.items()}
+_WORDS = {1: struct.Struct(">H"), 2: struct.Struct(">2H")}  # registers as sent (16-bit each)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +91,13 @@ def split_block(block: ReadBlock) -> list[ReadBlock]:
 
 def registers_to_raw(regs: Sequence[int], dtype: DataType, word_order: WordOrder) -> int | float:
     """Registers (16-bit values as sent) → the raw integer or float."""
-    if len(regs) != dtype.registers:
-        raise ValueError(f"{dtype.value} needs {dtype.registers} registers, got {len(regs)}")
-    words = list(regs)
+    n = dtype.registers
+    if len(regs) != n:
+        raise ValueError(f"{dtype.value} needs {n} registers, got {len(regs)}")
+    words = [w & 0xFFFF for w in regs]
     if word_order is WordOrder.LITTLE:
         words.reverse()
-    data = b"".join(int(w & 0xFFFF).to_bytes(2, "big") for w in words)
-    value: int | float = struct.unpack(_STRUCT[dtype], data)[0]
+    value: int | float = _RAW[dtype].unpack(_WORDS[n].pack(*words))[0]
     return value
 
 
@@ -110,6 +112,10 @@ def raw_to_registers(value: int | float, dtype: DataType, word_order: WordOrder)
 
 def scale_raw(raw: int | float, field: Field) -> Measurement:
     """Raw register value → canonical, quantised Decimal measurement."""
+    return _scale(raw, field.factor, field.resolution)
+
+
+def _scale(raw: int | float, factor: Decimal, resolution: Decimal) -> Measurement:
     if isinstance(raw, float):
         if math.isnan(raw):
             return Measurement(Decimal("NaN"), Quality.INVALID)
@@ -117,7 +123,7 @@ def scale_raw(raw: int | float, field: Field) -> Measurement:
             return Measurement(Decimal("Infinity") if raw > 0 else Decimal("-Infinity"), Quality.INVALID)
     exact = Decimal(raw)  # exact for int and for every binary float
     try:
-        value = _CTX.multiply(exact, field.factor).quantize(field.resolution, context=_CTX)
+        value = _CTX.multiply(exact, factor).quantize(resolution, context=_CTX)
     except InvalidOperation:  # magnitude beyond any meter's range
         return Measurement(Decimal("NaN"), Quality.INVALID)
     if value.is_zero():
@@ -143,3 +149,33 @@ def encode_value(value: Decimal, field: Field, word_order: WordOrder) -> list[in
     if field.dtype is DataType.FLOAT32:
         return raw_to_registers(float(raw), field.dtype, word_order)
     return raw_to_registers(int(raw.to_integral_value()), field.dtype, word_order)
+
+
+class BlockDecoder:
+    """:func:`decode_field` for every field of one block, with what each needs worked
+    out once (offsets, struct layouts, the factor): a meter's blocks are decoded
+    every poll with the same plan."""
+
+    __slots__ = ("_little", "_steps", "block")
+
+    def __init__(self, block: ReadBlock, word_order: WordOrder) -> None:
+        self.block = block
+        self._little = word_order is WordOrder.LITTLE
+        self._steps = [
+            (f, f.address - block.address, f.count, _WORDS[f.count], _RAW[f.dtype], f.factor, f.resolution)
+            for f in block.fields
+        ]
+
+    def decode(self, regs: Sequence[int]) -> list[tuple[Field, Measurement]]:
+        """Each field of the block with its measurement, in the block's order (what
+        ``decode_field`` gives for each, and the same ValueError for a short block)."""
+        out = []
+        little = self._little
+        for field, off, count, words, raw, factor, resolution in self._steps:
+            if off < 0 or off + count > len(regs):
+                raise ValueError(f"field {field.quantity.value} at {field.address:#06x} outside block")
+            ws = [w & 0xFFFF for w in regs[off : off + count]]
+            if little:
+                ws.reverse()
+            out.append((field, _scale(raw.unpack(words.pack(*ws))[0], factor, resolution)))
+        return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from firmware_bridge.driver import MeterError
-from firmware_bridge.modbus.decode import ReadBlock, decode_field, has_gaps, plan_reads, split_block
+from firmware_bridge.modbus.decode import BlockDecoder, ReadBlock, has_gaps, plan_reads, split_block
 from firmware_bridge.modbus.profiles import Profile
 from firmware_bridge.modbus.transport import (
     ILLEGAL_DATA_ADDRESS,
@@ -70,6 +70,8 @@ class ModbusDriver:
         )
         self.splits = 0  # coalesced requests the meter refused and that were split
         self._budget: tuple[tuple[LineTiming, tuple[ReadBlock, ...]], float] | None = None
+        # id(block) -> (block, its decoder); the block kept here keeps its id from being reused
+        self._decoders: dict[int, tuple[ReadBlock, BlockDecoder]] = {}
 
     @property
     def meter_id(self) -> str:
@@ -123,6 +125,12 @@ class ModbusDriver:
         line = self._line()
         return line.transaction_s(RTU_REQUEST_BYTES, RTU_WRITE_BYTES) + TCP_MARGIN_S
 
+    def _decoder(self, block: ReadBlock) -> BlockDecoder:
+        entry = self._decoders.get(id(block))
+        if entry is None or entry[0] is not block:
+            entry = self._decoders[id(block)] = (block, BlockDecoder(block, self.profile.word_order))
+        return entry[1]
+
     async def _read_block(self, block: ReadBlock) -> list[int]:
         return await self.transport.read_registers(
             self._meter_id,
@@ -159,8 +167,8 @@ class ModbusDriver:
                     raise
                 incomplete = exc  # values already read count (energy is read first)
                 break
-            for f in block.fields:
-                values[f.quantity] = decode_field(regs, block.address, f, self.profile.word_order)
+            for f, m in self._decoder(block).decode(regs):
+                values[f.quantity] = m
             i += 1
         meta = {"protocol": "modbus", "profile": self.profile.name, "unit_id": str(self.unit_id)}
         if not self.profile.verified:

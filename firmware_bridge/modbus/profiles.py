@@ -57,7 +57,10 @@ class DataType(enum.StrEnum):
 
     @property
     def registers(self) -> int:
-        return 1 if self in (DataType.INT16, DataType.UINT16) else 2
+        return _REGISTERS[self]
+
+
+_REGISTERS = {t: 1 if t in (DataType.INT16, DataType.UINT16) else 2 for t in DataType}
 
 
 class WordOrder(enum.StrEnum):
