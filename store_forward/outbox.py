@@ -81,6 +81,8 @@ from store_forward.salvage import Salvage
 from store_forward.salvage import salvage as salvage_images
 from store_forward.schema import Schema, SchemaRegistry, Step, statements
 from store_forward.sealing import NonceSequence, SealingError, StorageSealer
+from store_forward.sqlbatch import Statement
+from store_forward.sqlbatch import run as run_statements
 from store_forward.storage_keys import StorageKeys, database_key
 from store_forward.storage_policy import EvictionPlan, StoragePolicy, plan_eviction
 
@@ -535,6 +537,16 @@ class Outbox(Database):
         Inside the write transaction nobody else inserts, so the ids after the
         AUTOINCREMENT high-water mark are ours; inserting them explicitly moves
         the mark, so an id is still never reused."""
+        first, insert = await self._prepare_many(db, items)
+        if insert is not None:
+            await run_statements(db, [insert])
+        return first
+
+    async def _prepare_many(
+        self, db: aiosqlite.Connection, items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]]
+    ) -> tuple[int, Statement | None]:
+        """:meth:`_add_many` up to the insert, which is returned to be executed next
+        (before any other statement that adds records)."""
         rows = list(
             await db.execute_fetchall(
                 "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
@@ -542,25 +554,27 @@ class Outbox(Database):
             )
         )
         first = max(int(rows[0][0]), int(rows[0][1])) + 1 if rows else 1
-        if items:
-            self._tx_added = True
-            for i, (cls, kind, created, body) in enumerate(items):
-                self._tx_records[first + i] = Record(first + i, cls, str(kind), created, body)
-            await db.executemany(
-                "INSERT INTO outbox (id, cls, kind, created_ms, key_ver, body) VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        first + i,
-                        int(cls),
-                        kind,
-                        created,
-                        self._key_version,
-                        self._seal(first + i, cls, kind, body),
-                    )
-                    for i, (cls, kind, created, body) in enumerate(items)
-                ],
-            )
-        return first
+        if not items:
+            return first, None
+        self._tx_added = True
+        for i, (cls, kind, created, body) in enumerate(items):
+            self._tx_records[first + i] = Record(first + i, cls, str(kind), created, body)
+        insert = Statement(
+            "INSERT INTO outbox (id, cls, kind, created_ms, key_ver, body) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    first + i,
+                    int(cls),
+                    kind,
+                    created,
+                    self._key_version,
+                    self._seal(first + i, cls, kind, body),
+                )
+                for i, (cls, kind, created, body) in enumerate(items)
+            ],
+            many=True,
+        )
+        return first, insert
 
     async def add_many_in(
         self, db: aiosqlite.Connection, items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]]
@@ -638,16 +652,21 @@ class Outbox(Database):
                     n_telemetry += 1
         for e in events:
             items.append((RecordClass.EVENT, RecordKind.EVENT, now_ms, e))
-        first = await self._add_many(db, items)
+        first, insert = await self._prepare_many(db, items)
         ids = [first + i for i in ids]
-        await self._flush_alarms(db, now_ms)
+        # The insert, the meter statuses and the counters go to the connection together.
+        pending: list[Statement] = [] if insert is None else [insert]
+        if self.health.pending_alarms:  # (alarms take their ids after the cycle's records)
+            await run_statements(db, pending)
+            pending = []
+            await self._flush_alarms(db, now_ms)
         changed = [
             st
             for st in statuses
             if _status_changed(self._tx_status.get(st.meter_id, self._status.get(st.meter_id)), st)
         ]
         if changed:
-            await db.executemany(
+            pending.append(Statement(
                 "INSERT INTO meter_status (meter_id, online, last_attempt_ms, last_good_ms,"
                 " consecutive_failures, total_failures, last_error) VALUES (?,?,?,?,?,?,?)"
                 " ON CONFLICT (meter_id) DO UPDATE SET online=excluded.online,"
@@ -660,16 +679,19 @@ class Outbox(Database):
                      st.consecutive_failures, st.total_failures, st.last_error)
                     for st in changed
                 ],
-            )  # fmt: skip
-            for st in changed:
-                self._tx_status[st.meter_id] = st
+                many=True,
+            ))  # fmt: skip
         bumps = [(k, n) for k, n in ((K_READINGS, n_billing), (K_TELEMETRY, n_telemetry)) if n]
         if bumps:
-            await db.executemany(
+            pending.append(Statement(
                 "INSERT INTO kv (key, value) VALUES (?, ?)"
                 " ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
                 bumps,
-            )
+                many=True,
+            ))  # fmt: skip
+        await run_statements(db, pending)
+        for st in changed:
+            self._tx_status[st.meter_id] = st
         return ids
 
     async def add_event(self, now_ms: int, body: dict[str, Any]) -> int:
@@ -1130,32 +1152,34 @@ class Outbox(Database):
     async def _apply_acks_in(self, db: aiosqlite.Connection, acks: Mapping[int, str | None]) -> int:
         seqs = list(acks)
         marks = ",".join("?" * len(seqs))
-        found = [
-            int(r[0])
-            for r in await db.execute_fetchall(
-                f"SELECT seq, epoch FROM batches WHERE seq IN ({marks})", seqs
-            )
-            if acks[int(r[0])] in (None, str(r[1]))
-        ]
+        # Each batch with its records and billing readings counted, in one statement.
+        rows = await db.execute_fetchall(
+            "SELECT b.seq, b.epoch, count(o.id), coalesce(sum(o.kind = ? AND o.cls = ?), 0)"
+            " FROM batches b LEFT JOIN outbox o ON o.batch_seq = b.seq"
+            f" WHERE b.seq IN ({marks}) GROUP BY b.seq",
+            (RecordKind.READING.value, int(RecordClass.BILLING), *seqs),
+        )
+        found: list[int] = []
+        n = n_readings = 0
+        for seq, epoch, records, readings in rows:
+            if acks[int(seq)] in (None, str(epoch)):
+                found.append(int(seq))
+                n += int(records)
+                n_readings += int(readings)
         self._tx_acked.extend(seqs)
         if not found:
             return 0
         marks = ",".join("?" * len(found))
-        rows = list(
-            await db.execute_fetchall(
-                "SELECT count(*), coalesce(sum(kind = ? AND cls = ?), 0) FROM outbox"
-                f" WHERE batch_seq IN ({marks})",
-                (RecordKind.READING.value, int(RecordClass.BILLING), *found),
-            )
-        )
-        n, n_readings = (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
-        await db.execute(f"DELETE FROM outbox WHERE batch_seq IN ({marks})", found)
-        await db.execute(f"DELETE FROM batches WHERE seq IN ({marks})", found)
-        await db.executemany(
-            "INSERT INTO kv (key, value) VALUES (?, ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
-            [(K_ACKED_RECORDS, n), (K_ACKED_READINGS, n_readings)],
-        )
+        await run_statements(db, [
+            Statement(f"DELETE FROM outbox WHERE batch_seq IN ({marks})", found),
+            Statement(f"DELETE FROM batches WHERE seq IN ({marks})", found),
+            Statement(
+                "INSERT INTO kv (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+                [(K_ACKED_RECORDS, n), (K_ACKED_READINGS, n_readings)],
+                many=True,
+            ),
+        ])  # fmt: skip
         return n
 
     async def fold_in(self, db: aiosqlite.Connection, now_ms: int) -> None:
@@ -1180,12 +1204,19 @@ class Outbox(Database):
             f" ORDER BY id LIMIT {plan.max_records + 1})"
             for c in classes
         )
-        rows = [(int(c), int(i)) for c, i in await db.execute_fetchall(per_class)]
+        # What waits of each class, with the next batch number and epoch (one trip).
+        waiting_rows, kv_rows = await run_statements(db, [
+            Statement(per_class),
+            Statement("SELECT key, value FROM kv WHERE key IN (?, ?)", (K_NEXT_SEQ, K_BATCH_EPOCH)),
+        ])  # fmt: skip
+        rows = [(int(c), int(i)) for c, i in waiting_rows]
+        kv = {str(k): v for k, v in kv_rows}
         waiting: dict[int, list[int]] = {}
         for c, i in rows:
             waiting.setdefault(c, []).append(i)
         all_batched = len(classes) == len(RecordClass)
         seq = epoch = None
+        writes: list[Statement] = []  # the batches and their records, written together
         for cls in sorted(waiting):
             ids = waiting[cls]
             missing = [i for i in ids if i not in self._tx_records]
@@ -1193,8 +1224,8 @@ class Outbox(Database):
                 all_batched = False  # a backlog, or records of earlier transactions: the uplink's
                 continue
             if seq is None:
-                seq = await self._next_seq(db)
-                epoch = await self._batch_epoch_in(db)
+                seq = int(kv[K_NEXT_SEQ]) if K_NEXT_SEQ in kv else 1
+                epoch = str(kv[K_BATCH_EPOCH]) if K_BATCH_EPOCH in kv else await self._batch_epoch_in(db)
             assert epoch is not None and self.packer is not None
             records = [self._tx_records[i] for i in ids]
             payload, count = await asyncio.to_thread(
@@ -1207,18 +1238,19 @@ class Outbox(Database):
             chosen = records[:count]
             cids = [r.id for r in chosen]
             marks = ",".join("?" * len(cids))
-            await db.execute(
+            writes.append(Statement(
                 "INSERT INTO batches (seq, cls, created_ms, n_records, payload, epoch) VALUES (?, ?, ?, ?, ?, ?)",
                 (seq, cls, now_ms, len(cids), payload, epoch),
-            )
-            await db.execute(f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *cids))
+            ))  # fmt: skip
+            writes.append(Statement(f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *cids)))
             self._tx_ready[seq] = (cls, Batch(seq, tuple(chosen), 0, payload, epoch))
             seq += 1
         if seq is not None:
-            await db.execute(
+            writes.append(Statement(
                 "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (K_NEXT_SEQ, seq),
-            )
+            ))  # fmt: skip
+        await run_statements(db, writes)
         if all_batched:
             self._tx_added = False  # nothing of this transaction waits for a batch
 
