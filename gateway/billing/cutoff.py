@@ -280,7 +280,15 @@ def evaluate(
     want = band(balance_micro, cfg)
     prot = protection(now_ms, contact, cfg)
     new = state
-    reason = _band_reason(balance_micro, want, cfg)
+    # The reason's text is made only when an action or event carries it (most
+    # evaluations change nothing).
+    reason: str | None = None
+
+    def reason_text() -> str:
+        nonlocal reason
+        if reason is None:
+            reason = _band_reason(balance_micro, want, cfg)
+        return reason
 
     def relay(kind: RelayOp, why: str) -> None:
         for m in meters:
@@ -330,17 +338,17 @@ def evaluate(
         if blocker is None and _rate_limited(state, now_ms, cfg):
             blocker = Pending.RATE_LIMIT
         if blocker is None:
-            relay(RelayOp.TRIP, reason)
+            relay(RelayOp.TRIP, reason_text())
             new = CutoffState(Level.CUTOFF, True, state.alarm_on, None, None, now_ms)
         else:
             new = replace(state, level=Level.GRACE, pending=blocker, restore_since_ms=None)
             if blocker != state.pending or new.level != state.level or not new.alarm_on:
                 # only when something is emitted: the window's end is looked up here
-                reason = f"{reason}; cut deferred: {_waiting(new, now_ms, contact, cfg)}"
+                reason = f"{reason_text()}; cut deferred: {_waiting(new, now_ms, contact, cfg)}"
             if blocker != state.pending:
                 events.append(
                     CutoffEvent("trip_pending", account, now_ms, state.level, Level.GRACE, balance_micro,
-                                f"trip due but not executed: {reason}")
+                                f"trip due but not executed: {reason_text()}")
                 )
     else:
         new = replace(state, level=want, pending=None, restore_since_ms=None)
@@ -348,11 +356,11 @@ def evaluate(
     alarm = new.level is not Level.NORMAL
     if alarm != new.alarm_on:
         for m in meters:
-            actions.append(Action(RelayOp.ALARM_ON if alarm else RelayOp.ALARM_OFF, account, m, reason))
+            actions.append(Action(RelayOp.ALARM_ON if alarm else RelayOp.ALARM_OFF, account, m, reason_text()))
         new = replace(new, alarm_on=alarm)
     if new.level != state.level:
         events.insert(
-            0, CutoffEvent("state_change", account, now_ms, state.level, new.level, balance_micro, reason)
+            0, CutoffEvent("state_change", account, now_ms, state.level, new.level, balance_micro, reason_text())
         )
     return CutoffDecision(new, tuple(actions), tuple(events), now_ms, balance_micro)
 
