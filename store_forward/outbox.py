@@ -855,10 +855,21 @@ class Outbox(Database):
             ready = self._ready_batch(exclude, max_cls)
             if ready is None or isinstance(ready, Batch):
                 return ready
-            batch = await self._next_batch(
-                now_ms, exclude=exclude, max_records=max_records, max_bytes=max_bytes,
-                pack=pack, max_cls=max_cls,
-            )  # fmt: skip
+            while True:
+                try:
+                    batch = await self._next_batch(
+                        now_ms, exclude=exclude, max_records=max_records, max_bytes=max_bytes,
+                        pack=pack, max_cls=max_cls,
+                    )  # fmt: skip
+                    break
+                except OutboxFullError:
+                    # A full database may not hold a large batch's numbering and
+                    # payload, while a smaller one fits, and its ack frees more
+                    # than it took: halve the batch until one record.
+                    if max_records <= 1:
+                        raise
+                    max_records //= 2
+                    log.warning("outbox %s: full; numbering a batch of at most %d records", self.path, max_records)
             if batch is None or batch.payload is not None or pack is None:
                 return batch
             payload, n = await asyncio.to_thread(
