@@ -5,35 +5,20 @@ until it fits, so that its ack frees space (the database capped with
 from __future__ import annotations
 
 import functools
-import uuid
 from decimal import Decimal
 from pathlib import Path
 
 from firmware_bridge.reading import Measurement, Quantity, Reading
 from store_forward.codec import SealedCodec
-from store_forward.outbox import Outbox, OutboxFullError, StoragePolicy
-
-
-async def _fill(ob: Outbox) -> int:
-    committed = 0
-    for cycle in range(5000):
-        readings = [
-            Reading(f"meter-{uuid.uuid4().hex}", cycle * 100 + j, {Quantity.ENERGY_IMPORT: Measurement(Decimal(cycle))})
-            for j in range(20)
-        ]
-        try:
-            await ob.commit_cycle(cycle, readings)
-        except OutboxFullError:
-            return committed
-        committed += len(readings)
-    raise AssertionError("the database never filled")
+from store_forward.outbox import Outbox, StoragePolicy
+from tests.store_forward.test_outbox_sealed import _fill_until_full
 
 
 async def test_a_batch_too_large_for_a_full_database_is_made_smaller(tmp_path: Path) -> None:
     ob = await Outbox.open(tmp_path / "gw.db", policy=StoragePolicy(max_bytes=1 << 40, reserve_bytes=0))
     try:
         await ob._db.execute("PRAGMA max_page_count = 100")
-        committed = await _fill(ob)
+        committed = await _fill_until_full(ob)
         assert committed > 40
         # Every record in one sealed batch: its numbering and payload need pages the
         # file cannot have.
