@@ -126,9 +126,10 @@ class OutboxFullError(OutboxError):
 # cannot change it in WAL mode). Each commit writes every page it changed, whole,
 # to the write-ahead log, and a poll cycle changes a few bytes in each of a dozen
 # small tables and indexes: 1 KiB pages write a quarter of what 4 KiB pages do
-# for those. Measured with bench/storage.py (docs/benchmarks.md): 50 meters / 1 s
-# 1,828 -> 1,370 bytes per reading, 1 meter / 60 s 90 -> 54 KB; 1,000 meters /
-# 60 s, where checkpoints copying scattered pages dominate, 4,506 -> 4,803.
+# for those. Measured with bench/storage.py (docs/benchmarks.md, back to back):
+# 50 meters / 1 s 1,828 -> 1,369 bytes per reading, 1 meter / 60 s 89 -> 42 KB;
+# 1,000 meters / 60 s, where checkpoints copying scattered pages dominate,
+# 4,097 -> 4,850.
 PAGE_SIZE = 1024
 
 

@@ -869,7 +869,8 @@ class Outbox(Database):
                     if max_records <= 1:
                         raise
                     max_records //= 2
-                    log.warning("outbox %s: full; numbering a batch of at most %d records", self.path, max_records)
+                    # (the full disk itself is reported once, by the storage_full alarm)
+                    log.info("outbox %s: full; numbering a batch of at most %d records", self.path, max_records)
             if batch is None or batch.payload is not None or pack is None:
                 return batch
             payload, n = await asyncio.to_thread(
