@@ -461,6 +461,8 @@ if __name__ == "__main__":
         "--windows", type=int, default=1, help="also report writes per reading in this many successive windows"
     )
     ns = p.parse_args()
+    if ns.windows < 1:
+        p.error("--windows must be at least 1")
     ns.tree = Path(ns.tree).resolve() if ns.tree else ROOT
     ns.commit = subprocess.run(
         ["git", "-C", str(ns.tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True

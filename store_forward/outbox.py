@@ -157,6 +157,11 @@ CREATE TABLE IF NOT EXISTS meter_status (
 """
 
 
+def _seq_from(value: Any) -> int:
+    """The next batch number from its kv value (none yet: the first is 1)."""
+    return 1 if value is None else int(value)
+
+
 async def _add_batch_epoch_column(db: aiosqlite.Connection) -> None:
     """Batches of a database made before epochs existed keep the legacy epoch ''."""
     async with db.execute("PRAGMA table_info(batches)") as cur:
@@ -996,7 +1001,7 @@ class Outbox(Database):
     @staticmethod
     async def _next_seq(db: aiosqlite.Connection) -> int:
         rows = list(await db.execute_fetchall("SELECT value FROM kv WHERE key = ?", (K_NEXT_SEQ,)))
-        return int(rows[0][0]) if rows else 1
+        return _seq_from(rows[0][0] if rows else None)
 
     @staticmethod
     async def _batch_epoch_in(db: aiosqlite.Connection) -> str:
@@ -1241,7 +1246,7 @@ class Outbox(Database):
                 all_batched = False  # a backlog, or records of earlier transactions: the uplink's
                 continue
             if seq is None:
-                seq = int(kv[K_NEXT_SEQ]) if K_NEXT_SEQ in kv else 1
+                seq = _seq_from(kv.get(K_NEXT_SEQ))
                 epoch = str(kv[K_BATCH_EPOCH]) if K_BATCH_EPOCH in kv else await self._batch_epoch_in(db)
             assert epoch is not None and self.packer is not None
             records = [self._tx_records[i] for i in ids]
