@@ -19,6 +19,7 @@ import pytest
 from gateway.cli import main as edgegw
 from headend.central import ApiRole, Central
 from headend.central_db import CentralDB
+from headend.dispatch import Dispatcher
 from headend.signing import Signer, init_keys
 from headend.store import HeadendDB, HeadendStore
 from headend.web import build_app, serve
@@ -305,3 +306,103 @@ async def test_the_command_line_uses_the_same_service_and_keys_decide_the_role(
         with sqlite3.connect(w.tmp / "central.db") as conn:
             dump = "\n".join(conn.iterdump())
         assert token.split(".")[2] not in dump
+
+
+async def _documented_get(w: World, path: str, who: str | None, status: int, **params: str) -> Any:
+    """GET ``path`` with ``who``'s token, the request and the answer validated against
+    docs/openapi.yaml (openapi-core); the JSON answer."""
+    from openapi_core.testing import MockRequest, MockResponse
+
+    from tests.headend.test_read_api import SPEC
+
+    headers = {} if who is None else {"Authorization": f"Bearer {w.api.tokens[who]}"}
+    async with w.api.session.get(w.api.base + "/api/v1" + path, params=params, headers=headers) as r:
+        body = await r.read()
+        assert r.status == status, body
+        ctype, resp_headers = r.headers["Content-Type"].split(";")[0], dict(r.headers)
+    req = MockRequest("http://127.0.0.1", "get", "/api/v1" + path, args=params, headers=headers)
+    if status == 200:
+        SPEC.validate_request(req)
+    SPEC.validate_response(req, MockResponse(body, status_code=status, content_type=ctype, headers=resp_headers))
+    return json.loads(body)
+
+
+async def test_command_states_are_as_documented_and_the_view_agrees(world: World) -> None:
+    """Command states for integrators: ``GET /api/v1/commands`` and ``/commands/{id}``
+    answer as docs/openapi.yaml says, in every state a command reaches; on PostgreSQL
+    the ``edgegw_commands`` view gives the same states."""
+    import yaml
+
+    from headend.api import PREFIX
+    from headend.read_api import ROUTES
+    from tests.headend.test_read_api import CENTRAL_PATHS, ROOT
+
+    api = world.api
+    await api.call("PUT", "/api/v1/accounts/acct-1", "billing", {"gateway": GW})
+    made = {}
+    for name, who, path, body in (
+        ("applied", "billing", "/api/v1/topups", TOPUP),
+        ("refused", "billing", "/api/v1/topups", {**TOPUP, "amount": "2.00"}),
+        ("snapshot", "billing", "/api/v1/snapshots", SNAPSHOT),
+        ("relay", "operations", "/api/v1/relays", {**RELAY, "valid_for_s": 600}),
+        ("config", "operations", "/api/v1/config", CONFIG),
+    ):
+        status, view, _ = await api.call("POST", path, who, body)
+        assert status == 201, view
+        made[name] = view["id"]
+    status, tariffs, _ = await api.call("POST", "/api/v1/tariffs", "billing", TARIFF)
+    assert status == 201
+    made["tariff"] = tariffs["commands"][0]["id"]
+    await world.answer(
+        ("event", {"type": "command_result", "outcome": "applied", "id": made["applied"],
+                   "effect": {"status": "applied", "account": "acct-1", "balance_after_micro": 50_000_000}}),
+        ("charge", {"id": f"topup:{made['applied']}", "kind": "credit", "amount_micro": 50_000_000}),
+        ("event", {"type": "command_result", "outcome": "rejected", "id": made["refused"],
+                   "reason": "bad_body", "code": "hoarding_limit", "message": "over the limit"}),
+    )  # fmt: skip
+    # an hour later the dispatcher expires the relay operation (valid ten minutes) and
+    # publishes the others (to no broker: they are marked sent first)
+    d = Dispatcher(world.central.db, world.central.signer, "127.0.0.1", 1, clock_ms=lambda: T0 + 3_600_000)
+    await d.take(T0 + 3_600_000)
+
+    listing = (await _documented_get(world, "/commands", "viewer", 200))["commands"]
+    by_id = {v["id"]: v for v in listing}
+    assert set(by_id) == set(made.values())
+    assert (by_id[made["applied"]]["state"], by_id[made["applied"]]["credited"]) == ("applied", "50.00")
+    assert (by_id[made["refused"]]["state"], by_id[made["refused"]]["code"]) == ("refused", "hoarding_limit")
+    assert by_id[made["relay"]]["state"] == "expired"
+    for name in ("snapshot", "config", "tariff"):
+        assert by_id[made[name]]["state"] == "sent" and by_id[made[name]]["attempts"] == 1
+    filtered = await _documented_get(world, "/commands", "operations", 200, type="relay.operate", limit="5")
+    assert [v["id"] for v in filtered["commands"]] == [made["relay"]]
+    one = await _documented_get(world, f"/commands/{made['applied']}", "billing", 200)
+    assert [s["event"] for s in one["log"]] == ["created", "result"]
+    await _documented_get(world, "/commands/topup-0000000000000000", "viewer", 404)
+    await _documented_get(world, "/commands", None, 401)
+    await _documented_get(world, "/commands", "bank", 403)
+    await _documented_get(world, "/commands", "viewer", 400, state="lost")
+
+    # the document has central's command routes (served by headend.api) besides the read API's
+    documented = set(yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())["paths"])
+    central_routes = {
+        r.resource.canonical.removeprefix(PREFIX)
+        for r in build_app(world.central).router.routes()
+        if r.method == "GET" and r.resource is not None
+    }
+    assert documented - {path for path, _ in ROUTES} == CENTRAL_PATHS
+    assert CENTRAL_PATHS <= central_routes
+
+    if world.dsn is not None:
+        import psycopg
+
+        with psycopg.connect(world.dsn) as conn:
+            rows = conn.execute(
+                "SELECT command_id, gateway_id, type, state, account, amount_micro, purchase_counter, signed_by,"
+                " attempts, results, final_ms, reason, code, credited_micro, body, effect FROM edgegw_commands"
+            ).fetchall()
+        assert {r[0]: r[1:] for r in rows} == {
+            v["id"]: (v["gateway"], v["type"], v["state"], v["account"], v["amount_micro"], v["purchase_counter"],
+                      v["signed_by"], v["attempts"], v["results"], v["final_ms"], v["reason"], v["code"],
+                      v["credited_micro"], v["body"], v["effect"])
+            for v in listing
+        }  # fmt: skip
