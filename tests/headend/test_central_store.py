@@ -290,3 +290,38 @@ async def test_a_task_cancelled_at_any_point_of_a_transaction_leaves_the_connect
     finally:
         await store.close()
         await db.close()
+
+
+async def test_every_command_central_signs_is_one_the_gateway_verifies_and_reads(site: Site) -> None:
+    """Each kind of command central can ask for — top-up, tariff, balance snapshot,
+    relay operation, configuration change — leaves the dispatcher as an envelope the
+    gateway's own verifier accepts, signed by the role's key, with a body the
+    gateway's own parser for that type reads (gateway.commands.bodies)."""
+    from gateway.commands.bodies import BODIES
+    from store_forward.command_roles import COMMAND_ROLE, CommandType
+
+    s = site
+    asked = {
+        "topup": await topup(s, 5_000_000),
+        "tariff.publish": (await s.central.publish_tariff(
+            BILLING, gateways=[GW], tariff={"id": "flat-basic", "version": 2, "price": "0.6000",
+                                            "effective_from": "2026-09-21T00:00:00+08:00",
+                                            "timezone": "Asia/Shanghai"}))[0],
+        "balance.snapshot": await s.central.snapshot_balance(
+            BILLING, account="acct-1", balance_micro=12_340_000, as_of_seq=7, purchase_counter=1,
+            included_ids=["topup:x"]),
+        "relay.operate": await s.central.operate_relay(OPS, gateway=GW, meter="m1", op="close_allowed",
+                                                       reason="paid at the counter"),
+        "config.patch": await s.central.change_config(OPS, gateway=GW, settings={"gateway.poll_interval_s": 5},
+                                                      confirm_within_s=600),
+    }  # fmt: skip
+    d = Dispatcher(s.db, s.signer, "127.0.0.1", 1, clock_ms=s.clock)
+    out = {o.command_id: o for o in await d.take(s.clock())}
+    assert set(out) == {v["id"] for v in asked.values()}
+    for ctype, view in asked.items():
+        env = verify(s, out[view["id"]].envelope)
+        assert (env.type, env.command_id, env.body) == (ctype, view["id"], view["body"])
+        t = CommandType(ctype)
+        key = s.trust.lookup(env.issuer)
+        assert key is not None and key.role is COMMAND_ROLE[t]
+        BODIES[t].parse(env.body, env.command_id)  # raises CommandRefused if the gateway would refuse it
