@@ -443,6 +443,10 @@ async def test_the_fleet_shows_stored_presence_and_health(tmp_path: Path) -> Non
             row09 = fleet[fleet.index("village-09") :][:1500]
             row03 = fleet[fleet.index("village-03") :][:1500]
             assert "online" in row09 and "offline" in row03
+            # village-02 sent batches but no presence message was stored for it: the
+            # console says exactly that (not that the gateway was never seen)
+            cells = re.search(r'>village-02</a></td>\s*<td>(.*?)</td>', fleet, re.S)
+            assert cells is not None and re.sub(r"<[^>]+>", "", cells.group(1)).strip() == "no presence message"
     finally:
         await runner.cleanup()
         await db.close()
