@@ -195,12 +195,24 @@ class Prepaid:
         # since (instant, balance after), in the order they were made.
         self._points: dict[str, PolicyPoint] = {}
         self._changes: dict[str, list[tuple[int, int]]] = {}
+        # Tariff books installed in the open transaction, with the books they replace:
+        # a rollback puts the old ones back (see install_tariff_in).
+        self._replaced_books: list[tuple[PrepaidAccount, TariffBook]] = []
 
     def attach(self, outbox: Outbox) -> None:
         """Use ``outbox`` for uploads and drop the cached state on every rollback."""
         self.outbox = outbox
         outbox.on_rollback(self.ledger.forget)
         outbox.on_rollback(self.forget_policy_points)
+        outbox.on_rollback(self._restore_books)
+        outbox.on_commit(self._replaced_books.clear)
+
+    def _restore_books(self) -> None:
+        """After a rollback: the tariff versions installed in it are gone from the
+        database, so the accounts rate with the books they had before."""
+        for account, book in reversed(self._replaced_books):
+            account.book = book
+        self._replaced_books.clear()
 
     def forget_policy_points(self) -> None:
         """After a rollback: the next evaluation of each account starts afresh, at its
@@ -619,5 +631,6 @@ class Prepaid:
                 await self.ledger.persist_fixed_until(db, name)
         await ls.save_tariff_doc(db, tariff.tariff_id, tariff.version, dict(doc), now_ms)
         for a, book in zip(hit, books, strict=True):
+            self._replaced_books.append((a, a.book))
             a.book = book
         return {"status": "applied", "tariff": tariff.tariff_id, "version": tariff.version}

@@ -97,6 +97,37 @@ async def test_a_tariff_from_central_survives_a_restart(tmp_path: Path) -> None:
         await outbox.close()
 
 
+async def test_a_tariff_whose_transaction_rolls_back_is_not_used(tmp_path: Path) -> None:
+    """The book an account rates with changes only when the tariff is stored: a
+    transaction that fails after the install (a full disk at COMMIT) leaves the old
+    price in force, and the same command applied again afterwards takes effect."""
+    prepaid, outbox = await open_shell(tmp_path)
+    doc = {
+        "id": "flat-basic",
+        "version": 2,
+        "effective_from": "2026-09-21T00:00:00+08:00",
+        "timezone": "Asia/Shanghai",
+        "price": "1.0000",
+    }
+    try:
+        with pytest.raises(RuntimeError, match="disk gone"):
+            async with outbox.transaction() as db:
+                r = await prepaid.install_tariff_in(db, doc, now_ms=T0)
+                assert r["status"] == "applied"
+                raise RuntimeError("disk gone")
+        assert [v.version for v in prepaid.accounts["acct-001"].book.versions] == [1]
+        await rate(prepaid, outbox, "100.0", T0 + 1000)
+        await rate(prepaid, outbox, "100.1", T0 + 2000)  # 0.1 kWh at the old 0.5600
+        assert await balance(outbox) == 300_000 - 56_000
+        async with outbox.transaction() as db:
+            assert (await prepaid.install_tariff_in(db, doc, now_ms=T0))["status"] == "applied"
+        assert [v.version for v in prepaid.accounts["acct-001"].book.versions] == [1, 2]
+        await rate(prepaid, outbox, "100.2", T0 + 3000)  # 0.1 kWh at 1.0000
+        assert await balance(outbox) == 300_000 - 56_000 - 100_000
+    finally:
+        await outbox.close()
+
+
 async def cutoff_events(outbox: Outbox) -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
     seen: list[int] = []
