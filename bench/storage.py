@@ -32,6 +32,7 @@ it, and as the difference (what the gateway adds above the bare loop).
     python bench/storage.py --only 50x1 --seconds 60
     python bench/storage.py --tree /path/to/other/checkout   # run that tree's daemon
     python bench/storage.py --only 50x1 --seconds 600 --windows 5   # writes as the ledger grows
+    python bench/storage.py --only 1000x60 --wal-pages   # log frames per reading, by table/index
 
 ``--tree`` runs the daemon of another checkout (for before/after comparisons);
 the benchmark itself, the simulators and the headend come from this tree.
@@ -124,6 +125,85 @@ def acked(db: Path) -> int:
 def ledger_entries(db: Path) -> int:
     """Entries in the ledger (they are kept: the indexes over them grow with them)."""
     return query_int(db, "SELECT max(rowid) FROM billing_entry")
+
+
+class WalWatcher:
+    """Which tables and indexes the daemon's commits write (``--wal-pages``).
+
+    Reads the frames appended to the write-ahead log since the last look (a
+    frame header carries the page number; a commit frame the database size) and
+    names each page's b-tree from ``dbstat`` on a copy of the database and its
+    log taken right after (a page freed and reused in between is named by its
+    new owner; pages on the free list are ``(free)``). Copying costs the
+    benchmark's process I/O and CPU, not the daemon's, but it takes a core's
+    share: compare figures of runs that both watched, or both did not.
+    """
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.wal = Path(f"{db}-wal")
+        self.salt = b""
+        self.offset = 32
+        self.page_size = 0
+        self.commits = 0
+        self.by_btree: dict[str, int] = {}
+
+    def _owners(self) -> dict[int, str]:
+        with tempfile.TemporaryDirectory(prefix="walwatch-") as tmp:
+            copy = Path(tmp) / "copy.db"
+            shutil.copy(self.db, copy)
+            with contextlib.suppress(FileNotFoundError):
+                shutil.copy(self.wal, f"{copy}-wal")
+            conn = sqlite3.connect(copy)
+            try:
+                return {int(pg): str(name) for name, pg in conn.execute("SELECT name, pageno FROM dbstat")}
+            finally:
+                conn.close()
+
+    def look(self) -> None:
+        try:
+            data = self.wal.read_bytes()
+        except FileNotFoundError:
+            return
+        if len(data) < 32:
+            return
+        if not self.page_size:
+            self.page_size = int.from_bytes(data[8:12], "big")
+        salt = data[16:24]
+        if salt != self.salt:  # the log was restarted after a checkpoint
+            self.salt, self.offset = salt, 32
+        frame = 24 + self.page_size
+        pages = []
+        while self.offset + frame <= len(data) and data[self.offset + 8 : self.offset + 16] == salt:
+            pages.append(int.from_bytes(data[self.offset : self.offset + 4], "big"))
+            self.commits += data[self.offset + 4 : self.offset + 8] != b"\0\0\0\0"
+            self.offset += frame
+        if pages:
+            owners = self._owners()
+            for pg in pages:
+                name = owners.get(pg, "(free)")
+                self.by_btree[name] = self.by_btree.get(name, 0) + 1
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.to_thread(self.look)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.25)
+        await asyncio.to_thread(self.look)
+
+    def report(self, readings: int) -> dict[str, Any]:
+        frames = sum(self.by_btree.values())
+        return {
+            "page_size": self.page_size,
+            "commits": self.commits,
+            "frames": frames,
+            "frames_per_commit": round(frames / max(self.commits, 1), 1),
+            "frames_per_reading": round(frames / max(readings, 1), 2),
+            "frames_per_reading_by_btree": {
+                name: round(n / max(readings, 1), 3)
+                for name, n in sorted(self.by_btree.items(), key=lambda kv: -kv[1])
+            },
+        }
 
 
 @dataclass(frozen=True)
@@ -293,7 +373,9 @@ async def bare_loop(
     }
 
 
-async def run_scenario(sc: Scenario, tree: Path, bare: bool, windows: int = 1) -> dict[str, Any]:
+async def run_scenario(
+    sc: Scenario, tree: Path, bare: bool, windows: int = 1, wal_pages: bool = False
+) -> dict[str, Any]:
     log(
         f"{sc.name}: {sc.meters} meter(s), poll every {sc.poll_s:g} s, {sc.warmup_s:g} s warm-up + {sc.seconds:g} s"
     )
@@ -339,11 +421,23 @@ async def run_scenario(sc: Scenario, tree: Path, bare: bool, windows: int = 1) -
                         # (time, write_bytes, readings committed, ledger entries) at each
                         # window's end; the last is the end of the measured time
                         marks = [(t0, io0["write_bytes"], n0, ledger_entries(db))]
+                        watcher = WalWatcher(db) if wal_pages else None
+                        stop_watch = asyncio.Event()
+                        watching = (
+                            asyncio.create_task(watcher.watch(stop_watch)) if watcher is not None else None
+                        )
+                        if watcher is not None:
+                            await asyncio.to_thread(watcher.look)  # frames before t0 are not counted
+                            watcher.by_btree.clear()
+                            watcher.commits = 0
                         for w in range(1, windows + 1):
                             await asyncio.sleep(max(0.0, t0 + sc.seconds * w / windows - time.monotonic()))
                             io1, cpu1, n1, t1 = proc_io(gw.pid), proc_cpu_s(gw.pid), committed(db), time.monotonic()
                             marks.append((t1, io1["write_bytes"], n1, ledger_entries(db)))
                         a1 = acked(db)
+                        stop_watch.set()
+                        if watching is not None:
+                            await watching
                         if gw.poll() is not None:
                             raise RuntimeError(
                                 f"daemon exited: {(work / 'gateway.log').read_text()[-3000:]}"
@@ -371,6 +465,8 @@ async def run_scenario(sc: Scenario, tree: Path, bare: bool, windows: int = 1) -
             "cpu_fraction_of_core": round(cpu / wall, 4),
         },
     }
+    if watcher is not None:
+        out["wal"] = watcher.report(readings)
     if windows > 1:
         # Bytes per reading in successive windows, beside the ledger's size: the
         # ledger's indexes grow with every entry, and an insert into a larger index
@@ -424,9 +520,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     load0 = os.getloadavg()
     if args.parallel:
-        results = await asyncio.gather(*(run_scenario(s, tree, bare=False, windows=args.windows) for s in chosen))
+        results = await asyncio.gather(*(run_scenario(s, tree, bare=False, windows=args.windows, wal_pages=args.wal_pages)
+            for s in chosen))
     else:
-        results = [await run_scenario(s, tree, bare=s.poll_s <= 5, windows=args.windows) for s in chosen]
+        results = [
+            await run_scenario(s, tree, bare=s.poll_s <= 5, windows=args.windows, wal_pages=args.wal_pages)
+            for s in chosen
+        ]
     return {
         "benchmark": "storage",
         "daemon_tree": str(tree),
@@ -460,6 +560,10 @@ if __name__ == "__main__":
     p.add_argument(
         "--windows", type=int, default=1, help="also report writes per reading in this many successive windows"
     )
+    p.add_argument(
+        "--wal-pages", action="store_true",
+        help="also report which tables and indexes the write-ahead log's frames belong to",
+    )  # fmt: skip
     ns = p.parse_args()
     if ns.windows < 1:
         p.error("--windows must be at least 1")
