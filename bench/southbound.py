@@ -248,12 +248,58 @@ def cpu_summary(what: str, runs: dict[str, list[CpuRun]], extra: dict[str, Any])
     }
 
 
+class _MbapFloor(asyncio.Protocol):
+    """The least a Modbus TCP client can do: write a request's bytes, wait for the
+    reply with that transaction id, nothing else (no retries, checks or objects)."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.waiting: dict[int, asyncio.Future[bytes]] = {}
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while len(self.buf) >= 6:
+            end = 6 + int.from_bytes(self.buf[4:6], "big")
+            if len(self.buf) < end:
+                return
+            frame, self.buf = self.buf[:end], self.buf[end:]
+            fut = self.waiting.pop(int.from_bytes(frame[:2], "big"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(frame)
+
+
 async def cpu_modbus_tcp(meters: int, cycles: int, rounds: int) -> dict[str, Any]:
     units = list(range(1, meters + 1))
     blocks = plan_reads(SDM120.fields, SDM120.max_gap, SDM120.max_count)
     sim_args = ["testbed.simulators.modbus", "--tcp", "0", "--units", ",".join(map(str, units))]
-    runs: dict[str, list[CpuRun]] = {"bare": [], "gateway": []}
+    runs: dict[str, list[CpuRun]] = {"bare": [], "gateway": [], "floor": []}
     async with simulator_process(sim_args, r"127\.0\.0\.1:(\d+)") as (pid, port, _):
+
+        async def floor() -> CpuRun:
+            loop = asyncio.get_running_loop()
+            transport, proto = await loop.create_connection(_MbapFloor, "127.0.0.1", port)
+            tid = 0
+            try:
+
+                async def one_cycle() -> None:
+                    nonlocal tid
+                    for u in units:
+                        for b in blocks:
+                            tid = (tid + 1) & 0xFFFF
+                            fut = loop.create_future()
+                            proto.waiting[tid] = fut
+                            transport.write(
+                                tid.to_bytes(2, "big") + b"\0\0\0\x06" + bytes([u, 4])
+                                + b.address.to_bytes(2, "big") + b.count.to_bytes(2, "big")
+                            )  # fmt: skip
+                            async with asyncio.timeout(1.0):
+                                frame = await fut
+                            if frame[7] != 4 or frame[8] != 2 * b.count:
+                                raise RuntimeError(f"floor read failed: {frame.hex()}")
+
+                return await warmed_and_timed(pid, meters, cycles, one_cycle)
+            finally:
+                transport.close()
 
         async def bare() -> CpuRun:
             client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=1.0, retries=0, reconnect_delay=0)
@@ -283,11 +329,20 @@ async def cpu_modbus_tcp(meters: int, cycles: int, rounds: int) -> dict[str, Any
         for _ in range(rounds):
             runs["bare"].append(await bare())
             runs["gateway"].append(await gateway())
-    return cpu_summary(
+            runs["floor"].append(await floor())
+    floor_us = median([r.cpu_s / r.polls for r in runs.pop("floor")]) * 1e6
+    out = cpu_summary(
         "Modbus TCP, SDM120 map (FC04), separate simulator process",
         runs,
         {"meters": meters, "requests_per_poll": len(blocks), "polls_per_round": cycles * meters, "rounds": rounds},
     )
+    # The socket floor: raw MBAP frames on an asyncio protocol, same requests. What
+    # no client library can save: the system calls, the loopback's delivery and the
+    # event loop's wake-up per reply.
+    out["floor_cpu_us_per_poll_median"] = round(floor_us, 1)
+    out["cpu_ratio_bare_to_floor"] = round(out["bare"]["cpu_us_per_poll_median"] / floor_us, 2)
+    out["cpu_ratio_gateway_to_floor"] = round(out["gateway"]["cpu_us_per_poll_median"] / floor_us, 2)
+    return out
 
 
 class RecordingTransport(Dlt645Transport):
