@@ -31,6 +31,7 @@ from firmware_bridge.identifiers import is_name, name_problem
 from firmware_bridge.reading import Quantity
 from firmware_bridge.settings import BusSettings, MeterSettings, RelaySettings, SiteSettings
 from gateway.billing.account import AccountError, load_account
+from gateway.billing.retention import DEFAULT_RETENTION_DAYS, MIN_RETENTION_DAYS
 from gateway.billing.tariff import TariffError
 from gateway.billing.tariff_file import load_book
 from gateway.problems import KeyPath, Problems, not_a_regular_file, read_toml
@@ -121,6 +122,15 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class BillingSection:
+    """``[billing]``: how the local prepaid ledger is kept (docs/billing.md, "Retention")."""
+
+    # debits and fixed charges central acknowledged leave the local ledger after
+    # this many days (0: every entry is kept)
+    ledger_retention_days: int = DEFAULT_RETENTION_DAYS
+
+
+@dataclass(frozen=True)
 class AccountSection:
     id: str
     settings: Path  # account file: opening balance, limits, windows, protection (docs/billing.md)
@@ -140,6 +150,7 @@ class Config:
     accounts: tuple[AccountSection, ...] = ()
     security: SecuritySection = field(default_factory=SecuritySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    billing: BillingSection = field(default_factory=BillingSection)
 
     @property
     def site(self) -> SiteSettings:
@@ -323,6 +334,18 @@ def _file_list(v: Any) -> str | None:
 _NUM = (int, float)
 
 
+def _retention_days(v: Any) -> str | None:
+    if v == 0 or MIN_RETENTION_DAYS <= v <= 36_500:
+        return None
+    if 0 < v < MIN_RETENTION_DAYS:
+        return (
+            f"must be 0 (keep every entry) or at least {MIN_RETENTION_DAYS} days, got {v}:"
+            f" the minimum is {MIN_RETENTION_DAYS} (entries are pruned only once central has them,"
+            " and a shorter period leaves nothing to look at locally after a long weekend)"
+        )
+    return f"must be 0 (keep every entry) or {MIN_RETENTION_DAYS}..36500 days, got {v}"
+
+
 def _health_interval(v: Any) -> str | None:
     if isinstance(v, bool) or not math.isfinite(v) or not (v == 0 or 10 <= v <= 86_400):
         return "must be 0 (no health records) or 10..86400 s"
@@ -426,6 +449,9 @@ METRICS_SCHEMA = {
     "textfile": Field((str,), check=_prom_file, convert=_path),
     "interval_s": Field(_NUM, check=_between(1, 3600, "s"), convert=_seconds),
 }
+BILLING_SCHEMA = {
+    "ledger_retention_days": Field((int,), check=_retention_days),
+}
 ACCOUNT_SCHEMA = {
     "id": Field((str,), required=True, check=name_problem),
     "settings": Field((str,), required=True, convert=_path),
@@ -442,6 +468,7 @@ TOP_LEVEL = {
     "account": list,
     "security": dict,
     "metrics": dict,
+    "billing": dict,
 }
 # Keys naming a file, resolved against the configuration's directory.
 FILE_KEYS: Mapping[str, tuple[str, ...]] = {
@@ -645,6 +672,7 @@ def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
             ("uplink", UPLINK_SCHEMA),
             ("security", SECURITY_SCHEMA),
             ("metrics", METRICS_SCHEMA),
+            ("billing", BILLING_SCHEMA),
         )
     }
     br, ul = values["broker"], values["uplink"]
@@ -687,6 +715,7 @@ def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
         accounts=tuple(a for _, a in accounts),
         security=SecuritySection(**values["security"]),
         metrics=MetricsSection(**values["metrics"]),
+        billing=BillingSection(**values["billing"]),
     )
     return report
 

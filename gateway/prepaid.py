@@ -535,14 +535,18 @@ class Prepaid:
     ) -> dict[str, Any]:
         """A balance snapshot from central; one the ledger does not take raises
         :class:`CommandRefused` (``stale_snapshot`` for one older than the snapshot
-        in force)."""
+        in force; ``snapshot_too_old`` for one as of a local seq below the account's
+        fold base, whose entries left the local ledger: nothing is written)."""
         snap = parse_balance_snapshot(body, "")
         if snap.account not in self.accounts:
             raise CommandRefused(
                 "unknown_account", f"no prepaid account {snap.account!r} on this gateway"
             )
         await self.ledger.flush(db)
-        decision = await ls.apply_snapshot(db, snap)
+        try:
+            decision = await ls.apply_snapshot(db, snap)
+        except ls.SnapshotTooOld as exc:
+            raise CommandRefused(exc.code, str(exc)) from None
         self.ledger.forget_account(snap.account)
         if decision.status is SnapshotStatus.REJECTED:
             raise CommandRefused("snapshot_rejected", decision.message)

@@ -22,7 +22,7 @@ import aiosqlite
 import orjson
 
 from gateway import heartbeat, meter_health
-from gateway.billing import ledger_store
+from gateway.billing import ledger_store, retention
 from gateway.billing.account import AccountError, load_account
 from gateway.billing.cutoff import Contact, CutoffState, describe
 from gateway.billing.money import yuan_text
@@ -143,6 +143,41 @@ async def account_rows(
     return rows
 
 
+async def ledger_retention(db: aiosqlite.Connection, now_ms: int, cfg: Config | None) -> dict[str, Any] | None:
+    """The ledger's retention: what was pruned, up to where central acknowledged,
+    each account's fold base (None for a database from before retention)."""
+    if not await _has_table(db, "billing_retention"):
+        return None
+    st = await retention.load_state(db)
+    return {
+        "retention_days": None if cfg is None else cfg.billing.ledger_retention_days,
+        "entries_pruned": st.pruned_total,
+        "last_pass_ms": st.last_pass_ms,
+        "last_pass_pruned": st.last_pass_pruned,
+        "acknowledged_rowid": st.acked_rowid,
+        "kept_for_good_rowid": st.hold_rowid,
+        "marks_pending": st.marks,
+        "entries": await _count(db, "SELECT count(*) FROM billing_entry"),
+        "bases": [
+            {
+                "account": b.account,
+                "base_seq": b.base_seq,
+                "pruned": b.pruned,
+                "pruned_until_ms": b.pruned_until_ms,
+                # how old the newest entry only central keeps is
+                "base_age_s": None if b.pruned_until_ms is None else max(0, (now_ms - b.pruned_until_ms) // 1000),
+            }
+            for b in await retention.bases(db)
+        ],
+    }
+
+
+async def _count(db: aiosqlite.Connection, sql: str) -> int:
+    async with db.execute(sql) as cur:
+        row = await cur.fetchone()
+    return 0 if row is None else int(row[0])
+
+
 async def gather_status(db_path: Path, now_ms: int, cfg: Config | None = None,
                         daemon: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read-only view of a running (or stopped) gateway's database."""
@@ -155,6 +190,7 @@ async def gather_status(db_path: Path, now_ms: int, cfg: Config | None = None,
         meters = await meter_statuses(db)
         health = await meter_health.read(db)
         accounts = [] if cfg is None else await account_rows(db, cfg, now_ms, contact)
+        ledger = await ledger_retention(db, now_ms, cfg)
     return {
         "storage": storage_status(db_path, kv),
         "link": {"state": kv.get(K_LINK, "unknown"), "since_ms": kv.get(K_LINK_SINCE)},
@@ -172,6 +208,7 @@ async def gather_status(db_path: Path, now_ms: int, cfg: Config | None = None,
             "readings_committed": stats.readings_committed,
             "readings_acked": stats.readings_acked,
         },
+        "ledger": ledger,
         "accounts": [
             {
                 "account": r.account,

@@ -6,9 +6,12 @@ brings back what the evidence *proves* and nothing else — never the opening
 balances of the account files:
 
 * **ledgers**: an account's entries are taken when they are complete
-  (sequence 1..n without a gap, n = the stored ``last_seq``) and folding them
-  gives exactly the stored view (balance, purchase counter, tier state,
-  snapshot in force) — a damaged entry or view does not fold to the other.
+  (sequence 1..n without a gap, n = the stored ``last_seq``; after its fold
+  base b — old entries pruned, :mod:`gateway.billing.retention` — b+1..n, the
+  fold starting from the base) and folding them gives exactly the stored view
+  (balance, purchase counter, tier state, snapshot in force) — a damaged entry
+  or view does not fold to the other. Every entry imported is kept for good
+  (its charge record may not have reached central).
   Its baselines, cutoff state and fixed-charge position come with it. Any
   other account is *held* (:mod:`store_forward.storage_state`): no billing,
   no cutoff decision until a signed central balance snapshot settles it;
@@ -44,7 +47,16 @@ import aiosqlite
 import orjson
 
 from firmware_bridge.events import event
-from gateway.billing.ledger import Entry, EntryKind, LedgerView, fold
+from gateway.billing import retention
+from gateway.billing.ledger import (
+    BaseTooLate,
+    Entry,
+    EntryKind,
+    LedgerView,
+    fold,
+    fold_from,
+    snapshot_info,
+)
 from gateway.billing.rating import TierState
 from gateway.security import audit, envelope
 from store_forward.outbox import Outbox
@@ -59,6 +71,7 @@ MONEY_TABLES = frozenset(
     {
         "billing_entry",
         "billing_account",
+        "billing_fold_base",
         "billing_baseline",
         "billing_tariff",
         "sec_counter_floor",
@@ -101,13 +114,19 @@ def _entry(row: Mapping[str, Any]) -> Entry:
 
 
 def verify_ledger(
-    account: str, entry_rows: Sequence[Mapping[str, Any]], account_row: Mapping[str, Any] | None
+    account: str,
+    entry_rows: Sequence[Mapping[str, Any]],
+    account_row: Mapping[str, Any] | None,
+    base_row: Mapping[str, Any] | None = None,
 ) -> LedgerCheck:
-    """Do the salvaged entries of ``account`` prove its salvaged stored view? (pure)"""
+    """Do the salvaged entries of ``account`` (from its fold base ``base_row`` on, if
+    old entries were pruned) prove its salvaged stored view? (pure)"""
     if account_row is None:
         return LedgerCheck(False, "its account row could not be read")
     try:
-        entries = sorted((_entry(r) for r in entry_rows), key=lambda e: e.seq)
+        everything = sorted((_entry(r) for r in entry_rows), key=lambda e: e.seq)
+        base_seq = 0 if base_row is None else int(base_row["base_seq"])
+        entries = [e for e in everything if e.seq > base_seq]
         last_seq = int(account_row["last_seq"])
         opening = TierState(
             account_row.get("opening_tier_start_ms"), int(account_row.get("opening_tier_ckwh") or 0)
@@ -125,17 +144,32 @@ def verify_ledger(
     except (ValueError, TypeError, KeyError, orjson.JSONDecodeError) as exc:
         return LedgerCheck(False, f"an entry or the account row does not parse ({exc})")
     seqs = [e.seq for e in entries]
-    missing = sorted(set(range(1, last_seq + 1)) - set(seqs))
+    missing = sorted(set(range(base_seq + 1, last_seq + 1)) - set(seqs))
     if missing:
         shown = ", ".join(map(str, missing[:5])) + ("…" if len(missing) > 5 else "")
         return LedgerCheck(False, f"entries are missing (seq {shown} of {last_seq})")
-    if seqs != list(range(1, last_seq + 1)):
-        return LedgerCheck(False, f"entry sequence numbers are not 1..{last_seq}")
-    if len({e.entry_id for e in entries}) != len(entries):
+    if seqs != list(range(base_seq + 1, last_seq + 1)):
+        return LedgerCheck(False, f"entry sequence numbers are not {base_seq + 1}..{last_seq}")
+    if len({e.entry_id for e in everything}) != len(everything):
         return LedgerCheck(False, "an entry id appears twice")
     try:
-        view = fold(account, entries, opening)
-    except (ValueError, TypeError, KeyError) as exc:
+        if base_row is None:
+            view = fold(account, entries, opening)
+        else:
+            snap_seq = base_row["snapshot_seq"]
+            snap = next((e for e in everything if e.seq == snap_seq), None) if snap_seq is not None else None
+            if snap_seq is not None and (snap is None or snap.kind is not EntryKind.SNAPSHOT):
+                return LedgerCheck(False, f"the snapshot of its fold base (seq {snap_seq}) is missing")
+            base = LedgerView(
+                account,
+                int(base_row["balance_micro"]),
+                base_seq,
+                int(base_row["purchase_counter"]),
+                TierState(base_row["tier_period_start_ms"], int(base_row["tier_cumulative_ckwh"])),
+                None if snap is None else snapshot_info(snap),
+            )
+            view = fold_from(base, entries)
+    except (BaseTooLate, ValueError, TypeError, KeyError) as exc:
         return LedgerCheck(False, f"the entries do not fold ({exc})")
     got = (
         view.balance_micro,
@@ -204,6 +238,7 @@ def plan_recovery(images: Sequence[Salvage], accounts: Iterable[str]) -> Recover
     latest = [] if newest is None or newest is not (images[0] if images else None) else [newest]
     account_tables = _tables(latest, "billing_account")
     entry_tables = dict(_tables(latest, "billing_entry"))
+    base_tables = dict(_tables(latest, "billing_fold_base"))
     known_complete = any(t.complete for _, t in account_tables)
     seen_accounts: set[str] = set()
     candidates: list[str] = []
@@ -222,7 +257,9 @@ def plan_recovery(images: Sequence[Salvage], accounts: Iterable[str]) -> Recover
                 reasons.append(f"{label}: ledger table unreadable")
                 continue
             rows = [r for r in et.dicts() if r["account"] == acct]
-            check = verify_ledger(acct, rows, row)
+            bt = base_tables.get(label)
+            base_row = None if bt is None else next((r for r in bt.dicts() if r["account"] == acct), None)
+            check = verify_ledger(acct, rows, row, base_row)
             if check.ok and row is not None:
                 assert check.view is not None
                 restored[acct] = label
@@ -234,6 +271,8 @@ def plan_recovery(images: Sequence[Salvage], accounts: Iterable[str]) -> Recover
                 plan.add(
                     "billing_entry", et.columns, [tuple(r[c] for c in et.columns) for r in rows]
                 )
+                if base_row is not None and bt is not None:
+                    plan.add("billing_fold_base", bt.columns, [tuple(base_row[c] for c in bt.columns)])
                 plan.accounts.append(
                     AccountOutcome(
                         acct,
@@ -465,6 +504,8 @@ async def recover_money(
             raise ValueError(f"storage is already {current.mode}")
         for table, (cols, rows) in plan.rows.items():
             imported[table] = await _insert(db, table, cols, rows)
+        # the charge records of the entries taken over may not have reached central
+        await retention.hold_existing_in(db)
         # a fixed-charge position in the future can only be damage (charges would be
         # skipped); from the past, a re-scan finds the charges already in the ledger
         await db.execute(

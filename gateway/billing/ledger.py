@@ -17,13 +17,16 @@ Balance = fold over entries (docs/billing.md, "Ledger and reconciliation"):
 
 :func:`fold` is the reference. :func:`advance` and :func:`rebase` compute the
 same view incrementally (the store keeps the view next to the entries); tests
-check that they agree.
+check that they agree. :func:`fold_from` continues a fold from a stored *fold
+base* (the view as of a seq P), after old debits and fixed charges at or below
+P left the local ledger (:func:`prune_point` chooses P; docs/billing.md,
+"Retention").
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -261,6 +264,97 @@ def fold(account: str, entries: Iterable[Entry], opening_tier: TierState | None 
         else:
             view = advance(view, e)
     return view
+
+
+class BaseTooLate(EdgeGwError, ValueError):
+    """A snapshot after a fold base needs entries from before the base (its
+    ``as_of_seq`` is below the base): they were pruned, the fold cannot go on."""
+
+    kind = ErrorKind.STORAGE
+
+
+def fold_from(base: LedgerView, entries: Iterable[Entry]) -> LedgerView:
+    """The fold continued from ``base`` (the view as of seq ``base.last_seq``) over the
+    entries after it, in seq order; entries at or below the base are ignored.
+
+    ``fold_from(fold(a, entries[:P]), entries[P:]) == fold(a, entries)`` whenever
+    every snapshot after P that moves the view has ``as_of_seq >= P``
+    (:func:`prune_point` chooses such a P); otherwise :class:`BaseTooLate`.
+    """
+    ordered = sorted((e for e in entries if e.seq > base.last_seq), key=lambda e: e.seq)
+    view = base
+    for i, e in enumerate(ordered):
+        if e.kind is EntryKind.SNAPSHOT:
+            info = snapshot_info(e)
+            stale = view.snapshot is not None and info.central_seq <= view.snapshot.central_seq
+            if not stale and info.as_of_seq < base.last_seq:
+                raise BaseTooLate(
+                    f"snapshot {e.entry_id} (seq {e.seq}) rebases on as_of_seq {info.as_of_seq},"
+                    f" before the fold base at seq {base.last_seq}"
+                )
+            view = rebase(view, e, [x for x in ordered[:i] if x.seq > info.as_of_seq])
+        else:
+            view = advance(view, e)
+    return view
+
+
+# ---------------------------------------------------------------------------
+# Retention: which entries may leave the local ledger
+
+PRUNABLE_KINDS = frozenset({EntryKind.DEBIT, EntryKind.FIXED})
+
+
+@dataclass(frozen=True)
+class PruneCandidate:
+    """An entry after the fold base, as the retention pass sees it."""
+
+    seq: int
+    kind: EntryKind
+    may_go: bool  # old enough and acknowledged by central (only for debits and fixed charges)
+    kept: bool = False  # to be kept whatever its age (its charge record may never have reached central)
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    point: int  # the new fold base seq (== base_seq: nothing to do)
+    pruned: tuple[int, ...]  # the seqs of the entries to delete (all <= point)
+
+
+def prune_point(
+    base_seq: int,
+    candidates: Sequence[PruneCandidate],
+    snapshots: Iterable[tuple[int, int]],
+    *,
+    limit: int,
+) -> PrunePlan:
+    """The new fold base P and the entries to delete, from the entries after the
+    current base (in seq order, possibly only the first of them) and every
+    snapshot after it as (seq, as_of_seq).
+
+    Walking up from the base, P advances over credits, adjustments, snapshots
+    and debits/fixed charges that are ``kept``, and over at most ``limit``
+    debits/fixed charges that ``may_go`` (those are deleted); it stops at the
+    first debit or fixed charge that may not go yet. Then P is lowered until no
+    snapshot after it rebases on an ``as_of_seq`` below it (its rebase would
+    need the deleted entries), and only deletions at or below P remain.
+    """
+    point = base_seq
+    pruned: list[int] = []
+    for c in sorted(candidates, key=lambda c: c.seq):
+        if c.seq <= base_seq:
+            continue
+        if c.kind in PRUNABLE_KINDS and not c.kept:
+            if not c.may_go or len(pruned) >= limit:
+                break
+            pruned.append(c.seq)
+        point = c.seq
+    snaps = [(s, a) for s, a in snapshots if s > base_seq]
+    while point > base_seq:
+        need = [a for s, a in snaps if s > point and a < point]
+        if not need:
+            break
+        point = max(base_seq, min(need))
+    return PrunePlan(point, tuple(s for s in pruned if s <= point))
 
 
 # ---------------------------------------------------------------------------

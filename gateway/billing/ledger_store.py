@@ -22,6 +22,12 @@ Tables (``TABLES``; declared to the gateway database's schema registry as
   there is one);
 * ``billing_tariff`` — tariff versions installed by central (the source
   document), re-applied over the configured tariffs at every start;
+* ``billing_fold_base`` — per account whose old debits and fixed charges left the
+  local ledger (retention, :mod:`gateway.billing.retention`): the view as of
+  ``base_seq``, from which :func:`verify` folds the entries after it (no row:
+  the fold starts from zero, as before retention existed);
+* ``billing_ack_mark``, ``billing_retention`` — the retention pass's watermarks
+  of what central acknowledged (:mod:`gateway.billing.retention`);
 * ``billing_fixed_held`` — fixed charges held because their period started in
   a stretch of time the gateway did not live through (:mod:`gateway.billing.held`):
   ``held`` until central settles them (``settled``), or until the period comes
@@ -44,6 +50,7 @@ from gateway.billing.cutoff import CutoffState
 from gateway.billing.held import OFF_BILLED_MS, REWIND_SLACK_MS, HeldGroup, Stretch, plan_fixed
 from gateway.billing.ledger import (
     AppendResult,
+    BaseTooLate,
     Entry,
     EntryKind,
     LedgerConflict,
@@ -52,6 +59,7 @@ from gateway.billing.ledger import (
     debit_entry,
     fixed_entry,
     fold,
+    fold_from,
     rebase,
     snapshot_info,
 )
@@ -139,15 +147,58 @@ CREATE TABLE IF NOT EXISTS billing_meter_reset (
 """
 
 
+# Version 5: ledger retention. The fold base per account, the acknowledgement
+# watermarks, and the snapshots of each account found without reading its debits.
+RETENTION_TABLES = """
+CREATE TABLE IF NOT EXISTS billing_fold_base (
+    account               TEXT    PRIMARY KEY,
+    base_seq              INTEGER NOT NULL,
+    balance_micro         INTEGER NOT NULL,
+    purchase_counter      INTEGER NOT NULL,
+    tier_period_start_ms  INTEGER,
+    tier_cumulative_ckwh  INTEGER NOT NULL,
+    snapshot_seq          INTEGER,
+    pruned                INTEGER NOT NULL,
+    pruned_until_ms       INTEGER,
+    updated_ms            INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS billing_ack_mark (
+    id           INTEGER PRIMARY KEY,
+    taken_ms     INTEGER NOT NULL,
+    entry_rowid  INTEGER NOT NULL,
+    outbox_id    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS billing_retention (
+    id                INTEGER PRIMARY KEY CHECK (id = 1),
+    acked_rowid       INTEGER NOT NULL DEFAULT 0,
+    hold_rowid        INTEGER NOT NULL DEFAULT 0,
+    evicted_seen      INTEGER NOT NULL DEFAULT 0,
+    pruned_total      INTEGER NOT NULL DEFAULT 0,
+    last_pass_ms      INTEGER,
+    last_pass_pruned  INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS billing_entry_snapshot ON billing_entry (account, seq) WHERE kind = 'snapshot'
+"""
+
+
 class LedgerCorrupt(EdgeGwError):
     """The stored view does not match a full fold of the stored entries."""
 
     kind = ErrorKind.STORAGE
 
 
+class SnapshotTooOld(EdgeGwError):
+    """A central snapshot rebases on local entries the gateway no longer keeps
+    (its ``as_of_seq`` is below the account's fold base)."""
+
+    kind = ErrorKind.REFUSED
+    code = "snapshot_too_old"
+
+
 SCHEMA = Schema(
     "billing",
     Step(4, "ledger, accounts, tariffs, held fixed charges, baselines, meter resets", statements(TABLES)),
+    Step(5, "ledger retention: fold bases, acknowledgement marks", statements(RETENTION_TABLES)),
 )
 
 
@@ -174,12 +225,28 @@ async def get_entry(conn: aiosqlite.Connection, entry_id: str) -> Entry | None:
 async def entries(
     conn: aiosqlite.Connection, account: str, after_seq: int = 0, limit: int | None = None
 ) -> list[Entry]:
+    """The account's entries after ``after_seq``, in seq order.
+
+    History is complete only after the account's fold base (:func:`load_base`):
+    debits and fixed charges at or below it were acknowledged by central and
+    left the local ledger after the retention period (``billing.ledger_retention_days``);
+    central keeps them. Credits, adjustments and snapshots are always kept."""
     sql = f"SELECT {_ENTRY_COLS} FROM billing_entry WHERE account = ? AND seq > ? ORDER BY seq"
     args: tuple[Any, ...] = (account, after_seq)
     if limit is not None:
         sql += " LIMIT ?"
         args = (*args, limit)
     async with conn.execute(sql, args) as cur:
+        rows = await cur.fetchall()
+    return [_row_entry(r) for r in rows]
+
+
+async def entries_between(conn: aiosqlite.Connection, account: str, after_seq: int, upto_seq: int) -> list[Entry]:
+    """The account's entries with ``after_seq < seq <= upto_seq``, in seq order."""
+    async with conn.execute(
+        f"SELECT {_ENTRY_COLS} FROM billing_entry WHERE account = ? AND seq > ? AND seq <= ? ORDER BY seq",
+        (account, after_seq, upto_seq),
+    ) as cur:
         rows = await cur.fetchall()
     return [_row_entry(r) for r in rows]
 
@@ -260,6 +327,8 @@ async def append(conn: aiosqlite.Connection, entry: Entry) -> AppendResult:
         return AppendResult(old, False, await load_view(conn, old.account))
     await open_account(conn, entry.account)
     view = await load_view(conn, entry.account)
+    if entry.kind is EntryKind.SNAPSHOT:
+        await check_snapshot_base(conn, entry.account, int(entry.body["as_of_seq"]))
     e = replace(entry, seq=view.last_seq + 1)
     await conn.execute(INSERT_ENTRY_SQL, entry_params(e))
     if e.kind is EntryKind.SNAPSHOT:
@@ -271,14 +340,82 @@ async def append(conn: aiosqlite.Connection, entry: Entry) -> AppendResult:
     return AppendResult(e, True, view)
 
 
-async def verify(conn: aiosqlite.Connection, account: str) -> LedgerView:
-    """Re-fold every entry of ``account`` and compare with the stored view."""
+async def opening_view(conn: aiosqlite.Connection, account: str) -> LedgerView:
+    """The view before the account's first entry (its opening tier state)."""
     async with conn.execute(
         "SELECT opening_tier_start_ms, opening_tier_ckwh FROM billing_account WHERE account = ?", (account,)
     ) as cur:
         row = await cur.fetchone()
-    opening = TierState() if row is None else TierState(row[0], row[1])
-    full = fold(account, await entries(conn, account), opening)
+    return LedgerView(account, tier=TierState() if row is None else TierState(row[0], row[1]))
+
+
+# in the order of VIEW_COLS (view_from_row reads both)
+BASE_COLS = "balance_micro, base_seq, purchase_counter, tier_period_start_ms, tier_cumulative_ckwh, snapshot_seq"
+
+
+async def load_base(conn: aiosqlite.Connection, account: str) -> LedgerView | None:
+    """The account's fold base: its view as of ``base_seq`` (None: no entry was ever
+    pruned, the fold starts from the opening view)."""
+    async with conn.execute(f"SELECT {BASE_COLS} FROM billing_fold_base WHERE account = ?", (account,)) as cur:
+        row = await cur.fetchone()
+    return None if row is None else await view_from_row(conn, account, row)
+
+
+async def base_seq(conn: aiosqlite.Connection, account: str) -> int:
+    """The seq of the account's fold base (0: none)."""
+    async with conn.execute("SELECT base_seq FROM billing_fold_base WHERE account = ?", (account,)) as cur:
+        row = await cur.fetchone()
+    return 0 if row is None else int(row[0])
+
+
+async def save_base(
+    conn: aiosqlite.Connection, view: LedgerView, *, pruned: int, pruned_until_ms: int | None, now_ms: int
+) -> None:
+    """Record ``view`` as the account's fold base (``pruned`` entries more deleted)."""
+    await conn.execute(
+        f"INSERT INTO billing_fold_base (account, {BASE_COLS}, pruned, pruned_until_ms, updated_ms)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET"
+        " base_seq = excluded.base_seq, balance_micro = excluded.balance_micro,"
+        " purchase_counter = excluded.purchase_counter,"
+        " tier_period_start_ms = excluded.tier_period_start_ms,"
+        " tier_cumulative_ckwh = excluded.tier_cumulative_ckwh, snapshot_seq = excluded.snapshot_seq,"
+        " pruned = pruned + excluded.pruned,"
+        " pruned_until_ms = max(coalesce(pruned_until_ms, excluded.pruned_until_ms), excluded.pruned_until_ms),"
+        " updated_ms = excluded.updated_ms",
+        (
+            view.account, view.balance_micro, view.last_seq, view.purchase_counter,
+            view.tier.period_start_ms, view.tier.cumulative_ckwh,
+            None if view.snapshot is None else view.snapshot.seq,
+            pruned, pruned_until_ms, now_ms,
+        ),
+    )  # fmt: skip
+
+
+async def check_snapshot_base(conn: aiosqlite.Connection, account: str, as_of_seq: int) -> None:
+    """Raise :class:`SnapshotTooOld` if a snapshot as of ``as_of_seq`` would rebase on
+    entries that left the local ledger."""
+    base = await base_seq(conn, account)
+    if as_of_seq < base:
+        raise SnapshotTooOld(
+            f"account {account}: snapshot as of local seq {as_of_seq} is older than the local"
+            f" ledger's fold base at seq {base} (older entries are kept at central only):"
+            f" send a snapshot as of seq {base} or later"
+        )
+
+
+async def verify(conn: aiosqlite.Connection, account: str) -> LedgerView:
+    """Re-fold the entries of ``account`` and compare with the stored view: from
+    the opening view over every entry, or from its fold base over the entries
+    after it."""
+    base = await load_base(conn, account)
+    if base is None:
+        opening = await opening_view(conn, account)
+        full = fold(account, await entries(conn, account), opening.tier)
+    else:
+        try:
+            full = fold_from(base, await entries(conn, account, after_seq=base.last_seq))
+        except BaseTooLate as exc:
+            raise LedgerCorrupt(f"account {account}: {exc}") from exc
     stored = await load_view(conn, account)
     if full != stored:
         raise LedgerCorrupt(f"account {account}: stored view {stored} != fold {full}")
@@ -664,11 +801,14 @@ async def apply_topup(
 
 
 async def apply_snapshot(conn: aiosqlite.Connection, snap: CentralSnapshot) -> SnapshotDecision:
+    """Decide and (if applied) record a central snapshot; one that would rebase on
+    entries below the account's fold base raises :class:`SnapshotTooOld`."""
     await open_account(conn, snap.account)
     view = await load_view(conn, snap.account)
     existing = await get_entry(conn, snap.entry_id)
     decision = decide_snapshot(snap, view, existing)
     if decision.status is SnapshotStatus.APPLIED and decision.entry is not None:
+        await check_snapshot_base(conn, snap.account, snap.as_of_seq)  # before anything is written
         res = await append(conn, decision.entry)
         decision = replace(decision, entry=res.entry)
     return decision

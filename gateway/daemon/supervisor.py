@@ -64,6 +64,7 @@ from gateway import (
     storage_setup,
     technician,
 )
+from gateway.billing import retention
 from gateway.billing.cutoff import Contact
 from gateway.billing.held import Stretch
 from gateway.billing.ledger_store import LedgerCorrupt
@@ -1002,7 +1003,8 @@ class Daemon:
         """One maintenance pass: import the provisioning audit spool, persist the time
         floor, summarise rejected commands, re-hand relay operations of commands
         that a crash left pending, confirm or roll back a remote configuration
-        change; with ``checkpoint`` a signed audit checkpoint, with ``prune`` the
+        change, let old acknowledged ledger entries go (``billing.ledger_retention_days``);
+        with ``checkpoint`` a signed audit checkpoint, with ``prune`` the
         seen command ids no command can use any more are forgotten. One job
         failing does not stop the others."""
         if outbox.storage.mode is StorageMode.FAULT and self.storage_started:
@@ -1022,6 +1024,7 @@ class Daemon:
                 jobs.append(("replay table", self.commands.prune_replay_table))
         if self.remote_config is not None:
             jobs.append(("configuration confirmation", self.remote_config.check))
+        jobs.append(("ledger retention", lambda: self.ledger_retention(outbox)))
         if checkpoint:
             jobs.append(("audit checkpoint", lambda: self.audit_checkpoint(outbox)))
         for name, job in jobs:
@@ -1029,6 +1032,22 @@ class Daemon:
                 await job()
             except Exception as exc:
                 log.error("maintenance: %s failed: %s", name, exc)
+
+    async def ledger_retention(self, outbox: Outbox) -> retention.PassResult | None:
+        """Old debits and fixed charges central acknowledged leave the local ledger
+        (:mod:`gateway.billing.retention`), in small transactions of their own, never
+        in a poll cycle's; only while billing runs normally on trusted time."""
+        days = self.config.billing.ledger_retention_days
+        if (
+            days <= 0
+            or self.prepaid is None
+            or self.clock is None
+            or not self.storage_started
+            or outbox.storage.mode is not StorageMode.NORMAL
+            or self.waiting_for_space
+        ):
+            return None
+        return await retention.run_pass(outbox.transaction, days, self.time_ms())
 
     # -- what the writer and the buses ask of the supervisor ----------------------
 

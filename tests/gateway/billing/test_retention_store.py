@@ -1,0 +1,201 @@
+"""Retention on the gateway's real database: the real Prepaid shell, outbox, acks and
+ledger store. Entries leave only once central acknowledged them and they are old;
+verification, top-up de-duplication and snapshots keep working from the fold base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.billing import ledger_store as ls
+from gateway.billing import retention
+from gateway.commands.bodies import CommandRefused
+from gateway.prepaid import Prepaid
+from store_forward.outbox import Outbox
+from store_forward.storage_policy import EvictionPlan
+from tests.gateway.test_prepaid_shell import T0, open_shell, rate
+
+DAY = 86_400_000
+ACC = "acct-001"
+NOW = T0 + 10 * DAY  # the story below is 10 days old
+SALE = {"account": ACC, "amount_micro": 2_000_000, "purchase_counter": 1, "payment_channel": "counter"}
+
+
+async def story(prepaid: Prepaid, outbox: Outbox, debits: int = 20) -> None:
+    """An opening balance, ``debits`` debits, a top-up and 5 debits more."""
+    await rate(prepaid, outbox, "100.0", T0 + 1000)  # baseline
+    for i in range(1, debits + 1):
+        await rate(prepaid, outbox, f"{100 + i / 10:.1f}", T0 + 1000 + i * 1000)
+    async with outbox.transaction() as db:
+        res = await prepaid.apply_topup_in(db, SALE, command_id="sale-1", channel="mqtt", now_ms=T0 + 60_000)
+    assert res["status"] == "applied"
+    for i in range(debits + 1, debits + 6):
+        await rate(prepaid, outbox, f"{100 + i / 10:.1f}", T0 + 100_000 + i * 1000)
+
+
+async def ack_all(outbox: Outbox) -> int:
+    seen: list[int] = []
+    n = 0
+    while (b := await outbox.next_batch(0, exclude=seen, max_records=10_000)) is not None:
+        seen.append(b.seq)
+        n += await outbox.ack(b.seq)
+    return n
+
+
+async def kinds(outbox: Outbox) -> dict[str, int]:
+    async with outbox.transaction() as db, db.execute(
+        "SELECT kind, count(*) FROM billing_entry GROUP BY kind"
+    ) as cur:
+        return {str(k): int(n) for k, n in await cur.fetchall()}
+
+
+async def view_and_verify(outbox: Outbox) -> tuple[int, int]:
+    async with outbox.transaction() as db:
+        v = await ls.verify(db, ACC)
+        return v.balance_micro, await ls.base_seq(db, ACC)
+
+
+async def test_only_acknowledged_old_debits_go_in_bounded_transactions(tmp_path: Path) -> None:
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        await story(prepaid, outbox)
+        before = await kinds(outbox)
+        assert before == {"adjustment": 1, "debit": 25, "credit": 1}
+        balance, _ = await view_and_verify(outbox)
+        # nothing acknowledged: every charge record still waits in the outbox
+        first = await retention.run_pass(outbox.transaction, 7, NOW, batch=4)
+        assert first.pruned == 0 and await kinds(outbox) == before
+        # acknowledged, but not old enough
+        assert await ack_all(outbox) > 0
+        young = await retention.run_pass(outbox.transaction, 30, NOW, batch=4)
+        assert young.pruned == 0 and young.state.acked_rowid > 0 and await kinds(outbox) == before
+        # acknowledged and old: in transactions of at most 4 entries; the newest entry stays
+        done = await retention.run_pass(outbox.transaction, 7, NOW, batch=4)
+        assert done.pruned == 24 and done.transactions >= 6
+        assert await kinds(outbox) == {"adjustment": 1, "debit": 1, "credit": 1}
+        assert await view_and_verify(outbox) == (balance, 26)
+        assert (await retention.run_pass(outbox.transaction, 7, NOW)).pruned == 0
+        # the same sale again is still recognised by its entry id
+        async with outbox.transaction() as db:
+            again = await prepaid.apply_topup_in(db, SALE, command_id="sale-1", channel="mqtt", now_ms=NOW)
+        assert again["status"] == "duplicate"
+    finally:
+        await outbox.close()
+    prepaid, outbox = await open_shell(tmp_path)  # start_in verifies every ledger
+    try:
+        assert await view_and_verify(outbox) == (balance, 26)
+        await rate(prepaid, outbox, "102.6", NOW)  # billing goes on from the stored view
+        assert (await view_and_verify(outbox))[0] == balance - 56_000
+    finally:
+        await outbox.close()
+
+
+async def test_a_record_set_aside_as_damaged_keeps_every_entry(tmp_path: Path) -> None:
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        await story(prepaid, outbox, debits=6)
+        await retention.run_pass(outbox.transaction, 7, NOW)  # the mark
+        async with outbox.transaction() as db:  # one charge record no longer opens
+            await db.execute(
+                "UPDATE outbox SET body = zeroblob(40) WHERE id = (SELECT max(id) FROM outbox WHERE kind = 'charge')"
+            )
+        await ack_all(outbox)
+        async with outbox.transaction() as db, db.execute("SELECT count(*) FROM damaged WHERE cls = 1") as cur:
+            assert (await cur.fetchone()) == (1,)
+        before = await kinds(outbox)
+        for _ in range(3):
+            assert (await retention.run_pass(outbox.transaction, 7, NOW)).pruned == 0
+        assert await kinds(outbox) == before
+    finally:
+        await outbox.close()
+
+
+async def test_entries_whose_records_were_evicted_unsent_are_kept_for_good(tmp_path: Path) -> None:
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        await story(prepaid, outbox, debits=6)
+        await retention.run_pass(outbox.transaction, 7, NOW)  # the mark
+        async with outbox.transaction() as db:  # the disk below its hard floor: billing evicted
+            assert await outbox._evict(db, NOW, EvictionPlan(0, 2_000)) > 0
+        await ack_all(outbox)
+        for _ in range(2):
+            assert (await retention.run_pass(outbox.transaction, 7, NOW)).pruned == 0
+        n = await kinds(outbox)
+        # entries written after that are pruned as usual
+        for i in range(12, 15):
+            await rate(prepaid, outbox, f"{100 + i / 10:.1f}", T0 + 200_000 + i * 1000)
+        await retention.run_pass(outbox.transaction, 7, NOW)
+        await ack_all(outbox)
+        later = await retention.run_pass(outbox.transaction, 7, NOW)
+        assert later.pruned == 2  # 3 new debits, the newest stays
+        assert (await kinds(outbox))["debit"] == n["debit"] + 1
+        await view_and_verify(outbox)
+    finally:
+        await outbox.close()
+
+
+async def pruned_setup(tmp_path: Path) -> tuple[Prepaid, Outbox]:
+    prepaid, outbox = await open_shell(tmp_path)
+    await story(prepaid, outbox, debits=6)
+    await retention.run_pass(outbox.transaction, 7, NOW)
+    await ack_all(outbox)
+    return prepaid, outbox
+
+
+async def dump(outbox: Outbox) -> list[Any]:
+    async with outbox.transaction() as db:
+        out = []
+        for table in ("billing_entry", "billing_fold_base", "billing_account"):
+            async with db.execute(f"SELECT * FROM {table} ORDER BY 1, 2") as cur:
+                out.append(await cur.fetchall())
+        return out
+
+
+async def test_a_prune_rolled_back_midway_changes_nothing(tmp_path: Path) -> None:
+    _, outbox = await pruned_setup(tmp_path)
+    try:
+        state = await retention.run_pass(outbox.transaction, 7, NOW, budget=0)  # marks only
+        before = await dump(outbox)
+        with pytest.raises(RuntimeError, match="power"):
+            async with outbox.transaction() as db:
+                p = await retention.prune_account_in(db, ACC, state.state, NOW - 7 * DAY, NOW)
+                assert p.entries > 0
+                raise RuntimeError("power gone")
+        assert await dump(outbox) == before
+        await view_and_verify(outbox)
+    finally:
+        await outbox.close()
+
+
+async def test_a_snapshot_older_than_the_base_is_refused(tmp_path: Path) -> None:
+    prepaid, outbox = await pruned_setup(tmp_path)
+    try:
+        assert (await retention.run_pass(outbox.transaction, 7, NOW)).pruned > 0
+        balance, base = await view_and_verify(outbox)
+        before = await dump(outbox)
+        body = {"id": "snap-1", "account": ACC, "central_seq": 1, "as_of_seq": base - 1,
+                "balance_micro": 5_000_000, "time_ms": NOW}
+        with pytest.raises(CommandRefused) as refused:
+            async with outbox.transaction() as db:
+                await prepaid.apply_snapshot_in(db, body, now_ms=NOW)
+        assert refused.value.reason == "snapshot_too_old"
+        assert f"fold base at seq {base}" in refused.value.message
+        assert await dump(outbox) == before
+        # one as of the base or later is applied, and the ledger still verifies
+        async with outbox.transaction() as db:
+            res = await prepaid.apply_snapshot_in(db, {**body, "as_of_seq": base}, now_ms=NOW)
+        assert res["status"] == "applied"
+        after, _ = await view_and_verify(outbox)
+        assert after == 5_000_000 + sum(
+            e.amount_micro for e in await entries_after(outbox, base) if e.kind.value != "snapshot"
+        )
+        assert balance != after
+    finally:
+        await outbox.close()
+
+
+async def entries_after(outbox: Outbox, seq: int) -> list[Any]:
+    async with outbox.transaction() as db:
+        return await ls.entries(db, ACC, after_seq=seq)
