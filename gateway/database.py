@@ -20,6 +20,9 @@ The history (``PRAGMA user_version``):
       configuration, technician imports, meter health, revenue protection
       (a database written before the registry holds those that were used;
       the rest are created)
+   5  ledger retention: the fold base per account, the acknowledgement marks
+      and watermarks, an index of snapshot entries (an older database
+      migrates with no fold base: its ledgers fold from zero, as before)
 ====  ======================================================================
 
 A change to a table is a new step, with the next version, in the module that
