@@ -21,9 +21,9 @@ balances of the account files:
   issued before it whose id is not among the salvaged ones is refused
   (:func:`gateway.security.envelope.set_replay_fence`), because the record
   of which commands were applied may be incomplete;
-* tariff versions installed by central, the trusted-time floor, purpose-key
-  rotation targets, and the audit log up to the last entry whose hash chain
-  verifies (the rest stays in the evidence).
+* tariff versions installed by central, the ids of pruned fixed charges, the
+  trusted-time floor, purpose-key rotation targets, and the audit log up to
+  the last entry whose hash chain verifies (the rest stays in the evidence).
 
 Everything is imported in one transaction that also moves the storage state
 from FAULT to RECOVERING (or NORMAL when nothing is held), writes an audit
@@ -72,6 +72,7 @@ MONEY_TABLES = frozenset(
         "billing_entry",
         "billing_account",
         "billing_fold_base",
+        "billing_pruned_fixed",
         "billing_baseline",
         "billing_tariff",
         "sec_counter_floor",
@@ -325,6 +326,7 @@ def plan_recovery(images: Sequence[Salvage], accounts: Iterable[str]) -> Recover
     # -- union tables (first image wins a key)
     for table, key in (
         ("billing_tariff", ("tariff_id", "version")),
+        ("billing_pruned_fixed", ("entry_id",)),
         ("sec_seen_command", ("command_id",)),
         ("sec_central_key", ("key_id",)),
         ("sec_revoked_key", ("key_id",)),

@@ -28,6 +28,8 @@ Tables (``TABLES``; declared to the gateway database's schema registry as
   the fold starts from zero, as before retention existed);
 * ``billing_ack_mark``, ``billing_retention`` — the retention pass's watermarks
   of what central acknowledged (:mod:`gateway.billing.retention`);
+* ``billing_pruned_fixed`` — the ids of fixed charges that left the ledger, so
+  that a fixed-charge scan moved back by trusted time never raises one again;
 * ``billing_fixed_held`` — fixed charges held because their period started in
   a stretch of time the gateway did not live through (:mod:`gateway.billing.held`):
   ``held`` until central settles them (``settled``), or until the period comes
@@ -177,6 +179,10 @@ CREATE TABLE IF NOT EXISTS billing_retention (
     last_pass_ms      INTEGER,
     last_pass_pruned  INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS billing_pruned_fixed (
+    entry_id  TEXT PRIMARY KEY,
+    account   TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS billing_entry_snapshot ON billing_entry (account, seq) WHERE kind = 'snapshot'
 """
 
@@ -643,9 +649,10 @@ async def raise_fixed(
     applied: list[AppendResult] = []
     if plan.apply:
         states = await held_states(conn, [d.charge_id for d in plan.apply])
+        pruned = await pruned_fixed(conn, [d.charge_id for d in plan.apply])
         for d in plan.apply:
             state = states.get(d.charge_id)
-            if state == "settled":
+            if state == "settled" or d.charge_id in pruned:  # pruned: debited long ago
                 continue
             applied.append(await append_entry(conn, fixed_entry(d)))
             if state == "held":
@@ -724,6 +731,19 @@ async def held_states(conn: aiosqlite.Connection, charge_ids: Sequence[str]) -> 
             f"SELECT charge_id, state FROM billing_fixed_held WHERE charge_id IN ({marks})", chunk
         ) as cur:
             out.update({str(a): str(b) for a, b in await cur.fetchall()})
+    return out
+
+
+async def pruned_fixed(conn: aiosqlite.Connection, charge_ids: Sequence[str]) -> set[str]:
+    """Those of ``charge_ids`` that were debited and have left the ledger (retention)."""
+    out: set[str] = set()
+    for i in range(0, len(charge_ids), 500):
+        chunk = list(charge_ids[i : i + 500])
+        marks = ", ".join("?" * len(chunk))
+        async with conn.execute(
+            f"SELECT entry_id FROM billing_pruned_fixed WHERE entry_id IN ({marks})", chunk
+        ) as cur:
+            out.update(str(r[0]) for r in await cur.fetchall())
     return out
 
 

@@ -32,7 +32,10 @@ de-duplicated by their entry id), older than the retention by their
 ``time_ms`` against trusted time, acknowledged, not held; from the account's
 fold base upwards, up to the first entry that may not go yet, lowered so that
 no snapshot after the new base rebases on an ``as_of_seq`` below it. A central
-snapshot as of a seq below the base is refused (``snapshot_too_old``).
+snapshot as of a seq below the base is refused (``snapshot_too_old``). The id
+of every fixed charge that goes is kept (``billing_pruned_fixed``, a few dozen
+bytes a charge), so a fixed-charge scan that trusted time moved back never
+raises it again.
 """
 
 from __future__ import annotations
@@ -235,6 +238,12 @@ async def prune_account_in(
     for i in range(0, len(plan.pruned), 500):
         chunk = plan.pruned[i : i + 500]
         marks = ", ".join("?" * len(chunk))
+        # a fixed charge's id stays known: a scan moved back never raises it again
+        await conn.execute(
+            "INSERT OR IGNORE INTO billing_pruned_fixed (entry_id, account) SELECT entry_id, account"
+            f" FROM billing_entry WHERE account = ? AND kind = 'fixed' AND seq IN ({marks})",
+            (account, *chunk),
+        )
         cur = await conn.execute(
             f"DELETE FROM billing_entry WHERE account = ? AND kind IN ('debit', 'fixed') AND seq IN ({marks})",
             (account, *chunk),

@@ -11,13 +11,17 @@ import pytest
 
 from gateway.billing import ledger_store as ls
 from gateway.billing import retention
+from gateway.billing.tariff_file import load_book
 from gateway.commands.bodies import CommandRefused
+from gateway.database import open_database
 from gateway.prepaid import Prepaid
 from store_forward.outbox import Outbox
+from store_forward.records import RecordClass, RecordKind
 from store_forward.storage_policy import EvictionPlan
 from tests.gateway.test_prepaid_shell import T0, open_shell, rate
 
 DAY = 86_400_000
+MINIGRID = Path(__file__).resolve().parents[3] / "examples" / "tariffs" / "minigrid-daily.toml"
 ACC = "acct-001"
 NOW = T0 + 10 * DAY  # the story below is 10 days old
 SALE = {"account": ACC, "amount_micro": 2_000_000, "purchase_counter": 1, "payment_channel": "counter"}
@@ -199,3 +203,37 @@ async def test_a_snapshot_older_than_the_base_is_refused(tmp_path: Path) -> None
 async def entries_after(outbox: Outbox, seq: int) -> list[Any]:
     async with outbox.transaction() as db:
         return await ls.entries(db, ACC, after_seq=seq)
+
+
+async def test_a_pruned_fixed_charge_is_not_raised_again_when_trusted_time_moves_back(tmp_path: Path) -> None:
+    mb = load_book([MINIGRID])
+    outbox = await open_database(tmp_path / "gw.db")
+    day0 = T0 - T0 % DAY
+
+    async def scan(now: int) -> int:
+        """The fixed charges raised up to ``now``, each with its charge record (as the
+        daemon writes them)."""
+        async with outbox.transaction() as db:
+            out = await ls.fixed_in(db, ACC, mb, now)
+            for res in out.applied:
+                if res.applied:
+                    await outbox.add_in(db, RecordClass.BILLING, RecordKind.CHARGE, now, res.entry.to_json())
+            return sum(r.applied for r in out.applied)
+
+    try:
+        assert await scan(day0 + 3600_000) == 0  # the start point
+        assert await scan(day0 + 10 * DAY + 3600_000) == 10  # ten daily charges
+        await retention.run_pass(outbox.transaction, 7, day0 + 10 * DAY + 3600_000)
+        await ack_all(outbox)
+        done = await retention.run_pass(outbox.transaction, 7, day0 + 10 * DAY + 3600_000)
+        assert done.pruned == 3  # days 1-3 are older than 7 days
+        async with outbox.transaction() as db:
+            balance = (await ls.verify(db, ACC)).balance_micro
+        # trusted time goes back 9 days (central time), then forward again: the scan
+        # moves back with it and finds every charge, the pruned ones included
+        assert await scan(day0 + DAY + 3600_000) == 0  # the scan restarts here
+        assert await scan(day0 + 10 * DAY + 3600_000) == 0
+        async with outbox.transaction() as db:
+            assert (await ls.verify(db, ACC)).balance_micro == balance
+    finally:
+        await outbox.close()
