@@ -309,7 +309,9 @@ async def run_pass(
                 now_ms, total, state.marks,
             )  # fmt: skip
             await _save_state(db, state)
-    log.info(
+    # one line a pass that let entries go; a pass with nothing to do says so at debug
+    log.log(
+        logging.INFO if total else logging.DEBUG,
         "ledger retention: pruned %d entries of %d account(s) in %d transaction(s); acknowledged up to"
         " entry rowid %d, kept for good up to %d; retention %d days",
         total, len(moved), txs, state.acked_rowid, state.hold_rowid, retention_days,

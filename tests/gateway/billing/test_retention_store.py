@@ -15,6 +15,7 @@ from gateway.billing.tariff_file import load_book
 from gateway.commands.bodies import CommandRefused
 from gateway.database import open_database
 from gateway.prepaid import Prepaid
+from gateway.status_cli import gather_status
 from store_forward.outbox import Outbox
 from store_forward.records import RecordClass, RecordKind
 from store_forward.storage_policy import EvictionPlan
@@ -87,6 +88,12 @@ async def test_only_acknowledged_old_debits_go_in_bounded_transactions(tmp_path:
         assert again["status"] == "duplicate"
     finally:
         await outbox.close()
+    status = await gather_status(tmp_path / "gw.db", NOW)  # edgegw status --json
+    assert status["ledger"]["entries_pruned"] == 24 and status["ledger"]["entries"] == 3
+    assert status["ledger"]["bases"] == [
+        {"account": ACC, "base_seq": 26, "pruned": 24, "pruned_until_ms": T0 + 124_000,  # the 24th debit
+         "base_age_s": (NOW - (T0 + 124_000)) // 1000}
+    ]
     prepaid, outbox = await open_shell(tmp_path)  # start_in verifies every ledger
     try:
         assert await view_and_verify(outbox) == (balance, 26)
