@@ -23,8 +23,9 @@ the eviction count changes, every pending mark is dropped and every entry
 existing then is *held* (``hold_rowid``: kept for good, since central may lack
 some of them). Entries with rowid <= E of the newest acknowledged mark are
 acknowledged (``acked_rowid``). The newest entry of the table is never deleted,
-so a rowid is never used twice. A gateway without a working uplink never
-prunes.
+so a rowid is never used twice (nothing VACUUMs the database: that may renumber
+the rowids of a table without an INTEGER PRIMARY KEY, and would need the marks
+and watermarks dropped). A gateway without a working uplink never prunes.
 
 **Which entries go** (:func:`gateway.billing.ledger.prune_point`): debits and
 fixed charges only (credits, adjustments and snapshots are few, and top-ups are
@@ -139,8 +140,8 @@ async def advance_marks_in(conn: aiosqlite.Connection, now_ms: int) -> Retention
         hold = max(hold, top)
         await conn.execute("DELETE FROM billing_ack_mark")
         log.warning(
-            "ledger retention: %d billing record(s) were evicted unsent; the %s ledger entries"
-            " up to rowid %d are kept for good", evicted - s.evicted_seen, "existing", hold,
+            "ledger retention: %d billing record(s) were evicted unsent; every ledger entry"
+            " up to rowid %d is kept for good", evicted - s.evicted_seen, hold,
         )
     low = await _lowest_billing_record(conn)
     if low is None:
