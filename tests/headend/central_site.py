@@ -26,6 +26,8 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 
+from gateway.config import load_config
+from gateway.daemon import Daemon
 from headend.central import ApiRole, Central
 from headend.central_db import CentralDB
 from headend.central_desk import CentralDesk
@@ -85,6 +87,58 @@ def prepaid_site(
         broker=broker, uplink=DEV_UPLINK, security={"trust_file": "trust.json"},
         meters=[meter(account=ACCOUNT_ID)], accounts=[account],
     )  # fmt: skip
+
+
+class GatewayRun:
+    """The gateway daemon on a site's configuration file, run in a task on the test's
+    clock; after it stops by itself for a restart (a configuration change) it is
+    started again on the file as it is then, as systemd does (``Restart=always``).
+    ``settings`` are set on each daemon before it runs (e.g. ``maintenance_interval_s``)."""
+
+    def __init__(self, site: Path, clock: SimClock, **settings: Any) -> None:
+        self.site = site
+        self.clock = clock
+        self.settings = settings
+        self.starts = 0
+        self._stop = asyncio.Event()
+        self._run: asyncio.Task[None] | None = None
+        self._daemon: Daemon | None = None
+
+    @property
+    def daemon(self) -> Daemon:
+        assert self._daemon is not None, "not started"
+        return self._daemon
+
+    @property
+    def db(self) -> Path:
+        """The gateway's database."""
+        return self.daemon.config.storage.path
+
+    async def start(self) -> Daemon:
+        assert self._run is None or self._run.done()
+        daemon = Daemon(load_config(self.site), clock_ms=self.clock.now)
+        for k, v in self.settings.items():
+            setattr(daemon, k, v)
+        self._daemon, self._stop = daemon, asyncio.Event()
+        self._run = asyncio.create_task(daemon.run(self._stop))
+        self.starts += 1
+        await asyncio.wait_for(daemon.ready.wait(), 15)
+        return daemon
+
+    async def restarted(self, timeout_s: float) -> str:
+        """Wait (bounded) until the daemon stopped by itself for a restart, start it
+        again; the reason it gave."""
+        assert self._run is not None
+        await asyncio.wait_for(asyncio.shield(self._run), timeout_s)
+        reason = self.daemon.restart_reason
+        assert reason is not None, "the daemon stopped without asking for a restart"
+        await self.start()
+        return reason
+
+    async def stop(self) -> None:
+        if self._run is not None:
+            self._stop.set()
+            await asyncio.wait_for(self._run, 30)
 
 
 class Api:
@@ -227,6 +281,16 @@ class CentralStack:
         assert status == 200, body
         return dict(body)
 
+    async def records(self, kind: str, gateway: str = GATEWAY) -> list[dict[str, Any]]:
+        """The bodies of the records of ``kind`` (``charge``: the gateway's ledger
+        entries; ``event``) central stored from ``gateway``'s batches, oldest first."""
+        async with self.db.transaction(readonly=True) as tx:
+            rows = await tx.all(
+                "SELECT body FROM events WHERE gateway_id = ? AND kind = ? ORDER BY created_ms, record_id",
+                (gateway, kind),
+            )
+        return [b if isinstance(b, dict) else json.loads(b) for (b,) in rows]
+
     async def until_state(
         self, command_id: str, states: set[str], timeout_s: float, *, credited: bool = False
     ) -> dict[str, Any]:
@@ -267,3 +331,31 @@ def gateway_audit(db: Path, action_prefix: str) -> list[dict[str, Any]]:
             for a, d in conn.execute("SELECT action, details FROM audit_log ORDER BY seq")
             if str(a).startswith(action_prefix)
         ]
+
+
+
+def gateway_view(db: Path, account: str = ACCOUNT_ID) -> tuple[list[dict[str, Any]], int, int]:
+    """The account's entries in the gateway's ledger (in ledger order), its balance and
+    its purchase counter, read together."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("BEGIN")
+        row = conn.execute(
+            "SELECT balance_micro, purchase_counter FROM billing_account WHERE account = ?", (account,)
+        ).fetchone()
+        entries = [
+            {"seq": q, "id": e, "kind": k, "amount_micro": a, "time_ms": t, "body": json.loads(b)}
+            for q, e, k, a, t, b in conn.execute(
+                "SELECT seq, entry_id, kind, amount_micro, time_ms, body FROM billing_entry"
+                " WHERE account = ? ORDER BY seq",
+                (account,),
+            )
+        ]
+        conn.execute("COMMIT")
+    assert row is not None, f"no account {account} in the gateway's ledger"
+    return entries, int(row[0]), int(row[1])
+
+
+def gateway_rows(db: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of a query on the gateway's database."""
+    with sqlite3.connect(db) as conn:
+        return [tuple(r) for r in conn.execute(sql, args)]
