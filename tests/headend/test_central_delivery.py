@@ -42,7 +42,9 @@ import pytest
 
 from gateway.cli import main as edgegw
 from gateway.config import load_config
+from headend.central_db import CentralDB
 from headend.commands import ONLINE_GRACE_MS
+from headend.dispatch import Dispatcher
 from headend.tls import BrokerTLS
 from testbed.linkemu import LinkEmulator
 from testbed.simulators.modbus import ModbusSimulator
@@ -306,9 +308,9 @@ async def _site(
             await gw.stop()
 
 
-def _seen(c: CentralStack, online: bool, since_ms: int = 0) -> bool:
+def _seen(c: CentralStack | Dispatcher, online: bool, since_ms: int = 0) -> bool:
     """The dispatcher saw the gateway's presence say ``online`` (at or after ``since_ms``)."""
-    p = c.dispatcher.presence.get(GATEWAY)
+    p = (c.dispatcher if isinstance(c, CentralStack) else c).presence.get(GATEWAY)
     return p is not None and p.online is online and p.since_ms >= since_ms
 
 
@@ -745,3 +747,55 @@ async def test_the_tariff_snapshot_and_configuration_change_on_postgresql(
     tmp_path: Path, shipped_broker: Mosquitto, pki: Pki, pg_dsn: str  # noqa: F811
 ) -> None:
     await _offline_tariff_snapshot_and_configuration(tmp_path, shipped_broker, pki, pg_dsn)
+
+
+# -- several central processes on one database -------------------------------------
+
+
+async def test_two_dispatchers_on_one_postgresql_database_send_each_command_once(
+    tmp_path: Path, shipped_broker: Mosquitto, pki: Pki, pg_dsn: str  # noqa: F811
+) -> None:
+    """docs/central.md: several dispatchers may share one PostgreSQL database (they
+    claim commands with FOR UPDATE SKIP LOCKED). Two of them, taking one command a
+    pass and woken together by each sale: every top-up is published once (a second
+    copy would reach the gateway as a replay), applied and credited once."""
+    clock = SimClock()
+    async with _site(tmp_path, shipped_broker, pki, pg_dsn, clock) as s:
+        c, gw = s.c, s.gw
+        headend = pki.clients[HEADEND_CN]
+        other_db = await CentralDB.open(dsn=pg_dsn)
+        first = c.dispatcher
+        first.batch = 1
+        other = Dispatcher(
+            other_db, c.signer, "127.0.0.1", shipped_broker.port, identifier="edgegw-central-other",
+            tls_context=BrokerTLS(pki.ca, headend.cert, headend.key).context(), clock_ms=clock.now,
+            interval_s=0.2, batch=1,
+        )  # fmt: skip
+        c.central.on_queued.append(other.wake)
+        task = asyncio.create_task(other.run())
+        try:
+            await asyncio.wait_for(other.connected.wait(), 10)
+            await until(lambda: _seen(other, online=True), 15, "presence at the second dispatcher")
+            amounts = [1_000_000 + 10_000 * i for i in range(16)]
+            sale = {"account": ACCOUNT_ID, "payment_channel": "counter"}
+            sold = await asyncio.gather(
+                *(c.api.call("POST", "/api/v1/topups", "billing", {**sale, "amount_micro": a}) for a in amounts)
+            )
+            assert all(status == 201 for status, _, _ in sold), sold
+            ids = [t["id"] for _, t, _ in sold]
+            assert sorted(t["purchase_counter"] for _, t, _ in sold) == list(range(1, len(amounts) + 1))
+            for cid in ids:
+                v = await c.until_state(cid, {"applied"}, 60, credited=True)
+                assert v["credited_micro"] == v["amount_micro"], v
+            credits = gateway_credits(gw.db)
+            assert sorted(cid for cid, _ in credits) == sorted(ids)
+            assert sum(a for _, a in credits) == sum(amounts)
+            # each published first by one dispatcher; none published twice
+            assert first.stats.sent + other.stats.sent == len(ids), (first.stats, other.stats)
+            assert first.stats.sent > 0 and other.stats.sent > 0, (first.stats, other.stats)
+            replays = [a for a in gateway_audit(gw.db, "command.rejected") if a.get("reason") == "replay"]
+            assert replays == [], replays
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await other_db.close()
