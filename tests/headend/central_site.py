@@ -34,7 +34,7 @@ from headend.central_desk import CentralDesk
 from headend.console.app import ConsoleSettings
 from headend.console.auth import Role, Users
 from headend.console.db import ConsoleDb, open_console_db
-from headend.dispatch import Dispatcher
+from headend.dispatch import Dispatcher, Outgoing
 from headend.ingest import Headend
 from headend.signing import Signer, init_keys
 from headend.store import HeadendDB, HeadendStore
@@ -218,6 +218,15 @@ class CentralStack:
             self.db, self.signer, "127.0.0.1", self.broker_port, tls_context=self.tls,
             clock_ms=self.clock.now, interval_s=0.2,
         )  # fmt: skip
+        self.published: list[str] = []  # command ids, as each publish to the broker completed
+        publish = self.dispatcher.publish
+
+        async def published(client: Any, batch: list[Outgoing], now_ms: int) -> int:
+            done = await publish(client, batch, now_ms)
+            self.published += [o.command_id for o in batch]
+            return done
+
+        self.dispatcher.publish = published  # type: ignore[method-assign]
         self.central = Central(self.db, self.signer, clock_ms=self.clock.now, on_queued=[self.dispatcher.wake])
         self.runner, port = await serve(build_app(self.central, console=await self._console()), "127.0.0.1", 0)
         if self.with_console:
@@ -280,6 +289,16 @@ class CentralStack:
         status, body, _ = await self.api.call("GET", f"/api/v1/commands/{command_id}", "viewer")
         assert status == 200, body
         return dict(body)
+
+    async def until_published(self, command_id: str, timeout_s: float) -> None:
+        """Wait (bounded) until the dispatcher's publish of the command completed: it is
+        marked sent, and committed, before it is published, so a broker killed between
+        the two would see a publish that fails (and one to the next broker), not lose it."""
+        deadline = time.monotonic() + timeout_s
+        while command_id not in self.published:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"command {command_id} not published after {timeout_s}s")
+            await asyncio.sleep(0.05)
 
     async def records(self, kind: str, gateway: str = GATEWAY) -> list[dict[str, Any]]:
         """The bodies of the records of ``kind`` (``charge``: the gateway's ledger

@@ -439,7 +439,7 @@ async def _exactly_once_while_offline(
         )  # fmt: skip
         assert s6 == 201
         late = p6["topup"]["command_id"]
-        await c.until_state(late, {"sent"}, 15)
+        await c.until_published(late, 15)
         broker.kill()
         broker.start()
 
@@ -648,7 +648,7 @@ async def _offline_tariff_snapshot_and_configuration(
             "POST", "/api/v1/topups", "billing", {"account": ACCOUNT_ID, "amount": "3.00", "payment_channel": "counter"}
         )
         assert status == 201 and late["purchase_counter"] == 3, late
-        await c.until_state(late["id"], {"sent"}, 15)
+        await c.until_published(late["id"], 15)
         broker.kill()
         broker.start()
 
