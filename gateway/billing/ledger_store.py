@@ -723,28 +723,25 @@ async def record_held(conn: aiosqlite.Connection, account: str, group: HeldGroup
 
 async def held_states(conn: aiosqlite.Connection, charge_ids: Sequence[str]) -> dict[str, str]:
     """State (held / released / settled) of those of ``charge_ids`` ever held."""
-    out: dict[str, str] = {}
-    for i in range(0, len(charge_ids), 500):
-        chunk = list(charge_ids[i : i + 500])
-        marks = ", ".join("?" * len(chunk))
-        async with conn.execute(
-            f"SELECT charge_id, state FROM billing_fixed_held WHERE charge_id IN ({marks})", chunk
-        ) as cur:
-            out.update({str(a): str(b) for a, b in await cur.fetchall()})
-    return out
+    rows = await _select_in(conn, "SELECT charge_id, state FROM billing_fixed_held WHERE charge_id IN ({})", charge_ids)
+    return {str(a): str(b) for a, b in rows}
 
 
 async def pruned_fixed(conn: aiosqlite.Connection, charge_ids: Sequence[str]) -> set[str]:
     """Those of ``charge_ids`` that were debited and have left the ledger (retention)."""
-    out: set[str] = set()
-    for i in range(0, len(charge_ids), 500):
-        chunk = list(charge_ids[i : i + 500])
-        marks = ", ".join("?" * len(chunk))
-        async with conn.execute(
-            f"SELECT entry_id FROM billing_pruned_fixed WHERE entry_id IN ({marks})", chunk
-        ) as cur:
-            out.update(str(r[0]) for r in await cur.fetchall())
-    return out
+    rows = await _select_in(conn, "SELECT entry_id FROM billing_pruned_fixed WHERE entry_id IN ({})", charge_ids)
+    return {str(r[0]) for r in rows}
+
+
+async def _select_in(conn: aiosqlite.Connection, sql: str, keys: Sequence[str]) -> list[Any]:
+    """The rows of ``sql`` (one ``IN ({})``) for every key, 500 keys a statement (well
+    under SQLite's limit on bound parameters)."""
+    rows: list[Any] = []
+    for i in range(0, len(keys), 500):
+        chunk = list(keys[i : i + 500])
+        async with conn.execute(sql.format(", ".join("?" * len(chunk))), chunk) as cur:
+            rows += await cur.fetchall()
+    return rows
 
 
 async def settle_held(

@@ -17,6 +17,14 @@ from store_forward.outbox import Outbox
 from tests.gateway.test_prepaid_daemon import config
 
 T0 = 1_790_000_000_000  # 2026-09-21, after the flat tariff's effective_from
+# A second version of the account's flat tariff, as central publishes it: 1.0000 a kWh.
+FLAT_V2 = {
+    "id": "flat-basic",
+    "version": 2,
+    "effective_from": "2026-09-21T00:00:00+08:00",
+    "timezone": "Asia/Shanghai",
+    "price": "1.0000",
+}
 
 
 def reading(kwh: str, t: int) -> Reading:
@@ -73,13 +81,7 @@ async def balance_in(db: object) -> int:
 
 async def test_a_tariff_from_central_survives_a_restart(tmp_path: Path) -> None:
     prepaid, outbox = await open_shell(tmp_path)
-    doc = {
-        "id": "flat-basic",
-        "version": 2,
-        "effective_from": "2026-09-21T00:00:00+08:00",
-        "timezone": "Asia/Shanghai",
-        "price": "1.0000",
-    }
+    doc = FLAT_V2
     try:
         async with outbox.transaction() as db:
             r = await prepaid.install_tariff_in(db, doc, now_ms=T0)
@@ -102,13 +104,7 @@ async def test_a_tariff_whose_transaction_rolls_back_is_not_used(tmp_path: Path)
     transaction that fails after the install (a full disk at COMMIT) leaves the old
     price in force, and the same command applied again afterwards takes effect."""
     prepaid, outbox = await open_shell(tmp_path)
-    doc = {
-        "id": "flat-basic",
-        "version": 2,
-        "effective_from": "2026-09-21T00:00:00+08:00",
-        "timezone": "Asia/Shanghai",
-        "price": "1.0000",
-    }
+    doc = FLAT_V2
     try:
         with pytest.raises(RuntimeError, match="disk gone"):
             async with outbox.transaction() as db:
