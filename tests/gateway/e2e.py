@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,22 @@ class Running:
     async def stopped_by_itself(self, timeout_s: float) -> None:
         assert self.task is not None
         await asyncio.wait_for(asyncio.shield(self.task), timeout_s)
+
+
+@asynccontextmanager
+async def daemon_running(daemon: Daemon) -> AsyncIterator[Daemon]:
+    """``daemon`` running until the block ends (ready within 15 s, stopped within 30 s)."""
+    stop = asyncio.Event()
+    run = asyncio.create_task(daemon.run(stop))
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), 15)
+        yield daemon
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 30)
+
+
+def rows(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """The rows of ``sql`` in the SQLite database ``db``, as tuples."""
+    with sqlite3.connect(db) as conn:
+        return [tuple(r) for r in conn.execute(sql, args)]

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from gateway.config import load_config
@@ -29,7 +27,7 @@ from gateway.security.trusted_time import ClockPolicy, SyncProbe, boot_ms
 from headend.ingest import Headend
 from headend.store import HeadendDB
 from testbed.simulators.modbus import ModbusSimulator
-from tests.gateway.e2e import until
+from tests.gateway.e2e import daemon_running, rows, until
 from tests.gateway.test_prepaid_daemon import outbox_bodies
 from tests.harness.mosquitto import Mosquitto, free_port
 from tests.harness.site import DEV_UPLINK, gateway_config, meter, prepaid_account
@@ -108,19 +106,8 @@ async def running(
         clock_synced=synced or (lambda: clocks.synced),
         clock_policy=policy,
     )
-    stop = asyncio.Event()
-    run = asyncio.create_task(daemon.run(stop))
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 15)
+    async with daemon_running(daemon):
         yield daemon
-    finally:
-        stop.set()
-        await asyncio.wait_for(run, 30)
-
-
-def rows(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(db) as conn:
-        return [tuple(r) for r in conn.execute(sql, args)]
 
 
 def fixed_entries(db: Path) -> list[tuple[str, int]]:

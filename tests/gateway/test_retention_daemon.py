@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiosqlite
 
@@ -22,7 +20,7 @@ from gateway.security.trusted_time import boot_ms
 from headend.ingest import Headend
 from headend.store import HeadendDB
 from testbed.simulators.modbus import ModbusSimulator
-from tests.gateway.e2e import until
+from tests.gateway.e2e import daemon_running, rows, until
 from tests.harness.mosquitto import Mosquitto
 from tests.harness.site import DEV_UPLINK, gateway_config, meter, prepaid_account
 
@@ -51,19 +49,8 @@ async def running(path: Path, offset_ms: int) -> AsyncIterator[Daemon]:
     daemon = Daemon(load_config(path), clock_ms=lambda: wall_ms() + offset_ms, mono_ms=boot_ms,
                     clock_synced=lambda: True)
     daemon.maintenance_interval_s = 0.3
-    stop = asyncio.Event()
-    run = asyncio.create_task(daemon.run(stop))
-    try:
-        await asyncio.wait_for(daemon.ready.wait(), 15)
+    async with daemon_running(daemon):
         yield daemon
-    finally:
-        stop.set()
-        await asyncio.wait_for(run, 30)
-
-
-def rows(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(db) as conn:
-        return [tuple(r) for r in conn.execute(sql, args)]
 
 
 def debits(db: Path) -> dict[str, tuple[int, int]]:
