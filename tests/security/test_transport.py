@@ -38,6 +38,9 @@ from tests.security.conftest import GATEWAY, Central
 from tests.security.test_commands import FakeTime, make_handler
 from tests.security.tls import HEADEND_CN, Pair, Pki, make_pki
 
+HEADEND_2_CN = "edgegw-headend-2"  # a second headend instance (examples/mosquitto/edgegw.acl)
+CENTRAL_CN = "edgegw-central"  # central's command dispatcher
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mosquitto"
 PREFIX = "edgegw/v1"
@@ -90,7 +93,10 @@ class TlsBroker:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), clients=("gw-a", "gw-b", GATEWAY, HEADEND_CN))
+    return make_pki(
+        tmp_path_factory.mktemp("pki"),
+        clients=("gw-a", "gw-b", GATEWAY, HEADEND_CN, HEADEND_2_CN, CENTRAL_CN),
+    )
 
 
 @pytest.fixture
@@ -343,29 +349,88 @@ async def test_a_last_will_on_another_gateways_topic_is_never_published(
     assert retained == [(a_t.state, b"offline")]
 
 
-async def test_another_gateways_client_id_takes_over_the_session_but_reads_nothing(
+async def test_another_gateways_client_id_neither_disconnects_it_nor_takes_its_session(
     broker: TlsBroker,
 ) -> None:
-    """The shipped configuration does not bind client ids to certificates: gw-b connecting
-    with gw-a's client id closes gw-a's connection (a known limit, examples/mosquitto/
-    README.md). What the session may read still follows the certificate: nothing of gw-a's."""
-    a_t = Topics(PREFIX, "gw-a")
+    """The client id is the certificate's CN (use_username_as_clientid): gw-a's
+    certificate asking for gw-b's client id (its CN, and the id gateways used before)
+    gets a session named gw-a. gw-b's queued command survives the attempt (a clean
+    session under gw-b's id would have discarded it), gw-b keeps its connection while
+    the attempt is repeated, and central's next command reaches gw-b and nobody else."""
+    b_t = Topics(PREFIX, "gw-b")
     at_b: list[tuple[str, bytes]] = []
-    at_a: list[tuple[str, bytes]] = []
-    async with client(broker.section("gw-a"), "edgegw-gw-a") as a:
-        await a.subscribe(a_t.cmd, qos=1)
-        async with (
-            client(broker.section("gw-b"), "edgegw-gw-a") as b,
-            client(broker.section(HEADEND_CN), "headend") as head,
-        ):
-            await b.subscribe(a_t.cmd, qos=1)  # granted; the ACL applies at delivery
-            assert "Client edgegw-gw-a already connected, closing old connection" in broker.log()
-            async with tasks(collect(b, at_b), collect(a, at_a)):
-                await head.publish(a_t.cmd, b"command for gw-a", qos=1)
-                await asyncio.sleep(0.5)
-            assert broker.mosquitto.sessions()["edgegw-gw-a"] == "gw-b"
-    assert at_b == []
-    assert at_a == []  # gw-a's old connection was closed before the command
+    at_thief: list[tuple[str, bytes]] = []
+
+    def gw_b() -> aiomqtt.Client:
+        return aiomqtt.Client(
+            "127.0.0.1", broker.port, identifier="gw-b", clean_session=False, timeout=5,
+            tls_context=tls_context(broker.section("gw-b")),
+        )  # fmt: skip
+
+    def thief(identifier: str) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            "127.0.0.1", broker.port, identifier=identifier, clean_session=True, timeout=5,
+            tls_context=tls_context(broker.section("gw-a")),
+        )  # fmt: skip
+
+    # gw-b's persistent session, subscribed, then offline with a command queued for it
+    async with gw_b() as b:
+        await b.subscribe(b_t.cmd, qos=1)
+    async with client(broker.section(CENTRAL_CN), "edgegw-central") as central:
+        await central.publish(b_t.cmd, b"queued for gw-b", qos=1)
+        # gw-a's certificate claims gw-b's client id (clean session) while gw-b is away
+        async with thief("gw-b") as t1:
+            await t1.subscribe(b_t.cmd, qos=1)
+            async with tasks(collect(t1, at_thief)):
+                # gw-b comes back while the claimant is still connected: its queue is intact
+                async with gw_b() as b, tasks(collect(b, at_b)):
+                    await until(lambda: bool(at_b), timeout_s=5)
+                    # and claims made while gw-b is connected do not close its connection
+                    for claimed in ("gw-b", "edgegw-gw-b"):
+                        async with thief(claimed) as t2:
+                            await t2.subscribe(b_t.cmd, qos=1)
+                            await central.publish(b_t.cmd, f"sent during {claimed}".encode(), qos=1)
+                            await until(lambda: len(at_b) == (2 if claimed == "gw-b" else 3), timeout_s=5)
+                    assert broker.mosquitto.sessions().get("gw-b") == "gw-b"
+                    await asyncio.sleep(0.3)  # anything misdelivered would have arrived by now
+    assert at_b == [
+        (b_t.cmd, b"queued for gw-b"),
+        (b_t.cmd, b"sent during gw-b"),
+        (b_t.cmd, b"sent during edgegw-gw-b"),
+    ]
+    assert at_thief == []
+    assert "Client gw-b already connected" not in broker.log()
+    # the claimant's sessions were its own certificate's, whatever id it asked for
+    assert "as gw-a (" in broker.log()
+
+
+async def test_headend_instances_with_their_own_certificates_share_the_batches(
+    broker: TlsBroker,
+) -> None:
+    """Two headend processes, each with its own certificate (edgegw-headend,
+    edgegw-headend-2), asking for the same client id, share one subscription: neither
+    closes the other's connection, the ACL lets both read, and each batch goes to one."""
+    share = f"$share/central/{PREFIX}/+/up"
+    got: dict[str, list[tuple[str, bytes]]] = {HEADEND_CN: [], HEADEND_2_CN: []}
+    async with (
+        client(broker.section(HEADEND_CN), "headend") as h1,
+        client(broker.section(HEADEND_2_CN), "headend") as h2,
+        client(broker.section("gw-a"), "gw-a") as a,
+    ):
+        await h1.subscribe(share, qos=1)
+        await h2.subscribe(share, qos=1)
+        async with tasks(collect(h1, got[HEADEND_CN]), collect(h2, got[HEADEND_2_CN])):
+            for i in range(20):
+                await a.publish(Topics(PREFIX, "gw-a").up, f"batch {i}".encode(), qos=1)
+            await until(lambda: len(got[HEADEND_CN]) + len(got[HEADEND_2_CN]) >= 20)
+            await asyncio.sleep(0.3)
+        sessions = broker.mosquitto.sessions()
+        assert sessions.get(HEADEND_CN) == HEADEND_CN
+        assert sessions.get(HEADEND_2_CN) == HEADEND_2_CN
+    both = sorted(p for _, p in got[HEADEND_CN] + got[HEADEND_2_CN])
+    assert both == sorted(f"batch {i}".encode() for i in range(20))  # each batch once
+    assert got[HEADEND_CN] and got[HEADEND_2_CN]  # shared, not all to one
+    assert "already connected" not in broker.log()
 
 
 async def test_uplink_claiming_another_gateway_id_delivers_nothing(
@@ -402,6 +467,7 @@ def test_rendered_example_keeps_tls_mtls_and_acl_settings(tmp_path: Path, pki: P
         "allow_anonymous false",
         "require_certificate true",
         "use_identity_as_username true",
+        "use_username_as_clientid true",
         "tls_version tlsv1.2",
         "per_listener_settings false",
     ):
