@@ -24,7 +24,7 @@ import aiomqtt
 import orjson
 import pytest
 
-from gateway.commands.inbox import command_subscriber
+from gateway.commands.inbox import CommandInbox
 from gateway.config import BrokerSection, UplinkSection
 from gateway.database import open_database
 from gateway.security.envelope import Outcome
@@ -152,15 +152,20 @@ async def test_gateway_session_over_mtls_delivers_and_is_acked(
     outbox = await open_database(tmp_path / "gw.db")
     await outbox.add_event(1_000, {"type": "hello", "n": 1})
     await outbox.add_event(1_001, {"type": "hello", "n": 2})
+    cmds: list[tuple[str, bytes]] = []
+
+    async def on_command(raw: bytes) -> None:
+        cmds.append((Topics(PREFIX, "gw-a").cmd, raw))
+
     uplink = Uplink(
         outbox,
         gateway_id="gw-a",
         broker=broker.section("gw-a"),
         settings=uplink_settings(),
         unauthenticated_acks=True,  # unsealed batches, acked by the test's headend
+        on_command=on_command,
     )
     got: list[tuple[str, bytes]] = []
-    cmds: list[tuple[str, bytes]] = []
     async with client(broker.section(HEADEND_CN), "headend") as head:
         await head.subscribe(f"{PREFIX}/+/up", qos=1)
         await head.subscribe(f"{PREFIX}/+/state", qos=1)
@@ -180,12 +185,11 @@ async def test_gateway_session_over_mtls_delivers_and_is_acked(
             await until(lambda: uplink.stats.acked >= 1)
             assert uplink.stats.state is LinkState.UP
             assert (await outbox.stats()).records == 0  # deleted only after the ack
-            # the headend (central) can reach the gateway's command topic
-            async with client(broker.section("gw-a"), "gw-a-cmd") as gw:
-                await gw.subscribe(Topics(PREFIX, "gw-a").cmd, qos=1)
-                async with tasks(collect(gw, cmds)):
-                    await head.publish(Topics(PREFIX, "gw-a").cmd, b"signed-command", qos=1)
-                    await until(lambda: bool(cmds))
+            # the headend (central) can reach the gateway's command topic (on the
+            # uplink's connection: a second one with gw-a's certificate would take over
+            # its session)
+            await head.publish(Topics(PREFIX, "gw-a").cmd, b"signed-command", qos=1)
+            await until(lambda: bool(cmds))
     await outbox.close()
     topics = [t for t, _ in got]
     assert f"{PREFIX}/gw-a/up" in topics
@@ -490,23 +494,30 @@ async def test_signed_command_over_mtls_is_applied_once_and_its_result_flows_bac
     me = Topics(PREFIX, GATEWAY)
     outbox = await open_database(tmp_path / "gw.db")
     handler = await make_handler(outbox, central.trust(), None, FakeTime(1_767_225_601_000))
-    uplink = Uplink(
-        outbox,
-        gateway_id=GATEWAY,
-        broker=broker.section(GATEWAY),
-        settings=uplink_settings(),
-        unauthenticated_acks=True,  # unsealed batches, acked by the test's headend
-    )
     outcomes: list[Outcome] = []
 
     def on_result(r: Any) -> None:
         outcomes.append(r.outcome)
         uplink.notify()
 
+    # as in the daemon: commands arrive on the uplink's own connection (the broker
+    # gives each certificate one session, so the gateway has one connection)
+    inbox = CommandInbox(handler, me, on_result=on_result)
+
+    async def on_command(raw: bytes) -> None:
+        inbox.offer(raw)
+
+    uplink = Uplink(
+        outbox,
+        gateway_id=GATEWAY,
+        broker=broker.section(GATEWAY),
+        settings=uplink_settings(),
+        unauthenticated_acks=True,  # unsealed batches, acked by the test's headend
+        on_command=on_command,
+    )
     results: list[dict[str, Any]] = []
     async with (
         client(broker.section(HEADEND_CN), "headend") as head,
-        client(broker.section(GATEWAY), f"{GATEWAY}-cmd") as gw,
         client(broker.section("gw-b"), "gw-b") as other,
     ):
         await head.subscribe(f"{PREFIX}/+/up", qos=1)
@@ -522,9 +533,9 @@ async def test_signed_command_over_mtls_is_applied_once_and_its_result_flows_bac
                 await head.publish(Topics(PREFIX, batch.gateway_id).ack, orjson.dumps(ack), qos=1)
 
         async with tasks(
-            headend(), uplink.run(), command_subscriber(gw, me, handler, on_result=on_result)
+            headend(), uplink.run(), inbox.run()
         ):
-            await asyncio.sleep(0.2)  # subscriptions in place
+            await until(lambda: uplink.stats.state is LinkState.UP)  # subscribed
             first = central.cmd(CommandType.TOPUP, command_id="t-mqtt-1")
             await other.publish(me.cmd, first, qos=1)  # gw-b relays a genuine command: dropped
             await head.publish(me.cmd, first, qos=1)
