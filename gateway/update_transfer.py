@@ -17,8 +17,10 @@ The command path stores the offer (``<spool>/offers/<sha256>.json``; with
 ``allow_downgrade`` also the signed envelope as the updater's downgrade permit,
 ``<spool>/permits/<sha256>.json``) in the command's transaction. The
 downloader (:class:`SoftwareDownloads`, a task of the daemon) then fetches the
-chunks it lacks over a connection of its own: it subscribes to a few missing
-chunks' topics at a time, so the broker sends their retained copies; a chunk
+chunks it lacks over the uplink's connection (the broker gives a gateway's
+certificate one session, :meth:`store_forward.uplink.Uplink.subscribe_extra`):
+it subscribes to a few missing chunks' topics at a time, so the broker sends
+their retained copies; a chunk
 is written (``pwrite`` + ``fdatasync``) into ``<spool>/incoming/<sha256>.part``
 only if its SHA-256 is the one the signed offer lists. What is on disk is its
 own progress record: after a link drop, a restart or a power cut the part file
@@ -41,7 +43,7 @@ import os
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 import aiosqlite
@@ -52,7 +54,7 @@ from gateway.commands.bodies import MAX_CHUNKS, CommandRefused, Offer, parse_off
 from gateway.security.envelope import Envelope, encode_wire
 from provisioning.software_bundle import SUFFIX
 from store_forward.settings import BrokerSettings
-from store_forward.uplink import tls_context
+from store_forward.uplink import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,15 @@ DEFAULT_CHUNK = 64 * 1024
 WINDOW = 8  # chunks asked for at once
 
 ReportFn = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+class Subscriptions(Protocol):
+    """Where chunks come from: subscriptions on the gateway's one MQTT connection
+    (:class:`store_forward.uplink.Uplink`)."""
+
+    async def subscribe_extra(self, topic: str, sink: asyncio.Queue[Delivery]) -> None: ...
+
+    async def unsubscribe_extra(self, topic: str) -> None: ...
 
 
 def update_spool(db_path: Path) -> Path:
@@ -121,6 +132,8 @@ class SoftwareDownloads:
         self.window = window
         self.chunk_wait_s = chunk_wait_s
         self.backoff = backoff
+        # the uplink, once the daemon has made it: chunks arrive on its connection
+        self.link: Subscriptions | None = None
         self.chunks_received = 0
         self.chunks_refused = 0
         self._wake = asyncio.Event()
@@ -265,34 +278,28 @@ class SoftwareDownloads:
             (self.spool / "offers" / f"{offer.sha256}.json").unlink()
         fsync_dir(self.spool / "offers")
 
-    def _client(self) -> aiomqtt.Client:
-        b = self.broker
-        return aiomqtt.Client(
-            b.host,
-            b.port,
-            username=b.username,
-            password=b.password,
-            identifier=f"edgegw-{self.gateway_id}-software",
-            clean_session=True,
-            keepalive=b.keepalive_s,
-            tls_context=tls_context(b) if b.tls else None,
-        )
-
     async def _fetch(self, offer: Offer, missing: list[int], fd: int) -> None:
+        link = self.link
+        if link is None:
+            raise aiomqtt.MqttError("no uplink connection to fetch software chunks on")
         todo = list(missing)
-        async with self._client() as client:
-            while todo:
-                window = todo[: self.window]
-                topics = {chunk_topic(self.prefix, offer.sha256, i): i for i in window}
+        while todo:
+            window = todo[: self.window]
+            topics = {chunk_topic(self.prefix, offer.sha256, i): i for i in window}
+            inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+            try:
                 for t in topics:
-                    await client.subscribe(t, qos=1)
+                    await link.subscribe_extra(t, inbox)
                 wanted = set(window)
                 async with asyncio.timeout(self.chunk_wait_s):
-                    async for msg in client.messages:
-                        i = topics.get(msg.topic.value)
+                    while wanted:
+                        got = await inbox.get()
+                        if got is None:
+                            raise aiomqtt.MqttError("the uplink's connection ended")
+                        topic, data = got
+                        i = topics.get(topic)
                         if i is None or i not in wanted:
                             continue
-                        data = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
                         if hashlib.sha256(data).hexdigest() != offer.chunks[i]:
                             self.chunks_refused += 1
                             log.warning("software chunk %d of %s refused: hash mismatch", i,
@@ -301,11 +308,10 @@ class SoftwareDownloads:
                         await asyncio.to_thread(_write_chunk, fd, data, i * offer.chunk_size)
                         self.chunks_received += 1
                         wanted.discard(i)
-                        if not wanted:
-                            break
+            finally:
                 for t in topics:
-                    await client.unsubscribe(t)
-                todo = todo[len(window) :]
+                    await link.unsubscribe_extra(t)
+            todo = todo[len(window) :]
 
 
 def _write_chunk(fd: int, data: bytes, offset: int) -> None:

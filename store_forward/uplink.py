@@ -71,6 +71,9 @@ from store_forward.topics import Topics
 log = logging.getLogger(__name__)
 
 CommandSink = Callable[[bytes], Awaitable[None]]
+# What an extra subscription delivers (Uplink.subscribe_extra): (topic, payload), or
+# None when the connection it was made on has ended.
+Delivery = tuple[str, bytes] | None
 
 
 class LinkState(enum.StrEnum):
@@ -189,6 +192,9 @@ class Uplink:
         self._since_checked = False  # link "since" carried over from the last run, checked once
         self._inflight: dict[int, _InFlight] = {}
         self.ack_fold_s = ack_fold_s
+        # the connection while it is up, and the other parts' subscriptions on it
+        self._connection: aiomqtt.Client | None = None
+        self._extra: dict[str, asyncio.Queue[Delivery]] = {}
         outbox.packer = self._pack
         outbox.gateway_id = gateway_id
         outbox.batch_plan = self._batch_plan
@@ -260,8 +266,10 @@ class Uplink:
             # command subscription while the link is down and queues central's
             # commands for it (and acks that came late); they arrive on reconnect.
             # The command handler refuses a copy it already applied, so a command
-            # the broker and central's resend both deliver is applied once.
-            identifier=f"edgegw-{self.gateway_id}",
+            # the broker and central's resend both deliver is applied once. With a
+            # client certificate the id is the gateway id, its CN: the name the
+            # shipped broker gives the session whatever is asked (use_username_as_clientid).
+            identifier=self.gateway_id if b.tls and b.cert_file is not None else f"edgegw-{self.gateway_id}",
             clean_session=False,
             keepalive=b.keepalive_s,
             timeout=max(5.0, self.settings.ack_timeout_s),
@@ -273,6 +281,41 @@ class Uplink:
                 retain=True,
             ),
         )
+
+    # -- other subscriptions on this connection -------------------------------------
+
+    async def subscribe_extra(self, topic: str, sink: asyncio.Queue[Delivery]) -> None:
+        """Subscribe ``topic`` (QoS 0) on the uplink's connection; what arrives on it
+        goes into ``sink`` as (topic, payload).
+
+        The broker names a session by the client certificate's CN whatever client
+        id is asked for (examples/mosquitto: ``use_username_as_clientid``), so a
+        gateway has one connection: a second one would close this one and, with a
+        clean session, drop the commands queued in its persistent session. The
+        gateway's other MQTT needs (software chunks) ride on this one. QoS 0: a
+        subscription left in the persistent session by an interrupted download
+        queues nothing while the gateway is away. When the connection ends, None
+        goes into every sink and the subscriptions are forgotten (not renewed on
+        reconnect: subscribe again). Raises :class:`aiomqtt.MqttError` while the
+        link is not up."""
+        client = self._connection
+        if client is None:
+            raise aiomqtt.MqttError("uplink is not connected")
+        self._extra[topic] = sink
+        await client.subscribe(topic, qos=0)
+
+    async def unsubscribe_extra(self, topic: str) -> None:
+        """Undo :meth:`subscribe_extra` (nothing if the connection has ended since)."""
+        if self._extra.pop(topic, None) is None or self._connection is None:
+            return
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._connection.unsubscribe(topic)
+
+    def _connection_ended(self) -> None:
+        self._connection = None
+        for sink in {id(s): s for s in self._extra.values()}.values():
+            sink.put_nowait(None)
+        self._extra.clear()
 
     async def run(self) -> None:
         """Forever: connect, drain, and reconnect with back-off after any failure."""
@@ -299,6 +342,7 @@ class Uplink:
                         qos=1,
                         retain=True,
                     )
+                    self._connection = client
                     await self._set_state(LinkState.UP)
                     if not self._link_log.ok("connected"):
                         log.info("uplink up (connected to %s:%d)", self.broker.host, self.broker.port)
@@ -331,6 +375,8 @@ class Uplink:
                 self.stats.connect_failures += 1
                 self.stats.last_error = "; ".join(repr(e) for e in eg.exceptions)
                 self._link_log.failed(f"failed, reconnecting: {self.stats.last_error}", exc_info=eg)
+            finally:
+                self._connection_ended()
             await self._set_state(LinkState.DOWN)
             delay = backoff_delay(
                 attempt, self.settings.reconnect_min_s, self.settings.reconnect_max_s, self.rng
@@ -351,6 +397,10 @@ class Uplink:
                 continue
             if msg.topic.value == self.topics.ack:
                 await self.on_ack(msg.payload)
+                continue
+            sink = self._extra.get(msg.topic.value)
+            if sink is not None and isinstance(msg.payload, (bytes, bytearray)):
+                sink.put_nowait((msg.topic.value, bytes(msg.payload)))
 
     def _refuse_ack(self, cause: str, detail: str) -> None:
         self.stats.acks_refused[cause] = self.stats.acks_refused.get(cause, 0) + 1

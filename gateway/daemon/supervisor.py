@@ -421,6 +421,7 @@ class Daemon:
             ack_fold_s=max(2.0, 2 * cfg.gateway.poll_interval_s),
         )
         self.uplink = uplink
+        self.software.link = uplink  # the gateway's one MQTT connection carries the chunks too
         work: Work = asyncio.Queue(maxsize=256)
         self._work = work
         exporter: TextfileExporter | None = None
