@@ -14,8 +14,10 @@
   addresses as IP SANs, names as DNS SANs; ``127.0.0.1`` and ``localhost`` by
   default), so clients keep hostname checking on.
 * ``client-<id>.pem`` / ``client-<id>.key`` — one client certificate
-  (clientAuth) per gateway with CN = gateway id, and one for the headend with
-  CN = ``headend_id``. A broker that takes the certificate CN as the MQTT
+  (clientAuth) per gateway with CN = gateway id, one for the headend with
+  CN = ``headend_id`` and one for central's command sender with CN =
+  ``central_id``: the shipped broker names every session by its certificate's
+  CN (``use_username_as_clientid``), so two processes cannot share one. A broker that takes the certificate CN as the MQTT
   username (mosquitto's ``use_identity_as_username``, as in the shipped
   ``examples/mosquitto`` configuration) then confines each gateway to its own
   topics by CN.
@@ -107,6 +109,7 @@ class DemoPki:
     clients: dict[str, CertPair]  # CN -> client certificate; gateways and the headend
     headend_id: str
     not_valid_after: dt.datetime
+    central_id: str = "edgegw-central"  # central's command sender (its own session)
 
     @property
     def headend(self) -> CertPair:
@@ -149,6 +152,7 @@ def make_demo_pki(
     *,
     gateway_ids: Sequence[str],
     headend_id: str = "edgegw-headend",
+    central_id: str = "edgegw-central",
     hosts: Sequence[str] = ("127.0.0.1", "localhost"),
     now: dt.datetime | None = None,
     valid_for: dt.timedelta = DEFAULT_VALIDITY,
@@ -158,7 +162,7 @@ def make_demo_pki(
     Existing files of the same names are replaced. ``now`` (timezone-aware;
     default: the current time) and ``valid_for`` set the validity window.
     """
-    identities = [*gateway_ids, headend_id]
+    identities = [*gateway_ids, headend_id, central_id]
     for ident in identities:
         if not is_name(ident):
             raise DemoPkiError(
@@ -166,7 +170,7 @@ def make_demo_pki(
                 "starting with a letter or digit)"
             )
     if len(set(identities)) != len(identities):
-        raise DemoPkiError(f"identities must be distinct (the headend's too): {identities}")
+        raise DemoPkiError(f"identities must be distinct (central's too): {identities}")
     if not hosts:
         raise DemoPkiError("the broker certificate needs at least one host")
     sans = [_san(h) for h in hosts]
@@ -195,7 +199,7 @@ def make_demo_pki(
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _leaf(ca_key, ca_cert, key, ident, start, end, sans=None)
         clients[ident] = _write_pair(directory, f"client-{ident}", key, cert)
-    return DemoPki(directory, ca_path, crl_path, broker, clients, headend_id, end)
+    return DemoPki(directory, ca_path, crl_path, broker, clients, headend_id, end, central_id)
 
 
 # --------------------------------------------------------------------------- #

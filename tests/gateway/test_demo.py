@@ -77,10 +77,11 @@ def test_demo_delivers_sealed_over_mutual_tls(demo_run: tuple[dict, Path, str]) 
     assert t["broker"] == demo.LOCAL_BROKER == "mosquitto, shipped configuration (examples/mosquitto)"
     assert t["tls"] is True and t["client_auth"] is True
     assert t["tls_version"] in ("TLSv1.2", "TLSv1.3")
-    # the broker named the gateway's session by its certificate, and every other
-    # session (headend, central's command sender) by the headend's
-    assert t["identities"][f"edgegw-{GW}"] == GW
-    assert set(t["identities"].values()) == {GW, "edgegw-headend"}
+    # the broker named every session by its certificate's CN, as client id and
+    # username (use_username_as_clientid): the gateway's, the headend's and central's
+    assert t["identities"][GW] == GW
+    assert all(cid == user for cid, user in t["identities"].items())
+    assert {GW, "edgegw-headend"} <= set(t["identities"]) <= {GW, "edgegw-headend", "edgegw-central"}
     assert t["acl"].startswith("each client only under edgegw/v1/<its CN>/")
     # every batch the headend took was sealed; it accepts this gateway only
     assert set(t["uplink_encodings"]) == {"2"} and t["uplink_encodings"]["2"] > 0
@@ -138,6 +139,7 @@ async def test_refusal_checks_report_what_an_open_set_up_lets_through(tmp_path: 
             "allow_anonymous": "true",
             "require_certificate": "false",
             "use_identity_as_username": "false",
+            "use_username_as_clientid": "false",
             "acl_file": None,
         },
     )
@@ -188,7 +190,8 @@ async def test_demo_broker_serves_certified_clients_and_refuses_others(tmp_path:
             host, port, identifier="c4", tls_context=pki.client_tls_context(GW), timeout=10
         ) as c:
             await c.subscribe(f"edgegw/v1/{GW}/cmd", qos=1, timeout=10)
-            assert broker.sessions()["c4"] == GW
+            # named by the certificate's CN, not the client id it asked for
+            assert broker.sessions()[GW] == GW
     # the broker ran the shipped configuration (paths and port substituted)
     assert broker.conf == tmp_path / "mosquitto" / "mosquitto.conf"
     assert broker.settings()["require_certificate"] == ["true"]
