@@ -104,7 +104,7 @@ def handshake(
 
 
 def test_files_are_pem_that_python_ssl_loads(pki: DemoPki) -> None:
-    assert set(pki.clients) == {*GATEWAYS, "edgegw-headend"}
+    assert set(pki.clients) == {*GATEWAYS, "edgegw-headend", "edgegw-central"}
     assert pki.headend == pki.clients["edgegw-headend"]
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(pki.ca)
