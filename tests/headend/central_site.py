@@ -177,11 +177,15 @@ class CentralStack:
         dsn: str | None = None,
         keys: Path | None = None,
         tls: ssl.SSLContext | None = None,
+        dispatcher_tls: ssl.SSLContext | None = None,
         console: bool = False,
     ) -> None:
-        """``console``: also serve the operator console (its forms on central's
-        queue, its users those of tests/headend/console/test_console_http.py) at
-        :attr:`console_url`."""
+        """``tls``: the headend ingest's client certificate, ``dispatcher_tls`` the
+        dispatcher's (default: ``tls``). The shipped broker names every session by its
+        certificate's CN, so on it each needs a certificate of its own
+        (``edgegw-headend``, ``edgegw-central``). ``console``: also serve the operator
+        console (its forms on central's queue, its users those of
+        tests/headend/console/test_console_http.py) at :attr:`console_url`."""
         self.workdir = workdir
         self.with_console = console
         self.console_url = ""
@@ -190,6 +194,7 @@ class CentralStack:
         self.clock = clock
         self.dsn = dsn
         self.tls = tls
+        self.dispatcher_tls = tls if dispatcher_tls is None else dispatcher_tls
         self.db_path = workdir / "central.db"
         self.keys = keys or workdir / "central-keys"
         if keys is None:
@@ -215,7 +220,7 @@ class CentralStack:
             self.store, host="127.0.0.1", port=self.broker_port, tls_context=self.tls, clock_ms=self.clock.now
         )
         self.dispatcher = Dispatcher(
-            self.db, self.signer, "127.0.0.1", self.broker_port, tls_context=self.tls,
+            self.db, self.signer, "127.0.0.1", self.broker_port, tls_context=self.dispatcher_tls,
             clock_ms=self.clock.now, interval_s=0.2,
         )  # fmt: skip
         self.published: list[str] = []  # command ids, as each publish to the broker completed

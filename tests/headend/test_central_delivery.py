@@ -76,7 +76,7 @@ from tests.headend.console.test_console_browser import (
 )
 from tests.headend.console.test_console_http import client, login, page
 from tests.headend.test_headend_scaleout import pg_dsn  # noqa: F401 (fixture)
-from tests.security.tls import HEADEND_CN, Pki, make_pki
+from tests.security.tls import CENTRAL_2_CN, CENTRAL_CN, HEADEND_CN, Pki, make_pki
 
 HOUR_MS = 3_600_000
 CONSOLE_SALE = "7.00"  # sold at the console while the gateway is offline
@@ -86,7 +86,9 @@ CONSOLE_TZ = ZoneInfo("Asia/Shanghai")
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), clients=("gw-central", HEADEND_CN))
+    """The gateway's certificate, the headend ingest's and one per dispatcher: the
+    shipped broker names every session by its certificate's CN."""
+    return make_pki(tmp_path_factory.mktemp("pki"), clients=(GATEWAY, HEADEND_CN, CENTRAL_CN, CENTRAL_2_CN))
 
 
 @pytest.fixture
@@ -285,13 +287,17 @@ async def _site(
     link emulator; central (ingest, dispatcher, API, and with ``console`` the operator
     console) on ``dsn`` or a SQLite file; the account registered at central and the
     gateway's presence seen by the dispatcher."""
-    headend = pki.clients[HEADEND_CN]
-    central_tls = BrokerTLS(pki.ca, headend.cert, headend.key).context()
+    headend, dispatcher = pki.clients[HEADEND_CN], pki.clients[CENTRAL_CN]
+    headend_tls = BrokerTLS(pki.ca, headend.cert, headend.key).context()
+    dispatcher_tls = BrokerTLS(pki.ca, dispatcher.cert, dispatcher.key).context()
     gw_tls = pki.clients[GATEWAY]
     async with (
         ModbusSimulator(units=[1], load_kw="0.5") as sim,
         LinkEmulator("127.0.0.1", broker.port) as link,
-        CentralStack(tmp_path, broker_port=broker.port, clock=clock, dsn=dsn, tls=central_tls, console=console) as c,
+        CentralStack(
+            tmp_path, broker_port=broker.port, clock=clock, dsn=dsn, tls=headend_tls, dispatcher_tls=dispatcher_tls,
+            console=console,
+        ) as c,
     ):
         site = prepaid_site(
             tmp_path, broker_port=link.port, modbus_port=sim.port, trust=c.trust,
@@ -303,6 +309,11 @@ async def _site(
             status, acct, _ = await c.api.call("PUT", f"/api/v1/accounts/{ACCOUNT_ID}", "billing", {"gateway": GATEWAY})
             assert status == 200, acct
             await until(lambda: c.dispatcher.presence.get(GATEWAY) is not None, 15, "presence")
+            # one session per certificate, named by its CN whatever id each asked for
+            sessions = broker.sessions()
+            assert {cn: sessions.get(cn) for cn in (GATEWAY, HEADEND_CN, CENTRAL_CN)} == {
+                cn: cn for cn in (GATEWAY, HEADEND_CN, CENTRAL_CN)
+            }, sessions
             yield Site(c, sim, link, gw)
         finally:
             await gw.stop()
@@ -762,13 +773,13 @@ async def test_two_dispatchers_on_one_postgresql_database_send_each_command_once
     clock = SimClock()
     async with _site(tmp_path, shipped_broker, pki, pg_dsn, clock) as s:
         c, gw = s.c, s.gw
-        headend = pki.clients[HEADEND_CN]
+        second = pki.clients[CENTRAL_2_CN]  # a process of its own: a certificate of its own
         other_db = await CentralDB.open(dsn=pg_dsn)
         first = c.dispatcher
         first.batch = 1
         other = Dispatcher(
-            other_db, c.signer, "127.0.0.1", shipped_broker.port, identifier="edgegw-central-other",
-            tls_context=BrokerTLS(pki.ca, headend.cert, headend.key).context(), clock_ms=clock.now,
+            other_db, c.signer, "127.0.0.1", shipped_broker.port, identifier=CENTRAL_2_CN,
+            tls_context=BrokerTLS(pki.ca, second.cert, second.key).context(), clock_ms=clock.now,
             interval_s=0.2, batch=1,
         )  # fmt: skip
         c.central.on_queued.append(other.wake)
@@ -776,6 +787,8 @@ async def test_two_dispatchers_on_one_postgresql_database_send_each_command_once
         try:
             await asyncio.wait_for(other.connected.wait(), 10)
             await until(lambda: _seen(other, online=True), 15, "presence at the second dispatcher")
+            sessions = shipped_broker.sessions()
+            assert (sessions.get(CENTRAL_CN), sessions.get(CENTRAL_2_CN)) == (CENTRAL_CN, CENTRAL_2_CN), sessions
             amounts = [1_000_000 + 10_000 * i for i in range(16)]
             sale = {"account": ACCOUNT_ID, "payment_channel": "counter"}
             sold = await asyncio.gather(

@@ -36,10 +36,9 @@ from tests.harness.mosquitto import Mosquitto, TlsFiles, render_shipped_config
 from tests.harness.mqtt_clients import collect, refused, tasks, until
 from tests.security.conftest import GATEWAY, Central
 from tests.security.test_commands import FakeTime, make_handler
-from tests.security.tls import HEADEND_CN, Pair, Pki, make_pki
+from tests.security.tls import CENTRAL_CN, HEADEND_CN, Pair, Pki, make_pki
 
 HEADEND_2_CN = "edgegw-headend-2"  # a second headend instance (examples/mosquitto/edgegw.acl)
-CENTRAL_CN = "edgegw-central"  # central's command dispatcher
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mosquitto"

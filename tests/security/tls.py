@@ -19,6 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 HEADEND_CN = "edgegw-headend"
+# central's command dispatchers: each process its own certificate, as the shipped broker
+# names every session by its certificate's CN (examples/mosquitto/edgegw.acl)
+CENTRAL_CN = "edgegw-central"
+CENTRAL_2_CN = "edgegw-central-2"
 
 
 @dataclass(frozen=True)
