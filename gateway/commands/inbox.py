@@ -1,8 +1,12 @@
 """Commands from MQTT: the uplink's command topic, handled one at a time.
 
 :class:`CommandInbox` takes commands from the uplink's own connection (the
-daemon); :func:`command_subscriber` subscribes a connection of its own. Both
-hand every message to :meth:`gateway.commands.handler.CommandHandler.handle`.
+daemon) and hands every message to
+:meth:`gateway.commands.handler.CommandHandler.handle`. There is no second
+connection for commands: the shipped broker names a session by the client
+certificate's CN (``use_username_as_clientid``), so another connection with
+the gateway's certificate would take the uplink's persistent session and the
+commands queued in it.
 """
 
 from __future__ import annotations
@@ -72,25 +76,3 @@ class CommandInbox:
         """Wait until every offered command has been handled (tests, shutdown)."""
         await self._queue.join()
 
-
-async def command_subscriber(
-    client: aiomqtt.Client,
-    topics: Topics,
-    handler: CommandHandler,
-    *,
-    on_result: Callable[[CommandResult], None] | None = None,
-) -> None:
-    """Subscribe to ``topics.cmd`` and handle each command, on a connection of its own.
-
-    For a client whose messages nobody else reads; on a shared connection
-    use :class:`CommandInbox` from the reader of ``client.messages``.
-    """
-    await client.subscribe(topics.cmd, qos=1)
-    async for msg in client.messages:
-        if msg.topic.value != topics.cmd:
-            continue
-        payload = msg.payload
-        raw = bytes(payload) if isinstance(payload, (bytes, bytearray)) else b""
-        result = await handler.handle(raw, channel="mqtt")
-        if on_result is not None:
-            on_result(result)

@@ -39,7 +39,7 @@ from gateway.billing.account import load_account
 from gateway.billing.tariff_file import load_book
 from gateway.commands.bodies import CommandRefused, ConfigChange, parse_relay, parse_resend
 from gateway.commands.handler import SEEN_GRACE_MS, CommandHandler, NoRemoteConfig, NoResend
-from gateway.commands.inbox import CommandInbox, command_subscriber
+from gateway.commands.inbox import CommandInbox
 from gateway.commands.tally import Bucket, due_summaries, tally_rejection
 from gateway.daemon import NoBilling
 from gateway.database import open_database
@@ -1241,28 +1241,32 @@ async def test_inbox_on_a_shared_connection(
     assert [c[0] for c in await rig.credits()] == ["t-0", "t-1", "t-2"]
 
 
-async def test_command_subscriber_on_its_own_connection(
+async def test_inbox_applies_a_broker_level_duplicate_once(
     rig: Rig, central: Central, mosquitto: Mosquitto
 ) -> None:
+    """The same command delivered twice by the broker (QoS 1 may repeat one): applied,
+    then refused as a replay; the relay operates once."""
     topics = Topics("edgegw/v1", GATEWAY)
     done: list[Outcome] = []
+    inbox = CommandInbox(rig.handler, topics, on_result=lambda r: done.append(r.outcome))
+
+    async def reader(client: aiomqtt.Client) -> None:  # the uplink's receive loop, in miniature
+        async for msg in client.messages:
+            if inbox.wants(msg.topic):
+                inbox.offer(msg.payload)
+
     async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="gw") as gw_client:
-        task = asyncio.create_task(
-            command_subscriber(
-                gw_client, topics, rig.handler, on_result=lambda r: done.append(r.outcome)
-            )
-        )
-        try:
-            await asyncio.sleep(0.2)  # subscription in place
+        await inbox.subscribe(gw_client)
+        async with asyncio.TaskGroup() as tg:
+            t1 = tg.create_task(reader(gw_client))
+            t2 = tg.create_task(inbox.run())
             async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="central") as c:
                 raw = central.cmd(CommandType.RELAY_OPERATE, {"meter": "m-1", "op": "protect"})
                 await c.publish(topics.cmd, raw, qos=1)
                 await c.publish(topics.cmd, raw, qos=1)  # broker-level duplicate
                 await _wait(lambda: len(done) == 2)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            t1.cancel()
+            t2.cancel()
     assert done == [Outcome.APPLIED, Outcome.REJECTED]
     assert [(c[0], c[1]) for c in rig.relay.calls] == [("m-1", RelayOp.PROTECT)]
 
