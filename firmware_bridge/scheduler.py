@@ -377,11 +377,13 @@ class BusScheduler:
         self.metrics.successes += 1
         return result
 
-    async def _read_once(self, driver: MeterDriver, now_ms: int, since: float | None) -> Reading:
+    async def _read_once(
+        self, driver: MeterDriver, now_ms: int, since: float | None, clock_ms: Callable[[], int] | None
+    ) -> Reading:
         async def op() -> Reading:
             # stamp the reading with when the bus was actually ours, not the cycle start
             # (a cycle at 2400 baud can take many seconds)
-            read_ms = self._wall_ms(now_ms, since)
+            read_ms = self._wall_ms(now_ms, since, clock_ms)
             try:
                 async with asyncio.timeout(self.deadline_s(driver.meter_id)):
                     return await driver.read(read_ms)
@@ -391,12 +393,19 @@ class BusScheduler:
         return await self.exclusive(op)
 
     async def read_meter(
-        self, meter_id: str, now_ms: int, *, force: bool = False, since: float | None = None
+        self,
+        meter_id: str,
+        now_ms: int,
+        *,
+        force: bool = False,
+        since: float | None = None,
+        clock_ms: Callable[[], int] | None = None,
     ) -> Reading | None:
         """Read one meter now (respecting back-off unless ``force``); update its health.
 
         ``now_ms`` is the wall time at scheduler clock ``since`` (default: now); the
-        reading is stamped with ``now_ms`` plus the time elapsed since then.
+        reading is stamped with ``now_ms`` plus the time elapsed since then — or, given
+        ``clock_ms`` (the caller's clock), with ``clock_ms()`` when the bus is the read's.
         """
         h = self._health[meter_id]
         if not force and not is_due(h, now_ms):
@@ -406,7 +415,7 @@ class BusScheduler:
         for _ in range(attempts_for(h, self.retries)):
             self.metrics.attempts += 1
             try:
-                reading = await self._read_once(driver, now_ms, since)
+                reading = await self._read_once(driver, now_ms, since, clock_ms)
             except MeterError as exc:
                 self.metrics.errors[exc.kind] += 1
                 last = exc
@@ -418,24 +427,37 @@ class BusScheduler:
                 last = MeterError(meter_id, f"driver failed: {type(exc).__name__}: {exc}")
                 continue
             self.metrics.successes += 1
-            self._health[meter_id] = on_success(h, self._wall_ms(now_ms, since))
+            self._health[meter_id] = on_success(h, self._wall_ms(now_ms, since, clock_ms))
             return reading
         # Back-off counts from the failed attempt, not from the cycle's start: in a
         # cycle longer than the first back-off step the meter must not be due again
         # at once.
         self._health[meter_id] = on_failure(
-            h, self._wall_ms(now_ms, since), last.kind, last.detail, self.policy
+            h, self._wall_ms(now_ms, since, clock_ms), last.kind, last.detail, self.policy
         )
         return None
 
-    def _wall_ms(self, now_ms: int, since: float | None) -> int:
-        """``now_ms`` (the wall time at scheduler clock ``since``) advanced to now."""
+    def _wall_ms(self, now_ms: int, since: float | None, clock_ms: Callable[[], int] | None) -> int:
+        """The wall time now: the caller's clock if it gave one, else ``now_ms`` (the
+        wall time at scheduler clock ``since``) advanced to now."""
+        if clock_ms is not None:
+            return clock_ms()
         return now_ms if since is None else now_ms + max(0, round((self._clock() - since) * 1000))
 
     async def run_cycle(
-        self, now_ms: int, on_reading: Callable[[Reading], Awaitable[None]] | None = None
+        self,
+        now_ms: int,
+        on_reading: Callable[[Reading], Awaitable[None]] | None = None,
+        *,
+        clock_ms: Callable[[], int] | None = None,
     ) -> CycleResult:
         """Poll every due meter once, in configuration order.
+
+        ``now_ms`` is the wall time at the cycle's start (which meters are due). Each
+        reading, and each failed attempt's back-off, is stamped with the time the bus
+        became that read's: ``clock_ms()`` then, where the caller has a clock of its own
+        (the daemon's trusted clock: one clock for a reading and everything decided on
+        it), else ``now_ms`` plus the scheduler clock's time since the start.
 
         While the bus is silent (see :func:`bus_went_silent`) only one meter per
         cycle is probed, round-robin and regardless of its back-off; the first
@@ -450,7 +472,7 @@ class BusScheduler:
         if self.bus_silent:
             sentinel = order[self._sentinel % len(order)]
             self._sentinel += 1
-            reading = await self.read_meter(sentinel, now_ms, force=True, since=start)
+            reading = await self.read_meter(sentinel, now_ms, force=True, since=start, clock_ms=clock_ms)
             if reading is not None and on_reading is not None:
                 await on_reading(reading)
             if reading is None:
@@ -471,7 +493,7 @@ class BusScheduler:
                 skipped.append(meter_id)
                 continue
             attempted += 1
-            reading = await self.read_meter(meter_id, now_ms, since=start)
+            reading = await self.read_meter(meter_id, now_ms, since=start, clock_ms=clock_ms)
             if reading is not None:
                 answered += 1
                 readings.append(reading)

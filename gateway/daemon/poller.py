@@ -153,7 +153,9 @@ class BusPoller:
                                 bus.name, out, d.time_ms, CYCLE_SLICE_S, d.meter_faults,
                                 trusted.time_source if trusted is not None else TimeSource.SYSTEM,
                             )  # fmt: skip
-                            result = await scheduler.run_cycle(now, on_reading=slicer.add)
+                            # each reading stamped with trusted time when the bus is its read's: the
+                            # daemon's one clock, never the process's monotonic clock beside it
+                            result = await scheduler.run_cycle(now, on_reading=slicer.add, clock_ms=d.time_ms)
                             statuses = [status_from_health(mid, h) for mid, h in result.health.items()]
                             await slicer.finish(now, statuses, self.health_changes(result.health, now))
                             d.watchdog.note_poll_progress()

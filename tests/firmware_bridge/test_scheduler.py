@@ -135,6 +135,28 @@ async def test_cycle_reads_all(sim: ModbusSimulator, transport: ModbusTransport)
     assert s.metrics.successes == 4 and s.metrics.errors == {}
 
 
+async def test_cycle_stamps_with_the_callers_clock_when_given(sim: ModbusSimulator, transport: ModbusTransport) -> None:
+    """Given the caller's clock (the daemon's trusted clock), a read is stamped with it
+    when the bus became the read's and a failure's back-off counts from it; the
+    scheduler's own clock (real time spent in the cycle) adds nothing."""
+    s = make_sched(transport, retries=0, policy=BackoffPolicy(base_ms=250))
+    for u in (1, 2):
+        sim.meter(u).delay_s = 0.02
+    sim.meter(3).dead = True
+    asked: list[int] = []
+
+    def clock_ms() -> int:
+        asked.append(7_000 + len(asked))
+        return asked[-1]
+
+    res = await s.run_cycle(5_000, clock_ms=clock_ms)
+    # each meter: the clock when its read begins, then when it ends (health)
+    assert [(r.meter_id, r.time_ms) for r in res.readings] == [("m1", 7_000), ("m2", 7_002), ("m4", 7_006)]
+    assert s.health["m1"].last_good_ms == 7_001
+    err = s.health["m3"].last_error
+    assert err is not None and err.at_ms == 7_005 and s.health["m3"].next_attempt_ms == 7_005 + 250
+
+
 async def test_dead_meter_costs_one_timeout_per_cycle_then_quarantine(
     sim: ModbusSimulator, transport: ModbusTransport
 ) -> None:

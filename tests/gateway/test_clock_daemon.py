@@ -19,7 +19,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from gateway.config import load_config
-from gateway.daemon import Daemon, wall_ms
+from gateway.daemon import Cycle, Daemon, wall_ms
 from gateway.security import audit
 from gateway.security.envelope import CommandResult, Outcome, RejectReason
 from gateway.security.roles import CommandType
@@ -320,3 +320,59 @@ async def test_long_power_off_holds_fixed_charges_reported_once_and_not_again_af
     types = [e["type"] for e in await outbox_bodies(db, "event")]
     assert "cutoff.action.trip" not in types
     assert audit_actions(db).count("time.time_gap_at_start") >= 1
+
+
+class SiteClock:
+    """A clock the test moves: the daemon's only clock (system and monotonic)."""
+
+    def __init__(self, t_ms: int) -> None:
+        self.t = t_ms
+
+    def __call__(self) -> int:
+        return self.t
+
+
+async def test_a_reading_carries_the_daemons_time_of_its_read_not_real_time_spent_in_the_cycle(
+    tmp_path: Path,
+) -> None:
+    """Each reading is stamped with the daemon's trusted time when the bus became its
+    read's, and with nothing else: here the daemon runs on a site clock that stands
+    still while three meters take 30 ms each to answer, so every reading carries
+    exactly the site clock's time, at every instant the clock is moved to.
+
+    A reading is stamped from one clock, the one its debit, its cutoff decision
+    and the billing tick beside it are decided on. The scheduler used to add the
+    real (``time.monotonic``) time spent in the cycle to the cycle's start: a
+    loaded machine then stamped a meter's reading a few ms later in one cycle
+    than in the next at the same instant, the later reading was refused as not
+    after the first, and the daemon decided at other instants than ``tariff
+    simulate`` on the same readings (tests/gateway/test_simulate_matches_daemon.py).
+    """
+    t0 = int(datetime(2026, 6, 30, 6, 0, tzinfo=TZ).timestamp() * 1000)
+    instants = [t0, t0 + 60_000, t0 + 3_600_000]
+    clock = SiteClock(t0)
+    taken: list[tuple[str, int]] = []
+    meters = ("m001", "m002", "m003")
+
+    def on_cycle(cycle: Cycle) -> None:
+        taken.extend((r.meter_id, r.time_ms) for r in cycle.readings)
+
+    async with ModbusSimulator(units=[1, 2, 3], load_kw="0.5") as sim:
+        for u in (1, 2, 3):
+            sim.meter(u).delay_s = 0.03
+        path = gateway_config(
+            tmp_path, "gw-site-clock", modbus_port=sim.port,
+            meters=[meter(f"m00{u}", unit=u) for u in (1, 2, 3)],
+        )  # fmt: skip
+        async with daemon_running(Daemon(load_config(path), clock_ms=clock, on_cycle=on_cycle)):
+            for t in instants:
+                clock.t = t
+                # every meter read twice at (or after) this instant
+                await until(
+                    lambda t=t: all(sum(1 for mid, x in taken if mid == m and x >= t) >= 2 for m in meters),
+                    15, f"two readings of every meter at {t}",
+                )  # fmt: skip
+    assert {x for _, x in taken} == set(instants), sorted({x - t0 for _, x in taken})
+    for m in meters:
+        times = [x for mid, x in taken if mid == m]
+        assert times == sorted(times) and set(times) == set(instants), (m, times)
