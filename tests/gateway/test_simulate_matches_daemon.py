@@ -288,6 +288,10 @@ async def test_simulate_and_the_daemon_decide_the_same_at_the_same_instants(
     for c in cs:
         taken = central_readings(central, c.meter)
         assert [r.import_kwh for r in taken if r.time_ms >= t0][:1] == [rows[0].import_kwh]
+        # The daemon stamps a reading with its own clock at the read, and that clock
+        # only ever stands at the story's instants: however long a poll cycle took in
+        # real time (a loaded machine), every reading is taken at one of them.
+        assert {r.time_ms for r in taken} <= steps, (c.name, sorted({r.time_ms for r in taken} - steps))
         daemon_side = daemon_timeline(central, c.account, TZ, end)
         sim_side = simulate_timeline(books[c.account], accts[c.account], Readings({c.meter: list(taken)}),
                                      started, end)
