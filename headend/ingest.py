@@ -35,7 +35,7 @@ from typing import Protocol
 
 import aiomqtt
 
-from firmware_bridge.backoff import backoff_delay
+from firmware_bridge.backoff import backoff_delay, stop_if_cancelled
 from firmware_bridge.cause_log import CauseLog
 from headend.registry import GatewayRegistry
 from headend.store import CONFLICT_REASON, HeadendStore, StoreBatch
@@ -171,7 +171,9 @@ class Headend:
                         )
                     async for msg in client.messages:
                         await self._handle(client, msg)
+                        stop_if_cancelled()
             except (aiomqtt.MqttError, OSError) as exc:
+                stop_if_cancelled()  # the client's exit turned a cancellation into this
                 self._link_log.failed(f"connection lost: {exc}")
             except Exception as exc:
                 # A store error (database down, a bug): nothing was acked, so the
@@ -181,6 +183,7 @@ class Headend:
                 self.observer.on_connect_failed()
                 self.observer.on_connected(False)
             self.connected.clear()
+            stop_if_cancelled()
             await asyncio.sleep(backoff_delay(attempt, 0.2, 10.0, rng))
             attempt += 1
 
