@@ -24,6 +24,7 @@ device, a huge file or a hostile one is a problem, never a hang or a crash.
 
 from __future__ import annotations
 
+import re
 import stat
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -46,6 +47,24 @@ def dotted(path: KeyPath) -> str:
     for part in path:
         out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + part
     return out
+
+
+_SEGMENT = re.compile(r"([^.\[\]]*)((?:\[\d+\])*)")
+
+
+def key_path(written: str) -> KeyPath:
+    """The key path of a path written out (``"tier.thresholds_kwh[1]"`` →
+    ``("tier", "thresholds_kwh", 1)``), for finding its line; () when it is not
+    one (a quoted key with a dot): no line then, never a wrong one."""
+    out: list[str | int] = []
+    for segment in written.split(".") if written else ():
+        m = _SEGMENT.fullmatch(segment)
+        if m is None:
+            return ()
+        if m.group(1):
+            out.append(m.group(1))
+        out += [int(i) for i in re.findall(r"\[(\d+)\]", m.group(2))]
+    return tuple(out)
 
 
 class Problems:
@@ -80,7 +99,7 @@ class Problems:
             key = (*self.prefix, *path)
             where = self.label(key)
         else:
-            key = ()
+            key = (*self.prefix, *key_path(path))
             where = ".".join(part for part in (dotted(self.prefix), path) if part)
         head: list[str] = []
         if self.source is not None:

@@ -7,7 +7,7 @@ Problems are reported as ``file: key.path: problem`` in an :class:`AccountError`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +20,7 @@ from gateway.billing.daytypes import DayType, parse_calendar
 from gateway.billing.money import AmountError, kwh_to_ckwh_exact, yuan_to_micro
 from gateway.billing.rating import TierState
 from gateway.billing.topup import Channel, Source, TopUp, TopUpPolicy
-from gateway.problems import Problems, read_toml
+from gateway.problems import KeyPath, Problems, read_toml
 
 
 class AccountError(ProblemsError):
@@ -44,8 +44,16 @@ _LIMITS = {"alarm1", "alarm2", "overdraft", "close_permit", "close_mode", "recon
            "relay_min_interval_s", "contact_protect_after_s", "startup_protect_s"}
 
 
-def parse_account(raw: Mapping[str, Any], source: str, default_timezone: str | None = None) -> AccountSettings:
-    found = Problems(source)
+def parse_account(
+    raw: Mapping[str, Any],
+    source: str,
+    default_timezone: str | None = None,
+    *,
+    line: Callable[[KeyPath], int | None] | None = None,
+) -> AccountSettings:
+    """Validate a parsed account file; raise :class:`AccountError` with every problem
+    (each with the line of its key, given ``line``: the file's :class:`Lines`)."""
+    found = Problems(source, line=line)
     add = found.add
     found.unknown("", raw, _TOP)
     acc = raw.get("account")
@@ -227,4 +235,4 @@ def load_account(path: str | Path, default_timezone: str | None = None) -> Accou
     doc = read_toml(src, found)
     if doc is None:
         raise AccountError(found.problems)
-    return parse_account(doc.raw, str(src), default_timezone)
+    return parse_account(doc.raw, str(src), default_timezone, line=doc.lines().line)

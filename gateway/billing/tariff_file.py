@@ -10,7 +10,7 @@ all problems of a file at once. ``[tier] preset`` names a tier structure of
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from gateway.billing.tariff import (
     TouSchedule,
     local_ms,
 )
-from gateway.problems import Problems, read_toml
+from gateway.problems import KeyPath, Problems, read_toml
 
 CN_RESIDENTIAL_ANNUAL = {
     "period": "annual",
@@ -265,9 +265,16 @@ def _effective_from(p: Problems, v: Any, tz: ZoneInfo | None) -> int | None:
     return None
 
 
-def parse_tariff(raw: Mapping[str, Any], source: str, default_timezone: str | None = None) -> Tariff:
-    """Validate a parsed TOML document; raise :class:`TariffError` with every problem."""
-    p = Problems(source)
+def parse_tariff(
+    raw: Mapping[str, Any],
+    source: str,
+    default_timezone: str | None = None,
+    *,
+    line: Callable[[KeyPath], int | None] | None = None,
+) -> Tariff:
+    """Validate a parsed TOML document; raise :class:`TariffError` with every problem
+    (each with the line of its key, given ``line``: the file's :class:`Lines`)."""
+    p = Problems(source, line=line)
     p.unknown("", raw, _TOP_KEYS)
     tid = raw.get("id")
     if not isinstance(tid, str) or not tid:
@@ -415,7 +422,7 @@ def load_tariff(path: str | Path, default_timezone: str | None = None) -> Tariff
     doc = read_toml(src, found)
     if doc is None:
         raise TariffError(found.problems)
-    return parse_tariff(doc.raw, str(src), default_timezone)
+    return parse_tariff(doc.raw, str(src), default_timezone, line=doc.lines().line)
 
 
 def load_book(paths: Sequence[str | Path], default_timezone: str | None = None) -> TariffBook:

@@ -68,3 +68,14 @@ def test_every_toml_file_is_read_within_the_same_bounds(tmp_path: Path) -> None:
             with pytest.raises(error) as caught:
                 load(path)
             assert caught.value.problems == [line], load
+
+
+def test_a_path_written_out_gives_its_key_path_for_the_line() -> None:
+    from gateway.problems import key_path
+
+    assert key_path("price") == ("price",)
+    assert key_path("tier.thresholds_kwh[1]") == ("tier", "thresholds_kwh", 1)
+    assert key_path("no_disconnect[0].start") == ("no_disconnect", 0, "start")
+    assert key_path("a[0][2].b") == ("a", 0, 2, "b")
+    assert key_path("") == ()
+    assert key_path("odd]key") == ()  # not a path it can follow: no line, never a wrong one

@@ -126,7 +126,7 @@ def test_bad_tariff_reports_file_and_key(tmp_path: Path, capsys: pytest.CaptureF
     t.write_text('id = "x"\nversion = 1\neffective_from = "2026-01-01"\nprice = "0.123456"\n', encoding="utf-8")
     code, _, err = run(["tariff", "simulate", "--tariff", str(t), "--readings", str(TARIFFS / "readings.csv"),
                         "--timezone", "Asia/Shanghai"], capsys)
-    assert code == 2 and f"{t}: price: price '0.123456' has more than 4 decimal places" in err
+    assert code == 2 and f"{t}:4: price: price '0.123456' has more than 4 decimal places" in err
 
 
 def test_account_file_errors(tmp_path: Path) -> None:
@@ -136,9 +136,10 @@ def test_account_file_errors(tmp_path: Path) -> None:
     with pytest.raises(AccountError) as ei:
         load_account(a)
     text = "\n".join(ei.value.problems)
-    assert f"{a}: limits.bogus: unknown key" in text
-    assert f"{a}: no_disconnect[0].start: must be 'HH:MM'" in text
-    assert f"{a}: limits: limits must satisfy alarm1 > alarm2 > 0" in text
+    # each problem names the line of its key (or of its table's header)
+    assert f"{a}:5: limits.bogus: unknown key" in text
+    assert f"{a}:7: no_disconnect[0].start: must be 'HH:MM'" in text
+    assert f"{a}:2: limits: limits must satisfy alarm1 > alarm2 > 0" in text
 
 
 def test_example_account_loads() -> None:
