@@ -343,12 +343,15 @@ async def _apply_transition(tx: Tx, row: CommandRow, t: Transition, now_ms: int)
             " code = NULL, message = NULL, resign = 0 WHERE seq = ?",
             (now_ms, row.seq),
         )
-        if row.type == "topup" and row.account is not None:
-            # a later top-up of the account waiting for this one goes out now
+        if row.type in ("topup", "balance.snapshot") and row.account is not None:
+            # a top-up of the account waiting for this one goes out now: a later one
+            # behind an applied top-up; any one behind a snapshot, which may move the
+            # account's purchase counter past a gap (a top-up refused for good)
+            after = row.seq if row.type == "topup" else 0
             await tx.execute(
                 "UPDATE central_commands SET next_attempt_ms = ? WHERE account = ?"
                 " AND type = 'topup' AND state = 'queued' AND code = 'counter_gap' AND seq > ?",
-                (now_ms, row.account, row.seq),
+                (now_ms, row.account, after),
             )
         return
     await tx.execute(

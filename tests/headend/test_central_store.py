@@ -122,6 +122,22 @@ def verify(s: Site, envelope: bytes) -> Envelope:
     return env
 
 
+async def test_a_snapshot_past_a_counter_gap_releases_the_top_up_waiting_behind_it(site: Site) -> None:
+    s = site
+    a, b = await topup(s, 5_000_000), await topup(s, 7_000_000)
+    # A is refused for good: its counter is a gap B waits behind (retried in 10 minutes)
+    await s.answer(GW, result(a["id"], "rejected", "bad_body", "hoarding_limit", message="too much"),
+                   result(b["id"], "rejected", "bad_body", "counter_gap", message="expected 1"))  # fmt: skip
+    vb = await s.view(b["id"])
+    assert (vb["state"], vb["code"]) == ("queued", "counter_gap") and vb["next_attempt_ms"] > s.clock()
+    # central's snapshot moves the account's counter past the gap: B goes out at once
+    snap = await s.central.snapshot_balance(BILLING, account="acct-1", balance_micro=0, as_of_seq=1,
+                                            purchase_counter=1)  # fmt: skip
+    await s.answer(GW, result(snap["id"], "applied", effect={"status": "applied"}))
+    assert (await s.view(snap["id"]))["state"] == "applied"
+    assert (await s.view(b["id"]))["next_attempt_ms"] <= s.clock()
+
+
 async def test_results_in_stored_batches_move_the_commands(site: Site) -> None:
     s = site
     a, b = await topup(s, 5_000_000), await topup(s, 7_000_000)
