@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiosqlite
 import orjson
@@ -114,8 +114,7 @@ async def hold_existing_in(conn: aiosqlite.Connection) -> None:
     s = await load_state(conn)
     top = await _one(conn, "SELECT max(rowid) FROM billing_entry") or 0
     await conn.execute("DELETE FROM billing_ack_mark")
-    await _save_state(conn, RetentionState(s.acked_rowid, max(s.hold_rowid, top), s.evicted_seen,
-                                           s.pruned_total, s.last_pass_ms, s.last_pass_pruned))
+    await _save_state(conn, replace(s, hold_rowid=max(s.hold_rowid, top)))
 
 
 async def _lowest_billing_record(conn: aiosqlite.Connection) -> int | None:
@@ -170,7 +169,7 @@ async def advance_marks_in(conn: aiosqlite.Connection, now_ms: int) -> Retention
                 "INSERT INTO billing_ack_mark (taken_ms, entry_rowid, outbox_id) VALUES (?, ?, ?)",
                 (now_ms, top, record),
             )
-    s = RetentionState(acked, hold, evicted, s.pruned_total, s.last_pass_ms, s.last_pass_pruned)
+    s = replace(s, acked_rowid=acked, hold_rowid=hold, evicted_seen=evicted)
     await _save_state(conn, s)
     return s
 
@@ -231,7 +230,8 @@ async def prune_account_in(
         return Pruned(account, 0, base.last_seq)
     span = await ls.entries_between(conn, account, base.last_seq, plan.point)
     view = fold_from(base, span)
-    gone = [e for e in span if e.seq in set(plan.pruned)]
+    going = set(plan.pruned)
+    gone = [e for e in span if e.seq in going]
     await ls.save_base(
         conn, view, pruned=len(gone), pruned_until_ms=max((e.time_ms for e in gone), default=None), now_ms=now_ms
     )
@@ -305,10 +305,7 @@ async def run_pass(
                 if n < room:  # this account has nothing more that may go now
                     queue.pop(0)
             total += n
-            state = RetentionState(
-                state.acked_rowid, state.hold_rowid, state.evicted_seen, state.pruned_total + n,
-                now_ms, total, state.marks,
-            )  # fmt: skip
+            state = replace(state, pruned_total=state.pruned_total + n, last_pass_ms=now_ms, last_pass_pruned=total)
             await _save_state(db, state)
     # one line a pass that let entries go; a pass with nothing to do says so at debug
     log.log(

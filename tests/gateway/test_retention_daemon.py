@@ -49,6 +49,7 @@ async def running(path: Path, offset_ms: int) -> AsyncIterator[Daemon]:
     daemon = Daemon(load_config(path), clock_ms=lambda: wall_ms() + offset_ms, mono_ms=boot_ms,
                     clock_synced=lambda: True)
     daemon.maintenance_interval_s = 0.3
+    daemon.retention_interval_s = 0.3
     async with daemon_running(daemon):
         yield daemon
 
