@@ -53,7 +53,6 @@ from firmware_bridge.durable import fsync_dir, write_atomic
 from gateway.commands.bodies import MAX_CHUNKS, CommandRefused, Offer, parse_offer
 from gateway.security.envelope import Envelope, encode_wire
 from provisioning.software_bundle import SUFFIX
-from store_forward.settings import BrokerSettings
 from store_forward.uplink import Delivery
 
 log = logging.getLogger(__name__)
@@ -119,16 +118,13 @@ class SoftwareDownloads:
         self,
         spool: Path,
         *,
-        gateway_id: str,
-        broker: BrokerSettings,
+        prefix: str,
         window: int = WINDOW,
         chunk_wait_s: float = 60.0,
         backoff: tuple[float, float] = (1.0, 60.0),
     ) -> None:
         self.spool = spool
-        self.gateway_id = gateway_id
-        self.broker = broker
-        self.prefix = broker.topic_prefix
+        self.prefix = prefix  # the broker's topic prefix (chunk topics are under it)
         self.window = window
         self.chunk_wait_s = chunk_wait_s
         self.backoff = backoff

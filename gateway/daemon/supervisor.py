@@ -221,7 +221,7 @@ class Daemon:
         self.backoff = backoff
         # software.offer from central: the bundle's chunks over MQTT into the update spool
         self.software = SoftwareDownloads(
-            update_spool(config.storage.path), gateway_id=config.gateway.id, broker=config.broker
+            update_spool(config.storage.path), prefix=config.broker.topic_prefix
         )
         self.config = config
         self.clock_ms = clock_ms
