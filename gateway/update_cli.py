@@ -26,7 +26,13 @@ from gateway.update import (
     UpdateSettings,
     restart_command,
 )
-from gateway.update_transfer import offer_for, parse_offer, publish_chunks
+from gateway.update_transfer import (
+    check_digest,
+    offer_for,
+    parse_offer,
+    publish_chunks,
+    withdraw_chunks,
+)
 from provisioning.bundle import BundleError
 from provisioning.keyfiles import KeyFileError, load_private_key, load_public_key
 from provisioning.software_bundle import (
@@ -159,10 +165,9 @@ def cmd_release_offer(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_release_publish(args: argparse.Namespace) -> int:
-    bundle = Path(args.bundle)
+def _release_broker(args: argparse.Namespace) -> BrokerSettings:
     host, _, port = args.broker.rpartition(":")
-    broker = BrokerSettings(
+    return BrokerSettings(
         host=host or "127.0.0.1",
         port=int(port),
         tls=bool(args.ca_file),
@@ -171,15 +176,25 @@ def cmd_release_publish(args: argparse.Namespace) -> int:
         key_file=Path(args.key_file) if args.key_file else None,
         topic_prefix=args.prefix,
     )
+
+
+def _release_client(args: argparse.Namespace, broker: BrokerSettings) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=args.client_id,
+        tls_context=tls_context(broker) if broker.tls else None,
+    )
+
+
+def cmd_release_publish(args: argparse.Namespace) -> int:
+    bundle = Path(args.bundle)
+    broker = _release_broker(args)
+
     async def run() -> int:
         version = read_manifest_unverified(bundle)["version"]
         offer = offer_for(bundle, version=str(version), chunk_size=args.chunk_size)
-        async with aiomqtt.Client(
-            broker.host,
-            broker.port,
-            identifier=args.client_id,
-            tls_context=tls_context(broker) if broker.tls else None,
-        ) as client:
+        async with _release_client(args, broker) as client:
             n = await publish_chunks(client, bundle, offer, broker.topic_prefix)
         print(f"{bundle}: {n} chunks of {offer.chunk_size} bytes published retained "
               f"under {broker.topic_prefix}/_software/{offer.sha256}/")  # fmt: skip
@@ -190,6 +205,30 @@ def cmd_release_publish(args: argparse.Namespace) -> int:
     except (OSError, aiomqtt.MqttError, BundleError, KeyError) as exc:
         print(f"release publish: {exc}", file=sys.stderr)
         return 1
+
+
+def cmd_release_withdraw(args: argparse.Namespace) -> int:
+    """Clear a bundle's retained chunks from the broker (by its file or its digest)."""
+    if (args.bundle is None) == (args.sha256 is None):
+        print("release withdraw: give the bundle file or --sha256, not both", file=sys.stderr)
+        return 2
+    try:
+        digest = check_digest(args.sha256) if args.bundle is None else _sha256(Path(args.bundle))
+        broker = _release_broker(args)
+
+        async def run() -> int:
+            async with _release_client(args, broker) as client:
+                return await withdraw_chunks(
+                    client, broker.topic_prefix, digest, quiet_s=args.quiet, limit_s=args.limit
+                )
+
+        n = asyncio.run(run())
+    except (OSError, ValueError, aiomqtt.MqttError) as exc:
+        print(f"release withdraw: {exc}", file=sys.stderr)
+        return 1
+    where = f"{broker.topic_prefix}/_software/{digest}/"
+    print(f"{n} retained chunks cleared under {where}" if n else f"no retained chunk under {where}")
+    return 0
 
 
 # -- update (gateway) ------------------------------------------------------------
@@ -312,16 +351,28 @@ def register(sub: Any) -> None:
     o.add_argument("--chunk-size", type=int)
     o.add_argument("--allow-downgrade", action="store_true", help="below the gateway's floor")
     o.set_defaults(func=cmd_release_offer)
+    def broker_options(x: argparse.ArgumentParser) -> None:
+        x.add_argument("--broker", required=True, metavar="HOST:PORT")
+        x.add_argument("--prefix", default="edgegw/v1")
+        x.add_argument("--client-id", default="edgegw-release-publisher")
+        x.add_argument("--ca-file")
+        x.add_argument("--cert-file")
+        x.add_argument("--key-file")
+
     p = rsub.add_parser("publish", help="publish a bundle's chunks retained on the broker")
     p.add_argument("bundle")
-    p.add_argument("--broker", required=True, metavar="HOST:PORT")
-    p.add_argument("--prefix", default="edgegw/v1")
     p.add_argument("--chunk-size", type=int)
-    p.add_argument("--client-id", default="edgegw-release-publisher")
-    p.add_argument("--ca-file")
-    p.add_argument("--cert-file")
-    p.add_argument("--key-file")
+    broker_options(p)
     p.set_defaults(func=cmd_release_publish)
+    w = rsub.add_parser(
+        "withdraw", help="clear a bundle's retained chunks from the broker (once the fleet has it)"
+    )
+    w.add_argument("bundle", nargs="?", help="the bundle file (or give --sha256)")
+    w.add_argument("--sha256", help="the bundle's SHA-256, as in its offer")
+    w.add_argument("--quiet", type=float, default=2.0, help="seconds without a retained chunk that end the look")
+    w.add_argument("--limit", type=float, default=60.0, help="seconds the look may take in all")
+    broker_options(w)
+    w.set_defaults(func=cmd_release_withdraw)
 
     up = sub.add_parser("update", help="gateway: install software bundles side by side, recover")
     usub = up.add_subparsers(dest="update_command", required=True, metavar="ACTION")

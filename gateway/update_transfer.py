@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import random
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 TOPIC_LEVEL = "_software"
 DEFAULT_CHUNK = 64 * 1024
 WINDOW = 8  # chunks asked for at once
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 ReportFn = Callable[[str, dict[str, Any]], Awaitable[None]]
 
@@ -105,6 +107,49 @@ async def publish_chunks(client: aiomqtt.Client, bundle: Path, offer: Offer, pre
             await client.publish(chunk_topic(prefix, offer.sha256, i), data, qos=1, retain=True)
             n += 1
     return n
+
+
+def check_digest(digest: str) -> str:
+    """``digest`` if it is a bundle's SHA-256 as offers name it, else ValueError."""
+    if not _DIGEST.fullmatch(digest):
+        raise ValueError(f"bundle digest {digest!r}: 64 lowercase hex expected")
+    return digest
+
+
+async def withdraw_chunks(
+    client: aiomqtt.Client, prefix: str, digest: str, *, quiet_s: float = 2.0, limit_s: float = 60.0
+) -> int:
+    """Central: clear a bundle's retained chunks from the broker. Returns how many it held.
+
+    Subscribes to the bundle's chunk topics, so that the broker sends the
+    retained copies it holds (whatever chunk size they were published with),
+    collects their topics until none has come for ``quiet_s`` (at most
+    ``limit_s`` in all), then publishes an empty retained message (QoS 1) to
+    each, which deletes it. Gateways still fetching the bundle wait for chunks
+    that no longer come and try again later: withdraw once the fleet has it, or
+    to stop an offer.
+    """
+    check_digest(digest)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    pattern = f"{prefix}/{TOPIC_LEVEL}/{digest}/+"
+    held: set[str] = set()
+    await client.subscribe(pattern, qos=1)
+    try:
+        messages = aiter(client.messages)
+        while (left := deadline - loop.time()) > 0:
+            try:
+                async with asyncio.timeout(min(quiet_s, left)):
+                    msg = await anext(messages)
+            except TimeoutError:
+                break
+            if msg.retain and msg.payload and msg.topic.matches(pattern):
+                held.add(msg.topic.value)
+    finally:
+        await client.unsubscribe(pattern)
+    for topic in sorted(held):
+        await client.publish(topic, b"", qos=1, retain=True)
+    return len(held)
 
 
 # ---------------------------------------------------------------------------
