@@ -27,6 +27,8 @@ from gateway.billing.account import AccountError, load_account
 from gateway.billing.cutoff import Contact, CutoffState, describe
 from gateway.billing.money import yuan_text
 from gateway.config import Config, ConfigError, default_config_path, load_config
+from gateway.software_status import software_lines, software_status
+from gateway.update_transfer import update_spool
 from store_forward.outbox import (
     K_BATCH_EPOCH,
     K_GENERATION,
@@ -301,6 +303,8 @@ def _print(cfg: Config, st: dict[str, Any], daemon: dict[str, Any], now: int) ->
             for h in a["held_charges"]:
                 print(f"  {'':<16} held charge {h['amount']} ({h['cause']}), period from"
                       f" {_age(h['period_start_ms'], now)}: waits for central")
+    for line in software_lines(st["software"]):
+        print(line)
     print("meters:")
     known = {m["meter"]: m for m in st["meters"]}
     for m in cfg.meters:
@@ -344,6 +348,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_daemon(daemon, now)
         print(f"storage: {db_path} cannot be read ({exc}); the daemon keeps it as evidence at its next start")
         return 1
+    hb = daemon.get("heartbeat") or {}
+    running = hb.get("version") if daemon["state"] in RUNNING else None
+    st["software"] = software_status(Path(args.releases_root), update_spool(db_path), running)
     if args.json:
         out = {"gateway": cfg.gateway.id, "site": cfg.gateway.site, "now_ms": now, "daemon": daemon, **st}
         sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -361,4 +368,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--config", help="TOML configuration (default: the provisioned gateway's)")
     s.add_argument("--json", action="store_true", help="one JSON document, for tools")
+    s.add_argument(
+        "--releases-root", default="/opt/edgegw", help="where install.sh put the releases (default: %(default)s)"
+    )
     s.set_defaults(func=cmd_status)

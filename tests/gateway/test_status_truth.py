@@ -86,6 +86,7 @@ async def test_status_follows_the_daemon(
             await until(lambda: status(capsys, cfg)["daemon"]["state"] == "running", 30, "running")
             st = status(capsys, cfg)
             assert st["daemon"]["heartbeat"]["pid"] == proc.pid
+            assert st["software"]["running"] == st["daemon"]["heartbeat"]["version"]
             await until(lambda: status(capsys, cfg)["link"]["state"] == "up", 20, "link up")
             # the account runs out of credit: the supply is cut, and status says why
             await until(lambda: sim.meter(1).relay_open, 30, "trip when the credit is gone")
