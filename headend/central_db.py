@@ -28,7 +28,9 @@ once, like the batch.
 :class:`CentralDB` owns one connection of its own (the ingest keeps its own),
 and runs one transaction at a time on it. Several headend processes may
 share a PostgreSQL database: the dispatcher claims commands with ``FOR UPDATE
-SKIP LOCKED``, and counters are taken under the row lock of their row.
+SKIP LOCKED`` and the gateways it sends to with a transaction-level advisory
+lock (:meth:`CentralDB.claim_gateways`), and counters are taken under the row
+lock of their row.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ import aiosqlite
 
 from headend.commands import Action, State, Transition, on_result, parse_result
 from headend.sql import PgTx, SqliteTx, Tx, begin_sqlite
+
+# first key of the advisory locks by which a dispatcher holds a gateway's commands
+# for its pass (the second is the gateway id's hashtext): "EDGW"
+DISPATCH_LOCK_CLASS = 0x45444757
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS central_commands (
@@ -696,6 +702,23 @@ class CentralDB:
         if tx.postgres:
             sql += " FOR UPDATE SKIP LOCKED"
         return [CommandRow.of(r) for r in await tx.all(sql, (now_ms, limit))]
+
+    @staticmethod
+    async def claim_gateways(tx: Tx, gateways: Iterable[str]) -> set[str]:
+        """The gateways this transaction may send commands to: on PostgreSQL those no
+        other dispatcher is sending to at this moment, each held by a transaction-level
+        advisory lock until this transaction ends (another dispatcher's pass skips
+        them, so that the in-flight window and the queue order hold per gateway
+        however many dispatchers share the database); SQLite has one writer: all."""
+        gws = sorted(set(gateways))
+        if not tx.postgres:
+            return set(gws)
+        mine: set[str] = set()
+        for g in gws:
+            row = await tx.one("SELECT pg_try_advisory_xact_lock(?, hashtext(?))", (DISPATCH_LOCK_CLASS, g))
+            if row is not None and row[0]:
+                mine.add(g)
+        return mine
 
     @staticmethod
     async def in_flight(tx: Tx, gateways: Iterable[str]) -> dict[str, int]:

@@ -124,6 +124,10 @@ class Dispatcher:
         out: list[Outgoing] = []
         async with self.db.transaction() as tx:
             due = await self.db.due(tx, now_ms, self.batch)
+            if due:
+                # gateways another dispatcher is sending to right now wait for its pass
+                mine = await self.db.claim_gateways(tx, {r.gateway_id for r in due})
+                due = [r for r in due if r.gateway_id in mine]
             if not due:
                 return out
             inflight = await self.db.in_flight(tx, {r.gateway_id for r in due})

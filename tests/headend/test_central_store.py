@@ -225,6 +225,42 @@ async def test_the_window_holds_commands_back_and_resends_wait_for_the_gateway(s
     assert {v["attempts"] for v in views} == {2}
 
 
+async def test_two_dispatchers_keep_one_window_and_the_queue_order_per_gateway(site: Site) -> None:
+    """Several dispatchers may share a PostgreSQL database. While one is in the middle
+    of its pass for a gateway (its transaction holds the gateway, has claimed and
+    marked commands sent, not yet committed), another's pass leaves that gateway
+    alone: it neither sends commands queued behind them (order) nor fills a window
+    of its own beside the first one's (8 in flight, not 16)."""
+    s = site
+    if s.dsn is None:
+        pytest.skip("one SQLite writer: a single dispatcher")
+    ids = [(await topup(s, 1_000_000 + i))["id"] for i in range(12)]
+    other_ids = [(await topup(s, 2_000_000, account="acct-2"))["id"]]
+    second_db = await CentralDB.open(dsn=s.dsn)
+    try:
+        second = Dispatcher(second_db, s.signer, "127.0.0.1", 1, clock_ms=s.clock, window=8)
+        first = Dispatcher(s.db, s.signer, "127.0.0.1", 1, clock_ms=s.clock, window=8)
+        # the second dispatcher's pass, stopped before its commit: the queue's
+        # first eight commands of GW claimed and marked sent
+        async with second_db.transaction() as tx:
+            due = await second_db.due(tx, s.clock(), 8)
+            assert [r.command_id for r in due] == ids[:8]
+            assert await second_db.claim_gateways(tx, {GW}) == {GW}
+            for r in due:
+                await second_db.mark_sent(tx, r, s.clock(), s.clock() + 30_000)
+            # meanwhile the first dispatcher: nothing for GW, the other gateway's command goes
+            assert [o.command_id for o in await first.take(s.clock())] == other_ids
+        # the second committed: eight in flight for GW, the window is full for both
+        assert await first.take(s.clock()) == []
+        assert await second.take(s.clock()) == []
+        await s.answer(GW, *(result(c, "applied") for c in ids[:2]))
+        assert [o.command_id for o in await first.take(s.clock())] == ids[8:10]
+        views = [await s.view(c) for c in ids]
+        assert [v["attempts"] for v in views] == [1] * 10 + [0] * 2
+    finally:
+        await second_db.close()
+
+
 async def test_purchase_and_signing_counters_are_never_reused_by_concurrent_sellers(
     site: Site, tmp_path: Path
 ) -> None:
