@@ -159,7 +159,15 @@ async def ledger_retention(db: aiosqlite.Connection, now_ms: int, cfg: Config | 
         "acknowledged_rowid": st.acked_rowid,
         "kept_for_good_rowid": st.hold_rowid,
         "marks_pending": st.marks,
-        "entries": await _count(db, "SELECT count(*) FROM billing_entry"),
+        # from the accounts' sequences, less what retention deleted: each append takes
+        # the next seq and only retention deletes (counting what it deleted), so this
+        # is the row count without reading every row (count(*) reads a whole index:
+        # minutes on an SD card for a large area's ledger)
+        "entries": await _count(
+            db,
+            "SELECT coalesce((SELECT sum(last_seq) FROM billing_account), 0)"
+            " - coalesce((SELECT sum(pruned) FROM billing_fold_base), 0)",
+        ),
         "bases": [
             {
                 "account": b.account,
