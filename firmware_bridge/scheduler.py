@@ -340,18 +340,29 @@ class BusScheduler:
 
     async def exclusive(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op`` alone on the bus (lock + silent interval); the building block of everything."""
-        async with self._lock:
+        await self._lock.acquire()
+        try:
             if self._last_end is not None and self.silent_interval_s > 0:
-                wait = self._last_end + self.silent_interval_s - self._clock()
-                if wait > 0:
-                    await self._sleep(wait)
+                await self._keep_gap()
             start = self._clock()
             try:
                 return await op()
             finally:
-                end = self._clock()
-                self._last_end = end
-                self.metrics.busy_s += end - start
+                self._release_turn(start)
+        finally:
+            self._lock.release()
+
+    async def _keep_gap(self) -> None:
+        """With the lock held: the silent interval after the last operation."""
+        assert self._last_end is not None
+        wait = self._last_end + self.silent_interval_s - self._clock()
+        if wait > 0:
+            await self._sleep(wait)
+
+    def _release_turn(self, start: float) -> None:
+        end = self._clock()
+        self._last_end = end
+        self.metrics.busy_s += end - start
 
     async def run_exclusive(self, meter_id: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run a non-polling operation for ``meter_id`` (e.g. a relay command) on the bus.
@@ -380,17 +391,27 @@ class BusScheduler:
     async def _read_once(
         self, driver: MeterDriver, now_ms: int, since: float | None, clock_ms: Callable[[], int] | None
     ) -> Reading:
-        async def op() -> Reading:
-            # stamp the reading with when the bus was actually ours, not the cycle start
-            # (a cycle at 2400 baud can take many seconds)
-            read_ms = self._wall_ms(now_ms, since, clock_ms)
+        # what exclusive() does, written out: this runs for every reading, and one
+        # lock, one deadline and no closure per read is what it costs
+        await self._lock.acquire()
+        try:
+            if self._last_end is not None and self.silent_interval_s > 0:
+                await self._keep_gap()
+            start = self._clock()
             try:
+                # stamp the reading with when the bus was actually ours, not the cycle start
+                # (a cycle at 2400 baud can take many seconds)
+                read_ms = self._wall_ms(now_ms, since, clock_ms)
+                # the one deadline of the read (the transports time each request out
+                # themselves; this catches a driver that does not)
                 async with asyncio.timeout(self.deadline_s(driver.meter_id)):
                     return await driver.read(read_ms)
             except TimeoutError:
                 raise MeterTimeout(driver.meter_id, "read exceeded its deadline") from None
-
-        return await self.exclusive(op)
+            finally:
+                self._release_turn(start)
+        finally:
+            self._lock.release()
 
     async def read_meter(
         self,

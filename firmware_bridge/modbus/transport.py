@@ -389,11 +389,6 @@ def _what(unit: int, function_code: int, address: int, tail: str = "") -> str:
     return f"unit {unit} FC{function_code:02d} {address:#06x}{tail}"
 
 
-def _expire(fut: asyncio.Future[tuple[int, bytes]]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
 class _MbapConnection(asyncio.Protocol):
     """One TCP connection: frames cut from the stream, each matched to the waiting
     request by its transaction id; a frame for another id (a late answer to a
@@ -407,6 +402,33 @@ class _MbapConnection(asyncio.Protocol):
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
         self.late = 0  # frames for another transaction id while a request waited
         self.lost: str = ""
+        # One timer serves every request: requests follow each other in well under
+        # their timeout, so it is armed once and, when it fires, either expires the
+        # request still waiting or is re-armed for that request's deadline (no timer
+        # set and cancelled per request).
+        self.deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def expect(self, tid: int, waiter: asyncio.Future[tuple[int, bytes]], deadline: float) -> None:
+        """``waiter`` gets the frame with ``tid``, or TimeoutError at ``deadline`` (loop time)."""
+        self.tid = tid
+        self.waiter = waiter
+        self.deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer, deadline)
+
+    def _on_timer(self, armed_for: float) -> None:
+        self._timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # idle: armed again by the next request
+        if self.deadline <= armed_for:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = asyncio.get_running_loop().call_at(self.deadline, self._on_timer, self.deadline)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -428,6 +450,7 @@ class _MbapConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.stop_timer()
         pending = self.parser.pending
         self.lost = "connection closed by the peer" if exc is None else f"connection lost: {exc}"
         if pending:
@@ -439,8 +462,14 @@ class _MbapConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
+    def stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def abort(self) -> None:
         self.closed = True
+        self.stop_timer()
         self.parser.reset()
         if self.transport is not None:
             self.transport.abort()
@@ -499,6 +528,7 @@ class MbapTransport(ModbusTransport):
         conn, self._conn = self._conn, None
         if conn is not None and conn.transport is not None:
             conn.closed = True
+            conn.stop_timer()
             conn.transport.close()
 
     async def _exchange(
@@ -518,12 +548,10 @@ class MbapTransport(ModbusTransport):
             data = mbap.read_frame(tid, unit, function_code, address, count) if pdu is None else mbap.frame(tid, unit, pdu)
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[tuple[int, bytes]] = loop.create_future()
-            conn.tid = tid
-            conn.waiter = fut
+            conn.expect(tid, fut, loop.time() + limit)
             late = conn.late
             self.requests += 1
             conn.transport.write(data)  # type: ignore[union-attr]
-            timer = loop.call_later(limit, _expire, fut)
             try:
                 got, reply = await fut
             except TimeoutError:
@@ -536,7 +564,6 @@ class MbapTransport(ModbusTransport):
                 what = self._what(unit, function_code, address, count, pdu)
                 raise TransportError(meter_id, f"{what}: bus {self.name}: {exc}") from None
             finally:
-                timer.cancel()
                 conn.waiter = None
         finally:
             lock.release()
