@@ -9,7 +9,9 @@ Prints one JSON document to stdout (progress goes to stderr). Parts:
     a separate process so that only the client's CPU is measured:
 
     * Modbus TCP: bare ``AsyncModbusTcpClient.read_input_registers`` loop vs
-      ``BusScheduler`` + ``ModbusDriver`` + ``ModbusTransport``;
+      ``BusScheduler`` + ``ModbusDriver`` + ``MbapTransport`` (the gateway's own
+      MBAP client); beside them the socket floor (raw MBAP frames on an asyncio
+      protocol) and ``lean``, the ``MbapTransport.read_registers`` loop alone;
     * DL/T 645 over TCP: plain asyncio streams writing the codec's request
       frames and reading each reply by its length byte vs ``BusScheduler`` +
       ``Dlt645Driver`` + ``Dlt645Transport``.
@@ -71,7 +73,7 @@ from firmware_bridge.driver import MeterDriver
 from firmware_bridge.modbus.decode import ReadBlock, plan_reads
 from firmware_bridge.modbus.driver import ModbusDriver
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES
-from firmware_bridge.modbus.transport import ModbusTransport
+from firmware_bridge.modbus.transport import MbapTransport, ModbusTransport
 from firmware_bridge.reading import Quantity
 from firmware_bridge.scheduler import (
     BackoffPolicy,
@@ -272,7 +274,7 @@ async def cpu_modbus_tcp(meters: int, cycles: int, rounds: int) -> dict[str, Any
     units = list(range(1, meters + 1))
     blocks = plan_reads(SDM120.fields, SDM120.max_gap, SDM120.max_count)
     sim_args = ["testbed.simulators.modbus", "--tcp", "0", "--units", ",".join(map(str, units))]
-    runs: dict[str, list[CpuRun]] = {"bare": [], "gateway": [], "floor": []}
+    runs: dict[str, list[CpuRun]] = {"bare": [], "gateway": [], "floor": [], "lean": []}
     async with simulator_process(sim_args, r"127\.0\.0\.1:(\d+)") as (pid, port, _):
 
         async def floor() -> CpuRun:
@@ -317,6 +319,23 @@ async def cpu_modbus_tcp(meters: int, cycles: int, rounds: int) -> dict[str, Any
             finally:
                 client.close()
 
+        async def lean() -> CpuRun:
+            # the gateway's own Modbus TCP client alone: the transport's read_registers
+            # loop, no scheduler, driver or decoding
+            transport = MbapTransport("127.0.0.1", port, name="tcp", timeout_s=1.0)
+            try:
+
+                async def one_cycle() -> None:
+                    for u in units:
+                        for b in blocks:
+                            regs = await transport.read_registers("m", u, 4, b.address, b.count)
+                            if len(regs) != b.count:
+                                raise RuntimeError(f"lean read failed: {regs}")
+
+                return await warmed_and_timed(pid, meters, cycles, one_cycle)
+            finally:
+                transport.close()
+
         async def gateway() -> CpuRun:
             transport = ModbusTransport.tcp("127.0.0.1", port, name="tcp", timeout_s=1.0)
             try:
@@ -330,7 +349,10 @@ async def cpu_modbus_tcp(meters: int, cycles: int, rounds: int) -> dict[str, Any
             runs["bare"].append(await bare())
             runs["gateway"].append(await gateway())
             runs["floor"].append(await floor())
+            runs["lean"].append(await lean())
     floor_us = median([r.cpu_s / r.polls for r in runs.pop("floor")]) * 1e6
+    lean_runs = runs.pop("lean")
+    lean_us = median([r.cpu_s / r.polls for r in lean_runs]) * 1e6
     out = cpu_summary(
         "Modbus TCP, SDM120 map (FC04), separate simulator process",
         runs,
@@ -342,6 +364,14 @@ async def cpu_modbus_tcp(meters: int, cycles: int, rounds: int) -> dict[str, Any
     out["floor_cpu_us_per_poll_median"] = round(floor_us, 1)
     out["cpu_ratio_bare_to_floor"] = round(out["bare"]["cpu_us_per_poll_median"] / floor_us, 2)
     out["cpu_ratio_gateway_to_floor"] = round(out["gateway"]["cpu_us_per_poll_median"] / floor_us, 2)
+    # The gateway's own MBAP client (MbapTransport) alone, same requests: against the
+    # floor it is what the client costs, against bare what it saves over pymodbus.
+    out["lean"] = {
+        "cpu_us_per_poll_median": round(lean_us, 1),
+        "cpu_us_per_poll_rounds": [round(r.cpu_s / r.polls * 1e6, 1) for r in lean_runs],
+    }
+    out["cpu_ratio_lean_to_floor"] = round(lean_us / floor_us, 2)
+    out["cpu_ratio_lean_to_bare"] = round(lean_us / out["bare"]["cpu_us_per_poll_median"], 2)
     return out
 
 

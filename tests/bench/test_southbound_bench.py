@@ -40,6 +40,9 @@ def test_quick_run_reports_every_part() -> None:
             assert part[side]["best_round"]["polls"] == part["polls_per_round"]
         assert part["cpu_ratio_gateway_to_bare"] > 0
     assert out["cpu_per_poll"]["dlt645_tcp"]["data_ids"][0] == "0001FF00"
+    tcp = out["cpu_per_poll"]["modbus_tcp"]
+    assert tcp["floor_cpu_us_per_poll_median"] > 0 and tcp["lean"]["cpu_us_per_poll_median"] > 0
+    assert tcp["cpu_ratio_lean_to_floor"] > 0 and tcp["cpu_ratio_lean_to_bare"] > 0
 
     # (b) fraction of the wire limit at each baud, both protocols
     wire = out["wire_limit"]
