@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from firmware_bridge.modbus.decode import (
+    BlockDecoder,
     decode_field,
     encode_value,
     has_gaps,
@@ -147,3 +148,36 @@ def test_split_block_removes_gaps_keeps_fields(spec: list[tuple[int, DataType]],
         assert not any(has_gaps(p) for p in parts)
         assert all(block.address <= p.address and p.end <= block.end for p in parts)
         assert (len(parts) == 1) == (not has_gaps(block))
+
+
+@given(
+    fields_st,
+    st.sampled_from([Decimal(1), Decimal("0.1"), Decimal("0.001"), Decimal(10)]),
+    st.sampled_from([Decimal("0.01"), Decimal("0.0001"), Decimal(1)]),
+    st.sampled_from(list(WordOrder)),
+    st.data(),
+)
+def test_block_decoder_gives_what_decode_field_gives(
+    spec: list[tuple[int, DataType]], scale: Decimal, resolution: Decimal, order: WordOrder, data: st.DataObject
+) -> None:
+    units = [
+        (Quantity.VOLTAGE, "V"),
+        (Quantity.POWER, "W"),
+        (Quantity.ENERGY_IMPORT, "Wh"),
+        (Quantity.POWER_FACTOR, ""),
+        (Quantity.FREQUENCY, "Hz"),
+        (Quantity.CURRENT, "mA"),
+    ]
+    fields = [
+        Field(units[i % len(units)][0], f.address, f.dtype, scale, units[i % len(units)][1], resolution)
+        for i, f in enumerate(_mk(spec))
+    ]
+    for block in plan_reads(fields, 4, 125):
+        # register values as sent, NaN and infinity patterns among them
+        word = st.one_of(st.integers(0, 0xFFFF), st.sampled_from([0x7FC0, 0x7F80, 0xFF80, 0x8000, 0]))
+        regs = data.draw(st.lists(word, min_size=block.count, max_size=block.count))
+        want = [(f, decode_field(regs, block.address, f, order)) for f in block.fields]
+        got = BlockDecoder(block, order).decode(regs)
+        assert [(f, m.quality, str(m.value)) for f, m in got] == [(f, m.quality, str(m.value)) for f, m in want]
+        with pytest.raises(ValueError, match="outside block"):
+            BlockDecoder(block, order).decode(regs[:-1])
