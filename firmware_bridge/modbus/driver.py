@@ -72,6 +72,10 @@ class ModbusDriver:
         self._budget: tuple[tuple[LineTiming, tuple[ReadBlock, ...]], float] | None = None
         # id(block) -> (block, its decoder); the block kept here keeps its id from being reused
         self._decoders: dict[int, tuple[ReadBlock, BlockDecoder]] = {}
+        # the line built from the transport without timing, and the request limits of a
+        # line by register count: worked out once, asked every request
+        self._default_line: tuple[tuple[float, float, float | None], LineTiming] | None = None
+        self._limits: tuple[LineTiming, dict[int, float]] | None = None
 
     @property
     def meter_id(self) -> str:
@@ -81,18 +85,31 @@ class ModbusDriver:
         if self.timing is not None:
             return self.timing
         # no timing given: the transport's timeout, no wire of ours
-        return LineTiming(
+        key = (self.transport.timeout_s, self.transport.silent_interval_s, self.timeout_s)
+        cached = self._default_line
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        line = LineTiming(
             wire=False,
             response_s=self.transport.timeout_s or MODBUS_RESPONSE_S,
             margin_s=0.0,
             gap_s=self.transport.silent_interval_s,
             timeout_override_s=self.timeout_s or self.transport.timeout_s,
         )
+        self._default_line = (key, line)
+        return line
 
     def request_timeout_s(self, registers: int) -> float:
         """Limit of one register read, from sending the request to the end of the reply."""
         line = self._line()
-        return line.wire_s(RTU_REQUEST_BYTES) + line.timeout_s + line.wire_s(rtu_reply_bytes(registers))
+        cached = self._limits
+        if cached is None or (cached[0] is not line and cached[0] != line):
+            cached = self._limits = (line, {})
+        limit = cached[1].get(registers)
+        if limit is None:
+            limit = line.wire_s(RTU_REQUEST_BYTES) + line.timeout_s + line.wire_s(rtu_reply_bytes(registers))
+            cached[1][registers] = limit
+        return limit
 
     def write_timeout_s(self) -> float:
         line = self._line()
