@@ -151,6 +151,14 @@ def encode_value(value: Decimal, field: Field, word_order: WordOrder) -> list[in
     return raw_to_registers(int(raw.to_integral_value()), field.dtype, word_order)
 
 
+def _places_format(f: Field) -> str | None:
+    """``.Nf`` for a float32 field with factor 1 quantised to N >= 0 decimal places, else None."""
+    exponent = f.resolution.as_tuple().exponent
+    if f.dtype is not DataType.FLOAT32 or f.factor != 1 or not isinstance(exponent, int) or exponent > 0:
+        return None
+    return f".{-exponent}f"
+
+
 class BlockDecoder:
     """:func:`decode_field` for every field of one block, with what each needs worked
     out once (offsets, struct layouts, the factor): a meter's blocks are decoded
@@ -159,7 +167,11 @@ class BlockDecoder:
     The block's registers are packed to bytes once and each field unpacked from
     them at its offset (word-swapped fields are re-packed in their own order); a
     factor of 1 is not multiplied (exact either way: a float32 or a 32-bit
-    integer has far fewer than the 60 digits the arithmetic keeps).
+    integer has far fewer than the 60 digits the arithmetic keeps). A float
+    with a factor of 1 is quantised by formatting it with the resolution's
+    decimal places: Python formats a float correctly rounded from its exact
+    binary value, half-even on exact ties, so the digits are those of
+    quantising the exact Decimal, at half the cost.
     """
 
     __slots__ = ("_end", "_little", "_packs", "_steps", "block")
@@ -177,6 +189,7 @@ class BlockDecoder:
                 None if f.factor == 1 else f.factor,
                 f.resolution,
                 f.dtype is DataType.FLOAT32,
+                _places_format(f),
             )
             for f in block.fields
         ]
@@ -203,7 +216,7 @@ class BlockDecoder:
             data = pack.pack(*[w & 0xFFFF for w in regs])
         out = []
         little = self._little
-        for field, off, count, words, raw, factor, resolution, is_float in self._steps:
+        for field, off, count, words, raw, factor, resolution, is_float, places in self._steps:
             if little and count > 1:
                 value = raw.unpack(words.pack(*reversed(words.unpack_from(data, 2 * off))))[0]
             else:
@@ -211,11 +224,14 @@ class BlockDecoder:
             if is_float and not math.isfinite(value):
                 out.append((field, _scale(value, field.factor, resolution)))
                 continue
-            exact = Decimal(value)  # exact for int and for every binary float
-            try:
-                q = (exact if factor is None else _CTX.multiply(exact, factor)).quantize(resolution, context=_CTX)
-            except InvalidOperation:  # magnitude beyond any meter's range
-                out.append((field, Measurement(Decimal("NaN"), Quality.INVALID)))
-                continue
+            if places is not None:
+                q = Decimal(format(value, places))
+            else:
+                exact = Decimal(value)  # exact for int and for every binary float
+                try:
+                    q = (exact if factor is None else _CTX.multiply(exact, factor)).quantize(resolution, context=_CTX)
+                except InvalidOperation:  # magnitude beyond any meter's range
+                    out.append((field, Measurement(Decimal("NaN"), Quality.INVALID)))
+                    continue
             out.append((field, Measurement(abs(q) if q.is_zero() else q)))
         return out

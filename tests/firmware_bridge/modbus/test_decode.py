@@ -181,3 +181,22 @@ def test_block_decoder_gives_what_decode_field_gives(
         assert [(f, m.quality, str(m.value)) for f, m in got] == [(f, m.quality, str(m.value)) for f, m in want]
         with pytest.raises(ValueError, match="outside block"):
             BlockDecoder(block, order).decode(regs[:-1])
+
+
+@pytest.mark.parametrize(
+    "value, resolution, want",
+    [
+        (0.125, "0.01", "0.12"),  # exact ties round half-even, as quantising the exact value does
+        (0.375, "0.01", "0.38"),
+        (2.5, "1", "2"),
+        (-0.001, "0.01", "0.00"),
+        (1206.42, "0.01", "1206.42"),
+        (3.0e38, "0.01", "300000000549775575777803994281145270272.00"),
+    ],
+)
+def test_block_decoder_rounds_floats_as_decode_field(value: float, resolution: str, want: str) -> None:
+    f = Field(Quantity.VOLTAGE, 0, DataType.FLOAT32, Decimal(1), "V", Decimal(resolution))
+    block = plan_reads([f], 0, 125)[0]
+    regs = raw_to_registers(value, DataType.FLOAT32, WordOrder.BIG)
+    ((_, m),) = BlockDecoder(block, WordOrder.BIG).decode(regs)
+    assert str(m.value) == want == str(decode_field(regs, 0, f, WordOrder.BIG).value)
