@@ -274,6 +274,67 @@ class CycleResult:
 # The scheduler (imperative shell)
 
 
+class _ReadDeadline:
+    """The hard deadline of the bus's reads, one after another, on one timer.
+
+    What ``asyncio.timeout`` around each read would do, without setting and
+    cancelling a timer per read: reads follow each other well within their
+    deadlines, so the timer is armed once and, when it fires, either cancels
+    the read still running past its deadline or is re-armed for the current
+    read's deadline (nothing, while no read runs). Only one read runs at a time
+    (the bus lock).
+    """
+
+    __slots__ = ("_cancelling", "_deadline", "_task", "_timer", "expired")
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[Any] | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._cancelling = 0
+        self.expired = False
+
+    def start(self, seconds: float) -> None:
+        """The current task's read must end within ``seconds``."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.expired = False
+        self._deadline = deadline = loop.time() + seconds
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._fire, deadline)
+
+    def _fire(self, armed_for: float) -> None:
+        self._timer = None
+        task = self._task
+        if task is None:
+            return  # no read running: armed again by the next one
+        if self._deadline <= armed_for:
+            self.expired = True
+            task.cancel()
+        else:
+            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._fire, self._deadline)
+
+    def stop(self) -> bool:
+        """The read ended; True if its deadline cancelled it (the CancelledError
+        is then this deadline's, not a caller's)."""
+        task, self._task = self._task, None
+        if not self.expired or task is None:
+            return False
+        self.expired = False
+        return task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class BusScheduler:
     """Owns one bus; see the module documentation for the policy."""
 
@@ -313,6 +374,7 @@ class BusScheduler:
         self.relay_min_interval_s: dict[str, float] = {}
         self.bus_silent = False  # nobody answered last time: probe one sentinel per cycle
         self._sentinel = 0
+        self._read_deadline = _ReadDeadline()
 
     @property
     def health(self) -> dict[str, MeterHealth]:
@@ -404,10 +466,18 @@ class BusScheduler:
                 read_ms = self._wall_ms(now_ms, since, clock_ms)
                 # the one deadline of the read (the transports time each request out
                 # themselves; this catches a driver that does not)
-                async with asyncio.timeout(self.deadline_s(driver.meter_id)):
+                deadline = self._read_deadline
+                deadline.start(self.deadline_s(driver.meter_id))
+                try:
                     return await driver.read(read_ms)
-            except TimeoutError:
-                raise MeterTimeout(driver.meter_id, "read exceeded its deadline") from None
+                except asyncio.CancelledError:
+                    if deadline.stop():
+                        raise MeterTimeout(driver.meter_id, "read exceeded its deadline") from None
+                    raise
+                except TimeoutError:
+                    raise MeterTimeout(driver.meter_id, "read exceeded its deadline") from None
+                finally:
+                    deadline.stop()
             finally:
                 self._release_turn(start)
         finally:

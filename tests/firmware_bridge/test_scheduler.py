@@ -484,3 +484,55 @@ async def test_read_deadline_comes_from_the_drivers_own_budget() -> None:
     assert sched.deadline_s("slow") == pytest.approx(2.5)
     assert sched.operation_deadline_s("slow") == pytest.approx(1.2)
     assert await sched.read_meter("slow", 0) is not None
+
+
+class _Hung:
+    """A driver whose read never ends unless ``release`` is set; its budget sets the deadline."""
+
+    def __init__(self, meter_id: str, budget_s: float) -> None:
+        self.meter_id = meter_id
+        self.budget_s = budget_s
+        self.hang = True
+        self.cancelled = 0
+
+    def read_budget_s(self) -> float:
+        return self.budget_s
+
+    async def read(self, now_ms: int) -> Reading:
+        try:
+            while self.hang:
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return Reading(self.meter_id, now_ms, {})
+
+
+async def test_a_hung_read_is_cut_off_at_its_deadline_and_the_bus_goes_on() -> None:
+    long, hung, fine = _Hung("long", 2.0), _Hung("hung", 0.1), _Hung("fine", 0.1)
+    long.hang = fine.hang = False
+    sched = BusScheduler("b", [long, hung, fine], timeout_s=0.05, retries=0)  # type: ignore[list-item]
+    for _ in range(2):  # a shorter deadline after a longer one still holds, cycle after cycle
+        start = time.monotonic()
+        res = await sched.run_cycle(0)
+        took = time.monotonic() - start
+        assert 1.1 <= took < 1.6  # the hung read's budget + 1 s, not the long one's
+        assert [r.meter_id for r in res.readings] == ["long", "fine"]
+        err = res.health["hung"].last_error
+        assert err is not None and err.kind == "timeout" and err.text == "read exceeded its deadline"
+        sched._health["hung"] = MeterHealth("hung")  # due again
+    assert hung.cancelled == 2 and long.cancelled == fine.cancelled == 0
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_cancelling_a_cycle_is_not_taken_for_a_deadline() -> None:
+    hung = _Hung("hung", 5.0)
+    sched = BusScheduler("b", [hung], timeout_s=0.05)  # type: ignore[list-item]
+    task = asyncio.create_task(sched.run_cycle(0))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert hung.cancelled == 1 and sched.health["hung"].last_error is None
+    hung.hang = False
+    assert await sched.read_meter("hung", 0) is not None  # the bus is free again
