@@ -8,14 +8,16 @@ from firmware_bridge.modbus.profiles import (
     parse_profile,
     parse_profiles,
 )
-from firmware_bridge.modbus.transport import ModbusTransport
+from firmware_bridge.modbus.transport import MbapTransport, ModbusTransport, PymodbusTransport
 
 __all__ = [
     "BUILTIN_PROFILES",
+    "MbapTransport",
     "ModbusDriver",
     "ModbusTransport",
     "Profile",
     "ProfileError",
+    "PymodbusTransport",
     "parse_profile",
     "parse_profiles",
 ]
