@@ -33,6 +33,7 @@ it, and as the difference (what the gateway adds above the bare loop).
     python bench/storage.py --tree /path/to/other/checkout   # run that tree's daemon
     python bench/storage.py --only 50x1 --seconds 600 --windows 5   # writes as the ledger grows
     python bench/storage.py --only 1000x60 --wal-pages   # log frames per reading, by table/index
+    python bench/storage.py --only 50x1 --profile /tmp/gw.prof   # cProfile of the daemon's event loop
 
 ``--tree`` runs the daemon of another checkout (for before/after comparisons);
 the benchmark itself, the simulators and the headend come from this tree.
@@ -374,7 +375,8 @@ async def bare_loop(
 
 
 async def run_scenario(
-    sc: Scenario, tree: Path, bare: bool, windows: int = 1, wal_pages: bool = False
+    sc: Scenario, tree: Path, bare: bool, windows: int = 1, wal_pages: bool = False,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     log(
         f"{sc.name}: {sc.meters} meter(s), poll every {sc.poll_s:g} s, {sc.warmup_s:g} s warm-up + {sc.seconds:g} s"
@@ -400,7 +402,9 @@ async def run_scenario(
                             await asyncio.sleep(0.1)
                         gw = stack.enter_context(
                             process(["-m", "gateway.cli", "run", "--config", str(cfg)], work / "gateway.log", tree,
-                                    {"RUNTIME_DIRECTORY": str(runtime)})
+                                    {"RUNTIME_DIRECTORY": str(runtime),
+                                     **({"EDGEGW_PROFILE": f"{profile}.{sc.name}",
+                                         "EDGEGW_PROFILE_AFTER_S": str(sc.warmup_s)} if profile else {})})
                         )  # fmt: skip
                         db = work / "gw.db"
                         deadline = time.monotonic() + sc.warmup_s + 60
@@ -520,11 +524,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     load0 = os.getloadavg()
     if args.parallel:
-        results = await asyncio.gather(*(run_scenario(s, tree, bare=False, windows=args.windows, wal_pages=args.wal_pages)
+        results = await asyncio.gather(*(run_scenario(s, tree, bare=False, windows=args.windows, wal_pages=args.wal_pages,
+                                                      profile=args.profile)
             for s in chosen))
     else:
         results = [
-            await run_scenario(s, tree, bare=s.poll_s <= 5, windows=args.windows, wal_pages=args.wal_pages)
+            await run_scenario(s, tree, bare=s.poll_s <= 5, windows=args.windows, wal_pages=args.wal_pages,
+                               profile=args.profile)
             for s in chosen
         ]
     return {
@@ -563,6 +569,12 @@ if __name__ == "__main__":
     p.add_argument(
         "--wal-pages", action="store_true",
         help="also report which tables and indexes the write-ahead log's frames belong to",
+    )  # fmt: skip
+    p.add_argument(
+        "--profile", type=Path,
+        help="write a CPU profile of the daemon's event-loop thread to PROFILE.SCENARIO"
+        " (from the warm-up's length after its start on)"
+        " (EDGEGW_PROFILE; it slows the daemon: read its shares, not its CPU figures)",
     )  # fmt: skip
     ns = p.parse_args()
     if ns.windows < 1:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -74,6 +75,7 @@ from gateway.commands.handler import CommandHandler, NoResend, audit_and_report
 from gateway.commands.inbox import CommandInbox
 from gateway.config import Config
 from gateway.daemon.poller import BusPoller
+from gateway.daemon.profiling import profiled
 from gateway.daemon.relay_worker import CommandRelays, Relays
 from gateway.daemon.writer import Cycle, Tick, Work, Writer
 from gateway.database import open_database
@@ -326,7 +328,9 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         self._extending = self._extend_timeout_while("starting")
         try:
-            await self._run(stop)
+            # EDGEGW_PROFILE=FILE: a CPU profile of this thread (gateway.daemon.profiling)
+            with profiled(os.environ if self.env is None else self.env):
+                await self._run(stop)
         finally:
             self._stop_extending()
 
