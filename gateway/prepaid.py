@@ -51,11 +51,14 @@ from gateway.billing.account import AccountSettings, load_account
 from gateway.billing.cutoff import (
     Action,
     Contact,
+    CutoffConfig,
     CutoffDecision,
     CutoffEvent,
+    CutoffState,
     PolicyPoint,
     describe,
     follow,
+    next_change_ms,
     reassert,
 )
 from gateway.billing.held import OFF_BILLED_MS, HeldGroup, Stretch
@@ -84,6 +87,30 @@ log = logging.getLogger(__name__)
 # clock went back (not just a reading stamped a little late): the account's policy
 # then starts afresh at the new time instead of waiting for the old one.
 CLOCK_BACK_TOLERANCE_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Quiet:
+    """After an evaluation of an account's policy: with this state, balance, contact
+    and configuration nothing changes the decision before ``until_ms`` (None: until
+    one of them does) — :func:`gateway.billing.cutoff.next_change_ms`."""
+
+    state: CutoffState
+    balance_micro: int
+    contact: tuple[int | None, int | None]  # what of the contact the policy reads
+    cfg: CutoffConfig
+    until_ms: int | None
+
+
+def _contact_key(contact: Contact, cfg: CutoffConfig) -> tuple[int | None, int | None]:
+    """What of ``contact`` the policy of ``cfg`` depends on: the last contact with
+    central only with contact protection, the start only with start-up protection
+    (:func:`gateway.billing.cutoff.protection`; every other use of the contact is in
+    the text of a pending state that only these protections cause)."""
+    return (
+        contact.last_contact_ms if cfg.contact_protect_after_ms is not None else None,
+        contact.started_ms if cfg.startup_protect_ms else None,
+    )
 
 
 @dataclass
@@ -179,6 +206,7 @@ class Prepaid:
         *,
         max_gap_ms: int | None = None,
         off_billed_ms: int = OFF_BILLED_MS,
+        skip_quiet: bool = True,
     ) -> None:
         self.accounts = dict(accounts)
         self.meter_account = dict(meter_account)
@@ -190,11 +218,17 @@ class Prepaid:
         self.outbox: Outbox | None = None  # where ledger entries from commands are uploaded
         # The single writer's working copy of balances, baselines and cutoff states;
         # dropped whenever a transaction rolls back (see attach()).
-        self.ledger = LedgerCache()
+        self.ledger = LedgerCache(skip_quiet=skip_quiet)
         # Per account: where the policy was last evaluated, and the balance changes
         # since (instant, balance after), in the order they were made.
         self._points: dict[str, PolicyPoint] = {}
         self._changes: dict[str, list[tuple[int, int]]] = {}
+        # Per account, after its last evaluation: until when nothing is due (an
+        # evaluation before then only moves the point: see _evaluate_in). False:
+        # every account is evaluated, and scanned for fixed charges, in full every
+        # time (the tests compare both).
+        self.skip_quiet = skip_quiet
+        self._quiet: dict[str, _Quiet] = {}
         # Tariff books installed in the open transaction, with the books they replace:
         # a rollback puts the old ones back (see install_tariff_in).
         self._replaced_books: list[tuple[PrepaidAccount, TariffBook]] = []
@@ -219,6 +253,7 @@ class Prepaid:
         time, from the stored cutoff state and balance (nothing in between is replayed)."""
         self._points.clear()
         self._changes.clear()
+        self._quiet.clear()
 
     def note_balance(self, account: str, time_ms: int, balance_micro: int) -> None:
         """A ledger entry changed ``account``'s balance at ``time_ms`` (the next policy
@@ -420,12 +455,34 @@ class Prepaid:
             log.warning("account %s: clock went back %d ms; policy evaluated afresh",
                         account, last.time_ms - now_ms)
             last = None
+        if not changes and last is not None and last.time_ms <= now_ms and self.skip_quiet:
+            q = self._quiet.get(account)
+            if (
+                q is not None
+                and (q.until_ms is None or now_ms < q.until_ms)
+                and q.state is state
+                and q.balance_micro == last.balance_micro
+                and q.cfg is cfg
+                and q.contact == _contact_key(contact, cfg)
+            ):
+                # Nothing changed since the last evaluation and no instant at which the
+                # decision may change has come: following the policy up to now would
+                # evaluate once more, at now, decide the same and move the point.
+                self._points[account] = PolicyPoint(now_ms, last.balance_micro)
+                return []
         new, point, decisions = follow(
             state, last, changes, now_ms, contact, cfg, account, balance_micro=view.balance_micro
         )
         self._points[account] = point
         if new != state:
             await self.ledger.save_cutoff_state(db, account, new)
+        else:
+            new = state  # (the cached object: the next evaluation compares by identity)
+        if self.skip_quiet:
+            self._quiet[account] = _Quiet(
+                new, point.balance_micro, _contact_key(contact, cfg), cfg,
+                next_change_ms(new, point.balance_micro, point.time_ms, contact, cfg),
+            )  # fmt: skip
         intents: list[RelayIntent] = []
         for d in decisions:
             intents += self._decided(out, d, describe(d.state, d.balance_micro, d.time_ms, contact, cfg))
