@@ -455,21 +455,12 @@ class Prepaid:
             log.warning("account %s: clock went back %d ms; policy evaluated afresh",
                         account, last.time_ms - now_ms)
             last = None
-        if not changes and last is not None and last.time_ms <= now_ms and self.skip_quiet:
-            q = self._quiet.get(account)
-            if (
-                q is not None
-                and (q.until_ms is None or now_ms < q.until_ms)
-                and q.state is state
-                and q.balance_micro == last.balance_micro
-                and q.cfg is cfg
-                and q.contact == _contact_key(contact, cfg)
-            ):
-                # Nothing changed since the last evaluation and no instant at which the
-                # decision may change has come: following the policy up to now would
-                # evaluate once more, at now, decide the same and move the point.
-                self._points[account] = PolicyPoint(now_ms, last.balance_micro)
-                return []
+        if not changes and last is not None and self._policy_quiet(account, state, last, now_ms, contact, cfg):
+            # Nothing changed since the last evaluation and no instant at which the
+            # decision may change has come: following the policy up to now would
+            # evaluate once more, at now, decide the same and move the point.
+            self._points[account] = PolicyPoint(now_ms, last.balance_micro)
+            return []
         new, point, decisions = follow(
             state, last, changes, now_ms, contact, cfg, account, balance_micro=view.balance_micro
         )
@@ -487,6 +478,47 @@ class Prepaid:
         for d in decisions:
             intents += self._decided(out, d, describe(d.state, d.balance_micro, d.time_ms, contact, cfg))
         return intents
+
+    def _policy_quiet(
+        self, account: str, state: CutoffState, last: PolicyPoint, now_ms: int, contact: Contact,
+        cfg: CutoffConfig,
+    ) -> bool:
+        """Would following the policy from ``last`` (no balance change since) up to
+        ``now_ms`` decide nothing and keep ``state``?"""
+        if not self.skip_quiet or now_ms < last.time_ms:
+            return False
+        q = self._quiet.get(account)
+        return (
+            q is not None
+            and (q.until_ms is None or now_ms < q.until_ms)
+            and q.state is state
+            and q.balance_micro == last.balance_micro
+            and q.cfg is cfg
+            and q.contact == _contact_key(contact, cfg)
+        )
+
+    def tick_quiet(self, now_ms: int, contact: Contact) -> bool:
+        """Would :meth:`tick_in` at ``now_ms`` decide, record and write nothing for any
+        account? Then what it would change in memory — every account's policy point
+        and fixed-charge scan position move to ``now_ms`` — is done here, and the tick
+        needs no transaction. (Whatever the stretches of time not lived through: with
+        no charge starting in the span, none is held either.)"""
+        if self._changes or not self.skip_quiet:
+            return False
+        ledger = self.ledger
+        for account, acct in self.accounts.items():
+            if not ledger.fixed_quiet(account, acct.book, now_ms):
+                return False
+            state = ledger.cached_cutoff_state(account)
+            last = self._points.get(account)
+            if state is None or last is None:
+                return False
+            if not self._policy_quiet(account, state, last, now_ms, contact, acct.settings.cutoff):
+                return False
+        for account in self.accounts:
+            ledger.advance_fixed(account, now_ms)
+            self._points[account] = PolicyPoint(now_ms, self._points[account].balance_micro)
+        return True
 
     def _decided(self, out: _Records, d: CutoffDecision, state: str) -> list[RelayIntent]:
         for e in d.events:

@@ -303,6 +303,28 @@ class LedgerCache:
         self._fixed_until[account] = now_ms
         return out
 
+    def fixed_quiet(self, account: str, book: TariffBook, now_ms: int) -> bool:
+        """Would :meth:`fixed_in` at ``now_ms`` find nothing and read or write nothing
+        (only move the scan position: :meth:`advance_fixed`)?"""
+        if not self.skip_quiet or account not in self._fixed_until:
+            return False
+        since = self._fixed_until[account]
+        if since is None or now_ms < since - REWIND_SLACK_MS:
+            return False
+        if now_ms <= since:
+            return True
+        return now_ms - since <= HELD_SCAN_MS and self._nothing_due(account, book, since, now_ms)
+
+    def advance_fixed(self, account: str, now_ms: int) -> None:
+        """What :meth:`fixed_in` does where :meth:`fixed_quiet` holds."""
+        since = self._fixed_until[account]
+        if since is not None and now_ms > since:
+            self._fixed_until[account] = now_ms
+
+    def cached_cutoff_state(self, account: str) -> CutoffState | None:
+        """The account's cutoff state if it is in the cache (None: not loaded)."""
+        return self._cutoff.get(account)
+
     def _nothing_due(self, account: str, book: TariffBook, since_ms: int, now_ms: int) -> bool:
         """No fixed charge of ``book`` starts in (since, now]."""
         q = self._fixed_quiet.get(account)

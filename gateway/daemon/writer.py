@@ -27,9 +27,10 @@ from firmware_bridge.relay_ops import RelayIntent, RelayOp
 from gateway import meter_health
 from gateway.billing.ledger_store import LedgerCorrupt
 from gateway.security import trusted_time
-from gateway.storage_guard import Backlog
+from gateway.storage_guard import Backlog, held_accounts
 from store_forward.integrity import FaultKind
 from store_forward.outbox import MeterStatus, Outbox, OutboxFullError, StorageCorruptError
+from store_forward.storage_state import StorageMode
 from store_forward.uplink import Uplink
 
 if TYPE_CHECKING:
@@ -50,6 +51,9 @@ BACKLOG_MAX_READINGS = 20_000
 # back, and the trips it decides are carried out: every DRY_RUN_S, or less often
 # when that takes long (it may spend at most a fifth of the time doing it).
 DRY_RUN_S = 2.0
+# A tick with nothing due is done without a transaction only while another commit
+# went through this recently (commits feed the watchdog's database condition).
+QUIET_TICK_MAX_S = 10.0
 
 
 @dataclass
@@ -90,6 +94,8 @@ class Writer:
         self.dry_tripped: set[str] = set()  # meters tripped by a rating in memory
         # Meters whose readings carry their relay state: the readings re-assert those.
         self.relay_in_readings: set[str] = set()
+        self.last_commit_mono = -float("inf")  # when the last transaction committed
+        self.quiet_ticks = 0  # ticks done without a transaction (nothing was due)
 
     # -- ticks -------------------------------------------------------------------
 
@@ -108,6 +114,39 @@ class Writer:
             if not self.tick_queued:
                 self.tick_queued = True
                 await out.put(Tick(self.daemon.time_ms()))
+
+    def quiet_tick(self, outbox: Outbox) -> bool:
+        """Do a tick alone in the queue without a transaction when it would decide,
+        record and write nothing (:meth:`gateway.prepaid.Prepaid.tick_quiet`, which
+        also moves what it would move in memory). Only in normal operation: no
+        storage fault or held account, no clock event waiting to be written, the
+        reserve in place, and a commit within :data:`QUIET_TICK_MAX_S`."""
+        d = self.daemon
+        items = self.backlog.items
+        if len(items) != 1 or not isinstance(items[0], Tick) or d.prepaid is None:
+            return False
+        if (
+            not d.storage_started
+            or self.waiting_for_space
+            or outbox.unchecked is not None
+            or outbox.reserve_released
+            or outbox.storage.mode is not StorageMode.NORMAL
+            or d.hold.held
+            or held_accounts(outbox.storage, d.hold.all_accounts())
+            or time.monotonic() - self.last_commit_mono > QUIET_TICK_MAX_S
+        ):
+            return False
+        if d.clock is not None:
+            waiting = d.clock.drain_events()  # (a transaction would write them)
+            if waiting:
+                d.clock.requeue(waiting)
+                return False
+        if not d.prepaid.tick_quiet(d.time_ms(), d.contact()):
+            return False
+        self.tick_queued = False
+        self.backlog.done(1)
+        self.quiet_ticks += 1
+        return True
 
     # -- commits -----------------------------------------------------------------
 
@@ -284,6 +323,8 @@ class Writer:
                 next_space_try = time.monotonic() + SPACE_RETRY_S
                 if not await self.space_is_back(outbox):
                     continue
+            if self.quiet_tick(outbox):
+                continue
             try:
                 if not d.storage_started:
                     await d.start_storage(outbox, uplink)
@@ -313,6 +354,7 @@ class Writer:
                 await asyncio.sleep(min(5.0, 0.2 * attempt))
                 continue
             backlog.done(len(items))
+            self.last_commit_mono = time.monotonic()
             self.dry_tripped.clear()
             relieved = False
             attempt = 0
