@@ -458,8 +458,9 @@ class Prepaid:
         if not changes and last is not None and self._policy_quiet(account, state, last, now_ms, contact, cfg):
             # Nothing changed since the last evaluation and no instant at which the
             # decision may change has come: following the policy up to now would
-            # evaluate once more, at now, decide the same and move the point.
-            self._points[account] = PolicyPoint(now_ms, last.balance_micro)
+            # evaluate once more, at now (or at the last instant, if now lies before
+            # it), decide the same and move the point there.
+            self._points[account] = PolicyPoint(max(now_ms, last.time_ms), last.balance_micro)
             return []
         new, point, decisions = follow(
             state, last, changes, now_ms, contact, cfg, account, balance_micro=view.balance_micro
@@ -484,13 +485,14 @@ class Prepaid:
         cfg: CutoffConfig,
     ) -> bool:
         """Would following the policy from ``last`` (no balance change since) up to
-        ``now_ms`` decide nothing and keep ``state``?"""
-        if not self.skip_quiet or now_ms < last.time_ms:
+        ``now_ms`` decide nothing and keep ``state``? (``now_ms`` may lie a little
+        before ``last``: the policy is then evaluated at ``last`` once more.)"""
+        if not self.skip_quiet:
             return False
         q = self._quiet.get(account)
         return (
             q is not None
-            and (q.until_ms is None or now_ms < q.until_ms)
+            and (q.until_ms is None or max(now_ms, last.time_ms) < q.until_ms)
             and q.state is state
             and q.balance_micro == last.balance_micro
             and q.cfg is cfg
@@ -511,13 +513,14 @@ class Prepaid:
                 return False
             state = ledger.cached_cutoff_state(account)
             last = self._points.get(account)
-            if state is None or last is None:
-                return False
+            if state is None or last is None or now_ms < last.time_ms - CLOCK_BACK_TOLERANCE_MS:
+                return False  # (not loaded, or evaluated afresh: see _evaluate_in)
             if not self._policy_quiet(account, state, last, now_ms, contact, acct.settings.cutoff):
                 return False
         for account in self.accounts:
             ledger.advance_fixed(account, now_ms)
-            self._points[account] = PolicyPoint(now_ms, self._points[account].balance_micro)
+            point = self._points[account]
+            self._points[account] = PolicyPoint(max(now_ms, point.time_ms), point.balance_micro)
         return True
 
     def _decided(self, out: _Records, d: CutoffDecision, state: str) -> list[RelayIntent]:

@@ -180,6 +180,12 @@ class Side:
         if o[0] == "relay":
             return await p.on_relay_states_in(db, self.outbox, [(o[1], o[2])], w.now, contact)
         return []
+READ_AFTER_TICK = [  # readings stamped before the last tick (a slice committed after it), the clock back
+    _tx(("read", "m-p", 0, SECOND)), _tx(("read", "m-p", 250, SECOND)), _tx(("topup", "acct-p", 2_000_000)),
+    _tx(("tick", 2 * SECOND)), _tx(("back", 30 * SECOND)), _tx(("read", "m-p", 0, SECOND)),
+    _tx(("tick", 4 * SECOND)), _tx(("back", 3 * SECOND), ("read", "m-p", 0, 1)), _tx(("tick", 20 * SECOND)),
+    _tx(("back", 2 * MINUTE)), _tx(("read", "m-p", 0, SECOND)), _tx(("tick", SECOND)),
+]
 
 
 async def open_side(tmp: Path, accounts: dict[str, PrepaidAccount], *, skip: bool) -> Side:
@@ -264,6 +270,7 @@ class _RollBack(Exception):
 @example(txs=RECONNECT)
 @example(txs=WINDOW_END)
 @example(txs=CONTACT_LOST)
+@example(txs=READ_AFTER_TICK)
 def test_skipping_quiet_accounts_decides_what_evaluating_every_account_decides(
     tmp_path_factory: pytest.TempPathFactory, txs: list[tuple[list[tuple[Any, ...]], bool]]
 ) -> None:
