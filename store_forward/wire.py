@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from itertools import repeat
 from operator import add, itemgetter
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import orjson
 from cryptography.exceptions import InvalidTag
@@ -376,15 +376,15 @@ class _Reader:
 # --------------------------------------------------------------------------- analysis
 
 
-@dataclass(frozen=True, slots=True)
-class _Value:
+# The encoder's rows are named tuples: a few are made per record of every batch,
+# and a tuple is several times cheaper to build than a frozen dataclass.
+class _Value(NamedTuple):
     code: int
     coef: int
     exp: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Reading:
+class _Reading(NamedTuple):
     id: int
     created_ms: int
     cls: int
@@ -397,8 +397,7 @@ class _Reading:
     record: RecordLike  # for the generic fallback
 
 
-@dataclass(frozen=True, slots=True)
-class _Generic:
+class _Generic(NamedTuple):
     id: int
     created_ms: int
     cls: int
@@ -412,8 +411,30 @@ _Row = _Reading | _Generic
 _PLAIN_DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.([0-9]+))?")
 
 
+# Texts already split by _decimal_parts (the same values recur batch after batch: a
+# meter's energy register between its steps, a frequency, a relay state); cleared
+# when full.
+_PARTS_MEMO: dict[str, tuple[int, int] | None] = {}
+_PARTS_MEMO_MAX = 8192
+
+
 def _decimal_parts(text: object) -> tuple[int, int] | None:
     """(coefficient, exponent) that reproduce ``text`` exactly, or None."""
+    if type(text) is not str:
+        return _split_decimal(text)
+    try:
+        return _PARTS_MEMO[text]
+    except KeyError:
+        pass
+    parts = _split_decimal(text)
+    if len(_PARTS_MEMO) >= _PARTS_MEMO_MAX:
+        _PARTS_MEMO.clear()
+    _PARTS_MEMO[text] = parts
+    return parts
+
+
+def _split_decimal(text: object) -> tuple[int, int] | None:
+    """:func:`_decimal_parts`, computed."""
     if not isinstance(text, str) or len(text) > 64:
         return None
     m = _PLAIN_DECIMAL.fullmatch(text)

@@ -740,3 +740,21 @@ def test_varints_read_together_are_read_one_by_one(values: list[int], cut: int) 
         short = bytes(buf[: max(0, len(buf) - cut)])
         with pytest.raises(WireFormatError):
             wire._Reader(short).uvarints(len(values))
+
+
+@given(
+    texts=st.lists(
+        st.one_of(
+            st.decimals(allow_nan=False, allow_infinity=False, places=3).map(str),
+            st.integers(-10**20, 10**20).map(str),
+            st.text(alphabet="-0123456789.eE+ ", max_size=12),
+        ),
+        max_size=40,
+    )
+)
+def test_the_memo_of_decimal_parts_answers_what_splitting_does(texts: list[str]) -> None:
+    for t in texts + texts[::-1]:  # every text twice: computed, then from the memo
+        assert wire._decimal_parts(t) == wire._split_decimal(t)
+    wire._PARTS_MEMO.clear()  # (a full memo is cleared: the next look computes again)
+    for t in texts:
+        assert wire._decimal_parts(t) == wire._split_decimal(t)
