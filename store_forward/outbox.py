@@ -1172,15 +1172,29 @@ class Outbox(Database):
         return await self._apply_acks_in(db, waiting)
 
     async def _apply_acks_in(self, db: aiosqlite.Connection, acks: Mapping[int, str | None]) -> int:
+        (rows,) = await run_statements(db, [self._acks_query(acks)])
+        writes, n = self._acks_writes(acks, rows)
+        await run_statements(db, writes)
+        return n
+
+    @staticmethod
+    def _acks_query(acks: Mapping[int, str | None]) -> Statement:
+        """Each acknowledged batch with its records and billing readings counted, in
+        one statement."""
         seqs = list(acks)
         marks = ",".join("?" * len(seqs))
-        # Each batch with its records and billing readings counted, in one statement.
-        rows = await db.execute_fetchall(
+        return Statement(
             "SELECT b.seq, b.epoch, count(o.id), coalesce(sum(o.kind = ? AND o.cls = ?), 0)"
             " FROM batches b LEFT JOIN outbox o ON o.batch_seq = b.seq"
             f" WHERE b.seq IN ({marks}) GROUP BY b.seq",
             (RecordKind.READING.value, int(RecordClass.BILLING), *seqs),
         )
+
+    def _acks_writes(
+        self, acks: Mapping[int, str | None], rows: Sequence[Any]
+    ) -> tuple[list[Statement], int]:
+        """What applies the acks :meth:`_acks_query` found (the batches whose epoch
+        matches), and the records that frees."""
         found: list[int] = []
         n = n_readings = 0
         for seq, epoch, records, readings in rows:
@@ -1188,11 +1202,11 @@ class Outbox(Database):
                 found.append(int(seq))
                 n += int(records)
                 n_readings += int(readings)
-        self._tx_acked.extend(seqs)
+        self._tx_acked.extend(acks)
         if not found:
-            return 0
+            return [], 0
         marks = ",".join("?" * len(found))
-        await run_statements(db, [
+        return [
             Statement(f"DELETE FROM outbox WHERE batch_seq IN ({marks})", found),
             Statement(f"DELETE FROM batches WHERE seq IN ({marks})", found),
             Statement(
@@ -1201,8 +1215,7 @@ class Outbox(Database):
                 [(K_ACKED_RECORDS, n), (K_ACKED_READINGS, n_readings)],
                 many=True,
             ),
-        ])  # fmt: skip
-        return n
+        ], n  # fmt: skip
 
     async def fold_in(self, db: aiosqlite.Connection, now_ms: int) -> None:
         """The rest of a poll cycle's transaction: apply the acks that arrived since
@@ -1213,12 +1226,17 @@ class Outbox(Database):
         records are durable first; every later send is the same bytes."""
         # Acks ride only on a transaction that writes anyway (not on a billing tick
         # that changed nothing); alone they wait for the next one, or acks_due.
-        if self.tx_writes():
-            await self.apply_acks_in(db)
+        acks = (
+            {seq: epoch for seq, (epoch, _) in self._acks.items() if seq not in self._tx_acked}
+            if self.tx_writes()
+            else {}
+        )
         plan = (
             self.batch_plan() if self.batch_plan is not None and self.packer is not None else None
         )
         if plan is None or not self._tx_added:
+            if acks:
+                await self._apply_acks_in(db, acks)
             return
         classes = [c for c in RecordClass if int(c) <= plan.max_cls]
         per_class = " UNION ALL ".join(
@@ -1226,11 +1244,16 @@ class Outbox(Database):
             f" ORDER BY id LIMIT {plan.max_records + 1})"
             for c in classes
         )
-        # What waits of each class, with the next batch number and epoch (one trip).
-        waiting_rows, kv_rows = await run_statements(db, [
+        # The acknowledged batches, what waits of each class, the next batch number and
+        # epoch: one trip (the acks touch only records already in a batch and their
+        # own counters, so the order of these reads does not matter).
+        *ack_rows, waiting_rows, kv_rows = await run_statements(db, [
+            *([self._acks_query(acks)] if acks else []),
             Statement(per_class),
             Statement("SELECT key, value FROM kv WHERE key IN (?, ?)", (K_NEXT_SEQ, K_BATCH_EPOCH)),
         ])  # fmt: skip
+        # The acks' writes go first, as when they were applied before the batches.
+        writes: list[Statement] = self._acks_writes(acks, ack_rows[0])[0] if acks else []
         rows = [(int(c), int(i)) for c, i in waiting_rows]
         kv = {str(k): v for k, v in kv_rows}
         waiting: dict[int, list[int]] = {}
@@ -1238,7 +1261,7 @@ class Outbox(Database):
             waiting.setdefault(c, []).append(i)
         all_batched = len(classes) == len(RecordClass)
         seq = epoch = None
-        writes: list[Statement] = []  # the batches and their records, written together
+        # the applied acks, then the batches and their records: written together
         for cls in sorted(waiting):
             ids = waiting[cls]
             missing = [i for i in ids if i not in self._tx_records]
