@@ -893,15 +893,18 @@ class Database:
 
     # -- space --------------------------------------------------------------
 
+    # (live pages and their size in one statement: it runs on every commit)
+    USAGE_SQL = (
+        "SELECT p.page_size, c.page_count, f.freelist_count"
+        " FROM pragma_page_size() AS p, pragma_page_count() AS c, pragma_freelist_count() AS f"
+    )
+
     async def _usage(self, db: aiosqlite.Connection) -> tuple[int, int]:
         """(live database bytes, free filesystem bytes)."""
-        # One statement, one hand-off to the connection's thread (it runs every commit).
-        rows = list(
-            await db.execute_fetchall(
-                "SELECT p.page_size, c.page_count, f.freelist_count"
-                " FROM pragma_page_size() AS p, pragma_page_count() AS c, pragma_freelist_count() AS f"
-            )
-        )
+        return self._usage_of(list(await db.execute_fetchall(self.USAGE_SQL)))
+
+    def _usage_of(self, rows: Sequence[Any]) -> tuple[int, int]:
+        """:meth:`_usage` from the rows of :data:`USAGE_SQL`."""
         page_size, pages, free_pages = (int(v) for v in rows[0]) if rows else (0, 0, 0)
         return (pages - free_pages) * page_size, _free_bytes(self.path.parent)
 

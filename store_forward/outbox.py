@@ -552,18 +552,27 @@ class Outbox(Database):
             await run_statements(db, [insert])
         return first
 
+    NEXT_ID_SQL = (
+        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
+        " coalesce((SELECT max(id) FROM outbox), 0)"
+    )
+
+    @staticmethod
+    def _first_free_id(rows: Sequence[Any]) -> int:
+        """The id after the AUTOINCREMENT high-water mark, from :data:`NEXT_ID_SQL`."""
+        return max(int(rows[0][0]), int(rows[0][1])) + 1 if rows else 1
+
     async def _prepare_many(
-        self, db: aiosqlite.Connection, items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]]
+        self,
+        db: aiosqlite.Connection,
+        items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]],
+        first: int | None = None,
     ) -> tuple[int, Statement | None]:
         """:meth:`_add_many` up to the insert, which is returned to be executed next
-        (before any other statement that adds records)."""
-        rows = list(
-            await db.execute_fetchall(
-                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
-                " coalesce((SELECT max(id) FROM outbox), 0)"
-            )
-        )
-        first = max(int(rows[0][0]), int(rows[0][1])) + 1 if rows else 1
+        (before any other statement that adds records). ``first``: the first free id,
+        read by the caller in this transaction since the last insert or delete."""
+        if first is None:
+            first = self._first_free_id(list(await db.execute_fetchall(self.NEXT_ID_SQL)))
         if not items:
             return first, None
         self._tx_added = True
@@ -645,7 +654,11 @@ class Outbox(Database):
         events: Sequence[dict[str, Any]] = (),
     ) -> list[int]:
         """Add a poll cycle inside a transaction; returns one record id per reading."""
-        await self._enforce_policy(db, now_ms)
+        # The space check and the first free id: one trip (an eviction reads the id again).
+        usage, next_id = await run_statements(db, [Statement(self.USAGE_SQL), Statement(self.NEXT_ID_SQL)])
+        first: int | None = self._first_free_id(next_id)
+        if await self._enforce_policy(db, now_ms, usage=self._usage_of(usage)):
+            first = None
         ids = []
         n_billing = n_telemetry = 0
         items: list[tuple[RecordClass, str, int, dict[str, Any]]] = []
@@ -662,7 +675,7 @@ class Outbox(Database):
                     n_telemetry += 1
         for e in events:
             items.append((RecordClass.EVENT, RecordKind.EVENT, now_ms, e))
-        first, insert = await self._prepare_many(db, items)
+        first, insert = await self._prepare_many(db, items, first)
         ids = [first + i for i in ids]
         # The insert, the meter statuses and the counters go to the connection together.
         pending: list[Statement] = [] if insert is None else [insert]
@@ -729,11 +742,17 @@ class Outbox(Database):
 
     # -- storage policy -----------------------------------------------------
 
-    async def _enforce_policy(self, db: aiosqlite.Connection, now_ms: int) -> None:
-        live, free = await self._usage(db)
+    async def _enforce_policy(
+        self, db: aiosqlite.Connection, now_ms: int, *, usage: tuple[int, int] | None = None
+    ) -> bool:
+        """Evict what the storage policy asks for (``usage``: :meth:`_usage` as read in
+        this transaction); True when it evicted (deleted) anything."""
+        live, free = usage if usage is not None else await self._usage(db)
         plan = plan_eviction(live, free, self.policy)
         if plan.shed_bytes or plan.hard_bytes:
             await self._evict(db, now_ms, plan)
+            return True
+        return False
 
     async def _emergency_evict(self) -> int:
         """After SQLITE_FULL: give up the ballast, then shed telemetry (and past the
