@@ -53,6 +53,7 @@ __all__ = [
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 10.0  # until the port accepts; mosquitto itself needs milliseconds
+RUNNING = b" running\n"  # the end of "mosquitto version X running", its last start-up line
 # examples/ beside testbed/ in the source checkout (the test bench runs from there)
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "examples" / "mosquitto"
 SHIPPED_CONF = "mosquitto.conf"
@@ -259,7 +260,16 @@ class Mosquitto:
             )
             if os.geteuid() == 0:
                 text += "\nuser root\n"
+        # mosquitto listens before it loads the TLS files; its "running" line (an
+        # information message) says it got past them (see start)
+        text += "\nlog_type information\n"
         self.conf.write_text(text)
+
+    def _running_lines(self) -> int:
+        try:
+            return self.log.read_bytes().count(RUNNING)
+        except OSError:
+            return 0
 
     # -- process ---------------------------------------------------------------------
 
@@ -290,7 +300,11 @@ class Mosquitto:
         return False
 
     def start(self) -> None:
+        """Start mosquitto and return once it has started: it holds the listening
+        socket on our port and has logged that it runs (it opens its listeners
+        before it loads certificates, and exits if they cannot be loaded)."""
         self._write_config()
+        before = self._running_lines()
         self.proc = subprocess.Popen(
             [mosquitto_binary(), "-c", str(self.conf)],
             stdout=subprocess.DEVNULL,
@@ -303,7 +317,7 @@ class Mosquitto:
                 wait_port(self.port, up=True, timeout_s=0.1)
             except TimeoutError:
                 continue
-            if self.proc.poll() is None and self._listens():
+            if self.proc.poll() is None and self._listens() and self._running_lines() > before:
                 return
             time.sleep(0.02)
         err = b""
