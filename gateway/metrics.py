@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import re
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -52,6 +53,8 @@ from firmware_bridge.reading import Quantity
 from gateway import __version__
 from gateway.meter_health import State
 from gateway.security.trusted_time import TimeQuality
+from gateway.software_status import releases_root_of, software_status
+from gateway.update_transfer import update_spool
 from store_forward.storage_state import StorageMode
 from store_forward.uplink import LinkState
 
@@ -315,6 +318,54 @@ async def collect(daemon: Daemon, m: GatewayMetrics, *, up: bool = True) -> list
         ),
     ]
     fams += _time_families(daemon, now_ms)
+    fams += software_families(
+        await asyncio.to_thread(
+            software_status,
+            releases_root_of(Path(sys.prefix)) or NO_ROOT,
+            update_spool(cfg.storage.path),
+            __version__,
+        )
+    )
+    return fams
+
+
+NO_ROOT = Path("/nonexistent/edgegw-releases")  # a development install: no releases root
+UPDATE_PHASES = ("idle", "switching", "trial", "committing", "rolling-back")
+
+
+def software_families(sw: Mapping[str, Any]) -> list[Family]:
+    """Updates and software downloads (:func:`gateway.software_status.software_status`):
+    the update phase (under a releases root only), the last update's outcome, bundles
+    that failed their trial, downloads in progress, bundles ready and held."""
+    fams: list[Family] = []
+    rel = sw["releases"]
+    if rel["present"]:
+        phase = str(rel.get("phase", "unknown"))
+        phases = UPDATE_PHASES if phase in UPDATE_PHASES else (*UPDATE_PHASES, phase)
+        fams.append(_gauge(
+            "update_phase",
+            "1 for the updater's phase now (idle; switching, trial, committing, rolling-back while an update runs)",
+            [({"phase": ph}, 1 if ph == phase else 0) for ph in phases],
+        ))  # fmt: skip
+        last = rel.get("last")
+        if last:
+            labels = {"outcome": str(last.get("outcome")), "from": str(last.get("from")), "to": str(last.get("to"))}
+            fams.append(_gauge("update_last", "the last update's outcome and versions (value 1)", [(labels, 1)]))
+        fams.append(_gauge(
+            "update_failed_bundles", "bundles that failed their trial (not tried again)", _one(rel.get("failed", 0))
+        ))  # fmt: skip
+    sp = sw["spool"]
+    downloads = [d for d in sp["downloads"] if "problem" not in d]
+    fams += [
+        _gauge("software_downloads", "software bundles offered and being downloaded", _one(len(downloads))),
+        _gauge(
+            "software_download_bytes",
+            "how far each download's part file reaches, against the bundle's size (the size label)",
+            [({"version": d["version"], "size": str(d["size"])}, d["bytes_on_disk"]) for d in downloads],
+        ),
+        _gauge("software_bundles_ready", "downloaded bundles waiting for the updater", _one(sp["ready"])),
+        _gauge("software_bundles_held", "bundles held below the version floor", _one(sp["held"])),
+    ]
     return fams
 
 

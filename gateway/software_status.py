@@ -92,6 +92,13 @@ def spool_status(spool: Path) -> dict[str, Any]:
     return out
 
 
+def releases_root_of(prefix: Path) -> Path | None:
+    """The releases root a process runs from, given its ``sys.prefix``: the virtual
+    environment of a release is ``<root>/releases/<version>``; None for any other
+    installation (a development checkout)."""
+    return prefix.parent.parent if prefix.parent.name == "releases" else None
+
+
 def software_status(root: Path, spool: Path, running: str | None) -> dict[str, Any]:
     """The whole software section of `edgegw status --json` (``running``: the
     version the daemon's heartbeat names, None when it does not run)."""

@@ -184,6 +184,8 @@ async def test_gateway_textfile_and_headend_metrics_tell_what_happened(
             assert value(g, "edgegw_meters", state="online") == 1
             assert (value(g, "edgegw_meters", state="offline") or 0) + (value(g, "edgegw_meters", state="quarantined") or 0) == 1
             assert value(g, "edgegw_restores_total") == 0
+            assert value(g, "edgegw_software_downloads") == 0  # a development install: no update metrics
+            assert value(g, "edgegw_update_phase", phase="idle") is None
             assert (value(g, "edgegw_relay_operations_total", action="trip", result="ok") or 0) >= 1
             assert value(g, "edgegw_uplink_up") == 1 and value(g, "edgegw_uplink_connects_total") == 1
             assert value(g, "edgegw_storage_state", state="normal") == 1

@@ -103,3 +103,33 @@ def test_status_command_carries_the_software_section(tmp_path: Path, capsys: pyt
     out = capsys.readouterr().out
     assert "software: not running; current 0.2.0, committed 0.1.0, floor 0.1.0, update idle" in out
     assert "downloading 0.3.0" in out
+
+
+def test_the_same_as_metrics_for_the_fleet(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.metrics import render, software_families
+    from gateway.software_status import releases_root_of
+
+    last = {"outcome": "rolled-back", "from": "0.1.0", "to": "0.2.0", "source": "mqtt"}
+    root = releases_root(tmp_path / "opt", {"phase": "trial", "floor": "0.1.0", "last": last, "failed": ["a", "b"]})
+    assert releases_root_of(root / "releases" / "0.2.0") == root
+    assert releases_root_of(tmp_path / ".venv") is None
+    text = render(software_families(software_status(root, spool(tmp_path / "updates"), "0.2.0")))
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+    assert samples[("edgegw_update_phase", (("phase", "trial"),))] == 1
+    assert samples[("edgegw_update_phase", (("phase", "idle"),))] == 0
+    assert samples[("edgegw_update_last", (("from", "0.1.0"), ("outcome", "rolled-back"), ("to", "0.2.0")))] == 1
+    assert samples[("edgegw_update_failed_bundles", ())] == 2
+    assert samples[("edgegw_software_downloads", ())] == 1  # the unreadable offer is not a download
+    assert samples[("edgegw_software_download_bytes", (("size", "4000000"), ("version", "0.3.0")))] == 1_500_000
+    assert samples[("edgegw_software_bundles_ready", ())] == 1
+    assert samples[("edgegw_software_bundles_held", ())] == 0
+
+    # a development install: no releases root, downloads only
+    bare = render(software_families(software_status(tmp_path / "nowhere", tmp_path / "no-spool", "0.2.0")))
+    assert "edgegw_update_phase" not in bare and "edgegw_software_downloads 0" in bare
