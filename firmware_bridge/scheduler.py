@@ -329,11 +329,6 @@ class _ReadDeadline:
         self.expired = False
         return task.uncancel() <= self._cancelling
 
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
 
 class BusScheduler:
     """Owns one bus; see the module documentation for the policy."""

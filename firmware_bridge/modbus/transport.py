@@ -340,7 +340,7 @@ class PymodbusTransport(ModbusTransport):
     async def read_registers(
         self, meter_id: str, unit: int, function_code: int, address: int, count: int, *, timeout_s: float | None = None
     ) -> list[int]:
-        what = f"unit {unit} FC{function_code:02d} {address:#06x}+{count}"
+        what = _what(unit, function_code, address, f"+{count}")
         if function_code == 3:
 
             def op() -> Awaitable[Any]:
@@ -360,7 +360,7 @@ class PymodbusTransport(ModbusTransport):
         return regs
 
     async def read_coil(self, meter_id: str, unit: int, address: int, *, timeout_s: float | None = None) -> bool:
-        what = f"unit {unit} FC01 {address:#06x}"
+        what = _what(unit, 1, address)
         response = await self._call(
             meter_id, what, lambda: self.client.read_coils(address, count=1, device_id=unit), timeout_s, 1, unit
         )
@@ -370,7 +370,7 @@ class PymodbusTransport(ModbusTransport):
         return bool(bits[0])
 
     async def write_coil(self, meter_id: str, unit: int, address: int, value: bool, *, timeout_s: float | None = None) -> None:
-        what = f"unit {unit} FC05 {address:#06x}={int(value)}"
+        what = _what(unit, 5, address, f"={int(value)}")
         await self._call(
             meter_id, what, lambda: self.client.write_coil(address, value, device_id=unit), timeout_s, 5, unit
         )
@@ -378,7 +378,7 @@ class PymodbusTransport(ModbusTransport):
     async def write_register(
         self, meter_id: str, unit: int, address: int, value: int, *, timeout_s: float | None = None
     ) -> None:
-        what = f"unit {unit} FC06 {address:#06x}={value}"
+        what = _what(unit, 6, address, f"={value}")
         await self._call(
             meter_id, what, lambda: self.client.write_register(address, value, device_id=unit), timeout_s, 6, unit
         )
@@ -401,7 +401,6 @@ class _MbapConnection(asyncio.Protocol):
         self.tid = -1
         self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
         self.late = 0  # frames for another transaction id while a request waited
-        self.lost: str = ""
         # One timer serves every request: requests follow each other in well under
         # their timeout, so it is armed once and, when it fires, either expires the
         # request still waiting or is re-armed for that request's deadline (no timer
@@ -452,10 +451,10 @@ class _MbapConnection(asyncio.Protocol):
         self.closed = True
         self.stop_timer()
         pending = self.parser.pending
-        self.lost = "connection closed by the peer" if exc is None else f"connection lost: {exc}"
+        lost = "connection closed by the peer" if exc is None else f"connection lost: {exc}"
         if pending:
-            self.lost += f" ({pending} byte(s) of a frame received)"
-        self._fail(ConnectionError(self.lost))
+            lost += f" ({pending} byte(s) of a frame received)"
+        self._fail(ConnectionError(lost))
 
     def _fail(self, exc: Exception) -> None:
         waiter = self.waiter
