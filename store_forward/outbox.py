@@ -1183,12 +1183,14 @@ class Outbox(Database):
 
     async def apply_acks_in(self, db: aiosqlite.Connection) -> int:
         """Delete the batches whose acks wait, inside the caller's transaction."""
-        waiting = {
-            seq: epoch for seq, (epoch, _) in self._acks.items() if seq not in self._tx_acked
-        }
+        waiting = self._acks_waiting()
         if not waiting:
             return 0
         return await self._apply_acks_in(db, waiting)
+
+    def _acks_waiting(self) -> dict[int, str | None]:
+        """The acks that arrived and are not yet applied in this transaction (seq -> epoch)."""
+        return {seq: epoch for seq, (epoch, _) in self._acks.items() if seq not in self._tx_acked}
 
     async def _apply_acks_in(self, db: aiosqlite.Connection, acks: Mapping[int, str | None]) -> int:
         (rows,) = await run_statements(db, [self._acks_query(acks)])
@@ -1245,11 +1247,7 @@ class Outbox(Database):
         records are durable first; every later send is the same bytes."""
         # Acks ride only on a transaction that writes anyway (not on a billing tick
         # that changed nothing); alone they wait for the next one, or acks_due.
-        acks = (
-            {seq: epoch for seq, (epoch, _) in self._acks.items() if seq not in self._tx_acked}
-            if self.tx_writes()
-            else {}
-        )
+        acks = self._acks_waiting() if self.tx_writes() else {}
         plan = (
             self.batch_plan() if self.batch_plan is not None and self.packer is not None else None
         )

@@ -193,7 +193,7 @@ class BlockDecoder:
             )
             for f in block.fields
         ]
-        # registers needed for every field to be inside the block (0 for a bad plan:
+        # registers needed for every field to be inside the block (-1 for a bad plan:
         # the per-field check below names the field)
         bad = any(off < 0 for _, off, *_ in self._steps)
         self._end = -1 if bad else max((off + count for _, off, count, *_ in self._steps), default=0)
