@@ -86,15 +86,25 @@ async def test_one_line_per_cause_with_counts_and_priority_prefixes(tmp_path: Pa
     assert lines and all(PRIORITY.match(ln) for ln in lines), [ln for ln in lines if not PRIORITY.match(ln)]
     assert all(ln.endswith("gateway=gw-j") or " gateway=gw-j " in ln for ln in lines), lines
 
-    first, second, back = uplink_lines()
+    # The refusing server lets go of the port before the broker takes it: a retry in
+    # that gap meets a closed port again, a cause of its own (one more line).
+    first, second, *between, back = uplink_lines()
+    assert len(between) <= 1, uplink_lines()
     assert first.startswith("<4>store_forward.uplink: uplink: connection lost: ") and "refused" in first, first
     m = re.search(r"\(the previous cause repeated (\d+) times: connection lost: [^)]*refused", second)
     assert second.startswith("<4>") and m is not None, second
     refused_times = int(m.group(1))
     assert refused_times >= 3 and f"repeats={refused_times}" in second
+    repeats = refused_times
+    for line in between:
+        cause, _, previous = line.partition("(the previous cause repeated ")
+        m = re.match(r"(\d+) times: ", previous)
+        assert line.startswith("<4>") and "refused" in cause and m is not None, line
+        assert second.split("connection lost: ")[1].split(" (")[0] in previous, (second, line)
+        repeats += int(m.group(1))
     m = re.search(r"connected after (\d+) failures in \d+ s \(last cause, (\d+) times: ", back)
     assert back.startswith("<6>") and m is not None, back
     failures, last_times = int(m.group(1)), int(m.group(2))
-    assert last_times >= 3 and failures == refused_times + last_times
+    assert (last_times >= 3 or between) and failures == repeats + last_times
     assert "uplink connecting" not in text and "uplink down" not in text
     assert "<6>gateway.daemon.supervisor: gateway gw-j running" in text
