@@ -33,7 +33,13 @@ from typing import Any
 import orjson
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
-from gateway.billing.rating import FixedChargeDue, IntervalCharge, TierState
+from gateway.billing.rating import (
+    FixedChargeDue,
+    IntervalCharge,
+    TierState,
+    is_legacy_debit_id,
+    legacy_debit_id,
+)
 
 
 class LedgerConflict(EdgeGwError):
@@ -88,9 +94,11 @@ class Entry:
         )
 
     def same_content(self, other: Entry) -> bool:
+        return self.entry_id == other.entry_id and self.same_but_id(other)
+
+    def same_but_id(self, other: Entry) -> bool:
         return (
-            self.entry_id == other.entry_id
-            and self.account == other.account
+            self.account == other.account
             and self.kind == other.kind
             and self.amount_micro == other.amount_micro
             and self.time_ms == other.time_ms
@@ -125,7 +133,8 @@ class LedgerView:
 
 
 def debit_entry(account: str, charge: IntervalCharge) -> Entry:
-    """The ledger entry for one rated interval (id = hash of meter + reading ids)."""
+    """The ledger entry for one rated interval (id = end time + hash of meter and
+    reading ids, :func:`gateway.billing.rating.debit_id`)."""
     lines = [
         {
             "tariff": ln.tariff,
@@ -149,6 +158,32 @@ def debit_entry(account: str, charge: IntervalCharge) -> Entry:
         "lines": lines,
     }
     return Entry(charge.charge_id, account, EntryKind.DEBIT, -charge.amount_micro, charge.end_ms, body)
+
+
+def earlier_id(entry: Entry) -> str | None:
+    """The id a ledger written before debit ids were ordered by time holds the same
+    debit under (:func:`gateway.billing.rating.legacy_debit_id`), or None (not a
+    debit, or a debit whose id already has the older form)."""
+    if entry.kind is not EntryKind.DEBIT or is_legacy_debit_id(entry.entry_id):
+        return None
+    b = entry.body
+    try:
+        return legacy_debit_id(str(b["meter"]), str(b["start_reading_id"]), str(b["end_reading_id"]))
+    except KeyError:
+        return None
+
+
+def check_earlier(entry: Entry, old: Entry | None) -> Entry | None:
+    """``old`` (the entry found under ``earlier_id(entry)``) if it is the same debit,
+    None if there is none; :class:`LedgerConflict` if it records the same reading
+    pair with different content."""
+    if old is None:
+        return None
+    if not old.same_but_id(entry):
+        raise LedgerConflict(
+            f"{entry.entry_id}: its reading pair is already recorded as {old.entry_id} with different content"
+        )
+    return old
 
 
 def fixed_entry(due: FixedChargeDue) -> Entry:
@@ -393,6 +428,9 @@ class Ledger:
             if not old.same_content(entry):
                 raise LedgerConflict(f"{entry.entry_id}: already recorded with different content")
             return AppendResult(old, False, self.view)
+        earlier = earlier_id(entry)
+        if earlier is not None and check_earlier(entry, self._by_id.get(earlier)) is not None:
+            return AppendResult(self._by_id[earlier], False, self.view)
         e = replace(entry, seq=len(self._entries) + 1)
         self._entries.append(e)
         self._by_id[e.entry_id] = e

@@ -51,13 +51,17 @@ from gateway.billing.ledger import (
     LedgerConflict,
     LedgerView,
     advance,
+    check_earlier,
     debit_entry,
+    earlier_id,
 )
 from gateway.billing.rating import (
+    LEGACY_DEBIT_RANGE,
     MeterReplacement,
     MeterTrack,
     RegisterReading,
     fixed_charges_due,
+    is_legacy_debit_id,
     track_reading,
     track_replacement,
 )
@@ -92,6 +96,8 @@ class LedgerCache:
         self._fixed_quiet: dict[str, tuple[TariffBook, int, int | None]] = {}
         self._dirty_views: dict[str, None] = {}
         self._dirty_baselines: dict[str, str] = {}  # meter -> account
+        # does the ledger hold debit ids of the older form (None: not looked up yet)?
+        self._legacy_debits: bool | None = None
 
     # -- validity -------------------------------------------------------------
 
@@ -105,6 +111,7 @@ class LedgerCache:
         self._fixed_quiet.clear()
         self._dirty_views.clear()
         self._dirty_baselines.clear()
+        self._legacy_debits = None
 
     def forget_account(self, account: str) -> None:
         """Drop one account's view after the uncached top-up or snapshot path changed
@@ -203,6 +210,11 @@ class LedgerCache:
         """:func:`ledger_store.append` for every kind but snapshots (which rebase the view)."""
         if entry.kind is EntryKind.SNAPSHOT:
             raise ValueError("snapshots go through ledger_store.apply_snapshot")
+        earlier = earlier_id(entry)
+        if earlier is not None and await self._holds_legacy_debits(conn):
+            same = check_earlier(entry, await ls.get_entry(conn, earlier))
+            if same is not None:
+                return AppendResult(same, False, await self.view(conn, same.account))
         view = await self.view(conn, entry.account)
         e = replace(entry, seq=view.last_seq + 1)
         cur = await conn.execute(ls.INSERT_ENTRY_SQL + " ON CONFLICT (entry_id) DO NOTHING", ls.entry_params(e))
@@ -216,7 +228,21 @@ class LedgerCache:
             return AppendResult(old, False, view)
         view = self._views[entry.account] = advance(view, e)
         self._dirty_views[entry.account] = None
+        if is_legacy_debit_id(e.entry_id) and self._legacy_debits is False:
+            self._legacy_debits = True
         return AppendResult(e, True, view)
+
+    async def _holds_legacy_debits(self, conn: aiosqlite.Connection) -> bool:
+        """Whether a debit can be recorded under an id of the older form (a ledger
+        written before debit ids were ordered by time): looked up once, in the id
+        index (those ids sort apart from the time-ordered ones), then kept. Ledgers
+        without them skip the look-up of every debit's older id."""
+        if self._legacy_debits is None:
+            async with conn.execute(
+                "SELECT 1 FROM billing_entry WHERE entry_id >= ? AND entry_id < ? LIMIT 1", LEGACY_DEBIT_RANGE
+            ) as cur:
+                self._legacy_debits = await cur.fetchone() is not None
+        return self._legacy_debits
 
     async def rate(
         self,

@@ -58,7 +58,9 @@ from gateway.billing.ledger import (
     LedgerConflict,
     LedgerView,
     advance,
+    check_earlier,
     debit_entry,
+    earlier_id,
     fixed_entry,
     fold,
     fold_from,
@@ -331,6 +333,11 @@ async def append(conn: aiosqlite.Connection, entry: Entry) -> AppendResult:
         if not old.same_content(entry):
             raise LedgerConflict(f"{entry.entry_id}: already recorded with different content")
         return AppendResult(old, False, await load_view(conn, old.account))
+    earlier = earlier_id(entry)
+    if earlier is not None:
+        same = check_earlier(entry, await get_entry(conn, earlier))
+        if same is not None:
+            return AppendResult(same, False, await load_view(conn, same.account))
     await open_account(conn, entry.account)
     view = await load_view(conn, entry.account)
     if entry.kind is EntryKind.SNAPSHOT:

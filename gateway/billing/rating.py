@@ -131,10 +131,41 @@ class Apportioning(enum.StrEnum):
     TIME = "time"  # proportional to time in each segment
 
 
-def debit_id(meter_id: str, start_reading_id: str, end_reading_id: str) -> str:
-    """Stable id of the charge for one reading pair of one meter."""
-    h = hashlib.sha256(f"{meter_id}\x1f{start_reading_id}\x1f{end_reading_id}".encode()).hexdigest()
-    return f"debit:{h[:32]}"
+DEBIT_ID_PREFIX = "debit:t"  # every debit id; ids of the older form are "debit:" + 32 hex digits
+DEBIT_TIME_DIGITS = 11  # hex digits of the end time (ms since the epoch): up to the year 2527
+DEBIT_HASH_DIGITS = 20  # hex digits of the hash: 80 bits among the debits ending in the same millisecond
+_DEBIT_TIME_MAX = 16**DEBIT_TIME_DIGITS - 1
+LEGACY_DEBIT_RANGE = ("debit:0", "debit:g")  # [low, high): where ids of the older form sort, and only they
+
+
+def _pair_digest(meter_id: str, start_reading_id: str, end_reading_id: str) -> str:
+    return hashlib.sha256(f"{meter_id}\x1f{start_reading_id}\x1f{end_reading_id}".encode()).hexdigest()
+
+
+def debit_id(meter_id: str, start_reading_id: str, end_reading_id: str, end_ms: int) -> str:
+    """Stable id of the charge for one reading pair of one meter, in time order.
+
+    ``debit:t`` + the end time in 11 hex digits (ms since the epoch, clamped to
+    0..16^11-1) + the first 20 hex digits of sha256(meter, start reading id, end
+    reading id): 38 characters, as long as the older form. Ids compare as their
+    end times do, so the debits of a poll cycle go to neighbouring places in the
+    ledger's id index instead of random ones (docs/billing.md, "Ledger").
+    """
+    t = min(max(end_ms, 0), _DEBIT_TIME_MAX)
+    h = _pair_digest(meter_id, start_reading_id, end_reading_id)
+    return f"{DEBIT_ID_PREFIX}{t:0{DEBIT_TIME_DIGITS}x}{h[:DEBIT_HASH_DIGITS]}"
+
+
+def legacy_debit_id(meter_id: str, start_reading_id: str, end_reading_id: str) -> str:
+    """The id the releases before time-ordered ids gave the same charge
+    (``debit:`` + sha256(meter, start reading id, end reading id)[:32]); ledgers
+    they wrote keep those ids, and a charge rated again must still be found by it."""
+    return f"debit:{_pair_digest(meter_id, start_reading_id, end_reading_id)[:32]}"
+
+
+def is_legacy_debit_id(entry_id: str) -> bool:
+    """An id of the older form (it sorts in :data:`LEGACY_DEBIT_RANGE`)."""
+    return LEGACY_DEBIT_RANGE[0] <= entry_id < LEGACY_DEBIT_RANGE[1]
 
 
 @dataclass(frozen=True)
@@ -156,7 +187,7 @@ class IntervalCharge:
 
     @property
     def charge_id(self) -> str:
-        return debit_id(self.meter_id, self.start_reading_id, self.end_reading_id)
+        return debit_id(self.meter_id, self.start_reading_id, self.end_reading_id, self.end_ms)
 
     def ckwh_by_rate(self) -> dict[str, int]:
         out: dict[str, int] = {}
