@@ -33,6 +33,7 @@ it, and as the difference (what the gateway adds above the bare loop).
     python bench/storage.py --tree /path/to/other/checkout   # run that tree's daemon
     python bench/storage.py --only 50x1 --seconds 600 --windows 5   # writes as the ledger grows
     python bench/storage.py --only 1000x60 --wal-pages   # log frames per reading, by table/index
+    python bench/storage.py --only 1000x60 --seconds 900 --windows 3 --wal-pages   # ... in each window
     python bench/storage.py --only 50x1 --profile /tmp/gw.prof   # cProfile of the daemon's event loop
 
 ``--tree`` runs the daemon of another checkout (for before/after comparisons);
@@ -56,6 +57,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -148,6 +150,12 @@ class WalWatcher:
         self.page_size = 0
         self.commits = 0
         self.by_btree: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def counts(self) -> dict[str, int]:
+        """The frames counted so far, by b-tree (a copy)."""
+        with self._lock:
+            return dict(self.by_btree)
 
     def _owners(self) -> dict[int, str]:
         with tempfile.TemporaryDirectory(prefix="walwatch-") as tmp:
@@ -181,9 +189,10 @@ class WalWatcher:
             self.offset += frame
         if pages:
             owners = self._owners()
-            for pg in pages:
-                name = owners.get(pg, "(free)")
-                self.by_btree[name] = self.by_btree.get(name, 0) + 1
+            with self._lock:
+                for pg in pages:
+                    name = owners.get(pg, "(free)")
+                    self.by_btree[name] = self.by_btree.get(name, 0) + 1
 
     async def watch(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -434,10 +443,13 @@ async def run_scenario(
                             await asyncio.to_thread(watcher.look)  # frames before t0 are not counted
                             watcher.by_btree.clear()
                             watcher.commits = 0
+                        frames_at: list[dict[str, int]] = [{}]  # frames by b-tree at each window's end
                         for w in range(1, windows + 1):
                             await asyncio.sleep(max(0.0, t0 + sc.seconds * w / windows - time.monotonic()))
                             io1, cpu1, n1, t1 = proc_io(gw.pid), proc_cpu_s(gw.pid), committed(db), time.monotonic()
                             marks.append((t1, io1["write_bytes"], n1, ledger_entries(db)))
+                            if watcher is not None:
+                                frames_at.append(await asyncio.to_thread(watcher.counts))
                         a1 = acked(db)
                         stop_watch.set()
                         if watching is not None:
@@ -485,6 +497,18 @@ async def run_scenario(
             }
             for a, b in itertools.pairwise(marks)
         ]
+        if watcher is not None:
+            # the log's frames by table and index in each window (a look in progress at a
+            # window's end counts in the next one)
+            for win, (fa, fb), (a, b) in zip(
+                out["windows"], itertools.pairwise(frames_at), itertools.pairwise(marks), strict=True
+            ):
+                n = max(b[2] - a[2], 1)
+                win["frames_per_reading_by_btree"] = {
+                    name: round((fb.get(name, 0) - fa.get(name, 0)) / n, 3)
+                    for name in sorted(fb, key=lambda k: -(fb[k] - fa.get(k, 0)))
+                    if fb[name] != fa.get(name, 0)
+                }
     if base is not None:
         out["bare_loop"] = base
         out["daemon_minus_bare"] = {
