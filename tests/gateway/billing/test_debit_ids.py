@@ -334,3 +334,47 @@ async def test_snapshots_and_retention_match_the_older_ids(tmp_path: Path) -> No
             assert (await ls.verify(conn, p.account)).balance_micro == view.balance_micro - 56_000
     finally:
         await ob.close()
+
+
+async def test_the_daemon_cache_looks_for_older_ids_only_in_a_ledger_that_holds_them(
+    tmp_path: Path,
+) -> None:
+    ob = await open_database(tmp_path / "gw.db")
+    statements: list[str] = []
+    cache = LedgerCache()
+    kwh = Decimal("100.00")
+    try:
+        conn = ob._db  # the outbox's one connection (statements of the transactions below)
+        await conn.set_trace_callback(statements.append)
+
+        async def rate(i: int) -> ls.RatedReading:
+            async with ob.transaction() as c:
+                out = await cache.rate(
+                    c, "acc", reading("m1", str(i), T0 + i * 60_000, kwh + i), FLAT_BOOK
+                )
+                await cache.flush(c)
+            return out
+
+        for i in range(5):
+            await rate(i)
+        probes = [s for s in statements if "entry_id >=" in s]
+        lookups = [s for s in statements if "WHERE entry_id = " in s]
+        assert (
+            len(probes) == 1 and not lookups
+        )  # one look for older ids, none found: none looked up
+        # a debit of the older form written to this ledger (as a restored one may hold)
+        a, b = reading("m2", "x", T0, Decimal(1)), reading("m2", "y", T0 + 60_000, Decimal(2))
+        r = rate_interval(a, b, FLAT_BOOK, TierState())
+        assert r.charge is not None
+        async with ob.transaction() as c:
+            await cache.append(c, legacy(debit_entry("acc", r.charge)))
+            again = await cache.append(c, debit_entry("acc", r.charge))
+            await cache.flush(c)
+        assert not again.applied and is_legacy_debit_id(again.entry.entry_id)
+        statements.clear()
+        cache.forget()  # as after a rollback: looked for again, and found
+        await rate(5)
+        assert len([s for s in statements if "entry_id >=" in s]) == 1
+        assert len([s for s in statements if "WHERE entry_id = " in s]) == 1
+    finally:
+        await ob.close()
