@@ -36,6 +36,7 @@ import contextlib
 import termios
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import cast
 
 import serial
 import serial_asyncio_fast
@@ -186,7 +187,7 @@ class Dlt645Transport:
         self.gap_s = gap_s if gap_s is not None else max(MIN_GAP_S, 4 * self.char_s)
         self.preamble = preamble
         self.stats = TransportStats()
-        self._transport: asyncio.BaseTransport | None = None
+        self._transport: asyncio.WriteTransport | None = None
         self._rx: _Receiver | None = None
         self._lock = asyncio.Lock()
         self._parser = FrameParser()
@@ -245,7 +246,9 @@ class Dlt645Transport:
             raise BusUnavailable(
                 self.bus.name, f"cannot open {self._where()}: no answer within {CONNECT_TIMEOUT_S:g} s"
             ) from exc
-        self._transport, self._rx = transport, rx
+        # A stream transport (TCP or serial) that writes; not an isinstance check:
+        # uvloop's transports have the methods without deriving from asyncio's classes.
+        self._transport, self._rx = cast(asyncio.WriteTransport, transport), rx
         self._ever_opened = True
         self._idle_since = loop.time()
 
@@ -351,7 +354,6 @@ class Dlt645Transport:
         self._parser.reset()
         self.stats.stale_bytes += stale
         try:
-            assert isinstance(transport, asyncio.WriteTransport)
             transport.write(request.encode(self.preamble))
         except (OSError, serial.SerialException) as exc:
             await self.close()
