@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from firmware_bridge import logfmt
+from firmware_bridge import event_loop, logfmt
 from gateway import __version__
 from gateway.config import ConfigError, check_config, load_config
 from gateway.preflight import account_for, preflight
@@ -124,7 +124,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return RESTART_EXIT_CODE if daemon.restart_reason else 0
 
     try:
-        return asyncio.run(main())
+        # uvloop unless EDGEGW_EVENT_LOOP=asyncio (firmware_bridge.event_loop)
+        return event_loop.run(main())
     except start_errors as exc:
         # One line naming the file and the cause, not a traceback (-vv for that).
         logging.getLogger("gateway").error(

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from firmware_bridge import event_loop
 from firmware_bridge.errors import EdgeGwError, ErrorKind
 from headend.console.cli import listen_address, register_console, timezone
 from headend.console.db import open_console_db
@@ -110,6 +111,7 @@ async def serve_headend(
     args: argparse.Namespace, registry: GatewayRegistry | None, tls: ssl.SSLContext | None
 ) -> int:
     """Run the headend until SIGTERM/SIGINT (0), or until it fails (1)."""
+    log.info("headend starting", extra={"event_loop": event_loop.running_loop_name()})
     host, port = args.broker
     metrics = None
     if args.metrics is not None:
@@ -307,7 +309,8 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except (OSError, ssl.SSLError) as exc:
             return _err(f"TLS files (--tls-ca/--tls-cert/--tls-key): {exc}")
     try:
-        return asyncio.run(serve_headend(args, registry, tls))
+        # uvloop unless EDGEGW_EVENT_LOOP=asyncio (firmware_bridge.event_loop)
+        return event_loop.run(serve_headend(args, registry, tls))
     except HeadendStoreError as exc:
         return _err(str(exc))
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from firmware_bridge import event_loop
 from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.events import event
 from firmware_bridge.faults import FaultEvents
@@ -487,6 +488,7 @@ class Daemon:
                     len(cfg.buses),
                     len(cfg.meters),
                     len(cfg.accounts),
+                    extra={"event_loop": event_loop.running_loop_name()},
                 )
                 await stop.wait()
                 self.notifier.stopping()
