@@ -16,6 +16,7 @@ from firmware_bridge.driver import (
     MeterTimeout,
 )
 from firmware_bridge.reading import Quantity as Q
+from tests.harness.loops import BOTH_LOOPS
 
 from .conftest import PASSWORD, T0, Bus
 
@@ -27,6 +28,7 @@ def driver(bus: Bus, address: str = A1, **kw: object) -> Dlt645Driver:
     return Dlt645Driver(f"m-{address[-1]}", address, bus.transport, password=PASSWORD, **kw)  # type: ignore[arg-type]
 
 
+@BOTH_LOOPS
 async def test_reads_every_quantity(bus: Bus) -> None:
     m = bus.sim.meter(A1)
     r = await driver(bus).read(now_ms=1234)
@@ -66,6 +68,7 @@ async def test_energy_rises_on_the_rate_of_the_meter_clock(bus: Bus) -> None:
     assert after.get(Q.METER_CLOCK) == before.get(Q.METER_CLOCK) + 3600  # type: ignore[operator]
 
 
+@BOTH_LOOPS
 async def test_trip_and_close_with_read_back(bus: Bus) -> None:
     d = driver(bus)
     await d.control(ControlCommand.TRIP, LATER)
@@ -132,6 +135,7 @@ async def test_stuck_relay_is_visible_in_the_read_back(bus: Bus) -> None:
     assert (await d.read_status3()).relay_command_open
 
 
+@BOTH_LOOPS
 async def test_no_reply_is_a_timeout_and_other_meters_still_answer(bus: Bus) -> None:
     bus.sim.meter(A2).faults.no_reply = True
     with pytest.raises(MeterTimeout, match=r"no reply within 0\.3 s"):
@@ -148,6 +152,7 @@ async def test_bad_checksum_is_a_frame_error(bus: Bus) -> None:
     assert (await driver(bus).read(0)).get(Q.ENERGY_IMPORT) == Decimal("406.00")
 
 
+@BOTH_LOOPS
 async def test_garbage_before_the_reply_is_skipped(bus: Bus) -> None:
     bus.sim.meter(A1).faults.garbage_prefix = bytes.fromhex("00 FF 68 16 68 11 22 33 FE")
     assert (await driver(bus).read(0)).get(Q.ENERGY_IMPORT) == Decimal("406.00")
@@ -162,6 +167,7 @@ async def test_partial_reply_is_a_timeout(bus: Bus) -> None:
     assert (await driver(bus).read(0)).get(Q.VOLTAGE) == Decimal("230.0")
 
 
+@BOTH_LOOPS
 async def test_late_reply_is_not_taken_for_the_next_answer(bus: Bus) -> None:
     bus.sim.meter(A1).faults.slow_reply_s = 0.45  # timeout is 0.3 s
     d1 = driver(bus, A1, quantities=[Q.ENERGY_IMPORT])

@@ -19,6 +19,7 @@ from firmware_bridge.dlt645.messages import (
 from firmware_bridge.dlt645.transport import Dlt645Transport, char_time_s, open_transport
 from firmware_bridge.driver import BusUnavailable, MeterTimeout, TransportError
 from firmware_bridge.settings import BusSettings
+from tests.harness.loops import BOTH_LOOPS
 
 from .peer import ADDR, DI, REPLY, Peer
 
@@ -27,6 +28,7 @@ def section(port: int, timeout_s: float = 0.3) -> BusSettings:
     return BusSettings("t", "tcp", host="127.0.0.1", port=port, timeout_s=timeout_s)
 
 
+@BOTH_LOOPS
 async def test_plain_transaction(peer: Peer) -> None:
     async with open_transport(section(peer.port)) as t:
         assert await t.transact(read_request(ADDR, DI)) == REPLY
@@ -48,6 +50,7 @@ async def test_reply_to_another_di_is_ignored(peer: Peer) -> None:
         assert await t.transact(read_request(ADDR, DI)) == REPLY
 
 
+@BOTH_LOOPS
 async def test_reply_trickling_in_byte_by_byte(peer: Peer) -> None:
     peer.script = lambda req: [x for b in REPLY.encode() for x in (bytes([b]), 0.003)]
     async with open_transport(section(peer.port)) as t:
@@ -63,6 +66,7 @@ async def test_stale_input_is_discarded_before_sending(peer: Peer) -> None:
         assert t.stats.stale_bytes == 2 + len(stale.encode())
 
 
+@BOTH_LOOPS
 async def test_silence_is_a_timeout(peer: Peer) -> None:
     peer.script = lambda req: []
     async with open_transport(section(peer.port, timeout_s=0.1)) as t:
@@ -74,6 +78,7 @@ async def test_silence_is_a_timeout(peer: Peer) -> None:
         assert t.stats.timeouts == 1 and t.stats.by_kind == {"timeout": 1}
 
 
+@BOTH_LOOPS
 async def test_inter_frame_gap_is_honoured(peer: Peer) -> None:
     async with Dlt645Transport(section(peer.port), gap_s=0.05) as t:
         await t.transact(read_request(ADDR, DI))
@@ -112,6 +117,7 @@ async def test_connection_refused_is_a_transport_error() -> None:
         await t.transact(read_request(ADDR, DI))
 
 
+@BOTH_LOOPS
 async def test_lost_connection_then_reconnect(peer: Peer) -> None:
     peer.close_after = 1
     async with open_transport(section(peer.port)) as t:

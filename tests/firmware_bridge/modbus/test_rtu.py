@@ -19,6 +19,7 @@ from firmware_bridge.relay import RelayPolicy, controller_for
 from firmware_bridge.scheduler import BackoffPolicy, modbus_rtu_read_time_s
 from firmware_bridge.settings import BusSettings, MeterSettings, RelaySettings
 from testbed.simulators.modbus import RtuSimulator, WireFault, corrupt
+from tests.harness.loops import BOTH_LOOPS
 
 SDM120 = BUILTIN_PROFILES["sdm120"]
 
@@ -45,6 +46,7 @@ async def test_serial_settings_reach_the_client() -> None:
     assert t.timeout_s == 1.5
 
 
+@BOTH_LOOPS
 async def test_rtu_read(sim: RtuSimulator, transport: ModbusTransport) -> None:
     r = await ModbusDriver("m1", 1, SDM120, transport).read(0)
     assert r.get(Quantity.VOLTAGE) == Decimal("230.4")
@@ -52,6 +54,7 @@ async def test_rtu_read(sim: RtuSimulator, transport: ModbusTransport) -> None:
     assert sim.requests == 2 and sim.replies == 2
 
 
+@BOTH_LOOPS
 @pytest.mark.parametrize("fault", list(WireFault))
 async def test_wire_faults_are_frame_errors_and_bus_recovers(
     sim: RtuSimulator, transport: ModbusTransport, fault: WireFault
@@ -66,6 +69,7 @@ async def test_wire_faults_are_frame_errors_and_bus_recovers(
     assert (await ModbusDriver("m1", 1, SDM120, transport).read(0)).get(Quantity.VOLTAGE) is not None
 
 
+@BOTH_LOOPS
 async def test_dead_and_slow_units_time_out(sim: RtuSimulator, transport: ModbusTransport) -> None:
     sim.meter(3).dead = True
     with pytest.raises(MeterTimeout):
@@ -80,6 +84,7 @@ async def test_dead_and_slow_units_time_out(sim: RtuSimulator, transport: Modbus
     assert r.get(Quantity.VOLTAGE) == Decimal("230.4")
 
 
+@BOTH_LOOPS
 async def test_late_answer_is_never_taken_for_another_request(sim: RtuSimulator, transport: ModbusTransport) -> None:
     sim.meter(3).delay_s = 0.3
     with pytest.raises(MeterTimeout):
@@ -124,6 +129,7 @@ async def test_wire_timing_matches_the_arithmetic() -> None:
     assert floor * 0.9 <= per_read <= floor + 0.15
 
 
+@BOTH_LOOPS
 async def test_rtu_bus_scheduler_and_relay(sim: RtuSimulator) -> None:
     bus = BusSettings(name="rs485-1", type="serial", device=sim.path, baud=9600, parity="N", timeout_s=0.2, retries=1)
     meters = [
