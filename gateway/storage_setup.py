@@ -22,6 +22,7 @@ from store_forward.codec import SealedCodec
 from store_forward.outbox import StoragePolicy
 from store_forward.sneakernet import SneakernetError, export_backlog
 from store_forward.storage_keys import StorageKeys
+from store_forward.storage_policy import reserve_for
 from store_forward.uplink_keys import derive_uplink_key, gateway_uplink_key, parse_public_key
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,13 @@ def storage_keys(cfg: Any, keystore: Path | None = None) -> StorageKeys:
 
 
 def storage_policy(cfg: Any) -> StoragePolicy:
-    return StoragePolicy(max_bytes=cfg.storage.max_bytes, reserve_bytes=cfg.storage.reserve_bytes)
+    """The configured ceiling and free-space reserve; the reserve file (and with it
+    the write-ahead log's checkpoint size) follows the number of meters."""
+    return StoragePolicy(
+        max_bytes=cfg.storage.max_bytes,
+        reserve_bytes=cfg.storage.reserve_bytes,
+        ballast_bytes=reserve_for(len(cfg.meters)),
+    )
 
 
 def uplink_codec(cfg: Any) -> SealedCodec | None:

@@ -197,18 +197,21 @@ def _free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _ensure_ballast(path: Path, size: int) -> bool:
-    """Create the ballast file if it is missing and the disk has room for it."""
-    if size <= 0 or path.exists():
-        return path.exists()
+def _ensure_ballast(path: Path, size: int) -> int:
+    """Create the ballast file if it is missing, or write it again at ``size`` if it
+    is smaller (a site that grew), when the disk has room for it (four times its
+    size free). Returns the size of the ballast in place (0: none)."""
+    have = path.stat().st_size if path.exists() else 0
+    if size <= 0 or have >= size:
+        return have
     st = os.statvfs(path.parent)
     if st.f_bavail * st.f_frsize < 4 * size:
-        return False
+        return have
     try:  # the name durable too: a reserve lost at a power cut would be written again
         write_atomic(path, b"\xa5" * size)  # real blocks, on every filesystem
     except OSError:
-        return False
-    return True
+        return path.stat().st_size if path.exists() else 0
+    return size
 
 
 def _wall_ms() -> int:
@@ -318,6 +321,7 @@ class Database:
         self.health = _Health()
         self.ballast = path.with_name(path.name + ".ballast")
         self._ballast_released = False
+        self._log_reserve = 0  # the reserve the connection's log checkpoint follows
         self._owner = _OwnerLock(path)
         self._pending_fault: _Fault | None = None
         self._schema_ready = False
@@ -532,14 +536,9 @@ class Database:
         openers[keys.current] = sealer
         self._sealer, self._openers = sealer, openers
         self.starved = None
-        # The WAL is kept within half the ballast, so that giving the ballast up
-        # always leaves room to checkpoint it.
+        self._log_reserve = 0  # (a new connection)
         if self.policy.ballast_bytes > 0:
-            rows = list(await db.execute_fetchall("PRAGMA page_size"))
-            page = int(rows[0][0]) if rows else 4096
-            wal_pages = max(8, self.policy.ballast_bytes // 2 // page)
-            await db.execute(f"PRAGMA wal_autocheckpoint={wal_pages}")
-            await db.execute(f"PRAGMA journal_size_limit={self.policy.ballast_bytes // 2}")
+            await self._size_log(db, self.policy.ballast_bytes)
         await self._load_lineage(db)
         return salvage
 
@@ -855,12 +854,29 @@ class Database:
         self._ballast_released = self._ballast_released or released or self.policy.ballast_bytes > 0
         return released
 
+    async def _size_log(self, db: aiosqlite.Connection, reserve: int) -> None:
+        """Checkpoint the write-ahead log when it holds half of ``reserve`` bytes, so
+        that giving the reserve up always leaves room to checkpoint it."""
+        if reserve == self._log_reserve:
+            return
+        rows = list(await db.execute_fetchall("PRAGMA page_size"))
+        page = int(rows[0][0]) if rows else 4096
+        await db.execute(f"PRAGMA wal_autocheckpoint={max(8, reserve // 2 // page)}")
+        await db.execute(f"PRAGMA journal_size_limit={reserve // 2}")
+        self._log_reserve = reserve
+
     async def ensure_reserve(self) -> bool:
-        """Re-create the reserve file if it is missing and the disk has room for it
-        (four times its size free). True when the reserve is in place."""
+        """Re-create the reserve file if it is missing or smaller than the policy's and
+        the disk has room for it (four times its size free). True when a reserve is
+        in place; the log's checkpoint follows the one in place."""
         if self.policy.ballast_bytes <= 0:
             return True
-        ok = await asyncio.to_thread(_ensure_ballast, self.ballast, self.policy.ballast_bytes)
+        in_place = await asyncio.to_thread(_ensure_ballast, self.ballast, self.policy.ballast_bytes)
+        ok = in_place > 0
+        if ok and self._db is not None:
+            # An older, smaller reserve the disk has no room to grow: the log stays
+            # within half of the reserve actually there (until it grows).
+            await self._size_log(self._db, min(in_place, self.policy.ballast_bytes))
         if ok and self._ballast_released:
             log.warning("outbox %s: space is back; reserve file re-created", self.path)
         self._ballast_released = not ok

@@ -29,8 +29,31 @@ class StoragePolicy:
     keep_recent_telemetry_ms: int = 24 * 3600 * 1000
     # A file of this size beside the database, given up when the disk is
     # full anyway (another process filled it), so that batching and acks —
-    # which need a little space to free a lot — still work.
+    # which need a little space to free a lot — still work. The write-ahead
+    # log is checkpointed when it holds half of it (:func:`reserve_for`).
     ballast_bytes: int = 2 * 1024 * 1024
+
+
+# The reserve file by the size of the site: 2 MiB, and 16 KiB a meter above 128
+# meters, up to 16 MiB at 1,024 meters.
+RESERVE_MIN_BYTES = 2 * 1024 * 1024
+RESERVE_PER_METER_BYTES = 16 * 1024
+RESERVE_MAX_BYTES = 16 * 1024 * 1024
+
+
+def reserve_for(meters: int) -> int:
+    """The reserve file's size for a gateway of ``meters`` meters.
+
+    The write-ahead log is checkpointed at half the reserve (so that giving the
+    reserve up always leaves room to checkpoint). A checkpoint writes every page
+    the log changed since the last one once, whatever the number of times it
+    changed: the accounts, the baselines and the ledger's per-account index
+    leaves, one each per meter, are written once per checkpoint. At 1 MiB of log
+    a 1,000-meter site checkpoints every few hundred readings, and each of those
+    scattered 1 KiB pages costs a 4 KiB page of the page cache every time; a log
+    that holds a few minutes of a large site writes them once per few minutes.
+    Small sites keep the 2 MiB reserve (and the 1 MiB log)."""
+    return min(RESERVE_MAX_BYTES, max(RESERVE_MIN_BYTES, meters * RESERVE_PER_METER_BYTES))
 
 
 @dataclass(frozen=True)
