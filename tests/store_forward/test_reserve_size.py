@@ -4,7 +4,6 @@ checkpoint follows the reserve actually in place (store_forward.storage_policy
 
 from __future__ import annotations
 
-import os
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -70,7 +69,7 @@ async def test_the_log_stays_within_half_the_reserve(tmp_path: Path) -> None:
         largest = 0
         for k in range(30):
             await _cycles(ob, 10, 10 * k)
-            largest = max(largest, os.path.getsize(tmp_path / "gw.db-wal"))
+            largest = max(largest, (tmp_path / "gw.db-wal").stat().st_size)
         # checkpointed at half the reserve, and cut back to it (one commit's frames over)
         assert 0 < largest <= reserve // 2 + 64 * KIB
     finally:
@@ -102,6 +101,6 @@ async def test_a_reserve_the_disk_has_no_room_to_grow_keeps_the_log_within_it(tm
             assert not ob.reserve_released
             assert await _autocheckpoint(ob) == 128
             await _cycles(ob, 60)
-            assert os.path.getsize(mnt / "gw.db-wal") <= 128 * KIB + 64 * KIB
+            assert (mnt / "gw.db-wal").stat().st_size <= 128 * KIB + 64 * KIB
         finally:
             await ob.close()
