@@ -65,7 +65,7 @@ def storage_policy(cfg: Any) -> StoragePolicy:
     return StoragePolicy(
         max_bytes=cfg.storage.max_bytes,
         reserve_bytes=cfg.storage.reserve_bytes,
-        ballast_bytes=reserve_for(len(cfg.meters)),
+        ballast_bytes=reserve_for(len(getattr(cfg, "meters", ()))),
     )
 
 
