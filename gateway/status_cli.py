@@ -29,6 +29,7 @@ from gateway.billing.money import yuan_text
 from gateway.config import Config, ConfigError, default_config_path, load_config
 from gateway.software_status import software_lines, software_status
 from gateway.update_transfer import update_spool
+from store_forward.integrity import is_hot_journal_refusal
 from store_forward.outbox import (
     K_BATCH_EPOCH,
     K_GENERATION,
@@ -354,6 +355,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     except Exception as exc:  # a damaged database: say so, do not crash
         print(f"gateway {cfg.gateway.id} ({cfg.gateway.site})")
         _print_daemon(daemon, now)
+        if is_hot_journal_refusal(exc):  # status never writes, so it cannot roll it back
+            print(f"storage: {db_path} cannot be read: a transaction that did not complete"
+                  f" ({db_path.name}-journal) waits to be rolled back; the daemon does that at its next start")
+            return 1
         print(f"storage: {db_path} cannot be read ({exc}); the daemon keeps it as evidence at its next start")
         return 1
     hb = daemon.get("heartbeat") or {}

@@ -206,6 +206,15 @@ def roll_back_hot_journal(path: Path, report: WalReport | None) -> JournalRollba
     return done
 
 
+SQLITE_READONLY_ROLLBACK = 776  # a read-only connection met a hot journal
+
+
+def is_hot_journal_refusal(exc: BaseException) -> bool:
+    """A read-only connection refused the file because a hot journal must be rolled
+    back first (the database is not damaged: the daemon does that at its start)."""
+    return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == SQLITE_READONLY_ROLLBACK
+
+
 def is_corruption(exc: BaseException) -> bool:
     """An SQLite error that means the file's content is damaged."""
     if not isinstance(exc, sqlite3.DatabaseError):

@@ -96,12 +96,18 @@ async def test_power_cut_in_first_write_leaves_a_hot_journal_the_daemon_rolls_ba
         site.start_central()
         site.daemon.start()
         # it comes up on a fresh database and commits readings
-        await until(lambda: site._committed() > 0 or site.daemon.exited() is not None, 60,
-                    "readings committed", site)
+        await until(
+            lambda: site._committed() > 0 or site.daemon.exited() is not None,
+            60,
+            "readings committed",
+            site,
+        )
         assert site.daemon.exited() is None, site.daemon.tail()
         log = site.daemon.log.read_text(errors="replace")
         assert "cannot check the outbox database" not in log, site.daemon.tail()
-        assert "first-start transaction that did not complete was rolled back" in log, site.daemon.tail()
+        assert "first-start transaction that did not complete was rolled back" in log, (
+            site.daemon.tail()
+        )
         assert not journal.exists()
         assert await asyncio.to_thread(site.daemon.stop) == 0, site.daemon.tail()
         await site.settle_and_drain()  # starts it again, delivers everything, stops it
