@@ -23,14 +23,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from store_forward.database import PAGE_SIZE, SCHEMA
-from store_forward.integrity import JOURNAL_MAGIC, db_header_mode, evidence_root, journal_path
+from store_forward.integrity import JOURNAL_MAGIC, db_header_mode, evidence_root
 from tests.chaos.site import ChaosSite, check, until
 from tests.harness.powerfs import PowerFS, fsync_tree, fuse_unavailable
 
@@ -120,48 +119,3 @@ async def test_power_cut_in_first_write_leaves_a_hot_journal_the_daemon_rolls_ba
     with sqlite3.connect(f"file:{site.db}?mode=ro", uri=True) as gw:
         assert gw.execute("SELECT value FROM kv WHERE key = 'db_generation'").fetchone() == (1,)
         assert gw.execute("SELECT count(*) FROM kv WHERE key = 'storage_state'").fetchone() == (0,)
-
-
-async def test_power_cut_when_the_daemon_logs_its_first_migration(
-    tmp_path: Path, powerfs: PowerFS
-) -> None:
-    """The cut as it was first seen: the real daemon on a new database, frozen as soon
-    as it logs that the schema was migrated (the migration not committed yet, or just
-    committed: the journal of the switch to WAL came back or not). Either way the
-    next start opens the database and the daemon runs and delivers."""
-    state = powerfs.mountpoint / "var-lib-edgegw"
-    state.mkdir()
-    fsync_tree(powerfs.mountpoint)
-    async with ChaosSite(tmp_path, state, seed=int.from_bytes(os.urandom(4))) as site:
-        site.provision()
-        fsync_tree(powerfs.mountpoint)
-        site.start_headend()
-        site.start_central()
-        site.daemon.start()
-        deadline = time.monotonic() + 60
-        while "schema migrated" not in site.daemon.tail(20_000):
-            assert time.monotonic() < deadline, site.daemon.tail()
-            assert site.daemon.exited() is None, site.daemon.tail()
-            await asyncio.sleep(0.002)
-        site.daemon.freeze()
-        report = powerfs.cut("drop")
-        site.daemon.kill()
-        powerfs.reboot()
-        hot = journal_path(site.db).exists()
-        site.daemon.start()
-        await until(
-            lambda: site._committed() > 0 or site.daemon.exited() is not None,
-            60,
-            "readings committed",
-            site,
-        )
-        assert site.daemon.exited() is None, site.daemon.tail()
-        assert "cannot check the outbox database" not in site.daemon.tail(100_000)
-        assert await asyncio.to_thread(site.daemon.stop) == 0, site.daemon.tail()
-        await until(lambda: site.central.sales != [], 30, "central sold something")
-        await site.settle_and_drain()
-        findings = check(site)
-    print("journal came back hot:", hot, report)
-    assert not findings.problems, "\n".join(findings.problems)
-    assert findings.readings > 0, findings
-    assert not evidence_root(site.db).exists()
