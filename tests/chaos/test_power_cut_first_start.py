@@ -21,6 +21,7 @@ transaction back, open a fresh database, run and deliver, with no storage fault.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -116,6 +117,6 @@ async def test_power_cut_in_first_write_leaves_a_hot_journal_the_daemon_rolls_ba
     assert findings.readings > 0 and findings.debits > 0, findings
     # a fresh database, not a storage fault: nothing kept as evidence, generation 1
     assert not evidence_root(site.db).exists()
-    with sqlite3.connect(f"file:{site.db}?mode=ro", uri=True) as gw:
+    with contextlib.closing(sqlite3.connect(f"file:{site.db}?mode=ro", uri=True)) as gw:
         assert gw.execute("SELECT value FROM kv WHERE key = 'db_generation'").fetchone() == (1,)
         assert gw.execute("SELECT count(*) FROM kv WHERE key = 'storage_state'").fetchone() == (0,)
