@@ -675,8 +675,15 @@ class Outbox(Database):
                     n_telemetry += 1
         for e in events:
             items.append((RecordClass.EVENT, RecordKind.EVENT, now_ms, e))
+        # Each class's records take consecutive ids (a class's batches are acknowledged
+        # and deleted together: whole pages are freed instead of rewritten).
+        order = sorted(range(len(items)), key=lambda i: items[i][0])
+        position = [0] * len(items)
+        for p, i in enumerate(order):
+            position[i] = p
+        items = [items[i] for i in order]
         first, insert = await self._prepare_many(db, items, first)
-        ids = [first + i for i in ids]
+        ids = [first + position[i] for i in ids]
         # The insert, the meter statuses and the counters go to the connection together.
         pending: list[Statement] = [] if insert is None else [insert]
         if self.health.pending_alarms:  # (alarms take their ids after the cycle's records)
