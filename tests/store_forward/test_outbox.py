@@ -25,7 +25,7 @@ async def test_cycle_commits_readings_and_status_together(tmp_path: Path) -> Non
             [MeterStatus("m1", True, 1000, 1000, 0, 0, None)],
             [{"type": "x"}],
         )
-        assert ids == [1, 2]
+        assert ids == [2, 3]  # (each class takes consecutive ids: the event first)
         st = await ob.stats()
         assert (st.records, st.readings, st.readings_committed) == (3, 2, 2)
         [m1] = await ob.meter_statuses()
