@@ -653,12 +653,25 @@ class Outbox(Database):
         statuses: Iterable[MeterStatus] = (),
         events: Sequence[dict[str, Any]] = (),
     ) -> list[int]:
-        """Add a poll cycle inside a transaction; returns one record id per reading."""
-        # The space check and the first free id: one trip (an eviction reads the id again).
-        usage, next_id = await run_statements(db, [Statement(self.USAGE_SQL), Statement(self.NEXT_ID_SQL)])
+        """Add a poll cycle inside a transaction; returns one record id per reading.
+
+        Acks waiting are applied here, before the cycle's records are inserted (when
+        there are any): the pages the acknowledged records free are dirty in this
+        transaction already, and the new records fill them, so each is written to the
+        log once, with its new rows, instead of once as a free page and again when a
+        later transaction reuses it."""
+        # The space check, the first free id and the acknowledged batches: one trip
+        # (an eviction reads the id again).
+        acks = self._acks_waiting() if readings or events else {}
+        usage, next_id, *ack_rows = await run_statements(db, [
+            Statement(self.USAGE_SQL), Statement(self.NEXT_ID_SQL),
+            *([self._acks_query(acks)] if acks else []),
+        ])  # fmt: skip
         first: int | None = self._first_free_id(next_id)
         if await self._enforce_policy(db, now_ms, usage=self._usage_of(usage)):
             first = None
+        # The acks' writes go first, before the insert (see above).
+        pending: list[Statement] = self._acks_writes(acks, ack_rows[0])[0] if acks else []
         ids = []
         n_billing = n_telemetry = 0
         items: list[tuple[RecordClass, str, int, dict[str, Any]]] = []
@@ -684,8 +697,10 @@ class Outbox(Database):
         items = [items[i] for i in order]
         first, insert = await self._prepare_many(db, items, first)
         ids = [first + position[i] for i in ids]
-        # The insert, the meter statuses and the counters go to the connection together.
-        pending: list[Statement] = [] if insert is None else [insert]
+        # The acks, the insert, the meter statuses and the counters go to the connection
+        # together.
+        if insert is not None:
+            pending.append(insert)
         if self.health.pending_alarms:  # (alarms take their ids after the cycle's records)
             await run_statements(db, pending)
             pending = []

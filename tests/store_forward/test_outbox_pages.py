@@ -1,6 +1,8 @@
 """Where the outbox's records sit in the database file: a poll cycle's records of
 each class take consecutive ids, so acknowledging a class's batches frees whole
-pages (real SQLite files, observed through the file's free list)."""
+pages; acks waiting are applied before the next cycle's records are inserted, so
+the pages they free are filled again in the same transaction (real SQLite files,
+observed through the file's free list)."""
 
 from __future__ import annotations
 
@@ -98,3 +100,32 @@ async def test_acknowledging_one_class_frees_its_pages_whole(tmp_path: Path) -> 
     # else (records of both classes on one page would only have been rewritten).
     page_size = 1024
     assert free_after - free_before >= billing_bytes // page_size // 2 > 0
+
+
+async def test_acks_are_applied_before_a_cycles_records_so_its_records_fill_the_freed_pages(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gw.db"
+    ob = await Outbox.open(path)
+    try:
+        await ob.commit_cycle(1000, cycle(1000))
+        batches = await number_all(ob, 1500)
+        count_before, free_before = pages(path)
+        for seq in batches:
+            ob.ack_later(seq)
+        # The next cycle (as the daemon's writer commits one: the cycle, then fold_in),
+        # of the same size, deletes the acknowledged batches first and stores its
+        # records in the pages they freed: the file neither grows nor keeps those pages
+        # on its free list.
+        async with ob.transaction() as db:
+            await ob.commit_cycle_in(db, 2000, cycle(2000))
+            await ob.fold_in(db, 2000)
+        count_after, free_after = pages(path)
+        assert not any(ob.ack_waiting(seq) for seq in batches)
+        stats = await ob.stats()
+    finally:
+        await ob.close()
+    assert (stats.records, stats.readings_acked, stats.readings_committed) == (120, 60, 120)
+    assert [r[0] for r in records(path)] == list(range(121, 241))
+    assert count_after - count_before <= 2, (count_before, count_after)
+    assert free_after <= free_before + 2, (free_before, free_after)
