@@ -23,6 +23,9 @@ The history (``PRAGMA user_version``):
    5  ledger retention: the fold base per account, the acknowledgement marks
       and watermarks, an index of snapshot entries (an older database
       migrates with no fold base: its ledgers fold from zero, as before)
+   6  the last trusted time used in the time floor's row
+      (``sec_time_floor.seen_ms``: one page written per save instead of two;
+      ``sec_time_seen`` keeps its last value and is no longer written)
 ====  ======================================================================
 
 A change to a table is a new step, with the next version, in the module that

@@ -364,10 +364,19 @@ def plan_recovery(images: Sequence[Salvage], accounts: Iterable[str]) -> Recover
                 rotations[str(r["purpose"])] = tuple(r[c] for c in t.columns)
     if rotations:
         plan.add("cmd_purpose_rotation", rot_cols, rotations.values())
-    for _, t in _tables(images, "sec_time_floor"):
+    # The last trusted time used: in the floor's row (version 6 on), else in
+    # sec_time_seen (an image of an earlier release; a later one keeps that table's
+    # last value from before version 6, which the floor's row supersedes).
+    seen_in_floor: set[str] = set()
+    for label, t in _tables(images, "sec_time_floor"):
         for r in t.dicts():
             plan.time_floor_ms = max(plan.time_floor_ms, int(r.get("floor_ms") or 0))
-    for _, t in _tables(images, "sec_time_seen"):
+            if "seen_ms" in r:
+                seen_in_floor.add(label)
+                plan.time_seen_ms = max(plan.time_seen_ms, int(r.get("seen_ms") or 0))
+    for label, t in _tables(images, "sec_time_seen"):
+        if label in seen_in_floor:
+            continue
         for r in t.dicts():
             plan.time_seen_ms = max(plan.time_seen_ms, int(r.get("seen_ms") or 0))
     for _, t in _tables(images, "sec_replay_fence"):
@@ -540,7 +549,7 @@ async def recover_money(
             )
         if plan.time_seen_ms:
             await db.execute(
-                "INSERT INTO sec_time_seen (id, seen_ms) VALUES (1, ?)"
+                "INSERT INTO sec_time_floor (id, floor_ms, updated_mono_ms, seen_ms) VALUES (1, 0, 0, ?)"
                 " ON CONFLICT(id) DO UPDATE SET seen_ms = max(seen_ms, excluded.seen_ms)",
                 (plan.time_seen_ms,),
             )

@@ -905,7 +905,9 @@ TABLES: tuple[str, ...] = (
         floor_ms INTEGER NOT NULL,
         updated_mono_ms INTEGER NOT NULL
     ) STRICT""",
-    # the last trusted time used (where the estimate resumes after a restart)
+    # the last trusted time used (where the estimate resumes after a restart); from
+    # version 6 on it is kept in sec_time_floor.seen_ms instead, and this table is
+    # no longer written
     """CREATE TABLE IF NOT EXISTS sec_time_seen (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         seen_ms INTEGER NOT NULL
@@ -913,8 +915,31 @@ TABLES: tuple[str, ...] = (
 )
 
 
+
+
+async def _seen_into_the_floor_row(conn: aiosqlite.Connection) -> None:
+    """The last trusted time used moves into the time floor's row (``seen_ms``), so
+    that a cycle that stores both writes one page, not two. ``sec_time_seen`` keeps
+    the value it had (a database of an earlier release holds it) and is not written
+    again."""
+    async with conn.execute("PRAGMA table_info(sec_time_floor)") as cur:
+        columns = {str(row[1]) async for row in cur}
+    if "seen_ms" in columns:
+        return
+    await conn.execute("ALTER TABLE sec_time_floor ADD COLUMN seen_ms INTEGER NOT NULL DEFAULT 0")
+    await conn.execute(
+        "INSERT INTO sec_time_floor (id, floor_ms, updated_mono_ms, seen_ms)"
+        " SELECT 1, 0, 0, seen_ms FROM sec_time_seen WHERE id = 1"
+        " ON CONFLICT(id) DO UPDATE SET seen_ms = excluded.seen_ms"
+    )
+
+
 # Declared to the gateway database's schema registry (gateway.database).
-SCHEMA = Schema("trusted_time", Step(4, "the time floor and the last trusted time used", TABLES))
+SCHEMA = Schema(
+    "trusted_time",
+    Step(4, "the time floor and the last trusted time used", TABLES),
+    Step(6, "the last trusted time used in the time floor's row (sec_time_floor.seen_ms)", apply=_seen_into_the_floor_row),
+)
 
 
 async def create_schema(conn: aiosqlite.Connection) -> None:
@@ -951,16 +976,30 @@ async def reset_floor(conn: aiosqlite.Connection, floor_ms: int, mono_ms: int) -
 
 
 async def load_seen(conn: aiosqlite.Connection) -> int:
-    async with conn.execute("SELECT seen_ms FROM sec_time_seen WHERE id = 1") as cur:
+    async with conn.execute("SELECT seen_ms FROM sec_time_floor WHERE id = 1") as cur:
         row = await cur.fetchone()
     return 0 if row is None else int(row[0])
 
 
 async def save_seen(conn: aiosqlite.Connection, seen_ms: int) -> None:
+    """Store the last trusted time used (in the floor's row; a floor of 0 where none
+    was stored yet, which is what no row means)."""
     await conn.execute(
-        "INSERT INTO sec_time_seen (id, seen_ms) VALUES (1, ?) "
+        "INSERT INTO sec_time_floor (id, floor_ms, updated_mono_ms, seen_ms) VALUES (1, 0, 0, ?) "
         "ON CONFLICT(id) DO UPDATE SET seen_ms = excluded.seen_ms",
         (seen_ms,),
+    )
+
+
+async def save_floor_and_seen(conn: aiosqlite.Connection, floor_ms: int, mono_ms: int, seen_ms: int) -> None:
+    """:func:`save_floor` and :func:`save_seen` in one statement (one row, one page)."""
+    await conn.execute(
+        "INSERT INTO sec_time_floor (id, floor_ms, updated_mono_ms, seen_ms) VALUES (1, ?, ?, ?) "
+        "ON CONFLICT(id) DO UPDATE SET seen_ms = excluded.seen_ms, "
+        "floor_ms = max(floor_ms, excluded.floor_ms), "
+        "updated_mono_ms = CASE WHEN excluded.floor_ms > floor_ms"
+        " THEN excluded.updated_mono_ms ELSE updated_mono_ms END",
+        (floor_ms, mono_ms, seen_ms),
     )
 
 
@@ -975,10 +1014,12 @@ async def save_clock(
     ``granularity_ms``; ``force``: now)."""
     g = 0 if force else granularity_ms
     floor = clock.floor_to_persist(g)
-    if floor is not None:
-        await save_floor(conn, floor, clock.mono_ms())
     seen = clock.seen_to_persist(g)
-    if seen is not None:
+    if floor is not None and seen is not None:
+        await save_floor_and_seen(conn, floor, clock.mono_ms(), seen)
+    elif floor is not None:
+        await save_floor(conn, floor, clock.mono_ms())
+    elif seen is not None:
         await save_seen(conn, seen)
 
 
