@@ -51,6 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.events import event
+from store_forward.integrity import is_hot_journal_refusal
 from store_forward.schema import Schema, Step
 
 HASH_CONTEXT = b"edgegw-audit-v1\x00"
@@ -413,6 +414,11 @@ def verify(
                 _rows(db), cps, public_key=public_key, expect_heads=expect_heads
             )
         except sqlite3.Error as exc:
+            if is_hot_journal_refusal(exc):  # read-only: it cannot roll the journal back
+                raise AuditError(
+                    f"{p}: a transaction that did not complete ({p.name}-journal) waits to be"
+                    " rolled back; the daemon does that at its next start (verify again then)"
+                ) from exc
             raise AuditError(f"{p}: cannot read the audit log: {exc}") from exc
     finally:
         db.close()

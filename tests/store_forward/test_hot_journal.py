@@ -20,6 +20,8 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import load_config
+from gateway.security import audit
+from gateway.security.audit import AuditError
 from store_forward.database import Database
 from store_forward.integrity import (
     JOURNAL_MAGIC,
@@ -248,4 +250,20 @@ async def test_status_says_a_transaction_waits_to_be_rolled_back_and_changes_not
     out = capsys.readouterr().out
     assert "waits to be rolled back; the daemon does that at its next start" in out, out
     assert "keeps it as evidence" not in out
+    assert (db.read_bytes(), journal_path(db).read_bytes()) == files
+
+
+def test_audit_verify_says_a_transaction_waits_to_be_rolled_back_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """``edgegw audit verify`` reads read-only as well: the same words as status,
+    not SQLite's own, and the files as they were."""
+    db = tmp_path / "gw.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, b BLOB)")
+    conn.close()
+    killed_in(db, "to-rollback", FILL)
+    files = (db.read_bytes(), journal_path(db).read_bytes())
+    with pytest.raises(AuditError, match="waits to be rolled back; the daemon does that at its next start"):
+        audit.verify(db)
     assert (db.read_bytes(), journal_path(db).read_bytes()) == files
