@@ -915,8 +915,6 @@ TABLES: tuple[str, ...] = (
 )
 
 
-
-
 async def _seen_into_the_floor_row(conn: aiosqlite.Connection) -> None:
     """The last trusted time used moves into the time floor's row (``seen_ms``), so
     that a cycle that stores both writes one page, not two. ``sec_time_seen`` keeps
