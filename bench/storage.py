@@ -35,6 +35,19 @@ it, and as the difference (what the gateway adds above the bare loop).
     python bench/storage.py --only 1000x60 --wal-pages   # log frames per reading, by table/index
     python bench/storage.py --only 1000x60 --seconds 900 --windows 3 --wal-pages   # ... in each window
     python bench/storage.py --only 50x1 --profile /tmp/gw.prof   # cProfile of the daemon's event loop
+    python bench/storage.py --only 1x60 --db-dir /mnt/gwdev   # + what the block device was asked to write
+
+``--db-dir`` puts the gateway's database on the filesystem holding that directory
+and reports, beside ``write_bytes``, the sectors the block device under it was
+asked to write in the same time (``device``): data, metadata and the
+filesystem's journal, which is what a card under the filesystem receives.
+``write_bytes`` counts a page-cache folio at the moment it is dirtied, whatever
+part of it changed, and the filesystem's journal not at all; the device figure
+is the check on both. It means something only on a filesystem nothing else
+writes to, e.g. a loop device made for it (as root)::
+
+    truncate -s 512M /var/tmp/gwdev.img && mkfs.ext4 -q -F /var/tmp/gwdev.img
+    mkdir -p /mnt/gwdev && mount "$(losetup -f --show /var/tmp/gwdev.img)" /mnt/gwdev
 
 ``--tree`` runs the daemon of another checkout (for before/after comparisons);
 the benchmark itself, the simulators and the headend come from this tree.
@@ -85,6 +98,19 @@ SDM120 = BUILTIN_PROFILES["sdm120"]
 
 def log(msg: str) -> None:
     print(f"[storage] {msg}", file=sys.stderr, flush=True)
+
+
+def device_of(path: Path) -> Path:
+    """The ``stat`` file of the block device holding ``path`` (``/sys/dev/block/MAJ:MIN``;
+    a partition's own counters)."""
+    st = os.stat(path)
+    return Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat")
+
+
+def device_bytes_written(stat: Path) -> int:
+    """Bytes the device was asked to write since it appeared: the filesystem's
+    data, metadata and journal, whole blocks (sectors written, 512 bytes each)."""
+    return int(stat.read_text().split()[6]) * 512
 
 
 def proc_io(pid: int) -> dict[str, int]:
@@ -262,7 +288,7 @@ async def simulators(meters: int, log_dir: Path) -> AsyncIterator[list[tuple[int
 
 
 def write_site(
-    work: Path, sc: Scenario, sims: list[tuple[int, list[int]]], broker_port: int
+    work: Path, sc: Scenario, sims: list[tuple[int, list[int]]], broker_port: int, db: Path
 ) -> Path:
     pub = generate_headend_key(work / "headend.pem")
     (work / "registry").mkdir()
@@ -307,7 +333,7 @@ def write_site(
             )  # fmt: skip
     doc = {
         "gateway": {"id": GATEWAY, "site": "bench", "poll_interval_s": sc.poll_s},
-        "storage": {"path": str(work / "gw.db")},
+        "storage": {"path": str(db)},
         "broker": {"host": "127.0.0.1", "port": broker_port, "keepalive_s": 30},
         "uplink": {"headend_public_key": base64.b64encode(pub).decode()},
         "security": {"keystore": str(work / "keys")},
@@ -385,7 +411,7 @@ async def bare_loop(
 
 async def run_scenario(
     sc: Scenario, tree: Path, bare: bool, windows: int = 1, wal_pages: bool = False,
-    profile: Path | None = None,
+    profile: Path | None = None, db_dir: Path | None = None,
 ) -> dict[str, Any]:
     log(
         f"{sc.name}: {sc.meters} meter(s), poll every {sc.poll_s:g} s, {sc.warmup_s:g} s warm-up + {sc.seconds:g} s"
@@ -393,10 +419,14 @@ async def run_scenario(
     with tempfile.TemporaryDirectory(prefix="edgegw-storage-", dir=ROOT / ".bench-work") as tmp:
         work = Path(tmp)
         runtime = Path(tempfile.mkdtemp(prefix="edgegw-run-", dir="/dev/shm"))
+        # the gateway's database (with its log, shared memory and reserve file) in a
+        # directory of its own, on a filesystem of its own when --db-dir names one
+        db_home = Path(tempfile.mkdtemp(prefix="edgegw-db-", dir=db_dir or work))
+        device = device_of(db_home) if db_dir is not None else None
         try:
             async with simulators(sc.meters, work) as sims:
                 async with Mosquitto(work, extra_conf=f"max_packet_size {4 << 20}\n") as broker:
-                    cfg = write_site(work, sc, sims, broker.port)
+                    cfg = write_site(work, sc, sims, broker.port, db_home / "gw.db")
                     headend = [
                         "-m", "gateway.cli", "headend", "run", "--broker", f"127.0.0.1:{broker.port}",
                         "--db", str(work / "central.db"), "--key", str(work / "headend.pem"),
@@ -415,7 +445,7 @@ async def run_scenario(
                                      **({"EDGEGW_PROFILE": f"{profile}.{sc.name}",
                                          "EDGEGW_PROFILE_AFTER_S": str(sc.warmup_s)} if profile else {})})
                         )  # fmt: skip
-                        db = work / "gw.db"
+                        db = db_home / "gw.db"
                         deadline = time.monotonic() + sc.warmup_s + 60
                         while committed(db) < sc.meters and time.monotonic() < deadline:
                             if gw.poll() is not None:
@@ -424,6 +454,7 @@ async def run_scenario(
                                 )
                             await asyncio.sleep(0.5)
                         await asyncio.sleep(max(0.0, sc.warmup_s - 0))
+                        dev0 = device_bytes_written(device) if device is not None else 0
                         io0, cpu0, n0, a0, t0 = (
                             proc_io(gw.pid),
                             proc_cpu_s(gw.pid),
@@ -450,6 +481,7 @@ async def run_scenario(
                             marks.append((t1, io1["write_bytes"], n1, ledger_entries(db)))
                             if watcher is not None:
                                 frames_at.append(await asyncio.to_thread(watcher.counts))
+                        dev1 = device_bytes_written(device) if device is not None else 0
                         a1 = acked(db)
                         stop_watch.set()
                         if watching is not None:
@@ -461,6 +493,7 @@ async def run_scenario(
                     base = await bare_loop(sims, sc.poll_s, min(sc.seconds, 60.0)) if bare else None
         finally:
             shutil.rmtree(runtime, ignore_errors=True)
+            shutil.rmtree(db_home, ignore_errors=True)
     readings = n1 - n0
     wall = t1 - t0
     cpu = cpu1 - cpu0
@@ -481,6 +514,12 @@ async def run_scenario(
             "cpu_fraction_of_core": round(cpu / wall, 4),
         },
     }
+    if device is not None:
+        out["device"] = {
+            "stat": str(device),
+            "bytes_written": dev1 - dev0,
+            "bytes_written_per_reading": round((dev1 - dev0) / max(readings, 1), 1),
+        }
     if watcher is not None:
         out["wal"] = watcher.report(readings)
     if windows > 1:
@@ -549,12 +588,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     load0 = os.getloadavg()
     if args.parallel:
         results = await asyncio.gather(*(run_scenario(s, tree, bare=False, windows=args.windows, wal_pages=args.wal_pages,
-                                                      profile=args.profile)
+                                                      profile=args.profile, db_dir=args.db_dir)
             for s in chosen))
     else:
         results = [
             await run_scenario(s, tree, bare=s.poll_s <= 5, windows=args.windows, wal_pages=args.wal_pages,
-                               profile=args.profile)
+                               profile=args.profile, db_dir=args.db_dir)
             for s in chosen
         ]
     return {
@@ -599,6 +638,12 @@ if __name__ == "__main__":
         help="write a CPU profile of the daemon's event-loop thread to PROFILE.SCENARIO"
         " (from the warm-up's length after its start on)"
         " (EDGEGW_PROFILE; it slows the daemon: read its shares, not its CPU figures)",
+    )  # fmt: skip
+    p.add_argument(
+        "--db-dir", type=Path,
+        help="put the gateway's database in a new directory under DB_DIR and report what the block"
+        " device holding DB_DIR was asked to write (sectors written): meaningful on a filesystem"
+        " nothing else writes to, e.g. a loop device made for it (see docs/benchmarks.md)",
     )  # fmt: skip
     ns = p.parse_args()
     if ns.windows < 1:
