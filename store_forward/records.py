@@ -9,7 +9,6 @@ exactly the digits the meter reported.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -51,6 +50,14 @@ TELEMETRY_QUANTITIES: frozenset[Quantity] = frozenset(
 )
 
 
+# Each quantity's and time source's name as a plain string, looked up for every value
+# of every reading (a member's ``.value`` is a property call, several times dearer
+# than a dict look-up).
+_QUANTITY_NAMES: dict[Quantity, str] = {q: q.value for q in Quantity}
+_TIME_SOURCE_NAMES: dict[TimeSource, str] = {s: s.value for s in TimeSource}
+_GOOD = Quality.GOOD
+
+
 def class_name(cls: RecordClass) -> str:
     """The class as text (bound into each record's at-rest seal)."""
     return cls.name.lower()
@@ -67,27 +74,31 @@ class Record:
 
 def reading_body(reading: Reading) -> dict[str, Any]:
     """The canonical JSON form of a reading (see docs/protocol.md)."""
-    return _body(reading, reading.values)
+    return _body(reading, sorted(reading.values.items()))
 
 
-def _body(reading: Reading, values: Mapping[Quantity, Measurement]) -> dict[str, Any]:
+def _body(reading: Reading, items: list[tuple[Quantity, Measurement]]) -> dict[str, Any]:
+    """The body of ``reading`` with the values ``items``, sorted by quantity (so by
+    name: a quantity is its name as a string)."""
+    names = _QUANTITY_NAMES
     body: dict[str, Any] = {
         "m": reading.meter_id,
         "t": reading.time_ms,
-        "ts": reading.time_source.value,
-        "v": {q.value: str(m.value) for q, m in sorted(values.items())},
+        "ts": _TIME_SOURCE_NAMES[reading.time_source],
+        "v": {names[q]: str(m.value) for q, m in items},
     }
-    bad = {q.value: m.quality.value for q, m in values.items() if m.quality is not Quality.GOOD}
+    bad = {names[q]: m.quality.value for q, m in items if m.quality is not _GOOD}
     if bad:
-        body["q"] = dict(sorted(bad.items()))
+        body["q"] = bad
     return body
 
 
 def split_reading(reading: Reading) -> list[tuple[RecordClass, dict[str, Any]]]:
     """A reading as outbox records: register values (BILLING), then instantaneous
     values (TELEMETRY), each only when present. Both carry the meter and time."""
-    billing = {q: m for q, m in reading.values.items() if q not in TELEMETRY_QUANTITIES}
-    telemetry = {q: m for q, m in reading.values.items() if q in TELEMETRY_QUANTITIES}
+    items = sorted(reading.values.items())
+    billing = [item for item in items if item[0] not in TELEMETRY_QUANTITIES]
+    telemetry = [item for item in items if item[0] in TELEMETRY_QUANTITIES]
     out: list[tuple[RecordClass, dict[str, Any]]] = []
     if billing or not telemetry:
         out.append((RecordClass.BILLING, _body(reading, billing)))
