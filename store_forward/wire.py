@@ -406,35 +406,44 @@ class _Generic(NamedTuple):
 
 
 _Row = _Reading | _Generic
+_NO_MARKS: Mapping[Any, str] = {}  # (shared, never written: a reading without quality marks)
 
 
 _PLAIN_DECIMAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.([0-9]+))?")
 
 
-# Texts already split by _decimal_parts (the same values recur batch after batch: a
-# meter's energy register between its steps, a frequency, a relay state); cleared
-# when full.
-_PARTS_MEMO: dict[str, tuple[int, int] | None] = {}
-_PARTS_MEMO_MAX = 8192
+# Values already analysed, one memo per quantity name: value text -> its _Value, or
+# None where the text has no exact columnar form. The same values recur batch after
+# batch (a meter's energy register between its steps, a voltage, a frequency, a relay
+# state); with a memo per quantity, the ever-new texts of one (power, current) do not
+# push out the others'. Each memo is cleared when full.
+_VALUE_MEMO: dict[str, dict[str, _Value | None]] = {q.value: {} for q in QUANTITY_CODES}
+_VALUE_MEMO_MAX = 1024  # per quantity (meters report a handful of quantities)
+_UNSEEN = object()  # (not in a memo)
 
 
-def _decimal_parts(text: object) -> tuple[int, int] | None:
-    """(coefficient, exponent) that reproduce ``text`` exactly, or None."""
+def _quantity_value(name: str, text: object) -> _Value | None:
+    """The value ``text`` of the quantity ``name`` as (code, coefficient, exponent)
+    that reproduce it exactly; None for an unknown quantity or a text that has no
+    such form. What :func:`_as_reading` looks up in :data:`_VALUE_MEMO`."""
+    memo = _VALUE_MEMO.get(name)
+    if memo is None:
+        return None
     if type(text) is not str:
-        return _split_decimal(text)
-    try:
-        return _PARTS_MEMO[text]
-    except KeyError:
-        pass
-    parts = _split_decimal(text)
-    if len(_PARTS_MEMO) >= _PARTS_MEMO_MAX:
-        _PARTS_MEMO.clear()
-    _PARTS_MEMO[text] = parts
-    return parts
+        parts = _split_decimal(text)
+        return None if parts is None else _Value(_CODE_BY_NAME[name], *parts)
+    value = memo.get(text, _UNSEEN)
+    if value is _UNSEEN:
+        parts = _split_decimal(text)
+        value = None if parts is None else _Value(_CODE_BY_NAME[name], *parts)
+        if len(memo) >= _VALUE_MEMO_MAX:
+            memo.clear()
+        memo[text] = value
+    return value  # type: ignore[return-value]
 
 
 def _split_decimal(text: object) -> tuple[int, int] | None:
-    """:func:`_decimal_parts`, computed."""
+    """(coefficient, exponent) that reproduce ``text`` exactly, or None."""
     if not isinstance(text, str) or len(text) > 64:
         return None
     m = _PLAIN_DECIMAL.fullmatch(text)
@@ -530,7 +539,7 @@ def _as_reading(rec: RecordLike, cls: int) -> _Reading | None:
     if keys != _READING_KEYS and keys != _READING_KEYS_Q:
         return None
     meter, t, ts, v = body["m"], body["t"], body["ts"], body["v"]
-    q = body.get("q", {})
+    q = body.get("q", _NO_MARKS)
     if not (_short_text(meter) and _short_text(ts)):
         return None
     if type(t) is not int or not -_MAX_TIME < t < _MAX_TIME:
@@ -538,19 +547,23 @@ def _as_reading(rec: RecordLike, cls: int) -> _Reading | None:
     if not isinstance(v, dict) or not isinstance(q, dict):
         return None
     values: list[_Value] = []
+    memos = _VALUE_MEMO
     for name, text in v.items():
-        code = _CODE_BY_NAME.get(name)
-        if code is None:
+        # _quantity_value(name, text), with its usual case (a text seen before) inline
+        memo = memos.get(name)
+        value = memo.get(text, _UNSEEN) if memo is not None and type(text) is str else _UNSEEN
+        if value is _UNSEEN:
+            value = _quantity_value(name, text)
+        if value is None:
             return None
-        parts = _decimal_parts(text)
-        if parts is None:
-            return None
-        values.append(_Value(code, parts[0], parts[1]))
-    quality: dict[int, str] = {}
-    for name, qual in q.items():
-        if name not in v or not _short_text(qual):
-            return None
-        quality[_CODE_BY_NAME[name]] = qual
+        values.append(value)  # type: ignore[arg-type]
+    quality: Mapping[int, str] = _NO_MARKS
+    if q:
+        quality = {}
+        for name, qual in q.items():
+            if name not in v or not _short_text(qual):
+                return None
+            quality[_CODE_BY_NAME[name]] = qual
     return _Reading(
         rec.id, rec.created_ms, cls, meter, t, ts, "q" in body, tuple(values), quality, rec
     )
@@ -579,22 +592,34 @@ def _demote_unfit(rows: Sequence[_Row]) -> Sequence[_Row]:
     """Send readings whose column (per meter) cannot be scaled to one
     exponent within limits the generic way; the rest stay columnar."""
     # A column of values that share one exponent always fits (every coefficient is
-    # below the limit already): only columns of mixed exponents are checked.
-    columns: dict[tuple[str, int], list[_Value]] = {}
+    # below the limit already): only columns of mixed exponents are checked. A
+    # meter's first reading is only looked at once it has a second one (a meter
+    # read once in the batch has no mixed column).
+    first_reading: dict[str, _Reading] = {}
+    first_exps: dict[str, dict[int, int]] = {}  # per meter: the first exponent in each column
     mixed: set[tuple[str, int]] = set()
     for row in rows:
         if isinstance(row, _Reading):
             meter = row.meter
+            exps = first_exps.get(meter)
+            if exps is None:
+                first = first_reading.setdefault(meter, row)
+                if first is row:
+                    continue
+                exps = first_exps[meter] = {v.code: v.exp for v in first.values}
             for v in row.values:
-                key = (meter, v.code)
-                column = columns.get(key)
-                if column is None:
-                    columns[key] = [v]
-                else:
+                if exps.setdefault(v.code, v.exp) != v.exp:
+                    mixed.add((meter, v.code))
+    if not mixed:
+        return rows
+    columns: dict[tuple[str, int], list[_Value]] = {key: [] for key in mixed}
+    for row in rows:
+        if isinstance(row, _Reading):
+            for v in row.values:
+                column = columns.get((row.meter, v.code))
+                if column is not None:
                     column.append(v)
-                    if v.exp != column[0].exp:
-                        mixed.add(key)
-    bad = {key for key in mixed if not _column_fits(columns[key])}
+    bad = {key for key, column in columns.items() if not _column_fits(column)}
     if not bad:
         return rows
     return [
@@ -606,19 +631,21 @@ def _demote_unfit(rows: Sequence[_Row]) -> Sequence[_Row]:
 
 
 def _analyse(rec: RecordLike) -> _Row:
-    if type(rec.id) is not int or not -_MAX_TIME < rec.id < _MAX_TIME:
-        raise WireEncodeError(f"record id must be an int below 2**62, got {rec.id!r}")
-    if type(rec.created_ms) is not int or not -_MAX_TIME < rec.created_ms < _MAX_TIME:
-        raise WireEncodeError(f"record {rec.id}: created_ms must be an int below 2**62")
+    rid, created_ms = rec.id, rec.created_ms
+    if type(rid) is not int or not -_MAX_TIME < rid < _MAX_TIME:
+        raise WireEncodeError(f"record id must be an int below 2**62, got {rid!r}")
+    if type(created_ms) is not int or not -_MAX_TIME < created_ms < _MAX_TIME:
+        raise WireEncodeError(f"record {rid}: created_ms must be an int below 2**62")
     if not _short_text(rec.kind):
-        raise WireEncodeError(f"record {rec.id}: kind must be a string of 0..4096 UTF-8 bytes")
+        raise WireEncodeError(f"record {rid}: kind must be a string of 0..4096 UTF-8 bytes")
     if not isinstance(rec.body, dict):
-        raise WireEncodeError(f"record {rec.id}: body must be a dict")
+        raise WireEncodeError(f"record {rid}: body must be a dict")
     cls = getattr(rec, "cls", 0)
     if not isinstance(cls, int) or isinstance(cls, bool) or not 0 <= cls <= 255:
-        raise WireEncodeError(f"record {rec.id}: class must be an int in 0..255, got {cls!r}")
-    reading = _as_reading(rec, int(cls))
-    return reading if reading is not None else _generic(rec, int(cls))
+        raise WireEncodeError(f"record {rid}: class must be an int in 0..255, got {cls!r}")
+    cls = int(cls)  # (the outbox's records carry a RecordClass)
+    reading = _as_reading(rec, cls)
+    return reading if reading is not None else _generic(rec, cls)
 
 
 # --------------------------------------------------------------------------- plaintext
@@ -636,24 +663,36 @@ class _Strings:
 
 
 def _choose_width(zs: Sequence[int]) -> int:
-    """Bit width that (approximately) minimises packed size plus escapes."""
+    """Bit width that (approximately) minimises packed size plus escapes.
+
+    The cost of width ``w`` is ``n * w`` bits plus 8 bits per escaped byte,
+    counted per bit length ``b`` above ``w`` as ``count * (b + 6) // 7``; at the
+    widest width, the values of that length are counted as escaping (all ones).
+    Of equally cheap widths the widest wins. Below the widest, only a width equal
+    to a bit length some value has (or 1) can be cheapest: the escapes stay the
+    same down to the next shorter length, and a narrower width costs less; so
+    only those widths are tried.
+    """
     if not zs:
         return 0
-    hist = [0] * 73
-    for z in zs:
-        hist[z.bit_length()] += 1
-    top = max(b for b in range(73) if hist[b])
+    lengths = sorted(map(int.bit_length, zs))
+    top = lengths[-1]
     if top == 0:
         return 0
-    n = len(zs)
-    best_w, best_cost = top, n * top + 8 * hist[top]  # all-ones values at top escape
+    n = len(lengths)
+    best_w, best_cost = top, n * top + 8 * (n - bisect.bisect_left(lengths, top))
     escaped_bytes = 0
-    for w in range(top - 1, 0, -1):
-        b = w + 1
-        escaped_bytes += hist[b] * (b + 6) // 7
-        cost = n * w + 8 * escaped_bytes
-        if cost < best_cost:
-            best_w, best_cost = w, cost
+    hi = n
+    while hi:  # each bit length b, longest first: lengths[lo:hi] are the values of length b
+        b = lengths[hi - 1]
+        lo = bisect.bisect_left(lengths, b, 0, hi)
+        escaped_bytes += (hi - lo) * (b + 6) // 7  # they escape at any width below b
+        w = max(lengths[lo - 1], 1) if lo else 1  # the narrowest width with these escapes
+        if w < b:
+            cost = n * w + 8 * escaped_bytes
+            if cost < best_cost:
+                best_w, best_cost = w, cost
+        hi = lo
     return best_w
 
 
@@ -663,9 +702,14 @@ def _put_packed(out: bytearray, values: Sequence[int], *, signed: bool) -> None:
     bit-packed LSB first at ``w`` bits, then for each value that was written
     as the all-ones escape a varint of the excess, in order."""
     if signed:
-        center = sorted(values)[len(values) // 2] if values else 0
+        ordered = sorted(values)
+        center = ordered[len(values) // 2] if values else 0
         _put_svarint(out, center)
-        zs = [_zigzag(v - center) for v in values]
+        if not values or ordered[0] == ordered[-1]:
+            out.append(0)  # every value is the centre: width 0, nothing packed
+            return
+        # _zigzag(v - center), inline: a column is packed a few dozen times per batch
+        zs = [(v - center) << 1 if v >= center else ((center - v) << 1) - 1 for v in values]
     else:
         zs = list(values)
     width = _choose_width(zs)
@@ -673,9 +717,15 @@ def _put_packed(out: bytearray, values: Sequence[int], *, signed: bool) -> None:
     if not width:
         return
     marker = (1 << width) - 1
-    overflow = bytearray()
     acc = 0
     shift = 0
+    if max(zs) < marker:  # (the usual column: nothing escapes)
+        for z in zs:
+            acc |= z << shift
+            shift += width
+        out += acc.to_bytes((shift + 7) // 8, "little")
+        return
+    overflow = bytearray()
     for z in zs:
         if z >= marker:
             _put_uvarint(overflow, z - marker)
@@ -728,9 +778,10 @@ def _get_packed(r: _Reader, n: int, *, signed: bool) -> list[int]:
     return out
 
 
-def _created_columns(rows: Sequence[_Row]) -> tuple[int, list[int]]:
+def _created_columns(rows: Sequence[_Row]) -> tuple[int, bytearray]:
     """Pick the cheaper predictor for created_ms: the previous record's
-    created_ms (mode 0), or for readings their own t (mode 1)."""
+    created_ms (mode 0), or for readings their own t (mode 1); returns the
+    mode and its column, packed."""
     by_prev: list[int] = []
     by_t: list[int] = []
     prev = 0
@@ -739,12 +790,15 @@ def _created_columns(rows: Sequence[_Row]) -> tuple[int, list[int]]:
         by_prev.append(d)
         by_t.append(row.created_ms - row.t if isinstance(row, _Reading) else d)
         prev = row.created_ms
-    probe = bytearray()
-    _put_packed(probe, by_t, signed=True)
-    cost_t = len(probe)
-    probe.clear()
-    _put_packed(probe, by_prev, signed=True)
-    return (1, by_t) if cost_t < len(probe) else (0, by_prev)
+    packed_t = bytearray()
+    _put_packed(packed_t, by_t, signed=True)
+    if len(packed_t) <= 2 and min(by_prev, default=0) != max(by_prev, default=0):
+        # by_t is a one-byte centre and width 0, the least a column takes; by_prev's
+        # values differ, so it needs a width above 0 and takes more
+        return 1, packed_t
+    packed_prev = bytearray()
+    _put_packed(packed_prev, by_prev, signed=True)
+    return (1, packed_t) if len(packed_t) < len(packed_prev) else (0, packed_prev)
 
 
 def _deltas(values: Sequence[int]) -> list[int]:
@@ -814,6 +868,65 @@ def _current_residuals(
     return residuals
 
 
+# per quantity code: (base exponent, flags, numbers) of each meter's column, in meter
+# order; the numbers are the values scaled to the base exponent or, for a predicted
+# current, its residuals
+_Holders = dict[int, list[tuple[int, int, list[int]]]]
+
+
+def _columns_of(
+    readings: Sequence[_Reading], holders: _Holders, layout: bytearray
+) -> tuple[_ColumnSpec, ...]:
+    """One meter's column schema; each column's numbers go to ``holders``, and the
+    meter's presence bitmaps and exponent offsets to ``layout``, in column order."""
+    columns: dict[int, list[tuple[int, _Value]]] = {}
+    for i, rd in enumerate(readings):
+        for val in rd.values:
+            columns.setdefault(val.code, []).append((i, val))
+    spec: list[_ColumnSpec] = []
+    for code, entries in columns.items():
+        if len(entries) == 1:  # (a meter read once in the batch: no spread)
+            base = entries[0][1].exp
+            flags = _PRESENCE if len(readings) != 1 else 0
+        else:
+            base = min(v.exp for _, v in entries)
+            flags = (_PRESENCE if len(entries) != len(readings) else 0) | (
+                _SPREAD if any(v.exp != base for _, v in entries) else 0
+            )
+        guess = _current_residuals(readings, entries, base) if code == _CURRENT else None
+        if guess is not None:
+            flags |= _PREDICTED
+            column = guess
+        else:
+            column = [v.coef * 10 ** (v.exp - base) for _, v in entries]
+        spec.append((code, base, flags))
+        holders.setdefault(code, []).append((base, flags, column))
+        if flags & _PRESENCE:
+            bitmap = bytearray((len(readings) + 7) // 8)
+            for i, _ in entries:
+                bitmap[i >> 3] |= 1 << (i & 7)
+            layout += bitmap
+        if flags & _SPREAD:
+            _put_packed(layout, [v.exp - base for _, v in entries], signed=False)
+    return tuple(spec)
+
+
+def _columns_of_one(reading: _Reading, holders: _Holders) -> tuple[_ColumnSpec, ...]:
+    """:func:`_columns_of` a meter read once in the batch (every meter of a batch of
+    one poll cycle), with less work: each of its columns is one value at its own
+    exponent, present, without offsets (nothing goes to the layout)."""
+    spec: list[_ColumnSpec] = []
+    for v in reading.values:
+        code, base, flags, column = v.code, v.exp, 0, [v.coef]
+        if code == _CURRENT:
+            guess = _current_residuals((reading,), [(0, v)], base)
+            if guess is not None:
+                flags, column = _PREDICTED, guess
+        spec.append((code, base, flags))
+        holders.setdefault(code, []).append((base, flags, column))
+    return tuple(spec)
+
+
 def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
     rows = _demote_unfit(rows)
     strings = _Strings()
@@ -840,45 +953,24 @@ def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
     _put_packed(body, [ids[0], *_deltas(ids)] if ids else [], signed=True)
     created_mode, created = _created_columns(rows)
     body.append(created_mode)
-    _put_packed(body, created, signed=True)
+    body += created
     _put_packed(body, [row.cls for row in rows], signed=True)  # centred: constant is free
     # 2. Generic records.
     for g in generics:
         _put_uvarint(body, strings.ref(g.kind))
         _put_bytes(body, g.body_json)
-    # 3. Column schemas per meter.
+    # 3. Column schemas per meter, then each meter's presence bitmaps and exponent
+    # offsets (``layout``); each column's numbers are kept for 5. in ``holders``.
     schemas: dict[tuple[_ColumnSpec, ...], int] = {}
     meter_schema: list[int] = []
-    meter_columns: list[dict[int, list[tuple[int, _Value]]]] = []
-    meter_specs: list[dict[int, _ColumnSpec]] = []  # per meter: its columns by quantity code
-    predicted: list[list[int] | None] = []
+    layout = bytearray()
+    holders: _Holders = {}
     for readings in meters:
-        columns: dict[int, list[tuple[int, _Value]]] = {}
-        for i, rd in enumerate(readings):
-            for val in rd.values:
-                columns.setdefault(val.code, []).append((i, val))
-        spec: list[_ColumnSpec] = []
-        for code, entries in columns.items():
-            if len(entries) == 1:  # (a meter read once in the batch: no spread)
-                base = entries[0][1].exp
-                flags = _PRESENCE if len(readings) != 1 else 0
-            else:
-                base = min(v.exp for _, v in entries)
-                flags = (_PRESENCE if len(entries) != len(readings) else 0) | (
-                    _SPREAD if any(v.exp != base for _, v in entries) else 0
-                )
-            if code == _CURRENT:
-                guess = _current_residuals(readings, entries, base)
-                predicted.append(guess)
-                if guess is not None:
-                    flags |= _PREDICTED
-            spec.append((code, base, flags))
-        if _CURRENT not in columns:
-            predicted.append(None)
-        key = tuple(spec)
-        meter_schema.append(schemas.setdefault(key, len(schemas)))
-        meter_columns.append(columns)
-        meter_specs.append({c[0]: c for c in spec})
+        if len(readings) == 1:  # (every meter of a batch of one poll cycle)
+            spec = _columns_of_one(readings[0], holders)
+        else:
+            spec = _columns_of(readings, holders, layout)
+        meter_schema.append(schemas.setdefault(spec, len(schemas)))
     _put_uvarint(body, len(schemas))
     for key in schemas:
         _put_uvarint(body, len(key))
@@ -887,17 +979,7 @@ def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
             _put_svarint(body, base)
             body.append(flags)
     _put_packed(body, meter_schema, signed=False)
-    spec_of = list(schemas)
-    for k, readings in enumerate(meters):
-        for code, base, flags in spec_of[meter_schema[k]]:
-            entries = meter_columns[k][code]
-            if flags & _PRESENCE:
-                bitmap = bytearray((len(readings) + 7) // 8)
-                for i, _ in entries:
-                    bitmap[i >> 3] |= 1 << (i & 7)
-                body.extend(bitmap)
-            if flags & _SPREAD:
-                _put_packed(body, [v.exp - base for _, v in entries], signed=False)
+    body += layout
     # 4. Reading shapes and times, meter-major.
     _put_packed(
         body,
@@ -922,32 +1004,21 @@ def _encode_plaintext(rows: Sequence[_Row]) -> bytes:
     _put_packed(body, intervals[:1] + _deltas(intervals), signed=True)
     _put_packed(body, residuals, signed=True)
     # 5. Values, quantity by quantity across meters.
-    all_codes = sorted({code for key in schemas for code, _, _ in key})
-    for code in all_codes:
+    for code in sorted(holders):
         col_firsts: list[int] = []
         col_deltas: list[int] = []
         col_residuals: list[int] = []
         prev_base: int | None = None
         prev_first = 0
-        for k in range(len(meters)):
-            col = meter_specs[k].get(code)
-            if col is None:
-                continue
-            base, flags = col[1], col[2]
+        for base, flags, column in holders[code]:
             if flags & _PREDICTED:
-                col_residuals.extend(predicted[k] or ())
+                col_residuals += column
                 continue
-            entries = meter_columns[k][code]
-            if len(entries) == 1:  # one value: its first, no deltas
-                v = entries[0][1]
-                first = v.coef * 10 ** (v.exp - base)
-                col_firsts.append(first - (prev_first if base == prev_base else 0))
-                prev_base, prev_first = base, first
-                continue
-            scaled = [v.coef * 10 ** (v.exp - base) for _, v in entries]
-            col_firsts.append(scaled[0] - (prev_first if base == prev_base else 0))
-            prev_base, prev_first = base, scaled[0]
-            col_deltas.extend(_deltas(scaled))
+            first = column[0]
+            col_firsts.append(first - prev_first if base == prev_base else first)
+            prev_base, prev_first = base, first
+            if len(column) > 1:
+                col_deltas += _deltas(column)
         _put_packed(body, col_firsts, signed=True)
         _put_packed(body, col_deltas, signed=True)
         if code == _CURRENT:

@@ -743,6 +743,7 @@ def test_varints_read_together_are_read_one_by_one(values: list[int], cut: int) 
 
 
 @given(
+    name=st.sampled_from([q.value for q in Quantity]),
     texts=st.lists(
         st.one_of(
             st.decimals(allow_nan=False, allow_infinity=False, places=3).map(str),
@@ -750,11 +751,185 @@ def test_varints_read_together_are_read_one_by_one(values: list[int], cut: int) 
             st.text(alphabet="-0123456789.eE+ ", max_size=12),
         ),
         max_size=40,
+    ),
+)
+def test_the_value_memo_answers_what_splitting_does(name: str, texts: list[str]) -> None:
+    code = wire.QUANTITY_CODES[Quantity(name)]
+
+    def split(text: object) -> tuple[int, int, int] | None:
+        parts = wire._split_decimal(text)
+        return None if parts is None else (code, *parts)
+
+    def as_read(text: object) -> tuple[int, int, int] | None:  # the memo looked up inline
+        body = {"m": "m1", "t": 0, "ts": "system", "v": {name: text}}
+        row = wire._analyse(WireRecord(1, "reading", 0, body))
+        return row.values[0] if isinstance(row, wire._Reading) else None
+
+    for t in texts + texts[::-1]:  # every text twice: computed, then from the memo
+        assert wire._quantity_value(name, t) == split(t) == as_read(t)
+    wire._VALUE_MEMO[name].clear()  # (a full memo is cleared: the next look computes again)
+    for t in texts:
+        assert wire._quantity_value(name, t) == split(t) == as_read(t)
+    for other in (1, 1.5, None, True):  # not text: computed, never kept
+        assert wire._quantity_value(name, other) == split(other) == as_read(other) is None
+    assert wire._quantity_value("volts", "1.5") is None
+
+
+def test_a_full_value_memo_is_cleared(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire, "_VALUE_MEMO_MAX", 3)
+    memo = wire._VALUE_MEMO["voltage_v"]
+    memo.clear()
+    for i in range(7):
+        assert wire._quantity_value("voltage_v", f"230.{i}") == (6, 2300 + i, -1)
+        assert 1 <= len(memo) <= 3
+
+
+# --------------------------------------------------------------------------- fast paths
+#
+# The encoder takes shorter ways for the usual batch (a meter read once, a column of
+# equal values, a created time that is the poll time); each must give the bytes of the
+# straightforward way, written out here as it was before those shortcuts.
+
+
+def _reference_width(zs: list[int]) -> int:
+    """The bit width, by trying every width from the widest down."""
+    if not zs:
+        return 0
+    hist = [0] * 73
+    for z in zs:
+        hist[z.bit_length()] += 1
+    top = max(b for b in range(73) if hist[b])
+    if top == 0:
+        return 0
+    n = len(zs)
+    best_w, best_cost = top, n * top + 8 * hist[top]
+    escaped_bytes = 0
+    for w in range(top - 1, 0, -1):
+        b = w + 1
+        escaped_bytes += hist[b] * (b + 6) // 7
+        cost = n * w + 8 * escaped_bytes
+        if cost < best_cost:
+            best_w, best_cost = w, cost
+    return best_w
+
+
+def _reference_packed(values: list[int], *, signed: bool) -> bytes:
+    out = bytearray()
+    if signed:
+        center = sorted(values)[len(values) // 2] if values else 0
+        wire._put_svarint(out, center)
+        zs = [wire._zigzag(v - center) for v in values]
+    else:
+        zs = list(values)
+    width = _reference_width(zs)
+    out.append(width)
+    if not width:
+        return bytes(out)
+    marker = (1 << width) - 1
+    overflow = bytearray()
+    acc = 0
+    shift = 0
+    for z in zs:
+        if z >= marker:
+            wire._put_uvarint(overflow, z - marker)
+            z = marker
+        acc |= z << shift
+        shift += width
+    return bytes(out + acc.to_bytes((shift + 7) // 8, "little") + overflow)
+
+
+column_of_ints = st.one_of(
+    st.lists(st.integers(-(2**64), 2**64), max_size=60),
+    st.lists(st.integers(-300, 300), max_size=60),
+    # mostly small with a few far out (the escapes), or all equal (width 0)
+    st.lists(st.integers(0, 3) | st.integers(2**20, 2**40), max_size=60),
+    st.tuples(st.integers(-(2**62), 2**62), st.integers(0, 60)).map(lambda vn: [vn[0]] * vn[1]),
+)
+
+
+@settings(max_examples=500)
+@given(column_of_ints, st.booleans())
+def test_packed_columns_are_what_the_straightforward_packing_makes(values: list[int], signed: bool) -> None:
+    if not signed:
+        values = [abs(v) for v in values]
+    zs = [wire._zigzag(v) for v in values]
+    assert wire._choose_width(zs) == _reference_width(zs)
+    out = bytearray()
+    wire._put_packed(out, values, signed=signed)
+    assert bytes(out) == _reference_packed(values, signed=signed)
+    assert wire._get_packed(wire._Reader(bytes(out)), len(values), signed=signed) == values
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(any_record | electrical_reading, max_size=12))
+def test_a_meter_read_once_gets_the_columns_of_the_general_way(records: list[WireRecord]) -> None:
+    for row in wire._demote_unfit([wire._analyse(r) for r in records]):
+        if not isinstance(row, wire._Reading):
+            continue
+        fast: wire._Holders = {}
+        general: wire._Holders = {}
+        layout = bytearray()
+        assert wire._columns_of_one(row, fast) == wire._columns_of([row], general, layout)
+        assert fast == general
+        assert not layout
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.integers(-(2**40), 2**40), st.integers(-3, 3)), max_size=20
     )
 )
-def test_the_memo_of_decimal_parts_answers_what_splitting_does(texts: list[str]) -> None:
-    for t in texts + texts[::-1]:  # every text twice: computed, then from the memo
-        assert wire._decimal_parts(t) == wire._split_decimal(t)
-    wire._PARTS_MEMO.clear()  # (a full memo is cleared: the next look computes again)
-    for t in texts:
-        assert wire._decimal_parts(t) == wire._split_decimal(t)
+def test_the_created_time_mode_is_the_shorter_column(shapes: list[tuple[bool, int, int]]) -> None:
+    rows: list[Any] = []
+    for i, (reading, created, lag) in enumerate(shapes):
+        body = {"m": "m1", "t": created - lag, "ts": "system", "v": {}}
+        rows.append(wire._analyse(WireRecord(i, "reading" if reading else "event", created, body)))
+    by_prev = [b.created_ms - a for a, b in zip([0] + [r.created_ms for r in rows], rows, strict=False)]
+    by_t = [
+        r.created_ms - r.t if isinstance(r, wire._Reading) else d for r, d in zip(rows, by_prev, strict=True)
+    ]
+    packed_t, packed_prev = _reference_packed(by_t, signed=True), _reference_packed(by_prev, signed=True)
+    expected = (1, packed_t) if len(packed_t) < len(packed_prev) else (0, packed_prev)
+    mode, packed = wire._created_columns(rows)
+    assert (mode, bytes(packed)) == expected
+
+
+def _live(cycle: int) -> list[list[WireRecord]]:
+    """One poll cycle of 50 meters as the outbox sends it: a billing batch (energy
+    registers) and a telemetry batch (without power factor: no predicted current)."""
+    billing, telemetry = [], []
+    for r in backlog(cycle + 1, meters=50, seed=3)[-50:]:
+        v = r.body["v"]
+        billing.append(
+            WireRecord(r.id, r.kind, r.body["t"], dict(r.body, v={"energy_export_kwh": "0.00",
+                       "energy_import_kwh": v["energy_import_kwh"]}), cls=1)
+        )
+        tele = {k: v[k] for k in ("current_a", "frequency_hz", "power_kw", "voltage_v")}
+        telemetry.append(WireRecord(r.id + 1, r.kind, r.body["t"], dict(r.body, v=tele), cls=2))
+    return [billing, telemetry]
+
+
+def test_plaintexts_are_byte_for_byte_what_they_were() -> None:
+    """The bytes of a varied corpus, as the encoder made them before its fast paths
+    (the wire format is a contract: a change here is a format change)."""
+    rnd = random.Random(11)
+    pool = backlog(4, meters=30) + mixed()
+    corpus = [
+        backlog(3, meters=40) + mixed(),
+        backlog(1, meters=50),
+        backlog(5, meters=7, seed=2),
+        mixed(),
+        [],
+        *_live(0),
+        *_live(1),
+        *(rnd.sample(pool, rnd.randint(0, 40)) for _ in range(30)),
+    ]
+    digest = hashlib.sha256()
+    for records in corpus:
+        plain = wire._encode_plaintext([wire._analyse(r) for r in records])
+        digest.update(len(plain).to_bytes(4, "big") + plain)
+    assert digest.hexdigest() == PLAINTEXTS_SHA256
+
+
+PLAINTEXTS_SHA256 = "c1adb129e4ec89a28d54b6a84569f37f2031c4141b40c458843e40909c46a9e4"
