@@ -76,7 +76,7 @@ import functools
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -339,6 +339,114 @@ def observe(
     NTP-synchronised, ``meter_ms`` current meter clock readings (already
     corrected for the time since they were read).
     """
+    steady = _observe_steady(state, wall_ms, mono_ms, synced, policy)
+    if steady is not None:
+        return steady
+    return _observe(state, wall_ms=wall_ms, mono_ms=mono_ms, synced=synced, meter_ms=meter_ms, policy=policy)
+
+
+# ClockState's slots, set directly: a frozen dataclass's __init__ goes through
+# object.__setattr__ once per field, which is most of what a steady-state
+# observe() costs (it runs a few times per meter reading). (A field added to
+# ClockState stops the import here until _observe_steady sets it too.)
+_new = object.__new__
+(
+    _set_floor, _set_est, _set_quality, _set_initial, _set_synced_seen, _set_restored_ms,
+    _set_start_mono_ms, _set_central, _set_track, _set_last_synced, _set_last_time_ms,
+    _set_behind_floor, _set_disagree, _set_persisted_floor_ms, _set_persisted_seen_ms, _set_unseen,
+) = (ClockState.__dict__[f.name].__set__ for f in fields(ClockState))  # fmt: skip
+_set_anchor_time, _set_anchor_mono = (Anchor.__dict__[f.name].__set__ for f in fields(Anchor))
+_set_tt_time, _set_tt_quality, _set_tt_floor = (TrustedTime.__dict__[f.name].__set__ for f in fields(TrustedTime))
+
+
+def _observe_steady(
+    state: ClockState, wall_ms: int, mono_ms: int, synced: bool, policy: ClockPolicy
+) -> tuple[ClockState, TrustedTime, list[ClockEvent]] | None:
+    """:func:`_observe` where it is quickest to see that nothing but time moved on,
+    or None: not after a start, the system clock without a jump, trusted time
+    on central time or on a system clock within the tolerance of the carried
+    estimate (and not behind the floor), no event. The tests check that the
+    result is :func:`_observe`'s wherever this gives one."""
+    track = state.track
+    if state.initial or track is None:
+        return None
+    tol = policy.jump_tolerance_ms
+    offset = wall_ms - mono_ms
+    if offset - track.offset_ms > tol or track.offset_ms - offset > tol:
+        return None
+    floor = state.floor
+    lower = floor.time_ms + mono_ms - floor.mono_ms if mono_ms > floor.mono_ms else floor.time_ms
+    est = state.est
+    carried = est.time_ms + mono_ms - est.mono_ms if mono_ms > est.mono_ms else est.time_ms
+    if carried < lower:
+        carried = lower
+    behind = wall_ms < lower - tol
+    if behind and not state.behind_floor:
+        return None  # the BEHIND_FLOOR event
+    central = state.central
+    if central is not None:
+        t = central.time_ms + mono_ms - central.mono_ms if mono_ms > central.mono_ms else central.time_ms
+        if t < lower:
+            t = lower
+        q = TimeQuality.CENTRAL
+        disagree = synced and abs(wall_ms - t) > policy.disagree_tolerance_ms
+        if disagree and not state.disagree:
+            return None  # the SOURCES_DISAGREE event
+        synced_seen = True
+    else:
+        if wall_ms - carried > tol or carried - wall_ms > tol:
+            return None
+        t = state.last_time_ms
+        if wall_ms > t:
+            t = wall_ms
+        if t < lower:
+            t, q = lower, TimeQuality.FLOOR
+        else:
+            q = TimeQuality.SYSTEM_SYNCED if synced else TimeQuality.SYSTEM_UNSYNCED
+        disagree = False
+        synced_seen = state.synced_seen or synced
+        if synced and wall_ms > lower and mono_ms - track.since_mono_ms >= policy.confirm_ms:
+            floor = Anchor(wall_ms, mono_ms)  # a synchronised clock that has held raises the floor
+            lower = wall_ms  # (the floor now)
+    if offset != track.offset_ms:
+        track = Track(offset, track.since_mono_ms)
+    new = _new(ClockState)
+    _set_floor(new, floor)
+    est = _new(Anchor)
+    _set_anchor_time(est, t)
+    _set_anchor_mono(est, mono_ms)
+    _set_est(new, est)
+    _set_quality(new, q)
+    _set_initial(new, False)
+    _set_synced_seen(new, synced_seen)
+    _set_restored_ms(new, state.restored_ms)
+    _set_start_mono_ms(new, state.start_mono_ms)
+    _set_central(new, central)
+    _set_track(new, track)
+    _set_last_synced(new, synced)
+    _set_last_time_ms(new, t)
+    _set_behind_floor(new, behind)
+    _set_disagree(new, disagree)
+    _set_persisted_floor_ms(new, state.persisted_floor_ms)
+    _set_persisted_seen_ms(new, state.persisted_seen_ms)
+    _set_unseen(new, state.unseen if t >= carried else _clip_unseen(state.unseen, t))
+    now = _new(TrustedTime)
+    _set_tt_time(now, t)
+    _set_tt_quality(now, q)
+    _set_tt_floor(now, lower)
+    return new, now, []
+
+
+def _observe(
+    state: ClockState,
+    *,
+    wall_ms: int,
+    mono_ms: int,
+    synced: bool,
+    meter_ms: Sequence[int] = (),
+    policy: ClockPolicy = POLICY,
+) -> tuple[ClockState, TrustedTime, list[ClockEvent]]:
+    """:func:`observe`, every case."""
     tol = policy.jump_tolerance_ms
     events: list[ClockEvent] = []
     lower = state.floor_at(mono_ms)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import aiosqlite
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from firmware_bridge.reading import TimeSource
@@ -15,13 +15,20 @@ from gateway.security.trusted_time import (
     CONFIRM_MS,
     FIRST_SYNC_WINDOW_MS,
     JUMP_TOLERANCE_MS,
+    POLICY,
+    Anchor,
     ClockEvent,
     ClockEventKind,
     ClockPolicy,
+    ClockState,
     SyncProbe,
     TimeQuality,
+    Track,
     TrustedClock,
+    Unseen,
     UnseenKind,
+    _observe,
+    _observe_steady,
     apply_central_time,
     apply_time_sync,
     chrony_tracking_synced,
@@ -401,6 +408,110 @@ def test_billing_time_never_follows_an_unconfirmed_jump(
         s, t, _ = observe(s, wall_ms=T0 + mono, mono_ms=mono, synced=synced)
         assert t.time_ms == T0 + mono
     assert s.unseen == ()
+
+
+# Steady-state look at the clocks (observe's quick path) against every case (_observe):
+# states and clocks drawn around one instant, so that the tolerances' edges come up.
+TOL = JUMP_TOLERANCE_MS
+M0 = 10 * HOUR  # the monotonic clock, around
+
+
+def _near(span: int) -> st.SearchStrategy[int]:
+    return st.one_of(st.integers(-span, span), st.sampled_from([-TOL - 1, -TOL, -TOL + 1, 0, 1, TOL, TOL + 1]))
+
+
+def _clock_states(span: int) -> st.SearchStrategy[ClockState]:
+    near = _near(span)
+    # at M0 about T0 + d (anchored up to CONFIRM_MS before, or a little after)
+    anchor = st.builds(lambda d, m: Anchor(T0 + d + m, M0 + m), near, st.integers(-CONFIRM_MS - 10, 10))
+    unseen = st.builds(
+        lambda a, b, k: Unseen(T0 + min(a, b), T0 + max(a, b), k), near, near, st.sampled_from(UnseenKind)
+    )
+    held = [0, 1, 2, TOL - 1, TOL, TOL + 1, CONFIRM_MS - 1, CONFIRM_MS, CONFIRM_MS + 1]  # (see _policy_st)
+    since = st.one_of(st.integers(0, CONFIRM_MS + 10), st.sampled_from(held))
+    return st.builds(
+        ClockState,
+        floor=anchor,
+        est=anchor,
+        quality=st.sampled_from(TimeQuality),
+        initial=st.sampled_from([False, False, False, True]),
+        synced_seen=st.booleans(),
+        restored_ms=st.one_of(st.just(0), st.integers(T0 - DAY, T0)),
+        start_mono_ms=st.integers(0, M0),
+        central=st.one_of(st.none(), st.none(), anchor),
+        track=st.one_of(st.just(None), *[st.builds(lambda d, h: Track(T0 - M0 + d, M0 - h), near, since)] * 2),
+        last_synced=st.booleans(),
+        last_time_ms=near.map(lambda d: T0 + d),
+        behind_floor=st.booleans(),
+        disagree=st.booleans(),
+        persisted_floor_ms=st.integers(0, T0),
+        persisted_seen_ms=st.integers(0, T0),
+        unseen=st.lists(unseen, max_size=3).map(tuple),
+    )
+
+
+# (mostly) within the jump tolerance of each other, or around it: a state and the
+# system clock's distance from T0 + the monotonic step
+_state_wall_st = st.sampled_from([TOL // 2, 3 * TOL]).flatmap(lambda span: st.tuples(_clock_states(span), _near(span)))
+_policy_st = st.sampled_from(
+    [
+        POLICY,
+        ClockPolicy(jump_tolerance_ms=0, confirm_ms=1, disagree_tolerance_ms=0),
+        ClockPolicy(confirm_ms=TOL, disagree_tolerance_ms=TOL),
+    ]
+)
+
+
+_HELD_JUST_NOW = ClockState(  # a synchronised clock that holds from this instant on
+    floor=Anchor(T0 - 5, M0), est=Anchor(T0, M0), initial=False, track=Track(T0 - M0, M0 - CONFIRM_MS),
+    last_time_ms=T0,
+)  # fmt: skip
+_ON_CENTRAL = ClockState(
+    floor=Anchor(T0, M0), est=Anchor(T0, M0), initial=False, central=Anchor(T0, M0),
+    track=Track(T0 - M0 - TOL, M0), last_time_ms=T0,
+)  # fmt: skip
+
+
+@settings(max_examples=1500, deadline=None)
+@example(state_wall=(_HELD_JUST_NOW, 0), dm=0, synced=True, meters=[], policy=POLICY)  # raises the floor
+@example(state_wall=(_ON_CENTRAL, -TOL - 1), dm=0, synced=True, meters=[], policy=POLICY)  # just behind the floor
+@given(
+    state_wall=_state_wall_st,
+    dm=st.one_of(st.sampled_from([0, 1]), st.integers(-5, 3 * TOL)),
+    synced=st.booleans(),
+    meters=st.lists(_near(10 * MIN).map(lambda d: T0 + d), max_size=4),
+    policy=_policy_st,
+)
+def test_the_steady_state_path_returns_what_every_case_returns(
+    state_wall: tuple[ClockState, int], dm: int, synced: bool, meters: list[int], policy: ClockPolicy
+) -> None:
+    state, dw = state_wall
+    mono = M0 + dm
+    wall = T0 + dm + dw
+    expected = _observe(state, wall_ms=wall, mono_ms=mono, synced=synced, meter_ms=meters, policy=policy)
+    steady = _observe_steady(state, wall, mono, synced, policy)
+    if steady is not None:
+        assert steady == expected
+        assert steady[2] == []
+    assert observe(state, wall_ms=wall, mono_ms=mono, synced=synced, meter_ms=meters, policy=policy) == expected
+
+
+def test_the_steady_state_path_is_taken_while_nothing_but_time_moves_on() -> None:
+    """Synchronised and held (the floor rises with the clock), jitter of a millisecond
+    either way (at times just below the floor), and on central time."""
+    s = restore(T0, mono_ms=0, seen_ms=T0)
+    s, _, _ = observe(s, wall_ms=T0, mono_ms=0, synced=True)
+    m = CONFIRM_MS
+    for central in (False, True):
+        if central:
+            s, _ = apply_central_time(s, T0 + m, m)
+        for i in range(30):
+            m += 1000
+            wall, mono = T0 + m + i % 3 - 1, m
+            quick = _observe_steady(s, wall, mono, True, POLICY)
+            assert quick is not None
+            assert quick == _observe(s, wall_ms=wall, mono_ms=mono, synced=True)
+            s = quick[0]
 
 
 def test_floor_to_persist_granularity() -> None:
