@@ -40,7 +40,7 @@ from zoneinfo import ZoneInfo
 from firmware_bridge.errors import EdgeGwError, ErrorKind
 from firmware_bridge.reading import RATE_QUANTITIES, Quantity, Reading
 from gateway.billing.money import amount_micro, ckwh_to_kwh, register_ckwh
-from gateway.billing.tariff import RATE_NAMES, NoTariffInForce, Tariff, TariffBook
+from gateway.billing.tariff import FLAT_RATE, RATE_NAMES, NoTariffInForce, Tariff, TariffBook
 
 _RATE_OF_QUANTITY: Mapping[Quantity, str] = dict(zip(RATE_QUANTITIES, RATE_NAMES, strict=True))
 
@@ -251,6 +251,11 @@ def _largest_remainder(total: int, weights: Sequence[int]) -> list[int]:
 
 
 def _segments(book: TariffBook, t0: int, t1: int) -> list[_Segment]:
+    if t0 < t1:
+        tariff = book.at(t0)
+        if tariff.tou is None and tariff.tier is None and not book.version_boundaries(t0, t1):
+            # one flat price all through (what the loop below finds, quicker: every reading asks)
+            return [_Segment(t0, t1, tariff, FLAT_RATE)]
     cuts = {t0, t1, *book.version_boundaries(t0, t1)}
     for a, b in itertools.pairwise(sorted(cuts)):
         tariff = book.at(a)

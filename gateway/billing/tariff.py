@@ -29,6 +29,7 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind, ProblemsError
@@ -36,6 +37,7 @@ from gateway.billing.daytypes import DayCalendar, DayType
 
 RATE_NAMES: tuple[str, ...] = ("T1", "T2", "T3", "T4")  # sharp, peak, flat, valley
 FLAT_RATE = "flat"  # the rate name of a single-price tariff
+MEMO_SIZE = 1024  # values a Tariff remembers (the period starts of a day, settlement instants)
 
 
 
@@ -155,25 +157,60 @@ class Tariff:
         d = to_local(self.tz, t0_ms).date()
         last = to_local(self.tz, t1_ms).date()
         while d <= last:
-            plan = self.tou.plan_for(d)
-            for m in plan.starts:
-                t = local_ms(self.tz, d, m // 60, m % 60)
+            for t in self._period_starts(d):
                 if t0_ms < t < t1_ms:
                     out.append(t)
             d += timedelta(days=1)
         return sorted(set(out))
+
+    def _period_starts(self, d: date) -> tuple[int, ...]:
+        """The instants the periods of local day ``d`` start (remembered: every reading
+        asks for the day it falls in)."""
+        assert self.tou is not None
+        memo = self._memo("_period_starts_memo")
+        starts: tuple[int, ...] | None = memo.get(d)
+        if starts is None:
+            starts = memo[d] = tuple(local_ms(self.tz, d, m // 60, m % 60) for m in self.tou.plan_for(d).starts)
+        return starts
+
+    def _memo(self, name: str) -> dict[Any, Any]:
+        """Values of a pure function of this (immutable) tariff, by argument; emptied
+        when it holds :data:`MEMO_SIZE` of them."""
+        memo: dict[Any, Any] | None = self.__dict__.get(name)
+        if memo is None:
+            memo = {}
+            object.__setattr__(self, name, memo)  # (not a field: not compared, not shown)
+        elif len(memo) >= MEMO_SIZE:
+            memo.clear()
+        return memo
 
     # -- tiers ------------------------------------------------------------
     def _settlement(self, year: int, month: int) -> int:
         assert self.tier is not None
         sp = self.tier
         m = sp.settlement_month if sp.period == "annual" else month
-        return local_ms(self.tz, date(year, m, sp.settlement_day), sp.settlement_hour)
+        memo = self._memo("_settlement_memo")
+        s: int | None = memo.get((year, m))
+        if s is None:
+            s = memo[year, m] = local_ms(self.tz, date(year, m, sp.settlement_day), sp.settlement_hour)
+        return s
 
     def tier_period_start(self, t_ms: int) -> int | None:
         """Start (Unix ms) of the tier billing period containing ``t``; None without tiers."""
         if self.tier is None:
             return None
+        # The period found last, [start, next settlement): every reading falls in the
+        # period of the one before it, nearly always.
+        last = self._memo("_tier_period_memo")
+        p: tuple[int, int] | None = last.get(0)
+        if p is not None and p[0] <= t_ms < p[1]:
+            return p[0]
+        s = self._period_start(t_ms)
+        last[0] = (s, self._next_settlement(s))
+        return s
+
+    def _period_start(self, t_ms: int) -> int:
+        assert self.tier is not None
         lt = to_local(self.tz, t_ms)
         y, m = lt.year, lt.month
         s = self._settlement(y, m)
@@ -198,6 +235,13 @@ class Tariff:
             out.append(s)
 
     def next_settlement(self, period_start_ms: int) -> int:
+        assert self.tier is not None
+        p: tuple[int, int] | None = self._memo("_tier_period_memo").get(0)
+        if p is not None and p[0] == period_start_ms:
+            return p[1]
+        return self._next_settlement(period_start_ms)
+
+    def _next_settlement(self, period_start_ms: int) -> int:
         assert self.tier is not None
         lt = to_local(self.tz, period_start_ms)
         if self.tier.period == "annual":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from decimal import Decimal
 from zoneinfo import ZoneInfo
 
@@ -18,7 +19,14 @@ from gateway.billing.cutoff import (
     in_no_disconnect_window,
 )
 from gateway.billing.ledger import Ledger, LedgerConflict, adjustment_entry, debit_entry
-from gateway.billing.rating import RegisterReading, TierState, rate_chain, rate_interval
+from gateway.billing.rating import (
+    RegisterReading,
+    TierState,
+    _Segment,
+    _segments,
+    rate_chain,
+    rate_interval,
+)
 from gateway.billing.tariff import RATE_NAMES, TariffBook
 from gateway.billing.topup import Channel, Source, TopUp, TopUpPolicy, decide_topup
 from tests.gateway.billing._util import (
@@ -253,3 +261,21 @@ def test_window_edges() -> None:
         assert in_no_disconnect_window(t, cfg)
     assert not in_no_disconnect_window(base + 86_400_000 + 6 * 3_600_000, cfg)
     assert not in_no_disconnect_window(base + 21 * 3_600_000 + 59 * 60_000, cfg)
+
+
+def _segments_cut_by_cut(b: TariffBook, t0: int, t1: int) -> list[_Segment]:
+    """rating._segments without its quick path for one flat price."""
+    cuts = {t0, t1, *b.version_boundaries(t0, t1)}
+    for x, y in itertools.pairwise(sorted(cuts)):
+        tariff = b.at(x)
+        cuts.update(tariff.rate_boundaries(x, y))
+        cuts.update(tariff.settlement_boundaries(x, y))
+    return [_Segment(x, y, b.at(x), b.at(x).rate_at(x)) for x, y in itertools.pairwise(sorted(cuts))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(sorted(BOOKS)), t0=times, t1=times, dt=st.integers(-2, 5_000), near=st.booleans())
+def test_segments_are_the_cuts_of_every_price_change(name: str, t0: int, t1: int, dt: int, near: bool) -> None:
+    b = BOOKS[name]
+    t1 = t0 + dt if near else t1 + SPAN // 4  # (past the monthly settlement on the 25th)
+    assert _segments(b, t0, t1) == _segments_cut_by_cut(b, t0, t1)

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
 import tomllib
+from dataclasses import replace
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.billing.money import (
     AmountError,
@@ -14,7 +19,15 @@ from gateway.billing.money import (
     yuan_to_micro,
 )
 from gateway.billing.rating import fixed_charges_due
-from gateway.billing.tariff import FLAT_RATE, NoTariffInForce, TariffBook, TariffError
+from gateway.billing.tariff import (
+    FLAT_RATE,
+    NoTariffInForce,
+    Tariff,
+    TariffBook,
+    TariffError,
+    local_ms,
+    to_local,
+)
 from gateway.billing.tariff_file import load_book, load_tariff, parse_tariff
 from tests.gateway.billing._util import FLAT, ms, tariff
 
@@ -179,3 +192,79 @@ def test_money_rules() -> None:
     assert report_yuan(-1_239_999) == Decimal("-1.23")  # toward zero
     assert report_yuan(9_999) == Decimal("0.00")
     assert report_yuan(10_000) == Decimal("0.01")
+
+
+# -- what a tariff remembers (period starts of a day, settlements, the last tier period)
+# is what it computes afresh, whatever the order of the questions
+
+def _fresh_period_start(t: Tariff, t_ms: int) -> int:
+    return t._period_start(t_ms)
+
+
+def _fresh_rate_boundaries(t: Tariff, t0: int, t1: int) -> list[int]:
+    """Tariff.rate_boundaries as it was before it remembered anything."""
+    if t.tou is None:
+        return []
+    out: list[int] = []
+    d = to_local(t.tz, t0).date()
+    last = to_local(t.tz, t1).date()
+    while d <= last:
+        for m in t.tou.plan_for(d).starts:
+            x = local_ms(t.tz, d, m // 60, m % 60)
+            if t0 < x < t1:
+                out.append(x)
+        d += timedelta(days=1)
+    return sorted(set(out))
+
+
+def _fresh_settlement_boundaries(t: Tariff, t0: int, t1: int) -> list[int]:
+    out: list[int] = []
+    s = t._period_start(t0)
+    while (s := t._next_settlement(s)) < t1:
+        out.append(s)
+    return out
+
+
+def _variants() -> list[Tariff]:
+    base = [load_tariff(EXAMPLES / "cn-residential-tou-v1.toml"), load_tariff(EXAMPLES / "tiered-monthly.toml")]
+    out = []
+    for t in base:
+        assert t.tier is not None
+        for tz in ("Asia/Shanghai", "Europe/Berlin", "America/Santiago", "Australia/Lord_Howe"):
+            for tier in (t.tier, replace(t.tier, settlement_day=28, settlement_hour=2)):
+                out.append(replace(t, tz=ZoneInfo(tz), tier=tier))
+    return out
+
+
+VARIANTS = _variants()
+_T_START = ms("2025-12-20T00:00")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    i=st.integers(0, len(VARIANTS) - 1),
+    moves=st.lists(
+        st.tuples(
+            st.one_of(st.integers(-3_600_000, 3_600_000), st.integers(-400 * 86_400_000, 400 * 86_400_000)),
+            st.one_of(st.integers(1, 5_000), st.integers(1, 40 * 86_400_000)),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+)
+def test_what_a_tariff_remembers_is_what_it_computes_afresh(i: int, moves: list[tuple[int, int]]) -> None:
+    t = replace(VARIANTS[i])  # a copy that remembers nothing yet
+    t0 = _T_START
+    for jump, length in moves:
+        t0 += jump
+        t1 = t0 + length
+        assert t.rate_boundaries(t0, t1) == _fresh_rate_boundaries(t, t0, t1)
+        assert t.tier_period_start(t0) == _fresh_period_start(t, t0)
+        assert t.tier_period_start(t1) == _fresh_period_start(t, t1)
+        assert t.settlement_boundaries(t0, t1) == _fresh_settlement_boundaries(t, t0, t1)
+        s = _fresh_period_start(t, t0)
+        n = t._next_settlement(s)
+        assert t.next_settlement(s) == n
+        for edge in (s - 1, s, n - 1, n):  # just before, at the period's ends
+            assert t.tier_period_start(edge) == _fresh_period_start(t, edge)
+        t0 = t1
