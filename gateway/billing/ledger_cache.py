@@ -12,6 +12,16 @@ only *write* to the database:
   :func:`ledger_store.append` does); the account views and baselines they
   change are written back by :meth:`LedgerCache.flush`, in the same
   transaction, before it commits;
+* except a debit whose id sorts above every time-ordered debit id the ledger
+  holds (:func:`gateway.billing.rating.debit_id`: the debit of a new reading,
+  nearly always). It cannot be there already, so nothing needs to be looked
+  up: it waits in memory and :meth:`LedgerCache.flush` inserts it with the
+  views, in the same trip to the database thread (a plain ``INSERT``: an id
+  that were there after all would fail the transaction, never be skipped).
+  Entries reach the table in the order they were appended: any other write
+  of an entry, and any look-up of one, inserts the waiting ones first.
+  Per reading this saves the one round trip to the database thread rating
+  still made;
 * the time up to which fixed charges were raised is persisted only when a
   charge is raised or held, or the scan moves back (or
   :meth:`LedgerCache.persist_fixed_until` is called,
@@ -37,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import aiosqlite
 import orjson
@@ -56,6 +67,7 @@ from gateway.billing.ledger import (
     earlier_id,
 )
 from gateway.billing.rating import (
+    DEBIT_ID_PREFIX,
     LEGACY_DEBIT_RANGE,
     MeterReplacement,
     MeterTrack,
@@ -66,8 +78,12 @@ from gateway.billing.rating import (
     track_replacement,
 )
 from gateway.billing.tariff import TariffBook
+from store_forward import sqlbatch
+from store_forward.sqlbatch import Statement
 
 _MISSING = object()
+# [low, high): where the time-ordered debit ids sort, and only they
+TIMED_DEBIT_RANGE = (DEBIT_ID_PREFIX, DEBIT_ID_PREFIX[:-1] + chr(ord(DEBIT_ID_PREFIX[-1]) + 1))
 # How far ahead of the scan position the next fixed charge is looked for (a scan
 # that ends before it has nothing to raise).
 FIXED_LOOKAHEAD_MS = 3_600_000
@@ -98,6 +114,11 @@ class LedgerCache:
         self._dirty_baselines: dict[str, str] = {}  # meter -> account
         # does the ledger hold debit ids of the older form (None: not looked up yet)?
         self._legacy_debits: bool | None = None
+        # debits appended and not inserted yet, in order (see the module documentation)
+        self._waiting: list[Entry] = []
+        # no time-ordered debit id in the ledger sorts above this one ("": none is
+        # there; None: not looked up yet)
+        self._debit_ceiling: str | None = None
 
     # -- validity -------------------------------------------------------------
 
@@ -112,6 +133,8 @@ class LedgerCache:
         self._dirty_views.clear()
         self._dirty_baselines.clear()
         self._legacy_debits = None
+        self._waiting.clear()
+        self._debit_ceiling = None
 
     def forget_account(self, account: str) -> None:
         """Drop one account's view after the uncached top-up or snapshot path changed
@@ -122,21 +145,49 @@ class LedgerCache:
 
     @property
     def pending(self) -> bool:
-        return bool(self._dirty_views or self._dirty_baselines)
+        return bool(self._waiting or self._dirty_views or self._dirty_baselines)
 
     async def flush(self, conn: aiosqlite.Connection) -> None:
-        """Write changed views and baselines (call before the transaction commits)."""
+        """Insert the debits waiting and write changed views and baselines, in one
+        trip to the database thread (call before the transaction commits)."""
+        statements = self._take_waiting()
         if self._dirty_views:
-            await conn.executemany(ls.SAVE_VIEW_SQL, [ls.view_params(self._views[a]) for a in self._dirty_views])
-            self._dirty_views.clear()
+            views = [ls.view_params(self._views[a]) for a in self._dirty_views]
+            statements.append(Statement(ls.SAVE_VIEW_SQL, views, many=True))
         if self._dirty_baselines:
             rows = []
             for meter, account in self._dirty_baselines.items():
                 b = self._baselines[meter]
                 assert b is not None
                 rows.append(ls.baseline_params(account, b))
-            await conn.executemany(ls.SET_BASELINE_SQL, rows)
-            self._dirty_baselines.clear()
+            statements.append(Statement(ls.SET_BASELINE_SQL, rows, many=True))
+        await sqlbatch.run(conn, statements)
+        self._dirty_views.clear()
+        self._dirty_baselines.clear()
+
+    def _take_waiting(self) -> list[Statement]:
+        if not self._waiting:
+            return []
+        rows: list[Any] = [ls.entry_params(e) for e in self._waiting]
+        self._waiting.clear()
+        return [Statement(ls.INSERT_ENTRY_SQL, rows, many=True)]
+
+    async def _insert_waiting(self, conn: aiosqlite.Connection) -> None:
+        """Insert the debits waiting now (before any other entry is written or looked up)."""
+        await sqlbatch.run(conn, self._take_waiting())
+
+    async def _above_every_debit(self, conn: aiosqlite.Connection, entry_id: str) -> bool:
+        """Whether ``entry_id`` is a time-ordered debit id above every one the ledger
+        holds (looked up once, in the id index, then kept)."""
+        if not entry_id.startswith(DEBIT_ID_PREFIX):
+            return False
+        if self._debit_ceiling is None:
+            async with conn.execute(
+                "SELECT max(entry_id) FROM billing_entry WHERE entry_id >= ? AND entry_id < ?", TIMED_DEBIT_RANGE
+            ) as cur:
+                row = await cur.fetchone()
+            self._debit_ceiling = str(row[0]) if row is not None and row[0] is not None else ""
+        return entry_id > self._debit_ceiling
 
     async def warm(self, conn: aiosqlite.Connection, accounts: list[str]) -> None:
         """Load every account's view, cutoff state and scan position, and every
@@ -217,6 +268,14 @@ class LedgerCache:
                 return AppendResult(same, False, await self.view(conn, same.account))
         view = await self.view(conn, entry.account)
         e = replace(entry, seq=view.last_seq + 1)
+        if await self._above_every_debit(conn, e.entry_id):
+            # not in the ledger: it waits for flush (see the module documentation)
+            self._waiting.append(e)
+            self._debit_ceiling = e.entry_id
+            view = self._views[entry.account] = advance(view, e)
+            self._dirty_views[entry.account] = None
+            return AppendResult(e, True, view)
+        await self._insert_waiting(conn)
         cur = await conn.execute(ls.INSERT_ENTRY_SQL + " ON CONFLICT (entry_id) DO NOTHING", ls.entry_params(e))
         if cur.rowcount == 0:
             old = await ls.get_entry(conn, entry.entry_id)

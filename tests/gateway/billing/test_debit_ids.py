@@ -22,7 +22,14 @@ from hypothesis import strategies as st
 from gateway import storage_setup
 from gateway.billing import ledger_store as ls
 from gateway.billing import retention
-from gateway.billing.ledger import Entry, EntryKind, Ledger, LedgerConflict, debit_entry
+from gateway.billing.ledger import (
+    Entry,
+    EntryKind,
+    Ledger,
+    LedgerConflict,
+    adjustment_entry,
+    debit_entry,
+)
 from gateway.billing.ledger_cache import LedgerCache
 from gateway.billing.rating import (
     LEGACY_DEBIT_RANGE,
@@ -357,7 +364,8 @@ async def test_the_daemon_cache_looks_for_older_ids_only_in_a_ledger_that_holds_
 
         for i in range(5):
             await rate(i)
-        probes = [s for s in statements if "entry_id >=" in s]
+        # (the cache also looks once for the highest time-ordered id: "entry_id >= 'debit:t'")
+        probes = [s for s in statements if "entry_id >= 'debit:0'" in s]
         lookups = [s for s in statements if "WHERE entry_id = " in s]
         assert (
             len(probes) == 1 and not lookups
@@ -374,7 +382,102 @@ async def test_the_daemon_cache_looks_for_older_ids_only_in_a_ledger_that_holds_
         statements.clear()
         cache.forget()  # as after a rollback: looked for again, and found
         await rate(5)
-        assert len([s for s in statements if "entry_id >=" in s]) == 1
+        assert len([s for s in statements if "entry_id >= 'debit:0'" in s]) == 1
         assert len([s for s in statements if "WHERE entry_id = " in s]) == 1
+    finally:
+        await ob.close()
+
+
+# --------------------------------------------------------------------------- debits that wait for flush
+
+
+async def test_a_new_reading_s_debit_goes_in_with_the_views_in_append_order(tmp_path: Path) -> None:
+    """A debit above every time-ordered id waits for flush (no look-up, no insert of
+    its own); an entry of another kind appended after it puts the waiting ones in
+    first, so rowids follow the order of appending."""
+    ob = await open_database(tmp_path / "gw.db")
+    statements: list[str] = []
+    cache = LedgerCache()
+    try:
+        conn = ob._db
+        await conn.set_trace_callback(statements.append)
+        async with ob.transaction() as c:
+            for m in ("m1", "m2"):
+                await cache.rate(c, "acc", reading(m, f"{m}-0", T0, Decimal("10.00")), FLAT_BOOK)
+            await cache.flush(c)
+        statements.clear()
+        async with ob.transaction() as c:
+            a = await cache.rate(c, "acc", reading("m1", "m1-1", T0 + 60_000, Decimal("11.00")), FLAT_BOOK)
+            b = await cache.rate(c, "acc", reading("m2", "m2-1", T0 + 61_000, Decimal("10.50")), FLAT_BOOK)
+            assert a.appended is not None and a.appended.applied and a.appended.entry.seq == 1
+            assert b.appended is not None and b.appended.applied and b.appended.entry.seq == 2
+            assert not [s for s in statements if "INSERT INTO billing_entry" in s]  # both wait
+            assert not [s for s in statements if "WHERE entry_id = " in s]  # nothing looked up
+            assert cache.pending
+            adj = await cache.append(c, adjustment_entry("a1", "acc", 5_000_000, T0 + 62_000, "test", "op"))
+            assert adj.applied and adj.entry.seq == 3
+            inserts = [s for s in statements if "INSERT INTO billing_entry" in s]
+            # the two debits (one statement, executemany), then the adjustment
+            assert len(inserts) == 3 and "adjust:a1" in inserts[-1]
+            await cache.flush(c)
+            assert not cache.pending
+        async with conn.execute("SELECT seq, entry_id FROM billing_entry ORDER BY rowid") as cur:
+            rows = [tuple(r) for r in await cur.fetchall()]
+        assert [s for s, _ in rows] == [1, 2, 3]
+        assert rows[0][1] == a.appended.entry.entry_id and rows[1][1] == b.appended.entry.entry_id
+        # what the cache says is what the ledger folds to
+        async with ob.transaction() as c:
+            stored = await ls.load_view(c, "acc")
+        assert stored == cache._views["acc"]
+    finally:
+        await ob.close()
+
+
+async def test_a_debit_at_or_below_the_highest_id_is_looked_up_and_not_debited_twice(tmp_path: Path) -> None:
+    """The same pair rated again in the same transaction (its id no longer above every
+    one): the waiting debit goes in first and the second append finds it."""
+    ob = await open_database(tmp_path / "gw.db")
+    cache = LedgerCache()
+    try:
+        a, b = reading("m1", "x", T0, Decimal(1)), reading("m1", "y", T0 + 60_000, Decimal(2))
+        r = rate_interval(a, b, FLAT_BOOK, TierState())
+        assert r.charge is not None
+        async with ob.transaction() as c:
+            first = await cache.append(c, debit_entry("acc", r.charge))
+            again = await cache.append(c, debit_entry("acc", r.charge))
+            await cache.flush(c)
+        assert first.applied and not again.applied and again.entry == first.entry
+        async with ob.transaction() as c:
+            async with c.execute("SELECT count(*) FROM billing_entry") as cur:
+                assert (await cur.fetchone()) == (1,)
+            assert (await ls.load_view(c, "acc")).balance_micro == cache._views["acc"].balance_micro
+    finally:
+        await ob.close()
+
+
+async def test_a_debit_written_behind_the_cache_s_back_fails_the_transaction(tmp_path: Path) -> None:
+    """The cache's ceiling holds only while it is the ledger's one writer. Were a debit
+    with a higher id written around it, the waiting copy fails the transaction at
+    flush (a plain INSERT): never skipped, never counted twice."""
+    ob = await open_database(tmp_path / "gw.db")
+    cache = LedgerCache()
+    try:
+        a, b = reading("m1", "x", T0, Decimal(1)), reading("m1", "y", T0 + 60_000, Decimal(2))
+        r = rate_interval(a, b, FLAT_BOOK, TierState())
+        assert r.charge is not None
+        entry = debit_entry("acc", r.charge)
+        async with ob.transaction() as c:
+            await cache.view(c, "acc")
+            assert await cache._above_every_debit(c, entry.entry_id)  # ceiling looked up: none
+            await c.execute(ls.INSERT_ENTRY_SQL, ls.entry_params(replace(entry, seq=1)))
+        with pytest.raises(sqlite3.IntegrityError):
+            async with ob.transaction() as c:
+                await cache.append(c, entry)
+                await cache.flush(c)
+        cache.forget()
+        async with ob.transaction() as c:
+            again = await cache.append(c, entry)  # looked up afresh: found
+            await cache.flush(c)
+        assert not again.applied
     finally:
         await ob.close()
