@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from decimal import Context, Decimal, InvalidOperation
 
 from firmware_bridge.modbus.profiles import DataType, Field, WordOrder
-from firmware_bridge.reading import Measurement, Quality
+from firmware_bridge.reading import Measurement, Quality, Quantity
 
 _CTX = Context(prec=60)
 _STRUCT = {
@@ -151,12 +151,38 @@ def encode_value(value: Decimal, field: Field, word_order: WordOrder) -> list[in
     return raw_to_registers(int(raw.to_integral_value()), field.dtype, word_order)
 
 
-def _places_format(f: Field) -> str | None:
-    """``.Nf`` for a float32 field with factor 1 quantised to N >= 0 decimal places, else None."""
+# Decimal places a float is formatted to at most (see _places): a float32's integer part has
+# at most 39 digits, so the digits always fit the 60 of the arithmetic, as quantising needs.
+_MAX_PLACES = 20
+
+
+def _places(f: Field) -> tuple[str, int | None] | None:
+    """How a float32 field is quantised by formatting, or None where it is not.
+
+    ``(".Nf", None)`` for a factor of 1 quantised to N >= 0 decimal places; ``(".Nf", e)``
+    for a factor of 10**e: quantising ``x × 10**e`` to 10**-r is quantising ``x`` to
+    10**-(r + e) and moving the decimal point by ``e`` (exact), so it is formatted
+    to N = r + e >= 0 places and scaled.
+    """
     exponent = f.resolution.as_tuple().exponent
-    if f.dtype is not DataType.FLOAT32 or f.factor != 1 or not isinstance(exponent, int) or exponent > 0:
+    if f.dtype is not DataType.FLOAT32 or not isinstance(exponent, int) or exponent > 0:
         return None
-    return f".{-exponent}f"
+    factor = f.factor
+    if factor == 1:
+        shift: int | None = None
+        places = -exponent
+    else:
+        sign, digits, e = factor.normalize(_CTX).as_tuple()
+        if sign or digits != (1,) or not isinstance(e, int):
+            return None  # not a power of ten
+        shift = e
+        places = e - exponent
+    if not 0 <= places <= _MAX_PLACES:
+        return None
+    return f".{places}f", shift
+
+
+_UNSEEN = object()  # a raw value no register ever decodes to
 
 
 class BlockDecoder:
@@ -168,13 +194,19 @@ class BlockDecoder:
     them at its offset (word-swapped fields are re-packed in their own order); a
     factor of 1 is not multiplied (exact either way: a float32 or a 32-bit
     integer has far fewer than the 60 digits the arithmetic keeps). A float
-    with a factor of 1 is quantised by formatting it with the resolution's
-    decimal places: Python formats a float correctly rounded from its exact
-    binary value, half-even on exact ties, so the digits are those of
+    with a factor of 1 (or a power of ten) is quantised by formatting it with the
+    resolution's decimal places: Python formats a float correctly rounded from
+    its exact binary value, half-even on exact ties, so the digits are those of
     quantising the exact Decimal, at half the cost.
+
+    Each field's last raw value and its measurement are kept: a value the meter
+    sends again (an energy register between two increments, a steady frequency)
+    gives the same (immutable) measurement without being worked out again. Equal
+    raw values give equal measurements (0.0 and -0.0 both give zero; NaN, never
+    equal to itself, is worked out each time).
     """
 
-    __slots__ = ("_end", "_little", "_packs", "_steps", "block")
+    __slots__ = ("_end", "_fields", "_last", "_little", "_packs", "_quantities", "_seen", "_steps", "block")
 
     def __init__(self, block: ReadBlock, word_order: WordOrder) -> None:
         self.block = block
@@ -182,17 +214,22 @@ class BlockDecoder:
         self._steps = [
             (
                 f,
-                f.address - block.address,
+                f.address - block.address,  # in registers
                 f.count,
                 _WORDS[f.count],
                 _RAW[f.dtype],
                 None if f.factor == 1 else f.factor,
                 f.resolution,
                 f.dtype is DataType.FLOAT32,
-                _places_format(f),
+                _places(f),
             )
             for f in block.fields
         ]
+        self._fields = block.fields
+        self._quantities = tuple(f.quantity for f in block.fields)
+        # per field: the last raw value and its measurement
+        self._last: list[object] = [_UNSEEN] * len(self._steps)
+        self._seen: list[Measurement | None] = [None] * len(self._steps)
         # registers needed for every field to be inside the block (-1 for a bad plan:
         # the per-field check below names the field)
         bad = any(off < 0 for _, off, *_ in self._steps)
@@ -202,11 +239,24 @@ class BlockDecoder:
     def decode(self, regs: Sequence[int]) -> list[tuple[Field, Measurement]]:
         """Each field of the block with its measurement, in the block's order (what
         ``decode_field`` gives for each, and the same ValueError for a short block)."""
+        return list(zip(self._fields, self._measure(regs), strict=True))
+
+    def decode_into(self, regs: Sequence[int], values: dict[Quantity, Measurement]) -> None:
+        """:meth:`decode`, each measurement stored in ``values`` under its field's quantity."""
+        quantities = self._quantities  # (no zip: zip(strict=True) costs more than the loop)
+        for i, m in enumerate(self._measure(regs)):
+            values[quantities[i]] = m
+
+    def decode_pdu_into(self, pdu: bytes, values: dict[Quantity, Measurement]) -> None:
+        """:meth:`decode_into` for the registers as a register read's reply carries them
+        (the PDU: function code, byte count, then the registers big-endian), with no
+        list of integers made and packed again."""
+        quantities = self._quantities
+        for i, m in enumerate(self._measure_data(pdu, 2, (len(pdu) - 2) // 2)):
+            values[quantities[i]] = m
+
+    def _measure(self, regs: Sequence[int]) -> list[Measurement]:
         n = len(regs)
-        if self._end < 0 or n < self._end:
-            for field, off, count, *_ in self._steps:
-                if off < 0 or off + count > n:
-                    raise ValueError(f"field {field.quantity.value} at {field.address:#06x} outside block")
         pack = self._packs.get(n)
         if pack is None:
             pack = self._packs[n] = struct.Struct(f">{n}H")
@@ -214,24 +264,45 @@ class BlockDecoder:
             data = pack.pack(*regs)
         except struct.error:  # values outside 0..65535: as sent, 16 bits each
             data = pack.pack(*[w & 0xFFFF for w in regs])
-        out = []
+        return self._measure_data(data, 0, n)
+
+    def _measure_data(self, data: bytes, start: int, n: int) -> list[Measurement]:
+        """The measurements of the ``n`` registers in ``data`` from byte ``start``."""
+        if self._end < 0 or n < self._end:
+            for field, off, count, *_ in self._steps:
+                if off < 0 or off + count > n:
+                    raise ValueError(f"field {field.quantity.value} at {field.address:#06x} outside block")
+        out: list[Measurement] = []
         little = self._little
+        last = self._last
+        seen = self._seen
+        i = -1
         for field, off, count, words, raw, factor, resolution, is_float, places in self._steps:
+            i += 1
             if little and count > 1:
-                value = raw.unpack(words.pack(*reversed(words.unpack_from(data, 2 * off))))[0]
+                value = raw.unpack(words.pack(*reversed(words.unpack_from(data, start + 2 * off))))[0]
             else:
-                value = raw.unpack_from(data, 2 * off)[0]
-            if is_float and not math.isfinite(value):
-                out.append((field, _scale(value, field.factor, resolution)))
+                value = raw.unpack_from(data, start + 2 * off)[0]
+            if value == last[i]:
+                out.append(seen[i])  # type: ignore[arg-type]
                 continue
-            if places is not None:
-                q = Decimal(format(value, places))
+            if is_float and not math.isfinite(value):
+                m = _scale(value, field.factor, resolution)
+            elif places is not None:
+                fmt, shift = places
+                q = Decimal(format(value, fmt))
+                if shift is not None:
+                    q = q.scaleb(shift, _CTX)
+                m = Measurement(abs(q) if q.is_zero() else q)
             else:
                 exact = Decimal(value)  # exact for int and for every binary float
                 try:
                     q = (exact if factor is None else _CTX.multiply(exact, factor)).quantize(resolution, context=_CTX)
                 except InvalidOperation:  # magnitude beyond any meter's range
-                    out.append((field, Measurement(Decimal("NaN"), Quality.INVALID)))
-                    continue
-            out.append((field, Measurement(abs(q) if q.is_zero() else q)))
+                    m = Measurement(Decimal("NaN"), Quality.INVALID)
+                else:
+                    m = Measurement(abs(q) if q.is_zero() else q)
+            last[i] = value
+            seen[i] = m
+            out.append(m)
         return out

@@ -7,6 +7,7 @@ from firmware_bridge.modbus.decode import BlockDecoder, ReadBlock, has_gaps, pla
 from firmware_bridge.modbus.profiles import Profile
 from firmware_bridge.modbus.transport import (
     ILLEGAL_DATA_ADDRESS,
+    MbapTransport,
     ModbusExceptionReply,
     ModbusTransport,
 )
@@ -148,25 +149,25 @@ class ModbusDriver:
             entry = self._decoders[id(block)] = (block, BlockDecoder(block, self.profile.word_order))
         return entry[1]
 
-    async def _read_block(self, block: ReadBlock) -> list[int]:
-        return await self.transport.read_registers(
-            self._meter_id,
-            self.unit_id,
-            self.profile.function_code,
-            block.address,
-            block.count,
-            timeout_s=self.request_timeout_s(block.count),
-        )
-
     async def read(self, now_ms: int) -> Reading:
         values: dict[Quantity, Measurement] = {}
         plan = list(self.blocks)
         incomplete: MeterError | None = None
+        transport, meter_id, unit, fc = self.transport, self._meter_id, self.unit_id, self.profile.function_code
+        # Modbus TCP: the registers are decoded from the reply's bytes as received
+        mbap_transport = transport if isinstance(transport, MbapTransport) else None
         i = 0
         while i < len(plan):
             block = plan[i]
             try:
-                regs = await self._read_block(block)
+                if mbap_transport is not None:
+                    pdu = await mbap_transport.read_register_pdu(
+                        meter_id, unit, fc, block.address, block.count, timeout_s=self.request_timeout_s(block.count)
+                    )
+                else:
+                    regs = await transport.read_registers(
+                        meter_id, unit, fc, block.address, block.count, timeout_s=self.request_timeout_s(block.count)
+                    )
             except ModbusExceptionReply as exc:
                 # Some meters refuse a request that spans unused registers. Read the
                 # fields without the gaps instead, and keep that plan for this meter.
@@ -184,8 +185,10 @@ class ModbusDriver:
                     raise
                 incomplete = exc  # values already read count (energy is read first)
                 break
-            for f, m in self._decoder(block).decode(regs):
-                values[f.quantity] = m
+            if mbap_transport is not None:
+                self._decoder(block).decode_pdu_into(pdu, values)
+            else:
+                self._decoder(block).decode_into(regs, values)
             i += 1
         meta = {"protocol": "modbus", "profile": self.profile.name, "unit_id": str(self.unit_id)}
         if not self.profile.verified:

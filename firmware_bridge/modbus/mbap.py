@@ -22,6 +22,7 @@ contract's refusal.
 from __future__ import annotations
 
 import struct
+from typing import NoReturn
 
 from firmware_bridge.errors import EdgeGwError, ErrorKind
 
@@ -205,6 +206,17 @@ def registers(function_code: int, pdu: bytes, count: int) -> list[int]:
         if s is None:
             s = _REGS[count] = struct.Struct(f">{count}H")
         return list(s.unpack_from(pdu, 2))
+    _wrong_registers(function_code, pdu)
+
+
+def check_registers(function_code: int, pdu: bytes, count: int) -> None:
+    """What :func:`registers` checks, without making the list: ``pdu`` is an FC03/FC04
+    reply carrying ``count`` registers (big-endian, from byte 2)."""
+    if len(pdu) != 2 + 2 * count or pdu[0] != function_code or pdu[1] != 2 * count:
+        _wrong_registers(function_code, pdu)
+
+
+def _wrong_registers(function_code: int, pdu: bytes) -> NoReturn:
     _check_function(function_code, pdu)
     got = pdu[1] if len(pdu) > 1 else None
     if got is None or len(pdu) != 2 + got or got % 2:

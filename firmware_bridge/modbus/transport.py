@@ -394,7 +394,8 @@ class _MbapConnection(asyncio.Protocol):
     request by its transaction id; a frame for another id (a late answer to a
     request that timed out) is dropped."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop  # the loop the connection runs on (asked once, not per request)
         self.parser = mbap.MbapParser()
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -417,7 +418,7 @@ class _MbapConnection(asyncio.Protocol):
         if timer is None or timer.when() > deadline:
             if timer is not None:
                 timer.cancel()
-            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer, deadline)
+            self._timer = self.loop.call_at(deadline, self._on_timer, deadline)
 
     def _on_timer(self, armed_for: float) -> None:
         self._timer = None
@@ -427,7 +428,7 @@ class _MbapConnection(asyncio.Protocol):
         if self.deadline <= armed_for:
             waiter.set_exception(TimeoutError())
         else:
-            self._timer = asyncio.get_running_loop().call_at(self.deadline, self._on_timer, self.deadline)
+            self._timer = self.loop.call_at(self.deadline, self._on_timer, self.deadline)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (create_connection); not an isinstance check: uvloop's
@@ -516,7 +517,7 @@ class MbapTransport(ModbusTransport):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout_s + 1.0):
-                _, conn = await loop.create_connection(_MbapConnection, self.host, self.port)
+                _, conn = await loop.create_connection(lambda: _MbapConnection(loop), self.host, self.port)
         except (TimeoutError, OSError) as exc:
             self._last_connect_fail = self._clock()
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -546,7 +547,7 @@ class MbapTransport(ModbusTransport):
             limit = self.timeout_s if timeout_s is None else timeout_s
             self._tid = tid = self._tid % 0xFFFF + 1
             data = mbap.read_frame(tid, unit, function_code, address, count) if pdu is None else mbap.frame(tid, unit, pdu)
-            loop = asyncio.get_running_loop()
+            loop = conn.loop  # not asyncio.get_running_loop(): a getpid() per call on 3.11
             fut: asyncio.Future[tuple[int, bytes]] = loop.create_future()
             conn.expect(tid, fut, loop.time() + limit)
             late = conn.late
@@ -625,6 +626,21 @@ class MbapTransport(ModbusTransport):
             return mbap.registers(function_code, reply, count)
         except mbap.MbapReplyError as exc:
             raise self._frame_error(meter_id, _what(unit, function_code, address, f"+{count}"), exc) from None
+
+    async def read_register_pdu(
+        self, meter_id: str, unit: int, function_code: int, address: int, count: int, *, timeout_s: float | None = None
+    ) -> bytes:
+        """:meth:`read_registers`, the registers left in the reply's PDU (function code,
+        byte count, then the ``count`` registers big-endian): the same request, checks
+        and errors, without the list of integers (the driver decodes the bytes)."""
+        if function_code not in (mbap.READ_HOLDING_REGISTERS, mbap.READ_INPUT_REGISTERS):
+            raise ValueError(f"function code {function_code} is not a register read")
+        reply = await self._exchange(meter_id, unit, function_code, address, count, None, timeout_s)
+        try:
+            mbap.check_registers(function_code, reply, count)
+        except mbap.MbapReplyError as exc:
+            raise self._frame_error(meter_id, _what(unit, function_code, address, f"+{count}"), exc) from None
+        return reply
 
     async def read_bits(
         self, meter_id: str, unit: int, function_code: int, address: int, count: int, *, timeout_s: float | None = None

@@ -21,7 +21,7 @@ from firmware_bridge.modbus.decode import (
     split_block,
 )
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES, DataType, Field, WordOrder
-from firmware_bridge.reading import Quality, Quantity
+from firmware_bridge.reading import Measurement, Quality, Quantity
 
 
 def energy_field(address: int = 0x48) -> Field:
@@ -196,6 +196,62 @@ def test_block_decoder_gives_what_decode_field_gives(
 )
 def test_block_decoder_rounds_floats_as_decode_field(value: float, resolution: str, want: str) -> None:
     f = Field(Quantity.VOLTAGE, 0, DataType.FLOAT32, Decimal(1), "V", Decimal(resolution))
+    block = plan_reads([f], 0, 125)[0]
+    regs = raw_to_registers(value, DataType.FLOAT32, WordOrder.BIG)
+    ((_, m),) = BlockDecoder(block, WordOrder.BIG).decode(regs)
+    assert str(m.value) == want == str(decode_field(regs, 0, f, WordOrder.BIG).value)
+
+
+@given(
+    st.sampled_from([Decimal(1), Decimal("0.1"), Decimal("0.001"), Decimal(10), Decimal(-1)]),
+    st.sampled_from([Decimal("0.01"), Decimal("0.0001"), Decimal(1), Decimal("0.1")]),
+    st.sampled_from(list(DataType)),
+    st.sampled_from(list(WordOrder)),
+    st.lists(
+        st.one_of(
+            st.integers(0, 0xFFFF), st.sampled_from([0x7FC0, 0x7F80, 0xFF80, 0x8000, 0, 0x4496, 0xCD71])
+        ),
+        min_size=2,
+        max_size=40,
+    ),
+)
+def test_one_block_decoder_decoding_poll_after_poll_gives_what_decode_field_gives(
+    scale: Decimal, resolution: Decimal, dtype: DataType, order: WordOrder, words: list[int]
+) -> None:
+    """The same decoder, poll after poll (values repeating, changing, coming back), as
+    decode_field on each; decode_into fills a mapping with the same measurements."""
+    fields = [
+        Field(Quantity.POWER, 0, dtype, scale, "W", resolution),
+        Field(Quantity.ENERGY_IMPORT, dtype.registers, dtype, scale, "kWh", resolution),
+    ]
+    (block,) = plan_reads(fields, 0, 125)
+    decoder = BlockDecoder(block, order)
+    polls = [words[i : i + block.count] for i in range(0, len(words) - block.count + 1, max(1, block.count // 2))]
+    for regs in polls + polls[::-1]:
+        want = [(f, decode_field(regs, block.address, f, order)) for f in block.fields]
+        got = decoder.decode(regs)
+        assert [(f, m.quality, str(m.value)) for f, m in got] == [(f, m.quality, str(m.value)) for f, m in want]
+        values: dict[Quantity, Measurement] = {}
+        decoder.decode_into(regs, values)
+        assert {q: (m.quality, str(m.value)) for q, m in values.items()} == {
+            f.quantity: (m.quality, str(m.value)) for f, m in got
+        }
+
+
+@pytest.mark.parametrize(
+    "value, unit, resolution, want",
+    [
+        (1178.5999755859375, "W", "0.0001", "1.1786"),  # W -> kW: formatted to 1 place, shifted by 3
+        (0.05, "W", "0.0001", "0.0001"),  # float32 0.05 is a little above 0.05: rounds up
+        (-0.04, "W", "0.0001", "0.0000"),  # no "-0.0000"
+        (2.5, "W", "0.001", "0.002"),  # exactly 0.0025 kW: ties round half-even
+        (1.5, "W", "0.001", "0.002"),
+        (3.0e38, "W", "0.0001", "300000000549775575777803994281145270.2720"),
+        (123.456, "W", "0.1", "0.1"),  # fewer places than the shift: multiplied and quantised
+    ],
+)
+def test_block_decoder_scales_by_powers_of_ten_as_decode_field(value: float, unit: str, resolution: str, want: str) -> None:
+    f = Field(Quantity.POWER, 0, DataType.FLOAT32, Decimal(1), unit, Decimal(resolution))
     block = plan_reads([f], 0, 125)[0]
     regs = raw_to_registers(value, DataType.FLOAT32, WordOrder.BIG)
     ((_, m),) = BlockDecoder(block, WordOrder.BIG).decode(regs)

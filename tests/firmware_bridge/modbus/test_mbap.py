@@ -132,6 +132,20 @@ def test_replies_are_checked_against_their_request() -> None:
     assert mbap.exception_code(3, b"\x84\x02") is None
 
 
+@given(st.sampled_from([3, 4]), st.binary(min_size=1, max_size=12), st.integers(1, 5))
+def test_check_registers_checks_what_registers_checks(function_code: int, pdu: bytes, count: int) -> None:
+    try:
+        want: object = mbap.registers(function_code, pdu, count)
+    except mbap.MbapReplyError as exc:
+        want = str(exc)
+    try:
+        mbap.check_registers(function_code, pdu, count)
+    except mbap.MbapReplyError as exc:
+        assert want == str(exc)
+    else:
+        assert want == list(struct.unpack_from(f">{count}H", pdu, 2))
+
+
 # ---------------------------------------------------------------------------
 # Against the pymodbus server (the simulator)
 
@@ -164,7 +178,9 @@ async def test_every_function_code_against_a_pymodbus_server(sim: ModbusSimulato
     assert await transport.read_registers("m1", 1, 3, 0x9000, 3) == [0xBEEF, 1, 2]
     regs = await transport.read_registers("m1", 1, 4, 0x0000, 2)
     assert struct.unpack(">f", struct.pack(">2H", *regs))[0] == pytest.approx(230.4, abs=1e-3)
-    assert transport.requests == 9
+    pdu = await transport.read_register_pdu("m1", 1, 4, 0x0000, 2)
+    assert pdu[:2] == b"\x04\x04" and list(struct.unpack(">2H", pdu[2:])) == regs
+    assert transport.requests == 10
 
 
 async def test_driver_reads_over_the_lean_client(sim: ModbusSimulator, transport: MbapTransport) -> None:
@@ -177,6 +193,11 @@ async def test_exception_reply_from_the_server(sim: ModbusSimulator, transport: 
     with pytest.raises(ModbusExceptionReply, match=r"FC04 0x7000\+2: exception 2 \(illegal data address\)") as e:
         await transport.read_registers("m1", 1, 4, 0x7000, 2)
     assert e.value.code == 2 and e.value.kind == "refused"
+    with pytest.raises(ModbusExceptionReply, match=r"FC04 0x7000\+2: exception 2 \(illegal data address\)") as e:
+        await transport.read_register_pdu("m1", 1, 4, 0x7000, 2)
+    assert e.value.code == 2
+    with pytest.raises(ValueError, match="not a register read"):
+        await transport.read_register_pdu("m1", 1, 1, 0, 2)
 
 
 @BOTH_LOOPS
