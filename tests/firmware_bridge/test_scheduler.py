@@ -30,6 +30,7 @@ from firmware_bridge.scheduler import (
     silent_interval_s,
 )
 from testbed.simulators.modbus import ModbusSimulator, RtuSimulator
+from tests.harness.loops import BOTH_LOOPS
 
 # --------------------------------------------------------------------------- pure parts
 
@@ -536,3 +537,18 @@ async def test_cancelling_a_cycle_is_not_taken_for_a_deadline() -> None:
     assert hung.cancelled == 1 and sched.health["hung"].last_error is None
     hung.hang = False
     assert await sched.read_meter("hung", 0) is not None  # the bus is free again
+
+
+@BOTH_LOOPS
+async def test_the_read_deadline_holds_in_a_cycle_and_alone_on_both_loops() -> None:
+    hung, fine = _Hung("hung", 0.1), _Hung("fine", 0.1)
+    fine.hang = False
+    sched = BusScheduler("b", [hung, fine], timeout_s=0.05, retries=0)  # type: ignore[list-item]
+    res = await sched.run_cycle(0)  # the cycle's reads: the cycle's loop and task
+    assert [r.meter_id for r in res.readings] == ["fine"]
+    err = res.health["hung"].last_error
+    assert err is not None and err.kind == "timeout" and err.text == "read exceeded its deadline"
+    assert await sched.read_meter("hung", 0, force=True) is None  # a read on its own
+    err = sched.health["hung"].last_error
+    assert err is not None and err.text == "read exceeded its deadline" and hung.cancelled == 2
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
