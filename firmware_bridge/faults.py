@@ -39,6 +39,8 @@ class FaultEvents:
         self._cause: dict[tuple[str, str], str] = {}  # (meter, kind) -> cause reported
 
     def events(self, reading: Reading) -> list[dict[str, Any]]:
+        if not reading.faults and not self._cause:
+            return []  # nothing to report and nothing to clear (most readings)
         out: list[dict[str, Any]] = []
         kinds = set()
         for i, f in enumerate(reading.faults):

@@ -76,7 +76,7 @@ class Slicer:
 
     async def add(self, reading: Reading) -> None:
         if reading.time_source is not self.time_source:
-            reading = replace(reading, time_source=self.time_source)
+            reading = with_time_source(reading, self.time_source)
         if not self.pending:
             self.since = time.monotonic()
         self.pending.append(reading)
@@ -94,17 +94,26 @@ class Slicer:
         await self.out.put(Cycle(self.bus, now_ms, batch, statuses, events, health=health or []))
 
 
+def with_time_source(reading: Reading, time_source: TimeSource) -> Reading:
+    """``dataclasses.replace(reading, time_source=time_source)``, built directly for a
+    plain Reading (once per reading: replace costs several times as much)."""
+    if type(reading) is not Reading:
+        return replace(reading, time_source=time_source)
+    return Reading(reading.meter_id, reading.time_ms, reading.values, time_source, reading.meta, reading.faults)
+
+
 def status_from_health(meter_id: str, health: MeterHealth) -> MeterStatus:
     """The scheduler's per-meter health as the row kept for `edgegw status`."""
     err = health.last_error
+    # by position, in MeterStatus' field order (every meter, every cycle: keywords cost more)
     return MeterStatus(
-        meter_id=meter_id,
-        online=health.online,
-        last_attempt_ms=health.last_attempt_ms,
-        last_good_ms=health.last_good_ms,
-        consecutive_failures=health.consecutive_failures,
-        total_failures=health.total_failures,
-        last_error=None if err is None else f"{err.kind}: {err.text}",
+        meter_id,
+        health.online,
+        health.last_attempt_ms,
+        health.last_good_ms,
+        health.consecutive_failures,
+        health.total_failures,
+        None if err is None else f"{err.kind}: {err.text}",
     )
 
 
