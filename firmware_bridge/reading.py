@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
+from typing import Any
 
 
 class Quantity(enum.StrEnum):
@@ -118,3 +119,54 @@ class Reading:
         if m is None or m.quality is not Quality.GOOD:
             return None
         return m.value
+
+
+# ---------------------------------------------------------------------------
+# Fast construction for the polling path
+#
+# A frozen dataclass's __init__ sets each field through object.__setattr__; every
+# reading builds a Reading (or two) and a Measurement per changed value, and setting
+# the slots through their own descriptors builds the same object in half the time.
+# The field lists are checked here, so a field added to either class cannot be missed.
+
+_new = object.__new__
+
+
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Any, ...]:
+    if tuple(f.name for f in fields(cls)) != names:
+        raise TypeError(f"{cls.__name__} fields changed: update its fast constructor")
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_SET_VALUE, _SET_QUALITY = _slot_setters(Measurement, ("value", "quality"))
+_SET_METER, _SET_TIME, _SET_VALUES, _SET_SOURCE, _SET_META, _SET_FAULTS = _slot_setters(
+    Reading, ("meter_id", "time_ms", "values", "time_source", "meta", "faults")
+)
+
+
+def new_measurement(value: Decimal, quality: Quality = Quality.GOOD) -> Measurement:
+    """``Measurement(value, quality)``, built faster: the same object in every way."""
+    m = _new(Measurement)
+    _SET_VALUE(m, value)
+    _SET_QUALITY(m, quality)
+    return m
+
+
+def new_reading(
+    meter_id: str,
+    time_ms: int,
+    values: Mapping[Quantity, Measurement],
+    time_source: TimeSource,
+    meta: Mapping[str, str],
+    faults: tuple[MeterFault, ...] = (),
+) -> Reading:
+    """``Reading(meter_id, time_ms, values, time_source, meta, faults)``, built faster:
+    the same object in every way."""
+    r = _new(Reading)
+    _SET_METER(r, meter_id)
+    _SET_TIME(r, time_ms)
+    _SET_VALUES(r, values)
+    _SET_SOURCE(r, time_source)
+    _SET_META(r, meta)
+    _SET_FAULTS(r, faults)
+    return r

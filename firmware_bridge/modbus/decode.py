@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from decimal import Context, Decimal, InvalidOperation
 
 from firmware_bridge.modbus.profiles import DataType, Field, WordOrder
-from firmware_bridge.reading import Measurement, Quality, Quantity
+from firmware_bridge.reading import Measurement, Quality, Quantity, new_measurement
 
 _CTX = Context(prec=60)
 _STRUCT = {
@@ -293,7 +293,7 @@ class BlockDecoder:
                 q = Decimal(format(value, fmt))
                 if shift is not None:
                     q = q.scaleb(shift, _CTX)
-                m = Measurement(abs(q) if q.is_zero() else q)
+                m = new_measurement(abs(q) if q.is_zero() else q)
             else:
                 exact = Decimal(value)  # exact for int and for every binary float
                 try:
@@ -301,7 +301,7 @@ class BlockDecoder:
                 except InvalidOperation:  # magnitude beyond any meter's range
                     m = Measurement(Decimal("NaN"), Quality.INVALID)
                 else:
-                    m = Measurement(abs(q) if q.is_zero() else q)
+                    m = new_measurement(abs(q) if q.is_zero() else q)
             last[i] = value
             seen[i] = m
             out.append(m)

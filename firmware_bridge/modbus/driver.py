@@ -11,7 +11,7 @@ from firmware_bridge.modbus.transport import (
     ModbusExceptionReply,
     ModbusTransport,
 )
-from firmware_bridge.reading import Measurement, Quantity, Reading, TimeSource
+from firmware_bridge.reading import Measurement, Quantity, Reading, TimeSource, new_reading
 from firmware_bridge.timing import MODBUS_RESPONSE_S, TCP_MARGIN_S, LineTiming
 
 RTU_REQUEST_BYTES = 8  # unit, FC, address, count, CRC
@@ -198,4 +198,4 @@ class ModbusDriver:
             meta["missing"] = ",".join(
                 f.quantity.value for b in plan[i:] for f in b.fields if f.quantity not in values
             )
-        return Reading(self._meter_id, now_ms, values, TimeSource.SYSTEM, meta)
+        return new_reading(self._meter_id, now_ms, values, TimeSource.SYSTEM, meta)

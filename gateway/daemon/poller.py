@@ -25,7 +25,7 @@ from firmware_bridge.backoff import backoff_delay
 from firmware_bridge.bus import open_site_bus
 from firmware_bridge.cause_log import CauseLog
 from firmware_bridge.faults import FaultEvents
-from firmware_bridge.reading import Reading, TimeSource
+from firmware_bridge.reading import Reading, TimeSource, new_reading
 from firmware_bridge.relay import controller_for
 from firmware_bridge.scheduler import MeterHealth
 from firmware_bridge.settings import BusSettings
@@ -99,7 +99,7 @@ def with_time_source(reading: Reading, time_source: TimeSource) -> Reading:
     plain Reading (once per reading: replace costs several times as much)."""
     if type(reading) is not Reading:
         return replace(reading, time_source=time_source)
-    return Reading(reading.meter_id, reading.time_ms, reading.values, time_source, reading.meta, reading.faults)
+    return new_reading(reading.meter_id, reading.time_ms, reading.values, time_source, reading.meta, reading.faults)
 
 
 def status_from_health(meter_id: str, health: MeterHealth) -> MeterStatus:
