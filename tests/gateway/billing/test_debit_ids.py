@@ -391,6 +391,14 @@ async def test_the_daemon_cache_looks_for_older_ids_only_in_a_ledger_that_holds_
 # --------------------------------------------------------------------------- debits that wait for flush
 
 
+def one_debit() -> Entry:
+    """The debit of one reading pair of meter m1 on account acc."""
+    a, b = reading("m1", "x", T0, Decimal(1)), reading("m1", "y", T0 + 60_000, Decimal(2))
+    r = rate_interval(a, b, FLAT_BOOK, TierState())
+    assert r.charge is not None
+    return debit_entry("acc", r.charge)
+
+
 async def test_a_new_reading_s_debit_goes_in_with_the_views_in_append_order(tmp_path: Path) -> None:
     """A debit above every time-ordered id waits for flush (no look-up, no insert of
     its own); an entry of another kind appended after it puts the waiting ones in
@@ -439,12 +447,9 @@ async def test_a_debit_at_or_below_the_highest_id_is_looked_up_and_not_debited_t
     ob = await open_database(tmp_path / "gw.db")
     cache = LedgerCache()
     try:
-        a, b = reading("m1", "x", T0, Decimal(1)), reading("m1", "y", T0 + 60_000, Decimal(2))
-        r = rate_interval(a, b, FLAT_BOOK, TierState())
-        assert r.charge is not None
         async with ob.transaction() as c:
-            first = await cache.append(c, debit_entry("acc", r.charge))
-            again = await cache.append(c, debit_entry("acc", r.charge))
+            first = await cache.append(c, one_debit())
+            again = await cache.append(c, one_debit())
             await cache.flush(c)
         assert first.applied and not again.applied and again.entry == first.entry
         async with ob.transaction() as c:
@@ -462,10 +467,7 @@ async def test_a_debit_written_behind_the_cache_s_back_fails_the_transaction(tmp
     ob = await open_database(tmp_path / "gw.db")
     cache = LedgerCache()
     try:
-        a, b = reading("m1", "x", T0, Decimal(1)), reading("m1", "y", T0 + 60_000, Decimal(2))
-        r = rate_interval(a, b, FLAT_BOOK, TierState())
-        assert r.charge is not None
-        entry = debit_entry("acc", r.charge)
+        entry = one_debit()
         async with ob.transaction() as c:
             await cache.view(c, "acc")
             assert await cache._above_every_debit(c, entry.entry_id)  # ceiling looked up: none
