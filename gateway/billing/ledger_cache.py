@@ -263,6 +263,7 @@ class LedgerCache:
             raise ValueError("snapshots go through ledger_store.apply_snapshot")
         earlier = earlier_id(entry)
         if earlier is not None and await self._holds_legacy_debits(conn):
+            await self._insert_waiting(conn)  # (a look-up: the waiting debits go in first)
             same = check_earlier(entry, await ls.get_entry(conn, earlier))
             if same is not None:
                 return AppendResult(same, False, await self.view(conn, same.account))
