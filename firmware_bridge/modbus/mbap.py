@@ -201,12 +201,8 @@ _REGS: dict[int, struct.Struct] = {}
 
 def registers(function_code: int, pdu: bytes, count: int) -> list[int]:
     """The registers of an FC03/FC04 reply to a request for ``count`` of them."""
-    if len(pdu) == 2 + 2 * count and pdu[0] == function_code and pdu[1] == 2 * count:
-        s = _REGS.get(count)
-        if s is None:
-            s = _REGS[count] = struct.Struct(f">{count}H")
-        return list(s.unpack_from(pdu, 2))
-    _wrong_registers(function_code, pdu)
+    check_registers(function_code, pdu, count)
+    return unpack_registers(pdu, count)
 
 
 def check_registers(function_code: int, pdu: bytes, count: int) -> None:
@@ -214,6 +210,14 @@ def check_registers(function_code: int, pdu: bytes, count: int) -> None:
     reply carrying ``count`` registers (big-endian, from byte 2)."""
     if len(pdu) != 2 + 2 * count or pdu[0] != function_code or pdu[1] != 2 * count:
         _wrong_registers(function_code, pdu)
+
+
+def unpack_registers(pdu: bytes, count: int) -> list[int]:
+    """The ``count`` registers of a reply :func:`check_registers` accepted."""
+    s = _REGS.get(count)
+    if s is None:
+        s = _REGS[count] = struct.Struct(f">{count}H")
+    return list(s.unpack_from(pdu, 2))
 
 
 def _wrong_registers(function_code: int, pdu: bytes) -> NoReturn:

@@ -619,13 +619,8 @@ class MbapTransport(ModbusTransport):
     async def read_registers(
         self, meter_id: str, unit: int, function_code: int, address: int, count: int, *, timeout_s: float | None = None
     ) -> list[int]:
-        if function_code not in (mbap.READ_HOLDING_REGISTERS, mbap.READ_INPUT_REGISTERS):
-            raise ValueError(f"function code {function_code} is not a register read")
-        reply = await self._exchange(meter_id, unit, function_code, address, count, None, timeout_s)
-        try:
-            return mbap.registers(function_code, reply, count)
-        except mbap.MbapReplyError as exc:
-            raise self._frame_error(meter_id, _what(unit, function_code, address, f"+{count}"), exc) from None
+        pdu = await self.read_register_pdu(meter_id, unit, function_code, address, count, timeout_s=timeout_s)
+        return mbap.unpack_registers(pdu, count)
 
     async def read_register_pdu(
         self, meter_id: str, unit: int, function_code: int, address: int, count: int, *, timeout_s: float | None = None
