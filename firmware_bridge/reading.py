@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+
+from firmware_bridge.slots import slot_setters
 
 
 class Quantity(enum.StrEnum):
@@ -122,24 +123,12 @@ class Reading:
 
 
 # ---------------------------------------------------------------------------
-# Fast construction for the polling path
-#
-# A frozen dataclass's __init__ sets each field through object.__setattr__; every
-# reading builds a Reading (or two) and a Measurement per changed value, and setting
-# the slots through their own descriptors builds the same object in half the time.
-# The field lists are checked here, so a field added to either class cannot be missed.
+# Fast construction for the polling path (firmware_bridge.slots): every reading
+# builds a Reading (or two) and a Measurement per changed value.
 
 _new = object.__new__
-
-
-def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Any, ...]:
-    if tuple(f.name for f in fields(cls)) != names:
-        raise TypeError(f"{cls.__name__} fields changed: update its fast constructor")
-    return tuple(cls.__dict__[name].__set__ for name in names)
-
-
-_SET_VALUE, _SET_QUALITY = _slot_setters(Measurement, ("value", "quality"))
-_SET_METER, _SET_TIME, _SET_VALUES, _SET_SOURCE, _SET_META, _SET_FAULTS = _slot_setters(
+_SET_VALUE, _SET_QUALITY = slot_setters(Measurement, ("value", "quality"))
+_SET_METER, _SET_TIME, _SET_VALUES, _SET_SOURCE, _SET_META, _SET_FAULTS = slot_setters(
     Reading, ("meter_id", "time_ms", "values", "time_source", "meta", "faults")
 )
 

@@ -76,13 +76,14 @@ import functools
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiosqlite
 
 from firmware_bridge.reading import TimeSource
+from firmware_bridge.slots import slot_setters
 from store_forward.schema import Schema, Step
 
 JUMP_TOLERANCE_MS = 2_000
@@ -345,18 +346,22 @@ def observe(
     return _observe(state, wall_ms=wall_ms, mono_ms=mono_ms, synced=synced, meter_ms=meter_ms, policy=policy)
 
 
-# ClockState's slots, set directly: a frozen dataclass's __init__ goes through
-# object.__setattr__ once per field, which is most of what a steady-state
-# observe() costs (it runs a few times per meter reading). (A field added to
-# ClockState stops the import here until _observe_steady sets it too.)
+# ClockState's slots, set directly (firmware_bridge.slots): a frozen dataclass's
+# __init__ goes through object.__setattr__ once per field, which is most of what a
+# steady-state observe() costs (it runs a few times per meter reading). (A field
+# added to ClockState stops the import here until _observe_steady sets it too.)
 _new = object.__new__
 (
     _set_floor, _set_est, _set_quality, _set_initial, _set_synced_seen, _set_restored_ms,
     _set_start_mono_ms, _set_central, _set_track, _set_last_synced, _set_last_time_ms,
     _set_behind_floor, _set_disagree, _set_persisted_floor_ms, _set_persisted_seen_ms, _set_unseen,
-) = (ClockState.__dict__[f.name].__set__ for f in fields(ClockState))  # fmt: skip
-_set_anchor_time, _set_anchor_mono = (Anchor.__dict__[f.name].__set__ for f in fields(Anchor))
-_set_tt_time, _set_tt_quality, _set_tt_floor = (TrustedTime.__dict__[f.name].__set__ for f in fields(TrustedTime))
+) = slot_setters(ClockState, (
+    "floor", "est", "quality", "initial", "synced_seen", "restored_ms",
+    "start_mono_ms", "central", "track", "last_synced", "last_time_ms",
+    "behind_floor", "disagree", "persisted_floor_ms", "persisted_seen_ms", "unseen",
+))  # fmt: skip
+_set_anchor_time, _set_anchor_mono = slot_setters(Anchor, ("time_ms", "mono_ms"))
+_set_tt_time, _set_tt_quality, _set_tt_floor = slot_setters(TrustedTime, ("time_ms", "quality", "floor_ms"))
 
 
 def _observe_steady(
