@@ -26,6 +26,9 @@ The history (``PRAGMA user_version``):
    6  the last trusted time used in the time floor's row
       (``sec_time_floor.seen_ms``: one page written per save instead of two;
       ``sec_time_seen`` keeps its last value and is no longer written)
+   7  the damaged billing records ledger retention has accounted for
+      (``billing_damaged_seen``: each kept the entries of its moment for
+      good and no longer holds up pruning)
 ====  ======================================================================
 
 A change to a table is a new step, with the next version, in the module that

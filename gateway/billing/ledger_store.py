@@ -28,6 +28,9 @@ Tables (``TABLES``; declared to the gateway database's schema registry as
   the fold starts from zero, as before retention existed);
 * ``billing_ack_mark``, ``billing_retention`` — the retention pass's watermarks
   of what central acknowledged (:mod:`gateway.billing.retention`);
+* ``billing_damaged_seen`` — the outbox records of class BILLING set aside as
+  damaged that retention has accounted for (version 7): each held every entry
+  existing when it was seen, and no longer holds up the acknowledgement marks;
 * ``billing_pruned_fixed`` — the ids of fixed charges that left the ledger, so
   that a fixed-charge scan moved back by trusted time never raises one again;
 * ``billing_fixed_held`` — fixed charges held because their period started in
@@ -189,6 +192,21 @@ CREATE INDEX IF NOT EXISTS billing_entry_snapshot ON billing_entry (account, seq
 """
 
 
+# Version 7: the damaged billing records retention has accounted for, by record id
+# (docs/billing.md, "Retention"). A set rather than a count or the highest id: it is
+# exact whatever else happens to ``damaged`` (a count misses one row removed and one
+# added between two passes) and needs no argument about the order ids are assigned
+# and records set aside in (out of id order: a numbered batch is opened again when
+# it is sent again; records salvaged from a damaged database keep their ids).
+DAMAGED_SEEN_TABLES = """
+CREATE TABLE IF NOT EXISTS billing_damaged_seen (
+    record_id   INTEGER PRIMARY KEY,  -- the id of the record in table damaged
+    hold_rowid  INTEGER NOT NULL,     -- entries with rowid <= this were kept for good then
+    seen_ms     INTEGER NOT NULL
+)
+"""
+
+
 class LedgerCorrupt(EdgeGwError):
     """The stored view does not match a full fold of the stored entries."""
 
@@ -207,6 +225,7 @@ SCHEMA = Schema(
     "billing",
     Step(4, "ledger, accounts, tariffs, held fixed charges, baselines, meter resets", statements(TABLES)),
     Step(5, "ledger retention: fold bases, acknowledgement marks", statements(RETENTION_TABLES)),
+    Step(7, "ledger retention: damaged billing records accounted for", statements(DAMAGED_SEEN_TABLES)),
 )
 
 

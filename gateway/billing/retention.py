@@ -16,16 +16,20 @@ with rowid <= E was committed with its charge record, whose id is <= R. Records
 leave the outbox when central acknowledges their batch (deleted), when they
 cannot be opened (moved to ``damaged``, where they stay), and under a full
 disk: telemetry is shed first, and past the hard floor unsent *billing*
-records are evicted (counted in the outbox's ``billing_evicted``). So a mark is
-acknowledged once no BILLING-class record with id <= R is in ``outbox`` or in
-``damaged``, provided no billing record was evicted since it was taken: when
-the eviction count changes, every pending mark is dropped and every entry
-existing then is *held* (``hold_rowid``: kept for good, since central may lack
-some of them). Entries with rowid <= E of the newest acknowledged mark are
-acknowledged (``acked_rowid``). The newest entry of the table is never deleted,
-so a rowid is never used twice (nothing VACUUMs the database: that may renumber
-the rowids of a table without an INTEGER PRIMARY KEY, and would need the marks
-and watermarks dropped). A gateway without a working uplink never prunes.
+records are evicted (counted in the outbox's ``billing_evicted``). An evicted
+or damaged billing record never reaches central, so when the eviction count
+changes, or a BILLING-class record is in ``damaged`` that retention has not
+accounted for yet (``billing_damaged_seen``, by record id), every pending mark
+is dropped and every entry existing then is *held* (``hold_rowid``: kept for
+good, since central may lack the record of any of them); the damaged records
+are then accounted for, and hold up no mark again. So a mark is acknowledged
+once no BILLING-class record with id <= R is in ``outbox`` (nor in ``damaged``
+unaccounted for), provided none was evicted since it was taken. Entries with
+rowid <= E of the newest acknowledged mark are acknowledged (``acked_rowid``).
+The newest entry of the table is never deleted, so a rowid is never used twice
+(nothing VACUUMs the database: that may renumber the rowids of a table without
+an INTEGER PRIMARY KEY, and would need the marks and watermarks dropped). A
+gateway without a working uplink never prunes.
 
 **Which entries go** (:func:`gateway.billing.ledger.prune_point`): debits and
 fixed charges only (credits, adjustments and snapshots are few, and top-ups are
@@ -117,12 +121,26 @@ async def hold_existing_in(conn: aiosqlite.Connection) -> None:
     await _save_state(conn, replace(s, hold_rowid=max(s.hold_rowid, top)))
 
 
+# BILLING-class records set aside as damaged that retention has not accounted for
+_UNSEEN_DAMAGED = "FROM damaged WHERE cls = ? AND id NOT IN (SELECT record_id FROM billing_damaged_seen)"
+
+
+async def _account_damaged_in(conn: aiosqlite.Connection, hold: int, now_ms: int) -> int:
+    """Note every BILLING-class record set aside as damaged and not accounted for yet
+    as accounted for by the hold up to rowid ``hold``; returns how many there were."""
+    cur = await conn.execute(
+        f"INSERT INTO billing_damaged_seen (record_id, hold_rowid, seen_ms) SELECT id, ?, ? {_UNSEEN_DAMAGED}",
+        (hold, now_ms, int(RecordClass.BILLING)),
+    )
+    return max(cur.rowcount, 0)
+
+
 async def _lowest_billing_record(conn: aiosqlite.Connection) -> int | None:
     """The lowest id of a BILLING-class record still waiting in the outbox or set aside
-    as damaged (None: none)."""
+    as damaged and not accounted for (None: none)."""
     cls = int(RecordClass.BILLING)
     a = await _one(conn, "SELECT id FROM outbox WHERE cls = ? ORDER BY id LIMIT 1", (cls,))
-    b = await _one(conn, "SELECT min(id) FROM damaged WHERE cls = ?", (cls,))
+    b = await _one(conn, f"SELECT min(id) {_UNSEEN_DAMAGED}", (cls,))
     return min((x for x in (a, b) if x is not None), default=None)
 
 
@@ -141,6 +159,16 @@ async def advance_marks_in(conn: aiosqlite.Connection, now_ms: int) -> Retention
         log.warning(
             "ledger retention: %d billing record(s) were evicted unsent; every ledger entry"
             " up to rowid %d is kept for good", evicted - s.evicted_seen, hold,
+        )
+    damaged = await _account_damaged_in(conn, max(hold, top), now_ms)
+    if damaged:
+        # Billing records that no longer open were set aside (the outbox sent central a
+        # records_damaged event): the same, and from now on they hold up no mark.
+        hold = max(hold, top)
+        await conn.execute("DELETE FROM billing_ack_mark")
+        log.warning(
+            "ledger retention: %d billing record(s) were set aside as damaged; every ledger"
+            " entry up to rowid %d is kept for good", damaged, hold,
         )
     low = await _lowest_billing_record(conn)
     if low is None:

@@ -4,11 +4,13 @@ verification, top-up de-duplication and snapshots keep working from the fold bas
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from firmware_bridge.reading import Measurement, Quantity, Reading
 from gateway.billing import ledger_store as ls
 from gateway.billing import retention
 from gateway.billing.tariff_file import load_book
@@ -103,24 +105,264 @@ async def test_only_acknowledged_old_debits_go_in_bounded_transactions(tmp_path:
         await outbox.close()
 
 
-async def test_a_record_set_aside_as_damaged_keeps_every_entry(tmp_path: Path) -> None:
+async def damage(outbox: Outbox, record_id: int) -> None:
+    """The record's sealed body no longer opens (a flipped bit on the card)."""
+    async with outbox.transaction() as db:
+        await db.execute("UPDATE outbox SET body = zeroblob(40) WHERE id = ?", (record_id,))
+
+
+async def one(outbox: Outbox, sql: str, args: tuple[Any, ...] = ()) -> Any:
+    async with outbox.transaction() as db, db.execute(sql, args) as cur:
+        row = await cur.fetchone()
+    assert row is not None
+    return row[0]
+
+
+async def last_charge(outbox: Outbox) -> int:
+    return int(await one(outbox, "SELECT max(id) FROM outbox WHERE kind = 'charge'"))
+
+
+async def top_rowid(outbox: Outbox) -> int:
+    return int(await one(outbox, "SELECT max(rowid) FROM billing_entry"))
+
+
+async def rowids(outbox: Outbox, upto: int) -> list[int]:
+    async with outbox.transaction() as db, db.execute(
+        "SELECT rowid FROM billing_entry WHERE rowid <= ? ORDER BY rowid", (upto,)
+    ) as cur:
+        return [int(r[0]) for r in await cur.fetchall()]
+
+
+async def more_debits(prepaid: Prepaid, outbox: Outbox, first: int, n: int = 3) -> None:
+    """``n`` debits more, the register going on from reading ``first`` of the story."""
+    for i in range(first, first + n):
+        await rate(prepaid, outbox, f"{100 + i / 10:.1f}", T0 + 200_000 + i * 1000)
+
+
+async def damaged_seen(outbox: Outbox) -> list[tuple[int, int]]:
+    async with outbox.transaction() as db, db.execute(
+        "SELECT record_id, hold_rowid FROM billing_damaged_seen ORDER BY record_id"
+    ) as cur:
+        return [(int(a), int(b)) for a, b in await cur.fetchall()]
+
+
+async def test_a_record_set_aside_as_damaged_keeps_the_entries_existing_then(tmp_path: Path) -> None:
     prepaid, outbox = await open_shell(tmp_path)
     try:
         await story(prepaid, outbox, debits=6)
         await retention.run_pass(outbox.transaction, 7, NOW)  # the mark
-        async with outbox.transaction() as db:  # one charge record no longer opens
-            await db.execute(
-                "UPDATE outbox SET body = zeroblob(40) WHERE id = (SELECT max(id) FROM outbox WHERE kind = 'charge')"
-            )
+        rid = await last_charge(outbox)
+        await damage(outbox, rid)  # one charge record no longer opens
         await ack_all(outbox)
         async with outbox.transaction() as db, db.execute("SELECT count(*) FROM damaged WHERE cls = 1") as cur:
             assert (await cur.fetchone()) == (1,)
         before = await kinds(outbox)
+        top = await top_rowid(outbox)
+        existing = await rowids(outbox, top)
         for _ in range(3):
-            assert (await retention.run_pass(outbox.transaction, 7, NOW)).pruned == 0
+            p = await retention.run_pass(outbox.transaction, 7, NOW)
+            assert p.pruned == 0 and p.state.hold_rowid == top
         assert await kinds(outbox) == before
+        assert await damaged_seen(outbox) == [(rid, top)]
+        # entries written after that are pruned as usual once acknowledged and old:
+        # the damaged record no longer holds up the marks
+        await more_debits(prepaid, outbox, 12)
+        await retention.run_pass(outbox.transaction, 7, NOW)
+        await ack_all(outbox)
+        later = await retention.run_pass(outbox.transaction, 7, NOW)
+        assert later.pruned == 2 and later.state.hold_rowid == top  # 3 new debits, the newest stays
+        assert await rowids(outbox, top) == existing  # every entry of that moment is still there
+        assert (await kinds(outbox))["debit"] == before["debit"] + 1
+        await view_and_verify(outbox)
     finally:
         await outbox.close()
+
+
+async def test_a_restart_between_the_damage_and_the_next_pass_keeps_the_accounting(tmp_path: Path) -> None:
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        await story(prepaid, outbox, debits=6)
+        await retention.run_pass(outbox.transaction, 7, NOW)
+        rid = await last_charge(outbox)
+        await damage(outbox, rid)
+        await ack_all(outbox)  # set aside as damaged; no retention pass before the restart
+        top = await top_rowid(outbox)
+        existing = await rowids(outbox, top)
+    finally:
+        await outbox.close()
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        p = await retention.run_pass(outbox.transaction, 7, NOW)
+        assert p.pruned == 0 and p.state.hold_rowid == top and p.state.marks == 1
+        assert await damaged_seen(outbox) == [(rid, top)]
+        await more_debits(prepaid, outbox, 12)
+    finally:
+        await outbox.close()
+    # after the restart the damaged record is still accounted for: it neither holds
+    # up the marks nor holds the entries written since
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        await retention.run_pass(outbox.transaction, 7, NOW)
+        await ack_all(outbox)
+    finally:
+        await outbox.close()
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        later = await retention.run_pass(outbox.transaction, 7, NOW)
+        assert later.pruned == 2 and later.state.hold_rowid == top
+        assert await rowids(outbox, top) == existing
+        assert await damaged_seen(outbox) == [(rid, top)]
+        await view_and_verify(outbox)
+    finally:
+        await outbox.close()
+
+
+async def test_two_damaged_records_at_different_times_each_keep_what_existed_then(tmp_path: Path) -> None:
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        await story(prepaid, outbox, debits=6)
+        await retention.run_pass(outbox.transaction, 7, NOW)
+        first = await last_charge(outbox)
+        await damage(outbox, first)
+        await ack_all(outbox)
+        top1 = await top_rowid(outbox)
+        assert (await retention.run_pass(outbox.transaction, 7, NOW)).state.hold_rowid == top1
+        # three debits more, acknowledged: two go (the newest entry stays)
+        await more_debits(prepaid, outbox, 12)
+        await retention.run_pass(outbox.transaction, 7, NOW)
+        await ack_all(outbox)
+        p = await retention.run_pass(outbox.transaction, 7, NOW)
+        assert p.pruned == 2 and p.state.hold_rowid == top1
+        # three more; the charge record of the middle one is damaged before it is sent
+        await more_debits(prepaid, outbox, 15)
+        await retention.run_pass(outbox.transaction, 7, NOW)
+        middle = int(await one(outbox, "SELECT id FROM outbox WHERE kind = 'charge' ORDER BY id LIMIT 1 OFFSET 1"))
+        await damage(outbox, middle)
+        await ack_all(outbox)
+        top2 = await top_rowid(outbox)
+        existing = await rowids(outbox, top2)
+        p = await retention.run_pass(outbox.transaction, 7, NOW)
+        assert p.pruned == 0 and p.state.hold_rowid == top2 > top1
+        assert await damaged_seen(outbox) == [(first, top1), (middle, top2)]
+        # what came after the second one goes as usual
+        await more_debits(prepaid, outbox, 18)
+        await retention.run_pass(outbox.transaction, 7, NOW)
+        await ack_all(outbox)
+        p = await retention.run_pass(outbox.transaction, 7, NOW)
+        assert p.pruned == 2 and p.state.hold_rowid == top2
+        assert await rowids(outbox, top2) == existing
+        await view_and_verify(outbox)
+    finally:
+        await outbox.close()
+
+
+async def test_a_record_with_a_lower_id_set_aside_later_holds_what_exists_then(tmp_path: Path) -> None:
+    """Records are set aside out of id order: one in a batch numbered earlier (and not
+    acknowledged) is opened again when that batch is sent again."""
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        await story(prepaid, outbox, debits=6)
+        await ack_all(outbox)
+        await more_debits(prepaid, outbox, 12)
+        await retention.run_pass(outbox.transaction, 7, NOW)
+        numbered: list[int] = []
+        held_back = None  # a batch with charge records, sent but not acknowledged
+        while (b := await outbox.next_batch(0, exclude=numbered, max_records=10_000)) is not None:
+            numbered.append(b.seq)
+            if held_back is None and any(r.kind == "charge" for r in b.records):
+                held_back = b
+            else:
+                await outbox.ack(b.seq)
+        assert held_back is not None
+        low = min(r.id for r in held_back.records if r.kind == "charge")
+        await more_debits(prepaid, outbox, 15)
+        high = await last_charge(outbox)
+        await damage(outbox, high)
+        while (b := await outbox.next_batch(0, exclude=[held_back.seq], max_records=10_000)) is not None:
+            await outbox.ack(b.seq)
+        top2 = await top_rowid(outbox)
+        assert (await retention.run_pass(outbox.transaction, 7, NOW)).state.hold_rowid == top2
+        await more_debits(prepaid, outbox, 18)
+        await damage(outbox, low)  # set aside when its batch goes out again
+        await ack_all(outbox)
+        top3 = await top_rowid(outbox)
+        existing = await rowids(outbox, top3)
+        assert top3 > top2 and low < high
+        p = await retention.run_pass(outbox.transaction, 7, NOW)
+        assert p.pruned == 0 and p.state.hold_rowid == top3
+        assert await damaged_seen(outbox) == [(low, top3), (high, top2)]
+        for _ in range(2):
+            await retention.run_pass(outbox.transaction, 7, NOW)
+        assert await rowids(outbox, top3) == existing
+        await view_and_verify(outbox)
+    finally:
+        await outbox.close()
+
+
+async def test_a_database_from_before_the_accounting_keeps_what_exists_at_its_first_pass(tmp_path: Path) -> None:
+    """A database of version 6 whose ``damaged`` holds a billing record migrates with
+    none accounted for: the first pass keeps every entry there is then."""
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        await story(prepaid, outbox, debits=6)
+        await retention.run_pass(outbox.transaction, 7, NOW)
+        rid = await last_charge(outbox)
+        await damage(outbox, rid)
+        await ack_all(outbox)
+        async with outbox.transaction() as db:  # as the previous release left it
+            await db.execute("DROP TABLE billing_damaged_seen")
+            await db.execute("PRAGMA user_version = 6")
+    finally:
+        await outbox.close()
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        assert int(await one(outbox, "PRAGMA user_version")) == 7
+        top = await top_rowid(outbox)
+        p = await retention.run_pass(outbox.transaction, 7, NOW)
+        assert p.pruned == 0 and p.state.hold_rowid == top
+        assert await damaged_seen(outbox) == [(rid, top)]
+        await more_debits(prepaid, outbox, 12)
+        await retention.run_pass(outbox.transaction, 7, NOW)
+        await ack_all(outbox)
+        assert (await retention.run_pass(outbox.transaction, 7, NOW)).pruned == 2
+        await view_and_verify(outbox)
+    finally:
+        await outbox.close()
+
+
+async def prune_with(tmp: Path, damage_others: bool) -> tuple[int, int, dict[str, int], list[tuple[int, int]]]:
+    """The story with a telemetry record and an event beside it, acknowledged and
+    pruned; with ``damage_others`` both of them no longer open."""
+    prepaid, outbox = await open_shell(tmp)
+    try:
+        await story(prepaid, outbox, debits=6)
+        async with outbox.transaction() as db:
+            volts = Reading("m001", T0 + 300_000, {Quantity.VOLTAGE: Measurement(Decimal("229.9"))})
+            (tele,) = await outbox.commit_cycle_in(db, T0 + 300_000, [volts])
+            ev = await outbox.add_in(db, RecordClass.EVENT, RecordKind.EVENT, T0 + 300_000, {"type": "test"})
+        assert int(await one(outbox, "SELECT cls FROM outbox WHERE id = ?", (tele,))) == RecordClass.TELEMETRY
+        await retention.run_pass(outbox.transaction, 7, NOW)
+        if damage_others:
+            await damage(outbox, tele)
+            await damage(outbox, ev)
+        await ack_all(outbox)
+        set_aside = int(await one(outbox, "SELECT count(*) FROM damaged WHERE cls != 1"))
+        assert set_aside == (2 if damage_others else 0)
+        p = await retention.run_pass(outbox.transaction, 7, NOW)
+        await view_and_verify(outbox)
+        return p.pruned, p.state.hold_rowid, await kinds(outbox), await damaged_seen(outbox)
+    finally:
+        await outbox.close()
+
+
+async def test_a_damaged_telemetry_or_event_record_changes_nothing_for_retention(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    damaged = await prune_with(tmp_path_factory.mktemp("damaged"), True)
+    assert damaged == await prune_with(tmp_path_factory.mktemp("intact"), False)
+    pruned, hold, left, seen = damaged
+    assert pruned == 10 and hold == 0 and seen == []  # every debit but the newest
+    assert left == {"adjustment": 1, "debit": 1, "credit": 1}
 
 
 async def test_entries_whose_records_were_evicted_unsent_are_kept_for_good(tmp_path: Path) -> None:
