@@ -230,6 +230,18 @@ class Writer:
             self.backlog.dropped = 0
         self.daemon.announce_storage(outbox)
 
+    async def commit_retrying(self, outbox: Outbox, items: list[Cycle | Tick]) -> list[RelayIntent]:
+        """The commit that tries whether space is back: the writer stops waiting as it
+        starts, and waits again if it fails. Its rows become visible to other
+        connections before this coroutine resumes, so whoever sees them (``edgegw
+        status``, a test) never sees the writer still waiting for space."""
+        self.waiting_for_space = False
+        try:
+            return await self.commit(outbox, items)
+        except BaseException:
+            self.waiting_for_space = True
+            raise
+
     async def dry_run_trips(self, outbox: Outbox) -> None:
         """Rate the work held in memory in a transaction that is rolled back, and
         carry out the trips it decides (money protection goes on while the disk is
@@ -325,11 +337,12 @@ class Writer:
                     continue
             if self.quiet_tick(outbox):
                 continue
+            retrying = self.waiting_for_space  # space looked back: this commit is the try
             try:
                 if not d.storage_started:
                     await d.start_storage(outbox, uplink)
                 items = backlog.take(GROUP_COMMIT_MAX)
-                intents = await self.commit(outbox, items)
+                intents = await self.commit_retrying(outbox, items) if retrying else await self.commit(outbox, items)
             except (StorageCorruptError, LedgerCorrupt) as exc:
                 kind = FaultKind.LEDGER if isinstance(exc, LedgerCorrupt) else FaultKind.RUNTIME
                 await d.storage_fault(outbox, kind, str(exc))
@@ -359,7 +372,7 @@ class Writer:
             relieved = False
             attempt = 0
             d.note_commit_ok()
-            if self.waiting_for_space:
+            if retrying:
                 self.leave_space_wait(outbox)
                 next_reserve_check = 0.0  # space is back: the reserve first
             if outbox.unchecked is not None:  # the start-up check a full disk prevented
