@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from firmware_bridge.addressing import address_clashes
 from firmware_bridge.bus import config_problems
+from firmware_bridge.dlt645.codec import BROADCAST
 from firmware_bridge.errors import ProblemsError
 from firmware_bridge.identifiers import is_name, name_problem
 from firmware_bridge.reading import Quantity
@@ -262,6 +264,11 @@ def _timezone(v: Any) -> str | None:
 
 
 def _dlt645_address(v: Any) -> str | None:
+    if v == BROADCAST:
+        return (
+            f"{v} is the broadcast address (time sync and freeze to every meter on the line):"
+            " no meter answers it; give the meter's own address"
+        )
     if re.fullmatch(r"[0-9]{12}", v):
         return None
     return f"must be 12 decimal digits (meter address), got {v!r}"
@@ -694,6 +701,7 @@ def _analyse(raw: Mapping[str, Any], where: Where) -> ConfigReport:
     buses = _buses(c, raw)
     meters, flawed = _meters(c, raw)
     _serial_defaults(raw, buses, meters)
+    _addresses(c, buses, meters)
 
     accounts = _accounts(c, raw, base)
     _check_billing(c, accounts, raw, values["gateway"].get("timezone"))
@@ -787,6 +795,16 @@ def _meters(
         if {"id", "bus", "protocol"} <= m.keys() and first.get(m["id"]) == i:
             meters.append((i, MeterSection(**m)))
     return meters, flawed
+
+
+def _addresses(
+    c: Problems, buses: list[tuple[int, BusSettings]], meters: list[tuple[int, MeterSection]]
+) -> None:
+    """Two entries that reach one device (the same DL/T 645 address or Modbus unit id
+    on one line, firmware_bridge.addressing): refused on the later entry, naming the first."""
+    for clash in address_clashes([b for _, b in buses], [m for _, m in meters]):
+        first = ("meter", meters[clash.first][0])
+        c.add(("meter", meters[clash.index][0], clash.key), clash.problem(_also_at(c, first)))
 
 
 def _serial_defaults(

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from firmware_bridge.dlt645.clock import DI_DATE, DI_TIME, ClockRead, decode_clock
-from firmware_bridge.dlt645.codec import WILDCARD, Frame
+from firmware_bridge.dlt645.codec import BROADCAST, WILDCARD, Frame
 from firmware_bridge.dlt645.dataids import StatusWord3, Value, decode_values, item
 from firmware_bridge.dlt645.errors import Dlt645Error
 from firmware_bridge.dlt645.messages import (
@@ -173,6 +173,8 @@ class Dlt645Driver:
             raise ValueError(f"meter {meter_id}: DL/T 645 cannot read {unknown}")
         if len(address) != 12 or not address.isdigit():
             raise ValueError(f"meter {meter_id}: address must be 12 digits, got {address!r}")
+        if address == BROADCAST:
+            raise ValueError(f"meter {meter_id}: {address} is the broadcast address, not a meter's (no meter answers it)")
         if password is not None and len(password) != 4:
             raise ValueError(f"meter {meter_id}: password must be 4 bytes (level + 3)")
         if len(operator) != 4:

@@ -131,6 +131,61 @@ async def test_config_changes_from_central_in_the_running_daemon(tmp_path: Path)
     assert "command.applied" in actions
 
 
+async def test_a_roster_with_two_meters_at_one_unit_id_is_refused_and_the_old_file_stays(
+    tmp_path: Path,
+) -> None:
+    """Central sends a roster whose new meter sits at the unit id of one already on the
+    bus: the running daemon refuses it with the loader's words (naming the bus, the unit
+    id and both entries), records the refusal, and keeps polling on the file in force."""
+    from tests.gateway.test_prepaid_daemon import outbox_bodies
+
+    central = Central()
+    async with ModbusSimulator(units=[1, 2]) as sim:
+        path = site(tmp_path, sim.port, central)
+        original = path.read_bytes()
+        daemon = Daemon(load_config(path))
+        stop = asyncio.Event()
+        run = asyncio.create_task(daemon.run(stop))
+        try:
+            await asyncio.wait_for(daemon.ready.wait(), 10)
+            assert daemon.commands is not None
+            now = daemon.clock_ms()
+            dup = await daemon.commands.handle(
+                central.cmd(
+                    CommandType.METER_ROSTER,
+                    {"meters": [
+                        {"id": "m001", "bus": "lan", "protocol": "modbus", "unit_id": 1, "profile": "sdm120"},
+                        {"id": "m002", "bus": "lan", "protocol": "modbus", "unit_id": 1, "profile": "sdm120"},
+                    ]},
+                    issued_at=now, expires_at=now + 60_000,
+                ),
+                channel="mqtt",
+            )
+            assert dup.outcome is Outcome.REJECTED, dup
+            assert dup.code == "invalid_config", dup
+            assert "meter[m002].unit_id: unit id 1 on bus lan is already meter m001's" in dup.message, dup.message
+            assert path.read_bytes() == original and not stop.is_set()
+            polled = sim.meter(1).reads
+            for _ in range(100):  # still polling on the file in force (0.2 s cycles)
+                if sim.meter(1).reads > polled:
+                    break
+                await asyncio.sleep(0.05)
+            assert sim.meter(1).reads > polled and sim.meter(2).reads == 0
+        finally:
+            stop.set()
+            await asyncio.wait_for(run, 20)
+    assert daemon.restart_reason is None
+    assert load_config(path).meters == daemon.config.meters
+    assert not list(tmp_path.glob(".gateway.toml.*.staged"))  # noqa: ASYNC240
+    with sqlite3.connect(tmp_path / "gw.db") as db:
+        assert db.execute("SELECT count(*) FROM cmd_config_stage").fetchone() == (0,)
+        details = [r[0] for r in db.execute("SELECT details FROM audit_log WHERE action = 'command.rejected'")]
+    assert len(details) == 1 and "unit id 1 on bus lan is already meter m001's" in details[0]
+    results = [b for b in await outbox_bodies(tmp_path / "gw.db", "event") if b.get("type") == "command_result"]
+    assert [r.get("outcome") for r in results] == ["rejected"]
+    assert "unit id 1 on bus lan is already meter m001's" in str(results[0])
+
+
 async def test_a_change_committed_before_a_crash_is_put_in_force_at_the_next_start(tmp_path: Path) -> None:
     path = tmp_path / "gateway.toml"
     path.write_text(
@@ -293,6 +348,17 @@ async def test_the_remote_path_refuses_billing_changes_and_what_the_loader_refus
                 async with outbox.transaction() as db:
                     await port.stage_in(db, change, body, command_id="c-1", now_ms=1)
             assert info.value.reason == code, (body, info.value.message)
+        # an unbilled meter at the billed meter's unit id would read (and bill) it twice
+        twin = {k: v for k, v in m001.items() if k not in ("id", "account")} | {"id": "m9"}
+        with pytest.raises(CommandRefused) as info:
+            async with outbox.transaction() as db:
+                await port.stage_in(db, ConfigChange.METER_ROSTER, {"meters": [m001, twin]}, command_id="c-2", now_ms=1)
+        assert info.value.reason == "invalid_config"
+        assert f"meter[m9].unit_id: unit id {m001['unit_id']} on bus {m001['bus']} is already meter m001's" in (
+            info.value.message
+        ), info.value.message
+        async with outbox.transaction() as db, db.execute("SELECT count(*) FROM cmd_config_stage") as cur:
+            assert tuple(await cur.fetchone() or ()) == (0,)
         assert path.read_bytes() == original
         assert not list(tmp_path.glob(".*.staged"))  # noqa: ASYNC240
     finally:

@@ -1,0 +1,119 @@
+"""Which device each meter entry reaches, and entries that reach the same one.
+
+A meter entry is a bus and an address on it: a DL/T 645 address or a Modbus
+unit id. Two entries that reach the same device read it twice under two meter
+ids: its energy is billed to both accounts, and the meter that was meant to be
+there is never read. :func:`address_clashes` finds them, without opening
+anything; the configuration loader reports them (``edgegw config check``, the
+daemon's start, changes from central, provisioning) and :func:`firmware_bridge.bus.open_bus`
+refuses to build a bus with them.
+
+The rules:
+
+* **The line, not the bus name.** Meters share an address space when their
+  buses reach the same line: a serial bus is its device, a tcp bus its
+  ``host:port`` (a Modbus TCP meter or gateway, or a serial server; meters
+  have no host of their own). Two buses with the same endpoint are one line.
+* **DL/T 645**: one address per line. A meter's address is its own: the
+  loader and the driver (:class:`~firmware_bridge.dlt645.driver.Dlt645Driver`)
+  take 12 decimal digits and refuse the broadcast address ``999999999999``,
+  so a wildcard (``AA`` bytes), which every meter it matches would answer,
+  never names a meter and needs no rule here.
+* **Modbus**: one unit id per line, whatever the profile. A profile maps one
+  metering point (each canonical quantity at most once: one import register,
+  one power...); the product has no multi-channel devices that answer for
+  several metering points at one unit id, so a second entry at the same unit
+  id, with another profile or not, reads the same device again.
+* Meters on different lines may share addresses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from firmware_bridge.settings import BusSettings, MeterSettings
+
+
+def line_of(bus: BusSettings) -> tuple[str, ...]:
+    """The line ``bus`` reaches: buses with the same line share one address space."""
+    if bus.type == "tcp" and bus.host:
+        return ("tcp", bus.host.lower(), str(bus.port))
+    if bus.type == "serial" and bus.device:
+        return ("serial", bus.device)
+    return ("bus", bus.name)
+
+
+def _line_text(bus: BusSettings) -> str:
+    kind, *rest = line_of(bus)
+    if kind == "tcp":
+        host, port = rest
+        return f"{'[' + host + ']' if ':' in host else host}:{port}"
+    return rest[0]
+
+
+@dataclass(frozen=True)
+class AddressClash:
+    """A meter entry that reaches the same device as an earlier one.
+
+    ``index`` and ``first`` are positions in the meter list given to
+    :func:`address_clashes`; ``key`` is the key that clashes (``unit_id`` or
+    ``address``). :meth:`problem` says what is wrong, naming the bus, the
+    address and the first entry.
+    """
+
+    index: int
+    first: int
+    key: str
+    meter: MeterSettings
+    first_meter: MeterSettings
+    bus: BusSettings
+    first_bus: BusSettings
+
+    def problem(self, first_at: str = "") -> str:
+        """The problem, for the later entry; ``first_at`` is put after the first
+        entry's id (e.g. ``" (first at line 12)"``)."""
+        m, f = self.meter, self.first_meter
+        on = f"bus {m.bus}"
+        if f.bus != m.bus:
+            on += f" ({_line_text(self.bus)}, the same line as bus {f.bus})"
+        twice = (
+            "both entries would read that one device, billing its energy twice,"
+            " and the meter meant to be here would never be read"
+        )
+        if self.key == "unit_id":
+            what = f"unit id {m.unit_id} on {on} is already meter {f.id}'s{first_at}"
+            if f.profile == m.profile:
+                return f"{what}: {twice}"
+            return (
+                f"{what}, with profile {f.profile}: one unit id is one device whatever the profile"
+                f" (a profile maps one metering point; there are no multi-channel devices), so {twice}"
+            )
+        return f"address {m.address} on {on} is already meter {f.id}'s{first_at}: {twice}"
+
+
+def address_clashes(buses: Sequence[BusSettings], meters: Sequence[MeterSettings]) -> list[AddressClash]:
+    """Every meter that reaches the same device as an earlier one, in order (pure).
+
+    Meters whose bus is not in ``buses``, and meters without an address or
+    unit id, are left out (other checks report them). Each clash names the
+    earliest entry it clashes with.
+    """
+    bus_of = {b.name: b for b in buses}
+    first: dict[tuple[tuple[str, ...], str, object], int] = {}  # (line, key, value) -> first position
+    out: list[AddressClash] = []
+    for i, m in enumerate(meters):
+        bus = bus_of.get(m.bus)
+        value: int | str | None
+        if m.protocol == "modbus":
+            key, value = "unit_id", m.unit_id
+        elif m.protocol == "dlt645":
+            key, value = "address", m.address
+        else:
+            continue
+        if bus is None or value is None:
+            continue
+        j = first.setdefault((line_of(bus), key, value), i)
+        if j != i:
+            out.append(AddressClash(i, j, key, m, meters[j], bus, bus_of[meters[j].bus]))
+    return out
