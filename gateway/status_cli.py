@@ -40,6 +40,7 @@ from store_forward.outbox import (
     meter_statuses,
     read_kv,
 )
+from store_forward.storage_policy import APPLIANCE_WRITEBACK_S, page_cache_writeback_s
 from store_forward.storage_state import StorageState
 from store_forward.storage_state import describe as describe_storage
 
@@ -76,6 +77,7 @@ def storage_status(db_path: Path, kv: dict[str, Any]) -> dict[str, Any]:
         "batch_epoch": kv.get(K_BATCH_EPOCH),
         "reserve_in_place": reserve.exists(),
         "free_bytes": free,
+        "writeback_s": page_cache_writeback_s(),
     }
 
 
@@ -289,6 +291,12 @@ def _print(cfg: Config, st: dict[str, Any], daemon: dict[str, Any], now: int) ->
         f"disk:    {free}, reserve {reserve}; database generation {sto['generation']},"
         f" batch epoch {sto['batch_epoch'] or '-'}"
     )
+    writeback = sto.get("writeback_s")
+    if writeback is not None and writeback < APPLIANCE_WRITEBACK_S:
+        print(
+            f"         the page cache is written back after {writeback:g} s (the appliance's setting is"
+            f" {APPLIANCE_WRITEBACK_S} s, systemd/60-edgegw-writeback.conf): more writes to the SD card"
+        )
     link = st["link"]
     running = daemon["state"] in RUNNING
     why = f" ({link['detail']})" if link.get("detail") else ""

@@ -8,6 +8,7 @@ file kept beside the database (``ballast_bytes``) is the database owner's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -70,3 +71,22 @@ def plan_eviction(live_bytes: int, free_bytes: int, policy: StoragePolicy) -> Ev
     hard_ceiling = policy.max_bytes + max(policy.reserve_bytes, policy.max_bytes // 4)
     hard = max(0, policy.reserve_bytes - free_bytes, live_bytes - hard_ceiling)
     return EvictionPlan(shed, hard)
+
+
+# How long the kernel keeps a dirtied page-cache page before writing it back
+# (``vm.dirty_expire_centisecs``). The appliance sets ten minutes
+# (systemd/60-edgegw-writeback.conf, installed by systemd/install.sh): SQLite's
+# shared-memory index of the write-ahead log is dirtied by every commit and never
+# needs to reach the card, and at the kernel's default of 30 s a small site sends
+# it there after every commit.
+DIRTY_EXPIRE = Path("/proc/sys/vm/dirty_expire_centisecs")
+APPLIANCE_WRITEBACK_S = 600
+
+
+def page_cache_writeback_s(path: Path | None = None) -> float | None:
+    """Seconds after which the kernel writes a dirtied page back (None: unknown);
+    ``path``: the sysctl's file (default :data:`DIRTY_EXPIRE`)."""
+    try:
+        return int((DIRTY_EXPIRE if path is None else path).read_text().strip()) / 100
+    except (OSError, ValueError):
+        return None

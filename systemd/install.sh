@@ -119,6 +119,7 @@ install_file "$S/99-edgegw-usb.rules" /etc/udev/rules.d/99-edgegw-usb.rules 0644
 install_file "$S/edgegw-update.path" /etc/systemd/system/edgegw-update.path 0644
 install_file "$S/edgegw-update.service" /etc/systemd/system/edgegw-update.service 0644
 install_file "$S/edgegw-update-recover.service" /etc/systemd/system/edgegw-update-recover.service 0644
+install_file "$S/60-edgegw-writeback.conf" /etc/sysctl.d/60-edgegw-writeback.conf 0644
 
 # Service user (systemd-sysusers is idempotent; run it only when something is missing).
 user_ok() {
@@ -230,6 +231,8 @@ fi
 if [ "$DRY" = 0 ] && [ -z "$ROOT" ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
     command -v udevadm >/dev/null && udevadm control --reload-rules || true
+    # The page cache's writeback setting (60-edgegw-writeback.conf) takes effect now.
+    command -v sysctl >/dev/null && sysctl -q --load /etc/sysctl.d/60-edgegw-writeback.conf || true
     # Starts only once a configuration exists (ConditionPathExists in the unit).
     systemctl try-restart edgegw.service || true
 fi

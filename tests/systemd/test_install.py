@@ -93,6 +93,7 @@ def test_install_twice_is_idempotent(target: Path, pubkey: Path) -> None:
         ("etc/systemd/system/edgegw.service", "edgegw.service"),
         ("etc/systemd/system/edgegw-usb@.service", "edgegw-usb@.service"),
         ("etc/udev/rules.d/99-edgegw-usb.rules", "99-edgegw-usb.rules"),
+        ("etc/sysctl.d/60-edgegw-writeback.conf", "60-edgegw-writeback.conf"),
     ]:
         assert (target / rel).read_bytes() == (REPO / "systemd" / src).read_bytes()
         assert (target / rel).stat().st_mode & 0o777 == 0o644
