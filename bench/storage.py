@@ -49,6 +49,12 @@ writes to, e.g. a loop device made for it (as root)::
     truncate -s 512M /var/tmp/gwdev.img && mkfs.ext4 -q -F /var/tmp/gwdev.img
     mkdir -p /mnt/gwdev && mount "$(losetup -f --show /var/tmp/gwdev.img)" /mnt/gwdev
 
+The page cache's writeback setting counts at small sites: SQLite's shared-memory
+index is dirtied by every commit, and the kernel writes it back after
+``vm.dirty_expire_centisecs``. The appliance sets ten minutes
+(systemd/60-edgegw-writeback.conf); run as the appliance does with
+``sysctl -w vm.dirty_expire_centisecs=60000`` (the JSON reports the setting).
+
 ``--tree`` runs the daemon of another checkout (for before/after comparisons);
 the benchmark itself, the simulators and the headend come from this tree.
 Prints one JSON document on stdout; progress on stderr.
@@ -88,6 +94,7 @@ from firmware_bridge.modbus.decode import plan_reads  # noqa: E402
 from firmware_bridge.modbus.profiles import BUILTIN_PROFILES  # noqa: E402
 from headend.registry import generate_headend_key  # noqa: E402
 from provisioning.keys import Keystore  # noqa: E402
+from store_forward.storage_policy import page_cache_writeback_s  # noqa: E402
 from testbed.broker import Mosquitto  # noqa: E402
 
 GATEWAY = "gw-bench-storage"
@@ -605,6 +612,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "sqlite": sqlite3.sqlite_version,
+            # vm.dirty_expire_centisecs: what the page cache keeps before writing it back
+            # (the appliance: 600 s, systemd/60-edgegw-writeback.conf; the kernel: 30 s)
+            "page_cache_writeback_s": page_cache_writeback_s(),
         },
         "load_average": {
             "start": [round(x, 2) for x in load0],
