@@ -743,6 +743,7 @@ class Database:
                 await self._db.execute("BEGIN IMMEDIATE")
                 self._tx_changes = self._db.total_changes
                 yield self._db
+                await self._before_commit(self._db)
                 await asyncio.shield(self._db.commit())
             except BaseException as exc:
                 self._storage_pending = None
@@ -888,6 +889,10 @@ class Database:
         """Call ``hook`` whenever a transaction rolls back (components that cache
         what they wrote in a transaction drop that cache)."""
         self._rollback_hooks.append(hook)
+
+    async def _before_commit(self, db: aiosqlite.Connection) -> None:
+        """Write what the open transaction still holds back (a subclass's), just
+        before it commits."""
 
     def tx_writes(self) -> bool:
         """Has the open transaction changed any row (will its commit write at all)?"""

@@ -19,6 +19,10 @@ queue on it:
   the batch row (and its sealed payload), so a batch sequence number always
   names the same records and bytes, across retransmissions and restarts.
   Records are deleted only when the headend's ack for their batch arrives.
+  Records a transaction numbers at once (:meth:`Outbox.fold_in`, while the
+  uplink sends what is committed) are inserted with their batch number, so
+  the index of unbatched records is never written for them (flash wear);
+  the rest are inserted unbatched, the rows and ids being the same either way.
 * A batch is named (gateway, epoch, seq): the database takes a random batch
   epoch with its first batch (:meth:`Outbox.batch_epoch`), and a recreated or
   recovered database takes a new one (:meth:`Outbox.start_batch_epoch`), so a
@@ -304,6 +308,11 @@ class Outbox(Database):
         # Set by the uplink while it would send what is committed at once: the
         # writer's transaction then also numbers the next batches (fold_in).
         self.batch_plan: Callable[[], BatchPlan | None] | None = None
+        # While there is a batch plan, the records a transaction adds in one statement
+        # are inserted by fold_in, those it numbers with their batch number: they never
+        # enter the index of unbatched records (False: inserted at once, numbered by an
+        # UPDATE; the stored result is the same).
+        self.insert_numbered = True
         # Kept in memory, where a loss only causes a resend (which central
         # de-duplicates) or an older meter status row:
         self._sent: dict[int, int] = {}  # batch seq -> sends since this process opened it
@@ -322,6 +331,9 @@ class Outbox(Database):
         self._tx_status: dict[str, MeterStatus] = {}
         self._tx_added = False  # the open transaction added records fold_in did not batch
         self._tx_records: dict[int, Record] = {}  # records added in the open transaction
+        # Rows of the open transaction whose INSERT waits (insert_numbered): ids above
+        # every row in the table, in order; (id, cls, kind, created_ms, key_ver, body).
+        self._tx_deferred: list[tuple[int, int, str, int, int, bytes]] = []
         self.on_commit(self._taken_over)
         self.on_rollback(self._dropped)
 
@@ -344,6 +356,7 @@ class Outbox(Database):
         self._tx_status = {}
         self._tx_added = False
         self._tx_records = {}
+        self._tx_deferred = []
 
     def _forget_batches(self) -> None:
         """The batches table may hold what this process did not make (a new or
@@ -527,6 +540,7 @@ class Outbox(Database):
     async def _add(
         self, db: aiosqlite.Connection, cls: RecordClass, kind: str, created_ms: int, body: dict[str, Any]
     ) -> int:
+        await self._insert_deferred(db)  # (AUTOINCREMENT: the rows held back take their ids first)
         cur = await db.execute(
             "INSERT INTO outbox (cls, kind, created_ms, key_ver, body) VALUES (?, ?, ?, ?, x'')",
             (int(cls), kind, created_ms, self._key_version),
@@ -552,6 +566,40 @@ class Outbox(Database):
             await run_statements(db, [insert])
         return first
 
+    INSERT_SQL = "INSERT INTO outbox (id, cls, kind, created_ms, key_ver, body) VALUES (?, ?, ?, ?, ?, ?)"
+
+    def _defer_inserts(self) -> bool:
+        """Hold this transaction's new rows back for :meth:`fold_in` (there is a batch
+        plan now, or rows are held back already)?"""
+        if self._tx_deferred:
+            return True
+        return (
+            self.insert_numbered
+            and self.packer is not None
+            and self.batch_plan is not None
+            and self.batch_plan() is not None
+        )
+
+    def _take_deferred(self) -> list[Statement]:
+        """The INSERT of the rows held back, unbatched (as if issued when they were
+        added); they are no longer held."""
+        if not self._tx_deferred:
+            return []
+        rows, self._tx_deferred = self._tx_deferred, []
+        return [Statement(self.INSERT_SQL, rows, many=True)]
+
+    async def _insert_deferred(self, db: aiosqlite.Connection) -> None:
+        """Insert the rows held back (before a statement that reads or writes the
+        outbox's unbatched records, its ids or the file's size)."""
+        if self._tx_deferred:
+            await run_statements(db, self._take_deferred())
+
+    async def _before_commit(self, db: aiosqlite.Connection) -> None:
+        await self._insert_deferred(db)
+
+    def tx_writes(self) -> bool:
+        return bool(self._tx_deferred) or super().tx_writes()
+
     NEXT_ID_SQL = (
         "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
         " coalesce((SELECT max(id) FROM outbox), 0)"
@@ -569,31 +617,35 @@ class Outbox(Database):
         first: int | None = None,
     ) -> tuple[int, Statement | None]:
         """:meth:`_add_many` up to the insert, which is returned to be executed next
-        (before any other statement that adds records). ``first``: the first free id,
-        read by the caller in this transaction since the last insert or delete."""
+        (before any other statement that adds records), or None when the rows are
+        held back for :meth:`fold_in` (:attr:`insert_numbered`). ``first``: the first
+        free id, read by the caller in this transaction since the last insert or
+        delete, with no row held back."""
         if first is None:
-            first = self._first_free_id(list(await db.execute_fetchall(self.NEXT_ID_SQL)))
+            if self._tx_deferred:  # (nothing inserted or deleted records since: see _add)
+                first = self._tx_deferred[-1][0] + 1
+            else:
+                first = self._first_free_id(list(await db.execute_fetchall(self.NEXT_ID_SQL)))
         if not items:
             return first, None
         self._tx_added = True
         for i, (cls, kind, created, body) in enumerate(items):
             self._tx_records[first + i] = Record(first + i, cls, str(kind), created, body)
-        insert = Statement(
-            "INSERT INTO outbox (id, cls, kind, created_ms, key_ver, body) VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    first + i,
-                    int(cls),
-                    kind,
-                    created,
-                    self._key_version,
-                    self._seal(first + i, cls, kind, body),
-                )
-                for i, (cls, kind, created, body) in enumerate(items)
-            ],
-            many=True,
-        )
-        return first, insert
+        rows = [
+            (
+                first + i,
+                int(cls),
+                kind,
+                created,
+                self._key_version,
+                self._seal(first + i, cls, kind, body),
+            )
+            for i, (cls, kind, created, body) in enumerate(items)
+        ]
+        if self._defer_inserts():
+            self._tx_deferred.extend(rows)
+            return first, None
+        return first, Statement(self.INSERT_SQL, rows, many=True)
 
     async def add_many_in(
         self, db: aiosqlite.Connection, items: Sequence[tuple[RecordClass, str, int, dict[str, Any]]]
@@ -661,12 +713,14 @@ class Outbox(Database):
         log once, with its new rows, instead of once as a free page and again when a
         later transaction reuses it."""
         # The space check, the first free id and the acknowledged batches: one trip
-        # (an eviction reads the id again).
+        # (an eviction reads the id again), after the rows an earlier slice of this
+        # transaction holds back (they count for both, and may be evicted).
         acks = self._acks_waiting() if readings or events else {}
-        usage, next_id, *ack_rows = await run_statements(db, [
-            Statement(self.USAGE_SQL), Statement(self.NEXT_ID_SQL),
+        held = self._take_deferred()
+        usage, next_id, *ack_rows = (await run_statements(db, [
+            *held, Statement(self.USAGE_SQL), Statement(self.NEXT_ID_SQL),
             *([self._acks_query(acks)] if acks else []),
-        ])  # fmt: skip
+        ]))[len(held):]  # fmt: skip
         first: int | None = self._first_free_id(next_id)
         if await self._enforce_policy(db, now_ms, usage=self._usage_of(usage)):
             first = None
@@ -799,6 +853,7 @@ class Outbox(Database):
         return int((row[0] if row and row[0] else 200) + _ROW_OVERHEAD)
 
     async def _evict(self, db: aiosqlite.Connection, now_ms: int, plan: EvictionPlan) -> int:
+        await self._insert_deferred(db)  # (rows held back are unbatched records too)
         tele = f"cls = {int(RecordClass.TELEMETRY)} AND batch_seq IS NULL"
         freed = 0
         evicted = 0
@@ -1214,8 +1269,12 @@ class Outbox(Database):
         """The acks that arrived and are not yet applied in this transaction (seq -> epoch)."""
         return {seq: epoch for seq, (epoch, _) in self._acks.items() if seq not in self._tx_acked}
 
-    async def _apply_acks_in(self, db: aiosqlite.Connection, acks: Mapping[int, str | None]) -> int:
-        (rows,) = await run_statements(db, [self._acks_query(acks)])
+    async def _apply_acks_in(
+        self, db: aiosqlite.Connection, acks: Mapping[int, str | None], first: Sequence[Statement] = ()
+    ) -> int:
+        """Delete the acknowledged batches ``acks``; ``first``: statements to run
+        before, in the same trip."""
+        *_, rows = await run_statements(db, [*first, self._acks_query(acks)])
         writes, n = self._acks_writes(acks, rows)
         await run_statements(db, writes)
         return n
@@ -1266,7 +1325,13 @@ class Outbox(Database):
         (:attr:`batch_plan`), number the next batches: what waits of each class, when
         it fits one batch, is assigned to a new batch whose sealed payload is stored
         with it. The batch is published only after this transaction committed, so its
-        records are durable first; every later send is the same bytes."""
+        records are durable first; every later send is the same bytes.
+
+        The records this transaction added in one statement (a poll cycle's, a billing
+        tick's) are inserted here (:attr:`insert_numbered`), those it numbers with their
+        batch number already set: they are written to the index of batched records
+        only, never to that of unbatched ones. The rest are inserted unbatched, as
+        when they were added."""
         # Acks ride only on a transaction that writes anyway (not on a billing tick
         # that changed nothing); alone they wait for the next one, or acks_due.
         acks = self._acks_waiting() if self.tx_writes() else {}
@@ -1274,8 +1339,11 @@ class Outbox(Database):
             self.batch_plan() if self.batch_plan is not None and self.packer is not None else None
         )
         if plan is None or not self._tx_added:
+            inserts = self._take_deferred()  # (unbatched: no batch is numbered)
             if acks:
-                await self._apply_acks_in(db, acks)
+                await self._apply_acks_in(db, acks, inserts)
+            elif inserts:
+                await run_statements(db, inserts)
             return
         classes = [c for c in RecordClass if int(c) <= plan.max_cls]
         per_class = " UNION ALL ".join(
@@ -1293,11 +1361,21 @@ class Outbox(Database):
         ])  # fmt: skip
         # The acks' writes go first, as when they were applied before the batches.
         writes: list[Statement] = self._acks_writes(acks, ack_rows[0])[0] if acks else []
+        # What waits of each class: the rows in the table, then the rows held back
+        # (newer than any in the table), up to the same limit.
+        held = self._tx_deferred
+        self._tx_deferred = []
         rows = [(int(c), int(i)) for c, i in waiting_rows]
+        rows += [(c, i) for i, c, *_ in held if c <= plan.max_cls]
         kv = {str(k): v for k, v in kv_rows}
         waiting: dict[int, list[int]] = {}
         for c, i in rows:
-            waiting.setdefault(c, []).append(i)
+            ids_of = waiting.setdefault(c, [])
+            if len(ids_of) <= plan.max_records:
+                ids_of.append(i)
+        numbered: dict[int, int] = {}  # id of a row held back -> its batch
+        held_ids = {r[0] for r in held}
+        batch_writes: list[Statement] = []
         all_batched = len(classes) == len(RecordClass)
         seq = epoch = None
         # the applied acks, then the batches and their records: written together
@@ -1324,14 +1402,26 @@ class Outbox(Database):
                     continue
             chosen = records[:count]
             cids = [r.id for r in chosen]
-            marks = ",".join("?" * len(cids))
-            writes.append(Statement(
+            batch_writes.append(Statement(
                 "INSERT INTO batches (seq, cls, created_ms, n_records, payload, epoch) VALUES (?, ?, ?, ?, ?, ?)",
                 (seq, cls, now_ms, len(cids), payload, epoch),
             ))  # fmt: skip
-            writes.append(Statement(f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *cids)))
+            numbered.update((i, seq) for i in cids if i in held_ids)
+            inserted = [i for i in cids if i not in held_ids]  # (added one by one: _add)
+            if inserted:
+                marks = ",".join("?" * len(inserted))
+                batch_writes.append(
+                    Statement(f"UPDATE outbox SET batch_seq = ? WHERE id IN ({marks})", (seq, *inserted))
+                )
             self._tx_ready[seq] = (cls, Batch(seq, tuple(chosen), 0, payload, epoch))
             seq += 1
+        if held:
+            writes.append(Statement(
+                "INSERT INTO outbox (id, cls, kind, created_ms, key_ver, body, batch_seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(*r, numbered.get(r[0])) for r in held],
+                many=True,
+            ))  # fmt: skip
+        writes += batch_writes
         if seq is not None:
             writes.append(Statement(
                 "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
