@@ -24,6 +24,11 @@ The rules:
   one power...); the product has no multi-channel devices that answer for
   several metering points at one unit id, so a second entry at the same unit
   id, with another profile or not, reads the same device again.
+* **Relays**: one Modbus relay (a coil, or a holding register: two address
+  spaces) at one unit id and address per line. Two meters whose
+  ``[meter.relay]`` tables name the same one would cut each other's supply:
+  the trip of one account would leave the other in the dark. A DL/T 645
+  relay is the meter's own (its address), so the address rule covers it.
 * Meters on different lines may share addresses.
 """
 
@@ -81,6 +86,13 @@ class AddressClash:
             "both entries would read that one device, billing its energy twice,"
             " and the meter meant to be here would never be read"
         )
+        if self.key == "relay":
+            r, fr = m.relay, f.relay
+            assert r is not None and fr is not None
+            return (
+                f"relay {r.kind} {r.address} at unit id {relay_unit(m)} on {on} is already meter {f.id}'s"
+                f" relay{first_at}: tripping either account would cut the other's supply too"
+            )
         if self.key == "unit_id":
             what = f"unit id {m.unit_id} on {on} is already meter {f.id}'s{first_at}"
             if f.profile == m.profile:
@@ -116,4 +128,28 @@ def address_clashes(buses: Sequence[BusSettings], meters: Sequence[MeterSettings
         j = first.setdefault((line_of(bus), key, value), i)
         if j != i:
             out.append(AddressClash(i, j, key, m, meters[j], bus, bus_of[meters[j].bus]))
+    return out
+
+
+def relay_unit(m: MeterSettings) -> int | None:
+    """The unit id a meter's Modbus relay answers at (its own unless the relay names one)."""
+    if m.relay is None:
+        return None
+    return m.relay.unit_id if m.relay.unit_id is not None else m.unit_id
+
+
+def relay_clashes(buses: Sequence[BusSettings], meters: Sequence[MeterSettings]) -> list[AddressClash]:
+    """Every meter whose Modbus relay (coil or holding register) is an earlier meter's
+    relay on the same line, in order (pure; key ``relay``). Meters without a Modbus
+    relay, or whose relay has no unit id or bus, are left out (other checks report them)."""
+    bus_of = {b.name: b for b in buses}
+    first: dict[tuple[tuple[str, ...], str, int, int], int] = {}  # (line, kind, unit, address) -> position
+    out: list[AddressClash] = []
+    for i, m in enumerate(meters):
+        bus, unit = bus_of.get(m.bus), relay_unit(m)
+        if bus is None or m.relay is None or m.relay.kind not in ("coil", "register") or unit is None:
+            continue
+        j = first.setdefault((line_of(bus), m.relay.kind, unit, m.relay.address), i)
+        if j != i:
+            out.append(AddressClash(i, j, "relay", m, meters[j], bus, bus_of[meters[j].bus]))
     return out

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from firmware_bridge.addressing import address_clashes
+from firmware_bridge.addressing import address_clashes, relay_clashes
 from firmware_bridge.dlt645.driver import Dlt645Driver
 from firmware_bridge.dlt645.transport import Dlt645Transport, open_transport
 from firmware_bridge.driver import BusUnavailable, MeterDriver
@@ -60,8 +60,9 @@ def config_problems(
     For ``edgegw config check``: user profiles (one problem per broken profile),
     unknown profile names, mixed protocols on one bus, relay tables that do not
     fit their meter. Each line is ``key.path: problem``. Two meters at one
-    address are :func:`firmware_bridge.addressing.address_clashes` (the loader
-    reports them with the line of the first entry).
+    address or with one relay are :func:`firmware_bridge.addressing.address_clashes`
+    and :func:`~firmware_bridge.addressing.relay_clashes` (the loader reports them
+    with the line of the first entry).
     """
     problems: list[str] = []
     known: dict[str, Profile] = dict(parse_profiles(None))
@@ -266,16 +267,17 @@ async def open_bus(
     ``lock_owner`` a serial bus's line lock is taken (unless ``force``).
 
     Raises :class:`BusConfigError` / :class:`ProfileError` (both ``ValueError``) for
-    settings problems before anything is opened (two meters at one address
-    included, :mod:`firmware_bridge.addressing`), and
+    settings problems before anything is opened (two meters at one address or
+    with one relay included, :mod:`firmware_bridge.addressing`), and
     :class:`~firmware_bridge.driver.BusUnavailable` when a serial device is
     missing, not accessible or in use.
     """
     on_bus = [m for m in meters if m.bus == bus.name]
     protocol = bus_protocol(bus, on_bus)
-    clashes = address_clashes([bus], on_bus)  # the loader refuses these too
+    clashes = [*address_clashes([bus], on_bus), *relay_clashes([bus], on_bus)]  # the loader refuses these too
     if clashes:
-        raise BusConfigError(f"meter {clashes[0].meter.id}.{clashes[0].key}", clashes[0].problem())
+        key = "relay.address" if clashes[0].key == "relay" else clashes[0].key
+        raise BusConfigError(f"meter {clashes[0].meter.id}.{key}", clashes[0].problem())
     gap = silent_interval_s(protocol, bus.type, bus.baud, bus.parity, bus.stop_bits)
     if protocol == "modbus":
         resolved = resolve_profiles(profiles)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from firmware_bridge.addressing import address_clashes
+from firmware_bridge.addressing import address_clashes, relay_clashes
 from firmware_bridge.bus import config_problems
 from firmware_bridge.dlt645.codec import BROADCAST
 from firmware_bridge.errors import ProblemsError
@@ -801,10 +801,13 @@ def _addresses(
     c: Problems, buses: list[tuple[int, BusSettings]], meters: list[tuple[int, MeterSection]]
 ) -> None:
     """Two entries that reach one device (the same DL/T 645 address or Modbus unit id
-    on one line, firmware_bridge.addressing): refused on the later entry, naming the first."""
-    for clash in address_clashes([b for _, b in buses], [m for _, m in meters]):
+    on one line) or one relay (the same coil or holding register at one unit id),
+    firmware_bridge.addressing: refused on the later entry, naming the first."""
+    settings = [b for _, b in buses], [m for _, m in meters]
+    for clash in [*address_clashes(*settings), *relay_clashes(*settings)]:
         first = ("meter", meters[clash.first][0])
-        c.add(("meter", meters[clash.index][0], clash.key), clash.problem(_also_at(c, first)))
+        key = ("relay", "address") if clash.key == "relay" else (clash.key,)
+        c.add(("meter", meters[clash.index][0], *key), clash.problem(_also_at(c, first)))
 
 
 def _serial_defaults(

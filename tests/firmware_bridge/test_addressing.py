@@ -7,7 +7,7 @@ import pytest
 from firmware_bridge.addressing import address_clashes, line_of
 from firmware_bridge.bus import BusConfigError, open_bus
 from firmware_bridge.reading import Quantity
-from firmware_bridge.settings import BusSettings, MeterSettings
+from firmware_bridge.settings import BusSettings, MeterSettings, RelaySettings
 from testbed.simulators.dlt645 import Simulator, make_meters
 
 SERIAL_1 = BusSettings(name="rs485-1", type="serial", device="/dev/ttyNOPE0")
@@ -68,6 +68,20 @@ async def test_open_bus_refuses_two_meters_at_one_address_before_touching_the_li
             pass
     assert info.value.path == "meter d-2.address"
     assert "address 000000000001 on bus rs485-1 is already meter d-1's" in info.value.problem
+
+
+async def test_open_bus_refuses_two_meters_with_one_relay_before_touching_the_line() -> None:
+    serial = BusSettings(name="rs485-1", type="serial", device="/dev/ttyNOPE0")
+    coil = RelaySettings(kind="coil", address=0, unit_id=10)
+    meters = [
+        MeterSettings(id="m-1", bus="rs485-1", protocol="modbus", unit_id=1, profile="sdm120", relay=coil),
+        MeterSettings(id="m-2", bus="rs485-1", protocol="modbus", unit_id=2, profile="sdm120", relay=coil),
+    ]
+    with pytest.raises(BusConfigError) as info:
+        async with open_bus(serial, meters):
+            pass
+    assert info.value.path == "meter m-2.relay.address"
+    assert "already meter m-1's relay" in str(info.value)
 
 
 async def test_a_wildcard_or_the_broadcast_address_is_never_a_meters_address() -> None:

@@ -174,3 +174,45 @@ def test_provisioning_refuses_a_release_with_it(tmp_path: Path) -> None:
     check = check_release(files, Target("gateway", "gw-1"), None, now=dt.datetime.now(dt.UTC))
     assert any("meter[d-2].address: address 000000000042 on bus rs485-1 is already meter d-1's" in p
                for p in check.problems), check.problems
+
+
+def relay(kind: str, address: int, unit: int | None = None) -> str:
+    at = "" if unit is None else f"unit_id = {unit}\n"
+    return f'\n[meter.relay]\nkind = "{kind}"\naddress = {address}\n{at}'
+
+
+def test_two_meters_with_one_relay_are_refused_on_the_second(tmp_path: Path) -> None:
+    """A separate relay module at unit 10: two meters naming its coil 0 would cut each
+    other's supply."""
+    path = write(
+        tmp_path,
+        HEAD + modbus("m-1", "lan", 1) + relay("coil", 0, 10) + modbus("m-2", "lan", 2) + relay("coil", 0, 10),
+    )
+    (problem,) = refused(path)
+    first = line_of(path, 'id = "m-1"') - 1
+    assert "meter[m-2].relay.address: relay coil 0 at unit id 10 on bus lan is already meter m-1's relay" in problem
+    assert f"(first at line {first}): tripping either account would cut the other's supply too" in problem
+
+
+def test_a_relay_at_another_meters_unit_is_that_meters_relay(tmp_path: Path) -> None:
+    """m-2's relay names unit 1 explicitly; m-1's is at its own unit 1: the same coil."""
+    path = write(
+        tmp_path, HEAD + modbus("m-1", "lan", 1) + relay("coil", 5) + modbus("m-2", "lan", 2) + relay("coil", 5, 1)
+    )
+    (problem,) = refused(path)
+    assert "meter[m-2].relay.address: relay coil 5 at unit id 1 on bus lan is already meter m-1's relay" in problem
+
+
+def test_distinct_relays_are_accepted(tmp_path: Path) -> None:
+    text = (
+        HEAD
+        # each meter's own coil 0
+        + modbus("m-1", "lan", 1) + relay("coil", 0) + modbus("m-2", "lan", 2) + relay("coil", 0)
+        # one relay module, two coils; and a holding register at the same number (another address space)
+        + modbus("m-3", "lan", 3) + relay("coil", 0, 10) + modbus("m-4", "lan", 4) + relay("coil", 1, 10)
+        + modbus("m-5", "lan", 5) + relay("register", 0, 10)
+        # the same relay address on another line
+        + modbus("m-6", "lan-2", 6) + relay("coil", 0, 10)
+    )
+    cfg = load_config(write(tmp_path, text))
+    assert [m.id for m in cfg.meters if m.relay is not None] == ["m-1", "m-2", "m-3", "m-4", "m-5", "m-6"]
