@@ -11,11 +11,13 @@ start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -78,7 +80,20 @@ def site(tmp: Path, modbus_port: int, central: Central) -> Path:
     )
 
 
-async def test_config_changes_from_central_in_the_running_daemon(tmp_path: Path) -> None:
+class RunningSite(NamedTuple):
+    central: Central
+    sim: ModbusSimulator
+    path: Path
+    original: bytes  # the configuration file's bytes at the start
+    daemon: Daemon
+    stop: asyncio.Event
+    run: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def running_site(tmp_path: Path) -> AsyncIterator[RunningSite]:
+    """The daemon on :func:`site`'s file with signed commands, against simulated units 1
+    and 2, ready; stopped at the end (it may have stopped by itself for a restart)."""
     central = Central()
     async with ModbusSimulator(units=[1, 2]) as sim:
         path = site(tmp_path, sim.port, central)
@@ -89,36 +104,41 @@ async def test_config_changes_from_central_in_the_running_daemon(tmp_path: Path)
         try:
             await asyncio.wait_for(daemon.ready.wait(), 10)
             assert daemon.commands is not None
-
-            async def send(type: CommandType, body: dict[str, object]) -> object:
-                assert daemon.commands is not None
-                return await daemon.commands.handle(
-                    central.cmd(type, body, issued_at=daemon.clock_ms(), expires_at=daemon.clock_ms() + 60_000),
-                    channel="mqtt",
-                )
-
-            bad = await send(CommandType.CONFIG_PATCH, {"set": {"gateway.poll_interval_s": -5}})
-            assert bad.outcome is Outcome.REJECTED  # type: ignore[attr-defined]
-            assert "gateway.poll_interval_s" in bad.message  # type: ignore[attr-defined]
-            forbidden = await send(CommandType.CONFIG_PATCH, {"set": {"storage.path": "/tmp/elsewhere.db"}})
-            assert forbidden.outcome is Outcome.REJECTED  # type: ignore[attr-defined]
-            assert "not changeable remotely" in forbidden.message  # type: ignore[attr-defined]
-            roster_bad = await send(CommandType.METER_ROSTER, {"meters": [{"id": "m002", "bus": "nowhere"}]})
-            assert roster_bad.outcome is Outcome.REJECTED  # type: ignore[attr-defined]
-            assert path.read_bytes() == original and not stop.is_set()
-
-            roster = await send(
-                CommandType.METER_ROSTER,
-                {"meters": [
-                    {"id": "m001", "bus": "lan", "protocol": "modbus", "unit_id": 1, "profile": "sdm120"},
-                    {"id": "m002", "bus": "lan", "protocol": "modbus", "unit_id": 2, "profile": "sdm120"},
-                ]},
-            )
-            assert roster.outcome is Outcome.APPLIED, roster  # type: ignore[attr-defined]
-            await asyncio.wait_for(run, 20)  # stopped by itself, for the restart
+            yield RunningSite(central, sim, path, original, daemon, stop, run)
         finally:
             stop.set()
             await asyncio.wait_for(run, 20)
+
+
+async def test_config_changes_from_central_in_the_running_daemon(tmp_path: Path) -> None:
+    async with running_site(tmp_path) as (central, _sim, path, original, daemon, stop, run):
+
+        async def send(type: CommandType, body: dict[str, object]) -> object:
+            assert daemon.commands is not None
+            return await daemon.commands.handle(
+                central.cmd(type, body, issued_at=daemon.clock_ms(), expires_at=daemon.clock_ms() + 60_000),
+                channel="mqtt",
+            )
+
+        bad = await send(CommandType.CONFIG_PATCH, {"set": {"gateway.poll_interval_s": -5}})
+        assert bad.outcome is Outcome.REJECTED  # type: ignore[attr-defined]
+        assert "gateway.poll_interval_s" in bad.message  # type: ignore[attr-defined]
+        forbidden = await send(CommandType.CONFIG_PATCH, {"set": {"storage.path": "/tmp/elsewhere.db"}})
+        assert forbidden.outcome is Outcome.REJECTED  # type: ignore[attr-defined]
+        assert "not changeable remotely" in forbidden.message  # type: ignore[attr-defined]
+        roster_bad = await send(CommandType.METER_ROSTER, {"meters": [{"id": "m002", "bus": "nowhere"}]})
+        assert roster_bad.outcome is Outcome.REJECTED  # type: ignore[attr-defined]
+        assert path.read_bytes() == original and not stop.is_set()
+
+        roster = await send(
+            CommandType.METER_ROSTER,
+            {"meters": [
+                {"id": "m001", "bus": "lan", "protocol": "modbus", "unit_id": 1, "profile": "sdm120"},
+                {"id": "m002", "bus": "lan", "protocol": "modbus", "unit_id": 2, "profile": "sdm120"},
+            ]},
+        )
+        assert roster.outcome is Outcome.APPLIED, roster  # type: ignore[attr-defined]
+        await asyncio.wait_for(run, 20)  # stopped by itself, for the restart
     assert daemon.restart_reason is not None and "configuration change" in daemon.restart_reason
     cfg = load_config(path)
     assert [m.id for m in cfg.meters] == ["m001", "m002"]
@@ -139,41 +159,30 @@ async def test_a_roster_with_two_meters_at_one_unit_id_is_refused_and_the_old_fi
     id and both entries), records the refusal, and keeps polling on the file in force."""
     from tests.gateway.test_prepaid_daemon import outbox_bodies
 
-    central = Central()
-    async with ModbusSimulator(units=[1, 2]) as sim:
-        path = site(tmp_path, sim.port, central)
-        original = path.read_bytes()
-        daemon = Daemon(load_config(path))
-        stop = asyncio.Event()
-        run = asyncio.create_task(daemon.run(stop))
-        try:
-            await asyncio.wait_for(daemon.ready.wait(), 10)
-            assert daemon.commands is not None
-            now = daemon.clock_ms()
-            dup = await daemon.commands.handle(
-                central.cmd(
-                    CommandType.METER_ROSTER,
-                    {"meters": [
-                        {"id": "m001", "bus": "lan", "protocol": "modbus", "unit_id": 1, "profile": "sdm120"},
-                        {"id": "m002", "bus": "lan", "protocol": "modbus", "unit_id": 1, "profile": "sdm120"},
-                    ]},
-                    issued_at=now, expires_at=now + 60_000,
-                ),
-                channel="mqtt",
-            )
-            assert dup.outcome is Outcome.REJECTED, dup
-            assert dup.code == "invalid_config", dup
-            assert "meter[m002].unit_id: unit id 1 on bus lan is already meter m001's" in dup.message, dup.message
-            assert path.read_bytes() == original and not stop.is_set()
-            polled = sim.meter(1).reads
-            for _ in range(100):  # still polling on the file in force (0.2 s cycles)
-                if sim.meter(1).reads > polled:
-                    break
-                await asyncio.sleep(0.05)
-            assert sim.meter(1).reads > polled and sim.meter(2).reads == 0
-        finally:
-            stop.set()
-            await asyncio.wait_for(run, 20)
+    async with running_site(tmp_path) as (central, sim, path, original, daemon, stop, _run):
+        assert daemon.commands is not None
+        now = daemon.clock_ms()
+        dup = await daemon.commands.handle(
+            central.cmd(
+                CommandType.METER_ROSTER,
+                {"meters": [
+                    {"id": "m001", "bus": "lan", "protocol": "modbus", "unit_id": 1, "profile": "sdm120"},
+                    {"id": "m002", "bus": "lan", "protocol": "modbus", "unit_id": 1, "profile": "sdm120"},
+                ]},
+                issued_at=now, expires_at=now + 60_000,
+            ),
+            channel="mqtt",
+        )
+        assert dup.outcome is Outcome.REJECTED, dup
+        assert dup.code == "invalid_config", dup
+        assert "meter[m002].unit_id: unit id 1 on bus lan is already meter m001's" in dup.message, dup.message
+        assert path.read_bytes() == original and not stop.is_set()
+        polled = sim.meter(1).reads
+        for _ in range(100):  # still polling on the file in force (0.2 s cycles)
+            if sim.meter(1).reads > polled:
+                break
+            await asyncio.sleep(0.05)
+        assert sim.meter(1).reads > polled and sim.meter(2).reads == 0
     assert daemon.restart_reason is None
     assert load_config(path).meters == daemon.config.meters
     assert not list(tmp_path.glob(".gateway.toml.*.staged"))  # noqa: ASYNC240

@@ -139,6 +139,27 @@ async def more_debits(prepaid: Prepaid, outbox: Outbox, first: int, n: int = 3) 
         await rate(prepaid, outbox, f"{100 + i / 10:.1f}", T0 + 200_000 + i * 1000)
 
 
+async def acknowledged_and_pruned(prepaid: Prepaid, outbox: Outbox, first: int) -> retention.PassResult:
+    """Three debits more from reading ``first``, a pass that marks them, their charge
+    records acknowledged: the pass after that."""
+    await more_debits(prepaid, outbox, first)
+    await retention.run_pass(outbox.transaction, 7, NOW)
+    await ack_all(outbox)
+    return await retention.run_pass(outbox.transaction, 7, NOW)
+
+
+async def story_with_a_damaged_charge(prepaid: Prepaid, outbox: Outbox) -> int:
+    """The story with six debits and a pass that marks them; then the newest charge
+    record no longer opens, and acknowledging the rest sets it aside as damaged.
+    Returns its record id."""
+    await story(prepaid, outbox, debits=6)
+    await retention.run_pass(outbox.transaction, 7, NOW)  # the mark
+    rid = await last_charge(outbox)
+    await damage(outbox, rid)
+    await ack_all(outbox)
+    return rid
+
+
 async def damaged_seen(outbox: Outbox) -> list[tuple[int, int]]:
     async with outbox.transaction() as db, db.execute(
         "SELECT record_id, hold_rowid FROM billing_damaged_seen ORDER BY record_id"
@@ -149,11 +170,7 @@ async def damaged_seen(outbox: Outbox) -> list[tuple[int, int]]:
 async def test_a_record_set_aside_as_damaged_keeps_the_entries_existing_then(tmp_path: Path) -> None:
     prepaid, outbox = await open_shell(tmp_path)
     try:
-        await story(prepaid, outbox, debits=6)
-        await retention.run_pass(outbox.transaction, 7, NOW)  # the mark
-        rid = await last_charge(outbox)
-        await damage(outbox, rid)  # one charge record no longer opens
-        await ack_all(outbox)
+        rid = await story_with_a_damaged_charge(prepaid, outbox)
         async with outbox.transaction() as db, db.execute("SELECT count(*) FROM damaged WHERE cls = 1") as cur:
             assert (await cur.fetchone()) == (1,)
         before = await kinds(outbox)
@@ -166,10 +183,7 @@ async def test_a_record_set_aside_as_damaged_keeps_the_entries_existing_then(tmp
         assert await damaged_seen(outbox) == [(rid, top)]
         # entries written after that are pruned as usual once acknowledged and old:
         # the damaged record no longer holds up the marks
-        await more_debits(prepaid, outbox, 12)
-        await retention.run_pass(outbox.transaction, 7, NOW)
-        await ack_all(outbox)
-        later = await retention.run_pass(outbox.transaction, 7, NOW)
+        later = await acknowledged_and_pruned(prepaid, outbox, 12)
         assert later.pruned == 2 and later.state.hold_rowid == top  # 3 new debits, the newest stays
         assert await rowids(outbox, top) == existing  # every entry of that moment is still there
         assert (await kinds(outbox))["debit"] == before["debit"] + 1
@@ -181,11 +195,7 @@ async def test_a_record_set_aside_as_damaged_keeps_the_entries_existing_then(tmp
 async def test_a_restart_between_the_damage_and_the_next_pass_keeps_the_accounting(tmp_path: Path) -> None:
     prepaid, outbox = await open_shell(tmp_path)
     try:
-        await story(prepaid, outbox, debits=6)
-        await retention.run_pass(outbox.transaction, 7, NOW)
-        rid = await last_charge(outbox)
-        await damage(outbox, rid)
-        await ack_all(outbox)  # set aside as damaged; no retention pass before the restart
+        rid = await story_with_a_damaged_charge(prepaid, outbox)  # set aside as damaged; no retention pass before the restart
         top = await top_rowid(outbox)
         existing = await rowids(outbox, top)
     finally:
@@ -220,18 +230,11 @@ async def test_a_restart_between_the_damage_and_the_next_pass_keeps_the_accounti
 async def test_two_damaged_records_at_different_times_each_keep_what_existed_then(tmp_path: Path) -> None:
     prepaid, outbox = await open_shell(tmp_path)
     try:
-        await story(prepaid, outbox, debits=6)
-        await retention.run_pass(outbox.transaction, 7, NOW)
-        first = await last_charge(outbox)
-        await damage(outbox, first)
-        await ack_all(outbox)
+        first = await story_with_a_damaged_charge(prepaid, outbox)
         top1 = await top_rowid(outbox)
         assert (await retention.run_pass(outbox.transaction, 7, NOW)).state.hold_rowid == top1
         # three debits more, acknowledged: two go (the newest entry stays)
-        await more_debits(prepaid, outbox, 12)
-        await retention.run_pass(outbox.transaction, 7, NOW)
-        await ack_all(outbox)
-        p = await retention.run_pass(outbox.transaction, 7, NOW)
+        p = await acknowledged_and_pruned(prepaid, outbox, 12)
         assert p.pruned == 2 and p.state.hold_rowid == top1
         # three more; the charge record of the middle one is damaged before it is sent
         await more_debits(prepaid, outbox, 15)
@@ -245,10 +248,7 @@ async def test_two_damaged_records_at_different_times_each_keep_what_existed_the
         assert p.pruned == 0 and p.state.hold_rowid == top2 > top1
         assert await damaged_seen(outbox) == [(first, top1), (middle, top2)]
         # what came after the second one goes as usual
-        await more_debits(prepaid, outbox, 18)
-        await retention.run_pass(outbox.transaction, 7, NOW)
-        await ack_all(outbox)
-        p = await retention.run_pass(outbox.transaction, 7, NOW)
+        p = await acknowledged_and_pruned(prepaid, outbox, 18)
         assert p.pruned == 2 and p.state.hold_rowid == top2
         assert await rowids(outbox, top2) == existing
         await view_and_verify(outbox)
@@ -304,11 +304,7 @@ async def test_a_database_from_before_the_accounting_keeps_what_exists_at_its_fi
     none accounted for: the first pass keeps every entry there is then."""
     prepaid, outbox = await open_shell(tmp_path)
     try:
-        await story(prepaid, outbox, debits=6)
-        await retention.run_pass(outbox.transaction, 7, NOW)
-        rid = await last_charge(outbox)
-        await damage(outbox, rid)
-        await ack_all(outbox)
+        rid = await story_with_a_damaged_charge(prepaid, outbox)
         async with outbox.transaction() as db:  # as the previous release left it
             await db.execute("DROP TABLE billing_damaged_seen")
             await db.execute("PRAGMA user_version = 6")
