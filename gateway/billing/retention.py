@@ -146,7 +146,9 @@ async def _lowest_billing_record(conn: aiosqlite.Connection) -> int | None:
 
 async def advance_marks_in(conn: aiosqlite.Connection, now_ms: int) -> RetentionState:
     """Move the acknowledgement watermark up to the newest acknowledged mark and take
-    a new mark, inside the caller's transaction."""
+    a new mark, inside the caller's transaction. Writes only what changes: with no
+    new entry, no acknowledgement and nothing lost since the last pass it writes
+    nothing."""
     s = await load_state(conn)
     top = await _one(conn, "SELECT max(rowid) FROM billing_entry") or 0
     evicted = await _one(conn, "SELECT value FROM kv WHERE key = ?", (K_EVICTED_BILLING,)) or 0
@@ -197,9 +199,10 @@ async def advance_marks_in(conn: aiosqlite.Connection, now_ms: int) -> Retention
                 "INSERT INTO billing_ack_mark (taken_ms, entry_rowid, outbox_id) VALUES (?, ?, ?)",
                 (now_ms, top, record),
             )
-    s = replace(s, acked_rowid=acked, hold_rowid=hold, evicted_seen=evicted)
-    await _save_state(conn, s)
-    return s
+    new = replace(s, acked_rowid=acked, hold_rowid=hold, evicted_seen=evicted)
+    if new != s:
+        await _save_state(conn, new)
+    return new
 
 
 @dataclass(frozen=True)
@@ -286,7 +289,7 @@ async def prune_account_in(
 @dataclass(frozen=True)
 class PassResult:
     pruned: int
-    transactions: int
+    transactions: int  # transactions that wrote (a transaction that changed nothing commits no page)
     accounts: int  # accounts whose base moved
     state: RetentionState
 
@@ -307,22 +310,30 @@ async def run_pass(
     batch: int = PRUNE_BATCH,
     budget: int = PASS_BUDGET,
 ) -> PassResult:
-    """One retention pass: the acknowledgement marks, then pruning, at most ``batch``
+    """One retention pass: the acknowledgement marks and the first pruning batch in
+    one transaction, then further batches while entries may go, at most ``batch``
     entries per transaction and ``budget`` per pass (``transaction`` opens one write
     transaction, e.g. :meth:`store_forward.outbox.Outbox.transaction`). Nothing with
-    ``retention_days`` 0 (keep everything)."""
+    ``retention_days`` 0 (keep everything).
+
+    Only what changes is written, and the pass is noted (``last_pass_ms``) in a
+    transaction that writes anyway: a pass that takes no mark, moves no watermark
+    and lets no entry go commits nothing, and one that prunes commits no more
+    transactions than it fills batches (``PassResult.transactions`` counts those
+    that wrote)."""
     if retention_days <= 0:
         return PassResult(0, 0, 0, RetentionState())
-    async with transaction() as db:
-        state = await advance_marks_in(db, now_ms)
-        accounts = await accounts_in(db)
     cutoff = now_ms - retention_days * DAY_MS
     total = txs = 0
     moved: set[str] = set()
-    queue = list(accounts)
-    while queue and total < budget:
+    queue: list[str] | None = None  # accounts that may still have entries to let go
+    state = RetentionState()
+    while True:
         async with transaction() as db:
-            txs += 1
+            changes = db.total_changes
+            if queue is None:
+                state = await advance_marks_in(db, now_ms)
+                queue = await accounts_in(db)
             room = min(batch, budget - total)
             n = 0
             while queue and n < room:
@@ -333,8 +344,14 @@ async def run_pass(
                 if n < room:  # this account has nothing more that may go now
                     queue.pop(0)
             total += n
-            state = replace(state, pruned_total=state.pruned_total + n, last_pass_ms=now_ms, last_pass_pruned=total)
-            await _save_state(db, state)
+            if db.total_changes != changes:  # this transaction writes: the pass is noted in it
+                txs += 1
+                state = replace(
+                    state, pruned_total=state.pruned_total + n, last_pass_ms=now_ms, last_pass_pruned=total
+                )
+                await _save_state(db, state)
+        if not queue or total >= budget:  # (a batch filled: more may go)
+            break
     # one line a pass that let entries go; a pass with nothing to do says so at debug
     log.log(
         logging.INFO if total else logging.DEBUG,

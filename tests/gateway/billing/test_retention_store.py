@@ -4,6 +4,7 @@ verification, top-up de-duplication and snapshots keep working from the fold bas
 
 from __future__ import annotations
 
+import sqlite3
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from store_forward.outbox import Outbox
 from store_forward.records import RecordClass, RecordKind
 from store_forward.storage_policy import EvictionPlan
 from tests.gateway.test_prepaid_shell import T0, open_shell, rate
+from tests.harness.walcommits import commits_since, log_mark
 
 DAY = 86_400_000
 MINIGRID = Path(__file__).resolve().parents[3] / "examples" / "tariffs" / "minigrid-daily.toml"
@@ -480,5 +482,91 @@ async def test_a_pruned_fixed_charge_is_not_raised_again_when_trusted_time_moves
         assert await scan(day0 + 10 * DAY + 3600_000) == 0
         async with outbox.transaction() as db:
             assert (await ls.verify(db, ACC)).balance_micro == balance
+    finally:
+        await outbox.close()
+
+
+def data_version(conn: sqlite3.Connection) -> int:
+    """Changes committed by other connections move it (PRAGMA data_version)."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+async def test_a_pass_with_nothing_to_prune_commits_once_and_one_with_nothing_new_commits_nothing(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "gw.db"
+    prepaid, outbox = await open_shell(tmp_path)
+    other = sqlite3.connect(db)
+    try:
+        await story(prepaid, outbox, debits=6)
+        # the first pass takes a mark: one transaction, nothing pruned (nothing acknowledged)
+        mark, seen = log_mark(db), data_version(other)
+        p = await retention.run_pass(outbox.transaction, 7, NOW)
+        assert p.pruned == 0 and p.transactions == 1 and commits_since(db, mark) == 1
+        assert data_version(other) != seen
+        assert (p.state.last_pass_ms, p.state.last_pass_pruned) == (NOW, 0)
+        # nothing new, nothing acknowledged: the next passes write nothing at all
+        for later in (NOW + 600_000, NOW + 1_200_000):
+            mark, seen = log_mark(db), data_version(other)
+            q = await retention.run_pass(outbox.transaction, 7, later)
+            assert q.pruned == 0 and q.transactions == 0 and commits_since(db, mark) == 0
+            assert data_version(other) == seen
+        async with outbox.transaction() as conn:
+            assert (await retention.load_state(conn)).last_pass_ms == NOW  # the last pass that wrote
+        # acknowledged but young (30 days): the watermark moves, in one transaction
+        assert await ack_all(outbox) > 0
+        mark = log_mark(db)
+        young = await retention.run_pass(outbox.transaction, 30, NOW + 1_800_000)
+        assert young.pruned == 0 and young.state.acked_rowid > 0 and young.transactions == 1
+        assert commits_since(db, mark) == 1
+    finally:
+        other.close()
+        await outbox.close()
+
+
+@pytest.mark.parametrize(("batch", "batches"), [(4, 6), (5, 5), (30, 1)])
+async def test_a_pass_that_prunes_commits_no_more_transactions_than_batches(
+    tmp_path: Path, batch: int, batches: int
+) -> None:
+    """24 entries may go: the marks ride in the first batch's transaction, and a batch
+    that finds nothing more to let go commits nothing."""
+    db = tmp_path / "gw.db"
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        await story(prepaid, outbox)
+        await retention.run_pass(outbox.transaction, 7, NOW)  # the mark
+        await ack_all(outbox)
+        before = await kinds(outbox)
+        mark = log_mark(db)
+        done = await retention.run_pass(outbox.transaction, 7, NOW, batch=batch)
+        assert done.pruned == 24 and done.state.acked_rowid > 0
+        assert done.transactions == batches == commits_since(db, mark)
+        assert await kinds(outbox) == {**before, "debit": before["debit"] - 24}
+        await view_and_verify(outbox)
+        async with outbox.transaction() as conn:
+            st = await retention.load_state(conn)
+        assert (st.last_pass_ms, st.last_pass_pruned, st.pruned_total) == (NOW, 24, 24)
+    finally:
+        await outbox.close()
+
+
+async def test_a_pass_stopped_by_its_budget_commits_its_batches_and_the_next_one_goes_on(tmp_path: Path) -> None:
+    db = tmp_path / "gw.db"
+    prepaid, outbox = await open_shell(tmp_path)
+    try:
+        await story(prepaid, outbox)
+        await retention.run_pass(outbox.transaction, 7, NOW)
+        await ack_all(outbox)
+        mark = log_mark(db)
+        first = await retention.run_pass(outbox.transaction, 7, NOW, batch=4, budget=10)
+        assert (first.pruned, first.transactions, commits_since(db, mark)) == (10, 3, 3)
+        mark = log_mark(db)
+        rest = await retention.run_pass(outbox.transaction, 7, NOW, batch=4, budget=10)
+        assert (rest.pruned, rest.transactions, commits_since(db, mark)) == (10, 3, 3)
+        mark = log_mark(db)
+        last = await retention.run_pass(outbox.transaction, 7, NOW, batch=4, budget=10)
+        assert (last.pruned, last.transactions, commits_since(db, mark)) == (4, 1, 1)
+        assert last.state.pruned_total == 24
+        await view_and_verify(outbox)
     finally:
         await outbox.close()
