@@ -1,8 +1,11 @@
 """The gateway's periodic health record, sent to central through the outbox.
 
-Every ``gateway.health_interval_s`` the supervisor commits one ``gateway.health``
+Every ``gateway.health_interval_s`` the supervisor samples one ``gateway.health``
 event (record class 0, like every event: it waits in the outbox while the link
-is down and arrives later, so an offline period is seen afterwards, not lost).
+is down and arrives later, so an offline period is seen afterwards, not lost),
+stamped when sampled; it rides the writer's next transaction (a poll cycle's)
+and commits alone only when none came within its bound
+(:func:`gateway.daemon.supervisor.health_ride_s`).
 It carries what an operator of a fleet needs to judge a box nobody visits:
 
 - software version, boot id, uptime of the daemon and of the board;

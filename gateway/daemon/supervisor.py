@@ -143,6 +143,19 @@ def wall_ms() -> int:
 
 
 HEALTH_CHECK_S = 0.5  # how often the heartbeat loop looks for a new health milestone
+# A gateway.health record rides the next transaction the writer makes anyway (a poll
+# cycle's) and is committed alone only when none came within health_ride_s of its
+# sampling: one poll interval plus HEALTH_RIDE_SLACK_S (the next cycle's first commit
+# comes an interval after the last one's, later by what its first meters' timeouts and
+# retries cost), at most HEALTH_RIDE_MAX_S (central's view of a gateway that polls
+# rarely stays fresh), and never past the next record (at most one waits).
+HEALTH_RIDE_SLACK_S = 30.0
+HEALTH_RIDE_MAX_S = 120.0
+
+
+def health_ride_s(poll_interval_s: float, health_interval_s: float) -> float:
+    """How long a ``gateway.health`` record waits for a transaction to ride on."""
+    return min(poll_interval_s + HEALTH_RIDE_SLACK_S, HEALTH_RIDE_MAX_S, health_interval_s)
 
 
 @dataclass
@@ -275,6 +288,8 @@ class Daemon:
         self.checkpoint_interval_s = CHECKPOINT_S
         self.prune_interval_s = PRUNE_S
         self.retention_interval_s = RETENTION_S
+        self.health_interval_s = config.gateway.health_interval_s  # 0: no health records
+        self.health_ride_s = health_ride_s(config.gateway.poll_interval_s, config.gateway.health_interval_s)
         self.config_confirm_ms = DEFAULT_CONFIRM_MS  # default window of a remote change
         # Storage faults and a full disk (see gateway.storage_guard).
         self.integrity_check_s = integrity_check_s
@@ -460,7 +475,7 @@ class Daemon:
                 if self.prepaid is not None:
                     timers.append(tg.create_task(self.writer.billing_timer(work), name="billing"))
                 timers.append(tg.create_task(self._maintenance(outbox), name="maintenance"))
-                if cfg.gateway.health_interval_s > 0:
+                if self.health_interval_s > 0:
                     timers.append(tg.create_task(self._health_records(work), name="health"))
                 timers.append(tg.create_task(self._command_spool(), name="command-spool"))
                 if self.integrity_check_s > 0:
@@ -569,6 +584,8 @@ class Daemon:
                 t.cancel()
             await asyncio.gather(*self._pollers, return_exceptions=True)
         if self._work is not None:
+            for item in self.writer.take_riders():  # (a health record waiting for a cycle)
+                await self._work.put(item)
             await self._work.join()
         # Everything taken is committed; while the disk is full that gets a grace period.
         deadline = time.monotonic() + grace_s
@@ -986,14 +1003,24 @@ class Daemon:
         return cp
 
     async def _health_records(self, work: Work) -> None:
-        """A ``gateway.health`` record every ``gateway.health_interval_s``, committed by
-        the writer like any event (gateway.health_report)."""
-        interval = self.config.gateway.health_interval_s
-        await asyncio.sleep(min(interval, 5.0))  # the first soon after start: a boot is seen at once
+        """A ``gateway.health`` record every ``gateway.health_interval_s``
+        (gateway.health_report), stamped with the time it was sampled. It rides the
+        next transaction the writer makes anyway (a poll cycle's, :meth:`Writer.ride`)
+        and is queued to be committed alone only when none came within
+        :attr:`health_ride_s`: a gateway whose buses are silent still reports."""
+        interval = self.health_interval_s
+        # the first soon after start (committed with the next poll cycle: a boot is seen
+        # within a poll interval; the retained presence says so at once)
+        await asyncio.sleep(min(interval, 5.0))
         while True:
             body = await health_report.sample(self)
-            await work.put(Cycle("", body["time_ms"], [], [], [body], final=False))
-            await asyncio.sleep(interval)
+            record = Cycle("", body["time_ms"], [], [], [body], final=False)
+            bound = min(self.health_ride_s, interval)
+            self.writer.ride(record)
+            await asyncio.sleep(bound)
+            if self.writer.unride(record):  # no transaction came for it: alone
+                await work.put(record)
+            await asyncio.sleep(interval - bound)
 
     async def _maintenance(self, outbox: Outbox) -> None:
         """The daemon's housekeeping timer; see :meth:`maintain`. The first pass also

@@ -7,6 +7,11 @@ transaction: the readings, the debits they cause, the charge records that
 report them, cutoff state and events. Relay operations decided by a commit are
 handed to the buses only after it.
 
+Work that need not commit at once *rides* (:meth:`Writer.ride`): the periodic
+``gateway.health`` record waits in memory for the next transaction the writer
+makes anyway and joins it; whoever handed it over commits it alone once its
+bound passed (:meth:`Writer.unride`).
+
 While the disk is full the writer keeps taking work (bounded, in memory),
 rates it in transactions that are rolled back so trips still happen, and
 commits everything in order once space returns.
@@ -96,6 +101,29 @@ class Writer:
         self.relay_in_readings: set[str] = set()
         self.last_commit_mono = -float("inf")  # when the last transaction committed
         self.quiet_ticks = 0  # ticks done without a transaction (nothing was due)
+        # Work waiting for the next transaction the writer makes anyway, in order.
+        self.riders: list[Cycle] = []
+
+    # -- riders ------------------------------------------------------------------
+
+    def ride(self, item: Cycle) -> None:
+        """Let ``item`` join the next transaction the writer makes anyway (after the
+        work taken for it), instead of costing a commit of its own."""
+        self.riders.append(item)
+
+    def unride(self, item: Cycle) -> bool:
+        """Take ``item`` back if no transaction took it yet (its owner then queues it
+        to be committed alone); False once it is the writer's."""
+        for i, rider in enumerate(self.riders):
+            if rider is item:
+                del self.riders[i]
+                return True
+        return False
+
+    def take_riders(self) -> list[Cycle]:
+        """Every rider, taken back (at stop: they are queued like any work)."""
+        riders, self.riders = self.riders, []
+        return riders
 
     # -- ticks -------------------------------------------------------------------
 
@@ -337,6 +365,10 @@ class Writer:
                     continue
             if self.quiet_tick(outbox):
                 continue
+            # A transaction follows: what rides joins it (behind the work taken, so
+            # nothing queued before is reordered; a failed commit keeps it in the backlog).
+            for item in self.take_riders():
+                backlog.add(item)
             retrying = self.waiting_for_space  # space looked back: this commit is the try
             try:
                 if not d.storage_started:
