@@ -79,7 +79,27 @@ def test_the_bound_follows_the_poll_interval() -> None:
     assert health_ride_s(60.0, 30.0) == 30.0  # never past the next record
 
 
-async def test_a_health_record_rides_the_next_poll_cycle_transaction(tmp_path: Path, mosquitto: Mosquitto) -> None:
+class Run:
+    """What a daemon run until central held three health records left behind."""
+
+    def __init__(self, health: list[int], txs: list[dict[int, str]], seen: HealthSeen, readings: int) -> None:
+        self.health, self.txs, self.seen, self.readings = health, txs, seen, readings
+
+    def commits_of_health(self) -> dict[int, dict[int, str]]:
+        """Each health record central holds -> the records its commit added."""
+        found = {rid: tx for tx in self.txs for rid in tx if rid in self.health}
+        assert set(self.health) <= set(found), "a health record's commit is not in the log"
+        return found
+
+
+async def run_until_three_health_records(
+    tmp_path: Path, mosquitto: Mosquitto, poll_s: float, interval_s: float, ride_s: float | None = None
+) -> Run:
+    """The daemon (one meter polled every ``poll_s``, health every ``interval_s``; its
+    ride bound, first checked to be the one its configuration gives, ``ride_s`` when
+    given) with a
+    real headend, until central holds three health records; the gateway's log is
+    kept open by another connection so that every commit can be read back."""
     db, central = tmp_path / "gw.db", tmp_path / "central.db"
     (tmp_path / "scratch").mkdir()
     hdb = await HeadendDB.open(central)
@@ -88,71 +108,53 @@ async def test_a_health_record_rides_the_next_poll_cycle_transaction(tmp_path: P
     keep: sqlite3.Connection | None = None
     try:
         async with ModbusSimulator(units=[1]) as sim:
-            daemon = Daemon(load_config(site(tmp_path, sim.port, mosquitto.port, 1.0)), on_cycle=seen)
-            daemon.health_interval_s = 3.0  # (the configuration allows 10 s at least)
-            assert daemon.health_ride_s == 31.0
+            daemon = Daemon(load_config(site(tmp_path, sim.port, mosquitto.port, poll_s)), on_cycle=seen)
+            # the bound the configuration gives (health every 300 s), unless ``ride_s``
+            assert daemon.health_ride_s == health_ride_s(poll_s, 300.0)
+            daemon.health_interval_s = interval_s  # (the configuration allows 10 s at least)
+            if ride_s is not None:
+                daemon.health_ride_s = ride_s
             async with daemon_running(daemon):
                 # another connection keeps the log when the daemon closes the database
                 keep = sqlite3.connect(db)
                 keep.execute("SELECT count(*) FROM sqlite_master").fetchall()  # (opens the log)
                 await until(lambda: len(central_health(central)) >= 3, 30, "three health records at central")
-            health = central_health(central)
-            txs = transactions(db, tmp_path / "scratch")
+                readings = daemon.stats.readings
+            return Run(central_health(central), transactions(db, tmp_path / "scratch"), seen, readings)
     finally:
         if keep is not None:
             keep.close()
         headend.cancel()
         await asyncio.gather(headend, return_exceptions=True)
         await hdb.close()
+
+
+async def test_a_health_record_rides_the_next_poll_cycle_transaction(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    run = await run_until_three_health_records(tmp_path, mosquitto, poll_s=1.0, interval_s=3.0)
     # each health record went in a transaction that wrote a poll cycle's reading, and
     # no transaction wrote a health record without one
-    found = {rid: tx for tx in txs for rid in tx if rid in health}
-    assert set(health) <= set(found), "a health record's commit is not in the log"
-    for rid in health:
-        kinds = sorted(found[rid].values())
+    for rid, tx in run.commits_of_health().items():
+        kinds = sorted(tx.values())
         assert "reading" in kinds, f"health record {rid} was committed without a poll cycle: {kinds}"
     # stamped when sampled, and committed within a poll interval or so of it
-    assert len(seen.waited_s) >= 3 and max(seen.waited_s) < 3.0
+    assert len(run.seen.waited_s) >= 3 and max(run.seen.waited_s) < 3.0
     t_central = [json.loads(b)["time_ms"] for (b,) in rows(
-        central, "SELECT body FROM events WHERE json_extract(body, '$.type') = 'gateway.health' ORDER BY record_id"
+        tmp_path / "central.db",
+        "SELECT body FROM events WHERE json_extract(body, '$.type') = 'gateway.health' ORDER BY record_id",
     )]  # fmt: skip
-    assert t_central == seen.time_ms[: len(t_central)]
+    assert t_central == run.seen.time_ms[: len(t_central)]
 
 
 async def test_a_health_record_commits_alone_after_its_bound_when_the_buses_are_silent(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
-    db, central = tmp_path / "gw.db", tmp_path / "central.db"
-    (tmp_path / "scratch").mkdir()
-    hdb = await HeadendDB.open(central)
-    headend = asyncio.create_task(Headend(hdb, host="127.0.0.1", port=mosquitto.port).run())
-    seen = HealthSeen()
-    keep: sqlite3.Connection | None = None
-    try:
-        async with ModbusSimulator(units=[1]) as sim:
-            # one poll at start, then none for a minute: nothing commits but the health records
-            daemon = Daemon(load_config(site(tmp_path, sim.port, mosquitto.port, 60.0)), on_cycle=seen)
-            daemon.health_interval_s, daemon.health_ride_s = 2.0, 1.0
-            async with daemon_running(daemon):
-                keep = sqlite3.connect(db)
-                keep.execute("SELECT count(*) FROM sqlite_master").fetchall()  # (opens the log)
-                await until(lambda: len(central_health(central)) >= 3, 30, "three health records at central")
-                readings = daemon.stats.readings
-            health = central_health(central)
-            txs = transactions(db, tmp_path / "scratch")
-    finally:
-        if keep is not None:
-            keep.close()
-        headend.cancel()
-        await asyncio.gather(headend, return_exceptions=True)
-        await hdb.close()
-    assert readings <= 1  # the buses were silent after the first poll
-    found = {rid: tx for tx in txs for rid in tx if rid in health}
-    assert set(health) <= set(found), "a health record's commit is not in the log"
-    for rid in health:
-        assert found[rid] == {rid: "event"}, f"health record {rid} did not commit alone: {found[rid]}"
+    # one poll at start, then none for a minute: nothing commits but the health records
+    run = await run_until_three_health_records(tmp_path, mosquitto, poll_s=60.0, interval_s=2.0, ride_s=1.0)
+    assert run.readings <= 1  # the buses were silent after the first poll
+    for rid, tx in run.commits_of_health().items():
+        assert tx == {rid: "event"}, f"health record {rid} did not commit alone: {tx}"
     # alone only once its bound passed, and at most a moment later
-    assert len(seen.waited_s) >= 3 and all(1.0 <= w < 2.5 for w in seen.waited_s), seen.waited_s
+    assert len(run.seen.waited_s) >= 3 and all(1.0 <= w < 2.5 for w in run.seen.waited_s), run.seen.waited_s
 
 
 async def test_a_health_record_waiting_for_a_cycle_is_committed_at_stop(tmp_path: Path) -> None:

@@ -28,7 +28,15 @@ from firmware_bridge.reading import Measurement, Quantity, Reading
 from store_forward.batch_epoch import new_epoch
 from store_forward.codec import JsonCodec
 from store_forward.database import K_SALT
-from store_forward.outbox import K_BATCH_EPOCH, Batch, BatchPlan, MeterStatus, Outbox
+from store_forward.outbox import (
+    _MAX_COUNTERS,
+    K_BATCH_EPOCH,
+    K_NEXT_SEQ,
+    Batch,
+    BatchPlan,
+    MeterStatus,
+    Outbox,
+)
 from store_forward.records import Record, RecordClass, RecordKind, class_name, loads
 from store_forward.sealing import NonceSequence, StorageSealer
 from store_forward.storage_keys import StorageKeys, database_key
@@ -36,16 +44,7 @@ from store_forward.walcheck import WalVerdict, check_wal
 
 GATEWAY = "gw-numbered"
 UP = BatchPlan(max_records=500, max_bytes=64 * 1024, max_cls=255)
-COUNTERS = (
-    "next_batch_seq",
-    "readings_committed",
-    "telemetry_committed",
-    "records_acked",
-    "readings_acked",
-    "telemetry_evicted",
-    "billing_evicted",
-    "records_damaged",
-)
+COUNTERS = (K_NEXT_SEQ, *_MAX_COUNTERS)  # the batch number and every counter a database keeps
 
 
 @dataclass
