@@ -34,7 +34,7 @@ The rules:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 from firmware_bridge.settings import BusSettings, MeterSettings
@@ -75,6 +75,11 @@ class AddressClash:
     bus: BusSettings
     first_bus: BusSettings
 
+    @property
+    def path(self) -> tuple[str, ...]:
+        """The clashing setting's keys below the meter (``relay.address`` for a relay)."""
+        return ("relay", "address") if self.key == "relay" else (self.key,)
+
     def problem(self, first_at: str = "") -> str:
         """The problem, for the later entry; ``first_at`` is put after the first
         entry's id (e.g. ``" (first at line 12)"``)."""
@@ -104,6 +109,37 @@ class AddressClash:
         return f"address {m.address} on {on} is already meter {f.id}'s{first_at}: {twice}"
 
 
+def _clashes(
+    buses: Sequence[BusSettings],
+    meters: Sequence[MeterSettings],
+    target: Callable[[MeterSettings], tuple[str, Hashable] | None],
+) -> list[AddressClash]:
+    """Every meter whose ``target`` (key, value) on its line is an earlier meter's, in
+    order (pure). Meters whose bus is not in ``buses``, or without a target, are left
+    out (other checks report them). Each clash names the earliest entry."""
+    bus_of = {b.name: b for b in buses}
+    first: dict[tuple[tuple[str, ...], str, Hashable], int] = {}  # (line, key, value) -> first position
+    out: list[AddressClash] = []
+    for i, m in enumerate(meters):
+        bus, aim = bus_of.get(m.bus), target(m)
+        if bus is None or aim is None:
+            continue
+        key, value = aim
+        j = first.setdefault((line_of(bus), key, value), i)
+        if j != i:
+            out.append(AddressClash(i, j, key, m, meters[j], bus, bus_of[meters[j].bus]))
+    return out
+
+
+def _device(m: MeterSettings) -> tuple[str, Hashable] | None:
+    """The device a meter entry reads: its Modbus unit id or its DL/T 645 address."""
+    if m.protocol == "modbus" and m.unit_id is not None:
+        return "unit_id", m.unit_id
+    if m.protocol == "dlt645" and m.address is not None:
+        return "address", m.address
+    return None
+
+
 def address_clashes(buses: Sequence[BusSettings], meters: Sequence[MeterSettings]) -> list[AddressClash]:
     """Every meter that reaches the same device as an earlier one, in order (pure).
 
@@ -111,24 +147,7 @@ def address_clashes(buses: Sequence[BusSettings], meters: Sequence[MeterSettings
     unit id, are left out (other checks report them). Each clash names the
     earliest entry it clashes with.
     """
-    bus_of = {b.name: b for b in buses}
-    first: dict[tuple[tuple[str, ...], str, object], int] = {}  # (line, key, value) -> first position
-    out: list[AddressClash] = []
-    for i, m in enumerate(meters):
-        bus = bus_of.get(m.bus)
-        value: int | str | None
-        if m.protocol == "modbus":
-            key, value = "unit_id", m.unit_id
-        elif m.protocol == "dlt645":
-            key, value = "address", m.address
-        else:
-            continue
-        if bus is None or value is None:
-            continue
-        j = first.setdefault((line_of(bus), key, value), i)
-        if j != i:
-            out.append(AddressClash(i, j, key, m, meters[j], bus, bus_of[meters[j].bus]))
-    return out
+    return _clashes(buses, meters, _device)
 
 
 def relay_unit(m: MeterSettings) -> int | None:
@@ -138,18 +157,17 @@ def relay_unit(m: MeterSettings) -> int | None:
     return m.relay.unit_id if m.relay.unit_id is not None else m.unit_id
 
 
+def _relay(m: MeterSettings) -> tuple[str, Hashable] | None:
+    """A meter's Modbus relay: its kind (coil and holding register are two address
+    spaces), unit id and address."""
+    unit = relay_unit(m)
+    if m.relay is None or m.relay.kind not in ("coil", "register") or unit is None:
+        return None
+    return "relay", (m.relay.kind, unit, m.relay.address)
+
+
 def relay_clashes(buses: Sequence[BusSettings], meters: Sequence[MeterSettings]) -> list[AddressClash]:
     """Every meter whose Modbus relay (coil or holding register) is an earlier meter's
     relay on the same line, in order (pure; key ``relay``). Meters without a Modbus
     relay, or whose relay has no unit id or bus, are left out (other checks report them)."""
-    bus_of = {b.name: b for b in buses}
-    first: dict[tuple[tuple[str, ...], str, int, int], int] = {}  # (line, kind, unit, address) -> position
-    out: list[AddressClash] = []
-    for i, m in enumerate(meters):
-        bus, unit = bus_of.get(m.bus), relay_unit(m)
-        if bus is None or m.relay is None or m.relay.kind not in ("coil", "register") or unit is None:
-            continue
-        j = first.setdefault((line_of(bus), m.relay.kind, unit, m.relay.address), i)
-        if j != i:
-            out.append(AddressClash(i, j, "relay", m, meters[j], bus, bus_of[meters[j].bus]))
-    return out
+    return _clashes(buses, meters, _relay)

@@ -276,8 +276,7 @@ async def open_bus(
     protocol = bus_protocol(bus, on_bus)
     clashes = [*address_clashes([bus], on_bus), *relay_clashes([bus], on_bus)]  # the loader refuses these too
     if clashes:
-        key = "relay.address" if clashes[0].key == "relay" else clashes[0].key
-        raise BusConfigError(f"meter {clashes[0].meter.id}.{key}", clashes[0].problem())
+        raise BusConfigError(f"meter {clashes[0].meter.id}.{'.'.join(clashes[0].path)}", clashes[0].problem())
     gap = silent_interval_s(protocol, bus.type, bus.baud, bus.parity, bus.stop_bits)
     if protocol == "modbus":
         resolved = resolve_profiles(profiles)

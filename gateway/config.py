@@ -806,8 +806,7 @@ def _addresses(
     settings = [b for _, b in buses], [m for _, m in meters]
     for clash in [*address_clashes(*settings), *relay_clashes(*settings)]:
         first = ("meter", meters[clash.first][0])
-        key = ("relay", "address") if clash.key == "relay" else (clash.key,)
-        c.add(("meter", meters[clash.index][0], *key), clash.problem(_also_at(c, first)))
+        c.add(("meter", meters[clash.index][0], *clash.path), clash.problem(_also_at(c, first)))
 
 
 def _serial_defaults(
