@@ -50,6 +50,8 @@ from gateway.billing.money import register_ckwh
 from gateway.billing.rating import RegisterReading, rate_chain
 from gateway.billing.tariff_file import load_book
 from gateway.billing.topup import credit_id
+from gateway.heartbeat import path_for as heartbeat_path
+from gateway.heartbeat import read as read_heartbeat
 from gateway.security.envelope import sign_command
 from gateway.security.roles import CentralKey, CommandType, Role, TrustStore
 from headend.registry import generate_headend_key
@@ -447,6 +449,22 @@ class ChaosSite:
         await asyncio.to_thread(self.headend.kill)
         await asyncio.sleep(down_s)
         self.headend.start()
+
+    async def daemon_past_imports(self, timeout_s: float = 60.0) -> None:
+        """Wait until this start of the daemon has written its first heartbeat
+        (``starting``: it opens the database and keys next). Before that the process
+        only imports Python, which on a loaded machine can take longer than a window."""
+        path = heartbeat_path(None, self.db, {})
+
+        def ours() -> bool:
+            proc = self.daemon.proc
+            try:
+                hb = read_heartbeat(path)
+            except ValueError:  # a heartbeat whose content a power cut dropped
+                return False
+            return proc is not None and hb is not None and hb.pid == proc.pid
+
+        await until(ours, timeout_s, "the gateway's first heartbeat", self)
 
     async def chaos_window(self, seconds: float) -> None:
         """Let the gateway run ``seconds``; meanwhile maybe SIGKILL the broker or the headend."""

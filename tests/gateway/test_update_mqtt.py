@@ -137,11 +137,17 @@ async def test_a_bundle_offered_over_mqtt_resumes_after_a_link_drop_and_is_insta
     await asyncio.to_thread(mosquitto.restart)
     await publish(mosquitto.port, bundle, offer, range(total))
     ready = spool / "ready" / f"{offer.sha256}.egws"
-    await until(ready.exists, 90, f"the whole bundle downloaded:\n{sup.tail()}")
+
+    def downloaded() -> list[dict[str, object]]:
+        return [d for a, d in audit_actions(tmp / "gw.db", "software.") if a == "software.downloaded"]
+
+    # the bundle is handed over first, then the download is recorded
+    await until(lambda: ready.exists() and downloaded() != [], 90,
+                f"the whole bundle downloaded and recorded:\n{sup.tail()}")  # fmt: skip
     assert ready.read_bytes() == bundle.read_bytes()
     assert not part.exists() and not list((spool / "offers").iterdir())
-    done = [d for a, d in audit_actions(tmp / "gw.db", "software.") if a == "software.downloaded"]
-    assert done and done[-1]["chunks_fetched"] == total, done  # none fetched twice
+    done = downloaded()
+    assert len(done) == 1 and done[0]["chunks_fetched"] == total, done  # none fetched twice
 
     # edgegw-update.path starts the updater on the spool.
     up = Updater(UpdateSettings(root=tmp / "opt", heartbeat_file=health, restart=sup.restart,
