@@ -11,7 +11,9 @@ queue on it:
   cycle, never one per row, is also what keeps flash wear down.
 * Every record body is sealed at rest under this database's storage key; the
   associated data binds the record id, class and kind, so a blob moved to
-  another row no longer opens.
+  another row no longer opens. What is sealed is the body's JSON deflated
+  against a fixed dictionary of such bodies (:mod:`store_forward.compact`):
+  about a third of the bytes; bodies stored as plain JSON still open.
 * A reading becomes a BILLING record (register values) and, when it has any,
   a TELEMETRY record (instantaneous values). Batches are drained by class:
   EVENT, then BILLING, then TELEMETRY; FIFO within a class.
@@ -56,6 +58,7 @@ import aiosqlite
 from firmware_bridge.events import event
 from firmware_bridge.reading import Reading
 from store_forward.batch_epoch import LEGACY_EPOCH, new_epoch
+from store_forward.compact import pack, unpack
 from store_forward.database import (
     ID_BLOCK_BITS,
     K_GENERATION,
@@ -535,7 +538,7 @@ class Outbox(Database):
     def _seal(self, rid: int, cls: RecordClass, kind: str, body: dict[str, Any]) -> bytes:
         if self._sealer is None:
             raise OutboxFullError(f"{self.path}: cannot seal records yet ({self.starved})")
-        return self._sealer.seal(rid, self._aad_class(cls, kind), dumps(body))
+        return self._sealer.seal(rid, self._aad_class(cls, kind), pack(dumps(body)))
 
     async def _add(
         self, db: aiosqlite.Connection, cls: RecordClass, kind: str, created_ms: int, body: dict[str, Any]
@@ -1149,7 +1152,7 @@ class Outbox(Database):
                 opener = self._openers.get(int(ver))
                 if opener is None:
                     raise SealingError(f"record {rid}: storage key version {ver} is not loaded")
-                body = loads(opener.unseal(int(rid), self._aad_class(cls, kind), bytes(blob)))
+                body = loads(unpack(opener.unseal(int(rid), self._aad_class(cls, kind), bytes(blob))))
             except (SealingError, ValueError) as exc:
                 bad.append((int(rid), str(exc)))
                 continue

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from firmware_bridge.reading import Measurement, Quantity, Reading
 from store_forward.batch_epoch import new_epoch
 from store_forward.codec import JsonCodec
+from store_forward.compact import unpack
 from store_forward.database import K_SALT
 from store_forward.outbox import (
     _MAX_COUNTERS,
@@ -141,7 +142,7 @@ def content(path: Path) -> dict[str, Any]:
             "SELECT id, cls, kind, created_ms, key_ver, body, batch_seq FROM outbox ORDER BY id"
         ):
             aad = f"{class_name(RecordClass(cls))}/{kind}"
-            body = loads(openers[int(ver)].unseal(int(rid), aad, bytes(blob)))
+            body = loads(unpack(openers[int(ver)].unseal(int(rid), aad, bytes(blob))))
             records.append((rid, cls, kind, created, ver, seq, body))
         marks = ",".join("?" * len(COUNTERS))
         return {
