@@ -57,6 +57,7 @@ from gateway.billing.ledger import (
     fold_from,
     snapshot_info,
 )
+from gateway.billing.ledger_store import LedgerCorrupt, body_from_column
 from gateway.billing.rating import TierState
 from gateway.security import audit, envelope
 from store_forward.outbox import Outbox
@@ -100,9 +101,7 @@ class LedgerCheck:
 
 
 def _entry(row: Mapping[str, Any]) -> Entry:
-    body = orjson.loads(row["body"])
-    if not isinstance(body, dict):
-        raise ValueError("entry body is not an object")
+    body = body_from_column(row["body"], str(row["entry_id"]))  # deflated, or plain JSON as before
     return Entry(
         str(row["entry_id"]),
         str(row["account"]),
@@ -142,7 +141,7 @@ def verify_ledger(
             stored_tier,
             account_row["snapshot_seq"],
         )
-    except (ValueError, TypeError, KeyError, orjson.JSONDecodeError) as exc:
+    except (LedgerCorrupt, ValueError, TypeError, KeyError, orjson.JSONDecodeError) as exc:
         return LedgerCheck(False, f"an entry or the account row does not parse ({exc})")
     seqs = [e.seq for e in entries]
     missing = sorted(set(range(base_seq + 1, last_seq + 1)) - set(seqs))

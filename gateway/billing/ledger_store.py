@@ -11,7 +11,11 @@ Tables (``TABLES``; declared to the gateway database's schema registry as
 ``SCHEMA``, :mod:`gateway.database`):
 
 * ``billing_entry`` — the append-only ledger, ``entry_id`` unique: appending
-  an entry again is a no-op, with different content a :class:`LedgerConflict`;
+  an entry again is a no-op, with different content a :class:`LedgerConflict`.
+  Its ``body`` is :meth:`Entry.body_json` deflated against a fixed dictionary
+  (:func:`body_column`, :mod:`store_forward.compact`), a BLOB; rows written
+  before hold the plain JSON as TEXT. Every reader goes through
+  :func:`body_from_column`, which reads both;
 * ``billing_account`` — the folded view per account (balance, last seq,
   purchase counter, tier state, snapshot in force), kept in step by
   :func:`append` and checked against a full fold by :func:`verify`; plus the
@@ -89,6 +93,7 @@ from gateway.billing.reconcile import (
 )
 from gateway.billing.tariff import TariffBook
 from gateway.billing.topup import TopUp, TopUpDecision, TopUpPolicy, TopUpStatus, decide_topup
+from store_forward.compact import CompactError, pack, unpack
 from store_forward.schema import Schema, Step, statements
 
 TABLES = """
@@ -235,9 +240,33 @@ async def init_schema(conn: aiosqlite.Connection) -> None:
     await SCHEMA.create(conn)
 
 
+def body_column(e: Entry) -> bytes:
+    """``e``'s body as stored in ``billing_entry.body``: :meth:`Entry.body_json`
+    deflated against :data:`store_forward.compact.DICTIONARY` (plain JSON when that
+    is not shorter; a BLOB in the TEXT column)."""
+    return pack(e.body_json())
+
+
+def body_from_column(value: str | bytes, entry_id: str = "?") -> dict[str, Any]:
+    """An entry's body from its ``billing_entry.body`` column: deflated bytes
+    (:func:`body_column`), or plain JSON (as bytes, or the TEXT the ledger stored
+    before bodies were deflated). One that does not decode raises
+    :class:`LedgerCorrupt` naming ``entry_id``."""
+    raw = value.encode() if isinstance(value, str) else value
+    try:
+        if not isinstance(raw, bytes):
+            raise CompactError(f"a {type(raw).__name__} where a body was expected")
+        body = orjson.loads(unpack(raw))
+    except (CompactError, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
+        raise LedgerCorrupt(f"ledger entry {entry_id}: its stored body does not decode ({exc})") from exc
+    if not isinstance(body, dict):
+        raise LedgerCorrupt(f"ledger entry {entry_id}: its stored body is not a JSON object")
+    return body
+
+
 def _row_entry(row: Sequence[Any]) -> Entry:
     account, seq, entry_id, kind, amount, time_ms, body = row
-    return Entry(entry_id, account, EntryKind(kind), amount, time_ms, orjson.loads(body), seq)
+    return Entry(entry_id, account, EntryKind(kind), amount, time_ms, body_from_column(body, entry_id), seq)
 
 
 _ENTRY_COLS = "account, seq, entry_id, kind, amount_micro, time_ms, body"
@@ -342,7 +371,7 @@ INSERT_ENTRY_SQL = f"INSERT INTO billing_entry ({_ENTRY_COLS}) VALUES (?, ?, ?, 
 
 
 def entry_params(e: Entry) -> tuple[Any, ...]:
-    return (e.account, e.seq, e.entry_id, e.kind.value, e.amount_micro, e.time_ms, e.body_json().decode())
+    return (e.account, e.seq, e.entry_id, e.kind.value, e.amount_micro, e.time_ms, body_column(e))
 
 
 async def append(conn: aiosqlite.Connection, entry: Entry) -> AppendResult:

@@ -51,7 +51,6 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 
 import aiosqlite
-import orjson
 
 from gateway.billing import ledger_store as ls
 from gateway.billing.ledger import EntryKind, PruneCandidate, fold_from, prune_point
@@ -252,10 +251,13 @@ async def prune_account_in(
                 taken += 1
             after = int(seq)
     async with conn.execute(
-        "SELECT seq, body FROM billing_entry WHERE account = ? AND kind = 'snapshot' AND seq > ?",
+        "SELECT seq, entry_id, body FROM billing_entry WHERE account = ? AND kind = 'snapshot' AND seq > ?",
         (account, base.last_seq),
     ) as cur:
-        snaps = [(int(seq), int(orjson.loads(body)["as_of_seq"])) for seq, body in await cur.fetchall()]
+        snaps = [
+            (int(seq), int(ls.body_from_column(body, entry_id)["as_of_seq"]))
+            for seq, entry_id, body in await cur.fetchall()
+        ]
     plan = prune_point(base.last_seq, candidates, snaps, limit=limit)
     if plan.point <= base.last_seq or not plan.pruned:  # the base moves only to let entries go
         return Pruned(account, 0, base.last_seq)

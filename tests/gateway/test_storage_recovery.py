@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.billing import ledger_store as ls
 from gateway.billing.ledger import Entry, EntryKind, Ledger, LedgerView, adjustment_entry, fold
 from gateway.billing.topup import Channel, Source, TopUp, credit_entry
 from gateway.storage_recovery import plan_recovery, verify_ledger
@@ -36,7 +36,9 @@ ACCOUNT_COLS = (
 )
 
 
-def entry_row(e: Entry) -> dict[str, Any]:
+def entry_row(e: Entry, *, plain: bool = False) -> dict[str, Any]:
+    """``e`` as ``billing_entry`` holds it: its body deflated, or (``plain``) as the
+    plain JSON TEXT of rows written before bodies were deflated."""
     return {
         "account": e.account,
         "seq": e.seq,
@@ -44,7 +46,7 @@ def entry_row(e: Entry) -> dict[str, Any]:
         "kind": e.kind.value,
         "amount_micro": e.amount_micro,
         "time_ms": e.time_ms,
-        "body": e.body_json().decode(),
+        "body": e.body_json().decode() if plain else ls.body_column(e),
     }
 
 
@@ -85,7 +87,8 @@ def ledgers(draw: st.DrawFn, account: str = "a1") -> tuple[list[dict[str, Any]],
             led.append(
                 adjustment_entry(f"x{i}", account, draw(st.integers(-(10**7), 10**7)), i, "r", "c")
             )
-    return [entry_row(e) for e in led.entries], account_row(led.view)
+    plain = draw(st.lists(st.booleans(), min_size=len(led.entries), max_size=len(led.entries)))
+    return [entry_row(e, plain=p) for e, p in zip(led.entries, plain, strict=True)], account_row(led.view)
 
 
 @settings(max_examples=150, deadline=None)
@@ -95,7 +98,7 @@ def test_a_ledger_is_proved_only_whole(
 ) -> None:
     entries, acct = ledger
     assert verify_ledger("a1", entries, acct).ok
-    change = data.draw(st.sampled_from(["drop", "amount", "balance", "counter", "seq", "row"]))
+    change = data.draw(st.sampled_from(["drop", "amount", "balance", "counter", "seq", "row", "body"]))
     entries = [dict(e) for e in entries]
     acct = dict(acct)
     i = data.draw(st.integers(0, len(entries) - 1))
@@ -109,6 +112,12 @@ def test_a_ledger_is_proved_only_whole(
         acct["purchase_counter"] += 1
     elif change == "seq":
         entries[i]["seq"] = len(entries) + 5
+    elif change == "body":  # cut short: the deflated body is truncated, the plain one not JSON
+        body = entries[i]["body"]
+        entries[i]["body"] = body[: len(body) // 2]
+        check = verify_ledger("a1", entries, acct)
+        assert not check.ok and entries[i]["entry_id"] in check.reason
+        return
     else:
         check = verify_ledger("a1", entries, None)
         assert not check.ok and "account row" in check.reason
@@ -139,7 +148,8 @@ def simple_ledger(account: str, amounts: list[int]) -> tuple[list[dict[str, Any]
     led = Ledger(account)
     for i, a in enumerate(amounts):
         led.append(adjustment_entry(f"{account}-{i}", account, a, i, "r", "c"))
-    return [entry_row(e) for e in led.entries], account_row(led.view)
+    # every other row as written before bodies were deflated: a ledger spanning the upgrade
+    return [entry_row(e, plain=i % 2 == 0) for i, e in enumerate(led.entries)], account_row(led.view)
 
 
 def test_only_the_newest_state_proves_a_ledger() -> None:
@@ -249,4 +259,4 @@ def test_a_pruned_ledger_is_proved_from_its_fold_base(
 
 def row_entry(r: dict[str, Any]) -> Entry:
     return Entry(r["entry_id"], r["account"], EntryKind(r["kind"]), r["amount_micro"], r["time_ms"],
-                 orjson.loads(r["body"]), r["seq"])
+                 ls.body_from_column(r["body"], r["entry_id"]), r["seq"])

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.billing import ledger_store as ls
 from gateway.daemon import wall_ms
 from gateway.security.roles import CommandType
 from gateway.technician import spool_dir
@@ -68,17 +69,21 @@ def balance(db: Path) -> int:
     return int(b)
 
 
-def credits(db: Path) -> list[tuple[Any, ...]]:
+def bodies(db: Path, kind: str) -> list[tuple[dict[str, Any], int]]:
+    """The body (decoded as the ledger reads it) and amount of every entry of ``kind``."""
     with sqlite3.connect(db) as c:
-        return list(c.execute("SELECT json_extract(body, '$.topup_id'), json_extract(body, '$.source'),"
-                              " amount_micro FROM billing_entry WHERE kind = 'credit' ORDER BY seq"))
+        rows = c.execute(
+            "SELECT entry_id, body, amount_micro FROM billing_entry WHERE kind = ? ORDER BY seq", (kind,)
+        ).fetchall()
+    return [(ls.body_from_column(body, e), int(a)) for e, body, a in rows]
+
+
+def credits(db: Path) -> list[tuple[Any, ...]]:
+    return [(b["topup_id"], b["source"], a) for b, a in bodies(db, "credit")]
 
 
 def debits(db: Path) -> list[tuple[int, int]]:
-    with sqlite3.connect(db) as c:
-        return [(int(a), int(b)) for a, b in c.execute(
-            "SELECT json_extract(body, '$.ckwh'), amount_micro FROM billing_entry WHERE kind = 'debit'"
-            " ORDER BY seq")]
+    return [(int(b["ckwh"]), a) for b, a in bodies(db, "debit")]
 
 
 async def test_a_technician_top_up_goes_through_the_running_daemon(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 
+from gateway.billing import ledger_store as ls
 from gateway.config import load_config
 from gateway.daemon import Daemon
 from headend.central import ApiRole, Central
@@ -367,7 +368,7 @@ def gateway_view(db: Path, account: str = ACCOUNT_ID) -> tuple[list[dict[str, An
             "SELECT balance_micro, purchase_counter FROM billing_account WHERE account = ?", (account,)
         ).fetchone()
         entries = [
-            {"seq": q, "id": e, "kind": k, "amount_micro": a, "time_ms": t, "body": json.loads(b)}
+            {"seq": q, "id": e, "kind": k, "amount_micro": a, "time_ms": t, "body": ls.body_from_column(b, e)}
             for q, e, k, a, t, b in conn.execute(
                 "SELECT seq, entry_id, kind, amount_micro, time_ms, body FROM billing_entry"
                 " WHERE account = ? ORDER BY seq",

@@ -154,10 +154,12 @@ def snapshot_body(*, central_seq: int, as_of_seq: int, balance_micro: int = 7) -
     }
 
 
-CREDITS = (
-    "SELECT json_extract(body, '$.topup_id'), amount_micro FROM billing_entry"
-    " WHERE kind = 'credit' ORDER BY seq"
-)
+CREDITS = "SELECT entry_id, body, amount_micro FROM billing_entry WHERE kind = 'credit' ORDER BY seq"
+
+
+def topups(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """(top-up id, amount) of the rows of :data:`CREDITS`, bodies read as the ledger reads them."""
+    return [(ls.body_from_column(body, e)["topup_id"], a) for e, body, a in rows]
 
 
 @dataclass
@@ -286,7 +288,7 @@ class Rig:
         return out
 
     async def credits(self) -> list[tuple[Any, ...]]:
-        return await self.rows(CREDITS)
+        return topups(await self.rows(CREDITS))
 
     async def balance(self) -> int:
         async with self.outbox.transaction() as db:
@@ -1138,7 +1140,7 @@ async def _check_consistent(db_path: Path, received: list[dict[str, Any]]) -> se
                 return [tuple(r) for r in await cur.fetchall()]
 
         seen = {r[0]: r[1] for r in await q("SELECT command_id, type FROM sec_seen_command")}
-        credits = [r[0] for r in await q(CREDITS)]
+        credits = [r[0] for r in topups(await q(CREDITS))]
         intents = [r[0] for r in await q("SELECT command_id FROM cmd_relay_intent")]
         applied_events = [e["id"] for e in received if e.get("outcome") == "applied"]
         balance = await q("SELECT coalesce(sum(balance_micro), 0) FROM billing_account")

@@ -14,7 +14,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import aiosqlite
-import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -207,15 +206,16 @@ def last_pair(db: Path, meter: str) -> Stored:
     """The meter's newest debit in the fixture and its two readings (the end one is the
     meter's baseline; the start register is that less the energy debited)."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        acc, eid, seq, body = conn.execute(
-            "SELECT account, entry_id, seq, body FROM billing_entry WHERE kind = 'debit'"
-            " AND json_extract(body, '$.meter') = ? ORDER BY seq DESC LIMIT 1",
-            (meter,),
-        ).fetchone()
+        acc, eid, seq, b = next(
+            (acc, eid, seq, b)
+            for acc, eid, seq, body in conn.execute(
+                "SELECT account, entry_id, seq, body FROM billing_entry WHERE kind = 'debit' ORDER BY seq DESC"
+            )
+            if (b := ls.body_from_column(body, eid))["meter"] == meter
+        )
         rid, t, kwh = conn.execute(
             "SELECT reading_id, time_ms, import_kwh FROM billing_baseline WHERE meter = ?", (meter,)
         ).fetchone()
-    b = orjson.loads(body)
     assert (b["end_reading_id"], b["end_ms"]) == (rid, t)
     end = reading(meter, rid, t, Decimal(kwh))
     start = reading(
