@@ -62,7 +62,7 @@ from gateway.billing.rating import TierState
 from gateway.security import audit, envelope
 from store_forward.outbox import Outbox
 from store_forward.records import RecordClass, RecordKind
-from store_forward.salvage import Salvage, SalvagedTable, remove_images, salvage
+from store_forward.salvage import WHOLE_LOG, Salvage, SalvagedTable, remove_images, salvage
 from store_forward.storage_state import StorageMode, recovered
 
 log = logging.getLogger(__name__)
@@ -230,12 +230,14 @@ def plan_recovery(images: Sequence[Salvage], accounts: Iterable[str]) -> Recover
         if any(not t.complete for _, t in _tables(images, name)) or not _tables(images, name):
             plan.incomplete.append(name)
     configured = sorted(set(accounts))
-    # -- ledgers, account by account. Only the newest image counts: with a damaged
-    # log, the image SQLite itself would read is self-consistent but misses the
-    # committed transactions after the damage, so a ledger "proved" there could be
-    # one that silently lost a top-up or a debit.
-    newest = next((s for s in images if s.readable), None)
-    latest = [] if newest is None or newest is not (images[0] if images else None) else [newest]
+    # -- ledgers, account by account. Only an image of every committed transaction
+    # counts, the first readable one: with a damaged log, the image SQLite itself
+    # would read is self-consistent but misses the committed transactions after the
+    # damage, so a ledger "proved" there could be one that silently lost a top-up or
+    # a debit. (An image that left damaged frames out proves only what re-folds.)
+    whole = [s for s in images if s.label in WHOLE_LOG] or images[:1]
+    newest = next((s for s in whole if s.readable), None)
+    latest = [] if newest is None else [newest]
     account_tables = _tables(latest, "billing_account")
     entry_tables = dict(_tables(latest, "billing_entry"))
     base_tables = dict(_tables(latest, "billing_fold_base"))

@@ -516,6 +516,11 @@ class Database:
                 await db.rollback()
                 raise
             self._schema_ready = True
+            if version != self.schema.version:
+                # A new or migrated schema goes into the file at once: the log is then
+                # never the only holder of the schema's page, which a damaged copy of
+                # it there would take every table with (salvage.PAST_DAMAGE_INTACT).
+                await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             async with db.execute("SELECT value FROM kv WHERE key = ?", (K_SALT,)) as cur:
                 row = await cur.fetchone()
             assert row is not None

@@ -10,7 +10,17 @@ done):
   would use;
 * ``past-damage`` (only when the log has committed transactions after a
   damaged frame): every frame of the log up to its last commit, damaged ones
-  included.
+  included;
+* ``past-damage-intact-frames`` (likewise, when exactly one frame is damaged):
+  the same transactions with the damaged frame left out, its page as the log
+  left it before that frame (or the database file): readable when the damaged
+  page is one every table depends on, such as the schema's, at the cost of
+  what that frame held. Whoever reads it judges what is missing as for any
+  image.
+
+The images of :data:`WHOLE_LOG` apply every committed transaction of the log;
+``as-sqlite-reads`` does so only when the log is not damaged (it is then the
+only image).
 
 :func:`read_image` opens an image read-only (``immutable=1``: no locks, no
 log, nothing written) and reads every table row by row in rowid order. When a
@@ -32,11 +42,15 @@ from pathlib import Path
 from typing import Any
 
 from store_forward.integrity import read_manifest
-from store_forward.walcheck import check_wal, pages_to_apply
+from store_forward.walcheck import WalReport, check_wal, pages_to_apply
 
 log = logging.getLogger(__name__)
 
 MAX_SKIPS = 10_000  # damaged regions skipped per table before giving up on it
+AS_SQLITE_READS = "as-sqlite-reads"
+PAST_DAMAGE = "past-damage"
+PAST_DAMAGE_INTACT = "past-damage-intact-frames"
+WHOLE_LOG = (PAST_DAMAGE, PAST_DAMAGE_INTACT)  # best first
 _MIN_ROWID = -(2**63)
 _MAX_ROWID = 2**63 - 1
 
@@ -74,6 +88,17 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _one_damaged_frame(report: WalReport) -> bool:
+    """Exactly one frame of the transactions the past-damage images apply is not
+    whole (one flipped bit damages one frame: the next is judged from the checksum
+    stored in it). With one page left at an older copy, the ledger cannot look
+    consistent and old at once: an append writes the entry's page and the account's
+    in one transaction, so one of the two would be newer than the other, and the
+    re-fold says so. With two or more, both could be old: no such image then."""
+    applied = report.frames[: report.lost_commits[-1] + 1]
+    return sum(1 for f in applied if not f.locally_valid) == 1
+
+
 def build_images(evidence: Path) -> list[tuple[str, Path]]:
     """Write the images of the evidence's database; (label, path), best first."""
     manifest = read_manifest(evidence)
@@ -88,13 +113,16 @@ def build_images(evidence: Path) -> list[tuple[str, Path]]:
     wal = wal_path.read_bytes() if wal_path.exists() else b""
     images: list[tuple[str, Path]] = []
     report = check_wal(wal) if wal else None
-    variants = [("as-sqlite-reads", False)]
+    variants = [(AS_SQLITE_READS, False, True)]
     if report is not None and report.lost_commits:
-        variants.insert(0, ("past-damage", True))
-    for label, past in variants:
+        variants.insert(0, (PAST_DAMAGE, True, True))
+        if _one_damaged_frame(report):
+            variants.insert(1, (PAST_DAMAGE_INTACT, True, False))
+    for label, past, damaged in variants:
         image = bytearray(base)
+        size: int | None = None
         if report is not None and report.page_size is not None:
-            pages, size = pages_to_apply(wal, report, past_damage=past)
+            pages, size = pages_to_apply(wal, report, past_damage=past, damaged_frames=damaged)
             ps = report.page_size
             if size is not None:
                 image = image.ljust(size * ps, b"\x00")[: size * ps]
@@ -103,8 +131,13 @@ def build_images(evidence: Path) -> list[tuple[str, Path]]:
                 if end > len(image):
                     image = image.ljust(end, b"\x00")
                 image[(pgno - 1) * ps : end] = page
-        if len(image) >= 20 and image.startswith(b"SQLite format 3\x00"):
+        if len(image) >= 100 and image.startswith(b"SQLite format 3\x00"):
             image[18] = image[19] = 1  # read as a rollback-journal file: no log to look for
+            if report is not None and report.page_size is not None and size is not None:
+                # The header's page count as the last applied commit gives it (page 1
+                # may be an older copy), marked valid: change counter = version-valid-for.
+                image[28:32] = size.to_bytes(4, "big")
+                image[96:100] = image[92:96]
         path = out_dir / f"{label}.db"
         path.write_bytes(bytes(image))
         images.append((label, path))

@@ -482,7 +482,7 @@ def check_wal(data: bytes | memoryview, *, db_pages: int | None = None) -> WalRe
 
 
 def pages_to_apply(
-    data: bytes | memoryview, report: WalReport, *, past_damage: bool
+    data: bytes | memoryview, report: WalReport, *, past_damage: bool, damaged_frames: bool = True
 ) -> tuple[list[tuple[int, bytes]], int | None]:
     """The pages a reader should write into a copy of the database, in order, and the
     database size in pages after the last transaction applied (None: no commit).
@@ -491,6 +491,10 @@ def pages_to_apply(
     commit). True goes on to the last committed transaction SQLite would drop, using
     every frame of this log generation on the way, damaged ones included (their pages
     are what the recovery has; what they hold is judged by whoever reads them).
+    ``damaged_frames`` False leaves out the frames that are not whole
+    (:attr:`WalFrame.locally_valid`): each such page stays as the frames before it,
+    or the database file, left it (its newest intact copy), so that a damaged page
+    the whole file depends on (the schema's) does not make every table unreadable.
     """
     if report.page_size is None:
         return [], None
@@ -508,6 +512,8 @@ def pages_to_apply(
             continue  # a damaged header field: there is no such page
         if salts is not None and (f.salt1, f.salt2) != salts:
             continue  # not written in this generation of the log: nothing to apply
+        if not damaged_frames and not f.locally_valid:
+            continue  # the page keeps its newest intact copy
         start = f.offset + FRAME_HEADER_BYTES
         out.append((f.page_no, bytes(data[start : start + ps])))
     return out, size

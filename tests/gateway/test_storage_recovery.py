@@ -173,6 +173,31 @@ def test_only_the_newest_state_proves_a_ledger() -> None:
     assert rows[0][cols.index("cutoff_state")] is None  # not proved by the fold: initial state
 
 
+def test_an_image_without_the_damaged_frame_proves_what_refolds() -> None:
+    """The image of every frame is unreadable (the damaged page was the schema's):
+    the image that left that frame out holds every later transaction and proves the
+    ledger that re-folds; one whose pages disagree proves nothing."""
+    old_e, old_a = simple_ledger("a1", [100, -10])
+    new_e, new_a = simple_ledger("a1", [100, -10, 5000])
+    unreadable = Salvage("past-damage", False, error="schema unreadable")
+    plan = plan_recovery(
+        [unreadable, image("past-damage-intact-frames", new_e, [new_a]), image("as-sqlite-reads", old_e, [old_a])],
+        ["a1"],
+    )
+    assert plan.held == [] and [(a.balance_micro, a.image) for a in plan.accounts] == [
+        (5090, "past-damage-intact-frames")
+    ]
+    # the damaged frame held the newest entries' page: the account row disagrees
+    plan = plan_recovery(
+        [unreadable, image("past-damage-intact-frames", old_e, [new_a]), image("as-sqlite-reads", old_e, [old_a])],
+        ["a1"],
+    )
+    assert plan.held == ["a1"] and "billing_entry" not in plan.rows
+    # never the image SQLite alone reads, even when it is the only readable one
+    plan = plan_recovery([unreadable, image("as-sqlite-reads", old_e, [old_a])], ["a1"])
+    assert plan.held == ["a1"]
+
+
 def test_accounts_new_held_or_restored() -> None:
     e1, a1 = simple_ledger("a1", [100])
     e2, a2 = simple_ledger("a2", [200, 3])
