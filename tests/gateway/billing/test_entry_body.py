@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,14 +44,6 @@ from store_forward.compact import DEFLATED, CompactError
 from tests.gateway.billing._util import FLAT, book, rr
 
 Y = 1_000_000
-
-
-@pytest.fixture
-async def conn(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
-    async with aiosqlite.connect(tmp_path / "billing.db") as c:
-        await ls.init_schema(c)
-        await c.commit()
-        yield c
 
 
 def stored_body(db: Path, entry_id: str) -> Any:

@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -31,14 +30,6 @@ from tests.gateway.billing._util import FLAT, book, ms, rr
 
 ROOT = Path(__file__).resolve().parents[3]
 Y = 1_000_000
-
-
-@pytest.fixture
-async def conn(tmp_path: Path) -> AsyncIterator[aiosqlite.Connection]:
-    async with aiosqlite.connect(tmp_path / "billing.db") as c:
-        await ls.init_schema(c)
-        await c.commit()
-        yield c
 
 
 async def test_append_is_idempotent_and_conflicts_are_refused(conn: aiosqlite.Connection) -> None:
