@@ -520,7 +520,11 @@ class Database:
                 # A new or migrated schema goes into the file at once: the log is then
                 # never the only holder of the schema's page, which a damaged copy of
                 # it there would take every table with (salvage.PAST_DAMAGE_INTACT).
-                await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                # Passive: it waits for no reader; a full disk leaves it to the next.
+                try:
+                    await db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.OperationalError as exc:
+                    log.warning("%s: the new schema stays in the write-ahead log for now: %s", path, exc)
             async with db.execute("SELECT value FROM kv WHERE key = ?", (K_SALT,)) as cur:
                 row = await cur.fetchone()
             assert row is not None

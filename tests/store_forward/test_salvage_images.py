@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from store_forward.integrity import MANIFEST
+from store_forward.outbox import Outbox
 from store_forward.salvage import (
     AS_SQLITE_READS,
     PAST_DAMAGE,
@@ -109,3 +110,14 @@ def test_an_intact_log_gives_one_image(tmp_path: Path) -> None:
     images = salvage(evidence)
     assert [s.label for s in images] == [AS_SQLITE_READS]
     assert _rows(images[0], "c") == [(1, "c4")]
+
+
+async def test_a_new_databases_schema_is_in_the_file_at_once(tmp_path: Path) -> None:
+    """Not only in the write-ahead log, where a damaged copy would be its only one."""
+    ob = await Outbox.open(tmp_path / "gw.db")
+    try:
+        assert (tmp_path / "gw.db-wal").exists()  # the database is open, in WAL mode
+        main_file = (tmp_path / "gw.db").read_bytes()
+        assert b"CREATE TABLE" in main_file and b"outbox" in main_file
+    finally:
+        await ob.close()
