@@ -174,7 +174,8 @@ async def advance_marks_in(conn: aiosqlite.Connection, now_ms: int) -> Retention
     low = await _lowest_billing_record(conn)
     if low is None:
         got = await _one(conn, "SELECT max(entry_rowid) FROM billing_ack_mark")
-        await conn.execute("DELETE FROM billing_ack_mark")
+        if got is not None:  # (a DELETE of every row rewrites the table's page even when empty)
+            await conn.execute("DELETE FROM billing_ack_mark")
     else:
         got = await _one(conn, "SELECT max(entry_rowid) FROM billing_ack_mark WHERE outbox_id < ?", (low,))
         await conn.execute("DELETE FROM billing_ack_mark WHERE outbox_id < ?", (low,))
