@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from store_forward.integrity import read_manifest
-from store_forward.walcheck import WalReport, check_wal, pages_to_apply
+from store_forward.walcheck import check_wal, pages_to_apply
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +88,6 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _one_damaged_frame(report: WalReport) -> bool:
-    """Exactly one frame of the transactions the past-damage images apply is not
-    whole (one flipped bit damages one frame: the next is judged from the checksum
-    stored in it). With one page left at an older copy, the ledger cannot look
-    consistent and old at once: an append writes the entry's page and the account's
-    in one transaction, so one of the two would be newer than the other, and the
-    re-fold says so. With two or more, both could be old: no such image then."""
-    applied = report.frames[: report.lost_commits[-1] + 1]
-    return sum(1 for f in applied if not f.locally_valid) == 1
-
-
 def build_images(evidence: Path) -> list[tuple[str, Path]]:
     """Write the images of the evidence's database; (label, path), best first."""
     manifest = read_manifest(evidence)
@@ -116,7 +105,13 @@ def build_images(evidence: Path) -> list[tuple[str, Path]]:
     variants = [(AS_SQLITE_READS, False, True)]
     if report is not None and report.lost_commits:
         variants.insert(0, (PAST_DAMAGE, True, True))
-        if _one_damaged_frame(report):
+        # Exactly one frame of the transactions applied is not whole (one flipped bit
+        # damages one frame: the next is judged from the checksum stored in it). With
+        # one page left at an older copy the ledger cannot look consistent and old at
+        # once: an append writes the entry's page and the account's in one
+        # transaction, so one of the two would be newer, and the re-fold says so. With
+        # two or more, both could be old: no such image then.
+        if len(report.damaged) == 1:
             variants.insert(1, (PAST_DAMAGE_INTACT, True, False))
     for label, past, damaged in variants:
         image = bytearray(base)
@@ -133,7 +128,7 @@ def build_images(evidence: Path) -> list[tuple[str, Path]]:
                 image[(pgno - 1) * ps : end] = page
         if len(image) >= 100 and image.startswith(b"SQLite format 3\x00"):
             image[18] = image[19] = 1  # read as a rollback-journal file: no log to look for
-            if report is not None and report.page_size is not None and size is not None:
+            if size is not None:
                 # The header's page count as the last applied commit gives it (page 1
                 # may be an older copy), marked valid: change counter = version-valid-for.
                 image[28:32] = size.to_bytes(4, "big")
